@@ -1,0 +1,210 @@
+"""Configuration of the CDB-VQ image tokenizer."""
+
+from __future__ import annotations
+
+from transformers import PretrainedConfig
+
+
+ASSIGNMENT_RULES = ("nearest", "sinkhorn", "cdb")
+
+
+class CDBVQConfig(PretrainedConfig):
+    r"""
+    Configuration of a [`CDBVQModel`]: a VQGAN-style convolutional autoencoder whose codebook assignment is
+    decided by one of three rules (`nearest`, `sinkhorn`, or the learned Codebook Decision Block `cdb`).
+
+    Args:
+        num_channels (`int`, *optional*, defaults to 3): Channels of the input and reconstructed images.
+        resolution (`int`, *optional*, defaults to 256): Training resolution; the default grid of `decode_image_tokens`.
+        base_channels (`int`, *optional*, defaults to 128): Width of the first encoder level.
+        channel_multipliers (`list[int]`, *optional*, defaults to `[1, 1, 2, 2, 4]`): Width of each level as a
+            multiple of `base_channels`; the downsampling factor is `2 ** (len(channel_multipliers) - 1)`.
+        num_res_blocks (`int`, *optional*, defaults to 2): Residual blocks per level.
+        use_mid_attention (`bool`, *optional*, defaults to `True`): Self-attention at the lowest resolution.
+        norm_num_groups (`int`, *optional*, defaults to 32): Groups of every GroupNorm; must divide every width.
+        dropout (`float`, *optional*, defaults to 0.0): Dropout inside residual blocks.
+        latent_dim (`int`, *optional*, defaults to 256): Channels of the encoder output before `quant_conv`.
+        codebook_size (`int`, *optional*, defaults to 16384): Number of codes K.
+        codebook_dim (`int`, *optional*, defaults to 32): Dimension of each code (latents are projected to it).
+        l2_normalize_codes (`bool`, *optional*, defaults to `False`): Compare l2-normalised latents and codes.
+        assignment (`str`, *optional*, defaults to `"cdb"`): Who picks a latent's code: `"nearest"`, `"sinkhorn"`
+            (optimal transport while training, nearest at inference) or `"cdb"` (the learned router).
+        sinkhorn_epsilon (`float`, *optional*, defaults to 10.0): Sharpness of the transport plan,
+            `Q ~ exp(-epsilon * normalised_cost)` (OptVQ uses 10).
+        sinkhorn_iterations (`int`, *optional*, defaults to 5): Sinkhorn iterations per batch.
+        router_dim (`int`, *optional*, defaults to 64): Width of the router's query and per-code keys.
+        router_distance_scale (`float`, *optional*, defaults to 10.0): Weight of the (per-token standardised)
+            distance term in the router logits; keeps the router grounded in the latent geometry.
+        semantic_dim (`int`, *optional*, defaults to 512): Width of the semantic (CLIP) features.
+        num_prototypes (`int`, *optional*, defaults to 1000): Number of semantic prototypes the codes are tied to.
+        prototype_labels (`list[str]`, *optional*): Text label of each prototype, when they came from prompts.
+        code_roles (`dict[str, list[int]]`, *optional*): Named `[start, end)` code ranges that tile the codebook,
+            e.g. `{"structure": [0, 512], "texture": [512, 1024]}`; a role head adds a log-prior over them.
+        role_hidden_dim (`int`, *optional*, defaults to 32): Hidden width of the role head.
+        commitment_weight (`float`, *optional*, defaults to 0.25): Weight of the commitment loss.
+        codebook_weight (`float`, *optional*, defaults to 1.0): Weight of the codebook loss (unused with EMA).
+        ot_imitation_weight (`float`, *optional*, defaults to 1.0): Weight of the router's cross-entropy to the
+            batch's Sinkhorn assignment (`cdb` only).
+        balance_weight (`float`, *optional*, defaults to 0.1): Weight of KL(batch-averaged code distribution ||
+            uniform) (`cdb` only).
+        semantic_distillation_weight (`float`, *optional*, defaults to 1.0): Weight of the semantic head's cosine
+            loss to the teacher's patch features.
+        token_alignment_weight (`float`, *optional*, defaults to 0.5): Weight of the cosine loss between each
+            token's projected code and its patch's teacher feature.
+        code_alignment_weight (`float`, *optional*, defaults to 0.5): Weight of the cosine loss between each
+            projected code and its prototype.
+        ema_decay (`float`, *optional*): Decay of EMA codebook updates; `None` learns the codebook by gradient.
+        usage_decay (`float`, *optional*, defaults to 0.99): Decay of the running per-code usage statistics.
+        dead_code_threshold (`float`, *optional*, defaults to 0.03): A code whose running usage share falls below
+            `dead_code_threshold / codebook_size` is dead and may be restarted; 0 disables restarts.
+        assignment_chunk_size (`int`, *optional*, defaults to 16777216): Most entries of the N x K distance matrix
+            held at once (chunks of latents are scored in turn).
+        initializer_range (`float`, *optional*, defaults to 0.02): Std of the normal init of linear layers.
+    """
+
+    model_type = "cdb_vq"
+
+    def __init__(
+        self,
+        num_channels: int = 3,
+        resolution: int = 256,
+        base_channels: int = 128,
+        channel_multipliers: list[int] | tuple[int, ...] = (1, 1, 2, 2, 4),
+        num_res_blocks: int = 2,
+        use_mid_attention: bool = True,
+        norm_num_groups: int = 32,
+        dropout: float = 0.0,
+        latent_dim: int = 256,
+        codebook_size: int = 16384,
+        codebook_dim: int = 32,
+        l2_normalize_codes: bool = False,
+        assignment: str = "cdb",
+        sinkhorn_epsilon: float = 10.0,
+        sinkhorn_iterations: int = 5,
+        router_dim: int = 64,
+        router_distance_scale: float = 10.0,
+        semantic_dim: int = 512,
+        num_prototypes: int = 1000,
+        prototype_labels: list[str] | None = None,
+        code_roles: dict[str, list[int]] | None = None,
+        role_hidden_dim: int = 32,
+        commitment_weight: float = 0.25,
+        codebook_weight: float = 1.0,
+        ot_imitation_weight: float = 1.0,
+        balance_weight: float = 0.1,
+        semantic_distillation_weight: float = 1.0,
+        token_alignment_weight: float = 0.5,
+        code_alignment_weight: float = 0.5,
+        ema_decay: float | None = None,
+        usage_decay: float = 0.99,
+        dead_code_threshold: float = 0.03,
+        assignment_chunk_size: int = 2**24,
+        initializer_range: float = 0.02,
+        **kwargs,
+    ):
+        self.num_channels = num_channels
+        self.resolution = resolution
+        self.base_channels = base_channels
+        self.channel_multipliers = list(channel_multipliers)
+        self.num_res_blocks = num_res_blocks
+        self.use_mid_attention = use_mid_attention
+        self.norm_num_groups = norm_num_groups
+        self.dropout = dropout
+        self.latent_dim = latent_dim
+        self.codebook_size = codebook_size
+        self.codebook_dim = codebook_dim
+        self.l2_normalize_codes = l2_normalize_codes
+        self.assignment = assignment
+        self.sinkhorn_epsilon = sinkhorn_epsilon
+        self.sinkhorn_iterations = sinkhorn_iterations
+        self.router_dim = router_dim
+        self.router_distance_scale = router_distance_scale
+        self.semantic_dim = semantic_dim
+        self.num_prototypes = num_prototypes
+        self.prototype_labels = list(prototype_labels) if prototype_labels is not None else None
+        self.code_roles = {name: list(bounds) for name, bounds in code_roles.items()} if code_roles else None
+        self.role_hidden_dim = role_hidden_dim
+        self.commitment_weight = commitment_weight
+        self.codebook_weight = codebook_weight
+        self.ot_imitation_weight = ot_imitation_weight
+        self.balance_weight = balance_weight
+        self.semantic_distillation_weight = semantic_distillation_weight
+        self.token_alignment_weight = token_alignment_weight
+        self.code_alignment_weight = code_alignment_weight
+        self.ema_decay = ema_decay
+        self.usage_decay = usage_decay
+        self.dead_code_threshold = dead_code_threshold
+        self.assignment_chunk_size = assignment_chunk_size
+        self.initializer_range = initializer_range
+        super().__init__(**kwargs)
+        self.validate_fields()
+
+    @property
+    def downsampling_factor(self) -> int:
+        """Ratio of image side to token-grid side."""
+        return 2 ** (len(self.channel_multipliers) - 1)
+
+    @property
+    def role_names(self) -> list[str]:
+        """Names of the code roles, in codebook order (empty when roles are off)."""
+        return sorted(self.code_roles, key=lambda name: self.code_roles[name][0]) if self.code_roles else []
+
+    def validate_fields(self) -> None:
+        """Raise `ValueError` naming the first field whose value is not allowed."""
+        if self.assignment not in ASSIGNMENT_RULES:
+            raise ValueError(f"assignment must be one of {list(ASSIGNMENT_RULES)}, got {self.assignment!r}.")
+        positive = (
+            "num_channels", "resolution", "base_channels", "num_res_blocks", "norm_num_groups", "latent_dim",
+            "codebook_size", "codebook_dim", "sinkhorn_iterations", "router_dim", "semantic_dim",
+            "num_prototypes", "role_hidden_dim", "assignment_chunk_size",
+        )  # fmt: skip
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+        if not self.channel_multipliers or any(not isinstance(m, int) or m < 1 for m in self.channel_multipliers):
+            raise ValueError(f"channel_multipliers must be a non-empty list of positive integers, got {self.channel_multipliers!r}.")
+        for multiplier in self.channel_multipliers:
+            if (self.base_channels * multiplier) % self.norm_num_groups:
+                raise ValueError(
+                    f"norm_num_groups ({self.norm_num_groups}) must divide every level width "
+                    f"base_channels * channel_multipliers, but not {self.base_channels * multiplier}."
+                )
+        if self.resolution % self.downsampling_factor:
+            raise ValueError(f"resolution ({self.resolution}) must be divisible by the downsampling factor ({self.downsampling_factor}).")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}.")
+        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be None or in (0, 1), got {self.ema_decay!r}.")
+        if not 0.0 < self.usage_decay < 1.0:
+            raise ValueError(f"usage_decay must be in (0, 1), got {self.usage_decay!r}.")
+        if self.dead_code_threshold < 0:
+            raise ValueError(f"dead_code_threshold must be >= 0, got {self.dead_code_threshold!r}.")
+        if self.sinkhorn_epsilon <= 0:
+            raise ValueError(f"sinkhorn_epsilon must be > 0, got {self.sinkhorn_epsilon!r}.")
+        for name in ("commitment_weight", "codebook_weight", "ot_imitation_weight", "balance_weight",
+                     "semantic_distillation_weight", "token_alignment_weight", "code_alignment_weight"):  # fmt: skip
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}.")
+        if self.prototype_labels is not None and len(self.prototype_labels) != self.num_prototypes:
+            raise ValueError(
+                f"prototype_labels must have num_prototypes ({self.num_prototypes}) entries, got {len(self.prototype_labels)}."
+            )
+        if self.code_roles:
+            self._validate_code_roles()
+
+    def _validate_code_roles(self) -> None:
+        position = 0
+        for name in self.role_names:
+            bounds = self.code_roles[name]
+            if len(bounds) != 2 or bounds[0] != position or bounds[1] <= bounds[0]:
+                raise ValueError(
+                    f"code_roles must be [start, end) ranges that tile the codebook without gaps; "
+                    f"role {name!r} has {bounds}, expected it to start at {position}."
+                )
+            position = bounds[1]
+        if position != self.codebook_size:
+            raise ValueError(f"code_roles must add up to codebook_size ({self.codebook_size}), but they cover {position} codes.")
+
+
+__all__ = ["CDBVQConfig"]

@@ -1,0 +1,498 @@
+"""CDB-VQ: a VQGAN-style image tokenizer whose codes are picked by a learned, CLIP-guided Codebook Decision Block.
+
+This file ships as Hugging Face Hub remote code: it imports only torch, transformers and its flat siblings.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.utils import ModelOutput
+
+from .configuration_cdb_vq import CDBVQConfig
+from .quantization_cdb_vq import CDBVQQuantizer, CDBVQRouter, image_signal_features
+
+
+@dataclass
+class CDBVQEncoderOutput(ModelOutput):
+    r"""
+    Output of [`CDBVQModel.encode`].
+
+    Args:
+        image_tokens (`torch.LongTensor` of shape `(batch_size, height, width)`): Code index of each latent cell.
+        quantized (`torch.FloatTensor` of shape `(batch_size, codebook_dim, height, width)`): The chosen codes
+            (straight-through: gradients reach the encoder).
+        latents (`torch.FloatTensor` of shape `(batch_size, codebook_dim, height, width)`): Pre-quantization latents.
+        semantic_features (`torch.FloatTensor` of shape `(batch_size, semantic_dim, height, width)`, *optional*):
+            The semantic features the router read (predicted by the semantic head, or passed in).
+        codebook_loss, commitment_loss, ot_imitation_loss, balance_loss (`torch.FloatTensor`, *optional*):
+            Quantizer loss terms (unweighted); `None` where the rule or mode has no such term.
+        semantic_distillation_loss, token_alignment_loss, code_alignment_loss (`torch.FloatTensor`, *optional*):
+            Semantic loss terms (unweighted), computed when `teacher_features` are given.
+        vq_loss (`torch.FloatTensor`): Weighted sum of all the terms above (weights from the config).
+        utilization (`torch.FloatTensor`): Share of the codebook used by this batch.
+        perplexity (`torch.FloatTensor`): Perplexity of this batch's code histogram.
+    """
+
+    image_tokens: torch.LongTensor | None = None
+    quantized: torch.FloatTensor | None = None
+    latents: torch.FloatTensor | None = None
+    semantic_features: torch.FloatTensor | None = None
+    vq_loss: torch.FloatTensor | None = None
+    codebook_loss: torch.FloatTensor | None = None
+    commitment_loss: torch.FloatTensor | None = None
+    ot_imitation_loss: torch.FloatTensor | None = None
+    balance_loss: torch.FloatTensor | None = None
+    semantic_distillation_loss: torch.FloatTensor | None = None
+    token_alignment_loss: torch.FloatTensor | None = None
+    code_alignment_loss: torch.FloatTensor | None = None
+    utilization: torch.FloatTensor | None = None
+    perplexity: torch.FloatTensor | None = None
+
+
+@dataclass
+class CDBVQModelOutput(CDBVQEncoderOutput):
+    r"""
+    Output of [`CDBVQModel.forward`]: everything of [`CDBVQEncoderOutput`] plus the reconstruction.
+
+    Args:
+        reconstruction (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`): Decoded images,
+            in the image processor's normalised range ([-1, 1]).
+    """
+
+    reconstruction: torch.FloatTensor | None = None
+
+
+LOSS_WEIGHTS = {
+    "codebook_loss": "codebook_weight",
+    "commitment_loss": "commitment_weight",
+    "ot_imitation_loss": "ot_imitation_weight",
+    "balance_loss": "balance_weight",
+    "semantic_distillation_loss": "semantic_distillation_weight",
+    "token_alignment_loss": "token_alignment_weight",
+    "code_alignment_loss": "code_alignment_weight",
+}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Encoder and decoder blocks (VQGAN layout)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class CDBVQResnetBlock(GradientCheckpointingLayer):
+    def __init__(self, in_channels: int, out_channels: int, num_groups: int, dropout: float):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(num_groups, in_channels, eps=1e-6)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.norm2 = nn.GroupNorm(num_groups, out_channels, eps=1e-6)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        residual = self.shortcut(hidden_states)
+        hidden_states = self.conv1(F.silu(self.norm1(hidden_states)))
+        hidden_states = self.conv2(self.dropout(F.silu(self.norm2(hidden_states))))
+        return residual + hidden_states
+
+
+class CDBVQAttentionBlock(GradientCheckpointingLayer):
+    """Single-head self-attention over the spatial positions."""
+
+    def __init__(self, channels: int, num_groups: int):
+        super().__init__()
+        self.norm = nn.GroupNorm(num_groups, channels, eps=1e-6)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.proj_out = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        batch, channels, height, width = hidden_states.shape
+        query, key, value = self.qkv(self.norm(hidden_states)).flatten(2).transpose(1, 2).chunk(3, dim=-1)
+        attended = F.scaled_dot_product_attention(query[:, None], key[:, None], value[:, None])[:, 0]
+        attended = attended.transpose(1, 2).reshape(batch, channels, height, width)
+        return hidden_states + self.proj_out(attended)
+
+
+class CDBVQDownsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        # Asymmetric padding keeps an exact factor of two (as in taming-transformers).
+        return self.conv(F.pad(hidden_states, (0, 1, 0, 1)))
+
+
+class CDBVQUpsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(hidden_states, scale_factor=2.0, mode="nearest"))
+
+
+class CDBVQMiddle(nn.Module):
+    def __init__(self, channels: int, config: CDBVQConfig):
+        super().__init__()
+        groups, dropout = config.norm_num_groups, config.dropout
+        self.block_1 = CDBVQResnetBlock(channels, channels, groups, dropout)
+        self.attention = CDBVQAttentionBlock(channels, groups) if config.use_mid_attention else nn.Identity()
+        self.block_2 = CDBVQResnetBlock(channels, channels, groups, dropout)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.block_2(self.attention(self.block_1(hidden_states)))
+
+
+class CDBVQEncoder(nn.Module):
+    def __init__(self, config: CDBVQConfig):
+        super().__init__()
+        widths = [config.base_channels * m for m in config.channel_multipliers]
+        groups, dropout = config.norm_num_groups, config.dropout
+        self.conv_in = nn.Conv2d(config.num_channels, widths[0], 3, padding=1)
+        self.down = nn.ModuleList()
+        channels = widths[0]
+        for level, width in enumerate(widths):
+            blocks = nn.ModuleList()
+            for _ in range(config.num_res_blocks):
+                blocks.append(CDBVQResnetBlock(channels, width, groups, dropout))
+                channels = width
+            stage = nn.Module()
+            stage.blocks = blocks
+            stage.downsample = CDBVQDownsample(channels) if level < len(widths) - 1 else nn.Identity()
+            self.down.append(stage)
+        self.middle = CDBVQMiddle(channels, config)
+        self.norm_out = nn.GroupNorm(groups, channels, eps=1e-6)
+        self.conv_out = nn.Conv2d(channels, config.latent_dim, 3, padding=1)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        hidden_states = self.conv_in(pixel_values)
+        for stage in self.down:
+            for block in stage.blocks:
+                hidden_states = block(hidden_states)
+            hidden_states = stage.downsample(hidden_states)
+        hidden_states = self.middle(hidden_states)
+        return self.conv_out(F.silu(self.norm_out(hidden_states)))
+
+
+class CDBVQDecoder(nn.Module):
+    def __init__(self, config: CDBVQConfig):
+        super().__init__()
+        widths = [config.base_channels * m for m in config.channel_multipliers]
+        groups, dropout = config.norm_num_groups, config.dropout
+        channels = widths[-1]
+        self.conv_in = nn.Conv2d(config.latent_dim, channels, 3, padding=1)
+        self.middle = CDBVQMiddle(channels, config)
+        self.up = nn.ModuleList()
+        for level, width in reversed(list(enumerate(widths))):
+            blocks = nn.ModuleList()
+            for _ in range(config.num_res_blocks + 1):
+                blocks.append(CDBVQResnetBlock(channels, width, groups, dropout))
+                channels = width
+            stage = nn.Module()
+            stage.blocks = blocks
+            stage.upsample = CDBVQUpsample(channels) if level > 0 else nn.Identity()
+            self.up.append(stage)
+        self.norm_out = nn.GroupNorm(groups, channels, eps=1e-6)
+        self.conv_out = nn.Conv2d(channels, config.num_channels, 3, padding=1)
+
+    def forward(self, latents: torch.Tensor) -> torch.Tensor:
+        hidden_states = self.middle(self.conv_in(latents))
+        for stage in self.up:
+            for block in stage.blocks:
+                hidden_states = block(hidden_states)
+            hidden_states = stage.upsample(hidden_states)
+        return self.conv_out(F.silu(self.norm_out(hidden_states)))
+
+
+class CDBVQSemanticHead(nn.Module):
+    """Predicts the teacher's (CLIP) patch features from the encoder output, so inference needs no CLIP."""
+
+    def __init__(self, config: CDBVQConfig):
+        super().__init__()
+        self.conv_in = nn.Conv2d(config.latent_dim, config.semantic_dim, 3, padding=1)
+        self.conv_out = nn.Conv2d(config.semantic_dim, config.semantic_dim, 1)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.conv_out(F.gelu(self.conv_in(hidden_states)))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The model
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class CDBVQPreTrainedModel(PreTrainedModel):
+    config_class = CDBVQConfig
+    config: CDBVQConfig
+    base_model_prefix = "cdb_vq"
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["CDBVQResnetBlock", "CDBVQAttentionBlock"]
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            # PyTorch's default init, which VQGAN-style conv stacks are tuned for.
+            init.kaiming_uniform_(module.weight, a=math.sqrt(5))
+            if module.bias is not None:
+                fan_in, _ = torch.nn.init._calculate_fan_in_and_fan_out(module.weight)
+                init.uniform_(module.bias, -1 / math.sqrt(fan_in), 1 / math.sqrt(fan_in))
+        elif isinstance(module, nn.GroupNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            # Placeholder scale only: the codebook is k-means initialised from latents on the first training batch.
+            init.normal_(module.weight, std=1.0 / math.sqrt(module.weight.shape[1]))
+        elif isinstance(module, CDBVQRouter):
+            # Tiny keys: the router starts as the distance term alone (nearest neighbour) and learns from there.
+            init.normal_(module.code_keys, std=1e-3)
+            init.ones_(module.semantic_scale)
+            if module.role_head is not None:
+                init.zeros_(module.role_head[-1].weight)
+                init.zeros_(module.role_head[-1].bias)
+        elif isinstance(module, CDBVQQuantizer):
+            module.reset_state()
+
+
+class CDBVQModel(CDBVQPreTrainedModel):
+    r"""
+    The CDB-VQ image tokenizer: encoder, codebook with its assignment rule (nearest / Sinkhorn / CDB router), and
+    decoder. `get_image_tokens` turns images into raster-order token ids for a transformer prior, and
+    `decode_image_tokens` turns ids back into images.
+
+    Example:
+
+    ```python
+    >>> from transformers import AutoImageProcessor, AutoModel
+    >>> model = AutoModel.from_pretrained("org/cdb-vq", trust_remote_code=True)
+    >>> processor = AutoImageProcessor.from_pretrained("org/cdb-vq", trust_remote_code=True)
+    >>> pixel_values = processor(images, return_tensors="pt").pixel_values
+    >>> tokens = model.get_image_tokens(pixel_values)          # (batch, h * w)
+    >>> images = processor.postprocess(model.decode_image_tokens(tokens))
+    ```
+    """
+
+    def __init__(self, config: CDBVQConfig):
+        super().__init__(config)
+        self.encoder = CDBVQEncoder(config)
+        self.quant_conv = nn.Conv2d(config.latent_dim, config.codebook_dim, 1)
+        self.quantizer = CDBVQQuantizer(config)
+        self.semantic_head = CDBVQSemanticHead(config)
+        self.post_quant_conv = nn.Conv2d(config.codebook_dim, config.latent_dim, 1)
+        self.decoder = CDBVQDecoder(config)
+        self.post_init()
+
+    # ------------------------------------------------------------------ input checks
+    def _check_pixel_values(self, pixel_values: torch.Tensor) -> None:
+        if not isinstance(pixel_values, torch.Tensor):
+            raise TypeError(
+                f"pixel_values must be a torch.Tensor (use CDBVQImageProcessor to turn images into one), got {type(pixel_values).__name__}."
+            )
+        if pixel_values.ndim != 4:
+            raise ValueError(f"pixel_values must have shape (batch, channels, height, width), got shape {tuple(pixel_values.shape)}.")
+        if pixel_values.shape[1] != self.config.num_channels:
+            raise ValueError(
+                f"pixel_values has {pixel_values.shape[1]} channels but the model expects {self.config.num_channels} "
+                f"(config.num_channels); convert the images to RGB, e.g. with CDBVQImageProcessor."
+            )
+        height, width = pixel_values.shape[-2:]
+        factor = self.config.downsampling_factor
+        if height % factor or width % factor:
+            raise ValueError(
+                f"image size {height}x{width} is not divisible by the downsampling factor {factor}; "
+                f"resize or crop to a multiple of {factor} (CDBVQImageProcessor does this)."
+            )
+        if not pixel_values.is_floating_point():
+            raise TypeError(f"pixel_values must be a floating-point tensor in [-1, 1], got dtype {pixel_values.dtype}.")
+        if not bool(torch.isfinite(pixel_values).all()):
+            raise ValueError("pixel_values contains NaN or infinite values.")
+
+    def _check_image_tokens(self, image_tokens: torch.Tensor) -> None:
+        if not isinstance(image_tokens, torch.Tensor) or image_tokens.is_floating_point() or image_tokens.is_complex():
+            raise TypeError("image_tokens must be an integer torch.Tensor of code ids.")
+        if image_tokens.numel() and (int(image_tokens.min()) < 0 or int(image_tokens.max()) >= self.config.codebook_size):
+            raise ValueError(
+                f"image_tokens must be code ids in [0, {self.config.codebook_size}), got values in "
+                f"[{int(image_tokens.min())}, {int(image_tokens.max())}]; if they come from a prior, remove its "
+                f"special-token offset first."
+            )
+
+    def token_grid_size(self, height: int | None = None, width: int | None = None) -> tuple[int, int]:
+        """Token grid (h, w) of an image of `height` x `width` pixels (default: the configured resolution)."""
+        factor = self.config.downsampling_factor
+        height = height or self.config.resolution
+        width = width or self.config.resolution
+        if height % factor or width % factor:
+            raise ValueError(f"image size {height}x{width} is not divisible by the downsampling factor {factor}.")
+        return height // factor, width // factor
+
+    # ------------------------------------------------------------------ public API
+    def encode(
+        self,
+        pixel_values: torch.Tensor,
+        semantic_features: torch.Tensor | None = None,
+        teacher_features: torch.Tensor | None = None,
+        return_dict: bool = True,
+    ) -> CDBVQEncoderOutput | tuple:
+        r"""
+        Encode images into codes.
+
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`): Images in [-1, 1];
+                height and width must be multiples of `config.downsampling_factor`.
+            semantic_features (`torch.FloatTensor` of shape `(batch_size, semantic_dim, h, w)`, *optional*): Your own
+                CLIP patch features on the token grid, read by the `cdb` router instead of the semantic head's.
+            teacher_features (`torch.FloatTensor` of shape `(batch_size, semantic_dim, h, w)`, *optional*): Teacher
+                patch features for the semantic losses (training).
+        """
+        self._check_pixel_values(pixel_values)
+        hidden_states = self.encoder(pixel_values)
+        latents = self.quant_conv(hidden_states)
+        batch, dim, height, width = latents.shape
+        grid = (batch, height, width)
+
+        predicted_features = None
+        if self.config.assignment == "cdb" or teacher_features is not None:
+            predicted_features = self.semantic_head(hidden_states)
+        if semantic_features is not None:
+            self._check_feature_grid(semantic_features, "semantic_features", grid)
+        router_features = semantic_features if semantic_features is not None else predicted_features
+        signal_features = None
+        if self.config.code_roles:
+            signal_features = image_signal_features(pixel_values, self.config.downsampling_factor)
+
+        quantizer_output = self.quantizer(
+            _flatten_grid(latents),
+            semantic_features=_flatten_grid(router_features) if router_features is not None else None,
+            signal_features=_flatten_grid(signal_features) if signal_features is not None else None,
+        )
+        terms = {
+            "codebook_loss": quantizer_output.codebook_loss,
+            "commitment_loss": quantizer_output.commitment_loss,
+            "ot_imitation_loss": quantizer_output.ot_imitation_loss,
+            "balance_loss": quantizer_output.balance_loss,
+        }
+        if teacher_features is not None:
+            self._check_feature_grid(teacher_features, "teacher_features", grid)
+            terms.update(
+                self.quantizer.semantic_losses(
+                    quantizer_output.indices, _flatten_grid(predicted_features), _flatten_grid(teacher_features)
+                )
+            )
+        vq_loss = sum(getattr(self.config, LOSS_WEIGHTS[name]) * value for name, value in terms.items() if value is not None)
+        output = CDBVQEncoderOutput(
+            image_tokens=quantizer_output.indices.view(grid),
+            quantized=quantizer_output.quantized.view(batch, height, width, dim).permute(0, 3, 1, 2),
+            latents=latents,
+            semantic_features=router_features,
+            vq_loss=vq_loss,
+            utilization=quantizer_output.utilization,
+            perplexity=quantizer_output.perplexity,
+            **terms,
+        )
+        return output if return_dict else output.to_tuple()
+
+    def decode(self, image_tokens: torch.LongTensor) -> torch.FloatTensor:
+        """Decode a (batch, h, w) grid of code ids into images (batch, num_channels, H, W) in [-1, 1]."""
+        self._check_image_tokens(image_tokens)
+        if image_tokens.ndim != 3:
+            raise ValueError(f"decode expects image_tokens of shape (batch, h, w), got {tuple(image_tokens.shape)}; use decode_image_tokens for (batch, h * w).")
+        codes = self.quantizer.lookup(image_tokens).permute(0, 3, 1, 2)
+        return self.decode_latents(codes.to(self.post_quant_conv.weight.dtype))
+
+    def decode_latents(self, quantized: torch.FloatTensor) -> torch.FloatTensor:
+        """Decode quantized latents (batch, codebook_dim, h, w) into images."""
+        return self.decoder(self.post_quant_conv(quantized))
+
+    @torch.no_grad()
+    def get_image_tokens(self, pixel_values: torch.Tensor) -> torch.LongTensor:
+        """Token ids (batch, h * w) in raster order, ready for a transformer prior."""
+        return self.encode(pixel_values).image_tokens.flatten(1)
+
+    @torch.no_grad()
+    def decode_image_tokens(
+        self, image_tokens: torch.LongTensor, height: int | None = None, width: int | None = None
+    ) -> torch.FloatTensor:
+        """
+        Decode token ids into images in [-1, 1].
+
+        Args:
+            image_tokens (`torch.LongTensor` of shape `(batch_size, h * w)` or `(batch_size, h, w)`): Code ids.
+            height, width (`int`, *optional*): Image size in pixels for flat tokens; defaults to
+                `config.resolution`, or to a square grid when the token count is a perfect square.
+        """
+        self._check_image_tokens(image_tokens)
+        if image_tokens.ndim == 3:
+            return self.decode(image_tokens)
+        if image_tokens.ndim != 2:
+            raise ValueError(f"image_tokens must have shape (batch, h * w) or (batch, h, w), got {tuple(image_tokens.shape)}.")
+        count = image_tokens.shape[1]
+        if height is None and width is None:
+            grid_height, grid_width = self.token_grid_size()
+            if grid_height * grid_width != count and math.isqrt(count) ** 2 == count:
+                grid_height = grid_width = math.isqrt(count)
+        else:
+            grid_height, grid_width = self.token_grid_size(height or width, width or height)
+        if grid_height * grid_width != count:
+            raise ValueError(
+                f"got {count} tokens per image, but a {grid_height}x{grid_width} token grid needs {grid_height * grid_width}; "
+                f"pass the image height and width in pixels."
+            )
+        return self.decode(image_tokens.view(-1, grid_height, grid_width))
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        semantic_features: torch.Tensor | None = None,
+        teacher_features: torch.Tensor | None = None,
+        return_dict: bool = True,
+    ) -> CDBVQModelOutput | tuple:
+        r"""
+        Encode, quantize and decode.
+
+        Returns a [`CDBVQModelOutput`] with the reconstruction, the tokens, every loss term of the quantizer and of the
+        semantic head (see [`CDBVQEncoderOutput`]) and usage statistics. Reconstruction losses (L1/L2, perceptual,
+        adversarial) are left to the training script.
+        """
+        encoded = self.encode(pixel_values, semantic_features=semantic_features, teacher_features=teacher_features)
+        output = CDBVQModelOutput(**encoded, reconstruction=self.decode_latents(encoded.quantized))
+        return output if return_dict else output.to_tuple()
+
+    # ------------------------------------------------------------------ semantics
+    def set_prototypes(
+        self, prototypes: torch.Tensor, labels: list[str] | None = None, code_to_prototype: torch.Tensor | None = None
+    ) -> None:
+        """Store semantic prototypes (num_prototypes, semantic_dim), their optional text labels, and the code map."""
+        if labels is not None and len(labels) != prototypes.shape[0]:
+            raise ValueError(f"got {len(labels)} prototype labels for {prototypes.shape[0]} prototypes.")
+        self.quantizer.set_prototypes(prototypes, code_to_prototype)
+        self.config.prototype_labels = list(labels) if labels is not None else None
+
+    def code_prototype_labels(self) -> list[str | None]:
+        """The prototype label each code is tied to (None when the prototypes have no labels)."""
+        labels = self.config.prototype_labels
+        return [labels[p] if labels else None for p in self.quantizer.code_to_prototype.tolist()]
+
+    def _check_feature_grid(self, features: torch.Tensor, name: str, grid: tuple[int, int, int]) -> None:
+        expected = (grid[0], self.config.semantic_dim, grid[1], grid[2])
+        if tuple(features.shape) != expected:
+            raise ValueError(f"{name} must have shape {expected} (batch, semantic_dim, h, w), got {tuple(features.shape)}.")
+        if not bool(torch.isfinite(features).all()):
+            raise ValueError(f"{name} contains NaN or infinite values.")
+
+
+def _flatten_grid(features: torch.Tensor) -> torch.Tensor:
+    """(B, C, h, w) -> (B * h * w, C), raster order."""
+    return features.permute(0, 2, 3, 1).reshape(-1, features.shape[1])
+
+
+__all__ = ["CDBVQModel", "CDBVQPreTrainedModel", "CDBVQEncoderOutput", "CDBVQModelOutput"]

@@ -1,0 +1,585 @@
+"""The CDB-VQ quantizer: one codebook, three assignment rules, and the codebook upkeep that goes with them.
+
+Assignment rules (``config.assignment``):
+
+- ``nearest``: argmin distance, straight-through estimator, codebook and commitment losses.
+- ``sinkhorn``: the balanced optimal-transport plan of the batch picks the codes while training (as in OptVQ);
+  nearest neighbour at inference, so a token never depends on the other images of a batch.
+- ``cdb``: the Codebook Decision Block, a router that scores every code from the latent, its semantic features and
+  (optionally) a role prior. Trained by straight-through from its soft assignment, by cross-entropy to the batch's
+  Sinkhorn assignment and by a usage-balance loss; inference is one argmax.
+
+Every N x K score matrix is built in row chunks of at most ``config.assignment_chunk_size`` entries, so assigning
+65,536 latents against 65,536 codes never holds the whole matrix. Every piece of state (codebook, EMA, usage,
+initialisation, restarts) is reduced or broadcast across processes under ``torch.distributed``, so it stays
+identical on every rank. This file imports only torch and transformers: it ships as Hub remote code.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+from transformers.utils import ModelOutput
+
+from .configuration_cdb_vq import CDBVQConfig
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# torch.distributed helpers: every collective is a no-op in a single process.
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def all_reduce_(tensor: torch.Tensor, op=None) -> torch.Tensor:
+    """In-place all-reduce (sum by default) across processes."""
+    if is_distributed():
+        dist.all_reduce(tensor, op=op if op is not None else dist.ReduceOp.SUM)
+    return tensor
+
+
+def broadcast_(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
+    if is_distributed():
+        dist.broadcast(tensor, src=src)
+    return tensor
+
+
+def all_gather_rows(rows: torch.Tensor) -> torch.Tensor:
+    """Concatenate the rows held by every process (row counts may differ), in rank order."""
+    if not is_distributed():
+        return rows
+    count = torch.tensor([rows.shape[0]], device=rows.device)
+    counts = [torch.zeros_like(count) for _ in range(dist.get_world_size())]
+    dist.all_gather(counts, count)
+    counts = [int(c) for c in counts]
+    padded = rows.new_zeros((max(counts), *rows.shape[1:]))
+    padded[: rows.shape[0]] = rows
+    gathered = [torch.zeros_like(padded) for _ in counts]
+    dist.all_gather(gathered, padded)
+    return torch.cat([g[:c] for g, c in zip(gathered, counts)])
+
+
+def all_reduce_logsumexp_(values: torch.Tensor) -> torch.Tensor:
+    """In-place log(sum over processes of exp(values)), stable."""
+    if not is_distributed():
+        return values
+    peak = values.clone()
+    dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+    peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
+    total = (values - peak).exp()
+    dist.all_reduce(total)
+    return values.copy_(total.log() + peak)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Distances, chunking and Sinkhorn
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def chunk_rows(codebook_size: int, max_entries: int) -> int:
+    """Number of latents scored at once so that a chunk's N x K block has at most `max_entries` entries."""
+    return max(1, max_entries // codebook_size)
+
+
+def squared_distances(latents: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """Squared L2 distances between rows of `latents` (n, D) and `codes` (K, D), as an (n, K) matrix."""
+    return (
+        latents.pow(2).sum(-1, keepdim=True) - 2.0 * latents @ codes.t() + codes.pow(2).sum(-1)[None]
+    ).clamp_min(0.0)
+
+
+def transport_cost(latents: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """Plain L2 distance, the cost of OptVQ's transport problem (eps keeps the gradient of sqrt finite)."""
+    return squared_distances(latents, codes).clamp_min(1e-12).sqrt()
+
+
+@torch.no_grad()
+def nearest_codes(latents: torch.Tensor, codes: torch.Tensor, max_entries: int) -> torch.Tensor:
+    """Index of the nearest code for each latent, computed in row chunks."""
+    rows = chunk_rows(codes.shape[0], max_entries)
+    return torch.cat([squared_distances(chunk, codes).argmin(-1) for chunk in latents.split(rows)])
+
+
+@dataclass
+class SinkhornPotentials:
+    """Column dual potentials of the entropic OT plan plus the cost normalisation they were computed with.
+
+    The plan's row i is proportional to `exp(-epsilon * (cost_ik - mean) / std + column[k])`, so the potentials are
+    all that is needed to read it out, chunk by chunk.
+    """
+
+    column: torch.Tensor
+    mean: torch.Tensor
+    std: torch.Tensor
+    epsilon: float
+
+    def plan_logits(self, cost: torch.Tensor) -> torch.Tensor:
+        """Unnormalised log-plan of a chunk of rows, given their (n, K) cost."""
+        return -self.epsilon * (cost - self.mean) / self.std + self.column
+
+    def row_potential(self, cost: torch.Tensor, total_rows: int) -> torch.Tensor:
+        """Row potentials that give each of the `total_rows` rows a mass of 1 / total_rows."""
+        return -math.log(total_rows) - torch.logsumexp(self.plan_logits(cost), dim=-1)
+
+
+@torch.no_grad()
+def sinkhorn_potentials(
+    latents: torch.Tensor, codes: torch.Tensor, epsilon: float, iterations: int, max_entries: int
+) -> SinkhornPotentials:
+    """Log-domain Sinkhorn between the latents of the whole (distributed) batch and the codes.
+
+    Rows (latents) get mass 1/N, columns (codes) 1/K. Costs are normalised as (C - mean) / std over the
+    whole batch, as in OptVQ. Rows are processed in chunks and the column marginals are reduced across
+    processes, so the plan is the one of the global batch.
+    """
+    num_codes = codes.shape[0]
+    rows = chunk_rows(num_codes, max_entries)
+    chunks = latents.float().split(rows)
+    codes = codes.float()
+
+    moments = torch.zeros(3, device=codes.device, dtype=torch.float64)
+    for chunk in chunks:
+        cost = transport_cost(chunk, codes)
+        moments += torch.stack([cost.sum().double(), cost.pow(2).sum().double(), cost.new_tensor(cost.numel()).double()])
+    all_reduce_(moments)
+    mean = moments[0] / moments[2]
+    std = (moments[1] / moments[2] - mean.pow(2)).clamp_min(1e-12).sqrt()
+    potentials = SinkhornPotentials(codes.new_zeros(num_codes), mean.float(), std.float(), epsilon)
+    total_rows = int(moments[2].item() // num_codes)
+
+    for _ in range(iterations):
+        column_lse = codes.new_full((num_codes,), -float("inf"))
+        for chunk in chunks:
+            cost = transport_cost(chunk, codes)
+            row = potentials.row_potential(cost, total_rows)
+            column_lse = torch.logaddexp(column_lse, torch.logsumexp(potentials.plan_logits(cost) + row[:, None], 0))
+        all_reduce_logsumexp_(column_lse)
+        # Column step: each code receives mass 1/K (its current mass is exp(column_lse)).
+        potentials.column = potentials.column - math.log(num_codes) - column_lse
+    return potentials
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Image-signal features for the role prior
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def image_signal_features(pixel_values: torch.Tensor, downsampling_factor: int) -> torch.Tensor:
+    """Fixed per-cell image statistics that tell roles apart: low-pass energy, Laplacian energy, chroma.
+
+    `pixel_values` is (B, C, H, W) in [-1, 1]; the result is (B, 3, H / f, W / f), one vector per latent cell.
+    """
+    pixels = pixel_values.float()
+    if pixels.shape[1] >= 3:
+        red, green, blue = pixels[:, 0:1], pixels[:, 1:2], pixels[:, 2:3]
+        luma = 0.299 * red + 0.587 * green + 0.114 * blue
+        chroma = ((blue - luma).pow(2) + (red - luma).pow(2)).sqrt()
+    else:
+        luma = pixels.mean(1, keepdim=True)
+        chroma = torch.zeros_like(luma)
+    laplacian_kernel = luma.new_tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]])[None, None]
+    laplacian = F.conv2d(F.pad(luma, (1, 1, 1, 1), mode="replicate"), laplacian_kernel)
+    pool = lambda x: F.avg_pool2d(x, downsampling_factor)  # noqa: E731
+    return torch.cat([pool(luma).pow(2), pool(laplacian.pow(2)), pool(chroma)], dim=1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The Codebook Decision Block
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class CDBVQRouter(nn.Module):
+    """Scores every code for a latent: `-scale * standardised distance + query . key_k + semantic + role prior`.
+
+    The learned part costs O(K x router_dim) per token: a query vector from the latent and its semantic features,
+    scored against one small key per code. The semantic term is the cosine of the token's semantic features to
+    the prototype each code is tied to (P prototypes, gathered to K codes), and the role term is a log-prior over
+    the named code ranges, predicted from fixed image-signal features.
+    """
+
+    def __init__(self, config: CDBVQConfig):
+        super().__init__()
+        self.distance_scale = config.router_distance_scale
+        self.query = nn.Linear(config.codebook_dim + config.semantic_dim, config.router_dim)
+        self.code_keys = nn.Parameter(torch.zeros(config.codebook_size, config.router_dim))
+        self.semantic_scale = nn.Parameter(torch.ones(()))
+        self.role_head = None
+        if config.code_roles:
+            self.role_head = nn.Sequential(
+                nn.Linear(3, config.role_hidden_dim), nn.SiLU(), nn.Linear(config.role_hidden_dim, len(config.code_roles))
+            )
+
+    def forward(
+        self,
+        latents: torch.Tensor,
+        codes: torch.Tensor,
+        semantic_features: torch.Tensor,
+        prototypes: torch.Tensor,
+        code_to_prototype: torch.Tensor,
+        signal_features: torch.Tensor | None = None,
+        code_to_role: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """(n, K) logits for a chunk of n latents (all float32)."""
+        cost = transport_cost(latents, codes)
+        cost = (cost - cost.mean(-1, keepdim=True)) / (cost.std(-1, keepdim=True) + 1e-6)
+        query = self.query(torch.cat([latents, semantic_features], dim=-1))
+        logits = -self.distance_scale * cost + query @ self.code_keys.float().t() / math.sqrt(query.shape[-1])
+        similarity = F.normalize(semantic_features, dim=-1) @ F.normalize(prototypes.float(), dim=-1).t()
+        logits = logits + self.semantic_scale * similarity.index_select(1, code_to_prototype)
+        if self.role_head is not None and signal_features is not None:
+            role_log_prior = self.role_head(signal_features).log_softmax(-1)
+            logits = logits + role_log_prior.index_select(1, code_to_role)
+        return logits
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The quantizer
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CDBVQQuantizerOutput(ModelOutput):
+    """What the quantizer gives back for a flat batch of latents.
+
+    Args:
+        quantized: (N, D) straight-through quantized latents (their value is the chosen code).
+        indices: (N,) chosen code of each latent.
+        codebook_loss / commitment_loss: classic VQ terms (codebook loss is None with EMA updates).
+        ot_imitation_loss: cross-entropy of the router logits to the batch's Sinkhorn assignment (`cdb`, training).
+        balance_loss: KL(batch-averaged code distribution || uniform) (`cdb`, training).
+        utilization: share of the codebook used in this batch (all processes when training).
+        perplexity: exp of the entropy of the batch's code histogram.
+    """
+
+    quantized: torch.FloatTensor | None = None
+    indices: torch.LongTensor | None = None
+    codebook_loss: torch.FloatTensor | None = None
+    commitment_loss: torch.FloatTensor | None = None
+    ot_imitation_loss: torch.FloatTensor | None = None
+    balance_loss: torch.FloatTensor | None = None
+    utilization: torch.FloatTensor | None = None
+    perplexity: torch.FloatTensor | None = None
+
+
+class CDBVQQuantizer(nn.Module):
+    """Codebook, assignment rule, semantic prototypes and codebook upkeep (k-means init, EMA, dead-code restarts)."""
+
+    def __init__(self, config: CDBVQConfig):
+        super().__init__()
+        self.config = config
+        self.assignment = config.assignment
+        self.codebook_size = config.codebook_size
+        self.codebook = nn.Embedding(config.codebook_size, config.codebook_dim)
+        if config.ema_decay is not None:
+            self.codebook.weight.requires_grad_(False)
+        self.code_projection = nn.Linear(config.codebook_dim, config.semantic_dim)
+        self.router = CDBVQRouter(config) if config.assignment == "cdb" else None
+        # Persistent so that a saved or resumed model carries them; all set in `reset_state`.
+        self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
+        self.register_buffer("usage", torch.zeros(config.codebook_size))
+        self.register_buffer("ema_cluster_size", torch.zeros(config.codebook_size))
+        self.register_buffer("ema_embed_sum", torch.zeros(config.codebook_size, config.codebook_dim))
+        self.register_buffer("prototypes", torch.zeros(config.num_prototypes, config.semantic_dim))
+        self.register_buffer("code_to_prototype", torch.zeros(config.codebook_size, dtype=torch.long))
+        self.register_buffer("code_to_role", torch.zeros(config.codebook_size, dtype=torch.long))
+
+    # ------------------------------------------------------------------ state
+    @torch.no_grad()
+    def reset_state(self) -> None:
+        """Fill the buffers for a fresh model (called from `_init_weights`)."""
+        size = self.codebook_size
+        self.initialized.fill_(False)
+        self.usage.fill_(1.0 / size)
+        self.ema_cluster_size.fill_(1.0)
+        self.ema_embed_sum.copy_(self.codebook.weight)
+        self.prototypes.zero_()
+        self.code_to_prototype.copy_(torch.arange(size, device=self.code_to_prototype.device) % self.prototypes.shape[0])
+        self.code_to_role.zero_()
+        for role, name in enumerate(self.config.role_names):
+            start, end = self.config.code_roles[name]
+            self.code_to_role[start:end] = role
+
+    @property
+    def has_prototypes(self) -> bool:
+        return bool(self.prototypes.abs().sum() > 0)
+
+    @torch.no_grad()
+    def set_prototypes(self, prototypes: torch.Tensor, code_to_prototype: torch.Tensor | None = None) -> None:
+        """Store semantic prototypes (P, semantic_dim) and, optionally, which prototype each code is tied to."""
+        if tuple(prototypes.shape) != tuple(self.prototypes.shape):
+            raise ValueError(
+                f"prototypes must have shape {tuple(self.prototypes.shape)} (num_prototypes, semantic_dim), got {tuple(prototypes.shape)}."
+            )
+        self.prototypes.copy_(prototypes)
+        if code_to_prototype is not None:
+            if code_to_prototype.shape != self.code_to_prototype.shape or not (
+                0 <= int(code_to_prototype.min()) and int(code_to_prototype.max()) < prototypes.shape[0]
+            ):
+                raise ValueError(f"code_to_prototype must be {self.codebook_size} prototype ids in [0, {prototypes.shape[0]}).")
+            self.code_to_prototype.copy_(code_to_prototype)
+
+    def codes(self) -> torch.Tensor:
+        """The codebook in float32, l2-normalised when the config asks for it."""
+        codes = self.codebook.weight.float()
+        return F.normalize(codes, dim=-1) if self.config.l2_normalize_codes else codes
+
+    def prepare_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        latents = latents.float()
+        return F.normalize(latents, dim=-1) if self.config.l2_normalize_codes else latents
+
+    def lookup(self, indices: torch.Tensor) -> torch.Tensor:
+        """Codes of `indices` (any shape) as (..., D)."""
+        return F.embedding(indices, self.codes())
+
+    # ------------------------------------------------------------------ assignment
+    def forward(
+        self,
+        latents: torch.Tensor,
+        semantic_features: torch.Tensor | None = None,
+        signal_features: torch.Tensor | None = None,
+    ) -> CDBVQQuantizerOutput:
+        """Quantize a flat batch of latents (N, D); `semantic_features` (N, semantic_dim) feed the `cdb` router."""
+        input_dtype = latents.dtype
+        if self.training and not bool(self.initialized):
+            self.initialize_codebook(latents.detach())
+        latents = self.prepare_latents(latents)
+        codes = self.codes()
+        output = CDBVQQuantizerOutput()
+
+        if self.assignment == "cdb":
+            if semantic_features is None:
+                semantic_features = latents.new_zeros(latents.shape[0], self.config.semantic_dim)
+            indices, soft_quantized = self._route(latents, codes, semantic_features.float(), signal_features, output)
+        elif self.assignment == "sinkhorn" and self.training:
+            potentials = self._sinkhorn(latents.detach(), codes.detach())
+            indices = self._chunked_argmax(lambda chunk: potentials.plan_logits(transport_cost(chunk, codes)), latents)
+            soft_quantized = None
+        else:
+            indices = nearest_codes(latents.detach(), codes.detach(), self.config.assignment_chunk_size)
+            soft_quantized = None
+
+        chosen = F.embedding(indices, codes)
+        output.commitment_loss = F.mse_loss(latents, chosen.detach())
+        if self.config.ema_decay is None:
+            output.codebook_loss = F.mse_loss(chosen, latents.detach())
+        quantized = latents + (chosen - latents).detach()
+        if soft_quantized is not None:
+            # Straight-through on the router's soft assignment: every scored code and the router get gradient.
+            quantized = quantized + soft_quantized - soft_quantized.detach()
+        output.quantized = quantized.to(input_dtype)
+        output.indices = indices
+        self._update_statistics(latents.detach(), indices, output)
+        return output
+
+    def _sinkhorn(self, latents: torch.Tensor, codes: torch.Tensor) -> SinkhornPotentials:
+        config = self.config
+        return sinkhorn_potentials(
+            latents, codes, config.sinkhorn_epsilon, config.sinkhorn_iterations, config.assignment_chunk_size
+        )
+
+    def _chunked_argmax(self, score, latents: torch.Tensor) -> torch.Tensor:
+        rows = chunk_rows(self.codebook_size, self.config.assignment_chunk_size)
+        with torch.no_grad():
+            return torch.cat([score(chunk).argmax(-1) for chunk in latents.split(rows)])
+
+    def _route(
+        self,
+        latents: torch.Tensor,
+        codes: torch.Tensor,
+        semantic_features: torch.Tensor,
+        signal_features: torch.Tensor | None,
+        output: CDBVQQuantizerOutput,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Assign by the router's argmax; while training also build the soft assignment and the router's losses."""
+        def logits_of(latent_chunk, semantic_chunk, signal_chunk):
+            return self.router(
+                latent_chunk, codes, semantic_chunk, self.prototypes, self.code_to_prototype, signal_chunk, self.code_to_role
+            )
+
+        rows = chunk_rows(self.codebook_size, self.config.assignment_chunk_size)
+        signal_chunks = signal_features.float().split(rows) if signal_features is not None else None
+        chunks = [
+            (latent_chunk, semantic_chunk, signal_chunks[i] if signal_chunks is not None else None)
+            for i, (latent_chunk, semantic_chunk) in enumerate(zip(latents.split(rows), semantic_features.split(rows)))
+        ]
+        if not (self.training and torch.is_grad_enabled()):
+            with torch.no_grad():
+                return torch.cat([logits_of(*chunk).argmax(-1) for chunk in chunks]), None
+
+        potentials = self._sinkhorn(latents.detach(), codes.detach())
+
+        def train_chunk(latent_chunk, semantic_chunk, signal_chunk):
+            logits = logits_of(latent_chunk, semantic_chunk, signal_chunk)
+            with torch.no_grad():
+                target = potentials.plan_logits(transport_cost(latent_chunk, codes)).argmax(-1)
+            probabilities = logits.softmax(-1)
+            cross_entropy = F.cross_entropy(logits, target, reduction="sum")
+            return logits.detach().argmax(-1), probabilities @ codes, cross_entropy, probabilities.sum(0)
+
+        results = []
+        for chunk in chunks:
+            if len(chunks) > 1:
+                # Recompute each chunk's N x K block in backward instead of keeping them all alive.
+                results.append(checkpoint(train_chunk, *chunk, use_reentrant=False))
+            else:
+                results.append(train_chunk(*chunk))
+        indices = torch.cat([r[0] for r in results])
+        soft_quantized = torch.cat([r[1] for r in results])
+        output.ot_imitation_loss = torch.stack([r[2] for r in results]).sum() / latents.shape[0]
+        mean_probabilities = torch.stack([r[3] for r in results]).sum(0) / latents.shape[0]
+        output.balance_loss = (mean_probabilities * (mean_probabilities * self.codebook_size).clamp_min(1e-12).log()).sum()
+        return indices, soft_quantized
+
+    # ------------------------------------------------------------------ usage statistics and EMA
+    @torch.no_grad()
+    def _update_statistics(self, latents: torch.Tensor, indices: torch.Tensor, output: CDBVQQuantizerOutput) -> None:
+        counts = torch.bincount(indices, minlength=self.codebook_size).float()
+        if self.training:
+            # Reduce across processes so usage (and EMA) stay identical on every rank.
+            all_reduce_(counts)
+        share = counts / counts.sum().clamp_min(1.0)
+        output.utilization = (counts > 0).float().mean()
+        output.perplexity = torch.exp(-(share * share.clamp_min(1e-12).log()).sum())
+        if not self.training:
+            return
+        decay = self.config.usage_decay
+        self.usage.mul_(decay).add_(share, alpha=1 - decay)
+        if self.config.ema_decay is not None:
+            embed_sum = torch.zeros_like(self.ema_embed_sum, dtype=torch.float32).index_add_(0, indices, latents)
+            all_reduce_(embed_sum)
+            decay = self.config.ema_decay
+            self.ema_cluster_size.mul_(decay).add_(counts, alpha=1 - decay)
+            self.ema_embed_sum.mul_(decay).add_(embed_sum, alpha=1 - decay)
+            total = self.ema_cluster_size.sum()
+            smoothed = (self.ema_cluster_size + 1e-5) / (total + self.codebook_size * 1e-5) * total
+            self.codebook.weight.copy_(self.ema_embed_sum / smoothed[:, None])
+
+    # ------------------------------------------------------------------ upkeep
+    @torch.no_grad()
+    def initialize_codebook(self, latents: torch.Tensor, iterations: int = 10, seed: int = 0) -> None:
+        """k-means initialisation of the codebook from latents (N, D), identical on every process.
+
+        Latents of all processes are gathered, rank 0 runs k-means and broadcasts the centres.
+        """
+        samples = self.prepare_latents(all_gather_rows(latents.detach().float()))
+        centres = torch.empty(self.codebook_size, samples.shape[1], device=samples.device)
+        if not is_distributed() or dist.get_rank() == 0:
+            centres = kmeans(samples, self.codebook_size, iterations, seed, self.config.assignment_chunk_size)
+        broadcast_(centres)
+        self._replace_codes(torch.arange(self.codebook_size, device=centres.device), centres)
+        self.initialized.fill_(True)
+
+    @torch.no_grad()
+    def dead_codes(self) -> torch.Tensor:
+        """Indices of codes whose running usage share is below `dead_code_threshold / codebook_size`."""
+        return (self.usage < self.config.dead_code_threshold / self.codebook_size).nonzero().flatten()
+
+    @torch.no_grad()
+    def restart_dead_codes(self, latents: torch.Tensor, seed: int = 0) -> int:
+        """Move dead codes onto randomly drawn recent latents (N, D); returns how many were restarted.
+
+        Every process must call it: latents are gathered, rank 0 draws, the new codes are broadcast, and the EMA,
+        usage and router state of the restarted codes are reset so that the restart takes hold.
+        """
+        if self.config.dead_code_threshold <= 0:
+            return 0
+        dead = self.dead_codes()
+        if dead.numel() == 0:
+            return 0
+        samples = self.prepare_latents(all_gather_rows(latents.detach().float()))
+        new_codes = torch.empty(dead.numel(), samples.shape[1], device=samples.device)
+        if not is_distributed() or dist.get_rank() == 0:
+            generator = torch.Generator(device="cpu").manual_seed(seed)
+            picks = torch.randint(samples.shape[0], (dead.numel(),), generator=generator).to(samples.device)
+            new_codes = samples[picks]
+        broadcast_(new_codes)
+        self._replace_codes(dead, new_codes)
+        return int(dead.numel())
+
+    def _replace_codes(self, indices: torch.Tensor, new_codes: torch.Tensor) -> None:
+        if self.router is not None and indices.numel() < self.codebook_size:
+            # A revived code inherits the router key of the live code nearest to it, so the router scores it
+            # like its neighbourhood instead of never picking it.
+            alive = torch.ones(self.codebook_size, dtype=torch.bool, device=indices.device)
+            alive[indices] = False
+            alive_ids = alive.nonzero().flatten()
+            if alive_ids.numel():
+                nearest = alive_ids[nearest_codes(new_codes, self.codes()[alive_ids], self.config.assignment_chunk_size)]
+                self.router.code_keys[indices] = self.router.code_keys[nearest]
+        self.codebook.weight[indices] = new_codes.to(self.codebook.weight.dtype)
+        self.ema_embed_sum[indices] = new_codes.to(self.ema_embed_sum.dtype)
+        self.ema_cluster_size[indices] = 1.0
+        self.usage[indices] = 1.0 / self.codebook_size
+
+    # ------------------------------------------------------------------ semantics
+    def semantic_losses(
+        self,
+        indices: torch.Tensor,
+        predicted_features: torch.Tensor | None,
+        teacher_features: torch.Tensor,
+    ) -> dict[str, torch.Tensor | None]:
+        """Cosine losses against teacher features (N, semantic_dim) of the same tokens.
+
+        - semantic_distillation: the semantic head's prediction toward the teacher's feature;
+        - token_alignment: each token's projected code `W e_k` toward its patch's teacher feature;
+        - code_alignment: each projected code toward its prototype (only once prototypes are set).
+        """
+        teacher = teacher_features.float()
+        projected_tokens = self.code_projection(self.lookup(indices))
+        losses = {
+            "semantic_distillation_loss": None,
+            "token_alignment_loss": (1 - F.cosine_similarity(projected_tokens, teacher, dim=-1)).mean(),
+            "code_alignment_loss": None,
+        }
+        if predicted_features is not None:
+            losses["semantic_distillation_loss"] = (
+                1 - F.cosine_similarity(predicted_features.float(), teacher, dim=-1)
+            ).mean()
+        if self.has_prototypes:
+            projected_codes = self.code_projection(self.codes())
+            targets = self.prototypes.float().index_select(0, self.code_to_prototype)
+            losses["code_alignment_loss"] = (1 - F.cosine_similarity(projected_codes, targets, dim=-1)).mean()
+        return losses
+
+
+@torch.no_grad()
+def kmeans(samples: torch.Tensor, num_clusters: int, iterations: int, seed: int, max_entries: int) -> torch.Tensor:
+    """Lloyd's k-means with random initial centres; empty clusters keep their previous centre."""
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    replace = samples.shape[0] < num_clusters
+    if replace:
+        picks = torch.randint(samples.shape[0], (num_clusters,), generator=generator)
+    else:
+        picks = torch.randperm(samples.shape[0], generator=generator)[:num_clusters]
+    centres = samples[picks.to(samples.device)].clone()
+    if replace:
+        # Duplicated samples would make identical (and forever tied) codes: spread them a little.
+        spread = samples.std(0, keepdim=True).clamp_min(1e-4) * 0.01
+        centres += torch.randn(centres.shape, generator=generator).to(samples.device) * spread
+    for _ in range(iterations):
+        assignment = nearest_codes(samples, centres, max_entries)
+        counts = torch.bincount(assignment, minlength=num_clusters).float()
+        sums = torch.zeros_like(centres).index_add_(0, assignment, samples)
+        filled = counts > 0
+        centres[filled] = sums[filled] / counts[filled, None]
+    return centres
+
+
+__all__ = [
+    "CDBVQQuantizer",
+    "CDBVQQuantizerOutput",
+    "CDBVQRouter",
+    "SinkhornPotentials",
+    "image_signal_features",
+    "kmeans",
+    "nearest_codes",
+    "sinkhorn_potentials",
+]
