@@ -1,0 +1,559 @@
+# Copyright 2025 The cdb-tokenizer authors.
+# Licensed under the Apache License, Version 2.0.
+"""Image processor for the CDB-VQ image tokenizer.
+
+`CDBVQImageProcessor` turns images (PIL, NumPy or torch) into the `pixel_values` the model expects
+(float32, `(B, 3, H, W)`, in `[-1, 1]` with the default settings) and, through `postprocess`, turns the
+model's reconstructions back into images.
+
+This file is shipped as Hugging Face Hub remote code, so it imports only torch, numpy, PIL and
+transformers. All image operations run in torch (no torchvision needed), on the device of the input
+or the one passed as `device=`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+import PIL.Image
+import torch
+import torch.nn.functional as F
+from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
+from transformers.image_utils import ChannelDimension, PILImageResampling, SizeDict
+
+
+# PIL resampling filters that torch's `interpolate` can reproduce (torchvision makes the same choice).
+_TORCH_INTERPOLATION = {
+    PILImageResampling.NEAREST: "nearest-exact",
+    PILImageResampling.BILINEAR: "bilinear",
+    PILImageResampling.BICUBIC: "bicubic",
+}
+_POSTPROCESS_RETURN_TYPES = ("PIL.Image.Image", "np", "pt")
+_ALPHA_MODES = ("RGBA", "LA", "PA", "La", "RGBa")
+
+
+class CDBVQImageProcessor(BaseImageProcessor):
+    r"""
+    Image processor for CDB-VQ: resize, centre crop, rescale and normalise images into `pixel_values`, and
+    `postprocess` decoded `pixel_values` back into images.
+
+    Inputs may be a single image or a list of images, each a `PIL.Image.Image`, a NumPy array (`(H, W, C)` or
+    greyscale `(H, W)`; a 4-D array is a batch) or a `torch.Tensor` (`(C, H, W)` or `(H, W)`; a 4-D tensor is a
+    batch). Integer images are read as `[0, 255]` (`uint16` as `[0, 65535]`), floating-point images as
+    `[0, 1]`, so the same picture gives the same `pixel_values` whatever its type. Greyscale, RGBA (composited
+    on white), palette and LA images are converted to RGB.
+
+    Args:
+        do_resize (`bool`, *optional*, defaults to `True`):
+            Whether to resize the image to `size`.
+        size (`int`, `tuple[int, int]` or `dict[str, int]`, *optional*, defaults to `{"height": 256, "width": 256}`):
+            Output size. An `int` means a square, a tuple is `(height, width)`. `{"height": h, "width": w}` gives
+            exactly `h x w` images. `{"shortest_edge": s}` resizes the shorter side to `s` keeping the aspect ratio
+            (with `do_center_crop`, the result is then cropped to `s x s`).
+        resample (`PILImageResampling` or `int`, *optional*, defaults to `PILImageResampling.BICUBIC`):
+            Resampling filter: `NEAREST`, `BILINEAR` or `BICUBIC` (antialiased when downscaling).
+        do_center_crop (`bool`, *optional*, defaults to `True`):
+            Preserve the aspect ratio: resize so that the image covers `size`, then crop its centre to exactly
+            `size`. When `False`, images are resized straight to `size` (and may be stretched).
+        do_rescale (`bool`, *optional*, defaults to `True`):
+            Whether to multiply the `[0, 255]` intensities by `rescale_factor`.
+        rescale_factor (`float`, *optional*, defaults to `1/255`):
+            Scale applied when `do_rescale` is set.
+        do_normalize (`bool`, *optional*, defaults to `True`):
+            Whether to normalise with `(x - image_mean) / image_std`.
+        image_mean (`float` or `list[float]`, *optional*, defaults to `[0.5, 0.5, 0.5]`):
+            Per-channel mean used for normalisation.
+        image_std (`float` or `list[float]`, *optional*, defaults to `[0.5, 0.5, 0.5]`):
+            Per-channel standard deviation used for normalisation.
+        do_convert_rgb (`bool`, *optional*, defaults to `True`):
+            Whether to convert greyscale, RGBA, palette and LA images to RGB.
+
+    Example:
+
+    ```python
+    >>> processor = CDBVQImageProcessor()
+    >>> pixel_values = processor(images, return_tensors="pt").pixel_values  # (B, 3, 256, 256) in [-1, 1]
+    >>> pil_images = processor.postprocess(reconstruction, return_tensors="PIL.Image.Image").pixel_values
+    ```
+    """
+
+    model_input_names = ["pixel_values"]
+
+    # Class-level defaults, read by `BaseImageProcessor._set_attributes` and `preprocess`.
+    do_resize = True
+    size = {"height": 256, "width": 256}
+    resample = PILImageResampling.BICUBIC
+    do_center_crop = True
+    do_rescale = True
+    rescale_factor = 1 / 255
+    do_normalize = True
+    image_mean = (0.5, 0.5, 0.5)
+    image_std = (0.5, 0.5, 0.5)
+    do_convert_rgb = True
+
+    def __init__(
+        self,
+        do_resize: bool = True,
+        size: int | tuple[int, int] | dict[str, int] | None = None,
+        resample: PILImageResampling | int = PILImageResampling.BICUBIC,
+        do_center_crop: bool = True,
+        do_rescale: bool = True,
+        rescale_factor: float = 1 / 255,
+        do_normalize: bool = True,
+        image_mean: float | Sequence[float] | None = None,
+        image_std: float | Sequence[float] | None = None,
+        do_convert_rgb: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        kwargs.update(
+            do_resize=do_resize,
+            size=size,
+            resample=resample,
+            do_center_crop=do_center_crop,
+            do_rescale=do_rescale,
+            rescale_factor=rescale_factor,
+            do_normalize=do_normalize,
+            image_mean=image_mean,
+            image_std=image_std,
+            do_convert_rgb=do_convert_rgb,
+        )
+        # `None` means "class default": drop it so the base class does not store it as an attribute.
+        kwargs = {key: value for key, value in kwargs.items() if value is not None}
+        super().__init__(**kwargs)
+        # Resolve every setting (kwarg or class default); sizes become `SizeDict`, mean/std tuples.
+        self._set_attributes(**kwargs)
+        self._check_settings(
+            size=self.size,
+            resample=self.resample,
+            crop_size=getattr(self, "crop_size", None),
+            do_pad=getattr(self, "do_pad", None),
+        )
+
+    @property
+    def backend(self) -> str:
+        """`str`: the backend that runs the image operations (plain torch, no torchvision)."""
+        return "torch"
+
+    # ------------------------------------------------------------------ preprocessing
+
+    def preprocess(self, images: Any, **kwargs: Any) -> BatchFeature:
+        """
+        Turn an image or a list of images into `pixel_values`.
+
+        Args:
+            images (`PIL.Image.Image`, `np.ndarray`, `torch.Tensor` or a list of them):
+                The images. See the class docstring for the accepted layouts and value ranges.
+            **kwargs:
+                Any constructor setting (`size`, `do_center_crop`, ...) to override for this call, plus
+                `return_tensors` (`"pt"`, `"np"` or `None` for a list of tensors), `input_data_format`
+                (`"channels_first"` / `"channels_last"`, to settle an ambiguous array layout) and `device`
+                (where to run the resize; defaults to each input's device).
+
+        Returns:
+            [`BatchFeature`]: with `pixel_values`, float32 `(B, 3, H, W)` (a list of `(3, H, W)` tensors when
+            `return_tensors` is `None`).
+
+        Raises:
+            TypeError: for an input of an unsupported type or dtype.
+            ValueError: for an empty list, a channel count other than 1, 3 or 4, NaN or infinite values, float
+                values outside `[0, 1]`, or inconsistent settings.
+        """
+        return super().preprocess(images, **kwargs)
+
+    def _check_settings(
+        self,
+        size: SizeDict | None,
+        resample: PILImageResampling | int | None,
+        crop_size: SizeDict | None = None,
+        do_pad: bool | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """Reject settings this processor does not implement, rather than silently ignore them."""
+        if size is not None:
+            keys = {key for key, _ in size}
+            if keys not in ({"height", "width"}, {"shortest_edge"}):
+                raise ValueError(
+                    f"`size` must be an int, a (height, width) pair, {{'height': h, 'width': w}} or "
+                    f"{{'shortest_edge': s}}; got keys {sorted(keys)}."
+                )
+            if any(value <= 0 for _, value in size):
+                raise ValueError(f"`size` values must be positive, got {dict(size)}.")
+        if resample is not None and _to_resampling(resample) not in _TORCH_INTERPOLATION:
+            raise ValueError(
+                f"Unsupported `resample` {resample!r}: use PILImageResampling.NEAREST, BILINEAR or BICUBIC."
+            )
+        if crop_size is not None:
+            raise ValueError(
+                "`crop_size` is not used: CDBVQImageProcessor centre-crops to `size`; set `size` instead."
+            )
+        if do_pad:
+            raise ValueError("`do_pad` is not supported by CDBVQImageProcessor.")
+
+    def _validate_preprocess_kwargs(self, **kwargs: Any) -> None:
+        """Validate the merged settings of one `preprocess` call."""
+        self._check_settings(**kwargs)
+        if kwargs.get("do_rescale") and kwargs.get("rescale_factor") is None:
+            raise ValueError("`rescale_factor` must be set when `do_rescale` is True.")
+        if kwargs.get("do_normalize") and (kwargs.get("image_mean") is None or kwargs.get("image_std") is None):
+            raise ValueError("`image_mean` and `image_std` must be set when `do_normalize` is True.")
+        if (kwargs.get("do_resize") or kwargs.get("do_center_crop")) and kwargs.get("size") is None:
+            raise ValueError("`size` must be set when `do_resize` or `do_center_crop` is True.")
+
+    def _prepare_images_structure(self, images: Any, expected_ndims: int = 3) -> list[Any]:
+        """Flatten the input (one image, a 4-D batch, or a list of either) into a list of single images."""
+        if isinstance(images, (list, tuple)):
+            if len(images) == 0:
+                raise ValueError("`images` is an empty list: pass at least one image.")
+            flat = []
+            for image in images:
+                nested = isinstance(image, (list, tuple)) or _is_batch(image)
+                flat.extend(self._prepare_images_structure(image) if nested else [image])
+            return flat
+        if _is_batch(images):
+            if len(images) == 0:
+                raise ValueError("`images` is an empty batch: pass at least one image.")
+            return list(images)
+        return [images]
+
+    def process_image(
+        self,
+        image: Any,
+        do_convert_rgb: bool | None = None,
+        input_data_format: str | ChannelDimension | None = None,
+        device: str | torch.device | None = None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        """
+        Convert one image into a float32 `(C, H, W)` tensor of `[0, 255]` intensities (`C` is 3 after RGB
+        conversion).
+        """
+        if isinstance(image, PIL.Image.Image):
+            tensor = _pil_to_tensor(image, do_convert_rgb=bool(do_convert_rgb))
+            tensor = tensor.to(device) if device is not None else tensor
+            return tensor
+        if isinstance(image, np.ndarray):
+            tensor, default_format = torch.from_numpy(np.ascontiguousarray(image)), ChannelDimension.LAST
+        elif isinstance(image, torch.Tensor):
+            tensor, default_format = image.detach(), ChannelDimension.FIRST
+        else:
+            raise TypeError(
+                f"Unsupported image type {type(image).__module__}.{type(image).__name__}: expected a "
+                "PIL.Image.Image, a numpy.ndarray or a torch.Tensor (or a list of them)."
+            )
+        if device is not None:
+            tensor = tensor.to(device)
+        tensor = _to_channels_first(tensor, input_data_format, default_format)
+        tensor = _to_intensity_scale(tensor)
+        if do_convert_rgb:
+            tensor = _convert_to_rgb(tensor)
+        return tensor
+
+    def resize(
+        self,
+        image: torch.Tensor,
+        size: SizeDict,
+        resample: PILImageResampling | int = PILImageResampling.BICUBIC,
+        do_center_crop: bool = True,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        """
+        Resize a `(C, H, W)` float tensor to `size`. With `do_center_crop` (or a `shortest_edge` size) the aspect
+        ratio is kept: the image is scaled to cover the target (crop with `center_crop` afterwards).
+        """
+        height, width = image.shape[-2:]
+        if size.shortest_edge is not None:
+            scale = size.shortest_edge / min(height, width)
+            new_size = (max(size.shortest_edge, round(height * scale)), max(size.shortest_edge, round(width * scale)))
+        elif do_center_crop:
+            scale = max(size.height / height, size.width / width)
+            new_size = (max(size.height, round(height * scale)), max(size.width, round(width * scale)))
+        else:
+            new_size = (size.height, size.width)
+        if new_size == (height, width):
+            return image
+        mode = _TORCH_INTERPOLATION[_to_resampling(resample)]
+        antialias = mode in ("bilinear", "bicubic")
+        out = F.interpolate(image[None], size=new_size, mode=mode, antialias=antialias, align_corners=None)[0]
+        # Bicubic overshoots at edges; keep the intensities in their valid range.
+        return out.clamp_(0.0, 255.0)
+
+    def center_crop(self, image: torch.Tensor, size: SizeDict, **kwargs: Any) -> torch.Tensor:
+        """Crop the centre `size` (`height x width`, or `shortest_edge` square) out of a `(C, H, W)` tensor."""
+        crop_h, crop_w = _target_hw(size)
+        height, width = image.shape[-2:]
+        if crop_h > height or crop_w > width:
+            raise ValueError(
+                f"Cannot centre-crop a {height}x{width} image to {crop_h}x{crop_w}: it is smaller than the crop. "
+                "Enable `do_resize` or lower `size`."
+            )
+        top, left = (height - crop_h) // 2, (width - crop_w) // 2
+        return image[..., top : top + crop_h, left : left + crop_w]
+
+    def rescale(self, image: torch.Tensor, scale: float, **kwargs: Any) -> torch.Tensor:
+        """Multiply the image by `scale`."""
+        return image * scale
+
+    def normalize(
+        self,
+        image: torch.Tensor,
+        mean: float | Sequence[float],
+        std: float | Sequence[float],
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        """Normalise a `(C, H, W)` (or `(B, C, H, W)`) tensor channel-wise: `(image - mean) / std`."""
+        mean_t = _per_channel(mean, image, "image_mean")
+        std_t = _per_channel(std, image, "image_std")
+        return (image - mean_t) / std_t
+
+    def _preprocess(
+        self,
+        images: list[torch.Tensor],
+        do_resize: bool,
+        size: SizeDict,
+        resample: PILImageResampling | int,
+        do_center_crop: bool,
+        do_rescale: bool,
+        rescale_factor: float,
+        do_normalize: bool,
+        image_mean: float | Sequence[float],
+        image_std: float | Sequence[float],
+        return_tensors: str | None = None,
+        **kwargs: Any,
+    ) -> BatchFeature:
+        """Resize, crop, rescale and normalise prepared `(C, H, W)` tensors, then batch them."""
+        processed = []
+        for image in images:
+            if do_resize:
+                image = self.resize(image, size=size, resample=resample, do_center_crop=do_center_crop)
+            if do_center_crop:
+                image = self.center_crop(image, size=size)
+            if do_rescale:
+                image = self.rescale(image, rescale_factor)
+            if do_normalize:
+                image = self.normalize(image, image_mean, image_std)
+            processed.append(image.to(torch.float32).contiguous())
+
+        if return_tensors is None:
+            return BatchFeature(data={"pixel_values": processed})
+        shapes = {tuple(image.shape) for image in processed}
+        if len(shapes) > 1:
+            raise ValueError(
+                f"Cannot batch images of different shapes {sorted(shapes)} with return_tensors={return_tensors!r}: "
+                "use a {'height', 'width'} size or do_center_crop=True, or return_tensors=None."
+            )
+        batch = torch.stack(processed)
+        if return_tensors == "np":
+            return BatchFeature(data={"pixel_values": batch.cpu().numpy()})
+        return BatchFeature(data={"pixel_values": batch}, tensor_type=return_tensors)
+
+    # ----------------------------------------------------------------- postprocessing
+
+    def postprocess(
+        self,
+        images: torch.Tensor | np.ndarray | list[torch.Tensor] | list[np.ndarray],
+        do_rescale: bool | None = None,
+        rescale_factor: float | None = None,
+        do_normalize: bool | None = None,
+        image_mean: float | Sequence[float] | None = None,
+        image_std: float | Sequence[float] | None = None,
+        return_tensors: str = "PIL.Image.Image",
+    ) -> BatchFeature:
+        """
+        Turn model output `pixel_values` back into images: the reverse of `preprocess` (un-normalise, undo the
+        rescale, clamp to the valid range).
+
+        Args:
+            images (`torch.Tensor`, `np.ndarray` or a list of them):
+                `(B, 3, H, W)` or `(3, H, W)` pixel values in the processor's normalised range (`[-1, 1]` by
+                default); values outside it are clamped.
+            do_rescale, rescale_factor, do_normalize, image_mean, image_std (*optional*):
+                The preprocessing settings to invert; default to this processor's.
+            return_tensors (`str`, *optional*, defaults to `"PIL.Image.Image"`):
+                - `"PIL.Image.Image"`: a list of RGB `PIL.Image.Image`.
+                - `"np"`: a `uint8` array of shape `(B, H, W, 3)`.
+                - `"pt"`: a float32 tensor in `[0, 1]` of shape `(B, 3, H, W)`, on the input's device.
+
+        Returns:
+            [`BatchFeature`]: with the images under `pixel_values` (as Emu3 and Janus do).
+
+        Raises:
+            ValueError: for an unknown `return_tensors`, a shape other than `(B, 3, H, W)` / `(3, H, W)`, or NaN
+                values.
+            TypeError: for an input that is not a tensor or array.
+        """
+        if return_tensors not in _POSTPROCESS_RETURN_TYPES:
+            raise ValueError(
+                f"Unsupported return_tensors={return_tensors!r} for postprocess: use one of "
+                f"{', '.join(repr(t) for t in _POSTPROCESS_RETURN_TYPES)}."
+            )
+        do_rescale = self.do_rescale if do_rescale is None else do_rescale
+        rescale_factor = self.rescale_factor if rescale_factor is None else rescale_factor
+        do_normalize = self.do_normalize if do_normalize is None else do_normalize
+        image_mean = self.image_mean if image_mean is None else image_mean
+        image_std = self.image_std if image_std is None else image_std
+
+        batch = _stack_model_output(images).to(torch.float32)
+        if torch.isnan(batch).any():
+            raise ValueError("`images` contains NaN values; cannot convert them to images.")
+
+        # Undo normalisation and rescaling, back to [0, 255] intensities.
+        if do_normalize:
+            batch = batch * _per_channel(image_std, batch, "image_std") + _per_channel(image_mean, batch, "image_mean")
+        if do_rescale:
+            batch = batch / rescale_factor
+        batch = batch.clamp(0.0, 255.0)
+
+        if return_tensors == "pt":
+            return BatchFeature(data={"pixel_values": batch / 255.0})
+        array = batch.round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        if return_tensors == "np":
+            return BatchFeature(data={"pixel_values": array})
+        return BatchFeature(data={"pixel_values": [PIL.Image.fromarray(image) for image in array]})
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _is_batch(images: Any) -> bool:
+    """A 4-D array or tensor is a batch of images."""
+    return isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 4
+
+
+def _to_resampling(resample: PILImageResampling | int) -> PILImageResampling:
+    try:
+        return PILImageResampling(int(resample))
+    except (TypeError, ValueError):
+        raise ValueError(f"Unknown `resample` value {resample!r}.") from None
+
+
+def _target_hw(size: SizeDict) -> tuple[int, int]:
+    if size.shortest_edge is not None:
+        return size.shortest_edge, size.shortest_edge
+    return size.height, size.width
+
+
+def _per_channel(value: float | Iterable[float], image: torch.Tensor, name: str) -> torch.Tensor:
+    """Broadcastable `(C, 1, 1)` tensor for a scalar or per-channel statistic."""
+    num_channels = image.shape[-3]
+    values = [float(value)] * num_channels if isinstance(value, (int, float)) else [float(v) for v in value]
+    if len(values) != num_channels:
+        raise ValueError(f"`{name}` has {len(values)} values but the image has {num_channels} channels.")
+    return torch.tensor(values, dtype=image.dtype, device=image.device).view(-1, 1, 1)
+
+
+def _pil_to_tensor(image: PIL.Image.Image, do_convert_rgb: bool) -> torch.Tensor:
+    """PIL image -> float `(C, H, W)` tensor of [0, 255] intensities; modes are converted with PIL's own rules."""
+    if image.width == 0 or image.height == 0:
+        raise ValueError(f"Image has an empty size {image.width}x{image.height}.")
+    if do_convert_rgb:
+        if image.mode.startswith("I;16"):
+            # 16-bit greyscale: keep the precision PIL's convert("RGB") would clip away.
+            array = np.asarray(image).astype(np.float32) * (255.0 / 65535.0)
+            return _convert_to_rgb(torch.from_numpy(array)[None])
+        if image.mode in _ALPHA_MODES or (image.mode == "P" and "transparency" in image.info):
+            # Composite on white, as transformers' convert_to_rgb does.
+            rgba = image.convert("RGBA")
+            background = PIL.Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            image = PIL.Image.alpha_composite(background, rgba)
+        image = image.convert("RGB")
+        return torch.from_numpy(np.array(image, dtype=np.float32)).permute(2, 0, 1).contiguous()
+    array = np.array(image)
+    tensor = torch.from_numpy(array)
+    tensor = tensor[None] if tensor.ndim == 2 else tensor.permute(2, 0, 1)
+    return _to_intensity_scale(tensor)
+
+
+def _to_channels_first(
+    tensor: torch.Tensor, input_data_format: str | ChannelDimension | None, default: ChannelDimension
+) -> torch.Tensor:
+    """Return a `(C, H, W)` view of a `(H, W)`, `(H, W, C)` or `(C, H, W)` image, checking C is 1, 3 or 4."""
+    if tensor.ndim == 2:
+        tensor = tensor[None]
+    elif tensor.ndim != 3:
+        raise ValueError(
+            f"Expected an image with 2 (H, W) or 3 dimensions, got shape {tuple(tensor.shape)}; a batch must be "
+            "a 4-D array/tensor or a list of images."
+        )
+    elif input_data_format is not None:
+        if ChannelDimension(input_data_format) == ChannelDimension.LAST:
+            tensor = tensor.permute(2, 0, 1)
+    else:
+        first_ok, last_ok = tensor.shape[0] in (1, 3, 4), tensor.shape[-1] in (1, 3, 4)
+        channels_last = last_ok and (default == ChannelDimension.LAST or not first_ok)
+        if not (first_ok or last_ok):
+            raise ValueError(
+                f"Unsupported number of channels: image of shape {tuple(tensor.shape)} has no channel axis of "
+                "size 1, 3 or 4 (greyscale, RGB or RGBA)."
+            )
+        if channels_last:
+            tensor = tensor.permute(2, 0, 1)
+    if tensor.shape[0] not in (1, 3, 4):
+        raise ValueError(
+            f"Unsupported number of channels: {tensor.shape[0]} (expected 1, 3 or 4: greyscale, RGB or RGBA)."
+        )
+    if tensor.shape[1] == 0 or tensor.shape[2] == 0:
+        raise ValueError(f"Image has an empty size {tensor.shape[1]}x{tensor.shape[2]}.")
+    return tensor
+
+
+def _to_intensity_scale(tensor: torch.Tensor) -> torch.Tensor:
+    """Map integer images ([0, 255]; uint16 [0, 65535]) and float images ([0, 1]) to float32 [0, 255]."""
+    if tensor.dtype == torch.bool or tensor.is_complex():
+        raise TypeError(f"Unsupported image dtype {tensor.dtype}: use uint8 or a float type in [0, 1].")
+    if tensor.is_floating_point():
+        tensor = tensor.to(torch.float32)
+        if not torch.isfinite(tensor).all():
+            raise ValueError("Image contains NaN or infinite values.")
+        low, high = tensor.min().item(), tensor.max().item()
+        if low < 0.0 or high > 1.0:
+            raise ValueError(
+                f"Floating-point images must have values in [0, 1], got [{low:.4g}, {high:.4g}]; pass uint8 "
+                "data or divide by 255."
+            )
+        return tensor * 255.0
+    if tensor.dtype == torch.uint8:
+        return tensor.to(torch.float32)
+    if tensor.dtype == torch.uint16:
+        return tensor.to(torch.float32) * (255.0 / 65535.0)
+    tensor = tensor.to(torch.float32)
+    low, high = tensor.min().item(), tensor.max().item()
+    if low < 0 or high > 255:
+        raise ValueError(f"Integer images must have values in [0, 255], got [{low:.0f}, {high:.0f}].")
+    return tensor
+
+
+def _convert_to_rgb(tensor: torch.Tensor) -> torch.Tensor:
+    """(1|3|4, H, W) [0, 255] float -> (3, H, W): greyscale is repeated, RGBA is composited on white."""
+    if tensor.shape[0] == 1:
+        return tensor.expand(3, -1, -1).contiguous()
+    if tensor.shape[0] == 4:
+        alpha = tensor[3:] / 255.0
+        return tensor[:3] * alpha + 255.0 * (1.0 - alpha)
+    return tensor
+
+
+def _stack_model_output(images: Any) -> torch.Tensor:
+    """Model output (tensor/array, `(B, 3, H, W)` or `(3, H, W)`, or a list of `(3, H, W)`) -> `(B, 3, H, W)`."""
+    if isinstance(images, (list, tuple)):
+        if len(images) == 0:
+            raise ValueError("`images` is an empty list: nothing to postprocess.")
+        return torch.stack([_stack_model_output(image)[0] for image in images])
+    if isinstance(images, np.ndarray):
+        images = torch.from_numpy(images)
+    if not isinstance(images, torch.Tensor):
+        raise TypeError(
+            f"postprocess expects a torch.Tensor or numpy.ndarray of pixel values, got {type(images).__name__}."
+        )
+    images = images.detach()
+    if images.ndim == 3:
+        images = images[None]
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(
+            f"postprocess expects pixel values of shape (B, 3, H, W) or (3, H, W), got {tuple(images.shape)}."
+        )
+    return images
+
+
+__all__ = ["CDBVQImageProcessor"]

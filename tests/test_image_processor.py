@@ -1,0 +1,398 @@
+"""Tests for CDBVQImageProcessor on real photos from skimage.data (CPU, offline, fast)."""
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from skimage import data
+from transformers import BatchFeature
+from transformers.image_utils import PILImageResampling
+
+from cdb_tokenizer.image_processing_cdb_vq import CDBVQImageProcessor
+
+
+@pytest.fixture(scope="module")
+def astronaut() -> np.ndarray:
+    return data.astronaut()  # (512, 512, 3) uint8
+
+
+@pytest.fixture(scope="module")
+def coffee() -> np.ndarray:
+    return data.coffee()  # (400, 600, 3) uint8, landscape
+
+
+@pytest.fixture(scope="module")
+def camera() -> np.ndarray:
+    return data.camera()  # (512, 512) uint8 greyscale
+
+
+def pil_resize_crop(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Independent reference: PIL bicubic resize to cover (height, width), then centre crop."""
+    h, w = image.shape[:2]
+    scale = max(height / h, width / w)
+    new_h, new_w = max(height, round(h * scale)), max(width, round(w * scale))
+    resized = np.asarray(PIL.Image.fromarray(image).resize((new_w, new_h), PIL.Image.BICUBIC))
+    top, left = (new_h - height) // 2, (new_w - width) // 2
+    return resized[top : top + height, left : left + width]
+
+
+def to_uint8(processor: CDBVQImageProcessor, pixel_values: torch.Tensor) -> np.ndarray:
+    return processor.postprocess(pixel_values, return_tensors="np")["pixel_values"]
+
+
+# ----------------------------------------------------------------------------- preprocess
+
+
+def test_output_shape_dtype_and_range(astronaut, coffee):
+    processor = CDBVQImageProcessor()
+    out = processor([astronaut, coffee], return_tensors="pt")
+    assert isinstance(out, BatchFeature)
+    assert list(out.keys()) == processor.model_input_names == ["pixel_values"]
+    pixel_values = out["pixel_values"]
+    assert pixel_values.shape == (2, 3, 256, 256)
+    assert pixel_values.dtype == torch.float32
+    assert pixel_values.min() >= -1.0 and pixel_values.max() <= 1.0
+    # Really normalised to [-1, 1], not left in [0, 1] or [0, 255].
+    assert pixel_values.min() < -0.9 and pixel_values.max() > 0.9
+
+
+def test_single_image_is_a_batch_of_one(astronaut):
+    processor = CDBVQImageProcessor()
+    single = processor(astronaut, return_tensors="pt")["pixel_values"]
+    listed = processor([astronaut], return_tensors="pt")["pixel_values"]
+    assert single.shape == (1, 3, 256, 256)
+    torch.testing.assert_close(single, listed)
+
+
+def test_4d_batches(astronaut):
+    processor = CDBVQImageProcessor()
+    batch_np = np.stack([astronaut, astronaut[::-1]])  # (B, H, W, C)
+    batch_pt = torch.from_numpy(batch_np).permute(0, 3, 1, 2)  # (B, C, H, W)
+    out_np = processor(batch_np, return_tensors="pt")["pixel_values"]
+    out_pt = processor(batch_pt, return_tensors="pt")["pixel_values"]
+    assert out_np.shape == (2, 3, 256, 256)
+    torch.testing.assert_close(out_np, out_pt)
+    assert not torch.allclose(out_np[0], out_np[1])
+
+
+def test_return_tensors_np_and_none(astronaut):
+    processor = CDBVQImageProcessor()
+    as_np = processor(astronaut, return_tensors="np")["pixel_values"]
+    as_list = processor(astronaut)["pixel_values"]
+    as_pt = processor(astronaut, return_tensors="pt")["pixel_values"]
+    assert isinstance(as_np, np.ndarray) and as_np.dtype == np.float32 and as_np.shape == (1, 3, 256, 256)
+    assert isinstance(as_list, list) and len(as_list) == 1 and as_list[0].shape == (3, 256, 256)
+    np.testing.assert_allclose(as_np, as_pt.numpy())
+    torch.testing.assert_close(as_list[0], as_pt[0])
+
+
+def test_greyscale_becomes_three_channels(camera):
+    processor = CDBVQImageProcessor()
+    for image in (camera, PIL.Image.fromarray(camera), torch.from_numpy(camera)):
+        pixel_values = processor(image, return_tensors="pt")["pixel_values"]
+        assert pixel_values.shape == (1, 3, 256, 256)
+        torch.testing.assert_close(pixel_values[0, 0], pixel_values[0, 1])
+        torch.testing.assert_close(pixel_values[0, 0], pixel_values[0, 2])
+    # The grey values themselves are kept.
+    expected = pil_resize_crop(camera, 256, 256).astype(np.float64)
+    recovered = to_uint8(processor, processor(camera, return_tensors="pt")["pixel_values"])[0, ..., 0]
+    assert np.abs(recovered - expected).mean() < 2.0
+
+
+def test_single_channel_hwc_array(camera):
+    processor = CDBVQImageProcessor()
+    a = processor(camera[..., None], return_tensors="pt")["pixel_values"]
+    b = processor(camera, return_tensors="pt")["pixel_values"]
+    torch.testing.assert_close(a, b)
+
+
+def test_rgba_becomes_rgb_composited_on_white(astronaut):
+    processor = CDBVQImageProcessor(do_resize=False, do_center_crop=False)
+    alpha = np.full(astronaut.shape[:2] + (1,), 255, dtype=np.uint8)
+    alpha[:, :100] = 0  # transparent strip on the left
+    rgba = np.concatenate([astronaut, alpha], axis=-1)
+    rgb = processor(astronaut, return_tensors="pt")["pixel_values"]
+    for image in (rgba, PIL.Image.fromarray(rgba, mode="RGBA"), torch.from_numpy(rgba).permute(2, 0, 1)):
+        pixel_values = processor(image, return_tensors="pt")["pixel_values"]
+        assert pixel_values.shape == (1, 3, 512, 512)
+        torch.testing.assert_close(pixel_values[..., 100:], rgb[..., 100:])  # opaque: unchanged
+        assert torch.all(pixel_values[..., :100] == 1.0)  # transparent: white
+
+
+def test_palette_and_la_modes_become_rgb(astronaut, camera):
+    processor = CDBVQImageProcessor()
+    palette = PIL.Image.fromarray(astronaut).convert("P")
+    la = PIL.Image.fromarray(camera).convert("LA")
+    out_p = processor(palette, return_tensors="pt")["pixel_values"]
+    out_la = processor(la, return_tensors="pt")["pixel_values"]
+    assert out_p.shape == out_la.shape == (1, 3, 256, 256)
+    # Palette quantisation is lossy, but the picture must still be the astronaut.
+    ref = processor(astronaut, return_tensors="pt")["pixel_values"]
+    assert (out_p - ref).abs().mean() < 0.05
+    # Fully opaque LA is the greyscale image.
+    torch.testing.assert_close(out_la, processor(camera, return_tensors="pt")["pixel_values"])
+
+
+def test_numpy_pil_and_torch_inputs_agree(coffee):
+    processor = CDBVQImageProcessor()
+    reference = processor(coffee, return_tensors="pt")["pixel_values"]
+    chw_uint8 = torch.from_numpy(coffee).permute(2, 0, 1)
+    inputs = {
+        "pil": PIL.Image.fromarray(coffee),
+        "torch_uint8": chw_uint8,
+        "torch_float": chw_uint8.float() / 255.0,
+        "numpy_float": coffee.astype(np.float32) / 255.0,
+        "numpy_float64": coffee / 255.0,
+        "numpy_chw_forced": np.ascontiguousarray(coffee.transpose(2, 0, 1)),
+    }
+    for name, image in inputs.items():
+        kwargs = {"input_data_format": "channels_first"} if name == "numpy_chw_forced" else {}
+        out = processor(image, return_tensors="pt", **kwargs)["pixel_values"]
+        torch.testing.assert_close(out, reference, atol=1e-5, rtol=0, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_non_square_image_is_centre_cropped(coffee):
+    processor = CDBVQImageProcessor(size={"height": 200, "width": 200})
+    pixel_values = processor(coffee, return_tensors="pt")["pixel_values"]
+    assert pixel_values.shape == (1, 3, 200, 200)
+    recovered = to_uint8(processor, pixel_values)[0].astype(np.float64)
+    expected = pil_resize_crop(coffee, 200, 200).astype(np.float64)  # 200x300 then the middle 200 columns
+    assert np.abs(recovered - expected).mean() < 2.0
+    # Neither a stretched resize nor a left-aligned crop would match.
+    stretched = np.asarray(PIL.Image.fromarray(coffee).resize((200, 200), PIL.Image.BICUBIC)).astype(np.float64)
+    left = np.asarray(PIL.Image.fromarray(coffee).resize((300, 200), PIL.Image.BICUBIC))[:, :200].astype(np.float64)
+    assert np.abs(recovered - stretched).mean() > 10.0
+    assert np.abs(recovered - left).mean() > 10.0
+
+
+def test_non_square_target_size(astronaut, coffee):
+    processor = CDBVQImageProcessor(size=(128, 192))
+    pixel_values = processor([astronaut, coffee], return_tensors="pt")["pixel_values"]
+    assert pixel_values.shape == (2, 3, 128, 192)
+    recovered = to_uint8(processor, pixel_values).astype(np.float64)
+    assert np.abs(recovered[0] - pil_resize_crop(astronaut, 128, 192)).mean() < 2.0
+    assert np.abs(recovered[1] - pil_resize_crop(coffee, 128, 192)).mean() < 2.0
+
+
+def test_size_forms(coffee):
+    assert CDBVQImageProcessor(size=64)(coffee, return_tensors="pt")["pixel_values"].shape == (1, 3, 64, 64)
+    short = CDBVQImageProcessor(size={"shortest_edge": 64})
+    assert short(coffee, return_tensors="pt")["pixel_values"].shape == (1, 3, 64, 64)
+    no_crop = short(coffee, do_center_crop=False, return_tensors="pt")["pixel_values"]
+    assert no_crop.shape == (1, 3, 64, 96)  # aspect ratio kept
+    stretched = CDBVQImageProcessor(size=64, do_center_crop=False)(coffee, return_tensors="pt")["pixel_values"]
+    assert stretched.shape == (1, 3, 64, 64)
+    assert not torch.allclose(stretched, CDBVQImageProcessor(size=64)(coffee, return_tensors="pt")["pixel_values"])
+
+
+def test_call_time_overrides_do_not_change_settings(astronaut):
+    processor = CDBVQImageProcessor()
+    out = processor(astronaut, size={"height": 32, "width": 48}, do_normalize=False, return_tensors="pt")
+    assert out["pixel_values"].shape == (1, 3, 32, 48)
+    assert out["pixel_values"].min() >= 0.0  # [0, 1] without normalisation
+    assert processor(astronaut, return_tensors="pt")["pixel_values"].shape == (1, 3, 256, 256)
+
+
+# ---------------------------------------------------------------------------- postprocess
+
+
+def test_postprocess_round_trip_is_close_to_resized_original(astronaut, coffee):
+    processor = CDBVQImageProcessor()
+    pixel_values = processor([astronaut, coffee], return_tensors="pt")["pixel_values"]
+    recovered = to_uint8(processor, pixel_values).astype(np.float64)
+    for got, original in zip(recovered, (astronaut, coffee)):
+        assert np.abs(got - pil_resize_crop(original, 256, 256)).mean() < 2.0
+
+
+def test_postprocess_round_trip_is_exact_without_resizing(astronaut):
+    processor = CDBVQImageProcessor(do_resize=False, size=512)
+    pixel_values = processor(astronaut, return_tensors="pt")["pixel_values"]
+    np.testing.assert_array_equal(to_uint8(processor, pixel_values)[0], astronaut)
+
+
+def test_postprocess_return_types(astronaut):
+    processor = CDBVQImageProcessor(size=(64, 96))
+    pixel_values = processor([astronaut, astronaut[:, ::-1]], return_tensors="pt")["pixel_values"]
+
+    pil_images = processor.postprocess(pixel_values, return_tensors="PIL.Image.Image")["pixel_values"]
+    assert isinstance(pil_images, list) and len(pil_images) == 2
+    assert all(isinstance(im, PIL.Image.Image) and im.mode == "RGB" and im.size == (96, 64) for im in pil_images)
+
+    arrays = processor.postprocess(pixel_values, return_tensors="np")["pixel_values"]
+    assert isinstance(arrays, np.ndarray) and arrays.dtype == np.uint8 and arrays.shape == (2, 64, 96, 3)
+
+    tensors = processor.postprocess(pixel_values, return_tensors="pt")["pixel_values"]
+    assert isinstance(tensors, torch.Tensor) and tensors.dtype == torch.float32 and tensors.shape == (2, 3, 64, 96)
+    assert tensors.min() >= 0.0 and tensors.max() <= 1.0
+    torch.testing.assert_close(tensors, (pixel_values + 1) / 2)
+
+    # The three modes describe the same pictures.
+    np.testing.assert_array_equal(np.stack([np.asarray(im) for im in pil_images]), arrays)
+    expected_uint8 = (tensors * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    np.testing.assert_array_equal(arrays, expected_uint8)
+    # Default is PIL.
+    assert isinstance(processor.postprocess(pixel_values)["pixel_values"][0], PIL.Image.Image)
+
+
+def test_postprocess_clamps_and_accepts_single_and_numpy():
+    processor = CDBVQImageProcessor()
+    values = torch.tensor([-3.0, -1.0, 0.5, 1.0, 5.0]).view(1, 1, 5).expand(3, 1, 5)  # single (3, H, W)
+    arrays = processor.postprocess(values, return_tensors="np")["pixel_values"]
+    assert arrays.shape == (1, 1, 5, 3)
+    np.testing.assert_array_equal(arrays[0, 0, :, 0], [0, 0, 191, 255, 255])
+    tensors = processor.postprocess(values.numpy(), return_tensors="pt")["pixel_values"]
+    torch.testing.assert_close(tensors[0, 0, 0], torch.tensor([0.0, 0.0, 0.75, 1.0, 1.0]))
+
+
+def test_postprocess_inverts_custom_normalisation(astronaut):
+    processor = CDBVQImageProcessor(image_mean=[0.48, 0.45, 0.40], image_std=[0.26, 0.26, 0.27], size=64)
+    pixel_values = processor(astronaut, return_tensors="pt")["pixel_values"]
+    recovered = to_uint8(processor, pixel_values).astype(np.float64)[0]
+    assert np.abs(recovered - pil_resize_crop(astronaut, 64, 64)).mean() < 2.0
+
+
+def test_postprocess_unknown_return_tensors_raises(astronaut):
+    processor = CDBVQImageProcessor()
+    pixel_values = processor(astronaut, return_tensors="pt")["pixel_values"]
+    for bad in ("pil", "tf", None):
+        with pytest.raises(ValueError, match=r"return_tensors.*'PIL\.Image\.Image', 'np', 'pt'"):
+            processor.postprocess(pixel_values, return_tensors=bad)
+
+
+def test_postprocess_bad_inputs():
+    processor = CDBVQImageProcessor()
+    with pytest.raises(ValueError, match=r"shape \(B, 3, H, W\)"):
+        processor.postprocess(torch.zeros(1, 4, 8, 8))
+    with pytest.raises(ValueError, match="NaN"):
+        processor.postprocess(torch.full((1, 3, 8, 8), float("nan")))
+    with pytest.raises(TypeError, match="torch.Tensor or numpy.ndarray"):
+        processor.postprocess("not pixels")
+    with pytest.raises(ValueError, match="empty"):
+        processor.postprocess([])
+
+
+# ------------------------------------------------------------------------- serialisation
+
+
+def test_save_and_load_round_trip(tmp_path, coffee):
+    processor = CDBVQImageProcessor(
+        size={"height": 96, "width": 128},
+        resample=PILImageResampling.BILINEAR,
+        do_center_crop=False,
+        rescale_factor=1 / 127.5,
+        do_normalize=True,
+        image_mean=[0.1, 0.2, 0.3],
+        image_std=[0.9, 0.8, 0.7],
+        do_convert_rgb=False,
+    )
+    processor.save_pretrained(tmp_path)
+    assert (tmp_path / "preprocessor_config.json").is_file()
+    loaded = CDBVQImageProcessor.from_pretrained(tmp_path)
+
+    assert loaded.to_dict() == processor.to_dict()
+    assert dict(loaded.size) == {"height": 96, "width": 128}
+    assert int(loaded.resample) == int(PILImageResampling.BILINEAR)
+    assert loaded.do_center_crop is False and loaded.do_convert_rgb is False
+    assert loaded.rescale_factor == pytest.approx(1 / 127.5)
+    assert tuple(loaded.image_mean) == (0.1, 0.2, 0.3) and tuple(loaded.image_std) == (0.9, 0.8, 0.7)
+    torch.testing.assert_close(
+        loaded(coffee, return_tensors="pt")["pixel_values"], processor(coffee, return_tensors="pt")["pixel_values"]
+    )
+    # And the defaults survive a round trip too.
+    default = CDBVQImageProcessor()
+    default.save_pretrained(tmp_path / "default")
+    assert CDBVQImageProcessor.from_pretrained(tmp_path / "default").to_dict() == default.to_dict()
+
+
+def test_defaults():
+    processor = CDBVQImageProcessor()
+    assert dict(processor.size) == {"height": 256, "width": 256}
+    assert int(processor.resample) == int(PILImageResampling.BICUBIC)
+    assert processor.do_resize and processor.do_center_crop and processor.do_rescale
+    assert processor.do_normalize and processor.do_convert_rgb
+    assert processor.rescale_factor == pytest.approx(1 / 255)
+    assert tuple(processor.image_mean) == tuple(processor.image_std) == (0.5, 0.5, 0.5)
+
+
+# ---------------------------------------------------------------------------- bad inputs
+
+
+def test_unsupported_input_type_raises():
+    processor = CDBVQImageProcessor()
+    with pytest.raises(TypeError, match="Unsupported image type.*str"):
+        processor("astronaut.png")
+    with pytest.raises(TypeError, match="Unsupported image type.*dict"):
+        processor([{"image": 1}])
+
+
+def test_unsupported_dtype_raises(astronaut):
+    processor = CDBVQImageProcessor()
+    with pytest.raises(TypeError, match="dtype"):
+        processor(astronaut > 128)
+
+
+def test_wrong_channel_count_raises(astronaut):
+    processor = CDBVQImageProcessor()
+    with pytest.raises(ValueError, match="number of channels"):
+        processor(astronaut[..., :2])  # (H, W, 2)
+    with pytest.raises(ValueError, match="number of channels"):
+        processor(torch.zeros(5, 64, 64, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="number of channels: 2"):
+        processor(np.ascontiguousarray(astronaut[..., :2].transpose(2, 0, 1)), input_data_format="channels_first")
+
+
+def test_wrong_number_of_dimensions_raises(astronaut):
+    processor = CDBVQImageProcessor()
+    with pytest.raises(ValueError, match="dimensions"):
+        processor(astronaut[None, None])
+    with pytest.raises(ValueError, match="dimensions"):
+        processor(astronaut[0, 0])
+
+
+def test_empty_list_raises():
+    processor = CDBVQImageProcessor()
+    with pytest.raises(ValueError, match="empty list"):
+        processor([])
+
+
+def test_nan_values_raise(astronaut):
+    processor = CDBVQImageProcessor()
+    image = astronaut.astype(np.float32) / 255.0
+    image[10, 10, 1] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        processor(image)
+    tensor = torch.from_numpy(astronaut).permute(2, 0, 1).float() / 255.0
+    tensor[0, 0, 0] = float("inf")
+    with pytest.raises(ValueError, match="infinite"):
+        processor(tensor)
+
+
+def test_float_values_outside_unit_range_raise(astronaut):
+    processor = CDBVQImageProcessor()
+    with pytest.raises(ValueError, match=r"values in \[0, 1\]"):
+        processor(astronaut.astype(np.float32))  # floats in [0, 255]
+
+
+def test_mismatched_shapes_with_tensors_raise(astronaut, coffee):
+    processor = CDBVQImageProcessor(size={"shortest_edge": 32}, do_center_crop=False)
+    with pytest.raises(ValueError, match="different shapes"):
+        processor([astronaut, coffee], return_tensors="pt")
+    shapes = [tuple(t.shape) for t in processor([astronaut, coffee])["pixel_values"]]
+    assert shapes == [(3, 32, 32), (3, 32, 48)]
+
+
+def test_crop_larger_than_image_raises(astronaut):
+    processor = CDBVQImageProcessor(do_resize=False, size=1024)
+    with pytest.raises(ValueError, match="smaller than the crop"):
+        processor(astronaut)
+
+
+def test_invalid_settings_raise():
+    with pytest.raises(ValueError, match="resample"):
+        CDBVQImageProcessor(resample=PILImageResampling.LANCZOS)
+    with pytest.raises(ValueError, match="size"):
+        CDBVQImageProcessor(size={"shortest_edge": 64, "longest_edge": 128})
+    with pytest.raises(ValueError, match="crop_size"):
+        CDBVQImageProcessor(crop_size={"height": 64, "width": 64})
+    with pytest.raises(ValueError, match="do_pad"):
+        CDBVQImageProcessor()(data.astronaut(), do_pad=True)
