@@ -167,6 +167,11 @@ def sinkhorn_potentials(
     return potentials
 
 
+def apply_float32_out(module: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+    """Run a small learned layer in its own dtype (bf16 models) and return float32 for the scoring maths."""
+    return module(inputs.to(next(module.parameters()).dtype)).float()
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Image-signal features for the role prior
 # ----------------------------------------------------------------------------------------------------------------
@@ -230,12 +235,12 @@ class CDBVQRouter(nn.Module):
         """(n, K) logits for a chunk of n latents (all float32)."""
         cost = transport_cost(latents, codes)
         cost = (cost - cost.mean(-1, keepdim=True)) / (cost.std(-1, keepdim=True) + 1e-6)
-        query = self.query(torch.cat([latents, semantic_features], dim=-1))
+        query = apply_float32_out(self.query, torch.cat([latents, semantic_features], dim=-1))
         logits = -self.distance_scale * cost + query @ self.code_keys.float().t() / math.sqrt(query.shape[-1])
         similarity = F.normalize(semantic_features, dim=-1) @ F.normalize(prototypes.float(), dim=-1).t()
         logits = logits + self.semantic_scale * similarity.index_select(1, code_to_prototype)
         if self.role_head is not None and signal_features is not None:
-            role_log_prior = self.role_head(signal_features).log_softmax(-1)
+            role_log_prior = apply_float32_out(self.role_head, signal_features).log_softmax(-1)
             logits = logits + role_log_prior.index_select(1, code_to_role)
         return logits
 
@@ -533,7 +538,7 @@ class CDBVQQuantizer(nn.Module):
         - code_alignment: each projected code toward its prototype (only once prototypes are set).
         """
         teacher = teacher_features.float()
-        projected_tokens = self.code_projection(self.lookup(indices))
+        projected_tokens = apply_float32_out(self.code_projection, self.lookup(indices))
         losses = {
             "semantic_distillation_loss": None,
             "token_alignment_loss": (1 - F.cosine_similarity(projected_tokens, teacher, dim=-1)).mean(),
@@ -544,7 +549,7 @@ class CDBVQQuantizer(nn.Module):
                 1 - F.cosine_similarity(predicted_features.float(), teacher, dim=-1)
             ).mean()
         if self.has_prototypes:
-            projected_codes = self.code_projection(self.codes())
+            projected_codes = apply_float32_out(self.code_projection, self.codes())
             targets = self.prototypes.float().index_select(0, self.code_to_prototype)
             losses["code_alignment_loss"] = (1 - F.cosine_similarity(projected_codes, targets, dim=-1)).mean()
         return losses

@@ -1,0 +1,41 @@
+"""Shared fixtures: tiny configs and real photos, so every test runs on CPU with no network."""
+
+import pytest
+import torch
+
+from cdb_tokenizer import CDBVQConfig, CDBVQModel
+
+
+TINY_CONFIG = dict(
+    resolution=32,
+    base_channels=16,
+    channel_multipliers=[1, 2, 2],
+    num_res_blocks=1,
+    norm_num_groups=8,
+    latent_dim=16,
+    codebook_size=64,
+    codebook_dim=8,
+    semantic_dim=32,
+    num_prototypes=8,
+    router_dim=8,
+)
+
+
+def tiny_config(**overrides) -> CDBVQConfig:
+    """A CDBVQConfig small enough for CPU tests (32x32 images, 8x8 token grid, 64 codes)."""
+    return CDBVQConfig(**{**TINY_CONFIG, **overrides})
+
+
+def tiny_model(seed: int = 0, **overrides) -> CDBVQModel:
+    torch.manual_seed(seed)
+    return CDBVQModel(tiny_config(**overrides))
+
+
+@pytest.fixture(scope="session")
+def photo_batch() -> torch.Tensor:
+    """Four real photos from scikit-image as a (4, 3, 32, 32) batch in [-1, 1]."""
+    from cdb_tokenizer import CDBVQImageProcessor
+    from cdb_tokenizer.data import sample_photos
+
+    processor = CDBVQImageProcessor(size={"height": 32, "width": 32})
+    return processor(sample_photos("skimage")[:4], return_tensors="pt").pixel_values

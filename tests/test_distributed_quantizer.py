@@ -1,0 +1,72 @@
+"""Quantizer state stays identical on every process: two CPU processes over gloo, each with its own data."""
+
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from cdb_tokenizer.quantization_cdb_vq import kmeans, sinkhorn_potentials
+from conftest import tiny_model
+
+
+WORLD_SIZE = 2
+
+
+def rank_latents(rank: int, step: int, num: int = 96) -> torch.Tensor:
+    """Different data on every rank (and step)."""
+    generator = torch.Generator().manual_seed(1000 * rank + step)
+    return torch.randn(num, 8, generator=generator) + rank
+
+
+def worker(rank: int, port: int, folder: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE)
+    torch.set_num_threads(1)
+    try:
+        results = {}
+        for assignment, ema_decay in [("nearest", 0.8), ("sinkhorn", None), ("cdb", None)]:
+            quantizer = tiny_model(seed=0, assignment=assignment, ema_decay=ema_decay).quantizer
+            quantizer.train()
+            quantizer.initialize_codebook(rank_latents(rank, 0))
+            results[f"{assignment}/init"] = quantizer.codebook.weight.detach().clone()
+            for step in range(1, 4):
+                output = quantizer(rank_latents(rank, step), semantic_features=torch.randn(96, 32))
+                results[f"{assignment}/indices_{step}"] = output.indices
+            quantizer.usage[:7] = 0.0  # the same codes are dead everywhere: usage is reduced across ranks
+            results[f"{assignment}/restarted"] = torch.tensor(quantizer.restart_dead_codes(rank_latents(rank, 9)))
+            results[f"{assignment}/state"] = {k: v.detach().clone() for k, v in quantizer.state_dict().items()}
+        potentials = sinkhorn_potentials(rank_latents(rank, 5), torch.randn(64, 8, generator=torch.Generator().manual_seed(3)), 10.0, 5, 64 * 30)
+        results["sinkhorn_column"] = potentials.column
+        torch.save(results, os.path.join(folder, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_processes_keep_identical_quantizer_state(tmp_path):
+    mp.spawn(worker, args=(free_port(), str(tmp_path)), nprocs=WORLD_SIZE, join=True)
+    first, second = (torch.load(tmp_path / f"rank{rank}.pt") for rank in range(WORLD_SIZE))
+    for assignment in ("nearest", "sinkhorn", "cdb"):
+        torch.testing.assert_close(first[f"{assignment}/init"], second[f"{assignment}/init"], rtol=0, atol=0)
+        assert int(first[f"{assignment}/restarted"]) == int(second[f"{assignment}/restarted"]) == 7
+        for name, value in first[f"{assignment}/state"].items():
+            torch.testing.assert_close(value, second[f"{assignment}/state"][name], rtol=0, atol=0, msg=f"{assignment} {name}")
+        # Data really differed between ranks, so identical state is the result of the reductions.
+        assert not torch.equal(first[f"{assignment}/indices_1"], second[f"{assignment}/indices_1"])
+
+    # k-means ran on the latents of both ranks together (rank order), as a single process would.
+    both = torch.cat([rank_latents(0, 0), rank_latents(1, 0)])
+    torch.testing.assert_close(first["nearest/init"], kmeans(both, 64, 10, 0, 2**24))
+
+    # Sinkhorn's marginals are reduced: each rank holds the potentials of the global batch.
+    codes = torch.randn(64, 8, generator=torch.Generator().manual_seed(3))
+    single = sinkhorn_potentials(torch.cat([rank_latents(0, 5), rank_latents(1, 5)]), codes, 10.0, 5, 2**24)
+    torch.testing.assert_close(first["sinkhorn_column"], single.column, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(second["sinkhorn_column"], single.column, atol=1e-4, rtol=1e-4)

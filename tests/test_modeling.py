@@ -1,0 +1,220 @@
+"""CDBVQModel: public API shapes, gradients, dtypes, and clear errors on bad input."""
+
+import pytest
+import torch
+
+from cdb_tokenizer import CDBVQConfig
+from conftest import tiny_config, tiny_model
+
+
+RULES = ["nearest", "sinkhorn", "cdb"]
+
+
+@pytest.mark.parametrize("assignment", RULES)
+def test_forward_shapes_and_terms(assignment, photo_batch):
+    model = tiny_model(assignment=assignment)
+    output = model(photo_batch)
+    assert output.reconstruction.shape == photo_batch.shape
+    assert output.image_tokens.shape == (4, 8, 8)
+    assert output.image_tokens.dtype == torch.long
+    assert output.quantized.shape == output.latents.shape == (4, 8, 8, 8)
+    assert output.codebook_loss is not None and output.commitment_loss is not None
+    has_router_terms = assignment == "cdb"
+    assert (output.ot_imitation_loss is not None) == has_router_terms
+    assert (output.balance_loss is not None) == has_router_terms
+    assert output.semantic_distillation_loss is None  # no teacher features given
+    assert 0 < float(output.utilization) <= 1
+    assert 1 <= float(output.perplexity) <= 64
+    assert torch.isfinite(output.vq_loss)
+
+
+@pytest.mark.parametrize("assignment", RULES)
+def test_gradients_reach_encoder_codebook_and_router(assignment, photo_batch):
+    model = tiny_model(assignment=assignment)
+    teacher = torch.randn(4, 32, 8, 8)
+    output = model(photo_batch, teacher_features=teacher)
+    loss = output.vq_loss + (output.reconstruction - photo_batch).abs().mean()
+    loss.backward()
+    grad = lambda p: 0.0 if p.grad is None else float(p.grad.abs().sum())  # noqa: E731
+    assert grad(model.encoder.conv_in.weight) > 0
+    assert grad(model.decoder.conv_out.weight) > 0
+    assert grad(model.quantizer.codebook.weight) > 0
+    assert grad(model.semantic_head.conv_out.weight) > 0
+    assert grad(model.quantizer.code_projection.weight) > 0
+    if assignment == "cdb":
+        assert grad(model.quantizer.router.code_keys) > 0
+        assert grad(model.quantizer.router.query.weight) > 0
+
+
+def test_teacher_features_give_semantic_terms(photo_batch):
+    model = tiny_model()
+    output = model(photo_batch, teacher_features=torch.randn(4, 32, 8, 8))
+    assert output.semantic_distillation_loss is not None and output.token_alignment_loss is not None
+    assert output.code_alignment_loss is None  # prototypes not set yet
+    model.set_prototypes(torch.randn(8, 32), labels=[f"class {i}" for i in range(8)])
+    output = model(photo_batch, teacher_features=torch.randn(4, 32, 8, 8))
+    assert output.code_alignment_loss is not None
+    weighted = sum(
+        getattr(model.config, weight) * getattr(output, term)
+        for term, weight in [
+            ("codebook_loss", "codebook_weight"), ("commitment_loss", "commitment_weight"),
+            ("ot_imitation_loss", "ot_imitation_weight"), ("balance_loss", "balance_weight"),
+            ("semantic_distillation_loss", "semantic_distillation_weight"),
+            ("token_alignment_loss", "token_alignment_weight"), ("code_alignment_loss", "code_alignment_weight"),
+        ]
+    )  # fmt: skip
+    torch.testing.assert_close(output.vq_loss, weighted)
+    labels = model.code_prototype_labels()
+    assert len(labels) == 64 and labels[0] == "class 0" and labels[9] == "class 1"
+
+
+def test_semantic_features_passed_in_are_used_by_router(photo_batch):
+    model = tiny_model().eval()
+    model.set_prototypes(torch.randn(8, 32))
+    model.quantizer.router.semantic_scale.data.fill_(50.0)
+    features = torch.randn(4, 32, 8, 8)
+    own = model.encode(photo_batch, semantic_features=features)
+    assert torch.equal(own.semantic_features, features)
+    predicted = model.encode(photo_batch)
+    assert not torch.equal(own.image_tokens, predicted.image_tokens)
+
+
+@pytest.mark.parametrize("assignment", RULES)
+def test_tokens_do_not_depend_on_the_batch(assignment, photo_batch):
+    model = tiny_model(assignment=assignment)
+    model.train()
+    model(photo_batch)  # k-means init and one training step's statistics
+    model.eval()
+    batched = model.get_image_tokens(photo_batch)
+    for index in range(photo_batch.shape[0]):
+        alone = model.get_image_tokens(photo_batch[index : index + 1])
+        assert torch.equal(alone[0], batched[index])
+
+
+def test_public_token_api_round_trip(photo_batch):
+    model = tiny_model().eval()
+    encoded = model.encode(photo_batch)
+    tokens = model.get_image_tokens(photo_batch)
+    assert tokens.shape == (4, 64)
+    assert torch.equal(tokens, encoded.image_tokens.flatten(1))  # raster order
+    from_flat = model.decode_image_tokens(tokens)
+    from_grid = model.decode_image_tokens(encoded.image_tokens)
+    assert from_flat.shape == photo_batch.shape
+    torch.testing.assert_close(from_flat, from_grid)
+    torch.testing.assert_close(from_flat, model(photo_batch).reconstruction)
+
+
+def test_non_square_images_and_explicit_size():
+    model = tiny_model().eval()
+    pixel_values = torch.rand(2, 3, 32, 48) * 2 - 1
+    tokens = model.get_image_tokens(pixel_values)
+    assert tokens.shape == (2, 8 * 12)
+    images = model.decode_image_tokens(tokens, height=32, width=48)
+    assert images.shape == (2, 3, 32, 48)
+
+
+def test_bfloat16(photo_batch):
+    model = tiny_model().to(torch.bfloat16)
+    output = model(photo_batch.to(torch.bfloat16))
+    assert output.reconstruction.dtype == torch.bfloat16
+    assert torch.isfinite(output.reconstruction.float()).all()
+    output.vq_loss.backward()
+    model.eval()
+    images = model.decode_image_tokens(model.get_image_tokens(photo_batch.to(torch.bfloat16)))
+    assert images.dtype == torch.bfloat16
+
+
+def test_gradient_checkpointing_gives_same_gradients(photo_batch):
+    def gradients(checkpointing: bool):
+        model = tiny_model(assignment="nearest")
+        if checkpointing:
+            model.activation_checkpointing_enable()
+            assert model.encoder.down[0].blocks[0].gradient_checkpointing
+        output = model(photo_batch)
+        (output.reconstruction.square().mean() + output.vq_loss).backward()
+        return model.encoder.conv_in.weight.grad.clone()
+
+    torch.testing.assert_close(gradients(True), gradients(False))
+
+
+def test_ema_codebook_moves_without_gradient(photo_batch):
+    model = tiny_model(assignment="nearest", ema_decay=0.5)
+    assert not model.quantizer.codebook.weight.requires_grad
+    output = model(photo_batch)  # initialises, then one EMA update
+    assert output.codebook_loss is None
+    before = model.quantizer.codebook.weight.clone()
+    model(photo_batch * 0.5)
+    assert not torch.equal(before, model.quantizer.codebook.weight)
+
+
+# ------------------------------------------------------------------ bad input
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model().eval()
+
+
+@pytest.mark.parametrize(
+    "pixel_values, error, message",
+    [
+        (torch.zeros(1, 4, 32, 32), ValueError, "4 channels but the model expects 3"),
+        (torch.zeros(1, 3, 30, 32), ValueError, "not divisible by the downsampling factor 4"),
+        (torch.full((1, 3, 32, 32), float("nan")), ValueError, "NaN"),
+        (torch.zeros(3, 32, 32), ValueError, r"shape \(batch, channels, height, width\)"),
+        (torch.zeros(1, 3, 32, 32, dtype=torch.uint8), TypeError, "floating-point"),
+        ([[0.0]], TypeError, "torch.Tensor"),
+    ],
+)
+def test_bad_pixel_values(model, pixel_values, error, message):
+    with pytest.raises(error, match=message):
+        model.get_image_tokens(pixel_values)
+
+
+def test_bad_tokens(model):
+    with pytest.raises(ValueError, match=r"code ids in \[0, 64\)"):
+        model.decode_image_tokens(torch.full((1, 64), 64))
+    with pytest.raises(ValueError, match=r"code ids in \[0, 64\)"):
+        model.decode_image_tokens(torch.full((1, 64), -1))
+    with pytest.raises(ValueError, match="got 63 tokens per image"):
+        model.decode_image_tokens(torch.zeros(1, 63, dtype=torch.long))
+    with pytest.raises(TypeError, match="integer"):
+        model.decode_image_tokens(torch.zeros(1, 64))
+    with pytest.raises(ValueError, match="not divisible"):
+        model.decode_image_tokens(torch.zeros(1, 64, dtype=torch.long), height=30, width=30)
+
+
+def test_bad_feature_shapes(model, photo_batch):
+    with pytest.raises(ValueError, match=r"semantic_features must have shape \(4, 32, 8, 8\)"):
+        model.encode(photo_batch, semantic_features=torch.zeros(4, 16, 8, 8))
+    with pytest.raises(ValueError, match="teacher_features contains NaN"):
+        model.encode(photo_batch, teacher_features=torch.full((4, 32, 8, 8), float("nan")))
+    with pytest.raises(ValueError, match=r"prototypes must have shape \(8, 32\)"):
+        model.set_prototypes(torch.zeros(3, 32))
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"assignment": "greedy"}, r"assignment must be one of \['nearest', 'sinkhorn', 'cdb'\], got 'greedy'"),
+        ({"codebook_size": 0}, "codebook_size must be a positive integer"),
+        ({"norm_num_groups": 5}, "norm_num_groups"),
+        ({"resolution": 30}, "resolution"),
+        ({"ema_decay": 1.5}, "ema_decay"),
+        ({"code_roles": {"a": [0, 10], "b": [12, 64]}}, "role 'b' has"),
+        ({"code_roles": {"a": [0, 10], "b": [10, 50]}}, "add up to codebook_size"),
+        ({"prototype_labels": ["x"]}, "prototype_labels must have num_prototypes"),
+        ({"channel_multipliers": []}, "channel_multipliers"),
+    ],
+)
+def test_invalid_config_values(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_config(**overrides)
+
+
+def test_config_defaults_and_derived_values():
+    config = CDBVQConfig()
+    assert config.assignment == "cdb"
+    assert config.downsampling_factor == 16
+    roles = tiny_config(code_roles={"texture": [32, 64], "structure": [0, 32]})
+    assert roles.role_names == ["structure", "texture"]

@@ -1,0 +1,234 @@
+"""The quantizer on its own: chunking, Sinkhorn balance, router, roles, codebook upkeep."""
+
+import math
+
+import pytest
+import torch
+
+import cdb_tokenizer.quantization_cdb_vq as quantization
+from cdb_tokenizer.quantization_cdb_vq import (
+    CDBVQQuantizer,
+    image_signal_features,
+    kmeans,
+    nearest_codes,
+    sinkhorn_potentials,
+    transport_cost,
+)
+from conftest import tiny_config, tiny_model
+
+
+def quantizer(**overrides) -> CDBVQQuantizer:
+    """A quantizer with its buffers filled, as the model's `_init_weights` does."""
+    return tiny_model(**overrides).quantizer
+
+
+def clustered_latents(num: int = 512, dim: int = 8, seed: int = 0) -> torch.Tensor:
+    """Latents bunched around two points: nearest-neighbour assignment piles onto a handful of codes."""
+    generator = torch.Generator().manual_seed(seed)
+    centres = torch.randn(2, dim, generator=generator) * 3
+    return centres[torch.arange(num) % 2] + 0.3 * torch.randn(num, dim, generator=generator)
+
+
+def test_chunked_and_unchunked_nearest_agree():
+    latents, codes = torch.randn(1000, 16), torch.randn(300, 16)
+    full = torch.cdist(latents, codes).argmin(-1)
+    assert torch.equal(nearest_codes(latents, codes, max_entries=300 * 7), full)
+    assert torch.equal(nearest_codes(latents, codes, max_entries=10**9), full)
+
+
+def test_chunked_and_unchunked_sinkhorn_agree():
+    latents, codes = torch.randn(500, 8), torch.randn(64, 8)
+    small = sinkhorn_potentials(latents, codes, 10.0, 5, max_entries=64 * 33)
+    large = sinkhorn_potentials(latents, codes, 10.0, 5, max_entries=10**9)
+    torch.testing.assert_close(small.column, large.column, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("assignment", ["nearest", "sinkhorn", "cdb"])
+def test_chunked_and_unchunked_assignment_agree(assignment):
+    latents = torch.randn(700, 8)
+    semantic = torch.randn(700, 32)
+    results = []
+    for chunk_size in (64 * 50, 10**8):
+        module = quantizer(assignment=assignment, assignment_chunk_size=chunk_size)
+        module.initialize_codebook(latents[:256])
+        module.train()
+        results.append(module(latents, semantic_features=semantic).indices)
+    assert torch.equal(results[0], results[1])
+
+
+@pytest.mark.parametrize("assignment", ["nearest", "sinkhorn", "cdb"])
+def test_no_score_block_exceeds_the_chunk_budget(assignment, monkeypatch):
+    """The N x K matrices are built in row chunks of at most `assignment_chunk_size` entries."""
+    shapes = []
+    original = quantization.squared_distances
+
+    def recording(latents, codes):
+        shapes.append((latents.shape[0], codes.shape[0]))
+        return original(latents, codes)
+
+    monkeypatch.setattr(quantization, "squared_distances", recording)
+    module = quantizer(assignment=assignment, assignment_chunk_size=64 * 40)
+    module.initialize_codebook(torch.randn(256, 8))
+    module.train()
+    output = module(torch.randn(1000, 8), semantic_features=torch.randn(1000, 32))
+    if assignment == "cdb":
+        output.quantized.sum().backward()  # the checkpointed chunks are recomputed in backward
+    assert shapes and max(rows * codes for rows, codes in shapes) <= 64 * 40
+    assert any(rows == 40 for rows, _ in shapes)
+
+
+def test_sinkhorn_plan_is_balanced():
+    latents, codes = clustered_latents(600), torch.randn(50, 8)
+    potentials = sinkhorn_potentials(latents, codes, epsilon=10.0, iterations=200, max_entries=10**9)
+    cost = transport_cost(latents, codes)
+    row = potentials.row_potential(cost, latents.shape[0])
+    plan = (potentials.plan_logits(cost) + row[:, None]).exp()
+    torch.testing.assert_close(plan.sum(0), torch.full((50,), 1 / 50), atol=2e-4, rtol=0)
+    torch.testing.assert_close(plan.sum(1), torch.full((600,), 1 / 600), atol=1e-6, rtol=0)
+
+
+def test_sinkhorn_spreads_usage_where_nearest_collapses():
+    latents = clustered_latents(1024)
+    usage = {}
+    for assignment in ("nearest", "sinkhorn"):
+        module = quantizer(assignment=assignment)
+        torch.nn.init.normal_(module.codebook.weight)
+        module.initialized.fill_(True)
+        module.train()
+        usage[assignment] = module(latents).indices.unique().numel()
+    assert usage["nearest"] <= 16
+    assert usage["sinkhorn"] >= 48
+
+
+def test_sinkhorn_is_nearest_at_inference():
+    module = quantizer(assignment="sinkhorn")
+    module.initialize_codebook(torch.randn(256, 8))
+    module.eval()
+    latents = clustered_latents(300)
+    assert torch.equal(module(latents).indices, nearest_codes(latents, module.codes(), 10**9))
+
+
+def test_router_starts_as_nearest_and_learns_the_transport_plan():
+    """The router is grounded in the distance at init, and its OT-imitation loss can be minimised."""
+    torch.manual_seed(0)
+    module = quantizer(assignment="cdb", balance_weight=0.0)
+    latents = clustered_latents(512)
+    module.train()
+    module.initialize_codebook(torch.randn(512, 8) * 3)
+    module.eval()
+    assert (module(latents).indices == nearest_codes(latents, module.codes(), 10**9)).float().mean() > 0.9
+    module.train()
+    optimizer = torch.optim.Adam(module.router.parameters(), lr=0.05)
+    first = None
+    for _ in range(60):
+        output = module(latents)
+        optimizer.zero_grad()
+        output.ot_imitation_loss.backward()
+        optimizer.step()
+        first = first if first is not None else output.ot_imitation_loss.item()
+    assert float(output.ot_imitation_loss) < 0.5 * first
+    module.eval()
+    assert module(latents).indices.unique().numel() > 2 * nearest_codes(latents, module.codes(), 10**9).unique().numel()
+
+
+def test_balance_loss_is_kl_of_the_batch_average_to_uniform():
+    module = quantizer(assignment="cdb")
+    module.initialize_codebook(torch.randn(256, 8))
+    module.train()
+    latents = torch.randn(300, 8)
+    output = module(latents)
+    with torch.no_grad():
+        logits = module.router(
+            module.prepare_latents(latents), module.codes(), torch.zeros(300, 32), module.prototypes,
+            module.code_to_prototype, None, module.code_to_role,
+        )  # fmt: skip
+        mean = logits.softmax(-1).mean(0)
+    expected = (mean * (mean * 64).log()).sum()
+    torch.testing.assert_close(output.balance_loss, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_role_prior_steers_codes_into_a_role_range():
+    module = quantizer(assignment="cdb", code_roles={"structure": [0, 32], "colour": [32, 64]})
+    module.initialize_codebook(torch.randn(256, 8))
+    module.eval()
+    latents, signal = torch.randn(200, 8), torch.rand(200, 3)
+    module.router.role_head[-1].bias.data = torch.tensor([0.0, 200.0])
+    assert bool((module(latents, signal_features=signal).indices >= 32).all())
+    module.router.role_head[-1].bias.data = torch.tensor([200.0, 0.0])
+    assert bool((module(latents, signal_features=signal).indices < 32).all())
+
+
+def test_image_signal_features_tell_flat_from_textured_and_grey_from_colour():
+    flat_grey = torch.zeros(1, 3, 16, 16)
+    noise = torch.rand(1, 1, 16, 16).repeat(1, 3, 1, 1) * 2 - 1
+    red = torch.zeros(1, 3, 16, 16)
+    red[:, 0] = 1.0
+    features = image_signal_features(torch.cat([flat_grey, noise, red]), 8)
+    assert features.shape == (3, 3, 2, 2)
+    low_pass, laplacian, chroma = features.mean((2, 3)).unbind(1)
+    assert laplacian[1] > 10 * (laplacian[0] + 1e-6) and laplacian[1] > laplacian[2]
+    assert chroma[2] > 0.1 and chroma[0] == 0 and chroma[1] < 1e-5
+
+
+def test_kmeans_initialisation_places_codes_on_the_data():
+    module = quantizer(assignment="nearest")
+    latents = clustered_latents(1000)
+    module.initialize_codebook(latents)
+    assert bool(module.initialized)
+    distance_to_data = torch.cdist(module.codes(), latents).min(1).values
+    assert float(distance_to_data.max()) < 1.0
+    torch.testing.assert_close(module.ema_embed_sum, module.codebook.weight)
+
+
+def test_kmeans_with_fewer_samples_than_clusters_gives_distinct_centres():
+    centres = kmeans(torch.randn(10, 4), num_clusters=32, iterations=3, seed=0, max_entries=10**6)
+    assert torch.unique(centres, dim=0).shape[0] == 32
+
+
+def test_training_forward_initialises_the_codebook_once():
+    module = quantizer(assignment="nearest")
+    module.train()
+    module(clustered_latents(256))
+    codes = module.codebook.weight.clone()
+    assert bool(module.initialized)
+    module.eval()
+    module(torch.randn(256, 8) * 100)
+    assert torch.equal(codes, module.codebook.weight)
+
+
+def test_dead_codes_are_restarted_on_recent_latents():
+    module = quantizer(assignment="nearest", ema_decay=0.9)
+    module.initialize_codebook(torch.randn(256, 8))
+    module.usage.fill_(1 / 64)
+    module.usage[:10] = 0.0
+    assert module.dead_codes().tolist() == list(range(10))
+    latents = torch.randn(100, 8) + 50
+    restarted = module.restart_dead_codes(latents)
+    assert restarted == 10
+    gap_to_nearest_latent = (module.codebook.weight[:10, None] - latents[None]).abs().amax(-1).min(1).values
+    assert float(gap_to_nearest_latent.max()) < 1e-5
+    torch.testing.assert_close(module.ema_embed_sum[:10], module.codebook.weight[:10])
+    assert bool((module.ema_cluster_size[:10] == 1).all()) and module.dead_codes().numel() == 0
+
+
+def test_restarted_router_codes_inherit_a_live_neighbours_key():
+    module = quantizer(assignment="cdb")
+    module.initialize_codebook(torch.randn(256, 8))
+    module.router.code_keys.data = torch.randn(64, 8)
+    module.usage[:5] = 0.0
+    module.restart_dead_codes(torch.randn(50, 8))
+    live_keys = module.router.code_keys[5:]
+    for key in module.router.code_keys[:5]:
+        assert bool((live_keys == key).all(1).any())
+
+
+def test_usage_statistics():
+    module = quantizer(assignment="nearest")
+    module.initialize_codebook(torch.randn(256, 8))
+    module.eval()
+    codes = module.codes()
+    latents = codes[torch.tensor([0, 0, 1, 1])]
+    output = module(latents)
+    assert float(output.utilization) == pytest.approx(2 / 64)
+    assert float(output.perplexity) == pytest.approx(2.0)
+    assert math.isclose(float(module.usage.sum()), 1.0, rel_tol=1e-5)  # eval leaves running stats alone
