@@ -1,0 +1,425 @@
+"""Publishing a trained cdb-vq tokenizer to the Hugging Face Hub, with a model card.
+
+`training/train.py --push_to_hub` and `training/publish.py` both call `push_to_hub`, which stages one folder with
+`stage_folder` (weights, config, remote code, image processor, figures, and a `README.md` rendered from the template
+in `model_cards/`) and uploads it with `huggingface_hub`. Training-time code: never imported by the modeling files.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from huggingface_hub import CommitInfo, HfApi, ModelCard, ModelCardData, get_token
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
+
+
+MODEL_CARD_TEMPLATE = Path(__file__).resolve().parent.parent / "model_cards" / "cdb_vq_model_card.md"
+
+# The image tokenizer maps an image to features (discrete token ids) for a downstream prior, which is what the Hub's
+# "image-feature-extraction" task lists; "image-to-image" would advertise the reconstruction, a by-product.
+PIPELINE_TAG = "image-feature-extraction"
+TAGS = ["image-tokenization", "vector-quantization", "cdb-vq", "vqgan"]
+
+# What `train.py` writes besides the model: copied when present. Everything else (checkpoints/, logs/, ...) stays.
+FIGURES = {"reconstructions": "reconstructions.png", "usage": "codebook_usage.png"}
+EXTRA_FILES = ("prototypes.safetensors",)
+# JSON files published with secrets and local paths removed.
+JSON_FILES = ("metrics.json", "training_config.json")
+# Keys of training_config.json that are local folders: never published.
+PRIVATE_CONFIG_KEYS = ("output_dir", "logging_dir", "cache_dir", "resume_from_checkpoint")
+
+ASSIGNMENT_DESCRIPTIONS = {
+    "nearest": "nearest neighbour: each latent takes its closest code (classic VQ-VAE).",
+    "sinkhorn": (
+        "optimal transport while training (a balanced Sinkhorn plan over the batch, as in OptVQ); nearest neighbour "
+        "at inference, so a token never depends on the rest of the batch."
+    ),
+    "cdb": (
+        "the Codebook Decision Block: a learned router reads each latent and its predicted CLIP semantics and picks a "
+        "code with one argmax. It was trained to imitate the balanced optimal-transport plan and to keep usage "
+        "balanced; inference is deterministic and batch independent, and needs no CLIP model."
+    ),
+}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reading a training output folder
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON: {error}") from None
+
+
+def model_files(output_dir: str | Path) -> list[Path]:
+    """The files `save_pretrained` wrote for the model and image processor: weights, configs and remote code.
+
+    Raises `FileNotFoundError` / `ValueError` naming what is missing, so a folder that would not load from the Hub
+    is never uploaded.
+    """
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        raise FileNotFoundError(f"output directory {output_dir} does not exist.")
+    config_path = output_dir / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{output_dir} has no config.json: save the model there with `model.save_pretrained`.")
+    weights = sorted(output_dir.glob("model*.safetensors")) + sorted(output_dir.glob("model.safetensors.index.json"))
+    if not weights:
+        raise FileNotFoundError(
+            f"{output_dir} has no model.safetensors: save the model there with `model.save_pretrained`."
+        )
+    processor_path = output_dir / "preprocessor_config.json"
+    if not processor_path.is_file():
+        raise FileNotFoundError(
+            f"{output_dir} has no preprocessor_config.json: save the image processor there with "
+            f"`processor.save_pretrained`."
+        )
+    auto_map = {**_read_json(config_path).get("auto_map", {}), **_read_json(processor_path).get("auto_map", {})}
+    if "AutoModel" not in auto_map or "AutoImageProcessor" not in auto_map:
+        raise ValueError(
+            f"{output_dir} has no auto_map for AutoModel and AutoImageProcessor, so it would not load with "
+            f"trust_remote_code=True; `import cdb_tokenizer` before calling save_pretrained."
+        )
+    for reference in auto_map.values():
+        module_file = output_dir / (reference.split(".")[0] + ".py")
+        if not module_file.is_file():
+            raise FileNotFoundError(f"auto_map points to {module_file.name}, which is not in {output_dir}.")
+    # save_pretrained writes the remote-code files flat next to the config: every module it needs is one of them.
+    return [config_path, processor_path, *weights, *sorted(output_dir.glob("*.py"))]
+
+
+def public_fields(values: dict[str, Any]) -> dict[str, Any]:
+    """What of `training_config.json` / `metrics.json` may be published: no secrets (`hub_token`, `*_token`, ...),
+    no output/logging/cache folders, and absolute local paths cut to their last part (`/home/me/photos` -> `photos`).
+    """
+    public = {}
+    for key, value in values.items():
+        if key in PRIVATE_CONFIG_KEYS or _is_secret(key, value):
+            continue
+        public[key] = _strip_local_paths(value)
+    return public
+
+
+# An absolute or home-relative path (not a URL's "//"), possibly after a prefix such as "text:".
+_LOCAL_PATH = re.compile(r"(?<![\w/.])~?/(?!/)(?:[^\s/,;]+/)+([^\s/,;]+)")
+
+
+def _strip_local_paths(value: Any) -> Any:
+    if isinstance(value, str):
+        return _LOCAL_PATH.sub(r"\1", value)
+    if isinstance(value, list):
+        return [_strip_local_paths(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _strip_local_paths(item) for key, item in value.items()}
+    return value
+
+
+def _is_secret(key: str, value: Any) -> bool:
+    key = key.lower()
+    if key == "token" or key.endswith("_token") or any(word in key for word in ("secret", "password", "api_key")):
+        return True
+    # A Hugging Face access token under any other name.
+    return isinstance(value, str) and re.fullmatch(r"hf_[A-Za-z0-9]{20,}", value) is not None
+
+
+def clip_teacher_hub_id(clip_model: str | None, clip_pretrained: str | None) -> str | None:
+    """The Hub repository of an open_clip teacher: `("ViT-B-16", "openai")` -> `timm/vit_base_patch16_clip_224.openai`.
+
+    Returns None when it cannot be told offline (open_clip missing, unknown tag, weights without a Hub copy).
+    """
+    for name in (clip_model, clip_pretrained):
+        if name and str(name).startswith("hf-hub:"):
+            return str(name)[len("hf-hub:") :].strip("/")
+    if not clip_model or not clip_pretrained:
+        return None
+    try:
+        import open_clip
+    except ImportError:
+        return None
+    hub_id = (open_clip.get_pretrained_cfg(clip_model, clip_pretrained) or {}).get("hf_hub", "")
+    return hub_id.strip("/") or None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Codebook summary (shared with `cdb-vq inspect`)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def codebook_summary(model, top_k: int = 10) -> dict[str, Any]:
+    """Codebook size, assignment rule, role ranges with their running usage, and the most used codes with labels.
+
+    Usage is the model's running per-code share (`model.quantizer.usage`, updated during training). Roles default to
+    one range, `all`, when the config has none.
+    """
+    config = model.config
+    usage = model.quantizer.usage.detach().float().cpu()
+    share = usage / usage.sum().clamp_min(1e-12)
+    labels = model.code_prototype_labels()
+    code_to_prototype = model.quantizer.code_to_prototype.cpu()
+    role_ranges = {name: config.code_roles[name] for name in config.role_names} or {"all": [0, config.codebook_size]}
+    code_role = {}
+    roles = []
+    for name, (start, end) in role_ranges.items():
+        code_role.update({code: name for code in range(start, end)})
+        roles.append(
+            {"name": name, "start": start, "end": end, "size": end - start, "usage": float(share[start:end].sum())}
+        )
+    top = share.topk(min(top_k, config.codebook_size))
+    top_codes = [
+        {
+            "code": code,
+            "usage": float(value),
+            "role": code_role[code],
+            "prototype": int(code_to_prototype[code]),
+            "label": labels[code],
+        }
+        for value, code in zip(top.values.tolist(), top.indices.tolist())
+    ]
+    prototypes = []
+    if config.prototype_labels or model.quantizer.has_prototypes:
+        prototype_share = torch.zeros(config.num_prototypes).index_add_(0, code_to_prototype, share)
+        prototype_codes = torch.bincount(code_to_prototype, minlength=config.num_prototypes)
+        for index in prototype_share.argsort(descending=True).tolist():
+            label = config.prototype_labels[index] if config.prototype_labels else None
+            prototypes.append(
+                {
+                    "index": index,
+                    "label": label,
+                    "codes": int(prototype_codes[index]),
+                    "usage": float(prototype_share[index]),
+                }
+            )
+    return {
+        "codebook_size": config.codebook_size,
+        "codebook_dim": config.codebook_dim,
+        "assignment": config.assignment,
+        "resolution": config.resolution,
+        "token_grid": list(model.token_grid_size()),
+        "downsampling_factor": config.downsampling_factor,
+        "dead_codes": int(model.quantizer.dead_codes().numel()),
+        "roles": roles,
+        "top_codes": top_codes,
+        "prototypes": prototypes,
+        "has_prototype_vectors": bool(model.quantizer.has_prototypes),
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model card
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _format_value(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    if isinstance(value, (list, dict)):
+        value = json.dumps(value)
+    return str(value).replace("|", "\\|")
+
+
+def _evaluation_rows(metrics: dict[str, Any], codebook_size: int) -> list[tuple[str, str]]:
+    rows = []
+    formats = {
+        "psnr": ("PSNR (dB, higher is better)", lambda v: f"{v:.2f}"),
+        "ssim": ("SSIM (higher is better)", lambda v: f"{v:.4f}"),
+        "lpips": ("LPIPS (lower is better)", lambda v: f"{v:.4f}"),
+        "utilization": ("Codebook utilization", lambda v: f"{v:.1%} of {codebook_size} codes"),
+        "perplexity": ("Code perplexity", lambda v: f"{v:.1f} (max {codebook_size})"),
+        "num_images": ("Evaluation images", lambda v: f"{int(v)}"),
+    }
+    for key, (name, render) in formats.items():
+        value = metrics.get(key)
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            rows.append((name, render(value)))
+    return rows
+
+
+def _training_summary(training_config: dict[str, Any], metrics: dict[str, Any]) -> dict[str, Any]:
+    dataset_name = training_config.get("dataset_name")
+    train_data_dir = training_config.get("train_data_dir")
+    if dataset_name:
+        data = f"[{dataset_name}](https://huggingface.co/datasets/{dataset_name})"
+        evaluation_data = "held-out images of the data set (its validation or test split, or held out of train)"
+    elif train_data_dir:
+        data = f"a local image folder (`{Path(str(train_data_dir)).name}`)"
+        evaluation_data = "held-out images of the training folder (its validation or test split, or held out of train)"
+    else:
+        data = "the real photos that ship with scikit-image (the embedded default, no download)"
+        evaluation_data = "crops of scikit-learn's two sample photos, a source never seen in training"
+    steps = metrics.get("steps", training_config.get("max_train_steps"))
+    seconds = metrics.get("wall_time_seconds")
+    wall_time = None
+    if isinstance(seconds, (int, float)):
+        minutes, secs = divmod(round(seconds), 60)
+        wall_time = f"{minutes // 60}h {minutes % 60:02d}m {secs:02d}s"
+    return {"data": data, "evaluation_data": evaluation_data, "steps": steps, "wall_time": wall_time}
+
+
+def render_model_card(
+    output_dir: str | Path,
+    hub_model_id: str,
+    license: str = "apache-2.0",
+    figures: dict[str, str] | None = None,
+    template_path: str | Path | None = None,
+) -> ModelCard:
+    """Render the model card of the tokenizer in `output_dir` (model files, metrics.json, training_config.json).
+
+    `figures` maps "reconstructions" / "usage" to image files next to the README that the card shows.
+    """
+    from .modeling_cdb_vq import CDBVQModel
+
+    output_dir = Path(output_dir)
+    model = CDBVQModel.from_pretrained(output_dir)
+    config = model.config
+    metrics = _read_json(output_dir / "metrics.json")
+    training_config = _read_json(output_dir / "training_config.json")
+    teacher_hub_id = clip_teacher_hub_id(training_config.get("clip_model"), training_config.get("clip_pretrained"))
+    public_config = public_fields(training_config)
+    dataset_name = training_config.get("dataset_name")
+    card_data = ModelCardData(
+        library_name="transformers",
+        pipeline_tag=PIPELINE_TAG,
+        tags=TAGS + [f"assignment-{config.assignment}"],
+        license=license,
+        datasets=[dataset_name] if dataset_name else None,
+        base_model=teacher_hub_id,
+        metrics=[name for name in ("psnr", "ssim", "lpips") if name in metrics] or None,
+        model_name=hub_model_id.split("/")[-1],
+    )
+    summary = codebook_summary(model, top_k=10)
+    template_path = Path(template_path) if template_path is not None else MODEL_CARD_TEMPLATE
+    if not template_path.is_file():
+        raise FileNotFoundError(
+            f"model card template {template_path} not found: it ships with the repository's model_cards/ folder "
+            f"(install from a checkout with `pip install -e .`, or pass template_path)."
+        )
+    return ModelCard.from_template(
+        card_data,
+        template_path=str(template_path),
+        repo_id=hub_model_id,
+        model_title=hub_model_id.split("/")[-1],
+        config=config,
+        num_parameters=f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M",
+        assignment_description=ASSIGNMENT_DESCRIPTIONS[config.assignment],
+        summary=summary,
+        prototype_rows=summary["prototypes"][:20],
+        prototype_labels=config.prototype_labels or [],
+        evaluation_rows=_evaluation_rows(metrics, config.codebook_size),
+        figures=figures or {},
+        teacher_model=public_config.get("clip_model"),
+        teacher_pretrained=public_config.get("clip_pretrained"),
+        teacher_hub_id=teacher_hub_id,
+        training=_training_summary(training_config, metrics),
+        training_rows=[
+            (key, _format_value(value))
+            for key, value in sorted(public_config.items())
+            # Unset flags are noise; nested dicts (the model config) are in config.json and training_config.json.
+            if value is not None and not isinstance(value, dict)
+        ],
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Staging and upload
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def stage_folder(
+    output_dir: str | Path, staging_dir: str | Path, hub_model_id: str, license: str = "apache-2.0"
+) -> Path:
+    """Gather what the Hub repository holds into `staging_dir`, and render its `README.md` model card.
+
+    Copies the weights, config, remote code and image processor config written by `save_pretrained`, the figures
+    (`reconstructions.png`, `codebook_usage.png`), `metrics.json`, `prototypes.safetensors` and the training
+    configuration without secrets or local paths. Checkpoints, logs and anything else in `output_dir` stay behind.
+    Returns the staging folder.
+    """
+    _check_repo_id(hub_model_id)
+    output_dir, staging_dir = Path(output_dir), Path(staging_dir)
+    files = model_files(output_dir)
+    if staging_dir.exists() and any(staging_dir.iterdir()):
+        raise FileExistsError(f"staging directory {staging_dir} is not empty.")
+    staging_dir.mkdir(parents=True, exist_ok=True)
+    for path in files + [output_dir / name for name in EXTRA_FILES]:
+        if path.is_file():
+            shutil.copy2(path, staging_dir / path.name)
+    for name in JSON_FILES:
+        if (output_dir / name).is_file():
+            public = public_fields(_read_json(output_dir / name))
+            (staging_dir / name).write_text(json.dumps(public, indent=2) + "\n")
+    figures = {}
+    for key, name in FIGURES.items():
+        if (output_dir / name).is_file():
+            shutil.copy2(output_dir / name, staging_dir / name)
+            figures[key] = name
+    card = render_model_card(output_dir, hub_model_id, license=license, figures=figures)
+    card.save(staging_dir / "README.md")
+    return staging_dir
+
+
+def push_to_hub(
+    output_dir: str | Path,
+    hub_model_id: str,
+    private: bool = False,
+    revision: str | None = None,
+    commit_message: str | None = None,
+    token: str | None = None,
+    staging_dir: str | Path | None = None,
+    license: str = "apache-2.0",
+) -> CommitInfo:
+    """Stage `output_dir` (see `stage_folder`) and upload it to the Hub model repository `hub_model_id`.
+
+    The repository is created when needed (`private` applies to a new one); `revision` is a branch, created from
+    main when it does not exist. The token is `token`, else `HF_TOKEN` or the one saved by `hf auth login`.
+    The staged folder is a temporary one unless `staging_dir` is given (then it is kept).
+    """
+    _check_repo_id(hub_model_id)
+    token = token or get_token()
+    if not token:
+        raise RuntimeError("no Hugging Face token: pass --token, set HF_TOKEN, or log in with `hf auth login`.")
+    model_files(output_dir)  # a folder that cannot be published fails before anything is created on the Hub
+    api = HfApi(token=token)
+    # The full id ("name" -> "user/name") goes into the card's usage snippet.
+    repo_id = api.create_repo(hub_model_id, private=private, exist_ok=True).repo_id
+    with tempfile.TemporaryDirectory(prefix="cdb-vq-hub-") as temporary:
+        folder = stage_folder(output_dir, staging_dir or temporary, repo_id, license=license)
+        if revision and revision != "main":
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
+        return api.upload_folder(
+            repo_id=repo_id,
+            folder_path=folder,
+            revision=revision,
+            commit_message=commit_message or "Upload cdb-vq image tokenizer",
+        )
+
+
+def _check_repo_id(hub_model_id: str) -> None:
+    try:
+        validate_repo_id(hub_model_id)
+    except HFValidationError as error:
+        raise ValueError(f"invalid hub_model_id {hub_model_id!r}: {error}") from None
+
+
+__all__ = [
+    "clip_teacher_hub_id",
+    "codebook_summary",
+    "model_files",
+    "public_fields",
+    "push_to_hub",
+    "render_model_card",
+    "stage_folder",
+]

@@ -1,0 +1,284 @@
+"""Publishing: the staged folder loads without the package, its README is a model card; only the upload is mocked."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+from unittest import mock
+
+import pytest
+import torch
+from huggingface_hub import HfApi, ModelCard, RepoUrl
+
+from cdb_tokenizer import CDBVQImageProcessor
+from cdb_tokenizer.data import sample_photos
+from cdb_tokenizer.evaluation import code_usage_counts, evaluate, save_reconstruction_grid, save_usage_plot
+from cdb_tokenizer.publishing import clip_teacher_hub_id, public_fields, push_to_hub, stage_folder
+from conftest import tiny_model
+
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+HUB_ID = "cdb-org/cdb-vq-tiny"
+SECRET = "hf_" + "S3cr3t" * 6
+CODE_ROLES = {"structure": [0, 16], "texture": [16, 48], "colour": [48, 64]}
+LABELS = ["sky", "grass", "face", "fur", "metal", "water", "text", "stone"]
+UPLOADED = {
+    "README.md", "config.json", "model.safetensors", "preprocessor_config.json", "configuration_cdb_vq.py",
+    "modeling_cdb_vq.py", "quantization_cdb_vq.py", "image_processing_cdb_vq.py", "metrics.json",
+    "training_config.json", "reconstructions.png", "codebook_usage.png", "prototypes.safetensors",
+}  # fmt: skip
+
+LOAD_WITHOUT_PACKAGE = """
+import json, sys
+sys.modules["cdb_tokenizer"] = None  # `import cdb_tokenizer` fails: only the staged remote code can be used
+from PIL import Image
+from transformers import AutoImageProcessor, AutoModel
+folder, photo = sys.argv[1], sys.argv[2]
+model = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
+processor = AutoImageProcessor.from_pretrained(folder, trust_remote_code=True)
+assert not type(model).__module__.startswith("cdb_tokenizer"), type(model).__module__
+tokens = model.get_image_tokens(processor(Image.open(photo), return_tensors="pt").pixel_values)
+images = processor.postprocess(model.decode_image_tokens(tokens)).pixel_values
+print(json.dumps({"tokens": tokens.tolist(), "size": list(images[0].size), "model_class": type(model).__name__}))
+"""
+
+
+@pytest.fixture(scope="module")
+def training_output(tmp_path_factory) -> Path:
+    """What train.py leaves behind, from a tiny model trained one step on real photos."""
+    output_dir = tmp_path_factory.mktemp("run")
+    model = tiny_model(code_roles=CODE_ROLES)
+    processor = CDBVQImageProcessor(size={"height": 32, "width": 32})
+    pixel_values = processor(sample_photos("skimage")[:4], return_tensors="pt").pixel_values
+    model.train()
+    model(pixel_values)  # k-means codebook init and a usage update, as in training
+    prototypes = torch.randn(8, 32)
+    model.set_prototypes(prototypes, labels=LABELS)
+    model.eval()
+    model.save_pretrained(output_dir)
+    processor.save_pretrained(output_dir)
+    metrics = evaluate(model, [pixel_values], show_progress=False)
+    metrics.update(steps=3, wall_time_seconds=75.0)
+    (output_dir / "metrics.json").write_text(json.dumps(metrics))
+    training_config = {
+        "clip_model": "ViT-B-16", "clip_pretrained": "openai", "dataset_name": "cdb-org/photos",
+        "resolution": 32, "learning_rate": 1e-4, "assignment": "cdb", "token_alignment_weight": 0.5,
+        "output_dir": "/home/someone/private/run", "hub_token": SECRET, "logging_dir": "logs",
+    }  # fmt: skip
+    (output_dir / "training_config.json").write_text(json.dumps(training_config))
+    with torch.no_grad():
+        save_reconstruction_grid(pixel_values, model(pixel_values).reconstruction, output_dir / "reconstructions.png")
+    save_usage_plot(code_usage_counts(model, [pixel_values]), output_dir / "codebook_usage.png", code_roles=CODE_ROLES)
+    from safetensors.torch import save_file
+
+    save_file({"prototypes": prototypes}, str(output_dir / "prototypes.safetensors"))
+    (output_dir / "checkpoints" / "checkpoint-3").mkdir(parents=True)
+    (output_dir / "checkpoints" / "checkpoint-3" / "optimizer.bin").write_bytes(b"state")
+    (output_dir / "logs").mkdir()
+    (output_dir / "logs" / "events.out.tfevents").write_bytes(b"events")
+    return output_dir
+
+
+@pytest.fixture(scope="module")
+def staged(training_output, tmp_path_factory) -> Path:
+    return stage_folder(training_output, tmp_path_factory.mktemp("staging") / "repo", HUB_ID)
+
+
+def test_staged_folder_loads_without_the_package(staged, training_output, tmp_path):
+    photo = tmp_path / "astronaut.png"
+    sample_photos("skimage")[0].save(photo)
+    result = subprocess.run(
+        [sys.executable, "-c", LOAD_WITHOUT_PACKAGE, str(staged), str(photo)],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    loaded = json.loads(result.stdout.strip().splitlines()[-1])
+
+    # Same weights as the trained model: the tokens agree with the package's own model on the same photo.
+    from cdb_tokenizer import CDBVQModel
+
+    model = CDBVQModel.from_pretrained(training_output).eval()
+    processor = CDBVQImageProcessor.from_pretrained(training_output)
+    expected = model.get_image_tokens(processor(sample_photos("skimage")[0], return_tensors="pt").pixel_values)
+    assert loaded["tokens"] == expected.tolist()
+    assert loaded["size"] == [32, 32]
+    assert loaded["model_class"] == "CDBVQModel"
+
+
+def test_readme_is_a_model_card_with_metadata(staged, training_output):
+    card = ModelCard.load(staged / "README.md")
+    data = card.data
+    assert data.library_name == "transformers"
+    assert data.pipeline_tag == "image-feature-extraction"
+    assert {"image-tokenization", "vector-quantization", "cdb-vq"} <= set(data.tags)
+    assert data.license == "apache-2.0"
+    assert data.datasets == ["cdb-org/photos"]
+    assert data.base_model == "timm/vit_base_patch16_clip_224.openai"  # the CLIP teacher, resolved offline
+
+    text = card.text
+    assert f'AutoModel.from_pretrained("{HUB_ID}", trust_remote_code=True)' in text
+    assert "get_image_tokens" in text and "decode_image_tokens" in text
+    metrics = json.loads((training_output / "metrics.json").read_text())
+    assert f"| PSNR (dB, higher is better) | {metrics['psnr']:.2f} |" in text
+    assert f"| SSIM (higher is better) | {metrics['ssim']:.4f} |" in text
+    assert f"{metrics['utilization']:.1%} of 64 codes" in text
+    assert f"| Code perplexity | {metrics['perplexity']:.1f} (max 64) |" in text
+    # Figures are copied next to the card and referenced by it.
+    for name in ("reconstructions.png", "codebook_usage.png"):
+        assert f"]({name})" in text and (staged / name).is_file()
+    # Tokenizer facts: rule, codebook size, role ranges, prototype labels, training configuration.
+    assert "| Assignment rule | `cdb` |" in text
+    assert "| Codebook size | 64 |" in text
+    for name, (start, end) in CODE_ROLES.items():
+        assert f"| {name} | [{start}, {end}) | {end - start} |" in text
+    assert ", ".join(LABELS) in text
+    assert "| `learning_rate` | 0.0001 |" in text
+    assert "open_clip `ViT-B-16` (`openai`)" in text
+
+
+def test_staging_leaves_out_checkpoints_logs_and_secrets(staged):
+    assert {path.name for path in staged.iterdir()} == UPLOADED
+    public = json.loads((staged / "training_config.json").read_text())
+    assert "hub_token" not in public and "output_dir" not in public and "logging_dir" not in public
+    assert public["token_alignment_weight"] == 0.5  # a loss weight is not a secret
+    for path in staged.iterdir():
+        if path.suffix in (".md", ".json"):
+            assert SECRET not in path.read_text() and "/home/someone" not in path.read_text(), path.name
+
+
+def test_public_fields_drops_secrets_and_local_paths():
+    public = public_fields(
+        {
+            "hf_token": "x", "api_key": "y", "note": SECRET, "max_tokens": 5, "cache_dir": "/data/cache",
+            "train_data_dir": "/a/b/photos", "prototypes": "text:/home/me/labels.txt", "dirs": ["~/x/y.json"],
+            "dataset_name": "org/photos", "clip_model": "hf-hub:org/clip", "url": "https://huggingface.co/org/m",
+        }
+    )  # fmt: skip
+    assert public == {
+        "max_tokens": 5, "train_data_dir": "photos", "prototypes": "text:labels.txt", "dirs": ["y.json"],
+        "dataset_name": "org/photos", "clip_model": "hf-hub:org/clip", "url": "https://huggingface.co/org/m",
+    }  # fmt: skip
+
+
+def test_stage_folder_errors_name_the_problem(training_output, tmp_path):
+    incomplete = tmp_path / "incomplete"
+    incomplete.mkdir()
+    for name in (
+        "config.json",
+        "model.safetensors",
+        "configuration_cdb_vq.py",
+        "modeling_cdb_vq.py",
+        "quantization_cdb_vq.py",
+    ):
+        (incomplete / name).write_bytes((training_output / name).read_bytes())
+    with pytest.raises(FileNotFoundError, match="preprocessor_config.json"):
+        stage_folder(incomplete, tmp_path / "a", HUB_ID)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        stage_folder(tmp_path / "missing", tmp_path / "b", HUB_ID)
+    with pytest.raises(ValueError, match="invalid hub_model_id"):
+        stage_folder(training_output, tmp_path / "c", "not a repo id")
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "file").write_text("x")
+    with pytest.raises(FileExistsError, match="not empty"):
+        stage_folder(training_output, tmp_path / "busy", HUB_ID)
+
+
+def _mock_hub(uploaded: dict):
+    def upload_folder(self, **kwargs):
+        folder = Path(kwargs["folder_path"])
+        uploaded["files"] = sorted(str(path.relative_to(folder)) for path in folder.rglob("*"))
+        uploaded["token"] = self.token
+        uploaded["readme"] = (folder / "README.md").read_text()
+        return mock.Mock(commit_url=f"https://huggingface.co/{kwargs['repo_id']}/commit/abc")
+
+    return (
+        mock.patch.object(
+            HfApi, "create_repo", autospec=True, return_value=RepoUrl(f"https://huggingface.co/{HUB_ID}")
+        ),
+        mock.patch.object(HfApi, "create_branch", autospec=True),
+        mock.patch.object(HfApi, "upload_folder", autospec=True, side_effect=upload_folder),
+    )
+
+
+def test_push_to_hub_creates_repo_and_uploads_the_staged_folder(training_output):
+    uploaded = {}
+    create_repo, create_branch, upload_folder = _mock_hub(uploaded)
+    with create_repo as create_repo, create_branch as create_branch, upload_folder as upload_folder:
+        commit = push_to_hub(
+            training_output, HUB_ID, private=True, revision="v1", commit_message="first", token="hf_arg"
+        )
+    create_repo.assert_called_once_with(mock.ANY, HUB_ID, private=True, exist_ok=True)
+    create_branch.assert_called_once_with(mock.ANY, HUB_ID, branch="v1", exist_ok=True)
+    kwargs = upload_folder.call_args.kwargs
+    assert (kwargs["repo_id"], kwargs["revision"], kwargs["commit_message"]) == (HUB_ID, "v1", "first")
+    assert set(uploaded["files"]) == UPLOADED  # no checkpoints/ or logs/
+    assert uploaded["token"] == "hf_arg"
+    assert commit.commit_url.endswith("/commit/abc")
+
+
+def test_push_to_hub_token_from_environment_or_clear_error(training_output, monkeypatch, tmp_path):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
+    monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    with pytest.raises(RuntimeError, match="no Hugging Face token"):
+        push_to_hub(training_output, HUB_ID)
+
+    monkeypatch.setenv("HF_TOKEN", "hf_from_env")
+    uploaded = {}
+    create_repo, create_branch, upload_folder = _mock_hub(uploaded)
+    with create_repo as create_repo, create_branch as create_branch, upload_folder:
+        push_to_hub(training_output, "cdb-vq-tiny")  # no namespace: the Hub puts it under the token's user
+    create_repo.assert_called_once_with(mock.ANY, "cdb-vq-tiny", private=False, exist_ok=True)
+    create_branch.assert_not_called()  # no revision: straight to main
+    assert uploaded["token"] == "hf_from_env"
+    assert f'AutoModel.from_pretrained("{HUB_ID}"' in uploaded["readme"]  # the full id the Hub gave back
+
+
+def test_publish_script_passes_its_flags_through(training_output, tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("publish_script", REPO_ROOT / "training" / "publish.py")
+    publish = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(publish)
+
+    uploaded = {}
+    create_repo, create_branch, upload_folder = _mock_hub(uploaded)
+    argv = [
+        str(training_output),
+        "--hub_model_id",
+        HUB_ID,
+        "--private",
+        "--revision",
+        "dev",
+        "--commit_message",
+        "m",
+        "--token",
+        "hf_cli",
+    ]
+    with create_repo as create_repo, create_branch, upload_folder as upload_folder:
+        assert publish.main(argv) == 0
+    create_repo.assert_called_once_with(mock.ANY, HUB_ID, private=True, exist_ok=True)
+    assert upload_folder.call_args.kwargs["revision"] == "dev" and uploaded["token"] == "hf_cli"
+    assert "published cdb-org/cdb-vq-tiny" in capsys.readouterr().out
+
+    # Dry run: stage only, keep the folder, touch no network.
+    staging = tmp_path / "dry"
+    assert (
+        publish.main([str(training_output), "--hub_model_id", HUB_ID, "--dry_run", "--staging_dir", str(staging)]) == 0
+    )
+    assert (staging / "README.md").is_file()
+    assert (
+        publish.main(
+            [str(tmp_path / "missing"), "--hub_model_id", HUB_ID, "--dry_run", "--staging_dir", str(tmp_path / "x")]
+        )
+        == 1
+    )
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_clip_teacher_hub_id():
+    assert clip_teacher_hub_id("ViT-B-32", "laion2b_s34b_b79k") == "laion/CLIP-ViT-B-32-laion2B-s34B-b79K"
+    assert clip_teacher_hub_id("hf-hub:someone/clip-model", None) == "someone/clip-model"
+    assert clip_teacher_hub_id("ViT-B-16", "no-such-tag") is None
+    assert clip_teacher_hub_id(None, None) is None
