@@ -1,0 +1,273 @@
+"""The `cdb-vq` command line on a tiny model and real photos: every command, and clear one-line errors."""
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from cdb_tokenizer import CDBVQImageProcessor, CDBVQModel
+from cdb_tokenizer.cli import main
+from cdb_tokenizer.data import sample_photos
+from conftest import tiny_model
+
+
+CODE_ROLES = {"structure": [0, 24], "texture": [24, 64]}
+LABELS = ["sky", "grass", "face", "fur", "metal", "water", "text", "stone"]
+PHOTO_NAMES = ["astronaut", "chelsea", "coffee"]
+
+
+def _save_tokenizer(model: CDBVQModel, folder: Path) -> Path:
+    model.save_pretrained(folder)
+    CDBVQImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict[str, Path]:
+    """A trained-looking tiny tokenizer, two other tokenizers, real photos and some non-images, all on disk."""
+    root = tmp_path_factory.mktemp("cli")
+    photos = sample_photos("skimage")
+    processor = CDBVQImageProcessor(size={"height": 32, "width": 32})
+    model = tiny_model(code_roles=CODE_ROLES)
+    model.train()
+    model(processor(photos[:6], return_tensors="pt").pixel_values)  # k-means init + usage statistics
+    model.set_prototypes(torch.randn(8, 32), labels=LABELS)
+    paths = {
+        "model": _save_tokenizer(model.eval(), root / "model"),
+        "same_size_model": _save_tokenizer(tiny_model(seed=1), root / "same_size_model"),
+        "bigger_model": _save_tokenizer(tiny_model(seed=2, codebook_size=128), root / "bigger_model"),
+    }
+    (root / "photos").mkdir()
+    for name, photo in zip(PHOTO_NAMES, photos):
+        photo.save(root / "photos" / f"{name}.png")
+    photos[3].save(root / "photos" / "hubble.jpg")
+    (root / "notes.txt").write_text("not an image")
+    (root / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
+    save_file({"weights": torch.zeros(2)}, str(root / "other.safetensors"))
+    from transformers import BertConfig
+
+    BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37).save_pretrained(
+        root / "bert"
+    )
+    return {"root": root, **paths}
+
+
+def _photos(files) -> list[str]:
+    return [str(files["root"] / "photos" / f"{name}.png") for name in PHOTO_NAMES]
+
+
+def _expected_reconstructions(files) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pixel values, tokens and reconstructions computed directly with the model, for comparison."""
+    model = CDBVQModel.from_pretrained(files["model"]).eval()
+    processor = CDBVQImageProcessor.from_pretrained(files["model"])
+    pixel_values = processor([Image.open(path) for path in _photos(files)], return_tensors="pt").pixel_values
+    with torch.no_grad():
+        tokens = model.encode(pixel_values).image_tokens
+        return pixel_values, tokens, model.decode(tokens)
+
+
+def test_encode_then_decode_gives_the_same_images_as_reconstruct(files, tmp_path, capsys):
+    tokens_file = tmp_path / "tokens.safetensors"
+    assert (
+        main(
+            ["encode", *_photos(files), "--model", str(files["model"]), "--out", str(tokens_file), "--batch_size", "2"]
+        )
+        == 0
+    )
+    with safe_open(str(tokens_file), framework="pt") as handle:
+        metadata, tokens = handle.metadata(), handle.get_tensor("image_tokens")
+    pixel_values, expected_tokens, expected_images = _expected_reconstructions(files)
+    assert torch.equal(tokens.long(), expected_tokens)  # batched over two batches, same tokens
+    assert metadata["model"] == str(files["model"].resolve())
+    assert metadata["model_name"] == "model"
+    assert (metadata["codebook_size"], metadata["grid_height"], metadata["grid_width"]) == ("64", "8", "8")
+    assert json.loads(metadata["images"]) == PHOTO_NAMES
+
+    # decode takes the model from the file's metadata.
+    assert main(["decode", str(tokens_file), "--out", str(tmp_path / "decoded")]) == 0
+    assert (
+        main(
+            ["reconstruct", *_photos(files), "--model", str(files["model"]), "--out", str(tmp_path / "reconstructed")]
+        )
+        == 0
+    )
+    table = capsys.readouterr().out
+    scores = json.loads((tmp_path / "reconstructed" / "psnr.json").read_text())
+    expected_pngs = CDBVQImageProcessor().postprocess(expected_images, return_tensors="np").pixel_values
+
+    from torchmetrics.functional.image import peak_signal_noise_ratio
+
+    for index, name in enumerate(PHOTO_NAMES):
+        decoded = np.asarray(Image.open(tmp_path / "decoded" / f"{name}.png"))
+        reconstructed = np.asarray(Image.open(tmp_path / "reconstructed" / "reconstructions" / f"{name}.png"))
+        assert decoded.shape == (32, 32, 3)
+        np.testing.assert_array_equal(decoded, reconstructed)
+        np.testing.assert_array_equal(decoded, expected_pngs[index])
+        pair = np.asarray(Image.open(tmp_path / "reconstructed" / f"{name}.png"))
+        assert pair.shape == (32, 64, 3)  # original beside reconstruction
+        np.testing.assert_array_equal(pair[:, 32:], decoded)
+        # PSNR per image, with the definition `cdb-vq eval` uses (torchmetrics, data range 1).
+        original, reconstruction = (pixel_values[index] + 1) / 2, ((expected_images[index] + 1) / 2).clamp(0, 1)
+        expected_psnr = float(peak_signal_noise_ratio(reconstruction, original, data_range=1.0))
+        assert scores["images"][name] == pytest.approx(expected_psnr, abs=1e-3)
+        assert f"{name}" in table and f"{scores['images'][name]:.2f}" in table
+    assert "mean" in table
+
+
+def test_console_script_and_dtype(files, tmp_path):
+    """One real `cdb-vq` process; bfloat16 tokens keep the float32 model's fingerprint, so they decode with it."""
+    executable = shutil.which("cdb-vq")
+    assert executable, "the cdb-vq console script is not installed (pip install -e .)"
+    tokens_file = tmp_path / "bf16.safetensors"
+    result = subprocess.run(
+        [executable, "encode", _photos(files)[0], "--model", str(files["model"]), "--out", str(tokens_file),
+         "--dtype", "bfloat16", "--device", "cpu"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "wrote 1 images x 8x8 tokens" in result.stdout
+    assert main(["decode", str(tokens_file), "--model", str(files["model"]), "--out", str(tmp_path / "out")]) == 0
+    assert Image.open(tmp_path / "out" / "astronaut.png").size == (32, 32)
+
+
+def test_eval_prints_table_and_json_and_skips_unreadable_images(files, tmp_path, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(files["root"] / "photos", data)
+    shutil.copy(files["root"] / "broken.png", data / "broken.png")
+    out = tmp_path / "metrics.json"
+    assert (
+        main(["eval", "--model", str(files["model"]), "--data", str(data), "--batch_size", "2", "--out", str(out)])
+        == 0
+    )
+    lines = capsys.readouterr().out.strip().splitlines()
+    metrics = json.loads(lines[-1])
+    assert metrics == json.loads(out.read_text())
+    assert (metrics["num_images"], metrics["unreadable_images"]) == (4, 1)
+    assert any(line.startswith("PSNR (dB)") and f"{metrics['psnr']:.2f}" in line for line in lines)
+
+    # The same numbers as cdb_tokenizer.evaluation.evaluate on the readable photos.
+    from cdb_tokenizer.evaluation import evaluate
+
+    processor = CDBVQImageProcessor(size={"height": 32, "width": 32})
+    paths = sorted(data.glob("*.png")) + sorted(data.glob("*.jpg"))
+    pixel_values = processor(
+        [Image.open(path) for path in paths if path.name != "broken.png"], return_tensors="pt"
+    ).pixel_values
+    expected = evaluate(CDBVQModel.from_pretrained(files["model"]), [pixel_values], show_progress=False)
+    for key in ("psnr", "ssim", "utilization", "perplexity"):
+        assert metrics[key] == pytest.approx(expected[key], rel=1e-3), key
+
+
+def test_inspect_reports_roles_usage_and_labels(files, capsys):
+    assert main(["inspect", "--model", str(files["model"]), "--top", "5"]) == 0
+    text = capsys.readouterr().out
+    assert "64 codes x 8 dims" in text and "cdb" in text and "32x32 -> 8x8" in text
+    assert "structure" in text and "[24, 64)" in text
+
+    assert main(["inspect", "--model", str(files["model"]), "--top", "5", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    model = CDBVQModel.from_pretrained(files["model"])
+    usage = model.quantizer.usage / model.quantizer.usage.sum()
+    assert [role["name"] for role in summary["roles"]] == ["structure", "texture"]
+    assert summary["roles"][0]["usage"] == pytest.approx(float(usage[:24].sum()), abs=1e-6)
+    assert sum(role["usage"] for role in summary["roles"]) == pytest.approx(1.0, abs=1e-5)
+    top = summary["top_codes"]
+    assert len(top) == 5 and [code["usage"] for code in top] == sorted((code["usage"] for code in top), reverse=True)
+    assert top[0]["code"] == int(usage.argmax())
+    labels = model.code_prototype_labels()
+    assert all(code["label"] == labels[code["code"]] and code["label"] in LABELS for code in top)
+
+
+def test_tokenize_saves_a_dataset_with_tokens_and_labels(files, tmp_path, capsys):
+    import datasets
+
+    data = tmp_path / "classes"
+    for label, names in {"animal": ["chelsea"], "person": ["astronaut", "coffee"]}.items():
+        (data / label).mkdir(parents=True)
+        for name in names:
+            shutil.copy(files["root"] / "photos" / f"{name}.png", data / label / f"{name}.png")
+    shutil.copy(files["root"] / "broken.png", data / "person" / "broken.png")
+    out = tmp_path / "tokenized"
+    assert (
+        main(["tokenize", "--model", str(files["model"]), "--data", str(data), "--out", str(out), "--batch_size", "2"])
+        == 0
+    )
+    assert "1 unreadable skipped" in capsys.readouterr().out
+
+    tokenized = datasets.load_from_disk(str(out))
+    assert tokenized.column_names == ["image_tokens", "label"]
+    assert tokenized.features["label"].names == ["animal", "person"]
+    _, expected_tokens, _ = _expected_reconstructions(files)
+    expected = {name: tokens.flatten().tolist() for name, tokens in zip(PHOTO_NAMES, expected_tokens)}
+    rows = sorted((row["label"], row["image_tokens"]) for row in tokenized)
+    assert rows == sorted([(0, expected["chelsea"]), (1, expected["astronaut"]), (1, expected["coffee"])])
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (
+            ["encode", "{root}/missing.png", "--model", "{model}", "--out", "{tmp}/t.safetensors"],
+            "missing.png: no such file",
+        ),
+        (
+            ["encode", "{root}/notes.txt", "--model", "{model}", "--out", "{tmp}/t.safetensors"],
+            "notes.txt: not an image file",
+        ),
+        (
+            ["reconstruct", "{root}/photos", "--model", "{model}", "--out", "{tmp}/r"],
+            "is a directory, not an image file",
+        ),
+        (
+            ["reconstruct", "{root}/broken.png", "--model", "{model}", "--out", "{tmp}/r"],
+            "broken.png: not an image file",
+        ),
+        (["decode", "{root}/notes.txt", "--out", "{tmp}/d"], "not a safetensors file"),
+        (["decode", "{root}/other.safetensors", "--out", "{tmp}/d"], "not a cdb-vq token file"),
+        (
+            ["decode", "{tokens}", "--model", "{same_size_model}", "--out", "{tmp}/d"],
+            "encoded with a different codebook",
+        ),
+        (["decode", "{tokens}", "--model", "{bigger_model}", "--out", "{tmp}/d"], "tokens of a 64-code model"),
+        (["inspect", "--model", "not a model id!"], "neither a local folder nor a valid Hub model id"),
+        (["inspect", "--model", "./no/such/folder"], "no such folder"),
+        (["inspect", "--model", "{root}/notes.txt"], "is a file"),
+        (["inspect", "--model", "{root}/photos"], "has no config.json"),
+        (["inspect", "--model", "{root}/bert"], "is a 'bert' model, not a cdb-vq tokenizer"),
+        (["eval", "--model", "{model}", "--data", "{root}/missing_folder"], "no such folder"),
+    ],
+)
+def test_errors_are_one_clear_line(files, tmp_path, capsys, arguments, message):
+    tokens = tmp_path / "tokens.safetensors"
+    if "{tokens}" in arguments:
+        assert main(["encode", _photos(files)[0], "--model", str(files["model"]), "--out", str(tokens)]) == 0
+        capsys.readouterr()
+    values = {key: str(value) for key, value in files.items()} | {"tmp": str(tmp_path), "tokens": str(tokens)}
+    assert main([argument.format(**values) for argument in arguments]) == 1
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith(f"cdb-vq {arguments[0]}: error: ") and message in error
+    assert "Traceback" not in error
+
+
+def test_unknown_hub_model_fails_fast_offline(monkeypatch, capsys):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["inspect", "--model", "cdb-org/no-such-model"]) == 1
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("cdb-vq inspect: error: could not load model 'cdb-org/no-such-model'")
+
+
+def test_usage_errors_exit_non_zero(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["encode", "photo.png"])  # --model and --out missing
+    assert exit_info.value.code == 2
+    assert "--model" in capsys.readouterr().err

@@ -1,0 +1,292 @@
+"""Priors over cdb-vq tokens: vocabulary layout, tokenised data sets, training, sampling (CPU, tiny models)."""
+
+import importlib.util
+import io
+import json
+import math
+from pathlib import Path
+
+import datasets
+import pytest
+import torch
+from conftest import tiny_model
+from PIL import Image
+
+from cdb_tokenizer import CDBVQImageProcessor
+from cdb_tokenizer.data import sample_photos
+from cdb_tokenizer.priors import (
+    ImageTokenLogitsProcessor,
+    PriorCollator,
+    PriorVocabulary,
+    build_prior,
+    load_prior,
+    photo_crops_dataset,
+    sample_image_tokens,
+    sample_images,
+    tokenize_dataset,
+    validation_bits_per_token,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_PRIOR = {"hidden_size": 32, "num_layers": 2, "num_heads": 2}
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "training" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_thread():
+    """Tiny models gain nothing from threads, and on a shared CPU idle OpenMP threads spin: one thread is ~10x faster."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return tiny_model().eval(), CDBVQImageProcessor(size={"height": 32, "width": 32})
+
+
+@pytest.fixture(scope="module")
+def photo_set():
+    """Eight real photos with labels 0..3 (two each) as a `datasets` image data set."""
+    photos = [photo.resize((48, 48)) for photo in sample_photos("skimage")[:8]]
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(num_classes=4)})
+    return datasets.Dataset.from_dict({"image": photos, "label": [i // 2 for i in range(8)]}, features=features)
+
+
+@pytest.fixture
+def fresh_accelerator_state():
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+# ---------------------------------------------------------------------------------------------------- vocabulary
+@pytest.mark.parametrize("num_classes", [0, 5])
+def test_vocabulary_round_trip_and_rejects_special_ids(num_classes):
+    vocabulary = PriorVocabulary(64, num_classes)
+    assert vocabulary.image_token_offset == (3 if num_classes == 0 else 3 + 1 + num_classes)
+    assert vocabulary.vocab_size == vocabulary.image_token_offset + 64
+    codes = torch.tensor([[0, 5, 63], [17, 1, 2]])
+    prior_ids = vocabulary.to_prior_ids(codes)
+    assert int(prior_ids.min()) >= vocabulary.image_token_offset
+    assert torch.equal(vocabulary.to_image_tokens(prior_ids), codes)
+
+    special = [vocabulary.bos_token_id, vocabulary.eos_token_id, vocabulary.pad_token_id, vocabulary.vocab_size]
+    if num_classes:
+        special += [vocabulary.null_class_token_id, *vocabulary.class_token_ids(range(num_classes)).tolist()]
+    for token in special:
+        with pytest.raises(ValueError, match="not image tokens"):
+            vocabulary.to_image_tokens(torch.tensor([vocabulary.image_token_offset, token]))
+    with pytest.raises(ValueError, match="code ids in"):
+        vocabulary.to_prior_ids(torch.tensor([64]))
+    assert PriorVocabulary.from_dict(json.loads(json.dumps(vocabulary.to_dict()))) == vocabulary
+
+
+def test_vocabulary_sequences_and_class_errors():
+    vocabulary = PriorVocabulary(16, num_classes=3)
+    sequences = vocabulary.build_input_ids(torch.tensor([[4, 5, 6]]), class_labels=[2])
+    assert sequences.tolist() == [[0, 4 + 2, 7 + 4, 7 + 5, 7 + 6, 1]]  # BOS, class 2, image tokens, EOS
+    assert vocabulary.prompt_ids(2).tolist() == [[0, 3], [0, 3]]  # no labels: the null class
+    with pytest.raises(ValueError, match=r"class labels must be in \[0, 3\)"):
+        vocabulary.prompt_ids(1, class_labels=[3])
+    with pytest.raises(ValueError, match="unconditional"):
+        PriorVocabulary(16).prompt_ids(1, class_labels=[0])
+    with pytest.raises(ValueError, match="does not match"):
+        PriorVocabulary.from_dict({**vocabulary.to_dict(), "image_token_offset": 3})
+
+
+def test_collator_masks_prompt_and_drops_labels():
+    vocabulary = PriorVocabulary(16, num_classes=3)
+    examples = [{"image_tokens": [1, 2, 3, 4], "label": 1}, {"image_tokens": [5, 6, 7, 8], "label": 2}]
+    batch = PriorCollator(vocabulary, 4)(examples)
+    assert batch["input_ids"][:, 1].tolist() == vocabulary.class_token_ids([1, 2]).tolist()
+    assert (batch["labels"][:, :2] == -100).all() and torch.equal(batch["labels"][:, 2:], batch["input_ids"][:, 2:])
+    dropped = PriorCollator(vocabulary, 4, label_dropout=1.0)(examples)
+    assert (dropped["input_ids"][:, 1] == vocabulary.null_class_token_id).all()
+    with pytest.raises(ValueError, match="every example must have 4 image tokens"):
+        PriorCollator(vocabulary, 4)([{"image_tokens": [1, 2, 3], "label": 0}])
+    with pytest.raises(ValueError, match="needs a `label`"):
+        PriorCollator(vocabulary, 4)([{"image_tokens": [1, 2, 3, 4]}])
+
+
+# ---------------------------------------------------------------------------------------------------- tokenising
+def test_tokenize_dataset_matches_get_image_tokens(tokenizer, photo_set, tmp_path):
+    model, processor = tokenizer
+    cache = tmp_path / "tokens.arrow"
+    tokenized = tokenize_dataset(photo_set, model, processor, batch_size=3, cache_file_name=str(cache))
+    assert tokenized.column_names == ["image_tokens", "label"]
+    assert tokenized.features["label"] == photo_set.features["label"]  # the ClassLabel survives
+    assert tokenized["label"] == photo_set["label"]
+    expected = model.get_image_tokens(processor(list(photo_set["image"]), return_tensors="pt").pixel_values)
+    assert torch.equal(torch.tensor(tokenized["image_tokens"]), expected)  # raster order, 8x8 grid
+    assert cache.is_file()
+    again = tokenize_dataset(photo_set, model, processor, batch_size=3, cache_file_name=str(cache))
+    assert again["image_tokens"] == tokenized["image_tokens"]
+
+
+def test_tokenize_dataset_clear_errors(tokenizer, photo_set):
+    model, processor = tokenizer
+    with pytest.raises(ValueError, match="image column 'pixels' not found"):
+        tokenize_dataset(photo_set, model, processor, image_column="pixels")
+    with pytest.raises(ValueError, match="label column 'class' not found"):
+        tokenize_dataset(photo_set, model, processor, label_column="class")
+    named = datasets.Dataset.from_dict({"image": photo_set["image"][:2], "label": ["cat", "dog"]})
+    with pytest.raises(ValueError, match="must hold integer class labels"):
+        tokenize_dataset(named, model, processor)
+    with pytest.raises(TypeError, match="pick a split"):
+        tokenize_dataset(datasets.DatasetDict({"train": photo_set}), model, processor)
+
+
+def test_tokenize_dataset_skips_unreadable_images(tokenizer, photo_set):
+    model, processor = tokenizer
+    buffer = io.BytesIO()
+    photo_set[0]["image"].save(buffer, format="PNG")
+    values = [{"bytes": buffer.getvalue(), "path": None}, {"bytes": b"not an image", "path": None}]
+    undecoded = datasets.Dataset.from_dict(
+        {"image": values}, features=datasets.Features({"image": datasets.Image(decode=False)})
+    )
+    tokenized = tokenize_dataset(undecoded, model, processor)
+    assert len(tokenized) == 1 and tokenized.column_names == ["image_tokens"]
+    assert tokenized[0]["image_tokens"] == tokenize_dataset(photo_set.select([0]), model, processor)[0]["image_tokens"]
+
+
+def test_photo_crops_dataset_labels_each_photo():
+    crops = photo_crops_dataset(num_crops_per_photo=2, seed=0)
+    assert len(crops) == 32 and crops.features["label"].num_classes == 16
+    assert crops["label"] == [i // 2 for i in range(32)]
+    assert all(image.width == image.height for image in crops["image"])
+    other = photo_crops_dataset(num_crops_per_photo=2, seed=1)
+    assert [image.size for image in other["image"]] != [image.size for image in crops["image"]]
+
+
+# ---------------------------------------------------------------------------------------------------- training
+def test_prior_loss_falls_on_repeated_data():
+    torch.manual_seed(0)
+    vocabulary = PriorVocabulary(64)
+    sequences = [{"image_tokens": torch.randint(0, 64, (16,)).tolist()} for _ in range(4)]
+    batch = PriorCollator(vocabulary, 16)(sequences)
+    prior = build_prior(vocabulary, 16, architecture="gpt2", hidden_size=64, num_layers=2, num_heads=2)
+    start = validation_bits_per_token(prior, [batch], vocabulary)["bits_per_token"]
+    assert start > 0.8 * math.log2(64)  # an untrained prior is about uniform
+    optimizer = torch.optim.AdamW(prior.parameters(), lr=1e-2)
+    for _ in range(30):
+        loss = prior(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    end = validation_bits_per_token(prior, [batch], vocabulary)["bits_per_token"]
+    assert end < 0.25 * start, (start, end)
+
+
+def test_train_tokenize_sample_decode_end_to_end(tokenizer, photo_set, tmp_path, fresh_accelerator_state):
+    model, processor = tokenizer
+    model.save_pretrained(tmp_path / "tokenizer")
+    processor.save_pretrained(tmp_path / "tokenizer")
+    tokenize_dataset(photo_set, model, processor).save_to_disk(tmp_path / "tokens")
+
+    train_prior = load_script("train_prior")
+    argv = [
+        "--tokens_dir", str(tmp_path / "tokens"), "--tokenizer", str(tmp_path / "tokenizer"),
+        "--output_dir", str(tmp_path / "prior"), "--validation_split", "0.25", "--train_batch_size", "3",
+        "--hidden_size", "32", "--num_layers", "2", "--num_heads", "2", "--max_train_steps", "2",
+        "--checkpointing_steps", "2", "--validation_steps", "2", "--num_validation_images", "2",
+        "--report_to", "none",
+    ]  # fmt: skip
+    metrics = train_prior.main(train_prior.parse_args(argv))
+    assert metrics["step"] == 2 and math.isfinite(metrics["bits_per_token"])
+    assert (tmp_path / "prior" / "checkpoints" / "checkpoint-2").is_dir() and (
+        tmp_path / "prior" / "samples" / "step-000002.png"
+    ).is_file()
+    resumed = train_prior.main(
+        train_prior.parse_args(argv + ["--max_train_steps", "3", "--resume_from_checkpoint", "latest"])
+    )
+    assert resumed["step"] == 3
+
+    prior, vocabulary, prior_config = load_prior(tmp_path / "prior")
+    assert vocabulary.num_classes == 4 and prior_config["num_image_tokens"] == 64
+    assert prior_config["tokenizer"] == str(tmp_path / "tokenizer")
+    tokens = sample_image_tokens(prior, vocabulary, 3, class_labels=[0, 1, 3], seed=0)
+    assert tokens.shape == (3, 64) and 0 <= int(tokens.min()) and int(tokens.max()) < model.config.codebook_size
+    images = sample_images(prior, model, vocabulary, 3, class_labels=[0, 1, 3], seed=0, top_k=20, top_p=0.9)
+    assert images.shape == (3, 3, 32, 32) and torch.isfinite(images).all()
+
+    sample_prior = load_script("sample_prior")
+    grid = sample_prior.main(sample_prior.parse_args(["--prior", str(tmp_path / "prior"), "--class_labels", "0", "2",
+                                                      "--num_images", "3", "--guidance_scale", "2"]))  # fmt: skip
+    assert Image.open(grid).size == (3 * 34 + 2, 2 * 34 + 2)  # 3 per row, 2 rows of 32 px with 2 px padding
+
+
+def test_train_prior_needs_data_or_tokenizer():
+    train_prior = load_script("train_prior")
+    with pytest.raises(SystemExit):
+        train_prior.parse_args(["--output_dir", "x"])
+
+
+# ---------------------------------------------------------------------------------------------------- sampling
+def biased_prior(vocabulary: PriorVocabulary, num_image_tokens: int, architecture: str = "llama"):
+    """A tiny prior whose head strongly prefers the special tokens, so sampling must be restricted to stay valid."""
+    torch.manual_seed(0)
+    prior = build_prior(vocabulary, num_image_tokens, architecture=architecture, **TINY_PRIOR)
+    head = torch.nn.Linear(TINY_PRIOR["hidden_size"], vocabulary.vocab_size, bias=True)
+    with torch.no_grad():
+        head.bias.zero_()
+        head.bias[: vocabulary.image_token_offset] = 30.0
+    prior.lm_head = head
+    return prior
+
+
+@pytest.mark.parametrize("architecture", ["llama", "gpt2"])
+def test_sampled_ids_are_always_image_tokens(architecture):
+    vocabulary = PriorVocabulary(64, num_classes=2)
+    prior = biased_prior(vocabulary, 8, architecture)
+    prompt = vocabulary.prompt_ids(4, class_labels=[0, 1, 0, 1])
+    raw = prior.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=8, do_sample=True)
+    assert not vocabulary.is_image_token(raw[:, 2:]).all()  # unrestricted, this prior samples special tokens
+    tokens = sample_image_tokens(prior, vocabulary, 4, class_labels=[0, 1, 0, 1], seed=0, temperature=1.5)
+    assert tokens.shape == (4, 8) and 0 <= int(tokens.min()) and int(tokens.max()) < 64
+    scores = ImageTokenLogitsProcessor(vocabulary)(prompt, torch.zeros(4, vocabulary.vocab_size))
+    assert (
+        torch.isinf(scores[:, : vocabulary.image_token_offset]).all()
+        and torch.isfinite(scores[:, vocabulary.image_token_offset :]).all()
+    )
+
+
+def test_sampling_is_seeded_and_checks_arguments():
+    vocabulary = PriorVocabulary(64)
+    prior = build_prior(vocabulary, 8, **TINY_PRIOR)
+    first = sample_image_tokens(prior, vocabulary, 2, seed=3)
+    assert torch.equal(first, sample_image_tokens(prior, vocabulary, 2, seed=3))
+    with pytest.raises(ValueError, match="classifier-free guidance"):
+        sample_image_tokens(prior, vocabulary, 2, guidance_scale=3.0)
+    with pytest.raises(ValueError, match="top_p"):
+        sample_image_tokens(prior, vocabulary, 2, top_p=1.5)
+    with pytest.raises(ValueError, match="decode with the tokenizer"):
+        sample_images(prior, tiny_model(codebook_size=32), vocabulary, 1)
+
+
+def test_classifier_free_guidance_follows_its_formula():
+    """Greedy CFG picks argmax of uncond + s * (cond - uncond) over image tokens, uncond being the null class."""
+    vocabulary = PriorVocabulary(64, num_classes=3)
+    torch.manual_seed(0)
+    prior = build_prior(vocabulary, 4, **TINY_PRIOR).eval()
+    with torch.no_grad():
+        prior.model.embed_tokens.weight[vocabulary.class_token_ids([2])] *= 20  # make the class matter
+        cond = prior(vocabulary.prompt_ids(1, [2])).logits[0, -1].log_softmax(-1)
+        uncond = prior(vocabulary.prompt_ids(1)).logits[0, -1].log_softmax(-1)
+    offset = vocabulary.image_token_offset
+    for scale in (1.0, 4.0):
+        guided = (uncond + scale * (cond - uncond))[offset:]
+        tokens = sample_image_tokens(prior, vocabulary, 1, class_labels=2, guidance_scale=scale, temperature=0)
+        assert int(tokens[0, 0]) == int(guided.argmax())
+    plain = sample_image_tokens(prior, vocabulary, 1, class_labels=2, temperature=0)
+    strong = sample_image_tokens(prior, vocabulary, 1, class_labels=2, guidance_scale=8.0, temperature=0)
+    assert not torch.equal(plain, strong)  # guidance changes the samples

@@ -1,0 +1,414 @@
+#!/usr/bin/env python
+"""Train a transformer prior (a transformers causal LM) over cdb-vq image tokens.
+
+Sequences are `BOS [class] image tokens EOS` (see `cdb_tokenizer.priors.PriorVocabulary`); class-conditional
+priors are trained with label dropout so that they can sample with classifier-free guidance.
+
+Data: a tokenised data set saved with `save_to_disk` (`cdb-vq tokenize` or `cdb_tokenizer.priors.tokenize_dataset`)
+given by `--tokens_dir`, or, with no data flag, the embedded default: random crops of the scikit-image photos, one
+class per photo, tokenised on the fly with `--tokenizer`.
+
+    accelerate launch training/train_prior.py --tokenizer outputs/tokenizer --output_dir outputs/prior
+    accelerate launch training/train_prior.py --tokens_dir outputs/tokens --tokenizer outputs/tokenizer \\
+        --architecture gpt2 --hidden_size 512 --num_layers 12 --num_heads 8 --mixed_precision bf16
+
+The output folder holds the prior (`save_pretrained`), `prior_config.json` (vocabulary layout, tokens per image,
+tokenizer id), `metrics.json`, `training_config.json`, sample grids under `samples/`, tracker logs under `logs/`, and
+`checkpoints/checkpoint-<step>`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+from cdb_tokenizer.priors import (
+    ARCHITECTURES,
+    PriorCollator,
+    PriorVocabulary,
+    build_prior,
+    load_tokenizer,
+    photo_crops_dataset,
+    processor_image_size,
+    sample_images,
+    save_image_grid,
+    save_prior,
+    tokenize_dataset,
+    validation_bits_per_token,
+)
+
+logger = get_logger(__name__)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Train a causal-LM prior over cdb-vq image tokens.")
+    data = parser.add_argument_group("data")
+    data.add_argument("--tokens_dir", type=str, default=None,
+                      help="A tokenised data set saved with save_to_disk (columns image_tokens[, label]). "
+                           "Without it, the embedded default photos are tokenised with --tokenizer.")
+    data.add_argument("--tokenizer", type=str, default=None,
+                      help="The cdb-vq tokenizer (folder or Hub id): tokenises the default data, draws the validation "
+                           "samples, and is recorded in prior_config.json for sample_prior.py.")
+    data.add_argument("--codebook_size", type=int, default=None,
+                      help="Codebook size when --tokens_dir is given without --tokenizer.")
+    data.add_argument("--train_split", type=str, default="train", help="Split of a saved DatasetDict to train on.")
+    data.add_argument("--validation_split", type=float, default=0.05,
+                      help="Share held out for validation when the saved data has no validation/test split.")
+    data.add_argument("--unconditional", action="store_true", help="Ignore labels: train an unconditional prior.")
+    data.add_argument("--num_classes", type=int, default=None,
+                      help="Number of classes (default: from the ClassLabel feature, else the largest label + 1).")
+    data.add_argument("--label_dropout", type=float, default=0.1,
+                      help="Probability of dropping the class token (classifier-free guidance).")
+    data.add_argument("--num_crops_per_photo", type=int, default=64, help="Embedded default: training crops per photo.")
+    data.add_argument("--num_validation_crops_per_photo", type=int, default=8,
+                      help="Embedded default: validation crops per photo (other crops of the same photos).")
+    data.add_argument("--tokenize_batch_size", type=int, default=32)
+    data.add_argument("--dataloader_num_workers", type=int, default=0)
+
+    model = parser.add_argument_group("model")
+    model.add_argument("--architecture", choices=ARCHITECTURES, default="llama")
+    model.add_argument("--hidden_size", type=int, default=256)
+    model.add_argument("--num_layers", type=int, default=6)
+    model.add_argument("--num_heads", type=int, default=8)
+    model.add_argument("--intermediate_size", type=int, default=None, help="Default: 4 x hidden_size.")
+    model.add_argument("--dropout", type=float, default=0.0)
+
+    train = parser.add_argument_group("training")
+    train.add_argument("--output_dir", type=str, default="outputs/prior")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--train_batch_size", type=int, default=32, help="Per device.")
+    train.add_argument("--eval_batch_size", type=int, default=64, help="Per device.")
+    train.add_argument("--max_train_steps", type=int, default=None,
+                       help="Optimiser steps to train for (default: 1000, or --num_train_epochs' worth).")
+    train.add_argument("--num_train_epochs", type=int, default=None,
+                       help="Epochs to train for (sets --max_train_steps when that is not given).")
+    train.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    train.add_argument("--learning_rate", type=float, default=3e-4)
+    train.add_argument("--lr_scheduler", type=str, default="cosine",
+                       help='transformers scheduler name: "linear", "cosine", "constant_with_warmup", ...')
+    train.add_argument("--lr_warmup_steps", type=int, default=100)
+    train.add_argument("--adam_beta1", type=float, default=0.9)
+    train.add_argument("--adam_beta2", type=float, default=0.95)
+    train.add_argument("--adam_weight_decay", type=float, default=0.1)
+    train.add_argument("--max_grad_norm", type=float, default=1.0)
+    train.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None,
+                       help="Default: the accelerate config's.")
+    train.add_argument("--checkpointing_steps", type=int, default=500)
+    train.add_argument("--checkpoints_total_limit", type=int, default=3, help="Keep at most this many checkpoints.")
+    train.add_argument("--resume_from_checkpoint", type=str, default=None,
+                       help='A checkpoint folder, or "latest" for the newest in --output_dir.')
+    train.add_argument("--report_to", type=str, default="tensorboard",
+                       help='"tensorboard", "wandb", "all" or "none".')
+    train.add_argument("--logging_dir", type=str, default="logs", help="Relative to --output_dir.")
+    train.add_argument("--tracker_project_name", type=str, default="cdb-vq-prior")
+    train.add_argument("--validation_steps", type=int, default=200)
+    train.add_argument("--num_validation_images", type=int, default=16,
+                       help="Images sampled at each validation (needs --tokenizer); 0 to skip.")
+    train.add_argument("--validation_guidance_scale", type=float, default=1.0,
+                       help="Classifier-free guidance scale of the validation samples (class-conditional priors).")
+    args = parser.parse_args(argv)
+    _check_args(parser, args)
+    return args
+
+
+def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.tokens_dir is None and args.tokenizer is None:
+        parser.error("give --tokenizer (to tokenise the embedded default photos) or --tokens_dir (a tokenised data set).")
+    if args.tokens_dir is not None and args.tokenizer is None and args.codebook_size is None:
+        parser.error("with --tokens_dir, give --tokenizer (recommended: sample_prior.py decodes with it) or --codebook_size.")
+    for name in ("train_batch_size", "eval_batch_size", "gradient_accumulation_steps", "max_train_steps",
+                 "num_train_epochs", "checkpointing_steps", "validation_steps"):  # fmt: skip
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name} must be at least 1, got {value}.")
+    if not 0 < args.validation_split < 1:
+        parser.error(f"--validation_split must be in (0, 1), got {args.validation_split}.")
+    if not 0 <= args.label_dropout <= 1:
+        parser.error(f"--label_dropout must be in [0, 1], got {args.label_dropout}.")
+
+
+# ---------------------------------------------------------------------------------------------------- data
+def load_token_splits(args: argparse.Namespace, accelerator: Accelerator, tokenizer) -> tuple:
+    """(train, validation) tokenised data sets from --tokens_dir, or from the embedded default photos."""
+    import datasets
+
+    if args.tokens_dir is None:
+        model, processor = tokenizer
+        with accelerator.main_process_first():
+            splits = [
+                tokenize_dataset(
+                    photo_crops_dataset(crops, seed=args.seed + offset), model, processor,
+                    batch_size=args.tokenize_batch_size, device=accelerator.device,
+                )
+                for offset, crops in ((0, args.num_crops_per_photo), (1, args.num_validation_crops_per_photo))
+            ]  # fmt: skip
+        return splits[0], splits[1]
+
+    path = Path(args.tokens_dir)
+    if not path.exists():
+        raise FileNotFoundError(f"--tokens_dir {str(path)!r} does not exist; make it with `cdb-vq tokenize`.")
+    saved = datasets.load_from_disk(str(path))
+    if isinstance(saved, datasets.DatasetDict):
+        if args.train_split not in saved:
+            raise ValueError(f"--tokens_dir has no split {args.train_split!r}; its splits are {list(saved)}.")
+        train = saved[args.train_split]
+        validation = next((saved[name] for name in ("validation", "test") if name in saved), None)
+    else:
+        train, validation = saved, None
+    if "image_tokens" not in train.column_names:
+        raise ValueError(
+            f"--tokens_dir holds columns {train.column_names}, not image_tokens: tokenise images first "
+            f"(`cdb-vq tokenize` or cdb_tokenizer.priors.tokenize_dataset)."
+        )
+    if validation is None:
+        if len(train) < 2:
+            raise ValueError("the tokenised data set needs at least 2 examples (one for validation).")
+        split = train.train_test_split(test_size=args.validation_split, seed=args.seed)
+        train, validation = split["train"], split["test"]
+    return train, validation
+
+
+def make_vocabulary(args: argparse.Namespace, train, validation, codebook_size: int) -> PriorVocabulary:
+    """The vocabulary: class-conditional when the data have labels (unless --unconditional)."""
+    import datasets
+
+    if args.unconditional or "label" not in train.column_names:
+        return PriorVocabulary(codebook_size)
+    feature = train.features["label"]
+    if isinstance(feature, datasets.ClassLabel):
+        names = feature.names if args.num_classes in (None, feature.num_classes) else None
+        return PriorVocabulary(codebook_size, args.num_classes or feature.num_classes, names)
+    labels = train["label"] + (validation["label"] if "label" in validation.column_names else [])
+    if min(labels) < 0:
+        raise ValueError(f"labels must be non-negative class ids, got {min(labels)}.")
+    num_classes = args.num_classes or max(labels) + 1
+    if max(labels) >= num_classes:
+        raise ValueError(f"--num_classes {num_classes} is too small for label {max(labels)}.")
+    return PriorVocabulary(codebook_size, num_classes)
+
+
+# ---------------------------------------------------------------------------------------------------- checkpoints
+# Same layout and rules as train.py: <output_dir>/checkpoints/checkpoint-<step>, at most --checkpoints_total_limit.
+def checkpoint_folders(output_dir: str | Path) -> list[Path]:
+    """`checkpoints/checkpoint-<step>` folders of a run, oldest first."""
+    folders = [p for p in (Path(output_dir) / "checkpoints").glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
+    return sorted((p for p in folders if p.is_dir()), key=lambda p: int(p.name.split("-")[-1]))
+
+
+def save_checkpoint(accelerator: Accelerator, args: argparse.Namespace, global_step: int) -> Path:
+    path = Path(args.output_dir) / "checkpoints" / f"checkpoint-{global_step}"
+    if accelerator.is_main_process and args.checkpoints_total_limit is not None:
+        existing = [p for p in checkpoint_folders(args.output_dir) if p != path]
+        for old in existing[: max(0, len(existing) - args.checkpoints_total_limit + 1)]:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(path))  # every process writes its own RNG state
+    logger.info(f"Saved checkpoint {path}.")
+    return path
+
+
+def resolve_checkpoint(args: argparse.Namespace) -> Path | None:
+    if args.resume_from_checkpoint is None:
+        return None
+    if args.resume_from_checkpoint == "latest":
+        folders = checkpoint_folders(args.output_dir)
+        if not folders:
+            logger.info(f"No checkpoint in {args.output_dir}/checkpoints: starting a new run.")
+            return None
+        return folders[-1]
+    path = Path(args.resume_from_checkpoint)
+    if not path.is_dir():
+        raise FileNotFoundError(f"--resume_from_checkpoint {str(path)!r} is not a checkpoint folder.")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------- validation
+def run_validation(
+    accelerator, args, prior, validation_loader, vocabulary, tokenizer, image_size, global_step
+) -> dict[str, float]:
+    # The unwrapped model: shards may differ in length, and a DDP forward would sync buffers across processes.
+    metrics = validation_bits_per_token(
+        accelerator.unwrap_model(prior), validation_loader, vocabulary,
+        reduce=lambda totals: accelerator.reduce(totals, "sum"),
+    )  # fmt: skip
+    logs = {"validation/bits_per_token": metrics["bits_per_token"], "validation/nll": metrics["nll"]}
+    logger.info(
+        f"step {global_step}: validation {metrics['bits_per_token']:.3f} bits per token "
+        f"(uniform: {math.log2(vocabulary.codebook_size):.3f})"
+    )
+    if tokenizer is not None and args.num_validation_images > 0 and accelerator.is_main_process:
+        class_labels = None
+        if vocabulary.class_conditional:  # one class per row of the grid
+            class_labels = [i % vocabulary.num_classes for i in range(args.num_validation_images)]
+        guidance = args.validation_guidance_scale if vocabulary.class_conditional else 1.0
+        images = sample_images(
+            accelerator.unwrap_model(prior), tokenizer[0], vocabulary, args.num_validation_images,
+            class_labels=class_labels, guidance_scale=guidance, seed=args.seed, image_size=image_size,
+        )  # fmt: skip
+        path = save_image_grid(images, Path(args.output_dir) / "samples" / f"step-{global_step:06d}.png")
+        logger.info(f"Wrote validation samples to {path}")
+        for tracker in accelerator.trackers:
+            if tracker.name == "tensorboard":
+                tracker.writer.add_images("validation/samples", ((images + 1) / 2).clamp(0, 1).cpu(), global_step)
+    accelerator.log(logs, step=global_step)
+    return metrics
+
+
+# ---------------------------------------------------------------------------------------------------- main
+def main(args: argparse.Namespace) -> dict[str, float]:
+    """Train the prior; returns the final validation metrics (also written to `metrics.json`)."""
+    output_dir = Path(args.output_dir)
+    accelerator = Accelerator(
+        cpu=_multi_process_without_accelerator(),
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger().setLevel(logging.INFO if accelerator.is_main_process else logging.ERROR)
+    for noisy in ("httpx", "huggingface_hub", "datasets", "PIL", "accelerate.checkpointing"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    set_seed(args.seed)
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+
+    tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None
+    image_size = processor_image_size(tokenizer[1]) if tokenizer else None
+    codebook_size = tokenizer[0].config.codebook_size if tokenizer else args.codebook_size
+    train_set, validation_set = load_token_splits(args, accelerator, tokenizer)
+    num_image_tokens = len(train_set[0]["image_tokens"])
+    if tokenizer is not None:
+        tokenizer[0].to(accelerator.device)
+        if image_size and math.prod(tokenizer[0].token_grid_size(*image_size)) != num_image_tokens:
+            image_size = None  # tokenised at another size: decode on a square grid
+    vocabulary = make_vocabulary(args, train_set, validation_set, codebook_size)
+    logger.info(
+        f"{len(train_set)} training / {len(validation_set)} validation sequences of {num_image_tokens} image tokens; "
+        f"vocabulary {vocabulary.vocab_size} ids ({vocabulary.codebook_size} codes, {vocabulary.num_classes} classes)"
+    )
+
+    prior = build_prior(
+        vocabulary, num_image_tokens, args.architecture, args.hidden_size, args.num_layers, args.num_heads,
+        args.intermediate_size, args.dropout,
+    )  # fmt: skip
+    logger.info(f"{args.architecture} prior with {sum(p.numel() for p in prior.parameters()) / 1e6:.2f}M parameters")
+    if accelerator.is_main_process:
+        training_config = {**vars(args), "vocabulary": vocabulary.to_dict(), "num_image_tokens": num_image_tokens}
+        (output_dir / "training_config.json").write_text(json.dumps(training_config, indent=2, default=str) + "\n")
+
+    train_loader = torch.utils.data.DataLoader(
+        train_set, batch_size=args.train_batch_size, shuffle=True, drop_last=len(train_set) >= args.train_batch_size,
+        collate_fn=PriorCollator(vocabulary, num_image_tokens, args.label_dropout),
+        num_workers=args.dataloader_num_workers,
+    )  # fmt: skip
+    # Each process scores its own contiguous shard and the sums are reduced: every sequence is counted exactly once
+    # (a prepared loader would pad the last batches with repeats).
+    validation_shard = validation_set.shard(accelerator.num_processes, accelerator.process_index, contiguous=True)
+    validation_loader = torch.utils.data.DataLoader(
+        validation_shard, batch_size=args.eval_batch_size, collate_fn=PriorCollator(vocabulary, num_image_tokens),
+        num_workers=args.dataloader_num_workers,
+    )  # fmt: skip
+    decay = [p for p in prior.parameters() if p.ndim >= 2]  # no weight decay on norms and biases
+    no_decay = [p for p in prior.parameters() if p.ndim < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": args.adam_weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+    )  # fmt: skip
+
+    updates_per_epoch = math.ceil(len(train_loader) / args.gradient_accumulation_steps)
+    max_train_steps = args.max_train_steps or (args.num_train_epochs or 0) * updates_per_epoch or 1000
+    num_epochs = math.ceil(max_train_steps / updates_per_epoch)
+    lr_scheduler = get_scheduler(
+        args.lr_scheduler, optimizer,
+        num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=max_train_steps * accelerator.num_processes,
+    )  # fmt: skip
+    prior, optimizer, train_loader, lr_scheduler = accelerator.prepare(prior, optimizer, train_loader, lr_scheduler)
+    if accelerator.is_main_process:
+        accelerator.init_trackers(args.tracker_project_name, config={k: v for k, v in vars(args).items() if v is not None})
+
+    global_step, first_epoch, skip_batches = 0, 0, 0
+    checkpoint = resolve_checkpoint(args)
+    if checkpoint is not None:
+        accelerator.print(f"Resuming from checkpoint {checkpoint}")
+        accelerator.load_state(str(checkpoint))
+        global_step = int(checkpoint.name.split("-")[-1])
+        first_epoch = global_step // updates_per_epoch
+        skip_batches = (global_step % updates_per_epoch) * args.gradient_accumulation_steps
+
+    logger.info(f"Training {max_train_steps} steps ({num_epochs} epochs), {accelerator.num_processes} process(es)")
+    progress = tqdm(range(max_train_steps), initial=global_step, desc="steps", disable=not accelerator.is_local_main_process)
+    metrics: dict[str, float] = {}
+    prior.train()
+    for epoch in range(first_epoch, num_epochs):
+        train_loader.set_epoch(epoch)
+        batches = accelerator.skip_first_batches(train_loader, skip_batches) if skip_batches else train_loader
+        skip_batches = 0
+        for batch in batches:
+            with accelerator.accumulate(prior):
+                loss = prior(**batch).loss
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(prior.parameters(), args.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            if not accelerator.sync_gradients:
+                continue
+            global_step += 1
+            progress.update(1)
+            logs = {"train/loss": loss.detach().item(), "train/learning_rate": lr_scheduler.get_last_lr()[0]}
+            progress.set_postfix(loss=f"{logs['train/loss']:.3f}")
+            accelerator.log(logs, step=global_step)
+            if global_step % args.checkpointing_steps == 0:
+                save_checkpoint(accelerator, args, global_step)
+            if global_step % args.validation_steps == 0:
+                metrics = run_validation(
+                    accelerator, args, prior, validation_loader, vocabulary, tokenizer, image_size, global_step
+                )
+                prior.train()
+            if global_step >= max_train_steps:
+                break
+        if global_step >= max_train_steps:
+            break
+    progress.close()
+
+    if not metrics or global_step % args.validation_steps:
+        metrics = run_validation(accelerator, args, prior, validation_loader, vocabulary, tokenizer, image_size, global_step)
+    metrics = {**metrics, "uniform_bits_per_token": math.log2(vocabulary.codebook_size), "step": global_step}
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        save_prior(
+            accelerator.unwrap_model(prior), vocabulary, output_dir, num_image_tokens,
+            tokenizer=args.tokenizer, image_size=image_size, architecture=args.architecture,
+        )  # fmt: skip
+        (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        logger.info(f"Saved the prior to {output_dir}: {metrics['bits_per_token']:.3f} bits per token")
+    accelerator.end_training()
+    return metrics
+
+
+def _multi_process_without_accelerator() -> bool:
+    """Several processes on a machine with no GPU: accelerate then needs `cpu=True` for its gloo process group
+    (the same rule as train.py)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    return not torch.cuda.is_available()
+
+
+if __name__ == "__main__":
+    main(parse_args())
