@@ -35,6 +35,9 @@ class CDBVQConfig(PretrainedConfig):
         router_dim (`int`, *optional*, defaults to 64): Width of the router's query and per-code keys.
         router_distance_scale (`float`, *optional*, defaults to 10.0): Weight of the (per-token standardised)
             distance term in the router logits; keeps the router grounded in the latent geometry.
+        router_logit_bound (`float`, *optional*, defaults to 2.0): Largest swing of the router's learned logits
+            (`bound * tanh(score / bound)`), so it re-ranks nearby codes instead of overriding the distance; `None`
+            leaves them unbounded.
         semantic_dim (`int`, *optional*, defaults to 512): Width of the semantic (CLIP) features.
         num_prototypes (`int`, *optional*, defaults to 1000): Number of semantic prototypes the codes are tied to.
         prototype_labels (`list[str]`, *optional*): Text label of each prototype, when they came from prompts.
@@ -83,6 +86,7 @@ class CDBVQConfig(PretrainedConfig):
         sinkhorn_iterations: int = 5,
         router_dim: int = 64,
         router_distance_scale: float = 10.0,
+        router_logit_bound: float | None = 2.0,
         semantic_dim: int = 512,
         num_prototypes: int = 1000,
         prototype_labels: list[str] | None = None,
@@ -119,6 +123,7 @@ class CDBVQConfig(PretrainedConfig):
         self.sinkhorn_iterations = sinkhorn_iterations
         self.router_dim = router_dim
         self.router_distance_scale = router_distance_scale
+        self.router_logit_bound = router_logit_bound
         self.semantic_dim = semantic_dim
         self.num_prototypes = num_prototypes
         self.prototype_labels = list(prototype_labels) if prototype_labels is not None else None
@@ -180,6 +185,8 @@ class CDBVQConfig(PretrainedConfig):
             raise ValueError(f"usage_decay must be in (0, 1), got {self.usage_decay!r}.")
         if self.dead_code_threshold < 0:
             raise ValueError(f"dead_code_threshold must be >= 0, got {self.dead_code_threshold!r}.")
+        if self.router_logit_bound is not None and self.router_logit_bound <= 0:
+            raise ValueError(f"router_logit_bound must be None or > 0, got {self.router_logit_bound!r}.")
         if self.sinkhorn_epsilon <= 0:
             raise ValueError(f"sinkhorn_epsilon must be > 0, got {self.sinkhorn_epsilon!r}.")
         for name in ("commitment_weight", "codebook_weight", "ot_imitation_weight", "balance_weight",

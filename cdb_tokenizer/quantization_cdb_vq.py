@@ -213,6 +213,7 @@ class CDBVQRouter(nn.Module):
     def __init__(self, config: CDBVQConfig):
         super().__init__()
         self.distance_scale = config.router_distance_scale
+        self.logit_bound = config.router_logit_bound
         self.query = nn.Linear(config.codebook_dim + config.semantic_dim, config.router_dim)
         self.code_keys = nn.Parameter(torch.zeros(config.codebook_size, config.router_dim))
         self.semantic_scale = nn.Parameter(torch.ones(()))
@@ -233,16 +234,36 @@ class CDBVQRouter(nn.Module):
         code_to_role: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """(n, K) logits for a chunk of n latents (all float32)."""
+        return self.distance_logits(latents, codes) + self.learned_logits(
+            latents, semantic_features, prototypes, code_to_prototype, signal_features, code_to_role
+        )
+
+    def distance_logits(self, latents: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        """`-scale * cost` with the cost standardised over the codes of each token (scale-free, batch independent)."""
         cost = transport_cost(latents, codes)
-        cost = (cost - cost.mean(-1, keepdim=True)) / (cost.std(-1, keepdim=True) + 1e-6)
+        return -self.distance_scale * (cost - cost.mean(-1, keepdim=True)) / (cost.std(-1, keepdim=True) + 1e-6)
+
+    def learned_logits(
+        self,
+        latents: torch.Tensor,
+        semantic_features: torch.Tensor,
+        prototypes: torch.Tensor,
+        code_to_prototype: torch.Tensor,
+        signal_features: torch.Tensor | None = None,
+        code_to_role: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The router's own scores: query . key plus the prototype term, then the role log-prior."""
         query = apply_float32_out(self.query, torch.cat([latents, semantic_features], dim=-1))
-        logits = -self.distance_scale * cost + query @ self.code_keys.float().t() / math.sqrt(query.shape[-1])
+        scores = query @ self.code_keys.float().t() / math.sqrt(query.shape[-1])
         similarity = F.normalize(semantic_features, dim=-1) @ F.normalize(prototypes.float(), dim=-1).t()
-        logits = logits + self.semantic_scale * similarity.index_select(1, code_to_prototype)
+        scores = scores + self.semantic_scale * similarity.index_select(1, code_to_prototype)
+        if self.logit_bound is not None:
+            # A bounded swing lets the router re-rank codes near the latent, never pick a far one.
+            scores = self.logit_bound * torch.tanh(scores / self.logit_bound)
         if self.role_head is not None and signal_features is not None:
             role_log_prior = apply_float32_out(self.role_head, signal_features).log_softmax(-1)
-            logits = logits + role_log_prior.index_select(1, code_to_role)
-        return logits
+            scores = scores + role_log_prior.index_select(1, code_to_role)
+        return scores
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -422,12 +443,21 @@ class CDBVQQuantizer(nn.Module):
         potentials = self._sinkhorn(latents.detach(), codes.detach())
 
         def train_chunk(latent_chunk, semantic_chunk, signal_chunk):
-            logits = logits_of(latent_chunk, semantic_chunk, signal_chunk)
+            distance = self.router.distance_logits(latent_chunk, codes)
+            # The router's losses (OT imitation, balance) see detached latents: they train the router and move the
+            # codes toward the latents the balanced plan gives them (as OptVQ's loss does), but never pull the
+            # encoder around to make usage look balanced.
+            learned = self.router.learned_logits(
+                latent_chunk.detach(), semantic_chunk.detach(), self.prototypes, self.code_to_prototype,
+                None if signal_chunk is None else signal_chunk.detach(), self.code_to_role,
+            )  # fmt: skip
+            logits = distance + learned
+            router_logits = self.router.distance_logits(latent_chunk.detach(), codes) + learned
             with torch.no_grad():
                 target = potentials.plan_logits(transport_cost(latent_chunk, codes)).argmax(-1)
-            probabilities = logits.softmax(-1)
-            cross_entropy = F.cross_entropy(logits, target, reduction="sum")
-            return logits.detach().argmax(-1), probabilities @ codes, cross_entropy, probabilities.sum(0)
+            cross_entropy = F.cross_entropy(router_logits, target, reduction="sum")
+            soft_quantized = logits.softmax(-1) @ codes
+            return logits.detach().argmax(-1), soft_quantized, cross_entropy, router_logits.softmax(-1).sum(0)
 
         results = []
         for chunk in chunks:

@@ -111,7 +111,7 @@ def test_sinkhorn_is_nearest_at_inference():
 def test_router_starts_as_nearest_and_learns_the_transport_plan():
     """The router is grounded in the distance at init, and its OT-imitation loss can be minimised."""
     torch.manual_seed(0)
-    module = quantizer(assignment="cdb", balance_weight=0.0)
+    module = quantizer(assignment="cdb", balance_weight=0.0, router_logit_bound=None)
     latents = clustered_latents(512)
     module.train()
     module.initialize_codebook(torch.randn(512, 8) * 3)
@@ -129,6 +129,20 @@ def test_router_starts_as_nearest_and_learns_the_transport_plan():
     assert float(output.ot_imitation_loss) < 0.5 * first
     module.eval()
     assert module(latents).indices.unique().numel() > 2 * nearest_codes(latents, module.codes(), 10**9).unique().numel()
+
+
+def test_router_logit_bound_limits_how_far_the_router_can_override_the_distance():
+    module = quantizer(assignment="cdb", router_logit_bound=1.5)
+    module.initialize_codebook(torch.randn(256, 8))
+    module.router.code_keys.data = torch.randn(64, 8) * 100
+    latents, semantic = torch.randn(50, 8), torch.randn(50, 32)
+    inputs = (module.prototypes, module.code_to_prototype)
+    learned = module.router.learned_logits(latents, semantic, *inputs)
+    assert float(learned.abs().max()) <= 1.5 and float(learned.abs().max()) > 1.0
+    distance = module.router.distance_logits(latents, module.codes())
+    chosen = (distance + learned).argmax(-1)
+    # The chosen code is never more than 2 * bound below the nearest code's distance logit.
+    assert bool((distance.max(-1).values - distance.gather(1, chosen[:, None])[:, 0] <= 3.0 + 1e-4).all())
 
 
 def test_balance_loss_is_kl_of_the_batch_average_to_uniform():
