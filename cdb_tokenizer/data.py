@@ -1,20 +1,38 @@
 """Image data for training and evaluation (training-only: never imported by the modeling files).
 
-`sample_photos` gives the real photos that ship inside pip packages, so the embedded default, the tests and the
-benchmarks run with no network: scikit-image's sample photos for training, scikit-learn's two sample photos
-(a different source, so no leakage) for held-out evaluation.
+- `sample_photos` gives the real photos that ship inside pip packages, so the embedded default, the tests and the
+  benchmarks run with no network: scikit-image's sample photos for training, scikit-learn's two sample photos
+  (a different source, so no leakage) for held-out evaluation.
+- `load_image_dataset` opens an `imagefolder` directory or a Hub data set through `datasets`, with the image
+  column left undecoded so that `decode_image` can turn a broken file into `None` (skipped and counted) instead of
+  a crash in the middle of a run.
+- `TrainImages` / `StreamingTrainImages` turn such a data set (or a list of photos) into augmented training crops
+  (random resized crop + horizontal flip); `EpochSampler` gives each process its share of a seeded, per-epoch
+  order that a resumed run can re-enter at any batch.
 """
 
 from __future__ import annotations
 
+import io
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
 from PIL import Image
 
+logger = logging.getLogger(__name__)
 
 # scikit-image photos that ship inside the wheel (no download); greyscale ones are converted to RGB.
 SKIMAGE_PHOTOS = (
     "astronaut", "chelsea", "coffee", "hubble_deep_field", "immunohistochemistry", "retina", "rocket",
     "stereo_motorcycle", "camera", "brick", "grass", "gravel", "moon", "coins", "clock",
 )  # fmt: skip
+
+# How many unreadable images are reported one by one before only the count is kept.
+MAX_REPORTED_UNREADABLE = 5
 
 
 def sample_photos(source: str = "skimage") -> list[Image.Image]:
@@ -33,3 +51,313 @@ def sample_photos(source: str = "skimage") -> list[Image.Image]:
 
         return [Image.fromarray(array).convert("RGB") for array in load_sample_images().images]
     raise ValueError(f"source must be 'skimage' or 'sklearn', got {source!r}.")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data sets
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class SplitNotFoundError(ValueError):
+    """The requested split does not exist in the data set (the message lists the ones that do)."""
+
+
+def load_image_dataset(
+    train_data_dir: str | None = None,
+    dataset_name: str | None = None,
+    dataset_config_name: str | None = None,
+    split: str = "train",
+    image_column: str = "image",
+    streaming: bool = False,
+    cache_dir: str | None = None,
+):
+    """Open one split of an image data set, with `image_column` left undecoded (decode with `decode_image`).
+
+    Args:
+        train_data_dir: A folder of images for `datasets`' `imagefolder` builder (sub-folders `train/`,
+            `validation/`, `test/` become splits; otherwise everything is `train`).
+        dataset_name: A data set on the Hub (or a local script/folder `datasets.load_dataset` understands).
+        dataset_config_name: Its configuration, if it has several.
+        split: The split to open.
+        image_column: The column holding the images.
+        streaming: Stream the data instead of downloading it (returns an `IterableDataset`).
+        cache_dir: Where `datasets` caches downloads.
+
+    Returns:
+        A `datasets.Dataset` (or `IterableDataset` when streaming) whose `image_column` holds undecoded values
+        (`{"bytes": ..., "path": ...}` dicts).
+
+    Raises:
+        FileNotFoundError: `train_data_dir` does not exist or holds no images.
+        SplitNotFoundError: `split` is not one of the data set's splits.
+        ValueError: neither or both sources were given, or `image_column` is not a column (the message lists them).
+    """
+    import datasets
+
+    if (train_data_dir is None) == (dataset_name is None):
+        raise ValueError("Give exactly one image source: train_data_dir (a folder) or dataset_name (a Hub data set).")
+    if train_data_dir is not None:
+        folder = Path(train_data_dir).expanduser()
+        if not folder.is_dir():
+            raise FileNotFoundError(f"train_data_dir {str(folder)!r} does not exist or is not a directory.")
+        try:
+            dataset = datasets.load_dataset(
+                "imagefolder", data_dir=str(folder), split=split, streaming=streaming, cache_dir=cache_dir
+            )
+        except (FileNotFoundError, datasets.exceptions.DataFilesNotFoundError) as error:
+            raise FileNotFoundError(f"found no images in train_data_dir {str(folder)!r}: {error}") from error
+        except ValueError as error:
+            _raise_if_unknown_split(error, split, f"train_data_dir {str(folder)!r}")
+            raise
+        source = f"train_data_dir {str(folder)!r}"
+    else:
+        try:
+            dataset = datasets.load_dataset(
+                dataset_name, dataset_config_name, split=split, streaming=streaming, cache_dir=cache_dir
+            )
+        except ValueError as error:
+            _raise_if_unknown_split(error, split, f"data set {dataset_name!r}")
+            raise
+        source = f"data set {dataset_name!r}"
+
+    columns = dataset.column_names
+    if columns is not None and image_column not in columns:
+        raise ValueError(f"image_column {image_column!r} is not a column of {source}; its columns are {list(columns)}.")
+    return dataset.cast_column(image_column, datasets.Image(decode=False))
+
+
+def _raise_if_unknown_split(error: ValueError, split: str, source: str) -> None:
+    message = str(error)
+    # datasets says "Unknown split ..." when downloading and "Bad split ..." when streaming.
+    if message.startswith(("Unknown split", "Bad split")):
+        raise SplitNotFoundError(f"{source} has no split {split!r}: {message}") from error
+
+
+def decode_image(value) -> Image.Image | None:
+    """Turn a data-set image value into an RGB PIL image, or `None` when it cannot be read.
+
+    Accepts what an undecoded `datasets.Image` column holds (`{"bytes": ..., "path": ...}`), a file path, raw
+    bytes, a PIL image or a NumPy array (H, W[, C]). Callers skip `None` and count it.
+    """
+    try:
+        if isinstance(value, Image.Image):
+            image = value
+        elif isinstance(value, dict):
+            if value.get("bytes") is not None:
+                image = Image.open(io.BytesIO(value["bytes"]))
+            elif value.get("path"):
+                image = Image.open(value["path"])
+            else:
+                return None
+        elif isinstance(value, (str, os.PathLike)):
+            image = Image.open(value)
+        elif isinstance(value, (bytes, bytearray)):
+            image = Image.open(io.BytesIO(value))
+        elif isinstance(value, np.ndarray):
+            image = Image.fromarray(value)
+        else:
+            return None
+        image.load()  # PIL opens lazily: force the decode here so a truncated file fails now
+        if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+            # Composite transparent images on white rather than on black.
+            rgba = image.convert("RGBA")
+            background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            return Image.alpha_composite(background, rgba).convert("RGB")
+        return image.convert("RGB")
+    except Exception:  # noqa: BLE001 - any decoding failure means "unreadable"
+        return None
+
+
+def describe_image_value(value) -> str:
+    """A short name for an image value in messages (its path when it has one)."""
+    if isinstance(value, dict) and value.get("path"):
+        return str(value["path"])
+    if isinstance(value, (str, os.PathLike)):
+        return str(value)
+    return f"<{type(value).__name__}>"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Augmentation
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def train_transform(resolution: int, crop_scale: tuple[float, float] = (0.08, 1.0), flip: bool = True):
+    """Random resized crop to `resolution` and a horizontal flip, giving a float tensor in [-1, 1]."""
+    from torchvision.transforms import v2
+
+    steps = [v2.ToImage(), v2.RandomResizedCrop(resolution, scale=tuple(crop_scale), antialias=True)]
+    if flip:
+        steps.append(v2.RandomHorizontalFlip())
+    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize([0.5] * 3, [0.5] * 3)]
+    return v2.Compose(steps)
+
+
+def seeded_call(function, seed: int, *args):
+    """Run `function(*args)` with torch's global RNG seeded by `seed` (and restored afterwards).
+
+    torchvision's random transforms draw from the global RNG; seeding it per sample makes every crop a pure
+    function of (seed, epoch, index), so a resumed run sees exactly the crops an uninterrupted run would.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return function(*args)
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A per-sample seed (63-bit) from the run seed, the epoch and the sample index."""
+    return (seed * 1_000_003 + epoch * 2_147_483_647 + index * 7_919) % (2**63 - 1)
+
+
+def fixed_crops(images: Sequence[Image.Image], resolution: int, crops_per_image: int, seed: int = 0,
+                crop_scale: tuple[float, float] = (0.08, 1.0)) -> torch.Tensor:  # fmt: skip
+    """Deterministic random resized crops (no flip) of each image: a fixed held-out set (N, 3, R, R) in [-1, 1]."""
+    transform = train_transform(resolution, crop_scale, flip=False)
+    crops = [
+        seeded_call(transform, sample_seed(seed, 0, i * crops_per_image + j), image)
+        for i, image in enumerate(images)
+        for j in range(crops_per_image)
+    ]
+    return torch.stack(crops)
+
+
+class TrainImages(torch.utils.data.Dataset):
+    """Augmented crops of a map-style image source: a `datasets.Dataset` column or a list of images.
+
+    An unreadable image is replaced by the next readable one (so batches keep their size on every process) and
+    counted in the sample's `"skipped"` field. Call `set_epoch` before each epoch: crops depend on
+    (seed, epoch, index) only.
+    """
+
+    def __init__(self, images, transform, seed: int = 0, image_column: str = "image"):
+        self.images = images
+        self.transform = transform
+        self.seed = seed
+        self.image_column = image_column
+        self.epoch = 0
+        self._reported = 0
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _value(self, index: int):
+        item = self.images[index]
+        return item[self.image_column] if isinstance(item, dict) else item
+
+    def __getitem__(self, index: int) -> dict:
+        for skipped in range(len(self)):
+            value = self._value((index + skipped) % len(self))
+            image = decode_image(value)
+            if image is not None:
+                pixel_values = seeded_call(self.transform, sample_seed(self.seed, self.epoch, index), image)
+                return {"pixel_values": pixel_values, "skipped": skipped}
+            if self._reported < MAX_REPORTED_UNREADABLE:
+                self._reported += 1
+                logger.warning("Skipping unreadable image %s.", describe_image_value(value))
+        raise ValueError("None of the training images can be read.")
+
+
+class StreamingTrainImages(torch.utils.data.IterableDataset):
+    """Augmented crops of a streamed (`datasets.IterableDataset`) image source, already split for this process."""
+
+    def __init__(self, images, transform, seed: int = 0, image_column: str = "image", shuffle_buffer: int = 1000):
+        self.images = images
+        self.transform = transform
+        self.seed = seed
+        self.image_column = image_column
+        self.shuffle_buffer = shuffle_buffer
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[dict]:
+        stream = self.images
+        if self.shuffle_buffer > 1:
+            stream = stream.shuffle(seed=self.seed, buffer_size=self.shuffle_buffer)
+            stream.set_epoch(self.epoch)
+        skipped, reported = 0, 0
+        for position, item in enumerate(stream):
+            value = item[self.image_column]
+            image = decode_image(value)
+            if image is None:
+                skipped += 1
+                if reported < MAX_REPORTED_UNREADABLE:
+                    reported += 1
+                    logger.warning("Skipping unreadable image %s.", describe_image_value(value))
+                continue
+            pixel_values = seeded_call(self.transform, sample_seed(self.seed, self.epoch, position), image)
+            yield {"pixel_values": pixel_values, "skipped": skipped}
+            skipped = 0
+
+
+def collate_images(samples: list[dict]) -> dict:
+    """Stack `pixel_values` and add up how many unreadable images were skipped for this batch."""
+    return {
+        "pixel_values": torch.stack([sample["pixel_values"] for sample in samples]),
+        "skipped": sum(sample["skipped"] for sample in samples),
+    }
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """This process's share of a seeded per-epoch shuffle, whole global batches only, resumable at any batch.
+
+    Each epoch is a permutation seeded by (seed, epoch), cut to a multiple of `batch_size * num_replicas`; process
+    `rank` takes every `num_replicas`-th index, so every process gets the same number of batches. `set_epoch(epoch,
+    skip_batches)` starts the next pass `skip_batches` batches in, without loading the skipped images.
+    """
+
+    def __init__(self, num_samples: int, batch_size: int, seed: int = 0, num_replicas: int = 1, rank: int = 0,
+                 shuffle: bool = True):  # fmt: skip
+        global_batch = batch_size * num_replicas
+        if num_samples < global_batch:
+            raise ValueError(
+                f"the training set has {num_samples} images, fewer than one global batch "
+                f"(train_batch_size {batch_size} x {num_replicas} processes = {global_batch})."
+            )
+        self.num_samples = num_samples
+        self.batch_size = batch_size
+        self.seed = seed
+        self.num_replicas = num_replicas
+        self.rank = rank
+        self.shuffle = shuffle
+        self.epoch = 0
+        self.skip_batches = 0
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.num_samples // (self.batch_size * self.num_replicas)
+
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        self.epoch = epoch
+        self.skip_batches = skip_batches
+
+    def __len__(self) -> int:
+        return (self.batches_per_epoch - self.skip_batches) * self.batch_size
+
+    def __iter__(self) -> Iterator[int]:
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+            order = torch.randperm(self.num_samples, generator=generator)
+        else:
+            order = torch.arange(self.num_samples)
+        order = order[: self.batches_per_epoch * self.batch_size * self.num_replicas]
+        mine = order[self.rank :: self.num_replicas]
+        return iter(mine[self.skip_batches * self.batch_size :].tolist())
+
+
+__all__ = [
+    "EpochSampler",
+    "SplitNotFoundError",
+    "StreamingTrainImages",
+    "TrainImages",
+    "collate_images",
+    "decode_image",
+    "fixed_crops",
+    "load_image_dataset",
+    "sample_photos",
+    "train_transform",
+]

@@ -44,8 +44,9 @@ def evaluate(
     model.eval()
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
-    psnr = PeakSignalNoiseRatio(data_range=1.0).to(device)
-    ssim = StructuralSimilarityIndexMeasure(data_range=1.0).to(device)
+    # No cross-process sync: under DDP a caller may evaluate on the main process alone.
+    psnr = PeakSignalNoiseRatio(data_range=1.0, sync_on_compute=False).to(device)
+    ssim = StructuralSimilarityIndexMeasure(data_range=1.0, sync_on_compute=False).to(device)
     counts = torch.zeros(model.config.codebook_size, dtype=torch.long, device=device)
     lpips_total, num_images = 0.0, 0
     try:

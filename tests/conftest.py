@@ -31,6 +31,15 @@ def tiny_model(seed: int = 0, **overrides) -> CDBVQModel:
     return CDBVQModel(tiny_config(**overrides))
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """One intra-op thread: idle OpenMP threads spin and slow tiny models (and concurrent processes) a lot."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def photo_batch() -> torch.Tensor:
     """Four real photos from scikit-image as a (4, 3, 32, 32) batch in [-1, 1]."""

@@ -1,0 +1,122 @@
+"""Image data: loading folders, decoding (and skipping) images, augmentation and the resumable sampler."""
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cdb_tokenizer.data import (
+    EpochSampler,
+    SplitNotFoundError,
+    TrainImages,
+    collate_images,
+    decode_image,
+    fixed_crops,
+    load_image_dataset,
+    sample_photos,
+    train_transform,
+)
+
+
+def _write_images(folder, count, size=(40, 48), seed=0):
+    folder.mkdir(parents=True, exist_ok=True)
+    generator = np.random.default_rng(seed)
+    for index in range(count):
+        array = generator.integers(0, 255, (*size, 3), dtype=np.uint8)
+        Image.fromarray(array).save(folder / f"image_{index}.png")
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    _write_images(tmp_path / "images", 4)
+    (tmp_path / "images" / "broken.png").write_bytes(b"this is not a png")
+    return tmp_path / "images"
+
+
+def test_sample_photos_are_real_rgb_photos():
+    train, held_out = sample_photos("skimage"), sample_photos("sklearn")
+    assert len(train) == 16 and len(held_out) == 2
+    assert all(photo.mode == "RGB" and min(photo.size) >= 256 for photo in train + held_out)
+    with pytest.raises(ValueError, match="source must be"):
+        sample_photos("imagenet")
+
+
+def test_load_image_folder_keeps_images_undecoded(image_folder):
+    dataset = load_image_dataset(train_data_dir=str(image_folder))
+    assert len(dataset) == 5
+    values = [row["image"] for row in dataset]
+    assert all(isinstance(value, dict) and value["path"] for value in values)
+    decoded = [decode_image(value) for value in values]
+    assert sum(image is None for image in decoded) == 1  # the broken file
+    assert all(image.size == (48, 40) and image.mode == "RGB" for image in decoded if image is not None)
+
+
+def test_load_image_dataset_errors_name_the_problem(image_folder, tmp_path):
+    with pytest.raises(FileNotFoundError, match="does_not_exist"):
+        load_image_dataset(train_data_dir=str(tmp_path / "does_not_exist"))
+    with pytest.raises(ValueError, match=r"'photo' is not a column.*\['image'\]"):
+        load_image_dataset(train_data_dir=str(image_folder), image_column="photo")
+    with pytest.raises(SplitNotFoundError, match="validation"):
+        load_image_dataset(train_data_dir=str(image_folder), split="validation")
+    with pytest.raises(ValueError, match="exactly one image source"):
+        load_image_dataset()
+
+
+def test_streaming_folder_yields_undecoded_images(image_folder):
+    stream = load_image_dataset(train_data_dir=str(image_folder), streaming=True)
+    first = next(iter(stream))
+    assert decode_image(first["image"]) is not None or first["image"]["path"].endswith("broken.png")
+
+
+def test_decode_image_accepts_every_form_and_returns_none_for_garbage(tmp_path):
+    rgba = Image.new("RGBA", (4, 4), (255, 0, 0, 0))  # fully transparent red: composited on white
+    buffer = io.BytesIO()
+    rgba.save(buffer, format="PNG")
+    assert decode_image({"bytes": buffer.getvalue(), "path": None}).getpixel((0, 0)) == (255, 255, 255)
+    grey = Image.new("L", (3, 3), 7)
+    grey.save(tmp_path / "grey.png")
+    assert decode_image(str(tmp_path / "grey.png")).getpixel((1, 1)) == (7, 7, 7)
+    assert decode_image(np.zeros((2, 2, 3), dtype=np.uint8)).size == (2, 2)
+    truncated = buffer.getvalue()[: len(buffer.getvalue()) // 2]
+    assert decode_image({"bytes": truncated, "path": None}) is None
+    assert decode_image({"bytes": None, "path": str(tmp_path / "missing.png")}) is None
+    assert decode_image(12345) is None
+
+
+def test_train_images_skip_unreadable_images_and_count_them(image_folder):
+    dataset = load_image_dataset(train_data_dir=str(image_folder))
+    broken = next(i for i, row in enumerate(dataset) if row["image"]["path"].endswith("broken.png"))
+    images = TrainImages(dataset, train_transform(16), seed=0)
+    sample = images[broken]
+    assert sample["skipped"] == 1 and sample["pixel_values"].shape == (3, 16, 16)
+    batch = collate_images([images[i] for i in range(len(images))])
+    assert batch["skipped"] == 1 and batch["pixel_values"].shape == (5, 3, 16, 16)
+    assert batch["pixel_values"].min() >= -1 and batch["pixel_values"].max() <= 1
+
+
+def test_crops_are_a_function_of_seed_epoch_and_index():
+    photos = sample_photos("skimage")[:3]
+    images = TrainImages(photos, train_transform(32, (0.1, 0.5)), seed=3)
+    torch.manual_seed(123)
+    first = images[1]["pixel_values"]
+    torch.manual_seed(456)  # the global RNG does not matter
+    assert torch.equal(images[1]["pixel_values"], first)
+    images.set_epoch(1)
+    assert not torch.equal(images[1]["pixel_values"], first)
+    held_out = fixed_crops(sample_photos("sklearn"), 32, crops_per_image=3)
+    assert held_out.shape == (6, 3, 32, 32) and torch.equal(held_out, fixed_crops(sample_photos("sklearn"), 32, 3))
+
+
+def test_epoch_sampler_shards_and_resumes():
+    samplers = [EpochSampler(23, batch_size=3, seed=5, num_replicas=2, rank=rank) for rank in range(2)]
+    orders = [list(sampler) for sampler in samplers]
+    assert len(orders[0]) == len(orders[1]) == 9 and samplers[0].batches_per_epoch == 3
+    assert not set(orders[0]) & set(orders[1])
+    samplers[0].set_epoch(0, skip_batches=2)
+    assert list(samplers[0]) == orders[0][6:] and len(samplers[0]) == 3
+    samplers[0].set_epoch(1)
+    assert list(samplers[0]) != orders[0]
+    with pytest.raises(ValueError, match="fewer than one global batch"):
+        EpochSampler(5, batch_size=3, num_replicas=2)

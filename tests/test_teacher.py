@@ -1,0 +1,149 @@
+"""The CLIP teacher (tiny open_clip model, no weights), its offline behaviour, and the semantic prototypes."""
+
+import logging
+import time
+
+import pytest
+import torch
+
+import cdb_tokenizer.teacher as teacher_module
+from cdb_tokenizer.teacher import (
+    TINY_CLIP_CONFIG,
+    CLIPTeacher,
+    build_clip_model,
+    kmeans_prototypes,
+    load_clip_teacher,
+    load_prototypes,
+    read_prototype_labels,
+    save_clip_config,
+    save_prototypes,
+    text_prototypes,
+)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors gain nothing from threads, and on a shared CPU a second thread makes torch many times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_teacher(tmp_path_factory):
+    torch.manual_seed(0)
+    path = save_clip_config(tmp_path_factory.mktemp("clip") / "tiny_clip.json")
+    return load_clip_teacher(str(path), None)
+
+
+def test_patch_features_are_open_clip_tokens_in_the_joint_space(tiny_teacher):
+    pixel_values = torch.rand(2, 3, 48, 48) * 2 - 1
+    features = tiny_teacher.patch_features(pixel_values)
+    assert features.shape == (2, TINY_CLIP_CONFIG["embed_dim"], 8, 8) and tiny_teacher.embed_dim == 32
+    # open_clip's own path: tokens after ln_post, projected like the pooled token.
+    visual = tiny_teacher.model.visual
+    images = torch.nn.functional.interpolate(pixel_values, size=(32, 32), mode="bicubic", antialias=True)
+    images = ((images + 1) / 2 - tiny_teacher.mean) / tiny_teacher.std
+    visual.output_tokens = True
+    try:
+        _, tokens = visual(images)
+    finally:
+        visual.output_tokens = False
+    expected = (tokens @ visual.proj).transpose(1, 2).reshape(2, 32, 8, 8)
+    torch.testing.assert_close(features, expected, rtol=1e-4, atol=1e-4)
+    resized = tiny_teacher.patch_features(pixel_values, grid_size=(4, 6))
+    assert resized.shape == (2, 32, 4, 6)
+
+
+def test_text_embeddings_and_prototypes(tiny_teacher):
+    embeddings = tiny_teacher.encode_text(["cat", "dog", "tree"])
+    assert embeddings.shape == (3, 32)
+    torch.testing.assert_close(embeddings.norm(dim=-1), torch.ones(3))
+    assert not torch.allclose(embeddings[0], embeddings[1])
+    assert torch.equal(text_prototypes(tiny_teacher, ["cat"], "{}"), tiny_teacher.encode_text(["cat"], "{}"))
+    with pytest.raises(ValueError, match="must contain"):
+        tiny_teacher.encode_text(["cat"], template="a photo")
+
+
+def test_teacher_stays_frozen_in_eval_mode(tiny_teacher):
+    tiny_teacher.train()
+    assert not tiny_teacher.training and not tiny_teacher.model.training
+    assert not any(p.requires_grad for p in tiny_teacher.parameters())
+
+
+def test_local_checkpoint_gives_the_same_teacher(tiny_teacher, tmp_path):
+    checkpoint = tmp_path / "tiny_clip.pt"
+    torch.save(tiny_teacher.model.state_dict(), checkpoint)
+    config = save_clip_config(tmp_path / "tiny_clip.json")
+    reloaded = load_clip_teacher(str(config), str(checkpoint))
+    pixel_values = torch.rand(1, 3, 32, 32) * 2 - 1
+    torch.testing.assert_close(reloaded.patch_features(pixel_values), tiny_teacher.patch_features(pixel_values))
+
+
+def test_missing_weights_offline_give_none_and_one_line_without_download(monkeypatch, tmp_path, caplog):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(teacher_module, "_reachable", lambda url, timeout=3.0: False)
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("a download was attempted offline")
+
+    monkeypatch.setattr("huggingface_hub.hf_hub_download", no_download)
+    monkeypatch.setattr("open_clip.pretrained.download_pretrained_from_url", no_download)
+    start = time.time()
+    with caplog.at_level(logging.INFO, logger="cdb_tokenizer.teacher"):
+        assert load_clip_teacher("ViT-B-16", "openai", cache_dir=str(tmp_path)) is None
+        assert load_clip_teacher("ViT-B-32", "hf-hub:laion/nothing-cached", cache_dir=str(tmp_path)) is None
+        assert load_clip_teacher("hf-hub:org/not-cached", None, cache_dir=str(tmp_path)) is None
+    assert time.time() - start < 10
+    lines = [record.getMessage() for record in caplog.records]
+    assert len(lines) == 3 and all(line.startswith("CLIP teacher unavailable") for line in lines)
+    assert "ViT-B-16" in lines[0]
+
+
+def test_mistakes_are_errors_not_offline(tmp_path):
+    with pytest.raises(ValueError, match="unknown open_clip model"):
+        load_clip_teacher("ViT-Q-99", None)
+    with pytest.raises(ValueError, match="tags are"):
+        load_clip_teacher("ViT-B-16", "no_such_tag")
+    with pytest.raises(ValueError, match="does not exist"):
+        load_clip_teacher("ViT-B-16", str(tmp_path / "missing.pt"))
+    with pytest.raises(ValueError, match="does not exist"):
+        load_clip_teacher(str(tmp_path / "missing.json"), None)
+
+
+def test_teacher_needs_a_vit_tower():
+    with pytest.raises(ValueError, match="VisionTransformer"):
+        CLIPTeacher(torch.nn.Linear(2, 2))
+    model = build_clip_model(TINY_CLIP_CONFIG)
+    assert CLIPTeacher(model).native_grid_size == (8, 8)
+
+
+def test_kmeans_prototypes_and_safetensors_round_trip(tiny_teacher, tmp_path):
+    batches = [torch.rand(2, 3, 32, 32) * 2 - 1 for _ in range(2)]
+    prototypes = kmeans_prototypes(tiny_teacher, batches, num_prototypes=5, seed=0)
+    assert prototypes.shape == (5, 32)
+    torch.testing.assert_close(prototypes.norm(dim=-1), torch.ones(5))
+    torch.testing.assert_close(kmeans_prototypes(tiny_teacher, batches, 5, seed=0), prototypes)
+
+    labels = ["a", "b", "c", "d", "e"]
+    path = save_prototypes(tmp_path / "prototypes.safetensors", prototypes, labels, source="kmeans:5")
+    loaded, loaded_labels = load_prototypes(path)
+    assert torch.equal(loaded, prototypes) and loaded_labels == labels
+    save_prototypes(path, prototypes)
+    assert load_prototypes(path)[1] is None
+    with pytest.raises(ValueError, match="2 labels for 5"):
+        save_prototypes(path, prototypes, ["a", "b"])
+    with pytest.raises(FileNotFoundError):
+        load_prototypes(tmp_path / "missing.safetensors")
+
+
+def test_prototype_label_files(tmp_path):
+    path = tmp_path / "labels.txt"
+    path.write_text("sky\n\n# a comment\n  tree  \n")
+    assert read_prototype_labels(path) == ["sky", "tree"]
+    path.write_text("# only comments\n")
+    with pytest.raises(ValueError, match="holds no labels"):
+        read_prototype_labels(path)
+    with pytest.raises(FileNotFoundError):
+        read_prototype_labels(tmp_path / "missing.txt")

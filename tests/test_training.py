@@ -1,0 +1,286 @@
+"""training/train.py end to end on the CPU: outputs, logged loss terms, resume, NaN handling, bad inputs."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import training.train as train_script
+from cdb_tokenizer.teacher import save_clip_config
+from training.train import TrainingStopped, main, parse_args
+
+TINY_MODEL = ["--resolution", "32", "--base_channels", "16", "--channel_multipliers", "1", "2", "2", "--num_res_blocks", "1", "--norm_num_groups", "8", "--latent_dim", "16", "--codebook_size", "64", "--codebook_dim", "8", "--semantic_dim", "32", "--num_prototypes", "8", "--router_dim", "8"]
+# A short run without the optional parts (no teacher, no LPIPS, no discriminator).
+PLAIN_RUN = TINY_MODEL + ["--model_preset", "tiny", "--train_batch_size", "2", "--num_validation_images", "2", "--clip_model", "none", "--report_to", "none", "--lpips_weight", "0", "--disc_weight", "0"]  # fmt: skip
+LOSS_TERMS = (
+    "l1", "l2", "lpips", "generator_adversarial", "adaptive_weight", "codebook", "commitment", "ot_imitation",
+    "balance", "semantic_distillation", "token_alignment", "code_alignment", "vq", "total", "discriminator",
+)  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors gain nothing from threads, and on a shared CPU a second thread makes torch many times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def read_log(output_dir) -> list[dict]:
+    lines = (Path(output_dir) / "logs" / "train_log.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines]
+
+
+def loss_records(output_dir) -> dict[int, dict]:
+    return {record["step"]: record for record in read_log(output_dir) if "loss/total" in record}
+
+
+@pytest.fixture
+def fake_lpips_weights(tmp_path, monkeypatch):
+    """Random SqueezeNet weights where torch hub looks for the LPIPS backbone (the real ones need a download)."""
+    import torchvision
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    folder = tmp_path / "torch_home" / "hub" / "checkpoints"
+    folder.mkdir(parents=True)
+    torch.save(torchvision.models.squeezenet1_1().state_dict(), folder / "squeezenet1_1-b8a52dc0.pth")
+
+
+def test_end_to_end_run_writes_a_loadable_tokenizer_and_logs_every_loss_term(tmp_path, fake_lpips_weights):
+    from transformers import AutoImageProcessor, AutoModel
+
+    labels = ["sky", "tree", "water", "building", "person", "animal", "road", "flower"]
+    (tmp_path / "labels.txt").write_text("\n".join(["# prototypes"] + labels) + "\n")
+    clip_config = save_clip_config(tmp_path / "tiny_clip.json")
+    output_dir = tmp_path / "run"
+    metrics = main(TINY_MODEL + [
+        "--output_dir", str(output_dir), "--max_train_steps", "3", "--train_batch_size", "2",
+        "--num_validation_images", "3", "--clip_model", str(clip_config), "--clip_pretrained", "none",
+        "--prototypes", f"text:{tmp_path / 'labels.txt'}", "--l2_weight", "1.0", "--lpips_weight", "0.5",
+        "--lpips_network", "squeeze", "--disc_weight", "0.5", "--disc_start", "0", "--disc_base_channels", "8",
+        "--disc_num_layers", "2", "--use_ema", "--validation_steps", "2", "--checkpointing_steps", "2",
+        "--checkpoints_total_limit", "1",
+    ])  # fmt: skip
+
+    for name in ("config.json", "model.safetensors", "preprocessor_config.json", "reconstructions.png",
+                 "codebook_usage.png", "training_config.json", "prototypes.safetensors"):  # fmt: skip
+        assert (output_dir / name).is_file(), name
+    assert [p.name for p in (output_dir / "checkpoints").iterdir()] == ["checkpoint-3"]
+    assert list((output_dir / "logs").rglob("events.out.tfevents.*"))
+    saved = json.loads((output_dir / "metrics.json").read_text())
+    assert saved == metrics
+    for key in ("psnr", "ssim", "lpips", "utilization", "perplexity", "wall_time_seconds"):
+        assert np.isfinite(saved[key]), key
+    assert saved["steps"] == 3 and saved["prototypes"] == 8 and 0 < saved["utilization"] <= 1
+    with Image.open(output_dir / "reconstructions.png") as grid:
+        assert grid.size == (2 * 34 + 2, 3 * 34 + 2)  # originals beside reconstructions, one row per image
+    assert json.loads((output_dir / "training_config.json").read_text())["model_config"]["semantic_dim"] == 32
+
+    records = loss_records(output_dir)
+    assert sorted(records) == [1, 2, 3]
+    for term in LOSS_TERMS:
+        assert all(np.isfinite(records[step][f"loss/{term}"]) for step in records), term
+    assert any("validation/psnr" in record for record in read_log(output_dir))
+
+    model = AutoModel.from_pretrained(output_dir, trust_remote_code=True)
+    processor = AutoImageProcessor.from_pretrained(output_dir, trust_remote_code=True)
+    assert type(model).__name__ == "CDBVQModel" and model.config.semantic_dim == 32
+    assert model.config.prototype_labels == labels
+    assert set(model.code_prototype_labels()) <= set(labels)
+    pixel_values = processor(Image.new("RGB", (50, 40), (200, 30, 30)), return_tensors="pt").pixel_values
+    assert pixel_values.shape == (1, 3, 32, 32)
+    tokens = model.get_image_tokens(pixel_values)
+    assert tokens.shape == (1, 64) and model.decode_image_tokens(tokens).shape == (1, 3, 32, 32)
+
+
+def test_resumed_run_matches_the_uninterrupted_run_step_for_step(tmp_path):
+    run = PLAIN_RUN + ["--max_train_steps", "4", "--checkpointing_steps", "2", "--dead_code_restart_steps", "2", "--usage_decay", "0.3", "--dead_code_threshold", "0.9", "--disc_weight", "0.5", "--disc_start", "1", "--disc_base_channels", "8", "--disc_num_layers", "2", "--use_ema"]  # fmt: skip
+    main(run + ["--output_dir", str(tmp_path / "straight")])
+    # An interrupted run leaves exactly checkpoint-2 behind; resume it in a fresh folder.
+    (tmp_path / "resumed" / "checkpoints").mkdir(parents=True)
+    shutil.copytree(tmp_path / "straight" / "checkpoints" / "checkpoint-2", tmp_path / "resumed" / "checkpoints" / "checkpoint-2")
+    main(run + ["--output_dir", str(tmp_path / "resumed"), "--resume_from_checkpoint", "latest"])
+
+    straight, resumed = loss_records(tmp_path / "straight"), loss_records(tmp_path / "resumed")
+    assert sorted(resumed) == [3, 4]
+    assert any(straight[step]["codebook/restarted"] > 0 for step in straight)  # the restarts are part of the state
+    for step in (3, 4):
+        for key, value in straight[step].items():
+            assert resumed[step][key] == value, (step, key)
+    final_straight = load_file(tmp_path / "straight" / "model.safetensors")
+    final_resumed = load_file(tmp_path / "resumed" / "model.safetensors")
+    assert all(torch.equal(final_straight[key], final_resumed[key]) for key in final_straight)
+
+
+def _nan_at(steps):
+    real = train_script.compute_losses
+
+    def compute_losses(model, pixel_values, loss_module, teacher, step, *args):
+        losses = real(model, pixel_values, loss_module, teacher, step, *args)
+        if step in steps:
+            losses.terms["l1"] = losses.terms["l1"] * float("nan")
+            losses.total = losses.total + losses.terms["l1"]
+        return losses
+
+    return compute_losses
+
+
+def test_a_nan_step_is_skipped_and_named(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(train_script, "compute_losses", _nan_at({1}))
+    metrics = main(PLAIN_RUN + ["--output_dir", str(tmp_path / "run"), "--max_train_steps", "3"])
+    assert metrics["nonfinite_steps"] == 1 and metrics["steps"] == 3
+    assert "the l1 loss is NaN or infinite" in caplog.text
+    assert sorted(loss_records(tmp_path / "run")) == [1, 3]
+    state = load_file(tmp_path / "run" / "model.safetensors")
+    assert all(torch.isfinite(value.float()).all() for value in state.values())
+
+
+def test_losses_that_stay_nan_stop_cleanly_keeping_the_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.setattr(train_script, "compute_losses", _nan_at({1, 2, 3, 4}))
+    output_dir = tmp_path / "run"
+    with pytest.raises(TrainingStopped, match=r"2 steps in a row.*l1.*checkpoint-1"):
+        main(PLAIN_RUN + ["--output_dir", str(output_dir), "--max_train_steps", "6", "--checkpointing_steps", "1",
+                          "--max_nonfinite_steps", "2"])  # fmt: skip
+    assert (output_dir / "checkpoints" / "checkpoint-1" / "model.safetensors").is_file()
+    assert not (output_dir / "model.safetensors").exists()
+
+
+def test_image_folder_run_skips_unreadable_images_with_a_count(tmp_path):
+    for split, count in (("train", 8), ("validation", 2)):
+        folder = tmp_path / "data" / split
+        folder.mkdir(parents=True)
+        for index in range(count):
+            Image.fromarray(np.full((40, 40, 3), index * 20, dtype=np.uint8)).save(folder / f"{index}.png")
+        (folder / "broken.png").write_bytes(b"not an image")
+    metrics = main(PLAIN_RUN + ["--train_data_dir", str(tmp_path / "data"), "--output_dir", str(tmp_path / "run"),
+                                "--train_batch_size", "3", "--max_train_steps", "3", "--num_validation_images", "3"])  # fmt: skip
+    # 9 training images, 3 batches of 3: one epoch, so the broken one is met exactly once.
+    assert metrics["skipped_images"] == 1 and metrics["skipped_validation_images"] == 1
+    assert metrics["num_images"] == 2
+
+
+def test_streamed_folder_trains_and_resumes(tmp_path):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for index in range(7):
+        Image.fromarray(np.full((36, 36, 3), index * 30, dtype=np.uint8)).save(folder / f"{index}.png")
+    (folder / "broken.png").write_bytes(b"not an image")
+    run = PLAIN_RUN + ["--train_data_dir", str(folder), "--streaming", "--output_dir", str(tmp_path / "run"),
+                       "--checkpointing_steps", "2"]  # fmt: skip
+    # Two images held out of the stream for validation; five readable ones and the broken one to train on, so each
+    # pass gives two batches of two and meets the broken image once: three passes in six steps.
+    metrics = main(run + ["--max_train_steps", "6"])
+    assert metrics["num_images"] == 2 and metrics["skipped_images"] == 3
+    straight = loss_records(tmp_path / "run")
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / "checkpoint-6")
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / "checkpoint-4")
+    (tmp_path / "run" / "logs" / "train_log.jsonl").unlink()
+    main(run + ["--max_train_steps", "6", "--resume_from_checkpoint", "latest"])  # the stream is replayed to step 2
+    resumed = loss_records(tmp_path / "run")
+    assert sorted(resumed) == [3, 4, 5, 6]
+    assert all(resumed[step]["loss/total"] == straight[step]["loss/total"] for step in resumed)
+
+
+def test_push_to_hub_hands_the_output_folder_to_publishing(tmp_path, monkeypatch):
+    calls = []
+    publishing = types.ModuleType("cdb_tokenizer.publishing")
+    publishing.push_to_hub = lambda output_dir, hub_model_id, **kwargs: calls.append((output_dir, hub_model_id, kwargs))
+    monkeypatch.setitem(sys.modules, "cdb_tokenizer.publishing", publishing)
+    output_dir = tmp_path / "run"
+    main(PLAIN_RUN + ["--output_dir", str(output_dir), "--max_train_steps", "1", "--push_to_hub", "--hub_model_id", "me/tok"])
+    assert calls == [(str(output_dir), "me/tok", {"private": False, "token": None})]
+
+
+def test_bad_image_column_names_the_columns(tmp_path):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for index in range(4):
+        Image.new("RGB", (8, 8)).save(folder / f"{index}.png")
+    with pytest.raises(ValueError, match=r"'photo' is not a column.*\['image'\]"):
+        main(PLAIN_RUN + ["--train_data_dir", str(folder), "--image_column", "photo", "--output_dir", str(tmp_path / "run")])
+
+
+def test_command_line_reports_a_missing_folder_without_a_traceback(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(REPO / "training" / "train.py"), "--train_data_dir", str(tmp_path / "nowhere"),
+         "--output_dir", str(tmp_path / "run")],
+        capture_output=True, text=True, timeout=120, check=False, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "nowhere" in result.stderr and "does not exist" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+# ------------------------------------------------------------------------------------------------ arguments
+
+
+def test_no_data_flags_give_the_tiny_demo_and_data_flags_the_base_preset(tmp_path):
+    demo = parse_args([])
+    assert demo.model_preset == "tiny" and demo.resolution == 64 and demo.output_dir == "outputs/cdb-vq-demo"
+    assert demo.model_config_dict["codebook_size"] == 512 and demo.lpips_weight == 0.0
+    real = parse_args(["--train_data_dir", str(tmp_path)])
+    assert real.model_preset == "base" and real.resolution == 256 and real.lpips_weight == 1.0
+    assert "codebook_size" not in real.model_config_dict  # CDBVQConfig's own default
+    assert parse_args(["--clip_model", "none"]).clip_model is None
+    epochs = parse_args(["--num_train_epochs", "2"])
+    assert epochs.max_train_steps is None
+
+
+def test_config_file_keys_are_flag_names_and_the_command_line_wins(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("learning_rate: 0.01\ncodebook_size: 128\nassignment: nearest\nema_decay: null\nrandom_flip: false\n")
+    args = parse_args(["--config", str(config), "--learning_rate", "0.02"])
+    assert args.learning_rate == 0.02 and args.random_flip is False
+    assert args.model_config_dict["codebook_size"] == 128 and args.model_config_dict["assignment"] == "nearest"
+    assert "ema_decay" in args.model_config_dict and args.model_config_dict["ema_decay"] is None
+
+
+def test_model_config_file_then_flags(tmp_path):
+    from cdb_tokenizer import CDBVQConfig
+
+    CDBVQConfig(codebook_size=128, assignment="sinkhorn", latent_dim=24).to_json_file(tmp_path / "config.json")
+    args = parse_args(["--model_config", str(tmp_path / "config.json"), "--latent_dim", "40"])
+    config = args.model_config_dict
+    assert config["codebook_size"] == 128 and config["assignment"] == "sinkhorn" and config["latent_dim"] == 40
+    assert args.resolution == config["resolution"] == 256  # the saved model's resolution, not the preset's
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--codebook_size", "0"], "codebook_size must be a positive integer"),
+        (["--norm_num_groups", "7"], "norm_num_groups"),
+        (["--assignment", "random"], "invalid choice"),
+        (["--code_roles", '{"a": [0, 10]}'], "code_roles must add up to codebook_size"),
+        (["--random_crop_scale", "0.5", "0.2"], "random_crop_scale"),
+        (["--prototypes", "kmeans:zero"], "kmeans:N needs a positive N"),
+        (["--prototypes", "text:/no/such/labels.txt"], "does not exist"),
+        (["--train_data_dir", "/no/such/folder"], "does not exist"),
+    ],
+)
+def test_invalid_arguments_exit_with_a_message_naming_the_problem(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        parse_args(argv)
+    assert message in capsys.readouterr().err
+
+
+def test_unknown_config_file_keys_are_rejected(tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text("learning_rat: 0.01\n")
+    with pytest.raises(SystemExit):
+        parse_args(["--config", str(config)])
+    assert "learning_rat" in capsys.readouterr().err

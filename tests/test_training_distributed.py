@@ -1,0 +1,58 @@
+"""Two processes (gloo on the CPU, launched with torchrun) train and end with identical weights and codebooks."""
+
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from cdb_tokenizer.teacher import save_clip_config
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_MODEL = ["--resolution", "32", "--base_channels", "16", "--channel_multipliers", "1", "2", "2", "--num_res_blocks", "1", "--norm_num_groups", "8", "--latent_dim", "16", "--codebook_size", "64", "--codebook_dim", "8", "--semantic_dim", "32", "--num_prototypes", "8", "--router_dim", "8"]
+
+# Each process trains through train.py's own code path, then writes the state of its copy of the model.
+WORKER = textwrap.dedent(
+    """
+    import os, sys
+    sys.path.insert(0, {repo!r})
+    from safetensors.torch import save_file
+    from training.train import parse_args, train
+
+    model, metrics = train(parse_args(sys.argv[2:]))
+    state = {{name: value.contiguous() for name, value in model.state_dict().items()}}
+    save_file(state, os.path.join(sys.argv[1], "rank" + os.environ["RANK"] + ".safetensors"))
+    """
+)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_processes_end_with_identical_weights_and_codebooks(tmp_path):
+    worker = tmp_path / "worker.py"
+    worker.write_text(WORKER.format(repo=str(REPO)))
+    clip_config = save_clip_config(tmp_path / "tiny_clip.json")
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+        str(worker), str(tmp_path), *TINY_MODEL, "--output_dir", str(tmp_path / "run"), "--max_train_steps", "3",
+        "--train_batch_size", "2", "--num_validation_images", "2", "--clip_model", str(clip_config),
+        "--clip_pretrained", "none", "--prototypes", "kmeans:8", "--prototype_kmeans_batches", "2",
+        "--disc_weight", "0.5", "--disc_start", "1", "--disc_base_channels", "8", "--disc_num_layers", "2",
+        "--dead_code_restart_steps", "1", "--dead_code_threshold", "0.9", "--usage_decay", "0.3", "--use_ema",
+        "--report_to", "none",
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=150, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    first, second = load_file(tmp_path / "rank0.safetensors"), load_file(tmp_path / "rank1.safetensors")
+    assert first.keys() == second.keys()
+    different = [name for name in first if not torch.equal(first[name], second[name])]
+    assert different == []
+    assert bool(first["quantizer.initialized"])
+    assert "2 process(es)" in result.stderr and (tmp_path / "run" / "metrics.json").is_file()

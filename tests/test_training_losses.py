@@ -1,0 +1,126 @@
+"""The training loss: reconstruction, LPIPS, PatchGAN with the adaptive weight, and the model's own terms."""
+
+import pytest
+import torch
+
+import cdb_tokenizer.losses as losses_module
+from cdb_tokenizer import CDBVQConfig, CDBVQModel
+from cdb_tokenizer.losses import (
+    LPIPSUnavailableError,
+    PatchDiscriminator,
+    TokenizerLoss,
+    adaptive_weight,
+    compute_losses,
+    first_nonfinite,
+    hinge_discriminator_loss,
+    load_lpips,
+)
+from cdb_tokenizer.teacher import TINY_CLIP_CONFIG, CLIPTeacher, build_clip_model
+
+TINY = {
+    "resolution": 32, "base_channels": 16, "channel_multipliers": [1, 2, 2], "num_res_blocks": 1, "norm_num_groups": 8,
+    "latent_dim": 16, "codebook_size": 64, "codebook_dim": 8, "semantic_dim": 32, "num_prototypes": 8, "router_dim": 8,
+}  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors gain nothing from threads, and on a shared CPU a second thread makes torch many times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def model():
+    torch.manual_seed(0)
+    return CDBVQModel(CDBVQConfig(**TINY)).train()
+
+
+def pixels(batch=2):
+    return torch.rand(batch, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
+
+
+def test_reconstruction_terms_and_their_weights(model):
+    loss = TokenizerLoss(l1_weight=2.0, l2_weight=3.0)
+    original, reconstruction = pixels(), pixels() * 0.5
+    terms = loss.reconstruction_terms(original, reconstruction)
+    assert set(terms) == {"l1", "l2"}
+    torch.testing.assert_close(terms["l1"], (original - reconstruction).abs().mean())
+    torch.testing.assert_close(terms["l2"], ((original - reconstruction) ** 2).mean())
+    torch.testing.assert_close(loss.weighted_reconstruction(terms), 2 * terms["l1"] + 3 * terms["l2"])
+    with pytest.raises(ValueError, match="needs an LPIPS module"):
+        TokenizerLoss(lpips_weight=1.0)
+    with pytest.raises(ValueError, match="l2_weight must be >= 0"):
+        TokenizerLoss(l2_weight=-1.0)
+    with pytest.raises(ValueError, match="disc_loss"):
+        TokenizerLoss(disc_loss="wasserstein")
+
+
+def test_compute_losses_without_teacher_has_no_semantic_terms(model):
+    result = compute_losses(model, pixels(), TokenizerLoss())
+    assert {"l1", "l2", "codebook", "commitment", "ot_imitation", "balance", "vq", "total"} == set(result.terms)
+    torch.testing.assert_close(result.total, result.terms["l1"] + result.model_output.vq_loss)
+    result.total.backward()
+    assert model.decoder.conv_out.weight.grad is not None and model.quantizer.router.code_keys.grad is not None
+
+
+def test_compute_losses_with_a_teacher_adds_the_semantic_terms(model):
+    torch.manual_seed(0)
+    teacher = CLIPTeacher(build_clip_model(TINY_CLIP_CONFIG))
+    model.set_prototypes(torch.randn(8, 32))
+    result = compute_losses(model, pixels(), TokenizerLoss(), teacher=teacher, grid_size=(8, 8))
+    for term in ("semantic_distillation", "token_alignment", "code_alignment"):
+        assert torch.isfinite(result.terms[term]), term
+    with pytest.raises(ValueError, match="grid_size"):
+        compute_losses(model, pixels(), TokenizerLoss(), teacher=teacher)
+
+
+def test_adversarial_term_starts_at_disc_start_with_the_adaptive_weight(model):
+    discriminator = PatchDiscriminator(base_channels=8, num_layers=2)
+    loss = TokenizerLoss(disc_weight=0.5, disc_start=5)
+    last_layer = model.decoder.conv_out.weight
+    before = compute_losses(model, pixels(), loss, step=4, discriminator=discriminator, last_layer=last_layer)
+    assert "generator_adversarial" not in before.terms and not loss.adversarial_active(4)
+    after = compute_losses(model, pixels(), loss, step=5, discriminator=discriminator, last_layer=last_layer)
+    assert "generator_adversarial" in after.terms and after.terms["adaptive_weight"] > 0
+    after.total.backward()
+    assert all(p.grad is None for p in discriminator.parameters())  # the generator pass leaves D alone
+    assert all(p.requires_grad for p in discriminator.parameters())
+
+
+def test_adaptive_weight_is_the_ratio_of_gradient_norms():
+    layer = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
+    reconstruction, generator = (layer * 3).sum(), (layer * 0.5).sum()
+    weight = adaptive_weight(reconstruction, generator, layer)
+    torch.testing.assert_close(weight, torch.tensor(3.0 / (0.5 + 1e-4 / 2**0.5)), rtol=1e-3, atol=1e-3)
+    assert not weight.requires_grad
+
+
+def test_discriminator_loss_and_patch_logits():
+    discriminator = PatchDiscriminator(base_channels=8, num_layers=2)
+    logits = discriminator(pixels(3))
+    assert logits.shape[:2] == (3, 1) and logits.shape[-1] > 1  # one logit per patch
+    loss, terms = TokenizerLoss(disc_weight=1.0).discriminator_loss(discriminator, pixels(), pixels() * 0)
+    assert set(terms) == {"discriminator", "logits_real", "logits_fake"}
+    loss.backward()
+    assert all(p.grad is not None for p in discriminator.parameters())
+    real, fake = torch.tensor([2.0, 0.0]), torch.tensor([-2.0, 0.5])
+    torch.testing.assert_close(hinge_discriminator_loss(real, fake), torch.tensor(0.5 * (0.5 + 0.75)))
+
+
+def test_first_nonfinite_names_the_culprit_before_the_total():
+    terms = {"total": torch.tensor(float("nan")), "l1": torch.tensor(1.0), "lpips": torch.tensor(float("inf"))}
+    assert first_nonfinite(terms) == "lpips"
+    assert first_nonfinite({"l1": torch.tensor(1.0)}) is None
+
+
+def test_missing_lpips_weights_stop_with_a_message(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setattr(losses_module, "_reachable", lambda url, timeout=3.0: False)
+    with pytest.raises(LPIPSUnavailableError, match="--lpips_weight 0"):
+        load_lpips("vgg")
+    assert load_lpips("vgg", required=False) is None
+    with pytest.raises(ValueError, match="lpips network"):
+        load_lpips("resnet")

@@ -1,0 +1,1 @@
+"""Training scripts of cdb-vq: `accelerate launch training/train.py ...` (see docs/training.md)."""

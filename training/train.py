@@ -1,0 +1,1043 @@
+#!/usr/bin/env python
+"""Train a cdb-vq image tokenizer with 🤗 Accelerate.
+
+With no data flags it trains a tiny tokenizer on random crops of the photos that ship with scikit-image, checks it
+on crops of scikit-learn's two photos, and writes the model, its image processor, a reconstruction grid, a
+codebook-usage plot and `metrics.json` to `--output_dir`, on a CPU in a few minutes:
+
+    python training/train.py --output_dir outputs/demo
+
+A real run on your own images, on every GPU of every machine `accelerate config` describes:
+
+    accelerate launch training/train.py --train_data_dir path/to/images --output_dir outputs/cdb-vq \
+        --mixed_precision bf16 --train_batch_size 16 --lpips_weight 1.0
+
+Flags follow the diffusers training scripts; `--config run.yaml` takes the same names as keys, and every field of
+`CDBVQConfig` is a flag too (`--assignment`, `--codebook_size`, ...). See docs/training.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import itertools
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, gather_object, set_seed
+from tqdm.auto import tqdm
+
+from cdb_tokenizer import CDBVQConfig, CDBVQImageProcessor, CDBVQModel
+from cdb_tokenizer.data import (
+    EpochSampler,
+    SplitNotFoundError,
+    StreamingTrainImages,
+    TrainImages,
+    collate_images,
+    decode_image,
+    describe_image_value,
+    fixed_crops,
+    load_image_dataset,
+    sample_photos,
+    train_transform,
+)
+from cdb_tokenizer.evaluation import (
+    code_usage_counts,
+    evaluate,
+    reconstruction_grid,
+    save_reconstruction_grid,
+    save_usage_plot,
+)
+from cdb_tokenizer.losses import (
+    LPIPSUnavailableError,
+    PatchDiscriminator,
+    TokenizerLoss,
+    compute_losses,
+    first_nonfinite,
+    load_lpips,
+    lpips_backbone_file,
+)
+from cdb_tokenizer.quantization_cdb_vq import nearest_codes
+from cdb_tokenizer.teacher import (
+    DEFAULT_TEMPLATE,
+    kmeans_prototypes,
+    load_clip_teacher,
+    load_prototypes,
+    prototype_source,
+    read_prototype_labels,
+    save_prototypes,
+    text_prototypes,
+)
+
+logger = get_logger(__name__, log_level="INFO")
+
+# Values that depend on the kind of run. "tiny" is the embedded demo (no data flags): a small tokenizer that trains
+# on a CPU in minutes. "base" is a real run on your data (any data flag): the CDBVQConfig defaults at 256x256.
+# Any flag or config-file key given explicitly wins over the preset.
+PRESETS = {
+    "tiny": {
+        "model": {
+            "base_channels": 16, "channel_multipliers": [1, 2, 2], "num_res_blocks": 1, "use_mid_attention": False,
+            "norm_num_groups": 8, "latent_dim": 32, "codebook_size": 512, "codebook_dim": 8, "semantic_dim": 64,
+            "num_prototypes": 16, "router_dim": 16,
+        },
+        "training": {
+            "resolution": 64, "train_batch_size": 8, "learning_rate": 3e-4, "lr_warmup_steps": 50,
+            "max_train_steps": 1000, "validation_steps": 250, "checkpointing_steps": 500,
+            "dead_code_restart_steps": 100, "disc_start": 700, "disc_weight": 0.1, "lpips_weight": 0.0, "l2_weight": 1.0,
+            "num_validation_images": 32, "random_crop_scale": [0.05, 0.5], "clip_model": "ViT-B-32",
+            "output_dir": "outputs/cdb-vq-demo",
+        },
+    },
+    "base": {
+        "model": {},
+        "training": {
+            "resolution": 256, "train_batch_size": 8, "learning_rate": 1e-4, "lr_warmup_steps": 1000,
+            "max_train_steps": 100_000, "validation_steps": 2000, "checkpointing_steps": 5000,
+            "dead_code_restart_steps": 1000, "disc_start": 20_000, "disc_weight": 0.5, "lpips_weight": 1.0, "l2_weight": 0.0,
+            "num_validation_images": 64, "random_crop_scale": [0.5, 1.0], "clip_model": "ViT-B-16",
+            "output_dir": "outputs/cdb-vq",
+        },
+    },
+}  # fmt: skip
+
+DATA_FLAGS = ("train_data_dir", "dataset_name")
+# Config fields that are not flags: set by the run (prototype labels) or by a training flag (--resolution).
+NOT_FLAGS = {"prototype_labels", "resolution"}
+
+
+class _Unset:
+    """Default of the flags a preset fills: tells 'not given' apart from an explicit value (even None)."""
+
+    def __repr__(self) -> str:
+        return "the preset's"
+
+
+PRESET = _Unset()
+
+
+class TrainingStopped(RuntimeError):
+    """Training stopped before the end (e.g. losses that stay NaN); checkpoints written so far are intact."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Arguments
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _optional_float(value: str) -> float | None:
+    return None if str(value).lower() in ("none", "null", "") else float(value)
+
+
+def _optional_str(value: str) -> str | None:
+    return None if str(value).lower() in ("none", "null", "") else value
+
+
+def _model_config_fields() -> dict[str, inspect.Parameter]:
+    parameters = inspect.signature(CDBVQConfig.__init__).parameters
+    return {name: p for name, p in parameters.items() if name not in ("self", "kwargs") and name not in NOT_FLAGS}
+
+
+def _add_model_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model (CDBVQConfig fields; default: the preset, then --model_config)")
+    for name, parameter in _model_config_fields().items():
+        default = parameter.default
+        help_text = f"CDBVQConfig.{name} (CDBVQConfig default: {default!r})."
+        if name == "channel_multipliers":
+            group.add_argument(f"--{name}", type=int, nargs="+", default=PRESET, help=help_text)
+        elif name == "code_roles":
+            group.add_argument(f"--{name}", type=json.loads, default=PRESET, help=help_text + ' JSON, e.g. \'{"structure": [0, 512], "texture": [512, 1024]}\'.')
+        elif "None" in str(parameter.annotation) and (default is None or isinstance(default, float)):
+            group.add_argument(f"--{name}", type=_optional_float, default=PRESET, help=help_text + " 'none' for None.")
+        elif isinstance(default, bool):
+            group.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, default=PRESET, help=help_text)
+        elif name == "assignment":
+            group.add_argument(f"--{name}", choices=["nearest", "sinkhorn", "cdb"], default=PRESET, help=help_text)
+        else:
+            group.add_argument(f"--{name}", type=type(default), default=PRESET, help=help_text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Train a cdb-vq image tokenizer (accelerate launch training/train.py ...).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--config", type=str, default=None, help="A YAML file whose keys are these flags' names; flags given on the command line win.")
+    parser.add_argument("--model_preset", choices=sorted(PRESETS), default=None, help="Defaults for the model and the run: 'tiny' (the default without data flags) or 'base' (with them).")
+    parser.add_argument("--model_config", type=str, default=None, help="A CDBVQConfig JSON file (e.g. the config.json of a saved tokenizer) to start the model config from.")
+
+    data = parser.add_argument_group("data")
+    data.add_argument("--train_data_dir", type=str, default=None, help="A folder of images (datasets' imagefolder layout).")
+    data.add_argument("--dataset_name", type=str, default=None, help="A data set on the Hugging Face Hub.")
+    data.add_argument("--dataset_config_name", type=str, default=None, help="The data set's configuration.")
+    data.add_argument("--image_column", type=str, default="image", help="The column with the images.")
+    data.add_argument("--cache_dir", type=str, default=None, help="Where datasets and downloads are cached.")
+    data.add_argument("--streaming", action="store_true", help="Stream the data set (for sets larger than the disk); split across processes.")
+    data.add_argument("--validation_split", type=str, default=None, help="Split to validate on (default: 'validation' or 'test' if present, else images held out of the training split).")
+    data.add_argument("--num_validation_images", type=int, default=PRESET, help="How many held-out images to validate on.")
+    data.add_argument("--max_train_samples", type=int, default=None, help="Use only this many training images (debugging).")
+    data.add_argument("--resolution", type=int, default=PRESET, help="Training crop size (and the model's config.resolution).")
+    data.add_argument("--random_crop_scale", type=float, nargs=2, default=PRESET, metavar=("MIN", "MAX"), help="Area range of the random resized crop.")
+    data.add_argument("--random_flip", action=argparse.BooleanOptionalAction, default=True, help="Random horizontal flips.")
+    data.add_argument("--shuffle_buffer_size", type=int, default=1000, help="Shuffle buffer of a streamed data set.")
+    data.add_argument("--dataloader_num_workers", type=int, default=0, help="Data-loading worker processes (0: in the main process).")
+
+    teacher = parser.add_argument_group("CLIP teacher and semantic prototypes")
+    teacher.add_argument("--clip_model", type=_optional_str, default=PRESET, help="open_clip model name, 'hf-hub:org/repo', or a model-config JSON path; 'none' trains without a teacher.")
+    teacher.add_argument("--clip_pretrained", type=_optional_str, default="openai", help="open_clip tag, 'hf-hub:org/repo', or a checkpoint file; 'none' for random weights.")
+    teacher.add_argument("--prototypes", type=str, default=None, help="'text:FILE' (a label or prompt per line), 'kmeans:N' (k-means of CLIP patch features), or a prototypes .safetensors file.")
+    teacher.add_argument("--prototype_template", type=str, default=DEFAULT_TEMPLATE, help="Prompt template for text prototypes ('{}' for the lines as they are).")
+    teacher.add_argument("--prototype_kmeans_batches", type=int, default=32, help="Training batches whose CLIP patch features 'kmeans:N' clusters.")
+
+    loss = parser.add_argument_group("loss")
+    loss.add_argument("--l1_weight", type=float, default=1.0, help="Weight of the L1 reconstruction loss.")
+    loss.add_argument("--l2_weight", type=float, default=PRESET, help="Weight of the L2 (MSE) reconstruction loss.")
+    loss.add_argument("--lpips_weight", type=float, default=PRESET, help="Weight of the LPIPS perceptual loss (needs the backbone weights).")
+    loss.add_argument("--lpips_network", choices=["vgg", "alex", "squeeze"], default="vgg", help="LPIPS backbone.")
+    loss.add_argument("--disc_weight", type=float, default=PRESET, help="Weight of the PatchGAN adversarial loss (0 disables the discriminator).")
+    loss.add_argument("--disc_start", type=int, default=PRESET, help="Step at which the adversarial losses start.")
+    loss.add_argument("--disc_loss", choices=["hinge", "vanilla"], default="hinge", help="Discriminator loss.")
+    loss.add_argument("--disc_base_channels", type=int, default=64, help="Width of the discriminator's first layer.")
+    loss.add_argument("--disc_num_layers", type=int, default=3, help="Strided layers of the discriminator.")
+    loss.add_argument("--disc_learning_rate", type=float, default=None, help="Discriminator learning rate (default: --learning_rate).")
+    loss.add_argument("--adaptive_disc_weight", action=argparse.BooleanOptionalAction, default=True, help="taming's adaptive weight on the adversarial term.")
+
+    optim = parser.add_argument_group("optimisation")
+    optim.add_argument("--train_batch_size", type=int, default=PRESET, help="Batch size per device.")
+    optim.add_argument("--gradient_accumulation_steps", type=int, default=1, help="Batches accumulated per optimiser step.")
+    optim.add_argument("--learning_rate", type=float, default=PRESET, help="Peak learning rate.")
+    optim.add_argument("--scale_lr", action="store_true", help="Multiply the learning rate by batch size x accumulation x processes.")
+    optim.add_argument("--lr_scheduler", type=str, default="cosine", help="transformers scheduler: linear, cosine, cosine_with_restarts, polynomial, constant, constant_with_warmup.")
+    optim.add_argument("--lr_warmup_steps", type=int, default=PRESET, help="Warm-up steps.")
+    optim.add_argument("--max_train_steps", type=int, default=PRESET, help="Optimiser steps to train for.")
+    optim.add_argument("--num_train_epochs", type=int, default=None, help="Epochs to train for (sets --max_train_steps when that is not given).")
+    optim.add_argument("--adam_beta1", type=float, default=0.5, help="Adam beta1 (VQGAN uses 0.5).")
+    optim.add_argument("--adam_beta2", type=float, default=0.9, help="Adam beta2 (VQGAN uses 0.9).")
+    optim.add_argument("--adam_weight_decay", type=float, default=0.0, help="AdamW weight decay.")
+    optim.add_argument("--adam_epsilon", type=float, default=1e-8, help="Adam epsilon.")
+    optim.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping norm (0 disables).")
+    optim.add_argument("--use_ema", action="store_true", help="Keep an EMA of the weights; it is validated and saved.")
+    optim.add_argument("--ema_weights_decay", type=float, default=0.999, help="Decay of the weight EMA.")
+    optim.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None, help="Mixed precision (default: accelerate config).")
+    optim.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere+ GPUs.")
+    optim.add_argument("--gradient_checkpointing", action="store_true", help="Recompute activations in backward to save memory.")
+    optim.add_argument("--seed", type=int, default=0, help="Seed of everything random: weights, data order, crops.")
+    optim.add_argument("--max_nonfinite_steps", type=int, default=5, help="Stop after this many steps in a row with a NaN/inf loss.")
+
+    codebook = parser.add_argument_group("codebook upkeep")
+    codebook.add_argument("--kmeans_init_batches", type=int, default=None, help="Batches whose latents initialise the codebook by k-means (default: enough for ~4 latents per code, at most 64).")
+    codebook.add_argument("--kmeans_init_iterations", type=int, default=10, help="k-means iterations of the codebook initialisation.")
+    codebook.add_argument("--dead_code_restart_steps", type=int, default=PRESET, help="Restart dead codes every this many steps (0 disables).")
+
+    run = parser.add_argument_group("run")
+    run.add_argument("--output_dir", type=str, default=PRESET, help="Where the model, pictures, metrics, checkpoints and logs go.")
+    run.add_argument("--logging_dir", type=str, default="logs", help="Tracker logs, relative to --output_dir.")
+    run.add_argument("--report_to", type=str, default="tensorboard", help="Trackers: tensorboard, wandb, all, or none.")
+    run.add_argument("--tracker_project_name", type=str, default="cdb-vq", help="Tracker project / run name.")
+    run.add_argument("--validation_steps", type=int, default=PRESET, help="Validate every this many steps (and at the end).")
+    run.add_argument("--num_grid_images", type=int, default=8, help="Held-out images in the reconstruction grid.")
+    run.add_argument("--checkpointing_steps", type=int, default=PRESET, help="Save an accelerate checkpoint every this many steps.")
+    run.add_argument("--checkpoints_total_limit", type=int, default=3, help="Keep at most this many checkpoints.")
+    run.add_argument("--resume_from_checkpoint", type=str, default=None, help="'latest' or a checkpoint folder to continue from.")
+    run.add_argument("--push_to_hub", action="store_true", help="Upload the output folder to the Hub at the end.")
+    run.add_argument("--hub_model_id", type=str, default=None, help="Hub repository (default: the output folder's name).")
+    run.add_argument("--hub_token", type=str, default=None, help="Hub token (default: the logged-in one).")
+    run.add_argument("--hub_private_repo", action="store_true", help="Create the Hub repository as private.")
+    _add_model_flags(parser)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse flags (and `--config`), fill the preset's defaults and check the model config; errors exit clearly."""
+    parser = build_parser()
+    known, _ = parser.parse_known_args(argv)
+    if known.config is not None:
+        parser.set_defaults(**_read_config_file(parser, known.config))
+    args = parser.parse_args(argv)
+    if args.model_preset is None:
+        args.model_preset = "base" if any(getattr(args, flag) for flag in DATA_FLAGS) else "tiny"
+    preset = PRESETS[args.model_preset]
+    epochs_decide = args.num_train_epochs is not None and args.max_train_steps is PRESET
+    if args.model_config is not None and args.resolution is PRESET and os.path.isfile(args.model_config):
+        args.resolution = CDBVQConfig.from_json_file(args.model_config).resolution  # train at the model's resolution
+    for key, value in preset["training"].items():
+        if getattr(args, key) is PRESET:
+            setattr(args, key, value)
+    if epochs_decide:
+        args.max_train_steps = None  # set from --num_train_epochs once the data is known
+
+    try:
+        args.model_config_dict = _model_config_dict(args, preset)
+        CDBVQConfig(**args.model_config_dict)
+        _check_training_args(args)
+    except (ValueError, FileNotFoundError) as error:
+        parser.error(str(error))
+    return args
+
+
+def _read_config_file(parser: argparse.ArgumentParser, path: str) -> dict:
+    import yaml
+
+    if not os.path.isfile(path):
+        parser.error(f"--config file {path!r} does not exist.")
+    with open(path, encoding="utf-8") as handle:
+        values = yaml.safe_load(handle) or {}
+    if not isinstance(values, dict):
+        parser.error(f"--config file {path!r} must hold a mapping of flag names to values.")
+    known = {action.dest for action in parser._actions}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        parser.error(f"--config file {path!r} has unknown keys {unknown}; keys are flag names such as 'learning_rate'.")
+    return values
+
+
+def _model_config_dict(args: argparse.Namespace, preset: dict) -> dict:
+    config = dict(preset["model"])
+    if args.model_config is not None:
+        if not os.path.isfile(args.model_config):
+            raise FileNotFoundError(f"--model_config file {args.model_config!r} does not exist.")
+        saved = CDBVQConfig.from_json_file(args.model_config).to_dict()
+        fields = set(inspect.signature(CDBVQConfig.__init__).parameters) - {"self", "kwargs", "prototype_labels"}
+        config.update({key: value for key, value in saved.items() if key in fields})
+    for name in _model_config_fields():
+        value = getattr(args, name)
+        if value is not PRESET:
+            config[name] = value
+    config["resolution"] = args.resolution
+    return args_without_sentinels(args, config)
+
+
+def args_without_sentinels(args: argparse.Namespace, config: dict) -> dict:
+    """Replace the remaining 'not given' markers of model flags by the config's values (for logs and JSON)."""
+    for name in _model_config_fields():
+        if getattr(args, name) is PRESET:
+            setattr(args, name, config.get(name, _model_config_fields()[name].default))
+    return config
+
+
+def _check_training_args(args: argparse.Namespace) -> None:
+    if args.train_data_dir is not None and args.dataset_name is not None:
+        raise ValueError("give either --train_data_dir or --dataset_name, not both.")
+    if args.train_data_dir is not None and not os.path.isdir(args.train_data_dir):
+        raise FileNotFoundError(f"--train_data_dir {args.train_data_dir!r} does not exist or is not a directory.")
+    positive = ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "validation_steps",
+                "checkpointing_steps", "num_validation_images", "resolution")  # fmt: skip
+    for name in positive:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be a positive integer, got {getattr(args, name)}.")
+    low, high = args.random_crop_scale
+    if not 0 < low <= high <= 1:
+        raise ValueError(f"--random_crop_scale must be two numbers with 0 < MIN <= MAX <= 1, got {low} {high}.")
+    if args.prototypes is not None:
+        kind, _, value = args.prototypes.partition(":")
+        if kind == "kmeans" and not (value.isdigit() and int(value) > 0):
+            raise ValueError(f"--prototypes kmeans:N needs a positive N, got {args.prototypes!r}.")
+        if kind == "text" and not os.path.isfile(value):
+            raise FileNotFoundError(f"--prototypes text file {value!r} does not exist.")
+        if kind not in ("text", "kmeans") and not os.path.isfile(args.prototypes):
+            raise ValueError(f"--prototypes must be 'text:FILE', 'kmeans:N' or a .safetensors file, got {args.prototypes!r}.")
+    if args.streaming and args.max_train_steps is None:
+        raise ValueError("--streaming needs --max_train_steps, not --num_train_epochs (a stream has no length).")
+    for name in ("l1_weight", "l2_weight", "lpips_weight", "disc_weight"):
+        if getattr(args, name) < 0:
+            raise ValueError(f"--{name} must be >= 0, got {getattr(args, name)}.")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def load_data(args: argparse.Namespace, accelerator: Accelerator):
+    """The training images (a map-style source or a stream) and the held-out validation pixel values (N, 3, R, R)."""
+    if args.train_data_dir is None and args.dataset_name is None:
+        logger.info("No data flags: training on crops of scikit-image's photos, validating on scikit-learn's.")
+        crops_per_photo = math.ceil(args.num_validation_images / 2)
+        validation = fixed_crops(sample_photos("sklearn"), args.resolution, crops_per_photo, seed=args.seed,
+                                 crop_scale=tuple(args.random_crop_scale))[: args.num_validation_images]  # fmt: skip
+        args.skipped_validation_images = 0
+        return sample_photos("skimage"), validation
+    source = {
+        "train_data_dir": args.train_data_dir, "dataset_name": args.dataset_name,
+        "dataset_config_name": args.dataset_config_name, "image_column": args.image_column,
+        "streaming": args.streaming, "cache_dir": args.cache_dir,
+    }  # fmt: skip
+    with accelerator.main_process_first():
+        train = load_image_dataset(split="train", **source)
+        validation = _validation_split(args, source)
+    if validation is None:  # hold images out of the training split
+        if args.streaming:
+            validation, train = train.take(args.num_validation_images), train.skip(args.num_validation_images)
+        else:
+            if len(train) <= args.num_validation_images:
+                raise ValueError(f"the training split has {len(train)} images, too few to hold out {args.num_validation_images} for validation.")
+            held_out = train.train_test_split(test_size=args.num_validation_images, seed=args.seed)
+            train, validation = held_out["train"], held_out["test"]
+    if args.max_train_samples is not None:
+        train = train.take(args.max_train_samples) if args.streaming else train.select(range(min(args.max_train_samples, len(train))))
+    return train, _validation_pixels(args, validation)
+
+
+def _validation_split(args: argparse.Namespace, source: dict):
+    names = [args.validation_split] if args.validation_split else ["validation", "test"]
+    for name in names:
+        try:
+            return load_image_dataset(split=name, **source)
+        except SplitNotFoundError:
+            if args.validation_split:
+                raise
+    return None
+
+
+def _validation_pixels(args: argparse.Namespace, validation) -> torch.Tensor:
+    processor = CDBVQImageProcessor(size={"height": args.resolution, "width": args.resolution})
+    images, unreadable = [], 0
+    for item in itertools.islice(validation, args.num_validation_images):
+        image = decode_image(item[args.image_column])
+        if image is None:
+            unreadable += 1
+            logger.warning(f"Skipping unreadable validation image {describe_image_value(item[args.image_column])}.")
+            continue
+        images.append(image)
+    args.skipped_validation_images = unreadable
+    if unreadable:
+        logger.warning(f"Skipped {unreadable} unreadable validation images.")
+    if not images:
+        raise ValueError("no readable validation images.")
+    return processor(images, return_tensors="pt").pixel_values
+
+
+def build_train_loader(args: argparse.Namespace, train, accelerator: Accelerator):
+    """A DataLoader of this process's augmented training batches and its (resumable) sampler."""
+    transform = train_transform(args.resolution, tuple(args.random_crop_scale), flip=args.random_flip)
+    loader_kwargs = {
+        "batch_size": args.train_batch_size, "collate_fn": collate_images, "drop_last": True,
+        "num_workers": args.dataloader_num_workers, "pin_memory": torch.cuda.is_available(),
+    }  # fmt: skip
+    if args.streaming:
+        from datasets.distributed import split_dataset_by_node
+
+        shard = split_dataset_by_node(train, rank=accelerator.process_index, world_size=accelerator.num_processes)
+        dataset = StreamingTrainImages(shard, transform, args.seed, args.image_column, args.shuffle_buffer_size)
+        return torch.utils.data.DataLoader(dataset, **loader_kwargs), None
+    dataset = TrainImages(train, transform, args.seed, args.image_column)
+    sampler = EpochSampler(len(dataset), args.train_batch_size, args.seed, accelerator.num_processes, accelerator.process_index)
+    return torch.utils.data.DataLoader(dataset, sampler=sampler, **loader_kwargs), sampler
+
+
+def batch_stream(loader, sampler: EpochSampler | None, start_batch: int = 0) -> Iterator[dict]:
+    """Training batches forever, epoch after epoch, starting `start_batch` batches into the run."""
+    if sampler is not None:
+        epoch, skip = divmod(start_batch, sampler.batches_per_epoch)
+    else:  # a stream has no known length: replay and drop the batches already seen
+        epoch, skip = 0, 0
+    to_drop = 0 if sampler is not None else start_batch
+    while True:
+        if sampler is not None:
+            sampler.set_epoch(epoch, skip)
+        loader.dataset.set_epoch(epoch)
+        produced = False
+        for batch in loader:
+            produced = True
+            if to_drop:
+                to_drop -= 1
+                continue
+            yield batch
+        if not produced:
+            raise ValueError("the training data produced no batch (fewer images than one batch?).")
+        epoch, skip = epoch + 1, 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Teacher, prototypes and model
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def build_prototypes(args: argparse.Namespace, teacher, train_loader, sampler, accelerator: Accelerator):
+    """(prototypes, labels) from `--prototypes`, cached in the output folder; (None, None) without them."""
+    if args.prototypes is None:
+        return None, None
+    cache = Path(args.output_dir) / "prototypes.safetensors"
+    kind, _, value = args.prototypes.partition(":")
+    if kind not in ("text", "kmeans"):
+        return load_prototypes(args.prototypes)
+    cached = cache.is_file() and prototype_source(cache) == args.prototypes
+    # Every process has looked at the cache before the main process (re)writes it, so all take the same branch.
+    accelerator.wait_for_everyone()
+    if cached:
+        logger.info(f"Using the prototypes cached in {cache}.")
+        return load_prototypes(cache)
+    if teacher is None:
+        logger.warning(f"--prototypes {args.prototypes} needs the CLIP teacher, which is unavailable: training without prototypes.")
+        return None, None
+    if accelerator.is_main_process:
+        if kind == "text":
+            labels = read_prototype_labels(value)
+            prototypes = text_prototypes(teacher, labels, args.prototype_template)
+        else:
+            labels = None
+            if sampler is not None:
+                sampler.set_epoch(0)
+            batches = (batch["pixel_values"] for batch in train_loader)
+            with accelerator.autocast():
+                prototypes = kmeans_prototypes(teacher, batches, int(value), max_batches=args.prototype_kmeans_batches, seed=args.seed)
+        save_prototypes(cache, prototypes, labels, source=args.prototypes)
+        logger.info(f"Built {prototypes.shape[0]} prototypes ({args.prototypes}) and saved them to {cache}.")
+    accelerator.wait_for_everyone()
+    return load_prototypes(cache)  # every process reads the same file, so every process has the same prototypes
+
+
+def build_model(args: argparse.Namespace, teacher, prototypes: torch.Tensor | None, labels) -> CDBVQModel:
+    config = dict(args.model_config_dict)
+    if teacher is not None and config.get("semantic_dim") != teacher.embed_dim:
+        logger.info(f"semantic_dim set to the CLIP teacher's width, {teacher.embed_dim}.")
+        config["semantic_dim"] = teacher.embed_dim
+    if prototypes is not None:
+        if teacher is None and prototypes.shape[1] != config.get("semantic_dim", CDBVQConfig().semantic_dim):
+            config["semantic_dim"] = prototypes.shape[1]
+        if prototypes.shape[1] != config.get("semantic_dim"):
+            raise ValueError(f"the prototypes have {prototypes.shape[1]} dimensions but semantic_dim is {config['semantic_dim']}.")
+        config["num_prototypes"] = prototypes.shape[0]
+    model = CDBVQModel(CDBVQConfig(**config))
+    if prototypes is not None:
+        model.set_prototypes(prototypes, labels)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    return model
+
+
+def flat_grid(features: torch.Tensor) -> torch.Tensor:
+    """(B, C, h, w) -> (B * h * w, C)."""
+    return features.permute(0, 2, 3, 1).reshape(-1, features.shape[1])
+
+
+@torch.no_grad()
+def initialize_codebook(args, model: CDBVQModel, batches, accelerator: Accelerator, teacher=None) -> None:
+    """k-means initialisation of the codebook from the latents of the first training batches (all processes).
+
+    With a teacher and prototypes, each code is then tied to the prototype closest to the mean CLIP feature of the
+    latents it won, so the router's semantic term and the code-alignment loss start from a sensible map.
+    """
+    config = model.config
+    tokens_per_batch = (args.resolution // config.downsampling_factor) ** 2 * args.train_batch_size * accelerator.num_processes
+    num_batches = args.kmeans_init_batches or max(1, min(64, math.ceil(4 * config.codebook_size / tokens_per_batch)))
+    use_prototypes = teacher is not None and model.quantizer.has_prototypes
+    was_training = model.training
+    model.eval()
+    latents, features = [], []
+    with accelerator.autocast():
+        for batch in itertools.islice(batches, num_batches):
+            pixel_values = batch["pixel_values"].to(accelerator.device)
+            encoded = model.encode(pixel_values)
+            latents.append(flat_grid(encoded.latents).float())
+            if use_prototypes:
+                grid = encoded.latents.shape[-2:]
+                features.append(flat_grid(teacher.patch_features(pixel_values, grid_size=grid)).float())
+    model.train(was_training)
+    latents = torch.cat(latents)
+    model.quantizer.initialize_codebook(latents, iterations=args.kmeans_init_iterations, seed=args.seed)
+    logger.info(f"Initialised the codebook by k-means of {latents.shape[0] * accelerator.num_processes} latents ({num_batches} batches per process).")
+    if use_prototypes:
+        _tie_codes_to_prototypes(model, latents, torch.cat(features), accelerator)
+
+
+def _tie_codes_to_prototypes(model: CDBVQModel, latents: torch.Tensor, features: torch.Tensor, accelerator) -> None:
+    quantizer = model.quantizer
+    indices = nearest_codes(quantizer.prepare_latents(latents), quantizer.codes(), model.config.assignment_chunk_size)
+    sums = torch.zeros(model.config.codebook_size, features.shape[1], device=features.device)
+    sums.index_add_(0, indices, F.normalize(features, dim=-1))
+    sums = accelerator.reduce(sums, reduction="sum")
+    similarity = F.normalize(sums, dim=-1) @ F.normalize(quantizer.prototypes.float(), dim=-1).t()
+    code_to_prototype = torch.where(sums.abs().sum(-1) > 0, similarity.argmax(-1), quantizer.code_to_prototype)
+    model.set_prototypes(quantizer.prototypes.clone(), model.config.prototype_labels, code_to_prototype)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# EMA of the weights
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class EMAWeights:
+    """An exponential moving average of a model's trainable parameters (checkpointed with accelerate)."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.shadow = {name: p.detach().float().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        for name, parameter in model.named_parameters():
+            if name in self.shadow:
+                self.shadow[name].lerp_(parameter.detach().float(), 1.0 - self.decay)
+
+    @torch.no_grad()
+    def copy_rows(self, model: torch.nn.Module, name: str, rows: torch.Tensor) -> None:
+        """Take rows of a parameter as they are now (e.g. restarted codes, which an average would blur)."""
+        if name in self.shadow:
+            self.shadow[name][rows] = dict(model.named_parameters())[name].detach().float()[rows]
+
+    @contextmanager
+    def applied(self, model: torch.nn.Module):
+        """Swap the averaged weights into `model` for the duration of the block."""
+        parameters = dict(model.named_parameters())
+        saved = {name: parameters[name].detach().clone() for name in self.shadow}
+        with torch.no_grad():
+            for name, value in self.shadow.items():
+                parameters[name].copy_(value)
+        try:
+            yield model
+        finally:
+            with torch.no_grad():
+                for name, value in saved.items():
+                    parameters[name].copy_(value)
+
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "shadow": self.shadow}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.decay = state["decay"]
+        self.shadow = {name: value.clone() for name, value in state["shadow"].items()}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Logging, validation, checkpoints
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class RunLog:
+    """Sends scalars to the accelerate trackers and appends them to `logs/train_log.jsonl` (main process)."""
+
+    def __init__(self, accelerator: Accelerator, path: Path):
+        self.accelerator = accelerator
+        self.path = path
+
+    def __call__(self, values: dict[str, float], step: int) -> None:
+        values = {key: float(value) for key, value in values.items()}
+        self.accelerator.log(values, step=step)
+        if self.accelerator.is_main_process:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps({"step": step, **values}) + "\n")
+
+    def image(self, name: str, image: torch.Tensor, step: int) -> None:
+        """Log a (3, H, W) image in [0, 1] to the trackers that take images."""
+        for tracker in self.accelerator.trackers:
+            if tracker.name == "tensorboard":
+                tracker.writer.add_image(name, image, step)
+            elif tracker.name == "wandb":
+                import wandb
+
+                tracker.log({name: wandb.Image(image.permute(1, 2, 0).numpy())}, step=step)
+
+
+def validation_batches(pixel_values: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+    return list(pixel_values.split(batch_size))
+
+
+@torch.no_grad()
+def reconstruct(model: CDBVQModel, pixel_values: torch.Tensor) -> torch.Tensor:
+    """Reconstructions (on the CPU, float32) in eval mode, so the codebook statistics are left alone."""
+    was_training = model.training
+    model.eval()
+    try:
+        return model(pixel_values.to(device=model.device, dtype=model.dtype)).reconstruction.float().cpu()
+    finally:
+        model.train(was_training)
+
+
+def validate(model: CDBVQModel, validation: torch.Tensor, args, lpips_metric, log: RunLog, step: int, ema=None) -> dict:
+    """Validation metrics (and a reconstruction grid in the trackers) of the model, with EMA weights if any."""
+    with ema.applied(model) if ema is not None else nullcontext():
+        metrics = evaluate(model, validation_batches(validation, args.train_batch_size), lpips=lpips_metric, show_progress=False)
+        originals = validation[: args.num_grid_images]
+        reconstructions = reconstruct(model, originals)
+    log({f"validation/{name}": value for name, value in metrics.items() if name != "num_images"}, step)
+    log.image("validation/reconstructions", reconstruction_grid(originals, reconstructions), step)
+    return metrics
+
+
+def checkpoint_dirs(output_dir: str) -> list[Path]:
+    """Checkpoint folders of a run, oldest first."""
+    folder = Path(output_dir) / "checkpoints"
+    if not folder.is_dir():
+        return []
+    found = [path for path in folder.iterdir() if path.is_dir() and path.name.startswith("checkpoint-")]
+    return sorted(found, key=lambda path: int(path.name.split("-")[1]))
+
+
+def save_checkpoint(accelerator: Accelerator, args, step: int) -> Path:
+    """`accelerator.save_state` into checkpoints/checkpoint-<step>, keeping at most `checkpoints_total_limit`."""
+    path = Path(args.output_dir) / "checkpoints" / f"checkpoint-{step}"
+    if accelerator.is_main_process and args.checkpoints_total_limit is not None:
+        existing = [p for p in checkpoint_dirs(args.output_dir) if p != path]
+        for old in existing[: max(0, len(existing) - args.checkpoints_total_limit + 1)]:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(path))  # every process writes its own RNG state
+    logger.info(f"Saved checkpoint {path}.")
+    return path
+
+
+def resume(accelerator: Accelerator, args) -> int:
+    """Load the checkpoint `--resume_from_checkpoint` names and return its step (0 when there is none)."""
+    if args.resume_from_checkpoint is None:
+        return 0
+    if args.resume_from_checkpoint == "latest":
+        found = checkpoint_dirs(args.output_dir)
+        if not found:
+            logger.info(f"No checkpoint in {args.output_dir}/checkpoints: starting a new run.")
+            return 0
+        path = found[-1]
+    else:
+        path = Path(args.resume_from_checkpoint)
+        if not path.is_dir():
+            raise FileNotFoundError(f"--resume_from_checkpoint {str(path)!r} is not a checkpoint folder.")
+    accelerator.load_state(str(path))
+    step = int(path.name.split("-")[1])
+    logger.info(f"Resumed from {path} (step {step}).")
+    return step
+
+
+def write_json(path: Path, values: dict) -> None:
+    path.write_text(json.dumps(values, indent=2, default=str) + "\n")
+
+
+def hparams(args: argparse.Namespace) -> dict:
+    """Tracker-friendly copy of the arguments (scalars only)."""
+    return {key: value if isinstance(value, (int, float, str, bool)) else str(value) for key, value in vars(args).items()}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def quantizer_state(model: CDBVQModel) -> dict[str, torch.Tensor]:
+    """A copy of the quantizer's buffers and codebook, to undo a step whose loss was not finite."""
+    return {name: value.detach().clone() for name, value in model.quantizer.state_dict().items()}
+
+
+@dataclass
+class TrainingParts:
+    """What one training step works with (models as prepared by accelerate, and their plain modules)."""
+
+    accelerator: Accelerator
+    model: torch.nn.Module
+    unwrapped: CDBVQModel
+    discriminator: torch.nn.Module | None
+    plain_discriminator: torch.nn.Module | None
+    optimizer: torch.optim.Optimizer
+    disc_optimizer: torch.optim.Optimizer | None
+    scheduler: object
+    disc_scheduler: object | None
+    loss_module: TokenizerLoss
+    teacher: object | None
+    grid_size: tuple[int, int]
+
+
+def training_step(parts: TrainingParts, pixel_values: torch.Tensor, step: int, args, bad_term: str | None = None):
+    """Forward, backward and (at the end of an accumulation window) the optimiser step for one batch.
+
+    Returns the batch's loss terms, the name of a term that was NaN/infinite on any process in this window (the
+    window's update is then skipped and this batch's codebook statistics rolled back) or None, and the model output.
+    """
+    accelerator, loss_module = parts.accelerator, parts.loss_module
+    pixel_values = pixel_values.to(accelerator.device, non_blocking=True)
+    snapshot = quantizer_state(parts.unwrapped)
+    adversarial = parts.discriminator is not None and loss_module.adversarial_active(step)
+    with accelerator.accumulate(*[m for m in (parts.model, parts.discriminator) if m is not None]):
+        with accelerator.autocast():
+            losses = compute_losses(parts.model, pixel_values, loss_module, parts.teacher, step, parts.plain_discriminator,
+                                    parts.unwrapped.decoder.conv_out.weight, parts.grid_size)  # fmt: skip
+            terms, disc_loss = dict(losses.terms), None
+            if adversarial:
+                disc_loss, disc_terms = loss_module.discriminator_loss(parts.discriminator, pixel_values, losses.model_output.reconstruction)
+                terms.update(disc_terms)
+        bad_term = bad_term or _nonfinite_anywhere(terms, accelerator)
+        # Backward even when a term is not finite, so that every process takes part in the same collectives;
+        # the window's gradients are dropped below.
+        accelerator.backward(losses.total)
+        if disc_loss is not None:
+            accelerator.backward(disc_loss)
+        if bad_term:
+            parts.unwrapped.quantizer.load_state_dict(snapshot)
+        if accelerator.sync_gradients:
+            bad_term = bad_term or _step(args, accelerator, parts, adversarial)
+            parts.scheduler.step()
+            if adversarial:
+                parts.disc_scheduler.step()
+            parts.optimizer.zero_grad(set_to_none=True)
+            if parts.disc_optimizer is not None:
+                parts.disc_optimizer.zero_grad(set_to_none=True)
+    return terms, bad_term, losses.model_output
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Run a training from command-line flags; returns the final validation metrics (also in metrics.json)."""
+    return train(parse_args(argv))[1]
+
+
+def train(args: argparse.Namespace) -> tuple[CDBVQModel, dict]:
+    """Train with parsed arguments; returns this process's (unwrapped) model and the final metrics (main process)."""
+    start_time = time.time()
+    output_dir = Path(args.output_dir)
+    accelerator = Accelerator(
+        cpu=_multi_process_without_accelerator(),
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)),
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+    )
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger().setLevel(logging.INFO if accelerator.is_main_process else logging.ERROR)
+    for noisy in ("httpx", "huggingface_hub", "datasets", "PIL", "accelerate.checkpointing", "accelerate.accelerator"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    if args.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+    set_seed(args.seed)
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+
+    teacher = None
+    if args.clip_model is not None:
+        teacher = load_clip_teacher(args.clip_model, args.clip_pretrained, device=accelerator.device, cache_dir=args.cache_dir)
+    lpips_module = None
+    if args.lpips_weight > 0:
+        lpips_module = load_lpips(args.lpips_network, required=True).to(accelerator.device)
+    lpips_metric = lpips_module or _optional_lpips(args.lpips_network, accelerator)
+
+    train_images, validation = load_data(args, accelerator)
+    train_loader, sampler = build_train_loader(args, train_images, accelerator)
+    prototypes, labels = build_prototypes(args, teacher, train_loader, sampler, accelerator)
+    set_seed(args.seed)  # the same initial weights whatever the steps above drew
+    model = build_model(args, teacher, prototypes, labels)
+    if args.max_train_steps is None:
+        args.max_train_steps = args.num_train_epochs * sampler.batches_per_epoch // args.gradient_accumulation_steps
+    if accelerator.is_main_process:
+        write_json(output_dir / "training_config.json", {**vars(args), "model_config": model.config.to_dict()})
+
+    loss_module = TokenizerLoss(
+        l1_weight=args.l1_weight, l2_weight=args.l2_weight, lpips_weight=args.lpips_weight, lpips=lpips_module,
+        disc_weight=args.disc_weight, disc_start=args.disc_start, disc_loss=args.disc_loss,
+        adaptive_disc_weight=args.adaptive_disc_weight,
+    )  # fmt: skip
+    learning_rate = args.learning_rate
+    if args.scale_lr:
+        learning_rate *= args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
+    optimizer = _adamw(args, [p for p in model.parameters() if p.requires_grad], learning_rate)
+    scheduler = _scheduler(args, optimizer, accelerator)
+    discriminator = disc_optimizer = disc_scheduler = None
+    if args.disc_weight > 0:
+        discriminator = PatchDiscriminator(model.config.num_channels, args.disc_base_channels, args.disc_num_layers)
+        disc_optimizer = _adamw(args, discriminator.parameters(), args.disc_learning_rate or learning_rate)
+        disc_scheduler = _scheduler(args, disc_optimizer, accelerator)
+        model, discriminator, optimizer, disc_optimizer, scheduler, disc_scheduler = accelerator.prepare(
+            model, discriminator, optimizer, disc_optimizer, scheduler, disc_scheduler
+        )
+    else:
+        model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    unwrapped = accelerator.unwrap_model(model)
+    plain_discriminator = accelerator.unwrap_model(discriminator) if discriminator is not None else None
+    ema = EMAWeights(unwrapped, args.ema_weights_decay) if args.use_ema else None
+    if ema is not None:
+        accelerator.register_for_checkpointing(ema)
+
+    global_step = resume(accelerator, args)
+    if global_step == 0:
+        initialize_codebook(args, unwrapped, batch_stream(train_loader, sampler), accelerator, teacher)
+        if ema is not None:
+            ema.copy_rows(unwrapped, "quantizer.codebook.weight", torch.arange(unwrapped.config.codebook_size))
+    if accelerator.is_main_process:
+        accelerator.init_trackers(args.tracker_project_name, config=hparams(args))
+    log = RunLog(accelerator, output_dir / args.logging_dir / "train_log.jsonl")
+    grid_size = unwrapped.token_grid_size(args.resolution, args.resolution)
+
+    logger.info(
+        f"Training {sum(p.numel() for p in unwrapped.parameters()) / 1e6:.2f}M parameters ({args.model_preset} preset, "
+        f"{unwrapped.config.assignment} assignment, {unwrapped.config.codebook_size} codes) for {args.max_train_steps} "
+        f"steps on {accelerator.num_processes} process(es), {args.train_batch_size} images each x "
+        f"{args.gradient_accumulation_steps} accumulation; teacher: {teacher.name if teacher else 'none'}."
+    )
+    batches = batch_stream(train_loader, sampler, start_batch=global_step * args.gradient_accumulation_steps)
+    progress = tqdm(range(args.max_train_steps), initial=global_step, desc="steps", disable=not accelerator.is_main_process)
+    skipped_images, nonfinite_in_a_row, nonfinite_steps = 0, 0, 0
+    metrics, first_step, loop_start = {}, global_step, time.time()
+    parts = TrainingParts(accelerator, model, unwrapped, discriminator, plain_discriminator, optimizer, disc_optimizer,
+                          scheduler, disc_scheduler, loss_module, teacher, grid_size)  # fmt: skip
+    while global_step < args.max_train_steps:
+        step_terms, bad_term = {}, None
+        for _ in range(args.gradient_accumulation_steps):
+            batch = next(batches)
+            skipped_images += batch["skipped"]
+            terms, bad_term, output = training_step(parts, batch["pixel_values"], global_step, args, bad_term)
+            for name, value in terms.items():
+                step_terms[name] = step_terms.get(name, 0.0) + float(value.detach()) / args.gradient_accumulation_steps
+
+        global_step += 1
+        progress.update(1)
+        if bad_term:
+            nonfinite_in_a_row += 1
+            nonfinite_steps += 1
+            logger.error(f"Step {global_step}: the {bad_term} loss is NaN or infinite; this step was skipped (no weights changed).")
+            if nonfinite_in_a_row >= args.max_nonfinite_steps:
+                _stop(accelerator, args, f"{nonfinite_in_a_row} steps in a row had a NaN or infinite loss ({bad_term})")
+            continue
+        nonfinite_in_a_row = 0
+        if ema is not None:
+            ema.update(unwrapped)
+        restarted = 0
+        if args.dead_code_restart_steps and global_step % args.dead_code_restart_steps == 0:
+            restarted = _restart_dead_codes(unwrapped, output, ema, args.seed + global_step)
+        values = {f"loss/{name}": value for name, value in step_terms.items()}
+        values.update({"train/utilization": float(output.utilization), "train/perplexity": float(output.perplexity),
+                       "train/learning_rate": scheduler.get_last_lr()[0], "train/skipped_images": skipped_images,
+                       "train/nonfinite_steps": nonfinite_steps, "codebook/restarted": restarted})  # fmt: skip
+        log(values, global_step)
+        progress.set_postfix(loss=f"{step_terms['total']:.4f}", used=f"{float(output.utilization):.0%}")
+
+        if global_step % args.validation_steps == 0 or global_step == args.max_train_steps:
+            # Every process validates on the whole held-out set: torchmetrics syncs its states across processes,
+            # so all must take part (and all get the same numbers).
+            metrics = validate(unwrapped, validation, args, lpips_metric, log, global_step, ema)
+            logger.info(f"Step {global_step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+        if global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
+            save_checkpoint(accelerator, args, global_step)
+    progress.close()
+    seconds_per_step = (time.time() - loop_start) / max(1, global_step - first_step)
+
+    metrics = metrics or validate(unwrapped, validation, args, lpips_metric, log, global_step, ema)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        metrics.update(steps=global_step, wall_time_seconds=round(time.time() - start_time, 1),
+                       skipped_images=skipped_images, skipped_validation_images=args.skipped_validation_images,
+                       nonfinite_steps=nonfinite_steps, num_processes=accelerator.num_processes,
+                       seconds_per_step=round(seconds_per_step, 4),
+                       teacher=teacher.name if teacher else None,
+                       prototypes=int(prototypes.shape[0]) if prototypes is not None else 0)  # fmt: skip
+        if torch.cuda.is_available():
+            metrics["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        save_outputs(unwrapped, validation, args, metrics, ema)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    if args.push_to_hub and accelerator.is_main_process:
+        from cdb_tokenizer.publishing import push_to_hub
+
+        push_to_hub(str(output_dir), args.hub_model_id or output_dir.name, private=args.hub_private_repo, token=args.hub_token)
+    return unwrapped, metrics
+
+
+def _multi_process_without_accelerator() -> bool:
+    """Several processes (torchrun / accelerate launch) on a machine with no GPU: accelerate then needs `cpu=True`
+    to set up its gloo process group instead of running each process alone."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    has_accelerator = getattr(torch, "accelerator", None)
+    return not (has_accelerator.is_available() if has_accelerator is not None else torch.cuda.is_available())
+
+
+def _adamw(args, parameters, learning_rate: float) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(parameters, lr=learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                             weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)  # fmt: skip
+
+
+def _scheduler(args, optimizer, accelerator: Accelerator):
+    from transformers import get_scheduler
+
+    # accelerate steps a prepared scheduler once per process, so count in process-steps (as diffusers does).
+    return get_scheduler(
+        args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=args.max_train_steps * accelerator.num_processes,
+    )  # fmt: skip
+
+
+def _optional_lpips(network: str, accelerator: Accelerator):
+    """LPIPS for validation when its weights happen to be at hand (never downloads)."""
+    if not os.path.isfile(lpips_backbone_file(network)[0]):
+        return None
+    return load_lpips(network, required=False).to(accelerator.device)
+
+
+def _nonfinite_anywhere(terms: dict[str, torch.Tensor], accelerator: Accelerator) -> str | None:
+    """The first non-finite term on any process (every process gets the same answer)."""
+    name = first_nonfinite(terms)
+    if accelerator.num_processes == 1:
+        return name
+    flag = accelerator.reduce(torch.tensor([float(name is not None)], device=accelerator.device), reduction="sum")
+    if not bool(flag.item()):
+        return None
+    names = [found for found in gather_object([name]) if found is not None]
+    return names[0]
+
+
+def _step(args, accelerator: Accelerator, parts: TrainingParts, adversarial: bool) -> str | None:
+    """Clip and apply the accumulated gradients; returns "gradient norm" (and skips) when it is not finite."""
+    if args.max_grad_norm > 0:
+        grad_norm = accelerator.clip_grad_norm_(parts.model.parameters(), args.max_grad_norm)
+        # With fp16 the gradient scaler skips overflowing steps itself (and must see every step to lower its scale).
+        if accelerator.mixed_precision != "fp16" and not bool(torch.isfinite(torch.as_tensor(grad_norm))):
+            return "gradient norm"
+        if adversarial:
+            accelerator.clip_grad_norm_(parts.discriminator.parameters(), args.max_grad_norm)
+    parts.optimizer.step()
+    if adversarial:
+        parts.disc_optimizer.step()
+    return None
+
+
+def _restart_dead_codes(model: CDBVQModel, output, ema: EMAWeights | None, seed: int) -> int:
+    """Restart dead codes from this batch's latents (every process calls it: the quantizer syncs them)."""
+    dead = model.quantizer.dead_codes()
+    restarted = model.quantizer.restart_dead_codes(flat_grid(output.latents.detach()).float(), seed=seed)
+    if restarted and ema is not None:
+        ema.copy_rows(model, "quantizer.codebook.weight", dead)
+    return restarted
+
+
+def _stop(accelerator: Accelerator, args, reason: str) -> None:
+    accelerator.end_training()
+    kept = checkpoint_dirs(args.output_dir)
+    raise TrainingStopped(
+        f"training stopped: {reason}. Nothing was overwritten; the last checkpoint is "
+        f"{kept[-1] if kept else '(none yet)'} (resume with --resume_from_checkpoint latest, e.g. with a lower --learning_rate)."
+    )
+
+
+def save_outputs(model: CDBVQModel, validation: torch.Tensor, args, metrics: dict, ema: EMAWeights | None) -> None:
+    """The final model and processor, metrics.json, reconstructions.png and codebook_usage.png."""
+    output_dir = Path(args.output_dir)
+    with ema.applied(model) if ema is not None else nullcontext():
+        model.save_pretrained(output_dir)
+        originals = validation[: args.num_grid_images]
+        reconstructions = reconstruct(model, originals)
+        save_reconstruction_grid(originals, reconstructions, output_dir / "reconstructions.png")
+        counts = code_usage_counts(model, validation_batches(validation, args.train_batch_size))
+    CDBVQImageProcessor(size={"height": args.resolution, "width": args.resolution}).save_pretrained(output_dir)
+    save_usage_plot(counts, output_dir / "codebook_usage.png", code_roles=model.config.code_roles,
+                    title=f"codebook usage on {validation.shape[0]} held-out images")  # fmt: skip
+    write_json(output_dir / "metrics.json", metrics)
+    logger.info(f"Saved the tokenizer, reconstructions.png, codebook_usage.png and metrics.json to {output_dir}.")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (TrainingStopped, LPIPSUnavailableError, FileNotFoundError, ValueError) as error:
+        # Mistakes in the inputs (a missing folder, a column that does not exist, ...) and clean stops: the message
+        # names the problem, a stack trace would not help.
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)
