@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 from dataclasses import dataclass, field
 from urllib.parse import urlparse
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .downloads import reachable
 
 logger = logging.getLogger(__name__)
 
@@ -139,7 +140,7 @@ def load_lpips(network: str = "vgg", required: bool = True) -> nn.Module | None:
     if network not in LPIPS_NETWORKS:
         raise ValueError(f"lpips network must be one of {list(LPIPS_NETWORKS)}, got {network!r}.")
     path, url = lpips_backbone_file(network)
-    if not os.path.isfile(path) and not _reachable(url):
+    if not os.path.isfile(path) and not reachable(url):
         if not required:
             return None
         raise LPIPSUnavailableError(
@@ -155,15 +156,6 @@ def load_lpips(network: str = "vgg", required: bool = True) -> nn.Module | None:
         warnings.simplefilter("ignore")  # lpips still uses torchvision's deprecated `pretrained=` argument
         module = lpips.LPIPS(net=network, verbose=False)
     return module.eval().requires_grad_(False)
-
-
-def _reachable(url: str, timeout: float = 3.0) -> bool:
-    parsed = urlparse(url)
-    try:
-        with socket.create_connection((parsed.hostname, parsed.port or 443), timeout=timeout):
-            return True
-    except OSError:
-        return False
 
 
 # ----------------------------------------------------------------------------------------------------------------

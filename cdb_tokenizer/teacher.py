@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import socket
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from urllib.parse import urlparse
@@ -24,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .downloads import hub_offline, reachable
 from .quantization_cdb_vq import kmeans
 
 logger = logging.getLogger(__name__)
@@ -283,7 +283,7 @@ def _tag_checkpoint(model_name: str, tag: str, tag_config: dict, cache_dir: str 
     target = Path(cache_dir or os.path.expanduser("~/.cache/clip")) / os.path.basename(url)
     if target.is_file():
         return str(target)
-    if not _reachable(url):
+    if not reachable(url):
         raise TeacherUnavailableError(
             f"weights of {model_name} {tag!r} are in neither the Hugging Face cache nor {str(target.parent)!r}, "
             f"and {urlparse(url).hostname} cannot be reached."
@@ -301,7 +301,7 @@ def _hub_file(repo_id: str, filenames: Sequence[str], cache_dir: str | None) -> 
         cached = try_to_load_from_cache(repo_id, filename, cache_dir=cache_dir)
         if isinstance(cached, str):
             return cached
-    if _hub_offline() or not _reachable(_hub_endpoint()):
+    if hub_offline() or not reachable(_hub_endpoint()):
         raise TeacherUnavailableError(
             f"{repo_id} ({' or '.join(filenames)}) is not in the local Hugging Face cache and the Hub cannot be reached."
         )
@@ -314,23 +314,8 @@ def _hub_file(repo_id: str, filenames: Sequence[str], cache_dir: str | None) -> 
     raise TeacherUnavailableError(f"could not download {repo_id} ({' or '.join(filenames)}): {last_error}")
 
 
-def _hub_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-
-
 def _hub_endpoint() -> str:
     return os.environ.get("HF_ENDPOINT", "https://huggingface.co")
-
-
-def _reachable(url: str, timeout: float = 3.0) -> bool:
-    """Whether a TCP connection to the URL's host can be opened within `timeout` seconds (no request is sent)."""
-    parsed = urlparse(url)
-    port = parsed.port or (443 if parsed.scheme == "https" else 80)
-    try:
-        with socket.create_connection((parsed.hostname, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
 
 
 def _make_tokenizer(config: dict):

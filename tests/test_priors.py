@@ -38,15 +38,6 @@ def load_script(name: str):
     return module
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Tiny models gain nothing from threads, and on a shared CPU idle OpenMP threads spin: one thread is ~10x faster."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tokenizer():
     return tiny_model().eval(), CDBVQImageProcessor(size={"height": 32, "width": 32})

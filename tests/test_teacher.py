@@ -21,15 +21,6 @@ from cdb_tokenizer.teacher import (
 )
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors gain nothing from threads, and on a shared CPU a second thread makes torch many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tiny_teacher(tmp_path_factory):
     torch.manual_seed(0)
@@ -83,7 +74,7 @@ def test_local_checkpoint_gives_the_same_teacher(tiny_teacher, tmp_path):
 
 def test_missing_weights_offline_give_none_and_one_line_without_download(monkeypatch, tmp_path, caplog):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(teacher_module, "_reachable", lambda url, timeout=3.0: False)
+    monkeypatch.setattr(teacher_module, "reachable", lambda url, timeout=3.0: False)
 
     def no_download(*args, **kwargs):
         raise AssertionError("a download was attempted offline")

@@ -31,15 +31,6 @@ LOSS_TERMS = (
 )  # fmt: skip
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors gain nothing from threads, and on a shared CPU a second thread makes torch many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def read_log(output_dir) -> list[dict]:
     lines = (Path(output_dir) / "logs" / "train_log.jsonl").read_text().splitlines()
     return [json.loads(line) for line in lines]

@@ -23,15 +23,6 @@ TINY = {
 }  # fmt: skip
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors gain nothing from threads, and on a shared CPU a second thread makes torch many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def model():
     torch.manual_seed(0)
@@ -118,7 +109,7 @@ def test_first_nonfinite_names_the_culprit_before_the_total():
 
 def test_missing_lpips_weights_stop_with_a_message(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    monkeypatch.setattr(losses_module, "_reachable", lambda url, timeout=3.0: False)
+    monkeypatch.setattr(losses_module, "reachable", lambda url, timeout=3.0: False)
     with pytest.raises(LPIPSUnavailableError, match="--lpips_weight 0"):
         load_lpips("vgg")
     assert load_lpips("vgg", required=False) is None

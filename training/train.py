@@ -25,7 +25,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import sys
 import time
 from collections.abc import Iterator
@@ -41,6 +40,7 @@ from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
 from tqdm.auto import tqdm
 
 from cdb_tokenizer import CDBVQConfig, CDBVQImageProcessor, CDBVQModel
+from cdb_tokenizer.checkpoints import checkpoint_dirs, save_checkpoint
 from cdb_tokenizer.data import (
     EpochSampler,
     SplitNotFoundError,
@@ -669,28 +669,6 @@ def validate(model: CDBVQModel, validation: torch.Tensor, args, lpips_metric, lo
     return metrics
 
 
-def checkpoint_dirs(output_dir: str) -> list[Path]:
-    """Checkpoint folders of a run, oldest first."""
-    folder = Path(output_dir) / "checkpoints"
-    if not folder.is_dir():
-        return []
-    found = [path for path in folder.iterdir() if path.is_dir() and path.name.startswith("checkpoint-")]
-    return sorted(found, key=lambda path: int(path.name.split("-")[1]))
-
-
-def save_checkpoint(accelerator: Accelerator, args, step: int) -> Path:
-    """`accelerator.save_state` into checkpoints/checkpoint-<step>, keeping at most `checkpoints_total_limit`."""
-    path = Path(args.output_dir) / "checkpoints" / f"checkpoint-{step}"
-    if accelerator.is_main_process and args.checkpoints_total_limit is not None:
-        existing = [p for p in checkpoint_dirs(args.output_dir) if p != path]
-        for old in existing[: max(0, len(existing) - args.checkpoints_total_limit + 1)]:
-            shutil.rmtree(old)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(path))  # every process writes its own RNG state
-    logger.info(f"Saved checkpoint {path}.")
-    return path
-
-
 def resume(accelerator: Accelerator, args) -> int:
     """Load the checkpoint `--resume_from_checkpoint` names and return its step (0 when there is none)."""
     if args.resume_from_checkpoint is None:
@@ -916,7 +894,7 @@ def train(args: argparse.Namespace) -> tuple[CDBVQModel, dict]:
             metrics = validate(unwrapped, validation, args, lpips_metric, log, global_step, ema)
             logger.info(f"Step {global_step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
         if global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
-            save_checkpoint(accelerator, args, global_step)
+            save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
     progress.close()
     seconds_per_step = (time.time() - loop_start) / max(1, global_step - first_step)
 

@@ -24,7 +24,6 @@ import json
 import logging
 import math
 import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -34,6 +33,7 @@ from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
+from cdb_tokenizer.checkpoints import checkpoint_dirs, save_checkpoint
 from cdb_tokenizer.priors import (
     ARCHITECTURES,
     PriorCollator,
@@ -199,31 +199,11 @@ def make_vocabulary(args: argparse.Namespace, train, validation, codebook_size: 
     return PriorVocabulary(codebook_size, num_classes)
 
 
-# ---------------------------------------------------------------------------------------------------- checkpoints
-# Same layout and rules as train.py: <output_dir>/checkpoints/checkpoint-<step>, at most --checkpoints_total_limit.
-def checkpoint_folders(output_dir: str | Path) -> list[Path]:
-    """`checkpoints/checkpoint-<step>` folders of a run, oldest first."""
-    folders = [p for p in (Path(output_dir) / "checkpoints").glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
-    return sorted((p for p in folders if p.is_dir()), key=lambda p: int(p.name.split("-")[-1]))
-
-
-def save_checkpoint(accelerator: Accelerator, args: argparse.Namespace, global_step: int) -> Path:
-    path = Path(args.output_dir) / "checkpoints" / f"checkpoint-{global_step}"
-    if accelerator.is_main_process and args.checkpoints_total_limit is not None:
-        existing = [p for p in checkpoint_folders(args.output_dir) if p != path]
-        for old in existing[: max(0, len(existing) - args.checkpoints_total_limit + 1)]:
-            shutil.rmtree(old)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(path))  # every process writes its own RNG state
-    logger.info(f"Saved checkpoint {path}.")
-    return path
-
-
 def resolve_checkpoint(args: argparse.Namespace) -> Path | None:
     if args.resume_from_checkpoint is None:
         return None
     if args.resume_from_checkpoint == "latest":
-        folders = checkpoint_folders(args.output_dir)
+        folders = checkpoint_dirs(args.output_dir)
         if not folders:
             logger.info(f"No checkpoint in {args.output_dir}/checkpoints: starting a new run.")
             return None
@@ -375,7 +355,7 @@ def main(args: argparse.Namespace) -> dict[str, float]:
             progress.set_postfix(loss=f"{logs['train/loss']:.3f}")
             accelerator.log(logs, step=global_step)
             if global_step % args.checkpointing_steps == 0:
-                save_checkpoint(accelerator, args, global_step)
+                save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
             if global_step % args.validation_steps == 0:
                 metrics = run_validation(
                     accelerator, args, prior, validation_loader, vocabulary, tokenizer, image_size, global_step
