@@ -1,0 +1,212 @@
+"""Helpers shared by the benchmark scripts: timing, peak memory, one subprocess per case, markdown tables.
+
+Peak memory on CPU is the growth of the process's resident set (RSS) over a call: the kernel's high-water mark
+(`VmHWM`) is reset just before the call by writing 5 to `/proc/self/clear_refs`, and read back after it. Each case
+runs in a fresh worker process, so memory freed by earlier cases cannot hide a peak, and the default allocator is
+kept, so the number is the footprint a user would see (freed blocks the allocator keeps count too). On CUDA,
+`torch.cuda.max_memory_allocated` is used instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+WORKER_FLAG = "--worker"
+WORKER_ENV = {"TOKENIZERS_PARALLELISM": "false"}
+RESULT_PREFIX = "BENCHMARK_RESULT "
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Memory
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _status_kib(field: str) -> int | None:
+    try:
+        match = re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.MULTILINE)
+    except OSError:
+        return None
+    return int(match.group(1)) if match else None
+
+
+def _reset_rss_peak() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+class PeakMemory:
+    """Context manager measuring the extra memory a block of code needed at its peak, in bytes (`.extra`).
+
+    CUDA: growth of `max_memory_allocated`. CPU (Linux): growth of the resident set's high-water mark, which is
+    reset on entry when the kernel allows it (otherwise the lifetime peak is used, which can only under-report).
+    """
+
+    def __init__(self, device: torch.device | str = "cpu"):
+        self.device = torch.device(device)
+        self.extra: int | None = None
+        self.method = ""
+
+    def __enter__(self) -> "PeakMemory":
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._start = torch.cuda.memory_allocated(self.device)
+            self.method = "torch.cuda.max_memory_allocated"
+        else:
+            exact = _reset_rss_peak()
+            self._start = (_status_kib("VmRSS") or 0) * 1024
+            self.method = "RSS high-water mark" + ("" if exact else " (lifetime peak; clear_refs unavailable)")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.extra = torch.cuda.max_memory_allocated(self.device) - self._start
+        else:
+            self.extra = max(0, (_status_kib("VmHWM") or 0) * 1024 - self._start)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Timing
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def synchronize(device: torch.device | str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_call(function: Callable[[], object], device: torch.device | str = "cpu") -> float:
+    """Wall-clock seconds of one call (device work included)."""
+    synchronize(device)
+    start = time.perf_counter()
+    function()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def repeat_timings(
+    function: Callable[[], object], repeats: int, max_seconds: float, device: torch.device | str = "cpu"
+) -> list[float]:
+    """Time `function` up to `repeats` times, stopping early once `max_seconds` have been spent (at least once)."""
+    timings: list[float] = []
+    while len(timings) < repeats and (not timings or sum(timings) < max_seconds):
+        timings.append(time_call(function, device))
+    return timings
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One subprocess per case
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def run_worker(script: str | Path, case: dict, timeout: float | None = None) -> dict:
+    """Run `script --worker '<case json>'` in a fresh process and return the dict it reported.
+
+    On failure or timeout the dict has an `error` entry instead of measurements.
+    """
+    command = [sys.executable, str(script), WORKER_FLAG, json.dumps(case)]
+    environment = {**os.environ, **WORKER_ENV}
+    environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), environment.get("PYTHONPATH")]))
+    try:
+        completed = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=environment)
+    except subprocess.TimeoutExpired:
+        return {**case, "error": f"timed out after {timeout:.0f} s"}
+    for line in reversed(completed.stdout.splitlines()):
+        if line.startswith(RESULT_PREFIX):
+            return json.loads(line[len(RESULT_PREFIX):])
+    tail = (completed.stderr or completed.stdout).strip().splitlines()[-3:]
+    return {**case, "error": " | ".join(tail) or f"exit status {completed.returncode}"}
+
+
+def report_from_worker(result: dict) -> None:
+    """Print a worker's result where `run_worker` finds it."""
+    print(RESULT_PREFIX + json.dumps(result), flush=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reports
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def environment_summary(device: torch.device | str = "cpu") -> str:
+    """One markdown line saying what the numbers were measured on."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        hardware = torch.cuda.get_device_name(device)
+    else:
+        hardware = f"{_cpu_name()}, {os.cpu_count()} logical cores, {torch.get_num_threads()} torch threads"
+    load = ", load average %.1f / %.1f / %.1f (1/5/15 min)" % os.getloadavg() if hasattr(os, "getloadavg") else ""
+    return (
+        f"{hardware}{load}; torch {torch.__version__}, Python {platform.python_version()}, "
+        f"{time.strftime('%Y-%m-%d %H:%M %Z')}"
+    )
+
+
+def _cpu_name() -> str:
+    try:
+        match = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.MULTILINE)
+    except OSError:
+        match = None
+    return match.group(1).strip() if match else (platform.processor() or "CPU")
+
+
+def markdown_table(headers: list[str], rows: list[list[object]]) -> str:
+    """A GitHub markdown table; numbers are expected to be formatted already."""
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def format_bytes(count: int | None) -> str:
+    if count is None:
+        return "n/a"
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if count >= size:
+            return f"{count / size:.2f} {unit}" if unit == "GiB" else f"{count / size:.0f} {unit}"
+    return f"{count} B"
+
+
+def format_seconds(seconds: float | None) -> str:
+    if seconds is None:
+        return "n/a"
+    return f"{seconds * 1000:.1f} ms" if seconds < 1 else f"{seconds:.2f} s"
+
+
+def write_report(name: str, text: str) -> Path:
+    """Write `benchmarks/results/<name>` and return its path."""
+    path = RESULTS_DIR / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def command_line() -> str:
+    """The command that produced a report, as a user would type it from the repository root."""
+    script = Path(sys.argv[0]).resolve()
+    try:
+        script = script.relative_to(REPO_ROOT)
+    except ValueError:
+        pass
+    return " ".join(["python", str(script), *sys.argv[1:]])

@@ -1,0 +1,408 @@
+"""Reconstruction quality and codebook usage of the assignment rules, trained on real photos, held-out evaluation.
+
+The same small `CDBVQModel` (same backbone weights at step 0, same seed, same crops in the same order, same steps)
+is trained once per quantizer:
+
+- `nearest`, `sinkhorn`, `cdb`: this project's `CDBVQQuantizer` with `config.assignment` set to the rule;
+- `vqtorch`: vector-quantize-pytorch's `VectorQuantize` (k-means init, EMA codebook, dead-code replacement, the
+  library's default rotation-trick gradient) behind `VectorQuantizeAdapter`, which has the forward signature and
+  outputs of `CDBVQQuantizer`, so it drops into `model.quantizer` and the backbone is untouched.
+
+Training: random crops (and flips) of the 16 scikit-image photos, loss = L1 + L2 + `output.vq_loss`, AdamW.
+Codebook upkeep is the same for every rule: k-means initialisation from the first batch's latents, and dead-code
+restarts with one threshold, a code is dead when its running share of tokens is below `dead_code_threshold / K`
+(`CDBVQQuantizer.restart_dead_codes` after every step for our rules; the same threshold in tokens per batch for
+`VectorQuantize`, which restarts internally); `--no-dead-code-restarts` turns them off for all.
+Evaluation: every non-overlapping crop of scikit-learn's two photos (a different package: no leakage) through
+`cdb_tokenizer.evaluation.evaluate`. Writes `benchmarks/results/quality.md` and a code-usage plot.
+
+    python benchmarks/quality.py                                   # defaults, ~25 min on 2 busy CPU cores
+    python benchmarks/quality.py --steps 5000 --output quality_5k.md
+    python benchmarks/quality.py --rules cdb --set router_distance_scale=5 --output cdb_scale5.md   # an ablation
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from common import RESULTS_DIR, command_line, environment_summary, markdown_table, write_report
+
+from cdb_tokenizer import CDBVQConfig, CDBVQModel
+from cdb_tokenizer.data import sample_photos
+from cdb_tokenizer.evaluation import code_usage_counts, evaluate, save_usage_plot
+from cdb_tokenizer.quantization_cdb_vq import CDBVQQuantizerOutput, nearest_codes
+
+
+RULES = ("nearest", "sinkhorn", "cdb", "vqtorch")
+# Parts of the model that are the same in every run (the quantizer is what differs).
+BACKBONE_PREFIXES = ("encoder.", "quant_conv.", "post_quant_conv.", "decoder.", "semantic_head.")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The external baseline as a drop-in quantizer
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class VectorQuantizeAdapter(nn.Module):
+    """vector-quantize-pytorch's `VectorQuantize` with the interface `CDBVQModel` expects of `model.quantizer`.
+
+    `forward(latents (N, D), semantic_features=None, signal_features=None) -> CDBVQQuantizerOutput` and
+    `lookup(indices)`. The library's commitment loss is returned unweighted as `commitment_loss` (the model applies
+    `config.commitment_weight`, as for its own quantizer); the codebook learns by EMA, so `codebook_loss` is None.
+    """
+
+    def __init__(self, config: CDBVQConfig, decay: float = 0.8, threshold_ema_dead_code: float = 0.0):
+        super().__init__()
+        from vector_quantize_pytorch import VectorQuantize
+
+        self.codebook_size = config.codebook_size
+        self.vq = VectorQuantize(
+            dim=config.codebook_dim,
+            codebook_size=config.codebook_size,
+            decay=decay,
+            kmeans_init=True,
+            kmeans_iters=10,
+            threshold_ema_dead_code=threshold_ema_dead_code,
+            commitment_weight=1.0,
+        )
+
+    def forward(
+        self,
+        latents: torch.Tensor,
+        semantic_features: torch.Tensor | None = None,
+        signal_features: torch.Tensor | None = None,
+    ) -> CDBVQQuantizerOutput:
+        quantized, indices, loss = self.vq(latents[None])
+        indices = indices[0]
+        counts = torch.bincount(indices, minlength=self.codebook_size).float()
+        share = counts / counts.sum().clamp_min(1.0)
+        return CDBVQQuantizerOutput(
+            quantized=quantized[0],
+            indices=indices,
+            commitment_loss=loss.sum() if self.training else None,
+            utilization=(counts > 0).float().mean(),
+            perplexity=torch.exp(-(share * share.clamp_min(1e-12).log()).sum()),
+        )
+
+    def lookup(self, indices: torch.Tensor) -> torch.Tensor:
+        return F.embedding(indices, self.vq.codebook)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data: random training crops of one package's photos, a fixed grid of held-out crops of another's
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def photo_tensors(source: str) -> list[torch.Tensor]:
+    """The photos of `sample_photos(source)` as (3, H, W) tensors in [-1, 1]."""
+    import numpy as np
+
+    return [torch.from_numpy(np.asarray(photo).copy()).permute(2, 0, 1).float() / 127.5 - 1 for photo in sample_photos(source)]
+
+
+def random_crops(photos: list[torch.Tensor], size: int, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+    """A batch of random `size` x `size` crops (photo drawn uniformly), each flipped left-right with p = 1/2."""
+    crops = []
+    for _ in range(batch_size):
+        photo = photos[int(torch.randint(len(photos), (1,), generator=generator))]
+        top = int(torch.randint(photo.shape[1] - size + 1, (1,), generator=generator))
+        left = int(torch.randint(photo.shape[2] - size + 1, (1,), generator=generator))
+        crop = photo[:, top : top + size, left : left + size]
+        crops.append(crop.flip(-1) if bool(torch.rand((), generator=generator) < 0.5) else crop)
+    return torch.stack(crops)
+
+
+def grid_crops(photos: list[torch.Tensor], size: int) -> torch.Tensor:
+    """Every non-overlapping `size` x `size` crop of every photo, (n, 3, size, size)."""
+    crops = []
+    for photo in photos:
+        tiles = photo.unfold(1, size, size).unfold(2, size, size)  # 3, rows, cols, size, size
+        crops.append(tiles.permute(1, 2, 0, 3, 4).reshape(-1, 3, size, size))
+    return torch.cat(crops)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Models and training
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def small_config(args: argparse.Namespace, assignment: str) -> CDBVQConfig:
+    fields = dict(
+        resolution=args.resolution,
+        base_channels=args.base_channels,
+        channel_multipliers=args.channel_multipliers,
+        num_res_blocks=1,
+        norm_num_groups=8,
+        latent_dim=args.latent_dim,
+        codebook_size=args.codebook_size,
+        codebook_dim=args.codebook_dim,
+        semantic_dim=64,
+        num_prototypes=16,
+        router_dim=32,
+        assignment=assignment,
+    )
+    fields.update(args.overrides)
+    if not args.dead_code_restarts:
+        fields["dead_code_threshold"] = 0.0
+    return CDBVQConfig(**fields)
+
+
+def build_model(args: argparse.Namespace, rule: str, backbone: dict[str, torch.Tensor]) -> CDBVQModel:
+    """A model for `rule` whose backbone starts from `backbone` (the same weights for every rule)."""
+    config = small_config(args, "nearest" if rule == "vqtorch" else rule)
+    torch.manual_seed(args.seed)
+    model = CDBVQModel(config)
+    if rule == "vqtorch":
+        tokens_per_batch = args.batch_size * (args.resolution // config.downsampling_factor) ** 2
+        # Same dead-code rule as ours: expected tokens per batch below dead_code_threshold / K of the batch.
+        threshold = config.dead_code_threshold * tokens_per_batch / config.codebook_size
+        model.quantizer = VectorQuantizeAdapter(config, decay=args.vq_decay, threshold_ema_dead_code=threshold)
+    missing = [name for name in backbone if name not in model.state_dict()]
+    if missing:
+        raise RuntimeError(f"backbone weights not in the model: {missing[:3]}")
+    model.load_state_dict(backbone, strict=False)
+    return model
+
+
+def reference_backbone(args: argparse.Namespace) -> dict[str, torch.Tensor]:
+    torch.manual_seed(args.seed)
+    model = CDBVQModel(small_config(args, "cdb"))  # cdb has every backbone part (the semantic head too)
+    return {k: v.clone() for k, v in model.state_dict().items() if k.startswith(BACKBONE_PREFIXES)}
+
+
+def train_step(model: CDBVQModel, pixel_values: torch.Tensor, optimizer: torch.optim.Optimizer, step: int) -> dict[str, float]:
+    """One step of L1 + L2 + vq_loss; then dead-code restarts (our quantizer; VectorQuantize restarts inside)."""
+    output = model(pixel_values)
+    reconstruction_loss = F.l1_loss(output.reconstruction, pixel_values) + F.mse_loss(output.reconstruction, pixel_values)
+    loss = reconstruction_loss + output.vq_loss
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    restarted = 0
+    if hasattr(model.quantizer, "restart_dead_codes"):
+        flat_latents = output.latents.detach().permute(0, 2, 3, 1).reshape(-1, model.config.codebook_dim)
+        restarted = model.quantizer.restart_dead_codes(flat_latents, seed=step)
+    return {
+        "loss": loss.item(),
+        "reconstruction_loss": reconstruction_loss.item(),
+        "utilization": float(output.utilization),
+        "perplexity": float(output.perplexity),
+        "restarted": restarted,
+    }
+
+
+def train_and_evaluate(args: argparse.Namespace, rule: str, backbone: dict, train_photos: list, held_out: torch.Tensor) -> dict:
+    model = build_model(args, rule, backbone).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, betas=(0.9, 0.99), weight_decay=0.0)
+    generator = torch.Generator().manual_seed(args.seed)
+    history, restarted = [], 0
+    start = time.perf_counter()
+    progress = tqdm(range(args.steps), desc=f"training {rule}")
+    for step in progress:
+        batch = random_crops(train_photos, args.resolution, args.batch_size, generator)
+        metrics = train_step(model, batch, optimizer, step)
+        restarted += metrics["restarted"]
+        history.append(metrics)
+        if step % 50 == 0 or step == args.steps - 1:
+            progress.set_postfix(loss=f"{metrics['loss']:.4f}", used=f"{metrics['utilization']:.0%}")
+    train_seconds = time.perf_counter() - start
+    batches = list(held_out.split(args.eval_batch_size))
+    results = evaluate(model, batches, show_progress=False)
+    counts = code_usage_counts(model, batches)
+    diagnostics = assignment_diagnostics(model, batches)
+    tail = history[-min(50, len(history)) :]
+    return {
+        "rule": rule,
+        **results,
+        **diagnostics,
+        "seconds_per_step": train_seconds / args.steps,
+        "train_loss": sum(h["reconstruction_loss"] for h in tail) / len(tail),
+        "train_utilization": sum(h["utilization"] for h in tail) / len(tail),
+        "restarted_codes": restarted,
+        "counts": counts,
+    }
+
+
+@torch.no_grad()
+def assignment_diagnostics(model: CDBVQModel, batches: list[torch.Tensor]) -> dict[str, float]:
+    """How the chosen codes relate to the latents on held-out data (eval mode).
+
+    `nearest_agreement`: share of tokens whose code is the latent's nearest code (1 for nearest-code inference).
+    `relative_error`: mean squared latent-to-chosen-code distance over the latents' variance (lower: the decoder
+    sees codes closer to what the encoder meant). `nearest_relative_error`: the same with the nearest codes.
+    """
+    was_training = model.training
+    model.eval()
+    quantizer = model.quantizer
+    codes = quantizer.codes() if hasattr(quantizer, "codes") else quantizer.vq.codebook.float()
+    agree, chosen_error, nearest_error, latents_all = 0, 0.0, 0.0, []
+    for batch in batches:
+        encoded = model.encode(batch)
+        latents = encoded.latents.permute(0, 2, 3, 1).reshape(-1, model.config.codebook_dim).float()
+        if hasattr(quantizer, "prepare_latents"):
+            latents = quantizer.prepare_latents(latents)
+        chosen = encoded.image_tokens.flatten()
+        nearest = nearest_codes(latents, codes, model.config.assignment_chunk_size)
+        agree += int((chosen == nearest).sum())
+        chosen_error += float((latents - codes[chosen]).pow(2).sum())
+        nearest_error += float((latents - codes[nearest]).pow(2).sum())
+        latents_all.append(latents)
+    model.train(was_training)
+    latents = torch.cat(latents_all)
+    variance = float((latents - latents.mean(0)).pow(2).sum())
+    return {
+        "nearest_agreement": agree / latents.shape[0],
+        "relative_error": chosen_error / variance,
+        "nearest_relative_error": nearest_error / variance,
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Report
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def targets(results: dict[str, dict]) -> list[str]:
+    lines = []
+    for rule in ("cdb", "sinkhorn"):
+        if rule in results:
+            used = results[rule]["utilization"]
+            lines.append(f"- `{rule}` uses >= 95% of the codes on held-out: {used:.1%} -> {'met' if used >= 0.95 else 'MISSED'}")
+    if "cdb" in results and "nearest" in results:
+        ratio = results["cdb"]["perplexity"] / results["nearest"]["perplexity"]
+        lines.append(f"- `cdb` perplexity >= 4x `nearest`: {ratio:.2f}x -> {'met' if ratio >= 4 else 'MISSED'}")
+    baselines = {r: v for r, v in results.items() if r != "cdb"}
+    if "cdb" in results and baselines:
+        best = max(baselines, key=lambda r: baselines[r]["psnr"])
+        gap = results["cdb"]["psnr"] - baselines[best]["psnr"]
+        lines.append(
+            f"- `cdb` held-out PSNR >= best baseline (`{best}`, {baselines[best]['psnr']:.2f} dB): "
+            f"{results['cdb']['psnr']:.2f} dB ({gap:+.2f} dB) -> {'met' if gap >= 0 else 'MISSED'}"
+        )
+    return lines
+
+
+def report(args: argparse.Namespace, results: dict[str, dict], plot_name: str, num_held_out: int, minutes: float) -> str:
+    rows = [
+        [
+            rule, f"{r['psnr']:.2f}", f"{r['ssim']:.4f}", f"{r['utilization']:.1%}", f"{r['perplexity']:.0f}",
+            f"{r['nearest_agreement']:.1%}", f"{r['relative_error']:.3f}", f"{r['train_utilization']:.1%}",
+            f"{r['train_loss']:.4f}", r["restarted_codes"], f"{r['seconds_per_step']:.3f}",
+        ]
+        for rule, r in results.items()
+    ]  # fmt: skip
+    headers = ["quantizer", "PSNR (dB)", "SSIM", "codes used", "perplexity", "on nearest code", "quantization error",
+               "codes used (train, last 50)",
+               "train L1+L2 (last 50)", "codes restarted", "s / step"]  # fmt: skip
+    config = small_config(args, "cdb")
+    overrides = f" Config overrides for our rules: `{json.dumps(args.overrides)}`." if args.overrides else ""
+    return "\n".join(
+        [
+            "# Quality benchmark: assignment rules on real photos",
+            "",
+            f"Command: `{command_line()}` ({minutes:.1f} min in all)",
+            "",
+            f"Measured on: {environment_summary()}.",
+            "",
+            f"Setup: `CDBVQModel` with base_channels {config.base_channels}, channel_multipliers {config.channel_multipliers}, "
+            f"1 res block per level, latent_dim {config.latent_dim}, K = {config.codebook_size}, codebook_dim "
+            f"{config.codebook_dim}; {args.steps} steps of batch {args.batch_size} random {args.resolution}x{args.resolution} "
+            f"crops of the scikit-image photos, AdamW lr {args.learning_rate}, seed {args.seed}, loss L1 + L2 + vq_loss; "
+            f"the same backbone weights at step 0 for every quantizer. Held-out: {num_held_out} non-overlapping "
+            f"{args.resolution}x{args.resolution} crops of scikit-learn's two photos "
+            f"({num_held_out * (args.resolution // config.downsampling_factor) ** 2:,} tokens). Dead-code restarts: "
+            + ("on for all (share < dead_code_threshold / K; our quantizer's `restart_dead_codes` after each step, "
+               f"`VectorQuantize`'s `threshold_ema_dead_code` at the same share, EMA decay {args.vq_decay})."
+               if args.dead_code_restarts else "off for all.")
+            + " No CLIP teacher (no weights offline): `cdb`'s semantic head learns only through the router."
+            + overrides,  # fmt: skip
+            "",
+            markdown_table(headers, rows),
+            "",
+            "PSNR, SSIM, codes used, perplexity, `on nearest code` (share of tokens whose code is the latent's nearest "
+            "code) and `quantization error` (mean squared latent-to-code distance over the latents' variance) are on "
+            "the held-out crops, at inference (one argmax for `cdb`, nearest code for `sinkhorn`).",
+            "",
+            f"![held-out code usage]({plot_name})",
+            "",
+            "Targets:",
+            *targets(results),
+            "",
+        ]
+    )
+
+
+def parse_overrides(pairs: list[str]) -> dict:
+    overrides = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise SystemExit(f"--set takes FIELD=VALUE, got {pair!r}")
+        key, value = pair.split("=", 1)
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value
+    return overrides
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rules", nargs="+", default=list(RULES), choices=RULES)
+    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--learning-rate", type=float, default=1e-3)
+    parser.add_argument("--resolution", type=int, default=64, help="Crop size for training and evaluation.")
+    parser.add_argument("--base-channels", type=int, default=16)
+    parser.add_argument("--channel-multipliers", type=int, nargs="+", default=[1, 2, 2])
+    parser.add_argument("--latent-dim", type=int, default=32)
+    parser.add_argument("--codebook-size", type=int, default=1024)
+    parser.add_argument("--codebook-dim", type=int, default=16)
+    parser.add_argument("--vq-decay", type=float, default=0.8, help="EMA decay of VectorQuantize (its default).")
+    parser.add_argument("--no-dead-code-restarts", dest="dead_code_restarts", action="store_false")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
+                        help="CDBVQConfig field for our rules, e.g. --set balance_weight=0.5 (repeatable).")  # fmt: skip
+    parser.add_argument("--eval-batch-size", type=int, default=16)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads; 1 by default: on a shared 2-core machine more threads ran 2-10x slower.")
+    parser.add_argument("--output", default="quality.md", help="Report name under benchmarks/results/.")
+    args = parser.parse_args(argv)
+    args.overrides = parse_overrides(args.overrides)
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    train_photos = photo_tensors("skimage")
+    held_out = grid_crops(photo_tensors("sklearn"), args.resolution)
+    backbone = reference_backbone(args)
+    results = {}
+    for rule in args.rules:
+        results[rule] = train_and_evaluate(args, rule, backbone, train_photos, held_out)
+        summary = {k: round(v, 4) if isinstance(v, float) else v for k, v in results[rule].items() if k != "counts"}
+        tqdm.write(json.dumps(summary))
+    stem = args.output.rsplit(".", 1)[0]
+    plot = save_usage_plot(
+        {rule: r["counts"] for rule, r in results.items()},
+        RESULTS_DIR / f"{stem}_usage.png",
+        title=f"held-out code usage, K = {args.codebook_size}, {args.steps} steps",
+    )
+    text = report(args, results, plot.name, held_out.shape[0], (time.perf_counter() - start) / 60)
+    path = write_report(args.output, text)
+    print(text)
+    print(f"wrote {path} and {plot}")
+
+
+if __name__ == "__main__":
+    main()
