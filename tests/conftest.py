@@ -6,6 +6,11 @@ import torch
 from cdb_tokenizer import CDBVQConfig, CDBVQModel
 
 
+# One intra-op thread for the whole session: idle OpenMP threads spin and slow tiny models (and the two-process
+# tests) many times over, and one setting everywhere keeps float reductions, hence results, reproducible.
+torch.set_num_threads(1)
+
+
 TINY_CONFIG = dict(
     resolution=32,
     base_channels=16,
@@ -29,15 +34,6 @@ def tiny_config(**overrides) -> CDBVQConfig:
 def tiny_model(seed: int = 0, **overrides) -> CDBVQModel:
     torch.manual_seed(seed)
     return CDBVQModel(tiny_config(**overrides))
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """One intra-op thread: idle OpenMP threads spin and slow tiny models (and concurrent processes) a lot."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")
