@@ -25,21 +25,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 
 import torch
 import torch.nn.functional as F
+from common import RESULTS_DIR, command_line, environment_summary, markdown_table, write_report
 from torch import nn
 from tqdm.auto import tqdm
-
-from common import RESULTS_DIR, command_line, environment_summary, markdown_table, write_report
 
 from cdb_tokenizer import CDBVQConfig, CDBVQModel
 from cdb_tokenizer.data import sample_photos
 from cdb_tokenizer.evaluation import code_usage_counts, evaluate, save_usage_plot
 from cdb_tokenizer.quantization_cdb_vq import CDBVQQuantizerOutput, nearest_codes
-
 
 RULES = ("nearest", "sinkhorn", "cdb", "vqtorch")
 # Parts of the model that are the same in every run (the quantizer is what differs).
@@ -105,7 +102,10 @@ def photo_tensors(source: str) -> list[torch.Tensor]:
     """The photos of `sample_photos(source)` as (3, H, W) tensors in [-1, 1]."""
     import numpy as np
 
-    return [torch.from_numpy(np.asarray(photo).copy()).permute(2, 0, 1).float() / 127.5 - 1 for photo in sample_photos(source)]
+    return [
+        torch.from_numpy(np.asarray(photo).copy()).permute(2, 0, 1).float() / 127.5 - 1
+        for photo in sample_photos(source)
+    ]
 
 
 def random_crops(photos: list[torch.Tensor], size: int, batch_size: int, generator: torch.Generator) -> torch.Tensor:
@@ -135,20 +135,20 @@ def grid_crops(photos: list[torch.Tensor], size: int) -> torch.Tensor:
 
 
 def small_config(args: argparse.Namespace, assignment: str) -> CDBVQConfig:
-    fields = dict(
-        resolution=args.resolution,
-        base_channels=args.base_channels,
-        channel_multipliers=args.channel_multipliers,
-        num_res_blocks=1,
-        norm_num_groups=8,
-        latent_dim=args.latent_dim,
-        codebook_size=args.codebook_size,
-        codebook_dim=args.codebook_dim,
-        semantic_dim=64,
-        num_prototypes=16,
-        router_dim=32,
-        assignment=assignment,
-    )
+    fields = {
+        "resolution": args.resolution,
+        "base_channels": args.base_channels,
+        "channel_multipliers": args.channel_multipliers,
+        "num_res_blocks": 1,
+        "norm_num_groups": 8,
+        "latent_dim": args.latent_dim,
+        "codebook_size": args.codebook_size,
+        "codebook_dim": args.codebook_dim,
+        "semantic_dim": 64,
+        "num_prototypes": 16,
+        "router_dim": 32,
+        "assignment": assignment,
+    }
     fields.update(args.overrides)
     if not args.dead_code_restarts:
         fields["dead_code_threshold"] = 0.0
@@ -178,10 +178,14 @@ def reference_backbone(args: argparse.Namespace) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in model.state_dict().items() if k.startswith(BACKBONE_PREFIXES)}
 
 
-def train_step(model: CDBVQModel, pixel_values: torch.Tensor, optimizer: torch.optim.Optimizer, step: int) -> dict[str, float]:
+def train_step(
+    model: CDBVQModel, pixel_values: torch.Tensor, optimizer: torch.optim.Optimizer, step: int
+) -> dict[str, float]:
     """One step of L1 + L2 + vq_loss; then dead-code restarts (our quantizer; VectorQuantize restarts inside)."""
     output = model(pixel_values)
-    reconstruction_loss = F.l1_loss(output.reconstruction, pixel_values) + F.mse_loss(output.reconstruction, pixel_values)
+    reconstruction_loss = F.l1_loss(output.reconstruction, pixel_values) + F.mse_loss(
+        output.reconstruction, pixel_values
+    )
     loss = reconstruction_loss + output.vq_loss
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -199,7 +203,9 @@ def train_step(model: CDBVQModel, pixel_values: torch.Tensor, optimizer: torch.o
     }
 
 
-def train_and_evaluate(args: argparse.Namespace, rule: str, backbone: dict, train_photos: list, held_out: torch.Tensor) -> dict:
+def train_and_evaluate(
+    args: argparse.Namespace, rule: str, backbone: dict, train_photos: list, held_out: torch.Tensor
+) -> dict:
     model = build_model(args, rule, backbone).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, betas=(0.9, 0.99), weight_decay=0.0)
     generator = torch.Generator().manual_seed(args.seed)
@@ -275,7 +281,9 @@ def targets(results: dict[str, dict]) -> list[str]:
     for rule in ("cdb", "sinkhorn"):
         if rule in results:
             used = results[rule]["utilization"]
-            lines.append(f"- `{rule}` uses >= 95% of the codes on held-out: {used:.1%} -> {'met' if used >= 0.95 else 'MISSED'}")
+            lines.append(
+                f"- `{rule}` uses >= 95% of the codes on held-out: {used:.1%} -> {'met' if used >= 0.95 else 'MISSED'}"
+            )
     if "cdb" in results and "nearest" in results:
         ratio = results["cdb"]["perplexity"] / results["nearest"]["perplexity"]
         lines.append(f"- `cdb` perplexity >= 4x `nearest`: {ratio:.2f}x -> {'met' if ratio >= 4 else 'MISSED'}")
@@ -290,7 +298,9 @@ def targets(results: dict[str, dict]) -> list[str]:
     return lines
 
 
-def report(args: argparse.Namespace, results: dict[str, dict], plot_name: str, num_held_out: int, minutes: float) -> str:
+def report(
+    args: argparse.Namespace, results: dict[str, dict], plot_name: str, num_held_out: int, minutes: float
+) -> str:
     rows = [
         [
             rule, f"{r['psnr']:.2f}", f"{r['ssim']:.4f}", f"{r['utilization']:.1%}", f"{r['perplexity']:.0f}",
@@ -319,17 +329,22 @@ def report(args: argparse.Namespace, results: dict[str, dict], plot_name: str, n
             f"the same backbone weights at step 0 for every quantizer. Held-out: {num_held_out} non-overlapping "
             f"{args.resolution}x{args.resolution} crops of scikit-learn's two photos "
             f"({num_held_out * (args.resolution // config.downsampling_factor) ** 2:,} tokens). Dead-code restarts: "
-            + ("on for all (share < dead_code_threshold / K; our quantizer's `restart_dead_codes` after each step, "
-               f"`VectorQuantize`'s `threshold_ema_dead_code` at the same share, EMA decay {args.vq_decay})."
-               if args.dead_code_restarts else "off for all.")
+            + (
+                "on for all (share < dead_code_threshold / K; our quantizer's `restart_dead_codes` after each step, "
+                f"`VectorQuantize`'s `threshold_ema_dead_code` at the same share, EMA decay {args.vq_decay})."
+                if args.dead_code_restarts
+                else "off for all."
+            )
             + " No CLIP teacher (no weights offline): `cdb`'s semantic head learns only through the router."
-            + overrides,  # fmt: skip
+            + overrides,
             "",
             markdown_table(headers, rows),
             "",
-            "PSNR, SSIM, codes used, perplexity, `on nearest code` (share of tokens whose code is the latent's nearest "
-            "code) and `quantization error` (mean squared latent-to-code distance over the latents' variance) are on "
-            "the held-out crops, at inference (one argmax for `cdb`, nearest code for `sinkhorn`).",
+            (
+                "PSNR, SSIM, codes used, perplexity, `on nearest code` (share of tokens whose code is the latent's "
+                "nearest code) and `quantization error` (mean squared latent-to-code distance over the latents' "
+                "variance) are on the held-out crops, at inference (one argmax for `cdb`, nearest code for `sinkhorn`)."
+            ),
             "",
             f"![held-out code usage]({plot_name})",
             "",
@@ -371,8 +386,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="CDBVQConfig field for our rules, e.g. --set balance_weight=0.5 (repeatable).")  # fmt: skip
     parser.add_argument("--eval-batch-size", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads; 1 by default: on a shared 2-core machine more threads ran 2-10x slower.")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads; 1 by default: on a shared 2-core machine more threads ran 2-10x slower.",
+    )
     parser.add_argument("--output", default="quality.md", help="Report name under benchmarks/results/.")
     args = parser.parse_args(argv)
     args.overrides = parse_overrides(args.overrides)

@@ -16,8 +16,8 @@ on the test split:
 Fashion-MNIST comes from a local folder of IDX files (Debian's `dataset-fashion-mnist` package installs them under
 /usr/share/datasets/fashion-mnist) or, where the Hub is reachable, through `datasets`.
 
-    python benchmarks/semantic.py                       # the full default run (~25 minutes on 2 CPU cores)
-    python benchmarks/semantic.py --max_train_steps 3000 --teacher_steps 3000   # longer
+    python benchmarks/semantic.py                       # the full default run (about 20 minutes on 2 shared CPU cores)
+    python benchmarks/semantic.py --teacher_steps 900 --max_train_steps 1200      # longer (about 45 minutes)
 """
 
 from __future__ import annotations
@@ -730,7 +730,11 @@ def build_parser() -> argparse.ArgumentParser:
     tokenizer.add_argument("--reuse_tokenizers", action="store_true", help="Measure tokenizers already trained in --output_dir instead of training them.")
     parser.add_argument("--output_dir", default="outputs/semantic_benchmark", help="Teacher, images, tokenizers and logs (not the report).")
     parser.add_argument("--report", default=str(REPO_ROOT / "benchmarks" / "results" / "semantic.md"), help="Where the markdown report goes.")
-    parser.add_argument("--num_threads", type=int, default=None, help="torch threads here and in train.py (default: torch's choice).")
+    parser.add_argument(
+        "--num_threads", type=int, default=max(1, (os.cpu_count() or 2) // 2),
+        help="torch threads here and in every train.py run (default: half the cores; on a shared machine, busy-waiting "
+        "threads that outnumber the free cores slow each step down many times over).",
+    )  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("train_args", nargs=argparse.REMAINDER, help="After '--': extra train.py flags for every tokenizer.")
     return parser

@@ -17,12 +17,11 @@ ratios. Peak memory is measured for each (model, operation) on its first call in
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 
 import torch
-from tqdm.auto import tqdm
-
 from common import (
     WORKER_FLAG,
     PeakMemory,
@@ -37,7 +36,7 @@ from common import (
     time_call,
     write_report,
 )
-
+from tqdm.auto import tqdm
 
 RULES = ("nearest", "sinkhorn", "cdb")
 DIFFUSERS = "diffusers VQModel"
@@ -74,20 +73,24 @@ class DiffusersTokenizer:
         config = CDBVQConfig()
         levels = len(config.channel_multipliers)
         torch.manual_seed(0)
-        self.model = VQModel(
-            in_channels=config.num_channels,
-            out_channels=config.num_channels,
-            down_block_types=("DownEncoderBlock2D",) * levels,
-            up_block_types=("UpDecoderBlock2D",) * levels,
-            block_out_channels=tuple(config.base_channels * m for m in config.channel_multipliers),
-            layers_per_block=config.num_res_blocks,  # its decoder has layers_per_block + 1, as ours
-            latent_channels=config.latent_dim,
-            sample_size=config.resolution,
-            num_vq_embeddings=config.codebook_size,
-            norm_num_groups=config.norm_num_groups,
-            vq_embed_dim=config.codebook_dim,
-            mid_block_add_attention=config.use_mid_attention,
-        ).to(device).eval()
+        self.model = (
+            VQModel(
+                in_channels=config.num_channels,
+                out_channels=config.num_channels,
+                down_block_types=("DownEncoderBlock2D",) * levels,
+                up_block_types=("UpDecoderBlock2D",) * levels,
+                block_out_channels=tuple(config.base_channels * m for m in config.channel_multipliers),
+                layers_per_block=config.num_res_blocks,  # its decoder has layers_per_block + 1, as ours
+                latent_channels=config.latent_dim,
+                sample_size=config.resolution,
+                num_vq_embeddings=config.codebook_size,
+                norm_num_groups=config.norm_num_groups,
+                vq_embed_dim=config.codebook_dim,
+                mid_block_add_attention=config.use_mid_attention,
+            )
+            .to(device)
+            .eval()
+        )
         self.codebook_dim = config.codebook_dim
 
     def encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -132,8 +135,8 @@ def timing_worker(case: dict) -> dict:
             model.decode(model.encode(pixel_values))
         for _ in tqdm(range(case["rounds"]), desc="rounds", file=sys.stderr):
             for name, model in models.items():
-                seconds[name]["encode"].append(time_call(lambda: model.encode(pixel_values), device))
-                seconds[name]["decode"].append(time_call(lambda: model.decode(tokens), device))
+                seconds[name]["encode"].append(time_call(functools.partial(model.encode, pixel_values), device))
+                seconds[name]["decode"].append(time_call(functools.partial(model.decode, tokens), device))
     return {**case, "seconds": seconds, "parameters": {name: parameter_count(m) for name, m in models.items()}}
 
 
@@ -167,7 +170,11 @@ def report(args: argparse.Namespace, timing: dict, memory: dict[tuple[str, str],
         for operation in ("encode", "decode"):
             per_call = median(values[operation])
             result = memory.get((name, operation), {})
-            row += [f"{batch / per_call:.3f}", format_seconds(per_call / batch), format_bytes(result.get("peak_extra_bytes"))]
+            row += [
+                f"{batch / per_call:.3f}",
+                format_seconds(per_call / batch),
+                format_bytes(result.get("peak_extra_bytes")),
+            ]
         rows.append(row)
     headers = ["model", "parameters", "encode images/s", "encode s/image", "encode peak extra memory",
                "decode images/s", "decode s/image", "decode peak extra memory"]  # fmt: skip
@@ -178,9 +185,11 @@ def report(args: argparse.Namespace, timing: dict, memory: dict[tuple[str, str],
         "",
         f"Measured on: {environment_summary(args.device)}.",
         "",
-        f"Batch of {batch} random images of {case['resolution']}x{case['resolution']}, eval mode, no gradients, float32; "
-        f"medians of {case['rounds']} round-robin rounds after one warm-up round. Peak extra memory: first call in a "
-        "fresh process (CPU: resident-set high-water mark; CUDA: max_memory_allocated).",
+        (
+            f"Batch of {batch} random images of {case['resolution']}x{case['resolution']}, eval mode, no gradients, float32; "
+            f"medians of {case['rounds']} round-robin rounds after one warm-up round. Peak extra memory: first call in a "
+            "fresh process (CPU: resident-set high-water mark of live tensors, see `common.py`; CUDA: max_memory_allocated)."
+        ),
         "",
         markdown_table(headers, rows),
         "",
@@ -241,7 +250,8 @@ def main(argv: list[str] | None = None) -> None:
     if not args.skip_memory:
         jobs = [(name, op) for name in names for op in ("encode", "decode")]
         for name, operation in tqdm(jobs, desc="memory (one process each)"):
-            result = run_worker(__file__, {**case, "kind": "memory", "model": name, "operation": operation}, args.timeout)
+            job = {**case, "kind": "memory", "model": name, "operation": operation}
+            result = run_worker(__file__, job, args.timeout, exact_memory=True)
             memory[(name, operation)] = result
             tqdm.write(json.dumps({k: result.get(k) for k in ("model", "operation", "peak_extra_bytes", "error")}))
     print("timing (one process, round-robin) ...", flush=True)
