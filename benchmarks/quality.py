@@ -18,7 +18,7 @@ Evaluation: every non-overlapping crop of scikit-learn's two photos (a different
 
     python benchmarks/quality.py                                   # defaults, ~25 min on 2 busy CPU cores
     python benchmarks/quality.py --steps 5000 --output quality_5k.md
-    python benchmarks/quality.py --rules cdb --set router_distance_scale=5 --output cdb_scale5.md   # an ablation
+    python benchmarks/quality.py --rules cdb --set router_candidates=1 --output cdb_no_learned_term.md   # an ablation
 """
 
 from __future__ import annotations

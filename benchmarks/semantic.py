@@ -460,9 +460,9 @@ def measure_tokenizer(
 # ----------------------------------------------------------------------------------------------------------------
 
 NO_SEMANTIC_TERMS = ("--semantic_distillation_weight", "0", "--token_alignment_weight", "0", "--code_alignment_weight", "0")
-# The router lets CLIP pick the code: the distance term barely counts, and nothing pulls it back to the distance-only
-# Sinkhorn plan, so the semantic term (the cosine of the predicted CLIP feature to each code's prototype) decides.
-STEERED_ROUTER = ("--router_distance_scale", "0.1", "--ot_imitation_weight", "0")
+# The router lets CLIP pick the code: the learned and semantic terms (the cosine of the predicted CLIP feature to each
+# code's prototype) re-rank 32 candidates instead of 8, with a swing of 8 logits instead of 2.
+STEERED_ROUTER = ("--router_candidates", "32", "--router_logit_bound", "8")
 # Every case gets the same teacher and text prototypes (so every code is tied to a labelled prototype at the codebook's
 # k-means initialisation, and agreement is defined for all); only the assignment rule, the router's weights and the
 # semantic loss weights differ. Semantic loss weights, where on, are CDBVQConfig's defaults.

@@ -6,6 +6,10 @@ from transformers import PretrainedConfig
 
 
 ASSIGNMENT_RULES = ("nearest", "sinkhorn", "cdb")
+# Version of the quantizer's rules and state. 1: the first CDB router (standardised distance, Sinkhorn imitation);
+# 2: the transport-potential router. Only `cdb` changed between them.
+QUANTIZER_FORMAT = 2
+FORMAT_1_FIELDS = ("router_distance_scale", "ot_imitation_weight")
 
 
 class CDBVQConfig(PretrainedConfig):
@@ -33,11 +37,14 @@ class CDBVQConfig(PretrainedConfig):
             `Q ~ exp(-epsilon * normalised_cost)` (OptVQ uses 10).
         sinkhorn_iterations (`int`, *optional*, defaults to 5): Sinkhorn iterations per batch.
         router_dim (`int`, *optional*, defaults to 64): Width of the router's query and per-code keys.
-        router_distance_scale (`float`, *optional*, defaults to 10.0): Weight of the (per-token standardised)
-            distance term in the router logits; keeps the router grounded in the latent geometry.
+        router_candidates (`int`, *optional*, defaults to 8): Codes of lowest transport cost that the router's learned
+            term re-ranks for each latent (1 turns the learned term off: pure transport assignment).
         router_logit_bound (`float`, *optional*, defaults to 2.0): Largest swing of the router's learned logits
-            (`bound * tanh(score / bound)`), so it re-ranks nearby codes instead of overriding the distance; `None`
-            leaves them unbounded.
+            (`bound * tanh(score / bound)`), so it re-ranks near-equal codes instead of overriding the transport
+            cost; `None` leaves them unbounded.
+        potential_step (`float`, *optional*, defaults to 0.02): Step of the dual ascent that learns the per-code
+            transport potentials from usage (in units of the router temperature); 0 keeps them at zero.
+        potential_bound (`float`, *optional*, defaults to 1.0): Largest absolute potential, in router temperatures.
         semantic_dim (`int`, *optional*, defaults to 512): Width of the semantic (CLIP) features.
         num_prototypes (`int`, *optional*, defaults to 1000): Number of semantic prototypes the codes are tied to.
         prototype_labels (`list[str]`, *optional*): Text label of each prototype, when they came from prompts.
@@ -46,8 +53,6 @@ class CDBVQConfig(PretrainedConfig):
         role_hidden_dim (`int`, *optional*, defaults to 32): Hidden width of the role head.
         commitment_weight (`float`, *optional*, defaults to 0.25): Weight of the commitment loss.
         codebook_weight (`float`, *optional*, defaults to 1.0): Weight of the codebook loss (unused with EMA).
-        ot_imitation_weight (`float`, *optional*, defaults to 1.0): Weight of the router's cross-entropy to the
-            batch's Sinkhorn assignment (`cdb` only).
         balance_weight (`float`, *optional*, defaults to 0.1): Weight of KL(batch-averaged code distribution ||
             uniform) (`cdb` only).
         semantic_distillation_weight (`float`, *optional*, defaults to 1.0): Weight of the semantic head's cosine
@@ -63,6 +68,8 @@ class CDBVQConfig(PretrainedConfig):
         assignment_chunk_size (`int`, *optional*, defaults to 16777216): Most entries of the N x K distance matrix
             held at once (chunks of latents are scored in turn).
         initializer_range (`float`, *optional*, defaults to 0.02): Std of the normal init of linear layers.
+        quantizer_format (`int`, *optional*): Version of the quantizer's rules and state this config was saved with;
+            defaults to the current one (2), or to 1 for configs that carry the first router's fields.
     """
 
     model_type = "cdb_vq"
@@ -85,8 +92,10 @@ class CDBVQConfig(PretrainedConfig):
         sinkhorn_epsilon: float = 10.0,
         sinkhorn_iterations: int = 5,
         router_dim: int = 64,
-        router_distance_scale: float = 10.0,
+        router_candidates: int = 8,
         router_logit_bound: float | None = 2.0,
+        potential_step: float = 0.02,
+        potential_bound: float = 1.0,
         semantic_dim: int = 512,
         num_prototypes: int = 1000,
         prototype_labels: list[str] | None = None,
@@ -94,7 +103,6 @@ class CDBVQConfig(PretrainedConfig):
         role_hidden_dim: int = 32,
         commitment_weight: float = 0.25,
         codebook_weight: float = 1.0,
-        ot_imitation_weight: float = 1.0,
         balance_weight: float = 0.1,
         semantic_distillation_weight: float = 1.0,
         token_alignment_weight: float = 0.5,
@@ -104,8 +112,12 @@ class CDBVQConfig(PretrainedConfig):
         dead_code_threshold: float = 0.03,
         assignment_chunk_size: int = 2**24,
         initializer_range: float = 0.02,
+        quantizer_format: int | None = None,
         **kwargs,
     ):
+        if quantizer_format is None:
+            # Configs saved before this field existed name the first router's fields.
+            quantizer_format = 1 if any(name in kwargs for name in FORMAT_1_FIELDS) else QUANTIZER_FORMAT
         self.num_channels = num_channels
         self.resolution = resolution
         self.base_channels = base_channels
@@ -122,8 +134,10 @@ class CDBVQConfig(PretrainedConfig):
         self.sinkhorn_epsilon = sinkhorn_epsilon
         self.sinkhorn_iterations = sinkhorn_iterations
         self.router_dim = router_dim
-        self.router_distance_scale = router_distance_scale
+        self.router_candidates = router_candidates
         self.router_logit_bound = router_logit_bound
+        self.potential_step = potential_step
+        self.potential_bound = potential_bound
         self.semantic_dim = semantic_dim
         self.num_prototypes = num_prototypes
         self.prototype_labels = list(prototype_labels) if prototype_labels is not None else None
@@ -131,7 +145,6 @@ class CDBVQConfig(PretrainedConfig):
         self.role_hidden_dim = role_hidden_dim
         self.commitment_weight = commitment_weight
         self.codebook_weight = codebook_weight
-        self.ot_imitation_weight = ot_imitation_weight
         self.balance_weight = balance_weight
         self.semantic_distillation_weight = semantic_distillation_weight
         self.token_alignment_weight = token_alignment_weight
@@ -141,6 +154,7 @@ class CDBVQConfig(PretrainedConfig):
         self.dead_code_threshold = dead_code_threshold
         self.assignment_chunk_size = assignment_chunk_size
         self.initializer_range = initializer_range
+        self.quantizer_format = quantizer_format
         super().__init__(**kwargs)
         self.validate_fields()
 
@@ -160,7 +174,7 @@ class CDBVQConfig(PretrainedConfig):
             raise ValueError(f"assignment must be one of {list(ASSIGNMENT_RULES)}, got {self.assignment!r}.")
         positive = (
             "num_channels", "resolution", "base_channels", "num_res_blocks", "norm_num_groups", "latent_dim",
-            "codebook_size", "codebook_dim", "sinkhorn_iterations", "router_dim", "semantic_dim",
+            "codebook_size", "codebook_dim", "sinkhorn_iterations", "router_dim", "router_candidates", "semantic_dim",
             "num_prototypes", "role_hidden_dim", "assignment_chunk_size",
         )  # fmt: skip
         for name in positive:
@@ -189,7 +203,11 @@ class CDBVQConfig(PretrainedConfig):
             raise ValueError(f"router_logit_bound must be None or > 0, got {self.router_logit_bound!r}.")
         if self.sinkhorn_epsilon <= 0:
             raise ValueError(f"sinkhorn_epsilon must be > 0, got {self.sinkhorn_epsilon!r}.")
-        for name in ("commitment_weight", "codebook_weight", "ot_imitation_weight", "balance_weight",
+        if self.potential_step < 0 or self.potential_bound < 0:
+            raise ValueError(
+                f"potential_step and potential_bound must be >= 0, got {self.potential_step!r} and {self.potential_bound!r}."
+            )
+        for name in ("commitment_weight", "codebook_weight", "balance_weight",
                      "semantic_distillation_weight", "token_alignment_weight", "code_alignment_weight"):  # fmt: skip
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}.")

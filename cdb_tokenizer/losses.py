@@ -25,7 +25,6 @@ logger = logging.getLogger(__name__)
 VQ_TERMS = {
     "codebook_loss": "codebook",
     "commitment_loss": "commitment",
-    "ot_imitation_loss": "ot_imitation",
     "balance_loss": "balance",
     "semantic_distillation_loss": "semantic_distillation",
     "token_alignment_loss": "token_alignment",
@@ -293,7 +292,7 @@ def compute_losses(
 
     Returns:
         `LossOutput` with `total` and `terms`: `l1`, `l2`, [`lpips`], [`generator_adversarial`, `adaptive_weight`],
-        every quantizer / semantic term the model returned (unweighted: `codebook`, `commitment`, `ot_imitation`,
+        every quantizer / semantic term the model returned (unweighted: `codebook`, `commitment`,
         `balance`, `semantic_distillation`, `token_alignment`, `code_alignment`), `vq` (their config-weighted sum)
         and `total`.
     """

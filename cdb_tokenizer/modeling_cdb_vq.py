@@ -32,7 +32,7 @@ class CDBVQEncoderOutput(ModelOutput):
         latents (`torch.FloatTensor` of shape `(batch_size, codebook_dim, height, width)`): Pre-quantization latents.
         semantic_features (`torch.FloatTensor` of shape `(batch_size, semantic_dim, height, width)`, *optional*):
             The semantic features the router read (predicted by the semantic head, or passed in).
-        codebook_loss, commitment_loss, ot_imitation_loss, balance_loss (`torch.FloatTensor`, *optional*):
+        codebook_loss, commitment_loss, balance_loss (`torch.FloatTensor`, *optional*):
             Quantizer loss terms (unweighted); `None` where the rule or mode has no such term.
         semantic_distillation_loss, token_alignment_loss, code_alignment_loss (`torch.FloatTensor`, *optional*):
             Semantic loss terms (unweighted), computed when `teacher_features` are given.
@@ -48,7 +48,6 @@ class CDBVQEncoderOutput(ModelOutput):
     vq_loss: torch.FloatTensor | None = None
     codebook_loss: torch.FloatTensor | None = None
     commitment_loss: torch.FloatTensor | None = None
-    ot_imitation_loss: torch.FloatTensor | None = None
     balance_loss: torch.FloatTensor | None = None
     semantic_distillation_loss: torch.FloatTensor | None = None
     token_alignment_loss: torch.FloatTensor | None = None
@@ -73,7 +72,6 @@ class CDBVQModelOutput(CDBVQEncoderOutput):
 LOSS_WEIGHTS = {
     "codebook_loss": "codebook_weight",
     "commitment_loss": "commitment_weight",
-    "ot_imitation_loss": "ot_imitation_weight",
     "balance_loss": "balance_weight",
     "semantic_distillation_loss": "semantic_distillation_weight",
     "token_alignment_loss": "token_alignment_weight",
@@ -378,7 +376,6 @@ class CDBVQModel(CDBVQPreTrainedModel):
         terms = {
             "codebook_loss": quantizer_output.codebook_loss,
             "commitment_loss": quantizer_output.commitment_loss,
-            "ot_imitation_loss": quantizer_output.ot_imitation_loss,
             "balance_loss": quantizer_output.balance_loss,
         }
         if teacher_features is not None:

@@ -24,10 +24,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 from transformers.utils import ModelOutput
 
-from .configuration_cdb_vq import CDBVQConfig
+from .configuration_cdb_vq import QUANTIZER_FORMAT, CDBVQConfig
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -201,18 +200,50 @@ def image_signal_features(pixel_values: torch.Tensor, downsampling_factor: int) 
 # ----------------------------------------------------------------------------------------------------------------
 
 
-class CDBVQRouter(nn.Module):
-    """Scores every code for a latent: `-scale * standardised distance + query . key_k + semantic + role prior`.
+@dataclass
+class RouterScores:
+    """The router's scores of a chunk of n latents over their `candidates` (n, c) code ids.
 
-    The learned part costs O(K x router_dim) per token: a query vector from the latent and its semantic features,
-    scored against one small key per code. The semantic term is the cosine of the token's semantic features to
-    the prototype each code is tied to (P prototypes, gathered to K codes), and the role term is a log-prior over
-    the named code ranges, predicted from fixed image-signal features.
+    `cost_logits` is minus the transport cost (the only term that reaches the latents' gradient), `prior_logits` the
+    learned and role terms; `logits` is their sum. `nearest_squared_distance` (n,) is each latent's squared distance
+    to its nearest code, the distortion that sets the router's temperature.
+    """
+
+    candidates: torch.Tensor
+    cost_logits: torch.Tensor
+    prior_logits: torch.Tensor
+    nearest_squared_distance: torch.Tensor
+
+    @property
+    def logits(self) -> torch.Tensor:
+        return self.cost_logits + self.prior_logits
+
+    def choice(self) -> torch.Tensor:
+        """Chosen code id of every latent (n,)."""
+        return self.candidates.gather(1, self.logits.detach().argmax(-1, keepdim=True))[:, 0]
+
+
+class CDBVQRouter(nn.Module):
+    """Picks a code for each latent: a semi-discrete optimal-transport assignment, re-ranked by a learned term.
+
+    The score of code k for latent z is `-(||z - e_k||^2 - psi_k) / temperature + learned_k(z, s) [+ role prior]`:
+
+    - `psi` are the K dual potentials of the balanced transport of the *data distribution* (not of a batch) to the
+      codes: with the right potentials, argmin_k ||z - e_k||^2 - psi_k gives every code a 1/K share (a power
+      diagram). They are learned by stochastic dual ascent on the usage reduced over all processes, so the rule is
+      batch independent and identical in training and inference.
+    - `temperature` is a running average of the squared distance to the chosen code: it makes the scores scale-free.
+    - the learned term (a query from the latent and its semantic features against one key per code, plus the cosine
+      of the semantic features to the code's prototype) is bounded by `router_logit_bound` and only re-ranks the
+      `router_candidates` codes of lowest transport cost: it decides among near-equal codes, where the decoder does
+      not care, and costs O(candidates x router_dim) per token.
+    - the role term is a log-prior over the named code ranges, from fixed image-signal features; it is added before
+      the candidates are chosen, so it can move a token into its role's range.
     """
 
     def __init__(self, config: CDBVQConfig):
         super().__init__()
-        self.distance_scale = config.router_distance_scale
+        self.num_candidates = min(config.router_candidates, config.codebook_size)
         self.logit_bound = config.router_logit_bound
         self.query = nn.Linear(config.codebook_dim + config.semantic_dim, config.router_dim)
         self.code_keys = nn.Parameter(torch.zeros(config.codebook_size, config.router_dim))
@@ -222,6 +253,14 @@ class CDBVQRouter(nn.Module):
             self.role_head = nn.Sequential(
                 nn.Linear(3, config.role_hidden_dim), nn.SiLU(), nn.Linear(config.role_hidden_dim, len(config.code_roles))
             )
+        # Persistent: a saved model routes exactly as it did when it was saved. Filled in `reset_state`.
+        self.register_buffer("potentials", torch.zeros(config.codebook_size))
+        self.register_buffer("temperature", torch.ones(()))
+
+    @torch.no_grad()
+    def reset_state(self) -> None:
+        self.potentials.zero_()
+        self.temperature.fill_(1.0)
 
     def forward(
         self,
@@ -232,38 +271,76 @@ class CDBVQRouter(nn.Module):
         code_to_prototype: torch.Tensor,
         signal_features: torch.Tensor | None = None,
         code_to_role: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """(n, K) logits for a chunk of n latents (all float32)."""
-        return self.distance_logits(latents, codes) + self.learned_logits(
-            latents, semantic_features, prototypes, code_to_prototype, signal_features, code_to_role
-        )
+        detach_learned_inputs: bool = False,
+    ) -> RouterScores:
+        """Score a chunk of n latents (float32) against the codes; only the cost term sees undetached latents when
+        `detach_learned_inputs` is set (training: the learned terms must not pull the encoder to balance usage)."""
+        role_log_prior = None
+        if self.role_head is not None and signal_features is not None:
+            role_log_prior = apply_float32_out(self.role_head, signal_features).log_softmax(-1)
+        with torch.no_grad():
+            squared_distance = squared_distances(latents, codes)
+            nearest_squared_distance = squared_distance.min(-1).values
+            selection = -self.transport_cost(squared_distance)
+            if role_log_prior is not None:
+                selection += role_log_prior.index_select(1, code_to_role)
+            candidates = selection.topk(self.num_candidates, dim=-1).indices
+        cost_logits = -self.candidate_cost(latents, codes, candidates)
+        prior_logits = cost_logits.new_zeros(())
+        if role_log_prior is not None:
+            prior_logits = prior_logits + role_log_prior.gather(1, code_to_role[candidates])
+        if self.num_candidates > 1:
+            if detach_learned_inputs:
+                latents, semantic_features = latents.detach(), semantic_features.detach()
+            prior_logits = prior_logits + self.learned_logits(
+                latents, semantic_features, candidates, prototypes, code_to_prototype
+            )
+        return RouterScores(candidates, cost_logits, prior_logits, nearest_squared_distance)
 
-    def distance_logits(self, latents: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
-        """`-scale * cost` with the cost standardised over the codes of each token (scale-free, batch independent)."""
-        cost = transport_cost(latents, codes)
-        return -self.distance_scale * (cost - cost.mean(-1, keepdim=True)) / (cost.std(-1, keepdim=True) + 1e-6)
+    def transport_cost(self, squared_distance: torch.Tensor, candidates: torch.Tensor | None = None) -> torch.Tensor:
+        """`(||z - e_k||^2 - psi_k) / temperature` for all codes, or for the given (n, c) candidates."""
+        potentials = self.potentials if candidates is None else self.potentials[candidates]
+        # Multiply by a fresh reciprocal: autograd must not hold the buffer that training updates in place.
+        return (squared_distance - potentials) * self.temperature.reciprocal()
+
+    def candidate_cost(self, latents: torch.Tensor, codes: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        """Transport cost (n, c) of each latent to its candidate codes."""
+        return self.transport_cost((latents[:, None] - codes[candidates]).pow(2).sum(-1), candidates)
 
     def learned_logits(
         self,
         latents: torch.Tensor,
         semantic_features: torch.Tensor,
+        candidates: torch.Tensor,
         prototypes: torch.Tensor,
         code_to_prototype: torch.Tensor,
-        signal_features: torch.Tensor | None = None,
-        code_to_role: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """The router's own scores: query . key plus the prototype term, then the role log-prior."""
+        """The router's own (n, c) scores of the candidates: query . key plus the prototype term, bounded."""
         query = apply_float32_out(self.query, torch.cat([latents, semantic_features], dim=-1))
-        scores = query @ self.code_keys.float().t() / math.sqrt(query.shape[-1])
+        keys = self.code_keys.float()[candidates]
+        scores = (keys @ query[:, :, None])[..., 0] / math.sqrt(query.shape[-1])
         similarity = F.normalize(semantic_features, dim=-1) @ F.normalize(prototypes.float(), dim=-1).t()
-        scores = scores + self.semantic_scale * similarity.index_select(1, code_to_prototype)
+        scores = scores + self.semantic_scale * similarity.gather(1, code_to_prototype[candidates])
         if self.logit_bound is not None:
-            # A bounded swing lets the router re-rank codes near the latent, never pick a far one.
+            # A bounded swing lets the router re-rank near-equal codes, never override the transport cost.
             scores = self.logit_bound * torch.tanh(scores / self.logit_bound)
-        if self.role_head is not None and signal_features is not None:
-            role_log_prior = apply_float32_out(self.role_head, signal_features).log_softmax(-1)
-            scores = scores + role_log_prior.index_select(1, code_to_role)
         return scores
+
+    @torch.no_grad()
+    def update_potentials(self, share: torch.Tensor, distortion: torch.Tensor, step: float, bound: float) -> None:
+        """One step of stochastic dual ascent toward the balanced transport plan, and the temperature's update.
+
+        `share` (K,) is the share of this (global) batch's tokens each code took: a code above 1/K loses potential,
+        one below gains it. Potentials are kept centred and within `bound` temperatures. The temperature follows
+        the mean squared distance of latents to their *nearest* code (not the chosen one, which the potentials
+        move: that would feed back into their own bound).
+        """
+        self.temperature.mul_(0.99).add_(distortion.clamp_min(1e-8), alpha=0.01)
+        if step <= 0:
+            return
+        self.potentials.add_(step * self.temperature * (1.0 - share * share.numel()))
+        self.potentials.sub_(self.potentials.mean())
+        self.potentials.clamp_(-bound * self.temperature, bound * self.temperature)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -279,8 +356,7 @@ class CDBVQQuantizerOutput(ModelOutput):
         quantized: (N, D) straight-through quantized latents (their value is the chosen code).
         indices: (N,) chosen code of each latent.
         codebook_loss / commitment_loss: classic VQ terms (codebook loss is None with EMA updates).
-        ot_imitation_loss: cross-entropy of the router logits to the batch's Sinkhorn assignment (`cdb`, training).
-        balance_loss: KL(batch-averaged code distribution || uniform) (`cdb`, training).
+        balance_loss: KL(batch-averaged code distribution || uniform) of the router's soft assignment (`cdb`, training).
         utilization: share of the codebook used in this batch (all processes when training).
         perplexity: exp of the entropy of the batch's code histogram.
     """
@@ -289,7 +365,6 @@ class CDBVQQuantizerOutput(ModelOutput):
     indices: torch.LongTensor | None = None
     codebook_loss: torch.FloatTensor | None = None
     commitment_loss: torch.FloatTensor | None = None
-    ot_imitation_loss: torch.FloatTensor | None = None
     balance_loss: torch.FloatTensor | None = None
     utilization: torch.FloatTensor | None = None
     perplexity: torch.FloatTensor | None = None
@@ -300,6 +375,13 @@ class CDBVQQuantizer(nn.Module):
 
     def __init__(self, config: CDBVQConfig):
         super().__init__()
+        if config.assignment == "cdb" and config.quantizer_format != QUANTIZER_FORMAT:
+            raise ValueError(
+                f"this `cdb` model was saved in quantizer format {config.quantizer_format} (the first CDB router), but "
+                f"this version of cdb_tokenizer routes with format {QUANTIZER_FORMAT}: its tokens would differ. Load it "
+                "with the code saved in its folder (AutoModel.from_pretrained(path, trust_remote_code=True) in a "
+                "process that does not import cdb_tokenizer), or with cdb-tokenizer 0.1.0."
+            )
         self.config = config
         self.assignment = config.assignment
         self.codebook_size = config.codebook_size
@@ -329,6 +411,8 @@ class CDBVQQuantizer(nn.Module):
         self.prototypes.zero_()
         self.code_to_prototype.copy_(torch.arange(size, device=self.code_to_prototype.device) % self.prototypes.shape[0])
         self.code_to_role.zero_()
+        if self.router is not None:
+            self.router.reset_state()
         for role, name in enumerate(self.config.role_names):
             start, end = self.config.code_roles[name]
             self.code_to_role[start:end] = role
@@ -378,19 +462,24 @@ class CDBVQQuantizer(nn.Module):
             self.initialize_codebook(latents.detach())
         latents = self.prepare_latents(latents)
         codes = self.codes()
+        if self.config.ema_decay is not None:
+            # The EMA update below rewrites the codebook in place; backward must see the codes this forward used.
+            codes = codes.detach().clone()
         output = CDBVQQuantizerOutput()
 
         if self.assignment == "cdb":
             if semantic_features is None:
                 semantic_features = latents.new_zeros(latents.shape[0], self.config.semantic_dim)
-            indices, soft_quantized = self._route(latents, codes, semantic_features.float(), signal_features, output)
+            indices, soft_quantized, distortion = self._route(
+                latents, codes, semantic_features.float(), signal_features, output
+            )
         elif self.assignment == "sinkhorn" and self.training:
             potentials = self._sinkhorn(latents.detach(), codes.detach())
             indices = self._chunked_argmax(lambda chunk: potentials.plan_logits(transport_cost(chunk, codes)), latents)
-            soft_quantized = None
+            soft_quantized = distortion = None
         else:
             indices = nearest_codes(latents.detach(), codes.detach(), self.config.assignment_chunk_size)
-            soft_quantized = None
+            soft_quantized = distortion = None
 
         chosen = F.embedding(indices, codes)
         output.commitment_loss = F.mse_loss(latents, chosen.detach())
@@ -402,7 +491,7 @@ class CDBVQQuantizer(nn.Module):
             quantized = quantized + soft_quantized - soft_quantized.detach()
         output.quantized = quantized.to(input_dtype)
         output.indices = indices
-        self._update_statistics(latents.detach(), indices, output)
+        self._update_statistics(latents.detach(), indices, output, distortion)
         return output
 
     def _sinkhorn(self, latents: torch.Tensor, codes: torch.Tensor) -> SinkhornPotentials:
@@ -423,59 +512,56 @@ class CDBVQQuantizer(nn.Module):
         semantic_features: torch.Tensor,
         signal_features: torch.Tensor | None,
         output: CDBVQQuantizerOutput,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Assign by the router's argmax; while training also build the soft assignment and the router's losses."""
-        def logits_of(latent_chunk, semantic_chunk, signal_chunk):
-            return self.router(
-                latent_chunk, codes, semantic_chunk, self.prototypes, self.code_to_prototype, signal_chunk, self.code_to_role
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Assign by the router's argmax. While training also return the summed squared distance of the latents to
+        their nearest codes (it sets the router's temperature) and, with gradients on, build the soft assignment and
+        the balance loss."""
+        training = self.training and torch.is_grad_enabled()
+
+        def route_chunk(latent_chunk, semantic_chunk, signal_chunk):
+            scores = self.router(
+                latent_chunk, codes, semantic_chunk, self.prototypes, self.code_to_prototype, signal_chunk,
+                self.code_to_role, detach_learned_inputs=True,
+            )  # fmt: skip
+            if not training:
+                return scores.choice(), None, None, scores.nearest_squared_distance.sum()
+            probabilities = scores.logits.softmax(-1)
+            # Straight-through on the router's soft assignment over its candidates: the router and every candidate
+            # code get gradient from the reconstruction, while the forward value stays the chosen code.
+            soft_quantized = (probabilities[:, :, None] * codes[scores.candidates]).sum(1)
+            # The balance term sees detached latents: it trains the router, never pulls the encoder around.
+            balance_logits = scores.prior_logits - self.router.candidate_cost(latent_chunk.detach(), codes, scores.candidates)
+            balance_probabilities = balance_logits.softmax(-1)
+            code_mass = latent_chunk.new_zeros(self.codebook_size).index_add_(
+                0, scores.candidates.flatten(), balance_probabilities.flatten()
             )
+            return scores.choice(), soft_quantized, code_mass, scores.nearest_squared_distance.sum()
 
         rows = chunk_rows(self.codebook_size, self.config.assignment_chunk_size)
         signal_chunks = signal_features.float().split(rows) if signal_features is not None else None
-        chunks = [
-            (latent_chunk, semantic_chunk, signal_chunks[i] if signal_chunks is not None else None)
-            for i, (latent_chunk, semantic_chunk) in enumerate(zip(latents.split(rows), semantic_features.split(rows)))
-        ]
-        if not (self.training and torch.is_grad_enabled()):
-            with torch.no_grad():
-                return torch.cat([logits_of(*chunk).argmax(-1) for chunk in chunks]), None
-
-        potentials = self._sinkhorn(latents.detach(), codes.detach())
-
-        def train_chunk(latent_chunk, semantic_chunk, signal_chunk):
-            distance = self.router.distance_logits(latent_chunk, codes)
-            # The router's losses (OT imitation, balance) see detached latents: they train the router and move the
-            # codes toward the latents the balanced plan gives them (as OptVQ's loss does), but never pull the
-            # encoder around to make usage look balanced.
-            learned = self.router.learned_logits(
-                latent_chunk.detach(), semantic_chunk.detach(), self.prototypes, self.code_to_prototype,
-                None if signal_chunk is None else signal_chunk.detach(), self.code_to_role,
-            )  # fmt: skip
-            logits = distance + learned
-            router_logits = self.router.distance_logits(latent_chunk.detach(), codes) + learned
-            with torch.no_grad():
-                target = potentials.plan_logits(transport_cost(latent_chunk, codes)).argmax(-1)
-            cross_entropy = F.cross_entropy(router_logits, target, reduction="sum")
-            soft_quantized = logits.softmax(-1) @ codes
-            return logits.detach().argmax(-1), soft_quantized, cross_entropy, router_logits.softmax(-1).sum(0)
-
         results = []
-        for chunk in chunks:
-            if len(chunks) > 1:
-                # Recompute each chunk's N x K block in backward instead of keeping them all alive.
-                results.append(checkpoint(train_chunk, *chunk, use_reentrant=False))
-            else:
-                results.append(train_chunk(*chunk))
+        for i, (latent_chunk, semantic_chunk) in enumerate(zip(latents.split(rows), semantic_features.split(rows))):
+            chunk = (latent_chunk, semantic_chunk, signal_chunks[i] if signal_chunks is not None else None)
+            with torch.set_grad_enabled(training):
+                results.append(route_chunk(*chunk))
         indices = torch.cat([r[0] for r in results])
+        distortion = torch.stack([r[3] for r in results]).sum() if self.training else None
+        if not training:
+            return indices, None, distortion
         soft_quantized = torch.cat([r[1] for r in results])
-        output.ot_imitation_loss = torch.stack([r[2] for r in results]).sum() / latents.shape[0]
-        mean_probabilities = torch.stack([r[3] for r in results]).sum(0) / latents.shape[0]
+        mean_probabilities = torch.stack([r[2] for r in results]).sum(0) / latents.shape[0]
         output.balance_loss = (mean_probabilities * (mean_probabilities * self.codebook_size).clamp_min(1e-12).log()).sum()
-        return indices, soft_quantized
+        return indices, soft_quantized, distortion
 
     # ------------------------------------------------------------------ usage statistics and EMA
     @torch.no_grad()
-    def _update_statistics(self, latents: torch.Tensor, indices: torch.Tensor, output: CDBVQQuantizerOutput) -> None:
+    def _update_statistics(
+        self,
+        latents: torch.Tensor,
+        indices: torch.Tensor,
+        output: CDBVQQuantizerOutput,
+        distortion: torch.Tensor | None = None,
+    ) -> None:
         counts = torch.bincount(indices, minlength=self.codebook_size).float()
         if self.training:
             # Reduce across processes so usage (and EMA) stay identical on every rank.
@@ -487,6 +573,10 @@ class CDBVQQuantizer(nn.Module):
             return
         decay = self.config.usage_decay
         self.usage.mul_(decay).add_(share, alpha=1 - decay)
+        if self.router is not None and distortion is not None:
+            distortion_and_count = all_reduce_(torch.stack([distortion, counts.sum()]))
+            mean_distortion = distortion_and_count[0] / distortion_and_count[1].clamp_min(1.0)
+            self.router.update_potentials(share, mean_distortion, self.config.potential_step, self.config.potential_bound)
         if self.config.ema_decay is not None:
             embed_sum = torch.zeros_like(self.ema_embed_sum, dtype=torch.float32).index_add_(0, indices, latents)
             all_reduce_(embed_sum)
@@ -510,6 +600,10 @@ class CDBVQQuantizer(nn.Module):
             centres = kmeans(samples, self.codebook_size, iterations, seed, self.config.assignment_chunk_size)
         broadcast_(centres)
         self._replace_codes(torch.arange(self.codebook_size, device=centres.device), centres)
+        if self.router is not None:
+            # The router's temperature starts at the k-means distortion (identical everywhere: same samples, centres).
+            nearest = nearest_codes(samples, centres, self.config.assignment_chunk_size)
+            self.router.temperature.fill_(float((samples - centres[nearest]).pow(2).sum(-1).mean().clamp_min(1e-8)))
         self.initialized.fill_(True)
 
     @torch.no_grad()
@@ -549,6 +643,7 @@ class CDBVQQuantizer(nn.Module):
             if alive_ids.numel():
                 nearest = alive_ids[nearest_codes(new_codes, self.codes()[alive_ids], self.config.assignment_chunk_size)]
                 self.router.code_keys[indices] = self.router.code_keys[nearest]
+            self.router.potentials[indices] = 0.0
         self.codebook.weight[indices] = new_codes.to(self.codebook.weight.dtype)
         self.ema_embed_sum[indices] = new_codes.to(self.ema_embed_sum.dtype)
         self.ema_cluster_size[indices] = 1.0

@@ -26,17 +26,18 @@ def worker(rank: int, port: int, folder: str) -> None:
     torch.set_num_threads(1)
     try:
         results = {}
-        for assignment, ema_decay in [("nearest", 0.8), ("sinkhorn", None), ("cdb", None)]:
+        for assignment, ema_decay in [("nearest", 0.8), ("sinkhorn", None), ("cdb", None), ("cdb", 0.8)]:
             quantizer = tiny_model(seed=0, assignment=assignment, ema_decay=ema_decay).quantizer
+            name = f"{assignment}{'+ema' if ema_decay else ''}"
             quantizer.train()
             quantizer.initialize_codebook(rank_latents(rank, 0))
-            results[f"{assignment}/init"] = quantizer.codebook.weight.detach().clone()
+            results[f"{name}/init"] = quantizer.codebook.weight.detach().clone()
             for step in range(1, 4):
                 output = quantizer(rank_latents(rank, step), semantic_features=torch.randn(96, 32))
-                results[f"{assignment}/indices_{step}"] = output.indices
+                results[f"{name}/indices_{step}"] = output.indices
             quantizer.usage[:7] = 0.0  # the same codes are dead everywhere: usage is reduced across ranks
-            results[f"{assignment}/restarted"] = torch.tensor(quantizer.restart_dead_codes(rank_latents(rank, 9)))
-            results[f"{assignment}/state"] = {k: v.detach().clone() for k, v in quantizer.state_dict().items()}
+            results[f"{name}/restarted"] = torch.tensor(quantizer.restart_dead_codes(rank_latents(rank, 9)))
+            results[f"{name}/state"] = {k: v.detach().clone() for k, v in quantizer.state_dict().items()}
         potentials = sinkhorn_potentials(rank_latents(rank, 5), torch.randn(64, 8, generator=torch.Generator().manual_seed(3)), 10.0, 5, 64 * 30)
         results["sinkhorn_column"] = potentials.column
         torch.save(results, os.path.join(folder, f"rank{rank}.pt"))
@@ -53,17 +54,20 @@ def free_port() -> int:
 def test_two_processes_keep_identical_quantizer_state(tmp_path):
     mp.spawn(worker, args=(free_port(), str(tmp_path)), nprocs=WORLD_SIZE, join=True)
     first, second = (torch.load(tmp_path / f"rank{rank}.pt") for rank in range(WORLD_SIZE))
-    for assignment in ("nearest", "sinkhorn", "cdb"):
+    for assignment in ("nearest+ema", "sinkhorn", "cdb", "cdb+ema"):
         torch.testing.assert_close(first[f"{assignment}/init"], second[f"{assignment}/init"], rtol=0, atol=0)
         assert int(first[f"{assignment}/restarted"]) == int(second[f"{assignment}/restarted"]) == 7
         for name, value in first[f"{assignment}/state"].items():
             torch.testing.assert_close(value, second[f"{assignment}/state"][name], rtol=0, atol=0, msg=f"{assignment} {name}")
+        # The router's potentials and temperature moved (they are part of the state compared above).
+        if assignment.startswith("cdb"):
+            assert float(first[f"{assignment}/state"]["router.potentials"].abs().max()) > 0
         # Data really differed between ranks, so identical state is the result of the reductions.
         assert not torch.equal(first[f"{assignment}/indices_1"], second[f"{assignment}/indices_1"])
 
     # k-means ran on the latents of both ranks together (rank order), as a single process would.
     both = torch.cat([rank_latents(0, 0), rank_latents(1, 0)])
-    torch.testing.assert_close(first["nearest/init"], kmeans(both, 64, 10, 0, 2**24))
+    torch.testing.assert_close(first["nearest+ema/init"], kmeans(both, 64, 10, 0, 2**24))
 
     # Sinkhorn's marginals are reduced: each rank holds the potentials of the global batch.
     codes = torch.randn(64, 8, generator=torch.Generator().manual_seed(3))

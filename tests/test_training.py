@@ -26,7 +26,7 @@ TINY_MODEL = ["--resolution", "32", "--base_channels", "16", "--channel_multipli
 # A short run without the optional parts (no teacher, no LPIPS, no discriminator).
 PLAIN_RUN = TINY_MODEL + ["--model_preset", "tiny", "--train_batch_size", "2", "--num_validation_images", "2", "--clip_model", "none", "--report_to", "none", "--lpips_weight", "0", "--disc_weight", "0"]  # fmt: skip
 LOSS_TERMS = (
-    "l1", "l2", "lpips", "generator_adversarial", "adaptive_weight", "codebook", "commitment", "ot_imitation",
+    "l1", "l2", "lpips", "generator_adversarial", "adaptive_weight", "codebook", "commitment",
     "balance", "semantic_distillation", "token_alignment", "code_alignment", "vq", "total", "discriminator",
 )  # fmt: skip
 
@@ -128,6 +128,16 @@ def _nan_at(steps):
         return losses
 
     return compute_losses
+
+
+@pytest.mark.parametrize("assignment", ["nearest", "cdb"])
+def test_ema_codebook_trains_end_to_end(tmp_path, assignment):
+    """`--ema_decay` with each rule runs the tiny preset through training, validation and saving."""
+    output_dir = tmp_path / "run"
+    metrics = main(PLAIN_RUN + ["--output_dir", str(output_dir), "--max_train_steps", "3", "--assignment", assignment, "--ema_decay", "0.8"])  # fmt: skip
+    assert np.isfinite(metrics["psnr"])
+    assert json.loads((output_dir / "config.json").read_text())["ema_decay"] == 0.8
+    assert all(np.isfinite(record["loss/total"]) for record in loss_records(output_dir).values())
 
 
 def test_a_nan_step_is_skipped_and_named(tmp_path, monkeypatch, caplog):

@@ -1,0 +1,88 @@
+"""Training-step time of each quantizer on quality.py's protocol, timed round-robin so machine load hits all alike.
+
+quality.py trains the rules one after the other, so its s/step column moves with whatever else the machine runs.
+Here every rule gets a model built exactly as quality.py builds it (same backbone, same config, same batches) and one
+training step of each rule runs in turn, for `--rounds` rounds after `--warmup` rounds; the report gives the median
+step time of each rule and the median of the per-round ratios to `nearest`. Target (issue 10): `cdb` <= 1.3x `nearest`.
+
+    python benchmarks/step_time.py                                 # K = 1,024, D = 16 (quality.py's defaults)
+    python benchmarks/step_time.py --codebook-size 16384 --codebook-dim 8 --output step_time_k16384.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+from common import command_line, environment_summary, markdown_table, median, write_report
+
+import quality
+
+STEP_TARGET_RATIO = 1.3
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rules", nargs="+", default=["nearest", "cdb", "sinkhorn", "vqtorch"], choices=quality.RULES)
+    parser.add_argument("--rounds", type=int, default=30, help="Timed rounds (one step of every rule per round).")
+    parser.add_argument("--warmup", type=int, default=5, help="Untimed rounds first (k-means init happens here).")
+    parser.add_argument("--output", default="step_time.md", help="Report name under benchmarks/results/.")
+    args, rest = parser.parse_known_args(argv)
+    # Every model knob is quality.py's own flag, with its defaults.
+    args.quality = quality.parse_args(rest + ["--rules", *args.rules])
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.quality.threads)
+    backbone = quality.reference_backbone(args.quality)
+    photos = quality.photo_tensors("skimage")
+    models, optimizers = {}, {}
+    for rule in args.rules:
+        models[rule] = quality.build_model(args.quality, rule, backbone).train()
+        optimizers[rule] = torch.optim.AdamW(models[rule].parameters(), lr=args.quality.learning_rate, betas=(0.9, 0.99))
+    generator = torch.Generator().manual_seed(args.quality.seed)
+    times = {rule: [] for rule in args.rules}
+    for round_index in range(args.warmup + args.rounds):
+        batch = quality.random_crops(photos, args.quality.resolution, args.quality.batch_size, generator)
+        for rule in args.rules:
+            start = time.perf_counter()
+            quality.train_step(models[rule], batch, optimizers[rule], round_index)
+            if round_index >= args.warmup:
+                times[rule].append(time.perf_counter() - start)
+        print(f"round {round_index + 1}/{args.warmup + args.rounds}", file=sys.stderr, flush=True)
+
+    reference = "nearest" if "nearest" in args.rules else args.rules[0]
+    rows = []
+    for rule in args.rules:
+        ratios = [t / r for t, r in zip(times[rule], times[reference])]
+        rows.append([rule, f"{median(times[rule]):.3f}", f"{median(ratios):.2f}x"])
+    lines = [
+        "# Training-step time, round-robin",
+        "",
+        f"Command: `{command_line()}`",
+        "",
+        f"Measured on: {environment_summary()}.",
+        "",
+        f"quality.py's model and batches (K = {args.quality.codebook_size}, D = {args.quality.codebook_dim}, batch "
+        f"{args.quality.batch_size} of {args.quality.resolution}x{args.quality.resolution}); one step = forward, "
+        f"L1 + L2 + vq_loss, backward, AdamW, dead-code restarts. {args.rounds} rounds after {args.warmup} warm-up "
+        "rounds, each round one step of every rule on the same batch.",
+        "",
+        markdown_table(["rule", "median s / step", f"median ratio to `{reference}`"], rows),
+        "",
+    ]
+    if "cdb" in times and reference == "nearest":
+        ratio = median([t / r for t, r in zip(times["cdb"], times["nearest"])])
+        verdict = "met" if ratio <= STEP_TARGET_RATIO else "MISSED"
+        lines.append(f"Target `cdb` step <= {STEP_TARGET_RATIO}x `nearest`: {ratio:.2f}x -> {verdict}.")
+    report = "\n".join(lines) + "\n"
+    print(report)
+    write_report(args.output, report)
+
+
+if __name__ == "__main__":
+    main()
