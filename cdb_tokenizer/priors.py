@@ -198,17 +198,28 @@ class PriorVocabulary:
 
 
 # ---------------------------------------------------------------------------------------------------- tokenizer I/O
-def load_tokenizer(name_or_path: str, device: str | torch.device | None = None, **kwargs: Any):
+def load_tokenizer(
+    name_or_path: str, device: str | torch.device | None = None, trust_remote_code: bool = False, **kwargs: Any
+):
     """Load a cdb-vq tokenizer (model and image processor) from a folder or a Hub repo id, in eval mode.
 
+    Without `trust_remote_code` (the default) this package's own classes load the weights, so no code that ships with
+    the folder or repository runs; with it, `AutoModel` / `AutoImageProcessor` use that code (`auto_map`).
     Without a saved image processor, a `CDBVQImageProcessor` at the model's `config.resolution` is used.
     Extra keyword arguments (e.g. `revision`) go to `from_pretrained`.
     """
     from .image_processing_cdb_vq import CDBVQImageProcessor
+    from .modeling_cdb_vq import CDBVQModel
 
-    model = AutoModel.from_pretrained(name_or_path, trust_remote_code=True, **kwargs).eval()
+    if trust_remote_code:
+        model = AutoModel.from_pretrained(name_or_path, trust_remote_code=True, **kwargs).eval()
+    else:
+        model = CDBVQModel.from_pretrained(name_or_path, **kwargs).eval()
     try:
-        processor = AutoImageProcessor.from_pretrained(name_or_path, trust_remote_code=True, **kwargs)
+        if trust_remote_code:
+            processor = AutoImageProcessor.from_pretrained(name_or_path, trust_remote_code=True, **kwargs)
+        else:
+            processor = CDBVQImageProcessor.from_pretrained(name_or_path, **kwargs)
     except (OSError, ValueError):
         resolution = model.config.resolution
         processor = CDBVQImageProcessor(size={"height": resolution, "width": resolution})
