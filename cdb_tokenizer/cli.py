@@ -41,6 +41,7 @@ _NUMBER = re.compile(r"[-+]?(\d[\d.,]*|inf|nan)%?")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Images larger than this many pixels are refused before they are decoded (--max_image_pixels; 0: no limit).
 DEFAULT_MAX_IMAGE_PIXELS = 64_000_000
+_PIL_MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
 
 
 class CLIError(Exception):
@@ -734,8 +735,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     budget = getattr(args, "max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS)
-    # PIL's own decompression-bomb limit follows the budget (it raises at twice its MAX_IMAGE_PIXELS).
-    Image.MAX_IMAGE_PIXELS = budget or None
+    # PIL's own decompression-bomb limit (it raises at twice its MAX_IMAGE_PIXELS) must not stop an image the budget
+    # allows; smaller images are refused by the budget check from their header first.
+    Image.MAX_IMAGE_PIXELS = max(budget, _PIL_MAX_IMAGE_PIXELS) if budget else None
     try:
         args.function(args)
     except KeyboardInterrupt:

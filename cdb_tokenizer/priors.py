@@ -211,15 +211,13 @@ def load_tokenizer(
     from .image_processing_cdb_vq import CDBVQImageProcessor
     from .modeling_cdb_vq import CDBVQModel
 
-    if trust_remote_code:
-        model = AutoModel.from_pretrained(name_or_path, trust_remote_code=True, **kwargs).eval()
-    else:
-        model = CDBVQModel.from_pretrained(name_or_path, **kwargs).eval()
+    # Only the caller's own `trust_remote_code` is passed on (never a literal True).
+    model_class = AutoModel if trust_remote_code else CDBVQModel
+    processor_class = AutoImageProcessor if trust_remote_code else CDBVQImageProcessor
+    options = {"trust_remote_code": trust_remote_code} if trust_remote_code else {}
+    model = model_class.from_pretrained(name_or_path, **options, **kwargs).eval()
     try:
-        if trust_remote_code:
-            processor = AutoImageProcessor.from_pretrained(name_or_path, trust_remote_code=True, **kwargs)
-        else:
-            processor = CDBVQImageProcessor.from_pretrained(name_or_path, **kwargs)
+        processor = processor_class.from_pretrained(name_or_path, **options, **kwargs)
     except (OSError, ValueError):
         resolution = model.config.resolution
         processor = CDBVQImageProcessor(size={"height": resolution, "width": resolution})

@@ -34,9 +34,13 @@ def is_secret_key(key: Any, value: Any) -> bool:
 
 
 def redact_secrets(value: Any) -> Any:
-    """`value` without secret-named keys (at any depth) and with `hf_...` tokens blanked inside every string."""
+    """`value` without secret-named keys or bare `hf_...` token values (at any depth), and with `hf_...` tokens
+    blanked inside every other string."""
     if isinstance(value, dict):
-        return {key: redact_secrets(item) for key, item in value.items() if not is_secret_key(key, item)}
+        return {
+            key: redact_secrets(item) for key, item in value.items()
+            if not is_secret_key(key, item) and not (isinstance(item, str) and HF_TOKEN.fullmatch(item.strip()))
+        }  # fmt: skip
     if isinstance(value, (list, tuple)):
         return [redact_secrets(item) for item in value]
     if isinstance(value, str):
