@@ -147,9 +147,10 @@ class OutputDirInUse(ValueError):
     """--output_dir holds another run, and neither --resume_from_checkpoint nor --overwrite_output_dir was given."""
 
 
-# What a run writes to its output folder: --overwrite_output_dir deletes these (and nothing else that lies there).
-RUN_FILES = ("checkpoints", "training_config.json", "metrics.json", "model.safetensors", "config.json",
-             "preprocessor_config.json", "reconstructions.png", "codebook_usage.png", "prototypes.safetensors")  # fmt: skip
+# What marks an output folder as holding a run, and what --overwrite_output_dir deletes (nothing else that lies
+# there: config.json and the remote-code files are replaced by save_pretrained at the end of the new run).
+RUN_MARKERS = ("checkpoints", "training_config.json", "metrics.json", "model.safetensors")
+RUN_FILES = RUN_MARKERS + ("reconstructions.png", "codebook_usage.png", "prototypes.safetensors")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -768,7 +769,7 @@ def resume(accelerator: Accelerator, args) -> tuple[int, dict[str, torch.Tensor]
 def prepare_output_dir(args: argparse.Namespace, accelerator: Accelerator) -> None:
     """Create --output_dir, refusing one that holds another run unless the user said to resume or to start over."""
     output_dir = Path(args.output_dir)
-    found = [name for name in RUN_FILES if (output_dir / name).exists()] if output_dir.is_dir() else []
+    found = [name for name in RUN_MARKERS if (output_dir / name).exists()] if output_dir.is_dir() else []
     log_file = output_dir / args.logging_dir / "train_log.jsonl"
     if log_file.is_file():
         found.append(str(Path(args.logging_dir) / "train_log.jsonl"))
