@@ -322,8 +322,7 @@ class CDBVQModel(CDBVQPreTrainedModel):
                 f"pixel_values must be a floating-point tensor in [-1, 1], got dtype {pixel_values.dtype}; "
                 f"prepare images with CDBVQImageProcessor (or the model's AutoImageProcessor)."
             )
-        low, high = torch.aminmax(pixel_values.detach())
-        low, high = float(low), float(high)
+        low, high = torch.stack(torch.aminmax(pixel_values.detach())).float().tolist()  # one device sync
         if not (math.isfinite(low) and math.isfinite(high)):
             raise ValueError("pixel_values contains NaN or infinite values.")
         limit = 1.0 + self._PIXEL_RANGE_TOLERANCE
@@ -352,11 +351,11 @@ class CDBVQModel(CDBVQPreTrainedModel):
             )
         if image_tokens.numel() == 0:
             raise ValueError(f"image_tokens is empty (shape {tuple(image_tokens.shape)}): there is nothing to decode.")
-        low, high = torch.aminmax(image_tokens)
-        if int(low) < 0 or int(high) >= self.config.codebook_size:
+        low, high = torch.stack(torch.aminmax(image_tokens)).tolist()  # one device sync
+        if low < 0 or high >= self.config.codebook_size:
             raise ValueError(
                 f"image_tokens must be code ids in [0, {self.config.codebook_size}), got values in "
-                f"[{int(low)}, {int(high)}]; if they come from a prior, remove its "
+                f"[{low}, {high}]; if they come from a prior, remove its "
                 f"special-token offset first."
             )
 
