@@ -249,6 +249,13 @@ def check_output_folder(out: str) -> Path:
     return path
 
 
+def check_targets(paths: Sequence[Path]) -> None:
+    """Refuse up front (before any work) output files that exist and are not regular files."""
+    for path in paths:
+        if os.path.lexists(path) and not stat.S_ISREG(os.lstat(path).st_mode):
+            raise CLIError(f"{path} exists and is not a regular file (a link, folder or device); not replacing it.")
+
+
 def replace_file(path: Path, write) -> None:
     """Write a file through `write(temporary_path)` then rename it over `path`: never half a file, never through a
     symlink or into a device. Refuses to replace anything but a regular file."""
@@ -426,6 +433,7 @@ def decode_command(args: argparse.Namespace) -> None:
             f"the file is damaged or was modified."
         )
     names = _image_names(metadata, len(tokens))
+    check_targets([out / f"{name}.png" for name in names])
     device = next(model.parameters()).device
     with tqdm(total=len(tokens), desc="decoding", unit="image") as progress:
         for start in range(0, len(tokens), args.batch_size):
@@ -457,6 +465,8 @@ def reconstruct_command(args: argparse.Namespace) -> None:
     check_output_folder(str(out / "reconstructions"))
     model, processor, _, _ = load_model(args.model, args.device, args.dtype, args.trust_remote_code)
     names = unique_names(paths)
+    check_targets([folder / f"{name}.png" for name in names for folder in (out, out / "reconstructions")])
+    check_targets([out / "psnr.json"])
     scores = {}
     with tqdm(total=len(paths), desc="reconstructing", unit="image") as progress:
         for start in range(0, len(paths), args.batch_size):
