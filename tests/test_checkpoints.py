@@ -135,6 +135,10 @@ def test_latest_skips_a_damaged_checkpoint_and_a_named_one_is_refused(straight, 
     (damaged / "training_state.safetensors").write_bytes(b"\xff" * size)
     with pytest.raises(CheckpointError, match="training_state.safetensors is damaged"):
         main(RUN + ["--output_dir", str(output_dir), "--resume_from_checkpoint", "latest"])
+    # Only incomplete checkpoints left: latest stops instead of silently training from scratch.
+    (damaged / "training_state.safetensors").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match=r"no complete checkpoint, only incomplete ones \(checkpoint-2: "):
+        main(RUN + ["--output_dir", str(output_dir), "--resume_from_checkpoint", "latest"])
 
 
 def test_an_output_folder_holding_another_run_is_refused_and_overwrite_starts_over(straight, tmp_path, capsys):

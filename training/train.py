@@ -740,8 +740,14 @@ def resume(accelerator: Accelerator, args) -> tuple[int, dict[str, torch.Tensor]
         complete, incomplete = complete_checkpoints(args.output_dir)
         for path, reason in incomplete:
             logger.warning(f"Skipping the incomplete checkpoint {path}: {reason}.")
+        if not complete and incomplete:
+            raise CheckpointError(
+                f"--resume_from_checkpoint latest: {args.output_dir}/checkpoints holds no complete checkpoint, only "
+                f"incomplete ones ({', '.join(f'{path.name}: {reason}' for path, reason in incomplete)}). Pass "
+                f"--overwrite_output_dir to start over."
+            )
         if not complete:
-            logger.info(f"No complete checkpoint in {args.output_dir}/checkpoints: starting a new run.")
+            logger.info(f"No checkpoint in {args.output_dir}/checkpoints: starting a new run.")
             return 0, {}, {}
         path = complete[-1]
     else:
