@@ -166,12 +166,14 @@ def load_custom_state(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
         try:
             tensors = load_file(str(path / STATE_TENSORS))
         except (SafetensorError, OSError, ValueError, RuntimeError) as error:
-            raise CheckpointError(f"{path / STATE_TENSORS} is damaged ({error}); resume from another checkpoint.") from None
+            message = f"{path / STATE_TENSORS} is damaged ({error}); resume from another checkpoint."
+            raise CheckpointError(message) from None
     if (path / STATE_JSON).is_file():
         try:
             state = json.loads((path / STATE_JSON).read_text(encoding="utf-8"))
         except (ValueError, UnicodeDecodeError) as error:
-            raise CheckpointError(f"{path / STATE_JSON} is damaged ({error}); resume from another checkpoint.") from None
+            message = f"{path / STATE_JSON} is damaged ({error}); resume from another checkpoint."
+            raise CheckpointError(message) from None
         if not isinstance(state, dict):
             raise CheckpointError(f"{path / STATE_JSON} does not hold a JSON object; resume from another checkpoint.")
     return tensors, state

@@ -157,7 +157,8 @@ def check_image_files(paths: Sequence[str], max_pixels: int | None = DEFAULT_MAX
         if not path.exists():
             raise CLIError(f"{name}: no such file.")
         if not path.is_file():
-            raise CLIError(f"{name}: is a directory, not an image file." if path.is_dir() else f"{name}: not a regular file.")
+            kind = "is a directory, not an image file" if path.is_dir() else "not a regular file"
+            raise CLIError(f"{name}: {kind}.")
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -343,7 +344,8 @@ def encode_command(args: argparse.Namespace) -> None:
     with tqdm(total=len(paths), desc="encoding", unit="image") as progress:
         for start in range(0, len(paths), args.batch_size):
             batch = paths[start : start + args.batch_size]
-            pixel_values = pixel_values_of([load_image(path, args.max_image_pixels) for path in batch], processor, model)
+            images = [load_image(path, args.max_image_pixels) for path in batch]
+            pixel_values = pixel_values_of(images, processor, model)
             grids.append(model.encode(pixel_values).image_tokens.cpu())
             progress.update(len(batch))
     if len({tuple(grid.shape[1:]) for grid in grids}) > 1:
@@ -381,9 +383,13 @@ def read_token_file(path: str) -> tuple[torch.Tensor, dict[str, str]]:
                 raise CLIError(f"{path} is not a cdb-vq token file (write one with `cdb-vq encode`).")
             tokens = handle.get_tensor("image_tokens")
     except (SafetensorError, OSError, ValueError, RuntimeError):
-        raise CLIError(f"{path} is not a safetensors file, or it is truncated (write one with `cdb-vq encode`).") from None
+        raise CLIError(
+            f"{path} is not a safetensors file, or it is truncated (write one with `cdb-vq encode`)."
+        ) from None
     if tokens.dtype not in (torch.int32, torch.int64, torch.int16, torch.uint8):
-        raise CLIError(f"{path} holds {tokens.dtype} tokens, not integer code ids; it was not written by `cdb-vq encode`.")
+        raise CLIError(
+            f"{path} holds {tokens.dtype} tokens, not integer code ids; it was not written by `cdb-vq encode`."
+        )
     if tokens.ndim != 3:
         raise CLIError(f"{path} holds tokens of shape {tuple(tokens.shape)}, expected (images, height, width).")
     if tokens.numel() == 0:
@@ -454,7 +460,8 @@ def _image_names(metadata: dict[str, str], count: int) -> list[str]:
     if not isinstance(names, list) or len(names) != count:
         return [f"image-{index:05d}" for index in range(count)]
     # Never a path outside --out, and never two images on one file.
-    return unique_names([Path(safe_name(str(name), f"image-{index:05d}") + ".png") for index, name in enumerate(names)])
+    safe = [Path(safe_name(str(name), f"image-{index:05d}") + ".png") for index, name in enumerate(names)]
+    return unique_names(safe)
 
 
 @torch.inference_mode()
@@ -471,7 +478,8 @@ def reconstruct_command(args: argparse.Namespace) -> None:
     with tqdm(total=len(paths), desc="reconstructing", unit="image") as progress:
         for start in range(0, len(paths), args.batch_size):
             batch = paths[start : start + args.batch_size]
-            pixel_values = pixel_values_of([load_image(path, args.max_image_pixels) for path in batch], processor, model)
+            images = [load_image(path, args.max_image_pixels) for path in batch]
+            pixel_values = pixel_values_of(images, processor, model)
             # Through the tokens, as a prior's samples would be: the same images `encode` + `decode` give.
             reconstruction = model.decode(model.encode(pixel_values).image_tokens).float()
             originals = to_unit_images(pixel_values, processor)
@@ -613,7 +621,9 @@ def tokenize_command(args: argparse.Namespace) -> None:
     total = len(dataset)
     max_pixels = args.max_image_pixels
     dataset = dataset.filter(
-        lambda value: decode_image(value, max_pixels=max_pixels) is not None, input_columns=args.image_column, desc="checking images"
+        lambda value: decode_image(value, max_pixels=max_pixels) is not None,
+        input_columns=args.image_column,
+        desc="checking images",
     )
     skipped = total - len(dataset)
     if len(dataset) == 0:

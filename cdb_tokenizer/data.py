@@ -255,7 +255,8 @@ class TrainImages(torch.utils.data.Dataset):
     """Augmented crops of a map-style image source: a `datasets.Dataset` column or a list of images.
 
     An unreadable image is replaced by the next readable one (so batches keep their size on every process) and
-    counted in the sample's `"skipped"` field (and named in `"skipped_ids"`, so a caller can count distinct files). Call `set_epoch` before each epoch: crops depend on
+    counted in the sample's `"skipped"` field (and named in `"skipped_ids"`, so a caller can count distinct files).
+    Call `set_epoch` before each epoch: crops depend on
     (seed, epoch, index) only.
     """
 
