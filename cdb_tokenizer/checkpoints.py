@@ -1,31 +1,179 @@
-"""Checkpoint folders shared by the training scripts (training-only: imports accelerate)."""
+"""Checkpoint folders shared by the training scripts (training-only: imports accelerate).
+
+A checkpoint is written into `checkpoints/checkpoint-<step>.tmp`, flushed to disk (fsync), given a manifest of its
+files and their sizes (`cdb_vq_checkpoint.json`, written last) and only then renamed to `checkpoint-<step>`; older
+checkpoints are rotated out after that. A folder without a valid manifest (a run killed in the middle of a write)
+is incomplete: `latest` skips it and says so. Custom state (the weight EMA, counters) goes in as safetensors and
+JSON, never as a pickle.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import shutil
 from pathlib import Path
 
+import torch
 from accelerate import Accelerator
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
 
 logger = logging.getLogger(__name__)
 
+MANIFEST = "cdb_vq_checkpoint.json"
+STATE_TENSORS = "training_state.safetensors"
+STATE_JSON = "training_state.json"
+TMP_SUFFIX = ".tmp"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed (incomplete, damaged, tampered with, or from another run)."""
+
+
+def _step_of(path: Path) -> int | None:
+    suffix = path.name[len("checkpoint-") :]
+    return int(suffix) if path.name.startswith("checkpoint-") and suffix.isdigit() else None
+
 
 def checkpoint_dirs(output_dir: str | Path) -> list[Path]:
-    """`<output_dir>/checkpoints/checkpoint-<step>` folders of a run, oldest first."""
-    folders = [p for p in (Path(output_dir) / "checkpoints").glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
-    return sorted((p for p in folders if p.is_dir()), key=lambda p: int(p.name.split("-")[-1]))
+    """`<output_dir>/checkpoints/checkpoint-<step>` folders of a run (complete or not), oldest first."""
+    folders = [p for p in (Path(output_dir) / "checkpoints").glob("checkpoint-*") if _step_of(p) is not None]
+    return sorted((p for p in folders if p.is_dir()), key=_step_of)
 
 
-def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, step: int, total_limit: int | None) -> Path:
-    """`accelerator.save_state` into checkpoints/checkpoint-<step>, keeping at most `total_limit` checkpoints."""
-    path = Path(output_dir) / "checkpoints" / f"checkpoint-{step}"
-    if accelerator.is_main_process and total_limit is not None:
-        existing = [p for p in checkpoint_dirs(output_dir) if p != path]
-        for old in existing[: max(0, len(existing) - total_limit + 1)]:
-            shutil.rmtree(old)
+def incomplete_reason(path: str | Path) -> str | None:
+    """Why the checkpoint folder is not complete (None when it is): no manifest, or a file missing or resized."""
+    path = Path(path)
+    manifest_file = path / MANIFEST
+    if not manifest_file.is_file():
+        return f"it has no {MANIFEST} (the write was interrupted, or an older version wrote it)"
+    try:
+        manifest = json.loads(manifest_file.read_text(encoding="utf-8"))
+        files = dict(manifest["files"])
+        int(manifest["step"])
+    except (ValueError, KeyError, TypeError) as error:
+        return f"its {MANIFEST} is damaged ({error})"
+    for name, size in files.items():
+        file = path / name
+        if ".." in Path(name).parts or Path(name).is_absolute():
+            return f"its {MANIFEST} names a file outside the folder ({name!r})"
+        if not file.is_file():
+            return f"{name} is missing"
+        if file.stat().st_size != size:
+            return f"{name} has {file.stat().st_size} bytes, the manifest says {size}"
+    return None
+
+
+def complete_checkpoints(output_dir: str | Path) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """(complete checkpoints oldest first, [(incomplete folder, why)]), `.tmp` folders counted as incomplete."""
+    complete, incomplete = [], []
+    for path in checkpoint_dirs(output_dir):
+        reason = incomplete_reason(path)
+        (complete.append(path) if reason is None else incomplete.append((path, reason)))
+    for path in sorted((Path(output_dir) / "checkpoints").glob(f"checkpoint-*{TMP_SUFFIX}")):
+        incomplete.append((path, "its write never finished"))
+    return complete, incomplete
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file or a folder entry to disk (folders: best effort, some systems cannot open them)."""
+    try:
+        descriptor = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
+
+
+def save_checkpoint(
+    accelerator: Accelerator,
+    output_dir: str | Path,
+    step: int,
+    total_limit: int | None,
+    tensors: dict[str, torch.Tensor] | None = None,
+    state: dict | None = None,
+) -> Path:
+    """Write checkpoints/checkpoint-<step> atomically, then keep at most `total_limit` complete checkpoints.
+
+    `accelerator.save_state` (weights, optimisers, schedulers, every process's RNG state) and this module's custom
+    state (`tensors` as safetensors, `state` as JSON) go into `checkpoint-<step>.tmp`; the main process flushes
+    every file, writes the manifest, and renames the folder. Older checkpoints are deleted only after that, so a
+    crash at any point leaves the previous complete checkpoint in place.
+    """
+    folder = Path(output_dir) / "checkpoints"
+    final = folder / f"checkpoint-{step}"
+    temporary = folder / f"checkpoint-{step}{TMP_SUFFIX}"
+    if accelerator.is_main_process:
+        if temporary.exists():
+            shutil.rmtree(temporary)  # left by a run killed while writing this step
+        temporary.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(path))  # every process writes its own RNG state
-    logger.info(f"Saved checkpoint {path}.")
-    return path
+    accelerator.save_state(str(temporary))  # every process writes its own RNG state
+    if accelerator.is_main_process:
+        save_file({name: value.detach().cpu().contiguous() for name, value in (tensors or {}).items()},
+                  str(temporary / STATE_TENSORS))  # fmt: skip
+        (temporary / STATE_JSON).write_text(json.dumps(state or {}, indent=2, default=str) + "\n", encoding="utf-8")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        files = {}
+        for file in sorted(p for p in temporary.rglob("*") if p.is_file()):
+            _fsync(file)
+            files[file.relative_to(temporary).as_posix()] = file.stat().st_size
+        manifest = {"format_version": FORMAT_VERSION, "step": step, "files": files}
+        (temporary / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+        _fsync(temporary / MANIFEST)
+        _fsync(temporary)
+        if final.exists():  # a stale checkpoint of the same step (e.g. an incomplete one): set aside, then delete
+            stale = folder / f"checkpoint-{step}.stale{TMP_SUFFIX}"
+            shutil.rmtree(stale, ignore_errors=True)
+            os.replace(final, stale)
+            os.replace(temporary, final)
+            shutil.rmtree(stale)
+        else:
+            os.replace(temporary, final)
+        _fsync(folder)
+        if total_limit is not None:
+            complete, incomplete = complete_checkpoints(output_dir)
+            older = [p for p in complete if p != final]
+            for old in older[: max(0, len(older) - total_limit + 1)]:
+                shutil.rmtree(old)
+            for path, _ in incomplete:  # the remains of interrupted writes
+                if path.name.endswith(TMP_SUFFIX):
+                    shutil.rmtree(path, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    logger.info(f"Saved checkpoint {final}.")
+    return final
+
+
+def checkpoint_step(path: str | Path) -> int:
+    """The step a complete checkpoint was taken at (from its manifest)."""
+    return int(json.loads((Path(path) / MANIFEST).read_text(encoding="utf-8"))["step"])
+
+
+def load_custom_state(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """The custom tensors (safetensors) and JSON state of a checkpoint; a damaged file is a `CheckpointError`."""
+    path = Path(path)
+    tensors, state = {}, {}
+    if (path / STATE_TENSORS).is_file():
+        try:
+            tensors = load_file(str(path / STATE_TENSORS))
+        except (SafetensorError, OSError, ValueError, RuntimeError) as error:
+            message = f"{path / STATE_TENSORS} is damaged ({error}); resume from another checkpoint."
+            raise CheckpointError(message) from None
+    if (path / STATE_JSON).is_file():
+        try:
+            state = json.loads((path / STATE_JSON).read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as error:
+            message = f"{path / STATE_JSON} is damaged ({error}); resume from another checkpoint."
+            raise CheckpointError(message) from None
+        if not isinstance(state, dict):
+            raise CheckpointError(f"{path / STATE_JSON} does not hold a JSON object; resume from another checkpoint.")
+    return tensors, state

@@ -20,8 +20,12 @@ import hashlib
 import itertools
 import json
 import math
+import os
 import re
+import stat
 import sys
+import traceback
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -35,6 +39,9 @@ TOKEN_FILE_FORMAT = "cdb-vq-tokens"
 TOKEN_FILE_VERSION = "1"
 _NUMBER = re.compile(r"[-+]?(\d[\d.,]*|inf|nan)%?")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Images larger than this many pixels are refused before they are decoded (--max_image_pixels; 0: no limit).
+DEFAULT_MAX_IMAGE_PIXELS = 64_000_000
+_PIL_MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
 
 
 class CLIError(Exception):
@@ -65,15 +72,18 @@ def codebook_fingerprint(model) -> str:
     return hashlib.sha256(codes.numpy().tobytes()).hexdigest()[:16]
 
 
-def load_model(name_or_path: str, device: str | None = None, dtype: str = "float32"):
+def load_model(name_or_path: str, device: str | None = None, dtype: str = "float32", trust_remote_code: bool = False):
     """Load a cdb-vq tokenizer from a local folder or a Hub repo id, in eval mode on `device` in `dtype`.
+
+    The folder's `config.json` is read as plain JSON first, so a model of another kind is refused before anything of
+    it is loaded. Without `trust_remote_code` the classes of this package load the weights: code shipped with the
+    folder or repository (`auto_map`) never runs.
 
     Returns `(model, processor, model_id, fingerprint)`: `model_id` is the Hub id or the folder's absolute path, and
     `fingerprint` is the codebook's `codebook_fingerprint` taken before the dtype cast.
     """
     from huggingface_hub.errors import HFValidationError
     from huggingface_hub.utils import validate_repo_id
-    from transformers import AutoConfig
 
     from .priors import load_tokenizer
 
@@ -97,18 +107,41 @@ def load_model(name_or_path: str, device: str | None = None, dtype: str = "float
                 f"--model {name_or_path!r} is neither a local folder nor a valid Hub model id (org/name)."
             ) from None
         model_id = name_or_path
+    # The config first, as data (one small file): a model of another kind is refused before its weights or code load.
+    model_type = _read_model_config(name_or_path, model_id).get("model_type")
+    if model_type != "cdb_vq":
+        raise CLIError(f"--model {name_or_path} is a {model_type!r} model, not a cdb-vq tokenizer.")
     try:
-        # The config first (one small file): a model of another kind is refused before its weights load.
-        model_type = AutoConfig.from_pretrained(model_id, trust_remote_code=True).model_type
-        if model_type != "cdb_vq":
-            raise CLIError(f"--model {name_or_path} is a {model_type!r} model, not a cdb-vq tokenizer.")
-        model, processor = load_tokenizer(model_id)
-    except (OSError, ValueError, KeyError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CLIError(f"could not load model {name_or_path!r}: {first_line}") from None
+        model, processor = load_tokenizer(model_id, trust_remote_code=trust_remote_code)
+    except Exception as error:  # noqa: BLE001 - missing, corrupt or mismatched weights, bad config values, Hub errors
+        raise CLIError(f"could not load model {name_or_path!r}: {_first_line(error)}") from None
     fingerprint = codebook_fingerprint(model)
     model.to(device=device, dtype=DTYPES[dtype])
     return model, processor, model_id, fingerprint
+
+
+def _read_model_config(name: str, model_id: str) -> dict:
+    """The model's config.json as plain JSON (never through a config class, which may be remote code)."""
+    try:
+        if Path(model_id).is_dir():
+            config_file = Path(model_id) / "config.json"
+        else:
+            from huggingface_hub import hf_hub_download
+
+            config_file = Path(hf_hub_download(model_id, "config.json"))
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CLIError(f"--model {name}: config.json is not valid JSON ({_first_line(error)}).") from None
+    except Exception as error:  # noqa: BLE001 - Hub errors (not found, offline, gated) have no common base class
+        raise CLIError(f"could not load model {name!r}: {_first_line(error)}") from None
+    if not isinstance(config, dict):
+        raise CLIError(f"--model {name}: config.json does not hold a JSON object.")
+    return config
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _looks_like_path(name: str) -> bool:
@@ -116,46 +149,128 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or name.endswith(("/", "\\")) or "\\" in name or name.count("/") > 1
 
 
-def check_image_files(paths: Sequence[str]) -> list[Path]:
-    """Check that every path is a file PIL can open as an image (header only, so this is quick)."""
+def check_image_files(paths: Sequence[str], max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> list[Path]:
+    """Check that every path is a file PIL can open as an image within the pixel budget (header only: quick)."""
     checked = []
     for name in paths:
         path = Path(name)
         if not path.exists():
             raise CLIError(f"{name}: no such file.")
         if not path.is_file():
-            raise CLIError(f"{name}: is a directory, not an image file.")
+            kind = "is a directory, not an image file" if path.is_dir() else "not a regular file"
+            raise CLIError(f"{name}: {kind}.")
         try:
-            with Image.open(path):
-                pass
-        except (UnidentifiedImageError, OSError):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                with Image.open(path) as image:
+                    size = image.size
+        except Image.DecompressionBombError:
+            raise CLIError(f"{name}: the image is too large to decode safely (a decompression bomb?).") from None
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
             raise CLIError(f"{name}: not an image file (PIL cannot read it).") from None
+        if max_pixels and size[0] * size[1] > max_pixels:
+            raise CLIError(
+                f"{name}: {size[0]}x{size[1]} pixels ({size[0] * size[1] / 1e6:.1f} megapixels) is over the "
+                f"{max_pixels / 1e6:g}-megapixel budget; shrink it first or raise --max_image_pixels."
+            )
         checked.append(path)
     if not checked:
         raise CLIError("no images given.")
     return checked
 
 
-def load_image(path: Path) -> Image.Image:
-    """An image file as RGB (transparent images on white), or a one-line error when it cannot be decoded."""
+def load_image(path: Path, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
+    """An image file as RGB, upright (EXIF orientation applied; transparent images on white), or a one-line error."""
     from .data import decode_image
 
-    image = decode_image(path)
+    image = decode_image(path, max_pixels=max_pixels)
     if image is None:
         raise CLIError(f"{path}: the image file is broken or truncated (PIL cannot decode it).")
     return image
 
 
+_UNSAFE_NAME = re.compile(r"[^A-Za-z0-9._+=@-]+")
+
+
+def safe_name(name: str, fallback: str) -> str:
+    """A file stem that stays inside the output folder on any system: no separators, no leading dots, not empty."""
+    cleaned = _UNSAFE_NAME.sub("_", Path(str(name).replace("\\", "/")).name).lstrip(".")[:200]
+    return cleaned or fallback
+
+
 def unique_names(paths: Sequence[Path]) -> list[str]:
-    """File stems, made unique with a numeric suffix (photos/a.jpg and other/a.png -> a, a-1)."""
-    seen: dict[str, int] = {}
+    """File stems, made unique with a numeric suffix (photos/a.jpg and other/a.png -> a, a-1).
+
+    Unique also without regard to case (a.png and A.png would be one file on macOS and Windows) and against the
+    suffixed names themselves (a.png, a.jpg and a-1.png give a, a-2 and a-1).
+    """
+    stems = [safe_name(path.stem, f"image-{index:05d}") for index, path in enumerate(paths)]
+    reserved = {stem.casefold() for stem in stems}
+    used: set[str] = set()
     names = []
-    for path in paths:
-        stem = path.stem
-        count = seen.get(stem, 0)
-        seen[stem] = count + 1
-        names.append(stem if count == 0 else f"{stem}-{count}")
+    for stem in stems:
+        name, count = stem, 0
+        while name.casefold() in used or (count and name.casefold() in reserved):
+            count += 1
+            name = f"{stem}-{count}"
+        used.add(name.casefold())
+        names.append(name)
     return names
+
+
+def check_output_file(out: str) -> Path:
+    """--out for a file: a new path or a regular file to replace (never a folder, device, FIFO or symlink)."""
+    path = Path(out)
+    if os.path.lexists(path):
+        mode = os.lstat(path).st_mode
+        if stat.S_ISLNK(mode):
+            raise CLIError(f"--out {out} is a symbolic link; give a new path or a regular file to replace.")
+        if stat.S_ISDIR(mode):
+            raise CLIError(f"--out {out} is a folder; give a file name such as {Path(out) / 'tokens.safetensors'}.")
+        if not stat.S_ISREG(mode):
+            raise CLIError(f"--out {out} is not a regular file (a device, FIFO or socket); give a new path.")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise CLIError(f"--out {out}: cannot create its folder ({_first_line(error)}).") from None
+    return path
+
+
+def check_output_folder(out: str) -> Path:
+    """--out for a folder: a new path or an existing folder (never a file, device or FIFO)."""
+    path = Path(out)
+    if os.path.lexists(path) and not path.is_dir():
+        raise CLIError(f"--out {out} exists and is not a folder; give a new path or a folder.")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise CLIError(f"--out {out}: cannot create the folder ({_first_line(error)}).") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise CLIError(f"--out {out}: the folder is not writable.")
+    return path
+
+
+def check_targets(paths: Sequence[Path]) -> None:
+    """Refuse up front (before any work) output files that exist and are not regular files."""
+    for path in paths:
+        if os.path.lexists(path) and not stat.S_ISREG(os.lstat(path).st_mode):
+            raise CLIError(f"{path} exists and is not a regular file (a link, folder or device); not replacing it.")
+
+
+def replace_file(path: Path, write) -> None:
+    """Write a file through `write(temporary_path)` then rename it over `path`: never half a file, never through a
+    symlink or into a device. Refuses to replace anything but a regular file."""
+    if os.path.lexists(path) and not stat.S_ISREG(os.lstat(path).st_mode):
+        raise CLIError(f"{path} exists and is not a regular file (a link, folder or device); not replacing it.")
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    except OSError as error:
+        raise CLIError(f"cannot write {path}: {_first_line(error)}") from None
+    finally:
+        if os.path.lexists(temporary):
+            os.unlink(temporary)
 
 
 def pixel_values_of(images: list[Image.Image], processor, model) -> torch.Tensor:
@@ -222,13 +337,15 @@ def encode_command(args: argparse.Namespace) -> None:
     """Images -> a safetensors file of token grids with the model's identity in its metadata."""
     from safetensors.torch import save_file
 
-    paths = check_image_files(args.images)
-    model, processor, model_id, fingerprint = load_model(args.model, args.device, args.dtype)
+    paths = check_image_files(args.images, args.max_image_pixels)
+    out = check_output_file(args.out)
+    model, processor, model_id, fingerprint = load_model(args.model, args.device, args.dtype, args.trust_remote_code)
     grids = []
     with tqdm(total=len(paths), desc="encoding", unit="image") as progress:
         for start in range(0, len(paths), args.batch_size):
             batch = paths[start : start + args.batch_size]
-            pixel_values = pixel_values_of([load_image(path) for path in batch], processor, model)
+            images = [load_image(path, args.max_image_pixels) for path in batch]
+            pixel_values = pixel_values_of(images, processor, model)
             grids.append(model.encode(pixel_values).image_tokens.cpu())
             progress.update(len(batch))
     if len({tuple(grid.shape[1:]) for grid in grids}) > 1:
@@ -248,14 +365,12 @@ def encode_command(args: argparse.Namespace) -> None:
         "image_width": str(width),
         "images": json.dumps(unique_names(paths)),
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_file({"image_tokens": tokens}, str(out), metadata=metadata)
+    replace_file(out, lambda path: save_file({"image_tokens": tokens}, str(path), metadata=metadata))
     print(f"wrote {tokens.shape[0]} images x {tokens.shape[1]}x{tokens.shape[2]} tokens to {out}")
 
 
 def read_token_file(path: str) -> tuple[torch.Tensor, dict[str, str]]:
-    """The (N, h, w) tokens and metadata of a file written by `cdb-vq encode`."""
+    """The (N, h, w) tokens and metadata of a file written by `cdb-vq encode`, checked before any model is loaded."""
     from safetensors import SafetensorError, safe_open
 
     if not Path(path).is_file():
@@ -267,10 +382,24 @@ def read_token_file(path: str) -> tuple[torch.Tensor, dict[str, str]]:
             if metadata.get("format") != TOKEN_FILE_FORMAT or "image_tokens" not in names:
                 raise CLIError(f"{path} is not a cdb-vq token file (write one with `cdb-vq encode`).")
             tokens = handle.get_tensor("image_tokens")
-    except SafetensorError:
-        raise CLIError(f"{path} is not a safetensors file (write one with `cdb-vq encode`).") from None
+    except (SafetensorError, OSError, ValueError, RuntimeError):
+        raise CLIError(
+            f"{path} is not a safetensors file, or it is truncated (write one with `cdb-vq encode`)."
+        ) from None
+    if tokens.dtype not in (torch.int32, torch.int64, torch.int16, torch.uint8):
+        raise CLIError(
+            f"{path} holds {tokens.dtype} tokens, not integer code ids; it was not written by `cdb-vq encode`."
+        )
     if tokens.ndim != 3:
         raise CLIError(f"{path} holds tokens of shape {tuple(tokens.shape)}, expected (images, height, width).")
+    if tokens.numel() == 0:
+        raise CLIError(f"{path} holds no tokens (shape {tuple(tokens.shape)}).")
+    grid = (metadata.get("grid_height"), metadata.get("grid_width"))
+    if None not in grid and tuple(map(str, tokens.shape[1:])) != grid:
+        raise CLIError(
+            f"{path} holds {tokens.shape[1]}x{tokens.shape[2]} token grids but its metadata says {grid[0]}x{grid[1]}; "
+            f"the file was modified after `cdb-vq encode`."
+        )
     return tokens.long(), metadata
 
 
@@ -281,8 +410,13 @@ def decode_command(args: argparse.Namespace) -> None:
     model_name = args.model or metadata.get("model")
     if not model_name:
         raise CLIError(f"{args.tokens} does not name its model; pass --model.")
+    out = check_output_folder(args.out)
+    if not args.model:
+        # The file's word is followed only as far as load_model goes for --model: a folder or Hub id whose
+        # config.json says cdb_vq, loaded by this package's classes (its code runs only with --trust-remote-code).
+        print(f"decoding with the model recorded in {args.tokens}: {model_name}", file=sys.stderr)
     try:
-        model, processor, _, fingerprint = load_model(model_name, args.device, args.dtype)
+        model, processor, _, fingerprint = load_model(model_name, args.device, args.dtype, args.trust_remote_code)
     except CLIError as error:
         if args.model:
             raise
@@ -298,16 +432,21 @@ def decode_command(args: argparse.Namespace) -> None:
             f"{args.tokens} was encoded with a different codebook ({source}) than {model_name}'s; "
             f"decode with --model {source}."
         )
+    low, high = int(tokens.min()), int(tokens.max())
+    if low < 0 or high >= model.config.codebook_size:
+        raise CLIError(
+            f"{args.tokens} holds code ids in [{low}, {high}], outside the model's [0, {model.config.codebook_size}); "
+            f"the file is damaged or was modified."
+        )
     names = _image_names(metadata, len(tokens))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    check_targets([out / f"{name}.png" for name in names])
     device = next(model.parameters()).device
     with tqdm(total=len(tokens), desc="decoding", unit="image") as progress:
         for start in range(0, len(tokens), args.batch_size):
             grids = tokens[start : start + args.batch_size].to(device)
             images = processor.postprocess(model.decode_image_tokens(grids).float()).pixel_values
             for name, image in zip(names[start : start + args.batch_size], images):
-                image.save(out / f"{name}.png")
+                replace_file(out / f"{name}.png", lambda path, image=image: image.save(path, format="PNG"))
             progress.update(len(grids))
     print(f"wrote {len(tokens)} images to {out}")
 
@@ -318,24 +457,29 @@ def _image_names(metadata: dict[str, str], count: int) -> list[str]:
         names = json.loads(metadata.get("images", "null"))
     except json.JSONDecodeError:
         names = None
-    if not isinstance(names, list) or len(names) != count or len(set(map(str, names))) != count:
+    if not isinstance(names, list) or len(names) != count:
         return [f"image-{index:05d}" for index in range(count)]
-    return [Path(str(name)).name for name in names]  # never a path outside --out
+    # Never a path outside --out, and never two images on one file.
+    safe = [Path(safe_name(str(name), f"image-{index:05d}") + ".png") for index, name in enumerate(names)]
+    return unique_names(safe)
 
 
 @torch.inference_mode()
 def reconstruct_command(args: argparse.Namespace) -> None:
     """Images -> tokens -> images: originals beside reconstructions, and the PSNR of each."""
-    paths = check_image_files(args.images)
-    model, processor, _, _ = load_model(args.model, args.device, args.dtype)
-    out = Path(args.out)
-    (out / "reconstructions").mkdir(parents=True, exist_ok=True)
+    paths = check_image_files(args.images, args.max_image_pixels)
+    out = check_output_folder(args.out)
+    check_output_folder(str(out / "reconstructions"))
+    model, processor, _, _ = load_model(args.model, args.device, args.dtype, args.trust_remote_code)
     names = unique_names(paths)
+    check_targets([folder / f"{name}.png" for name in names for folder in (out, out / "reconstructions")])
+    check_targets([out / "psnr.json"])
     scores = {}
     with tqdm(total=len(paths), desc="reconstructing", unit="image") as progress:
         for start in range(0, len(paths), args.batch_size):
             batch = paths[start : start + args.batch_size]
-            pixel_values = pixel_values_of([load_image(path) for path in batch], processor, model)
+            images = [load_image(path, args.max_image_pixels) for path in batch]
+            pixel_values = pixel_values_of(images, processor, model)
             # Through the tokens, as a prior's samples would be: the same images `encode` + `decode` give.
             reconstruction = model.decode(model.encode(pixel_values).image_tokens).float()
             originals = to_unit_images(pixel_values, processor)
@@ -344,24 +488,30 @@ def reconstruct_command(args: argparse.Namespace) -> None:
             singles = processor.postprocess(reconstruction).pixel_values
             for index, name in enumerate(names[start : start + args.batch_size]):
                 scores[name] = psnr(originals[index], reconstructions[index])
-                pairs[index].save(out / f"{name}.png")  # original left, reconstruction right
-                singles[index].save(out / "reconstructions" / f"{name}.png")
+                # original left, reconstruction right
+                replace_file(out / f"{name}.png", lambda path, image=pairs[index]: image.save(path, format="PNG"))
+                replace_file(
+                    out / "reconstructions" / f"{name}.png",
+                    lambda path, image=singles[index]: image.save(path, format="PNG"),
+                )
             progress.update(len(batch))
     mean = sum(scores.values()) / len(scores)
-    (out / "psnr.json").write_text(json.dumps({"images": scores, "mean": mean}, indent=2) + "\n")
+    text = json.dumps({"images": scores, "mean": mean}, indent=2) + "\n"
+    replace_file(out / "psnr.json", lambda path: path.write_text(text))
     rows = [(name, f"{value:.2f}") for name, value in scores.items()] + [("mean", f"{mean:.2f}")]
     print(format_table(["image", "PSNR (dB)"], rows))
     print(f"originals beside reconstructions in {out}, reconstructions alone in {out / 'reconstructions'}")
 
 
 def _readable_images(
-    dataset, image_column: str, counter: dict[str, int], limit: int | None = None
+    dataset, image_column: str, counter: dict[str, int], limit: int | None = None,
+    max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> Iterator[Image.Image]:
-    """Decoded images of a data set, row by row; unreadable ones are skipped and counted."""
+    """Decoded images of a data set, row by row; unreadable (or over-budget) ones are skipped and counted."""
     from .data import decode_image
 
     for row in itertools.islice(dataset, limit):
-        image = decode_image(row[image_column])
+        image = decode_image(row[image_column], max_pixels=max_pixels)
         if image is None:
             counter["unreadable"] += 1
             continue
@@ -377,12 +527,13 @@ def eval_command(args: argparse.Namespace) -> None:
             f"cdb-vq eval needs the training extras: pip install 'cdb-tokenizer[train]' ({error})."
         ) from None
     dataset = open_dataset(args.data, args.image_column, args.split)
-    model, processor, _, _ = load_model(args.model, args.device, args.dtype)
+    out = check_output_file(args.out) if args.out else None
+    model, processor, _, _ = load_model(args.model, args.device, args.dtype, args.trust_remote_code)
     counter = {"unreadable": 0}
 
     def batches() -> Iterator[torch.Tensor]:
         images = []
-        for image in _readable_images(dataset, args.image_column, counter, args.max_images):
+        for image in _readable_images(dataset, args.image_column, counter, args.max_images, args.max_image_pixels):
             images.append(image)
             if len(images) == args.batch_size:
                 yield pixel_values_of(images, processor, model)
@@ -405,16 +556,15 @@ def eval_command(args: argparse.Namespace) -> None:
     ]
     print(format_table(["metric", "value"], rows))
     print(json.dumps(metrics))
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(metrics, indent=2) + "\n")
+    if out is not None:
+        replace_file(out, lambda path: path.write_text(json.dumps(metrics, indent=2) + "\n"))
 
 
 def inspect_command(args: argparse.Namespace) -> None:
     """Codebook size, assignment rule, role ranges with their usage, and the labels of the most used codes."""
     from .publishing import codebook_summary
 
-    model, _, model_id, fingerprint = load_model(args.model, args.device, args.dtype)
+    model, _, model_id, fingerprint = load_model(args.model, args.device, args.dtype, args.trust_remote_code)
     summary = codebook_summary(model, top_k=args.top)
     if args.json:
         print(json.dumps({"model": model_id, "codebook_fingerprint": fingerprint, **summary}, indent=2))
@@ -465,10 +615,15 @@ def tokenize_command(args: argparse.Namespace) -> None:
         raise CLIError("tokenize needs a map-style data set (streaming is not supported).")
     if args.max_images is not None:
         dataset = dataset.select(range(min(args.max_images, len(dataset))))
-    model, processor, _, _ = load_model(args.model, args.device, args.dtype)
+    if os.path.lexists(args.out) and not Path(args.out).is_dir():
+        raise CLIError(f"--out {args.out} exists and is not a folder; give a new path or a folder.")
+    model, processor, _, _ = load_model(args.model, args.device, args.dtype, args.trust_remote_code)
     total = len(dataset)
+    max_pixels = args.max_image_pixels
     dataset = dataset.filter(
-        lambda value: decode_image(value) is not None, input_columns=args.image_column, desc="checking images"
+        lambda value: decode_image(value, max_pixels=max_pixels) is not None,
+        input_columns=args.image_column,
+        desc="checking images",
     )
     skipped = total - len(dataset)
     if len(dataset) == 0:
@@ -505,6 +660,23 @@ def _positive_int(value: str) -> int:
     return number
 
 
+def _non_negative_int(value: str) -> int:
+    number = int(value)
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or a positive integer, got {value}")
+    return number
+
+
+def _add_pixel_budget(command: argparse.ArgumentParser) -> None:
+    command.add_argument(
+        "--max_image_pixels",
+        type=_non_negative_int,
+        default=DEFAULT_MAX_IMAGE_PIXELS,
+        help=f"refuse (skip, in data sets) images with more pixels than this, before decoding them "
+        f"(default: {DEFAULT_MAX_IMAGE_PIXELS:,}; 0: no limit)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cdb-vq", description="The cdb-vq image tokenizer: images <-> discrete tokens."
@@ -520,6 +692,15 @@ def build_parser() -> argparse.ArgumentParser:
         )
         command.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
         command.add_argument("--dtype", choices=list(DTYPES), default="float32", help="model dtype (default: float32)")
+        command.add_argument(
+            "--trust-remote-code",
+            "--trust_remote_code",
+            dest="trust_remote_code",
+            action="store_true",
+            help="run the Python code a model folder or Hub repository ships (auto_map); off by default: this "
+            "package's own classes load the weights",
+        )
+        command.add_argument("--debug", action="store_true", help="show the full traceback of an error")
         command.set_defaults(function=function)
         return command
 
@@ -528,11 +709,13 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("--split", default="train", help="split of the data set (default: train)")
         command.add_argument("--image_column", default="image", help="column holding the images (default: image)")
         command.add_argument("--max_images", type=_positive_int, default=None, help="use at most this many images")
+        _add_pixel_budget(command)
 
     encode = add_command("encode", encode_command, "Encode images into a safetensors file of token grids.")
     encode.add_argument("images", nargs="+", help="image files")
     encode.add_argument("--out", required=True, help="output .safetensors file")
     encode.add_argument("--batch_size", type=_positive_int, default=16)
+    _add_pixel_budget(encode)
 
     decode = add_command("decode", decode_command, "Decode a token file into PNG images.", model_required=False)
     decode.add_argument("tokens", help="a .safetensors file written by `cdb-vq encode`")
@@ -546,6 +729,7 @@ def build_parser() -> argparse.ArgumentParser:
     reconstruct.add_argument("images", nargs="+", help="image files")
     reconstruct.add_argument("--out", required=True, help="output folder")
     reconstruct.add_argument("--batch_size", type=_positive_int, default=16)
+    _add_pixel_budget(reconstruct)
 
     evaluate = add_command("eval", eval_command, "PSNR, SSIM, codebook utilization and perplexity on a data set.")
     add_data_arguments(evaluate)
@@ -570,14 +754,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run `cdb-vq` with `argv` (default: the command line); returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    budget = getattr(args, "max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS)
+    # PIL's own decompression-bomb limit (it raises at twice its MAX_IMAGE_PIXELS) must not stop an image the budget
+    # allows; smaller images are refused by the budget check from their header first.
+    Image.MAX_IMAGE_PIXELS = max(budget, _PIL_MAX_IMAGE_PIXELS) if budget else None
     try:
         args.function(args)
-    except CLIError as error:
-        print(f"cdb-vq {args.command}: error: {error}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         print(f"cdb-vq {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as error:  # noqa: BLE001 - every failure is one line; --debug shows the traceback
+        if args.debug:
+            traceback.print_exc()
+        if isinstance(error, CLIError):
+            message = str(error)
+        elif isinstance(error, Image.DecompressionBombError):
+            message = f"an image is too large to decode safely (a decompression bomb?): {_first_line(error)}"
+        elif isinstance(error, OSError) and error.filename is not None:
+            message = f"{error.filename}: {error.strerror or _first_line(error)}"
+        else:
+            message = f"{_first_line(error)} ({type(error).__name__}{'' if args.debug else '; --debug shows where'})"
+        print(f"cdb-vq {args.command}: error: {message}", file=sys.stderr)
+        return 1
     return 0
 
 

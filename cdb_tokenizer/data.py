@@ -13,15 +13,18 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+import warnings
+
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +36,11 @@ SKIMAGE_PHOTOS = (
 
 # How many unreadable images are reported one by one before only the count is kept.
 MAX_REPORTED_UNREADABLE = 5
+# Images with more pixels than this are not decoded (a 64-megapixel RGB image already takes 192 MB decoded, and a
+# small file can announce gigapixels). Change it here, or per call with `decode_image(..., max_pixels=...)`.
+MAX_IMAGE_PIXELS = 64_000_000
+# EXIF tag that says how a camera stored the picture (1: upright).
+EXIF_ORIENTATION = 0x0112
 
 
 def sample_photos(source: str = "skimage") -> list[Image.Image]:
@@ -133,31 +141,44 @@ def _raise_if_unknown_split(error: ValueError, split: str, source: str) -> None:
         raise SplitNotFoundError(f"{source} has no split {split!r}: {message}") from error
 
 
-def decode_image(value) -> Image.Image | None:
-    """Turn a data-set image value into an RGB PIL image, or `None` when it cannot be read.
+def decode_image(value, max_pixels: int | None = None) -> Image.Image | None:
+    """Turn a data-set image value into an upright RGB PIL image, or `None` when it cannot (or may not) be read.
 
     Accepts what an undecoded `datasets.Image` column holds (`{"bytes": ..., "path": ...}`), a file path, raw
-    bytes, a PIL image or a NumPy array (H, W[, C]). Callers skip `None` and count it.
+    bytes, a PIL image or a NumPy array (H, W[, C]). The EXIF orientation is applied (a phone photo stored on its
+    side comes out upright). Files announcing more than `max_pixels` pixels (default `MAX_IMAGE_PIXELS`; 0 or None
+    after setting that to None: no limit) are refused from their header, before decoding. Callers skip `None` and
+    count it.
     """
+    limit = MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
     try:
-        if isinstance(value, Image.Image):
-            image = value
-        elif isinstance(value, dict):
-            if value.get("bytes") is not None:
-                image = Image.open(io.BytesIO(value["bytes"]))
-            elif value.get("path"):
-                image = Image.open(value["path"])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            if isinstance(value, Image.Image):
+                image = value
+            elif isinstance(value, dict):
+                if value.get("bytes") is not None:
+                    image = Image.open(io.BytesIO(value["bytes"]))
+                elif value.get("path"):
+                    image = Image.open(value["path"])
+                else:
+                    return None
+            elif isinstance(value, (str, os.PathLike)):
+                image = Image.open(value)
+            elif isinstance(value, (bytes, bytearray)):
+                image = Image.open(io.BytesIO(value))
+            elif isinstance(value, np.ndarray):
+                image = Image.fromarray(value)
             else:
                 return None
-        elif isinstance(value, (str, os.PathLike)):
-            image = Image.open(value)
-        elif isinstance(value, (bytes, bytearray)):
-            image = Image.open(io.BytesIO(value))
-        elif isinstance(value, np.ndarray):
-            image = Image.fromarray(value)
-        else:
-            return None
-        image.load()  # PIL opens lazily: force the decode here so a truncated file fails now
+            if limit and image.width * image.height > limit:
+                logger.warning(
+                    "Refusing image %s: %dx%d pixels is over the %g-megapixel budget.",
+                    describe_image_value(value), image.width, image.height, limit / 1e6,
+                )  # fmt: skip
+                return None
+            image.load()  # PIL opens lazily: force the decode here so a truncated file fails now
+        image = upright(image)
         if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
             # Composite transparent images on white rather than on black.
             rgba = image.convert("RGBA")
@@ -166,6 +187,15 @@ def decode_image(value) -> Image.Image | None:
         return image.convert("RGB")
     except Exception:  # noqa: BLE001 - any decoding failure means "unreadable"
         return None
+
+
+def upright(image: Image.Image) -> Image.Image:
+    """The image as it is meant to be seen: its EXIF orientation applied (the image itself when upright)."""
+    try:
+        orientation = image.getexif().get(EXIF_ORIENTATION, 1)
+    except Exception:  # noqa: BLE001 - a damaged EXIF block: keep the pixels as stored
+        return image
+    return ImageOps.exif_transpose(image) if orientation not in (None, 1) else image
 
 
 def describe_image_value(value) -> str:
@@ -225,7 +255,8 @@ class TrainImages(torch.utils.data.Dataset):
     """Augmented crops of a map-style image source: a `datasets.Dataset` column or a list of images.
 
     An unreadable image is replaced by the next readable one (so batches keep their size on every process) and
-    counted in the sample's `"skipped"` field. Call `set_epoch` before each epoch: crops depend on
+    counted in the sample's `"skipped"` field (and named in `"skipped_ids"`, so a caller can count distinct files).
+    Call `set_epoch` before each epoch: crops depend on
     (seed, epoch, index) only.
     """
 
@@ -248,12 +279,15 @@ class TrainImages(torch.utils.data.Dataset):
         return item[self.image_column] if isinstance(item, dict) else item
 
     def __getitem__(self, index: int) -> dict:
+        skipped_ids = []
         for skipped in range(len(self)):
-            value = self._value((index + skipped) % len(self))
+            position = (index + skipped) % len(self)
+            value = self._value(position)
             image = decode_image(value)
             if image is not None:
                 pixel_values = seeded_call(self.transform, sample_seed(self.seed, self.epoch, index), image)
-                return {"pixel_values": pixel_values, "skipped": skipped}
+                return {"pixel_values": pixel_values, "skipped": skipped, "skipped_ids": skipped_ids}
+            skipped_ids.append(f"#{position}")
             if self._reported < MAX_REPORTED_UNREADABLE:
                 self._reported += 1
                 logger.warning("Skipping unreadable image %s.", describe_image_value(value))
@@ -279,26 +313,32 @@ class StreamingTrainImages(torch.utils.data.IterableDataset):
         if self.shuffle_buffer > 1:
             stream = stream.shuffle(seed=self.seed, buffer_size=self.shuffle_buffer)
             stream.set_epoch(self.epoch)
-        skipped, reported = 0, 0
+        skipped, reported, skipped_ids = 0, 0, []
         for position, item in enumerate(stream):
             value = item[self.image_column]
             image = decode_image(value)
             if image is None:
                 skipped += 1
+                # A file is named by its path; a value without one by its content (the order changes per epoch).
+                name = describe_image_value(value)
+                if name.startswith("<"):
+                    name = "<" + hashlib.sha1(repr(value).encode()).hexdigest()[:16] + ">"
+                skipped_ids.append(name)
                 if reported < MAX_REPORTED_UNREADABLE:
                     reported += 1
                     logger.warning("Skipping unreadable image %s.", describe_image_value(value))
                 continue
             pixel_values = seeded_call(self.transform, sample_seed(self.seed, self.epoch, position), image)
-            yield {"pixel_values": pixel_values, "skipped": skipped}
-            skipped = 0
+            yield {"pixel_values": pixel_values, "skipped": skipped, "skipped_ids": skipped_ids}
+            skipped, skipped_ids = 0, []
 
 
 def collate_images(samples: list[dict]) -> dict:
-    """Stack `pixel_values` and add up how many unreadable images were skipped for this batch."""
+    """Stack `pixel_values`, add up how many unreadable images were skipped for this batch and list which."""
     return {
         "pixel_values": torch.stack([sample["pixel_values"] for sample in samples]),
         "skipped": sum(sample["skipped"] for sample in samples),
+        "skipped_ids": [name for sample in samples for name in sample.get("skipped_ids", [])],
     }
 
 
@@ -360,4 +400,5 @@ __all__ = [
     "load_image_dataset",
     "sample_photos",
     "train_transform",
+    "upright",
 ]

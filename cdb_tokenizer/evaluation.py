@@ -74,6 +74,24 @@ def evaluate(
     return metrics
 
 
+def check_image_size(height: int, width: int, name: str = "the image size") -> None:
+    """Raise a ValueError naming the reason when `evaluate` could not score images of this size (SSIM's window).
+
+    Runs the metrics `evaluate` uses on a blank pair of that size, so it follows torchmetrics' own limits.
+    """
+    images = torch.zeros(1, 3, height, width)
+    try:
+        StructuralSimilarityIndexMeasure(data_range=1.0, sync_on_compute=False)(images, images)
+        PeakSignalNoiseRatio(data_range=1.0, sync_on_compute=False)(images, images)
+    except Exception as error:  # noqa: BLE001 - torchmetrics raises ValueError or RuntimeError from conv2d/pad
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(
+            f"{name} {height}x{width} is too small for validation: SSIM's Gaussian window (11x11, padded by 5) "
+            f"does not fit "
+            f"({first_line}); use a larger size."
+        ) from None
+
+
 @torch.no_grad()
 def code_usage_counts(model, batches: Iterable, max_batches: int | None = None) -> torch.Tensor:
     """How often each code is chosen over `batches` (K,), at inference."""

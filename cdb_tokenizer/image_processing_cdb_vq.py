@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import PIL.Image
+import PIL.ImageOps
 import torch
 import torch.nn.functional as F
 from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
@@ -447,6 +448,7 @@ def _pil_to_tensor(image: PIL.Image.Image, do_convert_rgb: bool) -> torch.Tensor
     """PIL image -> float `(C, H, W)` tensor of [0, 255] intensities; modes are converted with PIL's own rules."""
     if image.width == 0 or image.height == 0:
         raise ValueError(f"Image has an empty size {image.width}x{image.height}.")
+    image = _upright(image)
     if do_convert_rgb:
         if image.mode.startswith("I;16"):
             # 16-bit greyscale: keep the precision PIL's convert("RGB") would clip away.
@@ -463,6 +465,15 @@ def _pil_to_tensor(image: PIL.Image.Image, do_convert_rgb: bool) -> torch.Tensor
     tensor = torch.from_numpy(array)
     tensor = tensor[None] if tensor.ndim == 2 else tensor.permute(2, 0, 1)
     return _to_intensity_scale(tensor)
+
+
+def _upright(image: PIL.Image.Image) -> PIL.Image.Image:
+    """Apply the EXIF orientation (a photo a camera stored on its side comes out upright); the image itself if none."""
+    try:
+        orientation = image.getexif().get(0x0112, 1)
+    except Exception:  # noqa: BLE001 - a damaged EXIF block: keep the pixels as stored
+        return image
+    return PIL.ImageOps.exif_transpose(image) if orientation not in (None, 1) else image
 
 
 def _to_channels_first(

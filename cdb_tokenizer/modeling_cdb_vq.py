@@ -290,7 +290,11 @@ class CDBVQModel(CDBVQPreTrainedModel):
         self.post_init()
 
     # ------------------------------------------------------------------ input checks
-    def _check_pixel_values(self, pixel_values: torch.Tensor) -> None:
+    # Pixel values are expected in [-1, 1]; this much overshoot (resampling ringing, rounding) is still accepted.
+    _PIXEL_RANGE_TOLERANCE = 0.5
+
+    def _check_pixel_values(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Check `pixel_values` and return them in the model's dtype (float64/half inputs are cast)."""
         if not isinstance(pixel_values, torch.Tensor):
             raise TypeError(
                 f"pixel_values must be a torch.Tensor (use CDBVQImageProcessor to turn images into one), got {type(pixel_values).__name__}."
@@ -302,6 +306,8 @@ class CDBVQModel(CDBVQPreTrainedModel):
                 f"pixel_values has {pixel_values.shape[1]} channels but the model expects {self.config.num_channels} "
                 f"(config.num_channels); convert the images to RGB, e.g. with CDBVQImageProcessor."
             )
+        if pixel_values.shape[0] == 0 or pixel_values.shape[2] == 0 or pixel_values.shape[3] == 0:
+            raise ValueError(f"pixel_values is empty (shape {tuple(pixel_values.shape)}): pass at least one image.")
         height, width = pixel_values.shape[-2:]
         factor = self.config.downsampling_factor
         if height % factor or width % factor:
@@ -310,17 +316,44 @@ class CDBVQModel(CDBVQPreTrainedModel):
                 f"resize or crop to a multiple of {factor} (CDBVQImageProcessor does this)."
             )
         if not pixel_values.is_floating_point():
-            raise TypeError(f"pixel_values must be a floating-point tensor in [-1, 1], got dtype {pixel_values.dtype}.")
-        if not bool(torch.isfinite(pixel_values).all()):
+            raise TypeError(
+                f"pixel_values must be a floating-point tensor in [-1, 1], got dtype {pixel_values.dtype}; "
+                f"prepare images with CDBVQImageProcessor (or the model's AutoImageProcessor)."
+            )
+        low, high = torch.stack(torch.aminmax(pixel_values.detach())).float().tolist()  # one device sync
+        if not (math.isfinite(low) and math.isfinite(high)):
             raise ValueError("pixel_values contains NaN or infinite values.")
+        limit = 1.0 + self._PIXEL_RANGE_TOLERANCE
+        if low < -limit or high > limit:
+            raise ValueError(
+                f"pixel_values range from {low:.4g} to {high:.4g}, far outside the model's [-1, 1] (raw [0, 255] or "
+                f"otherwise unnormalised pixels?); prepare images with CDBVQImageProcessor (or the model's "
+                f"AutoImageProcessor), which rescales and normalises them."
+            )
+        dtype = self.quant_conv.weight.dtype
+        if pixel_values.dtype != dtype and not torch.is_autocast_enabled(pixel_values.device.type):
+            pixel_values = pixel_values.to(dtype)  # float64 or half inputs on a float32 model, and the reverse
+        return pixel_values
+
+    # Integer dtypes that can hold any code id; narrower ones (uint8, int16) wrap ids of larger codebooks.
+    _TOKEN_DTYPES = (torch.int32, torch.int64)
 
     def _check_image_tokens(self, image_tokens: torch.Tensor) -> None:
-        if not isinstance(image_tokens, torch.Tensor) or image_tokens.is_floating_point() or image_tokens.is_complex():
-            raise TypeError("image_tokens must be an integer torch.Tensor of code ids.")
-        if image_tokens.numel() and (int(image_tokens.min()) < 0 or int(image_tokens.max()) >= self.config.codebook_size):
+        if not isinstance(image_tokens, torch.Tensor):
+            raise TypeError(f"image_tokens must be a torch.Tensor of integer code ids, got {type(image_tokens).__name__}.")
+        if image_tokens.dtype not in self._TOKEN_DTYPES:
+            raise TypeError(
+                f"image_tokens must be an integer tensor of code ids (torch.int64 or torch.int32), got dtype "
+                f"{image_tokens.dtype}; convert ids you trust with .long() (bool, float and narrow integer tokens "
+                f"are refused: they are not, or may not hold, code ids)."
+            )
+        if image_tokens.numel() == 0:
+            raise ValueError(f"image_tokens is empty (shape {tuple(image_tokens.shape)}): there is nothing to decode.")
+        low, high = torch.stack(torch.aminmax(image_tokens)).tolist()  # one device sync
+        if low < 0 or high >= self.config.codebook_size:
             raise ValueError(
                 f"image_tokens must be code ids in [0, {self.config.codebook_size}), got values in "
-                f"[{int(image_tokens.min())}, {int(image_tokens.max())}]; if they come from a prior, remove its "
+                f"[{low}, {high}]; if they come from a prior, remove its "
                 f"special-token offset first."
             )
 
@@ -352,7 +385,7 @@ class CDBVQModel(CDBVQPreTrainedModel):
             teacher_features (`torch.FloatTensor` of shape `(batch_size, semantic_dim, h, w)`, *optional*): Teacher
                 patch features for the semantic losses (training).
         """
-        self._check_pixel_values(pixel_values)
+        pixel_values = self._check_pixel_values(pixel_values)
         hidden_states = self.encoder(pixel_values)
         latents = self.quant_conv(hidden_states)
         batch, dim, height, width = latents.shape
@@ -425,7 +458,7 @@ class CDBVQModel(CDBVQPreTrainedModel):
         Args:
             image_tokens (`torch.LongTensor` of shape `(batch_size, h * w)` or `(batch_size, h, w)`): Code ids.
             height, width (`int`, *optional*): Image size in pixels for flat tokens; defaults to
-                `config.resolution`, or to a square grid when the token count is a perfect square.
+                `config.resolution`. Flat tokens whose count does not fit that grid are refused (never guessed).
         """
         self._check_image_tokens(image_tokens)
         if image_tokens.ndim == 3:
@@ -433,10 +466,18 @@ class CDBVQModel(CDBVQPreTrainedModel):
         if image_tokens.ndim != 2:
             raise ValueError(f"image_tokens must have shape (batch, h * w) or (batch, h, w), got {tuple(image_tokens.shape)}.")
         count = image_tokens.shape[1]
+        for name, value in (("height", height), ("width", width)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive number of pixels, got {value!r}.")
         if height is None and width is None:
             grid_height, grid_width = self.token_grid_size()
-            if grid_height * grid_width != count and math.isqrt(count) ** 2 == count:
-                grid_height = grid_width = math.isqrt(count)
+            if grid_height * grid_width != count:
+                # Never guess a grid: a wrong one decodes into a scrambled picture without any error.
+                raise ValueError(
+                    f"got {count} tokens per image, but the model's default {grid_height}x{grid_width} token grid "
+                    f"({self.config.resolution}x{self.config.resolution} pixels) needs {grid_height * grid_width}; "
+                    f"pass the image height and width in pixels, or (batch, h, w) tokens."
+                )
         else:
             grid_height, grid_width = self.token_grid_size(height or width, width or height)
         if grid_height * grid_width != count:

@@ -198,17 +198,26 @@ class PriorVocabulary:
 
 
 # ---------------------------------------------------------------------------------------------------- tokenizer I/O
-def load_tokenizer(name_or_path: str, device: str | torch.device | None = None, **kwargs: Any):
+def load_tokenizer(
+    name_or_path: str, device: str | torch.device | None = None, trust_remote_code: bool = False, **kwargs: Any
+):
     """Load a cdb-vq tokenizer (model and image processor) from a folder or a Hub repo id, in eval mode.
 
+    Without `trust_remote_code` (the default) this package's own classes load the weights, so no code that ships with
+    the folder or repository runs; with it, `AutoModel` / `AutoImageProcessor` use that code (`auto_map`).
     Without a saved image processor, a `CDBVQImageProcessor` at the model's `config.resolution` is used.
     Extra keyword arguments (e.g. `revision`) go to `from_pretrained`.
     """
     from .image_processing_cdb_vq import CDBVQImageProcessor
+    from .modeling_cdb_vq import CDBVQModel
 
-    model = AutoModel.from_pretrained(name_or_path, trust_remote_code=True, **kwargs).eval()
+    # Only the caller's own `trust_remote_code` is passed on (never a literal True).
+    model_class = AutoModel if trust_remote_code else CDBVQModel
+    processor_class = AutoImageProcessor if trust_remote_code else CDBVQImageProcessor
+    options = {"trust_remote_code": trust_remote_code} if trust_remote_code else {}
+    model = model_class.from_pretrained(name_or_path, **options, **kwargs).eval()
     try:
-        processor = AutoImageProcessor.from_pretrained(name_or_path, trust_remote_code=True, **kwargs)
+        processor = processor_class.from_pretrained(name_or_path, **options, **kwargs)
     except (OSError, ValueError):
         resolution = model.config.resolution
         processor = CDBVQImageProcessor(size={"height": resolution, "width": resolution})

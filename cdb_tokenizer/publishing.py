@@ -20,6 +20,8 @@ from huggingface_hub import CommitInfo, HfApi, ModelCard, ModelCardData, get_tok
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
+from .redaction import HF_TOKEN, REDACTED, collect_strings, is_secret_key, redact_secrets, scrub_local_paths
+
 
 MODEL_CARD_TEMPLATE = Path(__file__).resolve().parent.parent / "model_cards" / "cdb_vq_model_card.md"
 
@@ -93,46 +95,63 @@ def model_files(output_dir: str | Path) -> list[Path]:
             f"{output_dir} has no auto_map for AutoModel and AutoImageProcessor, so it would not load with "
             f"trust_remote_code=True; `import cdb_tokenizer` before calling save_pretrained."
         )
+    modules = []
     for reference in auto_map.values():
-        module_file = output_dir / (reference.split(".")[0] + ".py")
+        reference = reference[-1] if isinstance(reference, (list, tuple)) else reference
+        module_file = output_dir / (str(reference).split("--")[-1].split(".")[0] + ".py")
         if not module_file.is_file():
             raise FileNotFoundError(f"auto_map points to {module_file.name}, which is not in {output_dir}.")
-    # save_pretrained writes the remote-code files flat next to the config: every module it needs is one of them.
-    return [config_path, processor_path, *weights, *sorted(output_dir.glob("*.py"))]
+        modules.append(module_file)
+    # save_pretrained writes the remote-code files flat next to the config; only the modules auto_map names and the
+    # flat siblings they import (from .name import ...) are published, not every .py file that lies in the folder.
+    return [config_path, processor_path, *_model_weights(output_dir, weights), *_remote_code_files(modules)]
+
+
+_RELATIVE_IMPORT = re.compile(r"^\s*from\s+\.([A-Za-z_]\w*)\s+import\b", re.MULTILINE)
+
+
+def _remote_code_files(modules: list[Path]) -> list[Path]:
+    found: dict[str, Path] = {}
+    pending = list(modules)
+    while pending:
+        module = pending.pop()
+        if module.name in found or not module.is_file():
+            continue
+        found[module.name] = module
+        for name in _RELATIVE_IMPORT.findall(module.read_text(encoding="utf-8")):
+            pending.append(module.parent / f"{name}.py")
+    return [found[name] for name in sorted(found)]
+
+
+def _model_weights(output_dir: Path, candidates: list[Path]) -> list[Path]:
+    """model.safetensors, or a shard index and the shards it lists (not any other model*.safetensors lying there)."""
+    if (output_dir / "model.safetensors").is_file():
+        return [output_dir / "model.safetensors"]
+    index = output_dir / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(_read_json(index).get("weight_map", {}).values()))
+        missing = [name for name in shards if not (output_dir / Path(name).name).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{index.name} lists {missing[0]}, which is not in {output_dir}.")
+        return [index, *(output_dir / Path(name).name for name in shards)]
+    return candidates
 
 
 def public_fields(values: dict[str, Any]) -> dict[str, Any]:
-    """What of `training_config.json` / `metrics.json` may be published: no secrets (`hub_token`, `*_token`, ...),
-    no output/logging/cache folders, and absolute local paths cut to their last part (`/home/me/photos` -> `photos`).
+    """What of `training_config.json` / `metrics.json` may be published: no secrets (`hub_token`, `*_token`,
+    `*secret*`, `*password*`, `*api_key*`, at any depth, and `hf_...` tokens inside any string), no output, logging,
+    cache or checkpoint folders (at any depth), and every local path cut to its last part (`/home/me/photos` ->
+    `photos`, `C:\\Users\\me\\data` -> `data`), in nested lists and dicts too.
     """
-    public = {}
-    for key, value in values.items():
-        if key in PRIVATE_CONFIG_KEYS or _is_secret(key, value):
-            continue
-        public[key] = _strip_local_paths(value)
-    return public
+    return scrub_local_paths(redact_secrets(_without_private_keys(values)))
 
 
-# An absolute or home-relative path (not a URL's "//"), possibly after a prefix such as "text:".
-_LOCAL_PATH = re.compile(r"(?<![\w/.])~?/(?!/)(?:[^\s/,;]+/)+([^\s/,;]+)")
-
-
-def _strip_local_paths(value: Any) -> Any:
-    if isinstance(value, str):
-        return _LOCAL_PATH.sub(r"\1", value)
-    if isinstance(value, list):
-        return [_strip_local_paths(item) for item in value]
+def _without_private_keys(value: Any) -> Any:
     if isinstance(value, dict):
-        return {key: _strip_local_paths(item) for key, item in value.items()}
+        return {key: _without_private_keys(item) for key, item in value.items() if key not in PRIVATE_CONFIG_KEYS}
+    if isinstance(value, list):
+        return [_without_private_keys(item) for item in value]
     return value
-
-
-def _is_secret(key: str, value: Any) -> bool:
-    key = key.lower()
-    if key == "token" or key.endswith("_token") or any(word in key for word in ("secret", "password", "api_key")):
-        return True
-    # A Hugging Face access token under any other name.
-    return isinstance(value, str) and re.fullmatch(r"hf_[A-Za-z0-9]{20,}", value) is not None
 
 
 def clip_teacher_hub_id(clip_model: str | None, clip_pretrained: str | None) -> str | None:
@@ -357,10 +376,19 @@ def stage_folder(
     for path in files + [output_dir / name for name in EXTRA_FILES]:
         if path.is_file():
             shutil.copy2(path, staging_dir / path.name)
+    private = []  # every string that was changed on its way out: must appear in no staged file
     for name in JSON_FILES:
         if (output_dir / name).is_file():
-            public = public_fields(_read_json(output_dir / name))
+            raw = _read_json(output_dir / name)
+            public = public_fields(raw)
+            private += _removed_strings(raw, public)
             (staging_dir / name).write_text(json.dumps(public, indent=2) + "\n")
+    for name in ("config.json", "preprocessor_config.json"):  # labels and other strings: tokens and paths out too
+        raw = _read_json(staging_dir / name)
+        public = scrub_local_paths(redact_secrets(raw))
+        if public != raw:
+            private += _removed_strings(raw, public)
+            (staging_dir / name).write_text(json.dumps(public, indent=2, sort_keys=True) + "\n")
     figures = {}
     for key, name in FIGURES.items():
         if (output_dir / name).is_file():
@@ -368,7 +396,44 @@ def stage_folder(
             figures[key] = name
     card = render_model_card(output_dir, hub_model_id, license=license, figures=figures)
     card.save(staging_dir / "README.md")
+    _scrub_staged_text(staging_dir, private + [str(output_dir.resolve())])
     return staging_dir
+
+
+def _removed_strings(raw: Any, public: Any) -> list[str]:
+    """Strings of `raw` that did not survive into `public` and are private: local paths, tokens, secret values."""
+    kept = set(collect_strings(public))
+    secrets = set(_secret_values(raw))
+    return [
+        text for text in collect_strings(raw)
+        if text not in kept and (text in secrets or HF_TOKEN.search(text) or scrub_local_paths(text) != text)
+    ]  # fmt: skip
+
+
+def _secret_values(value: Any) -> list[str]:
+    if isinstance(value, dict):
+        return [text for key, item in value.items()
+                for text in (collect_strings(item) if is_secret_key(key, item) else _secret_values(item))]  # fmt: skip
+    if isinstance(value, list):
+        return [text for item in value for text in _secret_values(item)]
+    return []
+
+
+def _scrub_staged_text(staging_dir: Path, private: list[str]) -> None:
+    """A last pass over every staged text file: no `hf_...` token and none of the private strings left anywhere."""
+    private = sorted({text for text in private if len(text) >= 4}, key=len, reverse=True)
+    for path in staging_dir.rglob("*"):
+        if not path.is_file() or path.suffix not in (".json", ".md", ".txt", ".yaml", ".yml"):
+            continue
+        text = path.read_text(encoding="utf-8")
+        cleaned = HF_TOKEN.sub(REDACTED, text)
+        for secret in private:
+            public = scrub_local_paths(HF_TOKEN.sub(REDACTED, secret))
+            public = REDACTED if public == secret or not public else public  # a secret value: blanked
+            for form in {secret, json.dumps(secret)[1:-1]}:  # as written, and JSON-escaped (Windows backslashes)
+                cleaned = cleaned.replace(form, public)
+        if cleaned != text:
+            path.write_text(cleaned, encoding="utf-8")
 
 
 def push_to_hub(

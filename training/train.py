@@ -25,6 +25,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import sys
 import time
 from collections.abc import Iterator
@@ -40,7 +41,15 @@ from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
 from tqdm.auto import tqdm
 
 from cdb_tokenizer import CDBVQConfig, CDBVQImageProcessor, CDBVQModel
-from cdb_tokenizer.checkpoints import checkpoint_dirs, save_checkpoint
+from cdb_tokenizer.checkpoints import (
+    CheckpointError,
+    checkpoint_dirs,
+    checkpoint_step,
+    complete_checkpoints,
+    incomplete_reason,
+    load_custom_state,
+    save_checkpoint,
+)
 from cdb_tokenizer.data import (
     EpochSampler,
     SplitNotFoundError,
@@ -71,6 +80,7 @@ from cdb_tokenizer.losses import (
     lpips_backbone_file,
 )
 from cdb_tokenizer.quantization_cdb_vq import nearest_codes
+from cdb_tokenizer.redaction import redact_secrets
 from cdb_tokenizer.teacher import (
     DEFAULT_TEMPLATE,
     kmeans_prototypes,
@@ -131,6 +141,16 @@ PRESET = _Unset()
 
 class TrainingStopped(RuntimeError):
     """Training stopped before the end (e.g. losses that stay NaN); checkpoints written so far are intact."""
+
+
+class OutputDirInUse(ValueError):
+    """--output_dir holds another run, and neither --resume_from_checkpoint nor --overwrite_output_dir was given."""
+
+
+# What marks an output folder as holding a run, and what --overwrite_output_dir deletes (nothing else that lies
+# there: config.json and the remote-code files are replaced by save_pretrained at the end of the new run).
+RUN_MARKERS = ("checkpoints", "training_config.json", "metrics.json", "model.safetensors")
+RUN_FILES = RUN_MARKERS + ("reconstructions.png", "codebook_usage.png", "prototypes.safetensors")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -251,10 +271,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--num_grid_images", type=int, default=8, help="Held-out images in the reconstruction grid.")
     run.add_argument("--checkpointing_steps", type=int, default=PRESET, help="Save an accelerate checkpoint every this many steps.")
     run.add_argument("--checkpoints_total_limit", type=int, default=3, help="Keep at most this many checkpoints.")
-    run.add_argument("--resume_from_checkpoint", type=str, default=None, help="'latest' or a checkpoint folder to continue from.")
+    run.add_argument("--resume_from_checkpoint", type=str, default=None, help="'latest' (the newest complete checkpoint) or a checkpoint folder to continue from.")
+    run.add_argument("--overwrite_output_dir", action="store_true", help="Start over in an --output_dir that holds another run: its checkpoints, logs, model and metrics are deleted first.")
     run.add_argument("--push_to_hub", action="store_true", help="Upload the output folder to the Hub at the end.")
     run.add_argument("--hub_model_id", type=str, default=None, help="Hub repository (default: the output folder's name).")
-    run.add_argument("--hub_token", type=str, default=None, help="Hub token (default: the logged-in one).")
+    run.add_argument("--hub_token", type=str, default=None, help="Hub token (default: the logged-in one; prefer `hf auth login` or HF_TOKEN: a token on the command line shows in the process list). Never written to training_config.json or the trackers.")
     run.add_argument("--hub_private_repo", action="store_true", help="Create the Hub repository as private.")
     _add_model_flags(parser)
     return parser
@@ -283,9 +304,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.model_config_dict = _model_config_dict(args, preset)
         CDBVQConfig(**args.model_config_dict)
         _check_training_args(args)
+        _check_validation_can_run(args)
     except (ValueError, FileNotFoundError) as error:
         parser.error(str(error))
     return args
+
+
+def _check_validation_can_run(args: argparse.Namespace) -> None:
+    """Refuse at start-up a run whose validation would fail after training (e.g. images too small for SSIM)."""
+    factor = CDBVQConfig(**args.model_config_dict).downsampling_factor
+    if args.resolution % factor:
+        raise ValueError(f"--resolution {args.resolution} is not a multiple of the model's downsampling factor {factor}.")
+    from cdb_tokenizer.evaluation import check_image_size
+
+    check_image_size(args.resolution, args.resolution, name="--resolution")
 
 
 def _read_config_file(parser: argparse.ArgumentParser, path: str) -> dict:
@@ -604,12 +636,23 @@ class EMAWeights:
                 for name, value in saved.items():
                     parameters[name].copy_(value)
 
-    def state_dict(self) -> dict:
-        return {"decay": self.decay, "shadow": self.shadow}
+    # Checkpointed as safetensors (`ema/<parameter>`) and the decay in the checkpoint's JSON state, never pickled.
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        return {f"ema/{name}": value for name, value in self.shadow.items()}
 
-    def load_state_dict(self, state: dict) -> None:
-        self.decay = state["decay"]
-        self.shadow = {name: value.clone() for name, value in state["shadow"].items()}
+    def load_tensors(self, tensors: dict[str, torch.Tensor], state: dict, source: str | None = None) -> None:
+        """Restore the average from a checkpoint; a missing or mismatched tensor is a clear CheckpointError."""
+        for name, value in self.shadow.items():
+            saved = tensors.get(f"ema/{name}")
+            if saved is None or saved.shape != value.shape:
+                what = "has no" if saved is None else f"has a {tuple(saved.shape)} (not {tuple(value.shape)})"
+                raise CheckpointError(
+                    f"the checkpoint ({source}) {what} EMA weight for {name}: it was written without --use_ema or by "
+                    f"a run with another model configuration."
+                )
+            value.copy_(saved.to(device=value.device, dtype=value.dtype))
+        if state.get("ema_weights_decay") is not None:
+            self.decay = float(state["ema_weights_decay"])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -631,6 +674,22 @@ class RunLog:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.path, "a", encoding="utf-8") as handle:
                 handle.write(json.dumps({"step": step, **values}) + "\n")
+
+    def truncate_after(self, step: int) -> None:
+        """Drop the records of steps after `step` (a resumed run trains them again) and any half-written line."""
+        if not self.path.is_file():
+            return
+        kept = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and int(record.get("step", 0)) <= step:
+                kept.append(line)
+        temporary = self.path.with_name(self.path.name + ".tmp")
+        temporary.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        os.replace(temporary, self.path)
 
     def image(self, name: str, image: torch.Tensor, step: int) -> None:
         """Log a (3, H, W) image in [0, 1] to the trackers that take images."""
@@ -669,24 +728,84 @@ def validate(model: CDBVQModel, validation: torch.Tensor, args, lpips_metric, lo
     return metrics
 
 
-def resume(accelerator: Accelerator, args) -> int:
-    """Load the checkpoint `--resume_from_checkpoint` names and return its step (0 when there is none)."""
+def resume(accelerator: Accelerator, args) -> tuple[int, dict[str, torch.Tensor], dict]:
+    """Load the checkpoint `--resume_from_checkpoint` names: (its step, its custom tensors, its JSON state).
+
+    `latest` is the newest *complete* checkpoint (one whose manifest matches its files); incomplete ones (a run
+    killed while writing) are skipped and named. Returns (0, {}, {}) when there is nothing to resume.
+    """
     if args.resume_from_checkpoint is None:
-        return 0
+        return 0, {}, {}
     if args.resume_from_checkpoint == "latest":
-        found = checkpoint_dirs(args.output_dir)
-        if not found:
+        complete, incomplete = complete_checkpoints(args.output_dir)
+        for path, reason in incomplete:
+            logger.warning(f"Skipping the incomplete checkpoint {path}: {reason}.")
+        if not complete and incomplete:
+            raise CheckpointError(
+                f"--resume_from_checkpoint latest: {args.output_dir}/checkpoints holds no complete checkpoint, only "
+                f"incomplete ones ({', '.join(f'{path.name}: {reason}' for path, reason in incomplete)}). Pass "
+                f"--overwrite_output_dir to start over."
+            )
+        if not complete:
             logger.info(f"No checkpoint in {args.output_dir}/checkpoints: starting a new run.")
-            return 0
-        path = found[-1]
+            return 0, {}, {}
+        path = complete[-1]
     else:
         path = Path(args.resume_from_checkpoint)
         if not path.is_dir():
             raise FileNotFoundError(f"--resume_from_checkpoint {str(path)!r} is not a checkpoint folder.")
-    accelerator.load_state(str(path))
-    step = int(path.name.split("-")[1])
+        reason = incomplete_reason(path)
+        if reason is not None:
+            raise CheckpointError(f"--resume_from_checkpoint {str(path)!r} is not a complete checkpoint: {reason}.")
+    tensors, state = load_custom_state(path)  # safetensors and JSON: nothing is unpickled
+    try:
+        # accelerate reads the optimiser, scheduler and RNG states with torch.load(weights_only=True).
+        accelerator.load_state(str(path))
+    except Exception as error:  # noqa: BLE001 - damaged or tampered files, or another run's shapes
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(
+            f"cannot resume from {path}: {type(error).__name__}: {first_line[:300]}. The checkpoint is damaged or "
+            f"tampered with, or it belongs to a run with another configuration."
+        ) from None
+    step = checkpoint_step(path)
     logger.info(f"Resumed from {path} (step {step}).")
-    return step
+    return step, tensors, state
+
+
+def prepare_output_dir(args: argparse.Namespace, accelerator: Accelerator) -> None:
+    """Create --output_dir, refusing one that holds another run unless the user said to resume or to start over."""
+    output_dir = Path(args.output_dir)
+    found = [name for name in RUN_MARKERS if (output_dir / name).exists()] if output_dir.is_dir() else []
+    log_file = output_dir / args.logging_dir / "train_log.jsonl"
+    if log_file.is_file():
+        found.append(str(Path(args.logging_dir) / "train_log.jsonl"))
+    if found and args.overwrite_output_dir:
+        accelerator.wait_for_everyone()  # every process has looked before the main process deletes
+        if accelerator.is_main_process:
+            logger.warning(f"--overwrite_output_dir: deleting the previous run's {', '.join(found)} in {output_dir}.")
+            for name in RUN_FILES:
+                target = output_dir / name
+                shutil.rmtree(target) if target.is_dir() and not target.is_symlink() else target.unlink(missing_ok=True)
+            logging_dir = (output_dir / args.logging_dir).resolve()
+            if logging_dir.is_dir() and output_dir.resolve() in logging_dir.parents:
+                shutil.rmtree(logging_dir)
+            else:
+                log_file.unlink(missing_ok=True)
+    elif found and args.resume_from_checkpoint is None:
+        raise OutputDirInUse(
+            f"--output_dir {output_dir} holds another run ({', '.join(found[:4])}{', ...' if len(found) > 4 else ''}). "
+            f"Pass --resume_from_checkpoint latest to continue it, --overwrite_output_dir to start over (its "
+            f"checkpoints, logs and model are deleted), or choose another --output_dir."
+        )
+    elif found and args.resume_from_checkpoint == "latest" and not complete_checkpoints(output_dir)[0]:
+        if (output_dir / "model.safetensors").exists():
+            raise OutputDirInUse(
+                f"--output_dir {output_dir} holds a finished model but no complete checkpoint to resume: a new run would "
+                f"overwrite it. Pass --overwrite_output_dir to start over, or choose another --output_dir."
+            )
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
 
 
 def write_json(path: Path, values: dict) -> None:
@@ -694,8 +813,9 @@ def write_json(path: Path, values: dict) -> None:
 
 
 def hparams(args: argparse.Namespace) -> dict:
-    """Tracker-friendly copy of the arguments (scalars only)."""
-    return {key: value if isinstance(value, (int, float, str, bool)) else str(value) for key, value in vars(args).items()}
+    """Tracker-friendly copy of the arguments (scalars only), without secrets (--hub_token, ...)."""
+    public = redact_secrets(vars(args))
+    return {key: value if isinstance(value, (int, float, str, bool)) else str(value) for key, value in public.items()}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -787,9 +907,10 @@ def train(args: argparse.Namespace) -> tuple[CDBVQModel, dict]:
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
     set_seed(args.seed)
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-    accelerator.wait_for_everyone()
+    prepare_output_dir(args, accelerator)
+    if args.hub_token:
+        logger.warning("--hub_token on the command line shows in the process list and the shell history; prefer "
+                       "`hf auth login` or HF_TOKEN. It is not written to training_config.json or the trackers.")  # fmt: skip
 
     teacher = None
     if args.clip_model is not None:
@@ -807,7 +928,7 @@ def train(args: argparse.Namespace) -> tuple[CDBVQModel, dict]:
     if args.max_train_steps is None:
         args.max_train_steps = args.num_train_epochs * sampler.batches_per_epoch // args.gradient_accumulation_steps
     if accelerator.is_main_process:
-        write_json(output_dir / "training_config.json", {**vars(args), "model_config": model.config.to_dict()})
+        write_json(output_dir / "training_config.json", redact_secrets({**vars(args), "model_config": model.config.to_dict()}))
 
     loss_module = TokenizerLoss(
         l1_weight=args.l1_weight, l2_weight=args.l2_weight, lpips_weight=args.lpips_weight, lpips=lpips_module,
@@ -832,10 +953,16 @@ def train(args: argparse.Namespace) -> tuple[CDBVQModel, dict]:
     unwrapped = accelerator.unwrap_model(model)
     plain_discriminator = accelerator.unwrap_model(discriminator) if discriminator is not None else None
     ema = EMAWeights(unwrapped, args.ema_weights_decay) if args.use_ema else None
-    if ema is not None:
-        accelerator.register_for_checkpointing(ema)
 
-    global_step = resume(accelerator, args)
+    global_step, resumed_tensors, resumed_state = resume(accelerator, args)
+    if ema is not None and global_step > 0:
+        ema.load_tensors(resumed_tensors, resumed_state, source=args.resume_from_checkpoint)
+    if global_step >= args.max_train_steps and global_step > 0:
+        logger.info(f"Nothing left to train: the checkpoint is at step {global_step} and --max_train_steps is "
+                    f"{args.max_train_steps}. The model in {output_dir} is left as it is (raise --max_train_steps to go on).")  # fmt: skip
+        accelerator.end_training()
+        metrics_file = output_dir / "metrics.json"
+        return unwrapped, json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
     if global_step == 0:
         initialize_codebook(args, unwrapped, batch_stream(train_loader, sampler), accelerator, teacher)
         if ema is not None:
@@ -843,6 +970,8 @@ def train(args: argparse.Namespace) -> tuple[CDBVQModel, dict]:
     if accelerator.is_main_process:
         accelerator.init_trackers(args.tracker_project_name, config=hparams(args))
     log = RunLog(accelerator, output_dir / args.logging_dir / "train_log.jsonl")
+    if accelerator.is_main_process:
+        log.truncate_after(global_step)  # steps after the checkpoint are trained again: never logged twice
     grid_size = unwrapped.token_grid_size(args.resolution, args.resolution)
 
     logger.info(
@@ -853,7 +982,10 @@ def train(args: argparse.Namespace) -> tuple[CDBVQModel, dict]:
     )
     batches = batch_stream(train_loader, sampler, start_batch=global_step * args.gradient_accumulation_steps)
     progress = tqdm(range(args.max_train_steps), initial=global_step, desc="steps", disable=not accelerator.is_main_process)
-    skipped_images, nonfinite_in_a_row, nonfinite_steps = 0, 0, 0
+    # Unreadable training images, by name: counted once however often the data passes over them (and kept across
+    # a resume through the checkpoint's JSON state).
+    skipped_ids = set(resumed_state.get("skipped_image_ids", []))
+    nonfinite_in_a_row, nonfinite_steps = 0, int(resumed_state.get("nonfinite_steps", 0))
     metrics, first_step, loop_start = {}, global_step, time.time()
     parts = TrainingParts(accelerator, model, unwrapped, discriminator, plain_discriminator, optimizer, disc_optimizer,
                           scheduler, disc_scheduler, loss_module, teacher, grid_size)  # fmt: skip
@@ -861,7 +993,7 @@ def train(args: argparse.Namespace) -> tuple[CDBVQModel, dict]:
         step_terms, bad_term = {}, None
         for _ in range(args.gradient_accumulation_steps):
             batch = next(batches)
-            skipped_images += batch["skipped"]
+            skipped_ids.update(batch["skipped_ids"])
             terms, bad_term, output = training_step(parts, batch["pixel_values"], global_step, args, bad_term)
             for name, value in terms.items():
                 step_terms[name] = step_terms.get(name, 0.0) + float(value.detach()) / args.gradient_accumulation_steps
@@ -883,7 +1015,7 @@ def train(args: argparse.Namespace) -> tuple[CDBVQModel, dict]:
             restarted = _restart_dead_codes(unwrapped, output, ema, args.seed + global_step)
         values = {f"loss/{name}": value for name, value in step_terms.items()}
         values.update({"train/utilization": float(output.utilization), "train/perplexity": float(output.perplexity),
-                       "train/learning_rate": scheduler.get_last_lr()[0], "train/skipped_images": skipped_images,
+                       "train/learning_rate": scheduler.get_last_lr()[0], "train/skipped_images": len(skipped_ids),
                        "train/nonfinite_steps": nonfinite_steps, "codebook/restarted": restarted})  # fmt: skip
         log(values, global_step)
         progress.set_postfix(loss=f"{step_terms['total']:.4f}", used=f"{float(output.utilization):.0%}")
@@ -894,11 +1026,16 @@ def train(args: argparse.Namespace) -> tuple[CDBVQModel, dict]:
             metrics = validate(unwrapped, validation, args, lpips_metric, log, global_step, ema)
             logger.info(f"Step {global_step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
         if global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
-            save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
+            save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit,
+                            tensors=ema.to_tensors() if ema is not None else None,
+                            state={"step": global_step, "skipped_image_ids": sorted(skipped_ids),
+                                   "nonfinite_steps": nonfinite_steps,
+                                   "ema_weights_decay": ema.decay if ema is not None else None})  # fmt: skip
     progress.close()
     seconds_per_step = (time.time() - loop_start) / max(1, global_step - first_step)
 
     metrics = metrics or validate(unwrapped, validation, args, lpips_metric, log, global_step, ema)
+    skipped_images = len(set().union(*gather_object([sorted(skipped_ids)]))) if accelerator.num_processes > 1 else len(skipped_ids)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         metrics.update(steps=global_step, wall_time_seconds=round(time.time() - start_time, 1),
@@ -988,7 +1125,7 @@ def _restart_dead_codes(model: CDBVQModel, output, ema: EMAWeights | None, seed:
 
 def _stop(accelerator: Accelerator, args, reason: str) -> None:
     accelerator.end_training()
-    kept = checkpoint_dirs(args.output_dir)
+    kept = complete_checkpoints(args.output_dir)[0]
     raise TrainingStopped(
         f"training stopped: {reason}. Nothing was overwritten; the last checkpoint is "
         f"{kept[-1] if kept else '(none yet)'} (resume with --resume_from_checkpoint latest, e.g. with a lower --learning_rate)."

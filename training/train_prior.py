@@ -33,7 +33,7 @@ from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from cdb_tokenizer.checkpoints import checkpoint_dirs, save_checkpoint
+from cdb_tokenizer.checkpoints import complete_checkpoints, save_checkpoint
 from cdb_tokenizer.priors import (
     ARCHITECTURES,
     PriorCollator,
@@ -203,7 +203,9 @@ def resolve_checkpoint(args: argparse.Namespace) -> Path | None:
     if args.resume_from_checkpoint is None:
         return None
     if args.resume_from_checkpoint == "latest":
-        folders = checkpoint_dirs(args.output_dir)
+        folders, incomplete = complete_checkpoints(args.output_dir)
+        for path, reason in incomplete:
+            logger.warning(f"Skipping the incomplete checkpoint {path}: {reason}.")
         if not folders:
             logger.info(f"No checkpoint in {args.output_dir}/checkpoints: starting a new run.")
             return None

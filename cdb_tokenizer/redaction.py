@@ -1,0 +1,91 @@
+"""Keeping secrets and private paths out of what a run writes and what publishing uploads (training-side code).
+
+- `redact_secrets` drops every secret-named key (`hub_token`, `*_token`, `*secret*`, `*password*`, `*api_key*`, ...)
+  at any depth of dicts and lists, and blanks Hugging Face tokens (`hf_...`) inside any string. It is applied to
+  `training_config.json` and to the trackers' configuration (TensorBoard hparams, W&B config).
+- `scrub_local_paths` cuts every local path (POSIX, `~/`, Windows `C:\\` or `C:/`, UNC `\\\\server\\share`, with
+  spaces, after a `kind:` prefix such as `text:/home/me/labels.txt`, nested in lists and dicts) to its last part.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+
+REDACTED = "[redacted]"
+# A Hugging Face user access token, wherever it appears in a string.
+HF_TOKEN = re.compile(r"hf_[A-Za-z0-9]{16,}")
+# Parts of key names that mark a secret; matched case-insensitively anywhere in the key.
+SECRET_WORDS = ("token", "secret", "password", "passwd", "api_key", "apikey", "credential", "private_key",
+                "authorization", "cookie")  # fmt: skip
+
+
+def is_secret_key(key: Any, value: Any) -> bool:
+    """A key that names a secret, holding something that can be one.
+
+    Numbers and booleans under such keys are hyperparameters, not secrets (`token_alignment_weight: 0.5`), so they
+    stay; any string, list or mapping under a secret-named key goes.
+    """
+    name = str(key).lower().replace("-", "_")
+    if not any(word in name for word in SECRET_WORDS):
+        return False
+    return value is not None and not isinstance(value, (bool, int, float))
+
+
+def redact_secrets(value: Any) -> Any:
+    """`value` without secret-named keys or bare `hf_...` token values (at any depth), and with `hf_...` tokens
+    blanked inside every other string."""
+    if isinstance(value, dict):
+        return {
+            key: redact_secrets(item) for key, item in value.items()
+            if not is_secret_key(key, item) and not (isinstance(item, str) and HF_TOKEN.fullmatch(item.strip()))
+        }  # fmt: skip
+    if isinstance(value, (list, tuple)):
+        return [redact_secrets(item) for item in value]
+    if isinstance(value, str):
+        return HF_TOKEN.sub(REDACTED, value)
+    return value
+
+
+# A whole value that is a local path: POSIX absolute, home-relative, Windows drive (either slash) or UNC; optionally
+# after a short "kind:" prefix (--prototypes text:/home/me/labels.txt). Spaces are allowed inside.
+_WHOLE_PATH = re.compile(
+    r"^(?P<prefix>[A-Za-z][\w-]{1,15}:)?(?P<path>~?/(?!/).+|[A-Za-z]:[\\/].*|\\\\[^\\]+\\.*)$", re.DOTALL
+)
+# A path inside free text (no spaces, as they end it): /a/b, ~/a, C:\a\b, C:/a/b, \\server\share\a.
+_EMBEDDED_PATH = re.compile(
+    r"(?<![\w/.:\\])(?:~?/(?!/)(?:[^\s/,;'\"]+/)+|[A-Za-z]:[\\/](?:[^\s\\/,;'\"]+[\\/])*|\\\\(?:[^\s\\,;'\"]+\\)+)"
+    r"(?P<last>[^\s/\\,;'\"]*)"
+)
+
+
+def _last_part(path: str) -> str:
+    parts = [part for part in re.split(r"[\\/]+", path.strip()) if part and part != "~"]
+    return parts[-1] if parts else ""
+
+
+def scrub_local_paths(value: Any) -> Any:
+    """`value` with every local path cut to its last part (`/home/me/My Photos/cats` -> `cats`), at any depth."""
+    if isinstance(value, dict):
+        return {key: scrub_local_paths(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [scrub_local_paths(item) for item in value]
+    if isinstance(value, str):
+        whole = _WHOLE_PATH.match(value.strip())
+        if whole and "://" not in value:
+            return (whole.group("prefix") or "") + _last_part(whole.group("path"))
+        return _EMBEDDED_PATH.sub(lambda match: match.group("last"), value)
+    return value
+
+
+def collect_strings(value: Any) -> list[str]:
+    """Every string in a nested value (keys excluded)."""
+    if isinstance(value, dict):
+        return [text for item in value.values() for text in collect_strings(item)]
+    if isinstance(value, (list, tuple)):
+        return [text for item in value for text in collect_strings(item)]
+    return [value] if isinstance(value, str) else []
+
+
+__all__ = ["HF_TOKEN", "REDACTED", "collect_strings", "is_secret_key", "redact_secrets", "scrub_local_paths"]
