@@ -149,6 +149,10 @@ def small_config(args: argparse.Namespace, assignment: str) -> CDBVQConfig:
         "router_dim": 32,
         "assignment": assignment,
     }
+    if assignment in ("nearest", "sinkhorn"):
+        # The baselines keep the gradient codebook they were first measured with (nearest's best PSNR here);
+        # EMA nearest with k-means init and restarts is the `vqtorch` row.
+        fields["ema_decay"] = None
     fields.update(args.overrides)
     if not args.dead_code_restarts:
         fields["dead_code_threshold"] = 0.0
@@ -276,24 +280,27 @@ def assignment_diagnostics(model: CDBVQModel, batches: list[torch.Tensor]) -> di
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def targets(results: dict[str, dict]) -> list[str]:
+def uniform_usage_ceiling(num_tokens: int, codebook_size: int) -> float:
+    """Expected share of codes used by `num_tokens` draws from a perfectly uniform code distribution."""
+    return 1.0 - (1.0 - 1.0 / codebook_size) ** num_tokens
+
+
+def targets(results: dict[str, dict], usage_target: float) -> list[str]:
+    """Issue 10's targets for one seed: usage, perplexity against `vqtorch`, PSNR against the best baseline."""
     lines = []
-    for rule in ("cdb", "sinkhorn"):
-        if rule in results:
-            used = results[rule]["utilization"]
-            lines.append(
-                f"- `{rule}` uses >= 95% of the codes on held-out: {used:.1%} -> {'met' if used >= 0.95 else 'MISSED'}"
-            )
-    if "cdb" in results and "nearest" in results:
-        ratio = results["cdb"]["perplexity"] / results["nearest"]["perplexity"]
-        lines.append(f"- `cdb` perplexity >= 4x `nearest`: {ratio:.2f}x -> {'met' if ratio >= 4 else 'MISSED'}")
+    if "cdb" in results:
+        used = results["cdb"]["utilization"]
+        lines.append(f"- `cdb` uses >= {usage_target:.0%} of the codes on held-out: {used:.1%} -> {'met' if used >= usage_target else 'MISSED'}")
+    if "cdb" in results and "vqtorch" in results:
+        ours, theirs = results["cdb"]["perplexity"], results["vqtorch"]["perplexity"]
+        lines.append(f"- `cdb` perplexity >= `vqtorch`'s: {ours:.0f} vs {theirs:.0f} -> {'met' if ours >= theirs else 'MISSED'}")
     baselines = {r: v for r, v in results.items() if r != "cdb"}
     if "cdb" in results and baselines:
         best = max(baselines, key=lambda r: baselines[r]["psnr"])
         gap = results["cdb"]["psnr"] - baselines[best]["psnr"]
         lines.append(
-            f"- `cdb` held-out PSNR >= best baseline (`{best}`, {baselines[best]['psnr']:.2f} dB): "
-            f"{results['cdb']['psnr']:.2f} dB ({gap:+.2f} dB) -> {'met' if gap >= 0 else 'MISSED'}"
+            f"- `cdb` held-out PSNR >= best baseline + 0.3 dB (`{best}`, {baselines[best]['psnr']:.2f} dB): "
+            f"{results['cdb']['psnr']:.2f} dB ({gap:+.2f} dB) -> {'met' if gap >= 0.3 else 'MISSED'}"
         )
     return lines
 
@@ -313,6 +320,7 @@ def report(
                "codes used (train, last 50)",
                "train L1+L2 (last 50)", "codes restarted", "s / step"]  # fmt: skip
     config = small_config(args, "cdb")
+    num_tokens = num_held_out * (args.resolution // config.downsampling_factor) ** 2
     overrides = f" Config overrides for our rules: `{json.dumps(args.overrides)}`." if args.overrides else ""
     return "\n".join(
         [
@@ -328,7 +336,9 @@ def report(
             f"crops of the scikit-image photos, AdamW lr {args.learning_rate}, seed {args.seed}, loss L1 + L2 + vq_loss; "
             f"the same backbone weights at step 0 for every quantizer. Held-out: {num_held_out} non-overlapping "
             f"{args.resolution}x{args.resolution} crops of scikit-learn's two photos "
-            f"({num_held_out * (args.resolution // config.downsampling_factor) ** 2:,} tokens). Dead-code restarts: "
+            f"({num_tokens:,} tokens; a perfectly uniform assignment would use "
+            f"{uniform_usage_ceiling(num_tokens, config.codebook_size):.1%} of the {config.codebook_size:,} codes). "
+            "Dead-code restarts: "
             + (
                 "on for all (share < dead_code_threshold / K; our quantizer's `restart_dead_codes` after each step, "
                 f"`VectorQuantize`'s `threshold_ema_dead_code` at the same share, EMA decay {args.vq_decay})."
@@ -349,7 +359,7 @@ def report(
             f"![held-out code usage]({plot_name})",
             "",
             "Targets:",
-            *targets(results),
+            *targets(results, args.usage_target),
             "",
         ]
     )
@@ -392,6 +402,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=1,
         help="torch threads; 1 by default: on a shared 2-core machine more threads ran 2-10x slower.",
     )
+    parser.add_argument("--usage-target", type=float, default=0.98, help="Held-out code usage `cdb` must reach.")
     parser.add_argument("--output", default="quality.md", help="Report name under benchmarks/results/.")
     args = parser.parse_args(argv)
     args.overrides = parse_overrides(args.overrides)

@@ -39,7 +39,7 @@ class CDBVQConfig(PretrainedConfig):
         router_dim (`int`, *optional*, defaults to 64): Width of the router's query and per-code keys.
         router_candidates (`int`, *optional*, defaults to 8): Codes of lowest transport cost that the router's learned
             term re-ranks for each latent (1 turns the learned term off: pure transport assignment).
-        router_logit_bound (`float`, *optional*, defaults to 2.0): Largest swing of the router's learned logits
+        router_logit_bound (`float`, *optional*, defaults to 0.5): Largest swing of the router's learned logits
             (`bound * tanh(score / bound)`), so it re-ranks near-equal codes instead of overriding the transport
             cost; `None` leaves them unbounded.
         potential_step (`float`, *optional*, defaults to 0.02): Step of the dual ascent that learns the per-code
@@ -53,15 +53,16 @@ class CDBVQConfig(PretrainedConfig):
         role_hidden_dim (`int`, *optional*, defaults to 32): Hidden width of the role head.
         commitment_weight (`float`, *optional*, defaults to 0.25): Weight of the commitment loss.
         codebook_weight (`float`, *optional*, defaults to 1.0): Weight of the codebook loss (unused with EMA).
-        balance_weight (`float`, *optional*, defaults to 0.1): Weight of KL(batch-averaged code distribution ||
-            uniform) (`cdb` only).
+        balance_weight (`float`, *optional*, defaults to 0.0): Weight of KL(batch-averaged soft code distribution ||
+            uniform) (`cdb` only; the transport potentials balance usage without it).
         semantic_distillation_weight (`float`, *optional*, defaults to 1.0): Weight of the semantic head's cosine
             loss to the teacher's patch features.
         token_alignment_weight (`float`, *optional*, defaults to 0.5): Weight of the cosine loss between each
             token's projected code and its patch's teacher feature.
         code_alignment_weight (`float`, *optional*, defaults to 0.5): Weight of the cosine loss between each
             projected code and its prototype.
-        ema_decay (`float`, *optional*): Decay of EMA codebook updates; `None` learns the codebook by gradient.
+        ema_decay (`float`, *optional*, defaults to 0.8): Decay of EMA codebook updates, so codes follow the cells
+            their rule gives them; `None` learns the codebook by gradient (codebook loss).
         usage_decay (`float`, *optional*, defaults to 0.99): Decay of the running per-code usage statistics.
         dead_code_threshold (`float`, *optional*, defaults to 0.03): A code whose running usage share falls below
             `dead_code_threshold / codebook_size` is dead and may be restarted; 0 disables restarts.
@@ -93,7 +94,7 @@ class CDBVQConfig(PretrainedConfig):
         sinkhorn_iterations: int = 5,
         router_dim: int = 64,
         router_candidates: int = 8,
-        router_logit_bound: float | None = 2.0,
+        router_logit_bound: float | None = 0.5,
         potential_step: float = 0.02,
         potential_bound: float = 1.0,
         semantic_dim: int = 512,
@@ -103,11 +104,11 @@ class CDBVQConfig(PretrainedConfig):
         role_hidden_dim: int = 32,
         commitment_weight: float = 0.25,
         codebook_weight: float = 1.0,
-        balance_weight: float = 0.1,
+        balance_weight: float = 0.0,
         semantic_distillation_weight: float = 1.0,
         token_alignment_weight: float = 0.5,
         code_alignment_weight: float = 0.5,
-        ema_decay: float | None = None,
+        ema_decay: float | None = 0.8,
         usage_decay: float = 0.99,
         dead_code_threshold: float = 0.03,
         assignment_chunk_size: int = 2**24,

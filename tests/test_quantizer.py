@@ -142,7 +142,7 @@ def test_router_learns_the_balanced_transport_of_the_data_distribution():
     generator = torch.Generator().manual_seed(0)
     module = quantizer(
         assignment="cdb", codebook_size=16, codebook_dim=2, potential_step=0.3, potential_bound=50.0,
-        dead_code_threshold=0.0,
+        dead_code_threshold=0.0, ema_decay=None,
     )  # fmt: skip
     module.initialize_codebook(two_dimensional_mixture(200, generator))
     codes = module.codes().detach().clone()

@@ -59,7 +59,7 @@ def test_end_to_end_run_writes_a_loadable_tokenizer_and_logs_every_loss_term(tmp
     clip_config = save_clip_config(tmp_path / "tiny_clip.json")
     output_dir = tmp_path / "run"
     metrics = main(TINY_MODEL + [
-        "--output_dir", str(output_dir), "--max_train_steps", "3", "--train_batch_size", "2",
+        "--output_dir", str(output_dir), "--max_train_steps", "3", "--train_batch_size", "2", "--ema_decay", "none",
         "--num_validation_images", "3", "--clip_model", str(clip_config), "--clip_pretrained", "none",
         "--prototypes", f"text:{tmp_path / 'labels.txt'}", "--l2_weight", "1.0", "--lpips_weight", "0.5",
         "--lpips_network", "squeeze", "--disc_weight", "0.5", "--disc_start", "0", "--disc_base_channels", "8",
