@@ -610,7 +610,7 @@ def eval_command(args: argparse.Namespace) -> None:
 
 def inspect_command(args: argparse.Namespace) -> None:
     """Codebook size, assignment rule, role ranges with their usage, and the labels of the most used codes."""
-    from .publishing import codebook_summary
+    from .publishing import code_report_summary, codebook_summary
 
     model, _, model_id, fingerprint = load_model(args.model, args.device, args.dtype, args.trust_remote_code)
     summary = codebook_summary(model, top_k=args.top)
@@ -672,24 +672,6 @@ def inspect_command(args: argparse.Namespace) -> None:
 
 def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.4g}"
-
-
-def code_report_summary(report: list[dict]) -> list[dict]:
-    """Per role (and for all codes): how many codes, their usage, and usage-weighted mean signals and cosine."""
-    groups: dict[str, list[dict]] = {}
-    for record in report:
-        if record["role"] is not None:
-            groups.setdefault(record["role"], []).append(record)
-    groups["all codes"] = report
-    rows = []
-    for group, records in groups.items():
-        row = {"group": group, "codes": len(records), "usage": sum(r["usage"] for r in records)}
-        for key in ("low_pass", "laplacian", "chroma", "prototype_cosine"):
-            seen = [(r[key], r["usage"]) for r in records if r[key] is not None]
-            weight = sum(w for _, w in seen)
-            row[key] = (sum(v * w for v, w in seen) / weight if weight > 0 else sum(v for v, _ in seen) / len(seen)) if seen else None
-        rows.append(row)
-    return rows
 
 
 def _write_code_report(report: list[dict], path: Path) -> None:

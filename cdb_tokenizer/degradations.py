@@ -8,6 +8,7 @@ A degradation spec names one or more degradations with their strengths, applied 
     jpeg:30                               JPEG compression at this quality (1-100)
     downscale:2                           downscale by this factor (area), then back up (bicubic)
     gaussian_blur:0.5-2.0+noise:0.02      '+' composes; LOW-HIGH draws the strength per image, uniformly
+    gaussian_blur:0.5-2|motion_blur:3-11  '|' separates alternatives: each image gets one, drawn uniformly
 
 A strength of 0 turns a degradation off (the identity), for every name. Everything random (motion direction,
 noise, drawn strengths) comes from one `torch.Generator` seeded by the caller, so a spec and a seed always give the
@@ -45,15 +46,22 @@ def _number(value: float) -> str:
     return f"{value:g}"
 
 
-def parse_degradations(spec: str) -> list[Degradation]:
-    """Parse a spec such as `'gaussian_blur:1.5+noise:0.02'`; raises ValueError naming what is wrong."""
+def parse_spec(spec: str) -> list[list[Degradation]]:
+    """Parse a spec into its '|'-separated alternatives, each a '+'-chain; raises ValueError naming what is wrong."""
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError(f"a degradation spec must be a non-empty string such as 'gaussian_blur:1.5', got {spec!r}.")
+    return [parse_degradations(chain, spec) for chain in spec.replace(" ", "").split("|")]
+
+
+def parse_degradations(spec: str, whole: str | None = None) -> list[Degradation]:
+    """Parse one chain such as `'gaussian_blur:1.5+noise:0.02'`; raises ValueError naming what is wrong."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"a degradation spec must be a non-empty string such as 'gaussian_blur:1.5', got {whole or spec!r}.")
     degradations = []
     for part in spec.replace(" ", "").split("+"):
         name, colon, strength = part.partition(":")
         if name not in DEGRADATIONS:
-            raise ValueError(f"unknown degradation {name!r} in {spec!r}; known: {', '.join(DEGRADATIONS)}.")
+            raise ValueError(f"unknown degradation {name!r} in {whole or spec!r}; known: {', '.join(DEGRADATIONS)}.")
         if not colon or not strength:
             raise ValueError(f"degradation {name!r} needs a strength, e.g. '{name}:{_example(name)}' (got {part!r}).")
         low_text, dash, high_text = strength.partition("-")
@@ -82,21 +90,34 @@ def _example(name: str) -> str:
 
 def canonical_spec(spec: str) -> str:
     """The spec in its canonical spelling (what a config records)."""
-    return "+".join(str(d) for d in parse_degradations(spec))
+    return "|".join("+".join(str(d) for d in chain) for chain in parse_spec(spec))
 
 
 @torch.no_grad()
 def degrade(pixel_values: torch.Tensor, spec: str | list[Degradation], seed: int = 0) -> torch.Tensor:
     """Apply the degradations of `spec` to images (B, C, H, W) in [-1, 1], deterministically under `seed`."""
-    degradations = parse_degradations(spec) if isinstance(spec, str) else list(spec)
+    alternatives = parse_spec(spec) if isinstance(spec, str) else [list(spec)]
     if pixel_values.ndim != 4 or not pixel_values.is_floating_point():
         raise ValueError(f"degrade expects float images (batch, channels, height, width), got {tuple(pixel_values.shape)} {pixel_values.dtype}.")
     generator = torch.Generator(device="cpu").manual_seed(int(seed))
-    images = pixel_values.detach().float()
-    for degradation in degradations:
+    images = pixel_values.detach().float().cpu()
+    if len(alternatives) == 1:
+        images = _apply_chain(images, alternatives[0], generator)
+    else:
+        picks = torch.randint(len(alternatives), (images.shape[0],), generator=generator)
+        images = images.clone()
+        for index, chain in enumerate(alternatives):
+            chosen = (picks == index).nonzero().flatten()
+            if chosen.numel():
+                images[chosen] = _apply_chain(images[chosen], chain, generator)
+    return images.clamp(-1, 1).to(device=pixel_values.device, dtype=pixel_values.dtype)
+
+
+def _apply_chain(images: torch.Tensor, chain: list[Degradation], generator: torch.Generator) -> torch.Tensor:
+    for degradation in chain:
         strengths = _strengths(degradation, images.shape[0], generator)
         images = torch.stack([APPLY[degradation.name](image, float(s), generator) for image, s in zip(images, strengths)])
-    return images.clamp(-1, 1).to(pixel_values.dtype)
+    return images
 
 
 def _strengths(degradation: Degradation, count: int, generator: torch.Generator) -> torch.Tensor:
@@ -179,4 +200,4 @@ def downscale(image: torch.Tensor, factor: float, generator: torch.Generator | N
 APPLY = {"gaussian_blur": gaussian_blur, "motion_blur": motion_blur, "noise": noise, "jpeg": jpeg, "downscale": downscale}
 
 
-__all__ = ["DEGRADATIONS", "Degradation", "canonical_spec", "degrade", "parse_degradations"]
+__all__ = ["DEGRADATIONS", "Degradation", "canonical_spec", "degrade", "parse_degradations", "parse_spec"]

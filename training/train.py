@@ -755,8 +755,8 @@ def restoration_metrics(model: CDBVQModel, validation: torch.Tensor, args) -> di
     restored = torch.cat([reconstruct(model, batch) for batch in validation_batches(degraded, args.train_batch_size)])
 
     def psnr(images: torch.Tensor) -> float:
-        mse = (((images.float().clamp(-1, 1) - validation.float()) / 2) ** 2).flatten(1).mean(1).clamp_min(1e-12)
-        return float((10 * torch.log10(1 / mse)).mean())
+        mse = (((images.float().clamp(-1, 1) - validation.float()) / 2) ** 2).mean().clamp_min(1e-12)  # as evaluate()
+        return float(10 * torch.log10(1 / mse))
 
     return {"restoration_psnr": psnr(restored), "degraded_input_psnr": psnr(degraded)}
 
@@ -911,7 +911,7 @@ def training_step(parts: TrainingParts, pixel_values: torch.Tensor, step: int, a
     inputs = pixel_values
     if args.degradation:  # restoration: the encoder sees the degraded image, the loss targets the clean one
         seed = degradation_seed(args, step, micro_batch, accelerator.process_index)
-        inputs = degrade(pixel_values.cpu(), args.degradation, seed=seed).to(accelerator.device)
+        inputs = degrade(pixel_values, args.degradation, seed=seed)
     snapshot = quantizer_state(parts.unwrapped)
     adversarial = parts.discriminator is not None and loss_module.adversarial_active(step)
     with accelerator.accumulate(*[m for m in (parts.model, parts.discriminator) if m is not None]):
