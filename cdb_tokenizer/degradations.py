@@ -49,14 +49,18 @@ def _number(value: float) -> str:
 def parse_spec(spec: str) -> list[list[Degradation]]:
     """Parse a spec into its '|'-separated alternatives, each a '+'-chain; raises ValueError naming what is wrong."""
     if not isinstance(spec, str) or not spec.strip():
-        raise ValueError(f"a degradation spec must be a non-empty string such as 'gaussian_blur:1.5', got {spec!r}.")
+        raise ValueError(
+            f"a degradation spec must be a non-empty string such as 'gaussian_blur:1.5', got {spec!r}."
+        )
     return [parse_degradations(chain, spec) for chain in spec.replace(" ", "").split("|")]
 
 
 def parse_degradations(spec: str, whole: str | None = None) -> list[Degradation]:
     """Parse one chain such as `'gaussian_blur:1.5+noise:0.02'`; raises ValueError naming what is wrong."""
     if not isinstance(spec, str) or not spec.strip():
-        raise ValueError(f"a degradation spec must be a non-empty string such as 'gaussian_blur:1.5', got {whole or spec!r}.")
+        raise ValueError(
+            f"a degradation spec must be a non-empty string such as 'gaussian_blur:1.5', got {whole or spec!r}."
+        )
     degradations = []
     for part in spec.replace(" ", "").split("+"):
         name, colon, strength = part.partition(":")
@@ -98,7 +102,10 @@ def degrade(pixel_values: torch.Tensor, spec: str | list[Degradation], seed: int
     """Apply the degradations of `spec` to images (B, C, H, W) in [-1, 1], deterministically under `seed`."""
     alternatives = parse_spec(spec) if isinstance(spec, str) else [list(spec)]
     if pixel_values.ndim != 4 or not pixel_values.is_floating_point():
-        raise ValueError(f"degrade expects float images (batch, channels, height, width), got {tuple(pixel_values.shape)} {pixel_values.dtype}.")
+        raise ValueError(
+            f"degrade expects float images (batch, channels, height, width), got {tuple(pixel_values.shape)} "
+            f"{pixel_values.dtype}."
+        )
     generator = torch.Generator(device="cpu").manual_seed(int(seed))
     images = pixel_values.detach().float().cpu()
     if len(alternatives) == 1:
@@ -116,7 +123,8 @@ def degrade(pixel_values: torch.Tensor, spec: str | list[Degradation], seed: int
 def _apply_chain(images: torch.Tensor, chain: list[Degradation], generator: torch.Generator) -> torch.Tensor:
     for degradation in chain:
         strengths = _strengths(degradation, images.shape[0], generator)
-        images = torch.stack([APPLY[degradation.name](image, float(s), generator) for image, s in zip(images, strengths)])
+        apply = APPLY[degradation.name]
+        images = torch.stack([apply(image, float(s), generator) for image, s in zip(images, strengths)])
     return images
 
 
@@ -181,7 +189,8 @@ def jpeg(image: torch.Tensor, quality: float, generator: torch.Generator | None 
     array = ((image.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
     mode = "L" if array.shape[-1] == 1 else "RGB"
     buffer = io.BytesIO()
-    Image.fromarray(array[..., 0] if mode == "L" else array[..., :3], mode=mode).save(buffer, format="JPEG", quality=int(round(quality)))
+    picture = Image.fromarray(array[..., 0] if mode == "L" else array[..., :3])
+    picture.save(buffer, format="JPEG", quality=int(round(quality)))
     decoded = np.asarray(Image.open(io.BytesIO(buffer.getvalue())).convert(mode)).copy()
     decoded = torch.from_numpy(decoded).float()
     decoded = decoded[..., None] if decoded.ndim == 2 else decoded
@@ -197,7 +206,9 @@ def downscale(image: torch.Tensor, factor: float, generator: torch.Generator | N
     return F.interpolate(reduced, size=(height, width), mode="bicubic", align_corners=False)[0]
 
 
-APPLY = {"gaussian_blur": gaussian_blur, "motion_blur": motion_blur, "noise": noise, "jpeg": jpeg, "downscale": downscale}
+APPLY = {
+    "gaussian_blur": gaussian_blur, "motion_blur": motion_blur, "noise": noise, "jpeg": jpeg, "downscale": downscale,
+}  # fmt: skip
 
 
 __all__ = ["DEGRADATIONS", "Degradation", "canonical_spec", "degrade", "parse_degradations", "parse_spec"]

@@ -572,7 +572,6 @@ class CDBVQQuantizer(nn.Module):
             signal_features, role_targets(signal_features, self.config)
         )
 
-
     def _sinkhorn(self, latents: torch.Tensor, codes: torch.Tensor) -> SinkhornPotentials:
         config = self.config
         return sinkhorn_potentials(

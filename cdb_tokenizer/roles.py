@@ -22,7 +22,9 @@ ROLE_COLOURS = {"structure": (0.15, 0.45, 1.0), "texture": (1.0, 0.25, 0.1), "co
 ROLE_PALETTE = ((0.15, 0.45, 1.0), (1.0, 0.25, 0.1), (0.1, 0.85, 0.25), (0.95, 0.8, 0.1), (0.7, 0.2, 0.9))
 
 
-def three_role_ranges(codebook_size: int, shares: tuple[float, float, float] = (1 / 3, 1 / 3, 1 / 3)) -> dict[str, list[int]]:
+def three_role_ranges(
+    codebook_size: int, shares: tuple[float, float, float] = (1 / 3, 1 / 3, 1 / 3)
+) -> dict[str, list[int]]:
     """`code_roles` for the structure / texture / colour preset: three consecutive ranges tiling `codebook_size`
     codes in proportion to `shares` (equal thirds by default; the remainder goes to structure)."""
     if codebook_size < 3:
@@ -45,10 +47,14 @@ def role_colour(name: str, index: int) -> tuple[float, float, float]:
     return ROLE_COLOURS.get(name, ROLE_PALETTE[index % len(ROLE_PALETTE)])
 
 
-def role_map_overlay(pixel_values: torch.Tensor, role_map: torch.Tensor, role_names: list[str], alpha: float = 0.45) -> torch.Tensor:
+def role_map_overlay(
+    pixel_values: torch.Tensor, role_map: torch.Tensor, role_names: list[str], alpha: float = 0.45
+) -> torch.Tensor:
     """Images (B, 3, H, W) in [-1, 1] with each token's role as a translucent colour: (B, 3, H, W) in [0, 1]."""
     if role_map.ndim != 3 or role_map.shape[0] != pixel_values.shape[0]:
-        raise ValueError(f"role_map must be (batch, h, w) for {pixel_values.shape[0]} images, got {tuple(role_map.shape)}.")
+        raise ValueError(
+            f"role_map must be (batch, h, w) for {pixel_values.shape[0]} images, got {tuple(role_map.shape)}."
+        )
     images = ((pixel_values.detach().float().cpu() + 1) / 2).clamp(0, 1)
     palette = torch.tensor([role_colour(name, i) for i, name in enumerate(role_names or ["all"])])
     colours = palette[role_map.cpu().clamp(0, len(palette) - 1)].permute(0, 3, 1, 2)  # B, 3, h, w
@@ -56,7 +62,9 @@ def role_map_overlay(pixel_values: torch.Tensor, role_map: torch.Tensor, role_na
     return (1 - alpha) * images + alpha * colours
 
 
-def role_map_figure(pixel_values: torch.Tensor, role_map: torch.Tensor, role_names: list[str], columns: int = 4) -> torch.Tensor:
+def role_map_figure(
+    pixel_values: torch.Tensor, role_map: torch.Tensor, role_names: list[str], columns: int = 4
+) -> torch.Tensor:
     """A grid (3, H', W') in [0, 1]: each image beside its role overlay, with a colour legend strip on top."""
     overlay = role_map_overlay(pixel_values, role_map, role_names)
     images = ((pixel_values.detach().float().cpu() + 1) / 2).clamp(0, 1)
@@ -78,7 +86,9 @@ def role_map_figure(pixel_values: torch.Tensor, role_map: torch.Tensor, role_nam
     return torch.cat([legend, grid], dim=1)
 
 
-def save_role_map(pixel_values: torch.Tensor, role_map: torch.Tensor, role_names: list[str], path: str | Path, columns: int = 4) -> Path:
+def save_role_map(
+    pixel_values: torch.Tensor, role_map: torch.Tensor, role_names: list[str], path: str | Path, columns: int = 4
+) -> Path:
     """Write `role_map_figure` as a PNG; the legend's order is `role_names` (left to right)."""
     from PIL import Image
 
@@ -92,7 +102,9 @@ def save_role_map(pixel_values: torch.Tensor, role_map: torch.Tensor, role_names
 def role_legend(role_names: list[str]) -> str:
     """One line naming each role's overlay colour, left to right in the legend."""
     words = {ROLE_COLOURS["structure"]: "blue", ROLE_COLOURS["texture"]: "red", ROLE_COLOURS["colour"]: "green"}
-    return ", ".join(f"{name}: {words.get(role_colour(name, i), 'colour ' + str(i))}" for i, name in enumerate(role_names))
+    return ", ".join(
+        f"{name}: {words.get(role_colour(name, i), 'colour ' + str(i))}" for i, name in enumerate(role_names)
+    )
 
 
 __all__ = [
