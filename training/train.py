@@ -916,9 +916,9 @@ def training_step(parts: TrainingParts, pixel_values: torch.Tensor, step: int, a
     adversarial = parts.discriminator is not None and loss_module.adversarial_active(step)
     with accelerator.accumulate(*[m for m in (parts.model, parts.discriminator) if m is not None]):
         with accelerator.autocast():
+            target = {"target_pixel_values": pixel_values} if args.degradation else {}
             losses = compute_losses(parts.model, inputs, loss_module, parts.teacher, step, parts.plain_discriminator,
-                                    parts.unwrapped.decoder.conv_out.weight, parts.grid_size,
-                                    target_pixel_values=pixel_values)  # fmt: skip
+                                    parts.unwrapped.decoder.conv_out.weight, parts.grid_size, **target)  # fmt: skip
             terms, disc_loss = dict(losses.terms), None
             if adversarial:
                 disc_loss, disc_terms = loss_module.discriminator_loss(parts.discriminator, pixel_values, losses.model_output.reconstruction)
