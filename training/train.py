@@ -50,7 +50,6 @@ from cdb_tokenizer.checkpoints import (
     load_custom_state,
     save_checkpoint,
 )
-from cdb_tokenizer.degradations import canonical_spec, degrade
 from cdb_tokenizer.data import (
     EpochSampler,
     SplitNotFoundError,
@@ -64,6 +63,7 @@ from cdb_tokenizer.data import (
     sample_photos,
     train_transform,
 )
+from cdb_tokenizer.degradations import canonical_spec, degrade
 from cdb_tokenizer.evaluation import (
     code_usage_counts,
     evaluate,
