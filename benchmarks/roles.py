@@ -300,7 +300,8 @@ def main(argv: list[str] | None = None) -> None:
         if run == "roles":
             stem = args.output.rsplit(".", 1)[0]
             picks = held_out[torch.linspace(0, held_out.shape[0] - 1, 8).long()]
-            path = save_role_map(picks, model.role_map(picks), model.config.role_names, RESULTS_DIR / f"{stem}_role_map.png")
+            large = F.interpolate(picks, scale_factor=4, mode="nearest")  # 32-pixel crops are too small to see
+            path = save_role_map(large, model.role_map(picks), model.config.role_names, RESULTS_DIR / f"{stem}_role_map.png")
             args.figure = path.name
     text = report(args, results, (time.perf_counter() - start) / 60, started, load_before, load_line(), held_out.shape[0])
     path = write_report(args.output, text)
