@@ -3,9 +3,10 @@
 ```bash
 cdb-vq encode photos/*.jpg --model org/cdb-vq --out tokens.safetensors
 cdb-vq decode tokens.safetensors --out decoded/
-cdb-vq reconstruct photos/*.jpg --model org/cdb-vq --out reconstructions/
+cdb-vq reconstruct photos/*.jpg --model org/cdb-vq --out reconstructions/ [--role-map]
+cdb-vq restore blurred/*.jpg --model org/cdb-vq-deblur --out restored/
 cdb-vq eval --model org/cdb-vq --data held_out_photos/
-cdb-vq inspect --model org/cdb-vq
+cdb-vq inspect --model org/cdb-vq [--codes codes.csv]
 cdb-vq tokenize --model org/cdb-vq --data photos/ --out tokenized/
 ```
 
@@ -474,6 +475,11 @@ def reconstruct_command(args: argparse.Namespace) -> None:
     names = unique_names(paths)
     check_targets([folder / f"{name}.png" for name in names for folder in (out, out / "reconstructions")])
     check_targets([out / "psnr.json"])
+    if args.role_map:
+        if not model.config.code_roles:
+            raise CLIError(f"--role-map: {args.model} has no code roles (config.code_roles is empty), so there is no role map.")
+        check_output_folder(str(out / "role_maps"))
+        check_targets([out / "role_maps" / f"{name}.png" for name in names])
     scores = {}
     with tqdm(total=len(paths), desc="reconstructing", unit="image") as progress:
         for start in range(0, len(paths), args.batch_size):
@@ -486,6 +492,8 @@ def reconstruct_command(args: argparse.Namespace) -> None:
             reconstructions = to_unit_images(reconstruction, processor)
             pairs = processor.postprocess(torch.cat([pixel_values.float(), reconstruction], dim=-1)).pixel_values
             singles = processor.postprocess(reconstruction).pixel_values
+            if args.role_map:
+                _write_role_maps(model, pixel_values, originals, out / "role_maps", names[start : start + args.batch_size])
             for index, name in enumerate(names[start : start + args.batch_size]):
                 scores[name] = psnr(originals[index], reconstructions[index])
                 # original left, reconstruction right
@@ -501,6 +509,46 @@ def reconstruct_command(args: argparse.Namespace) -> None:
     rows = [(name, f"{value:.2f}") for name, value in scores.items()] + [("mean", f"{mean:.2f}")]
     print(format_table(["image", "PSNR (dB)"], rows))
     print(f"originals beside reconstructions in {out}, reconstructions alone in {out / 'reconstructions'}")
+    if args.role_map:
+        from .roles import role_legend
+
+        print(f"role maps (each token's role as a translucent colour; {role_legend(model.config.role_names)}) in {out / 'role_maps'}")
+
+
+def _write_role_maps(model, pixel_values: torch.Tensor, originals: torch.Tensor, folder: Path, names: list[str]) -> None:
+    """Each image beside its role overlay, as `folder/<name>.png`."""
+    from .roles import role_map_figure
+
+    role_map = model.role_map(pixel_values).cpu()
+    for index, name in enumerate(names):
+        figure = role_map_figure(originals[index : index + 1] * 2 - 1, role_map[index : index + 1], model.config.role_names)
+        array = (figure.permute(1, 2, 0).numpy() * 255).round().clip(0, 255).astype("uint8")
+        replace_file(folder / f"{name}.png", lambda path, array=array: Image.fromarray(array).save(path, format="PNG"))
+
+
+def restore_command(args: argparse.Namespace) -> None:
+    """Degraded photos in, restored photos out, with a model trained for restoration (`train.py --degradation`)."""
+    paths = check_image_files(args.images, args.max_image_pixels)
+    out = check_output_folder(args.out)
+    model, processor, _, _ = load_model(args.model, args.device, args.dtype, args.trust_remote_code)
+    trained_on = getattr(model.config, "restoration_degradation", None)
+    if not trained_on:
+        raise CLIError(
+            f"{args.model} was not trained for restoration (its config records no restoration_degradation); "
+            f"train one with `train.py --degradation gaussian_blur:0.5-2`, or use `cdb-vq reconstruct`."
+        )
+    names = unique_names(paths)
+    check_targets([out / f"{name}.png" for name in names])
+    with tqdm(total=len(paths), desc="restoring", unit="image") as progress:
+        for start in range(0, len(paths), args.batch_size):
+            batch = paths[start : start + args.batch_size]
+            pixel_values = pixel_values_of([load_image(path, args.max_image_pixels) for path in batch], processor, model)
+            restored = model.decode(model.encode(pixel_values).image_tokens).float()
+            for index, name in enumerate(names[start : start + args.batch_size]):
+                image = processor.postprocess(restored[index : index + 1]).pixel_values[0]
+                replace_file(out / f"{name}.png", lambda path, image=image: image.save(path, format="PNG"))
+            progress.update(len(batch))
+    print(f"restored {len(paths)} image(s) into {out} (the model was trained to undo {trained_on})")
 
 
 def _readable_images(
@@ -562,12 +610,16 @@ def eval_command(args: argparse.Namespace) -> None:
 
 def inspect_command(args: argparse.Namespace) -> None:
     """Codebook size, assignment rule, role ranges with their usage, and the labels of the most used codes."""
-    from .publishing import codebook_summary
+    from .publishing import code_report_summary, codebook_summary
 
     model, _, model_id, fingerprint = load_model(args.model, args.device, args.dtype, args.trust_remote_code)
     summary = codebook_summary(model, top_k=args.top)
+    report = model.code_report()
+    code_summary = code_report_summary(report)
+    if args.codes:
+        _write_code_report(report, check_output_file(args.codes))
     if args.json:
-        print(json.dumps({"model": model_id, "codebook_fingerprint": fingerprint, **summary}, indent=2))
+        print(json.dumps({"model": model_id, "codebook_fingerprint": fingerprint, **summary, "code_report_summary": code_summary}, indent=2))
         return
     grid_height, grid_width = summary["token_grid"]
     size, factor = summary["resolution"], summary["downsampling_factor"]
@@ -603,6 +655,39 @@ def inspect_command(args: argparse.Namespace) -> None:
             ],
         )
     )
+    print("\nwhat the codes learned (code_report: usage-weighted mean image signals of the latents they won in training)")
+    print(
+        format_table(
+            ["group", "codes", "usage", "low-pass", "Laplacian", "chroma", "prototype cosine"],
+            [
+                (row["group"], row["codes"], f"{row['usage']:.1%}", _fmt(row["low_pass"]), _fmt(row["laplacian"]),
+                 _fmt(row["chroma"]), _fmt(row["prototype_cosine"]))  # fmt: skip
+                for row in code_summary
+            ],
+        )
+    )
+    if args.codes:
+        print(f"\none record per code written to {args.codes}")
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4g}"
+
+
+def _write_code_report(report: list[dict], path: Path) -> None:
+    """One record per code as CSV (by the .csv suffix) or JSON (anything else)."""
+    if path.suffix.lower() == ".csv":
+        import csv
+        import io
+
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=list(report[0]))
+        writer.writeheader()
+        writer.writerows(report)
+        text = buffer.getvalue()
+    else:
+        text = json.dumps(report, indent=1) + "\n"
+    replace_file(path, lambda target: target.write_text(text))
 
 
 def tokenize_command(args: argparse.Namespace) -> None:
@@ -729,7 +814,15 @@ def build_parser() -> argparse.ArgumentParser:
     reconstruct.add_argument("images", nargs="+", help="image files")
     reconstruct.add_argument("--out", required=True, help="output folder")
     reconstruct.add_argument("--batch_size", type=_positive_int, default=16)
+    reconstruct.add_argument("--role-map", "--role_map", dest="role_map", action="store_true",
+                             help="also write each image beside its role map (the role of every token as a translucent colour) to OUT/role_maps/")  # fmt: skip
     _add_pixel_budget(reconstruct)
+
+    restore = add_command("restore", restore_command, "Restore degraded images with a model trained for restoration (train.py --degradation).")
+    restore.add_argument("images", nargs="+", help="degraded image files")
+    restore.add_argument("--out", required=True, help="output folder for the restored PNGs")
+    restore.add_argument("--batch_size", type=_positive_int, default=16)
+    _add_pixel_budget(restore)
 
     evaluate = add_command("eval", eval_command, "PSNR, SSIM, codebook utilization and perplexity on a data set.")
     add_data_arguments(evaluate)
@@ -739,6 +832,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspect = add_command("inspect", inspect_command, "Codebook size, assignment rule, roles and most used codes.")
     inspect.add_argument("--top", type=_positive_int, default=10, help="how many of the most used codes to list")
     inspect.add_argument("--json", action="store_true", help="print the summary as JSON")
+    inspect.add_argument("--codes", default=None, help="write one record per code (model.code_report()) to this .csv or .json file")
 
     tokenize = add_command("tokenize", tokenize_command, "Tokenize an image data set for a prior (save_to_disk).")
     add_data_arguments(tokenize)

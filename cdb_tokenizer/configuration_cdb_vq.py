@@ -10,6 +10,8 @@ ASSIGNMENT_RULES = ("nearest", "sinkhorn", "cdb")
 # 2: the transport-potential router. Only `cdb` changed between them.
 QUANTIZER_FORMAT = 2
 FORMAT_1_FIELDS = ("router_distance_scale", "ot_imitation_weight")
+# Roles whose target role-supervision knows how to derive from image signals (structure is the fallback).
+SUPERVISED_ROLES = ("structure", "texture", "colour")
 
 
 class CDBVQConfig(PretrainedConfig):
@@ -51,6 +53,14 @@ class CDBVQConfig(PretrainedConfig):
         code_roles (`dict[str, list[int]]`, *optional*): Named `[start, end)` code ranges that tile the codebook,
             e.g. `{"structure": [0, 512], "texture": [512, 1024]}`; a role head adds a log-prior over them.
         role_hidden_dim (`int`, *optional*, defaults to 32): Hidden width of the role head.
+        role_supervision_weight (`float`, *optional*, defaults to 0.0): Weight of the cross-entropy that trains the
+            role head toward each token's target role from its image signals (0: roles are learned only through routing).
+        role_texture_threshold (`float`, *optional*, defaults to 0.02): Laplacian energy of a cell (pixels in [-1, 1])
+            from which its target role is `texture`.
+        role_colour_threshold (`float`, *optional*, defaults to 0.4): Chroma of a cell from which a cell below the
+            texture threshold gets the target role `colour`; other cells get `structure`.
+        restoration_degradation (`str`, *optional*): The degradation the model was trained to undo (e.g.
+            `"gaussian_blur:1.5"`), recorded by training with `--degradation`; `None` for a plain tokenizer.
         commitment_weight (`float`, *optional*, defaults to 0.25): Weight of the commitment loss.
         codebook_weight (`float`, *optional*, defaults to 1.0): Weight of the codebook loss (unused with EMA).
         balance_weight (`float`, *optional*, defaults to 0.0): Weight of KL(batch-averaged soft code distribution ||
@@ -102,6 +112,10 @@ class CDBVQConfig(PretrainedConfig):
         prototype_labels: list[str] | None = None,
         code_roles: dict[str, list[int]] | None = None,
         role_hidden_dim: int = 32,
+        role_supervision_weight: float = 0.0,
+        role_texture_threshold: float = 0.02,
+        role_colour_threshold: float = 0.4,
+        restoration_degradation: str | None = None,
         commitment_weight: float = 0.25,
         codebook_weight: float = 1.0,
         balance_weight: float = 0.0,
@@ -144,6 +158,10 @@ class CDBVQConfig(PretrainedConfig):
         self.prototype_labels = list(prototype_labels) if prototype_labels is not None else None
         self.code_roles = {name: list(bounds) for name, bounds in code_roles.items()} if code_roles else None
         self.role_hidden_dim = role_hidden_dim
+        self.role_supervision_weight = role_supervision_weight
+        self.role_texture_threshold = role_texture_threshold
+        self.role_colour_threshold = role_colour_threshold
+        self.restoration_degradation = restoration_degradation
         self.commitment_weight = commitment_weight
         self.codebook_weight = codebook_weight
         self.balance_weight = balance_weight
@@ -209,7 +227,8 @@ class CDBVQConfig(PretrainedConfig):
                 f"potential_step and potential_bound must be >= 0, got {self.potential_step!r} and {self.potential_bound!r}."
             )
         for name in ("commitment_weight", "codebook_weight", "balance_weight",
-                     "semantic_distillation_weight", "token_alignment_weight", "code_alignment_weight"):  # fmt: skip
+                     "semantic_distillation_weight", "token_alignment_weight", "code_alignment_weight",
+                     "role_supervision_weight", "role_texture_threshold", "role_colour_threshold"):  # fmt: skip
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}.")
         if self.prototype_labels is not None and len(self.prototype_labels) != self.num_prototypes:
@@ -218,6 +237,21 @@ class CDBVQConfig(PretrainedConfig):
             )
         if self.code_roles:
             self._validate_code_roles()
+        if self.role_supervision_weight > 0:
+            self._validate_role_supervision()
+        if self.restoration_degradation is not None and (
+            not isinstance(self.restoration_degradation, str) or not self.restoration_degradation.strip()
+        ):
+            raise ValueError(f"restoration_degradation must be None or a degradation spec, got {self.restoration_degradation!r}.")
+
+    def _validate_role_supervision(self) -> None:
+        names = set(self.code_roles or ())
+        if self.assignment != "cdb" or "structure" not in names or not names <= set(SUPERVISED_ROLES):
+            raise ValueError(
+                f"role_supervision_weight > 0 needs assignment='cdb' and code_roles named from {list(SUPERVISED_ROLES)} "
+                f"including 'structure' (e.g. cdb_tokenizer.roles.three_role_ranges(K)); got assignment "
+                f"{self.assignment!r} and roles {sorted(names)}."
+            )
 
     def _validate_code_roles(self) -> None:
         position = 0

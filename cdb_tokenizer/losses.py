@@ -26,6 +26,7 @@ VQ_TERMS = {
     "codebook_loss": "codebook",
     "commitment_loss": "commitment",
     "balance_loss": "balance",
+    "role_supervision_loss": "role_supervision",
     "semantic_distillation_loss": "semantic_distillation",
     "token_alignment_loss": "token_alignment",
     "code_alignment_loss": "code_alignment",
@@ -173,6 +174,8 @@ class TokenizerLoss(nn.Module):
         disc_start: First step at which the adversarial losses are on.
         disc_loss: `"hinge"` or `"vanilla"` discriminator loss.
         adaptive_disc_weight: Scale the adversarial term by taming's adaptive weight.
+        high_frequency_weight: Weight of the L1 distance between the Laplacian responses of the reconstruction and
+            the target (restoration: rewards sharp detail that L1/L2 on pixels blur away).
     """
 
     def __init__(
@@ -185,12 +188,13 @@ class TokenizerLoss(nn.Module):
         disc_start: int = 0,
         disc_loss: str = "hinge",
         adaptive_disc_weight: bool = True,
+        high_frequency_weight: float = 0.0,
     ):
         super().__init__()
         if disc_loss not in DISCRIMINATOR_LOSSES:
             raise ValueError(f"disc_loss must be one of {list(DISCRIMINATOR_LOSSES)}, got {disc_loss!r}.")
         for name, value in (("l1_weight", l1_weight), ("l2_weight", l2_weight), ("lpips_weight", lpips_weight),
-                            ("disc_weight", disc_weight)):  # fmt: skip
+                            ("disc_weight", disc_weight), ("high_frequency_weight", high_frequency_weight)):  # fmt: skip
             if value < 0:
                 raise ValueError(f"{name} must be >= 0, got {value!r}.")
         if lpips_weight > 0 and lpips is None:
@@ -203,6 +207,7 @@ class TokenizerLoss(nn.Module):
         self.disc_start = disc_start
         self.disc_loss = disc_loss
         self.adaptive_disc_weight = adaptive_disc_weight
+        self.high_frequency_weight = high_frequency_weight
 
     def adversarial_active(self, step: int) -> bool:
         """Whether the generator and discriminator adversarial losses are on at `step`."""
@@ -214,12 +219,16 @@ class TokenizerLoss(nn.Module):
         terms = {"l1": (reconstruction - original).abs().mean(), "l2": F.mse_loss(reconstruction, original)}
         if self.lpips_weight > 0:
             terms["lpips"] = self.lpips(reconstruction, original).mean()
+        if self.high_frequency_weight > 0:
+            terms["high_frequency"] = (laplacian(reconstruction) - laplacian(original)).abs().mean()
         return terms
 
     def weighted_reconstruction(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
         total = self.l1_weight * terms["l1"] + self.l2_weight * terms["l2"]
         if "lpips" in terms:
             total = total + self.lpips_weight * terms["lpips"]
+        if "high_frequency" in terms:
+            total = total + self.high_frequency_weight * terms["high_frequency"]
         return total
 
     def generator_adversarial(
@@ -259,6 +268,14 @@ class TokenizerLoss(nn.Module):
         return loss, {"discriminator": loss, "logits_real": logits_real.mean(), "logits_fake": logits_fake.mean()}
 
 
+def laplacian(images: torch.Tensor) -> torch.Tensor:
+    """Per-channel 3x3 Laplacian response of images (B, C, H, W), replicate padding."""
+    kernel = images.new_tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]])
+    channels = images.shape[1]
+    padded = F.pad(images, (1, 1, 1, 1), mode="replicate")
+    return F.conv2d(padded, kernel[None, None].expand(channels, 1, 3, 3), groups=channels)
+
+
 @dataclass
 class LossOutput:
     """What `compute_losses` gives back: the total to backpropagate, every term by name, and the model output."""
@@ -277,6 +294,7 @@ def compute_losses(
     discriminator: nn.Module | None = None,
     last_layer: torch.Tensor | None = None,
     grid_size: tuple[int, int] | None = None,
+    target_pixel_values: torch.Tensor | None = None,
 ) -> LossOutput:
     """One forward pass of the tokenizer and its full training loss.
 
@@ -289,6 +307,8 @@ def compute_losses(
         discriminator: The plain discriminator module, used for the generator's adversarial term.
         last_layer: The decoder's last weight, for the adaptive adversarial weight.
         grid_size: The token grid (h, w); needed with a teacher.
+        target_pixel_values: What the reconstruction should match (restoration: the clean images, while
+            `pixel_values` are their degraded versions); default `pixel_values`. The teacher sees the target.
 
     Returns:
         `LossOutput` with `total` and `terms`: `l1`, `l2`, [`lpips`], [`generator_adversarial`, `adaptive_weight`],
@@ -296,14 +316,15 @@ def compute_losses(
         `balance`, `semantic_distillation`, `token_alignment`, `code_alignment`), `vq` (their config-weighted sum)
         and `total`.
     """
+    target = pixel_values if target_pixel_values is None else target_pixel_values
     teacher_features = None
     if teacher is not None:
         if grid_size is None:
             raise ValueError("compute_losses needs the token grid_size to resize the teacher's patch features.")
-        teacher_features = teacher.patch_features(pixel_values, grid_size=grid_size)
+        teacher_features = teacher.patch_features(target, grid_size=grid_size)
     output = model(pixel_values, teacher_features=teacher_features)
 
-    terms = loss_module.reconstruction_terms(pixel_values, output.reconstruction)
+    terms = loss_module.reconstruction_terms(target, output.reconstruction)
     reconstruction_loss = loss_module.weighted_reconstruction(terms)
     total = reconstruction_loss + output.vq_loss
     if discriminator is not None and loss_module.adversarial_active(step):
@@ -338,6 +359,7 @@ __all__ = [
     "compute_losses",
     "first_nonfinite",
     "hinge_discriminator_loss",
+    "laplacian",
     "load_lpips",
     "vanilla_discriminator_loss",
 ]

@@ -17,7 +17,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
 
 from .configuration_cdb_vq import CDBVQConfig
-from .quantization_cdb_vq import CDBVQQuantizer, CDBVQRouter, image_signal_features
+from .quantization_cdb_vq import SIGNAL_NAMES, CDBVQQuantizer, CDBVQRouter, CodeSignalStatistics, image_signal_features
 
 
 @dataclass
@@ -32,7 +32,7 @@ class CDBVQEncoderOutput(ModelOutput):
         latents (`torch.FloatTensor` of shape `(batch_size, codebook_dim, height, width)`): Pre-quantization latents.
         semantic_features (`torch.FloatTensor` of shape `(batch_size, semantic_dim, height, width)`, *optional*):
             The semantic features the router read (predicted by the semantic head, or passed in).
-        codebook_loss, commitment_loss, balance_loss (`torch.FloatTensor`, *optional*):
+        codebook_loss, commitment_loss, balance_loss, role_supervision_loss (`torch.FloatTensor`, *optional*):
             Quantizer loss terms (unweighted); `None` where the rule or mode has no such term.
         semantic_distillation_loss, token_alignment_loss, code_alignment_loss (`torch.FloatTensor`, *optional*):
             Semantic loss terms (unweighted), computed when `teacher_features` are given.
@@ -49,6 +49,7 @@ class CDBVQEncoderOutput(ModelOutput):
     codebook_loss: torch.FloatTensor | None = None
     commitment_loss: torch.FloatTensor | None = None
     balance_loss: torch.FloatTensor | None = None
+    role_supervision_loss: torch.FloatTensor | None = None
     semantic_distillation_loss: torch.FloatTensor | None = None
     token_alignment_loss: torch.FloatTensor | None = None
     code_alignment_loss: torch.FloatTensor | None = None
@@ -73,6 +74,7 @@ LOSS_WEIGHTS = {
     "codebook_loss": "codebook_weight",
     "commitment_loss": "commitment_weight",
     "balance_loss": "balance_weight",
+    "role_supervision_loss": "role_supervision_weight",
     "semantic_distillation_loss": "semantic_distillation_weight",
     "token_alignment_loss": "token_alignment_weight",
     "code_alignment_loss": "code_alignment_weight",
@@ -259,6 +261,8 @@ class CDBVQPreTrainedModel(PreTrainedModel):
                 init.zeros_(module.role_head[-1].bias)
         elif isinstance(module, CDBVQQuantizer):
             module.reset_state()
+        elif isinstance(module, CodeSignalStatistics):
+            module.reset()
 
 
 class CDBVQModel(CDBVQPreTrainedModel):
@@ -398,7 +402,7 @@ class CDBVQModel(CDBVQPreTrainedModel):
             self._check_feature_grid(semantic_features, "semantic_features", grid)
         router_features = semantic_features if semantic_features is not None else predicted_features
         signal_features = None
-        if self.config.code_roles:
+        if self.config.code_roles or self.training:  # the role prior; in training also the per-code signal statistics
             signal_features = image_signal_features(pixel_values, self.config.downsampling_factor)
 
         quantizer_output = self.quantizer(
@@ -410,6 +414,7 @@ class CDBVQModel(CDBVQPreTrainedModel):
             "codebook_loss": quantizer_output.codebook_loss,
             "commitment_loss": quantizer_output.commitment_loss,
             "balance_loss": quantizer_output.balance_loss,
+            "role_supervision_loss": quantizer_output.role_supervision_loss,
         }
         if teacher_features is not None:
             self._check_feature_grid(teacher_features, "teacher_features", grid)
@@ -519,6 +524,57 @@ class CDBVQModel(CDBVQPreTrainedModel):
         """The prototype label each code is tied to (None when the prototypes have no labels)."""
         labels = self.config.prototype_labels
         return [labels[p] if labels else None for p in self.quantizer.code_to_prototype.tolist()]
+
+    # ------------------------------------------------------------------ roles and the codebook readout
+    @torch.no_grad()
+    def role_map(self, pixel_values: torch.Tensor) -> torch.LongTensor:
+        """Role id (index into `config.role_names`) of each token's code, (batch, h, w); all zeros without roles.
+
+        Computed from the tokens `encode` picks, so it is as deterministic and batch independent as they are.
+        """
+        tokens = self.encode(pixel_values).image_tokens
+        return self.quantizer.code_to_role[tokens]
+
+    @torch.no_grad()
+    def code_report(self) -> list[dict]:
+        """One record per code: what it is used for and what it learned.
+
+        Keys: `code`; `usage` (running share of the tokens it took in training, normalised to sum to 1); `role`
+        (name, or None without roles); `prototype`, `prototype_label`, `prototype_cosine` (the prototype nearest to
+        the projected code `W e_k` by cosine, its label and that cosine; None without prototypes); `low_pass`,
+        `laplacian`, `chroma` (mean image signals of the latents it won in training; None for a code never seen) and
+        `signal_weight` (the decayed token count behind those means).
+        """
+        quantizer = self.quantizer
+        usage = quantizer.usage.float().clamp_min(0)
+        usage = usage / usage.sum().clamp_min(1e-12)
+        names = self.config.role_names
+        roles = [names[r] if names else None for r in quantizer.code_to_role.tolist()]
+        prototype_ids = cosines = None
+        if quantizer.has_prototypes:
+            projected = F.normalize(quantizer.code_projection(quantizer.codes().to(quantizer.code_projection.weight.dtype)).float(), dim=-1)
+            similarity = projected @ F.normalize(quantizer.prototypes.float(), dim=-1).t()
+            best = similarity.max(-1)
+            prototype_ids, cosines = best.indices.tolist(), best.values.tolist()
+        labels = self.config.prototype_labels
+        means = quantizer.signal_statistics.means().tolist()
+        weights = quantizer.signal_statistics.counts.float().tolist()
+        records = []
+        for code in range(self.config.codebook_size):
+            prototype = prototype_ids[code] if prototype_ids is not None else None
+            record = {
+                "code": code,
+                "usage": float(usage[code]),
+                "role": roles[code],
+                "prototype": prototype,
+                "prototype_label": labels[prototype] if labels and prototype is not None else None,
+                "prototype_cosine": cosines[code] if cosines is not None else None,
+            }
+            for name, value in zip(SIGNAL_NAMES, means[code]):
+                record[name] = None if math.isnan(value) else value
+            record["signal_weight"] = weights[code]
+            records.append(record)
+        return records
 
     def _check_feature_grid(self, features: torch.Tensor, name: str, grid: tuple[int, int, int]) -> None:
         expected = (grid[0], self.config.semantic_dim, grid[1], grid[2])

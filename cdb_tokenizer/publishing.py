@@ -31,7 +31,7 @@ PIPELINE_TAG = "image-feature-extraction"
 TAGS = ["image-tokenization", "vector-quantization", "cdb-vq", "vqgan"]
 
 # What `train.py` writes besides the model: copied when present. Everything else (checkpoints/, logs/, ...) stays.
-FIGURES = {"reconstructions": "reconstructions.png", "usage": "codebook_usage.png"}
+FIGURES = {"reconstructions": "reconstructions.png", "usage": "codebook_usage.png", "role_map": "role_map.png"}
 EXTRA_FILES = ("prototypes.safetensors",)
 # JSON files published with secrets and local paths removed.
 JSON_FILES = ("metrics.json", "training_config.json")
@@ -242,6 +242,24 @@ def codebook_summary(model, top_k: int = 10) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def code_report_summary(report: list[dict]) -> list[dict]:
+    """Per role (and for all codes): how many codes, their usage, and usage-weighted mean signals and cosine."""
+    groups: dict[str, list[dict]] = {}
+    for record in report:
+        if record["role"] is not None:
+            groups.setdefault(record["role"], []).append(record)
+    groups["all codes"] = report
+    rows = []
+    for group, records in groups.items():
+        row = {"group": group, "codes": len(records), "usage": sum(r["usage"] for r in records)}
+        for key in ("low_pass", "laplacian", "chroma", "prototype_cosine"):
+            seen = [(r[key], r["usage"]) for r in records if r[key] is not None]
+            weight = sum(w for _, w in seen)
+            row[key] = (sum(v * w for v, w in seen) / weight if weight > 0 else sum(v for v, _ in seen) / len(seen)) if seen else None
+        rows.append(row)
+    return rows
+
+
 def _format_value(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.6g}"
@@ -259,6 +277,8 @@ def _evaluation_rows(metrics: dict[str, Any], codebook_size: int) -> list[tuple[
         "utilization": ("Codebook utilization", lambda v: f"{v:.1%} of {codebook_size} codes"),
         "perplexity": ("Code perplexity", lambda v: f"{v:.1f} (max {codebook_size})"),
         "num_images": ("Evaluation images", lambda v: f"{int(v)}"),
+        "restoration_psnr": ("Restoration PSNR (dB, clean target from the degraded input)", lambda v: f"{v:.2f}"),
+        "degraded_input_psnr": ("PSNR of the degraded input itself (dB)", lambda v: f"{v:.2f}"),
     }
     for key, (name, render) in formats.items():
         value = metrics.get(key)
@@ -335,6 +355,8 @@ def render_model_card(
         num_parameters=f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M",
         assignment_description=ASSIGNMENT_DESCRIPTIONS[config.assignment],
         summary=summary,
+        code_rows=code_report_summary(model.code_report()) if config.code_roles else [],
+        role_names=config.role_names,
         prototype_rows=summary["prototypes"][:20],
         prototype_labels=config.prototype_labels or [],
         evaluation_rows=_evaluation_rows(metrics, config.codebook_size),

@@ -195,6 +195,26 @@ def image_signal_features(pixel_values: torch.Tensor, downsampling_factor: int) 
     return torch.cat([pool(luma).pow(2), pool(laplacian.pow(2)), pool(chroma)], dim=1)
 
 
+SIGNAL_NAMES = ("low_pass", "laplacian", "chroma")
+
+
+def role_targets(signal_features: torch.Tensor, config: CDBVQConfig) -> torch.Tensor:
+    """Target role id of each row of `signal_features` (N, 3), in `config.role_names` order.
+
+    `texture` where the Laplacian energy reaches `role_texture_threshold`; otherwise `colour` where the chroma reaches
+    `role_colour_threshold`; otherwise `structure` (low-pass energy dominates). A role the config does not name falls
+    back to `structure`.
+    """
+    names = config.role_names
+    structure = names.index("structure")
+    texture = names.index("texture") if "texture" in names else structure
+    colour = names.index("colour") if "colour" in names else structure
+    laplacian, chroma = signal_features[:, 1], signal_features[:, 2]
+    targets = torch.full_like(laplacian, structure, dtype=torch.long)
+    targets = torch.where(chroma >= config.role_colour_threshold, torch.full_like(targets, colour), targets)
+    return torch.where(laplacian >= config.role_texture_threshold, torch.full_like(targets, texture), targets)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The Codebook Decision Block
 # ----------------------------------------------------------------------------------------------------------------
@@ -342,10 +362,47 @@ class CDBVQRouter(nn.Module):
         self.potentials.sub_(self.potentials.mean())
         self.potentials.clamp_(-bound * self.temperature, bound * self.temperature)
 
+    def role_supervision_loss(self, signal_features: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of the role head's log-prior (the one routing adds) against target roles (N,)."""
+        return F.cross_entropy(apply_float32_out(self.role_head, signal_features.float()), targets)
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # The quantizer
 # ----------------------------------------------------------------------------------------------------------------
+
+
+class CodeSignalStatistics(nn.Module):
+    """Running (decayed) sums of the image signals (low-pass, Laplacian, chroma) of the latents each code wins in
+    training, and their token counts; `means()` is what `CDBVQModel.code_report` reads. Reduced across processes like
+    the usage, persistent so they survive save/load."""
+
+    def __init__(self, codebook_size: int, decay: float):
+        super().__init__()
+        self.decay = decay
+        self.register_buffer("sums", torch.zeros(codebook_size, len(SIGNAL_NAMES)))
+        self.register_buffer("counts", torch.zeros(codebook_size))
+
+    @torch.no_grad()
+    def reset(self) -> None:
+        self.sums.zero_()
+        self.counts.zero_()
+
+    @torch.no_grad()
+    def update(self, indices: torch.Tensor, signal_features: torch.Tensor) -> None:
+        sums = torch.zeros_like(self.sums, dtype=torch.float32).index_add_(0, indices, signal_features.detach().float())
+        counts = torch.bincount(indices, minlength=self.counts.shape[0]).float()
+        all_reduce_(sums)
+        all_reduce_(counts)
+        self.sums.mul_(self.decay).add_(sums, alpha=1 - self.decay)
+        self.counts.mul_(self.decay).add_(counts, alpha=1 - self.decay)
+
+    @torch.no_grad()
+    def means(self) -> torch.Tensor:
+        """(K, 3) mean signals per code; NaN for a code never seen."""
+        counts = self.counts.float()[:, None]
+        means = self.sums.float() / counts.clamp_min(1e-12)
+        return torch.where(counts > 0, means, torch.full_like(means, float("nan")))
 
 
 @dataclass
@@ -357,6 +414,8 @@ class CDBVQQuantizerOutput(ModelOutput):
         indices: (N,) chosen code of each latent.
         codebook_loss / commitment_loss: classic VQ terms (codebook loss is None with EMA updates).
         balance_loss: KL(batch-averaged code distribution || uniform) of the router's soft assignment (`cdb`, training).
+        role_supervision_loss: cross-entropy of the role head against the tokens' target roles (training, when
+            `config.role_supervision_weight > 0`).
         utilization: share of the codebook used in this batch (all processes when training).
         perplexity: exp of the entropy of the batch's code histogram.
     """
@@ -366,6 +425,7 @@ class CDBVQQuantizerOutput(ModelOutput):
     codebook_loss: torch.FloatTensor | None = None
     commitment_loss: torch.FloatTensor | None = None
     balance_loss: torch.FloatTensor | None = None
+    role_supervision_loss: torch.FloatTensor | None = None
     utilization: torch.FloatTensor | None = None
     perplexity: torch.FloatTensor | None = None
 
@@ -398,6 +458,8 @@ class CDBVQQuantizer(nn.Module):
         self.register_buffer("prototypes", torch.zeros(config.num_prototypes, config.semantic_dim))
         self.register_buffer("code_to_prototype", torch.zeros(config.codebook_size, dtype=torch.long))
         self.register_buffer("code_to_role", torch.zeros(config.codebook_size, dtype=torch.long))
+        # A submodule of its own: a model saved before it existed loads with only these statistics fresh.
+        self.signal_statistics = CodeSignalStatistics(config.codebook_size, config.usage_decay)
 
     # ------------------------------------------------------------------ state
     @torch.no_grad()
@@ -411,6 +473,7 @@ class CDBVQQuantizer(nn.Module):
         self.prototypes.zero_()
         self.code_to_prototype.copy_(torch.arange(size, device=self.code_to_prototype.device) % self.prototypes.shape[0])
         self.code_to_role.zero_()
+        self.signal_statistics.reset()
         if self.router is not None:
             self.router.reset_state()
         for role, name in enumerate(self.config.role_names):
@@ -492,7 +555,22 @@ class CDBVQQuantizer(nn.Module):
         output.quantized = quantized.to(input_dtype)
         output.indices = indices
         self._update_statistics(latents.detach(), indices, output, distortion)
+        if signal_features is not None:
+            self._role_supervision(signal_features, output)
+            if self.training:
+                self.signal_statistics.update(indices, signal_features)
         return output
+
+    def _role_supervision(self, signal_features: torch.Tensor, output: CDBVQQuantizerOutput) -> None:
+        """The role-supervision term (training with gradients, a role head, and a positive weight)."""
+        if not (self.training and torch.is_grad_enabled()) or self.config.role_supervision_weight <= 0:
+            return
+        if self.router is None or self.router.role_head is None:
+            return
+        signal_features = signal_features.detach().float()
+        output.role_supervision_loss = self.router.role_supervision_loss(
+            signal_features, role_targets(signal_features, self.config)
+        )
 
     def _sinkhorn(self, latents: torch.Tensor, codes: torch.Tensor) -> SinkhornPotentials:
         config = self.config
@@ -648,6 +726,8 @@ class CDBVQQuantizer(nn.Module):
         self.ema_embed_sum[indices] = new_codes.to(self.ema_embed_sum.dtype)
         self.ema_cluster_size[indices] = 1.0
         self.usage[indices] = 1.0 / self.codebook_size
+        self.signal_statistics.sums[indices] = 0.0
+        self.signal_statistics.counts[indices] = 0.0
 
     # ------------------------------------------------------------------ semantics
     def semantic_losses(
@@ -707,8 +787,10 @@ __all__ = [
     "CDBVQQuantizer",
     "CDBVQQuantizerOutput",
     "CDBVQRouter",
+    "CodeSignalStatistics",
     "SinkhornPotentials",
     "image_signal_features",
+    "role_targets",
     "kmeans",
     "nearest_codes",
     "sinkhorn_potentials",

@@ -63,6 +63,7 @@ from cdb_tokenizer.data import (
     sample_photos,
     train_transform,
 )
+from cdb_tokenizer.degradations import canonical_spec, degrade
 from cdb_tokenizer.evaluation import (
     code_usage_counts,
     evaluate,
@@ -81,6 +82,7 @@ from cdb_tokenizer.losses import (
 )
 from cdb_tokenizer.quantization_cdb_vq import nearest_codes
 from cdb_tokenizer.redaction import redact_secrets
+from cdb_tokenizer.roles import role_map_figure, save_role_map, three_role_ranges
 from cdb_tokenizer.teacher import (
     DEFAULT_TEMPLATE,
     kmeans_prototypes,
@@ -126,7 +128,7 @@ PRESETS = {
 
 DATA_FLAGS = ("train_data_dir", "dataset_name")
 # Config fields that are not flags: set by the run (prototype labels) or by a training flag (--resolution).
-NOT_FLAGS = {"prototype_labels", "resolution"}
+NOT_FLAGS = {"prototype_labels", "resolution", "restoration_degradation"}
 
 
 class _Unset:
@@ -150,7 +152,7 @@ class OutputDirInUse(ValueError):
 # What marks an output folder as holding a run, and what --overwrite_output_dir deletes (nothing else that lies
 # there: config.json and the remote-code files are replaced by save_pretrained at the end of the new run).
 RUN_MARKERS = ("checkpoints", "training_config.json", "metrics.json", "model.safetensors")
-RUN_FILES = RUN_MARKERS + ("reconstructions.png", "codebook_usage.png", "prototypes.safetensors")
+RUN_FILES = RUN_MARKERS + ("reconstructions.png", "codebook_usage.png", "prototypes.safetensors", "role_map.png")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -234,6 +236,11 @@ def build_parser() -> argparse.ArgumentParser:
     loss.add_argument("--disc_num_layers", type=int, default=3, help="Strided layers of the discriminator.")
     loss.add_argument("--disc_learning_rate", type=float, default=None, help="Discriminator learning rate (default: --learning_rate).")
     loss.add_argument("--adaptive_disc_weight", action=argparse.BooleanOptionalAction, default=True, help="taming's adaptive weight on the adversarial term.")
+    loss.add_argument("--high_frequency_weight", type=float, default=0.0, help="Weight of the L1 loss between Laplacian responses of the reconstruction and the target (sharper restorations).")
+
+    roles = parser.add_argument_group("roles and restoration")
+    roles.add_argument("--role_preset", choices=["three"], default=None, help="'three': code_roles = structure / texture / colour thirds of the codebook (with --role_supervision_weight to train them).")
+    roles.add_argument("--degradation", type=str, default=None, help="Restoration training: degrade the encoder's input by this spec (e.g. 'gaussian_blur:0.5-2+noise:0.02'; names: gaussian_blur, motion_blur, noise, jpeg, downscale), reconstruct the clean image. Recorded in the config.")
 
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--train_batch_size", type=int, default=PRESET, help="Batch size per device.")
@@ -349,6 +356,11 @@ def _model_config_dict(args: argparse.Namespace, preset: dict) -> dict:
         if value is not PRESET:
             config[name] = value
     config["resolution"] = args.resolution
+    if getattr(args, "role_preset", None) == "three" and not config.get("code_roles"):
+        config["code_roles"] = three_role_ranges(config.get("codebook_size", CDBVQConfig().codebook_size))
+    config.pop("restoration_degradation", None)  # only what this run trains on (not a --model_config's)
+    if getattr(args, "degradation", None):
+        config["restoration_degradation"] = canonical_spec(args.degradation)
     return args_without_sentinels(args, config)
 
 
@@ -383,7 +395,7 @@ def _check_training_args(args: argparse.Namespace) -> None:
             raise ValueError(f"--prototypes must be 'text:FILE', 'kmeans:N' or a .safetensors file, got {args.prototypes!r}.")
     if args.streaming and args.max_train_steps is None:
         raise ValueError("--streaming needs --max_train_steps, not --num_train_epochs (a stream has no length).")
-    for name in ("l1_weight", "l2_weight", "lpips_weight", "disc_weight"):
+    for name in ("l1_weight", "l2_weight", "lpips_weight", "disc_weight", "high_frequency_weight"):
         if getattr(args, name) < 0:
             raise ValueError(f"--{name} must be >= 0, got {getattr(args, name)}.")
 
@@ -723,9 +735,44 @@ def validate(model: CDBVQModel, validation: torch.Tensor, args, lpips_metric, lo
         metrics = evaluate(model, validation_batches(validation, args.train_batch_size), lpips=lpips_metric, show_progress=False)
         originals = validation[: args.num_grid_images]
         reconstructions = reconstruct(model, originals)
+        if args.degradation:
+            metrics.update(restoration_metrics(model, validation, args))
+        role_picture = role_map_picture(model, originals)
     log({f"validation/{name}": value for name, value in metrics.items() if name != "num_images"}, step)
     log.image("validation/reconstructions", reconstruction_grid(originals, reconstructions), step)
+    if role_picture is not None:
+        log.image("validation/role_map", role_picture, step)
     return metrics
+
+
+VALIDATION_DEGRADATION_SEED = 12345
+
+
+def restoration_metrics(model: CDBVQModel, validation: torch.Tensor, args) -> dict:
+    """PSNR of the clean validation images from their degraded versions (fixed seed): the model's restoration
+    (`restoration_psnr`) and the degraded input itself (`degraded_input_psnr`)."""
+    degraded = degrade(validation, args.degradation, seed=VALIDATION_DEGRADATION_SEED)
+    restored = torch.cat([reconstruct(model, batch) for batch in validation_batches(degraded, args.train_batch_size)])
+
+    def psnr(images: torch.Tensor) -> float:
+        mse = (((images.float().clamp(-1, 1) - validation.float()) / 2) ** 2).mean().clamp_min(1e-12)  # as evaluate()
+        return float(10 * torch.log10(1 / mse))
+
+    return {"restoration_psnr": psnr(restored), "degraded_input_psnr": psnr(degraded)}
+
+
+@torch.no_grad()
+def role_map_picture(model: CDBVQModel, images: torch.Tensor) -> torch.Tensor | None:
+    """Held-out images beside their role maps (3, H, W) in [0, 1], or None when the model has no roles."""
+    if not model.config.code_roles:
+        return None
+    was_training = model.training
+    model.eval()
+    try:
+        role_map = model.role_map(images.to(device=model.device, dtype=model.dtype)).cpu()
+    finally:
+        model.train(was_training)
+    return role_map_figure(images, role_map, model.config.role_names)
 
 
 def resume(accelerator: Accelerator, args) -> tuple[int, dict[str, torch.Tensor], dict]:
@@ -846,7 +893,14 @@ class TrainingParts:
     grid_size: tuple[int, int]
 
 
-def training_step(parts: TrainingParts, pixel_values: torch.Tensor, step: int, args, bad_term: str | None = None):
+def degradation_seed(args, step: int, micro_batch: int, process_index: int) -> int:
+    """Seed of the degradation of one micro-batch: a function of the run's seed, the step, the micro-batch and the
+    process, so a resumed run degrades exactly as an uninterrupted one."""
+    return ((args.seed * 1_000_003 + step) * 64 + micro_batch) * 4096 + process_index
+
+
+def training_step(parts: TrainingParts, pixel_values: torch.Tensor, step: int, args, bad_term: str | None = None,
+                  micro_batch: int = 0):  # fmt: skip
     """Forward, backward and (at the end of an accumulation window) the optimiser step for one batch.
 
     Returns the batch's loss terms, the name of a term that was NaN/infinite on any process in this window (the
@@ -854,12 +908,17 @@ def training_step(parts: TrainingParts, pixel_values: torch.Tensor, step: int, a
     """
     accelerator, loss_module = parts.accelerator, parts.loss_module
     pixel_values = pixel_values.to(accelerator.device, non_blocking=True)
+    inputs = pixel_values
+    if args.degradation:  # restoration: the encoder sees the degraded image, the loss targets the clean one
+        seed = degradation_seed(args, step, micro_batch, accelerator.process_index)
+        inputs = degrade(pixel_values, args.degradation, seed=seed)
     snapshot = quantizer_state(parts.unwrapped)
     adversarial = parts.discriminator is not None and loss_module.adversarial_active(step)
     with accelerator.accumulate(*[m for m in (parts.model, parts.discriminator) if m is not None]):
         with accelerator.autocast():
-            losses = compute_losses(parts.model, pixel_values, loss_module, parts.teacher, step, parts.plain_discriminator,
-                                    parts.unwrapped.decoder.conv_out.weight, parts.grid_size)  # fmt: skip
+            target = {"target_pixel_values": pixel_values} if args.degradation else {}
+            losses = compute_losses(parts.model, inputs, loss_module, parts.teacher, step, parts.plain_discriminator,
+                                    parts.unwrapped.decoder.conv_out.weight, parts.grid_size, **target)  # fmt: skip
             terms, disc_loss = dict(losses.terms), None
             if adversarial:
                 disc_loss, disc_terms = loss_module.discriminator_loss(parts.discriminator, pixel_values, losses.model_output.reconstruction)
@@ -933,7 +992,7 @@ def train(args: argparse.Namespace) -> tuple[CDBVQModel, dict]:
     loss_module = TokenizerLoss(
         l1_weight=args.l1_weight, l2_weight=args.l2_weight, lpips_weight=args.lpips_weight, lpips=lpips_module,
         disc_weight=args.disc_weight, disc_start=args.disc_start, disc_loss=args.disc_loss,
-        adaptive_disc_weight=args.adaptive_disc_weight,
+        adaptive_disc_weight=args.adaptive_disc_weight, high_frequency_weight=args.high_frequency_weight,
     )  # fmt: skip
     learning_rate = args.learning_rate
     if args.scale_lr:
@@ -991,10 +1050,10 @@ def train(args: argparse.Namespace) -> tuple[CDBVQModel, dict]:
                           scheduler, disc_scheduler, loss_module, teacher, grid_size)  # fmt: skip
     while global_step < args.max_train_steps:
         step_terms, bad_term = {}, None
-        for _ in range(args.gradient_accumulation_steps):
+        for micro_batch in range(args.gradient_accumulation_steps):
             batch = next(batches)
             skipped_ids.update(batch["skipped_ids"])
-            terms, bad_term, output = training_step(parts, batch["pixel_values"], global_step, args, bad_term)
+            terms, bad_term, output = training_step(parts, batch["pixel_values"], global_step, args, bad_term, micro_batch)
             for name, value in terms.items():
                 step_terms[name] = step_terms.get(name, 0.0) + float(value.detach()) / args.gradient_accumulation_steps
 
@@ -1144,8 +1203,15 @@ def save_outputs(model: CDBVQModel, validation: torch.Tensor, args, metrics: dic
     CDBVQImageProcessor(size={"height": args.resolution, "width": args.resolution}).save_pretrained(output_dir)
     save_usage_plot(counts, output_dir / "codebook_usage.png", code_roles=model.config.code_roles,
                     title=f"codebook usage on {validation.shape[0]} held-out images")  # fmt: skip
+    if model.config.code_roles:
+        with ema.applied(model) if ema is not None else nullcontext():
+            was_training = model.training
+            model.eval()
+            role_map = model.role_map(originals.to(device=model.device, dtype=model.dtype)).cpu()
+            model.train(was_training)
+        save_role_map(originals, role_map, model.config.role_names, output_dir / "role_map.png")
     write_json(output_dir / "metrics.json", metrics)
-    logger.info(f"Saved the tokenizer, reconstructions.png, codebook_usage.png and metrics.json to {output_dir}.")
+    logger.info(f"Saved the tokenizer, reconstructions.png, codebook_usage.png, {'role_map.png, ' if model.config.code_roles else ''}metrics.json to {output_dir}.")
 
 
 if __name__ == "__main__":

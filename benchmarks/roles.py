@@ -1,0 +1,313 @@
+"""Code roles and restoration: do supervised roles divide the work, and does restoration training undo blur?
+
+Four runs of the same small `cdb` tokenizer (same backbone weights at step 0, same crops in the same order, same
+steps; the protocol, helpers and held-out set of `benchmarks/quality.py`):
+
+- `plain`: reconstruction training, no roles (the reference);
+- `roles`: the three-role preset (structure / texture / colour thirds of the codebook) with role supervision;
+- `restore`: restoration training: the encoder sees a degraded crop (`--train-degradation`), the loss targets the
+  clean one;
+- `restore+roles`: restoration with the three roles.
+
+Measured on every non-overlapping crop of scikit-learn's two photos (never trained on):
+
+1. role separation: the share of high-Laplacian tokens (top quarter of the held-out Laplacian energy) whose code
+   lies in the texture range, and of smooth tokens (bottom half) whose code lies in the structure range, against
+   chance (the range's share of the codebook); the same shares for `plain` read through the same code ranges;
+   PSNR cost of the roles = PSNR(`plain`) - PSNR(`roles`);
+2. restoration: PSNR of the sharp crop from its blurred version (Gaussian sigma `--sigma`, and motion blur of
+   `--motion-length` pixels in a direction drawn per crop, fixed seed): the blurred input itself, `plain` given the
+   blurred input, `restore` and `restore+roles`.
+
+    OMP_NUM_THREADS=1 python benchmarks/roles.py                 # defaults: a few minutes per run on a busy CPU
+    OMP_NUM_THREADS=1 python benchmarks/roles.py --steps 100 --runs plain roles --output roles_smoke.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import time
+from datetime import datetime, timezone
+
+import torch
+import torch.nn.functional as F
+from common import RESULTS_DIR, command_line, environment_summary, markdown_table, write_report
+from quality import grid_crops, photo_tensors, random_crops, reference_backbone, small_config
+from tqdm.auto import tqdm
+
+from cdb_tokenizer import CDBVQModel
+from cdb_tokenizer.degradations import degrade
+from cdb_tokenizer.losses import laplacian
+from cdb_tokenizer.quantization_cdb_vq import image_signal_features
+from cdb_tokenizer.roles import save_role_map, three_role_ranges
+
+RUNS = ("plain", "roles", "restore", "restore+roles")
+EVAL_SEED = 1234
+
+
+def run_config(args: argparse.Namespace, run: str) -> dict:
+    overrides = dict(args.overrides)
+    if "roles" in run:
+        overrides.update(code_roles=three_role_ranges(args.codebook_size), role_supervision_weight=args.role_weight)
+    if run.startswith("restore"):
+        overrides["restoration_degradation"] = args.train_degradation
+    return overrides
+
+
+def build(args: argparse.Namespace, run: str, backbone: dict) -> CDBVQModel:
+    saved = args.overrides
+    args.overrides = run_config(args, run)
+    try:
+        config = small_config(args, "cdb")
+    finally:
+        args.overrides = saved
+    torch.manual_seed(args.seed)
+    model = CDBVQModel(config)
+    model.load_state_dict(backbone, strict=False)
+    return model
+
+
+def train(args: argparse.Namespace, run: str, backbone: dict, photos: list) -> tuple[CDBVQModel, float]:
+    """quality.py's loop (L1 + L2 + vq_loss, AdamW, dead-code restarts after each step), with a degraded input for
+    the restoration runs (and the optional high-frequency term)."""
+    model = build(args, run, backbone).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, betas=(0.9, 0.99), weight_decay=0.0)
+    generator = torch.Generator().manual_seed(args.seed)
+    start = time.perf_counter()
+    progress = tqdm(range(args.steps), desc=f"training {run}")
+    for step in progress:
+        target = random_crops(photos, args.resolution, args.batch_size, generator)
+        inputs = degrade(target, args.train_degradation, seed=args.seed * 100_003 + step) if run.startswith("restore") else target
+        output = model(inputs)
+        loss = F.l1_loss(output.reconstruction, target) + F.mse_loss(output.reconstruction, target) + output.vq_loss
+        if run.startswith("restore") and args.high_frequency_weight > 0:
+            loss = loss + args.high_frequency_weight * (laplacian(output.reconstruction) - laplacian(target)).abs().mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        flat = output.latents.detach().permute(0, 2, 3, 1).reshape(-1, model.config.codebook_dim)
+        model.quantizer.restart_dead_codes(flat, seed=step)
+        if step % 50 == 0:
+            progress.set_postfix(loss=f"{loss.item():.4f}")
+    return model.eval(), (time.perf_counter() - start) / args.steps
+
+
+def psnr(images: torch.Tensor, targets: torch.Tensor) -> float:
+    """PSNR (dB, [0, 1] scale) of the mean squared error over all pixels of the set, as torchmetrics (and
+    `cdb_tokenizer.evaluation.evaluate`) computes it: a mean of per-crop PSNRs would be dominated by flat crops."""
+    mse = (((images.float().clamp(-1, 1) - targets.float()) / 2) ** 2).mean().clamp_min(1e-12)
+    return float(10 * torch.log10(1 / mse))
+
+
+@torch.no_grad()
+def reconstruct(model: CDBVQModel, images: torch.Tensor, batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    outputs, tokens = [], []
+    for batch in images.split(batch_size):
+        encoded = model.encode(batch)
+        tokens.append(encoded.image_tokens)
+        outputs.append(model.decode(encoded.image_tokens))
+    return torch.cat(outputs), torch.cat(tokens)
+
+
+def separation(tokens: torch.Tensor, signals: torch.Tensor, codebook_size: int) -> dict:
+    """Shares of high-Laplacian tokens in texture codes and of smooth tokens in structure codes, with chance."""
+    ranges = three_role_ranges(codebook_size)
+    flat_tokens = tokens.flatten()
+    laplacian_energy = signals[:, 1].flatten()
+    high = laplacian_energy >= laplacian_energy.quantile(0.75)
+    smooth = laplacian_energy <= laplacian_energy.quantile(0.5)
+
+    def share(mask: torch.Tensor, role: str) -> float:
+        start, end = ranges[role]
+        chosen = flat_tokens[mask]
+        return float(((chosen >= start) & (chosen < end)).float().mean())
+
+    return {
+        "texture_share": share(high, "texture"),
+        "texture_chance": (ranges["texture"][1] - ranges["texture"][0]) / codebook_size,
+        "structure_share": share(smooth, "structure"),
+        "structure_chance": (ranges["structure"][1] - ranges["structure"][0]) / codebook_size,
+        "colour_share_of_smooth": share(smooth, "colour"),
+    }
+
+
+def load_line() -> str:
+    try:
+        return subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip()
+    except OSError:
+        return "uptime unavailable"
+
+
+def report(args, results: dict, minutes: float, started: str, load_before: str, load_after: str, held_out: int) -> str:
+    config = small_config(args, "cdb")
+    lines = [
+        "# Code roles and restoration",
+        "",
+        f"Command: `OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '(unset)')} {command_line()}`, started {started}, "
+        f"{minutes:.1f} min in all; one training process at a time.",
+        "",
+        f"Load: before `{load_before}`; after `{load_after}`.",
+        "",
+        f"Measured on: {environment_summary()}.",
+        "",
+        f"Setup (quality.py's protocol): `cdb` tokenizer, base_channels {config.base_channels}, channel_multipliers "
+        f"{config.channel_multipliers} (x{config.downsampling_factor}), latent_dim {config.latent_dim}, K = "
+        f"{config.codebook_size} codes of dim {config.codebook_dim}; {args.steps} steps of batch {args.batch_size} "
+        f"random {args.resolution}x{args.resolution} crops of the scikit-image photos, AdamW lr {args.learning_rate}, "
+        f"seed {args.seed}, loss L1 + L2 + vq_loss, the same backbone weights at step 0 for every run. Roles: "
+        f"structure / texture / colour thirds, role_supervision_weight {args.role_weight} (thresholds: the config "
+        f"defaults). Restoration runs train on `{args.train_degradation}`"
+        + (f" with high_frequency_weight {args.high_frequency_weight}" if args.high_frequency_weight else "")
+        + f". Held-out: {held_out} non-overlapping crops of scikit-learn's two photos. No CLIP teacher.",
+        "",
+    ]
+    if "plain" in results or "roles" in results:
+        rows = []
+        for run in ("plain", "roles", "restore", "restore+roles"):
+            if run not in results:
+                continue
+            r = results[run]
+            s = r["separation"]
+            rows.append([run, f"{r['psnr']:.2f}", f"{s['texture_share']:.1%}", f"{s['texture_share'] / s['texture_chance']:.2f}x",
+                         f"{s['structure_share']:.1%}", f"{s['structure_share'] / s['structure_chance']:.2f}x",
+                         f"{s['colour_share_of_smooth']:.1%}", f"{r['seconds_per_step']:.3f}"])  # fmt: skip
+        lines += [
+            "## Role separation (held-out, clean input)",
+            "",
+            markdown_table(["run", "PSNR (dB)", "high-Laplacian -> texture", "vs chance", "smooth -> structure",
+                            "vs chance", "smooth -> colour", "s / step"], rows),  # fmt: skip
+            "",
+            "Chance is each range's share of the codebook (1/3). Runs without roles are read through the same "
+            "code ranges. High-Laplacian: top quarter of the held-out tokens' Laplacian energy; smooth: bottom half "
+            "(smooth tokens with strong chroma are meant for the colour range).",
+            "",
+        ]
+    restoration_runs = [run for run in ("plain", "restore", "restore+roles") if run in results]
+    if any(run.startswith("restore") for run in results):
+        first = next(run for run in RUNS if run in results)
+        rows = [["blurred input itself", *[f"{results[first]['blurred'][name]:.2f}" for name in BLURS], "-"]]
+        for run in restoration_runs:
+            rows.append([f"{run} given the blurred input", *[f"{results[run]['restored'][name]:.2f}" for name in BLURS],
+                         f"{results[run]['psnr']:.2f}"])  # fmt: skip
+        lines += [
+            "## Restoration (held-out PSNR of the sharp crop, dB)",
+            "",
+            markdown_table(["", *[BLUR_TITLES[name].format(args=args) for name in BLURS],
+                            "the same model on the sharp input (its ceiling)"], rows),  # fmt: skip
+            "",
+            "A tokenizer cannot give back more than it can reconstruct: the last column, its PSNR on the sharp input, "
+            "bounds what it can restore.",
+            "",
+        ]
+    lines += ["## Targets", "", *targets(results), ""]
+    if args.figure:
+        lines += [f"![role map of held-out crops ({'roles'} run; structure blue, texture red, colour green)]({args.figure})", ""]
+    return "\n".join(lines)
+
+
+BLURS = ("gaussian", "motion")
+BLUR_TITLES = {"gaussian": "Gaussian blur sigma {args.sigma}", "motion": "motion blur {args.motion_length} px"}
+
+
+def targets(results: dict) -> list[str]:
+    lines = []
+    if "roles" in results:
+        s = results["roles"]["separation"]
+        for key, chance, name in (("texture_share", "texture_chance", "high-Laplacian tokens in texture codes"),
+                                  ("structure_share", "structure_chance", "smooth tokens in structure codes")):  # fmt: skip
+            ratio = s[key] / s[chance]
+            lines.append(f"- {name} >= 2x chance: {ratio:.2f}x -> {'met' if ratio >= 2 else 'MISSED'}")
+        if "plain" in results:
+            cost = results["plain"]["psnr"] - results["roles"]["psnr"]
+            lines.append(f"- PSNR cost of the roles <= 0.3 dB: {cost:+.2f} dB -> {'met' if cost <= 0.3 else 'MISSED'}")
+    for run in ("restore", "restore+roles"):
+        if run not in results:
+            continue
+        for blur in BLURS:
+            restored = results[run]["restored"][blur]
+            others = {"the blurred input itself": results[run]["blurred"][blur]}
+            if "plain" in results:
+                others["`plain` given the blurred input"] = results["plain"]["restored"][blur]
+            for name, value in others.items():
+                margin = restored - value
+                lines.append(
+                    f"- `{run}` beats {name} by >= 1.5 dB ({blur} blur): {restored:.2f} vs {value:.2f} dB "
+                    f"({margin:+.2f} dB) -> {'met' if margin >= 1.5 else 'MISSED'}"
+                )
+    if "restore" in results and "restore+roles" in results:
+        for blur in BLURS:
+            gain = results["restore+roles"]["restored"][blur] - results["restore"]["restored"][blur]
+            lines.append(f"- roles and restoration, {blur} blur: {gain:+.2f} dB with roles (no target; reported)")
+    return lines
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", nargs="+", default=list(RUNS), choices=RUNS)
+    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--learning-rate", type=float, default=1e-3)
+    parser.add_argument("--resolution", type=int, default=32, help="Crop size for training and evaluation.")
+    parser.add_argument("--base-channels", type=int, default=16)
+    parser.add_argument("--channel-multipliers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--latent-dim", type=int, default=32)
+    parser.add_argument("--codebook-size", type=int, default=384)
+    parser.add_argument("--codebook-dim", type=int, default=16)
+    parser.add_argument("--role-weight", type=float, default=1.0, help="role_supervision_weight of the role runs.")
+    parser.add_argument("--train-degradation", default="gaussian_blur:0.5-2.5|motion_blur:3-11",
+                        help="Degradation spec of the restoration runs (cdb_tokenizer.degradations).")  # fmt: skip
+    parser.add_argument("--high-frequency-weight", type=float, default=0.0)
+    parser.add_argument("--sigma", type=float, default=1.5, help="Gaussian blur of the restoration test.")
+    parser.add_argument("--motion-length", type=float, default=7.0, help="Motion blur length of the restoration test.")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--output", default="roles.md", help="Report name under benchmarks/results/.")
+    args = parser.parse_args(argv)
+    args.overrides, args.dead_code_restarts = {}, True
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    started = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    load_before = load_line()
+    start = time.perf_counter()
+    photos = photo_tensors("skimage")
+    held_out = grid_crops(photo_tensors("sklearn"), args.resolution)
+    blurred = {
+        "gaussian": degrade(held_out, f"gaussian_blur:{args.sigma}", seed=EVAL_SEED),
+        "motion": degrade(held_out, f"motion_blur:{args.motion_length}", seed=EVAL_SEED),
+    }
+    backbone = reference_backbone(args)
+    factor = small_config(args, "cdb").downsampling_factor
+    signals = image_signal_features(held_out, factor).permute(0, 2, 3, 1).reshape(-1, 3)
+    results = {}
+    args.figure = None
+    for run in args.runs:
+        model, seconds_per_step = train(args, run, backbone, photos)
+        reconstruction, tokens = reconstruct(model, held_out)
+        result = {"psnr": psnr(reconstruction, held_out), "seconds_per_step": seconds_per_step,
+                  "separation": separation(tokens, signals, args.codebook_size),
+                  "blurred": {name: psnr(images, held_out) for name, images in blurred.items()},
+                  "restored": {name: psnr(reconstruct(model, images)[0], held_out) for name, images in blurred.items()}}  # fmt: skip
+        results[run] = result
+        tqdm.write(json.dumps({"run": run, **result}, default=float))
+        if run == "roles":
+            stem = args.output.rsplit(".", 1)[0]
+            picks = held_out[torch.linspace(0, held_out.shape[0] - 1, 8).long()]
+            large = F.interpolate(picks, scale_factor=4, mode="nearest")  # 32-pixel crops are too small to see
+            path = save_role_map(large, model.role_map(picks), model.config.role_names, RESULTS_DIR / f"{stem}_role_map.png")
+            args.figure = path.name
+    text = report(args, results, (time.perf_counter() - start) / 60, started, load_before, load_line(), held_out.shape[0])
+    path = write_report(args.output, text)
+    print(text)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

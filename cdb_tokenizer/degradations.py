@@ -1,0 +1,214 @@
+"""Image degradations for restoration training (training side: never imported by the four model files).
+
+A degradation spec names one or more degradations with their strengths, applied left to right:
+
+    gaussian_blur:1.5                     Gaussian blur, sigma in pixels
+    motion_blur:9                         linear motion blur, length in pixels, direction drawn per image
+    noise:0.05                            additive Gaussian noise, std on the [0, 1] pixel scale
+    jpeg:30                               JPEG compression at this quality (1-100)
+    downscale:2                           downscale by this factor (area), then back up (bicubic)
+    gaussian_blur:0.5-2.0+noise:0.02      '+' composes; LOW-HIGH draws the strength per image, uniformly
+    gaussian_blur:0.5-2|motion_blur:3-11  '|' separates alternatives: each image gets one, drawn uniformly
+
+A strength of 0 turns a degradation off (the identity), for every name. Everything random (motion direction,
+noise, drawn strengths) comes from one `torch.Generator` seeded by the caller, so a spec and a seed always give the
+same images. Inputs are (B, C, H, W) float tensors in [-1, 1]; outputs have the same shape, dtype and device, and
+are clamped to [-1, 1].
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+DEGRADATIONS = ("gaussian_blur", "motion_blur", "noise", "jpeg", "downscale")
+# Largest strength each degradation accepts (a blur wider than this is almost surely a typo).
+MAX_STRENGTH = {"gaussian_blur": 20.0, "motion_blur": 64.0, "noise": 1.0, "jpeg": 100.0, "downscale": 16.0}
+
+
+@dataclass(frozen=True)
+class Degradation:
+    """One named degradation with a strength range [low, high] (low == high for a fixed strength)."""
+
+    name: str
+    low: float
+    high: float
+
+    def __str__(self) -> str:
+        return f"{self.name}:{_number(self.low)}" + (f"-{_number(self.high)}" if self.high != self.low else "")
+
+
+def _number(value: float) -> str:
+    return f"{value:g}"
+
+
+def parse_spec(spec: str) -> list[list[Degradation]]:
+    """Parse a spec into its '|'-separated alternatives, each a '+'-chain; raises ValueError naming what is wrong."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(
+            f"a degradation spec must be a non-empty string such as 'gaussian_blur:1.5', got {spec!r}."
+        )
+    return [parse_degradations(chain, spec) for chain in spec.replace(" ", "").split("|")]
+
+
+def parse_degradations(spec: str, whole: str | None = None) -> list[Degradation]:
+    """Parse one chain such as `'gaussian_blur:1.5+noise:0.02'`; raises ValueError naming what is wrong."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(
+            f"a degradation spec must be a non-empty string such as 'gaussian_blur:1.5', got {whole or spec!r}."
+        )
+    degradations = []
+    for part in spec.replace(" ", "").split("+"):
+        name, colon, strength = part.partition(":")
+        if name not in DEGRADATIONS:
+            raise ValueError(f"unknown degradation {name!r} in {whole or spec!r}; known: {', '.join(DEGRADATIONS)}.")
+        if not colon or not strength:
+            raise ValueError(f"degradation {name!r} needs a strength, e.g. '{name}:{_example(name)}' (got {part!r}).")
+        low_text, dash, high_text = strength.partition("-")
+        try:
+            low = float(low_text)
+            high = float(high_text) if dash else low
+        except ValueError:
+            raise ValueError(
+                f"bad strength {strength!r} for {name}: give a number or LOW-HIGH, e.g. '{name}:{_example(name)}'."
+            ) from None
+        limit = MAX_STRENGTH[name]
+        for value in (low, high):
+            if not math.isfinite(value) or value < 0 or value > limit:
+                raise ValueError(f"bad strength {strength!r} for {name}: it must be between 0 and {_number(limit)}.")
+        if high < low:
+            raise ValueError(f"bad strength {strength!r} for {name}: LOW-HIGH needs LOW <= HIGH.")
+        if name == "jpeg" and 0 < low < 1:
+            raise ValueError(f"bad strength {strength!r} for jpeg: a JPEG quality is 1-100 (0 turns it off).")
+        degradations.append(Degradation(name, low, high))
+    return degradations
+
+
+def _example(name: str) -> str:
+    return {"gaussian_blur": "1.5", "motion_blur": "9", "noise": "0.05", "jpeg": "30", "downscale": "2"}[name]
+
+
+def canonical_spec(spec: str) -> str:
+    """The spec in its canonical spelling (what a config records)."""
+    return "|".join("+".join(str(d) for d in chain) for chain in parse_spec(spec))
+
+
+@torch.no_grad()
+def degrade(pixel_values: torch.Tensor, spec: str | list[Degradation], seed: int = 0) -> torch.Tensor:
+    """Apply the degradations of `spec` to images (B, C, H, W) in [-1, 1], deterministically under `seed`."""
+    alternatives = parse_spec(spec) if isinstance(spec, str) else [list(spec)]
+    if pixel_values.ndim != 4 or not pixel_values.is_floating_point():
+        raise ValueError(
+            f"degrade expects float images (batch, channels, height, width), got {tuple(pixel_values.shape)} "
+            f"{pixel_values.dtype}."
+        )
+    generator = torch.Generator(device="cpu").manual_seed(int(seed))
+    images = pixel_values.detach().float().cpu()
+    if len(alternatives) == 1:
+        images = _apply_chain(images, alternatives[0], generator)
+    else:
+        picks = torch.randint(len(alternatives), (images.shape[0],), generator=generator)
+        images = images.clone()
+        for index, chain in enumerate(alternatives):
+            chosen = (picks == index).nonzero().flatten()
+            if chosen.numel():
+                images[chosen] = _apply_chain(images[chosen], chain, generator)
+    return images.clamp(-1, 1).to(device=pixel_values.device, dtype=pixel_values.dtype)
+
+
+def _apply_chain(images: torch.Tensor, chain: list[Degradation], generator: torch.Generator) -> torch.Tensor:
+    for degradation in chain:
+        strengths = _strengths(degradation, images.shape[0], generator)
+        apply = APPLY[degradation.name]
+        images = torch.stack([apply(image, float(s), generator) for image, s in zip(images, strengths)])
+    return images
+
+
+def _strengths(degradation: Degradation, count: int, generator: torch.Generator) -> torch.Tensor:
+    if degradation.high == degradation.low:
+        return torch.full((count,), degradation.low)
+    return degradation.low + (degradation.high - degradation.low) * torch.rand(count, generator=generator)
+
+
+def _filter(image: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+    """Per-channel convolution of one image (C, H, W) with a normalised (k, k) kernel, reflect padding."""
+    channels = image.shape[0]
+    pad = kernel.shape[-1] // 2
+    mode = "reflect" if pad < min(image.shape[-2:]) else "replicate"
+    padded = F.pad(image[None], (pad, pad, pad, pad), mode=mode)
+    weight = kernel.to(image)[None, None].expand(channels, 1, *kernel.shape)
+    return F.conv2d(padded, weight, groups=channels)[0]
+
+
+def gaussian_blur(image: torch.Tensor, sigma: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    if sigma <= 0:
+        return image
+    radius = max(1, math.ceil(3 * sigma))
+    x = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    line = torch.exp(-(x**2) / (2 * sigma**2))
+    line = line / line.sum()
+    return _filter(image, line[:, None] * line[None, :])
+
+
+def motion_blur(image: torch.Tensor, length: float, generator: torch.Generator) -> torch.Tensor:
+    """A line kernel of `length` pixels in a direction drawn from `generator` (anti-aliased by supersampling)."""
+    angle = float(torch.rand((), generator=generator)) * math.pi
+    if length <= 0:
+        return image
+    radius = max(1, math.ceil(length / 2))
+    size = 2 * radius + 1
+    kernel = torch.zeros(size, size)
+    samples = max(2, int(length * 8))
+    for t in torch.linspace(-length / 2, length / 2, samples).tolist():
+        x, y = radius + t * math.cos(angle), radius + t * math.sin(angle)
+        x0, y0 = math.floor(x), math.floor(y)
+        fx, fy = x - x0, y - y0
+        for dx, dy, w in ((0, 0, (1 - fx) * (1 - fy)), (1, 0, fx * (1 - fy)), (0, 1, (1 - fx) * fy), (1, 1, fx * fy)):
+            if 0 <= x0 + dx < size and 0 <= y0 + dy < size:
+                kernel[y0 + dy, x0 + dx] += w
+    return _filter(image, kernel / kernel.sum())
+
+
+def noise(image: torch.Tensor, std: float, generator: torch.Generator) -> torch.Tensor:
+    draw = torch.randn(image.shape, generator=generator)
+    if std <= 0:
+        return image
+    return image + 2 * std * draw.to(image)  # std on the [0, 1] scale is 2 * std on [-1, 1]
+
+
+def jpeg(image: torch.Tensor, quality: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    if quality <= 0:
+        return image
+    import numpy as np
+    from PIL import Image
+
+    array = ((image.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+    mode = "L" if array.shape[-1] == 1 else "RGB"
+    buffer = io.BytesIO()
+    picture = Image.fromarray(array[..., 0] if mode == "L" else array[..., :3])
+    picture.save(buffer, format="JPEG", quality=int(round(quality)))
+    decoded = np.asarray(Image.open(io.BytesIO(buffer.getvalue())).convert(mode)).copy()
+    decoded = torch.from_numpy(decoded).float()
+    decoded = decoded[..., None] if decoded.ndim == 2 else decoded
+    return (decoded.permute(2, 0, 1) / 127.5 - 1).to(image)
+
+
+def downscale(image: torch.Tensor, factor: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    if factor <= 1:
+        return image
+    height, width = image.shape[-2:]
+    small = (max(1, round(height / factor)), max(1, round(width / factor)))
+    reduced = F.interpolate(image[None], size=small, mode="area")
+    return F.interpolate(reduced, size=(height, width), mode="bicubic", align_corners=False)[0]
+
+
+APPLY = {
+    "gaussian_blur": gaussian_blur, "motion_blur": motion_blur, "noise": noise, "jpeg": jpeg, "downscale": downscale,
+}  # fmt: skip
+
+
+__all__ = ["DEGRADATIONS", "Degradation", "canonical_spec", "degrade", "parse_degradations", "parse_spec"]

@@ -1,0 +1,117 @@
+"""Code roles on the training side: the three-role preset and role-map pictures (never imported by the model files).
+
+A codebook split into named ranges (`CDBVQConfig.code_roles`) gets a role head that adds a log-prior over the
+ranges to the router; with `role_supervision_weight > 0` that head is trained toward a target role per token from
+fixed image signals (see `cdb_tokenizer.quantization_cdb_vq.role_targets`):
+
+- `texture`: cells whose Laplacian energy reaches `role_texture_threshold` (edges, fine detail);
+- `colour`: other cells whose chroma reaches `role_colour_threshold` (saturated, smooth colour);
+- `structure`: the rest (low-pass energy dominates: smooth shading, flat grey areas).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+THREE_ROLES = ("structure", "texture", "colour")
+# Overlay colour of each role in role-map pictures (RGB in [0, 1]), by role name; other names cycle ROLE_PALETTE.
+ROLE_COLOURS = {"structure": (0.15, 0.45, 1.0), "texture": (1.0, 0.25, 0.1), "colour": (0.1, 0.85, 0.25)}
+ROLE_PALETTE = ((0.15, 0.45, 1.0), (1.0, 0.25, 0.1), (0.1, 0.85, 0.25), (0.95, 0.8, 0.1), (0.7, 0.2, 0.9))
+
+
+def three_role_ranges(
+    codebook_size: int, shares: tuple[float, float, float] = (1 / 3, 1 / 3, 1 / 3)
+) -> dict[str, list[int]]:
+    """`code_roles` for the structure / texture / colour preset: three consecutive ranges tiling `codebook_size`
+    codes in proportion to `shares` (equal thirds by default; the remainder goes to structure)."""
+    if codebook_size < 3:
+        raise ValueError(f"three roles need at least 3 codes, got codebook_size {codebook_size}.")
+    if len(shares) != 3 or any(share <= 0 for share in shares):
+        raise ValueError(f"shares must be three positive numbers, got {shares!r}.")
+    total = sum(shares)
+    sizes = [max(1, int(codebook_size * share / total)) for share in shares]
+    sizes[0] += codebook_size - sum(sizes)
+    if sizes[0] < 1:
+        raise ValueError(f"cannot split {codebook_size} codes by {shares!r}.")
+    ranges, start = {}, 0
+    for name, size in zip(THREE_ROLES, sizes):
+        ranges[name] = [start, start + size]
+        start += size
+    return ranges
+
+
+def role_colour(name: str, index: int) -> tuple[float, float, float]:
+    return ROLE_COLOURS.get(name, ROLE_PALETTE[index % len(ROLE_PALETTE)])
+
+
+def role_map_overlay(
+    pixel_values: torch.Tensor, role_map: torch.Tensor, role_names: list[str], alpha: float = 0.45
+) -> torch.Tensor:
+    """Images (B, 3, H, W) in [-1, 1] with each token's role as a translucent colour: (B, 3, H, W) in [0, 1]."""
+    if role_map.ndim != 3 or role_map.shape[0] != pixel_values.shape[0]:
+        raise ValueError(
+            f"role_map must be (batch, h, w) for {pixel_values.shape[0]} images, got {tuple(role_map.shape)}."
+        )
+    images = ((pixel_values.detach().float().cpu() + 1) / 2).clamp(0, 1)
+    palette = torch.tensor([role_colour(name, i) for i, name in enumerate(role_names or ["all"])])
+    colours = palette[role_map.cpu().clamp(0, len(palette) - 1)].permute(0, 3, 1, 2)  # B, 3, h, w
+    colours = F.interpolate(colours, size=images.shape[-2:], mode="nearest")
+    return (1 - alpha) * images + alpha * colours
+
+
+def role_map_figure(
+    pixel_values: torch.Tensor, role_map: torch.Tensor, role_names: list[str], columns: int = 4
+) -> torch.Tensor:
+    """A grid (3, H', W') in [0, 1]: each image beside its role overlay, with a colour legend strip on top."""
+    overlay = role_map_overlay(pixel_values, role_map, role_names)
+    images = ((pixel_values.detach().float().cpu() + 1) / 2).clamp(0, 1)
+    pairs = torch.cat([images, overlay], dim=-1)  # B, 3, H, 2W
+    count, _, height, width = pairs.shape
+    columns = max(1, min(columns, count))
+    rows = -(-count // columns)
+    pad = 2
+    grid = torch.ones(3, rows * (height + pad) + pad, columns * (width + pad) + pad)
+    for i in range(count):
+        r, c = divmod(i, columns)
+        top, left = pad + r * (height + pad), pad + c * (width + pad)
+        grid[:, top : top + height, left : left + width] = pairs[i]
+    legend = torch.ones(3, 12, grid.shape[-1])
+    names = role_names or ["all"]
+    block = max(1, grid.shape[-1] // len(names))
+    for i, name in enumerate(names):
+        legend[:, 2:10, i * block + 2 : (i + 1) * block - 2] = torch.tensor(role_colour(name, i))[:, None, None]
+    return torch.cat([legend, grid], dim=1)
+
+
+def save_role_map(
+    pixel_values: torch.Tensor, role_map: torch.Tensor, role_names: list[str], path: str | Path, columns: int = 4
+) -> Path:
+    """Write `role_map_figure` as a PNG; the legend's order is `role_names` (left to right)."""
+    from PIL import Image
+
+    figure = role_map_figure(pixel_values, role_map, role_names, columns)
+    array = (figure.permute(1, 2, 0).numpy() * 255).round().clip(0, 255).astype("uint8")
+    path = Path(path)
+    Image.fromarray(array).save(path)
+    return path
+
+
+def role_legend(role_names: list[str]) -> str:
+    """One line naming each role's overlay colour, left to right in the legend."""
+    words = {ROLE_COLOURS["structure"]: "blue", ROLE_COLOURS["texture"]: "red", ROLE_COLOURS["colour"]: "green"}
+    return ", ".join(
+        f"{name}: {words.get(role_colour(name, i), 'colour ' + str(i))}" for i, name in enumerate(role_names)
+    )
+
+
+__all__ = [
+    "THREE_ROLES",
+    "role_legend",
+    "role_map_figure",
+    "role_map_overlay",
+    "save_role_map",
+    "three_role_ranges",
+]

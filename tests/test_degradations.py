@@ -1,0 +1,60 @@
+"""Degradations for restoration training: seeded, shape/dtype/range preserving, zero strength is the identity."""
+
+import pytest
+import torch
+
+from cdb_tokenizer.degradations import DEGRADATIONS, canonical_spec, degrade
+
+STRENGTHS = {"gaussian_blur": 1.5, "motion_blur": 7, "noise": 0.05, "jpeg": 30, "downscale": 2}
+
+
+@pytest.fixture
+def images(photo_batch):
+    return photo_batch.clone()
+
+
+@pytest.mark.parametrize("name", DEGRADATIONS)
+def test_each_degradation_is_seeded_and_keeps_shape_dtype_and_range(images, name):
+    spec = f"{name}:{STRENGTHS[name]}"
+    first = degrade(images, spec, seed=7)
+    assert torch.equal(first, degrade(images, spec, seed=7))
+    assert first.shape == images.shape and first.dtype == images.dtype
+    assert float(first.min()) >= -1 and float(first.max()) <= 1
+    assert (first - images).abs().mean() > 1e-3  # it did something
+    assert torch.equal(degrade(images, f"{name}:0", seed=7), images.clamp(-1, 1))
+    half = degrade(images.half(), spec, seed=7)
+    assert half.dtype == torch.float16 and half.shape == images.shape
+
+
+def test_random_parts_change_with_the_seed_and_compose(images):
+    assert not torch.equal(degrade(images, "noise:0.05", seed=1), degrade(images, "noise:0.05", seed=2))
+    assert not torch.equal(degrade(images, "gaussian_blur:0.5-3", seed=1), degrade(images, "gaussian_blur:0.5-3", seed=2))
+    chained = degrade(images, "gaussian_blur:1.5+noise:0.05", seed=3)
+    assert not torch.equal(chained, degrade(images, "gaussian_blur:1.5", seed=3))
+    either = degrade(images, "gaussian_blur:2|jpeg:20", seed=4)
+    assert torch.equal(either, degrade(images, "gaussian_blur:2 | jpeg:20", seed=4))
+    assert canonical_spec("gaussian_blur:1.50 + noise:0.02-0.05|jpeg:30") == "gaussian_blur:1.5+noise:0.02-0.05|jpeg:30"
+
+
+def test_blur_removes_high_frequencies(images):
+    from cdb_tokenizer.losses import laplacian
+
+    for spec in ("gaussian_blur:1.5", "motion_blur:9", "downscale:4"):
+        assert laplacian(degrade(images, spec)).abs().mean() < 0.6 * laplacian(images).abs().mean(), spec
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("blur:1", "unknown degradation 'blur'"),
+        ("gaussian_blur", "needs a strength"),
+        ("gaussian_blur:abc", "bad strength 'abc' for gaussian_blur"),
+        ("noise:5", "between 0 and 1"),
+        ("noise:0.2-0.1", "LOW <= HIGH"),
+        ("jpeg:0.5", "JPEG quality is 1-100"),
+        ("", "non-empty"),
+    ],
+)
+def test_bad_specs_are_refused_by_name(images, spec, message):
+    with pytest.raises(ValueError, match=message):
+        degrade(images, spec)

@@ -1,0 +1,109 @@
+"""Restoration training end to end: --degradation is recorded in the config, `cdb-vq restore` needs it."""
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from conftest import tiny_model
+
+from cdb_tokenizer import CDBVQImageProcessor
+from cdb_tokenizer.cli import main as cli_main
+from training.train import main as train_main, parse_args
+
+RUN = ["--resolution", "32", "--base_channels", "16", "--channel_multipliers", "1", "2", "2", "--num_res_blocks", "1",
+       "--norm_num_groups", "8", "--latent_dim", "16", "--codebook_size", "48", "--codebook_dim", "8", "--semantic_dim",
+       "32", "--num_prototypes", "8", "--router_dim", "8", "--model_preset", "tiny", "--train_batch_size", "2",
+       "--num_validation_images", "2", "--clip_model", "none", "--report_to", "none", "--lpips_weight", "0",
+       "--disc_weight", "0", "--max_train_steps", "2", "--validation_steps", "2", "--checkpointing_steps", "2"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def restoration_run(tmp_path_factory) -> Path:
+    output_dir = tmp_path_factory.mktemp("restore_run")
+    metrics = train_main(RUN + ["--output_dir", str(output_dir), "--degradation", "gaussian_blur:0.5-2 | noise:0.02",
+                                "--high_frequency_weight", "0.5", "--role_preset", "three", "--role_supervision_weight", "1"])  # fmt: skip
+    assert "restoration_psnr" in metrics and "degraded_input_psnr" in metrics
+    return output_dir
+
+
+@pytest.fixture(scope="module")
+def photo_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("photos") / "photo.png"
+    Image.fromarray((np.random.default_rng(0).random((40, 48, 3)) * 255).astype("uint8")).save(path)
+    return path
+
+
+def test_a_restoration_run_records_its_degradation_and_writes_role_pictures(restoration_run):
+    config = json.loads((restoration_run / "config.json").read_text())
+    assert config["restoration_degradation"] == "gaussian_blur:0.5-2|noise:0.02"
+    assert config["code_roles"] == {"structure": [0, 16], "texture": [16, 32], "colour": [32, 48]}
+    assert (restoration_run / "role_map.png").is_file()
+    records = [json.loads(line) for line in (restoration_run / "logs" / "train_log.jsonl").read_text().splitlines()]
+    logged = set().union(*records)
+    assert {"loss/high_frequency", "loss/role_supervision", "validation/restoration_psnr"} <= logged
+
+
+def test_restore_writes_restored_images(restoration_run, photo_file, tmp_path, capsys):
+    assert cli_main(["restore", str(photo_file), "--model", str(restoration_run), "--out", str(tmp_path / "out")]) == 0
+    assert Image.open(tmp_path / "out" / "photo.png").size == (32, 32)
+    assert "trained to undo gaussian_blur:0.5-2|noise:0.02" in capsys.readouterr().out
+
+
+def test_restore_refuses_a_model_trained_without_a_degradation(photo_file, tmp_path, capsys):
+    folder = tmp_path / "plain"
+    tiny_model().save_pretrained(folder)
+    CDBVQImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
+    capsys.readouterr()  # what saving printed
+    assert cli_main(["restore", str(photo_file), "--model", str(folder), "--out", str(tmp_path / "out")]) == 1
+    error = [line for line in capsys.readouterr().err.splitlines() if "cdb-vq restore" in line]
+    assert len(error) == 1 and error[0].startswith("cdb-vq restore: error: ")
+    error = error[0]
+    assert "was not trained for restoration" in error and "--degradation" in error
+    assert not (tmp_path / "out" / "photo.png").exists()
+
+
+def test_reconstruct_role_map_and_inspect_code_report(restoration_run, photo_file, tmp_path, capsys):
+    out = tmp_path / "recon"
+    assert cli_main(["reconstruct", str(photo_file), "--model", str(restoration_run), "--out", str(out), "--role-map"]) == 0
+    assert (out / "role_maps" / "photo.png").is_file()
+    assert cli_main(["inspect", "--model", str(restoration_run), "--codes", str(tmp_path / "codes.csv")]) == 0
+    printed = capsys.readouterr().out
+    assert "what the codes learned" in printed and "texture" in printed
+    lines = (tmp_path / "codes.csv").read_text().splitlines()
+    assert lines[0].startswith("code,usage,role,prototype") and len(lines) == 49
+    assert cli_main(["inspect", "--model", str(restoration_run), "--codes", str(tmp_path / "codes.json")]) == 0
+    assert len(json.loads((tmp_path / "codes.json").read_text())) == 48
+
+
+def test_role_map_needs_roles(photo_file, tmp_path, capsys):
+    folder = tmp_path / "plain"
+    tiny_model().save_pretrained(folder)
+    CDBVQImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
+    assert cli_main(["reconstruct", str(photo_file), "--model", str(folder), "--out", str(tmp_path / "o"), "--role-map"]) == 1
+    assert "has no code roles" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("spec, message", [("sharpen:1", "unknown degradation 'sharpen'"), ("noise:-1", "bad strength")])
+def test_bad_degradation_flags_are_refused(spec, message, capsys, tmp_path):
+    with pytest.raises(SystemExit):
+        parse_args(RUN + ["--output_dir", str(tmp_path / "x"), "--degradation", spec])
+    assert message in capsys.readouterr().err
+
+
+def test_model_card_shows_the_role_map_code_readout_and_restoration(restoration_run, tmp_path):
+    from cdb_tokenizer.publishing import stage_folder
+
+    staged = stage_folder(restoration_run, tmp_path / "staged", "someone/deblur")
+    card = (staged / "README.md").read_text()
+    assert (staged / "role_map.png").is_file() and "![Role map](role_map.png)" in card
+    assert "What the codes of each role learned" in card and "| texture | 16 |" in card
+    assert "## Restoration" in card and "gaussian_blur:0.5-2|noise:0.02" in card
+    assert "Restoration PSNR" in card

@@ -1,0 +1,183 @@
+"""Code roles: role supervision, role maps, and the per-code readout (`code_report`)."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import tiny_model
+
+from cdb_tokenizer import CDBVQConfig, CDBVQModel
+from cdb_tokenizer.quantization_cdb_vq import image_signal_features, role_targets
+from cdb_tokenizer.roles import role_map_figure, three_role_ranges
+
+SIZE = 16
+
+
+def synthetic(kind: int, count: int, generator: torch.Generator) -> torch.Tensor:
+    """0: smooth grey gradients; 1: high-frequency grey stripes; 2: flat saturated colour patches. (n, 3, 16, 16)."""
+    ys = torch.linspace(0, 1, SIZE)[:, None].expand(SIZE, SIZE)
+    images = []
+    for _ in range(count):
+        r = torch.rand(4, generator=generator)
+        if kind == 0:
+            value = (r[0] * ys.t() + r[1] * ys) * 0.6 - 0.6
+            image = value.expand(3, SIZE, SIZE)
+        elif kind == 1:
+            period = 2 + int(r[0] * 2)
+            line = ((torch.arange(SIZE) // max(1, period // 2)) % 2).float() * 1.6 - 0.8
+            image = (line[None, :] if r[1] < 0.5 else line[:, None]).expand(SIZE, SIZE).expand(3, SIZE, SIZE)
+        else:
+            colour = torch.full((3,), -0.9)
+            colour[int(r[0] * 3) % 3] = 0.9
+            image = colour[:, None, None].expand(3, SIZE, SIZE)
+        images.append(image.clone())
+    return torch.stack(images)
+
+
+def role_config(weight: float, codebook_size: int = 24) -> CDBVQConfig:
+    return CDBVQConfig(
+        resolution=SIZE, base_channels=8, channel_multipliers=[1, 2], num_res_blocks=1, use_mid_attention=False,
+        norm_num_groups=4, latent_dim=8, codebook_size=codebook_size, codebook_dim=4, semantic_dim=8,
+        num_prototypes=4, router_dim=4, code_roles=three_role_ranges(codebook_size), role_supervision_weight=weight,
+    )  # fmt: skip
+
+
+def train_on_synthetic(weight: float, steps: int = 60) -> CDBVQModel:
+    torch.manual_seed(0)
+    model = CDBVQModel(role_config(weight)).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        images = torch.cat([synthetic(kind, 4, generator) for kind in range(3)])
+        output = model(images)
+        loss = F.mse_loss(output.reconstruction, images) + output.vq_loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model.eval()
+
+
+def role_shares(model: CDBVQModel) -> list[float]:
+    generator = torch.Generator().manual_seed(1)  # held out: other draws than training
+    names = model.config.role_names
+    expected = ["structure", "texture", "colour"]
+    return [float((model.role_map(synthetic(kind, 8, generator)) == names.index(expected[kind])).float().mean()) for kind in range(3)]
+
+
+@pytest.fixture(scope="module")
+def supervised_model() -> CDBVQModel:
+    return train_on_synthetic(1.0)
+
+
+def test_role_supervision_sends_each_kind_of_content_to_its_range(supervised_model):
+    shares = role_shares(supervised_model)
+    assert all(share >= 0.7 for share in shares), shares
+
+
+def test_without_supervision_the_ranges_do_not_sort_content():
+    # The same run with role_supervision_weight 0: the shares stay far from the 70% the supervised run reaches.
+    shares = role_shares(train_on_synthetic(0.0))
+    assert min(shares) < 0.7, shares
+
+
+def test_role_targets_follow_the_thresholds():
+    config = role_config(1.0)
+    names = config.role_names
+    signals = torch.tensor([[0.5, 0.0, 0.0], [0.1, 1.0, 0.9], [0.1, 0.0, 0.9], [0.1, 0.019, 0.39]])
+    expected = ["structure", "texture", "colour", "structure"]
+    assert role_targets(signals, config).tolist() == [names.index(name) for name in expected]
+    # image signals of the synthetic kinds give the intended targets
+    generator = torch.Generator().manual_seed(0)
+    for kind, name in enumerate(["structure", "texture", "colour"]):
+        features = image_signal_features(synthetic(kind, 2, generator), 2).permute(0, 2, 3, 1).reshape(-1, 3)
+        assert (role_targets(features, config) == names.index(name)).float().mean() > 0.9
+
+
+def test_role_supervision_term_is_returned_and_weighted():
+    images = synthetic(1, 2, torch.Generator().manual_seed(0))
+    losses = {}
+    for weight in (0.5, 2.0):
+        torch.manual_seed(0)
+        model = CDBVQModel(role_config(weight)).train()
+        output = model(images)
+        assert output.role_supervision_loss is not None and output.role_supervision_loss > 0
+        losses[weight] = (output.vq_loss, output.role_supervision_loss)
+    (vq_a, term_a), (vq_b, term_b) = losses[0.5], losses[2.0]
+    assert torch.allclose(term_a, term_b)
+    assert torch.allclose(vq_b - vq_a, 1.5 * term_a, atol=1e-5)
+    # off by default, and never at inference
+    model = CDBVQModel(role_config(0.0)).train()
+    assert model(images).role_supervision_loss is None
+    model = CDBVQModel(role_config(1.0)).eval()
+    assert model(images).role_supervision_loss is None
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"role_supervision_weight": -1.0}, "role_supervision_weight must be >= 0"),
+        ({"role_supervision_weight": 1.0}, "role_supervision_weight > 0 needs"),  # no roles
+        ({"role_supervision_weight": 1.0, "code_roles": {"a": [0, 32], "b": [32, 64]}}, "including 'structure'"),
+        ({"role_supervision_weight": 1.0, "assignment": "nearest", "code_roles": three_role_ranges(64)}, "assignment='cdb'"),
+        ({"role_texture_threshold": -0.1}, "role_texture_threshold must be >= 0"),
+    ],
+)
+def test_bad_role_fields_are_refused(fields, message):
+    from conftest import tiny_config
+
+    with pytest.raises(ValueError, match=message):
+        tiny_config(**fields)
+
+
+def test_three_role_ranges_tile_the_codebook():
+    assert three_role_ranges(10) == {"structure": [0, 4], "texture": [4, 7], "colour": [7, 10]}
+    ranges = three_role_ranges(1024, shares=(2, 1, 1))
+    assert ranges == {"structure": [0, 512], "texture": [512, 768], "colour": [768, 1024]}
+    with pytest.raises(ValueError, match="at least 3 codes"):
+        three_role_ranges(2)
+
+
+def test_role_map_is_deterministic_batch_independent_and_drawable(supervised_model):
+    images = torch.cat([synthetic(kind, 2, torch.Generator().manual_seed(3)) for kind in range(3)])
+    role_map = supervised_model.role_map(images)
+    assert role_map.shape == (6, 8, 8) and role_map.dtype == torch.long
+    assert torch.equal(role_map, supervised_model.role_map(images))
+    assert torch.equal(role_map[2:3], supervised_model.role_map(images[2:3]))
+    figure = role_map_figure(images, role_map, supervised_model.config.role_names)
+    assert figure.shape[0] == 3 and 0 <= float(figure.min()) and float(figure.max()) <= 1
+    # a model without roles maps every token to role 0
+    assert int(tiny_model().eval().role_map(torch.zeros(1, 3, 32, 32)).max()) == 0
+
+
+def test_code_report_has_one_record_per_code_and_round_trips(supervised_model, tmp_path):
+    report = supervised_model.code_report()
+    assert [record["code"] for record in report] == list(range(24))
+    assert math.isclose(sum(record["usage"] for record in report), 1.0, rel_tol=1e-5)
+    assert {record["role"] for record in report} == {"structure", "texture", "colour"}
+    seen = [record for record in report if record["laplacian"] is not None]
+    assert seen, "training must have recorded signal statistics"
+    # texture codes won the stripes: their mean Laplacian energy is far above that of the structure codes
+    mean = lambda role: sum(r["laplacian"] * r["signal_weight"] for r in seen if r["role"] == role) / sum(  # noqa: E731
+        r["signal_weight"] for r in seen if r["role"] == role
+    )
+    assert mean("texture") > 10 * mean("structure")
+    supervised_model.save_pretrained(tmp_path)
+    loaded = CDBVQModel.from_pretrained(tmp_path)
+    assert loaded.code_report() == report
+
+
+def test_a_model_saved_before_the_signal_statistics_loads_with_its_codebook_state(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = tiny_model(code_roles=three_role_ranges(64)).train()
+    model(torch.rand(2, 3, 32, 32) * 2 - 1)
+    model.save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    save_file({k: v for k, v in weights.items() if "signal_statistics" not in k}, tmp_path / "model.safetensors",
+              metadata={"format": "pt"})  # fmt: skip
+    loaded = CDBVQModel.from_pretrained(tmp_path)
+    assert bool(loaded.quantizer.initialized)
+    assert torch.equal(loaded.quantizer.usage, model.quantizer.usage)
+    assert torch.equal(loaded.quantizer.router.potentials, model.quantizer.router.potentials)
+    assert all(record["laplacian"] is None for record in loaded.code_report())
