@@ -248,6 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--report_to", type=str, default="tensorboard", help="Trackers: tensorboard, wandb, all, or none.")
     run.add_argument("--tracker_project_name", type=str, default="cdb-vq", help="Tracker project / run name.")
     run.add_argument("--validation_steps", type=int, default=PRESET, help="Validate every this many steps (and at the end).")
+    run.add_argument("--validation_fid", nargs="?", const="inception", default=None, choices=["inception", "random"], help="Also compute rFID at validation (torchmetrics' FrechetInceptionDistance against the same held-out crops); without the Inception weights one line says so. 'random': a small random feature extractor, to smoke-test the path offline (not comparable).")
+    run.add_argument("--fid_weights", type=str, default=None, help="The FID Inception weights file (default: the torch hub cache, else a download when reachable).")
     run.add_argument("--num_grid_images", type=int, default=8, help="Held-out images in the reconstruction grid.")
     run.add_argument("--checkpointing_steps", type=int, default=PRESET, help="Save an accelerate checkpoint every this many steps.")
     run.add_argument("--checkpoints_total_limit", type=int, default=3, help="Keep at most this many checkpoints.")
@@ -658,10 +660,11 @@ def reconstruct(model: CDBVQModel, pixel_values: torch.Tensor) -> torch.Tensor:
         model.train(was_training)
 
 
-def validate(model: CDBVQModel, validation: torch.Tensor, args, lpips_metric, log: RunLog, step: int, ema=None) -> dict:
+def validate(model: CDBVQModel, validation: torch.Tensor, args, lpips_metric, log: RunLog, step: int, ema=None, fid=None) -> dict:
     """Validation metrics (and a reconstruction grid in the trackers) of the model, with EMA weights if any."""
     with ema.applied(model) if ema is not None else nullcontext():
-        metrics = evaluate(model, validation_batches(validation, args.train_batch_size), lpips=lpips_metric, show_progress=False)
+        metrics = evaluate(model, validation_batches(validation, args.train_batch_size), lpips=lpips_metric,
+                           show_progress=False, fid=fid)  # fmt: skip
         originals = validation[: args.num_grid_images]
         reconstructions = reconstruct(model, originals)
     log({f"validation/{name}": value for name, value in metrics.items() if name != "num_images"}, step)
@@ -798,6 +801,7 @@ def train(args: argparse.Namespace) -> tuple[CDBVQModel, dict]:
     if args.lpips_weight > 0:
         lpips_module = load_lpips(args.lpips_network, required=True).to(accelerator.device)
     lpips_metric = lpips_module or _optional_lpips(args.lpips_network, accelerator)
+    fid = _validation_fid(args, accelerator)
 
     train_images, validation = load_data(args, accelerator)
     train_loader, sampler = build_train_loader(args, train_images, accelerator)
@@ -891,14 +895,14 @@ def train(args: argparse.Namespace) -> tuple[CDBVQModel, dict]:
         if global_step % args.validation_steps == 0 or global_step == args.max_train_steps:
             # Every process validates on the whole held-out set: torchmetrics syncs its states across processes,
             # so all must take part (and all get the same numbers).
-            metrics = validate(unwrapped, validation, args, lpips_metric, log, global_step, ema)
+            metrics = validate(unwrapped, validation, args, lpips_metric, log, global_step, ema, fid)
             logger.info(f"Step {global_step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
         if global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
             save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
     progress.close()
     seconds_per_step = (time.time() - loop_start) / max(1, global_step - first_step)
 
-    metrics = metrics or validate(unwrapped, validation, args, lpips_metric, log, global_step, ema)
+    metrics = metrics or validate(unwrapped, validation, args, lpips_metric, log, global_step, ema, fid)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         metrics.update(steps=global_step, wall_time_seconds=round(time.time() - start_time, 1),
@@ -948,6 +952,18 @@ def _optional_lpips(network: str, accelerator: Accelerator):
     if not os.path.isfile(lpips_backbone_file(network)[0]):
         return None
     return load_lpips(network, required=False).to(accelerator.device)
+
+
+def _validation_fid(args, accelerator: Accelerator):
+    """The rFID metric `--validation_fid` asks for, or None (one logged line when the Inception weights are missing)."""
+    if args.validation_fid is None:
+        return None
+    from cdb_tokenizer.evaluation import RandomFeatureExtractor, optional_fid_metric
+
+    if args.validation_fid == "random":
+        logger.info("rFID with a small random feature extractor: a smoke test of the path, not comparable to Inception FIDs.")
+        return optional_fid_metric(device=accelerator.device, feature_extractor=RandomFeatureExtractor())
+    return optional_fid_metric(args.fid_weights, device=accelerator.device)
 
 
 def _nonfinite_anywhere(terms: dict[str, torch.Tensor], accelerator: Accelerator) -> str | None:
