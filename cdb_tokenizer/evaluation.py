@@ -286,6 +286,86 @@ def save_reconstruction_grid(originals: torch.Tensor, reconstructions: torch.Ten
     return path
 
 
+def psnr_of(original: torch.Tensor, reconstruction: torch.Tensor) -> float:
+    """PSNR (dB) of one pair of [-1, 1] images, on the [0, 1] scale (torchmetrics' definition with data_range 1)."""
+    mse = float(((to_unit_range(original).double() - to_unit_range(reconstruction).double()) ** 2).mean())
+    return float("inf") if mse == 0 else 10 * float(torch.log10(torch.tensor(1.0 / mse)))
+
+
+def detail_box(image: torch.Tensor, size: int) -> tuple[int, int]:
+    """(top, left) of the `size` x `size` window of a (3, H, W) image with the most fine detail (gradient energy)."""
+    grey = image.float().mean(0, keepdim=True)
+    energy = (grey[:, 1:, :-1] - grey[:, :-1, :-1]).abs() + (grey[:, :-1, 1:] - grey[:, :-1, :-1]).abs()
+    size = min(size, energy.shape[-2], energy.shape[-1])
+    stride = max(1, size // 4)
+    windows = torch.nn.functional.avg_pool2d(energy[None], size, stride=stride)[0, 0]
+    row, column = divmod(int(windows.flatten().argmax()), windows.shape[1])
+    return row * stride, column * stride
+
+
+def reconstruction_figure(
+    originals: list[torch.Tensor],
+    reconstructions: list[torch.Tensor],
+    zoom_size: int = 64,
+    zoom_factor: int = 4,
+    caption: str | None = None,
+):
+    """The picture people judge a tokenizer by, as a PIL image.
+
+    One row per image: the original (left) beside its reconstruction (right) at full size, captioned with the
+    reconstruction's PSNR; then a row with a zoomed detail of the first image (the `zoom_size` window with the most
+    fine detail, outlined in red above), original beside reconstruction, magnified `zoom_factor` times (nearest).
+    Images are (3, H, W) tensors in [-1, 1]; rows may have different sizes.
+    """
+    from PIL import Image, ImageDraw
+
+    def to_pil(image: torch.Tensor) -> Image.Image:
+        array = (to_unit_range(image) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
+        return Image.fromarray(array)
+
+    gap, text_height = 6, 14
+    top, left = detail_box(to_unit_range(originals[0]), zoom_size)
+    size = min(zoom_size, originals[0].shape[-2], originals[0].shape[-1])
+    rows = []
+    for index, (original, reconstruction) in enumerate(zip(originals, reconstructions)):
+        tiles = [to_pil(original), to_pil(reconstruction)]
+        if index == 0:
+            for tile in tiles:
+                ImageDraw.Draw(tile).rectangle([left, top, left + size - 1, top + size - 1], outline=(255, 0, 0), width=2)
+        rows.append((tiles, ["original", f"reconstruction, PSNR {psnr_of(original, reconstruction):.1f} dB"]))
+    crop = (slice(None), slice(top, top + size), slice(left, left + size))
+    zoomed = [to_pil(image[crop]).resize((size * zoom_factor, size * zoom_factor), Image.NEAREST)
+              for image in (originals[0], reconstructions[0])]  # fmt: skip
+    rows.append((zoomed, [f"original, detail x{zoom_factor}", f"reconstruction, detail x{zoom_factor}"]))
+
+    header = text_height + gap if caption else 0
+    width = max(sum(tile.width for tile in tiles) + 3 * gap for tiles, _ in rows)
+    height = header + sum(max(tile.height for tile in tiles) + text_height + gap for tiles, _ in rows) + gap
+    figure = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(figure)
+    if caption:
+        draw.text((gap, gap), caption, fill=(0, 0, 0))
+    y = header + gap
+    for tiles, labels in rows:
+        x = gap
+        for tile, label in zip(tiles, labels):
+            draw.text((x, y), label, fill=(0, 0, 0))
+            figure.paste(tile, (x, y + text_height))
+            x += tile.width + gap
+        y += max(tile.height for tile in tiles) + text_height + gap
+    return figure
+
+
+def save_reconstruction_figure(
+    originals: list[torch.Tensor], reconstructions: list[torch.Tensor], path: str | Path, **kwargs
+) -> Path:
+    """Write `reconstruction_figure(originals, reconstructions, **kwargs)` as a PNG."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    reconstruction_figure(originals, reconstructions, **kwargs).save(path)
+    return path
+
+
 def save_usage_plot(
     counts: torch.Tensor | dict[str, torch.Tensor],
     path: str | Path,

@@ -196,16 +196,61 @@ def evaluation_model(folder):
     return CDBVQModel.from_pretrained(folder).eval()
 
 
-def test_train_validation_fid(tmp_path, no_inception_weights, caplog):
+def test_train_validation_fid_the_picture_and_the_final_log_line(tmp_path, no_inception_weights, caplog):
     from test_training import PLAIN_RUN
 
     from training.train import main
 
-    metrics = main(PLAIN_RUN + ["--output_dir", str(tmp_path / "run"), "--max_train_steps", "1",
-                                "--num_validation_images", "4", "--validation_fid", "random"])  # fmt: skip
+    with caplog.at_level(logging.INFO):
+        metrics = main(PLAIN_RUN + ["--output_dir", str(tmp_path / "run"), "--max_train_steps", "1",
+                                    "--num_validation_images", "4", "--validation_fid", "random"])  # fmt: skip
     assert metrics["rfid"] > 0 and "psnr" in metrics
+    final = caplog.records[-1].getMessage()
+    assert "Done in " in final and "wall time" in final and f"PSNR {metrics['psnr']:.2f} dB" in final
+    assert f"rFID {metrics['rfid']:.3f}" in final
+    with Image.open(tmp_path / "run" / "reconstructions.png") as picture:  # the demo's two photos, shorter side 256
+        assert picture.width >= 2 * 384 and picture.height >= 3 * 256
+    caplog.clear()
     with caplog.at_level(logging.WARNING):
         offline = main(PLAIN_RUN + ["--output_dir", str(tmp_path / "offline"), "--max_train_steps", "1",
                                     "--num_validation_images", "4", "--validation_fid"])  # fmt: skip
     assert "rfid" not in offline and "psnr" in offline
     assert len([r for r in caplog.records if r.getMessage().startswith("rFID left out")]) == 1
+
+
+def test_detail_box_finds_the_textured_window_and_the_figure_has_full_size_tiles():
+    from cdb_tokenizer.evaluation import detail_box, reconstruction_figure
+
+    image = torch.zeros(3, 256, 384)
+    image[:, 160:224, 32:96] = torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    top, left = detail_box((image + 1) / 2, 64)
+    assert abs(top - 160) <= 16 and abs(left - 32) <= 16
+    noisy = (image + 0.1 * torch.randn(image.shape, generator=torch.Generator().manual_seed(1))).clamp(-1, 1)
+    figure = reconstruction_figure([image, image[:, :, :256]], [noisy, noisy[:, :, :256]], zoom_size=64, zoom_factor=4)
+    assert figure.width >= 2 * 384 and figure.height >= 256 + 256 + 4 * 64
+    # The zoomed tiles are the detail window magnified 4x: the original's textured square fills the zoomed tile.
+    pixels = torch.from_numpy(__import__("numpy").asarray(figure)).float()
+    assert pixels.std() > 20
+
+
+def test_thread_count_follows_idle_cores_and_explicit_settings(monkeypatch):
+    import argparse
+
+    import training.train as train_script
+
+    monkeypatch.setattr(train_script.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    for load, expected in ((0.1, 2), (1.3, 1), (6.0, 1)):
+        monkeypatch.setattr(train_script.os, "getloadavg", lambda load=load: (load, load, load))
+        assert train_script.default_num_threads() == expected, load
+    monkeypatch.setattr(train_script.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two processes on this machine share its cores
+    assert train_script.default_num_threads() == 1
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        assert train_script.set_num_threads(argparse.Namespace(num_threads=2)) == 2 == torch.get_num_threads()
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        assert train_script.set_num_threads(argparse.Namespace(num_threads=None)) == 1 == torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)

@@ -58,7 +58,7 @@ from cdb_tokenizer.evaluation import (
     code_usage_counts,
     evaluate,
     reconstruction_grid,
-    save_reconstruction_grid,
+    save_reconstruction_figure,
     save_usage_plot,
 )
 from cdb_tokenizer.losses import (
@@ -98,7 +98,7 @@ PRESETS = {
             "resolution": 64, "train_batch_size": 8, "learning_rate": 3e-4, "lr_warmup_steps": 50,
             "max_train_steps": 1000, "validation_steps": 250, "checkpointing_steps": 500,
             "dead_code_restart_steps": 100, "disc_start": 700, "disc_weight": 0.1, "lpips_weight": 0.0, "l2_weight": 1.0,
-            "num_validation_images": 32, "random_crop_scale": [0.05, 0.5], "clip_model": "ViT-B-32",
+            "num_validation_images": 32, "random_crop_scale": [0.05, 0.5], "random_hue": 0.0, "clip_model": "ViT-B-32",
             "output_dir": "outputs/cdb-vq-demo",
         },
     },
@@ -108,7 +108,7 @@ PRESETS = {
             "resolution": 256, "train_batch_size": 8, "learning_rate": 1e-4, "lr_warmup_steps": 1000,
             "max_train_steps": 100_000, "validation_steps": 2000, "checkpointing_steps": 5000,
             "dead_code_restart_steps": 1000, "disc_start": 20_000, "disc_weight": 0.5, "lpips_weight": 1.0, "l2_weight": 0.0,
-            "num_validation_images": 64, "random_crop_scale": [0.5, 1.0], "clip_model": "ViT-B-16",
+            "num_validation_images": 64, "random_crop_scale": [0.5, 1.0], "random_hue": 0.0, "clip_model": "ViT-B-16",
             "output_dir": "outputs/cdb-vq",
         },
     },
@@ -192,6 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--resolution", type=int, default=PRESET, help="Training crop size (and the model's config.resolution).")
     data.add_argument("--random_crop_scale", type=float, nargs=2, default=PRESET, metavar=("MIN", "MAX"), help="Area range of the random resized crop.")
     data.add_argument("--random_flip", action=argparse.BooleanOptionalAction, default=True, help="Random horizontal flips.")
+    data.add_argument("--random_hue", type=float, default=PRESET, help="Random hue shift of training crops, in turns of the colour wheel (0.5: any hue; 0: off). The demo's 16 photos are half greyscale and have few greens and blues; shifting hues lets the codebook cover colours it would otherwise never see.")
     data.add_argument("--shuffle_buffer_size", type=int, default=1000, help="Shuffle buffer of a streamed data set.")
     data.add_argument("--dataloader_num_workers", type=int, default=0, help="Data-loading worker processes (0: in the main process).")
 
@@ -244,6 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = parser.add_argument_group("run")
     run.add_argument("--output_dir", type=str, default=PRESET, help="Where the model, pictures, metrics, checkpoints and logs go.")
+    run.add_argument("--num_threads", type=int, default=None, help="torch's CPU threads per process (default: OMP_NUM_THREADS when set, else the CPU cores that are idle at start, shared among this machine's processes).")
     run.add_argument("--logging_dir", type=str, default="logs", help="Tracker logs, relative to --output_dir.")
     run.add_argument("--report_to", type=str, default="tensorboard", help="Trackers: tensorboard, wandb, all, or none.")
     run.add_argument("--tracker_project_name", type=str, default="cdb-vq", help="Tracker project / run name.")
@@ -424,7 +426,7 @@ def _validation_pixels(args: argparse.Namespace, validation) -> torch.Tensor:
 
 def build_train_loader(args: argparse.Namespace, train, accelerator: Accelerator):
     """A DataLoader of this process's augmented training batches and its (resumable) sampler."""
-    transform = train_transform(args.resolution, tuple(args.random_crop_scale), flip=args.random_flip)
+    transform = train_transform(args.resolution, tuple(args.random_crop_scale), flip=args.random_flip, hue=args.random_hue)
     loader_kwargs = {
         "batch_size": args.train_batch_size, "collate_fn": collate_images, "drop_last": True,
         "num_workers": args.dataloader_num_workers, "pin_memory": torch.cuda.is_available(),
@@ -771,9 +773,40 @@ def main(argv: list[str] | None = None) -> dict:
     return train(parse_args(argv))[1]
 
 
+def default_num_threads() -> int:
+    """CPU threads for torch when neither --num_threads nor OMP_NUM_THREADS says: this process's share of the cores
+    it may run on, less the cores other jobs keep busy now (1-minute load average), and at least one. On a shared
+    machine idle OpenMP threads spin while they wait for a busy core, so more threads than idle cores is slower."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    share = max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+    try:
+        idle = cores - os.getloadavg()[0]
+    except OSError:
+        idle = cores
+    return max(1, min(share, int(idle + 0.5)))
+
+
+def set_num_threads(args: argparse.Namespace) -> int:
+    """Apply --num_threads (else OMP_NUM_THREADS, else `default_num_threads()`) to torch; returns the number."""
+    if args.num_threads is not None:
+        threads = args.num_threads
+    elif os.environ.get("OMP_NUM_THREADS", "").strip().isdigit():
+        threads = int(os.environ["OMP_NUM_THREADS"])
+    else:
+        threads = default_num_threads()
+    threads = max(1, threads)
+    if threads != torch.get_num_threads():
+        torch.set_num_threads(threads)
+    return threads
+
+
 def train(args: argparse.Namespace) -> tuple[CDBVQModel, dict]:
     """Train with parsed arguments; returns this process's (unwrapped) model and the final metrics (main process)."""
     start_time = time.time()
+    threads = set_num_threads(args)
     output_dir = Path(args.output_dir)
     accelerator = Accelerator(
         cpu=_multi_process_without_accelerator(),
@@ -853,7 +886,8 @@ def train(args: argparse.Namespace) -> tuple[CDBVQModel, dict]:
         f"Training {sum(p.numel() for p in unwrapped.parameters()) / 1e6:.2f}M parameters ({args.model_preset} preset, "
         f"{unwrapped.config.assignment} assignment, {unwrapped.config.codebook_size} codes) for {args.max_train_steps} "
         f"steps on {accelerator.num_processes} process(es), {args.train_batch_size} images each x "
-        f"{args.gradient_accumulation_steps} accumulation; teacher: {teacher.name if teacher else 'none'}."
+        f"{args.gradient_accumulation_steps} accumulation; teacher: {teacher.name if teacher else 'none'}; "
+        f"{threads} CPU thread(s) per process."
     )
     batches = batch_stream(train_loader, sampler, start_batch=global_step * args.gradient_accumulation_steps)
     progress = tqdm(range(args.max_train_steps), initial=global_step, desc="steps", disable=not accelerator.is_main_process)
@@ -920,6 +954,14 @@ def train(args: argparse.Namespace) -> tuple[CDBVQModel, dict]:
         from cdb_tokenizer.publishing import push_to_hub
 
         push_to_hub(str(output_dir), args.hub_model_id or output_dir.name, private=args.hub_private_repo, token=args.hub_token)
+    if accelerator.is_main_process:
+        minutes, seconds = divmod(round(time.time() - start_time), 60)
+        rfid = f", rFID {metrics['rfid']:.3f}" if "rfid" in metrics else ""
+        logger.info(
+            f"Done in {minutes} min {seconds:02d} s wall time ({global_step} steps, {seconds_per_step:.2f} s/step, "
+            f"{threads} CPU thread(s) per process): held-out PSNR {metrics['psnr']:.2f} dB, SSIM {metrics['ssim']:.3f}"
+            f"{rfid}, {metrics['utilization']:.1%} of {unwrapped.config.codebook_size} codes used. Outputs: {output_dir}"
+        )
     return unwrapped, metrics
 
 
@@ -1011,14 +1053,27 @@ def _stop(accelerator: Accelerator, args, reason: str) -> None:
     )
 
 
+def picture_images(args, validation: torch.Tensor, factor: int) -> list[torch.Tensor]:
+    """Held-out images for reconstructions.png: without data flags, scikit-learn's two photos whole (shorter side
+    256, cut to a multiple of the downsampling factor); else the first `--num_grid_images` validation images."""
+    if args.train_data_dir is not None or args.dataset_name is not None:
+        return list(validation[: args.num_grid_images])
+    processor = CDBVQImageProcessor(size={"shortest_edge": 256}, do_center_crop=False)
+    images = [processor(photo, return_tensors="pt").pixel_values[0] for photo in sample_photos("sklearn")]
+    return [image[:, : image.shape[1] // factor * factor, : image.shape[2] // factor * factor] for image in images]
+
+
 def save_outputs(model: CDBVQModel, validation: torch.Tensor, args, metrics: dict, ema: EMAWeights | None) -> None:
     """The final model and processor, metrics.json, reconstructions.png and codebook_usage.png."""
     output_dir = Path(args.output_dir)
     with ema.applied(model) if ema is not None else nullcontext():
         model.save_pretrained(output_dir)
-        originals = validation[: args.num_grid_images]
-        reconstructions = reconstruct(model, originals)
-        save_reconstruction_grid(originals, reconstructions, output_dir / "reconstructions.png")
+        originals = picture_images(args, validation, model.config.downsampling_factor)
+        reconstructions = [reconstruct(model, image[None])[0] for image in originals]
+        caption = (f"held-out: {validation.shape[0]} crops at {args.resolution}x{args.resolution}, PSNR "
+                   f"{metrics.get('psnr', float('nan')):.2f} dB, SSIM {metrics.get('ssim', float('nan')):.3f}; "
+                   f"{model.config.codebook_size} codes, f{model.config.downsampling_factor}, {metrics.get('steps', '?')} steps")  # fmt: skip
+        save_reconstruction_figure(originals, reconstructions, output_dir / "reconstructions.png", caption=caption)
         counts = code_usage_counts(model, validation_batches(validation, args.train_batch_size))
     CDBVQImageProcessor(size={"height": args.resolution, "width": args.resolution}).save_pretrained(output_dir)
     save_usage_plot(counts, output_dir / "codebook_usage.png", code_roles=model.config.code_roles,
