@@ -182,16 +182,13 @@ def describe_image_value(value) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def train_transform(resolution: int, crop_scale: tuple[float, float] = (0.08, 1.0), flip: bool = True, hue: float = 0.0):
-    """Random resized crop to `resolution`, a horizontal flip and (with `hue` > 0) a random hue shift of up to
-    `hue` turns of the colour wheel (0.5: any hue), giving a float tensor in [-1, 1]."""
+def train_transform(resolution: int, crop_scale: tuple[float, float] = (0.08, 1.0), flip: bool = True):
+    """Random resized crop to `resolution` and a horizontal flip, giving a float tensor in [-1, 1]."""
     from torchvision.transforms import v2
 
     steps = [v2.ToImage(), v2.RandomResizedCrop(resolution, scale=tuple(crop_scale), antialias=True)]
     if flip:
         steps.append(v2.RandomHorizontalFlip())
-    if hue > 0:
-        steps.append(v2.ColorJitter(hue=hue))
     steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize([0.5] * 3, [0.5] * 3)]
     return v2.Compose(steps)
 

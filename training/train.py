@@ -98,7 +98,7 @@ PRESETS = {
             "resolution": 64, "train_batch_size": 8, "learning_rate": 3e-4, "lr_warmup_steps": 50,
             "max_train_steps": 1000, "validation_steps": 250, "checkpointing_steps": 500,
             "dead_code_restart_steps": 100, "disc_start": 700, "disc_weight": 0.1, "lpips_weight": 0.0, "l2_weight": 1.0,
-            "num_validation_images": 32, "random_crop_scale": [0.05, 0.5], "random_hue": 0.0, "clip_model": "ViT-B-32",
+            "num_validation_images": 32, "random_crop_scale": [0.05, 0.5], "clip_model": "ViT-B-32",
             "output_dir": "outputs/cdb-vq-demo",
         },
     },
@@ -108,7 +108,7 @@ PRESETS = {
             "resolution": 256, "train_batch_size": 8, "learning_rate": 1e-4, "lr_warmup_steps": 1000,
             "max_train_steps": 100_000, "validation_steps": 2000, "checkpointing_steps": 5000,
             "dead_code_restart_steps": 1000, "disc_start": 20_000, "disc_weight": 0.5, "lpips_weight": 1.0, "l2_weight": 0.0,
-            "num_validation_images": 64, "random_crop_scale": [0.5, 1.0], "random_hue": 0.0, "clip_model": "ViT-B-16",
+            "num_validation_images": 64, "random_crop_scale": [0.5, 1.0], "clip_model": "ViT-B-16",
             "output_dir": "outputs/cdb-vq",
         },
     },
@@ -192,7 +192,6 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--resolution", type=int, default=PRESET, help="Training crop size (and the model's config.resolution).")
     data.add_argument("--random_crop_scale", type=float, nargs=2, default=PRESET, metavar=("MIN", "MAX"), help="Area range of the random resized crop.")
     data.add_argument("--random_flip", action=argparse.BooleanOptionalAction, default=True, help="Random horizontal flips.")
-    data.add_argument("--random_hue", type=float, default=PRESET, help="Random hue shift of training crops, in turns of the colour wheel (0.5: any hue; 0: off). The demo's 16 photos are half greyscale and have few greens and blues; shifting hues lets the codebook cover colours it would otherwise never see.")
     data.add_argument("--shuffle_buffer_size", type=int, default=1000, help="Shuffle buffer of a streamed data set.")
     data.add_argument("--dataloader_num_workers", type=int, default=0, help="Data-loading worker processes (0: in the main process).")
 
@@ -426,7 +425,7 @@ def _validation_pixels(args: argparse.Namespace, validation) -> torch.Tensor:
 
 def build_train_loader(args: argparse.Namespace, train, accelerator: Accelerator):
     """A DataLoader of this process's augmented training batches and its (resumable) sampler."""
-    transform = train_transform(args.resolution, tuple(args.random_crop_scale), flip=args.random_flip, hue=args.random_hue)
+    transform = train_transform(args.resolution, tuple(args.random_crop_scale), flip=args.random_flip)
     loader_kwargs = {
         "batch_size": args.train_batch_size, "collate_fn": collate_images, "drop_last": True,
         "num_workers": args.dataloader_num_workers, "pin_memory": torch.cuda.is_available(),
