@@ -394,8 +394,10 @@ def _eval_fid(args: argparse.Namespace, device):
     if not args.fid:
         return None
     if args.fid_feature_extractor == "random":
-        print("rFID with a small random feature extractor: a smoke test of the path, not comparable to Inception FIDs.",
-              file=sys.stderr)  # fmt: skip
+        print(
+            "rFID with a small random feature extractor: a smoke test of the path, not comparable to Inception FIDs.",
+            file=sys.stderr,
+        )
         return fid_metric(RandomFeatureExtractor(), device=device)
     try:
         return fid_metric(weights_path=args.fid_weights, device=device)
@@ -432,7 +434,9 @@ def eval_command(args: argparse.Namespace) -> None:
     if args.resolution is not None:  # shorter side to N, then the centre N x N crop
         factor = model.config.downsampling_factor
         if args.resolution % factor:
-            raise CLIError(f"--resolution {args.resolution} is not divisible by the model's downsampling factor ({factor}).")
+            raise CLIError(
+                f"--resolution {args.resolution} is not divisible by the model's downsampling factor ({factor})."
+            )
         processor.size = {"height": args.resolution, "width": args.resolution}
         processor.do_resize, processor.do_center_crop = True, True
     counter = {"unreadable": 0}
@@ -457,16 +461,18 @@ def eval_command(args: argparse.Namespace) -> None:
     except ValueError as error:
         raise CLIError(f"{error} ({counter['unreadable']} unreadable images skipped)") from None
     if fid is not None and args.fid_reference and reference is None:
-        save_fid_reference(fid, args.fid_reference, description=f"{args.data} {args.split} {metrics['num_images']} images")
+        description = f"{args.data} {args.split} {metrics['num_images']} images"
+        save_fid_reference(fid, args.fid_reference, description=description)
         print(f"Saved the rFID reference statistics to {args.fid_reference}.", file=sys.stderr)
     metrics["unreadable_images"] = counter["unreadable"]
+    random_features = args.fid_feature_extractor == "random"
     if fid is not None:
-        metrics["fid_feature_extractor"] = "inception-v3-compat" if args.fid_feature_extractor == "inception" else "random"
+        metrics["fid_feature_extractor"] = "random" if random_features else "inception-v3-compat"
     rows = [
         ("PSNR (dB)", f"{metrics['psnr']:.2f}"),
         ("SSIM", f"{metrics['ssim']:.4f}"),
         *([("LPIPS", f"{metrics['lpips']:.4f}")] if "lpips" in metrics else []),
-        *([("rFID" + (" (random features)" if args.fid_feature_extractor == "random" else ""), f"{metrics['rfid']:.3f}")]
+        *([("rFID (random features)" if random_features else "rFID", f"{metrics['rfid']:.3f}")]
           if "rfid" in metrics else []),  # fmt: skip
         ("utilization", f"{metrics['utilization']:.1%}"),
         ("perplexity", f"{metrics['perplexity']:.1f}"),
@@ -631,10 +637,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--fid", action="store_true",
         help="also compute rFID (torchmetrics' FrechetInceptionDistance; reference: the same crops)",
     )  # fmt: skip
-    evaluate.add_argument("--fid_weights", default=None, help="the FID Inception weights file (default: torch hub cache)")
+    evaluate.add_argument(
+        "--fid_weights", default=None, help="the FID Inception weights file (default: the torch hub cache)"
+    )
     evaluate.add_argument(
         "--fid_reference", default=None,
-        help="a .safetensors file of reference statistics: used when it exists, else computed from these crops and saved",
+        help="reference statistics (.safetensors): used when it exists, else computed from these crops and saved",
     )  # fmt: skip
     evaluate.add_argument(
         "--fid_feature_extractor", choices=["inception", "random"], default="inception",

@@ -331,7 +331,8 @@ def reconstruction_figure(
         tiles = [to_pil(original), to_pil(reconstruction)]
         if index == 0:
             for tile in tiles:
-                ImageDraw.Draw(tile).rectangle([left, top, left + size - 1, top + size - 1], outline=(255, 0, 0), width=2)
+                box = [left, top, left + size - 1, top + size - 1]
+                ImageDraw.Draw(tile).rectangle(box, outline=(255, 0, 0), width=2)
         rows.append((tiles, ["original", f"reconstruction, PSNR {psnr_of(original, reconstruction):.1f} dB"]))
     crop = (slice(None), slice(top, top + size), slice(left, left + size))
     zoomed = [to_pil(image[crop]).resize((size * zoom_factor, size * zoom_factor), Image.NEAREST)

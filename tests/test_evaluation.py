@@ -158,11 +158,12 @@ def _eval(arguments, capsys) -> tuple[dict, list[str], str]:
 def test_cli_eval_fid_with_the_random_extractor_and_a_reference_file(tokenizer_folder, capsys, tmp_path):
     base = ["--model", str(tokenizer_folder["model"]), "--data", str(tokenizer_folder["photos"]), "--no-lpips"]
     reference = tmp_path / "reference.safetensors"
-    metrics, lines, err = _eval(base + ["--fid", "--fid_feature_extractor", "random", "--fid_reference", str(reference)], capsys)
+    random_fid = ["--fid", "--fid_feature_extractor", "random", "--fid_reference", str(reference)]
+    metrics, lines, err = _eval(base + random_fid, capsys)
     assert metrics["rfid"] > 0 and metrics["num_images"] == 5 and metrics["fid_feature_extractor"] == "random"
     assert any(line.startswith("rFID (random features)") for line in lines) and "not comparable" in err
     assert reference.is_file()
-    again, _, _ = _eval(base + ["--fid", "--fid_feature_extractor", "random", "--fid_reference", str(reference)], capsys)
+    again, _, _ = _eval(base + random_fid, capsys)
     assert again["rfid"] == pytest.approx(metrics["rfid"], rel=1e-6)
     plain, _, _ = _eval(base, capsys)
     assert "rfid" not in plain and plain["psnr"] == pytest.approx(metrics["psnr"], rel=1e-6)
