@@ -230,7 +230,7 @@ def test_detail_box_finds_the_textured_window_and_the_figure_has_full_size_tiles
     figure = reconstruction_figure([image, image[:, :, :256]], [noisy, noisy[:, :, :256]], zoom_size=64, zoom_factor=4)
     assert figure.width >= 2 * 384 and figure.height >= 256 + 256 + 4 * 64
     # The zoomed tiles are the detail window magnified 4x: the original's textured square fills the zoomed tile.
-    pixels = torch.from_numpy(__import__("numpy").asarray(figure)).float()
+    pixels = torch.tensor(__import__("numpy").array(figure), dtype=torch.float32)
     assert pixels.std() > 20
 
 
