@@ -255,3 +255,27 @@ def test_thread_count_follows_idle_cores_and_explicit_settings(monkeypatch):
         assert train_script.set_num_threads(argparse.Namespace(num_threads=None)) == 1 == torch.get_num_threads()
     finally:
         torch.set_num_threads(before)
+
+
+def test_inception_fid_loads_cached_weights_without_network(tmp_path, monkeypatch):
+    """The standard path: torch-fidelity's Inception built from the weights file in the torch hub cache (random
+    weights here, written where the real ones would be), no network attempted."""
+    pytest.importorskip("torch_fidelity")
+    from torch_fidelity import feature_extractor_inceptionv3 as inception_module
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    monkeypatch.setattr(evaluation, "reachable", lambda url, timeout=3.0: pytest.fail("no network check expected"))
+    with monkeypatch.context() as patch:  # build the network once without weights, to write a weights file
+        patch.setattr(inception_module.FeatureExtractorInceptionV3, "load_state_dict", lambda self, state: None)
+        patch.setattr(inception_module.torch, "load", lambda *args, **kwargs: {})
+        network = inception_module.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], "unused")
+    path = Path(evaluation.inception_weights_file())
+    path.parent.mkdir(parents=True)
+    torch.save(network.state_dict(), path)
+
+    fid = fid_metric()
+    images = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    fid.update(images, real=True)
+    fid.update(images, real=False)
+    assert abs(float(fid.compute())) < 1e-2
+    assert fid.real_features_sum.shape == (2048,)  # the 2,048-d pool features of the standard FID
