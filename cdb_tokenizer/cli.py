@@ -5,7 +5,7 @@ cdb-vq encode photos/*.jpg --model org/cdb-vq --out tokens.safetensors
 cdb-vq decode tokens.safetensors --out decoded/
 cdb-vq reconstruct photos/*.jpg --model org/cdb-vq --out reconstructions/ [--role-map]
 cdb-vq restore blurred/*.jpg --model org/cdb-vq-deblur --out restored/
-cdb-vq eval --model org/cdb-vq --data held_out_photos/
+cdb-vq eval --model org/cdb-vq --data held_out_photos/ [--fid]
 cdb-vq inspect --model org/cdb-vq [--codes codes.csv]
 cdb-vq tokenize --model org/cdb-vq --data photos/ --out tokenized/
 ```
@@ -566,18 +566,84 @@ def _readable_images(
         yield image
 
 
-def eval_command(args: argparse.Namespace) -> None:
-    """PSNR, SSIM, utilization and perplexity over a folder or Hub data set, as a table and JSON."""
+# The standard rFID protocol (LlamaGen, OptVQ, ...): ImageNet val, all 50,000 images, shorter side resized to 256 and
+# centre-cropped to 256x256; the reference statistics come from those same crops. See docs/evaluation.md.
+PROTOCOLS = {"imagenet": {"split": "validation", "max_images": 50_000, "resolution": 256, "fid": True}}
+
+
+def _apply_protocol(args: argparse.Namespace) -> None:
+    """Fill the flags a `--protocol` implies and that were not given (a local folder keeps its own split)."""
+    if args.protocol is None:
+        return
+    protocol = PROTOCOLS[args.protocol]
+    if args.split == "train" and not Path(args.data).expanduser().exists():
+        args.split = protocol["split"]
+    if args.max_images is None:
+        args.max_images = protocol["max_images"]
+    if args.resolution is None:
+        args.resolution = protocol["resolution"]
+    args.fid = args.fid or protocol["fid"]
+
+
+def _eval_fid(args: argparse.Namespace, device):
+    """The FID metric `cdb-vq eval --fid` asks for, or None after one line saying why it is left out."""
+    from .evaluation import FIDUnavailableError, RandomFeatureExtractor, fid_metric
+
+    if not args.fid:
+        return None
+    if args.fid_feature_extractor == "random":
+        print(
+            "rFID with a small random feature extractor: a smoke test of the path, not comparable to Inception FIDs.",
+            file=sys.stderr,
+        )
+        return fid_metric(RandomFeatureExtractor(), device=device)
     try:
-        from .evaluation import evaluate
+        return fid_metric(weights_path=args.fid_weights, device=device)
+    except FIDUnavailableError as error:
+        print(f"rFID left out: {error}", file=sys.stderr)
+        return None
+
+
+def _eval_lpips(device):
+    """LPIPS when its backbone weights are in the torch hub cache (never downloads), else None and one line."""
+    import os
+
+    from .losses import load_lpips, lpips_backbone_file
+
+    path, _ = lpips_backbone_file("vgg")
+    if not os.path.isfile(path):
+        print(f"LPIPS left out: its VGG weights are not in the torch hub cache ({path}).", file=sys.stderr)
+        return None
+    return load_lpips("vgg", required=False).to(device)
+
+
+def eval_command(args: argparse.Namespace) -> None:
+    """PSNR, SSIM, LPIPS, rFID, utilization and perplexity over a folder or Hub data set, as a table and JSON."""
+    try:
+        from .evaluation import evaluate, load_fid_reference, save_fid_reference
     except ImportError as error:
         raise CLIError(
             f"cdb-vq eval needs the training extras: pip install 'cdb-tokenizer[train]' ({error})."
         ) from None
+    _apply_protocol(args)
     dataset = open_dataset(args.data, args.image_column, args.split)
     out = check_output_file(args.out) if args.out else None
     model, processor, _, _ = load_model(args.model, args.device, args.dtype, args.trust_remote_code)
+    device = next(model.parameters()).device
+    if args.resolution is not None:  # shorter side to N, then the centre N x N crop
+        factor = model.config.downsampling_factor
+        if args.resolution % factor:
+            raise CLIError(
+                f"--resolution {args.resolution} is not divisible by the model's downsampling factor ({factor})."
+            )
+        processor.size = {"height": args.resolution, "width": args.resolution}
+        processor.do_resize, processor.do_center_crop = True, True
     counter = {"unreadable": 0}
+    fid = _eval_fid(args, device)
+    lpips = _eval_lpips(device) if args.lpips else None
+    reference = None
+    if fid is not None and args.fid_reference and Path(args.fid_reference).is_file():
+        reference = load_fid_reference(args.fid_reference)
 
     def batches() -> Iterator[torch.Tensor]:
         images = []
@@ -590,13 +656,23 @@ def eval_command(args: argparse.Namespace) -> None:
             yield pixel_values_of(images, processor, model)
 
     try:
-        metrics = evaluate(model, batches())
+        metrics = evaluate(model, batches(), lpips=lpips, fid=fid, fid_reference=reference)
     except ValueError as error:
         raise CLIError(f"{error} ({counter['unreadable']} unreadable images skipped)") from None
+    if fid is not None and args.fid_reference and reference is None:
+        description = f"{args.data} {args.split} {metrics['num_images']} images"
+        save_fid_reference(fid, args.fid_reference, description=description)
+        print(f"Saved the rFID reference statistics to {args.fid_reference}.", file=sys.stderr)
     metrics["unreadable_images"] = counter["unreadable"]
+    random_features = args.fid_feature_extractor == "random"
+    if fid is not None:
+        metrics["fid_feature_extractor"] = "random" if random_features else "inception-v3-compat"
     rows = [
         ("PSNR (dB)", f"{metrics['psnr']:.2f}"),
         ("SSIM", f"{metrics['ssim']:.4f}"),
+        *([("LPIPS", f"{metrics['lpips']:.4f}")] if "lpips" in metrics else []),
+        *([("rFID (random features)" if random_features else "rFID", f"{metrics['rfid']:.3f}")]
+          if "rfid" in metrics else []),  # fmt: skip
         ("utilization", f"{metrics['utilization']:.1%}"),
         ("perplexity", f"{metrics['perplexity']:.1f}"),
         ("images", metrics["num_images"]),
@@ -824,10 +900,39 @@ def build_parser() -> argparse.ArgumentParser:
     restore.add_argument("--batch_size", type=_positive_int, default=16)
     _add_pixel_budget(restore)
 
-    evaluate = add_command("eval", eval_command, "PSNR, SSIM, codebook utilization and perplexity on a data set.")
+    evaluate = add_command(
+        "eval", eval_command, "PSNR, SSIM, LPIPS, rFID, codebook utilization and perplexity on a data set."
+    )
     add_data_arguments(evaluate)
     evaluate.add_argument("--batch_size", type=_positive_int, default=16)
     evaluate.add_argument("--out", default=None, help="also write the metrics to this JSON file")
+    evaluate.add_argument(
+        "--resolution", type=_positive_int, default=None,
+        help="resize the shorter side to N and centre-crop N x N (default: the model's image processor)",
+    )  # fmt: skip
+    evaluate.add_argument(
+        "--fid", action="store_true",
+        help="also compute rFID (torchmetrics' FrechetInceptionDistance; reference: the same crops)",
+    )  # fmt: skip
+    evaluate.add_argument(
+        "--fid_weights", default=None, help="the FID Inception weights file (default: the torch hub cache)"
+    )
+    evaluate.add_argument(
+        "--fid_reference", default=None,
+        help="reference statistics (.safetensors): used when it exists, else computed from these crops and saved",
+    )  # fmt: skip
+    evaluate.add_argument(
+        "--fid_feature_extractor", choices=["inception", "random"], default="inception",
+        help="'random': a small random network, to smoke-test the rFID path offline (numbers not comparable)",
+    )  # fmt: skip
+    evaluate.add_argument(
+        "--protocol", choices=sorted(PROTOCOLS), default=None,
+        help="'imagenet': the standard rFID protocol (--split validation --max_images 50000 --resolution 256 --fid)",
+    )  # fmt: skip
+    evaluate.add_argument(
+        "--lpips", action=argparse.BooleanOptionalAction, default=True,
+        help="LPIPS (VGG) when its weights are in the torch hub cache",
+    )  # fmt: skip
 
     inspect = add_command("inspect", inspect_command, "Codebook size, assignment rule, roles and most used codes.")
     inspect.add_argument("--top", type=_positive_int, default=10, help="how many of the most used codes to list")

@@ -1,16 +1,32 @@
-"""Evaluation of a tokenizer: reconstruction quality, codebook usage, and the pictures people look at.
+"""Evaluation of a tokenizer: reconstruction quality (PSNR, SSIM, LPIPS, rFID), codebook usage, and the pictures
+people look at.
 
-Training-only (torchmetrics, matplotlib): never imported by the modeling files.
+Training-only (torchmetrics, matplotlib, torch-fidelity): never imported by the modeling files.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 from collections.abc import Iterable
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
+from torch import nn
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 from tqdm.auto import tqdm
+
+from .downloads import reachable
+
+
+logger = logging.getLogger(__name__)
+
+# The Inception-v3 weights torchmetrics' FrechetInceptionDistance uses (through torch-fidelity): the TensorFlow FID
+# network (2015-12-05) ported to PyTorch, the one every published FID is computed with.
+INCEPTION_WEIGHTS_URL = (
+    "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
+)
 
 
 def usage_statistics(counts: torch.Tensor) -> dict[str, float]:
@@ -26,6 +42,147 @@ def to_unit_range(pixel_values: torch.Tensor) -> torch.Tensor:
     return ((pixel_values.float() + 1) / 2).clamp(0, 1)
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# rFID
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class FIDUnavailableError(RuntimeError):
+    """The Inception network of FID cannot be built here (torch-fidelity missing, or its weights not at hand)."""
+
+
+def inception_weights_file() -> str:
+    """Where torch hub caches the FID Inception weights (`$TORCH_HOME/hub/checkpoints/weights-inception-...pth`)."""
+    return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(urlparse(INCEPTION_WEIGHTS_URL).path))
+
+
+def inception_weights(weights_path: str | None = None, allow_download: bool = True) -> str:
+    """The path of the FID Inception weights: `weights_path`, else the torch hub cache, else downloaded into the
+    cache when the host answers a 3-second connection check. Raises `FIDUnavailableError` (one line) otherwise, so
+    nothing ever waits on a download that cannot happen."""
+    if weights_path is not None:
+        if not os.path.isfile(weights_path):
+            raise FIDUnavailableError(f"the FID Inception weights file {weights_path!r} does not exist.")
+        return weights_path
+    path = inception_weights_file()
+    if os.path.isfile(path):
+        return path
+    if not allow_download or not reachable(INCEPTION_WEIGHTS_URL):
+        raise FIDUnavailableError(
+            f"the FID Inception weights are not in the torch hub cache ({path}) and cannot be downloaded now "
+            f"({INCEPTION_WEIGHTS_URL}); download them once into $TORCH_HOME/hub/checkpoints to get rFID."
+        )
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    logger.info(f"Downloading the FID Inception weights to {path}.")
+    torch.hub.download_url_to_file(INCEPTION_WEIGHTS_URL, path, progress=False)
+    return path
+
+
+class RandomFeatureExtractor(nn.Module):
+    """A small, randomly initialised convolutional feature extractor for FID *smoke tests*.
+
+    Maps [0, 1] float images of any size (B, 3, H, W) to (B, `num_features`) features (globally pooled). The same
+    `seed` gives the same network. Distances it gives are not comparable with Inception FIDs: use it to run the
+    whole rFID path offline (tests, the demo), never to report a number against the literature.
+    """
+
+    def __init__(self, num_features: int = 64, seed: int = 0):
+        super().__init__()
+        self.num_features = num_features
+        self.layers = nn.Sequential(
+            nn.Conv2d(3, 32, 3, stride=2, padding=1), nn.ReLU(),
+            nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.ReLU(),
+            nn.Conv2d(64, num_features, 3, stride=2, padding=1), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        )  # fmt: skip
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for parameter in self.parameters():  # He-normal weights keep the activations O(1); zero biases
+                std = (2.0 / parameter[0].numel()) ** 0.5 if parameter.dim() > 1 else 0.0
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * std)
+        self.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode: bool = True) -> RandomFeatureExtractor:
+        return super().train(False)  # like torchmetrics' Inception: never leaves eval mode
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.layers(images.float() * 2 - 1)
+
+
+def fid_metric(
+    feature_extractor: nn.Module | None = None,
+    weights_path: str | None = None,
+    allow_download: bool = True,
+    device: torch.device | str | None = None,
+):
+    """A torchmetrics `FrechetInceptionDistance` taking [0, 1] float images (`normalize=True`).
+
+    With no `feature_extractor` it is the standard one: torch-fidelity's port of the TensorFlow Inception-v3 and
+    its 2,048-d pool features (images resized to 299 inside), weights from `inception_weights` (never a silent
+    download that can hang). A `feature_extractor` module (taking [0, 1] images, returning (B, F) features) replaces
+    it, e.g. `RandomFeatureExtractor()` to run the path offline. Raises `FIDUnavailableError` with a one-line reason
+    when the Inception network cannot be built.
+    """
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    kwargs = {"normalize": True, "reset_real_features": True, "sync_on_compute": False}
+    if feature_extractor is not None:
+        metric = FrechetInceptionDistance(feature=feature_extractor, **kwargs)
+    else:
+        try:
+            import torch_fidelity  # noqa: F401
+        except ImportError:
+            raise FIDUnavailableError(
+                "rFID needs torch-fidelity for torchmetrics' Inception network: pip install 'cdb-tokenizer[train]' "
+                "(or pip install torch-fidelity)."
+            ) from None
+        path = inception_weights(weights_path, allow_download)
+        metric = FrechetInceptionDistance(feature=2048, feature_extractor_weights_path=path, **kwargs)
+    return metric.to(device) if device is not None else metric
+
+
+def optional_fid_metric(weights_path: str | None = None, device=None, feature_extractor: nn.Module | None = None):
+    """`fid_metric(...)`, or `None` after one logged line saying why rFID is left out."""
+    try:
+        return fid_metric(feature_extractor, weights_path, device=device)
+    except FIDUnavailableError as error:
+        logger.warning(f"rFID left out: {error}")
+        return None
+
+
+FID_REFERENCE_STATES = ("real_features_sum", "real_features_cov_sum", "real_features_num_samples")
+
+
+def save_fid_reference(metric, path: str | Path, description: str = "") -> Path:
+    """Save the reference (real-image) statistics a `FrechetInceptionDistance` has accumulated, to reuse them."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {name: getattr(metric, name).detach().cpu().contiguous() for name in FID_REFERENCE_STATES}
+    save_file(tensors, str(path), metadata={"description": description})
+    return path
+
+
+def load_fid_reference(path: str | Path) -> dict[str, torch.Tensor]:
+    """Reference statistics written by `save_fid_reference` (pass them to `evaluate(fid_reference=...)`)."""
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def _set_fid_reference(metric, reference: dict[str, torch.Tensor]) -> None:
+    for name in FID_REFERENCE_STATES:
+        current = getattr(metric, name)
+        if name not in reference or reference[name].shape != current.shape:
+            raise ValueError(
+                f"the FID reference statistics do not fit this feature extractor ({name}: expected shape "
+                f"{tuple(current.shape)}); were they computed with another one?"
+            )
+        setattr(metric, name, reference[name].to(device=current.device, dtype=current.dtype))
+
+
 @torch.no_grad()
 def evaluate(
     model,
@@ -33,12 +190,17 @@ def evaluate(
     max_batches: int | None = None,
     lpips=None,
     show_progress: bool = True,
+    fid=None,
+    fid_reference: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, float]:
     """Reconstruction and usage metrics of `model` over `batches` of pixel values in [-1, 1].
 
     `batches` yields tensors (B, 3, H, W) or dicts with `pixel_values`. Returns PSNR and SSIM (data range [0, 1]),
-    LPIPS when an `lpips` callable (taking two [-1, 1] batches) is given, and the utilization and perplexity of the
-    code histogram over the whole set (not averaged per batch). The model is put in eval mode and restored.
+    LPIPS when an `lpips` callable (taking two [-1, 1] batches) is given, rFID (`rfid`) when a `fid` metric (from
+    `fid_metric`) is given, and the utilization and perplexity of the code histogram over the whole set (not
+    averaged per batch). rFID compares the reconstructions with the very images the model was given (the same
+    resize and crop), unless `fid_reference` (from `load_fid_reference`) supplies the reference statistics. The
+    model is put in eval mode and restored.
     """
     was_training = model.training
     model.eval()
@@ -49,6 +211,10 @@ def evaluate(
     ssim = StructuralSimilarityIndexMeasure(data_range=1.0, sync_on_compute=False).to(device)
     counts = torch.zeros(model.config.codebook_size, dtype=torch.long, device=device)
     lpips_total, num_images = 0.0, 0
+    if fid is not None:
+        fid.reset()
+        if fid_reference is not None:
+            _set_fid_reference(fid, fid_reference)
     try:
         for step, batch in enumerate(tqdm(batches, desc="evaluating", disable=not show_progress, leave=False)):
             if max_batches is not None and step >= max_batches:
@@ -62,6 +228,10 @@ def evaluate(
             ssim.update(reconstruction, original)
             if lpips is not None:
                 lpips_total += float(lpips(output.reconstruction.float(), pixel_values.float()).sum())
+            if fid is not None:
+                if fid_reference is None:
+                    fid.update(original, real=True)
+                fid.update(reconstruction, real=False)
             num_images += pixel_values.shape[0]
     finally:
         model.train(was_training)
@@ -70,6 +240,10 @@ def evaluate(
     metrics = {"psnr": float(psnr.compute()), "ssim": float(ssim.compute()), **usage_statistics(counts.cpu())}
     if lpips is not None:
         metrics["lpips"] = lpips_total / num_images
+    if fid is not None:
+        if num_images < 2:
+            raise ValueError("rFID needs at least two images.")
+        metrics["rfid"] = float(fid.compute())
     metrics["num_images"] = num_images
     return metrics
 
@@ -127,6 +301,87 @@ def save_reconstruction_grid(originals: torch.Tensor, reconstructions: torch.Ten
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_image(reconstruction_grid(originals, reconstructions), path)
+    return path
+
+
+def psnr_of(original: torch.Tensor, reconstruction: torch.Tensor) -> float:
+    """PSNR (dB) of one pair of [-1, 1] images, on the [0, 1] scale (torchmetrics' definition with data_range 1)."""
+    mse = float(((to_unit_range(original).double() - to_unit_range(reconstruction).double()) ** 2).mean())
+    return float("inf") if mse == 0 else 10 * float(torch.log10(torch.tensor(1.0 / mse)))
+
+
+def detail_box(image: torch.Tensor, size: int) -> tuple[int, int]:
+    """(top, left) of the `size` x `size` window of a (3, H, W) image with the most fine detail (gradient energy)."""
+    grey = image.float().mean(0, keepdim=True)
+    energy = (grey[:, 1:, :-1] - grey[:, :-1, :-1]).abs() + (grey[:, :-1, 1:] - grey[:, :-1, :-1]).abs()
+    size = min(size, energy.shape[-2], energy.shape[-1])
+    stride = max(1, size // 4)
+    windows = torch.nn.functional.avg_pool2d(energy[None], size, stride=stride)[0, 0]
+    row, column = divmod(int(windows.flatten().argmax()), windows.shape[1])
+    return row * stride, column * stride
+
+
+def reconstruction_figure(
+    originals: list[torch.Tensor],
+    reconstructions: list[torch.Tensor],
+    zoom_size: int = 64,
+    zoom_factor: int = 4,
+    caption: str | None = None,
+):
+    """The picture people judge a tokenizer by, as a PIL image.
+
+    One row per image: the original (left) beside its reconstruction (right) at full size, captioned with the
+    reconstruction's PSNR; then a row with a zoomed detail of the first image (the `zoom_size` window with the most
+    fine detail, outlined in red above), original beside reconstruction, magnified `zoom_factor` times (nearest).
+    Images are (3, H, W) tensors in [-1, 1]; rows may have different sizes.
+    """
+    from PIL import Image, ImageDraw
+
+    def to_pil(image: torch.Tensor) -> Image.Image:
+        array = (to_unit_range(image) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
+        return Image.fromarray(array)
+
+    gap, text_height = 6, 14
+    top, left = detail_box(to_unit_range(originals[0]), zoom_size)
+    size = min(zoom_size, originals[0].shape[-2], originals[0].shape[-1])
+    rows = []
+    for index, (original, reconstruction) in enumerate(zip(originals, reconstructions)):
+        tiles = [to_pil(original), to_pil(reconstruction)]
+        if index == 0:
+            for tile in tiles:
+                box = [left, top, left + size - 1, top + size - 1]
+                ImageDraw.Draw(tile).rectangle(box, outline=(255, 0, 0), width=2)
+        rows.append((tiles, ["original", f"reconstruction, PSNR {psnr_of(original, reconstruction):.1f} dB"]))
+    crop = (slice(None), slice(top, top + size), slice(left, left + size))
+    zoomed = [to_pil(image[crop]).resize((size * zoom_factor, size * zoom_factor), Image.NEAREST)
+              for image in (originals[0], reconstructions[0])]  # fmt: skip
+    rows.append((zoomed, [f"original, detail x{zoom_factor}", f"reconstruction, detail x{zoom_factor}"]))
+
+    header = text_height + gap if caption else 0
+    width = max(sum(tile.width for tile in tiles) + 3 * gap for tiles, _ in rows)
+    height = header + sum(max(tile.height for tile in tiles) + text_height + gap for tiles, _ in rows) + gap
+    figure = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(figure)
+    if caption:
+        draw.text((gap, gap), caption, fill=(0, 0, 0))
+    y = header + gap
+    for tiles, labels in rows:
+        x = gap
+        for tile, label in zip(tiles, labels):
+            draw.text((x, y), label, fill=(0, 0, 0))
+            figure.paste(tile, (x, y + text_height))
+            x += tile.width + gap
+        y += max(tile.height for tile in tiles) + text_height + gap
+    return figure
+
+
+def save_reconstruction_figure(
+    originals: list[torch.Tensor], reconstructions: list[torch.Tensor], path: str | Path, **kwargs
+) -> Path:
+    """Write `reconstruction_figure(originals, reconstructions, **kwargs)` as a PNG."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    reconstruction_figure(originals, reconstructions, **kwargs).save(path)
     return path
 
 

@@ -78,7 +78,8 @@ def test_end_to_end_run_writes_a_loadable_tokenizer_and_logs_every_loss_term(tmp
         assert np.isfinite(saved[key]), key
     assert saved["steps"] == 3 and saved["prototypes"] == 8 and 0 < saved["utilization"] <= 1
     with Image.open(output_dir / "reconstructions.png") as grid:
-        assert grid.size == (2 * 34 + 2, 3 * 34 + 2)  # originals beside reconstructions, one row per image
+        # scikit-learn's two held-out photos (shorter side 256) and a zoomed detail, originals beside reconstructions
+        assert grid.width >= 2 * 384 and grid.height >= 3 * 256
     assert json.loads((output_dir / "training_config.json").read_text())["model_config"]["semantic_dim"] == 32
 
     records = loss_records(output_dir)

@@ -68,7 +68,7 @@ from cdb_tokenizer.evaluation import (
     code_usage_counts,
     evaluate,
     reconstruction_grid,
-    save_reconstruction_grid,
+    save_reconstruction_figure,
     save_usage_plot,
 )
 from cdb_tokenizer.losses import (
@@ -96,20 +96,22 @@ from cdb_tokenizer.teacher import (
 
 logger = get_logger(__name__, log_level="INFO")
 
-# Values that depend on the kind of run. "tiny" is the embedded demo (no data flags): a small tokenizer that trains
-# on a CPU in minutes. "base" is a real run on your data (any data flag): the CDBVQConfig defaults at 256x256.
+# Values that depend on the kind of run. "tiny" is the embedded demo (no data flags): a small f2 tokenizer that trains
+# on a CPU in minutes, chosen by measurement (docs/training.md: f4 cannot reach 24 dB on the held-out crops, small
+# batches with more steps beat large ones at the same CPU time, no discriminator at this length). "base" is a real
+# run on your data (any data flag): the CDBVQConfig defaults at 256x256.
 # Any flag or config-file key given explicitly wins over the preset.
 PRESETS = {
     "tiny": {
         "model": {
-            "base_channels": 16, "channel_multipliers": [1, 2, 2], "num_res_blocks": 1, "use_mid_attention": False,
+            "base_channels": 16, "channel_multipliers": [1, 2], "num_res_blocks": 1, "use_mid_attention": False,
             "norm_num_groups": 8, "latent_dim": 32, "codebook_size": 512, "codebook_dim": 8, "semantic_dim": 64,
             "num_prototypes": 16, "router_dim": 16,
         },
         "training": {
-            "resolution": 64, "train_batch_size": 8, "learning_rate": 3e-4, "lr_warmup_steps": 50,
-            "max_train_steps": 1000, "validation_steps": 250, "checkpointing_steps": 500,
-            "dead_code_restart_steps": 100, "disc_start": 700, "disc_weight": 0.1, "lpips_weight": 0.0, "l2_weight": 1.0,
+            "resolution": 64, "train_batch_size": 4, "learning_rate": 2e-3, "lr_warmup_steps": 50,
+            "max_train_steps": 700, "validation_steps": 350, "checkpointing_steps": 700,
+            "dead_code_restart_steps": 100, "disc_start": 0, "disc_weight": 0.0, "lpips_weight": 0.0, "l2_weight": 1.0,
             "num_validation_images": 32, "random_crop_scale": [0.05, 0.5], "clip_model": "ViT-B-32",
             "output_dir": "outputs/cdb-vq-demo",
         },
@@ -271,10 +273,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = parser.add_argument_group("run")
     run.add_argument("--output_dir", type=str, default=PRESET, help="Where the model, pictures, metrics, checkpoints and logs go.")
+    run.add_argument("--num_threads", type=int, default=None, help="torch's CPU threads per process (default: OMP_NUM_THREADS when set, else the CPU cores that are idle at start, shared among this machine's processes).")
     run.add_argument("--logging_dir", type=str, default="logs", help="Tracker logs, relative to --output_dir.")
     run.add_argument("--report_to", type=str, default="tensorboard", help="Trackers: tensorboard, wandb, all, or none.")
     run.add_argument("--tracker_project_name", type=str, default="cdb-vq", help="Tracker project / run name.")
     run.add_argument("--validation_steps", type=int, default=PRESET, help="Validate every this many steps (and at the end).")
+    run.add_argument("--validation_fid", nargs="?", const="inception", default=None, choices=["inception", "random"], help="Also compute rFID at validation (torchmetrics' FrechetInceptionDistance against the same held-out crops); without the Inception weights one line says so. 'random': a small random feature extractor, to smoke-test the path offline (not comparable).")
+    run.add_argument("--fid_weights", type=str, default=None, help="The FID Inception weights file (default: the torch hub cache, else a download when reachable).")
     run.add_argument("--num_grid_images", type=int, default=8, help="Held-out images in the reconstruction grid.")
     run.add_argument("--checkpointing_steps", type=int, default=PRESET, help="Save an accelerate checkpoint every this many steps.")
     run.add_argument("--checkpoints_total_limit", type=int, default=3, help="Keep at most this many checkpoints.")
@@ -729,10 +734,11 @@ def reconstruct(model: CDBVQModel, pixel_values: torch.Tensor) -> torch.Tensor:
         model.train(was_training)
 
 
-def validate(model: CDBVQModel, validation: torch.Tensor, args, lpips_metric, log: RunLog, step: int, ema=None) -> dict:
+def validate(model: CDBVQModel, validation: torch.Tensor, args, lpips_metric, log: RunLog, step: int, ema=None, fid=None) -> dict:
     """Validation metrics (and a reconstruction grid in the trackers) of the model, with EMA weights if any."""
     with ema.applied(model) if ema is not None else nullcontext():
-        metrics = evaluate(model, validation_batches(validation, args.train_batch_size), lpips=lpips_metric, show_progress=False)
+        metrics = evaluate(model, validation_batches(validation, args.train_batch_size), lpips=lpips_metric,
+                           show_progress=False, fid=fid)  # fmt: skip
         originals = validation[: args.num_grid_images]
         reconstructions = reconstruct(model, originals)
         if args.degradation:
@@ -947,9 +953,50 @@ def main(argv: list[str] | None = None) -> dict:
     return train(parse_args(argv))[1]
 
 
+def process_seconds() -> float | None:
+    """Seconds since this process started (Linux), so the final log line counts the imports too; None elsewhere."""
+    try:
+        with open("/proc/self/stat", encoding="ascii") as handle:
+            start_ticks = int(handle.read().rsplit(")", 1)[1].split()[19])  # field 22, starttime
+        return time.clock_gettime(time.CLOCK_BOOTTIME) - start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+
+
+def default_num_threads() -> int:
+    """CPU threads for torch when neither --num_threads nor OMP_NUM_THREADS says: this process's share of the cores
+    it may run on, less the cores other jobs keep busy now (1-minute load average), and at least one. On a shared
+    machine idle OpenMP threads spin while they wait for a busy core, so more threads than idle cores is slower."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    share = max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+    try:
+        idle = cores - os.getloadavg()[0]
+    except OSError:
+        idle = cores
+    return max(1, min(share, int(idle + 0.5)))
+
+
+def set_num_threads(args: argparse.Namespace) -> int:
+    """Apply --num_threads (else OMP_NUM_THREADS, else `default_num_threads()`) to torch; returns the number."""
+    if args.num_threads is not None:
+        threads = args.num_threads
+    elif os.environ.get("OMP_NUM_THREADS", "").strip().isdigit():
+        threads = int(os.environ["OMP_NUM_THREADS"])
+    else:
+        threads = default_num_threads()
+    threads = max(1, threads)
+    if threads != torch.get_num_threads():
+        torch.set_num_threads(threads)
+    return threads
+
+
 def train(args: argparse.Namespace) -> tuple[CDBVQModel, dict]:
     """Train with parsed arguments; returns this process's (unwrapped) model and the final metrics (main process)."""
     start_time = time.time()
+    threads = set_num_threads(args)
     output_dir = Path(args.output_dir)
     accelerator = Accelerator(
         cpu=_multi_process_without_accelerator(),
@@ -978,6 +1025,7 @@ def train(args: argparse.Namespace) -> tuple[CDBVQModel, dict]:
     if args.lpips_weight > 0:
         lpips_module = load_lpips(args.lpips_network, required=True).to(accelerator.device)
     lpips_metric = lpips_module or _optional_lpips(args.lpips_network, accelerator)
+    fid = _validation_fid(args, accelerator)
 
     train_images, validation = load_data(args, accelerator)
     train_loader, sampler = build_train_loader(args, train_images, accelerator)
@@ -1037,7 +1085,8 @@ def train(args: argparse.Namespace) -> tuple[CDBVQModel, dict]:
         f"Training {sum(p.numel() for p in unwrapped.parameters()) / 1e6:.2f}M parameters ({args.model_preset} preset, "
         f"{unwrapped.config.assignment} assignment, {unwrapped.config.codebook_size} codes) for {args.max_train_steps} "
         f"steps on {accelerator.num_processes} process(es), {args.train_batch_size} images each x "
-        f"{args.gradient_accumulation_steps} accumulation; teacher: {teacher.name if teacher else 'none'}."
+        f"{args.gradient_accumulation_steps} accumulation; teacher: {teacher.name if teacher else 'none'}; "
+        f"{threads} CPU thread(s) per process."
     )
     batches = batch_stream(train_loader, sampler, start_batch=global_step * args.gradient_accumulation_steps)
     progress = tqdm(range(args.max_train_steps), initial=global_step, desc="steps", disable=not accelerator.is_main_process)
@@ -1082,7 +1131,7 @@ def train(args: argparse.Namespace) -> tuple[CDBVQModel, dict]:
         if global_step % args.validation_steps == 0 or global_step == args.max_train_steps:
             # Every process validates on the whole held-out set: torchmetrics syncs its states across processes,
             # so all must take part (and all get the same numbers).
-            metrics = validate(unwrapped, validation, args, lpips_metric, log, global_step, ema)
+            metrics = validate(unwrapped, validation, args, lpips_metric, log, global_step, ema, fid)
             logger.info(f"Step {global_step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
         if global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
             save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit,
@@ -1093,7 +1142,7 @@ def train(args: argparse.Namespace) -> tuple[CDBVQModel, dict]:
     progress.close()
     seconds_per_step = (time.time() - loop_start) / max(1, global_step - first_step)
 
-    metrics = metrics or validate(unwrapped, validation, args, lpips_metric, log, global_step, ema)
+    metrics = metrics or validate(unwrapped, validation, args, lpips_metric, log, global_step, ema, fid)
     skipped_images = len(set().union(*gather_object([sorted(skipped_ids)]))) if accelerator.num_processes > 1 else len(skipped_ids)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -1112,6 +1161,17 @@ def train(args: argparse.Namespace) -> tuple[CDBVQModel, dict]:
         from cdb_tokenizer.publishing import push_to_hub
 
         push_to_hub(str(output_dir), args.hub_model_id or output_dir.name, private=args.hub_private_repo, token=args.hub_token)
+    if accelerator.is_main_process:
+        elapsed = time.time() - start_time
+        if sys.argv and Path(sys.argv[0]).name == "train.py":  # the whole command, imports included
+            elapsed = process_seconds() or elapsed
+        minutes, seconds = divmod(round(elapsed), 60)
+        rfid = f", rFID {metrics['rfid']:.3f}" if "rfid" in metrics else ""
+        logger.info(
+            f"Done in {minutes} min {seconds:02d} s wall time ({global_step} steps, {seconds_per_step:.2f} s/step, "
+            f"{threads} CPU thread(s) per process): held-out PSNR {metrics['psnr']:.2f} dB, SSIM {metrics['ssim']:.3f}"
+            f"{rfid}, {metrics['utilization']:.1%} of {unwrapped.config.codebook_size} codes used. Outputs: {output_dir}"
+        )
     return unwrapped, metrics
 
 
@@ -1144,6 +1204,18 @@ def _optional_lpips(network: str, accelerator: Accelerator):
     if not os.path.isfile(lpips_backbone_file(network)[0]):
         return None
     return load_lpips(network, required=False).to(accelerator.device)
+
+
+def _validation_fid(args, accelerator: Accelerator):
+    """The rFID metric `--validation_fid` asks for, or None (one logged line when the Inception weights are missing)."""
+    if args.validation_fid is None:
+        return None
+    from cdb_tokenizer.evaluation import RandomFeatureExtractor, optional_fid_metric
+
+    if args.validation_fid == "random":
+        logger.info("rFID with a small random feature extractor: a smoke test of the path, not comparable to Inception FIDs.")
+        return optional_fid_metric(device=accelerator.device, feature_extractor=RandomFeatureExtractor())
+    return optional_fid_metric(args.fid_weights, device=accelerator.device)
 
 
 def _nonfinite_anywhere(terms: dict[str, torch.Tensor], accelerator: Accelerator) -> str | None:
@@ -1191,14 +1263,27 @@ def _stop(accelerator: Accelerator, args, reason: str) -> None:
     )
 
 
+def picture_images(args, validation: torch.Tensor, factor: int) -> list[torch.Tensor]:
+    """Held-out images for reconstructions.png: without data flags, scikit-learn's two photos whole (shorter side
+    256, cut to a multiple of the downsampling factor); else the first `--num_grid_images` validation images."""
+    if args.train_data_dir is not None or args.dataset_name is not None:
+        return list(validation[: args.num_grid_images])
+    processor = CDBVQImageProcessor(size={"shortest_edge": 256}, do_center_crop=False)
+    images = [processor(photo, return_tensors="pt").pixel_values[0] for photo in sample_photos("sklearn")]
+    return [image[:, : image.shape[1] // factor * factor, : image.shape[2] // factor * factor] for image in images]
+
+
 def save_outputs(model: CDBVQModel, validation: torch.Tensor, args, metrics: dict, ema: EMAWeights | None) -> None:
     """The final model and processor, metrics.json, reconstructions.png and codebook_usage.png."""
     output_dir = Path(args.output_dir)
     with ema.applied(model) if ema is not None else nullcontext():
         model.save_pretrained(output_dir)
-        originals = validation[: args.num_grid_images]
-        reconstructions = reconstruct(model, originals)
-        save_reconstruction_grid(originals, reconstructions, output_dir / "reconstructions.png")
+        originals = picture_images(args, validation, model.config.downsampling_factor)
+        reconstructions = [reconstruct(model, image[None])[0] for image in originals]
+        caption = (f"held-out: {validation.shape[0]} crops at {args.resolution}x{args.resolution}, PSNR "
+                   f"{metrics.get('psnr', float('nan')):.2f} dB, SSIM {metrics.get('ssim', float('nan')):.3f}; "
+                   f"{model.config.codebook_size} codes, f{model.config.downsampling_factor}, {metrics.get('steps', '?')} steps")  # fmt: skip
+        save_reconstruction_figure(originals, reconstructions, output_dir / "reconstructions.png", caption=caption)
         counts = code_usage_counts(model, validation_batches(validation, args.train_batch_size))
     CDBVQImageProcessor(size={"height": args.resolution, "width": args.resolution}).save_pretrained(output_dir)
     save_usage_plot(counts, output_dir / "codebook_usage.png", code_roles=model.config.code_roles,

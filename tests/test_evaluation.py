@@ -1,0 +1,281 @@
+"""rFID and the other evaluation metrics, offline: a small random feature extractor stands in for Inception."""
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+import cdb_tokenizer.evaluation as evaluation
+from cdb_tokenizer import CDBVQImageProcessor
+from cdb_tokenizer.cli import main as cli_main
+from cdb_tokenizer.data import fixed_crops, sample_photos
+from cdb_tokenizer.evaluation import (
+    FIDUnavailableError,
+    RandomFeatureExtractor,
+    evaluate,
+    fid_metric,
+    load_fid_reference,
+    optional_fid_metric,
+    save_fid_reference,
+)
+from conftest import tiny_model
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+
+class _Output:
+    def __init__(self, reconstruction: torch.Tensor, tokens: torch.Tensor):
+        self.reconstruction, self.image_tokens = reconstruction, tokens
+
+
+class StubTokenizer(nn.Module):
+    """Stands in for a tokenizer whose reconstructions are chosen by the test: `perfect`, `noise` or `blur`."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        self.kind = kind
+        self.scale = nn.Parameter(torch.ones(()))  # evaluate reads the device and dtype from the parameters
+        self.config = type("Config", (), {"codebook_size": 8})()
+
+    def forward(self, pixel_values):
+        if self.kind == "perfect":
+            reconstruction = pixel_values.clone()
+        elif self.kind == "noise":
+            reconstruction = torch.rand(pixel_values.shape, generator=torch.Generator().manual_seed(0)) * 2 - 1
+        else:
+            low = nn.functional.avg_pool2d(pixel_values, 4)
+            reconstruction = nn.functional.interpolate(low, size=pixel_values.shape[-2:], mode="bilinear")
+        tokens = torch.zeros(pixel_values.shape[0], 2, 2, dtype=torch.long)
+        return _Output(reconstruction, tokens)
+
+
+@pytest.fixture(scope="module")
+def held_out() -> torch.Tensor:
+    """24 fixed 32x32 crops of scikit-learn's photos in [-1, 1]."""
+    return fixed_crops(sample_photos("sklearn"), 32, 12, seed=0, crop_scale=(0.05, 0.5))
+
+
+@pytest.fixture
+def no_inception_weights(tmp_path, monkeypatch):
+    """An empty torch hub cache and no network: the Inception weights cannot be had."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    monkeypatch.setattr(evaluation, "reachable", lambda url, timeout=3.0: False)
+
+
+def test_rfid_of_a_set_against_itself_is_zero_and_against_noise_large(held_out):
+    fid = fid_metric(RandomFeatureExtractor())
+    batches = list(held_out.split(8))
+    perfect = evaluate(StubTokenizer("perfect"), batches, fid=fid, show_progress=False)
+    blur = evaluate(StubTokenizer("blur"), batches, fid=fid, show_progress=False)
+    noise = evaluate(StubTokenizer("noise"), batches, fid=fid, show_progress=False)
+    assert abs(perfect["rfid"]) < 1e-4
+    assert noise["rfid"] > 10 * blur["rfid"] > 10 * abs(perfect["rfid"])
+    assert blur["rfid"] > 1e-3
+    # The other metrics come along: a perfect reconstruction has infinite-like PSNR and SSIM 1.
+    assert perfect["psnr"] > 60 and perfect["ssim"] == pytest.approx(1.0, abs=1e-4)
+    assert noise["psnr"] < blur["psnr"] < perfect["psnr"]
+    assert perfect["num_images"] == held_out.shape[0]
+
+
+def test_rfid_is_reset_between_evaluations_and_runs_on_a_real_tokenizer(held_out):
+    model = tiny_model()
+    fid = fid_metric(RandomFeatureExtractor(num_features=32))
+    first = evaluate(model, list(held_out.split(8)), fid=fid, show_progress=False)
+    again = evaluate(model, list(held_out.split(8)), fid=fid, show_progress=False)
+    assert first["rfid"] == pytest.approx(again["rfid"], rel=1e-6)  # states do not pile up across calls
+    assert first["rfid"] > 0 and set(first) >= {"psnr", "ssim", "utilization", "perplexity", "rfid"}
+
+
+def test_saved_reference_statistics_give_the_same_rfid(held_out, tmp_path):
+    fid = fid_metric(RandomFeatureExtractor())
+    batches = list(held_out.split(8))
+    direct = evaluate(StubTokenizer("blur"), batches, fid=fid, show_progress=False)
+    evaluate(StubTokenizer("perfect"), batches, fid=fid, show_progress=False)
+    path = save_fid_reference(fid, tmp_path / "reference.safetensors", description="held-out crops")
+    reference = load_fid_reference(path)
+    assert int(reference["real_features_num_samples"]) == held_out.shape[0]
+    reused = evaluate(StubTokenizer("blur"), batches, fid=fid, fid_reference=reference, show_progress=False)
+    assert reused["rfid"] == pytest.approx(direct["rfid"], rel=1e-6)
+    with pytest.raises(ValueError, match="another one"):
+        evaluate(StubTokenizer("blur"), batches, fid=fid_metric(RandomFeatureExtractor(num_features=16)),
+                 fid_reference=reference, show_progress=False)  # fmt: skip
+
+
+def test_without_inception_weights_fid_says_so_in_one_line_at_once(no_inception_weights, caplog):
+    start = time.monotonic()
+    with pytest.raises(FIDUnavailableError) as error:
+        fid_metric()
+    message = str(error.value)
+    assert "\n" not in message and "torch hub cache" in message and "weights-inception" in message
+    with caplog.at_level(logging.WARNING):
+        assert optional_fid_metric() is None
+    lines = [record.getMessage() for record in caplog.records if "rFID" in record.getMessage()]
+    assert len(lines) == 1 and lines[0].startswith("rFID left out")
+    assert time.monotonic() - start < 5  # no download attempted, nothing waited on
+
+
+def test_without_torch_fidelity_the_message_names_the_package(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch_fidelity", None)
+    with pytest.raises(FIDUnavailableError, match="torch-fidelity"):
+        fid_metric()
+
+
+def test_a_missing_weights_file_is_named(tmp_path):
+    with pytest.raises(FIDUnavailableError, match="does not exist"):
+        fid_metric(weights_path=str(tmp_path / "missing.pth"))
+
+
+@pytest.fixture(scope="module")
+def tokenizer_folder(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("eval")
+    model = tiny_model()
+    model.train()
+    photos = sample_photos("skimage")
+    model(CDBVQImageProcessor(size={"height": 32, "width": 32})(photos[:6], return_tensors="pt").pixel_values)
+    model.eval().save_pretrained(root / "model")
+    CDBVQImageProcessor(size={"height": 32, "width": 32}).save_pretrained(root / "model")
+    (root / "photos").mkdir()
+    for index, photo in enumerate(photos[:5]):
+        photo.save(root / "photos" / f"photo{index}.png")
+    return {"model": root / "model", "photos": root / "photos", "root": root}
+
+
+def _eval(arguments, capsys) -> tuple[dict, list[str], str]:
+    assert cli_main(["eval", *arguments]) == 0
+    captured = capsys.readouterr()
+    lines = captured.out.strip().splitlines()
+    return json.loads(lines[-1]), lines, captured.err
+
+
+def test_cli_eval_fid_with_the_random_extractor_and_a_reference_file(tokenizer_folder, capsys, tmp_path):
+    base = ["--model", str(tokenizer_folder["model"]), "--data", str(tokenizer_folder["photos"]), "--no-lpips"]
+    reference = tmp_path / "reference.safetensors"
+    random_fid = ["--fid", "--fid_feature_extractor", "random", "--fid_reference", str(reference)]
+    metrics, lines, err = _eval(base + random_fid, capsys)
+    assert metrics["rfid"] > 0 and metrics["num_images"] == 5 and metrics["fid_feature_extractor"] == "random"
+    assert any(line.startswith("rFID (random features)") for line in lines) and "not comparable" in err
+    assert reference.is_file()
+    again, _, _ = _eval(base + random_fid, capsys)
+    assert again["rfid"] == pytest.approx(metrics["rfid"], rel=1e-6)
+    plain, _, _ = _eval(base, capsys)
+    assert "rfid" not in plain and plain["psnr"] == pytest.approx(metrics["psnr"], rel=1e-6)
+
+
+def test_cli_eval_without_inception_weights_reports_the_rest(tokenizer_folder, capsys, no_inception_weights):
+    base = ["--model", str(tokenizer_folder["model"]), "--data", str(tokenizer_folder["photos"]), "--no-lpips"]
+    metrics, _, err = _eval(base + ["--fid"], capsys)
+    assert "rfid" not in metrics and metrics["psnr"] > 0 and metrics["num_images"] == 5
+    assert len([line for line in err.splitlines() if "rFID" in line]) == 1
+
+
+def test_cli_eval_resolution_and_the_imagenet_protocol(tokenizer_folder, capsys, no_inception_weights):
+    base = ["--model", str(tokenizer_folder["model"]), "--data", str(tokenizer_folder["photos"]), "--no-lpips"]
+    at_64, _, _ = _eval(base + ["--resolution", "64"], capsys)
+    model = evaluation_model(tokenizer_folder["model"])
+    photos = [Image.open(path) for path in sorted(tokenizer_folder["photos"].glob("*.png"))]
+    pixel_values = CDBVQImageProcessor(size={"height": 64, "width": 64})(photos, return_tensors="pt").pixel_values
+    expected = evaluate(model, [pixel_values], show_progress=False)
+    assert at_64["psnr"] == pytest.approx(expected["psnr"], rel=1e-4)
+    # --protocol imagenet: 256x256 centre crops, rFID asked for (left out here: no weights), a folder keeps its split.
+    protocol, _, err = _eval(base + ["--protocol", "imagenet", "--max_images", "2"], capsys)
+    assert protocol["num_images"] == 2 and "rFID left out" in err
+    assert cli_main(["eval", *base, "--resolution", "30"]) == 1  # not divisible by the downsampling factor (4)
+    assert "not divisible" in capsys.readouterr().err
+
+
+def evaluation_model(folder):
+    from cdb_tokenizer import CDBVQModel
+
+    return CDBVQModel.from_pretrained(folder).eval()
+
+
+def test_train_validation_fid_the_picture_and_the_final_log_line(tmp_path, no_inception_weights, caplog):
+    from test_training import PLAIN_RUN
+
+    from training.train import main
+
+    with caplog.at_level(logging.INFO):
+        metrics = main(PLAIN_RUN + ["--output_dir", str(tmp_path / "run"), "--max_train_steps", "1",
+                                    "--num_validation_images", "4", "--validation_fid", "random"])  # fmt: skip
+    assert metrics["rfid"] > 0 and "psnr" in metrics
+    final = caplog.records[-1].getMessage()
+    assert "Done in " in final and "wall time" in final and f"PSNR {metrics['psnr']:.2f} dB" in final
+    assert f"rFID {metrics['rfid']:.3f}" in final
+    with Image.open(tmp_path / "run" / "reconstructions.png") as picture:  # the demo's two photos, shorter side 256
+        assert picture.width >= 2 * 384 and picture.height >= 3 * 256
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        offline = main(PLAIN_RUN + ["--output_dir", str(tmp_path / "offline"), "--max_train_steps", "1",
+                                    "--num_validation_images", "4", "--validation_fid"])  # fmt: skip
+    assert "rfid" not in offline and "psnr" in offline
+    assert len([r for r in caplog.records if r.getMessage().startswith("rFID left out")]) == 1
+
+
+def test_detail_box_finds_the_textured_window_and_the_figure_has_full_size_tiles():
+    from cdb_tokenizer.evaluation import detail_box, reconstruction_figure
+
+    image = torch.zeros(3, 256, 384)
+    image[:, 160:224, 32:96] = torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    top, left = detail_box((image + 1) / 2, 64)
+    assert abs(top - 160) <= 16 and abs(left - 32) <= 16
+    noisy = (image + 0.1 * torch.randn(image.shape, generator=torch.Generator().manual_seed(1))).clamp(-1, 1)
+    figure = reconstruction_figure([image, image[:, :, :256]], [noisy, noisy[:, :, :256]], zoom_size=64, zoom_factor=4)
+    assert figure.width >= 2 * 384 and figure.height >= 256 + 256 + 4 * 64
+    # The zoomed tiles are the detail window magnified 4x: the original's textured square fills the zoomed tile.
+    pixels = torch.tensor(__import__("numpy").array(figure), dtype=torch.float32)
+    assert pixels.std() > 20
+
+
+def test_thread_count_follows_idle_cores_and_explicit_settings(monkeypatch):
+    import argparse
+
+    import training.train as train_script
+
+    monkeypatch.setattr(train_script.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    for load, expected in ((0.1, 2), (1.3, 1), (6.0, 1)):
+        monkeypatch.setattr(train_script.os, "getloadavg", lambda load=load: (load, load, load))
+        assert train_script.default_num_threads() == expected, load
+    monkeypatch.setattr(train_script.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two processes on this machine share its cores
+    assert train_script.default_num_threads() == 1
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        assert train_script.set_num_threads(argparse.Namespace(num_threads=2)) == 2 == torch.get_num_threads()
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        assert train_script.set_num_threads(argparse.Namespace(num_threads=None)) == 1 == torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_inception_fid_loads_cached_weights_without_network(tmp_path, monkeypatch):
+    """The standard path: torch-fidelity's Inception built from the weights file in the torch hub cache (random
+    weights here, written where the real ones would be), no network attempted."""
+    pytest.importorskip("torch_fidelity")
+    from torch_fidelity import feature_extractor_inceptionv3 as inception_module
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    monkeypatch.setattr(evaluation, "reachable", lambda url, timeout=3.0: pytest.fail("no network check expected"))
+    with monkeypatch.context() as patch:  # build the network once without weights, to write a weights file
+        patch.setattr(inception_module.FeatureExtractorInceptionV3, "load_state_dict", lambda self, state: None)
+        patch.setattr(inception_module.torch, "load", lambda *args, **kwargs: {})
+        network = inception_module.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], "unused")
+    path = Path(evaluation.inception_weights_file())
+    path.parent.mkdir(parents=True)
+    torch.save(network.state_dict(), path)
+
+    fid = fid_metric()
+    images = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    fid.update(images, real=True)
+    fid.update(images, real=False)
+    assert abs(float(fid.compute())) < 1e-2
+    assert fid.real_features_sum.shape == (2048,)  # the 2,048-d pool features of the standard FID
