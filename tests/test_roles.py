@@ -40,6 +40,11 @@ def role_config(weight: float, codebook_size: int = 24) -> CDBVQConfig:
         resolution=SIZE, base_channels=8, channel_multipliers=[1, 2], num_res_blocks=1, use_mid_attention=False,
         norm_num_groups=4, latent_dim=8, codebook_size=codebook_size, codebook_dim=4, semantic_dim=8,
         num_prototypes=4, router_dim=4, code_roles=three_role_ranges(codebook_size), role_supervision_weight=weight,
+        # A gradient codebook: in 60 steps EMA codes (the default) move only once they win tokens, and a range whose
+        # k-means-initialised codes sit far from its content fills too slowly (measured with the defaults: structure
+        # share 0.09-0.61 where this setting reaches 0.80).
+        # It is the setting roles were developed and measured with (benchmarks/roles.py); see docs/router.md.
+        ema_decay=None, router_logit_bound=2.0, balance_weight=0.1,
     )  # fmt: skip
 
 
