@@ -492,7 +492,7 @@ def train_command(args: argparse.Namespace, case: str, data_dir: Path, teacher_c
                   labels_file: Path) -> list[str]:  # fmt: skip
     """The train.py command line of one case, as a user would type it."""
     return [
-        sys.executable, str(REPO_ROOT / "training" / "train.py"),
+        sys.executable, str(REPO_ROOT / "training" / "train.py"), "--overwrite_output_dir",  # each case starts afresh
         "--train_data_dir", str(data_dir), "--model_preset", "tiny", "--resolution", str(args.resolution),
         "--random_crop_scale", "0.8", "1.0",
         "--clip_model", str(teacher_config), "--clip_pretrained", str(teacher_checkpoint),

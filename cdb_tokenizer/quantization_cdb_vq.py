@@ -339,8 +339,10 @@ class CDBVQRouter(nn.Module):
         query = apply_float32_out(self.query, torch.cat([latents, semantic_features], dim=-1))
         keys = self.code_keys.float()[candidates]
         scores = (keys @ query[:, :, None])[..., 0] / math.sqrt(query.shape[-1])
-        similarity = F.normalize(semantic_features, dim=-1) @ F.normalize(prototypes.float(), dim=-1).t()
-        scores = scores + self.semantic_scale * similarity.gather(1, code_to_prototype[candidates])
+        # Only the candidates' prototypes: O(candidates x semantic_dim) per token, not O(num_prototypes x semantic_dim).
+        candidate_prototypes = F.normalize(prototypes.float(), dim=-1)[code_to_prototype[candidates]]
+        similarity = (candidate_prototypes @ F.normalize(semantic_features, dim=-1)[:, :, None])[..., 0]
+        scores = scores + self.semantic_scale * similarity
         if self.logit_bound is not None:
             # A bounded swing lets the router re-rank near-equal codes, never override the transport cost.
             scores = self.logit_bound * torch.tanh(scores / self.logit_bound)
