@@ -1292,9 +1292,10 @@ def save_outputs(model: CDBVQModel, validation: torch.Tensor, args, metrics: dic
         with ema.applied(model) if ema is not None else nullcontext():
             was_training = model.training
             model.eval()
-            role_map = model.role_map(originals.to(device=model.device, dtype=model.dtype)).cpu()
+            role_images = validation[: args.num_grid_images]  # one batch of equal crops (the pictures may differ in size)
+            role_map = model.role_map(role_images.to(device=model.device, dtype=model.dtype)).cpu()
             model.train(was_training)
-        save_role_map(originals, role_map, model.config.role_names, output_dir / "role_map.png")
+        save_role_map(role_images, role_map, model.config.role_names, output_dir / "role_map.png")
     write_json(output_dir / "metrics.json", metrics)
     logger.info(f"Saved the tokenizer, reconstructions.png, codebook_usage.png, {'role_map.png, ' if model.config.code_roles else ''}metrics.json to {output_dir}.")
 
