@@ -13,8 +13,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from cdb_tokenizer import CDBVQImageProcessor, CDBVQModel
-from cdb_tokenizer.cli import main
-from cdb_tokenizer.data import sample_photos
+from cdb_tokenizer.tools.cli import main
+from cdb_tokenizer.tools.data import sample_photos
 from conftest import tiny_model
 
 
@@ -152,8 +152,8 @@ def test_eval_prints_table_and_json_and_skips_unreadable_images(files, tmp_path,
     assert (metrics["num_images"], metrics["unreadable_images"]) == (4, 1)
     assert any(line.startswith("PSNR (dB)") and f"{metrics['psnr']:.2f}" in line for line in lines)
 
-    # The same numbers as cdb_tokenizer.evaluation.evaluate on the readable photos.
-    from cdb_tokenizer.evaluation import evaluate
+    # The same numbers as cdb_tokenizer.tools.evaluation.evaluate on the readable photos.
+    from cdb_tokenizer.tools.evaluation import evaluate
 
     processor = CDBVQImageProcessor(size={"height": 32, "width": 32})
     paths = sorted(data.glob("*.png")) + sorted(data.glob("*.jpg"))

@@ -41,7 +41,7 @@ from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
 from tqdm.auto import tqdm
 
 from cdb_tokenizer import CDBVQConfig, CDBVQImageProcessor, CDBVQModel
-from cdb_tokenizer.checkpoints import (
+from cdb_tokenizer.tools.checkpoints import (
     CheckpointError,
     checkpoint_dirs,
     checkpoint_step,
@@ -50,7 +50,7 @@ from cdb_tokenizer.checkpoints import (
     load_custom_state,
     save_checkpoint,
 )
-from cdb_tokenizer.data import (
+from cdb_tokenizer.tools.data import (
     EpochSampler,
     SplitNotFoundError,
     StreamingTrainImages,
@@ -63,15 +63,15 @@ from cdb_tokenizer.data import (
     sample_photos,
     train_transform,
 )
-from cdb_tokenizer.degradations import canonical_spec, degrade
-from cdb_tokenizer.evaluation import (
+from cdb_tokenizer.tools.degradations import canonical_spec, degrade
+from cdb_tokenizer.tools.evaluation import (
     code_usage_counts,
     evaluate,
     reconstruction_grid,
     save_reconstruction_figure,
     save_usage_plot,
 )
-from cdb_tokenizer.losses import (
+from cdb_tokenizer.tools.losses import (
     LPIPSUnavailableError,
     PatchDiscriminator,
     TokenizerLoss,
@@ -81,9 +81,9 @@ from cdb_tokenizer.losses import (
     lpips_backbone_file,
 )
 from cdb_tokenizer.quantization_cdb_vq import nearest_codes
-from cdb_tokenizer.redaction import redact_secrets
-from cdb_tokenizer.roles import role_map_figure, save_role_map, three_role_ranges
-from cdb_tokenizer.teacher import (
+from cdb_tokenizer.tools.redaction import redact_secrets
+from cdb_tokenizer.tools.roles import role_map_figure, save_role_map, three_role_ranges
+from cdb_tokenizer.tools.teacher import (
     DEFAULT_TEMPLATE,
     kmeans_prototypes,
     load_clip_teacher,
@@ -327,7 +327,7 @@ def _check_validation_can_run(args: argparse.Namespace) -> None:
     factor = CDBVQConfig(**args.model_config_dict).downsampling_factor
     if args.resolution % factor:
         raise ValueError(f"--resolution {args.resolution} is not a multiple of the model's downsampling factor {factor}.")
-    from cdb_tokenizer.evaluation import check_image_size
+    from cdb_tokenizer.tools.evaluation import check_image_size
 
     check_image_size(args.resolution, args.resolution, name="--resolution")
 
@@ -1158,7 +1158,7 @@ def train(args: argparse.Namespace) -> tuple[CDBVQModel, dict]:
     accelerator.wait_for_everyone()
     accelerator.end_training()
     if args.push_to_hub and accelerator.is_main_process:
-        from cdb_tokenizer.publishing import push_to_hub
+        from cdb_tokenizer.tools.publishing import push_to_hub
 
         push_to_hub(str(output_dir), args.hub_model_id or output_dir.name, private=args.hub_private_repo, token=args.hub_token)
     if accelerator.is_main_process:
@@ -1210,7 +1210,7 @@ def _validation_fid(args, accelerator: Accelerator):
     """The rFID metric `--validation_fid` asks for, or None (one logged line when the Inception weights are missing)."""
     if args.validation_fid is None:
         return None
-    from cdb_tokenizer.evaluation import RandomFeatureExtractor, optional_fid_metric
+    from cdb_tokenizer.tools.evaluation import RandomFeatureExtractor, optional_fid_metric
 
     if args.validation_fid == "random":
         logger.info("rFID with a small random feature extractor: a smoke test of the path, not comparable to Inception FIDs.")

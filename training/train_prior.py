@@ -1,10 +1,10 @@
 #!/usr/bin/env python
 """Train a transformer prior (a transformers causal LM) over cdb-vq image tokens.
 
-Sequences are `BOS [class] image tokens EOS` (see `cdb_tokenizer.priors.PriorVocabulary`); class-conditional
+Sequences are `BOS [class] image tokens EOS` (see `cdb_tokenizer.tools.priors.PriorVocabulary`); class-conditional
 priors are trained with label dropout so that they can sample with classifier-free guidance.
 
-Data: a tokenised data set saved with `save_to_disk` (`cdb-vq tokenize` or `cdb_tokenizer.priors.tokenize_dataset`)
+Data: a tokenised data set saved with `save_to_disk` (`cdb-vq tokenize` or `cdb_tokenizer.tools.priors.tokenize_dataset`)
 given by `--tokens_dir`, or, with no data flag, the embedded default: random crops of the scikit-image photos, one
 class per photo, tokenised on the fly with `--tokenizer`.
 
@@ -33,8 +33,8 @@ from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from cdb_tokenizer.checkpoints import complete_checkpoints, save_checkpoint
-from cdb_tokenizer.priors import (
+from cdb_tokenizer.tools.checkpoints import complete_checkpoints, save_checkpoint
+from cdb_tokenizer.tools.priors import (
     ARCHITECTURES,
     PriorCollator,
     PriorVocabulary,
@@ -170,7 +170,7 @@ def load_token_splits(args: argparse.Namespace, accelerator: Accelerator, tokeni
     if "image_tokens" not in train.column_names:
         raise ValueError(
             f"--tokens_dir holds columns {train.column_names}, not image_tokens: tokenise images first "
-            f"(`cdb-vq tokenize` or cdb_tokenizer.priors.tokenize_dataset)."
+            f"(`cdb-vq tokenize` or cdb_tokenizer.tools.priors.tokenize_dataset)."
         )
     if validation is None:
         if len(train) < 2:

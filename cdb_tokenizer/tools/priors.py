@@ -10,7 +10,7 @@ is the one place that knows that layout. Training-only (datasets): never importe
 Example:
 
 ```python
->>> from cdb_tokenizer.priors import load_prior, load_tokenizer, sample_images
+>>> from cdb_tokenizer.tools.priors import load_prior, load_tokenizer, sample_images
 >>> prior, vocabulary, prior_config = load_prior("outputs/prior")
 >>> tokenizer, processor = load_tokenizer(prior_config["tokenizer"])
 >>> images = sample_images(prior, tokenizer, vocabulary, num_images=8, class_labels=3, guidance_scale=3.0, seed=0)
@@ -208,8 +208,8 @@ def load_tokenizer(
     Without a saved image processor, a `CDBVQImageProcessor` at the model's `config.resolution` is used.
     Extra keyword arguments (e.g. `revision`) go to `from_pretrained`.
     """
-    from .image_processing_cdb_vq import CDBVQImageProcessor
-    from .modeling_cdb_vq import CDBVQModel
+    from ..image_processing_cdb_vq import CDBVQImageProcessor
+    from ..modeling_cdb_vq import CDBVQModel
 
     # Only the caller's own `trust_remote_code` is passed on (never a literal True).
     model_class = AutoModel if trust_remote_code else CDBVQModel
@@ -262,7 +262,7 @@ def tokenize_dataset(
     Map an image data set to token sequences for a prior, with `Dataset.map(batched=True)`.
 
     Args:
-        dataset (`datasets.Dataset`): Images in `image_column`: anything `cdb_tokenizer.data.decode_image` reads
+        dataset (`datasets.Dataset`): Images in `image_column`: anything `cdb_tokenizer.tools.data.decode_image` reads
             (PIL images, arrays, undecoded `{"bytes", "path"}` values as `load_image_dataset` gives, paths).
             Unreadable images are skipped with a warning.
         model (`CDBVQModel`): The tokenizer; its `get_image_tokens` gives raster-order code ids.
