@@ -23,14 +23,13 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import logging
 import math
 import os
 import shutil
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,16 +37,14 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, gather_object, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, gather_object, set_seed
 from tqdm.auto import tqdm
 
 from cdb_tokenizer import CDBVQConfig, CDBVQImageProcessor, CDBVQModel
 from cdb_tokenizer.tools.checkpoints import (
     CheckpointError,
-    checkpoint_dirs,
     checkpoint_step,
     complete_checkpoints,
-    incomplete_reason,
     load_custom_state,
     save_checkpoint,
 )
@@ -84,6 +81,7 @@ from cdb_tokenizer.tools.losses import (
 from cdb_tokenizer.quantization_cdb_vq import nearest_codes
 from cdb_tokenizer.tools.redaction import redact_secrets
 from cdb_tokenizer.tools.roles import role_map_figure, save_role_map
+from cdb_tokenizer.tools.runs import EMAWeights, RunLog, find_checkpoint, make_accelerator
 from cdb_tokenizer.tools.train_args import parse_args
 from cdb_tokenizer.tools.teacher import (
     kmeans_prototypes,
@@ -322,108 +320,8 @@ def _tie_codes_to_prototypes(model: CDBVQModel, latents: torch.Tensor, features:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# EMA of the weights
-# ----------------------------------------------------------------------------------------------------------------
-
-
-class EMAWeights:
-    """An exponential moving average of a model's trainable parameters (checkpointed with accelerate)."""
-
-    def __init__(self, model: torch.nn.Module, decay: float):
-        self.decay = decay
-        self.shadow = {name: p.detach().float().clone() for name, p in model.named_parameters() if p.requires_grad}
-
-    @torch.no_grad()
-    def update(self, model: torch.nn.Module) -> None:
-        for name, parameter in model.named_parameters():
-            if name in self.shadow:
-                self.shadow[name].lerp_(parameter.detach().float(), 1.0 - self.decay)
-
-    @torch.no_grad()
-    def copy_rows(self, model: torch.nn.Module, name: str, rows: torch.Tensor) -> None:
-        """Take rows of a parameter as they are now (e.g. restarted codes, which an average would blur)."""
-        if name in self.shadow:
-            self.shadow[name][rows] = dict(model.named_parameters())[name].detach().float()[rows]
-
-    @contextmanager
-    def applied(self, model: torch.nn.Module):
-        """Swap the averaged weights into `model` for the duration of the block."""
-        parameters = dict(model.named_parameters())
-        saved = {name: parameters[name].detach().clone() for name in self.shadow}
-        with torch.no_grad():
-            for name, value in self.shadow.items():
-                parameters[name].copy_(value)
-        try:
-            yield model
-        finally:
-            with torch.no_grad():
-                for name, value in saved.items():
-                    parameters[name].copy_(value)
-
-    # Checkpointed as safetensors (`ema/<parameter>`) and the decay in the checkpoint's JSON state, never pickled.
-    def to_tensors(self) -> dict[str, torch.Tensor]:
-        return {f"ema/{name}": value for name, value in self.shadow.items()}
-
-    def load_tensors(self, tensors: dict[str, torch.Tensor], state: dict, source: str | None = None) -> None:
-        """Restore the average from a checkpoint; a missing or mismatched tensor is a clear CheckpointError."""
-        for name, value in self.shadow.items():
-            saved = tensors.get(f"ema/{name}")
-            if saved is None or saved.shape != value.shape:
-                what = "has no" if saved is None else f"has a {tuple(saved.shape)} (not {tuple(value.shape)})"
-                raise CheckpointError(
-                    f"the checkpoint ({source}) {what} EMA weight for {name}: it was written without --use_ema or by "
-                    f"a run with another model configuration."
-                )
-            value.copy_(saved.to(device=value.device, dtype=value.dtype))
-        if state.get("ema_weights_decay") is not None:
-            self.decay = float(state["ema_weights_decay"])
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # Logging, validation, checkpoints
 # ----------------------------------------------------------------------------------------------------------------
-
-
-class RunLog:
-    """Sends scalars to the accelerate trackers and appends them to `logs/train_log.jsonl` (main process)."""
-
-    def __init__(self, accelerator: Accelerator, path: Path):
-        self.accelerator = accelerator
-        self.path = path
-
-    def __call__(self, values: dict[str, float], step: int) -> None:
-        values = {key: float(value) for key, value in values.items()}
-        self.accelerator.log(values, step=step)
-        if self.accelerator.is_main_process:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.path, "a", encoding="utf-8") as handle:
-                handle.write(json.dumps({"step": step, **values}) + "\n")
-
-    def truncate_after(self, step: int) -> None:
-        """Drop the records of steps after `step` (a resumed run trains them again) and any half-written line."""
-        if not self.path.is_file():
-            return
-        kept = []
-        for line in self.path.read_text(encoding="utf-8").splitlines():
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(record, dict) and int(record.get("step", 0)) <= step:
-                kept.append(line)
-        temporary = self.path.with_name(self.path.name + ".tmp")
-        temporary.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-        os.replace(temporary, self.path)
-
-    def image(self, name: str, image: torch.Tensor, step: int) -> None:
-        """Log a (3, H, W) image in [0, 1] to the trackers that take images."""
-        for tracker in self.accelerator.trackers:
-            if tracker.name == "tensorboard":
-                tracker.writer.add_image(name, image, step)
-            elif tracker.name == "wandb":
-                import wandb
-
-                tracker.log({name: wandb.Image(image.permute(1, 2, 0).numpy())}, step=step)
 
 
 def validation_batches(pixel_values: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
@@ -494,29 +392,9 @@ def resume(accelerator: Accelerator, args) -> tuple[int, dict[str, torch.Tensor]
     `latest` is the newest *complete* checkpoint (one whose manifest matches its files); incomplete ones (a run
     killed while writing) are skipped and named. Returns (0, {}, {}) when there is nothing to resume.
     """
-    if args.resume_from_checkpoint is None:
+    path = find_checkpoint(args.resume_from_checkpoint, args.output_dir)
+    if path is None:
         return 0, {}, {}
-    if args.resume_from_checkpoint == "latest":
-        complete, incomplete = complete_checkpoints(args.output_dir)
-        for path, reason in incomplete:
-            logger.warning(f"Skipping the incomplete checkpoint {path}: {reason}.")
-        if not complete and incomplete:
-            raise CheckpointError(
-                f"--resume_from_checkpoint latest: {args.output_dir}/checkpoints holds no complete checkpoint, only "
-                f"incomplete ones ({', '.join(f'{path.name}: {reason}' for path, reason in incomplete)}). Pass "
-                f"--overwrite_output_dir to start over."
-            )
-        if not complete:
-            logger.info(f"No checkpoint in {args.output_dir}/checkpoints: starting a new run.")
-            return 0, {}, {}
-        path = complete[-1]
-    else:
-        path = Path(args.resume_from_checkpoint)
-        if not path.is_dir():
-            raise FileNotFoundError(f"--resume_from_checkpoint {str(path)!r} is not a checkpoint folder.")
-        reason = incomplete_reason(path)
-        if reason is not None:
-            raise CheckpointError(f"--resume_from_checkpoint {str(path)!r} is not a complete checkpoint: {reason}.")
     tensors, state = load_custom_state(path)  # safetensors and JSON: nothing is unpickled
     try:
         # accelerate reads the optimiser, scheduler and RNG states with torch.load(weights_only=True).
@@ -705,18 +583,7 @@ def train(args: argparse.Namespace) -> tuple[CDBVQModel, dict]:
     start_time = time.time()
     threads = set_num_threads(args)
     output_dir = Path(args.output_dir)
-    accelerator = Accelerator(
-        cpu=_multi_process_without_accelerator(),
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=args.mixed_precision,
-        log_with=None if args.report_to == "none" else args.report_to,
-        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)),
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
-    )
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    logging.getLogger().setLevel(logging.INFO if accelerator.is_main_process else logging.ERROR)
-    for noisy in ("httpx", "huggingface_hub", "datasets", "PIL", "accelerate.checkpointing", "accelerate.accelerator"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    accelerator = make_accelerator(args, output_dir, kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
     set_seed(args.seed)
@@ -880,15 +747,6 @@ def train(args: argparse.Namespace) -> tuple[CDBVQModel, dict]:
             f"{rfid}, {metrics['utilization']:.1%} of {unwrapped.config.codebook_size} codes used. Outputs: {output_dir}"
         )
     return unwrapped, metrics
-
-
-def _multi_process_without_accelerator() -> bool:
-    """Several processes (torchrun / accelerate launch) on a machine with no GPU: accelerate then needs `cpu=True`
-    to set up its gloo process group instead of running each process alone."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return False
-    has_accelerator = getattr(torch, "accelerator", None)
-    return not (has_accelerator.is_available() if has_accelerator is not None else torch.cuda.is_available())
 
 
 def _adamw(args, parameters, learning_rate: float) -> torch.optim.Optimizer:
