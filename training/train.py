@@ -34,7 +34,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import DistributedDataParallelKwargs, gather_object, set_seed
@@ -78,7 +77,6 @@ from cdb_tokenizer.tools.losses import (
     load_lpips,
     lpips_backbone_file,
 )
-from cdb_tokenizer.quantization_cdb_vq import nearest_codes
 from cdb_tokenizer.tools.redaction import redact_secrets
 from cdb_tokenizer.tools.roles import role_map_figure, save_role_map
 from cdb_tokenizer.tools.runs import EMAWeights, RunLog, find_checkpoint, make_accelerator
@@ -305,18 +303,8 @@ def initialize_codebook(args, model: CDBVQModel, batches, accelerator: Accelerat
     model.quantizer.initialize_codebook(latents, iterations=args.kmeans_init_iterations, seed=args.seed)
     logger.info(f"Initialised the codebook by k-means of {latents.shape[0] * accelerator.num_processes} latents ({num_batches} batches per process).")
     if use_prototypes:
-        _tie_codes_to_prototypes(model, latents, torch.cat(features), accelerator)
-
-
-def _tie_codes_to_prototypes(model: CDBVQModel, latents: torch.Tensor, features: torch.Tensor, accelerator) -> None:
-    quantizer = model.quantizer
-    indices = nearest_codes(quantizer.prepare_latents(latents), quantizer.codes(), model.config.assignment_chunk_size)
-    sums = torch.zeros(model.config.codebook_size, features.shape[1], device=features.device)
-    sums.index_add_(0, indices, F.normalize(features, dim=-1))
-    sums = accelerator.reduce(sums, reduction="sum")
-    similarity = F.normalize(sums, dim=-1) @ F.normalize(quantizer.prototypes.float(), dim=-1).t()
-    code_to_prototype = torch.where(sums.abs().sum(-1) > 0, similarity.argmax(-1), quantizer.code_to_prototype)
-    model.set_prototypes(quantizer.prototypes.clone(), model.config.prototype_labels, code_to_prototype)
+        code_to_prototype = model.quantizer.tie_codes_to_prototypes(latents, torch.cat(features))
+        model.set_prototypes(model.quantizer.prototypes.clone(), model.config.prototype_labels, code_to_prototype)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -461,11 +449,6 @@ def hparams(args: argparse.Namespace) -> dict:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def quantizer_state(model: CDBVQModel) -> dict[str, torch.Tensor]:
-    """A copy of the quantizer's buffers and codebook, to undo a step whose loss was not finite."""
-    return {name: value.detach().clone() for name, value in model.quantizer.state_dict().items()}
-
-
 @dataclass
 class TrainingParts:
     """What one training step works with (models as prepared by accelerate, and their plain modules)."""
@@ -503,7 +486,7 @@ def training_step(parts: TrainingParts, pixel_values: torch.Tensor, step: int, a
     if args.degradation:  # restoration: the encoder sees the degraded image, the loss targets the clean one
         seed = degradation_seed(args, step, micro_batch, accelerator.process_index)
         inputs = degrade(pixel_values, args.degradation, seed=seed)
-    snapshot = quantizer_state(parts.unwrapped)
+    snapshot = parts.unwrapped.quantizer.snapshot()
     adversarial = parts.discriminator is not None and loss_module.adversarial_active(step)
     with accelerator.accumulate(*[m for m in (parts.model, parts.discriminator) if m is not None]):
         with accelerator.autocast():
@@ -521,7 +504,7 @@ def training_step(parts: TrainingParts, pixel_values: torch.Tensor, step: int, a
         if disc_loss is not None:
             accelerator.backward(disc_loss)
         if bad_term:
-            parts.unwrapped.quantizer.load_state_dict(snapshot)
+            parts.unwrapped.quantizer.restore(snapshot)
         if accelerator.sync_gradients:
             bad_term = bad_term or _step(args, accelerator, parts, adversarial)
             parts.scheduler.step()
