@@ -3,6 +3,7 @@
 import json
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -271,3 +272,13 @@ def test_usage_errors_exit_non_zero(capsys):
         main(["encode", "photo.png"])  # --model and --out missing
     assert exit_info.value.code == 2
     assert "--model" in capsys.readouterr().err
+
+
+def test_loading_a_tokenizer_imports_no_prior_code(files):
+    code = (
+        "import sys; from cdb_tokenizer.tools.cli import main; "
+        f"assert main(['inspect', '--model', {str(files['model'])!r}]) == 0; "
+        "assert not [m for m in sys.modules if m.startswith('cdb_tokenizer.tools.priors')], 'prior code was imported'"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]

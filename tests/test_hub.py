@@ -151,5 +151,5 @@ def test_package_root_holds_only_remote_code():
     """The boundary is visible in the tree: training-side modules live in cdb_tokenizer/tools/, not beside these."""
     root = {path.name for path in PACKAGE_DIR.glob("*.py")}
     assert root == set(REMOTE_CODE_FILES) | {"__init__.py", "cli.py"}, root
-    tools = {path.stem for path in (PACKAGE_DIR / "tools").glob("*.py")}
+    tools = {path.stem for path in (PACKAGE_DIR / "tools").iterdir() if path.suffix == ".py" or (path / "__init__.py").is_file()}
     assert {"data", "teacher", "losses", "evaluation", "publishing", "priors", "cli", "checkpoints"} <= tools

@@ -136,16 +136,16 @@ def test_token_file_metadata_never_runs_the_code_of_the_folder_it_names(root, tm
 
 
 def test_trust_remote_code_is_passed_on_only_when_the_user_gives_it(root, monkeypatch, capsys):
-    import cdb_tokenizer.tools.priors as priors
+    import cdb_tokenizer.tools.loading as loading
 
     seen = []
-    real = priors.load_tokenizer
+    real = loading.load_tokenizer
 
     def load_tokenizer(name, trust_remote_code=False, **kwargs):
         seen.append(trust_remote_code)
         return real(name, trust_remote_code=trust_remote_code, **kwargs)
 
-    monkeypatch.setattr(priors, "load_tokenizer", load_tokenizer)
+    monkeypatch.setattr(loading, "load_tokenizer", load_tokenizer)
     assert main(["inspect", "--model", str(root / "model")]) == 0
     assert main(["inspect", "--model", str(root / "model"), "--trust-remote-code"]) == 0
     assert seen == [False, True]

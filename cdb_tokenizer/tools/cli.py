@@ -86,7 +86,7 @@ def load_model(name_or_path: str, device: str | None = None, dtype: str = "float
     from huggingface_hub.errors import HFValidationError
     from huggingface_hub.utils import validate_repo_id
 
-    from .priors import load_tokenizer
+    from .loading import load_tokenizer
 
     device = resolve_device(device)
     path = Path(name_or_path).expanduser()
