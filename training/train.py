@@ -594,26 +594,8 @@ def train(args: argparse.Namespace) -> tuple[CDBVQModel, dict]:
     if accelerator.is_main_process:
         write_json(output_dir / "training_config.json", redact_secrets({**vars(args), "model_config": model.config.to_dict()}))
 
-    loss_module = TokenizerLoss(
-        l1_weight=args.l1_weight, l2_weight=args.l2_weight, lpips_weight=args.lpips_weight, lpips=lpips_module,
-        disc_weight=args.disc_weight, disc_start=args.disc_start, disc_loss=args.disc_loss,
-        adaptive_disc_weight=args.adaptive_disc_weight, high_frequency_weight=args.high_frequency_weight,
-    )  # fmt: skip
-    learning_rate = args.learning_rate
-    if args.scale_lr:
-        learning_rate *= args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
-    optimizer = _adamw(args, [p for p in model.parameters() if p.requires_grad], learning_rate)
-    scheduler = _scheduler(args, optimizer, accelerator)
-    discriminator = disc_optimizer = disc_scheduler = None
-    if args.disc_weight > 0:
-        discriminator = PatchDiscriminator(model.config.num_channels, args.disc_base_channels, args.disc_num_layers)
-        disc_optimizer = _adamw(args, discriminator.parameters(), args.disc_learning_rate or learning_rate)
-        disc_scheduler = _scheduler(args, disc_optimizer, accelerator)
-        model, discriminator, optimizer, disc_optimizer, scheduler, disc_scheduler = accelerator.prepare(
-            model, discriminator, optimizer, disc_optimizer, scheduler, disc_scheduler
-        )
-    else:
-        model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    loss_module = build_loss(args, lpips_module)
+    model, discriminator, optimizer, disc_optimizer, scheduler, disc_scheduler = build_optimizers(args, model, accelerator)
     unwrapped = accelerator.unwrap_model(model)
     plain_discriminator = accelerator.unwrap_model(discriminator) if discriminator is not None else None
     ema = EMAWeights(unwrapped, args.ema_weights_decay) if args.use_ema else None
@@ -719,17 +701,49 @@ def train(args: argparse.Namespace) -> tuple[CDBVQModel, dict]:
 
         push_to_hub(str(output_dir), args.hub_model_id or output_dir.name, private=args.hub_private_repo, token=args.hub_token)
     if accelerator.is_main_process:
-        elapsed = time.time() - start_time
-        if sys.argv and Path(sys.argv[0]).name == "train.py":  # the whole command, imports included
-            elapsed = process_seconds() or elapsed
-        minutes, seconds = divmod(round(elapsed), 60)
-        rfid = f", rFID {metrics['rfid']:.3f}" if "rfid" in metrics else ""
-        logger.info(
-            f"Done in {minutes} min {seconds:02d} s wall time ({global_step} steps, {seconds_per_step:.2f} s/step, "
-            f"{threads} CPU thread(s) per process): held-out PSNR {metrics['psnr']:.2f} dB, SSIM {metrics['ssim']:.3f}"
-            f"{rfid}, {metrics['utilization']:.1%} of {unwrapped.config.codebook_size} codes used. Outputs: {output_dir}"
-        )
+        log_done(start_time, global_step, seconds_per_step, threads, metrics, unwrapped.config.codebook_size, output_dir)
     return unwrapped, metrics
+
+
+def build_loss(args, lpips_module) -> TokenizerLoss:
+    """The pixel-space losses of the run (the quantizer and semantic terms come with the model's output)."""
+    return TokenizerLoss(
+        l1_weight=args.l1_weight, l2_weight=args.l2_weight, lpips_weight=args.lpips_weight, lpips=lpips_module,
+        disc_weight=args.disc_weight, disc_start=args.disc_start, disc_loss=args.disc_loss,
+        adaptive_disc_weight=args.adaptive_disc_weight, high_frequency_weight=args.high_frequency_weight,
+    )  # fmt: skip
+
+
+def build_optimizers(args, model: CDBVQModel, accelerator: Accelerator) -> tuple:
+    """AdamW and the learning-rate schedule of the model and, with --disc_weight, of a PatchGAN discriminator, all
+    prepared by accelerate: (model, discriminator, optimizer, disc_optimizer, scheduler, disc_scheduler)."""
+    learning_rate = args.learning_rate
+    if args.scale_lr:
+        learning_rate *= args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
+    optimizer = _adamw(args, [p for p in model.parameters() if p.requires_grad], learning_rate)
+    scheduler = _scheduler(args, optimizer, accelerator)
+    if args.disc_weight <= 0:
+        model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+        return model, None, optimizer, None, scheduler, None
+    discriminator = PatchDiscriminator(model.config.num_channels, args.disc_base_channels, args.disc_num_layers)
+    disc_optimizer = _adamw(args, discriminator.parameters(), args.disc_learning_rate or learning_rate)
+    disc_scheduler = _scheduler(args, disc_optimizer, accelerator)
+    return accelerator.prepare(model, discriminator, optimizer, disc_optimizer, scheduler, disc_scheduler)
+
+
+def log_done(start_time: float, steps: int, seconds_per_step: float, threads: int, metrics: dict, codebook_size: int,
+             output_dir: Path) -> None:
+    """The run's last line: time, speed and the held-out numbers."""
+    elapsed = time.time() - start_time
+    if sys.argv and Path(sys.argv[0]).name == "train.py":  # the whole command, imports included
+        elapsed = process_seconds() or elapsed
+    minutes, seconds = divmod(round(elapsed), 60)
+    rfid = f", rFID {metrics['rfid']:.3f}" if "rfid" in metrics else ""
+    logger.info(
+        f"Done in {minutes} min {seconds:02d} s wall time ({steps} steps, {seconds_per_step:.2f} s/step, "
+        f"{threads} CPU thread(s) per process): held-out PSNR {metrics['psnr']:.2f} dB, SSIM {metrics['ssim']:.3f}"
+        f"{rfid}, {metrics['utilization']:.1%} of {codebook_size} codes used. Outputs: {output_dir}"
+    )
 
 
 def _adamw(args, parameters, learning_rate: float) -> torch.optim.Optimizer:
