@@ -41,13 +41,14 @@ def test_wheel_install_stages_a_model_card(tmp_path):
     shutil.copytree(REPO / "cdb_tokenizer", source / "cdb_tokenizer", ignore=shutil.ignore_patterns("__pycache__"))
     env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
     env["PIP_DISABLE_PIP_VERSION_CHECK"] = "1"
-    pip = [sys.executable, "-m", "pip", "--no-input", "--quiet"]
+
+    def pip(*arguments: str) -> None:
+        result = subprocess.run([sys.executable, "-m", "pip", "--no-input", "--quiet", *arguments],
+                                capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)  # fmt: skip
+        assert result.returncode == 0, result.stderr[-3000:]
+
     wheels = tmp_path / "wheels"
-    build = subprocess.run(
-        pip + ["wheel", "--no-deps", "--no-build-isolation", "-w", str(wheels), str(source)],
-        capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path,
-    )  # fmt: skip
-    assert build.returncode == 0, build.stderr[-3000:]
+    pip("wheel", "--no-deps", "--no-build-isolation", "-w", str(wheels), str(source))
     (wheel,) = wheels.glob("cdb_tokenizer-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     assert "cdb_tokenizer/tools/templates/cdb_vq_model_card.md" in names
@@ -55,11 +56,7 @@ def test_wheel_install_stages_a_model_card(tmp_path):
     assert not any(name.startswith(("tests/", "training/", "benchmarks/")) for name in names)
 
     target = tmp_path / "site"
-    install = subprocess.run(
-        pip + ["install", "--no-deps", "--no-index", "--target", str(target), str(wheel)],
-        capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path,
-    )  # fmt: skip
-    assert install.returncode == 0, install.stderr[-3000:]
+    pip("install", "--no-deps", "--no-index", "--target", str(target), str(wheel))
 
     work = tmp_path / "work"
     work.mkdir()
