@@ -286,3 +286,14 @@ def test_unknown_config_file_keys_are_rejected(tmp_path, capsys):
     with pytest.raises(SystemExit):
         parse_args(["--config", str(config)])
     assert "learning_rat" in capsys.readouterr().err
+
+
+def test_training_leaves_the_parsed_arguments_as_they_were(tmp_path):
+    """args are read, never rewritten: the epoch-derived step count and skipped images go to training_config.json."""
+    args = parse_args(PLAIN_RUN + ["--num_train_epochs", "1", "--validation_steps", "1000", "--checkpointing_steps", "1000",
+                                   "--output_dir", str(tmp_path)])  # fmt: skip
+    before = dict(vars(args))
+    train_script.train(args)
+    assert vars(args) == before and args.max_train_steps is None
+    recorded = json.loads((tmp_path / "training_config.json").read_text())
+    assert recorded["max_train_steps"] > 0 and recorded["skipped_validation_images"] == 0

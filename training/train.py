@@ -114,14 +114,14 @@ RUN_FILES = RUN_MARKERS + ("reconstructions.png", "codebook_usage.png", "prototy
 
 
 def load_data(args: argparse.Namespace, accelerator: Accelerator):
-    """The training images (a map-style source or a stream) and the held-out validation pixel values (N, 3, R, R)."""
+    """The training images (a map-style source or a stream), the held-out validation pixel values (N, 3, R, R) and
+    how many validation images could not be read."""
     if args.train_data_dir is None and args.dataset_name is None:
         logger.info("No data flags: training on crops of scikit-image's photos, validating on scikit-learn's.")
         crops_per_photo = math.ceil(args.num_validation_images / 2)
         validation = fixed_crops(sample_photos("sklearn"), args.resolution, crops_per_photo, seed=args.seed,
                                  crop_scale=tuple(args.random_crop_scale))[: args.num_validation_images]  # fmt: skip
-        args.skipped_validation_images = 0
-        return sample_photos("skimage"), validation
+        return sample_photos("skimage"), validation, 0
     source = {
         "train_data_dir": args.train_data_dir, "dataset_name": args.dataset_name,
         "dataset_config_name": args.dataset_config_name, "image_column": args.image_column,
@@ -140,7 +140,7 @@ def load_data(args: argparse.Namespace, accelerator: Accelerator):
             train, validation = held_out["train"], held_out["test"]
     if args.max_train_samples is not None:
         train = train.take(args.max_train_samples) if args.streaming else train.select(range(min(args.max_train_samples, len(train))))
-    return train, _validation_pixels(args, validation)
+    return train, *_validation_pixels(args, validation)
 
 
 def _validation_split(args: argparse.Namespace, source: dict):
@@ -154,7 +154,7 @@ def _validation_split(args: argparse.Namespace, source: dict):
     return None
 
 
-def _validation_pixels(args: argparse.Namespace, validation) -> torch.Tensor:
+def _validation_pixels(args: argparse.Namespace, validation) -> tuple[torch.Tensor, int]:
     processor = CDBVQImageProcessor(size={"height": args.resolution, "width": args.resolution})
     images, unreadable = [], 0
     for item in itertools.islice(validation, args.num_validation_images):
@@ -164,12 +164,11 @@ def _validation_pixels(args: argparse.Namespace, validation) -> torch.Tensor:
             logger.warning(f"Skipping unreadable validation image {describe_image_value(item[args.image_column])}.")
             continue
         images.append(image)
-    args.skipped_validation_images = unreadable
     if unreadable:
         logger.warning(f"Skipped {unreadable} unreadable validation images.")
     if not images:
         raise ValueError("no readable validation images.")
-    return processor(images, return_tensors="pt").pixel_values
+    return processor(images, return_tensors="pt").pixel_values, unreadable
 
 
 def build_train_loader(args: argparse.Namespace, train, accelerator: Accelerator):
@@ -438,9 +437,9 @@ def write_json(path: Path, values: dict) -> None:
     path.write_text(json.dumps(values, indent=2, default=str) + "\n")
 
 
-def hparams(args: argparse.Namespace) -> dict:
-    """Tracker-friendly copy of the arguments (scalars only), without secrets (--hub_token, ...)."""
-    public = redact_secrets(vars(args))
+def hparams(run_config: dict) -> dict:
+    """Tracker-friendly copy of the run's configuration (scalars only), without secrets (--hub_token, ...)."""
+    public = redact_secrets(run_config)
     return {key: value if isinstance(value, (int, float, str, bool)) else str(value) for key, value in public.items()}
 
 
@@ -584,18 +583,23 @@ def train(args: argparse.Namespace) -> tuple[CDBVQModel, dict]:
     lpips_metric = lpips_module or _optional_lpips(args.lpips_network, accelerator)
     fid = _validation_fid(args, accelerator)
 
-    train_images, validation = load_data(args, accelerator)
+    train_images, validation, skipped_validation_images = load_data(args, accelerator)
     train_loader, sampler = build_train_loader(args, train_images, accelerator)
     prototypes, labels = build_prototypes(args, teacher, train_loader, sampler, accelerator)
     set_seed(args.seed)  # the same initial weights whatever the steps above drew
     model = build_model(args, teacher, prototypes, labels)
-    if args.max_train_steps is None:
-        args.max_train_steps = args.num_train_epochs * sampler.batches_per_epoch // args.gradient_accumulation_steps
+    max_train_steps = args.max_train_steps  # --num_train_epochs decides it once the data is known; args stay as parsed
+    if max_train_steps is None:
+        max_train_steps = args.num_train_epochs * sampler.batches_per_epoch // args.gradient_accumulation_steps
+    run_config = {**vars(args), "max_train_steps": max_train_steps,
+                  "skipped_validation_images": skipped_validation_images}  # what training_config.json records
     if accelerator.is_main_process:
-        write_json(output_dir / "training_config.json", redact_secrets({**vars(args), "model_config": model.config.to_dict()}))
+        write_json(output_dir / "training_config.json", redact_secrets({**run_config, "model_config": model.config.to_dict()}))
 
     loss_module = build_loss(args, lpips_module)
-    model, discriminator, optimizer, disc_optimizer, scheduler, disc_scheduler = build_optimizers(args, model, accelerator)
+    model, discriminator, optimizer, disc_optimizer, scheduler, disc_scheduler = build_optimizers(
+        args, model, accelerator, max_train_steps
+    )
     unwrapped = accelerator.unwrap_model(model)
     plain_discriminator = accelerator.unwrap_model(discriminator) if discriminator is not None else None
     ema = EMAWeights(unwrapped, args.ema_weights_decay) if args.use_ema else None
@@ -603,9 +607,9 @@ def train(args: argparse.Namespace) -> tuple[CDBVQModel, dict]:
     global_step, resumed_tensors, resumed_state = resume(accelerator, args)
     if ema is not None and global_step > 0:
         ema.load_tensors(resumed_tensors, resumed_state, source=args.resume_from_checkpoint)
-    if global_step >= args.max_train_steps and global_step > 0:
+    if global_step >= max_train_steps and global_step > 0:
         logger.info(f"Nothing left to train: the checkpoint is at step {global_step} and --max_train_steps is "
-                    f"{args.max_train_steps}. The model in {output_dir} is left as it is (raise --max_train_steps to go on).")  # fmt: skip
+                    f"{max_train_steps}. The model in {output_dir} is left as it is (raise --max_train_steps to go on).")  # fmt: skip
         accelerator.end_training()
         metrics_file = output_dir / "metrics.json"
         return unwrapped, json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
@@ -614,7 +618,7 @@ def train(args: argparse.Namespace) -> tuple[CDBVQModel, dict]:
         if ema is not None:
             ema.copy_rows(unwrapped, "quantizer.codebook.weight", torch.arange(unwrapped.config.codebook_size))
     if accelerator.is_main_process:
-        accelerator.init_trackers(args.tracker_project_name, config=hparams(args))
+        accelerator.init_trackers(args.tracker_project_name, config=hparams(run_config))
     log = RunLog(accelerator, output_dir / args.logging_dir / "train_log.jsonl")
     if accelerator.is_main_process:
         log.truncate_after(global_step)  # steps after the checkpoint are trained again: never logged twice
@@ -622,13 +626,13 @@ def train(args: argparse.Namespace) -> tuple[CDBVQModel, dict]:
 
     logger.info(
         f"Training {sum(p.numel() for p in unwrapped.parameters()) / 1e6:.2f}M parameters ({args.model_preset} preset, "
-        f"{unwrapped.config.assignment} assignment, {unwrapped.config.codebook_size} codes) for {args.max_train_steps} "
+        f"{unwrapped.config.assignment} assignment, {unwrapped.config.codebook_size} codes) for {max_train_steps} "
         f"steps on {accelerator.num_processes} process(es), {args.train_batch_size} images each x "
         f"{args.gradient_accumulation_steps} accumulation; teacher: {teacher.name if teacher else 'none'}; "
         f"{threads} CPU thread(s) per process."
     )
     batches = batch_stream(train_loader, sampler, start_batch=global_step * args.gradient_accumulation_steps)
-    progress = tqdm(range(args.max_train_steps), initial=global_step, desc="steps", disable=not accelerator.is_main_process)
+    progress = tqdm(range(max_train_steps), initial=global_step, desc="steps", disable=not accelerator.is_main_process)
     # Unreadable training images, by name: counted once however often the data passes over them (and kept across
     # a resume through the checkpoint's JSON state).
     skipped_ids = set(resumed_state.get("skipped_image_ids", []))
@@ -636,7 +640,7 @@ def train(args: argparse.Namespace) -> tuple[CDBVQModel, dict]:
     metrics, first_step, loop_start = {}, global_step, time.time()
     parts = TrainingParts(accelerator, model, unwrapped, discriminator, plain_discriminator, optimizer, disc_optimizer,
                           scheduler, disc_scheduler, loss_module, teacher, grid_size)  # fmt: skip
-    while global_step < args.max_train_steps:
+    while global_step < max_train_steps:
         step_terms, bad_term = {}, None
         for micro_batch in range(args.gradient_accumulation_steps):
             batch = next(batches)
@@ -667,12 +671,12 @@ def train(args: argparse.Namespace) -> tuple[CDBVQModel, dict]:
         log(values, global_step)
         progress.set_postfix(loss=f"{step_terms['total']:.4f}", used=f"{float(output.utilization):.0%}")
 
-        if global_step % args.validation_steps == 0 or global_step == args.max_train_steps:
+        if global_step % args.validation_steps == 0 or global_step == max_train_steps:
             # Every process validates on the whole held-out set: torchmetrics syncs its states across processes,
             # so all must take part (and all get the same numbers).
             metrics = validate(unwrapped, validation, args, lpips_metric, log, global_step, ema, fid)
             logger.info(f"Step {global_step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
-        if global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
+        if global_step % args.checkpointing_steps == 0 or global_step == max_train_steps:
             save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit,
                             tensors=ema.to_tensors() if ema is not None else None,
                             state={"step": global_step, "skipped_image_ids": sorted(skipped_ids),
@@ -686,7 +690,7 @@ def train(args: argparse.Namespace) -> tuple[CDBVQModel, dict]:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         metrics.update(steps=global_step, wall_time_seconds=round(time.time() - start_time, 1),
-                       skipped_images=skipped_images, skipped_validation_images=args.skipped_validation_images,
+                       skipped_images=skipped_images, skipped_validation_images=skipped_validation_images,
                        nonfinite_steps=nonfinite_steps, num_processes=accelerator.num_processes,
                        seconds_per_step=round(seconds_per_step, 4),
                        teacher=teacher.name if teacher else None,
@@ -714,20 +718,20 @@ def build_loss(args, lpips_module) -> TokenizerLoss:
     )  # fmt: skip
 
 
-def build_optimizers(args, model: CDBVQModel, accelerator: Accelerator) -> tuple:
+def build_optimizers(args, model: CDBVQModel, accelerator: Accelerator, max_train_steps: int) -> tuple:
     """AdamW and the learning-rate schedule of the model and, with --disc_weight, of a PatchGAN discriminator, all
     prepared by accelerate: (model, discriminator, optimizer, disc_optimizer, scheduler, disc_scheduler)."""
     learning_rate = args.learning_rate
     if args.scale_lr:
         learning_rate *= args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
     optimizer = _adamw(args, [p for p in model.parameters() if p.requires_grad], learning_rate)
-    scheduler = _scheduler(args, optimizer, accelerator)
+    scheduler = _scheduler(args, optimizer, accelerator, max_train_steps)
     if args.disc_weight <= 0:
         model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
         return model, None, optimizer, None, scheduler, None
     discriminator = PatchDiscriminator(model.config.num_channels, args.disc_base_channels, args.disc_num_layers)
     disc_optimizer = _adamw(args, discriminator.parameters(), args.disc_learning_rate or learning_rate)
-    disc_scheduler = _scheduler(args, disc_optimizer, accelerator)
+    disc_scheduler = _scheduler(args, disc_optimizer, accelerator, max_train_steps)
     return accelerator.prepare(model, discriminator, optimizer, disc_optimizer, scheduler, disc_scheduler)
 
 
@@ -751,13 +755,13 @@ def _adamw(args, parameters, learning_rate: float) -> torch.optim.Optimizer:
                              weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)  # fmt: skip
 
 
-def _scheduler(args, optimizer, accelerator: Accelerator):
+def _scheduler(args, optimizer, accelerator: Accelerator, max_train_steps: int):
     from transformers import get_scheduler
 
     # accelerate steps a prepared scheduler once per process, so count in process-steps (as diffusers does).
     return get_scheduler(
         args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-        num_training_steps=args.max_train_steps * accelerator.num_processes,
+        num_training_steps=max_train_steps * accelerator.num_processes,
     )  # fmt: skip
 
 
