@@ -34,12 +34,12 @@ fi
 
 python - "$OUTPUT_DIR/tiny_clip.json" <<'EOF'
 import sys
-from cdb_tokenizer.teacher import save_clip_config
+from cdb_tokenizer.tools.teacher import save_clip_config
 save_clip_config(sys.argv[1])
 EOF
 
 LPIPS_WEIGHT=0
-if python -c "import os, sys; from cdb_tokenizer.losses import lpips_backbone_file; sys.exit(0 if os.path.isfile(lpips_backbone_file('vgg')[0]) else 1)"; then
+if python -c "import os, sys; from cdb_tokenizer.tools.losses import lpips_backbone_file; sys.exit(0 if os.path.isfile(lpips_backbone_file('vgg')[0]) else 1)"; then
     LPIPS_WEIGHT=1.0
 fi
 

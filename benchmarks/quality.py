@@ -14,7 +14,7 @@ restarts with one threshold, a code is dead when its running share of tokens is 
 (`CDBVQQuantizer.restart_dead_codes` after every step for our rules; the same threshold in tokens per batch for
 `VectorQuantize`, which restarts internally); `--no-dead-code-restarts` turns them off for all.
 Evaluation: every non-overlapping crop of scikit-learn's two photos (a different package: no leakage) through
-`cdb_tokenizer.evaluation.evaluate`. Writes `benchmarks/results/quality.md` and a code-usage plot.
+`cdb_tokenizer.tools.evaluation.evaluate`. Writes `benchmarks/results/quality.md` and a code-usage plot.
 
     python benchmarks/quality.py                                   # defaults, ~25 min on 2 busy CPU cores
     python benchmarks/quality.py --steps 5000 --output quality_5k.md
@@ -34,8 +34,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from cdb_tokenizer import CDBVQConfig, CDBVQModel
-from cdb_tokenizer.data import sample_photos
-from cdb_tokenizer.evaluation import code_usage_counts, evaluate, save_usage_plot
+from cdb_tokenizer.tools.data import sample_photos
+from cdb_tokenizer.tools.evaluation import code_usage_counts, evaluate, save_usage_plot
 from cdb_tokenizer.quantization_cdb_vq import CDBVQQuantizerOutput, nearest_codes
 
 RULES = ("nearest", "sinkhorn", "cdb", "vqtorch")

@@ -39,10 +39,10 @@ from quality import grid_crops, photo_tensors, random_crops, reference_backbone,
 from tqdm.auto import tqdm
 
 from cdb_tokenizer import CDBVQModel
-from cdb_tokenizer.degradations import degrade
-from cdb_tokenizer.losses import laplacian
+from cdb_tokenizer.tools.degradations import degrade
+from cdb_tokenizer.tools.losses import laplacian
 from cdb_tokenizer.quantization_cdb_vq import image_signal_features
-from cdb_tokenizer.roles import save_role_map, three_role_ranges
+from cdb_tokenizer.tools.roles import save_role_map, three_role_ranges
 
 RUNS = ("plain", "roles", "restore", "restore+roles")
 EVAL_SEED = 1234
@@ -97,7 +97,7 @@ def train(args: argparse.Namespace, run: str, backbone: dict, photos: list) -> t
 
 def psnr(images: torch.Tensor, targets: torch.Tensor) -> float:
     """PSNR (dB, [0, 1] scale) of the mean squared error over all pixels of the set, as torchmetrics (and
-    `cdb_tokenizer.evaluation.evaluate`) computes it: a mean of per-crop PSNRs would be dominated by flat crops."""
+    `cdb_tokenizer.tools.evaluation.evaluate`) computes it: a mean of per-crop PSNRs would be dominated by flat crops."""
     mse = (((images.float().clamp(-1, 1) - targets.float()) / 2) ** 2).mean().clamp_min(1e-12)
     return float(10 * torch.log10(1 / mse))
 
@@ -258,7 +258,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--codebook-dim", type=int, default=16)
     parser.add_argument("--role-weight", type=float, default=1.0, help="role_supervision_weight of the role runs.")
     parser.add_argument("--train-degradation", default="gaussian_blur:0.5-2.5|motion_blur:3-11",
-                        help="Degradation spec of the restoration runs (cdb_tokenizer.degradations).")  # fmt: skip
+                        help="Degradation spec of the restoration runs (cdb_tokenizer.tools.degradations).")  # fmt: skip
     parser.add_argument("--high-frequency-weight", type=float, default=0.0)
     parser.add_argument("--sigma", type=float, default=1.5, help="Gaussian blur of the restoration test.")
     parser.add_argument("--motion-length", type=float, default=7.0, help="Motion blur length of the restoration test.")

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from cdb_tokenizer.teacher import DEFAULT_TEMPLATE
+from cdb_tokenizer.tools.teacher import DEFAULT_TEMPLATE
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -215,7 +215,7 @@ def create_teacher(model_config: dict):
     """An untrained open_clip model from `model_config`, and its tokenizer (CLIP's BPE)."""
     import open_clip
 
-    from cdb_tokenizer.teacher import build_clip_model
+    from cdb_tokenizer.tools.teacher import build_clip_model
 
     tokenizer = open_clip.SimpleTokenizer(context_length=model_config["text_cfg"]["context_length"])
     return build_clip_model(model_config), tokenizer
@@ -297,7 +297,7 @@ def augment(pixel_values: torch.Tensor, generator: torch.Generator, max_shift: i
 def zero_shot_accuracy(teacher, data: LabelledImages, batch_size: int = 500) -> float:
     """Share of `data` whose nearest caption (`DEFAULT_TEMPLATE`, the prompt of text prototypes) is its own class's.
 
-    `teacher` is a `cdb_tokenizer.teacher.CLIPTeacher`, so the accuracy is that of the checkpoint as train.py loads it.
+    `teacher` is a `cdb_tokenizer.tools.teacher.CLIPTeacher`, so the accuracy is that of the checkpoint as train.py loads it.
     """
     text_features = teacher.encode_text(list(data.label_names), DEFAULT_TEMPLATE)
     pixels = to_pixel_values(data.images, teacher.image_size[0])
@@ -349,7 +349,7 @@ def save_teacher(model, model_config: dict, folder: str | Path, name: str = TEAC
 
 def load_teacher(config_path: str | Path, checkpoint_path: str | Path):
     """Load a saved teacher exactly as train.py does (`--clip_model CONFIG.json --clip_pretrained CKPT`)."""
-    from cdb_tokenizer.teacher import load_clip_teacher
+    from cdb_tokenizer.tools.teacher import load_clip_teacher
 
     return load_clip_teacher(str(config_path), str(checkpoint_path))
 
@@ -434,7 +434,7 @@ def measure_tokenizer(
     model, test: LabelledImages, probe_train: LabelledImages, batch_size: int = 500, resolution: int = 32
 ) -> dict[str, float]:
     """PSNR, usage, linear-probe accuracy and prototype agreement of a trained tokenizer on the test split."""
-    from cdb_tokenizer.evaluation import evaluate
+    from cdb_tokenizer.tools.evaluation import evaluate
 
     test_pixels = to_pixel_values(test.images, resolution)
     metrics = evaluate(model, test_pixels.split(batch_size), show_progress=False)
@@ -670,7 +670,7 @@ def write_report(path: Path, args: argparse.Namespace, teacher: dict, results: d
     lines += [""] + [f"- **{CASES[case].name}**: {CASES[case].note}." for case in results] + [""]
     lines += [
         f"Measures, all on the test split: **PSNR**, **SSIM**, **codes used** and **perplexity** from "
-        f"`cdb_tokenizer.evaluation.evaluate`. **Linear probe**: accuracy of a logistic regression (scikit-learn, "
+        f"`cdb_tokenizer.tools.evaluation.evaluate`. **Linear probe**: accuracy of a logistic regression (scikit-learn, "
         f"standardised inputs) on the mean-pooled quantized features (8 numbers per image), fitted on "
         f"{first['num_probe_train_images']} training images. **Prototype agreement**: the share of an image's tokens "
         f"whose code's prototype label (`model.code_prototype_labels()`) is the image's label, averaged over images; "

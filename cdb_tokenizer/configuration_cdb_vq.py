@@ -249,7 +249,7 @@ class CDBVQConfig(PretrainedConfig):
         if self.assignment != "cdb" or "structure" not in names or not names <= set(SUPERVISED_ROLES):
             raise ValueError(
                 f"role_supervision_weight > 0 needs assignment='cdb' and code_roles named from {list(SUPERVISED_ROLES)} "
-                f"including 'structure' (e.g. cdb_tokenizer.roles.three_role_ranges(K)); got assignment "
+                f"including 'structure' (e.g. cdb_tokenizer.tools.roles.three_role_ranges(K)); got assignment "
                 f"{self.assignment!r} and roles {sorted(names)}."
             )
 

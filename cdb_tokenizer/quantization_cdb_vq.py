@@ -501,6 +501,27 @@ class CDBVQQuantizer(nn.Module):
                 raise ValueError(f"code_to_prototype must be {self.codebook_size} prototype ids in [0, {prototypes.shape[0]}).")
             self.code_to_prototype.copy_(code_to_prototype)
 
+    @torch.no_grad()
+    def tie_codes_to_prototypes(self, latents: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """Which prototype each code stands for, read from data: the prototype most similar to the mean direction of
+        the teacher features (N, semantic_dim) of the latents (N, D) nearest the code, summed over processes (every
+        process must call it); a code no latent is nearest keeps its tie. Returns the map; `set_prototypes` stores it.
+        """
+        indices = nearest_codes(self.prepare_latents(latents), self.codes(), self.config.assignment_chunk_size)
+        sums = torch.zeros(self.codebook_size, features.shape[1], device=features.device)
+        sums.index_add_(0, indices, F.normalize(features, dim=-1))
+        all_reduce_(sums)
+        similarity = F.normalize(sums, dim=-1) @ F.normalize(self.prototypes.float(), dim=-1).t()
+        return torch.where(sums.abs().sum(-1) > 0, similarity.argmax(-1), self.code_to_prototype)
+
+    def snapshot(self) -> dict[str, torch.Tensor]:
+        """A copy of the codebook and every buffer (usage, EMA, router state), for `restore` to undo a step."""
+        return {name: value.detach().clone() for name, value in self.state_dict().items()}
+
+    def restore(self, snapshot: dict[str, torch.Tensor]) -> None:
+        """Put back the state `snapshot` copied (e.g. after a training step whose loss was not finite)."""
+        self.load_state_dict(snapshot)
+
     def codes(self) -> torch.Tensor:
         """The codebook in float32, l2-normalised when the config asks for it."""
         codes = self.codebook.weight.float()

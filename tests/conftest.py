@@ -40,7 +40,7 @@ def tiny_model(seed: int = 0, **overrides) -> CDBVQModel:
 def photo_batch() -> torch.Tensor:
     """Four real photos from scikit-image as a (4, 3, 32, 32) batch in [-1, 1]."""
     from cdb_tokenizer import CDBVQImageProcessor
-    from cdb_tokenizer.data import sample_photos
+    from cdb_tokenizer.tools.data import sample_photos
 
     processor = CDBVQImageProcessor(size={"height": 32, "width": 32})
     return processor(sample_photos("skimage")[:4], return_tensors="pt").pixel_values

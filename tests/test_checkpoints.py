@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from cdb_tokenizer.checkpoints import MANIFEST, CheckpointError, complete_checkpoints
+from cdb_tokenizer.tools.checkpoints import MANIFEST, CheckpointError, complete_checkpoints
 from training.train import OutputDirInUse, main, parse_args
 
 
@@ -32,7 +32,7 @@ import sys, time
 sys.path.insert(0, {repo!r})
 import torch
 torch.set_num_threads(1)
-import cdb_tokenizer.checkpoints as checkpoints
+import cdb_tokenizer.tools.checkpoints as checkpoints
 real = checkpoints.save_file
 def save_file(tensors, path, *args, **kwargs):
     if "checkpoint-3.tmp" in str(path):

@@ -3,6 +3,7 @@
 import json
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,8 +14,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from cdb_tokenizer import CDBVQImageProcessor, CDBVQModel
-from cdb_tokenizer.cli import main
-from cdb_tokenizer.data import sample_photos
+from cdb_tokenizer.tools.cli import main
+from cdb_tokenizer.tools.data import sample_photos
 from conftest import tiny_model
 
 
@@ -152,8 +153,8 @@ def test_eval_prints_table_and_json_and_skips_unreadable_images(files, tmp_path,
     assert (metrics["num_images"], metrics["unreadable_images"]) == (4, 1)
     assert any(line.startswith("PSNR (dB)") and f"{metrics['psnr']:.2f}" in line for line in lines)
 
-    # The same numbers as cdb_tokenizer.evaluation.evaluate on the readable photos.
-    from cdb_tokenizer.evaluation import evaluate
+    # The same numbers as cdb_tokenizer.tools.evaluation.evaluate on the readable photos.
+    from cdb_tokenizer.tools.evaluation import evaluate
 
     processor = CDBVQImageProcessor(size={"height": 32, "width": 32})
     paths = sorted(data.glob("*.png")) + sorted(data.glob("*.jpg"))
@@ -271,3 +272,13 @@ def test_usage_errors_exit_non_zero(capsys):
         main(["encode", "photo.png"])  # --model and --out missing
     assert exit_info.value.code == 2
     assert "--model" in capsys.readouterr().err
+
+
+def test_loading_a_tokenizer_imports_no_prior_code(files):
+    code = (
+        "import sys; from cdb_tokenizer.tools.cli import main; "
+        f"assert main(['inspect', '--model', {str(files['model'])!r}]) == 0; "
+        "assert not [m for m in sys.modules if m.startswith('cdb_tokenizer.tools.priors')], 'prior code was imported'"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]

@@ -12,7 +12,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from cdb_tokenizer import CDBVQConfig, CDBVQModel
-from cdb_tokenizer.teacher import read_prototype_labels
+from cdb_tokenizer.tools.teacher import read_prototype_labels
 from training.train import parse_args
 
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))

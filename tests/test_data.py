@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cdb_tokenizer.data import (
+from cdb_tokenizer.tools.data import (
     EpochSampler,
     SplitNotFoundError,
     TrainImages,

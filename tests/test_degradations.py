@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from cdb_tokenizer.degradations import DEGRADATIONS, canonical_spec, degrade
+from cdb_tokenizer.tools.degradations import DEGRADATIONS, canonical_spec, degrade
 
 STRENGTHS = {"gaussian_blur": 1.5, "motion_blur": 7, "noise": 0.05, "jpeg": 30, "downscale": 2}
 
@@ -37,7 +37,7 @@ def test_random_parts_change_with_the_seed_and_compose(images):
 
 
 def test_blur_removes_high_frequencies(images):
-    from cdb_tokenizer.losses import laplacian
+    from cdb_tokenizer.tools.losses import laplacian
 
     for spec in ("gaussian_blur:1.5", "motion_blur:9", "downscale:4"):
         assert laplacian(degrade(images, spec)).abs().mean() < 0.6 * laplacian(images).abs().mean(), spec

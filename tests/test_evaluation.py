@@ -11,11 +11,11 @@ import torch
 from PIL import Image
 from torch import nn
 
-import cdb_tokenizer.evaluation as evaluation
+import cdb_tokenizer.tools.evaluation as evaluation
 from cdb_tokenizer import CDBVQImageProcessor
-from cdb_tokenizer.cli import main as cli_main
-from cdb_tokenizer.data import fixed_crops, sample_photos
-from cdb_tokenizer.evaluation import (
+from cdb_tokenizer.tools.cli import main as cli_main
+from cdb_tokenizer.tools.data import fixed_crops, sample_photos
+from cdb_tokenizer.tools.evaluation import (
     FIDUnavailableError,
     RandomFeatureExtractor,
     evaluate,
@@ -220,7 +220,7 @@ def test_train_validation_fid_the_picture_and_the_final_log_line(tmp_path, no_in
 
 
 def test_detail_box_finds_the_textured_window_and_the_figure_has_full_size_tiles():
-    from cdb_tokenizer.evaluation import detail_box, reconstruction_figure
+    from cdb_tokenizer.tools.evaluation import detail_box, reconstruction_figure
 
     image = torch.zeros(3, 256, 384)
     image[:, 160:224, 32:96] = torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1

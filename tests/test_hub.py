@@ -145,3 +145,11 @@ def test_remote_code_imports_only_torch_transformers_and_siblings(file_name):
             assert (PACKAGE_DIR / f"{node.module}.py").exists(), f"{file_name} imports a non-flat sibling {node.module}"
     third_party = imported - set(sys.stdlib_module_names)
     assert third_party <= {"torch", "transformers", "numpy", "PIL"}, third_party
+
+
+def test_package_root_holds_only_remote_code():
+    """The boundary is visible in the tree: training-side modules live in cdb_tokenizer/tools/, not beside these."""
+    root = {path.name for path in PACKAGE_DIR.glob("*.py")}
+    assert root == set(REMOTE_CODE_FILES) | {"__init__.py", "cli.py"}, root
+    tools = {path.stem for path in (PACKAGE_DIR / "tools").iterdir() if path.suffix == ".py" or (path / "__init__.py").is_file()}
+    assert {"data", "teacher", "losses", "evaluation", "publishing", "priors", "cli", "checkpoints"} <= tools

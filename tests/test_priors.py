@@ -13,8 +13,8 @@ from conftest import tiny_model
 from PIL import Image
 
 from cdb_tokenizer import CDBVQImageProcessor
-from cdb_tokenizer.data import sample_photos
-from cdb_tokenizer.priors import (
+from cdb_tokenizer.tools.data import sample_photos
+from cdb_tokenizer.tools.priors import (
     ImageTokenLogitsProcessor,
     PriorCollator,
     PriorVocabulary,

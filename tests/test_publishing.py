@@ -12,9 +12,9 @@ import torch
 from huggingface_hub import HfApi, ModelCard, RepoUrl
 
 from cdb_tokenizer import CDBVQImageProcessor
-from cdb_tokenizer.data import sample_photos
-from cdb_tokenizer.evaluation import code_usage_counts, evaluate, save_reconstruction_grid, save_usage_plot
-from cdb_tokenizer.publishing import clip_teacher_hub_id, public_fields, push_to_hub, stage_folder
+from cdb_tokenizer.tools.data import sample_photos
+from cdb_tokenizer.tools.evaluation import code_usage_counts, evaluate, save_reconstruction_grid, save_usage_plot
+from cdb_tokenizer.tools.publishing import clip_teacher_hub_id, public_fields, push_to_hub, stage_folder
 from conftest import tiny_model
 
 

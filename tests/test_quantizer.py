@@ -321,3 +321,31 @@ def test_usage_statistics():
     assert float(output.utilization) == pytest.approx(2 / 64)
     assert float(output.perplexity) == pytest.approx(2.0)
     assert math.isclose(float(module.usage.sum()), 1.0, rel_tol=1e-5)  # eval leaves running stats alone
+
+
+def test_codes_tie_to_the_prototype_of_their_latents_features():
+    module = quantizer(assignment="cdb")
+    module.initialize_codebook(torch.randn(256, 8))
+    prototypes = torch.randn(8, 32)
+    module.set_prototypes(prototypes, torch.full((64,), 7))
+    latents = module.codes()[:16].repeat(3, 1)  # codes 0-15 are each nearest three latents; 16-63 none
+    wanted = torch.arange(16) % 8
+    features = prototypes[wanted].repeat(3, 1) + 0.01 * torch.randn(48, 32)
+    tie = module.tie_codes_to_prototypes(latents, features)
+    assert tie[:16].tolist() == wanted.tolist()
+    assert bool((tie[16:] == 7).all())  # no latent picked them: they keep their tie
+
+
+def test_snapshot_and_restore_undo_every_change_of_the_quantizer_state():
+    module = quantizer(assignment="cdb", ema_decay=0.9)
+    module.initialize_codebook(torch.randn(256, 8))
+    before = {name: value.clone() for name, value in module.state_dict().items()}
+    snapshot = module.snapshot()
+    module.train()
+    module(torch.randn(64, 8), semantic_features=torch.randn(64, 32))
+    module.usage[:5] = 0.0
+    module.restart_dead_codes(torch.randn(50, 8))
+    assert any(not torch.equal(before[name], value) for name, value in module.state_dict().items())
+    module.restore(snapshot)
+    for name, value in module.state_dict().items():
+        assert torch.equal(before[name], value), name

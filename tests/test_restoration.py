@@ -15,7 +15,7 @@ if str(REPO) not in sys.path:
 from conftest import tiny_model
 
 from cdb_tokenizer import CDBVQImageProcessor
-from cdb_tokenizer.cli import main as cli_main
+from cdb_tokenizer.tools.cli import main as cli_main
 from training.train import main as train_main, parse_args
 
 RUN = ["--resolution", "32", "--base_channels", "16", "--channel_multipliers", "1", "2", "2", "--num_res_blocks", "1",
@@ -99,7 +99,7 @@ def test_bad_degradation_flags_are_refused(spec, message, capsys, tmp_path):
 
 
 def test_model_card_shows_the_role_map_code_readout_and_restoration(restoration_run, tmp_path):
-    from cdb_tokenizer.publishing import stage_folder
+    from cdb_tokenizer.tools.publishing import stage_folder
 
     staged = stage_folder(restoration_run, tmp_path / "staged", "someone/deblur")
     card = (staged / "README.md").read_text()

@@ -9,7 +9,7 @@ from conftest import tiny_model
 
 from cdb_tokenizer import CDBVQConfig, CDBVQModel
 from cdb_tokenizer.quantization_cdb_vq import image_signal_features, role_targets
-from cdb_tokenizer.roles import role_map_figure, three_role_ranges
+from cdb_tokenizer.tools.roles import role_map_figure, three_role_ranges
 
 SIZE = 16
 

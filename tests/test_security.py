@@ -18,8 +18,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from cdb_tokenizer import CDBVQImageProcessor
-from cdb_tokenizer.cli import main
-from cdb_tokenizer.data import decode_image, sample_photos
+from cdb_tokenizer.tools.cli import main
+from cdb_tokenizer.tools.data import decode_image, sample_photos
 from conftest import tiny_model
 
 
@@ -136,16 +136,16 @@ def test_token_file_metadata_never_runs_the_code_of_the_folder_it_names(root, tm
 
 
 def test_trust_remote_code_is_passed_on_only_when_the_user_gives_it(root, monkeypatch, capsys):
-    import cdb_tokenizer.priors as priors
+    import cdb_tokenizer.tools.loading as loading
 
     seen = []
-    real = priors.load_tokenizer
+    real = loading.load_tokenizer
 
     def load_tokenizer(name, trust_remote_code=False, **kwargs):
         seen.append(trust_remote_code)
         return real(name, trust_remote_code=trust_remote_code, **kwargs)
 
-    monkeypatch.setattr(priors, "load_tokenizer", load_tokenizer)
+    monkeypatch.setattr(loading, "load_tokenizer", load_tokenizer)
     assert main(["inspect", "--model", str(root / "model")]) == 0
     assert main(["inspect", "--model", str(root / "model"), "--trust-remote-code"]) == 0
     assert seen == [False, True]
@@ -156,7 +156,7 @@ def test_a_tampered_checkpoint_file_never_runs_code_and_is_refused_clearly(tmp_p
     import pickle
 
     import training.train as train_script
-    from cdb_tokenizer.checkpoints import MANIFEST, CheckpointError
+    from cdb_tokenizer.tools.checkpoints import MANIFEST, CheckpointError
 
     class Payload:
         def __reduce__(self):
@@ -185,7 +185,7 @@ def test_a_tampered_checkpoint_file_never_runs_code_and_is_refused_clearly(tmp_p
 
 
 def test_publish_staging_scrubs_every_local_path_and_token(root, tmp_path):
-    from cdb_tokenizer.publishing import stage_folder
+    from cdb_tokenizer.tools.publishing import stage_folder
 
     output = tmp_path / "out"
     shutil.copytree(root / "model", output)

@@ -6,8 +6,8 @@ import time
 import pytest
 import torch
 
-import cdb_tokenizer.teacher as teacher_module
-from cdb_tokenizer.teacher import (
+import cdb_tokenizer.tools.teacher as teacher_module
+from cdb_tokenizer.tools.teacher import (
     TINY_CLIP_CONFIG,
     CLIPTeacher,
     build_clip_model,
@@ -82,7 +82,7 @@ def test_missing_weights_offline_give_none_and_one_line_without_download(monkeyp
     monkeypatch.setattr("huggingface_hub.hf_hub_download", no_download)
     monkeypatch.setattr("open_clip.pretrained.download_pretrained_from_url", no_download)
     start = time.time()
-    with caplog.at_level(logging.INFO, logger="cdb_tokenizer.teacher"):
+    with caplog.at_level(logging.INFO, logger="cdb_tokenizer.tools.teacher"):
         assert load_clip_teacher("ViT-B-16", "openai", cache_dir=str(tmp_path)) is None
         assert load_clip_teacher("ViT-B-32", "hf-hub:laion/nothing-cached", cache_dir=str(tmp_path)) is None
         assert load_clip_teacher("hf-hub:org/not-cached", None, cache_dir=str(tmp_path)) is None

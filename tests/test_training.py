@@ -19,7 +19,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 import training.train as train_script
-from cdb_tokenizer.teacher import save_clip_config
+from cdb_tokenizer.tools.teacher import save_clip_config
 from training.train import TrainingStopped, main, parse_args
 
 TINY_MODEL = ["--resolution", "32", "--base_channels", "16", "--channel_multipliers", "1", "2", "2", "--num_res_blocks", "1", "--norm_num_groups", "8", "--latent_dim", "16", "--codebook_size", "64", "--codebook_dim", "8", "--semantic_dim", "32", "--num_prototypes", "8", "--router_dim", "8"]
@@ -199,9 +199,9 @@ def test_streamed_folder_trains_and_resumes(tmp_path):
 
 def test_push_to_hub_hands_the_output_folder_to_publishing(tmp_path, monkeypatch):
     calls = []
-    publishing = types.ModuleType("cdb_tokenizer.publishing")
+    publishing = types.ModuleType("cdb_tokenizer.tools.publishing")
     publishing.push_to_hub = lambda output_dir, hub_model_id, **kwargs: calls.append((output_dir, hub_model_id, kwargs))
-    monkeypatch.setitem(sys.modules, "cdb_tokenizer.publishing", publishing)
+    monkeypatch.setitem(sys.modules, "cdb_tokenizer.tools.publishing", publishing)
     output_dir = tmp_path / "run"
     main(PLAIN_RUN + ["--output_dir", str(output_dir), "--max_train_steps", "1", "--push_to_hub", "--hub_model_id", "me/tok"])
     assert calls == [(str(output_dir), "me/tok", {"private": False, "token": None})]
@@ -286,3 +286,14 @@ def test_unknown_config_file_keys_are_rejected(tmp_path, capsys):
     with pytest.raises(SystemExit):
         parse_args(["--config", str(config)])
     assert "learning_rat" in capsys.readouterr().err
+
+
+def test_training_leaves_the_parsed_arguments_as_they_were(tmp_path):
+    """args are read, never rewritten: the epoch-derived step count and skipped images go to training_config.json."""
+    args = parse_args(PLAIN_RUN + ["--num_train_epochs", "1", "--validation_steps", "1000", "--checkpointing_steps", "1000",
+                                   "--output_dir", str(tmp_path)])  # fmt: skip
+    before = dict(vars(args))
+    train_script.train(args)
+    assert vars(args) == before and args.max_train_steps is None
+    recorded = json.loads((tmp_path / "training_config.json").read_text())
+    assert recorded["max_train_steps"] > 0 and recorded["skipped_validation_images"] == 0

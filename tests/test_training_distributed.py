@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from cdb_tokenizer.teacher import save_clip_config
+from cdb_tokenizer.tools.teacher import save_clip_config
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_MODEL = ["--resolution", "32", "--base_channels", "16", "--channel_multipliers", "1", "2", "2", "--num_res_blocks", "1", "--norm_num_groups", "8", "--latent_dim", "16", "--codebook_size", "64", "--codebook_dim", "8", "--semantic_dim", "32", "--num_prototypes", "8", "--router_dim", "8"]

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-import cdb_tokenizer.losses as losses_module
+import cdb_tokenizer.tools.losses as losses_module
 from cdb_tokenizer import CDBVQConfig, CDBVQModel
-from cdb_tokenizer.losses import (
+from cdb_tokenizer.tools.losses import (
     LPIPSUnavailableError,
     PatchDiscriminator,
     TokenizerLoss,
@@ -15,7 +15,7 @@ from cdb_tokenizer.losses import (
     hinge_discriminator_loss,
     load_lpips,
 )
-from cdb_tokenizer.teacher import TINY_CLIP_CONFIG, CLIPTeacher, build_clip_model
+from cdb_tokenizer.tools.teacher import TINY_CLIP_CONFIG, CLIPTeacher, build_clip_model
 
 TINY = {
     "resolution": 32, "base_channels": 16, "channel_multipliers": [1, 2, 2], "num_res_blocks": 1, "norm_num_groups": 8,

@@ -5,7 +5,7 @@
 Stages the weights, config, remote code, image processor, figures and a rendered `README.md` model card from the
 output folder of `training/train.py` (checkpoints/ and logs/ stay behind), then uploads them. The token comes from
 `--token`, else `HF_TOKEN` or `hf auth login`. `--dry_run --staging_dir DIR` stages only, to look at the card first.
-This is the function `train.py --push_to_hub` calls: `cdb_tokenizer.publishing.push_to_hub`.
+This is the function `train.py --push_to_hub` calls: `cdb_tokenizer.tools.publishing.push_to_hub`.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from cdb_tokenizer.publishing import push_to_hub, stage_folder
+from cdb_tokenizer.tools.publishing import push_to_hub, stage_folder
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

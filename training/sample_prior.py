@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from cdb_tokenizer.priors import load_prior, load_tokenizer, sample_images, save_image_grid
+from cdb_tokenizer.tools.priors import load_prior, load_tokenizer, sample_images, save_image_grid
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

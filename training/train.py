@@ -13,44 +13,41 @@ A real run on your own images, on every GPU of every machine `accelerate config`
         --mixed_precision bf16 --train_batch_size 16 --lpips_weight 1.0
 
 Flags follow the diffusers training scripts; `--config run.yaml` takes the same names as keys, and every field of
-`CDBVQConfig` is a flag too (`--assignment`, `--codebook_size`, ...). See docs/training.md.
+`CDBVQConfig` is a flag too (`--assignment`, `--codebook_size`, ...). The flags, presets and their checks live in
+`cdb_tokenizer/tools/train_args.py`; this file reads top to bottom: data -> model -> step -> loop -> save.
+See docs/training.md and docs/architecture.md.
 """
 
 from __future__ import annotations
 
 import argparse
-import inspect
 import itertools
 import json
-import logging
 import math
 import os
 import shutil
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, gather_object, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, gather_object, set_seed
 from tqdm.auto import tqdm
 
 from cdb_tokenizer import CDBVQConfig, CDBVQImageProcessor, CDBVQModel
-from cdb_tokenizer.checkpoints import (
+from cdb_tokenizer.tools.checkpoints import (
     CheckpointError,
-    checkpoint_dirs,
     checkpoint_step,
     complete_checkpoints,
-    incomplete_reason,
     load_custom_state,
     save_checkpoint,
 )
-from cdb_tokenizer.data import (
+from cdb_tokenizer.tools.data import (
     EpochSampler,
     SplitNotFoundError,
     StreamingTrainImages,
@@ -63,15 +60,15 @@ from cdb_tokenizer.data import (
     sample_photos,
     train_transform,
 )
-from cdb_tokenizer.degradations import canonical_spec, degrade
-from cdb_tokenizer.evaluation import (
+from cdb_tokenizer.tools.degradations import degrade
+from cdb_tokenizer.tools.evaluation import (
     code_usage_counts,
     evaluate,
     reconstruction_grid,
     save_reconstruction_figure,
     save_usage_plot,
 )
-from cdb_tokenizer.losses import (
+from cdb_tokenizer.tools.losses import (
     LPIPSUnavailableError,
     PatchDiscriminator,
     TokenizerLoss,
@@ -80,11 +77,11 @@ from cdb_tokenizer.losses import (
     load_lpips,
     lpips_backbone_file,
 )
-from cdb_tokenizer.quantization_cdb_vq import nearest_codes
-from cdb_tokenizer.redaction import redact_secrets
-from cdb_tokenizer.roles import role_map_figure, save_role_map, three_role_ranges
-from cdb_tokenizer.teacher import (
-    DEFAULT_TEMPLATE,
+from cdb_tokenizer.tools.redaction import redact_secrets
+from cdb_tokenizer.tools.roles import role_map_figure, save_role_map
+from cdb_tokenizer.tools.runs import EMAWeights, RunLog, find_checkpoint, make_accelerator
+from cdb_tokenizer.tools.train_args import parse_args
+from cdb_tokenizer.tools.teacher import (
     kmeans_prototypes,
     load_clip_teacher,
     load_prototypes,
@@ -95,52 +92,6 @@ from cdb_tokenizer.teacher import (
 )
 
 logger = get_logger(__name__, log_level="INFO")
-
-# Values that depend on the kind of run. "tiny" is the embedded demo (no data flags): a small f2 tokenizer that trains
-# on a CPU in minutes, chosen by measurement (docs/training.md: f4 cannot reach 24 dB on the held-out crops, small
-# batches with more steps beat large ones at the same CPU time, no discriminator at this length). "base" is a real
-# run on your data (any data flag): the CDBVQConfig defaults at 256x256.
-# Any flag or config-file key given explicitly wins over the preset.
-PRESETS = {
-    "tiny": {
-        "model": {
-            "base_channels": 16, "channel_multipliers": [1, 2], "num_res_blocks": 1, "use_mid_attention": False,
-            "norm_num_groups": 8, "latent_dim": 32, "codebook_size": 512, "codebook_dim": 8, "semantic_dim": 64,
-            "num_prototypes": 16, "router_dim": 16,
-        },
-        "training": {
-            "resolution": 64, "train_batch_size": 4, "learning_rate": 2e-3, "lr_warmup_steps": 50,
-            "max_train_steps": 700, "validation_steps": 350, "checkpointing_steps": 700,
-            "dead_code_restart_steps": 100, "disc_start": 0, "disc_weight": 0.0, "lpips_weight": 0.0, "l2_weight": 1.0,
-            "num_validation_images": 32, "random_crop_scale": [0.05, 0.5], "clip_model": "ViT-B-32",
-            "output_dir": "outputs/cdb-vq-demo",
-        },
-    },
-    "base": {
-        "model": {},
-        "training": {
-            "resolution": 256, "train_batch_size": 8, "learning_rate": 1e-4, "lr_warmup_steps": 1000,
-            "max_train_steps": 100_000, "validation_steps": 2000, "checkpointing_steps": 5000,
-            "dead_code_restart_steps": 1000, "disc_start": 20_000, "disc_weight": 0.5, "lpips_weight": 1.0, "l2_weight": 0.0,
-            "num_validation_images": 64, "random_crop_scale": [0.5, 1.0], "clip_model": "ViT-B-16",
-            "output_dir": "outputs/cdb-vq",
-        },
-    },
-}  # fmt: skip
-
-DATA_FLAGS = ("train_data_dir", "dataset_name")
-# Config fields that are not flags: set by the run (prototype labels) or by a training flag (--resolution).
-NOT_FLAGS = {"prototype_labels", "resolution", "restoration_degradation"}
-
-
-class _Unset:
-    """Default of the flags a preset fills: tells 'not given' apart from an explicit value (even None)."""
-
-    def __repr__(self) -> str:
-        return "the preset's"
-
-
-PRESET = _Unset()
 
 
 class TrainingStopped(RuntimeError):
@@ -158,267 +109,19 @@ RUN_FILES = RUN_MARKERS + ("reconstructions.png", "codebook_usage.png", "prototy
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Arguments
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def _optional_float(value: str) -> float | None:
-    return None if str(value).lower() in ("none", "null", "") else float(value)
-
-
-def _optional_str(value: str) -> str | None:
-    return None if str(value).lower() in ("none", "null", "") else value
-
-
-def _model_config_fields() -> dict[str, inspect.Parameter]:
-    parameters = inspect.signature(CDBVQConfig.__init__).parameters
-    return {name: p for name, p in parameters.items() if name not in ("self", "kwargs") and name not in NOT_FLAGS}
-
-
-def _add_model_flags(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("model (CDBVQConfig fields; default: the preset, then --model_config)")
-    for name, parameter in _model_config_fields().items():
-        default = parameter.default
-        help_text = f"CDBVQConfig.{name} (CDBVQConfig default: {default!r})."
-        if name == "channel_multipliers":
-            group.add_argument(f"--{name}", type=int, nargs="+", default=PRESET, help=help_text)
-        elif name == "code_roles":
-            group.add_argument(f"--{name}", type=json.loads, default=PRESET, help=help_text + ' JSON, e.g. \'{"structure": [0, 512], "texture": [512, 1024]}\'.')
-        elif "None" in str(parameter.annotation) and (default is None or isinstance(default, float)):
-            group.add_argument(f"--{name}", type=_optional_float, default=PRESET, help=help_text + " 'none' for None.")
-        elif isinstance(default, bool):
-            group.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, default=PRESET, help=help_text)
-        elif name == "assignment":
-            group.add_argument(f"--{name}", choices=["nearest", "sinkhorn", "cdb"], default=PRESET, help=help_text)
-        else:
-            group.add_argument(f"--{name}", type=type(default), default=PRESET, help=help_text)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description="Train a cdb-vq image tokenizer (accelerate launch training/train.py ...).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    parser.add_argument("--config", type=str, default=None, help="A YAML file whose keys are these flags' names; flags given on the command line win.")
-    parser.add_argument("--model_preset", choices=sorted(PRESETS), default=None, help="Defaults for the model and the run: 'tiny' (the default without data flags) or 'base' (with them).")
-    parser.add_argument("--model_config", type=str, default=None, help="A CDBVQConfig JSON file (e.g. the config.json of a saved tokenizer) to start the model config from.")
-
-    data = parser.add_argument_group("data")
-    data.add_argument("--train_data_dir", type=str, default=None, help="A folder of images (datasets' imagefolder layout).")
-    data.add_argument("--dataset_name", type=str, default=None, help="A data set on the Hugging Face Hub.")
-    data.add_argument("--dataset_config_name", type=str, default=None, help="The data set's configuration.")
-    data.add_argument("--image_column", type=str, default="image", help="The column with the images.")
-    data.add_argument("--cache_dir", type=str, default=None, help="Where datasets and downloads are cached.")
-    data.add_argument("--streaming", action="store_true", help="Stream the data set (for sets larger than the disk); split across processes.")
-    data.add_argument("--validation_split", type=str, default=None, help="Split to validate on (default: 'validation' or 'test' if present, else images held out of the training split).")
-    data.add_argument("--num_validation_images", type=int, default=PRESET, help="How many held-out images to validate on.")
-    data.add_argument("--max_train_samples", type=int, default=None, help="Use only this many training images (debugging).")
-    data.add_argument("--resolution", type=int, default=PRESET, help="Training crop size (and the model's config.resolution).")
-    data.add_argument("--random_crop_scale", type=float, nargs=2, default=PRESET, metavar=("MIN", "MAX"), help="Area range of the random resized crop.")
-    data.add_argument("--random_flip", action=argparse.BooleanOptionalAction, default=True, help="Random horizontal flips.")
-    data.add_argument("--shuffle_buffer_size", type=int, default=1000, help="Shuffle buffer of a streamed data set.")
-    data.add_argument("--dataloader_num_workers", type=int, default=0, help="Data-loading worker processes (0: in the main process).")
-
-    teacher = parser.add_argument_group("CLIP teacher and semantic prototypes")
-    teacher.add_argument("--clip_model", type=_optional_str, default=PRESET, help="open_clip model name, 'hf-hub:org/repo', or a model-config JSON path; 'none' trains without a teacher.")
-    teacher.add_argument("--clip_pretrained", type=_optional_str, default="openai", help="open_clip tag, 'hf-hub:org/repo', or a checkpoint file; 'none' for random weights.")
-    teacher.add_argument("--prototypes", type=str, default=None, help="'text:FILE' (a label or prompt per line), 'kmeans:N' (k-means of CLIP patch features), or a prototypes .safetensors file.")
-    teacher.add_argument("--prototype_template", type=str, default=DEFAULT_TEMPLATE, help="Prompt template for text prototypes ('{}' for the lines as they are).")
-    teacher.add_argument("--prototype_kmeans_batches", type=int, default=32, help="Training batches whose CLIP patch features 'kmeans:N' clusters.")
-
-    loss = parser.add_argument_group("loss")
-    loss.add_argument("--l1_weight", type=float, default=1.0, help="Weight of the L1 reconstruction loss.")
-    loss.add_argument("--l2_weight", type=float, default=PRESET, help="Weight of the L2 (MSE) reconstruction loss.")
-    loss.add_argument("--lpips_weight", type=float, default=PRESET, help="Weight of the LPIPS perceptual loss (needs the backbone weights).")
-    loss.add_argument("--lpips_network", choices=["vgg", "alex", "squeeze"], default="vgg", help="LPIPS backbone.")
-    loss.add_argument("--disc_weight", type=float, default=PRESET, help="Weight of the PatchGAN adversarial loss (0 disables the discriminator).")
-    loss.add_argument("--disc_start", type=int, default=PRESET, help="Step at which the adversarial losses start.")
-    loss.add_argument("--disc_loss", choices=["hinge", "vanilla"], default="hinge", help="Discriminator loss.")
-    loss.add_argument("--disc_base_channels", type=int, default=64, help="Width of the discriminator's first layer.")
-    loss.add_argument("--disc_num_layers", type=int, default=3, help="Strided layers of the discriminator.")
-    loss.add_argument("--disc_learning_rate", type=float, default=None, help="Discriminator learning rate (default: --learning_rate).")
-    loss.add_argument("--adaptive_disc_weight", action=argparse.BooleanOptionalAction, default=True, help="taming's adaptive weight on the adversarial term.")
-    loss.add_argument("--high_frequency_weight", type=float, default=0.0, help="Weight of the L1 loss between Laplacian responses of the reconstruction and the target (sharper restorations).")
-
-    roles = parser.add_argument_group("roles and restoration")
-    roles.add_argument("--role_preset", choices=["three"], default=None, help="'three': code_roles = structure / texture / colour thirds of the codebook (with --role_supervision_weight to train them).")
-    roles.add_argument("--degradation", type=str, default=None, help="Restoration training: degrade the encoder's input by this spec (e.g. 'gaussian_blur:0.5-2+noise:0.02'; names: gaussian_blur, motion_blur, noise, jpeg, downscale), reconstruct the clean image. Recorded in the config.")
-
-    optim = parser.add_argument_group("optimisation")
-    optim.add_argument("--train_batch_size", type=int, default=PRESET, help="Batch size per device.")
-    optim.add_argument("--gradient_accumulation_steps", type=int, default=1, help="Batches accumulated per optimiser step.")
-    optim.add_argument("--learning_rate", type=float, default=PRESET, help="Peak learning rate.")
-    optim.add_argument("--scale_lr", action="store_true", help="Multiply the learning rate by batch size x accumulation x processes.")
-    optim.add_argument("--lr_scheduler", type=str, default="cosine", help="transformers scheduler: linear, cosine, cosine_with_restarts, polynomial, constant, constant_with_warmup.")
-    optim.add_argument("--lr_warmup_steps", type=int, default=PRESET, help="Warm-up steps.")
-    optim.add_argument("--max_train_steps", type=int, default=PRESET, help="Optimiser steps to train for.")
-    optim.add_argument("--num_train_epochs", type=int, default=None, help="Epochs to train for (sets --max_train_steps when that is not given).")
-    optim.add_argument("--adam_beta1", type=float, default=0.5, help="Adam beta1 (VQGAN uses 0.5).")
-    optim.add_argument("--adam_beta2", type=float, default=0.9, help="Adam beta2 (VQGAN uses 0.9).")
-    optim.add_argument("--adam_weight_decay", type=float, default=0.0, help="AdamW weight decay.")
-    optim.add_argument("--adam_epsilon", type=float, default=1e-8, help="Adam epsilon.")
-    optim.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping norm (0 disables).")
-    optim.add_argument("--use_ema", action="store_true", help="Keep an EMA of the weights; it is validated and saved.")
-    optim.add_argument("--ema_weights_decay", type=float, default=0.999, help="Decay of the weight EMA.")
-    optim.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None, help="Mixed precision (default: accelerate config).")
-    optim.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere+ GPUs.")
-    optim.add_argument("--gradient_checkpointing", action="store_true", help="Recompute activations in backward to save memory.")
-    optim.add_argument("--seed", type=int, default=0, help="Seed of everything random: weights, data order, crops.")
-    optim.add_argument("--max_nonfinite_steps", type=int, default=5, help="Stop after this many steps in a row with a NaN/inf loss.")
-
-    codebook = parser.add_argument_group("codebook upkeep")
-    codebook.add_argument("--kmeans_init_batches", type=int, default=None, help="Batches whose latents initialise the codebook by k-means (default: enough for ~4 latents per code, at most 64).")
-    codebook.add_argument("--kmeans_init_iterations", type=int, default=10, help="k-means iterations of the codebook initialisation.")
-    codebook.add_argument("--dead_code_restart_steps", type=int, default=PRESET, help="Restart dead codes every this many steps (0 disables).")
-
-    run = parser.add_argument_group("run")
-    run.add_argument("--output_dir", type=str, default=PRESET, help="Where the model, pictures, metrics, checkpoints and logs go.")
-    run.add_argument("--num_threads", type=int, default=None, help="torch's CPU threads per process (default: OMP_NUM_THREADS when set, else the CPU cores that are idle at start, shared among this machine's processes).")
-    run.add_argument("--logging_dir", type=str, default="logs", help="Tracker logs, relative to --output_dir.")
-    run.add_argument("--report_to", type=str, default="tensorboard", help="Trackers: tensorboard, wandb, all, or none.")
-    run.add_argument("--tracker_project_name", type=str, default="cdb-vq", help="Tracker project / run name.")
-    run.add_argument("--validation_steps", type=int, default=PRESET, help="Validate every this many steps (and at the end).")
-    run.add_argument("--validation_fid", nargs="?", const="inception", default=None, choices=["inception", "random"], help="Also compute rFID at validation (torchmetrics' FrechetInceptionDistance against the same held-out crops); without the Inception weights one line says so. 'random': a small random feature extractor, to smoke-test the path offline (not comparable).")
-    run.add_argument("--fid_weights", type=str, default=None, help="The FID Inception weights file (default: the torch hub cache, else a download when reachable).")
-    run.add_argument("--num_grid_images", type=int, default=8, help="Held-out images in the reconstruction grid.")
-    run.add_argument("--checkpointing_steps", type=int, default=PRESET, help="Save an accelerate checkpoint every this many steps.")
-    run.add_argument("--checkpoints_total_limit", type=int, default=3, help="Keep at most this many checkpoints.")
-    run.add_argument("--resume_from_checkpoint", type=str, default=None, help="'latest' (the newest complete checkpoint) or a checkpoint folder to continue from.")
-    run.add_argument("--overwrite_output_dir", action="store_true", help="Start over in an --output_dir that holds another run: its checkpoints, logs, model and metrics are deleted first.")
-    run.add_argument("--push_to_hub", action="store_true", help="Upload the output folder to the Hub at the end.")
-    run.add_argument("--hub_model_id", type=str, default=None, help="Hub repository (default: the output folder's name).")
-    run.add_argument("--hub_token", type=str, default=None, help="Hub token (default: the logged-in one; prefer `hf auth login` or HF_TOKEN: a token on the command line shows in the process list). Never written to training_config.json or the trackers.")
-    run.add_argument("--hub_private_repo", action="store_true", help="Create the Hub repository as private.")
-    _add_model_flags(parser)
-    return parser
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Parse flags (and `--config`), fill the preset's defaults and check the model config; errors exit clearly."""
-    parser = build_parser()
-    known, _ = parser.parse_known_args(argv)
-    if known.config is not None:
-        parser.set_defaults(**_read_config_file(parser, known.config))
-    args = parser.parse_args(argv)
-    if args.model_preset is None:
-        args.model_preset = "base" if any(getattr(args, flag) for flag in DATA_FLAGS) else "tiny"
-    preset = PRESETS[args.model_preset]
-    epochs_decide = args.num_train_epochs is not None and args.max_train_steps is PRESET
-    if args.model_config is not None and args.resolution is PRESET and os.path.isfile(args.model_config):
-        args.resolution = CDBVQConfig.from_json_file(args.model_config).resolution  # train at the model's resolution
-    for key, value in preset["training"].items():
-        if getattr(args, key) is PRESET:
-            setattr(args, key, value)
-    if epochs_decide:
-        args.max_train_steps = None  # set from --num_train_epochs once the data is known
-
-    try:
-        args.model_config_dict = _model_config_dict(args, preset)
-        CDBVQConfig(**args.model_config_dict)
-        _check_training_args(args)
-        _check_validation_can_run(args)
-    except (ValueError, FileNotFoundError) as error:
-        parser.error(str(error))
-    return args
-
-
-def _check_validation_can_run(args: argparse.Namespace) -> None:
-    """Refuse at start-up a run whose validation would fail after training (e.g. images too small for SSIM)."""
-    factor = CDBVQConfig(**args.model_config_dict).downsampling_factor
-    if args.resolution % factor:
-        raise ValueError(f"--resolution {args.resolution} is not a multiple of the model's downsampling factor {factor}.")
-    from cdb_tokenizer.evaluation import check_image_size
-
-    check_image_size(args.resolution, args.resolution, name="--resolution")
-
-
-def _read_config_file(parser: argparse.ArgumentParser, path: str) -> dict:
-    import yaml
-
-    if not os.path.isfile(path):
-        parser.error(f"--config file {path!r} does not exist.")
-    with open(path, encoding="utf-8") as handle:
-        values = yaml.safe_load(handle) or {}
-    if not isinstance(values, dict):
-        parser.error(f"--config file {path!r} must hold a mapping of flag names to values.")
-    known = {action.dest for action in parser._actions}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        parser.error(f"--config file {path!r} has unknown keys {unknown}; keys are flag names such as 'learning_rate'.")
-    return values
-
-
-def _model_config_dict(args: argparse.Namespace, preset: dict) -> dict:
-    config = dict(preset["model"])
-    if args.model_config is not None:
-        if not os.path.isfile(args.model_config):
-            raise FileNotFoundError(f"--model_config file {args.model_config!r} does not exist.")
-        saved = CDBVQConfig.from_json_file(args.model_config).to_dict()
-        fields = set(inspect.signature(CDBVQConfig.__init__).parameters) - {"self", "kwargs", "prototype_labels"}
-        config.update({key: value for key, value in saved.items() if key in fields})
-    for name in _model_config_fields():
-        value = getattr(args, name)
-        if value is not PRESET:
-            config[name] = value
-    config["resolution"] = args.resolution
-    if getattr(args, "role_preset", None) == "three" and not config.get("code_roles"):
-        config["code_roles"] = three_role_ranges(config.get("codebook_size", CDBVQConfig().codebook_size))
-    config.pop("restoration_degradation", None)  # only what this run trains on (not a --model_config's)
-    if getattr(args, "degradation", None):
-        config["restoration_degradation"] = canonical_spec(args.degradation)
-    return args_without_sentinels(args, config)
-
-
-def args_without_sentinels(args: argparse.Namespace, config: dict) -> dict:
-    """Replace the remaining 'not given' markers of model flags by the config's values (for logs and JSON)."""
-    for name in _model_config_fields():
-        if getattr(args, name) is PRESET:
-            setattr(args, name, config.get(name, _model_config_fields()[name].default))
-    return config
-
-
-def _check_training_args(args: argparse.Namespace) -> None:
-    if args.train_data_dir is not None and args.dataset_name is not None:
-        raise ValueError("give either --train_data_dir or --dataset_name, not both.")
-    if args.train_data_dir is not None and not os.path.isdir(args.train_data_dir):
-        raise FileNotFoundError(f"--train_data_dir {args.train_data_dir!r} does not exist or is not a directory.")
-    positive = ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "validation_steps",
-                "checkpointing_steps", "num_validation_images", "resolution")  # fmt: skip
-    for name in positive:
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise ValueError(f"--{name} must be a positive integer, got {getattr(args, name)}.")
-    low, high = args.random_crop_scale
-    if not 0 < low <= high <= 1:
-        raise ValueError(f"--random_crop_scale must be two numbers with 0 < MIN <= MAX <= 1, got {low} {high}.")
-    if args.prototypes is not None:
-        kind, _, value = args.prototypes.partition(":")
-        if kind == "kmeans" and not (value.isdigit() and int(value) > 0):
-            raise ValueError(f"--prototypes kmeans:N needs a positive N, got {args.prototypes!r}.")
-        if kind == "text" and not os.path.isfile(value):
-            raise FileNotFoundError(f"--prototypes text file {value!r} does not exist.")
-        if kind not in ("text", "kmeans") and not os.path.isfile(args.prototypes):
-            raise ValueError(f"--prototypes must be 'text:FILE', 'kmeans:N' or a .safetensors file, got {args.prototypes!r}.")
-    if args.streaming and args.max_train_steps is None:
-        raise ValueError("--streaming needs --max_train_steps, not --num_train_epochs (a stream has no length).")
-    for name in ("l1_weight", "l2_weight", "lpips_weight", "disc_weight", "high_frequency_weight"):
-        if getattr(args, name) < 0:
-            raise ValueError(f"--{name} must be >= 0, got {getattr(args, name)}.")
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # Data
 # ----------------------------------------------------------------------------------------------------------------
 
 
 def load_data(args: argparse.Namespace, accelerator: Accelerator):
-    """The training images (a map-style source or a stream) and the held-out validation pixel values (N, 3, R, R)."""
+    """The training images (a map-style source or a stream), the held-out validation pixel values (N, 3, R, R) and
+    how many validation images could not be read."""
     if args.train_data_dir is None and args.dataset_name is None:
         logger.info("No data flags: training on crops of scikit-image's photos, validating on scikit-learn's.")
         crops_per_photo = math.ceil(args.num_validation_images / 2)
         validation = fixed_crops(sample_photos("sklearn"), args.resolution, crops_per_photo, seed=args.seed,
                                  crop_scale=tuple(args.random_crop_scale))[: args.num_validation_images]  # fmt: skip
-        args.skipped_validation_images = 0
-        return sample_photos("skimage"), validation
+        return sample_photos("skimage"), validation, 0
     source = {
         "train_data_dir": args.train_data_dir, "dataset_name": args.dataset_name,
         "dataset_config_name": args.dataset_config_name, "image_column": args.image_column,
@@ -437,7 +140,7 @@ def load_data(args: argparse.Namespace, accelerator: Accelerator):
             train, validation = held_out["train"], held_out["test"]
     if args.max_train_samples is not None:
         train = train.take(args.max_train_samples) if args.streaming else train.select(range(min(args.max_train_samples, len(train))))
-    return train, _validation_pixels(args, validation)
+    return train, *_validation_pixels(args, validation)
 
 
 def _validation_split(args: argparse.Namespace, source: dict):
@@ -451,7 +154,7 @@ def _validation_split(args: argparse.Namespace, source: dict):
     return None
 
 
-def _validation_pixels(args: argparse.Namespace, validation) -> torch.Tensor:
+def _validation_pixels(args: argparse.Namespace, validation) -> tuple[torch.Tensor, int]:
     processor = CDBVQImageProcessor(size={"height": args.resolution, "width": args.resolution})
     images, unreadable = [], 0
     for item in itertools.islice(validation, args.num_validation_images):
@@ -461,12 +164,11 @@ def _validation_pixels(args: argparse.Namespace, validation) -> torch.Tensor:
             logger.warning(f"Skipping unreadable validation image {describe_image_value(item[args.image_column])}.")
             continue
         images.append(image)
-    args.skipped_validation_images = unreadable
     if unreadable:
         logger.warning(f"Skipped {unreadable} unreadable validation images.")
     if not images:
         raise ValueError("no readable validation images.")
-    return processor(images, return_tensors="pt").pixel_values
+    return processor(images, return_tensors="pt").pixel_values, unreadable
 
 
 def build_train_loader(args: argparse.Namespace, train, accelerator: Accelerator):
@@ -600,123 +302,13 @@ def initialize_codebook(args, model: CDBVQModel, batches, accelerator: Accelerat
     model.quantizer.initialize_codebook(latents, iterations=args.kmeans_init_iterations, seed=args.seed)
     logger.info(f"Initialised the codebook by k-means of {latents.shape[0] * accelerator.num_processes} latents ({num_batches} batches per process).")
     if use_prototypes:
-        _tie_codes_to_prototypes(model, latents, torch.cat(features), accelerator)
-
-
-def _tie_codes_to_prototypes(model: CDBVQModel, latents: torch.Tensor, features: torch.Tensor, accelerator) -> None:
-    quantizer = model.quantizer
-    indices = nearest_codes(quantizer.prepare_latents(latents), quantizer.codes(), model.config.assignment_chunk_size)
-    sums = torch.zeros(model.config.codebook_size, features.shape[1], device=features.device)
-    sums.index_add_(0, indices, F.normalize(features, dim=-1))
-    sums = accelerator.reduce(sums, reduction="sum")
-    similarity = F.normalize(sums, dim=-1) @ F.normalize(quantizer.prototypes.float(), dim=-1).t()
-    code_to_prototype = torch.where(sums.abs().sum(-1) > 0, similarity.argmax(-1), quantizer.code_to_prototype)
-    model.set_prototypes(quantizer.prototypes.clone(), model.config.prototype_labels, code_to_prototype)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# EMA of the weights
-# ----------------------------------------------------------------------------------------------------------------
-
-
-class EMAWeights:
-    """An exponential moving average of a model's trainable parameters (checkpointed with accelerate)."""
-
-    def __init__(self, model: torch.nn.Module, decay: float):
-        self.decay = decay
-        self.shadow = {name: p.detach().float().clone() for name, p in model.named_parameters() if p.requires_grad}
-
-    @torch.no_grad()
-    def update(self, model: torch.nn.Module) -> None:
-        for name, parameter in model.named_parameters():
-            if name in self.shadow:
-                self.shadow[name].lerp_(parameter.detach().float(), 1.0 - self.decay)
-
-    @torch.no_grad()
-    def copy_rows(self, model: torch.nn.Module, name: str, rows: torch.Tensor) -> None:
-        """Take rows of a parameter as they are now (e.g. restarted codes, which an average would blur)."""
-        if name in self.shadow:
-            self.shadow[name][rows] = dict(model.named_parameters())[name].detach().float()[rows]
-
-    @contextmanager
-    def applied(self, model: torch.nn.Module):
-        """Swap the averaged weights into `model` for the duration of the block."""
-        parameters = dict(model.named_parameters())
-        saved = {name: parameters[name].detach().clone() for name in self.shadow}
-        with torch.no_grad():
-            for name, value in self.shadow.items():
-                parameters[name].copy_(value)
-        try:
-            yield model
-        finally:
-            with torch.no_grad():
-                for name, value in saved.items():
-                    parameters[name].copy_(value)
-
-    # Checkpointed as safetensors (`ema/<parameter>`) and the decay in the checkpoint's JSON state, never pickled.
-    def to_tensors(self) -> dict[str, torch.Tensor]:
-        return {f"ema/{name}": value for name, value in self.shadow.items()}
-
-    def load_tensors(self, tensors: dict[str, torch.Tensor], state: dict, source: str | None = None) -> None:
-        """Restore the average from a checkpoint; a missing or mismatched tensor is a clear CheckpointError."""
-        for name, value in self.shadow.items():
-            saved = tensors.get(f"ema/{name}")
-            if saved is None or saved.shape != value.shape:
-                what = "has no" if saved is None else f"has a {tuple(saved.shape)} (not {tuple(value.shape)})"
-                raise CheckpointError(
-                    f"the checkpoint ({source}) {what} EMA weight for {name}: it was written without --use_ema or by "
-                    f"a run with another model configuration."
-                )
-            value.copy_(saved.to(device=value.device, dtype=value.dtype))
-        if state.get("ema_weights_decay") is not None:
-            self.decay = float(state["ema_weights_decay"])
+        code_to_prototype = model.quantizer.tie_codes_to_prototypes(latents, torch.cat(features))
+        model.set_prototypes(model.quantizer.prototypes.clone(), model.config.prototype_labels, code_to_prototype)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Logging, validation, checkpoints
 # ----------------------------------------------------------------------------------------------------------------
-
-
-class RunLog:
-    """Sends scalars to the accelerate trackers and appends them to `logs/train_log.jsonl` (main process)."""
-
-    def __init__(self, accelerator: Accelerator, path: Path):
-        self.accelerator = accelerator
-        self.path = path
-
-    def __call__(self, values: dict[str, float], step: int) -> None:
-        values = {key: float(value) for key, value in values.items()}
-        self.accelerator.log(values, step=step)
-        if self.accelerator.is_main_process:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.path, "a", encoding="utf-8") as handle:
-                handle.write(json.dumps({"step": step, **values}) + "\n")
-
-    def truncate_after(self, step: int) -> None:
-        """Drop the records of steps after `step` (a resumed run trains them again) and any half-written line."""
-        if not self.path.is_file():
-            return
-        kept = []
-        for line in self.path.read_text(encoding="utf-8").splitlines():
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(record, dict) and int(record.get("step", 0)) <= step:
-                kept.append(line)
-        temporary = self.path.with_name(self.path.name + ".tmp")
-        temporary.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-        os.replace(temporary, self.path)
-
-    def image(self, name: str, image: torch.Tensor, step: int) -> None:
-        """Log a (3, H, W) image in [0, 1] to the trackers that take images."""
-        for tracker in self.accelerator.trackers:
-            if tracker.name == "tensorboard":
-                tracker.writer.add_image(name, image, step)
-            elif tracker.name == "wandb":
-                import wandb
-
-                tracker.log({name: wandb.Image(image.permute(1, 2, 0).numpy())}, step=step)
 
 
 def validation_batches(pixel_values: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
@@ -787,29 +379,9 @@ def resume(accelerator: Accelerator, args) -> tuple[int, dict[str, torch.Tensor]
     `latest` is the newest *complete* checkpoint (one whose manifest matches its files); incomplete ones (a run
     killed while writing) are skipped and named. Returns (0, {}, {}) when there is nothing to resume.
     """
-    if args.resume_from_checkpoint is None:
+    path = find_checkpoint(args.resume_from_checkpoint, args.output_dir)
+    if path is None:
         return 0, {}, {}
-    if args.resume_from_checkpoint == "latest":
-        complete, incomplete = complete_checkpoints(args.output_dir)
-        for path, reason in incomplete:
-            logger.warning(f"Skipping the incomplete checkpoint {path}: {reason}.")
-        if not complete and incomplete:
-            raise CheckpointError(
-                f"--resume_from_checkpoint latest: {args.output_dir}/checkpoints holds no complete checkpoint, only "
-                f"incomplete ones ({', '.join(f'{path.name}: {reason}' for path, reason in incomplete)}). Pass "
-                f"--overwrite_output_dir to start over."
-            )
-        if not complete:
-            logger.info(f"No checkpoint in {args.output_dir}/checkpoints: starting a new run.")
-            return 0, {}, {}
-        path = complete[-1]
-    else:
-        path = Path(args.resume_from_checkpoint)
-        if not path.is_dir():
-            raise FileNotFoundError(f"--resume_from_checkpoint {str(path)!r} is not a checkpoint folder.")
-        reason = incomplete_reason(path)
-        if reason is not None:
-            raise CheckpointError(f"--resume_from_checkpoint {str(path)!r} is not a complete checkpoint: {reason}.")
     tensors, state = load_custom_state(path)  # safetensors and JSON: nothing is unpickled
     try:
         # accelerate reads the optimiser, scheduler and RNG states with torch.load(weights_only=True).
@@ -865,20 +437,15 @@ def write_json(path: Path, values: dict) -> None:
     path.write_text(json.dumps(values, indent=2, default=str) + "\n")
 
 
-def hparams(args: argparse.Namespace) -> dict:
-    """Tracker-friendly copy of the arguments (scalars only), without secrets (--hub_token, ...)."""
-    public = redact_secrets(vars(args))
+def hparams(run_config: dict) -> dict:
+    """Tracker-friendly copy of the run's configuration (scalars only), without secrets (--hub_token, ...)."""
+    public = redact_secrets(run_config)
     return {key: value if isinstance(value, (int, float, str, bool)) else str(value) for key, value in public.items()}
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Training
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def quantizer_state(model: CDBVQModel) -> dict[str, torch.Tensor]:
-    """A copy of the quantizer's buffers and codebook, to undo a step whose loss was not finite."""
-    return {name: value.detach().clone() for name, value in model.quantizer.state_dict().items()}
 
 
 @dataclass
@@ -918,7 +485,7 @@ def training_step(parts: TrainingParts, pixel_values: torch.Tensor, step: int, a
     if args.degradation:  # restoration: the encoder sees the degraded image, the loss targets the clean one
         seed = degradation_seed(args, step, micro_batch, accelerator.process_index)
         inputs = degrade(pixel_values, args.degradation, seed=seed)
-    snapshot = quantizer_state(parts.unwrapped)
+    snapshot = parts.unwrapped.quantizer.snapshot()
     adversarial = parts.discriminator is not None and loss_module.adversarial_active(step)
     with accelerator.accumulate(*[m for m in (parts.model, parts.discriminator) if m is not None]):
         with accelerator.autocast():
@@ -936,7 +503,7 @@ def training_step(parts: TrainingParts, pixel_values: torch.Tensor, step: int, a
         if disc_loss is not None:
             accelerator.backward(disc_loss)
         if bad_term:
-            parts.unwrapped.quantizer.load_state_dict(snapshot)
+            parts.unwrapped.quantizer.restore(snapshot)
         if accelerator.sync_gradients:
             bad_term = bad_term or _step(args, accelerator, parts, adversarial)
             parts.scheduler.step()
@@ -998,18 +565,7 @@ def train(args: argparse.Namespace) -> tuple[CDBVQModel, dict]:
     start_time = time.time()
     threads = set_num_threads(args)
     output_dir = Path(args.output_dir)
-    accelerator = Accelerator(
-        cpu=_multi_process_without_accelerator(),
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=args.mixed_precision,
-        log_with=None if args.report_to == "none" else args.report_to,
-        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)),
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
-    )
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    logging.getLogger().setLevel(logging.INFO if accelerator.is_main_process else logging.ERROR)
-    for noisy in ("httpx", "huggingface_hub", "datasets", "PIL", "accelerate.checkpointing", "accelerate.accelerator"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    accelerator = make_accelerator(args, output_dir, kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
     set_seed(args.seed)
@@ -1027,36 +583,23 @@ def train(args: argparse.Namespace) -> tuple[CDBVQModel, dict]:
     lpips_metric = lpips_module or _optional_lpips(args.lpips_network, accelerator)
     fid = _validation_fid(args, accelerator)
 
-    train_images, validation = load_data(args, accelerator)
+    train_images, validation, skipped_validation_images = load_data(args, accelerator)
     train_loader, sampler = build_train_loader(args, train_images, accelerator)
     prototypes, labels = build_prototypes(args, teacher, train_loader, sampler, accelerator)
     set_seed(args.seed)  # the same initial weights whatever the steps above drew
     model = build_model(args, teacher, prototypes, labels)
-    if args.max_train_steps is None:
-        args.max_train_steps = args.num_train_epochs * sampler.batches_per_epoch // args.gradient_accumulation_steps
+    max_train_steps = args.max_train_steps  # --num_train_epochs decides it once the data is known; args stay as parsed
+    if max_train_steps is None:
+        max_train_steps = args.num_train_epochs * sampler.batches_per_epoch // args.gradient_accumulation_steps
+    run_config = {**vars(args), "max_train_steps": max_train_steps,
+                  "skipped_validation_images": skipped_validation_images}  # what training_config.json records
     if accelerator.is_main_process:
-        write_json(output_dir / "training_config.json", redact_secrets({**vars(args), "model_config": model.config.to_dict()}))
+        write_json(output_dir / "training_config.json", redact_secrets({**run_config, "model_config": model.config.to_dict()}))
 
-    loss_module = TokenizerLoss(
-        l1_weight=args.l1_weight, l2_weight=args.l2_weight, lpips_weight=args.lpips_weight, lpips=lpips_module,
-        disc_weight=args.disc_weight, disc_start=args.disc_start, disc_loss=args.disc_loss,
-        adaptive_disc_weight=args.adaptive_disc_weight, high_frequency_weight=args.high_frequency_weight,
-    )  # fmt: skip
-    learning_rate = args.learning_rate
-    if args.scale_lr:
-        learning_rate *= args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
-    optimizer = _adamw(args, [p for p in model.parameters() if p.requires_grad], learning_rate)
-    scheduler = _scheduler(args, optimizer, accelerator)
-    discriminator = disc_optimizer = disc_scheduler = None
-    if args.disc_weight > 0:
-        discriminator = PatchDiscriminator(model.config.num_channels, args.disc_base_channels, args.disc_num_layers)
-        disc_optimizer = _adamw(args, discriminator.parameters(), args.disc_learning_rate or learning_rate)
-        disc_scheduler = _scheduler(args, disc_optimizer, accelerator)
-        model, discriminator, optimizer, disc_optimizer, scheduler, disc_scheduler = accelerator.prepare(
-            model, discriminator, optimizer, disc_optimizer, scheduler, disc_scheduler
-        )
-    else:
-        model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    loss_module = build_loss(args, lpips_module)
+    model, discriminator, optimizer, disc_optimizer, scheduler, disc_scheduler = build_optimizers(
+        args, model, accelerator, max_train_steps
+    )
     unwrapped = accelerator.unwrap_model(model)
     plain_discriminator = accelerator.unwrap_model(discriminator) if discriminator is not None else None
     ema = EMAWeights(unwrapped, args.ema_weights_decay) if args.use_ema else None
@@ -1064,9 +607,9 @@ def train(args: argparse.Namespace) -> tuple[CDBVQModel, dict]:
     global_step, resumed_tensors, resumed_state = resume(accelerator, args)
     if ema is not None and global_step > 0:
         ema.load_tensors(resumed_tensors, resumed_state, source=args.resume_from_checkpoint)
-    if global_step >= args.max_train_steps and global_step > 0:
+    if global_step >= max_train_steps and global_step > 0:
         logger.info(f"Nothing left to train: the checkpoint is at step {global_step} and --max_train_steps is "
-                    f"{args.max_train_steps}. The model in {output_dir} is left as it is (raise --max_train_steps to go on).")  # fmt: skip
+                    f"{max_train_steps}. The model in {output_dir} is left as it is (raise --max_train_steps to go on).")  # fmt: skip
         accelerator.end_training()
         metrics_file = output_dir / "metrics.json"
         return unwrapped, json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
@@ -1075,7 +618,7 @@ def train(args: argparse.Namespace) -> tuple[CDBVQModel, dict]:
         if ema is not None:
             ema.copy_rows(unwrapped, "quantizer.codebook.weight", torch.arange(unwrapped.config.codebook_size))
     if accelerator.is_main_process:
-        accelerator.init_trackers(args.tracker_project_name, config=hparams(args))
+        accelerator.init_trackers(args.tracker_project_name, config=hparams(run_config))
     log = RunLog(accelerator, output_dir / args.logging_dir / "train_log.jsonl")
     if accelerator.is_main_process:
         log.truncate_after(global_step)  # steps after the checkpoint are trained again: never logged twice
@@ -1083,13 +626,13 @@ def train(args: argparse.Namespace) -> tuple[CDBVQModel, dict]:
 
     logger.info(
         f"Training {sum(p.numel() for p in unwrapped.parameters()) / 1e6:.2f}M parameters ({args.model_preset} preset, "
-        f"{unwrapped.config.assignment} assignment, {unwrapped.config.codebook_size} codes) for {args.max_train_steps} "
+        f"{unwrapped.config.assignment} assignment, {unwrapped.config.codebook_size} codes) for {max_train_steps} "
         f"steps on {accelerator.num_processes} process(es), {args.train_batch_size} images each x "
         f"{args.gradient_accumulation_steps} accumulation; teacher: {teacher.name if teacher else 'none'}; "
         f"{threads} CPU thread(s) per process."
     )
     batches = batch_stream(train_loader, sampler, start_batch=global_step * args.gradient_accumulation_steps)
-    progress = tqdm(range(args.max_train_steps), initial=global_step, desc="steps", disable=not accelerator.is_main_process)
+    progress = tqdm(range(max_train_steps), initial=global_step, desc="steps", disable=not accelerator.is_main_process)
     # Unreadable training images, by name: counted once however often the data passes over them (and kept across
     # a resume through the checkpoint's JSON state).
     skipped_ids = set(resumed_state.get("skipped_image_ids", []))
@@ -1097,7 +640,7 @@ def train(args: argparse.Namespace) -> tuple[CDBVQModel, dict]:
     metrics, first_step, loop_start = {}, global_step, time.time()
     parts = TrainingParts(accelerator, model, unwrapped, discriminator, plain_discriminator, optimizer, disc_optimizer,
                           scheduler, disc_scheduler, loss_module, teacher, grid_size)  # fmt: skip
-    while global_step < args.max_train_steps:
+    while global_step < max_train_steps:
         step_terms, bad_term = {}, None
         for micro_batch in range(args.gradient_accumulation_steps):
             batch = next(batches)
@@ -1128,12 +671,12 @@ def train(args: argparse.Namespace) -> tuple[CDBVQModel, dict]:
         log(values, global_step)
         progress.set_postfix(loss=f"{step_terms['total']:.4f}", used=f"{float(output.utilization):.0%}")
 
-        if global_step % args.validation_steps == 0 or global_step == args.max_train_steps:
+        if global_step % args.validation_steps == 0 or global_step == max_train_steps:
             # Every process validates on the whole held-out set: torchmetrics syncs its states across processes,
             # so all must take part (and all get the same numbers).
             metrics = validate(unwrapped, validation, args, lpips_metric, log, global_step, ema, fid)
             logger.info(f"Step {global_step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
-        if global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
+        if global_step % args.checkpointing_steps == 0 or global_step == max_train_steps:
             save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit,
                             tensors=ema.to_tensors() if ema is not None else None,
                             state={"step": global_step, "skipped_image_ids": sorted(skipped_ids),
@@ -1147,7 +690,7 @@ def train(args: argparse.Namespace) -> tuple[CDBVQModel, dict]:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         metrics.update(steps=global_step, wall_time_seconds=round(time.time() - start_time, 1),
-                       skipped_images=skipped_images, skipped_validation_images=args.skipped_validation_images,
+                       skipped_images=skipped_images, skipped_validation_images=skipped_validation_images,
                        nonfinite_steps=nonfinite_steps, num_processes=accelerator.num_processes,
                        seconds_per_step=round(seconds_per_step, 4),
                        teacher=teacher.name if teacher else None,
@@ -1158,30 +701,53 @@ def train(args: argparse.Namespace) -> tuple[CDBVQModel, dict]:
     accelerator.wait_for_everyone()
     accelerator.end_training()
     if args.push_to_hub and accelerator.is_main_process:
-        from cdb_tokenizer.publishing import push_to_hub
+        from cdb_tokenizer.tools.publishing import push_to_hub
 
         push_to_hub(str(output_dir), args.hub_model_id or output_dir.name, private=args.hub_private_repo, token=args.hub_token)
     if accelerator.is_main_process:
-        elapsed = time.time() - start_time
-        if sys.argv and Path(sys.argv[0]).name == "train.py":  # the whole command, imports included
-            elapsed = process_seconds() or elapsed
-        minutes, seconds = divmod(round(elapsed), 60)
-        rfid = f", rFID {metrics['rfid']:.3f}" if "rfid" in metrics else ""
-        logger.info(
-            f"Done in {minutes} min {seconds:02d} s wall time ({global_step} steps, {seconds_per_step:.2f} s/step, "
-            f"{threads} CPU thread(s) per process): held-out PSNR {metrics['psnr']:.2f} dB, SSIM {metrics['ssim']:.3f}"
-            f"{rfid}, {metrics['utilization']:.1%} of {unwrapped.config.codebook_size} codes used. Outputs: {output_dir}"
-        )
+        log_done(start_time, global_step, seconds_per_step, threads, metrics, unwrapped.config.codebook_size, output_dir)
     return unwrapped, metrics
 
 
-def _multi_process_without_accelerator() -> bool:
-    """Several processes (torchrun / accelerate launch) on a machine with no GPU: accelerate then needs `cpu=True`
-    to set up its gloo process group instead of running each process alone."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return False
-    has_accelerator = getattr(torch, "accelerator", None)
-    return not (has_accelerator.is_available() if has_accelerator is not None else torch.cuda.is_available())
+def build_loss(args, lpips_module) -> TokenizerLoss:
+    """The pixel-space losses of the run (the quantizer and semantic terms come with the model's output)."""
+    return TokenizerLoss(
+        l1_weight=args.l1_weight, l2_weight=args.l2_weight, lpips_weight=args.lpips_weight, lpips=lpips_module,
+        disc_weight=args.disc_weight, disc_start=args.disc_start, disc_loss=args.disc_loss,
+        adaptive_disc_weight=args.adaptive_disc_weight, high_frequency_weight=args.high_frequency_weight,
+    )  # fmt: skip
+
+
+def build_optimizers(args, model: CDBVQModel, accelerator: Accelerator, max_train_steps: int) -> tuple:
+    """AdamW and the learning-rate schedule of the model and, with --disc_weight, of a PatchGAN discriminator, all
+    prepared by accelerate: (model, discriminator, optimizer, disc_optimizer, scheduler, disc_scheduler)."""
+    learning_rate = args.learning_rate
+    if args.scale_lr:
+        learning_rate *= args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
+    optimizer = _adamw(args, [p for p in model.parameters() if p.requires_grad], learning_rate)
+    scheduler = _scheduler(args, optimizer, accelerator, max_train_steps)
+    if args.disc_weight <= 0:
+        model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+        return model, None, optimizer, None, scheduler, None
+    discriminator = PatchDiscriminator(model.config.num_channels, args.disc_base_channels, args.disc_num_layers)
+    disc_optimizer = _adamw(args, discriminator.parameters(), args.disc_learning_rate or learning_rate)
+    disc_scheduler = _scheduler(args, disc_optimizer, accelerator, max_train_steps)
+    return accelerator.prepare(model, discriminator, optimizer, disc_optimizer, scheduler, disc_scheduler)
+
+
+def log_done(start_time: float, steps: int, seconds_per_step: float, threads: int, metrics: dict, codebook_size: int,
+             output_dir: Path) -> None:
+    """The run's last line: time, speed and the held-out numbers."""
+    elapsed = time.time() - start_time
+    if sys.argv and Path(sys.argv[0]).name == "train.py":  # the whole command, imports included
+        elapsed = process_seconds() or elapsed
+    minutes, seconds = divmod(round(elapsed), 60)
+    rfid = f", rFID {metrics['rfid']:.3f}" if "rfid" in metrics else ""
+    logger.info(
+        f"Done in {minutes} min {seconds:02d} s wall time ({steps} steps, {seconds_per_step:.2f} s/step, "
+        f"{threads} CPU thread(s) per process): held-out PSNR {metrics['psnr']:.2f} dB, SSIM {metrics['ssim']:.3f}"
+        f"{rfid}, {metrics['utilization']:.1%} of {codebook_size} codes used. Outputs: {output_dir}"
+    )
 
 
 def _adamw(args, parameters, learning_rate: float) -> torch.optim.Optimizer:
@@ -1189,13 +755,13 @@ def _adamw(args, parameters, learning_rate: float) -> torch.optim.Optimizer:
                              weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)  # fmt: skip
 
 
-def _scheduler(args, optimizer, accelerator: Accelerator):
+def _scheduler(args, optimizer, accelerator: Accelerator, max_train_steps: int):
     from transformers import get_scheduler
 
     # accelerate steps a prepared scheduler once per process, so count in process-steps (as diffusers does).
     return get_scheduler(
         args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-        num_training_steps=args.max_train_steps * accelerator.num_processes,
+        num_training_steps=max_train_steps * accelerator.num_processes,
     )  # fmt: skip
 
 
@@ -1210,7 +776,7 @@ def _validation_fid(args, accelerator: Accelerator):
     """The rFID metric `--validation_fid` asks for, or None (one logged line when the Inception weights are missing)."""
     if args.validation_fid is None:
         return None
-    from cdb_tokenizer.evaluation import RandomFeatureExtractor, optional_fid_metric
+    from cdb_tokenizer.tools.evaluation import RandomFeatureExtractor, optional_fid_metric
 
     if args.validation_fid == "random":
         logger.info("rFID with a small random feature extractor: a smoke test of the path, not comparable to Inception FIDs.")
@@ -1292,10 +858,10 @@ def save_outputs(model: CDBVQModel, validation: torch.Tensor, args, metrics: dic
         with ema.applied(model) if ema is not None else nullcontext():
             was_training = model.training
             model.eval()
-            crops = validation[: args.num_grid_images]  # one batch of equal-size held-out crops
-            role_map = model.role_map(crops.to(device=model.device, dtype=model.dtype)).cpu()
+            role_images = validation[: args.num_grid_images]  # one batch of equal crops (the pictures may differ in size)
+            role_map = model.role_map(role_images.to(device=model.device, dtype=model.dtype)).cpu()
             model.train(was_training)
-        save_role_map(crops, role_map, model.config.role_names, output_dir / "role_map.png")
+        save_role_map(role_images, role_map, model.config.role_names, output_dir / "role_map.png")
     write_json(output_dir / "metrics.json", metrics)
     logger.info(f"Saved the tokenizer, reconstructions.png, codebook_usage.png, {'role_map.png, ' if model.config.code_roles else ''}metrics.json to {output_dir}.")
 

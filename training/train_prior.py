@@ -1,10 +1,10 @@
 #!/usr/bin/env python
 """Train a transformer prior (a transformers causal LM) over cdb-vq image tokens.
 
-Sequences are `BOS [class] image tokens EOS` (see `cdb_tokenizer.priors.PriorVocabulary`); class-conditional
+Sequences are `BOS [class] image tokens EOS` (see `cdb_tokenizer.tools.priors.PriorVocabulary`); class-conditional
 priors are trained with label dropout so that they can sample with classifier-free guidance.
 
-Data: a tokenised data set saved with `save_to_disk` (`cdb-vq tokenize` or `cdb_tokenizer.priors.tokenize_dataset`)
+Data: a tokenised data set saved with `save_to_disk` (`cdb-vq tokenize` or `cdb_tokenizer.tools.priors.tokenize_dataset`)
 given by `--tokens_dir`, or, with no data flag, the embedded default: random crops of the scikit-image photos, one
 class per photo, tokenised on the fly with `--tokenizer`.
 
@@ -21,20 +21,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import math
-import os
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from accelerate.utils import DataLoaderConfiguration, set_seed
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from cdb_tokenizer.checkpoints import complete_checkpoints, save_checkpoint
-from cdb_tokenizer.priors import (
+from cdb_tokenizer.tools.checkpoints import save_checkpoint
+from cdb_tokenizer.tools.runs import find_checkpoint, make_accelerator
+from cdb_tokenizer.tools.priors import (
     ARCHITECTURES,
     PriorCollator,
     PriorVocabulary,
@@ -170,7 +169,7 @@ def load_token_splits(args: argparse.Namespace, accelerator: Accelerator, tokeni
     if "image_tokens" not in train.column_names:
         raise ValueError(
             f"--tokens_dir holds columns {train.column_names}, not image_tokens: tokenise images first "
-            f"(`cdb-vq tokenize` or cdb_tokenizer.priors.tokenize_dataset)."
+            f"(`cdb-vq tokenize` or cdb_tokenizer.tools.priors.tokenize_dataset)."
         )
     if validation is None:
         if len(train) < 2:
@@ -197,23 +196,6 @@ def make_vocabulary(args: argparse.Namespace, train, validation, codebook_size: 
     if max(labels) >= num_classes:
         raise ValueError(f"--num_classes {num_classes} is too small for label {max(labels)}.")
     return PriorVocabulary(codebook_size, num_classes)
-
-
-def resolve_checkpoint(args: argparse.Namespace) -> Path | None:
-    if args.resume_from_checkpoint is None:
-        return None
-    if args.resume_from_checkpoint == "latest":
-        folders, incomplete = complete_checkpoints(args.output_dir)
-        for path, reason in incomplete:
-            logger.warning(f"Skipping the incomplete checkpoint {path}: {reason}.")
-        if not folders:
-            logger.info(f"No checkpoint in {args.output_dir}/checkpoints: starting a new run.")
-            return None
-        return folders[-1]
-    path = Path(args.resume_from_checkpoint)
-    if not path.is_dir():
-        raise FileNotFoundError(f"--resume_from_checkpoint {str(path)!r} is not a checkpoint folder.")
-    return path
 
 
 # ---------------------------------------------------------------------------------------------------- validation
@@ -252,18 +234,7 @@ def run_validation(
 def main(args: argparse.Namespace) -> dict[str, float]:
     """Train the prior; returns the final validation metrics (also written to `metrics.json`)."""
     output_dir = Path(args.output_dir)
-    accelerator = Accelerator(
-        cpu=_multi_process_without_accelerator(),
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=args.mixed_precision,
-        log_with=None if args.report_to == "none" else args.report_to,
-        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)),
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
-    )
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    logging.getLogger().setLevel(logging.INFO if accelerator.is_main_process else logging.ERROR)
-    for noisy in ("httpx", "huggingface_hub", "datasets", "PIL", "accelerate.checkpointing"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    accelerator = make_accelerator(args, output_dir, dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
     set_seed(args.seed)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -324,7 +295,7 @@ def main(args: argparse.Namespace) -> dict[str, float]:
         accelerator.init_trackers(args.tracker_project_name, config={k: v for k, v in vars(args).items() if v is not None})
 
     global_step, first_epoch, skip_batches = 0, 0, 0
-    checkpoint = resolve_checkpoint(args)
+    checkpoint = find_checkpoint(args.resume_from_checkpoint, args.output_dir)
     if checkpoint is not None:
         accelerator.print(f"Resuming from checkpoint {checkpoint}")
         accelerator.load_state(str(checkpoint))
@@ -382,14 +353,6 @@ def main(args: argparse.Namespace) -> dict[str, float]:
         logger.info(f"Saved the prior to {output_dir}: {metrics['bits_per_token']:.3f} bits per token")
     accelerator.end_training()
     return metrics
-
-
-def _multi_process_without_accelerator() -> bool:
-    """Several processes on a machine with no GPU: accelerate then needs `cpu=True` for its gloo process group
-    (the same rule as train.py)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return False
-    return not torch.cuda.is_available()
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .downloads import hub_offline, reachable
-from .quantization_cdb_vq import kmeans
+from ..quantization_cdb_vq import kmeans
 
 logger = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 `training/train.py --push_to_hub` and `training/publish.py` both call `push_to_hub`, which stages one folder with
 `stage_folder` (weights, config, remote code, image processor, figures, and a `README.md` rendered from the template
-in `model_cards/`) and uploads it with `huggingface_hub`. Training-time code: never imported by the modeling files.
+in `templates/`, package data shipped in the wheel) and uploads it with `huggingface_hub`. Training-time code: never imported by the modeling files.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ from huggingface_hub.utils import validate_repo_id
 from .redaction import HF_TOKEN, REDACTED, collect_strings, is_secret_key, redact_secrets, scrub_local_paths
 
 
-MODEL_CARD_TEMPLATE = Path(__file__).resolve().parent.parent / "model_cards" / "cdb_vq_model_card.md"
+# Package data (pyproject.toml `[tool.setuptools.package-data]`): found from a wheel install as from a checkout.
+MODEL_CARD_TEMPLATE = Path(__file__).resolve().parent / "templates" / "cdb_vq_model_card.md"
 
 # The image tokenizer maps an image to features (discrete token ids) for a downstream prior, which is what the Hub's
 # "image-feature-extraction" task lists; "image-to-image" would advertise the reconstruction, a by-product.
@@ -319,7 +320,7 @@ def render_model_card(
 
     `figures` maps "reconstructions" / "usage" to image files next to the README that the card shows.
     """
-    from .modeling_cdb_vq import CDBVQModel
+    from ..modeling_cdb_vq import CDBVQModel
 
     output_dir = Path(output_dir)
     model = CDBVQModel.from_pretrained(output_dir)
@@ -343,8 +344,8 @@ def render_model_card(
     template_path = Path(template_path) if template_path is not None else MODEL_CARD_TEMPLATE
     if not template_path.is_file():
         raise FileNotFoundError(
-            f"model card template {template_path} not found: it ships with the repository's model_cards/ folder "
-            f"(install from a checkout with `pip install -e .`, or pass template_path)."
+            f"model card template {template_path} not found: it ships inside the package "
+            f"(cdb_tokenizer/tools/templates/); reinstall cdb-tokenizer, or pass template_path."
         )
     return ModelCard.from_template(
         card_data,

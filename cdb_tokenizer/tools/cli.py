@@ -1,0 +1,982 @@
+"""The `cdb-vq` command line: images to tokens and back, reconstruction, evaluation, inspection, tokenised data sets.
+
+```bash
+cdb-vq encode photos/*.jpg --model org/cdb-vq --out tokens.safetensors
+cdb-vq decode tokens.safetensors --out decoded/
+cdb-vq reconstruct photos/*.jpg --model org/cdb-vq --out reconstructions/ [--role-map]
+cdb-vq restore blurred/*.jpg --model org/cdb-vq-deblur --out restored/
+cdb-vq eval --model org/cdb-vq --data held_out_photos/ [--fid]
+cdb-vq inspect --model org/cdb-vq [--codes codes.csv]
+cdb-vq tokenize --model org/cdb-vq --data photos/ --out tokenized/
+```
+
+Every command takes `--model` as a Hub repo id or a local folder written by `save_pretrained`, and `--device` /
+`--dtype`. Errors are one line on stderr with a non-zero exit status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import itertools
+import json
+import math
+import os
+import re
+import stat
+import sys
+import traceback
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image, UnidentifiedImageError
+from tqdm.auto import tqdm
+
+
+TOKEN_FILE_FORMAT = "cdb-vq-tokens"
+TOKEN_FILE_VERSION = "1"
+_NUMBER = re.compile(r"[-+]?(\d[\d.,]*|inf|nan)%?")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Images larger than this many pixels are refused before they are decoded (--max_image_pixels; 0: no limit).
+DEFAULT_MAX_IMAGE_PIXELS = 64_000_000
+_PIL_MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
+
+
+class CLIError(Exception):
+    """A problem with the user's input, reported as one line and a non-zero exit."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading models and images
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def resolve_device(device: str | None) -> torch.device:
+    """`device` as a torch.device; CUDA when available if not given."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise CLIError(f"--device {device!r} is not a device torch knows (try cpu, cuda or cuda:0).") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise CLIError(f"--device {device} asked for CUDA, but no CUDA GPU is available; use --device cpu.")
+    return resolved
+
+
+def codebook_fingerprint(model) -> str:
+    """A short hash of the codebook: tokens are only meaningful to a model with the same codes."""
+    codes = model.quantizer.codes().detach().float().cpu().contiguous()
+    return hashlib.sha256(codes.numpy().tobytes()).hexdigest()[:16]
+
+
+def load_model(name_or_path: str, device: str | None = None, dtype: str = "float32", trust_remote_code: bool = False):
+    """Load a cdb-vq tokenizer from a local folder or a Hub repo id, in eval mode on `device` in `dtype`.
+
+    The folder's `config.json` is read as plain JSON first, so a model of another kind is refused before anything of
+    it is loaded. Without `trust_remote_code` the classes of this package load the weights: code shipped with the
+    folder or repository (`auto_map`) never runs.
+
+    Returns `(model, processor, model_id, fingerprint)`: `model_id` is the Hub id or the folder's absolute path, and
+    `fingerprint` is the codebook's `codebook_fingerprint` taken before the dtype cast.
+    """
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    from .loading import load_tokenizer
+
+    device = resolve_device(device)
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise CLIError(
+                f"--model {name_or_path} is a file; give a model folder (saved with save_pretrained) or a Hub id."
+            )
+        if not (path / "config.json").is_file():
+            raise CLIError(f"--model {name_or_path} has no config.json: it is not a saved model folder.")
+        model_id = str(path.resolve())
+    elif _looks_like_path(name_or_path):
+        raise CLIError(f"--model {name_or_path}: no such folder.")
+    else:
+        try:
+            validate_repo_id(name_or_path)
+        except HFValidationError:
+            raise CLIError(
+                f"--model {name_or_path!r} is neither a local folder nor a valid Hub model id (org/name)."
+            ) from None
+        model_id = name_or_path
+    # The config first, as data (one small file): a model of another kind is refused before its weights or code load.
+    model_type = _read_model_config(name_or_path, model_id).get("model_type")
+    if model_type != "cdb_vq":
+        raise CLIError(f"--model {name_or_path} is a {model_type!r} model, not a cdb-vq tokenizer.")
+    try:
+        model, processor = load_tokenizer(model_id, trust_remote_code=trust_remote_code)
+    except Exception as error:  # noqa: BLE001 - missing, corrupt or mismatched weights, bad config values, Hub errors
+        raise CLIError(f"could not load model {name_or_path!r}: {_first_line(error)}") from None
+    fingerprint = codebook_fingerprint(model)
+    model.to(device=device, dtype=DTYPES[dtype])
+    return model, processor, model_id, fingerprint
+
+
+def _read_model_config(name: str, model_id: str) -> dict:
+    """The model's config.json as plain JSON (never through a config class, which may be remote code)."""
+    try:
+        if Path(model_id).is_dir():
+            config_file = Path(model_id) / "config.json"
+        else:
+            from huggingface_hub import hf_hub_download
+
+            config_file = Path(hf_hub_download(model_id, "config.json"))
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CLIError(f"--model {name}: config.json is not valid JSON ({_first_line(error)}).") from None
+    except Exception as error:  # noqa: BLE001 - Hub errors (not found, offline, gated) have no common base class
+        raise CLIError(f"could not load model {name!r}: {_first_line(error)}") from None
+    if not isinstance(config, dict):
+        raise CLIError(f"--model {name}: config.json does not hold a JSON object.")
+    return config
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _looks_like_path(name: str) -> bool:
+    """Names no Hub id can have: relative or absolute paths, home folders, a trailing slash."""
+    return name.startswith((".", "/", "~")) or name.endswith(("/", "\\")) or "\\" in name or name.count("/") > 1
+
+
+def check_image_files(paths: Sequence[str], max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> list[Path]:
+    """Check that every path is a file PIL can open as an image within the pixel budget (header only: quick)."""
+    checked = []
+    for name in paths:
+        path = Path(name)
+        if not path.exists():
+            raise CLIError(f"{name}: no such file.")
+        if not path.is_file():
+            kind = "is a directory, not an image file" if path.is_dir() else "not a regular file"
+            raise CLIError(f"{name}: {kind}.")
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                with Image.open(path) as image:
+                    size = image.size
+        except Image.DecompressionBombError:
+            raise CLIError(f"{name}: the image is too large to decode safely (a decompression bomb?).") from None
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+            raise CLIError(f"{name}: not an image file (PIL cannot read it).") from None
+        if max_pixels and size[0] * size[1] > max_pixels:
+            raise CLIError(
+                f"{name}: {size[0]}x{size[1]} pixels ({size[0] * size[1] / 1e6:.1f} megapixels) is over the "
+                f"{max_pixels / 1e6:g}-megapixel budget; shrink it first or raise --max_image_pixels."
+            )
+        checked.append(path)
+    if not checked:
+        raise CLIError("no images given.")
+    return checked
+
+
+def load_image(path: Path, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
+    """An image file as RGB, upright (EXIF orientation applied; transparent images on white), or a one-line error."""
+    from .data import decode_image
+
+    image = decode_image(path, max_pixels=max_pixels)
+    if image is None:
+        raise CLIError(f"{path}: the image file is broken or truncated (PIL cannot decode it).")
+    return image
+
+
+_UNSAFE_NAME = re.compile(r"[^A-Za-z0-9._+=@-]+")
+
+
+def safe_name(name: str, fallback: str) -> str:
+    """A file stem that stays inside the output folder on any system: no separators, no leading dots, not empty."""
+    cleaned = _UNSAFE_NAME.sub("_", Path(str(name).replace("\\", "/")).name).lstrip(".")[:200]
+    return cleaned or fallback
+
+
+def unique_names(paths: Sequence[Path]) -> list[str]:
+    """File stems, made unique with a numeric suffix (photos/a.jpg and other/a.png -> a, a-1).
+
+    Unique also without regard to case (a.png and A.png would be one file on macOS and Windows) and against the
+    suffixed names themselves (a.png, a.jpg and a-1.png give a, a-2 and a-1).
+    """
+    stems = [safe_name(path.stem, f"image-{index:05d}") for index, path in enumerate(paths)]
+    reserved = {stem.casefold() for stem in stems}
+    used: set[str] = set()
+    names = []
+    for stem in stems:
+        name, count = stem, 0
+        while name.casefold() in used or (count and name.casefold() in reserved):
+            count += 1
+            name = f"{stem}-{count}"
+        used.add(name.casefold())
+        names.append(name)
+    return names
+
+
+def check_output_file(out: str) -> Path:
+    """--out for a file: a new path or a regular file to replace (never a folder, device, FIFO or symlink)."""
+    path = Path(out)
+    if os.path.lexists(path):
+        mode = os.lstat(path).st_mode
+        if stat.S_ISLNK(mode):
+            raise CLIError(f"--out {out} is a symbolic link; give a new path or a regular file to replace.")
+        if stat.S_ISDIR(mode):
+            raise CLIError(f"--out {out} is a folder; give a file name such as {Path(out) / 'tokens.safetensors'}.")
+        if not stat.S_ISREG(mode):
+            raise CLIError(f"--out {out} is not a regular file (a device, FIFO or socket); give a new path.")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise CLIError(f"--out {out}: cannot create its folder ({_first_line(error)}).") from None
+    return path
+
+
+def check_output_folder(out: str) -> Path:
+    """--out for a folder: a new path or an existing folder (never a file, device or FIFO)."""
+    path = Path(out)
+    if os.path.lexists(path) and not path.is_dir():
+        raise CLIError(f"--out {out} exists and is not a folder; give a new path or a folder.")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise CLIError(f"--out {out}: cannot create the folder ({_first_line(error)}).") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise CLIError(f"--out {out}: the folder is not writable.")
+    return path
+
+
+def check_targets(paths: Sequence[Path]) -> None:
+    """Refuse up front (before any work) output files that exist and are not regular files."""
+    for path in paths:
+        if os.path.lexists(path) and not stat.S_ISREG(os.lstat(path).st_mode):
+            raise CLIError(f"{path} exists and is not a regular file (a link, folder or device); not replacing it.")
+
+
+def replace_file(path: Path, write) -> None:
+    """Write a file through `write(temporary_path)` then rename it over `path`: never half a file, never through a
+    symlink or into a device. Refuses to replace anything but a regular file."""
+    if os.path.lexists(path) and not stat.S_ISREG(os.lstat(path).st_mode):
+        raise CLIError(f"{path} exists and is not a regular file (a link, folder or device); not replacing it.")
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    except OSError as error:
+        raise CLIError(f"cannot write {path}: {_first_line(error)}") from None
+    finally:
+        if os.path.lexists(temporary):
+            os.unlink(temporary)
+
+
+def pixel_values_of(images: list[Image.Image], processor, model) -> torch.Tensor:
+    parameter = next(model.parameters())
+    return processor(images, return_tensors="pt").pixel_values.to(device=parameter.device, dtype=parameter.dtype)
+
+
+def to_unit_images(pixel_values: torch.Tensor, processor) -> torch.Tensor:
+    """Model-range pixels -> float (B, 3, H, W) in [0, 1], inverting the processor's own normalisation."""
+    return processor.postprocess(pixel_values.float(), return_tensors="pt").pixel_values
+
+
+def psnr(original: torch.Tensor, reconstruction: torch.Tensor) -> float:
+    """PSNR in dB of two [0, 1] images (the definition of torchmetrics' PeakSignalNoiseRatio(data_range=1))."""
+    mse = float(((original.double() - reconstruction.double()) ** 2).mean())
+    return math.inf if mse == 0 else 10 * math.log10(1.0 / mse)
+
+
+def format_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A plain-text table; columns of numbers are right-aligned, others left-aligned."""
+    cells = [list(map(str, header))] + [[str(cell) for cell in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    numeric = [all(_NUMBER.fullmatch(row[i]) for row in cells[1:]) for i in range(len(header))]
+    lines = []
+    for index, row in enumerate(cells):
+        parts = [cell.rjust(widths[i]) if numeric[i] else cell.ljust(widths[i]) for i, cell in enumerate(row)]
+        lines.append("  ".join(parts).rstrip())
+        if index == 0:
+            lines.append("  ".join("-" * width for width in widths))
+    return "\n".join(lines)
+
+
+def open_dataset(data: str, image_column: str, split: str):
+    """A local image folder or a Hub data set, with undecoded images (see `cdb_tokenizer.tools.data.load_image_dataset`)."""
+    try:
+        from .data import load_image_dataset
+    except ImportError as error:
+        raise CLIError(
+            f"reading data sets needs the training extras: pip install 'cdb-tokenizer[train]' ({error})."
+        ) from None
+    path = Path(data).expanduser()
+    try:
+        if path.exists() or _looks_like_path(data):
+            if not path.is_dir():
+                raise CLIError(f"--data {data}: no such folder.")
+            return load_image_dataset(train_data_dir=str(path), split=split, image_column=image_column)
+        return load_image_dataset(dataset_name=data, split=split, image_column=image_column)
+    except ImportError as error:
+        raise CLIError(
+            f"reading data sets needs the training extras: pip install 'cdb-tokenizer[train]' ({error})."
+        ) from None
+    except (OSError, ValueError, ConnectionError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CLIError(f"could not open --data {data}: {first_line}") from None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Commands
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@torch.inference_mode()
+def encode_command(args: argparse.Namespace) -> None:
+    """Images -> a safetensors file of token grids with the model's identity in its metadata."""
+    from safetensors.torch import save_file
+
+    paths = check_image_files(args.images, args.max_image_pixels)
+    out = check_output_file(args.out)
+    model, processor, model_id, fingerprint = load_model(args.model, args.device, args.dtype, args.trust_remote_code)
+    grids = []
+    with tqdm(total=len(paths), desc="encoding", unit="image") as progress:
+        for start in range(0, len(paths), args.batch_size):
+            batch = paths[start : start + args.batch_size]
+            images = [load_image(path, args.max_image_pixels) for path in batch]
+            pixel_values = pixel_values_of(images, processor, model)
+            grids.append(model.encode(pixel_values).image_tokens.cpu())
+            progress.update(len(batch))
+    if len({tuple(grid.shape[1:]) for grid in grids}) > 1:
+        raise CLIError("the images gave token grids of different sizes; use an image processor with a fixed size.")
+    tokens = torch.cat(grids).to(torch.int32)
+    height, width = pixel_values.shape[-2:]
+    metadata = {
+        "format": TOKEN_FILE_FORMAT,
+        "format_version": TOKEN_FILE_VERSION,
+        "model": model_id,
+        "model_name": Path(model_id).name if Path(model_id).is_absolute() else model_id,
+        "codebook_size": str(model.config.codebook_size),
+        "codebook_fingerprint": fingerprint,
+        "grid_height": str(tokens.shape[1]),
+        "grid_width": str(tokens.shape[2]),
+        "image_height": str(height),
+        "image_width": str(width),
+        "images": json.dumps(unique_names(paths)),
+    }
+    replace_file(out, lambda path: save_file({"image_tokens": tokens}, str(path), metadata=metadata))
+    print(f"wrote {tokens.shape[0]} images x {tokens.shape[1]}x{tokens.shape[2]} tokens to {out}")
+
+
+def read_token_file(path: str) -> tuple[torch.Tensor, dict[str, str]]:
+    """The (N, h, w) tokens and metadata of a file written by `cdb-vq encode`, checked before any model is loaded."""
+    from safetensors import SafetensorError, safe_open
+
+    if not Path(path).is_file():
+        raise CLIError(f"{path}: no such file.")
+    try:
+        with safe_open(path, framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            names = handle.keys()  # safe_open has no `in`
+            if metadata.get("format") != TOKEN_FILE_FORMAT or "image_tokens" not in names:
+                raise CLIError(f"{path} is not a cdb-vq token file (write one with `cdb-vq encode`).")
+            tokens = handle.get_tensor("image_tokens")
+    except (SafetensorError, OSError, ValueError, RuntimeError):
+        raise CLIError(
+            f"{path} is not a safetensors file, or it is truncated (write one with `cdb-vq encode`)."
+        ) from None
+    if tokens.dtype not in (torch.int32, torch.int64, torch.int16, torch.uint8):
+        raise CLIError(
+            f"{path} holds {tokens.dtype} tokens, not integer code ids; it was not written by `cdb-vq encode`."
+        )
+    if tokens.ndim != 3:
+        raise CLIError(f"{path} holds tokens of shape {tuple(tokens.shape)}, expected (images, height, width).")
+    if tokens.numel() == 0:
+        raise CLIError(f"{path} holds no tokens (shape {tuple(tokens.shape)}).")
+    grid = (metadata.get("grid_height"), metadata.get("grid_width"))
+    if None not in grid and tuple(map(str, tokens.shape[1:])) != grid:
+        raise CLIError(
+            f"{path} holds {tokens.shape[1]}x{tokens.shape[2]} token grids but its metadata says {grid[0]}x{grid[1]}; "
+            f"the file was modified after `cdb-vq encode`."
+        )
+    return tokens.long(), metadata
+
+
+@torch.inference_mode()
+def decode_command(args: argparse.Namespace) -> None:
+    """A token file -> one PNG per image, with the model recorded in the file unless --model is given."""
+    tokens, metadata = read_token_file(args.tokens)
+    model_name = args.model or metadata.get("model")
+    if not model_name:
+        raise CLIError(f"{args.tokens} does not name its model; pass --model.")
+    out = check_output_folder(args.out)
+    if not args.model:
+        # The file's word is followed only as far as load_model goes for --model: a folder or Hub id whose
+        # config.json says cdb_vq, loaded by this package's classes (its code runs only with --trust-remote-code).
+        print(f"decoding with the model recorded in {args.tokens}: {model_name}", file=sys.stderr)
+    try:
+        model, processor, _, fingerprint = load_model(model_name, args.device, args.dtype, args.trust_remote_code)
+    except CLIError as error:
+        if args.model:
+            raise
+        raise CLIError(f"the model recorded in {args.tokens} cannot be loaded ({error}); pass --model.") from None
+    source = metadata.get("model", "another model")
+    if str(model.config.codebook_size) != metadata.get("codebook_size"):
+        raise CLIError(
+            f"{args.tokens} holds tokens of a {metadata.get('codebook_size')}-code model ({source}), but {model_name} "
+            f"has {model.config.codebook_size} codes; decode with --model {source}."
+        )
+    if metadata.get("codebook_fingerprint") not in (None, fingerprint):
+        raise CLIError(
+            f"{args.tokens} was encoded with a different codebook ({source}) than {model_name}'s; "
+            f"decode with --model {source}."
+        )
+    low, high = int(tokens.min()), int(tokens.max())
+    if low < 0 or high >= model.config.codebook_size:
+        raise CLIError(
+            f"{args.tokens} holds code ids in [{low}, {high}], outside the model's [0, {model.config.codebook_size}); "
+            f"the file is damaged or was modified."
+        )
+    names = _image_names(metadata, len(tokens))
+    check_targets([out / f"{name}.png" for name in names])
+    device = next(model.parameters()).device
+    with tqdm(total=len(tokens), desc="decoding", unit="image") as progress:
+        for start in range(0, len(tokens), args.batch_size):
+            grids = tokens[start : start + args.batch_size].to(device)
+            images = processor.postprocess(model.decode_image_tokens(grids).float()).pixel_values
+            for name, image in zip(names[start : start + args.batch_size], images):
+                replace_file(out / f"{name}.png", lambda path, image=image: image.save(path, format="PNG"))
+            progress.update(len(grids))
+    print(f"wrote {len(tokens)} images to {out}")
+
+
+def _image_names(metadata: dict[str, str], count: int) -> list[str]:
+    """The source image names recorded by `encode`, or image-00000, image-00001, ... when they are missing."""
+    try:
+        names = json.loads(metadata.get("images", "null"))
+    except json.JSONDecodeError:
+        names = None
+    if not isinstance(names, list) or len(names) != count:
+        return [f"image-{index:05d}" for index in range(count)]
+    # Never a path outside --out, and never two images on one file.
+    safe = [Path(safe_name(str(name), f"image-{index:05d}") + ".png") for index, name in enumerate(names)]
+    return unique_names(safe)
+
+
+@torch.inference_mode()
+def reconstruct_command(args: argparse.Namespace) -> None:
+    """Images -> tokens -> images: originals beside reconstructions, and the PSNR of each."""
+    paths = check_image_files(args.images, args.max_image_pixels)
+    out = check_output_folder(args.out)
+    check_output_folder(str(out / "reconstructions"))
+    model, processor, _, _ = load_model(args.model, args.device, args.dtype, args.trust_remote_code)
+    names = unique_names(paths)
+    check_targets([folder / f"{name}.png" for name in names for folder in (out, out / "reconstructions")])
+    check_targets([out / "psnr.json"])
+    if args.role_map:
+        if not model.config.code_roles:
+            raise CLIError(f"--role-map: {args.model} has no code roles (config.code_roles is empty), so there is no role map.")
+        check_output_folder(str(out / "role_maps"))
+        check_targets([out / "role_maps" / f"{name}.png" for name in names])
+    scores = {}
+    with tqdm(total=len(paths), desc="reconstructing", unit="image") as progress:
+        for start in range(0, len(paths), args.batch_size):
+            batch = paths[start : start + args.batch_size]
+            images = [load_image(path, args.max_image_pixels) for path in batch]
+            pixel_values = pixel_values_of(images, processor, model)
+            # Through the tokens, as a prior's samples would be: the same images `encode` + `decode` give.
+            reconstruction = model.decode(model.encode(pixel_values).image_tokens).float()
+            originals = to_unit_images(pixel_values, processor)
+            reconstructions = to_unit_images(reconstruction, processor)
+            pairs = processor.postprocess(torch.cat([pixel_values.float(), reconstruction], dim=-1)).pixel_values
+            singles = processor.postprocess(reconstruction).pixel_values
+            if args.role_map:
+                _write_role_maps(model, pixel_values, originals, out / "role_maps", names[start : start + args.batch_size])
+            for index, name in enumerate(names[start : start + args.batch_size]):
+                scores[name] = psnr(originals[index], reconstructions[index])
+                # original left, reconstruction right
+                replace_file(out / f"{name}.png", lambda path, image=pairs[index]: image.save(path, format="PNG"))
+                replace_file(
+                    out / "reconstructions" / f"{name}.png",
+                    lambda path, image=singles[index]: image.save(path, format="PNG"),
+                )
+            progress.update(len(batch))
+    mean = sum(scores.values()) / len(scores)
+    text = json.dumps({"images": scores, "mean": mean}, indent=2) + "\n"
+    replace_file(out / "psnr.json", lambda path: path.write_text(text))
+    rows = [(name, f"{value:.2f}") for name, value in scores.items()] + [("mean", f"{mean:.2f}")]
+    print(format_table(["image", "PSNR (dB)"], rows))
+    print(f"originals beside reconstructions in {out}, reconstructions alone in {out / 'reconstructions'}")
+    if args.role_map:
+        from .roles import role_legend
+
+        print(f"role maps (each token's role as a translucent colour; {role_legend(model.config.role_names)}) in {out / 'role_maps'}")
+
+
+def _write_role_maps(model, pixel_values: torch.Tensor, originals: torch.Tensor, folder: Path, names: list[str]) -> None:
+    """Each image beside its role overlay, as `folder/<name>.png`."""
+    from .roles import role_map_figure
+
+    role_map = model.role_map(pixel_values).cpu()
+    for index, name in enumerate(names):
+        figure = role_map_figure(originals[index : index + 1] * 2 - 1, role_map[index : index + 1], model.config.role_names)
+        array = (figure.permute(1, 2, 0).numpy() * 255).round().clip(0, 255).astype("uint8")
+        replace_file(folder / f"{name}.png", lambda path, array=array: Image.fromarray(array).save(path, format="PNG"))
+
+
+def restore_command(args: argparse.Namespace) -> None:
+    """Degraded photos in, restored photos out, with a model trained for restoration (`train.py --degradation`)."""
+    paths = check_image_files(args.images, args.max_image_pixels)
+    out = check_output_folder(args.out)
+    model, processor, _, _ = load_model(args.model, args.device, args.dtype, args.trust_remote_code)
+    trained_on = getattr(model.config, "restoration_degradation", None)
+    if not trained_on:
+        raise CLIError(
+            f"{args.model} was not trained for restoration (its config records no restoration_degradation); "
+            f"train one with `train.py --degradation gaussian_blur:0.5-2`, or use `cdb-vq reconstruct`."
+        )
+    names = unique_names(paths)
+    check_targets([out / f"{name}.png" for name in names])
+    with tqdm(total=len(paths), desc="restoring", unit="image") as progress:
+        for start in range(0, len(paths), args.batch_size):
+            batch = paths[start : start + args.batch_size]
+            pixel_values = pixel_values_of([load_image(path, args.max_image_pixels) for path in batch], processor, model)
+            restored = model.decode(model.encode(pixel_values).image_tokens).float()
+            for index, name in enumerate(names[start : start + args.batch_size]):
+                image = processor.postprocess(restored[index : index + 1]).pixel_values[0]
+                replace_file(out / f"{name}.png", lambda path, image=image: image.save(path, format="PNG"))
+            progress.update(len(batch))
+    print(f"restored {len(paths)} image(s) into {out} (the model was trained to undo {trained_on})")
+
+
+def _readable_images(
+    dataset, image_column: str, counter: dict[str, int], limit: int | None = None,
+    max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+) -> Iterator[Image.Image]:
+    """Decoded images of a data set, row by row; unreadable (or over-budget) ones are skipped and counted."""
+    from .data import decode_image
+
+    for row in itertools.islice(dataset, limit):
+        image = decode_image(row[image_column], max_pixels=max_pixels)
+        if image is None:
+            counter["unreadable"] += 1
+            continue
+        yield image
+
+
+# The standard rFID protocol (LlamaGen, OptVQ, ...): ImageNet val, all 50,000 images, shorter side resized to 256 and
+# centre-cropped to 256x256; the reference statistics come from those same crops. See docs/evaluation.md.
+PROTOCOLS = {"imagenet": {"split": "validation", "max_images": 50_000, "resolution": 256, "fid": True}}
+
+
+def _apply_protocol(args: argparse.Namespace) -> None:
+    """Fill the flags a `--protocol` implies and that were not given (a local folder keeps its own split)."""
+    if args.protocol is None:
+        return
+    protocol = PROTOCOLS[args.protocol]
+    if args.split == "train" and not Path(args.data).expanduser().exists():
+        args.split = protocol["split"]
+    if args.max_images is None:
+        args.max_images = protocol["max_images"]
+    if args.resolution is None:
+        args.resolution = protocol["resolution"]
+    args.fid = args.fid or protocol["fid"]
+
+
+def _eval_fid(args: argparse.Namespace, device):
+    """The FID metric `cdb-vq eval --fid` asks for, or None after one line saying why it is left out."""
+    from .evaluation import FIDUnavailableError, RandomFeatureExtractor, fid_metric
+
+    if not args.fid:
+        return None
+    if args.fid_feature_extractor == "random":
+        print(
+            "rFID with a small random feature extractor: a smoke test of the path, not comparable to Inception FIDs.",
+            file=sys.stderr,
+        )
+        return fid_metric(RandomFeatureExtractor(), device=device)
+    try:
+        return fid_metric(weights_path=args.fid_weights, device=device)
+    except FIDUnavailableError as error:
+        print(f"rFID left out: {error}", file=sys.stderr)
+        return None
+
+
+def _eval_lpips(device):
+    """LPIPS when its backbone weights are in the torch hub cache (never downloads), else None and one line."""
+    import os
+
+    from .losses import load_lpips, lpips_backbone_file
+
+    path, _ = lpips_backbone_file("vgg")
+    if not os.path.isfile(path):
+        print(f"LPIPS left out: its VGG weights are not in the torch hub cache ({path}).", file=sys.stderr)
+        return None
+    return load_lpips("vgg", required=False).to(device)
+
+
+def eval_command(args: argparse.Namespace) -> None:
+    """PSNR, SSIM, LPIPS, rFID, utilization and perplexity over a folder or Hub data set, as a table and JSON."""
+    try:
+        from .evaluation import evaluate, load_fid_reference, save_fid_reference
+    except ImportError as error:
+        raise CLIError(
+            f"cdb-vq eval needs the training extras: pip install 'cdb-tokenizer[train]' ({error})."
+        ) from None
+    _apply_protocol(args)
+    dataset = open_dataset(args.data, args.image_column, args.split)
+    out = check_output_file(args.out) if args.out else None
+    model, processor, _, _ = load_model(args.model, args.device, args.dtype, args.trust_remote_code)
+    device = next(model.parameters()).device
+    if args.resolution is not None:  # shorter side to N, then the centre N x N crop
+        factor = model.config.downsampling_factor
+        if args.resolution % factor:
+            raise CLIError(
+                f"--resolution {args.resolution} is not divisible by the model's downsampling factor ({factor})."
+            )
+        processor.size = {"height": args.resolution, "width": args.resolution}
+        processor.do_resize, processor.do_center_crop = True, True
+    counter = {"unreadable": 0}
+    fid = _eval_fid(args, device)
+    lpips = _eval_lpips(device) if args.lpips else None
+    reference = None
+    if fid is not None and args.fid_reference and Path(args.fid_reference).is_file():
+        reference = load_fid_reference(args.fid_reference)
+
+    def batches() -> Iterator[torch.Tensor]:
+        images = []
+        for image in _readable_images(dataset, args.image_column, counter, args.max_images, args.max_image_pixels):
+            images.append(image)
+            if len(images) == args.batch_size:
+                yield pixel_values_of(images, processor, model)
+                images = []
+        if images:
+            yield pixel_values_of(images, processor, model)
+
+    try:
+        metrics = evaluate(model, batches(), lpips=lpips, fid=fid, fid_reference=reference)
+    except ValueError as error:
+        raise CLIError(f"{error} ({counter['unreadable']} unreadable images skipped)") from None
+    if fid is not None and args.fid_reference and reference is None:
+        description = f"{args.data} {args.split} {metrics['num_images']} images"
+        save_fid_reference(fid, args.fid_reference, description=description)
+        print(f"Saved the rFID reference statistics to {args.fid_reference}.", file=sys.stderr)
+    metrics["unreadable_images"] = counter["unreadable"]
+    random_features = args.fid_feature_extractor == "random"
+    if fid is not None:
+        metrics["fid_feature_extractor"] = "random" if random_features else "inception-v3-compat"
+    rows = [
+        ("PSNR (dB)", f"{metrics['psnr']:.2f}"),
+        ("SSIM", f"{metrics['ssim']:.4f}"),
+        *([("LPIPS", f"{metrics['lpips']:.4f}")] if "lpips" in metrics else []),
+        *([("rFID (random features)" if random_features else "rFID", f"{metrics['rfid']:.3f}")]
+          if "rfid" in metrics else []),  # fmt: skip
+        ("utilization", f"{metrics['utilization']:.1%}"),
+        ("perplexity", f"{metrics['perplexity']:.1f}"),
+        ("images", metrics["num_images"]),
+        ("unreadable (skipped)", counter["unreadable"]),
+    ]
+    print(format_table(["metric", "value"], rows))
+    print(json.dumps(metrics))
+    if out is not None:
+        replace_file(out, lambda path: path.write_text(json.dumps(metrics, indent=2) + "\n"))
+
+
+def inspect_command(args: argparse.Namespace) -> None:
+    """Codebook size, assignment rule, role ranges with their usage, and the labels of the most used codes."""
+    from .publishing import code_report_summary, codebook_summary
+
+    model, _, model_id, fingerprint = load_model(args.model, args.device, args.dtype, args.trust_remote_code)
+    summary = codebook_summary(model, top_k=args.top)
+    report = model.code_report()
+    code_summary = code_report_summary(report)
+    if args.codes:
+        _write_code_report(report, check_output_file(args.codes))
+    if args.json:
+        print(json.dumps({"model": model_id, "codebook_fingerprint": fingerprint, **summary, "code_report_summary": code_summary}, indent=2))
+        return
+    grid_height, grid_width = summary["token_grid"]
+    size, factor = summary["resolution"], summary["downsampling_factor"]
+    print(
+        format_table(
+            ["model", model_id],
+            [
+                ("codebook", f"{summary['codebook_size']} codes x {summary['codebook_dim']} dims"),
+                ("assignment rule", summary["assignment"]),
+                ("image -> tokens", f"{size}x{size} -> {grid_height}x{grid_width} (x{factor})"),
+                ("dead codes", f"{summary['dead_codes']} of {summary['codebook_size']}"),
+                ("codebook fingerprint", fingerprint),
+            ],
+        )
+    )
+    print("\ncode roles (usage: running share of tokens, from training)")
+    print(
+        format_table(
+            ["role", "codes", "size", "usage"],
+            [
+                (role["name"], f"[{role['start']}, {role['end']})", role["size"], f"{role['usage']:.1%}")
+                for role in summary["roles"]
+            ],
+        )
+    )
+    print(f"\nmost used codes (top {len(summary['top_codes'])})")
+    print(
+        format_table(
+            ["code", "usage", "role", "prototype", "label"],
+            [
+                (code["code"], f"{code['usage']:.2%}", code["role"], code["prototype"], code["label"] or "(no label)")
+                for code in summary["top_codes"]
+            ],
+        )
+    )
+    print("\nwhat the codes learned (code_report: usage-weighted mean image signals of the latents they won in training)")
+    print(
+        format_table(
+            ["group", "codes", "usage", "low-pass", "Laplacian", "chroma", "prototype cosine"],
+            [
+                (row["group"], row["codes"], f"{row['usage']:.1%}", _fmt(row["low_pass"]), _fmt(row["laplacian"]),
+                 _fmt(row["chroma"]), _fmt(row["prototype_cosine"]))  # fmt: skip
+                for row in code_summary
+            ],
+        )
+    )
+    if args.codes:
+        print(f"\none record per code written to {args.codes}")
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4g}"
+
+
+def _write_code_report(report: list[dict], path: Path) -> None:
+    """One record per code as CSV (by the .csv suffix) or JSON (anything else)."""
+    if path.suffix.lower() == ".csv":
+        import csv
+        import io
+
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=list(report[0]))
+        writer.writeheader()
+        writer.writerows(report)
+        text = buffer.getvalue()
+    else:
+        text = json.dumps(report, indent=1) + "\n"
+    replace_file(path, lambda target: target.write_text(text))
+
+
+def tokenize_command(args: argparse.Namespace) -> None:
+    """A folder or Hub data set -> a `datasets` data set of `image_tokens` (and labels), saved with `save_to_disk`."""
+    from .data import decode_image
+    from .priors import tokenize_dataset
+
+    dataset = open_dataset(args.data, args.image_column, args.split)
+    if not hasattr(dataset, "filter") or not hasattr(dataset, "__len__"):
+        raise CLIError("tokenize needs a map-style data set (streaming is not supported).")
+    if args.max_images is not None:
+        dataset = dataset.select(range(min(args.max_images, len(dataset))))
+    if os.path.lexists(args.out) and not Path(args.out).is_dir():
+        raise CLIError(f"--out {args.out} exists and is not a folder; give a new path or a folder.")
+    model, processor, _, _ = load_model(args.model, args.device, args.dtype, args.trust_remote_code)
+    total = len(dataset)
+    max_pixels = args.max_image_pixels
+    dataset = dataset.filter(
+        lambda value: decode_image(value, max_pixels=max_pixels) is not None,
+        input_columns=args.image_column,
+        desc="checking images",
+    )
+    skipped = total - len(dataset)
+    if len(dataset) == 0:
+        raise CLIError(f"--data {args.data} has no readable images ({skipped} unreadable).")
+    try:
+        tokenized = tokenize_dataset(
+            dataset,
+            model,
+            processor,
+            image_column=args.image_column,
+            label_column=args.label_column,
+            batch_size=args.batch_size,
+            device=next(model.parameters()).device,
+        )
+    except ValueError as error:
+        raise CLIError(str(error)) from None
+    tokenized.save_to_disk(args.out)
+    length = len(tokenized[0]["image_tokens"])
+    print(
+        f"tokenized {len(tokenized)} images ({skipped} unreadable skipped) into {args.out}: columns "
+        f"{tokenized.column_names}, {length} tokens per image, {model.config.codebook_size} codes"
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Parser
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _positive_int(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return number
+
+
+def _non_negative_int(value: str) -> int:
+    number = int(value)
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or a positive integer, got {value}")
+    return number
+
+
+def _add_pixel_budget(command: argparse.ArgumentParser) -> None:
+    command.add_argument(
+        "--max_image_pixels",
+        type=_non_negative_int,
+        default=DEFAULT_MAX_IMAGE_PIXELS,
+        help=f"refuse (skip, in data sets) images with more pixels than this, before decoding them "
+        f"(default: {DEFAULT_MAX_IMAGE_PIXELS:,}; 0: no limit)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cdb-vq", description="The cdb-vq image tokenizer: images <-> discrete tokens."
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add_command(name: str, function, help: str, model_required: bool = True) -> argparse.ArgumentParser:
+        command = commands.add_parser(name, help=help, description=help)
+        command.add_argument(
+            "--model",
+            required=model_required,
+            help="Hub repo id (org/name) or local folder saved with save_pretrained",
+        )
+        command.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+        command.add_argument("--dtype", choices=list(DTYPES), default="float32", help="model dtype (default: float32)")
+        command.add_argument(
+            "--trust-remote-code",
+            "--trust_remote_code",
+            dest="trust_remote_code",
+            action="store_true",
+            help="run the Python code a model folder or Hub repository ships (auto_map); off by default: this "
+            "package's own classes load the weights",
+        )
+        command.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+        command.set_defaults(function=function)
+        return command
+
+    def add_data_arguments(command: argparse.ArgumentParser) -> None:
+        command.add_argument("--data", required=True, help="image folder, or a data set on the Hub")
+        command.add_argument("--split", default="train", help="split of the data set (default: train)")
+        command.add_argument("--image_column", default="image", help="column holding the images (default: image)")
+        command.add_argument("--max_images", type=_positive_int, default=None, help="use at most this many images")
+        _add_pixel_budget(command)
+
+    encode = add_command("encode", encode_command, "Encode images into a safetensors file of token grids.")
+    encode.add_argument("images", nargs="+", help="image files")
+    encode.add_argument("--out", required=True, help="output .safetensors file")
+    encode.add_argument("--batch_size", type=_positive_int, default=16)
+    _add_pixel_budget(encode)
+
+    decode = add_command("decode", decode_command, "Decode a token file into PNG images.", model_required=False)
+    decode.add_argument("tokens", help="a .safetensors file written by `cdb-vq encode`")
+    decode.add_argument("--out", required=True, help="output folder")
+    decode.add_argument("--batch_size", type=_positive_int, default=16)
+    decode.epilog = "The model recorded in the token file is used unless --model is given."
+
+    reconstruct = add_command(
+        "reconstruct", reconstruct_command, "Reconstruct images through their tokens; print PSNR."
+    )
+    reconstruct.add_argument("images", nargs="+", help="image files")
+    reconstruct.add_argument("--out", required=True, help="output folder")
+    reconstruct.add_argument("--batch_size", type=_positive_int, default=16)
+    reconstruct.add_argument("--role-map", "--role_map", dest="role_map", action="store_true",
+                             help="also write each image beside its role map (the role of every token as a translucent colour) to OUT/role_maps/")  # fmt: skip
+    _add_pixel_budget(reconstruct)
+
+    restore = add_command("restore", restore_command, "Restore degraded images with a model trained for restoration (train.py --degradation).")
+    restore.add_argument("images", nargs="+", help="degraded image files")
+    restore.add_argument("--out", required=True, help="output folder for the restored PNGs")
+    restore.add_argument("--batch_size", type=_positive_int, default=16)
+    _add_pixel_budget(restore)
+
+    evaluate = add_command(
+        "eval", eval_command, "PSNR, SSIM, LPIPS, rFID, codebook utilization and perplexity on a data set."
+    )
+    add_data_arguments(evaluate)
+    evaluate.add_argument("--batch_size", type=_positive_int, default=16)
+    evaluate.add_argument("--out", default=None, help="also write the metrics to this JSON file")
+    evaluate.add_argument(
+        "--resolution", type=_positive_int, default=None,
+        help="resize the shorter side to N and centre-crop N x N (default: the model's image processor)",
+    )  # fmt: skip
+    evaluate.add_argument(
+        "--fid", action="store_true",
+        help="also compute rFID (torchmetrics' FrechetInceptionDistance; reference: the same crops)",
+    )  # fmt: skip
+    evaluate.add_argument(
+        "--fid_weights", default=None, help="the FID Inception weights file (default: the torch hub cache)"
+    )
+    evaluate.add_argument(
+        "--fid_reference", default=None,
+        help="reference statistics (.safetensors): used when it exists, else computed from these crops and saved",
+    )  # fmt: skip
+    evaluate.add_argument(
+        "--fid_feature_extractor", choices=["inception", "random"], default="inception",
+        help="'random': a small random network, to smoke-test the rFID path offline (numbers not comparable)",
+    )  # fmt: skip
+    evaluate.add_argument(
+        "--protocol", choices=sorted(PROTOCOLS), default=None,
+        help="'imagenet': the standard rFID protocol (--split validation --max_images 50000 --resolution 256 --fid)",
+    )  # fmt: skip
+    evaluate.add_argument(
+        "--lpips", action=argparse.BooleanOptionalAction, default=True,
+        help="LPIPS (VGG) when its weights are in the torch hub cache",
+    )  # fmt: skip
+
+    inspect = add_command("inspect", inspect_command, "Codebook size, assignment rule, roles and most used codes.")
+    inspect.add_argument("--top", type=_positive_int, default=10, help="how many of the most used codes to list")
+    inspect.add_argument("--json", action="store_true", help="print the summary as JSON")
+    inspect.add_argument("--codes", default=None, help="write one record per code (model.code_report()) to this .csv or .json file")
+
+    tokenize = add_command("tokenize", tokenize_command, "Tokenize an image data set for a prior (save_to_disk).")
+    add_data_arguments(tokenize)
+    tokenize.add_argument("--out", required=True, help="output folder for Dataset.save_to_disk")
+    tokenize.add_argument(
+        "--label_column", default=None, help="column of integer class labels to keep (default: label, if present)"
+    )
+    tokenize.add_argument("--batch_size", type=_positive_int, default=32)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run `cdb-vq` with `argv` (default: the command line); returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    budget = getattr(args, "max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS)
+    # PIL's own decompression-bomb limit (it raises at twice its MAX_IMAGE_PIXELS) must not stop an image the budget
+    # allows; smaller images are refused by the budget check from their header first.
+    Image.MAX_IMAGE_PIXELS = max(budget, _PIL_MAX_IMAGE_PIXELS) if budget else None
+    try:
+        args.function(args)
+    except KeyboardInterrupt:
+        print(f"cdb-vq {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:  # noqa: BLE001 - every failure is one line; --debug shows the traceback
+        if args.debug:
+            traceback.print_exc()
+        if isinstance(error, CLIError):
+            message = str(error)
+        elif isinstance(error, Image.DecompressionBombError):
+            message = f"an image is too large to decode safely (a decompression bomb?): {_first_line(error)}"
+        elif isinstance(error, OSError) and error.filename is not None:
+            message = f"{error.filename}: {error.strerror or _first_line(error)}"
+        else:
+            message = f"{_first_line(error)} ({type(error).__name__}{'' if args.debug else '; --debug shows where'})"
+        print(f"cdb-vq {args.command}: error: {message}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,45 @@
+"""Loading a cdb-vq tokenizer (model + image processor) for the CLI, priors and scripts; no prior code involved."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import AutoImageProcessor, AutoModel
+
+
+def load_tokenizer(
+    name_or_path: str, device: str | torch.device | None = None, trust_remote_code: bool = False, **kwargs: Any
+):
+    """Load a cdb-vq tokenizer (model and image processor) from a folder or a Hub repo id, in eval mode.
+
+    Without `trust_remote_code` (the default) this package's own classes load the weights, so no code that ships with
+    the folder or repository runs; with it, `AutoModel` / `AutoImageProcessor` use that code (`auto_map`).
+    Without a saved image processor, a `CDBVQImageProcessor` at the model's `config.resolution` is used.
+    Extra keyword arguments (e.g. `revision`) go to `from_pretrained`.
+    """
+    from ..image_processing_cdb_vq import CDBVQImageProcessor
+    from ..modeling_cdb_vq import CDBVQModel
+
+    # Only the caller's own `trust_remote_code` is passed on (never a literal True).
+    model_class = AutoModel if trust_remote_code else CDBVQModel
+    processor_class = AutoImageProcessor if trust_remote_code else CDBVQImageProcessor
+    options = {"trust_remote_code": trust_remote_code} if trust_remote_code else {}
+    model = model_class.from_pretrained(name_or_path, **options, **kwargs).eval()
+    try:
+        processor = processor_class.from_pretrained(name_or_path, **options, **kwargs)
+    except (OSError, ValueError):
+        resolution = model.config.resolution
+        processor = CDBVQImageProcessor(size={"height": resolution, "width": resolution})
+    if device is not None:
+        model.to(device)
+    return model, processor
+
+
+def processor_image_size(processor) -> tuple[int, int] | None:
+    """(height, width) of the images `processor` makes, when it makes a fixed size."""
+    size = getattr(processor, "size", None) or {}
+    height, width = getattr(size, "height", None), getattr(size, "width", None)
+    if height is None and isinstance(size, dict):
+        height, width = size.get("height"), size.get("width")
+    return (int(height), int(width)) if height and width else None

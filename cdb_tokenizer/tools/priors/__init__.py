@@ -1,0 +1,49 @@
+"""Transformer priors over cdb-vq tokens, one module per concept:
+
+- `vocabulary`: `PriorVocabulary`, the token layout;
+- `token_data`: tokenised data sets (`tokenize_dataset`, `photo_crops_dataset`);
+- `model`: batches, building, validating, saving and loading the prior (`PriorCollator`, `build_prior`, ...);
+- `sampling`: generating image tokens and images (`sample_image_tokens`, `sample_images`, `save_image_grid`).
+
+Loading a tokenizer is not prior code: `cdb_tokenizer.tools.loading.load_tokenizer` (re-exported here).
+
+A prior is a plain transformers causal LM (Llama or GPT-2) over sequences
+
+    BOS [class] image_token_1 ... image_token_N EOS
+
+where the image tokens are the tokenizer's raster-order code ids shifted past the special tokens. `PriorVocabulary`
+is the one place that knows that layout. Training-only (datasets): never imported by the modeling files.
+
+Example:
+
+```python
+>>> from cdb_tokenizer.tools.priors import load_prior, load_tokenizer, sample_images
+>>> prior, vocabulary, prior_config = load_prior("outputs/prior")
+>>> tokenizer, processor = load_tokenizer(prior_config["tokenizer"])
+>>> images = sample_images(prior, tokenizer, vocabulary, num_images=8, class_labels=3, guidance_scale=3.0, seed=0)
+```
+"""
+
+from ..loading import load_tokenizer, processor_image_size
+from .model import ARCHITECTURES, PRIOR_CONFIG_NAME, PriorCollator, build_prior, load_prior, save_prior, validation_bits_per_token
+from .sampling import ImageTokenLogitsProcessor, sample_image_tokens, sample_images, save_image_grid
+from .token_data import photo_crops_dataset, tokenize_dataset
+from .vocabulary import PriorVocabulary
+
+
+__all__ = [
+    "ImageTokenLogitsProcessor",
+    "PriorCollator",
+    "PriorVocabulary",
+    "build_prior",
+    "load_prior",
+    "load_tokenizer",
+    "photo_crops_dataset",
+    "processor_image_size",
+    "sample_image_tokens",
+    "sample_images",
+    "save_image_grid",
+    "save_prior",
+    "tokenize_dataset",
+    "validation_bits_per_token",
+]

@@ -1,0 +1,153 @@
+"""Sampling images from a prior: constrained generation of image tokens, classifier-free guidance, decoding and grids."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, PreTrainedModel
+
+from .vocabulary import PriorVocabulary
+
+
+class ImageTokenLogitsProcessor(LogitsProcessor):
+    """Keeps generation on image tokens: every id outside `[image_token_offset, vocab_size)` gets `-inf`."""
+
+    def __init__(self, vocabulary: PriorVocabulary):
+        self.vocabulary = vocabulary
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        allowed = torch.zeros(scores.shape[-1], dtype=torch.bool, device=scores.device)
+        allowed[self.vocabulary.image_token_offset : self.vocabulary.vocab_size] = True
+        return scores.masked_fill(~allowed, float("-inf"))
+
+
+@torch.no_grad()
+def sample_image_tokens(
+    prior: PreTrainedModel,
+    vocabulary: PriorVocabulary,
+    num_images: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    class_labels: Sequence[int] | torch.Tensor | int | None = None,
+    guidance_scale: float = 1.0,
+    seed: int | None = None,
+    num_image_tokens: int | None = None,
+) -> torch.LongTensor:
+    r"""
+    Sample code ids (num_images, num_image_tokens) from a prior with `generate`.
+
+    Args:
+        temperature (`float`, *optional*, defaults to 1.0): Softmax temperature; 0 means greedy decoding.
+        top_k (`int`, *optional*): Keep only the k most likely tokens at each step.
+        top_p (`float`, *optional*): Nucleus sampling: keep the smallest set of tokens with this total probability.
+        class_labels (`int` or sequence of `int`, *optional*): One label for all images or one per image, for a
+            class-conditional prior; without labels a class-conditional prior samples unconditionally (null class).
+        guidance_scale (`float`, *optional*, defaults to 1.0): Classifier-free guidance scale
+            `uncond + s * (cond - uncond)` on log-probabilities, with the null class as the unconditional branch
+            (transformers' `UnbatchedClassifierFreeGuidanceLogitsProcessor`). 1 disables it; needs `class_labels`.
+        seed (`int`, *optional*): Makes sampling reproducible without touching the global random state.
+        num_image_tokens (`int`, *optional*): Tokens per image; defaults to `prior.generation_config.max_new_tokens`
+            (set by `build_prior`).
+    """
+    if num_images < 1:
+        raise ValueError(f"num_images must be at least 1, got {num_images}.")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}.")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}.")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be at least 1, got {top_k}.")
+    num_image_tokens = num_image_tokens or prior.generation_config.max_new_tokens
+    if not num_image_tokens:
+        raise ValueError("pass num_image_tokens: the prior's generation config does not say how many tokens an image has.")
+    if prior.config.vocab_size != vocabulary.vocab_size:
+        raise ValueError(f"the prior's vocab_size {prior.config.vocab_size} does not match the vocabulary's {vocabulary.vocab_size}.")
+    guided = guidance_scale != 1.0
+    if guided and (not vocabulary.class_conditional or class_labels is None):
+        raise ValueError("classifier-free guidance (guidance_scale != 1) needs a class-conditional prior and class_labels.")
+
+    device = next(prior.parameters()).device
+    input_ids = vocabulary.prompt_ids(num_images, class_labels).to(device)
+    generate_kwargs: dict[str, Any] = {}
+    if guided:
+        generate_kwargs["negative_prompt_ids"] = vocabulary.prompt_ids(num_images).to(device)
+        generate_kwargs["negative_prompt_attention_mask"] = torch.ones_like(generate_kwargs["negative_prompt_ids"])
+    generation_config = GenerationConfig(
+        max_new_tokens=num_image_tokens,
+        min_new_tokens=num_image_tokens,
+        do_sample=temperature > 0,
+        temperature=temperature if temperature > 0 else None,
+        top_k=top_k,
+        top_p=top_p,
+        guidance_scale=guidance_scale if guided else None,
+        bos_token_id=vocabulary.bos_token_id,
+        eos_token_id=vocabulary.eos_token_id,
+        pad_token_id=vocabulary.pad_token_id,
+    )
+    was_training = prior.training
+    prior.eval()
+    devices = [device] if device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=devices, enabled=seed is not None):
+            if seed is not None:
+                torch.manual_seed(seed)
+            output = prior.generate(
+                input_ids,
+                attention_mask=torch.ones_like(input_ids),
+                generation_config=generation_config,
+                logits_processor=LogitsProcessorList([ImageTokenLogitsProcessor(vocabulary)]),
+                **generate_kwargs,
+            )
+    finally:
+        prior.train(was_training)
+    return vocabulary.to_image_tokens(output[:, input_ids.shape[1] :].cpu())
+
+
+@torch.no_grad()
+def sample_images(
+    prior: PreTrainedModel,
+    tokenizer_model,
+    vocabulary: PriorVocabulary,
+    num_images: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    class_labels: Sequence[int] | torch.Tensor | int | None = None,
+    guidance_scale: float = 1.0,
+    seed: int | None = None,
+    image_size: tuple[int, int] | None = None,
+    num_image_tokens: int | None = None,
+) -> torch.FloatTensor:
+    """Sample images (num_images, 3, H, W) in [-1, 1]: `sample_image_tokens`, then the tokenizer's
+    `decode_image_tokens`. `image_size` (height, width) in pixels picks the token grid; by default the tokenizer's
+    resolution, or a square grid. See `sample_image_tokens` for the sampling arguments."""
+    tokens = sample_image_tokens(
+        prior, vocabulary, num_images, temperature=temperature, top_k=top_k, top_p=top_p,
+        class_labels=class_labels, guidance_scale=guidance_scale, seed=seed, num_image_tokens=num_image_tokens,
+    )  # fmt: skip
+    if vocabulary.codebook_size != tokenizer_model.config.codebook_size:
+        raise ValueError(
+            f"the prior was trained on {vocabulary.codebook_size} codes but the tokenizer has "
+            f"{tokenizer_model.config.codebook_size}: decode with the tokenizer the prior was trained on."
+        )
+    height, width = image_size if image_size else (None, None)
+    device = next(tokenizer_model.parameters()).device
+    return tokenizer_model.decode_image_tokens(tokens.to(device), height=height, width=width)
+
+
+def save_image_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None) -> Path:
+    """Write images (B, 3, H, W) in [-1, 1] as one PNG grid (`nrow` images per row, default about square)."""
+    from torchvision.utils import save_image
+
+    from ..evaluation import to_unit_range
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nrow = nrow or math.ceil(math.sqrt(images.shape[0]))
+    save_image(to_unit_range(images), path, nrow=nrow, padding=2, pad_value=1.0)
+    return path

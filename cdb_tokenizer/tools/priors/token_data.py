@@ -1,0 +1,170 @@
+"""Tokenised data sets for priors: a data set of images mapped through a tokenizer, and photo crops for tests and demos."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+
+import torch
+
+from ..data import decode_image, sample_photos
+
+logger = logging.getLogger(__name__)
+
+
+def _default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _weights_fingerprint(model: torch.nn.Module) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def tokenize_dataset(
+    dataset,
+    model,
+    processor,
+    image_column: str = "image",
+    label_column: str | None = None,
+    batch_size: int = 32,
+    device: str | torch.device | None = None,
+    cache_file_name: str | None = None,
+):
+    r"""
+    Map an image data set to token sequences for a prior, with `Dataset.map(batched=True)`.
+
+    Args:
+        dataset (`datasets.Dataset`): Images in `image_column`: anything `cdb_tokenizer.tools.data.decode_image` reads
+            (PIL images, arrays, undecoded `{"bytes", "path"}` values as `load_image_dataset` gives, paths).
+            Unreadable images are skipped with a warning.
+        model (`CDBVQModel`): The tokenizer; its `get_image_tokens` gives raster-order code ids.
+        processor (`CDBVQImageProcessor`): Turns the images into `pixel_values` (its size sets the token grid).
+        image_column (`str`, *optional*, defaults to `"image"`): Column holding the images.
+        label_column (`str`, *optional*): Column holding integer class labels, kept as `label`. When `None`, a
+            `label` column is kept if the data set has one.
+        batch_size (`int`, *optional*, defaults to 32): Images per `map` batch.
+        device (`str` or `torch.device`, *optional*): Where the tokenizer runs; defaults to CUDA when present. The
+            model is moved back afterwards.
+        cache_file_name (`str`, *optional*): Arrow file to cache the result in. As everywhere in `datasets`, an
+            existing file of that name is loaded as is: delete it after changing the tokenizer or the data.
+
+    Returns:
+        `datasets.Dataset` with `image_tokens` (list of ints, length h * w) and, with labels, `label` (a `ClassLabel`
+        when the source column is one). Without `cache_file_name` the result is cached by `datasets` under a
+        fingerprint of the data, the tokenizer's weights and config, and the processor.
+    """
+    import datasets
+
+    if not isinstance(dataset, datasets.Dataset):
+        raise TypeError(
+            f"tokenize_dataset expects a datasets.Dataset, got {type(dataset).__name__}"
+            + ("; pick a split first, e.g. dataset['train']." if isinstance(dataset, datasets.DatasetDict) else ".")
+        )
+    if image_column not in dataset.column_names:
+        raise ValueError(f"image column {image_column!r} not found; the data set has columns {dataset.column_names}.")
+    if label_column is None and "label" in dataset.column_names and image_column != "label":
+        label_column = "label"
+    elif label_column is not None and label_column not in dataset.column_names:
+        raise ValueError(f"label column {label_column!r} not found; the data set has columns {dataset.column_names}.")
+    if len(dataset) == 0:
+        raise ValueError("the data set is empty: there is nothing to tokenise.")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
+
+    features = {"image_tokens": datasets.List(datasets.Value("int32"))}
+    if label_column is not None:
+        label_feature = dataset.features[label_column]
+        if isinstance(label_feature, datasets.ClassLabel):
+            features["label"] = label_feature
+        elif isinstance(label_feature, datasets.Value) and label_feature.dtype.startswith(("int", "uint")):
+            features["label"] = datasets.Value("int64")
+        else:
+            raise ValueError(
+                f"label column {label_column!r} must hold integer class labels, got {label_feature}; "
+                f"encode it first, e.g. dataset.class_encode_column({label_column!r})."
+            )
+
+    device = torch.device(device) if device is not None else _default_device()
+    original_device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    was_training = model.training
+    fingerprint = hashlib.sha256(
+        "|".join(
+            [dataset._fingerprint, model.config.to_json_string(), _weights_fingerprint(model),
+             processor.to_json_string(), image_column, str(label_column)]
+        ).encode()
+    ).hexdigest()[:32]  # fmt: skip
+
+    def tokenize_batch(batch: dict[str, list]) -> dict[str, list]:
+        images = [decode_image(value) for value in batch[image_column]]
+        readable = [index for index, image in enumerate(images) if image is not None]
+        if len(readable) < len(images):  # an unreadable file is skipped (and counted), not a crash mid-run
+            skipped[0] += len(images) - len(readable)
+            logger.warning("Skipping %d unreadable image(s).", len(images) - len(readable))
+        output: dict[str, list] = {"image_tokens": []}
+        if label_column is not None:
+            output["label"] = [batch[label_column][index] for index in readable]
+        if readable:
+            pixel_values = processor([images[index] for index in readable], return_tensors="pt").pixel_values
+            tokens = model.get_image_tokens(pixel_values.to(device=device, dtype=dtype))
+            output["image_tokens"] = tokens.cpu().tolist()
+        return output
+
+    skipped = [0]
+    model.to(device).eval()
+    try:
+        tokenized = dataset.map(
+            tokenize_batch,
+            batched=True,
+            batch_size=batch_size,
+            remove_columns=dataset.column_names,
+            features=datasets.Features(features),
+            cache_file_name=cache_file_name,
+            new_fingerprint=fingerprint,
+            desc="tokenizing",
+        )
+    finally:
+        model.to(original_device).train(was_training)
+    if len(tokenized) == 0:
+        raise ValueError(f"none of the {len(dataset)} images in column {image_column!r} could be read.")
+    return tokenized
+
+
+def photo_crops_dataset(
+    num_crops_per_photo: int = 64,
+    side_range: tuple[float, float] = (0.25, 0.5),
+    seed: int = 0,
+    source: str = "skimage",
+):
+    """The embedded default image data set: random square crops of the photos that ship in pip packages.
+
+    Each crop's side is a random share (uniform in `side_range`) of its photo's shorter side, and its `label` is the photo's index
+    in `sample_photos(source)` (a `ClassLabel`, 16 classes for scikit-image), so a class-conditional prior learns one
+    class per photo. A different `seed` gives different crops of the same photos (use it for a validation split).
+    """
+    import datasets
+
+    low, high = side_range
+    if not 0 < low <= high <= 1:
+        raise ValueError(f"side_range must satisfy 0 < low <= high <= 1, got {side_range}.")
+    if num_crops_per_photo < 1:
+        raise ValueError(f"num_crops_per_photo must be at least 1, got {num_crops_per_photo}.")
+    photos = sample_photos(source)
+    rng = random.Random(seed)
+    images, labels = [], []
+    for index, photo in enumerate(photos):
+        width, height = photo.size
+        for _ in range(num_crops_per_photo):
+            side = max(1, round(min(width, height) * rng.uniform(low, high)))
+            left, top = rng.randint(0, width - side), rng.randint(0, height - side)
+            images.append(photo.crop((left, top, left + side, top + side)))
+            labels.append(index)
+    features = datasets.Features(
+        {"image": datasets.Image(), "label": datasets.ClassLabel(names=[f"photo_{i}" for i in range(len(photos))])}
+    )
+    return datasets.Dataset.from_dict({"image": images, "label": labels}, features=features)

@@ -1,0 +1,181 @@
+"""Run utilities shared by training/train.py and training/train_prior.py.
+
+The Accelerator of a run and its logging (`make_accelerator`), the rule for several processes on a machine without
+a GPU (`multi_process_without_accelerator`), which checkpoint `--resume_from_checkpoint` names (`find_checkpoint`:
+`latest` is the newest complete one), the weight EMA (`EMAWeights`) and the run log (`RunLog`: trackers plus
+`logs/train_log.jsonl`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import ProjectConfiguration
+
+from .checkpoints import CheckpointError, complete_checkpoints, incomplete_reason
+
+
+logger = get_logger(__name__, log_level="INFO")
+
+# Libraries whose INFO lines would drown the run's own.
+NOISY_LOGGERS = ("httpx", "huggingface_hub", "datasets", "PIL", "accelerate.checkpointing", "accelerate.accelerator")
+
+
+def multi_process_without_accelerator() -> bool:
+    """Several processes (torchrun / accelerate launch) on a machine with no GPU: accelerate then needs `cpu=True`
+    to set up its gloo process group instead of running each process alone."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    has_accelerator = getattr(torch, "accelerator", None)
+    return not (has_accelerator.is_available() if has_accelerator is not None else torch.cuda.is_available())
+
+def make_accelerator(args, output_dir: Path, **kwargs) -> Accelerator:
+    """The run's Accelerator (from `--gradient_accumulation_steps`, `--mixed_precision`, `--report_to`,
+    `--logging_dir`; `kwargs` go to `Accelerator`) and its logging: INFO on the main process, errors elsewhere."""
+    accelerator = Accelerator(
+        cpu=multi_process_without_accelerator(),
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)),
+        **kwargs,
+    )
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger().setLevel(logging.INFO if accelerator.is_main_process else logging.ERROR)
+    for noisy in NOISY_LOGGERS:
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    return accelerator
+
+
+def find_checkpoint(resume_from_checkpoint: str | None, output_dir: str | Path) -> Path | None:
+    """The checkpoint folder `--resume_from_checkpoint` names, or None when there is nothing to resume.
+
+    `latest` is the newest *complete* checkpoint (one whose manifest matches its files); incomplete ones (a run
+    killed while writing) are skipped and named, and a folder holding only incomplete ones is an error. A named
+    folder must be complete.
+    """
+    if resume_from_checkpoint is None:
+        return None
+    if resume_from_checkpoint == "latest":
+        complete, incomplete = complete_checkpoints(output_dir)
+        for path, reason in incomplete:
+            logger.warning(f"Skipping the incomplete checkpoint {path}: {reason}.")
+        if not complete and incomplete:
+            raise CheckpointError(
+                f"--resume_from_checkpoint latest: {output_dir}/checkpoints holds no complete checkpoint, only "
+                f"incomplete ones ({', '.join(f'{path.name}: {reason}' for path, reason in incomplete)}). Delete them, "
+                f"or pass train.py's --overwrite_output_dir, to start over."
+            )
+        if not complete:
+            logger.info(f"No checkpoint in {output_dir}/checkpoints: starting a new run.")
+            return None
+        return complete[-1]
+    path = Path(resume_from_checkpoint)
+    if not path.is_dir():
+        raise FileNotFoundError(f"--resume_from_checkpoint {str(path)!r} is not a checkpoint folder.")
+    reason = incomplete_reason(path)
+    if reason is not None:
+        raise CheckpointError(f"--resume_from_checkpoint {str(path)!r} is not a complete checkpoint: {reason}.")
+    return path
+
+
+class EMAWeights:
+    """An exponential moving average of a model's trainable parameters (checkpointed with accelerate)."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.shadow = {name: p.detach().float().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        for name, parameter in model.named_parameters():
+            if name in self.shadow:
+                self.shadow[name].lerp_(parameter.detach().float(), 1.0 - self.decay)
+
+    @torch.no_grad()
+    def copy_rows(self, model: torch.nn.Module, name: str, rows: torch.Tensor) -> None:
+        """Take rows of a parameter as they are now (e.g. restarted codes, which an average would blur)."""
+        if name in self.shadow:
+            self.shadow[name][rows] = dict(model.named_parameters())[name].detach().float()[rows]
+
+    @contextmanager
+    def applied(self, model: torch.nn.Module):
+        """Swap the averaged weights into `model` for the duration of the block."""
+        parameters = dict(model.named_parameters())
+        saved = {name: parameters[name].detach().clone() for name in self.shadow}
+        with torch.no_grad():
+            for name, value in self.shadow.items():
+                parameters[name].copy_(value)
+        try:
+            yield model
+        finally:
+            with torch.no_grad():
+                for name, value in saved.items():
+                    parameters[name].copy_(value)
+
+    # Checkpointed as safetensors (`ema/<parameter>`) and the decay in the checkpoint's JSON state, never pickled.
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        return {f"ema/{name}": value for name, value in self.shadow.items()}
+
+    def load_tensors(self, tensors: dict[str, torch.Tensor], state: dict, source: str | None = None) -> None:
+        """Restore the average from a checkpoint; a missing or mismatched tensor is a clear CheckpointError."""
+        for name, value in self.shadow.items():
+            saved = tensors.get(f"ema/{name}")
+            if saved is None or saved.shape != value.shape:
+                what = "has no" if saved is None else f"has a {tuple(saved.shape)} (not {tuple(value.shape)})"
+                raise CheckpointError(
+                    f"the checkpoint ({source}) {what} EMA weight for {name}: it was written without --use_ema or by "
+                    f"a run with another model configuration."
+                )
+            value.copy_(saved.to(device=value.device, dtype=value.dtype))
+        if state.get("ema_weights_decay") is not None:
+            self.decay = float(state["ema_weights_decay"])
+
+
+class RunLog:
+    """Sends scalars to the accelerate trackers and appends them to `logs/train_log.jsonl` (main process)."""
+
+    def __init__(self, accelerator: Accelerator, path: Path):
+        self.accelerator = accelerator
+        self.path = path
+
+    def __call__(self, values: dict[str, float], step: int) -> None:
+        values = {key: float(value) for key, value in values.items()}
+        self.accelerator.log(values, step=step)
+        if self.accelerator.is_main_process:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps({"step": step, **values}) + "\n")
+
+    def truncate_after(self, step: int) -> None:
+        """Drop the records of steps after `step` (a resumed run trains them again) and any half-written line."""
+        if not self.path.is_file():
+            return
+        kept = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and int(record.get("step", 0)) <= step:
+                kept.append(line)
+        temporary = self.path.with_name(self.path.name + ".tmp")
+        temporary.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        os.replace(temporary, self.path)
+
+    def image(self, name: str, image: torch.Tensor, step: int) -> None:
+        """Log a (3, H, W) image in [0, 1] to the trackers that take images."""
+        for tracker in self.accelerator.trackers:
+            if tracker.name == "tensorboard":
+                tracker.writer.add_image(name, image, step)
+            elif tracker.name == "wandb":
+                import wandb
+
+                tracker.log({name: wandb.Image(image.permute(1, 2, 0).numpy())}, step=step)
