@@ -441,7 +441,7 @@ class CDBVQQuantizer(nn.Module):
             raise ValueError(
                 f"this `cdb` model was saved in quantizer format {config.quantizer_format} (the first CDB router), but "
                 f"this version of cdb_tokenizer routes with format {QUANTIZER_FORMAT}: its tokens would differ. Load it "
-                "with the code saved in its folder (AutoModel.from_pretrained(path, trust_remote_code=True) in a "
+                "with the code saved in its folder (AutoModel.from_pretrained with its remote code allowed, in a "
                 "process that does not import cdb_tokenizer), or with cdb-tokenizer 0.1.0."
             )
         self.config = config
