@@ -39,6 +39,8 @@ class CDBVQEncoderOutput(ModelOutput):
         vq_loss (`torch.FloatTensor`): Weighted sum of all the terms above (weights from the config).
         utilization (`torch.FloatTensor`): Share of the codebook used by this batch.
         perplexity (`torch.FloatTensor`): Perplexity of this batch's code histogram.
+        signal_features (`torch.FloatTensor` of shape `(batch_size, 3, height, width)`, *optional*): Per-cell image
+            statistics (low-pass, Laplacian, chroma) the role prior read; computed with code roles, and in training.
     """
 
     image_tokens: torch.LongTensor | None = None
@@ -55,6 +57,7 @@ class CDBVQEncoderOutput(ModelOutput):
     code_alignment_loss: torch.FloatTensor | None = None
     utilization: torch.FloatTensor | None = None
     perplexity: torch.FloatTensor | None = None
+    signal_features: torch.FloatTensor | None = None
 
 
 @dataclass
@@ -432,6 +435,7 @@ class CDBVQModel(CDBVQPreTrainedModel):
             vq_loss=vq_loss,
             utilization=quantizer_output.utilization,
             perplexity=quantizer_output.perplexity,
+            signal_features=signal_features,
             **terms,
         )
         return output if return_dict else output.to_tuple()

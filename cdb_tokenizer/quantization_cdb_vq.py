@@ -297,7 +297,7 @@ class CDBVQRouter(nn.Module):
         `detach_learned_inputs` is set (training: the learned terms must not pull the encoder to balance usage)."""
         role_log_prior = None
         if self.role_head is not None and signal_features is not None:
-            role_log_prior = apply_float32_out(self.role_head, signal_features).log_softmax(-1)
+            role_log_prior = self.role_logits(signal_features).log_softmax(-1)
         with torch.no_grad():
             squared_distance = squared_distances(latents, codes)
             nearest_squared_distance = squared_distance.min(-1).values
@@ -349,24 +349,42 @@ class CDBVQRouter(nn.Module):
         return scores
 
     @torch.no_grad()
-    def update_potentials(self, share: torch.Tensor, distortion: torch.Tensor, step: float, bound: float) -> None:
+    def update_potentials(
+        self,
+        share: torch.Tensor,
+        distortion: torch.Tensor,
+        step: float,
+        bound: float,
+        target_share: torch.Tensor | None = None,
+    ) -> None:
         """One step of stochastic dual ascent toward the balanced transport plan, and the temperature's update.
 
-        `share` (K,) is the share of this (global) batch's tokens each code took: a code above 1/K loses potential,
-        one below gains it. Potentials are kept centred and within `bound` temperatures. The temperature follows
-        the mean squared distance of latents to their *nearest* code (not the chosen one, which the potentials
-        move: that would feed back into their own bound).
+        `share` (K,) is the share of this (global) batch's tokens each code took: a code above its target share
+        (1/K, or `target_share` (K,)) loses potential, one below gains it; a code whose target is 0 keeps its
+        potential. Potentials are kept centred and within `bound` temperatures. The temperature follows the mean
+        squared distance of latents to their *nearest* code (not the chosen one, which the potentials move: that
+        would feed back into their own bound).
         """
         self.temperature.mul_(0.99).add_(distortion.clamp_min(1e-8), alpha=0.01)
         if step <= 0:
             return
-        self.potentials.add_(step * self.temperature * (1.0 - share * share.numel()))
+        if target_share is None:
+            excess = share * share.numel()
+        else:
+            excess = torch.where(target_share > 0, share / target_share.clamp_min(1e-12), torch.ones_like(share))
+        self.potentials.add_(step * self.temperature * (1.0 - excess))
         self.potentials.sub_(self.potentials.mean())
         self.potentials.clamp_(-bound * self.temperature, bound * self.temperature)
 
     def role_supervision_loss(self, signal_features: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Cross-entropy of the role head's log-prior (the one routing adds) against target roles (N,)."""
-        return F.cross_entropy(apply_float32_out(self.role_head, signal_features.float()), targets)
+        return F.cross_entropy(self.role_logits(signal_features), targets)
+
+    def role_logits(self, signal_features: torch.Tensor) -> torch.Tensor:
+        """The role head's (N, roles) logits. It reads the log of the signal statistics: they span many orders of
+        magnitude (a flat cell's Laplacian energy is ~1e-14, an edge's ~10), and on a log scale the role thresholds
+        are a few units apart, which a small head learns in tens of steps instead of hundreds."""
+        return apply_float32_out(self.role_head, signal_features.float().clamp_min(0.0).add(1e-3).log())
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -545,7 +563,7 @@ class CDBVQQuantizer(nn.Module):
         """Quantize a flat batch of latents (N, D); `semantic_features` (N, semantic_dim) feed the `cdb` router."""
         input_dtype = latents.dtype
         if self.training and not bool(self.initialized):
-            self.initialize_codebook(latents.detach())
+            self.initialize_codebook(latents.detach(), signal_features=signal_features)
         latents = self.prepare_latents(latents)
         codes = self.codes()
         if self.config.ema_decay is not None:
@@ -677,7 +695,9 @@ class CDBVQQuantizer(nn.Module):
         if self.router is not None and distortion is not None:
             distortion_and_count = all_reduce_(torch.stack([distortion, counts.sum()]))
             mean_distortion = distortion_and_count[0] / distortion_and_count[1].clamp_min(1.0)
-            self.router.update_potentials(share, mean_distortion, self.config.potential_step, self.config.potential_bound)
+            self.router.update_potentials(
+                share, mean_distortion, self.config.potential_step, self.config.potential_bound, self._target_share(share)
+            )
         if self.config.ema_decay is not None:
             embed_sum = torch.zeros_like(self.ema_embed_sum, dtype=torch.float32).index_add_(0, indices, latents)
             all_reduce_(embed_sum)
@@ -688,24 +708,59 @@ class CDBVQQuantizer(nn.Module):
             smoothed = (self.ema_cluster_size + 1e-5) / (total + self.codebook_size * 1e-5) * total
             self.codebook.weight.copy_(self.ema_embed_sum / smoothed[:, None])
 
+    def _target_share(self, share: torch.Tensor) -> torch.Tensor | None:
+        """Each code's share under the balanced plan: 1/K (None), or with code roles, its role range's share of the
+        tokens spread evenly over the range, so that the potentials balance codes within a role and never pull
+        tokens across roles (how much goes to each role is the role prior's decision)."""
+        if not self.config.code_roles:
+            return None
+        num_roles = len(self.config.role_names)
+        range_share = share.new_zeros(num_roles).index_add_(0, self.code_to_role, share)
+        range_size = torch.bincount(self.code_to_role, minlength=num_roles).clamp_min(1).to(share.dtype)
+        return (range_share / range_size)[self.code_to_role]
+
     # ------------------------------------------------------------------ upkeep
     @torch.no_grad()
-    def initialize_codebook(self, latents: torch.Tensor, iterations: int = 10, seed: int = 0) -> None:
+    def initialize_codebook(
+        self, latents: torch.Tensor, iterations: int = 10, seed: int = 0, signal_features: torch.Tensor | None = None
+    ) -> None:
         """k-means initialisation of the codebook from latents (N, D), identical on every process.
 
-        Latents of all processes are gathered, rank 0 runs k-means and broadcasts the centres.
+        Latents of all processes are gathered, rank 0 runs k-means and broadcasts the centres. With code roles and
+        the latents' `signal_features` (N, 3), each role's range is initialised from the latents of its kind only
+        (`role_targets`), so that a range starts where its content lies.
         """
         samples = self.prepare_latents(all_gather_rows(latents.detach().float()))
+        pools = self._role_pools(signal_features, samples.shape[0])
         centres = torch.empty(self.codebook_size, samples.shape[1], device=samples.device)
         if not is_distributed() or dist.get_rank() == 0:
-            centres = kmeans(samples, self.codebook_size, iterations, seed, self.config.assignment_chunk_size)
+            for codes, pool in pools:
+                centres[codes] = kmeans(samples[pool], codes.numel(), iterations, seed, self.config.assignment_chunk_size)
         broadcast_(centres)
-        self._replace_codes(torch.arange(self.codebook_size, device=centres.device), centres)
+        nearest = nearest_codes(samples, centres, self.config.assignment_chunk_size)
+        # Usage starts at the k-means cluster shares (identical everywhere: same samples, same centres), so a code
+        # k-means left empty is dead at the first restart instead of after the usage average has decayed.
+        shares = torch.bincount(nearest, minlength=self.codebook_size).float() / nearest.numel()
+        self._replace_codes(torch.arange(self.codebook_size, device=centres.device), centres, usage=shares)
         if self.router is not None:
-            # The router's temperature starts at the k-means distortion (identical everywhere: same samples, centres).
-            nearest = nearest_codes(samples, centres, self.config.assignment_chunk_size)
+            # The router's temperature starts at the k-means distortion.
             self.router.temperature.fill_(float((samples - centres[nearest]).pow(2).sum(-1).mean().clamp_min(1e-8)))
         self.initialized.fill_(True)
+
+    def _role_pools(self, signal_features: torch.Tensor | None, num_samples: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(codes, sample ids) pairs: each role's code ids with the gathered samples of its kind (all samples where
+        a role has none of its kind, or without roles or signal features: then one pair of all codes)."""
+        device = self.code_to_role.device
+        everything = torch.arange(num_samples, device=device)
+        if not self.config.code_roles or signal_features is None:
+            return [(torch.arange(self.codebook_size, device=device), everything)]
+        targets = role_targets(all_gather_rows(signal_features.detach().float()), self.config).to(device)
+        pools = []
+        for role in range(len(self.config.role_names)):
+            codes, pool = (self.code_to_role == role).nonzero().flatten(), (targets == role).nonzero().flatten()
+            if codes.numel():
+                pools.append((codes, pool if pool.numel() else everything))
+        return pools
 
     @torch.no_grad()
     def dead_codes(self) -> torch.Tensor:
@@ -713,9 +768,16 @@ class CDBVQQuantizer(nn.Module):
         return (self.usage < self.config.dead_code_threshold / self.codebook_size).nonzero().flatten()
 
     @torch.no_grad()
-    def restart_dead_codes(self, latents: torch.Tensor, seed: int = 0) -> int:
-        """Move dead codes onto randomly drawn recent latents (N, D); returns how many were restarted.
+    def restart_dead_codes(
+        self, latents: torch.Tensor, seed: int = 0, signal_features: torch.Tensor | None = None
+    ) -> int:
+        """Move dead codes onto distinct, randomly drawn recent latents (N, D); returns how many were restarted.
 
+        At most one code per latent: with more dead codes than latents (a large codebook, a small batch), the least
+        used are restarted now and the others at the next call, on new latents, instead of many codes landing on
+        the same latent (where all but one would die again). A restarted code's usage is set to twice the dead-code
+        threshold: it has `log(2) / (1 - usage_decay)` steps (69 at 0.99) to win tokens before it counts as dead.
+        With code roles and the latents' `signal_features` (N, 3), a code restarts on a latent of its role's kind.
         Every process must call it: latents are gathered, rank 0 draws, the new codes are broadcast, and the EMA,
         usage and router state of the restarted codes are reset so that the restart takes hold.
         """
@@ -725,16 +787,23 @@ class CDBVQQuantizer(nn.Module):
         if dead.numel() == 0:
             return 0
         samples = self.prepare_latents(all_gather_rows(latents.detach().float()))
-        new_codes = torch.empty(dead.numel(), samples.shape[1], device=samples.device)
-        if not is_distributed() or dist.get_rank() == 0:
-            generator = torch.Generator(device="cpu").manual_seed(seed)
-            picks = torch.randint(samples.shape[0], (dead.numel(),), generator=generator).to(samples.device)
-            new_codes = samples[picks]
-        broadcast_(new_codes)
-        self._replace_codes(dead, new_codes)
+        dead = dead[self.usage[dead].argsort(stable=True)]
+        restarted, picked = [], []
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        for codes, pool in self._role_pools(signal_features, samples.shape[0]):
+            role_dead = dead[torch.isin(dead, codes)][: pool.numel()]
+            restarted.append(role_dead)
+            picks = torch.zeros(role_dead.numel(), dtype=torch.long, device=pool.device)
+            if not is_distributed() or dist.get_rank() == 0:
+                picks = pool[torch.randperm(pool.numel(), generator=generator)[: role_dead.numel()].to(pool.device)]
+            picked.append(picks)
+        dead, picks = torch.cat(restarted), broadcast_(torch.cat(picked))
+        if dead.numel() == 0:
+            return 0
+        self._replace_codes(dead, samples[picks], usage=2.0 * self.config.dead_code_threshold / self.codebook_size)
         return int(dead.numel())
 
-    def _replace_codes(self, indices: torch.Tensor, new_codes: torch.Tensor) -> None:
+    def _replace_codes(self, indices: torch.Tensor, new_codes: torch.Tensor, usage: torch.Tensor | float) -> None:
         if self.router is not None and indices.numel() < self.codebook_size:
             # A revived code inherits the router key of the live code nearest to it, so the router scores it
             # like its neighbourhood instead of never picking it.
@@ -748,7 +817,7 @@ class CDBVQQuantizer(nn.Module):
         self.codebook.weight[indices] = new_codes.to(self.codebook.weight.dtype)
         self.ema_embed_sum[indices] = new_codes.to(self.ema_embed_sum.dtype)
         self.ema_cluster_size[indices] = 1.0
-        self.usage[indices] = 1.0 / self.codebook_size
+        self.usage[indices] = usage.to(self.usage.dtype) if torch.is_tensor(usage) else usage
         self.signal_statistics.sums[indices] = 0.0
         self.signal_statistics.counts[indices] = 0.0
 

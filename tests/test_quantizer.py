@@ -290,6 +290,43 @@ def test_dead_codes_are_restarted_on_recent_latents():
     assert bool((module.ema_cluster_size[:10] == 1).all()) and module.dead_codes().numel() == 0
 
 
+def test_codes_kmeans_leaves_empty_are_dead_at_once():
+    module = quantizer(assignment="nearest")
+    points = torch.randn(8, 8) * 5
+    module.initialize_codebook(points.repeat(32, 1))  # 256 samples, 8 distinct: k-means can fill 8 of 64 codes
+    assert math.isclose(float(module.usage.sum()), 1.0, rel_tol=1e-5)
+    assert module.dead_codes().numel() == 64 - 8
+
+
+def test_restarts_put_at_most_one_code_on_each_latent():
+    module = quantizer(assignment="nearest")
+    module.initialize_codebook(torch.randn(256, 8))
+    module.usage.fill_(1 / 64)
+    module.usage[:40] = torch.linspace(0, 1e-4, 40)
+    latents = torch.randn(16, 8) + 50
+    assert module.restart_dead_codes(latents, seed=3) == 16
+    moved = (module.codebook.weight[:, None] - latents[None]).abs().amax(-1) < 1e-5  # (codes, latents)
+    assert moved.sum(0).tolist() == [1] * 16  # every latent took exactly one code
+    assert moved[:16].any(1).all()  # the least used went first
+    assert module.dead_codes().tolist() == list(range(16, 40))
+    assert module.restart_dead_codes(torch.randn(16, 8) - 50, seed=4) == 16
+    assert module.dead_codes().tolist() == list(range(32, 40))
+
+
+def test_a_restarted_code_has_about_69_steps_to_win_tokens():
+    module = quantizer(assignment="nearest", ema_decay=None, usage_decay=0.99)
+    module.initialize_codebook(torch.randn(256, 8))
+    module.usage.fill_(1 / 64)
+    module.usage[0] = 0.0
+    module.restart_dead_codes(torch.full((1, 8), 100.0))  # far from every latent below: it never wins a token
+    module.train()
+    lost = []
+    for step in range(80):
+        module(module.codes()[1:].detach().clone())
+        lost.append(0 in module.dead_codes().tolist())
+    assert lost.index(True) == 68  # log(2) / -log(0.99) = 69 steps of grace
+
+
 def test_restarted_router_codes_inherit_a_live_neighbours_key():
     module = quantizer(assignment="cdb")
     module.initialize_codebook(torch.randn(256, 8))
