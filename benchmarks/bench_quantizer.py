@@ -83,7 +83,7 @@ def build_quantizer(rule: str, codebook_size: int, dim: int, chunk_size: int | N
 
 
 def assignment_worker(case: dict) -> dict:
-    from cdb_tokenizer.modeling_cdb_vq import LOSS_WEIGHTS
+    from cdb_tokenizer.modeling_cdb_vq import LOSS_WEIGHTS, weighted_vq_loss
 
     device = torch.device(case["device"])
     torch.manual_seed(0)
@@ -102,9 +102,8 @@ def assignment_worker(case: dict) -> dict:
 
         def forward():
             output = quantizer(latents, semantic_features=semantic)
-            terms = [getattr(config, LOSS_WEIGHTS[name]) * getattr(output, name) for name in LOSS_WEIGHTS
-                     if getattr(output, name, None) is not None]  # fmt: skip
-            holder["loss"] = sum(terms) + output.quantized.square().mean()
+            terms = {name: getattr(output, name, None) for name in LOSS_WEIGHTS}  # the semantic ones are not here
+            holder["loss"] = weighted_vq_loss(config, terms) + output.quantized.square().mean()
 
         forward_seconds = time_call(forward, device)
         backward_seconds = time_call(lambda: holder.pop("loss").backward(), device)

@@ -70,6 +70,8 @@ class CDBVQModelOutput(CDBVQEncoderOutput):
     reconstruction: torch.FloatTensor | None = None
 
 
+# The one list of the quantizer and semantic loss terms: each output field and the config field that weights it in
+# `vq_loss`. Training logs each term unweighted under its field name without "_loss" (`codebook`, `commitment`, ...).
 LOSS_WEIGHTS = {
     "codebook_loss": "codebook_weight",
     "commitment_loss": "commitment_weight",
@@ -79,6 +81,11 @@ LOSS_WEIGHTS = {
     "token_alignment_loss": "token_alignment_weight",
     "code_alignment_loss": "code_alignment_weight",
 }
+
+
+def weighted_vq_loss(config: CDBVQConfig, terms: dict[str, torch.Tensor | None]) -> torch.Tensor | float:
+    """The sum of `terms` (keys of `LOSS_WEIGHTS`) weighted by their config fields; terms that are None are skipped."""
+    return sum(getattr(config, LOSS_WEIGHTS[name]) * value for name, value in terms.items() if value is not None)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -423,7 +430,7 @@ class CDBVQModel(CDBVQPreTrainedModel):
                     quantizer_output.indices, _flatten_grid(predicted_features), _flatten_grid(teacher_features)
                 )
             )
-        vq_loss = sum(getattr(self.config, LOSS_WEIGHTS[name]) * value for name, value in terms.items() if value is not None)
+        vq_loss = weighted_vq_loss(self.config, terms)
         output = CDBVQEncoderOutput(
             image_tokens=quantizer_output.indices.view(grid),
             quantized=quantizer_output.quantized.view(batch, height, width, dim).permute(0, 3, 1, 2),
