@@ -413,9 +413,9 @@ class CDBVQModel(CDBVQPreTrainedModel):
             signal_features = image_signal_features(pixel_values, self.config.downsampling_factor)
 
         quantizer_output = self.quantizer(
-            _flatten_grid(latents),
-            semantic_features=_flatten_grid(router_features) if router_features is not None else None,
-            signal_features=_flatten_grid(signal_features) if signal_features is not None else None,
+            flatten_grid(latents),
+            semantic_features=flatten_grid(router_features) if router_features is not None else None,
+            signal_features=flatten_grid(signal_features) if signal_features is not None else None,
         )
         terms = {
             "codebook_loss": quantizer_output.codebook_loss,
@@ -427,7 +427,7 @@ class CDBVQModel(CDBVQPreTrainedModel):
             self._check_feature_grid(teacher_features, "teacher_features", grid)
             terms.update(
                 self.quantizer.semantic_losses(
-                    quantizer_output.indices, _flatten_grid(predicted_features), _flatten_grid(teacher_features)
+                    quantizer_output.indices, flatten_grid(predicted_features), flatten_grid(teacher_features)
                 )
             )
         vq_loss = weighted_vq_loss(self.config, terms)
@@ -591,7 +591,7 @@ class CDBVQModel(CDBVQPreTrainedModel):
             raise ValueError(f"{name} contains NaN or infinite values.")
 
 
-def _flatten_grid(features: torch.Tensor) -> torch.Tensor:
+def flatten_grid(features: torch.Tensor) -> torch.Tensor:
     """(B, C, h, w) -> (B * h * w, C), raster order."""
     return features.permute(0, 2, 3, 1).reshape(-1, features.shape[1])
 
