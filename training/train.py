@@ -30,7 +30,6 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -40,6 +39,7 @@ from accelerate.utils import DistributedDataParallelKwargs, gather_object, set_s
 from tqdm.auto import tqdm
 
 from cdb_tokenizer import CDBVQConfig, CDBVQImageProcessor, CDBVQModel
+from cdb_tokenizer.modeling_cdb_vq import flatten_grid
 from cdb_tokenizer.tools.checkpoints import (
     CheckpointError,
     checkpoint_step,
@@ -68,18 +68,11 @@ from cdb_tokenizer.tools.evaluation import (
     save_reconstruction_figure,
     save_usage_plot,
 )
-from cdb_tokenizer.tools.losses import (
-    LPIPSUnavailableError,
-    PatchDiscriminator,
-    TokenizerLoss,
-    compute_losses,
-    first_nonfinite,
-    load_lpips,
-    lpips_backbone_file,
-)
+from cdb_tokenizer.tools.losses import LPIPSUnavailableError, PatchDiscriminator, TokenizerLoss, load_lpips, lpips_backbone_file
 from cdb_tokenizer.tools.redaction import redact_secrets
 from cdb_tokenizer.tools.roles import role_map_figure, save_role_map
 from cdb_tokenizer.tools.runs import EMAWeights, RunLog, find_checkpoint, make_accelerator
+from cdb_tokenizer.tools.steps import TrainingParts, degradation_seed, restart_dead_codes, training_step
 from cdb_tokenizer.tools.train_args import parse_args
 from cdb_tokenizer.tools.teacher import (
     kmeans_prototypes,
@@ -270,11 +263,6 @@ def build_model(args: argparse.Namespace, teacher, prototypes: torch.Tensor | No
     return model
 
 
-def flat_grid(features: torch.Tensor) -> torch.Tensor:
-    """(B, C, h, w) -> (B * h * w, C)."""
-    return features.permute(0, 2, 3, 1).reshape(-1, features.shape[1])
-
-
 @torch.no_grad()
 def initialize_codebook(args, model: CDBVQModel, batches, accelerator: Accelerator, teacher=None) -> None:
     """k-means initialisation of the codebook from the latents of the first training batches (all processes).
@@ -293,10 +281,10 @@ def initialize_codebook(args, model: CDBVQModel, batches, accelerator: Accelerat
         for batch in itertools.islice(batches, num_batches):
             pixel_values = batch["pixel_values"].to(accelerator.device)
             encoded = model.encode(pixel_values)
-            latents.append(flat_grid(encoded.latents).float())
+            latents.append(flatten_grid(encoded.latents).float())
             if use_prototypes:
                 grid = encoded.latents.shape[-2:]
-                features.append(flat_grid(teacher.patch_features(pixel_values, grid_size=grid)).float())
+                features.append(flatten_grid(teacher.patch_features(pixel_values, grid_size=grid)).float())
     model.train(was_training)
     latents = torch.cat(latents)
     model.quantizer.initialize_codebook(latents, iterations=args.kmeans_init_iterations, seed=args.seed)
@@ -448,71 +436,12 @@ def hparams(run_config: dict) -> dict:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class TrainingParts:
-    """What one training step works with (models as prepared by accelerate, and their plain modules)."""
-
-    accelerator: Accelerator
-    model: torch.nn.Module
-    unwrapped: CDBVQModel
-    discriminator: torch.nn.Module | None
-    plain_discriminator: torch.nn.Module | None
-    optimizer: torch.optim.Optimizer
-    disc_optimizer: torch.optim.Optimizer | None
-    scheduler: object
-    disc_scheduler: object | None
-    loss_module: TokenizerLoss
-    teacher: object | None
-    grid_size: tuple[int, int]
-
-
-def degradation_seed(args, step: int, micro_batch: int, process_index: int) -> int:
-    """Seed of the degradation of one micro-batch: a function of the run's seed, the step, the micro-batch and the
-    process, so a resumed run degrades exactly as an uninterrupted one."""
-    return ((args.seed * 1_000_003 + step) * 64 + micro_batch) * 4096 + process_index
-
-
-def training_step(parts: TrainingParts, pixel_values: torch.Tensor, step: int, args, bad_term: str | None = None,
-                  micro_batch: int = 0):  # fmt: skip
-    """Forward, backward and (at the end of an accumulation window) the optimiser step for one batch.
-
-    Returns the batch's loss terms, the name of a term that was NaN/infinite on any process in this window (the
-    window's update is then skipped and this batch's codebook statistics rolled back) or None, and the model output.
-    """
-    accelerator, loss_module = parts.accelerator, parts.loss_module
-    pixel_values = pixel_values.to(accelerator.device, non_blocking=True)
-    inputs = pixel_values
-    if args.degradation:  # restoration: the encoder sees the degraded image, the loss targets the clean one
-        seed = degradation_seed(args, step, micro_batch, accelerator.process_index)
-        inputs = degrade(pixel_values, args.degradation, seed=seed)
-    snapshot = parts.unwrapped.quantizer.snapshot()
-    adversarial = parts.discriminator is not None and loss_module.adversarial_active(step)
-    with accelerator.accumulate(*[m for m in (parts.model, parts.discriminator) if m is not None]):
-        with accelerator.autocast():
-            target = {"target_pixel_values": pixel_values} if args.degradation else {}
-            losses = compute_losses(parts.model, inputs, loss_module, parts.teacher, step, parts.plain_discriminator,
-                                    parts.unwrapped.decoder.conv_out.weight, parts.grid_size, **target)  # fmt: skip
-            terms, disc_loss = dict(losses.terms), None
-            if adversarial:
-                disc_loss, disc_terms = loss_module.discriminator_loss(parts.discriminator, pixel_values, losses.model_output.reconstruction)
-                terms.update(disc_terms)
-        bad_term = bad_term or _nonfinite_anywhere(terms, accelerator)
-        # Backward even when a term is not finite, so that every process takes part in the same collectives;
-        # the window's gradients are dropped below.
-        accelerator.backward(losses.total)
-        if disc_loss is not None:
-            accelerator.backward(disc_loss)
-        if bad_term:
-            parts.unwrapped.quantizer.restore(snapshot)
-        if accelerator.sync_gradients:
-            bad_term = bad_term or _step(args, accelerator, parts, adversarial)
-            parts.scheduler.step()
-            if adversarial:
-                parts.disc_scheduler.step()
-            parts.optimizer.zero_grad(set_to_none=True)
-            if parts.disc_optimizer is not None:
-                parts.disc_optimizer.zero_grad(set_to_none=True)
-    return terms, bad_term, losses.model_output
+def degraded_inputs(args, pixel_values: torch.Tensor, step: int, micro_batch: int, process_index: int) -> torch.Tensor | None:
+    """Restoration (`--degradation`): what the encoder sees, the batch degraded under a seed a resumed run draws
+    again; None otherwise (the encoder sees the batch)."""
+    if not args.degradation:
+        return None
+    return degrade(pixel_values, args.degradation, seed=degradation_seed(args.seed, step, micro_batch, process_index))
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -638,14 +567,15 @@ def train(args: argparse.Namespace) -> tuple[CDBVQModel, dict]:
     skipped_ids = set(resumed_state.get("skipped_image_ids", []))
     nonfinite_in_a_row, nonfinite_steps = 0, int(resumed_state.get("nonfinite_steps", 0))
     metrics, first_step, loop_start = {}, global_step, time.time()
-    parts = TrainingParts(accelerator, model, unwrapped, discriminator, plain_discriminator, optimizer, disc_optimizer,
-                          scheduler, disc_scheduler, loss_module, teacher, grid_size)  # fmt: skip
+    parts = TrainingParts(accelerator, model, optimizer, loss_module, unwrapped, scheduler, discriminator,
+                          plain_discriminator, disc_optimizer, disc_scheduler, teacher, grid_size, args.max_grad_norm)  # fmt: skip
     while global_step < max_train_steps:
         step_terms, bad_term = {}, None
         for micro_batch in range(args.gradient_accumulation_steps):
             batch = next(batches)
             skipped_ids.update(batch["skipped_ids"])
-            terms, bad_term, output = training_step(parts, batch["pixel_values"], global_step, args, bad_term, micro_batch)
+            inputs = degraded_inputs(args, batch["pixel_values"], global_step, micro_batch, accelerator.process_index)
+            terms, bad_term, output = training_step(parts, batch["pixel_values"], global_step, bad_term, inputs)
             for name, value in terms.items():
                 step_terms[name] = step_terms.get(name, 0.0) + float(value.detach()) / args.gradient_accumulation_steps
 
@@ -663,7 +593,7 @@ def train(args: argparse.Namespace) -> tuple[CDBVQModel, dict]:
             ema.update(unwrapped)
         restarted = 0
         if args.dead_code_restart_steps and global_step % args.dead_code_restart_steps == 0:
-            restarted = _restart_dead_codes(unwrapped, output, ema, args.seed + global_step)
+            restarted = restart_dead_codes(unwrapped, output.latents, args.seed + global_step, ema)
         values = {f"loss/{name}": value for name, value in step_terms.items()}
         values.update({"train/utilization": float(output.utilization), "train/perplexity": float(output.perplexity),
                        "train/learning_rate": scheduler.get_last_lr()[0], "train/skipped_images": len(skipped_ids),
@@ -782,42 +712,6 @@ def _validation_fid(args, accelerator: Accelerator):
         logger.info("rFID with a small random feature extractor: a smoke test of the path, not comparable to Inception FIDs.")
         return optional_fid_metric(device=accelerator.device, feature_extractor=RandomFeatureExtractor())
     return optional_fid_metric(args.fid_weights, device=accelerator.device)
-
-
-def _nonfinite_anywhere(terms: dict[str, torch.Tensor], accelerator: Accelerator) -> str | None:
-    """The first non-finite term on any process (every process gets the same answer)."""
-    name = first_nonfinite(terms)
-    if accelerator.num_processes == 1:
-        return name
-    flag = accelerator.reduce(torch.tensor([float(name is not None)], device=accelerator.device), reduction="sum")
-    if not bool(flag.item()):
-        return None
-    names = [found for found in gather_object([name]) if found is not None]
-    return names[0]
-
-
-def _step(args, accelerator: Accelerator, parts: TrainingParts, adversarial: bool) -> str | None:
-    """Clip and apply the accumulated gradients; returns "gradient norm" (and skips) when it is not finite."""
-    if args.max_grad_norm > 0:
-        grad_norm = accelerator.clip_grad_norm_(parts.model.parameters(), args.max_grad_norm)
-        # With fp16 the gradient scaler skips overflowing steps itself (and must see every step to lower its scale).
-        if accelerator.mixed_precision != "fp16" and not bool(torch.isfinite(torch.as_tensor(grad_norm))):
-            return "gradient norm"
-        if adversarial:
-            accelerator.clip_grad_norm_(parts.discriminator.parameters(), args.max_grad_norm)
-    parts.optimizer.step()
-    if adversarial:
-        parts.disc_optimizer.step()
-    return None
-
-
-def _restart_dead_codes(model: CDBVQModel, output, ema: EMAWeights | None, seed: int) -> int:
-    """Restart dead codes from this batch's latents (every process calls it: the quantizer syncs them)."""
-    dead = model.quantizer.dead_codes()
-    restarted = model.quantizer.restart_dead_codes(flat_grid(output.latents.detach()).float(), seed=seed)
-    if restarted and ema is not None:
-        ema.copy_rows(model, "quantizer.codebook.weight", dead)
-    return restarted
 
 
 def _stop(accelerator: Accelerator, args, reason: str) -> None:
