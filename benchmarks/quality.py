@@ -39,7 +39,7 @@ from cdb_tokenizer import CDBVQConfig, CDBVQModel
 from cdb_tokenizer.modeling_cdb_vq import flatten_grid
 from cdb_tokenizer.quantization_cdb_vq import CDBVQQuantizerOutput, nearest_codes
 from cdb_tokenizer.tools.data import sample_photos
-from cdb_tokenizer.tools.evaluation import code_usage_counts, evaluate, save_usage_plot
+from cdb_tokenizer.tools.evaluation import code_usage_counts, eval_mode, evaluate, save_usage_plot
 from cdb_tokenizer.tools.losses import TokenizerLoss
 from cdb_tokenizer.tools.steps import TrainingParts, restart_dead_codes, training_step
 
@@ -264,23 +264,21 @@ def assignment_diagnostics(model: CDBVQModel, batches: list[torch.Tensor]) -> di
     `relative_error`: mean squared latent-to-chosen-code distance over the latents' variance (lower: the decoder
     sees codes closer to what the encoder meant). `nearest_relative_error`: the same with the nearest codes.
     """
-    was_training = model.training
-    model.eval()
     quantizer = model.quantizer
-    codes = quantizer.codes() if hasattr(quantizer, "codes") else quantizer.vq.codebook.float()
     agree, chosen_error, nearest_error, latents_all = 0, 0.0, 0.0, []
-    for batch in batches:
-        encoded = model.encode(batch)
-        latents = flatten_grid(encoded.latents).float()
-        if hasattr(quantizer, "prepare_latents"):
-            latents = quantizer.prepare_latents(latents)
-        chosen = encoded.image_tokens.flatten()
-        nearest = nearest_codes(latents, codes, model.config.assignment_chunk_size)
-        agree += int((chosen == nearest).sum())
-        chosen_error += float((latents - codes[chosen]).pow(2).sum())
-        nearest_error += float((latents - codes[nearest]).pow(2).sum())
-        latents_all.append(latents)
-    model.train(was_training)
+    with eval_mode(model):
+        codes = quantizer.codes() if hasattr(quantizer, "codes") else quantizer.vq.codebook.float()
+        for batch in batches:
+            encoded = model.encode(batch)
+            latents = flatten_grid(encoded.latents).float()
+            if hasattr(quantizer, "prepare_latents"):
+                latents = quantizer.prepare_latents(latents)
+            chosen = encoded.image_tokens.flatten()
+            nearest = nearest_codes(latents, codes, model.config.assignment_chunk_size)
+            agree += int((chosen == nearest).sum())
+            chosen_error += float((latents - codes[chosen]).pow(2).sum())
+            nearest_error += float((latents - codes[nearest]).pow(2).sum())
+            latents_all.append(latents)
     latents = torch.cat(latents_all)
     variance = float((latents - latents.mean(0)).pow(2).sum())
     return {
