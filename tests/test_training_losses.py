@@ -96,6 +96,18 @@ def test_one_list_of_weighted_terms_for_the_config_the_model_and_the_logs():
     torch.testing.assert_close(result.terms["vq"], expected)
 
 
+def test_training_flags_of_the_weighted_terms_only_set_config_fields(tmp_path):
+    """`--commitment_weight` and the like go into the model config, which weights the terms; the pixel loss of the
+    training script weights only its own terms, so there is no second weight for a quantizer or semantic term."""
+    from cdb_tokenizer.tools.train_args import parse_args
+
+    argv = [arg for field in LOSS_WEIGHTS.values() for arg in (f"--{field}", "0.125")]
+    args = parse_args(argv + ["--role_preset", "three", "--output_dir", str(tmp_path)])
+    assert {field: args.model_config_dict[field] for field in LOSS_WEIGHTS.values()} == dict.fromkeys(LOSS_WEIGHTS.values(), 0.125)
+    pixel_weights = {name for name in inspect.signature(TokenizerLoss.__init__).parameters if name.endswith("_weight")}
+    assert pixel_weights and not pixel_weights & set(LOSS_WEIGHTS.values())
+
+
 def test_adversarial_term_starts_at_disc_start_with_the_adaptive_weight(model):
     discriminator = PatchDiscriminator(base_channels=8, num_layers=2)
     loss = TokenizerLoss(disc_weight=0.5, disc_start=5)
