@@ -83,7 +83,7 @@ def build_quantizer(rule: str, codebook_size: int, dim: int, chunk_size: int | N
 
 
 def assignment_worker(case: dict) -> dict:
-    from cdb_tokenizer.modeling_cdb_vq import LOSS_WEIGHTS
+    from cdb_tokenizer.modeling_cdb_vq import LOSS_WEIGHTS, weighted_vq_loss
 
     device = torch.device(case["device"])
     torch.manual_seed(0)
@@ -102,9 +102,8 @@ def assignment_worker(case: dict) -> dict:
 
         def forward():
             output = quantizer(latents, semantic_features=semantic)
-            terms = [getattr(config, LOSS_WEIGHTS[name]) * getattr(output, name) for name in LOSS_WEIGHTS
-                     if getattr(output, name, None) is not None]  # fmt: skip
-            holder["loss"] = sum(terms) + output.quantized.square().mean()
+            terms = {name: getattr(output, name, None) for name in LOSS_WEIGHTS}  # the semantic ones are not here
+            holder["loss"] = weighted_vq_loss(config, terms) + output.quantized.square().mean()
 
         forward_seconds = time_call(forward, device)
         backward_seconds = time_call(lambda: holder.pop("loss").backward(), device)
@@ -133,7 +132,7 @@ def encode_worker(case: dict) -> dict:
     timed separately on the same latents. Memory comes from `encode_memory_worker`, one fresh process per rule.
     """
     from cdb_tokenizer import CDBVQConfig, CDBVQModel
-    from cdb_tokenizer.modeling_cdb_vq import _flatten_grid
+    from cdb_tokenizer.modeling_cdb_vq import flatten_grid
 
     device = torch.device(case["device"])
     models = {}
@@ -152,7 +151,7 @@ def encode_worker(case: dict) -> dict:
                 timings[rule].append(time_call(functools.partial(model.encode, pixel_values), device))
         for rule, model in models.items():
             hidden_states = model.encoder(pixel_values)
-            call = functools.partial(quantize, model, hidden_states, _flatten_grid(model.quant_conv(hidden_states)))
+            call = functools.partial(quantize, model, hidden_states, flatten_grid(model.quant_conv(hidden_states)))
             quantizer_timings[rule] = [time_call(call, device) for _ in range(case["quantizer_repeats"])]
     return {
         **case,
@@ -166,11 +165,11 @@ def encode_worker(case: dict) -> dict:
 
 def quantize(model, hidden_states: torch.Tensor, latents: torch.Tensor) -> None:
     """The quantizer's part of an encode: the semantic head (read by `cdb` only) and the assignment."""
-    from cdb_tokenizer.modeling_cdb_vq import _flatten_grid
+    from cdb_tokenizer.modeling_cdb_vq import flatten_grid
 
     features = None
     if model.config.assignment == "cdb":
-        features = _flatten_grid(model.semantic_head(hidden_states))
+        features = flatten_grid(model.semantic_head(hidden_states))
     model.quantizer(latents, semantic_features=features)
 
 

@@ -8,11 +8,12 @@ is trained once per quantizer:
   library's default rotation-trick gradient) behind `VectorQuantizeAdapter`, which has the forward signature and
   outputs of `CDBVQQuantizer`, so it drops into `model.quantizer` and the backbone is untouched.
 
-Training: random crops (and flips) of the 16 scikit-image photos, loss = L1 + L2 + `output.vq_loss`, AdamW.
-Codebook upkeep is the same for every rule: k-means initialisation from the first batch's latents, and dead-code
-restarts with one threshold, a code is dead when its running share of tokens is below `dead_code_threshold / K`
-(`CDBVQQuantizer.restart_dead_codes` after every step for our rules; the same threshold in tokens per batch for
-`VectorQuantize`, which restarts internally); `--no-dead-code-restarts` turns them off for all.
+Training: random crops (and flips) of the 16 scikit-image photos through the library's own training step
+(`cdb_tokenizer.tools.steps.training_step` on a CPU `Accelerator`, `TokenizerLoss` as L1 + L2, plus
+`output.vq_loss`; AdamW). Codebook upkeep is the same for every rule: k-means initialisation from the first batch's
+latents, and dead-code restarts with one threshold, a code is dead when its running share of tokens is below
+`dead_code_threshold / K` (the library's `restart_dead_codes` after every step for our rules; the same threshold in
+tokens per batch for `VectorQuantize`, which restarts internally); `--no-dead-code-restarts` turns them off for all.
 Evaluation: every non-overlapping crop of scikit-learn's two photos (a different package: no leakage) through
 `cdb_tokenizer.tools.evaluation.evaluate`. Writes `benchmarks/results/quality.md` and a code-usage plot.
 
@@ -29,14 +30,18 @@ import time
 
 import torch
 import torch.nn.functional as F
+from accelerate import Accelerator
 from common import RESULTS_DIR, command_line, environment_summary, markdown_table, write_report
 from torch import nn
 from tqdm.auto import tqdm
 
 from cdb_tokenizer import CDBVQConfig, CDBVQModel
-from cdb_tokenizer.tools.data import sample_photos
-from cdb_tokenizer.tools.evaluation import code_usage_counts, evaluate, save_usage_plot
+from cdb_tokenizer.modeling_cdb_vq import flatten_grid
 from cdb_tokenizer.quantization_cdb_vq import CDBVQQuantizerOutput, nearest_codes
+from cdb_tokenizer.tools.data import sample_photos
+from cdb_tokenizer.tools.evaluation import code_usage_counts, eval_mode, evaluate, save_usage_plot
+from cdb_tokenizer.tools.losses import TokenizerLoss
+from cdb_tokenizer.tools.steps import TrainingParts, restart_dead_codes, training_step
 
 RULES = ("nearest", "sinkhorn", "cdb", "vqtorch")
 # Parts of the model that are the same in every run (the quantizer is what differs).
@@ -52,7 +57,8 @@ class VectorQuantizeAdapter(nn.Module):
     """vector-quantize-pytorch's `VectorQuantize` with the interface `CDBVQModel` expects of `model.quantizer`.
 
     `forward(latents (N, D), semantic_features=None, signal_features=None) -> CDBVQQuantizerOutput` and
-    `lookup(indices)`. The library's commitment loss is returned unweighted as `commitment_loss` (the model applies
+    `lookup(indices)`, and what the training step asks of a quantizer (`snapshot` / `restore`, `restart_dead_codes`).
+    The library's commitment loss is returned unweighted as `commitment_loss` (the model applies
     `config.commitment_weight`, as for its own quantizer); the codebook learns by EMA, so `codebook_loss` is None.
     """
 
@@ -91,6 +97,17 @@ class VectorQuantizeAdapter(nn.Module):
 
     def lookup(self, indices: torch.Tensor) -> torch.Tensor:
         return F.embedding(indices, self.vq.codebook)
+
+    def snapshot(self) -> dict[str, torch.Tensor]:
+        """A copy of the codebook and its EMA state, for `restore` to undo a step whose loss was not finite."""
+        return {name: value.detach().clone() for name, value in self.state_dict().items()}
+
+    def restore(self, snapshot: dict[str, torch.Tensor]) -> None:
+        self.load_state_dict(snapshot)
+
+    def restart_dead_codes(self, latents: torch.Tensor, seed: int = 0) -> int:
+        """Nothing to do here: `VectorQuantize` replaces its dead codes inside its forward."""
+        return 0
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -182,25 +199,23 @@ def reference_backbone(args: argparse.Namespace) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in model.state_dict().items() if k.startswith(BACKBONE_PREFIXES)}
 
 
-def train_step(
-    model: CDBVQModel, pixel_values: torch.Tensor, optimizer: torch.optim.Optimizer, step: int
-) -> dict[str, float]:
-    """One step of L1 + L2 + vq_loss; then dead-code restarts (our quantizer; VectorQuantize restarts inside)."""
-    output = model(pixel_values)
-    reconstruction_loss = F.l1_loss(output.reconstruction, pixel_values) + F.mse_loss(
-        output.reconstruction, pixel_values
-    )
-    loss = reconstruction_loss + output.vq_loss
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    restarted = 0
-    if hasattr(model.quantizer, "restart_dead_codes"):
-        flat_latents = output.latents.detach().permute(0, 2, 3, 1).reshape(-1, model.config.codebook_dim)
-        restarted = model.quantizer.restart_dead_codes(flat_latents, seed=step)
+def training_parts(model: CDBVQModel, learning_rate: float, loss_module: TokenizerLoss | None = None) -> TrainingParts:
+    """What the library's training step needs for one model: a CPU `Accelerator`, AdamW and (by default) the
+    L1 + L2 loss (no LPIPS, no discriminator, no teacher)."""
+    accelerator = Accelerator(cpu=True, mixed_precision="no")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, betas=(0.9, 0.99), weight_decay=0.0)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    return TrainingParts(accelerator, model, optimizer, loss_module or TokenizerLoss(l1_weight=1.0, l2_weight=1.0))
+
+
+def train_step(parts: TrainingParts, pixel_values: torch.Tensor, step: int, inputs: torch.Tensor | None = None) -> dict:
+    """One step of the library's training step (L1 + L2 + vq_loss), then dead-code restarts (our quantizer;
+    VectorQuantize restarts inside its forward). `inputs`: the encoder's input when it is not `pixel_values`."""
+    terms, bad_term, output = training_step(parts, pixel_values, step, inputs=inputs)
+    restarted = 0 if bad_term else restart_dead_codes(parts.unwrapped, output.latents, seed=step)
     return {
-        "loss": loss.item(),
-        "reconstruction_loss": reconstruction_loss.item(),
+        "loss": float(terms["total"]),
+        "reconstruction_loss": float(terms["l1"] + terms["l2"]),
         "utilization": float(output.utilization),
         "perplexity": float(output.perplexity),
         "restarted": restarted,
@@ -211,14 +226,14 @@ def train_and_evaluate(
     args: argparse.Namespace, rule: str, backbone: dict, train_photos: list, held_out: torch.Tensor
 ) -> dict:
     model = build_model(args, rule, backbone).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, betas=(0.9, 0.99), weight_decay=0.0)
+    parts = training_parts(model, args.learning_rate)
     generator = torch.Generator().manual_seed(args.seed)
     history, restarted = [], 0
     start = time.perf_counter()
     progress = tqdm(range(args.steps), desc=f"training {rule}")
     for step in progress:
         batch = random_crops(train_photos, args.resolution, args.batch_size, generator)
-        metrics = train_step(model, batch, optimizer, step)
+        metrics = train_step(parts, batch, step)
         restarted += metrics["restarted"]
         history.append(metrics)
         if step % 50 == 0 or step == args.steps - 1:
@@ -249,23 +264,21 @@ def assignment_diagnostics(model: CDBVQModel, batches: list[torch.Tensor]) -> di
     `relative_error`: mean squared latent-to-chosen-code distance over the latents' variance (lower: the decoder
     sees codes closer to what the encoder meant). `nearest_relative_error`: the same with the nearest codes.
     """
-    was_training = model.training
-    model.eval()
     quantizer = model.quantizer
-    codes = quantizer.codes() if hasattr(quantizer, "codes") else quantizer.vq.codebook.float()
     agree, chosen_error, nearest_error, latents_all = 0, 0.0, 0.0, []
-    for batch in batches:
-        encoded = model.encode(batch)
-        latents = encoded.latents.permute(0, 2, 3, 1).reshape(-1, model.config.codebook_dim).float()
-        if hasattr(quantizer, "prepare_latents"):
-            latents = quantizer.prepare_latents(latents)
-        chosen = encoded.image_tokens.flatten()
-        nearest = nearest_codes(latents, codes, model.config.assignment_chunk_size)
-        agree += int((chosen == nearest).sum())
-        chosen_error += float((latents - codes[chosen]).pow(2).sum())
-        nearest_error += float((latents - codes[nearest]).pow(2).sum())
-        latents_all.append(latents)
-    model.train(was_training)
+    with eval_mode(model):
+        codes = quantizer.codes() if hasattr(quantizer, "codes") else quantizer.vq.codebook.float()
+        for batch in batches:
+            encoded = model.encode(batch)
+            latents = flatten_grid(encoded.latents).float()
+            if hasattr(quantizer, "prepare_latents"):
+                latents = quantizer.prepare_latents(latents)
+            chosen = encoded.image_tokens.flatten()
+            nearest = nearest_codes(latents, codes, model.config.assignment_chunk_size)
+            agree += int((chosen == nearest).sum())
+            chosen_error += float((latents - codes[chosen]).pow(2).sum())
+            nearest_error += float((latents - codes[nearest]).pow(2).sum())
+            latents_all.append(latents)
     latents = torch.cat(latents_all)
     variance = float((latents - latents.mean(0)).pow(2).sum())
     return {

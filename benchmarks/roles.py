@@ -35,12 +35,13 @@ from datetime import datetime, timezone
 import torch
 import torch.nn.functional as F
 from common import RESULTS_DIR, command_line, environment_summary, markdown_table, write_report
-from quality import grid_crops, photo_tensors, random_crops, reference_backbone, small_config
+from quality import grid_crops, photo_tensors, random_crops, reference_backbone, small_config, train_step, training_parts
 from tqdm.auto import tqdm
 
 from cdb_tokenizer import CDBVQModel
+from cdb_tokenizer.modeling_cdb_vq import flatten_grid
 from cdb_tokenizer.tools.degradations import degrade
-from cdb_tokenizer.tools.losses import laplacian
+from cdb_tokenizer.tools.losses import TokenizerLoss
 from cdb_tokenizer.quantization_cdb_vq import image_signal_features
 from cdb_tokenizer.tools.roles import save_role_map, three_role_ranges
 
@@ -71,27 +72,21 @@ def build(args: argparse.Namespace, run: str, backbone: dict) -> CDBVQModel:
 
 
 def train(args: argparse.Namespace, run: str, backbone: dict, photos: list) -> tuple[CDBVQModel, float]:
-    """quality.py's loop (L1 + L2 + vq_loss, AdamW, dead-code restarts after each step), with a degraded input for
-    the restoration runs (and the optional high-frequency term)."""
+    """quality.py's loop (the library's training step: L1 + L2 + vq_loss, AdamW, dead-code restarts after each
+    step), with a degraded input for the restoration runs (and the optional high-frequency term)."""
     model = build(args, run, backbone).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, betas=(0.9, 0.99), weight_decay=0.0)
+    restore = run.startswith("restore")
+    loss_module = TokenizerLoss(l1_weight=1.0, l2_weight=1.0, high_frequency_weight=args.high_frequency_weight if restore else 0.0)
+    parts = training_parts(model, args.learning_rate, loss_module)
     generator = torch.Generator().manual_seed(args.seed)
     start = time.perf_counter()
     progress = tqdm(range(args.steps), desc=f"training {run}")
     for step in progress:
         target = random_crops(photos, args.resolution, args.batch_size, generator)
-        inputs = degrade(target, args.train_degradation, seed=args.seed * 100_003 + step) if run.startswith("restore") else target
-        output = model(inputs)
-        loss = F.l1_loss(output.reconstruction, target) + F.mse_loss(output.reconstruction, target) + output.vq_loss
-        if run.startswith("restore") and args.high_frequency_weight > 0:
-            loss = loss + args.high_frequency_weight * (laplacian(output.reconstruction) - laplacian(target)).abs().mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        flat = output.latents.detach().permute(0, 2, 3, 1).reshape(-1, model.config.codebook_dim)
-        model.quantizer.restart_dead_codes(flat, seed=step)
+        inputs = degrade(target, args.train_degradation, seed=args.seed * 100_003 + step) if restore else None
+        metrics = train_step(parts, target, step, inputs)
         if step % 50 == 0:
-            progress.set_postfix(loss=f"{loss.item():.4f}")
+            progress.set_postfix(loss=f"{metrics['loss']:.4f}")
     return model.eval(), (time.perf_counter() - start) / args.steps
 
 
@@ -285,7 +280,7 @@ def main(argv: list[str] | None = None) -> None:
     }
     backbone = reference_backbone(args)
     factor = small_config(args, "cdb").downsampling_factor
-    signals = image_signal_features(held_out, factor).permute(0, 2, 3, 1).reshape(-1, 3)
+    signals = flatten_grid(image_signal_features(held_out, factor))
     results = {}
     args.figure = None
     for run in args.runs:

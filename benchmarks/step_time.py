@@ -40,17 +40,17 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.quality.threads)
     backbone = quality.reference_backbone(args.quality)
     photos = quality.photo_tensors("skimage")
-    models, optimizers = {}, {}
+    parts = {}
     for rule in args.rules:
-        models[rule] = quality.build_model(args.quality, rule, backbone).train()
-        optimizers[rule] = torch.optim.AdamW(models[rule].parameters(), lr=args.quality.learning_rate, betas=(0.9, 0.99))
+        model = quality.build_model(args.quality, rule, backbone).train()
+        parts[rule] = quality.training_parts(model, args.quality.learning_rate)
     generator = torch.Generator().manual_seed(args.quality.seed)
     times = {rule: [] for rule in args.rules}
     for round_index in range(args.warmup + args.rounds):
         batch = quality.random_crops(photos, args.quality.resolution, args.quality.batch_size, generator)
         for rule in args.rules:
             start = time.perf_counter()
-            quality.train_step(models[rule], batch, optimizers[rule], round_index)
+            quality.train_step(parts[rule], batch, round_index)
             if round_index >= args.warmup:
                 times[rule].append(time.perf_counter() - start)
         print(f"round {round_index + 1}/{args.warmup + args.rounds}", file=sys.stderr, flush=True)
@@ -69,8 +69,8 @@ def main(argv: list[str] | None = None) -> None:
         "",
         f"quality.py's model and batches (K = {args.quality.codebook_size}, D = {args.quality.codebook_dim}, batch "
         f"{args.quality.batch_size} of {args.quality.resolution}x{args.quality.resolution}); one step = forward, "
-        f"L1 + L2 + vq_loss, backward, AdamW, dead-code restarts. {args.rounds} rounds after {args.warmup} warm-up "
-        "rounds, each round one step of every rule on the same batch.",
+        f"L1 + L2 + vq_loss, backward, AdamW, dead-code restarts (the library's training step, as quality.py). "
+        f"{args.rounds} rounds after {args.warmup} warm-up rounds, each round one step of every rule on the same batch.",
         "",
         markdown_table(["rule", "median s / step", f"median ratio to `{reference}`"], rows),
         "",

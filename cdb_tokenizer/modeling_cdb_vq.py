@@ -73,6 +73,8 @@ class CDBVQModelOutput(CDBVQEncoderOutput):
     reconstruction: torch.FloatTensor | None = None
 
 
+# The one list of the quantizer and semantic loss terms: each output field and the config field that weights it in
+# `vq_loss`. Training logs each term unweighted under its field name without "_loss" (`codebook`, `commitment`, ...).
 LOSS_WEIGHTS = {
     "codebook_loss": "codebook_weight",
     "commitment_loss": "commitment_weight",
@@ -82,6 +84,11 @@ LOSS_WEIGHTS = {
     "token_alignment_loss": "token_alignment_weight",
     "code_alignment_loss": "code_alignment_weight",
 }
+
+
+def weighted_vq_loss(config: CDBVQConfig, terms: dict[str, torch.Tensor | None]) -> torch.Tensor | float:
+    """The sum of `terms` (keys of `LOSS_WEIGHTS`) weighted by their config fields; terms that are None are skipped."""
+    return sum(getattr(config, LOSS_WEIGHTS[name]) * value for name, value in terms.items() if value is not None)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -409,9 +416,9 @@ class CDBVQModel(CDBVQPreTrainedModel):
             signal_features = image_signal_features(pixel_values, self.config.downsampling_factor)
 
         quantizer_output = self.quantizer(
-            _flatten_grid(latents),
-            semantic_features=_flatten_grid(router_features) if router_features is not None else None,
-            signal_features=_flatten_grid(signal_features) if signal_features is not None else None,
+            flatten_grid(latents),
+            semantic_features=flatten_grid(router_features) if router_features is not None else None,
+            signal_features=flatten_grid(signal_features) if signal_features is not None else None,
         )
         terms = {
             "codebook_loss": quantizer_output.codebook_loss,
@@ -423,10 +430,10 @@ class CDBVQModel(CDBVQPreTrainedModel):
             self._check_feature_grid(teacher_features, "teacher_features", grid)
             terms.update(
                 self.quantizer.semantic_losses(
-                    quantizer_output.indices, _flatten_grid(predicted_features), _flatten_grid(teacher_features)
+                    quantizer_output.indices, flatten_grid(predicted_features), flatten_grid(teacher_features)
                 )
             )
-        vq_loss = sum(getattr(self.config, LOSS_WEIGHTS[name]) * value for name, value in terms.items() if value is not None)
+        vq_loss = weighted_vq_loss(self.config, terms)
         output = CDBVQEncoderOutput(
             image_tokens=quantizer_output.indices.view(grid),
             quantized=quantizer_output.quantized.view(batch, height, width, dim).permute(0, 3, 1, 2),
@@ -588,7 +595,7 @@ class CDBVQModel(CDBVQPreTrainedModel):
             raise ValueError(f"{name} contains NaN or infinite values.")
 
 
-def _flatten_grid(features: torch.Tensor) -> torch.Tensor:
+def flatten_grid(features: torch.Tensor) -> torch.Tensor:
     """(B, C, h, w) -> (B * h * w, C), raster order."""
     return features.permute(0, 2, 3, 1).reshape(-1, features.shape[1])
 

@@ -18,6 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+import cdb_tokenizer.tools.steps as steps_module
 import training.train as train_script
 from cdb_tokenizer.tools.teacher import save_clip_config
 from training.train import TrainingStopped, main, parse_args
@@ -119,7 +120,7 @@ def test_resumed_run_matches_the_uninterrupted_run_step_for_step(tmp_path):
 
 
 def _nan_at(steps):
-    real = train_script.compute_losses
+    real = steps_module.compute_losses
 
     def compute_losses(model, pixel_values, loss_module, teacher, step, *args):
         losses = real(model, pixel_values, loss_module, teacher, step, *args)
@@ -142,7 +143,7 @@ def test_ema_codebook_trains_end_to_end(tmp_path, assignment):
 
 
 def test_a_nan_step_is_skipped_and_named(tmp_path, monkeypatch, caplog):
-    monkeypatch.setattr(train_script, "compute_losses", _nan_at({1}))
+    monkeypatch.setattr(steps_module, "compute_losses", _nan_at({1}))
     metrics = main(PLAIN_RUN + ["--output_dir", str(tmp_path / "run"), "--max_train_steps", "3"])
     assert metrics["nonfinite_steps"] == 1 and metrics["steps"] == 3
     assert "the l1 loss is NaN or infinite" in caplog.text
@@ -152,7 +153,7 @@ def test_a_nan_step_is_skipped_and_named(tmp_path, monkeypatch, caplog):
 
 
 def test_losses_that_stay_nan_stop_cleanly_keeping_the_checkpoint(tmp_path, monkeypatch):
-    monkeypatch.setattr(train_script, "compute_losses", _nan_at({1, 2, 3, 4}))
+    monkeypatch.setattr(steps_module, "compute_losses", _nan_at({1, 2, 3, 4}))
     output_dir = tmp_path / "run"
     with pytest.raises(TrainingStopped, match=r"2 steps in a row.*l1.*checkpoint-1"):
         main(PLAIN_RUN + ["--output_dir", str(output_dir), "--max_train_steps", "6", "--checkpointing_steps", "1",

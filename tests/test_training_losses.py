@@ -1,10 +1,14 @@
 """The training loss: reconstruction, LPIPS, PatchGAN with the adaptive weight, and the model's own terms."""
 
+import dataclasses
+import inspect
+
 import pytest
 import torch
 
 import cdb_tokenizer.tools.losses as losses_module
 from cdb_tokenizer import CDBVQConfig, CDBVQModel
+from cdb_tokenizer.modeling_cdb_vq import LOSS_WEIGHTS, CDBVQModelOutput
 from cdb_tokenizer.tools.losses import (
     LPIPSUnavailableError,
     PatchDiscriminator,
@@ -15,6 +19,7 @@ from cdb_tokenizer.tools.losses import (
     hinge_discriminator_loss,
     load_lpips,
 )
+from cdb_tokenizer.tools.roles import three_role_ranges
 from cdb_tokenizer.tools.teacher import TINY_CLIP_CONFIG, CLIPTeacher, build_clip_model
 
 TINY = {
@@ -66,6 +71,41 @@ def test_compute_losses_with_a_teacher_adds_the_semantic_terms(model):
         assert torch.isfinite(result.terms[term]), term
     with pytest.raises(ValueError, match="grid_size"):
         compute_losses(model, pixels(), TokenizerLoss(), teacher=teacher)
+
+
+def test_one_list_of_weighted_terms_for_the_config_the_model_and_the_logs():
+    """`LOSS_WEIGHTS` is the only list: every `*_weight` config field is in it, each term is an output field, and
+    compute_losses logs each term the model returns, unweighted, under its name without "_loss"."""
+    weight_fields = {name for name in inspect.signature(CDBVQConfig.__init__).parameters if name.endswith("_weight")}
+    assert set(LOSS_WEIGHTS.values()) == weight_fields
+    assert set(LOSS_WEIGHTS) <= {field.name for field in dataclasses.fields(CDBVQModelOutput)}
+
+    # Distinct weights and a setting where the model returns every term (gradient codebook, roles, a teacher).
+    weights = {field: 0.1 * (index + 1) for index, field in enumerate(sorted(weight_fields))}
+    config = CDBVQConfig(**TINY, ema_decay=None, code_roles=three_role_ranges(64), **weights)
+    torch.manual_seed(0)
+    model = CDBVQModel(config).train()
+    model.set_prototypes(torch.randn(8, 32))
+    teacher = CLIPTeacher(build_clip_model(TINY_CLIP_CONFIG))
+    result = compute_losses(model, pixels(), TokenizerLoss(), teacher=teacher, grid_size=(8, 8))
+    output = result.model_output
+    assert all(getattr(output, term) is not None for term in LOSS_WEIGHTS), "the setting should return every term"
+    for term in LOSS_WEIGHTS:
+        assert result.terms[term.removesuffix("_loss")] is getattr(output, term), term
+    expected = sum(weights[field] * getattr(output, term) for term, field in LOSS_WEIGHTS.items())
+    torch.testing.assert_close(result.terms["vq"], expected)
+
+
+def test_training_flags_of_the_weighted_terms_only_set_config_fields(tmp_path):
+    """`--commitment_weight` and the like go into the model config, which weights the terms; the pixel loss of the
+    training script weights only its own terms, so there is no second weight for a quantizer or semantic term."""
+    from cdb_tokenizer.tools.train_args import parse_args
+
+    argv = [arg for field in LOSS_WEIGHTS.values() for arg in (f"--{field}", "0.125")]
+    args = parse_args(argv + ["--role_preset", "three", "--output_dir", str(tmp_path)])
+    assert {field: args.model_config_dict[field] for field in LOSS_WEIGHTS.values()} == dict.fromkeys(LOSS_WEIGHTS.values(), 0.125)
+    pixel_weights = {name for name in inspect.signature(TokenizerLoss.__init__).parameters if name.endswith("_weight")}
+    assert pixel_weights and not pixel_weights & set(LOSS_WEIGHTS.values())
 
 
 def test_adversarial_term_starts_at_disc_start_with_the_adaptive_weight(model):

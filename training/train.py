@@ -30,7 +30,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -40,6 +40,7 @@ from accelerate.utils import DistributedDataParallelKwargs, gather_object, set_s
 from tqdm.auto import tqdm
 
 from cdb_tokenizer import CDBVQConfig, CDBVQImageProcessor, CDBVQModel
+from cdb_tokenizer.modeling_cdb_vq import flatten_grid
 from cdb_tokenizer.tools.checkpoints import (
     CheckpointError,
     checkpoint_step,
@@ -63,23 +64,17 @@ from cdb_tokenizer.tools.data import (
 from cdb_tokenizer.tools.degradations import degrade
 from cdb_tokenizer.tools.evaluation import (
     code_usage_counts,
+    eval_mode,
     evaluate,
     reconstruction_grid,
     save_reconstruction_figure,
     save_usage_plot,
 )
-from cdb_tokenizer.tools.losses import (
-    LPIPSUnavailableError,
-    PatchDiscriminator,
-    TokenizerLoss,
-    compute_losses,
-    first_nonfinite,
-    load_lpips,
-    lpips_backbone_file,
-)
+from cdb_tokenizer.tools.losses import LPIPSUnavailableError, PatchDiscriminator, TokenizerLoss, load_lpips, lpips_backbone_file
 from cdb_tokenizer.tools.redaction import redact_secrets
 from cdb_tokenizer.tools.roles import role_map_figure, save_role_map
 from cdb_tokenizer.tools.runs import EMAWeights, RunLog, find_checkpoint, make_accelerator
+from cdb_tokenizer.tools.steps import TrainingParts, degradation_seed, restart_dead_codes, training_step
 from cdb_tokenizer.tools.train_args import parse_args
 from cdb_tokenizer.tools.teacher import (
     kmeans_prototypes,
@@ -106,6 +101,125 @@ class OutputDirInUse(ValueError):
 # there: config.json and the remote-code files are replaced by save_pretrained at the end of the new run).
 RUN_MARKERS = ("checkpoints", "training_config.json", "metrics.json", "model.safetensors")
 RUN_FILES = RUN_MARKERS + ("reconstructions.png", "codebook_usage.png", "prototypes.safetensors", "role_map.png")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Run setup: threads, the Accelerator, the output folder, the networks a run borrows
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def set_num_threads(args: argparse.Namespace) -> int:
+    """Apply --num_threads (else OMP_NUM_THREADS, else `default_num_threads()`) to torch; returns the number."""
+    if args.num_threads is not None:
+        threads = args.num_threads
+    elif os.environ.get("OMP_NUM_THREADS", "").strip().isdigit():
+        threads = int(os.environ["OMP_NUM_THREADS"])
+    else:
+        threads = default_num_threads()
+    threads = max(1, threads)
+    if threads != torch.get_num_threads():
+        torch.set_num_threads(threads)
+    return threads
+
+
+def default_num_threads() -> int:
+    """CPU threads for torch when neither --num_threads nor OMP_NUM_THREADS says: this process's share of the cores
+    it may run on, less the cores other jobs keep busy now (1-minute load average), and at least one. On a shared
+    machine idle OpenMP threads spin while they wait for a busy core, so more threads than idle cores is slower."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    share = max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+    try:
+        idle = cores - os.getloadavg()[0]
+    except OSError:
+        idle = cores
+    return max(1, min(share, int(idle + 0.5)))
+
+
+def setup_run(args: argparse.Namespace) -> Accelerator:
+    """The run's Accelerator and seed, and its output folder (refusing one that holds another run)."""
+    accelerator = make_accelerator(args, Path(args.output_dir), kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+    if args.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+    set_seed(args.seed)
+    prepare_output_dir(args, accelerator)
+    if args.hub_token:
+        logger.warning("--hub_token on the command line shows in the process list and the shell history; prefer "
+                       "`hf auth login` or HF_TOKEN. It is not written to training_config.json or the trackers.")  # fmt: skip
+    return accelerator
+
+
+def prepare_output_dir(args: argparse.Namespace, accelerator: Accelerator) -> None:
+    """Create --output_dir, refusing one that holds another run unless the user said to resume or to start over."""
+    output_dir = Path(args.output_dir)
+    found = [name for name in RUN_MARKERS if (output_dir / name).exists()] if output_dir.is_dir() else []
+    log_file = output_dir / args.logging_dir / "train_log.jsonl"
+    if log_file.is_file():
+        found.append(str(Path(args.logging_dir) / "train_log.jsonl"))
+    if found and args.overwrite_output_dir:
+        accelerator.wait_for_everyone()  # every process has looked before the main process deletes
+        if accelerator.is_main_process:
+            logger.warning(f"--overwrite_output_dir: deleting the previous run's {', '.join(found)} in {output_dir}.")
+            for name in RUN_FILES:
+                target = output_dir / name
+                shutil.rmtree(target) if target.is_dir() and not target.is_symlink() else target.unlink(missing_ok=True)
+            logging_dir = (output_dir / args.logging_dir).resolve()
+            if logging_dir.is_dir() and output_dir.resolve() in logging_dir.parents:
+                shutil.rmtree(logging_dir)
+            else:
+                log_file.unlink(missing_ok=True)
+    elif found and args.resume_from_checkpoint is None:
+        raise OutputDirInUse(
+            f"--output_dir {output_dir} holds another run ({', '.join(found[:4])}{', ...' if len(found) > 4 else ''}). "
+            f"Pass --resume_from_checkpoint latest to continue it, --overwrite_output_dir to start over (its "
+            f"checkpoints, logs and model are deleted), or choose another --output_dir."
+        )
+    elif found and args.resume_from_checkpoint == "latest" and not complete_checkpoints(output_dir)[0]:
+        if (output_dir / "model.safetensors").exists():
+            raise OutputDirInUse(
+                f"--output_dir {output_dir} holds a finished model but no complete checkpoint to resume: a new run would "
+                f"overwrite it. Pass --overwrite_output_dir to start over, or choose another --output_dir."
+            )
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+
+
+def load_teacher(args: argparse.Namespace, accelerator: Accelerator):
+    """The CLIP teacher of `--clip_model`, or None."""
+    if args.clip_model is None:
+        return None
+    return load_clip_teacher(args.clip_model, args.clip_pretrained, device=accelerator.device, cache_dir=args.cache_dir)
+
+
+def load_lpips_modules(args: argparse.Namespace, accelerator: Accelerator) -> tuple:
+    """(the LPIPS loss module with --lpips_weight, else None; the LPIPS validation metric: that module, or LPIPS
+    when its weights happen to be at hand, else None). The loss module needs its weights: without, this stops."""
+    lpips_module = None
+    if args.lpips_weight > 0:
+        lpips_module = load_lpips(args.lpips_network, required=True).to(accelerator.device)
+    return lpips_module, lpips_module or _optional_lpips(args.lpips_network, accelerator)
+
+
+def _optional_lpips(network: str, accelerator: Accelerator):
+    """LPIPS for validation when its weights happen to be at hand (never downloads)."""
+    if not os.path.isfile(lpips_backbone_file(network)[0]):
+        return None
+    return load_lpips(network, required=False).to(accelerator.device)
+
+
+def _validation_fid(args, accelerator: Accelerator):
+    """The rFID metric `--validation_fid` asks for, or None (one logged line when the Inception weights are missing)."""
+    if args.validation_fid is None:
+        return None
+    from cdb_tokenizer.tools.evaluation import RandomFeatureExtractor, optional_fid_metric
+
+    if args.validation_fid == "random":
+        logger.info("rFID with a small random feature extractor: a smoke test of the path, not comparable to Inception FIDs.")
+        return optional_fid_metric(device=accelerator.device, feature_extractor=RandomFeatureExtractor())
+    return optional_fid_metric(args.fid_weights, device=accelerator.device)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -171,6 +285,16 @@ def _validation_pixels(args: argparse.Namespace, validation) -> tuple[torch.Tens
     return processor(images, return_tensors="pt").pixel_values, unreadable
 
 
+@dataclass
+class Validation:
+    """The held-out images (N, 3, R, R), how many could not be read, and the optional LPIPS and rFID metrics."""
+
+    pixel_values: torch.Tensor
+    skipped_images: int
+    lpips: torch.nn.Module | None = None
+    fid: object | None = None
+
+
 def build_train_loader(args: argparse.Namespace, train, accelerator: Accelerator):
     """A DataLoader of this process's augmented training batches and its (resumable) sampler."""
     transform = train_transform(args.resolution, tuple(args.random_crop_scale), flip=args.random_flip)
@@ -212,8 +336,16 @@ def batch_stream(loader, sampler: EpochSampler | None, start_batch: int = 0) -> 
         epoch, skip = epoch + 1, 0
 
 
+def total_train_steps(args: argparse.Namespace, sampler: EpochSampler | None) -> int:
+    """--max_train_steps, else what --num_train_epochs makes of the data (decided once the data is known; args stay
+    as parsed)."""
+    if args.max_train_steps is not None:
+        return args.max_train_steps
+    return args.num_train_epochs * sampler.batches_per_epoch // args.gradient_accumulation_steps
+
+
 # ----------------------------------------------------------------------------------------------------------------
-# Teacher, prototypes and model
+# Model: prototypes, weights, the codebook's k-means start
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -270,11 +402,6 @@ def build_model(args: argparse.Namespace, teacher, prototypes: torch.Tensor | No
     return model
 
 
-def flat_grid(features: torch.Tensor) -> torch.Tensor:
-    """(B, C, h, w) -> (B * h * w, C)."""
-    return features.permute(0, 2, 3, 1).reshape(-1, features.shape[1])
-
-
 @torch.no_grad()
 def initialize_codebook(args, model: CDBVQModel, batches, accelerator: Accelerator, teacher=None) -> None:
     """k-means initialisation of the codebook from the latents of the first training batches (all processes).
@@ -286,18 +413,15 @@ def initialize_codebook(args, model: CDBVQModel, batches, accelerator: Accelerat
     tokens_per_batch = (args.resolution // config.downsampling_factor) ** 2 * args.train_batch_size * accelerator.num_processes
     num_batches = args.kmeans_init_batches or max(1, min(64, math.ceil(4 * config.codebook_size / tokens_per_batch)))
     use_prototypes = teacher is not None and model.quantizer.has_prototypes
-    was_training = model.training
-    model.eval()
     latents, features = [], []
-    with accelerator.autocast():
+    with eval_mode(model), accelerator.autocast():
         for batch in itertools.islice(batches, num_batches):
             pixel_values = batch["pixel_values"].to(accelerator.device)
             encoded = model.encode(pixel_values)
-            latents.append(flat_grid(encoded.latents).float())
+            latents.append(flatten_grid(encoded.latents).float())
             if use_prototypes:
                 grid = encoded.latents.shape[-2:]
-                features.append(flat_grid(teacher.patch_features(pixel_values, grid_size=grid)).float())
-    model.train(was_training)
+                features.append(flatten_grid(teacher.patch_features(pixel_values, grid_size=grid)).float())
     latents = torch.cat(latents)
     model.quantizer.initialize_codebook(latents, iterations=args.kmeans_init_iterations, seed=args.seed)
     logger.info(f"Initialised the codebook by k-means of {latents.shape[0] * accelerator.num_processes} latents ({num_batches} batches per process).")
@@ -306,9 +430,249 @@ def initialize_codebook(args, model: CDBVQModel, batches, accelerator: Accelerat
         model.set_prototypes(model.quantizer.prototypes.clone(), model.config.prototype_labels, code_to_prototype)
 
 
+def save_run_config(args: argparse.Namespace, accelerator: Accelerator, model: CDBVQModel, max_train_steps: int,
+                    skipped_validation_images: int) -> dict:  # fmt: skip
+    """Write training_config.json (the parsed flags, what the run decided, the model config; no secrets) from the
+    main process; returns the run's configuration without the model config (for the trackers)."""
+    run_config = {**vars(args), "max_train_steps": max_train_steps, "skipped_validation_images": skipped_validation_images}
+    if accelerator.is_main_process:
+        write_json(Path(args.output_dir) / "training_config.json", redact_secrets({**run_config, "model_config": model.config.to_dict()}))
+    return run_config
+
+
+def write_json(path: Path, values: dict) -> None:
+    path.write_text(json.dumps(values, indent=2, default=str) + "\n")
+
+
 # ----------------------------------------------------------------------------------------------------------------
-# Logging, validation, checkpoints
+# Step: the loss, the optimisers and what one step works with (the step itself: cdb_tokenizer/tools/steps.py)
 # ----------------------------------------------------------------------------------------------------------------
+
+
+def build_loss(args, lpips_module) -> TokenizerLoss:
+    """The pixel-space losses of the run (the quantizer and semantic terms come with the model's output)."""
+    return TokenizerLoss(
+        l1_weight=args.l1_weight, l2_weight=args.l2_weight, lpips_weight=args.lpips_weight, lpips=lpips_module,
+        disc_weight=args.disc_weight, disc_start=args.disc_start, disc_loss=args.disc_loss,
+        adaptive_disc_weight=args.adaptive_disc_weight, high_frequency_weight=args.high_frequency_weight,
+    )  # fmt: skip
+
+
+def build_training_parts(args: argparse.Namespace, model: CDBVQModel, accelerator: Accelerator, loss_module: TokenizerLoss,
+                         teacher, max_train_steps: int) -> TrainingParts:  # fmt: skip
+    """What each training step works with: AdamW and the learning-rate schedule of the model and, with
+    --disc_weight, of a PatchGAN discriminator, all prepared by accelerate, with the loss and the teacher."""
+    learning_rate = args.learning_rate
+    if args.scale_lr:
+        learning_rate *= args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
+    optimizer = _adamw(args, [p for p in model.parameters() if p.requires_grad], learning_rate)
+    scheduler = _scheduler(args, optimizer, accelerator, max_train_steps)
+    discriminator = disc_optimizer = disc_scheduler = None
+    if args.disc_weight <= 0:
+        model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    else:
+        discriminator = PatchDiscriminator(model.config.num_channels, args.disc_base_channels, args.disc_num_layers)
+        disc_optimizer = _adamw(args, discriminator.parameters(), args.disc_learning_rate or learning_rate)
+        disc_scheduler = _scheduler(args, disc_optimizer, accelerator, max_train_steps)
+        model, discriminator, optimizer, disc_optimizer, scheduler, disc_scheduler = accelerator.prepare(
+            model, discriminator, optimizer, disc_optimizer, scheduler, disc_scheduler
+        )
+    unwrapped = accelerator.unwrap_model(model)
+    return TrainingParts(
+        accelerator, model, optimizer, loss_module, unwrapped=unwrapped, scheduler=scheduler,
+        discriminator=discriminator, disc_optimizer=disc_optimizer, disc_scheduler=disc_scheduler, teacher=teacher,
+        grid_size=unwrapped.token_grid_size(args.resolution, args.resolution), max_grad_norm=args.max_grad_norm,
+    )  # fmt: skip
+
+
+def _adamw(args, parameters, learning_rate: float) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(parameters, lr=learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                             weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)  # fmt: skip
+
+
+def _scheduler(args, optimizer, accelerator: Accelerator, max_train_steps: int):
+    from transformers import get_scheduler
+
+    # accelerate steps a prepared scheduler once per process, so count in process-steps (as diffusers does).
+    return get_scheduler(
+        args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=max_train_steps * accelerator.num_processes,
+    )  # fmt: skip
+
+
+def degraded_inputs(args, pixel_values: torch.Tensor, step: int, micro_batch: int, process_index: int) -> torch.Tensor | None:
+    """Restoration (`--degradation`): what the encoder sees, the batch degraded under a seed a resumed run draws
+    again; None otherwise (the encoder sees the batch)."""
+    if not args.degradation:
+        return None
+    return degrade(pixel_values, args.degradation, seed=degradation_seed(args.seed, step, micro_batch, process_index))
+
+
+def accumulated_step(args: argparse.Namespace, parts: TrainingParts, batches: Iterator[dict], state: RunState):
+    """One optimisation step over --gradient_accumulation_steps batches: (the mean of each loss term, the first
+    non-finite term or None, the last batch's model output)."""
+    step_terms, bad_term = {}, None
+    for micro_batch in range(args.gradient_accumulation_steps):
+        batch = next(batches)
+        state.skipped_ids.update(batch["skipped_ids"])
+        inputs = degraded_inputs(args, batch["pixel_values"], state.step, micro_batch, parts.accelerator.process_index)
+        terms, bad_term, output = training_step(parts, batch["pixel_values"], state.step, bad_term, inputs)
+        for name, value in terms.items():
+            step_terms[name] = step_terms.get(name, 0.0) + float(value.detach()) / args.gradient_accumulation_steps
+    return step_terms, bad_term, output
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loop: resume, logs, validation, checkpoints
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunState:
+    """What the loop counts and a checkpoint keeps (in its JSON state), so that a resumed run counts on."""
+
+    step: int = 0
+    # Unreadable training images, by name: counted once however often the data passes over them.
+    skipped_ids: set[str] = field(default_factory=set)
+    nonfinite_steps: int = 0
+
+    @classmethod
+    def from_checkpoint(cls, step: int, saved: dict) -> RunState:
+        return cls(step, set(saved.get("skipped_image_ids", [])), int(saved.get("nonfinite_steps", 0)))
+
+    def to_checkpoint(self, ema: EMAWeights | None) -> dict:
+        return {"step": self.step, "skipped_image_ids": sorted(self.skipped_ids), "nonfinite_steps": self.nonfinite_steps,
+                "ema_weights_decay": ema.decay if ema is not None else None}  # fmt: skip
+
+
+def resume(accelerator: Accelerator, args) -> tuple[int, dict[str, torch.Tensor], dict]:
+    """Load the checkpoint `--resume_from_checkpoint` names: (its step, its custom tensors, its JSON state).
+
+    `latest` is the newest *complete* checkpoint (one whose manifest matches its files); incomplete ones (a run
+    killed while writing) are skipped and named. Returns (0, {}, {}) when there is nothing to resume.
+    """
+    path = find_checkpoint(args.resume_from_checkpoint, args.output_dir)
+    if path is None:
+        return 0, {}, {}
+    tensors, state = load_custom_state(path)  # safetensors and JSON: nothing is unpickled
+    try:
+        # accelerate reads the optimiser, scheduler and RNG states with torch.load(weights_only=True).
+        accelerator.load_state(str(path))
+    except Exception as error:  # noqa: BLE001 - damaged or tampered files, or another run's shapes
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(
+            f"cannot resume from {path}: {type(error).__name__}: {first_line[:300]}. The checkpoint is damaged or "
+            f"tampered with, or it belongs to a run with another configuration."
+        ) from None
+    step = checkpoint_step(path)
+    logger.info(f"Resumed from {path} (step {step}).")
+    return step, tensors, state
+
+
+def resume_or_initialize(args: argparse.Namespace, parts: TrainingParts, ema: EMAWeights | None, train_loader,
+                         sampler: EpochSampler | None) -> RunState:  # fmt: skip
+    """Resume from --resume_from_checkpoint (weights, optimisers, EMA and the loop's counts), or start afresh with
+    the k-means initialisation of the codebook (and of its EMA copy)."""
+    step, tensors, saved = resume(parts.accelerator, args)
+    if ema is not None and step > 0:
+        ema.load_tensors(tensors, saved, source=args.resume_from_checkpoint)
+    if step == 0:
+        model = parts.unwrapped
+        initialize_codebook(args, model, batch_stream(train_loader, sampler), parts.accelerator, parts.teacher)
+        if ema is not None:
+            ema.copy_rows(model, "quantizer.codebook.weight", torch.arange(model.config.codebook_size))
+    return RunState.from_checkpoint(step, saved)
+
+
+def nothing_left_to_train(args: argparse.Namespace, accelerator: Accelerator, step: int, max_train_steps: int) -> dict:
+    """A resume at or past --max_train_steps: say so and leave the model as it is; returns its saved metrics."""
+    output_dir = Path(args.output_dir)
+    logger.info(f"Nothing left to train: the checkpoint is at step {step} and --max_train_steps is "
+                f"{max_train_steps}. The model in {output_dir} is left as it is (raise --max_train_steps to go on).")  # fmt: skip
+    accelerator.end_training()
+    metrics_file = output_dir / "metrics.json"
+    return json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
+
+
+def hparams(run_config: dict) -> dict:
+    """Tracker-friendly copy of the run's configuration (scalars only), without secrets (--hub_token, ...)."""
+    public = redact_secrets(run_config)
+    return {key: value if isinstance(value, (int, float, str, bool)) else str(value) for key, value in public.items()}
+
+
+def start_logging(args: argparse.Namespace, accelerator: Accelerator, run_config: dict, step: int) -> RunLog:
+    """Start the trackers (with the run's configuration) and the run log, whose lines after `step` are dropped: a
+    resumed run trains those steps again, and they are never logged twice."""
+    if accelerator.is_main_process:
+        accelerator.init_trackers(args.tracker_project_name, config=hparams(run_config))
+    log = RunLog(accelerator, Path(args.output_dir) / args.logging_dir / "train_log.jsonl")
+    if accelerator.is_main_process:
+        log.truncate_after(step)
+    return log
+
+
+def log_start(args: argparse.Namespace, parts: TrainingParts, max_train_steps: int, threads: int) -> None:
+    model, teacher = parts.unwrapped, parts.teacher
+    logger.info(
+        f"Training {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters ({args.model_preset} preset, "
+        f"{model.config.assignment} assignment, {model.config.codebook_size} codes) for {max_train_steps} "
+        f"steps on {parts.accelerator.num_processes} process(es), {args.train_batch_size} images each x "
+        f"{args.gradient_accumulation_steps} accumulation; teacher: {teacher.name if teacher else 'none'}; "
+        f"{threads} CPU thread(s) per process."
+    )
+
+
+def train_loop(args: argparse.Namespace, parts: TrainingParts, ema: EMAWeights | None, batches: Iterator[dict],
+               validation: Validation, log: RunLog, state: RunState, max_train_steps: int) -> tuple[dict, float]:  # fmt: skip
+    """Train from `state.step` to `max_train_steps`: steps (a NaN step is skipped, too many in a row stop the run),
+    weight EMA, dead-code restarts, logs, validation and checkpoints. Returns the last validation metrics ({} when
+    none ran) and the seconds per step."""
+    accelerator, model = parts.accelerator, parts.unwrapped
+    progress = tqdm(range(max_train_steps), initial=state.step, desc="steps", disable=not accelerator.is_main_process)
+    nonfinite_in_a_row, metrics, first_step, loop_start = 0, {}, state.step, time.time()
+    while state.step < max_train_steps:
+        step_terms, bad_term, output = accumulated_step(args, parts, batches, state)
+        state.step += 1
+        progress.update(1)
+        if bad_term:
+            nonfinite_in_a_row += 1
+            state.nonfinite_steps += 1
+            logger.error(f"Step {state.step}: the {bad_term} loss is NaN or infinite; this step was skipped (no weights changed).")
+            if nonfinite_in_a_row >= args.max_nonfinite_steps:
+                _stop(accelerator, args, f"{nonfinite_in_a_row} steps in a row had a NaN or infinite loss ({bad_term})")
+            continue
+        nonfinite_in_a_row = 0
+        if ema is not None:
+            ema.update(model)
+        restarted = 0
+        if args.dead_code_restart_steps and state.step % args.dead_code_restart_steps == 0:
+            restarted = restart_dead_codes(model, output.latents, args.seed + state.step, ema)
+        values = {f"loss/{name}": value for name, value in step_terms.items()}
+        values.update({"train/utilization": float(output.utilization), "train/perplexity": float(output.perplexity),
+                       "train/learning_rate": parts.scheduler.get_last_lr()[0], "train/skipped_images": len(state.skipped_ids),
+                       "train/nonfinite_steps": state.nonfinite_steps, "codebook/restarted": restarted})  # fmt: skip
+        log(values, state.step)
+        progress.set_postfix(loss=f"{step_terms['total']:.4f}", used=f"{float(output.utilization):.0%}")
+
+        if state.step % args.validation_steps == 0 or state.step == max_train_steps:
+            # Every process validates on the whole held-out set: torchmetrics syncs its states across processes,
+            # so all must take part (and all get the same numbers).
+            metrics = validate(model, validation, args, log, state.step, ema)
+            logger.info(f"Step {state.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+        if state.step % args.checkpointing_steps == 0 or state.step == max_train_steps:
+            save_checkpoint(accelerator, args.output_dir, state.step, args.checkpoints_total_limit,
+                            tensors=ema.to_tensors() if ema is not None else None, state=state.to_checkpoint(ema))  # fmt: skip
+    progress.close()
+    return metrics, (time.time() - loop_start) / max(1, state.step - first_step)
+
+
+def _stop(accelerator: Accelerator, args, reason: str) -> None:
+    accelerator.end_training()
+    kept = complete_checkpoints(args.output_dir)[0]
+    raise TrainingStopped(
+        f"training stopped: {reason}. Nothing was overwritten; the last checkpoint is "
+        f"{kept[-1] if kept else '(none yet)'} (resume with --resume_from_checkpoint latest, e.g. with a lower --learning_rate)."
+    )
 
 
 def validation_batches(pixel_values: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
@@ -318,23 +682,20 @@ def validation_batches(pixel_values: torch.Tensor, batch_size: int) -> list[torc
 @torch.no_grad()
 def reconstruct(model: CDBVQModel, pixel_values: torch.Tensor) -> torch.Tensor:
     """Reconstructions (on the CPU, float32) in eval mode, so the codebook statistics are left alone."""
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         return model(pixel_values.to(device=model.device, dtype=model.dtype)).reconstruction.float().cpu()
-    finally:
-        model.train(was_training)
 
 
-def validate(model: CDBVQModel, validation: torch.Tensor, args, lpips_metric, log: RunLog, step: int, ema=None, fid=None) -> dict:
+def validate(model: CDBVQModel, validation: Validation, args, log: RunLog, step: int, ema: EMAWeights | None = None) -> dict:
     """Validation metrics (and a reconstruction grid in the trackers) of the model, with EMA weights if any."""
+    pixel_values = validation.pixel_values
     with ema.applied(model) if ema is not None else nullcontext():
-        metrics = evaluate(model, validation_batches(validation, args.train_batch_size), lpips=lpips_metric,
-                           show_progress=False, fid=fid)  # fmt: skip
-        originals = validation[: args.num_grid_images]
+        metrics = evaluate(model, validation_batches(pixel_values, args.train_batch_size), lpips=validation.lpips,
+                           show_progress=False, fid=validation.fid)  # fmt: skip
+        originals = pixel_values[: args.num_grid_images]
         reconstructions = reconstruct(model, originals)
         if args.degradation:
-            metrics.update(restoration_metrics(model, validation, args))
+            metrics.update(restoration_metrics(model, pixel_values, args))
         role_picture = role_map_picture(model, originals)
     log({f"validation/{name}": value for name, value in metrics.items() if name != "num_images"}, step)
     log.image("validation/reconstructions", reconstruction_grid(originals, reconstructions), step)
@@ -364,469 +725,40 @@ def role_map_picture(model: CDBVQModel, images: torch.Tensor) -> torch.Tensor | 
     """Held-out images beside their role maps (3, H, W) in [0, 1], or None when the model has no roles."""
     if not model.config.code_roles:
         return None
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         role_map = model.role_map(images.to(device=model.device, dtype=model.dtype)).cpu()
-    finally:
-        model.train(was_training)
     return role_map_figure(images, role_map, model.config.role_names)
 
 
-def resume(accelerator: Accelerator, args) -> tuple[int, dict[str, torch.Tensor], dict]:
-    """Load the checkpoint `--resume_from_checkpoint` names: (its step, its custom tensors, its JSON state).
-
-    `latest` is the newest *complete* checkpoint (one whose manifest matches its files); incomplete ones (a run
-    killed while writing) are skipped and named. Returns (0, {}, {}) when there is nothing to resume.
-    """
-    path = find_checkpoint(args.resume_from_checkpoint, args.output_dir)
-    if path is None:
-        return 0, {}, {}
-    tensors, state = load_custom_state(path)  # safetensors and JSON: nothing is unpickled
-    try:
-        # accelerate reads the optimiser, scheduler and RNG states with torch.load(weights_only=True).
-        accelerator.load_state(str(path))
-    except Exception as error:  # noqa: BLE001 - damaged or tampered files, or another run's shapes
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CheckpointError(
-            f"cannot resume from {path}: {type(error).__name__}: {first_line[:300]}. The checkpoint is damaged or "
-            f"tampered with, or it belongs to a run with another configuration."
-        ) from None
-    step = checkpoint_step(path)
-    logger.info(f"Resumed from {path} (step {step}).")
-    return step, tensors, state
-
-
-def prepare_output_dir(args: argparse.Namespace, accelerator: Accelerator) -> None:
-    """Create --output_dir, refusing one that holds another run unless the user said to resume or to start over."""
-    output_dir = Path(args.output_dir)
-    found = [name for name in RUN_MARKERS if (output_dir / name).exists()] if output_dir.is_dir() else []
-    log_file = output_dir / args.logging_dir / "train_log.jsonl"
-    if log_file.is_file():
-        found.append(str(Path(args.logging_dir) / "train_log.jsonl"))
-    if found and args.overwrite_output_dir:
-        accelerator.wait_for_everyone()  # every process has looked before the main process deletes
-        if accelerator.is_main_process:
-            logger.warning(f"--overwrite_output_dir: deleting the previous run's {', '.join(found)} in {output_dir}.")
-            for name in RUN_FILES:
-                target = output_dir / name
-                shutil.rmtree(target) if target.is_dir() and not target.is_symlink() else target.unlink(missing_ok=True)
-            logging_dir = (output_dir / args.logging_dir).resolve()
-            if logging_dir.is_dir() and output_dir.resolve() in logging_dir.parents:
-                shutil.rmtree(logging_dir)
-            else:
-                log_file.unlink(missing_ok=True)
-    elif found and args.resume_from_checkpoint is None:
-        raise OutputDirInUse(
-            f"--output_dir {output_dir} holds another run ({', '.join(found[:4])}{', ...' if len(found) > 4 else ''}). "
-            f"Pass --resume_from_checkpoint latest to continue it, --overwrite_output_dir to start over (its "
-            f"checkpoints, logs and model are deleted), or choose another --output_dir."
-        )
-    elif found and args.resume_from_checkpoint == "latest" and not complete_checkpoints(output_dir)[0]:
-        if (output_dir / "model.safetensors").exists():
-            raise OutputDirInUse(
-                f"--output_dir {output_dir} holds a finished model but no complete checkpoint to resume: a new run would "
-                f"overwrite it. Pass --overwrite_output_dir to start over, or choose another --output_dir."
-            )
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-    accelerator.wait_for_everyone()
-
-
-def write_json(path: Path, values: dict) -> None:
-    path.write_text(json.dumps(values, indent=2, default=str) + "\n")
-
-
-def hparams(run_config: dict) -> dict:
-    """Tracker-friendly copy of the run's configuration (scalars only), without secrets (--hub_token, ...)."""
-    public = redact_secrets(run_config)
-    return {key: value if isinstance(value, (int, float, str, bool)) else str(value) for key, value in public.items()}
-
-
 # ----------------------------------------------------------------------------------------------------------------
-# Training
+# Save
 # ----------------------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class TrainingParts:
-    """What one training step works with (models as prepared by accelerate, and their plain modules)."""
-
-    accelerator: Accelerator
-    model: torch.nn.Module
-    unwrapped: CDBVQModel
-    discriminator: torch.nn.Module | None
-    plain_discriminator: torch.nn.Module | None
-    optimizer: torch.optim.Optimizer
-    disc_optimizer: torch.optim.Optimizer | None
-    scheduler: object
-    disc_scheduler: object | None
-    loss_module: TokenizerLoss
-    teacher: object | None
-    grid_size: tuple[int, int]
-
-
-def degradation_seed(args, step: int, micro_batch: int, process_index: int) -> int:
-    """Seed of the degradation of one micro-batch: a function of the run's seed, the step, the micro-batch and the
-    process, so a resumed run degrades exactly as an uninterrupted one."""
-    return ((args.seed * 1_000_003 + step) * 64 + micro_batch) * 4096 + process_index
-
-
-def training_step(parts: TrainingParts, pixel_values: torch.Tensor, step: int, args, bad_term: str | None = None,
-                  micro_batch: int = 0):  # fmt: skip
-    """Forward, backward and (at the end of an accumulation window) the optimiser step for one batch.
-
-    Returns the batch's loss terms, the name of a term that was NaN/infinite on any process in this window (the
-    window's update is then skipped and this batch's codebook statistics rolled back) or None, and the model output.
-    """
-    accelerator, loss_module = parts.accelerator, parts.loss_module
-    pixel_values = pixel_values.to(accelerator.device, non_blocking=True)
-    inputs = pixel_values
-    if args.degradation:  # restoration: the encoder sees the degraded image, the loss targets the clean one
-        seed = degradation_seed(args, step, micro_batch, accelerator.process_index)
-        inputs = degrade(pixel_values, args.degradation, seed=seed)
-    snapshot = parts.unwrapped.quantizer.snapshot()
-    adversarial = parts.discriminator is not None and loss_module.adversarial_active(step)
-    with accelerator.accumulate(*[m for m in (parts.model, parts.discriminator) if m is not None]):
-        with accelerator.autocast():
-            target = {"target_pixel_values": pixel_values} if args.degradation else {}
-            losses = compute_losses(parts.model, inputs, loss_module, parts.teacher, step, parts.plain_discriminator,
-                                    parts.unwrapped.decoder.conv_out.weight, parts.grid_size, **target)  # fmt: skip
-            terms, disc_loss = dict(losses.terms), None
-            if adversarial:
-                disc_loss, disc_terms = loss_module.discriminator_loss(parts.discriminator, pixel_values, losses.model_output.reconstruction)
-                terms.update(disc_terms)
-        bad_term = bad_term or _nonfinite_anywhere(terms, accelerator)
-        # Backward even when a term is not finite, so that every process takes part in the same collectives;
-        # the window's gradients are dropped below.
-        accelerator.backward(losses.total)
-        if disc_loss is not None:
-            accelerator.backward(disc_loss)
-        if bad_term:
-            parts.unwrapped.quantizer.restore(snapshot)
-        if accelerator.sync_gradients:
-            bad_term = bad_term or _step(args, accelerator, parts, adversarial)
-            parts.scheduler.step()
-            if adversarial:
-                parts.disc_scheduler.step()
-            parts.optimizer.zero_grad(set_to_none=True)
-            if parts.disc_optimizer is not None:
-                parts.disc_optimizer.zero_grad(set_to_none=True)
-    return terms, bad_term, losses.model_output
-
-
-def main(argv: list[str] | None = None) -> dict:
-    """Run a training from command-line flags; returns the final validation metrics (also in metrics.json)."""
-    return train(parse_args(argv))[1]
-
-
-def process_seconds() -> float | None:
-    """Seconds since this process started (Linux), so the final log line counts the imports too; None elsewhere."""
-    try:
-        with open("/proc/self/stat", encoding="ascii") as handle:
-            start_ticks = int(handle.read().rsplit(")", 1)[1].split()[19])  # field 22, starttime
-        return time.clock_gettime(time.CLOCK_BOOTTIME) - start_ticks / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError, AttributeError):
-        return None
-
-
-def default_num_threads() -> int:
-    """CPU threads for torch when neither --num_threads nor OMP_NUM_THREADS says: this process's share of the cores
-    it may run on, less the cores other jobs keep busy now (1-minute load average), and at least one. On a shared
-    machine idle OpenMP threads spin while they wait for a busy core, so more threads than idle cores is slower."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
-    share = max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
-    try:
-        idle = cores - os.getloadavg()[0]
-    except OSError:
-        idle = cores
-    return max(1, min(share, int(idle + 0.5)))
-
-
-def set_num_threads(args: argparse.Namespace) -> int:
-    """Apply --num_threads (else OMP_NUM_THREADS, else `default_num_threads()`) to torch; returns the number."""
-    if args.num_threads is not None:
-        threads = args.num_threads
-    elif os.environ.get("OMP_NUM_THREADS", "").strip().isdigit():
-        threads = int(os.environ["OMP_NUM_THREADS"])
-    else:
-        threads = default_num_threads()
-    threads = max(1, threads)
-    if threads != torch.get_num_threads():
-        torch.set_num_threads(threads)
-    return threads
-
-
-def train(args: argparse.Namespace) -> tuple[CDBVQModel, dict]:
-    """Train with parsed arguments; returns this process's (unwrapped) model and the final metrics (main process)."""
-    start_time = time.time()
-    threads = set_num_threads(args)
-    output_dir = Path(args.output_dir)
-    accelerator = make_accelerator(args, output_dir, kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
-    if args.allow_tf32:
-        torch.backends.cuda.matmul.allow_tf32 = True
-    set_seed(args.seed)
-    prepare_output_dir(args, accelerator)
-    if args.hub_token:
-        logger.warning("--hub_token on the command line shows in the process list and the shell history; prefer "
-                       "`hf auth login` or HF_TOKEN. It is not written to training_config.json or the trackers.")  # fmt: skip
-
-    teacher = None
-    if args.clip_model is not None:
-        teacher = load_clip_teacher(args.clip_model, args.clip_pretrained, device=accelerator.device, cache_dir=args.cache_dir)
-    lpips_module = None
-    if args.lpips_weight > 0:
-        lpips_module = load_lpips(args.lpips_network, required=True).to(accelerator.device)
-    lpips_metric = lpips_module or _optional_lpips(args.lpips_network, accelerator)
-    fid = _validation_fid(args, accelerator)
-
-    train_images, validation, skipped_validation_images = load_data(args, accelerator)
-    train_loader, sampler = build_train_loader(args, train_images, accelerator)
-    prototypes, labels = build_prototypes(args, teacher, train_loader, sampler, accelerator)
-    set_seed(args.seed)  # the same initial weights whatever the steps above drew
-    model = build_model(args, teacher, prototypes, labels)
-    max_train_steps = args.max_train_steps  # --num_train_epochs decides it once the data is known; args stay as parsed
-    if max_train_steps is None:
-        max_train_steps = args.num_train_epochs * sampler.batches_per_epoch // args.gradient_accumulation_steps
-    run_config = {**vars(args), "max_train_steps": max_train_steps,
-                  "skipped_validation_images": skipped_validation_images}  # what training_config.json records
-    if accelerator.is_main_process:
-        write_json(output_dir / "training_config.json", redact_secrets({**run_config, "model_config": model.config.to_dict()}))
-
-    loss_module = build_loss(args, lpips_module)
-    model, discriminator, optimizer, disc_optimizer, scheduler, disc_scheduler = build_optimizers(
-        args, model, accelerator, max_train_steps
-    )
-    unwrapped = accelerator.unwrap_model(model)
-    plain_discriminator = accelerator.unwrap_model(discriminator) if discriminator is not None else None
-    ema = EMAWeights(unwrapped, args.ema_weights_decay) if args.use_ema else None
-
-    global_step, resumed_tensors, resumed_state = resume(accelerator, args)
-    if ema is not None and global_step > 0:
-        ema.load_tensors(resumed_tensors, resumed_state, source=args.resume_from_checkpoint)
-    if global_step >= max_train_steps and global_step > 0:
-        logger.info(f"Nothing left to train: the checkpoint is at step {global_step} and --max_train_steps is "
-                    f"{max_train_steps}. The model in {output_dir} is left as it is (raise --max_train_steps to go on).")  # fmt: skip
-        accelerator.end_training()
-        metrics_file = output_dir / "metrics.json"
-        return unwrapped, json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
-    if global_step == 0:
-        initialize_codebook(args, unwrapped, batch_stream(train_loader, sampler), accelerator, teacher)
-        if ema is not None:
-            ema.copy_rows(unwrapped, "quantizer.codebook.weight", torch.arange(unwrapped.config.codebook_size))
-    if accelerator.is_main_process:
-        accelerator.init_trackers(args.tracker_project_name, config=hparams(run_config))
-    log = RunLog(accelerator, output_dir / args.logging_dir / "train_log.jsonl")
-    if accelerator.is_main_process:
-        log.truncate_after(global_step)  # steps after the checkpoint are trained again: never logged twice
-    grid_size = unwrapped.token_grid_size(args.resolution, args.resolution)
-
-    logger.info(
-        f"Training {sum(p.numel() for p in unwrapped.parameters()) / 1e6:.2f}M parameters ({args.model_preset} preset, "
-        f"{unwrapped.config.assignment} assignment, {unwrapped.config.codebook_size} codes) for {max_train_steps} "
-        f"steps on {accelerator.num_processes} process(es), {args.train_batch_size} images each x "
-        f"{args.gradient_accumulation_steps} accumulation; teacher: {teacher.name if teacher else 'none'}; "
-        f"{threads} CPU thread(s) per process."
-    )
-    batches = batch_stream(train_loader, sampler, start_batch=global_step * args.gradient_accumulation_steps)
-    progress = tqdm(range(max_train_steps), initial=global_step, desc="steps", disable=not accelerator.is_main_process)
-    # Unreadable training images, by name: counted once however often the data passes over them (and kept across
-    # a resume through the checkpoint's JSON state).
-    skipped_ids = set(resumed_state.get("skipped_image_ids", []))
-    nonfinite_in_a_row, nonfinite_steps = 0, int(resumed_state.get("nonfinite_steps", 0))
-    metrics, first_step, loop_start = {}, global_step, time.time()
-    parts = TrainingParts(accelerator, model, unwrapped, discriminator, plain_discriminator, optimizer, disc_optimizer,
-                          scheduler, disc_scheduler, loss_module, teacher, grid_size)  # fmt: skip
-    while global_step < max_train_steps:
-        step_terms, bad_term = {}, None
-        for micro_batch in range(args.gradient_accumulation_steps):
-            batch = next(batches)
-            skipped_ids.update(batch["skipped_ids"])
-            terms, bad_term, output = training_step(parts, batch["pixel_values"], global_step, args, bad_term, micro_batch)
-            for name, value in terms.items():
-                step_terms[name] = step_terms.get(name, 0.0) + float(value.detach()) / args.gradient_accumulation_steps
-
-        global_step += 1
-        progress.update(1)
-        if bad_term:
-            nonfinite_in_a_row += 1
-            nonfinite_steps += 1
-            logger.error(f"Step {global_step}: the {bad_term} loss is NaN or infinite; this step was skipped (no weights changed).")
-            if nonfinite_in_a_row >= args.max_nonfinite_steps:
-                _stop(accelerator, args, f"{nonfinite_in_a_row} steps in a row had a NaN or infinite loss ({bad_term})")
-            continue
-        nonfinite_in_a_row = 0
-        if ema is not None:
-            ema.update(unwrapped)
-        restarted = 0
-        if args.dead_code_restart_steps and global_step % args.dead_code_restart_steps == 0:
-            restarted = _restart_dead_codes(unwrapped, output, ema, args.seed + global_step)
-        values = {f"loss/{name}": value for name, value in step_terms.items()}
-        values.update({"train/utilization": float(output.utilization), "train/perplexity": float(output.perplexity),
-                       "train/learning_rate": scheduler.get_last_lr()[0], "train/skipped_images": len(skipped_ids),
-                       "train/nonfinite_steps": nonfinite_steps, "codebook/restarted": restarted})  # fmt: skip
-        log(values, global_step)
-        progress.set_postfix(loss=f"{step_terms['total']:.4f}", used=f"{float(output.utilization):.0%}")
-
-        if global_step % args.validation_steps == 0 or global_step == max_train_steps:
-            # Every process validates on the whole held-out set: torchmetrics syncs its states across processes,
-            # so all must take part (and all get the same numbers).
-            metrics = validate(unwrapped, validation, args, lpips_metric, log, global_step, ema, fid)
-            logger.info(f"Step {global_step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
-        if global_step % args.checkpointing_steps == 0 or global_step == max_train_steps:
-            save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit,
-                            tensors=ema.to_tensors() if ema is not None else None,
-                            state={"step": global_step, "skipped_image_ids": sorted(skipped_ids),
-                                   "nonfinite_steps": nonfinite_steps,
-                                   "ema_weights_decay": ema.decay if ema is not None else None})  # fmt: skip
-    progress.close()
-    seconds_per_step = (time.time() - loop_start) / max(1, global_step - first_step)
-
-    metrics = metrics or validate(unwrapped, validation, args, lpips_metric, log, global_step, ema, fid)
-    skipped_images = len(set().union(*gather_object([sorted(skipped_ids)]))) if accelerator.num_processes > 1 else len(skipped_ids)
+def save_run(args: argparse.Namespace, parts: TrainingParts, ema: EMAWeights | None, validation: Validation,
+             state: RunState, metrics: dict, seconds_per_step: float, start_time: float, num_prototypes: int) -> dict:  # fmt: skip
+    """The end of the run, on every process: the final metrics (main process), the saved model and its pictures,
+    the trackers closed, and the Hub upload with --push_to_hub. Returns the metrics."""
+    accelerator = parts.accelerator
+    skipped_images = len(set().union(*gather_object([sorted(state.skipped_ids)]))) if accelerator.num_processes > 1 else len(state.skipped_ids)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        metrics.update(steps=global_step, wall_time_seconds=round(time.time() - start_time, 1),
-                       skipped_images=skipped_images, skipped_validation_images=skipped_validation_images,
-                       nonfinite_steps=nonfinite_steps, num_processes=accelerator.num_processes,
+        metrics.update(steps=state.step, wall_time_seconds=round(time.time() - start_time, 1),
+                       skipped_images=skipped_images, skipped_validation_images=validation.skipped_images,
+                       nonfinite_steps=state.nonfinite_steps, num_processes=accelerator.num_processes,
                        seconds_per_step=round(seconds_per_step, 4),
-                       teacher=teacher.name if teacher else None,
-                       prototypes=int(prototypes.shape[0]) if prototypes is not None else 0)  # fmt: skip
+                       teacher=parts.teacher.name if parts.teacher else None, prototypes=num_prototypes)  # fmt: skip
         if torch.cuda.is_available():
             metrics["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-        save_outputs(unwrapped, validation, args, metrics, ema)
+        save_outputs(parts.unwrapped, validation.pixel_values, args, metrics, ema)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     if args.push_to_hub and accelerator.is_main_process:
         from cdb_tokenizer.tools.publishing import push_to_hub
 
+        output_dir = Path(args.output_dir)
         push_to_hub(str(output_dir), args.hub_model_id or output_dir.name, private=args.hub_private_repo, token=args.hub_token)
-    if accelerator.is_main_process:
-        log_done(start_time, global_step, seconds_per_step, threads, metrics, unwrapped.config.codebook_size, output_dir)
-    return unwrapped, metrics
-
-
-def build_loss(args, lpips_module) -> TokenizerLoss:
-    """The pixel-space losses of the run (the quantizer and semantic terms come with the model's output)."""
-    return TokenizerLoss(
-        l1_weight=args.l1_weight, l2_weight=args.l2_weight, lpips_weight=args.lpips_weight, lpips=lpips_module,
-        disc_weight=args.disc_weight, disc_start=args.disc_start, disc_loss=args.disc_loss,
-        adaptive_disc_weight=args.adaptive_disc_weight, high_frequency_weight=args.high_frequency_weight,
-    )  # fmt: skip
-
-
-def build_optimizers(args, model: CDBVQModel, accelerator: Accelerator, max_train_steps: int) -> tuple:
-    """AdamW and the learning-rate schedule of the model and, with --disc_weight, of a PatchGAN discriminator, all
-    prepared by accelerate: (model, discriminator, optimizer, disc_optimizer, scheduler, disc_scheduler)."""
-    learning_rate = args.learning_rate
-    if args.scale_lr:
-        learning_rate *= args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
-    optimizer = _adamw(args, [p for p in model.parameters() if p.requires_grad], learning_rate)
-    scheduler = _scheduler(args, optimizer, accelerator, max_train_steps)
-    if args.disc_weight <= 0:
-        model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-        return model, None, optimizer, None, scheduler, None
-    discriminator = PatchDiscriminator(model.config.num_channels, args.disc_base_channels, args.disc_num_layers)
-    disc_optimizer = _adamw(args, discriminator.parameters(), args.disc_learning_rate or learning_rate)
-    disc_scheduler = _scheduler(args, disc_optimizer, accelerator, max_train_steps)
-    return accelerator.prepare(model, discriminator, optimizer, disc_optimizer, scheduler, disc_scheduler)
-
-
-def log_done(start_time: float, steps: int, seconds_per_step: float, threads: int, metrics: dict, codebook_size: int,
-             output_dir: Path) -> None:
-    """The run's last line: time, speed and the held-out numbers."""
-    elapsed = time.time() - start_time
-    if sys.argv and Path(sys.argv[0]).name == "train.py":  # the whole command, imports included
-        elapsed = process_seconds() or elapsed
-    minutes, seconds = divmod(round(elapsed), 60)
-    rfid = f", rFID {metrics['rfid']:.3f}" if "rfid" in metrics else ""
-    logger.info(
-        f"Done in {minutes} min {seconds:02d} s wall time ({steps} steps, {seconds_per_step:.2f} s/step, "
-        f"{threads} CPU thread(s) per process): held-out PSNR {metrics['psnr']:.2f} dB, SSIM {metrics['ssim']:.3f}"
-        f"{rfid}, {metrics['utilization']:.1%} of {codebook_size} codes used. Outputs: {output_dir}"
-    )
-
-
-def _adamw(args, parameters, learning_rate: float) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(parameters, lr=learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                             weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)  # fmt: skip
-
-
-def _scheduler(args, optimizer, accelerator: Accelerator, max_train_steps: int):
-    from transformers import get_scheduler
-
-    # accelerate steps a prepared scheduler once per process, so count in process-steps (as diffusers does).
-    return get_scheduler(
-        args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-        num_training_steps=max_train_steps * accelerator.num_processes,
-    )  # fmt: skip
-
-
-def _optional_lpips(network: str, accelerator: Accelerator):
-    """LPIPS for validation when its weights happen to be at hand (never downloads)."""
-    if not os.path.isfile(lpips_backbone_file(network)[0]):
-        return None
-    return load_lpips(network, required=False).to(accelerator.device)
-
-
-def _validation_fid(args, accelerator: Accelerator):
-    """The rFID metric `--validation_fid` asks for, or None (one logged line when the Inception weights are missing)."""
-    if args.validation_fid is None:
-        return None
-    from cdb_tokenizer.tools.evaluation import RandomFeatureExtractor, optional_fid_metric
-
-    if args.validation_fid == "random":
-        logger.info("rFID with a small random feature extractor: a smoke test of the path, not comparable to Inception FIDs.")
-        return optional_fid_metric(device=accelerator.device, feature_extractor=RandomFeatureExtractor())
-    return optional_fid_metric(args.fid_weights, device=accelerator.device)
-
-
-def _nonfinite_anywhere(terms: dict[str, torch.Tensor], accelerator: Accelerator) -> str | None:
-    """The first non-finite term on any process (every process gets the same answer)."""
-    name = first_nonfinite(terms)
-    if accelerator.num_processes == 1:
-        return name
-    flag = accelerator.reduce(torch.tensor([float(name is not None)], device=accelerator.device), reduction="sum")
-    if not bool(flag.item()):
-        return None
-    names = [found for found in gather_object([name]) if found is not None]
-    return names[0]
-
-
-def _step(args, accelerator: Accelerator, parts: TrainingParts, adversarial: bool) -> str | None:
-    """Clip and apply the accumulated gradients; returns "gradient norm" (and skips) when it is not finite."""
-    if args.max_grad_norm > 0:
-        grad_norm = accelerator.clip_grad_norm_(parts.model.parameters(), args.max_grad_norm)
-        # With fp16 the gradient scaler skips overflowing steps itself (and must see every step to lower its scale).
-        if accelerator.mixed_precision != "fp16" and not bool(torch.isfinite(torch.as_tensor(grad_norm))):
-            return "gradient norm"
-        if adversarial:
-            accelerator.clip_grad_norm_(parts.discriminator.parameters(), args.max_grad_norm)
-    parts.optimizer.step()
-    if adversarial:
-        parts.disc_optimizer.step()
-    return None
-
-
-def _restart_dead_codes(model: CDBVQModel, output, ema: EMAWeights | None, seed: int) -> int:
-    """Restart dead codes from this batch's latents (every process calls it: the quantizer syncs them)."""
-    dead = model.quantizer.dead_codes()
-    restarted = model.quantizer.restart_dead_codes(flat_grid(output.latents.detach()).float(), seed=seed)
-    if restarted and ema is not None:
-        ema.copy_rows(model, "quantizer.codebook.weight", dead)
-    return restarted
-
-
-def _stop(accelerator: Accelerator, args, reason: str) -> None:
-    accelerator.end_training()
-    kept = complete_checkpoints(args.output_dir)[0]
-    raise TrainingStopped(
-        f"training stopped: {reason}. Nothing was overwritten; the last checkpoint is "
-        f"{kept[-1] if kept else '(none yet)'} (resume with --resume_from_checkpoint latest, e.g. with a lower --learning_rate)."
-    )
+    return metrics
 
 
 def picture_images(args, validation: torch.Tensor, factor: int) -> list[torch.Tensor]:
@@ -855,15 +787,92 @@ def save_outputs(model: CDBVQModel, validation: torch.Tensor, args, metrics: dic
     save_usage_plot(counts, output_dir / "codebook_usage.png", code_roles=model.config.code_roles,
                     title=f"codebook usage on {validation.shape[0]} held-out images")  # fmt: skip
     if model.config.code_roles:
-        with ema.applied(model) if ema is not None else nullcontext():
-            was_training = model.training
-            model.eval()
-            role_images = validation[: args.num_grid_images]  # one batch of equal crops (the pictures may differ in size)
+        role_images = validation[: args.num_grid_images]  # one batch of equal crops (the pictures may differ in size)
+        with ema.applied(model) if ema is not None else nullcontext(), eval_mode(model):
             role_map = model.role_map(role_images.to(device=model.device, dtype=model.dtype)).cpu()
-            model.train(was_training)
         save_role_map(role_images, role_map, model.config.role_names, output_dir / "role_map.png")
     write_json(output_dir / "metrics.json", metrics)
     logger.info(f"Saved the tokenizer, reconstructions.png, codebook_usage.png, {'role_map.png, ' if model.config.code_roles else ''}metrics.json to {output_dir}.")
+
+
+def log_done(start_time: float, steps: int, seconds_per_step: float, threads: int, metrics: dict, codebook_size: int,
+             output_dir: Path) -> None:
+    """The run's last line: time, speed and the held-out numbers."""
+    elapsed = time.time() - start_time
+    if sys.argv and Path(sys.argv[0]).name == "train.py":  # the whole command, imports included
+        elapsed = process_seconds() or elapsed
+    minutes, seconds = divmod(round(elapsed), 60)
+    rfid = f", rFID {metrics['rfid']:.3f}" if "rfid" in metrics else ""
+    logger.info(
+        f"Done in {minutes} min {seconds:02d} s wall time ({steps} steps, {seconds_per_step:.2f} s/step, "
+        f"{threads} CPU thread(s) per process): held-out PSNR {metrics['psnr']:.2f} dB, SSIM {metrics['ssim']:.3f}"
+        f"{rfid}, {metrics['utilization']:.1%} of {codebook_size} codes used. Outputs: {output_dir}"
+    )
+
+
+def process_seconds() -> float | None:
+    """Seconds since this process started (Linux), so the final log line counts the imports too; None elsewhere."""
+    try:
+        with open("/proc/self/stat", encoding="ascii") as handle:
+            start_ticks = int(handle.read().rsplit(")", 1)[1].split()[19])  # field 22, starttime
+        return time.clock_gettime(time.CLOCK_BOOTTIME) - start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The run: data -> model -> step -> loop -> save
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def train(args: argparse.Namespace) -> tuple[CDBVQModel, dict]:
+    """Train with parsed arguments; returns this process's (unwrapped) model and the final metrics (main process)."""
+    start_time = time.time()
+    threads = set_num_threads(args)
+    accelerator = setup_run(args)
+    # The networks the run borrows, loaded first so that a missing one stops the run before the data is read.
+    teacher = load_teacher(args, accelerator)
+    lpips_module, lpips_metric = load_lpips_modules(args, accelerator)
+    fid = _validation_fid(args, accelerator)
+
+    # Data
+    train_images, validation_pixels, skipped_validation_images = load_data(args, accelerator)
+    validation = Validation(validation_pixels, skipped_validation_images, lpips_metric, fid)
+    train_loader, sampler = build_train_loader(args, train_images, accelerator)
+    max_train_steps = total_train_steps(args, sampler)
+
+    # Model
+    prototypes, labels = build_prototypes(args, teacher, train_loader, sampler, accelerator)
+    set_seed(args.seed)  # the same initial weights whatever the steps above drew
+    model = build_model(args, teacher, prototypes, labels)
+    run_config = save_run_config(args, accelerator, model, max_train_steps, skipped_validation_images)
+
+    # Step
+    parts = build_training_parts(args, model, accelerator, build_loss(args, lpips_module), teacher, max_train_steps)
+    ema = EMAWeights(parts.unwrapped, args.ema_weights_decay) if args.use_ema else None
+    state = resume_or_initialize(args, parts, ema, train_loader, sampler)
+    if state.step > 0 and state.step >= max_train_steps:
+        return parts.unwrapped, nothing_left_to_train(args, accelerator, state.step, max_train_steps)
+
+    # Loop
+    log = start_logging(args, accelerator, run_config, state.step)
+    log_start(args, parts, max_train_steps, threads)
+    batches = batch_stream(train_loader, sampler, start_batch=state.step * args.gradient_accumulation_steps)
+    metrics, seconds_per_step = train_loop(args, parts, ema, batches, validation, log, state, max_train_steps)
+
+    # Save
+    metrics = metrics or validate(parts.unwrapped, validation, args, log, state.step, ema)
+    num_prototypes = int(prototypes.shape[0]) if prototypes is not None else 0
+    metrics = save_run(args, parts, ema, validation, state, metrics, seconds_per_step, start_time, num_prototypes)
+    if accelerator.is_main_process:
+        log_done(start_time, state.step, seconds_per_step, threads, metrics, parts.unwrapped.config.codebook_size,
+                 Path(args.output_dir))  # fmt: skip
+    return parts.unwrapped, metrics
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Run a training from command-line flags; returns the final validation metrics (also in metrics.json)."""
+    return train(parse_args(argv))[1]
 
 
 if __name__ == "__main__":

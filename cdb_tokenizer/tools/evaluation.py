@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -183,6 +184,18 @@ def _set_fid_reference(metric, reference: dict[str, torch.Tensor]) -> None:
         setattr(metric, name, reference[name].to(device=current.device, dtype=current.dtype))
 
 
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Eval mode for the block (inference assignment; the codebook's training statistics are left alone), then the
+    mode the model was in."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
 @torch.no_grad()
 def evaluate(
     model,
@@ -200,10 +213,8 @@ def evaluate(
     `fid_metric`) is given, and the utilization and perplexity of the code histogram over the whole set (not
     averaged per batch). rFID compares the reconstructions with the very images the model was given (the same
     resize and crop), unless `fid_reference` (from `load_fid_reference`) supplies the reference statistics. The
-    model is put in eval mode and restored.
+    model runs in eval mode (`eval_mode`).
     """
-    was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     # No cross-process sync: under DDP a caller may evaluate on the main process alone.
@@ -215,7 +226,7 @@ def evaluate(
         fid.reset()
         if fid_reference is not None:
             _set_fid_reference(fid, fid_reference)
-    try:
+    with eval_mode(model):
         for step, batch in enumerate(tqdm(batches, desc="evaluating", disable=not show_progress, leave=False)):
             if max_batches is not None and step >= max_batches:
                 break
@@ -233,8 +244,6 @@ def evaluate(
                     fid.update(original, real=True)
                 fid.update(reconstruction, real=False)
             num_images += pixel_values.shape[0]
-    finally:
-        model.train(was_training)
     if num_images == 0:
         raise ValueError("evaluate got no images: the evaluation data is empty.")
     metrics = {"psnr": float(psnr.compute()), "ssim": float(ssim.compute()), **usage_statistics(counts.cpu())}
@@ -269,20 +278,16 @@ def check_image_size(height: int, width: int, name: str = "the image size") -> N
 @torch.no_grad()
 def code_usage_counts(model, batches: Iterable, max_batches: int | None = None) -> torch.Tensor:
     """How often each code is chosen over `batches` (K,), at inference."""
-    was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     counts = torch.zeros(model.config.codebook_size, dtype=torch.long)
-    try:
+    with eval_mode(model):
         for step, batch in enumerate(batches):
             if max_batches is not None and step >= max_batches:
                 break
             pixel_values = batch["pixel_values"] if isinstance(batch, dict) else batch
             tokens = model.get_image_tokens(pixel_values.to(device=device, dtype=dtype))
             counts += torch.bincount(tokens.flatten().cpu(), minlength=counts.numel())
-    finally:
-        model.train(was_training)
     return counts
 
 

@@ -17,20 +17,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..modeling_cdb_vq import LOSS_WEIGHTS
 from .downloads import reachable
 
 logger = logging.getLogger(__name__)
 
-# Unweighted quantizer / semantic terms of the model's output and the names they are logged under.
-VQ_TERMS = {
-    "codebook_loss": "codebook",
-    "commitment_loss": "commitment",
-    "balance_loss": "balance",
-    "role_supervision_loss": "role_supervision",
-    "semantic_distillation_loss": "semantic_distillation",
-    "token_alignment_loss": "token_alignment",
-    "code_alignment_loss": "code_alignment",
-}
+# The model's quantizer / semantic terms (output field -> logged name), derived from the modeling file's one list.
+VQ_TERMS = {field_name: field_name.removesuffix("_loss") for field_name in LOSS_WEIGHTS}
 
 LPIPS_NETWORKS = ("vgg", "alex", "squeeze")
 
@@ -312,9 +305,9 @@ def compute_losses(
 
     Returns:
         `LossOutput` with `total` and `terms`: `l1`, `l2`, [`lpips`], [`generator_adversarial`, `adaptive_weight`],
-        every quantizer / semantic term the model returned (unweighted: `codebook`, `commitment`,
-        `balance`, `semantic_distillation`, `token_alignment`, `code_alignment`), `vq` (their config-weighted sum)
-        and `total`.
+        every quantizer / semantic term the model returned, unweighted, under its `VQ_TERMS` name (`codebook`,
+        `commitment`, `balance`, `role_supervision`, `semantic_distillation`, `token_alignment`, `code_alignment`),
+        `vq` (their config-weighted sum) and `total`.
     """
     target = pixel_values if target_pixel_values is None else target_pixel_values
     teacher_features = None

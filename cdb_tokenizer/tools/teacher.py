@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .downloads import hub_offline, reachable
+from ..modeling_cdb_vq import flatten_grid
 from ..quantization_cdb_vq import kmeans
 
 logger = logging.getLogger(__name__)
@@ -372,7 +373,7 @@ def kmeans_prototypes(
             break
         pixel_values = batch["pixel_values"] if isinstance(batch, dict) else batch
         features = teacher.patch_features(pixel_values.to(teacher.device))
-        samples.append(F.normalize(features.permute(0, 2, 3, 1).reshape(-1, features.shape[1]), dim=-1).cpu())
+        samples.append(F.normalize(flatten_grid(features), dim=-1).cpu())
     if not samples:
         raise ValueError("kmeans_prototypes got no images.")
     samples = torch.cat(samples)

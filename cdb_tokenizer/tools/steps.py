@@ -1,0 +1,164 @@
+"""The training step of a cdb-vq tokenizer, shared by `training/train.py` and the benchmarks.
+
+`training_step` runs one batch: the forward pass and full loss (`compute_losses`), the backward pass and, at the end
+of an accumulation window, the clipped optimiser step, with the NaN guard: a window in which a term is NaN or
+infinite on any process changes no weights and rolls the quantizer's statistics back. `restart_dead_codes` is the
+codebook upkeep a loop calls after a good step. The benchmarks call these too, so they measure what users train.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object
+from torch import nn
+
+from ..modeling_cdb_vq import CDBVQModel, flatten_grid
+from .losses import TokenizerLoss, compute_losses, first_nonfinite
+
+
+@dataclass
+class TrainingParts:
+    """What one training step works with.
+
+    Args:
+        accelerator: The run's `Accelerator` (a plain `Accelerator(cpu=True)` for a single CPU process).
+        model: The tokenizer as prepared by `accelerator.prepare`.
+        optimizer: Its optimiser, prepared too.
+        loss_module: The pixel-space losses (the quantizer and semantic terms come with the model's output).
+        unwrapped: The plain `CDBVQModel`; default `accelerator.unwrap_model(model)`.
+        scheduler: The learning-rate schedule, stepped once per optimiser step; None for a constant rate.
+        discriminator, plain_discriminator, disc_optimizer, disc_scheduler: The PatchGAN discriminator (prepared
+            and plain) and its optimiser and schedule, when `loss_module.disc_weight > 0`.
+        teacher: The CLIP teacher whose patch features drive the semantic terms, or None.
+        grid_size: The token grid (h, w); needed with a teacher.
+        max_grad_norm: Clip the gradient norm to this (0: no clipping, no check of the norm).
+    """
+
+    accelerator: Accelerator
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    loss_module: TokenizerLoss
+    unwrapped: CDBVQModel | None = None
+    scheduler: object | None = None
+    discriminator: nn.Module | None = None
+    plain_discriminator: nn.Module | None = None
+    disc_optimizer: torch.optim.Optimizer | None = None
+    disc_scheduler: object | None = None
+    teacher: object | None = None
+    grid_size: tuple[int, int] | None = None
+    max_grad_norm: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.unwrapped is None:
+            self.unwrapped = self.accelerator.unwrap_model(self.model)
+        if self.discriminator is not None and self.plain_discriminator is None:
+            self.plain_discriminator = self.accelerator.unwrap_model(self.discriminator)
+
+
+def training_step(
+    parts: TrainingParts,
+    pixel_values: torch.Tensor,
+    step: int,
+    bad_term: str | None = None,
+    inputs: torch.Tensor | None = None,
+) -> tuple[dict[str, torch.Tensor], str | None, object]:
+    """Forward, backward and (at the end of an accumulation window) the optimiser step for one batch.
+
+    Args:
+        parts: The model, optimisers, loss and teacher.
+        pixel_values: The images (B, 3, H, W) in [-1, 1] the reconstruction should match.
+        step: The optimisation step (the adversarial terms start at `loss_module.disc_start`).
+        bad_term: The non-finite term an earlier micro-batch of this accumulation window found, if any.
+        inputs: What the encoder sees when it is not `pixel_values` (restoration: their degraded versions).
+
+    Returns:
+        The batch's loss terms; the name of a term that was NaN/infinite on any process in this window (the window's
+        update is then skipped and this batch's codebook statistics rolled back) or None; and the model output.
+    """
+    accelerator, loss_module = parts.accelerator, parts.loss_module
+    pixel_values = pixel_values.to(accelerator.device, non_blocking=True)
+    target = {}
+    if inputs is not None:  # restoration: the encoder sees the degraded image, the loss targets the clean one
+        inputs, target = inputs.to(accelerator.device, non_blocking=True), {"target_pixel_values": pixel_values}
+    snapshot = parts.unwrapped.quantizer.snapshot()
+    adversarial = parts.discriminator is not None and loss_module.adversarial_active(step)
+    with accelerator.accumulate(*[m for m in (parts.model, parts.discriminator) if m is not None]):
+        with accelerator.autocast():
+            losses = compute_losses(parts.model, pixel_values if inputs is None else inputs, loss_module, parts.teacher,
+                                    step, parts.plain_discriminator, parts.unwrapped.decoder.conv_out.weight,
+                                    parts.grid_size, **target)  # fmt: skip
+            terms, disc_loss = dict(losses.terms), None
+            if adversarial:
+                disc_loss, disc_terms = loss_module.discriminator_loss(parts.discriminator, pixel_values, losses.model_output.reconstruction)
+                terms.update(disc_terms)
+        bad_term = bad_term or _nonfinite_anywhere(terms, accelerator)
+        # Backward even when a term is not finite, so that every process takes part in the same collectives;
+        # the window's gradients are dropped below.
+        accelerator.backward(losses.total)
+        if disc_loss is not None:
+            accelerator.backward(disc_loss)
+        if bad_term:
+            parts.unwrapped.quantizer.restore(snapshot)
+        if accelerator.sync_gradients:
+            bad_term = bad_term or _apply_gradients(parts, adversarial)
+            if parts.scheduler is not None:
+                parts.scheduler.step()
+            if adversarial:
+                parts.disc_scheduler.step()
+            parts.optimizer.zero_grad(set_to_none=True)
+            if parts.disc_optimizer is not None:
+                parts.disc_optimizer.zero_grad(set_to_none=True)
+    return terms, bad_term, losses.model_output
+
+
+def restart_dead_codes(model: CDBVQModel, latents: torch.Tensor, seed: int, ema=None) -> int:
+    """Restart the dead codes of `model.quantizer` from a batch's latents (B, D, h, w); returns how many.
+
+    Every process calls it (the quantizer gathers the latents and broadcasts the new codes). With a weight EMA
+    (`runs.EMAWeights`), the EMA copies of the restarted codes jump to them too.
+    """
+    dead = model.quantizer.dead_codes() if ema is not None else None
+    restarted = model.quantizer.restart_dead_codes(flatten_grid(latents.detach()).float(), seed=seed)
+    if restarted and ema is not None:
+        ema.copy_rows(model, "quantizer.codebook.weight", dead)
+    return restarted
+
+
+def degradation_seed(seed: int, step: int, micro_batch: int, process_index: int) -> int:
+    """Seed of the degradation of one micro-batch: a function of the run's seed, the step, the micro-batch and the
+    process, so a resumed run degrades exactly as an uninterrupted one."""
+    return ((seed * 1_000_003 + step) * 64 + micro_batch) * 4096 + process_index
+
+
+def _nonfinite_anywhere(terms: dict[str, torch.Tensor], accelerator: Accelerator) -> str | None:
+    """The first non-finite term on any process (every process gets the same answer)."""
+    name = first_nonfinite(terms)
+    if accelerator.num_processes == 1:
+        return name
+    flag = accelerator.reduce(torch.tensor([float(name is not None)], device=accelerator.device), reduction="sum")
+    if not bool(flag.item()):
+        return None
+    names = [found for found in gather_object([name]) if found is not None]
+    return names[0]
+
+
+def _apply_gradients(parts: TrainingParts, adversarial: bool) -> str | None:
+    """Clip and apply the accumulated gradients; returns "gradient norm" (and skips) when it is not finite."""
+    accelerator = parts.accelerator
+    if parts.max_grad_norm > 0:
+        grad_norm = accelerator.clip_grad_norm_(parts.model.parameters(), parts.max_grad_norm)
+        # With fp16 the gradient scaler skips overflowing steps itself (and must see every step to lower its scale).
+        if accelerator.mixed_precision != "fp16" and not bool(torch.isfinite(torch.as_tensor(grad_norm))):
+            return "gradient norm"
+        if adversarial:
+            accelerator.clip_grad_norm_(parts.discriminator.parameters(), parts.max_grad_norm)
+    parts.optimizer.step()
+    if adversarial:
+        parts.disc_optimizer.step()
+    return None
+
+
+__all__ = ["TrainingParts", "degradation_seed", "restart_dead_codes", "training_step"]
