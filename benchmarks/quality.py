@@ -105,7 +105,7 @@ class VectorQuantizeAdapter(nn.Module):
     def restore(self, snapshot: dict[str, torch.Tensor]) -> None:
         self.load_state_dict(snapshot)
 
-    def restart_dead_codes(self, latents: torch.Tensor, seed: int = 0) -> int:
+    def restart_dead_codes(self, latents: torch.Tensor, seed: int = 0, signal_features=None) -> int:
         """Nothing to do here: `VectorQuantize` replaces its dead codes inside its forward."""
         return 0
 
@@ -212,7 +212,7 @@ def train_step(parts: TrainingParts, pixel_values: torch.Tensor, step: int, inpu
     """One step of the library's training step (L1 + L2 + vq_loss), then dead-code restarts (our quantizer;
     VectorQuantize restarts inside its forward). `inputs`: the encoder's input when it is not `pixel_values`."""
     terms, bad_term, output = training_step(parts, pixel_values, step, inputs=inputs)
-    restarted = 0 if bad_term else restart_dead_codes(parts.unwrapped, output.latents, seed=step)
+    restarted = 0 if bad_term else restart_dead_codes(parts.unwrapped, output, seed=step)
     return {
         "loss": float(terms["total"]),
         "reconstruction_loss": float(terms["l1"] + terms["l2"]),

@@ -222,3 +222,22 @@ def test_a_model_saved_before_the_signal_statistics_loads_with_its_codebook_stat
     assert torch.equal(loaded.quantizer.usage, model.quantizer.usage)
     assert torch.equal(loaded.quantizer.router.potentials, model.quantizer.router.potentials)
     assert all(record["laplacian"] is None for record in loaded.code_report())
+
+
+def test_training_restarts_read_the_signal_features_of_the_model_output():
+    from cdb_tokenizer.modeling_cdb_vq import flatten_grid
+    from cdb_tokenizer.tools.steps import restart_dead_codes
+
+    torch.manual_seed(0)
+    model = CDBVQModel(role_config(1.0)).train()
+    generator = torch.Generator().manual_seed(0)
+    images = torch.cat([synthetic(kind, 2, generator) for kind in range(3)])
+    output = model(images)
+    model.quantizer.usage.fill_(1 / 24)
+    model.quantizer.usage[[1, 20]] = 0.0  # a dead structure code and a dead colour code
+    assert restart_dead_codes(model, output, seed=0) == 2
+    latents = model.quantizer.prepare_latents(flatten_grid(output.latents.detach()))
+    kinds = role_targets(flatten_grid(output.signal_features), model.config)
+    for code, kind in ((1, 0), (20, 2)):
+        source = (latents - model.quantizer.codes()[code]).abs().amax(-1).argmin()
+        assert int(kinds[source]) == kind

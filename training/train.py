@@ -646,7 +646,7 @@ def train_loop(args: argparse.Namespace, parts: TrainingParts, ema: EMAWeights |
             ema.update(model)
         restarted = 0
         if args.dead_code_restart_steps and state.step % args.dead_code_restart_steps == 0:
-            restarted = restart_dead_codes(model, output.latents, args.seed + state.step, ema)
+            restarted = restart_dead_codes(model, output, args.seed + state.step, ema)
         values = {f"loss/{name}": value for name, value in step_terms.items()}
         values.update({"train/utilization": float(output.utilization), "train/perplexity": float(output.perplexity),
                        "train/learning_rate": parts.scheduler.get_last_lr()[0], "train/skipped_images": len(state.skipped_ids),

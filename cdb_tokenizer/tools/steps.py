@@ -114,14 +114,20 @@ def training_step(
     return terms, bad_term, losses.model_output
 
 
-def restart_dead_codes(model: CDBVQModel, latents: torch.Tensor, seed: int, ema=None) -> int:
-    """Restart the dead codes of `model.quantizer` from a batch's latents (B, D, h, w); returns how many.
+def restart_dead_codes(model: CDBVQModel, output, seed: int, ema=None) -> int:
+    """Restart the dead codes of `model.quantizer` from a batch's model output (its latents (B, D, h, w), and with
+    code roles its signal features, so that a code restarts on a latent of its role's kind); returns how many.
 
     Every process calls it (the quantizer gathers the latents and broadcasts the new codes). With a weight EMA
     (`runs.EMAWeights`), the EMA copies of the restarted codes jump to them too.
     """
     dead = model.quantizer.dead_codes() if ema is not None else None
-    restarted = model.quantizer.restart_dead_codes(flatten_grid(latents.detach()).float(), seed=seed)
+    signal_features = output.signal_features
+    restarted = model.quantizer.restart_dead_codes(
+        flatten_grid(output.latents.detach()).float(),
+        seed=seed,
+        signal_features=flatten_grid(signal_features) if signal_features is not None else None,
+    )
     if restarted and ema is not None:
         ema.copy_rows(model, "quantizer.codebook.weight", dead)
     return restarted
