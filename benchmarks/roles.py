@@ -35,7 +35,7 @@ from datetime import datetime, timezone
 import torch
 import torch.nn.functional as F
 from common import RESULTS_DIR, command_line, environment_summary, markdown_table, write_report
-from quality import grid_crops, photo_tensors, random_crops, reference_backbone, small_config, train_step, training_parts
+from quality import grid_crops, parse_overrides, photo_tensors, random_crops, reference_backbone, small_config, train_step, training_parts
 from tqdm.auto import tqdm
 
 from cdb_tokenizer import CDBVQModel
@@ -259,9 +259,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--motion-length", type=float, default=7.0, help="Motion blur length of the restoration test.")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
+                        help="CDBVQConfig field for every run, e.g. --set role_prior_weight=0.3 (repeatable).")  # fmt: skip
     parser.add_argument("--output", default="roles.md", help="Report name under benchmarks/results/.")
     args = parser.parse_args(argv)
-    args.overrides, args.dead_code_restarts = {}, True
+    args.overrides, args.dead_code_restarts = parse_overrides(args.overrides), True
     return args
 
 
