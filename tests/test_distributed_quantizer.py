@@ -8,6 +8,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from cdb_tokenizer.quantization_cdb_vq import kmeans, sinkhorn_potentials
+from cdb_tokenizer.tools.roles import three_role_ranges
 from conftest import tiny_model
 
 
@@ -20,23 +21,34 @@ def rank_latents(rank: int, step: int, num: int = 96) -> torch.Tensor:
     return torch.randn(num, 8, generator=generator) + rank
 
 
+def rank_signals(rank: int, step: int, num: int = 96) -> torch.Tensor:
+    """Image-signal features (low-pass, Laplacian, chroma) of every kind of role, different on every rank."""
+    generator = torch.Generator().manual_seed(500 + 1000 * rank + step)
+    return torch.rand(num, 3, generator=generator) * torch.tensor([0.3, 0.05, 0.8])
+
+
 def worker(rank: int, port: int, folder: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE)
     torch.set_num_threads(1)
     try:
         results = {}
-        for assignment, ema_decay in [("nearest", 0.8), ("sinkhorn", None), ("cdb", None), ("cdb", 0.8)]:
-            quantizer = tiny_model(seed=0, assignment=assignment, ema_decay=ema_decay).quantizer
-            name = f"{assignment}{'+ema' if ema_decay else ''}"
+        cases = [("nearest", 0.8, False), ("sinkhorn", None, False), ("cdb", None, False), ("cdb", 0.8, False), ("cdb", 0.8, True)]
+        for assignment, ema_decay, roles in cases:
+            # With roles: ranges initialised and restarted on latents of their kind (signals differ between ranks).
+            extra = {"code_roles": three_role_ranges(64)} if roles else {}
+            quantizer = tiny_model(seed=0, assignment=assignment, ema_decay=ema_decay, **extra).quantizer
+            name = f"{assignment}{'+ema' if ema_decay else ''}{'+roles' if roles else ''}"
+            signals = (lambda step: rank_signals(rank, step)) if roles else (lambda step: None)
             quantizer.train()
-            quantizer.initialize_codebook(rank_latents(rank, 0))
+            quantizer.initialize_codebook(rank_latents(rank, 0), signal_features=signals(0))
             results[f"{name}/init"] = quantizer.codebook.weight.detach().clone()
             for step in range(1, 4):
-                output = quantizer(rank_latents(rank, step), semantic_features=torch.randn(96, 32))
+                output = quantizer(rank_latents(rank, step), semantic_features=torch.randn(96, 32), signal_features=signals(step))
                 results[f"{name}/indices_{step}"] = output.indices
             quantizer.usage[:7] = 0.0  # the same codes are dead everywhere: usage is reduced across ranks
-            results[f"{name}/restarted"] = torch.tensor(quantizer.restart_dead_codes(rank_latents(rank, 9)))
+            restarted = quantizer.restart_dead_codes(rank_latents(rank, 9), signal_features=signals(9))
+            results[f"{name}/restarted"] = torch.tensor(restarted)
             results[f"{name}/state"] = {k: v.detach().clone() for k, v in quantizer.state_dict().items()}
         potentials = sinkhorn_potentials(rank_latents(rank, 5), torch.randn(64, 8, generator=torch.Generator().manual_seed(3)), 10.0, 5, 64 * 30)
         results["sinkhorn_column"] = potentials.column
@@ -54,7 +66,7 @@ def free_port() -> int:
 def test_two_processes_keep_identical_quantizer_state(tmp_path):
     mp.spawn(worker, args=(free_port(), str(tmp_path)), nprocs=WORLD_SIZE, join=True)
     first, second = (torch.load(tmp_path / f"rank{rank}.pt") for rank in range(WORLD_SIZE))
-    for assignment in ("nearest+ema", "sinkhorn", "cdb", "cdb+ema"):
+    for assignment in ("nearest+ema", "sinkhorn", "cdb", "cdb+ema", "cdb+ema+roles"):
         torch.testing.assert_close(first[f"{assignment}/init"], second[f"{assignment}/init"], rtol=0, atol=0)
         assert int(first[f"{assignment}/restarted"]) == int(second[f"{assignment}/restarted"]) == 7
         for name, value in first[f"{assignment}/state"].items():
