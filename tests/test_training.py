@@ -234,7 +234,7 @@ def test_command_line_reports_a_missing_folder_without_a_traceback(tmp_path):
 def test_no_data_flags_give_the_tiny_demo_and_data_flags_the_base_preset(tmp_path):
     demo = parse_args([])
     assert demo.model_preset == "tiny" and demo.resolution == 64 and demo.output_dir == "outputs/cdb-vq-demo"
-    assert demo.model_config_dict["codebook_size"] == 512 and demo.lpips_weight == 0.0
+    assert demo.model_config_dict["codebook_size"] == 1024 and demo.lpips_weight == 0.0
     real = parse_args(["--train_data_dir", str(tmp_path)])
     assert real.model_preset == "base" and real.resolution == 256 and real.lpips_weight == 1.0
     assert "codebook_size" not in real.model_config_dict  # CDBVQConfig's own default

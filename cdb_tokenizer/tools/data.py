@@ -1,8 +1,8 @@
 """Image data for training and evaluation (training-only: never imported by the modeling files).
 
 - `sample_photos` gives the real photos that ship inside pip packages, so the embedded default, the tests and the
-  benchmarks run with no network: scikit-image's sample photos for training, scikit-learn's two sample photos
-  (a different source, so no leakage) for held-out evaluation.
+  benchmarks run with no network: scikit-image's sample photos (and its colour wheel) for training, scikit-learn's
+  two sample photos (a different source, so no leakage) for held-out evaluation.
 - `load_image_dataset` opens an `imagefolder` directory or a Hub data set through `datasets`, with the image
   column left undecoded so that `decode_image` can turn a broken file into `None` (skipped and counted) instead of
   a crash in the middle of a run.
@@ -28,11 +28,16 @@ from PIL import Image, ImageOps
 
 logger = logging.getLogger(__name__)
 
-# scikit-image photos that ship inside the wheel (no download); greyscale ones are converted to RGB.
+# scikit-image photos that ship inside the wheel (no download); greyscale ones are converted to RGB. Nine colour
+# photos (the stereo pair gives two) and four greyscale textures.
 SKIMAGE_PHOTOS = (
     "astronaut", "chelsea", "coffee", "hubble_deep_field", "immunohistochemistry", "retina", "rocket",
-    "stereo_motorcycle", "camera", "brick", "grass", "gravel", "moon", "coins", "clock",
+    "stereo_motorcycle", "camera", "brick", "grass", "gravel",
 )  # fmt: skip
+# scikit-image's colour wheel (every hue, from white at the centre to saturated and dark at the rim) as it is, darker
+# and paler: the photos above have few greens, teals and sky blues, and a tokenizer trained on them alone renders
+# those colours shifted (docs/training.md, "How the tiny preset was chosen"). (gain, offset) per copy, on 0-255.
+COLOUR_WHEELS = ((1.0, 0.0), (0.55, 0.0), (0.5, 100.0))
 
 # How many unreadable images are reported one by one before only the count is kept.
 MAX_REPORTED_UNREADABLE = 5
@@ -44,7 +49,8 @@ EXIF_ORIENTATION = 0x0112
 
 
 def sample_photos(source: str = "skimage") -> list[Image.Image]:
-    """Real RGB photos shipped with a pip package: `"skimage"` (scikit-image, 16 photos) or `"sklearn"` (2 photos)."""
+    """Real RGB images shipped with a pip package: `"skimage"` (scikit-image: 13 photos and 3 versions of its colour
+    wheel, 16 images) or `"sklearn"` (scikit-learn's 2 photos, the demo's held-out set)."""
     if source == "skimage":
         import skimage.data
 
@@ -53,6 +59,9 @@ def sample_photos(source: str = "skimage") -> list[Image.Image]:
             image = getattr(skimage.data, name)()
             for array in image[:2] if isinstance(image, tuple) else [image]:  # the stereo pair gives two photos
                 photos.append(Image.fromarray(array).convert("RGB"))
+        wheel = skimage.data.colorwheel().astype(np.float32)
+        for gain, offset in COLOUR_WHEELS:
+            photos.append(Image.fromarray(np.clip(wheel * gain + offset + 0.5, 0, 255).astype(np.uint8)).convert("RGB"))
         return photos
     if source == "sklearn":
         from sklearn.datasets import load_sample_images

@@ -21,19 +21,21 @@ from .teacher import DEFAULT_TEMPLATE
 
 # Values that depend on the kind of run. "tiny" is the embedded demo (no data flags): a small f2 tokenizer that trains
 # on a CPU in minutes, chosen by measurement (docs/training.md: f4 cannot reach 24 dB on the held-out crops, small
-# batches with more steps beat large ones at the same CPU time, no discriminator at this length). "base" is a real
-# run on your data (any data flag): the CDBVQConfig defaults at 256x256.
+# batches with more steps beat large ones at the same CPU time, no discriminator at this length, 1,024 codes carry
+# the colour that 512 leave to guesswork). "base" is a real run on your data (any data flag): the CDBVQConfig
+# defaults at 256x256. The tiny preset's resolution, random_crop_scale and num_validation_images also define the
+# demo's held-out crops: changing them changes the held-out set.
 # Any flag or config-file key given explicitly wins over the preset.
 PRESETS = {
     "tiny": {
         "model": {
             "base_channels": 16, "channel_multipliers": [1, 2], "num_res_blocks": 1, "use_mid_attention": False,
-            "norm_num_groups": 8, "latent_dim": 32, "codebook_size": 512, "codebook_dim": 8, "semantic_dim": 64,
-            "num_prototypes": 16, "router_dim": 16,
+            "norm_num_groups": 1, "latent_dim": 32, "codebook_size": 1024, "codebook_dim": 8, "semantic_dim": 16,
+            "num_prototypes": 16, "router_dim": 16, "commitment_weight": 0.05,
         },
         "training": {
             "resolution": 64, "train_batch_size": 4, "learning_rate": 2e-3, "lr_warmup_steps": 50,
-            "max_train_steps": 700, "validation_steps": 350, "checkpointing_steps": 700,
+            "max_train_steps": 1400, "validation_steps": 700, "checkpointing_steps": 1400,
             "dead_code_restart_steps": 100, "disc_start": 0, "disc_weight": 0.0, "lpips_weight": 0.0, "l2_weight": 1.0,
             "num_validation_images": 32, "random_crop_scale": [0.05, 0.5], "clip_model": "ViT-B-32",
             "output_dir": "outputs/cdb-vq-demo",
