@@ -43,6 +43,22 @@ def test_sample_photos_are_real_rgb_photos():
         sample_photos("imagenet")
 
 
+def test_the_demo_trains_on_more_colours_than_the_benchmark_photos():
+    import numpy as np
+
+    benchmark, demo = sample_photos("skimage"), sample_photos("demo")
+    assert len(demo) == 16 and all(photo.mode == "RGB" for photo in demo)
+    # The demo's first 13 images are benchmark photos (the benchmarks' training set stays as it was measured) ...
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(demo[:13], benchmark[:13]))
+
+    def green_blue_share(photos) -> float:  # pixels where green or blue clearly leads red: sky, foliage, teal
+        pixels = np.concatenate([np.asarray(photo, dtype=np.int16).reshape(-1, 3) for photo in photos])
+        return float((pixels[:, 1:].max(1) > pixels[:, 0] + 40).mean())
+
+    # ... and its colour wheels bring the greens and blues the photos lack.
+    assert green_blue_share(demo[13:]) > 3 * green_blue_share(benchmark)
+
+
 def test_load_image_folder_keeps_images_undecoded(image_folder):
     dataset = load_image_dataset(train_data_dir=str(image_folder))
     assert len(dataset) == 5

@@ -231,11 +231,11 @@ def load_data(args: argparse.Namespace, accelerator: Accelerator):
     """The training images (a map-style source or a stream), the held-out validation pixel values (N, 3, R, R) and
     how many validation images could not be read."""
     if args.train_data_dir is None and args.dataset_name is None:
-        logger.info("No data flags: training on crops of scikit-image's photos, validating on scikit-learn's.")
+        logger.info("No data flags: training on crops of scikit-image's photos and colour wheel, validating on scikit-learn's photos.")
         crops_per_photo = math.ceil(args.num_validation_images / 2)
         validation = fixed_crops(sample_photos("sklearn"), args.resolution, crops_per_photo, seed=args.seed,
                                  crop_scale=tuple(args.random_crop_scale))[: args.num_validation_images]  # fmt: skip
-        return sample_photos("skimage"), validation, 0
+        return sample_photos("demo"), validation, 0
     source = {
         "train_data_dir": args.train_data_dir, "dataset_name": args.dataset_name,
         "dataset_config_name": args.dataset_config_name, "image_column": args.image_column,

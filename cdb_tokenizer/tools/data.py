@@ -29,14 +29,16 @@ from PIL import Image, ImageOps
 logger = logging.getLogger(__name__)
 
 # scikit-image photos that ship inside the wheel (no download); greyscale ones are converted to RGB. Nine colour
-# photos (the stereo pair gives two) and four greyscale textures.
+# photos (the stereo pair gives two) and seven greyscale ones. The benchmarks train on these 16.
 SKIMAGE_PHOTOS = (
     "astronaut", "chelsea", "coffee", "hubble_deep_field", "immunohistochemistry", "retina", "rocket",
-    "stereo_motorcycle", "camera", "brick", "grass", "gravel",
+    "stereo_motorcycle", "camera", "brick", "grass", "gravel", "moon", "coins", "clock",
 )  # fmt: skip
+# The embedded demo's training images: the same photos less three greyscale ones (moon, coins, clock), plus
 # scikit-image's colour wheel (every hue, from white at the centre to saturated and dark at the rim) as it is, darker
-# and paler: the photos above have few greens, teals and sky blues, and a tokenizer trained on them alone renders
-# those colours shifted (docs/training.md, "How the tiny preset was chosen"). (gain, offset) per copy, on 0-255.
+# and paler: the photos have few greens, teals and sky blues, and a tokenizer trained on them alone renders those
+# colours shifted (docs/training.md, "How the tiny preset was chosen"). (gain, offset) per copy, on 0-255.
+DEMO_LEFT_OUT = ("moon", "coins", "clock")
 COLOUR_WHEELS = ((1.0, 0.0), (0.55, 0.0), (0.5, 100.0))
 
 # How many unreadable images are reported one by one before only the count is kept.
@@ -49,25 +51,29 @@ EXIF_ORIENTATION = 0x0112
 
 
 def sample_photos(source: str = "skimage") -> list[Image.Image]:
-    """Real RGB images shipped with a pip package: `"skimage"` (scikit-image: 13 photos and 3 versions of its colour
-    wheel, 16 images) or `"sklearn"` (scikit-learn's 2 photos, the demo's held-out set)."""
-    if source == "skimage":
+    """Real RGB images shipped with a pip package: `"skimage"` (scikit-image's 16 photos: the benchmarks' training
+    set), `"demo"` (the embedded demo's training set: 13 of those photos and 3 versions of scikit-image's colour
+    wheel) or `"sklearn"` (scikit-learn's 2 photos, the held-out set of both)."""
+    if source in ("skimage", "demo"):
         import skimage.data
 
         photos = []
         for name in SKIMAGE_PHOTOS:
+            if source == "demo" and name in DEMO_LEFT_OUT:
+                continue
             image = getattr(skimage.data, name)()
             for array in image[:2] if isinstance(image, tuple) else [image]:  # the stereo pair gives two photos
                 photos.append(Image.fromarray(array).convert("RGB"))
-        wheel = skimage.data.colorwheel().astype(np.float32)
-        for gain, offset in COLOUR_WHEELS:
-            photos.append(Image.fromarray(np.clip(wheel * gain + offset + 0.5, 0, 255).astype(np.uint8)).convert("RGB"))
+        if source == "demo":
+            wheel = skimage.data.colorwheel().astype(np.float32)
+            for gain, offset in COLOUR_WHEELS:
+                photos.append(Image.fromarray(np.clip(wheel * gain + offset + 0.5, 0, 255).astype(np.uint8)).convert("RGB"))
         return photos
     if source == "sklearn":
         from sklearn.datasets import load_sample_images
 
         return [Image.fromarray(array).convert("RGB") for array in load_sample_images().images]
-    raise ValueError(f"source must be 'skimage' or 'sklearn', got {source!r}.")
+    raise ValueError(f"source must be 'skimage', 'demo' or 'sklearn', got {source!r}.")
 
 
 # ----------------------------------------------------------------------------------------------------------------
