@@ -260,7 +260,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
-                        help="CDBVQConfig field for every run, e.g. --set role_prior_weight=0.3 (repeatable).")  # fmt: skip
+                        help="CDBVQConfig field for every run, e.g. --set role_prior_scale=0.3 (repeatable).")  # fmt: skip
     parser.add_argument("--output", default="roles.md", help="Report name under benchmarks/results/.")
     args = parser.parse_args(argv)
     args.overrides, args.dead_code_restarts = parse_overrides(args.overrides), True

@@ -55,7 +55,7 @@ class CDBVQConfig(PretrainedConfig):
         role_hidden_dim (`int`, *optional*, defaults to 32): Hidden width of the role head.
         role_supervision_weight (`float`, *optional*, defaults to 0.0): Weight of the cross-entropy that trains the
             role head toward each token's target role from its image signals (0: roles are learned only through routing).
-        role_prior_weight (`float`, *optional*, defaults to 0.3): Scale of the role log-prior in routing (in router
+        role_prior_scale (`float`, *optional*, defaults to 0.3): Scale of the role log-prior in routing (in router
             temperatures): lower lets more tokens take a near code of another role when its own range is crowded
             (benchmarks/roles.py: 1.0 separates more, at ~0.9 dB; 0.3 keeps the separation above 2x chance).
         role_texture_threshold (`float`, *optional*, defaults to 0.02): Laplacian energy of a cell (pixels in [-1, 1])
@@ -116,7 +116,7 @@ class CDBVQConfig(PretrainedConfig):
         code_roles: dict[str, list[int]] | None = None,
         role_hidden_dim: int = 32,
         role_supervision_weight: float = 0.0,
-        role_prior_weight: float = 0.3,
+        role_prior_scale: float = 0.3,
         role_texture_threshold: float = 0.02,
         role_colour_threshold: float = 0.4,
         restoration_degradation: str | None = None,
@@ -163,7 +163,7 @@ class CDBVQConfig(PretrainedConfig):
         self.code_roles = {name: list(bounds) for name, bounds in code_roles.items()} if code_roles else None
         self.role_hidden_dim = role_hidden_dim
         self.role_supervision_weight = role_supervision_weight
-        self.role_prior_weight = role_prior_weight
+        self.role_prior_scale = role_prior_scale
         self.role_texture_threshold = role_texture_threshold
         self.role_colour_threshold = role_colour_threshold
         self.restoration_degradation = restoration_degradation
@@ -233,7 +233,7 @@ class CDBVQConfig(PretrainedConfig):
             )
         for name in ("commitment_weight", "codebook_weight", "balance_weight",
                      "semantic_distillation_weight", "token_alignment_weight", "code_alignment_weight",
-                     "role_supervision_weight", "role_prior_weight", "role_texture_threshold", "role_colour_threshold"):  # fmt: skip
+                     "role_supervision_weight", "role_prior_scale", "role_texture_threshold", "role_colour_threshold"):  # fmt: skip
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}.")
         if self.prototype_labels is not None and len(self.prototype_labels) != self.num_prototypes:

@@ -265,7 +265,7 @@ class CDBVQRouter(nn.Module):
         super().__init__()
         self.num_candidates = min(config.router_candidates, config.codebook_size)
         self.logit_bound = config.router_logit_bound
-        self.role_prior_weight = config.role_prior_weight
+        self.role_prior_scale = config.role_prior_scale
         self.query = nn.Linear(config.codebook_dim + config.semantic_dim, config.router_dim)
         self.code_keys = nn.Parameter(torch.zeros(config.codebook_size, config.router_dim))
         self.semantic_scale = nn.Parameter(torch.ones(()))
@@ -298,7 +298,7 @@ class CDBVQRouter(nn.Module):
         `detach_learned_inputs` is set (training: the learned terms must not pull the encoder to balance usage)."""
         role_log_prior = None
         if self.role_head is not None and signal_features is not None:
-            role_log_prior = self.role_prior_weight * self.role_logits(signal_features).log_softmax(-1)
+            role_log_prior = self.role_prior_scale * self.role_logits(signal_features).log_softmax(-1)
         with torch.no_grad():
             squared_distance = squared_distances(latents, codes)
             nearest_squared_distance = squared_distance.min(-1).values

@@ -42,7 +42,7 @@ def role_config(weight: float, codebook_size: int = 24) -> CDBVQConfig:
         num_prototypes=4, router_dim=4, code_roles=three_role_ranges(codebook_size), role_supervision_weight=weight,
         # A full-strength role prior: this tests that supervision sorts content. The default (0.3) trades some
         # separation for PSNR on photos (benchmarks/roles.py); on these 60 steps it gives 0.71-0.84.
-        role_prior_weight=1.0,
+        role_prior_scale=1.0,
     )  # fmt: skip
 
 
@@ -246,13 +246,13 @@ def test_training_restarts_read_the_signal_features_of_the_model_output():
         assert int(kinds[source]) == kind
 
 
-def test_role_prior_weight_scales_the_role_term_of_the_router():
+def test_role_prior_scale_scales_the_role_term_of_the_router():
     kinds = torch.arange(30) % 3
     signals, latents = signals_of_kind(kinds), torch.randn(30, 4)
     priors = []
     for weight in (1.0, 0.3):
         config = role_config(1.0)
-        config.role_prior_weight, config.router_candidates = weight, 1  # one candidate: no learned term
+        config.role_prior_scale, config.router_candidates = weight, 1  # one candidate: no learned term
         torch.manual_seed(0)
         quantizer = CDBVQModel(config).quantizer
         quantizer.router.role_head[-1].weight.data.normal_()  # a head with an opinion (it starts uniform)
