@@ -1,5 +1,6 @@
 """training/train.py end to end on the CPU: outputs, logged loss terms, resume, NaN handling, bad inputs."""
 
+import argparse
 import json
 import os
 import shutil
@@ -21,6 +22,7 @@ if str(REPO) not in sys.path:
 import cdb_tokenizer.tools.steps as steps_module
 import training.train as train_script
 from cdb_tokenizer.tools.teacher import save_clip_config
+from conftest import tiny_model
 from training.train import TrainingStopped, main, parse_args
 
 TINY_MODEL = ["--resolution", "32", "--base_channels", "16", "--channel_multipliers", "1", "2", "2", "--num_res_blocks", "1", "--norm_num_groups", "8", "--latent_dim", "16", "--codebook_size", "64", "--codebook_dim", "8", "--semantic_dim", "32", "--num_prototypes", "8", "--router_dim", "8"]
@@ -298,3 +300,23 @@ def test_training_leaves_the_parsed_arguments_as_they_were(tmp_path):
     assert vars(args) == before and args.max_train_steps is None
     recorded = json.loads((tmp_path / "training_config.json").read_text())
     assert recorded["max_train_steps"] > 0 and recorded["skipped_validation_images"] == 0
+
+
+def test_kmeans_initialisation_reads_the_signal_features_with_code_roles(monkeypatch):
+    # train.py's k-means init (several batches) must seed each role range from latents of its kind, as the
+    # quantizer's own first-forward init does: it passes the batches' signal features on; without roles, none.
+    from accelerate import Accelerator
+
+    from cdb_tokenizer.tools.roles import three_role_ranges
+
+    seen = {}
+    for roles in (False, True):
+        model = tiny_model(code_roles=three_role_ranges(64)) if roles else tiny_model()
+        monkeypatch.setattr(model.quantizer, "initialize_codebook",
+                            lambda latents, signal_features=None, **kwargs: seen.__setitem__(roles, (latents, signal_features)))  # fmt: skip
+        args = argparse.Namespace(resolution=32, train_batch_size=2, kmeans_init_batches=2, kmeans_init_iterations=1, seed=0)
+        batches = iter([{"pixel_values": torch.rand(2, 3, 32, 32) * 2 - 1} for _ in range(2)])
+        train_script.initialize_codebook(args, model, batches, Accelerator(cpu=True))
+    assert seen[False][1] is None
+    latents, signals = seen[True]
+    assert signals is not None and signals.shape == (latents.shape[0], 3)

@@ -413,17 +413,20 @@ def initialize_codebook(args, model: CDBVQModel, batches, accelerator: Accelerat
     tokens_per_batch = (args.resolution // config.downsampling_factor) ** 2 * args.train_batch_size * accelerator.num_processes
     num_batches = args.kmeans_init_batches or max(1, min(64, math.ceil(4 * config.codebook_size / tokens_per_batch)))
     use_prototypes = teacher is not None and model.quantizer.has_prototypes
-    latents, features = [], []
+    latents, features, signals = [], [], []
     with eval_mode(model), accelerator.autocast():
         for batch in itertools.islice(batches, num_batches):
             pixel_values = batch["pixel_values"].to(accelerator.device)
             encoded = model.encode(pixel_values)
             latents.append(flatten_grid(encoded.latents).float())
+            if encoded.signal_features is not None:  # with code roles: each range starts on latents of its kind
+                signals.append(flatten_grid(encoded.signal_features).float())
             if use_prototypes:
                 grid = encoded.latents.shape[-2:]
                 features.append(flatten_grid(teacher.patch_features(pixel_values, grid_size=grid)).float())
     latents = torch.cat(latents)
-    model.quantizer.initialize_codebook(latents, iterations=args.kmeans_init_iterations, seed=args.seed)
+    model.quantizer.initialize_codebook(latents, iterations=args.kmeans_init_iterations, seed=args.seed,
+                                        signal_features=torch.cat(signals) if signals else None)  # fmt: skip
     logger.info(f"Initialised the codebook by k-means of {latents.shape[0] * accelerator.num_processes} latents ({num_batches} batches per process).")
     if use_prototypes:
         code_to_prototype = model.quantizer.tie_codes_to_prototypes(latents, torch.cat(features))
