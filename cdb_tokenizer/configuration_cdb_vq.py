@@ -50,6 +50,8 @@ class CDBVQConfig(PretrainedConfig):
         semantic_dim (`int`, *optional*, defaults to 512): Width of the semantic (CLIP) features.
         num_prototypes (`int`, *optional*, defaults to 1000): Number of semantic prototypes the codes are tied to.
         prototype_labels (`list[str]`, *optional*): Text label of each prototype, when they came from prompts.
+        retie_prototypes (`bool`, *optional*, defaults to `True`): While training with a teacher, tie each code to the
+            prototype nearest the running mean teacher feature of the tokens it wins (False keeps the given map).
         code_roles (`dict[str, list[int]]`, *optional*): Named `[start, end)` code ranges that tile the codebook,
             e.g. `{"structure": [0, 512], "texture": [512, 1024]}`; a role head adds a log-prior over them.
         role_hidden_dim (`int`, *optional*, defaults to 32): Hidden width of the role head.
@@ -113,6 +115,7 @@ class CDBVQConfig(PretrainedConfig):
         semantic_dim: int = 512,
         num_prototypes: int = 1000,
         prototype_labels: list[str] | None = None,
+        retie_prototypes: bool = True,
         code_roles: dict[str, list[int]] | None = None,
         role_hidden_dim: int = 32,
         role_supervision_weight: float = 0.0,
@@ -160,6 +163,7 @@ class CDBVQConfig(PretrainedConfig):
         self.semantic_dim = semantic_dim
         self.num_prototypes = num_prototypes
         self.prototype_labels = list(prototype_labels) if prototype_labels is not None else None
+        self.retie_prototypes = retie_prototypes
         self.code_roles = {name: list(bounds) for name, bounds in code_roles.items()} if code_roles else None
         self.role_hidden_dim = role_hidden_dim
         self.role_supervision_weight = role_supervision_weight
@@ -236,6 +240,8 @@ class CDBVQConfig(PretrainedConfig):
                      "role_supervision_weight", "role_prior_scale", "role_texture_threshold", "role_colour_threshold"):  # fmt: skip
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}.")
+        if not isinstance(self.retie_prototypes, bool):
+            raise ValueError(f"retie_prototypes must be True or False, got {self.retie_prototypes!r}.")
         if self.prototype_labels is not None and len(self.prototype_labels) != self.num_prototypes:
             raise ValueError(
                 f"prototype_labels must have num_prototypes ({self.num_prototypes}) entries, got {len(self.prototype_labels)}."

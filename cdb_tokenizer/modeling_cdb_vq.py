@@ -17,7 +17,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
 
 from .configuration_cdb_vq import CDBVQConfig
-from .quantization_cdb_vq import SIGNAL_NAMES, CDBVQQuantizer, CDBVQRouter, CodeSignalStatistics, image_signal_features
+from .quantization_cdb_vq import SIGNAL_NAMES, CDBVQQuantizer, CDBVQRouter, CodeStatistics, image_signal_features
 
 
 @dataclass
@@ -271,7 +271,7 @@ class CDBVQPreTrainedModel(PreTrainedModel):
                 init.zeros_(module.role_head[-1].bias)
         elif isinstance(module, CDBVQQuantizer):
             module.reset_state()
-        elif isinstance(module, CodeSignalStatistics):
+        elif isinstance(module, CodeStatistics):
             module.reset()
 
 

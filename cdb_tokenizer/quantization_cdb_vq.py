@@ -393,25 +393,31 @@ class CDBVQRouter(nn.Module):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-class CodeSignalStatistics(nn.Module):
-    """Running (decayed) sums of the image signals (low-pass, Laplacian, chroma) of the latents each code wins in
-    training, and their token counts; `means()` is what `CDBVQModel.code_report` reads. Reduced across processes like
-    the usage, persistent so they survive save/load."""
+class CodeStatistics(nn.Module):
+    """Running (decayed) sums of a per-token feature over the tokens each code wins in training, and their token
+    counts: the image signals (low-pass, Laplacian, chroma) that `CDBVQModel.code_report` reads, and the teacher's
+    features that tie codes to prototypes. Reduced across processes like the usage, persistent so they survive
+    save/load and resumption."""
 
-    def __init__(self, codebook_size: int, decay: float):
+    def __init__(self, codebook_size: int, width: int, decay: float):
         super().__init__()
         self.decay = decay
-        self.register_buffer("sums", torch.zeros(codebook_size, len(SIGNAL_NAMES)))
+        self.register_buffer("sums", torch.zeros(codebook_size, width))
         self.register_buffer("counts", torch.zeros(codebook_size))
 
     @torch.no_grad()
-    def reset(self) -> None:
-        self.sums.zero_()
-        self.counts.zero_()
+    def reset(self, indices: torch.Tensor | None = None) -> None:
+        """Forget every code's statistics, or those of `indices` (restarted codes)."""
+        if indices is None:
+            self.sums.zero_()
+            self.counts.zero_()
+        else:
+            self.sums[indices] = 0.0
+            self.counts[indices] = 0.0
 
     @torch.no_grad()
-    def update(self, indices: torch.Tensor, signal_features: torch.Tensor) -> None:
-        sums = torch.zeros_like(self.sums, dtype=torch.float32).index_add_(0, indices, signal_features.detach().float())
+    def update(self, indices: torch.Tensor, features: torch.Tensor) -> None:
+        sums = torch.zeros_like(self.sums, dtype=torch.float32).index_add_(0, indices, features.detach().float())
         counts = torch.bincount(indices, minlength=self.counts.shape[0]).float()
         all_reduce_(sums)
         all_reduce_(counts)
@@ -420,7 +426,7 @@ class CodeSignalStatistics(nn.Module):
 
     @torch.no_grad()
     def means(self) -> torch.Tensor:
-        """(K, 3) mean signals per code; NaN for a code never seen."""
+        """(K, width) mean feature per code; NaN for a code never seen."""
         counts = self.counts.float()[:, None]
         means = self.sums.float() / counts.clamp_min(1e-12)
         return torch.where(counts > 0, means, torch.full_like(means, float("nan")))
@@ -479,8 +485,9 @@ class CDBVQQuantizer(nn.Module):
         self.register_buffer("prototypes", torch.zeros(config.num_prototypes, config.semantic_dim))
         self.register_buffer("code_to_prototype", torch.zeros(config.codebook_size, dtype=torch.long))
         self.register_buffer("code_to_role", torch.zeros(config.codebook_size, dtype=torch.long))
-        # A submodule of its own: a model saved before it existed loads with only these statistics fresh.
-        self.signal_statistics = CodeSignalStatistics(config.codebook_size, config.usage_decay)
+        # Submodules of their own: a model saved before they existed loads with only these statistics fresh.
+        self.signal_statistics = CodeStatistics(config.codebook_size, len(SIGNAL_NAMES), config.usage_decay)
+        self.teacher_statistics = CodeStatistics(config.codebook_size, config.semantic_dim, config.usage_decay)
 
     # ------------------------------------------------------------------ state
     @torch.no_grad()
@@ -495,6 +502,7 @@ class CDBVQQuantizer(nn.Module):
         self.code_to_prototype.copy_(torch.arange(size, device=self.code_to_prototype.device) % self.prototypes.shape[0])
         self.code_to_role.zero_()
         self.signal_statistics.reset()
+        self.teacher_statistics.reset()
         if self.router is not None:
             self.router.reset_state()
         for role, name in enumerate(self.config.role_names):
@@ -528,10 +536,25 @@ class CDBVQQuantizer(nn.Module):
         """
         indices = nearest_codes(self.prepare_latents(latents), self.codes(), self.config.assignment_chunk_size)
         sums = torch.zeros(self.codebook_size, features.shape[1], device=features.device)
-        sums.index_add_(0, indices, F.normalize(features, dim=-1))
+        sums.index_add_(0, indices, F.normalize(features.float(), dim=-1))
         all_reduce_(sums)
-        similarity = F.normalize(sums, dim=-1) @ F.normalize(self.prototypes.float(), dim=-1).t()
-        return torch.where(sums.abs().sum(-1) > 0, similarity.argmax(-1), self.code_to_prototype)
+        return self._ties(sums)
+
+    def _ties(self, feature_sums: torch.Tensor) -> torch.Tensor:
+        """Each code's prototype: the one nearest by cosine to its summed teacher directions (K, semantic_dim); a
+        code with none keeps its tie."""
+        similarity = F.normalize(feature_sums, dim=-1) @ F.normalize(self.prototypes.float(), dim=-1).t()
+        return torch.where(feature_sums.abs().sum(-1) > 0, similarity.argmax(-1), self.code_to_prototype)
+
+    @torch.no_grad()
+    def _follow_prototype_ties(self, indices: torch.Tensor, teacher: torch.Tensor) -> None:
+        """Training with a teacher: accumulate the teacher directions of the tokens each code wins and re-tie every
+        code to the prototype nearest their running mean (`config.retie_prototypes`), so that the ties follow codes
+        that EMA moved and restarts replaced instead of keeping the map of initialisation."""
+        if not (self.training and self.config.retie_prototypes and self.has_prototypes):
+            return
+        self.teacher_statistics.update(indices, F.normalize(teacher, dim=-1))
+        self.code_to_prototype.copy_(self._ties(self.teacher_statistics.sums.float()))
 
     def snapshot(self) -> dict[str, torch.Tensor]:
         """A copy of the codebook and every buffer (usage, EMA, router state), for `restore` to undo a step."""
@@ -819,8 +842,8 @@ class CDBVQQuantizer(nn.Module):
         self.ema_embed_sum[indices] = new_codes.to(self.ema_embed_sum.dtype)
         self.ema_cluster_size[indices] = 1.0
         self.usage[indices] = usage.to(self.usage.dtype) if torch.is_tensor(usage) else usage
-        self.signal_statistics.sums[indices] = 0.0
-        self.signal_statistics.counts[indices] = 0.0
+        self.signal_statistics.reset(indices)
+        self.teacher_statistics.reset(indices)
 
     # ------------------------------------------------------------------ semantics
     def semantic_losses(
@@ -829,13 +852,15 @@ class CDBVQQuantizer(nn.Module):
         predicted_features: torch.Tensor | None,
         teacher_features: torch.Tensor,
     ) -> dict[str, torch.Tensor | None]:
-        """Cosine losses against teacher features (N, semantic_dim) of the same tokens.
+        """Cosine losses against teacher features (N, semantic_dim) of the same tokens (in training, the codes'
+        prototype ties first follow the tokens' teacher features: `_follow_prototype_ties`).
 
         - semantic_distillation: the semantic head's prediction toward the teacher's feature;
         - token_alignment: each token's projected code `W e_k` toward its patch's teacher feature;
         - code_alignment: each projected code toward its prototype (only once prototypes are set).
         """
         teacher = teacher_features.float()
+        self._follow_prototype_ties(indices, teacher)
         projected_tokens = apply_float32_out(self.code_projection, self.lookup(indices))
         losses = {
             "semantic_distillation_loss": None,
@@ -880,7 +905,7 @@ __all__ = [
     "CDBVQQuantizer",
     "CDBVQQuantizerOutput",
     "CDBVQRouter",
-    "CodeSignalStatistics",
+    "CodeStatistics",
     "SinkhornPotentials",
     "image_signal_features",
     "role_targets",

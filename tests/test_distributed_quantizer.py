@@ -43,9 +43,14 @@ def worker(rank: int, port: int, folder: str) -> None:
             quantizer.train()
             quantizer.initialize_codebook(rank_latents(rank, 0), signal_features=signals(0))
             results[f"{name}/init"] = quantizer.codebook.weight.detach().clone()
+            quantizer.set_prototypes(torch.randn(8, 32, generator=torch.Generator().manual_seed(7)))
+            results[f"{name}/ties_0"] = quantizer.code_to_prototype.clone()
             for step in range(1, 4):
                 output = quantizer(rank_latents(rank, step), semantic_features=torch.randn(96, 32), signal_features=signals(step))
                 results[f"{name}/indices_{step}"] = output.indices
+                # Teacher features differ between ranks too: the prototype ties follow their all-reduced statistics.
+                teacher = torch.randn(96, 32, generator=torch.Generator().manual_seed(77 + 1000 * rank + step))
+                quantizer.semantic_losses(output.indices, None, teacher)
             quantizer.usage[:7] = 0.0  # the same codes are dead everywhere: usage is reduced across ranks
             restarted = quantizer.restart_dead_codes(rank_latents(rank, 9), signal_features=signals(9))
             results[f"{name}/restarted"] = torch.tensor(restarted)
@@ -74,6 +79,7 @@ def test_two_processes_keep_identical_quantizer_state(tmp_path):
         # The router's potentials and temperature moved (they are part of the state compared above).
         if assignment.startswith("cdb"):
             assert float(first[f"{assignment}/state"]["router.potentials"].abs().max()) > 0
+        assert not torch.equal(first[f"{assignment}/ties_0"], first[f"{assignment}/state"]["code_to_prototype"])
         # Data really differed between ranks, so identical state is the result of the reductions.
         assert not torch.equal(first[f"{assignment}/indices_1"], second[f"{assignment}/indices_1"])
 

@@ -52,6 +52,8 @@ def test_teacher_features_give_semantic_terms(photo_batch):
     assert output.semantic_distillation_loss is not None and output.token_alignment_loss is not None
     assert output.code_alignment_loss is None  # prototypes not set yet
     model.set_prototypes(torch.randn(8, 32), labels=[f"class {i}" for i in range(8)])
+    labels = model.code_prototype_labels()
+    assert len(labels) == 64 and labels[0] == "class 0" and labels[9] == "class 1"
     output = model(photo_batch, teacher_features=torch.randn(4, 32, 8, 8))
     assert output.code_alignment_loss is not None
     weighted = sum(
@@ -64,8 +66,6 @@ def test_teacher_features_give_semantic_terms(photo_batch):
         ]
     )  # fmt: skip
     torch.testing.assert_close(output.vq_loss, weighted)
-    labels = model.code_prototype_labels()
-    assert len(labels) == 64 and labels[0] == "class 0" and labels[9] == "class 1"
 
 
 def test_semantic_features_passed_in_are_used_by_router(photo_batch):

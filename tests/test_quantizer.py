@@ -374,6 +374,33 @@ def test_codes_tie_to_the_prototype_of_their_latents_features():
     assert bool((tie[16:] == 7).all())  # no latent picked them: they keep their tie
 
 
+@pytest.mark.parametrize("retie", [True, False])
+def test_prototype_ties_follow_the_teacher_features_of_the_tokens_each_code_wins(retie):
+    module = quantizer(assignment="cdb", retie_prototypes=retie)
+    module.initialize_codebook(torch.randn(256, 8))
+    prototypes = torch.randn(8, 32)
+    module.set_prototypes(prototypes, torch.full((64,), 7))
+    module.train()
+    latents = module.codes()[:16].repeat(4, 1)  # each of codes 0-15 wins four tokens per step; 16-63 none
+    wanted = torch.arange(16) % 4  # the teacher sees prototype (code % 4) in the tokens of code 0-15
+    for _ in range(3):
+        indices = module(latents).indices
+        module.semantic_losses(indices, None, prototypes[wanted[indices]] + 0.01 * torch.randn(64, 32))
+    ties = module.code_to_prototype
+    if retie:
+        assert ties[:16].tolist() == wanted.tolist()
+        assert bool((ties[16:] == 7).all())  # codes that won nothing keep their tie
+    else:
+        assert bool((ties == 7).all())
+    # A restarted code forgets the teacher features of its previous cell and re-ties on what it wins next.
+    module.usage[0] = 0.0
+    module.restart_dead_codes(module.codes()[5:6] + 0.5)
+    assert float(module.teacher_statistics.counts[0]) == 0.0
+    module.eval()
+    module.semantic_losses(torch.zeros(4, dtype=torch.long), None, prototypes[[6] * 4])
+    assert int(ties[0]) == (0 if retie else 7)  # out of training the ties stay where they are
+
+
 def test_snapshot_and_restore_undo_every_change_of_the_quantizer_state():
     module = quantizer(assignment="cdb", ema_decay=0.9)
     module.initialize_codebook(torch.randn(256, 8))
