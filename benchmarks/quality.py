@@ -385,7 +385,8 @@ def parse_overrides(pairs: list[str]) -> dict:
             raise SystemExit(f"--set takes FIELD=VALUE, got {pair!r}")
         key, value = pair.split("=", 1)
         try:
-            overrides[key] = json.loads(value)
+            # JSON values (numbers, lists, null); Python's None is accepted too, e.g. --set ema_decay=None.
+            overrides[key] = None if value == "None" else json.loads(value)
         except json.JSONDecodeError:
             overrides[key] = value
     return overrides

@@ -151,7 +151,7 @@ def report(args, results: dict, minutes: float, started: str, load_before: str, 
         f"Setup (quality.py's protocol): `cdb` tokenizer, base_channels {config.base_channels}, channel_multipliers "
         f"{config.channel_multipliers} (x{config.downsampling_factor}), latent_dim {config.latent_dim}, K = "
         f"{config.codebook_size} codes of dim {config.codebook_dim}; {args.steps} steps of batch {args.batch_size} "
-        f"random {args.resolution}x{args.resolution} crops of the scikit-image photos, AdamW lr {args.learning_rate}, "
+        f"random {args.resolution}x{args.resolution} crops of `sample_photos({args.train_source!r})`, AdamW lr {args.learning_rate}, "
         f"seed {args.seed}, loss L1 + L2 + vq_loss, the same backbone weights at step 0 for every run. Roles: "
         f"structure / texture / colour thirds, role_supervision_weight {args.role_weight} (thresholds: the config "
         f"defaults). Restoration runs train on `{args.train_degradation}`"
@@ -243,6 +243,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", nargs="+", default=list(RUNS), choices=RUNS)
     parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--train-source", default="skimage", choices=["skimage", "demo"],
+                        help="Training photos (`sample_photos`): quality.py's 16 scikit-image photos, or the demo's "
+                        "13 with scikit-image's colour wheel (saturated colour the others never show).")  # fmt: skip
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--resolution", type=int, default=32, help="Crop size for training and evaluation.")
@@ -274,7 +277,7 @@ def main(argv: list[str] | None = None) -> None:
     started = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     load_before = load_line()
     start = time.perf_counter()
-    photos = photo_tensors("skimage")
+    photos = photo_tensors(args.train_source)
     held_out = grid_crops(photo_tensors("sklearn"), args.resolution)
     blurred = {
         "gaussian": degrade(held_out, f"gaussian_blur:{args.sigma}", seed=EVAL_SEED),
