@@ -452,6 +452,9 @@ def measure_tokenizer(
         "best_labelling_agreement": prototype_agreement(test_tokens, best_labels, test_label_names),
         "num_test_images": len(test),
         "num_probe_train_images": len(probe_train),
+        "codebook_size": model.config.codebook_size,
+        "codebook_dim": model.config.codebook_dim,
+        "token_grid": resolution // model.config.downsampling_factor,
     }
 
 
@@ -651,11 +654,11 @@ def write_report(path: Path, args: argparse.Namespace, teacher: dict, results: d
         f"and given to `training/train.py` as a user gives a real CLIP: `--clip_model CONFIG.json --clip_pretrained "
         f"CKPT --prototypes text:labels.txt`.",
         "",
-        f"Tokenizers: `train.py`'s tiny preset at {args.resolution}x{args.resolution} (8x8 tokens, 512 codes of 8 "
-        f"dimensions), {args.max_train_steps} steps of {args.train_batch_size} images drawn from {args.num_train_images} "
+        f"Tokenizers: `train.py`'s tiny preset at {args.resolution}x{args.resolution} ({first['token_grid']}x"
+        f"{first['token_grid']} tokens, {first['codebook_size']} codes of {first['codebook_dim']} dimensions), {args.max_train_steps} steps of {args.train_batch_size} images drawn from {args.num_train_images} "
         f"training images, no GAN, no LPIPS, the same flags and seed except those listed per row. Every run gets the "
-        f"same teacher and prototypes, so each code is tied to a labelled prototype when the codebook is initialised "
-        f"(the prototype nearest to the mean CLIP feature of the latents the code wins).",
+        f"same teacher and prototypes, so each code is tied to a labelled prototype (the prototype nearest to the mean "
+        f"CLIP feature of the latents the code wins, followed through training unless `--no-retie_prototypes`).",
         "",
         "| tokenizer | PSNR (dB) | SSIM | linear probe | prototype agreement | best-labelling agreement | codes used | perplexity | train.py time |",
         "|---|---|---|---|---|---|---|---|---|",
