@@ -211,20 +211,22 @@ def test_code_report_has_one_record_per_code_and_round_trips(supervised_model, t
     assert loaded.code_report() == report
 
 
-def test_a_model_saved_before_the_signal_statistics_loads_with_its_codebook_state(tmp_path):
+def test_a_model_saved_before_the_code_statistics_loads_with_its_codebook_state(tmp_path):
     from safetensors.torch import load_file, save_file
 
     model = tiny_model(code_roles=three_role_ranges(64)).train()
     model(torch.rand(2, 3, 32, 32) * 2 - 1)
     model.save_pretrained(tmp_path)
     weights = load_file(tmp_path / "model.safetensors")
-    save_file({k: v for k, v in weights.items() if "signal_statistics" not in k}, tmp_path / "model.safetensors",
+    # Neither the signal nor the teacher statistics (both added after the first release of the quantizer format).
+    save_file({k: v for k, v in weights.items() if "_statistics." not in k}, tmp_path / "model.safetensors",
               metadata={"format": "pt"})  # fmt: skip
     loaded = CDBVQModel.from_pretrained(tmp_path)
     assert bool(loaded.quantizer.initialized)
     assert torch.equal(loaded.quantizer.usage, model.quantizer.usage)
     assert torch.equal(loaded.quantizer.router.potentials, model.quantizer.router.potentials)
     assert all(record["laplacian"] is None for record in loaded.code_report())
+    assert float(loaded.quantizer.teacher_statistics.counts.abs().sum()) == 0.0
 
 
 def test_training_restarts_read_the_signal_features_of_the_model_output():
