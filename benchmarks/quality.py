@@ -20,6 +20,7 @@ Evaluation: every non-overlapping crop of scikit-learn's two photos (a different
     python benchmarks/quality.py                                   # defaults, ~25 min on 2 busy CPU cores
     python benchmarks/quality.py --steps 5000 --output quality_5k.md
     python benchmarks/quality.py --rules cdb --set router_candidates=1 --output cdb_no_learned_term.md   # an ablation
+    python benchmarks/quality.py --rules cdb nearest --held-in    # also on the training photos: are idle codes dead?
 """
 
 from __future__ import annotations
@@ -243,6 +244,8 @@ def train_and_evaluate(
     results = evaluate(model, batches, show_progress=False)
     counts = code_usage_counts(model, batches)
     diagnostics = assignment_diagnostics(model, batches)
+    if args.held_in:
+        diagnostics.update(held_in_diagnostics(args, model, train_photos, counts))
     tail = history[-min(50, len(history)) :]
     return {
         "rule": rule,
@@ -291,6 +294,39 @@ def assignment_diagnostics(model: CDBVQModel, batches: list[torch.Tensor]) -> di
 # ----------------------------------------------------------------------------------------------------------------
 # Report
 # ----------------------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def held_in_diagnostics(args: argparse.Namespace, model: CDBVQModel, train_photos: list, held_out_counts: torch.Tensor) -> dict:
+    """The same measures on every non-overlapping crop of the *training* photos, and the share of the codes unused on
+    held-out that these crops do use: whether a code idle on held-out is dead or serves content the held-out photos
+    do not have."""
+    batches = list(grid_crops(train_photos, args.resolution).split(args.eval_batch_size))
+    results = evaluate(model, batches, show_progress=False)
+    used = code_usage_counts(model, batches) > 0
+    idle_on_held_out = held_out_counts == 0
+    return {
+        "held_in_psnr": results["psnr"],
+        "held_in_utilization": float(used.float().mean()),
+        "held_in_perplexity": results["perplexity"],
+        "idle_on_held_out": int(idle_on_held_out.sum()),
+        "idle_on_held_out_used_held_in": int((used & idle_on_held_out).sum()),
+    }
+
+
+def held_in_table(results: dict[str, dict]) -> list[str]:
+    rows = [
+        [rule, f"{r['held_in_psnr']:.2f}", f"{r['held_in_utilization']:.1%}", f"{r['held_in_perplexity']:.0f}",
+         f"{r['idle_on_held_out_used_held_in']} of {r['idle_on_held_out']}"]
+        for rule, r in results.items()
+    ]  # fmt: skip
+    headers = ["quantizer", "PSNR (dB)", "codes used", "perplexity", "codes idle on held-out that these crops use"]
+    return [
+        "Held-in (`--held-in`: every non-overlapping crop of the training photos, which the models trained on):",
+        "",
+        markdown_table(headers, rows),
+        "",
+    ]
 
 
 def uniform_usage_ceiling(num_tokens: int, codebook_size: int) -> float:
@@ -371,6 +407,7 @@ def report(
             "",
             f"![held-out code usage]({plot_name})",
             "",
+            *(held_in_table(results) if args.held_in else []),
             "Targets:",
             *targets(results, args.usage_target),
             "",
@@ -416,6 +453,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=1,
         help="torch threads; 1 by default: on a shared 2-core machine more threads ran 2-10x slower.",
     )
+    parser.add_argument("--held-in", action="store_true",
+                        help="Also measure on the training photos, and which codes idle on held-out they use.")  # fmt: skip
     parser.add_argument("--usage-target", type=float, default=0.98, help="Held-out code usage `cdb` must reach.")
     parser.add_argument("--output", default="quality.md", help="Report name under benchmarks/results/.")
     args = parser.parse_args(argv)
