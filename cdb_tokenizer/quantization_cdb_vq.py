@@ -416,13 +416,16 @@ class CodeStatistics(nn.Module):
             self.counts[indices] = 0.0
 
     @torch.no_grad()
-    def update(self, indices: torch.Tensor, features: torch.Tensor) -> None:
+    def update(self, indices: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """Add a batch's features (N, width) to the codes `indices` (N,) won; returns the batch's token count of each
+        code, summed over processes (K,)."""
         sums = torch.zeros_like(self.sums, dtype=torch.float32).index_add_(0, indices, features.detach().float())
         counts = torch.bincount(indices, minlength=self.counts.shape[0]).float()
         all_reduce_(sums)
         all_reduce_(counts)
         self.sums.mul_(self.decay).add_(sums, alpha=1 - self.decay)
         self.counts.mul_(self.decay).add_(counts, alpha=1 - self.decay)
+        return counts
 
     @torch.no_grad()
     def means(self) -> torch.Tensor:
@@ -538,13 +541,13 @@ class CDBVQQuantizer(nn.Module):
         sums = torch.zeros(self.codebook_size, features.shape[1], device=features.device)
         sums.index_add_(0, indices, F.normalize(features.float(), dim=-1))
         all_reduce_(sums)
-        return self._ties(sums)
+        return self._ties(sums, self.code_to_prototype)
 
-    def _ties(self, feature_sums: torch.Tensor) -> torch.Tensor:
-        """Each code's prototype: the one nearest by cosine to its summed teacher directions (K, semantic_dim); a
-        code with none keeps its tie."""
+    def _ties(self, feature_sums: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
+        """The prototype nearest by cosine to each row of summed teacher directions (n, semantic_dim); a row with
+        none keeps its `current` (n,) tie."""
         similarity = F.normalize(feature_sums, dim=-1) @ F.normalize(self.prototypes.float(), dim=-1).t()
-        return torch.where(feature_sums.abs().sum(-1) > 0, similarity.argmax(-1), self.code_to_prototype)
+        return torch.where(feature_sums.abs().sum(-1) > 0, similarity.argmax(-1), current)
 
     @torch.no_grad()
     def _follow_prototype_ties(self, indices: torch.Tensor, teacher: torch.Tensor) -> None:
@@ -553,8 +556,11 @@ class CDBVQQuantizer(nn.Module):
         that EMA moved and restarts replaced instead of keeping the map of initialisation."""
         if not (self.training and self.config.retie_prototypes and self.has_prototypes):
             return
-        self.teacher_statistics.update(indices, F.normalize(teacher, dim=-1))
-        self.code_to_prototype.copy_(self._ties(self.teacher_statistics.sums.float()))
+        counts = self.teacher_statistics.update(indices, F.normalize(teacher, dim=-1))
+        # Only the codes that won tokens this step can change their tie (the others' sums only decayed, which keeps
+        # their direction): O(won codes x semantic_dim x prototypes) per step instead of O(K x ...).
+        won = (counts > 0).nonzero().flatten()
+        self.code_to_prototype[won] = self._ties(self.teacher_statistics.sums[won].float(), self.code_to_prototype[won])
 
     def snapshot(self) -> dict[str, torch.Tensor]:
         """A copy of the codebook and every buffer (usage, EMA, router state), for `restore` to undo a step."""
