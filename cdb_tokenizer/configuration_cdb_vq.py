@@ -7,8 +7,11 @@ from transformers import PretrainedConfig
 
 ASSIGNMENT_RULES = ("nearest", "sinkhorn", "cdb")
 # Version of the quantizer's rules and state. 1: the first CDB router (standardised distance, Sinkhorn imitation);
-# 2: the transport-potential router. Only `cdb` changed between them.
-QUANTIZER_FORMAT = 2
+# 2: the transport-potential router; 3: the router's prototype cosines centred over its candidates. Only `cdb`
+# changed between them.
+QUANTIZER_FORMAT = 3
+# Formats this version routes exactly as they were saved.
+SUPPORTED_QUANTIZER_FORMATS = (2, 3)
 FORMAT_1_FIELDS = ("router_distance_scale", "ot_imitation_weight")
 # Roles whose target role-supervision knows how to derive from image signals (structure is the fallback).
 SUPERVISED_ROLES = ("structure", "texture", "colour")
@@ -44,6 +47,8 @@ class CDBVQConfig(PretrainedConfig):
         router_logit_bound (`float`, *optional*, defaults to 0.5): Largest swing of the router's learned logits
             (`bound * tanh(score / bound)`), so it re-ranks near-equal codes instead of overriding the transport
             cost; `None` leaves them unbounded.
+        router_semantic_scale (`float`, *optional*, defaults to 5.0): Initial weight of the router's prototype term
+            (the cosine of a token's semantic features to each candidate's prototype, centred over the candidates).
         potential_step (`float`, *optional*, defaults to 0.02): Step of the dual ascent that learns the per-code
             transport potentials from usage (in units of the router temperature); 0 keeps them at zero.
         potential_bound (`float`, *optional*, defaults to 1.0): Largest absolute potential, in router temperatures.
@@ -85,7 +90,7 @@ class CDBVQConfig(PretrainedConfig):
             held at once (chunks of latents are scored in turn).
         initializer_range (`float`, *optional*, defaults to 0.02): Std of the normal init of linear layers.
         quantizer_format (`int`, *optional*): Version of the quantizer's rules and state this config was saved with;
-            defaults to the current one (2), or to 1 for configs that carry the first router's fields.
+            defaults to the current one (3), or to 1 for configs that carry the first router's fields.
     """
 
     model_type = "cdb_vq"
@@ -110,6 +115,7 @@ class CDBVQConfig(PretrainedConfig):
         router_dim: int = 64,
         router_candidates: int = 8,
         router_logit_bound: float | None = 0.5,
+        router_semantic_scale: float = 5.0,
         potential_step: float = 0.02,
         potential_bound: float = 1.0,
         semantic_dim: int = 512,
@@ -158,6 +164,7 @@ class CDBVQConfig(PretrainedConfig):
         self.router_dim = router_dim
         self.router_candidates = router_candidates
         self.router_logit_bound = router_logit_bound
+        self.router_semantic_scale = router_semantic_scale
         self.potential_step = potential_step
         self.potential_bound = potential_bound
         self.semantic_dim = semantic_dim
@@ -235,7 +242,7 @@ class CDBVQConfig(PretrainedConfig):
             raise ValueError(
                 f"potential_step and potential_bound must be >= 0, got {self.potential_step!r} and {self.potential_bound!r}."
             )
-        for name in ("commitment_weight", "codebook_weight", "balance_weight",
+        for name in ("commitment_weight", "codebook_weight", "balance_weight", "router_semantic_scale",
                      "semantic_distillation_weight", "token_alignment_weight", "code_alignment_weight",
                      "role_supervision_weight", "role_prior_scale", "role_texture_threshold", "role_colour_threshold"):  # fmt: skip
             if getattr(self, name) < 0:

@@ -265,7 +265,7 @@ class CDBVQPreTrainedModel(PreTrainedModel):
         elif isinstance(module, CDBVQRouter):
             # Tiny keys: the router starts as the distance term alone (nearest neighbour) and learns from there.
             init.normal_(module.code_keys, std=1e-3)
-            init.ones_(module.semantic_scale)
+            init.constant_(module.semantic_scale, self.config.router_semantic_scale)
             if module.role_head is not None:
                 init.zeros_(module.role_head[-1].weight)
                 init.zeros_(module.role_head[-1].bias)

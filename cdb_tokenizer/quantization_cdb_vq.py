@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.utils import ModelOutput
 
-from .configuration_cdb_vq import QUANTIZER_FORMAT, CDBVQConfig
+from .configuration_cdb_vq import SUPPORTED_QUANTIZER_FORMATS, CDBVQConfig
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -269,6 +269,9 @@ class CDBVQRouter(nn.Module):
         self.query = nn.Linear(config.codebook_dim + config.semantic_dim, config.router_dim)
         self.code_keys = nn.Parameter(torch.zeros(config.codebook_size, config.router_dim))
         self.semantic_scale = nn.Parameter(torch.ones(()))
+        # Format 2 added the raw cosines, whose shared offset pushed tanh toward saturation and squeezed the
+        # differences between candidates; from format 3 they are centred over the candidates.
+        self.centre_prototype_similarity = config.quantizer_format >= 3
         self.role_head = None
         if config.code_roles:
             self.role_head = nn.Sequential(
@@ -343,6 +346,8 @@ class CDBVQRouter(nn.Module):
         # Only the candidates' prototypes: O(candidates x semantic_dim) per token, not O(num_prototypes x semantic_dim).
         candidate_prototypes = F.normalize(prototypes.float(), dim=-1)[code_to_prototype[candidates]]
         similarity = (candidate_prototypes @ F.normalize(semantic_features, dim=-1)[:, :, None])[..., 0]
+        if self.centre_prototype_similarity:
+            similarity = similarity - similarity.mean(-1, keepdim=True)
         scores = scores + self.semantic_scale * similarity
         if self.logit_bound is not None:
             # A bounded swing lets the router re-rank near-equal codes, never override the transport cost.
@@ -465,12 +470,13 @@ class CDBVQQuantizer(nn.Module):
 
     def __init__(self, config: CDBVQConfig):
         super().__init__()
-        if config.assignment == "cdb" and config.quantizer_format != QUANTIZER_FORMAT:
+        if config.assignment == "cdb" and config.quantizer_format not in SUPPORTED_QUANTIZER_FORMATS:
+            which = "the first CDB router" if config.quantizer_format < min(SUPPORTED_QUANTIZER_FORMATS) else "a newer cdb_tokenizer"
             raise ValueError(
-                f"this `cdb` model was saved in quantizer format {config.quantizer_format} (the first CDB router), but "
-                f"this version of cdb_tokenizer routes with format {QUANTIZER_FORMAT}: its tokens would differ. Load it "
+                f"this `cdb` model was saved in quantizer format {config.quantizer_format} ({which}), but this version "
+                f"of cdb_tokenizer routes with formats {SUPPORTED_QUANTIZER_FORMATS}: its tokens would differ. Load it "
                 "with the code saved in its folder (AutoModel.from_pretrained with its remote code allowed, in a "
-                "process that does not import cdb_tokenizer), or with cdb-tokenizer 0.1.0."
+                "process that does not import cdb_tokenizer), or with the cdb-tokenizer release that saved it."
             )
         self.config = config
         self.assignment = config.assignment

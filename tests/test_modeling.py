@@ -240,6 +240,29 @@ def test_config_defaults_and_derived_values():
     assert roles.role_names == ["structure", "texture"]
 
 
+def test_a_cdb_model_of_quantizer_format_2_loads_and_routes_by_its_own_rule(tmp_path, photo_batch):
+    """Format 2 added the raw prototype cosines to the router's scores; format 3 centres them over the candidates.
+    A format-2 folder loads and keeps its own rule, so its tokens do not change under the user."""
+    from cdb_tokenizer import CDBVQModel
+
+    model = tiny_model(quantizer_format=2, router_semantic_scale=2.0)
+    assert model.quantizer.router.semantic_scale.item() == 2.0
+    model.set_prototypes(torch.randn(8, 32, generator=torch.Generator().manual_seed(0)))
+    model.train()
+    model(photo_batch)  # k-means init
+    model.eval()
+    features = torch.randn(4, 32, 8, 8, generator=torch.Generator().manual_seed(1))
+    model.save_pretrained(tmp_path)
+    loaded = CDBVQModel.from_pretrained(tmp_path).eval()
+    assert loaded.config.quantizer_format == 2
+    raw = model.encode(photo_batch, semantic_features=features).image_tokens
+    assert torch.equal(loaded.encode(photo_batch, semantic_features=features).image_tokens, raw)
+    loaded.quantizer.router.centre_prototype_similarity = True  # the format-3 rule routes these tokens differently
+    assert not torch.equal(loaded.encode(photo_batch, semantic_features=features).image_tokens, raw)
+    with pytest.raises(ValueError, match="router_semantic_scale must be >= 0"):
+        tiny_config(router_semantic_scale=-1.0)
+
+
 def test_a_cdb_model_of_the_first_quantizer_format_is_refused_by_name(tmp_path, photo_batch):
     """A folder saved by the first router (format 1) fails with a message naming the format; `nearest` and
     `sinkhorn` folders of that format, whose rules did not change, load and tokenise as before."""
