@@ -360,19 +360,26 @@ def load_teacher(config_path: str | Path, checkpoint_path: str | Path):
 
 
 @torch.no_grad()
-def encode_split(model, pixel_values: torch.Tensor, batch_size: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
-    """Tokens (N, h * w) and mean-pooled quantized features (N, codebook_dim) of images in [-1, 1]."""
+def encode_split(
+    model, pixel_values: torch.Tensor, batch_size: int = 500
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Tokens (N, h * w) and mean-pooled quantized features (N, codebook_dim) of images in [-1, 1], and the prototype
+    nearest (by cosine) each token's predicted semantic feature (N, h * w), or None for a model without either."""
     was_training = model.training
     model.eval()
-    tokens, pooled = [], []
+    tokens, pooled, head_prototypes = [], [], []
+    prototypes = F.normalize(model.quantizer.prototypes.float(), dim=-1) if model.quantizer.has_prototypes else None
     try:
         for batch in tqdm(pixel_values.split(batch_size), desc="encoding", leave=False):
             output = model.encode(batch.to(next(model.parameters()).device))
             tokens.append(output.image_tokens.flatten(1).cpu())
             pooled.append(output.quantized.float().mean(dim=(2, 3)).cpu())
+            if prototypes is not None and output.semantic_features is not None:
+                features = F.normalize(output.semantic_features.float().flatten(2).transpose(1, 2), dim=-1)
+                head_prototypes.append((features @ prototypes.t()).argmax(-1).cpu())
     finally:
         model.train(was_training)
-    return torch.cat(tokens), torch.cat(pooled)
+    return torch.cat(tokens), torch.cat(pooled), torch.cat(head_prototypes) if head_prototypes else None
 
 
 def prototype_agreement(image_tokens: torch.Tensor, code_labels: list[str | None], image_labels: list[str]) -> float:
@@ -438,10 +445,13 @@ def measure_tokenizer(
 
     test_pixels = to_pixel_values(test.images, resolution)
     metrics = evaluate(model, test_pixels.split(batch_size), show_progress=False)
-    test_tokens, test_pooled = encode_split(model, test_pixels, batch_size)
-    train_tokens, train_pooled = encode_split(model, to_pixel_values(probe_train.images, resolution), batch_size)
+    test_tokens, test_pooled, head_prototypes = encode_split(model, test_pixels, batch_size)
+    train_tokens, train_pooled, _ = encode_split(model, to_pixel_values(probe_train.images, resolution), batch_size)
     test_label_names = [test.label_names[i] for i in test.labels]
     best_labels = majority_code_labels(train_tokens, probe_train.labels, model.config.codebook_size, test.label_names)
+    head_agreement = None
+    if head_prototypes is not None and model.config.prototype_labels:
+        head_agreement = prototype_agreement(head_prototypes, model.config.prototype_labels, test_label_names)
     return {
         "psnr": metrics["psnr"],
         "ssim": metrics["ssim"],
@@ -450,6 +460,7 @@ def measure_tokenizer(
         "linear_probe_accuracy": linear_probe_accuracy(train_pooled, probe_train.labels, test_pooled, test.labels),
         "prototype_agreement": prototype_agreement(test_tokens, model.code_prototype_labels(), test_label_names),
         "best_labelling_agreement": prototype_agreement(test_tokens, best_labels, test_label_names),
+        "head_agreement": head_agreement,
         "num_test_images": len(test),
         "num_probe_train_images": len(probe_train),
         "codebook_size": model.config.codebook_size,
@@ -464,7 +475,7 @@ def measure_tokenizer(
 
 NO_SEMANTIC_TERMS = ("--semantic_distillation_weight", "0", "--token_alignment_weight", "0", "--code_alignment_weight", "0")
 # The router lets CLIP pick the code: the learned and semantic terms (the cosine of the predicted CLIP feature to each
-# code's prototype) re-rank 32 candidates instead of 8, with a swing of 8 logits instead of 2.
+# code's prototype) re-rank 32 candidates instead of 8, with a swing of 8 logits instead of 0.5.
 STEERED_ROUTER = ("--router_candidates", "32", "--router_logit_bound", "8")
 # Every case gets the same teacher and text prototypes (so every code is tied to a labelled prototype at the codebook's
 # k-means initialisation, and agreement is defined for all); only the assignment rule, the router's weights and the
@@ -660,14 +671,16 @@ def write_report(path: Path, args: argparse.Namespace, teacher: dict, results: d
         f"same teacher and prototypes, so each code is tied to a labelled prototype (the prototype nearest to the mean "
         f"CLIP feature of the latents the code wins, followed through training unless `--no-retie_prototypes`).",
         "",
-        "| tokenizer | PSNR (dB) | SSIM | linear probe | prototype agreement | best-labelling agreement | codes used | perplexity | train.py time |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| tokenizer | PSNR (dB) | SSIM | linear probe | prototype agreement | best-labelling agreement | semantic head agreement | codes used | perplexity | train.py time |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for case, result in results.items():
+        head = result.get("head_agreement")
         lines.append(
             f"| {CASES[case].name} | {result['psnr']:.2f} | {result['ssim']:.3f} | "
             f"{100 * result['linear_probe_accuracy']:.1f}% | {100 * result['prototype_agreement']:.1f}% | "
-            f"{100 * result['best_labelling_agreement']:.1f}% | {100 * result['utilization']:.0f}% | "
+            f"{100 * result['best_labelling_agreement']:.1f}% | {'-' if head is None else f'{100 * head:.1f}%'} | "
+            f"{100 * result['utilization']:.0f}% | "
             f"{result['perplexity']:.0f} | {result['train_seconds'] / 60:.1f} min |"
         )
     lines += [""] + [f"- **{CASES[case].name}**: {CASES[case].note}." for case in results] + [""]
@@ -679,7 +692,9 @@ def write_report(path: Path, args: argparse.Namespace, teacher: dict, results: d
         f"whose code's prototype label (`model.code_prototype_labels()`) is the image's label, averaged over images; "
         f"chance is {100 / num_classes:.0f}%. **Best-labelling agreement**: the same, with each code labelled by the "
         f"most frequent class among the probe's training images that use it: how much class the token ids carry, "
-        f"whatever labels the model stores.",
+        f"whatever labels the model stores. **Semantic head agreement**: the share of tokens whose predicted semantic "
+        f"feature (the head the router reads) is nearest the prototype of the image's class: a router that follows "
+        f"the head cannot agree more than its head does.",
         "",
     ]
     checks = targets(results, num_classes)
@@ -786,7 +801,7 @@ def main(argv: list[str] | None = None) -> dict:
         results[case] = measure_tokenizer(model, test, probe_train, resolution=args.resolution)
         results[case]["train_seconds"] = json.loads((model_dir / "metrics.json").read_text())["wall_time_seconds"]
         models[CASES[case].name] = model
-        print(f"{CASES[case].name}: " + ", ".join(f"{key} {value:.4g}" for key, value in results[case].items()))
+        print(f"{CASES[case].name}: " + ", ".join(f"{key} {'-' if value is None else f'{value:.4g}'}" for key, value in results[case].items()))
 
     report = Path(args.report)
     picture = save_token_label_maps(models, test, report.with_name(report.stem + "_token_labels.png"), args.resolution,

@@ -144,10 +144,24 @@ def test_encode_split_pools_the_quantized_codes(semantic, photo_batch):
     model = tiny_model()
     model.train()
     model(photo_batch)  # k-means initialises the codebook from these latents
-    tokens, pooled = semantic.encode_split(model, photo_batch, batch_size=3)
+    tokens, pooled, head_prototypes = semantic.encode_split(model, photo_batch, batch_size=3)
     assert tokens.shape == (4, 64) and pooled.shape == (4, 8)
     expected = model.quantizer.lookup(tokens).mean(dim=1)
     torch.testing.assert_close(pooled, expected)
+    assert head_prototypes is None  # no prototypes, nothing to agree with
+
+
+def test_encode_split_reads_the_prototype_nearest_each_predicted_semantic_feature(semantic, photo_batch):
+    from conftest import tiny_model
+
+    model = tiny_model().eval()
+    prototypes = torch.randn(8, 32, generator=torch.Generator().manual_seed(0))
+    model.set_prototypes(prototypes)
+    _, _, head_prototypes = semantic.encode_split(model, photo_batch, batch_size=3)
+    features = model.encode(photo_batch).semantic_features.flatten(2).transpose(1, 2)  # (4, 64, 32)
+    expected = torch.nn.functional.cosine_similarity(features[:, :, None], prototypes[None, None], dim=-1).argmax(-1)
+    assert head_prototypes.shape == (4, 64) and torch.equal(head_prototypes, expected)
+    assert head_prototypes.unique().numel() > 1  # a real choice among the prototypes, not one constant
 
 
 @torch.no_grad()
