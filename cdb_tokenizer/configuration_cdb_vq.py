@@ -62,9 +62,10 @@ class CDBVQConfig(PretrainedConfig):
         role_hidden_dim (`int`, *optional*, defaults to 32): Hidden width of the role head.
         role_supervision_weight (`float`, *optional*, defaults to 0.0): Weight of the cross-entropy that trains the
             role head toward each token's target role from its image signals (0: roles are learned only through routing).
-        role_prior_scale (`float`, *optional*, defaults to 0.3): Scale of the role log-prior in routing (in router
+        role_prior_scale (`float`, *optional*, defaults to 0.35): Scale of the role log-prior in routing (in router
             temperatures): lower lets more tokens take a near code of another role when its own range is crowded
-            (benchmarks/roles.py: 1.0 separates more, at ~0.9 dB; 0.3 keeps the separation above 2x chance).
+            (benchmarks/roles.py: 1.0 separates more, at ~0.9 dB; 0.35 keeps the separation above 2x chance at
+            three seeds for <= 0.2 dB).
         role_texture_threshold (`float`, *optional*, defaults to 0.02): Laplacian energy of a cell (pixels in [-1, 1])
             from which its target role is `texture`.
         role_colour_threshold (`float`, *optional*, defaults to 0.4): Chroma of a cell from which a cell below the
@@ -125,7 +126,7 @@ class CDBVQConfig(PretrainedConfig):
         code_roles: dict[str, list[int]] | None = None,
         role_hidden_dim: int = 32,
         role_supervision_weight: float = 0.0,
-        role_prior_scale: float = 0.3,
+        role_prior_scale: float = 0.35,
         role_texture_threshold: float = 0.02,
         role_colour_threshold: float = 0.4,
         restoration_degradation: str | None = None,
