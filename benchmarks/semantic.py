@@ -591,7 +591,7 @@ def save_token_label_maps(
     pixels = to_pixel_values(test.images[picks], resolution)
     columns = {}
     for case, model in models.items():
-        tokens, _ = encode_split(model, pixels)
+        tokens, _, _ = encode_split(model, pixels)
         code_labels = [names.index(label) if label in names else len(names) for label in model.code_prototype_labels()]
         columns[case] = torch.tensor(code_labels)[tokens].view(len(picks), *model.token_grid_size(resolution, resolution))
     if teacher is not None:

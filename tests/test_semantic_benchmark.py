@@ -200,3 +200,25 @@ def test_saved_teacher_loads_through_open_clip_and_train_py_loader(semantic, tmp
     patches = torch.nn.functional.normalize(teacher.patch_features(pixels).flatten(2).transpose(1, 2), dim=-1)
     patch_hits = (patches @ teacher.encode_text(list(data.label_names)).t()).argmax(-1) == torch.as_tensor(data.labels)[:, None]
     assert semantic.teacher_patch_agreement(teacher, data) == pytest.approx(float(patch_hits.float().mean()))
+
+
+def test_token_label_maps_picture_has_a_row_per_class_and_a_column_per_tokenizer(semantic, tmp_path):
+    from PIL import Image
+
+    from conftest import tiny_model
+
+    rng = np.random.default_rng(0)
+    test = semantic.LabelledImages(
+        images=rng.integers(0, 256, size=(6, 28, 28), dtype=np.uint8), labels=np.array([0, 1, 2, 0, 1, 2]),
+        label_names=("shirt", "shoe", "bag"),
+    )
+    models = {}
+    for name in ("one", "two"):
+        model = tiny_model().eval()
+        model.config.prototype_labels = ["shirt", "shoe", "bag", "shirt", "shoe", "bag", "shirt", "shoe"]
+        model.set_prototypes(torch.randn(8, 32, generator=torch.Generator().manual_seed(0)))
+        models[name] = model
+    path = semantic.save_token_label_maps(models, test, tmp_path / "maps.png", resolution=32, count=3)
+    width, height = Image.open(path).size
+    # 1.6 inches at 80 dpi per row (one per class) and per tokenizer column, plus the image and legend columns.
+    assert (width, height) == (round((1.6 * 2 + 3.2) * 80), round(1.6 * 3 * 80))
