@@ -48,7 +48,8 @@ class CDBVQConfig(PretrainedConfig):
             (`bound * tanh(score / bound)`), so it re-ranks near-equal codes instead of overriding the transport
             cost; `None` leaves them unbounded.
         router_semantic_scale (`float`, *optional*, defaults to 5.0): Initial weight of the router's prototype term
-            (the cosine of a token's semantic features to each candidate's prototype, centred over the candidates).
+            (the cosine of a token's semantic features to each candidate's prototype, centred over the candidates);
+            the term starts at 0 when `semantic_distillation_weight` is 0, since nothing then teaches the head.
         potential_step (`float`, *optional*, defaults to 0.02): Step of the dual ascent that learns the per-code
             transport potentials from usage (in units of the router temperature); 0 keeps them at zero.
         potential_bound (`float`, *optional*, defaults to 1.0): Largest absolute potential, in router temperatures.

@@ -265,7 +265,9 @@ class CDBVQPreTrainedModel(PreTrainedModel):
         elif isinstance(module, CDBVQRouter):
             # Tiny keys: the router starts as the distance term alone (nearest neighbour) and learns from there.
             init.normal_(module.code_keys, std=1e-3)
-            init.constant_(module.semantic_scale, self.config.router_semantic_scale)
+            # A head no teacher distils gives cosines that are noise: its term starts off (and may still be learned).
+            distilled = self.config.semantic_distillation_weight > 0
+            init.constant_(module.semantic_scale, self.config.router_semantic_scale if distilled else 0.0)
             if module.role_head is not None:
                 init.zeros_(module.role_head[-1].weight)
                 init.zeros_(module.role_head[-1].bias)

@@ -263,6 +263,14 @@ def test_a_cdb_model_of_quantizer_format_2_loads_and_routes_by_its_own_rule(tmp_
         tiny_config(router_semantic_scale=-1.0)
 
 
+def test_the_router_prototype_term_starts_off_when_no_teacher_distils_the_semantic_head():
+    """With `semantic_distillation_weight` 0 nothing trains the semantic head, so its cosines would route at random."""
+    assert tiny_model(router_semantic_scale=2.0).quantizer.router.semantic_scale.item() == 2.0
+    untaught = tiny_model(router_semantic_scale=2.0, semantic_distillation_weight=0.0)
+    assert untaught.quantizer.router.semantic_scale.item() == 0.0
+    assert untaught.quantizer.router.semantic_scale.requires_grad  # still a learned weight
+
+
 def test_a_cdb_model_of_the_first_quantizer_format_is_refused_by_name(tmp_path, photo_batch):
     """A folder saved by the first router (format 1) fails with a message naming the format; `nearest` and
     `sinkhorn` folders of that format, whose rules did not change, load and tokenise as before."""
