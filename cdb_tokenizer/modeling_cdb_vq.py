@@ -247,6 +247,11 @@ class CDBVQPreTrainedModel(PreTrainedModel):
     input_modalities = ("image",)
     supports_gradient_checkpointing = True
     _no_split_modules = ["CDBVQResnetBlock", "CDBVQAttentionBlock"]
+    # The running teacher means behind the prototype ties only serve further training: training checkpoints keep
+    # them (they hold the whole state dict), a model saved for use does not (K x semantic_dim, 32 MiB at the default
+    # config). A model trained on from such a folder gathers them afresh; its ties (`code_to_prototype`) are kept.
+    _keys_to_ignore_on_save = ["quantizer.teacher_statistics.sums", "quantizer.teacher_statistics.counts"]
+    _keys_to_ignore_on_load_missing = [r"quantizer\.teacher_statistics\."]
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:

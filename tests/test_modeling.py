@@ -293,3 +293,35 @@ def test_a_cdb_model_of_the_first_quantizer_format_is_refused_by_name(tmp_path, 
             loaded = CDBVQModel.from_pretrained(tmp_path / assignment).eval()
             assert loaded.config.quantizer_format == 1
             assert torch.equal(loaded.get_image_tokens(photo_batch), model.get_image_tokens(photo_batch))
+
+
+def test_a_model_saved_for_use_leaves_out_the_teacher_statistics_and_keeps_its_ties(tmp_path, photo_batch, caplog):
+    """The running teacher means only serve further training (checkpoints keep the whole state dict); the saved
+    folder keeps the ties they produced, and the model loads without a missing-weights warning."""
+    from safetensors.torch import load_file
+    from transformers.utils import logging as hf_logging
+
+    from cdb_tokenizer import CDBVQModel
+
+    model = tiny_model()
+    model.set_prototypes(torch.randn(8, 32, generator=torch.Generator().manual_seed(0)))
+    model.train()
+    teacher = torch.randn(4, 32, 8, 8, generator=torch.Generator().manual_seed(1))
+    for _ in range(2):
+        model(photo_batch, teacher_features=teacher)
+    assert float(model.quantizer.teacher_statistics.counts.sum()) > 0
+    assert "quantizer.teacher_statistics.sums" in model.state_dict()  # what a training checkpoint saves
+    model.eval().save_pretrained(tmp_path)
+    saved = load_file(tmp_path / "model.safetensors")
+    assert not any("teacher_statistics" in key for key in saved)
+    assert "quantizer.signal_statistics.sums" in saved  # code_report reads these: they stay
+    hf_logging.enable_propagation()
+    try:
+        with caplog.at_level("WARNING"):
+            loaded = CDBVQModel.from_pretrained(tmp_path).eval()
+    finally:
+        hf_logging.disable_propagation()
+    assert "teacher_statistics" not in caplog.text
+    assert float(loaded.quantizer.teacher_statistics.counts.abs().sum()) == 0.0
+    assert torch.equal(loaded.quantizer.code_to_prototype, model.quantizer.code_to_prototype)
+    assert torch.equal(loaded.get_image_tokens(photo_batch), model.get_image_tokens(photo_batch))

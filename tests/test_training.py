@@ -74,6 +74,10 @@ def test_end_to_end_run_writes_a_loadable_tokenizer_and_logs_every_loss_term(tmp
                  "codebook_usage.png", "training_config.json", "prototypes.safetensors"):  # fmt: skip
         assert (output_dir / name).is_file(), name
     assert [p.name for p in (output_dir / "checkpoints").iterdir()] == ["checkpoint-3"]
+    # The teacher statistics behind the prototype ties: in the checkpoint (resumption), not in the model for use.
+    checkpoint_weights = load_file(output_dir / "checkpoints" / "checkpoint-3" / "model.safetensors")
+    assert float(checkpoint_weights["quantizer.teacher_statistics.counts"].sum()) > 0
+    assert not any("teacher_statistics" in key for key in load_file(output_dir / "model.safetensors"))
     assert list((output_dir / "logs").rglob("events.out.tfevents.*"))
     saved = json.loads((output_dir / "metrics.json").read_text())
     assert saved == metrics
