@@ -402,7 +402,7 @@ class CodeStatistics(nn.Module):
     """Running (decayed) sums of a per-token feature over the tokens each code wins in training, and their token
     counts: the image signals (low-pass, Laplacian, chroma) that `CDBVQModel.code_report` reads, and the teacher's
     features that tie codes to prototypes. Reduced across processes like the usage, persistent so they survive
-    save/load and resumption."""
+    resumption; `save_pretrained` keeps the signal statistics and leaves out the teacher's (training only)."""
 
     def __init__(self, codebook_size: int, width: int, decay: float):
         super().__init__()
