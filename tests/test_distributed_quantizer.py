@@ -27,6 +27,11 @@ def rank_signals(rank: int, step: int, num: int = 96) -> torch.Tensor:
     return torch.rand(num, 3, generator=generator) * torch.tensor([0.3, 0.05, 0.8])
 
 
+def rank_semantic(rank: int, step: int, num: int = 96) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(300 + 1000 * rank + step)
+    return torch.randn(num, 32, generator=generator)
+
+
 def worker(rank: int, port: int, folder: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE)
@@ -55,6 +60,12 @@ def worker(rank: int, port: int, folder: str) -> None:
             restarted = quantizer.restart_dead_codes(rank_latents(rank, 9), signal_features=signals(9))
             results[f"{name}/restarted"] = torch.tensor(restarted)
             results[f"{name}/state"] = {k: v.detach().clone() for k, v in quantizer.state_dict().items()}
+        # One batch split over the two ranks: the router's running statistics must be those of the whole batch.
+        split = tiny_model(seed=0, assignment="cdb", ema_decay=0.8).quantizer.train()
+        split.initialize_codebook(rank_latents(rank, 0))
+        for step in range(1, 4):
+            split(rank_latents(rank, step), semantic_features=rank_semantic(rank, step))
+        results["split_state"] = {k: v.detach().clone() for k, v in split.state_dict().items()}
         potentials = sinkhorn_potentials(rank_latents(rank, 5), torch.randn(64, 8, generator=torch.Generator().manual_seed(3)), 10.0, 5, 64 * 30)
         results["sinkhorn_column"] = potentials.column
         torch.save(results, os.path.join(folder, f"rank{rank}.pt"))
@@ -86,6 +97,18 @@ def test_two_processes_keep_identical_quantizer_state(tmp_path):
     # k-means ran on the latents of both ranks together (rank order), as a single process would.
     both = torch.cat([rank_latents(0, 0), rank_latents(1, 0)])
     torch.testing.assert_close(first["nearest+ema/init"], kmeans(both, 64, 10, 0, 2**24))
+
+    # A batch split over the ranks updates usage, temperature and potentials as one process with all of it does
+    # (the temperature once divided the distortion by the number of processes).
+    single = tiny_model(seed=0, assignment="cdb", ema_decay=0.8).quantizer.train()
+    single.initialize_codebook(torch.cat([rank_latents(0, 0), rank_latents(1, 0)]))
+    for step in range(1, 4):
+        single(
+            torch.cat([rank_latents(0, step), rank_latents(1, step)]),
+            semantic_features=torch.cat([rank_semantic(0, step), rank_semantic(1, step)]),
+        )
+    for name in ("router.temperature", "router.potentials", "usage", "codebook.weight", "ema_cluster_size"):
+        torch.testing.assert_close(first["split_state"][name], single.state_dict()[name], rtol=1e-4, atol=1e-5, msg=name)
 
     # Sinkhorn's marginals are reduced: each rank holds the potentials of the global batch.
     codes = torch.randn(64, 8, generator=torch.Generator().manual_seed(3))

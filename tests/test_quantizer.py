@@ -265,6 +265,58 @@ def test_kmeans_with_fewer_samples_than_clusters_gives_distinct_centres():
     assert torch.unique(centres, dim=0).shape[0] == 32
 
 
+def test_kmeans_of_a_single_sample_gives_finite_distinct_centres():
+    # A role range whose kind has one latent in the first batch: std over one row used to be NaN, and so the codes.
+    centres = kmeans(torch.randn(1, 4), num_clusters=12, iterations=10, seed=0, max_entries=10**6)
+    assert bool(torch.isfinite(centres).all())
+    assert torch.unique(centres, dim=0).shape[0] == 12
+
+
+@pytest.mark.parametrize("assignment", ["nearest", "cdb"])
+def test_autocast_does_not_change_which_code_a_latent_gets(assignment):
+    # Latents far from the origin: bf16's ||z||^2 - 2 z.e + ||e||^2 loses the small differences between codes.
+    module = quantizer(assignment=assignment)
+    module.train()
+    module(clustered_latents(512) + 8)
+    module.eval()
+    latents = clustered_latents(2048, seed=1) + 8
+    plain = module(latents).indices
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = module(latents)
+    assert torch.equal(mixed.indices, plain)
+    assert mixed.quantized.dtype == latents.dtype
+
+
+def test_image_signal_features_ignore_autocast():
+    pixels = torch.rand(2, 3, 32, 32) * 2 - 1
+    plain = image_signal_features(pixels, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = image_signal_features(pixels, 4)
+    assert mixed.dtype == torch.float32
+    torch.testing.assert_close(mixed, plain, rtol=0, atol=0)
+
+
+def test_a_weight_average_takes_only_the_rows_of_codes_restarted_now():
+    from types import SimpleNamespace
+
+    from cdb_tokenizer.tools.runs import EMAWeights
+    from cdb_tokenizer.tools.steps import restart_dead_codes
+
+    model = tiny_model(assignment="nearest", ema_decay=None)  # a gradient codebook: the weight average keeps it
+    model.quantizer.initialize_codebook(torch.randn(256, 8))
+    average = EMAWeights(model, decay=0.9)
+    average.shadow["quantizer.codebook.weight"].zero_()
+    model.quantizer.usage.fill_(1 / 64)
+    model.quantizer.usage[:10] = 0.0
+    output = SimpleNamespace(latents=torch.randn(1, 8, 2, 2), signal_features=None)  # 4 latents for 10 dead codes
+    assert restart_dead_codes(model, output, seed=0, ema=average) == 4
+    shadow = average.shadow["quantizer.codebook.weight"]
+    restarted = (shadow[:10].abs().sum(-1) > 0).nonzero().flatten()
+    assert restarted.numel() == 4 and model.quantizer.dead_codes().numel() == 6
+    torch.testing.assert_close(shadow[restarted], model.quantizer.codebook.weight[restarted])
+    assert not bool(torch.isin(restarted, model.quantizer.dead_codes()).any())
+
+
 def test_training_forward_initialises_the_codebook_once():
     module = quantizer(assignment="nearest")
     module.train()

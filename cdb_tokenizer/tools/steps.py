@@ -129,7 +129,9 @@ def restart_dead_codes(model: CDBVQModel, output, seed: int, ema=None) -> int:
         signal_features=flatten_grid(signal_features) if signal_features is not None else None,
     )
     if restarted and ema is not None:
-        ema.copy_rows(model, "quantizer.codebook.weight", dead)
+        # Only the codes restarted now (at most one per latent; the others stay dead until the next call).
+        still_dead = model.quantizer.dead_codes()
+        ema.copy_rows(model, "quantizer.codebook.weight", dead[~torch.isin(dead, still_dead)])
     return restarted
 
 
