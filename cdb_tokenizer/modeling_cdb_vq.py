@@ -323,6 +323,11 @@ class CDBVQModel(CDBVQPreTrainedModel):
         if pixel_values.ndim != 4:
             raise ValueError(f"pixel_values must have shape (batch, channels, height, width), got shape {tuple(pixel_values.shape)}.")
         if pixel_values.shape[1] != self.config.num_channels:
+            if pixel_values.shape[-1] == self.config.num_channels:
+                raise ValueError(
+                    f"pixel_values has shape {tuple(pixel_values.shape)}, channels last; the model takes (batch, "
+                    f"channels, height, width): use pixel_values.permute(0, 3, 1, 2), or CDBVQImageProcessor."
+                )
             raise ValueError(
                 f"pixel_values has {pixel_values.shape[1]} channels but the model expects {self.config.num_channels} "
                 f"(config.num_channels); convert the images to RGB, e.g. with CDBVQImageProcessor."

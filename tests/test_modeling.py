@@ -179,6 +179,7 @@ def model():
     "pixel_values, error, message",
     [
         (torch.zeros(1, 4, 32, 32), ValueError, "4 channels but the model expects 3"),
+        (torch.zeros(1, 32, 32, 3), ValueError, r"channels last; .*permute\(0, 3, 1, 2\)"),
         (torch.zeros(1, 3, 30, 32), ValueError, "not divisible by the downsampling factor 4"),
         (torch.full((1, 3, 32, 32), float("nan")), ValueError, "NaN"),
         (torch.zeros(3, 32, 32), ValueError, r"shape \(batch, channels, height, width\)"),
