@@ -1,7 +1,9 @@
 """The `cdb-vq` command line on a tiny model and real photos: every command, and clear one-line errors."""
 
 import json
+import os
 import shutil
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from cdb_tokenizer import CDBVQImageProcessor, CDBVQModel
 from cdb_tokenizer.tools.cli import main
@@ -282,3 +284,133 @@ def test_loading_a_tokenizer_imports_no_prior_code(files):
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+@pytest.mark.parametrize(
+    "arguments",
+    [
+        ["encode", "{photo}", "--model", "{model}", "--out", "{tmp}/newdir/"],
+        ["eval", "--model", "{model}", "--data", "{root}/photos", "--out", "{tmp}/newdir/"],
+        ["eval", "--model", "{model}", "--data", "{root}/photos", "--fid", "--fid_feature_extractor", "random",
+         "--fid_reference", "{tmp}/newdir/"],
+        ["inspect", "--model", "{model}", "--codes", "{tmp}/newdir/"],
+    ],  # fmt: skip
+)
+def test_an_output_file_named_like_a_folder_is_refused(files, tmp_path, capsys, arguments):
+    values = {"photo": _photos(files)[0], "tmp": str(tmp_path)} | {key: str(files[key]) for key in ("model", "root")}
+    assert main([argument.format(**values) for argument in arguments]) == 1
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "newdir/ names a folder; give a file name such as" in error
+    assert not (tmp_path / "newdir").exists()
+
+
+@pytest.mark.parametrize(
+    "arguments",
+    [["inspect", "--model", "outputs/nope"], ["eval", "--model", "unused", "--data", "outputs/nope"]],
+)
+def test_a_mistyped_local_folder_is_not_taken_for_a_hub_id(tmp_path, monkeypatch, capsys, arguments):
+    """`outputs/nope` where `outputs/` is a local folder: "no such folder" at once, no Hub look-up."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # a Hub look-up fails at once, too
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "outputs").mkdir()
+    assert main(arguments) == 1
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "outputs/nope: no such folder" in error, error
+
+
+def test_refused_commands_leave_no_folders_behind(files, tmp_path, capsys):
+    tokens = tmp_path / "tokens.safetensors"
+    assert main(["encode", _photos(files)[0], "--model", str(files["model"]), "--out", str(tokens)]) == 0
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    refused = [
+        ["decode", str(tokens), "--model", str(files["same_size_model"]), "--out", str(tmp_path / "dec" / "sub")],
+        ["reconstruct", _photos(files)[0], "--model", str(files["same_size_model"]), "--out", str(tmp_path / "recon"),
+         "--role-map"],
+        ["reconstruct", _photos(files)[0], "--model", str(files["same_size_model"]), "--out", str(existing),
+         "--role-map"],
+        ["restore", _photos(files)[0], "--model", str(files["model"]), "--out", str(tmp_path / "restored")],
+        ["encode", _photos(files)[0], "--model", str(tmp_path / "no_model"), "--out", str(tmp_path / "new" / "t.st")],
+    ]  # fmt: skip
+    for arguments in refused:
+        assert main(arguments) == 1, arguments
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["existing", "tokens.safetensors"]
+    assert not list(existing.iterdir())  # a folder that was there before stays (empty)
+
+
+def test_weights_that_do_not_fit_the_config_are_named_in_one_line(files, tmp_path, capsys):
+    import logging.handlers
+
+    folder = tmp_path / "edited"
+    shutil.copytree(files["same_size_model"], folder)  # no code_roles: only the weights disagree
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "codebook_size": 32}))
+    # What reaches transformers' own handlers (its stderr stream is bound before pytest's capture).
+    shown = logging.handlers.BufferingHandler(capacity=1000)
+    logging.getLogger("transformers").addHandler(shown)
+    try:
+        assert main(["inspect", "--model", str(folder)]) == 1
+        assert not any("LOAD REPORT" in record.getMessage() for record in shown.buffer)  # the table stays off stderr
+        line = capsys.readouterr().err.strip().splitlines()[-1]
+        assert line.startswith(
+            f"cdb-vq inspect: error: the weights in {folder} do not fit its config.json: quantizer.codebook.weight is "
+            f"(64, 8) in the file but (32, 8) for the config"
+        ), line
+
+        # A model that loads keeps transformers' warnings: here the table of a weight missing from the file.
+        (folder / "config.json").write_text(json.dumps(config))
+        weights = load_file(folder / "model.safetensors")
+        del weights["decoder.conv_in.bias"]
+        save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
+        assert main(["inspect", "--model", str(folder)]) == 0
+        assert any("decoder.conv_in.bias" in record.getMessage() for record in shown.buffer)
+    finally:
+        logging.getLogger("transformers").removeHandler(shown)
+
+
+def test_written_files_get_the_permissions_of_the_umask(files, tmp_path):
+    old = os.umask(0o027)
+    try:
+        tokens = tmp_path / "tokens.safetensors"
+        assert main(["encode", _photos(files)[0], "--model", str(files["model"]), "--out", str(tokens)]) == 0
+        assert main(["decode", str(tokens), "--out", str(tmp_path / "decoded")]) == 0
+    finally:
+        os.umask(old)
+    for path in (tokens, tmp_path / "decoded" / "astronaut.png"):
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o640, path
+
+
+def test_every_multi_word_option_takes_both_spellings(files, tmp_path):
+    import argparse
+
+    from cdb_tokenizer.tools.cli import build_parser
+
+    parser = build_parser()
+    (commands,) = [action for action in parser._actions if isinstance(action, argparse._SubParsersAction)]
+    for name, command in commands.choices.items():
+        help_text = command.format_help()
+        for action in command._actions:
+            for option in (option for option in action.option_strings if option.startswith("--")):
+                for spelling in ("--" + option[2:].replace("-", "_"), "--" + option[2:].replace("_", "-")):
+                    assert command._option_string_actions.get(spelling) is action, (name, spelling)
+                    assert spelling == option or spelling not in help_text, (name, spelling)  # one spelling shown
+    # An abbreviation of one option is not ambiguous between its two spellings.
+    assert parser.parse_args(["encode", "a.png", "--model", "m", "--out", "t", "--batch", "3"]).batch_size == 3
+    tokens = tmp_path / "tokens.safetensors"
+    arguments = ["--model", str(files["model"]), "--batch-size", "2", "--max-image-pixels", "0", "--dtype", "float32"]
+    assert main(["encode", *_photos(files), "--out", str(tokens), *arguments]) == 0
+    assert main(["reconstruct", *_photos(files), "--out", str(tmp_path / "r"), "--role_map", *arguments]) == 0
+
+
+def test_inspect_codes_is_a_csv_or_json_file(files, tmp_path, capsys):
+    assert main(["inspect", "--model", str(files["model"]), "--codes", str(tmp_path / "codes.txt")]) == 1
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "codes.txt is neither a .csv nor a .json file name" in error, error
+    assert not (tmp_path / "codes.txt").exists()
+    for name in ("codes.csv", "codes.JSON"):
+        assert main(["inspect", "--model", str(files["model"]), "--codes", str(tmp_path / name)]) == 0
+    assert (tmp_path / "codes.csv").read_text().startswith("code,usage,role")
+    assert len(json.loads((tmp_path / "codes.JSON").read_text())) == 64

@@ -17,9 +17,12 @@ Every command takes `--model` as a Hub repo id or a local folder written by `sav
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import itertools
 import json
+import logging
+import logging.handlers
 import math
 import os
 import re
@@ -98,8 +101,12 @@ def load_model(name_or_path: str, device: str | None = None, dtype: str = "float
         if not (path / "config.json").is_file():
             raise CLIError(f"--model {name_or_path} has no config.json: it is not a saved model folder.")
         model_id = str(path.resolve())
-    elif _looks_like_path(name_or_path):
-        raise CLIError(f"--model {name_or_path}: no such folder.")
+    elif _is_local_path(name_or_path):
+        hint = "" if _looks_like_path(name_or_path) else (
+            f" (read as a path because a folder {name_or_path.split('/')[0]}/ is here; run from elsewhere for the Hub "
+            "repo of that name)"
+        )
+        raise CLIError(f"--model {name_or_path}: no such folder{hint}.")
     else:
         try:
             validate_repo_id(name_or_path)
@@ -113,12 +120,75 @@ def load_model(name_or_path: str, device: str | None = None, dtype: str = "float
     if model_type != "cdb_vq":
         raise CLIError(f"--model {name_or_path} is a {model_type!r} model, not a cdb-vq tokenizer.")
     try:
-        model, processor = load_tokenizer(model_id, trust_remote_code=trust_remote_code)
+        with _held_transformers_logs() as records:
+            model, processor = load_tokenizer(model_id, trust_remote_code=trust_remote_code)
     except Exception as error:  # noqa: BLE001 - missing, corrupt or mismatched weights, bad config values, Hub errors
+        if "ignore_mismatched_sizes" in str(error) or "size mismatch" in str(error):
+            # transformers' message points at its LOAD REPORT table (held back): name the weights that do not fit.
+            raise CLIError(_misfit_message(name_or_path, model_id)) from None
+        _show_log_records(records)
         raise CLIError(f"could not load model {name_or_path!r}: {_first_line(error)}") from None
+    _show_log_records(records)  # e.g. the table of weights missing from the file: the model loads, the warning stays
     fingerprint = codebook_fingerprint(model)
     model.to(device=device, dtype=DTYPES[dtype])
     return model, processor, model_id, fingerprint
+
+
+@contextlib.contextmanager
+def _held_transformers_logs() -> Iterator[list[logging.LogRecord]]:
+    """Collect what transformers logs inside the block instead of printing it (its multi-line LOAD REPORT table comes
+    before a loading error); yields the list of records, for the caller to show when they still matter."""
+    library = logging.getLogger("transformers")
+    holder = logging.handlers.BufferingHandler(capacity=1_000_000)
+    handlers, library.handlers = library.handlers, [holder]
+    try:
+        yield holder.buffer
+    finally:
+        library.handlers = handlers
+
+
+def _show_log_records(records: list[logging.LogRecord]) -> None:
+    """Log records held back by `_held_transformers_logs`, through the handlers they would have gone to."""
+    for record in records:
+        logging.getLogger(record.name).handle(record)
+
+
+def _misfit_message(name: str, model_id: str) -> str:
+    """One line for weights whose shapes do not fit the config (`from_pretrained`'s size-mismatch error)."""
+    misfits = _weight_misfits(model_id)
+    more = f"and {len(misfits) - 1} more; " if len(misfits) > 1 else ""
+    detail = f": {misfits[0]} ({more}" if misfits else " ("
+    return f"the weights in {name} do not fit its config.json{detail}a changed size such as codebook_size?)"
+
+
+def _weight_misfits(model_id: str) -> list[str]:
+    """The weights of a local model folder whose shapes in its safetensors files differ from those its config.json
+    gives, as "name is (a, b) in the file but (c, d) for the config", parameters first. Empty when they cannot be
+    compared (a Hub id, no safetensors files, a config this package's classes cannot build)."""
+    from safetensors import safe_open
+
+    from ..configuration_cdb_vq import CDBVQConfig
+    from ..modeling_cdb_vq import CDBVQModel
+
+    folder = Path(model_id)
+    if not folder.is_dir():
+        return []
+    try:
+        index = folder / "model.safetensors.index.json"
+        files = set(json.loads(index.read_text())["weight_map"].values()) if index.is_file() else {"model.safetensors"}
+        stored = {}
+        for file in sorted(files):
+            with safe_open(str(folder / file), framework="pt") as handle:
+                stored |= {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
+        with torch.device("meta"):  # shapes only: no memory, no initialisation work
+            model = CDBVQModel(CDBVQConfig.from_pretrained(folder))
+    except Exception:  # noqa: BLE001 - only a diagnosis: the caller falls back to a general message
+        return []
+    return [
+        f"{name} is {stored[name]} in the file but {tuple(tensor.shape)} for the config"
+        for name, tensor in itertools.chain(model.named_parameters(), model.named_buffers())
+        if name in stored and stored[name] != tuple(tensor.shape)
+    ]
 
 
 def _read_model_config(name: str, model_id: str) -> dict:
@@ -148,6 +218,12 @@ def _first_line(error: BaseException) -> str:
 def _looks_like_path(name: str) -> bool:
     """Names no Hub id can have: relative or absolute paths, home folders, a trailing slash."""
     return name.startswith((".", "/", "~")) or name.endswith(("/", "\\")) or "\\" in name or name.count("/") > 1
+
+
+def _is_local_path(name: str) -> bool:
+    """A path that does not exist but is meant as a local one: `_looks_like_path`, or its first part is a local
+    folder (`outputs/typo` beside an `outputs/` folder), so it is not taken for a Hub id (org/name)."""
+    return _looks_like_path(name) or ("/" in name and Path(name.split("/")[0]).is_dir())
 
 
 def check_image_files(paths: Sequence[str], max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> list[Path]:
@@ -219,21 +295,24 @@ def unique_names(paths: Sequence[Path]) -> list[str]:
     return names
 
 
-def check_output_file(out: str) -> Path:
-    """--out for a file: a new path or a regular file to replace (never a folder, device, FIFO or symlink)."""
+def check_output_file(out: str, example: str = "tokens.safetensors", option: str = "--out") -> Path:
+    """--out (or `option`) for a file: a new path or a regular file to replace (never a folder, a name ending in a
+    separator, a device, FIFO or symlink). `example` is the file name the messages suggest."""
     path = Path(out)
+    if out.endswith(("/", os.sep)) or (os.altsep and out.endswith(os.altsep)):
+        raise CLIError(f"{option} {out} names a folder; give a file name such as {path / example}.")
     if os.path.lexists(path):
         mode = os.lstat(path).st_mode
         if stat.S_ISLNK(mode):
-            raise CLIError(f"--out {out} is a symbolic link; give a new path or a regular file to replace.")
+            raise CLIError(f"{option} {out} is a symbolic link; give a new path or a regular file to replace.")
         if stat.S_ISDIR(mode):
-            raise CLIError(f"--out {out} is a folder; give a file name such as {Path(out) / 'tokens.safetensors'}.")
+            raise CLIError(f"{option} {out} is a folder; give a file name such as {path / example}.")
         if not stat.S_ISREG(mode):
-            raise CLIError(f"--out {out} is not a regular file (a device, FIFO or socket); give a new path.")
+            raise CLIError(f"{option} {out} is not a regular file (a device, FIFO or socket); give a new path.")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        make_folder(path.parent)
     except OSError as error:
-        raise CLIError(f"--out {out}: cannot create its folder ({_first_line(error)}).") from None
+        raise CLIError(f"{option} {out}: cannot create its folder ({_first_line(error)}).") from None
     return path
 
 
@@ -243,12 +322,30 @@ def check_output_folder(out: str) -> Path:
     if os.path.lexists(path) and not path.is_dir():
         raise CLIError(f"--out {out} exists and is not a folder; give a new path or a folder.")
     try:
-        path.mkdir(parents=True, exist_ok=True)
+        make_folder(path)
     except OSError as error:
         raise CLIError(f"--out {out}: cannot create the folder ({_first_line(error)}).") from None
     if not os.access(path, os.W_OK | os.X_OK):
         raise CLIError(f"--out {out}: the folder is not writable.")
     return path
+
+
+# The folders this command created, parents first: `main` removes those still empty when the command fails.
+_created_folders: list[Path] = []
+
+
+def make_folder(path: Path) -> None:
+    """`path.mkdir(parents=True, exist_ok=True)`, remembering the folders it creates (never one that existed)."""
+    new = [folder for folder in (path, *path.parents) if not os.path.lexists(folder)]
+    path.mkdir(parents=True, exist_ok=True)
+    _created_folders.extend(reversed(new))
+
+
+def remove_created_folders() -> None:
+    """Remove the folders `make_folder` created that are still empty (after a refusal), deepest first."""
+    while _created_folders:
+        with contextlib.suppress(OSError):  # not empty (outputs written before the failure), or already gone
+            _created_folders.pop().rmdir()
 
 
 def check_targets(paths: Sequence[Path]) -> None:
@@ -260,18 +357,28 @@ def check_targets(paths: Sequence[Path]) -> None:
 
 def replace_file(path: Path, write) -> None:
     """Write a file through `write(temporary_path)` then rename it over `path`: never half a file, never through a
-    symlink or into a device. Refuses to replace anything but a regular file."""
+    symlink or into a device. Refuses to replace anything but a regular file. The file gets the permissions a plain
+    write would give it: those of the file it replaces, else 0o666 less the umask (not safetensors' 0o600)."""
     if os.path.lexists(path) and not stat.S_ISREG(os.lstat(path).st_mode):
         raise CLIError(f"{path} exists and is not a regular file (a link, folder or device); not replacing it.")
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
+        mode = stat.S_IMODE(os.stat(path).st_mode) if path.exists() else 0o666 & ~_umask()
         write(temporary)
+        os.chmod(temporary, mode)
         os.replace(temporary, path)
     except OSError as error:
         raise CLIError(f"cannot write {path}: {_first_line(error)}") from None
     finally:
         if os.path.lexists(temporary):
             os.unlink(temporary)
+
+
+def _umask() -> int:
+    """The process umask (reading it means setting it, so it is set straight back)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
 
 
 def pixel_values_of(images: list[Image.Image], processor, model) -> torch.Tensor:
@@ -314,7 +421,7 @@ def open_dataset(data: str, image_column: str, split: str):
         ) from None
     path = Path(data).expanduser()
     try:
-        if path.exists() or _looks_like_path(data):
+        if path.exists() or _is_local_path(data):
             if not path.is_dir():
                 raise CLIError(f"--data {data}: no such folder.")
             return load_image_dataset(train_data_dir=str(path), split=split, image_column=image_column)
@@ -627,7 +734,9 @@ def eval_command(args: argparse.Namespace) -> None:
         ) from None
     _apply_protocol(args)
     dataset = open_dataset(args.data, args.image_column, args.split)
-    out = check_output_file(args.out) if args.out else None
+    out = check_output_file(args.out, "metrics.json") if args.out else None
+    if args.fid and args.fid_reference and not Path(args.fid_reference).is_file():  # written at the end: check now
+        check_output_file(args.fid_reference, "reference.safetensors", "--fid_reference")
     model, processor, _, _ = load_model(args.model, args.device, args.dtype, args.trust_remote_code)
     device = next(model.parameters()).device
     if args.resolution is not None:  # shorter side to N, then the centre N x N crop
@@ -688,12 +797,13 @@ def inspect_command(args: argparse.Namespace) -> None:
     """Codebook size, assignment rule, role ranges with their usage, and the labels of the most used codes."""
     from .publishing import code_report_summary, codebook_summary
 
+    codes = _check_codes_file(args.codes) if args.codes else None
     model, _, model_id, fingerprint = load_model(args.model, args.device, args.dtype, args.trust_remote_code)
     summary = codebook_summary(model, top_k=args.top)
     report = model.code_report()
     code_summary = code_report_summary(report)
-    if args.codes:
-        _write_code_report(report, check_output_file(args.codes))
+    if codes is not None:
+        _write_code_report(report, codes)
     if args.json:
         print(json.dumps({"model": model_id, "codebook_fingerprint": fingerprint, **summary, "code_report_summary": code_summary}, indent=2))
         return
@@ -750,8 +860,16 @@ def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.4g}"
 
 
+def _check_codes_file(codes: str) -> Path:
+    """--codes: a .csv or .json file name (the suffix picks the format), checked like --out."""
+    path = check_output_file(codes, "codes.csv", "--codes")
+    if path.suffix.lower() not in (".csv", ".json"):
+        raise CLIError(f"--codes {codes} is neither a .csv nor a .json file name; give codes.csv or codes.json.")
+    return path
+
+
 def _write_code_report(report: list[dict], path: Path) -> None:
-    """One record per code as CSV (by the .csv suffix) or JSON (anything else)."""
+    """One record per code as CSV (by the .csv suffix) or JSON (.json)."""
     if path.suffix.lower() == ".csv":
         import csv
         import io
@@ -814,6 +932,23 @@ def tokenize_command(args: argparse.Namespace) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose multi-word options take both spellings (`--batch_size` and `--batch-size`); --help
+    shows the spelling the option is declared with. Sub-command parsers are of this class too."""
+
+    def add_argument(self, *args: Any, **kwargs: Any) -> argparse.Action:
+        action = super().add_argument(*args, **kwargs)
+        for option in action.option_strings:
+            if option.startswith("--"):
+                for spelling in ("--" + option[2:].replace("_", "-"), "--" + option[2:].replace("-", "_")):
+                    self._option_string_actions.setdefault(spelling, action)  # parsed, but not listed in --help
+        return action
+
+    def _get_option_tuples(self, option_string: str) -> list[tuple]:
+        # An abbreviation (--batch) matches both spellings of one option: that is one option, not an ambiguity.
+        return list({id(match[0]): match for match in super()._get_option_tuples(option_string)}.values())
+
+
 def _positive_int(value: str) -> int:
     number = int(value)
     if number < 1:
@@ -839,8 +974,10 @@ def _add_pixel_budget(command: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="cdb-vq", description="The cdb-vq image tokenizer: images <-> discrete tokens."
+    parser = _Parser(
+        prog="cdb-vq",
+        description="The cdb-vq image tokenizer: images <-> discrete tokens. Options of several words take '-' or '_' "
+        "between them (--batch-size or --batch_size).",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -855,8 +992,6 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("--dtype", choices=list(DTYPES), default="float32", help="model dtype (default: float32)")
         command.add_argument(
             "--trust-remote-code",
-            "--trust_remote_code",
-            dest="trust_remote_code",
             action="store_true",
             help="run the Python code a model folder or Hub repository ships (auto_map); off by default: this "
             "package's own classes load the weights",
@@ -890,7 +1025,7 @@ def build_parser() -> argparse.ArgumentParser:
     reconstruct.add_argument("images", nargs="+", help="image files")
     reconstruct.add_argument("--out", required=True, help="output folder")
     reconstruct.add_argument("--batch_size", type=_positive_int, default=16)
-    reconstruct.add_argument("--role-map", "--role_map", dest="role_map", action="store_true",
+    reconstruct.add_argument("--role-map", action="store_true",
                              help="also write each image beside its role map (the role of every token as a translucent colour) to OUT/role_maps/")  # fmt: skip
     _add_pixel_budget(reconstruct)
 
@@ -957,12 +1092,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     # PIL's own decompression-bomb limit (it raises at twice its MAX_IMAGE_PIXELS) must not stop an image the budget
     # allows; smaller images are refused by the budget check from their header first.
     Image.MAX_IMAGE_PIXELS = max(budget, _PIL_MAX_IMAGE_PIXELS) if budget else None
+    _created_folders.clear()
     try:
         args.function(args)
     except KeyboardInterrupt:
+        remove_created_folders()
         print(f"cdb-vq {args.command}: interrupted", file=sys.stderr)
         return 130
     except Exception as error:  # noqa: BLE001 - every failure is one line; --debug shows the traceback
+        remove_created_folders()  # a refused command leaves no empty output folders behind
         if args.debug:
             traceback.print_exc()
         if isinstance(error, CLIError):
