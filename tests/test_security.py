@@ -315,7 +315,7 @@ def test_images_over_the_pixel_budget_are_refused_before_decoding(tmp_path):
     "arguments, message",
     [
         (["inspect", "--model", "{corrupt}"], "could not load model"),
-        (["inspect", "--model", "{mismatch}"], "could not load model"),
+        (["inspect", "--model", "{mismatch}"], "do not fit its config.json: quantizer.codebook.weight is (64, 8) in the file but (128, 8)"),
         (["inspect", "--model", "{bad_json}"], "config.json is not valid JSON"),
         (["encode", "{photo}", "--model", "{model}", "--out", "{tmp}"], "is a folder"),
         (["encode", "{photo}", "--model", "{model}", "--out", "/dev/null"], "not a regular file"),
