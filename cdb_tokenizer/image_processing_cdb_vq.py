@@ -449,11 +449,21 @@ def _pil_to_tensor(image: PIL.Image.Image, do_convert_rgb: bool) -> torch.Tensor
     if image.width == 0 or image.height == 0:
         raise ValueError(f"Image has an empty size {image.width}x{image.height}.")
     image = _upright(image)
+    if image.mode == "F" or image.mode == "I" or image.mode.startswith("I;16"):
+        # Greyscale PIL's convert("RGB") would clip at 255: float ("F") read as [0, 1] like float arrays, integers
+        # ("I", "I;16": PIL opens 16-bit PNGs as either) as 16-bit [0, 65535].
+        array = np.asarray(image, dtype=np.float32)
+        if image.mode == "F":
+            tensor = _to_intensity_scale(torch.from_numpy(array.copy())[None])
+        else:
+            if array.size and (array.min() < 0 or array.max() > 65535):
+                raise ValueError(
+                    f"16-bit greyscale images (PIL mode {image.mode}) must have values in [0, 65535], got "
+                    f"[{array.min():.0f}, {array.max():.0f}]."
+                )
+            tensor = torch.from_numpy(array * (255.0 / 65535.0))[None]
+        return _convert_to_rgb(tensor) if do_convert_rgb else tensor
     if do_convert_rgb:
-        if image.mode.startswith("I;16"):
-            # 16-bit greyscale: keep the precision PIL's convert("RGB") would clip away.
-            array = np.asarray(image).astype(np.float32) * (255.0 / 65535.0)
-            return _convert_to_rgb(torch.from_numpy(array)[None])
         if image.mode in _ALPHA_MODES or (image.mode == "P" and "transparency" in image.info):
             # Composite on white, as transformers' convert_to_rgb does.
             rgba = image.convert("RGBA")

@@ -99,6 +99,24 @@ def test_greyscale_becomes_three_channels(camera):
     assert np.abs(recovered - expected).mean() < 2.0
 
 
+def test_float_and_16_bit_greyscale_pil_images_keep_their_values(camera):
+    # PIL's convert("RGB") clips modes "F" and "I" at 255: a [0, 1] float image came out black, a 16-bit one white.
+    processor = CDBVQImageProcessor(do_resize=False, do_center_crop=False)
+    expected = processor(camera, return_tensors="pt")["pixel_values"]
+    images = {
+        "F": PIL.Image.fromarray(camera.astype(np.float32) / 255.0),
+        "I": PIL.Image.fromarray(camera.astype(np.int32) * 257),
+        "I;16": PIL.Image.fromarray(camera.astype(np.uint16) * 257),
+    }
+    for mode, image in images.items():
+        assert image.mode == mode
+        torch.testing.assert_close(processor(image, return_tensors="pt")["pixel_values"], expected, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match=r"values in \[0, 1\]"):
+        processor(PIL.Image.fromarray(camera.astype(np.float32)))
+    with pytest.raises(ValueError, match=r"16-bit greyscale images \(PIL mode I\) must have values in \[0, 65535\]"):
+        processor(PIL.Image.fromarray(camera.astype(np.int32) * 1000))
+
+
 def test_single_channel_hwc_array(camera):
     processor = CDBVQImageProcessor()
     a = processor(camera[..., None], return_tensors="pt")["pixel_values"]
