@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from transformers import PretrainedConfig
 
 
@@ -15,6 +17,15 @@ SUPPORTED_QUANTIZER_FORMATS = (2, 3)
 FORMAT_1_FIELDS = ("router_distance_scale", "ot_imitation_weight")
 # Roles whose target role-supervision knows how to derive from image signals (structure is the fallback).
 SUPERVISED_ROLES = ("structure", "texture", "colour")
+# Fields checked by type before their ranges are (a string or NaN would otherwise fail deep inside a comparison).
+REAL_FIELDS = (
+    "dropout", "sinkhorn_epsilon", "router_semantic_scale", "potential_step", "potential_bound", "role_prior_scale",
+    "role_supervision_weight", "role_texture_threshold", "role_colour_threshold", "commitment_weight",
+    "codebook_weight", "balance_weight", "semantic_distillation_weight", "token_alignment_weight",
+    "code_alignment_weight", "usage_decay", "dead_code_threshold", "initializer_range",
+)  # fmt: skip
+OPTIONAL_REAL_FIELDS = ("router_logit_bound", "ema_decay")
+BOOL_FIELDS = ("use_mid_attention", "l2_normalize_codes", "retie_prototypes")
 
 
 class CDBVQConfig(PretrainedConfig):
@@ -90,7 +101,8 @@ class CDBVQConfig(PretrainedConfig):
             `dead_code_threshold / codebook_size` is dead and may be restarted; 0 disables restarts.
         assignment_chunk_size (`int`, *optional*, defaults to 16777216): Most entries of the N x K distance matrix
             held at once (chunks of latents are scored in turn).
-        initializer_range (`float`, *optional*, defaults to 0.02): Std of the normal init of linear layers.
+        initializer_range (`float`, *optional*, defaults to 0.02): Kept for transformers' conventions and unused:
+            the layers start from PyTorch's default initialisation, which VQGAN-style conv stacks are tuned for.
         quantizer_format (`int`, *optional*): Version of the quantizer's rules and state this config was saved with;
             defaults to the current one (3), or to 1 for configs that carry the first router's fields.
     """
@@ -171,7 +183,9 @@ class CDBVQConfig(PretrainedConfig):
         self.potential_bound = potential_bound
         self.semantic_dim = semantic_dim
         self.num_prototypes = num_prototypes
-        self.prototype_labels = list(prototype_labels) if prototype_labels is not None else None
+        # A lone string stays a string (and is refused below) instead of becoming a list of its characters.
+        listable = prototype_labels is not None and not isinstance(prototype_labels, str)
+        self.prototype_labels = list(prototype_labels) if listable else prototype_labels
         self.retie_prototypes = retie_prototypes
         self.code_roles = {name: list(bounds) for name, bounds in code_roles.items()} if code_roles else None
         self.role_hidden_dim = role_hidden_dim
@@ -207,6 +221,7 @@ class CDBVQConfig(PretrainedConfig):
 
     def validate_fields(self) -> None:
         """Raise `ValueError` naming the first field whose value is not allowed."""
+        self._validate_types()
         if self.assignment not in ASSIGNMENT_RULES:
             raise ValueError(f"assignment must be one of {list(ASSIGNMENT_RULES)}, got {self.assignment!r}.")
         positive = (
@@ -216,9 +231,9 @@ class CDBVQConfig(PretrainedConfig):
         )  # fmt: skip
         for name in positive:
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if not _is_int(value) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}.")
-        if not self.channel_multipliers or any(not isinstance(m, int) or m < 1 for m in self.channel_multipliers):
+        if not self.channel_multipliers or any(not _is_int(m) or m < 1 for m in self.channel_multipliers):
             raise ValueError(f"channel_multipliers must be a non-empty list of positive integers, got {self.channel_multipliers!r}.")
         for multiplier in self.channel_multipliers:
             if (self.base_channels * multiplier) % self.norm_num_groups:
@@ -249,8 +264,6 @@ class CDBVQConfig(PretrainedConfig):
                      "role_supervision_weight", "role_prior_scale", "role_texture_threshold", "role_colour_threshold"):  # fmt: skip
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}.")
-        if not isinstance(self.retie_prototypes, bool):
-            raise ValueError(f"retie_prototypes must be True or False, got {self.retie_prototypes!r}.")
         if self.prototype_labels is not None and len(self.prototype_labels) != self.num_prototypes:
             raise ValueError(
                 f"prototype_labels must have num_prototypes ({self.num_prototypes}) entries, got {len(self.prototype_labels)}."
@@ -263,6 +276,24 @@ class CDBVQConfig(PretrainedConfig):
             not isinstance(self.restoration_degradation, str) or not self.restoration_degradation.strip()
         ):
             raise ValueError(f"restoration_degradation must be None or a degradation spec, got {self.restoration_degradation!r}.")
+
+    def _validate_types(self) -> None:
+        for name in REAL_FIELDS + OPTIONAL_REAL_FIELDS:
+            value = getattr(self, name)
+            if value is None and name in OPTIONAL_REAL_FIELDS:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                optional = "None or " if name in OPTIONAL_REAL_FIELDS else ""
+                raise ValueError(f"{name} must be {optional}a finite number, got {value!r}.")
+        for name in BOOL_FIELDS:
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}.")
+        if not _is_int(self.quantizer_format):
+            raise ValueError(f"quantizer_format must be an integer, got {self.quantizer_format!r}.")
+        if self.prototype_labels is not None and (
+            not isinstance(self.prototype_labels, list) or not all(isinstance(label, str) for label in self.prototype_labels)
+        ):
+            raise ValueError(f"prototype_labels must be None or a list of strings, got {self.prototype_labels!r}.")
 
     def _validate_role_supervision(self) -> None:
         names = set(self.code_roles or ())
@@ -277,7 +308,7 @@ class CDBVQConfig(PretrainedConfig):
         position = 0
         for name in self.role_names:
             bounds = self.code_roles[name]
-            if len(bounds) != 2 or bounds[0] != position or bounds[1] <= bounds[0]:
+            if len(bounds) != 2 or not all(_is_int(bound) for bound in bounds) or bounds[0] != position or bounds[1] <= bounds[0]:
                 raise ValueError(
                     f"code_roles must be [start, end) ranges that tile the codebook without gaps; "
                     f"role {name!r} has {bounds}, expected it to start at {position}."
@@ -285,6 +316,11 @@ class CDBVQConfig(PretrainedConfig):
             position = bounds[1]
         if position != self.codebook_size:
             raise ValueError(f"code_roles must add up to codebook_size ({self.codebook_size}), but they cover {position} codes.")
+
+
+def _is_int(value) -> bool:
+    """An integer, and not a bool (which Python counts as one)."""
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 __all__ = ["CDBVQConfig"]

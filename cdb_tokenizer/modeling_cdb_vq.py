@@ -296,7 +296,7 @@ class CDBVQModel(CDBVQPreTrainedModel):
     >>> processor = AutoImageProcessor.from_pretrained("org/cdb-vq", trust_remote_code=True)
     >>> pixel_values = processor(images, return_tensors="pt").pixel_values
     >>> tokens = model.get_image_tokens(pixel_values)          # (batch, h * w)
-    >>> images = processor.postprocess(model.decode_image_tokens(tokens))
+    >>> images = processor.postprocess(model.decode_image_tokens(tokens)).pixel_values
     ```
     """
 
@@ -328,9 +328,10 @@ class CDBVQModel(CDBVQPreTrainedModel):
                     f"pixel_values has shape {tuple(pixel_values.shape)}, channels last; the model takes (batch, "
                     f"channels, height, width): use pixel_values.permute(0, 3, 1, 2), or CDBVQImageProcessor."
                 )
+            fix = "convert the images to RGB, e.g. with CDBVQImageProcessor" if self.config.num_channels == 3 else "give images of that many channels"
             raise ValueError(
                 f"pixel_values has {pixel_values.shape[1]} channels but the model expects {self.config.num_channels} "
-                f"(config.num_channels); convert the images to RGB, e.g. with CDBVQImageProcessor."
+                f"(config.num_channels); {fix}."
             )
         if pixel_values.shape[0] == 0 or pixel_values.shape[2] == 0 or pixel_values.shape[3] == 0:
             raise ValueError(f"pixel_values is empty (shape {tuple(pixel_values.shape)}): pass at least one image.")
@@ -339,7 +340,8 @@ class CDBVQModel(CDBVQPreTrainedModel):
         if height % factor or width % factor:
             raise ValueError(
                 f"image size {height}x{width} is not divisible by the downsampling factor {factor}; "
-                f"resize or crop to a multiple of {factor} (CDBVQImageProcessor does this)."
+                f"resize or crop to a multiple of {factor} (the image processor saved with the model does, at its "
+                f"default size)."
             )
         if not pixel_values.is_floating_point():
             raise TypeError(
@@ -386,8 +388,10 @@ class CDBVQModel(CDBVQPreTrainedModel):
     def token_grid_size(self, height: int | None = None, width: int | None = None) -> tuple[int, int]:
         """Token grid (h, w) of an image of `height` x `width` pixels (default: the configured resolution)."""
         factor = self.config.downsampling_factor
-        height = height or self.config.resolution
-        width = width or self.config.resolution
+        height = self.config.resolution if height is None else height
+        width = self.config.resolution if width is None else width
+        if height < 1 or width < 1:
+            raise ValueError(f"image size {height}x{width} must be positive.")
         if height % factor or width % factor:
             raise ValueError(f"image size {height}x{width} is not divisible by the downsampling factor {factor}.")
         return height // factor, width // factor
@@ -473,8 +477,18 @@ class CDBVQModel(CDBVQPreTrainedModel):
 
     @torch.no_grad()
     def get_image_tokens(self, pixel_values: torch.Tensor) -> torch.LongTensor:
-        """Token ids (batch, h * w) in raster order, ready for a transformer prior."""
-        return self.encode(pixel_values).image_tokens.flatten(1)
+        """Token ids (batch, h * w) in raster order, ready for a transformer prior (always as in eval mode)."""
+        return self._inference_tokens(pixel_values).flatten(1)
+
+    def _inference_tokens(self, pixel_values: torch.Tensor) -> torch.LongTensor:
+        """The (batch, h, w) tokens `encode` picks in eval mode, whatever mode the model is in: in training mode it
+        would also update the codebook and usage statistics (and `sinkhorn` would pick by the batch's plan)."""
+        was_training = self.training
+        self.eval()
+        try:
+            return self.encode(pixel_values).image_tokens
+        finally:
+            self.train(was_training)
 
     @torch.no_grad()
     def decode_image_tokens(
@@ -485,8 +499,9 @@ class CDBVQModel(CDBVQPreTrainedModel):
 
         Args:
             image_tokens (`torch.LongTensor` of shape `(batch_size, h * w)` or `(batch_size, h, w)`): Code ids.
-            height, width (`int`, *optional*): Image size in pixels for flat tokens; defaults to
-                `config.resolution`. Flat tokens whose count does not fit that grid are refused (never guessed).
+            height, width (`int`, *optional*): Image size in pixels for flat tokens: with neither, the
+                `config.resolution` square; with one, a square of that side. Flat tokens whose count does not fit
+                that grid are refused (never guessed).
         """
         self._check_image_tokens(image_tokens)
         if image_tokens.ndim == 3:
@@ -553,9 +568,10 @@ class CDBVQModel(CDBVQPreTrainedModel):
     def role_map(self, pixel_values: torch.Tensor) -> torch.LongTensor:
         """Role id (index into `config.role_names`) of each token's code, (batch, h, w); all zeros without roles.
 
-        Computed from the tokens `encode` picks, so it is as deterministic and batch independent as they are.
+        Computed from the tokens `encode` picks in eval mode, so it is as deterministic and batch independent as they
+        are.
         """
-        tokens = self.encode(pixel_values).image_tokens
+        tokens = self._inference_tokens(pixel_values)
         return self.quantizer.code_to_role[tokens]
 
     @torch.no_grad()

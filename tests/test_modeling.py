@@ -192,6 +192,21 @@ def test_bad_pixel_values(model, pixel_values, error, message):
         model.get_image_tokens(pixel_values)
 
 
+def test_inference_helpers_leave_a_training_model_unchanged(photo_batch):
+    # In training mode `encode` updates the codebook (EMA) and usage; the inference helpers must not.
+    model = tiny_model().train()
+    model(photo_batch)  # initialises the codebook, as training would
+    state = {name: value.clone() for name, value in model.state_dict().items()}
+    tokens = model.get_image_tokens(photo_batch)
+    roles = model.role_map(photo_batch)
+    assert model.training
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, state[name]), name
+    model.eval()
+    assert torch.equal(tokens, model.get_image_tokens(photo_batch))
+    assert roles.shape == (4, 8, 8)
+
+
 def test_bad_tokens(model):
     with pytest.raises(ValueError, match=r"code ids in \[0, 64\)"):
         model.decode_image_tokens(torch.full((1, 64), 64))
@@ -226,6 +241,15 @@ def test_bad_feature_shapes(model, photo_batch):
         ({"code_roles": {"a": [0, 10], "b": [10, 50]}}, "add up to codebook_size"),
         ({"prototype_labels": ["x"]}, "prototype_labels must have num_prototypes"),
         ({"channel_multipliers": []}, "channel_multipliers"),
+        ({"channel_multipliers": [True, 2, 2]}, "channel_multipliers"),
+        ({"dropout": "0.1"}, r"dropout must be a finite number, got '0.1'"),
+        ({"commitment_weight": float("nan")}, "commitment_weight must be a finite number"),
+        ({"sinkhorn_epsilon": None}, "sinkhorn_epsilon must be a finite number"),
+        ({"router_logit_bound": "1"}, "router_logit_bound must be None or a finite number"),
+        ({"use_mid_attention": "false"}, "use_mid_attention must be True or False"),
+        ({"quantizer_format": "3"}, "quantizer_format must be an integer"),
+        ({"prototype_labels": "abcdefgh"}, "prototype_labels must be None or a list of strings"),
+        ({"code_roles": {"a": [0.0, 32], "b": [32, 64.0]}}, "role 'a' has"),
     ],
 )
 def test_invalid_config_values(overrides, message):
