@@ -158,13 +158,35 @@ def test_a_nan_step_is_skipped_and_named(tmp_path, monkeypatch, caplog):
     assert all(torch.isfinite(value.float()).all() for value in state.values())
 
 
+def test_a_skipped_last_step_still_writes_its_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.setattr(steps_module, "compute_losses", _nan_at({2}))  # the third and last step
+    output_dir = tmp_path / "run"
+    metrics = main(PLAIN_RUN + ["--output_dir", str(output_dir), "--max_train_steps", "3", "--checkpointing_steps", "3"])
+    assert metrics["nonfinite_steps"] == 1 and np.isfinite(metrics["psnr"])
+    assert (output_dir / "checkpoints" / "checkpoint-3" / "model.safetensors").is_file()
+
+
+def test_resuming_from_an_earlier_checkpoint_sets_the_later_ones_aside(tmp_path):
+    output_dir = tmp_path / "run"
+    run = PLAIN_RUN + ["--output_dir", str(output_dir), "--checkpointing_steps", "1", "--checkpoints_total_limit", "2"]
+    main(run + ["--max_train_steps", "3"])
+    checkpoints = output_dir / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint-2", "checkpoint-3"]
+    main(run + ["--max_train_steps", "4", "--resume_from_checkpoint", str(checkpoints / "checkpoint-2")])
+    # checkpoint-2 (resumed from) and this run's 3 and 4 count; the abandoned run's 3 is kept aside, never rotated.
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["abandoned-checkpoint-3", "checkpoint-3", "checkpoint-4"]
+
+
 def test_losses_that_stay_nan_stop_cleanly_keeping_the_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setattr(steps_module, "compute_losses", _nan_at({1, 2, 3, 4}))
     output_dir = tmp_path / "run"
-    with pytest.raises(TrainingStopped, match=r"2 steps in a row.*l1.*checkpoint-1"):
+    # Step 2 is skipped and still checkpointed on schedule (with step 1's weights: it changed nothing); step 3 stops.
+    with pytest.raises(TrainingStopped, match=r"2 steps in a row.*l1.*checkpoint-2"):
         main(PLAIN_RUN + ["--output_dir", str(output_dir), "--max_train_steps", "6", "--checkpointing_steps", "1",
                           "--max_nonfinite_steps", "2"])  # fmt: skip
-    assert (output_dir / "checkpoints" / "checkpoint-1" / "model.safetensors").is_file()
+    first = load_file(output_dir / "checkpoints" / "checkpoint-1" / "model.safetensors")
+    second = load_file(output_dir / "checkpoints" / "checkpoint-2" / "model.safetensors")
+    assert all(torch.equal(first[name], second[name]) for name in first)
     assert not (output_dir / "model.safetensors").exists()
 
 
@@ -279,12 +301,27 @@ def test_model_config_file_then_flags(tmp_path):
         (["--prototypes", "kmeans:zero"], "kmeans:N needs a positive N"),
         (["--prototypes", "text:/no/such/labels.txt"], "does not exist"),
         (["--train_data_dir", "/no/such/folder"], "does not exist"),
+        (["--num_grid_images", "0"], "--num_grid_images must be a positive integer"),
+        (["--checkpoints_total_limit", "0"], "--checkpoints_total_limit must be a positive integer"),
+        (["--ema_weights_decay", "1.5"], "--ema_weights_decay must be in (0, 1)"),
     ],
 )
 def test_invalid_arguments_exit_with_a_message_naming_the_problem(argv, message, capsys):
     with pytest.raises(SystemExit):
         parse_args(argv)
     assert message in capsys.readouterr().err
+
+
+def test_fp16_with_a_discriminator_is_refused_before_any_work(tmp_path):
+    # accelerate's one gradient scaler cannot serve the generator's and the discriminator's optimisers.
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)  # the process-wide state earlier tests set (no fp16)
+    with pytest.raises(ValueError, match=r"fp16 cannot train the discriminator .*use bf16"):
+        main(PLAIN_RUN + ["--output_dir", str(tmp_path / "run"), "--max_train_steps", "1", "--mixed_precision", "fp16",
+                          "--disc_weight", "0.5"])  # fmt: skip
+    AcceleratorState._reset_state(reset_partial_state=True)
+    assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 def test_unknown_config_file_keys_are_rejected(tmp_path, capsys):

@@ -155,3 +155,50 @@ def test_missing_lpips_weights_stop_with_a_message(tmp_path, monkeypatch):
     assert load_lpips("vgg", required=False) is None
     with pytest.raises(ValueError, match="lpips network"):
         load_lpips("resnet")
+
+
+def _accumulating_parts(max_grad_norm: float = 1.0):
+    from accelerate import Accelerator
+
+    from cdb_tokenizer.tools.steps import TrainingParts
+
+    torch.manual_seed(0)
+    model = CDBVQModel(CDBVQConfig(**{**TINY, "ema_decay": 0.8}))
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    model.train()
+    return TrainingParts(accelerator, model, optimizer, TokenizerLoss(l2_weight=1.0), max_grad_norm=max_grad_norm)
+
+
+@pytest.mark.parametrize("failure", ["second batch", "gradient norm"])
+def test_a_skipped_accumulation_window_leaves_weights_and_codebook_as_they_were(monkeypatch, failure):
+    import cdb_tokenizer.tools.steps as steps_module
+
+    parts = _accumulating_parts()
+    images = torch.rand(4, 3, 32, 32) * 2 - 1
+    bad_term = None
+    for _ in range(2):  # one good window: the codebook is initialised and has moved
+        _, bad_term, _ = steps_module.training_step(parts, images, 0, bad_term)
+    before = {name: value.clone() for name, value in parts.unwrapped.state_dict().items()}
+    if failure == "second batch":
+        real, calls = steps_module.compute_losses, []
+
+        def nan_in_the_second_batch(*args, **kwargs):
+            losses = real(*args, **kwargs)
+            calls.append(1)
+            if len(calls) == 2:
+                losses.terms["l1"] = losses.terms["l1"] * float("nan")
+                losses.total = losses.total + losses.terms["l1"]
+            return losses
+
+        monkeypatch.setattr(steps_module, "compute_losses", nan_in_the_second_batch)
+    else:
+        monkeypatch.setattr(parts.accelerator, "clip_grad_norm_", lambda *args, **kwargs: torch.tensor(float("inf")))
+    bad_term = None
+    for _ in range(2):  # the first batch of the window is fine and updates the EMA codebook and usage
+        _, bad_term, _ = steps_module.training_step(parts, images, 1, bad_term)
+    assert bad_term == ("l1" if failure == "second batch" else "gradient norm")
+    changed = [name for name, value in parts.unwrapped.state_dict().items() if not torch.equal(value, before[name])]
+    assert changed == []
+    assert parts.window_snapshot is None

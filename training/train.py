@@ -47,6 +47,7 @@ from cdb_tokenizer.tools.checkpoints import (
     complete_checkpoints,
     load_custom_state,
     save_checkpoint,
+    set_aside_later_checkpoints,
 )
 from cdb_tokenizer.tools.data import (
     EpochSampler,
@@ -141,6 +142,10 @@ def default_num_threads() -> int:
 def setup_run(args: argparse.Namespace) -> Accelerator:
     """The run's Accelerator and seed, and its output folder (refusing one that holds another run)."""
     accelerator = make_accelerator(args, Path(args.output_dir), kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+    if accelerator.mixed_precision == "fp16" and args.disc_weight > 0:
+        # Both optimisers share accelerate's one gradient scaler: clipping unscales it twice (an error) and each
+        # step's update() rescales the other's gradients. bf16 needs no scaler.
+        raise ValueError("--mixed_precision fp16 cannot train the discriminator (--disc_weight > 0); use bf16.")
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
     set_seed(args.seed)
@@ -568,6 +573,7 @@ def resume(accelerator: Accelerator, args) -> tuple[int, dict[str, torch.Tensor]
             f"tampered with, or it belongs to a run with another configuration."
         ) from None
     step = checkpoint_step(path)
+    set_aside_later_checkpoints(accelerator, args.output_dir, step)
     logger.info(f"Resumed from {path} (step {step}).")
     return step, tensors, state
 
@@ -640,26 +646,18 @@ def train_loop(args: argparse.Namespace, parts: TrainingParts, ema: EMAWeights |
         if bad_term:
             nonfinite_in_a_row += 1
             state.nonfinite_steps += 1
-            logger.error(f"Step {state.step}: the {bad_term} loss is NaN or infinite; this step was skipped (no weights changed).")
+            what = bad_term if bad_term == "gradient norm" else f"{bad_term} loss"
+            logger.error(f"Step {state.step}: the {what} is NaN or infinite; this step was skipped (no weights changed).")
             if nonfinite_in_a_row >= args.max_nonfinite_steps:
                 _stop(accelerator, args, f"{nonfinite_in_a_row} steps in a row had a NaN or infinite loss ({bad_term})")
-            continue
-        nonfinite_in_a_row = 0
-        if ema is not None:
-            ema.update(model)
-        restarted = 0
-        if args.dead_code_restart_steps and state.step % args.dead_code_restart_steps == 0:
-            restarted = restart_dead_codes(model, output, args.seed + state.step, ema)
-        values = {f"loss/{name}": value for name, value in step_terms.items()}
-        values.update({"train/utilization": float(output.utilization), "train/perplexity": float(output.perplexity),
-                       "train/learning_rate": parts.scheduler.get_last_lr()[0], "train/skipped_images": len(state.skipped_ids),
-                       "train/nonfinite_steps": state.nonfinite_steps, "codebook/restarted": restarted})  # fmt: skip
-        log(values, state.step)
-        progress.set_postfix(loss=f"{step_terms['total']:.4f}", used=f"{float(output.utilization):.0%}")
+        else:
+            nonfinite_in_a_row = 0
+            after_good_step(args, parts, ema, log, progress, state, step_terms, output)
 
+        # A skipped step keeps the schedule: its validation and checkpoint (of the unchanged weights) still happen.
         if state.step % args.validation_steps == 0 or state.step == max_train_steps:
-            # Every process validates on the whole held-out set: torchmetrics syncs its states across processes,
-            # so all must take part (and all get the same numbers).
+            # Every process validates on the whole held-out set (each computes its own metrics, with no
+            # cross-process sync, so every process gets the same numbers).
             metrics = validate(model, validation, args, log, state.step, ema)
             logger.info(f"Step {state.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
         if state.step % args.checkpointing_steps == 0 or state.step == max_train_steps:
@@ -667,6 +665,23 @@ def train_loop(args: argparse.Namespace, parts: TrainingParts, ema: EMAWeights |
                             tensors=ema.to_tensors() if ema is not None else None, state=state.to_checkpoint(ema))  # fmt: skip
     progress.close()
     return metrics, (time.time() - loop_start) / max(1, state.step - first_step)
+
+
+def after_good_step(args, parts: TrainingParts, ema: EMAWeights | None, log: RunLog, progress, state: RunState,
+                    step_terms: dict, output) -> None:  # fmt: skip
+    """What follows a step whose update was applied: the weight EMA, dead-code restarts and the step's log."""
+    model = parts.unwrapped
+    if ema is not None:
+        ema.update(model)
+    restarted = 0
+    if args.dead_code_restart_steps and state.step % args.dead_code_restart_steps == 0:
+        restarted = restart_dead_codes(model, output, args.seed + state.step, ema)
+    values = {f"loss/{name}": value for name, value in step_terms.items()}
+    values.update({"train/utilization": float(output.utilization), "train/perplexity": float(output.perplexity),
+                   "train/learning_rate": parts.scheduler.get_last_lr()[0], "train/skipped_images": len(state.skipped_ids),
+                   "train/nonfinite_steps": state.nonfinite_steps, "codebook/restarted": restarted})  # fmt: skip
+    log(values, state.step)
+    progress.set_postfix(loss=f"{step_terms['total']:.4f}", used=f"{float(output.utilization):.0%}")
 
 
 def _stop(accelerator: Accelerator, args, reason: str) -> None:

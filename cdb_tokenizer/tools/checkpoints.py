@@ -142,7 +142,7 @@ def save_checkpoint(
         _fsync(folder)
         if total_limit is not None:
             complete, incomplete = complete_checkpoints(output_dir)
-            older = [p for p in complete if p != final]
+            older = [p for p in complete if _step_of(p) < step]  # never one of a later step than this run's
             for old in older[: max(0, len(older) - total_limit + 1)]:
                 shutil.rmtree(old)
             for path, _ in incomplete:  # the remains of interrupted writes
@@ -151,6 +151,32 @@ def save_checkpoint(
     accelerator.wait_for_everyone()
     logger.info(f"Saved checkpoint {final}.")
     return final
+
+
+ABANDONED_PREFIX = "abandoned-"
+
+
+def set_aside_later_checkpoints(accelerator: Accelerator, output_dir: str | Path, step: int) -> list[Path]:
+    """Rename the checkpoints of `output_dir` later than `step` (a run resumed from an earlier checkpoint than its
+    last) to `abandoned-checkpoint-<step>`: `latest` must not lead back to the run that was abandoned, and the
+    rotation must not count them. Nothing is deleted; returns the new names (on the main process)."""
+    moved = []
+    if accelerator.is_main_process:
+        folder = Path(output_dir) / "checkpoints"
+        for path in checkpoint_dirs(output_dir):
+            if _step_of(path) > step:
+                target = folder / f"{ABANDONED_PREFIX}{path.name}"
+                if target.exists():
+                    raise CheckpointError(
+                        f"{path} is later than the step resumed from ({step}), and {target} is taken; move one away."
+                    )
+                os.replace(path, target)
+                moved.append(target)
+        if moved:
+            _fsync(folder)
+            logger.warning(f"Resuming at step {step}: set aside the later checkpoints as {', '.join(p.name for p in moved)}.")
+    accelerator.wait_for_everyone()
+    return moved
 
 
 def checkpoint_step(path: str | Path) -> int:

@@ -87,7 +87,7 @@ def find_checkpoint(resume_from_checkpoint: str | None, output_dir: str | Path) 
 
 
 class EMAWeights:
-    """An exponential moving average of a model's trainable parameters (checkpointed with accelerate)."""
+    """An exponential moving average of a model's trainable parameters (checkpointed by `save_checkpoint`, as safetensors)."""
 
     def __init__(self, model: torch.nn.Module, decay: float):
         self.decay = decay

@@ -1,8 +1,9 @@
 """The training step of a cdb-vq tokenizer, shared by `training/train.py` and the benchmarks.
 
 `training_step` runs one batch: the forward pass and full loss (`compute_losses`), the backward pass and, at the end
-of an accumulation window, the clipped optimiser step, with the NaN guard: a window in which a term is NaN or
-infinite on any process changes no weights and rolls the quantizer's statistics back. `restart_dead_codes` is the
+of an accumulation window, the clipped optimiser step, with the NaN guard: a window in which a term (or the gradient
+norm) is NaN or infinite on any process changes no weights and rolls the quantizer's codebook and statistics back to
+where the window started. `restart_dead_codes` is the
 codebook upkeep a loop calls after a good step. The benchmarks call these too, so they measure what users train.
 """
 
@@ -35,6 +36,8 @@ class TrainingParts:
         teacher: The CLIP teacher whose patch features drive the semantic terms, or None.
         grid_size: The token grid (h, w); needed with a teacher.
         max_grad_norm: Clip the gradient norm to this (0: no clipping, no check of the norm).
+        window_snapshot: The quantizer's state at the start of the current accumulation window (set and cleared by
+            `training_step`), which a skipped window is rolled back to.
     """
 
     accelerator: Accelerator
@@ -50,6 +53,7 @@ class TrainingParts:
     teacher: object | None = None
     grid_size: tuple[int, int] | None = None
     max_grad_norm: float = 0.0
+    window_snapshot: dict[str, torch.Tensor] | None = None
 
     def __post_init__(self) -> None:
         if self.unwrapped is None:
@@ -75,15 +79,17 @@ def training_step(
         inputs: What the encoder sees when it is not `pixel_values` (restoration: their degraded versions).
 
     Returns:
-        The batch's loss terms; the name of a term that was NaN/infinite on any process in this window (the window's
-        update is then skipped and this batch's codebook statistics rolled back) or None; and the model output.
+        The batch's loss terms; the name of a term that was NaN/infinite on any process in this window, or "gradient
+        norm" (the window's update is then skipped and, at its end, the quantizer rolled back to its start) or None;
+        and the model output.
     """
     accelerator, loss_module = parts.accelerator, parts.loss_module
     pixel_values = pixel_values.to(accelerator.device, non_blocking=True)
     target = {}
     if inputs is not None:  # restoration: the encoder sees the degraded image, the loss targets the clean one
         inputs, target = inputs.to(accelerator.device, non_blocking=True), {"target_pixel_values": pixel_values}
-    snapshot = parts.unwrapped.quantizer.snapshot()
+    if parts.window_snapshot is None:  # the first batch of an accumulation window
+        parts.window_snapshot = parts.unwrapped.quantizer.snapshot()
     adversarial = parts.discriminator is not None and loss_module.adversarial_active(step)
     with accelerator.accumulate(*[m for m in (parts.model, parts.discriminator) if m is not None]):
         with accelerator.autocast():
@@ -100,13 +106,14 @@ def training_step(
         accelerator.backward(losses.total)
         if disc_loss is not None:
             accelerator.backward(disc_loss)
-        if bad_term:
-            parts.unwrapped.quantizer.restore(snapshot)
         if accelerator.sync_gradients:
             bad_term = bad_term or _apply_gradients(parts, adversarial)
+            if bad_term:  # every batch of the window updated the codebook and statistics (EMA, usage, potentials)
+                parts.unwrapped.quantizer.restore(parts.window_snapshot)
+            parts.window_snapshot = None
             if parts.scheduler is not None:
                 parts.scheduler.step()
-            if adversarial:
+            if adversarial and parts.disc_scheduler is not None:
                 parts.disc_scheduler.step()
             parts.optimizer.zero_grad(set_to_none=True)
             if parts.disc_optimizer is not None:

@@ -309,3 +309,8 @@ def _check_training_args(args: argparse.Namespace) -> None:
     for name in ("l1_weight", "l2_weight", "lpips_weight", "disc_weight", "high_frequency_weight"):
         if getattr(args, name) < 0:
             raise ValueError(f"--{name} must be >= 0, got {getattr(args, name)}.")
+    for name in ("num_grid_images", "checkpoints_total_limit"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be a positive integer, got {getattr(args, name)}.")
+    if not 0 < args.ema_weights_decay < 1:
+        raise ValueError(f"--ema_weights_decay must be in (0, 1), got {args.ema_weights_decay}.")
