@@ -237,6 +237,31 @@ def test_push_to_hub_token_from_environment_or_clear_error(training_output, monk
     assert f'AutoModel.from_pretrained("{HUB_ID}"' in uploaded["readme"]  # the full id the Hub gave back
 
 
+def test_a_busy_staging_folder_stops_before_the_repo_is_created(training_output, tmp_path):
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "file").write_text("x")
+    create_repo, create_branch, upload_folder = _mock_hub({})
+    with create_repo as create_repo, create_branch, upload_folder:
+        with pytest.raises(FileExistsError, match="not empty"):
+            push_to_hub(training_output, HUB_ID, token="hf_arg", staging_dir=tmp_path / "busy")
+    create_repo.assert_not_called()  # no empty repository left on the Hub
+
+
+def test_prototype_labels_with_a_bar_keep_the_card_table(training_output, tmp_path):
+    from cdb_tokenizer import CDBVQModel
+    from cdb_tokenizer.tools.publishing import render_model_card
+
+    folder = tmp_path / "barred"
+    model = CDBVQModel.from_pretrained(training_output)
+    model.set_prototypes(model.quantizer.prototypes.clone(), labels=["dog | cat"] + LABELS[1:])
+    model.save_pretrained(folder)
+    for name in ("preprocessor_config.json", "metrics.json", "training_config.json"):
+        (folder / name).write_text((training_output / name).read_text())
+    card = str(render_model_card(folder, HUB_ID))
+    rows = [line for line in card.splitlines() if "dog" in line and line.startswith("|")]
+    assert rows and all(r"dog \| cat" in row for row in rows)
+
+
 def test_publish_script_passes_its_flags_through(training_output, tmp_path, capsys):
     spec = importlib.util.spec_from_file_location("publish_script", REPO_ROOT / "training" / "publish.py")
     publish = importlib.util.module_from_spec(spec)

@@ -221,6 +221,38 @@ def test_publish_staging_scrubs_every_local_path_and_token(root, tmp_path):
     assert "output_dir" not in public and "hub_token" not in public and "OPENAI_API_KEY" not in public
 
 
+def test_publish_staging_scrubs_relative_paths_and_safetensors_metadata(root, tmp_path):
+    from safetensors import safe_open
+
+    from cdb_tokenizer.tools.publishing import stage_folder
+    from cdb_tokenizer.tools.teacher import save_prototypes
+
+    output = tmp_path / "out"
+    shutil.copytree(root / "model", output)
+    # The prototypes record where their labels came from; that source is a local path.
+    save_prototypes(output / "prototypes.safetensors", torch.randn(8, 32), source="text:/home/jdoe/cfg/labels.txt")
+    training_config = {"train_data_dir": "../jdoe/photos", "prototypes": "text:./jdoe/labels.txt",
+                       "clip_pretrained": "file:///home/jdoe/clip.safetensors", "dataset_name": "/home/jdoe/ds"}  # fmt: skip
+    (output / "training_config.json").write_text(json.dumps(training_config))
+    staged = stage_folder(output, tmp_path / "staged", "me/tokenizer")
+    with safe_open(str(staged / "prototypes.safetensors"), framework="pt") as handle:
+        assert handle.metadata()["source"] == "text:labels.txt"
+        assert handle.get_tensor("prototypes").shape == (8, 32)
+    text = "\n".join(p.read_text(errors="ignore") for p in staged.rglob("*") if p.suffix in (".json", ".md"))
+    assert "jdoe" not in text
+    card = (staged / "README.md").read_text()
+    assert "huggingface.co/datasets/" not in card  # a local data set folder is not a Hub data set
+
+
+def test_tracker_hparams_carry_no_local_paths_or_secrets():
+    import training.train as train
+
+    values = train.hparams({"train_data_dir": "/home/jdoe/photos", "hub_token": "hf_" + "Q" * 30, "prototypes":
+                            "text:../jdoe/labels.txt", "resolution": 32, "code_roles": {"a": [0, 8]}})  # fmt: skip
+    assert values == {"train_data_dir": "photos", "prototypes": "text:labels.txt", "resolution": 32,
+                      "code_roles": "{'a': [0, 8]}"}  # fmt: skip
+
+
 # ------------------------------------------------------------------------------------------------ wrong input
 
 

@@ -1,5 +1,6 @@
 """The CLIP teacher (tiny open_clip model, no weights), its offline behaviour, and the semantic prototypes."""
 
+import json
 import logging
 import time
 
@@ -90,6 +91,21 @@ def test_missing_weights_offline_give_none_and_one_line_without_download(monkeyp
     lines = [record.getMessage() for record in caplog.records]
     assert len(lines) == 3 and all(line.startswith("CLIP teacher unavailable") for line in lines)
     assert "ViT-B-16" in lines[0]
+
+
+def test_a_hugging_face_text_tower_offline_gives_none_and_one_line(monkeypatch, tmp_path, caplog):
+    # open_clip builds such a text tower (and its tokenizer) from the Hub, outside the weights' own look-up.
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    config = json.loads(json.dumps(TINY_CLIP_CONFIG))
+    config["text_cfg"] = {"hf_model_name": "xlm-roberta-base", "hf_tokenizer_name": "xlm-roberta-base",
+                          "hf_proj_type": "linear", "hf_pooler_type": "mean_pooler", "context_length": 16}  # fmt: skip
+    path = save_clip_config(tmp_path / "hf_text_clip.json", config)
+    with caplog.at_level(logging.WARNING, logger="cdb_tokenizer.tools.teacher"):
+        assert load_clip_teacher(str(path), None, cache_dir=str(tmp_path)) is None
+    lines = [record.getMessage() for record in caplog.records]
+    assert len(lines) == 1 and lines[0].startswith("CLIP teacher unavailable") and "\n" not in lines[0]
 
 
 def test_mistakes_are_errors_not_offline(tmp_path):

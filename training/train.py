@@ -72,7 +72,7 @@ from cdb_tokenizer.tools.evaluation import (
     save_usage_plot,
 )
 from cdb_tokenizer.tools.losses import LPIPSUnavailableError, PatchDiscriminator, TokenizerLoss, load_lpips, lpips_backbone_file
-from cdb_tokenizer.tools.redaction import redact_secrets
+from cdb_tokenizer.tools.redaction import redact_secrets, scrub_local_paths
 from cdb_tokenizer.tools.roles import role_map_figure, save_role_map
 from cdb_tokenizer.tools.runs import EMAWeights, RunLog, find_checkpoint, make_accelerator
 from cdb_tokenizer.tools.steps import TrainingParts, degradation_seed, restart_dead_codes, training_step
@@ -604,8 +604,9 @@ def nothing_left_to_train(args: argparse.Namespace, accelerator: Accelerator, st
 
 
 def hparams(run_config: dict) -> dict:
-    """Tracker-friendly copy of the run's configuration (scalars only), without secrets (--hub_token, ...)."""
-    public = redact_secrets(run_config)
+    """Tracker-friendly copy of the run's configuration (scalars only), without secrets (--hub_token, ...) and with
+    every local path cut to its last part (trackers such as W&B upload what they are given)."""
+    public = scrub_local_paths(redact_secrets(run_config))
     return {key: value if isinstance(value, (int, float, str, bool)) else str(value) for key, value in public.items()}
 
 

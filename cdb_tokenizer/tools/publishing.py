@@ -288,9 +288,15 @@ def _evaluation_rows(metrics: dict[str, Any], codebook_size: int) -> list[tuple[
     return rows
 
 
+def _hub_dataset(training_config: dict[str, Any]) -> str | None:
+    """`--dataset_name` when it names a Hub data set (not a local folder given to `load_dataset`)."""
+    name = training_config.get("dataset_name")
+    return name if isinstance(name, str) and name and scrub_local_paths(name) == name else None
+
+
 def _training_summary(training_config: dict[str, Any], metrics: dict[str, Any]) -> dict[str, Any]:
-    dataset_name = training_config.get("dataset_name")
-    train_data_dir = training_config.get("train_data_dir")
+    dataset_name = _hub_dataset(training_config)
+    train_data_dir = training_config.get("train_data_dir") or training_config.get("dataset_name")
     if dataset_name:
         data = f"[{dataset_name}](https://huggingface.co/datasets/{dataset_name})"
         evaluation_data = "held-out images of the data set (its validation or test split, or held out of train)"
@@ -329,7 +335,7 @@ def render_model_card(
     training_config = _read_json(output_dir / "training_config.json")
     teacher_hub_id = clip_teacher_hub_id(training_config.get("clip_model"), training_config.get("clip_pretrained"))
     public_config = public_fields(training_config)
-    dataset_name = training_config.get("dataset_name")
+    dataset_name = _hub_dataset(training_config)
     card_data = ModelCardData(
         library_name="transformers",
         pipeline_tag=PIPELINE_TAG,
@@ -358,7 +364,7 @@ def render_model_card(
         summary=summary,
         code_rows=code_report_summary(model.code_report()) if config.code_roles else [],
         role_names=config.role_names,
-        prototype_rows=summary["prototypes"][:20],
+        prototype_rows=[{**row, "label": _format_value(row["label"])} for row in summary["prototypes"][:20]],
         prototype_labels=config.prototype_labels or [],
         evaluation_rows=_evaluation_rows(metrics, config.codebook_size),
         figures=figures or {},
@@ -400,6 +406,8 @@ def stage_folder(
         if path.is_file():
             shutil.copy2(path, staging_dir / path.name)
     private = []  # every string that was changed on its way out: must appear in no staged file
+    for path in sorted(staging_dir.glob("*.safetensors")):  # metadata too (the prototypes record their source)
+        private += _scrub_safetensors_metadata(path)
     for name in JSON_FILES:
         if (output_dir / name).is_file():
             raw = _read_json(output_dir / name)
@@ -421,6 +429,21 @@ def stage_folder(
     card.save(staging_dir / "README.md")
     _scrub_staged_text(staging_dir, private + [str(output_dir.resolve())])
     return staging_dir
+
+
+def _scrub_safetensors_metadata(path: Path) -> list[str]:
+    """Rewrite a staged safetensors file whose metadata holds a secret or a local path (the prototypes' `source`,
+    e.g. `text:/home/me/labels.txt`) with that metadata cleaned; returns the strings removed."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata() or {}
+    public = scrub_local_paths(redact_secrets(metadata))
+    if public == metadata:
+        return []
+    save_file(load_file(str(path)), str(path), metadata=public)
+    return _removed_strings(metadata, public)
 
 
 def _removed_strings(raw: Any, public: Any) -> list[str]:
@@ -480,6 +503,8 @@ def push_to_hub(
     if not token:
         raise RuntimeError("no Hugging Face token: pass --token, set HF_TOKEN, or log in with `hf auth login`.")
     model_files(output_dir)  # a folder that cannot be published fails before anything is created on the Hub
+    if staging_dir is not None and Path(staging_dir).exists() and any(Path(staging_dir).iterdir()):
+        raise FileExistsError(f"staging directory {staging_dir} is not empty.")
     api = HfApi(token=token)
     # The full id ("name" -> "user/name") goes into the card's usage snippet.
     repo_id = api.create_repo(hub_model_id, private=private, exist_ok=True).repo_id

@@ -3,8 +3,9 @@
 - `redact_secrets` drops every secret-named key (`hub_token`, `*_token`, `*secret*`, `*password*`, `*api_key*`, ...)
   at any depth of dicts and lists, and blanks Hugging Face tokens (`hf_...`) inside any string. It is applied to
   `training_config.json` and to the trackers' configuration (TensorBoard hparams, W&B config).
-- `scrub_local_paths` cuts every local path (POSIX, `~/`, Windows `C:\\` or `C:/`, UNC `\\\\server\\share`, with
-  spaces, after a `kind:` prefix such as `text:/home/me/labels.txt`, nested in lists and dicts) to its last part.
+- `scrub_local_paths` cuts every local path (POSIX, `~/`, `./` and `../`, `file://`, Windows `C:\\` or `C:/`, UNC
+  `\\\\server\\share`, with spaces, after a `kind:` prefix such as `text:/home/me/labels.txt`, nested in lists and
+  dicts) to its last part.
 """
 
 from __future__ import annotations
@@ -48,10 +49,12 @@ def redact_secrets(value: Any) -> Any:
     return value
 
 
-# A whole value that is a local path: POSIX absolute, home-relative, Windows drive (either slash) or UNC; optionally
-# after a short "kind:" prefix (--prototypes text:/home/me/labels.txt). Spaces are allowed inside.
+# A whole value that is a local path: POSIX absolute, home-relative, relative from `.` or `..`, a `file://` URL,
+# Windows drive (either slash) or UNC; optionally after a short "kind:" prefix (--prototypes text:/home/me/labels.txt).
+# Spaces are allowed inside.
 _WHOLE_PATH = re.compile(
-    r"^(?P<prefix>[A-Za-z][\w-]{1,15}:)?(?P<path>~?/(?!/).+|[A-Za-z]:[\\/].*|\\\\[^\\]+\\.*)$", re.DOTALL
+    r"^(?P<prefix>[A-Za-z][\w-]{1,15}:)?(?P<path>(?:file://)?~?/(?!/).+|\.{1,2}[\\/].+|[A-Za-z]:[\\/].*|\\\\[^\\]+\\.*)$",
+    re.DOTALL,
 )
 # A path inside free text (no spaces, as they end it): /a/b, ~/a, C:\a\b, C:/a/b, \\server\share\a.
 _EMBEDDED_PATH = re.compile(
@@ -73,7 +76,7 @@ def scrub_local_paths(value: Any) -> Any:
         return [scrub_local_paths(item) for item in value]
     if isinstance(value, str):
         whole = _WHOLE_PATH.match(value.strip())
-        if whole and "://" not in value:
+        if whole and ("://" not in value or whole.group("path").startswith("file://")):
             return (whole.group("prefix") or "") + _last_part(whole.group("path"))
         return _EMBEDDED_PATH.sub(lambda match: match.group("last"), value)
     return value

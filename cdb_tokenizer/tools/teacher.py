@@ -12,6 +12,7 @@ saved as safetensors with their labels in the metadata.
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
@@ -207,14 +208,25 @@ def load_clip_teacher(
         return None
     if preprocess.get("quick_gelu"):
         config = {**config, "quick_gelu": True}
-    model = build_clip_model(config)
+    if checkpoint is not None and "hf_model_name" in config.get("text_cfg", {}):
+        # The checkpoint holds the Hugging Face text tower's weights: do not download its pretrained ones first.
+        config = {**config, "text_cfg": {**config["text_cfg"], "hf_model_pretrained": False}}
+    try:
+        model, tokenizer = build_clip_model(config), _make_tokenizer(config)
+    except OSError as error:  # a Hugging Face text tower or tokenizer neither cached nor downloadable
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        logger.warning("CLIP teacher unavailable, going on without it: %s: %s", description, first_line)
+        return None
     if checkpoint is not None:
-        open_clip.load_checkpoint(model, checkpoint)
+        if "weights_only" not in inspect.signature(open_clip.load_checkpoint).parameters:
+            raise RuntimeError(
+                f"open-clip-torch {open_clip.__version__} would unpickle {checkpoint} (it cannot load with "
+                "weights_only=True); upgrade it: pip install -U open-clip-torch."
+            )
+        open_clip.load_checkpoint(model, checkpoint, weights_only=True)  # tensors only: a checkpoint never runs code
     else:
         logger.info("CLIP teacher %s: no pretrained weights given, the weights are random.", description)
-    teacher = CLIPTeacher(
-        model, _make_tokenizer(config), mean=preprocess.get("mean"), std=preprocess.get("std"), name=description
-    )
+    teacher = CLIPTeacher(model, tokenizer, mean=preprocess.get("mean"), std=preprocess.get("std"), name=description)
     return teacher.to(device) if device is not None else teacher
 
 
