@@ -4,6 +4,11 @@ import importlib.util
 import io
 import json
 import math
+import random
+import re
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import datasets
@@ -23,6 +28,8 @@ from cdb_tokenizer.tools.priors import (
     photo_crops_dataset,
     sample_image_tokens,
     sample_images,
+    save_prior,
+    token_image_size,
     tokenize_dataset,
     validation_bits_per_token,
 )
@@ -60,6 +67,26 @@ def fresh_accelerator_state():
     AcceleratorState._reset_state(reset_partial_state=True)
 
 
+def token_set(num_rows: int, length: int = 4, labels: list | None = None, seed: int = 0) -> datasets.Dataset:
+    """Random code ids in [0, 8), with integer labels when given."""
+    rng = random.Random(seed)
+    columns = {"image_tokens": [[rng.randrange(8) for _ in range(length)] for _ in range(num_rows)]}
+    features = {"image_tokens": datasets.List(datasets.Value("int32"))}
+    if labels is not None:
+        columns["label"], features["label"] = labels, datasets.Value("int64")
+    return datasets.Dataset.from_dict(columns, features=datasets.Features(features))
+
+
+def prior_argv(tokens_dir: Path, output_dir: Path, *extra: str) -> list[str]:
+    """train_prior.py flags for a tiny prior over `token_set` data (8 codes, no tokenizer); `extra` wins."""
+    return [
+        "--tokens_dir", str(tokens_dir), "--codebook_size", "8", "--output_dir", str(output_dir),
+        "--validation_split", "0.25", "--train_batch_size", "4", "--max_train_steps", "2", "--checkpointing_steps", "1",
+        "--validation_steps", "100", "--lr_warmup_steps", "0", "--hidden_size", "32", "--num_layers", "2",
+        "--num_heads", "2", "--report_to", "none", *extra,
+    ]  # fmt: skip
+
+
 # ---------------------------------------------------------------------------------------------------- vocabulary
 @pytest.mark.parametrize("num_classes", [0, 5])
 def test_vocabulary_round_trip_and_rejects_special_ids(num_classes):
@@ -93,6 +120,12 @@ def test_vocabulary_sequences_and_class_errors():
         PriorVocabulary(16).prompt_ids(1, class_labels=[0])
     with pytest.raises(ValueError, match="does not match"):
         PriorVocabulary.from_dict({**vocabulary.to_dict(), "image_token_offset": 3})
+
+
+def test_vocabulary_from_dict_names_an_unknown_key():
+    values = {**PriorVocabulary(16, num_classes=3).to_dict(), "colour_space": "rgb"}
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['colour_space'\]"):
+        PriorVocabulary.from_dict(values)
 
 
 def test_collator_masks_prompt_and_drops_labels():
@@ -148,6 +181,39 @@ def test_tokenize_dataset_skips_unreadable_images(tokenizer, photo_set):
     tokenized = tokenize_dataset(undecoded, model, processor)
     assert len(tokenized) == 1 and tokenized.column_names == ["image_tokens"]
     assert tokenized[0]["image_tokens"] == tokenize_dataset(photo_set.select([0]), model, processor)[0]["image_tokens"]
+
+
+def test_tokenize_dataset_takes_a_pixel_budget(tokenizer, photo_set):
+    model, processor = tokenizer
+    buffer = io.BytesIO()
+    photo_set[0]["image"].save(buffer, format="PNG")  # 48 x 48 = 2,304 pixels
+    undecoded = datasets.Dataset.from_dict(
+        {"image": [{"bytes": buffer.getvalue(), "path": None}]}, features=datasets.Features({"image": datasets.Image(decode=False)})
+    )
+    assert len(tokenize_dataset(undecoded, model, processor, max_pixels=2304)) == 1
+    with pytest.raises(ValueError, match="none of the 1 images"):
+        tokenize_dataset(undecoded, model, processor, max_pixels=2303)
+
+
+def test_cli_tokenize_uses_max_image_pixels_throughout(tokenizer, photo_set, tmp_path, monkeypatch, capsys):
+    """Images the flag allows are tokenised even when decode_image's default budget would refuse them."""
+    from cdb_tokenizer.tools import data
+    from cdb_tokenizer.tools.cli import main
+
+    model, processor = tokenizer
+    model.save_pretrained(tmp_path / "tokenizer")
+    processor.save_pretrained(tmp_path / "tokenizer")
+    (tmp_path / "images" / "a").mkdir(parents=True)
+    for index in range(3):
+        photo_set[index]["image"].save(tmp_path / "images" / "a" / f"{index}.png")
+    (tmp_path / "images" / "a" / "broken.png").write_bytes(b"not an image")
+    monkeypatch.setattr(data, "MAX_IMAGE_PIXELS", 1000)  # stands in for the 64 MP default, below these photos
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # cli.main sets PIL's limit: restore it
+    argv = ["tokenize", "--model", str(tmp_path / "tokenizer"), "--data", str(tmp_path / "images"),
+            "--out", str(tmp_path / "tokens"), "--max_image_pixels", "3000"]  # fmt: skip
+    assert main(argv) == 0
+    assert "tokenized 3 images (1 unreadable skipped)" in capsys.readouterr().out
+    assert len(datasets.load_from_disk(str(tmp_path / "tokens"))) == 3
 
 
 def test_photo_crops_dataset_labels_each_photo():
@@ -222,6 +288,126 @@ def test_train_prior_needs_data_or_tokenizer():
         train_prior.parse_args(["--output_dir", "x"])
 
 
+def test_make_vocabulary_reads_integer_labels_of_both_splits():
+    """Plain integer labels (no ClassLabel): the classes run to the largest label of either split."""
+    train_prior = load_script("train_prior")
+    args = train_prior.parse_args(prior_argv(Path("tokens"), Path("prior")))
+    vocabulary = train_prior.make_vocabulary(args, token_set(8, labels=[0, 1] * 4), token_set(4, labels=[0, 4, 1, 2]), 8)
+    assert vocabulary.num_classes == 5
+
+
+INTEGER_LABELS = [i % 3 for i in range(32)]
+
+
+@pytest.mark.parametrize(
+    "validation, extra, message",
+    [
+        (token_set(8, length=16, labels=[0] * 8), [], "the validation split has sequences of 16 to 16 image tokens, not 4"),
+        (token_set(8, labels=[-1] * 8), [], r"the validation split has label -1 \(-1: unlabelled\)"),
+        (token_set(8), [], "the validation split has no label column"),
+        (token_set(8, labels=[0, 3] * 4), ["--num_classes", "3"], "the validation split has label 3, but the prior has 3 classes"),
+        (token_set(8, labels=[0] * 8), ["--num_classes", "2"], "the training split has label 2, but the prior has 2 classes"),
+    ],
+)
+def test_train_prior_checks_both_splits_before_training(validation, extra, message, tmp_path, fresh_accelerator_state):
+    datasets.DatasetDict(train=token_set(32, labels=INTEGER_LABELS), validation=validation).save_to_disk(tmp_path / "tokens")
+    train_prior = load_script("train_prior")
+    with pytest.raises(ValueError, match=message):
+        train_prior.main(train_prior.parse_args(prior_argv(tmp_path / "tokens", tmp_path / "prior", *extra)))
+    assert not (tmp_path / "prior" / "checkpoints").exists()  # refused up front, not after training
+
+
+def test_token_image_size_falls_back_to_the_square_grid(tokenizer):
+    model = tokenizer[0]  # 32 x 32 pixels, 8 x 8 tokens, downsampling factor 4
+    assert token_image_size(model, 64) == (32, 32) and token_image_size(model, 64, (32, 32)) == (32, 32)
+    assert token_image_size(model, 16, (32, 32)) == (16, 16)
+    with pytest.raises(ValueError, match="12 tokens per image fit neither the 32x32 images"):
+        token_image_size(model, 12)
+
+
+def test_train_prior_samples_tokens_made_at_another_size(tokenizer, tmp_path, fresh_accelerator_state):
+    """Tokens of 16 x 16 images (4 x 4 grid) with a 32-pixel tokenizer: samples decode at 16 x 16; a count that is no
+    square grid is refused before training."""
+    model, processor = tokenizer
+    model.save_pretrained(tmp_path / "tokenizer")
+    processor.save_pretrained(tmp_path / "tokenizer")
+    token_set(16, length=16).save_to_disk(tmp_path / "tokens16")
+    train_prior = load_script("train_prior")
+    flags = ["--tokenizer", str(tmp_path / "tokenizer"), "--max_train_steps", "1", "--num_validation_images", "2"]
+    train_prior.main(train_prior.parse_args(prior_argv(tmp_path / "tokens16", tmp_path / "prior", *flags)))
+    assert Image.open(tmp_path / "prior" / "samples" / "step-000001.png").size == (2 * 18 + 2, 18 + 2)
+    assert json.loads((tmp_path / "prior" / "prior_config.json").read_text())["image_size"] == [16, 16]
+
+    token_set(16, length=12).save_to_disk(tmp_path / "tokens12")
+    with pytest.raises(ValueError, match="12 tokens per image fit neither"):
+        train_prior.main(train_prior.parse_args(prior_argv(tmp_path / "tokens12", tmp_path / "prior12", *flags)))
+    assert not (tmp_path / "prior12" / "checkpoints").exists()
+
+
+def test_resuming_a_finished_run_trains_nothing(tmp_path, fresh_accelerator_state):
+    token_set(32).save_to_disk(tmp_path / "tokens")
+    train_prior = load_script("train_prior")
+    argv = prior_argv(tmp_path / "tokens", tmp_path / "prior", "--resume_from_checkpoint", "latest")
+    assert train_prior.main(train_prior.parse_args(argv))["step"] == 2
+    saved = (tmp_path / "prior" / "model.safetensors").read_bytes()
+    assert train_prior.main(train_prior.parse_args(argv))["step"] == 2
+    assert not (tmp_path / "prior" / "checkpoints" / "checkpoint-3").exists()
+    assert (tmp_path / "prior" / "model.safetensors").read_bytes() == saved  # left as it was
+
+    # Killed after its last checkpoint, before saving the prior: resuming saves it, still without training.
+    (tmp_path / "prior" / "metrics.json").unlink()
+    (tmp_path / "prior" / "model.safetensors").unlink()
+    assert train_prior.main(train_prior.parse_args(argv))["step"] == 2
+    assert (tmp_path / "prior" / "model.safetensors").is_file()
+    assert not (tmp_path / "prior" / "checkpoints" / "checkpoint-3").exists()
+
+
+def test_train_prior_refuses_another_runs_output_dir(tmp_path, fresh_accelerator_state):
+    token_set(32).save_to_disk(tmp_path / "tokens")
+    train_prior = load_script("train_prior")
+    argv = prior_argv(tmp_path / "tokens", tmp_path / "prior", "--checkpoints_total_limit", "5")
+    train_prior.main(train_prior.parse_args(argv))
+    with pytest.raises(ValueError, match="holds another run"):
+        train_prior.main(train_prior.parse_args(argv))
+
+    (tmp_path / "prior" / "samples").mkdir()
+    (tmp_path / "prior" / "samples" / "step-000099.png").write_bytes(b"an old run's grid")
+    assert train_prior.main(train_prior.parse_args(argv + ["--overwrite_output_dir", "--max_train_steps", "1"]))["step"] == 1
+    checkpoints = tmp_path / "prior" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint-1"]  # the old run's checkpoint-2 is gone
+    assert not (tmp_path / "prior" / "samples").exists()
+
+    train_prior.main(train_prior.parse_args(argv + ["--max_train_steps", "3", "--resume_from_checkpoint", "latest"]))
+    resumed = argv + ["--max_train_steps", "2", "--resume_from_checkpoint", str(checkpoints / "checkpoint-1")]
+    (tmp_path / "prior" / "metrics.json").unlink()  # so that the prior is saved again
+    assert train_prior.main(train_prior.parse_args(resumed))["step"] == 2
+    names = sorted(p.name for p in checkpoints.iterdir())
+    assert names == ["abandoned-checkpoint-2", "abandoned-checkpoint-3", "checkpoint-1", "checkpoint-2"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_processes_train_the_steps_asked_for(tmp_path):
+    """Each of two processes sees half the batches: --max_train_steps is still the number of optimiser steps, and
+    the cosine schedule ends at zero on the last of them."""
+    token_set(64).save_to_disk(tmp_path / "tokens")  # 48 training rows: 12 batches of 4, 6 per process
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+        str(ROOT / "training" / "train_prior.py"),
+        *prior_argv(tmp_path / "tokens", tmp_path / "prior", "--max_train_steps", "12", "--checkpointing_steps", "12"),
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=180, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Training 12 steps (2 epochs), 2 process(es)" in result.stderr
+    assert json.loads((tmp_path / "prior" / "metrics.json").read_text())["step"] == 12
+    scheduler = torch.load(tmp_path / "prior" / "checkpoints" / "checkpoint-12" / "scheduler.bin", weights_only=True)
+    assert scheduler["_last_lr"][0] == pytest.approx(0.0, abs=1e-12)
+
+
 # ---------------------------------------------------------------------------------------------------- sampling
 def biased_prior(vocabulary: PriorVocabulary, num_image_tokens: int, architecture: str = "llama"):
     """A tiny prior whose head strongly prefers the special tokens, so sampling must be restricted to stay valid."""
@@ -281,3 +467,43 @@ def test_classifier_free_guidance_follows_its_formula():
     plain = sample_image_tokens(prior, vocabulary, 1, class_labels=2, temperature=0)
     strong = sample_image_tokens(prior, vocabulary, 1, class_labels=2, guidance_scale=8.0, temperature=0)
     assert not torch.equal(plain, strong)  # guidance changes the samples
+
+
+def test_sample_images_checks_the_tokenizer_before_sampling(monkeypatch):
+    vocabulary = PriorVocabulary(64)
+    prior = build_prior(vocabulary, 16, **TINY_PRIOR)
+    monkeypatch.setattr(prior, "generate", lambda *args, **kwargs: pytest.fail("sampled before checking"))
+    with pytest.raises(ValueError, match="decode with the tokenizer"):
+        sample_images(prior, tiny_model(codebook_size=32), vocabulary, 1)
+    with pytest.raises(ValueError, match="the prior makes 16 tokens per image, but 32x32 images have a 8x8 token grid"):
+        sample_images(prior, tiny_model(), vocabulary, 1)
+
+
+def test_load_prior_says_no_such_folder_for_a_mistyped_path(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "outputs").mkdir()
+    (tmp_path / "notes.txt").write_text("not a prior")
+    for name in ("./prior", "outputs/priro", str(tmp_path / "missing"), "~/no-such-cdb-vq-prior"):
+        with pytest.raises(FileNotFoundError, match="no such folder"):
+            load_prior(name)
+    with pytest.raises(FileNotFoundError, match="is not a folder"):
+        load_prior(str(tmp_path / "notes.txt"))
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--top_p", "0"], r"--top_p must be in \(0, 1\]"),
+        (["--top_k", "-1"], "--top_k must be at least 0"),
+        (["--temperature", "-0.5"], "--temperature must be at least 0"),
+        (["--class_labels", "0"], "--class_labels: the prior .* is unconditional"),
+    ],
+)
+def test_sample_prior_refuses_bad_flags(flags, message, tmp_path, capsys):
+    vocabulary = PriorVocabulary(8)
+    save_prior(build_prior(vocabulary, 4, **TINY_PRIOR), vocabulary, tmp_path / "prior", 4)
+    sample_prior = load_script("sample_prior")
+    with pytest.raises(SystemExit):
+        sample_prior.parse_args(["--prior", str(tmp_path / "prior"), *flags])
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert re.search(message, error), error

@@ -17,7 +17,14 @@ from pathlib import Path
 
 import torch
 
-from cdb_tokenizer.tools.priors import load_prior, load_tokenizer, sample_images, save_image_grid
+from cdb_tokenizer.tools.priors import (
+    load_prior,
+    load_prior_config,
+    load_tokenizer,
+    sample_images,
+    save_image_grid,
+    token_image_size,
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -35,9 +42,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", type=str, default=None, help="Default: cuda when present.")
     args = parser.parse_args(argv)
+    _check_args(parser, args)
+    return args
+
+
+def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """One-line errors before anything is loaded (the prior's config only for --class_labels)."""
     if args.num_images < 1:
         parser.error(f"--num_images must be at least 1, got {args.num_images}.")
-    return args
+    if args.temperature < 0:
+        parser.error(f"--temperature must be at least 0 (0: greedy), got {args.temperature}.")
+    if args.top_k < 0:
+        parser.error(f"--top_k must be at least 0 (0: off), got {args.top_k}.")
+    if not 0 < args.top_p <= 1:
+        parser.error(f"--top_p must be in (0, 1] (1: off), got {args.top_p}.")
+    if args.guidance_scale != 1 and args.class_labels is None:
+        parser.error("--guidance_scale needs --class_labels (classifier-free guidance steers towards a class).")
+    if args.class_labels is not None:
+        try:
+            num_classes = load_prior_config(args.prior)[0]["vocabulary"].get("num_classes", 0)
+        except (OSError, ValueError, KeyError) as error:
+            parser.error(f"--prior {args.prior}: {error}")
+        if num_classes == 0:
+            parser.error(f"--class_labels: the prior {args.prior} is unconditional (trained without labels).")
+        wrong = [label for label in args.class_labels if not 0 <= label < num_classes]
+        if wrong:
+            parser.error(f"--class_labels {wrong}: the prior has classes 0 to {num_classes - 1}.")
 
 
 def main(args: argparse.Namespace) -> Path:
@@ -47,7 +77,10 @@ def main(args: argparse.Namespace) -> Path:
     if not tokenizer_id:
         raise ValueError("prior_config.json names no tokenizer: pass --tokenizer (the one the prior was trained on).")
     tokenizer, _ = load_tokenizer(tokenizer_id, device=device)
+    # Priors trained without a tokenizer (--codebook_size) record no image size: the token count gives it.
     image_size = tuple(prior_config["image_size"]) if prior_config.get("image_size") else None
+    if prior_config.get("num_image_tokens"):
+        image_size = token_image_size(tokenizer, prior_config["num_image_tokens"], image_size)
 
     class_labels, nrow = None, math.ceil(math.sqrt(args.num_images))
     num_images = args.num_images

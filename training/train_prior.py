@@ -22,6 +22,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -31,7 +33,7 @@ from accelerate.utils import DataLoaderConfiguration, set_seed
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from cdb_tokenizer.tools.checkpoints import save_checkpoint
+from cdb_tokenizer.tools.checkpoints import checkpoint_step, save_checkpoint, set_aside_later_checkpoints
 from cdb_tokenizer.tools.runs import find_checkpoint, make_accelerator
 from cdb_tokenizer.tools.priors import (
     ARCHITECTURES,
@@ -44,11 +46,22 @@ from cdb_tokenizer.tools.priors import (
     sample_images,
     save_image_grid,
     save_prior,
+    token_image_size,
     tokenize_dataset,
     validation_bits_per_token,
 )
 
+# train.py's output-folder rule (refuse another run's folder, --overwrite_output_dir) is shared, not copied; run as
+# a script, only training/ is on the path.
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+from training.train import hparams, nothing_left_to_train, prepare_output_dir  # noqa: E402
+
 logger = get_logger(__name__)
+
+# Written only by this script, so --overwrite_output_dir deletes them on top of train.py's list.
+PRIOR_RUN_FILES = ("samples", "prior_config.json")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -108,6 +121,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     train.add_argument("--checkpoints_total_limit", type=int, default=3, help="Keep at most this many checkpoints.")
     train.add_argument("--resume_from_checkpoint", type=str, default=None,
                        help='A checkpoint folder, or "latest" for the newest in --output_dir.')
+    train.add_argument("--overwrite_output_dir", action="store_true",
+                       help="Start over in an --output_dir that holds another run: its checkpoints, logs, prior, "
+                            "samples and metrics are deleted first.")
     train.add_argument("--report_to", type=str, default="tensorboard",
                        help='"tensorboard", "wandb", "all" or "none".')
     train.add_argument("--logging_dir", type=str, default="logs", help="Relative to --output_dir.")
@@ -179,9 +195,21 @@ def load_token_splits(args: argparse.Namespace, accelerator: Accelerator, tokeni
     return train, validation
 
 
+def _labels(name: str, split):
+    """The split's `label` column as one Arrow array (no Python lists: cheap on millions of rows)."""
+    import pyarrow as pa
+
+    labels = split.with_format("arrow")["label"]
+    if not pa.types.is_integer(labels.type):
+        raise ValueError(f"the {name} split's label column holds {labels.type}, not integer class ids.")
+    return labels
+
+
 def make_vocabulary(args: argparse.Namespace, train, validation, codebook_size: int) -> PriorVocabulary:
-    """The vocabulary: class-conditional when the data have labels (unless --unconditional)."""
+    """The vocabulary: class-conditional when the data have labels (unless --unconditional); `check_split` then
+    checks every label against it."""
     import datasets
+    import pyarrow.compute as pc
 
     if args.unconditional or "label" not in train.column_names:
         return PriorVocabulary(codebook_size)
@@ -189,13 +217,50 @@ def make_vocabulary(args: argparse.Namespace, train, validation, codebook_size: 
     if isinstance(feature, datasets.ClassLabel):
         names = feature.names if args.num_classes in (None, feature.num_classes) else None
         return PriorVocabulary(codebook_size, args.num_classes or feature.num_classes, names)
-    labels = train["label"] + (validation["label"] if "label" in validation.column_names else [])
-    if min(labels) < 0:
-        raise ValueError(f"labels must be non-negative class ids, got {min(labels)}.")
-    num_classes = args.num_classes or max(labels) + 1
-    if max(labels) >= num_classes:
-        raise ValueError(f"--num_classes {num_classes} is too small for label {max(labels)}.")
-    return PriorVocabulary(codebook_size, num_classes)
+    if args.num_classes:
+        return PriorVocabulary(codebook_size, args.num_classes)
+    splits = [("training", train)] + ([("validation", validation)] if "label" in validation.column_names else [])
+    highs = [pc.max(_labels(name, split)).as_py() for name, split in splits]
+    highest = max((high for high in highs if high is not None), default=-1)
+    # At least one class, so that data of only unlabelled (-1) rows is refused by check_split, not trained on.
+    return PriorVocabulary(codebook_size, max(1, highest + 1))
+
+
+def check_split(name: str, split, num_image_tokens: int, num_classes: int) -> None:
+    """Refuse a split the collator would fail on mid-run (the validation split: only after training): sequences of
+    another length and, for a class-conditional prior, missing, unlabelled (-1) or out-of-range labels."""
+    import pyarrow.compute as pc
+
+    if len(split) == 0:
+        raise ValueError(f"the {name} split is empty.")
+    if "image_tokens" not in split.column_names:
+        raise ValueError(f"the {name} split has columns {split.column_names}, not image_tokens.")
+    lengths = pc.min_max(pc.list_value_length(split.with_format("arrow")["image_tokens"])).as_py()
+    if lengths["min"] != num_image_tokens or lengths["max"] != num_image_tokens:
+        raise ValueError(
+            f"the {name} split has sequences of {lengths['min']} to {lengths['max']} image tokens, not "
+            f"{num_image_tokens} (the first training sequence's): tokenise every image at one size with one tokenizer."
+        )
+    if num_classes == 0:
+        return
+    if "label" not in split.column_names:
+        raise ValueError(
+            f"the {name} split has no label column, but the prior is class-conditional: pass --unconditional."
+        )
+    labels = _labels(name, split)
+    low, high = pc.min_max(labels).as_py().values()
+    if labels.null_count:
+        raise ValueError(
+            f"the {name} split has {labels.null_count} unlabelled rows: label them or pass --unconditional."
+        )
+    if low < 0:
+        raise ValueError(
+            f"the {name} split has label {low} (-1: unlabelled): drop those rows or pass --unconditional."
+        )
+    if high >= num_classes:
+        raise ValueError(
+            f"the {name} split has label {high}, but the prior has {num_classes} classes: raise --num_classes."
+        )
 
 
 # ---------------------------------------------------------------------------------------------------- validation
@@ -231,24 +296,57 @@ def run_validation(
 
 
 # ---------------------------------------------------------------------------------------------------- main
+def prepare_prior_output_dir(args: argparse.Namespace, accelerator: Accelerator) -> None:
+    """train.py's rule for --output_dir (refuse another run's folder unless resuming or overwriting), plus this
+    script's own files on --overwrite_output_dir (old sample grids must not mix with the new run's)."""
+    prepare_output_dir(args, accelerator)
+    if args.overwrite_output_dir and accelerator.is_main_process:
+        for name in PRIOR_RUN_FILES:
+            target = Path(args.output_dir) / name
+            shutil.rmtree(target) if target.is_dir() and not target.is_symlink() else target.unlink(missing_ok=True)
+    accelerator.wait_for_everyone()
+
+
+def training_length(args: argparse.Namespace, batches_per_epoch: int) -> tuple[int, int, int]:
+    """(optimiser updates per epoch, max_train_steps, epochs) from the batches one process sees per epoch, i.e.
+    the length of the *prepared* loader: before `prepare`, P processes would each run only 1/P of the steps."""
+    updates_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
+    max_train_steps = args.max_train_steps or (args.num_train_epochs or 0) * updates_per_epoch or 1000
+    return updates_per_epoch, max_train_steps, math.ceil(max_train_steps / updates_per_epoch)
+
+
+def resume(args: argparse.Namespace, accelerator: Accelerator) -> int:
+    """Load --resume_from_checkpoint (later checkpoints of the abandoned run are set aside); returns its step."""
+    checkpoint = find_checkpoint(args.resume_from_checkpoint, args.output_dir)
+    if checkpoint is None:
+        return 0
+    accelerator.print(f"Resuming from checkpoint {checkpoint}")
+    accelerator.load_state(str(checkpoint))
+    step = checkpoint_step(checkpoint)
+    set_aside_later_checkpoints(accelerator, args.output_dir, step)
+    return step
+
+
 def main(args: argparse.Namespace) -> dict[str, float]:
     """Train the prior; returns the final validation metrics (also written to `metrics.json`)."""
     output_dir = Path(args.output_dir)
     accelerator = make_accelerator(args, output_dir, dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
     set_seed(args.seed)
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
+    prepare_prior_output_dir(args, accelerator)
 
     tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None
-    image_size = processor_image_size(tokenizer[1]) if tokenizer else None
     codebook_size = tokenizer[0].config.codebook_size if tokenizer else args.codebook_size
     train_set, validation_set = load_token_splits(args, accelerator, tokenizer)
     num_image_tokens = len(train_set[0]["image_tokens"])
+    vocabulary = make_vocabulary(args, train_set, validation_set, codebook_size)
+    for name, split in (("training", train_set), ("validation", validation_set)):
+        check_split(name, split, num_image_tokens, vocabulary.num_classes)
+    image_size = None
     if tokenizer is not None:
         tokenizer[0].to(accelerator.device)
-        if image_size and math.prod(tokenizer[0].token_grid_size(*image_size)) != num_image_tokens:
-            image_size = None  # tokenised at another size: decode on a square grid
-    vocabulary = make_vocabulary(args, train_set, validation_set, codebook_size)
+        # Tokens made at another size than the processor's decode on their square grid; others are refused here,
+        # not at the first validation sample.
+        image_size = token_image_size(tokenizer[0], num_image_tokens, processor_image_size(tokenizer[1]))
     logger.info(
         f"{len(train_set)} training / {len(validation_set)} validation sequences of {num_image_tokens} image tokens; "
         f"vocabulary {vocabulary.vocab_size} ids ({vocabulary.codebook_size} codes, {vocabulary.num_classes} classes)"
@@ -259,9 +357,6 @@ def main(args: argparse.Namespace) -> dict[str, float]:
         args.intermediate_size, args.dropout,
     )  # fmt: skip
     logger.info(f"{args.architecture} prior with {sum(p.numel() for p in prior.parameters()) / 1e6:.2f}M parameters")
-    if accelerator.is_main_process:
-        training_config = {**vars(args), "vocabulary": vocabulary.to_dict(), "num_image_tokens": num_image_tokens}
-        (output_dir / "training_config.json").write_text(json.dumps(training_config, indent=2, default=str) + "\n")
 
     train_loader = torch.utils.data.DataLoader(
         train_set, batch_size=args.train_batch_size, shuffle=True, drop_last=len(train_set) >= args.train_batch_size,
@@ -282,26 +377,30 @@ def main(args: argparse.Namespace) -> dict[str, float]:
         lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
     )  # fmt: skip
 
-    updates_per_epoch = math.ceil(len(train_loader) / args.gradient_accumulation_steps)
-    max_train_steps = args.max_train_steps or (args.num_train_epochs or 0) * updates_per_epoch or 1000
-    num_epochs = math.ceil(max_train_steps / updates_per_epoch)
-    lr_scheduler = get_scheduler(
-        args.lr_scheduler, optimizer,
-        num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-        num_training_steps=max_train_steps * accelerator.num_processes,
+    prior, optimizer, train_loader = accelerator.prepare(prior, optimizer, train_loader)
+    # Counted on the prepared loader (one process's share of the batches), then the schedule is built to match.
+    updates_per_epoch, max_train_steps, num_epochs = training_length(args, len(train_loader))
+    lr_scheduler = accelerator.prepare(
+        get_scheduler(
+            args.lr_scheduler, optimizer.optimizer,
+            num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+            num_training_steps=max_train_steps * accelerator.num_processes,  # stepped once per process
+        )
     )  # fmt: skip
-    prior, optimizer, train_loader, lr_scheduler = accelerator.prepare(prior, optimizer, train_loader, lr_scheduler)
-    if accelerator.is_main_process:
-        accelerator.init_trackers(args.tracker_project_name, config={k: v for k, v in vars(args).items() if v is not None})
 
-    global_step, first_epoch, skip_batches = 0, 0, 0
-    checkpoint = find_checkpoint(args.resume_from_checkpoint, args.output_dir)
-    if checkpoint is not None:
-        accelerator.print(f"Resuming from checkpoint {checkpoint}")
-        accelerator.load_state(str(checkpoint))
-        global_step = int(checkpoint.name.split("-")[-1])
-        first_epoch = global_step // updates_per_epoch
-        skip_batches = (global_step % updates_per_epoch) * args.gradient_accumulation_steps
+    global_step = resume(args, accelerator)
+    first_epoch = global_step // updates_per_epoch
+    skip_batches = (global_step % updates_per_epoch) * args.gradient_accumulation_steps
+    if global_step >= max_train_steps:  # the loop would train one more step before checking
+        if (output_dir / "metrics.json").is_file():
+            return nothing_left_to_train(args, accelerator, global_step, max_train_steps)
+        logger.info(f"Nothing left to train at step {global_step}: validating and saving the checkpoint's prior.")
+        first_epoch = num_epochs  # the run stopped after its last checkpoint, before saving the prior
+    if accelerator.is_main_process:
+        training_config = {**vars(args), "vocabulary": vocabulary.to_dict(), "num_image_tokens": num_image_tokens}
+        (output_dir / "training_config.json").write_text(json.dumps(training_config, indent=2, default=str) + "\n")
+        tracker_config = hparams({key: value for key, value in vars(args).items() if value is not None})
+        accelerator.init_trackers(args.tracker_project_name, config=tracker_config)  # no secrets or local paths
 
     logger.info(f"Training {max_train_steps} steps ({num_epochs} epochs), {accelerator.num_processes} process(es)")
     progress = tqdm(range(max_train_steps), initial=global_step, desc="steps", disable=not accelerator.is_local_main_process)

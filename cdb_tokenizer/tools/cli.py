@@ -916,9 +916,11 @@ def tokenize_command(args: argparse.Namespace) -> None:
             label_column=args.label_column,
             batch_size=args.batch_size,
             device=next(model.parameters()).device,
+            max_pixels=max_pixels,  # the budget the check above used, not decode_image's default
         )
     except ValueError as error:
         raise CLIError(str(error)) from None
+    skipped = total - len(tokenized)  # every image dropped, by the check or while tokenising
     tokenized.save_to_disk(args.out)
     length = len(tokenized[0]["image_tokens"])
     print(

@@ -25,8 +25,17 @@ Example:
 """
 
 from ..loading import load_tokenizer, processor_image_size
-from .model import ARCHITECTURES, PRIOR_CONFIG_NAME, PriorCollator, build_prior, load_prior, save_prior, validation_bits_per_token
-from .sampling import ImageTokenLogitsProcessor, sample_image_tokens, sample_images, save_image_grid
+from .model import (
+    ARCHITECTURES,
+    PRIOR_CONFIG_NAME,
+    PriorCollator,
+    build_prior,
+    load_prior,
+    load_prior_config,
+    save_prior,
+    validation_bits_per_token,
+)
+from .sampling import ImageTokenLogitsProcessor, sample_image_tokens, sample_images, save_image_grid, token_image_size
 from .token_data import photo_crops_dataset, tokenize_dataset
 from .vocabulary import PriorVocabulary
 
@@ -37,6 +46,7 @@ __all__ = [
     "PriorVocabulary",
     "build_prior",
     "load_prior",
+    "load_prior_config",
     "load_tokenizer",
     "photo_crops_dataset",
     "processor_image_size",
@@ -44,6 +54,7 @@ __all__ = [
     "sample_images",
     "save_image_grid",
     "save_prior",
+    "token_image_size",
     "tokenize_dataset",
     "validation_bits_per_token",
 ]

@@ -184,22 +184,37 @@ def save_prior(
     return output_dir
 
 
-def load_prior(
-    name_or_path: str | Path, device: str | torch.device | None = None, **kwargs: Any
-) -> tuple[PreTrainedModel, PriorVocabulary, dict[str, Any]]:
-    """Load a prior saved by `save_prior` (a folder or Hub repo id): (model in eval mode, vocabulary, prior config)."""
+def _looks_local(name: str) -> bool:
+    """A name meant as a local path, never a Hub id: it starts with . / ~, or its first component is a local folder."""
+    parts = Path(name).parts
+    return name.startswith((".", "/", "~")) or (len(parts) > 1 and Path(parts[0]).is_dir())
+
+
+def load_prior_config(name_or_path: str | Path, revision: str | None = None) -> tuple[dict[str, Any], str]:
+    """(`prior_config.json` of a prior saved by `save_prior`, where to load its weights from: the folder or Hub id).
+    A mistyped local path is a `FileNotFoundError`, never a Hub lookup."""
     from huggingface_hub import hf_hub_download
 
-    path = Path(name_or_path)
+    path = Path(name_or_path).expanduser()
     if path.is_dir():
         config_file = path / PRIOR_CONFIG_NAME
         if not config_file.is_file():
             raise FileNotFoundError(f"{config_file} not found: {path} is not a prior saved by train_prior.py / save_prior.")
-    else:
-        config_file = hf_hub_download(str(name_or_path), PRIOR_CONFIG_NAME, revision=kwargs.get("revision"))
-    prior_config = json.loads(Path(config_file).read_text())
+        return json.loads(config_file.read_text()), str(path)
+    if isinstance(name_or_path, Path) or _looks_local(str(name_or_path)):
+        problem = "is not a folder" if path.exists() else "no such folder"
+        raise FileNotFoundError(f"prior {str(name_or_path)!r}: {problem} (give the folder train_prior.py wrote).")
+    config_file = hf_hub_download(str(name_or_path), PRIOR_CONFIG_NAME, revision=revision)
+    return json.loads(Path(config_file).read_text()), str(name_or_path)
+
+
+def load_prior(
+    name_or_path: str | Path, device: str | torch.device | None = None, **kwargs: Any
+) -> tuple[PreTrainedModel, PriorVocabulary, dict[str, Any]]:
+    """Load a prior saved by `save_prior` (a folder or Hub repo id): (model in eval mode, vocabulary, prior config)."""
+    prior_config, source = load_prior_config(name_or_path, revision=kwargs.get("revision"))
     vocabulary = PriorVocabulary.from_dict(prior_config["vocabulary"])
-    prior = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs).eval()
+    prior = AutoModelForCausalLM.from_pretrained(source, **kwargs).eval()
     if prior.config.vocab_size != vocabulary.vocab_size:
         raise ValueError(f"the prior's vocab_size {prior.config.vocab_size} does not match prior_config.json ({vocabulary.vocab_size}).")
     if device is not None:

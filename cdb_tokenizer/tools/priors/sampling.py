@@ -125,19 +125,47 @@ def sample_images(
 ) -> torch.FloatTensor:
     """Sample images (num_images, 3, H, W) in [-1, 1]: `sample_image_tokens`, then the tokenizer's
     `decode_image_tokens`. `image_size` (height, width) in pixels picks the token grid; by default the tokenizer's
-    resolution, or a square grid. See `sample_image_tokens` for the sampling arguments."""
-    tokens = sample_image_tokens(
-        prior, vocabulary, num_images, temperature=temperature, top_k=top_k, top_p=top_p,
-        class_labels=class_labels, guidance_scale=guidance_scale, seed=seed, num_image_tokens=num_image_tokens,
-    )  # fmt: skip
+    resolution. A tokenizer with another codebook size, or a grid that does not hold the prior's tokens per image
+    (see `token_image_size`), is refused before sampling. See `sample_image_tokens` for the sampling arguments."""
     if vocabulary.codebook_size != tokenizer_model.config.codebook_size:
         raise ValueError(
             f"the prior was trained on {vocabulary.codebook_size} codes but the tokenizer has "
             f"{tokenizer_model.config.codebook_size}: decode with the tokenizer the prior was trained on."
         )
-    height, width = image_size if image_size else (None, None)
+    height, width = image_size or (tokenizer_model.config.resolution,) * 2
+    count = num_image_tokens or prior.generation_config.max_new_tokens
+    grid = tokenizer_model.token_grid_size(height, width)
+    if count and math.prod(grid) != count:
+        raise ValueError(
+            f"the prior makes {count} tokens per image, but {height}x{width} images have a {grid[0]}x{grid[1]} token "
+            f"grid: pass the image_size the tokens were made at."
+        )
+    tokens = sample_image_tokens(
+        prior, vocabulary, num_images, temperature=temperature, top_k=top_k, top_p=top_p,
+        class_labels=class_labels, guidance_scale=guidance_scale, seed=seed, num_image_tokens=num_image_tokens,
+    )  # fmt: skip
     device = next(tokenizer_model.parameters()).device
     return tokenizer_model.decode_image_tokens(tokens.to(device), height=height, width=width)
+
+
+def token_image_size(
+    tokenizer_model, num_image_tokens: int, image_size: tuple[int, int] | None = None
+) -> tuple[int, int]:
+    """(height, width) in pixels to decode `num_image_tokens` tokens per image at: `image_size` (default: the
+    tokenizer's resolution) when its token grid holds that many, else the square grid of that many tokens (data
+    tokenised at another size), side x downsampling factor pixels. Any other count is refused."""
+    height, width = image_size or (tokenizer_model.config.resolution,) * 2
+    grid = tokenizer_model.token_grid_size(height, width)
+    if math.prod(grid) == num_image_tokens:
+        return height, width
+    side = math.isqrt(num_image_tokens)
+    if side * side != num_image_tokens:
+        raise ValueError(
+            f"{num_image_tokens} tokens per image fit neither the {height}x{width} images "
+            f"({grid[0]}x{grid[1]} tokens) nor a square token grid: tokenise the images at the tokenizer's size."
+        )
+    factor = tokenizer_model.config.downsampling_factor
+    return side * factor, side * factor
 
 
 def save_image_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None) -> Path:

@@ -34,6 +34,7 @@ def tokenize_dataset(
     batch_size: int = 32,
     device: str | torch.device | None = None,
     cache_file_name: str | None = None,
+    max_pixels: int | None = None,
 ):
     r"""
     Map an image data set to token sequences for a prior, with `Dataset.map(batched=True)`.
@@ -52,6 +53,9 @@ def tokenize_dataset(
             model is moved back afterwards.
         cache_file_name (`str`, *optional*): Arrow file to cache the result in. As everywhere in `datasets`, an
             existing file of that name is loaded as is: delete it after changing the tokenizer or the data.
+        max_pixels (`int`, *optional*): Images announcing more pixels are skipped, like unreadable ones; by default
+            `decode_image`'s budget (`cdb_tokenizer.tools.data.MAX_IMAGE_PIXELS`), 0 for none. Pass the same budget
+            as any earlier check (`cdb-vq tokenize --max_image_pixels`), or images it allowed are dropped here.
 
     Returns:
         `datasets.Dataset` with `image_tokens` (list of ints, length h * w) and, with labels, `label` (a `ClassLabel`
@@ -96,16 +100,16 @@ def tokenize_dataset(
     fingerprint = hashlib.sha256(
         "|".join(
             [dataset._fingerprint, model.config.to_json_string(), _weights_fingerprint(model),
-             processor.to_json_string(), image_column, str(label_column)]
+             processor.to_json_string(), image_column, str(label_column), str(max_pixels)]
         ).encode()
     ).hexdigest()[:32]  # fmt: skip
 
     def tokenize_batch(batch: dict[str, list]) -> dict[str, list]:
-        images = [decode_image(value) for value in batch[image_column]]
+        images = [decode_image(value, max_pixels=max_pixels) for value in batch[image_column]]
         readable = [index for index, image in enumerate(images) if image is not None]
         if len(readable) < len(images):  # an unreadable file is skipped (and counted), not a crash mid-run
             skipped[0] += len(images) - len(readable)
-            logger.warning("Skipping %d unreadable image(s).", len(images) - len(readable))
+            logger.warning("Skipping %d unreadable (or over-budget) image(s).", len(images) - len(readable))
         output: dict[str, list] = {"image_tokens": []}
         if label_column is not None:
             output["label"] = [batch[label_column][index] for index in readable]

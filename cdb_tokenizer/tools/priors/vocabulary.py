@@ -148,7 +148,11 @@ class PriorVocabulary:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> PriorVocabulary:
+        """The inverse of `to_dict`; a key this version does not know, or a derived id that differs, is refused."""
         vocabulary = cls(values["codebook_size"], values.get("num_classes", 0), values.get("class_names"))
+        unknown = sorted(set(values) - set(vocabulary.to_dict()))
+        if unknown:
+            raise ValueError(f"prior vocabulary has unknown key(s) {unknown}: written by another version of cdb-vq?")
         for key, value in values.items():
             if key not in ("codebook_size", "num_classes", "class_names") and getattr(vocabulary, key) != value:
                 raise ValueError(f"prior vocabulary {key}={value} does not match this version's layout ({getattr(vocabulary, key)}).")
