@@ -449,20 +449,9 @@ def _pil_to_tensor(image: PIL.Image.Image, do_convert_rgb: bool) -> torch.Tensor
     if image.width == 0 or image.height == 0:
         raise ValueError(f"Image has an empty size {image.width}x{image.height}.")
     image = _upright(image)
-    if image.mode == "F" or image.mode == "I" or image.mode.startswith("I;16"):
-        # Greyscale PIL's convert("RGB") would clip at 255: float ("F") read as [0, 1] like float arrays, integers
-        # ("I", "I;16": PIL opens 16-bit PNGs as either) as 16-bit [0, 65535].
-        array = np.asarray(image, dtype=np.float32)
-        if image.mode == "F":
-            tensor = _to_intensity_scale(torch.from_numpy(array.copy())[None])
-        else:
-            if array.size and (array.min() < 0 or array.max() > 65535):
-                raise ValueError(
-                    f"16-bit greyscale images (PIL mode {image.mode}) must have values in [0, 65535], got "
-                    f"[{array.min():.0f}, {array.max():.0f}]."
-                )
-            tensor = torch.from_numpy(array * (255.0 / 65535.0))[None]
-        return _convert_to_rgb(tensor) if do_convert_rgb else tensor
+    grey = greyscale_intensities(image)
+    if grey is not None:
+        return _convert_to_rgb(grey) if do_convert_rgb else grey
     if do_convert_rgb:
         if image.mode in _ALPHA_MODES or (image.mode == "P" and "transparency" in image.info):
             # Composite on white, as transformers' convert_to_rgb does.
@@ -475,6 +464,23 @@ def _pil_to_tensor(image: PIL.Image.Image, do_convert_rgb: bool) -> torch.Tensor
     tensor = torch.from_numpy(array)
     tensor = tensor[None] if tensor.ndim == 2 else tensor.permute(2, 0, 1)
     return _to_intensity_scale(tensor)
+
+
+def greyscale_intensities(image: PIL.Image.Image) -> torch.Tensor | None:
+    """(1, H, W) float [0, 255] intensities of a float ("F", read as [0, 1] like float arrays) or 16/32-bit integer
+    ("I;16", "I": PIL opens 16-bit PNGs as either; read as [0, 65535]) greyscale image, whose values PIL's
+    convert("RGB") would clip at 255; None for any other mode. Values outside those ranges are refused."""
+    if not (image.mode in ("F", "I") or image.mode.startswith("I;16")):
+        return None
+    array = np.asarray(image, dtype=np.float32)
+    if image.mode == "F":
+        return _to_intensity_scale(torch.from_numpy(array.copy())[None])
+    if array.size and (array.min() < 0 or array.max() > 65535):
+        raise ValueError(
+            f"16-bit greyscale images (PIL mode {image.mode}) must have values in [0, 65535], got "
+            f"[{array.min():.0f}, {array.max():.0f}]."
+        )
+    return torch.from_numpy(array * (255.0 / 65535.0))[None]
 
 
 def _upright(image: PIL.Image.Image) -> PIL.Image.Image:

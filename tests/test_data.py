@@ -101,6 +101,33 @@ def test_decode_image_accepts_every_form_and_returns_none_for_garbage(tmp_path):
     assert decode_image(12345) is None
 
 
+def test_decode_image_keeps_16_bit_and_float_greyscale_values(tmp_path):
+    # PIL's convert("RGB") clips these modes at 255: a 16-bit ramp came out nearly all white, a float one black.
+    ramp = np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "ramp16.png")
+    decoded = np.asarray(decode_image(str(tmp_path / "ramp16.png")))[..., 0].astype(np.float64)
+    np.testing.assert_allclose(decoded, ramp / 257.0, atol=0.51)
+    as_float = Image.fromarray((ramp / 65535.0).astype(np.float32))
+    assert as_float.mode == "F"
+    np.testing.assert_allclose(np.asarray(decode_image(as_float))[..., 1], ramp / 257.0, atol=0.51)
+
+
+def test_streamed_crops_differ_between_processes():
+    import datasets
+
+    from cdb_tokenizer.tools.data import StreamingTrainImages
+
+    features = datasets.Features({"image": datasets.Image()})
+    stream = datasets.Dataset.from_dict({"image": [sample_photos("skimage")[0]] * 4}, features=features).to_iterable_dataset()
+    crops = [
+        torch.stack([item["pixel_values"] for item in StreamingTrainImages(stream, train_transform(32, (0.1, 0.5)),
+                                                                            seed=0, shuffle_buffer=1, process_index=rank)])
+        for rank in (0, 1)
+    ]  # fmt: skip
+    # The same picture at the same position of each process's share: the crops must still differ.
+    assert not torch.equal(crops[0], crops[1])
+
+
 def test_train_images_skip_unreadable_images_and_count_them(image_folder):
     dataset = load_image_dataset(train_data_dir=str(image_folder))
     broken = next(i for i, row in enumerate(dataset) if row["image"]["path"].endswith("broken.png"))

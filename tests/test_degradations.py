@@ -52,9 +52,19 @@ def test_blur_removes_high_frequencies(images):
         ("noise:5", "between 0 and 1"),
         ("noise:0.2-0.1", "LOW <= HIGH"),
         ("jpeg:0.5", "JPEG quality is 1-100"),
+        ("downscale:0.5", "a factor is >= 1"),
         ("", "non-empty"),
     ],
 )
 def test_bad_specs_are_refused_by_name(images, spec, message):
     with pytest.raises(ValueError, match=message):
         degrade(images, spec)
+
+
+def test_strengths_in_exponent_notation_parse():
+    from cdb_tokenizer.tools.degradations import canonical_spec, parse_degradations
+
+    assert [(d.low, d.high) for d in parse_degradations("noise:1e-3")] == [(0.001, 0.001)]
+    assert [(d.low, d.high) for d in parse_degradations("noise:1e-3-2e-2")] == [(0.001, 0.02)]
+    assert [(d.low, d.high) for d in parse_degradations("motion_blur:3-11")] == [(3.0, 11.0)]
+    assert canonical_spec(canonical_spec("noise:1e-5-1e-4")) == canonical_spec("noise:1e-5-1e-4")

@@ -70,6 +70,20 @@ def no_inception_weights(tmp_path, monkeypatch):
     monkeypatch.setattr(evaluation, "reachable", lambda url, timeout=3.0: False)
 
 
+def test_lpips_scores_the_clamped_reconstruction_like_psnr_and_ssim(held_out):
+    stub = StubTokenizer("perfect")
+    overshoot = lambda pixel_values: _Output(pixel_values * 1.5, torch.zeros(pixel_values.shape[0], 2, 2, dtype=torch.long))  # noqa: E731
+    stub.forward = overshoot
+    seen = []
+
+    def lpips(reconstruction, target):
+        seen.append((float(reconstruction.min()), float(reconstruction.max())))
+        return torch.zeros(reconstruction.shape[0])
+
+    evaluate(stub, [held_out[:4]], lpips=lpips, show_progress=False)
+    assert seen and all(-1.0 <= low and high <= 1.0 for low, high in seen)
+
+
 def test_rfid_of_a_set_against_itself_is_zero_and_against_noise_large(held_out):
     fid = fid_metric(RandomFeatureExtractor())
     batches = list(held_out.split(8))

@@ -311,7 +311,8 @@ def build_train_loader(args: argparse.Namespace, train, accelerator: Accelerator
         from datasets.distributed import split_dataset_by_node
 
         shard = split_dataset_by_node(train, rank=accelerator.process_index, world_size=accelerator.num_processes)
-        dataset = StreamingTrainImages(shard, transform, args.seed, args.image_column, args.shuffle_buffer_size)
+        dataset = StreamingTrainImages(shard, transform, args.seed, args.image_column, args.shuffle_buffer_size,
+                                       process_index=accelerator.process_index)  # fmt: skip
         return torch.utils.data.DataLoader(dataset, **loader_kwargs), None
     dataset = TrainImages(train, transform, args.seed, args.image_column)
     sampler = EpochSampler(len(dataset), args.train_batch_size, args.seed, accelerator.num_processes, accelerator.process_index)

@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from ..image_processing_cdb_vq import greyscale_intensities
+
 logger = logging.getLogger(__name__)
 
 # scikit-image photos that ship inside the wheel (no download); greyscale ones are converted to RGB. Nine colour
@@ -194,6 +196,9 @@ def decode_image(value, max_pixels: int | None = None) -> Image.Image | None:
                 return None
             image.load()  # PIL opens lazily: force the decode here so a truncated file fails now
         image = upright(image)
+        grey = greyscale_intensities(image)  # 16-bit or float greyscale: PIL's convert("RGB") would clip it
+        if grey is not None:
+            image = Image.fromarray(grey[0].round().clamp(0, 255).to(torch.uint8).numpy(), mode="L")
         if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
             # Composite transparent images on white rather than on black.
             rgba = image.convert("RGBA")
@@ -244,7 +249,9 @@ def seeded_call(function, seed: int, *args):
     torchvision's random transforms draw from the global RNG; seeding it per sample makes every crop a pure
     function of (seed, epoch, index), so a resumed run sees exactly the crops an uninterrupted run would.
     """
-    with torch.random.fork_rng(devices=[]):
+    # torch.manual_seed seeds the GPUs' generators too: keep theirs as well (they are the training's dropout's).
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         return function(*args)
 
@@ -312,10 +319,12 @@ class TrainImages(torch.utils.data.Dataset):
 class StreamingTrainImages(torch.utils.data.IterableDataset):
     """Augmented crops of a streamed (`datasets.IterableDataset`) image source, already split for this process."""
 
-    def __init__(self, images, transform, seed: int = 0, image_column: str = "image", shuffle_buffer: int = 1000):
+    def __init__(self, images, transform, seed: int = 0, image_column: str = "image", shuffle_buffer: int = 1000,
+                 process_index: int = 0):  # fmt: skip
         self.images = images
         self.transform = transform
         self.seed = seed
+        self.process_index = process_index
         self.image_column = image_column
         self.shuffle_buffer = shuffle_buffer
         self.epoch = 0
@@ -329,6 +338,9 @@ class StreamingTrainImages(torch.utils.data.IterableDataset):
             stream = stream.shuffle(seed=self.seed, buffer_size=self.shuffle_buffer)
             stream.set_epoch(self.epoch)
         skipped, reported, skipped_ids = 0, 0, []
+        # Positions restart at 0 in every process's and loader worker's share of the stream: their crops must differ.
+        worker = torch.utils.data.get_worker_info()
+        stream_seed = self.seed + 1_000_003 * (self.process_index * 1024 + (worker.id if worker is not None else 0))
         for position, item in enumerate(stream):
             value = item[self.image_column]
             image = decode_image(value)
@@ -343,7 +355,7 @@ class StreamingTrainImages(torch.utils.data.IterableDataset):
                     reported += 1
                     logger.warning("Skipping unreadable image %s.", describe_image_value(value))
                 continue
-            pixel_values = seeded_call(self.transform, sample_seed(self.seed, self.epoch, position), image)
+            pixel_values = seeded_call(self.transform, sample_seed(stream_seed, self.epoch, position), image)
             yield {"pixel_values": pixel_values, "skipped": skipped, "skipped_ids": skipped_ids}
             skipped, skipped_ids = 0, []
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 from dataclasses import dataclass
 
 import torch
@@ -68,7 +69,9 @@ def parse_degradations(spec: str, whole: str | None = None) -> list[Degradation]
             raise ValueError(f"unknown degradation {name!r} in {whole or spec!r}; known: {', '.join(DEGRADATIONS)}.")
         if not colon or not strength:
             raise ValueError(f"degradation {name!r} needs a strength, e.g. '{name}:{_example(name)}' (got {part!r}).")
-        low_text, dash, high_text = strength.partition("-")
+        # LOW-HIGH: split at a dash right after a digit or a dot, so that exponents (1e-3) stay numbers.
+        match = re.fullmatch(r"(?P<low>.*?[\d.])-(?P<high>.+)", strength)
+        low_text, dash, high_text = (match["low"], "-", match["high"]) if match else (strength, "", "")
         try:
             low = float(low_text)
             high = float(high_text) if dash else low
@@ -84,6 +87,8 @@ def parse_degradations(spec: str, whole: str | None = None) -> list[Degradation]
             raise ValueError(f"bad strength {strength!r} for {name}: LOW-HIGH needs LOW <= HIGH.")
         if name == "jpeg" and 0 < low < 1:
             raise ValueError(f"bad strength {strength!r} for jpeg: a JPEG quality is 1-100 (0 turns it off).")
+        if name == "downscale" and 0 < low < 1:
+            raise ValueError(f"bad strength {strength!r} for downscale: a factor is >= 1 (0 or 1 turn it off).")
         degradations.append(Degradation(name, low, high))
     return degradations
 

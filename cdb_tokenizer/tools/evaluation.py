@@ -238,7 +238,8 @@ def evaluate(
             psnr.update(reconstruction, original)
             ssim.update(reconstruction, original)
             if lpips is not None:
-                lpips_total += float(lpips(output.reconstruction.float(), pixel_values.float()).sum())
+                # Clamped like the images PSNR and SSIM score (decoders overshoot [-1, 1] a little).
+                lpips_total += float(lpips(output.reconstruction.float().clamp(-1, 1), pixel_values.float()).sum())
             if fid is not None:
                 if fid_reference is None:
                     fid.update(original, real=True)

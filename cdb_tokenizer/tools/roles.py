@@ -95,6 +95,7 @@ def save_role_map(
     figure = role_map_figure(pixel_values, role_map, role_names, columns)
     array = (figure.permute(1, 2, 0).numpy() * 255).round().clip(0, 255).astype("uint8")
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(array).save(path)
     return path
 
