@@ -162,7 +162,10 @@ def save_fid_reference(metric, path: str | Path, description: str = "") -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {name: getattr(metric, name).detach().cpu().contiguous() for name in FID_REFERENCE_STATES}
-    save_file(tensors, str(path), metadata={"description": description})
+    # Written aside, then renamed: the file is reused whenever it exists, so it must never be half written.
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    save_file(tensors, str(temporary), metadata={"description": description})
+    os.replace(temporary, path)
     return path
 
 
