@@ -29,6 +29,7 @@ from cdb_tokenizer.tools.priors import (
     sample_image_tokens,
     sample_images,
     save_prior,
+    save_tokens,
     token_image_size,
     tokenize_dataset,
     validation_bits_per_token,
@@ -214,6 +215,22 @@ def test_cli_tokenize_uses_max_image_pixels_throughout(tokenizer, photo_set, tmp
     assert main(argv) == 0
     assert "tokenized 3 images (1 unreadable skipped)" in capsys.readouterr().out
     assert len(datasets.load_from_disk(str(tmp_path / "tokens"))) == 3
+    info = json.loads((tmp_path / "tokens" / "cdb_vq_tokens.json").read_text())
+    assert info["codebook_size"] == model.config.codebook_size and len(info["codebook_fingerprint"]) == 16
+
+
+def test_train_prior_refuses_tokens_of_another_tokenizer(tokenizer, photo_set, tmp_path, fresh_accelerator_state):
+    model, processor = tokenizer
+    save_tokens(tokenize_dataset(photo_set, model, processor), tmp_path / "tokens", model)
+    other = tiny_model(seed=1).eval()  # the same codebook size, other codes
+    other.save_pretrained(tmp_path / "other")
+    processor.save_pretrained(tmp_path / "other")
+    train_prior = load_script("train_prior")
+    argv = ["--tokens_dir", str(tmp_path / "tokens"), "--tokenizer", str(tmp_path / "other"), "--output_dir",
+            str(tmp_path / "prior"), "--max_train_steps", "1", "--report_to", "none", "--hidden_size", "32",
+            "--num_layers", "2", "--num_heads", "2"]  # fmt: skip
+    with pytest.raises(ValueError, match="tokenised by another tokenizer"):
+        train_prior.main(train_prior.parse_args(argv))
 
 
 def test_photo_crops_dataset_labels_each_photo():
@@ -248,7 +265,7 @@ def test_train_tokenize_sample_decode_end_to_end(tokenizer, photo_set, tmp_path,
     model, processor = tokenizer
     model.save_pretrained(tmp_path / "tokenizer")
     processor.save_pretrained(tmp_path / "tokenizer")
-    tokenize_dataset(photo_set, model, processor).save_to_disk(tmp_path / "tokens")
+    save_tokens(tokenize_dataset(photo_set, model, processor), tmp_path / "tokens", model)  # records its codebook
 
     train_prior = load_script("train_prior")
     argv = [

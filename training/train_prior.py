@@ -40,6 +40,7 @@ from cdb_tokenizer.tools.priors import (
     PriorCollator,
     PriorVocabulary,
     build_prior,
+    check_tokens_source,
     load_tokenizer,
     photo_crops_dataset,
     processor_image_size,
@@ -174,6 +175,8 @@ def load_token_splits(args: argparse.Namespace, accelerator: Accelerator, tokeni
     path = Path(args.tokens_dir)
     if not path.exists():
         raise FileNotFoundError(f"--tokens_dir {str(path)!r} does not exist; make it with `cdb-vq tokenize`.")
+    if tokenizer is not None:
+        check_tokens_source(path, tokenizer[0])  # ids of another codebook would train a prior that decodes noise
     saved = datasets.load_from_disk(str(path))
     if isinstance(saved, datasets.DatasetDict):
         if args.train_split not in saved:

@@ -887,7 +887,7 @@ def _write_code_report(report: list[dict], path: Path) -> None:
 def tokenize_command(args: argparse.Namespace) -> None:
     """A folder or Hub data set -> a `datasets` data set of `image_tokens` (and labels), saved with `save_to_disk`."""
     from .data import decode_image
-    from .priors import tokenize_dataset
+    from .priors import save_tokens, tokenize_dataset
 
     dataset = open_dataset(args.data, args.image_column, args.split)
     if not hasattr(dataset, "filter") or not hasattr(dataset, "__len__"):
@@ -921,7 +921,7 @@ def tokenize_command(args: argparse.Namespace) -> None:
     except ValueError as error:
         raise CLIError(str(error)) from None
     skipped = total - len(tokenized)  # every image dropped, by the check or while tokenising
-    tokenized.save_to_disk(args.out)
+    save_tokens(tokenized, args.out, model)  # with the codebook it indexes, checked by train_prior.py
     length = len(tokenized[0]["image_tokens"])
     print(
         f"tokenized {len(tokenized)} images ({skipped} unreadable skipped) into {args.out}: columns "

@@ -36,7 +36,7 @@ from .model import (
     validation_bits_per_token,
 )
 from .sampling import ImageTokenLogitsProcessor, sample_image_tokens, sample_images, save_image_grid, token_image_size
-from .token_data import photo_crops_dataset, tokenize_dataset
+from .token_data import check_tokens_source, photo_crops_dataset, save_tokens, tokenize_dataset
 from .vocabulary import PriorVocabulary
 
 
@@ -45,6 +45,7 @@ __all__ = [
     "PriorCollator",
     "PriorVocabulary",
     "build_prior",
+    "check_tokens_source",
     "load_prior",
     "load_prior_config",
     "load_tokenizer",
@@ -54,6 +55,7 @@ __all__ = [
     "sample_images",
     "save_image_grid",
     "save_prior",
+    "save_tokens",
     "token_image_size",
     "tokenize_dataset",
     "validation_bits_per_token",

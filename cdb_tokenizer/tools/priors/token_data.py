@@ -3,14 +3,54 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import random
+from pathlib import Path
 
 import torch
 
 from ..data import decode_image, sample_photos
 
 logger = logging.getLogger(__name__)
+
+
+# Written beside a tokenised data set (`save_tokens`): which codebook its ids index.
+TOKENS_INFO = "cdb_vq_tokens.json"
+
+
+def save_tokens(tokenized, folder: str | Path, model) -> Path:
+    """`tokenized.save_to_disk(folder)`, plus `cdb_vq_tokens.json` recording the codebook the ids index (its size
+    and fingerprint), so that a prior is never trained with, or decoded by, another tokenizer by mistake."""
+    from ..cli import codebook_fingerprint
+
+    folder = Path(folder)
+    tokenized.save_to_disk(str(folder))
+    info = {"codebook_size": model.config.codebook_size, "codebook_fingerprint": codebook_fingerprint(model)}
+    (folder / TOKENS_INFO).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    return folder
+
+
+def check_tokens_source(folder: str | Path, model) -> None:
+    """Refuse token data that `model` did not make (its recorded codebook differs); warn when none is recorded."""
+    from ..cli import codebook_fingerprint
+
+    path = Path(folder) / TOKENS_INFO
+    if not path.is_file():
+        logger.warning(
+            "%s records no tokenizer (%s is missing: made with save_to_disk rather than save_tokens or "
+            "`cdb-vq tokenize`): it cannot be checked against the tokenizer given.", folder, TOKENS_INFO
+        )
+        return
+    try:
+        recorded = json.loads(path.read_text(encoding="utf-8"))["codebook_fingerprint"]
+    except (ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"{path} is damaged ({error}).") from None
+    if recorded != codebook_fingerprint(model):
+        raise ValueError(
+            f"{folder} was tokenised by another tokenizer (codebook fingerprint {recorded}, the tokenizer given has "
+            f"{codebook_fingerprint(model)}): its ids index other codes. Tokenise the images again with this one."
+        )
 
 
 def _default_device() -> torch.device:
