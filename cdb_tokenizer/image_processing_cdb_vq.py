@@ -467,20 +467,26 @@ def _pil_to_tensor(image: PIL.Image.Image, do_convert_rgb: bool) -> torch.Tensor
 
 
 def greyscale_intensities(image: PIL.Image.Image) -> torch.Tensor | None:
-    """(1, H, W) float [0, 255] intensities of a float ("F", read as [0, 1] like float arrays) or 16/32-bit integer
-    ("I;16", "I": PIL opens 16-bit PNGs as either; read as [0, 65535]) greyscale image, whose values PIL's
-    convert("RGB") would clip at 255; None for any other mode. Values outside those ranges are refused."""
+    """(1, H, W) float [0, 255] intensities of a float ("F") or 16/32-bit integer ("I;16", "I") greyscale image,
+    whose values PIL's convert("RGB") would clip at 255; None for any other mode.
+
+    "I;16" is read as [0, 65535]. "I" (PIL opens some 16-bit PNGs so, and `convert("I")` of an 8-bit image too) is
+    read as [0, 255] when no value exceeds 255, else as [0, 65535]. "F" is read as [0, 1] (as float arrays are) when
+    no value exceeds 1, else as PIL's [0, 255]. Values outside those ranges are refused.
+    """
     if not (image.mode in ("F", "I") or image.mode.startswith("I;16")):
         return None
     array = np.asarray(image, dtype=np.float32)
+    if not np.isfinite(array).all():
+        raise ValueError(f"Image (PIL mode {image.mode}) contains NaN or infinite values.")
+    low, high = (float(array.min()), float(array.max())) if array.size else (0.0, 0.0)
     if image.mode == "F":
-        return _to_intensity_scale(torch.from_numpy(array.copy())[None])
-    if array.size and (array.min() < 0 or array.max() > 65535):
-        raise ValueError(
-            f"16-bit greyscale images (PIL mode {image.mode}) must have values in [0, 65535], got "
-            f"[{array.min():.0f}, {array.max():.0f}]."
-        )
-    return torch.from_numpy(array * (255.0 / 65535.0))[None]
+        top = 1.0 if high <= 1.0 else 255.0
+    else:
+        top = 255.0 if image.mode == "I" and high <= 255 else 65535.0
+    if low < 0 or high > top:
+        raise ValueError(f"greyscale images of PIL mode {image.mode} must have values in [0, {top:g}], got [{low:g}, {high:g}].")
+    return torch.from_numpy(array * (255.0 / top))[None]
 
 
 def _upright(image: PIL.Image.Image) -> PIL.Image.Image:

@@ -483,12 +483,13 @@ class CDBVQModel(CDBVQPreTrainedModel):
     def _inference_tokens(self, pixel_values: torch.Tensor) -> torch.LongTensor:
         """The (batch, h, w) tokens `encode` picks in eval mode, whatever mode the model is in: in training mode it
         would also update the codebook and usage statistics (and `sinkhorn` would pick by the batch's plan)."""
-        was_training = self.training
+        modes = [(module, module.training) for module in self.modules()]
         self.eval()
         try:
             return self.encode(pixel_values).image_tokens
         finally:
-            self.train(was_training)
+            for module, training in modes:  # each as it was (a frozen encoder stays in eval mode)
+                module.training = training
 
     @torch.no_grad()
     def decode_image_tokens(

@@ -104,16 +104,18 @@ def test_float_and_16_bit_greyscale_pil_images_keep_their_values(camera):
     processor = CDBVQImageProcessor(do_resize=False, do_center_crop=False)
     expected = processor(camera, return_tensors="pt")["pixel_values"]
     images = {
-        "F": PIL.Image.fromarray(camera.astype(np.float32) / 255.0),
-        "I": PIL.Image.fromarray(camera.astype(np.int32) * 257),
+        "F in [0, 1]": PIL.Image.fromarray(camera.astype(np.float32) / 255.0),
+        "F in [0, 255]": PIL.Image.fromarray(camera).convert("F"),  # PIL's own scale
+        "I, 16-bit": PIL.Image.fromarray(camera.astype(np.int32) * 257),
+        "I, 8-bit": PIL.Image.fromarray(camera).convert("I"),
         "I;16": PIL.Image.fromarray(camera.astype(np.uint16) * 257),
     }
-    for mode, image in images.items():
-        assert image.mode == mode
-        torch.testing.assert_close(processor(image, return_tensors="pt")["pixel_values"], expected, atol=1e-5, rtol=0)
-    with pytest.raises(ValueError, match=r"values in \[0, 1\]"):
-        processor(PIL.Image.fromarray(camera.astype(np.float32)))
-    with pytest.raises(ValueError, match=r"16-bit greyscale images \(PIL mode I\) must have values in \[0, 65535\]"):
+    for name, image in images.items():
+        assert image.mode == name.split(",")[0].split(" ")[0], name
+        torch.testing.assert_close(processor(image, return_tensors="pt")["pixel_values"], expected, atol=1e-5, rtol=0, msg=name)
+    with pytest.raises(ValueError, match=r"PIL mode F must have values in \[0, 255\]"):
+        processor(PIL.Image.fromarray(camera.astype(np.float32) * 2))
+    with pytest.raises(ValueError, match=r"PIL mode I must have values in \[0, 65535\]"):
         processor(PIL.Image.fromarray(camera.astype(np.int32) * 1000))
 
 

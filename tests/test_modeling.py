@@ -197,9 +197,10 @@ def test_inference_helpers_leave_a_training_model_unchanged(photo_batch):
     model = tiny_model().train()
     model(photo_batch)  # initialises the codebook, as training would
     state = {name: value.clone() for name, value in model.state_dict().items()}
+    model.encoder.eval()  # a frozen part stays as it was set, too
     tokens = model.get_image_tokens(photo_batch)
     roles = model.role_map(photo_batch)
-    assert model.training
+    assert model.training and model.quantizer.training and not model.encoder.training
     for name, value in model.state_dict().items():
         assert torch.equal(value, state[name]), name
     model.eval()

@@ -24,7 +24,9 @@ from cdb_tokenizer.tools.priors import (
     PriorCollator,
     PriorVocabulary,
     build_prior,
+    check_tokens_source,
     load_prior,
+    load_tokenizer,
     photo_crops_dataset,
     sample_image_tokens,
     sample_images,
@@ -217,6 +219,10 @@ def test_cli_tokenize_uses_max_image_pixels_throughout(tokenizer, photo_set, tmp
     assert len(datasets.load_from_disk(str(tmp_path / "tokens"))) == 3
     info = json.loads((tmp_path / "tokens" / "cdb_vq_tokens.json").read_text())
     assert info["codebook_size"] == model.config.codebook_size and len(info["codebook_fingerprint"]) == 16
+    # Tokenised in bfloat16, the data still record the saved (float32) codebook, which train_prior.py loads.
+    assert main(argv[:-4] + ["--out", str(tmp_path / "tokens_bf16"), "--max_image_pixels", "3000", "--dtype", "bfloat16"]) == 0
+    loaded, _ = load_tokenizer(str(tmp_path / "tokenizer"))
+    check_tokens_source(tmp_path / "tokens_bf16", loaded)  # raises when the fingerprint is of the cast codes
 
 
 def test_train_prior_refuses_tokens_of_another_tokenizer(tokenizer, photo_set, tmp_path, fresh_accelerator_state):

@@ -175,6 +175,12 @@ def test_resuming_from_an_earlier_checkpoint_sets_the_later_ones_aside(tmp_path)
     main(run + ["--max_train_steps", "4", "--resume_from_checkpoint", str(checkpoints / "checkpoint-2")])
     # checkpoint-2 (resumed from) and this run's 3 and 4 count; the abandoned run's 3 is kept aside, never rotated.
     assert sorted(p.name for p in checkpoints.iterdir()) == ["abandoned-checkpoint-3", "checkpoint-3", "checkpoint-4"]
+    main(run + ["--max_train_steps", "4", "--resume_from_checkpoint", str(checkpoints / "checkpoint-3")])
+    # Going back a second time: a free name, no error.
+    assert sorted(p.name for p in checkpoints.iterdir()) == [
+        "abandoned-checkpoint-3", "abandoned-checkpoint-4", "checkpoint-3", "checkpoint-4"]  # fmt: skip
+    main(run + ["--max_train_steps", "4", "--resume_from_checkpoint", str(checkpoints / "checkpoint-3")])
+    assert "abandoned-checkpoint-4-2" in {p.name for p in checkpoints.iterdir()}
 
 
 def test_losses_that_stay_nan_stop_cleanly_keeping_the_checkpoint(tmp_path, monkeypatch):

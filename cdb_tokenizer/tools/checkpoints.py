@@ -9,6 +9,7 @@ JSON, never as a pickle.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -157,19 +158,21 @@ ABANDONED_PREFIX = "abandoned-"
 
 
 def set_aside_later_checkpoints(accelerator: Accelerator, output_dir: str | Path, step: int) -> list[Path]:
-    """Rename the checkpoints of `output_dir` later than `step` (a run resumed from an earlier checkpoint than its
-    last) to `abandoned-checkpoint-<step>`: `latest` must not lead back to the run that was abandoned, and the
-    rotation must not count them. Nothing is deleted; returns the new names (on the main process)."""
+    """Rename the complete checkpoints of `output_dir` later than `step` (a run resumed from an earlier checkpoint
+    than its last) to `abandoned-checkpoint-<step>` (`-2`, `-3`, ... when going back a second time): `latest` must
+    not lead back to the run that was abandoned, and the rotation must not count them. Nothing is deleted
+    (incomplete later folders stay where they are, skipped by `latest` and replaced when this run writes that step);
+    returns the new names (on the main process)."""
     moved = []
     if accelerator.is_main_process:
         folder = Path(output_dir) / "checkpoints"
-        for path in checkpoint_dirs(output_dir):
+        for path in complete_checkpoints(output_dir)[0]:
             if _step_of(path) > step:
                 target = folder / f"{ABANDONED_PREFIX}{path.name}"
-                if target.exists():
-                    raise CheckpointError(
-                        f"{path} is later than the step resumed from ({step}), and {target} is taken; move one away."
-                    )
+                for attempt in itertools.count(2):
+                    if not os.path.lexists(target):
+                        break
+                    target = folder / f"{ABANDONED_PREFIX}{path.name}-{attempt}"
                 os.replace(path, target)
                 moved.append(target)
         if moved:

@@ -38,6 +38,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
+from .loading import is_local_path, looks_like_path
+
 
 TOKEN_FILE_FORMAT = "cdb-vq-tokens"
 TOKEN_FILE_VERSION = "1"
@@ -101,8 +103,8 @@ def load_model(name_or_path: str, device: str | None = None, dtype: str = "float
         if not (path / "config.json").is_file():
             raise CLIError(f"--model {name_or_path} has no config.json: it is not a saved model folder.")
         model_id = str(path.resolve())
-    elif _is_local_path(name_or_path):
-        hint = "" if _looks_like_path(name_or_path) else (
+    elif is_local_path(name_or_path):
+        hint = "" if looks_like_path(name_or_path) else (
             f" (read as a path because a folder {name_or_path.split('/')[0]}/ is here; run from elsewhere for the Hub "
             "repo of that name)"
         )
@@ -213,17 +215,6 @@ def _read_model_config(name: str, model_id: str) -> dict:
 def _first_line(error: BaseException) -> str:
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
-
-
-def _looks_like_path(name: str) -> bool:
-    """Names no Hub id can have: relative or absolute paths, home folders, a trailing slash."""
-    return name.startswith((".", "/", "~")) or name.endswith(("/", "\\")) or "\\" in name or name.count("/") > 1
-
-
-def _is_local_path(name: str) -> bool:
-    """A path that does not exist but is meant as a local one: `_looks_like_path`, or its first part is a local
-    folder (`outputs/typo` beside an `outputs/` folder), so it is not taken for a Hub id (org/name)."""
-    return _looks_like_path(name) or ("/" in name and Path(name.split("/")[0]).is_dir())
 
 
 def check_image_files(paths: Sequence[str], max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> list[Path]:
@@ -421,7 +412,7 @@ def open_dataset(data: str, image_column: str, split: str):
         ) from None
     path = Path(data).expanduser()
     try:
-        if path.exists() or _is_local_path(data):
+        if path.exists() or is_local_path(data):
             if not path.is_dir():
                 raise CLIError(f"--data {data}: no such folder.")
             return load_image_dataset(train_data_dir=str(path), split=split, image_column=image_column)
@@ -896,7 +887,7 @@ def tokenize_command(args: argparse.Namespace) -> None:
         dataset = dataset.select(range(min(args.max_images, len(dataset))))
     if os.path.lexists(args.out) and not Path(args.out).is_dir():
         raise CLIError(f"--out {args.out} exists and is not a folder; give a new path or a folder.")
-    model, processor, _, _ = load_model(args.model, args.device, args.dtype, args.trust_remote_code)
+    model, processor, _, fingerprint = load_model(args.model, args.device, args.dtype, args.trust_remote_code)
     total = len(dataset)
     max_pixels = args.max_image_pixels
     dataset = dataset.filter(
@@ -921,7 +912,7 @@ def tokenize_command(args: argparse.Namespace) -> None:
     except ValueError as error:
         raise CLIError(str(error)) from None
     skipped = total - len(tokenized)  # every image dropped, by the check or while tokenising
-    save_tokens(tokenized, args.out, model)  # with the codebook it indexes, checked by train_prior.py
+    save_tokens(tokenized, args.out, model, fingerprint)  # the codebook it indexes (before --dtype's cast)
     length = len(tokenized[0]["image_tokens"])
     print(
         f"tokenized {len(tokenized)} images ({skipped} unreadable skipped) into {args.out}: columns "

@@ -2,10 +2,22 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import AutoImageProcessor, AutoModel
+
+
+def looks_like_path(name: str) -> bool:
+    """Names no Hub id can have: relative or absolute paths, home folders, a trailing slash, backslashes."""
+    return name.startswith((".", "/", "~")) or name.endswith(("/", "\\")) or "\\" in name or name.count("/") > 1
+
+
+def is_local_path(name: str) -> bool:
+    """A name meant as a local path (so a missing one is "no such folder", never a Hub look-up): `looks_like_path`,
+    or its first part is a local folder (`outputs/typo` beside an `outputs/` folder)."""
+    return looks_like_path(name) or ("/" in name and Path(name.split("/")[0]).is_dir())
 
 
 def load_tokenizer(

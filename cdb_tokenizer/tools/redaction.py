@@ -3,9 +3,10 @@
 - `redact_secrets` drops every secret-named key (`hub_token`, `*_token`, `*secret*`, `*password*`, `*api_key*`, ...)
   at any depth of dicts and lists, and blanks Hugging Face tokens (`hf_...`) inside any string. It is applied to
   `training_config.json` and to the trackers' configuration (TensorBoard hparams, W&B config).
-- `scrub_local_paths` cuts every local path (POSIX, `~/`, `./` and `../`, `file://`, Windows `C:\\` or `C:/`, UNC
-  `\\\\server\\share`, with spaces, after a `kind:` prefix such as `text:/home/me/labels.txt`, nested in lists and
-  dicts) to its last part.
+- `scrub_local_paths` cuts every local path to its last part: a value that is one (POSIX, `~/`, `./` and `../`,
+  `file://`, Windows `C:\\` or `C:/`, UNC `\\\\server\\share`, with spaces, after a `kind:` prefix such as
+  `text:/home/me/labels.txt`, nested in lists and dicts), and absolute, `~/`, Windows and UNC paths inside free text
+  (relative ones there cannot be told from prose).
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, GenerationConfig, GPT2Config, LlamaConfig, PreTrainedModel
 
+from ..loading import is_local_path
 from .vocabulary import PriorVocabulary
 
 PRIOR_CONFIG_NAME = "prior_config.json"
@@ -184,12 +185,6 @@ def save_prior(
     return output_dir
 
 
-def _looks_local(name: str) -> bool:
-    """A name meant as a local path, never a Hub id: it starts with . / ~, or its first component is a local folder."""
-    parts = Path(name).parts
-    return name.startswith((".", "/", "~")) or (len(parts) > 1 and Path(parts[0]).is_dir())
-
-
 def load_prior_config(name_or_path: str | Path, revision: str | None = None) -> tuple[dict[str, Any], str]:
     """(`prior_config.json` of a prior saved by `save_prior`, where to load its weights from: the folder or Hub id).
     A mistyped local path is a `FileNotFoundError`, never a Hub lookup."""
@@ -201,7 +196,7 @@ def load_prior_config(name_or_path: str | Path, revision: str | None = None) -> 
         if not config_file.is_file():
             raise FileNotFoundError(f"{config_file} not found: {path} is not a prior saved by train_prior.py / save_prior.")
         return json.loads(config_file.read_text()), str(path)
-    if isinstance(name_or_path, Path) or _looks_local(str(name_or_path)):
+    if isinstance(name_or_path, Path) or is_local_path(str(name_or_path)):
         problem = "is not a folder" if path.exists() else "no such folder"
         raise FileNotFoundError(f"prior {str(name_or_path)!r}: {problem} (give the folder train_prior.py wrote).")
     config_file = hf_hub_download(str(name_or_path), PRIOR_CONFIG_NAME, revision=revision)

@@ -19,14 +19,18 @@ logger = logging.getLogger(__name__)
 TOKENS_INFO = "cdb_vq_tokens.json"
 
 
-def save_tokens(tokenized, folder: str | Path, model) -> Path:
+def save_tokens(tokenized, folder: str | Path, model, fingerprint: str | None = None) -> Path:
     """`tokenized.save_to_disk(folder)`, plus `cdb_vq_tokens.json` recording the codebook the ids index (its size
-    and fingerprint), so that a prior is never trained with, or decoded by, another tokenizer by mistake."""
+    and fingerprint), so that a prior is never trained with, or decoded by, another tokenizer by mistake.
+
+    `fingerprint` is `cdb_tokenizer.tools.cli.codebook_fingerprint` of the model as saved (float32 codes); give it
+    when `model` was cast to half precision (its codes then round, and so would a fingerprint taken now)."""
     from ..cli import codebook_fingerprint
 
     folder = Path(folder)
     tokenized.save_to_disk(str(folder))
-    info = {"codebook_size": model.config.codebook_size, "codebook_fingerprint": codebook_fingerprint(model)}
+    fingerprint = fingerprint or codebook_fingerprint(model)
+    info = {"codebook_size": model.config.codebook_size, "codebook_fingerprint": fingerprint}
     (folder / TOKENS_INFO).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
     return folder
 
