@@ -170,7 +170,7 @@ def sinkhorn_potentials(
 
 def float32_maths(device: torch.device) -> torch.autocast | contextlib.nullcontext:
     """Switch autocast off: in bf16, ||z||^2 - 2 z.e + ||e||^2 picks other codes than the float32 inference does
-    (measured: 6% of `nearest`'s tokens for latents of mean 2), and running statistics must not round."""
+    (measured: 6% of `nearest`'s tokens for latents of mean 2, 1,024 codes), and running statistics must not round."""
     if not torch.amp.is_autocast_available(device.type):
         return contextlib.nullcontext()
     return torch.autocast(device.type, enabled=False)
