@@ -78,6 +78,10 @@ def test_load_image_dataset_errors_name_the_problem(image_folder, tmp_path):
         load_image_dataset(train_data_dir=str(image_folder), split="validation")
     with pytest.raises(ValueError, match="exactly one image source"):
         load_image_dataset()
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "readme.txt").write_text("no pictures here")
+    with pytest.raises(FileNotFoundError, match="found no images in train_data_dir"):
+        load_image_dataset(train_data_dir=str(tmp_path / "notes"))
 
 
 def test_streaming_folder_yields_undecoded_images(image_folder):

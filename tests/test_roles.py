@@ -9,7 +9,7 @@ from conftest import tiny_model
 
 from cdb_tokenizer import CDBVQConfig, CDBVQModel
 from cdb_tokenizer.quantization_cdb_vq import CDBVQQuantizer, image_signal_features, role_targets
-from cdb_tokenizer.tools.roles import role_map_figure, three_role_ranges
+from cdb_tokenizer.tools.roles import role_map_figure, save_role_map, three_role_ranges
 
 SIZE = 16
 
@@ -182,7 +182,7 @@ def test_three_role_ranges_tile_the_codebook():
         three_role_ranges(2)
 
 
-def test_role_map_is_deterministic_batch_independent_and_drawable(supervised_model):
+def test_role_map_is_deterministic_batch_independent_and_drawable(supervised_model, tmp_path):
     images = torch.cat([synthetic(kind, 2, torch.Generator().manual_seed(3)) for kind in range(3)])
     role_map = supervised_model.role_map(images)
     assert role_map.shape == (6, 8, 8) and role_map.dtype == torch.long
@@ -190,6 +190,8 @@ def test_role_map_is_deterministic_batch_independent_and_drawable(supervised_mod
     assert torch.equal(role_map[2:3], supervised_model.role_map(images[2:3]))
     figure = role_map_figure(images, role_map, supervised_model.config.role_names)
     assert figure.shape[0] == 3 and 0 <= float(figure.min()) and float(figure.max()) <= 1
+    picture = save_role_map(images, role_map, supervised_model.config.role_names, tmp_path / "new" / "role_map.png")
+    assert picture.is_file()  # its folder is created, as the other save_* functions do
     # a model without roles maps every token to role 0
     assert int(tiny_model().eval().role_map(torch.zeros(1, 3, 32, 32)).max()) == 0
 

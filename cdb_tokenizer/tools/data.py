@@ -133,6 +133,8 @@ def load_image_dataset(
             raise FileNotFoundError(f"found no images in train_data_dir {str(folder)!r}: {error}") from error
         except ValueError as error:
             _raise_if_unknown_split(error, split, f"train_data_dir {str(folder)!r}")
+            if "corresponds to no data" in str(error):  # files there, but none an image (datasets' wording)
+                raise FileNotFoundError(f"found no images in train_data_dir {str(folder)!r} (split {split!r}).") from error
             raise
         source = f"train_data_dir {str(folder)!r}"
     else:
