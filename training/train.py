@@ -72,7 +72,8 @@ from cdb_tokenizer.tools.evaluation import (
     save_usage_plot,
 )
 from cdb_tokenizer.tools.losses import LPIPSUnavailableError, PatchDiscriminator, TokenizerLoss, load_lpips, lpips_backbone_file
-from cdb_tokenizer.tools.redaction import redact_secrets, scrub_local_paths
+from cdb_tokenizer.tools.messages import first_line
+from cdb_tokenizer.tools.redaction import public_value, redact_secrets
 from cdb_tokenizer.tools.roles import role_map_figure, save_role_map
 from cdb_tokenizer.tools.runs import EMAWeights, RunLog, find_checkpoint, make_accelerator
 from cdb_tokenizer.tools.steps import TrainingParts, degradation_seed, restart_dead_codes, training_step
@@ -568,9 +569,8 @@ def resume(accelerator: Accelerator, args) -> tuple[int, dict[str, torch.Tensor]
         # accelerate reads the optimiser, scheduler and RNG states with torch.load(weights_only=True).
         accelerator.load_state(str(path))
     except Exception as error:  # noqa: BLE001 - damaged or tampered files, or another run's shapes
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise CheckpointError(
-            f"cannot resume from {path}: {type(error).__name__}: {first_line[:300]}. The checkpoint is damaged or "
+            f"cannot resume from {path}: {type(error).__name__}: {first_line(error)[:300]}. The checkpoint is damaged or "
             f"tampered with, or it belongs to a run with another configuration."
         ) from None
     step = checkpoint_step(path)
@@ -607,7 +607,7 @@ def nothing_left_to_train(args: argparse.Namespace, accelerator: Accelerator, st
 def hparams(run_config: dict) -> dict:
     """Tracker-friendly copy of the run's configuration (scalars only), without secrets (--hub_token, ...) and with
     every local path cut to its last part (trackers such as W&B upload what they are given)."""
-    public = scrub_local_paths(redact_secrets(run_config))
+    public = public_value(run_config)
     return {key: value if isinstance(value, (int, float, str, bool)) else str(value) for key, value in public.items()}
 
 

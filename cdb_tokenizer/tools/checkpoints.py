@@ -29,6 +29,8 @@ STATE_TENSORS = "training_state.safetensors"
 STATE_JSON = "training_state.json"
 TMP_SUFFIX = ".tmp"
 FORMAT_VERSION = 1
+# Later checkpoints of a run resumed from an earlier one are renamed with this prefix (never deleted).
+ABANDONED_PREFIX = "abandoned-"
 
 
 class CheckpointError(ValueError):
@@ -152,9 +154,6 @@ def save_checkpoint(
     accelerator.wait_for_everyone()
     logger.info(f"Saved checkpoint {final}.")
     return final
-
-
-ABANDONED_PREFIX = "abandoned-"
 
 
 def set_aside_later_checkpoints(accelerator: Accelerator, output_dir: str | Path, step: int) -> list[Path]:

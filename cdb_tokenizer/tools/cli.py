@@ -39,6 +39,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from .loading import is_local_path, looks_like_path
+from .messages import first_line
 
 
 TOKEN_FILE_FORMAT = "cdb-vq-tokens"
@@ -129,7 +130,7 @@ def load_model(name_or_path: str, device: str | None = None, dtype: str = "float
             # transformers' message points at its LOAD REPORT table (held back): name the weights that do not fit.
             raise CLIError(_misfit_message(name_or_path, model_id)) from None
         _show_log_records(records)
-        raise CLIError(f"could not load model {name_or_path!r}: {_first_line(error)}") from None
+        raise CLIError(f"could not load model {name_or_path!r}: {first_line(error)}") from None
     _show_log_records(records)  # e.g. the table of weights missing from the file: the model loads, the warning stays
     fingerprint = codebook_fingerprint(model)
     model.to(device=device, dtype=DTYPES[dtype])
@@ -204,17 +205,12 @@ def _read_model_config(name: str, model_id: str) -> dict:
             config_file = Path(hf_hub_download(model_id, "config.json"))
         config = json.loads(config_file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise CLIError(f"--model {name}: config.json is not valid JSON ({_first_line(error)}).") from None
+        raise CLIError(f"--model {name}: config.json is not valid JSON ({first_line(error)}).") from None
     except Exception as error:  # noqa: BLE001 - Hub errors (not found, offline, gated) have no common base class
-        raise CLIError(f"could not load model {name!r}: {_first_line(error)}") from None
+        raise CLIError(f"could not load model {name!r}: {first_line(error)}") from None
     if not isinstance(config, dict):
         raise CLIError(f"--model {name}: config.json does not hold a JSON object.")
     return config
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 def check_image_files(paths: Sequence[str], max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> list[Path]:
@@ -303,7 +299,7 @@ def check_output_file(out: str, example: str = "tokens.safetensors", option: str
     try:
         make_folder(path.parent)
     except OSError as error:
-        raise CLIError(f"{option} {out}: cannot create its folder ({_first_line(error)}).") from None
+        raise CLIError(f"{option} {out}: cannot create its folder ({first_line(error)}).") from None
     return path
 
 
@@ -315,7 +311,7 @@ def check_output_folder(out: str) -> Path:
     try:
         make_folder(path)
     except OSError as error:
-        raise CLIError(f"--out {out}: cannot create the folder ({_first_line(error)}).") from None
+        raise CLIError(f"--out {out}: cannot create the folder ({first_line(error)}).") from None
     if not os.access(path, os.W_OK | os.X_OK):
         raise CLIError(f"--out {out}: the folder is not writable.")
     return path
@@ -359,7 +355,7 @@ def replace_file(path: Path, write) -> None:
         os.chmod(temporary, mode)
         os.replace(temporary, path)
     except OSError as error:
-        raise CLIError(f"cannot write {path}: {_first_line(error)}") from None
+        raise CLIError(f"cannot write {path}: {first_line(error)}") from None
     finally:
         if os.path.lexists(temporary):
             os.unlink(temporary)
@@ -422,8 +418,7 @@ def open_dataset(data: str, image_column: str, split: str):
             f"reading data sets needs the training extras: pip install 'cdb-tokenizer[train]' ({error})."
         ) from None
     except (OSError, ValueError, ConnectionError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CLIError(f"could not open --data {data}: {first_line}") from None
+        raise CLIError(f"could not open --data {data}: {first_line(error)}") from None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1099,11 +1094,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if isinstance(error, CLIError):
             message = str(error)
         elif isinstance(error, Image.DecompressionBombError):
-            message = f"an image is too large to decode safely (a decompression bomb?): {_first_line(error)}"
+            message = f"an image is too large to decode safely (a decompression bomb?): {first_line(error)}"
         elif isinstance(error, OSError) and error.filename is not None:
-            message = f"{error.filename}: {error.strerror or _first_line(error)}"
+            message = f"{error.filename}: {error.strerror or first_line(error)}"
         else:
-            message = f"{_first_line(error)} ({type(error).__name__}{'' if args.debug else '; --debug shows where'})"
+            message = f"{first_line(error)} ({type(error).__name__}{'' if args.debug else '; --debug shows where'})"
         print(f"cdb-vq {args.command}: error: {message}", file=sys.stderr)
         return 1
     return 0

@@ -19,6 +19,7 @@ from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMe
 from tqdm.auto import tqdm
 
 from .downloads import reachable
+from .messages import first_line
 
 
 logger = logging.getLogger(__name__)
@@ -271,11 +272,10 @@ def check_image_size(height: int, width: int, name: str = "the image size") -> N
         StructuralSimilarityIndexMeasure(data_range=1.0, sync_on_compute=False)(images, images)
         PeakSignalNoiseRatio(data_range=1.0, sync_on_compute=False)(images, images)
     except Exception as error:  # noqa: BLE001 - torchmetrics raises ValueError or RuntimeError from conv2d/pad
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ValueError(
             f"{name} {height}x{width} is too small for validation: SSIM's Gaussian window (11x11, padded by 5) "
             f"does not fit "
-            f"({first_line}); use a larger size."
+            f"({first_line(error)}); use a larger size."
         ) from None
 
 

@@ -20,7 +20,7 @@ from huggingface_hub import CommitInfo, HfApi, ModelCard, ModelCardData, get_tok
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
-from .redaction import HF_TOKEN, REDACTED, collect_strings, is_secret_key, redact_secrets, scrub_local_paths
+from .redaction import HF_TOKEN, REDACTED, collect_strings, is_secret_key, public_value, scrub_local_paths
 
 
 # Package data (pyproject.toml `[tool.setuptools.package-data]`): found from a wheel install as from a checkout.
@@ -144,7 +144,7 @@ def public_fields(values: dict[str, Any]) -> dict[str, Any]:
     cache or checkpoint folders (at any depth), and every local path cut to its last part (`/home/me/photos` ->
     `photos`, `C:\\Users\\me\\data` -> `data`), in nested lists and dicts too.
     """
-    return scrub_local_paths(redact_secrets(_without_private_keys(values)))
+    return public_value(_without_private_keys(values))
 
 
 def _without_private_keys(value: Any) -> Any:
@@ -399,8 +399,7 @@ def stage_folder(
     _check_repo_id(hub_model_id)
     output_dir, staging_dir = Path(output_dir), Path(staging_dir)
     files = model_files(output_dir)
-    if staging_dir.exists() and any(staging_dir.iterdir()):
-        raise FileExistsError(f"staging directory {staging_dir} is not empty.")
+    _check_staging_dir(staging_dir)
     staging_dir.mkdir(parents=True, exist_ok=True)
     for path in files + [output_dir / name for name in EXTRA_FILES]:
         if path.is_file():
@@ -416,7 +415,7 @@ def stage_folder(
             (staging_dir / name).write_text(json.dumps(public, indent=2) + "\n")
     for name in ("config.json", "preprocessor_config.json"):  # labels and other strings: tokens and paths out too
         raw = _read_json(staging_dir / name)
-        public = scrub_local_paths(redact_secrets(raw))
+        public = public_value(raw)
         if public != raw:
             private += _removed_strings(raw, public)
             (staging_dir / name).write_text(json.dumps(public, indent=2, sort_keys=True) + "\n")
@@ -431,6 +430,11 @@ def stage_folder(
     return staging_dir
 
 
+def _check_staging_dir(staging_dir: Path) -> None:
+    if staging_dir.exists() and any(staging_dir.iterdir()):
+        raise FileExistsError(f"staging directory {staging_dir} is not empty.")
+
+
 def _scrub_safetensors_metadata(path: Path) -> list[str]:
     """Rewrite a staged safetensors file whose metadata holds a secret or a local path (the prototypes' `source`,
     e.g. `text:/home/me/labels.txt`) with that metadata cleaned; returns the strings removed."""
@@ -439,7 +443,7 @@ def _scrub_safetensors_metadata(path: Path) -> list[str]:
 
     with safe_open(str(path), framework="pt") as handle:
         metadata = handle.metadata() or {}
-    public = scrub_local_paths(redact_secrets(metadata))
+    public = public_value(metadata)
     if public == metadata:
         return []
     save_file(load_file(str(path)), str(path), metadata=public)
@@ -503,8 +507,8 @@ def push_to_hub(
     if not token:
         raise RuntimeError("no Hugging Face token: pass --token, set HF_TOKEN, or log in with `hf auth login`.")
     model_files(output_dir)  # a folder that cannot be published fails before anything is created on the Hub
-    if staging_dir is not None and Path(staging_dir).exists() and any(Path(staging_dir).iterdir()):
-        raise FileExistsError(f"staging directory {staging_dir} is not empty.")
+    if staging_dir is not None:
+        _check_staging_dir(Path(staging_dir))  # before the repository is created
     api = HfApi(token=token)
     # The full id ("name" -> "user/name") goes into the card's usage snippet.
     repo_id = api.create_repo(hub_model_id, private=private, exist_ok=True).repo_id

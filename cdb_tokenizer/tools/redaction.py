@@ -83,6 +83,11 @@ def scrub_local_paths(value: Any) -> Any:
     return value
 
 
+def public_value(value: Any) -> Any:
+    """`value` as it may leave the machine (a tracker, the Hub): `redact_secrets`, then `scrub_local_paths`."""
+    return scrub_local_paths(redact_secrets(value))
+
+
 def collect_strings(value: Any) -> list[str]:
     """Every string in a nested value (keys excluded)."""
     if isinstance(value, dict):
@@ -92,4 +97,4 @@ def collect_strings(value: Any) -> list[str]:
     return [value] if isinstance(value, str) else []
 
 
-__all__ = ["HF_TOKEN", "REDACTED", "collect_strings", "is_secret_key", "redact_secrets", "scrub_local_paths"]
+__all__ = ["HF_TOKEN", "REDACTED", "collect_strings", "is_secret_key", "public_value", "redact_secrets", "scrub_local_paths"]

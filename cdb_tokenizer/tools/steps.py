@@ -3,8 +3,8 @@
 `training_step` runs one batch: the forward pass and full loss (`compute_losses`), the backward pass and, at the end
 of an accumulation window, the clipped optimiser step, with the NaN guard: a window in which a term (or the gradient
 norm) is NaN or infinite on any process changes no weights and rolls the quantizer's codebook and statistics back to
-where the window started. `restart_dead_codes` is the
-codebook upkeep a loop calls after a good step. The benchmarks call these too, so they measure what users train.
+where the window started. `restart_dead_codes` is the codebook upkeep a loop calls after a good step. The benchmarks
+call these too, so they measure what users train.
 """
 
 from __future__ import annotations

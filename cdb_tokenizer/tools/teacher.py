@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .downloads import hub_offline, reachable
+from .messages import first_line
 from ..modeling_cdb_vq import flatten_grid
 from ..quantization_cdb_vq import kmeans
 
@@ -214,8 +215,7 @@ def load_clip_teacher(
     try:
         model, tokenizer = build_clip_model(config), _make_tokenizer(config)
     except OSError as error:  # a Hugging Face text tower or tokenizer neither cached nor downloadable
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        logger.warning("CLIP teacher unavailable, going on without it: %s: %s", description, first_line)
+        logger.warning("CLIP teacher unavailable, going on without it: %s: %s", description, first_line(error))
         return None
     if checkpoint is not None:
         if "weights_only" not in inspect.signature(open_clip.load_checkpoint).parameters:
