@@ -217,6 +217,30 @@ def test_push_to_hub_creates_repo_and_uploads_the_staged_folder(training_output)
     assert commit.commit_url.endswith("/commit/abc")
 
 
+def test_push_to_hub_removes_stale_published_files_only(training_output):
+    """A file an earlier push published and this one does not is removed in the same commit (a stale
+    model.safetensors would shadow new shards: transformers loads it first); files the user added stay."""
+    uploaded = {}
+    create_repo, create_branch, upload_folder = _mock_hub(uploaded)
+    with create_repo, create_branch, upload_folder as upload_folder:
+        push_to_hub(training_output, HUB_ID, token="hf_arg")
+    patterns = upload_folder.call_args.kwargs["delete_patterns"]
+    remote = [
+        ".gitattributes", "README.md", "notes.txt", "examples/sample.png", "model.safetensors",
+        "model-00001-of-00002.safetensors", "model.safetensors.index.json", "old_cdb_vq.py", "role_map.png",
+        "prototypes.safetensors", "metrics.json",
+    ]  # fmt: skip
+    with mock.patch.object(HfApi, "list_repo_files", return_value=remote):  # the network call only
+        deletions = HfApi()._prepare_folder_deletions(HUB_ID, None, None, "", patterns)
+    deleted = {operation.path_in_repo for operation in deletions}
+    assert deleted == set(remote) - {".gitattributes", "README.md", "notes.txt", "examples/sample.png"}
+    # every file a push may leave out (all but the card and the two configs) is cleaned up when a later one does
+    always = {"README.md", "config.json", "preprocessor_config.json"}
+    published = [name for name in uploaded["files"] if name not in always]
+    with mock.patch.object(HfApi, "list_repo_files", return_value=published):
+        assert len(HfApi()._prepare_folder_deletions(HUB_ID, None, None, "", patterns)) == len(published)
+
+
 def test_push_to_hub_token_from_environment_or_clear_error(training_output, monkeypatch, tmp_path):
     import huggingface_hub.constants
 

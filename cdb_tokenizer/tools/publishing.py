@@ -38,6 +38,11 @@ EXTRA_FILES = ("prototypes.safetensors",)
 JSON_FILES = ("metrics.json", "training_config.json")
 # Keys of training_config.json that are local folders: never published.
 PRIVATE_CONFIG_KEYS = ("output_dir", "logging_dir", "cache_dir", "resume_from_checkpoint")
+# Every file a push may publish: what a new push does not bring is removed from the repository in the same commit,
+# so a stale model.safetensors never shadows new shards (transformers loads it first), nor an old figure a new card.
+PUBLISHED_PATTERNS = [
+    "model*.safetensors", "model.safetensors.index.json", "*_cdb_vq.py", *FIGURES.values(), *EXTRA_FILES, *JSON_FILES,
+]  # fmt: skip
 
 ASSIGNMENT_DESCRIPTIONS = {
     "nearest": "nearest neighbour: each latent takes its closest code (classic VQ-VAE).",
@@ -520,6 +525,7 @@ def push_to_hub(
             repo_id=repo_id,
             folder_path=folder,
             revision=revision,
+            delete_patterns=PUBLISHED_PATTERNS,
             commit_message=commit_message or "Upload cdb-vq image tokenizer",
         )
 
