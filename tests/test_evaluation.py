@@ -293,3 +293,24 @@ def test_inception_fid_loads_cached_weights_without_network(tmp_path, monkeypatc
     fid.update(images, real=False)
     assert abs(float(fid.compute())) < 1e-2
     assert fid.real_features_sum.shape == (2048,)  # the 2,048-d pool features of the standard FID
+
+
+def test_files_are_replaced_whole_or_not_at_all(tmp_path):
+    from cdb_tokenizer.tools.files import replace_file, write_text
+
+    path = write_text(tmp_path / "report.md", "first\n")
+
+    def fail_halfway(temporary):
+        temporary.write_text("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        replace_file(path, fail_halfway)
+    assert path.read_text() == "first\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.md"]  # no temporary left behind
+    (tmp_path / "folder.md").mkdir()
+    with pytest.raises(FileExistsError, match="not a regular file"):
+        write_text(tmp_path / "folder.md", "x")
+    seen = []
+    replace_file(tmp_path / "plot.png", lambda temporary: seen.append(temporary.suffix) or temporary.write_bytes(b"x"))
+    assert seen == [".png"]  # writers that read the format from the suffix (matplotlib) still can

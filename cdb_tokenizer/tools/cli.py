@@ -38,6 +38,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
+from . import files
 from .loading import is_local_path, looks_like_path
 from .messages import first_line
 
@@ -343,29 +344,13 @@ def check_targets(paths: Sequence[Path]) -> None:
 
 
 def replace_file(path: Path, write) -> None:
-    """Write a file through `write(temporary_path)` then rename it over `path`: never half a file, never through a
-    symlink or into a device. Refuses to replace anything but a regular file. The file gets the permissions a plain
-    write would give it: those of the file it replaces, else 0o666 less the umask (not safetensors' 0o600)."""
-    if os.path.lexists(path) and not stat.S_ISREG(os.lstat(path).st_mode):
-        raise CLIError(f"{path} exists and is not a regular file (a link, folder or device); not replacing it.")
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    """`files.replace_file` with its failures as one-line CLI errors."""
     try:
-        mode = stat.S_IMODE(os.stat(path).st_mode) if path.exists() else 0o666 & ~_umask()
-        write(temporary)
-        os.chmod(temporary, mode)
-        os.replace(temporary, path)
+        files.replace_file(path, write)
+    except FileExistsError as error:  # something other than a regular file is in the way
+        raise CLIError(str(error)) from None
     except OSError as error:
         raise CLIError(f"cannot write {path}: {first_line(error)}") from None
-    finally:
-        if os.path.lexists(temporary):
-            os.unlink(temporary)
-
-
-def _umask() -> int:
-    """The process umask (reading it means setting it, so it is set straight back)."""
-    umask = os.umask(0o022)
-    os.umask(umask)
-    return umask
 
 
 def pixel_values_of(images: list[Image.Image], processor, model) -> torch.Tensor:

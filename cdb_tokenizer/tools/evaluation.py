@@ -19,6 +19,7 @@ from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMe
 from tqdm.auto import tqdm
 
 from .downloads import reachable
+from .files import replace_file
 from .messages import first_line
 
 
@@ -164,10 +165,7 @@ def save_fid_reference(metric, path: str | Path, description: str = "") -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {name: getattr(metric, name).detach().cpu().contiguous() for name in FID_REFERENCE_STATES}
     # Written aside, then renamed: the file is reused whenever it exists, so it must never be half written.
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file(tensors, str(temporary), metadata={"description": description})
-    os.replace(temporary, path)
-    return path
+    return replace_file(path, lambda temporary: save_file(tensors, str(temporary), metadata={"description": description}))
 
 
 def load_fid_reference(path: str | Path) -> dict[str, torch.Tensor]:
@@ -390,8 +388,8 @@ def save_reconstruction_figure(
     """Write `reconstruction_figure(originals, reconstructions, **kwargs)` as a PNG."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    reconstruction_figure(originals, reconstructions, **kwargs).save(path)
-    return path
+    figure = reconstruction_figure(originals, reconstructions, **kwargs)
+    return replace_file(path, lambda temporary: figure.save(temporary, format="PNG"))
 
 
 def save_usage_plot(
@@ -436,6 +434,7 @@ def save_usage_plot(
     figure.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-    return path
+    try:
+        return replace_file(path, lambda temporary: figure.savefig(temporary, dpi=100))
+    finally:
+        plt.close(figure)

@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .files import replace_file
+
 THREE_ROLES = ("structure", "texture", "colour")
 # Overlay colour of each role in role-map pictures (RGB in [0, 1]), by role name; other names cycle ROLE_PALETTE.
 ROLE_COLOURS = {"structure": (0.15, 0.45, 1.0), "texture": (1.0, 0.25, 0.1), "colour": (0.1, 0.85, 0.25)}
@@ -96,8 +98,7 @@ def save_role_map(
     array = (figure.permute(1, 2, 0).numpy() * 255).round().clip(0, 255).astype("uint8")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(array).save(path)
-    return path
+    return replace_file(path, lambda temporary: Image.fromarray(array).save(temporary, format="PNG"))
 
 
 def role_legend(role_names: list[str]) -> str:

@@ -20,6 +20,7 @@ from accelerate.logging import get_logger
 from accelerate.utils import ProjectConfiguration
 
 from .checkpoints import CheckpointError, complete_checkpoints, incomplete_reason
+from .files import write_text
 
 
 logger = get_logger(__name__, log_level="INFO")
@@ -166,9 +167,7 @@ class RunLog:
                 continue
             if isinstance(record, dict) and int(record.get("step", 0)) <= step:
                 kept.append(line)
-        temporary = self.path.with_name(self.path.name + ".tmp")
-        temporary.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-        os.replace(temporary, self.path)
+        write_text(self.path, "".join(line + "\n" for line in kept))
 
     def image(self, name: str, image: torch.Tensor, step: int) -> None:
         """Log a (3, H, W) image in [0, 1] to the trackers that take images."""
