@@ -108,6 +108,44 @@ def test_a_hugging_face_text_tower_offline_gives_none_and_one_line(monkeypatch, 
     assert len(lines) == 1 and lines[0].startswith("CLIP teacher unavailable") and "\n" not in lines[0]
 
 
+def test_torchscript_clip_files_are_never_loaded(tiny_teacher, monkeypatch, tmp_path, caplog):
+    """OpenAI's original CLIP files are TorchScript (code): the URL copy of an `openai` tag is never used, even when
+    it lies in ~/.cache/clip, and a TorchScript or pickled-object checkpoint gives the one-line 'unavailable'."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("open_clip.pretrained.download_pretrained_from_url", pytest.fail)
+    torch.jit.script(torch.nn.Linear(2, 2)).save(str(tmp_path / "ViT-B-32.pt"))  # where the clip package caches it
+    config = save_clip_config(tmp_path / "tiny_clip.json")
+    pickled = tmp_path / "pickled.pt"
+    torch.save({"state_dict": tiny_teacher.model.state_dict(), "object": time.struct_time((0,) * 9)}, pickled)
+    with caplog.at_level(logging.WARNING, logger="cdb_tokenizer.tools.teacher"):
+        assert load_clip_teacher("ViT-B-32", "openai", cache_dir=str(tmp_path)) is None
+        assert load_clip_teacher(str(config), str(tmp_path / "ViT-B-32.pt")) is None
+        assert load_clip_teacher(str(config), str(pickled)) is None
+    lines = [record.getMessage() for record in caplog.records]
+    assert len(lines) == 3 and all(line.startswith("CLIP teacher unavailable") and "\n" not in line for line in lines)
+    assert "TorchScript" in lines[0] and "TorchScript" in lines[1] and "pickled.pt" in lines[2]
+
+
+def test_prototype_files_are_checked(tmp_path):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "prototypes.safetensors"
+    for tensor, message in [
+        (torch.ones(4), "must be a \\(P, D\\) floating-point tensor"),
+        (torch.ones(3, 4, dtype=torch.long), "floating-point"),
+        (torch.full((3, 4), float("nan")), "NaN"),
+    ]:
+        save_file({"prototypes": tensor}, str(path))
+        with pytest.raises(ValueError, match=message):
+            load_prototypes(path)
+    save_file({"prototypes": torch.ones(3, 4)}, str(path), metadata={"labels": '["a", "b"]'})
+    with pytest.raises(ValueError, match="JSON list of 3 strings"):
+        load_prototypes(path)
+    path.write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="not a safetensors prototype file"):
+        load_prototypes(path)
+
+
 def test_mistakes_are_errors_not_offline(tmp_path):
     with pytest.raises(ValueError, match="unknown open_clip model"):
         load_clip_teacher("ViT-Q-99", None)

@@ -16,6 +16,8 @@ import inspect
 import json
 import logging
 import os
+import pickle
+import zipfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from urllib.parse import urlparse
@@ -43,6 +45,8 @@ TINY_CLIP_CONFIG = {
 }
 
 HF_HUB_PREFIX = "hf-hub:"
+# OpenAI's original CLIP files are TorchScript archives: code, not just tensors; their Hub copies are plain weights.
+TORCHSCRIPT_HOSTS = ("openaipublic.azureedge.net", "openaipublic.blob.core.windows.net")
 OPEN_CLIP_WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 
 
@@ -223,7 +227,13 @@ def load_clip_teacher(
                 f"open-clip-torch {open_clip.__version__} would unpickle {checkpoint} (it cannot load with "
                 "weights_only=True); upgrade it: pip install -U open-clip-torch."
             )
-        open_clip.load_checkpoint(model, checkpoint, weights_only=True)  # tensors only: a checkpoint never runs code
+        try:
+            if _is_torchscript(checkpoint):
+                raise ValueError("a TorchScript archive (it carries code, which cdb-vq never runs)")
+            open_clip.load_checkpoint(model, checkpoint, weights_only=True)  # tensors only: never runs code
+        except (RuntimeError, ValueError, KeyError, pickle.UnpicklingError) as error:
+            logger.warning("CLIP teacher unavailable, going on without it: cannot load %s: %s", checkpoint, first_line(error))
+            return None
     else:
         logger.info("CLIP teacher %s: no pretrained weights given, the weights are random.", description)
     teacher = CLIPTeacher(model, tokenizer, mean=preprocess.get("mean"), std=preprocess.get("std"), name=description)
@@ -293,6 +303,11 @@ def _tag_checkpoint(model_name: str, tag: str, tag_config: dict, cache_dir: str 
     url = tag_config.get("url", "")
     if not url:
         raise TeacherUnavailableError(f"open_clip tag {tag!r} of {model_name!r} has no download location.")
+    if urlparse(url).hostname in TORCHSCRIPT_HOSTS:
+        raise TeacherUnavailableError(
+            f"weights of {model_name} {tag!r} are not in the Hugging Face cache ({hub_location or 'no Hub copy'}), and "
+            f"its other copy ({url}) is a TorchScript archive, which cdb-vq never loads (it carries code)."
+        )
     target = Path(cache_dir or os.path.expanduser("~/.cache/clip")) / os.path.basename(url)
     if target.is_file():
         return str(target)
@@ -304,6 +319,14 @@ def _tag_checkpoint(model_name: str, tag: str, tag_config: dict, cache_dir: str 
     from open_clip.pretrained import download_pretrained_from_url
 
     return download_pretrained_from_url(url, cache_dir=str(target.parent))
+
+
+def _is_torchscript(path: str | Path) -> bool:
+    """Whether `path` is a TorchScript archive (a zip with compiled code, as OpenAI's CLIP .pt files are)."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any("/code/" in name or name.endswith("/constants.pkl") for name in archive.namelist())
 
 
 def _hub_file(repo_id: str, filenames: Sequence[str], cache_dir: str | None) -> str:
@@ -411,18 +434,35 @@ def save_prototypes(path: str | Path, prototypes: torch.Tensor, labels: Sequence
 
 def load_prototypes(path: str | Path) -> tuple[torch.Tensor, list[str] | None]:
     """Prototypes (P, D) and their labels (or None) from a file written by `save_prototypes`."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"prototype file {str(path)!r} does not exist.")
-    with safe_open(str(path), framework="pt") as handle:
-        names = list(handle.keys())
-        if "prototypes" not in names:
-            raise ValueError(f"{str(path)!r} has no 'prototypes' tensor (tensors: {names}).")
-        prototypes = handle.get_tensor("prototypes")
-        metadata = handle.metadata() or {}
-    labels = json.loads(metadata["labels"]) if metadata.get("labels") else None
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            names = list(handle.keys())
+            if "prototypes" not in names:
+                raise ValueError(f"{str(path)!r} has no 'prototypes' tensor (tensors: {names}).")
+            prototypes = handle.get_tensor("prototypes")
+            metadata = handle.metadata() or {}
+    except SafetensorError as error:
+        raise ValueError(f"{str(path)!r} is not a safetensors prototype file: {first_line(error)}") from None
+    if prototypes.ndim != 2 or prototypes.shape[0] == 0 or not prototypes.is_floating_point():
+        raise ValueError(
+            f"{str(path)!r}: 'prototypes' must be a (P, D) floating-point tensor with P >= 1, "
+            f"got shape {tuple(prototypes.shape)} of {prototypes.dtype}."
+        )
+    if not torch.isfinite(prototypes).all():
+        raise ValueError(f"{str(path)!r}: 'prototypes' holds NaN or infinite values.")
+    try:
+        labels = json.loads(metadata["labels"]) if metadata.get("labels") else None
+    except ValueError:
+        labels = ()
+    if labels is not None and (
+        not isinstance(labels, list) or len(labels) != len(prototypes) or not all(isinstance(x, str) for x in labels)
+    ):
+        raise ValueError(f"{str(path)!r}: its 'labels' metadata must be a JSON list of {len(prototypes)} strings.")
     return prototypes, labels
 
 
