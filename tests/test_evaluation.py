@@ -1,6 +1,7 @@
 """rFID and the other evaluation metrics, offline: a small random feature extractor stands in for Inception."""
 
 import json
+import os
 import logging
 import sys
 import time
@@ -134,6 +135,31 @@ def test_without_inception_weights_fid_says_so_in_one_line_at_once(no_inception_
     lines = [record.getMessage() for record in caplog.records if "rFID" in record.getMessage()]
     assert len(lines) == 1 and lines[0].startswith("rFID left out")
     assert time.monotonic() - start < 5  # no download attempted, nothing waited on
+
+
+class _RunsCode:
+    """A pickled object that writes a marker file when unpickled."""
+
+    marker = None
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_inception_weights_that_are_not_only_tensors_are_refused_unread(no_inception_weights, tmp_path):
+    # torch-fidelity loads the file with weights_only=False: it must never see one that carries code.
+    _RunsCode.marker = tmp_path / "code-ran"
+    hostile = tmp_path / "inception.pth"
+    torch.save({"weight": _RunsCode()}, hostile)
+    with pytest.raises(FIDUnavailableError, match="tensors only"):
+        fid_metric(weights_path=str(hostile))
+    os.makedirs(os.path.dirname(evaluation.inception_weights_file()))
+    torch.save({"weight": _RunsCode()}, evaluation.inception_weights_file())
+    with pytest.raises(FIDUnavailableError, match="tensors only"):
+        fid_metric()
+    assert not _RunsCode.marker.exists()
+    torch.save({"weight": torch.ones(2)}, hostile)
+    assert evaluation.inception_weights(str(hostile)) == str(hostile)
 
 
 def test_without_torch_fidelity_the_message_names_the_package(monkeypatch):

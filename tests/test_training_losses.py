@@ -2,6 +2,7 @@
 
 import dataclasses
 import inspect
+import os
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ from cdb_tokenizer.tools.losses import (
     first_nonfinite,
     hinge_discriminator_loss,
     load_lpips,
+    lpips_backbone_file,
 )
 from cdb_tokenizer.tools.roles import three_role_ranges
 from cdb_tokenizer.tools.teacher import TINY_CLIP_CONFIG, CLIPTeacher, build_clip_model
@@ -155,6 +157,35 @@ def test_missing_lpips_weights_stop_with_a_message(tmp_path, monkeypatch):
     assert load_lpips("vgg", required=False) is None
     with pytest.raises(ValueError, match="lpips network"):
         load_lpips("resnet")
+
+
+class _RunsCode:
+    """A pickled object that writes a marker file when unpickled: what a hostile cache file would carry."""
+
+    marker = None
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_lpips_weights_load_as_tensors_only(tmp_path, monkeypatch):
+    import torchvision
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    path = lpips_backbone_file("squeeze")[0]
+    os.makedirs(os.path.dirname(path))
+    backbone = torchvision.models.squeezenet1_1()
+    torch.save(backbone.state_dict(), path)
+    module = load_lpips("squeeze")
+    assert torch.equal(module.net.slice1._modules["0"].weight, backbone.features[0].weight)  # the file's weights
+    assert torch.equal(module.net.slice7._modules["12"].expand3x3.weight, backbone.features[12].expand3x3.weight)
+
+    _RunsCode.marker = tmp_path / "code-ran"
+    torch.save({"features.0.weight": _RunsCode()}, path)
+    with pytest.raises(LPIPSUnavailableError, match="as tensors"):
+        load_lpips("squeeze")
+    assert load_lpips("squeeze", required=False) is None
+    assert not _RunsCode.marker.exists()
 
 
 def _accumulating_parts(max_grad_norm: float = 1.0):

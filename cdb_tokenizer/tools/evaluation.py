@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -66,10 +67,10 @@ def inception_weights(weights_path: str | None = None, allow_download: bool = Tr
     if weights_path is not None:
         if not os.path.isfile(weights_path):
             raise FIDUnavailableError(f"the FID Inception weights file {weights_path!r} does not exist.")
-        return weights_path
+        return _tensors_only(weights_path)
     path = inception_weights_file()
     if os.path.isfile(path):
-        return path
+        return _tensors_only(path)
     if not allow_download or not reachable(INCEPTION_WEIGHTS_URL):
         raise FIDUnavailableError(
             f"the FID Inception weights are not in the torch hub cache ({path}) and cannot be downloaded now "
@@ -78,6 +79,16 @@ def inception_weights(weights_path: str | None = None, allow_download: bool = Tr
     os.makedirs(os.path.dirname(path), exist_ok=True)
     logger.info(f"Downloading the FID Inception weights to {path}.")
     torch.hub.download_url_to_file(INCEPTION_WEIGHTS_URL, path, progress=False)
+    return _tensors_only(path)
+
+
+def _tensors_only(path: str) -> str:
+    """`path` once it has loaded as tensors only. torch-fidelity then loads it with weights_only=False, which would
+    run whatever code a pickled object in the file carries; a file that holds only tensors carries none."""
+    try:
+        torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, pickle.UnpicklingError) as error:
+        raise FIDUnavailableError(f"the FID Inception weights {path} cannot be read as tensors only: {first_line(error)}") from None
     return path
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
+import warnings
 from dataclasses import dataclass, field
 from urllib.parse import urlparse
 
@@ -19,6 +21,7 @@ from torch import nn
 
 from ..modeling_cdb_vq import LOSS_WEIGHTS
 from .downloads import reachable
+from .messages import first_line
 
 logger = logging.getLogger(__name__)
 
@@ -128,7 +131,8 @@ def load_lpips(network: str = "vgg", required: bool = True) -> nn.Module | None:
 
     The LPIPS linear heads ship inside the `lpips` package; the ImageNet backbone comes from torch hub, so it is
     taken from the torch hub cache or downloaded when download.pytorch.org can be reached. With `required`, a
-    missing backbone raises `LPIPSUnavailableError` with a message that says so; without, returns `None`.
+    missing backbone raises `LPIPSUnavailableError` with a message that says so; without, returns `None`. Both
+    files are read as tensors only: one that holds anything else (a pickled object) is refused the same way.
     """
     if network not in LPIPS_NETWORKS:
         raise ValueError(f"lpips network must be one of {list(LPIPS_NETWORKS)}, got {network!r}.")
@@ -141,13 +145,31 @@ def load_lpips(network: str = "vgg", required: bool = True) -> nn.Module | None:
             f"hub cache ({path}) and cannot be downloaded now. Download them once (e.g. on a machine with network, "
             f"into $TORCH_HOME/hub/checkpoints), or pass --lpips_weight 0 to train without LPIPS."
         )
-    import warnings
-
     import lpips
 
+    # Built empty, then filled with tensors only: lpips and torchvision would unpickle (weights_only=False) whatever
+    # file lies at the torch hub cache path, and so run any code it carries.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # lpips still uses torchvision's deprecated `pretrained=` argument
-        module = lpips.LPIPS(net=network, verbose=False)
+        module = lpips.LPIPS(net=network, pretrained=False, pnet_rand=True, verbose=False)
+    heads = os.path.join(os.path.dirname(lpips.__file__), "weights", "v0.1", f"{network}.pth")
+    try:
+        backbone = torch.hub.load_state_dict_from_url(
+            url, map_location="cpu", progress=False, check_hash=True, weights_only=True
+        )
+        module.net.load_state_dict({name: backbone["features." + name.split(".", 1)[1]] for name in module.net.state_dict()})
+        head_weights = torch.load(heads, map_location="cpu", weights_only=True)
+        # The heads are lin0..linN (also reachable as lins.i); the scaling layer's constants are not in the file.
+        expected = {name for name in module.state_dict() if name.startswith("lin") and not name.startswith("lins.")}
+        if set(head_weights) != expected:
+            raise KeyError(f"expected the LPIPS heads {sorted(expected)}, found {sorted(head_weights)}")
+        module.load_state_dict(head_weights, strict=False)
+    except (OSError, RuntimeError, KeyError, pickle.UnpicklingError) as error:
+        message = f"cannot load the LPIPS {network} weights ({path} or {heads}) as tensors: {first_line(error)}"
+        if required:
+            raise LPIPSUnavailableError(message) from None
+        logger.warning(message)
+        return None
     return module.eval().requires_grad_(False)
 
 
