@@ -53,6 +53,8 @@ def test_blur_removes_high_frequencies(images):
         ("noise:0.2-0.1", "LOW <= HIGH"),
         ("jpeg:0.5", "JPEG quality is 1-100"),
         ("downscale:0.5", "a factor is >= 1"),
+        ("jpeg:0-30", "JPEG quality is 1-100"),  # would draw quality 0, the harshest JPEG, not "off"
+        ("downscale:0-4", "a factor is >= 1"),
         ("", "non-empty"),
     ],
 )
@@ -68,3 +70,21 @@ def test_strengths_in_exponent_notation_parse():
     assert [(d.low, d.high) for d in parse_degradations("noise:1e-3-2e-2")] == [(0.001, 0.02)]
     assert [(d.low, d.high) for d in parse_degradations("motion_blur:3-11")] == [(3.0, 11.0)]
     assert canonical_spec(canonical_spec("noise:1e-5-1e-4")) == canonical_spec("noise:1e-5-1e-4")
+
+
+@pytest.mark.parametrize("name", DEGRADATIONS)
+@pytest.mark.parametrize("channels", [1, 2, 4])
+def test_any_channel_count_keeps_its_shape(name, channels):
+    images = torch.rand(2, channels, 16, 16) * 2 - 1
+    degraded = degrade(images, f"{name}:{STRENGTHS[name]}|{name}:{STRENGTHS[name]}", seed=1)
+    assert degraded.shape == images.shape and (degraded - images).abs().mean() > 1e-3
+
+
+def test_degradation_seeds_stay_in_range_and_never_collide():
+    from cdb_tokenizer.tools.steps import degradation_seed
+
+    generator = torch.Generator()
+    for seed in (0, 2**32 - 1, 10**12):  # any seed train.py accepts, and larger
+        generator.manual_seed(degradation_seed(seed, 10**7, 63, 4095))
+    seeds = {degradation_seed(0, step, micro_batch, 0) for step in range(3) for micro_batch in range(130)}
+    assert len(seeds) == 3 * 130  # (step 0, micro-batch 64) used to be (step 1, micro-batch 0)

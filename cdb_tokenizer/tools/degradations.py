@@ -85,10 +85,12 @@ def parse_degradations(spec: str, whole: str | None = None) -> list[Degradation]
                 raise ValueError(f"bad strength {strength!r} for {name}: it must be between 0 and {_number(limit)}.")
         if high < low:
             raise ValueError(f"bad strength {strength!r} for {name}: LOW-HIGH needs LOW <= HIGH.")
-        if name == "jpeg" and 0 < low < 1:
-            raise ValueError(f"bad strength {strength!r} for jpeg: a JPEG quality is 1-100 (0 turns it off).")
-        if name == "downscale" and 0 < low < 1:
-            raise ValueError(f"bad strength {strength!r} for downscale: a factor is >= 1 (0 or 1 turn it off).")
+        # A range may not start in the "off" values of these two: jpeg:0-30 would draw quality 0 (the harshest JPEG,
+        # not off), downscale:0-4 the identity for a quarter of the draws.
+        if name == "jpeg" and low < 1 and high > 0:
+            raise ValueError(f"bad strength {strength!r} for jpeg: a JPEG quality is 1-100 (0 alone turns it off).")
+        if name == "downscale" and low < 1 and high > 0:
+            raise ValueError(f"bad strength {strength!r} for downscale: a factor is >= 1 (0 or 1 alone turn it off).")
         degradations.append(Degradation(name, low, high))
     return degradations
 
@@ -191,11 +193,12 @@ def jpeg(image: torch.Tensor, quality: float, generator: torch.Generator | None 
     import numpy as np
     from PIL import Image
 
+    if image.shape[0] not in (1, 3):  # JPEG codes colour as RGB only: other channel counts go one greyscale plane at a time
+        return torch.cat([jpeg(plane[None], quality) for plane in image])
     array = ((image.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
     mode = "L" if array.shape[-1] == 1 else "RGB"
     buffer = io.BytesIO()
-    picture = Image.fromarray(array[..., 0] if mode == "L" else array[..., :3])
-    picture.save(buffer, format="JPEG", quality=int(round(quality)))
+    Image.fromarray(array[..., 0] if mode == "L" else array).save(buffer, format="JPEG", quality=int(round(quality)))
     decoded = np.asarray(Image.open(io.BytesIO(buffer.getvalue())).convert(mode)).copy()
     decoded = torch.from_numpy(decoded).float()
     decoded = decoded[..., None] if decoded.ndim == 2 else decoded

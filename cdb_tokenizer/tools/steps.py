@@ -9,6 +9,7 @@ call these too, so they measure what users train.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import torch
@@ -144,8 +145,10 @@ def restart_dead_codes(model: CDBVQModel, output, seed: int, ema=None) -> int:
 
 def degradation_seed(seed: int, step: int, micro_batch: int, process_index: int) -> int:
     """Seed of the degradation of one micro-batch: a function of the run's seed, the step, the micro-batch and the
-    process, so a resumed run degrades exactly as an uninterrupted one."""
-    return ((seed * 1_000_003 + step) * 64 + micro_batch) * 4096 + process_index
+    process, so a resumed run degrades exactly as an uninterrupted one. A hash, not arithmetic: any seed, step or
+    number of micro-batches stays within the generator's 64 bits, and no two micro-batches share a seed."""
+    key = f"{seed}/{step}/{micro_batch}/{process_index}".encode()
+    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1
 
 
 def _nonfinite_anywhere(terms: dict[str, torch.Tensor], accelerator: Accelerator) -> str | None:
