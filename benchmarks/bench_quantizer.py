@@ -36,6 +36,8 @@ from common import (
     environment_summary,
     format_bytes,
     format_seconds,
+    load_line,
+    load_summary,
     markdown_table,
     median,
     report_from_worker,
@@ -316,15 +318,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="torch threads on CPU (0: torch's default); 1 gives steadier numbers on a shared machine.",
     )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--output", default="quantizer.md", help="Report name under benchmarks/results/.")
-    return parser.parse_args(argv)
+    parser.add_argument("--output", default=None,
+                        help="Report name under benchmarks/results/ (default: quantizer.md for both parts, "
+                        "quantizer_encode.md with --skip-assignment, quantizer_assignment.md with --skip-encode).")
+    args = parser.parse_args(argv)
+    if args.skip_assignment and args.skip_encode:
+        parser.error("--skip-assignment and --skip-encode leave nothing to run.")
+    if args.output is None:  # a report of one part never replaces one of both
+        part = "_encode" if args.skip_assignment else "_assignment" if args.skip_encode else ""
+        args.output = f"quantizer{part}.md"
+    return args
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    sections = []
+    load_before = load_line()
+    sections, outcomes = [], []
     if not args.skip_assignment:
         cases, skipped = planned_cases(args)
         results = []
@@ -334,6 +345,7 @@ def main(argv: list[str] | None = None) -> None:
             results.append(result)
             tqdm.write(json.dumps({k: v for k, v in result.items() if k not in ("device", "max_seconds", "threads")}))
         sections.append(assignment_section(results, skipped, args.num_latents))
+        outcomes += results
     if not args.skip_encode:
         common = {"batch_size": args.encode_batch_size, "device": args.device, "threads": args.threads}
         memory = {}
@@ -345,12 +357,18 @@ def main(argv: list[str] | None = None) -> None:
         case = {**common, "kind": "encode", "rules": list(ENCODE_RULES), "repeats": args.encode_repeats,
                 "quantizer_repeats": 20}  # fmt: skip
         print("timing whole encodes ...", flush=True)
-        sections.append(encode_section(run_worker(__file__, case, args.timeout), memory))
+        result = run_worker(__file__, case, args.timeout)
+        sections.append(encode_section(result, memory))
+        outcomes.append(result)
+    if all("error" in outcome for outcome in outcomes):  # a report without a number would replace the last good one
+        failures = " | ".join(outcome["error"] for outcome in outcomes) or "every case was skipped (see --full)"
+        raise SystemExit(f"bench_quantizer.py: no case ran, no report written: {failures}")
     report = "\n\n".join(
         [
             "# Quantizer benchmark",
             f"Command: `{command_line()}`",
             f"Measured on: {environment_summary(args.device)}.",
+            load_summary(load_before),
             (
                 "Peak memory is the extra memory over the inputs at the peak of the call (CPU: resident-set "
                 "high-water mark in a fresh process per case, one mapping per block of 64 KiB or more so that it "

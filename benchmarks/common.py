@@ -1,4 +1,5 @@
-"""Helpers shared by the benchmark scripts: timing, peak memory, one subprocess per case, markdown tables.
+"""Helpers shared by the benchmark scripts: timing, peak memory, one subprocess per case, the machine and its load,
+markdown tables, reports written whole.
 
 Peak memory on CPU is the growth of the process's resident set (RSS) over a call: the kernel's high-water mark
 (`VmHWM`) is reset just before the call by writing 5 to `/proc/self/clear_refs`, and read back after it. Each case
@@ -12,10 +13,12 @@ than the allocator's retained, fragmented heap (which, with glibc's defaults, ma
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import platform
 import re
+import shlex
 import statistics
 import subprocess
 import sys
@@ -24,6 +27,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
+from cdb_tokenizer.tools.files import write_text
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -158,19 +163,40 @@ def report_from_worker(result: dict) -> None:
 
 
 def environment_summary(device: torch.device | str = "cpu") -> str:
-    """One markdown line saying what the numbers were measured on."""
+    """One markdown line saying what the numbers were measured on (the machine's load: `load_summary`)."""
     device = torch.device(device)
     if device.type == "cuda":
         hardware = torch.cuda.get_device_name(device)
     else:
         hardware = f"{_cpu_name()}, {os.cpu_count()} logical cores, {torch.get_num_threads()} torch threads"
-    load = ""
-    if hasattr(os, "getloadavg"):
-        load = ", load average {:.1f} / {:.1f} / {:.1f} (1/5/15 min)".format(*os.getloadavg())
-    return (
-        f"{hardware}{load}; torch {torch.__version__}, Python {platform.python_version()}, "
-        f"{time.strftime('%Y-%m-%d %H:%M %Z')}"
-    )
+    return f"{hardware}; torch {torch.__version__}, Python {platform.python_version()}, {timestamp()}"
+
+
+def timestamp() -> str:
+    return time.strftime("%Y-%m-%d %H:%M %Z")
+
+
+def load_line() -> str:
+    """`uptime`'s line: the clock, and the load averages over 1, 5 and 15 min."""
+    try:
+        return subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip()
+    except OSError:
+        return "uptime unavailable"
+
+
+def load_summary(before: str) -> str:
+    """The report line of the machine's load at the run's start (`before`, a `load_line` taken then) and now: the
+    averages at the end include the run itself, those at the start show what else the machine was doing."""
+    return f"Load: before `{before}`; after `{load_line()}`."
+
+
+def require(package: str, needed_for: str, skip: str) -> None:
+    """Exit with one line before anything runs or is written when an optional `package` is missing."""
+    if importlib.util.find_spec(package) is None:
+        raise SystemExit(
+            f"{Path(sys.argv[0]).name}: {needed_for} needs `{package}`, which is not installed: "
+            f"pip install {package}, or {skip}."
+        )
 
 
 def _cpu_name() -> str:
@@ -204,18 +230,16 @@ def format_seconds(seconds: float | None) -> str:
 
 
 def write_report(name: str, text: str) -> Path:
-    """Write `benchmarks/results/<name>` and return its path."""
-    path = RESULTS_DIR / name
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-    return path
+    """Write `benchmarks/results/<name>` whole (never half a report) and return its path."""
+    return write_text(RESULTS_DIR / name, text)
 
 
 def command_line() -> str:
-    """The command that produced a report, as a user would type it from the repository root."""
+    """The command that produced a report, as a user would type it from the repository root (quoted: it pastes
+    back into a shell as it ran)."""
     script = Path(sys.argv[0]).resolve()
     try:
         script = script.relative_to(REPO_ROOT)
     except ValueError:
         pass
-    return " ".join(["python", str(script), *sys.argv[1:]])
+    return shlex.join(["python", str(script), *sys.argv[1:]])

@@ -10,12 +10,16 @@ is trained once per quantizer:
 
 Training: random crops (and flips) of the 16 scikit-image photos through the library's own training step
 (`cdb_tokenizer.tools.steps.training_step` on a CPU `Accelerator`, `TokenizerLoss` as L1 + L2, plus
-`output.vq_loss`; AdamW). Codebook upkeep is the same for every rule: k-means initialisation from the first batch's
-latents, and dead-code restarts with one threshold, a code is dead when its running share of tokens is below
-`dead_code_threshold / K` (the library's `restart_dead_codes` after every step for our rules; the same threshold in
-tokens per batch for `VectorQuantize`, which restarts internally); `--no-dead-code-restarts` turns them off for all.
-Evaluation: every non-overlapping crop of scikit-learn's two photos (a different package: no leakage) through
-`cdb_tokenizer.tools.evaluation.evaluate`. Writes `benchmarks/results/quality.md` and a code-usage plot.
+`output.vq_loss`; AdamW). Codebook updates: `nearest` and `sinkhorn` learn their codebook by gradient (unless
+`--set ema_decay=...`), `cdb` by EMA (`ema_decay`), `vqtorch` by the library's EMA (`--vq-decay`). Every rule starts
+from k-means of the first batch's latents, and dead-code restarts use one threshold, not one rule: a code is dead when
+its running share of tokens is below `dead_code_threshold / K`. Ours (`restart_dead_codes` after every step) keeps
+that share with `usage_decay` (0.99: ~100 steps) and gives a restarted code twice the threshold; `VectorQuantize`
+(inside its forward) keeps tokens per batch with its EMA decay (0.8: ~5 steps) and gives a restarted code the
+threshold itself. `--no-dead-code-restarts` turns them off for all. Evaluation: every non-overlapping crop of
+scikit-learn's two photos (a different package: no leakage) through `cdb_tokenizer.tools.evaluation.evaluate`.
+Writes `benchmarks/results/quality_seed{SEED}.md` (`quality_{rules}_seed{SEED}.md` for a subset of the rules) and
+its code-usage plot beside it.
 
     python benchmarks/quality.py                                   # defaults, ~25 min on 2 busy CPU cores
     python benchmarks/quality.py --steps 5000 --output quality_5k.md
@@ -28,11 +32,22 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from common import RESULTS_DIR, command_line, environment_summary, markdown_table, write_report
+from common import (
+    RESULTS_DIR,
+    command_line,
+    environment_summary,
+    load_line,
+    load_summary,
+    markdown_table,
+    require,
+    write_report,
+)
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -45,6 +60,11 @@ from cdb_tokenizer.tools.losses import TokenizerLoss
 from cdb_tokenizer.tools.steps import TrainingParts, restart_dead_codes, training_step
 
 RULES = ("nearest", "sinkhorn", "cdb", "vqtorch")
+# What `--set FIELD=VALUE` reaches (said in its help and in every report).
+OVERRIDES_REACH = (
+    "every rule's `CDBVQConfig`: all of it for `nearest`, `sinkhorn` and `cdb`; for `vqtorch` only the backbone "
+    "and the K, D and dead_code_threshold its `VectorQuantize` is built from"
+)
 # Parts of the model that are the same in every run (the quantizer is what differs).
 BACKBONE_PREFIXES = ("encoder.", "quant_conv.", "post_quant_conv.", "decoder.", "semantic_head.")
 
@@ -60,7 +80,10 @@ class VectorQuantizeAdapter(nn.Module):
     `forward(latents (N, D), semantic_features=None, signal_features=None) -> CDBVQQuantizerOutput` and
     `lookup(indices)`, and what the training step asks of a quantizer (`snapshot` / `restore`, `restart_dead_codes`).
     The library's commitment loss is returned unweighted as `commitment_loss` (the model applies
-    `config.commitment_weight`, as for its own quantizer); the codebook learns by EMA, so `codebook_loss` is None.
+    `config.commitment_weight`, as for its own quantizer; at eval, the mean squared latent-to-code distance, as ours);
+    the codebook learns by EMA, so `codebook_loss` is None. `codebook.weight` is the library's codebook.
+    The library replaces dead codes inside its forward; `count_replacements` wraps its codebook's `replace` so that
+    `restart_dead_codes` can report how many it replaced, as ours does.
     """
 
     def __init__(self, config: CDBVQConfig, decay: float = 0.8, threshold_ema_dead_code: float = 0.0):
@@ -77,6 +100,8 @@ class VectorQuantizeAdapter(nn.Module):
             threshold_ema_dead_code=threshold_ema_dead_code,
             commitment_weight=1.0,
         )
+        self.replaced = 0
+        count_replacements(self)
 
     def forward(
         self,
@@ -88,10 +113,12 @@ class VectorQuantizeAdapter(nn.Module):
         indices = indices[0]
         counts = torch.bincount(indices, minlength=self.codebook_size).float()
         share = counts / counts.sum().clamp_min(1.0)
+        if not self.training:  # the library's loss is 0 at eval; the model checks this one for NaN, as ours gives it
+            loss = F.mse_loss(self.lookup(indices), latents.detach())
         return CDBVQQuantizerOutput(
             quantized=quantized[0],
             indices=indices,
-            commitment_loss=loss.sum() if self.training else None,
+            commitment_loss=loss.sum(),
             utilization=(counts > 0).float().mean(),
             perplexity=torch.exp(-(share * share.clamp_min(1e-12).log()).sum()),
         )
@@ -99,16 +126,38 @@ class VectorQuantizeAdapter(nn.Module):
     def lookup(self, indices: torch.Tensor) -> torch.Tensor:
         return F.embedding(indices, self.vq.codebook)
 
+    @property
+    def codebook(self) -> SimpleNamespace:
+        """The codes (K, D) as `codebook.weight`, where the model checks them for NaN/inf."""
+        return SimpleNamespace(weight=self.vq.codebook)
+
     def snapshot(self) -> dict[str, torch.Tensor]:
         """A copy of the codebook and its EMA state, for `restore` to undo a step whose loss was not finite."""
         return {name: value.detach().clone() for name, value in self.state_dict().items()}
 
     def restore(self, snapshot: dict[str, torch.Tensor]) -> None:
         self.load_state_dict(snapshot)
+        self.replaced = 0  # the undone step's replacements are undone too
 
     def restart_dead_codes(self, latents: torch.Tensor, seed: int = 0, signal_features=None) -> int:
-        """Nothing to do here: `VectorQuantize` replaces its dead codes inside its forward."""
-        return 0
+        """Nothing to restart here (`VectorQuantize` replaced its dead codes inside its forward): how many codes it
+        replaced since the last call."""
+        replaced, self.replaced = self.replaced, 0
+        return replaced
+
+
+def count_replacements(adapter: VectorQuantizeAdapter) -> None:
+    """Count the codes `VectorQuantize` replaces into `adapter.replaced`: the rows of its codebook that its `replace`
+    changes (it may replace only some of the dead codes it is given, when they outnumber the batch's latents)."""
+    codebook = adapter.vq._codebook
+    replace = codebook.replace
+
+    def counted(*args, **kwargs):
+        before = codebook.embed.detach().clone()
+        replace(*args, **kwargs)
+        adapter.replaced += int((codebook.embed.detach() != before).any(-1).sum())
+
+    codebook.replace = counted
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -177,15 +226,20 @@ def small_config(args: argparse.Namespace, assignment: str) -> CDBVQConfig:
     return CDBVQConfig(**fields)
 
 
+def vqtorch_threshold(args: argparse.Namespace, config: CDBVQConfig) -> float:
+    """`VectorQuantize`'s `threshold_ema_dead_code` (tokens per batch) at our threshold's share of the tokens,
+    `dead_code_threshold / K`."""
+    tokens_per_batch = args.batch_size * (args.resolution // config.downsampling_factor) ** 2
+    return config.dead_code_threshold * tokens_per_batch / config.codebook_size
+
+
 def build_model(args: argparse.Namespace, rule: str, backbone: dict[str, torch.Tensor]) -> CDBVQModel:
     """A model for `rule` whose backbone starts from `backbone` (the same weights for every rule)."""
     config = small_config(args, "nearest" if rule == "vqtorch" else rule)
     torch.manual_seed(args.seed)
     model = CDBVQModel(config)
     if rule == "vqtorch":
-        tokens_per_batch = args.batch_size * (args.resolution // config.downsampling_factor) ** 2
-        # Same dead-code rule as ours: expected tokens per batch below dead_code_threshold / K of the batch.
-        threshold = config.dead_code_threshold * tokens_per_batch / config.codebook_size
+        threshold = vqtorch_threshold(args, config)
         model.quantizer = VectorQuantizeAdapter(config, decay=args.vq_decay, threshold_ema_dead_code=threshold)
     missing = [name for name in backbone if name not in model.state_dict()]
     if missing:
@@ -211,7 +265,8 @@ def training_parts(model: CDBVQModel, learning_rate: float, loss_module: Tokeniz
 
 def train_step(parts: TrainingParts, pixel_values: torch.Tensor, step: int, inputs: torch.Tensor | None = None) -> dict:
     """One step of the library's training step (L1 + L2 + vq_loss), then dead-code restarts (our quantizer;
-    VectorQuantize restarts inside its forward). `inputs`: the encoder's input when it is not `pixel_values`."""
+    VectorQuantize replaces inside its forward, and its adapter reports how many codes). `inputs`: the encoder's
+    input when it is not `pixel_values`."""
     terms, bad_term, output = training_step(parts, pixel_values, step, inputs=inputs)
     restarted = 0 if bad_term else restart_dead_codes(parts.unwrapped, output, seed=step)
     return {
@@ -354,8 +409,45 @@ def targets(results: dict[str, dict], usage_target: float) -> list[str]:
     return lines
 
 
+def codebook_updates(args: argparse.Namespace) -> str:
+    """How each rule of the run learns its codebook, read from the configs it ran with."""
+    updates = []
+    for rule in args.rules:
+        if rule == "vqtorch":
+            updates.append(f"`vqtorch` the library's EMA (decay {args.vq_decay})")
+        else:
+            decay = small_config(args, rule).ema_decay
+            updates.append(f"`{rule}` " + ("gradient (ema_decay None)" if decay is None else f"EMA (decay {decay})"))
+    return "Codebook updates: " + ", ".join(updates) + "."
+
+
+def dead_code_upkeep(args: argparse.Namespace) -> str:
+    """The dead-code restarts of the run: one threshold for all rules, but each keeps its own running usage."""
+    if not args.dead_code_restarts:
+        return "Dead-code restarts: off for all."
+    config = small_config(args, "cdb")
+    text = (
+        f"Dead-code restarts: the same threshold for all, not the same rule: a code is dead when its running share of "
+        f"tokens is below dead_code_threshold / K = {config.dead_code_threshold} / {config.codebook_size}. Ours "
+        f"(`restart_dead_codes` after each step) keeps that share with usage_decay {config.usage_decay} "
+        f"({remembered_steps(config.usage_decay)}) and sets a restarted code's usage to twice the threshold"
+    )
+    if "vqtorch" in args.rules:
+        text += (
+            f"; `VectorQuantize` (inside its forward) keeps tokens per batch with its EMA decay {args.vq_decay} "
+            f"({remembered_steps(args.vq_decay)}) against threshold_ema_dead_code "
+            f"{vqtorch_threshold(args, config):.3g} tokens, and sets a replaced code's count to the threshold itself"
+        )
+    return text + "."
+
+
+def remembered_steps(decay: float) -> str:
+    """How many steps a running average of this decay is about a mean over."""
+    return f"~{1 / (1 - decay):.0f} steps" if decay < 1 else "never forgets"
+
+
 def report(
-    args: argparse.Namespace, results: dict[str, dict], plot_name: str, num_held_out: int, minutes: float
+    args: argparse.Namespace, results: dict[str, dict], plot_name: str, num_held_out: int, minutes: float, load: str
 ) -> str:
     rows = [
         [
@@ -370,7 +462,9 @@ def report(
                "train L1+L2 (last 50)", "codes restarted", "s / step"]  # fmt: skip
     config = small_config(args, "cdb")
     num_tokens = num_held_out * (args.resolution // config.downsampling_factor) ** 2
-    overrides = f" Config overrides for our rules: `{json.dumps(args.overrides)}`." if args.overrides else ""
+    overrides = ""
+    if args.overrides:
+        overrides = f" Config overrides (`--set`, {OVERRIDES_REACH}): `{json.dumps(args.overrides)}`."
     return "\n".join(
         [
             "# Quality benchmark: assignment rules on real photos",
@@ -378,6 +472,8 @@ def report(
             f"Command: `{command_line()}` ({minutes:.1f} min in all)",
             "",
             f"Measured on: {environment_summary()}.",
+            "",
+            load,
             "",
             f"Setup: `CDBVQModel` with base_channels {config.base_channels}, channel_multipliers {config.channel_multipliers}, "
             f"1 res block per level, latent_dim {config.latent_dim}, K = {config.codebook_size}, codebook_dim "
@@ -387,14 +483,10 @@ def report(
             f"{args.resolution}x{args.resolution} crops of scikit-learn's two photos "
             f"({num_tokens:,} tokens; a perfectly uniform assignment would use "
             f"{uniform_usage_ceiling(num_tokens, config.codebook_size):.1%} of the {config.codebook_size:,} codes). "
-            "Dead-code restarts: "
-            + (
-                "on for all (share < dead_code_threshold / K; our quantizer's `restart_dead_codes` after each step, "
-                f"`VectorQuantize`'s `threshold_ema_dead_code` at the same share, EMA decay {args.vq_decay})."
-                if args.dead_code_restarts
-                else "off for all."
-            )
-            + " No CLIP teacher (no weights offline): `cdb`'s semantic head learns only through the router."
+            f"{codebook_updates(args)} Every rule starts from k-means of the first batch's latents. "
+            f"{dead_code_upkeep(args)} `codes restarted` counts the codes each rule restarted over the run "
+            "(`VectorQuantize`'s own replacements for `vqtorch`)."
+            " No CLIP teacher (no weights offline): `cdb`'s semantic head learns only through the router."
             + overrides,
             "",
             markdown_table(headers, rows),
@@ -444,7 +536,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--vq-decay", type=float, default=0.8, help="EMA decay of VectorQuantize (its default).")
     parser.add_argument("--no-dead-code-restarts", dest="dead_code_restarts", action="store_false")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
-                        help="CDBVQConfig field for our rules, e.g. --set balance_weight=0.5 (repeatable).")  # fmt: skip
+                        help="A CDBVQConfig field, e.g. --set balance_weight=0.5 (repeatable); it reaches "
+                        f"{OVERRIDES_REACH}. Not `assignment` (choose the rules with --rules).")  # fmt: skip
     parser.add_argument("--eval-batch-size", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
@@ -456,9 +549,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--held-in", action="store_true",
                         help="Also measure on the training photos, and which codes idle on held-out they use.")  # fmt: skip
     parser.add_argument("--usage-target", type=float, default=0.98, help="Held-out code usage `cdb` must reach.")
-    parser.add_argument("--output", default="quality.md", help="Report name under benchmarks/results/.")
+    parser.add_argument("--output", default=None,
+                        help="Report name under benchmarks/results/ (default: quality_seed{SEED}.md, with the "
+                        "rules in the name when not all run); the usage plot goes beside it as STEM_usage.png.")
     args = parser.parse_args(argv)
     args.overrides = parse_overrides(args.overrides)
+    if "assignment" in args.overrides:
+        parser.error("--set assignment=... would set every rule's assignment (each row would no longer be its rule): "
+                     "choose the rules with --rules.")  # fmt: skip
+    if args.output is None:
+        rules = "" if set(args.rules) == set(RULES) else "_" + "_".join(args.rules)
+        args.output = f"quality{rules}_seed{args.seed}.md"
+    if "vqtorch" in args.rules:
+        require("vector_quantize_pytorch", "the `vqtorch` rule", "leave vqtorch out of --rules")
     return args
 
 
@@ -466,6 +569,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
+    load_before = load_line()
     start = time.perf_counter()
     train_photos = photo_tensors("skimage")
     held_out = grid_crops(photo_tensors("sklearn"), args.resolution)
@@ -475,13 +579,14 @@ def main(argv: list[str] | None = None) -> None:
         results[rule] = train_and_evaluate(args, rule, backbone, train_photos, held_out)
         summary = {k: round(v, 4) if isinstance(v, float) else v for k, v in results[rule].items() if k != "counts"}
         tqdm.write(json.dumps(summary))
-    stem = args.output.rsplit(".", 1)[0]
+    stem = str(Path(args.output).with_suffix(""))
     plot = save_usage_plot(
         {rule: r["counts"] for rule, r in results.items()},
         RESULTS_DIR / f"{stem}_usage.png",
         title=f"held-out code usage, K = {args.codebook_size}, {args.steps} steps",
     )
-    text = report(args, results, plot.name, held_out.shape[0], (time.perf_counter() - start) / 60)
+    minutes = (time.perf_counter() - start) / 60
+    text = report(args, results, plot.name, held_out.shape[0], minutes, load_summary(load_before))
     path = write_report(args.output, text)
     print(text)
     print(f"wrote {path} and {plot}")

@@ -28,13 +28,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import time
-from datetime import datetime, timezone
 
 import torch
 import torch.nn.functional as F
-from common import RESULTS_DIR, command_line, environment_summary, markdown_table, write_report
+from common import (
+    RESULTS_DIR,
+    command_line,
+    environment_summary,
+    load_line,
+    load_summary,
+    markdown_table,
+    timestamp,
+    write_report,
+)
 from quality import grid_crops, parse_overrides, photo_tensors, random_crops, reference_backbone, small_config, train_step, training_parts
 from tqdm.auto import tqdm
 
@@ -133,14 +140,7 @@ def separation(tokens: torch.Tensor, signals: torch.Tensor, codebook_size: int) 
     }
 
 
-def load_line() -> str:
-    try:
-        return subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip()
-    except OSError:
-        return "uptime unavailable"
-
-
-def report(args, results: dict, minutes: float, started: str, load_before: str, load_after: str, held_out: int) -> str:
+def report(args, results: dict, minutes: float, started: str, load: str, held_out: int) -> str:
     config = small_config(args, "cdb")
     lines = [
         "# Code roles and restoration",
@@ -148,7 +148,7 @@ def report(args, results: dict, minutes: float, started: str, load_before: str, 
         f"Command: `OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '(unset)')} {command_line()}`, started {started}, "
         f"{minutes:.1f} min in all; one training process at a time.",
         "",
-        f"Load: before `{load_before}`; after `{load_after}`.",
+        load,
         "",
         f"Measured on: {environment_summary()}.",
         "",
@@ -282,8 +282,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    started = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    load_before = load_line()
+    started, load_before = timestamp(), load_line()
     start = time.perf_counter()
     photos = photo_tensors(args.train_source)
     held_out = grid_crops(photo_tensors("sklearn"), args.resolution)
@@ -315,7 +314,8 @@ def main(argv: list[str] | None = None) -> None:
             large = F.interpolate(picks, scale_factor=4, mode="nearest")  # 32-pixel crops are too small to see
             path = save_role_map(large, model.role_map(picks), model.config.role_names, RESULTS_DIR / f"{stem}_role_map.png")
             args.figure = path.name
-    text = report(args, results, (time.perf_counter() - start) / 60, started, load_before, load_line(), held_out.shape[0])
+    minutes = (time.perf_counter() - start) / 60
+    text = report(args, results, minutes, started, load_summary(load_before), held_out.shape[0])
     path = write_report(args.output, text)
     print(text)
     print(f"wrote {path}")

@@ -38,8 +38,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from common import environment_summary, load_line, load_summary, timestamp
 from tqdm.auto import tqdm
 
+from cdb_tokenizer.tools.files import replace_file, write_text
 from cdb_tokenizer.tools.teacher import DEFAULT_TEMPLATE
 
 
@@ -520,6 +522,35 @@ def train_command(args: argparse.Namespace, case: str, data_dir: Path, teacher_c
     ]  # fmt: skip
 
 
+def reusable(command: list[str]) -> bool:
+    """Whether `--reuse_tokenizers` may measure the tokenizer in `command`'s output folder instead of training it:
+    yes when one is there and train.py trained it with the flags `command` gives (its `training_config.json` against
+    train.py's own parse of `command`); none there: no; one trained otherwise: exits, naming the flags that differ."""
+    model_dir = Path(command[command.index("--output_dir") + 1])
+    if not (model_dir / "model.safetensors").is_file():
+        return False
+    from cdb_tokenizer.tools.train_args import parse_args as parse_train_args
+
+    saved_path = model_dir / "training_config.json"
+    if not saved_path.is_file():
+        raise SystemExit(
+            f"--reuse_tokenizers: {model_dir} has no training_config.json, so its training flags cannot be checked "
+            "against this run's; train it afresh (drop --reuse_tokenizers) or remove the folder."
+        )
+    saved = json.loads(saved_path.read_text())
+    wanted = json.loads(json.dumps(vars(parse_train_args(command[2:])), default=str))  # as train.py wrote it
+    # `model_config` is a path flag in the parse and the model's config in the file; the model config is compared
+    # through `model_config_dict`, the one the flags build.
+    differ = sorted(key for key in (wanted.keys() & saved.keys()) - {"model_config"} if wanted[key] != saved[key])
+    if differ:
+        shown = "; ".join(f"{key}: trained with {saved[key]!r}, this run {wanted[key]!r}" for key in differ)
+        raise SystemExit(
+            f"--reuse_tokenizers: {model_dir} was trained with other flags than this run gives it ({shown}); drop "
+            "--reuse_tokenizers to train it afresh, or rerun with the flags it was trained with."
+        )
+    return True
+
+
 def run_training(command: list[str], log_path: Path, num_threads: int | None) -> float:
     """Run train.py, its output going to `log_path`; returns the wall time. Fails with the log's tail."""
     env = dict(os.environ)
@@ -558,7 +589,7 @@ def get_teacher(args: argparse.Namespace, train: LabelledImages, test: LabelledI
         "train_seconds": round(train_time, 1),
         "steps": args.teacher_steps, "batch_size": args.teacher_batch_size, "model_config": model_config,
     }  # fmt: skip
-    summary_path.write_text(json.dumps(summary, indent=2))
+    write_text(summary_path, json.dumps(summary, indent=2))  # whole or absent: --reuse_teacher reads it
     return config_path, checkpoint_path, summary
 
 
@@ -617,9 +648,10 @@ def save_token_label_maps(
     figure.suptitle("prototype label of each token's code", fontsize=10)
     figure.tight_layout(rect=(0, 0, 1 - 1.5 / figure.get_figwidth(), 1))
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=80)
-    plt.close(figure)
-    return path
+    try:
+        return replace_file(path, lambda temporary: figure.savefig(temporary, dpi=80))
+    finally:
+        plt.close(figure)
 
 
 def targets(results: dict[str, dict], num_classes: int) -> list[tuple[str, str, float, str, bool]]:
@@ -645,8 +677,9 @@ def targets(results: dict[str, dict], num_classes: int) -> list[tuple[str, str, 
 
 
 def write_report(path: Path, args: argparse.Namespace, teacher: dict, results: dict[str, dict], command: str,
-                 picture: Path | None, total_seconds: float) -> Path:  # fmt: skip
-    """The markdown report: the table, the teacher's accuracy, the targets and the exact command."""
+                 picture: Path | None, total_seconds: float, started: str, load: str) -> Path:  # fmt: skip
+    """The markdown report (written whole): the table, the teacher's accuracy, the targets, the exact command, when
+    it started and on what machine under what load (`load`: `common.load_summary`'s line)."""
     num_classes = len(FASHION_MNIST_LABELS)
     vision = teacher["model_config"]["vision_cfg"]
     first = next(iter(results.values()))
@@ -687,14 +720,14 @@ def write_report(path: Path, args: argparse.Namespace, teacher: dict, results: d
     lines += [
         f"Measures, all on the test split: **PSNR**, **SSIM**, **codes used** and **perplexity** from "
         f"`cdb_tokenizer.tools.evaluation.evaluate`. **Linear probe**: accuracy of a logistic regression (scikit-learn, "
-        f"standardised inputs) on the mean-pooled quantized features (8 numbers per image), fitted on "
-        f"{first['num_probe_train_images']} training images. **Prototype agreement**: the share of an image's tokens "
-        f"whose code's prototype label (`model.code_prototype_labels()`) is the image's label, averaged over images; "
-        f"chance is {100 / num_classes:.0f}%. **Best-labelling agreement**: the same, with each code labelled by the "
-        f"most frequent class among the probe's training images that use it: how much class the token ids carry, "
-        f"whatever labels the model stores. **Semantic head agreement**: the share of tokens whose predicted semantic "
-        f"feature (the head the router reads) is nearest the prototype of the image's class: a router that follows "
-        f"the head cannot agree more than its head does.",
+        f"standardised inputs) on the mean-pooled quantized features ({first['codebook_dim']} numbers per image), "
+        f"fitted on {first['num_probe_train_images']} training images. **Prototype agreement**: the share of an "
+        f"image's tokens whose code's prototype label (`model.code_prototype_labels()`) is the image's label, "
+        f"averaged over images; chance is {100 / num_classes:.0f}%. **Best-labelling agreement**: the same, with each "
+        f"code labelled by the most frequent class among the probe's training images that use it: how much class the "
+        f"token ids carry, whatever labels the model stores. **Semantic head agreement**: the share of tokens whose "
+        f"predicted semantic feature (the head the router reads) is nearest the prototype of the image's class: a "
+        f"router that follows the head cannot agree more than its head does.",
         "",
     ]
     checks = targets(results, num_classes)
@@ -712,14 +745,17 @@ def write_report(path: Path, args: argparse.Namespace, teacher: dict, results: d
         command,
         "```",
         "",
-        f"Total wall time {total_seconds / 60:.1f} min on {os.cpu_count()} CPU cores with {torch.get_num_threads()} "
-        f"torch thread(s) (other jobs shared the machine, so times are upper bounds). Longer runs: raise "
-        f"`--max_train_steps`, `--teacher_steps` and `--num_train_images`; flags after `--` go to every train.py run.",
+        f"Started {started}; total wall time {total_seconds / 60:.1f} min on {os.cpu_count()} CPU cores with "
+        f"{torch.get_num_threads()} torch thread(s) (other jobs shared the machine, so times are upper bounds). "
+        f"Longer runs: raise `--max_train_steps`, `--teacher_steps` and `--num_train_images`; flags after `--` go to "
+        f"every train.py run.",
+        "",
+        f"Measured on: {environment_summary()}.",
+        "",
+        load,
         "",
     ]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines))
-    return path
+    return write_text(path, "\n".join(lines))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -774,9 +810,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     args = parse_args(argv)
     command = shlex.join(["python", "benchmarks/semantic.py", *(sys.argv[1:] if argv is None else argv)])
-    start = time.time()
+    start, started = time.time(), timestamp()
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
+    load_before = load_line()
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
 
@@ -790,10 +827,12 @@ def main(argv: list[str] | None = None) -> dict:
     probe_train = train.subset(args.num_probe_images, args.seed + 1)
 
     results, models = {}, {}
-    for case in args.cases:
-        command_line = train_command(args, case, data_dir, teacher_config, teacher_checkpoint, labels_file)
+    commands = {case: train_command(args, case, data_dir, teacher_config, teacher_checkpoint, labels_file)
+                for case in args.cases}  # fmt: skip
+    reused = {case: reusable(command) for case, command in commands.items()} if args.reuse_tokenizers else {}
+    for case, command_line in commands.items():
         model_dir = Path(command_line[command_line.index("--output_dir") + 1])
-        if not (args.reuse_tokenizers and (model_dir / "model.safetensors").is_file()):
+        if not reused.get(case):
             print(f"Training '{CASES[case].name}': {' '.join(command_line[1:])}")
             model_dir.mkdir(parents=True, exist_ok=True)
             run_training(command_line, model_dir / "train.log", args.num_threads)
@@ -806,8 +845,9 @@ def main(argv: list[str] | None = None) -> dict:
     report = Path(args.report)
     picture = save_token_label_maps(models, test, report.with_name(report.stem + "_token_labels.png"), args.resolution,
                                     teacher=load_teacher(teacher_config, teacher_checkpoint))  # fmt: skip
-    (output_dir / "results.json").write_text(json.dumps({"teacher": teacher, "tokenizers": results}, indent=2))
-    write_report(report, args, teacher, results, command, picture, time.time() - start)
+    write_text(output_dir / "results.json", json.dumps({"teacher": teacher, "tokenizers": results}, indent=2))
+    load = load_summary(load_before)
+    write_report(report, args, teacher, results, command, picture, time.time() - start, started, load)
     print(f"Wrote {report} and {picture}.")
     return {"teacher": teacher, "tokenizers": results}
 

@@ -5,7 +5,8 @@ backbone against diffusers' `VQModel` with matching channels.
   and `model.decode(tokens)` (tokens -> images), in eval mode without gradients;
 - `diffusers VQModel`: the same work, `encode` + its `quantize` (images -> tokens) and `get_codebook_entry` +
   `decode(..., force_not_quantize=True)` (tokens -> images), with block_out_channels, layers_per_block,
-  norm groups, latent channels, code dimension and codebook size taken from `CDBVQConfig()`.
+  norm groups, latent channels, code dimension and codebook size taken from `CDBVQConfig()` (needs `diffusers`;
+  `--no-diffusers` leaves it out).
 
 Timing runs every model round-robin in one process (load changes hit them alike); ratios are medians of per-round
 ratios. Peak memory is measured for each (model, operation) on its first call in a fresh process (see `common.py`).
@@ -29,9 +30,12 @@ from common import (
     environment_summary,
     format_bytes,
     format_seconds,
+    load_line,
+    load_summary,
     markdown_table,
     median,
     report_from_worker,
+    require,
     run_worker,
     time_call,
     write_report,
@@ -159,9 +163,8 @@ def paired_ratio(values: list[float], baseline: list[float]) -> float:
     return median([v / b for v, b in zip(values, baseline)])
 
 
-def report(args: argparse.Namespace, timing: dict, memory: dict[tuple[str, str], dict], case: dict) -> str:
-    if "error" in timing:
-        return f"# Speed benchmark\n\nerror: {timing['error']}\n"
+def report(args: argparse.Namespace, timing: dict, memory: dict[tuple[str, str], dict], case: dict, load: str) -> str:
+    """The markdown report of a timing run that worked (`main` writes none for one that failed)."""
     seconds = timing["seconds"]
     batch = case["batch_size"]
     rows = []
@@ -185,6 +188,8 @@ def report(args: argparse.Namespace, timing: dict, memory: dict[tuple[str, str],
         "",
         f"Measured on: {environment_summary(args.device)}.",
         "",
+        load,
+        "",
         (
             f"Batch of {batch} random images of {case['resolution']}x{case['resolution']}, eval mode, no gradients, float32; "
             f"medians of {case['rounds']} round-robin rounds after one warm-up round. Peak extra memory: first call in a "
@@ -193,6 +198,7 @@ def report(args: argparse.Namespace, timing: dict, memory: dict[tuple[str, str],
         "",
         markdown_table(headers, rows),
         "",
+        *memory_failures(memory),
         "Ratios (median of per-round time ratios; below 1 means faster than the reference):",
         "",
     ]
@@ -219,6 +225,12 @@ def report(args: argparse.Namespace, timing: dict, memory: dict[tuple[str, str],
     return "\n".join(lines)
 
 
+def memory_failures(memory: dict[tuple[str, str], dict]) -> list[str]:
+    """Report lines naming the memory cases that failed (their cells read n/a)."""
+    failed = [f"{name} {op}: {result['error']}" for (name, op), result in memory.items() if "error" in result]
+    return ["Peak memory not measured for " + "; ".join(failed) + ".", ""] if failed else []
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rules", nargs="+", default=list(RULES), choices=RULES)
@@ -238,8 +250,11 @@ def main(argv: list[str] | None = None) -> None:
     from cdb_tokenizer import CDBVQConfig
 
     args = parse_args(argv)
+    if args.diffusers:
+        require("diffusers", "the diffusers VQModel baseline", "pass --no-diffusers to skip it")
     if args.threads > 0:
         torch.set_num_threads(args.threads)
+    load_before = load_line()
     config = CDBVQConfig()
     names = list(args.rules) + ([DIFFUSERS] if args.diffusers else [])
     case = {
@@ -256,7 +271,9 @@ def main(argv: list[str] | None = None) -> None:
             tqdm.write(json.dumps({k: result.get(k) for k in ("model", "operation", "peak_extra_bytes", "error")}))
     print("timing (one process, round-robin) ...", flush=True)
     timing = run_worker(__file__, {**case, "kind": "timing", "models": names, "rounds": args.rounds}, args.timeout)
-    text = report(args, timing, memory, {**case, "rounds": args.rounds})
+    if "error" in timing:  # no report: one that is only an error would replace the last good one
+        raise SystemExit(f"speed.py: the timing run failed, no report written: {timing['error']}")
+    text = report(args, timing, memory, {**case, "rounds": args.rounds}, load_summary(load_before))
     path = write_report(args.output, text)
     print(text)
     print(f"wrote {path}")

@@ -16,7 +16,7 @@ import sys
 import time
 
 import torch
-from common import command_line, environment_summary, markdown_table, median, write_report
+from common import command_line, environment_summary, load_line, load_summary, markdown_table, median, write_report
 
 import quality
 
@@ -37,7 +37,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    torch.set_num_threads(args.quality.threads)
+    if args.quality.threads > 0:
+        torch.set_num_threads(args.quality.threads)
+    load_before = load_line()
     backbone = quality.reference_backbone(args.quality)
     photos = quality.photo_tensors("skimage")
     parts = {}
@@ -66,6 +68,8 @@ def main(argv: list[str] | None = None) -> None:
         f"Command: `{command_line()}`",
         "",
         f"Measured on: {environment_summary()}.",
+        "",
+        load_summary(load_before),
         "",
         f"quality.py's model and batches (K = {args.quality.codebook_size}, D = {args.quality.codebook_dim}, batch "
         f"{args.quality.batch_size} of {args.quality.resolution}x{args.quality.resolution}); one step = forward, "

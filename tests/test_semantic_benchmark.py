@@ -16,6 +16,8 @@ BENCHMARK_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "semantic.
 
 @pytest.fixture(scope="module")
 def semantic():
+    if str(BENCHMARK_PATH.parent) not in sys.path:  # the benchmarks import their shared `common.py` as scripts do
+        sys.path.insert(0, str(BENCHMARK_PATH.parent))
     spec = importlib.util.spec_from_file_location("semantic_benchmark", BENCHMARK_PATH)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module

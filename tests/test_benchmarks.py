@@ -1,0 +1,110 @@
+"""The benchmark scripts' own plumbing: report names, refused flags, counted restarts, no error-only reports."""
+
+import importlib
+import json
+import shlex
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import tiny_config
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def load():
+    """Import a benchmark script as its own process would (they import `common.py` from their folder)."""
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS))
+    return importlib.import_module
+
+
+def test_command_line_pastes_back_as_it_ran(load, monkeypatch):
+    common = load("common")
+    argv = [str(BENCHMARKS / "quality.py"), "--set", 'code_roles={"a": [0, 8]}', "--output", "my report.md"]
+    monkeypatch.setattr(sys, "argv", argv)
+    assert shlex.split(common.command_line()) == ["python", "benchmarks/quality.py", *argv[1:]]
+
+
+def test_write_report_replaces_the_file_whole(load, tmp_path):
+    path = load("common").write_report(str(tmp_path / "report.md"), "# new\n")  # an absolute name goes where it says
+    assert path.read_text() == "# new\n" and [p.name for p in tmp_path.iterdir()] == ["report.md"]
+
+
+def test_require_names_the_package_and_the_flag_that_skips_it(load):
+    with pytest.raises(SystemExit, match="needs `no_such_package_here`.*pass --no-such to skip it"):
+        load("common").require("no_such_package_here", "the part", "pass --no-such to skip it")
+
+
+def test_quality_refuses_assignment_overrides_and_names_reports_by_seed_and_rules(load):
+    quality = load("quality")
+    with pytest.raises(SystemExit):
+        quality.parse_args(["--set", "assignment=cdb", "--rules", "nearest"])
+    assert quality.parse_args(["--seed", "3", "--rules", "nearest"]).output == "quality_nearest_seed3.md"
+    three = quality.parse_args(["--seed", "3", "--rules", "cdb", "nearest", "sinkhorn"])
+    assert three.output == "quality_cdb_nearest_sinkhorn_seed3.md"
+    assert quality.parse_args(["--output", "mine.md", "--rules", "cdb"]).output == "mine.md"
+
+
+def test_vqtorch_adapter_counts_the_codes_the_library_replaces(load):
+    pytest.importorskip("vector_quantize_pytorch")
+    quality = load("quality")
+    torch.manual_seed(0)
+    adapter = quality.VectorQuantizeAdapter(tiny_config(), threshold_ema_dead_code=2.0).train()
+    adapter(torch.randn(40, 8))  # k-means init, then the codes fewer than 2 latents chose are dead
+    assert adapter.restart_dead_codes(None) > 0  # replaced in that forward already; the count starts again
+    counts = []
+    for _ in range(3):
+        latents = torch.randn(40, 8) * 0.01
+        adapter(latents)
+        # A replaced code is one of the batch's latents (the EMA moves the others to averages).
+        replaced = int((adapter.vq.codebook[:, None] == latents[None]).all(-1).any(-1).sum())
+        counts.append((adapter.restart_dead_codes(None), replaced))
+    assert all(reported == replaced for reported, replaced in counts) and counts[0][0] > 0, counts
+    adapter(torch.randn(40, 8))
+    adapter.restore(adapter.snapshot())  # a step undone: so are its replacements
+    assert adapter.restart_dead_codes(None) == 0
+
+
+def test_quantizer_report_is_named_after_the_parts_run(load):
+    bench = load("bench_quantizer")
+    assert bench.parse_args([]).output == "quantizer.md"
+    assert bench.parse_args(["--skip-assignment"]).output == "quantizer_encode.md"
+    assert bench.parse_args(["--skip-encode"]).output == "quantizer_assignment.md"
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--skip-assignment", "--skip-encode"])
+
+
+def test_speed_writes_no_report_when_its_run_fails(load, monkeypatch, tmp_path):
+    speed = load("speed")
+    monkeypatch.setattr(speed, "run_worker", lambda script, case, *rest, **options: {**case, "error": "boom"})
+    output = tmp_path / "speed.md"
+    with pytest.raises(SystemExit, match="no report written: boom"):
+        speed.main(["--no-diffusers", "--skip-memory", "--rules", "nearest", "--output", str(output)])
+    assert not output.exists()
+
+
+def test_semantic_reuses_only_a_tokenizer_trained_with_this_runs_flags(load, tmp_path):
+    from cdb_tokenizer.tools.train_args import parse_args as parse_train_args
+
+    semantic = load("semantic")
+    args = semantic.parse_args(["--output_dir", str(tmp_path), "--max_train_steps", "3"])
+    (tmp_path / "labels.txt").write_text("a\nb\n")
+    (tmp_path / "images").mkdir()
+    teacher = (tmp_path / "t.json", tmp_path / "t.safetensors")
+    command = semantic.train_command(args, "nearest", tmp_path / "images", *teacher, tmp_path / "labels.txt")
+    model_dir = tmp_path / "tokenizers" / "nearest"
+    assert not semantic.reusable(command)  # nothing there: train it
+    model_dir.mkdir(parents=True)
+    (model_dir / "model.safetensors").write_bytes(b"")
+    with pytest.raises(SystemExit, match="no training_config.json"):
+        semantic.reusable(command)
+    saved = json.loads(json.dumps(vars(parse_train_args(command[2:])), default=str))  # as train.py writes it
+    (model_dir / "training_config.json").write_text(json.dumps({**saved, "model_config": {"codebook_size": 1024}}))
+    assert semantic.reusable(command)
+    (model_dir / "training_config.json").write_text(json.dumps({**saved, "seed": 7}))
+    with pytest.raises(SystemExit, match="seed: trained with 7, this run 0"):
+        semantic.reusable(command)
