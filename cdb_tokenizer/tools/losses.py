@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle
 import warnings
 from dataclasses import dataclass, field
 from urllib.parse import urlparse
@@ -164,7 +163,7 @@ def load_lpips(network: str = "vgg", required: bool = True) -> nn.Module | None:
         if set(head_weights) != expected:
             raise KeyError(f"expected the LPIPS heads {sorted(expected)}, found {sorted(head_weights)}")
         module.load_state_dict(head_weights, strict=False)
-    except (OSError, RuntimeError, KeyError, pickle.UnpicklingError) as error:
+    except Exception as error:  # UnpicklingError for anything but tensors, others for damaged or foreign files
         message = f"cannot load the LPIPS {network} weights ({path} or {heads}) as tensors: {first_line(error)}"
         if required:
             raise LPIPSUnavailableError(message) from None
