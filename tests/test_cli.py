@@ -238,7 +238,7 @@ def test_tokenize_saves_a_dataset_with_tokens_and_labels(files, tmp_path, capsys
             ["decode", "{tokens}", "--model", "{same_size_model}", "--out", "{tmp}/d"],
             "encoded with a different codebook",
         ),
-        (["decode", "{tokens}", "--model", "{bigger_model}", "--out", "{tmp}/d"], "tokens of a 64-code model"),
+        (["decode", "{tokens}", "--model", "{bigger_model}", "--out", "{tmp}/d"], "different codebook (64 codes"),
         (["inspect", "--model", "not a model id!"], "neither a local folder nor a valid Hub model id"),
         (["inspect", "--model", "./no/such/folder"], "no such folder"),
         (["inspect", "--model", "{root}/notes.txt"], "is a file"),
@@ -414,3 +414,241 @@ def test_inspect_codes_is_a_csv_or_json_file(files, tmp_path, capsys):
         assert main(["inspect", "--model", str(files["model"]), "--codes", str(tmp_path / name)]) == 0
     assert (tmp_path / "codes.csv").read_text().startswith("code,usage,role")
     assert len(json.loads((tmp_path / "codes.JSON").read_text())) == 64
+
+
+# ------------------------------------------------------------------------------------------------ review fixes
+
+
+def _error(capsys, command: str) -> str:
+    """The one error line of a refused command (and nothing that looks like a traceback)."""
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err, err
+    line = err.splitlines()[-1]
+    assert line.startswith(f"cdb-vq {command}: error: "), err
+    return line
+
+
+def _restoration_model(files) -> Path:
+    folder = files["root"] / "restoration_model"
+    if not folder.exists():
+        _save_tokenizer(tiny_model(seed=3, restoration_degradation="gaussian_blur:0.5-2"), folder)
+    return folder
+
+
+def _tokens(files, tmp_path: Path, name: str = "tokens.safetensors", **metadata) -> Path:
+    """A token file of the first photo written by `encode`, with metadata changed (None: removed)."""
+    path = tmp_path / name
+    assert main(["encode", _photos(files)[0], "--model", str(files["model"]), "--out", str(path)]) == 0
+    with safe_open(str(path), framework="pt") as handle:
+        original, tokens = handle.metadata(), handle.get_tensor("image_tokens")
+    changed = {key: value for key, value in {**original, **metadata}.items() if value is not None}
+    save_file({"image_tokens": tokens}, str(path), metadata=changed)
+    return path
+
+
+def test_outputs_never_replace_the_inputs(files, tmp_path, capsys):
+    victim = tmp_path / "victim"
+    shutil.copytree(files["root"] / "photos", victim)
+    photo = victim / "astronaut.png"
+    os.link(photo, tmp_path / "hard_link.png")  # the same file under another name
+    tokens = _tokens(files, tmp_path)  # of the astronaut photo: decoded to astronaut.png
+    (tmp_path / "decoded").mkdir()
+    shutil.copy(tokens, tmp_path / "decoded" / "astronaut.png")  # a token file whose decoded image lands on itself
+    original = {path: path.read_bytes() for path in [*victim.iterdir(), tmp_path / "decoded" / "astronaut.png"]}
+    model, restorer = str(files["model"]), str(_restoration_model(files))
+    refused = [
+        (["reconstruct", str(photo), "--model", model, "--out", str(victim)], photo),
+        (["restore", str(photo), "--model", restorer, "--out", str(victim)], photo),
+        (["encode", str(photo), "--model", model, "--out", str(photo)], photo),
+        (["encode", str(photo), "--model", model, "--out", str(tmp_path / "hard_link.png")], photo),
+        (["decode", str(tmp_path / "decoded" / "astronaut.png"), "--out", str(tmp_path / "decoded")],
+         tmp_path / "decoded" / "astronaut.png"),
+        (["eval", "--model", model, "--data", str(victim), "--out", str(victim / "coffee.png")],
+         victim / "coffee.png"),
+    ]
+    for arguments, source in refused:
+        assert main(arguments) == 1, arguments
+        line = _error(capsys, arguments[0])
+        assert f"would replace the input {source}" in line, line
+    assert {path: path.read_bytes() for path in original} == original
+    assert not (victim / "reconstructions").exists() and not (victim / "psnr.json").exists()
+
+
+@pytest.mark.parametrize(
+    "content, problem",
+    [
+        ("{not json", "not a valid JSON file"),
+        ({"resample": "bogus"}, "resample"),
+        ({"size": {"height": -4, "width": 0}}, "must be positive"),
+    ],
+)
+def test_a_broken_image_processor_config_is_an_error_not_the_default(files, tmp_path, capsys, content, problem):
+    folder = tmp_path / "model"
+    shutil.copytree(files["model"], folder)
+    config = folder / "preprocessor_config.json"
+    text = content if isinstance(content, str) else json.dumps({**json.loads(config.read_text()), **content})
+    config.write_text(text)
+    assert main(["inspect", "--model", str(folder)]) == 1
+    line = _error(capsys, "inspect")
+    assert f"{config}" in line and problem in line, line
+    config.unlink()  # no saved processor at all: the default one at the model's resolution
+    assert main(["encode", _photos(files)[0], "--model", str(folder), "--out", str(tmp_path / "t.safetensors")]) == 0
+
+
+@pytest.mark.parametrize(
+    "metadata, message",
+    [
+        ({"format_version": "2"}, "format version '2'"),
+        ({"format_version": None}, "does not record its format version"),
+        ({"codebook_size": None}, "does not record its codebook size"),
+        ({"grid_height": None}, "does not record its token grid height"),
+        ({"image_width": None}, "does not record its image width"),
+        ({"grid_width": "eight"}, "records grid_width 'eight'"),
+        ({"codebook_fingerprint": None}, "records no codebook fingerprint"),
+        ({"image_height": "64", "image_width": "64"}, "64x64 images from 8x8 token grids"),
+    ],
+)
+def test_token_files_must_record_what_decode_checks(files, tmp_path, capsys, metadata, message):
+    tokens = _tokens(files, tmp_path, **metadata)
+    assert main(["decode", str(tokens), "--out", str(tmp_path / "decoded")]) == 1
+    assert message in _error(capsys, "decode")
+    assert not (tmp_path / "decoded").exists()
+
+
+def test_tokens_without_a_fingerprint_decode_only_with_a_model_given_and_a_warning(files, tmp_path, capsys):
+    tokens = _tokens(files, tmp_path, codebook_fingerprint=None)
+    assert main(["decode", str(tokens), "--model", str(files["model"]), "--out", str(tmp_path / "d")]) == 0
+    assert "records no codebook fingerprint" in capsys.readouterr().err
+    assert (tmp_path / "d" / "astronaut.png").is_file()
+
+
+@pytest.mark.parametrize("link", ["reconstructions", "role_maps", "."])
+def test_output_folders_that_are_symbolic_links_are_refused(files, tmp_path, capsys, link):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    out = tmp_path / "out"
+    if link == ".":
+        out.symlink_to(elsewhere, target_is_directory=True)
+    else:
+        out.mkdir()
+        (out / link).symlink_to(elsewhere, target_is_directory=True)
+    arguments = ["reconstruct", _photos(files)[0], "--model", str(files["model"]), "--out", str(out), "--role-map"]
+    assert main(arguments) == 1
+    assert f"{out if link == '.' else out / link} is a symbolic link" in _error(capsys, "reconstruct")
+    assert not list(elsewhere.iterdir())
+
+
+def test_decode_keeps_to_the_pixel_budget(files, tmp_path, capsys):
+    tokens = _tokens(files, tmp_path)  # 8x8 tokens -> 32x32 = 1,024 pixels
+    assert main(["decode", str(tokens), "--out", str(tmp_path / "d"), "--max_image_pixels", "1000"]) == 1
+    line = _error(capsys, "decode")
+    assert "32x32 pixels" in line and "--max_image_pixels" in line, line
+    assert not (tmp_path / "d").exists()
+    assert main(["decode", str(tokens), "--out", str(tmp_path / "d"), "--max_image_pixels", "1024"]) == 0
+
+
+def test_a_model_changed_since_encoding_is_named_as_such(files, tmp_path, capsys):
+    folder = tmp_path / "model"
+    shutil.copytree(files["model"], folder)
+    tokens = tmp_path / "t.safetensors"
+    assert main(["encode", _photos(files)[0], "--model", str(folder), "--out", str(tokens)]) == 0
+    shutil.copy(files["same_size_model"] / "model.safetensors", folder / "model.safetensors")  # retrained in place
+    assert main(["decode", str(tokens), "--out", str(tmp_path / "d")]) == 1
+    line = _error(capsys, "decode")
+    assert f"the model at {folder.resolve()} has changed since {tokens} was encoded" in line, line
+
+
+@pytest.mark.parametrize(
+    "arguments",
+    [
+        ["decode", "{tokens}", "--out", ""],
+        ["reconstruct", "{photo}", "--model", "{model}", "--out", ""],
+        ["restore", "{photo}", "--model", "{restorer}", "--out", ""],
+        ["encode", "{photo}", "--model", "{model}", "--out", ""],
+        ["eval", "--model", "{model}", "--data", "{photos}", "--out", ""],
+        ["inspect", "--model", "{model}", "--codes", ""],
+        ["tokenize", "--model", "{model}", "--data", "{photos}", "--out", ""],
+    ],
+)
+def test_an_empty_output_path_is_refused(files, tmp_path, monkeypatch, capsys, arguments):
+    values = {"tokens": str(_tokens(files, tmp_path)), "photo": _photos(files)[0], "model": str(files["model"]),
+              "restorer": str(_restoration_model(files)), "photos": str(files["root"] / "photos")}  # fmt: skip
+    monkeypatch.chdir(tmp_path)
+    before = sorted(os.listdir("."))
+    assert main([argument.format(**values) for argument in arguments]) == 1
+    option = "--codes" if "--codes" in arguments else "--out"
+    assert f"{option} is empty" in _error(capsys, arguments[0])
+    assert sorted(os.listdir(".")) == before
+
+
+def test_the_size_hint_says_what_the_saved_processor_does(files, tmp_path, capsys):
+    folder = tmp_path / "model"
+    shutil.copytree(files["model"], folder)
+    processor = CDBVQImageProcessor(size={"height": 32, "width": 32}, do_resize=False, do_center_crop=False)
+    processor.save_pretrained(folder)
+    Image.open(_photos(files)[0]).resize((50, 50)).save(tmp_path / "odd.png")
+    assert main(["encode", str(tmp_path / "odd.png"), "--model", str(folder), "--out", str(tmp_path / "t.st")]) == 1
+    line = _error(capsys, "encode")
+    assert "50x50" in line and "does not resize" in line and "does, at its" not in line, line
+
+
+def test_an_unusable_float_image_is_named_with_its_reason(files, tmp_path, capsys):
+    Image.fromarray(np.full((32, 32), np.nan, dtype=np.float32), mode="F").save(tmp_path / "nan.tif")
+    Image.fromarray(np.full((32, 32), -0.5, dtype=np.float32), mode="F").save(tmp_path / "negative.tif")
+    for name, reason in (("nan.tif", "NaN"), ("negative.tif", "must have values in [0, 1]")):
+        out = str(tmp_path / "t.safetensors")
+        assert main(["encode", str(tmp_path / name), "--model", str(files["model"]), "--out", out]) == 1
+        line = _error(capsys, "encode")
+        assert name in line and reason in line and "broken or truncated" not in line, line
+
+
+def test_a_fid_reference_that_is_not_safetensors_is_named(files, tmp_path, capsys):
+    arguments = ["eval", "--model", str(files["model"]), "--data", str(files["root"] / "photos"), "--fid",
+                 "--no-lpips", "--fid_feature_extractor", "random",
+                 "--fid_reference", str(files["root"] / "notes.txt")]  # fmt: skip
+    assert main(arguments) == 1
+    assert f"--fid_reference {files['root'] / 'notes.txt'}" in _error(capsys, "eval")
+
+
+def test_pickle_weights_are_refused_in_one_line_without_torch_warnings(files, tmp_path, capsys):
+    import argparse
+    import warnings
+
+    folder = tmp_path / "model"
+    shutil.copytree(files["model"], folder)
+    (folder / "model.safetensors").unlink()
+    torch.save({"weights": argparse.Namespace()}, folder / "pytorch_model.bin", pickle_protocol=4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(["inspect", "--model", str(folder)]) == 1
+    assert not [warning for warning in caught if "weights_only" in str(warning.message)]
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "weights_only" not in err and "Re-running" not in err, err
+    assert "never unpickled" in err, err
+
+
+def test_tokenize_writes_only_a_new_empty_or_earlier_tokenize_folder(files, tmp_path, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(files["root"] / "photos", data / "images")
+    base = ["tokenize", "--model", str(files["model"]), "--data", str(data), "--out"]
+    assert main([*base, str(data / "tokens")]) == 1
+    assert "inside --data" in _error(capsys, "tokenize") and not (data / "tokens").exists()
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("mine")
+    assert main([*base, str(tmp_path / "notes")]) == 1
+    assert "cdb_vq_tokens.json" in _error(capsys, "tokenize")
+    assert main([*base, str(tmp_path / "tokens")]) == 0
+    assert main([*base, str(tmp_path / "tokens")]) == 0  # an earlier tokenize output is replaced
+
+
+def test_reconstruct_writes_nothing_when_a_later_image_cannot_be_decoded(files, tmp_path, capsys):
+    truncated = tmp_path / "truncated.png"
+    truncated.write_bytes(Path(_photos(files)[1]).read_bytes()[:2000])  # the header reads, the pixels do not
+    out = tmp_path / "out"
+    arguments = [_photos(files)[0], str(truncated), "--model", str(files["model"]), "--out", str(out),
+                 "--batch_size", "1"]  # fmt: skip
+    assert main(["reconstruct", *arguments]) == 1
+    assert "truncated.png" in _error(capsys, "reconstruct")
+    assert not out.exists()
+    assert main(["restore", *arguments[:3], str(_restoration_model(files)), *arguments[4:]]) == 1
+    assert not out.exists()

@@ -30,7 +30,7 @@ import stat
 import sys
 import traceback
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -124,12 +124,19 @@ def load_model(name_or_path: str, device: str | None = None, dtype: str = "float
     if model_type != "cdb_vq":
         raise CLIError(f"--model {name_or_path} is a {model_type!r} model, not a cdb-vq tokenizer.")
     try:
-        with _held_transformers_logs() as records:
+        with _held_transformers_logs() as records, warnings.catch_warnings():
+            # torch's warning about a pickle's protocol is several lines, and the error below says what matters.
+            warnings.filterwarnings("ignore", message=".*weights_only", category=UserWarning)
             model, processor = load_tokenizer(model_id, trust_remote_code=trust_remote_code)
     except Exception as error:  # noqa: BLE001 - missing, corrupt or mismatched weights, bad config values, Hub errors
         if "ignore_mismatched_sizes" in str(error) or "size mismatch" in str(error):
             # transformers' message points at its LOAD REPORT table (held back): name the weights that do not fit.
             raise CLIError(_misfit_message(name_or_path, model_id)) from None
+        if "Weights only load failed" in str(error):  # torch's first line suggests weights_only=False: never
+            raise CLIError(
+                f"could not load model {name_or_path!r}: its weights are a PyTorch pickle (.bin) holding more than "
+                f"tensors, and such files are never unpickled (that could run code); convert them to safetensors."
+            ) from None
         _show_log_records(records)
         raise CLIError(f"could not load model {name_or_path!r}: {first_line(error)}") from None
     _show_log_records(records)  # e.g. the table of weights missing from the file: the model loads, the warning stays
@@ -248,8 +255,12 @@ def load_image(path: Path, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) ->
     """An image file as RGB, upright (EXIF orientation applied; transparent images on white), or a one-line error."""
     from .data import decode_image
 
-    image = decode_image(path, max_pixels=max_pixels)
+    errors: list[Exception] = []
+    image = decode_image(path, max_pixels=max_pixels, errors=errors)
     if image is None:
+        # PIL fails with OSError on a damaged file; anything else (NaN in a float TIFF, ...) says what is wrong.
+        if errors and not isinstance(errors[0], OSError):
+            raise CLIError(f"{path}: the image cannot be used: {first_line(errors[0])}")
         raise CLIError(f"{path}: the image file is broken or truncated (PIL cannot decode it).")
     return image
 
@@ -286,6 +297,8 @@ def unique_names(paths: Sequence[Path]) -> list[str]:
 def check_output_file(out: str, example: str = "tokens.safetensors", option: str = "--out") -> Path:
     """--out (or `option`) for a file: a new path or a regular file to replace (never a folder, a name ending in a
     separator, a device, FIFO or symlink). `example` is the file name the messages suggest."""
+    if not out:  # Path("") is the current folder
+        raise CLIError(f"{option} is empty; give a file name such as {example}.")
     path = Path(out)
     if out.endswith(("/", os.sep)) or (os.altsep and out.endswith(os.altsep)):
         raise CLIError(f"{option} {out} names a folder; give a file name such as {path / example}.")
@@ -305,17 +318,58 @@ def check_output_file(out: str, example: str = "tokens.safetensors", option: str
 
 
 def check_output_folder(out: str) -> Path:
-    """--out for a folder: a new path or an existing folder (never a file, device or FIFO)."""
-    path = Path(out)
+    """--out for a folder: a new path or an existing folder (never a symbolic link, a file, device or FIFO)."""
+    if not out:  # Path("") is the current folder
+        raise CLIError("--out is empty; give a folder such as out/.")
+    return _check_folder(Path(out), f"--out {out}")
+
+
+def check_output_subfolder(out: Path, name: str) -> Path:
+    """A folder the command writes into inside --out (`out/name`), checked like --out."""
+    return _check_folder(out / name, str(out / name))
+
+
+def _check_folder(path: Path, label: str) -> Path:
+    """Create `path` (and its parents) if it is new; refuse a link (writes would land where it points; `is_dir`
+    follows it), a file, device or FIFO, and a folder that is not writable. `label` names it in messages."""
+    if os.path.islink(path):
+        raise CLIError(f"{label} is a symbolic link; give a new path or a folder that is not a link.")
     if os.path.lexists(path) and not path.is_dir():
-        raise CLIError(f"--out {out} exists and is not a folder; give a new path or a folder.")
+        raise CLIError(f"{label} exists and is not a folder; give a new path or a folder.")
     try:
         make_folder(path)
     except OSError as error:
-        raise CLIError(f"--out {out}: cannot create the folder ({first_line(error)}).") from None
+        raise CLIError(f"{label}: cannot create the folder ({first_line(error)}).") from None
     if not os.access(path, os.W_OK | os.X_OK):
-        raise CLIError(f"--out {out}: the folder is not writable.")
+        raise CLIError(f"{label}: the folder is not writable.")
     return path
+
+
+def _file_id(path: Path) -> tuple[int, int] | None:
+    """What makes a file the same file under any name (hard links, `..`, links to it); None when there is none."""
+    try:
+        info = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    return info.st_dev, info.st_ino
+
+
+def refuse_overwriting_inputs(outputs: Sequence[Path], inputs: Iterable[Path]) -> None:
+    """Refuse up front an output file that is one of the inputs (by any name): it would be replaced by what was made
+    from it. Only outputs that exist can be; `inputs` (which may be long: a data set's files) is read only then."""
+    existing = {file_id: path for path in outputs if (file_id := _file_id(path)) is not None}
+    if not existing:
+        return
+    for source in inputs:
+        output = existing.get(_file_id(source))
+        if output is not None:
+            raise CLIError(f"{output} would replace the input {source} (the same file); give another --out.")
+
+
+def _files_under(folder: Path) -> Iterator[Path]:
+    """Every file in `folder` and its sub-folders (an image folder data set's inputs)."""
+    for parent, _, names in os.walk(folder):
+        yield from (Path(parent) / name for name in names)
 
 
 # The folders this command created, parents first: `main` removes those still empty when the command fails.
@@ -355,7 +409,44 @@ def replace_file(path: Path, write) -> None:
 
 def pixel_values_of(images: list[Image.Image], processor, model) -> torch.Tensor:
     parameter = next(model.parameters())
-    return processor(images, return_tensors="pt").pixel_values.to(device=parameter.device, dtype=parameter.dtype)
+    pixel_values = processor(images, return_tensors="pt").pixel_values
+    check_processed_size(pixel_values, processor, model.config.downsampling_factor)
+    return pixel_values.to(device=parameter.device, dtype=parameter.dtype)
+
+
+def check_processed_size(pixel_values: torch.Tensor, processor, factor: int) -> None:
+    """Refuse images the processor leaves at a size the model cannot take, saying what the processor does (the
+    model's own message assumes a processor that resizes to a size that fits)."""
+    height, width = pixel_values.shape[-2:]
+    if height % factor == 0 and width % factor == 0:
+        return
+    if getattr(processor, "do_resize", False) or getattr(processor, "do_center_crop", False):
+        raise CLIError(
+            f"the model's image processor makes {height}x{width} images, not divisible by the model's downsampling "
+            f"factor {factor}; set a size divisible by {factor} in its preprocessor_config.json."
+        )
+    raise CLIError(
+        f"an image is {height}x{width}, not divisible by the model's downsampling factor {factor}, and the model's "
+        f"image processor does not resize or crop (do_resize and do_center_crop are false in its "
+        f"preprocessor_config.json); give images whose sides are multiples of {factor}."
+    )
+
+
+def image_batches(
+    paths: Sequence[Path], args: argparse.Namespace, processor, model
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """(index of the first image, pixel values) of the images, `args.batch_size` at a time, ready for the model."""
+    for start in range(0, len(paths), args.batch_size):
+        images = [load_image(path, args.max_image_pixels) for path in paths[start : start + args.batch_size]]
+        yield start, pixel_values_of(images, processor, model)
+
+
+def check_images_decode(paths: Sequence[Path], args: argparse.Namespace, processor, model) -> None:
+    """Decode and prepare every image once before anything is written, so that a bad one stops the command before
+    it leaves a partial set of outputs (the work reads them again: memory stays at one batch)."""
+    batches = math.ceil(len(paths) / args.batch_size)
+    for _ in tqdm(image_batches(paths, args, processor, model), total=batches, desc="reading", unit="batch"):
+        pass
 
 
 def to_unit_images(pixel_values: torch.Tensor, processor) -> torch.Tensor:
@@ -418,15 +509,13 @@ def encode_command(args: argparse.Namespace) -> None:
 
     paths = check_image_files(args.images, args.max_image_pixels)
     out = check_output_file(args.out)
+    refuse_overwriting_inputs([out], paths)
     model, processor, model_id, fingerprint = load_model(args.model, args.device, args.dtype, args.trust_remote_code)
     grids = []
     with tqdm(total=len(paths), desc="encoding", unit="image") as progress:
-        for start in range(0, len(paths), args.batch_size):
-            batch = paths[start : start + args.batch_size]
-            images = [load_image(path, args.max_image_pixels) for path in batch]
-            pixel_values = pixel_values_of(images, processor, model)
+        for _, pixel_values in image_batches(paths, args, processor, model):
             grids.append(model.encode(pixel_values).image_tokens.cpu())
-            progress.update(len(batch))
+            progress.update(len(pixel_values))
     if len({tuple(grid.shape[1:]) for grid in grids}) > 1:
         raise CLIError("the images gave token grids of different sizes; use an image processor with a fixed size.")
     tokens = torch.cat(grids).to(torch.int32)
@@ -448,8 +537,22 @@ def encode_command(args: argparse.Namespace) -> None:
     print(f"wrote {tokens.shape[0]} images x {tokens.shape[1]}x{tokens.shape[2]} tokens to {out}")
 
 
-def read_token_file(path: str) -> tuple[torch.Tensor, dict[str, str]]:
-    """The (N, h, w) tokens and metadata of a file written by `cdb-vq encode`, checked before any model is loaded."""
+# What `encode` records beside the tokens as whole numbers, with the words messages use for them.
+TOKEN_FILE_NUMBERS = {
+    "codebook_size": "codebook size",
+    "grid_height": "token grid height",
+    "grid_width": "token grid width",
+    "image_height": "image height",
+    "image_width": "image width",
+}
+
+
+def read_token_file(
+    path: str, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
+) -> tuple[torch.Tensor, dict[str, str], dict[str, int]]:
+    """The (N, h, w) tokens, metadata and its numbers (`TOKEN_FILE_NUMBERS`) of a file written by `cdb-vq encode`,
+    checked before any model is loaded: the format version, the numbers, the grid against the tokens, and the image
+    size against the pixel budget (the model later checks that its downsampling factor gives that size)."""
     from safetensors import SafetensorError, safe_open
 
     if not Path(path).is_file():
@@ -465,6 +568,15 @@ def read_token_file(path: str) -> tuple[torch.Tensor, dict[str, str]]:
         raise CLIError(
             f"{path} is not a safetensors file, or it is truncated (write one with `cdb-vq encode`)."
         ) from None
+    version = metadata.get("format_version")
+    if version is None:
+        raise CLIError(
+            f"{path} does not record its format version (format_version); it was not written by `cdb-vq encode`."
+        )
+    if version != TOKEN_FILE_VERSION:
+        raise CLIError(
+            f"{path} is a token file of format version {version!r}; this cdb-vq reads version {TOKEN_FILE_VERSION!r}."
+        )
     if tokens.dtype not in (torch.int32, torch.int64, torch.int16, torch.uint8):
         raise CLIError(
             f"{path} holds {tokens.dtype} tokens, not integer code ids; it was not written by `cdb-vq encode`."
@@ -473,61 +585,120 @@ def read_token_file(path: str) -> tuple[torch.Tensor, dict[str, str]]:
         raise CLIError(f"{path} holds tokens of shape {tuple(tokens.shape)}, expected (images, height, width).")
     if tokens.numel() == 0:
         raise CLIError(f"{path} holds no tokens (shape {tuple(tokens.shape)}).")
-    grid = (metadata.get("grid_height"), metadata.get("grid_width"))
-    if None not in grid and tuple(map(str, tokens.shape[1:])) != grid:
+    numbers = _token_file_numbers(path, metadata)
+    grid = (numbers["grid_height"], numbers["grid_width"])
+    if tuple(tokens.shape[1:]) != grid:
         raise CLIError(
             f"{path} holds {tokens.shape[1]}x{tokens.shape[2]} token grids but its metadata says {grid[0]}x{grid[1]}; "
             f"the file was modified after `cdb-vq encode`."
         )
-    return tokens.long(), metadata
+    height, width = numbers["image_height"], numbers["image_width"]
+    if max_pixels and height * width > max_pixels:
+        raise CLIError(
+            f"{path} decodes to {height}x{width} pixels per image ({height * width / 1e6:.1f} megapixels), over the "
+            f"{max_pixels / 1e6:g}-megapixel budget; raise --max_image_pixels (0: no limit) if that is meant."
+        )
+    return tokens.long(), metadata, numbers
+
+
+def _token_file_numbers(path: str, metadata: dict[str, str]) -> dict[str, int]:
+    """The `TOKEN_FILE_NUMBERS` of a token file's metadata as ints: each must be there and a positive whole number."""
+    numbers = {}
+    for key, words in TOKEN_FILE_NUMBERS.items():
+        value = metadata.get(key)
+        if value is None:
+            raise CLIError(f"{path} does not record its {words} ({key}); it was not written by `cdb-vq encode`.")
+        if not (value.isascii() and value.isdigit() and int(value) > 0):
+            raise CLIError(f"{path} records {key} {value!r}, not a positive whole number; the file was modified.")
+        numbers[key] = int(value)
+    return numbers
 
 
 @torch.inference_mode()
 def decode_command(args: argparse.Namespace) -> None:
     """A token file -> one PNG per image, with the model recorded in the file unless --model is given."""
-    tokens, metadata = read_token_file(args.tokens)
+    tokens, metadata, numbers = read_token_file(args.tokens, args.max_image_pixels)
     model_name = args.model or metadata.get("model")
     if not model_name:
         raise CLIError(f"{args.tokens} does not name its model; pass --model.")
+    if not args.model and "codebook_fingerprint" not in metadata:
+        # Without it nothing shows that the tokens index the named model's codebook: the user must choose the model.
+        raise CLIError(
+            f"{args.tokens} records no codebook fingerprint, so its tokens cannot be checked against {model_name}; "
+            f"pass --model to decode them with a model you choose."
+        )
     out = check_output_folder(args.out)
+    names = _image_names(metadata, len(tokens))
+    targets = [out / f"{name}.png" for name in names]
+    refuse_overwriting_inputs(targets, [Path(args.tokens)])
+    check_targets(targets)
     if not args.model:
         # The file's word is followed only as far as load_model goes for --model: a folder or Hub id whose
         # config.json says cdb_vq, loaded by this package's classes (its code runs only with --trust-remote-code).
         print(f"decoding with the model recorded in {args.tokens}: {model_name}", file=sys.stderr)
     try:
-        model, processor, _, fingerprint = load_model(model_name, args.device, args.dtype, args.trust_remote_code)
+        model, processor, model_id, fingerprint = load_model(
+            model_name, args.device, args.dtype, args.trust_remote_code
+        )
     except CLIError as error:
         if args.model:
             raise
         raise CLIError(f"the model recorded in {args.tokens} cannot be loaded ({error}); pass --model.") from None
-    source = metadata.get("model", "another model")
-    if str(model.config.codebook_size) != metadata.get("codebook_size"):
-        raise CLIError(
-            f"{args.tokens} holds tokens of a {metadata.get('codebook_size')}-code model ({source}), but {model_name} "
-            f"has {model.config.codebook_size} codes; decode with --model {source}."
-        )
-    if metadata.get("codebook_fingerprint") not in (None, fingerprint):
-        raise CLIError(
-            f"{args.tokens} was encoded with a different codebook ({source}) than {model_name}'s; "
-            f"decode with --model {source}."
-        )
-    low, high = int(tokens.min()), int(tokens.max())
-    if low < 0 or high >= model.config.codebook_size:
-        raise CLIError(
-            f"{args.tokens} holds code ids in [{low}, {high}], outside the model's [0, {model.config.codebook_size}); "
-            f"the file is damaged or was modified."
-        )
-    names = _image_names(metadata, len(tokens))
-    check_targets([out / f"{name}.png" for name in names])
+    _check_token_source(args.tokens, tokens, metadata, numbers, model, model_name, model_id, fingerprint)
     device = next(model.parameters()).device
     with tqdm(total=len(tokens), desc="decoding", unit="image") as progress:
         for start in range(0, len(tokens), args.batch_size):
             grids = tokens[start : start + args.batch_size].to(device)
             images = processor.postprocess(model.decode_image_tokens(grids).float()).pixel_values
-            for name, image in zip(names[start : start + args.batch_size], images):
-                replace_file(out / f"{name}.png", lambda path, image=image: image.save(path, format="PNG"))
+            for target, image in zip(targets[start : start + args.batch_size], images):
+                replace_file(target, lambda path, image=image: image.save(path, format="PNG"))
             progress.update(len(grids))
     print(f"wrote {len(tokens)} images to {out}")
+
+
+def _check_token_source(
+    tokens_file: str, tokens: torch.Tensor, metadata: dict[str, str], numbers: dict[str, int], model,
+    model_name: str, model_id: str, fingerprint: str,
+) -> None:
+    """Refuse tokens that `model` did not make: another codebook size or fingerprint, an image size its
+    downsampling factor does not give, ids outside its codebook. A file without a fingerprint (only decoded with a
+    --model the user chose) gets a warning instead of the fingerprint check."""
+    size, recorded = model.config.codebook_size, metadata.get("codebook_fingerprint")
+    differs = f"{numbers['codebook_size']} codes" if numbers["codebook_size"] != size else None
+    if differs is None and recorded not in (None, fingerprint):
+        differs = f"codebook fingerprint {recorded}"
+    if differs:
+        source = metadata.get("model")
+        if source == model_id:  # the very folder (or Hub id) that encoded them, edited or retrained since
+            raise CLIError(
+                f"the model at {source} has changed since {tokens_file} was encoded (the file records {differs}, "
+                f"the model has {size} codes and fingerprint {fingerprint}); re-encode the images."
+            )
+        raise CLIError(
+            f"{tokens_file} was encoded with a different codebook ({differs}, {source or 'model not recorded'}) than "
+            f"{model_name}'s ({size} codes, fingerprint {fingerprint})"
+            f"{f'; decode with --model {source}' if source else ''}."
+        )
+    if recorded is None:
+        print(
+            f"warning: {tokens_file} records no codebook fingerprint: nothing shows that its tokens are of "
+            f"{model_name}'s codebook.", file=sys.stderr,
+        )  # fmt: skip
+    factor = model.config.downsampling_factor
+    grid = numbers["grid_height"], numbers["grid_width"]
+    image = numbers["image_height"], numbers["image_width"]
+    if (grid[0] * factor, grid[1] * factor) != image:
+        raise CLIError(
+            f"{tokens_file} records {image[0]}x{image[1]} images from {grid[0]}x{grid[1]} token grids, but "
+            f"{model_name} (downsampling factor {factor}) makes {grid[0] * factor}x{grid[1] * factor} from them; "
+            f"the file was modified."
+        )
+    low, high = int(tokens.min()), int(tokens.max())
+    if low < 0 or high >= size:
+        raise CLIError(
+            f"{tokens_file} holds code ids in [{low}, {high}], outside the model's [0, {size}); "
+            f"the file is damaged or was modified."
+        )
 
 
 def _image_names(metadata: dict[str, str], count: int) -> list[str]:
@@ -548,22 +719,22 @@ def reconstruct_command(args: argparse.Namespace) -> None:
     """Images -> tokens -> images: originals beside reconstructions, and the PSNR of each."""
     paths = check_image_files(args.images, args.max_image_pixels)
     out = check_output_folder(args.out)
-    check_output_folder(str(out / "reconstructions"))
-    model, processor, _, _ = load_model(args.model, args.device, args.dtype, args.trust_remote_code)
-    names = unique_names(paths)
-    check_targets([folder / f"{name}.png" for name in names for folder in (out, out / "reconstructions")])
-    check_targets([out / "psnr.json"])
+    folders = [out, check_output_subfolder(out, "reconstructions")]
     if args.role_map:
-        if not model.config.code_roles:
-            raise CLIError(f"--role-map: {args.model} has no code roles (config.code_roles is empty), so there is no role map.")
-        check_output_folder(str(out / "role_maps"))
-        check_targets([out / "role_maps" / f"{name}.png" for name in names])
+        folders.append(check_output_subfolder(out, "role_maps"))
+    names = unique_names(paths)
+    targets = [folder / f"{name}.png" for name in names for folder in folders] + [out / "psnr.json"]
+    refuse_overwriting_inputs(targets, paths)
+    check_targets(targets)
+    model, processor, _, _ = load_model(args.model, args.device, args.dtype, args.trust_remote_code)
+    if args.role_map and not model.config.code_roles:
+        raise CLIError(
+            f"--role-map: {args.model} has no code roles (config.code_roles is empty), so there is no role map."
+        )
+    check_images_decode(paths, args, processor, model)
     scores = {}
     with tqdm(total=len(paths), desc="reconstructing", unit="image") as progress:
-        for start in range(0, len(paths), args.batch_size):
-            batch = paths[start : start + args.batch_size]
-            images = [load_image(path, args.max_image_pixels) for path in batch]
-            pixel_values = pixel_values_of(images, processor, model)
+        for start, pixel_values in image_batches(paths, args, processor, model):
             # Through the tokens, as a prior's samples would be: the same images `encode` + `decode` give.
             reconstruction = model.decode(model.encode(pixel_values).image_tokens).float()
             originals = to_unit_images(pixel_values, processor)
@@ -580,7 +751,7 @@ def reconstruct_command(args: argparse.Namespace) -> None:
                     out / "reconstructions" / f"{name}.png",
                     lambda path, image=singles[index]: image.save(path, format="PNG"),
                 )
-            progress.update(len(batch))
+            progress.update(len(pixel_values))
     mean = sum(scores.values()) / len(scores)
     text = json.dumps({"images": scores, "mean": mean}, indent=2) + "\n"
     replace_file(out / "psnr.json", lambda path: path.write_text(text))
@@ -608,6 +779,9 @@ def restore_command(args: argparse.Namespace) -> None:
     """Degraded photos in, restored photos out, with a model trained for restoration (`train.py --degradation`)."""
     paths = check_image_files(args.images, args.max_image_pixels)
     out = check_output_folder(args.out)
+    targets = [out / f"{name}.png" for name in unique_names(paths)]
+    refuse_overwriting_inputs(targets, paths)
+    check_targets(targets)
     model, processor, _, _ = load_model(args.model, args.device, args.dtype, args.trust_remote_code)
     trained_on = getattr(model.config, "restoration_degradation", None)
     if not trained_on:
@@ -615,17 +789,14 @@ def restore_command(args: argparse.Namespace) -> None:
             f"{args.model} was not trained for restoration (its config records no restoration_degradation); "
             f"train one with `train.py --degradation gaussian_blur:0.5-2`, or use `cdb-vq reconstruct`."
         )
-    names = unique_names(paths)
-    check_targets([out / f"{name}.png" for name in names])
+    check_images_decode(paths, args, processor, model)
     with tqdm(total=len(paths), desc="restoring", unit="image") as progress:
-        for start in range(0, len(paths), args.batch_size):
-            batch = paths[start : start + args.batch_size]
-            pixel_values = pixel_values_of([load_image(path, args.max_image_pixels) for path in batch], processor, model)
+        for start, pixel_values in image_batches(paths, args, processor, model):
             restored = model.decode(model.encode(pixel_values).image_tokens).float()
-            for index, name in enumerate(names[start : start + args.batch_size]):
+            for index, target in enumerate(targets[start : start + args.batch_size]):
                 image = processor.postprocess(restored[index : index + 1]).pixel_values[0]
-                replace_file(out / f"{name}.png", lambda path, image=image: image.save(path, format="PNG"))
-            progress.update(len(batch))
+                replace_file(target, lambda path, image=image: image.save(path, format="PNG"))
+            progress.update(len(pixel_values))
     print(f"restored {len(paths)} image(s) into {out} (the model was trained to undo {trained_on})")
 
 
@@ -705,9 +876,11 @@ def eval_command(args: argparse.Namespace) -> None:
         ) from None
     _apply_protocol(args)
     dataset = open_dataset(args.data, args.image_column, args.split)
-    out = check_output_file(args.out, "metrics.json") if args.out else None
-    if args.fid and args.fid_reference and not Path(args.fid_reference).is_file():  # written at the end: check now
+    out = check_output_file(args.out, "metrics.json") if args.out is not None else None
+    if args.fid and args.fid_reference is not None and not Path(args.fid_reference).is_file():  # written at the end
         check_output_file(args.fid_reference, "reference.safetensors", "--fid_reference")
+    if out is not None and Path(args.data).expanduser().is_dir():
+        refuse_overwriting_inputs([out], _files_under(Path(args.data).expanduser()))
     model, processor, _, _ = load_model(args.model, args.device, args.dtype, args.trust_remote_code)
     device = next(model.parameters()).device
     if args.resolution is not None:  # shorter side to N, then the centre N x N crop
@@ -723,7 +896,12 @@ def eval_command(args: argparse.Namespace) -> None:
     lpips = _eval_lpips(device) if args.lpips else None
     reference = None
     if fid is not None and args.fid_reference and Path(args.fid_reference).is_file():
-        reference = load_fid_reference(args.fid_reference)
+        try:
+            reference = load_fid_reference(args.fid_reference)
+        except Exception as error:  # noqa: BLE001 - not safetensors, truncated, unreadable
+            raise CLIError(
+                f"--fid_reference {args.fid_reference} cannot be read as safetensors ({first_line(error)})."
+            ) from None
 
     def batches() -> Iterator[torch.Tensor]:
         images = []
@@ -768,7 +946,7 @@ def inspect_command(args: argparse.Namespace) -> None:
     """Codebook size, assignment rule, role ranges with their usage, and the labels of the most used codes."""
     from .publishing import code_report_summary, codebook_summary
 
-    codes = _check_codes_file(args.codes) if args.codes else None
+    codes = _check_codes_file(args.codes) if args.codes is not None else None
     model, _, model_id, fingerprint = load_model(args.model, args.device, args.dtype, args.trust_remote_code)
     summary = codebook_summary(model, top_k=args.top)
     report = model.code_report()
@@ -865,8 +1043,7 @@ def tokenize_command(args: argparse.Namespace) -> None:
         raise CLIError("tokenize needs a map-style data set (streaming is not supported).")
     if args.max_images is not None:
         dataset = dataset.select(range(min(args.max_images, len(dataset))))
-    if os.path.lexists(args.out) and not Path(args.out).is_dir():
-        raise CLIError(f"--out {args.out} exists and is not a folder; give a new path or a folder.")
+    out = _check_tokenize_folder(args.out, args.data)
     model, processor, _, fingerprint = load_model(args.model, args.device, args.dtype, args.trust_remote_code)
     total = len(dataset)
     max_pixels = args.max_image_pixels
@@ -892,12 +1069,29 @@ def tokenize_command(args: argparse.Namespace) -> None:
     except ValueError as error:
         raise CLIError(str(error)) from None
     skipped = total - len(tokenized)  # every image dropped, by the check or while tokenising
-    save_tokens(tokenized, args.out, model, fingerprint)  # the codebook it indexes (before --dtype's cast)
+    save_tokens(tokenized, out, model, fingerprint)  # the codebook it indexes (before --dtype's cast)
     length = len(tokenized[0]["image_tokens"])
     print(
         f"tokenized {len(tokenized)} images ({skipped} unreadable skipped) into {args.out}: columns "
         f"{tokenized.column_names}, {length} tokens per image, {model.config.codebook_size} codes"
     )
+
+
+def _check_tokenize_folder(out: str, data: str) -> Path:
+    """--out of tokenize: a new or empty folder, or an earlier tokenize output (save_to_disk replaces what is in it),
+    outside a local --data folder (where the next run would read it as data)."""
+    from .priors.token_data import TOKENS_INFO
+
+    data_folder = Path(data).expanduser()
+    if out and data_folder.is_dir() and data_folder.resolve() in (Path(out).resolve(), *Path(out).resolve().parents):
+        raise CLIError(f"--out {out} is inside --data {data}; give a folder outside the data.")
+    path = check_output_folder(out)
+    if any(path.iterdir()) and not (path / TOKENS_INFO).is_file():
+        raise CLIError(
+            f"--out {out} is a folder with other files in it (no {TOKENS_INFO} of an earlier `cdb-vq tokenize`); "
+            f"give a new or empty folder."
+        )
+    return path
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -936,13 +1130,15 @@ def _non_negative_int(value: str) -> int:
     return number
 
 
-def _add_pixel_budget(command: argparse.ArgumentParser) -> None:
+def _add_pixel_budget(
+    command: argparse.ArgumentParser,
+    what: str = "refuse (skip, in data sets) images with more pixels than this, before decoding them",
+) -> None:
     command.add_argument(
         "--max_image_pixels",
         type=_non_negative_int,
         default=DEFAULT_MAX_IMAGE_PIXELS,
-        help=f"refuse (skip, in data sets) images with more pixels than this, before decoding them "
-        f"(default: {DEFAULT_MAX_IMAGE_PIXELS:,}; 0: no limit)",
+        help=f"{what} (default: {DEFAULT_MAX_IMAGE_PIXELS:,}; 0: no limit)",
     )
 
 
@@ -990,6 +1186,7 @@ def build_parser() -> argparse.ArgumentParser:
     decode.add_argument("tokens", help="a .safetensors file written by `cdb-vq encode`")
     decode.add_argument("--out", required=True, help="output folder")
     decode.add_argument("--batch_size", type=_positive_int, default=16)
+    _add_pixel_budget(decode, "refuse token grids that decode to images of more pixels than this")
     decode.epilog = "The model recorded in the token file is used unless --model is given."
 
     reconstruct = add_command(

@@ -160,14 +160,14 @@ def _raise_if_unknown_split(error: ValueError, split: str, source: str) -> None:
         raise SplitNotFoundError(f"{source} has no split {split!r}: {message}") from error
 
 
-def decode_image(value, max_pixels: int | None = None) -> Image.Image | None:
+def decode_image(value, max_pixels: int | None = None, errors: list[Exception] | None = None) -> Image.Image | None:
     """Turn a data-set image value into an upright RGB PIL image, or `None` when it cannot (or may not) be read.
 
     Accepts what an undecoded `datasets.Image` column holds (`{"bytes": ..., "path": ...}`), a file path, raw
     bytes, a PIL image or a NumPy array (H, W[, C]). The EXIF orientation is applied (a phone photo stored on its
     side comes out upright). Files announcing more than `max_pixels` pixels (default `MAX_IMAGE_PIXELS`; 0 or None
     after setting that to None: no limit) are refused from their header, before decoding. Callers skip `None` and
-    count it.
+    count it; a caller that reports it can pass a list as `errors`, which gets the exception behind a `None`.
     """
     limit = MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
     try:
@@ -207,7 +207,9 @@ def decode_image(value, max_pixels: int | None = None) -> Image.Image | None:
             background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
             return Image.alpha_composite(background, rgba).convert("RGB")
         return image.convert("RGB")
-    except Exception:  # noqa: BLE001 - any decoding failure means "unreadable"
+    except Exception as error:  # noqa: BLE001 - any decoding failure means "unreadable"
+        if errors is not None:
+            errors.append(error)
         return None
 
 

@@ -8,6 +8,12 @@ from typing import Any
 import torch
 from transformers import AutoImageProcessor, AutoModel
 
+from .messages import first_line
+
+
+# The saved image processor's file: without it the default processor at the model's resolution is used.
+PROCESSOR_CONFIG = "preprocessor_config.json"
+
 
 def looks_like_path(name: str) -> bool:
     """Names no Hub id can have: relative or absolute paths, home folders, a trailing slash, backslashes."""
@@ -27,7 +33,8 @@ def load_tokenizer(
 
     Without `trust_remote_code` (the default) this package's own classes load the weights, so no code that ships with
     the folder or repository runs; with it, `AutoModel` / `AutoImageProcessor` use that code (`auto_map`).
-    Without a saved image processor, a `CDBVQImageProcessor` at the model's `config.resolution` is used.
+    Without a saved image processor, a `CDBVQImageProcessor` at the model's `config.resolution` is used; a saved one
+    that cannot be loaded (broken JSON, unknown values) is a `ValueError` naming its file, never the default.
     Extra keyword arguments (e.g. `revision`) go to `from_pretrained`.
     """
     from ..image_processing_cdb_vq import CDBVQImageProcessor
@@ -38,14 +45,32 @@ def load_tokenizer(
     processor_class = AutoImageProcessor if trust_remote_code else CDBVQImageProcessor
     options = {"trust_remote_code": trust_remote_code} if trust_remote_code else {}
     model = model_class.from_pretrained(name_or_path, **options, **kwargs).eval()
-    try:
-        processor = processor_class.from_pretrained(name_or_path, **options, **kwargs)
-    except (OSError, ValueError):
+    if _has_processor_config(name_or_path, kwargs):
+        try:
+            processor = processor_class.from_pretrained(name_or_path, **options, **kwargs)
+        except Exception as error:  # noqa: BLE001 - broken JSON, unknown values: never silently the default instead
+            raise ValueError(
+                f"{Path(name_or_path) / PROCESSOR_CONFIG} cannot be used: {first_line(error)}"
+            ) from None
+    else:
         resolution = model.config.resolution
         processor = CDBVQImageProcessor(size={"height": resolution, "width": resolution})
     if device is not None:
         model.to(device)
     return model, processor
+
+
+def _has_processor_config(name_or_path: str, kwargs: dict[str, Any]) -> bool:
+    """Whether the folder or Hub repository has a saved image processor (only then is a broken one an error)."""
+    from transformers.utils import cached_file
+
+    hub_keys = ("revision", "cache_dir", "token", "local_files_only", "subfolder")
+    hub_options = {key: kwargs[key] for key in hub_keys if key in kwargs}
+    found = cached_file(
+        name_or_path, PROCESSOR_CONFIG, _raise_exceptions_for_missing_entries=False,
+        _raise_exceptions_for_connection_errors=False, **hub_options,
+    )  # fmt: skip
+    return found is not None
 
 
 def processor_image_size(processor) -> tuple[int, int] | None:
