@@ -225,6 +225,17 @@ def test_cli_tokenize_uses_max_image_pixels_throughout(tokenizer, photo_set, tmp
     check_tokens_source(tmp_path / "tokens_bf16", loaded)  # raises when the fingerprint is of the cast codes
 
 
+def test_save_tokens_never_writes_through_a_link(tokenizer, photo_set, tmp_path):
+    model, processor = tokenizer
+    elsewhere = tmp_path / "elsewhere.json"
+    elsewhere.write_text("untouched")
+    (tmp_path / "tokens").mkdir()
+    (tmp_path / "tokens" / "cdb_vq_tokens.json").symlink_to(elsewhere)
+    with pytest.raises(FileExistsError, match="not a regular file"):
+        save_tokens(tokenize_dataset(photo_set, model, processor), tmp_path / "tokens", model)
+    assert elsewhere.read_text() == "untouched"
+
+
 def test_train_prior_refuses_tokens_of_another_tokenizer(tokenizer, photo_set, tmp_path, fresh_accelerator_state):
     model, processor = tokenizer
     save_tokens(tokenize_dataset(photo_set, model, processor), tmp_path / "tokens", model)

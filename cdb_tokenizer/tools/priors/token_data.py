@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from ..data import decode_image, sample_photos
+from ..files import write_text
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +32,7 @@ def save_tokens(tokenized, folder: str | Path, model, fingerprint: str | None = 
     tokenized.save_to_disk(str(folder))
     fingerprint = fingerprint or codebook_fingerprint(model)
     info = {"codebook_size": model.config.codebook_size, "codebook_fingerprint": fingerprint}
-    (folder / TOKENS_INFO).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    write_text(folder / TOKENS_INFO, json.dumps(info, indent=2) + "\n")  # whole, and never through a link
     return folder
 
 
