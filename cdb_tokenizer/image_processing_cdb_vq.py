@@ -13,6 +13,8 @@ or the one passed as `device=`.
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -123,14 +125,10 @@ class CDBVQImageProcessor(BaseImageProcessor):
         # `None` means "class default": drop it so the base class does not store it as an attribute.
         kwargs = {key: value for key, value in kwargs.items() if value is not None}
         super().__init__(**kwargs)
-        # Resolve every setting (kwarg or class default); sizes become `SizeDict`, mean/std tuples.
+        # Resolve every setting (kwarg or class default); sizes become `SizeDict`, mean/std tuples. `from_dict` (hence
+        # `from_pretrained`) builds through here too, so a saved config with a bad value fails on load, by name.
         self._set_attributes(**kwargs)
-        self._check_settings(
-            size=self.size,
-            resample=self.resample,
-            crop_size=getattr(self, "crop_size", None),
-            do_pad=getattr(self, "do_pad", None),
-        )
+        self._check_settings(**{name: getattr(self, name, None) for name in self._valid_kwargs_names})
 
     @property
     def backend(self) -> str:
@@ -163,28 +161,30 @@ class CDBVQImageProcessor(BaseImageProcessor):
         """
         return super().preprocess(images, **kwargs)
 
+    def _standardize_kwargs(self, size: Any = None, **kwargs: Any) -> dict:
+        """Check `size` before transformers turns it into a `SizeDict` (which fails on some bad forms with an
+        IndexError, and keeps floats and bools)."""
+        _check_size(size)
+        return super()._standardize_kwargs(size=size, **kwargs)
+
     def _check_settings(
         self,
-        size: SizeDict | None,
-        resample: PILImageResampling | int | None,
+        resample: PILImageResampling | int | None = None,
+        rescale_factor: float | None = None,
+        image_mean: float | Sequence[float] | None = None,
+        image_std: float | Sequence[float] | None = None,
+        do_convert_rgb: bool | None = None,
         crop_size: SizeDict | None = None,
         do_pad: bool | None = None,
         **kwargs: Any,
     ) -> None:
-        """Reject settings this processor does not implement, rather than silently ignore them."""
-        if size is not None:
-            keys = {key for key, _ in size}
-            if keys not in ({"height", "width"}, {"shortest_edge"}):
-                raise ValueError(
-                    f"`size` must be an int, a (height, width) pair, {{'height': h, 'width': w}} or "
-                    f"{{'shortest_edge': s}}; got keys {sorted(keys)}."
-                )
-            if any(value <= 0 for _, value in size):
-                raise ValueError(f"`size` values must be positive, got {dict(size)}.")
-        if resample is not None and _to_resampling(resample) not in _TORCH_INTERPOLATION:
-            raise ValueError(
-                f"Unsupported `resample` {resample!r}: use PILImageResampling.NEAREST, BILINEAR or BICUBIC."
-            )
+        """Reject bad values (named) and settings this processor does not implement, rather than silently ignore
+        them. `size` is checked in `_standardize_kwargs`."""
+        if resample is not None:
+            _to_resampling(resample)
+        # Without RGB conversion an image keeps its 1, 3 or 4 channels.
+        channels = (1, 3, 4) if do_convert_rgb is False else (3,)
+        _check_scaling(rescale_factor, image_mean, image_std, channels)
         if crop_size is not None:
             raise ValueError(
                 "`crop_size` is not used: CDBVQImageProcessor centre-crops to `size`; set `size` instead."
@@ -338,13 +338,11 @@ class CDBVQImageProcessor(BaseImageProcessor):
 
         if return_tensors is None:
             return BatchFeature(data={"pixel_values": processed})
-        shapes = {tuple(image.shape) for image in processed}
-        if len(shapes) > 1:
-            raise ValueError(
-                f"Cannot batch images of different shapes {sorted(shapes)} with return_tensors={return_tensors!r}: "
-                "use a {'height', 'width'} size or do_center_crop=True, or return_tensors=None."
-            )
-        batch = torch.stack(processed)
+        if do_resize:
+            fix = "use a {'height', 'width'} size or do_center_crop=True"
+        else:
+            fix = "set do_resize=True, or do_center_crop=True with a size no larger than the smallest image"
+        batch = _stack(processed, f"with return_tensors={return_tensors!r}, {fix}, or return_tensors=None.")
         if return_tensors == "np":
             return BatchFeature(data={"pixel_values": batch.cpu().numpy()})
         return BatchFeature(data={"pixel_values": batch}, tensor_type=return_tensors)
@@ -380,9 +378,9 @@ class CDBVQImageProcessor(BaseImageProcessor):
             [`BatchFeature`]: with the images under `pixel_values` (as Emu3 and Janus do).
 
         Raises:
-            ValueError: for an unknown `return_tensors`, a shape other than `(B, 3, H, W)` / `(3, H, W)`, or NaN
-                values.
-            TypeError: for an input that is not a tensor or array.
+            ValueError: for an unknown `return_tensors`, a shape other than `(B, 3, H, W)` / `(3, H, W)`, a list of
+                images of different shapes, NaN or infinite values, or a bad setting.
+            TypeError: for an input that is not a floating-point tensor or array.
         """
         if return_tensors not in _POSTPROCESS_RETURN_TYPES:
             raise ValueError(
@@ -394,10 +392,16 @@ class CDBVQImageProcessor(BaseImageProcessor):
         do_normalize = self.do_normalize if do_normalize is None else do_normalize
         image_mean = self.image_mean if image_mean is None else image_mean
         image_std = self.image_std if image_std is None else image_std
+        _check_scaling(
+            rescale_factor if do_rescale else None,
+            image_mean if do_normalize else None,
+            image_std if do_normalize else None,
+            channels=(3,),
+        )
 
         batch = _stack_model_output(images).to(torch.float32)
-        if torch.isnan(batch).any():
-            raise ValueError("`images` contains NaN values; cannot convert them to images.")
+        if not torch.isfinite(batch).all():
+            raise ValueError("`images` contains NaN or infinite values; cannot convert them to images.")
 
         # Undo normalisation and rescaling, back to [0, 255] intensities.
         if do_normalize:
@@ -422,11 +426,65 @@ def _is_batch(images: Any) -> bool:
     return isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 4
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_finite_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _to_resampling(resample: PILImageResampling | int) -> PILImageResampling:
-    try:
+    """The filter of a supported `resample` value (an int such as a JSON config holds, never a float or a bool)."""
+    if _is_int(resample) and int(resample) in [int(mode) for mode in _TORCH_INTERPOLATION]:
         return PILImageResampling(int(resample))
-    except (TypeError, ValueError):
-        raise ValueError(f"Unknown `resample` value {resample!r}.") from None
+    raise ValueError(f"`resample` must be PILImageResampling.NEAREST, BILINEAR or BICUBIC, got {resample!r}.")
+
+
+def _check_size(size: Any) -> None:
+    """`size` must be an int, a (height, width) pair or a dict of the keys this processor uses, of positive ints."""
+    if size is None:
+        return
+    if _is_int(size):
+        values = {"height": size, "width": size}
+    elif isinstance(size, (list, tuple)) and len(size) == 2:
+        values = dict(zip(("height", "width"), size))
+    elif isinstance(size, (dict, SizeDict)):
+        values = {key: value for key, value in dict(size).items() if value is not None}
+    else:
+        values = {}
+    if set(values) not in ({"height", "width"}, {"shortest_edge"}):
+        raise ValueError(
+            f"`size` must be an int, a (height, width) pair, {{'height': h, 'width': w}} or {{'shortest_edge': s}}; "
+            f"got {size!r}."
+        )
+    if not all(_is_int(value) and value > 0 for value in values.values()):
+        raise ValueError(f"`size` values must be positive integers, got {values}.")
+
+
+def _check_scaling(rescale_factor: Any, image_mean: Any, image_std: Any, channels: tuple[int, ...]) -> None:
+    """Check the rescale factor and the normalisation statistics (each skipped when None): finite numbers, the
+    statistics one number or one per channel (`channels`: the channel counts images can have), std positive."""
+    if rescale_factor is not None and not (_is_finite_number(rescale_factor) and rescale_factor > 0):
+        raise ValueError(f"`rescale_factor` must be a positive finite number, got {rescale_factor!r}.")
+    lengths = {}
+    for name, value in (("image_mean", image_mean), ("image_std", image_std)):
+        if value is None:
+            continue
+        is_list = isinstance(value, (list, tuple))
+        values = list(value) if is_list else [value]
+        if not all(_is_finite_number(v) for v in values):
+            raise ValueError(f"`{name}` must be a finite number or a list of them, got {value!r}.")
+        if is_list:
+            if len(values) not in channels:
+                counts = "3 numbers (one per RGB channel)" if channels == (3,) else "1, 3 or 4 (one per channel)"
+                raise ValueError(f"`{name}` must be a number or {counts}, got {len(values)}: {values}.")
+            lengths[name] = len(values)
+        if name == "image_std" and min(values) <= 0:
+            raise ValueError(f"`image_std` must be positive, got {values if is_list else value}.")
+    if len(set(lengths.values())) > 1:
+        mean, std = lengths["image_mean"], lengths["image_std"]
+        raise ValueError(f"`image_mean` has {mean} values but `image_std` has {std}: give one per channel for both.")
 
 
 def _target_hw(size: SizeDict) -> tuple[int, int]:
@@ -567,17 +625,31 @@ def _convert_to_rgb(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def _stack(images: list[torch.Tensor], advice: str) -> torch.Tensor:
+    """Batch same-shaped tensors; for shapes that differ, name them all (torch.stack names two, by index)."""
+    shapes = sorted({tuple(image.shape) for image in images})
+    if len(shapes) > 1:
+        raise ValueError(f"Cannot batch images of different shapes {shapes}: {advice}")
+    return torch.stack(images)
+
+
 def _stack_model_output(images: Any) -> torch.Tensor:
     """Model output (tensor/array, `(B, 3, H, W)` or `(3, H, W)`, or a list of `(3, H, W)`) -> `(B, 3, H, W)`."""
     if isinstance(images, (list, tuple)):
         if len(images) == 0:
             raise ValueError("`images` is an empty list: nothing to postprocess.")
-        return torch.stack([_stack_model_output(image)[0] for image in images])
+        return _stack([_stack_model_output(image)[0] for image in images], "postprocess them one at a time.")
     if isinstance(images, np.ndarray):
         images = torch.from_numpy(images)
     if not isinstance(images, torch.Tensor):
         raise TypeError(
             f"postprocess expects a torch.Tensor or numpy.ndarray of pixel values, got {type(images).__name__}."
+        )
+    if not images.is_floating_point():
+        # Model output is floating point; complex would lose its imaginary part, bool and integer values are not
+        # normalised pixels (uint8 images are already images).
+        raise TypeError(
+            f"postprocess expects floating-point pixel values (the model's output), got dtype {images.dtype}."
         )
     images = images.detach()
     if images.ndim == 3:

@@ -385,6 +385,36 @@ class CDBVQModel(CDBVQPreTrainedModel):
                 f"special-token offset first."
             )
 
+    def _check_quantization(self, latents: torch.Tensor, commitment_loss: torch.Tensor) -> None:
+        """Refuse NaN/inf latents or codes: argmin over NaN distances silently gives arbitrary ids.
+
+        One scalar, one sync: `commitment_loss` (the mean squared distance of the latents to their chosen codes) is
+        NaN for NaN latents or chosen codes, and the sum of the codebook catches a NaN/inf code no latent chose (the
+        `cdb` router scores an infinite code -inf, so it is never chosen, yet the model is corrupt)."""
+        if bool(torch.isfinite(commitment_loss + self.quantizer.codebook.weight.detach().sum())):
+            return
+        if not bool(torch.isfinite(latents).all()):
+            raise ValueError(
+                "the encoder produced NaN or infinite latents from finite pixel values: the encoder weights are "
+                "corrupt (NaN/inf) or training diverged."
+            )
+        self._check_codebook()
+        raise ValueError(
+            f"the latents reach {latents.abs().max().item():.3g}, so large that their squared distances to the codes "
+            f"overflow: the encoder weights are corrupt or training diverged."
+        )
+
+    def _check_codebook(self) -> None:
+        weight = self.quantizer.codebook.weight.detach()
+        if bool(torch.isfinite(weight.sum())):  # one reduction: NaN/inf if any code is
+            return
+        bad = (~torch.isfinite(weight).all(-1)).nonzero().flatten().tolist()
+        if bad:
+            raise ValueError(
+                f"the codebook holds NaN or infinite values in {len(bad)} of {self.config.codebook_size} codes "
+                f"(first: code {bad[0]}): the weights are corrupt or training diverged."
+            )
+
     def token_grid_size(self, height: int | None = None, width: int | None = None) -> tuple[int, int]:
         """Token grid (h, w) of an image of `height` x `width` pixels (default: the configured resolution)."""
         factor = self.config.downsampling_factor
@@ -436,6 +466,10 @@ class CDBVQModel(CDBVQPreTrainedModel):
             semantic_features=flatten_grid(router_features) if router_features is not None else None,
             signal_features=flatten_grid(signal_features) if signal_features is not None else None,
         )
+        if not self.training:
+            # Only outside training: there a NaN must reach the loss, whose step the training loop skips (rolling
+            # the quantizer back) and only stops after several in a row (tools/steps.py, --max_nonfinite_steps).
+            self._check_quantization(latents, quantizer_output.commitment_loss)
         terms = {
             "codebook_loss": quantizer_output.codebook_loss,
             "commitment_loss": quantizer_output.commitment_loss,
@@ -468,6 +502,7 @@ class CDBVQModel(CDBVQPreTrainedModel):
         self._check_image_tokens(image_tokens)
         if image_tokens.ndim != 3:
             raise ValueError(f"decode expects image_tokens of shape (batch, h, w), got {tuple(image_tokens.shape)}; use decode_image_tokens for (batch, h * w).")
+        self._check_codebook()
         codes = self.quantizer.lookup(image_tokens).permute(0, 3, 1, 2)
         return self.decode_latents(codes.to(self.post_quant_conv.weight.dtype))
 

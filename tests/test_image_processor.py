@@ -1,5 +1,7 @@
 """Tests for CDBVQImageProcessor on real photos from skimage.data (CPU, offline, fast)."""
 
+import json
+
 import numpy as np
 import PIL.Image
 import pytest
@@ -291,6 +293,33 @@ def test_postprocess_bad_inputs():
         processor.postprocess([])
 
 
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.bool, torch.int64, torch.uint8])
+def test_postprocess_refuses_pixel_values_that_are_not_floating_point(dtype):
+    # Before: complex values lost their imaginary part with only a warning, bools and integers became images.
+    processor = CDBVQImageProcessor()
+    with pytest.raises(TypeError, match=f"floating-point.*got dtype {dtype}"):
+        processor.postprocess(torch.zeros(1, 3, 8, 8, dtype=dtype))
+    with pytest.raises(TypeError, match=f"got dtype {dtype}"):
+        processor.postprocess([torch.zeros(3, 8, 8, dtype=dtype)])
+
+
+def test_postprocess_names_the_sizes_of_a_list_it_cannot_batch():
+    # Before: torch's "stack expects each tensor to be equal size".
+    processor = CDBVQImageProcessor()
+    with pytest.raises(ValueError, match=r"different shapes \[\(3, 4, 4\), \(3, 8, 8\)\]"):
+        processor.postprocess([torch.zeros(3, 8, 8), torch.zeros(3, 4, 4)])
+
+
+def test_postprocess_refuses_infinite_values_and_bad_overrides():
+    processor = CDBVQImageProcessor()
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        processor.postprocess(torch.full((1, 3, 8, 8), float("inf")))
+    with pytest.raises(ValueError, match="rescale_factor"):
+        processor.postprocess(torch.zeros(1, 3, 8, 8), rescale_factor=0.0)
+    with pytest.raises(ValueError, match="image_std"):
+        processor.postprocess(torch.zeros(1, 3, 8, 8), image_std=[0.5, 0.0, 0.5])
+
+
 # ------------------------------------------------------------------------- serialisation
 
 
@@ -416,3 +445,67 @@ def test_invalid_settings_raise():
         CDBVQImageProcessor(crop_size={"height": 64, "width": 64})
     with pytest.raises(ValueError, match="do_pad"):
         CDBVQImageProcessor()(data.astronaut(), do_pad=True)
+
+
+NAN, INF = float("nan"), float("inf")
+BAD_SETTINGS = [
+    ("rescale_factor", 0, "`rescale_factor` must be a positive finite number, got 0"),
+    ("rescale_factor", -1 / 255, "`rescale_factor` must be a positive finite number"),
+    ("rescale_factor", NAN, "`rescale_factor` must be a positive finite number, got nan"),
+    ("rescale_factor", INF, "`rescale_factor` must be a positive finite number, got inf"),
+    ("rescale_factor", "0.5", "`rescale_factor` must be a positive finite number, got '0.5'"),
+    ("rescale_factor", True, "`rescale_factor` must be a positive finite number, got True"),
+    ("image_mean", [0.5, 0.5], r"`image_mean` must be a number or 3 numbers \(one per RGB channel\), got 2"),
+    ("image_mean", ["0.5", "0.5", "0.5"], "`image_mean` must be a finite number or a list of them, got"),
+    ("image_mean", "0.5", "`image_mean` must be a finite number or a list of them, got '0.5'"),
+    ("image_mean", {"red": 0.5}, "`image_mean` must be a finite number or a list of them"),
+    ("image_mean", [NAN, 0.5, 0.5], "`image_mean` must be a finite number or a list of them"),
+    ("image_std", [0.5, 0.0, 0.5], r"`image_std` must be positive, got \[0.5, 0.0, 0.5\]"),
+    ("image_std", -0.5, "`image_std` must be positive"),
+    ("image_std", [INF, 0.5, 0.5], "`image_std` must be a finite number or a list of them"),
+    ("image_std", [0.5, None, 0.5], "`image_std` must be a finite number or a list of them"),
+    ("size", {"height": 32.5, "width": 32}, "`size` values must be positive integers, got"),
+    ("size", {"height": "32", "width": 32}, "`size` values must be positive integers"),
+    ("size", {"height": True, "width": 32}, "`size` values must be positive integers"),
+    ("size", {"shortest_edge": 0}, "`size` values must be positive integers"),
+    ("size", [256], r"`size` must be an int, a \(height, width\) pair"),
+    ("size", "256", r"`size` must be an int, a \(height, width\) pair"),
+    ("size", 256.0, r"`size` must be an int, a \(height, width\) pair"),
+    ("size", True, r"`size` must be an int, a \(height, width\) pair"),
+    ("size", {"width": 32}, r"`size` must be .*got \{'width': 32\}"),
+    ("resample", 2.7, "`resample` must be PILImageResampling.NEAREST, BILINEAR or BICUBIC, got 2.7"),
+    ("resample", 99, "`resample` must be PILImageResampling.NEAREST, BILINEAR or BICUBIC, got 99"),
+    ("resample", "bicubic", "`resample` must be"),
+    ("resample", 1, "`resample` must be"),  # LANCZOS
+]
+
+
+@pytest.mark.parametrize("field, value, message", BAD_SETTINGS)
+def test_bad_settings_in_a_saved_config_are_refused_on_load_by_name(tmp_path, field, value, message):
+    # Before: most of these loaded and gave NaN or silently wrong pixel values on the first call (or a raw
+    # IndexError/TypeError deep in transformers).
+    config = {**CDBVQImageProcessor().to_dict(), field: value}
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=message):
+        CDBVQImageProcessor.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=message):
+        CDBVQImageProcessor(**{field: value})
+
+
+def test_statistics_of_other_lengths_need_do_convert_rgb_off(camera):
+    # Without RGB conversion an image keeps 1, 3 or 4 channels, so statistics of those lengths are valid.
+    processor = CDBVQImageProcessor(do_convert_rgb=False, image_mean=[0.5], image_std=[0.25], size=32)
+    assert processor(camera, return_tensors="pt")["pixel_values"].shape == (1, 1, 32, 32)
+    with pytest.raises(ValueError, match=r"`image_mean` must be a number or 1, 3 or 4 \(one per channel\), got 2"):
+        CDBVQImageProcessor(do_convert_rgb=False, image_mean=[0.5, 0.5])
+    with pytest.raises(ValueError, match="`image_mean` has 3 values but `image_std` has 1"):
+        CDBVQImageProcessor(do_convert_rgb=False, image_mean=[0.5] * 3, image_std=[0.5])
+
+
+def test_images_of_different_sizes_without_resize_name_the_sizes_and_the_fix(astronaut, coffee):
+    processor = CDBVQImageProcessor(do_resize=False, do_center_crop=False)
+    with pytest.raises(ValueError, match=r"different shapes \[\(3, 400, 600\), \(3, 512, 512\)\].*do_resize"):
+        processor([astronaut, coffee], return_tensors="pt")
+    # Without do_resize, a centre crop no larger than the smallest image batches them.
+    out = processor([astronaut, coffee], do_center_crop=True, size=64, return_tensors="pt")
+    assert out["pixel_values"].shape == (2, 3, 64, 64)

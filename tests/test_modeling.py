@@ -221,6 +221,57 @@ def test_bad_tokens(model):
         model.decode_image_tokens(torch.zeros(1, 64, dtype=torch.long), height=30, width=30)
 
 
+def corrupt(model, part: str, value: float = float("nan")):
+    """Put `value` into one weight of the encoder side or one code of the codebook (code 5), as a diverged run or a
+    damaged checkpoint would."""
+    with torch.no_grad():
+        if part == "encoder":
+            model.encoder.conv_out.weight[0, 0, 0, 0] = value
+        elif part == "codebook":
+            model.quantizer.codebook.weight[5, 0] = value
+        else:  # finite latents so large that their distance to the codes overflows float32
+            model.quant_conv.weight.mul_(1e20)
+    return model
+
+
+@pytest.mark.parametrize("assignment", RULES)
+@pytest.mark.parametrize(
+    "part, value, message",
+    [
+        ("encoder", float("nan"), "the encoder produced NaN or infinite latents"),
+        ("encoder", float("inf"), "the encoder produced NaN or infinite latents"),
+        ("codebook", float("nan"), r"the codebook holds NaN or infinite values in 1 of 64 codes \(first: code 5\)"),
+        ("codebook", float("-inf"), r"the codebook holds NaN or infinite values in 1 of 64 codes"),
+        ("latents", None, "overflow"),
+    ],
+)
+def test_corrupt_weights_are_refused_at_inference(assignment, part, value, message, photo_batch):
+    # Before: argmin over NaN distances gave arbitrary (often all the same) token ids and exit 0.
+    model = corrupt(tiny_model(assignment=assignment).eval(), part, value)
+    with pytest.raises(ValueError, match=message):
+        model.get_image_tokens(photo_batch)
+    with pytest.raises(ValueError, match=message):
+        model(photo_batch)  # eval mode with gradients on: a reconstruction too
+
+
+def test_a_corrupt_codebook_is_refused_by_decode(model):
+    broken = corrupt(tiny_model().eval(), "codebook")
+    tokens = torch.zeros(1, 64, dtype=torch.long)  # code 0 is fine, code 5 is not: the codebook is corrupt
+    with pytest.raises(ValueError, match=r"codebook holds NaN or infinite values .*code 5"):
+        broken.decode_image_tokens(tokens)
+    assert torch.isfinite(model.decode_image_tokens(tokens)).all()
+
+
+@pytest.mark.parametrize("part", ["encoder", "codebook"])
+def test_a_nan_training_step_reaches_the_loss_instead_of_raising(part, photo_batch):
+    # The training loop skips a step whose loss is not finite and rolls the quantizer back (tools/steps.py), so in
+    # training mode a NaN must come out as a loss, never as an exception.
+    model = tiny_model().train()
+    model(photo_batch)  # initialises the codebook, as training would
+    output = corrupt(model, part)(photo_batch)
+    assert not torch.isfinite(output.vq_loss)
+
+
 def test_bad_feature_shapes(model, photo_batch):
     with pytest.raises(ValueError, match=r"semantic_features must have shape \(4, 32, 8, 8\)"):
         model.encode(photo_batch, semantic_features=torch.zeros(4, 16, 8, 8))
