@@ -167,3 +167,5 @@ def test_epoch_sampler_shards_and_resumes():
     assert list(samplers[0]) != orders[0]
     with pytest.raises(ValueError, match="fewer than one global batch"):
         EpochSampler(5, batch_size=3, num_replicas=2)
+    with pytest.raises(ValueError, match="skip_batches must be in"):  # its length would go negative
+        samplers[0].set_epoch(2, skip_batches=4)

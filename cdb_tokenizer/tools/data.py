@@ -403,6 +403,8 @@ class EpochSampler(torch.utils.data.Sampler):
         return self.num_samples // (self.batch_size * self.num_replicas)
 
     def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        if not 0 <= skip_batches <= self.batches_per_epoch:
+            raise ValueError(f"skip_batches must be in [0, {self.batches_per_epoch}] (one epoch), got {skip_batches}.")
         self.epoch = epoch
         self.skip_batches = skip_batches
 
