@@ -254,10 +254,12 @@ def reference_backbone(args: argparse.Namespace) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in model.state_dict().items() if k.startswith(BACKBONE_PREFIXES)}
 
 
-def training_parts(model: CDBVQModel, learning_rate: float, loss_module: TokenizerLoss | None = None) -> TrainingParts:
-    """What the library's training step needs for one model: a CPU `Accelerator`, AdamW and (by default) the
-    L1 + L2 loss (no LPIPS, no discriminator, no teacher)."""
-    accelerator = Accelerator(cpu=True, mixed_precision="no")
+def training_parts(
+    model: CDBVQModel, learning_rate: float, loss_module: TokenizerLoss | None = None, device: str = "cpu"
+) -> TrainingParts:
+    """What the library's training step needs for one model: an `Accelerator` (CPU unless `device` is a GPU; float32
+    either way), AdamW and (by default) the L1 + L2 loss (no LPIPS, no discriminator, no teacher)."""
+    accelerator = Accelerator(cpu=torch.device(device).type == "cpu", mixed_precision="no")
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, betas=(0.9, 0.99), weight_decay=0.0)
     model, optimizer = accelerator.prepare(model, optimizer)
     return TrainingParts(accelerator, model, optimizer, loss_module or TokenizerLoss(l1_weight=1.0, l2_weight=1.0))
@@ -282,20 +284,21 @@ def train_and_evaluate(
     args: argparse.Namespace, rule: str, backbone: dict, train_photos: list, held_out: torch.Tensor
 ) -> dict:
     model = build_model(args, rule, backbone).train()
-    parts = training_parts(model, args.learning_rate)
-    generator = torch.Generator().manual_seed(args.seed)
+    parts = training_parts(model, args.learning_rate, device=args.device)
+    device = parts.accelerator.device
+    generator = torch.Generator().manual_seed(args.seed)  # crops are drawn on the CPU: the same on every device
     history, restarted = [], 0
     start = time.perf_counter()
     progress = tqdm(range(args.steps), desc=f"training {rule}")
     for step in progress:
-        batch = random_crops(train_photos, args.resolution, args.batch_size, generator)
+        batch = random_crops(train_photos, args.resolution, args.batch_size, generator).to(device)
         metrics = train_step(parts, batch, step)
         restarted += metrics["restarted"]
         history.append(metrics)
         if step % 50 == 0 or step == args.steps - 1:
             progress.set_postfix(loss=f"{metrics['loss']:.4f}", used=f"{metrics['utilization']:.0%}")
     train_seconds = time.perf_counter() - start
-    batches = list(held_out.split(args.eval_batch_size))
+    batches = [batch.to(device) for batch in held_out.split(args.eval_batch_size)]
     results = evaluate(model, batches, show_progress=False)
     counts = code_usage_counts(model, batches)
     diagnostics = assignment_diagnostics(model, batches)
@@ -356,7 +359,8 @@ def held_in_diagnostics(args: argparse.Namespace, model: CDBVQModel, train_photo
     """The same measures on every non-overlapping crop of the *training* photos, and the share of the codes unused on
     held-out that these crops do use: whether a code idle on held-out is dead or serves content the held-out photos
     do not have."""
-    batches = list(grid_crops(train_photos, args.resolution).split(args.eval_batch_size))
+    device = next(model.parameters()).device
+    batches = [batch.to(device) for batch in grid_crops(train_photos, args.resolution).split(args.eval_batch_size)]
     results = evaluate(model, batches, show_progress=False)
     used = code_usage_counts(model, batches) > 0
     idle_on_held_out = held_out_counts == 0
@@ -471,7 +475,7 @@ def report(
             "",
             f"Command: `{command_line()}` ({minutes:.1f} min in all)",
             "",
-            f"Measured on: {environment_summary()}.",
+            f"Measured on: {environment_summary(args.device)}.",
             "",
             load,
             "",
@@ -540,6 +544,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         f"{OVERRIDES_REACH}. Not `assignment` (choose the rules with --rules).")  # fmt: skip
     parser.add_argument("--eval-batch-size", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu",
+                        help="Where to train and evaluate (e.g. cuda): the same protocol, but other numerics than the "
+                             "CPU's, so compare rules run on the same device only.")  # fmt: skip
     parser.add_argument(
         "--threads",
         type=int,
