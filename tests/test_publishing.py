@@ -225,15 +225,17 @@ def test_push_to_hub_removes_stale_published_files_only(training_output):
     with create_repo, create_branch, upload_folder as upload_folder:
         push_to_hub(training_output, HUB_ID, token="hf_arg")
     patterns = upload_folder.call_args.kwargs["delete_patterns"]
-    remote = [
-        ".gitattributes", "README.md", "notes.txt", "examples/sample.png", "model.safetensors",
-        "model-00001-of-00002.safetensors", "model.safetensors.index.json", "old_cdb_vq.py", "role_map.png",
-        "prototypes.safetensors", "metrics.json",
+    ours = [
+        "model.safetensors", "model-00001-of-00002.safetensors", "model.safetensors.index.json", "modeling_cdb_vq.py",
+        "role_map.png", "prototypes.safetensors", "metrics.json",
     ]  # fmt: skip
-    with mock.patch.object(HfApi, "list_repo_files", return_value=remote):  # the network call only
+    theirs = [
+        ".gitattributes", "README.md", "notes.txt", "examples/sample.png", "model_ema.safetensors",
+        "models/other_tokenizer.safetensors", "scripts/train_cdb_vq.py", "old/model.safetensors", "old/metrics.json",
+    ]  # fmt: skip
+    with mock.patch.object(HfApi, "list_repo_files", return_value=ours + theirs):  # the network call only
         deletions = HfApi()._prepare_folder_deletions(HUB_ID, None, None, "", patterns)
-    deleted = {operation.path_in_repo for operation in deletions}
-    assert deleted == set(remote) - {".gitattributes", "README.md", "notes.txt", "examples/sample.png"}
+    assert {operation.path_in_repo for operation in deletions} == set(ours)
     # every file a push may leave out (all but the card and the two configs) is cleaned up when a later one does
     always = {"README.md", "config.json", "preprocessor_config.json"}
     published = [name for name in uploaded["files"] if name not in always]

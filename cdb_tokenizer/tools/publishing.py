@@ -40,8 +40,12 @@ JSON_FILES = ("metrics.json", "training_config.json")
 PRIVATE_CONFIG_KEYS = ("output_dir", "logging_dir", "cache_dir", "resume_from_checkpoint")
 # Every file a push may publish: what a new push does not bring is removed from the repository in the same commit,
 # so a stale model.safetensors never shadows new shards (transformers loads it first), nor an old figure a new card.
+# Exact names at the repository's root only (`*` would also match "/" and reach the user's own files).
+SHARD = "model-[0-9][0-9][0-9][0-9][0-9]-of-[0-9][0-9][0-9][0-9][0-9].safetensors"
+REMOTE_CODE_FILES = ("configuration_cdb_vq.py", "modeling_cdb_vq.py", "quantization_cdb_vq.py", "image_processing_cdb_vq.py")
 PUBLISHED_PATTERNS = [
-    "model*.safetensors", "model.safetensors.index.json", "*_cdb_vq.py", *FIGURES.values(), *EXTRA_FILES, *JSON_FILES,
+    "model.safetensors", SHARD, "model.safetensors.index.json", *REMOTE_CODE_FILES, *FIGURES.values(), *EXTRA_FILES,
+    *JSON_FILES,
 ]  # fmt: skip
 
 ASSIGNMENT_DESCRIPTIONS = {
