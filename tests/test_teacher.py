@@ -124,6 +124,11 @@ def test_torchscript_clip_files_are_never_loaded(tiny_teacher, monkeypatch, tmp_
     lines = [record.getMessage() for record in caplog.records]
     assert len(lines) == 3 and all(line.startswith("CLIP teacher unavailable") and "\n" not in line for line in lines)
     assert "TorchScript" in lines[0] and "TorchScript" in lines[1] and "pickled.pt" in lines[2]
+    # weights that do not fit the config are a mistake, with what does not fit: never a silent run without teacher
+    wrong = tmp_path / "wrong.pt"
+    torch.save({name: value[..., :1] if value.ndim else value for name, value in tiny_teacher.model.state_dict().items()}, wrong)
+    with pytest.raises(ValueError, match="does not fit the model"):
+        load_clip_teacher(str(config), str(wrong))
 
 
 def test_prototype_files_are_checked(tmp_path):

@@ -226,13 +226,20 @@ def load_clip_teacher(
                 f"open-clip-torch {open_clip.__version__} would unpickle {checkpoint} (it cannot load with "
                 "weights_only=True); upgrade it: pip install -U open-clip-torch."
             )
-        try:
-            if _is_torchscript(checkpoint):
-                raise ValueError("a TorchScript archive (it carries code, which cdb-vq never runs)")
-            open_clip.load_checkpoint(model, checkpoint, weights_only=True)  # tensors only: never runs code
-        except Exception as error:  # UnpicklingError for anything but tensors, others for damaged or foreign files
-            logger.warning("CLIP teacher unavailable, going on without it: cannot load %s: %s", checkpoint, first_line(error))
+        if _is_torchscript(checkpoint):
+            logger.warning("CLIP teacher unavailable, going on without it: %s is a TorchScript archive (it carries "
+                           "code, which cdb-vq never runs).", checkpoint)  # fmt: skip
             return None
+        try:
+            open_clip.load_checkpoint(model, checkpoint, weights_only=True)  # tensors only: never runs code
+        except Exception as error:
+            if type(error).__name__ == "UnpicklingError":  # the file holds more than tensors: never unpickled
+                logger.warning("CLIP teacher unavailable, going on without it: %s holds more than tensors, and is "
+                               "never unpickled: %s", checkpoint, first_line(error))  # fmt: skip
+                return None
+            # Weights that do not fit the model config are a mistake, not a missing teacher: say what does not fit.
+            detail = "; ".join(line.strip() for line in str(error).splitlines() if line.strip())
+            raise ValueError(f"the CLIP checkpoint {checkpoint} does not fit the model {model_name}: {detail}") from None
     else:
         logger.info("CLIP teacher %s: no pretrained weights given, the weights are random.", description)
     teacher = CLIPTeacher(model, tokenizer, mean=preprocess.get("mean"), std=preprocess.get("std"), name=description)
