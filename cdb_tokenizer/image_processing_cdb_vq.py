@@ -471,6 +471,7 @@ def _check_scaling(rescale_factor: Any, image_mean: Any, image_std: Any, channel
     for name, value in (("image_mean", image_mean), ("image_std", image_std)):
         if value is None:
             continue
+        value = _plain(value)
         is_list = isinstance(value, (list, tuple))
         values = list(value) if is_list else [value]
         if not all(_is_finite_number(v) for v in values):
@@ -493,9 +494,15 @@ def _target_hw(size: SizeDict) -> tuple[int, int]:
     return size.height, size.width
 
 
+def _plain(value: Any) -> Any:
+    """Statistics given as a NumPy array or a tensor, as the number or list of numbers they hold."""
+    return value.tolist() if hasattr(value, "tolist") else value
+
+
 def _per_channel(value: float | Iterable[float], image: torch.Tensor, name: str) -> torch.Tensor:
     """Broadcastable `(C, 1, 1)` tensor for a scalar or per-channel statistic."""
     num_channels = image.shape[-3]
+    value = _plain(value)
     values = [float(value)] * num_channels if isinstance(value, (int, float)) else [float(v) for v in value]
     if len(values) != num_channels:
         raise ValueError(f"`{name}` has {len(values)} values but the image has {num_channels} channels.")

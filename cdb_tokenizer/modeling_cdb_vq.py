@@ -391,7 +391,7 @@ class CDBVQModel(CDBVQPreTrainedModel):
         One scalar, one sync: `commitment_loss` (the mean squared distance of the latents to their chosen codes) is
         NaN for NaN latents or chosen codes, and the sum of the codebook catches a NaN/inf code no latent chose (the
         `cdb` router scores an infinite code -inf, so it is never chosen, yet the model is corrupt)."""
-        if bool(torch.isfinite(commitment_loss + self.quantizer.codebook.weight.detach().sum())):
+        if bool(torch.isfinite(commitment_loss + self.quantizer.codebook.weight.detach().sum(dtype=torch.float32))):
             return
         if not bool(torch.isfinite(latents).all()):
             raise ValueError(
@@ -406,7 +406,8 @@ class CDBVQModel(CDBVQPreTrainedModel):
 
     def _check_codebook(self) -> None:
         weight = self.quantizer.codebook.weight.detach()
-        if bool(torch.isfinite(weight.sum())):  # one reduction: NaN/inf if any code is
+        # One reduction, NaN/inf if any code is; in float32, since a healthy float16 codebook can sum past 65,504.
+        if bool(torch.isfinite(weight.sum(dtype=torch.float32))):
             return
         bad = (~torch.isfinite(weight).all(-1)).nonzero().flatten().tolist()
         if bad:

@@ -522,20 +522,27 @@ def test_tokens_without_a_fingerprint_decode_only_with_a_model_given_and_a_warni
     assert (tmp_path / "d" / "astronaut.png").is_file()
 
 
-@pytest.mark.parametrize("link", ["reconstructions", "role_maps", "."])
-def test_output_folders_that_are_symbolic_links_are_refused(files, tmp_path, capsys, link):
+@pytest.mark.parametrize("link", ["reconstructions", "role_maps"])
+def test_folders_made_inside_out_that_are_symbolic_links_are_refused(files, tmp_path, capsys, link):
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     out = tmp_path / "out"
-    if link == ".":
-        out.symlink_to(elsewhere, target_is_directory=True)
-    else:
-        out.mkdir()
-        (out / link).symlink_to(elsewhere, target_is_directory=True)
+    out.mkdir()
+    (out / link).symlink_to(elsewhere, target_is_directory=True)
     arguments = ["reconstruct", _photos(files)[0], "--model", str(files["model"]), "--out", str(out), "--role-map"]
     assert main(arguments) == 1
-    assert f"{out if link == '.' else out / link} is a symbolic link" in _error(capsys, "reconstruct")
+    assert f"{out / link} is a symbolic link" in _error(capsys, "reconstruct")
     assert not list(elsewhere.iterdir())
+
+
+def test_out_may_be_a_link_to_a_folder(files, tmp_path):
+    # the user named it: writes land in the folder it points to (a link *inside* --out is refused, above)
+    target = tmp_path / "target"
+    target.mkdir()
+    (tmp_path / "out").symlink_to(target, target_is_directory=True)
+    tokens = _tokens(files, tmp_path)
+    assert main(["decode", str(tokens), "--out", str(tmp_path / "out")]) == 0
+    assert (target / "astronaut.png").is_file()
 
 
 def test_decode_keeps_to_the_pixel_budget(files, tmp_path, capsys):
@@ -590,6 +597,12 @@ def test_the_size_hint_says_what_the_saved_processor_does(files, tmp_path, capsy
     assert main(["encode", str(tmp_path / "odd.png"), "--model", str(folder), "--out", str(tmp_path / "t.st")]) == 1
     line = _error(capsys, "encode")
     assert "50x50" in line and "does not resize" in line and "does, at its" not in line, line
+    shortest = CDBVQImageProcessor(size={"shortest_edge": 32}, do_center_crop=False)
+    shortest.save_pretrained(folder)
+    Image.open(_photos(files)[0]).resize((40, 47)).save(tmp_path / "tall.png")  # 32 x 37 after the resize
+    assert main(["encode", str(tmp_path / "tall.png"), "--model", str(folder), "--out", str(tmp_path / "t.st")]) == 1
+    line = _error(capsys, "encode")
+    assert "shortest side to 32" in line and "aspect ratio" in line and "set a size divisible" not in line, line
 
 
 def test_an_unusable_float_image_is_named_with_its_reason(files, tmp_path, capsys):

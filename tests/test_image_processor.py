@@ -509,3 +509,12 @@ def test_images_of_different_sizes_without_resize_name_the_sizes_and_the_fix(ast
     # Without do_resize, a centre crop no larger than the smallest image batches them.
     out = processor([astronaut, coffee], do_center_crop=True, size=64, return_tensors="pt")
     assert out["pixel_values"].shape == (2, 3, 64, 64)
+
+
+def test_statistics_may_be_arrays_or_tensors():
+    for mean, std in [(np.array([0.5, 0.5, 0.5]), np.array([0.5, 0.5, 0.5])), (torch.tensor([0.5] * 3), torch.tensor(0.5))]:
+        processor = CDBVQImageProcessor(image_mean=mean, image_std=std)
+        pixel_values = processor(PIL.Image.new("RGB", (32, 32), (255, 0, 0)), return_tensors="pt").pixel_values
+        assert torch.allclose(pixel_values[0, :, 0, 0], torch.tensor([1.0, -1.0, -1.0]))
+    with pytest.raises(ValueError, match="image_std"):
+        CDBVQImageProcessor(image_std=np.array([0.5, 0.0, 0.5]))

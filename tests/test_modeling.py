@@ -262,6 +262,14 @@ def test_a_corrupt_codebook_is_refused_by_decode(model):
     assert torch.isfinite(model.decode_image_tokens(tokens)).all()
 
 
+def test_a_healthy_float16_codebook_whose_sum_overflows_float16_is_not_refused(photo_batch):
+    model = tiny_model().eval().half()
+    with torch.no_grad():
+        model.quantizer.codebook.weight.fill_(300.0)  # finite codes; their sum, 153,600, is past float16's 65,504
+    tokens = model.get_image_tokens(photo_batch.half())
+    assert torch.isfinite(model.decode_image_tokens(tokens).float()).all()
+
+
 @pytest.mark.parametrize("part", ["encoder", "codebook"])
 def test_a_nan_training_step_reaches_the_loss_instead_of_raising(part, photo_batch):
     # The training loop skips a step whose loss is not finite and rolls the quantizer back (tools/steps.py), so in

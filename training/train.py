@@ -71,6 +71,7 @@ from cdb_tokenizer.tools.evaluation import (
     save_reconstruction_figure,
     save_usage_plot,
 )
+from cdb_tokenizer.tools.files import write_text
 from cdb_tokenizer.tools.losses import LPIPSUnavailableError, PatchDiscriminator, TokenizerLoss, load_lpips, lpips_backbone_file
 from cdb_tokenizer.tools.messages import first_line
 from cdb_tokenizer.tools.redaction import public_value, redact_secrets
@@ -451,7 +452,7 @@ def save_run_config(args: argparse.Namespace, accelerator: Accelerator, model: C
 
 
 def write_json(path: Path, values: dict) -> None:
-    path.write_text(json.dumps(values, indent=2, default=str) + "\n")
+    write_text(path, json.dumps(values, indent=2, default=str) + "\n")  # whole: never half a metrics file
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from cdb_tokenizer.tools.checkpoints import checkpoint_step, save_checkpoint, set_aside_later_checkpoints
+from cdb_tokenizer.tools.files import write_text
 from cdb_tokenizer.tools.runs import find_checkpoint, make_accelerator
 from cdb_tokenizer.tools.priors import (
     ARCHITECTURES,
@@ -401,7 +402,7 @@ def main(args: argparse.Namespace) -> dict[str, float]:
         first_epoch = num_epochs  # the run stopped after its last checkpoint, before saving the prior
     if accelerator.is_main_process:
         training_config = {**vars(args), "vocabulary": vocabulary.to_dict(), "num_image_tokens": num_image_tokens}
-        (output_dir / "training_config.json").write_text(json.dumps(training_config, indent=2, default=str) + "\n")
+        write_text(output_dir / "training_config.json", json.dumps(training_config, indent=2, default=str) + "\n")
         tracker_config = hparams({key: value for key, value in vars(args).items() if value is not None})
         accelerator.init_trackers(args.tracker_project_name, config=tracker_config)  # no secrets or local paths
 
@@ -451,7 +452,7 @@ def main(args: argparse.Namespace) -> dict[str, float]:
             accelerator.unwrap_model(prior), vocabulary, output_dir, num_image_tokens,
             tokenizer=args.tokenizer, image_size=image_size, architecture=args.architecture,
         )  # fmt: skip
-        (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        write_text(output_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
         logger.info(f"Saved the prior to {output_dir}: {metrics['bits_per_token']:.3f} bits per token")
     accelerator.end_training()
     return metrics

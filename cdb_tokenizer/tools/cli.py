@@ -318,21 +318,23 @@ def check_output_file(out: str, example: str = "tokens.safetensors", option: str
 
 
 def check_output_folder(out: str) -> Path:
-    """--out for a folder: a new path or an existing folder (never a symbolic link, a file, device or FIFO)."""
+    """--out for a folder: a new path or an existing folder, which may be a link to one (the user named it); never
+    a file, device or FIFO."""
     if not out:  # Path("") is the current folder
         raise CLIError("--out is empty; give a folder such as out/.")
-    return _check_folder(Path(out), f"--out {out}")
+    return _check_folder(Path(out), f"--out {out}", allow_link=True)
 
 
 def check_output_subfolder(out: Path, name: str) -> Path:
-    """A folder the command writes into inside --out (`out/name`), checked like --out."""
-    return _check_folder(out / name, str(out / name))
+    """A folder the command makes inside --out (`out/name`): as --out, but never a link, which would send the
+    command's writes wherever whoever placed it chose."""
+    return _check_folder(out / name, str(out / name), allow_link=False)
 
 
-def _check_folder(path: Path, label: str) -> Path:
-    """Create `path` (and its parents) if it is new; refuse a link (writes would land where it points; `is_dir`
-    follows it), a file, device or FIFO, and a folder that is not writable. `label` names it in messages."""
-    if os.path.islink(path):
+def _check_folder(path: Path, label: str, allow_link: bool) -> Path:
+    """Create `path` (and its parents) if it is new; refuse a file, device or FIFO, a folder that is not writable,
+    and unless `allow_link`, a link (`is_dir` follows it). `label` names it in messages."""
+    if os.path.islink(path) and not allow_link:
         raise CLIError(f"{label} is a symbolic link; give a new path or a folder that is not a link.")
     if os.path.lexists(path) and not path.is_dir():
         raise CLIError(f"{label} exists and is not a folder; give a new path or a folder.")
@@ -420,6 +422,14 @@ def check_processed_size(pixel_values: torch.Tensor, processor, factor: int) -> 
     height, width = pixel_values.shape[-2:]
     if height % factor == 0 and width % factor == 0:
         return
+    size = getattr(processor, "size", None) or {}
+    shortest_edge = size.get("shortest_edge") if hasattr(size, "get") else None
+    if getattr(processor, "do_resize", False) and shortest_edge and not getattr(processor, "do_center_crop", False):
+        raise CLIError(
+            f"the model's image processor resizes the shortest side to {shortest_edge} and keeps the aspect ratio, "
+            f"which made a {height}x{width} image, not divisible by the model's downsampling factor {factor}; give "
+            f"the processor a height/width size, or do_center_crop, in its preprocessor_config.json."
+        )
     if getattr(processor, "do_resize", False) or getattr(processor, "do_center_crop", False):
         raise CLIError(
             f"the model's image processor makes {height}x{width} images, not divisible by the model's downsampling "

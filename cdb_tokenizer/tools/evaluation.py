@@ -399,7 +399,7 @@ def save_reconstruction_figure(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure = reconstruction_figure(originals, reconstructions, **kwargs)
-    return replace_file(path, lambda temporary: figure.save(temporary, format="PNG"))
+    return replace_file(path, lambda temporary: figure.save(temporary))  # the format of the suffix
 
 
 def save_usage_plot(

@@ -98,7 +98,7 @@ def save_role_map(
     array = (figure.permute(1, 2, 0).numpy() * 255).round().clip(0, 255).astype("uint8")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    return replace_file(path, lambda temporary: Image.fromarray(array).save(temporary, format="PNG"))
+    return replace_file(path, lambda temporary: Image.fromarray(array).save(temporary))
 
 
 def role_legend(role_names: list[str]) -> str:
