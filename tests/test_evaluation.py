@@ -340,3 +340,21 @@ def test_files_are_replaced_whole_or_not_at_all(tmp_path):
     seen = []
     replace_file(tmp_path / "plot.png", lambda temporary: seen.append(temporary.suffix) or temporary.write_bytes(b"x"))
     assert seen == [".png"]  # writers that read the format from the suffix (matplotlib) still can
+
+
+def test_max_batches_draws_no_more_batches_than_it_uses(held_out):
+    from cdb_tokenizer.tools.evaluation import code_usage_counts
+
+    model = tiny_model().eval()
+    drawn = []
+
+    def loader():
+        for batch in held_out.split(4):
+            drawn.append(batch)  # a data loader decodes a batch when it is drawn
+            yield batch
+
+    evaluate(model, loader(), max_batches=2, show_progress=False)
+    assert len(drawn) == 2
+    drawn.clear()
+    code_usage_counts(model, loader(), max_batches=1)
+    assert len(drawn) == 1

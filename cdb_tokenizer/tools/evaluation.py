@@ -6,6 +6,7 @@ Training-only (torchmetrics, matplotlib, torch-fidelity): never imported by the 
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 from collections.abc import Iterable, Iterator
@@ -239,9 +240,7 @@ def evaluate(
         if fid_reference is not None:
             _set_fid_reference(fid, fid_reference)
     with eval_mode(model):
-        for step, batch in enumerate(tqdm(batches, desc="evaluating", disable=not show_progress, leave=False)):
-            if max_batches is not None and step >= max_batches:
-                break
+        for batch in tqdm(first_batches(batches, max_batches), desc="evaluating", disable=not show_progress, leave=False):
             pixel_values = batch["pixel_values"] if isinstance(batch, dict) else batch
             pixel_values = pixel_values.to(device=device, dtype=dtype)
             output = model(pixel_values)
@@ -288,15 +287,18 @@ def check_image_size(height: int, width: int, name: str = "the image size") -> N
 
 
 @torch.no_grad()
+def first_batches(batches: Iterable, max_batches: int | None) -> Iterable:
+    """The first `max_batches` of `batches` (all with None), without drawing one more from the loader."""
+    return batches if max_batches is None else itertools.islice(batches, max_batches)
+
+
 def code_usage_counts(model, batches: Iterable, max_batches: int | None = None) -> torch.Tensor:
     """How often each code is chosen over `batches` (K,), at inference."""
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     counts = torch.zeros(model.config.codebook_size, dtype=torch.long)
     with eval_mode(model):
-        for step, batch in enumerate(batches):
-            if max_batches is not None and step >= max_batches:
-                break
+        for batch in first_batches(batches, max_batches):
             pixel_values = batch["pixel_values"] if isinstance(batch, dict) else batch
             tokens = model.get_image_tokens(pixel_values.to(device=device, dtype=dtype))
             counts += torch.bincount(tokens.flatten().cpu(), minlength=counts.numel())
