@@ -385,13 +385,20 @@ class CDBVQModel(CDBVQPreTrainedModel):
                 f"special-token offset first."
             )
 
-    def _check_quantization(self, latents: torch.Tensor, commitment_loss: torch.Tensor) -> None:
-        """Refuse NaN/inf latents or codes: argmin over NaN distances silently gives arbitrary ids.
+    def _check_quantization(
+        self, latents: torch.Tensor, commitment_loss: torch.Tensor, router_features: torch.Tensor | None = None
+    ) -> None:
+        """Refuse NaN/inf latents, codes or router features: argmin (or the router's argmax) over NaN scores silently
+        gives arbitrary ids.
 
         One scalar, one sync: `commitment_loss` (the mean squared distance of the latents to their chosen codes) is
-        NaN for NaN latents or chosen codes, and the sum of the codebook catches a NaN/inf code no latent chose (the
-        `cdb` router scores an infinite code -inf, so it is never chosen, yet the model is corrupt)."""
-        if bool(torch.isfinite(commitment_loss + self.quantizer.codebook.weight.detach().sum(dtype=torch.float32))):
+        NaN for NaN latents or chosen codes, the sum of the codebook catches a NaN/inf code no latent chose (the
+        `cdb` router scores an infinite code -inf, so it is never chosen, yet the model is corrupt), and that of the
+        router's semantic features a corrupt semantic head (`semantic_features` passed in are checked on the way in)."""
+        total = commitment_loss + self.quantizer.codebook.weight.detach().sum(dtype=torch.float32)
+        if router_features is not None:
+            total = total + router_features.detach().sum(dtype=torch.float32)
+        if bool(torch.isfinite(total)):
             return
         if not bool(torch.isfinite(latents).all()):
             raise ValueError(
@@ -399,6 +406,11 @@ class CDBVQModel(CDBVQPreTrainedModel):
                 "corrupt (NaN/inf) or training diverged."
             )
         self._check_codebook()
+        if router_features is not None and not bool(torch.isfinite(router_features).all()):
+            raise ValueError(
+                "the semantic head produced NaN or infinite features for the router: the semantic head's weights are "
+                "corrupt (NaN/inf) or training diverged."
+            )
         raise ValueError(
             f"the latents reach {latents.abs().max().item():.3g}, so large that their squared distances to the codes "
             f"overflow: the encoder weights are corrupt or training diverged."
@@ -470,7 +482,7 @@ class CDBVQModel(CDBVQPreTrainedModel):
         if not self.training:
             # Only outside training: there a NaN must reach the loss, whose step the training loop skips (rolling
             # the quantizer back) and only stops after several in a row (tools/steps.py, --max_nonfinite_steps).
-            self._check_quantization(latents, quantizer_output.commitment_loss)
+            self._check_quantization(latents, quantizer_output.commitment_loss, router_features)
         terms = {
             "codebook_loss": quantizer_output.codebook_loss,
             "commitment_loss": quantizer_output.commitment_loss,

@@ -254,6 +254,17 @@ def test_corrupt_weights_are_refused_at_inference(assignment, part, value, messa
         model(photo_batch)  # eval mode with gradients on: a reconstruction too
 
 
+def test_a_corrupt_semantic_head_or_nan_semantic_features_are_refused(photo_batch):
+    model = tiny_model(assignment="cdb").eval()
+    features = torch.full((len(photo_batch), model.config.semantic_dim, 8, 8), float("nan"))
+    with pytest.raises(ValueError, match="semantic_features contains NaN"):  # checked on the way in
+        model.encode(photo_batch, semantic_features=features)
+    with torch.no_grad():
+        next(model.semantic_head.parameters()).view(-1)[0] = float("nan")
+    with pytest.raises(ValueError, match="semantic head's weights are corrupt"):
+        model.get_image_tokens(photo_batch)
+
+
 def test_a_corrupt_codebook_is_refused_by_decode(model):
     broken = corrupt(tiny_model().eval(), "codebook")
     tokens = torch.zeros(1, 64, dtype=torch.long)  # code 0 is fine, code 5 is not: the codebook is corrupt
