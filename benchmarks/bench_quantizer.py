@@ -5,7 +5,7 @@ Assignment: `CDBVQQuantizer` alone, N latents (default 65,536) against K codes o
 - `nearest`: inference (argmin distance);
 - `cdb`: inference (the router's argmax);
 - `sinkhorn-train`: training mode (Sinkhorn plan of the batch), forward and backward;
-- `cdb-train`: training mode (router, Sinkhorn target, soft assignment, losses), forward and backward.
+- `cdb-train`: training mode (router, soft assignment over the candidates, potentials, losses), forward and backward.
 
 Training-mode cases run a backward pass of the weighted quantizer losses plus a stand-in for the decoder's gradient
 (`quantized.square().mean()`). Every case runs in its own process; peak memory is the extra memory of live tensors

@@ -1,7 +1,7 @@
 """Training steps on a GPU in bf16: s / step per assignment rule at the default config, and what bf16 must not change.
 
 For each rule (`nearest` and `cdb` by default), a `CDBVQModel(CDBVQConfig(...))` at the default architecture (f16,
-16,384 codes of 8 dimensions) is trained with the library's own training step (`tools.steps.training_step`: L1 + L2
+16,384 codes of 32 dimensions) is trained with the library's own training step (`tools.steps.training_step`: L1 + L2
 + vq_loss, AdamW, dead-code restarts) under `Accelerator(mixed_precision="bf16")` on random 256x256 crops of
 scikit-image's photos. The rules take turns, one step each per round (load changes hit them alike), after warm-up
 rounds (k-means initialisation, kernel selection); each step is timed between CUDA synchronisations. Then it checks:
@@ -12,7 +12,7 @@ rounds (k-means initialisation, kernel selection); each step is timed between CU
   in bf16 the expanded distance picks other codes than inference does);
 - peak GPU memory per rule (training steps only).
 
-    python benchmarks/cuda_training.py                                  # on a CUDA machine, ~2 min on one H200
+    python benchmarks/cuda_training.py                                  # on a CUDA machine, ~10 s on one H200
     python benchmarks/cuda_training.py --device cpu --tiny --batch-size 2 --rounds 2 --warmup 1 \
         --output /tmp/cuda_training.md                                  # dry check of the script on a CPU
 """
