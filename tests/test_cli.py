@@ -665,3 +665,20 @@ def test_reconstruct_writes_nothing_when_a_later_image_cannot_be_decoded(files, 
     assert not out.exists()
     assert main(["restore", *arguments[:3], str(_restoration_model(files)), *arguments[4:]]) == 1
     assert not out.exists()
+    out.mkdir()  # an existing folder: nothing of the failed run is left in it either
+    assert main(["reconstruct", *arguments]) == 1
+    assert list(out.iterdir()) == []
+
+
+def test_reconstruct_reads_each_image_once_and_leaves_no_staging(files, tmp_path, monkeypatch):
+    import cdb_tokenizer.tools.cli as cli_module
+
+    reads = []
+    load_image = cli_module.load_image
+    monkeypatch.setattr(cli_module, "load_image", lambda path, *rest: reads.append(path) or load_image(path, *rest))
+    out = tmp_path / "out"
+    photos = _photos(files)[:2]
+    assert main(["reconstruct", *photos, "--model", str(files["model"]), "--out", str(out), "--batch_size", "1"]) == 0
+    assert sorted(map(str, reads)) == sorted(photos)
+    assert sorted(p.name for p in out.iterdir()) == sorted([*(Path(p).stem + ".png" for p in photos), "psnr.json",
+                                                           "reconstructions"])  # fmt: skip

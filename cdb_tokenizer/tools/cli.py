@@ -451,14 +451,6 @@ def image_batches(
         yield start, pixel_values_of(images, processor, model)
 
 
-def check_images_decode(paths: Sequence[Path], args: argparse.Namespace, processor, model) -> None:
-    """Decode and prepare every image once before anything is written, so that a bad one stops the command before
-    it leaves a partial set of outputs (the work reads them again: memory stays at one batch)."""
-    batches = math.ceil(len(paths) / args.batch_size)
-    for _ in tqdm(image_batches(paths, args, processor, model), total=batches, desc="reading", unit="batch"):
-        pass
-
-
 def to_unit_images(pixel_values: torch.Tensor, processor) -> torch.Tensor:
     """Model-range pixels -> float (B, 3, H, W) in [0, 1], inverting the processor's own normalisation."""
     return processor.postprocess(pixel_values.float(), return_tensors="pt").pixel_values
@@ -741,9 +733,9 @@ def reconstruct_command(args: argparse.Namespace) -> None:
         raise CLIError(
             f"--role-map: {args.model} has no code roles (config.code_roles is empty), so there is no role map."
         )
-    check_images_decode(paths, args, processor, model)
     scores = {}
-    with tqdm(total=len(paths), desc="reconstructing", unit="image") as progress:
+    # All outputs or none: a bad image stops the command before any file is in place (and each is read once).
+    with files.staged_files(out) as stage, tqdm(total=len(paths), desc="reconstructing", unit="image") as progress:
         for start, pixel_values in image_batches(paths, args, processor, model):
             # Through the tokens, as a prior's samples would be: the same images `encode` + `decode` give.
             reconstruction = model.decode(model.encode(pixel_values).image_tokens).float()
@@ -751,20 +743,16 @@ def reconstruct_command(args: argparse.Namespace) -> None:
             reconstructions = to_unit_images(reconstruction, processor)
             pairs = processor.postprocess(torch.cat([pixel_values.float(), reconstruction], dim=-1)).pixel_values
             singles = processor.postprocess(reconstruction).pixel_values
+            batch_names = names[start : start + args.batch_size]
             if args.role_map:
-                _write_role_maps(model, pixel_values, originals, out / "role_maps", names[start : start + args.batch_size])
-            for index, name in enumerate(names[start : start + args.batch_size]):
+                _write_role_maps(model, pixel_values, originals, out / "role_maps", batch_names, stage)
+            for index, name in enumerate(batch_names):
                 scores[name] = psnr(originals[index], reconstructions[index])
-                # original left, reconstruction right
-                replace_file(out / f"{name}.png", lambda path, image=pairs[index]: image.save(path, format="PNG"))
-                replace_file(
-                    out / "reconstructions" / f"{name}.png",
-                    lambda path, image=singles[index]: image.save(path, format="PNG"),
-                )
+                pairs[index].save(stage(out / f"{name}.png"), format="PNG")  # original left, reconstruction right
+                singles[index].save(stage(out / "reconstructions" / f"{name}.png"), format="PNG")
             progress.update(len(pixel_values))
-    mean = sum(scores.values()) / len(scores)
-    text = json.dumps({"images": scores, "mean": mean}, indent=2) + "\n"
-    replace_file(out / "psnr.json", lambda path: path.write_text(text))
+        mean = sum(scores.values()) / len(scores)
+        stage(out / "psnr.json").write_text(json.dumps({"images": scores, "mean": mean}, indent=2) + "\n")
     rows = [(name, f"{value:.2f}") for name, value in scores.items()] + [("mean", f"{mean:.2f}")]
     print(format_table(["image", "PSNR (dB)"], rows))
     print(f"originals beside reconstructions in {out}, reconstructions alone in {out / 'reconstructions'}")
@@ -774,15 +762,17 @@ def reconstruct_command(args: argparse.Namespace) -> None:
         print(f"role maps (each token's role as a translucent colour; {role_legend(model.config.role_names)}) in {out / 'role_maps'}")
 
 
-def _write_role_maps(model, pixel_values: torch.Tensor, originals: torch.Tensor, folder: Path, names: list[str]) -> None:
-    """Each image beside its role overlay, as `folder/<name>.png`."""
+def _write_role_maps(
+    model, pixel_values: torch.Tensor, originals: torch.Tensor, folder: Path, names: list[str], stage
+) -> None:
+    """Each image beside its role overlay, as `folder/<name>.png` (written where `stage` says)."""
     from .roles import role_map_figure
 
     role_map = model.role_map(pixel_values).cpu()
     for index, name in enumerate(names):
         figure = role_map_figure(originals[index : index + 1] * 2 - 1, role_map[index : index + 1], model.config.role_names)
         array = (figure.permute(1, 2, 0).numpy() * 255).round().clip(0, 255).astype("uint8")
-        replace_file(folder / f"{name}.png", lambda path, array=array: Image.fromarray(array).save(path, format="PNG"))
+        Image.fromarray(array).save(stage(folder / f"{name}.png"), format="PNG")
 
 
 def restore_command(args: argparse.Namespace) -> None:
@@ -799,13 +789,12 @@ def restore_command(args: argparse.Namespace) -> None:
             f"{args.model} was not trained for restoration (its config records no restoration_degradation); "
             f"train one with `train.py --degradation gaussian_blur:0.5-2`, or use `cdb-vq reconstruct`."
         )
-    check_images_decode(paths, args, processor, model)
-    with tqdm(total=len(paths), desc="restoring", unit="image") as progress:
+    # All outputs or none: a bad image stops the command before any file is in place (and each is read once).
+    with files.staged_files(out) as stage, tqdm(total=len(paths), desc="restoring", unit="image") as progress:
         for start, pixel_values in image_batches(paths, args, processor, model):
             restored = model.decode(model.encode(pixel_values).image_tokens).float()
             for index, target in enumerate(targets[start : start + args.batch_size]):
-                image = processor.postprocess(restored[index : index + 1]).pixel_values[0]
-                replace_file(target, lambda path, image=image: image.save(path, format="PNG"))
+                processor.postprocess(restored[index : index + 1]).pixel_values[0].save(stage(target), format="PNG")
             progress.update(len(pixel_values))
     print(f"restored {len(paths)} image(s) into {out} (the model was trained to undo {trained_on})")
 

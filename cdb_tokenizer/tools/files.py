@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import stat
-from collections.abc import Callable
+import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 
@@ -36,6 +39,28 @@ def write_text(path: str | Path, text: str) -> Path:
     return replace_file(path, lambda temporary: temporary.write_text(text, encoding="utf-8"))
 
 
+@contextlib.contextmanager
+def staged_files(folder: str | Path) -> Iterator[Callable[[Path], Path]]:
+    """Write a set of files all or none. `stage(target)` gives the path to write `target`'s content to, in a hidden
+    folder inside `folder`; when the block ends without an error every staged file is moved into place
+    (`replace_file`), otherwise none is. The staging folder is removed either way. Targets must be on `folder`'s
+    file system (in it or its sub-folders)."""
+    staging = Path(tempfile.mkdtemp(prefix=".staged-", dir=folder))
+    moves: list[tuple[Path, Path]] = []
+
+    def stage(target: Path) -> Path:
+        path = staging / f"{len(moves)}{Path(target).suffix}"
+        moves.append((path, Path(target)))
+        return path
+
+    try:
+        yield stage
+        for path, target in moves:
+            replace_file(target, lambda temporary, path=path: os.replace(path, temporary))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 def _umask() -> int:
     """The process umask (reading it means setting it, so it is set straight back)."""
     umask = os.umask(0o022)
@@ -43,4 +68,4 @@ def _umask() -> int:
     return umask
 
 
-__all__ = ["replace_file", "write_text"]
+__all__ = ["replace_file", "staged_files", "write_text"]
