@@ -188,8 +188,16 @@ def test_inspect_reports_roles_usage_and_labels(files, capsys):
     assert all(code["label"] == labels[code["code"]] and code["label"] in LABELS for code in top)
 
 
-def test_tokenize_saves_a_dataset_with_tokens_and_labels(files, tmp_path, capsys):
+def test_tokenize_saves_a_dataset_with_tokens_and_labels(files, tmp_path, capsys, monkeypatch):
     import datasets
+
+    import cdb_tokenizer.tools.data as data_module
+    import cdb_tokenizer.tools.priors.token_data as token_data
+
+    reads = []
+    decode_image = data_module.decode_image
+    for module in (data_module, token_data):  # wherever an image is decoded
+        monkeypatch.setattr(module, "decode_image", lambda value, **kw: reads.append(1) or decode_image(value, **kw))
 
     data = tmp_path / "classes"
     for label, names in {"animal": ["chelsea"], "person": ["astronaut", "coffee"]}.items():
@@ -203,6 +211,7 @@ def test_tokenize_saves_a_dataset_with_tokens_and_labels(files, tmp_path, capsys
         == 0
     )
     assert "1 unreadable skipped" in capsys.readouterr().out
+    assert len(reads) == 4  # each image read once (a check pass used to read them all first)
 
     tokenized = datasets.load_from_disk(str(out))
     assert tokenized.column_names == ["image_tokens", "label"]

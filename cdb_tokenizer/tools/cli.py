@@ -1034,7 +1034,6 @@ def _write_code_report(report: list[dict], path: Path) -> None:
 
 def tokenize_command(args: argparse.Namespace) -> None:
     """A folder or Hub data set -> a `datasets` data set of `image_tokens` (and labels), saved with `save_to_disk`."""
-    from .data import decode_image
     from .priors import save_tokens, tokenize_dataset
 
     dataset = open_dataset(args.data, args.image_column, args.split)
@@ -1045,16 +1044,7 @@ def tokenize_command(args: argparse.Namespace) -> None:
     out = _check_tokenize_folder(args.out, args.data)
     model, processor, _, fingerprint = load_model(args.model, args.device, args.dtype, args.trust_remote_code)
     total = len(dataset)
-    max_pixels = args.max_image_pixels
-    dataset = dataset.filter(
-        lambda value: decode_image(value, max_pixels=max_pixels) is not None,
-        input_columns=args.image_column,
-        desc="checking images",
-    )
-    skipped = total - len(dataset)
-    if len(dataset) == 0:
-        raise CLIError(f"--data {args.data} has no readable images ({skipped} unreadable).")
-    try:
+    try:  # unreadable (or over-budget) images are skipped and counted as they are tokenised: each is read once
         tokenized = tokenize_dataset(
             dataset,
             model,
@@ -1063,11 +1053,11 @@ def tokenize_command(args: argparse.Namespace) -> None:
             label_column=args.label_column,
             batch_size=args.batch_size,
             device=next(model.parameters()).device,
-            max_pixels=max_pixels,  # the budget the check above used, not decode_image's default
+            max_pixels=args.max_image_pixels,
         )
-    except ValueError as error:
-        raise CLIError(str(error)) from None
-    skipped = total - len(tokenized)  # every image dropped, by the check or while tokenising
+    except ValueError as error:  # no readable image at all, or a label column that is not integer classes
+        raise CLIError(f"--data {args.data}: {error}") from None
+    skipped = total - len(tokenized)
     save_tokens(tokenized, out, model, fingerprint)  # the codebook it indexes (before --dtype's cast)
     length = len(tokenized[0]["image_tokens"])
     print(
