@@ -44,3 +44,14 @@ def photo_batch() -> torch.Tensor:
 
     processor = CDBVQImageProcessor(size={"height": 32, "width": 32})
     return processor(sample_photos("skimage")[:4], return_tensors="pt").pixel_values
+
+
+class RunsCode:
+    """Pickled, an object that writes `marker` when unpickled: what a hostile weights file would carry. Tests plant
+    one and check that loading refuses the file and the marker never appears."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))

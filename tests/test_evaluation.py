@@ -25,7 +25,7 @@ from cdb_tokenizer.tools.evaluation import (
     optional_fid_metric,
     save_fid_reference,
 )
-from conftest import tiny_model
+from conftest import RunsCode, tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -137,27 +137,18 @@ def test_without_inception_weights_fid_says_so_in_one_line_at_once(no_inception_
     assert time.monotonic() - start < 5  # no download attempted, nothing waited on
 
 
-class _RunsCode:
-    """A pickled object that writes a marker file when unpickled."""
-
-    marker = None
-
-    def __reduce__(self):
-        return (open, (str(self.marker), "w"))
-
-
 def test_inception_weights_that_are_not_only_tensors_are_refused_unread(no_inception_weights, tmp_path):
     # torch-fidelity loads the file with weights_only=False: it must never see one that carries code.
-    _RunsCode.marker = tmp_path / "code-ran"
+    marker = tmp_path / "code-ran"
     hostile = tmp_path / "inception.pth"
-    torch.save({"weight": _RunsCode()}, hostile)
+    torch.save({"weight": RunsCode(marker)}, hostile)
     with pytest.raises(FIDUnavailableError, match="tensors only"):
         fid_metric(weights_path=str(hostile))
     os.makedirs(os.path.dirname(evaluation.inception_weights_file()))
-    torch.save({"weight": _RunsCode()}, evaluation.inception_weights_file())
+    torch.save({"weight": RunsCode(marker)}, evaluation.inception_weights_file())
     with pytest.raises(FIDUnavailableError, match="tensors only"):
         fid_metric()
-    assert not _RunsCode.marker.exists()
+    assert not marker.exists()
     torch.save({"weight": torch.ones(2)}, hostile)
     assert evaluation.inception_weights(str(hostile)) == str(hostile)
 

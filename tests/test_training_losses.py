@@ -23,6 +23,7 @@ from cdb_tokenizer.tools.losses import (
 )
 from cdb_tokenizer.tools.roles import three_role_ranges
 from cdb_tokenizer.tools.teacher import TINY_CLIP_CONFIG, CLIPTeacher, build_clip_model
+from conftest import RunsCode
 
 TINY = {
     "resolution": 32, "base_channels": 16, "channel_multipliers": [1, 2, 2], "num_res_blocks": 1, "norm_num_groups": 8,
@@ -159,15 +160,6 @@ def test_missing_lpips_weights_stop_with_a_message(tmp_path, monkeypatch):
         load_lpips("resnet")
 
 
-class _RunsCode:
-    """A pickled object that writes a marker file when unpickled: what a hostile cache file would carry."""
-
-    marker = None
-
-    def __reduce__(self):
-        return (open, (str(self.marker), "w"))
-
-
 def test_lpips_weights_load_as_tensors_only(tmp_path, monkeypatch):
     import torchvision
 
@@ -180,12 +172,12 @@ def test_lpips_weights_load_as_tensors_only(tmp_path, monkeypatch):
     assert torch.equal(module.net.slice1._modules["0"].weight, backbone.features[0].weight)  # the file's weights
     assert torch.equal(module.net.slice7._modules["12"].expand3x3.weight, backbone.features[12].expand3x3.weight)
 
-    _RunsCode.marker = tmp_path / "code-ran"
-    torch.save({"features.0.weight": _RunsCode()}, path)
+    marker = tmp_path / "code-ran"
+    torch.save({"features.0.weight": RunsCode(marker)}, path)
     with pytest.raises(LPIPSUnavailableError, match="as tensors"):
         load_lpips("squeeze")
     assert load_lpips("squeeze", required=False) is None
-    assert not _RunsCode.marker.exists()
+    assert not marker.exists()
 
 
 def _accumulating_parts(max_grad_norm: float = 1.0):

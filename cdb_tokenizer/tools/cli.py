@@ -132,7 +132,7 @@ def load_model(name_or_path: str, device: str | None = None, dtype: str = "float
         if "ignore_mismatched_sizes" in str(error) or "size mismatch" in str(error):
             # transformers' message points at its LOAD REPORT table (held back): name the weights that do not fit.
             raise CLIError(_misfit_message(name_or_path, model_id)) from None
-        if "Weights only load failed" in str(error):  # torch's first line suggests weights_only=False: never
+        if "Weights only load failed" in str(error):  # torch's own advice (an unsafe load) is never passed on
             raise CLIError(
                 f"could not load model {name_or_path!r}: its weights are a PyTorch pickle (.bin) holding more than "
                 f"tensors, and such files are never unpickled (that could run code); convert them to safetensors."

@@ -146,8 +146,8 @@ def load_lpips(network: str = "vgg", required: bool = True) -> nn.Module | None:
         )
     import lpips
 
-    # Built empty, then filled with tensors only: lpips and torchvision would unpickle (weights_only=False) whatever
-    # file lies at the torch hub cache path, and so run any code it carries.
+    # Built empty, then filled with tensors only: lpips and torchvision alone would load whatever file lies at the
+    # torch hub cache path as a full pickle, and so run any code it carries.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # lpips still uses torchvision's deprecated `pretrained=` argument
         module = lpips.LPIPS(net=network, pretrained=False, pnet_rand=True, verbose=False)
