@@ -288,9 +288,10 @@ def test_thread_count_follows_idle_cores_and_explicit_settings(monkeypatch):
         torch.set_num_threads(before)
 
 
-def test_inception_fid_loads_cached_weights_without_network(tmp_path, monkeypatch):
-    """The standard path: torch-fidelity's Inception built from the weights file in the torch hub cache (random
-    weights here, written where the real ones would be), no network attempted."""
+@pytest.fixture
+def cached_inception_weights(tmp_path, monkeypatch):
+    """Random Inception weights written where the real ones are cached (the torch hub cache of a fresh TORCH_HOME),
+    with any network check failing the test. Yields the file's path."""
     pytest.importorskip("torch_fidelity")
     from torch_fidelity import feature_extractor_inceptionv3 as inception_module
 
@@ -303,13 +304,36 @@ def test_inception_fid_loads_cached_weights_without_network(tmp_path, monkeypatc
     path = Path(evaluation.inception_weights_file())
     path.parent.mkdir(parents=True)
     torch.save(network.state_dict(), path)
+    return path
 
+
+def test_inception_fid_loads_cached_weights_without_network(cached_inception_weights):
+    """The standard path: torch-fidelity's Inception built from the weights file in the torch hub cache (random
+    weights here, written where the real ones would be), no network attempted."""
     fid = fid_metric()
     images = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     fid.update(images, real=True)
     fid.update(images, real=False)
     assert abs(float(fid.compute())) < 1e-2
     assert fid.real_features_sum.shape == (2048,)  # the 2,048-d pool features of the standard FID
+
+
+def test_inception_weights_swapped_after_the_check_never_reach_the_unpickler(cached_inception_weights, tmp_path, monkeypatch):
+    # torch-fidelity unpickles its weights file with weights_only=False. A file replaced between the tensors-only
+    # check and that load (here: just before torch-fidelity builds its network) must not be what it reads.
+    from torch_fidelity import feature_extractor_inceptionv3 as inception_module
+
+    marker = tmp_path / "code-ran"
+    build = inception_module.FeatureExtractorInceptionV3.__init__
+
+    def swap_then_build(self, *args, **kwargs):
+        torch.save({"weight": RunsCode(marker)}, cached_inception_weights)
+        build(self, *args, **kwargs)
+
+    monkeypatch.setattr(inception_module.FeatureExtractorInceptionV3, "__init__", swap_then_build)
+    fid = fid_metric()
+    assert not marker.exists()
+    assert fid.inception.Conv2d_1a_3x3.conv.weight.abs().sum() > 0  # built from the weights read before the swap
 
 
 def test_files_are_replaced_whole_or_not_at_all(tmp_path):

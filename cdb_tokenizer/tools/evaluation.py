@@ -6,6 +6,7 @@ Training-only (torchmetrics, matplotlib, torch-fidelity): never imported by the 
 
 from __future__ import annotations
 
+import io
 import itertools
 import logging
 import os
@@ -63,14 +64,15 @@ def inception_weights_file() -> str:
 def inception_weights(weights_path: str | None = None, allow_download: bool = True) -> str:
     """The path of the FID Inception weights: `weights_path`, else the torch hub cache, else downloaded into the
     cache when the host answers a 3-second connection check. Raises `FIDUnavailableError` (one line) otherwise, so
-    nothing ever waits on a download that cannot happen."""
+    nothing ever waits on a download that cannot happen. The file is not read here: `inception_state_dict` is the
+    one safe way to read it."""
     if weights_path is not None:
         if not os.path.isfile(weights_path):
             raise FIDUnavailableError(f"the FID Inception weights file {weights_path!r} does not exist.")
-        return _tensors_only(weights_path)
+        return weights_path
     path = inception_weights_file()
     if os.path.isfile(path):
-        return _tensors_only(path)
+        return path
     if not allow_download or not reachable(INCEPTION_WEIGHTS_URL):
         raise FIDUnavailableError(
             f"the FID Inception weights are not in the torch hub cache ({path}) and cannot be downloaded now "
@@ -79,17 +81,19 @@ def inception_weights(weights_path: str | None = None, allow_download: bool = Tr
     os.makedirs(os.path.dirname(path), exist_ok=True)
     logger.info(f"Downloading the FID Inception weights to {path}.")
     torch.hub.download_url_to_file(INCEPTION_WEIGHTS_URL, path, progress=False)
-    return _tensors_only(path)
+    return path
 
 
-def _tensors_only(path: str) -> str:
-    """`path` once it has loaded as tensors only. torch-fidelity then loads it with weights_only=False, which would
-    run whatever code a pickled object in the file carries; a file that holds only tensors carries none."""
+def inception_state_dict(path: str) -> dict[str, torch.Tensor]:
+    """The Inception weights in `path`, read once and as tensors only (a pickled object in the file is refused,
+    never run). Raises `FIDUnavailableError` naming the file otherwise."""
     try:
-        torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises UnpicklingError for anything but tensors, others for damaged files
         raise FIDUnavailableError(f"the FID Inception weights {path} cannot be read as tensors only: {first_line(error)}") from None
-    return path
+    if not isinstance(state, dict) or not all(isinstance(value, torch.Tensor) for value in state.values()):
+        raise FIDUnavailableError(f"the FID Inception weights {path} are not a state dict of tensors.")
+    return state
 
 
 class RandomFeatureExtractor(nn.Module):
@@ -151,8 +155,13 @@ def fid_metric(
                 "rFID needs torch-fidelity for torchmetrics' Inception network: pip install 'cdb-tokenizer[train]' "
                 "(or pip install torch-fidelity)."
             ) from None
-        path = inception_weights(weights_path, allow_download)
-        metric = FrechetInceptionDistance(feature=2048, feature_extractor_weights_path=path, **kwargs)
+        state = inception_state_dict(inception_weights(weights_path, allow_download))
+        # torch-fidelity loads its weights with weights_only=False. It gets the tensors read above, saved again
+        # into memory, never the file: a file swapped after the check cannot reach its unpickler.
+        checked = io.BytesIO()
+        torch.save(state, checked)
+        checked.seek(0)
+        metric = FrechetInceptionDistance(feature=2048, feature_extractor_weights_path=checked, **kwargs)
     return metric.to(device) if device is not None else metric
 
 
