@@ -394,10 +394,15 @@ class CDBVQModel(CDBVQPreTrainedModel):
         One scalar, one sync: `commitment_loss` (the mean squared distance of the latents to their chosen codes) is
         NaN for NaN latents or chosen codes, the sum of the codebook catches a NaN/inf code no latent chose (the
         `cdb` router scores an infinite code -inf, so it is never chosen, yet the model is corrupt), and that of the
-        router's semantic features a corrupt semantic head (`semantic_features` passed in are checked on the way in)."""
+        router's semantic features a corrupt semantic head (`semantic_features` passed in are checked on the way in).
+        The `cdb` router's own weights and state are summed in too: NaN there silently degrades every token to one of
+        its candidates."""
         total = commitment_loss + self.quantizer.codebook.weight.detach().sum(dtype=torch.float32)
         if router_features is not None:
             total = total + router_features.detach().sum(dtype=torch.float32)
+        router_total = self._router_sum()
+        if router_total is not None:
+            total = total + router_total
         if bool(torch.isfinite(total)):
             return
         if not bool(torch.isfinite(latents).all()):
@@ -411,10 +416,23 @@ class CDBVQModel(CDBVQPreTrainedModel):
                 "the semantic head produced NaN or infinite features for the router: the semantic head's weights are "
                 "corrupt (NaN/inf) or training diverged."
             )
+        if router_total is not None and not bool(torch.isfinite(router_total)):
+            raise ValueError(
+                "the cdb router's weights or state (query, code keys, potentials, temperature, role head) hold NaN or "
+                "infinite values: they are corrupt or training diverged."
+            )
         raise ValueError(
             f"the latents reach {latents.abs().max().item():.3g}, so large that their squared distances to the codes "
             f"overflow: the encoder weights are corrupt or training diverged."
         )
+
+    def _router_sum(self) -> torch.Tensor | None:
+        """The float32 sum of every floating tensor the `cdb` router reads (NaN/inf if any is); None without router."""
+        router = self.quantizer.router
+        if router is None:
+            return None
+        tensors = [*router.parameters(), *router.buffers(), self.quantizer.prototypes]
+        return torch.stack([tensor.detach().sum(dtype=torch.float32) for tensor in tensors]).sum()
 
     def _check_codebook(self) -> None:
         weight = self.quantizer.codebook.weight.detach()

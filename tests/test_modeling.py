@@ -265,6 +265,19 @@ def test_a_corrupt_semantic_head_or_nan_semantic_features_are_refused(photo_batc
         model.get_image_tokens(photo_batch)
 
 
+@pytest.mark.parametrize("part", ["query", "code_keys", "potentials", "temperature", "prototypes"])
+def test_a_corrupt_router_is_refused_at_inference(part, photo_batch):
+    # Before: NaN scores made the router's argmax fall back to each latent's first candidate, silently.
+    model = tiny_model(assignment="cdb").eval()
+    router = model.quantizer.router
+    tensor = {"query": router.query.weight, "code_keys": router.code_keys, "potentials": router.potentials,
+              "temperature": router.temperature, "prototypes": model.quantizer.prototypes}[part]  # fmt: skip
+    with torch.no_grad():
+        tensor.view(-1)[0] = float("nan")
+    with pytest.raises(ValueError, match="cdb router's weights or state .* hold NaN"):
+        model.get_image_tokens(photo_batch)
+
+
 def test_a_corrupt_codebook_is_refused_by_decode(model):
     broken = corrupt(tiny_model().eval(), "codebook")
     tokens = torch.zeros(1, 64, dtype=torch.long)  # code 0 is fine, code 5 is not: the codebook is corrupt
