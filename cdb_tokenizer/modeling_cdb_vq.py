@@ -377,13 +377,22 @@ class CDBVQModel(CDBVQPreTrainedModel):
             )
         if image_tokens.numel() == 0:
             raise ValueError(f"image_tokens is empty (shape {tuple(image_tokens.shape)}): there is nothing to decode.")
-        low, high = torch.stack(torch.aminmax(image_tokens)).tolist()  # one device sync
+
+    def _check_token_range_and_codebook(self, image_tokens: torch.Tensor) -> None:
+        """Token ids within the codebook, and a codebook without NaN/inf: one device sync for both (float64 holds
+        any code id exactly; the codebook's sum is NaN/inf if any code is)."""
+        weight = self.quantizer.codebook.weight.detach()
+        low, high, total = torch.stack(
+            [*(bound.double() for bound in torch.aminmax(image_tokens)), weight.sum(dtype=torch.float32).double()]
+        ).tolist()
         if low < 0 or high >= self.config.codebook_size:
             raise ValueError(
                 f"image_tokens must be code ids in [0, {self.config.codebook_size}), got values in "
-                f"[{low}, {high}]; if they come from a prior, remove its "
+                f"[{int(low)}, {int(high)}]; if they come from a prior, remove its "
                 f"special-token offset first."
             )
+        if not math.isfinite(total):
+            self._check_codebook()
 
     def _check_quantization(
         self, latents: torch.Tensor, commitment_loss: torch.Tensor, router_features: torch.Tensor | None = None
@@ -533,7 +542,7 @@ class CDBVQModel(CDBVQPreTrainedModel):
         self._check_image_tokens(image_tokens)
         if image_tokens.ndim != 3:
             raise ValueError(f"decode expects image_tokens of shape (batch, h, w), got {tuple(image_tokens.shape)}; use decode_image_tokens for (batch, h * w).")
-        self._check_codebook()
+        self._check_token_range_and_codebook(image_tokens)
         codes = self.quantizer.lookup(image_tokens).permute(0, 3, 1, 2)
         return self.decode_latents(codes.to(self.post_quant_conv.weight.dtype))
 
