@@ -107,7 +107,7 @@ def test_end_to_end_run_writes_a_loadable_tokenizer_and_logs_every_loss_term(tmp
 
 
 def test_resumed_run_matches_the_uninterrupted_run_step_for_step(tmp_path):
-    run = PLAIN_RUN + ["--max_train_steps", "4", "--checkpointing_steps", "2", "--dead_code_restart_steps", "2", "--usage_decay", "0.3", "--dead_code_threshold", "0.9", "--disc_weight", "0.5", "--disc_start", "1", "--disc_base_channels", "8", "--disc_num_layers", "2", "--use_ema"]  # fmt: skip
+    run = PLAIN_RUN + ["--max_train_steps", "4", "--checkpointing_steps", "2", "--dead_code_restart_steps", "2", "--usage_decay", "0.3", "--dead_code_threshold", "0.9", "--disc_weight", "0.5", "--disc_start", "1", "--disc_base_channels", "8", "--disc_num_layers", "2", "--use_ema", "--dropout", "0.2"]  # fmt: skip
     main(run + ["--output_dir", str(tmp_path / "straight")])
     # An interrupted run leaves exactly checkpoint-2 behind; resume it in a fresh folder.
     (tmp_path / "resumed" / "checkpoints").mkdir(parents=True)
@@ -310,6 +310,11 @@ def test_model_config_file_then_flags(tmp_path):
         (["--num_grid_images", "0"], "--num_grid_images must be a positive integer"),
         (["--checkpoints_total_limit", "0"], "--checkpoints_total_limit must be a positive integer"),
         (["--ema_weights_decay", "1.5"], "--ema_weights_decay must be in (0, 1)"),
+        # Data flags without data: --streaming used to crash inside the loader, the others were ignored.
+        (["--streaming", "--max_train_steps", "3"], "--streaming only apply to --train_data_dir or --dataset_name"),
+        (["--max_train_samples", "2", "--validation_split", "x"], "--max_train_samples, --validation_split only apply"),
+        # Deleting the run before resuming it left nothing to resume (every checkpoint gone).
+        (["--overwrite_output_dir", "--resume_from_checkpoint", "latest"], "give one or the other"),
     ],
 )
 def test_invalid_arguments_exit_with_a_message_naming_the_problem(argv, message, capsys):

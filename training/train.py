@@ -308,6 +308,9 @@ def build_train_loader(args: argparse.Namespace, train, accelerator: Accelerator
     loader_kwargs = {
         "batch_size": args.train_batch_size, "collate_fn": collate_images, "drop_last": True,
         "num_workers": args.dataloader_num_workers, "pin_memory": torch.cuda.is_available(),
+        # Its own generator: every new iterator (each epoch, and the first one after a resume) draws its workers'
+        # base seed from it rather than from the global RNG, which would shift the dropout masks of a resumed run.
+        "generator": torch.Generator().manual_seed(args.seed),
     }  # fmt: skip
     if args.streaming:
         from datasets.distributed import split_dataset_by_node

@@ -286,6 +286,19 @@ def args_without_sentinels(args: argparse.Namespace, config: dict) -> dict:
 def _check_training_args(args: argparse.Namespace) -> None:
     if args.train_data_dir is not None and args.dataset_name is not None:
         raise ValueError("give either --train_data_dir or --dataset_name, not both.")
+    if args.train_data_dir is None and args.dataset_name is None:
+        ignored = [f"--{name}" for name in ("streaming", "max_train_samples", "validation_split", "dataset_config_name")
+                   if getattr(args, name) not in (None, False)]  # fmt: skip
+        if ignored:
+            raise ValueError(
+                f"{', '.join(ignored)} only apply to --train_data_dir or --dataset_name data; without data flags the "
+                f"run trains on the demo photos."
+            )
+    if args.overwrite_output_dir and args.resume_from_checkpoint is not None:
+        raise ValueError(
+            "--overwrite_output_dir deletes the checkpoints --resume_from_checkpoint would continue from: give one or "
+            "the other."
+        )
     if args.train_data_dir is not None and not os.path.isdir(args.train_data_dir):
         raise FileNotFoundError(f"--train_data_dir {args.train_data_dir!r} does not exist or is not a directory.")
     positive = ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "validation_steps",
