@@ -180,6 +180,14 @@ def test_a_resume_with_nothing_left_to_train_says_so_and_leaves_the_model(straig
     assert (output_dir / "model.safetensors").stat().st_mtime_ns == stamp
     assert metrics == json.loads((straight / "metrics.json").read_text())
 
+    # Resuming an earlier checkpoint with nothing left to train abandons nothing: the later checkpoints (the ones the
+    # saved model came from) stay as they are, and `latest` still names the last one.
+    before = sorted(path.name for path in (output_dir / "checkpoints").iterdir())
+    main(RUN + ["--max_train_steps", "2", "--output_dir", str(output_dir),
+                "--resume_from_checkpoint", str(output_dir / "checkpoints" / "checkpoint-2")])  # fmt: skip
+    assert sorted(path.name for path in (output_dir / "checkpoints").iterdir()) == before
+    assert (output_dir / "model.safetensors").stat().st_mtime_ns == stamp
+
 
 def test_a_run_whose_validation_would_fail_is_refused_at_start_up(capsys):
     with pytest.raises(SystemExit):

@@ -559,7 +559,7 @@ class RunState:
                 "ema_weights_decay": ema.decay if ema is not None else None}  # fmt: skip
 
 
-def resume(accelerator: Accelerator, args) -> tuple[int, dict[str, torch.Tensor], dict]:
+def resume(accelerator: Accelerator, args, max_train_steps: int) -> tuple[int, dict[str, torch.Tensor], dict]:
     """Load the checkpoint `--resume_from_checkpoint` names: (its step, its custom tensors, its JSON state).
 
     `latest` is the newest *complete* checkpoint (one whose manifest matches its files); incomplete ones (a run
@@ -578,16 +578,17 @@ def resume(accelerator: Accelerator, args) -> tuple[int, dict[str, torch.Tensor]
             f"tampered with, or it belongs to a run with another configuration."
         ) from None
     step = checkpoint_step(path)
-    set_aside_later_checkpoints(accelerator, args.output_dir, step)
+    if step < max_train_steps:  # later checkpoints are abandoned only by a run that trains past this one
+        set_aside_later_checkpoints(accelerator, args.output_dir, step)
     logger.info(f"Resumed from {path} (step {step}).")
     return step, tensors, state
 
 
 def resume_or_initialize(args: argparse.Namespace, parts: TrainingParts, ema: EMAWeights | None, train_loader,
-                         sampler: EpochSampler | None) -> RunState:  # fmt: skip
+                         sampler: EpochSampler | None, max_train_steps: int) -> RunState:  # fmt: skip
     """Resume from --resume_from_checkpoint (weights, optimisers, EMA and the loop's counts), or start afresh with
     the k-means initialisation of the codebook (and of its EMA copy)."""
-    step, tensors, saved = resume(parts.accelerator, args)
+    step, tensors, saved = resume(parts.accelerator, args, max_train_steps)
     if ema is not None and step > 0:
         ema.load_tensors(tensors, saved, source=args.resume_from_checkpoint)
     if step == 0:
@@ -874,7 +875,7 @@ def train(args: argparse.Namespace) -> tuple[CDBVQModel, dict]:
     # Step
     parts = build_training_parts(args, model, accelerator, build_loss(args, lpips_module), teacher, max_train_steps)
     ema = EMAWeights(parts.unwrapped, args.ema_weights_decay) if args.use_ema else None
-    state = resume_or_initialize(args, parts, ema, train_loader, sampler)
+    state = resume_or_initialize(args, parts, ema, train_loader, sampler, max_train_steps)
     if state.step > 0 and state.step >= max_train_steps:
         return parts.unwrapped, nothing_left_to_train(args, accelerator, state.step, max_train_steps)
 
