@@ -125,6 +125,32 @@ def test_resumed_run_matches_the_uninterrupted_run_step_for_step(tmp_path):
     assert all(torch.equal(final_straight[key], final_resumed[key]) for key in final_straight)
 
 
+def test_a_resumed_run_trains_at_its_own_learning_rate_and_ema_decay(tmp_path):
+    # The stop message advises resuming "with a lower --learning_rate": the checkpoint's optimiser state used to
+    # carry the old rate (and the old EMA decay) over the new flags, silently.
+    run = PLAIN_RUN + ["--max_train_steps", "4", "--checkpointing_steps", "2", "--lr_scheduler", "cosine",
+                       "--lr_warmup_steps", "0", "--learning_rate", "1e-3", "--use_ema", "--output_dir", str(tmp_path)]  # fmt: skip
+    main(run)
+    straight = loss_records(tmp_path)
+    (tmp_path / "checkpoints" / "checkpoint-4").rename(tmp_path / "checkpoints" / "interrupted")
+    main(run + ["--resume_from_checkpoint", str(tmp_path / "checkpoints" / "checkpoint-2"), "--learning_rate", "1e-5",
+                "--ema_weights_decay", "0.5"])  # fmt: skip
+    resumed = loss_records(tmp_path)
+    for step in (3, 4):  # the same point of the cosine schedule, at a peak 100 times lower
+        assert resumed[step]["train/learning_rate"] == pytest.approx(straight[step]["train/learning_rate"] / 100)
+    state = json.loads((tmp_path / "checkpoints" / "checkpoint-4" / "training_state.json").read_text())
+    assert state["ema_weights_decay"] == 0.5
+
+
+def test_a_resume_with_another_batch_size_says_the_data_order_changes(tmp_path, caplog):
+    run = PLAIN_RUN + ["--max_train_steps", "2", "--checkpointing_steps", "1", "--output_dir", str(tmp_path)]
+    main(run)
+    main(run + ["--max_train_steps", "3", "--resume_from_checkpoint", "latest"])
+    assert "re-enters the data" not in caplog.text  # the same flags: an exact continuation
+    main(run + ["--max_train_steps", "4", "--resume_from_checkpoint", "latest", "--train_batch_size", "3"])
+    assert "Resuming with train_batch_size 2 -> 3: the run re-enters the data at another batch" in caplog.text
+
+
 def _nan_at(steps):
     real = steps_module.compute_losses
 

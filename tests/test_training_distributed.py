@@ -6,7 +6,11 @@ import sys
 import textwrap
 from pathlib import Path
 
+import json
+
+import numpy as np
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 from cdb_tokenizer.tools.teacher import save_clip_config
@@ -56,3 +60,29 @@ def test_two_processes_end_with_identical_weights_and_codebooks(tmp_path):
     assert different == []
     assert bool(first["quantizer.initialized"])
     assert "2 process(es)" in result.stderr and (tmp_path / "run" / "metrics.json").is_file()
+
+
+def test_a_checkpoint_keeps_the_unreadable_images_every_process_met(tmp_path):
+    # Each process meets only its own batches' unreadable images; the checkpoint (written by the main process) used
+    # to keep the main process's alone, so a resumed run counted fewer than the run had met.
+    for split, count in (("train", 8), ("validation", 2)):
+        folder = tmp_path / "data" / split
+        folder.mkdir(parents=True)
+        for index in range(count):
+            Image.fromarray(np.full((40, 40, 3), index * 20, dtype=np.uint8)).save(folder / f"{index}.png")
+        for index in range(4 if split == "train" else 0):  # each after a readable one: only its own draw meets it
+            (folder / f"{index}b.png").write_bytes(b"not an image")
+    worker = tmp_path / "worker.py"
+    worker.write_text(WORKER.format(repo=str(REPO)))
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+        str(worker), str(tmp_path), *TINY_MODEL, "--output_dir", str(tmp_path / "run"), "--max_train_steps", "3",
+        "--train_batch_size", "2", "--num_validation_images", "2", "--clip_model", "none", "--disc_weight", "0",
+        "--lpips_weight", "0", "--train_data_dir", str(tmp_path / "data"), "--report_to", "none",
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=150, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    saved = json.loads((tmp_path / "run" / "checkpoints" / "checkpoint-3" / "training_state.json").read_text())
+    assert metrics["skipped_images"] == 4  # 12 images, 3 steps of 2 x 2: every one met (one epoch)
+    assert len(set(saved["skipped_image_ids"])) == 4  # the distinct unreadable images of both processes

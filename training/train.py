@@ -549,14 +549,35 @@ class RunState:
     # Unreadable training images, by name: counted once however often the data passes over them.
     skipped_ids: set[str] = field(default_factory=set)
     nonfinite_steps: int = 0
+    # What decides where a resumed run re-enters the data (checked on resume).
+    data_order: dict = field(default_factory=dict)
 
     @classmethod
     def from_checkpoint(cls, step: int, saved: dict) -> RunState:
         return cls(step, set(saved.get("skipped_image_ids", [])), int(saved.get("nonfinite_steps", 0)))
 
+    def share_skipped_ids(self, accelerator: Accelerator) -> None:
+        """Every process's unreadable images, on every process (each only meets those of its own batches)."""
+        if accelerator.num_processes > 1:
+            self.skipped_ids = set().union(*gather_object([sorted(self.skipped_ids)]))
+
     def to_checkpoint(self, ema: EMAWeights | None) -> dict:
         return {"step": self.step, "skipped_image_ids": sorted(self.skipped_ids), "nonfinite_steps": self.nonfinite_steps,
-                "ema_weights_decay": ema.decay if ema is not None else None}  # fmt: skip
+                "ema_weights_decay": ema.decay if ema is not None else None, "data_order": self.data_order}  # fmt: skip
+
+
+def data_order(args: argparse.Namespace, accelerator: Accelerator) -> dict:
+    return {"train_batch_size": args.train_batch_size, "gradient_accumulation_steps": args.gradient_accumulation_steps,
+            "num_processes": accelerator.num_processes, "seed": args.seed}  # fmt: skip
+
+
+def warn_if_data_order_changed(saved: dict | None, now: dict) -> None:
+    """A resume with another batch size, accumulation, process count or seed re-enters the data elsewhere than the
+    checkpoint left it: say so (it is allowed, e.g. to resume on other hardware)."""
+    changed = [f"{key} {saved[key]} -> {now[key]}" for key in now if saved and key in saved and saved[key] != now[key]]
+    if changed:
+        logger.warning(f"Resuming with {', '.join(changed)}: the run re-enters the data at another batch than the "
+                       f"checkpoint left it, and its losses will not match an uninterrupted run's.")  # fmt: skip
 
 
 def resume(accelerator: Accelerator, args, max_train_steps: int) -> tuple[int, dict[str, torch.Tensor], dict]:
@@ -584,19 +605,58 @@ def resume(accelerator: Accelerator, args, max_train_steps: int) -> tuple[int, d
     return step, tensors, state
 
 
+def _schedules(parts: TrainingParts) -> list[tuple[str, torch.optim.Optimizer, object]]:
+    pairs = [("model", parts.optimizer, parts.scheduler), ("discriminator", parts.disc_optimizer, parts.disc_scheduler)]
+    return [(name, optimizer, scheduler) for name, optimizer, scheduler in pairs if optimizer is not None]
+
+
+def optimizer_settings(parts: TrainingParts) -> list[tuple[list[float], list[dict]]]:
+    """This run's peak learning rates and optimiser hyperparameters (betas, weight decay, eps), before a checkpoint's
+    optimiser and schedule states replace them."""
+    return [
+        (list(scheduler.scheduler.base_lrs),
+         [{key: value for key, value in group.items() if key not in ("params", "lr", "initial_lr")} for group in optimizer.param_groups])
+        for _, optimizer, scheduler in _schedules(parts)
+    ]  # fmt: skip
+
+
+def keep_optimizer_settings(parts: TrainingParts, settings: list) -> None:
+    """After a resume, train with this run's flags: a checkpoint's optimiser state carries the learning rate and
+    hyperparameters it was written with, which would silently win over e.g. a lower --learning_rate. The schedule
+    keeps its position; its peak becomes this run's rate."""
+    for (name, optimizer, scheduler), (peaks, hyperparameters) in zip(_schedules(parts), settings):
+        schedule = scheduler.scheduler
+        if list(schedule.base_lrs) != peaks:
+            logger.info(f"Resuming the {name} at learning rate {peaks[0]:g} (this run's flags); the checkpoint's was "
+                        f"{schedule.base_lrs[0]:g}. The schedule goes on from its step at the new peak.")  # fmt: skip
+        for group, old_peak, peak, settings_of_group in zip(optimizer.param_groups, schedule.base_lrs, peaks, hyperparameters):
+            group["lr"] = group["lr"] * peak / old_peak if old_peak else peak
+            group["initial_lr"] = peak
+            group.update(settings_of_group)
+        schedule.base_lrs = list(peaks)
+        schedule._last_lr = [group["lr"] for group in optimizer.param_groups]  # what get_last_lr() reports
+
+
 def resume_or_initialize(args: argparse.Namespace, parts: TrainingParts, ema: EMAWeights | None, train_loader,
                          sampler: EpochSampler | None, max_train_steps: int) -> RunState:  # fmt: skip
     """Resume from --resume_from_checkpoint (weights, optimisers, EMA and the loop's counts), or start afresh with
     the k-means initialisation of the codebook (and of its EMA copy)."""
+    settings = optimizer_settings(parts)
     step, tensors, saved = resume(parts.accelerator, args, max_train_steps)
+    if step > 0:
+        keep_optimizer_settings(parts, settings)
     if ema is not None and step > 0:
         ema.load_tensors(tensors, saved, source=args.resume_from_checkpoint)
+    if step > 0:
+        warn_if_data_order_changed(saved.get("data_order"), data_order(args, parts.accelerator))
     if step == 0:
         model = parts.unwrapped
         initialize_codebook(args, model, batch_stream(train_loader, sampler), parts.accelerator, parts.teacher)
         if ema is not None:
             ema.copy_rows(model, "quantizer.codebook.weight", torch.arange(model.config.codebook_size))
-    return RunState.from_checkpoint(step, saved)
+    state = RunState.from_checkpoint(step, saved)
+    state.data_order = data_order(args, parts.accelerator)
+    return state
 
 
 def nothing_left_to_train(args: argparse.Namespace, accelerator: Accelerator, step: int, max_train_steps: int) -> dict:
@@ -668,6 +728,7 @@ def train_loop(args: argparse.Namespace, parts: TrainingParts, ema: EMAWeights |
             metrics = validate(model, validation, args, log, state.step, ema)
             logger.info(f"Step {state.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
         if state.step % args.checkpointing_steps == 0 or state.step == max_train_steps:
+            state.share_skipped_ids(accelerator)  # the checkpoint is written by the main process alone
             save_checkpoint(accelerator, args.output_dir, state.step, args.checkpoints_total_limit,
                             tensors=ema.to_tensors() if ema is not None else None, state=state.to_checkpoint(ema))  # fmt: skip
     progress.close()
@@ -765,7 +826,8 @@ def save_run(args: argparse.Namespace, parts: TrainingParts, ema: EMAWeights | N
     """The end of the run, on every process: the final metrics (main process), the saved model and its pictures,
     the trackers closed, and the Hub upload with --push_to_hub. Returns the metrics."""
     accelerator = parts.accelerator
-    skipped_images = len(set().union(*gather_object([sorted(state.skipped_ids)]))) if accelerator.num_processes > 1 else len(state.skipped_ids)
+    state.share_skipped_ids(accelerator)
+    skipped_images = len(state.skipped_ids)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         metrics.update(steps=state.step, wall_time_seconds=round(time.time() - start_time, 1),

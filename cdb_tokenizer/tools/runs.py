@@ -136,8 +136,9 @@ class EMAWeights:
                     f"a run with another model configuration."
                 )
             value.copy_(saved.to(device=value.device, dtype=value.dtype))
-        if state.get("ema_weights_decay") is not None:
-            self.decay = float(state["ema_weights_decay"])
+        saved_decay = state.get("ema_weights_decay")
+        if saved_decay is not None and float(saved_decay) != self.decay:  # this run's --ema_weights_decay wins
+            logger.info(f"EMA weights: decay {self.decay} (this run's flag); the checkpoint's was {saved_decay}.")
 
 
 class RunLog:
