@@ -276,10 +276,11 @@ class CDBVQPreTrainedModel(PreTrainedModel):
             if module.role_head is not None:
                 init.zeros_(module.role_head[-1].weight)
                 init.zeros_(module.role_head[-1].bias)
-        elif isinstance(module, CDBVQQuantizer):
-            module.reset_state()
-        elif isinstance(module, CodeStatistics):
-            module.reset()
+        if isinstance(module, (CDBVQQuantizer, CDBVQRouter, CodeStatistics)):
+            # Through `init.copy_`, which leaves alone what a checkpoint loaded: a buffer missing from an older or
+            # partial checkpoint gets its fresh value, and only it (never uninitialised memory, never a reset of the rest).
+            for name, value in module.fresh_state().items():
+                init.copy_(getattr(module, name), value)
 
 
 class CDBVQModel(CDBVQPreTrainedModel):

@@ -257,6 +257,13 @@ class RouterScores:
         return self.candidates.gather(1, self.logits.detach().argmax(-1, keepdim=True))[:, 0]
 
 
+@torch.no_grad()
+def fill_buffers(module: nn.Module, values: dict[str, torch.Tensor]) -> None:
+    """Copy `values` (a `fresh_state()`) into the buffers of `module` they name."""
+    for name, value in values.items():
+        getattr(module, name).copy_(value)
+
+
 class CDBVQRouter(nn.Module):
     """Picks a code for each latent: a semi-discrete optimal-transport assignment, re-ranked by a learned term.
 
@@ -296,10 +303,13 @@ class CDBVQRouter(nn.Module):
         self.register_buffer("potentials", torch.zeros(config.codebook_size))
         self.register_buffer("temperature", torch.ones(()))
 
+    def fresh_state(self) -> dict[str, torch.Tensor]:
+        """The values of this module's own buffers in a fresh model."""
+        return {"potentials": torch.zeros_like(self.potentials), "temperature": torch.ones_like(self.temperature)}
+
     @torch.no_grad()
     def reset_state(self) -> None:
-        self.potentials.zero_()
-        self.temperature.fill_(1.0)
+        fill_buffers(self, self.fresh_state())
 
     def forward(
         self,
@@ -425,12 +435,15 @@ class CodeStatistics(nn.Module):
         self.register_buffer("sums", torch.zeros(codebook_size, width))
         self.register_buffer("counts", torch.zeros(codebook_size))
 
+    def fresh_state(self) -> dict[str, torch.Tensor]:
+        """The values of this module's buffers in a fresh model."""
+        return {"sums": torch.zeros_like(self.sums), "counts": torch.zeros_like(self.counts)}
+
     @torch.no_grad()
     def reset(self, indices: torch.Tensor | None = None) -> None:
         """Forget every code's statistics, or those of `indices` (restarted codes)."""
         if indices is None:
-            self.sums.zero_()
-            self.counts.zero_()
+            fill_buffers(self, self.fresh_state())
         else:
             self.sums[indices] = 0.0
             self.counts[indices] = 0.0
@@ -514,24 +527,33 @@ class CDBVQQuantizer(nn.Module):
         self.teacher_statistics = CodeStatistics(config.codebook_size, config.semantic_dim, config.usage_decay)
 
     # ------------------------------------------------------------------ state
+    def fresh_state(self) -> dict[str, torch.Tensor]:
+        """The values of this module's own buffers in a fresh model (its submodules have their own `fresh_state`);
+        `reset_state` and the model's `_init_weights` both fill from it."""
+        size = self.codebook_size
+        code_ids = torch.arange(size, device=self.code_to_prototype.device)
+        code_to_role = torch.zeros_like(self.code_to_role)
+        for role, name in enumerate(self.config.role_names):
+            start, end = self.config.code_roles[name]
+            code_to_role[start:end] = role
+        return {
+            "initialized": torch.zeros_like(self.initialized),
+            "usage": torch.full_like(self.usage, 1.0 / size),
+            "ema_cluster_size": torch.ones_like(self.ema_cluster_size),
+            "ema_embed_sum": self.codebook.weight.detach().to(self.ema_embed_sum.dtype),
+            "prototypes": torch.zeros_like(self.prototypes),
+            "code_to_prototype": code_ids % self.prototypes.shape[0],
+            "code_to_role": code_to_role,
+        }
+
     @torch.no_grad()
     def reset_state(self) -> None:
-        """Fill the buffers for a fresh model (called from `_init_weights`)."""
-        size = self.codebook_size
-        self.initialized.fill_(False)
-        self.usage.fill_(1.0 / size)
-        self.ema_cluster_size.fill_(1.0)
-        self.ema_embed_sum.copy_(self.codebook.weight)
-        self.prototypes.zero_()
-        self.code_to_prototype.copy_(torch.arange(size, device=self.code_to_prototype.device) % self.prototypes.shape[0])
-        self.code_to_role.zero_()
+        """Fill the buffers for a fresh model, the router's and the statistics' included."""
+        fill_buffers(self, self.fresh_state())
         self.signal_statistics.reset()
         self.teacher_statistics.reset()
         if self.router is not None:
             self.router.reset_state()
-        for role, name in enumerate(self.config.role_names):
-            start, end = self.config.code_roles[name]
-            self.code_to_role[start:end] = role
 
     @property
     def has_prototypes(self) -> bool:

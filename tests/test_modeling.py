@@ -362,7 +362,7 @@ def test_a_cdb_model_of_quantizer_format_2_loads_and_routes_by_its_own_rule(tmp_
     model.eval()
     features = torch.randn(4, 32, 8, 8, generator=torch.Generator().manual_seed(1))
     model.save_pretrained(tmp_path)
-    loaded = CDBVQModel.from_pretrained(tmp_path).eval()
+    loaded = type(model).from_pretrained(tmp_path).eval()
     assert loaded.config.quantizer_format == 2
     raw = model.encode(photo_batch, semantic_features=features).image_tokens
     assert torch.equal(loaded.encode(photo_batch, semantic_features=features).image_tokens, raw)
@@ -427,10 +427,37 @@ def test_a_model_saved_for_use_leaves_out_the_teacher_statistics_and_keeps_its_t
     hf_logging.enable_propagation()
     try:
         with caplog.at_level("WARNING"):
-            loaded = CDBVQModel.from_pretrained(tmp_path).eval()
+            loaded = type(model).from_pretrained(tmp_path).eval()
     finally:
         hf_logging.disable_propagation()
     assert "teacher_statistics" not in caplog.text
     assert float(loaded.quantizer.teacher_statistics.counts.abs().sum()) == 0.0
     assert torch.equal(loaded.quantizer.code_to_prototype, model.quantizer.code_to_prototype)
     assert torch.equal(loaded.get_image_tokens(photo_batch), model.get_image_tokens(photo_batch))
+
+
+@pytest.mark.parametrize("missing", ["quantizer.usage", "quantizer.router.potentials", "quantizer.router.temperature"])
+def test_a_buffer_missing_from_a_checkpoint_gets_its_fresh_value_and_the_rest_stay_loaded(missing, tmp_path, photo_batch):
+    # transformers builds the model empty and initialises only what the file lacks. The quantizer used to reset all
+    # its buffers (a trained model lost its codebook state, `initialized` included) and left the router's missing
+    # ones as uninitialised memory: finite garbage potentials that routed silently.
+    from safetensors.torch import load_file, save_file
+
+    model = tiny_model(assignment="cdb").train()
+    model(photo_batch)
+    with torch.no_grad():
+        model.quantizer.router.potentials.normal_()
+        model.quantizer.router.temperature.fill_(0.37)
+    model.eval().save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    save_file({name: value for name, value in weights.items() if name != missing}, tmp_path / "model.safetensors",
+              metadata={"format": "pt"})  # fmt: skip
+
+    loaded = type(model).from_pretrained(tmp_path)
+    fresh = {"quantizer.usage": torch.full((64,), 1 / 64), "quantizer.router.potentials": torch.zeros(64),
+             "quantizer.router.temperature": torch.ones(())}  # fmt: skip
+    state = loaded.state_dict()
+    assert torch.equal(state[missing], fresh[missing])
+    for name in ("quantizer.initialized", "quantizer.prototypes", "quantizer.code_to_prototype", *fresh):
+        if name != missing:
+            assert torch.equal(state[name], weights[name]), name
