@@ -187,7 +187,9 @@ class CDBVQConfig(PretrainedConfig):
         listable = prototype_labels is not None and not isinstance(prototype_labels, str)
         self.prototype_labels = list(prototype_labels) if listable else prototype_labels
         self.retie_prototypes = retie_prototypes
-        self.code_roles = {name: list(bounds) for name, bounds in code_roles.items()} if code_roles else None
+        # Ranges as lists (JSON's shape); anything but a mapping of ranges is kept as given, for validate_fields to name.
+        roles_are_ranges = isinstance(code_roles, dict) and all(isinstance(b, (list, tuple)) for b in code_roles.values())
+        self.code_roles = ({name: list(bounds) for name, bounds in code_roles.items()} if roles_are_ranges else code_roles) or None
         self.role_hidden_dim = role_hidden_dim
         self.role_supervision_weight = role_supervision_weight
         self.role_prior_scale = role_prior_scale
@@ -305,10 +307,17 @@ class CDBVQConfig(PretrainedConfig):
             )
 
     def _validate_code_roles(self) -> None:
+        if not isinstance(self.code_roles, dict) or not all(
+            isinstance(name, str) and isinstance(bounds, (list, tuple)) and bounds for name, bounds in self.code_roles.items()
+        ):
+            raise ValueError(
+                f'code_roles must be None or a mapping of role names to [start, end) ranges, e.g. {{"structure": [0, 512], '
+                f'"texture": [512, 1024]}}, got {self.code_roles!r}.'
+            )
         position = 0
         for name in self.role_names:
             bounds = self.code_roles[name]
-            if len(bounds) != 2 or not all(_is_int(bound) for bound in bounds) or bounds[0] != position or bounds[1] <= bounds[0]:
+            if not isinstance(bounds, (list, tuple)) or len(bounds) != 2 or not all(_is_int(bound) for bound in bounds) or bounds[0] != position or bounds[1] <= bounds[0]:
                 raise ValueError(
                     f"code_roles must be [start, end) ranges that tile the codebook without gaps; "
                     f"role {name!r} has {bounds}, expected it to start at {position}."

@@ -302,6 +302,9 @@ class CDBVQModel(CDBVQPreTrainedModel):
     """
 
     def __init__(self, config: CDBVQConfig):
+        # Again here: `from_pretrained(..., assignment="...")` and `config.update` set fields after the config's own
+        # check, and a typo would otherwise build another model without a word.
+        config.validate_fields()
         super().__init__(config)
         self.encoder = CDBVQEncoder(config)
         self.quant_conv = nn.Conv2d(config.latent_dim, config.codebook_dim, 1)

@@ -334,11 +334,30 @@ def test_bad_feature_shapes(model, photo_batch):
         ({"quantizer_format": "3"}, "quantizer_format must be an integer"),
         ({"prototype_labels": "abcdefgh"}, "prototype_labels must be None or a list of strings"),
         ({"code_roles": {"a": [0.0, 32], "b": [32, 64.0]}}, "role 'a' has"),
+        ({"code_roles": [[0, 64]]}, "code_roles must be None or a mapping of role names"),  # an AttributeError before
+        ({"code_roles": {"a": 64}}, "code_roles must be None or a mapping of role names"),  # a TypeError before
     ],
 )
 def test_invalid_config_values(overrides, message):
     with pytest.raises(ValueError, match=message):
         tiny_config(**overrides)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [({"assignment": "Sinkhorn"}, "assignment must be one of"), ({"router_candidates": 0}, "router_candidates must be a positive")],
+)
+def test_config_fields_set_after_the_check_are_refused_when_the_model_is_built(overrides, message, tmp_path):
+    # from_pretrained's keyword overrides (and config.update) set fields after the config's own check: "Sinkhorn"
+    # built a model that routed by nearest without a word, 0 candidates crashed deep inside argmax.
+    tiny_model(assignment="sinkhorn").save_pretrained(tmp_path)
+    model_class = type(tiny_model())
+    with pytest.raises(ValueError, match=message):
+        model_class.from_pretrained(tmp_path, **overrides)
+    config = tiny_config()
+    config.update(overrides)
+    with pytest.raises(ValueError, match=message):
+        model_class(config)
 
 
 def test_config_defaults_and_derived_values():
