@@ -116,10 +116,11 @@ class CDBVQImageProcessor(BaseImageProcessor):
             resample=resample,
             do_center_crop=do_center_crop,
             do_rescale=do_rescale,
-            rescale_factor=rescale_factor,
+            # Plain numbers: statistics given as arrays, tensors or NumPy scalars must still save as JSON.
+            rescale_factor=_plain(rescale_factor),
             do_normalize=do_normalize,
-            image_mean=image_mean,
-            image_std=image_std,
+            image_mean=_plain(image_mean),
+            image_std=_plain(image_std),
             do_convert_rgb=do_convert_rgb,
         )
         # `None` means "class default": drop it so the base class does not store it as an attribute.
@@ -176,10 +177,16 @@ class CDBVQImageProcessor(BaseImageProcessor):
         do_convert_rgb: bool | None = None,
         crop_size: SizeDict | None = None,
         do_pad: bool | None = None,
+        data_format: str | ChannelDimension | None = None,
         **kwargs: Any,
     ) -> None:
         """Reject bad values (named) and settings this processor does not implement, rather than silently ignore
         them. `size` is checked in `_standardize_kwargs`."""
+        if data_format is not None and str(getattr(data_format, "value", data_format)) != ChannelDimension.FIRST.value:
+            raise ValueError(
+                f"`data_format` {data_format!r} is not supported: pixel_values are always channels-first (B, 3, H, W), "
+                f"the layout the model takes. (`input_data_format` describes the input images.)"
+            )
         if resample is not None:
             _to_resampling(resample)
         # Without RGB conversion an image keeps its 1, 3 or 4 channels.

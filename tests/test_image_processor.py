@@ -511,10 +511,28 @@ def test_images_of_different_sizes_without_resize_name_the_sizes_and_the_fix(ast
     assert out["pixel_values"].shape == (2, 3, 64, 64)
 
 
-def test_statistics_may_be_arrays_or_tensors():
-    for mean, std in [(np.array([0.5, 0.5, 0.5]), np.array([0.5, 0.5, 0.5])), (torch.tensor([0.5] * 3), torch.tensor(0.5))]:
+def test_statistics_may_be_arrays_or_tensors(tmp_path):
+    statistics = [(np.array([0.5, 0.5, 0.5]), np.array([0.5, 0.5, 0.5])), (torch.tensor([0.5] * 3), torch.tensor(0.5)),
+                  (np.float32(0.5), np.float64(0.5))]  # fmt: skip
+    for index, (mean, std) in enumerate(statistics):
         processor = CDBVQImageProcessor(image_mean=mean, image_std=std)
         pixel_values = processor(PIL.Image.new("RGB", (32, 32), (255, 0, 0)), return_tensors="pt").pixel_values
         assert torch.allclose(pixel_values[0, :, 0, 0], torch.tensor([1.0, -1.0, -1.0]))
+        # ... and save as JSON (tensors and NumPy scalars raised TypeError there, leaving an empty config behind).
+        processor.save_pretrained(tmp_path / str(index))
+        loaded = CDBVQImageProcessor.from_pretrained(tmp_path / str(index))
+        assert torch.equal(loaded(PIL.Image.new("RGB", (32, 32), (255, 0, 0)), return_tensors="pt").pixel_values, pixel_values)
     with pytest.raises(ValueError, match="image_std"):
         CDBVQImageProcessor(image_std=np.array([0.5, 0.0, 0.5]))
+
+
+@pytest.mark.parametrize("data_format", ["channels_last", "bogus"])
+def test_an_output_layout_other_than_channels_first_is_refused(data_format):
+    # It used to be accepted and ignored: channels-first pixel values came back whatever was asked for.
+    image = np.zeros((40, 40, 3), dtype=np.uint8)
+    processor = CDBVQImageProcessor(size=32)
+    assert processor(image, data_format="channels_first", return_tensors="np").pixel_values.shape == (1, 3, 32, 32)
+    with pytest.raises(ValueError, match="`data_format` .* is not supported: pixel_values are always channels-first"):
+        processor(image, data_format=data_format, return_tensors="np")
+    with pytest.raises(ValueError, match="is not supported"):
+        CDBVQImageProcessor(data_format=data_format)
