@@ -464,6 +464,10 @@ class CDBVQModel(CDBVQPreTrainedModel):
         factor = self.config.downsampling_factor
         height = self.config.resolution if height is None else height
         width = self.config.resolution if width is None else width
+        for name, value in (("height", height), ("width", width)):
+            if isinstance(value, bool) or not hasattr(value, "__index__"):  # ints, NumPy ints; not floats or strings
+                raise ValueError(f"image {name} must be a whole number of pixels, got {value!r}.")
+        height, width = height.__index__(), width.__index__()
         if height < 1 or width < 1:
             raise ValueError(f"image size {height}x{width} must be positive.")
         if height % factor or width % factor:
@@ -476,7 +480,7 @@ class CDBVQModel(CDBVQPreTrainedModel):
         pixel_values: torch.Tensor,
         semantic_features: torch.Tensor | None = None,
         teacher_features: torch.Tensor | None = None,
-        return_dict: bool = True,
+        return_dict: bool | None = None,
     ) -> CDBVQEncoderOutput | tuple:
         r"""
         Encode images into codes.
@@ -488,6 +492,8 @@ class CDBVQModel(CDBVQPreTrainedModel):
                 CLIP patch features on the token grid, read by the `cdb` router instead of the semantic head's.
             teacher_features (`torch.FloatTensor` of shape `(batch_size, semantic_dim, h, w)`, *optional*): Teacher
                 patch features for the semantic losses (training).
+            return_dict (`bool`, *optional*): A [`CDBVQEncoderOutput`] or a plain tuple; defaults to
+                `config.return_dict` (True), as in transformers (`forward` likewise).
         """
         pixel_values = self._check_pixel_values(pixel_values)
         hidden_states = self.encoder(pixel_values)
@@ -539,6 +545,7 @@ class CDBVQModel(CDBVQPreTrainedModel):
             signal_features=signal_features,
             **terms,
         )
+        return_dict = self.config.return_dict if return_dict is None else return_dict  # transformers' convention
         return output if return_dict else output.to_tuple()
 
     def decode(self, image_tokens: torch.LongTensor) -> torch.FloatTensor:
@@ -565,7 +572,7 @@ class CDBVQModel(CDBVQPreTrainedModel):
         modes = [(module, module.training) for module in self.modules()]
         self.eval()
         try:
-            return self.encode(pixel_values).image_tokens
+            return self.encode(pixel_values, return_dict=True).image_tokens
         finally:
             for module, training in modes:  # each as it was (a frozen encoder stays in eval mode)
                 module.training = training
@@ -615,7 +622,7 @@ class CDBVQModel(CDBVQPreTrainedModel):
         pixel_values: torch.Tensor,
         semantic_features: torch.Tensor | None = None,
         teacher_features: torch.Tensor | None = None,
-        return_dict: bool = True,
+        return_dict: bool | None = None,
     ) -> CDBVQModelOutput | tuple:
         r"""
         Encode, quantize and decode.
@@ -624,8 +631,11 @@ class CDBVQModel(CDBVQPreTrainedModel):
         semantic head (see [`CDBVQEncoderOutput`]) and usage statistics. Reconstruction losses (L1/L2, perceptual,
         adversarial) are left to the training script.
         """
-        encoded = self.encode(pixel_values, semantic_features=semantic_features, teacher_features=teacher_features)
+        encoded = self.encode(
+            pixel_values, semantic_features=semantic_features, teacher_features=teacher_features, return_dict=True
+        )
         output = CDBVQModelOutput(**encoded, reconstruction=self.decode_latents(encoded.quantized))
+        return_dict = self.config.return_dict if return_dict is None else return_dict  # transformers' convention
         return output if return_dict else output.to_tuple()
 
     # ------------------------------------------------------------------ semantics

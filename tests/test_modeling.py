@@ -1,5 +1,6 @@
 """CDBVQModel: public API shapes, gradients, dtypes, and clear errors on bad input."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -480,3 +481,21 @@ def test_a_buffer_missing_from_a_checkpoint_gets_its_fresh_value_and_the_rest_st
     for name in ("quantizer.initialized", "quantizer.prototypes", "quantizer.code_to_prototype", *fresh):
         if name != missing:
             assert torch.equal(state[name], weights[name]), name
+
+
+def test_config_return_dict_decides_the_output_type_unless_the_call_does(tmp_path, photo_batch):
+    model = tiny_model().eval()
+    model.save_pretrained(tmp_path)
+    plain = type(model).from_pretrained(tmp_path, return_dict=False).eval()
+    with torch.no_grad():
+        assert isinstance(plain(photo_batch), tuple) and isinstance(plain.encode(photo_batch), tuple)
+        assert not isinstance(plain(photo_batch, return_dict=True), tuple)
+        assert torch.equal(plain.get_image_tokens(photo_batch), model.get_image_tokens(photo_batch))  # inner calls unaffected
+        assert not isinstance(model(photo_batch), tuple)
+
+
+@pytest.mark.parametrize("size", [32.0, True, "32"])
+def test_token_grid_size_takes_whole_numbers_of_pixels_only(model, size):
+    assert model.token_grid_size(32, np.int64(48)) == (8, 12)
+    with pytest.raises(ValueError, match="image height must be a whole number of pixels"):
+        model.token_grid_size(size, 32)  # 32.0 gave a grid of floats (4.0, 8)
