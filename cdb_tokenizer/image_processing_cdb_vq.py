@@ -445,7 +445,11 @@ def _to_resampling(resample: PILImageResampling | int) -> PILImageResampling:
     """The filter of a supported `resample` value (an int such as a JSON config holds, never a float or a bool)."""
     if _is_int(resample) and int(resample) in [int(mode) for mode in _TORCH_INTERPOLATION]:
         return PILImageResampling(int(resample))
-    raise ValueError(f"`resample` must be PILImageResampling.NEAREST, BILINEAR or BICUBIC, got {resample!r}.")
+    named = repr(resample)
+    if _is_int(resample) and int(resample) in [int(mode) for mode in PILImageResampling]:
+        # Name the filter (PIL's LANCZOS is 1: "got 1" says little).
+        named = f"{PILImageResampling(int(resample)).name} ({int(resample)}), which torch cannot resize with"
+    raise ValueError(f"`resample` must be PILImageResampling.NEAREST, BILINEAR or BICUBIC, got {named}.")
 
 
 def _check_size(size: Any) -> None:
