@@ -484,6 +484,24 @@ def test_sampling_is_seeded_and_checks_arguments():
         sample_images(prior, tiny_model(codebook_size=32), vocabulary, 1)
 
 
+def test_sampling_without_top_k_draws_from_every_code():
+    # transformers reads top_k=None as its default of 50: a 256-code prior sampled from 50 codes at most.
+    vocabulary = PriorVocabulary(256)
+    torch.manual_seed(0)
+    prior = build_prior(vocabulary, 1, **TINY_PRIOR)  # untrained: close to uniform over the codes
+    assert sample_image_tokens(prior, vocabulary, 3000, seed=0).unique().numel() > 200
+    assert sample_image_tokens(prior, vocabulary, 3000, seed=0, top_k=10).unique().numel() <= 10
+
+
+@pytest.mark.parametrize("setting", [{"temperature": float("nan")}, {"temperature": float("inf")},
+                                     {"guidance_scale": float("nan")}])  # fmt: skip
+def test_sampling_refuses_values_that_are_not_finite(setting):
+    vocabulary = PriorVocabulary(8, num_classes=2)
+    prior = build_prior(vocabulary, 2, **TINY_PRIOR)
+    with pytest.raises(ValueError, match="must be a finite number"):
+        sample_image_tokens(prior, vocabulary, 1, class_labels=0, **setting)
+
+
 def test_classifier_free_guidance_follows_its_formula():
     """Greedy CFG picks argmax of uncond + s * (cond - uncond) over image tokens, uncond being the null class."""
     vocabulary = PriorVocabulary(64, num_classes=3)

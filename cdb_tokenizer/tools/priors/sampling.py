@@ -56,8 +56,10 @@ def sample_image_tokens(
     """
     if num_images < 1:
         raise ValueError(f"num_images must be at least 1, got {num_images}.")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}.")
+    if not math.isfinite(temperature) or temperature < 0:  # NaN was taken for greedy, inf ended inside torch
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature}.")
+    if not math.isfinite(guidance_scale):
+        raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale}.")
     if top_p is not None and not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}.")
     if top_k is not None and top_k < 1:
@@ -82,7 +84,8 @@ def sample_image_tokens(
         min_new_tokens=num_image_tokens,
         do_sample=temperature > 0,
         temperature=temperature if temperature > 0 else None,
-        top_k=top_k,
+        # 0, not None: transformers reads an unset top_k as its default of 50, which kept only the 50 likeliest codes.
+        top_k=top_k if top_k is not None else 0,
         top_p=top_p,
         guidance_scale=guidance_scale if guided else None,
         bos_token_id=vocabulary.bos_token_id,
