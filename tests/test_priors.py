@@ -419,6 +419,70 @@ def test_train_prior_refuses_another_runs_output_dir(tmp_path, fresh_accelerator
     assert names == ["abandoned-checkpoint-2", "abandoned-checkpoint-3", "checkpoint-1", "checkpoint-2"]
 
 
+def test_a_resumed_prior_run_matches_the_uninterrupted_one(tmp_path, fresh_accelerator_state):
+    # Label dropout came from the global random state, which the read-ahead loader had moved past the checkpoint,
+    # and the validation loader drew from it too: a resumed run trained on other class tokens.
+    from safetensors.torch import load_file
+
+    token_set(40, labels=[i % 2 for i in range(40)]).save_to_disk(tmp_path / "tokens")
+    train_prior = load_script("train_prior")
+
+    def run(output_dir, *extra):
+        argv = prior_argv(tmp_path / "tokens", output_dir, "--lr_scheduler", "constant", "--label_dropout", "0.5",
+                          "--dropout", "0.1", "--validation_steps", "2", "--checkpointing_steps", "2", *extra)  # fmt: skip
+        return train_prior.main(train_prior.parse_args(argv))
+
+    run(tmp_path / "straight", "--max_train_steps", "4")
+    run(tmp_path / "resumed", "--max_train_steps", "2")
+    (tmp_path / "resumed" / "metrics.json").unlink()  # an interrupted run has not finished
+    run(tmp_path / "resumed", "--max_train_steps", "4", "--resume_from_checkpoint", "latest")
+    straight = load_file(tmp_path / "straight" / "model.safetensors")
+    resumed = load_file(tmp_path / "resumed" / "model.safetensors")
+    assert all(torch.equal(straight[name], resumed[name]) for name in straight)
+
+
+def test_a_resumed_prior_run_trains_at_its_own_learning_rate(tmp_path, fresh_accelerator_state):
+    token_set(32).save_to_disk(tmp_path / "tokens")
+    train_prior = load_script("train_prior")
+    argv = prior_argv(tmp_path / "tokens", tmp_path / "prior", "--lr_scheduler", "constant", "--max_train_steps", "2")
+    train_prior.main(train_prior.parse_args(argv))
+    (tmp_path / "prior" / "metrics.json").unlink()
+    train_prior.main(train_prior.parse_args(argv + ["--max_train_steps", "3", "--resume_from_checkpoint", "latest",
+                                                    "--learning_rate", "1e-5"]))  # fmt: skip
+    scheduler = torch.load(tmp_path / "prior" / "checkpoints" / "checkpoint-3" / "scheduler.bin", weights_only=True)
+    assert scheduler["_last_lr"][0] == pytest.approx(1e-5)  # the checkpoint's 3e-4 used to win
+
+
+def test_train_prior_checks_code_ids_and_the_recorded_codebook_size(tmp_path, fresh_accelerator_state):
+    train_prior = load_script("train_prior")
+    rows = token_set(16)
+    bad = datasets.Dataset.from_dict({"image_tokens": [[0, 1, 2, 9]] * 4}, features=rows.features)
+    datasets.DatasetDict({"train": rows, "validation": bad}).save_to_disk(tmp_path / "tokens")
+    with pytest.raises(ValueError, match="the validation split has code ids from 0 to 9, outside the 8-code codebook"):
+        train_prior.main(train_prior.parse_args(prior_argv(tmp_path / "tokens", tmp_path / "prior")))
+    assert not (tmp_path / "prior" / "checkpoints").exists()  # refused before training, not at the first validation
+
+    rows.save_to_disk(tmp_path / "recorded")
+    (tmp_path / "recorded" / "cdb_vq_tokens.json").write_text(json.dumps({"codebook_size": 64, "codebook_fingerprint": "x"}))
+    with pytest.raises(ValueError, match="--codebook_size 8, but .* holds the ids of a 64-code tokenizer"):
+        train_prior.main(train_prior.parse_args(prior_argv(tmp_path / "recorded", tmp_path / "prior2")))
+
+
+def test_a_prior_finds_its_local_tokenizer_from_any_working_directory(tokenizer, tmp_path, monkeypatch):
+    model, processor = tokenizer
+    model.save_pretrained(tmp_path / "work" / "outputs" / "tok")
+    processor.save_pretrained(tmp_path / "work" / "outputs" / "tok")
+    vocabulary = PriorVocabulary(64)
+    monkeypatch.chdir(tmp_path / "work")
+    save_prior(build_prior(vocabulary, 64, **TINY_PRIOR), vocabulary, "outputs/prior", 64, tokenizer="outputs/tok")
+    recorded = json.loads((tmp_path / "work" / "outputs" / "prior" / "prior_config.json").read_text())["tokenizer"]
+    assert recorded == "../tok"  # relative to the prior, no absolute local path in the config
+    monkeypatch.chdir(tmp_path)  # "outputs/tok" from here would have been taken for a Hub repo id
+    _, _, prior_config = load_prior(tmp_path / "work" / "outputs" / "prior")
+    assert Path(prior_config["tokenizer"]) == (tmp_path / "work" / "outputs" / "tok").resolve()
+    assert load_tokenizer(prior_config["tokenizer"])[0].config.codebook_size == 64
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -559,3 +623,19 @@ def test_sample_prior_refuses_bad_flags(flags, message, tmp_path, capsys):
         sample_prior.parse_args(["--prior", str(tmp_path / "prior"), *flags])
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert re.search(message, error), error
+
+
+def test_load_prior_never_runs_a_folder_s_own_code(tmp_path, monkeypatch):
+    # Without trust_remote_code=False transformers asked "Do you wish to run the custom code? [y/N]" and ran the
+    # folder's module on a yes; a prior is a stock causal LM and needs none.
+    vocabulary = PriorVocabulary(8)
+    folder = save_prior(build_prior(vocabulary, 4, **TINY_PRIOR), vocabulary, tmp_path / "prior", 4)
+    marker = tmp_path / "code-ran"
+    (folder / "evil.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    config = json.loads((folder / "config.json").read_text())
+    config.update(model_type="evil-prior", auto_map={"AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.Evil"})
+    (folder / "config.json").write_text(json.dumps(config))
+    monkeypatch.setattr("builtins.input", lambda *args: pytest.fail("the user was asked to run the folder's code"))
+    with pytest.raises(Exception):
+        load_prior(folder)
+    assert not marker.exists()

@@ -77,7 +77,7 @@ from cdb_tokenizer.tools.messages import first_line
 from cdb_tokenizer.tools.redaction import public_value, redact_secrets
 from cdb_tokenizer.tools.roles import role_map_figure, save_role_map
 from cdb_tokenizer.tools.runs import EMAWeights, RunLog, find_checkpoint, make_accelerator
-from cdb_tokenizer.tools.steps import TrainingParts, degradation_seed, restart_dead_codes, training_step
+from cdb_tokenizer.tools.steps import TrainingParts, micro_batch_seed, restart_dead_codes, training_step
 from cdb_tokenizer.tools.train_args import parse_args
 from cdb_tokenizer.tools.teacher import (
     kmeans_prototypes,
@@ -519,7 +519,7 @@ def degraded_inputs(args, pixel_values: torch.Tensor, step: int, micro_batch: in
     again; None otherwise (the encoder sees the batch)."""
     if not args.degradation:
         return None
-    return degrade(pixel_values, args.degradation, seed=degradation_seed(args.seed, step, micro_batch, process_index))
+    return degrade(pixel_values, args.degradation, seed=micro_batch_seed(args.seed, step, micro_batch, process_index))
 
 
 def accumulated_step(args: argparse.Namespace, parts: TrainingParts, batches: Iterator[dict], state: RunState):
@@ -610,21 +610,21 @@ def _schedules(parts: TrainingParts) -> list[tuple[str, torch.optim.Optimizer, o
     return [(name, optimizer, scheduler) for name, optimizer, scheduler in pairs if optimizer is not None]
 
 
-def optimizer_settings(parts: TrainingParts) -> list[tuple[list[float], list[dict]]]:
-    """This run's peak learning rates and optimiser hyperparameters (betas, weight decay, eps), before a checkpoint's
-    optimiser and schedule states replace them."""
+def optimizer_settings(schedules: list[tuple[str, torch.optim.Optimizer, object]]) -> list[tuple[list[float], list[dict]]]:
+    """This run's peak learning rates and optimiser hyperparameters (betas, weight decay, eps) of each (name,
+    optimiser, accelerate-prepared scheduler), before a checkpoint's optimiser and schedule states replace them."""
     return [
         (list(scheduler.scheduler.base_lrs),
          [{key: value for key, value in group.items() if key not in ("params", "lr", "initial_lr")} for group in optimizer.param_groups])
-        for _, optimizer, scheduler in _schedules(parts)
+        for _, optimizer, scheduler in schedules
     ]  # fmt: skip
 
 
-def keep_optimizer_settings(parts: TrainingParts, settings: list) -> None:
+def keep_optimizer_settings(schedules: list[tuple[str, torch.optim.Optimizer, object]], settings: list) -> None:
     """After a resume, train with this run's flags: a checkpoint's optimiser state carries the learning rate and
     hyperparameters it was written with, which would silently win over e.g. a lower --learning_rate. The schedule
-    keeps its position; its peak becomes this run's rate."""
-    for (name, optimizer, scheduler), (peaks, hyperparameters) in zip(_schedules(parts), settings):
+    keeps its position; its peak becomes this run's rate. (train_prior.py resumes by the same rule.)"""
+    for (name, optimizer, scheduler), (peaks, hyperparameters) in zip(schedules, settings):
         schedule = scheduler.scheduler
         if list(schedule.base_lrs) != peaks:
             logger.info(f"Resuming the {name} at learning rate {peaks[0]:g} (this run's flags); the checkpoint's was "
@@ -641,10 +641,10 @@ def resume_or_initialize(args: argparse.Namespace, parts: TrainingParts, ema: EM
                          sampler: EpochSampler | None, max_train_steps: int) -> RunState:  # fmt: skip
     """Resume from --resume_from_checkpoint (weights, optimisers, EMA and the loop's counts), or start afresh with
     the k-means initialisation of the codebook (and of its EMA copy)."""
-    settings = optimizer_settings(parts)
+    settings = optimizer_settings(_schedules(parts))
     step, tensors, saved = resume(parts.accelerator, args, max_train_steps)
     if step > 0:
-        keep_optimizer_settings(parts, settings)
+        keep_optimizer_settings(_schedules(parts), settings)
     if ema is not None and step > 0:
         ema.load_tensors(tensors, saved, source=args.resume_from_checkpoint)
     if step > 0:

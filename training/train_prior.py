@@ -36,15 +36,18 @@ from transformers import get_scheduler
 from cdb_tokenizer.tools.checkpoints import checkpoint_step, save_checkpoint, set_aside_later_checkpoints
 from cdb_tokenizer.tools.files import write_text
 from cdb_tokenizer.tools.runs import find_checkpoint, make_accelerator
+from cdb_tokenizer.tools.steps import micro_batch_seed
 from cdb_tokenizer.tools.priors import (
     ARCHITECTURES,
     PriorCollator,
     PriorVocabulary,
     build_prior,
     check_tokens_source,
+    drop_class_labels,
     load_tokenizer,
     photo_crops_dataset,
     processor_image_size,
+    read_tokens_info,
     sample_images,
     save_image_grid,
     save_prior,
@@ -52,13 +55,20 @@ from cdb_tokenizer.tools.priors import (
     tokenize_dataset,
     validation_bits_per_token,
 )
+from cdb_tokenizer.tools.priors.token_data import TOKENS_INFO
 
 # train.py's output-folder rule (refuse another run's folder, --overwrite_output_dir) is shared, not copied; run as
 # a script, only training/ is on the path.
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
-from training.train import hparams, nothing_left_to_train, prepare_output_dir  # noqa: E402
+from training.train import (  # noqa: E402
+    hparams,
+    keep_optimizer_settings,
+    nothing_left_to_train,
+    optimizer_settings,
+    prepare_output_dir,
+)
 
 logger = get_logger(__name__)
 
@@ -178,6 +188,13 @@ def load_token_splits(args: argparse.Namespace, accelerator: Accelerator, tokeni
         raise FileNotFoundError(f"--tokens_dir {str(path)!r} does not exist; make it with `cdb-vq tokenize`.")
     if tokenizer is not None:
         check_tokens_source(path, tokenizer[0])  # ids of another codebook would train a prior that decodes noise
+    else:
+        info = read_tokens_info(path)
+        if info is not None and info["codebook_size"] != args.codebook_size:
+            raise ValueError(
+                f"--codebook_size {args.codebook_size}, but {path} holds the ids of a {info['codebook_size']}-code "
+                f"tokenizer (its {TOKENS_INFO}): pass --codebook_size {info['codebook_size']}, or better --tokenizer."
+            )
     saved = datasets.load_from_disk(str(path))
     if isinstance(saved, datasets.DatasetDict):
         if args.train_split not in saved:
@@ -230,20 +247,28 @@ def make_vocabulary(args: argparse.Namespace, train, validation, codebook_size: 
     return PriorVocabulary(codebook_size, max(1, highest + 1))
 
 
-def check_split(name: str, split, num_image_tokens: int, num_classes: int) -> None:
+def check_split(name: str, split, num_image_tokens: int, num_classes: int, codebook_size: int) -> None:
     """Refuse a split the collator would fail on mid-run (the validation split: only after training): sequences of
-    another length and, for a class-conditional prior, missing, unlabelled (-1) or out-of-range labels."""
+    another length, code ids outside the codebook and, for a class-conditional prior, missing, unlabelled (-1) or
+    out-of-range labels."""
     import pyarrow.compute as pc
 
     if len(split) == 0:
         raise ValueError(f"the {name} split is empty.")
     if "image_tokens" not in split.column_names:
         raise ValueError(f"the {name} split has columns {split.column_names}, not image_tokens.")
-    lengths = pc.min_max(pc.list_value_length(split.with_format("arrow")["image_tokens"])).as_py()
+    tokens = split.with_format("arrow")["image_tokens"]
+    lengths = pc.min_max(pc.list_value_length(tokens)).as_py()
     if lengths["min"] != num_image_tokens or lengths["max"] != num_image_tokens:
         raise ValueError(
             f"the {name} split has sequences of {lengths['min']} to {lengths['max']} image tokens, not "
             f"{num_image_tokens} (the first training sequence's): tokenise every image at one size with one tokenizer."
+        )
+    ids = pc.min_max(pc.list_flatten(tokens)).as_py()
+    if ids["min"] < 0 or ids["max"] >= codebook_size:
+        raise ValueError(
+            f"the {name} split has code ids from {ids['min']} to {ids['max']}, outside the {codebook_size}-code "
+            f"codebook: the tokens come from another tokenizer, or --codebook_size is wrong."
         )
     if num_classes == 0:
         return
@@ -319,15 +344,19 @@ def training_length(args: argparse.Namespace, batches_per_epoch: int) -> tuple[i
     return updates_per_epoch, max_train_steps, math.ceil(max_train_steps / updates_per_epoch)
 
 
-def resume(args: argparse.Namespace, accelerator: Accelerator) -> int:
-    """Load --resume_from_checkpoint (later checkpoints of the abandoned run are set aside); returns its step."""
+def resume(args: argparse.Namespace, accelerator: Accelerator, schedules: list, max_train_steps: int) -> int:
+    """Load --resume_from_checkpoint and return its step. The run keeps its own learning rate and optimiser settings
+    (train.py's rule); later checkpoints of the abandoned run are set aside when this one trains past them."""
     checkpoint = find_checkpoint(args.resume_from_checkpoint, args.output_dir)
     if checkpoint is None:
         return 0
     accelerator.print(f"Resuming from checkpoint {checkpoint}")
+    settings = optimizer_settings(schedules)
     accelerator.load_state(str(checkpoint))
+    keep_optimizer_settings(schedules, settings)
     step = checkpoint_step(checkpoint)
-    set_aside_later_checkpoints(accelerator, args.output_dir, step)
+    if step < max_train_steps:
+        set_aside_later_checkpoints(accelerator, args.output_dir, step)
     return step
 
 
@@ -344,7 +373,7 @@ def main(args: argparse.Namespace) -> dict[str, float]:
     num_image_tokens = len(train_set[0]["image_tokens"])
     vocabulary = make_vocabulary(args, train_set, validation_set, codebook_size)
     for name, split in (("training", train_set), ("validation", validation_set)):
-        check_split(name, split, num_image_tokens, vocabulary.num_classes)
+        check_split(name, split, num_image_tokens, vocabulary.num_classes, codebook_size)
     image_size = None
     if tokenizer is not None:
         tokenizer[0].to(accelerator.device)
@@ -364,8 +393,13 @@ def main(args: argparse.Namespace) -> dict[str, float]:
 
     train_loader = torch.utils.data.DataLoader(
         train_set, batch_size=args.train_batch_size, shuffle=True, drop_last=len(train_set) >= args.train_batch_size,
-        collate_fn=PriorCollator(vocabulary, num_image_tokens, args.label_dropout),
+        # Label dropout is drawn in the loop, per micro-batch (`micro_batch_seed`): the loader reads ahead, so a draw
+        # here would come from a random state the checkpoint has already moved past.
+        collate_fn=PriorCollator(vocabulary, num_image_tokens),
         num_workers=args.dataloader_num_workers,
+        # Its own generator: a new iterator (each epoch, and the first after a resume) then never draws from the
+        # global random state, which the prior's dropout draws from.
+        generator=torch.Generator().manual_seed(args.seed),
     )  # fmt: skip
     # Each process scores its own contiguous shard and the sums are reduced: every sequence is counted exactly once
     # (a prepared loader would pad the last batches with repeats).
@@ -373,6 +407,7 @@ def main(args: argparse.Namespace) -> dict[str, float]:
     validation_loader = torch.utils.data.DataLoader(
         validation_shard, batch_size=args.eval_batch_size, collate_fn=PriorCollator(vocabulary, num_image_tokens),
         num_workers=args.dataloader_num_workers,
+        generator=torch.Generator().manual_seed(args.seed),  # not the global random state, which training draws from
     )  # fmt: skip
     decay = [p for p in prior.parameters() if p.ndim >= 2]  # no weight decay on norms and biases
     no_decay = [p for p in prior.parameters() if p.ndim < 2]
@@ -392,7 +427,7 @@ def main(args: argparse.Namespace) -> dict[str, float]:
         )
     )  # fmt: skip
 
-    global_step = resume(args, accelerator)
+    global_step = resume(args, accelerator, [("prior", optimizer, lr_scheduler)], max_train_steps)
     first_epoch = global_step // updates_per_epoch
     skip_batches = (global_step % updates_per_epoch) * args.gradient_accumulation_steps
     if global_step >= max_train_steps:  # the loop would train one more step before checking
@@ -414,7 +449,13 @@ def main(args: argparse.Namespace) -> dict[str, float]:
         train_loader.set_epoch(epoch)
         batches = accelerator.skip_first_batches(train_loader, skip_batches) if skip_batches else train_loader
         skip_batches = 0
+        micro_batch = 0
         for batch in batches:
+            if args.label_dropout > 0 and vocabulary.class_conditional:
+                seed = micro_batch_seed(args.seed, global_step, micro_batch, accelerator.process_index)
+                generator = torch.Generator().manual_seed(seed)
+                batch["input_ids"] = drop_class_labels(batch["input_ids"], vocabulary, args.label_dropout, generator)
+            micro_batch += 1
             with accelerator.accumulate(prior):
                 loss = prior(**batch).loss
                 accelerator.backward(loss)
@@ -425,7 +466,7 @@ def main(args: argparse.Namespace) -> dict[str, float]:
                 optimizer.zero_grad(set_to_none=True)
             if not accelerator.sync_gradients:
                 continue
-            global_step += 1
+            global_step, micro_batch = global_step + 1, 0
             progress.update(1)
             logs = {"train/loss": loss.detach().item(), "train/learning_rate": lr_scheduler.get_last_lr()[0]}
             progress.set_postfix(loss=f"{logs['train/loss']:.3f}")

@@ -143,10 +143,12 @@ def restart_dead_codes(model: CDBVQModel, output, seed: int, ema=None) -> int:
     return restarted
 
 
-def degradation_seed(seed: int, step: int, micro_batch: int, process_index: int) -> int:
-    """Seed of the degradation of one micro-batch: a function of the run's seed, the step, the micro-batch and the
-    process, so a resumed run degrades exactly as an uninterrupted one. A hash, not arithmetic: any seed, step or
-    number of micro-batches stays within the generator's 64 bits, and no two micro-batches share a seed."""
+def micro_batch_seed(seed: int, step: int, micro_batch: int, process_index: int) -> int:
+    """Seed of what is drawn for one micro-batch (its degradations; a prior's label dropout): a function of the run's
+    seed, the step, the micro-batch and the process, so a resumed run draws exactly as an uninterrupted one (the
+    global random state is no such function: data loaders draw from it ahead of the step). A hash, not arithmetic:
+    any seed, step or number of micro-batches stays within the generator's 64 bits, and no two micro-batches share
+    a seed."""
     key = f"{seed}/{step}/{micro_batch}/{process_index}".encode()
     return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1
 
@@ -179,4 +181,4 @@ def _apply_gradients(parts: TrainingParts, adversarial: bool) -> str | None:
     return None
 
 
-__all__ = ["TrainingParts", "degradation_seed", "restart_dead_codes", "training_step"]
+__all__ = ["TrainingParts", "micro_batch_seed", "restart_dead_codes", "training_step"]

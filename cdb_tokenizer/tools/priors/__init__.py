@@ -30,13 +30,14 @@ from .model import (
     PRIOR_CONFIG_NAME,
     PriorCollator,
     build_prior,
+    drop_class_labels,
     load_prior,
     load_prior_config,
     save_prior,
     validation_bits_per_token,
 )
 from .sampling import ImageTokenLogitsProcessor, sample_image_tokens, sample_images, save_image_grid, token_image_size
-from .token_data import check_tokens_source, photo_crops_dataset, save_tokens, tokenize_dataset
+from .token_data import check_tokens_source, photo_crops_dataset, read_tokens_info, save_tokens, tokenize_dataset
 from .vocabulary import PriorVocabulary
 
 
@@ -46,11 +47,13 @@ __all__ = [
     "PriorVocabulary",
     "build_prior",
     "check_tokens_source",
+    "drop_class_labels",
     "load_prior",
     "load_prior_config",
     "load_tokenizer",
     "photo_crops_dataset",
     "processor_image_size",
+    "read_tokens_info",
     "sample_image_tokens",
     "sample_images",
     "save_image_grid",

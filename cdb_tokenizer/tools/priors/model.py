@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,12 +60,24 @@ class PriorCollator:
                 raise ValueError("a class-conditional prior needs a `label` for every example.")
             class_labels = torch.as_tensor([int(example["label"]) for example in examples])
         input_ids = self.vocabulary.build_input_ids(image_tokens, class_labels)
-        if class_labels is not None and self.label_dropout > 0:
-            drop = torch.rand(len(examples), generator=self.generator) < self.label_dropout
-            input_ids[drop, 1] = self.vocabulary.null_class_token_id
+        if class_labels is not None:
+            input_ids = drop_class_labels(input_ids, self.vocabulary, self.label_dropout, self.generator)
         labels = input_ids.clone()
         labels[:, : self.vocabulary.prompt_length] = -100
         return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels}
+
+
+def drop_class_labels(
+    input_ids: torch.LongTensor, vocabulary: PriorVocabulary, probability: float, generator: torch.Generator | None = None
+) -> torch.LongTensor:
+    """`input_ids` (B, L) of a class-conditional prior with each row's class token replaced by the null class with
+    `probability` (classifier-free guidance training); the draw is on the CPU, from `generator`."""
+    if probability <= 0 or not vocabulary.class_conditional:
+        return input_ids
+    drop = (torch.rand(input_ids.shape[0], generator=generator) < probability).to(input_ids.device)
+    input_ids = input_ids.clone()
+    input_ids[drop, 1] = vocabulary.null_class_token_id
+    return input_ids
 
 
 def build_prior(
@@ -174,6 +187,11 @@ def save_prior(
     tokenizer's folder or Hub id (what `sample_prior.py` decodes with) and the image size the tokens came from."""
     output_dir = Path(output_dir)
     prior.save_pretrained(output_dir)
+    if tokenizer is not None and Path(tokenizer).expanduser().is_dir():
+        # A local tokenizer is recorded relative to the prior's folder ("../tokenizer"): found from any working
+        # directory, never mistaken for a Hub id, and no absolute local path in the config.
+        relative = os.path.relpath(Path(tokenizer).expanduser().resolve(), output_dir.resolve())
+        tokenizer = relative if relative.startswith("..") else f"./{relative}"
     prior_config = {
         "vocabulary": vocabulary.to_dict(),
         "num_image_tokens": num_image_tokens,
@@ -195,7 +213,11 @@ def load_prior_config(name_or_path: str | Path, revision: str | None = None) -> 
         config_file = path / PRIOR_CONFIG_NAME
         if not config_file.is_file():
             raise FileNotFoundError(f"{config_file} not found: {path} is not a prior saved by train_prior.py / save_prior.")
-        return json.loads(config_file.read_text()), str(path)
+        prior_config = json.loads(config_file.read_text())
+        tokenizer = prior_config.get("tokenizer")
+        if isinstance(tokenizer, str) and tokenizer.startswith(("./", "../")):  # recorded relative to this folder
+            prior_config["tokenizer"] = str((path / tokenizer).resolve())
+        return prior_config, str(path)
     if isinstance(name_or_path, Path) or is_local_path(str(name_or_path)):
         problem = "is not a folder" if path.exists() else "no such folder"
         raise FileNotFoundError(f"prior {str(name_or_path)!r}: {problem} (give the folder train_prior.py wrote).")
@@ -209,6 +231,9 @@ def load_prior(
     """Load a prior saved by `save_prior` (a folder or Hub repo id): (model in eval mode, vocabulary, prior config)."""
     prior_config, source = load_prior_config(name_or_path, revision=kwargs.get("revision"))
     vocabulary = PriorVocabulary.from_dict(prior_config["vocabulary"])
+    # A prior is a stock transformers causal LM: no folder's own code runs (nor is the user asked) unless the
+    # caller passed trust_remote_code=True.
+    kwargs.setdefault("trust_remote_code", False)
     prior = AutoModelForCausalLM.from_pretrained(source, **kwargs).eval()
     if prior.config.vocab_size != vocabulary.vocab_size:
         raise ValueError(f"the prior's vocab_size {prior.config.vocab_size} does not match prior_config.json ({vocabulary.vocab_size}).")

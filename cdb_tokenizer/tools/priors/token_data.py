@@ -7,6 +7,7 @@ import json
 import logging
 import random
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -36,21 +37,35 @@ def save_tokens(tokenized, folder: str | Path, model, fingerprint: str | None = 
     return folder
 
 
+def read_tokens_info(folder: str | Path) -> dict[str, Any] | None:
+    """What `save_tokens` recorded about the codebook of the token data in `folder` (`codebook_size`,
+    `codebook_fingerprint`), or None when the folder records nothing; a damaged record is a ValueError."""
+    path = Path(folder) / TOKENS_INFO
+    if not path.is_file():
+        return None
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(info, dict) or not isinstance(info["codebook_fingerprint"], str):
+            raise TypeError("not a record of the codebook")
+        if not isinstance(info.get("codebook_size"), int) or info["codebook_size"] < 1:
+            raise TypeError(f"codebook_size {info.get('codebook_size')!r}")
+    except (ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"{path} is damaged ({error}).") from None
+    return info
+
+
 def check_tokens_source(folder: str | Path, model) -> None:
     """Refuse token data that `model` did not make (its recorded codebook differs); warn when none is recorded."""
     from ..cli import codebook_fingerprint
 
-    path = Path(folder) / TOKENS_INFO
-    if not path.is_file():
+    info = read_tokens_info(folder)
+    if info is None:
         logger.warning(
             "%s records no tokenizer (%s is missing: made with save_to_disk rather than save_tokens or "
             "`cdb-vq tokenize`): it cannot be checked against the tokenizer given.", folder, TOKENS_INFO
         )
         return
-    try:
-        recorded = json.loads(path.read_text(encoding="utf-8"))["codebook_fingerprint"]
-    except (ValueError, KeyError, TypeError) as error:
-        raise ValueError(f"{path} is damaged ({error}).") from None
+    recorded = info["codebook_fingerprint"]
     if recorded != codebook_fingerprint(model):
         raise ValueError(
             f"{folder} was tokenised by another tokenizer (codebook fingerprint {recorded}, the tokenizer given has "
