@@ -639,3 +639,17 @@ def test_load_prior_never_runs_a_folder_s_own_code(tmp_path, monkeypatch):
     with pytest.raises(Exception):
         load_prior(folder)
     assert not marker.exists()
+
+
+def test_resuming_another_priors_checkpoint_is_one_clear_error(tmp_path, fresh_accelerator_state, capsys):
+    token_set(32).save_to_disk(tmp_path / "tokens")
+    train_prior = load_script("train_prior")
+    argv = prior_argv(tmp_path / "tokens", tmp_path / "prior")
+    train_prior.main(train_prior.parse_args(argv))
+    (tmp_path / "prior" / "metrics.json").unlink()
+    with pytest.raises(ValueError, match="cannot resume from .*checkpoint-2: RuntimeError: .*another prior"):
+        train_prior.main(train_prior.parse_args(argv + ["--max_train_steps", "3", "--resume_from_checkpoint", "latest",
+                                                        "--hidden_size", "16"]))  # fmt: skip
+    with pytest.raises(SystemExit):
+        train_prior.parse_args(argv + ["--num_classes", "0"])
+    assert "--num_classes must be at least 1" in capsys.readouterr().err

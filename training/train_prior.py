@@ -33,8 +33,9 @@ from accelerate.utils import DataLoaderConfiguration, set_seed
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from cdb_tokenizer.tools.checkpoints import checkpoint_step, save_checkpoint, set_aside_later_checkpoints
+from cdb_tokenizer.tools.checkpoints import CheckpointError, checkpoint_step, save_checkpoint, set_aside_later_checkpoints
 from cdb_tokenizer.tools.files import write_text
+from cdb_tokenizer.tools.messages import first_line
 from cdb_tokenizer.tools.runs import find_checkpoint, make_accelerator
 from cdb_tokenizer.tools.steps import micro_batch_seed
 from cdb_tokenizer.tools.priors import (
@@ -162,6 +163,8 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
             parser.error(f"--{name} must be at least 1, got {value}.")
     if not 0 < args.validation_split < 1:
         parser.error(f"--validation_split must be in (0, 1), got {args.validation_split}.")
+    if args.num_classes is not None and args.num_classes < 1:  # 0 was read as "not given"
+        parser.error(f"--num_classes must be at least 1 (or --unconditional), got {args.num_classes}.")
     if not 0 <= args.label_dropout <= 1:
         parser.error(f"--label_dropout must be in [0, 1], got {args.label_dropout}.")
 
@@ -352,7 +355,13 @@ def resume(args: argparse.Namespace, accelerator: Accelerator, schedules: list, 
         return 0
     accelerator.print(f"Resuming from checkpoint {checkpoint}")
     settings = optimizer_settings(schedules)
-    accelerator.load_state(str(checkpoint))
+    try:
+        accelerator.load_state(str(checkpoint))
+    except Exception as error:  # noqa: BLE001 - damaged or tampered files, or another run's shapes
+        raise CheckpointError(
+            f"cannot resume from {checkpoint}: {type(error).__name__}: {first_line(error)[:300]}. The checkpoint is "
+            f"damaged, or it belongs to a run with another prior (architecture, sizes or vocabulary)."
+        ) from None
     keep_optimizer_settings(schedules, settings)
     step = checkpoint_step(checkpoint)
     if step < max_train_steps:
