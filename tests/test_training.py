@@ -151,6 +151,14 @@ def test_a_resume_with_another_batch_size_says_the_data_order_changes(tmp_path, 
     assert "Resuming with train_batch_size 2 -> 3: the run re-enters the data at another batch" in caplog.text
 
 
+def test_fsdp_is_refused_before_any_work(tmp_path, monkeypatch):
+    # On CPUs accelerate silently ran DDP for an FSDP config; on GPUs FSDP crashed or lost the codebook's updates.
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(ValueError, match="train.py does not support FSDP"):
+        main(PLAIN_RUN + ["--max_train_steps", "1", "--output_dir", str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists()
+
+
 def _nan_at(steps):
     real = steps_module.compute_losses
 

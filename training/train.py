@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import DistributedDataParallelKwargs, gather_object, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, DistributedType, gather_object, set_seed
 from tqdm.auto import tqdm
 
 from cdb_tokenizer import CDBVQConfig, CDBVQImageProcessor, CDBVQModel
@@ -141,9 +141,23 @@ def default_num_threads() -> int:
     return max(1, min(share, int(idle + 0.5)))
 
 
+def refuse_fsdp(accelerator: Accelerator) -> None:
+    """FSDP shards the weights the quantizer rewrites inside its forward (k-means init, EMA codes, restarts): a
+    sharded run would lose those updates or crash in them. Say so before any work, also where accelerate would
+    silently fall back to DDP (on CPUs) although the config asked for FSDP."""
+    asked = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true", "yes")
+    if accelerator.distributed_type == DistributedType.FSDP or asked:
+        raise ValueError(
+            "train.py does not support FSDP: the quantizer updates its codebook inside the forward pass, which "
+            "sharded parameters would lose. Use DDP (`accelerate config`: multi-GPU / multi-node, no FSDP); the "
+            "tokenizer (~100M parameters at the default config) fits one GPU whole."
+        )
+
+
 def setup_run(args: argparse.Namespace) -> Accelerator:
     """The run's Accelerator and seed, and its output folder (refusing one that holds another run)."""
     accelerator = make_accelerator(args, Path(args.output_dir), kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+    refuse_fsdp(accelerator)
     if accelerator.mixed_precision == "fp16" and args.disc_weight > 0:
         # Both optimisers share accelerate's one gradient scaler: clipping unscales it twice (an error) and each
         # step's update() rescales the other's gradients. bf16 needs no scaler.
