@@ -328,6 +328,20 @@ def test_publish_script_passes_its_flags_through(training_output, tmp_path, caps
     assert "does not exist" in capsys.readouterr().err
 
 
+def test_a_card_names_no_teacher_when_none_ran(training_output, tmp_path):
+    # The offline demo asks for the default teacher, cannot load its weights and trains without it (metrics.json:
+    # "teacher": null); the card claimed the teacher as its base model and as distilled into the semantic head.
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(training_output, run)
+    metrics = json.loads((run / "metrics.json").read_text())
+    (run / "metrics.json").write_text(json.dumps({**metrics, "teacher": None}))
+    card = ModelCard.load(stage_folder(run, tmp_path / "repo", HUB_ID) / "README.md")
+    assert card.data.base_model is None
+    assert "CLIP teacher: none" in card.text and "ViT-B-16" not in card.text.split("## Training")[0]
+
+
 def test_clip_teacher_hub_id():
     assert clip_teacher_hub_id("ViT-B-32", "laion2b_s34b_b79k") == "laion/CLIP-ViT-B-32-laion2B-s34B-b79K"
     assert clip_teacher_hub_id("hf-hub:someone/clip-model", None) == "someone/clip-model"

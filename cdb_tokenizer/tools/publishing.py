@@ -342,7 +342,12 @@ def render_model_card(
     config = model.config
     metrics = _read_json(output_dir / "metrics.json")
     training_config = _read_json(output_dir / "training_config.json")
-    teacher_hub_id = clip_teacher_hub_id(training_config.get("clip_model"), training_config.get("clip_pretrained"))
+    # The teacher that ran, not the one asked for: without its weights a run trains without it (metrics.json's
+    # `teacher` is then null); an older metrics.json without the key leaves the flags to say.
+    teacher_ran = metrics.get("teacher", "") is not None
+    teacher_hub_id = (
+        clip_teacher_hub_id(training_config.get("clip_model"), training_config.get("clip_pretrained")) if teacher_ran else None
+    )
     public_config = public_fields(training_config)
     dataset_name = _hub_dataset(training_config)
     card_data = ModelCardData(
@@ -377,7 +382,7 @@ def render_model_card(
         prototype_labels=config.prototype_labels or [],
         evaluation_rows=_evaluation_rows(metrics, config.codebook_size),
         figures=figures or {},
-        teacher_model=public_config.get("clip_model"),
+        teacher_model=public_config.get("clip_model") if teacher_ran else None,
         teacher_pretrained=public_config.get("clip_pretrained"),
         teacher_hub_id=teacher_hub_id,
         training=_training_summary(training_config, metrics),
