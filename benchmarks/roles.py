@@ -48,6 +48,7 @@ from tqdm.auto import tqdm
 from cdb_tokenizer import CDBVQModel
 from cdb_tokenizer.modeling_cdb_vq import flatten_grid
 from cdb_tokenizer.tools.degradations import degrade
+from cdb_tokenizer.tools.evaluation import psnr  # pooled over the set's pixels, as evaluate()
 from cdb_tokenizer.tools.losses import TokenizerLoss
 from cdb_tokenizer.quantization_cdb_vq import image_signal_features
 from cdb_tokenizer.tools.roles import save_role_map, three_role_ranges
@@ -96,13 +97,6 @@ def train(args: argparse.Namespace, run: str, backbone: dict, photos: list) -> t
         if step % 50 == 0:
             progress.set_postfix(loss=f"{metrics['loss']:.4f}")
     return model.eval(), (time.perf_counter() - start) / args.steps
-
-
-def psnr(images: torch.Tensor, targets: torch.Tensor) -> float:
-    """PSNR (dB, [0, 1] scale) of the mean squared error over all pixels of the set, as torchmetrics (and
-    `cdb_tokenizer.tools.evaluation.evaluate`) computes it: a mean of per-crop PSNRs would be dominated by flat crops."""
-    mse = (((images.float().clamp(-1, 1) - targets.float()) / 2) ** 2).mean().clamp_min(1e-12)
-    return float(10 * torch.log10(1 / mse))
 
 
 @torch.no_grad()

@@ -67,6 +67,7 @@ from cdb_tokenizer.tools.evaluation import (
     code_usage_counts,
     eval_mode,
     evaluate,
+    psnr,
     reconstruction_grid,
     save_reconstruction_figure,
     save_usage_plot,
@@ -812,12 +813,7 @@ def restoration_metrics(model: CDBVQModel, validation: torch.Tensor, args) -> di
     (`restoration_psnr`) and the degraded input itself (`degraded_input_psnr`)."""
     degraded = degrade(validation, args.degradation, seed=VALIDATION_DEGRADATION_SEED)
     restored = torch.cat([reconstruct(model, batch) for batch in validation_batches(degraded, args.train_batch_size)])
-
-    def psnr(images: torch.Tensor) -> float:
-        mse = (((images.float().clamp(-1, 1) - validation.float()) / 2) ** 2).mean().clamp_min(1e-12)  # as evaluate()
-        return float(10 * torch.log10(1 / mse))
-
-    return {"restoration_psnr": psnr(restored), "degraded_input_psnr": psnr(degraded)}
+    return {"restoration_psnr": psnr(restored, validation), "degraded_input_psnr": psnr(degraded, validation)}
 
 
 @torch.no_grad()

@@ -23,7 +23,6 @@ import itertools
 import json
 import logging
 import logging.handlers
-import math
 import os
 import re
 import stat
@@ -456,12 +455,6 @@ def to_unit_images(pixel_values: torch.Tensor, processor) -> torch.Tensor:
     return processor.postprocess(pixel_values.float(), return_tensors="pt").pixel_values
 
 
-def psnr(original: torch.Tensor, reconstruction: torch.Tensor) -> float:
-    """PSNR in dB of two [0, 1] images (the definition of torchmetrics' PeakSignalNoiseRatio(data_range=1))."""
-    mse = float(((original.double() - reconstruction.double()) ** 2).mean())
-    return math.inf if mse == 0 else 10 * math.log10(1.0 / mse)
-
-
 def format_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """A plain-text table; columns of numbers are right-aligned, others left-aligned."""
     cells = [list(map(str, header))] + [[str(cell) for cell in row] for row in rows]
@@ -733,7 +726,9 @@ def reconstruct_command(args: argparse.Namespace) -> None:
         raise CLIError(
             f"--role-map: {args.model} has no code roles (config.code_roles is empty), so there is no role map."
         )
-    scores = {}
+    from .evaluation import psnr_from_mse
+
+    scores, squared_errors = {}, []
     # All outputs or none: a bad image stops the command before any file is in place (and each is read once).
     with files.staged_files(out) as stage, tqdm(total=len(paths), desc="reconstructing", unit="image") as progress:
         for start, pixel_values in image_batches(paths, args, processor, model):
@@ -747,13 +742,15 @@ def reconstruct_command(args: argparse.Namespace) -> None:
             if args.role_map:
                 _write_role_maps(model, pixel_values, originals, out / "role_maps", batch_names, stage)
             for index, name in enumerate(batch_names):
-                scores[name] = psnr(originals[index], reconstructions[index])
+                squared_errors.append(float(((originals[index].double() - reconstructions[index].double()) ** 2).mean()))
+                scores[name] = psnr_from_mse(squared_errors[-1])
                 pairs[index].save(stage(out / f"{name}.png"), format="PNG")  # original left, reconstruction right
                 singles[index].save(stage(out / "reconstructions" / f"{name}.png"), format="PNG")
             progress.update(len(pixel_values))
-        mean = sum(scores.values()) / len(scores)
-        stage(out / "psnr.json").write_text(json.dumps({"images": scores, "mean": mean}, indent=2) + "\n")
-    rows = [(name, f"{value:.2f}") for name, value in scores.items()] + [("mean", f"{mean:.2f}")]
+        # Pooled over every pixel (the images share the model's resolution): `cdb-vq eval`'s definition for a set.
+        pooled = psnr_from_mse(sum(squared_errors) / len(squared_errors))
+        stage(out / "psnr.json").write_text(json.dumps({"images": scores, "all": pooled}, indent=2) + "\n")
+    rows = [(name, f"{value:.2f}") for name, value in scores.items()] + [("all", f"{pooled:.2f}")]
     print(format_table(["image", "PSNR (dB)"], rows))
     print(f"originals beside reconstructions in {out}, reconstructions alone in {out / 'reconstructions'}")
     if args.role_map:

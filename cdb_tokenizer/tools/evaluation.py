@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import itertools
 import logging
+import math
 import os
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -332,10 +333,16 @@ def save_reconstruction_grid(originals: torch.Tensor, reconstructions: torch.Ten
     return path
 
 
-def psnr_of(original: torch.Tensor, reconstruction: torch.Tensor) -> float:
-    """PSNR (dB) of one pair of [-1, 1] images, on the [0, 1] scale (torchmetrics' definition with data_range 1)."""
-    mse = float(((to_unit_range(original).double() - to_unit_range(reconstruction).double()) ** 2).mean())
-    return float("inf") if mse == 0 else 10 * float(torch.log10(torch.tensor(1.0 / mse)))
+def psnr_from_mse(mse: float) -> float:
+    """PSNR (dB) of a mean squared error on the [0, 1] scale (torchmetrics' definition with data_range 1)."""
+    return math.inf if mse == 0 else 10 * math.log10(1.0 / mse)
+
+
+def psnr(images: torch.Tensor, targets: torch.Tensor) -> float:
+    """PSNR (dB, [0, 1] scale) of [-1, 1] images (clamped) against their targets, the squared error pooled over
+    every pixel given: what `evaluate` and torchmetrics compute for a set (a mean of per-image PSNRs would be
+    dominated by flat images), or one image's PSNR for one pair."""
+    return psnr_from_mse(float(((to_unit_range(images).double() - to_unit_range(targets).double()) ** 2).mean()))
 
 
 def detail_box(image: torch.Tensor, size: int) -> tuple[int, int]:
@@ -379,7 +386,7 @@ def reconstruction_figure(
             for tile in tiles:
                 box = [left, top, left + size - 1, top + size - 1]
                 ImageDraw.Draw(tile).rectangle(box, outline=(255, 0, 0), width=2)
-        rows.append((tiles, ["original", f"reconstruction, PSNR {psnr_of(original, reconstruction):.1f} dB"]))
+        rows.append((tiles, ["original", f"reconstruction, PSNR {psnr(reconstruction, original):.1f} dB"]))
     crop = (slice(None), slice(top, top + size), slice(left, left + size))
     zoomed = [to_pil(image[crop]).resize((size * zoom_factor, size * zoom_factor), Image.NEAREST)
               for image in (originals[0], reconstructions[0])]  # fmt: skip
