@@ -191,6 +191,19 @@ def test_inspect_reports_roles_usage_and_labels(files, capsys):
     assert all(code["label"] == labels[code["code"]] and code["label"] in LABELS for code in top)
 
 
+def test_inspect_shows_no_placeholder_roles_or_prototype_ties(tmp_path, capsys):
+    # A model without roles printed a table of one pseudo-role, and one without prototypes listed each code's
+    # placeholder tie (code id modulo num_prototypes) as if it meant something.
+    model = tiny_model().train()
+    model(torch.rand(2, 3, 32, 32) * 2 - 1)
+    model.eval().save_pretrained(tmp_path / "plain")
+    assert main(["inspect", "--model", str(tmp_path / "plain"), "--top", "3"]) == 0
+    text = capsys.readouterr().out
+    assert "code roles: none" in text and "[0, 64)" not in text
+    assert main(["inspect", "--model", str(tmp_path / "plain"), "--top", "3", "--json"]) == 0
+    assert [code["prototype"] for code in json.loads(capsys.readouterr().out)["top_codes"]] == [None] * 3
+
+
 def test_tokenize_saves_a_dataset_with_tokens_and_labels(files, tmp_path, capsys, monkeypatch):
     import datasets
 

@@ -966,22 +966,26 @@ def inspect_command(args: argparse.Namespace) -> None:
             ],
         )
     )
-    print("\ncode roles (usage: running share of tokens, from training)")
-    print(
-        format_table(
-            ["role", "codes", "size", "usage"],
-            [
-                (role["name"], f"[{role['start']}, {role['end']})", role["size"], f"{role['usage']:.1%}")
-                for role in summary["roles"]
-            ],
+    if model.config.code_roles:
+        print("\ncode roles (usage: running share of tokens, from training)")
+        print(
+            format_table(
+                ["role", "codes", "size", "usage"],
+                [
+                    (role["name"], f"[{role['start']}, {role['end']})", role["size"], f"{role['usage']:.1%}")
+                    for role in summary["roles"]
+                ],
+            )
         )
-    )
+    else:
+        print("\ncode roles: none (config.code_roles is empty: one range of every code)")
     print(f"\nmost used codes (top {len(summary['top_codes'])})")
     print(
         format_table(
             ["code", "usage", "role", "prototype", "label"],
             [
-                (code["code"], f"{code['usage']:.2%}", code["role"], code["prototype"], code["label"] or "(no label)")
+                (code["code"], f"{code['usage']:.2%}", code["role"], "-" if code["prototype"] is None else code["prototype"],
+                 code["label"] or "(no label)")  # fmt: skip
                 for code in summary["top_codes"]
             ],
         )

@@ -208,18 +208,20 @@ def codebook_summary(model, top_k: int = 10) -> dict[str, Any]:
             {"name": name, "start": start, "end": end, "size": end - start, "usage": float(share[start:end].sum())}
         )
     top = share.topk(min(top_k, config.codebook_size))
+    # Without prototypes (no labels, no vectors) the ties are placeholders (code id modulo num_prototypes).
+    tied = bool(config.prototype_labels) or model.quantizer.has_prototypes
     top_codes = [
         {
             "code": code,
             "usage": float(value),
             "role": code_role[code],
-            "prototype": int(code_to_prototype[code]),
+            "prototype": int(code_to_prototype[code]) if tied else None,
             "label": labels[code],
         }
         for value, code in zip(top.values.tolist(), top.indices.tolist())
     ]
     prototypes = []
-    if config.prototype_labels or model.quantizer.has_prototypes:
+    if tied:
         prototype_share = torch.zeros(config.num_prototypes).index_add_(0, code_to_prototype, share)
         prototype_codes = torch.bincount(code_to_prototype, minlength=config.num_prototypes)
         for index in prototype_share.argsort(descending=True).tolist():
