@@ -549,7 +549,8 @@ class CDBVQModel(CDBVQPreTrainedModel):
         return output if return_dict else output.to_tuple()
 
     def decode(self, image_tokens: torch.LongTensor) -> torch.FloatTensor:
-        """Decode a (batch, h, w) grid of code ids into images (batch, num_channels, H, W) in [-1, 1]."""
+        """Decode a (batch, h, w) grid of code ids into images (batch, num_channels, H, W), in about [-1, 1] (not
+        clamped: `CDBVQImageProcessor.postprocess` clamps)."""
         self._check_image_tokens(image_tokens)
         if image_tokens.ndim != 3:
             raise ValueError(f"decode expects image_tokens of shape (batch, h, w), got {tuple(image_tokens.shape)}; use decode_image_tokens for (batch, h * w).")
@@ -582,7 +583,7 @@ class CDBVQModel(CDBVQPreTrainedModel):
         self, image_tokens: torch.LongTensor, height: int | None = None, width: int | None = None
     ) -> torch.FloatTensor:
         """
-        Decode token ids into images in [-1, 1].
+        Decode token ids into images in about [-1, 1] (not clamped; `CDBVQImageProcessor.postprocess` clamps).
 
         Args:
             image_tokens (`torch.LongTensor` of shape `(batch_size, h * w)` or `(batch_size, h, w)`): Code ids.

@@ -653,3 +653,20 @@ def test_resuming_another_priors_checkpoint_is_one_clear_error(tmp_path, fresh_a
     with pytest.raises(SystemExit):
         train_prior.parse_args(argv + ["--num_classes", "0"])
     assert "--num_classes must be at least 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "script, argv, message",
+    [
+        ("sample_prior", ["--prior", "/no/such/prior"], "no such folder"),
+        ("train_prior", ["--tokens_dir", "/no/such/tokens", "--codebook_size", "8"], "--tokens_dir '/no/such/tokens' does not exist"),
+    ],
+)
+def test_prior_scripts_report_input_mistakes_in_one_line(script, argv, message, tmp_path, monkeypatch, capsys):
+    import runpy
+
+    monkeypatch.setattr(sys, "argv", [f"{script}.py", *argv, *(["--output_dir", str(tmp_path / "o")] if script == "train_prior" else [])])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(str(ROOT / "training" / f"{script}.py"), run_name="__main__")
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1 and "Traceback" not in err and message in err.strip().splitlines()[-1]

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from cdb_tokenizer.tools.messages import run_script
 from cdb_tokenizer.tools.priors import (
     load_prior,
     load_prior_config,
@@ -100,4 +101,5 @@ def main(args: argparse.Namespace) -> Path:
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    # Mistakes in the inputs (a missing folder, another tokenizer's tokens, a Hub id that cannot be reached): one line.
+    run_script(lambda: main(parse_args()), FileNotFoundError, ValueError, OSError)

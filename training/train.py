@@ -74,7 +74,7 @@ from cdb_tokenizer.tools.evaluation import (
 )
 from cdb_tokenizer.tools.files import write_text
 from cdb_tokenizer.tools.losses import LPIPSUnavailableError, PatchDiscriminator, TokenizerLoss, load_lpips, lpips_backbone_file
-from cdb_tokenizer.tools.messages import first_line
+from cdb_tokenizer.tools.messages import first_line, run_script
 from cdb_tokenizer.tools.redaction import public_value, redact_secrets
 from cdb_tokenizer.tools.roles import role_map_figure, save_role_map
 from cdb_tokenizer.tools.runs import EMAWeights, RunLog, find_checkpoint, make_accelerator
@@ -973,10 +973,5 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (TrainingStopped, LPIPSUnavailableError, FileNotFoundError, ValueError) as error:
-        # Mistakes in the inputs (a missing folder, a column that does not exist, ...) and clean stops: the message
-        # names the problem, a stack trace would not help.
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(1)
+    # Mistakes in the inputs (a missing folder, a column that does not exist, ...) and clean stops: one line.
+    run_script(main, TrainingStopped, LPIPSUnavailableError, FileNotFoundError, ValueError)

@@ -35,7 +35,7 @@ from transformers import get_scheduler
 
 from cdb_tokenizer.tools.checkpoints import CheckpointError, checkpoint_step, save_checkpoint, set_aside_later_checkpoints
 from cdb_tokenizer.tools.files import write_text
-from cdb_tokenizer.tools.messages import first_line
+from cdb_tokenizer.tools.messages import first_line, run_script
 from cdb_tokenizer.tools.runs import find_checkpoint, make_accelerator
 from cdb_tokenizer.tools.steps import micro_batch_seed
 from cdb_tokenizer.tools.priors import (
@@ -509,4 +509,5 @@ def main(args: argparse.Namespace) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    # Mistakes in the inputs (a missing folder, another tokenizer's tokens, a Hub id that cannot be reached): one line.
+    run_script(lambda: main(parse_args()), FileNotFoundError, ValueError, OSError)

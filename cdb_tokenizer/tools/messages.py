@@ -9,4 +9,16 @@ def first_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
-__all__ = ["first_line"]
+def run_script(main, *errors: type[BaseException]) -> None:
+    """Run a training script's `main()`: an error of the kinds given (mistakes in the inputs, clean stops) is one
+    line on stderr and exit status 1, since its message names the problem and a stack trace would not help."""
+    import sys
+
+    try:
+        main()
+    except errors as error:
+        print(f"error: {first_line(error) if isinstance(error, OSError) else error}", file=sys.stderr)
+        sys.exit(1)
+
+
+__all__ = ["first_line", "run_script"]
