@@ -647,7 +647,7 @@ def test_resuming_another_priors_checkpoint_is_one_clear_error(tmp_path, fresh_a
     argv = prior_argv(tmp_path / "tokens", tmp_path / "prior")
     train_prior.main(train_prior.parse_args(argv))
     (tmp_path / "prior" / "metrics.json").unlink()
-    with pytest.raises(ValueError, match="cannot resume from .*checkpoint-2: RuntimeError: .*another prior"):
+    with pytest.raises(ValueError, match="cannot resume from .*checkpoint-2: RuntimeError: .*another configuration"):
         train_prior.main(train_prior.parse_args(argv + ["--max_train_steps", "3", "--resume_from_checkpoint", "latest",
                                                         "--hidden_size", "16"]))  # fmt: skip
     with pytest.raises(SystemExit):

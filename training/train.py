@@ -41,14 +41,7 @@ from tqdm.auto import tqdm
 
 from cdb_tokenizer import CDBVQConfig, CDBVQImageProcessor, CDBVQModel
 from cdb_tokenizer.modeling_cdb_vq import flatten_grid
-from cdb_tokenizer.tools.checkpoints import (
-    CheckpointError,
-    checkpoint_step,
-    complete_checkpoints,
-    load_custom_state,
-    save_checkpoint,
-    set_aside_later_checkpoints,
-)
+from cdb_tokenizer.tools.checkpoints import complete_checkpoints, load_custom_state, load_training_state, save_checkpoint
 from cdb_tokenizer.tools.data import (
     EpochSampler,
     SplitNotFoundError,
@@ -74,7 +67,7 @@ from cdb_tokenizer.tools.evaluation import (
 )
 from cdb_tokenizer.tools.files import write_text
 from cdb_tokenizer.tools.losses import LPIPSUnavailableError, PatchDiscriminator, TokenizerLoss, load_lpips, lpips_backbone_file
-from cdb_tokenizer.tools.messages import first_line, run_script
+from cdb_tokenizer.tools.messages import run_script
 from cdb_tokenizer.tools.redaction import public_value, redact_secrets
 from cdb_tokenizer.tools.roles import role_map_figure, save_role_map
 from cdb_tokenizer.tools.runs import EMAWeights, RunLog, find_checkpoint, make_accelerator
@@ -595,7 +588,7 @@ def warn_if_data_order_changed(saved: dict | None, now: dict) -> None:
                        f"checkpoint left it, and its losses will not match an uninterrupted run's.")  # fmt: skip
 
 
-def resume(accelerator: Accelerator, args, max_train_steps: int) -> tuple[int, dict[str, torch.Tensor], dict]:
+def resume(accelerator: Accelerator, args, max_train_steps: int, schedules: list) -> tuple[int, dict[str, torch.Tensor], dict]:
     """Load the checkpoint `--resume_from_checkpoint` names: (its step, its custom tensors, its JSON state).
 
     `latest` is the newest *complete* checkpoint (one whose manifest matches its files); incomplete ones (a run
@@ -605,17 +598,7 @@ def resume(accelerator: Accelerator, args, max_train_steps: int) -> tuple[int, d
     if path is None:
         return 0, {}, {}
     tensors, state = load_custom_state(path)  # safetensors and JSON: nothing is unpickled
-    try:
-        # accelerate reads the optimiser, scheduler and RNG states with torch.load(weights_only=True).
-        accelerator.load_state(str(path))
-    except Exception as error:  # noqa: BLE001 - damaged or tampered files, or another run's shapes
-        raise CheckpointError(
-            f"cannot resume from {path}: {type(error).__name__}: {first_line(error)[:300]}. The checkpoint is damaged or "
-            f"tampered with, or it belongs to a run with another configuration."
-        ) from None
-    step = checkpoint_step(path)
-    if step < max_train_steps:  # later checkpoints are abandoned only by a run that trains past this one
-        set_aside_later_checkpoints(accelerator, args.output_dir, step)
+    step = load_training_state(accelerator, path, args.output_dir, max_train_steps, schedules)
     logger.info(f"Resumed from {path} (step {step}).")
     return step, tensors, state
 
@@ -625,41 +608,11 @@ def _schedules(parts: TrainingParts) -> list[tuple[str, torch.optim.Optimizer, o
     return [(name, optimizer, scheduler) for name, optimizer, scheduler in pairs if optimizer is not None]
 
 
-def optimizer_settings(schedules: list[tuple[str, torch.optim.Optimizer, object]]) -> list[tuple[list[float], list[dict]]]:
-    """This run's peak learning rates and optimiser hyperparameters (betas, weight decay, eps) of each (name,
-    optimiser, accelerate-prepared scheduler), before a checkpoint's optimiser and schedule states replace them."""
-    return [
-        (list(scheduler.scheduler.base_lrs),
-         [{key: value for key, value in group.items() if key not in ("params", "lr", "initial_lr")} for group in optimizer.param_groups])
-        for _, optimizer, scheduler in schedules
-    ]  # fmt: skip
-
-
-def keep_optimizer_settings(schedules: list[tuple[str, torch.optim.Optimizer, object]], settings: list) -> None:
-    """After a resume, train with this run's flags: a checkpoint's optimiser state carries the learning rate and
-    hyperparameters it was written with, which would silently win over e.g. a lower --learning_rate. The schedule
-    keeps its position; its peak becomes this run's rate. (train_prior.py resumes by the same rule.)"""
-    for (name, optimizer, scheduler), (peaks, hyperparameters) in zip(schedules, settings):
-        schedule = scheduler.scheduler
-        if list(schedule.base_lrs) != peaks:
-            logger.info(f"Resuming the {name} at learning rate {peaks[0]:g} (this run's flags); the checkpoint's was "
-                        f"{schedule.base_lrs[0]:g}. The schedule goes on from its step at the new peak.")  # fmt: skip
-        for group, old_peak, peak, settings_of_group in zip(optimizer.param_groups, schedule.base_lrs, peaks, hyperparameters):
-            group["lr"] = group["lr"] * peak / old_peak if old_peak else peak
-            group["initial_lr"] = peak
-            group.update(settings_of_group)
-        schedule.base_lrs = list(peaks)
-        schedule._last_lr = [group["lr"] for group in optimizer.param_groups]  # what get_last_lr() reports
-
-
 def resume_or_initialize(args: argparse.Namespace, parts: TrainingParts, ema: EMAWeights | None, train_loader,
                          sampler: EpochSampler | None, max_train_steps: int) -> RunState:  # fmt: skip
     """Resume from --resume_from_checkpoint (weights, optimisers, EMA and the loop's counts), or start afresh with
     the k-means initialisation of the codebook (and of its EMA copy)."""
-    settings = optimizer_settings(_schedules(parts))
-    step, tensors, saved = resume(parts.accelerator, args, max_train_steps)
-    if step > 0:
-        keep_optimizer_settings(_schedules(parts), settings)
+    step, tensors, saved = resume(parts.accelerator, args, max_train_steps, _schedules(parts))
     if ema is not None and step > 0:
         ema.load_tensors(tensors, saved, source=args.resume_from_checkpoint)
     if step > 0:

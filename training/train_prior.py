@@ -33,9 +33,9 @@ from accelerate.utils import DataLoaderConfiguration, set_seed
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from cdb_tokenizer.tools.checkpoints import CheckpointError, checkpoint_step, save_checkpoint, set_aside_later_checkpoints
+from cdb_tokenizer.tools.checkpoints import load_training_state, save_checkpoint
 from cdb_tokenizer.tools.files import write_text
-from cdb_tokenizer.tools.messages import first_line, run_script
+from cdb_tokenizer.tools.messages import run_script
 from cdb_tokenizer.tools.runs import find_checkpoint, make_accelerator
 from cdb_tokenizer.tools.steps import micro_batch_seed
 from cdb_tokenizer.tools.priors import (
@@ -63,13 +63,7 @@ from cdb_tokenizer.tools.priors.token_data import TOKENS_INFO
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
-from training.train import (  # noqa: E402
-    hparams,
-    keep_optimizer_settings,
-    nothing_left_to_train,
-    optimizer_settings,
-    prepare_output_dir,
-)
+from training.train import hparams, nothing_left_to_train, prepare_output_dir  # noqa: E402
 
 logger = get_logger(__name__)
 
@@ -348,25 +342,13 @@ def training_length(args: argparse.Namespace, batches_per_epoch: int) -> tuple[i
 
 
 def resume(args: argparse.Namespace, accelerator: Accelerator, schedules: list, max_train_steps: int) -> int:
-    """Load --resume_from_checkpoint and return its step. The run keeps its own learning rate and optimiser settings
-    (train.py's rule); later checkpoints of the abandoned run are set aside when this one trains past them."""
+    """Load --resume_from_checkpoint and return its step (0 without one), by train.py's rules: this run's learning
+    rate and optimiser settings, later checkpoints set aside only when this run trains past this one."""
     checkpoint = find_checkpoint(args.resume_from_checkpoint, args.output_dir)
     if checkpoint is None:
         return 0
     accelerator.print(f"Resuming from checkpoint {checkpoint}")
-    settings = optimizer_settings(schedules)
-    try:
-        accelerator.load_state(str(checkpoint))
-    except Exception as error:  # noqa: BLE001 - damaged or tampered files, or another run's shapes
-        raise CheckpointError(
-            f"cannot resume from {checkpoint}: {type(error).__name__}: {first_line(error)[:300]}. The checkpoint is "
-            f"damaged, or it belongs to a run with another prior (architecture, sizes or vocabulary)."
-        ) from None
-    keep_optimizer_settings(schedules, settings)
-    step = checkpoint_step(checkpoint)
-    if step < max_train_steps:
-        set_aside_later_checkpoints(accelerator, args.output_dir, step)
-    return step
+    return load_training_state(accelerator, checkpoint, args.output_dir, max_train_steps, schedules)
 
 
 def main(args: argparse.Namespace) -> dict[str, float]:

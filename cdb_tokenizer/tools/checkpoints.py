@@ -21,6 +21,8 @@ from accelerate import Accelerator
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .messages import first_line
+
 
 logger = logging.getLogger(__name__)
 
@@ -205,3 +207,59 @@ def load_custom_state(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
         if not isinstance(state, dict):
             raise CheckpointError(f"{path / STATE_JSON} does not hold a JSON object; resume from another checkpoint.")
     return tensors, state
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Resuming (train.py and train_prior.py)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def optimizer_settings(schedules: list[tuple[str, torch.optim.Optimizer, object]]) -> list[tuple[list[float], list[dict]]]:
+    """This run's peak learning rates and optimiser hyperparameters (betas, weight decay, eps) of each (name,
+    optimiser, accelerate-prepared scheduler), before a checkpoint's optimiser and schedule states replace them."""
+    return [
+        (list(scheduler.scheduler.base_lrs),
+         [{key: value for key, value in group.items() if key not in ("params", "lr", "initial_lr")} for group in optimizer.param_groups])
+        for _, optimizer, scheduler in schedules
+    ]  # fmt: skip
+
+
+def keep_optimizer_settings(schedules: list[tuple[str, torch.optim.Optimizer, object]], settings: list) -> None:
+    """After a resume, train with this run's flags: a checkpoint's optimiser state carries the learning rate and
+    hyperparameters it was written with, which would silently win over e.g. a lower --learning_rate. The schedule
+    keeps its position; its peak becomes this run's rate."""
+    for (name, optimizer, scheduler), (peaks, hyperparameters) in zip(schedules, settings):
+        schedule = scheduler.scheduler
+        if list(schedule.base_lrs) != peaks:
+            logger.info(f"Resuming the {name} at learning rate {peaks[0]:g} (this run's flags); the checkpoint's was "
+                        f"{schedule.base_lrs[0]:g}. The schedule goes on from its step at the new peak.")  # fmt: skip
+        for group, old_peak, peak, settings_of_group in zip(optimizer.param_groups, schedule.base_lrs, peaks, hyperparameters):
+            group["lr"] = group["lr"] * peak / old_peak if old_peak else peak
+            group["initial_lr"] = peak
+            group.update(settings_of_group)
+        schedule.base_lrs = list(peaks)
+        schedule._last_lr = [group["lr"] for group in optimizer.param_groups]  # what get_last_lr() reports
+
+
+def load_training_state(
+    accelerator: Accelerator, path: str | Path, output_dir: str | Path, max_train_steps: int, schedules: list
+) -> int:
+    """Load a complete checkpoint's weights, optimiser, scheduler and random states into a run and return its step.
+
+    The run keeps its own learning rates and optimiser settings (`keep_optimizer_settings`); the later checkpoints of
+    an abandoned run are set aside only when this run trains past `path`; a damaged checkpoint, or one of another
+    configuration, is a one-line `CheckpointError`. `schedules`: (name, optimiser, accelerate-prepared scheduler)."""
+    settings = optimizer_settings(schedules)
+    try:
+        # accelerate reads the optimiser, scheduler and RNG states with torch.load(weights_only=True).
+        accelerator.load_state(str(path))
+    except Exception as error:  # noqa: BLE001 - damaged or tampered files, or another run's shapes
+        raise CheckpointError(
+            f"cannot resume from {path}: {type(error).__name__}: {first_line(error)[:300]}. The checkpoint is damaged "
+            f"or tampered with, or it belongs to a run with another configuration."
+        ) from None
+    keep_optimizer_settings(schedules, settings)
+    step = checkpoint_step(path)
+    if step < max_train_steps:  # later checkpoints are abandoned only by a run that trains past this one
+        set_aside_later_checkpoints(accelerator, output_dir, step)
+    return step
