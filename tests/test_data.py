@@ -169,3 +169,64 @@ def test_epoch_sampler_shards_and_resumes():
         EpochSampler(5, batch_size=3, num_replicas=2)
     with pytest.raises(ValueError, match="skip_batches must be in"):  # its length would go negative
         samplers[0].set_epoch(2, skip_batches=4)
+
+
+def test_image_folder_splits_only_on_train_validation_test_folders(tmp_path):
+    # datasets made a split of any name starting with a split keyword: class folders keyboards/, mice/,
+    # training_shoes/ trained on training_shoes/ alone (10 images dropped without a word); a stray test.png left
+    # no train split at all.
+    for label in ("keyboards", "mice", "training_shoes"):
+        _write_images(tmp_path / "classes" / label, 2)
+    Image.new("RGB", (8, 8)).save(tmp_path / "classes" / "test.png")
+    dataset = load_image_dataset(train_data_dir=str(tmp_path / "classes"))
+    assert len(dataset) == 7
+    _write_images(tmp_path / "splits" / "train" / "dev_boards", 3)
+    _write_images(tmp_path / "splits" / "validation" / "dev_boards", 2)
+    assert len(load_image_dataset(train_data_dir=str(tmp_path / "splits"))) == 3
+    assert len(load_image_dataset(train_data_dir=str(tmp_path / "splits"), split="validation")) == 2
+
+
+def test_images_inside_an_archive_are_read(tmp_path):
+    # datasets gives such images as paths like zip://image_0.png::/folder/images.zip (and Hub files as hf://...),
+    # which PIL cannot open: every image was "unreadable".
+    import zipfile
+
+    _write_images(tmp_path / "loose", 2)
+    with zipfile.ZipFile(tmp_path / "images.zip", "w") as archive:
+        for path in sorted((tmp_path / "loose").iterdir()):
+            archive.write(path, path.name)
+    image = decode_image({"bytes": None, "path": f"zip://image_1.png::{tmp_path / 'images.zip'}"})
+    assert image is not None and image.size == (48, 40)
+    assert np.array_equal(np.asarray(image), np.asarray(Image.open(tmp_path / "loose" / "image_1.png")))
+
+
+def test_a_streamed_hold_out_never_reaches_training_with_several_shards(tmp_path):
+    # take(n) / skip(n) ran before the stream was split over loader workers (or processes); each share then skipped
+    # its own first images: a held-out image was trained on and another never seen.
+    import argparse
+
+    import datasets
+    from accelerate import Accelerator
+
+    import training.train as train_script
+
+    features = datasets.Features({"image": datasets.Image()})
+    for part in range(2):
+        rows = []
+        for index in range(part * 6, part * 6 + 6):
+            buffer = io.BytesIO()
+            Image.fromarray(np.full((36, 36, 3), index * 20, dtype=np.uint8)).save(buffer, format="PNG")
+            rows.append({"bytes": buffer.getvalue(), "path": None})
+        datasets.Dataset.from_dict({"image": rows}, features=features).to_parquet(tmp_path / "data" / f"part{part}.parquet")
+    args = train_script.parse_args(["--dataset_name", str(tmp_path / "data"), "--streaming", "--max_train_steps", "3",
+                                    "--num_validation_images", "3", "--dataloader_num_workers", "2", "--resolution", "32",
+                                    "--random_crop_scale", "1", "1", "--train_batch_size", "1", "--model_preset", "tiny",
+                                    "--clip_model", "none", "--output_dir", str(tmp_path / "run")])  # fmt: skip
+    train, validation, _ = train_script.load_data(args, Accelerator(cpu=True))
+    loader, _ = train_script.build_train_loader(args, train, Accelerator(cpu=True))
+
+    def ids(pixel_values):
+        return sorted(round(float((image.mean() + 1) / 2 * 255) / 20) for image in pixel_values)
+
+    trained = sorted(index for batch in loader for index in ids(batch["pixel_values"]))
+    assert ids(validation) == [0, 1, 2] and trained == list(range(3, 12))

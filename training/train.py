@@ -50,7 +50,9 @@ from cdb_tokenizer.tools.data import (
     collate_images,
     decode_image,
     describe_image_value,
+    WithoutImages,
     fixed_crops,
+    image_key,
     load_image_dataset,
     sample_photos,
     train_transform,
@@ -261,7 +263,11 @@ def load_data(args: argparse.Namespace, accelerator: Accelerator):
         validation = _validation_split(args, source)
     if validation is None:  # hold images out of the training split
         if args.streaming:
-            validation, train = train.take(args.num_validation_images), train.skip(args.num_validation_images)
+            # Held out by content, not by position: a stream split over processes or loader workers skips per
+            # shard, so `skip(n)` dropped other images than the n held out (and trained on some of those).
+            validation = list(train.take(args.num_validation_images))
+            held_out = {image_key(item[args.image_column]) for item in validation}
+            train = train.filter(WithoutImages(held_out, args.image_column))
         else:
             if len(train) <= args.num_validation_images:
                 raise ValueError(f"the training split has {len(train)} images, too few to hold out {args.num_validation_images} for validation.")

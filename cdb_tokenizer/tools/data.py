@@ -127,7 +127,7 @@ def load_image_dataset(
             raise FileNotFoundError(f"train_data_dir {str(folder)!r} does not exist or is not a directory.")
         try:
             dataset = datasets.load_dataset(
-                "imagefolder", data_dir=str(folder), split=split, streaming=streaming, cache_dir=cache_dir
+                "imagefolder", data_files=imagefolder_files(folder), split=split, streaming=streaming, cache_dir=cache_dir
             )
         except (FileNotFoundError, datasets.exceptions.DataFilesNotFoundError) as error:
             raise FileNotFoundError(f"found no images in train_data_dir {str(folder)!r}: {error}") from error
@@ -153,11 +153,55 @@ def load_image_dataset(
     return dataset.cast_column(image_column, datasets.Image(decode=False))
 
 
+SPLIT_FOLDERS = ("train", "validation", "test")
+
+
+def imagefolder_files(folder: Path) -> dict[str, str]:
+    """The `data_files` of an image folder: its `train/`, `validation/` and `test/` sub-folders when it has a
+    `train/`, otherwise every image in it as `train`. (Left to itself, `datasets` also makes splits of any file or
+    folder whose name merely starts with a split keyword, e.g. `training_shoes/` or `test.png`, and drops the rest.)"""
+    if (folder / "train").is_dir():
+        return {name: str(folder / name / "**") for name in SPLIT_FOLDERS if (folder / name).is_dir()}
+    return {"train": str(folder / "**")}
+
+
 def _raise_if_unknown_split(error: ValueError, split: str, source: str) -> None:
     message = str(error)
     # datasets says "Unknown split ..." when downloading and "Bad split ..." when streaming.
     if message.startswith(("Unknown split", "Bad split")):
         raise SplitNotFoundError(f"{source} has no split {split!r}: {message}") from error
+
+
+def _local_or_remote(path: str):
+    """A local file path as it is; a path `datasets` gives for a file inside an archive or a remote repository
+    (`zip://000.png::/data/images.zip`, `hf://datasets/...`) read through `datasets`' fsspec opener (the file's bytes;
+    the image is still decoded, and its pixel budget checked, by PIL here)."""
+    if "://" not in path or os.path.exists(path):
+        return path
+    from datasets.utils.file_utils import xopen
+
+    with xopen(path, "rb") as handle:
+        return io.BytesIO(handle.read())
+
+
+def image_key(value) -> str:
+    """An identity of a data-set image value that does not depend on where it sits in a stream: a digest of its
+    bytes, else its path."""
+    if isinstance(value, dict) and value.get("bytes") is not None:
+        return hashlib.sha1(value["bytes"]).hexdigest()
+    if isinstance(value, dict) and value.get("path"):
+        return str(value["path"])
+    return hashlib.sha1(repr(value).encode()).hexdigest()
+
+
+class WithoutImages:
+    """A filter (picklable, for loader workers) keeping the examples whose image is not among `keys` (`image_key`)."""
+
+    def __init__(self, keys: set[str], image_column: str):
+        self.keys, self.image_column = keys, image_column
+
+    def __call__(self, example: dict) -> bool:
+        return image_key(example[self.image_column]) not in self.keys
 
 
 def decode_image(value, max_pixels: int | None = None, errors: list[Exception] | None = None) -> Image.Image | None:
@@ -179,7 +223,7 @@ def decode_image(value, max_pixels: int | None = None, errors: list[Exception] |
                 if value.get("bytes") is not None:
                     image = Image.open(io.BytesIO(value["bytes"]))
                 elif value.get("path"):
-                    image = Image.open(value["path"])
+                    image = Image.open(_local_or_remote(value["path"]))
                 else:
                     return None
             elif isinstance(value, (str, os.PathLike)):
