@@ -276,6 +276,8 @@ class CDBVQImageProcessor(BaseImageProcessor):
             new_size = (max(size.shortest_edge, round(height * scale)), max(size.shortest_edge, round(width * scale)))
         elif do_center_crop:
             scale = max(size.height / height, size.width / width)
+            image = _centre_to_keep(image, size.height / scale, size.width / scale, scale)
+            height, width = image.shape[-2:]
             new_size = (max(size.height, round(height * scale)), max(size.width, round(width * scale)))
         else:
             new_size = (size.height, size.width)
@@ -439,6 +441,20 @@ def _is_int(value: Any) -> bool:
 
 def _is_finite_number(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _centre_to_keep(image: torch.Tensor, keep_height: float, keep_width: float, scale: float) -> torch.Tensor:
+    """The centre of a `(C, H, W)` image that survives a resize by `scale` and a centre crop of `keep_height x
+    keep_width` source pixels, with a margin for the resampling filter: cut out before resizing when the rest is most
+    of the image. A strip far from the target's shape (2 x 100,000 pixels) would otherwise be scaled to cover the
+    target whole first: tens of GB for a few kilobytes of input. Images near the target's shape are left whole."""
+    height, width = image.shape[-2:]
+    margin = 2 * math.ceil(3 / min(scale, 1.0)) + 2  # the bicubic filter reaches 2 / scale source pixels when shrinking
+    keep_h, keep_w = min(height, math.ceil(keep_height) + margin), min(width, math.ceil(keep_width) + margin)
+    if 4 * keep_h * keep_w >= height * width:
+        return image
+    top, left = (height - keep_h) // 2, (width - keep_w) // 2
+    return image[..., top : top + keep_h, left : left + keep_w]
 
 
 def _to_resampling(resample: PILImageResampling | int) -> PILImageResampling:
