@@ -349,6 +349,7 @@ def test_model_config_file_then_flags(tmp_path):
         (["--max_train_samples", "2", "--validation_split", "x"], "--max_train_samples, --validation_split only apply"),
         # Deleting the run before resuming it left nothing to resume (every checkpoint gone).
         (["--overwrite_output_dir", "--resume_from_checkpoint", "latest"], "give one or the other"),
+        (["--train_data_dir", "/tmp", "--max_train_samples", "0"], "--max_train_samples must be a positive integer"),
     ],
 )
 def test_invalid_arguments_exit_with_a_message_naming_the_problem(argv, message, capsys):
@@ -388,6 +389,15 @@ def test_training_leaves_the_parsed_arguments_as_they_were(tmp_path):
     assert recorded["max_train_steps"] > 0 and recorded["skipped_validation_images"] == 0
 
 
+def test_epochs_round_up_to_whole_steps():
+    # One epoch of 3 batches with 8 accumulated per step gave 0 steps: an untrained model, saved without a word.
+    sampler = types.SimpleNamespace(batches_per_epoch=3)
+    args = types.SimpleNamespace(max_train_steps=None, num_train_epochs=1, gradient_accumulation_steps=8)
+    assert train_script.total_train_steps(args, sampler) == 1
+    args.num_train_epochs, args.gradient_accumulation_steps = 3, 2
+    assert train_script.total_train_steps(args, sampler) == 5  # 9 batches: 4.5 windows, the last one partial
+
+
 def test_kmeans_initialisation_reads_the_signal_features_with_code_roles(monkeypatch):
     # train.py's k-means init (several batches) must seed each role range from latents of its kind, as the
     # quantizer's own first-forward init does: it passes the batches' signal features on; without roles, none.
@@ -406,3 +416,18 @@ def test_kmeans_initialisation_reads_the_signal_features_with_code_roles(monkeyp
     assert seen[False][1] is None
     latents, signals = seen[True]
     assert signals is not None and signals.shape == (latents.shape[0], 3)
+
+
+def test_an_error_raised_in_a_loader_worker_is_still_one_line(capsys):
+    # With --dataloader_num_workers > 0 torch re-raises "Caught ValueError in DataLoader worker process 0." with the
+    # worker's whole traceback in the message: ~15 lines where the main process prints one.
+    from cdb_tokenizer.tools.messages import run_script
+
+    def failing_main():
+        raise ValueError("Caught ValueError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
+                         '  File "data.py", line 320, in __getitem__\nValueError: None of the training images can be read.\n')  # fmt: skip
+
+    with pytest.raises(SystemExit) as exit_info:
+        run_script(failing_main, ValueError)
+    assert exit_info.value.code == 1
+    assert capsys.readouterr().err == "error: ValueError: None of the training images can be read.\n"

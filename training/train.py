@@ -366,7 +366,9 @@ def total_train_steps(args: argparse.Namespace, sampler: EpochSampler | None) ->
     as parsed)."""
     if args.max_train_steps is not None:
         return args.max_train_steps
-    return args.num_train_epochs * sampler.batches_per_epoch // args.gradient_accumulation_steps
+    # Rounded up, and at least one: a floor gave fewer epochs than asked, and 0 steps (an untrained model, saved
+    # without a word) when an epoch held fewer batches than one accumulation window.
+    return max(1, math.ceil(args.num_train_epochs * sampler.batches_per_epoch / args.gradient_accumulation_steps))
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -17,7 +17,10 @@ def run_script(main, *errors: type[BaseException]) -> None:
     try:
         main()
     except errors as error:
-        print(f"error: {first_line(error) if isinstance(error, OSError) else error}", file=sys.stderr)
+        text = first_line(error) if isinstance(error, OSError) else str(error)
+        if "Original Traceback" in text:  # raised in a DataLoader worker: its own message is the last line
+            text = text.strip().splitlines()[-1]
+        print(f"error: {text}", file=sys.stderr)
         sys.exit(1)
 
 

@@ -302,7 +302,7 @@ def _check_training_args(args: argparse.Namespace) -> None:
     if args.train_data_dir is not None and not os.path.isdir(args.train_data_dir):
         raise FileNotFoundError(f"--train_data_dir {args.train_data_dir!r} does not exist or is not a directory.")
     positive = ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "validation_steps",
-                "checkpointing_steps", "num_validation_images", "resolution")  # fmt: skip
+                "checkpointing_steps", "num_validation_images", "resolution", "max_train_samples", "num_train_epochs")  # fmt: skip
     for name in positive:
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name} must be a positive integer, got {getattr(args, name)}.")
