@@ -82,6 +82,10 @@ def test_load_image_dataset_errors_name_the_problem(image_folder, tmp_path):
     (tmp_path / "notes" / "readme.txt").write_text("no pictures here")
     with pytest.raises(FileNotFoundError, match="found no images in train_data_dir"):
         load_image_dataset(train_data_dir=str(tmp_path / "notes"))
+    for label in ("cats", "dogs"):  # a class-labelled folder: `label` is a column, but not one of images
+        _write_images(tmp_path / "labelled" / label, 1)
+    with pytest.raises(ValueError, match=r"image_column 'label' .* holds ClassLabel\(names=\['cats', 'dogs'\]\), not images"):
+        load_image_dataset(train_data_dir=str(tmp_path / "labelled"), image_column="label")  # pyarrow's error before
 
 
 def test_streaming_folder_yields_undecoded_images(image_folder):

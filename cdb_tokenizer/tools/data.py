@@ -150,6 +150,12 @@ def load_image_dataset(
     columns = dataset.column_names
     if columns is not None and image_column not in columns:
         raise ValueError(f"image_column {image_column!r} is not a column of {source}; its columns are {list(columns)}.")
+    feature = (dataset.features or {}).get(image_column)
+    image_like = isinstance(feature, datasets.Image) or (
+        isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string", "binary", "large_binary")
+    )  # paths or encoded bytes cast to images; anything else cannot be one
+    if feature is not None and not image_like:
+        raise ValueError(f"image_column {image_column!r} of {source} holds {feature}, not images; its columns are {list(columns)}.")
     return dataset.cast_column(image_column, datasets.Image(decode=False))
 
 
