@@ -125,6 +125,7 @@ def test_encode_then_decode_gives_the_same_images_as_reconstruct(files, tmp_path
     pooled = peak_signal_noise_ratio(((expected_images + 1) / 2).clamp(0, 1), (pixel_values + 1) / 2, data_range=1.0)
     assert scores["all"] == pytest.approx(float(pooled), abs=1e-3)
     assert f"all {float(pooled):.2f}".split() in [line.split() for line in table.splitlines()]
+    assert scores["mean"] == pytest.approx(sum(scores["images"].values()) / len(scores["images"]))  # kept for scripts
 
 
 def test_console_script_and_dtype(files, tmp_path):
@@ -189,6 +190,39 @@ def test_inspect_reports_roles_usage_and_labels(files, capsys):
     assert top[0]["code"] == int(usage.argmax())
     labels = model.code_prototype_labels()
     assert all(code["label"] == labels[code["code"]] and code["label"] in LABELS for code in top)
+
+
+def test_a_model_saved_with_return_dict_false_still_works_with_every_command(files, tmp_path):
+    # config.return_dict decides what forward/encode return when the call does not; the tools must not care.
+    model = tiny_model()
+    model.config.return_dict = False
+    folder = _save_tokenizer(model, tmp_path / "tuple_model")
+    photo = _photos(files)[0]
+    assert main(["encode", photo, "--model", str(folder), "--out", str(tmp_path / "tokens.safetensors")]) == 0
+    assert main(["reconstruct", photo, "--model", str(folder), "--out", str(tmp_path / "reconstructed")]) == 0
+    assert main(["eval", "--model", str(folder), "--data", str(files["root"] / "photos")]) == 0
+
+
+def test_reconstruct_pools_images_of_several_sizes_by_their_pixels(files, tmp_path):
+    # A processor that does not resize keeps each image's size: the set's PSNR must weigh each by its pixels.
+    from torchmetrics.functional.image import peak_signal_noise_ratio
+
+    folder = tmp_path / "model"
+    tiny_model().save_pretrained(folder)
+    CDBVQImageProcessor(do_resize=False, do_center_crop=False).save_pretrained(folder)
+    small, large = tmp_path / "small.png", tmp_path / "large.png"
+    Image.open(_photos(files)[0]).resize((32, 32)).save(small)
+    Image.open(_photos(files)[1]).resize((64, 96)).save(large)
+    argv = ["reconstruct", str(small), str(large), "--model", str(folder), "--out", str(tmp_path / "out"), "--batch_size", "1"]
+    assert main(argv) == 0
+    scores = json.loads((tmp_path / "out" / "psnr.json").read_text())
+    squared = []
+    for name in ("small", "large"):
+        pair = np.asarray(Image.open(tmp_path / "out" / f"{name}.png")).astype(np.float64) / 255
+        half = pair.shape[1] // 2
+        squared.append(((pair[:, :half] - pair[:, half:]) ** 2).ravel())
+    pooled = 10 * np.log10(1 / np.concatenate(squared).mean())
+    assert scores["all"] == pytest.approx(pooled, abs=0.05)  # from the 8-bit PNGs, so not to the last digit
 
 
 def test_inspect_shows_no_placeholder_roles_or_prototype_ties(tmp_path, capsys):
@@ -707,3 +741,27 @@ def test_reconstruct_reads_each_image_once_and_leaves_no_staging(files, tmp_path
     assert sorted(map(str, reads)) == sorted(photos)
     assert sorted(p.name for p in out.iterdir()) == sorted([*(Path(p).stem + ".png" for p in photos), "psnr.json",
                                                            "reconstructions"])  # fmt: skip
+
+
+BASE_INSTALL_ONLY = """
+import sys
+for name in ("torchmetrics", "torch_fidelity", "datasets", "accelerate", "open_clip", "lpips", "matplotlib"):
+    sys.modules[name] = None  # the training extras: importing any of them fails
+from cdb_tokenizer.tools.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_encode_decode_reconstruct_and_inspect_need_only_the_base_install(files, tmp_path):
+    # docs/cli.md promises it; reconstruct once imported its PSNR from the evaluation tools (torchmetrics).
+    photo, model = _photos(files)[0], str(files["model"])
+    commands = [
+        ["encode", photo, "--model", model, "--out", str(tmp_path / "tokens.safetensors")],
+        ["decode", str(tmp_path / "tokens.safetensors"), "--out", str(tmp_path / "decoded")],
+        ["reconstruct", photo, "--model", model, "--out", str(tmp_path / "reconstructed")],
+        ["inspect", "--model", model],
+    ]
+    for argv in commands:
+        result = subprocess.run([sys.executable, "-c", BASE_INSTALL_ONLY, *argv], capture_output=True, text=True,
+                                timeout=300, check=False)  # fmt: skip
+        assert result.returncode == 0, (argv[0], result.stderr[-2000:])

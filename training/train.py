@@ -444,7 +444,7 @@ def initialize_codebook(args, model: CDBVQModel, batches, accelerator: Accelerat
     with eval_mode(model), accelerator.autocast():
         for batch in itertools.islice(batches, num_batches):
             pixel_values = batch["pixel_values"].to(accelerator.device)
-            encoded = model.encode(pixel_values)
+            encoded = model.encode(pixel_values, return_dict=True)
             latents.append(flatten_grid(encoded.latents).float())
             if encoded.signal_features is not None:  # with code roles: each range starts on latents of its kind
                 signals.append(flatten_grid(encoded.signal_features).float())
@@ -745,7 +745,7 @@ def validation_batches(pixel_values: torch.Tensor, batch_size: int) -> list[torc
 def reconstruct(model: CDBVQModel, pixel_values: torch.Tensor) -> torch.Tensor:
     """Reconstructions (on the CPU, float32) in eval mode, so the codebook statistics are left alone."""
     with eval_mode(model):
-        return model(pixel_values.to(device=model.device, dtype=model.dtype)).reconstruction.float().cpu()
+        return model(pixel_values.to(device=model.device, dtype=model.dtype), return_dict=True).reconstruction.float().cpu()
 
 
 def validate(model: CDBVQModel, validation: Validation, args, log: RunLog, step: int, ema: EMAWeights | None = None) -> dict:

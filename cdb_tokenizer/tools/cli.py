@@ -509,7 +509,7 @@ def encode_command(args: argparse.Namespace) -> None:
     grids = []
     with tqdm(total=len(paths), desc="encoding", unit="image") as progress:
         for _, pixel_values in image_batches(paths, args, processor, model):
-            grids.append(model.encode(pixel_values).image_tokens.cpu())
+            grids.append(model.encode(pixel_values, return_dict=True).image_tokens.cpu())
             progress.update(len(pixel_values))
     if len({tuple(grid.shape[1:]) for grid in grids}) > 1:
         raise CLIError("the images gave token grids of different sizes; use an image processor with a fixed size.")
@@ -726,14 +726,14 @@ def reconstruct_command(args: argparse.Namespace) -> None:
         raise CLIError(
             f"--role-map: {args.model} has no code roles (config.code_roles is empty), so there is no role map."
         )
-    from .evaluation import psnr_from_mse
+    from .scores import psnr_from_mse  # not .evaluation: reconstruct needs only the base install
 
-    scores, squared_errors = {}, []
+    scores, squared_errors, pixels = {}, [], []
     # All outputs or none: a bad image stops the command before any file is in place (and each is read once).
     with files.staged_files(out) as stage, tqdm(total=len(paths), desc="reconstructing", unit="image") as progress:
         for start, pixel_values in image_batches(paths, args, processor, model):
             # Through the tokens, as a prior's samples would be: the same images `encode` + `decode` give.
-            reconstruction = model.decode(model.encode(pixel_values).image_tokens).float()
+            reconstruction = model.decode(model.encode(pixel_values, return_dict=True).image_tokens).float()
             originals = to_unit_images(pixel_values, processor)
             reconstructions = to_unit_images(reconstruction, processor)
             pairs = processor.postprocess(torch.cat([pixel_values.float(), reconstruction], dim=-1)).pixel_values
@@ -743,13 +743,16 @@ def reconstruct_command(args: argparse.Namespace) -> None:
                 _write_role_maps(model, pixel_values, originals, out / "role_maps", batch_names, stage)
             for index, name in enumerate(batch_names):
                 squared_errors.append(float(((originals[index].double() - reconstructions[index].double()) ** 2).mean()))
+                pixels.append(originals[index].numel())
                 scores[name] = psnr_from_mse(squared_errors[-1])
                 pairs[index].save(stage(out / f"{name}.png"), format="PNG")  # original left, reconstruction right
                 singles[index].save(stage(out / "reconstructions" / f"{name}.png"), format="PNG")
             progress.update(len(pixel_values))
-        # Pooled over every pixel (the images share the model's resolution): `cdb-vq eval`'s definition for a set.
-        pooled = psnr_from_mse(sum(squared_errors) / len(squared_errors))
-        stage(out / "psnr.json").write_text(json.dumps({"images": scores, "all": pooled}, indent=2) + "\n")
+        # Pooled over every pixel (images of several sizes weigh by their size): `cdb-vq eval`'s definition for a
+        # set. `mean`, the mean of the per-image dBs, stays in psnr.json for scripts that read it.
+        pooled = psnr_from_mse(sum(e * n for e, n in zip(squared_errors, pixels)) / sum(pixels))
+        summary = {"images": scores, "all": pooled, "mean": sum(scores.values()) / len(scores)}
+        stage(out / "psnr.json").write_text(json.dumps(summary, indent=2) + "\n")
     rows = [(name, f"{value:.2f}") for name, value in scores.items()] + [("all", f"{pooled:.2f}")]
     print(format_table(["image", "PSNR (dB)"], rows))
     print(f"originals beside reconstructions in {out}, reconstructions alone in {out / 'reconstructions'}")
@@ -789,7 +792,7 @@ def restore_command(args: argparse.Namespace) -> None:
     # All outputs or none: a bad image stops the command before any file is in place (and each is read once).
     with files.staged_files(out) as stage, tqdm(total=len(paths), desc="restoring", unit="image") as progress:
         for start, pixel_values in image_batches(paths, args, processor, model):
-            restored = model.decode(model.encode(pixel_values).image_tokens).float()
+            restored = model.decode(model.encode(pixel_values, return_dict=True).image_tokens).float()
             for index, target in enumerate(targets[start : start + args.batch_size]):
                 processor.postprocess(restored[index : index + 1]).pixel_values[0].save(stage(target), format="PNG")
             progress.update(len(pixel_values))

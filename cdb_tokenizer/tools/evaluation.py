@@ -9,7 +9,6 @@ from __future__ import annotations
 import io
 import itertools
 import logging
-import math
 import os
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -24,6 +23,7 @@ from tqdm.auto import tqdm
 from .downloads import reachable
 from .files import replace_file
 from .messages import first_line
+from .scores import psnr_from_mse
 
 
 logger = logging.getLogger(__name__)
@@ -253,7 +253,7 @@ def evaluate(
         for batch in tqdm(first_batches(batches, max_batches), desc="evaluating", disable=not show_progress, leave=False):
             pixel_values = batch["pixel_values"] if isinstance(batch, dict) else batch
             pixel_values = pixel_values.to(device=device, dtype=dtype)
-            output = model(pixel_values)
+            output = model(pixel_values, return_dict=True)
             counts += torch.bincount(output.image_tokens.flatten(), minlength=counts.numel())
             original, reconstruction = to_unit_range(pixel_values), to_unit_range(output.reconstruction)
             psnr.update(reconstruction, original)
@@ -331,11 +331,6 @@ def save_reconstruction_grid(originals: torch.Tensor, reconstructions: torch.Ten
     path.parent.mkdir(parents=True, exist_ok=True)
     save_image(reconstruction_grid(originals, reconstructions), path)
     return path
-
-
-def psnr_from_mse(mse: float) -> float:
-    """PSNR (dB) of a mean squared error on the [0, 1] scale (torchmetrics' definition with data_range 1)."""
-    return math.inf if mse == 0 else 10 * math.log10(1.0 / mse)
 
 
 def psnr(images: torch.Tensor, targets: torch.Tensor) -> float:

@@ -336,7 +336,7 @@ def compute_losses(
         if grid_size is None:
             raise ValueError("compute_losses needs the token grid_size to resize the teacher's patch features.")
         teacher_features = teacher.patch_features(target, grid_size=grid_size)
-    output = model(pixel_values, teacher_features=teacher_features)
+    output = model(pixel_values, teacher_features=teacher_features, return_dict=True)
 
     terms = loss_module.reconstruction_terms(target, output.reconstruction)
     reconstruction_loss = loss_module.weighted_reconstruction(terms)
