@@ -3,7 +3,7 @@
 # 16,384 codes, the cdb router) on CUDA through training/train.py, then the encode/decode throughput of the result.
 #
 # Usage:
-#   bash benchmarks/gpu_smoke.sh [OUTPUT_DIR]          # on a CUDA machine (STEPS=150: ~1 min on one H200, measured)
+#   bash benchmarks/gpu_smoke.sh [OUTPUT_DIR]          # on a CUDA machine (default STEPS=200; 150 took ~1 min on one H200)
 #   bash benchmarks/gpu_smoke.sh --cpu [OUTPUT_DIR]    # dry check of the same script on a CPU: tiny and short
 #
 # Environment: STEPS (training steps), BATCH (images per step), THROUGHPUT_BATCH, THROUGHPUT_ITERS.

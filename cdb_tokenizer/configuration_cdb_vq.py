@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 
 from transformers import PretrainedConfig
 
@@ -188,7 +189,7 @@ class CDBVQConfig(PretrainedConfig):
         self.prototype_labels = list(prototype_labels) if listable else prototype_labels
         self.retie_prototypes = retie_prototypes
         # Ranges as lists (JSON's shape); anything but a mapping of ranges is kept as given, for validate_fields to name.
-        roles_are_ranges = isinstance(code_roles, dict) and all(isinstance(b, (list, tuple)) for b in code_roles.values())
+        roles_are_ranges = isinstance(code_roles, Mapping) and all(_is_range(b) for b in code_roles.values())
         self.code_roles = ({name: list(bounds) for name, bounds in code_roles.items()} if roles_are_ranges else code_roles) or None
         self.role_hidden_dim = role_hidden_dim
         self.role_supervision_weight = role_supervision_weight
@@ -307,8 +308,8 @@ class CDBVQConfig(PretrainedConfig):
             )
 
     def _validate_code_roles(self) -> None:
-        if not isinstance(self.code_roles, dict) or not all(
-            isinstance(name, str) and isinstance(bounds, (list, tuple)) and bounds for name, bounds in self.code_roles.items()
+        if not isinstance(self.code_roles, Mapping) or not all(
+            isinstance(name, str) and _is_range(bounds) and bounds for name, bounds in self.code_roles.items()
         ):
             raise ValueError(
                 f'code_roles must be None or a mapping of role names to [start, end) ranges, e.g. {{"structure": [0, 512], '
@@ -317,7 +318,7 @@ class CDBVQConfig(PretrainedConfig):
         position = 0
         for name in self.role_names:
             bounds = self.code_roles[name]
-            if not isinstance(bounds, (list, tuple)) or len(bounds) != 2 or not all(_is_int(bound) for bound in bounds) or bounds[0] != position or bounds[1] <= bounds[0]:
+            if len(bounds) != 2 or not all(_is_int(bound) for bound in bounds) or bounds[0] != position or bounds[1] <= bounds[0]:
                 raise ValueError(
                     f"code_roles must be [start, end) ranges that tile the codebook without gaps; "
                     f"role {name!r} has {bounds}, expected it to start at {position}."
@@ -325,6 +326,11 @@ class CDBVQConfig(PretrainedConfig):
             position = bounds[1]
         if position != self.codebook_size:
             raise ValueError(f"code_roles must add up to codebook_size ({self.codebook_size}), but they cover {position} codes.")
+
+
+def _is_range(value) -> bool:
+    """A [start, end) pair as a config may hold it: a list, a tuple or another sequence, never a string."""
+    return isinstance(value, Sequence) and not isinstance(value, (str, bytes))
 
 
 def _is_int(value) -> bool:

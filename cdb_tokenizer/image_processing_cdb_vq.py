@@ -522,7 +522,10 @@ def _target_hw(size: SizeDict) -> tuple[int, int]:
 
 
 def _plain(value: Any) -> Any:
-    """Statistics given as a NumPy array or a tensor, as the number or list of numbers they hold."""
+    """Statistics given as a NumPy array, a tensor, a NumPy scalar or a list of those, as the plain number or list
+    of numbers they hold (what a JSON config can store)."""
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
     return value.tolist() if hasattr(value, "tolist") else value
 
 

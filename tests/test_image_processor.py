@@ -513,7 +513,7 @@ def test_images_of_different_sizes_without_resize_name_the_sizes_and_the_fix(ast
 
 def test_statistics_may_be_arrays_or_tensors(tmp_path):
     statistics = [(np.array([0.5, 0.5, 0.5]), np.array([0.5, 0.5, 0.5])), (torch.tensor([0.5] * 3), torch.tensor(0.5)),
-                  (np.float32(0.5), np.float64(0.5))]  # fmt: skip
+                  (np.float32(0.5), np.float64(0.5)), (list(np.full(3, 0.5, np.float32)), [np.float32(0.5)] * 3)]  # fmt: skip
     for index, (mean, std) in enumerate(statistics):
         processor = CDBVQImageProcessor(image_mean=mean, image_std=std)
         pixel_values = processor(PIL.Image.new("RGB", (32, 32), (255, 0, 0)), return_tensors="pt").pixel_values

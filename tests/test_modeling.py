@@ -344,6 +344,13 @@ def test_invalid_config_values(overrides, message):
         tiny_config(**overrides)
 
 
+def test_code_roles_may_be_any_mapping_of_ranges():
+    from types import MappingProxyType
+
+    config = tiny_config(code_roles=MappingProxyType({"a": (0, 32), "b": [32, 64]}))  # a read-only mapping, tuples
+    assert config.code_roles == {"a": [0, 32], "b": [32, 64]} and type(config.code_roles) is dict  # JSON's shape
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [({"assignment": "Sinkhorn"}, "assignment must be one of"), ({"router_candidates": 0}, "router_candidates must be a positive")],

@@ -481,6 +481,11 @@ def test_a_prior_finds_its_local_tokenizer_from_any_working_directory(tokenizer,
     _, _, prior_config = load_prior(tmp_path / "work" / "outputs" / "prior")
     assert Path(prior_config["tokenizer"]) == (tmp_path / "work" / "outputs" / "tok").resolve()
     assert load_tokenizer(prior_config["tokenizer"])[0].config.codebook_size == 64
+    # A prior saved before the paths were relative to it kept the path as typed (from the working directory).
+    config_file = tmp_path / "work" / "outputs" / "prior" / "prior_config.json"
+    old = {key: value for key, value in json.loads(config_file.read_text()).items() if key != "tokenizer_relative_to_prior"}
+    config_file.write_text(json.dumps({**old, "tokenizer": "./outputs/tok"}))
+    assert load_prior(tmp_path / "work" / "outputs" / "prior")[2]["tokenizer"] == "./outputs/tok"
 
 
 def free_port() -> int:
@@ -555,6 +560,16 @@ def test_sampling_without_top_k_draws_from_every_code():
     prior = build_prior(vocabulary, 1, **TINY_PRIOR)  # untrained: close to uniform over the codes
     assert sample_image_tokens(prior, vocabulary, 3000, seed=0).unique().numel() > 200
     assert sample_image_tokens(prior, vocabulary, 3000, seed=0, top_k=10).unique().numel() <= 10
+    import logging
+
+    records, handler = [], logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("transformers").addHandler(handler)  # its own logger: it does not propagate
+    try:
+        sample_image_tokens(prior, vocabulary, 2, temperature=0)
+    finally:
+        logging.getLogger("transformers").removeHandler(handler)
+    assert not [r for r in records if "top_k" in r.getMessage()]  # greedy takes none: passing one made it warn
 
 
 @pytest.mark.parametrize("setting", [{"temperature": float("nan")}, {"temperature": float("inf")},
@@ -653,6 +668,9 @@ def test_resuming_another_priors_checkpoint_is_one_clear_error(tmp_path, fresh_a
     with pytest.raises(SystemExit):
         train_prior.parse_args(argv + ["--num_classes", "0"])
     assert "--num_classes must be at least 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # it deleted the run it was asked to resume, then trained from step 0
+        train_prior.parse_args(argv + ["--overwrite_output_dir", "--resume_from_checkpoint", "latest"])
+    assert "give one or the other" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

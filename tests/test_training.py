@@ -151,6 +151,15 @@ def test_a_resume_with_another_batch_size_says_the_data_order_changes(tmp_path, 
     assert "Resuming with train_batch_size 2 -> 3: the run re-enters the data at another batch" in caplog.text
 
 
+def test_a_checkpoint_of_another_folder_may_start_a_cleared_one(tmp_path):
+    # Only a checkpoint that --overwrite_output_dir would delete is refused with it.
+    for resume in ("latest", str(tmp_path / "run" / "checkpoints" / "checkpoint-2")):
+        with pytest.raises(SystemExit):
+            parse_args(PLAIN_RUN + ["--output_dir", str(tmp_path / "run"), "--overwrite_output_dir", "--resume_from_checkpoint", resume])
+    parse_args(PLAIN_RUN + ["--output_dir", str(tmp_path / "run"), "--overwrite_output_dir",
+                            "--resume_from_checkpoint", str(tmp_path / "other" / "checkpoints" / "checkpoint-2")])  # fmt: skip
+
+
 def test_fsdp_is_refused_before_any_work(tmp_path, monkeypatch):
     # On CPUs accelerate silently ran DDP for an FSDP config; on GPUs FSDP crashed or lost the codebook's updates.
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")

@@ -38,6 +38,7 @@ from cdb_tokenizer.tools.files import write_text
 from cdb_tokenizer.tools.messages import run_script
 from cdb_tokenizer.tools.runs import find_checkpoint, make_accelerator
 from cdb_tokenizer.tools.steps import micro_batch_seed
+from cdb_tokenizer.tools.train_args import check_output_dir_flags
 from cdb_tokenizer.tools.priors import (
     ARCHITECTURES,
     PriorCollator,
@@ -157,6 +158,10 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
             parser.error(f"--{name} must be at least 1, got {value}.")
     if not 0 < args.validation_split < 1:
         parser.error(f"--validation_split must be in (0, 1), got {args.validation_split}.")
+    try:
+        check_output_dir_flags(args)  # train.py's rule: never delete the run to resume
+    except ValueError as error:
+        parser.error(str(error))
     if args.num_classes is not None and args.num_classes < 1:  # 0 was read as "not given"
         parser.error(f"--num_classes must be at least 1 (or --unconditional), got {args.num_classes}.")
     if not 0 <= args.label_dropout <= 1:

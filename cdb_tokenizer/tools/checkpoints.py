@@ -234,7 +234,8 @@ def keep_optimizer_settings(schedules: list[tuple[str, torch.optim.Optimizer, ob
             logger.info(f"Resuming the {name} at learning rate {peaks[0]:g} (this run's flags); the checkpoint's was "
                         f"{schedule.base_lrs[0]:g}. The schedule goes on from its step at the new peak.")  # fmt: skip
         for group, old_peak, peak, settings_of_group in zip(optimizer.param_groups, schedule.base_lrs, peaks, hyperparameters):
-            group["lr"] = group["lr"] * peak / old_peak if old_peak else peak
+            if peak != old_peak:  # an unchanged rate is left bit for bit (x * p / p is not always x)
+                group["lr"] = group["lr"] * peak / old_peak if old_peak else peak
             group["initial_lr"] = peak
             group.update(settings_of_group)
         schedule.base_lrs = list(peaks)

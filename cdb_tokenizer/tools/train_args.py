@@ -13,6 +13,7 @@ import argparse
 import inspect
 import json
 import os
+from pathlib import Path
 
 from ..configuration_cdb_vq import CDBVQConfig
 from .degradations import canonical_spec
@@ -283,6 +284,20 @@ def args_without_sentinels(args: argparse.Namespace, config: dict) -> dict:
     return config
 
 
+def check_output_dir_flags(args: argparse.Namespace) -> None:
+    """Refuse --overwrite_output_dir with a --resume_from_checkpoint it would delete (`latest`, or a checkpoint
+    inside --output_dir); resuming another folder's checkpoint into a cleared one is allowed. (train.py and
+    train_prior.py.)"""
+    resume = args.resume_from_checkpoint
+    if not args.overwrite_output_dir or resume is None:
+        return
+    if resume == "latest" or Path(args.output_dir).resolve() in Path(resume).resolve().parents:
+        raise ValueError(
+            "--overwrite_output_dir deletes the checkpoints --resume_from_checkpoint would continue from: give one or "
+            "the other."
+        )
+
+
 def _check_training_args(args: argparse.Namespace) -> None:
     if args.train_data_dir is not None and args.dataset_name is not None:
         raise ValueError("give either --train_data_dir or --dataset_name, not both.")
@@ -294,11 +309,7 @@ def _check_training_args(args: argparse.Namespace) -> None:
                 f"{', '.join(ignored)} only apply to --train_data_dir or --dataset_name data; without data flags the "
                 f"run trains on the demo photos."
             )
-    if args.overwrite_output_dir and args.resume_from_checkpoint is not None:
-        raise ValueError(
-            "--overwrite_output_dir deletes the checkpoints --resume_from_checkpoint would continue from: give one or "
-            "the other."
-        )
+    check_output_dir_flags(args)
     if args.train_data_dir is not None and not os.path.isdir(args.train_data_dir):
         raise FileNotFoundError(f"--train_data_dir {args.train_data_dir!r} does not exist or is not a directory.")
     positive = ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "validation_steps",

@@ -187,15 +187,16 @@ def save_prior(
     tokenizer's folder or Hub id (what `sample_prior.py` decodes with) and the image size the tokens came from."""
     output_dir = Path(output_dir)
     prior.save_pretrained(output_dir)
-    if tokenizer is not None and Path(tokenizer).expanduser().is_dir():
+    local = tokenizer is not None and Path(tokenizer).expanduser().is_dir()
+    if local:
         # A local tokenizer is recorded relative to the prior's folder ("../tokenizer"): found from any working
         # directory, never mistaken for a Hub id, and no absolute local path in the config.
-        relative = os.path.relpath(Path(tokenizer).expanduser().resolve(), output_dir.resolve())
-        tokenizer = relative if relative.startswith("..") else f"./{relative}"
+        tokenizer = os.path.relpath(Path(tokenizer).expanduser().resolve(), output_dir.resolve())
     prior_config = {
         "vocabulary": vocabulary.to_dict(),
         "num_image_tokens": num_image_tokens,
         "tokenizer": tokenizer,
+        "tokenizer_relative_to_prior": local,
         "image_size": list(image_size) if image_size else None,
         **extra,
     }
@@ -215,7 +216,8 @@ def load_prior_config(name_or_path: str | Path, revision: str | None = None) -> 
             raise FileNotFoundError(f"{config_file} not found: {path} is not a prior saved by train_prior.py / save_prior.")
         prior_config = json.loads(config_file.read_text())
         tokenizer = prior_config.get("tokenizer")
-        if isinstance(tokenizer, str) and tokenizer.startswith(("./", "../")):  # recorded relative to this folder
+        # Recorded relative to this folder since 2026-11-30 (and marked so); earlier priors kept the path as typed.
+        if prior_config.get("tokenizer_relative_to_prior") is True and isinstance(tokenizer, str):
             prior_config["tokenizer"] = str((path / tokenizer).resolve())
         return prior_config, str(path)
     if isinstance(name_or_path, Path) or is_local_path(str(name_or_path)):

@@ -84,8 +84,9 @@ def sample_image_tokens(
         min_new_tokens=num_image_tokens,
         do_sample=temperature > 0,
         temperature=temperature if temperature > 0 else None,
-        # 0, not None: transformers reads an unset top_k as its default of 50, which kept only the 50 likeliest codes.
-        top_k=top_k if top_k is not None else 0,
+        # 0, not None, when sampling: transformers reads an unset top_k as its default of 50, which kept only the 50
+        # likeliest codes (greedy decoding takes none: it would warn that the flag is ignored).
+        top_k=(top_k or 0) if temperature > 0 else None,
         top_p=top_p,
         guidance_scale=guidance_scale if guided else None,
         bos_token_id=vocabulary.bos_token_id,
