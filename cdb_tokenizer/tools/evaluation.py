@@ -17,6 +17,7 @@ from urllib.parse import urlparse
 
 import torch
 from torch import nn
+from transformers import PreTrainedModel
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 from tqdm.auto import tqdm
 
@@ -253,7 +254,9 @@ def evaluate(
         for batch in tqdm(first_batches(batches, max_batches), desc="evaluating", disable=not show_progress, leave=False):
             pixel_values = batch["pixel_values"] if isinstance(batch, dict) else batch
             pixel_values = pixel_values.to(device=device, dtype=dtype)
-            output = model(pixel_values, return_dict=True)
+            # Any tokenizer whose forward gives `image_tokens` and `reconstruction`; ours asked for its output
+            # object, whatever its saved config.return_dict says.
+            output = model(pixel_values, return_dict=True) if isinstance(model, PreTrainedModel) else model(pixel_values)
             counts += torch.bincount(output.image_tokens.flatten(), minlength=counts.numel())
             original, reconstruction = to_unit_range(pixel_values), to_unit_range(output.reconstruction)
             psnr.update(reconstruction, original)
