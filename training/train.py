@@ -583,8 +583,11 @@ class RunState:
 
 
 def data_order(args: argparse.Namespace, accelerator: Accelerator) -> dict:
-    return {"train_batch_size": args.train_batch_size, "gradient_accumulation_steps": args.gradient_accumulation_steps,
-            "num_processes": accelerator.num_processes, "seed": args.seed}  # fmt: skip
+    order = {"train_batch_size": args.train_batch_size, "gradient_accumulation_steps": args.gradient_accumulation_steps,
+             "num_processes": accelerator.num_processes, "seed": args.seed, "max_train_samples": args.max_train_samples}  # fmt: skip
+    if args.streaming:  # a stream's order also depends on how it is sharded and shuffled
+        order.update(dataloader_num_workers=args.dataloader_num_workers, shuffle_buffer_size=args.shuffle_buffer_size)
+    return order
 
 
 def warn_if_data_order_changed(saved: dict | None, now: dict) -> None:
