@@ -688,3 +688,12 @@ def test_prior_scripts_report_input_mistakes_in_one_line(script, argv, message, 
         runpy.run_path(str(ROOT / "training" / f"{script}.py"), run_name="__main__")
     err = capsys.readouterr().err
     assert exit_info.value.code == 1 and "Traceback" not in err and message in err.strip().splitlines()[-1]
+
+
+def test_load_tokenizer_refuses_a_model_of_another_kind(tmp_path):
+    # It loaded a BERT folder as a cdb-vq model with every weight "missing" (random), and decoded noise.
+    from transformers import BertConfig, BertModel
+
+    BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="is a 'bert' model, not a cdb-vq tokenizer"):
+        load_tokenizer(str(tmp_path))

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoImageProcessor, AutoModel
+from transformers import AutoImageProcessor, AutoModel, PretrainedConfig
 
 from .messages import first_line
 
@@ -40,6 +40,12 @@ def load_tokenizer(
     from ..image_processing_cdb_vq import CDBVQImageProcessor
     from ..modeling_cdb_vq import CDBVQModel
 
+    # The config first, as data: a model of another kind would load as a cdb-vq model with every weight "missing",
+    # i.e. random, and decode noise without an error.
+    hub_keys = ("revision", "cache_dir", "token", "local_files_only", "subfolder")
+    config_dict, _ = PretrainedConfig.get_config_dict(name_or_path, **{k: kwargs[k] for k in hub_keys if k in kwargs})
+    if config_dict.get("model_type") != "cdb_vq":
+        raise ValueError(f"{name_or_path} is a {config_dict.get('model_type')!r} model, not a cdb-vq tokenizer.")
     # Only the caller's own `trust_remote_code` is passed on (never a literal True).
     model_class = AutoModel if trust_remote_code else CDBVQModel
     processor_class = AutoImageProcessor if trust_remote_code else CDBVQImageProcessor
