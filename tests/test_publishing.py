@@ -342,6 +342,20 @@ def test_a_card_names_no_teacher_when_none_ran(training_output, tmp_path):
     assert "CLIP teacher: none" in card.text and "ViT-B-16" not in card.text.split("## Training")[0]
 
 
+def test_private_strings_are_scrubbed_whole_not_out_of_other_words(training_output, tmp_path):
+    # A --cache_dir of "/data" was replaced inside the card's data set link: "huggingface.codatasets/...".
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(training_output, run)
+    config = json.loads((run / "training_config.json").read_text())
+    (run / "training_config.json").write_text(json.dumps({**config, "cache_dir": "/data"}))
+    staged = stage_folder(run, tmp_path / "repo", HUB_ID)
+    text = (staged / "README.md").read_text()
+    assert "https://huggingface.co/datasets/cdb-org/photos" in text and "huggingface.codatasets" not in text
+    assert "/data" not in json.dumps(json.loads((staged / "training_config.json").read_text()))
+
+
 def test_clip_teacher_hub_id():
     assert clip_teacher_hub_id("ViT-B-32", "laion2b_s34b_b79k") == "laion/CLIP-ViT-B-32-laion2B-s34B-b79K"
     assert clip_teacher_hub_id("hf-hub:someone/clip-model", None) == "someone/clip-model"

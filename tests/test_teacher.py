@@ -71,6 +71,9 @@ def test_local_checkpoint_gives_the_same_teacher(tiny_teacher, tmp_path):
     reloaded = load_clip_teacher(str(config), str(checkpoint))
     pixel_values = torch.rand(1, 3, 32, 32) * 2 - 1
     torch.testing.assert_close(reloaded.patch_features(pixel_values), tiny_teacher.patch_features(pixel_values))
+    # Its name (metrics.json, trackers, the model card) names local files by their base name: a folder with a space,
+    # "/home/John Smith/...", was not cut cleanly out of the free text later and leaked "John Smith".
+    assert reloaded.name == "tiny_clip.json (tiny_clip.pt)"
 
 
 def test_missing_weights_offline_give_none_and_one_line_without_download(monkeypatch, tmp_path, caplog):

@@ -497,7 +497,8 @@ def _scrub_staged_text(staging_dir: Path, private: list[str]) -> None:
             public = scrub_local_paths(HF_TOKEN.sub(REDACTED, secret))
             public = REDACTED if public == secret or not public else public  # a secret value: blanked
             for form in {secret, json.dumps(secret)[1:-1]}:  # as written, and JSON-escaped (Windows backslashes)
-                cleaned = cleaned.replace(form, public)
+                # Whole occurrences only: "/data" (a --cache_dir) must not be cut out of "huggingface.co/datasets".
+                cleaned = re.sub(rf"(?<![\w.]){re.escape(form)}(?!\w)", lambda _: public, cleaned)
         if cleaned != text:
             path.write_text(cleaned, encoding="utf-8")
 

@@ -272,7 +272,10 @@ def _resolve(model_name: str, pretrained: str | None, cache_dir: str | None) -> 
                 f"or the path of a model-config JSON file."
             )
         preprocess = {}
-    description = f"{model_name} ({pretrained or 'random weights'})"
+    # The teacher's name goes to metrics.json, the trackers and the model card: local files by their base name only
+    # (a folder such as "C:\\Users\\John Smith" is not cut cleanly out of free text later).
+    shown = [Path(text).name if text and os.path.isfile(text) else text for text in (model_name, pretrained)]
+    description = f"{shown[0]} ({shown[1] or 'random weights'})"
     if pretrained is None:
         return config, None, preprocess, description
     if pretrained.startswith(HF_HUB_PREFIX):
