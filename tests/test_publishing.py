@@ -249,7 +249,7 @@ def test_push_to_hub_token_from_environment_or_clear_error(training_output, monk
     monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
     monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
     monkeypatch.delenv("HF_TOKEN", raising=False)
-    with pytest.raises(RuntimeError, match="no Hugging Face token"):
+    with pytest.raises(ValueError, match="no Hugging Face token"):
         push_to_hub(training_output, HUB_ID)
 
     monkeypatch.setenv("HF_TOKEN", "hf_from_env")

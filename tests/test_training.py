@@ -279,10 +279,25 @@ def test_push_to_hub_hands_the_output_folder_to_publishing(tmp_path, monkeypatch
     calls = []
     publishing = types.ModuleType("cdb_tokenizer.tools.publishing")
     publishing.push_to_hub = lambda output_dir, hub_model_id, **kwargs: calls.append((output_dir, hub_model_id, kwargs))
+    publishing.check_push_settings = lambda hub_model_id, token=None: calls.append(("checked", hub_model_id)) or "token"
     monkeypatch.setitem(sys.modules, "cdb_tokenizer.tools.publishing", publishing)
     output_dir = tmp_path / "run"
     main(PLAIN_RUN + ["--output_dir", str(output_dir), "--max_train_steps", "1", "--push_to_hub", "--hub_model_id", "me/tok"])
-    assert calls == [(str(output_dir), "me/tok", {"private": False, "token": None})]
+    assert calls == [("checked", "me/tok"), (str(output_dir), "me/tok", {"private": False, "token": None})]
+
+
+def test_push_to_hub_without_a_token_stops_before_training(tmp_path, monkeypatch):
+    # The token and the repo id were first checked after training: hours of it, on a real run.
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
+    with pytest.raises(ValueError, match="no Hugging Face token"):
+        main(PLAIN_RUN + ["--output_dir", str(tmp_path / "run"), "--max_train_steps", "1", "--push_to_hub"])
+    with pytest.raises(ValueError, match="invalid hub_model_id 'run one'"):
+        main(PLAIN_RUN + ["--output_dir", str(tmp_path / "run one"), "--max_train_steps", "1", "--push_to_hub", "--hub_token", "hf_x"])
+    assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run one" / "checkpoints").exists()
 
 
 def test_bad_image_column_names_the_columns(tmp_path):

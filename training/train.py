@@ -154,6 +154,10 @@ def setup_run(args: argparse.Namespace) -> Accelerator:
     """The run's Accelerator and seed, and its output folder (refusing one that holds another run)."""
     accelerator = make_accelerator(args, Path(args.output_dir), kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     refuse_fsdp(accelerator)
+    if args.push_to_hub:  # a missing token or a bad repo id must not wait for the end of the training
+        from cdb_tokenizer.tools.publishing import check_push_settings
+
+        check_push_settings(args.hub_model_id or Path(args.output_dir).name, args.hub_token)
     if accelerator.mixed_precision == "fp16" and args.disc_weight > 0:
         # Both optimisers share accelerate's one gradient scaler: clipping unscales it twice (an error) and each
         # step's update() rescales the other's gradients. bf16 needs no scaler.

@@ -519,10 +519,7 @@ def push_to_hub(
     main when it does not exist. The token is `token`, else `HF_TOKEN` or the one saved by `hf auth login`.
     The staged folder is a temporary one unless `staging_dir` is given (then it is kept).
     """
-    _check_repo_id(hub_model_id)
-    token = token or get_token()
-    if not token:
-        raise RuntimeError("no Hugging Face token: pass --token, set HF_TOKEN, or log in with `hf auth login`.")
+    token = check_push_settings(hub_model_id, token)
     model_files(output_dir)  # a folder that cannot be published fails before anything is created on the Hub
     if staging_dir is not None:
         _check_staging_dir(Path(staging_dir))  # before the repository is created
@@ -542,6 +539,19 @@ def push_to_hub(
         )
 
 
+def check_push_settings(hub_model_id: str, token: str | None = None) -> str:
+    """The token a push will use, once `hub_model_id` is a valid repo id and a token is at hand (`token`, else
+    `HF_TOKEN` or `hf auth login`'s); train.py checks this before training, not after it."""
+    _check_repo_id(hub_model_id)
+    token = token or get_token()
+    if not token:
+        raise ValueError(
+            "no Hugging Face token: pass one (train.py --hub_token, publish.py --token), set HF_TOKEN, or log in with "
+            "`hf auth login`."
+        )
+    return token
+
+
 def _check_repo_id(hub_model_id: str) -> None:
     try:
         validate_repo_id(hub_model_id)
@@ -550,6 +560,7 @@ def _check_repo_id(hub_model_id: str) -> None:
 
 
 __all__ = [
+    "check_push_settings",
     "clip_teacher_hub_id",
     "codebook_summary",
     "model_files",
