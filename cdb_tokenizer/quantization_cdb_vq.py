@@ -348,9 +348,10 @@ class CDBVQRouter(nn.Module):
 
     def transport_cost(self, squared_distance: torch.Tensor, candidates: torch.Tensor | None = None) -> torch.Tensor:
         """`(||z - e_k||^2 - psi_k) / temperature` for all codes, or for the given (n, c) candidates."""
-        potentials = self.potentials if candidates is None else self.potentials[candidates]
-        # Multiply by a fresh reciprocal: autograd must not hold the buffer that training updates in place.
-        return (squared_distance - potentials) * self.temperature.reciprocal()
+        potentials = (self.potentials if candidates is None else self.potentials[candidates]).float()
+        # Multiply by a fresh reciprocal: autograd must not hold the buffer that training updates in place. In
+        # float32 even in a half-precision model: 1 / T overflows float16 below T = 1.5e-5 (every token one code).
+        return (squared_distance.float() - potentials) * self.temperature.float().reciprocal()
 
     def candidate_cost(self, latents: torch.Tensor, codes: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
         """Transport cost (n, c) of each latent to its candidate codes."""
@@ -832,7 +833,8 @@ class CDBVQQuantizer(nn.Module):
         a role has none of its kind, or without roles or signal features: then one pair of all codes)."""
         device = self.code_to_role.device
         everything = torch.arange(num_samples, device=device)
-        if not self.config.code_roles or signal_features is None:
+        # Kinds are known for the supervised role names only (structure / texture / colour); other names share one pool.
+        if not self.config.code_roles or signal_features is None or "structure" not in self.config.role_names:
             return [(torch.arange(self.codebook_size, device=device), everything)]
         targets = role_targets(all_gather_rows(signal_features.detach().float()), self.config).to(device)
         pools = []
@@ -870,12 +872,15 @@ class CDBVQQuantizer(nn.Module):
         dead = dead[self.usage[dead].argsort(stable=True)]
         restarted, picked = [], []
         generator = torch.Generator(device="cpu").manual_seed(seed)
+        # Every process draws the same (same gathered latents, same seed); rank 0's picks are broadcast all the same.
+        # Roles that fall back to the same pool (none of their kind in the batch) take distinct latents in turn.
+        taken = torch.zeros(samples.shape[0], dtype=torch.bool, device=samples.device)
         for codes, pool in self._role_pools(signal_features, samples.shape[0]):
-            role_dead = dead[torch.isin(dead, codes)][: pool.numel()]
+            free = pool[~taken[pool]]
+            role_dead = dead[torch.isin(dead, codes)][: free.numel()]
+            picks = free[torch.randperm(free.numel(), generator=generator)[: role_dead.numel()].to(free.device)]
+            taken[picks] = True
             restarted.append(role_dead)
-            picks = torch.zeros(role_dead.numel(), dtype=torch.long, device=pool.device)
-            if not is_distributed() or dist.get_rank() == 0:
-                picks = pool[torch.randperm(pool.numel(), generator=generator)[: role_dead.numel()].to(pool.device)]
             picked.append(picks)
         dead, picks = torch.cat(restarted), broadcast_(torch.cat(picked))
         if dead.numel() == 0:

@@ -466,3 +466,49 @@ def test_snapshot_and_restore_undo_every_change_of_the_quantizer_state():
     module.restore(snapshot)
     for name, value in module.state_dict().items():
         assert torch.equal(before[name], value), name
+
+
+def test_roles_without_the_supervised_names_train_and_restart():
+    # role_targets knows structure / texture / colour only: other names crashed the first training forward.
+    model = tiny_model(assignment="nearest", code_roles={"sky": [0, 32], "ground": [32, 64]}).train()
+    model(torch.rand(2, 3, 32, 32) * 2 - 1)
+    with torch.no_grad():
+        model.quantizer.usage.zero_()
+    restarted = model.quantizer.restart_dead_codes(torch.randn(64, 8), seed=0, signal_features=torch.rand(64, 3))
+    assert restarted == 64
+
+
+def test_restarts_with_roles_put_at_most_one_code_on_a_latent():
+    # Roles with none of their kind in the batch fall back to every latent; each drew from that pool on its own, and
+    # up to three codes landed on one latent (identical codes: all but one die again).
+    from cdb_tokenizer.tools.roles import three_role_ranges
+
+    model = tiny_model(assignment="cdb", code_roles=three_role_ranges(64))
+    model.quantizer.initialize_codebook(torch.randn(256, 8, generator=torch.Generator().manual_seed(0)))
+    with torch.no_grad():
+        model.quantizer.usage.zero_()  # every code dead
+    latents = torch.randn(40, 8, generator=torch.Generator().manual_seed(1)) + 50
+    restarted = model.quantizer.restart_dead_codes(latents, seed=0, signal_features=torch.zeros(40, 3))  # all structure
+    codes = model.quantizer.codebook.weight
+    on_latent = ((codes[:, None] - latents[None]).abs().amax(-1) < 1e-5).sum(0)
+    assert restarted == 40 and int(on_latent.max()) == 1
+
+
+def test_a_half_precision_router_with_a_tiny_temperature_routes_as_float32():
+    # 1 / T overflowed float16 below T = 1.5e-5: every token went to one code.
+    import copy
+
+    model = tiny_model(assignment="cdb").eval()
+    model.quantizer.initialize_codebook(torch.randn(512, 8, generator=torch.Generator().manual_seed(0)))
+    with torch.no_grad():
+        model.quantizer.router.temperature.fill_(1.4e-5)
+    half = copy.deepcopy(model).half()
+    reference = copy.deepcopy(model)
+    for name, value in half.quantizer.state_dict().items():  # the same rounded codes and router state, in float32
+        if value.is_floating_point():
+            reference.quantizer.state_dict()[name].copy_(value.float())
+    latents, features = torch.randn(2000, 8), torch.randn(2000, 32)
+    with torch.no_grad():
+        expected = reference.quantizer(latents, semantic_features=features).indices
+        tokens = half.quantizer(latents, semantic_features=features).indices
+    assert (tokens == expected).float().mean() > 0.99 and tokens.unique().numel() > 20
