@@ -952,7 +952,9 @@ def kmeans(samples: torch.Tensor, num_clusters: int, iterations: int, seed: int,
     centres = samples[picks.to(samples.device)].clone()
     if replace:
         # Duplicated samples would make identical (and forever tied) codes: spread them a little.
-        spread = samples.std(0, keepdim=True, correction=0).clamp_min(1e-4) * 0.01  # (one sample: no NaN)
+        # Relative to the samples' own scale too: an absolute 1e-6 is under float32's resolution for latents past ~8.
+        scale = torch.maximum(samples.std(0, keepdim=True, correction=0), 1e-3 * samples.abs().amax(0, keepdim=True))
+        spread = scale.clamp_min(1e-4) * 0.01  # (one sample: no NaN)
         centres += torch.randn(centres.shape, generator=generator).to(samples.device) * spread
     for _ in range(iterations):
         assignment = nearest_codes(samples, centres, max_entries)

@@ -265,9 +265,11 @@ def test_kmeans_with_fewer_samples_than_clusters_gives_distinct_centres():
     assert torch.unique(centres, dim=0).shape[0] == 32
 
 
-def test_kmeans_of_a_single_sample_gives_finite_distinct_centres():
+@pytest.mark.parametrize("scale", [1.0, 30.0, 100.0])
+def test_kmeans_of_a_single_sample_gives_finite_distinct_centres(scale):
     # A role range whose kind has one latent in the first batch: std over one row used to be NaN, and so the codes.
-    centres = kmeans(torch.randn(1, 4), num_clusters=12, iterations=10, seed=0, max_entries=10**6)
+    # Far from the origin an absolute spread of 1e-6 fell under float32's resolution: 4 of 12 distinct at 100.
+    centres = kmeans(torch.randn(1, 4) * scale, num_clusters=12, iterations=10, seed=0, max_entries=10**6)
     assert bool(torch.isfinite(centres).all())
     assert torch.unique(centres, dim=0).shape[0] == 12
 
