@@ -32,7 +32,9 @@ def load_tokenizer(
     """Load a cdb-vq tokenizer (model and image processor) from a folder or a Hub repo id, in eval mode.
 
     Without `trust_remote_code` (the default) this package's own classes load the weights, so no code that ships with
-    the folder or repository runs; with it, `AutoModel` / `AutoImageProcessor` use that code (`auto_map`).
+    the folder or repository runs; with it, `AutoModel` / `AutoImageProcessor` load them, and transformers then
+    prefers the classes this package registers (it is imported here): the repository's own code (`auto_map`) runs
+    only where the package is not installed.
     Without a saved image processor, a `CDBVQImageProcessor` at the model's `config.resolution` is used; a saved one
     that cannot be loaded (broken JSON, unknown values) is a `ValueError` naming its file, never the default.
     Extra keyword arguments (e.g. `revision`) go to `from_pretrained`.
