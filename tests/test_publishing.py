@@ -287,6 +287,14 @@ def test_prototype_labels_with_a_bar_keep_the_card_table(training_output, tmp_pa
     rows = [line for line in card.splitlines() if "dog" in line and line.startswith("|")]
     assert rows and all(r"dog \| cat" in row for row in rows)
 
+    # Labels with markup or a line break: a table row must stay one row, and `</details>` must not close the block.
+    model.set_prototypes(model.quantizer.prototypes.clone(), labels=["dog\ncat", "</details>", "__bg__"] + LABELS[3:])
+    model.save_pretrained(folder)
+    card = str(render_model_card(folder, HUB_ID))
+    assert card.count("</details>") == card.count("<details>") and "&lt;/details&gt;" in card
+    assert any(line.startswith("|") and "dog cat" in line for line in card.splitlines())
+    assert r"\_\_bg\_\_" in card
+
 
 def test_publish_script_passes_its_flags_through(training_output, tmp_path, capsys):
     spec = importlib.util.spec_from_file_location("publish_script", REPO_ROOT / "training" / "publish.py")

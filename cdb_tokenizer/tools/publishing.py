@@ -273,11 +273,16 @@ def code_report_summary(report: list[dict]) -> list[dict]:
 
 
 def _format_value(value: Any) -> str:
+    """A value as card text that keeps its table cell: one line, `|` escaped, and no markup of its own (a label
+    such as `</details>`, `<unk>` or `__background__` must read as written)."""
     if isinstance(value, float):
         return f"{value:.6g}"
     if isinstance(value, (list, dict)):
         value = json.dumps(value)
-    return str(value).replace("|", "\\|")
+    text = " ".join(str(value).split())  # newlines would end the table row
+    for character, escaped in (("&", "&amp;"), ("<", "&lt;"), (">", "&gt;")):
+        text = text.replace(character, escaped)
+    return re.sub(r"([|`*_\[\]\\])", r"\\\1", text)
 
 
 def _evaluation_rows(metrics: dict[str, Any], codebook_size: int) -> list[tuple[str, str]]:
@@ -381,7 +386,7 @@ def render_model_card(
         code_rows=code_report_summary(model.code_report()) if config.code_roles else [],
         role_names=config.role_names,
         prototype_rows=[{**row, "label": _format_value(row["label"])} for row in summary["prototypes"][:20]],
-        prototype_labels=config.prototype_labels or [],
+        prototype_labels=[_format_value(label) for label in config.prototype_labels or []],
         evaluation_rows=_evaluation_rows(metrics, config.codebook_size),
         figures=figures or {},
         teacher_model=public_config.get("clip_model") if teacher_ran else None,
