@@ -234,3 +234,18 @@ def test_a_streamed_hold_out_never_reaches_training_with_several_shards(tmp_path
 
     trained = sorted(index for batch in loader for index in ids(batch["pixel_values"]))
     assert ids(validation) == [0, 1, 2] and trained == list(range(3, 12))
+
+
+def test_an_unreadable_image_at_the_end_of_a_stream_is_counted():
+    # Skips rode on the next readable image: one after the share's last readable image was never counted.
+    import datasets
+
+    from cdb_tokenizer.tools.data import StreamingTrainImages
+
+    buffer = io.BytesIO()
+    sample_photos("skimage")[0].save(buffer, format="PNG")
+    rows = [{"bytes": buffer.getvalue(), "path": None}] * 3 + [{"bytes": b"not an image", "path": "broken.png"}]
+    stream = datasets.Dataset.from_dict({"image": rows}, features=datasets.Features({"image": datasets.Image(decode=False)}))
+    items = list(StreamingTrainImages(stream.to_iterable_dataset(), train_transform(32, (0.5, 1.0)), seed=0, shuffle_buffer=1))
+    assert len(items) == 3 and sum(item["skipped"] for item in items) == 1
+    assert [name for item in items for name in item["skipped_ids"]] == ["broken.png"]

@@ -391,7 +391,7 @@ class StreamingTrainImages(torch.utils.data.IterableDataset):
         if self.shuffle_buffer > 1:
             stream = stream.shuffle(seed=self.seed, buffer_size=self.shuffle_buffer)
             stream.set_epoch(self.epoch)
-        skipped, reported, skipped_ids = 0, 0, []
+        skipped, reported, skipped_ids, held = 0, 0, [], None
         # Positions restart at 0 in every process's and loader worker's share of the stream: their crops must differ.
         worker = torch.utils.data.get_worker_info()
         stream_seed = self.seed + 1_000_003 * (self.process_index * 1024 + (worker.id if worker is not None else 0))
@@ -410,8 +410,15 @@ class StreamingTrainImages(torch.utils.data.IterableDataset):
                     logger.warning("Skipping unreadable image %s.", describe_image_value(value))
                 continue
             pixel_values = seeded_call(self.transform, sample_seed(stream_seed, self.epoch, position), image)
-            yield {"pixel_values": pixel_values, "skipped": skipped, "skipped_ids": skipped_ids}
+            # Held back by one: unreadable files after the share's last readable image are counted on that image.
+            if held is not None:
+                yield held
+            held = {"pixel_values": pixel_values, "skipped": skipped, "skipped_ids": skipped_ids}
             skipped, skipped_ids = 0, []
+        if held is not None:
+            held["skipped"] += skipped
+            held["skipped_ids"] = held["skipped_ids"] + skipped_ids
+            yield held
 
 
 def collate_images(samples: list[dict]) -> dict:
