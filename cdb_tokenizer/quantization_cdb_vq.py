@@ -815,8 +815,12 @@ class CDBVQQuantizer(nn.Module):
         pools = self._role_pools(signal_features, samples.shape[0])
         centres = torch.empty(self.codebook_size, samples.shape[1], device=samples.device)
         if not is_distributed() or dist.get_rank() == 0:
-            for codes, pool in pools:
-                centres[codes] = kmeans(samples[pool], codes.numel(), iterations, seed, self.config.assignment_chunk_size)
+            for index, (codes, pool) in enumerate(pools):
+                # Ranges that fall back to all latents (none of their kind here) get their own seed: with one seed,
+                # ranges of equal size started as copies of each other.
+                shared = len(pools) > 1 and pool.numel() == samples.shape[0]
+                role_seed = seed + index if shared else seed
+                centres[codes] = kmeans(samples[pool], codes.numel(), iterations, role_seed, self.config.assignment_chunk_size)
         broadcast_(centres)
         nearest = nearest_codes(samples, centres, self.config.assignment_chunk_size)
         # Usage starts at the k-means cluster shares (identical everywhere: same samples, same centres), so a code

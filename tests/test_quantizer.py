@@ -514,3 +514,14 @@ def test_a_half_precision_router_with_a_tiny_temperature_routes_as_float32():
         expected = reference.quantizer(latents, semantic_features=features).indices
         tokens = half.quantizer(latents, semantic_features=features).indices
     assert (tokens == expected).float().mean() > 0.99 and tokens.unique().numel() > 20
+
+
+def test_role_ranges_without_latents_of_their_kind_do_not_start_as_copies():
+    model = tiny_model(assignment="cdb", code_roles={"structure": [0, 22], "texture": [22, 43], "colour": [43, 64]})
+    quantizer_module = model.quantizer
+    # Every latent of kind structure: texture and colour (21 codes each) both start from all latents.
+    quantizer_module.initialize_codebook(torch.randn(256, 8, generator=torch.Generator().manual_seed(0)),
+                                         signal_features=torch.zeros(256, 3))  # fmt: skip
+    codes = quantizer_module.codebook.weight
+    texture, colour = (model.config.code_roles[name] for name in ("texture", "colour"))
+    assert not torch.equal(codes[texture[0] : texture[1]], codes[colour[0] : colour[1]])
