@@ -31,6 +31,22 @@ def tiny_config(**overrides) -> CDBVQConfig:
     return CDBVQConfig(**{**TINY_CONFIG, **overrides})
 
 
+def image_folder(root, counts: dict[str, int], broken: dict[str, list[str]] | None = None):
+    """`root/<split>/<i>.png` flat grey images (shade 20 * i) for each split's count, plus the `broken` file names
+    (not images) per split. Returns `root`."""
+    import numpy as np
+    from PIL import Image
+
+    for split, count in counts.items():
+        folder = root / split
+        folder.mkdir(parents=True)
+        for index in range(count):
+            Image.fromarray(np.full((40, 40, 3), index * 20, dtype=np.uint8)).save(folder / f"{index}.png")
+        for name in (broken or {}).get(split, []):
+            (folder / name).write_bytes(b"not an image")
+    return root
+
+
 def tiny_model(seed: int = 0, **overrides) -> CDBVQModel:
     torch.manual_seed(seed)
     return CDBVQModel(tiny_config(**overrides))

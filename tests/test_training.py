@@ -22,7 +22,7 @@ if str(REPO) not in sys.path:
 import cdb_tokenizer.tools.steps as steps_module
 import training.train as train_script
 from cdb_tokenizer.tools.teacher import save_clip_config
-from conftest import tiny_model
+from conftest import image_folder, tiny_model
 from training.train import TrainingStopped, main, parse_args
 
 TINY_MODEL = ["--resolution", "32", "--base_channels", "16", "--channel_multipliers", "1", "2", "2", "--num_res_blocks", "1", "--norm_num_groups", "8", "--latent_dim", "16", "--codebook_size", "64", "--codebook_dim", "8", "--semantic_dim", "32", "--num_prototypes", "8", "--router_dim", "8"]
@@ -240,12 +240,7 @@ def test_losses_that_stay_nan_stop_cleanly_keeping_the_checkpoint(tmp_path, monk
 
 
 def test_image_folder_run_skips_unreadable_images_with_a_count(tmp_path):
-    for split, count in (("train", 8), ("validation", 2)):
-        folder = tmp_path / "data" / split
-        folder.mkdir(parents=True)
-        for index in range(count):
-            Image.fromarray(np.full((40, 40, 3), index * 20, dtype=np.uint8)).save(folder / f"{index}.png")
-        (folder / "broken.png").write_bytes(b"not an image")
+    image_folder(tmp_path / "data", {"train": 8, "validation": 2}, broken={"train": ["broken.png"], "validation": ["broken.png"]})
     metrics = main(PLAIN_RUN + ["--train_data_dir", str(tmp_path / "data"), "--output_dir", str(tmp_path / "run"),
                                 "--train_batch_size", "3", "--max_train_steps", "3", "--num_validation_images", "3"])  # fmt: skip
     # 9 training images, 3 batches of 3: one epoch, so the broken one is met exactly once.

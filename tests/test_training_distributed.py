@@ -8,9 +8,8 @@ from pathlib import Path
 
 import json
 
-import numpy as np
 import torch
-from PIL import Image
+from conftest import image_folder
 from safetensors.torch import load_file
 
 from cdb_tokenizer.tools.teacher import save_clip_config
@@ -65,13 +64,8 @@ def test_two_processes_end_with_identical_weights_and_codebooks(tmp_path):
 def test_a_checkpoint_keeps_the_unreadable_images_every_process_met(tmp_path):
     # Each process meets only its own batches' unreadable images; the checkpoint (written by the main process) used
     # to keep the main process's alone, so a resumed run counted fewer than the run had met.
-    for split, count in (("train", 8), ("validation", 2)):
-        folder = tmp_path / "data" / split
-        folder.mkdir(parents=True)
-        for index in range(count):
-            Image.fromarray(np.full((40, 40, 3), index * 20, dtype=np.uint8)).save(folder / f"{index}.png")
-        for index in range(4 if split == "train" else 0):  # each after a readable one: only its own draw meets it
-            (folder / f"{index}b.png").write_bytes(b"not an image")
+    # Each broken file sorts after a readable one: only the process that draws that position meets it.
+    image_folder(tmp_path / "data", {"train": 8, "validation": 2}, broken={"train": [f"{index}b.png" for index in range(4)]})
     worker = tmp_path / "worker.py"
     worker.write_text(WORKER.format(repo=str(REPO)))
     command = [
