@@ -249,3 +249,14 @@ def test_an_unreadable_image_at_the_end_of_a_stream_is_counted():
     items = list(StreamingTrainImages(stream.to_iterable_dataset(), train_transform(32, (0.5, 1.0)), seed=0, shuffle_buffer=1))
     assert len(items) == 3 and sum(item["skipped"] for item in items) == 1
     assert [name for item in items for name in item["skipped_ids"]] == ["broken.png"]
+
+
+def test_a_linked_sub_folder_is_named_since_its_images_are_not_used(tmp_path, caplog):
+    # datasets' file search does not follow links to folders: their images were dropped without a word.
+    _write_images(tmp_path / "data" / "real", 2)
+    _write_images(tmp_path / "elsewhere", 3)
+    (tmp_path / "data" / "linked").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    with caplog.at_level("WARNING"):
+        dataset = load_image_dataset(train_data_dir=str(tmp_path / "data"))
+    assert len(dataset) == 2
+    assert "sub-folders that are links are not followed" in caplog.text and "linked" in caplog.text

@@ -136,6 +136,13 @@ def load_image_dataset(
             if "corresponds to no data" in str(error):  # files there, but none an image (datasets' wording)
                 raise FileNotFoundError(f"found no images in train_data_dir {str(folder)!r} (split {split!r}).") from error
             raise
+        linked = _linked_folders(folder)
+        if linked:
+            logger.warning(
+                "train_data_dir %r: sub-folders that are links are not followed (datasets' file search skips them), so "
+                "their images are not used: %s. Copy them in, or link the image files themselves.",
+                str(folder), ", ".join(str(path.relative_to(folder)) for path in linked),
+            )  # fmt: skip
         source = f"train_data_dir {str(folder)!r}"
     else:
         try:
@@ -169,6 +176,20 @@ def imagefolder_files(folder: Path) -> dict[str, str]:
     if (folder / "train").is_dir():
         return {name: str(folder / name / "**") for name in SPLIT_FOLDERS if (folder / name).is_dir()}
     return {"train": str(folder / "**")}
+
+
+def _linked_folders(folder: Path, limit: int = 5) -> list[Path]:
+    """Up to `limit` sub-folders of `folder` that are symbolic links to folders (a walk of the folder tree that lists
+    entries without opening any file)."""
+    found, stack = [], [folder]
+    while stack and len(found) < limit:
+        with os.scandir(stack.pop()) as entries:
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append(Path(entry.path))
+                elif entry.is_symlink() and entry.is_dir():
+                    found.append(Path(entry.path))
+    return sorted(found[:limit])
 
 
 def _raise_if_unknown_split(error: ValueError, split: str, source: str) -> None:
