@@ -47,6 +47,15 @@ def image_folder(root, counts: dict[str, int], broken: dict[str, list[str]] | No
     return root
 
 
+def cli_error_line(capsys, command: str) -> str:
+    """The one error line of a refused `cdb-vq` command (and nothing that looks like a traceback)."""
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err, err
+    line = err.splitlines()[-1]
+    assert line.startswith(f"cdb-vq {command}: error: "), err
+    return line
+
+
 def tiny_model(seed: int = 0, **overrides) -> CDBVQModel:
     torch.manual_seed(seed)
     return CDBVQModel(tiny_config(**overrides))

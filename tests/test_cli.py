@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from cdb_tokenizer import CDBVQImageProcessor, CDBVQModel
 from cdb_tokenizer.tools.cli import main
 from cdb_tokenizer.tools.data import sample_photos
-from conftest import tiny_model
+from conftest import cli_error_line, tiny_model
 
 
 CODE_ROLES = {"structure": [0, 24], "texture": [24, 64]}
@@ -478,15 +478,6 @@ def test_inspect_codes_is_a_csv_or_json_file(files, tmp_path, capsys):
 # ------------------------------------------------------------------------------------------------ review fixes
 
 
-def _error(capsys, command: str) -> str:
-    """The one error line of a refused command (and nothing that looks like a traceback)."""
-    err = capsys.readouterr().err.strip()
-    assert "Traceback" not in err, err
-    line = err.splitlines()[-1]
-    assert line.startswith(f"cdb-vq {command}: error: "), err
-    return line
-
-
 def _restoration_model(files) -> Path:
     folder = files["root"] / "restoration_model"
     if not folder.exists():
@@ -527,7 +518,7 @@ def test_outputs_never_replace_the_inputs(files, tmp_path, capsys):
     ]
     for arguments, source in refused:
         assert main(arguments) == 1, arguments
-        line = _error(capsys, arguments[0])
+        line = cli_error_line(capsys, arguments[0])
         assert f"would replace the input {source}" in line, line
     assert {path: path.read_bytes() for path in original} == original
     assert not (victim / "reconstructions").exists() and not (victim / "psnr.json").exists()
@@ -548,7 +539,7 @@ def test_a_broken_image_processor_config_is_an_error_not_the_default(files, tmp_
     text = content if isinstance(content, str) else json.dumps({**json.loads(config.read_text()), **content})
     config.write_text(text)
     assert main(["inspect", "--model", str(folder)]) == 1
-    line = _error(capsys, "inspect")
+    line = cli_error_line(capsys, "inspect")
     assert f"{config}" in line and problem in line, line
     config.unlink()  # no saved processor at all: the default one at the model's resolution
     assert main(["encode", _photos(files)[0], "--model", str(folder), "--out", str(tmp_path / "t.safetensors")]) == 0
@@ -570,7 +561,7 @@ def test_a_broken_image_processor_config_is_an_error_not_the_default(files, tmp_
 def test_token_files_must_record_what_decode_checks(files, tmp_path, capsys, metadata, message):
     tokens = _tokens(files, tmp_path, **metadata)
     assert main(["decode", str(tokens), "--out", str(tmp_path / "decoded")]) == 1
-    assert message in _error(capsys, "decode")
+    assert message in cli_error_line(capsys, "decode")
     assert not (tmp_path / "decoded").exists()
 
 
@@ -590,7 +581,7 @@ def test_folders_made_inside_out_that_are_symbolic_links_are_refused(files, tmp_
     (out / link).symlink_to(elsewhere, target_is_directory=True)
     arguments = ["reconstruct", _photos(files)[0], "--model", str(files["model"]), "--out", str(out), "--role-map"]
     assert main(arguments) == 1
-    assert f"{out / link} is a symbolic link" in _error(capsys, "reconstruct")
+    assert f"{out / link} is a symbolic link" in cli_error_line(capsys, "reconstruct")
     assert not list(elsewhere.iterdir())
 
 
@@ -607,7 +598,7 @@ def test_out_may_be_a_link_to_a_folder(files, tmp_path):
 def test_decode_keeps_to_the_pixel_budget(files, tmp_path, capsys):
     tokens = _tokens(files, tmp_path)  # 8x8 tokens -> 32x32 = 1,024 pixels
     assert main(["decode", str(tokens), "--out", str(tmp_path / "d"), "--max_image_pixels", "1000"]) == 1
-    line = _error(capsys, "decode")
+    line = cli_error_line(capsys, "decode")
     assert "32x32 pixels" in line and "--max_image_pixels" in line, line
     assert not (tmp_path / "d").exists()
     assert main(["decode", str(tokens), "--out", str(tmp_path / "d"), "--max_image_pixels", "1024"]) == 0
@@ -620,7 +611,7 @@ def test_a_model_changed_since_encoding_is_named_as_such(files, tmp_path, capsys
     assert main(["encode", _photos(files)[0], "--model", str(folder), "--out", str(tokens)]) == 0
     shutil.copy(files["same_size_model"] / "model.safetensors", folder / "model.safetensors")  # retrained in place
     assert main(["decode", str(tokens), "--out", str(tmp_path / "d")]) == 1
-    line = _error(capsys, "decode")
+    line = cli_error_line(capsys, "decode")
     assert f"the model at {folder.resolve()} has changed since {tokens} was encoded" in line, line
 
 
@@ -643,7 +634,7 @@ def test_an_empty_output_path_is_refused(files, tmp_path, monkeypatch, capsys, a
     before = sorted(os.listdir("."))
     assert main([argument.format(**values) for argument in arguments]) == 1
     option = "--codes" if "--codes" in arguments else "--out"
-    assert f"{option} is empty" in _error(capsys, arguments[0])
+    assert f"{option} is empty" in cli_error_line(capsys, arguments[0])
     assert sorted(os.listdir(".")) == before
 
 
@@ -654,13 +645,13 @@ def test_the_size_hint_says_what_the_saved_processor_does(files, tmp_path, capsy
     processor.save_pretrained(folder)
     Image.open(_photos(files)[0]).resize((50, 50)).save(tmp_path / "odd.png")
     assert main(["encode", str(tmp_path / "odd.png"), "--model", str(folder), "--out", str(tmp_path / "t.st")]) == 1
-    line = _error(capsys, "encode")
+    line = cli_error_line(capsys, "encode")
     assert "50x50" in line and "does not resize" in line and "does, at its" not in line, line
     shortest = CDBVQImageProcessor(size={"shortest_edge": 32}, do_center_crop=False)
     shortest.save_pretrained(folder)
     Image.open(_photos(files)[0]).resize((40, 47)).save(tmp_path / "tall.png")  # 32 x 37 after the resize
     assert main(["encode", str(tmp_path / "tall.png"), "--model", str(folder), "--out", str(tmp_path / "t.st")]) == 1
-    line = _error(capsys, "encode")
+    line = cli_error_line(capsys, "encode")
     assert "shortest side to 32" in line and "aspect ratio" in line and "set a size divisible" not in line, line
 
 
@@ -670,7 +661,7 @@ def test_an_unusable_float_image_is_named_with_its_reason(files, tmp_path, capsy
     for name, reason in (("nan.tif", "NaN"), ("negative.tif", "must have values in [0, 1]")):
         out = str(tmp_path / "t.safetensors")
         assert main(["encode", str(tmp_path / name), "--model", str(files["model"]), "--out", out]) == 1
-        line = _error(capsys, "encode")
+        line = cli_error_line(capsys, "encode")
         assert name in line and reason in line and "broken or truncated" not in line, line
 
 
@@ -679,7 +670,7 @@ def test_a_fid_reference_that_is_not_safetensors_is_named(files, tmp_path, capsy
                  "--no-lpips", "--fid_feature_extractor", "random",
                  "--fid_reference", str(files["root"] / "notes.txt")]  # fmt: skip
     assert main(arguments) == 1
-    assert f"--fid_reference {files['root'] / 'notes.txt'}" in _error(capsys, "eval")
+    assert f"--fid_reference {files['root'] / 'notes.txt'}" in cli_error_line(capsys, "eval")
 
 
 def test_pickle_weights_are_refused_in_one_line_without_torch_warnings(files, tmp_path, capsys):
@@ -704,11 +695,11 @@ def test_tokenize_writes_only_a_new_empty_or_earlier_tokenize_folder(files, tmp_
     shutil.copytree(files["root"] / "photos", data / "images")
     base = ["tokenize", "--model", str(files["model"]), "--data", str(data), "--out"]
     assert main([*base, str(data / "tokens")]) == 1
-    assert "inside --data" in _error(capsys, "tokenize") and not (data / "tokens").exists()
+    assert "inside --data" in cli_error_line(capsys, "tokenize") and not (data / "tokens").exists()
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "todo.txt").write_text("mine")
     assert main([*base, str(tmp_path / "notes")]) == 1
-    assert "cdb_vq_tokens.json" in _error(capsys, "tokenize")
+    assert "cdb_vq_tokens.json" in cli_error_line(capsys, "tokenize")
     assert main([*base, str(tmp_path / "tokens")]) == 0
     assert main([*base, str(tmp_path / "tokens")]) == 0  # an earlier tokenize output is replaced
 
@@ -720,7 +711,7 @@ def test_reconstruct_writes_nothing_when_a_later_image_cannot_be_decoded(files, 
     arguments = [_photos(files)[0], str(truncated), "--model", str(files["model"]), "--out", str(out),
                  "--batch_size", "1"]  # fmt: skip
     assert main(["reconstruct", *arguments]) == 1
-    assert "truncated.png" in _error(capsys, "reconstruct")
+    assert "truncated.png" in cli_error_line(capsys, "reconstruct")
     assert not out.exists()
     assert main(["restore", *arguments[:3], str(_restoration_model(files)), *arguments[4:]]) == 1
     assert not out.exists()

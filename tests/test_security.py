@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from cdb_tokenizer import CDBVQImageProcessor
 from cdb_tokenizer.tools.cli import main
 from cdb_tokenizer.tools.data import decode_image, sample_photos
-from conftest import tiny_model
+from conftest import cli_error_line, tiny_model
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -74,14 +74,6 @@ def _malicious_folder(root: Path, name: str, model_type: str) -> Path:
     return folder
 
 
-def _error_line(capsys, command: str) -> str:
-    err = capsys.readouterr().err.strip()
-    assert "Traceback" not in err, err
-    line = err.splitlines()[-1]
-    assert line.startswith(f"cdb-vq {command}: error: "), err
-    return line
-
-
 # ------------------------------------------------------------------------------------------------ nothing runs
 
 
@@ -128,7 +120,7 @@ def test_token_file_metadata_never_runs_the_code_of_the_folder_it_names(root, tm
     assert (tmp_path / "a" / "p0.png").is_file() and not marker.exists()
     # Another kind of model: refused from its config.json read as data, before anything of it is loaded.
     assert main(["decode", str(_token_file(root, "t2.safetensors", model=str(evil_other))), "--out", str(tmp_path / "b")]) == 1
-    assert "'evil' model, not a cdb-vq tokenizer" in _error_line(capsys, "decode") and not marker.exists()
+    assert "'evil' model, not a cdb-vq tokenizer" in cli_error_line(capsys, "decode") and not marker.exists()
     # The same through --model, and for the other commands.
     assert main(["inspect", "--model", str(evil_other)]) == 1 and not marker.exists()
     assert main(["encode", str(root / "photos" / "p1.png"), "--model", str(evil_cdb), "--out", str(tmp_path / "t.safetensors")]) == 0
@@ -394,7 +386,7 @@ def test_cli_user_errors_are_one_line_without_a_traceback(root, tmp_path, capsys
     values["empty_tokens"] = _token_file(tmp_path, "empty.safetensors", torch.zeros(0, 8, 8, dtype=torch.int32))
     values["wrong_grid"] = _token_file(tmp_path, "grid.safetensors", torch.zeros(1, 4, 4, dtype=torch.int32))
     assert main([argument.format(**{k: str(v) for k, v in values.items()}) for argument in arguments]) == 1
-    assert message in _error_line(capsys, arguments[0])
+    assert message in cli_error_line(capsys, arguments[0])
     assert victim.read_text() == "precious"
 
 
