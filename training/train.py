@@ -47,10 +47,10 @@ from cdb_tokenizer.tools.data import (
     SplitNotFoundError,
     StreamingTrainImages,
     TrainImages,
+    WithoutImages,
     collate_images,
     decode_image,
     describe_image_value,
-    WithoutImages,
     fixed_crops,
     image_key,
     load_image_dataset,
@@ -573,8 +573,8 @@ class RunState:
     data_order: dict = field(default_factory=dict)
 
     @classmethod
-    def from_checkpoint(cls, step: int, saved: dict) -> RunState:
-        return cls(step, set(saved.get("skipped_image_ids", [])), int(saved.get("nonfinite_steps", 0)))
+    def from_checkpoint(cls, step: int, saved: dict, data_order: dict) -> RunState:
+        return cls(step, set(saved.get("skipped_image_ids", [])), int(saved.get("nonfinite_steps", 0)), data_order)
 
     def share_skipped_ids(self, accelerator: Accelerator) -> None:
         """Every process's unreadable images, on every process (each only meets those of its own batches)."""
@@ -628,18 +628,17 @@ def resume_or_initialize(args: argparse.Namespace, parts: TrainingParts, ema: EM
     """Resume from --resume_from_checkpoint (weights, optimisers, EMA and the loop's counts), or start afresh with
     the k-means initialisation of the codebook (and of its EMA copy)."""
     step, tensors, saved = resume(parts.accelerator, args, max_train_steps, _schedules(parts))
-    if ema is not None and step > 0:
-        ema.load_tensors(tensors, saved, source=args.resume_from_checkpoint)
+    order = data_order(args, parts.accelerator)
     if step > 0:
-        warn_if_data_order_changed(saved.get("data_order"), data_order(args, parts.accelerator))
-    if step == 0:
+        if ema is not None:
+            ema.load_tensors(tensors, saved, source=args.resume_from_checkpoint)
+        warn_if_data_order_changed(saved.get("data_order"), order)
+    else:
         model = parts.unwrapped
         initialize_codebook(args, model, batch_stream(train_loader, sampler), parts.accelerator, parts.teacher)
         if ema is not None:
             ema.copy_rows(model, "quantizer.codebook.weight", torch.arange(model.config.codebook_size))
-    state = RunState.from_checkpoint(step, saved)
-    state.data_order = data_order(args, parts.accelerator)
-    return state
+    return RunState.from_checkpoint(step, saved, order)
 
 
 def nothing_left_to_train(args: argparse.Namespace, accelerator: Accelerator, step: int, max_train_steps: int) -> dict:

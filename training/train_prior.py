@@ -447,10 +447,9 @@ def main(args: argparse.Namespace) -> dict[str, float]:
         skip_batches = 0
         micro_batch = 0
         for batch in batches:
-            if args.label_dropout > 0 and vocabulary.class_conditional:
-                seed = micro_batch_seed(args.seed, global_step, micro_batch, accelerator.process_index)
-                generator = torch.Generator().manual_seed(seed)
-                batch["input_ids"] = drop_class_labels(batch["input_ids"], vocabulary, args.label_dropout, generator)
+            seed = micro_batch_seed(args.seed, global_step, micro_batch, accelerator.process_index)
+            generator = torch.Generator().manual_seed(seed)  # (drop_class_labels draws nothing for an unconditional prior)
+            batch["input_ids"] = drop_class_labels(batch["input_ids"], vocabulary, args.label_dropout, generator)
             micro_batch += 1
             with accelerator.accumulate(prior):
                 loss = prior(**batch).loss

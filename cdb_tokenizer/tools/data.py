@@ -424,7 +424,7 @@ class StreamingTrainImages(torch.utils.data.IterableDataset):
                 # A file is named by its path; a value without one by its content (the order changes per epoch).
                 name = describe_image_value(value)
                 if name.startswith("<"):
-                    name = "<" + hashlib.sha1(repr(value).encode()).hexdigest()[:16] + ">"
+                    name = f"<{image_key(value)[:16]}>"
                 skipped_ids.append(name)
                 if reported < MAX_REPORTED_UNREADABLE:
                     reported += 1

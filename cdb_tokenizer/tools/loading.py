@@ -44,8 +44,7 @@ def load_tokenizer(
 
     # The config first, as data: a model of another kind would load as a cdb-vq model with every weight "missing",
     # i.e. random, and decode noise without an error.
-    hub_keys = ("revision", "cache_dir", "token", "local_files_only", "subfolder")
-    config_dict, _ = PretrainedConfig.get_config_dict(name_or_path, **{k: kwargs[k] for k in hub_keys if k in kwargs})
+    config_dict, _ = PretrainedConfig.get_config_dict(name_or_path, **_hub_options(kwargs))
     if config_dict.get("model_type") != "cdb_vq":
         raise ValueError(f"{name_or_path} is a {config_dict.get('model_type')!r} model, not a cdb-vq tokenizer.")
     # Only the caller's own `trust_remote_code` is passed on (never a literal True).
@@ -68,12 +67,17 @@ def load_tokenizer(
     return model, processor
 
 
+def _hub_options(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The `from_pretrained` keyword arguments that say where a file comes from (revision, cache, token, ...)."""
+    hub_keys = ("revision", "cache_dir", "token", "local_files_only", "subfolder")
+    return {key: kwargs[key] for key in hub_keys if key in kwargs}
+
+
 def _has_processor_config(name_or_path: str, kwargs: dict[str, Any]) -> bool:
     """Whether the folder or Hub repository has a saved image processor (only then is a broken one an error)."""
     from transformers.utils import cached_file
 
-    hub_keys = ("revision", "cache_dir", "token", "local_files_only", "subfolder")
-    hub_options = {key: kwargs[key] for key in hub_keys if key in kwargs}
+    hub_options = _hub_options(kwargs)
     found = cached_file(
         name_or_path, PROCESSOR_CONFIG, _raise_exceptions_for_missing_entries=False,
         _raise_exceptions_for_connection_errors=False, **hub_options,
