@@ -56,6 +56,27 @@ def cli_error_line(capsys, command: str) -> str:
     return line
 
 
+def hub_cache(cache, repo_id: str, snapshots: dict, refs: dict[str, str]):
+    """Lay out a Hugging Face cache on disk as huggingface_hub writes it: each `snapshots` entry (commit hash ->
+    folder) copied to blobs and linked from snapshots/<commit>/, and `refs` (branch -> commit). Returns `cache`."""
+    import os
+    import shutil
+
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    (repo / "blobs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs").mkdir(exist_ok=True)
+    for commit, folder in snapshots.items():
+        snapshot = repo / "snapshots" / commit
+        snapshot.mkdir(parents=True)
+        for file in folder.iterdir():
+            blob = repo / "blobs" / f"{commit}-{file.name}"
+            shutil.copy(file, blob)
+            (snapshot / file.name).symlink_to(os.path.relpath(blob, snapshot))
+    for branch, commit in refs.items():
+        (repo / "refs" / branch).write_text(commit)
+    return cache
+
+
 def tiny_model(seed: int = 0, **overrides) -> CDBVQModel:
     torch.manual_seed(seed)
     return CDBVQModel(tiny_config(**overrides))

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from cdb_tokenizer import CDBVQImageProcessor, CDBVQModel
 from cdb_tokenizer.tools.cli import main
 from cdb_tokenizer.tools.data import sample_photos
-from conftest import cli_error_line, tiny_model
+from conftest import cli_error_line, hub_cache, tiny_model
 
 
 CODE_ROLES = {"structure": [0, 24], "texture": [24, 64]}
@@ -756,3 +756,50 @@ def test_encode_decode_reconstruct_and_inspect_need_only_the_base_install(files,
         result = subprocess.run([sys.executable, "-c", BASE_INSTALL_ONLY, *argv], capture_output=True, text=True,
                                 timeout=300, check=False)  # fmt: skip
         assert result.returncode == 0, (argv[0], result.stderr[-2000:])
+
+
+OLD_COMMIT, NEW_COMMIT = "1" * 40, "2" * 40
+
+
+@pytest.fixture
+def offline_hub(files, tmp_path, monkeypatch):
+    """org/cdb-vq in an on-disk Hub cache, offline: `main` is a newer commit whose codebook differs from the old one."""
+    import huggingface_hub.constants
+
+    cache = hub_cache(
+        tmp_path / "hub", "org/cdb-vq", {OLD_COMMIT: files["model"], NEW_COMMIT: files["same_size_model"]},
+        {"main": NEW_COMMIT, "v1": OLD_COMMIT},
+    )  # fmt: skip
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    return "org/cdb-vq"
+
+
+def test_revision_pins_a_hub_model_and_decode_follows_the_recorded_commit(files, offline_hub, tmp_path, capsys):
+    photo = _photos(files)[:1]
+    tokens_file = tmp_path / "tokens.safetensors"
+    assert main(["encode", *photo, "--model", offline_hub, "--revision", "v1", "--out", str(tokens_file)]) == 0
+    with safe_open(str(tokens_file), framework="pt") as handle:
+        metadata, tokens = handle.metadata(), handle.get_tensor("image_tokens")
+    assert (metadata["model"], metadata["model_revision"]) == (offline_hub, OLD_COMMIT)  # the branch, resolved
+    _, expected_tokens, _ = _expected_reconstructions(files)  # the old commit's model, loaded from its folder
+    assert torch.equal(tokens.long(), expected_tokens[:1])
+    # decode loads the commit that encoded them, though main has moved on to another codebook ...
+    assert main(["decode", str(tokens_file), "--out", str(tmp_path / "decoded")]) == 0
+    capsys.readouterr()
+    # ... and refuses main's codebook when asked for it.
+    assert main(["decode", str(tokens_file), "--revision", "main", "--out", str(tmp_path / "main")]) == 1
+    line = cli_error_line(capsys, "decode")
+    assert f"encoded by {offline_hub} at commit {OLD_COMMIT}, and its revision {NEW_COMMIT} has another codebook" in line
+    assert main(["inspect", "--model", offline_hub, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["revision"] == NEW_COMMIT
+
+
+def test_revision_is_refused_for_a_local_folder_and_a_forged_one_in_a_token_file(files, tmp_path, capsys):
+    assert main(["inspect", "--model", str(files["model"]), "--revision", "v1"]) == 1
+    assert "--revision v1 applies to Hub models" in cli_error_line(capsys, "inspect")
+    forged = _tokens(files, tmp_path, model="org/cdb-vq", model_revision="../../../etc")
+    assert main(["decode", str(forged), "--out", str(tmp_path / "decoded")]) == 1
+    assert "records model_revision '../../../etc', not a commit hash" in cli_error_line(capsys, "decode")

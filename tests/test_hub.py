@@ -3,7 +3,6 @@
 import ast
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +13,7 @@ from transformers import AutoConfig, AutoImageProcessor, AutoModel
 
 import cdb_tokenizer
 from cdb_tokenizer import CDBVQImageProcessor, CDBVQModel
-from conftest import tiny_model
+from conftest import hub_cache, tiny_model
 
 
 PACKAGE_DIR = Path(cdb_tokenizer.__file__).parent
@@ -117,16 +116,7 @@ def test_remote_code_loads_where_the_package_is_not_installed(saved, tmp_path):
 def test_hub_id_loads_offline_from_a_cache_laid_out_on_disk(saved, tmp_path):
     folder, inputs, reference = saved
     revision = "0123456789abcdef0123456789abcdef01234567"
-    repo = tmp_path / "hub" / "models--org--cdb-vq"
-    snapshot = repo / "snapshots" / revision
-    (repo / "blobs").mkdir(parents=True)
-    snapshot.mkdir(parents=True)
-    for file in folder.iterdir():
-        blob = repo / "blobs" / f"blob-{file.name}"
-        shutil.copy(file, blob)
-        (snapshot / file.name).symlink_to(os.path.relpath(blob, snapshot))
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(revision)
+    hub_cache(tmp_path / "hub", "org/cdb-vq", {revision: folder}, {"main": revision})
     env = {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HOME": str(tmp_path / "home")}
     loaded = run_without_package("org/cdb-vq", inputs, tmp_path / "outputs.pt", env)
     assert torch.equal(loaded["tokens"], reference["tokens"])

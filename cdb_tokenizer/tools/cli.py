@@ -31,7 +31,7 @@ import traceback
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from PIL import Image, UnidentifiedImageError
@@ -44,6 +44,7 @@ from .messages import first_line
 
 TOKEN_FILE_FORMAT = "cdb-vq-tokens"
 TOKEN_FILE_VERSION = "1"
+COMMIT_HASH = re.compile(r"[0-9a-f]{40}")
 _NUMBER = re.compile(r"[-+]?(\d[\d.,]*|inf|nan)%?")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Images larger than this many pixels are refused before they are decoded (--max_image_pixels; 0: no limit).
@@ -53,6 +54,16 @@ _PIL_MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
 
 class CLIError(Exception):
     """A problem with the user's input, reported as one line and a non-zero exit."""
+
+
+class LoadedModel(NamedTuple):
+    """What `load_model` returns: the tokenizer, where it came from and which codebook it has."""
+
+    model: Any
+    processor: Any
+    model_id: str  # the Hub id, or the folder's absolute path
+    fingerprint: str  # `codebook_fingerprint` of the model as saved (before any dtype cast)
+    revision: str | None  # the Hub commit the files came from; None for a local folder
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -79,15 +90,20 @@ def codebook_fingerprint(model) -> str:
     return hashlib.sha256(codes.numpy().tobytes()).hexdigest()[:16]
 
 
-def load_model(name_or_path: str, device: str | None = None, dtype: str = "float32", trust_remote_code: bool = False):
+def load_model(
+    name_or_path: str,
+    device: str | None = None,
+    dtype: str = "float32",
+    trust_remote_code: bool = False,
+    revision: str | None = None,
+) -> LoadedModel:
     """Load a cdb-vq tokenizer from a local folder or a Hub repo id, in eval mode on `device` in `dtype`.
 
     The folder's `config.json` is read as plain JSON first, so a model of another kind is refused before anything of
     it is loaded. Without `trust_remote_code` the classes of this package load the weights: code shipped with the
-    folder or repository (`auto_map`) never runs.
-
-    Returns `(model, processor, model_id, fingerprint)`: `model_id` is the Hub id or the folder's absolute path, and
-    `fingerprint` is the codebook's `codebook_fingerprint` taken before the dtype cast.
+    folder or repository (`auto_map`) never runs. `revision` (a branch, tag or commit) applies to Hub ids only; the
+    commit it resolves to when config.json is fetched is the one every other file is loaded from, so a repository
+    updated meanwhile cannot mix two versions.
     """
     from huggingface_hub.errors import HFValidationError
     from huggingface_hub.utils import validate_repo_id
@@ -96,6 +112,8 @@ def load_model(name_or_path: str, device: str | None = None, dtype: str = "float
 
     device = resolve_device(device)
     path = Path(name_or_path).expanduser()
+    if revision is not None and (path.exists() or is_local_path(name_or_path)):
+        raise CLIError(f"--revision {revision} applies to Hub models; {name_or_path} is a local folder.")
     if path.exists():
         if not path.is_dir():
             raise CLIError(
@@ -119,14 +137,16 @@ def load_model(name_or_path: str, device: str | None = None, dtype: str = "float
             ) from None
         model_id = name_or_path
     # The config first, as data (one small file): a model of another kind is refused before its weights or code load.
-    model_type = _read_model_config(name_or_path, model_id).get("model_type")
+    config, revision = _read_model_config(name_or_path, model_id, revision)
+    model_type = config.get("model_type")
     if model_type != "cdb_vq":
         raise CLIError(f"--model {name_or_path} is a {model_type!r} model, not a cdb-vq tokenizer.")
     try:
         with _held_transformers_logs() as records, warnings.catch_warnings():
             # torch's warning about a pickle's protocol is several lines, and the error below says what matters.
             warnings.filterwarnings("ignore", message=".*weights_only", category=UserWarning)
-            model, processor = load_tokenizer(model_id, trust_remote_code=trust_remote_code)
+            hub_options = {} if revision is None else {"revision": revision}
+            model, processor = load_tokenizer(model_id, trust_remote_code=trust_remote_code, **hub_options)
     except Exception as error:  # noqa: BLE001 - missing, corrupt or mismatched weights, bad config values, Hub errors
         if "ignore_mismatched_sizes" in str(error) or "size mismatch" in str(error):
             # transformers' message points at its LOAD REPORT table (held back): name the weights that do not fit.
@@ -141,7 +161,12 @@ def load_model(name_or_path: str, device: str | None = None, dtype: str = "float
     _show_log_records(records)  # e.g. the table of weights missing from the file: the model loads, the warning stays
     fingerprint = codebook_fingerprint(model)
     model.to(device=device, dtype=DTYPES[dtype])
-    return model, processor, model_id, fingerprint
+    return LoadedModel(model, processor, model_id, fingerprint, revision)
+
+
+def load_model_of(args: argparse.Namespace) -> LoadedModel:
+    """`load_model` with a command's --model, --device, --dtype, --trust-remote-code and --revision."""
+    return load_model(args.model, args.device, args.dtype, args.trust_remote_code, args.revision)
 
 
 @contextlib.contextmanager
@@ -201,15 +226,18 @@ def _weight_misfits(model_id: str) -> list[str]:
     ]
 
 
-def _read_model_config(name: str, model_id: str) -> dict:
-    """The model's config.json as plain JSON (never through a config class, which may be remote code)."""
+def _read_model_config(name: str, model_id: str, revision: str | None = None) -> tuple[dict, str | None]:
+    """The model's config.json as plain JSON (never through a config class, which may be remote code), and for a Hub
+    id the commit it came from (the cache keeps each commit's files in a folder named by its hash)."""
     try:
         if Path(model_id).is_dir():
             config_file = Path(model_id) / "config.json"
         else:
             from huggingface_hub import hf_hub_download
 
-            config_file = Path(hf_hub_download(model_id, "config.json"))
+            config_file = Path(hf_hub_download(model_id, "config.json", revision=revision))
+            if COMMIT_HASH.fullmatch(config_file.parent.name):
+                revision = config_file.parent.name
         config = json.loads(config_file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise CLIError(f"--model {name}: config.json is not valid JSON ({first_line(error)}).") from None
@@ -217,7 +245,7 @@ def _read_model_config(name: str, model_id: str) -> dict:
         raise CLIError(f"could not load model {name!r}: {first_line(error)}") from None
     if not isinstance(config, dict):
         raise CLIError(f"--model {name}: config.json does not hold a JSON object.")
-    return config
+    return config, revision
 
 
 def check_image_files(paths: Sequence[str], max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> list[Path]:
@@ -505,7 +533,7 @@ def encode_command(args: argparse.Namespace) -> None:
     paths = check_image_files(args.images, args.max_image_pixels)
     out = check_output_file(args.out)
     refuse_overwriting_inputs([out], paths)
-    model, processor, model_id, fingerprint = load_model(args.model, args.device, args.dtype, args.trust_remote_code)
+    model, processor, model_id, fingerprint, revision = load_model_of(args)
     grids = []
     with tqdm(total=len(paths), desc="encoding", unit="image") as progress:
         for _, pixel_values in image_batches(paths, args, processor, model):
@@ -527,6 +555,7 @@ def encode_command(args: argparse.Namespace) -> None:
         "image_height": str(height),
         "image_width": str(width),
         "images": json.dumps(unique_names(paths)),
+        **({"model_revision": revision} if revision else {}),
     }
     replace_file(out, lambda path: save_file({"image_tokens": tokens}, str(path), metadata=metadata))
     print(f"wrote {tokens.shape[0]} images x {tokens.shape[1]}x{tokens.shape[2]} tokens to {out}")
@@ -627,19 +656,21 @@ def decode_command(args: argparse.Namespace) -> None:
     targets = [out / f"{name}.png" for name in names]
     refuse_overwriting_inputs(targets, [Path(args.tokens)])
     check_targets(targets)
+    # A Hub model is loaded at the commit that encoded the tokens, unless --model or --revision says otherwise.
+    revision = args.revision or (None if args.model else _recorded_revision(args.tokens, metadata))
     if not args.model:
         # The file's word is followed only as far as load_model goes for --model: a folder or Hub id whose
         # config.json says cdb_vq, loaded by this package's classes (its code runs only with --trust-remote-code).
-        print(f"decoding with the model recorded in {args.tokens}: {model_name}", file=sys.stderr)
+        at = f" at {revision}" if revision else ""
+        print(f"decoding with the model recorded in {args.tokens}: {model_name}{at}", file=sys.stderr)
     try:
-        model, processor, model_id, fingerprint = load_model(
-            model_name, args.device, args.dtype, args.trust_remote_code
-        )
+        loaded = load_model(model_name, args.device, args.dtype, args.trust_remote_code, revision)
     except CLIError as error:
         if args.model:
             raise
         raise CLIError(f"the model recorded in {args.tokens} cannot be loaded ({error}); pass --model.") from None
-    _check_token_source(args.tokens, tokens, metadata, numbers, model, model_name, model_id, fingerprint)
+    model, processor = loaded.model, loaded.processor
+    _check_token_source(args.tokens, tokens, metadata, numbers, loaded, model_name)
     device = next(model.parameters()).device
     with tqdm(total=len(tokens), desc="decoding", unit="image") as progress:
         for start in range(0, len(tokens), args.batch_size):
@@ -651,20 +682,34 @@ def decode_command(args: argparse.Namespace) -> None:
     print(f"wrote {len(tokens)} images to {out}")
 
 
+def _recorded_revision(tokens_file: str, metadata: dict[str, str]) -> str | None:
+    """The Hub commit `encode` recorded for its model: a 40-digit hash (a file that says anything else was edited)."""
+    revision = metadata.get("model_revision")
+    if revision is not None and not COMMIT_HASH.fullmatch(revision):
+        raise CLIError(f"{tokens_file} records model_revision {revision!r}, not a commit hash; the file was modified.")
+    return revision
+
+
 def _check_token_source(
-    tokens_file: str, tokens: torch.Tensor, metadata: dict[str, str], numbers: dict[str, int], model,
-    model_name: str, model_id: str, fingerprint: str,
+    tokens_file: str, tokens: torch.Tensor, metadata: dict[str, str], numbers: dict[str, int], loaded: LoadedModel,
+    model_name: str,
 ) -> None:
-    """Refuse tokens that `model` did not make: another codebook size or fingerprint, an image size its
+    """Refuse tokens that the loaded model did not make: another codebook size or fingerprint, an image size its
     downsampling factor does not give, ids outside its codebook. A file without a fingerprint (only decoded with a
     --model the user chose) gets a warning instead of the fingerprint check."""
+    model, fingerprint = loaded.model, loaded.fingerprint
     size, recorded = model.config.codebook_size, metadata.get("codebook_fingerprint")
     differs = f"{numbers['codebook_size']} codes" if numbers["codebook_size"] != size else None
     if differs is None and recorded not in (None, fingerprint):
         differs = f"codebook fingerprint {recorded}"
     if differs:
-        source = metadata.get("model")
-        if source == model_id:  # the very folder (or Hub id) that encoded them, edited or retrained since
+        source, encoded_at = metadata.get("model"), metadata.get("model_revision")
+        if source == loaded.model_id and encoded_at not in (None, loaded.revision):
+            raise CLIError(
+                f"{tokens_file} was encoded by {source} at commit {encoded_at}, and its revision {loaded.revision} "
+                f"has another codebook ({size} codes, fingerprint {fingerprint}); decode without --revision."
+            )
+        if source == loaded.model_id:  # the very folder (or Hub id) that encoded them, edited or retrained since
             raise CLIError(
                 f"the model at {source} has changed since {tokens_file} was encoded (the file records {differs}, "
                 f"the model has {size} codes and fingerprint {fingerprint}); re-encode the images."
@@ -721,7 +766,7 @@ def reconstruct_command(args: argparse.Namespace) -> None:
     targets = [folder / f"{name}.png" for name in names for folder in folders] + [out / "psnr.json"]
     refuse_overwriting_inputs(targets, paths)
     check_targets(targets)
-    model, processor, _, _ = load_model(args.model, args.device, args.dtype, args.trust_remote_code)
+    model, processor, *_ = load_model_of(args)
     if args.role_map and not model.config.code_roles:
         raise CLIError(
             f"--role-map: {args.model} has no code roles (config.code_roles is empty), so there is no role map."
@@ -782,7 +827,7 @@ def restore_command(args: argparse.Namespace) -> None:
     targets = [out / f"{name}.png" for name in unique_names(paths)]
     refuse_overwriting_inputs(targets, paths)
     check_targets(targets)
-    model, processor, _, _ = load_model(args.model, args.device, args.dtype, args.trust_remote_code)
+    model, processor, *_ = load_model_of(args)
     trained_on = getattr(model.config, "restoration_degradation", None)
     if not trained_on:
         raise CLIError(
@@ -880,7 +925,7 @@ def eval_command(args: argparse.Namespace) -> None:
         check_output_file(args.fid_reference, "reference.safetensors", "--fid_reference")
     if out is not None and Path(args.data).expanduser().is_dir():
         refuse_overwriting_inputs([out], _files_under(Path(args.data).expanduser()))
-    model, processor, _, _ = load_model(args.model, args.device, args.dtype, args.trust_remote_code)
+    model, processor, *_ = load_model_of(args)
     device = next(model.parameters()).device
     if args.resolution is not None:  # shorter side to N, then the centre N x N crop
         factor = model.config.downsampling_factor
@@ -946,14 +991,14 @@ def inspect_command(args: argparse.Namespace) -> None:
     from .publishing import code_report_summary, codebook_summary
 
     codes = _check_codes_file(args.codes) if args.codes is not None else None
-    model, _, model_id, fingerprint = load_model(args.model, args.device, args.dtype, args.trust_remote_code)
+    model, _, model_id, fingerprint, revision = load_model_of(args)
     summary = codebook_summary(model, top_k=args.top)
     report = model.code_report()
     code_summary = code_report_summary(report)
     if codes is not None:
         _write_code_report(report, codes)
     if args.json:
-        print(json.dumps({"model": model_id, "codebook_fingerprint": fingerprint, **summary, "code_report_summary": code_summary}, indent=2))
+        print(json.dumps({"model": model_id, "revision": revision, "codebook_fingerprint": fingerprint, **summary, "code_report_summary": code_summary}, indent=2))
         return
     grid_height, grid_width = summary["token_grid"]
     size, factor = summary["resolution"], summary["downsampling_factor"]
@@ -966,6 +1011,7 @@ def inspect_command(args: argparse.Namespace) -> None:
                 ("image -> tokens", f"{size}x{size} -> {grid_height}x{grid_width} (x{factor})"),
                 ("dead codes", f"{summary['dead_codes']} of {summary['codebook_size']}"),
                 ("codebook fingerprint", fingerprint),
+                *([("revision", revision)] if revision else []),
             ],
         )
     )
@@ -1046,7 +1092,7 @@ def tokenize_command(args: argparse.Namespace) -> None:
     if args.max_images is not None:
         dataset = dataset.select(range(min(args.max_images, len(dataset))))
     out = _check_tokenize_folder(args.out, args.data)
-    model, processor, _, fingerprint = load_model(args.model, args.device, args.dtype, args.trust_remote_code)
+    model, processor, _, fingerprint, _ = load_model_of(args)
     total = len(dataset)
     try:  # unreadable (or over-budget) images are skipped and counted as they are tokenised: each is read once
         tokenized = tokenize_dataset(
@@ -1157,6 +1203,11 @@ def build_parser() -> argparse.ArgumentParser:
             action="store_true",
             help="run the Python code a model folder or Hub repository ships (auto_map); off by default: this "
             "package's own classes load the weights",
+        )
+        command.add_argument(
+            "--revision",
+            default=None,
+            help="branch, tag or commit of a Hub model (default: main; decode: the commit recorded in the token file)",
         )
         command.add_argument("--debug", action="store_true", help="show the full traceback of an error")
         command.set_defaults(function=function)
