@@ -450,3 +450,14 @@ def test_an_error_raised_in_a_loader_worker_is_still_one_line(capsys):
         run_script(failing_main, ValueError)
     assert exit_info.value.code == 1
     assert capsys.readouterr().err == "error: ValueError: None of the training images can be read.\n"
+
+
+def test_cdb_vq_debug_shows_the_traceback_of_a_one_line_error(monkeypatch):
+    from cdb_tokenizer.tools.messages import run_script
+
+    def failing_main():
+        raise ValueError("a bug that happens to be a ValueError")
+
+    monkeypatch.setenv("CDB_VQ_DEBUG", "1")
+    with pytest.raises(ValueError, match="a bug that happens"):  # raised as it is, traceback and all
+        run_script(failing_main, ValueError)

@@ -11,9 +11,14 @@ def first_line(error: BaseException) -> str:
 
 def run_script(main, *errors: type[BaseException]) -> None:
     """Run a training script's `main()`: an error of the kinds given (mistakes in the inputs, clean stops) is one
-    line on stderr and exit status 1, since its message names the problem and a stack trace would not help."""
+    line on stderr and exit status 1, since its message names the problem and a stack trace would not help.
+    `CDB_VQ_DEBUG=1` in the environment shows the full traceback instead (an error of those kinds may be a bug)."""
+    import os
     import sys
 
+    if os.environ.get("CDB_VQ_DEBUG", "").strip() not in ("", "0"):
+        main()
+        return
     try:
         main()
     except errors as error:
