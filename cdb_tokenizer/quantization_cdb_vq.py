@@ -893,6 +893,9 @@ class CDBVQQuantizer(nn.Module):
         return int(dead.numel())
 
     def _replace_codes(self, indices: torch.Tensor, new_codes: torch.Tensor, usage: torch.Tensor | float) -> None:
+        if self.router is not None:
+            # A new code's potential was learned for the old one's cell (a second k-means initialisation included).
+            self.router.potentials[indices] = 0.0
         if self.router is not None and indices.numel() < self.codebook_size:
             # A revived code inherits the router key of the live code nearest to it, so the router scores it
             # like its neighbourhood instead of never picking it.
@@ -902,7 +905,6 @@ class CDBVQQuantizer(nn.Module):
             if alive_ids.numel():
                 nearest = alive_ids[nearest_codes(new_codes, self.codes()[alive_ids], self.config.assignment_chunk_size)]
                 self.router.code_keys[indices] = self.router.code_keys[nearest]
-            self.router.potentials[indices] = 0.0
         self.codebook.weight[indices] = new_codes.to(self.codebook.weight.dtype)
         self.ema_embed_sum[indices] = new_codes.to(self.ema_embed_sum.dtype)
         self.ema_cluster_size[indices] = 1.0

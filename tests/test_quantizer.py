@@ -260,6 +260,14 @@ def test_kmeans_initialisation_places_codes_on_the_data():
     torch.testing.assert_close(module.ema_embed_sum, module.codebook.weight)
 
 
+def test_a_second_kmeans_initialisation_starts_the_potentials_afresh():
+    module = quantizer(assignment="cdb")
+    module.initialize_codebook(clustered_latents(1000))
+    module.router.potentials.uniform_(-0.5, 0.5)  # learned for the first codebook's cells
+    module.initialize_codebook(clustered_latents(1000, seed=1))
+    assert torch.equal(module.router.potentials, torch.zeros_like(module.router.potentials))
+
+
 def test_kmeans_with_fewer_samples_than_clusters_gives_distinct_centres():
     centres = kmeans(torch.randn(10, 4), num_clusters=32, iterations=3, seed=0, max_entries=10**6)
     assert torch.unique(centres, dim=0).shape[0] == 32
