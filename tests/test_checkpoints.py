@@ -207,3 +207,37 @@ def test_secrets_never_reach_the_training_config_or_the_trackers(tmp_path, caplo
     assert secret.encode() not in written
     assert json.loads((output_dir / "training_config.json").read_text()).get("hub_token") is None
     assert "--hub_token on the command line" in caplog.text
+
+
+def test_a_random_state_file_that_cannot_be_read_safely_is_refused_not_skipped(straight, tmp_path):
+    # accelerate skips a random-state file it cannot read (info-level log): the resume would silently stop being exact.
+    import pickle
+    import shutil
+
+    output_dir = tmp_path / "run"
+    shutil.copytree(straight, output_dir)
+    checkpoint = output_dir / "checkpoints" / "checkpoint-2"
+    states = checkpoint / "random_states_0.pkl"
+    states.write_bytes(pickle.dumps({"random_state": Path("not-a-state")}))  # not tensors or arrays
+    manifest = json.loads((checkpoint / MANIFEST).read_text())
+    manifest["files"]["random_states_0.pkl"] = states.stat().st_size
+    (checkpoint / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match=r"random_states_0.pkl cannot be read safely .*damaged or tampered"):
+        main(RUN + ["--output_dir", str(output_dir), "--resume_from_checkpoint", str(checkpoint)])
+
+
+@pytest.mark.parametrize("variable, kind", [("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")])
+def test_resuming_where_accelerate_would_unpickle_the_checkpoint_is_refused(monkeypatch, variable, kind):
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from cdb_tokenizer.tools.checkpoints import refuse_pickled_states
+
+    refuse_pickled_states(SimpleNamespace(distributed_type=DistributedType.MULTI_CPU))  # DDP reads weights only
+    monkeypatch.setenv(variable, "true")
+    with pytest.raises(CheckpointError, match=f"resuming under {kind} is not supported: .* read with pickle"):
+        refuse_pickled_states(SimpleNamespace(distributed_type=DistributedType.NO))
+    monkeypatch.delenv(variable)
+    with pytest.raises(CheckpointError, match=f"resuming under {kind}"):
+        refuse_pickled_states(SimpleNamespace(distributed_type=getattr(DistributedType, variable.split("_")[-1])))

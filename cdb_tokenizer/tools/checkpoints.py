@@ -242,6 +242,37 @@ def keep_optimizer_settings(schedules: list[tuple[str, torch.optim.Optimizer, ob
         schedule._last_lr = [group["lr"] for group in optimizer.param_groups]  # what get_last_lr() reports
 
 
+def refuse_pickled_states(accelerator: Accelerator) -> None:
+    """Resuming is safe only where accelerate reads a checkpoint with `weights_only=True` (one process, DDP): FSDP's
+    sharded states come with a pickled `.metadata` (torch.distributed.checkpoint) and DeepSpeed loads its files with
+    `weights_only=False`, so a checkpoint from elsewhere could run code. Refused, naming the way out."""
+    from accelerate.utils import DistributedType
+
+    kind = {DistributedType.FSDP: "FSDP", DistributedType.DEEPSPEED: "DeepSpeed"}.get(accelerator.distributed_type)
+    for name, variable in (("FSDP", "ACCELERATE_USE_FSDP"), ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED")):
+        if os.environ.get(variable, "false").lower() in ("1", "true", "yes"):
+            kind = kind or name
+    if kind:
+        raise CheckpointError(
+            f"resuming under {kind} is not supported: its checkpoints are read with pickle, which can run code from "
+            f"the files. Resume with one process or DDP, or start a new run."
+        )
+
+
+def _check_random_states(path: Path) -> None:
+    """accelerate swallows a random-state file it cannot read (and the run silently loses its exact resume); read it
+    as it does (tensors and NumPy arrays only) and name it when that fails."""
+    from accelerate.utils.other import load
+
+    try:
+        load(path)
+    except Exception as error:  # noqa: BLE001 - tampered or damaged pickles
+        raise CheckpointError(
+            f"cannot resume from {path.parent}: {path.name} cannot be read safely ({type(error).__name__}: "
+            f"{first_line(error)[:200]}); the checkpoint is damaged or tampered with."
+        ) from None
+
+
 def load_training_state(
     accelerator: Accelerator, path: str | Path, output_dir: str | Path, max_train_steps: int, schedules: list
 ) -> int:
@@ -250,6 +281,10 @@ def load_training_state(
     The run keeps its own learning rates and optimiser settings (`keep_optimizer_settings`); the later checkpoints of
     an abandoned run are set aside only when this run trains past `path`; a damaged checkpoint, or one of another
     configuration, is a one-line `CheckpointError`. `schedules`: (name, optimiser, accelerate-prepared scheduler)."""
+    refuse_pickled_states(accelerator)
+    random_states = Path(path) / f"random_states_{accelerator.process_index}.pkl"
+    if random_states.exists():
+        _check_random_states(random_states)
     settings = optimizer_settings(schedules)
     try:
         # accelerate reads the optimiser, scheduler and RNG states with torch.load(weights_only=True).
