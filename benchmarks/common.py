@@ -236,10 +236,13 @@ def write_report(name: str, text: str) -> Path:
 
 def command_line() -> str:
     """The command that produced a report, as a user would type it from the repository root (quoted: it pastes
-    back into a shell as it ran)."""
+    back into a shell as it ran), with local paths outside the repository cut to their last part (reports are
+    committed and published)."""
+    from cdb_tokenizer.tools.redaction import scrub_local_paths
+
     script = Path(sys.argv[0]).resolve()
     try:
         script = script.relative_to(REPO_ROOT)
     except ValueError:
-        pass
-    return shlex.join(["python", str(script), *sys.argv[1:]])
+        script = Path(script.name)
+    return shlex.join(["python", str(script), *scrub_local_paths(sys.argv[1:])])

@@ -27,6 +27,9 @@ def test_command_line_pastes_back_as_it_ran(load, monkeypatch):
     argv = [str(BENCHMARKS / "quality.py"), "--set", 'code_roles={"a": [0, 8]}', "--output", "my report.md"]
     monkeypatch.setattr(sys, "argv", argv)
     assert shlex.split(common.command_line()) == ["python", "benchmarks/quality.py", *argv[1:]]
+    # Reports are committed: a local path outside the repository keeps only its last part.
+    monkeypatch.setattr(sys, "argv", [str(BENCHMARKS / "speed.py"), "--output", "/home/alice/out/speed.md"])
+    assert shlex.split(common.command_line()) == ["python", "benchmarks/speed.py", "--output", "speed.md"]
 
 
 def test_write_report_replaces_the_file_whole(load, tmp_path):

@@ -273,6 +273,23 @@ def test_a_busy_staging_folder_stops_before_the_repo_is_created(training_output,
     create_repo.assert_not_called()  # no empty repository left on the Hub
 
 
+def test_an_auto_map_that_names_a_file_elsewhere_publishes_nothing(training_output, tmp_path):
+    # transformers keeps a foreign auto_map through load and save: a path in it would upload that file.
+    import shutil
+
+    secret = tmp_path / "elsewhere" / "secret_module.py"
+    secret.parent.mkdir()
+    secret.write_text("API_KEY = 'private'\n")
+    output = tmp_path / "output"
+    shutil.copytree(training_output, output)
+    config = json.loads((output / "config.json").read_text())
+    config["auto_map"]["AutoModel"] = f"{secret.with_suffix('')}.CDBVQModel"
+    (output / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="auto_map names .*secret_module.CDBVQModel', not a module of"):
+        stage_folder(output, tmp_path / "staged", HUB_ID)
+    assert not list((tmp_path / "staged").rglob("secret_module.py"))
+
+
 def test_prototype_labels_with_a_bar_keep_the_card_table(training_output, tmp_path):
     from cdb_tokenizer import CDBVQModel
     from cdb_tokenizer.tools.publishing import render_model_card

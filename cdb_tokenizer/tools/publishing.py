@@ -108,7 +108,10 @@ def model_files(output_dir: str | Path) -> list[Path]:
     modules = []
     for reference in auto_map.values():
         reference = reference[-1] if isinstance(reference, (list, tuple)) else reference
-        module_file = output_dir / (str(reference).split("--")[-1].split(".")[0] + ".py")
+        module = str(reference).split("--")[-1].split(".")[0]
+        if not re.fullmatch(r"[A-Za-z_]\w*", module):  # a path would publish a file from elsewhere on the machine
+            raise ValueError(f"auto_map names {reference!r}, not a module of {output_dir} (module.ClassName).")
+        module_file = output_dir / f"{module}.py"
         if not module_file.is_file():
             raise FileNotFoundError(f"auto_map points to {module_file.name}, which is not in {output_dir}.")
         modules.append(module_file)
