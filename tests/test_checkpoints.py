@@ -209,6 +209,39 @@ def test_secrets_never_reach_the_training_config_or_the_trackers(tmp_path, caplo
     assert "--hub_token on the command line" in caplog.text
 
 
+def test_the_hub_token_leaves_the_command_line_that_trackers_copy(monkeypatch):
+    from training.train import parse_args as parse_training_args
+
+    secret = "hf_" + "T" * 34
+    argv = ["train.py", *TINY, "--hub_token", secret, "--hub_token=" + secret]
+    monkeypatch.setattr(sys, "argv", argv)
+    assert parse_training_args().hub_token == secret  # parsed first, then blanked where W&B would read it
+    assert secret not in " ".join(sys.argv) and sys.argv[-2:] == ["[redacted]", "--hub_token=[redacted]"]
+
+
+def test_wandb_is_started_without_its_own_metadata_code_git_or_console_capture(monkeypatch):
+    # W&B uploads the command line, host, user, paths, git remote and console by itself; each setting the
+    # installed wandb knows is switched off (the fake stands for a wandb that lacks one of them).
+    from types import ModuleType
+
+    from cdb_tokenizer.tools.runs import WANDB_PRIVATE_SETTINGS, tracker_init_kwargs
+
+    class Settings:
+        model_fields = {key: None for key in WANDB_PRIVATE_SETTINGS if key != "disable_code"}
+
+        def __init__(self, **values):
+            self.values = values
+
+    wandb = ModuleType("wandb")
+    wandb.Settings = Settings
+    monkeypatch.setitem(sys.modules, "wandb", wandb)
+    assert tracker_init_kwargs("tensorboard") == {}
+    for report_to in ("wandb", "all"):
+        settings = tracker_init_kwargs(report_to)["wandb"]["settings"].values
+        assert settings == {key: value for key, value in WANDB_PRIVATE_SETTINGS.items() if key != "disable_code"}
+        assert settings["x_disable_meta"] is True and settings["console"] == "off"
+
+
 def test_a_random_state_file_that_cannot_be_read_safely_is_refused_not_skipped(straight, tmp_path):
     # accelerate skips a random-state file it cannot read (info-level log): the resume would silently stop being exact.
     import pickle

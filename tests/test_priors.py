@@ -3,6 +3,7 @@
 import importlib.util
 import io
 import json
+import os
 import math
 import random
 import re
@@ -486,6 +487,26 @@ def test_a_prior_finds_its_local_tokenizer_from_any_working_directory(tokenizer,
     old = {key: value for key, value in json.loads(config_file.read_text()).items() if key != "tokenizer_relative_to_prior"}
     config_file.write_text(json.dumps({**old, "tokenizer": "./outputs/tok"}))
     assert load_prior(tmp_path / "work" / "outputs" / "prior")[2]["tokenizer"] == "./outputs/tok"
+
+
+def test_a_tokenizer_far_from_the_prior_is_recorded_by_name_only(tokenizer, tmp_path):
+    # From /, a relative path spells out the absolute one ("../../../home/alice/tok"): only the name is recorded.
+    import tempfile
+
+    if not os.access("/dev/shm", os.W_OK):
+        pytest.skip("needs a writable folder outside /tmp whose common path with tmp_path is /")
+    model, processor = tokenizer
+    vocabulary = PriorVocabulary(64)
+    with tempfile.TemporaryDirectory(dir="/dev/shm") as far:
+        model.save_pretrained(Path(far) / "alice_tok")
+        save_prior(build_prior(vocabulary, 64, **TINY_PRIOR), vocabulary, tmp_path / "prior", 64, tokenizer=str(Path(far) / "alice_tok"))
+    text = (tmp_path / "prior" / "prior_config.json").read_text()
+    recorded = json.loads(text)
+    assert (recorded["tokenizer"], recorded["tokenizer_name"]) == (None, "alice_tok")
+    assert "shm" not in text and Path(far).name not in text
+    sample_prior = load_script("sample_prior")
+    with pytest.raises(ValueError, match="names no tokenizer: pass --tokenizer \\(the folder 'alice_tok' it was"):
+        sample_prior.main(sample_prior.parse_args(["--prior", str(tmp_path / "prior"), "--num_images", "1"]))
 
 
 def free_port() -> int:

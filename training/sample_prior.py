@@ -76,7 +76,9 @@ def main(args: argparse.Namespace) -> Path:
     prior, vocabulary, prior_config = load_prior(args.prior, device=device)
     tokenizer_id = args.tokenizer or prior_config.get("tokenizer")
     if not tokenizer_id:
-        raise ValueError("prior_config.json names no tokenizer: pass --tokenizer (the one the prior was trained on).")
+        name = prior_config.get("tokenizer_name")  # a local tokenizer too far from the prior to record its path
+        trained_on = f"the folder {name!r} it was trained on" if name else "the one the prior was trained on"
+        raise ValueError(f"prior_config.json names no tokenizer: pass --tokenizer ({trained_on}).")
     tokenizer, _ = load_tokenizer(tokenizer_id, device=device)
     # Priors trained without a tokenizer (--codebook_size) record no image size: the token count gives it.
     image_size = tuple(prior_config["image_size"]) if prior_config.get("image_size") else None

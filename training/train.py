@@ -72,7 +72,7 @@ from cdb_tokenizer.tools.losses import LPIPSUnavailableError, PatchDiscriminator
 from cdb_tokenizer.tools.messages import run_script
 from cdb_tokenizer.tools.redaction import public_value, redact_secrets
 from cdb_tokenizer.tools.roles import role_map_figure, save_role_map
-from cdb_tokenizer.tools.runs import EMAWeights, RunLog, find_checkpoint, make_accelerator
+from cdb_tokenizer.tools.runs import EMAWeights, RunLog, find_checkpoint, make_accelerator, tracker_init_kwargs
 from cdb_tokenizer.tools.steps import TrainingParts, micro_batch_seed, restart_dead_codes, training_step
 from cdb_tokenizer.tools.train_args import parse_args
 from cdb_tokenizer.tools.teacher import (
@@ -662,7 +662,7 @@ def start_logging(args: argparse.Namespace, accelerator: Accelerator, run_config
     """Start the trackers (with the run's configuration) and the run log, whose lines after `step` are dropped: a
     resumed run trains those steps again, and they are never logged twice."""
     if accelerator.is_main_process:
-        accelerator.init_trackers(args.tracker_project_name, config=hparams(run_config))
+        accelerator.init_trackers(args.tracker_project_name, config=hparams(run_config), init_kwargs=tracker_init_kwargs(args.report_to))
     log = RunLog(accelerator, Path(args.output_dir) / args.logging_dir / "train_log.jsonl")
     if accelerator.is_main_process:
         log.truncate_after(step)

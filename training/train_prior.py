@@ -36,7 +36,7 @@ from transformers import get_scheduler
 from cdb_tokenizer.tools.checkpoints import load_training_state, save_checkpoint
 from cdb_tokenizer.tools.files import write_text
 from cdb_tokenizer.tools.messages import run_script
-from cdb_tokenizer.tools.runs import find_checkpoint, make_accelerator
+from cdb_tokenizer.tools.runs import find_checkpoint, make_accelerator, tracker_init_kwargs
 from cdb_tokenizer.tools.steps import micro_batch_seed
 from cdb_tokenizer.tools.train_args import check_output_dir_flags
 from cdb_tokenizer.tools.priors import (
@@ -433,9 +433,10 @@ def main(args: argparse.Namespace) -> dict[str, float]:
         first_epoch = num_epochs  # the run stopped after its last checkpoint, before saving the prior
     if accelerator.is_main_process:
         training_config = {**vars(args), "vocabulary": vocabulary.to_dict(), "num_image_tokens": num_image_tokens}
-        write_text(output_dir / "training_config.json", json.dumps(training_config, indent=2, default=str) + "\n")
+        write_text(output_dir / "training_config.json", json.dumps(redact_secrets(training_config), indent=2, default=str) + "\n")
         tracker_config = hparams({key: value for key, value in vars(args).items() if value is not None})
-        accelerator.init_trackers(args.tracker_project_name, config=tracker_config)  # no secrets or local paths
+        # No secrets or local paths: neither in the config nor in what W&B collects by itself.
+        accelerator.init_trackers(args.tracker_project_name, config=tracker_config, init_kwargs=tracker_init_kwargs(args.report_to))
 
     logger.info(f"Training {max_train_steps} steps ({num_epochs} epochs), {accelerator.num_processes} process(es)")
     progress = tqdm(range(max_train_steps), initial=global_step, desc="steps", disable=not accelerator.is_local_main_process)

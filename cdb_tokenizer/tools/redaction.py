@@ -7,6 +7,7 @@
   `file://`, Windows `C:\\` or `C:/`, UNC `\\\\server\\share`, with spaces, after a `kind:` prefix such as
   `text:/home/me/labels.txt`, nested in lists and dicts), and absolute, `~/`, Windows and UNC paths inside free text
   (relative ones there cannot be told from prose).
+- `hide_secret_arguments` blanks `--hub_token`'s value in `sys.argv` once it is parsed (W&B uploads the command line).
 """
 
 from __future__ import annotations
@@ -97,4 +98,14 @@ def collect_strings(value: Any) -> list[str]:
     return [value] if isinstance(value, str) else []
 
 
-__all__ = ["HF_TOKEN", "REDACTED", "collect_strings", "is_secret_key", "public_value", "redact_secrets", "scrub_local_paths"]
+def hide_secret_arguments(argv: list[str], options: tuple[str, ...] = ("--hub_token",)) -> None:
+    """Blank the values of secret options in `argv` (sys.argv) once parsed: trackers and crash reports copy it."""
+    for index, argument in enumerate(argv):
+        for option in options:
+            if argument == option and index + 1 < len(argv):
+                argv[index + 1] = REDACTED
+            elif argument.startswith(option + "="):
+                argv[index] = f"{option}={REDACTED}"
+
+
+__all__ = ["HF_TOKEN", "REDACTED", "collect_strings", "hide_secret_arguments", "is_secret_key", "public_value", "redact_secrets", "scrub_local_paths"]

@@ -37,6 +37,25 @@ def multi_process_without_accelerator() -> bool:
     has_accelerator = getattr(torch, "accelerator", None)
     return not (has_accelerator.is_available() if has_accelerator is not None else torch.cuda.is_available())
 
+# What W&B would otherwise upload besides the cleaned config: the command line (a --hub_token in it), host and user
+# names, paths, the git remote, the code and the console output (paths again). Each applies where the installed
+# wandb has that setting.
+WANDB_PRIVATE_SETTINGS = {"x_disable_meta": True, "disable_git": True, "disable_code": True, "save_code": False,
+                          "console": "off"}  # fmt: skip
+
+
+def tracker_init_kwargs(report_to: str) -> dict:
+    """`init_kwargs` for `accelerator.init_trackers`: W&B with `WANDB_PRIVATE_SETTINGS` (none for other trackers)."""
+    if report_to not in ("wandb", "all"):
+        return {}
+    try:
+        import wandb
+    except ImportError:  # accelerate names the missing tracker itself
+        return {}
+    known = getattr(wandb.Settings, "model_fields", None) or {}
+    return {"wandb": {"settings": wandb.Settings(**{key: value for key, value in WANDB_PRIVATE_SETTINGS.items() if key in known})}}
+
+
 def make_accelerator(args, output_dir: Path, **kwargs) -> Accelerator:
     """The run's Accelerator (from `--gradient_accumulation_steps`, `--mixed_precision`, `--report_to`,
     `--logging_dir`; `kwargs` go to `Accelerator`) and its logging: INFO on the main process, errors elsewhere."""

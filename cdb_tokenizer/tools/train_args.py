@@ -13,10 +13,12 @@ import argparse
 import inspect
 import json
 import os
+import sys
 from pathlib import Path
 
 from ..configuration_cdb_vq import CDBVQConfig
 from .degradations import canonical_spec
+from .redaction import hide_secret_arguments
 from .roles import three_role_ranges
 from .teacher import DEFAULT_TEMPLATE
 
@@ -226,6 +228,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         _check_validation_can_run(args)
     except (ValueError, FileNotFoundError) as error:
         parser.error(str(error))
+    if argv is None:  # the real command line, which trackers (W&B) copy
+        hide_secret_arguments(sys.argv)
     return args
 
 

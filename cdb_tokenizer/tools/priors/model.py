@@ -188,16 +188,23 @@ def save_prior(
     output_dir = Path(output_dir)
     prior.save_pretrained(output_dir)
     local = tokenizer is not None and Path(tokenizer).expanduser().is_dir()
+    far_tokenizer = None
     if local:
         # A local tokenizer is recorded relative to the prior's folder ("../tokenizer"): found from any working
-        # directory, never mistaken for a Hub id, and no absolute local path in the config.
-        tokenizer = os.path.relpath(Path(tokenizer).expanduser().resolve(), output_dir.resolve())
+        # directory, never mistaken for a Hub id, and no absolute local path in the config. Only below a shared
+        # folder two levels deep or more: from / or /home, the relative path would spell out the absolute one.
+        folder, prior_folder = Path(tokenizer).expanduser().resolve(), output_dir.resolve()
+        if len(Path(os.path.commonpath([folder, prior_folder])).parts) > 2:
+            tokenizer = os.path.relpath(folder, prior_folder)
+        else:
+            tokenizer, local, far_tokenizer = None, False, folder.name
     prior_config = {
         "vocabulary": vocabulary.to_dict(),
         "num_image_tokens": num_image_tokens,
         "tokenizer": tokenizer,
         "tokenizer_relative_to_prior": local,
         "image_size": list(image_size) if image_size else None,
+        **({"tokenizer_name": far_tokenizer} if far_tokenizer else {}),
         **extra,
     }
     (output_dir / PRIOR_CONFIG_NAME).write_text(json.dumps(prior_config, indent=2) + "\n")
