@@ -38,6 +38,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from . import files
+
 from .loading import is_local_path, looks_like_path
 from .messages import first_line
 
@@ -543,11 +544,15 @@ def encode_command(args: argparse.Namespace) -> None:
         raise CLIError("the images gave token grids of different sizes; use an image processor with a fixed size.")
     tokens = torch.cat(grids).to(torch.int32)
     height, width = pixel_values.shape[-2:]
+    local = Path(model_id).is_absolute()
+    # A local model is recorded relative to the token file (token files are shared: no absolute path), or, far from
+    # it, by name only; decode then needs --model.
+    recorded_model = files.relative_location(model_id, out.parent) if local else model_id
     metadata = {
         "format": TOKEN_FILE_FORMAT,
         "format_version": TOKEN_FILE_VERSION,
-        "model": model_id,
-        "model_name": Path(model_id).name if Path(model_id).is_absolute() else model_id,
+        **({"model": recorded_model} if recorded_model else {}),
+        "model_name": Path(model_id).name if local else model_id,
         "codebook_size": str(model.config.codebook_size),
         "codebook_fingerprint": fingerprint,
         "grid_height": str(tokens.shape[1]),
@@ -642,9 +647,10 @@ def _token_file_numbers(path: str, metadata: dict[str, str]) -> dict[str, int]:
 def decode_command(args: argparse.Namespace) -> None:
     """A token file -> one PNG per image, with the model recorded in the file unless --model is given."""
     tokens, metadata, numbers = read_token_file(args.tokens, args.max_image_pixels)
-    model_name = args.model or metadata.get("model")
+    model_name = args.model or _recorded_model(args.tokens, metadata)
     if not model_name:
-        raise CLIError(f"{args.tokens} does not name its model; pass --model.")
+        local = f" (it was encoded with a local model named {metadata['model_name']!r})" if "model_name" in metadata else ""
+        raise CLIError(f"{args.tokens} does not name its model{local}; pass --model.")
     if not args.model and "codebook_fingerprint" not in metadata:
         # Without it nothing shows that the tokens index the named model's codebook: the user must choose the model.
         raise CLIError(
@@ -682,6 +688,15 @@ def decode_command(args: argparse.Namespace) -> None:
     print(f"wrote {len(tokens)} images to {out}")
 
 
+def _recorded_model(tokens_file: str, metadata: dict[str, str]) -> str | None:
+    """The model `encode` recorded: a Hub id, a folder relative to the token file ("../tok"), or an absolute path
+    (files written before 2026-11-30)."""
+    model = metadata.get("model")
+    if model and model.startswith("."):
+        return str((Path(tokens_file).parent / model).resolve())
+    return model
+
+
 def _recorded_revision(tokens_file: str, metadata: dict[str, str]) -> str | None:
     """The Hub commit `encode` recorded for its model: a 40-digit hash (a file that says anything else was edited)."""
     revision = metadata.get("model_revision")
@@ -703,7 +718,7 @@ def _check_token_source(
     if differs is None and recorded not in (None, fingerprint):
         differs = f"codebook fingerprint {recorded}"
     if differs:
-        source, encoded_at = metadata.get("model"), metadata.get("model_revision")
+        source, encoded_at = _recorded_model(tokens_file, metadata), metadata.get("model_revision")
         if source == loaded.model_id and encoded_at not in (None, loaded.revision):
             raise CLIError(
                 f"{tokens_file} was encoded by {source} at commit {encoded_at}, and its revision {loaded.revision} "

@@ -11,6 +11,17 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 
+def relative_location(target: str | Path, base: str | Path) -> str | None:
+    """`target` as a path relative to the folder `base` ("../tok", "./tok": the leading dot keeps it from being read
+    as a Hub id), or None where the two share no folder two levels deep or more: from / or /home, a relative path
+    would spell out the absolute one, which files that are shared must not carry."""
+    target, base = Path(target).expanduser().resolve(), Path(base).expanduser().resolve()
+    if len(Path(os.path.commonpath([target, base])).parts) <= 2:
+        return None
+    relative = os.path.relpath(target, base)
+    return relative if relative.startswith("..") else os.path.join(".", relative)
+
+
 def replace_file(path: str | Path, write: Callable[[Path], object]) -> Path:
     """Write a file through `write(temporary_path)`, then rename it over `path`: never half a file, never through a
     symlink or into a device (anything but a regular file at `path` raises `FileExistsError`). The temporary file

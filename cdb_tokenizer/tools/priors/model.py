@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +12,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, GenerationConfig, GPT2Config, LlamaConfig, PreTrainedModel
 
+from ..files import relative_location
 from ..loading import is_local_path
 from .vocabulary import PriorVocabulary
 
@@ -191,13 +191,11 @@ def save_prior(
     far_tokenizer = None
     if local:
         # A local tokenizer is recorded relative to the prior's folder ("../tokenizer"): found from any working
-        # directory, never mistaken for a Hub id, and no absolute local path in the config. Only below a shared
-        # folder two levels deep or more: from / or /home, the relative path would spell out the absolute one.
-        folder, prior_folder = Path(tokenizer).expanduser().resolve(), output_dir.resolve()
-        if len(Path(os.path.commonpath([folder, prior_folder])).parts) > 2:
-            tokenizer = os.path.relpath(folder, prior_folder)
-        else:
-            tokenizer, local, far_tokenizer = None, False, folder.name
+        # directory, never mistaken for a Hub id, and no absolute local path in the config (far away: its name only).
+        relative = relative_location(tokenizer, output_dir)
+        if relative is None:
+            far_tokenizer = Path(tokenizer).expanduser().resolve().name
+        tokenizer, local = relative, relative is not None
     prior_config = {
         "vocabulary": vocabulary.to_dict(),
         "num_image_tokens": num_image_tokens,
