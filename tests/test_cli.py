@@ -804,3 +804,22 @@ def test_revision_is_refused_for_a_local_folder_and_a_forged_one_in_a_token_file
     forged = _tokens(files, tmp_path, model="org/cdb-vq", model_revision="../../../etc")
     assert main(["decode", str(forged), "--out", str(tmp_path / "decoded")]) == 1
     assert "records model_revision '../../../etc', not a commit hash" in cli_error_line(capsys, "decode")
+
+
+def test_a_token_file_far_from_its_local_model_records_only_the_model_name(files, capsys):
+    import tempfile
+
+    if not os.access("/dev/shm", os.W_OK):
+        pytest.skip("needs a writable folder outside /tmp whose common path with the model's is /")
+    with tempfile.TemporaryDirectory(dir="/dev/shm") as far:
+        tokens_file = Path(far) / "tokens.safetensors"
+        assert main(["encode", _photos(files)[0], "--model", str(files["model"]), "--out", str(tokens_file)]) == 0
+        with safe_open(str(tokens_file), framework="pt") as handle:
+            metadata = handle.metadata()
+        assert "model" not in metadata and metadata["model_name"] == "model"
+        assert str(files["root"]) not in json.dumps(metadata)
+        capsys.readouterr()
+        assert main(["decode", str(tokens_file), "--out", str(Path(far) / "decoded")]) == 1
+        line = cli_error_line(capsys, "decode")
+        assert "does not name its model (it was encoded with a local model named 'model'); pass --model" in line
+        assert main(["decode", str(tokens_file), "--model", str(files["model"]), "--out", str(Path(far) / "decoded")]) == 0
