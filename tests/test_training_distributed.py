@@ -80,3 +80,27 @@ def test_a_checkpoint_keeps_the_unreadable_images_every_process_met(tmp_path):
     saved = json.loads((tmp_path / "run" / "checkpoints" / "checkpoint-3" / "training_state.json").read_text())
     assert metrics["skipped_images"] == 4  # 12 images, 3 steps of 2 x 2: every one met (one epoch)
     assert len(set(saved["skipped_image_ids"])) == 4  # the distinct unreadable images of both processes
+
+
+def test_a_teacher_missing_on_one_process_stops_every_process_instead_of_hanging(tmp_path):
+    # Each process loads the teacher itself: one without it (its download failed) used to skip the prototypes'
+    # barrier and hang the others, or, without prototypes, train without the semantic losses and no warning.
+    worker = tmp_path / "worker.py"
+    worker.write_text(WORKER.format(repo=str(REPO)).replace(
+        "from training.train import parse_args, train",
+        "import training.train as script\n"
+        "from training.train import parse_args, train\n"
+        "load = script.load_clip_teacher\n"
+        "script.load_clip_teacher = lambda *a, **k: None if os.environ['RANK'] == '1' else load(*a, **k)",
+    ))  # fmt: skip
+    clip_config = save_clip_config(tmp_path / "tiny_clip.json")
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+        str(worker), str(tmp_path), *TINY_MODEL, "--output_dir", str(tmp_path / "run"), "--max_train_steps", "1",
+        "--train_batch_size", "2", "--num_validation_images", "2", "--clip_model", str(clip_config),
+        "--clip_pretrained", "none", "--prototypes", "kmeans:8", "--prototype_kmeans_batches", "1",
+        "--disc_weight", "0", "--lpips_weight", "0", "--report_to", "none",
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=150, check=False)
+    assert result.returncode != 0
+    assert "the CLIP teacher" in result.stderr and "not on process(es) [1]" in result.stderr, result.stderr[-3000:]

@@ -209,10 +209,19 @@ def prepare_output_dir(args: argparse.Namespace, accelerator: Accelerator) -> No
 
 
 def load_teacher(args: argparse.Namespace, accelerator: Accelerator):
-    """The CLIP teacher of `--clip_model`, or None."""
+    """The CLIP teacher of `--clip_model`, or None; every process has it or none does (each loads it on its own, and
+    a process without it would skip the semantic losses and the barriers of the prototypes: a hang)."""
     if args.clip_model is None:
         return None
-    return load_clip_teacher(args.clip_model, args.clip_pretrained, device=accelerator.device, cache_dir=args.cache_dir)
+    teacher = load_clip_teacher(args.clip_model, args.clip_pretrained, device=accelerator.device, cache_dir=args.cache_dir)
+    loaded = gather_object([teacher is not None])
+    if any(loaded) and not all(loaded):
+        missing = [rank for rank, has_teacher in enumerate(loaded) if not has_teacher]
+        raise ValueError(
+            f"the CLIP teacher ({args.clip_model}) loaded on some processes but not on process(es) {missing}: put its "
+            f"weights where every machine finds them (--cache_dir, HF_HOME), or pass --clip_model none."
+        )
+    return teacher
 
 
 def load_lpips_modules(args: argparse.Namespace, accelerator: Accelerator) -> tuple:
