@@ -405,7 +405,7 @@ class CDBVQRouter(nn.Module):
         else:
             excess = torch.where(target_share > 0, share / target_share.clamp_min(1e-12), torch.ones_like(share))
         self.potentials.add_(step * self.temperature * (1.0 - excess))
-        self.potentials.sub_(self.potentials.mean())
+        self.potentials.sub_(broadcast_(self.potentials.mean()))  # rank 0's: see the EMA codebook's total
         self.potentials.clamp_(-bound * self.temperature, bound * self.temperature)
 
     def role_supervision_loss(self, signal_features: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -785,7 +785,8 @@ class CDBVQQuantizer(nn.Module):
             decay = self.config.ema_decay
             self.ema_cluster_size.mul_(decay).add_(counts, alpha=1 - decay)
             self.ema_embed_sum.mul_(decay).add_(embed_sum, alpha=1 - decay)
-            total = self.ema_cluster_size.sum()
+            # A local sum of K floats rounds differently with another thread count: every process takes rank 0's.
+            total = broadcast_(self.ema_cluster_size.sum())
             smoothed = (self.ema_cluster_size + 1e-5) / (total + self.codebook_size * 1e-5) * total
             self.codebook.weight.copy_(self.ema_embed_sum / smoothed[:, None])
 

@@ -68,6 +68,13 @@ def worker(rank: int, port: int, folder: str) -> None:
         results["split_state"] = {k: v.detach().clone() for k, v in split.state_dict().items()}
         potentials = sinkhorn_potentials(rank_latents(rank, 5), torch.randn(64, 8, generator=torch.Generator().manual_seed(3)), 10.0, 5, 64 * 30)
         results["sinkhorn_column"] = potentials.column
+        # Ranks with other thread counts (per-node OMP settings) sum a large codebook's statistics in another order.
+        torch.set_num_threads(1 + rank)
+        large = tiny_model(seed=0, assignment="cdb", ema_decay=0.8, codebook_size=65536, dead_code_threshold=0.0).quantizer.train()
+        large.initialize_codebook(torch.randn(4096, 8, generator=torch.Generator().manual_seed(rank)), iterations=1)
+        for step in range(2):
+            large(torch.randn(4096, 8, generator=torch.Generator().manual_seed(10 + rank + step)))
+        results["threads_state"] = {k: v.detach().clone() for k, v in large.state_dict().items()}
         torch.save(results, os.path.join(folder, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -93,6 +100,11 @@ def test_two_processes_keep_identical_quantizer_state(tmp_path):
         assert not torch.equal(first[f"{assignment}/ties_0"], first[f"{assignment}/state"]["code_to_prototype"])
         # Data really differed between ranks, so identical state is the result of the reductions.
         assert not torch.equal(first[f"{assignment}/indices_1"], second[f"{assignment}/indices_1"])
+
+    # Other thread counts on the two ranks: the local sums of 65,536 running statistics differ in their last bits,
+    # so rank 0's are the ones used (the EMA codebook once drifted by up to 5e-7 between ranks).
+    for name, value in first["threads_state"].items():
+        torch.testing.assert_close(value, second["threads_state"][name], rtol=0, atol=0, msg=f"threads {name}")
 
     # k-means ran on the latents of both ranks together (rank order), as a single process would.
     both = torch.cat([rank_latents(0, 0), rank_latents(1, 0)])
