@@ -749,7 +749,14 @@ class CDBVQQuantizer(nn.Module):
         if not training:
             return indices, None, distortion
         soft_quantized = torch.cat([r[1] for r in results])
-        mean_probabilities = torch.stack([r[2] for r in results]).sum(0) / latents.shape[0]
+        probability_mass = torch.stack([r[2] for r in results]).sum(0)
+        num_latents = latents.new_tensor(float(latents.shape[0]))
+        if is_distributed():  # the balance of the whole batch, as for usage; the gradient flows back to each process
+            from torch.distributed.nn.functional import all_reduce as all_reduce_with_gradient
+
+            probability_mass = all_reduce_with_gradient(probability_mass)
+            all_reduce_(num_latents)
+        mean_probabilities = probability_mass / num_latents
         output.balance_loss = (mean_probabilities * (mean_probabilities * self.codebook_size).clamp_min(1e-12).log()).sum()
         return indices, soft_quantized, distortion
 

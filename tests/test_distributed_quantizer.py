@@ -64,8 +64,9 @@ def worker(rank: int, port: int, folder: str) -> None:
         split = tiny_model(seed=0, assignment="cdb", ema_decay=0.8).quantizer.train()
         split.initialize_codebook(rank_latents(rank, 0))
         for step in range(1, 4):
-            split(rank_latents(rank, step), semantic_features=rank_semantic(rank, step))
+            output = split(rank_latents(rank, step), semantic_features=rank_semantic(rank, step))
         results["split_state"] = {k: v.detach().clone() for k, v in split.state_dict().items()}
+        results["split_balance_loss"] = output.balance_loss.detach()
         potentials = sinkhorn_potentials(rank_latents(rank, 5), torch.randn(64, 8, generator=torch.Generator().manual_seed(3)), 10.0, 5, 64 * 30)
         results["sinkhorn_column"] = potentials.column
         # Ranks with other thread counts (per-node OMP settings) sum a large codebook's statistics in another order.
@@ -115,10 +116,13 @@ def test_two_processes_keep_identical_quantizer_state(tmp_path):
     single = tiny_model(seed=0, assignment="cdb", ema_decay=0.8).quantizer.train()
     single.initialize_codebook(torch.cat([rank_latents(0, 0), rank_latents(1, 0)]))
     for step in range(1, 4):
-        single(
+        output = single(
             torch.cat([rank_latents(0, step), rank_latents(1, step)]),
             semantic_features=torch.cat([rank_semantic(0, step), rank_semantic(1, step)]),
         )
+    # The balance loss too is the whole batch's (it was each process's own half).
+    for rank_results in (first, second):
+        torch.testing.assert_close(rank_results["split_balance_loss"], output.balance_loss.detach(), rtol=1e-4, atol=1e-6)
     for name in ("router.temperature", "router.potentials", "usage", "codebook.weight", "ema_cluster_size"):
         torch.testing.assert_close(first["split_state"][name], single.state_dict()[name], rtol=1e-4, atol=1e-5, msg=name)
 
