@@ -36,6 +36,18 @@ def test_random_parts_change_with_the_seed_and_compose(images):
     assert canonical_spec("gaussian_blur:1.50 + noise:0.02-0.05|jpeg:30") == "gaussian_blur:1.5+noise:0.02-0.05|jpeg:30"
 
 
+def test_alternatives_give_each_image_exactly_one_of_them_applied_alone(images):
+    batch = images.repeat(4, 1, 1, 1)  # 16 images: both alternatives turn up
+    alone = {spec: degrade(batch, spec) for spec in ("gaussian_blur:2", "jpeg:20")}  # no randomness in either
+    either = degrade(batch, "gaussian_blur:2|jpeg:20", seed=5)
+    picked = []
+    for index, image in enumerate(either):
+        matches = [spec for spec, degraded in alone.items() if torch.equal(image, degraded[index])]
+        assert len(matches) == 1, (index, matches)  # one alternative, not both chained and not none
+        picked.append(matches[0])
+    assert set(picked) == set(alone)  # drawn per image, not once for the batch
+
+
 def test_blur_removes_high_frequencies(images):
     from cdb_tokenizer.tools.losses import laplacian
 

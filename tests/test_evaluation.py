@@ -218,6 +218,10 @@ def test_cli_eval_resolution_and_the_imagenet_protocol(tokenizer_folder, capsys,
     # --protocol imagenet: 256x256 centre crops, rFID asked for (left out here: no weights), a folder keeps its split.
     protocol, _, err = _eval(base + ["--protocol", "imagenet", "--max_images", "2"], capsys)
     assert protocol["num_images"] == 2 and "rFID left out" in err
+    at_256, _, _ = _eval(base + ["--resolution", "256", "--max_images", "2"], capsys)
+    own_size, _, _ = _eval(base + ["--max_images", "2"], capsys)  # the model's processor: 32x32
+    assert protocol["psnr"] == pytest.approx(at_256["psnr"], rel=1e-6)  # the protocol measures at 256x256 ...
+    assert protocol["psnr"] != pytest.approx(own_size["psnr"], rel=1e-3)  # ... not at the model's own size
     assert cli_main(["eval", *base, "--resolution", "30"]) == 1  # not divisible by the downsampling factor (4)
     assert "not divisible" in capsys.readouterr().err
 
@@ -260,9 +264,15 @@ def test_detail_box_finds_the_textured_window_and_the_figure_has_full_size_tiles
     noisy = (image + 0.1 * torch.randn(image.shape, generator=torch.Generator().manual_seed(1))).clamp(-1, 1)
     figure = reconstruction_figure([image, image[:, :, :256]], [noisy, noisy[:, :, :256]], zoom_size=64, zoom_factor=4)
     assert figure.width >= 2 * 384 and figure.height >= 256 + 256 + 4 * 64
-    # The zoomed tiles are the detail window magnified 4x: the original's textured square fills the zoomed tile.
-    pixels = torch.tensor(__import__("numpy").array(figure), dtype=torch.float32)
-    assert pixels.std() > 20
+    # The zoomed tiles are the detail window magnified 4x (nearest): the last row, its two 256x256 tiles 6 pixels
+    # (the figure's gap) in from the left and bottom edges, original then reconstruction.
+    import numpy as np
+
+    pixels = np.asarray(figure)
+    for column, source in ((6, image), (6 + 256 + 6, noisy)):
+        window = (((source[:, top : top + 64, left : left + 64] + 1) / 2).clamp(0, 1) * 255).round().byte()
+        expected = window.permute(1, 2, 0).numpy().repeat(4, axis=0).repeat(4, axis=1)
+        np.testing.assert_array_equal(pixels[-6 - 256 : -6, column : column + 256], expected)
 
 
 def test_thread_count_follows_idle_cores_and_explicit_settings(monkeypatch):

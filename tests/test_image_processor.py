@@ -121,6 +121,31 @@ def test_float_and_16_bit_greyscale_pil_images_keep_their_values(camera):
         processor(PIL.Image.fromarray(camera.astype(np.int32) * 1000))
 
 
+def test_16_bit_and_wide_integer_arrays_and_tensors_keep_their_values(astronaut):
+    processor = CDBVQImageProcessor(do_resize=False, do_center_crop=False)
+    expected = processor(astronaut, return_tensors="pt")["pixel_values"]
+    sixteen_bit = astronaut.astype(np.uint16) * 257  # 255 -> 65535: the same picture on the 16-bit scale
+    images = {
+        "uint16 array": sixteen_bit,
+        "uint16 tensor": torch.from_numpy(sixteen_bit).permute(2, 0, 1),
+        "int32 array in [0, 255]": astronaut.astype(np.int32),
+        "int64 tensor in [0, 255]": torch.from_numpy(astronaut).permute(2, 0, 1).long(),
+    }
+    for name, image in images.items():
+        torch.testing.assert_close(processor(image, return_tensors="pt")["pixel_values"], expected, atol=1e-5, rtol=0, msg=name)
+
+
+@pytest.mark.parametrize("low, high", [(0, 256), (-1, 255), (0, 65535)])
+def test_wide_integer_images_outside_0_255_are_refused(astronaut, low, high):
+    # Only uint16 says "16-bit": an int32 or int16 image with a value past 255 has no scale the processor could know.
+    image = astronaut.astype(np.int32)
+    image[0, 0, 0], image[1, 1, 1] = low, high
+    with pytest.raises(ValueError, match=rf"Integer images must have values in \[0, 255\], got \[{low}, {high}\]"):
+        CDBVQImageProcessor()(image)
+    with pytest.raises(ValueError, match=r"Integer images must have values in \[0, 255\]"):
+        CDBVQImageProcessor()(torch.from_numpy(image).permute(2, 0, 1))
+
+
 def test_single_channel_hwc_array(camera):
     processor = CDBVQImageProcessor()
     a = processor(camera[..., None], return_tensors="pt")["pixel_values"]

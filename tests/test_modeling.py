@@ -69,6 +69,32 @@ def test_teacher_features_give_semantic_terms(photo_batch):
     torch.testing.assert_close(output.vq_loss, weighted)
 
 
+def test_semantic_terms_compare_each_token_with_the_teacher_feature_of_its_own_grid_cell(photo_batch):
+    model = tiny_model().eval()  # out of training the prototype ties stay put
+    model.set_prototypes(torch.randn(8, 32))
+    teacher = torch.randn(4, 32, 8, 8)
+    with torch.no_grad():
+        output = model(photo_batch, teacher_features=teacher)
+        quantizer = model.quantizer
+        codes = quantizer.code_projection(quantizer.codebook.weight)  # W e_k + b for every code k
+        tokens = codes[output.image_tokens].permute(0, 3, 1, 2)  # (4, 32, 8, 8): each token's projected code
+        ties = quantizer.prototypes[quantizer.code_to_prototype]
+    cosine = lambda a, b: torch.nn.functional.cosine_similarity(a, b, dim=1)  # noqa: E731
+    expected = {
+        "semantic_distillation_loss": (1 - cosine(output.semantic_features, teacher)).mean(),
+        "token_alignment_loss": (1 - cosine(tokens, teacher)).mean(),
+        "code_alignment_loss": (1 - cosine(codes, ties)).mean(),
+    }
+    for term, value in expected.items():
+        torch.testing.assert_close(getattr(output, term), value, atol=1e-5, rtol=1e-5, msg=term)
+    # Random teacher features sit near cosine 0 from everything, so a term against the wrong cell would still land
+    # near 1: pin the cells by giving the teacher the tokens' own projected codes, which costs nothing.
+    with torch.no_grad():
+        aligned = model(photo_batch, teacher_features=tokens)
+    assert torch.equal(aligned.image_tokens, output.image_tokens)
+    assert float(aligned.token_alignment_loss) == pytest.approx(0.0, abs=1e-5)
+
+
 def test_semantic_features_passed_in_are_used_by_router(photo_batch):
     model = tiny_model().eval()
     model.set_prototypes(torch.randn(8, 32))

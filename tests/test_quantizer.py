@@ -416,11 +416,63 @@ def test_usage_statistics():
     module.initialize_codebook(torch.randn(256, 8))
     module.eval()
     codes = module.codes()
+    usage_before = module.usage.clone()
     latents = codes[torch.tensor([0, 0, 1, 1])]
     output = module(latents)
     assert float(output.utilization) == pytest.approx(2 / 64)
     assert float(output.perplexity) == pytest.approx(2.0)
-    assert math.isclose(float(module.usage.sum()), 1.0, rel_tol=1e-5)  # eval leaves running stats alone
+    assert torch.equal(module.usage, usage_before)  # eval leaves running stats alone
+
+
+def cosine_loss(predicted: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """`1 - cos(predicted, target)` averaged over rows, written out by hand."""
+    cosine = (predicted * target).sum(-1) / (predicted.norm(dim=-1) * target.norm(dim=-1))
+    return (1 - cosine).mean()
+
+
+def test_semantic_losses_are_one_minus_the_cosine_to_their_targets():
+    module = quantizer(assignment="nearest")
+    module.initialize_codebook(torch.randn(256, 8))
+    module.eval()  # out of training the prototype ties stay put, so the targets below are the ones used
+    generator = torch.Generator().manual_seed(3)
+    indices = torch.randint(0, 64, (20,), generator=generator)
+    predicted = torch.randn(20, 32, generator=generator)
+    teacher = torch.randn(20, 32, generator=generator)
+    prototypes = torch.randn(8, 32, generator=generator)
+    ties = torch.randint(0, 8, (64,), generator=generator)
+    module.set_prototypes(prototypes, ties)
+    losses = module.semantic_losses(indices, predicted, teacher)
+    with torch.no_grad():
+        projection = module.code_projection
+        projected_codes = module.codebook.weight @ projection.weight.t() + projection.bias
+    expected = {
+        "semantic_distillation_loss": cosine_loss(predicted, teacher),
+        "token_alignment_loss": cosine_loss(projected_codes[indices], teacher),
+        "code_alignment_loss": cosine_loss(projected_codes, prototypes[ties]),
+    }
+    for name, value in expected.items():
+        # Random directions sit near cosine 0, so a wrong sign (1 + cos) or a missing term lands far off.
+        torch.testing.assert_close(losses[name].detach(), value, atol=1e-5, rtol=1e-5, msg=name)
+    # Aligned features cost nothing and opposite ones cost 2: the loss pulls toward the target, not away.
+    aligned = module.semantic_losses(indices, 3 * teacher, teacher)["semantic_distillation_loss"]
+    opposite = module.semantic_losses(indices, -teacher, teacher)["semantic_distillation_loss"]
+    assert float(aligned) == pytest.approx(0.0, abs=1e-5) and float(opposite) == pytest.approx(2.0, abs=1e-5)
+
+
+def test_commitment_loss_moves_the_latents_toward_their_code_and_leaves_the_codebook_alone():
+    module = quantizer(assignment="nearest", ema_decay=None)  # a trainable codebook, so a leak would show
+    module.initialize_codebook(torch.randn(256, 8))
+    module.eval()
+    latents = torch.randn(40, 8, requires_grad=True)
+    output = module(latents)
+    chosen = module.codes().detach()[output.indices]
+    torch.testing.assert_close(output.commitment_loss.detach(), ((latents.detach() - chosen) ** 2).mean())
+    output.commitment_loss.backward()
+    # d/dz mean((z - e)^2) = 2 (z - e) / numel: the encoder side is pulled to its code ...
+    torch.testing.assert_close(latents.grad, 2 * (latents.detach() - chosen) / chosen.numel())
+    # ... and the codes only move through the codebook loss, never through the commitment term.
+    codebook_grad = module.codebook.weight.grad
+    assert codebook_grad is None or not bool(codebook_grad.any())
 
 
 def test_codes_tie_to_the_prototype_of_their_latents_features():

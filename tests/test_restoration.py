@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -14,8 +15,11 @@ if str(REPO) not in sys.path:
 
 from conftest import tiny_model
 
-from cdb_tokenizer import CDBVQImageProcessor
+import cdb_tokenizer.tools.steps as steps_module
+from cdb_tokenizer import CDBVQImageProcessor, CDBVQModel
 from cdb_tokenizer.tools.cli import main as cli_main
+from cdb_tokenizer.tools.degradations import degrade
+from cdb_tokenizer.tools.steps import micro_batch_seed
 from training.train import main as train_main, parse_args
 
 RUN = ["--resolution", "32", "--base_channels", "16", "--channel_multipliers", "1", "2", "2", "--num_res_blocks", "1",
@@ -25,13 +29,32 @@ RUN = ["--resolution", "32", "--base_channels", "16", "--channel_multipliers", "
        "--disc_weight", "0", "--max_train_steps", "2", "--validation_steps", "2", "--checkpointing_steps", "2"]  # fmt: skip
 
 
+DEGRADATION = "gaussian_blur:0.5-2 | noise:0.02"
+
+
 @pytest.fixture(scope="module")
-def restoration_run(tmp_path_factory) -> Path:
+def restoration_run_and_batches(tmp_path_factory) -> tuple[Path, list[dict]]:
+    """The restoration run, and what each training step's loss saw: the encoder's input and the target."""
     output_dir = tmp_path_factory.mktemp("restore_run")
-    metrics = train_main(RUN + ["--output_dir", str(output_dir), "--degradation", "gaussian_blur:0.5-2 | noise:0.02",
-                                "--high_frequency_weight", "0.5", "--role_preset", "three", "--role_supervision_weight", "1"])  # fmt: skip
+    seen = []
+    real = steps_module.compute_losses
+
+    def recording(model, pixel_values, loss_module, teacher, step, *args, target_pixel_values=None, **kwargs):
+        seen.append({"step": step, "inputs": pixel_values.detach().clone(),
+                     "target": None if target_pixel_values is None else target_pixel_values.detach().clone()})  # fmt: skip
+        return real(model, pixel_values, loss_module, teacher, step, *args, target_pixel_values=target_pixel_values, **kwargs)
+
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.setattr(steps_module, "compute_losses", recording)
+        metrics = train_main(RUN + ["--output_dir", str(output_dir), "--degradation", DEGRADATION,
+                                    "--high_frequency_weight", "0.5", "--role_preset", "three", "--role_supervision_weight", "1"])  # fmt: skip
     assert "restoration_psnr" in metrics and "degraded_input_psnr" in metrics
-    return output_dir
+    return output_dir, seen
+
+
+@pytest.fixture(scope="module")
+def restoration_run(restoration_run_and_batches) -> Path:
+    return restoration_run_and_batches[0]
 
 
 @pytest.fixture(scope="module")
@@ -51,10 +74,34 @@ def test_a_restoration_run_records_its_degradation_and_writes_role_pictures(rest
     assert {"loss/high_frequency", "loss/role_supervision", "validation/restoration_psnr"} <= logged
 
 
+def test_restoration_training_feeds_the_encoder_degraded_images_and_targets_the_clean_ones(restoration_run_and_batches):
+    _, seen = restoration_run_and_batches
+    assert [batch["step"] for batch in seen] == [0, 1]  # --max_train_steps 2, one micro-batch each
+    seed = parse_args(RUN + ["--output_dir", "unused"]).seed
+    for batch in seen:
+        inputs, target = batch["inputs"], batch["target"]
+        assert target is not None and target.shape == inputs.shape  # the loss compares with the clean batch
+        assert not torch.equal(inputs, target)  # ... while the encoder sees something else
+        # ... namely the clean batch degraded by the run's spec, under the micro-batch's seed (what a resume redraws).
+        expected = degrade(target, DEGRADATION, seed=micro_batch_seed(seed, batch["step"], 0, 0))
+        torch.testing.assert_close(inputs, expected)
+
+
 def test_restore_writes_restored_images(restoration_run, photo_file, tmp_path, capsys):
     assert cli_main(["restore", str(photo_file), "--model", str(restoration_run), "--out", str(tmp_path / "out")]) == 0
-    assert Image.open(tmp_path / "out" / "photo.png").size == (32, 32)
+    written = np.asarray(Image.open(tmp_path / "out" / "photo.png"))
+    assert written.shape == (32, 32, 3)
     assert "trained to undo gaussian_blur:0.5-2|noise:0.02" in capsys.readouterr().out
+    # The file is the model's restoration of the photo (through its tokens), not the photo itself.
+    model = CDBVQModel.from_pretrained(restoration_run).eval()
+    processor = CDBVQImageProcessor.from_pretrained(restoration_run)
+    pixel_values = processor(Image.open(photo_file), return_tensors="pt").pixel_values
+    with torch.no_grad():
+        restored = model.decode(model.encode(pixel_values).image_tokens)
+    expected = processor.postprocess(restored, return_tensors="np").pixel_values[0]
+    np.testing.assert_array_equal(written, expected)
+    resized_input = processor.postprocess(pixel_values, return_tensors="np").pixel_values[0]
+    assert not np.array_equal(written, resized_input)
 
 
 def test_restore_refuses_a_model_trained_without_a_degradation(photo_file, tmp_path, capsys):

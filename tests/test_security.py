@@ -2,6 +2,7 @@
 and wrong input gets one clear error instead of a wrong answer or a traceback."""
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -326,13 +327,28 @@ def _png_header(width: int, height: int) -> bytes:
             + chunk(b"IDAT", zlib.compress(b"\x00" * 10)) + chunk(b"IEND", b""))  # fmt: skip
 
 
-def test_images_over_the_pixel_budget_are_refused_before_decoding(tmp_path):
+def test_images_over_the_pixel_budget_are_refused_before_decoding(tmp_path, caplog, monkeypatch):
+    import cdb_tokenizer.tools.data as data_module
+
     (tmp_path / "bomb.png").write_bytes(_png_header(20000, 20000))
     (tmp_path / "big.png").write_bytes(_png_header(9000, 8000))
-    assert decode_image(str(tmp_path / "big.png")) is None  # 72 MP > 64 MP: skipped (and counted) in data sets
+    (tmp_path / "at_budget.png").write_bytes(_png_header(8000, 8000))
+    # Both headers are truncated files, so either comes back None; the budget warning says which were refused for
+    # their size, unread: 72 MP is over the default 64 MP, 64 MP exactly is not.
+    with caplog.at_level(logging.WARNING, logger=data_module.__name__):
+        assert decode_image(str(tmp_path / "big.png")) is None  # skipped (and counted) in data sets
+        assert "9000x8000 pixels is over the 64-megapixel budget" in caplog.text
+        caplog.clear()
+        assert decode_image(str(tmp_path / "at_budget.png")) is None  # truncated: unreadable, not over budget
+        assert "budget" not in caplog.text
     Image.new("RGB", (100, 100)).save(tmp_path / "small.png")
     assert decode_image(str(tmp_path / "small.png"), max_pixels=5_000) is None
     assert decode_image(str(tmp_path / "small.png"), max_pixels=10_000) is not None
+    # The default is the module's budget, read at each call: a real image over it is refused, under it decoded.
+    monkeypatch.setattr(data_module, "MAX_IMAGE_PIXELS", 5_000)
+    assert decode_image(str(tmp_path / "small.png")) is None
+    monkeypatch.setattr(data_module, "MAX_IMAGE_PIXELS", 10_000)
+    assert decode_image(str(tmp_path / "small.png")) is not None
 
 
 @pytest.mark.parametrize(
@@ -380,7 +396,8 @@ def test_cli_user_errors_are_one_line_without_a_traceback(root, tmp_path, capsys
         "link": tmp_path / "link.safetensors", "link_folder": tmp_path / "links", "bomb": tmp_path / "bomb.png",
         "big": tmp_path / "big.png", "truncated": tmp_path / "truncated.safetensors",
     }  # fmt: skip
-    shutil.copy(root / "tokens.safetensors", tmp_path / "tokens.safetensors")
+    # Copied elsewhere, the model is named by its absolute path, as files written before 2026-11-30 did.
+    _token_file(root, str(tmp_path / "tokens.safetensors"), model=str((root / "model").resolve()))
     values["out_of_range"] = _token_file(tmp_path, "range.safetensors", torch.full((1, 8, 8), 999, dtype=torch.int32))
     values["float_tokens"] = _token_file(tmp_path, "float.safetensors", torch.full((1, 8, 8), 1.5))
     values["empty_tokens"] = _token_file(tmp_path, "empty.safetensors", torch.zeros(0, 8, 8, dtype=torch.int32))

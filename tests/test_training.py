@@ -77,7 +77,15 @@ def test_end_to_end_run_writes_a_loadable_tokenizer_and_logs_every_loss_term(tmp
     # The teacher statistics behind the prototype ties: in the checkpoint (resumption), not in the model for use.
     checkpoint_weights = load_file(output_dir / "checkpoints" / "checkpoint-3" / "model.safetensors")
     assert float(checkpoint_weights["quantizer.teacher_statistics.counts"].sum()) > 0
-    assert not any("teacher_statistics" in key for key in load_file(output_dir / "model.safetensors"))
+    final_weights = load_file(output_dir / "model.safetensors")
+    assert not any("teacher_statistics" in key for key in final_weights)
+    # --use_ema: the saved tokenizer carries the averaged weights (kept in the last checkpoint), not the raw ones.
+    ema_weights = load_file(output_dir / "checkpoints" / "checkpoint-3" / "training_state.safetensors")
+    averaged = {name.removeprefix("ema/"): value for name, value in ema_weights.items() if name.startswith("ema/")}
+    assert "quantizer.codebook.weight" in averaged and "encoder.conv_in.weight" in averaged
+    for name, value in averaged.items():
+        assert torch.equal(final_weights[name], value.to(final_weights[name].dtype)), name
+    assert not torch.equal(checkpoint_weights["encoder.conv_in.weight"], final_weights["encoder.conv_in.weight"])
     assert list((output_dir / "logs").rglob("events.out.tfevents.*"))
     saved = json.loads((output_dir / "metrics.json").read_text())
     assert saved == metrics

@@ -72,6 +72,17 @@ def test_compute_losses_with_a_teacher_adds_the_semantic_terms(model):
     result = compute_losses(model, pixels(), TokenizerLoss(), teacher=teacher, grid_size=(8, 8))
     for term in ("semantic_distillation", "token_alignment", "code_alignment"):
         assert torch.isfinite(result.terms[term]), term
+    # The terms are the model's own against the teacher's patch features on the token grid, and with a restoration
+    # target it is the clean target the teacher looks at, not the degraded input (eval: the same codes both times).
+    model.eval()
+    degraded, clean = pixels(), pixels() * 0.5
+    with torch.no_grad():
+        result = compute_losses(model, degraded, TokenizerLoss(), teacher=teacher, grid_size=(8, 8), target_pixel_values=clean)
+        expected = model(degraded, teacher_features=teacher.patch_features(clean, grid_size=(8, 8)))
+        of_the_input = model(degraded, teacher_features=teacher.patch_features(degraded, grid_size=(8, 8)))
+    for term in ("semantic_distillation", "token_alignment", "code_alignment"):
+        torch.testing.assert_close(result.terms[term], getattr(expected, f"{term}_loss"), msg=term)
+    assert not torch.allclose(result.terms["token_alignment"], of_the_input.token_alignment_loss)
     with pytest.raises(ValueError, match="grid_size"):
         compute_losses(model, pixels(), TokenizerLoss(), teacher=teacher)
 
