@@ -265,3 +265,23 @@ def test_a_linked_sub_folder_is_named_since_its_images_are_not_used(tmp_path, ca
         dataset = load_image_dataset(train_data_dir=str(tmp_path / "data"))
     assert len(dataset) == 2
     assert "sub-folders that are links are not followed" in caplog.text and "linked" in caplog.text
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_a_data_set_opens_only_its_own_image_files_never_others_it_names(tmp_path, caplog, streaming):
+    # A stranger's data set that names /home/me/private.png (or a URL) had the run read that file and show it in
+    # the validation pictures, which publishing uploads.
+    import pandas
+
+    private, own = tmp_path / "private.png", tmp_path / "data" / "own.png"
+    own.parent.mkdir()
+    for path, shade in ((private, 200), (own, 50)):
+        Image.fromarray(np.full((8, 8, 3), shade, dtype=np.uint8)).save(path)
+    rows = [str(private), "http://127.0.0.1:9/x.png", str(own)]
+    pandas.DataFrame({"image": rows}).to_parquet(tmp_path / "data" / "train.parquet")
+    dataset = load_image_dataset(dataset_name=str(tmp_path / "data"), streaming=streaming)
+    with caplog.at_level("WARNING"):
+        images = [decode_image(item["image"]) for item in dataset]
+    assert images[0] is None and images[1] is None  # never opened, never fetched
+    assert images[2] is not None and np.asarray(images[2])[0, 0, 0] == 50  # the data set's own file
+    assert "names image files outside it" in caplog.text

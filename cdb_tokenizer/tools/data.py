@@ -163,7 +163,56 @@ def load_image_dataset(
     )  # paths or encoded bytes cast to images; anything else cannot be one
     if feature is not None and not image_like:
         raise ValueError(f"image_column {image_column!r} of {source} holds {feature}, not images; its columns are {list(columns)}.")
-    return dataset.cast_column(image_column, datasets.Image(decode=False))
+    dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
+    if dataset_name is not None:
+        # An image given as a path is opened only when it is the data set's own file (its folder, the Hugging Face
+        # caches, hf:// URLs): the data set's word does not reach other files of the machine.
+        local = Path(dataset_name).expanduser()
+        roots = [str(root) for root in (cache_dir, local if local.is_dir() else None) if root]
+        screen = DataSetImagePaths(image_column, roots)
+        dataset = dataset.map(screen) if streaming else dataset.with_transform(screen)
+    return dataset
+
+
+class DataSetImagePaths:
+    """Screens the image values of a `dataset_name` data set (a transform, picklable for loader workers): a value that
+    is only a path (no bytes) is kept when it names the data set's own files, in the Hugging Face caches or
+    `extra_roots` (its local folder, --cache_dir), or a `hf://` URL (also inside an archive, `zip://a.png::hf://...`),
+    and blanked otherwise: a stranger's data set naming `/home/me/photo.jpg` or a URL would have the run read it and
+    show it in its validation pictures (which publishing uploads). Blanked images are skipped as unreadable."""
+
+    def __init__(self, image_column: str, extra_roots: Sequence[str] = ()):
+        import datasets
+        from huggingface_hub import constants
+
+        self.image_column = image_column
+        self.warned = False
+        roots = [constants.HF_HUB_CACHE, datasets.config.HF_DATASETS_CACHE, *extra_roots]
+        self.roots = [str(Path(root).expanduser().resolve()) for root in roots]
+
+    def allowed(self, path: str) -> bool:
+        if "://" in path:
+            return path.split("::")[-1].startswith(("hf://", "https://huggingface.co/"))
+        resolved = Path(path).expanduser().resolve()
+        return any(resolved.is_relative_to(root) for root in self.roots)
+
+    def screened(self, value):
+        if isinstance(value, dict) and value.get("bytes") is None and value.get("path"):
+            if not self.allowed(str(value["path"])):
+                if not self.warned:  # once per data set (and loader worker)
+                    self.warned = True
+                    logger.warning(
+                        "The data set names image files outside it (e.g. %s): they are skipped, never read (a folder of "
+                        "your own images goes in --train_data_dir).", value["path"],
+                    )  # fmt: skip
+                return {"bytes": None, "path": None}
+        return value
+
+    def __call__(self, examples: dict) -> dict:
+        values = examples[self.image_column]
+        batch = isinstance(values, list)  # with_transform gives batches, IterableDataset.map single examples
+        examples[self.image_column] = [self.screened(v) for v in values] if batch else self.screened(values)
+        return examples
 
 
 SPLIT_FOLDERS = ("train", "validation", "test")
