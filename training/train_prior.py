@@ -36,6 +36,7 @@ from transformers import get_scheduler
 from cdb_tokenizer.tools.checkpoints import load_training_state, save_checkpoint
 from cdb_tokenizer.tools.files import write_text
 from cdb_tokenizer.tools.messages import run_script
+from cdb_tokenizer.tools.redaction import redact_secrets
 from cdb_tokenizer.tools.runs import find_checkpoint, make_accelerator, tracker_init_kwargs
 from cdb_tokenizer.tools.steps import micro_batch_seed
 from cdb_tokenizer.tools.train_args import check_output_dir_flags
