@@ -518,7 +518,7 @@ def test_outputs_never_replace_the_inputs(files, tmp_path, capsys):
          victim / "coffee.png"),
     ]
     for arguments, source in refused:
-        assert main(arguments) == 1, arguments
+        assert main(arguments + ["--overwrite"]) == 1, arguments  # not even with --overwrite
         line = cli_error_line(capsys, arguments[0])
         assert f"would replace the input {source}" in line, line
     assert {path: path.read_bytes() for path in original} == original
@@ -823,3 +823,25 @@ def test_a_token_file_far_from_its_local_model_records_only_the_model_name(files
         line = cli_error_line(capsys, "decode")
         assert "does not name its model (it was encoded with a local model named 'model'); pass --model" in line
         assert main(["decode", str(tokens_file), "--model", str(files["model"]), "--out", str(Path(far) / "decoded")]) == 0
+
+
+def test_existing_outputs_are_replaced_only_with_overwrite(files, tmp_path, capsys):
+    # `decode --out photos/` replaced photos/astronaut.png (the user's, not an input) with a 32x32 decode.
+    tokens = _tokens(files, tmp_path)  # decodes to astronaut.png
+    (tmp_path / "photos").mkdir()
+    mine = tmp_path / "photos" / "astronaut.png"
+    shutil.copy(_photos(files)[0], mine)
+    original = mine.read_bytes()
+    assert main(["decode", str(tokens), "--out", str(tmp_path / "photos")]) == 1
+    assert f"{mine} exist already and would be replaced; pass --overwrite" in cli_error_line(capsys, "decode")
+    assert mine.read_bytes() == original
+    assert main(["decode", str(tokens), "--out", str(tmp_path / "photos"), "--overwrite"]) == 0
+    assert Image.open(mine).size == (32, 32)
+    capsys.readouterr()
+    # A file output likewise; and one whose "folder" is a file is named as such.
+    assert main(["encode", _photos(files)[0], "--model", str(files["model"]), "--out", str(tokens)]) == 1
+    assert f"--out {tokens} exists; pass --overwrite to replace it" in cli_error_line(capsys, "encode")
+    assert main(["encode", _photos(files)[0], "--model", str(files["model"]), "--out", str(tokens), "--overwrite"]) == 0
+    capsys.readouterr()
+    assert main(["encode", _photos(files)[0], "--model", str(files["model"]), "--out", str(tokens / "x.safetensors")]) == 1
+    assert f"{tokens} is a file, not a folder" in cli_error_line(capsys, "encode")

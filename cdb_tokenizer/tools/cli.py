@@ -322,9 +322,12 @@ def unique_names(paths: Sequence[Path]) -> list[str]:
     return names
 
 
-def check_output_file(out: str, example: str = "tokens.safetensors", option: str = "--out") -> Path:
-    """--out (or `option`) for a file: a new path or a regular file to replace (never a folder, a name ending in a
-    separator, a device, FIFO or symlink). `example` is the file name the messages suggest."""
+def check_output_file(
+    out: str, example: str = "tokens.safetensors", option: str = "--out", overwrite: bool = False
+) -> Path:
+    """--out (or `option`) for a file: a new path, or with `overwrite` a regular file to replace (never a folder, a
+    name ending in a separator, a device, FIFO or symlink), in a folder this process may write. `example` is the
+    file name the messages suggest."""
     if not out:  # Path("") is the current folder
         raise CLIError(f"{option} is empty; give a file name such as {example}.")
     path = Path(out)
@@ -338,10 +341,17 @@ def check_output_file(out: str, example: str = "tokens.safetensors", option: str
             raise CLIError(f"{option} {out} is a folder; give a file name such as {path / example}.")
         if not stat.S_ISREG(mode):
             raise CLIError(f"{option} {out} is not a regular file (a device, FIFO or socket); give a new path.")
+        if not overwrite:
+            raise CLIError(f"{option} {out} exists; pass --overwrite to replace it, or give a new path.")
+    parent = next((folder for folder in path.parents if os.path.lexists(folder)), Path("."))
+    if not parent.is_dir():
+        raise CLIError(f"{option} {out}: {parent} is a file, not a folder.")
     try:
         make_folder(path.parent)
     except OSError as error:
         raise CLIError(f"{option} {out}: cannot create its folder ({first_line(error)}).") from None
+    if not os.access(path.parent, os.W_OK | os.X_OK):  # found now, not after the work
+        raise CLIError(f"{option} {out}: its folder is not writable.")
     return path
 
 
@@ -420,11 +430,21 @@ def remove_created_folders() -> None:
             _created_folders.pop().rmdir()
 
 
-def check_targets(paths: Sequence[Path]) -> None:
-    """Refuse up front (before any work) output files that exist and are not regular files."""
+def check_targets(paths: Sequence[Path], overwrite: bool = False) -> None:
+    """Refuse up front (before any work) output files that exist and are not regular files, and without `overwrite`
+    any that exist: a folder given as --out may hold files of the user's that only share a name."""
+    existing = []
     for path in paths:
         if os.path.lexists(path) and not stat.S_ISREG(os.lstat(path).st_mode):
             raise CLIError(f"{path} exists and is not a regular file (a link, folder or device); not replacing it.")
+        if os.path.lexists(path):
+            existing.append(str(path))
+    if existing and not overwrite:
+        more = f" and {len(existing) - 3} more" if len(existing) > 3 else ""
+        raise CLIError(
+            f"{', '.join(existing[:3])}{more} exist already and would be replaced; pass --overwrite to replace them, "
+            f"or give another --out."
+        )
 
 
 def replace_file(path: Path, write) -> None:
@@ -532,7 +552,7 @@ def encode_command(args: argparse.Namespace) -> None:
     from safetensors.torch import save_file
 
     paths = check_image_files(args.images, args.max_image_pixels)
-    out = check_output_file(args.out)
+    out = check_output_file(args.out, overwrite=args.overwrite)
     refuse_overwriting_inputs([out], paths)
     model, processor, model_id, fingerprint, revision = load_model_of(args)
     grids = []
@@ -661,7 +681,7 @@ def decode_command(args: argparse.Namespace) -> None:
     names = _image_names(metadata, len(tokens))
     targets = [out / f"{name}.png" for name in names]
     refuse_overwriting_inputs(targets, [Path(args.tokens)])
-    check_targets(targets)
+    check_targets(targets, args.overwrite)
     # A Hub model is loaded at the commit that encoded the tokens, unless --model or --revision says otherwise.
     revision = args.revision or (None if args.model else _recorded_revision(args.tokens, metadata))
     if not args.model:
@@ -780,7 +800,7 @@ def reconstruct_command(args: argparse.Namespace) -> None:
     names = unique_names(paths)
     targets = [folder / f"{name}.png" for name in names for folder in folders] + [out / "psnr.json"]
     refuse_overwriting_inputs(targets, paths)
-    check_targets(targets)
+    check_targets(targets, args.overwrite)
     model, processor, *_ = load_model_of(args)
     if args.role_map and not model.config.code_roles:
         raise CLIError(
@@ -841,7 +861,7 @@ def restore_command(args: argparse.Namespace) -> None:
     out = check_output_folder(args.out)
     targets = [out / f"{name}.png" for name in unique_names(paths)]
     refuse_overwriting_inputs(targets, paths)
-    check_targets(targets)
+    check_targets(targets, args.overwrite)
     model, processor, *_ = load_model_of(args)
     trained_on = getattr(model.config, "restoration_degradation", None)
     if not trained_on:
@@ -935,7 +955,7 @@ def eval_command(args: argparse.Namespace) -> None:
         ) from None
     _apply_protocol(args)
     dataset = open_dataset(args.data, args.image_column, args.split)
-    out = check_output_file(args.out, "metrics.json") if args.out is not None else None
+    out = check_output_file(args.out, "metrics.json", overwrite=args.overwrite) if args.out is not None else None
     if args.fid and args.fid_reference is not None and not Path(args.fid_reference).is_file():  # written at the end
         check_output_file(args.fid_reference, "reference.safetensors", "--fid_reference")
     if out is not None and Path(args.data).expanduser().is_dir():
@@ -1005,7 +1025,7 @@ def inspect_command(args: argparse.Namespace) -> None:
     """Codebook size, assignment rule, role ranges with their usage, and the labels of the most used codes."""
     from .publishing import code_report_summary, codebook_summary
 
-    codes = _check_codes_file(args.codes) if args.codes is not None else None
+    codes = _check_codes_file(args.codes, args.overwrite) if args.codes is not None else None
     model, _, model_id, fingerprint, revision = load_model_of(args)
     summary = codebook_summary(model, top_k=args.top)
     report = model.code_report()
@@ -1073,9 +1093,9 @@ def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.4g}"
 
 
-def _check_codes_file(codes: str) -> Path:
+def _check_codes_file(codes: str, overwrite: bool) -> Path:
     """--codes: a .csv or .json file name (the suffix picks the format), checked like --out."""
-    path = check_output_file(codes, "codes.csv", "--codes")
+    path = check_output_file(codes, "codes.csv", "--codes", overwrite)
     if path.suffix.lower() not in (".csv", ".json"):
         raise CLIError(f"--codes {codes} is neither a .csv nor a .json file name; give codes.csv or codes.json.")
     return path
@@ -1228,6 +1248,9 @@ def build_parser() -> argparse.ArgumentParser:
         command.set_defaults(function=function)
         return command
 
+    def add_overwrite(command: argparse.ArgumentParser) -> None:
+        command.add_argument("--overwrite", action="store_true", help="replace output files that exist already")
+
     def add_data_arguments(command: argparse.ArgumentParser) -> None:
         command.add_argument("--data", required=True, help="image folder, or a data set on the Hub")
         command.add_argument("--split", default="train", help="split of the data set (default: train)")
@@ -1239,12 +1262,14 @@ def build_parser() -> argparse.ArgumentParser:
     encode.add_argument("images", nargs="+", help="image files")
     encode.add_argument("--out", required=True, help="output .safetensors file")
     encode.add_argument("--batch_size", type=_positive_int, default=16)
+    add_overwrite(encode)
     _add_pixel_budget(encode)
 
     decode = add_command("decode", decode_command, "Decode a token file into PNG images.", model_required=False)
     decode.add_argument("tokens", help="a .safetensors file written by `cdb-vq encode`")
     decode.add_argument("--out", required=True, help="output folder")
     decode.add_argument("--batch_size", type=_positive_int, default=16)
+    add_overwrite(decode)
     _add_pixel_budget(decode, "refuse token grids that decode to images of more pixels than this")
     decode.epilog = "The model recorded in the token file is used unless --model is given."
 
@@ -1254,6 +1279,7 @@ def build_parser() -> argparse.ArgumentParser:
     reconstruct.add_argument("images", nargs="+", help="image files")
     reconstruct.add_argument("--out", required=True, help="output folder")
     reconstruct.add_argument("--batch_size", type=_positive_int, default=16)
+    add_overwrite(reconstruct)
     reconstruct.add_argument("--role-map", action="store_true",
                              help="also write each image beside its role map (the role of every token as a translucent colour) to OUT/role_maps/")  # fmt: skip
     _add_pixel_budget(reconstruct)
@@ -1262,6 +1288,7 @@ def build_parser() -> argparse.ArgumentParser:
     restore.add_argument("images", nargs="+", help="degraded image files")
     restore.add_argument("--out", required=True, help="output folder for the restored PNGs")
     restore.add_argument("--batch_size", type=_positive_int, default=16)
+    add_overwrite(restore)
     _add_pixel_budget(restore)
 
     evaluate = add_command(
@@ -1270,6 +1297,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_arguments(evaluate)
     evaluate.add_argument("--batch_size", type=_positive_int, default=16)
     evaluate.add_argument("--out", default=None, help="also write the metrics to this JSON file")
+    add_overwrite(evaluate)
     evaluate.add_argument(
         "--resolution", type=_positive_int, default=None,
         help="resize the shorter side to N and centre-crop N x N (default: the model's image processor)",
@@ -1302,6 +1330,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--top", type=_positive_int, default=10, help="how many of the most used codes to list")
     inspect.add_argument("--json", action="store_true", help="print the summary as JSON")
     inspect.add_argument("--codes", default=None, help="write one record per code (model.code_report()) to this .csv or .json file")
+    add_overwrite(inspect)
 
     tokenize = add_command("tokenize", tokenize_command, "Tokenize an image data set for a prior (save_to_disk).")
     add_data_arguments(tokenize)
