@@ -25,7 +25,7 @@ from cdb_tokenizer.tools.evaluation import (
     optional_fid_metric,
     save_fid_reference,
 )
-from conftest import RunsCode, tiny_model
+from conftest import RunsCode, cli_error_line, tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -198,6 +198,24 @@ def test_cli_eval_fid_with_the_random_extractor_and_a_reference_file(tokenizer_f
     assert again["rfid"] == pytest.approx(metrics["rfid"], rel=1e-6)
     plain, _, _ = _eval(base, capsys)
     assert "rfid" not in plain and plain["psnr"] == pytest.approx(metrics["psnr"], rel=1e-6)
+
+
+def test_cli_eval_refuses_a_reference_of_another_setting_and_fid_options_without_fid(tokenizer_folder, capsys, tmp_path):
+    base = ["eval", "--model", str(tokenizer_folder["model"]), "--data", str(tokenizer_folder["photos"]), "--no-lpips"]
+    reference = tmp_path / "reference.safetensors"
+    random_fid = ["--fid", "--fid_feature_extractor", "random", "--fid_reference", str(reference)]
+    assert cli_main(base + random_fid + ["--resolution", "64"]) == 0 and reference.is_file()
+    capsys.readouterr()
+    # Statistics of 64x64 crops against 32x32 reconstructions gave an rFID without a word.
+    assert cli_main(base + random_fid + ["--resolution", "32"]) == 1
+    assert "was computed with resolution 64x64, this run uses 32x32" in cli_error_line(capsys, "eval")
+    # The metrics file written over the reference it had just saved.
+    assert cli_main(base + ["--fid", "--fid_feature_extractor", "random", "--fid_reference", str(tmp_path / "same.json"),
+                        "--out", str(tmp_path / "same.json")]) == 1  # fmt: skip
+    assert "--fid_reference and --out are the same file" in cli_error_line(capsys, "eval")
+    # rFID options without --fid did nothing, silently.
+    assert cli_main(base + ["--fid_reference", str(reference)]) == 1
+    assert "--fid_reference without --fid: no rFID would be computed" in cli_error_line(capsys, "eval")
 
 
 def test_cli_eval_without_inception_weights_reports_the_rest(tokenizer_folder, capsys, no_inception_weights):

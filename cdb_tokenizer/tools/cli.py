@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 
 from . import files
 
-from .loading import is_local_path, looks_like_path
+from .loading import is_local_path, looks_like_path, processor_image_size
 from .messages import first_line
 
 
@@ -913,6 +913,27 @@ def _apply_protocol(args: argparse.Namespace) -> None:
     args.fid = args.fid or protocol["fid"]
 
 
+def _check_fid_options(args: argparse.Namespace) -> None:
+    """rFID options are refused without --fid (they would do nothing), and --fid_reference may not be --out (the
+    metrics would replace the statistics just saved)."""
+    given = [name for name, value in (("--fid_reference", args.fid_reference), ("--fid_weights", args.fid_weights),
+             ("--fid_feature_extractor random", args.fid_feature_extractor == "random")) if value]  # fmt: skip
+    if given and not args.fid:
+        raise CLIError(f"{', '.join(given)} without --fid: no rFID would be computed; add --fid.")
+    if args.fid_reference and args.out and Path(args.fid_reference).resolve() == Path(args.out).resolve():
+        raise CLIError(f"--fid_reference and --out are the same file ({args.out}); give each its own.")
+
+
+def _check_fid_reference_facts(path: str, recorded: dict[str, str], facts: dict[str, str]) -> None:
+    """Refuse reference statistics computed at another resolution or with another feature extractor."""
+    for key, value in facts.items():
+        if recorded.get(key, value) != value:  # files written before these were recorded are taken as they are
+            raise CLIError(
+                f"--fid_reference {path} was computed with {key} {recorded[key]}, this run uses {value}: its rFID "
+                f"would not be comparable; give a reference of the same setting or a new path to compute one."
+            )
+
+
 def _eval_fid(args: argparse.Namespace, device):
     """The FID metric `cdb-vq eval --fid` asks for, or None after one line saying why it is left out."""
     from .evaluation import FIDUnavailableError, RandomFeatureExtractor, fid_metric
@@ -948,12 +969,13 @@ def _eval_lpips(device):
 def eval_command(args: argparse.Namespace) -> None:
     """PSNR, SSIM, LPIPS, rFID, utilization and perplexity over a folder or Hub data set, as a table and JSON."""
     try:
-        from .evaluation import evaluate, load_fid_reference, save_fid_reference
+        from .evaluation import evaluate, fid_reference_facts, load_fid_reference, save_fid_reference
     except ImportError as error:
         raise CLIError(
             f"cdb-vq eval needs the training extras: pip install 'cdb-tokenizer[train]' ({error})."
         ) from None
     _apply_protocol(args)
+    _check_fid_options(args)
     dataset = open_dataset(args.data, args.image_column, args.split)
     out = check_output_file(args.out, "metrics.json", overwrite=args.overwrite) if args.out is not None else None
     if args.fid and args.fid_reference is not None and not Path(args.fid_reference).is_file():  # written at the end
@@ -974,13 +996,18 @@ def eval_command(args: argparse.Namespace) -> None:
     fid = _eval_fid(args, device)
     lpips = _eval_lpips(device) if args.lpips else None
     reference = None
+    # What makes a reference's statistics comparable with this run's: computed otherwise, the rFID means nothing.
+    size = processor_image_size(processor)
+    facts = {"resolution": f"{size[0]}x{size[1]}" if size else "as processed", "features": args.fid_feature_extractor}
     if fid is not None and args.fid_reference and Path(args.fid_reference).is_file():
         try:
             reference = load_fid_reference(args.fid_reference)
+            recorded = fid_reference_facts(args.fid_reference)
         except Exception as error:  # noqa: BLE001 - not safetensors, truncated, unreadable
             raise CLIError(
                 f"--fid_reference {args.fid_reference} cannot be read as safetensors ({first_line(error)})."
             ) from None
+        _check_fid_reference_facts(args.fid_reference, recorded, facts)
 
     def batches() -> Iterator[torch.Tensor]:
         images = []
@@ -993,12 +1020,13 @@ def eval_command(args: argparse.Namespace) -> None:
             yield pixel_values_of(images, processor, model)
 
     try:
-        metrics = evaluate(model, batches(), lpips=lpips, fid=fid, fid_reference=reference)
+        total = min(len(dataset), args.max_images or len(dataset)) if hasattr(dataset, "__len__") else args.max_images
+        metrics = evaluate(model, batches(), lpips=lpips, fid=fid, fid_reference=reference, total_images=total)
     except ValueError as error:
         raise CLIError(f"{error} ({counter['unreadable']} unreadable images skipped)") from None
     if fid is not None and args.fid_reference and reference is None:
         description = f"{args.data} {args.split} {metrics['num_images']} images"
-        save_fid_reference(fid, args.fid_reference, description=description)
+        save_fid_reference(fid, args.fid_reference, description=description, **facts)
         print(f"Saved the rFID reference statistics to {args.fid_reference}.", file=sys.stderr)
     metrics["unreadable_images"] = counter["unreadable"]
     random_features = args.fid_feature_extractor == "random"

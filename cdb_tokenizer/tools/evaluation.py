@@ -179,15 +179,17 @@ def optional_fid_metric(weights_path: str | None = None, device=None, feature_ex
 FID_REFERENCE_STATES = ("real_features_sum", "real_features_cov_sum", "real_features_num_samples")
 
 
-def save_fid_reference(metric, path: str | Path, description: str = "") -> Path:
-    """Save the reference (real-image) statistics a `FrechetInceptionDistance` has accumulated, to reuse them."""
+def save_fid_reference(metric, path: str | Path, description: str = "", **facts: str) -> Path:
+    """Save the reference (real-image) statistics a `FrechetInceptionDistance` has accumulated, to reuse them, with
+    `facts` (strings: resolution, feature extractor, ...) that a reuse is checked against."""
     from safetensors.torch import save_file
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {name: getattr(metric, name).detach().cpu().contiguous() for name in FID_REFERENCE_STATES}
     # Written aside, then renamed: the file is reused whenever it exists, so it must never be half written.
-    return replace_file(path, lambda temporary: save_file(tensors, str(temporary), metadata={"description": description}))
+    metadata = {"description": description, **facts}
+    return replace_file(path, lambda temporary: save_file(tensors, str(temporary), metadata=metadata))
 
 
 def load_fid_reference(path: str | Path) -> dict[str, torch.Tensor]:
@@ -195,6 +197,14 @@ def load_fid_reference(path: str | Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     return load_file(str(path))
+
+
+def fid_reference_facts(path: str | Path) -> dict[str, str]:
+    """The metadata `save_fid_reference` wrote beside the statistics (description and facts)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        return dict(handle.metadata() or {})
 
 
 def _set_fid_reference(metric, reference: dict[str, torch.Tensor]) -> None:
@@ -229,6 +239,7 @@ def evaluate(
     show_progress: bool = True,
     fid=None,
     fid_reference: dict[str, torch.Tensor] | None = None,
+    total_images: int | None = None,
 ) -> dict[str, float]:
     """Reconstruction and usage metrics of `model` over `batches` of pixel values in [-1, 1].
 
@@ -237,7 +248,7 @@ def evaluate(
     `fid_metric`) is given, and the utilization and perplexity of the code histogram over the whole set (not
     averaged per batch). rFID compares the reconstructions with the very images the model was given (the same
     resize and crop), unless `fid_reference` (from `load_fid_reference`) supplies the reference statistics. The
-    model runs in eval mode (`eval_mode`).
+    model runs in eval mode (`eval_mode`). The progress bar counts images, out of `total_images` when given.
     """
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
@@ -250,8 +261,9 @@ def evaluate(
         fid.reset()
         if fid_reference is not None:
             _set_fid_reference(fid, fid_reference)
-    with eval_mode(model):
-        for batch in tqdm(first_batches(batches, max_batches), desc="evaluating", disable=not show_progress, leave=False):
+    progress = tqdm(total=total_images, desc="evaluating", unit="image", disable=not show_progress, leave=False)
+    with eval_mode(model), progress:
+        for batch in first_batches(batches, max_batches):
             pixel_values = batch["pixel_values"] if isinstance(batch, dict) else batch
             pixel_values = pixel_values.to(device=device, dtype=dtype)
             # Any tokenizer whose forward gives `image_tokens` and `reconstruction`; ours asked for its output
@@ -269,6 +281,7 @@ def evaluate(
                     fid.update(original, real=True)
                 fid.update(reconstruction, real=False)
             num_images += pixel_values.shape[0]
+            progress.update(pixel_values.shape[0])
     if num_images == 0:
         raise ValueError("evaluate got no images: the evaluation data is empty.")
     metrics = {"psnr": float(psnr.compute()), "ssim": float(ssim.compute()), **usage_statistics(counts.cpu())}
