@@ -154,10 +154,12 @@ def test_eval_prints_table_and_json_and_skips_unreadable_images(files, tmp_path,
         main(["eval", "--model", str(files["model"]), "--data", str(data), "--batch_size", "2", "--out", str(out)])
         == 0
     )
-    lines = capsys.readouterr().out.strip().splitlines()
+    captured = capsys.readouterr()
+    lines = captured.out.strip().splitlines()
     metrics = json.loads(lines[-1])
     assert metrics == json.loads(out.read_text())
     assert (metrics["num_images"], metrics["unreadable_images"]) == (4, 1)
+    assert "skipping unreadable image" in captured.err and "broken.png" in captured.err  # named, not only counted
     assert any(line.startswith("PSNR (dB)") and f"{metrics['psnr']:.2f}" in line for line in lines)
 
     # The same numbers as cdb_tokenizer.tools.evaluation.evaluate on the readable photos.
@@ -845,3 +847,14 @@ def test_existing_outputs_are_replaced_only_with_overwrite(files, tmp_path, caps
     capsys.readouterr()
     assert main(["encode", _photos(files)[0], "--model", str(files["model"]), "--out", str(tokens / "x.safetensors")]) == 1
     assert f"{tokens} is a file, not a folder" in cli_error_line(capsys, "encode")
+
+
+def test_token_files_of_any_integer_type_decode_the_same(files, tmp_path):
+    tokens_file = _tokens(files, tmp_path)
+    with safe_open(str(tokens_file), framework="pt") as handle:
+        metadata, tokens = handle.metadata(), handle.get_tensor("image_tokens")
+    narrow = tmp_path / "int8.safetensors"
+    save_file({"image_tokens": tokens.to(torch.int8)}, str(narrow), metadata=metadata)  # 64 codes fit in int8
+    assert main(["decode", str(tokens_file), "--out", str(tmp_path / "a")]) == 0
+    assert main(["decode", str(narrow), "--out", str(tmp_path / "b")]) == 0
+    assert (tmp_path / "a" / "astronaut.png").read_bytes() == (tmp_path / "b" / "astronaut.png").read_bytes()

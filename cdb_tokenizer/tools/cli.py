@@ -626,7 +626,7 @@ def read_token_file(
         raise CLIError(
             f"{path} is a token file of format version {version!r}; this cdb-vq reads version {TOKEN_FILE_VERSION!r}."
         )
-    if tokens.dtype not in (torch.int32, torch.int64, torch.int16, torch.uint8):
+    if tokens.dtype not in (torch.int32, torch.int64, torch.int16, torch.int8, torch.uint8):
         raise CLIError(
             f"{path} holds {tokens.dtype} tokens, not integer code ids; it was not written by `cdb-vq encode`."
         )
@@ -883,13 +883,16 @@ def _readable_images(
     dataset, image_column: str, counter: dict[str, int], limit: int | None = None,
     max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> Iterator[Image.Image]:
-    """Decoded images of a data set, row by row; unreadable (or over-budget) ones are skipped and counted."""
-    from .data import decode_image
+    """Decoded images of a data set, row by row; unreadable (or over-budget) ones are skipped, counted, and the first
+    few named on stderr."""
+    from .data import MAX_REPORTED_UNREADABLE, decode_image, describe_image_value
 
     for row in itertools.islice(dataset, limit):
         image = decode_image(row[image_column], max_pixels=max_pixels)
         if image is None:
             counter["unreadable"] += 1
+            if counter["unreadable"] <= MAX_REPORTED_UNREADABLE:
+                print(f"skipping unreadable image {describe_image_value(row[image_column])}", file=sys.stderr)
             continue
         yield image
 
