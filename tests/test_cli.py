@@ -206,7 +206,7 @@ def test_a_model_saved_with_return_dict_false_still_works_with_every_command(fil
     assert main(["eval", "--model", str(folder), "--data", str(files["root"] / "photos")]) == 0
 
 
-def test_reconstruct_pools_images_of_several_sizes_by_their_pixels(files, tmp_path):
+def test_reconstruct_pools_images_of_several_sizes_by_their_pixels(files, tmp_path, capsys):
     # A processor that does not resize keeps each image's size: the set's PSNR must weigh each by its pixels.
     from torchmetrics.functional.image import peak_signal_noise_ratio
 
@@ -217,6 +217,10 @@ def test_reconstruct_pools_images_of_several_sizes_by_their_pixels(files, tmp_pa
     Image.open(_photos(files)[0]).resize((32, 32)).save(small)
     Image.open(_photos(files)[1]).resize((64, 96)).save(large)
     argv = ["reconstruct", str(small), str(large), "--model", str(folder), "--out", str(tmp_path / "out"), "--batch_size", "1"]
+    # Batched together they cannot be: the message says what to do on the command line.
+    assert main(argv[:-2]) == 1
+    line = cli_error_line(capsys, "reconstruct")
+    assert "does not resize, and one batch holds images of different sizes" in line and "--batch_size 1" in line
     assert main(argv) == 0
     scores = json.loads((tmp_path / "out" / "psnr.json").read_text())
     squared = []

@@ -459,7 +459,16 @@ def replace_file(path: Path, write) -> None:
 
 def pixel_values_of(images: list[Image.Image], processor, model) -> torch.Tensor:
     parameter = next(model.parameters())
-    pixel_values = processor(images, return_tensors="pt").pixel_values
+    try:
+        pixel_values = processor(images, return_tensors="pt").pixel_values
+    except ValueError as error:
+        if "Cannot batch images of different shapes" not in str(error):
+            raise
+        # The processor's advice (return_tensors=None) is for Python callers.
+        raise CLIError(
+            f"the model's image processor does not resize, and one batch holds images of different sizes "
+            f"({str(error).split('shapes ')[1].split(':')[0]}); pass --batch_size 1, or give images of one size."
+        ) from None
     check_processed_size(pixel_values, processor, model.config.downsampling_factor)
     return pixel_values.to(device=parameter.device, dtype=parameter.dtype)
 
