@@ -7,10 +7,12 @@ import os
 import math
 import random
 import re
+import shutil
 import socket
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import datasets
 import pytest
@@ -19,6 +21,7 @@ from conftest import tiny_model
 from PIL import Image
 
 from cdb_tokenizer import CDBVQImageProcessor
+from cdb_tokenizer.tools.cli import codebook_fingerprint
 from cdb_tokenizer.tools.data import sample_photos
 from cdb_tokenizer.tools.priors import (
     ImageTokenLogitsProcessor,
@@ -31,6 +34,7 @@ from cdb_tokenizer.tools.priors import (
     photo_crops_dataset,
     sample_image_tokens,
     sample_images,
+    save_image_grid,
     save_prior,
     save_tokens,
     token_image_size,
@@ -306,6 +310,7 @@ def test_train_tokenize_sample_decode_end_to_end(tokenizer, photo_set, tmp_path,
     prior, vocabulary, prior_config = load_prior(tmp_path / "prior")
     assert vocabulary.num_classes == 4 and prior_config["num_image_tokens"] == 64
     assert prior_config["tokenizer"] == str(tmp_path / "tokenizer")
+    assert prior_config["codebook_fingerprint"] == codebook_fingerprint(model)  # what sample_prior.py checks
     tokens = sample_image_tokens(prior, vocabulary, 3, class_labels=[0, 1, 3], seed=0)
     assert tokens.shape == (3, 64) and 0 <= int(tokens.min()) and int(tokens.max()) < model.config.codebook_size
     images = sample_images(prior, model, vocabulary, 3, class_labels=[0, 1, 3], seed=0, top_k=20, top_p=0.9)
@@ -467,6 +472,16 @@ def test_train_prior_checks_code_ids_and_the_recorded_codebook_size(tmp_path, fr
     (tmp_path / "recorded" / "cdb_vq_tokens.json").write_text(json.dumps({"codebook_size": 64, "codebook_fingerprint": "x"}))
     with pytest.raises(ValueError, match="--codebook_size 8, but .* holds the ids of a 64-code tokenizer"):
         train_prior.main(train_prior.parse_args(prior_argv(tmp_path / "recorded", tmp_path / "prior2")))
+
+
+def test_train_prior_records_the_codebook_its_tokens_index(tmp_path, fresh_accelerator_state):
+    # Without --tokenizer, the fingerprint comes from the tokens' cdb_vq_tokens.json (with one: the tokenizer's).
+    model = tiny_model(codebook_size=8)
+    save_tokens(token_set(16), tmp_path / "tokens", model)
+    train_prior = load_script("train_prior")
+    train_prior.main(train_prior.parse_args(prior_argv(tmp_path / "tokens", tmp_path / "prior")))
+    recorded = json.loads((tmp_path / "prior" / "prior_config.json").read_text())["codebook_fingerprint"]
+    assert recorded == codebook_fingerprint(model)
 
 
 def test_a_prior_finds_its_local_tokenizer_from_any_working_directory(tokenizer, tmp_path, monkeypatch):
@@ -659,6 +674,183 @@ def test_sample_prior_refuses_bad_flags(flags, message, tmp_path, capsys):
         sample_prior.parse_args(["--prior", str(tmp_path / "prior"), *flags])
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert re.search(message, error), error
+
+
+def save_sampling_prior(tokenizer, folder: Path) -> Path:
+    """An untrained prior over `tokenizer`'s 64 codes in `folder/prior`, recording the tokenizer saved in
+    `folder/tok` and its codebook fingerprint, as train_prior.py does."""
+    model, processor = tokenizer
+    model.save_pretrained(folder / "tok")
+    processor.save_pretrained(folder / "tok")
+    vocabulary = PriorVocabulary(64)
+    return save_prior(
+        build_prior(vocabulary, 64, **TINY_PRIOR), vocabulary, folder / "prior", 64, tokenizer=str(folder / "tok"),
+        codebook_fingerprint=codebook_fingerprint(model),
+    )  # fmt: skip
+
+
+def run_sample_prior(prior: Path, *flags: str) -> Path:
+    sample_prior = load_script("sample_prior")
+    return sample_prior.main(sample_prior.parse_args(["--prior", str(prior), "--num_images", "1", *flags]))
+
+
+def test_sample_prior_refuses_a_tokenizer_with_another_codebook(tokenizer, tmp_path, caplog):
+    # Another tokenizer of the same codebook size, or the prior's own retrained since, decoded noise without a word.
+    prior = save_sampling_prior(tokenizer, tmp_path)
+    other = tiny_model(seed=1)
+    other.save_pretrained(tmp_path / "other")
+    trained, given = codebook_fingerprint(tokenizer[0]), codebook_fingerprint(other)
+    with pytest.raises(ValueError, match=f"--tokenizer .*other' has codebook fingerprint {given}, but the prior was "
+                                         f"trained on a tokenizer with {trained}"):  # fmt: skip
+        run_sample_prior(prior, "--tokenizer", str(tmp_path / "other"))
+    assert run_sample_prior(prior).is_file()  # its own tokenizer
+    shutil.copytree(tmp_path / "other", tmp_path / "tok", dirs_exist_ok=True)  # the tokenizer, retrained since
+    with pytest.raises(ValueError, match=f"records '.*tok' has codebook fingerprint {given}.*retrained since"):
+        run_sample_prior(prior, "--overwrite")
+    # A prior saved before fingerprints were recorded still samples, with a warning.
+    config_file = prior / "prior_config.json"
+    config = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps({key: value for key, value in config.items() if key != "codebook_fingerprint"}))
+    assert run_sample_prior(prior, "--overwrite").is_file()
+    assert "records no codebook fingerprint" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "output, message",
+    [
+        ("photo.png", "--output .*photo.png exists; pass --overwrite to replace it"),
+        ("folder.png", "--output .*folder.png is a folder"),
+        ("link.png", "--output .*link.png is a symbolic link"),
+        ("folder.png/", "names a folder"),
+        ("samples.jpg", "--output .*samples.jpg': the grid is written as a PNG image; give a .png file name"),
+        ("/dev/null", "--output '/dev/null': the grid is written as a PNG image"),
+        ("", "give a .png file name"),
+    ],
+)
+def test_sample_prior_checks_output_before_loading_anything(output, message, tmp_path, monkeypatch, capsys):
+    # It replaced a user's photo without a word, and wrote folders, devices and .jpg names only after sampling.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "photo.png").write_bytes(b"a photo")
+    (tmp_path / "link.png").symlink_to(tmp_path / "photo.png")
+    (tmp_path / "folder.png").mkdir()
+    sample_prior = load_script("sample_prior")
+    monkeypatch.setattr(sample_prior, "load_prior", lambda *args, **kwargs: pytest.fail("loaded before checking"))
+    with pytest.raises(SystemExit):
+        sample_prior.parse_args(["--prior", str(tmp_path / "missing"), "--output", output])
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert re.search(message, error), error
+    assert (tmp_path / "photo.png").read_bytes() == b"a photo"
+
+
+def test_sample_prior_overwrites_only_when_asked_and_leaves_no_empty_folder(tokenizer, tmp_path, capsys):
+    prior = save_sampling_prior(tokenizer, tmp_path)
+    assert run_sample_prior(prior) == prior / "samples.png"
+    with pytest.raises(SystemExit):  # the default output too: another run's grid is not replaced unasked
+        run_sample_prior(prior)
+    assert "samples.png exists; pass --overwrite to replace it" in capsys.readouterr().err
+    (tmp_path / "photo.png").write_bytes(b"a photo")
+    assert run_sample_prior(prior, "--output", str(tmp_path / "photo.png"), "--overwrite").is_file()
+    assert Image.open(tmp_path / "photo.png").format == "PNG"
+    # A run that fails removes the folders the --output check created.
+    with pytest.raises(FileNotFoundError, match="--tokenizer './nowhere': no such folder"):
+        run_sample_prior(prior, "--output", str(tmp_path / "new" / "sub" / "grid.png"), "--tokenizer", "./nowhere")
+    assert not (tmp_path / "new").exists()
+
+
+def test_save_image_grid_writes_a_whole_png_never_through_a_link(tmp_path, monkeypatch):
+    images = torch.zeros(2, 3, 8, 8)
+    (tmp_path / "photo.png").write_bytes(b"a photo")
+    (tmp_path / "link.png").symlink_to(tmp_path / "photo.png")
+    with pytest.raises(FileExistsError, match="not a regular file"):
+        save_image_grid(images, tmp_path / "link.png")
+    assert Image.open(save_image_grid(images, tmp_path / "grid.jpg")).format == "PNG"  # as its docstring says
+
+    def half_written(tensor, fp, **kwargs):
+        Path(fp).write_bytes(b"half a grid")
+        raise OSError("disk full")
+
+    monkeypatch.setattr("torchvision.utils.save_image", half_written)
+    with pytest.raises(OSError, match="disk full"):
+        save_image_grid(images, tmp_path / "photo.png")
+    assert (tmp_path / "photo.png").read_bytes() == b"a photo"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["grid.jpg", "link.png", "photo.png"]
+
+
+@pytest.mark.parametrize(
+    "device, message",
+    [("foo", "--device 'foo' is not a device torch knows"), ("cuda", "--device cuda asked for CUDA, but no CUDA GPU")],
+)
+def test_sample_prior_refuses_an_unusable_device_in_one_line(device, message, tmp_path, monkeypatch, capsys):
+    import runpy
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    vocabulary = PriorVocabulary(8)
+    save_prior(build_prior(vocabulary, 4, **TINY_PRIOR), vocabulary, tmp_path / "prior", 4)
+    monkeypatch.setattr(sys, "argv", ["sample_prior.py", "--prior", str(tmp_path / "prior"), "--device", device])
+    with pytest.raises(SystemExit):
+        runpy.run_path(str(ROOT / "training" / "sample_prior.py"), run_name="__main__")
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and message in err.strip().splitlines()[-1]
+
+
+def test_sample_prior_names_a_missing_tokenizer_or_a_damaged_config(tokenizer, tmp_path, monkeypatch):
+    prior = save_sampling_prior(tokenizer, tmp_path)
+    (tmp_path / "tok").rename(tmp_path / "moved")  # it said "Repo id must be in the form 'repo_name'...: '/.../tok'"
+    with pytest.raises(FileNotFoundError, match="the tokenizer prior_config.json records '.*tok': no such folder. "
+                                                "Moved or deleted since training\\? Pass --tokenizer."):  # fmt: skip
+        run_sample_prior(prior)
+    assert run_sample_prior(prior, "--tokenizer", str(tmp_path / "moved")).is_file()
+    config_file = prior / "prior_config.json"
+    config_file.write_text('{"vocabulary": {')  # it said "Expecting property name ..." and not which file
+    with pytest.raises(ValueError, match=re.escape(f"{config_file} is damaged: Expecting property name")):
+        run_sample_prior(prior, "--overwrite")
+    config_file.write_text("[]")
+    with pytest.raises(ValueError, match=re.escape(f"{config_file} is damaged: it has no vocabulary")):
+        load_prior(prior)
+
+
+def test_a_name_without_an_owner_is_a_missing_folder_not_a_hub_id(tokenizer, tmp_path, monkeypatch):
+    # "--prior noprior" (a folder name mistyped without ./) was looked up on the Hub: 30 s of retries offline.
+    prior = save_sampling_prior(tokenizer, tmp_path)
+    monkeypatch.chdir(tmp_path)
+
+    def ask_the_hub(*args, **kwargs):
+        pytest.fail("asked the Hub")
+
+    monkeypatch.setattr("huggingface_hub.hf_hub_download", ask_the_hub)
+    monkeypatch.setattr("cdb_tokenizer.tools.priors.model.load_tokenizer", ask_the_hub, raising=False)
+    with pytest.raises(FileNotFoundError, match="prior 'priro': no such folder, nor a Hub id \\(owner/name\\)"):
+        load_prior("priro")
+    with pytest.raises(FileNotFoundError, match="--tokenizer 'tokk': no such folder, nor a Hub id"):
+        run_sample_prior(prior, "--tokenizer", "tokk")
+    with pytest.raises(FileNotFoundError, match="--tokenizer 'a b/c': neither a local folder nor a valid Hub id"):
+        run_sample_prior(prior, "--tokenizer", "a b/c")
+
+
+def hub_error(kind: str) -> Exception:
+    """An error of huggingface_hub's `kind`, as `hf_hub_download` raises it."""
+    from huggingface_hub import errors
+
+    error_class = getattr(errors, kind)
+    return error_class("boom") if kind == "LocalEntryNotFoundError" else error_class("boom", response=mock.Mock())
+
+
+@pytest.mark.parametrize(
+    "kind, message",
+    [
+        ("LocalEntryNotFoundError", r"no local folder of that name, and the Hub cannot be reached \(offline\?\) nor was it downloaded before"),
+        ("RepositoryNotFoundError", "no local folder of that name, and no Hub repository either"),
+        ("RevisionNotFoundError", "the Hub repository has no revision 'v2'"),
+        ("RemoteEntryNotFoundError", "the Hub repository has no prior_config.json: it is not a prior"),
+    ],
+)
+def test_load_prior_says_why_a_hub_prior_cannot_be_fetched(kind, message, monkeypatch):
+    def fail(*args, **kwargs):
+        raise hub_error(kind)
+
+    monkeypatch.setattr("huggingface_hub.hf_hub_download", fail)
+    with pytest.raises(FileNotFoundError, match=f"^prior 'org/prior': {message}"):
+        load_prior("org/prior", revision="v2")
 
 
 def test_load_prior_never_runs_a_folder_s_own_code(tmp_path, monkeypatch):

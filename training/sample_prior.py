@@ -6,7 +6,8 @@
         --guidance_scale 3 --temperature 1.0 --top_k 0 --top_p 0.95 --seed 0
 
 Tokens come from `generate` restricted to image tokens, and are decoded by the tokenizer recorded in the prior's
-`prior_config.json` (or `--tokenizer`). With `--class_labels`, the grid has one row of `--num_images` per class.
+`prior_config.json` (or `--tokenizer`), which must have the codebook the prior was trained on. With `--class_labels`,
+the grid has one row of `--num_images` per class. An existing `--output` is replaced only with `--overwrite`.
 """
 
 from __future__ import annotations
@@ -17,11 +18,13 @@ from pathlib import Path
 
 import torch
 
+from cdb_tokenizer.tools.cli import CLIError, check_output_file, remove_created_folders, resolve_device
 from cdb_tokenizer.tools.messages import run_script
 from cdb_tokenizer.tools.priors import (
+    PRIOR_CONFIG_NAME,
     load_prior,
     load_prior_config,
-    load_tokenizer,
+    load_prior_tokenizer,
     sample_images,
     save_image_grid,
     token_image_size,
@@ -33,6 +36,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--prior", type=str, required=True, help="Folder (or Hub id) written by train_prior.py.")
     parser.add_argument("--tokenizer", type=str, default=None, help="Default: the one in prior_config.json.")
     parser.add_argument("--output", type=str, default=None, help="PNG path (default: <prior>/samples.png).")
+    parser.add_argument("--overwrite", action="store_true", help="Replace --output if it exists.")
     parser.add_argument("--num_images", type=int, default=16, help="Images in all, or per class with --class_labels.")
     parser.add_argument("--class_labels", type=int, nargs="+", default=None,
                         help="Classes to sample (class-conditional priors): one grid row each.")
@@ -48,7 +52,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """One-line errors before anything is loaded (the prior's config only for --class_labels)."""
+    """One-line errors before anything is loaded (the prior's config only for --class_labels); --output last, as
+    checking it creates its folder."""
     if args.num_images < 1:
         parser.error(f"--num_images must be at least 1, got {args.num_images}.")
     if args.temperature < 0:
@@ -69,17 +74,40 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         wrong = [label for label in args.class_labels if not 0 <= label < num_classes]
         if wrong:
             parser.error(f"--class_labels {wrong}: the prior has classes 0 to {num_classes - 1}.")
+    try:
+        resolve_device(args.device)
+        # The default waits for a prior that is no local folder: checking it would create the folder of a Hub id,
+        # or of a mistyped one.
+        if args.output is not None or Path(args.prior).expanduser().is_dir():
+            args.output = str(check_output(args))
+    except CLIError as error:
+        parser.error(str(error))
+
+
+def check_output(args: argparse.Namespace) -> Path:
+    """--output (default <prior>/samples.png): a .png file name, new or, with --overwrite, a regular file to replace;
+    never a folder, device or link (`check_output_file`, which creates its folder)."""
+    output = args.output if args.output is not None else str(Path(args.prior) / "samples.png")
+    if Path(output).suffix.lower() != ".png":
+        raise CLIError(f"--output {output!r}: the grid is written as a PNG image; give a .png file name.")
+    return check_output_file(output, example="samples.png", option="--output", overwrite=args.overwrite)
 
 
 def main(args: argparse.Namespace) -> Path:
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    """`sample`; after a failure, the folders that checking --output created are removed again."""
+    try:
+        return sample(args)
+    except BaseException:
+        remove_created_folders()  # a failed run leaves no empty folders behind
+        raise
+
+
+def sample(args: argparse.Namespace) -> Path:
+    """Load the prior and its tokenizer, sample, and write the grid; returns its path."""
+    device = resolve_device(args.device)
     prior, vocabulary, prior_config = load_prior(args.prior, device=device)
-    tokenizer_id = args.tokenizer or prior_config.get("tokenizer")
-    if not tokenizer_id:
-        name = prior_config.get("tokenizer_name")  # a local tokenizer too far from the prior to record its path
-        trained_on = f"the folder {name!r} it was trained on" if name else "the one the prior was trained on"
-        raise ValueError(f"prior_config.json names no tokenizer: pass --tokenizer ({trained_on}).")
-    tokenizer, _ = load_tokenizer(tokenizer_id, device=device)
+    output = Path(args.output) if args.output is not None else check_output(args)  # a Hub prior's default
+    tokenizer, _ = load_tokenizer_of(args, prior_config, device)
     # Priors trained without a tokenizer (--codebook_size) record no image size: the token count gives it.
     image_size = tuple(prior_config["image_size"]) if prior_config.get("image_size") else None
     if prior_config.get("num_image_tokens"):
@@ -96,12 +124,27 @@ def main(args: argparse.Namespace) -> Path:
         class_labels=class_labels, guidance_scale=args.guidance_scale, seed=args.seed, image_size=image_size,
         num_image_tokens=prior_config.get("num_image_tokens"),
     )  # fmt: skip
-    output = Path(args.output) if args.output else Path(args.prior) / "samples.png"
     save_image_grid(images, output, nrow=nrow)
     print(f"Wrote {num_images} samples to {output}")
     return output
 
 
+def load_tokenizer_of(args: argparse.Namespace, prior_config: dict, device: torch.device) -> tuple:
+    """(model, processor) of --tokenizer, else of the one prior_config.json records, checked against the codebook
+    the prior was trained on."""
+    if args.tokenizer:
+        return load_prior_tokenizer(args.tokenizer, prior_config, device, what="--tokenizer")
+    tokenizer_id = prior_config.get("tokenizer")
+    if not tokenizer_id:
+        name = prior_config.get("tokenizer_name")  # a local tokenizer too far from the prior to record its path
+        trained_on = f"the folder {name!r} it was trained on" if name else "the one the prior was trained on"
+        raise ValueError(f"{PRIOR_CONFIG_NAME} names no tokenizer: pass --tokenizer ({trained_on}).")
+    return load_prior_tokenizer(
+        tokenizer_id, prior_config, device, what=f"the tokenizer {PRIOR_CONFIG_NAME} records",
+        hint="Moved or deleted since training? Pass --tokenizer.",
+    )  # fmt: skip
+
+
 if __name__ == "__main__":
     # Mistakes in the inputs (a missing folder, another tokenizer's tokens, a Hub id that cannot be reached): one line.
-    run_script(lambda: main(parse_args()), FileNotFoundError, ValueError, OSError)
+    run_script(lambda: main(parse_args()), FileNotFoundError, ValueError, OSError, CLIError)

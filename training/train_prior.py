@@ -13,8 +13,8 @@ class per photo, tokenised on the fly with `--tokenizer`.
         --architecture gpt2 --hidden_size 512 --num_layers 12 --num_heads 8 --mixed_precision bf16
 
 The output folder holds the prior (`save_pretrained`), `prior_config.json` (vocabulary layout, tokens per image,
-tokenizer id), `metrics.json`, `training_config.json`, sample grids under `samples/`, tracker logs under `logs/`, and
-`checkpoints/checkpoint-<step>`.
+tokenizer id and codebook fingerprint), `metrics.json`, `training_config.json`, sample grids under `samples/`, tracker
+logs under `logs/`, and `checkpoints/checkpoint-<step>`.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from cdb_tokenizer.tools.checkpoints import load_training_state, save_checkpoint
+from cdb_tokenizer.tools.cli import codebook_fingerprint
 from cdb_tokenizer.tools.files import write_text
 from cdb_tokenizer.tools.messages import run_script
 from cdb_tokenizer.tools.redaction import redact_secrets
@@ -47,7 +48,7 @@ from cdb_tokenizer.tools.priors import (
     build_prior,
     check_tokens_source,
     drop_class_labels,
-    load_tokenizer,
+    load_prior_tokenizer,
     photo_crops_dataset,
     processor_image_size,
     read_tokens_info,
@@ -219,6 +220,15 @@ def load_token_splits(args: argparse.Namespace, accelerator: Accelerator, tokeni
     return train, validation
 
 
+def recorded_fingerprint(args: argparse.Namespace, tokenizer) -> str | None:
+    """The codebook fingerprint prior_config.json records, which sample_prior.py checks its tokenizer against:
+    --tokenizer's, else the one --tokens_dir records (None when neither is known)."""
+    if tokenizer is not None:
+        return codebook_fingerprint(tokenizer[0])
+    info = read_tokens_info(args.tokens_dir) if args.tokens_dir else None
+    return info["codebook_fingerprint"] if info else None
+
+
 def _labels(name: str, split):
     """The split's `label` column as one Arrow array (no Python lists: cheap on millions of rows)."""
     import pyarrow as pa
@@ -364,8 +374,9 @@ def main(args: argparse.Namespace) -> dict[str, float]:
     set_seed(args.seed)
     prepare_prior_output_dir(args, accelerator)
 
-    tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None
+    tokenizer = load_prior_tokenizer(args.tokenizer, what="--tokenizer") if args.tokenizer else None
     codebook_size = tokenizer[0].config.codebook_size if tokenizer else args.codebook_size
+    fingerprint = recorded_fingerprint(args, tokenizer)  # on the CPU, as saved: before the tokenizer moves
     train_set, validation_set = load_token_splits(args, accelerator, tokenizer)
     num_image_tokens = len(train_set[0]["image_tokens"])
     vocabulary = make_vocabulary(args, train_set, validation_set, codebook_size)
@@ -488,7 +499,8 @@ def main(args: argparse.Namespace) -> dict[str, float]:
     if accelerator.is_main_process:
         save_prior(
             accelerator.unwrap_model(prior), vocabulary, output_dir, num_image_tokens,
-            tokenizer=args.tokenizer, image_size=image_size, architecture=args.architecture,
+            tokenizer=args.tokenizer, image_size=image_size, codebook_fingerprint=fingerprint,
+            architecture=args.architecture,
         )  # fmt: skip
         write_text(output_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
         logger.info(f"Saved the prior to {output_dir}: {metrics['bits_per_token']:.3f} bits per token")

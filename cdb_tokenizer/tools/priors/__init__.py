@@ -2,10 +2,12 @@
 
 - `vocabulary`: `PriorVocabulary`, the token layout;
 - `token_data`: tokenised data sets (`tokenize_dataset`, `photo_crops_dataset`);
-- `model`: batches, building, validating, saving and loading the prior (`PriorCollator`, `build_prior`, ...);
+- `model`: batches, building, validating, saving and loading the prior and its tokenizer (`PriorCollator`,
+  `build_prior`, `load_prior`, `load_prior_tokenizer`, ...);
 - `sampling`: generating image tokens and images (`sample_image_tokens`, `sample_images`, `save_image_grid`).
 
-Loading a tokenizer is not prior code: `cdb_tokenizer.tools.loading.load_tokenizer` (re-exported here).
+Loading a tokenizer is not prior code: `cdb_tokenizer.tools.loading.load_tokenizer` (re-exported here);
+`load_prior_tokenizer` adds what a prior needs (its codebook checked against the one it was trained on).
 
 A prior is a plain transformers causal LM (Llama or GPT-2) over sequences
 
@@ -17,9 +19,9 @@ is the one place that knows that layout. Training-only (datasets): never importe
 Example:
 
 ```python
->>> from cdb_tokenizer.tools.priors import load_prior, load_tokenizer, sample_images
+>>> from cdb_tokenizer.tools.priors import load_prior, load_prior_tokenizer, sample_images
 >>> prior, vocabulary, prior_config = load_prior("outputs/prior")
->>> tokenizer, processor = load_tokenizer(prior_config["tokenizer"])
+>>> tokenizer, processor = load_prior_tokenizer(prior_config["tokenizer"], prior_config)
 >>> images = sample_images(prior, tokenizer, vocabulary, num_images=8, class_labels=3, guidance_scale=3.0, seed=0)
 ```
 """
@@ -30,9 +32,11 @@ from .model import (
     PRIOR_CONFIG_NAME,
     PriorCollator,
     build_prior,
+    check_prior_codebook,
     drop_class_labels,
     load_prior,
     load_prior_config,
+    load_prior_tokenizer,
     save_prior,
     validation_bits_per_token,
 )
@@ -46,10 +50,12 @@ __all__ = [
     "PriorCollator",
     "PriorVocabulary",
     "build_prior",
+    "check_prior_codebook",
     "check_tokens_source",
     "drop_class_labels",
     "load_prior",
     "load_prior_config",
+    "load_prior_tokenizer",
     "load_tokenizer",
     "photo_crops_dataset",
     "processor_image_size",

@@ -1,8 +1,10 @@
-"""The prior model: batches of token sequences, building a Llama / GPT-2 causal LM, validation bits per token, saving and loading."""
+"""The prior model: batches of token sequences, building a Llama / GPT-2 causal LM, validation bits per token,
+saving and loading (the prior, and the tokenizer it was trained on)."""
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -12,9 +14,12 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, GenerationConfig, GPT2Config, LlamaConfig, PreTrainedModel
 
-from ..files import relative_location
-from ..loading import is_local_path
+from ..files import relative_location, write_text
+from ..loading import is_local_path, load_tokenizer
+from ..messages import first_line
 from .vocabulary import PriorVocabulary
+
+logger = logging.getLogger(__name__)
 
 PRIOR_CONFIG_NAME = "prior_config.json"
 ARCHITECTURES = ("llama", "gpt2")
@@ -181,10 +186,13 @@ def save_prior(
     num_image_tokens: int,
     tokenizer: str | None = None,
     image_size: tuple[int, int] | None = None,
+    codebook_fingerprint: str | None = None,
     **extra: Any,
 ) -> Path:
     """`prior.save_pretrained(output_dir)` plus `prior_config.json`: vocabulary layout, tokens per image, the
-    tokenizer's folder or Hub id (what `sample_prior.py` decodes with) and the image size the tokens came from."""
+    tokenizer's folder or Hub id (what `sample_prior.py` decodes with), the image size the tokens came from and the
+    tokenizer's `codebook_fingerprint` (`cdb_tokenizer.tools.cli.codebook_fingerprint` of the model as saved), which
+    `load_prior_tokenizer` checks so that no other tokenizer decodes the prior's tokens."""
     output_dir = Path(output_dir)
     prior.save_pretrained(output_dir)
     local = tokenizer is not None and Path(tokenizer).expanduser().is_dir()
@@ -202,34 +210,92 @@ def save_prior(
         "tokenizer": tokenizer,
         "tokenizer_relative_to_prior": local,
         "image_size": list(image_size) if image_size else None,
+        "codebook_fingerprint": codebook_fingerprint,
         **({"tokenizer_name": far_tokenizer} if far_tokenizer else {}),
         **extra,
     }
-    (output_dir / PRIOR_CONFIG_NAME).write_text(json.dumps(prior_config, indent=2) + "\n")
+    write_text(output_dir / PRIOR_CONFIG_NAME, json.dumps(prior_config, indent=2) + "\n")
     return output_dir
+
+
+def locate(name_or_path: str | Path, what: str, hint: str = "") -> Path | None:
+    """The local folder `name_or_path` names, or None for a Hub repo id (`owner/name`). Anything else is a
+    `FileNotFoundError` naming `what` ("prior", "--tokenizer", ...), followed by `hint` (a sentence), and never a Hub
+    look-up: a name meant as a path (`is_local_path`) that is no folder, and a name without an owner. Ids without an
+    owner are the Hub's legacy models (gpt2, ...): a prior or a cdb-vq tokenizer, uploaded by a user or an
+    organisation, always has one, and a mistyped folder name must not wait on the Hub's retries."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    name = str(name_or_path)
+    if path.exists():
+        problem = "is not a folder"
+    elif isinstance(name_or_path, Path) or is_local_path(name):
+        problem = "no such folder"
+    elif "/" not in name:
+        problem = "no such folder, nor a Hub id (owner/name)"
+    else:
+        try:
+            validate_repo_id(name)
+            return None
+        except HFValidationError:
+            problem = "neither a local folder nor a valid Hub id (owner/name)"
+    raise FileNotFoundError(f"{what} {name!r}: {problem}." + (f" {hint}" if hint else ""))
 
 
 def load_prior_config(name_or_path: str | Path, revision: str | None = None) -> tuple[dict[str, Any], str]:
     """(`prior_config.json` of a prior saved by `save_prior`, where to load its weights from: the folder or Hub id).
-    A mistyped local path is a `FileNotFoundError`, never a Hub lookup."""
-    from huggingface_hub import hf_hub_download
+    A mistyped local path is a `FileNotFoundError` (`locate`), never a Hub look-up; a Hub id that cannot be fetched,
+    an `OSError` saying why."""
+    path = locate(name_or_path, "prior", "Give the folder train_prior.py wrote.")
+    if path is None:
+        return _read_prior_config(_download_prior_config(str(name_or_path), revision)), str(name_or_path)
+    config_file = path / PRIOR_CONFIG_NAME
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{config_file} not found: {path} is not a prior saved by train_prior.py / save_prior.")
+    prior_config = _read_prior_config(config_file)
+    tokenizer = prior_config.get("tokenizer")
+    # Recorded relative to this folder since 2026-11-30 (and marked so); earlier priors kept the path as typed.
+    if prior_config.get("tokenizer_relative_to_prior") is True and isinstance(tokenizer, str):
+        prior_config["tokenizer"] = str((path / tokenizer).resolve())
+    return prior_config, str(path)
 
-    path = Path(name_or_path).expanduser()
-    if path.is_dir():
-        config_file = path / PRIOR_CONFIG_NAME
-        if not config_file.is_file():
-            raise FileNotFoundError(f"{config_file} not found: {path} is not a prior saved by train_prior.py / save_prior.")
-        prior_config = json.loads(config_file.read_text())
-        tokenizer = prior_config.get("tokenizer")
-        # Recorded relative to this folder since 2026-11-30 (and marked so); earlier priors kept the path as typed.
-        if prior_config.get("tokenizer_relative_to_prior") is True and isinstance(tokenizer, str):
-            prior_config["tokenizer"] = str((path / tokenizer).resolve())
-        return prior_config, str(path)
-    if isinstance(name_or_path, Path) or is_local_path(str(name_or_path)):
-        problem = "is not a folder" if path.exists() else "no such folder"
-        raise FileNotFoundError(f"prior {str(name_or_path)!r}: {problem} (give the folder train_prior.py wrote).")
-    config_file = hf_hub_download(str(name_or_path), PRIOR_CONFIG_NAME, revision=revision)
-    return json.loads(Path(config_file).read_text()), str(name_or_path)
+
+def _download_prior_config(repo_id: str, revision: str | None) -> Path:
+    """The Hub repository's `prior_config.json` (from the cache when offline); what went wrong, in one line."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    try:
+        return Path(hf_hub_download(repo_id, PRIOR_CONFIG_NAME, revision=revision))
+    except LocalEntryNotFoundError:  # before EntryNotFoundError, its parent class
+        problem = "no local folder of that name, and the Hub cannot be reached (offline?) nor was it downloaded before"
+    except RepositoryNotFoundError:
+        problem = "no local folder of that name, and no Hub repository either (or a private one: log in first)"
+    except RevisionNotFoundError:
+        problem = f"the Hub repository has no revision {revision!r}"
+    except EntryNotFoundError:
+        problem = f"the Hub repository has no {PRIOR_CONFIG_NAME}: it is not a prior saved by train_prior.py"
+    raise FileNotFoundError(f"prior {repo_id!r}: {problem}.")
+
+
+def _read_prior_config(config_file: Path) -> dict[str, Any]:
+    """`prior_config.json` as a dict with a `vocabulary`; a damaged file is a ValueError naming it."""
+    try:
+        prior_config = json.loads(config_file.read_text(encoding="utf-8"))
+    except ValueError as error:  # bad JSON or bad UTF-8
+        raise ValueError(f"{config_file} is damaged: {first_line(error)}.") from None
+    if not isinstance(prior_config, dict) or not isinstance(prior_config.get("vocabulary"), dict):
+        raise ValueError(f"{config_file} is damaged: it has no vocabulary (not written by train_prior.py or save_prior?).")
+    return prior_config
 
 
 def load_prior(
@@ -237,7 +303,10 @@ def load_prior(
 ) -> tuple[PreTrainedModel, PriorVocabulary, dict[str, Any]]:
     """Load a prior saved by `save_prior` (a folder or Hub repo id): (model in eval mode, vocabulary, prior config)."""
     prior_config, source = load_prior_config(name_or_path, revision=kwargs.get("revision"))
-    vocabulary = PriorVocabulary.from_dict(prior_config["vocabulary"])
+    try:
+        vocabulary = PriorVocabulary.from_dict(prior_config["vocabulary"])
+    except KeyError as error:
+        raise ValueError(f"the {PRIOR_CONFIG_NAME} of {source} is damaged: its vocabulary has no {error}.") from None
     # A prior is a stock transformers causal LM: no folder's own code runs (nor is the user asked) unless the
     # caller passed trust_remote_code=True.
     kwargs.setdefault("trust_remote_code", False)
@@ -247,3 +316,47 @@ def load_prior(
     if device is not None:
         prior.to(device)
     return prior, vocabulary, prior_config
+
+
+def load_prior_tokenizer(
+    name_or_path: str,
+    prior_config: dict[str, Any] | None = None,
+    device: str | torch.device | None = None,
+    what: str = "tokenizer",
+    hint: str = "",
+):
+    """`load_tokenizer` (model and image processor) for a prior: a mistyped folder is refused at once (`locate`, whose
+    messages name `what` and end with the sentence `hint`) and a loading error names the tokenizer. With `prior_config`, a
+    tokenizer with another codebook than the prior's is refused (`check_prior_codebook`), on the CPU, where the
+    fingerprint was taken; the model then moves to `device`."""
+    folder = locate(name_or_path, what, hint)
+    try:
+        model, processor = load_tokenizer(str(folder) if folder else name_or_path)
+    except OSError as error:  # transformers' several lines on a missing file or a Hub that cannot be reached
+        raise OSError(f"{what} {name_or_path!r}: {first_line(error)}") from None
+    if prior_config is not None:
+        check_prior_codebook(prior_config, model, f"{what} {name_or_path!r}")
+    if device is not None:
+        model.to(device)
+    return model, processor
+
+
+def check_prior_codebook(prior_config: dict[str, Any], model, name: str = "the tokenizer") -> None:
+    """Refuse a tokenizer (`name` in messages) whose codebook is not the one `prior_config` records
+    (`codebook_fingerprint`): the prior's tokens would index other codes, and decode to noise. A prior that records
+    none (saved by an earlier version, or trained on token data that recorded none) is only warned about."""
+    from ..cli import codebook_fingerprint
+
+    recorded = prior_config.get("codebook_fingerprint")
+    if recorded is None:
+        logger.warning(
+            "%s records no codebook fingerprint (an older prior, or trained on token data that recorded none): %s "
+            "cannot be checked against the tokenizer the prior was trained on.", PRIOR_CONFIG_NAME, name
+        )
+        return
+    fingerprint = codebook_fingerprint(model)
+    if fingerprint != recorded:
+        raise ValueError(
+            f"{name} has codebook fingerprint {fingerprint}, but the prior was trained on a tokenizer with {recorded} "
+            f"(another tokenizer, or this one retrained since): its images would be noise. Use the prior's tokenizer."
+        )

@@ -173,13 +173,18 @@ def token_image_size(
 
 
 def save_image_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None) -> Path:
-    """Write images (B, 3, H, W) in [-1, 1] as one PNG grid (`nrow` images per row, default about square)."""
+    """Write images (B, 3, H, W) in [-1, 1] as one PNG grid (`nrow` images per row, default about square), whatever
+    the suffix, whole or not at all, and never through a link or into a device (`replace_file`)."""
     from torchvision.utils import save_image
 
     from ..evaluation import to_unit_range
+    from ..files import replace_file
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     nrow = nrow or math.ceil(math.sqrt(images.shape[0]))
-    save_image(to_unit_range(images), path, nrow=nrow, padding=2, pad_value=1.0)
-    return path
+
+    def write(temporary: Path) -> None:
+        save_image(to_unit_range(images), temporary, nrow=nrow, padding=2, pad_value=1.0, format="PNG")
+
+    return replace_file(path, write)
