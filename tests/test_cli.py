@@ -862,3 +862,123 @@ def test_token_files_of_any_integer_type_decode_the_same(files, tmp_path):
     assert main(["decode", str(tokens_file), "--out", str(tmp_path / "a")]) == 0
     assert main(["decode", str(narrow), "--out", str(tmp_path / "b")]) == 0
     assert (tmp_path / "a" / "astronaut.png").read_bytes() == (tmp_path / "b" / "astronaut.png").read_bytes()
+
+
+# ------------------------------------------------------------------------------------- role maps, data options
+
+
+def _read_role_map_picture(path: Path, role_names: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(the original, (h, w) role ids) read back from a one-image role-map PNG: a 12-row legend, then a 2-pixel
+    border around the 32x32 original and, beside it, the original blended 55:45 with each token's role colour."""
+    from cdb_tokenizer.tools.roles import role_colour
+
+    picture = np.asarray(Image.open(path)).astype(np.float64) / 255
+    assert picture.shape == (12 + 2 + 32 + 2, 2 + 64 + 2, 3), picture.shape
+    original, overlay = picture[14:46, 2:34], picture[14:46, 34:66]
+    colour = (overlay - 0.55 * original) / 0.45  # the overlay's colour, unblended (to within 8-bit rounding)
+    cells = colour.reshape(8, 4, 8, 4, 3).mean(axis=(1, 3))  # one colour per token (4x4 pixels each)
+    palette = np.array([role_colour(name, index) for index, name in enumerate(role_names)])
+    distances = np.linalg.norm(cells[:, :, None, :] - palette[None, None], axis=-1)
+    assert distances.min(axis=-1).max() < 0.05, "a token's overlay is not one of the role colours"
+    return (original * 255).round().astype(np.uint8), distances.argmin(axis=-1)
+
+
+def test_reconstruct_role_map_shows_the_image_beside_the_roles_of_its_tokens(files, tmp_path, capsys):
+    # Only the file's existence was checked: the picture must be the processed photo beside model.role_map's roles.
+    out = tmp_path / "out"
+    photo = _photos(files)[0]
+    assert main(["reconstruct", photo, "--model", str(files["model"]), "--out", str(out), "--role-map"]) == 0
+    assert "structure: blue, texture: red" in capsys.readouterr().out
+    model = CDBVQModel.from_pretrained(files["model"]).eval()
+    processor = CDBVQImageProcessor.from_pretrained(files["model"])
+    pixel_values = processor(Image.open(photo), return_tensors="pt").pixel_values
+    expected_roles = model.role_map(pixel_values)[0].numpy()
+    assert 0 < expected_roles.mean() < 1  # both roles appear: a one-colour picture would prove little
+    original, roles = _read_role_map_picture(out / "role_maps" / "astronaut.png", ["structure", "texture"])
+    np.testing.assert_array_equal(roles, expected_roles)
+    shown = processor.postprocess(pixel_values, return_tensors="np").pixel_values[0]
+    assert np.abs(original.astype(int) - shown.astype(int)).max() <= 1  # the input photo, not the reconstruction
+    # The legend strip on top: structure's blue on the left half, texture's red on the right.
+    legend = np.asarray(Image.open(out / "role_maps" / "astronaut.png"))[:12]
+    np.testing.assert_array_equal(legend[5, 10], (38, 115, 255))
+    np.testing.assert_array_equal(legend[5, 50], (255, 64, 26))
+
+
+def test_reconstruct_role_maps_in_batches_each_show_their_own_image(files, tmp_path):
+    # Three photos in batches of two: each picture must hold its own photo's role map (computed alone), not a
+    # neighbour's in the batch or the first image's of the batch.
+    out = tmp_path / "out"
+    photos = _photos(files)
+    arguments = [*photos, "--model", str(files["model"]), "--out", str(out), "--role-map", "--batch_size", "2"]
+    assert main(["reconstruct", *arguments]) == 0
+    model = CDBVQModel.from_pretrained(files["model"]).eval()
+    processor = CDBVQImageProcessor.from_pretrained(files["model"])
+    expected = {
+        name: model.role_map(processor(Image.open(path), return_tensors="pt").pixel_values)[0].numpy()
+        for name, path in zip(PHOTO_NAMES, photos)
+    }
+    assert not np.array_equal(expected["astronaut"], expected["chelsea"])  # the photos' role maps differ
+    assert not np.array_equal(expected["chelsea"], expected["coffee"])
+    for name in PHOTO_NAMES:
+        original, roles = _read_role_map_picture(out / "role_maps" / f"{name}.png", ["structure", "texture"])
+        np.testing.assert_array_equal(roles, expected[name], err_msg=name)
+        pixel_values = processor(Image.open(files["root"] / "photos" / f"{name}.png"), return_tensors="pt").pixel_values
+        single = processor.postprocess(pixel_values, return_tensors="np").pixel_values[0]
+        assert np.abs(original.astype(int) - single.astype(int)).max() <= 1, name
+
+
+def _split_folder_with_metadata(files, root: Path) -> Path:
+    """An image folder with `train/` (astronaut, chelsea, coffee) and `validation/` (chelsea, coffee) splits whose
+    metadata.jsonl names each image in a `photo` column (`photo_file_name`) with a `class_id`, and a `label` column of
+    other numbers, which --label_column must pass over."""
+    splits = {"train": {"astronaut": 3, "chelsea": 5, "coffee": 7}, "validation": {"chelsea": 1, "coffee": 0}}
+    for split, classes in splits.items():
+        (root / split).mkdir(parents=True)
+        rows = []
+        for name, class_id in classes.items():
+            shutil.copy(files["root"] / "photos" / f"{name}.png", root / split / f"{name}.png")
+            rows.append(json.dumps({"photo_file_name": f"{name}.png", "class_id": class_id, "label": 100 + class_id}))
+        (root / split / "metadata.jsonl").write_text("\n".join(rows) + "\n")
+    return root
+
+
+def test_tokenize_takes_the_split_image_column_and_label_column_given(files, tmp_path, capsys):
+    import datasets
+
+    data = _split_folder_with_metadata(files, tmp_path / "data")
+    out = tmp_path / "tokenized"
+    arguments = ["tokenize", "--model", str(files["model"]), "--data", str(data), "--out", str(out),
+                 "--split", "validation", "--image_column", "photo", "--label_column", "class_id"]  # fmt: skip
+    assert main(arguments) == 0
+    assert "tokenized 2 images (0 unreadable skipped)" in capsys.readouterr().out  # validation's two, not train's three
+    tokenized = datasets.load_from_disk(str(out))
+    assert tokenized.column_names == ["image_tokens", "label"]
+    _, expected_tokens, _ = _expected_reconstructions(files)
+    expected = {name: tokens.flatten().tolist() for name, tokens in zip(PHOTO_NAMES, expected_tokens)}
+    rows = sorted((row["label"], row["image_tokens"]) for row in tokenized)
+    assert rows == sorted([(1, expected["chelsea"]), (0, expected["coffee"])])  # class_id, not the `label` column
+
+    # Without --label_column the data set's own `label` column is kept; with the train split, all three photos.
+    assert main([*arguments[:-2], "--split", "train"]) == 0
+    rows = sorted((row["label"], row["image_tokens"]) for row in datasets.load_from_disk(str(out)))
+    assert rows == sorted([(103, expected["astronaut"]), (105, expected["chelsea"]), (107, expected["coffee"])])
+
+
+def test_eval_takes_the_split_and_image_column_given(files, tmp_path, capsys):
+    from cdb_tokenizer.tools.evaluation import evaluate
+
+    data = _split_folder_with_metadata(files, tmp_path / "data")
+    base = ["eval", "--model", str(files["model"]), "--data", str(data), "--image_column", "photo", "--no-lpips"]
+    model = CDBVQModel.from_pretrained(files["model"]).eval()
+    processor = CDBVQImageProcessor.from_pretrained(files["model"])
+    for split, names in (("validation", ["chelsea", "coffee"]), ("train", PHOTO_NAMES)):
+        assert main([*base, "--split", split]) == 0
+        metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert (metrics["num_images"], metrics["unreadable_images"]) == (len(names), 0), split
+        photos = [Image.open(files["root"] / "photos" / f"{name}.png") for name in names]
+        expected = evaluate(model, [processor(photos, return_tensors="pt").pixel_values], show_progress=False)
+        assert metrics["psnr"] == pytest.approx(expected["psnr"], rel=1e-4), split
+    # The default column, `image`, is not there: the error names the columns the data set has.
+    assert main(["eval", "--model", str(files["model"]), "--data", str(data), "--split", "validation"]) == 1
+    line = cli_error_line(capsys, "eval")
+    assert "image_column 'image' is not a column" in line and "'photo'" in line, line

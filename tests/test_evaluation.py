@@ -401,3 +401,67 @@ def test_max_batches_draws_no_more_batches_than_it_uses(held_out):
     drawn.clear()
     code_usage_counts(model, loader(), max_batches=1)
     assert len(drawn) == 1
+
+
+# ------------------------------------------------------------------------------ cdb-vq eval --fid --fid_weights
+
+
+def test_cli_eval_fid_weights_gives_an_inception_rfid_from_that_file(
+    tokenizer_folder, cached_inception_weights, tmp_path, capsys, monkeypatch
+):
+    # The weights are moved out of the torch hub cache: only --fid_weights can find them (and a network check fails
+    # the test), so the rFID below is from that file.
+    weights = tmp_path / "elsewhere" / "inception.pth"
+    weights.parent.mkdir()
+    cached_inception_weights.rename(weights)
+    base = ["--model", str(tokenizer_folder["model"]), "--data", str(tokenizer_folder["photos"]), "--no-lpips",
+            "--max_images", "3"]  # fmt: skip
+    built = []  # the Inception networks eval builds: (weights_path, their first convolution's weights)
+    make_fid = evaluation.fid_metric
+
+    def recording_fid_metric(*args, **kwargs):
+        metric = make_fid(*args, **kwargs)
+        built.append((kwargs.get("weights_path"), metric.inception.Conv2d_1a_3x3.conv.weight.detach().clone()))
+        return metric
+
+    monkeypatch.setattr(evaluation, "fid_metric", recording_fid_metric)
+    metrics, lines, err = _eval(base + ["--fid", "--fid_weights", str(weights)], capsys)
+    assert "rFID left out" not in err and "not comparable" not in err
+    assert metrics["fid_feature_extractor"] == "inception-v3-compat" and metrics["num_images"] == 3
+    assert 0 <= metrics["rfid"] < float("inf")
+    assert any(line.split()[:1] == ["rFID"] and f"{metrics['rfid']:.3f}" in line for line in lines)
+    # One network, built from the file given, with its weights.
+    file_weights = torch.load(weights, weights_only=True)["Conv2d_1a_3x3.conv.weight"]
+    assert len(built) == 1 and built[0][0] == str(weights) and torch.equal(built[0][1], file_weights)
+
+
+def test_cli_eval_fid_weights_missing_or_not_tensors_leaves_rfid_out_in_one_line(
+    tokenizer_folder, no_inception_weights, tmp_path, capsys
+):
+    # As documented (docs/evaluation.md, "No network"): without usable weights one line says why rFID is left out,
+    # naming the file, and every other metric is reported. A weights file carrying code is never unpickled.
+    marker = tmp_path / "code-ran"
+    hostile = tmp_path / "hostile.pth"
+    torch.save({"weight": RunsCode(marker)}, hostile)
+    base = ["--model", str(tokenizer_folder["model"]), "--data", str(tokenizer_folder["photos"]), "--no-lpips",
+            "--max_images", "2", "--fid", "--fid_weights"]  # fmt: skip
+    for weights, reason in ((tmp_path / "missing.pth", "does not exist"), (hostile, "cannot be read as tensors only"),
+                            (tokenizer_folder["model"] / "config.json", "cannot be read as tensors only")):  # fmt: skip
+        metrics, lines, err = _eval(base + [str(weights)], capsys)
+        rfid_lines = [line for line in err.splitlines() if "rFID" in line]
+        assert len(rfid_lines) == 1 and rfid_lines[0].startswith("rFID left out: "), err
+        assert str(weights) in rfid_lines[0] and reason in rfid_lines[0], rfid_lines[0]
+        assert "Traceback" not in err
+        assert "rfid" not in metrics and "fid_feature_extractor" not in metrics and metrics["num_images"] == 2
+        assert metrics["psnr"] > 0 and not any(line.startswith("rFID") for line in lines)
+    assert not marker.exists()
+
+
+def test_cli_eval_refuses_fid_weights_without_fid_in_one_line(tokenizer_folder, tmp_path, capsys):
+    weights = tmp_path / "inception.pth"
+    torch.save({"weight": torch.ones(2)}, weights)
+    arguments = ["eval", "--model", str(tokenizer_folder["model"]), "--data", str(tokenizer_folder["photos"]),
+                 "--no-lpips", "--fid_weights", str(weights)]  # fmt: skip
+    assert cli_main(arguments) == 1
+    line = cli_error_line(capsys, "eval")
+    assert "--fid_weights without --fid: no rFID would be computed; add --fid." in line, line

@@ -579,3 +579,79 @@ def test_a_thin_strip_is_cut_to_its_centre_before_it_is_resized(monkeypatch):
     whole = interpolate(torch.from_numpy(strip).permute(2, 0, 1)[None].float(), size=(32, 320000), mode="bicubic",
                         antialias=True).clamp(0, 255)[0, :, :, 159984:160016] / 255  # fmt: skip
     torch.testing.assert_close(pixel_values[0], whole, atol=1e-5, rtol=0)
+
+
+# ----------------------------------------------------------------------------- device= and partial transparency
+
+
+def _device_inputs(astronaut: np.ndarray) -> dict:
+    """The same uint8 photo as each input type (uint8: the meta device cannot answer the float range check)."""
+    return {
+        "pil": PIL.Image.fromarray(astronaut),
+        "numpy": astronaut,
+        "torch": torch.from_numpy(astronaut).permute(2, 0, 1),
+    }
+
+
+def test_device_cpu_gives_exactly_the_output_without_a_device(astronaut):
+    processor = CDBVQImageProcessor(size={"height": 48, "width": 40})
+    for name, image in _device_inputs(astronaut).items():
+        plain = processor(image, return_tensors="pt").pixel_values
+        on_cpu = processor(image, return_tensors="pt", device="cpu").pixel_values
+        assert on_cpu.device.type == "cpu" and on_cpu.shape == (1, 3, 48, 40), name
+        assert torch.equal(on_cpu, plain), name
+
+
+def test_device_moves_each_image_there_before_the_resize(astronaut, monkeypatch):
+    # `device=` is where the resize runs (process_image moves each image there first), not where the result is copied
+    # to afterwards. The meta device stands in for an accelerator on CPU-only machines: every interpolation must see
+    # meta tensors, and the pixel values come back on it with the right shape.
+    import torch.nn.functional as F
+
+    import cdb_tokenizer.image_processing_cdb_vq as module
+
+    seen, interpolate = [], F.interpolate
+    monkeypatch.setattr(
+        module.F, "interpolate", lambda image, **kw: seen.append(image.device.type) or interpolate(image, **kw)
+    )
+    processor = CDBVQImageProcessor(size={"height": 32, "width": 32})
+    for name, image in _device_inputs(astronaut).items():
+        seen.clear()
+        pixel_values = processor(image, return_tensors="pt", device="meta").pixel_values
+        assert seen == ["meta"], (name, seen)  # one resize (512 -> 32), on the device asked for
+        assert pixel_values.device.type == "meta" and pixel_values.shape == (1, 3, 32, 32), name
+        listed = processor(image, return_tensors=None, device="meta").pixel_values
+        assert [tensor.device.type for tensor in listed] == ["meta"], name
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_device_cuda_resizes_on_the_gpu_like_on_the_cpu(astronaut):
+    processor = CDBVQImageProcessor(size={"height": 64, "width": 48})
+    for name, image in _device_inputs(astronaut).items():
+        on_gpu = processor(image, return_tensors="pt", device="cuda").pixel_values
+        assert on_gpu.device.type == "cuda", name
+        torch.testing.assert_close(on_gpu.cpu(), processor(image, return_tensors="pt").pixel_values, atol=1e-4, rtol=0)
+
+
+def test_half_transparent_rgba_is_blended_with_white_by_its_alpha(astronaut):
+    # The rule: rgb * a + 255 * (1 - a), a = alpha / 255. Alpha 0 and 255 alone cannot tell a blend from a threshold
+    # (or from compositing on black), so bands of alpha 128, 64 and 192 over the photo.
+    processor = CDBVQImageProcessor(do_resize=False, do_center_crop=False)
+    alpha = np.full(astronaut.shape[:2] + (1,), 128, dtype=np.uint8)
+    alpha[:, 200:300], alpha[:, 300:] = 64, 192
+    rgba = np.concatenate([astronaut, alpha], axis=-1)
+    weight = alpha.astype(np.float64) / 255
+    blended = astronaut * weight + 255.0 * (1 - weight)  # [0, 255]
+    expected = torch.from_numpy(blended / 127.5 - 1).permute(2, 0, 1)[None].float()  # normalised to [-1, 1]
+    for name, image in (("numpy", rgba), ("torch", torch.from_numpy(rgba).permute(2, 0, 1))):
+        pixel_values = processor(image, return_tensors="pt").pixel_values
+        torch.testing.assert_close(pixel_values, expected, atol=1e-5, rtol=0, msg=lambda m, n=name: f"{n}: {m}")
+    # PIL composites in 8 bits (PIL.Image.alpha_composite): the same blend to within one intensity level.
+    pil = processor(PIL.Image.fromarray(rgba, mode="RGBA"), return_tensors="pt").pixel_values
+    torch.testing.assert_close(pil, expected, atol=1.01 * 2 / 255, rtol=0)
+    # A flat half-transparent black is mid-grey (127/255), not black (alpha ignored) nor white (alpha thresholded).
+    black = np.zeros((8, 8, 4), dtype=np.uint8)
+    black[..., 3] = 128
+    for image in (black, PIL.Image.fromarray(black, mode="RGBA")):
+        grey = processor(image, return_tensors="pt", do_normalize=False).pixel_values
+        torch.testing.assert_close(grey, torch.full((1, 3, 8, 8), 127 / 255), atol=0.5 / 255, rtol=0)

@@ -532,3 +532,48 @@ def test_token_grid_size_takes_whole_numbers_of_pixels_only(model, size):
     assert model.token_grid_size(32, np.int64(48)) == (8, 12)
     with pytest.raises(ValueError, match="image height must be a whole number of pixels"):
         model.token_grid_size(size, 32)  # 32.0 gave a grid of floats (4.0, 8)
+
+
+# ------------------------------------------------------------------ decode_image_tokens sizes
+
+
+def test_decode_image_tokens_with_only_height_or_only_width_decodes_a_square_of_that_side(model):
+    # Documented: flat tokens with one of height/width are a square image of that side (not that side by the
+    # config's resolution: 48 x 32 would be a 12x8 grid, 96 tokens, and these are 144).
+    pixel_values = torch.rand(2, 3, 48, 48, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    tokens = model.get_image_tokens(pixel_values)
+    assert tokens.shape == (2, 144)
+    expected = model.decode(tokens.view(2, 12, 12))
+    for size in ({"height": 48}, {"width": 48}):
+        images = model.decode_image_tokens(tokens, **size)
+        assert images.shape == (2, 3, 48, 48), size
+        torch.testing.assert_close(images, expected, msg=lambda m, s=size: f"{s}: {m}")
+
+
+def test_decode_image_tokens_with_height_and_width_uses_that_grid_in_raster_order(model):
+    pixel_values = torch.rand(1, 3, 48, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    grid = model.encode(pixel_values).image_tokens
+    assert grid.shape == (1, 12, 8)
+    images = model.decode_image_tokens(grid.flatten(1), height=48, width=32)
+    assert images.shape == (1, 3, 48, 32)
+    torch.testing.assert_close(images, model.decode(grid))
+    # The same 96 tokens read as the transposed 8x12 grid are another (scrambled) picture: the sizes are not swapped.
+    transposed = model.decode_image_tokens(grid.flatten(1), height=32, width=48)
+    assert transposed.shape == (1, 3, 32, 48) and not torch.allclose(transposed.transpose(-1, -2), images)
+
+
+@pytest.mark.parametrize(
+    "size, message",
+    [
+        ({}, r"got 144 tokens per image, but the model's default 8x8 token grid \(32x32 pixels\) needs 64"),
+        ({"height": 32}, r"got 144 tokens per image, but a 8x8 token grid needs 64"),
+        ({"width": 40}, r"got 144 tokens per image, but a 10x10 token grid needs 100"),
+        ({"height": 48, "width": 32}, r"got 144 tokens per image, but a 12x8 token grid needs 96"),
+        ({"height": 0}, "height must be a positive number of pixels, got 0"),
+        ({"width": 48.0}, "width must be a positive number of pixels, got 48.0"),
+    ],
+)
+def test_decode_image_tokens_refuses_a_token_count_that_does_not_fit_the_grid(model, size, message):
+    # Never a guessed grid: a wrong one decodes a scrambled picture without any error.
+    with pytest.raises(ValueError, match=message):
+        model.decode_image_tokens(torch.zeros(1, 144, dtype=torch.long), **size)
