@@ -435,25 +435,22 @@ def test_cli_eval_fid_weights_gives_an_inception_rfid_from_that_file(
     assert len(built) == 1 and built[0][0] == str(weights) and torch.equal(built[0][1], file_weights)
 
 
-def test_cli_eval_fid_weights_missing_or_not_tensors_leaves_rfid_out_in_one_line(
+def test_cli_eval_fid_weights_missing_or_not_tensors_is_a_one_line_error(
     tokenizer_folder, no_inception_weights, tmp_path, capsys
 ):
-    # As documented (docs/evaluation.md, "No network"): without usable weights one line says why rFID is left out,
-    # naming the file, and every other metric is reported. A weights file carrying code is never unpickled.
+    # A weights file the user named that cannot be used is a mistake to fix before the run (without the option, the
+    # cache's missing weights only leave rFID out: test_cli_eval_without_inception_weights_reports_the_rest).
+    # A weights file carrying code is never unpickled.
     marker = tmp_path / "code-ran"
     hostile = tmp_path / "hostile.pth"
     torch.save({"weight": RunsCode(marker)}, hostile)
-    base = ["--model", str(tokenizer_folder["model"]), "--data", str(tokenizer_folder["photos"]), "--no-lpips",
+    base = ["eval", "--model", str(tokenizer_folder["model"]), "--data", str(tokenizer_folder["photos"]), "--no-lpips",
             "--max_images", "2", "--fid", "--fid_weights"]  # fmt: skip
     for weights, reason in ((tmp_path / "missing.pth", "does not exist"), (hostile, "cannot be read as tensors only"),
                             (tokenizer_folder["model"] / "config.json", "cannot be read as tensors only")):  # fmt: skip
-        metrics, lines, err = _eval(base + [str(weights)], capsys)
-        rfid_lines = [line for line in err.splitlines() if "rFID" in line]
-        assert len(rfid_lines) == 1 and rfid_lines[0].startswith("rFID left out: "), err
-        assert str(weights) in rfid_lines[0] and reason in rfid_lines[0], rfid_lines[0]
-        assert "Traceback" not in err
-        assert "rfid" not in metrics and "fid_feature_extractor" not in metrics and metrics["num_images"] == 2
-        assert metrics["psnr"] > 0 and not any(line.startswith("rFID") for line in lines)
+        assert cli_main(base + [str(weights)]) == 1
+        line = cli_error_line(capsys, "eval")
+        assert line.startswith("cdb-vq eval: error: --fid_weights: ") and str(weights) in line and reason in line, line
     assert not marker.exists()
 
 

@@ -961,6 +961,8 @@ def _eval_fid(args: argparse.Namespace, device):
     try:
         return fid_metric(weights_path=args.fid_weights, device=device)
     except FIDUnavailableError as error:
+        if args.fid_weights is not None:  # a file the user named: a mistake to fix, not a run without rFID
+            raise CLIError(f"--fid_weights: {error}") from None
         print(f"rFID left out: {error}", file=sys.stderr)
         return None
 
