@@ -277,11 +277,24 @@ def test_a_data_set_opens_only_its_own_image_files_never_others_it_names(tmp_pat
     own.parent.mkdir()
     for path, shade in ((private, 200), (own, 50)):
         Image.fromarray(np.full((8, 8, 3), shade, dtype=np.uint8)).save(path)
-    rows = [str(private), "http://127.0.0.1:9/x.png", str(own)]
+    # A chained path is opened from its first part: a local file dressed as an archive member of a Hub file.
+    rows = [str(private), "http://127.0.0.1:9/x.png", f"{private}::hf://datasets/org/set/x.zip", str(own)]
     pandas.DataFrame({"image": rows}).to_parquet(tmp_path / "data" / "train.parquet")
     dataset = load_image_dataset(dataset_name=str(tmp_path / "data"), streaming=streaming)
     with caplog.at_level("WARNING"):
         images = [decode_image(item["image"]) for item in dataset]
-    assert images[0] is None and images[1] is None  # never opened, never fetched
-    assert images[2] is not None and np.asarray(images[2])[0, 0, 0] == 50  # the data set's own file
+    assert images[:3] == [None, None, None]  # never opened, never fetched
+    assert images[3] is not None and np.asarray(images[3])[0, 0, 0] == 50  # the data set's own file
     assert "names image files outside it" in caplog.text
+
+
+def test_a_hub_data_set_reaches_only_its_own_repository():
+    # Another repository's files would be fetched with the user's token (a private one included).
+    from cdb_tokenizer.tools.data import DataSetImagePaths
+
+    screen = DataSetImagePaths("image", repo_id="org/set")
+    assert screen.allowed("hf://datasets/org/set/images/a.png") and screen.allowed("hf://datasets/org/set@main/a.png")
+    assert screen.allowed("zip://a.png::hf://datasets/org/set/images.zip")
+    assert not screen.allowed("hf://datasets/victim/private/a.png") and not screen.allowed("hf://datasets/org/settings/a.png")
+    assert not screen.allowed("/home/me/a.png::hf://datasets/org/set/images.zip")
+    assert not screen.allowed("file:///home/me/a.png") and not screen.allowed("images/a.png")

@@ -17,6 +17,7 @@ import hashlib
 import io
 import logging
 import os
+import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -169,7 +170,7 @@ def load_image_dataset(
         # caches, hf:// URLs): the data set's word does not reach other files of the machine.
         local = Path(dataset_name).expanduser()
         roots = [str(root) for root in (cache_dir, local if local.is_dir() else None) if root]
-        screen = DataSetImagePaths(image_column, roots)
+        screen = DataSetImagePaths(image_column, roots, repo_id=None if local.is_dir() else dataset_name)
         dataset = dataset.map(screen) if streaming else dataset.with_transform(screen)
     return dataset
 
@@ -177,11 +178,11 @@ def load_image_dataset(
 class DataSetImagePaths:
     """Screens the image values of a `dataset_name` data set (a transform, picklable for loader workers): a value that
     is only a path (no bytes) is kept when it names the data set's own files, in the Hugging Face caches or
-    `extra_roots` (its local folder, --cache_dir), or a `hf://` URL (also inside an archive, `zip://a.png::hf://...`),
-    and blanked otherwise: a stranger's data set naming `/home/me/photo.jpg` or a URL would have the run read it and
+    `extra_roots` (its local folder, --cache_dir), or a `hf://` URL of its own repository `repo_id` (also inside an
+    archive, `zip://a.png::hf://...`), and blanked otherwise: a stranger's data set naming `/home/me/photo.jpg` or a URL would have the run read it and
     show it in its validation pictures (which publishing uploads). Blanked images are skipped as unreadable."""
 
-    def __init__(self, image_column: str, extra_roots: Sequence[str] = ()):
+    def __init__(self, image_column: str, extra_roots: Sequence[str] = (), repo_id: str | None = None):
         import datasets
         from huggingface_hub import constants
 
@@ -189,11 +190,19 @@ class DataSetImagePaths:
         self.warned = False
         roots = [constants.HF_HUB_CACHE, datasets.config.HF_DATASETS_CACHE, *extra_roots]
         self.roots = [str(Path(root).expanduser().resolve()) for root in roots]
+        # Only the data set's own repository: another one's files would be fetched with the user's token.
+        self.repo_urls = [
+            f"{base}{repo_id}{end}" for base in ("hf://datasets/", "https://huggingface.co/datasets/") for end in "/@"
+        ] if repo_id else []  # fmt: skip
 
     def allowed(self, path: str) -> bool:
-        if "://" in path:
-            return path.split("::")[-1].startswith(("hf://", "https://huggingface.co/"))
-        resolved = Path(path).expanduser().resolve()
+        # A chained path (zip://a.png::hf://...) is opened from its last part, through archives before it.
+        *inner, outer = path.split("::")
+        if any(not ARCHIVE_URL.match(part) for part in inner):
+            return False
+        if "://" in outer:
+            return any(outer.startswith(prefix) for prefix in self.repo_urls)
+        resolved = Path(outer).expanduser().resolve()
         return any(resolved.is_relative_to(root) for root in self.roots)
 
     def screened(self, value):
@@ -216,6 +225,8 @@ class DataSetImagePaths:
 
 
 SPLIT_FOLDERS = ("train", "validation", "test")
+# The archive layers a chained fsspec path may go through (zip://a.png::...), none of which opens a file itself.
+ARCHIVE_URL = re.compile(r"(zip|tar|gzip|bz2|xz|zstd|lz4)://")
 
 
 def imagefolder_files(folder: Path) -> dict[str, str]:
