@@ -982,3 +982,14 @@ def test_eval_takes_the_split_and_image_column_given(files, tmp_path, capsys):
     assert main(["eval", "--model", str(files["model"]), "--data", str(data), "--split", "validation"]) == 1
     line = cli_error_line(capsys, "eval")
     assert "image_column 'image' is not a column" in line and "'photo'" in line, line
+
+
+def test_relative_locations_never_spell_out_a_path_from_the_root_or_the_home_folders(monkeypatch):
+    from cdb_tokenizer.tools.files import relative_location
+
+    monkeypatch.setenv("HOME", "/home/alice")
+    assert relative_location("/tmp/tok", "/tmp") == "./tok"  # down from the base: nothing above it shows
+    assert relative_location("/srv/runs/tok", "/srv/runs/tokens") == "../tok"
+    assert relative_location("/home/alice/tok", "/home/alice/work") == "../tok"
+    assert relative_location("/home/bob/tok", "/home/alice/work") is None  # "../../bob/tok" names another user
+    assert relative_location("/data/tok", "/home/alice") is None  # from /: the whole path

@@ -13,13 +13,16 @@ from pathlib import Path
 
 def relative_location(target: str | Path, base: str | Path) -> str | None:
     """`target` as a path relative to the folder `base` ("../tok", "./tok": the leading dot keeps it from being read
-    as a Hub id), or None where the two share no folder two levels deep or more: from / or /home, a relative path
-    would spell out the absolute one, which files that are shared must not carry."""
+    as a Hub id), or None where it would climb to / or to a folder holding home folders (/home): from there it
+    would spell out the absolute path and a user name, which files that are shared must not carry."""
     target, base = Path(target).expanduser().resolve(), Path(base).expanduser().resolve()
-    if len(Path(os.path.commonpath([target, base])).parts) <= 2:
-        return None
     relative = os.path.relpath(target, base)
-    return relative if relative.startswith("..") else os.path.join(".", relative)
+    if not relative.startswith(".."):
+        return os.path.join(".", relative)
+    common = Path(os.path.commonpath([target, base]))
+    if common == Path(common.anchor) or common in Path.home().resolve().parents:
+        return None
+    return relative
 
 
 def replace_file(path: str | Path, write: Callable[[Path], object]) -> Path:
