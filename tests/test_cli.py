@@ -1,5 +1,6 @@
 """The `cdb-vq` command line on a tiny model and real photos: every command, and clear one-line errors."""
 
+import itertools
 import json
 import os
 import shutil
@@ -523,8 +524,8 @@ def test_outputs_never_replace_the_inputs(files, tmp_path, capsys):
         (["eval", "--model", model, "--data", str(victim), "--out", str(victim / "coffee.png")],
          victim / "coffee.png"),
     ]
-    for arguments, source in refused:
-        assert main(arguments + ["--overwrite"]) == 1, arguments  # not even with --overwrite
+    for (arguments, source), overwrite in itertools.product(refused, ([], ["--overwrite"])):
+        assert main(arguments + overwrite) == 1, arguments  # said first (--overwrite cannot help), and refused with it
         line = cli_error_line(capsys, arguments[0])
         assert f"would replace the input {source}" in line, line
     assert {path: path.read_bytes() for path in original} == original
@@ -800,6 +801,7 @@ def test_revision_pins_a_hub_model_and_decode_follows_the_recorded_commit(files,
     assert main(["decode", str(tokens_file), "--revision", "main", "--out", str(tmp_path / "main")]) == 1
     line = cli_error_line(capsys, "decode")
     assert f"encoded by {offline_hub} at commit {OLD_COMMIT}, and its revision {NEW_COMMIT} has another codebook" in line
+    assert line.endswith(f"decode with --revision {OLD_COMMIT}.")
     assert main(["inspect", "--model", offline_hub, "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["revision"] == NEW_COMMIT
 

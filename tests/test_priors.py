@@ -412,10 +412,12 @@ def test_train_prior_refuses_another_runs_output_dir(tmp_path, fresh_accelerator
 
     (tmp_path / "prior" / "samples").mkdir()
     (tmp_path / "prior" / "samples" / "step-000099.png").write_bytes(b"an old run's grid")
+    (tmp_path / "prior" / "samples.png").write_bytes(b"sample_prior.py's output of the old run")
     assert train_prior.main(train_prior.parse_args(argv + ["--overwrite_output_dir", "--max_train_steps", "1"]))["step"] == 1
     checkpoints = tmp_path / "prior" / "checkpoints"
     assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint-1"]  # the old run's checkpoint-2 is gone
     assert not (tmp_path / "prior" / "samples").exists()
+    assert not (tmp_path / "prior" / "samples.png").exists()  # it would stop the next sample_prior.py run
 
     train_prior.main(train_prior.parse_args(argv + ["--max_train_steps", "3", "--resume_from_checkpoint", "latest"]))
     resumed = argv + ["--max_train_steps", "2", "--resume_from_checkpoint", str(checkpoints / "checkpoint-1")]

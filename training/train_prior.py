@@ -70,8 +70,9 @@ from training.train import hparams, nothing_left_to_train, prepare_output_dir  #
 
 logger = get_logger(__name__)
 
-# Written only by this script, so --overwrite_output_dir deletes them on top of train.py's list.
-PRIOR_RUN_FILES = ("samples", "prior_config.json")
+# Written by this script (and samples.png by sample_prior.py by default), so --overwrite_output_dir deletes them on
+# top of train.py's list: a leftover samples.png would stop the next sample_prior.py run.
+PRIOR_RUN_FILES = ("samples", "prior_config.json", "samples.png")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

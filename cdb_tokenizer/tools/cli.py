@@ -561,8 +561,8 @@ def encode_command(args: argparse.Namespace) -> None:
     from safetensors.torch import save_file
 
     paths = check_image_files(args.images, args.max_image_pixels)
+    refuse_overwriting_inputs([Path(args.out)], paths)  # before the file's own checks: --overwrite cannot help
     out = check_output_file(args.out, overwrite=args.overwrite)
-    refuse_overwriting_inputs([out], paths)
     model, processor, model_id, fingerprint, revision = load_model_of(args)
     grids = []
     with tqdm(total=len(paths), desc="encoding", unit="image") as progress:
@@ -751,7 +751,7 @@ def _check_token_source(
         if source == loaded.model_id and encoded_at not in (None, loaded.revision):
             raise CLIError(
                 f"{tokens_file} was encoded by {source} at commit {encoded_at}, and its revision {loaded.revision} "
-                f"has another codebook ({size} codes, fingerprint {fingerprint}); decode without --revision."
+                f"has another codebook ({size} codes, fingerprint {fingerprint}); decode with --revision {encoded_at}."
             )
         if source == loaded.model_id:  # the very folder (or Hub id) that encoded them, edited or retrained since
             raise CLIError(
@@ -991,11 +991,11 @@ def eval_command(args: argparse.Namespace) -> None:
     _apply_protocol(args)
     _check_fid_options(args)
     dataset = open_dataset(args.data, args.image_column, args.split)
+    if args.out is not None and Path(args.data).expanduser().is_dir():  # before --out's own checks
+        refuse_overwriting_inputs([Path(args.out)], _files_under(Path(args.data).expanduser()))
     out = check_output_file(args.out, "metrics.json", overwrite=args.overwrite) if args.out is not None else None
     if args.fid and args.fid_reference is not None and not Path(args.fid_reference).is_file():  # written at the end
         check_output_file(args.fid_reference, "reference.safetensors", "--fid_reference")
-    if out is not None and Path(args.data).expanduser().is_dir():
-        refuse_overwriting_inputs([out], _files_under(Path(args.data).expanduser()))
     model, processor, *_ = load_model_of(args)
     device = next(model.parameters()).device
     if args.resolution is not None:  # shorter side to N, then the centre N x N crop

@@ -98,14 +98,18 @@ def collect_strings(value: Any) -> list[str]:
     return [value] if isinstance(value, str) else []
 
 
-def hide_secret_arguments(argv: list[str], options: tuple[str, ...] = ("--hub_token",)) -> None:
-    """Blank the values of secret options in `argv` (sys.argv) once parsed: trackers and crash reports copy it."""
+def hide_secret_arguments(argv: list[str], options: tuple[str, ...] = ("--hub_token",), shortest: int = 7) -> None:
+    """Blank the values of secret options in `argv` (sys.argv) once parsed: trackers and crash reports copy it.
+    argparse takes an option by any unambiguous prefix (`--hub_tok`), so prefixes of at least `shortest`
+    characters count too."""
     for index, argument in enumerate(argv):
-        for option in options:
-            if argument == option and index + 1 < len(argv):
-                argv[index + 1] = REDACTED
-            elif argument.startswith(option + "="):
-                argv[index] = f"{option}={REDACTED}"
+        name, equals, _ = argument.partition("=")
+        if not any(len(name) >= shortest and option.startswith(name) for option in options):
+            continue
+        if equals:
+            argv[index] = f"{name}={REDACTED}"
+        elif index + 1 < len(argv):
+            argv[index + 1] = REDACTED
 
 
 __all__ = ["HF_TOKEN", "REDACTED", "collect_strings", "hide_secret_arguments", "is_secret_key", "public_value", "redact_secrets", "scrub_local_paths"]
