@@ -655,7 +655,7 @@ def test_load_prior_says_no_such_folder_for_a_mistyped_path(tmp_path, monkeypatc
     for name in ("./prior", "outputs/priro", str(tmp_path / "missing"), "~/no-such-cdb-vq-prior"):
         with pytest.raises(FileNotFoundError, match="no such folder"):
             load_prior(name)
-    with pytest.raises(FileNotFoundError, match="is not a folder"):
+    with pytest.raises(FileNotFoundError, match="is a file, not a folder"):
         load_prior(str(tmp_path / "notes.txt"))
 
 

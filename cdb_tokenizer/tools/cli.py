@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 
 from . import files
 
-from .loading import is_local_path, looks_like_path, processor_image_size
+from .loading import is_local_path, locate, processor_image_size
 from .messages import first_line
 
 
@@ -106,37 +106,18 @@ def load_model(
     commit it resolves to when config.json is fetched is the one every other file is loaded from, so a repository
     updated meanwhile cannot mix two versions.
     """
-    from huggingface_hub.errors import HFValidationError
-    from huggingface_hub.utils import validate_repo_id
-
     from .loading import load_tokenizer
 
     device = resolve_device(device)
-    path = Path(name_or_path).expanduser()
-    if revision is not None and (path.exists() or is_local_path(name_or_path)):
+    if revision is not None and (Path(name_or_path).expanduser().exists() or is_local_path(name_or_path)):
         raise CLIError(f"--revision {revision} applies to Hub models; {name_or_path} is a local folder.")
-    if path.exists():
-        if not path.is_dir():
-            raise CLIError(
-                f"--model {name_or_path} is a file; give a model folder (saved with save_pretrained) or a Hub id."
-            )
-        if not (path / "config.json").is_file():
-            raise CLIError(f"--model {name_or_path} has no config.json: it is not a saved model folder.")
-        model_id = str(path.resolve())
-    elif is_local_path(name_or_path):
-        hint = "" if looks_like_path(name_or_path) else (
-            f" (read as a path because a folder {name_or_path.split('/')[0]}/ is here; run from elsewhere for the Hub "
-            "repo of that name)"
-        )
-        raise CLIError(f"--model {name_or_path}: no such folder{hint}.")
-    else:
-        try:
-            validate_repo_id(name_or_path)
-        except HFValidationError:
-            raise CLIError(
-                f"--model {name_or_path!r} is neither a local folder nor a valid Hub model id (org/name)."
-            ) from None
-        model_id = name_or_path
+    try:
+        folder = locate(name_or_path, "--model")
+    except FileNotFoundError as error:
+        raise CLIError(str(error)) from None
+    if folder is not None and not (folder / "config.json").is_file():
+        raise CLIError(f"--model {name_or_path} has no config.json: it is not a saved model folder.")
+    model_id = name_or_path if folder is None else str(folder.resolve())
     # The config first, as data (one small file): a model of another kind is refused before its weights or code load.
     config, revision = _read_model_config(name_or_path, model_id, revision)
     model_type = config.get("model_type")

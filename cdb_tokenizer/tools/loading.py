@@ -26,6 +26,38 @@ def is_local_path(name: str) -> bool:
     return looks_like_path(name) or ("/" in name and Path(name.split("/")[0]).is_dir())
 
 
+def locate(name_or_path: str | Path, what: str, hint: str = "") -> Path | None:
+    """Where a model (a cdb-vq tokenizer or a prior) comes from: the local folder `name_or_path` names, or None for a
+    Hub repo id (`owner/name`). Anything else is a `FileNotFoundError` naming `what` ("--model", "prior", ...),
+    followed by `hint` (a sentence), and never a Hub look-up: a name meant as a path (`is_local_path`) that is no
+    folder, and a name without an owner. Ids without an owner are the Hub's legacy models (gpt2, ...): a prior or a
+    cdb-vq tokenizer, uploaded by a user or an organisation, always has one, and a mistyped folder name must not wait
+    on the Hub's retries. (Data sets differ: the Hub's canonical ones, `mnist`, have no owner.)"""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    name = str(name_or_path)
+    if path.exists():
+        problem = "is a file, not a folder"
+    elif isinstance(name_or_path, Path) or looks_like_path(name):
+        problem = "no such folder"
+    elif is_local_path(name):
+        first = name.split("/")[0]
+        problem = f"no such folder (read as a path because a folder {first}/ is here; run from elsewhere for the Hub repo of that name)"
+    elif "/" not in name:
+        problem = "no such folder, nor a Hub id (owner/name)"
+    else:
+        try:
+            validate_repo_id(name)
+            return None
+        except HFValidationError:
+            problem = "neither a local folder nor a valid Hub id (owner/name)"
+    raise FileNotFoundError(f"{what} {name!r}: {problem}." + (f" {hint}" if hint else ""))
+
+
 def load_tokenizer(
     name_or_path: str, device: str | torch.device | None = None, trust_remote_code: bool = False, **kwargs: Any
 ):

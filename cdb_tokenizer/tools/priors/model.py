@@ -15,7 +15,7 @@ import torch
 from transformers import AutoModelForCausalLM, GenerationConfig, GPT2Config, LlamaConfig, PreTrainedModel
 
 from ..files import relative_location, write_text
-from ..loading import is_local_path, load_tokenizer
+from ..loading import load_tokenizer, locate
 from ..messages import first_line
 from .vocabulary import PriorVocabulary
 
@@ -216,34 +216,6 @@ def save_prior(
     }
     write_text(output_dir / PRIOR_CONFIG_NAME, json.dumps(prior_config, indent=2) + "\n")
     return output_dir
-
-
-def locate(name_or_path: str | Path, what: str, hint: str = "") -> Path | None:
-    """The local folder `name_or_path` names, or None for a Hub repo id (`owner/name`). Anything else is a
-    `FileNotFoundError` naming `what` ("prior", "--tokenizer", ...), followed by `hint` (a sentence), and never a Hub
-    look-up: a name meant as a path (`is_local_path`) that is no folder, and a name without an owner. Ids without an
-    owner are the Hub's legacy models (gpt2, ...): a prior or a cdb-vq tokenizer, uploaded by a user or an
-    organisation, always has one, and a mistyped folder name must not wait on the Hub's retries."""
-    from huggingface_hub.errors import HFValidationError
-    from huggingface_hub.utils import validate_repo_id
-
-    path = Path(name_or_path).expanduser()
-    if path.is_dir():
-        return path
-    name = str(name_or_path)
-    if path.exists():
-        problem = "is not a folder"
-    elif isinstance(name_or_path, Path) or is_local_path(name):
-        problem = "no such folder"
-    elif "/" not in name:
-        problem = "no such folder, nor a Hub id (owner/name)"
-    else:
-        try:
-            validate_repo_id(name)
-            return None
-        except HFValidationError:
-            problem = "neither a local folder nor a valid Hub id (owner/name)"
-    raise FileNotFoundError(f"{what} {name!r}: {problem}." + (f" {hint}" if hint else ""))
 
 
 def load_prior_config(name_or_path: str | Path, revision: str | None = None) -> tuple[dict[str, Any], str]:
