@@ -32,6 +32,16 @@ WORKER = textwrap.dedent(
 )
 
 
+def run_two_processes(worker, tmp_path, steps: int, *flags: str) -> subprocess.CompletedProcess:
+    """train.py's code path in two torchrun processes (gloo on the CPU) on the tiny model, with `flags` added."""
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+        str(worker), str(tmp_path), *TINY_MODEL, "--output_dir", str(tmp_path / "run"), "--max_train_steps", str(steps),
+        "--train_batch_size", "2", "--num_validation_images", "2", "--report_to", "none", *flags,
+    ]  # fmt: skip
+    return subprocess.run(command, capture_output=True, text=True, timeout=150, check=False)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -42,16 +52,12 @@ def test_two_processes_end_with_identical_weights_and_codebooks(tmp_path):
     worker = tmp_path / "worker.py"
     worker.write_text(WORKER.format(repo=str(REPO)))
     clip_config = save_clip_config(tmp_path / "tiny_clip.json")
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-        str(worker), str(tmp_path), *TINY_MODEL, "--output_dir", str(tmp_path / "run"), "--max_train_steps", "3",
-        "--train_batch_size", "2", "--num_validation_images", "2", "--clip_model", str(clip_config),
+    result = run_two_processes(
+        worker, tmp_path, 3, "--clip_model", str(clip_config),
         "--clip_pretrained", "none", "--prototypes", "kmeans:8", "--prototype_kmeans_batches", "2",
         "--disc_weight", "0.5", "--disc_start", "1", "--disc_base_channels", "8", "--disc_num_layers", "2",
         "--dead_code_restart_steps", "1", "--dead_code_threshold", "0.9", "--usage_decay", "0.3", "--use_ema",
-        "--report_to", "none",
-    ]  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True, timeout=150, check=False)
+    )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     first, second = load_file(tmp_path / "rank0.safetensors"), load_file(tmp_path / "rank1.safetensors")
     assert first.keys() == second.keys()
@@ -68,13 +74,10 @@ def test_a_checkpoint_keeps_the_unreadable_images_every_process_met(tmp_path):
     image_folder(tmp_path / "data", {"train": 8, "validation": 2}, broken={"train": [f"{index}b.png" for index in range(4)]})
     worker = tmp_path / "worker.py"
     worker.write_text(WORKER.format(repo=str(REPO)))
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-        str(worker), str(tmp_path), *TINY_MODEL, "--output_dir", str(tmp_path / "run"), "--max_train_steps", "3",
-        "--train_batch_size", "2", "--num_validation_images", "2", "--clip_model", "none", "--disc_weight", "0",
-        "--lpips_weight", "0", "--train_data_dir", str(tmp_path / "data"), "--report_to", "none",
-    ]  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True, timeout=150, check=False)
+    result = run_two_processes(
+        worker, tmp_path, 3, "--clip_model", "none", "--disc_weight", "0", "--lpips_weight", "0",
+        "--train_data_dir", str(tmp_path / "data"),
+    )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     saved = json.loads((tmp_path / "run" / "checkpoints" / "checkpoint-3" / "training_state.json").read_text())
@@ -94,13 +97,9 @@ def test_a_teacher_missing_on_one_process_stops_every_process_instead_of_hanging
         "script.load_clip_teacher = lambda *a, **k: None if os.environ['RANK'] == '1' else load(*a, **k)",
     ))  # fmt: skip
     clip_config = save_clip_config(tmp_path / "tiny_clip.json")
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-        str(worker), str(tmp_path), *TINY_MODEL, "--output_dir", str(tmp_path / "run"), "--max_train_steps", "1",
-        "--train_batch_size", "2", "--num_validation_images", "2", "--clip_model", str(clip_config),
-        "--clip_pretrained", "none", "--prototypes", "kmeans:8", "--prototype_kmeans_batches", "1",
-        "--disc_weight", "0", "--lpips_weight", "0", "--report_to", "none",
-    ]  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True, timeout=150, check=False)
+    result = run_two_processes(
+        worker, tmp_path, 1, "--clip_model", str(clip_config), "--clip_pretrained", "none", "--prototypes", "kmeans:8",
+        "--prototype_kmeans_batches", "1", "--disc_weight", "0", "--lpips_weight", "0",
+    )  # fmt: skip
     assert result.returncode != 0
     assert "the CLIP teacher" in result.stderr and "not on process(es) [1]" in result.stderr, result.stderr[-3000:]
