@@ -246,7 +246,7 @@ def test_inspect_shows_no_placeholder_roles_or_prototype_ties(tmp_path, capsys):
     assert [code["prototype"] for code in json.loads(capsys.readouterr().out)["top_codes"]] == [None] * 3
 
 
-def test_tokenize_saves_a_dataset_with_tokens_and_labels(files, tmp_path, capsys, monkeypatch):
+def test_tokenize_saves_a_dataset_with_tokens_and_labels(files, tmp_path, capsys, monkeypatch, caplog):
     import datasets
 
     import cdb_tokenizer.tools.data as data_module
@@ -264,11 +264,13 @@ def test_tokenize_saves_a_dataset_with_tokens_and_labels(files, tmp_path, capsys
             shutil.copy(files["root"] / "photos" / f"{name}.png", data / label / f"{name}.png")
     shutil.copy(files["root"] / "broken.png", data / "person" / "broken.png")
     out = tmp_path / "tokenized"
-    assert (
-        main(["tokenize", "--model", str(files["model"]), "--data", str(data), "--out", str(out), "--batch_size", "2"])
-        == 0
-    )
+    with caplog.at_level("WARNING"):
+        assert (
+            main(["tokenize", "--model", str(files["model"]), "--data", str(data), "--out", str(out), "--batch_size", "2"])
+            == 0
+        )
     assert "1 unreadable skipped" in capsys.readouterr().out
+    assert "Skipping unreadable (or over-budget) image" in caplog.text and "broken.png" in caplog.text  # named
     assert len(reads) == 4  # each image read once (a check pass used to read them all first)
 
     tokenized = datasets.load_from_disk(str(out))

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from ..data import decode_image, sample_photos
+from ..data import MAX_REPORTED_UNREADABLE, decode_image, describe_image_value, sample_photos
 from ..files import write_text
 
 logger = logging.getLogger(__name__)
@@ -167,9 +167,12 @@ def tokenize_dataset(
     def tokenize_batch(batch: dict[str, list]) -> dict[str, list]:
         images = [decode_image(value, max_pixels=max_pixels) for value in batch[image_column]]
         readable = [index for index, image in enumerate(images) if image is not None]
-        if len(readable) < len(images):  # an unreadable file is skipped (and counted), not a crash mid-run
-            skipped[0] += len(images) - len(readable)
-            logger.warning("Skipping %d unreadable (or over-budget) image(s).", len(images) - len(readable))
+        if len(readable) < len(images):  # an unreadable file is skipped (counted, the first few named), not a crash
+            for value, image in zip(batch[image_column], images):
+                if image is None:
+                    skipped[0] += 1
+                    if skipped[0] <= MAX_REPORTED_UNREADABLE:
+                        logger.warning("Skipping unreadable (or over-budget) image %s.", describe_image_value(value))
         output: dict[str, list] = {"image_tokens": []}
         if label_column is not None:
             output["label"] = [batch[label_column][index] for index in readable]
