@@ -126,3 +126,14 @@ def test_every_quality_rule_trains_and_is_evaluated(load):
     for rule in quality.RULES:
         result = quality.train_and_evaluate(args, rule, backbone, train_photos, held_out)
         assert result["rule"] == rule and result["psnr"] > 0 and 0 < result["utilization"] <= 1, rule
+
+
+def test_the_psnr_target_is_judged_only_against_every_baseline(load):
+    quality = load("quality")
+    row = {"utilization": 0.9, "perplexity": 300.0}
+    results = {"cdb": {**row, "psnr": 20.5}, "nearest": {**row, "psnr": 20.0}}
+    assert quality.targets(results, 0.98)[-1].endswith("-> no verdict: vqtorch not in this run")
+    results["vqtorch"] = {**row, "psnr": 20.3}
+    assert quality.targets(results, 0.98)[-1].endswith("(+0.20 dB) -> MISSED")
+    results["vqtorch"]["psnr"] = 20.1
+    assert quality.targets(results, 0.98)[-1].endswith("(+0.40 dB) -> met")
