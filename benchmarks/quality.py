@@ -494,7 +494,10 @@ def report(
             f"{codebook_updates(args)} Every rule starts from k-means of the first batch's latents. "
             f"{dead_code_upkeep(args)} `codes restarted` counts the codes each rule restarted over the run "
             "(`VectorQuantize`'s own replacements for `vqtorch`)."
-            " No CLIP teacher (no weights offline): `cdb`'s semantic head learns only through the router."
+            " No CLIP teacher (no weights offline): `cdb`'s semantic head gets no gradient (the router reads its"
+            " features detached). What `cdb` alone trains: its router's query and per-code keys, by gradient, and its"
+            " soft assignment over the candidates sends a reconstruction gradient into the encoder besides the"
+            " straight-through one (its codes are EMA-updated, so none reaches them)."
             + overrides,
             "",
             markdown_table(headers, rows),
