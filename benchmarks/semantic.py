@@ -497,6 +497,11 @@ CASES = {
         "cdb + CLIP", ("--assignment", "cdb"),
         "CDB router with its default weights; semantic distillation, token and code alignment on", guided=True,
     ),
+    # The same losses without the router: what of cdb + CLIP's gains is the losses' and what the router's.
+    "nearest_clip": Case(
+        "nearest + CLIP", ("--assignment", "nearest"),
+        "nearest-neighbour assignment; semantic distillation, token and code alignment on", guided=True,
+    ),
     "cdb_clip_steered": Case(
         "cdb + CLIP, steered router", ("--assignment", "cdb", *STEERED_ROUTER),
         f"as cdb + CLIP, with `{' '.join(STEERED_ROUTER)}`", guided=True,
