@@ -912,3 +912,16 @@ def test_load_tokenizer_refuses_a_model_of_another_kind(tmp_path):
     BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="is a 'bert' model, not a cdb-vq tokenizer"):
         load_tokenizer(str(tmp_path))
+
+
+def test_a_hub_priors_default_output_is_in_the_working_directory(tmp_path, monkeypatch):
+    # owner/name/samples.png made a local folder owner/name, which the next `--prior owner/name` was taken for.
+    import argparse
+
+    sample_prior = load_script("sample_prior")
+    monkeypatch.chdir(tmp_path)
+    output = sample_prior.check_output(argparse.Namespace(prior="owner/name", output=None, overwrite=False))
+    assert output == Path("samples.png") and not (tmp_path / "owner").exists()
+    (tmp_path / "local_prior").mkdir()
+    output = sample_prior.check_output(argparse.Namespace(prior="local_prior", output=None, overwrite=False))
+    assert output == Path("local_prior") / "samples.png"

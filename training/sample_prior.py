@@ -35,7 +35,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Sample an image grid from a cdb-vq prior.")
     parser.add_argument("--prior", type=str, required=True, help="Folder (or Hub id) written by train_prior.py.")
     parser.add_argument("--tokenizer", type=str, default=None, help="Default: the one in prior_config.json.")
-    parser.add_argument("--output", type=str, default=None, help="PNG path (default: <prior>/samples.png).")
+    parser.add_argument("--output", type=str, default=None, help="PNG path (default: <prior>/samples.png; for a Hub prior, samples.png here).")
     parser.add_argument("--overwrite", action="store_true", help="Replace --output if it exists.")
     parser.add_argument("--num_images", type=int, default=16, help="Images in all, or per class with --class_labels.")
     parser.add_argument("--class_labels", type=int, nargs="+", default=None,
@@ -76,18 +76,18 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
             parser.error(f"--class_labels {wrong}: the prior has classes 0 to {num_classes - 1}.")
     try:
         resolve_device(args.device)
-        # The default waits for a prior that is no local folder: checking it would create the folder of a Hub id,
-        # or of a mistyped one.
-        if args.output is not None or Path(args.prior).expanduser().is_dir():
-            args.output = str(check_output(args))
+        args.output = str(check_output(args))
     except CLIError as error:
         parser.error(str(error))
 
 
 def check_output(args: argparse.Namespace) -> Path:
-    """--output (default <prior>/samples.png): a .png file name, new or, with --overwrite, a regular file to replace;
+    """--output (default <prior>/samples.png, or samples.png for a Hub prior): a .png file name, new or, with --overwrite, a regular file to replace;
     never a folder, device or link (`check_output_file`, which creates its folder)."""
-    output = args.output if args.output is not None else str(Path(args.prior) / "samples.png")
+    # A Hub prior's grid goes to the working directory: `owner/name/samples.png` would make a local folder that the
+    # next `--prior owner/name` is taken for.
+    default = Path(args.prior) / "samples.png" if Path(args.prior).expanduser().is_dir() else Path("samples.png")
+    output = args.output if args.output is not None else str(default)
     if Path(output).suffix.lower() != ".png":
         raise CLIError(f"--output {output!r}: the grid is written as a PNG image; give a .png file name.")
     return check_output_file(output, example="samples.png", option="--output", overwrite=args.overwrite)
@@ -106,7 +106,7 @@ def sample(args: argparse.Namespace) -> Path:
     """Load the prior and its tokenizer, sample, and write the grid; returns its path."""
     device = resolve_device(args.device)
     prior, vocabulary, prior_config = load_prior(args.prior, device=device)
-    output = Path(args.output) if args.output is not None else check_output(args)  # a Hub prior's default
+    output = Path(args.output)  # checked (and its default set) by parse_args
     tokenizer, _ = load_tokenizer_of(args, prior_config, device)
     # Priors trained without a tokenizer (--codebook_size) record no image size: the token count gives it.
     image_size = tuple(prior_config["image_size"]) if prior_config.get("image_size") else None
