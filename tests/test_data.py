@@ -298,3 +298,11 @@ def test_a_hub_data_set_reaches_only_its_own_repository():
     assert not screen.allowed("hf://datasets/victim/private/a.png") and not screen.allowed("hf://datasets/org/settings/a.png")
     assert not screen.allowed("/home/me/a.png::hf://datasets/org/set/images.zip")
     assert not screen.allowed("file:///home/me/a.png") and not screen.allowed("images/a.png")
+    # `..` climbs out of the repository once the URL is resolved; `~` is opened as written, not expanded.
+    assert not screen.allowed("hf://datasets/org/set/../../evil/private/resolve/main/x.png")
+    assert not screen.allowed("hf://datasets/org/set@main/../../evil/x.png") and not screen.allowed("~/a.png")
+    # Of the Hub cache, only this repository's files.
+    from huggingface_hub import constants
+
+    assert screen.allowed(f"{constants.HF_HUB_CACHE}/datasets--org--set/snapshots/abc/a.png")
+    assert not screen.allowed(f"{constants.HF_HUB_CACHE}/datasets--me--private/snapshots/abc/photo.png")

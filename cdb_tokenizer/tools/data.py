@@ -188,7 +188,9 @@ class DataSetImagePaths:
 
         self.image_column = image_column
         self.warned = False
-        roots = [constants.HF_HUB_CACHE, datasets.config.HF_DATASETS_CACHE, *extra_roots]
+        # The Hub cache only where this repository's files go, not every cached repository's.
+        hub = [Path(constants.HF_HUB_CACHE) / f"datasets--{repo_id.replace('/', '--')}"] if repo_id else []
+        roots = [*hub, datasets.config.HF_DATASETS_CACHE, *extra_roots]
         self.roots = [str(Path(root).expanduser().resolve()) for root in roots]
         # Only the data set's own repository: another one's files would be fetched with the user's token.
         self.repo_urls = [
@@ -201,8 +203,12 @@ class DataSetImagePaths:
         if any(not ARCHIVE_URL.match(part) for part in inner):
             return False
         if "://" in outer:
-            return any(outer.startswith(prefix) for prefix in self.repo_urls)
-        resolved = Path(outer).expanduser().resolve()
+            # `..` would climb out of the repository once the URL is resolved (with the user's token).
+            segments = re.split(r"[/@]", outer.split("://", 1)[1])
+            return "." not in segments and ".." not in segments and outer.startswith(tuple(self.repo_urls))
+        if outer.startswith("~"):  # opened as written (relative to the working directory), so never expanded here
+            return False
+        resolved = Path(outer).resolve()
         return any(resolved.is_relative_to(root) for root in self.roots)
 
     def screened(self, value):
