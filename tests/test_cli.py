@@ -999,3 +999,17 @@ def test_relative_locations_never_spell_out_a_path_from_the_root_or_the_home_fol
     assert relative_location("/home/alice/tok", "/home/alice/work") == "../tok"
     assert relative_location("/home/bob/tok", "/home/alice/work") is None  # "../../bob/tok" names another user
     assert relative_location("/data/tok", "/home/alice") is None  # from /: the whole path
+    assert relative_location("/home/alice/tok", "/") is None and relative_location("/home/alice/tok", "/home") is None
+    monkeypatch.setenv("HOME", "/root")  # root in a container: /home still holds other users' folders
+    assert relative_location("/home/alice/tok", "/home/bob/out") is None
+    monkeypatch.delenv("HOME")
+    monkeypatch.setattr("pwd.getpwuid", lambda uid: (_ for _ in ()).throw(KeyError(uid)))  # no home at all
+    assert relative_location("/tmp/a/tok", "/tmp/a/out") == "../tok"
+
+
+@pytest.mark.parametrize("name, problem", [("", "--model is empty"), ("~no_such_user_x/m", "no such folder")])
+def test_locate_names_an_empty_model_or_an_unknown_users_folder(name, problem):
+    from cdb_tokenizer.tools.loading import locate
+
+    with pytest.raises(FileNotFoundError, match=problem):
+        locate(name, "--model")

@@ -13,16 +13,23 @@ from pathlib import Path
 
 def relative_location(target: str | Path, base: str | Path) -> str | None:
     """`target` as a path relative to the folder `base` ("../tok", "./tok": the leading dot keeps it from being read
-    as a Hub id), or None where it would climb to / or to a folder holding home folders (/home): from there it
+    as a Hub id), or None where it would pass through / or a folder of home folders (/home, /Users): from there it
     would spell out the absolute path and a user name, which files that are shared must not carry."""
     target, base = Path(target).expanduser().resolve(), Path(base).expanduser().resolve()
     relative = os.path.relpath(target, base)
-    if not relative.startswith(".."):
-        return os.path.join(".", relative)
     common = Path(os.path.commonpath([target, base]))
-    if common == Path(common.anchor) or common in Path.home().resolve().parents:
+    if common == Path(common.anchor) or common in _home_folders_parents():
         return None
-    return relative
+    return relative if relative.startswith("..") else os.path.join(".", relative)
+
+
+def _home_folders_parents() -> set[Path]:
+    """Folders whose sub-folders are users' homes: /home, /Users, and the parents of this user's home."""
+    folders = {Path("/home"), Path("/Users")}
+    home = os.path.expanduser("~")  # left as "~" without HOME or a passwd entry
+    if home != "~":
+        folders |= set(Path(home).resolve().parents)
+    return folders
 
 
 def replace_file(path: str | Path, write: Callable[[Path], object]) -> Path:

@@ -36,10 +36,15 @@ def locate(name_or_path: str | Path, what: str, hint: str = "") -> Path | None:
     from huggingface_hub.errors import HFValidationError
     from huggingface_hub.utils import validate_repo_id
 
-    path = Path(name_or_path).expanduser()
+    name = str(name_or_path)
+    if not name.strip():  # Path("") is the working directory
+        raise FileNotFoundError(f"{what} is empty; give a folder or a Hub id (owner/name).")
+    try:
+        path = Path(name_or_path).expanduser()
+    except RuntimeError:  # ~user of no such user
+        path = Path(name_or_path)
     if path.is_dir():
         return path
-    name = str(name_or_path)
     if path.exists():
         problem = "is a file, not a folder"
     elif isinstance(name_or_path, Path) or looks_like_path(name):
