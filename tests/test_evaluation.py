@@ -462,3 +462,20 @@ def test_cli_eval_refuses_fid_weights_without_fid_in_one_line(tokenizer_folder, 
     assert cli_main(arguments) == 1
     line = cli_error_line(capsys, "eval")
     assert "--fid_weights without --fid: no rFID would be computed; add --fid." in line, line
+
+
+def test_cli_eval_refuses_a_reference_made_with_other_inception_weights(
+    tokenizer_folder, cached_inception_weights, tmp_path, capsys
+):
+    base = ["eval", "--model", str(tokenizer_folder["model"]), "--data", str(tokenizer_folder["photos"]), "--no-lpips",
+            "--max_images", "2", "--fid", "--fid_reference", str(tmp_path / "reference.safetensors")]  # fmt: skip
+    assert cli_main(base) == 0  # the cached weights: recorded by content
+    capsys.readouterr()
+    assert cli_main(base + ["--fid_weights", str(cached_inception_weights)]) == 0  # the same file, named: accepted
+    capsys.readouterr()
+    other = tmp_path / "other_inception.pth"
+    state = torch.load(cached_inception_weights, weights_only=True)
+    state["Conv2d_1a_3x3.conv.weight"] = state["Conv2d_1a_3x3.conv.weight"] + 1
+    torch.save(state, other)
+    assert cli_main(base + ["--fid_weights", str(other)]) == 1
+    assert "was computed with weights " in cli_error_line(capsys, "eval")

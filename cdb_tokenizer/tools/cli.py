@@ -994,6 +994,11 @@ def eval_command(args: argparse.Namespace) -> None:
     # What makes a reference's statistics comparable with this run's: computed otherwise, the rFID means nothing.
     size = processor_image_size(processor)
     facts = {"resolution": f"{size[0]}x{size[1]}" if size else "as processed", "features": args.fid_feature_extractor}
+    if fid is not None and args.fid_feature_extractor == "inception":  # which Inception weights, by content
+        from .evaluation import inception_weights
+
+        with open(inception_weights(args.fid_weights, allow_download=False), "rb") as weights:
+            facts["weights"] = hashlib.file_digest(weights, "sha256").hexdigest()[:16]
     if fid is not None and args.fid_reference and Path(args.fid_reference).is_file():
         try:
             reference = load_fid_reference(args.fid_reference)
