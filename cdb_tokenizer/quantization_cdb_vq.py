@@ -904,7 +904,6 @@ class CDBVQQuantizer(nn.Module):
         if self.router is not None:
             # A new code's potential was learned for the old one's cell (a second k-means initialisation included).
             self.router.potentials[indices] = 0.0
-        if self.router is not None and indices.numel() < self.codebook_size:
             # A revived code inherits the router key of the live code nearest to it, so the router scores it
             # like its neighbourhood instead of never picking it.
             alive = torch.ones(self.codebook_size, dtype=torch.bool, device=indices.device)

@@ -82,8 +82,9 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
 
 
 def check_output(args: argparse.Namespace) -> Path:
-    """--output (default <prior>/samples.png, or samples.png for a Hub prior): a .png file name, new or, with --overwrite, a regular file to replace;
-    never a folder, device or link (`check_output_file`, which creates its folder)."""
+    """--output (default <prior>/samples.png, or samples.png for a Hub prior): a .png file name, new or, with
+    --overwrite, a regular file to replace; never a folder, device or link (`check_output_file`, which creates its
+    folder)."""
     # A Hub prior's grid goes to the working directory: `owner/name/samples.png` would make a local folder that the
     # next `--prior owner/name` is taken for.
     default = Path(args.prior) / "samples.png" if Path(args.prior).expanduser().is_dir() else Path("samples.png")

@@ -38,7 +38,6 @@ from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from . import files
-
 from .loading import is_local_path, locate, processor_image_size
 from .messages import first_line
 
@@ -109,12 +108,12 @@ def load_model(
     from .loading import load_tokenizer
 
     device = resolve_device(device)
-    if revision is not None and (Path(name_or_path).expanduser().exists() or is_local_path(name_or_path)):
-        raise CLIError(f"--revision {revision} applies to Hub models; {name_or_path} is a local folder.")
     try:
         folder = locate(name_or_path, "--model")
     except FileNotFoundError as error:
         raise CLIError(str(error)) from None
+    if revision is not None and folder is not None:
+        raise CLIError(f"--revision {revision} applies to Hub models; {name_or_path} is a local folder.")
     if folder is not None and not (folder / "config.json").is_file():
         raise CLIError(f"--model {name_or_path} has no config.json: it is not a saved model folder.")
     model_id = name_or_path if folder is None else str(folder.resolve())
@@ -917,6 +916,19 @@ def _check_fid_options(args: argparse.Namespace) -> None:
         raise CLIError(f"--fid_reference and --out are the same file ({args.out}); give each its own.")
 
 
+def _fid_reference_facts(args: argparse.Namespace, processor) -> dict[str, str]:
+    """What makes reference statistics comparable with this run's (computed otherwise, the rFID means nothing): the
+    crop size, the feature extractor and, for Inception, its weights by content."""
+    size = processor_image_size(processor)
+    facts = {"resolution": f"{size[0]}x{size[1]}" if size else "as processed", "features": args.fid_feature_extractor}
+    if args.fid_feature_extractor == "inception":
+        from .evaluation import inception_weights
+
+        with open(inception_weights(args.fid_weights, allow_download=False), "rb") as weights:
+            facts["weights"] = hashlib.file_digest(weights, "sha256").hexdigest()[:16]
+    return facts
+
+
 def _check_fid_reference_facts(path: str, recorded: dict[str, str], facts: dict[str, str]) -> None:
     """Refuse reference statistics computed at another resolution or with another feature extractor."""
     for key, value in facts.items():
@@ -991,14 +1003,7 @@ def eval_command(args: argparse.Namespace) -> None:
     fid = _eval_fid(args, device)
     lpips = _eval_lpips(device) if args.lpips else None
     reference = None
-    # What makes a reference's statistics comparable with this run's: computed otherwise, the rFID means nothing.
-    size = processor_image_size(processor)
-    facts = {"resolution": f"{size[0]}x{size[1]}" if size else "as processed", "features": args.fid_feature_extractor}
-    if fid is not None and args.fid_feature_extractor == "inception":  # which Inception weights, by content
-        from .evaluation import inception_weights
-
-        with open(inception_weights(args.fid_weights, allow_download=False), "rb") as weights:
-            facts["weights"] = hashlib.file_digest(weights, "sha256").hexdigest()[:16]
+    facts = _fid_reference_facts(args, processor) if fid is not None and args.fid_reference else {}
     if fid is not None and args.fid_reference and Path(args.fid_reference).is_file():
         try:
             reference = load_fid_reference(args.fid_reference)

@@ -179,8 +179,9 @@ class DataSetImagePaths:
     """Screens the image values of a `dataset_name` data set (a transform, picklable for loader workers): a value that
     is only a path (no bytes) is kept when it names the data set's own files, in the Hugging Face caches or
     `extra_roots` (its local folder, --cache_dir), or a `hf://` URL of its own repository `repo_id` (also inside an
-    archive, `zip://a.png::hf://...`), and blanked otherwise: a stranger's data set naming `/home/me/photo.jpg` or a URL would have the run read it and
-    show it in its validation pictures (which publishing uploads). Blanked images are skipped as unreadable."""
+    archive, `zip://a.png::hf://...`), and blanked otherwise: a stranger's data set naming `/home/me/photo.jpg` or a
+    URL would have the run read it and show it in its validation pictures (which publishing uploads). Blanked images
+    are skipped as unreadable."""
 
     def __init__(self, image_column: str, extra_roots: Sequence[str] = (), repo_id: str | None = None):
         import datasets

@@ -37,6 +37,7 @@ def multi_process_without_accelerator() -> bool:
     has_accelerator = getattr(torch, "accelerator", None)
     return not (has_accelerator.is_available() if has_accelerator is not None else torch.cuda.is_available())
 
+
 # What W&B would otherwise upload besides the cleaned config: the command line (a --hub_token in it), host and user
 # names, paths, the git remote, the code and the console output (paths again). Each applies where the installed
 # wandb has that setting.
