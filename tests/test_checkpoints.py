@@ -169,6 +169,43 @@ def test_an_output_folder_holding_another_run_is_refused_and_overwrite_starts_ov
     assert json.loads((output_dir / "config.json").read_text())["codebook_size"] == 32
 
 
+HOLD_OUTPUT_DIR = """
+import sys, time
+sys.path.insert(0, {repo!r})
+from pathlib import Path
+from cdb_tokenizer.tools.runs import claim_output_dir
+assert claim_output_dir(Path({output_dir!r})) is None
+print("held", flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_folder_another_process_trains_in_is_refused_even_with_overwrite(straight, tmp_path):
+    """Two runs in one --output_dir (a second launch, or two benchmark runs sharing a folder) would interleave their
+    checkpoints, and --overwrite_output_dir would delete the other's last good one while it trains."""
+    import shutil
+
+    output_dir = tmp_path / "run"
+    shutil.copytree(straight, output_dir)
+    checkpoints_before = sorted(p.name for p in (output_dir / "checkpoints").iterdir())
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_OUTPUT_DIR.format(repo=str(REPO), output_dir=str(output_dir))],
+                              stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        other_run = TINY + ["--report_to", "none", "--max_train_steps", "1", "--output_dir", str(output_dir)]
+        with pytest.raises(OutputDirInUse, match=r"Another run is writing to --output_dir .*run now .*choose another"):
+            main(other_run + ["--overwrite_output_dir"])
+        assert sorted(p.name for p in (output_dir / "checkpoints").iterdir()) == checkpoints_before
+        with pytest.raises(OutputDirInUse, match="Another run is writing"):
+            main(other_run + ["--resume_from_checkpoint", "latest"])
+    finally:
+        holder.kill()
+        holder.wait()
+    # The holder is gone (killed: the OS dropped its lock), so the folder is free again.
+    main(other_run + ["--overwrite_output_dir"])
+    assert [p.name for p in (output_dir / "checkpoints").iterdir()] == ["checkpoint-1"]
+
+
 def test_a_resume_with_nothing_left_to_train_says_so_and_leaves_the_model(straight, tmp_path, caplog):
     import shutil
 

@@ -72,7 +72,14 @@ from cdb_tokenizer.tools.losses import LPIPSUnavailableError, PatchDiscriminator
 from cdb_tokenizer.tools.messages import run_script
 from cdb_tokenizer.tools.redaction import public_value, redact_secrets
 from cdb_tokenizer.tools.roles import role_map_figure, save_role_map
-from cdb_tokenizer.tools.runs import EMAWeights, RunLog, find_checkpoint, make_accelerator, tracker_init_kwargs
+from cdb_tokenizer.tools.runs import (
+    EMAWeights,
+    RunLog,
+    claim_output_dir,
+    find_checkpoint,
+    make_accelerator,
+    tracker_init_kwargs,
+)
 from cdb_tokenizer.tools.steps import TrainingParts, micro_batch_seed, restart_dead_codes, training_step
 from cdb_tokenizer.tools.train_args import parse_args
 from cdb_tokenizer.tools.teacher import (
@@ -173,8 +180,16 @@ def setup_run(args: argparse.Namespace) -> Accelerator:
 
 
 def prepare_output_dir(args: argparse.Namespace, accelerator: Accelerator) -> None:
-    """Create --output_dir, refusing one that holds another run unless the user said to resume or to start over."""
+    """Create and claim --output_dir, refusing one that a running process holds, or that holds another run unless
+    the user said to resume or to start over."""
     output_dir = Path(args.output_dir)
+    claimed = None
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        claimed = claim_output_dir(output_dir)
+    refusal = gather_object([claimed])[0]  # the main process's word, on every process
+    if refusal is not None:
+        raise OutputDirInUse(refusal[0].upper() + refusal[1:] + ".")
     found = [name for name in RUN_MARKERS if (output_dir / name).exists()] if output_dir.is_dir() else []
     log_file = output_dir / args.logging_dir / "train_log.jsonl"
     if log_file.is_file():
@@ -203,8 +218,6 @@ def prepare_output_dir(args: argparse.Namespace, accelerator: Accelerator) -> No
                 f"--output_dir {output_dir} holds a finished model but no complete checkpoint to resume: a new run would "
                 f"overwrite it. Pass --overwrite_output_dir to start over, or choose another --output_dir."
             )
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
 
 

@@ -2,7 +2,8 @@
 
 The Accelerator of a run and its logging (`make_accelerator`), the rule for several processes on a machine without
 a GPU (`multi_process_without_accelerator`), which checkpoint `--resume_from_checkpoint` names (`find_checkpoint`:
-`latest` is the newest complete one), the weight EMA (`EMAWeights`) and the run log (`RunLog`: trackers plus
+`latest` is the newest complete one), the claim on an output folder that keeps two runs out of one
+(`claim_output_dir`), the weight EMA (`EMAWeights`) and the run log (`RunLog`: trackers plus
 `logs/train_log.jsonl`).
 """
 
@@ -18,6 +19,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import ProjectConfiguration
+from filelock import FileLock, Timeout
 
 from .checkpoints import CheckpointError, complete_checkpoints, incomplete_reason
 from .files import write_text
@@ -73,6 +75,28 @@ def make_accelerator(args, output_dir: Path, **kwargs) -> Accelerator:
     for noisy in NOISY_LOGGERS:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     return accelerator
+
+
+# The output folders this process trains into, each with its lock: held until the process ends (the OS drops it
+# then, also after a crash), so a second run cannot write, or --overwrite_output_dir delete, in a folder meanwhile.
+OUTPUT_DIR_LOCK = ".cdb-vq-run.lock"
+_claimed_output_dirs: dict[Path, FileLock] = {}
+
+
+def claim_output_dir(output_dir: Path) -> str | None:
+    """Lock `output_dir` (which must exist) for this process's run; returns None, or why another run holds it.
+    A folder this process claimed before (an earlier run in the same Python session) stays claimed."""
+    key = output_dir.resolve()
+    if key in _claimed_output_dirs:
+        return None
+    lock = FileLock(output_dir / OUTPUT_DIR_LOCK, timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        return (f"another run is writing to --output_dir {output_dir} now (it holds {OUTPUT_DIR_LOCK}); wait for it "
+                "to end, or choose another --output_dir")  # fmt: skip
+    _claimed_output_dirs[key] = lock
+    return None
 
 
 def find_checkpoint(resume_from_checkpoint: str | None, output_dir: str | Path) -> Path | None:
