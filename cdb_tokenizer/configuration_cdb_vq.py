@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import math
+import os
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 from transformers import PretrainedConfig
+from transformers.utils import CONFIG_NAME
 
 
 ASSIGNMENT_RULES = ("nearest", "sinkhorn", "cdb")
@@ -164,7 +169,7 @@ class CDBVQConfig(PretrainedConfig):
         self.num_channels = num_channels
         self.resolution = resolution
         self.base_channels = base_channels
-        self.channel_multipliers = list(channel_multipliers)
+        self.channel_multipliers = list(channel_multipliers) if _is_range(channel_multipliers) else channel_multipliers
         self.num_res_blocks = num_res_blocks
         self.use_mid_attention = use_mid_attention
         self.norm_num_groups = norm_num_groups
@@ -209,8 +214,18 @@ class CDBVQConfig(PretrainedConfig):
         self.assignment_chunk_size = assignment_chunk_size
         self.initializer_range = initializer_range
         self.quantizer_format = quantizer_format
+        _refuse_misspelled_fields(kwargs)
         super().__init__(**kwargs)
         self.validate_fields()
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> CDBVQConfig:
+        """`PretrainedConfig.from_pretrained`, except that a local folder without `config.json` is an error (transformers
+        would return the default config, and a model loaded from such a folder fails far from the cause)."""
+        folder = Path(pretrained_model_name_or_path)
+        if folder.is_dir() and not (folder / kwargs.get("subfolder", "") / CONFIG_NAME).is_file():
+            raise OSError(f"{folder} has no {CONFIG_NAME}: it is not a saved cdb-vq model (save_pretrained writes one).")
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     @property
     def downsampling_factor(self) -> int:
@@ -236,7 +251,9 @@ class CDBVQConfig(PretrainedConfig):
             value = getattr(self, name)
             if not _is_int(value) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}.")
-        if not self.channel_multipliers or any(not _is_int(m) or m < 1 for m in self.channel_multipliers):
+        if not _is_range(self.channel_multipliers) or not self.channel_multipliers or any(
+            not _is_int(m) or m < 1 for m in self.channel_multipliers
+        ):
             raise ValueError(f"channel_multipliers must be a non-empty list of positive integers, got {self.channel_multipliers!r}.")
         for multiplier in self.channel_multipliers:
             if (self.base_channels * multiplier) % self.norm_num_groups:
@@ -326,6 +343,17 @@ class CDBVQConfig(PretrainedConfig):
             position = bounds[1]
         if position != self.codebook_size:
             raise ValueError(f"code_roles must add up to codebook_size ({self.codebook_size}), but they cover {position} codes.")
+
+
+def _refuse_misspelled_fields(kwargs: dict) -> None:
+    """Refuse a keyword that is not a field but reads like one (`asignment`, `codebok_size`): it would be stored as a
+    stray attribute while the field keeps its default, building another model without a word. Other unknown keys
+    pass, as in transformers (metadata that a saved config.json carries)."""
+    fields = [name for name in inspect.signature(CDBVQConfig.__init__).parameters if name not in ("self", "kwargs")]
+    for key in kwargs:
+        close = difflib.get_close_matches(key, fields, n=1, cutoff=0.8)
+        if close and key not in FORMAT_1_FIELDS and not hasattr(PretrainedConfig, key):
+            raise ValueError(f"CDBVQConfig has no field {key!r}; did you mean {close[0]!r}?")
 
 
 def _is_range(value) -> bool:

@@ -17,7 +17,14 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
 
 from .configuration_cdb_vq import CDBVQConfig
-from .quantization_cdb_vq import SIGNAL_NAMES, CDBVQQuantizer, CDBVQRouter, CodeStatistics, image_signal_features
+from .quantization_cdb_vq import (
+    SIGNAL_NAMES,
+    CDBVQQuantizer,
+    CDBVQRouter,
+    CodeStatistics,
+    image_signal_features,
+    kind_of,
+)
 
 
 @dataclass
@@ -352,7 +359,15 @@ class CDBVQModel(CDBVQPreTrainedModel):
                 f"pixel_values must be a floating-point tensor in [-1, 1], got dtype {pixel_values.dtype}; "
                 f"prepare images with CDBVQImageProcessor (or the model's AutoImageProcessor)."
             )
-        low, high = torch.stack(torch.aminmax(pixel_values.detach())).float().tolist()  # one device sync
+        bounds = [*torch.aminmax(pixel_values.detach())]
+        if self.quantizer.router is not None:  # in the same sync: a corrupt tie would index past the prototypes
+            bounds += [*torch.aminmax(self.quantizer.code_to_prototype)]
+        low, high, *ties = torch.stack([bound.float() for bound in bounds]).tolist()  # one device sync
+        if ties and not 0 <= ties[0] <= ties[1] < self.config.num_prototypes:
+            raise ValueError(
+                f"quantizer.code_to_prototype ties codes to prototype ids {int(ties[0])}..{int(ties[1])}, outside [0, "
+                f"{self.config.num_prototypes}): the weights are corrupt."
+            )
         if not (math.isfinite(low) and math.isfinite(high)):
             raise ValueError("pixel_values contains NaN or infinite values.")
         limit = 1.0 + self._PIXEL_RANGE_TOLERANCE
@@ -556,10 +571,26 @@ class CDBVQModel(CDBVQPreTrainedModel):
             raise ValueError(f"decode expects image_tokens of shape (batch, h, w), got {tuple(image_tokens.shape)}; use decode_image_tokens for (batch, h * w).")
         self._check_token_range_and_codebook(image_tokens)
         codes = self.quantizer.lookup(image_tokens).permute(0, 3, 1, 2)
-        return self.decode_latents(codes.to(self.post_quant_conv.weight.dtype))
+        return self._decode_quantized(codes.to(self.post_quant_conv.weight.dtype))
 
     def decode_latents(self, quantized: torch.FloatTensor) -> torch.FloatTensor:
-        """Decode quantized latents (batch, codebook_dim, h, w) into images."""
+        """Decode quantized latents (batch, codebook_dim, h, w), e.g. `encode(...).quantized`, into images (cast to
+        the model's dtype)."""
+        if not isinstance(quantized, torch.Tensor) or not quantized.is_floating_point():
+            raise TypeError(f"quantized latents must be a floating-point torch.Tensor, got {kind_of(quantized)}.")
+        if quantized.ndim != 4 or quantized.shape[1] != self.config.codebook_dim or quantized.numel() == 0:
+            raise ValueError(
+                f"quantized latents must have shape (batch, codebook_dim={self.config.codebook_dim}, h, w), got "
+                f"{tuple(quantized.shape)}."
+            )
+        if not bool(torch.isfinite(quantized).all()):
+            raise ValueError("quantized latents contain NaN or infinite values.")
+        dtype = self.post_quant_conv.weight.dtype
+        if quantized.dtype != dtype and not torch.is_autocast_enabled(quantized.device.type):
+            quantized = quantized.to(dtype)
+        return self._decode_quantized(quantized)
+
+    def _decode_quantized(self, quantized: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.post_quant_conv(quantized))
 
     @torch.no_grad()
@@ -593,6 +624,14 @@ class CDBVQModel(CDBVQPreTrainedModel):
         """
         self._check_image_tokens(image_tokens)
         if image_tokens.ndim == 3:
+            if (height, width) != (None, None):
+                factor = self.config.downsampling_factor
+                grid_height, grid_width = image_tokens.shape[1:]
+                if (height or width, width or height) != (grid_height * factor, grid_width * factor):
+                    raise ValueError(
+                        f"height {height} and width {width} disagree with the {grid_height}x{grid_width} token grid "
+                        f"({grid_height * factor}x{grid_width * factor} pixels); (batch, h, w) tokens need no size."
+                    )
             return self.decode(image_tokens)
         if image_tokens.ndim != 2:
             raise ValueError(f"image_tokens must have shape (batch, h * w) or (batch, h, w), got {tuple(image_tokens.shape)}.")
@@ -635,7 +674,7 @@ class CDBVQModel(CDBVQPreTrainedModel):
         encoded = self.encode(
             pixel_values, semantic_features=semantic_features, teacher_features=teacher_features, return_dict=True
         )
-        output = CDBVQModelOutput(**encoded, reconstruction=self.decode_latents(encoded.quantized))
+        output = CDBVQModelOutput(**encoded, reconstruction=self._decode_quantized(encoded.quantized))
         return_dict = self.config.return_dict if return_dict is None else return_dict  # transformers' convention
         return output if return_dict else output.to_tuple()
 
@@ -644,8 +683,11 @@ class CDBVQModel(CDBVQPreTrainedModel):
         self, prototypes: torch.Tensor, labels: list[str] | None = None, code_to_prototype: torch.Tensor | None = None
     ) -> None:
         """Store semantic prototypes (num_prototypes, semantic_dim), their optional text labels, and the code map."""
-        if labels is not None and len(labels) != prototypes.shape[0]:
-            raise ValueError(f"got {len(labels)} prototype labels for {prototypes.shape[0]} prototypes.")
+        if labels is not None:
+            if isinstance(labels, str) or not all(isinstance(label, str) for label in labels):
+                raise TypeError(f"labels must be a list of strings, one per prototype, got {labels!r}.")
+            if len(labels) != self.config.num_prototypes:
+                raise ValueError(f"got {len(labels)} prototype labels for {self.config.num_prototypes} prototypes.")
         self.quantizer.set_prototypes(prototypes, code_to_prototype)
         self.config.prototype_labels = list(labels) if labels is not None else None
 
@@ -708,6 +750,8 @@ class CDBVQModel(CDBVQPreTrainedModel):
 
     def _check_feature_grid(self, features: torch.Tensor, name: str, grid: tuple[int, int, int]) -> None:
         expected = (grid[0], self.config.semantic_dim, grid[1], grid[2])
+        if not isinstance(features, torch.Tensor) or not features.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point torch.Tensor of shape {expected}, got {kind_of(features)}.")
         if tuple(features.shape) != expected:
             raise ValueError(f"{name} must have shape {expected} (batch, semantic_dim, h, w), got {tuple(features.shape)}.")
         if not bool(torch.isfinite(features).all()):

@@ -102,6 +102,11 @@ def transport_cost(latents: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
     return squared_distances(latents, codes).clamp_min(1e-12).sqrt()
 
 
+def kind_of(value) -> str:
+    """A value's kind for an error message: a tensor's dtype, else its type."""
+    return f"a {value.dtype} tensor" if isinstance(value, torch.Tensor) else type(value).__name__
+
+
 @torch.no_grad()
 def nearest_codes(latents: torch.Tensor, codes: torch.Tensor, max_entries: int) -> torch.Tensor:
     """Index of the nearest code for each latent, computed in row chunks."""
@@ -562,17 +567,25 @@ class CDBVQQuantizer(nn.Module):
 
     @torch.no_grad()
     def set_prototypes(self, prototypes: torch.Tensor, code_to_prototype: torch.Tensor | None = None) -> None:
-        """Store semantic prototypes (P, semantic_dim) and, optionally, which prototype each code is tied to."""
+        """Store semantic prototypes (P, semantic_dim) and, optionally, which prototype each code is tied to; both are
+        checked before either is written."""
+        if not isinstance(prototypes, torch.Tensor) or not prototypes.is_floating_point():
+            raise TypeError(f"prototypes must be a floating-point torch.Tensor, got {kind_of(prototypes)}.")
         if tuple(prototypes.shape) != tuple(self.prototypes.shape):
             raise ValueError(
                 f"prototypes must have shape {tuple(self.prototypes.shape)} (num_prototypes, semantic_dim), got {tuple(prototypes.shape)}."
             )
-        self.prototypes.copy_(prototypes)
+        if not bool(torch.isfinite(prototypes).all()):
+            raise ValueError("prototypes contain NaN or infinite values.")
         if code_to_prototype is not None:
+            if not isinstance(code_to_prototype, torch.Tensor) or code_to_prototype.dtype not in (torch.int32, torch.int64):
+                raise TypeError(f"code_to_prototype must be a torch.int64 tensor of prototype ids, got {kind_of(code_to_prototype)}.")
             if code_to_prototype.shape != self.code_to_prototype.shape or not (
                 0 <= int(code_to_prototype.min()) and int(code_to_prototype.max()) < prototypes.shape[0]
             ):
                 raise ValueError(f"code_to_prototype must be {self.codebook_size} prototype ids in [0, {prototypes.shape[0]}).")
+        self.prototypes.copy_(prototypes)
+        if code_to_prototype is not None:
             self.code_to_prototype.copy_(code_to_prototype)
 
     @torch.no_grad()

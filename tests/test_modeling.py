@@ -338,6 +338,73 @@ def test_bad_feature_shapes(model, photo_batch):
         model.encode(photo_batch, teacher_features=torch.full((4, 32, 8, 8), float("nan")))
     with pytest.raises(ValueError, match=r"prototypes must have shape \(8, 32\)"):
         model.set_prototypes(torch.zeros(3, 32))
+    with pytest.raises(TypeError, match="semantic_features must be a floating-point torch.Tensor .* got ndarray"):
+        model.encode(photo_batch, semantic_features=np.zeros((4, 32, 8, 8), dtype=np.float32))
+
+
+def test_set_prototypes_checks_everything_before_writing_anything():
+    model = tiny_model()
+    prototypes = torch.randn(8, 32)
+    before = (model.quantizer.prototypes.clone(), model.quantizer.code_to_prototype.clone(), model.config.prototype_labels)
+    bad_calls = [
+        # A float map was truncated (2.9 -> 2) into the long buffer.
+        (TypeError, "code_to_prototype must be a torch.int64 tensor", {"code_to_prototype": torch.full((64,), 2.9)}),
+        # The prototypes were written before the map was refused.
+        (ValueError, r"code_to_prototype must be 64 prototype ids in \[0, 8\)", {"code_to_prototype": torch.full((64,), 99)}),
+        (TypeError, "labels must be a list of strings", {"labels": "abcdefgh"}),  # was split into letters
+        (TypeError, "labels must be a list of strings", {"labels": list(range(8))}),  # failed at from_pretrained
+        (ValueError, "got 3 prototype labels for 8", {"labels": ["a", "b", "c"]}),
+    ]
+    for error, message, kwargs in bad_calls:
+        with pytest.raises(error, match=message):
+            model.set_prototypes(prototypes, **kwargs)
+    with pytest.raises(ValueError, match="prototypes contain NaN"):
+        model.set_prototypes(torch.full((8, 32), float("nan")))
+    with pytest.raises(TypeError, match="prototypes must be a floating-point torch.Tensor, got ndarray"):
+        model.set_prototypes(prototypes.numpy())
+    assert torch.equal(model.quantizer.prototypes, before[0]) and torch.equal(model.quantizer.code_to_prototype, before[1])
+    assert model.config.prototype_labels == before[2]
+    model.set_prototypes(prototypes, labels=list("abcdefgh"), code_to_prototype=torch.arange(64) % 8)
+    assert torch.equal(model.quantizer.prototypes, prototypes) and model.code_prototype_labels()[9] == "b"
+
+
+def test_a_corrupt_prototype_tie_in_a_saved_model_is_named_not_an_index_error(tmp_path, photo_batch):
+    from safetensors.torch import load_file, save_file
+
+    from cdb_tokenizer import CDBVQModel
+
+    tiny_model().save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    weights["quantizer.code_to_prototype"][5] = 999
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    model = CDBVQModel.from_pretrained(tmp_path).eval()
+    with pytest.raises(ValueError, match=r"code_to_prototype ties codes to prototype ids 0\.\.999, outside \[0, 8\)"):
+        model.get_image_tokens(photo_batch)
+
+
+def test_decode_latents_checks_its_input_and_casts_it(model, photo_batch):
+    quantized = model.encode(photo_batch).quantized
+    with torch.no_grad():
+        expected = model(photo_batch).reconstruction
+        assert torch.allclose(model.decode_latents(quantized.double()), expected, atol=1e-5)  # cast, not an error
+    for bad, message in [
+        (torch.randn(2, 7, 8, 8), r"shape \(batch, codebook_dim=8, h, w\), got \(2, 7, 8, 8\)"),
+        (torch.randn(8, 8, 8), r"got \(8, 8, 8\)"),
+        (torch.full((1, 8, 8, 8), float("nan")), "quantized latents contain NaN"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            model.decode_latents(bad)
+    with pytest.raises(TypeError, match="floating-point torch.Tensor, got a torch.int64 tensor"):
+        model.decode_latents(torch.zeros(1, 8, 8, 8, dtype=torch.long))
+
+
+def test_a_size_that_disagrees_with_a_token_grid_is_refused(model):
+    tokens = torch.randint(0, 64, (2, 8, 8))
+    with pytest.raises(ValueError, match=r"height 64 and width 64 disagree with the 8x8 token grid \(32x32 pixels\)"):
+        model.decode_image_tokens(tokens, height=64, width=64)  # decoded at 32x32 without a word before
+    with pytest.raises(ValueError, match="height 32 and width 16 disagree"):
+        model.decode_image_tokens(tokens, height=32, width=16)
+    assert model.decode_image_tokens(tokens, height=32).shape == model.decode_image_tokens(tokens).shape == (2, 3, 32, 32)
 
 
 @pytest.mark.parametrize(
@@ -363,11 +430,33 @@ def test_bad_feature_shapes(model, photo_batch):
         ({"code_roles": {"a": [0.0, 32], "b": [32, 64.0]}}, "role 'a' has"),
         ({"code_roles": [[0, 64]]}, "code_roles must be None or a mapping of role names"),  # an AttributeError before
         ({"code_roles": {"a": 64}}, "code_roles must be None or a mapping of role names"),  # a TypeError before
+        ({"channel_multipliers": 3}, "channel_multipliers must be a non-empty list"),  # a TypeError before
+        ({"channel_multipliers": None}, "channel_multipliers must be a non-empty list"),
+        # Stored as stray attributes while the field kept its default: another model, built without a word.
+        ({"asignment": "nearest"}, "CDBVQConfig has no field 'asignment'; did you mean 'assignment'"),
+        ({"codebok_size": 8}, "no field 'codebok_size'; did you mean 'codebook_size'"),
     ],
 )
 def test_invalid_config_values(overrides, message):
     with pytest.raises(ValueError, match=message):
         tiny_config(**overrides)
+
+
+def test_unknown_keys_unlike_any_field_pass_as_in_transformers():
+    # Metadata a saved config.json may carry (or a later version's field) is kept, not refused.
+    assert tiny_config(custom_note="x").custom_note == "x"
+    assert tiny_config(torch_dtype="float32").dtype == torch.float32
+
+
+def test_a_folder_without_config_json_is_refused_by_name(tmp_path):
+    # transformers would build the default config and fail on the weights' shapes, 200 lines later.
+    from cdb_tokenizer import CDBVQModel
+
+    tiny_model().save_pretrained(tmp_path)
+    (tmp_path / "config.json").unlink()
+    for load in (CDBVQConfig.from_pretrained, CDBVQModel.from_pretrained):
+        with pytest.raises(OSError, match=r"has no config\.json: it is not a saved cdb-vq model"):
+            load(tmp_path)
 
 
 def test_code_roles_may_be_any_mapping_of_ranges():
