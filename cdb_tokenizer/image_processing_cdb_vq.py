@@ -13,9 +13,10 @@ or the one passed as `device=`.
 
 from __future__ import annotations
 
+import difflib
 import math
 import numbers
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -35,6 +36,19 @@ _TORCH_INTERPOLATION = {
 }
 _POSTPROCESS_RETURN_TYPES = ("PIL.Image.Image", "np", "pt")
 _ALPHA_MODES = ("RGBA", "LA", "PA", "La", "RGBa")
+# Premultiplied-alpha modes, read through their straight-alpha twin (PIL cannot convert "La" to anything else).
+_STRAIGHT_ALPHA = {"La": "LA", "RGBa": "RGBA"}
+# Keys transformers writes (or once wrote) into preprocessor_config.json beside the settings.
+_SAVED_KEYS = frozenset(
+    {"image_processor_type", "processor_class", "_processor_class", "feature_extractor_type", "auto_map"}
+)
+# Settings given as numbers: NumPy/torch numbers become Python ones, and ints where floats are expected become floats.
+_NUMBER_SETTINGS = ("size", "resample", "rescale_factor", "image_mean", "image_std")
+_FLOAT_SETTINGS = ("rescale_factor", "image_mean", "image_std")
+# `postprocess` clamps values up to this many half-widths of the normalised range from its centre ([-10, 10] by
+# default) and refuses the rest. Wider than the model's 0.5 input tolerance: an untrained or briefly trained decoder
+# overshoots to about +-3, while raw [0, 255] pixels (which clamping would turn flat white) reach far more.
+_OUTPUT_RANGE_LIMIT = 10.0
 
 
 class CDBVQImageProcessor(BaseImageProcessor):
@@ -47,6 +61,21 @@ class CDBVQImageProcessor(BaseImageProcessor):
     batch). Integer images are read as `[0, 255]` (`uint16` as `[0, 65535]`), floating-point images as
     `[0, 1]`, so the same picture gives the same `pixel_values` whatever its type. Greyscale, RGBA (composited
     on white), palette and LA images are converted to RGB.
+
+    A 3-D array or tensor is one image. Its channel axis is the one of size 1, 3 or 4: a NumPy array is read as
+    channels-last `(H, W, C)` when its last axis has such a size, else as channels-first `(C, H, W)`; a tensor the
+    other way round (channels-first unless only its last axis fits). Pass `input_data_format` to settle a shape both
+    readings fit, such as `(3, 8, 3)`. Three greyscale images stacked as one `(3, H, W)` array are read as one colour
+    image: pass them as a list of `(H, W)` images (or a `(3, H, W, 1)` batch) instead.
+
+    PIL greyscale images of modes `"I"` and `"F"` are read by their values: `"I"` as `[0, 255]` when no value exceeds
+    255, else as `[0, 65535]` (16-bit data); `"F"` as `[0, 1]` (like float arrays) when no value exceeds 1, else as
+    `[0, 255]`; `"I;16"` always as `[0, 65535]`. Values outside those ranges are refused. Premultiplied `"La"` and `"RGBa"` images
+    are read as their straight-alpha `"LA"` and `"RGBA"` equivalents.
+
+    Every setting is checked when the processor is built (hence when a saved config loads) and when a call overrides
+    it, with the same rules: an unknown name (a typo such as `do_resise`) is a `TypeError` naming the nearest valid
+    one, the `do_*` flags must be `True` or `False`, and ints and NumPy numbers are accepted wherever a number is.
 
     Args:
         do_resize (`bool`, *optional*, defaults to `True`):
@@ -116,20 +145,20 @@ class CDBVQImageProcessor(BaseImageProcessor):
             resample=resample,
             do_center_crop=do_center_crop,
             do_rescale=do_rescale,
-            # Plain numbers: statistics given as arrays, tensors or NumPy scalars must still save as JSON.
-            rescale_factor=_plain(rescale_factor),
+            rescale_factor=rescale_factor,
             do_normalize=do_normalize,
-            image_mean=_plain(image_mean),
-            image_std=_plain(image_std),
+            image_mean=image_mean,
+            image_std=image_std,
             do_convert_rgb=do_convert_rgb,
         )
         # `None` means "class default": drop it so the base class does not store it as an attribute.
         kwargs = {key: value for key, value in kwargs.items() if value is not None}
+        # `from_dict` (hence `from_pretrained`) builds through here too, so a saved config with a mistyped key or a bad
+        # value fails on load, by name. Until `_set_attributes` runs, `getattr` reads the class defaults.
+        kwargs = self._checked_overrides(kwargs, known=set(self.valid_kwargs.__annotations__) | _SAVED_KEYS)
         super().__init__(**kwargs)
-        # Resolve every setting (kwarg or class default); sizes become `SizeDict`, mean/std tuples. `from_dict` (hence
-        # `from_pretrained`) builds through here too, so a saved config with a bad value fails on load, by name.
+        # Resolve every setting (kwarg or class default); sizes become `SizeDict`, mean/std tuples.
         self._set_attributes(**kwargs)
-        self._check_settings(**{name: getattr(self, name, None) for name in self._valid_kwargs_names})
 
     @property
     def backend(self) -> str:
@@ -156,52 +185,53 @@ class CDBVQImageProcessor(BaseImageProcessor):
             `return_tensors` is `None`).
 
         Raises:
-            TypeError: for an input of an unsupported type or dtype.
+            TypeError: for an input of an unsupported type or dtype, or an unknown setting.
             ValueError: for an empty list, a channel count other than 1, 3 or 4, NaN or infinite values, float
-                values outside `[0, 1]`, or inconsistent settings.
+                values outside `[0, 1]`, or bad or inconsistent settings.
         """
+        # Checked here, with the constructor's messages: transformers' own type check would refuse `image_std=1` (an
+        # int) and report `image_std=0` as a type mismatch.
+        kwargs = self._checked_overrides(kwargs, known=self.valid_kwargs.__annotations__)
         return super().preprocess(images, **kwargs)
 
-    def _standardize_kwargs(self, size: Any = None, **kwargs: Any) -> dict:
-        """Check `size` before transformers turns it into a `SizeDict` (which fails on some bad forms with an
-        IndexError, and keeps floats and bools)."""
-        _check_size(size)
-        return super()._standardize_kwargs(size=size, **kwargs)
+    def _checked_overrides(self, overrides: dict[str, Any], known: Collection[str] | None = None) -> dict[str, Any]:
+        """`overrides` of this processor's settings, with numbers made plain (`_plain_numbers`), checked together with
+        the settings they override. With `known`, other names are refused (naming the nearest known one)."""
+        if known is not None:
+            _check_names(overrides, known)
+        overrides = _plain_numbers(overrides)
+        current = {name: getattr(self, name, None) for name in self.valid_kwargs.__annotations__}
+        self._check_settings({**current, **overrides})
+        return overrides
 
-    def _check_settings(
-        self,
-        resample: PILImageResampling | int | None = None,
-        rescale_factor: float | None = None,
-        image_mean: float | Sequence[float] | None = None,
-        image_std: float | Sequence[float] | None = None,
-        do_convert_rgb: bool | None = None,
-        crop_size: SizeDict | None = None,
-        do_pad: bool | None = None,
-        data_format: str | ChannelDimension | None = None,
-        **kwargs: Any,
-    ) -> None:
+    def _check_settings(self, settings: dict[str, Any]) -> None:
         """Reject bad values (named) and settings this processor does not implement, rather than silently ignore
-        them. `size` is checked in `_standardize_kwargs`."""
+        them. The one check for the constructor (hence saved configs), call-time overrides and `postprocess`."""
+        for name, value in settings.items():
+            # A string flag would be truthy: "false" in a JSON config would turn the step on.
+            if name.startswith("do_") and value is not None and not isinstance(value, bool):
+                raise ValueError(f"`{name}` must be True or False, got {value!r}.")
+        data_format = settings.get("data_format")
         if data_format is not None and str(getattr(data_format, "value", data_format)) != ChannelDimension.FIRST.value:
             raise ValueError(
                 f"`data_format` {data_format!r} is not supported: pixel_values are always channels-first (B, 3, H, W), "
                 f"the layout the model takes. (`input_data_format` describes the input images.)"
             )
-        if resample is not None:
-            _to_resampling(resample)
+        _check_size(settings.get("size"))
+        if settings.get("resample") is not None:
+            _to_resampling(settings["resample"])
         # Without RGB conversion an image keeps its 1, 3 or 4 channels.
-        channels = (1, 3, 4) if do_convert_rgb is False else (3,)
-        _check_scaling(rescale_factor, image_mean, image_std, channels)
-        if crop_size is not None:
+        channels = (1, 3, 4) if settings.get("do_convert_rgb") is False else (3,)
+        _check_scaling(settings.get("rescale_factor"), settings.get("image_mean"), settings.get("image_std"), channels)
+        if settings.get("crop_size") is not None:
             raise ValueError(
                 "`crop_size` is not used: CDBVQImageProcessor centre-crops to `size`; set `size` instead."
             )
-        if do_pad:
+        if settings.get("do_pad"):
             raise ValueError("`do_pad` is not supported by CDBVQImageProcessor.")
 
     def _validate_preprocess_kwargs(self, **kwargs: Any) -> None:
-        """Validate the merged settings of one `preprocess` call."""
-        self._check_settings(**kwargs)
+        """Validate the merged settings of one `preprocess` call (their values were checked in `preprocess`)."""
         if kwargs.get("do_rescale") and kwargs.get("rescale_factor") is None:
             raise ValueError("`rescale_factor` must be set when `do_rescale` is True.")
         if kwargs.get("do_normalize") and (kwargs.get("image_mean") is None or kwargs.get("image_std") is None):
@@ -375,7 +405,10 @@ class CDBVQImageProcessor(BaseImageProcessor):
         Args:
             images (`torch.Tensor`, `np.ndarray` or a list of them):
                 `(B, 3, H, W)` or `(3, H, W)` pixel values in the processor's normalised range (`[-1, 1]` by
-                default); values outside it are clamped.
+                default), i.e. the model's output. A list may hold `(3, H, W)` images and `(B, 3, H, W)` batches alike:
+                they are joined into one batch, in order. Values outside the range (decoder overshoot) are clamped,
+                up to 10 times its half-width from its centre (`[-10, 10]` by default); values further out, such as
+                images already in `[0, 255]`, are refused.
             do_rescale, rescale_factor, do_normalize, image_mean, image_std (*optional*):
                 The preprocessing settings to invert; default to this processor's.
             return_tensors (`str`, *optional*, defaults to `"PIL.Image.Image"`):
@@ -388,7 +421,8 @@ class CDBVQImageProcessor(BaseImageProcessor):
 
         Raises:
             ValueError: for an unknown `return_tensors`, a shape other than `(B, 3, H, W)` / `(3, H, W)`, a list of
-                images of different shapes, NaN or infinite values, or a bad setting.
+                images of different sizes, NaN or infinite values, values far outside the normalised range, or a bad
+                setting.
             TypeError: for an input that is not a floating-point tensor or array.
         """
         if return_tensors not in _POSTPROCESS_RETURN_TYPES:
@@ -396,27 +430,33 @@ class CDBVQImageProcessor(BaseImageProcessor):
                 f"Unsupported return_tensors={return_tensors!r} for postprocess: use one of "
                 f"{', '.join(repr(t) for t in _POSTPROCESS_RETURN_TYPES)}."
             )
-        do_rescale = self.do_rescale if do_rescale is None else do_rescale
-        rescale_factor = self.rescale_factor if rescale_factor is None else rescale_factor
-        do_normalize = self.do_normalize if do_normalize is None else do_normalize
-        image_mean = self.image_mean if image_mean is None else image_mean
-        image_std = self.image_std if image_std is None else image_std
-        _check_scaling(
-            rescale_factor if do_rescale else None,
-            image_mean if do_normalize else None,
-            image_std if do_normalize else None,
-            channels=(3,),
+        given = dict(
+            do_rescale=do_rescale,
+            rescale_factor=rescale_factor,
+            do_normalize=do_normalize,
+            image_mean=image_mean,
+            image_std=image_std,
         )
+        given = self._checked_overrides({name: value for name, value in given.items() if value is not None})
+        do_rescale = given.get("do_rescale", self.do_rescale)
+        rescale_factor = given.get("rescale_factor", self.rescale_factor)
+        do_normalize = given.get("do_normalize", self.do_normalize)
+        image_mean = given.get("image_mean", self.image_mean)
+        image_std = given.get("image_std", self.image_std)
 
-        batch = _stack_model_output(images).to(torch.float32)
-        if not torch.isfinite(batch).all():
+        pixel_values = _stack_model_output(images).to(torch.float32)
+        if not torch.isfinite(pixel_values).all():
             raise ValueError("`images` contains NaN or infinite values; cannot convert them to images.")
 
         # Undo normalisation and rescaling, back to [0, 255] intensities.
+        batch = pixel_values
         if do_normalize:
             batch = batch * _per_channel(image_std, batch, "image_std") + _per_channel(image_mean, batch, "image_mean")
         if do_rescale:
             batch = batch / rescale_factor
+        if (batch - 127.5).abs().max() > 127.5 * _OUTPUT_RANGE_LIMIT:
+            scaling = (do_rescale, rescale_factor, do_normalize, image_mean, image_std)
+            raise ValueError(self._out_of_range_message(pixel_values, *scaling))
         batch = batch.clamp(0.0, 255.0)
 
         if return_tensors == "pt":
@@ -425,6 +465,26 @@ class CDBVQImageProcessor(BaseImageProcessor):
         if return_tensors == "np":
             return BatchFeature(data={"pixel_values": array})
         return BatchFeature(data={"pixel_values": [PIL.Image.fromarray(image) for image in array]})
+
+    def _out_of_range_message(
+        self,
+        pixel_values: torch.Tensor,
+        do_rescale: bool,
+        rescale_factor: float,
+        do_normalize: bool,
+        image_mean: float | Sequence[float],
+        image_std: float | Sequence[float],
+    ) -> str:
+        """Why `postprocess` refuses `pixel_values`, with the normalised range it expected (`[-1, 1]` by default)."""
+        ends = torch.tensor([0.0, 255.0]).expand(3, 1, 2)  # the intensities preprocess maps to the range's ends
+        ends = self.rescale(ends, rescale_factor) if do_rescale else ends
+        ends = self.normalize(ends, image_mean, image_std) if do_normalize else ends
+        low, high = ends[..., 0].min().item(), ends[..., 1].max().item()
+        return (
+            f"postprocess expects the model's output, pixel values in the processor's normalised range "
+            f"[{low:.4g}, {high:.4g}] (overshoot is clamped), but these range from {pixel_values.min().item():.4g} to "
+            f"{pixel_values.max().item():.4g}, far outside it: raw [0, 255] or otherwise unnormalised pixels?"
+        )
 
 
 # ---------------------------------------------------------------------- helpers
@@ -515,6 +575,39 @@ def _check_scaling(rescale_factor: Any, image_mean: Any, image_std: Any, channel
         raise ValueError(f"`image_mean` has {mean} values but `image_std` has {std}: give one per channel for both.")
 
 
+def _check_names(settings: dict[str, Any], known: Collection[str]) -> None:
+    """Refuse a setting name that is not `known` (a typo would otherwise be stored, or ignored, without a word)."""
+    unknown = [name for name in settings if name not in known]
+    if not unknown:
+        return
+    nearest = {name: difflib.get_close_matches(name, known, n=1) for name in unknown}
+    hints = [f"{name!r} (did you mean {match[0]!r}?)" if match else repr(name) for name, match in nearest.items()]
+    message = f"CDBVQImageProcessor has no setting {', '.join(hints)}"
+    if not all(nearest.values()):
+        message += f"; its settings are: {', '.join(sorted(name for name in known if name not in _SAVED_KEYS))}"
+    raise TypeError(message + ".")
+
+
+def _plain_numbers(settings: dict[str, Any]) -> dict[str, Any]:
+    """`settings` with numbers as a JSON config holds them: NumPy and torch numbers and arrays as Python numbers and
+    lists (`size=np.int64(32)`), and ints where floats are expected as floats (`image_std=1`). Bools and other types
+    are left as they are, for `_check_settings` to refuse by name."""
+    settings = dict(settings)
+    for name in _NUMBER_SETTINGS:
+        if name in settings:
+            settings[name] = _plain(settings[name])
+    for name in _FLOAT_SETTINGS:
+        value = settings.get(name)
+        if isinstance(value, list):
+            settings[name] = [float(item) if _is_int(item) else item for item in value]
+        elif _is_int(value):
+            settings[name] = float(value)
+    for name, value in settings.items():
+        if name.startswith("do_") and isinstance(value, np.bool_):
+            settings[name] = bool(value)
+    return settings
+
+
 def _target_hw(size: SizeDict) -> tuple[int, int]:
     if size.shortest_edge is not None:
         return size.shortest_edge, size.shortest_edge
@@ -522,10 +615,12 @@ def _target_hw(size: SizeDict) -> tuple[int, int]:
 
 
 def _plain(value: Any) -> Any:
-    """Statistics given as a NumPy array, a tensor, a NumPy scalar or a list of those, as the plain number or list
-    of numbers they hold (what a JSON config can store)."""
+    """A number given as a NumPy array, a tensor, a NumPy scalar, or a list or dict of those, as the plain number,
+    list or dict of numbers it holds (what a JSON config can store)."""
     if isinstance(value, (list, tuple)):
         return [_plain(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
     return value.tolist() if hasattr(value, "tolist") else value
 
 
@@ -544,6 +639,8 @@ def _pil_to_tensor(image: PIL.Image.Image, do_convert_rgb: bool) -> torch.Tensor
     if image.width == 0 or image.height == 0:
         raise ValueError(f"Image has an empty size {image.width}x{image.height}.")
     image = _upright(image)
+    if image.mode in _STRAIGHT_ALPHA:
+        image = image.convert(_STRAIGHT_ALPHA[image.mode])
     grey = greyscale_intensities(image)
     if grey is not None:
         return _convert_to_rgb(grey) if do_convert_rgb else grey
@@ -671,11 +768,13 @@ def _stack(images: list[torch.Tensor], advice: str) -> torch.Tensor:
 
 
 def _stack_model_output(images: Any) -> torch.Tensor:
-    """Model output (tensor/array, `(B, 3, H, W)` or `(3, H, W)`, or a list of `(3, H, W)`) -> `(B, 3, H, W)`."""
+    """Model output (tensor/array, `(B, 3, H, W)` or `(3, H, W)`, or a list of those) -> one `(B, 3, H, W)` batch;
+    the batches of a list are joined in order."""
     if isinstance(images, (list, tuple)):
         if len(images) == 0:
             raise ValueError("`images` is an empty list: nothing to postprocess.")
-        return _stack([_stack_model_output(image)[0] for image in images], "postprocess them one at a time.")
+        singles = [single for image in images for single in _stack_model_output(image)]
+        return _stack(singles, "postprocess them one at a time.")
     if isinstance(images, np.ndarray):
         images = torch.from_numpy(images)
     if not isinstance(images, torch.Tensor):

@@ -655,3 +655,133 @@ def test_half_transparent_rgba_is_blended_with_white_by_its_alpha(astronaut):
     for image in (black, PIL.Image.fromarray(black, mode="RGBA")):
         grey = processor(image, return_tensors="pt", do_normalize=False).pixel_values
         torch.testing.assert_close(grey, torch.full((1, 3, 8, 8), 127 / 255), atol=0.5 / 255, rtol=0)
+
+
+# ----------------------------------------------------------------------------- review fixes
+
+
+def test_postprocess_joins_a_list_of_batches_in_order():
+    # Before: only the first image of each batch in the list came back (2 images for 4).
+    processor = CDBVQImageProcessor(size=32)
+    batch = torch.rand(2, 3, 32, 32) * 2 - 1
+    single = torch.rand(3, 32, 32) * 2 - 1
+    joined = processor.postprocess([batch, single, batch.numpy()], return_tensors="np").pixel_values
+    expected = processor.postprocess(torch.cat([batch, single[None], batch]), return_tensors="np").pixel_values
+    assert joined.shape == (5, 32, 32, 3)
+    np.testing.assert_array_equal(joined, expected)
+    assert len(processor.postprocess([batch, batch]).pixel_values) == 4
+    with pytest.raises(ValueError, match=r"different shapes \[\(3, 16, 16\), \(3, 32, 32\)\]"):
+        processor.postprocess([batch, torch.zeros(1, 3, 16, 16)])
+
+
+def test_postprocess_refuses_pixels_of_another_scale_but_clamps_decoder_overshoot():
+    # Before: [0, 255] values were clamped to an almost white image without a word.
+    processor = CDBVQImageProcessor(size=32)
+    reconstruction = torch.rand(2, 3, 32, 32) * 2 - 1
+    message = r"postprocess expects the model's output, .* normalised range \[-1, 1\] .*raw \[0, 255\]"
+    raw = (reconstruction + 1) * 127.5
+    for pixels in (raw, raw.numpy(), [raw]):
+        with pytest.raises(ValueError, match=message):
+            processor.postprocess(pixels)
+    with pytest.raises(ValueError, match=r"normalised range \[0, 1\]"):  # the range of the processor's own settings
+        CDBVQImageProcessor(do_normalize=False).postprocess(reconstruction * 100)
+    # An untrained decoder overshoots to about +-3 (the tests' tiny models do): still clamped, not refused.
+    overshoot = torch.tensor([-3.3, -1.0, 1.0, 3.3]).view(1, 1, 4).expand(1, 3, 1, 4)
+    values = processor.postprocess(overshoot, return_tensors="np").pixel_values[0, 0, :, 0]
+    np.testing.assert_array_equal(values, [0, 0, 255, 255])
+
+
+def test_premultiplied_alpha_modes_are_read_as_straight_alpha():
+    # Before: mode "La" raised PIL's "conversion from La to L not supported", and "RGBa" without RGB conversion kept
+    # its premultiplied values.
+    processor = CDBVQImageProcessor(do_resize=False, do_center_crop=False, do_normalize=False)
+    la = PIL.Image.frombytes("La", (1, 1), bytes([100, 128]))  # grey 100 premultiplied by alpha 128
+    grey = processor(la, return_tensors="pt").pixel_values[0, :, 0, 0] * 255
+    # On white: 100 + 255 * (1 - 128 / 255) = 227 (to within PIL's 8-bit unpremultiplying).
+    torch.testing.assert_close(grey, torch.full((3,), 227.0), atol=1.0, rtol=0)
+    rgba = np.array([[[200, 100, 40, 128]]], dtype=np.uint8)
+    rgba_premultiplied = PIL.Image.frombytes("RGBa", (1, 1), bytes([100, 50, 20, 128]))
+    keep_alpha = CDBVQImageProcessor(do_resize=False, do_center_crop=False, do_normalize=False, do_convert_rgb=False)
+    for proc in (processor, keep_alpha):
+        straight = proc(PIL.Image.fromarray(rgba, mode="RGBA"), return_tensors="pt").pixel_values
+        premultiplied = proc(rgba_premultiplied, return_tensors="pt").pixel_values
+        torch.testing.assert_close(premultiplied, straight, atol=1.5 / 255, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"image_std": 1, "image_mean": 0},
+        {"rescale_factor": 1, "do_normalize": False},
+        {"size": np.int64(32)},
+        {"size": {"height": np.int64(32), "width": np.int32(24)}},
+        {"resample": np.int64(2), "image_mean": np.float32(0.5), "image_std": torch.tensor(0.25)},
+        {"do_resize": np.bool_(True), "image_mean": (0, 0, 0)},
+    ],
+)
+def test_call_time_settings_accept_what_the_constructor_accepts(settings):
+    # Before: transformers' strict type check refused ints where floats are expected and NumPy numbers
+    # ("StrictDataclassFieldValidationError: ... expected float, got int").
+    image = np.random.default_rng(0).integers(0, 255, (40, 48, 3), dtype=np.uint8)
+    expected = CDBVQImageProcessor(**{"size": 32, **settings})(image, return_tensors="pt").pixel_values
+    called = CDBVQImageProcessor(size=32)(image, return_tensors="pt", **settings).pixel_values
+    torch.testing.assert_close(called, expected, atol=0, rtol=0)
+
+
+CALL_TIME_BAD_SETTINGS = BAD_SETTINGS + [
+    ("image_std", 0, r"`image_std` must be positive, got 0.0"),
+    ("do_normalize", "false", "`do_normalize` must be True or False, got 'false'"),
+]
+
+
+@pytest.mark.parametrize("field, value, message", CALL_TIME_BAD_SETTINGS)
+def test_bad_settings_at_call_time_get_the_constructor_messages(field, value, message):
+    # Before: most were transformers' type errors ("expected float, got int"), `image_std=0` among them.
+    with pytest.raises(ValueError, match=message):
+        CDBVQImageProcessor(size=32)(np.zeros((40, 40, 3), dtype=np.uint8), **{field: value})
+
+
+def test_unknown_settings_are_refused_naming_the_nearest(tmp_path):
+    # Before: `do_resise=False` was stored as an unused attribute and the images were resized anyway; a mistyped key
+    # in preprocessor_config.json was ignored.
+    with pytest.raises(TypeError, match=r"no setting 'do_resise' \(did you mean 'do_resize'\?\)"):
+        CDBVQImageProcessor(size=32, do_resise=False)
+    with pytest.raises(TypeError, match=r"'do_resise' \(did you mean 'do_resize'\?\)"):
+        CDBVQImageProcessor(size=32)(np.zeros((40, 40, 3), dtype=np.uint8), do_resise=False)
+    with pytest.raises(TypeError, match=r"no setting 'colour_space'; its settings are: .*do_resize"):
+        CDBVQImageProcessor(colour_space="rgb")
+    config = {**CDBVQImageProcessor().to_dict(), "do_center_crp": False}
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(config))
+    with pytest.raises(TypeError, match=r"'do_center_crp' \(did you mean 'do_center_crop'\?\)"):
+        CDBVQImageProcessor.from_pretrained(tmp_path)
+
+
+def test_keys_transformers_writes_still_load(tmp_path):
+    import cdb_tokenizer  # noqa: F401 - registers the auto class, so save_pretrained writes `auto_map`
+
+    processor = CDBVQImageProcessor(size=32)
+    processor.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "preprocessor_config.json").read_text())
+    assert {"auto_map", "image_processor_type"} <= set(config)
+    # Keys older transformers versions wrote, and ImagesKwargs fields left at their defaults.
+    config.update(processor_class="CDBVQProcessor", _processor_class="CDBVQProcessor", feature_extractor_type="X",
+                  default_to_square=True, crop_size=None, data_format="channels_first", do_pad=None)  # fmt: skip
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(config))
+    loaded = CDBVQImageProcessor.from_pretrained(tmp_path)
+    loaded.save_pretrained(tmp_path / "again")
+    assert dict(CDBVQImageProcessor.from_pretrained(tmp_path / "again").size) == dict(processor.size)
+
+
+def test_flags_must_be_true_or_false(tmp_path):
+    # Before: `do_resize="no"` resized, and "false" in a JSON config was truthy.
+    with pytest.raises(ValueError, match="`do_resize` must be True or False, got 'no'"):
+        CDBVQImageProcessor(do_resize="no")
+    config = {**CDBVQImageProcessor().to_dict(), "do_normalize": "false"}
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="`do_normalize` must be True or False, got 'false'"):
+        CDBVQImageProcessor.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="`do_center_crop` must be True or False, got 1"):
+        CDBVQImageProcessor()(np.zeros((40, 40, 3), dtype=np.uint8), do_center_crop=1)
+    with pytest.raises(ValueError, match="`do_normalize` must be True or False, got 'false'"):
+        CDBVQImageProcessor().postprocess(torch.zeros(1, 3, 8, 8), do_normalize="false")
+    assert CDBVQImageProcessor(do_resize=np.bool_(False)).do_resize is False
