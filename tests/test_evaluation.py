@@ -244,6 +244,28 @@ def test_cli_eval_resolution_and_the_imagenet_protocol(tokenizer_folder, capsys,
     assert "not divisible" in capsys.readouterr().err
 
 
+def test_eval_protocol_keeps_the_split_the_user_gave(tokenizer_folder, capsys, monkeypatch):
+    """--protocol imagenet fills --split only when it was not given: `--split train` on a Hub data set was read as
+    the protocol's validation split (the flag could not be told from its default)."""
+    import cdb_tokenizer.tools.cli as cli
+
+    opened = []
+
+    def open_dataset(data, image_column, split):  # the network call: only its arguments are recorded
+        opened.append(split)
+        raise FileNotFoundError("stop here")
+
+    monkeypatch.setattr(cli, "open_dataset", open_dataset)
+    base = ["eval", "--model", str(tokenizer_folder["model"]), "--no-lpips", "--protocol", "imagenet"]
+    for extra, split in [(["--data", "org/images", "--split", "train"], "train"), (["--data", "org/images"], "validation"),
+                         (["--data", str(tokenizer_folder["photos"])], "train"), (["--data", "org/images", "--split", "test"], "test")]:  # fmt: skip
+        cli_main(base + extra)
+        assert opened.pop() == split, extra
+    cli_main(["eval", "--model", str(tokenizer_folder["model"]), "--data", "org/images"])  # no protocol
+    assert opened.pop() == "train"
+    capsys.readouterr()
+
+
 def evaluation_model(folder):
     from cdb_tokenizer import CDBVQModel
 

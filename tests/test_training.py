@@ -347,6 +347,14 @@ def test_config_file_keys_are_flag_names_and_the_command_line_wins(tmp_path):
     assert "ema_decay" in args.model_config_dict and args.model_config_dict["ema_decay"] is None
 
 
+def test_every_config_field_flag_parses_to_its_type():
+    # --quantizer_format (int | None) was parsed as a float, which the config then refused: "got 3.0".
+    args = parse_args(["--quantizer_format", "2", "--ema_decay", "none", "--router_logit_bound", "0.25"])
+    assert args.model_config_dict["quantizer_format"] == 2 and type(args.model_config_dict["quantizer_format"]) is int
+    assert args.model_config_dict["ema_decay"] is None and args.model_config_dict["router_logit_bound"] == 0.25
+    assert parse_args(["--quantizer_format", "none"]).model_config_dict["quantizer_format"] is None
+
+
 def test_model_config_file_then_flags(tmp_path):
     from cdb_tokenizer import CDBVQConfig
 

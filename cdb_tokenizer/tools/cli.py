@@ -892,12 +892,13 @@ PROTOCOLS = {"imagenet": {"split": "validation", "max_images": 50_000, "resoluti
 
 
 def _apply_protocol(args: argparse.Namespace) -> None:
-    """Fill the flags a `--protocol` implies and that were not given (a local folder keeps its own split)."""
-    if args.protocol is None:
+    """Fill the flags a `--protocol` implies and that were not given (a local folder keeps its own split); --split
+    is otherwise `train`."""
+    protocol = PROTOCOLS[args.protocol] if args.protocol is not None else None
+    if args.split is None:
+        args.split = protocol["split"] if protocol and not Path(args.data).expanduser().exists() else "train"
+    if protocol is None:
         return
-    protocol = PROTOCOLS[args.protocol]
-    if args.split == "train" and not Path(args.data).expanduser().exists():
-        args.split = protocol["split"]
     if args.max_images is None:
         args.max_images = protocol["max_images"]
     if args.resolution is None:
@@ -1154,7 +1155,7 @@ def tokenize_command(args: argparse.Namespace) -> None:
     """A folder or Hub data set -> a `datasets` data set of `image_tokens` (and labels), saved with `save_to_disk`."""
     from .priors import save_tokens, tokenize_dataset
 
-    dataset = open_dataset(args.data, args.image_column, args.split)
+    dataset = open_dataset(args.data, args.image_column, args.split or "train")
     if not hasattr(dataset, "filter") or not hasattr(dataset, "__len__"):
         raise CLIError("tokenize needs a map-style data set (streaming is not supported).")
     if args.max_images is not None:
@@ -1286,7 +1287,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def add_data_arguments(command: argparse.ArgumentParser) -> None:
         command.add_argument("--data", required=True, help="image folder, or a data set on the Hub")
-        command.add_argument("--split", default="train", help="split of the data set (default: train)")
+        command.add_argument("--split", default=None, help="split of the data set (default: train; eval --protocol: its split)")
         command.add_argument("--image_column", default="image", help="column holding the images (default: image)")
         command.add_argument("--max_images", type=_positive_int, default=None, help="use at most this many images")
         _add_pixel_budget(command)

@@ -75,6 +75,10 @@ def _optional_float(value: str) -> float | None:
     return None if str(value).lower() in ("none", "null", "") else float(value)
 
 
+def _optional_int(value: str) -> int | None:
+    return None if str(value).lower() in ("none", "null", "") else int(value)
+
+
 def _optional_str(value: str) -> str | None:
     return None if str(value).lower() in ("none", "null", "") else value
 
@@ -93,6 +97,8 @@ def _add_model_flags(parser: argparse.ArgumentParser) -> None:
             group.add_argument(f"--{name}", type=int, nargs="+", default=PRESET, help=help_text)
         elif name == "code_roles":
             group.add_argument(f"--{name}", type=json.loads, default=PRESET, help=help_text + ' JSON, e.g. \'{"structure": [0, 512], "texture": [512, 1024]}\'.')
+        elif parameter.annotation == "int | None":  # quantizer_format
+            group.add_argument(f"--{name}", type=_optional_int, default=PRESET, help=help_text + " 'none' for None.")
         elif "None" in str(parameter.annotation) and (default is None or isinstance(default, float)):
             group.add_argument(f"--{name}", type=_optional_float, default=PRESET, help=help_text + " 'none' for None.")
         elif isinstance(default, bool):
