@@ -189,7 +189,7 @@ def prepare_output_dir(args: argparse.Namespace, accelerator: Accelerator) -> No
         claimed = claim_output_dir(output_dir)
     refusal = gather_object([claimed])[0]  # the main process's word, on every process
     if refusal is not None:
-        raise OutputDirInUse(refusal[0].upper() + refusal[1:] + ".")
+        raise OutputDirInUse(refusal)
     found = [name for name in RUN_MARKERS if (output_dir / name).exists()] if output_dir.is_dir() else []
     log_file = output_dir / args.logging_dir / "train_log.jsonl"
     if log_file.is_file():

@@ -93,8 +93,8 @@ def claim_output_dir(output_dir: Path) -> str | None:
     try:
         lock.acquire()
     except Timeout:
-        return (f"another run is writing to --output_dir {output_dir} now (it holds {OUTPUT_DIR_LOCK}); wait for it "
-                "to end, or choose another --output_dir")  # fmt: skip
+        return (f"Another run is writing to --output_dir {output_dir} now (it holds {OUTPUT_DIR_LOCK}); wait for it "
+                "to end, or choose another --output_dir.")  # fmt: skip
     _claimed_output_dirs[key] = lock
     return None
 
