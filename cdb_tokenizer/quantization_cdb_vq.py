@@ -648,7 +648,16 @@ class CDBVQQuantizer(nn.Module):
         signal_features: torch.Tensor | None = None,
     ) -> CDBVQQuantizerOutput:
         """Quantize a flat batch of latents (N, D); `semantic_features` (N, semantic_dim) feed the `cdb` router.
-        Runs in float32 under autocast too, so that training picks the codes that inference will."""
+        Runs in float32 under autocast too, so that training picks the codes that inference will. Shapes are checked
+        here; NaN values are not (that takes a device sync: `CDBVQModel` checks its inputs and outputs instead)."""
+        if not isinstance(latents, torch.Tensor) or latents.ndim != 2 or latents.shape[1] != self.config.codebook_dim:
+            shape = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
+            raise ValueError(f"latents must be a tensor of shape (N, codebook_dim={self.config.codebook_dim}), got {shape}.")
+        if semantic_features is not None and tuple(semantic_features.shape) != (latents.shape[0], self.config.semantic_dim):
+            raise ValueError(
+                f"semantic_features must have shape ({latents.shape[0]}, semantic_dim={self.config.semantic_dim}), "
+                f"one row per latent, got {tuple(semantic_features.shape)}."
+            )
         with float32_maths(latents.device):
             return self._quantize(latents, semantic_features, signal_features)
 

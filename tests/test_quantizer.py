@@ -1,6 +1,7 @@
 """The quantizer on its own: chunking, Sinkhorn balance, router, roles, codebook upkeep."""
 
 import math
+import re
 
 import pytest
 import torch
@@ -585,3 +586,13 @@ def test_role_ranges_without_latents_of_their_kind_do_not_start_as_copies():
     codes = quantizer_module.codebook.weight
     texture, colour = (model.config.code_roles[name] for name in ("texture", "colour"))
     assert not torch.equal(codes[texture[0] : texture[1]], codes[colour[0] : colour[1]])
+
+
+def test_the_quantizer_names_a_wrong_shape_instead_of_failing_in_a_matrix_product():
+    vq = quantizer().eval()  # D = 8, semantic_dim = 32
+    for latents in (torch.randn(10, 7), torch.randn(2, 5, 8)):  # was "mat1 and mat2 shapes cannot be multiplied"
+        with pytest.raises(ValueError, match=r"latents must be a tensor of shape \(N, codebook_dim=8\), got " + re.escape(str(tuple(latents.shape)))):
+            vq(latents)
+    with pytest.raises(ValueError, match=r"semantic_features must have shape \(10, semantic_dim=32\), one row per latent"):
+        vq(torch.randn(10, 8), semantic_features=torch.randn(9, 32))
+    assert vq(torch.randn(10, 8), semantic_features=torch.randn(10, 32)).indices.shape == (10,)
