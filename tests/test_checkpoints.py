@@ -206,6 +206,44 @@ def test_a_folder_another_process_trains_in_is_refused_even_with_overwrite(strai
     assert [p.name for p in (output_dir / "checkpoints").iterdir()] == ["checkpoint-1"]
 
 
+def claimed_by_another_process(output_dir: Path) -> bool:
+    code = f"import sys; sys.path.insert(0, {str(REPO)!r}); from pathlib import Path; from cdb_tokenizer.tools.runs import claim_output_dir; print(claim_output_dir(Path({str(output_dir)!r})))"
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "None"
+
+
+def test_a_run_releases_its_folder_when_it_ends_or_is_refused(straight, tmp_path):
+    """In a notebook or a test session the process lives on after a run: its folder must not stay locked, neither
+    after the run nor after a refusal (which used to tell every later run that another one was writing there)."""
+    import shutil
+
+    output_dir = tmp_path / "run"
+    shutil.copytree(straight, output_dir)
+    with pytest.raises(OutputDirInUse, match="holds another run"):
+        main(TINY + ["--report_to", "none", "--max_train_steps", "1", "--output_dir", str(output_dir)])
+    assert claimed_by_another_process(output_dir)
+    main(TINY + ["--report_to", "none", "--max_train_steps", "1", "--output_dir", str(output_dir), "--overwrite_output_dir"])
+    assert claimed_by_another_process(output_dir)
+
+
+def test_a_folder_that_cannot_be_locked_is_trained_in_with_a_warning(tmp_path, monkeypatch, caplog):
+    # A lock file another user left in a shared folder (PermissionError), or a file system without locks.
+    import filelock
+
+    from cdb_tokenizer.tools import runs
+
+    for error in (PermissionError(13, "Permission denied"), NotImplementedError("FileSystem does not appear to support flock")):
+        def acquire(self, *args, error=error, **kwargs):
+            raise error
+
+        monkeypatch.setattr(filelock.FileLock, "acquire", acquire)
+        folder = tmp_path / type(error).__name__
+        folder.mkdir()
+        with caplog.at_level("WARNING"):
+            assert runs.claim_output_dir(folder) is None
+        assert f"Could not lock --output_dir {folder}" in caplog.text and "would not be refused" in caplog.text
+        caplog.clear()
+
+
 def test_a_resume_with_nothing_left_to_train_says_so_and_leaves_the_model(straight, tmp_path, caplog):
     import shutil
 

@@ -77,6 +77,7 @@ from cdb_tokenizer.tools.runs import (
     RunLog,
     claim_output_dir,
     find_checkpoint,
+    output_dir_claims,
     make_accelerator,
     tracker_init_kwargs,
 )
@@ -153,7 +154,7 @@ def refuse_fsdp(accelerator: Accelerator) -> None:
         raise ValueError(
             "train.py does not support FSDP: the quantizer updates its codebook inside the forward pass, which "
             "sharded parameters would lose. Use DDP (`accelerate config`: multi-GPU / multi-node, no FSDP); the "
-            "tokenizer (~100M parameters at the default config) fits one GPU whole."
+            "tokenizer (~70M parameters at the default config) fits one GPU whole."
         )
 
 
@@ -911,6 +912,7 @@ def process_seconds() -> float | None:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+@output_dir_claims()
 def train(args: argparse.Namespace) -> tuple[CDBVQModel, dict]:
     """Train with parsed arguments; returns this process's (unwrapped) model and the final metrics (main process)."""
     start_time = time.time()

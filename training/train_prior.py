@@ -38,7 +38,7 @@ from cdb_tokenizer.tools.cli import codebook_fingerprint
 from cdb_tokenizer.tools.files import write_text
 from cdb_tokenizer.tools.messages import run_script
 from cdb_tokenizer.tools.redaction import redact_secrets
-from cdb_tokenizer.tools.runs import find_checkpoint, make_accelerator, tracker_init_kwargs
+from cdb_tokenizer.tools.runs import find_checkpoint, make_accelerator, output_dir_claims, tracker_init_kwargs
 from cdb_tokenizer.tools.steps import micro_batch_seed
 from cdb_tokenizer.tools.train_args import check_output_dir_flags
 from cdb_tokenizer.tools.priors import (
@@ -368,6 +368,7 @@ def resume(args: argparse.Namespace, accelerator: Accelerator, schedules: list, 
     return load_training_state(accelerator, checkpoint, args.output_dir, max_train_steps, schedules)
 
 
+@output_dir_claims()
 def main(args: argparse.Namespace) -> dict[str, float]:
     """Train the prior; returns the final validation metrics (also written to `metrics.json`)."""
     output_dir = Path(args.output_dir)

@@ -3,7 +3,7 @@
 The Accelerator of a run and its logging (`make_accelerator`), the rule for several processes on a machine without
 a GPU (`multi_process_without_accelerator`), which checkpoint `--resume_from_checkpoint` names (`find_checkpoint`:
 `latest` is the newest complete one), the claim on an output folder that keeps two runs out of one
-(`claim_output_dir`), the weight EMA (`EMAWeights`) and the run log (`RunLog`: trackers plus
+(`claim_output_dir`, released by `output_dir_claims`), the weight EMA (`EMAWeights`) and the run log (`RunLog`: trackers plus
 `logs/train_log.jsonl`).
 """
 
@@ -77,26 +77,44 @@ def make_accelerator(args, output_dir: Path, **kwargs) -> Accelerator:
     return accelerator
 
 
-# The output folders this process trains into, each with its lock: held until the process ends (the OS drops it
-# then, also after a crash), so a second run cannot write, or --overwrite_output_dir delete, in a folder meanwhile.
+# The output folders this process trains into, each with its lock: held until the run ends (`output_dir_claims`) or
+# the process does (the OS drops an flock then, also after a crash), so a second run cannot write, or
+# --overwrite_output_dir delete, in a folder meanwhile.
 OUTPUT_DIR_LOCK = ".cdb-vq-run.lock"
 _claimed_output_dirs: dict[Path, FileLock] = {}
 
 
 def claim_output_dir(output_dir: Path) -> str | None:
     """Lock `output_dir` (which must exist) for this process's run; returns None, or why another run holds it.
-    A folder this process claimed before (an earlier run in the same Python session) stays claimed."""
+    Where no lock can be taken (a lock file another user left, a file system without locks), the run goes on
+    unguarded, with a warning."""
     key = output_dir.resolve()
     if key in _claimed_output_dirs:
         return None
-    lock = FileLock(output_dir / OUTPUT_DIR_LOCK, timeout=0)
+    lock = FileLock(output_dir / OUTPUT_DIR_LOCK, timeout=0, mode=0o666)  # 0o666: others sharing the folder
     try:
         lock.acquire()
     except Timeout:
         return (f"Another run is writing to --output_dir {output_dir} now (it holds {OUTPUT_DIR_LOCK}); wait for it "
                 "to end, or choose another --output_dir.")  # fmt: skip
+    except (OSError, NotImplementedError) as error:
+        logger.warning(f"Could not lock --output_dir {output_dir} ({error}): a second run there at the same time would "
+                       "not be refused.")  # fmt: skip
+        return None
     _claimed_output_dirs[key] = lock
     return None
+
+
+@contextmanager
+def output_dir_claims():
+    """Release, on leaving, the output folders claimed inside (a notebook or a test session trains on afterwards);
+    also a decorator."""
+    before = set(_claimed_output_dirs)
+    try:
+        yield
+    finally:
+        for key in set(_claimed_output_dirs) - before:
+            _claimed_output_dirs.pop(key).release()
 
 
 def find_checkpoint(resume_from_checkpoint: str | None, output_dir: str | Path) -> Path | None:
