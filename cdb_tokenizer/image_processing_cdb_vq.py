@@ -40,8 +40,9 @@ _ALPHA_MODES = ("RGBA", "LA", "PA", "La", "RGBa")
 _STRAIGHT_ALPHA = {"La": "LA", "RGBa": "RGBA"}
 # Keys transformers writes (or once wrote) into preprocessor_config.json beside the settings.
 _SAVED_KEYS = frozenset(
-    {"image_processor_type", "processor_class", "_processor_class", "feature_extractor_type", "auto_map"}
-)
+    {"image_processor_type", "processor_class", "_processor_class", "feature_extractor_type", "auto_map",
+     "_valid_processor_keys", "_valid_kwargs_names"}  # the last two: some 4.x versions
+)  # fmt: skip
 # Settings given as numbers: NumPy/torch numbers become Python ones, and ints where floats are expected become floats.
 _NUMBER_SETTINGS = ("size", "resample", "rescale_factor", "image_mean", "image_std")
 _FLOAT_SETTINGS = ("rescale_factor", "image_mean", "image_std")
@@ -166,6 +167,16 @@ class CDBVQImageProcessor(BaseImageProcessor):
         return "torch"
 
     # ------------------------------------------------------------------ preprocessing
+
+    @classmethod
+    def from_dict(cls, image_processor_dict: dict[str, Any], **kwargs: Any):
+        """transformers' `from_dict` (hence `from_pretrained`), except that a keyword that reads like a setting but is
+        none (`do_resise=False`), which it would drop without a word, is refused; loading options pass through."""
+        settings = list(cls.valid_kwargs.__annotations__)
+        misspelled = {key: value for key, value in kwargs.items()
+                      if key not in settings and difflib.get_close_matches(key, settings, n=1, cutoff=0.8)}  # fmt: skip
+        _check_names(misspelled, settings)
+        return super().from_dict(image_processor_dict, **kwargs)
 
     def preprocess(self, images: Any, **kwargs: Any) -> BatchFeature:
         """
@@ -580,11 +591,12 @@ def _check_names(settings: dict[str, Any], known: Collection[str]) -> None:
     unknown = [name for name in settings if name not in known]
     if not unknown:
         return
-    nearest = {name: difflib.get_close_matches(name, known, n=1) for name in unknown}
+    settings_only = [name for name in known if name not in _SAVED_KEYS]  # never hint at transformers' own keys
+    nearest = {name: difflib.get_close_matches(name, settings_only, n=1) for name in unknown}
     hints = [f"{name!r} (did you mean {match[0]!r}?)" if match else repr(name) for name, match in nearest.items()]
     message = f"CDBVQImageProcessor has no setting {', '.join(hints)}"
     if not all(nearest.values()):
-        message += f"; its settings are: {', '.join(sorted(name for name in known if name not in _SAVED_KEYS))}"
+        message += f"; its settings are: {', '.join(sorted(settings_only))}"
     raise TypeError(message + ".")
 
 

@@ -765,11 +765,25 @@ def test_keys_transformers_writes_still_load(tmp_path):
     assert {"auto_map", "image_processor_type"} <= set(config)
     # Keys older transformers versions wrote, and ImagesKwargs fields left at their defaults.
     config.update(processor_class="CDBVQProcessor", _processor_class="CDBVQProcessor", feature_extractor_type="X",
-                  default_to_square=True, crop_size=None, data_format="channels_first", do_pad=None)  # fmt: skip
+                  default_to_square=True, crop_size=None, data_format="channels_first", do_pad=None,
+                  _valid_processor_keys=["do_resize", "size"])  # fmt: skip
     (tmp_path / "preprocessor_config.json").write_text(json.dumps(config))
     loaded = CDBVQImageProcessor.from_pretrained(tmp_path)
     loaded.save_pretrained(tmp_path / "again")
     assert dict(CDBVQImageProcessor.from_pretrained(tmp_path / "again").size) == dict(processor.size)
+
+
+def test_a_misspelled_setting_given_to_from_pretrained_is_refused(tmp_path):
+    # transformers' from_dict drops keywords that are not settings: `do_resise=False` loaded a processor that resized.
+    CDBVQImageProcessor(size=32).save_pretrained(tmp_path)
+    with pytest.raises(TypeError, match="no setting 'do_resise' \\(did you mean 'do_resize'\\?\\)"):
+        CDBVQImageProcessor.from_pretrained(tmp_path, do_resise=False)
+    assert CDBVQImageProcessor.from_pretrained(tmp_path, do_resize=False).do_resize is False
+    assert CDBVQImageProcessor.from_pretrained(tmp_path, return_unused_kwargs=True)[1] == {}  # loading options pass
+    # A hint never points at transformers' own keys: '_processor_clas' used to get "did you mean '_processor_class'?".
+    with pytest.raises(TypeError, match="no setting '_processor_clas'; its settings are: ") as error:
+        CDBVQImageProcessor(_processor_clas="x")
+    assert "auto_map" not in str(error.value)
 
 
 def test_flags_must_be_true_or_false(tmp_path):
