@@ -23,7 +23,7 @@ from .quantization_cdb_vq import (
     CDBVQRouter,
     CodeStatistics,
     image_signal_features,
-    kind_of,
+    require_float_tensor,
 )
 
 
@@ -377,10 +377,14 @@ class CDBVQModel(CDBVQPreTrainedModel):
                 f"otherwise unnormalised pixels?); prepare images with CDBVQImageProcessor (or the model's "
                 f"AutoImageProcessor), which rescales and normalises them."
             )
+        return self._in_model_dtype(pixel_values)
+
+    def _in_model_dtype(self, values: torch.Tensor) -> torch.Tensor:
+        """float64 or half inputs on a float32 model, and the reverse, cast to its dtype (autocast casts itself)."""
         dtype = self.quant_conv.weight.dtype
-        if pixel_values.dtype != dtype and not torch.is_autocast_enabled(pixel_values.device.type):
-            pixel_values = pixel_values.to(dtype)  # float64 or half inputs on a float32 model, and the reverse
-        return pixel_values
+        if values.dtype != dtype and not torch.is_autocast_enabled(values.device.type):
+            return values.to(dtype)
+        return values
 
     # Integer dtypes that can hold any code id; narrower ones (uint8, int16) wrap ids of larger codebooks.
     _TOKEN_DTYPES = (torch.int32, torch.int64)
@@ -576,8 +580,7 @@ class CDBVQModel(CDBVQPreTrainedModel):
     def decode_latents(self, quantized: torch.FloatTensor) -> torch.FloatTensor:
         """Decode quantized latents (batch, codebook_dim, h, w), e.g. `encode(...).quantized`, into images (cast to
         the model's dtype)."""
-        if not isinstance(quantized, torch.Tensor) or not quantized.is_floating_point():
-            raise TypeError(f"quantized latents must be a floating-point torch.Tensor, got {kind_of(quantized)}.")
+        require_float_tensor(quantized, "quantized latents")
         if quantized.ndim != 4 or quantized.shape[1] != self.config.codebook_dim or quantized.numel() == 0:
             raise ValueError(
                 f"quantized latents must have shape (batch, codebook_dim={self.config.codebook_dim}, h, w), got "
@@ -585,10 +588,7 @@ class CDBVQModel(CDBVQPreTrainedModel):
             )
         if not bool(torch.isfinite(quantized).all()):
             raise ValueError("quantized latents contain NaN or infinite values.")
-        dtype = self.post_quant_conv.weight.dtype
-        if quantized.dtype != dtype and not torch.is_autocast_enabled(quantized.device.type):
-            quantized = quantized.to(dtype)
-        return self._decode_quantized(quantized)
+        return self._decode_quantized(self._in_model_dtype(quantized))
 
     def _decode_quantized(self, quantized: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.post_quant_conv(quantized))
@@ -625,12 +625,13 @@ class CDBVQModel(CDBVQPreTrainedModel):
         self._check_image_tokens(image_tokens)
         if image_tokens.ndim == 3:
             if (height, width) != (None, None):
-                factor = self.config.downsampling_factor
-                grid_height, grid_width = image_tokens.shape[1:]
-                if (height or width, width or height) != (grid_height * factor, grid_width * factor):
+                size = (height or width, width or height)  # one side alone: a square, as for flat tokens
+                if self.token_grid_size(*size) != tuple(image_tokens.shape[1:]):
+                    factor = self.config.downsampling_factor
                     raise ValueError(
-                        f"height {height} and width {width} disagree with the {grid_height}x{grid_width} token grid "
-                        f"({grid_height * factor}x{grid_width * factor} pixels); (batch, h, w) tokens need no size."
+                        f"a {size[0]}x{size[1]} image disagrees with the {image_tokens.shape[1]}x{image_tokens.shape[2]} "
+                        f"token grid ({image_tokens.shape[1] * factor}x{image_tokens.shape[2] * factor} pixels); (batch, "
+                        f"h, w) tokens need no size."
                     )
             return self.decode(image_tokens)
         if image_tokens.ndim != 2:
@@ -750,8 +751,7 @@ class CDBVQModel(CDBVQPreTrainedModel):
 
     def _check_feature_grid(self, features: torch.Tensor, name: str, grid: tuple[int, int, int]) -> None:
         expected = (grid[0], self.config.semantic_dim, grid[1], grid[2])
-        if not isinstance(features, torch.Tensor) or not features.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point torch.Tensor of shape {expected}, got {kind_of(features)}.")
+        require_float_tensor(features, name, str(expected))
         if tuple(features.shape) != expected:
             raise ValueError(f"{name} must have shape {expected} (batch, semantic_dim, h, w), got {tuple(features.shape)}.")
         if not bool(torch.isfinite(features).all()):

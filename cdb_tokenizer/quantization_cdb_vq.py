@@ -102,7 +102,13 @@ def transport_cost(latents: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
     return squared_distances(latents, codes).clamp_min(1e-12).sqrt()
 
 
-def kind_of(value) -> str:
+def require_float_tensor(value, name: str, shape: str = "") -> None:
+    """Raise a TypeError naming `name` unless `value` is a floating-point tensor (`shape` describes the one wanted)."""
+    if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point torch.Tensor{shape and ' of shape ' + shape}, got {_kind(value)}.")
+
+
+def _kind(value) -> str:
     """A value's kind for an error message: a tensor's dtype, else its type."""
     return f"a {value.dtype} tensor" if isinstance(value, torch.Tensor) else type(value).__name__
 
@@ -569,8 +575,7 @@ class CDBVQQuantizer(nn.Module):
     def set_prototypes(self, prototypes: torch.Tensor, code_to_prototype: torch.Tensor | None = None) -> None:
         """Store semantic prototypes (P, semantic_dim) and, optionally, which prototype each code is tied to; both are
         checked before either is written."""
-        if not isinstance(prototypes, torch.Tensor) or not prototypes.is_floating_point():
-            raise TypeError(f"prototypes must be a floating-point torch.Tensor, got {kind_of(prototypes)}.")
+        require_float_tensor(prototypes, "prototypes")
         if tuple(prototypes.shape) != tuple(self.prototypes.shape):
             raise ValueError(
                 f"prototypes must have shape {tuple(self.prototypes.shape)} (num_prototypes, semantic_dim), got {tuple(prototypes.shape)}."
@@ -579,7 +584,9 @@ class CDBVQQuantizer(nn.Module):
             raise ValueError("prototypes contain NaN or infinite values.")
         if code_to_prototype is not None:
             if not isinstance(code_to_prototype, torch.Tensor) or code_to_prototype.dtype not in (torch.int32, torch.int64):
-                raise TypeError(f"code_to_prototype must be a torch.int64 tensor of prototype ids, got {kind_of(code_to_prototype)}.")
+                raise TypeError(
+                    f"code_to_prototype must be an integer tensor (torch.int64 or int32) of prototype ids, got {_kind(code_to_prototype)}."
+                )
             if code_to_prototype.shape != self.code_to_prototype.shape or not (
                 0 <= int(code_to_prototype.min()) and int(code_to_prototype.max()) < prototypes.shape[0]
             ):

@@ -348,7 +348,7 @@ def test_set_prototypes_checks_everything_before_writing_anything():
     before = (model.quantizer.prototypes.clone(), model.quantizer.code_to_prototype.clone(), model.config.prototype_labels)
     bad_calls = [
         # A float map was truncated (2.9 -> 2) into the long buffer.
-        (TypeError, "code_to_prototype must be a torch.int64 tensor", {"code_to_prototype": torch.full((64,), 2.9)}),
+        (TypeError, r"code_to_prototype must be an integer tensor \(torch.int64 or int32\)", {"code_to_prototype": torch.full((64,), 2.9)}),
         # The prototypes were written before the map was refused.
         (ValueError, r"code_to_prototype must be 64 prototype ids in \[0, 8\)", {"code_to_prototype": torch.full((64,), 99)}),
         (TypeError, "labels must be a list of strings", {"labels": "abcdefgh"}),  # was split into letters
@@ -400,10 +400,12 @@ def test_decode_latents_checks_its_input_and_casts_it(model, photo_batch):
 
 def test_a_size_that_disagrees_with_a_token_grid_is_refused(model):
     tokens = torch.randint(0, 64, (2, 8, 8))
-    with pytest.raises(ValueError, match=r"height 64 and width 64 disagree with the 8x8 token grid \(32x32 pixels\)"):
+    with pytest.raises(ValueError, match=r"a 64x64 image disagrees with the 8x8 token grid \(32x32 pixels\)"):
         model.decode_image_tokens(tokens, height=64, width=64)  # decoded at 32x32 without a word before
-    with pytest.raises(ValueError, match="height 32 and width 16 disagree"):
+    with pytest.raises(ValueError, match="a 32x16 image disagrees"):
         model.decode_image_tokens(tokens, height=32, width=16)
+    with pytest.raises(ValueError, match="a 16x16 image disagrees"):  # one side: a square ("width None" before)
+        model.decode_image_tokens(tokens, height=16)
     assert model.decode_image_tokens(tokens, height=32).shape == model.decode_image_tokens(tokens).shape == (2, 3, 32, 32)
 
 

@@ -1155,7 +1155,7 @@ def tokenize_command(args: argparse.Namespace) -> None:
     """A folder or Hub data set -> a `datasets` data set of `image_tokens` (and labels), saved with `save_to_disk`."""
     from .priors import save_tokens, tokenize_dataset
 
-    dataset = open_dataset(args.data, args.image_column, args.split or "train")
+    dataset = open_dataset(args.data, args.image_column, args.split)
     if not hasattr(dataset, "filter") or not hasattr(dataset, "__len__"):
         raise CLIError("tokenize needs a map-style data set (streaming is not supported).")
     if args.max_images is not None:
@@ -1285,9 +1285,11 @@ def build_parser() -> argparse.ArgumentParser:
     def add_overwrite(command: argparse.ArgumentParser) -> None:
         command.add_argument("--overwrite", action="store_true", help="replace output files that exist already")
 
-    def add_data_arguments(command: argparse.ArgumentParser) -> None:
+    def add_data_arguments(command: argparse.ArgumentParser, split: str | None = "train") -> None:
         command.add_argument("--data", required=True, help="image folder, or a data set on the Hub")
-        command.add_argument("--split", default=None, help="split of the data set (default: train; eval --protocol: its split)")
+        # None: eval's `_apply_protocol` picks the split, and must tell a --split given from none.
+        shown = split or "train; with --protocol, the protocol's"
+        command.add_argument("--split", default=split, help=f"split of the data set (default: {shown})")
         command.add_argument("--image_column", default="image", help="column holding the images (default: image)")
         command.add_argument("--max_images", type=_positive_int, default=None, help="use at most this many images")
         _add_pixel_budget(command)
@@ -1328,7 +1330,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = add_command(
         "eval", eval_command, "PSNR, SSIM, LPIPS, rFID, codebook utilization and perplexity on a data set."
     )
-    add_data_arguments(evaluate)
+    add_data_arguments(evaluate, split=None)
     evaluate.add_argument("--batch_size", type=_positive_int, default=16)
     evaluate.add_argument("--out", default=None, help="also write the metrics to this JSON file")
     add_overwrite(evaluate)
