@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from cdb_tokenizer.tools.degradations import DEGRADATIONS, canonical_spec, degrade
+from cdb_tokenizer.tools.degradations import DEGRADATIONS, Degradation, canonical_spec, degrade
 
 STRENGTHS = {"gaussian_blur": 1.5, "motion_blur": 7, "noise": 0.05, "jpeg": 30, "downscale": 2}
 
@@ -24,6 +24,9 @@ def test_each_degradation_is_seeded_and_keeps_shape_dtype_and_range(images, name
     assert torch.equal(degrade(images, f"{name}:0", seed=7), images.clamp(-1, 1))
     half = degrade(images.half(), spec, seed=7)
     assert half.dtype == torch.float16 and half.shape == images.shape
+    double = torch.rand(2, 3, 16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    assert torch.equal(degrade(double, f"{name}:0"), double)  # exactly: not a round trip through float32
+    assert degrade(double, spec).dtype == torch.float64
 
 
 def test_random_parts_change_with_the_seed_and_compose(images):
@@ -68,11 +71,51 @@ def test_blur_removes_high_frequencies(images):
         ("jpeg:0-30", "JPEG quality is 1-100"),  # would draw quality 0, the harshest JPEG, not "off"
         ("downscale:0-4", "a factor is >= 1"),
         ("", "non-empty"),
+        ("gaussian_blur:1|", "empty alternative in 'gaussian_blur:1\\|'"),
+        ("gaussian_blur:1++noise:0.1", "empty part in 'gaussian_blur:1\\+\\+noise:0.1'"),
+        ("noise:0.1+", "empty part"),
+        (":1", "missing degradation name"),
     ],
 )
 def test_bad_specs_are_refused_by_name(images, spec, message):
     with pytest.raises(ValueError, match=message):
         degrade(images, spec)
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ([Degradation("noise", -5, -5)], "bad strength '-5' for noise: it must be between 0 and 1"),
+        ([Degradation("nosie", 1, 1)], "unknown degradation 'nosie'"),
+        ([Degradation("noise", 0.2, 0.1)], "LOW <= HIGH"),
+        ([Degradation("jpeg", 0, 30)], "JPEG quality is 1-100"),
+        ([Degradation("noise", "1", "1")], "must be numbers"),
+        ([], "non-empty list of Degradation"),
+        (Degradation("noise", 0.1, 0.1), "non-empty list of Degradation"),
+    ],
+)
+def test_a_list_spec_is_held_to_the_rules_of_a_string_spec(images, spec, message):
+    with pytest.raises(ValueError, match=message):
+        degrade(images, spec)
+
+
+def test_a_list_spec_degrades_like_its_string(images):
+    chain = [Degradation("gaussian_blur", 0.5, 2), Degradation("noise", 0.05, 0.05)]
+    assert torch.equal(degrade(images, chain, seed=3), degrade(images, "gaussian_blur:0.5-2+noise:0.05", seed=3))
+
+
+@pytest.mark.parametrize("spec", ["gaussian_blur:1.5", "gaussian_blur:1.5|noise:0.05"])
+def test_an_empty_batch_comes_back_empty(images, spec):
+    degraded = degrade(images[:0], spec)
+    assert degraded.shape == (0, *images.shape[1:]) and degraded.dtype == images.dtype
+
+
+@pytest.mark.parametrize("spec", ["gaussian_blur:0.5-2", "motion_blur:9"])  # motion_blur:9: only the direction drawn
+def test_strength_ranges_and_motion_direction_are_drawn_per_image(images, spec):
+    twins = images[:1].repeat(4, 1, 1, 1)  # the same image four times
+    degraded = degrade(twins, spec, seed=5)
+    assert all(not torch.equal(degraded[0], other) for other in degraded[1:]), spec  # not once for the batch
+    assert torch.equal(degraded, degrade(twins, spec, seed=5))  # and the seed still gives the same batch
 
 
 def test_strengths_in_exponent_notation_parse():

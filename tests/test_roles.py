@@ -40,7 +40,7 @@ def role_config(weight: float, codebook_size: int = 24) -> CDBVQConfig:
         resolution=SIZE, base_channels=8, channel_multipliers=[1, 2], num_res_blocks=1, use_mid_attention=False,
         norm_num_groups=4, latent_dim=8, codebook_size=codebook_size, codebook_dim=4, semantic_dim=8,
         num_prototypes=4, router_dim=4, code_roles=three_role_ranges(codebook_size), role_supervision_weight=weight,
-        # A full-strength role prior: this tests that supervision sorts content. The default (0.3) trades some
+        # A full-strength role prior: this tests that supervision sorts content. The default (0.35) trades some
         # separation for PSNR on photos (benchmarks/roles.py); on these 60 steps it gives 0.71-0.84.
         role_prior_scale=1.0,
     )  # fmt: skip
@@ -180,6 +180,18 @@ def test_three_role_ranges_tile_the_codebook():
     assert ranges == {"structure": [0, 512], "texture": [512, 768], "colour": [768, 1024]}
     with pytest.raises(ValueError, match="at least 3 codes"):
         three_role_ranges(2)
+    # the equal-share preset as trained models record it
+    assert three_role_ranges(64) == {"structure": [0, 22], "texture": [22, 43], "colour": [43, 64]}
+    assert three_role_ranges(16384) == {"structure": [0, 5462], "texture": [5462, 10923], "colour": [10923, 16384]}
+
+
+@pytest.mark.parametrize("codebook_size", [3, 4, 7, 64, 1000])
+@pytest.mark.parametrize("shares", [(1, 1, 1), (1, 100, 1), (100, 1, 1), (1, 1, 1e6), (0.5, 0.25, 0.25)])
+def test_three_role_ranges_give_every_role_a_code_whatever_the_shares(codebook_size, shares):
+    ranges = list(three_role_ranges(codebook_size, shares).values())
+    assert ranges[0][0] == 0 and ranges[-1][1] == codebook_size
+    assert all(end == start for (_, end), (start, _) in zip(ranges, ranges[1:]))  # consecutive: they tile [0, K)
+    assert all(end - start >= 1 for start, end in ranges), ranges
 
 
 def test_role_map_is_deterministic_batch_independent_and_drawable(supervised_model, tmp_path):
@@ -187,7 +199,10 @@ def test_role_map_is_deterministic_batch_independent_and_drawable(supervised_mod
     role_map = supervised_model.role_map(images)
     assert role_map.shape == (6, 8, 8) and role_map.dtype == torch.long
     assert torch.equal(role_map, supervised_model.role_map(images))
-    assert torch.equal(role_map[2:3], supervised_model.role_map(images[2:3]))
+    tokens = supervised_model.get_image_tokens(images)
+    for i in (0, 2, 5):  # one image of each kind, alone: the same tokens and roles as within the batch
+        assert torch.equal(tokens[i : i + 1], supervised_model.get_image_tokens(images[i : i + 1]))
+        assert torch.equal(role_map[i : i + 1], supervised_model.role_map(images[i : i + 1]))
     figure = role_map_figure(images, role_map, supervised_model.config.role_names)
     assert figure.shape[0] == 3 and 0 <= float(figure.min()) and float(figure.max()) <= 1
     picture = save_role_map(images, role_map, supervised_model.config.role_names, tmp_path / "new" / "role_map.png")

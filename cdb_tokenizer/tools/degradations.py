@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import io
 import math
+import numbers
 import re
 from dataclasses import dataclass
 
@@ -53,7 +54,12 @@ def parse_spec(spec: str) -> list[list[Degradation]]:
         raise ValueError(
             f"a degradation spec must be a non-empty string such as 'gaussian_blur:1.5', got {spec!r}."
         )
-    return [parse_degradations(chain, spec) for chain in spec.replace(" ", "").split("|")]
+    chains = "".join(spec.split()).split("|")
+    if not all(chains):
+        raise ValueError(
+            f"empty alternative in {spec!r}: '|' needs a degradation on each side, e.g. 'gaussian_blur:1|noise:0.05'."
+        )
+    return [parse_degradations(chain, spec) for chain in chains]
 
 
 def parse_degradations(spec: str, whole: str | None = None) -> list[Degradation]:
@@ -62,11 +68,18 @@ def parse_degradations(spec: str, whole: str | None = None) -> list[Degradation]
         raise ValueError(
             f"a degradation spec must be a non-empty string such as 'gaussian_blur:1.5', got {whole or spec!r}."
         )
+    whole = whole or spec
     degradations = []
-    for part in spec.replace(" ", "").split("+"):
+    for part in "".join(spec.split()).split("+"):
+        if not part:
+            raise ValueError(
+                f"empty part in {whole!r}: '+' needs a degradation on each side, e.g. 'gaussian_blur:1.5+noise:0.02'."
+            )
         name, colon, strength = part.partition(":")
+        if not name:
+            raise ValueError(f"missing degradation name before ':' in {whole!r}; known: {', '.join(DEGRADATIONS)}.")
         if name not in DEGRADATIONS:
-            raise ValueError(f"unknown degradation {name!r} in {whole or spec!r}; known: {', '.join(DEGRADATIONS)}.")
+            raise ValueError(f"unknown degradation {name!r} in {whole!r}; known: {', '.join(DEGRADATIONS)}.")
         if not colon or not strength:
             raise ValueError(f"degradation {name!r} needs a strength, e.g. '{name}:{_example(name)}' (got {part!r}).")
         # LOW-HIGH: split at a dash right after a digit or a dot, so that exponents (1e-3) stay numbers.
@@ -79,20 +92,44 @@ def parse_degradations(spec: str, whole: str | None = None) -> list[Degradation]
             raise ValueError(
                 f"bad strength {strength!r} for {name}: give a number or LOW-HIGH, e.g. '{name}:{_example(name)}'."
             ) from None
-        limit = MAX_STRENGTH[name]
-        for value in (low, high):
-            if not math.isfinite(value) or value < 0 or value > limit:
-                raise ValueError(f"bad strength {strength!r} for {name}: it must be between 0 and {_number(limit)}.")
-        if high < low:
-            raise ValueError(f"bad strength {strength!r} for {name}: LOW-HIGH needs LOW <= HIGH.")
-        # A range may not start in the "off" values of these two: jpeg:0-30 would draw quality 0 (the harshest JPEG,
-        # not off), downscale:0-4 the identity for a quarter of the draws.
-        if name == "jpeg" and low < 1 and high > 0:
-            raise ValueError(f"bad strength {strength!r} for jpeg: a JPEG quality is 1-100 (0 alone turns it off).")
-        if name == "downscale" and low < 1 and high > 0:
-            raise ValueError(f"bad strength {strength!r} for downscale: a factor is >= 1 (0 or 1 alone turn it off).")
-        degradations.append(Degradation(name, low, high))
+        degradations.append(_check_strength(Degradation(name, low, high), strength))
     return degradations
+
+
+def _check_strength(degradation: Degradation, strength: str) -> Degradation:
+    """Refuse a strength `degradation.name` does not take; `strength` is the text the message quotes."""
+    name, low, high = degradation.name, degradation.low, degradation.high
+    limit = MAX_STRENGTH[name]
+    for value in (low, high):
+        if not math.isfinite(value) or value < 0 or value > limit:
+            raise ValueError(f"bad strength {strength!r} for {name}: it must be between 0 and {_number(limit)}.")
+    if high < low:
+        raise ValueError(f"bad strength {strength!r} for {name}: LOW-HIGH needs LOW <= HIGH.")
+    # A range may not start in the "off" values of these two: jpeg:0-30 would draw quality 0 (the harshest JPEG,
+    # not off), downscale:0-4 the identity for a quarter of the draws.
+    if name == "jpeg" and low < 1 and high > 0:
+        raise ValueError(f"bad strength {strength!r} for jpeg: a JPEG quality is 1-100 (0 alone turns it off).")
+    if name == "downscale" and low < 1 and high > 0:
+        raise ValueError(f"bad strength {strength!r} for downscale: a factor is >= 1 (0 or 1 alone turn it off).")
+    return degradation
+
+
+def _check_chain(chain: list[Degradation]) -> list[Degradation]:
+    """A chain given as `Degradation`s instead of text, held to the rules of `parse_degradations`."""
+    if not isinstance(chain, (list, tuple)) or not chain or not all(isinstance(d, Degradation) for d in chain):
+        raise ValueError(
+            f"a degradation spec is a string such as 'gaussian_blur:1.5' or a non-empty list of Degradation, "
+            f"got {chain!r}."
+        )
+    for degradation in chain:
+        if degradation.name not in DEGRADATIONS:
+            raise ValueError(
+                f"unknown degradation {degradation.name!r} in {degradation!r}; known: {', '.join(DEGRADATIONS)}."
+            )
+        if not all(isinstance(value, numbers.Real) for value in (degradation.low, degradation.high)):
+            raise ValueError(f"bad strength in {degradation!r}: low and high must be numbers.")
+        _check_strength(degradation, str(degradation).partition(":")[2])
+    return list(chain)
 
 
 def _example(name: str) -> str:
@@ -107,14 +144,18 @@ def canonical_spec(spec: str) -> str:
 @torch.no_grad()
 def degrade(pixel_values: torch.Tensor, spec: str | list[Degradation], seed: int = 0) -> torch.Tensor:
     """Apply the degradations of `spec` to images (B, C, H, W) in [-1, 1], deterministically under `seed`."""
-    alternatives = parse_spec(spec) if isinstance(spec, str) else [list(spec)]
+    alternatives = parse_spec(spec) if isinstance(spec, str) else [_check_chain(spec)]
     if pixel_values.ndim != 4 or not pixel_values.is_floating_point():
         raise ValueError(
             f"degrade expects float images (batch, channels, height, width), got {tuple(pixel_values.shape)} "
             f"{pixel_values.dtype}."
         )
+    if pixel_values.shape[0] == 0:
+        return pixel_values.clone()  # nothing to degrade (and torch.stack refuses an empty list)
     generator = torch.Generator(device="cpu").manual_seed(int(seed))
-    images = pixel_values.detach().float().cpu()
+    # Half precision is computed in float32; float64 stays float64, so that a zero strength is exactly the identity.
+    dtype = torch.float64 if pixel_values.dtype == torch.float64 else torch.float32
+    images = pixel_values.detach().to(device="cpu", dtype=dtype)
     if len(alternatives) == 1:
         images = _apply_chain(images, alternatives[0], generator)
     else:

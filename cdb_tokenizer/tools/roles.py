@@ -28,16 +28,17 @@ def three_role_ranges(
     codebook_size: int, shares: tuple[float, float, float] = (1 / 3, 1 / 3, 1 / 3)
 ) -> dict[str, list[int]]:
     """`code_roles` for the structure / texture / colour preset: three consecutive ranges tiling `codebook_size`
-    codes in proportion to `shares` (equal thirds by default; the remainder goes to structure)."""
+    codes in proportion to `shares` (equal thirds by default; the remainder goes to structure), at least one code
+    each."""
     if codebook_size < 3:
         raise ValueError(f"three roles need at least 3 codes, got codebook_size {codebook_size}.")
     if len(shares) != 3 or any(share <= 0 for share in shares):
         raise ValueError(f"shares must be three positive numbers, got {shares!r}.")
-    total = sum(shares)
-    sizes = [max(1, int(codebook_size * share / total)) for share in shares]
+    # One code per role first, then the rest by share: every role gets a code whatever the shares. For equal shares
+    # this is floor(codebook_size / 3) per role, as a plain proportional split gives.
+    total, rest = sum(shares), codebook_size - len(shares)
+    sizes = [1 + int(rest * share / total) for share in shares]
     sizes[0] += codebook_size - sum(sizes)
-    if sizes[0] < 1:
-        raise ValueError(f"cannot split {codebook_size} codes by {shares!r}.")
     ranges, start = {}, 0
     for name, size in zip(THREE_ROLES, sizes):
         ranges[name] = [start, start + size]
