@@ -1,6 +1,7 @@
 """Restoration training end to end: --degradation is recorded in the config, `cdb-vq restore` needs it."""
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -127,7 +128,21 @@ def test_reconstruct_role_map_and_inspect_code_report(restoration_run, photo_fil
     lines = (tmp_path / "codes.csv").read_text().splitlines()
     assert lines[0].startswith("code,usage,role,prototype") and len(lines) == 49
     assert cli_main(["inspect", "--model", str(restoration_run), "--codes", str(tmp_path / "codes.json")]) == 0
-    assert len(json.loads((tmp_path / "codes.json").read_text())) == 48
+    # Both files hold the model's own readout, value for value (None: an empty CSV cell, JSON null).
+    import csv
+
+    report = CDBVQModel.from_pretrained(restoration_run).code_report()
+    assert json.loads((tmp_path / "codes.json").read_text()) == pytest.approx(report)
+    with open(tmp_path / "codes.csv", newline="") as file:
+        rows = list(csv.DictReader(file))
+    for row, record in zip(rows, report, strict=True):
+        for key, value in record.items():
+            if value is None:
+                assert row[key] == "", key
+            elif isinstance(value, str):
+                assert row[key] == value
+            else:
+                assert float(row[key]) == pytest.approx(value, rel=1e-6, abs=1e-12), key
 
 
 def test_role_map_needs_roles(photo_file, tmp_path, capsys):
@@ -138,7 +153,9 @@ def test_role_map_needs_roles(photo_file, tmp_path, capsys):
     assert "has no code roles" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("spec, message", [("sharpen:1", "unknown degradation 'sharpen'"), ("noise:-1", "bad strength")])
+@pytest.mark.parametrize("spec, message", [("sharpen:1", "unknown degradation 'sharpen'"), ("noise:-1", "bad strength"),
+                                           ("", "non-empty"),  # was a plain run, without a word
+                                           ("gaussian_blur:0", "degrades nothing")])  # fmt: skip
 def test_bad_degradation_flags_are_refused(spec, message, capsys, tmp_path):
     with pytest.raises(SystemExit):
         parse_args(RUN + ["--output_dir", str(tmp_path / "x"), "--degradation", spec])
@@ -154,3 +171,58 @@ def test_model_card_shows_the_role_map_code_readout_and_restoration(restoration_
     assert "What the codes of each role learned" in card and "| texture | 16 |" in card
     assert "## Restoration" in card and "gaussian_blur:0.5-2|noise:0.02" in card
     assert "Restoration PSNR" in card
+
+
+def test_a_resume_keeps_the_restoration_it_was_trained_for(restoration_run, tmp_path):
+    """Resumed without --degradation, a restoration run went on with clean inputs and saved a model whose config no
+    longer said it restores (so `cdb-vq restore` refused it), without a word."""
+    import shutil
+
+    output_dir = tmp_path / "run"
+    shutil.copytree(restoration_run, output_dir)
+    same = RUN + ["--output_dir", str(output_dir), "--max_train_steps", "3", "--resume_from_checkpoint", "latest",
+                  "--role_preset", "three", "--role_supervision_weight", "1"]  # fmt: skip
+    for flags, changed in [([], "restoration_degradation 'gaussian_blur:0.5-2|noise:0.02' -> None"),
+                           (["--degradation", "noise:0.1", "--high_frequency_weight", "0.5"], "-> 'noise:0.1'"),
+                           (["--degradation", DEGRADATION], "high_frequency_weight 0.5 -> 0.0")]:  # fmt: skip
+        with pytest.raises(ValueError, match="checkpoint was trained with other restoration settings .*" + re.escape(changed)):
+            train_main(same + flags)
+        # ... before anything is written: the run's training_config.json still says what it trained.
+        assert json.loads((output_dir / "training_config.json").read_text())["degradation"] == DEGRADATION
+    train_main(same + ["--degradation", DEGRADATION, "--high_frequency_weight", "0.5"])  # the same flags: resumes
+    assert json.loads((output_dir / "config.json").read_text())["restoration_degradation"] == "gaussian_blur:0.5-2|noise:0.02"
+    records = [json.loads(line) for line in (output_dir / "logs" / "train_log.jsonl").read_text().splitlines()]
+    assert max(record["step"] for record in records if "loss/total" in record) == 3
+
+
+def test_the_codebook_starts_from_latents_of_degraded_images(monkeypatch):
+    # The k-means initialisation encoded the clean images, while training only ever shows the encoder degraded ones.
+    from accelerate import Accelerator
+
+    from cdb_tokenizer import CDBVQConfig
+    from training.train import initialize_codebook
+
+    args = parse_args(RUN + ["--output_dir", "unused", "--degradation", DEGRADATION, "--kmeans_init_batches", "2"])
+    model = CDBVQModel(CDBVQConfig(**args.model_config_dict))
+    batches = [{"pixel_values": torch.rand(2, 3, 32, 32) * 2 - 1} for _ in range(2)]
+    seen = []
+    real_encode = model.encode
+    monkeypatch.setattr(model, "encode", lambda pixel_values, **kwargs: seen.append(pixel_values) or real_encode(pixel_values, **kwargs))
+    initialize_codebook(args, model, iter(batches), Accelerator(cpu=True))
+    assert len(seen) == 2
+    for index, (batch, inputs) in enumerate(zip(batches, seen)):
+        expected = degrade(batch["pixel_values"], DEGRADATION, seed=micro_batch_seed(args.seed, -1, index, 0))
+        torch.testing.assert_close(inputs, expected)
+
+
+def test_restore_names_a_degradation_it_does_not_know(restoration_run, photo_file, tmp_path, capsys):
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(restoration_run, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["restoration_degradation"] = "sharpen:3"  # a config from elsewhere: restore said it undoes "sharpen:3"
+    (folder / "config.json").write_text(json.dumps(config))
+    assert cli_main(["restore", str(photo_file), "--model", str(folder), "--out", str(tmp_path / "out")]) == 1
+    assert "records restoration_degradation 'sharpen:3', which is no degradation this version knows" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "photo.png").exists()

@@ -452,7 +452,8 @@ def test_kmeans_initialisation_reads_the_signal_features_with_code_roles(monkeyp
         model = tiny_model(code_roles=three_role_ranges(64)) if roles else tiny_model()
         monkeypatch.setattr(model.quantizer, "initialize_codebook",
                             lambda latents, signal_features=None, **kwargs: seen.__setitem__(roles, (latents, signal_features)))  # fmt: skip
-        args = argparse.Namespace(resolution=32, train_batch_size=2, kmeans_init_batches=2, kmeans_init_iterations=1, seed=0)
+        args = argparse.Namespace(resolution=32, train_batch_size=2, kmeans_init_batches=2, kmeans_init_iterations=1, seed=0,
+                                  degradation=None)
         batches = iter([{"pixel_values": torch.rand(2, 3, 32, 32) * 2 - 1} for _ in range(2)])
         train_script.initialize_codebook(args, model, batches, Accelerator(cpu=True))
     assert seen[False][1] is None

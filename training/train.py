@@ -469,9 +469,11 @@ def initialize_codebook(args, model: CDBVQModel, batches, accelerator: Accelerat
     use_prototypes = teacher is not None and model.quantizer.has_prototypes
     latents, features, signals = [], [], []
     with eval_mode(model), accelerator.autocast():
-        for batch in itertools.islice(batches, num_batches):
+        for index, batch in enumerate(itertools.islice(batches, num_batches)):
             pixel_values = batch["pixel_values"].to(accelerator.device)
-            encoded = model.encode(pixel_values, return_dict=True)
+            # Restoration: the codes start from latents of what the encoder will see (step -1: before training).
+            degraded = degraded_inputs(args, pixel_values, -1, index, accelerator.process_index)
+            encoded = model.encode(pixel_values if degraded is None else degraded, return_dict=True)
             latents.append(flatten_grid(encoded.latents).float())
             if encoded.signal_features is not None:  # with code roles: each range starts on latents of its kind
                 signals.append(flatten_grid(encoded.signal_features).float())
@@ -594,10 +596,13 @@ class RunState:
     nonfinite_steps: int = 0
     # What decides where a resumed run re-enters the data (checked on resume).
     data_order: dict = field(default_factory=dict)
+    # What the run trains the model to do beyond its config's shape (checked on resume).
+    objective: dict = field(default_factory=dict)
 
     @classmethod
-    def from_checkpoint(cls, step: int, saved: dict, data_order: dict) -> RunState:
-        return cls(step, set(saved.get("skipped_image_ids", [])), int(saved.get("nonfinite_steps", 0)), data_order)
+    def from_checkpoint(cls, step: int, saved: dict, data_order: dict, objective: dict) -> RunState:
+        skipped = set(saved.get("skipped_image_ids", []))
+        return cls(step, skipped, int(saved.get("nonfinite_steps", 0)), data_order, objective)
 
     def share_skipped_ids(self, accelerator: Accelerator) -> None:
         """Every process's unreadable images, on every process (each only meets those of its own batches)."""
@@ -606,7 +611,8 @@ class RunState:
 
     def to_checkpoint(self, ema: EMAWeights | None) -> dict:
         return {"step": self.step, "skipped_image_ids": sorted(self.skipped_ids), "nonfinite_steps": self.nonfinite_steps,
-                "ema_weights_decay": ema.decay if ema is not None else None, "data_order": self.data_order}  # fmt: skip
+                "ema_weights_decay": ema.decay if ema is not None else None, "data_order": self.data_order,
+                "objective": self.objective}  # fmt: skip
 
 
 def data_order(args: argparse.Namespace, accelerator: Accelerator) -> dict:
@@ -617,10 +623,35 @@ def data_order(args: argparse.Namespace, accelerator: Accelerator) -> dict:
     return order
 
 
+def training_objective(args: argparse.Namespace) -> dict:
+    """The flags that say what the model learns to do: restoration's degradation (which the saved config records, and
+    `cdb-vq restore` relies on) and its high-frequency loss."""
+    return {"restoration_degradation": args.model_config_dict.get("restoration_degradation"),
+            "high_frequency_weight": args.high_frequency_weight}  # fmt: skip
+
+
+def changed_settings(saved: dict | None, now: dict) -> list[str]:
+    """`key old -> new` for each setting of `now` that a checkpoint's `saved` records otherwise."""
+    return [f"{key} {saved[key]!r} -> {now[key]!r}" for key in now if saved and key in saved and saved[key] != now[key]]
+
+
+def refuse_another_objective(saved: dict | None, now: dict) -> None:
+    """A resume must train what the checkpoint trained: without --degradation a restoration run would go on with
+    clean inputs and save a model whose config no longer says it restores, without a word. (Checkpoints written
+    before this check record nothing, and are not checked.)"""
+    changed = changed_settings(saved, now)
+    if changed:
+        raise ValueError(
+            f"--resume_from_checkpoint: the checkpoint was trained with other restoration settings ({', '.join(changed)}); "
+            f"resume with the flags it was trained with (--degradation, --high_frequency_weight), or start over with "
+            f"--overwrite_output_dir."
+        )
+
+
 def warn_if_data_order_changed(saved: dict | None, now: dict) -> None:
     """A resume with another batch size, accumulation, process count or seed re-enters the data elsewhere than the
     checkpoint left it: say so (it is allowed, e.g. to resume on other hardware)."""
-    changed = [f"{key} {saved[key]} -> {now[key]}" for key in now if saved and key in saved and saved[key] != now[key]]
+    changed = changed_settings(saved, now)
     if changed:
         logger.warning(f"Resuming with {', '.join(changed)}: the run re-enters the data at another batch than the "
                        f"checkpoint left it, and its losses will not match an uninterrupted run's.")  # fmt: skip
@@ -651,8 +682,9 @@ def resume_or_initialize(args: argparse.Namespace, parts: TrainingParts, ema: EM
     """Resume from --resume_from_checkpoint (weights, optimisers, EMA and the loop's counts), or start afresh with
     the k-means initialisation of the codebook (and of its EMA copy)."""
     step, tensors, saved = resume(parts.accelerator, args, max_train_steps, _schedules(parts))
-    order = data_order(args, parts.accelerator)
+    order, objective = data_order(args, parts.accelerator), training_objective(args)
     if step > 0:
+        refuse_another_objective(saved.get("objective"), objective)
         if ema is not None:
             ema.load_tensors(tensors, saved, source=args.resume_from_checkpoint)
         warn_if_data_order_changed(saved.get("data_order"), order)
@@ -661,7 +693,7 @@ def resume_or_initialize(args: argparse.Namespace, parts: TrainingParts, ema: EM
         initialize_codebook(args, model, batch_stream(train_loader, sampler), parts.accelerator, parts.teacher)
         if ema is not None:
             ema.copy_rows(model, "quantizer.codebook.weight", torch.arange(model.config.codebook_size))
-    return RunState.from_checkpoint(step, saved, order)
+    return RunState.from_checkpoint(step, saved, order, objective)
 
 
 def nothing_left_to_train(args: argparse.Namespace, accelerator: Accelerator, step: int, max_train_steps: int) -> dict:
@@ -933,7 +965,6 @@ def train(args: argparse.Namespace) -> tuple[CDBVQModel, dict]:
     prototypes, labels = build_prototypes(args, teacher, train_loader, sampler, accelerator)
     set_seed(args.seed)  # the same initial weights whatever the steps above drew
     model = build_model(args, teacher, prototypes, labels)
-    run_config = save_run_config(args, accelerator, model, max_train_steps, skipped_validation_images)
 
     # Step
     parts = build_training_parts(args, model, accelerator, build_loss(args, lpips_module), teacher, max_train_steps)
@@ -941,6 +972,8 @@ def train(args: argparse.Namespace) -> tuple[CDBVQModel, dict]:
     state = resume_or_initialize(args, parts, ema, train_loader, sampler, max_train_steps)
     if state.step > 0 and state.step >= max_train_steps:
         return parts.unwrapped, nothing_left_to_train(args, accelerator, state.step, max_train_steps)
+    # Once the checkpoint is accepted: a refused resume leaves the run's training_config.json as it was.
+    run_config = save_run_config(args, accelerator, model, max_train_steps, skipped_validation_images)
 
     # Loop
     log = start_logging(args, accelerator, run_config, state.step)

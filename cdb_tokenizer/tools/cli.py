@@ -846,6 +846,8 @@ def _write_role_maps(
 
 def restore_command(args: argparse.Namespace) -> None:
     """Degraded photos in, restored photos out, with a model trained for restoration (`train.py --degradation`)."""
+    from .degradations import canonical_spec
+
     paths = check_image_files(args.images, args.max_image_pixels)
     out = check_output_folder(args.out)
     targets = [out / f"{name}.png" for name in unique_names(paths)]
@@ -858,6 +860,11 @@ def restore_command(args: argparse.Namespace) -> None:
             f"{args.model} was not trained for restoration (its config records no restoration_degradation); "
             f"train one with `train.py --degradation gaussian_blur:0.5-2`, or use `cdb-vq reconstruct`."
         )
+    try:
+        trained_on = canonical_spec(trained_on)
+    except ValueError as error:
+        raise CLIError(f"{args.model}'s config records restoration_degradation {trained_on!r}, which is no "
+                       f"degradation this version knows: {error}") from None  # fmt: skip
     # All outputs or none: a bad image stops the command before any file is in place (and each is read once).
     with files.staged_files(out) as stage, tqdm(total=len(paths), desc="restoring", unit="image") as progress:
         for start, pixel_values in image_batches(paths, args, processor, model):

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from ..configuration_cdb_vq import CDBVQConfig
-from .degradations import canonical_spec
+from .degradations import canonical_spec, parse_spec
 from .redaction import hide_secret_arguments
 from .roles import three_role_ranges
 from .teacher import DEFAULT_TEMPLATE
@@ -281,8 +281,10 @@ def _model_config_dict(args: argparse.Namespace, preset: dict) -> dict:
     if getattr(args, "role_preset", None) == "three" and not config.get("code_roles"):
         config["code_roles"] = three_role_ranges(config.get("codebook_size", CDBVQConfig().codebook_size))
     config.pop("restoration_degradation", None)  # only what this run trains on (not a --model_config's)
-    if getattr(args, "degradation", None):
+    if getattr(args, "degradation", None) is not None:  # "" too: an error, never a plain run
         config["restoration_degradation"] = canonical_spec(args.degradation)
+        if all(d.high == 0 for chain in parse_spec(args.degradation) for d in chain):
+            raise ValueError(f"--degradation {args.degradation!r} degrades nothing (every strength is 0).")
     return args_without_sentinels(args, config)
 
 
