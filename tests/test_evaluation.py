@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import logging
 import sys
 import time
@@ -262,6 +263,15 @@ def test_eval_protocol_keeps_the_split_the_user_gave(tokenizer_folder, capsys, m
         cli_main(base + extra)
         assert opened.pop() == split, extra
     cli_main(["eval", "--model", str(tokenizer_folder["model"]), "--data", "org/images"])  # no protocol
+    assert opened.pop() == "train"
+    # A local folder laid out as train/ + validation/ (ImageNet's) is read at the protocol's split: it evaluated the
+    # training images. Without train/, the folder is one split, whatever its sub-folders.
+    imagenet = tokenizer_folder["photos"].parent / "imagenet"
+    (imagenet / "train").mkdir(parents=True), (imagenet / "validation").mkdir()
+    cli_main(base + ["--data", str(imagenet)])
+    assert opened.pop() == "validation"
+    shutil.rmtree(imagenet / "train")
+    cli_main(base + ["--data", str(imagenet)])
     assert opened.pop() == "train"
     capsys.readouterr()
 

@@ -133,6 +133,21 @@ def test_resumed_run_matches_the_uninterrupted_run_step_for_step(tmp_path):
     assert all(torch.equal(final_straight[key], final_resumed[key]) for key in final_straight)
 
 
+def test_a_resume_past_an_epoch_with_gradient_accumulation_re_enters_the_data_where_it_left(tmp_path):
+    # The test above resumes inside the first epoch with one micro-batch a step: losing the epoch on resume, or the
+    # accumulation factor in the batches to skip, passed it. 16 demo photos at batch 2 with 2 micro-batches a step:
+    # 4 steps an epoch, so checkpoint-5 is in the second epoch, one step in.
+    run = PLAIN_RUN + ["--max_train_steps", "6", "--checkpointing_steps", "5", "--gradient_accumulation_steps", "2",
+                       "--validation_steps", "100"]  # fmt: skip
+    main(run + ["--output_dir", str(tmp_path / "straight")])
+    (tmp_path / "resumed" / "checkpoints").mkdir(parents=True)
+    shutil.copytree(tmp_path / "straight" / "checkpoints" / "checkpoint-5", tmp_path / "resumed" / "checkpoints" / "checkpoint-5")
+    main(run + ["--output_dir", str(tmp_path / "resumed"), "--resume_from_checkpoint", "latest"])
+    straight, resumed = loss_records(tmp_path / "straight"), loss_records(tmp_path / "resumed")
+    assert sorted(resumed) == [6]
+    assert resumed[6] == straight[6]
+
+
 def test_a_resumed_run_trains_at_its_own_learning_rate_and_ema_decay(tmp_path):
     # The stop message advises resuming "with a lower --learning_rate": the checkpoint's optimiser state used to
     # carry the old rate (and the old EMA decay) over the new flags, silently.
@@ -485,3 +500,28 @@ def test_cdb_vq_debug_shows_the_traceback_of_a_one_line_error(monkeypatch):
     monkeypatch.setenv("CDB_VQ_DEBUG", "1")
     with pytest.raises(ValueError, match="a bug that happens"):  # raised as it is, traceback and all
         run_script(failing_main, ValueError)
+
+
+def test_validation_images_are_a_seeded_sample_of_the_validation_split(tmp_path):
+    # They were the split's first N files, and files come sorted: a class-sorted validation/ (ImageNet's layout)
+    # gave validation images of the first classes only.
+    from accelerate import Accelerator
+
+    image_folder(tmp_path / "data", {"train": 4, "validation": 10})  # validation image i: grey level 20 * i
+
+    def chosen(seed: int) -> list[int]:
+        args = parse_args(["--train_data_dir", str(tmp_path / "data"), "--num_validation_images", "3", "--resolution",
+                           "32", "--seed", str(seed), "--output_dir", str(tmp_path / "run")])  # fmt: skip
+        _, pixel_values, _ = train_script.load_data(args, Accelerator(cpu=True))
+        return sorted(round(float((image.mean() + 1) / 2 * 255) / 20) for image in pixel_values)
+
+    first, second = chosen(0), chosen(1)
+    assert len(first) == len(set(first)) == 3 and first == chosen(0)  # three different images, the same each time
+    assert first != [0, 1, 2] and second != [0, 1, 2] and first != second
+
+
+def test_the_training_split_is_no_validation_split(tmp_path, capsys):
+    image_folder(tmp_path / "data", {"train": 4})
+    with pytest.raises(SystemExit):
+        parse_args(["--train_data_dir", str(tmp_path / "data"), "--validation_split", "train", "--output_dir", str(tmp_path / "run")])
+    assert "--validation_split train validates on the training images" in capsys.readouterr().err

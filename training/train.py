@@ -288,6 +288,9 @@ def load_data(args: argparse.Namespace, accelerator: Accelerator):
     with accelerator.main_process_first():
         train = load_image_dataset(split="train", **source)
         validation = _validation_split(args, source)
+    if validation is not None and not args.streaming and len(validation) > args.num_validation_images:
+        # A seeded sample, not the first N: files come sorted, and a class-sorted split gave the first classes only.
+        validation = validation.shuffle(seed=args.seed).select(range(args.num_validation_images))
     if validation is None:  # hold images out of the training split
         if args.streaming:
             # Held out by content, not by position: a stream split over processes or loader workers skips per

@@ -903,7 +903,11 @@ def _apply_protocol(args: argparse.Namespace) -> None:
     is otherwise `train`."""
     protocol = PROTOCOLS[args.protocol] if args.protocol is not None else None
     if args.split is None:
-        args.split = protocol["split"] if protocol and not Path(args.data).expanduser().exists() else "train"
+        # A local folder has the protocol's split only as a subfolder of that name beside train/ (datasets'
+        # imagefolder reads split folders only then).
+        local = Path(args.data).expanduser()
+        has_split = protocol and (not local.exists() or all((local / name).is_dir() for name in ("train", protocol["split"])))
+        args.split = protocol["split"] if has_split else "train"
     if protocol is None:
         return
     if args.max_images is None:

@@ -321,6 +321,9 @@ def _check_training_args(args: argparse.Namespace) -> None:
                 f"{', '.join(ignored)} only apply to --train_data_dir or --dataset_name data; without data flags the "
                 f"run trains on the demo photos."
             )
+    if args.validation_split == "train":  # the images it trains on would be its held-out score
+        raise ValueError("--validation_split train validates on the training images; name another split, or leave it "
+                         "out to hold images out of the training split.")  # fmt: skip
     check_output_dir_flags(args)
     if args.train_data_dir is not None and not os.path.isdir(args.train_data_dir):
         raise FileNotFoundError(f"--train_data_dir {args.train_data_dir!r} does not exist or is not a directory.")
