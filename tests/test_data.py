@@ -114,6 +114,30 @@ def test_decode_image_accepts_every_form_and_returns_none_for_garbage(tmp_path):
     assert decode_image(12345) is None
 
 
+def test_a_transparent_colour_key_is_composited_on_white_like_an_alpha_channel():
+    # A PNG's tRNS chunk makes one grey level (or RGB colour) transparent: those pixels came out black.
+    grey = np.full((4, 4), 7, dtype=np.uint8)
+    grey[:, :2] = 0
+    colour = np.full((4, 4, 3), (10, 20, 30), dtype=np.uint8)
+    colour[:, :2] = 0
+    for array, key, kept in ((grey, 0, (7, 7, 7)), (colour, (0, 0, 0), (10, 20, 30))):
+        buffer = io.BytesIO()
+        Image.fromarray(array).save(buffer, format="PNG", transparency=key)
+        image = decode_image(buffer.getvalue())
+        assert image.getpixel((0, 0)) == (255, 255, 255) and image.getpixel((3, 3)) == kept
+
+
+def test_the_pixel_budget_governs_pils_own_decompression_bomb_limit(tmp_path, monkeypatch):
+    # PIL refuses images over twice its MAX_IMAGE_PIXELS (about 179 MP) even when max_pixels=0 says "no limit".
+    Image.new("RGB", (20, 20)).save(tmp_path / "large.png")  # 400 pixels, over twice the limit below
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 50)
+    assert decode_image(str(tmp_path / "large.png"), max_pixels=0) is not None
+    assert decode_image((tmp_path / "large.png").read_bytes(), max_pixels=1_000) is not None
+    assert decode_image(str(tmp_path / "large.png"), max_pixels=300) is None  # the budget itself still holds
+    assert decode_image(str(tmp_path / "large.png"), max_pixels=100) is None  # and below PIL's limit, PIL's holds too
+    assert Image.MAX_IMAGE_PIXELS == 50  # lifted only while opening
+
+
 def test_decode_image_keeps_16_bit_and_float_greyscale_values(tmp_path):
     # PIL's convert("RGB") clips these modes at 255: a 16-bit ramp came out nearly all white, a float one black.
     ramp = np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16)
@@ -149,7 +173,12 @@ def test_train_images_skip_unreadable_images_and_count_them(image_folder):
     assert sample["skipped"] == 1 and sample["pixel_values"].shape == (3, 16, 16)
     batch = collate_images([images[i] for i in range(len(images))])
     assert batch["skipped"] == 1 and batch["pixel_values"].shape == (5, 3, 16, 16)
-    assert batch["pixel_values"].min() >= -1 and batch["pixel_values"].max() <= 1
+
+
+def test_train_transform_maps_pixel_values_to_minus_one_to_one():
+    crop = train_transform(8)(Image.new("RGB", (20, 12), (0, 255, 51)))  # a flat colour stays flat under any crop
+    expected = torch.tensor([-1.0, 1.0, 51 / 255 * 2 - 1]).view(3, 1, 1).expand(3, 8, 8)
+    torch.testing.assert_close(crop, expected)
 
 
 def test_crops_are_a_function_of_seed_epoch_and_index():
@@ -193,6 +222,50 @@ def test_image_folder_splits_only_on_train_validation_test_folders(tmp_path):
     _write_images(tmp_path / "splits" / "validation" / "dev_boards", 2)
     assert len(load_image_dataset(train_data_dir=str(tmp_path / "splits"))) == 3
     assert len(load_image_dataset(train_data_dir=str(tmp_path / "splits"), split="validation")) == 2
+
+
+def test_top_level_entries_beside_split_folders_are_named_since_they_are_ignored(tmp_path, caplog):
+    # With a train/ folder, val/, stray images and other folders were dropped without a word.
+    _write_images(tmp_path / "splits" / "train", 3)
+    _write_images(tmp_path / "splits" / "validation", 1)
+    with caplog.at_level("WARNING"):
+        load_image_dataset(train_data_dir=str(tmp_path / "splits"))
+    assert "entries" not in caplog.text  # nothing ignored, nothing said
+    _write_images(tmp_path / "splits" / "val", 2)
+    _write_images(tmp_path / "splits" / "extra_class", 2)
+    Image.new("RGB", (8, 8)).save(tmp_path / "splits" / "stray.png")
+    (tmp_path / "splits" / ".DS_Store").write_bytes(b"")  # hidden: datasets skips it anyway
+    with caplog.at_level("WARNING"):
+        assert len(load_image_dataset(train_data_dir=str(tmp_path / "splits"))) == 3
+    assert "entries (3) are ignored: extra_class, stray.png, val." in caplog.text
+    assert "validation/ or test/" in caplog.text
+    for index in range(4):
+        (tmp_path / "splits" / f"notes_{index}.txt").write_text("")
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        load_image_dataset(train_data_dir=str(tmp_path / "splits"))
+    assert "entries (7) are ignored: extra_class, notes_0.txt, notes_1.txt, notes_2.txt, notes_3.txt and 2 more." in caplog.text
+
+
+def test_a_folder_named_like_a_glob_pattern_reads_only_its_own_images(tmp_path):
+    # The folder went to datasets as a glob pattern: `run[1]` trained on a sibling `run1`, `set*1` also read
+    # `set_other1`, and `photos [2024]` found no images.
+    for name, count in (("run[1]", 2), ("run1", 5), ("set*1", 3), ("set_other1", 4), ("photos [2024]", 1)):
+        _write_images(tmp_path / name, count)
+    for name, count in (("run[1]", 2), ("set*1", 3), ("photos [2024]", 1)):
+        dataset = load_image_dataset(train_data_dir=str(tmp_path / name))
+        assert len(dataset) == count and {row["image"]["path"].split("/")[-2] for row in dataset} == {name}
+    _write_images(tmp_path / "splits[1]" / "train", 2)
+    _write_images(tmp_path / "splits1" / "train", 3)
+    assert len(load_image_dataset(train_data_dir=str(tmp_path / "splits[1]"))) == 2
+    # A local data set folder goes to datasets as it is (it builds the patterns itself): refused, not misread.
+    import pandas
+
+    for name, count in (("table[1]", 2), ("table1", 5)):
+        (tmp_path / name).mkdir()
+        pandas.DataFrame({"image": ["a.png"] * count}).to_parquet(tmp_path / name / "train.parquet")
+    with pytest.raises(ValueError, match=r"glob character"):
+        load_image_dataset(dataset_name=str(tmp_path / "table[1]"))
 
 
 def test_images_inside_an_archive_are_read(tmp_path):
@@ -267,6 +340,21 @@ def test_a_linked_sub_folder_is_named_since_its_images_are_not_used(tmp_path, ca
     assert "sub-folders that are links are not followed" in caplog.text and "linked" in caplog.text
 
 
+def test_linked_split_folders_are_read_and_not_named(tmp_path, caplog):
+    # datasets reads train/ and validation/ themselves when they are links; only links inside them are skipped.
+    _write_images(tmp_path / "real_train", 3)
+    _write_images(tmp_path / "real_validation", 2)
+    _write_images(tmp_path / "elsewhere", 4)
+    (tmp_path / "real_train" / "linked").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    (tmp_path / "data").mkdir()
+    for split in ("train", "validation"):
+        (tmp_path / "data" / split).symlink_to(tmp_path / f"real_{split}", target_is_directory=True)
+    with caplog.at_level("WARNING"):
+        assert len(load_image_dataset(train_data_dir=str(tmp_path / "data"))) == 3
+        assert len(load_image_dataset(train_data_dir=str(tmp_path / "data"), split="validation")) == 2
+    assert caplog.text.count("are not used: train/linked.") == 2 and "validation." not in caplog.text
+
+
 @pytest.mark.parametrize("streaming", [False, True])
 def test_a_data_set_opens_only_its_own_image_files_never_others_it_names(tmp_path, caplog, streaming):
     # A stranger's data set that names /home/me/private.png (or a URL) had the run read that file and show it in
@@ -306,3 +394,27 @@ def test_a_hub_data_set_reaches_only_its_own_repository():
 
     assert screen.allowed(f"{constants.HF_HUB_CACHE}/datasets--org--set/snapshots/abc/a.png")
     assert not screen.allowed(f"{constants.HF_HUB_CACHE}/datasets--me--private/snapshots/abc/photo.png")
+
+
+def test_streamed_images_outside_the_data_set_are_skipped_each_under_its_own_name(tmp_path, caplog):
+    # Every screened-out image became {"bytes": None, "path": None}: four of them counted as one skipped image,
+    # reported as "<dict>".
+    import pandas
+
+    from cdb_tokenizer.tools.data import StreamingTrainImages
+
+    (tmp_path / "data").mkdir()
+    own = tmp_path / "data" / "own.png"
+    Image.new("RGB", (16, 16)).save(own)
+    private = [str(tmp_path / f"private_{index}.png") for index in range(3)]
+    pandas.DataFrame({"image": [*private, private[0], str(own)]}).to_parquet(tmp_path / "data" / "train.parquet")
+    stream = load_image_dataset(dataset_name=str(tmp_path / "data"), streaming=True)
+    with caplog.at_level("WARNING"):
+        items = list(StreamingTrainImages(stream, train_transform(8), shuffle_buffer=1))
+    names = [name for item in items for name in item["skipped_ids"]]
+    assert len(items) == 1 and items[0]["skipped"] == 4
+    assert len(names) == 4 and len(set(names)) == 3  # private_0.png twice: one file
+    assert not any("private" in name for name in names)  # named by a digest, never by the path it hides
+    assert all(f"Skipping unreadable image {name}." in caplog.text for name in names)
+    errors = []
+    assert decode_image(next(iter(stream))["image"], errors=errors) is None and isinstance(errors[0], PermissionError)

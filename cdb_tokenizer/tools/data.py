@@ -13,11 +13,13 @@
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import io
 import logging
 import os
 import re
+import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -126,6 +128,7 @@ def load_image_dataset(
         folder = Path(train_data_dir).expanduser()
         if not folder.is_dir():
             raise FileNotFoundError(f"train_data_dir {str(folder)!r} does not exist or is not a directory.")
+        roots = split_folders(folder)
         try:
             dataset = datasets.load_dataset(
                 "imagefolder", data_files=imagefolder_files(folder), split=split, streaming=streaming, cache_dir=cache_dir
@@ -137,7 +140,15 @@ def load_image_dataset(
             if "corresponds to no data" in str(error):  # files there, but none an image (datasets' wording)
                 raise FileNotFoundError(f"found no images in train_data_dir {str(folder)!r} (split {split!r}).") from error
             raise
-        linked = _linked_folders(folder)
+        ignored = _ignored_entries(folder, list(roots.values())) if roots["train"] != folder else []
+        if ignored:
+            shown = ", ".join(ignored[:5]) + (f" and {len(ignored) - 5} more" if len(ignored) > 5 else "")
+            logger.warning(
+                "train_data_dir %r has a train/ folder, so only its train/, validation/ and test/ folders are read; its "
+                "other top-level entries (%d) are ignored: %s. Move their images into those folders (held-out images "
+                "go in validation/ or test/, not val/ or dev/).", str(folder), len(ignored), shown,
+            )  # fmt: skip
+        linked = _linked_folders(list(roots.values()))
         if linked:
             logger.warning(
                 "train_data_dir %r: sub-folders that are links are not followed (datasets' file search skips them), so "
@@ -146,6 +157,15 @@ def load_image_dataset(
             )  # fmt: skip
         source = f"train_data_dir {str(folder)!r}"
     else:
+        local = Path(dataset_name).expanduser()
+        if local.is_dir() and glob.has_magic(str(local.resolve())):
+            # datasets finds a local data set's files with glob patterns built from its path, unescaped: `data[1]`
+            # would read the files of a sibling `data1`.
+            raise ValueError(
+                f"dataset_name {dataset_name!r} is a folder whose path holds a glob character (*, ? or [): datasets "
+                "would read the files of other folders that the pattern matches. Rename the folder (or link it from a "
+                "plain name)."
+            )
         try:
             dataset = datasets.load_dataset(
                 dataset_name, dataset_config_name, split=split, streaming=streaming, cache_dir=cache_dir
@@ -168,7 +188,6 @@ def load_image_dataset(
     if dataset_name is not None:
         # An image given as a path is opened only when it is the data set's own file (its folder, the Hugging Face
         # caches, hf:// URLs): the data set's word does not reach other files of the machine.
-        local = Path(dataset_name).expanduser()
         roots = [str(root) for root in (cache_dir, local if local.is_dir() else None) if root]
         screen = DataSetImagePaths(image_column, roots, repo_id=None if local.is_dir() else dataset_name)
         dataset = dataset.map(screen) if streaming else dataset.with_transform(screen)
@@ -221,7 +240,7 @@ class DataSetImagePaths:
                         "The data set names image files outside it (e.g. %s): they are skipped, never read (a folder of "
                         "your own images goes in --train_data_dir).", value["path"],
                     )  # fmt: skip
-                return {"bytes": None, "path": None}
+                return refused_value(str(value["path"]))
         return value
 
     def __call__(self, examples: dict) -> dict:
@@ -231,24 +250,58 @@ class DataSetImagePaths:
         return examples
 
 
+# The path a screened-out image is given: a short digest of the original path keeps blanked images apart (each
+# counted once) without naming the file, which `decode_image` refuses to open.
+REFUSED_PATH_PREFIX = "outside-the-data-set:"
+
+
+def refused_value(path: str) -> dict:
+    """The image value standing for `path`, a file the data set may not open."""
+    return {"bytes": None, "path": REFUSED_PATH_PREFIX + hashlib.sha1(path.encode()).hexdigest()[:16]}
+
+
 SPLIT_FOLDERS = ("train", "validation", "test")
 # The archive layers a chained fsspec path may go through (zip://a.png::...), none of which opens a file itself.
 ARCHIVE_URL = re.compile(r"(zip|tar|gzip|bz2|xz|zstd|lz4)://")
 
 
-def imagefolder_files(folder: Path) -> dict[str, str]:
-    """The `data_files` of an image folder: its `train/`, `validation/` and `test/` sub-folders when it has a
-    `train/`, otherwise every image in it as `train`. (Left to itself, `datasets` also makes splits of any file or
-    folder whose name merely starts with a split keyword, e.g. `training_shoes/` or `test.png`, and drops the rest.)"""
+def split_folders(folder: Path) -> dict[str, Path]:
+    """The folder read for each split of an image folder: its `train/`, `validation/` and `test/` sub-folders when it
+    has a `train/`, otherwise the whole folder as `train`. (Left to itself, `datasets` also makes splits of any file
+    or folder whose name merely starts with a split keyword, e.g. `training_shoes/` or `test.png`, and drops the
+    rest.)"""
     if (folder / "train").is_dir():
-        return {name: str(folder / name / "**") for name in SPLIT_FOLDERS if (folder / name).is_dir()}
-    return {"train": str(folder / "**")}
+        return {name: folder / name for name in SPLIT_FOLDERS if (folder / name).is_dir()}
+    return {"train": folder}
 
 
-def _linked_folders(folder: Path, limit: int = 5) -> list[Path]:
-    """Up to `limit` sub-folders of `folder` that are symbolic links to folders (a walk of the folder tree that lists
-    entries without opening any file)."""
-    found, stack = [], [folder]
+def imagefolder_files(folder: Path) -> dict[str, str]:
+    """The `data_files` of an image folder: every file under its split folders (see `split_folders`)."""
+    # Escaped: `datasets` reads these as glob patterns, and `run[1]` would otherwise match a sibling `run1`.
+    return {split: os.path.join(glob.escape(str(root)), "**") for split, root in split_folders(folder).items()}
+
+
+def _ignored_entries(folder: Path, roots: Sequence[Path]) -> list[str]:
+    """The top-level entries of `folder` that are none of `roots` (hidden ones aside: `datasets` skips them too)."""
+    read = {(stat.st_dev, stat.st_ino) for stat in map(os.stat, roots)}  # by identity: `Validation/` on macOS is read
+    ignored = []
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            if entry.name.startswith((".", "__")):
+                continue
+            try:
+                stat = entry.stat()  # through links: a linked train/ is read
+            except OSError:  # a broken link
+                stat = None
+            if stat is None or (stat.st_dev, stat.st_ino) not in read:
+                ignored.append(entry.name)
+    return sorted(ignored)
+
+
+def _linked_folders(roots: Sequence[Path], limit: int = 5) -> list[Path]:
+    """Up to `limit` sub-folders under `roots` that are symbolic links to folders (a walk of the folder trees that
+    lists entries without opening any file). The roots themselves may be links: `datasets` reads those."""
+    found, stack = [], list(roots)
     while stack and len(found) < limit:
         with os.scandir(stack.pop()) as entries:
             for entry in entries:
@@ -304,8 +357,9 @@ def decode_image(value, max_pixels: int | None = None, errors: list[Exception] |
     Accepts what an undecoded `datasets.Image` column holds (`{"bytes": ..., "path": ...}`), a file path, raw
     bytes, a PIL image or a NumPy array (H, W[, C]). The EXIF orientation is applied (a phone photo stored on its
     side comes out upright). Files announcing more than `max_pixels` pixels (default `MAX_IMAGE_PIXELS`; 0 or None
-    after setting that to None: no limit) are refused from their header, before decoding. Callers skip `None` and
-    count it; a caller that reports it can pass a list as `errors`, which gets the exception behind a `None`.
+    after setting that to None: no limit, PIL's own decompression-bomb limit included) are refused from their header,
+    before decoding. Callers skip `None` and count it; a caller that reports it can pass a list as `errors`, which
+    gets the exception behind a `None` (a `PermissionError` for a data set's image outside it, never opened).
     """
     limit = MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
     try:
@@ -315,15 +369,17 @@ def decode_image(value, max_pixels: int | None = None, errors: list[Exception] |
                 image = value
             elif isinstance(value, dict):
                 if value.get("bytes") is not None:
-                    image = Image.open(io.BytesIO(value["bytes"]))
+                    image = _open(io.BytesIO(value["bytes"]), limit)
+                elif str(value.get("path") or "").startswith(REFUSED_PATH_PREFIX):
+                    raise PermissionError("the data set names this image file outside it; it is not opened")
                 elif value.get("path"):
-                    image = Image.open(_local_or_remote(value["path"]))
+                    image = _open(_local_or_remote(value["path"]), limit)
                 else:
                     return None
             elif isinstance(value, (str, os.PathLike)):
-                image = Image.open(value)
+                image = _open(value, limit)
             elif isinstance(value, (bytes, bytearray)):
-                image = Image.open(io.BytesIO(value))
+                image = _open(io.BytesIO(value), limit)
             elif isinstance(value, np.ndarray):
                 image = Image.fromarray(value)
             else:
@@ -339,8 +395,8 @@ def decode_image(value, max_pixels: int | None = None, errors: list[Exception] |
         grey = greyscale_intensities(image)  # 16-bit or float greyscale: PIL's convert("RGB") would clip it
         if grey is not None:
             image = Image.fromarray(grey[0].round().clamp(0, 255).to(torch.uint8).numpy(), mode="L")
-        if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-            # Composite transparent images on white rather than on black.
+        if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+            # Composite transparent images on white rather than on black (a tRNS colour key in "L", "RGB" or "P" too).
             rgba = image.convert("RGBA")
             background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
             return Image.alpha_composite(background, rgba).convert("RGB")
@@ -349,6 +405,23 @@ def decode_image(value, max_pixels: int | None = None, errors: list[Exception] |
         if errors is not None:
             errors.append(error)
         return None
+
+
+_PIL_LIMIT_LOCK = threading.Lock()
+
+
+def _open(source, limit: int) -> Image.Image:
+    """`Image.open`, with PIL's own decompression-bomb check (it raises above twice `Image.MAX_IMAGE_PIXELS`) lifted
+    when `limit` (0: none) allows more: `decode_image` checks its own budget from the header before decoding."""
+    pil_limit = Image.MAX_IMAGE_PIXELS
+    if pil_limit is None or (limit and limit <= 2 * pil_limit):
+        return Image.open(source)
+    with _PIL_LIMIT_LOCK:  # restored even when threads interleave
+        pil_limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        try:
+            return Image.open(source)
+        finally:
+            Image.MAX_IMAGE_PIXELS = pil_limit
 
 
 def upright(image: Image.Image) -> Image.Image:
