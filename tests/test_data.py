@@ -134,8 +134,10 @@ def test_the_pixel_budget_governs_pils_own_decompression_bomb_limit(tmp_path, mo
     assert decode_image(str(tmp_path / "large.png"), max_pixels=0) is not None
     assert decode_image((tmp_path / "large.png").read_bytes(), max_pixels=1_000) is not None
     assert decode_image(str(tmp_path / "large.png"), max_pixels=300) is None  # the budget itself still holds
-    assert decode_image(str(tmp_path / "large.png"), max_pixels=100) is None  # and below PIL's limit, PIL's holds too
-    assert Image.MAX_IMAGE_PIXELS == 50  # lifted only while opening
+    assert Image.MAX_IMAGE_PIXELS == 50  # lifted only while decoding
+    # TIFF: PIL checks its limit again when it loads the pixels, after opening.
+    Image.new("RGB", (20, 20)).save(tmp_path / "large.tif")
+    assert decode_image(str(tmp_path / "large.tif"), max_pixels=0) is not None
 
 
 def test_decode_image_keeps_16_bit_and_float_greyscale_values(tmp_path):
@@ -230,21 +232,29 @@ def test_top_level_entries_beside_split_folders_are_named_since_they_are_ignored
     _write_images(tmp_path / "splits" / "validation", 1)
     with caplog.at_level("WARNING"):
         load_image_dataset(train_data_dir=str(tmp_path / "splits"))
-    assert "entries" not in caplog.text  # nothing ignored, nothing said
+    (tmp_path / "splits" / "README.md").write_text("# my photos")  # no images: nothing to say about it
+    (tmp_path / "splits" / "LICENSE").write_text("CC-BY")
+    with caplog.at_level("WARNING"):
+        load_image_dataset(train_data_dir=str(tmp_path / "splits"))
+    assert "are ignored" not in caplog.text  # nothing ignored, nothing said
     _write_images(tmp_path / "splits" / "val", 2)
     _write_images(tmp_path / "splits" / "extra_class", 2)
     Image.new("RGB", (8, 8)).save(tmp_path / "splits" / "stray.png")
     (tmp_path / "splits" / ".DS_Store").write_bytes(b"")  # hidden: datasets skips it anyway
     with caplog.at_level("WARNING"):
         assert len(load_image_dataset(train_data_dir=str(tmp_path / "splits"))) == 3
-    assert "entries (3) are ignored: extra_class, stray.png, val." in caplog.text
+    assert "at the top (3) are ignored: extra_class, stray.png, val." in caplog.text
     assert "validation/ or test/" in caplog.text
     for index in range(4):
-        (tmp_path / "splits" / f"notes_{index}.txt").write_text("")
+        Image.new("RGB", (8, 8)).save(tmp_path / "splits" / f"photo_{index}.jpg")
     caplog.clear()
     with caplog.at_level("WARNING"):
         load_image_dataset(train_data_dir=str(tmp_path / "splits"))
-    assert "entries (7) are ignored: extra_class, notes_0.txt, notes_1.txt, notes_2.txt, notes_3.txt and 2 more." in caplog.text
+    assert "at the top (7) are ignored: extra_class, photo_0.jpg, photo_1.jpg, photo_2.jpg, photo_3.jpg and 2 more." in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        load_image_dataset(train_data_dir=str(tmp_path / "splits"), split="validation")
+    assert "are ignored" not in caplog.text  # said once, when the training split is read
 
 
 def test_a_folder_named_like_a_glob_pattern_reads_only_its_own_images(tmp_path):

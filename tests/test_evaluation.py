@@ -270,6 +270,9 @@ def test_eval_protocol_keeps_the_split_the_user_gave(tokenizer_folder, capsys, m
     (imagenet / "train").mkdir(parents=True), (imagenet / "validation").mkdir()
     cli_main(base + ["--data", str(imagenet)])
     assert opened.pop() == "validation"
+    shutil.rmtree(imagenet / "validation")  # train/ + test/: which one the user meant is not guessed
+    assert cli_main(base + ["--data", str(imagenet)]) == 1 and not opened
+    assert "has a train/ folder but no validation/ one; pass --split" in capsys.readouterr().err
     shutil.rmtree(imagenet / "train")
     cli_main(base + ["--data", str(imagenet)])
     assert opened.pop() == "train"

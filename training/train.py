@@ -100,6 +100,10 @@ class TrainingStopped(RuntimeError):
     """Training stopped before the end (e.g. losses that stay NaN); checkpoints written so far are intact."""
 
 
+# The seed of the sample of a validation split that validation scores (the same images whatever --seed).
+VALIDATION_SAMPLE_SEED = 0
+
+
 class OutputDirInUse(ValueError):
     """--output_dir holds another run, and neither --resume_from_checkpoint nor --overwrite_output_dir was given."""
 
@@ -289,8 +293,10 @@ def load_data(args: argparse.Namespace, accelerator: Accelerator):
         train = load_image_dataset(split="train", **source)
         validation = _validation_split(args, source)
     if validation is not None and not args.streaming and len(validation) > args.num_validation_images:
-        # A seeded sample, not the first N: files come sorted, and a class-sorted split gave the first classes only.
-        validation = validation.shuffle(seed=args.seed).select(range(args.num_validation_images))
+        # A sample, not the first N: files come sorted, and a class-sorted split gave the first classes only. Under a
+        # fixed seed, so that runs of other seeds (or a resume with another) are scored on the same images.
+        validation = validation.shuffle(seed=VALIDATION_SAMPLE_SEED, keep_in_memory=True)
+        validation = validation.select(range(args.num_validation_images))
     if validation is None:  # hold images out of the training split
         if args.streaming:
             # Held out by content, not by position: a stream split over processes or loader workers skips per
@@ -627,10 +633,9 @@ def data_order(args: argparse.Namespace, accelerator: Accelerator) -> dict:
 
 
 def training_objective(args: argparse.Namespace) -> dict:
-    """The flags that say what the model learns to do: restoration's degradation (which the saved config records, and
-    `cdb-vq restore` relies on) and its high-frequency loss."""
-    return {"restoration_degradation": args.model_config_dict.get("restoration_degradation"),
-            "high_frequency_weight": args.high_frequency_weight}  # fmt: skip
+    """What the model learns to do beyond its config's shape: restoration's degradation (which the saved config
+    records, and `cdb-vq restore` relies on). Loss weights may change on resume, as learning rates may."""
+    return {"restoration_degradation": args.model_config_dict.get("restoration_degradation")}
 
 
 def changed_settings(saved: dict | None, now: dict) -> list[str]:
@@ -646,7 +651,7 @@ def refuse_another_objective(saved: dict | None, now: dict) -> None:
     if changed:
         raise ValueError(
             f"--resume_from_checkpoint: the checkpoint was trained with other restoration settings ({', '.join(changed)}); "
-            f"resume with the flags it was trained with (--degradation, --high_frequency_weight), or start over with "
+            f"resume with the --degradation it was trained with, or start over with "
             f"--overwrite_output_dir."
         )
 

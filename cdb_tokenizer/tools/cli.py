@@ -906,7 +906,10 @@ def _apply_protocol(args: argparse.Namespace) -> None:
         # A local folder has the protocol's split only as a subfolder of that name beside train/ (datasets'
         # imagefolder reads split folders only then).
         local = Path(args.data).expanduser()
-        has_split = protocol and (not local.exists() or all((local / name).is_dir() for name in ("train", protocol["split"])))
+        if protocol and local.is_dir() and (local / "train").is_dir() and not (local / protocol["split"]).is_dir():
+            raise CLIError(f"--protocol {args.protocol}: {args.data} has a train/ folder but no {protocol['split']}/ one; "
+                           f"pass --split to say which split to evaluate.")  # fmt: skip
+        has_split = bool(protocol) and (not local.exists() or (local / "train").is_dir())
         args.split = protocol["split"] if has_split else "train"
     if protocol is None:
         return

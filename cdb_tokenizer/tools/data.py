@@ -20,6 +20,7 @@ import logging
 import os
 import re
 import threading
+from contextlib import contextmanager
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -131,7 +132,7 @@ def load_image_dataset(
         roots = split_folders(folder)
         try:
             dataset = datasets.load_dataset(
-                "imagefolder", data_files=imagefolder_files(folder), split=split, streaming=streaming, cache_dir=cache_dir
+                "imagefolder", data_files=imagefolder_files(roots), split=split, streaming=streaming, cache_dir=cache_dir
             )
         except (FileNotFoundError, datasets.exceptions.DataFilesNotFoundError) as error:
             raise FileNotFoundError(f"found no images in train_data_dir {str(folder)!r}: {error}") from error
@@ -140,13 +141,14 @@ def load_image_dataset(
             if "corresponds to no data" in str(error):  # files there, but none an image (datasets' wording)
                 raise FileNotFoundError(f"found no images in train_data_dir {str(folder)!r} (split {split!r}).") from error
             raise
-        ignored = _ignored_entries(folder, list(roots.values())) if roots["train"] != folder else []
+        ignored = _ignored_entries(folder, list(roots.values())) if roots["train"] != folder and split == "train" else []
         if ignored:
             shown = ", ".join(ignored[:5]) + (f" and {len(ignored) - 5} more" if len(ignored) > 5 else "")
             logger.warning(
                 "train_data_dir %r has a train/ folder, so only its train/, validation/ and test/ folders are read; its "
-                "other top-level entries (%d) are ignored: %s. Move their images into those folders (held-out images "
-                "go in validation/ or test/, not val/ or dev/).", str(folder), len(ignored), shown,
+                "other folders and images at the top (%d) are ignored: %s. Move their images into those folders "
+                "(held-out images go in validation/ or test/, not val/ or dev/; a metadata file goes inside each "
+                "split folder).", str(folder), len(ignored), shown,
             )  # fmt: skip
         linked = _linked_folders(list(roots.values()))
         if linked:
@@ -159,12 +161,12 @@ def load_image_dataset(
     else:
         local = Path(dataset_name).expanduser()
         if local.is_dir() and glob.has_magic(str(local.resolve())):
-            # datasets finds a local data set's files with glob patterns built from its path, unescaped: `data[1]`
-            # would read the files of a sibling `data1`.
+            # datasets finds a local data set's files with glob patterns built from its (resolved) path, unescaped:
+            # `data[1]` would read the files of a sibling `data1`, also through a link of a plain name.
             raise ValueError(
-                f"dataset_name {dataset_name!r} is a folder whose path holds a glob character (*, ? or [): datasets "
-                "would read the files of other folders that the pattern matches. Rename the folder (or link it from a "
-                "plain name)."
+                f"dataset_name {dataset_name!r} is the folder {str(local.resolve())!r}, whose path holds a glob "
+                "character (*, ? or [): datasets would read the files of other folders that the pattern matches. "
+                "Rename the folders with those characters, or copy the data set to a plain path."
             )
         try:
             dataset = datasets.load_dataset(
@@ -275,24 +277,31 @@ def split_folders(folder: Path) -> dict[str, Path]:
     return {"train": folder}
 
 
-def imagefolder_files(folder: Path) -> dict[str, str]:
-    """The `data_files` of an image folder: every file under its split folders (see `split_folders`)."""
+def imagefolder_files(roots: dict[str, Path]) -> dict[str, str]:
+    """The `data_files` of an image folder: every file under its split folders (`split_folders`)."""
     # Escaped: `datasets` reads these as glob patterns, and `run[1]` would otherwise match a sibling `run1`.
-    return {split: os.path.join(glob.escape(str(root)), "**") for split, root in split_folders(folder).items()}
+    return {split: os.path.join(glob.escape(str(root)), "**") for split, root in roots.items()}
+
+
+def _image_suffixes() -> tuple[str, ...]:
+    """The file extensions `datasets`' imagefolder reads as images."""
+    from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
+
+    return tuple(ImageFolder.EXTENSIONS)
 
 
 def _ignored_entries(folder: Path, roots: Sequence[Path]) -> list[str]:
-    """The top-level entries of `folder` that are none of `roots` (hidden ones aside: `datasets` skips them too)."""
-    read = {(stat.st_dev, stat.st_ino) for stat in map(os.stat, roots)}  # by identity: `Validation/` on macOS is read
+    """The top-level folders and image files of `folder` that are none of `roots` (hidden ones aside: `datasets`
+    skips them too; a README or LICENSE holds no images)."""
+    # By identity (`os.stat`, through links: a linked train/ is read; `Validation/` on macOS is `validation/`).
+    read = {(stat.st_dev, stat.st_ino) for stat in map(os.stat, roots)}
     ignored = []
     with os.scandir(folder) as entries:
         for entry in entries:
-            if entry.name.startswith((".", "__")):
+            is_folder = entry.is_dir()
+            if entry.name.startswith((".", "__")) or not (is_folder or entry.name.lower().endswith(_image_suffixes())):
                 continue
-            try:
-                stat = entry.stat()  # through links: a linked train/ is read
-            except OSError:  # a broken link
-                stat = None
+            stat = os.stat(entry.path) if is_folder else None  # DirEntry.stat() has no inode on Windows
             if stat is None or (stat.st_dev, stat.st_ino) not in read:
                 ignored.append(entry.name)
     return sorted(ignored)
@@ -363,23 +372,23 @@ def decode_image(value, max_pixels: int | None = None, errors: list[Exception] |
     """
     limit = MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _pil_limit_within(limit):
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             if isinstance(value, Image.Image):
                 image = value
             elif isinstance(value, dict):
                 if value.get("bytes") is not None:
-                    image = _open(io.BytesIO(value["bytes"]), limit)
+                    image = Image.open(io.BytesIO(value["bytes"]))
                 elif str(value.get("path") or "").startswith(REFUSED_PATH_PREFIX):
                     raise PermissionError("the data set names this image file outside it; it is not opened")
                 elif value.get("path"):
-                    image = _open(_local_or_remote(value["path"]), limit)
+                    image = Image.open(_local_or_remote(value["path"]))
                 else:
                     return None
             elif isinstance(value, (str, os.PathLike)):
-                image = _open(value, limit)
+                image = Image.open(value)
             elif isinstance(value, (bytes, bytearray)):
-                image = _open(io.BytesIO(value), limit)
+                image = Image.open(io.BytesIO(value))
             elif isinstance(value, np.ndarray):
                 image = Image.fromarray(value)
             else:
@@ -407,19 +416,22 @@ def decode_image(value, max_pixels: int | None = None, errors: list[Exception] |
         return None
 
 
-_PIL_LIMIT_LOCK = threading.Lock()
+_PIL_LIMIT_LOCK = threading.RLock()
 
 
-def _open(source, limit: int) -> Image.Image:
-    """`Image.open`, with PIL's own decompression-bomb check (it raises above twice `Image.MAX_IMAGE_PIXELS`) lifted
-    when `limit` (0: none) allows more: `decode_image` checks its own budget from the header before decoding."""
+@contextmanager
+def _pil_limit_within(limit: int):
+    """PIL's own decompression-bomb check (it raises above twice `Image.MAX_IMAGE_PIXELS`, when opening and again
+    when loading some formats, e.g. TIFF) lifted while decoding, when our budget `limit` (0: none) allows more:
+    `decode_image` checks that budget from the header before decoding. Other PIL users in the process see the lift."""
     pil_limit = Image.MAX_IMAGE_PIXELS
     if pil_limit is None or (limit and limit <= 2 * pil_limit):
-        return Image.open(source)
+        yield
+        return
     with _PIL_LIMIT_LOCK:  # restored even when threads interleave
         pil_limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
         try:
-            return Image.open(source)
+            yield
         finally:
             Image.MAX_IMAGE_PIXELS = pil_limit
 

@@ -126,7 +126,7 @@ def _check_chain(chain: list[Degradation]) -> list[Degradation]:
             raise ValueError(
                 f"unknown degradation {degradation.name!r} in {degradation!r}; known: {', '.join(DEGRADATIONS)}."
             )
-        if not all(isinstance(value, numbers.Real) for value in (degradation.low, degradation.high)):
+        if not all(isinstance(value, numbers.Real) and not isinstance(value, bool) for value in (degradation.low, degradation.high)):
             raise ValueError(f"bad strength in {degradation!r}: low and high must be numbers.")
         _check_strength(degradation, str(degradation).partition(":")[2])
     return list(chain)

@@ -283,8 +283,9 @@ def _model_config_dict(args: argparse.Namespace, preset: dict) -> dict:
     config.pop("restoration_degradation", None)  # only what this run trains on (not a --model_config's)
     if getattr(args, "degradation", None) is not None:  # "" too: an error, never a plain run
         config["restoration_degradation"] = canonical_spec(args.degradation)
-        if all(d.high == 0 for chain in parse_spec(args.degradation) for d in chain):
-            raise ValueError(f"--degradation {args.degradation!r} degrades nothing (every strength is 0).")
+        off = {"downscale": (0, 1)}  # the strengths that leave an image as it is: 0, and a factor of 1
+        if all(d.low == d.high in off.get(d.name, (0,)) for chain in parse_spec(args.degradation) for d in chain):
+            raise ValueError(f"--degradation {args.degradation!r} degrades nothing (every strength turns it off).")
     return args_without_sentinels(args, config)
 
 
@@ -321,7 +322,7 @@ def _check_training_args(args: argparse.Namespace) -> None:
                 f"{', '.join(ignored)} only apply to --train_data_dir or --dataset_name data; without data flags the "
                 f"run trains on the demo photos."
             )
-    if args.validation_split == "train":  # the images it trains on would be its held-out score
+    if args.validation_split and args.validation_split.split("[")[0].strip().lower() == "train":  # train[:1%] too
         raise ValueError("--validation_split train validates on the training images; name another split, or leave it "
                          "out to hold images out of the training split.")  # fmt: skip
     check_output_dir_flags(args)
