@@ -71,8 +71,8 @@ class CDBVQImageProcessor(BaseImageProcessor):
 
     PIL greyscale images of modes `"I"` and `"F"` are read by their values: `"I"` as `[0, 255]` when no value exceeds
     255, else as `[0, 65535]` (16-bit data); `"F"` as `[0, 1]` (like float arrays) when no value exceeds 1, else as
-    `[0, 255]`; `"I;16"` always as `[0, 65535]`. Values outside those ranges are refused. Premultiplied `"La"` and `"RGBa"` images
-    are read as their straight-alpha `"LA"` and `"RGBA"` equivalents.
+    `[0, 255]`; `"I;16"` always as `[0, 65535]`. Values outside those ranges are refused. Premultiplied `"La"` and
+    `"RGBa"` images are read as their straight-alpha `"LA"` and `"RGBA"` equivalents.
 
     Every setting is checked when the processor is built (hence when a saved config loads) and when a call overrides
     it, with the same rules: an unknown name (a typo such as `do_resise`) is a `TypeError` naming the nearest valid

@@ -76,10 +76,7 @@ def parse_degradations(spec: str, whole: str | None = None) -> list[Degradation]
                 f"empty part in {whole!r}: '+' needs a degradation on each side, e.g. 'gaussian_blur:1.5+noise:0.02'."
             )
         name, colon, strength = part.partition(":")
-        if not name:
-            raise ValueError(f"missing degradation name before ':' in {whole!r}; known: {', '.join(DEGRADATIONS)}.")
-        if name not in DEGRADATIONS:
-            raise ValueError(f"unknown degradation {name!r} in {whole!r}; known: {', '.join(DEGRADATIONS)}.")
+        _check_name(name, whole)
         if not colon or not strength:
             raise ValueError(f"degradation {name!r} needs a strength, e.g. '{name}:{_example(name)}' (got {part!r}).")
         # LOW-HIGH: split at a dash right after a digit or a dot, so that exponents (1e-3) stay numbers.
@@ -94,6 +91,14 @@ def parse_degradations(spec: str, whole: str | None = None) -> list[Degradation]
             ) from None
         degradations.append(_check_strength(Degradation(name, low, high), strength))
     return degradations
+
+
+def _check_name(name: str, where: str) -> None:
+    """Refuse a missing or unknown degradation name; `where` is the spec the message quotes."""
+    if not name:
+        raise ValueError(f"missing degradation name before ':' in {where!r}; known: {', '.join(DEGRADATIONS)}.")
+    if name not in DEGRADATIONS:
+        raise ValueError(f"unknown degradation {name!r} in {where!r}; known: {', '.join(DEGRADATIONS)}.")
 
 
 def _check_strength(degradation: Degradation, strength: str) -> Degradation:
@@ -122,11 +127,9 @@ def _check_chain(chain: list[Degradation]) -> list[Degradation]:
             f"got {chain!r}."
         )
     for degradation in chain:
-        if degradation.name not in DEGRADATIONS:
-            raise ValueError(
-                f"unknown degradation {degradation.name!r} in {degradation!r}; known: {', '.join(DEGRADATIONS)}."
-            )
-        if not all(isinstance(value, numbers.Real) and not isinstance(value, bool) for value in (degradation.low, degradation.high)):
+        _check_name(degradation.name, repr(degradation))
+        strengths = (degradation.low, degradation.high)
+        if not all(isinstance(value, numbers.Real) and not isinstance(value, bool) for value in strengths):
             raise ValueError(f"bad strength in {degradation!r}: low and high must be numbers.")
         _check_strength(degradation, str(degradation).partition(":")[2])
     return list(chain)

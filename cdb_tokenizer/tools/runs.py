@@ -3,8 +3,8 @@
 The Accelerator of a run and its logging (`make_accelerator`), the rule for several processes on a machine without
 a GPU (`multi_process_without_accelerator`), which checkpoint `--resume_from_checkpoint` names (`find_checkpoint`:
 `latest` is the newest complete one), the claim on an output folder that keeps two runs out of one
-(`claim_output_dir`, released by `output_dir_claims`), the weight EMA (`EMAWeights`) and the run log (`RunLog`: trackers plus
-`logs/train_log.jsonl`).
+(`claim_output_dir`, released by `output_dir_claims`), the weight EMA (`EMAWeights`) and the run log (`RunLog`:
+trackers plus `logs/train_log.jsonl`).
 """
 
 from __future__ import annotations
