@@ -110,6 +110,21 @@ def test_rfid_is_reset_between_evaluations_and_runs_on_a_real_tokenizer(held_out
     assert first["rfid"] > 0 and set(first) >= {"psnr", "ssim", "utilization", "perplexity", "rfid"}
 
 
+def test_an_rfid_of_fewer_images_than_feature_dimensions_is_flagged(held_out, caplog):
+    # Rank-deficient covariances: the number is mostly sample size (118 at N = 32 for two samples of one
+    # distribution with 256-d features), and nothing said so.
+    count = held_out.shape[0]
+    with caplog.at_level("WARNING"):
+        evaluate(StubTokenizer("blur"), list(held_out.split(8)), fid=fid_metric(RandomFeatureExtractor(num_features=count + 1)),
+                 show_progress=False)  # fmt: skip
+    assert f"rFID of {count} images with {count + 1}-dimensional features" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        evaluate(StubTokenizer("blur"), list(held_out.split(8)), fid=fid_metric(RandomFeatureExtractor(num_features=count - 1)),
+                 show_progress=False)  # fmt: skip
+    assert "rank-deficient" not in caplog.text
+
+
 def test_saved_reference_statistics_give_the_same_rfid(held_out, tmp_path):
     fid = fid_metric(RandomFeatureExtractor())
     batches = list(held_out.split(8))
@@ -514,3 +529,24 @@ def test_cli_eval_refuses_a_reference_made_with_other_inception_weights(
     torch.save(state, other)
     assert cli_main(base + ["--fid_weights", str(other)]) == 1
     assert "was computed with weights " in cli_error_line(capsys, "eval")
+
+
+def test_validation_of_a_mixed_precision_run_scores_the_model_in_float32():
+    # accelerate's bf16 wrapper stays on `forward` after unwrap_model: validation ran under autocast and scored other
+    # tokens (and PSNR / SSIM / perplexity) than `cdb-vq eval` does for the same weights.
+    import copy
+
+    import torch.nn.functional as F
+    from accelerate import Accelerator
+
+    torch.manual_seed(1)
+    pixels = F.interpolate(torch.rand(8, 3, 8, 8), size=32, mode="bilinear") * 2 - 1
+    model = tiny_model()
+    expected = evaluate(copy.deepcopy(model), list(pixels.split(4)), show_progress=False)
+    accelerator = Accelerator(mixed_precision="bf16", cpu=True)
+    prepared = accelerator.unwrap_model(accelerator.prepare(model))
+    assert "_original_forward" in prepared.__dict__  # the wrapper is there ...
+    assert evaluate(prepared, list(pixels.split(4)), show_progress=False) == expected  # ... and not used
+    with torch.no_grad():
+        trained_forward = prepared(pixels).reconstruction  # outside evaluation the run keeps its mixed precision
+    assert trained_forward.dtype == torch.float32 and prepared.forward.__func__ is not type(prepared).forward

@@ -526,3 +526,49 @@ def test_the_training_split_is_no_validation_split(split, tmp_path, capsys):
     with pytest.raises(SystemExit):
         parse_args(["--train_data_dir", str(tmp_path / "data"), "--validation_split", split, "--output_dir", str(tmp_path / "run")])
     assert "--validation_split train validates on the training images" in capsys.readouterr().err
+
+
+def test_cached_prototypes_are_rebuilt_when_what_they_came_from_changes(tmp_path, caplog):
+    # The cache was keyed by the --prototypes string alone: new labels in the same file, another template or another
+    # teacher got the old prototypes (and labels) back, and a damaged cache file was a raw SafetensorError.
+    from accelerate import Accelerator
+
+    from cdb_tokenizer.tools.teacher import load_clip_teacher
+
+    clip_config = save_clip_config(tmp_path / "tiny_clip.json")
+    teacher = load_clip_teacher(str(clip_config), None)
+    labels_file = tmp_path / "labels.txt"
+    labels_file.write_text("cat\ndog\n")
+
+    def build(*flags):
+        args = parse_args(TINY_MODEL + ["--num_prototypes", "2", "--clip_model", str(clip_config), "--clip_pretrained", "none",
+                                        "--prototypes", f"text:{labels_file}", "--output_dir", str(tmp_path / "run"), *flags])  # fmt: skip
+        caplog.clear()
+        with caplog.at_level("INFO"):
+            prototypes, labels = train_script.build_prototypes(args, teacher, None, None, Accelerator(cpu=True))
+        return prototypes, labels, "Using the prototypes cached" in caplog.text
+
+    first, labels, cached = build()
+    assert labels == ["cat", "dog"] and not cached
+    assert build()[2]  # the same labels, template and teacher: the cache
+    labels_file.write_text("sky\ntree\n")
+    second, labels, cached = build()
+    assert labels == ["sky", "tree"] and not cached and not torch.equal(first, second)
+    third, labels, cached = build("--prototype_template", "{}")
+    assert not cached and not torch.equal(second, third)
+    (tmp_path / "run" / "prototypes.safetensors").write_bytes(b"\x00" * 7)  # a run killed while writing it
+    assert build("--prototype_template", "{}")[1] == ["sky", "tree"]
+
+
+def test_prototypes_are_left_out_without_a_teacher(tmp_path, caplog):
+    # Without a teacher the codes cannot be tied to prototypes: a cached or given file was installed anyway, with
+    # arbitrary ties and labels that a published model would show.
+    from accelerate import Accelerator
+
+    from cdb_tokenizer.tools.teacher import save_prototypes
+
+    save_prototypes(tmp_path / "given.safetensors", torch.randn(2, 32), ["cat", "dog"])
+    args = parse_args(TINY_MODEL + ["--prototypes", str(tmp_path / "given.safetensors"), "--output_dir", str(tmp_path / "run")])
+    with caplog.at_level("WARNING"):
+        assert train_script.build_prototypes(args, None, None, None, Accelerator(cpu=True)) == (None, None)
+    assert "needs the CLIP teacher, which is unavailable" in caplog.text

@@ -87,6 +87,7 @@ from cdb_tokenizer.tools.teacher import (
     kmeans_prototypes,
     load_clip_teacher,
     load_prototypes,
+    prototype_key,
     prototype_source,
     read_prototype_labels,
     save_prototypes,
@@ -413,22 +414,28 @@ def total_train_steps(args: argparse.Namespace, sampler: EpochSampler | None) ->
 
 
 def build_prototypes(args: argparse.Namespace, teacher, train_loader, sampler, accelerator: Accelerator):
-    """(prototypes, labels) from `--prototypes`, cached in the output folder; (None, None) without them."""
+    """(prototypes, labels) from `--prototypes`, cached in the output folder; (None, None) without them, or without
+    a teacher (the codes could not be tied to them: the ties, and the labels a published model shows, would be
+    arbitrary)."""
     if args.prototypes is None:
         return None, None
-    cache = Path(args.output_dir) / "prototypes.safetensors"
+    if teacher is None:
+        logger.warning(f"--prototypes {args.prototypes} needs the CLIP teacher, which is unavailable: training without prototypes.")
+        return None, None
     kind, _, value = args.prototypes.partition(":")
     if kind not in ("text", "kmeans"):
         return load_prototypes(args.prototypes)
-    cached = cache.is_file() and prototype_source(cache) == args.prototypes
+    cache = Path(args.output_dir) / "prototypes.safetensors"
+    teacher_name = f"{args.clip_model} {args.clip_pretrained}"
+    key = prototype_key(args.prototypes, args.prototype_template, teacher_name, args.seed, args.prototype_kmeans_batches)
+    # Only a cache of the same labels, template, teacher (and k-means settings): one left by a run with others, e.g.
+    # one that stopped before writing anything else, used to be taken as it was.
+    cached = cache.is_file() and prototype_source(cache, "key") == key
     # Every process has looked at the cache before the main process (re)writes it, so all take the same branch.
     accelerator.wait_for_everyone()
     if cached:
         logger.info(f"Using the prototypes cached in {cache}.")
         return load_prototypes(cache)
-    if teacher is None:
-        logger.warning(f"--prototypes {args.prototypes} needs the CLIP teacher, which is unavailable: training without prototypes.")
-        return None, None
     if accelerator.is_main_process:
         if kind == "text":
             labels = read_prototype_labels(value)
@@ -440,7 +447,7 @@ def build_prototypes(args: argparse.Namespace, teacher, train_loader, sampler, a
             batches = (batch["pixel_values"] for batch in train_loader)
             with accelerator.autocast():
                 prototypes = kmeans_prototypes(teacher, batches, int(value), max_batches=args.prototype_kmeans_batches, seed=args.seed)
-        save_prototypes(cache, prototypes, labels, source=args.prototypes)
+        save_prototypes(cache, prototypes, labels, source=args.prototypes, key=key)
         logger.info(f"Built {prototypes.shape[0]} prototypes ({args.prototypes}) and saved them to {cache}.")
     accelerator.wait_for_everyone()
     return load_prototypes(cache)  # every process reads the same file, so every process has the same prototypes

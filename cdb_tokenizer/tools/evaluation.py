@@ -221,13 +221,19 @@ def _set_fid_reference(metric, reference: dict[str, torch.Tensor]) -> None:
 @contextmanager
 def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     """Eval mode for the block (inference assignment; the codebook's training statistics are left alone), then the
-    mode the model was in."""
+    mode the model was in. The block also runs the model's own `forward`: with mixed precision, accelerate wraps it
+    in autocast (and `unwrap_model` keeps the wrapper), so validation would score other tokens than `cdb-vq eval`."""
     was_training = model.training
+    wrapped, own = model.__dict__.get("forward"), model.__dict__.get("_original_forward")  # set by accelerate
     model.eval()
+    if wrapped is not None and own is not None:
+        model.forward = own
     try:
         yield model
     finally:
         model.train(was_training)
+        if wrapped is not None and own is not None:
+            model.forward = wrapped
 
 
 @torch.no_grad()
@@ -290,6 +296,13 @@ def evaluate(
     if fid is not None:
         if num_images < 2:
             raise ValueError("rFID needs at least two images.")
+        features = fid.fake_features_sum.numel()
+        if num_images <= features:  # a rank-deficient covariance: the number is dominated by the sample size
+            logger.warning(
+                "rFID of %d images with %d-dimensional features: with no more images than feature dimensions the "
+                "covariances are rank-deficient and the rFID is far above its large-sample value (use it to track a "
+                "run, never to compare with published numbers).", num_images, features,
+            )  # fmt: skip
         metrics["rfid"] = float(fid.compute())
     metrics["num_images"] = num_images
     return metrics

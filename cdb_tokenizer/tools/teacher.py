@@ -12,6 +12,7 @@ saved as safetensors with their labels in the metadata.
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import json
 import logging
@@ -426,18 +427,23 @@ def kmeans_prototypes(
 
 
 def save_prototypes(path: str | Path, prototypes: torch.Tensor, labels: Sequence[str] | None = None,
-                    source: str | None = None) -> Path:  # fmt: skip
-    """Save prototypes (P, D) as safetensors; labels and a description of their source go in the metadata."""
+                    source: str | None = None, key: str | None = None) -> Path:  # fmt: skip
+    """Save prototypes (P, D) as safetensors; labels, a description of their source and a `key` of everything they
+    were built from (see `prototype_key`) go in the metadata. Written whole or not at all."""
     from safetensors.torch import save_file
+
+    from .files import replace_file
 
     if labels is not None and len(labels) != prototypes.shape[0]:
         raise ValueError(f"got {len(labels)} labels for {prototypes.shape[0]} prototypes.")
     metadata = {"labels": json.dumps(list(labels) if labels is not None else None)}
-    if source is not None:
-        metadata["source"] = source
+    for name, value in (("source", source), ("key", key)):
+        if value is not None:
+            metadata[name] = value
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({"prototypes": prototypes.detach().float().cpu().contiguous()}, str(path), metadata=metadata)
+    tensors = {"prototypes": prototypes.detach().float().cpu().contiguous()}
+    replace_file(path, lambda target: save_file(tensors, str(target), metadata=metadata))
     return path
 
 
@@ -475,12 +481,28 @@ def load_prototypes(path: str | Path) -> tuple[torch.Tensor, list[str] | None]:
     return prototypes, labels
 
 
-def prototype_source(path: str | Path) -> str | None:
-    """The `source` recorded by `save_prototypes` (e.g. `"text:labels.txt"`), or None."""
-    from safetensors import safe_open
+def prototype_source(path: str | Path, field: str = "source") -> str | None:
+    """The `source` (e.g. `"text:labels.txt"`), or another metadata `field` such as `key`, recorded by
+    `save_prototypes`; None when the file records none or cannot be read (a damaged cache is rebuilt)."""
+    from safetensors import SafetensorError, safe_open
 
-    with safe_open(str(path), framework="pt") as handle:
-        return (handle.metadata() or {}).get("source")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return (handle.metadata() or {}).get(field)
+    except (SafetensorError, OSError):
+        return None
+
+
+def prototype_key(spec: str, template: str, teacher_name: str, seed: int, kmeans_batches: int | None) -> str:
+    """A digest of everything `--prototypes` builds from: the spec, the labels file's text (for `text:`), the prompt
+    template, the teacher, and for `kmeans:` the seed and the number of batches. A cache with another key is stale."""
+    kind, _, value = spec.partition(":")
+    parts = [spec, teacher_name]
+    if kind == "text":
+        parts += [Path(value).read_text(encoding="utf-8"), template]
+    elif kind == "kmeans":
+        parts += [str(seed), str(kmeans_batches)]
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
 
 
 __all__ = [
@@ -491,6 +513,7 @@ __all__ = [
     "kmeans_prototypes",
     "load_clip_teacher",
     "load_prototypes",
+    "prototype_key",
     "prototype_source",
     "read_prototype_labels",
     "save_clip_config",
