@@ -101,3 +101,14 @@ class RunsCode:
 
     def __reduce__(self):
         return (open, (str(self.marker), "w"))
+
+
+@pytest.fixture
+def fresh_accelerator_state():
+    """accelerate's process-wide state reset before and after the test: earlier tests set it (without mixed
+    precision), and an Accelerator of other settings would be refused."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)

@@ -531,7 +531,7 @@ def test_cli_eval_refuses_a_reference_made_with_other_inception_weights(
     assert "was computed with weights " in cli_error_line(capsys, "eval")
 
 
-def test_validation_of_a_mixed_precision_run_scores_the_model_in_float32():
+def test_validation_of_a_mixed_precision_run_scores_the_model_in_float32(fresh_accelerator_state):
     # accelerate's bf16 wrapper stays on `forward` after unwrap_model: validation ran under autocast and scored other
     # tokens (and PSNR / SSIM / perplexity) than `cdb-vq eval` does for the same weights.
     import copy

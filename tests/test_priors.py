@@ -66,15 +66,6 @@ def photo_set():
     return datasets.Dataset.from_dict({"image": photos, "label": [i // 2 for i in range(8)]}, features=features)
 
 
-@pytest.fixture
-def fresh_accelerator_state():
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-
-
 def token_set(num_rows: int, length: int = 4, labels: list | None = None, seed: int = 0) -> datasets.Dataset:
     """Random code ids in [0, 8), with integer labels when given."""
     rng = random.Random(seed)

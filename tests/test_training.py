@@ -415,15 +415,11 @@ def test_invalid_arguments_exit_with_a_message_naming_the_problem(argv, message,
     assert message in capsys.readouterr().err
 
 
-def test_fp16_with_a_discriminator_is_refused_before_any_work(tmp_path):
+def test_fp16_with_a_discriminator_is_refused_before_any_work(tmp_path, fresh_accelerator_state):
     # accelerate's one gradient scaler cannot serve the generator's and the discriminator's optimisers.
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)  # the process-wide state earlier tests set (no fp16)
     with pytest.raises(ValueError, match=r"fp16 cannot train the discriminator .*use bf16"):
         main(PLAIN_RUN + ["--output_dir", str(tmp_path / "run"), "--max_train_steps", "1", "--mixed_precision", "fp16",
                           "--disc_weight", "0.5"])  # fmt: skip
-    AcceleratorState._reset_state(reset_partial_state=True)
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
