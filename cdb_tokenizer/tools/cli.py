@@ -920,6 +920,22 @@ def _apply_protocol(args: argparse.Namespace) -> None:
     args.fid = args.fid or protocol["fid"]
 
 
+def _refuse_other_normalisation(processor, model: str) -> None:
+    """`evaluate` scores pixels in [-1, 1] (the image processor's default: rescale by 1/255, mean = std = 0.5); a
+    processor that normalises otherwise would get its PSNR, SSIM and rFID on the wrong scale, without a word."""
+    def all_half(values) -> bool:
+        return all(abs(float(value) - 0.5) < 1e-6 for value in (values if isinstance(values, (list, tuple)) else [values]))
+
+    rescaled = processor.do_rescale and abs(float(processor.rescale_factor) - 1 / 255) < 1e-9
+    if not (rescaled and processor.do_normalize and all_half(processor.image_mean) and all_half(processor.image_std)):
+        raise CLIError(
+            f"{model}'s image processor does not map pixels to [-1, 1] (do_rescale {processor.do_rescale}, rescale_factor "
+            f"{processor.rescale_factor}, do_normalize {processor.do_normalize}, image_mean {processor.image_mean}, "
+            f"image_std {processor.image_std}); eval scores in that range only (`cdb-vq reconstruct` undoes any "
+            f"normalisation, for pictures)."
+        )
+
+
 def _check_fid_options(args: argparse.Namespace) -> None:
     """rFID options are refused without --fid (they would do nothing), and --fid_reference may not be --out (the
     metrics would replace the statistics just saved)."""
@@ -1005,6 +1021,7 @@ def eval_command(args: argparse.Namespace) -> None:
     if args.fid and args.fid_reference is not None and not Path(args.fid_reference).is_file():  # written at the end
         check_output_file(args.fid_reference, "reference.safetensors", "--fid_reference")
     model, processor, *_ = load_model_of(args)
+    _refuse_other_normalisation(processor, args.model)
     device = next(model.parameters()).device
     if args.resolution is not None:  # shorter side to N, then the centre N x N crop
         factor = model.config.downsampling_factor
