@@ -200,3 +200,33 @@ def test_prototype_label_files(tmp_path):
         read_prototype_labels(path)
     with pytest.raises(FileNotFoundError):
         read_prototype_labels(tmp_path / "missing.txt")
+
+
+def test_the_reachability_probe_goes_through_the_proxy_the_environment_names(monkeypatch):
+    # Behind a proxy the Hub's host is never reachable directly: the probe took such a machine for an offline one,
+    # and a semantic recipe trained without its teacher.
+    import socket
+
+    from cdb_tokenizer.tools.downloads import reachable
+
+    for name in ("http_proxy", "https_proxy", "all_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    listening = socket.socket()
+    listening.bind(("127.0.0.1", 0))
+    listening.listen()
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    closed_port = closed.getsockname()[1]
+    closed.close()
+    try:
+        open_port = listening.getsockname()[1]
+        assert reachable(f"https://127.0.0.1:{open_port}/", timeout=1)  # no proxy: the host itself
+        monkeypatch.setenv("https_proxy", f"http://127.0.0.1:{open_port}")
+        assert reachable("https://nowhere.invalid/weights.bin", timeout=1)  # the proxy answers for it
+        monkeypatch.setenv("no_proxy", "nowhere.invalid")
+        assert not reachable("https://nowhere.invalid/weights.bin", timeout=1)  # NO_PROXY: direct, and unreachable
+        monkeypatch.delenv("no_proxy")
+        monkeypatch.setenv("https_proxy", f"127.0.0.1:{closed_port}")  # a proxy that is down (no scheme given)
+        assert not reachable("https://nowhere.invalid/weights.bin", timeout=1)
+    finally:
+        listening.close()
