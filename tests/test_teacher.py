@@ -230,3 +230,19 @@ def test_the_reachability_probe_goes_through_the_proxy_the_environment_names(mon
         assert not reachable("https://nowhere.invalid/weights.bin", timeout=1)
     finally:
         listening.close()
+
+
+@pytest.mark.parametrize("model_name, message", [("RN50", "needs an open_clip VisionTransformer image tower"),
+                                                 ("coca_ViT-B-32", "uses attentional pooling")])  # fmt: skip
+def test_a_teacher_without_patch_tokens_is_refused_before_its_weights_are_fetched(model_name, message, monkeypatch):
+    # It was refused only after the download (and offline it was "unavailable": the run went on, the mistake hidden).
+    import open_clip
+
+    tag = open_clip.list_pretrained_tags_by_model(model_name)[0]
+
+    def fetch(*args, **kwargs):
+        raise AssertionError("the weights were fetched")
+
+    monkeypatch.setattr(teacher_module, "_tag_checkpoint", fetch)
+    with pytest.raises(ValueError, match=message):
+        load_clip_teacher(model_name, tag)

@@ -76,12 +76,9 @@ class CLIPTeacher(nn.Module):
 
         visual = getattr(model, "visual", None)
         if visual is None or not hasattr(visual, "conv1") or not hasattr(visual, "transformer"):
-            raise ValueError(
-                f"the CLIP teacher {name!r} needs an open_clip VisionTransformer image tower (patch tokens); "
-                f"got {type(visual).__name__}."
-            )
+            raise ValueError(_not_a_vit(name, type(visual).__name__))
         if getattr(visual, "attn_pool", None) is not None:
-            raise ValueError(f"the CLIP teacher {name!r} uses attentional pooling; its patch tokens are not in the joint space.")
+            raise ValueError(_ATTENTIONAL_POOL.format(name=name))
         self.model = model.eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self.name = name
@@ -247,6 +244,23 @@ def load_clip_teacher(
     return teacher.to(device) if device is not None else teacher
 
 
+_ATTENTIONAL_POOL = "the CLIP teacher {name!r} uses attentional pooling; its patch tokens are not in the joint space."
+
+
+def _not_a_vit(name: str, tower: str) -> str:
+    return f"the CLIP teacher {name!r} needs an open_clip VisionTransformer image tower (patch tokens); got {tower}."
+
+
+def _check_vision_config(config: dict, name: str) -> None:
+    """The `CLIPTeacher` rule, read from the model config: before any weights are fetched (a ResNet teacher was
+    refused only after its download, and offline it was "unavailable", hiding the mistake)."""
+    vision = config.get("vision_cfg", {})
+    if vision.get("timm_model_name") or not isinstance(vision.get("layers", 12), int):
+        raise ValueError(_not_a_vit(name, vision.get("timm_model_name") or "a ModifiedResNet (layers per stage)"))
+    if vision.get("attentional_pool"):
+        raise ValueError(_ATTENTIONAL_POOL.format(name=name))
+
+
 def _resolve(model_name: str, pretrained: str | None, cache_dir: str | None) -> tuple[dict, str | None, dict, str]:
     """(model config, checkpoint path or None, preprocessing settings, description)."""
     import open_clip
@@ -255,6 +269,7 @@ def _resolve(model_name: str, pretrained: str | None, cache_dir: str | None) -> 
         repo_id = model_name[len(HF_HUB_PREFIX) :]
         config_file = _hub_file(repo_id, ("open_clip_config.json",), cache_dir)
         full_config = json.loads(Path(config_file).read_text())
+        _check_vision_config(full_config.get("model_cfg", full_config), model_name)
         checkpoint = _hub_file(repo_id, OPEN_CLIP_WEIGHT_FILES, cache_dir)
         return full_config.get("model_cfg", full_config), checkpoint, full_config.get("preprocess_cfg", {}), model_name
 
@@ -277,6 +292,7 @@ def _resolve(model_name: str, pretrained: str | None, cache_dir: str | None) -> 
     # (a folder such as "C:\\Users\\John Smith" is not cut cleanly out of free text later).
     shown = [Path(text).name if text and os.path.isfile(text) else text for text in (model_name, pretrained)]
     description = f"{shown[0]} ({shown[1] or 'random weights'})"
+    _check_vision_config(config, description)
     if pretrained is None:
         return config, None, preprocess, description
     if pretrained.startswith(HF_HUB_PREFIX):
