@@ -562,3 +562,20 @@ def test_eval_refuses_a_processor_that_does_not_map_pixels_to_minus_one_to_one(s
     CDBVQImageProcessor(size={"height": 32, "width": 32}, **setting).save_pretrained(folder)
     assert cli_main(["eval", "--model", str(folder), "--data", str(tokenizer_folder["photos"]), "--no-lpips"]) == 1
     assert "image processor does not map pixels to [-1, 1]" in cli_error_line(capsys, "eval")
+
+
+def test_the_normalisation_check_reads_any_processor_without_crashing():
+    # A remote-code processor may hold NumPy statistics, or lack the settings altogether: a TypeError / AttributeError.
+    import types
+
+    import numpy as np
+
+    from cdb_tokenizer.tools import cli
+    from cdb_tokenizer.tools.cli import CLIError
+
+    plain = dict(do_rescale=True, rescale_factor=np.float32(1 / 255), do_normalize=True)
+    cli._refuse_other_normalisation(types.SimpleNamespace(**plain, image_mean=np.full(3, 0.5), image_std=(0.5,) * 3), "m")
+    for processor in (types.SimpleNamespace(**plain, image_mean=np.array([0.485, 0.456, 0.406]), image_std=0.5),
+                      types.SimpleNamespace()):  # fmt: skip
+        with pytest.raises(CLIError, match="does not map pixels to \\[-1, 1\\]"):
+            cli._refuse_other_normalisation(processor, "m")

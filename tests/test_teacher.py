@@ -228,6 +228,9 @@ def test_the_reachability_probe_goes_through_the_proxy_the_environment_names(mon
         monkeypatch.delenv("no_proxy")
         monkeypatch.setenv("https_proxy", f"127.0.0.1:{closed_port}")  # a proxy that is down (no scheme given)
         assert not reachable("https://nowhere.invalid/weights.bin", timeout=1)
+        monkeypatch.delenv("https_proxy")
+        monkeypatch.setenv("all_proxy", f"http://127.0.0.1:{open_port}")  # ALL_PROXY serves every scheme
+        assert reachable("https://nowhere.invalid/weights.bin", timeout=1)
     finally:
         listening.close()
 
@@ -246,3 +249,15 @@ def test_a_teacher_without_patch_tokens_is_refused_before_its_weights_are_fetche
     monkeypatch.setattr(teacher_module, "_tag_checkpoint", fetch)
     with pytest.raises(ValueError, match=message):
         load_clip_teacher(model_name, tag)
+
+
+def test_the_prototype_cache_key_follows_what_the_prototypes_are_built_from(tmp_path):
+    from cdb_tokenizer.tools.teacher import prototype_key
+
+    (tmp_path / "labels.txt").write_text("cat\ndog\n")
+    text = f"text:{tmp_path / 'labels.txt'}"
+    base = dict(template="a photo of a {}.", teacher_name="ViT-B-16 openai", seed=0, kmeans_batches=32, data="photos/ 256 8 None 1")
+    assert prototype_key(text, **base) == prototype_key(text, **{**base, "data": "other/ 128 4 None 2"})  # text ignores the data
+    assert prototype_key(text, **base) != prototype_key(text, **{**base, "template": "{}"})
+    for change in ({"data": "other/ 256 8 None 1"}, {"seed": 1}, {"kmeans_batches": 8}, {"teacher_name": "ViT-B-32 openai"}):
+        assert prototype_key("kmeans:16", **base) != prototype_key("kmeans:16", **{**base, **change}), change

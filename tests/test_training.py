@@ -568,3 +568,14 @@ def test_prototypes_are_left_out_without_a_teacher(tmp_path, caplog):
     with caplog.at_level("WARNING"):
         assert train_script.build_prototypes(args, None, None, None, Accelerator(cpu=True)) == (None, None)
     assert "needs the CLIP teacher, which is unavailable" in caplog.text
+
+
+def test_a_resume_without_the_teacher_it_was_trained_with_is_refused_by_name(tmp_path):
+    # Offline, the teacher is unavailable: the resume then built a model without prototypes and with another
+    # semantic_dim, and failed deep in loading the weights (or trained on without the semantic terms).
+    clip_config = save_clip_config(tmp_path / "tiny_clip.json")
+    run = PLAIN_RUN + ["--max_train_steps", "2", "--checkpointing_steps", "1", "--output_dir", str(tmp_path / "run")]
+    main(run + ["--clip_model", str(clip_config), "--clip_pretrained", "none", "--prototypes", "kmeans:4",
+                "--prototype_kmeans_batches", "1"])  # fmt: skip
+    with pytest.raises(ValueError, match=r"other settings \(teacher 'tiny_clip.json \(random weights\)' -> None\).*CLIP teacher"):
+        main(run + ["--max_train_steps", "3", "--resume_from_checkpoint", "latest"])  # PLAIN_RUN: --clip_model none

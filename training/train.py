@@ -426,13 +426,15 @@ def build_prototypes(args: argparse.Namespace, teacher, train_loader, sampler, a
     if kind not in ("text", "kmeans"):
         return load_prototypes(args.prototypes)
     cache = Path(args.output_dir) / "prototypes.safetensors"
-    teacher_name = f"{args.clip_model} {args.clip_pretrained}"
-    key = prototype_key(args.prototypes, args.prototype_template, teacher_name, args.seed, args.prototype_kmeans_batches)
-    # Only a cache of the same labels, template, teacher (and k-means settings): one left by a run with others, e.g.
-    # one that stopped before writing anything else, used to be taken as it was.
-    cached = cache.is_file() and prototype_source(cache, "key") == key
-    # Every process has looked at the cache before the main process (re)writes it, so all take the same branch.
-    accelerator.wait_for_everyone()
+    data = (f"{args.train_data_dir or args.dataset_name} {args.resolution} {args.train_batch_size} "
+            f"{args.max_train_samples} {accelerator.num_processes}")  # what k-means clusters  # fmt: skip
+    key = prototype_key(args.prototypes, args.prototype_template, f"{args.clip_model} {args.clip_pretrained}",
+                        args.seed, args.prototype_kmeans_batches, data)  # fmt: skip
+    # Only a cache of the same labels, template, teacher (and k-means settings and data): one left by a run with
+    # others, e.g. one that stopped before writing anything else, used to be taken as it was. The main process
+    # decides for all (a read error on one process alone would send it down the other branch: mismatched barriers).
+    cached = cache.is_file() and prototype_source(cache, "key") == key if accelerator.is_main_process else None
+    cached = gather_object([cached])[0]
     if cached:
         logger.info(f"Using the prototypes cached in {cache}.")
         return load_prototypes(cache)
@@ -639,10 +641,12 @@ def data_order(args: argparse.Namespace, accelerator: Accelerator) -> dict:
     return order
 
 
-def training_objective(args: argparse.Namespace) -> dict:
+def training_objective(args: argparse.Namespace, teacher) -> dict:
     """What the model learns to do beyond its config's shape: restoration's degradation (which the saved config
-    records, and `cdb-vq restore` relies on). Loss weights may change on resume, as learning rates may."""
-    return {"restoration_degradation": args.model_config_dict.get("restoration_degradation")}
+    records, and `cdb-vq restore` relies on) and the CLIP teacher (without it the semantic terms, prototypes and
+    `semantic_dim` would differ). Loss weights may change on resume, as learning rates may."""
+    return {"restoration_degradation": args.model_config_dict.get("restoration_degradation"),
+            "teacher": teacher.name if teacher is not None else None}  # fmt: skip
 
 
 def changed_settings(saved: dict | None, now: dict) -> list[str]:
@@ -657,9 +661,9 @@ def refuse_another_objective(saved: dict | None, now: dict) -> None:
     changed = changed_settings(saved, now)
     if changed:
         raise ValueError(
-            f"--resume_from_checkpoint: the checkpoint was trained with other restoration settings ({', '.join(changed)}); "
-            f"resume with the --degradation it was trained with, or start over with "
-            f"--overwrite_output_dir."
+            f"--resume_from_checkpoint: the checkpoint was trained with other settings ({', '.join(changed)}); resume "
+            f"with the --degradation and the CLIP teacher it was trained with (a teacher whose weights cannot be had "
+            f"here is unavailable), or start over with --overwrite_output_dir."
         )
 
 
@@ -672,7 +676,7 @@ def warn_if_data_order_changed(saved: dict | None, now: dict) -> None:
                        f"checkpoint left it, and its losses will not match an uninterrupted run's.")  # fmt: skip
 
 
-def resume(accelerator: Accelerator, args, max_train_steps: int, schedules: list) -> tuple[int, dict[str, torch.Tensor], dict]:
+def resume(accelerator: Accelerator, args, max_train_steps: int, schedules: list, objective: dict) -> tuple[int, dict[str, torch.Tensor], dict]:
     """Load the checkpoint `--resume_from_checkpoint` names: (its step, its custom tensors, its JSON state).
 
     `latest` is the newest *complete* checkpoint (one whose manifest matches its files); incomplete ones (a run
@@ -682,6 +686,7 @@ def resume(accelerator: Accelerator, args, max_train_steps: int, schedules: list
     if path is None:
         return 0, {}, {}
     tensors, state = load_custom_state(path)  # safetensors and JSON: nothing is unpickled
+    refuse_another_objective(state.get("objective"), objective)  # before the weights: their shapes may differ too
     step = load_training_state(accelerator, path, args.output_dir, max_train_steps, schedules)
     logger.info(f"Resumed from {path} (step {step}).")
     return step, tensors, state
@@ -696,10 +701,9 @@ def resume_or_initialize(args: argparse.Namespace, parts: TrainingParts, ema: EM
                          sampler: EpochSampler | None, max_train_steps: int) -> RunState:  # fmt: skip
     """Resume from --resume_from_checkpoint (weights, optimisers, EMA and the loop's counts), or start afresh with
     the k-means initialisation of the codebook (and of its EMA copy)."""
-    step, tensors, saved = resume(parts.accelerator, args, max_train_steps, _schedules(parts))
-    order, objective = data_order(args, parts.accelerator), training_objective(args)
+    order, objective = data_order(args, parts.accelerator), training_objective(args, parts.teacher)
+    step, tensors, saved = resume(parts.accelerator, args, max_train_steps, _schedules(parts), objective)
     if step > 0:
-        refuse_another_objective(saved.get("objective"), objective)
         if ema is not None:
             ema.load_tensors(tensors, saved, source=args.resume_from_checkpoint)
         warn_if_data_order_changed(saved.get("data_order"), order)

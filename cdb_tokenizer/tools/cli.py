@@ -923,16 +923,21 @@ def _apply_protocol(args: argparse.Namespace) -> None:
 def _refuse_other_normalisation(processor, model: str) -> None:
     """`evaluate` scores pixels in [-1, 1] (the image processor's default: rescale by 1/255, mean = std = 0.5); a
     processor that normalises otherwise would get its PSNR, SSIM and rFID on the wrong scale, without a word."""
-    def all_half(values) -> bool:
-        return all(abs(float(value) - 0.5) < 1e-6 for value in (values if isinstance(values, (list, tuple)) else [values]))
+    import numpy as np
 
-    rescaled = processor.do_rescale and abs(float(processor.rescale_factor) - 1 / 255) < 1e-9
-    if not (rescaled and processor.do_normalize and all_half(processor.image_mean) and all_half(processor.image_std)):
+    def setting(name: str):
+        return getattr(processor, name, None)
+
+    def all_half(values) -> bool:
+        return values is not None and bool(np.allclose(np.asarray(values, dtype=float), 0.5, atol=1e-6))
+
+    rescaled = setting("do_rescale") and abs(float(setting("rescale_factor") or 0) - 1 / 255) < 1e-9
+    if not (rescaled and setting("do_normalize") and all_half(setting("image_mean")) and all_half(setting("image_std"))):
         raise CLIError(
-            f"{model}'s image processor does not map pixels to [-1, 1] (do_rescale {processor.do_rescale}, rescale_factor "
-            f"{processor.rescale_factor}, do_normalize {processor.do_normalize}, image_mean {processor.image_mean}, "
-            f"image_std {processor.image_std}); eval scores in that range only (`cdb-vq reconstruct` undoes any "
-            f"normalisation, for pictures)."
+            f"{model}'s image processor does not map pixels to [-1, 1] (do_rescale {setting('do_rescale')}, "
+            f"rescale_factor {setting('rescale_factor')}, do_normalize {setting('do_normalize')}, image_mean "
+            f"{setting('image_mean')}, image_std {setting('image_std')}); eval scores in that range only "
+            f"(`cdb-vq reconstruct` undoes any normalisation, for pictures)."
         )
 
 

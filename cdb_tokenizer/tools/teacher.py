@@ -254,7 +254,7 @@ def _not_a_vit(name: str, tower: str) -> str:
 def _check_vision_config(config: dict, name: str) -> None:
     """The `CLIPTeacher` rule, read from the model config: before any weights are fetched (a ResNet teacher was
     refused only after its download, and offline it was "unavailable", hiding the mistake)."""
-    vision = config.get("vision_cfg", {})
+    vision = config.get("vision_cfg") or {}
     if vision.get("timm_model_name") or not isinstance(vision.get("layers", 12), int):
         raise ValueError(_not_a_vit(name, vision.get("timm_model_name") or "a ModifiedResNet (layers per stage)"))
     if vision.get("attentional_pool"):
@@ -509,15 +509,16 @@ def prototype_source(path: str | Path, field: str = "source") -> str | None:
         return None
 
 
-def prototype_key(spec: str, template: str, teacher_name: str, seed: int, kmeans_batches: int | None) -> str:
+def prototype_key(spec: str, template: str, teacher_name: str, seed: int, kmeans_batches: int | None, data: str) -> str:
     """A digest of everything `--prototypes` builds from: the spec, the labels file's text (for `text:`), the prompt
-    template, the teacher, and for `kmeans:` the seed and the number of batches. A cache with another key is stale."""
+    template, the teacher, and for `kmeans:` the seed, the number of batches and a description of the `data` they are
+    drawn from. A cache with another key is stale."""
     kind, _, value = spec.partition(":")
     parts = [spec, teacher_name]
     if kind == "text":
         parts += [Path(value).read_text(encoding="utf-8"), template]
     elif kind == "kmeans":
-        parts += [str(seed), str(kmeans_batches)]
+        parts += [str(seed), str(kmeans_batches), data]
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
 
 
