@@ -77,8 +77,8 @@ from cdb_tokenizer.tools.runs import (
     RunLog,
     claim_output_dir,
     find_checkpoint,
-    output_dir_claims,
     make_accelerator,
+    output_dir_claims,
     tracker_init_kwargs,
 )
 from cdb_tokenizer.tools.steps import TrainingParts, micro_batch_seed, restart_dead_codes, training_step

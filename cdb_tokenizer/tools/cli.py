@@ -413,16 +413,14 @@ def remove_created_folders() -> None:
 def check_targets(paths: Sequence[Path], overwrite: bool = False) -> None:
     """Refuse up front (before any work) output files that exist and are not regular files, and without `overwrite`
     any that exist: a folder given as --out may hold files of the user's that only share a name."""
-    existing = []
-    for path in paths:
-        if os.path.lexists(path) and not stat.S_ISREG(os.lstat(path).st_mode):
+    existing = [path for path in paths if os.path.lexists(path)]
+    for path in existing:
+        if not stat.S_ISREG(os.lstat(path).st_mode):
             raise CLIError(f"{path} exists and is not a regular file (a link, folder or device); not replacing it.")
-        if os.path.lexists(path):
-            existing.append(str(path))
     if existing and not overwrite:
         more = f" and {len(existing) - 3} more" if len(existing) > 3 else ""
         raise CLIError(
-            f"{', '.join(existing[:3])}{more} exist already and would be replaced; pass --overwrite to replace them, "
+            f"{', '.join(map(str, existing[:3]))}{more} exist already and would be replaced; pass --overwrite to replace them, "
             f"or give another --out."
         )
 

@@ -295,11 +295,11 @@ def _ignored_entries(folder: Path, roots: Sequence[Path]) -> list[str]:
     skips them too; a README or LICENSE holds no images)."""
     # By identity (`os.stat`, through links: a linked train/ is read; `Validation/` on macOS is `validation/`).
     read = {(stat.st_dev, stat.st_ino) for stat in map(os.stat, roots)}
-    ignored = []
+    ignored, image_suffixes = [], _image_suffixes()
     with os.scandir(folder) as entries:
         for entry in entries:
             is_folder = entry.is_dir()
-            if entry.name.startswith((".", "__")) or not (is_folder or entry.name.lower().endswith(_image_suffixes())):
+            if entry.name.startswith((".", "__")) or not (is_folder or entry.name.lower().endswith(image_suffixes)):
                 continue
             stat = os.stat(entry.path) if is_folder else None  # DirEntry.stat() has no inode on Windows
             if stat is None or (stat.st_dev, stat.st_ino) not in read:
