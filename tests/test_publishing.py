@@ -114,7 +114,9 @@ def test_readme_is_a_model_card_with_metadata(staged, training_output):
     assert {"image-tokenization", "vector-quantization", "cdb-vq"} <= set(data.tags)
     assert data.license == "apache-2.0"
     assert data.datasets == ["cdb-org/photos"]
-    assert data.base_model == "timm/vit_base_patch16_clip_224.openai"  # the CLIP teacher, resolved offline
+    # The tokenizer is trained from scratch: the CLIP teacher is named and linked in the text, not claimed as the
+    # model it was fine-tuned from (the Hub's model tree reads base_model so).
+    assert data.base_model is None
 
     text = card.text
     assert f'AutoModel.from_pretrained("{HUB_ID}", trust_remote_code=True)' in text
@@ -134,7 +136,7 @@ def test_readme_is_a_model_card_with_metadata(staged, training_output):
         assert f"| {name} | [{start}, {end}) | {end - start} |" in text
     assert ", ".join(LABELS) in text
     assert "| `learning_rate` | 0.0001 |" in text
-    assert "open_clip `ViT-B-16` (`openai`)" in text
+    assert "open_clip `ViT-B-16` (`openai`), [timm/vit_base_patch16_clip_224.openai](" in text  # resolved offline
 
 
 def test_staging_leaves_out_checkpoints_logs_and_secrets(staged):
@@ -159,6 +161,17 @@ def test_public_fields_drops_secrets_and_local_paths():
         "max_tokens": 5, "train_data_dir": "photos", "prototypes": "text:labels.txt", "dirs": ["y.json"],
         "dataset_name": "org/photos", "clip_model": "hf-hub:org/clip", "url": "https://huggingface.co/org/m",
     }  # fmt: skip
+    # Relative paths too, under the keys that name files (in free text they cannot be told from prose).
+    relative = {
+        "train_data_dir": "clients/acme_private/faces", "clip_pretrained": "ckpts/bob/clip.pt",
+        "prototypes": "text:clients/acme/labels.txt", "fid_weights": "weights\\inception.pth",
+        "model_config": "https://example.org/configs/base.json", "clip_model": "ViT-B-16", "config": "demo.yaml",
+        "dataset_name": "org/photos", "note": "see clients/acme",
+    }  # fmt: skip
+    assert public_fields(relative) == {
+        **relative, "train_data_dir": "faces", "clip_pretrained": "clip.pt", "prototypes": "text:labels.txt",
+        "fid_weights": "inception.pth",
+    }  # fmt: skip
 
 
 def test_stage_folder_errors_name_the_problem(training_output, tmp_path):
@@ -182,9 +195,13 @@ def test_stage_folder_errors_name_the_problem(training_output, tmp_path):
     (tmp_path / "busy" / "file").write_text("x")
     with pytest.raises(FileExistsError, match="not empty"):
         stage_folder(training_output, tmp_path / "busy", HUB_ID)
+    with pytest.raises(NotADirectoryError, match="model.safetensors is a file"):
+        stage_folder(training_output / "model.safetensors", tmp_path / "d", HUB_ID)
+    with pytest.raises(FileNotFoundError, match="checkpoint-3 is a training checkpoint"):
+        stage_folder(training_output / "checkpoints" / "checkpoint-3", tmp_path / "e", HUB_ID)
 
 
-def _mock_hub(uploaded: dict):
+def _mock_hub(uploaded: dict, existing_public: bool = False):
     def upload_folder(self, **kwargs):
         folder = Path(kwargs["folder_path"])
         uploaded["files"] = sorted(str(path.relative_to(folder)) for path in folder.rglob("*"))
@@ -198,13 +215,15 @@ def _mock_hub(uploaded: dict):
         ),
         mock.patch.object(HfApi, "create_branch", autospec=True),
         mock.patch.object(HfApi, "upload_folder", autospec=True, side_effect=upload_folder),
+        # A repository create_repo(private=True) made, or an existing public one.
+        mock.patch.object(HfApi, "repo_info", autospec=True, return_value=mock.Mock(private=not existing_public)),
     )
 
 
 def test_push_to_hub_creates_repo_and_uploads_the_staged_folder(training_output):
     uploaded = {}
-    create_repo, create_branch, upload_folder = _mock_hub(uploaded)
-    with create_repo as create_repo, create_branch as create_branch, upload_folder as upload_folder:
+    create_repo, create_branch, upload_folder, repo_info = _mock_hub(uploaded)
+    with create_repo as create_repo, create_branch as create_branch, upload_folder as upload_folder, repo_info:
         commit = push_to_hub(
             training_output, HUB_ID, private=True, revision="v1", commit_message="first", token="hf_arg"
         )
@@ -221,8 +240,8 @@ def test_push_to_hub_removes_stale_published_files_only(training_output):
     """A file an earlier push published and this one does not is removed in the same commit (a stale
     model.safetensors would shadow new shards: transformers loads it first); files the user added stay."""
     uploaded = {}
-    create_repo, create_branch, upload_folder = _mock_hub(uploaded)
-    with create_repo, create_branch, upload_folder as upload_folder:
+    create_repo, create_branch, upload_folder, repo_info = _mock_hub(uploaded)
+    with create_repo, create_branch, upload_folder as upload_folder, repo_info:
         push_to_hub(training_output, HUB_ID, token="hf_arg")
     patterns = upload_folder.call_args.kwargs["delete_patterns"]
     ours = [
@@ -254,8 +273,8 @@ def test_push_to_hub_token_from_environment_or_clear_error(training_output, monk
 
     monkeypatch.setenv("HF_TOKEN", "hf_from_env")
     uploaded = {}
-    create_repo, create_branch, upload_folder = _mock_hub(uploaded)
-    with create_repo as create_repo, create_branch as create_branch, upload_folder:
+    create_repo, create_branch, upload_folder, repo_info = _mock_hub(uploaded)
+    with create_repo as create_repo, create_branch as create_branch, upload_folder, repo_info:
         push_to_hub(training_output, "cdb-vq-tiny")  # no namespace: the Hub puts it under the token's user
     create_repo.assert_called_once_with(mock.ANY, "cdb-vq-tiny", private=False, exist_ok=True)
     create_branch.assert_not_called()  # no revision: straight to main
@@ -266,8 +285,8 @@ def test_push_to_hub_token_from_environment_or_clear_error(training_output, monk
 def test_a_busy_staging_folder_stops_before_the_repo_is_created(training_output, tmp_path):
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "file").write_text("x")
-    create_repo, create_branch, upload_folder = _mock_hub({})
-    with create_repo as create_repo, create_branch, upload_folder:
+    create_repo, create_branch, upload_folder, repo_info = _mock_hub({})
+    with create_repo as create_repo, create_branch, upload_folder, repo_info:
         with pytest.raises(FileExistsError, match="not empty"):
             push_to_hub(training_output, HUB_ID, token="hf_arg", staging_dir=tmp_path / "busy")
     create_repo.assert_not_called()  # no empty repository left on the Hub
@@ -319,7 +338,7 @@ def test_publish_script_passes_its_flags_through(training_output, tmp_path, caps
     spec.loader.exec_module(publish)
 
     uploaded = {}
-    create_repo, create_branch, upload_folder = _mock_hub(uploaded)
+    create_repo, create_branch, upload_folder, repo_info = _mock_hub(uploaded)
     argv = [
         str(training_output),
         "--hub_model_id",
@@ -332,7 +351,7 @@ def test_publish_script_passes_its_flags_through(training_output, tmp_path, caps
         "--token",
         "hf_cli",
     ]
-    with create_repo as create_repo, create_branch, upload_folder as upload_folder:
+    with create_repo as create_repo, create_branch, upload_folder as upload_folder, repo_info:
         assert publish.main(argv) == 0
     create_repo.assert_called_once_with(mock.ANY, HUB_ID, private=True, exist_ok=True)
     assert upload_folder.call_args.kwargs["revision"] == "dev" and uploaded["token"] == "hf_cli"
@@ -386,3 +405,62 @@ def test_clip_teacher_hub_id():
     assert clip_teacher_hub_id("hf-hub:someone/clip-model", None) == "someone/clip-model"
     assert clip_teacher_hub_id("ViT-B-16", "no-such-tag") is None
     assert clip_teacher_hub_id(None, None) is None
+
+
+def test_staged_config_keeps_its_fields_and_loses_its_secrets(training_output, tmp_path):
+    """A code role named like a secret (`text_tokens`) was dropped from the staged config.json, which then did not
+    load; labels that hold a local path or a token must not reach the card, whose escaping (`_` -> `\\_`) hid them
+    from the last pass."""
+    from cdb_tokenizer import CDBVQModel
+
+    run = tmp_path / "run"
+    model = tiny_model(code_roles={"background": [0, 32], "text_tokens": [32, 64]})
+    labels = ["/home/alice_smith/cats", "C:\\Users\\bob_x\\dogs", f"token {SECRET}"] + LABELS[3:]
+    model.set_prototypes(torch.randn(8, 32), labels=labels)
+    model.save_pretrained(run)
+    CDBVQImageProcessor.from_pretrained(training_output).save_pretrained(run)
+    for name in ("metrics.json", "training_config.json"):
+        (run / name).write_text((training_output / name).read_text())
+    staged = stage_folder(run, tmp_path / "repo", HUB_ID)
+    config = json.loads((staged / "config.json").read_text())
+    assert config["code_roles"] == {"background": [0, 32], "text_tokens": [32, 64]}
+    assert config["prototype_labels"][:3] == ["cats", "dogs", "token [redacted]"]
+    assert CDBVQModel.from_pretrained(staged).config.role_names == ["background", "text_tokens"]
+    for path in staged.iterdir():
+        if path.suffix in (".md", ".json"):
+            text = path.read_text()
+            assert "alice" not in text and "bob" not in text and "S3cr3t" not in text, path.name
+
+
+def _broken(training_output: Path, folder: Path, broken: str) -> Path:
+    import shutil
+
+    shutil.copytree(training_output, folder)
+    if broken == "metrics":
+        (folder / "metrics.json").write_text("{not json")
+    else:
+        from safetensors.torch import save_file
+
+        save_file({"bert.embeddings.weight": torch.zeros(2, 2)}, str(folder / "model.safetensors"))
+    return folder
+
+
+@pytest.mark.parametrize("broken, message", [("metrics", "metrics.json is not valid JSON"), ("weights", "do not fit")])
+def test_a_folder_that_cannot_be_staged_creates_no_repository(training_output, tmp_path, broken, message):
+    run = _broken(training_output, tmp_path / "run", broken)
+    create_repo, create_branch, upload_folder, repo_info = _mock_hub({})
+    with create_repo as create_repo, create_branch, upload_folder as upload_folder, repo_info:
+        with pytest.raises(ValueError, match=message):
+            push_to_hub(run, HUB_ID, token="hf_arg")
+    create_repo.assert_not_called()  # no empty repository left on the Hub
+    upload_folder.assert_not_called()
+
+
+def test_private_refuses_an_existing_public_repository(training_output):
+    create_repo, create_branch, upload_folder, repo_info = _mock_hub({}, existing_public=True)
+    with create_repo, create_branch, upload_folder as upload_folder, repo_info:
+        with pytest.raises(ValueError, match="already exists and is public"):
+            push_to_hub(training_output, HUB_ID, private=True, token="hf_arg")
+        upload_folder.assert_not_called()
+        push_to_hub(training_output, HUB_ID, token="hf_arg")  # without --private it is published there
+        upload_folder.assert_called_once()

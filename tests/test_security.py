@@ -244,6 +244,13 @@ def test_tracker_hparams_carry_no_local_paths_or_secrets():
                             "text:../jdoe/labels.txt", "resolution": 32, "code_roles": {"a": [0, 8]}})  # fmt: skip
     assert values == {"train_data_dir": "photos", "prototypes": "text:labels.txt", "resolution": 32,
                       "code_roles": "{'a': [0, 8]}"}  # fmt: skip
+    # Relative ones too, under the flags that name files and folders (they were passed as given).
+    relative = train.hparams({"train_data_dir": "data/acme_secret_project/images", "output_dir": "runs/jdoe/exp1",
+                              "prototypes": "text:labels/acme.txt", "clip_pretrained": "hf-hub:org/clip",
+                              "dataset_name": "org/photos", "resume_from_checkpoint": "latest"})  # fmt: skip
+    assert relative == {"train_data_dir": "images", "output_dir": "exp1", "prototypes": "text:acme.txt",
+                        "clip_pretrained": "hf-hub:org/clip", "dataset_name": "org/photos",
+                        "resume_from_checkpoint": "latest"}  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------ wrong input

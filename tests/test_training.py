@@ -318,6 +318,15 @@ def test_push_to_hub_without_a_token_stops_before_training(tmp_path, monkeypatch
     assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run one" / "checkpoints").exists()
 
 
+def test_the_default_hub_repository_is_the_output_folders_name(tmp_path, monkeypatch):
+    # `--output_dir .` gave the repository name '' ("invalid hub_model_id ''"), not the folder's.
+    monkeypatch.chdir(tmp_path)
+    names = {".": tmp_path.name, "run/": "run", str(tmp_path / "run"): "run", "run/sub/..": "run"}
+    for output_dir, name in names.items():
+        assert train_script.hub_model_id(argparse.Namespace(hub_model_id=None, output_dir=output_dir)) == name
+    assert train_script.hub_model_id(argparse.Namespace(hub_model_id="me/tok", output_dir=".")) == "me/tok"
+
+
 def test_bad_image_column_names_the_columns(tmp_path):
     folder = tmp_path / "data"
     folder.mkdir()

@@ -163,6 +163,11 @@ def refuse_fsdp(accelerator: Accelerator) -> None:
         )
 
 
+def hub_model_id(args: argparse.Namespace) -> str:
+    """--hub_model_id, else the output folder's name (as transformers' Trainer does; `.` is the current folder's)."""
+    return args.hub_model_id or Path(args.output_dir).resolve().name
+
+
 def setup_run(args: argparse.Namespace) -> Accelerator:
     """The run's Accelerator and seed, and its output folder (refusing one that holds another run)."""
     accelerator = make_accelerator(args, Path(args.output_dir), kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
@@ -170,7 +175,7 @@ def setup_run(args: argparse.Namespace) -> Accelerator:
     if args.push_to_hub:  # a missing token or a bad repo id must not wait for the end of the training
         from cdb_tokenizer.tools.publishing import check_push_settings
 
-        check_push_settings(args.hub_model_id or Path(args.output_dir).name, args.hub_token)
+        check_push_settings(hub_model_id(args), args.hub_token)
     if accelerator.mixed_precision == "fp16" and args.disc_weight > 0:
         # Both optimisers share accelerate's one gradient scaler: clipping unscales it twice (an error) and each
         # step's update() rescales the other's gradients. bf16 needs no scaler.
@@ -894,8 +899,7 @@ def save_run(args: argparse.Namespace, parts: TrainingParts, ema: EMAWeights | N
     if args.push_to_hub and accelerator.is_main_process:
         from cdb_tokenizer.tools.publishing import push_to_hub
 
-        output_dir = Path(args.output_dir)
-        push_to_hub(str(output_dir), args.hub_model_id or output_dir.name, private=args.hub_private_repo, token=args.hub_token)
+        push_to_hub(args.output_dir, hub_model_id(args), private=args.hub_private_repo, token=args.hub_token)
     return metrics
 
 

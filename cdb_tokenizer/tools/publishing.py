@@ -20,7 +20,15 @@ from huggingface_hub import CommitInfo, HfApi, ModelCard, ModelCardData, get_tok
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
-from .redaction import HF_TOKEN, REDACTED, collect_strings, is_secret_key, public_value, scrub_local_paths
+from .redaction import (
+    HF_TOKEN,
+    REDACTED,
+    blank_tokens,
+    collect_strings,
+    is_secret_key,
+    public_value,
+    scrub_local_paths,
+)
 
 
 # Package data (pyproject.toml `[tool.setuptools.package-data]`): found from a wheel install as from a checkout.
@@ -83,10 +91,17 @@ def model_files(output_dir: str | Path) -> list[Path]:
     is never uploaded.
     """
     output_dir = Path(output_dir)
+    if output_dir.is_file():
+        raise NotADirectoryError(f"{output_dir} is a file: give the folder train.py wrote (or save_pretrained).")
     if not output_dir.is_dir():
         raise FileNotFoundError(f"output directory {output_dir} does not exist.")
     config_path = output_dir / "config.json"
     if not config_path.is_file():
+        if output_dir.name.startswith("checkpoint-") or (output_dir / "optimizer.bin").is_file():
+            raise FileNotFoundError(
+                f"{output_dir} is a training checkpoint (to resume from), not a saved model: publish the run's "
+                f"output folder, or save the model from this checkpoint with `model.save_pretrained`."
+            )
         raise FileNotFoundError(f"{output_dir} has no config.json: save the model there with `model.save_pretrained`.")
     weights = sorted(output_dir.glob("model*.safetensors")) + sorted(output_dir.glob("model.safetensors.index.json"))
     if not weights:
@@ -340,18 +355,20 @@ def render_model_card(
     license: str = "apache-2.0",
     figures: dict[str, str] | None = None,
     template_path: str | Path | None = None,
+    training_config: dict[str, Any] | None = None,
 ) -> ModelCard:
     """Render the model card of the tokenizer in `output_dir` (model files, metrics.json, training_config.json).
 
     `figures` maps "reconstructions" / "usage" to image files next to the README that the card shows.
+    `training_config` replaces the folder's training_config.json: staging passes the run's own, in which a local
+    `--dataset_name` can still be told from a Hub id (its published copy has the path cut to a bare name).
     """
-    from ..modeling_cdb_vq import CDBVQModel
-
     output_dir = Path(output_dir)
-    model = CDBVQModel.from_pretrained(output_dir)
+    model = _load_complete_model(output_dir)
     config = model.config
     metrics = _read_json(output_dir / "metrics.json")
-    training_config = _read_json(output_dir / "training_config.json")
+    if training_config is None:
+        training_config = _read_json(output_dir / "training_config.json")
     # The teacher that ran, not the one asked for: without its weights a run trains without it (metrics.json's
     # `teacher` is then null); an older metrics.json without the key leaves the flags to say.
     teacher_ran = metrics.get("teacher", "") is not None
@@ -366,7 +383,6 @@ def render_model_card(
         tags=TAGS + [f"assignment-{config.assignment}"],
         license=license,
         datasets=[dataset_name] if dataset_name else None,
-        base_model=teacher_hub_id,
         metrics=[name for name in ("psnr", "ssim", "lpips") if name in metrics] or None,
         model_name=hub_model_id.split("/")[-1],
     )
@@ -405,6 +421,22 @@ def render_model_card(
     )
 
 
+def _load_complete_model(folder: Path):
+    """The model saved in `folder`, refused when its weights do not all fit (transformers would start the missing
+    ones at random and only log it: a card and an upload of an untrained model)."""
+    from ..modeling_cdb_vq import CDBVQModel
+
+    model, info = CDBVQModel.from_pretrained(folder, output_loading_info=True)
+    for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
+        keys = sorted(str(key) for key in info.get(kind) or ())
+        if keys:
+            raise ValueError(
+                f"the weights in {folder} do not fit the model of its config.json ({len(keys)} "
+                f"{kind.replace('_', ' ')}, e.g. {keys[0]}): save the model with `model.save_pretrained`."
+            )
+    return model
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Staging and upload
 # ----------------------------------------------------------------------------------------------------------------
@@ -439,19 +471,36 @@ def stage_folder(
             (staging_dir / name).write_text(json.dumps(public, indent=2) + "\n")
     for name in ("config.json", "preprocessor_config.json"):  # labels and other strings: tokens and paths out too
         raw = _read_json(staging_dir / name)
-        public = public_value(raw)
+        public = _public_config(raw)
         if public != raw:
             private += _removed_strings(raw, public)
             (staging_dir / name).write_text(json.dumps(public, indent=2, sort_keys=True) + "\n")
-    figures = {}
-    for key, name in FIGURES.items():
+    for name in FIGURES.values():
         if (output_dir / name).is_file():
             shutil.copy2(output_dir / name, staging_dir / name)
-            figures[key] = name
-    card = render_model_card(output_dir, hub_model_id, license=license, figures=figures)
-    card.save(staging_dir / "README.md")
+    # The card is rendered from the staged model, whose config is already clean, so that it shows what is published
+    # and its escaping (`_` -> `\_`) cannot hide a private label from the last pass; loading it checks it too. The
+    # training configuration's values reach the card through `public_fields` only.
+    write_model_card(staging_dir, hub_model_id, license=license, training_config=_read_json(output_dir / "training_config.json"))
     _scrub_staged_text(staging_dir, private + [str(output_dir.resolve())])
     return staging_dir
+
+
+def write_model_card(
+    staging_dir: str | Path, hub_model_id: str, license: str = "apache-2.0", training_config: dict[str, Any] | None = None
+) -> None:
+    """Render the `README.md` of a staged folder from its model, showing the figures it holds."""
+    staging_dir = Path(staging_dir)
+    figures = {key: name for key, name in FIGURES.items() if (staging_dir / name).is_file()}
+    card = render_model_card(staging_dir, hub_model_id, license=license, figures=figures, training_config=training_config)
+    card.save(staging_dir / "README.md")
+
+
+def _public_config(config: dict[str, Any]) -> dict[str, Any]:
+    """A saved config (config.json, preprocessor_config.json) as it may be published: secret-named fields dropped,
+    `hf_...` tokens blanked and local paths cut in every string. Nested keys are data (a code role named
+    `text_tokens`) and are never dropped: the config must still load."""
+    return scrub_local_paths(blank_tokens({key: value for key, value in config.items() if not is_secret_key(key, value)}))
 
 
 def _check_staging_dir(staging_dir: Path) -> None:
@@ -523,19 +572,26 @@ def push_to_hub(
 ) -> CommitInfo:
     """Stage `output_dir` (see `stage_folder`) and upload it to the Hub model repository `hub_model_id`.
 
-    The repository is created when needed (`private` applies to a new one); `revision` is a branch, created from
-    main when it does not exist. The token is `token`, else `HF_TOKEN` or the one saved by `hf auth login`.
-    The staged folder is a temporary one unless `staging_dir` is given (then it is kept).
+    The folder is staged (and so checked: it loads, its weights fit) before anything is created on the Hub. The
+    repository is created when needed; `private` makes a new one private, and refuses an existing public one
+    (its visibility is the owner's to change on the Hub). `revision` is a branch, created from main when it does
+    not exist. The token is `token`, else `HF_TOKEN` or the one saved by `hf auth login`. The staged folder is a
+    temporary one unless `staging_dir` is given (then it is kept).
     """
     token = check_push_settings(hub_model_id, token)
-    model_files(output_dir)  # a folder that cannot be published fails before anything is created on the Hub
-    if staging_dir is not None:
-        _check_staging_dir(Path(staging_dir))  # before the repository is created
     api = HfApi(token=token)
-    # The full id ("name" -> "user/name") goes into the card's usage snippet.
-    repo_id = api.create_repo(hub_model_id, private=private, exist_ok=True).repo_id
     with tempfile.TemporaryDirectory(prefix="cdb-vq-hub-") as temporary:
-        folder = stage_folder(output_dir, staging_dir or temporary, repo_id, license=license)
+        folder = stage_folder(output_dir, staging_dir or temporary, hub_model_id, license=license)
+        repo_id = api.create_repo(hub_model_id, private=private, exist_ok=True).repo_id
+        if private and not api.repo_info(repo_id).private:
+            raise ValueError(
+                f"{repo_id} already exists and is public, and private=True (--private) only applies to a new "
+                f"repository: make it private on the Hub first, or publish without --private."
+            )
+        if repo_id != hub_model_id:  # "name" -> "user/name": the full id goes into the card's usage snippet
+            run_config = _read_json(Path(output_dir) / "training_config.json")
+            write_model_card(folder, repo_id, license=license, training_config=run_config)
+            _scrub_staged_text(folder, [str(Path(output_dir).resolve())])
         if revision and revision != "main":
             api.create_branch(repo_id, branch=revision, exist_ok=True)
         return api.upload_folder(
@@ -576,4 +632,5 @@ __all__ = [
     "push_to_hub",
     "render_model_card",
     "stage_folder",
+    "write_model_card",
 ]

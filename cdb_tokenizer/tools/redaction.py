@@ -6,7 +6,7 @@
 - `scrub_local_paths` cuts every local path to its last part: a value that is one (POSIX, `~/`, `./` and `../`,
   `file://`, Windows `C:\\` or `C:/`, UNC `\\\\server\\share`, with spaces, after a `kind:` prefix such as
   `text:/home/me/labels.txt`, nested in lists and dicts), and absolute, `~/`, Windows and UNC paths inside free text
-  (relative ones there cannot be told from prose).
+  (relative ones there cannot be told from prose, except under keys that name files: `PATH_KEYS`).
 - `hide_secret_arguments` blanks `--hub_token`'s value in `sys.argv` once it is parsed (W&B uploads the command line).
 """
 
@@ -34,6 +34,15 @@ def is_secret_key(key: Any, value: Any) -> bool:
     if not any(word in name for word in SECRET_WORDS):
         return False
     return value is not None and not isinstance(value, (bool, int, float))
+
+
+def blank_tokens(value: Any) -> Any:
+    """`value` with `hf_...` tokens blanked inside every string, at any depth; every key kept."""
+    if isinstance(value, dict):
+        return {key: blank_tokens(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [blank_tokens(item) for item in value]
+    return HF_TOKEN.sub(REDACTED, value) if isinstance(value, str) else value
 
 
 def redact_secrets(value: Any) -> Any:
@@ -65,6 +74,23 @@ _EMBEDDED_PATH = re.compile(
 )
 
 
+# Keys whose values name local files or folders (or something else with no path part: an open_clip tag, `kmeans:64`):
+# there a relative path (`clients/acme/photos`) is cut too, which in free text cannot be told from prose. Hub ids
+# (`hf-hub:org/name`) and URLs stay.
+PATH_KEYS = frozenset(
+    {"config", "model_config", "train_data_dir", "clip_model", "clip_pretrained", "prototypes", "fid_weights",
+     "output_dir", "logging_dir", "cache_dir", "resume_from_checkpoint"}  # fmt: skip
+)
+_RELATIVE_PATH = re.compile(r"^(?P<prefix>[A-Za-z][\w-]{1,15}:)?(?P<path>[^:]*[\\/][^:]*)$", re.DOTALL)
+
+
+def _cut_path_value(value: str) -> str:
+    relative = _RELATIVE_PATH.match(value.strip())
+    if relative is None or relative.group("prefix") == "hf-hub:" or "://" in value:
+        return scrub_local_paths(value)
+    return (relative.group("prefix") or "") + _last_part(relative.group("path"))
+
+
 def _last_part(path: str) -> str:
     parts = [part for part in re.split(r"[\\/]+", path.strip()) if part and part != "~"]
     return parts[-1] if parts else ""
@@ -73,7 +99,10 @@ def _last_part(path: str) -> str:
 def scrub_local_paths(value: Any) -> Any:
     """`value` with every local path cut to its last part (`/home/me/My Photos/cats` -> `cats`), at any depth."""
     if isinstance(value, dict):
-        return {key: scrub_local_paths(item) for key, item in value.items()}
+        return {
+            key: _cut_path_value(item) if key in PATH_KEYS and isinstance(item, str) else scrub_local_paths(item)
+            for key, item in value.items()
+        }  # fmt: skip
     if isinstance(value, (list, tuple)):
         return [scrub_local_paths(item) for item in value]
     if isinstance(value, str):
@@ -112,4 +141,4 @@ def hide_secret_arguments(argv: list[str], options: tuple[str, ...] = ("--hub_to
             argv[index + 1] = REDACTED
 
 
-__all__ = ["HF_TOKEN", "REDACTED", "collect_strings", "hide_secret_arguments", "is_secret_key", "public_value", "redact_secrets", "scrub_local_paths"]
+__all__ = ["HF_TOKEN", "REDACTED", "blank_tokens", "collect_strings", "hide_secret_arguments", "is_secret_key", "public_value", "redact_secrets", "scrub_local_paths"]

@@ -203,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--push_to_hub", action="store_true", help="Upload the output folder to the Hub at the end.")
     run.add_argument("--hub_model_id", type=str, default=None, help="Hub repository (default: the output folder's name).")
     run.add_argument("--hub_token", type=str, default=None, help="Hub token (default: the logged-in one; prefer `hf auth login` or HF_TOKEN: a token on the command line shows in the process list). Never written to training_config.json or the trackers.")
-    run.add_argument("--hub_private_repo", action="store_true", help="Create the Hub repository as private.")
+    run.add_argument("--hub_private_repo", action="store_true", help="Create the Hub repository as private (an existing public one is refused, not changed).")
     _add_model_flags(parser)
     return parser
 
