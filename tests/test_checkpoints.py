@@ -349,3 +349,96 @@ def test_resuming_where_accelerate_would_unpickle_the_checkpoint_is_refused(monk
     monkeypatch.delenv(variable)
     with pytest.raises(CheckpointError, match=f"resuming under {kind}"):
         refuse_pickled_states(SimpleNamespace(distributed_type=getattr(DistributedType, variable.split("_")[-1])))
+
+
+def test_a_run_killed_after_its_final_checkpoint_saves_its_model_on_resume(straight, tmp_path, caplog):
+    """Killed between the final checkpoint and the end of saving (no metrics.json, or an earlier run's), the resume
+    said "nothing left to train" and the run never had a model; it now validates and saves the checkpoint's."""
+    import shutil
+
+    expected = load_file(straight / "model.safetensors")
+    for case in ("no metrics", "an earlier run's metrics"):
+        output_dir = tmp_path / case.replace(" ", "_")
+        shutil.copytree(straight, output_dir)
+        (output_dir / "model.safetensors").unlink()
+        if case == "no metrics":
+            (output_dir / "metrics.json").unlink()
+        else:
+            (output_dir / "metrics.json").write_text(json.dumps({"steps": 2, "psnr": 1.0}))
+        caplog.clear()
+        metrics = main(RUN + ["--output_dir", str(output_dir), "--resume_from_checkpoint", "latest"])
+        assert "Nothing left to train" not in caplog.text and "before its model was saved" in caplog.text
+        assert metrics["steps"] == 4 and json.loads((output_dir / "metrics.json").read_text())["steps"] == 4
+        saved = load_file(output_dir / "model.safetensors")
+        assert saved.keys() == expected.keys() and all(torch.equal(saved[key], expected[key]) for key in saved)
+
+
+def test_a_refused_resume_sets_no_checkpoint_aside(tmp_path):
+    # The later checkpoints were renamed abandoned-* before the EMA check refused the resume: `latest` then led back
+    # to the earlier step.
+    output_dir = tmp_path / "run"
+    plain = [argument for argument in RUN if argument != "--use_ema"]
+    main(plain + ["--output_dir", str(output_dir)])
+    before = sorted(path.name for path in (output_dir / "checkpoints").iterdir())
+    with pytest.raises(CheckpointError, match="has no EMA weight"):
+        main(RUN + ["--max_train_steps", "6", "--output_dir", str(output_dir),
+                    "--resume_from_checkpoint", str(output_dir / "checkpoints" / "checkpoint-2")])  # fmt: skip
+    assert sorted(path.name for path in (output_dir / "checkpoints").iterdir()) == before
+
+
+def test_a_resume_with_other_accumulation_steps_starts_whole_windows(straight, tmp_path, monkeypatch):
+    """accelerate restored its micro-batch count: resumed with --gradient_accumulation_steps 3 from a run with 1, the
+    first window ended after 1 micro-batch."""
+    import shutil
+
+    import cdb_tokenizer.tools.steps as steps
+
+    output_dir = tmp_path / "run"
+    shutil.copytree(straight, output_dir)
+    calls, windows = [], []
+    real_step, real_apply = steps.training_step, steps._apply_gradients
+
+    def counted_step(*args, **kwargs):
+        calls.append(1)
+        return real_step(*args, **kwargs)
+
+    def apply_gradients(*args, **kwargs):
+        windows.append(len(calls) - sum(windows))
+        return real_apply(*args, **kwargs)
+
+    monkeypatch.setattr(steps, "_apply_gradients", apply_gradients)
+    monkeypatch.setattr("training.train.training_step", counted_step)
+    main(RUN + ["--output_dir", str(output_dir), "--max_train_steps", "4", "--gradient_accumulation_steps", "3",
+                "--resume_from_checkpoint", str(output_dir / "checkpoints" / "checkpoint-2")])  # fmt: skip
+    assert windows == [3, 3]
+
+
+def test_a_schedule_resumed_on_another_number_of_processes_goes_on_from_its_step():
+    """accelerate steps a scheduler once per process per step: saved by 2 processes at step 4 and resumed by 1, the
+    cosine schedule went on from step 8 (past its end, rising again)."""
+    import types
+
+    from transformers import get_scheduler
+
+    from cdb_tokenizer.tools.checkpoints import reposition_schedules
+
+    def schedule(processes: int):
+        optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+        scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=2 * processes, num_training_steps=8 * processes)
+        return optimizer, scheduler
+
+    for saved, now in ((2, 1), (1, 2), (2, 2)):
+        optimizer, scheduler = schedule(saved)
+        for _ in range(4 * saved):  # four steps, each stepping the schedule once per process
+            optimizer.step()
+            scheduler.step()
+        resumed_optimizer, resumed = schedule(now)
+        resumed_optimizer.load_state_dict(optimizer.state_dict())
+        resumed.load_state_dict(scheduler.state_dict())
+        reposition_schedules([("model", resumed_optimizer, types.SimpleNamespace(scheduler=resumed))], saved, now)
+        reference_optimizer, reference = schedule(now)
+        for _ in range(4 * now):  # an uninterrupted run on `now` processes
+            reference_optimizer.step()
+            reference.step()
+        assert resumed.last_epoch == reference.last_epoch == 4 * now
+        assert resumed.get_last_lr() == reference.get_last_lr() == [group["lr"] for group in resumed_optimizer.param_groups]

@@ -41,7 +41,13 @@ from tqdm.auto import tqdm
 
 from cdb_tokenizer import CDBVQConfig, CDBVQImageProcessor, CDBVQModel
 from cdb_tokenizer.modeling_cdb_vq import flatten_grid
-from cdb_tokenizer.tools.checkpoints import complete_checkpoints, load_custom_state, load_training_state, save_checkpoint
+from cdb_tokenizer.tools.checkpoints import (
+    complete_checkpoints,
+    load_custom_state,
+    load_training_state,
+    save_checkpoint,
+    set_aside_later_checkpoints,
+)
 from cdb_tokenizer.tools.data import (
     EpochSampler,
     SplitNotFoundError,
@@ -692,7 +698,8 @@ def resume(accelerator: Accelerator, args, max_train_steps: int, schedules: list
         return 0, {}, {}
     tensors, state = load_custom_state(path)  # safetensors and JSON: nothing is unpickled
     refuse_another_objective(state.get("objective"), objective)  # before the weights: their shapes may differ too
-    step = load_training_state(accelerator, path, args.output_dir, max_train_steps, schedules)
+    # The later checkpoints are set aside once the whole resume is accepted (the EMA weights are checked after this).
+    step = load_training_state(accelerator, path, args.output_dir, max_train_steps, schedules, set_aside=False)
     logger.info(f"Resumed from {path} (step {step}).")
     return step, tensors, state
 
@@ -712,12 +719,24 @@ def resume_or_initialize(args: argparse.Namespace, parts: TrainingParts, ema: EM
         if ema is not None:
             ema.load_tensors(tensors, saved, source=args.resume_from_checkpoint)
         warn_if_data_order_changed(saved.get("data_order"), order)
+        if step < max_train_steps:  # a run that trains past an earlier checkpoint abandons the later ones
+            set_aside_later_checkpoints(parts.accelerator, args.output_dir, step)
     else:
         model = parts.unwrapped
         initialize_codebook(args, model, batch_stream(train_loader, sampler), parts.accelerator, parts.teacher)
         if ema is not None:
             ema.copy_rows(model, "quantizer.codebook.weight", torch.arange(model.config.codebook_size))
     return RunState.from_checkpoint(step, saved, order, objective)
+
+
+def saved_at_step(args: argparse.Namespace) -> int:
+    """The step of the model saved in --output_dir (its metrics.json, written after the model), or -1 if none is: a
+    run killed between its final checkpoint and the end of saving has no metrics.json, or an earlier run's."""
+    try:
+        steps = json.loads((Path(args.output_dir) / "metrics.json").read_text()).get("steps", -1)
+    except (OSError, ValueError, AttributeError):
+        return -1
+    return steps if isinstance(steps, int) else -1
 
 
 def nothing_left_to_train(args: argparse.Namespace, accelerator: Accelerator, step: int, max_train_steps: int) -> dict:
@@ -994,7 +1013,10 @@ def train(args: argparse.Namespace) -> tuple[CDBVQModel, dict]:
     ema = EMAWeights(parts.unwrapped, args.ema_weights_decay) if args.use_ema else None
     state = resume_or_initialize(args, parts, ema, train_loader, sampler, max_train_steps)
     if state.step > 0 and state.step >= max_train_steps:
-        return parts.unwrapped, nothing_left_to_train(args, accelerator, state.step, max_train_steps)
+        if saved_at_step(args) >= state.step:
+            return parts.unwrapped, nothing_left_to_train(args, accelerator, state.step, max_train_steps)
+        logger.info(f"The run stopped after its last checkpoint (step {state.step}) before its model was saved: "
+                    f"validating and saving it now.")  # fmt: skip
     # Once the checkpoint is accepted: a refused resume leaves the run's training_config.json as it was.
     run_config = save_run_config(args, accelerator, model, max_train_steps, skipped_validation_images)
 

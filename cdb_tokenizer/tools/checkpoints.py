@@ -242,6 +242,31 @@ def keep_optimizer_settings(schedules: list[tuple[str, torch.optim.Optimizer, ob
         schedule._last_lr = [group["lr"] for group in optimizer.param_groups]  # what get_last_lr() reports
 
 
+def saved_process_count(path: str | Path) -> int:
+    """How many processes wrote a checkpoint: accelerate saves one `random_states_<rank>.pkl` per process."""
+    return len(list(Path(path).glob("random_states_*.pkl")))
+
+
+def reposition_schedules(schedules: list[tuple[str, torch.optim.Optimizer, object]], saved_processes: int, processes: int) -> None:
+    """accelerate steps a prepared scheduler once per process per optimiser step and saves its count as it is: resumed
+    on another number of processes, the schedule would go on from another step (2 -> 1 process: twice as far, and
+    a cosine past its end climbs back up). Rescale each count to this run's processes and set the rate it gives."""
+    from torch.optim.lr_scheduler import LambdaLR
+
+    if saved_processes < 1 or saved_processes == processes:
+        return
+    for name, optimizer, scheduler in schedules:
+        schedule = scheduler.scheduler
+        if not isinstance(schedule, LambdaLR):  # every transformers schedule is one; another cannot be recomputed
+            logger.warning(f"Resuming the {name} schedule on {processes} processes instead of {saved_processes}: "
+                           f"{type(schedule).__name__} cannot be moved to the same step, it goes on from its count.")  # fmt: skip
+            continue
+        schedule.last_epoch = schedule.last_epoch // saved_processes * processes
+        for group, peak, rule in zip(optimizer.param_groups, schedule.base_lrs, schedule.lr_lambdas):
+            group["lr"] = peak * rule(schedule.last_epoch)
+        schedule._last_lr = [group["lr"] for group in optimizer.param_groups]
+
+
 def refuse_pickled_states(accelerator: Accelerator) -> None:
     """Resuming is safe only where accelerate reads a checkpoint with `weights_only=True` (one process, DDP): FSDP's
     sharded states come with a pickled `.metadata` (torch.distributed.checkpoint) and DeepSpeed loads its files with
@@ -274,12 +299,19 @@ def _check_random_states(path: Path) -> None:
 
 
 def load_training_state(
-    accelerator: Accelerator, path: str | Path, output_dir: str | Path, max_train_steps: int, schedules: list
+    accelerator: Accelerator,
+    path: str | Path,
+    output_dir: str | Path,
+    max_train_steps: int,
+    schedules: list,
+    set_aside: bool = True,
 ) -> int:
     """Load a complete checkpoint's weights, optimiser, scheduler and random states into a run and return its step.
 
-    The run keeps its own learning rates and optimiser settings (`keep_optimizer_settings`); the later checkpoints of
-    an abandoned run are set aside only when this run trains past `path`; a damaged checkpoint, or one of another
+    The run keeps its own learning rates and optimiser settings (`keep_optimizer_settings`), and its schedules go on
+    from the checkpoint's step on any number of processes (`reposition_schedules`); the later checkpoints of an
+    abandoned run are set aside only when this run trains past `path` (with `set_aside=False` the caller does it with
+    `set_aside_later_checkpoints` once it has accepted the resume); a damaged checkpoint, or one of another
     configuration, is a one-line `CheckpointError`. `schedules`: (name, optimiser, accelerate-prepared scheduler)."""
     refuse_pickled_states(accelerator)
     random_states = Path(path) / f"random_states_{accelerator.process_index}.pkl"
@@ -294,8 +326,12 @@ def load_training_state(
             f"cannot resume from {path}: {type(error).__name__}: {first_line(error)[:300]}. The checkpoint is damaged "
             f"or tampered with, or it belongs to a run with another configuration."
         ) from None
+    # accelerate restores its count of micro-batches, from which `accumulate` decides where a window ends: with another
+    # --gradient_accumulation_steps every window would end mid-way. Checkpoints are taken between windows: start at 0.
+    accelerator.step = 0
     keep_optimizer_settings(schedules, settings)
+    reposition_schedules(schedules, saved_process_count(path), accelerator.num_processes)
     step = checkpoint_step(path)
-    if step < max_train_steps:  # later checkpoints are abandoned only by a run that trains past this one
+    if set_aside and step < max_train_steps:  # later checkpoints are abandoned only by a run that trains past this one
         set_aside_later_checkpoints(accelerator, output_dir, step)
     return step
