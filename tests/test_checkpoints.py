@@ -442,3 +442,47 @@ def test_a_schedule_resumed_on_another_number_of_processes_goes_on_from_its_step
             reference.step()
         assert resumed.last_epoch == reference.last_epoch == 4 * now
         assert resumed.get_last_lr() == reference.get_last_lr() == [group["lr"] for group in resumed_optimizer.param_groups]
+
+
+def test_a_resume_of_another_shape_or_a_tampered_state_is_one_line_naming_it(straight, tmp_path):
+    import shutil
+
+    output_dir = tmp_path / "run"
+    shutil.copytree(straight, output_dir)
+    # torch's first line is only a heading ("Error(s) in loading state_dict for CDBVQModel:"): the tensor is named.
+    with pytest.raises(CheckpointError, match=r"CDBVQModel: size mismatch for quant_conv\.weight: .*torch.Size\(\[4, 16, 1, 1\]\)\. The checkpoint"):
+        main(RUN + ["--output_dir", str(output_dir), "--max_train_steps", "6", "--codebook_dim", "4",
+                    "--resume_from_checkpoint", "latest"])  # fmt: skip
+    # A training_state.json whose settings are not objects (it is JSON, so editable) was a TypeError traceback.
+    checkpoint = output_dir / "checkpoints" / "checkpoint-4"
+    state = json.loads((checkpoint / "training_state.json").read_text())
+    text = json.dumps({**state, "objective": "x" * len(json.dumps(state["objective"]))}, indent=2) + "\n"
+    text = text[: (checkpoint / "training_state.json").stat().st_size]  # the manifest checks the size
+    (checkpoint / "training_state.json").write_text(text + " " * ((checkpoint / "training_state.json").stat().st_size - len(text)))
+    with pytest.raises(CheckpointError, match="'objective' is not a JSON object"):
+        main(RUN + ["--output_dir", str(output_dir), "--max_train_steps", "6", "--resume_from_checkpoint", "latest"])
+
+
+def test_a_rotation_cut_short_leaves_no_broken_checkpoint(tmp_path, monkeypatch, fresh_accelerator_state):
+    from accelerate import Accelerator
+
+    import cdb_tokenizer.tools.checkpoints as checkpoints
+
+    accelerator = Accelerator(cpu=True)
+    checkpoints.save_checkpoint(accelerator, tmp_path, 1, total_limit=1)
+    real_rmtree = shutil_rmtree = checkpoints.shutil.rmtree
+
+    def killed_while_deleting(path, *args, **kwargs):  # the run dies after removing one file of the old checkpoint
+        next(Path(path).rglob("*.pkl")).unlink()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoints.shutil, "rmtree", killed_while_deleting)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoints.save_checkpoint(accelerator, tmp_path, 2, total_limit=1)
+    monkeypatch.setattr(checkpoints.shutil, "rmtree", real_rmtree)
+    complete, incomplete = complete_checkpoints(tmp_path)
+    assert [p.name for p in complete] == ["checkpoint-2"]
+    assert [p.name for p, _ in incomplete] == ["checkpoint-1.old.tmp"]  # not a broken "checkpoint-1"
+    checkpoints.save_checkpoint(accelerator, tmp_path, 3, total_limit=1)  # the next rotation removes the remains
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["checkpoint-3"]
+    assert shutil_rmtree is real_rmtree

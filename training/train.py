@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 from cdb_tokenizer import CDBVQConfig, CDBVQImageProcessor, CDBVQModel
 from cdb_tokenizer.modeling_cdb_vq import flatten_grid
 from cdb_tokenizer.tools.checkpoints import (
+    CheckpointError,
     complete_checkpoints,
     load_custom_state,
     load_training_state,
@@ -697,6 +698,10 @@ def resume(accelerator: Accelerator, args, max_train_steps: int, schedules: list
     if path is None:
         return 0, {}, {}
     tensors, state = load_custom_state(path)  # safetensors and JSON: nothing is unpickled
+    for key in ("objective", "data_order"):
+        if not isinstance(state.get(key) or {}, dict):
+            raise CheckpointError(f"{path}: its training state's {key!r} is not a JSON object; the checkpoint is "
+                                  f"damaged or tampered with.")  # fmt: skip
     refuse_another_objective(state.get("objective"), objective)  # before the weights: their shapes may differ too
     # The later checkpoints are set aside once the whole resume is accepted (the EMA weights are checked after this).
     step = load_training_state(accelerator, path, args.output_dir, max_train_steps, schedules, set_aside=False)

@@ -149,7 +149,11 @@ def save_checkpoint(
             complete, incomplete = complete_checkpoints(output_dir)
             older = [p for p in complete if _step_of(p) < step]  # never one of a later step than this run's
             for old in older[: max(0, len(older) - total_limit + 1)]:
-                shutil.rmtree(old)
+                # Renamed first: a deletion cut short leaves a `.tmp` folder the next rotation removes, not a broken
+                # checkpoint-<step> that `latest` warns about on every resume.
+                doomed = old.with_name(f"{old.name}.old{TMP_SUFFIX}")
+                os.replace(old, doomed)
+                shutil.rmtree(doomed)
             for path, _ in incomplete:  # the remains of interrupted writes
                 if path.name.endswith(TMP_SUFFIX):
                     shutil.rmtree(path, ignore_errors=True)
@@ -298,6 +302,14 @@ def _check_random_states(path: Path) -> None:
         ) from None
 
 
+def _what_failed(error: BaseException) -> str:
+    """The first line of `error`, and its first detail when the first line is only a heading (torch's "Error(s) in
+    loading state_dict for CDBVQModel:" lists the mismatched tensors below)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    heading = first_line(error)
+    return (f"{heading} {lines[1]}" if heading.endswith(":") and len(lines) > 1 else heading).rstrip(".")
+
+
 def load_training_state(
     accelerator: Accelerator,
     path: str | Path,
@@ -323,8 +335,8 @@ def load_training_state(
         accelerator.load_state(str(path))
     except Exception as error:  # noqa: BLE001 - damaged or tampered files, or another run's shapes
         raise CheckpointError(
-            f"cannot resume from {path}: {type(error).__name__}: {first_line(error)[:300]}. The checkpoint is damaged "
-            f"or tampered with, or it belongs to a run with another configuration."
+            f"cannot resume from {path}: {type(error).__name__}: {_what_failed(error)[:300]}. The checkpoint is "
+            f"damaged or tampered with, or it belongs to a run with another configuration."
         ) from None
     # accelerate restores its count of micro-batches, from which `accumulate` decides where a window ends: with another
     # --gradient_accumulation_steps every window would end mid-way. Checkpoints are taken between windows: start at 0.
