@@ -486,3 +486,33 @@ def test_a_rotation_cut_short_leaves_no_broken_checkpoint(tmp_path, monkeypatch,
     checkpoints.save_checkpoint(accelerator, tmp_path, 3, total_limit=1)  # the next rotation removes the remains
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["checkpoint-3"]
     assert shutil_rmtree is real_rmtree
+
+
+def test_sigterm_ends_the_step_writes_its_checkpoint_and_stops(tmp_path):
+    """A cluster's preemption (SIGTERM) killed the run and lost everything since the last checkpoint."""
+    output_dir = tmp_path / "run"
+    argv = TINY + ["--report_to", "none", "--max_train_steps", "500", "--checkpointing_steps", "1000",
+                   "--output_dir", str(output_dir)]  # fmt: skip
+    script = f"import sys; sys.path.insert(0, {str(REPO)!r})\nfrom training.train import main\nmain({argv!r})\n"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    child = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 150
+        while not ((output_dir / "logs" / "train_log.jsonl").is_file() and len(steps_logged(output_dir)) >= 2):
+            assert child.poll() is None, child.stderr.read()[-2000:]
+            assert time.monotonic() < deadline, "the run never logged two steps"
+            time.sleep(0.05)
+        child.send_signal(signal.SIGTERM)
+        _, stderr = child.communicate(timeout=120)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait(timeout=30)
+    assert child.returncode == 1
+    stopped_at = int(re.search(r"training stopped: SIGTERM at step (\d+)", stderr).group(1))
+    complete, _ = complete_checkpoints(output_dir)
+    assert [p.name for p in complete] == [f"checkpoint-{stopped_at}"] and stopped_at < 500
+    assert steps_logged(output_dir) == list(range(1, stopped_at + 1))
+    main(TINY + ["--report_to", "none", "--max_train_steps", str(stopped_at + 1), "--checkpointing_steps", "1000",
+                 "--output_dir", str(output_dir), "--resume_from_checkpoint", "latest"])  # fmt: skip
+    assert steps_logged(output_dir) == list(range(1, stopped_at + 2))

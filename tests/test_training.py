@@ -588,3 +588,13 @@ def test_a_resume_without_the_teacher_it_was_trained_with_is_refused_by_name(tmp
                 "--prototype_kmeans_batches", "1"])  # fmt: skip
     with pytest.raises(ValueError, match=r"other settings \(teacher 'tiny_clip.json \(random weights\)' -> None\).*CLIP teacher"):
         main(run + ["--max_train_steps", "3", "--resume_from_checkpoint", "latest"])  # PLAIN_RUN: --clip_model none
+
+
+def test_a_resumed_run_counts_on_its_nan_steps_in_a_row(tmp_path, monkeypatch):
+    # The count of non-finite steps in a row started again at 0 on resume: a resumed run tolerated more of them.
+    run = PLAIN_RUN + ["--output_dir", str(tmp_path / "run"), "--checkpointing_steps", "1", "--max_nonfinite_steps", "2"]
+    monkeypatch.setattr(steps_module, "compute_losses", _nan_at({1}))  # step 2, the last before the checkpoint
+    main(run + ["--max_train_steps", "2"])
+    monkeypatch.setattr(steps_module, "compute_losses", _nan_at({2}))  # the resumed run's first step, step 3
+    with pytest.raises(TrainingStopped, match=r"2 steps in a row"):
+        main(run + ["--max_train_steps", "4", "--resume_from_checkpoint", "latest"])

@@ -103,3 +103,33 @@ def test_a_teacher_missing_on_one_process_stops_every_process_instead_of_hanging
     )  # fmt: skip
     assert result.returncode != 0
     assert "the CLIP teacher" in result.stderr and "not on process(es) [1]" in result.stderr, result.stderr[-3000:]
+
+
+TERMINATION_WORKER = textwrap.dedent(
+    """
+    import os, signal, sys
+    sys.path.insert(0, {repo!r})
+    from cdb_tokenizer.tools.runs import multi_process_without_accelerator, TerminationRequest
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=multi_process_without_accelerator())
+    with TerminationRequest(accelerator) as termination:
+        before = termination.requested()
+        if accelerator.process_index == 1:  # the signal reaches one process first
+            os.kill(os.getpid(), signal.SIGTERM)
+        after = termination.requested()
+    print(f"rank {{accelerator.process_index}}: {{before}} {{after}}", flush=True)
+    """
+)
+
+
+def test_a_sigterm_on_one_process_stops_every_process(tmp_path):
+    """Each process may get the preemption signal at another moment: all must agree to stop, or one would wait
+    forever in the next step's collectives."""
+    worker = tmp_path / "termination.py"
+    worker.write_text(TERMINATION_WORKER.format(repo=str(REPO)))
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()), str(worker)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(line for line in result.stdout.splitlines() if line.startswith("rank")) == [
+        "rank 0: False True", "rank 1: False True"]  # fmt: skip

@@ -82,6 +82,7 @@ from cdb_tokenizer.tools.roles import role_map_figure, save_role_map
 from cdb_tokenizer.tools.runs import (
     EMAWeights,
     RunLog,
+    TerminationRequest,
     claim_output_dir,
     find_checkpoint,
     make_accelerator,
@@ -624,6 +625,8 @@ class RunState:
     # Unreadable training images, by name: counted once however often the data passes over them.
     skipped_ids: set[str] = field(default_factory=set)
     nonfinite_steps: int = 0
+    # Non-finite steps in a row up to now (--max_nonfinite_steps stops the run): a resumed run counts on.
+    nonfinite_in_a_row: int = 0
     # What decides where a resumed run re-enters the data (checked on resume).
     data_order: dict = field(default_factory=dict)
     # What the run trains the model to do beyond its config's shape (checked on resume).
@@ -632,7 +635,8 @@ class RunState:
     @classmethod
     def from_checkpoint(cls, step: int, saved: dict, data_order: dict, objective: dict) -> RunState:
         skipped = set(saved.get("skipped_image_ids", []))
-        return cls(step, skipped, int(saved.get("nonfinite_steps", 0)), data_order, objective)
+        nonfinite = (int(saved.get("nonfinite_steps", 0)), int(saved.get("nonfinite_in_a_row", 0)))
+        return cls(step, skipped, *nonfinite, data_order, objective)
 
     def share_skipped_ids(self, accelerator: Accelerator) -> None:
         """Every process's unreadable images, on every process (each only meets those of its own batches)."""
@@ -641,6 +645,7 @@ class RunState:
 
     def to_checkpoint(self, ema: EMAWeights | None) -> dict:
         return {"step": self.step, "skipped_image_ids": sorted(self.skipped_ids), "nonfinite_steps": self.nonfinite_steps,
+                "nonfinite_in_a_row": self.nonfinite_in_a_row,
                 "ema_weights_decay": ema.decay if ema is not None else None, "data_order": self.data_order,
                 "objective": self.objective}  # fmt: skip
 
@@ -786,38 +791,56 @@ def log_start(args: argparse.Namespace, parts: TrainingParts, max_train_steps: i
 def train_loop(args: argparse.Namespace, parts: TrainingParts, ema: EMAWeights | None, batches: Iterator[dict],
                validation: Validation, log: RunLog, state: RunState, max_train_steps: int) -> tuple[dict, float]:  # fmt: skip
     """Train from `state.step` to `max_train_steps`: steps (a NaN step is skipped, too many in a row stop the run),
-    weight EMA, dead-code restarts, logs, validation and checkpoints. Returns the last validation metrics ({} when
-    none ran) and the seconds per step."""
-    accelerator, model = parts.accelerator, parts.unwrapped
+    weight EMA, dead-code restarts, logs, validation and checkpoints. A SIGTERM (preemption) ends the step, writes
+    its checkpoint and stops the run (`TrainingStopped`). Returns the last validation metrics ({} when none ran) and
+    the seconds per step."""
+    accelerator = parts.accelerator
     progress = tqdm(range(max_train_steps), initial=state.step, desc="steps", disable=not accelerator.is_main_process)
-    nonfinite_in_a_row, metrics, first_step, loop_start = 0, {}, state.step, time.time()
-    while state.step < max_train_steps:
-        step_terms, bad_term, output = accumulated_step(args, parts, batches, state)
-        state.step += 1
-        progress.update(1)
-        if bad_term:
-            nonfinite_in_a_row += 1
-            state.nonfinite_steps += 1
-            what = bad_term if bad_term == "gradient norm" else f"{bad_term} loss"
-            logger.error(f"Step {state.step}: the {what} is NaN or infinite; this step was skipped (no weights changed).")
-            if nonfinite_in_a_row >= args.max_nonfinite_steps:
-                _stop(accelerator, args, f"{nonfinite_in_a_row} steps in a row had a NaN or infinite loss ({bad_term})")
-        else:
-            nonfinite_in_a_row = 0
-            after_good_step(args, parts, ema, log, progress, state, step_terms, output)
-
-        # A skipped step keeps the schedule: its validation and checkpoint (of the unchanged weights) still happen.
-        if state.step % args.validation_steps == 0 or state.step == max_train_steps:
-            # Every process validates on the whole held-out set (each computes its own metrics, with no
-            # cross-process sync, so every process gets the same numbers).
-            metrics = validate(model, validation, args, log, state.step, ema)
-            logger.info(f"Step {state.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
-        if state.step % args.checkpointing_steps == 0 or state.step == max_train_steps:
-            state.share_skipped_ids(accelerator)  # the checkpoint is written by the main process alone
-            save_checkpoint(accelerator, args.output_dir, state.step, args.checkpoints_total_limit,
-                            tensors=ema.to_tensors() if ema is not None else None, state=state.to_checkpoint(ema))  # fmt: skip
+    metrics, first_step, loop_start = {}, state.step, time.time()
+    with TerminationRequest(accelerator) as termination:
+        while state.step < max_train_steps:
+            metrics = loop_step(args, parts, ema, batches, validation, log, state, max_train_steps, progress) or metrics
+            if state.step < max_train_steps and termination.requested():  # preempted: checkpoint, then stop
+                if state.step % args.checkpointing_steps:  # (unless this step's was just written)
+                    save_run_checkpoint(args, accelerator, state, ema)
+                _stop(accelerator, args, f"SIGTERM at step {state.step}", advice="")
     progress.close()
     return metrics, (time.time() - loop_start) / max(1, state.step - first_step)
+
+
+def loop_step(args: argparse.Namespace, parts: TrainingParts, ema: EMAWeights | None, batches: Iterator[dict],
+              validation: Validation, log: RunLog, state: RunState, max_train_steps: int, progress) -> dict | None:  # fmt: skip
+    """One step, then its validation and checkpoint when they are due; returns the validation metrics, if any."""
+    accelerator, metrics = parts.accelerator, None
+    step_terms, bad_term, output = accumulated_step(args, parts, batches, state)
+    state.step += 1
+    progress.update(1)
+    if bad_term:
+        state.nonfinite_in_a_row += 1
+        state.nonfinite_steps += 1
+        what = bad_term if bad_term == "gradient norm" else f"{bad_term} loss"
+        logger.error(f"Step {state.step}: the {what} is NaN or infinite; this step was skipped (no weights changed).")
+        if state.nonfinite_in_a_row >= args.max_nonfinite_steps:
+            _stop(accelerator, args, f"{state.nonfinite_in_a_row} steps in a row had a NaN or infinite loss ({bad_term})")
+    else:
+        state.nonfinite_in_a_row = 0
+        after_good_step(args, parts, ema, log, progress, state, step_terms, output)
+
+    # A skipped step keeps the schedule: its validation and checkpoint (of the unchanged weights) still happen.
+    if state.step % args.validation_steps == 0 or state.step == max_train_steps:
+        # Every process validates on the whole held-out set (each computes its own metrics, with no
+        # cross-process sync, so every process gets the same numbers).
+        metrics = validate(parts.unwrapped, validation, args, log, state.step, ema)
+        logger.info(f"Step {state.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+    if state.step % args.checkpointing_steps == 0 or state.step == max_train_steps:
+        save_run_checkpoint(args, accelerator, state, ema)
+    return metrics
+
+
+def save_run_checkpoint(args: argparse.Namespace, accelerator: Accelerator, state: RunState, ema: EMAWeights | None) -> None:
+    state.share_skipped_ids(accelerator)  # the checkpoint is written by the main process alone
+    save_checkpoint(accelerator, args.output_dir, state.step, args.checkpoints_total_limit,
+                    tensors=ema.to_tensors() if ema is not None else None, state=state.to_checkpoint(ema))  # fmt: skip
 
 
 def after_good_step(args, parts: TrainingParts, ema: EMAWeights | None, log: RunLog, progress, state: RunState,
@@ -837,12 +860,12 @@ def after_good_step(args, parts: TrainingParts, ema: EMAWeights | None, log: Run
     progress.set_postfix(loss=f"{step_terms['total']:.4f}", used=f"{float(output.utilization):.0%}")
 
 
-def _stop(accelerator: Accelerator, args, reason: str) -> None:
+def _stop(accelerator: Accelerator, args, reason: str, advice: str = ", e.g. with a lower --learning_rate") -> None:
     accelerator.end_training()
     kept = complete_checkpoints(args.output_dir)[0]
     raise TrainingStopped(
         f"training stopped: {reason}. Nothing was overwritten; the last checkpoint is "
-        f"{kept[-1] if kept else '(none yet)'} (resume with --resume_from_checkpoint latest, e.g. with a lower --learning_rate)."
+        f"{kept[-1] if kept else '(none yet)'} (resume with --resume_from_checkpoint latest{advice})."
     )
 
 

@@ -3,8 +3,8 @@
 The Accelerator of a run and its logging (`make_accelerator`), the rule for several processes on a machine without
 a GPU (`multi_process_without_accelerator`), which checkpoint `--resume_from_checkpoint` names (`find_checkpoint`:
 `latest` is the newest complete one), the claim on an output folder that keeps two runs out of one
-(`claim_output_dir`, released by `output_dir_claims`), the weight EMA (`EMAWeights`) and the run log (`RunLog`:
-trackers plus `logs/train_log.jsonl`).
+(`claim_output_dir`, released by `output_dir_claims`), a SIGTERM turned into a clean stop (`TerminationRequest`),
+the weight EMA (`EMAWeights`) and the run log (`RunLog`: trackers plus `logs/train_log.jsonl`).
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -241,3 +243,34 @@ class RunLog:
                 import wandb
 
                 tracker.log({name: wandb.Image(image.permute(1, 2, 0).numpy())}, step=step)
+
+
+class TerminationRequest:
+    """While active (`with TerminationRequest(accelerator) as termination:`), a SIGTERM (a cluster scheduler's
+    preemption, `kill`, Kubernetes' shutdown) is noted instead of ending the process, so that the loop can write a
+    checkpoint at the end of its step and stop; the previous handler is back afterwards. `requested()` is agreed by
+    all processes (each may get the signal at another moment); it costs one scalar all-reduce per call."""
+
+    def __init__(self, accelerator: Accelerator):
+        self.accelerator = accelerator
+        self.received = False
+        self._previous = None
+
+    def _note(self, signum, frame) -> None:
+        self.received = True
+
+    def __enter__(self) -> TerminationRequest:
+        if threading.current_thread() is threading.main_thread():  # only the main thread may set a handler
+            self._previous = signal.signal(signal.SIGTERM, self._note)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
+
+    def requested(self) -> bool:
+        if self.accelerator.num_processes == 1:
+            return self.received
+        flag = torch.tensor([float(self.received)], device=self.accelerator.device)
+        return bool(self.accelerator.reduce(flag, reduction="sum").item() > 0)
