@@ -232,6 +232,15 @@ def test_save_tokens_never_writes_through_a_link(tokenizer, photo_set, tmp_path)
     assert elsewhere.read_text() == "untouched"
 
 
+def test_save_tokens_removes_the_old_record_before_writing_new_ids(tokenizer, tmp_path, monkeypatch):
+    rows = token_set(4)
+    save_tokens(rows, tmp_path / "tokens", tokenizer[0])
+    monkeypatch.setattr(datasets.Dataset, "save_to_disk", lambda *args, **kwargs: pytest.fail("crashed while saving"))
+    with pytest.raises(pytest.fail.Exception):
+        save_tokens(rows, tmp_path / "tokens", tiny_model(codebook_size=32))
+    assert not (tmp_path / "tokens" / "cdb_vq_tokens.json").exists()  # no record of the old tokenizer is left
+
+
 def test_train_prior_refuses_tokens_of_another_tokenizer(tokenizer, photo_set, tmp_path, fresh_accelerator_state):
     model, processor = tokenizer
     save_tokens(tokenize_dataset(photo_set, model, processor), tmp_path / "tokens", model)
@@ -319,6 +328,14 @@ def test_train_prior_needs_data_or_tokenizer():
         train_prior.parse_args(["--output_dir", "x"])
 
 
+@pytest.mark.parametrize("limit", ["0", "-1"])
+def test_train_prior_refuses_a_checkpoints_total_limit_below_one(limit, capsys):
+    train_prior = load_script("train_prior")
+    with pytest.raises(SystemExit):
+        train_prior.parse_args(prior_argv(Path("tokens"), Path("prior"), "--checkpoints_total_limit", limit))
+    assert f"--checkpoints_total_limit must be at least 1, got {limit}" in capsys.readouterr().err
+
+
 def test_make_vocabulary_reads_integer_labels_of_both_splits():
     """Plain integer labels (no ClassLabel): the classes run to the largest label of either split."""
     train_prior = load_script("train_prior")
@@ -346,6 +363,25 @@ def test_train_prior_checks_both_splits_before_training(validation, extra, messa
     with pytest.raises(ValueError, match=message):
         train_prior.main(train_prior.parse_args(prior_argv(tmp_path / "tokens", tmp_path / "prior", *extra)))
     assert not (tmp_path / "prior" / "checkpoints").exists()  # refused up front, not after training
+
+
+@pytest.mark.parametrize(
+    "column, message",
+    [
+        ([[1.5, 2.0, 3.0, 4.0]] * 16, "image_tokens column holds list<item: double>, not lists of integer code ids"),
+        ([[[1, 2], [3, 4]]] * 16, "image_tokens column holds list<item: list<item: int64>>, not lists of integer"),
+        (["1234"] * 16, "image_tokens column holds string, not lists of integer code ids"),
+        ([[1, 2, None, 4]] * 16, "the training split has 12 null image tokens"),
+        ([[1, 2, 3, 4]] * 15 + [None], r"the training split has 1 row\(s\) whose image_tokens are null"),
+        ([[]] * 16, "the training split has empty token sequences"),
+    ],
+)
+def test_train_prior_refuses_token_columns_it_cannot_train_on(column, message, tmp_path, fresh_accelerator_state):
+    features = datasets.Features({"image_tokens": datasets.List(datasets.Value("int32"))}) if column[0] == [] else None
+    datasets.Dataset.from_dict({"image_tokens": column}, features=features).save_to_disk(tmp_path / "tokens")
+    train_prior = load_script("train_prior")
+    with pytest.raises(ValueError, match=message):
+        train_prior.main(train_prior.parse_args(prior_argv(tmp_path / "tokens", tmp_path / "prior")))
 
 
 def test_token_image_size_falls_back_to_the_square_grid(tokenizer):
@@ -467,6 +503,17 @@ def test_train_prior_checks_code_ids_and_the_recorded_codebook_size(tmp_path, fr
         train_prior.main(train_prior.parse_args(prior_argv(tmp_path / "recorded", tmp_path / "prior2")))
 
 
+def test_train_prior_stops_when_the_weights_turn_nan_and_keeps_the_last_good_checkpoint(tmp_path, fresh_accelerator_state):
+    token_set(32).save_to_disk(tmp_path / "tokens")
+    train_prior = load_script("train_prior")
+    argv = prior_argv(tmp_path / "tokens", tmp_path / "prior", "--learning_rate", "1e20", "--lr_scheduler", "constant",
+                      "--max_train_steps", "4")  # fmt: skip
+    with pytest.raises(train_prior.TrainingStopped, match="weights became NaN or infinite at step 2.*checkpoint-1"):
+        train_prior.main(train_prior.parse_args(argv))
+    assert not (tmp_path / "prior" / "model.safetensors").exists() and not (tmp_path / "prior" / "metrics.json").exists()
+    assert sorted(path.name for path in (tmp_path / "prior" / "checkpoints").iterdir()) == ["checkpoint-1"]
+
+
 def test_train_prior_records_the_codebook_its_tokens_index(tmp_path, fresh_accelerator_state):
     # Without --tokenizer, the fingerprint comes from the tokens' cdb_vq_tokens.json (with one: the tokenizer's).
     model = tiny_model(codebook_size=8)
@@ -540,6 +587,26 @@ def test_two_processes_train_the_steps_asked_for(tmp_path):
     assert scheduler["_last_lr"][0] == pytest.approx(0.0, abs=1e-12)
 
 
+def test_two_processes_train_on_a_single_batch_of_data(tmp_path):
+    """Six training rows, batches of 4, two processes: not one full batch each, so the short one is kept (dropping
+    it left no batch at all, and a division by zero)."""
+    token_set(8).save_to_disk(tmp_path / "tokens")
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+        str(ROOT / "training" / "train_prior.py"), *prior_argv(tmp_path / "tokens", tmp_path / "prior"),
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=180, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((tmp_path / "prior" / "metrics.json").read_text())["step"] == 2
+
+
+def test_an_empty_training_loader_is_a_clear_error():
+    train_prior = load_script("train_prior")
+    args = train_prior.parse_args(prior_argv(Path("tokens"), Path("prior")))
+    with pytest.raises(ValueError, match="the training loader has no batches"):
+        train_prior.training_length(args, 0)
+
+
 # ---------------------------------------------------------------------------------------------------- sampling
 def biased_prior(vocabulary: PriorVocabulary, num_image_tokens: int, architecture: str = "llama"):
     """A tiny prior whose head strongly prefers the special tokens, so sampling must be restricted to stay valid."""
@@ -610,6 +677,66 @@ def test_sampling_refuses_values_that_are_not_finite(setting):
         sample_image_tokens(prior, vocabulary, 1, class_labels=0, **setting)
 
 
+# Settings a stranger's generation_config.json can carry, which transformers would otherwise apply to every setting
+# sample_image_tokens leaves unset.
+FOREIGN_GENERATION_SETTINGS = {
+    "top_p": 1e-9, "num_return_sequences": 2, "guidance_scale": 50.0, "repetition_penalty": 5.0,
+    "suppress_tokens": list(range(5, 60)),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.0])
+def test_sampling_ignores_the_priors_own_generation_config(temperature):
+    vocabulary = PriorVocabulary(64, num_classes=2)
+    torch.manual_seed(0)
+    prior = build_prior(vocabulary, 4, **TINY_PRIOR)
+    sample = lambda: sample_image_tokens(prior, vocabulary, 3, class_labels=[0, 1, 0], seed=0, temperature=temperature)
+    clean = sample()
+    for key, value in FOREIGN_GENERATION_SETTINGS.items():
+        setattr(prior.generation_config, key, value)
+    assert torch.equal(sample(), clean)
+    assert prior.generation_config.top_p == 1e-9  # the prior's own config is left as it was
+
+
+def test_load_prior_drops_the_sampling_settings_of_generation_config_json(tmp_path, caplog):
+    vocabulary = PriorVocabulary(64, num_classes=2)
+    torch.manual_seed(0)
+    save_prior(build_prior(vocabulary, 4, **TINY_PRIOR), vocabulary, tmp_path, 4)
+    clean = sample_image_tokens(*load_prior(tmp_path)[:2], 3, class_labels=[0, 1, 0], seed=0)
+    saved = json.loads((tmp_path / "generation_config.json").read_text())
+    (tmp_path / "generation_config.json").write_text(json.dumps({**saved, **FOREIGN_GENERATION_SETTINGS}))
+    with caplog.at_level("WARNING"):
+        prior, vocabulary, _ = load_prior(tmp_path)
+    assert "ignoring guidance_scale, num_return_sequences, repetition_penalty, suppress_tokens, top_p" in caplog.text
+    assert prior.generation_config.top_p is None and prior.generation_config.num_return_sequences is None
+    assert prior.generation_config.max_new_tokens == 4
+    assert torch.equal(sample_image_tokens(prior, vocabulary, 3, class_labels=[0, 1, 0], seed=0), clean)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.0])
+def test_sampling_a_prior_with_nan_weights_is_one_clear_error(temperature):
+    vocabulary = PriorVocabulary(8)
+    prior = build_prior(vocabulary, 2, **TINY_PRIOR)
+    with torch.no_grad():
+        prior.lm_head.weight.fill_(float("nan"))
+    with pytest.raises(ValueError, match=r"the prior's logits are not finite \(damaged weights\?\)"):
+        sample_image_tokens(prior, vocabulary, 2, seed=0, temperature=temperature)
+
+
+@pytest.mark.parametrize(
+    "setting, message",
+    [({"num_images": 2.5}, "num_images must be an integer"), ({"num_images": True}, "num_images must be an integer"),
+     ({"top_k": True}, "top_k must be an integer"), ({"top_k": 2.5}, "top_k must be an integer"),
+     ({"class_labels": [0.7, 1.9]}, "class labels must be integers"),
+     ({"class_labels": torch.tensor([0.7, 1.9])}, "class labels must be integers")],
+)  # fmt: skip
+def test_sampling_refuses_arguments_of_the_wrong_type(setting, message):
+    vocabulary = PriorVocabulary(8, num_classes=2)
+    prior = build_prior(vocabulary, 2, **TINY_PRIOR)
+    with pytest.raises(ValueError, match=message):
+        sample_image_tokens(prior, vocabulary, **{"num_images": 2, **setting})
+
+
 def test_classifier_free_guidance_follows_its_formula():
     """Greedy CFG picks argmax of uncond + s * (cond - uncond) over image tokens, uncond being the null class."""
     vocabulary = PriorVocabulary(64, num_classes=3)
@@ -639,6 +766,39 @@ def test_sample_images_checks_the_tokenizer_before_sampling(monkeypatch):
         sample_images(prior, tiny_model(), vocabulary, 1)
 
 
+@pytest.mark.parametrize("architecture", ["llama", "gpt2"])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"num_image_tokens": 64}, "says 64 tokens per image, but the model has 6 positions"),
+        ({"num_image_tokens": "4"}, "num_image_tokens must be a positive integer, got '4'"),
+        ({"num_image_tokens": 4.0}, "num_image_tokens must be a positive integer, got 4.0"),
+        ({"num_image_tokens": -4}, "num_image_tokens must be a positive integer, got -4"),
+        ({"num_image_tokens": 3}, "says 3 tokens per image, but its generation_config.json makes 4"),
+        ({"image_size": [32, 32, 3]}, r"image_size must be \[height, width\] in pixels, got \[32, 32, 3\]"),
+        ({"image_size": [0, 0]}, r"image_size must be \[height, width\] in pixels, got \[0, 0\]"),
+        ({"image_size": "ab"}, "image_size must be"),
+    ],
+)  # fmt: skip
+def test_load_prior_checks_prior_config_against_the_model(change, message, architecture, tmp_path):
+    vocabulary = PriorVocabulary(8)
+    save_prior(build_prior(vocabulary, 4, architecture, **TINY_PRIOR), vocabulary, tmp_path, 4, image_size=(16, 16))
+    prior_config = json.loads((tmp_path / "prior_config.json").read_text())
+    (tmp_path / "prior_config.json").write_text(json.dumps({**prior_config, **change}))
+    with pytest.raises(ValueError, match=message):
+        load_prior(tmp_path)
+
+
+def test_load_prior_reads_safetensors_only(tmp_path):
+    vocabulary = PriorVocabulary(8)
+    prior = build_prior(vocabulary, 4, **TINY_PRIOR)
+    save_prior(prior, vocabulary, tmp_path, 4)
+    (tmp_path / "model.safetensors").unlink()
+    torch.save(prior.state_dict(), tmp_path / "pytorch_model.bin")
+    with pytest.raises(OSError, match="no file named model.safetensors .*read from model.safetensors only"):
+        load_prior(tmp_path)
+
+
 def test_load_prior_says_no_such_folder_for_a_mistyped_path(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "outputs").mkdir()
@@ -655,7 +815,10 @@ def test_load_prior_says_no_such_folder_for_a_mistyped_path(tmp_path, monkeypatc
     [
         (["--top_p", "0"], r"--top_p must be in \(0, 1\]"),
         (["--top_k", "-1"], "--top_k must be at least 0"),
-        (["--temperature", "-0.5"], "--temperature must be at least 0"),
+        (["--temperature", "-0.5"], "--temperature must be a finite number of at least 0"),
+        (["--temperature", "nan"], "--temperature must be a finite number of at least 0"),
+        (["--temperature", "inf"], "--temperature must be a finite number of at least 0"),
+        (["--guidance_scale", "nan", "--class_labels", "0"], "--guidance_scale must be a finite number"),
         (["--class_labels", "0"], "--class_labels: the prior .* is unconditional"),
     ],
 )

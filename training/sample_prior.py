@@ -56,12 +56,14 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
     checking it creates its folder."""
     if args.num_images < 1:
         parser.error(f"--num_images must be at least 1, got {args.num_images}.")
-    if args.temperature < 0:
-        parser.error(f"--temperature must be at least 0 (0: greedy), got {args.temperature}.")
+    if not math.isfinite(args.temperature) or args.temperature < 0:
+        parser.error(f"--temperature must be a finite number of at least 0 (0: greedy), got {args.temperature}.")
     if args.top_k < 0:
         parser.error(f"--top_k must be at least 0 (0: off), got {args.top_k}.")
     if not 0 < args.top_p <= 1:
         parser.error(f"--top_p must be in (0, 1] (1: off), got {args.top_p}.")
+    if not math.isfinite(args.guidance_scale):
+        parser.error(f"--guidance_scale must be a finite number, got {args.guidance_scale}.")
     if args.guidance_scale != 1 and args.class_labels is None:
         parser.error("--guidance_scale needs --class_labels (classifier-free guidance steers towards a class).")
     if args.class_labels is not None:

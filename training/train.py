@@ -803,7 +803,7 @@ def train_loop(args: argparse.Namespace, parts: TrainingParts, ema: EMAWeights |
             if state.step < max_train_steps and termination.requested():  # preempted: checkpoint, then stop
                 if state.step % args.checkpointing_steps:  # (unless this step's was just written)
                     save_run_checkpoint(args, accelerator, state, ema)
-                _stop(accelerator, args, f"SIGTERM at step {state.step}", advice="")
+                stop_training(accelerator, args, f"SIGTERM at step {state.step}", advice="")
     progress.close()
     return metrics, (time.time() - loop_start) / max(1, state.step - first_step)
 
@@ -821,7 +821,7 @@ def loop_step(args: argparse.Namespace, parts: TrainingParts, ema: EMAWeights | 
         what = bad_term if bad_term == "gradient norm" else f"{bad_term} loss"
         logger.error(f"Step {state.step}: the {what} is NaN or infinite; this step was skipped (no weights changed).")
         if state.nonfinite_in_a_row >= args.max_nonfinite_steps:
-            _stop(accelerator, args, f"{state.nonfinite_in_a_row} steps in a row had a NaN or infinite loss ({bad_term})")
+            stop_training(accelerator, args, f"{state.nonfinite_in_a_row} steps in a row had a NaN or infinite loss ({bad_term})")
     else:
         state.nonfinite_in_a_row = 0
         after_good_step(args, parts, ema, log, progress, state, step_terms, output)
@@ -860,7 +860,9 @@ def after_good_step(args, parts: TrainingParts, ema: EMAWeights | None, log: Run
     progress.set_postfix(loss=f"{step_terms['total']:.4f}", used=f"{float(output.utilization):.0%}")
 
 
-def _stop(accelerator: Accelerator, args, reason: str, advice: str = ", e.g. with a lower --learning_rate") -> None:
+def stop_training(accelerator: Accelerator, args, reason: str, advice: str = ", e.g. with a lower --learning_rate") -> None:
+    """End the trackers and raise `TrainingStopped` naming `reason` and the last complete checkpoint to resume from
+    (every process calls it at the same step)."""
     accelerator.end_training()
     kept = complete_checkpoints(args.output_dir)[0]
     raise TrainingStopped(

@@ -66,7 +66,7 @@ from cdb_tokenizer.tools.priors.token_data import TOKENS_INFO
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
-from training.train import hparams, nothing_left_to_train, prepare_output_dir  # noqa: E402
+from training.train import TrainingStopped, hparams, nothing_left_to_train, prepare_output_dir, stop_training  # noqa: E402
 
 logger = get_logger(__name__)
 
@@ -155,7 +155,7 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
     if args.tokens_dir is not None and args.tokenizer is None and args.codebook_size is None:
         parser.error("with --tokens_dir, give --tokenizer (recommended: sample_prior.py decodes with it) or --codebook_size.")
     for name in ("train_batch_size", "eval_batch_size", "gradient_accumulation_steps", "max_train_steps",
-                 "num_train_epochs", "checkpointing_steps", "validation_steps"):  # fmt: skip
+                 "num_train_epochs", "checkpointing_steps", "checkpoints_total_limit", "validation_steps"):  # fmt: skip
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name} must be at least 1, got {value}.")
@@ -261,10 +261,10 @@ def make_vocabulary(args: argparse.Namespace, train, validation, codebook_size: 
     return PriorVocabulary(codebook_size, max(1, highest + 1))
 
 
-def check_split(name: str, split, num_image_tokens: int, num_classes: int, codebook_size: int) -> None:
-    """Refuse a split the collator would fail on mid-run (the validation split: only after training): sequences of
-    another length, code ids outside the codebook and, for a class-conditional prior, missing, unlabelled (-1) or
-    out-of-range labels."""
+def token_column(name: str, split):
+    """The split's `image_tokens` as one Arrow array, refused unless every row is a non-empty list of integer code
+    ids (a float id was truncated, a null failed mid-run in the collator, other types deep in Arrow)."""
+    import pyarrow as pa
     import pyarrow.compute as pc
 
     if len(split) == 0:
@@ -272,6 +272,27 @@ def check_split(name: str, split, num_image_tokens: int, num_classes: int, codeb
     if "image_tokens" not in split.column_names:
         raise ValueError(f"the {name} split has columns {split.column_names}, not image_tokens.")
     tokens = split.with_format("arrow")["image_tokens"]
+    kind = tokens.type
+    is_list = pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind)
+    if not is_list or not pa.types.is_integer(kind.value_type):
+        raise ValueError(f"the {name} split's image_tokens column holds {kind}, not lists of integer code ids.")
+    if tokens.null_count:
+        raise ValueError(f"the {name} split has {tokens.null_count} row(s) whose image_tokens are null.")
+    missing = pc.list_flatten(tokens).null_count
+    if missing:
+        raise ValueError(f"the {name} split has {missing} null image tokens (code ids) in its sequences.")
+    if pc.min(pc.list_value_length(tokens)).as_py() == 0:
+        raise ValueError(f"the {name} split has empty token sequences (no image tokens).")
+    return tokens
+
+
+def check_split(name: str, split, num_image_tokens: int, num_classes: int, codebook_size: int) -> None:
+    """Refuse a split the collator would fail on mid-run (the validation split: only after training): sequences of
+    another length, code ids outside the codebook and, for a class-conditional prior, missing, unlabelled (-1) or
+    out-of-range labels."""
+    import pyarrow.compute as pc
+
+    tokens = token_column(name, split)
     lengths = pc.min_max(pc.list_value_length(tokens)).as_py()
     if lengths["min"] != num_image_tokens or lengths["max"] != num_image_tokens:
         raise ValueError(
@@ -353,6 +374,8 @@ def prepare_prior_output_dir(args: argparse.Namespace, accelerator: Accelerator)
 def training_length(args: argparse.Namespace, batches_per_epoch: int) -> tuple[int, int, int]:
     """(optimiser updates per epoch, max_train_steps, epochs) from the batches one process sees per epoch, i.e.
     the length of the *prepared* loader: before `prepare`, P processes would each run only 1/P of the steps."""
+    if batches_per_epoch < 1:
+        raise ValueError("the training loader has no batches: give more training data or a smaller --train_batch_size.")
     updates_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
     max_train_steps = args.max_train_steps or (args.num_train_epochs or 0) * updates_per_epoch or 1000
     return updates_per_epoch, max_train_steps, math.ceil(max_train_steps / updates_per_epoch)
@@ -368,6 +391,11 @@ def resume(args: argparse.Namespace, accelerator: Accelerator, schedules: list, 
     return load_training_state(accelerator, checkpoint, args.output_dir, max_train_steps, schedules)
 
 
+def weights_are_finite(model: torch.nn.Module) -> bool:
+    """Whether every weight is finite (one device sync). The same on every process: their updates are the same."""
+    return bool(torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all())
+
+
 @output_dir_claims()
 def main(args: argparse.Namespace) -> dict[str, float]:
     """Train the prior; returns the final validation metrics (also written to `metrics.json`)."""
@@ -380,7 +408,7 @@ def main(args: argparse.Namespace) -> dict[str, float]:
     codebook_size = tokenizer[0].config.codebook_size if tokenizer else args.codebook_size
     fingerprint = recorded_fingerprint(args, tokenizer)  # on the CPU, as saved: before the tokenizer moves
     train_set, validation_set = load_token_splits(args, accelerator, tokenizer)
-    num_image_tokens = len(train_set[0]["image_tokens"])
+    num_image_tokens = len(token_column("training", train_set)[0])
     vocabulary = make_vocabulary(args, train_set, validation_set, codebook_size)
     for name, split in (("training", train_set), ("validation", validation_set)):
         check_split(name, split, num_image_tokens, vocabulary.num_classes, codebook_size)
@@ -402,7 +430,9 @@ def main(args: argparse.Namespace) -> dict[str, float]:
     logger.info(f"{args.architecture} prior with {sum(p.numel() for p in prior.parameters()) / 1e6:.2f}M parameters")
 
     train_loader = torch.utils.data.DataLoader(
-        train_set, batch_size=args.train_batch_size, shuffle=True, drop_last=len(train_set) >= args.train_batch_size,
+        # A last short batch is dropped only when every process still gets a full one.
+        train_set, batch_size=args.train_batch_size, shuffle=True,
+        drop_last=len(train_set) >= args.train_batch_size * accelerator.num_processes,
         # Label dropout is drawn in the loop, per micro-batch (`micro_batch_seed`): the loader reads ahead, so a draw
         # here would come from a random state the checkpoint has already moved past.
         collate_fn=PriorCollator(vocabulary, num_image_tokens),
@@ -477,6 +507,9 @@ def main(args: argparse.Namespace) -> dict[str, float]:
             if not accelerator.sync_gradients:
                 continue
             global_step, micro_batch = global_step + 1, 0
+            if not weights_are_finite(prior):  # a NaN loss or gradient ends here too, before any checkpoint has it
+                stop_training(accelerator, args, f"the prior's weights became NaN or infinite at step {global_step} "
+                                         f"(loss {loss.item():.4g})")  # fmt: skip
             progress.update(1)
             logs = {"train/loss": loss.detach().item(), "train/learning_rate": lr_scheduler.get_last_lr()[0]}
             progress.set_postfix(loss=f"{logs['train/loss']:.3f}")
@@ -512,4 +545,4 @@ def main(args: argparse.Namespace) -> dict[str, float]:
 
 if __name__ == "__main__":
     # Mistakes in the inputs (a missing folder, another tokenizer's tokens, a Hub id that cannot be reached): one line.
-    run_script(lambda: main(parse_args()), FileNotFoundError, ValueError, OSError)
+    run_script(lambda: main(parse_args()), TrainingStopped, FileNotFoundError, ValueError, OSError)

@@ -139,10 +139,21 @@ def build_prior(
             **special,
         )
     prior = AutoModelForCausalLM.from_config(config)
-    prior.generation_config = GenerationConfig(
-        max_new_tokens=num_image_tokens, min_new_tokens=num_image_tokens, do_sample=True, **special
-    )
+    prior.generation_config = prior_generation_config(num_image_tokens)
     return prior
+
+
+def prior_generation_config(num_image_tokens: int) -> GenerationConfig:
+    """The generation config a prior carries: one image of `num_image_tokens` tokens and the special ids, nothing
+    else. Sampling settings are `sample_image_tokens`' arguments, never read from a saved prior."""
+    return GenerationConfig(
+        max_new_tokens=num_image_tokens,
+        min_new_tokens=num_image_tokens,
+        do_sample=True,
+        bos_token_id=PriorVocabulary.bos_token_id,
+        eos_token_id=PriorVocabulary.eos_token_id,
+        pad_token_id=PriorVocabulary.pad_token_id,
+    )
 
 
 @torch.no_grad()
@@ -273,21 +284,79 @@ def _read_prior_config(config_file: Path) -> dict[str, Any]:
 def load_prior(
     name_or_path: str | Path, device: str | torch.device | None = None, **kwargs: Any
 ) -> tuple[PreTrainedModel, PriorVocabulary, dict[str, Any]]:
-    """Load a prior saved by `save_prior` (a folder or Hub repo id): (model in eval mode, vocabulary, prior config)."""
+    """Load a prior saved by `save_prior` (a folder or Hub repo id): (model in eval mode, vocabulary, prior config).
+
+    `prior_config.json` is checked against the model beside it, and the prior's generation config is rebuilt from
+    it: sampling settings in a saved `generation_config.json` are ignored (with a warning), so that only the
+    arguments of `sample_image_tokens` decide how a prior samples."""
     prior_config, source = load_prior_config(name_or_path, revision=kwargs.get("revision"))
     try:
         vocabulary = PriorVocabulary.from_dict(prior_config["vocabulary"])
     except KeyError as error:
         raise ValueError(f"the {PRIOR_CONFIG_NAME} of {source} is damaged: its vocabulary has no {error}.") from None
     # A prior is a stock transformers causal LM: no folder's own code runs (nor is the user asked) unless the
-    # caller passed trust_remote_code=True.
+    # caller passed trust_remote_code=True, and its weights are read from safetensors, never unpickled.
     kwargs.setdefault("trust_remote_code", False)
-    prior = AutoModelForCausalLM.from_pretrained(source, **kwargs).eval()
+    kwargs.setdefault("use_safetensors", True)
+    try:
+        prior = AutoModelForCausalLM.from_pretrained(source, **kwargs).eval()
+    except OSError as error:
+        hint = " (a prior's weights are read from model.safetensors only)" if kwargs["use_safetensors"] else ""
+        raise OSError(f"prior {str(name_or_path)!r}: {first_line(error)}{hint}") from None
     if prior.config.vocab_size != vocabulary.vocab_size:
         raise ValueError(f"the prior's vocab_size {prior.config.vocab_size} does not match prior_config.json ({vocabulary.vocab_size}).")
+    _check_prior_config(prior, vocabulary, prior_config, source)
+    prior.generation_config = prior_generation_config(prior_config["num_image_tokens"])
     if device is not None:
         prior.to(device)
     return prior, vocabulary, prior_config
+
+
+def _check_prior_config(
+    prior: PreTrainedModel, vocabulary: PriorVocabulary, prior_config: dict[str, Any], source: str
+) -> None:
+    """Refuse a `prior_config.json` that does not fit the model beside it (tokens per image, image size, the
+    generation config's length); warn about the generation settings that `load_prior` drops."""
+    where = f"the {PRIOR_CONFIG_NAME} of {source}"
+    recorded = _settings(prior.generation_config)
+    count = prior_config.get("num_image_tokens", recorded.get("max_new_tokens"))
+    if not _positive_int(count):
+        raise ValueError(f"{where} is damaged: num_image_tokens must be a positive integer, got {count!r}.")
+    prior_config["num_image_tokens"] = count
+    positions = prior.config.max_position_embeddings  # GPT-2's n_positions under its common name
+    if vocabulary.prompt_length + count + 1 > positions:
+        raise ValueError(
+            f"{where} says {count} tokens per image, but the model has {positions} positions for its "
+            f"{vocabulary.prompt_length} prompt tokens, the image tokens and EOS: the files do not belong together."
+        )
+    if recorded.get("max_new_tokens", count) != count:
+        raise ValueError(
+            f"{where} says {count} tokens per image, but its generation_config.json makes "
+            f"{recorded['max_new_tokens']}: the files do not belong together."
+        )
+    image_size = prior_config.get("image_size")
+    if image_size is not None and not (
+        isinstance(image_size, list) and len(image_size) == 2 and all(_positive_int(side) for side in image_size)
+    ):
+        raise ValueError(f"{where} is damaged: image_size must be [height, width] in pixels, got {image_size!r}.")
+    expected = _settings(prior_generation_config(count))
+    ignored = sorted(key for key, value in recorded.items() if expected.get(key) != value)
+    if ignored:
+        logger.warning(
+            "%s: ignoring %s in its generation_config.json (sampling settings are sample_image_tokens' arguments).",
+            source, ", ".join(ignored),
+        )  # fmt: skip
+
+
+def _settings(generation_config: GenerationConfig) -> dict[str, Any]:
+    """What a generation config sets, beyond transformers' defaults."""
+    settings = generation_config.to_diff_dict()
+    settings.pop("transformers_version", None)
+    return settings
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 def load_prior_tokenizer(

@@ -22,6 +22,9 @@ class ImageTokenLogitsProcessor(LogitsProcessor):
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         allowed = torch.zeros(scores.shape[-1], dtype=torch.bool, device=scores.device)
         allowed[self.vocabulary.image_token_offset : self.vocabulary.vocab_size] = True
+        # NaN logits made torch's multinomial fail, and greedy decoding pick code 0.
+        if not bool(torch.isfinite(scores[:, allowed]).all()):
+            raise ValueError("the prior's logits are not finite (damaged weights?): it cannot be sampled from.")
         return scores.masked_fill(~allowed, float("-inf"))
 
 
@@ -54,16 +57,16 @@ def sample_image_tokens(
         num_image_tokens (`int`, *optional*): Tokens per image; defaults to `prior.generation_config.max_new_tokens`
             (set by `build_prior`).
     """
-    if num_images < 1:
-        raise ValueError(f"num_images must be at least 1, got {num_images}.")
+    if not _is_int(num_images) or num_images < 1:
+        raise ValueError(f"num_images must be an integer of at least 1, got {num_images!r}.")
     if not math.isfinite(temperature) or temperature < 0:  # NaN was taken for greedy, inf ended inside torch
         raise ValueError(f"temperature must be a finite number >= 0, got {temperature}.")
     if not math.isfinite(guidance_scale):
         raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale}.")
     if top_p is not None and not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}.")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be at least 1, got {top_k}.")
+    if top_k is not None and (not _is_int(top_k) or top_k < 1):
+        raise ValueError(f"top_k must be an integer of at least 1, got {top_k!r}.")
     num_image_tokens = num_image_tokens or prior.generation_config.max_new_tokens
     if not num_image_tokens:
         raise ValueError("pass num_image_tokens: the prior's generation config does not say how many tokens an image has.")
@@ -79,6 +82,8 @@ def sample_image_tokens(
     if guided:
         generate_kwargs["negative_prompt_ids"] = vocabulary.prompt_ids(num_images).to(device)
         generate_kwargs["negative_prompt_attention_mask"] = torch.ones_like(generate_kwargs["negative_prompt_ids"])
+    # transformers fills every setting left None from `prior.generation_config` (a saved prior's could set top_p,
+    # suppress_tokens, guidance or num_return_sequences): during `generate` the prior carries only the special ids.
     generation_config = GenerationConfig(
         max_new_tokens=num_image_tokens,
         min_new_tokens=num_image_tokens,
@@ -93,8 +98,11 @@ def sample_image_tokens(
         eos_token_id=vocabulary.eos_token_id,
         pad_token_id=vocabulary.pad_token_id,
     )
-    was_training = prior.training
+    was_training, saved_generation_config = prior.training, prior.generation_config
     prior.eval()
+    prior.generation_config = GenerationConfig(
+        bos_token_id=vocabulary.bos_token_id, eos_token_id=vocabulary.eos_token_id, pad_token_id=vocabulary.pad_token_id
+    )
     devices = [device] if device.type == "cuda" else []
     try:
         with torch.random.fork_rng(devices=devices, enabled=seed is not None):
@@ -109,6 +117,7 @@ def sample_image_tokens(
             )
     finally:
         prior.train(was_training)
+        prior.generation_config = saved_generation_config
     return vocabulary.to_image_tokens(output[:, input_ids.shape[1] :].cpu())
 
 
@@ -170,6 +179,10 @@ def token_image_size(
         )
     factor = tokenizer_model.config.downsampling_factor
     return side * factor, side * factor
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def save_image_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None) -> Path:

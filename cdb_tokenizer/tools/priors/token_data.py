@@ -30,8 +30,13 @@ def save_tokens(tokenized, folder: str | Path, model, fingerprint: str | None = 
     from ..cli import codebook_fingerprint
 
     folder = Path(folder)
-    tokenized.save_to_disk(str(folder))
     fingerprint = fingerprint or codebook_fingerprint(model)
+    # An earlier run's record goes first: a crash while saving must not leave new ids beside the old codebook's.
+    # (A link is left for `write_text` to refuse.)
+    info_file = folder / TOKENS_INFO
+    if info_file.is_file() and not info_file.is_symlink():
+        info_file.unlink()
+    tokenized.save_to_disk(str(folder))
     info = {"codebook_size": model.config.codebook_size, "codebook_fingerprint": fingerprint}
     write_text(folder / TOKENS_INFO, json.dumps(info, indent=2) + "\n")  # whole, and never through a link
     return folder

@@ -96,7 +96,10 @@ class PriorVocabulary:
         """Class labels in `[0, num_classes)` -> class token ids."""
         if not self.class_conditional:
             raise ValueError("this prior is unconditional (num_classes=0): it takes no class labels.")
-        class_labels = torch.as_tensor(class_labels, dtype=torch.long)
+        labels = torch.as_tensor(class_labels)
+        if labels.dtype == torch.bool or labels.is_floating_point() or labels.is_complex():  # a cast would truncate
+            raise ValueError(f"class labels must be integers, got {labels.tolist()}.")
+        class_labels = labels.long()
         if class_labels.numel() and (int(class_labels.min()) < 0 or int(class_labels.max()) >= self.num_classes):
             raise ValueError(
                 f"class labels must be in [0, {self.num_classes}), got values in "
