@@ -118,7 +118,8 @@ TERMINATION_WORKER = textwrap.dedent(
         if accelerator.process_index == 1:  # the signal reaches one process first
             os.kill(os.getpid(), signal.SIGTERM)
         after = termination.requested()
-    print(f"rank {{accelerator.process_index}}: {{before}} {{after}}", flush=True)
+    with open(os.path.join(sys.argv[1], f"rank{{accelerator.process_index}}.txt"), "w") as answer:
+        answer.write(f"{{before}} {{after}}")  # a file each: the two processes' stdout lines can interleave
     """
 )
 
@@ -128,8 +129,40 @@ def test_a_sigterm_on_one_process_stops_every_process(tmp_path):
     forever in the next step's collectives."""
     worker = tmp_path / "termination.py"
     worker.write_text(TERMINATION_WORKER.format(repo=str(REPO)))
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()), str(worker)]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+               str(worker), str(tmp_path)]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert sorted(line for line in result.stdout.splitlines() if line.startswith("rank")) == [
-        "rank 0: False True", "rank 1: False True"]  # fmt: skip
+    assert [(tmp_path / f"rank{rank}.txt").read_text() for rank in (0, 1)] == ["False True", "False True"]
+
+
+CHECKPOINT_CHOICE_WORKER = textwrap.dedent(
+    """
+    import sys
+    sys.path.insert(0, {repo!r})
+    from accelerate import Accelerator
+    import cdb_tokenizer.tools.runs as runs
+
+    accelerator = Accelerator(cpu=runs.multi_process_without_accelerator())
+    if accelerator.process_index == 1:  # a stale view of the shared folder: no complete checkpoint seen here
+        runs.complete_checkpoints = lambda output_dir: ([], [])
+    found = runs.find_checkpoint("latest", sys.argv[1], accelerator)
+    with open(sys.argv[1] + f"-rank{{accelerator.process_index}}.txt", "w") as answer:  # a file each: no interleaving
+        answer.write(found.name if found else "None")
+    """
+)
+
+
+def test_every_process_resumes_from_the_checkpoint_the_main_process_chose(tmp_path, fresh_accelerator_state):
+    from accelerate import Accelerator
+
+    from cdb_tokenizer.tools.checkpoints import save_checkpoint
+
+    save_checkpoint(Accelerator(cpu=True), tmp_path / "run", 3, total_limit=None)
+    worker = tmp_path / "choice.py"
+    worker.write_text(CHECKPOINT_CHOICE_WORKER.format(repo=str(REPO)))
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+               str(worker), str(tmp_path / "run")]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [(tmp_path / f"run-rank{rank}.txt").read_text() for rank in (0, 1)] == ["checkpoint-3", "checkpoint-3"]

@@ -699,7 +699,7 @@ def resume(accelerator: Accelerator, args, max_train_steps: int, schedules: list
     `latest` is the newest *complete* checkpoint (one whose manifest matches its files); incomplete ones (a run
     killed while writing) are skipped and named. Returns (0, {}, {}) when there is nothing to resume.
     """
-    path = find_checkpoint(args.resume_from_checkpoint, args.output_dir)
+    path = find_checkpoint(args.resume_from_checkpoint, args.output_dir, accelerator)
     if path is None:
         return 0, {}, {}
     tensors, state = load_custom_state(path)  # safetensors and JSON: nothing is unpickled

@@ -119,13 +119,34 @@ def output_dir_claims():
             _claimed_output_dirs.pop(key).release()
 
 
-def find_checkpoint(resume_from_checkpoint: str | None, output_dir: str | Path) -> Path | None:
+def find_checkpoint(
+    resume_from_checkpoint: str | None, output_dir: str | Path, accelerator: Accelerator | None = None
+) -> Path | None:
     """The checkpoint folder `--resume_from_checkpoint` names, or None when there is nothing to resume.
 
     `latest` is the newest *complete* checkpoint (one whose manifest matches its files); incomplete ones (a run
     killed while writing) are skipped and named, and a folder holding only incomplete ones is an error. A named
-    folder must be complete.
+    folder must be complete. With an `accelerator` of several processes, the main process decides and every process
+    gets its answer (or its error): on a shared file system with cached attributes (NFS) processes could see other
+    folders, and resume from different steps.
     """
+    if accelerator is None or accelerator.num_processes == 1:
+        return _find_checkpoint(resume_from_checkpoint, output_dir)
+    from accelerate.utils import broadcast_object_list
+
+    answer = [None]
+    if accelerator.is_main_process:
+        try:
+            answer = [("found", _find_checkpoint(resume_from_checkpoint, output_dir))]
+        except (CheckpointError, FileNotFoundError) as error:
+            answer = [(type(error).__name__, str(error))]
+    kind, value = broadcast_object_list(answer)[0]  # between this run's own processes: no file is unpickled
+    if kind == "found":
+        return value
+    raise (CheckpointError if kind == "CheckpointError" else FileNotFoundError)(value)
+
+
+def _find_checkpoint(resume_from_checkpoint: str | None, output_dir: str | Path) -> Path | None:
     if resume_from_checkpoint is None:
         return None
     if resume_from_checkpoint == "latest":
