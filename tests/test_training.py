@@ -183,10 +183,12 @@ def test_a_checkpoint_of_another_folder_may_start_a_cleared_one(tmp_path):
                             "--resume_from_checkpoint", str(tmp_path / "other" / "checkpoints" / "checkpoint-2")])  # fmt: skip
 
 
-def test_fsdp_is_refused_before_any_work(tmp_path, monkeypatch):
+@pytest.mark.parametrize("variable, name", [("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")])
+def test_sharded_training_is_refused_before_any_work(tmp_path, monkeypatch, variable, name):
     # On CPUs accelerate silently ran DDP for an FSDP config; on GPUs FSDP crashed or lost the codebook's updates.
-    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
-    with pytest.raises(ValueError, match="train.py does not support FSDP"):
+    # DeepSpeed's ZeRO shards the same weights, and its checkpoints could not be resumed (pickle).
+    monkeypatch.setenv(variable, "true")
+    with pytest.raises(ValueError, match=f"train.py does not support {name}"):
         main(PLAIN_RUN + ["--max_train_steps", "1", "--output_dir", str(tmp_path / "run")])
     assert not (tmp_path / "run").exists()
 

@@ -158,17 +158,22 @@ def default_num_threads() -> int:
     return max(1, min(share, int(idle + 0.5)))
 
 
-def refuse_fsdp(accelerator: Accelerator) -> None:
-    """FSDP shards the weights the quantizer rewrites inside its forward (k-means init, EMA codes, restarts): a
-    sharded run would lose those updates or crash in them. Say so before any work, also where accelerate would
-    silently fall back to DDP (on CPUs) although the config asked for FSDP."""
-    asked = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true", "yes")
-    if accelerator.distributed_type == DistributedType.FSDP or asked:
-        raise ValueError(
-            "train.py does not support FSDP: the quantizer updates its codebook inside the forward pass, which "
-            "sharded parameters would lose. Use DDP (`accelerate config`: multi-GPU / multi-node, no FSDP); the "
-            "tokenizer (~70M parameters at the default config) fits one GPU whole."
-        )
+def refuse_sharded_training(accelerator: Accelerator | None) -> None:
+    """FSDP and DeepSpeed shard the weights the quantizer rewrites inside its forward (k-means init, EMA codes,
+    restarts): a sharded run would lose those updates or crash in them, and its checkpoints could not be resumed
+    (they are read with pickle: `refuse_pickled_states`). Say so before any work, also where accelerate would
+    silently fall back to DDP (on CPUs) although the config asked for FSDP or DeepSpeed. Called before the
+    Accelerator is made (`None`: the launcher's settings; accelerate fails on DeepSpeed not being installed) and
+    after."""
+    for kind, variable in ((DistributedType.FSDP, "ACCELERATE_USE_FSDP"), (DistributedType.DEEPSPEED, "ACCELERATE_USE_DEEPSPEED")):
+        asked = os.environ.get(variable, "false").lower() in ("1", "true", "yes")
+        if asked or (accelerator is not None and accelerator.distributed_type == kind):
+            name = "FSDP" if kind == DistributedType.FSDP else "DeepSpeed"
+            raise ValueError(
+                f"train.py does not support {name}: the quantizer updates its codebook inside the forward pass, which "
+                f"sharded parameters would lose. Use DDP (`accelerate config`: multi-GPU / multi-node, no {name}); the "
+                f"tokenizer (~70M parameters at the default config) fits one GPU whole."
+            )
 
 
 def hub_model_id(args: argparse.Namespace) -> str:
@@ -178,8 +183,9 @@ def hub_model_id(args: argparse.Namespace) -> str:
 
 def setup_run(args: argparse.Namespace) -> Accelerator:
     """The run's Accelerator and seed, and its output folder (refusing one that holds another run)."""
+    refuse_sharded_training(None)
     accelerator = make_accelerator(args, Path(args.output_dir), kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
-    refuse_fsdp(accelerator)
+    refuse_sharded_training(accelerator)
     if args.push_to_hub:  # a missing token or a bad repo id must not wait for the end of the training
         from cdb_tokenizer.tools.publishing import check_push_settings
 
