@@ -255,6 +255,114 @@ def test_train_prior_refuses_tokens_of_another_tokenizer(tokenizer, photo_set, t
         train_prior.main(train_prior.parse_args(argv))
 
 
+def test_cli_tokenize_records_the_grid_and_train_prior_decodes_on_it(
+    tokenizer, photo_set, tmp_path, capsys, fresh_accelerator_state
+):
+    # 64 x 16 images make a 16 x 4 grid: 64 tokens, as many as the 32 x 32 processor's 8 x 8, so the prior recorded
+    # [32, 32] and decoded every sample in the wrong raster layout.
+    from cdb_tokenizer.tools.cli import main
+
+    model, processor = tokenizer
+    for name, size in (("tall", {"height": 64, "width": 16}), ("tokenizer", {"height": 32, "width": 32})):
+        model.save_pretrained(tmp_path / name)
+        CDBVQImageProcessor(size=size).save_pretrained(tmp_path / name)
+    (tmp_path / "images" / "a").mkdir(parents=True)
+    for index in range(8):
+        photo_set[index]["image"].save(tmp_path / "images" / "a" / f"{index}.png")
+    argv = ["tokenize", "--model", str(tmp_path / "tall"), "--data", str(tmp_path / "images"), "--out"]
+    assert main([*argv, str(tmp_path / "tokens")]) == 0
+    info = json.loads((tmp_path / "tokens" / "cdb_vq_tokens.json").read_text())
+    assert (info["image_size"], info["grid_height"], info["grid_width"]) == ([64, 16], 16, 4)
+
+    train_prior = load_script("train_prior")
+    flags = ["--tokenizer", str(tmp_path / "tokenizer"), "--max_train_steps", "1", "--num_validation_images", "2"]
+    train_prior.main(train_prior.parse_args(prior_argv(tmp_path / "tokens", tmp_path / "prior", *flags)))
+    assert json.loads((tmp_path / "prior" / "prior_config.json").read_text())["image_size"] == [64, 16]
+    assert Image.open(tmp_path / "prior" / "samples" / "step-000001.png").size == (2 * 18 + 2, 66 + 2)
+    assert Image.open(run_sample_prior(tmp_path / "prior")).size == (16, 64)  # one image, no padding
+
+    # A processor that does not make images of its size (neither resizing nor cropping) records no wrong grid.
+    CDBVQImageProcessor(size={"height": 32, "width": 32}, do_resize=False, do_center_crop=False).save_pretrained(
+        tmp_path / "tall"
+    )
+    assert main([*argv, str(tmp_path / "uncropped")]) == 1
+    assert "32x32 images have a 8x8 token grid, but the sequences hold 144 tokens" in capsys.readouterr().err
+
+
+def test_save_tokens_records_only_a_grid_that_holds_the_tokens(tokenizer, tmp_path):
+    model = tokenizer[0]  # downsampling factor 4
+    save_tokens(token_set(4, length=16), tmp_path / "tokens", model, image_size=(32, 8))
+    info = json.loads((tmp_path / "tokens" / "cdb_vq_tokens.json").read_text())
+    assert (info["image_size"], info["grid_height"], info["grid_width"]) == ([32, 8], 8, 2)
+    with pytest.raises(ValueError, match="32x32 images have a 8x8 token grid, but the sequences hold 16 tokens"):
+        save_tokens(token_set(4, length=16), tmp_path / "wrong", model, image_size=(32, 32))
+    assert not (tmp_path / "wrong").exists()  # refused before anything is written
+
+
+@pytest.mark.parametrize(
+    "grid, message",
+    [
+        ({"image_size": [32, 8], "grid_height": 8}, r"\(grid_width missing beside image_size, grid_height\)"),
+        ({"image_size": [32], "grid_height": 8, "grid_width": 2}, r"\(image_size \[32\], not \[height, width\]"),
+        ({"image_size": [32, 8], "grid_height": 0, "grid_width": 2}, r"damaged \(grid_height 0\)"),
+        ({"image_size": [32, 8], "grid_height": 8, "grid_width": "2"}, r"damaged \(grid_width '2'\)"),
+        ({"image_size": [32, 8], "grid_height": 4, "grid_width": 2}, "records a 4x2 token grid .*hold 16 tokens"),
+    ],
+)
+def test_train_prior_validates_the_recorded_grid(grid, message, tmp_path, fresh_accelerator_state):
+    model = tiny_model(codebook_size=8)
+    save_tokens(token_set(16, length=16), tmp_path / "tokens", model)
+    info_file = tmp_path / "tokens" / "cdb_vq_tokens.json"
+    info_file.write_text(json.dumps({**json.loads(info_file.read_text()), **grid}))
+    train_prior = load_script("train_prior")
+    with pytest.raises(ValueError, match=message):
+        train_prior.main(train_prior.parse_args(prior_argv(tmp_path / "tokens", tmp_path / "prior")))
+    assert not (tmp_path / "prior" / "checkpoints").exists()
+
+
+def test_train_prior_records_the_image_size_its_tokens_record(tmp_path, fresh_accelerator_state):
+    # Without --tokenizer no size was recorded at all; with the token folder's, sample_prior.py decodes on its grid.
+    save_tokens(token_set(16, length=16), tmp_path / "tokens", tiny_model(codebook_size=8), image_size=(32, 8))
+    train_prior = load_script("train_prior")
+    train_prior.main(train_prior.parse_args(prior_argv(tmp_path / "tokens", tmp_path / "prior")))
+    assert json.loads((tmp_path / "prior" / "prior_config.json").read_text())["image_size"] == [32, 8]
+
+
+def test_train_prior_refuses_a_tokenizer_of_another_grid(tokenizer, tmp_path, fresh_accelerator_state):
+    model, processor = tokenizer
+    model.save_pretrained(tmp_path / "tokenizer")
+    processor.save_pretrained(tmp_path / "tokenizer")
+    save_tokens(token_set(16, length=64), tmp_path / "tokens", model, image_size=(64, 16))
+    info_file = tmp_path / "tokens" / "cdb_vq_tokens.json"
+    # Its codebook, but another grid: as if made by a tokenizer of another downsampling factor.
+    info_file.write_text(json.dumps({**json.loads(info_file.read_text()), "grid_height": 8, "grid_width": 8}))
+    train_prior = load_script("train_prior")
+    argv = prior_argv(tmp_path / "tokens", tmp_path / "prior", "--tokenizer", str(tmp_path / "tokenizer"))
+    with pytest.raises(ValueError, match=r"records 64x16 images on a 8x8 token grid \(cdb_vq_tokens.json\), but "
+                                         "the tokenizer given makes a 16x4 grid at that size"):  # fmt: skip
+        train_prior.main(train_prior.parse_args(argv))
+    assert not (tmp_path / "prior" / "checkpoints").exists()
+
+
+def test_token_folders_that_record_no_grid_keep_the_square_fallback(
+    tokenizer, tmp_path, caplog, fresh_accelerator_state
+):
+    # Written before the grid was recorded (or without image_size): 16 tokens with a 32-pixel tokenizer still decode
+    # at 16 x 16.
+    model, processor = tokenizer
+    model.save_pretrained(tmp_path / "tokenizer")
+    processor.save_pretrained(tmp_path / "tokenizer")
+    with caplog.at_level("WARNING"):
+        save_tokens(token_set(16, length=16), tmp_path / "tokens", model)
+    assert "no image_size given, so no token grid is recorded" in caplog.text
+    assert "image_size" not in json.loads((tmp_path / "tokens" / "cdb_vq_tokens.json").read_text())
+    train_prior = load_script("train_prior")
+    flags = ["--tokenizer", str(tmp_path / "tokenizer"), "--max_train_steps", "1", "--num_validation_images", "1"]
+    argv = prior_argv(tmp_path / "tokens", tmp_path / "prior", *flags)
+    train_prior.main(train_prior.parse_args(argv))
+    assert json.loads((tmp_path / "prior" / "prior_config.json").read_text())["image_size"] == [16, 16]
+
+
 def test_photo_crops_dataset_labels_each_photo():
     crops = photo_crops_dataset(num_crops_per_photo=2, seed=0)
     assert len(crops) == 32 and crops.features["label"].num_classes == 16
@@ -869,6 +977,18 @@ def test_sample_prior_refuses_a_tokenizer_with_another_codebook(tokenizer, tmp_p
     config_file.write_text(json.dumps({key: value for key, value in config.items() if key != "codebook_fingerprint"}))
     assert run_sample_prior(prior, "--overwrite").is_file()
     assert "records no codebook fingerprint" in caplog.text
+
+
+def test_sample_prior_decodes_on_the_recorded_size_and_never_guesses_another(tokenizer, tmp_path):
+    # A recorded size whose grid does not hold the prior's tokens was replaced by the square guess without a word.
+    prior = save_sampling_prior(tokenizer, tmp_path)
+    config_file = prior / "prior_config.json"
+    config = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps({**config, "image_size": [128, 8]}))  # a 32 x 2 grid: 64 tokens
+    assert Image.open(run_sample_prior(prior)).size == (8, 128)
+    config_file.write_text(json.dumps({**config, "image_size": [16, 16]}))
+    with pytest.raises(ValueError, match="makes 64 tokens per image, but 16x16 images have a 4x4 token grid"):
+        run_sample_prior(prior, "--overwrite")
 
 
 @pytest.mark.parametrize(

@@ -111,10 +111,12 @@ def sample(args: argparse.Namespace) -> Path:
     prior, vocabulary, prior_config = load_prior(args.prior, device=device)
     output = Path(args.output)  # checked (and its default set) by parse_args
     tokenizer, _ = load_tokenizer_of(args, prior_config, device)
-    # Priors trained without a tokenizer (--codebook_size) record no image size: the token count gives it.
+    # The recorded image size sets the grid (one that does not hold the prior's tokens is refused by sample_images,
+    # never replaced by a square guess); priors trained on token data that recorded none without a tokenizer
+    # (--codebook_size) record none: the token count gives it.
     image_size = tuple(prior_config["image_size"]) if prior_config.get("image_size") else None
-    if prior_config.get("num_image_tokens"):
-        image_size = token_image_size(tokenizer, prior_config["num_image_tokens"], image_size)
+    if image_size is None and prior_config.get("num_image_tokens"):
+        image_size = token_image_size(tokenizer, prior_config["num_image_tokens"])
 
     class_labels, nrow = None, math.ceil(math.sqrt(args.num_images))
     num_images = args.num_images

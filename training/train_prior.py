@@ -13,7 +13,7 @@ class per photo, tokenised on the fly with `--tokenizer`.
         --architecture gpt2 --hidden_size 512 --num_layers 12 --num_heads 8 --mixed_precision bf16
 
 The output folder holds the prior (`save_pretrained`), `prior_config.json` (vocabulary layout, tokens per image,
-tokenizer id and codebook fingerprint), `metrics.json`, `training_config.json`, sample grids under `samples/`, tracker
+image size, tokenizer id and codebook fingerprint), `metrics.json`, `training_config.json`, sample grids under `samples/`, tracker
 logs under `logs/`, and `checkpoints/checkpoint-<step>`.
 """
 
@@ -230,6 +230,13 @@ def recorded_fingerprint(args: argparse.Namespace, tokenizer) -> str | None:
     return info["codebook_fingerprint"] if info else None
 
 
+def recorded_image_size(args: argparse.Namespace, num_image_tokens: int) -> tuple[int, int] | None:
+    """The image size --tokens_dir records (its grid checked against the sequence length), which prior_config.json
+    keeps for sampling; None when it records none."""
+    info = read_tokens_info(args.tokens_dir, num_image_tokens) if args.tokens_dir else None
+    return tuple(info["image_size"]) if info and "image_size" in info else None
+
+
 def _labels(name: str, split):
     """The split's `label` column as one Arrow array (no Python lists: cheap on millions of rows)."""
     import pyarrow as pa
@@ -412,12 +419,13 @@ def main(args: argparse.Namespace) -> dict[str, float]:
     vocabulary = make_vocabulary(args, train_set, validation_set, codebook_size)
     for name, split in (("training", train_set), ("validation", validation_set)):
         check_split(name, split, num_image_tokens, vocabulary.num_classes, codebook_size)
-    image_size = None
+    image_size = recorded_image_size(args, num_image_tokens)  # its grid checked against the tokenizer's already
     if tokenizer is not None:
         tokenizer[0].to(accelerator.device)
-        # Tokens made at another size than the processor's decode on their square grid; others are refused here,
-        # not at the first validation sample.
-        image_size = token_image_size(tokenizer[0], num_image_tokens, processor_image_size(tokenizer[1]))
+        if image_size is None:
+            # Token data that record no size (older folders, plain save_to_disk) made at another size than the
+            # processor's decode on their square grid; others are refused here, not at the first validation sample.
+            image_size = token_image_size(tokenizer[0], num_image_tokens, processor_image_size(tokenizer[1]))
     logger.info(
         f"{len(train_set)} training / {len(validation_set)} validation sequences of {num_image_tokens} image tokens; "
         f"vocabulary {vocabulary.vocab_size} ids ({vocabulary.codebook_size} codes, {vocabulary.num_classes} classes)"

@@ -1211,7 +1211,13 @@ def tokenize_command(args: argparse.Namespace) -> None:
     except ValueError as error:  # no readable image at all, or a label column that is not integer classes
         raise CLIError(f"--data {args.data}: {error}") from None
     skipped = total - len(tokenized)
-    save_tokens(tokenized, out, model, fingerprint)  # the codebook it indexes (before --dtype's cast)
+    # The codebook it indexes (before --dtype's cast), and the grid at the processor's size: a prior then decodes the
+    # tokens in their own raster layout, not on a grid guessed from their count.
+    size = processor_image_size(processor)
+    try:
+        save_tokens(tokenized, out, model, fingerprint, image_size=size)
+    except ValueError as error:  # a processor that does not make images of its size (no resize nor crop)
+        raise CLIError(f"--model {args.model}: {error}") from None
     length = len(tokenized[0]["image_tokens"])
     print(
         f"tokenized {len(tokenized)} images ({skipped} unreadable skipped) into {args.out}: columns "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import random
 from pathlib import Path
 from typing import Any
@@ -13,38 +14,65 @@ import torch
 
 from ..data import MAX_REPORTED_UNREADABLE, decode_image, describe_image_value, sample_photos
 from ..files import write_text
+from .model import _positive_int
 
 logger = logging.getLogger(__name__)
 
 
-# Written beside a tokenised data set (`save_tokens`): which codebook its ids index.
+# Written beside a tokenised data set (`save_tokens`): which codebook its ids index, and on which grid.
 TOKENS_INFO = "cdb_vq_tokens.json"
+# Recorded together, or not at all (older folders record none: their grid is inferred from the token count).
+GRID_FIELDS = ("image_size", "grid_height", "grid_width")
 
 
-def save_tokens(tokenized, folder: str | Path, model, fingerprint: str | None = None) -> Path:
+def save_tokens(
+    tokenized, folder: str | Path, model, fingerprint: str | None = None, image_size: tuple[int, int] | None = None
+) -> Path:
     """`tokenized.save_to_disk(folder)`, plus `cdb_vq_tokens.json` recording the codebook the ids index (its size
     and fingerprint), so that a prior is never trained with, or decoded by, another tokenizer by mistake.
 
     `fingerprint` is `cdb_tokenizer.tools.cli.codebook_fingerprint` of the model as saved (float32 codes); give it
-    when `model` was cast to half precision (its codes then round, and so would a fingerprint taken now)."""
+    when `model` was cast to half precision (its codes then round, and so would a fingerprint taken now).
+    `image_size` (height, width) in pixels is the size the processor made the images (`processor_image_size`): it is
+    recorded with its token grid (`grid_height`, `grid_width`), so that the raster layout is never guessed from the
+    token count; a grid that does not hold the sequences' tokens is a ValueError, before anything is written."""
     from ..cli import codebook_fingerprint
 
     folder = Path(folder)
     fingerprint = fingerprint or codebook_fingerprint(model)
+    info = {"codebook_size": model.config.codebook_size, "codebook_fingerprint": fingerprint}
+    if image_size is not None:
+        info.update(_grid_info(tokenized, model, image_size))
+    else:
+        logger.warning("save_tokens: no image_size given, so no token grid is recorded: a prior will infer it.")
     # An earlier run's record goes first: a crash while saving must not leave new ids beside the old codebook's.
     # (A link is left for `write_text` to refuse.)
     info_file = folder / TOKENS_INFO
     if info_file.is_file() and not info_file.is_symlink():
         info_file.unlink()
     tokenized.save_to_disk(str(folder))
-    info = {"codebook_size": model.config.codebook_size, "codebook_fingerprint": fingerprint}
     write_text(folder / TOKENS_INFO, json.dumps(info, indent=2) + "\n")  # whole, and never through a link
     return folder
 
 
-def read_tokens_info(folder: str | Path) -> dict[str, Any] | None:
-    """What `save_tokens` recorded about the codebook of the token data in `folder` (`codebook_size`,
-    `codebook_fingerprint`), or None when the folder records nothing; a damaged record is a ValueError."""
+def _grid_info(tokenized, model, image_size: tuple[int, int]) -> dict[str, Any]:
+    """The record of `image_size` and its token grid, checked against the first sequence's length."""
+    height, width = image_size
+    grid_height, grid_width = model.token_grid_size(height, width)
+    first = next(iter(tokenized.values())) if isinstance(tokenized, dict) else tokenized  # a DatasetDict's first split
+    length = len(first[0]["image_tokens"])
+    if grid_height * grid_width != length:
+        raise ValueError(
+            f"{height}x{width} images have a {grid_height}x{grid_width} token grid, but the sequences hold {length} "
+            f"tokens: give the image_size the processor made the images at."
+        )
+    return {"image_size": [height, width], "grid_height": grid_height, "grid_width": grid_width}
+
+
+def read_tokens_info(folder: str | Path, num_image_tokens: int | None = None) -> dict[str, Any] | None:
+    """What `save_tokens` recorded about the token data in `folder` (`codebook_size`, `codebook_fingerprint` and,
+    when recorded, `image_size`, `grid_height`, `grid_width`), or None when the folder records nothing; a damaged
+    record, or a grid that does not hold `num_image_tokens` tokens (when given), is a ValueError."""
     path = Path(folder) / TOKENS_INFO
     if not path.is_file():
         return None
@@ -54,13 +82,41 @@ def read_tokens_info(folder: str | Path) -> dict[str, Any] | None:
             raise TypeError("not a record of the codebook")
         if not isinstance(info.get("codebook_size"), int) or info["codebook_size"] < 1:
             raise TypeError(f"codebook_size {info.get('codebook_size')!r}")
+        _check_grid_fields(info)
     except (ValueError, KeyError, TypeError) as error:
         raise ValueError(f"{path} is damaged ({error}).") from None
+    grid = recorded_grid(info)
+    if grid and num_image_tokens is not None and math.prod(grid) != num_image_tokens:
+        raise ValueError(
+            f"{path} records a {grid[0]}x{grid[1]} token grid ({math.prod(grid)} tokens per image), but the data "
+            f"hold {num_image_tokens} tokens per image: the record belongs to other token data."
+        )
     return info
 
 
+def _check_grid_fields(info: dict[str, Any]) -> None:
+    """All three grid fields or none (folders written before they were recorded); positive whole numbers."""
+    present = [key for key in GRID_FIELDS if key in info]
+    if present and len(present) < len(GRID_FIELDS):
+        raise TypeError(f"{', '.join(sorted(set(GRID_FIELDS) - set(present)))} missing beside {', '.join(present)}")
+    if not present:
+        return
+    size = info["image_size"]
+    if not (isinstance(size, list) and len(size) == 2 and all(_positive_int(side) for side in size)):
+        raise TypeError(f"image_size {size!r}, not [height, width] in pixels")
+    for key in ("grid_height", "grid_width"):
+        if not _positive_int(info[key]):
+            raise TypeError(f"{key} {info[key]!r}")
+
+
+def recorded_grid(info: dict[str, Any] | None) -> tuple[int, int] | None:
+    """(grid_height, grid_width) a `read_tokens_info` record holds, or None (none recorded: an older folder)."""
+    return (info["grid_height"], info["grid_width"]) if info and "grid_height" in info else None
+
+
 def check_tokens_source(folder: str | Path, model) -> None:
-    """Refuse token data that `model` did not make (its recorded codebook differs); warn when none is recorded."""
+    """Refuse token data that `model` did not make (its recorded codebook differs, or its token grid at the recorded
+    image size); warn when none is recorded."""
     from ..cli import codebook_fingerprint
 
     info = read_tokens_info(folder)
@@ -75,6 +131,22 @@ def check_tokens_source(folder: str | Path, model) -> None:
         raise ValueError(
             f"{folder} was tokenised by another tokenizer (codebook fingerprint {recorded}, the tokenizer given has "
             f"{codebook_fingerprint(model)}): its ids index other codes. Tokenise the images again with this one."
+        )
+    grid = recorded_grid(info)
+    if grid is None:
+        return
+    # The same codes with another downsampling factor would decode the tokens in another raster layout.
+    height, width = info["image_size"]
+    try:
+        made = model.token_grid_size(height, width)
+    except ValueError:  # not divisible by its downsampling factor
+        made = None
+    if made != grid:
+        layout = f"a {made[0]}x{made[1]} grid" if made else "no whole token grid"
+        raise ValueError(
+            f"{folder} records {height}x{width} images on a {grid[0]}x{grid[1]} token grid ({TOKENS_INFO}), but the "
+            f"tokenizer given makes {layout} at that size: it would decode them in another layout. Use the one that "
+            f"made them."
         )
 
 
