@@ -391,7 +391,7 @@ def training_length(args: argparse.Namespace, batches_per_epoch: int) -> tuple[i
 def resume(args: argparse.Namespace, accelerator: Accelerator, schedules: list, max_train_steps: int) -> int:
     """Load --resume_from_checkpoint and return its step (0 without one), by train.py's rules: this run's learning
     rate and optimiser settings, later checkpoints set aside only when this run trains past this one."""
-    checkpoint = find_checkpoint(args.resume_from_checkpoint, args.output_dir)
+    checkpoint = find_checkpoint(args.resume_from_checkpoint, args.output_dir, accelerator)
     if checkpoint is None:
         return 0
     accelerator.print(f"Resuming from checkpoint {checkpoint}")
