@@ -311,8 +311,8 @@ class CDBVQRouter(nn.Module):
                 nn.Linear(3, config.role_hidden_dim), nn.SiLU(), nn.Linear(config.role_hidden_dim, len(config.code_roles))
             )
         # Persistent: a saved model routes exactly as it did when it was saved. Filled in `reset_state`.
-        self.register_buffer("potentials", torch.zeros(config.codebook_size))
-        self.register_buffer("temperature", torch.ones(()))
+        self.register_buffer("potentials", torch.zeros(config.codebook_size, dtype=torch.float32))
+        self.register_buffer("temperature", torch.ones((), dtype=torch.float32))
 
     def fresh_state(self) -> dict[str, torch.Tensor]:
         """The values of this module's own buffers in a fresh model."""
@@ -444,8 +444,8 @@ class CodeStatistics(nn.Module):
     def __init__(self, codebook_size: int, width: int, decay: float):
         super().__init__()
         self.decay = decay
-        self.register_buffer("sums", torch.zeros(codebook_size, width))
-        self.register_buffer("counts", torch.zeros(codebook_size))
+        self.register_buffer("sums", torch.zeros(codebook_size, width, dtype=torch.float32))
+        self.register_buffer("counts", torch.zeros(codebook_size, dtype=torch.float32))
 
     def fresh_state(self) -> dict[str, torch.Tensor]:
         """The values of this module's buffers in a fresh model."""
@@ -526,17 +526,29 @@ class CDBVQQuantizer(nn.Module):
             self.codebook.weight.requires_grad_(False)
         self.code_projection = nn.Linear(config.codebook_dim, config.semantic_dim)
         self.router = CDBVQRouter(config) if config.assignment == "cdb" else None
-        # Persistent so that a saved or resumed model carries them; all set in `reset_state`.
+        # Persistent so that a saved or resumed model carries them; all set in `reset_state`. Float32 whatever the
+        # default dtype (`from_pretrained(..., dtype=torch.bfloat16)` builds the model under it): see `_apply`.
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
-        self.register_buffer("usage", torch.zeros(config.codebook_size))
-        self.register_buffer("ema_cluster_size", torch.zeros(config.codebook_size))
-        self.register_buffer("ema_embed_sum", torch.zeros(config.codebook_size, config.codebook_dim))
-        self.register_buffer("prototypes", torch.zeros(config.num_prototypes, config.semantic_dim))
+        self.register_buffer("usage", torch.zeros(config.codebook_size, dtype=torch.float32))
+        self.register_buffer("ema_cluster_size", torch.zeros(config.codebook_size, dtype=torch.float32))
+        self.register_buffer("ema_embed_sum", torch.zeros(config.codebook_size, config.codebook_dim, dtype=torch.float32))
+        self.register_buffer("prototypes", torch.zeros(config.num_prototypes, config.semantic_dim, dtype=torch.float32))
         self.register_buffer("code_to_prototype", torch.zeros(config.codebook_size, dtype=torch.long))
         self.register_buffer("code_to_role", torch.zeros(config.codebook_size, dtype=torch.long))
         # Submodules of their own: a model saved before they existed loads with only these statistics fresh.
         self.signal_statistics = CodeStatistics(config.codebook_size, len(SIGNAL_NAMES), config.usage_decay)
         self.teacher_statistics = CodeStatistics(config.codebook_size, config.semantic_dim, config.usage_decay)
+
+    def _apply(self, fn, recurse=True):
+        # The running statistics (usage, EMA sums, potentials, temperature, signal and teacher statistics) take 1% steps
+        # that half precision rounds away, and their smoothing underflows float16 into an infinite codebook: they stay
+        # float32 when the model is cast (`.half()`, `.to(torch.bfloat16)`), as under autocast.
+        super()._apply(fn, recurse)
+        for module in self.modules():
+            for name, buffer in module._buffers.items():
+                if buffer is not None and buffer.is_floating_point() and buffer.dtype != torch.float32:
+                    module._buffers[name] = buffer.float()
+        return self
 
     # ------------------------------------------------------------------ state
     def fresh_state(self) -> dict[str, torch.Tensor]:

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from cdb_tokenizer import CDBVQConfig
+from cdb_tokenizer import CDBVQConfig, CDBVQModel
 from conftest import tiny_config, tiny_model
 
 
@@ -149,6 +149,29 @@ def test_bfloat16(photo_batch):
     model.eval()
     images = model.decode_image_tokens(model.get_image_tokens(photo_batch.to(torch.bfloat16)))
     assert images.dtype == torch.bfloat16
+
+
+def _quantizer_state_dtypes(model) -> set:
+    return {buffer.dtype for buffer in model.quantizer.buffers() if buffer.is_floating_point()}
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_the_quantizer_keeps_its_running_statistics_in_float32(tmp_path, dtype):
+    """Cast to half precision, the usage and EMA statistics rounded away their 1% steps, and the EMA smoothing
+    underflowed float16 into an infinite codebook after ~50 training steps."""
+    model = tiny_model(assignment="nearest", codebook_size=1024).to(dtype).train()
+    assert _quantizer_state_dtypes(model) == {torch.float32}
+    pixel_values = (torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1).to(dtype)
+    with torch.no_grad():
+        # 512 latents a step on 1,024 codes: some go unused for 55 steps (0.8 ** 55 ~ 5e-6); bfloat16 has float32's range
+        for _ in range(70 if dtype == torch.float16 else 2):
+            model(pixel_values)
+    assert torch.isfinite(model.quantizer.codebook.weight.float()).all()
+    # Loaded in half precision (the model is built under that default dtype): float32 too.
+    model.float().save_pretrained(tmp_path)
+    loaded = CDBVQModel.from_pretrained(tmp_path, dtype=dtype)
+    assert loaded.dtype == dtype and _quantizer_state_dtypes(loaded) == {torch.float32}
+    assert loaded.quantizer.code_to_prototype.dtype == torch.long
 
 
 def test_gradient_checkpointing_gives_same_gradients(photo_batch):
