@@ -91,7 +91,9 @@ class CDBVQImageProcessor(BaseImageProcessor):
             Preserve the aspect ratio: resize so that the image covers `size`, then crop its centre to exactly
             `size`. When `False`, images are resized straight to `size` (and may be stretched).
         do_rescale (`bool`, *optional*, defaults to `True`):
-            Whether to multiply the `[0, 255]` intensities by `rescale_factor`.
+            Whether to multiply the `[0, 255]` intensities by `rescale_factor`. Every input is taken to that scale
+            first, float images in `[0, 1]` included, so a call with `False` and float images (transformers' idiom
+            for images already in `[0, 1]`) is refused: they are taken as they are with the default.
         rescale_factor (`float`, *optional*, defaults to `1/255`):
             Scale applied when `do_rescale` is set.
         do_normalize (`bool`, *optional*, defaults to `True`):
@@ -294,6 +296,14 @@ class CDBVQImageProcessor(BaseImageProcessor):
         if device is not None:
             tensor = tensor.to(device)
         tensor = _to_channels_first(tensor, input_data_format, default_format)
+        if tensor.is_floating_point() and kwargs.get("do_rescale") is False:
+            # transformers' idiom for float images already in [0, 1] (`ToTensor` output); here they would be taken to
+            # [0, 255] like every input, with no rescale to bring them back: pixel values up to 509, not an error.
+            raise ValueError(
+                "do_rescale=False with float images: CDBVQImageProcessor takes float images in [0, 1] as they are "
+                "with the default do_rescale=True (it maps every input to [0, 255] intensities, which the rescale "
+                "brings back); drop do_rescale=False."
+            )
         tensor = _to_intensity_scale(tensor)
         if do_convert_rgb:
             tensor = _convert_to_rgb(tensor)

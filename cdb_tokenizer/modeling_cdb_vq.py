@@ -6,6 +6,7 @@ This file ships as Hugging Face Hub remote code: it imports only torch, transfor
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -244,6 +245,19 @@ class CDBVQSemanticHead(nn.Module):
 # ----------------------------------------------------------------------------------------------------------------
 # The model
 # ----------------------------------------------------------------------------------------------------------------
+
+
+def _pixel_count(name: str, value) -> int | None:
+    """`value` as a positive int: any integer (Python's, NumPy's, a 0-d integer tensor), never a bool or a float."""
+    if value is None:
+        return None
+    try:
+        count = None if isinstance(value, bool) else operator.index(value)
+    except TypeError:
+        count = None
+    if count is None or count < 1:
+        raise ValueError(f"{name} must be a positive number of pixels, got {value!r}.")
+    return count
 
 
 class CDBVQPreTrainedModel(PreTrainedModel):
@@ -637,9 +651,7 @@ class CDBVQModel(CDBVQPreTrainedModel):
         if image_tokens.ndim != 2:
             raise ValueError(f"image_tokens must have shape (batch, h * w) or (batch, h, w), got {tuple(image_tokens.shape)}.")
         count = image_tokens.shape[1]
-        for name, value in (("height", height), ("width", width)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ValueError(f"{name} must be a positive number of pixels, got {value!r}.")
+        height, width = _pixel_count("height", height), _pixel_count("width", width)
         if height is None and width is None:
             grid_height, grid_width = self.token_grid_size()
             if grid_height * grid_width != count:

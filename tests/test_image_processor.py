@@ -799,3 +799,19 @@ def test_flags_must_be_true_or_false(tmp_path):
     with pytest.raises(ValueError, match="`do_normalize` must be True or False, got 'false'"):
         CDBVQImageProcessor().postprocess(torch.zeros(1, 3, 8, 8), do_normalize="false")
     assert CDBVQImageProcessor(do_resize=np.bool_(False)).do_resize is False
+
+
+def test_do_rescale_false_with_float_images_is_refused_not_scaled_to_509():
+    # transformers' idiom for images already in [0, 1]: here every input is taken to [0, 255] first, so the call gave
+    # pixel values up to 509 without a word.
+    processor = CDBVQImageProcessor(size={"height": 32, "width": 32})
+    floats = torch.rand(3, 40, 40, generator=torch.Generator().manual_seed(0))
+    for images in (floats, floats.permute(1, 2, 0).numpy()):
+        with pytest.raises(ValueError, match="do_rescale=False with float images"):
+            processor(images, do_rescale=False, return_tensors="pt")
+    with pytest.raises(ValueError, match="do_rescale=False with float images"):
+        CDBVQImageProcessor(size={"height": 32, "width": 32}, do_rescale=False)(floats, return_tensors="pt")
+    pixel_values = processor(floats, return_tensors="pt").pixel_values  # the default takes them as they are
+    assert -1.0 <= pixel_values.min() and pixel_values.max() <= 1.0
+    # uint8 with do_rescale=False stays [0, 255] intensities, as in transformers.
+    assert processor((floats * 255).to(torch.uint8), do_rescale=False, return_tensors="pt").pixel_values.max() > 100

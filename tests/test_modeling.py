@@ -685,9 +685,18 @@ def test_decode_image_tokens_with_height_and_width_uses_that_grid_in_raster_orde
         ({"height": 48, "width": 32}, r"got 144 tokens per image, but a 12x8 token grid needs 96"),
         ({"height": 0}, "height must be a positive number of pixels, got 0"),
         ({"width": 48.0}, "width must be a positive number of pixels, got 48.0"),
+        ({"width": torch.tensor(48.0)}, r"width must be a positive number of pixels, got tensor\(48\.\)"),
     ],
 )
 def test_decode_image_tokens_refuses_a_token_count_that_does_not_fit_the_grid(model, size, message):
     # Never a guessed grid: a wrong one decodes a scrambled picture without any error.
     with pytest.raises(ValueError, match=message):
         model.decode_image_tokens(torch.zeros(1, 144, dtype=torch.long), **size)
+
+
+def test_decode_image_tokens_takes_any_integer_size(model):
+    # NumPy and tensor integers (a size read from an array) were refused for flat tokens, not for (B, h, w) ones.
+    tokens = torch.zeros(1, 96, dtype=torch.long)
+    expected = model.decode_image_tokens(tokens, height=32, width=48)
+    for height, width in ((np.int64(32), np.int64(48)), (torch.tensor(32), 48)):
+        assert torch.equal(model.decode_image_tokens(tokens, height=height, width=width), expected)
