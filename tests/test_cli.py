@@ -431,13 +431,20 @@ def test_weights_that_do_not_fit_the_config_are_named_in_one_line(files, tmp_pat
             f"(64, 8) in the file but (32, 8) for the config"
         ), line
 
-        # A model that loads keeps transformers' warnings: here the table of a weight missing from the file.
+        # A weight missing from the file would start at random (every command ran on, exit status 0): refused.
         (folder / "config.json").write_text(json.dumps(config))
         weights = load_file(folder / "model.safetensors")
-        del weights["decoder.conv_in.bias"]
+        bias = weights.pop("decoder.conv_in.bias")
         save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
+        assert main(["inspect", "--model", str(folder)]) == 1
+        line = capsys.readouterr().err.strip().splitlines()[-1]
+        assert "parameters are missing (e.g. decoder.conv_in.bias), and would start at random" in line, line
+
+        # A model that loads keeps transformers' warnings: here the table of a tensor the model does not have.
+        save_file({**weights, "decoder.conv_in.bias": bias, "stray.weight": torch.zeros(2)}, str(folder / "model.safetensors"),
+                  metadata={"format": "pt"})  # fmt: skip
         assert main(["inspect", "--model", str(folder)]) == 0
-        assert any("decoder.conv_in.bias" in record.getMessage() for record in shown.buffer)
+        assert any("stray.weight" in record.getMessage() for record in shown.buffer)
     finally:
         logging.getLogger("transformers").removeHandler(shown)
 
@@ -518,7 +525,13 @@ def test_outputs_never_replace_the_inputs(files, tmp_path, capsys):
     shutil.copy(tokens, tmp_path / "decoded" / "astronaut.png")  # a token file whose decoded image lands on itself
     original = {path: path.read_bytes() for path in [*victim.iterdir(), tmp_path / "decoded" / "astronaut.png"]}
     model, restorer = str(files["model"]), str(_restoration_model(files))
+    own = tmp_path / "own_model"  # a model folder whose files an output would replace (the weights being read)
+    shutil.copytree(files["model"], own)
+    original.update({path: path.read_bytes() for path in own.iterdir()})
     refused = [
+        (["encode", str(photo), "--model", str(own), "--out", str(own / "model.safetensors")], own / "model.safetensors"),
+        (["inspect", "--model", str(own), "--codes", str(own / "config.json")], own / "config.json"),
+        (["eval", "--model", str(own), "--data", str(victim), "--out", str(own / "config.json")], own / "config.json"),
         (["reconstruct", str(photo), "--model", model, "--out", str(victim)], photo),
         (["restore", str(photo), "--model", restorer, "--out", str(victim)], photo),
         (["encode", str(photo), "--model", model, "--out", str(photo)], photo),
@@ -621,7 +634,8 @@ def test_a_model_changed_since_encoding_is_named_as_such(files, tmp_path, capsys
     shutil.copytree(files["model"], folder)
     tokens = tmp_path / "t.safetensors"
     assert main(["encode", _photos(files)[0], "--model", str(folder), "--out", str(tokens)]) == 0
-    shutil.copy(files["same_size_model"] / "model.safetensors", folder / "model.safetensors")  # retrained in place
+    tiny_model(seed=5, code_roles=CODE_ROLES).save_pretrained(tmp_path / "retrained")
+    shutil.copy(tmp_path / "retrained" / "model.safetensors", folder / "model.safetensors")  # retrained in place
     assert main(["decode", str(tokens), "--out", str(tmp_path / "d")]) == 1
     line = cli_error_line(capsys, "decode")
     assert f"the model at {folder.resolve()} has changed since {tokens} was encoded" in line, line
@@ -714,6 +728,43 @@ def test_tokenize_writes_only_a_new_empty_or_earlier_tokenize_folder(files, tmp_
     assert "cdb_vq_tokens.json" in cli_error_line(capsys, "tokenize")
     assert main([*base, str(tmp_path / "tokens")]) == 0
     assert main([*base, str(tmp_path / "tokens")]) == 0  # an earlier tokenize output is replaced
+    # save_to_disk writes through a link it finds there: a file outside --out was overwritten.
+    victim = tmp_path / "victim.json"
+    victim.write_text("precious")
+    (tmp_path / "tokens" / "state.json").unlink()
+    (tmp_path / "tokens" / "state.json").symlink_to(victim)
+    assert main([*base, str(tmp_path / "tokens")]) == 1
+    assert "state.json is a symbolic link" in cli_error_line(capsys, "tokenize") and victim.read_text() == "precious"
+
+
+def test_tokenize_refuses_token_sequences_of_several_lengths(files, tmp_path, capsys):
+    # A processor without a fixed size (shortest edge, no crop) gave 64 and 128 tokens; the summary said 64 per image.
+    model = tmp_path / "model"
+    shutil.copytree(files["model"], model)
+    CDBVQImageProcessor(size={"shortest_edge": 32}, do_center_crop=False).save_pretrained(model)
+    data = tmp_path / "data"
+    data.mkdir()
+    photo = sample_photos("skimage")[0]
+    photo.resize((32, 32)).save(data / "square.png")
+    photo.resize((64, 32)).save(data / "wide.png")
+    arguments = ["tokenize", "--model", str(model), "--data", str(data), "--out", str(tmp_path / "tokens"), "--batch_size", "1"]
+    assert main(arguments) == 1
+    assert "the images gave token sequences of 64 to 128 tokens" in cli_error_line(capsys, "tokenize")
+    assert not (tmp_path / "tokens" / "cdb_vq_tokens.json").exists()
+
+
+def test_restore_keeps_no_autograd_graph(files, tmp_path, monkeypatch):
+    # restore ran with autograd on (the only command without inference mode): every batch kept its activations.
+    modes = []
+    real_decode = CDBVQModel.decode
+
+    def decode(self, *args, **kwargs):
+        modes.append(torch.is_inference_mode_enabled())
+        return real_decode(self, *args, **kwargs)
+
+    monkeypatch.setattr(CDBVQModel, "decode", decode)
+    assert main(["restore", _photos(files)[0], "--model", str(_restoration_model(files)), "--out", str(tmp_path / "out")]) == 0
+    assert modes and all(modes)
 
 
 def test_reconstruct_writes_nothing_when_a_later_image_cannot_be_decoded(files, tmp_path, capsys):

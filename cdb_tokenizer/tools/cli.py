@@ -386,6 +386,16 @@ def refuse_overwriting_inputs(outputs: Sequence[Path], inputs: Iterable[Path]) -
             raise CLIError(f"{output} would replace the input {source} (the same file); give another --out.")
 
 
+def _model_files(name: str | None) -> list[Path]:
+    """The files of a local `--model` folder: inputs too, which an output must never replace (`--overwrite`
+    included: the weights being read). None for a Hub id, or a name `load_model` will refuse anyway."""
+    try:
+        folder = locate(name, "--model") if name else None
+    except FileNotFoundError:
+        return []
+    return [path for path in folder.iterdir() if path.is_file()] if folder is not None else []
+
+
 def _files_under(folder: Path) -> Iterator[Path]:
     """Every file in `folder` and its sub-folders (an image folder data set's inputs)."""
     for parent, _, names in os.walk(folder):
@@ -539,7 +549,7 @@ def encode_command(args: argparse.Namespace) -> None:
     from safetensors.torch import save_file
 
     paths = check_image_files(args.images, args.max_image_pixels)
-    refuse_overwriting_inputs([Path(args.out)], paths)  # before the file's own checks: --overwrite cannot help
+    refuse_overwriting_inputs([Path(args.out)], [*paths, *_model_files(args.model)])  # --overwrite cannot help
     out = check_output_file(args.out, overwrite=args.overwrite)
     model, processor, model_id, fingerprint, revision = load_model_of(args)
     grids = []
@@ -667,7 +677,7 @@ def decode_command(args: argparse.Namespace) -> None:
     out = check_output_folder(args.out)
     names = _image_names(metadata, len(tokens))
     targets = [out / f"{name}.png" for name in names]
-    refuse_overwriting_inputs(targets, [Path(args.tokens)])
+    refuse_overwriting_inputs(targets, [Path(args.tokens), *_model_files(model_name)])
     check_targets(targets, args.overwrite)
     # A Hub model is loaded at the commit that encoded the tokens, unless --model or --revision says otherwise.
     revision = args.revision or (None if args.model else _recorded_revision(args.tokens, metadata))
@@ -786,7 +796,7 @@ def reconstruct_command(args: argparse.Namespace) -> None:
         folders.append(check_output_subfolder(out, "role_maps"))
     names = unique_names(paths)
     targets = [folder / f"{name}.png" for name in names for folder in folders] + [out / "psnr.json"]
-    refuse_overwriting_inputs(targets, paths)
+    refuse_overwriting_inputs(targets, [*paths, *_model_files(args.model)])
     check_targets(targets, args.overwrite)
     model, processor, *_ = load_model_of(args)
     if args.role_map and not model.config.code_roles:
@@ -842,6 +852,7 @@ def _write_role_maps(
         Image.fromarray(array).save(stage(folder / f"{name}.png"), format="PNG")
 
 
+@torch.inference_mode()
 def restore_command(args: argparse.Namespace) -> None:
     """Degraded photos in, restored photos out, with a model trained for restoration (`train.py --degradation`)."""
     from .degradations import canonical_spec
@@ -849,7 +860,7 @@ def restore_command(args: argparse.Namespace) -> None:
     paths = check_image_files(args.images, args.max_image_pixels)
     out = check_output_folder(args.out)
     targets = [out / f"{name}.png" for name in unique_names(paths)]
-    refuse_overwriting_inputs(targets, paths)
+    refuse_overwriting_inputs(targets, [*paths, *_model_files(args.model)])
     check_targets(targets, args.overwrite)
     model, processor, *_ = load_model_of(args)
     trained_on = getattr(model.config, "restoration_degradation", None)
@@ -1018,8 +1029,10 @@ def eval_command(args: argparse.Namespace) -> None:
     _apply_protocol(args)
     _check_fid_options(args)
     dataset = open_dataset(args.data, args.image_column, args.split)
-    if args.out is not None and Path(args.data).expanduser().is_dir():  # before --out's own checks
-        refuse_overwriting_inputs([Path(args.out)], _files_under(Path(args.data).expanduser()))
+    if args.out is not None:  # before --out's own checks
+        data = Path(args.data).expanduser()
+        inputs = itertools.chain(_files_under(data) if data.is_dir() else [], _model_files(args.model))
+        refuse_overwriting_inputs([Path(args.out)], inputs)
     out = check_output_file(args.out, "metrics.json", overwrite=args.overwrite) if args.out is not None else None
     if args.fid and args.fid_reference is not None and not Path(args.fid_reference).is_file():  # written at the end
         check_output_file(args.fid_reference, "reference.safetensors", "--fid_reference")
@@ -1093,6 +1106,8 @@ def inspect_command(args: argparse.Namespace) -> None:
     """Codebook size, assignment rule, role ranges with their usage, and the labels of the most used codes."""
     from .publishing import code_report_summary, codebook_summary
 
+    if args.codes is not None:
+        refuse_overwriting_inputs([Path(args.codes)], _model_files(args.model))
     codes = _check_codes_file(args.codes, args.overwrite) if args.codes is not None else None
     model, _, model_id, fingerprint, revision = load_model_of(args)
     summary = codebook_summary(model, top_k=args.top)
@@ -1187,6 +1202,8 @@ def _write_code_report(report: list[dict], path: Path) -> None:
 
 def tokenize_command(args: argparse.Namespace) -> None:
     """A folder or Hub data set -> a `datasets` data set of `image_tokens` (and labels), saved with `save_to_disk`."""
+    import pyarrow.compute as pyarrow_compute
+
     from .priors import save_tokens, tokenize_dataset
 
     dataset = open_dataset(args.data, args.image_column, args.split)
@@ -1211,6 +1228,13 @@ def tokenize_command(args: argparse.Namespace) -> None:
     except ValueError as error:  # no readable image at all, or a label column that is not integer classes
         raise CLIError(f"--data {args.data}: {error}") from None
     skipped = total - len(tokenized)
+    lengths = pyarrow_compute.min_max(pyarrow_compute.list_value_length(tokenized.with_format("arrow")["image_tokens"]))
+    shortest, longest = lengths["min"].as_py(), lengths["max"].as_py()
+    if shortest != longest:  # a processor without a fixed size: images of other shapes made other grids
+        raise CLIError(
+            f"--data {args.data}: the images gave token sequences of {shortest} to {longest} tokens; a prior needs one "
+            f"length: use a model whose image processor makes one size ({{'height', 'width'}}, or a centre crop)."
+        )
     # The codebook it indexes (before --dtype's cast), and the grid at the processor's size: a prior then decodes the
     # tokens in their own raster layout, not on a grid guessed from their count.
     size = processor_image_size(processor)
@@ -1239,6 +1263,12 @@ def _check_tokenize_folder(out: str, data: str) -> Path:
             f"--out {out} is a folder with other files in it (no {TOKENS_INFO} of an earlier `cdb-vq tokenize`); "
             f"give a new or empty folder."
         )
+    # `save_to_disk` writes over what an earlier output holds, following links: one would write outside --out.
+    for parent, folders, files in os.walk(path):
+        for name in folders + files:
+            entry = Path(parent) / name
+            if entry.is_symlink() or not (entry.is_dir() or entry.is_file()):
+                raise CLIError(f"{entry} is a symbolic link or not a regular file; --out must hold only what tokenize wrote.")
     return path
 
 

@@ -63,6 +63,19 @@ def locate(name_or_path: str | Path, what: str, hint: str = "") -> Path | None:
     raise FileNotFoundError(f"{what} {name!r}: {problem}." + (f" {hint}" if hint else ""))
 
 
+def refuse_missing_weights(model, loading_info: dict, source: str | Path) -> None:
+    """Refuse a model whose weights file lacks some of its parameters: transformers starts them at random and only
+    logs a table, and the model then tokenises and decodes noise without an error. Buffers that a model saved by an
+    earlier version lacks (running statistics it gathers afresh) are not parameters, and pass."""
+    parameters = {name for name, _ in model.named_parameters()}
+    missing = sorted(key for key in loading_info.get("missing_keys") or () if key in parameters)
+    if missing:
+        raise ValueError(
+            f"the weights in {source} do not fit the model its config.json describes: {len(missing)} of its "
+            f"{len(parameters)} parameters are missing (e.g. {missing[0]}), and would start at random."
+        )
+
+
 def load_tokenizer(
     name_or_path: str, device: str | torch.device | None = None, trust_remote_code: bool = False, **kwargs: Any
 ):
@@ -88,7 +101,9 @@ def load_tokenizer(
     model_class = AutoModel if trust_remote_code else CDBVQModel
     processor_class = AutoImageProcessor if trust_remote_code else CDBVQImageProcessor
     options = {"trust_remote_code": trust_remote_code} if trust_remote_code else {}
-    model = model_class.from_pretrained(name_or_path, **options, **kwargs).eval()
+    model, loading_info = model_class.from_pretrained(name_or_path, **options, **kwargs, output_loading_info=True)
+    refuse_missing_weights(model, loading_info, name_or_path)
+    model.eval()
     if _has_processor_config(name_or_path, kwargs):
         try:
             processor = processor_class.from_pretrained(name_or_path, **options, **kwargs)

@@ -423,17 +423,18 @@ def render_model_card(
 
 def _load_complete_model(folder: Path):
     """The model saved in `folder`, refused when its weights do not all fit (transformers would start the missing
-    ones at random and only log it: a card and an upload of an untrained model)."""
+    ones at random and only log it: a card and an upload of an untrained model); stray weights are refused too."""
     from ..modeling_cdb_vq import CDBVQModel
+    from .loading import refuse_missing_weights
 
     model, info = CDBVQModel.from_pretrained(folder, output_loading_info=True)
-    for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
-        keys = sorted(str(key) for key in info.get(kind) or ())
-        if keys:
-            raise ValueError(
-                f"the weights in {folder} do not fit the model of its config.json ({len(keys)} "
-                f"{kind.replace('_', ' ')}, e.g. {keys[0]}): save the model with `model.save_pretrained`."
-            )
+    refuse_missing_weights(model, info, folder)
+    unexpected = sorted(str(key) for key in info.get("unexpected_keys") or ())
+    if unexpected:
+        raise ValueError(
+            f"the weights in {folder} hold {len(unexpected)} tensors the model of its config.json does not have "
+            f"(e.g. {unexpected[0]}): save the model with `model.save_pretrained`."
+        )
     return model
 
 
