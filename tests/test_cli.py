@@ -345,6 +345,10 @@ def test_usage_errors_exit_non_zero(capsys):
         main(["encode", "photo.png"])  # --model and --out missing
     assert exit_info.value.code == 2
     assert "--model" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["encode", "photo.png", "--model", "m", "--out", "t.safetensors", "--batch_size", "1.5"])
+    assert exit_info.value.code == 2  # named by its flag, not by the parser's function ("invalid _positive_int value")
+    assert "argument --batch_size: must be a whole number, got '1.5'" in capsys.readouterr().err
 
 
 def test_loading_a_tokenizer_imports_no_prior_code(files):

@@ -1294,15 +1294,22 @@ class _Parser(argparse.ArgumentParser):
         return list({id(match[0]): match for match in super()._get_option_tuples(option_string)}.values())
 
 
+def _whole_number(value: str) -> int:
+    try:
+        return int(value)
+    except ValueError:  # argparse would name the function: "invalid _positive_int value: '1.5'"
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {value!r}") from None
+
+
 def _positive_int(value: str) -> int:
-    number = int(value)
+    number = _whole_number(value)
     if number < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
     return number
 
 
 def _non_negative_int(value: str) -> int:
-    number = int(value)
+    number = _whole_number(value)
     if number < 0:
         raise argparse.ArgumentTypeError(f"must be 0 or a positive integer, got {value}")
     return number
