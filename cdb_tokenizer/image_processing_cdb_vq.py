@@ -324,6 +324,9 @@ class CDBVQImageProcessor(BaseImageProcessor):
         height, width = image.shape[-2:]
         if size.shortest_edge is not None:
             scale = size.shortest_edge / min(height, width)
+            if do_center_crop:  # only the centre square survives: cut the rest first, as for a {height, width} size
+                image = _centre_to_keep(image, size.shortest_edge / scale, size.shortest_edge / scale, scale)
+                height, width = image.shape[-2:]
             new_size = (max(size.shortest_edge, round(height * scale)), max(size.shortest_edge, round(width * scale)))
         elif do_center_crop:
             scale = max(size.height / height, size.width / width)

@@ -563,8 +563,10 @@ def test_an_output_layout_other_than_channels_first_is_refused(data_format):
         CDBVQImageProcessor(data_format=data_format)
 
 
-def test_a_thin_strip_is_cut_to_its_centre_before_it_is_resized(monkeypatch):
-    # A 2 x 100,000 strip (0.2 megapixels) was scaled to cover a 256 x 256 target whole first: a 39 GB tensor.
+@pytest.mark.parametrize("size", [{"height": 32, "width": 32}, {"shortest_edge": 32}])
+def test_a_thin_strip_is_cut_to_its_centre_before_it_is_resized(monkeypatch, size):
+    # A 2 x 100,000 strip (0.2 megapixels) was scaled to cover a 256 x 256 target whole first: a 39 GB tensor (with a
+    # shortest_edge size too, until it was cut first as well).
     import torch.nn.functional as F
 
     import cdb_tokenizer.image_processing_cdb_vq as module
@@ -572,7 +574,7 @@ def test_a_thin_strip_is_cut_to_its_centre_before_it_is_resized(monkeypatch):
     sizes, interpolate = [], F.interpolate
     monkeypatch.setattr(module.F, "interpolate", lambda image, size, **kw: sizes.append(size) or interpolate(image, size=size, **kw))
     strip = np.random.default_rng(0).integers(0, 255, (2, 20000, 3), dtype=np.uint8)
-    processor = CDBVQImageProcessor(size={"height": 32, "width": 32}, do_normalize=False)
+    processor = CDBVQImageProcessor(size=size, do_normalize=False)
     pixel_values = processor(strip, return_tensors="pt").pixel_values
     assert pixel_values.shape == (1, 3, 32, 32) and max(h * w for h, w in sizes) <= 32 * 32 * 16
     # The same pixels as scaling the whole strip (32 x 320,000) and cropping its centre.
