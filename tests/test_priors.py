@@ -535,6 +535,11 @@ def test_resuming_a_finished_run_trains_nothing(tmp_path, fresh_accelerator_stat
     assert train_prior.main(train_prior.parse_args(argv))["step"] == 2
     assert (tmp_path / "prior" / "model.safetensors").is_file()
     assert not (tmp_path / "prior" / "checkpoints" / "checkpoint-3").exists()
+    # The same with an earlier, shorter run's metrics.json left there: it was taken for this run's, and nothing saved.
+    (tmp_path / "prior" / "metrics.json").write_text(json.dumps({"step": 1}))
+    (tmp_path / "prior" / "model.safetensors").unlink()
+    assert train_prior.main(train_prior.parse_args(argv))["step"] == 2
+    assert (tmp_path / "prior" / "model.safetensors").is_file()
 
 
 def test_train_prior_refuses_another_runs_output_dir(tmp_path, fresh_accelerator_state):

@@ -214,7 +214,9 @@ def test_publish_staging_scrubs_every_local_path_and_token(root, tmp_path):
     assert "output_dir" not in public and "hub_token" not in public and "OPENAI_API_KEY" not in public
 
 
-def test_publish_staging_scrubs_relative_paths_and_safetensors_metadata(root, tmp_path):
+# The prototypes record where their labels came from: a local path, absolute or relative (the --prototypes flag).
+@pytest.mark.parametrize("source", ["text:/home/jdoe/cfg/labels.txt", "text:clients/jdoe/labels.txt"])
+def test_publish_staging_scrubs_relative_paths_and_safetensors_metadata(root, tmp_path, source):
     from safetensors import safe_open
 
     from cdb_tokenizer.tools.publishing import stage_folder
@@ -222,8 +224,7 @@ def test_publish_staging_scrubs_relative_paths_and_safetensors_metadata(root, tm
 
     output = tmp_path / "out"
     shutil.copytree(root / "model", output)
-    # The prototypes record where their labels came from; that source is a local path.
-    save_prototypes(output / "prototypes.safetensors", torch.randn(8, 32), source="text:/home/jdoe/cfg/labels.txt")
+    save_prototypes(output / "prototypes.safetensors", torch.randn(8, 32), source=source)
     training_config = {"train_data_dir": "../jdoe/photos", "prototypes": "text:./jdoe/labels.txt",
                        "clip_pretrained": "file:///home/jdoe/clip.safetensors", "dataset_name": "/home/jdoe/ds"}  # fmt: skip
     (output / "training_config.json").write_text(json.dumps(training_config))

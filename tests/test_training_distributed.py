@@ -149,6 +149,15 @@ CHECKPOINT_CHOICE_WORKER = textwrap.dedent(
     found = runs.find_checkpoint("latest", sys.argv[1], accelerator)
     with open(sys.argv[1] + f"-rank{{accelerator.process_index}}.txt", "w") as answer:  # a file each: no interleaving
         answer.write(found.name if found else "None")
+    if accelerator.is_main_process:  # an unexpected error on the main process (a damaged file, NFS's ESTALE)
+        def broken(output_dir):
+            raise OSError("Stale file handle")
+        runs.complete_checkpoints = broken
+    try:
+        runs.find_checkpoint("latest", sys.argv[1], accelerator)
+    except Exception as error:  # every process stops with it, instead of waiting in the broadcast
+        with open(sys.argv[1] + f"-error{{accelerator.process_index}}.txt", "w") as answer:
+            answer.write(f"{{type(error).__name__}}: {{error}}")
     """
 )
 
@@ -166,3 +175,4 @@ def test_every_process_resumes_from_the_checkpoint_the_main_process_chose(tmp_pa
     result = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
     assert [(tmp_path / f"run-rank{rank}.txt").read_text() for rank in (0, 1)] == ["checkpoint-3", "checkpoint-3"]
+    assert [(tmp_path / f"run-error{rank}.txt").read_text() for rank in (0, 1)] == ["CheckpointError: OSError: Stale file handle"] * 2

@@ -44,6 +44,7 @@ from cdb_tokenizer.modeling_cdb_vq import flatten_grid
 from cdb_tokenizer.tools.checkpoints import (
     CheckpointError,
     complete_checkpoints,
+    decided_by_main_process,
     load_custom_state,
     load_training_state,
     save_checkpoint,
@@ -745,14 +746,19 @@ def resume_or_initialize(args: argparse.Namespace, parts: TrainingParts, ema: EM
     return RunState.from_checkpoint(step, saved, order, objective)
 
 
-def saved_at_step(args: argparse.Namespace) -> int:
-    """The step of the model saved in --output_dir (its metrics.json, written after the model), or -1 if none is: a
-    run killed between its final checkpoint and the end of saving has no metrics.json, or an earlier run's."""
-    try:
-        steps = json.loads((Path(args.output_dir) / "metrics.json").read_text()).get("steps", -1)
-    except (OSError, ValueError, AttributeError):
-        return -1
-    return steps if isinstance(steps, int) else -1
+def saved_at_step(output_dir: str | Path, accelerator: Accelerator, key: str = "steps") -> int:
+    """The step of the model saved in `output_dir` (its metrics.json, written after the model, records it under
+    `key`), or -1 if none is: a run killed between its final checkpoint and the end of saving has no metrics.json, or
+    an earlier run's. Read by the main process for all (processes that disagreed would part ways)."""
+
+    def read() -> int:
+        try:
+            step = json.loads((Path(output_dir) / "metrics.json").read_text()).get(key, -1)
+        except (OSError, ValueError, AttributeError):
+            return -1
+        return step if isinstance(step, int) else -1
+
+    return decided_by_main_process(accelerator, read)
 
 
 def nothing_left_to_train(args: argparse.Namespace, accelerator: Accelerator, step: int, max_train_steps: int) -> dict:
@@ -810,6 +816,9 @@ def train_loop(args: argparse.Namespace, parts: TrainingParts, ema: EMAWeights |
                 if state.step % args.checkpointing_steps:  # (unless this step's was just written)
                     save_run_checkpoint(args, accelerator, state, ema)
                 stop_training(accelerator, args, f"SIGTERM at step {state.step}", advice="")
+        if termination.received:  # in the last step: its checkpoint is written; saving the model is what is left
+            logger.warning("A SIGTERM came during the last step: the run goes on to validate and save its model; "
+                           "signal it again to stop now (a resume then saves the model).")  # fmt: skip
     progress.close()
     return metrics, (time.time() - loop_start) / max(1, state.step - first_step)
 
@@ -1049,7 +1058,7 @@ def train(args: argparse.Namespace) -> tuple[CDBVQModel, dict]:
     ema = EMAWeights(parts.unwrapped, args.ema_weights_decay) if args.use_ema else None
     state = resume_or_initialize(args, parts, ema, train_loader, sampler, max_train_steps)
     if state.step > 0 and state.step >= max_train_steps:
-        if saved_at_step(args) >= state.step:
+        if saved_at_step(args.output_dir, accelerator) >= state.step:
             return parts.unwrapped, nothing_left_to_train(args, accelerator, state.step, max_train_steps)
         logger.info(f"The run stopped after its last checkpoint (step {state.step}) before its model was saved: "
                     f"validating and saving it now.")  # fmt: skip

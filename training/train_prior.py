@@ -66,7 +66,14 @@ from cdb_tokenizer.tools.priors.token_data import TOKENS_INFO
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
-from training.train import TrainingStopped, hparams, nothing_left_to_train, prepare_output_dir, stop_training  # noqa: E402
+from training.train import (  # noqa: E402
+    TrainingStopped,
+    hparams,
+    nothing_left_to_train,
+    prepare_output_dir,
+    saved_at_step,
+    stop_training,
+)
 
 logger = get_logger(__name__)
 
@@ -479,7 +486,7 @@ def main(args: argparse.Namespace) -> dict[str, float]:
     first_epoch = global_step // updates_per_epoch
     skip_batches = (global_step % updates_per_epoch) * args.gradient_accumulation_steps
     if global_step >= max_train_steps:  # the loop would train one more step before checking
-        if (output_dir / "metrics.json").is_file():
+        if saved_at_step(output_dir, accelerator, key="step") >= global_step:  # else killed before saving the prior
             return nothing_left_to_train(args, accelerator, global_step, max_train_steps)
         logger.info(f"Nothing left to train at step {global_step}: validating and saving the checkpoint's prior.")
         first_epoch = num_epochs  # the run stopped after its last checkpoint, before saving the prior

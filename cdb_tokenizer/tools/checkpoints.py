@@ -14,7 +14,9 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from accelerate import Accelerator
@@ -33,6 +35,9 @@ TMP_SUFFIX = ".tmp"
 FORMAT_VERSION = 1
 # Later checkpoints of a run resumed from an earlier one are renamed with this prefix (never deleted).
 ABANDONED_PREFIX = "abandoned-"
+
+
+T = TypeVar("T")
 
 
 class CheckpointError(ValueError):
@@ -62,6 +67,8 @@ def incomplete_reason(path: str | Path) -> str | None:
         int(manifest["step"])
     except (ValueError, KeyError, TypeError) as error:
         return f"its {MANIFEST} is damaged ({error})"
+    if not all(isinstance(name, str) and isinstance(size, int) for name, size in files.items()):
+        return f"its {MANIFEST} is damaged (its files are not names with sizes)"
     for name, size in files.items():
         file = path / name
         if ".." in Path(name).parts or Path(name).is_absolute():
@@ -246,6 +253,27 @@ def keep_optimizer_settings(schedules: list[tuple[str, torch.optim.Optimizer, ob
         schedule._last_lr = [group["lr"] for group in optimizer.param_groups]  # what get_last_lr() reports
 
 
+def decided_by_main_process(accelerator: Accelerator | None, decide: Callable[[], T]) -> T:
+    """`decide()` run by the main process alone, its answer (or its error) given to every process: what processes read
+    from a shared folder must agree (with NFS attribute caches they can see it differently), and an error raised on
+    one process only would leave the others waiting in the next collective."""
+    if accelerator is None or accelerator.num_processes == 1:
+        return decide()
+    from accelerate.utils import broadcast_object_list
+
+    answer = [None]
+    if accelerator.is_main_process:
+        try:
+            answer = [("answer", decide())]
+        except Exception as error:  # noqa: BLE001 - every kind is passed on, so every process stops alike
+            named = isinstance(error, (CheckpointError, FileNotFoundError))  # their messages name the problem
+            answer = [(type(error).__name__, str(error) if named else f"{type(error).__name__}: {error}")]
+    kind, value = broadcast_object_list(answer)[0]  # between this run's own processes: no file is unpickled
+    if kind == "answer":
+        return value
+    raise (FileNotFoundError if kind == "FileNotFoundError" else CheckpointError)(value)
+
+
 def saved_process_count(path: str | Path) -> int:
     """How many processes wrote a checkpoint: accelerate saves one `random_states_<rank>.pkl` per process."""
     return len(list(Path(path).glob("random_states_*.pkl")))
@@ -342,7 +370,8 @@ def load_training_state(
     # --gradient_accumulation_steps every window would end mid-way. Checkpoints are taken between windows: start at 0.
     accelerator.step = 0
     keep_optimizer_settings(schedules, settings)
-    reposition_schedules(schedules, saved_process_count(path), accelerator.num_processes)
+    saved_processes = decided_by_main_process(accelerator, lambda: saved_process_count(path))
+    reposition_schedules(schedules, saved_processes, accelerator.num_processes)
     step = checkpoint_step(path)
     if set_aside and step < max_train_steps:  # later checkpoints are abandoned only by a run that trains past this one
         set_aside_later_checkpoints(accelerator, output_dir, step)

@@ -25,6 +25,7 @@ from .redaction import (
     REDACTED,
     blank_tokens,
     collect_strings,
+    cut_path_value,
     is_secret_key,
     public_value,
     scrub_local_paths,
@@ -530,7 +531,8 @@ def _removed_strings(raw: Any, public: Any) -> list[str]:
     secrets = set(_secret_values(raw))
     return [
         text for text in collect_strings(raw)
-        if text not in kept and (text in secrets or HF_TOKEN.search(text) or scrub_local_paths(text) != text)
+        if text not in kept and (text in secrets or HF_TOKEN.search(text) or scrub_local_paths(text) != text
+                                 or cut_path_value(text) != text)
     ]  # fmt: skip
 
 
@@ -553,6 +555,7 @@ def _scrub_staged_text(staging_dir: Path, private: list[str]) -> None:
         cleaned = HF_TOKEN.sub(REDACTED, text)
         for secret in private:
             public = scrub_local_paths(HF_TOKEN.sub(REDACTED, secret))
+            public = cut_path_value(public) if public == secret else public  # a relative path (under a file key)
             public = REDACTED if public == secret or not public else public  # a secret value: blanked
             for form in {secret, json.dumps(secret)[1:-1]}:  # as written, and JSON-escaped (Windows backslashes)
                 # Whole occurrences only: "/data" (a --cache_dir) must not be cut out of "huggingface.co/datasets".

@@ -79,12 +79,15 @@ _EMBEDDED_PATH = re.compile(
 # (`hf-hub:org/name`) and URLs stay.
 PATH_KEYS = frozenset(
     {"config", "model_config", "train_data_dir", "clip_model", "clip_pretrained", "prototypes", "fid_weights",
-     "output_dir", "logging_dir", "cache_dir", "resume_from_checkpoint"}  # fmt: skip
+     "output_dir", "logging_dir", "cache_dir", "resume_from_checkpoint",
+     "source"}  # fmt: skip  (`source`: where a prototypes file's labels came from, in its safetensors metadata)
 )
 _RELATIVE_PATH = re.compile(r"^(?P<prefix>[A-Za-z][\w-]{1,15}:)?(?P<path>[^:]*[\\/][^:]*)$", re.DOTALL)
 
 
-def _cut_path_value(value: str) -> str:
+def cut_path_value(value: str) -> str:
+    """A value of a `PATH_KEYS` key as it may leave the machine: any local path in it, relative ones too, cut to its
+    last part (a `kind:` prefix kept); Hub ids (`hf-hub:org/name`) and URLs as they are."""
     relative = _RELATIVE_PATH.match(value.strip())
     if relative is None or relative.group("prefix") == "hf-hub:" or "://" in value:
         return scrub_local_paths(value)
@@ -100,7 +103,7 @@ def scrub_local_paths(value: Any) -> Any:
     """`value` with every local path cut to its last part (`/home/me/My Photos/cats` -> `cats`), at any depth."""
     if isinstance(value, dict):
         return {
-            key: _cut_path_value(item) if key in PATH_KEYS and isinstance(item, str) else scrub_local_paths(item)
+            key: cut_path_value(item) if key in PATH_KEYS and isinstance(item, str) else scrub_local_paths(item)
             for key, item in value.items()
         }  # fmt: skip
     if isinstance(value, (list, tuple)):
@@ -141,4 +144,4 @@ def hide_secret_arguments(argv: list[str], options: tuple[str, ...] = ("--hub_to
             argv[index + 1] = REDACTED
 
 
-__all__ = ["HF_TOKEN", "REDACTED", "blank_tokens", "collect_strings", "hide_secret_arguments", "is_secret_key", "public_value", "redact_secrets", "scrub_local_paths"]
+__all__ = ["HF_TOKEN", "REDACTED", "blank_tokens", "collect_strings", "cut_path_value", "hide_secret_arguments", "is_secret_key", "public_value", "redact_secrets", "scrub_local_paths"]

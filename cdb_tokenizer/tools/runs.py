@@ -23,7 +23,7 @@ from accelerate.logging import get_logger
 from accelerate.utils import ProjectConfiguration
 from filelock import FileLock, Timeout
 
-from .checkpoints import CheckpointError, complete_checkpoints, incomplete_reason
+from .checkpoints import CheckpointError, complete_checkpoints, decided_by_main_process, incomplete_reason
 from .files import write_text
 
 
@@ -130,20 +130,7 @@ def find_checkpoint(
     gets its answer (or its error): on a shared file system with cached attributes (NFS) processes could see other
     folders, and resume from different steps.
     """
-    if accelerator is None or accelerator.num_processes == 1:
-        return _find_checkpoint(resume_from_checkpoint, output_dir)
-    from accelerate.utils import broadcast_object_list
-
-    answer = [None]
-    if accelerator.is_main_process:
-        try:
-            answer = [("found", _find_checkpoint(resume_from_checkpoint, output_dir))]
-        except (CheckpointError, FileNotFoundError) as error:
-            answer = [(type(error).__name__, str(error))]
-    kind, value = broadcast_object_list(answer)[0]  # between this run's own processes: no file is unpickled
-    if kind == "found":
-        return value
-    raise (CheckpointError if kind == "CheckpointError" else FileNotFoundError)(value)
+    return decided_by_main_process(accelerator, lambda: _find_checkpoint(resume_from_checkpoint, output_dir))
 
 
 def _find_checkpoint(resume_from_checkpoint: str | None, output_dir: str | Path) -> Path | None:

@@ -323,8 +323,8 @@ def _check_prior_config(
     if not _positive_int(count):
         raise ValueError(f"{where} is damaged: num_image_tokens must be a positive integer, got {count!r}.")
     prior_config["num_image_tokens"] = count
-    positions = prior.config.max_position_embeddings  # GPT-2's n_positions under its common name
-    if vocabulary.prompt_length + count + 1 > positions:
+    positions = getattr(prior.config, "max_position_embeddings", None)  # GPT-2's n_positions under its common name
+    if positions is not None and vocabulary.prompt_length + count + 1 > positions:
         raise ValueError(
             f"{where} says {count} tokens per image, but the model has {positions} positions for its "
             f"{vocabulary.prompt_length} prompt tokens, the image tokens and EOS: the files do not belong together."
