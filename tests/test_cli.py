@@ -316,6 +316,8 @@ def test_tokenize_saves_a_dataset_with_tokens_and_labels(files, tmp_path, capsys
         (["inspect", "--model", "{root}/photos"], "has no config.json"),
         (["inspect", "--model", "{root}/bert"], "is a 'bert' model, not a cdb-vq tokenizer"),
         (["eval", "--model", "{model}", "--data", "{root}/missing_folder"], "no such folder"),
+        (["eval", "--model", "{model}", "--data", "{root}/notes.txt"], "notes.txt: is a file; give the folder of images"),
+        (["decode", "{root}/photos", "--out", "{tmp}/d"], "photos: is a folder, not a token file"),
     ],
 )
 def test_errors_are_one_clear_line(files, tmp_path, capsys, arguments, message):

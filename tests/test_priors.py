@@ -492,6 +492,18 @@ def test_train_prior_refuses_token_columns_it_cannot_train_on(column, message, t
         train_prior.main(train_prior.parse_args(prior_argv(tmp_path / "tokens", tmp_path / "prior")))
 
 
+def test_a_token_folder_with_an_empty_split_is_one_clear_error(tmp_path, fresh_accelerator_state):
+    # datasets.load_from_disk raised a bare IndexError for a DatasetDict split saved with no rows.
+    features = datasets.Features({"image_tokens": datasets.List(datasets.Value("int32"))})
+    datasets.DatasetDict({
+        "train": datasets.Dataset.from_dict({"image_tokens": [[1, 2, 3, 4]] * 8}, features=features),
+        "validation": datasets.Dataset.from_dict({"image_tokens": []}, features=features),
+    }).save_to_disk(tmp_path / "tokens")  # fmt: skip
+    train_prior = load_script("train_prior")
+    with pytest.raises(ValueError, match="holds a split with no rows"):
+        train_prior.main(train_prior.parse_args(prior_argv(tmp_path / "tokens", tmp_path / "prior")))
+
+
 def test_token_image_size_falls_back_to_the_square_grid(tokenizer):
     model = tokenizer[0]  # 32 x 32 pixels, 8 x 8 tokens, downsampling factor 4
     assert token_image_size(model, 64) == (32, 32) and token_image_size(model, 64, (32, 32)) == (32, 32)

@@ -207,7 +207,11 @@ def load_token_splits(args: argparse.Namespace, accelerator: Accelerator, tokeni
                 f"--codebook_size {args.codebook_size}, but {path} holds the ids of a {info['codebook_size']}-code "
                 f"tokenizer (its {TOKENS_INFO}): pass --codebook_size {info['codebook_size']}, or better --tokenizer."
             )
-    saved = datasets.load_from_disk(str(path))
+    try:
+        saved = datasets.load_from_disk(str(path))
+    except IndexError:  # datasets' own failure on a split saved with no rows (no shard file to read)
+        raise ValueError(f"--tokens_dir {path} holds a split with no rows (datasets cannot load it): tokenise again, "
+                         f"leaving out empty splits.") from None  # fmt: skip
     if isinstance(saved, datasets.DatasetDict):
         if args.train_split not in saved:
             raise ValueError(f"--tokens_dir has no split {args.train_split!r}; its splits are {list(saved)}.")

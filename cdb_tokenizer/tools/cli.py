@@ -527,7 +527,8 @@ def open_dataset(data: str, image_column: str, split: str):
     try:
         if path.exists() or is_local_path(data):
             if not path.is_dir():
-                raise CLIError(f"--data {data}: no such folder.")
+                what = "is a file; give the folder of images (or a Hub data set)" if path.exists() else "no such folder"
+                raise CLIError(f"--data {data}: {what}.")
             return load_image_dataset(train_data_dir=str(path), split=split, image_column=image_column)
         return load_image_dataset(dataset_name=data, split=split, image_column=image_column)
     except ImportError as error:
@@ -602,7 +603,7 @@ def read_token_file(
     from safetensors import SafetensorError, safe_open
 
     if not Path(path).is_file():
-        raise CLIError(f"{path}: no such file.")
+        raise CLIError(f"{path}: {'is a folder, not a token file' if Path(path).is_dir() else 'no such file'}.")
     try:
         with safe_open(path, framework="pt") as handle:
             metadata = handle.metadata() or {}
