@@ -524,9 +524,10 @@ def parse_overrides(pairs: list[str]) -> dict:
         if "=" not in pair:
             raise SystemExit(f"--set takes FIELD=VALUE, got {pair!r}")
         key, value = pair.split("=", 1)
+        python_constants = {"None": None, "True": True, "False": False}
         try:
-            # JSON values (numbers, lists, null); Python's None is accepted too, e.g. --set ema_decay=None.
-            overrides[key] = None if value == "None" else json.loads(value)
+            # JSON values (numbers, lists, null, true); Python's None / True / False too, e.g. --set ema_decay=None.
+            overrides[key] = python_constants[value] if value in python_constants else json.loads(value)
         except json.JSONDecodeError:
             overrides[key] = value
     return overrides

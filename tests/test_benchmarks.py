@@ -52,6 +52,13 @@ def test_quality_refuses_assignment_overrides_and_names_reports_by_seed_and_rule
     assert quality.parse_args(["--output", "mine.md", "--rules", "cdb"]).output == "mine.md"
 
 
+def test_quality_overrides_take_json_and_python_constants(load):
+    # `--set l2_normalize_codes=True` reached the config as the string 'True' and was refused there.
+    quality = load("quality")
+    overrides = quality.parse_overrides(["a=True", "b=false", "c=None", "d=0.5", "e=[1, 2]", "f=text"])
+    assert overrides == {"a": True, "b": False, "c": None, "d": 0.5, "e": [1, 2], "f": "text"}
+
+
 def test_vqtorch_adapter_counts_the_codes_the_library_replaces(load):
     pytest.importorskip("vector_quantize_pytorch")
     quality = load("quality")
