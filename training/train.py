@@ -853,6 +853,7 @@ def loop_step(args: argparse.Namespace, parts: TrainingParts, ema: EMAWeights | 
 
 
 def save_run_checkpoint(args: argparse.Namespace, accelerator: Accelerator, state: RunState, ema: EMAWeights | None) -> None:
+    """The checkpoint of `state.step`: weights, optimisers and RNG states, the weight EMA and the loop's counts."""
     state.share_skipped_ids(accelerator)  # the checkpoint is written by the main process alone
     save_checkpoint(accelerator, args.output_dir, state.step, args.checkpoints_total_limit,
                     tensors=ema.to_tensors() if ema is not None else None, state=state.to_checkpoint(ema))  # fmt: skip
