@@ -214,7 +214,7 @@ class CDBVQConfig(PretrainedConfig):
         self.assignment_chunk_size = assignment_chunk_size
         self.initializer_range = initializer_range
         self.quantizer_format = quantizer_format
-        _refuse_misspelled_fields(kwargs)
+        refuse_misspelled_fields(kwargs)
         super().__init__(**kwargs)
         self.validate_fields()
 
@@ -345,7 +345,7 @@ class CDBVQConfig(PretrainedConfig):
             raise ValueError(f"code_roles must add up to codebook_size ({self.codebook_size}), but they cover {position} codes.")
 
 
-def _refuse_misspelled_fields(kwargs: dict) -> None:
+def refuse_misspelled_fields(kwargs: dict) -> None:
     """Refuse a keyword that is not a field but reads like one (`asignment`, `codebok_size`): it would be stored as a
     stray attribute while the field keeps its default, building another model without a word. Other unknown keys
     pass, as in transformers (metadata that a saved config.json carries)."""

@@ -17,7 +17,7 @@ from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
 
-from .configuration_cdb_vq import CDBVQConfig
+from .configuration_cdb_vq import CDBVQConfig, refuse_misspelled_fields
 from .quantization_cdb_vq import (
     SIGNAL_NAMES,
     CDBVQQuantizer,
@@ -322,7 +322,11 @@ class CDBVQModel(CDBVQPreTrainedModel):
     ```
     """
 
-    def __init__(self, config: CDBVQConfig):
+    def __init__(self, config: CDBVQConfig, **kwargs):
+        # `from_pretrained(folder, asignment=...)`: transformers passes a keyword that is no config field on to here.
+        if kwargs:
+            refuse_misspelled_fields(kwargs)  # "did you mean 'assignment'?"
+            raise TypeError(f"CDBVQModel got keyword arguments that are neither config fields nor its own: {sorted(kwargs)}.")
         # Again here: `from_pretrained(..., assignment="...")` and `config.update` set fields after the config's own
         # check, and a typo would otherwise build another model without a word.
         config.validate_fields()

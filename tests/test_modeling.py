@@ -473,6 +473,16 @@ def test_unknown_keys_unlike_any_field_pass_as_in_transformers():
     assert tiny_config(torch_dtype="float32").dtype == torch.float32
 
 
+def test_from_pretrained_names_a_misspelled_field_too(tmp_path):
+    # A keyword that is no config field reaches the model's constructor: a bare "unexpected keyword argument".
+    tiny_model().save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="no field 'asignment'; did you mean 'assignment'"):
+        CDBVQModel.from_pretrained(tmp_path, asignment="nearest")
+    with pytest.raises(TypeError, match=r"neither config fields nor its own: \['foo_bar_baz'\]"):
+        CDBVQModel.from_pretrained(tmp_path, foo_bar_baz=3)
+    assert CDBVQModel.from_pretrained(tmp_path, assignment="nearest").config.assignment == "nearest"
+
+
 def test_a_folder_without_config_json_is_refused_by_name(tmp_path):
     # transformers would build the default config and fail on the weights' shapes, 200 lines later.
     from cdb_tokenizer import CDBVQModel
