@@ -15,9 +15,12 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.utils import ModelOutput
+from transformers.utils import ModelOutput, logging
 
 from .configuration_cdb_vq import CDBVQConfig, refuse_misspelled_fields
+
+
+logger = logging.get_logger(__name__)
 from .quantization_cdb_vq import (
     SIGNAL_NAMES,
     CDBVQQuantizer,
@@ -394,6 +397,12 @@ class CDBVQModel(CDBVQPreTrainedModel):
                 f"pixel_values range from {low:.4g} to {high:.4g}, far outside the model's [-1, 1] (raw [0, 255] or "
                 f"otherwise unnormalised pixels?); prepare images with CDBVQImageProcessor (or the model's "
                 f"AutoImageProcessor), which rescales and normalises them."
+            )
+        if low >= 0.0 and high <= 1.0:  # inside the tolerance, but torchvision's ToTensor scale: a washed-out image
+            logger.warning_once(
+                "pixel_values all lie in [0, 1], but the model takes [-1, 1] (images scaled to [0, 1], e.g. by "
+                "torchvision's ToTensor, encode washed out); prepare images with CDBVQImageProcessor. (A batch of "
+                "only bright images in [-1, 1] looks the same: then ignore this.)"
             )
         return self._in_model_dtype(pixel_values)
 

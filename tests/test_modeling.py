@@ -473,6 +473,18 @@ def test_unknown_keys_unlike_any_field_pass_as_in_transformers():
     assert tiny_config(torch_dtype="float32").dtype == torch.float32
 
 
+def test_pixel_values_in_zero_one_are_said_to_be_on_the_wrong_scale(caplog):
+    # torchvision's ToTensor scale lies inside the [-1, 1] tolerance: it encoded washed-out images without a word.
+    from transformers.utils import logging as transformers_logging
+
+    model = tiny_model().eval()
+    transformers_logging.warning_once.cache_clear()  # said once per process: another test may have said it
+    model.get_image_tokens(torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1)
+    assert "pixel_values all lie in [0, 1]" not in caplog.text
+    model.get_image_tokens(torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)))
+    assert "pixel_values all lie in [0, 1], but the model takes [-1, 1]" in caplog.text
+
+
 def test_from_pretrained_names_a_misspelled_field_too(tmp_path):
     # A keyword that is no config field reaches the model's constructor: a bare "unexpected keyword argument".
     tiny_model().save_pretrained(tmp_path)
