@@ -18,9 +18,6 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput, logging
 
 from .configuration_cdb_vq import CDBVQConfig, refuse_misspelled_fields
-
-
-logger = logging.get_logger(__name__)
 from .quantization_cdb_vq import (
     SIGNAL_NAMES,
     CDBVQQuantizer,
@@ -29,6 +26,9 @@ from .quantization_cdb_vq import (
     image_signal_features,
     require_float_tensor,
 )
+
+
+logger = logging.get_logger(__name__)
 
 
 @dataclass
