@@ -250,14 +250,22 @@ class CDBVQSemanticHead(nn.Module):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _pixel_count(name: str, value) -> int | None:
-    """`value` as a positive int: any integer (Python's, NumPy's, a 0-d integer tensor), never a bool or a float."""
-    if value is None:
+def _as_int(value) -> int | None:
+    """`value` as an int when it is any integer (Python's, NumPy's, a 0-d integer tensor), else None (a bool, a
+    float, a string)."""
+    if isinstance(value, bool):
         return None
     try:
-        count = None if isinstance(value, bool) else operator.index(value)
+        return operator.index(value)
     except TypeError:
-        count = None
+        return None
+
+
+def _pixel_count(name: str, value) -> int | None:
+    """`value` (None, or an image side) as a positive int."""
+    if value is None:
+        return None
+    count = _as_int(value)
     if count is None or count < 1:
         raise ValueError(f"{name} must be a positive number of pixels, got {value!r}.")
     return count
@@ -510,10 +518,11 @@ class CDBVQModel(CDBVQPreTrainedModel):
         factor = self.config.downsampling_factor
         height = self.config.resolution if height is None else height
         width = self.config.resolution if width is None else width
-        for name, value in (("height", height), ("width", width)):
-            if isinstance(value, bool) or not hasattr(value, "__index__"):  # ints, NumPy ints; not floats or strings
+        sides = (_as_int(height), _as_int(width))
+        for name, value, side in (("height", height, sides[0]), ("width", width, sides[1])):
+            if side is None:
                 raise ValueError(f"image {name} must be a whole number of pixels, got {value!r}.")
-        height, width = height.__index__(), width.__index__()
+        height, width = sides
         if height < 1 or width < 1:
             raise ValueError(f"image size {height}x{width} must be positive.")
         if height % factor or width % factor:

@@ -209,11 +209,12 @@ def prepare_output_dir(args: argparse.Namespace, accelerator: Accelerator) -> No
     """Create and claim --output_dir, refusing one that a running process holds, or that holds another run unless
     the user said to resume or to start over."""
     output_dir = Path(args.output_dir)
-    claimed = None
-    if accelerator.is_main_process:
+
+    def claim() -> str | None:
         output_dir.mkdir(parents=True, exist_ok=True)
-        claimed = claim_output_dir(output_dir)
-    refusal = gather_object([claimed])[0]  # the main process's word, on every process
+        return claim_output_dir(output_dir)
+
+    refusal = decided_by_main_process(accelerator, claim)  # the main process's word (or error), on every process
     if refusal is not None:
         raise OutputDirInUse(refusal)
     found = [name for name in RUN_MARKERS if (output_dir / name).exists()] if output_dir.is_dir() else []
@@ -453,8 +454,7 @@ def build_prototypes(args: argparse.Namespace, teacher, train_loader, sampler, a
     # Only a cache of the same labels, template, teacher (and k-means settings and data): one left by a run with
     # others, e.g. one that stopped before writing anything else, used to be taken as it was. The main process
     # decides for all (a read error on one process alone would send it down the other branch: mismatched barriers).
-    cached = cache.is_file() and prototype_source(cache, "key") == key if accelerator.is_main_process else None
-    cached = gather_object([cached])[0]
+    cached = decided_by_main_process(accelerator, lambda: cache.is_file() and prototype_source(cache, "key") == key)
     if cached:
         logger.info(f"Using the prototypes cached in {cache}.")
         return load_prototypes(cache)

@@ -528,7 +528,7 @@ def main(args: argparse.Namespace) -> dict[str, float]:
             global_step, micro_batch = global_step + 1, 0
             if not weights_are_finite(prior):  # a NaN loss or gradient ends here too, before any checkpoint has it
                 stop_training(accelerator, args, f"the prior's weights became NaN or infinite at step {global_step} "
-                                         f"(loss {loss.item():.4g})")  # fmt: skip
+                                                 f"(loss {loss.item():.4g})")  # fmt: skip
             progress.update(1)
             logs = {"train/loss": loss.detach().item(), "train/learning_rate": lr_scheduler.get_last_lr()[0]}
             progress.set_postfix(loss=f"{logs['train/loss']:.3f}")

@@ -388,7 +388,7 @@ def refuse_overwriting_inputs(outputs: Sequence[Path], inputs: Iterable[Path]) -
 
 def _model_files(name: str | None) -> list[Path]:
     """The files of a local `--model` folder: inputs too, which an output must never replace (`--overwrite`
-    included: the weights being read). None for a Hub id, or a name `load_model` will refuse anyway."""
+    included: the weights being read). Empty for a Hub id, or for a name `load_model` will refuse anyway."""
     try:
         folder = locate(name, "--model") if name else None
     except FileNotFoundError:
@@ -1243,7 +1243,7 @@ def tokenize_command(args: argparse.Namespace) -> None:
         save_tokens(tokenized, out, model, fingerprint, image_size=size)
     except ValueError as error:  # a processor that does not make images of its size (no resize nor crop)
         raise CLIError(f"--model {args.model}: {error}") from None
-    length = len(tokenized[0]["image_tokens"])
+    length = shortest
     print(
         f"tokenized {len(tokenized)} images ({skipped} unreadable skipped) into {args.out}: columns "
         f"{tokenized.column_names}, {length} tokens per image, {model.config.codebook_size} codes"

@@ -320,7 +320,7 @@ def _check_prior_config(
     where = f"the {PRIOR_CONFIG_NAME} of {source}"
     recorded = _settings(prior.generation_config)
     count = prior_config.get("num_image_tokens", recorded.get("max_new_tokens"))
-    if not _positive_int(count):
+    if not is_positive_int(count):
         raise ValueError(f"{where} is damaged: num_image_tokens must be a positive integer, got {count!r}.")
     prior_config["num_image_tokens"] = count
     positions = getattr(prior.config, "max_position_embeddings", None)  # GPT-2's n_positions under its common name
@@ -335,9 +335,7 @@ def _check_prior_config(
             f"{recorded['max_new_tokens']}: the files do not belong together."
         )
     image_size = prior_config.get("image_size")
-    if image_size is not None and not (
-        isinstance(image_size, list) and len(image_size) == 2 and all(_positive_int(side) for side in image_size)
-    ):
+    if image_size is not None and not is_image_size(image_size):
         raise ValueError(f"{where} is damaged: image_size must be [height, width] in pixels, got {image_size!r}.")
     expected = _settings(prior_generation_config(count))
     ignored = sorted(key for key, value in recorded.items() if expected.get(key) != value)
@@ -355,8 +353,14 @@ def _settings(generation_config: GenerationConfig) -> dict[str, Any]:
     return settings
 
 
-def _positive_int(value: Any) -> bool:
+def is_positive_int(value: Any) -> bool:
+    """A positive int, and not a bool (which Python counts as one), as a JSON record or an argument must hold."""
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def is_image_size(value: Any) -> bool:
+    """[height, width] in pixels, as `prior_config.json` and `cdb_vq_tokens.json` record it."""
+    return isinstance(value, list) and len(value) == 2 and all(is_positive_int(side) for side in value)
 
 
 def load_prior_tokenizer(

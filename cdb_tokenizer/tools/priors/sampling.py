@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, PreTrainedModel
 
+from .model import is_positive_int
 from .vocabulary import PriorVocabulary
 
 
@@ -57,7 +58,7 @@ def sample_image_tokens(
         num_image_tokens (`int`, *optional*): Tokens per image; defaults to `prior.generation_config.max_new_tokens`
             (set by `build_prior`).
     """
-    if not _is_int(num_images) or num_images < 1:
+    if not is_positive_int(num_images):
         raise ValueError(f"num_images must be an integer of at least 1, got {num_images!r}.")
     if not math.isfinite(temperature) or temperature < 0:  # NaN was taken for greedy, inf ended inside torch
         raise ValueError(f"temperature must be a finite number >= 0, got {temperature}.")
@@ -65,7 +66,7 @@ def sample_image_tokens(
         raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale}.")
     if top_p is not None and not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}.")
-    if top_k is not None and (not _is_int(top_k) or top_k < 1):
+    if top_k is not None and not is_positive_int(top_k):
         raise ValueError(f"top_k must be an integer of at least 1, got {top_k!r}.")
     num_image_tokens = num_image_tokens or prior.generation_config.max_new_tokens
     if not num_image_tokens:
@@ -179,10 +180,6 @@ def token_image_size(
         )
     factor = tokenizer_model.config.downsampling_factor
     return side * factor, side * factor
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def save_image_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None) -> Path:

@@ -14,7 +14,7 @@ import torch
 
 from ..data import MAX_REPORTED_UNREADABLE, decode_image, describe_image_value, sample_photos
 from ..files import write_text
-from .model import _positive_int
+from .model import is_image_size, is_positive_int
 
 logger = logging.getLogger(__name__)
 
@@ -102,10 +102,10 @@ def _check_grid_fields(info: dict[str, Any]) -> None:
     if not present:
         return
     size = info["image_size"]
-    if not (isinstance(size, list) and len(size) == 2 and all(_positive_int(side) for side in size)):
+    if not is_image_size(size):
         raise TypeError(f"image_size {size!r}, not [height, width] in pixels")
     for key in ("grid_height", "grid_width"):
-        if not _positive_int(info[key]):
+        if not is_positive_int(info[key]):
             raise TypeError(f"{key} {info[key]!r}")
 
 
