@@ -120,6 +120,8 @@ TERMINATION_WORKER = textwrap.dedent(
         after = termination.requested()
     with open(os.path.join(sys.argv[1], f"rank{{accelerator.process_index}}.txt"), "w") as answer:
         answer.write(f"{{before}} {{after}}")  # a file each: the two processes' stdout lines can interleave
+    accelerator.wait_for_everyone()  # neither process leaves while the other still talks to it (gloo aborts then)
+    accelerator.end_training()
     """
 )
 
@@ -158,6 +160,8 @@ CHECKPOINT_CHOICE_WORKER = textwrap.dedent(
     except Exception as error:  # every process stops with it, instead of waiting in the broadcast
         with open(sys.argv[1] + f"-error{{accelerator.process_index}}.txt", "w") as answer:
             answer.write(f"{{type(error).__name__}}: {{error}}")
+    accelerator.wait_for_everyone()  # neither process leaves while the other still talks to it (gloo aborts then)
+    accelerator.end_training()
     """
 )
 
