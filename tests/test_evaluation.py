@@ -435,6 +435,23 @@ def test_files_are_replaced_whole_or_not_at_all(tmp_path):
     assert seen == [".png"]  # writers that read the format from the suffix (matplotlib) still can
 
 
+def test_files_are_never_written_through_a_planted_temporary_name(tmp_path):
+    """Another user of a shared folder cannot make a write land elsewhere by planting links where temporary files go."""
+    import os
+
+    from cdb_tokenizer.tools.files import write_text
+
+    elsewhere = tmp_path / "elsewhere.txt"
+    elsewhere.write_text("theirs\n")
+    folder = tmp_path / "shared"
+    folder.mkdir()
+    for name in (f".report.{os.getpid()}.tmp.md", ".report.tmp.md", f".report.{os.getpid()}.md"):
+        (folder / name).symlink_to(elsewhere)
+    path = write_text(folder / "report.md", "ours\n")
+    assert elsewhere.read_text() == "theirs\n"
+    assert not path.is_symlink() and path.read_text() == "ours\n"
+
+
 def test_max_batches_draws_no_more_batches_than_it_uses(held_out):
     from cdb_tokenizer.tools.evaluation import code_usage_counts
 

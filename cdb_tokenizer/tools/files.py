@@ -41,9 +41,12 @@ def replace_file(path: str | Path, write: Callable[[Path], object]) -> Path:
     path = Path(path)
     if os.path.lexists(path) and not stat.S_ISREG(os.lstat(path).st_mode):
         raise FileExistsError(f"{path} exists and is not a regular file (a link, folder or device); not replacing it.")
-    temporary = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+    mode = stat.S_IMODE(os.stat(path).st_mode) if path.exists() else 0o666 & ~_umask()
+    # A fresh name made with O_EXCL: a predictable one could be a link planted by another user of a shared folder.
+    handle, name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
+    os.close(handle)
+    temporary = Path(name)
     try:
-        mode = stat.S_IMODE(os.stat(path).st_mode) if path.exists() else 0o666 & ~_umask()
         write(temporary)
         os.chmod(temporary, mode)
         os.replace(temporary, path)
