@@ -509,22 +509,45 @@ def test_cdb_vq_debug_shows_the_traceback_of_a_one_line_error(monkeypatch):
         run_script(failing_main, ValueError)
 
 
-def test_validation_images_are_a_seeded_sample_of_the_validation_split(tmp_path):
-    # They were the split's first N files, and files come sorted: a class-sorted validation/ (ImageNet's layout)
-    # gave validation images of the first classes only.
+@pytest.mark.parametrize("streaming", [False, True])
+@pytest.mark.parametrize("splits", [{"train": 4, "validation": 10}, {"train": 10}], ids=["validation split", "held out"])
+def test_validation_images_are_a_seeded_sample_whatever_the_seed(tmp_path, splits, streaming):
+    # They were the first N files, and files come sorted: a class-sorted folder (ImageNet's layout) gave validation
+    # images of the first classes only (streamed, they still were). Images held out of the training split depended on
+    # --seed: a resume with another seed validated on images it had trained on.
     from accelerate import Accelerator
 
-    image_folder(tmp_path / "data", {"train": 4, "validation": 10})  # validation image i: grey level 20 * i
+    from cdb_tokenizer.tools.data import decode_image
+
+    image_folder(tmp_path / "data", splits)  # image i of a split: grey level 20 * i
+    validation_split = "validation" if "validation" in splits else "train"
 
     def chosen(seed: int) -> list[int]:
         args = parse_args(["--train_data_dir", str(tmp_path / "data"), "--num_validation_images", "3", "--resolution",
-                           "32", "--seed", str(seed), "--output_dir", str(tmp_path / "run")])  # fmt: skip
-        _, pixel_values, _ = train_script.load_data(args, Accelerator(cpu=True))
-        return sorted(round(float((image.mean() + 1) / 2 * 255) / 20) for image in pixel_values)
+                           "32", "--seed", str(seed), "--output_dir", str(tmp_path / "run")]
+                          + ["--streaming", "--shuffle_buffer_size", "10"] * streaming)  # fmt: skip
+        train, pixel_values, _ = train_script.load_data(args, Accelerator(cpu=True))
+        shades = sorted(round(float((image.mean() + 1) / 2 * 255) / 20) for image in pixel_values)
+        if validation_split == "train":  # held out: none of them is trained on
+            trained = [np.asarray(decode_image(item["image"])).mean() / 20 for item in train]
+            assert len(trained) == 7 and not set(shades) & {round(shade) for shade in trained}
+        return shades
 
     first = chosen(0)
     assert len(first) == len(set(first)) == 3 and first != [0, 1, 2]  # three different images, not the first three
     assert chosen(1) == first  # the same images whatever --seed: runs of several seeds are scored alike
+
+
+def test_the_demo_validates_on_the_same_crops_whatever_the_seed(tmp_path):
+    from accelerate import Accelerator
+
+    def crops(seed: int) -> torch.Tensor:
+        args = parse_args(["--seed", str(seed), "--num_validation_images", "4", "--output_dir", str(tmp_path / "run")])
+        return train_script.load_data(args, Accelerator(cpu=True))[1]
+
+    first = crops(0)
+    assert first.shape[0] == 4 and not torch.equal(first[0], first[1])
+    assert torch.equal(crops(3), first)
 
 
 @pytest.mark.parametrize("split", ["train", "TRAIN", "train[:10%]"])

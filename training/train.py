@@ -110,7 +110,8 @@ class TrainingStopped(RuntimeError):
     """Training stopped before the end (e.g. losses that stay NaN); checkpoints written so far are intact."""
 
 
-# The seed of the sample of a validation split that validation scores (the same images whatever --seed).
+# The seed of what validation scores (a sample of the validation split, the images held out of the training split,
+# the demo's crops): the same images whatever --seed, so runs of several seeds, and resumes, are scored alike.
 VALIDATION_SAMPLE_SEED = 0
 
 
@@ -303,8 +304,9 @@ def load_data(args: argparse.Namespace, accelerator: Accelerator):
     if args.train_data_dir is None and args.dataset_name is None:
         logger.info("No data flags: training on crops of scikit-image's photos and colour wheel, validating on scikit-learn's photos.")
         crops_per_photo = math.ceil(args.num_validation_images / 2)
-        validation = fixed_crops(sample_photos("sklearn"), args.resolution, crops_per_photo, seed=args.seed,
-                                 crop_scale=tuple(args.random_crop_scale))[: args.num_validation_images]  # fmt: skip
+        validation = fixed_crops(sample_photos("sklearn"), args.resolution, crops_per_photo,
+                                 seed=VALIDATION_SAMPLE_SEED, crop_scale=tuple(args.random_crop_scale))  # fmt: skip
+        validation = validation[: args.num_validation_images]
         return sample_photos("demo"), validation, 0
     source = {
         "train_data_dir": args.train_data_dir, "dataset_name": args.dataset_name,
@@ -314,22 +316,25 @@ def load_data(args: argparse.Namespace, accelerator: Accelerator):
     with accelerator.main_process_first():
         train = load_image_dataset(split="train", **source)
         validation = _validation_split(args, source)
-    if validation is not None and not args.streaming and len(validation) > args.num_validation_images:
-        # A sample, not the first N: files come sorted, and a class-sorted split gave the first classes only. Under a
-        # fixed seed, so that runs of other seeds (or a resume with another) are scored on the same images.
+    # Validation scores a sample, not the first N: files come sorted, and a class-sorted split gave the first classes
+    # only. Under a fixed seed, so that runs of other seeds (or a resume with another) are scored on the same images.
+    if validation is not None and args.streaming:
+        validation = validation.shuffle(seed=VALIDATION_SAMPLE_SEED, buffer_size=args.shuffle_buffer_size)
+    elif validation is not None and len(validation) > args.num_validation_images:
         validation = validation.shuffle(seed=VALIDATION_SAMPLE_SEED, keep_in_memory=True)
         validation = validation.select(range(args.num_validation_images))
     if validation is None:  # hold images out of the training split
         if args.streaming:
             # Held out by content, not by position: a stream split over processes or loader workers skips per
             # shard, so `skip(n)` dropped other images than the n held out (and trained on some of those).
-            validation = list(train.take(args.num_validation_images))
+            sample = train.shuffle(seed=VALIDATION_SAMPLE_SEED, buffer_size=args.shuffle_buffer_size)
+            validation = list(sample.take(args.num_validation_images))
             held_out = {image_key(item[args.image_column]) for item in validation}
             train = train.filter(WithoutImages(held_out, args.image_column))
         else:
             if len(train) <= args.num_validation_images:
                 raise ValueError(f"the training split has {len(train)} images, too few to hold out {args.num_validation_images} for validation.")
-            held_out = train.train_test_split(test_size=args.num_validation_images, seed=args.seed)
+            held_out = train.train_test_split(test_size=args.num_validation_images, seed=VALIDATION_SAMPLE_SEED)
             train, validation = held_out["train"], held_out["test"]
     if args.max_train_samples is not None:
         train = train.take(args.max_train_samples) if args.streaming else train.select(range(min(args.max_train_samples, len(train))))
