@@ -328,6 +328,49 @@ def test_a_weight_average_takes_only_the_rows_of_codes_restarted_now():
     assert not bool(torch.isin(restarted, model.quantizer.dead_codes()).any())
 
 
+def test_a_weight_average_takes_the_router_keys_restarted_codes_inherit():
+    # A restart gives a revived code its live neighbour's router key; the average kept the dead code's key, so the
+    # validated and saved model (which use the average) scored revived codes with the keys of the codes they replaced.
+    from types import SimpleNamespace
+
+    from cdb_tokenizer.tools.runs import EMAWeights
+    from cdb_tokenizer.tools.steps import restart_dead_codes
+
+    model = tiny_model()  # the router, with the default EMA codebook (not in the weight average)
+    model.quantizer.initialize_codebook(torch.randn(256, 8))
+    with torch.no_grad():
+        model.quantizer.router.code_keys.copy_(torch.randn(64, 8))
+    average = EMAWeights(model, decay=0.9)
+    model.quantizer.usage.fill_(1 / 64)
+    model.quantizer.usage[:3] = 0.0
+    output = SimpleNamespace(latents=torch.randn(1, 8, 2, 2), signal_features=None)
+    assert restart_dead_codes(model, output, seed=0, ema=average) == 3
+    keys = model.quantizer.router.code_keys
+    torch.testing.assert_close(average.shadow["quantizer.router.code_keys"][:3], keys[:3].detach())
+    torch.testing.assert_close(average.shadow["quantizer.router.code_keys"][3:], keys[3:].detach())
+
+
+def test_a_weight_average_warms_up_from_the_first_steps():
+    # At a plain 0.999 the average of a 1,400-step run still held 0.999 ** 1400 = a quarter of the random weights.
+    from cdb_tokenizer.tools.runs import EMAWeights
+
+    model = torch.nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(0.0)
+    average = EMAWeights(model, decay=0.999)
+    with torch.no_grad():
+        model.weight.fill_(1.0)  # trained weights, far from the initial ones
+    for _ in range(1400):
+        average.update(model)
+    assert float(average.shadow["weight"]) > 0.99
+    assert average.updates == 1400 and average.current_decay() == pytest.approx(1401 / 1410)
+    restored = EMAWeights(model, decay=0.999)
+    restored.load_tensors(average.to_tensors(), {"ema_weights_updates": 1400})
+    assert restored.updates == 1400
+    restored.load_tensors(average.to_tensors(), {})  # a checkpoint from before the warm-up: its average is past it
+    assert restored.current_decay() == 0.999
+
+
 def test_training_forward_initialises_the_codebook_once():
     module = quantizer(assignment="nearest")
     module.train()

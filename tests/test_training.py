@@ -163,6 +163,7 @@ def test_a_resumed_run_trains_at_its_own_learning_rate_and_ema_decay(tmp_path):
         assert resumed[step]["train/learning_rate"] == pytest.approx(straight[step]["train/learning_rate"] / 100)
     state = json.loads((tmp_path / "checkpoints" / "checkpoint-4" / "training_state.json").read_text())
     assert state["ema_weights_decay"] == 0.5
+    assert state["ema_weights_updates"] == 4  # the warm-up goes on from the checkpoint's count
 
 
 def test_a_resume_with_another_batch_size_says_the_data_order_changes(tmp_path, caplog):

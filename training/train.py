@@ -658,7 +658,8 @@ class RunState:
     def to_checkpoint(self, ema: EMAWeights | None) -> dict:
         return {"step": self.step, "skipped_image_ids": sorted(self.skipped_ids), "nonfinite_steps": self.nonfinite_steps,
                 "nonfinite_in_a_row": self.nonfinite_in_a_row,
-                "ema_weights_decay": ema.decay if ema is not None else None, "data_order": self.data_order,
+                "ema_weights_decay": ema.decay if ema is not None else None,
+                "ema_weights_updates": ema.updates if ema is not None else None, "data_order": self.data_order,
                 "objective": self.objective}  # fmt: skip
 
 

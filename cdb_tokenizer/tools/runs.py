@@ -159,18 +159,31 @@ def _find_checkpoint(resume_from_checkpoint: str | None, output_dir: str | Path)
     return path
 
 
+EMA_WARMED_UP = 1_000_000  # updates after which the warm-up no longer lowers any decay below 0.99999
+
+
 class EMAWeights:
-    """An exponential moving average of a model's trainable parameters (checkpointed by `save_checkpoint`, as safetensors)."""
+    """An exponential moving average of a model's trainable parameters (checkpointed by `save_checkpoint`, as safetensors).
+
+    The decay warms up as `min(decay, (1 + n) / (10 + n))` after `n` updates (as diffusers' `EMAModel`): at a plain
+    0.999 the average of a 1,400-step run still held a quarter of the random initial weights.
+    """
 
     def __init__(self, model: torch.nn.Module, decay: float):
         self.decay = decay
+        self.updates = 0
         self.shadow = {name: p.detach().float().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+    def current_decay(self) -> float:
+        return min(self.decay, (1 + self.updates) / (10 + self.updates))
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module) -> None:
+        weight = 1.0 - self.current_decay()
         for name, parameter in model.named_parameters():
             if name in self.shadow:
-                self.shadow[name].lerp_(parameter.detach().float(), 1.0 - self.decay)
+                self.shadow[name].lerp_(parameter.detach().float(), weight)
+        self.updates += 1
 
     @torch.no_grad()
     def copy_rows(self, model: torch.nn.Module, name: str, rows: torch.Tensor) -> None:
@@ -208,6 +221,9 @@ class EMAWeights:
                     f"a run with another model configuration."
                 )
             value.copy_(saved.to(device=value.device, dtype=value.dtype))
+        # Checkpoints from before the warm-up have no count: their averages are past it.
+        updates = state.get("ema_weights_updates")
+        self.updates = int(updates) if isinstance(updates, int) and updates >= 0 else EMA_WARMED_UP
         saved_decay = state.get("ema_weights_decay")
         if saved_decay is not None and float(saved_decay) != self.decay:  # this run's --ema_weights_decay wins
             logger.info(f"EMA weights: decay {self.decay} (this run's flag); the checkpoint's was {saved_decay}.")

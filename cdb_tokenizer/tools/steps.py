@@ -137,9 +137,11 @@ def restart_dead_codes(model: CDBVQModel, output, seed: int, ema=None) -> int:
         signal_features=flatten_grid(signal_features) if signal_features is not None else None,
     )
     if restarted and ema is not None:
-        # Only the codes restarted now (at most one per latent; the others stay dead until the next call).
+        # Only the codes restarted now (at most one per latent; the others stay dead until the next call), and every
+        # per-code parameter a restart rewrites (a gradient codebook's rows, the router keys they inherit).
         still_dead = model.quantizer.dead_codes()
-        ema.copy_rows(model, "quantizer.codebook.weight", dead[~torch.isin(dead, still_dead)])
+        for name in ("quantizer.codebook.weight", "quantizer.router.code_keys"):
+            ema.copy_rows(model, name, dead[~torch.isin(dead, still_dead)])
     return restarted
 
 
