@@ -274,6 +274,14 @@ def test_image_folder_run_skips_unreadable_images_with_a_count(tmp_path):
     assert metrics["num_images"] == 2
 
 
+def test_too_few_readable_validation_images_for_rfid_leave_rfid_out(tmp_path, caplog):
+    image_folder(tmp_path / "data", {"train": 4, "validation": 1}, broken={"validation": ["broken.png"]})
+    metrics = main(PLAIN_RUN + ["--train_data_dir", str(tmp_path / "data"), "--output_dir", str(tmp_path / "run"),
+                                "--max_train_steps", "1", "--validation_fid", "random"])  # fmt: skip
+    assert metrics["num_images"] == 1 and "rfid" not in metrics
+    assert "validating without rFID" in caplog.text
+
+
 def test_streamed_folder_trains_and_resumes(tmp_path):
     folder = tmp_path / "data"
     folder.mkdir()
@@ -413,6 +421,8 @@ def test_model_config_file_then_flags(tmp_path):
         (["--num_grid_images", "0"], "--num_grid_images must be a positive integer"),
         (["--checkpoints_total_limit", "0"], "--checkpoints_total_limit must be a positive integer"),
         (["--ema_weights_decay", "1.5"], "--ema_weights_decay must be in (0, 1)"),
+        # rFID of one image raised at the first validation, after training, before that step's checkpoint.
+        (["--validation_fid", "random", "--num_validation_images", "1"], "--validation_fid needs --num_validation_images"),
         # Data flags without data: --streaming used to crash inside the loader, the others were ignored.
         (["--streaming", "--max_train_steps", "3"], "--streaming only apply to --train_data_dir or --dataset_name"),
         (["--max_train_samples", "2", "--validation_split", "x"], "--max_train_samples, --validation_split only apply"),

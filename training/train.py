@@ -1051,6 +1051,9 @@ def train(args: argparse.Namespace) -> tuple[CDBVQModel, dict]:
 
     # Data
     train_images, validation_pixels, skipped_validation_images = load_data(args, accelerator)
+    if fid is not None and len(validation_pixels) < 2:  # unreadable images left fewer than rFID needs
+        logger.warning(f"Only {len(validation_pixels)} readable validation image(s): validating without rFID, which needs two.")
+        fid = None
     validation = Validation(validation_pixels, skipped_validation_images, lpips_metric, fid)
     train_loader, sampler = build_train_loader(args, train_images, accelerator)
     max_train_steps = total_train_steps(args, sampler)

@@ -247,6 +247,11 @@ def _check_validation_can_run(args: argparse.Namespace) -> None:
     from .evaluation import check_image_size
 
     check_image_size(args.resolution, args.resolution, name="--resolution")
+    if args.validation_fid is not None and args.num_validation_images < 2:
+        raise ValueError(
+            f"--validation_fid needs --num_validation_images of at least 2 (rFID compares the statistics of two image "
+            f"sets), got {args.num_validation_images}."
+        )
 
 
 def _read_config_file(parser: argparse.ArgumentParser, path: str) -> dict:
