@@ -437,6 +437,21 @@ def test_invalid_arguments_exit_with_a_message_naming_the_problem(argv, message,
     assert message in capsys.readouterr().err
 
 
+def test_the_discriminator_schedule_spans_the_steps_it_trains(tmp_path, fresh_accelerator_state):
+    from accelerate import Accelerator
+
+    args = parse_args(PLAIN_RUN + ["--disc_weight", "0.1", "--disc_start", "4", "--max_train_steps", "10",
+                                   "--lr_scheduler", "linear", "--lr_warmup_steps", "0", "--output_dir", str(tmp_path)])  # fmt: skip
+    parts = train_script.build_training_parts(args, tiny_model(), Accelerator(cpu=True), None, None, max_train_steps=10)
+    rates = []
+    for _ in range(10 - 4):  # the step function steps it once per step from --disc_start on
+        rates.append(parts.disc_optimizer.param_groups[0]["lr"])
+        parts.disc_scheduler.step()
+    assert rates[0] == pytest.approx(args.learning_rate)
+    assert rates[-1] == pytest.approx(args.learning_rate / 6)  # its last step at the schedule's last rate
+    assert parts.disc_optimizer.param_groups[0]["lr"] == pytest.approx(0.0)
+
+
 def test_fp16_with_a_discriminator_is_refused_before_any_work(tmp_path, fresh_accelerator_state):
     # accelerate's one gradient scaler cannot serve the generator's and the discriminator's optimisers.
     with pytest.raises(ValueError, match=r"fp16 cannot train the discriminator .*use bf16"):

@@ -575,7 +575,9 @@ def build_training_parts(args: argparse.Namespace, model: CDBVQModel, accelerato
     else:
         discriminator = PatchDiscriminator(model.config.num_channels, args.disc_base_channels, args.disc_num_layers)
         disc_optimizer = _adamw(args, discriminator.parameters(), args.disc_learning_rate or learning_rate)
-        disc_scheduler = _scheduler(args, disc_optimizer, accelerator, max_train_steps)
+        # Stepped from --disc_start only, so its schedule spans the steps it trains (over all of them, a cosine
+        # ended at a tenth of its peak).
+        disc_scheduler = _scheduler(args, disc_optimizer, accelerator, max(max_train_steps - args.disc_start, 1))
         model, discriminator, optimizer, disc_optimizer, scheduler, disc_scheduler = accelerator.prepare(
             model, discriminator, optimizer, disc_optimizer, scheduler, disc_scheduler
         )
