@@ -54,8 +54,11 @@ def test_text_embeddings_and_prototypes(tiny_teacher):
     torch.testing.assert_close(embeddings.norm(dim=-1), torch.ones(3))
     assert not torch.allclose(embeddings[0], embeddings[1])
     assert torch.equal(text_prototypes(tiny_teacher, ["cat"], "{}"), tiny_teacher.encode_text(["cat"], "{}"))
-    with pytest.raises(ValueError, match="must contain"):
+    with pytest.raises(ValueError, match="must hold one"):
         tiny_teacher.encode_text(["cat"], template="a photo")
+    with pytest.raises(ValueError, match="must hold one"):  # a second field was a KeyError from str.format
+        tiny_teacher.encode_text(["cat"], template="a {} in {style}")
+    torch.testing.assert_close(tiny_teacher.encode_text(["cat"], "a {0}"), tiny_teacher.encode_text(["cat"], "a {}"))
 
 
 def test_teacher_stays_frozen_in_eval_mode(tiny_teacher):

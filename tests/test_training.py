@@ -423,6 +423,10 @@ def test_model_config_file_then_flags(tmp_path):
         (["--ema_weights_decay", "1.5"], "--ema_weights_decay must be in (0, 1)"),
         # rFID of one image raised at the first validation, after training, before that step's checkpoint.
         (["--validation_fid", "random", "--num_validation_images", "1"], "--validation_fid needs --num_validation_images"),
+        # A second field raised a KeyError from str.format once the teacher was loaded; '{0}' was refused.
+        (["--prototype_template", "a {} in {style}"], "must hold one '{}' where the label goes"),
+        (["--prototype_template", "a photo"], "must hold one '{}' where the label goes"),
+        (["--prototype_template", "a {"], "is not a format string"),
         # Data flags without data: --streaming used to crash inside the loader, the others were ignored.
         (["--streaming", "--max_train_steps", "3"], "--streaming only apply to --train_data_dir or --dataset_name"),
         (["--max_train_samples", "2", "--validation_split", "x"], "--max_train_samples, --validation_split only apply"),

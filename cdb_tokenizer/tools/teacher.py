@@ -17,6 +17,7 @@ import inspect
 import json
 import logging
 import os
+import string
 import zipfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -147,14 +148,26 @@ class CLIPTeacher(nn.Module):
         """L2-normalised text embeddings (P, embed_dim) of `template.format(label)` for each label."""
         if self.tokenizer is None:
             raise ValueError(f"the CLIP teacher {self.name!r} has no tokenizer, so it cannot embed text.")
-        if "{}" not in template:
-            raise ValueError(f"the prompt template must contain '{{}}' where the label goes, got {template!r}.")
+        check_prompt_template(template)
         prompts = [template.format(label) for label in labels]
         embeddings = []
         for start in range(0, len(prompts), batch_size):
             tokens = self.tokenizer(prompts[start : start + batch_size]).to(self.device)
             embeddings.append(self.model.encode_text(tokens, normalize=True).float())
         return torch.cat(embeddings)
+
+
+def check_prompt_template(template: str) -> None:
+    """Refuse a prompt template that `template.format(label)` cannot fill: it needs exactly one `{}` (or `{0}`) where
+    the label goes, and no other field (a second one raised a KeyError or IndexError from `format`)."""
+    try:
+        fields = [field for _, field, _, _ in string.Formatter().parse(template) if field is not None]
+    except ValueError as error:  # an unmatched brace
+        raise ValueError(f"the prompt template {template!r} is not a format string ({error}); write a literal brace as {{{{ or }}}}.") from None
+    if not (fields == [""] or fields and set(fields) == {"0"}):
+        raise ValueError(
+            f"the prompt template must hold one '{{}}' where the label goes and no other field, got {template!r}."
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------------

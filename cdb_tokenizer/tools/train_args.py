@@ -20,7 +20,7 @@ from ..configuration_cdb_vq import CDBVQConfig
 from .degradations import canonical_spec, parse_spec
 from .redaction import hide_secret_arguments
 from .roles import three_role_ranges
-from .teacher import DEFAULT_TEMPLATE
+from .teacher import DEFAULT_TEMPLATE, check_prompt_template
 
 # Values that depend on the kind of run. "tiny" is the embedded demo (no data flags): a small f2 tokenizer that trains
 # on a CPU in minutes, chosen by measurement (docs/training.md: f4 cannot reach 24 dB on the held-out crops, small
@@ -349,6 +349,7 @@ def _check_training_args(args: argparse.Namespace) -> None:
             raise FileNotFoundError(f"--prototypes text file {value!r} does not exist.")
         if kind not in ("text", "kmeans") and not os.path.isfile(args.prototypes):
             raise ValueError(f"--prototypes must be 'text:FILE', 'kmeans:N' or a .safetensors file, got {args.prototypes!r}.")
+    check_prompt_template(args.prototype_template)
     if args.streaming and args.max_train_steps is None:
         raise ValueError("--streaming needs --max_train_steps, not --num_train_epochs (a stream has no length).")
     for name in ("l1_weight", "l2_weight", "lpips_weight", "disc_weight", "high_frequency_weight"):
