@@ -57,6 +57,18 @@ def test_reconstruction_terms_and_their_weights(model):
         TokenizerLoss(disc_loss="wasserstein")
 
 
+def test_the_high_frequency_term_is_exact_under_autocast():
+    # Under bf16 autocast the Laplacian convolutions ran in bf16: a small error's term read 7% high.
+    loss = TokenizerLoss(l1_weight=0.0, l2_weight=0.0, high_frequency_weight=1.0)
+    original = pixels(4)
+    reconstruction = original + 0.003 * torch.randn(original.shape, generator=torch.Generator().manual_seed(2))
+    exact = loss.reconstruction_terms(original, reconstruction)["high_frequency"]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = loss.reconstruction_terms(original, reconstruction)["high_frequency"]
+    assert mixed.dtype == torch.float32
+    torch.testing.assert_close(mixed, exact, rtol=1e-4, atol=0)
+
+
 def test_compute_losses_without_teacher_has_no_semantic_terms(model):
     result = compute_losses(model, pixels(), TokenizerLoss())
     assert {"l1", "l2", "commitment", "balance", "vq", "total"} == set(result.terms)  # EMA codebook: no codebook loss
