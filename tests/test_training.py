@@ -641,8 +641,26 @@ def test_a_resume_without_the_teacher_it_was_trained_with_is_refused_by_name(tmp
     run = PLAIN_RUN + ["--max_train_steps", "2", "--checkpointing_steps", "1", "--output_dir", str(tmp_path / "run")]
     main(run + ["--clip_model", str(clip_config), "--clip_pretrained", "none", "--prototypes", "kmeans:4",
                 "--prototype_kmeans_batches", "1"])  # fmt: skip
-    with pytest.raises(ValueError, match=r"other settings \(teacher 'tiny_clip.json \(random weights\)' -> None\).*CLIP teacher"):
+    with pytest.raises(ValueError, match=r"other settings \(teacher 'tiny_clip.json \(random weights\)' -> None, "
+                                         r"prototypes 'kmeans:4' -> None\).*CLIP teacher"):  # fmt: skip
         main(run + ["--max_train_steps", "3", "--resume_from_checkpoint", "latest"])  # PLAIN_RUN: --clip_model none
+
+
+def test_a_resume_with_edited_prototype_labels_is_refused(tmp_path):
+    # The resume restored the checkpoint's prototype embeddings but took the labels from the edited file: each label
+    # then named another label's embedding, in the saved config and the model card.
+    clip_config = save_clip_config(tmp_path / "tiny_clip.json")
+    labels = tmp_path / "labels.txt"
+    labels.write_text("sky\ntree\ncat\ndog\n")
+    run = PLAIN_RUN + ["--checkpointing_steps", "1", "--output_dir", str(tmp_path / "run"), "--clip_model",
+                       str(clip_config), "--clip_pretrained", "none", "--num_prototypes", "4"]  # fmt: skip
+    main(run + ["--max_train_steps", "1", "--prototypes", f"text:{labels}"])
+    moved = tmp_path / "moved.txt"
+    moved.write_text(labels.read_text())  # the same labels from another place resume
+    main(run + ["--max_train_steps", "2", "--prototypes", f"text:{moved}", "--resume_from_checkpoint", "latest"])
+    moved.write_text("tree\nsky\ncat\ndog\n")
+    with pytest.raises(ValueError, match=r"other settings \(prototypes 'text labels and template \w+' -> 'text labels"):
+        main(run + ["--max_train_steps", "3", "--prototypes", f"text:{moved}", "--resume_from_checkpoint", "latest"])
 
 
 def test_a_resumed_run_counts_on_its_nan_steps_in_a_row(tmp_path, monkeypatch):

@@ -21,6 +21,7 @@ See docs/training.md and docs/architecture.md.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import itertools
 import json
 import math
@@ -675,10 +676,26 @@ def data_order(args: argparse.Namespace, accelerator: Accelerator) -> dict:
 
 def training_objective(args: argparse.Namespace, teacher) -> dict:
     """What the model learns to do beyond its config's shape: restoration's degradation (which the saved config
-    records, and `cdb-vq restore` relies on) and the CLIP teacher (without it the semantic terms, prototypes and
-    `semantic_dim` would differ). Loss weights may change on resume, as learning rates may."""
+    records, and `cdb-vq restore` relies on), the CLIP teacher (without it the semantic terms, prototypes and
+    `semantic_dim` would differ) and the prototypes (a resume restores their embeddings from the checkpoint, so
+    edited labels would name other embeddings). Loss weights may change on resume, as learning rates may."""
     return {"restoration_degradation": args.model_config_dict.get("restoration_degradation"),
-            "teacher": teacher.name if teacher is not None else None}  # fmt: skip
+            "teacher": teacher.name if teacher is not None else None,
+            "prototypes": _prototypes_identity(args) if teacher is not None else None}  # fmt: skip
+
+
+def _prototypes_identity(args: argparse.Namespace) -> str | None:
+    """`--prototypes` as what it gives the model, not where it is read from: text labels and their template, a
+    file's content (both by digest), or `kmeans:N` (whose data and process count may change on resume)."""
+    if args.prototypes is None:
+        return None
+    kind, _, value = args.prototypes.partition(":")
+    if kind == "text":
+        content = json.dumps([read_prototype_labels(value), args.prototype_template]).encode()
+        return f"text labels and template {hashlib.sha256(content).hexdigest()[:12]}"
+    if kind == "kmeans":
+        return args.prototypes
+    return f"file {hashlib.sha256(Path(args.prototypes).read_bytes()).hexdigest()[:12]}"
 
 
 def changed_settings(saved: dict | None, now: dict) -> list[str]:
@@ -694,8 +711,9 @@ def refuse_another_objective(saved: dict | None, now: dict) -> None:
     if changed:
         raise ValueError(
             f"--resume_from_checkpoint: the checkpoint was trained with other settings ({', '.join(changed)}); resume "
-            f"with the --degradation and the CLIP teacher it was trained with (a teacher whose weights cannot be had "
-            f"here is unavailable), or start over with --overwrite_output_dir."
+            f"with the --degradation, the CLIP teacher and the --prototypes (labels and --prototype_template) it was "
+            f"trained with (a teacher whose weights cannot be had here is unavailable), or start over with "
+            f"--overwrite_output_dir."
         )
 
 
