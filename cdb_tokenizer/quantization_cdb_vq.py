@@ -651,7 +651,18 @@ class CDBVQQuantizer(nn.Module):
         codes = self.codebook.weight.float()
         return F.normalize(codes, dim=-1) if self.config.l2_normalize_codes else codes
 
+    def _check_latents(self, latents: torch.Tensor) -> None:
+        """Flat latents (N, D), as `forward`, the k-means initialisation and restarts take them (`flatten_grid` turns
+        the model's (B, D, h, w) latents into rows)."""
+        if not isinstance(latents, torch.Tensor) or latents.ndim != 2 or latents.shape[1] != self.config.codebook_dim:
+            shape = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
+            raise ValueError(
+                f"latents must be a tensor of shape (N, codebook_dim={self.config.codebook_dim}), got {shape}; the "
+                f"model's (B, D, h, w) latents become rows with cdb_tokenizer.modeling_cdb_vq.flatten_grid."
+            )
+
     def prepare_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents as the codebook compares them: float32, and l2-normalised when the config asks for it."""
         latents = latents.float()
         return F.normalize(latents, dim=-1) if self.config.l2_normalize_codes else latents
 
@@ -669,9 +680,7 @@ class CDBVQQuantizer(nn.Module):
         """Quantize a flat batch of latents (N, D); `semantic_features` (N, semantic_dim) feed the `cdb` router.
         Runs in float32 under autocast too, so that training picks the codes that inference will. Shapes are checked
         here; NaN values are not (that takes a device sync: `CDBVQModel` checks its inputs and outputs instead)."""
-        if not isinstance(latents, torch.Tensor) or latents.ndim != 2 or latents.shape[1] != self.config.codebook_dim:
-            shape = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
-            raise ValueError(f"latents must be a tensor of shape (N, codebook_dim={self.config.codebook_dim}), got {shape}.")
+        self._check_latents(latents)
         if semantic_features is not None and tuple(semantic_features.shape) != (latents.shape[0], self.config.semantic_dim):
             raise ValueError(
                 f"semantic_features must have shape ({latents.shape[0]}, semantic_dim={self.config.semantic_dim}), "
@@ -860,6 +869,7 @@ class CDBVQQuantizer(nn.Module):
         the latents' `signal_features` (N, 3), each role's range is initialised from the latents of its kind only
         (`role_targets`), so that a range starts where its content lies.
         """
+        self._check_latents(latents)
         samples = self.prepare_latents(all_gather_rows(latents.detach().float()))
         pools = self._role_pools(signal_features, samples.shape[0])
         centres = torch.empty(self.codebook_size, samples.shape[1], device=samples.device)
@@ -916,6 +926,7 @@ class CDBVQQuantizer(nn.Module):
         Every process must call it: latents are gathered, rank 0 draws, the new codes are broadcast, and the EMA,
         usage and router state of the restarted codes are reset so that the restart takes hold.
         """
+        self._check_latents(latents)
         if self.config.dead_code_threshold <= 0:
             return 0
         dead = self.dead_codes()
