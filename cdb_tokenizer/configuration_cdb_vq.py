@@ -227,6 +227,17 @@ class CDBVQConfig(PretrainedConfig):
             raise OSError(f"{folder} has no {CONFIG_NAME}: it is not a saved cdb-vq model (save_pretrained writes one).")
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs):
+        """`PretrainedConfig.from_dict`, except that keyword overrides are checked as the constructor checks its
+        arguments: transformers sets them after the constructor's checks, so `assignment="bogus"` passed, and a
+        misspelled `asignment="nearest"` was dropped without a word."""
+        return_unused_kwargs = kwargs.pop("return_unused_kwargs", False)
+        config, unused = super().from_dict(config_dict, return_unused_kwargs=True, **kwargs)
+        refuse_misspelled_fields(unused)
+        config.validate_fields()
+        return (config, unused) if return_unused_kwargs else config
+
     @property
     def downsampling_factor(self) -> int:
         """Ratio of image side to token-grid side."""

@@ -495,6 +495,21 @@ def test_from_pretrained_names_a_misspelled_field_too(tmp_path):
     assert CDBVQModel.from_pretrained(tmp_path, assignment="nearest").config.assignment == "nearest"
 
 
+def test_config_overrides_at_load_are_checked_like_constructor_arguments(tmp_path):
+    # transformers sets overrides after the constructor's checks: a misspelled one was dropped (the default router
+    # built without a word) and an invalid one kept until a model was built from it, or saved as it was.
+    tiny_model().save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="no field 'asignment'; did you mean 'assignment'"):
+        CDBVQConfig.from_pretrained(tmp_path, asignment="nearest")
+    with pytest.raises(ValueError, match="assignment must be one of"):
+        CDBVQConfig.from_pretrained(tmp_path, assignment="bogus")
+    with pytest.raises(ValueError, match="codebook_size must be a positive integer, got -5"):
+        CDBVQConfig.from_dict(tiny_config().to_dict(), codebook_size=-5)
+    assert CDBVQConfig.from_pretrained(tmp_path, assignment="nearest").assignment == "nearest"
+    config, unused = CDBVQConfig.from_pretrained(tmp_path, return_unused_kwargs=True, foo_bar_baz=3)
+    assert unused == {"foo_bar_baz": 3}  # left to the caller, as in transformers
+
+
 def test_a_folder_without_config_json_is_refused_by_name(tmp_path):
     # transformers would build the default config and fail on the weights' shapes, 200 lines later.
     from cdb_tokenizer import CDBVQModel
