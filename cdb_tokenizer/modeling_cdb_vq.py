@@ -285,6 +285,18 @@ class CDBVQPreTrainedModel(PreTrainedModel):
     _keys_to_ignore_on_save = ["quantizer.teacher_statistics.sums", "quantizer.teacher_statistics.counts"]
     _keys_to_ignore_on_load_missing = [r"quantizer\.teacher_statistics\."]
 
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, then a check that the code roles saved with the weights are the
+        config's (an edited config.json, or `code_roles=` passed here, labelled codes with roles they were not
+        trained for)."""
+        loaded = super().from_pretrained(*args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded  # output_loading_info=True
+        quantizer = getattr(model, "quantizer", None)
+        if quantizer is not None:
+            quantizer.check_code_roles()
+        return loaded
+
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, (nn.Conv2d, nn.Linear)):

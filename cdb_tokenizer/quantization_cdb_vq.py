@@ -570,6 +570,19 @@ class CDBVQQuantizer(nn.Module):
             "code_to_role": code_to_role,
         }
 
+    def check_code_roles(self) -> None:
+        """Refuse weights whose per-code roles (`code_to_role`, saved with them) are not the config's `code_roles`:
+        the role names, maps and code report come from the config, the routing from the weights."""
+        expected = self.fresh_state()["code_to_role"]
+        if torch.equal(self.code_to_role, expected):
+            return
+        counts = torch.bincount(self.code_to_role.cpu(), minlength=max(len(self.config.role_names), 1)).tolist()
+        raise ValueError(
+            f"the weights' code roles (codes per role, in order: {counts}) are not config.code_roles "
+            f"{self.config.code_roles}: config.json was edited after training, or code_roles was passed to "
+            f"from_pretrained; load the model with the code_roles it was trained with."
+        )
+
     @torch.no_grad()
     def reset_state(self) -> None:
         """Fill the buffers for a fresh model, the router's and the statistics' included."""

@@ -510,6 +510,25 @@ def test_config_overrides_at_load_are_checked_like_constructor_arguments(tmp_pat
     assert unused == {"foo_bar_baz": 3}  # left to the caller, as in transformers
 
 
+def test_code_roles_that_are_not_the_weights_are_refused_at_load(tmp_path):
+    # The role names and maps come from the config, the routing from the saved per-code roles: an edited config.json
+    # made `cdb-vq inspect` list code 19 as structure in one table and texture in the next.
+    import json
+
+    from transformers import AutoModel
+
+    trained = {"structure": [0, 32], "texture": [32, 64]}
+    tiny_model(code_roles=trained).save_pretrained(tmp_path)
+    assert CDBVQModel.from_pretrained(tmp_path).config.code_roles == trained
+    with pytest.raises(ValueError, match=r"codes per role, in order: \[32, 32\]\) are not config.code_roles"):
+        CDBVQModel.from_pretrained(tmp_path, code_roles={"structure": [0, 16], "texture": [16, 64]})
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["code_roles"] = {"structure": [0, 8], "texture": [8, 64]}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="config.json was edited after training"):
+        AutoModel.from_pretrained(tmp_path, trust_remote_code=True)
+
+
 def test_a_folder_without_config_json_is_refused_by_name(tmp_path):
     # transformers would build the default config and fail on the weights' shapes, 200 lines later.
     from cdb_tokenizer import CDBVQModel
