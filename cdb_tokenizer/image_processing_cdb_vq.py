@@ -38,6 +38,8 @@ _POSTPROCESS_RETURN_TYPES = ("PIL.Image.Image", "np", "pt")
 _ALPHA_MODES = ("RGBA", "LA", "PA", "La", "RGBa")
 # Premultiplied-alpha modes, read through their straight-alpha twin (PIL cannot convert "La" to anything else).
 _STRAIGHT_ALPHA = {"La": "LA", "RGBa": "RGBA"}
+# Modes whose bands are intensities of 1, 3 or 4 channels, taken as they are with do_convert_rgb=False.
+_MODES_TAKEN_AS_THEY_ARE = ("L", "RGB", "RGBA")
 # Keys transformers writes (or once wrote) into preprocessor_config.json beside the settings.
 _SAVED_KEYS = frozenset(
     {"image_processor_type", "processor_class", "_processor_class", "feature_extractor_type", "auto_map",
@@ -677,8 +679,13 @@ def _pil_to_tensor(image: PIL.Image.Image, do_convert_rgb: bool) -> torch.Tensor
             image = PIL.Image.alpha_composite(background, rgba)
         image = image.convert("RGB")
         return torch.from_numpy(np.array(image, dtype=np.float32)).permute(2, 0, 1).contiguous()
-    array = np.array(image)
-    tensor = torch.from_numpy(array)
+    if image.mode not in _MODES_TAKEN_AS_THEY_ARE:
+        # Their bands are no intensities: HSV, LAB or YCbCr read as RGB, palette indices or CMYK inks as grey levels.
+        raise ValueError(
+            f"a PIL image of mode {image.mode!r} cannot be taken as it is (do_convert_rgb=False takes modes "
+            f"{', '.join(_MODES_TAKEN_AS_THEY_ARE)} and greyscale ones); pass do_convert_rgb=True to convert it to RGB."
+        )
+    tensor = torch.from_numpy(np.array(image))
     tensor = tensor[None] if tensor.ndim == 2 else tensor.permute(2, 0, 1)
     return _to_intensity_scale(tensor)
 
@@ -819,6 +826,8 @@ def _stack_model_output(images: Any) -> torch.Tensor:
         raise ValueError(
             f"postprocess expects pixel values of shape (B, 3, H, W) or (3, H, W), got {tuple(images.shape)}."
         )
+    if images.numel() == 0:
+        raise ValueError(f"postprocess got no pixels (shape {tuple(images.shape)}): nothing to postprocess.")
     return images
 
 

@@ -429,6 +429,13 @@ def test_empty_list_raises():
         processor([])
 
 
+@pytest.mark.parametrize("shape", [(0, 3, 32, 32), (1, 3, 0, 32)])
+def test_postprocess_of_no_pixels_raises(shape):
+    # Was torch's "max(): Expected reduction dim to be specified for input.numel() == 0".
+    with pytest.raises(ValueError, match=r"postprocess got no pixels \(shape .*\): nothing to postprocess"):
+        CDBVQImageProcessor().postprocess(torch.zeros(shape))
+
+
 def test_nan_values_raise(astronaut):
     processor = CDBVQImageProcessor()
     image = astronaut.astype(np.float32) / 255.0
@@ -525,6 +532,18 @@ def test_statistics_of_other_lengths_need_do_convert_rgb_off(camera):
         CDBVQImageProcessor(do_convert_rgb=False, image_mean=[0.5, 0.5])
     with pytest.raises(ValueError, match="`image_mean` has 3 values but `image_std` has 1"):
         CDBVQImageProcessor(do_convert_rgb=False, image_mean=[0.5] * 3, image_std=[0.5])
+
+
+@pytest.mark.parametrize("mode", ["HSV", "LAB", "YCbCr", "CMYK", "P", "1"])
+def test_modes_whose_bands_are_no_intensities_need_do_convert_rgb(astronaut, mode):
+    # HSV, LAB and YCbCr were read as RGB (colours off by up to the whole range), without a word; CMYK was refused
+    # for its channel count, a palette image read as its indices.
+    as_is = CDBVQImageProcessor(do_convert_rgb=False, size=32)
+    with pytest.raises(ValueError, match=f"a PIL image of mode '{mode}' cannot be taken as it is.*do_convert_rgb=True"):
+        as_is(PIL.Image.fromarray(astronaut).convert(mode), return_tensors="pt")
+    rgb = CDBVQImageProcessor(size=32)(astronaut, return_tensors="pt").pixel_values
+    converted = CDBVQImageProcessor(size=32)(PIL.Image.fromarray(astronaut).convert(mode), return_tensors="pt").pixel_values
+    assert converted.shape == rgb.shape
 
 
 def test_images_of_different_sizes_without_resize_name_the_sizes_and_the_fix(astronaut, coffee):
