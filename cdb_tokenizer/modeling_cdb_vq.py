@@ -671,6 +671,7 @@ class CDBVQModel(CDBVQPreTrainedModel):
                 that grid are refused (never guessed).
         """
         self._check_image_tokens(image_tokens)
+        height, width = _pixel_count("height", height), _pixel_count("width", width)
         if image_tokens.ndim == 3:
             if (height, width) != (None, None):
                 size = (height or width, width or height)  # one side alone: a square, as for flat tokens
@@ -685,7 +686,6 @@ class CDBVQModel(CDBVQPreTrainedModel):
         if image_tokens.ndim != 2:
             raise ValueError(f"image_tokens must have shape (batch, h * w) or (batch, h, w), got {tuple(image_tokens.shape)}.")
         count = image_tokens.shape[1]
-        height, width = _pixel_count("height", height), _pixel_count("width", width)
         if height is None and width is None:
             grid_height, grid_width = self.token_grid_size()
             if grid_height * grid_width != count:

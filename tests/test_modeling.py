@@ -750,6 +750,14 @@ def test_decode_image_tokens_refuses_a_token_count_that_does_not_fit_the_grid(mo
         model.decode_image_tokens(torch.zeros(1, 144, dtype=torch.long), **size)
 
 
+def test_decode_image_tokens_checks_a_size_given_with_a_token_grid(model):
+    # `height or width` read height=0 as "not given" for (B, h, w) tokens, while flat tokens refused it.
+    grid = torch.zeros(1, 8, 8, dtype=torch.long)
+    with pytest.raises(ValueError, match="height must be a positive number of pixels, got 0"):
+        model.decode_image_tokens(grid, height=0, width=32)
+    assert model.decode_image_tokens(grid, height=np.int64(32)).shape == (1, 3, 32, 32)
+
+
 def test_decode_image_tokens_takes_any_integer_size(model):
     # NumPy and tensor integers (a size read from an array) were refused for flat tokens, not for (B, h, w) ones.
     tokens = torch.zeros(1, 96, dtype=torch.long)
