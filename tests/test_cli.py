@@ -635,6 +635,24 @@ def test_decode_keeps_to_the_pixel_budget(files, tmp_path, capsys):
     assert main(["decode", str(tokens), "--out", str(tmp_path / "d"), "--max_image_pixels", "1024"]) == 0
 
 
+@pytest.mark.parametrize("size", [{"height": 64, "width": 64}, {"shortest_edge": 64}])
+def test_a_processor_that_resizes_past_the_pixel_budget_is_refused(files, tmp_path, capsys, size):
+    # A small photo passed the budget, then the model's processor resized it past it: with a mistyped size in a
+    # shared preprocessor_config.json (40000 for 256), 1.6 gigapixels and the OOM killer.
+    folder = tmp_path / "model"
+    shutil.copytree(files["model"], folder)
+    CDBVQImageProcessor(size=size).save_pretrained(folder)
+    small = tmp_path / "small.png"
+    Image.new("RGB", (16, 16), (200, 30, 40)).save(small)
+    budget = ["--max_image_pixels", "1000"]  # the 16x16 photo is within it, the processor's 64x64 images are not
+    for command in ("encode", "reconstruct"):
+        assert main([command, str(small), "--model", str(folder), "--out", str(tmp_path / command), *budget]) == 1
+        line = cli_error_line(capsys, command)
+        assert "its image processor makes images of" in line and "64x64" in line and "--max_image_pixels" in line, line
+    assert main(["encode", str(small), "--model", str(folder), "--out", str(tmp_path / "e.safetensors")]) == 0
+    assert main(["inspect", "--model", str(folder)]) == 0  # reads no images
+
+
 def test_a_model_changed_since_encoding_is_named_as_such(files, tmp_path, capsys):
     folder = tmp_path / "model"
     shutil.copytree(files["model"], folder)

@@ -146,8 +146,26 @@ def load_model(
 
 
 def load_model_of(args: argparse.Namespace) -> LoadedModel:
-    """`load_model` with a command's --model, --device, --dtype, --trust-remote-code and --revision."""
-    return load_model(args.model, args.device, args.dtype, args.trust_remote_code, args.revision)
+    """`load_model` with a command's --model, --device, --dtype, --trust-remote-code and --revision; in commands that
+    read images, its image processor's output size is held to --max_image_pixels, as the input images are."""
+    loaded = load_model(args.model, args.device, args.dtype, args.trust_remote_code, args.revision)
+    if hasattr(args, "max_image_pixels"):
+        check_processor_size(loaded.processor, args.max_image_pixels, args.model)
+    return loaded
+
+
+def check_processor_size(processor, max_pixels: int, name: str) -> None:
+    """Refuse an image processor that resizes every image past the pixel budget (a mistyped size in a shared
+    preprocessor_config.json): small input images pass the budget, and the resize then ran out of memory."""
+    size = processor_image_size(processor) if processor is not None else None
+    shortest = (getattr(processor, "size", None) or {}).get("shortest_edge") if processor is not None else None
+    height, width = size or ((shortest, shortest) if isinstance(shortest, int) else (0, 0))
+    if max_pixels and height * width > max_pixels:
+        raise CLIError(
+            f"--model {name}: its image processor makes images of {'at least ' if size is None else ''}{height}x{width} "
+            f"pixels ({height * width / 1e6:.1f} megapixels), over the {max_pixels / 1e6:g}-megapixel budget; fix "
+            f"`size` in its preprocessor_config.json, or raise --max_image_pixels (0: no limit)."
+        )
 
 
 @contextlib.contextmanager
