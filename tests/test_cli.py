@@ -823,17 +823,22 @@ def test_reconstruct_reads_each_image_once_and_leaves_no_staging(files, tmp_path
 
 BASE_INSTALL_ONLY = """
 import sys
-for name in ("torchmetrics", "torch_fidelity", "datasets", "accelerate", "open_clip", "lpips", "matplotlib"):
+for name in ("torchmetrics", "torch_fidelity", "datasets", "pyarrow", "accelerate", "open_clip", "lpips", "matplotlib"):
     sys.modules[name] = None  # the training extras: importing any of them fails
 from cdb_tokenizer.tools.cli import main
 sys.exit(main(sys.argv[1:]))
 """
 
 
-def test_encode_decode_reconstruct_and_inspect_need_only_the_base_install(files, tmp_path):
+def test_encode_decode_reconstruct_restore_and_inspect_need_only_the_base_install(files, tmp_path):
     # docs/cli.md promises it; reconstruct once imported its PSNR from the evaluation tools (torchmetrics).
     photo, model = _photos(files)[0], str(files["model"])
+    restorer = tmp_path / "restorer"
+    shutil.copytree(files["model"], restorer)
+    config = json.loads((restorer / "config.json").read_text())
+    (restorer / "config.json").write_text(json.dumps({**config, "restoration_degradation": "gaussian_blur:1.5"}))
     commands = [
+        ["restore", photo, "--model", str(restorer), "--out", str(tmp_path / "restored")],
         ["encode", photo, "--model", model, "--out", str(tmp_path / "tokens.safetensors")],
         ["decode", str(tmp_path / "tokens.safetensors"), "--out", str(tmp_path / "decoded")],
         ["reconstruct", photo, "--model", model, "--out", str(tmp_path / "reconstructed")],
@@ -843,6 +848,21 @@ def test_encode_decode_reconstruct_and_inspect_need_only_the_base_install(files,
         result = subprocess.run([sys.executable, "-c", BASE_INSTALL_ONLY, *argv], capture_output=True, text=True,
                                 timeout=300, check=False)  # fmt: skip
         assert result.returncode == 0, (argv[0], result.stderr[-2000:])
+
+
+def test_commands_that_need_the_training_extras_say_how_to_install_them(files, tmp_path):
+    # tokenize said only "No module named 'pyarrow'", imported before the guarded data-set import.
+    folder = tmp_path / "images"
+    folder.mkdir()
+    commands = [
+        ["tokenize", "--data", str(folder), "--model", str(files["model"]), "--out", str(tmp_path / "tokens")],
+        ["eval", "--data", str(folder), "--model", str(files["model"])],
+    ]
+    for argv in commands:
+        result = subprocess.run([sys.executable, "-c", BASE_INSTALL_ONLY, *argv], capture_output=True, text=True,
+                                timeout=300, check=False)  # fmt: skip
+        assert result.returncode == 1, (argv[0], result.stderr[-2000:])
+        assert "the training extras: pip install 'cdb-tokenizer[train]' (from a checkout: pip install -e '.[train]')" in result.stderr, result.stderr
 
 
 OLD_COMMIT, NEW_COMMIT = "1" * 40, "2" * 40

@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 
 from . import files
 from .loading import is_local_path, locate, processor_image_size
-from .messages import first_line
+from .messages import TRAIN_EXTRAS, first_line
 
 
 TOKEN_FILE_FORMAT = "cdb-vq-tokens"
@@ -539,7 +539,7 @@ def open_dataset(data: str, image_column: str, split: str):
         from .data import load_image_dataset
     except ImportError as error:
         raise CLIError(
-            f"reading data sets needs the training extras: pip install 'cdb-tokenizer[train]' ({error})."
+            f"reading data sets needs {TRAIN_EXTRAS} ({error})."
         ) from None
     path = Path(data).expanduser()
     try:
@@ -551,7 +551,7 @@ def open_dataset(data: str, image_column: str, split: str):
         return load_image_dataset(dataset_name=data, split=split, image_column=image_column)
     except ImportError as error:
         raise CLIError(
-            f"reading data sets needs the training extras: pip install 'cdb-tokenizer[train]' ({error})."
+            f"reading data sets needs {TRAIN_EXTRAS} ({error})."
         ) from None
     except (OSError, ValueError, ConnectionError) as error:
         raise CLIError(f"could not open --data {data}: {first_line(error)}") from None
@@ -1043,7 +1043,7 @@ def eval_command(args: argparse.Namespace) -> None:
         from .evaluation import evaluate, fid_reference_facts, load_fid_reference, save_fid_reference
     except ImportError as error:
         raise CLIError(
-            f"cdb-vq eval needs the training extras: pip install 'cdb-tokenizer[train]' ({error})."
+            f"cdb-vq eval needs {TRAIN_EXTRAS} ({error})."
         ) from None
     _apply_protocol(args)
     _check_fid_options(args)
@@ -1221,11 +1221,11 @@ def _write_code_report(report: list[dict], path: Path) -> None:
 
 def tokenize_command(args: argparse.Namespace) -> None:
     """A folder or Hub data set -> a `datasets` data set of `image_tokens` (and labels), saved with `save_to_disk`."""
+    dataset = open_dataset(args.data, args.image_column, args.split)  # names the training extras when missing
     import pyarrow.compute as pyarrow_compute
 
     from .priors import save_tokens, tokenize_dataset
 
-    dataset = open_dataset(args.data, args.image_column, args.split)
     if not hasattr(dataset, "filter") or not hasattr(dataset, "__len__"):
         raise CLIError("tokenize needs a map-style data set (streaming is not supported).")
     if args.max_images is not None:

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from .downloads import reachable
 from .files import replace_file
-from .messages import first_line
+from .messages import TRAIN_EXTRAS, first_line
 from .scores import psnr_from_mse
 
 
@@ -154,8 +154,8 @@ def fid_metric(
             import torch_fidelity  # noqa: F401
         except ImportError:
             raise FIDUnavailableError(
-                "rFID needs torch-fidelity for torchmetrics' Inception network: pip install 'cdb-tokenizer[train]' "
-                "(or pip install torch-fidelity)."
+                f"rFID needs torch-fidelity for torchmetrics' Inception network: {TRAIN_EXTRAS} (or pip install "
+                f"torch-fidelity)."
             ) from None
         state = inception_state_dict(inception_weights(weights_path, allow_download))
         # torch-fidelity loads its weights with weights_only=False. It gets the tensors read above, saved again

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 
+# How to install what training, evaluation and data sets need (the `train` extra), from the package or a checkout.
+TRAIN_EXTRAS = "the training extras: pip install 'cdb-tokenizer[train]' (from a checkout: pip install -e '.[train]')"
+
+
 def first_line(error: BaseException) -> str:
     """The first line of an exception's message, or its type's name when the message is empty."""
     text = str(error).strip()
