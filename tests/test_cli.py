@@ -653,6 +653,14 @@ def test_a_processor_that_resizes_past_the_pixel_budget_is_refused(files, tmp_pa
     assert main(["inspect", "--model", str(folder)]) == 0  # reads no images
 
 
+def test_decode_blames_a_bad_device_on_the_device(files, tmp_path, capsys):
+    # It said "the model recorded in ... cannot be loaded (...); pass --model".
+    tokens = _tokens(files, tmp_path)
+    assert main(["decode", str(tokens), "--out", str(tmp_path / "d"), "--device", "tpu"]) == 1
+    line = cli_error_line(capsys, "decode")
+    assert "--device 'tpu' is not a device torch knows" in line and "pass --model" not in line, line
+
+
 def test_a_model_changed_since_encoding_is_named_as_such(files, tmp_path, capsys):
     folder = tmp_path / "model"
     shutil.copytree(files["model"], folder)

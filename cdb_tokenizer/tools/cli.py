@@ -705,6 +705,7 @@ def decode_command(args: argparse.Namespace) -> None:
         # config.json says cdb_vq, loaded by this package's classes (its code runs only with --trust-remote-code).
         at = f" at {revision}" if revision else ""
         print(f"decoding with the model recorded in {args.tokens}: {model_name}{at}", file=sys.stderr)
+    resolve_device(args.device)  # a bad --device is not the recorded model's fault
     try:
         loaded = load_model(model_name, args.device, args.dtype, args.trust_remote_code, revision)
     except CLIError as error:
