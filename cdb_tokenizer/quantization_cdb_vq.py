@@ -674,6 +674,15 @@ class CDBVQQuantizer(nn.Module):
                 f"model's (B, D, h, w) latents become rows with cdb_tokenizer.modeling_cdb_vq.flatten_grid."
             )
 
+    def _check_upkeep_latents(self, latents: torch.Tensor) -> None:
+        """`_check_latents`, plus what `forward` leaves to the model to save a device sync: latents to put codes on
+        must exist and be finite (one NaN latent drawn by k-means or a restart made NaN codes without a word)."""
+        self._check_latents(latents)
+        if latents.shape[0] == 0:
+            raise ValueError("latents is empty: codes need at least one latent to be placed on.")
+        if not bool(torch.isfinite(latents).all()):
+            raise ValueError("latents hold NaN or infinite values: codes placed on them would be NaN.")
+
     def prepare_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents as the codebook compares them: float32, and l2-normalised when the config asks for it."""
         latents = latents.float()
@@ -882,7 +891,7 @@ class CDBVQQuantizer(nn.Module):
         the latents' `signal_features` (N, 3), each role's range is initialised from the latents of its kind only
         (`role_targets`), so that a range starts where its content lies.
         """
-        self._check_latents(latents)
+        self._check_upkeep_latents(latents)
         samples = self.prepare_latents(all_gather_rows(latents.detach().float()))
         pools = self._role_pools(signal_features, samples.shape[0])
         centres = torch.empty(self.codebook_size, samples.shape[1], device=samples.device)
@@ -939,7 +948,7 @@ class CDBVQQuantizer(nn.Module):
         Every process must call it: latents are gathered, rank 0 draws, the new codes are broadcast, and the EMA,
         usage and router state of the restarted codes are reset so that the restart takes hold.
         """
-        self._check_latents(latents)
+        self._check_upkeep_latents(latents)
         if self.config.dead_code_threshold <= 0:
             return 0
         dead = self.dead_codes()

@@ -639,6 +639,14 @@ def test_the_quantizer_names_a_wrong_shape_instead_of_failing_in_a_matrix_produc
     with pytest.raises(ValueError, match=r"semantic_features must have shape \(10, semantic_dim=32\), one row per latent"):
         vq(torch.randn(10, 8), semantic_features=torch.randn(9, 32))
     assert vq(torch.randn(10, 8), semantic_features=torch.randn(10, 32)).indices.shape == (10,)
+    # NaN latents made NaN codes without a word; none at all was torch's "random_ expects 'from' to be less than 'to'".
+    vq.usage[:4] = 0.0  # dead codes for a restart to place
+    for upkeep in (vq.initialize_codebook, vq.restart_dead_codes):
+        with pytest.raises(ValueError, match="latents hold NaN or infinite values"):
+            upkeep(torch.full((70, 8), float("nan")))
+        with pytest.raises(ValueError, match="latents is empty"):
+            upkeep(torch.zeros(0, 8))
+    assert bool(torch.isfinite(vq.codebook.weight).all())
     # The model's (B, D, h, w) latents given to the upkeep were "shape mismatch: value tensor of shape ...".
     grid = torch.randn(2, 8, 4, 4)
     for upkeep in (vq.initialize_codebook, vq.restart_dead_codes):
