@@ -1029,20 +1029,25 @@ class CDBVQQuantizer(nn.Module):
 
 @torch.no_grad()
 def kmeans(samples: torch.Tensor, num_clusters: int, iterations: int, seed: int, max_entries: int) -> torch.Tensor:
-    """Lloyd's k-means with random initial centres; empty clusters keep their previous centre."""
+    """Lloyd's k-means with random initial centres; empty clusters keep their previous centre.
+
+    With fewer samples than clusters every sample is a centre (k-means' optimum) and the other centres are copies of
+    random samples, all spread a little, so that no two codes are identical (and forever tied), equal samples
+    included. No Lloyd step follows: the squared distances between a sample and its copies are below float32's
+    cancellation error in ||x||^2 - 2 x.e + ||e||^2, so each step moved another copy exactly onto its sample.
+    """
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    replace = samples.shape[0] < num_clusters
-    if replace:
-        picks = torch.randint(samples.shape[0], (num_clusters,), generator=generator)
-    else:
-        picks = torch.randperm(samples.shape[0], generator=generator)[:num_clusters]
-    centres = samples[picks.to(samples.device)].clone()
-    if replace:
-        # Duplicated samples would make identical (and forever tied) codes: spread them a little.
+    count = samples.shape[0]
+    if count < num_clusters:
+        extra = torch.randint(count, (num_clusters - count,), generator=generator)
+        picks = torch.cat([torch.randperm(count, generator=generator), extra])
+        centres = samples[picks.to(samples.device)].clone()
         # Relative to the samples' own scale too: an absolute 1e-6 is under float32's resolution for latents past ~8.
         scale = torch.maximum(samples.std(0, keepdim=True, correction=0), 1e-3 * samples.abs().amax(0, keepdim=True))
         spread = scale.clamp_min(1e-4) * 0.01  # (one sample: no NaN)
         centres += torch.randn(centres.shape, generator=generator).to(samples.device) * spread
+        return centres
+    centres = samples[torch.randperm(count, generator=generator)[:num_clusters].to(samples.device)].clone()
     for _ in range(iterations):
         assignment = nearest_codes(samples, centres, max_entries)
         counts = torch.bincount(assignment, minlength=num_clusters).float()
