@@ -222,9 +222,11 @@ class CDBVQConfig(PretrainedConfig):
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> CDBVQConfig:
         """`PretrainedConfig.from_pretrained`, except that a local folder without `config.json` is an error (transformers
         would return the default config, and a model loaded from such a folder fails far from the cause)."""
-        folder = Path(pretrained_model_name_or_path)
+        folder = Path(pretrained_model_name_or_path).expanduser()
         if folder.is_dir() and not (folder / kwargs.get("subfolder", "") / CONFIG_NAME).is_file():
             raise OSError(f"{folder} has no {CONFIG_NAME}: it is not a saved cdb-vq model (save_pretrained writes one).")
+        if not folder.exists() and looks_like_path(str(pretrained_model_name_or_path)):  # not "Repo id must be ..."
+            raise OSError(f"{pretrained_model_name_or_path}: no such folder (and, as a path, no Hub id).")
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     @classmethod
@@ -354,6 +356,11 @@ class CDBVQConfig(PretrainedConfig):
             position = bounds[1]
         if position != self.codebook_size:
             raise ValueError(f"code_roles must add up to codebook_size ({self.codebook_size}), but they cover {position} codes.")
+
+
+def looks_like_path(name: str) -> bool:
+    """Names no Hub id can have: relative or absolute paths, home folders, a trailing slash, backslashes."""
+    return name.startswith((".", "/", "~")) or name.endswith(("/", "\\")) or "\\" in name or name.count("/") > 1
 
 
 def refuse_misspelled_fields(kwargs: dict) -> None:

@@ -529,6 +529,16 @@ def test_code_roles_that_are_not_the_weights_are_refused_at_load(tmp_path):
         AutoModel.from_pretrained(tmp_path, trust_remote_code=True)
 
 
+@pytest.mark.parametrize("name", ["missing", "./missing", "a/b/missing"])
+def test_a_path_that_does_not_exist_is_named_as_such(tmp_path, monkeypatch, name):
+    # transformers answered "Repo id must be in the form 'repo_name' or 'namespace/repo_name'".
+    monkeypatch.chdir(tmp_path)
+    path = str(tmp_path / name) if name == "missing" else name
+    for loader in (CDBVQConfig, CDBVQModel):
+        with pytest.raises(OSError, match="no such folder"):
+            loader.from_pretrained(path)
+
+
 def test_a_folder_without_config_json_is_refused_by_name(tmp_path):
     # transformers would build the default config and fail on the weights' shapes, 200 lines later.
     from cdb_tokenizer import CDBVQModel

@@ -8,16 +8,12 @@ from typing import Any
 import torch
 from transformers import AutoImageProcessor, AutoModel, PretrainedConfig
 
+from ..configuration_cdb_vq import looks_like_path
 from .messages import first_line
 
 
 # The saved image processor's file: without it the default processor at the model's resolution is used.
 PROCESSOR_CONFIG = "preprocessor_config.json"
-
-
-def looks_like_path(name: str) -> bool:
-    """Names no Hub id can have: relative or absolute paths, home folders, a trailing slash, backslashes."""
-    return name.startswith((".", "/", "~")) or name.endswith(("/", "\\")) or "\\" in name or name.count("/") > 1
 
 
 def is_local_path(name: str) -> bool:
