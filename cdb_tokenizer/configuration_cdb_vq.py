@@ -251,7 +251,12 @@ class CDBVQConfig(PretrainedConfig):
         return sorted(self.code_roles, key=lambda name: self.code_roles[name][0]) if self.code_roles else []
 
     def validate_fields(self) -> None:
-        """Raise `ValueError` naming the first field whose value is not allowed."""
+        """Raise `ValueError` naming the first field whose value is not allowed (NumPy numbers, such as a size read
+        from an array, are first made Python's, which JSON can write)."""
+        for name in inspect.signature(CDBVQConfig.__init__).parameters:
+            if hasattr(self, name) and name != "kwargs":
+                value = getattr(self, name)
+                setattr(self, name, [_plain_number(v) for v in value] if isinstance(value, list) else _plain_number(value))
         self._validate_types()
         if self.assignment not in ASSIGNMENT_RULES:
             raise ValueError(f"assignment must be one of {list(ASSIGNMENT_RULES)}, got {self.assignment!r}.")
@@ -372,6 +377,11 @@ def refuse_misspelled_fields(kwargs: dict) -> None:
         close = difflib.get_close_matches(key, fields, n=1, cutoff=0.8)
         if close and key not in FORMAT_1_FIELDS and not hasattr(PretrainedConfig, key):
             raise ValueError(f"CDBVQConfig has no field {key!r}; did you mean {close[0]!r}?")
+
+
+def _plain_number(value):
+    """A NumPy scalar (integer, float or bool) as Python's own; anything else as it is."""
+    return value.item() if type(value).__module__ == "numpy" and getattr(value, "ndim", None) == 0 else value
 
 
 def _is_range(value) -> bool:

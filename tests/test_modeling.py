@@ -467,6 +467,18 @@ def test_invalid_config_values(overrides, message):
         tiny_config(**overrides)
 
 
+def test_numpy_numbers_are_taken_as_python_numbers():
+    # A size read from an array was refused: "resolution must be a positive integer, got np.int64(32)".
+    import json
+
+    config = tiny_config(resolution=np.int64(32), dropout=np.float32(0.5), channel_multipliers=[np.int64(1), 2, 2],
+                         use_mid_attention=np.bool_(False))  # fmt: skip
+    assert type(config.resolution) is int and type(config.dropout) is float and config.use_mid_attention is False
+    assert json.loads(config.to_json_string())["channel_multipliers"] == [1, 2, 2]  # JSON can write them
+    with pytest.raises(ValueError, match="resolution must be a positive integer"):
+        tiny_config(resolution=np.array([32]))
+
+
 def test_unknown_keys_unlike_any_field_pass_as_in_transformers():
     # Metadata a saved config.json may carry (or a later version's field) is kept, not refused.
     assert tiny_config(custom_note="x").custom_note == "x"
