@@ -64,9 +64,10 @@ ASSIGNMENT_DESCRIPTIONS = {
         "at inference, so a token never depends on the rest of the batch."
     ),
     "cdb": (
-        "the Codebook Decision Block: a learned router reads each latent and its predicted CLIP semantics and picks a "
-        "code with one argmax. It was trained to imitate the balanced optimal-transport plan and to keep usage "
-        "balanced; inference is deterministic and batch independent, and needs no CLIP model."
+        "the Codebook Decision Block: per-code transport potentials, learned by dual ascent on code usage, make each "
+        "latent's cheapest code its balanced optimal-transport assignment, and a bounded learned term (reading the "
+        "latent and its predicted CLIP semantics) re-ranks near-equal codes. Inference is deterministic and batch "
+        "independent, and needs no CLIP model."
     ),
 }
 
