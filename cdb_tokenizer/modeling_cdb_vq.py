@@ -108,6 +108,8 @@ def weighted_vq_loss(config: CDBVQConfig, terms: dict[str, torch.Tensor | None])
 
 
 class CDBVQResnetBlock(GradientCheckpointingLayer):
+    """Two GroupNorm-SiLU-conv layers with dropout and a residual connection (a 1x1 conv when the width changes)."""
+
     def __init__(self, in_channels: int, out_channels: int, num_groups: int, dropout: float):
         super().__init__()
         self.norm1 = nn.GroupNorm(num_groups, in_channels, eps=1e-6)
@@ -142,6 +144,8 @@ class CDBVQAttentionBlock(GradientCheckpointingLayer):
 
 
 class CDBVQDownsample(nn.Module):
+    """Halves the spatial size with a stride-2 3x3 convolution (padded on the right and bottom, as in VQGAN)."""
+
     def __init__(self, channels: int):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, stride=2)
@@ -152,6 +156,8 @@ class CDBVQDownsample(nn.Module):
 
 
 class CDBVQUpsample(nn.Module):
+    """Doubles the spatial size: nearest-neighbour upsampling, then a 3x3 convolution."""
+
     def __init__(self, channels: int):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
@@ -161,6 +167,8 @@ class CDBVQUpsample(nn.Module):
 
 
 class CDBVQMiddle(nn.Module):
+    """The bottleneck: a residual block, self-attention (`use_mid_attention`), and another residual block."""
+
     def __init__(self, channels: int, config: CDBVQConfig):
         super().__init__()
         groups, dropout = config.norm_num_groups, config.dropout
@@ -173,6 +181,8 @@ class CDBVQMiddle(nn.Module):
 
 
 class CDBVQEncoder(nn.Module):
+    """Pixels (B, C, H, W) -> latents (B, latent_dim, H / f, W / f), f = `config.downsampling_factor`."""
+
     def __init__(self, config: CDBVQConfig):
         super().__init__()
         widths = [config.base_channels * m for m in config.channel_multipliers]
@@ -204,6 +214,8 @@ class CDBVQEncoder(nn.Module):
 
 
 class CDBVQDecoder(nn.Module):
+    """Latents (B, latent_dim, h, w) -> pixels (B, C, h * f, w * f), the encoder's mirror."""
+
     def __init__(self, config: CDBVQConfig):
         super().__init__()
         widths = [config.base_channels * m for m in config.channel_multipliers]
@@ -272,6 +284,8 @@ def _pixel_count(name: str, value) -> int | None:
 
 
 class CDBVQPreTrainedModel(PreTrainedModel):
+    """Weight initialisation, loading and saving conventions shared by the cdb-vq models (`CDBVQModel`)."""
+
     config_class = CDBVQConfig
     config: CDBVQConfig
     base_model_prefix = "cdb_vq"

@@ -37,6 +37,7 @@ from .configuration_cdb_vq import SUPPORTED_QUANTIZER_FORMATS, CDBVQConfig
 
 
 def is_distributed() -> bool:
+    """Whether a torch.distributed process group of more than one process is running."""
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
@@ -48,6 +49,7 @@ def all_reduce_(tensor: torch.Tensor, op=None) -> torch.Tensor:
 
 
 def broadcast_(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
+    """In-place broadcast from process `src` to every process (nothing without a process group)."""
     if is_distributed():
         dist.broadcast(tensor, src=src)
     return tensor
@@ -320,6 +322,7 @@ class CDBVQRouter(nn.Module):
 
     @torch.no_grad()
     def reset_state(self) -> None:
+        """Potentials to zero and the temperature to one, as in a fresh model."""
         fill_buffers(self, self.fresh_state())
 
     def forward(
@@ -594,6 +597,7 @@ class CDBVQQuantizer(nn.Module):
 
     @property
     def has_prototypes(self) -> bool:
+        """Whether prototypes were set (`set_prototypes`); a fresh model's are all zero."""
         return bool(self.prototypes.abs().sum() > 0)
 
     @torch.no_grad()

@@ -464,6 +464,7 @@ def replace_file(path: Path, write) -> None:
 
 
 def pixel_values_of(images: list[Image.Image], processor, model) -> torch.Tensor:
+    """One batch of images through the model's processor, checked and on the model's device and dtype."""
     parameter = next(model.parameters())
     try:
         pixel_values = processor(images, return_tensors="pt").pixel_values
@@ -1348,6 +1349,7 @@ def _add_pixel_budget(
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The `cdb-vq` command line: one sub-command per task, each with its own flags."""
     parser = _Parser(
         prog="cdb-vq",
         description="The cdb-vq image tokenizer: images <-> discrete tokens. Options of several words take '-' or '_' "

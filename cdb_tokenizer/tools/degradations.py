@@ -196,6 +196,7 @@ def _filter(image: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
 
 
 def gaussian_blur(image: torch.Tensor, sigma: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """A Gaussian blur of standard deviation `sigma` pixels (kernel radius 3 sigma, replicate padding)."""
     if sigma <= 0:
         return image
     radius = max(1, math.ceil(3 * sigma))
@@ -225,6 +226,8 @@ def motion_blur(image: torch.Tensor, length: float, generator: torch.Generator) 
 
 
 def noise(image: torch.Tensor, std: float, generator: torch.Generator) -> torch.Tensor:
+    """Additive Gaussian noise of standard deviation `std` on the [0, 1] scale (drawn even at 0, so later draws
+    do not depend on the strength)."""
     draw = torch.randn(image.shape, generator=generator)
     if std <= 0:
         return image
@@ -232,6 +235,7 @@ def noise(image: torch.Tensor, std: float, generator: torch.Generator) -> torch.
 
 
 def jpeg(image: torch.Tensor, quality: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """A JPEG round trip through PIL at `quality` (1-95); 0 is the identity."""
     if quality <= 0:
         return image
     import numpy as np
@@ -250,6 +254,7 @@ def jpeg(image: torch.Tensor, quality: float, generator: torch.Generator | None 
 
 
 def downscale(image: torch.Tensor, factor: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Area-downscaled by `factor`, then bicubic-upscaled back to the image's size (the detail lost stays lost)."""
     if factor <= 1:
         return image
     height, width = image.shape[-2:]

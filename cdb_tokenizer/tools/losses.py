@@ -84,10 +84,12 @@ class PatchDiscriminator(nn.Module):
 
 
 def hinge_discriminator_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
+    """VQGAN's hinge loss of the discriminator's patch logits on real images and reconstructions."""
     return 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
 
 
 def vanilla_discriminator_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
+    """The non-saturating GAN loss (binary cross-entropy on logits) of the discriminator."""
     return 0.5 * (F.softplus(-logits_real).mean() + F.softplus(logits_fake).mean())
 
 
@@ -239,6 +241,7 @@ class TokenizerLoss(nn.Module):
         return terms
 
     def weighted_reconstruction(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The weighted sum of `reconstruction_terms`."""
         total = self.l1_weight * terms["l1"] + self.l2_weight * terms["l2"]
         if "lpips" in terms:
             total = total + self.lpips_weight * terms["lpips"]

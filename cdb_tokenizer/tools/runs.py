@@ -175,10 +175,12 @@ class EMAWeights:
         self.shadow = {name: p.detach().float().clone() for name, p in model.named_parameters() if p.requires_grad}
 
     def current_decay(self) -> float:
+        """The decay the next update uses (the warm-up's, until it reaches `decay`)."""
         return min(self.decay, (1 + self.updates) / (10 + self.updates))
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module) -> None:
+        """Move the average toward `model`'s trainable parameters by one step."""
         weight = 1.0 - self.current_decay()
         for name, parameter in model.named_parameters():
             if name in self.shadow:
@@ -208,6 +210,7 @@ class EMAWeights:
 
     # Checkpointed as safetensors (`ema/<parameter>`) and the decay in the checkpoint's JSON state, never pickled.
     def to_tensors(self) -> dict[str, torch.Tensor]:
+        """The average as `ema/<parameter>` tensors, for a checkpoint's safetensors file."""
         return {f"ema/{name}": value for name, value in self.shadow.items()}
 
     def load_tensors(self, tensors: dict[str, torch.Tensor], state: dict, source: str | None = None) -> None:

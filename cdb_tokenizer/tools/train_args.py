@@ -110,6 +110,7 @@ def _add_model_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """train.py's flags: data, model (every `CDBVQConfig` field), losses, teacher, optimisation and the run."""
     parser = argparse.ArgumentParser(
         description="Train a cdb-vq image tokenizer (accelerate launch training/train.py ...).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,

@@ -44,6 +44,7 @@ class PriorVocabulary:
 
     @property
     def class_conditional(self) -> bool:
+        """Whether sequences start with a class token."""
         return self.num_classes > 0
 
     @property
@@ -53,10 +54,12 @@ class PriorVocabulary:
 
     @property
     def image_token_offset(self) -> int:
+        """Prior id of code 0: the special tokens (and class tokens, null class included) come first."""
         return 3 + (self.num_classes + 1 if self.class_conditional else 0)
 
     @property
     def vocab_size(self) -> int:
+        """The prior's vocabulary: special tokens, class tokens and one token per code."""
         return self.image_token_offset + self.codebook_size
 
     @property
@@ -90,6 +93,7 @@ class PriorVocabulary:
         return prior_ids - self.image_token_offset
 
     def is_image_token(self, prior_ids: torch.Tensor) -> torch.BoolTensor:
+        """Which prior ids are codes (not special or class tokens)."""
         return (prior_ids >= self.image_token_offset) & (prior_ids < self.vocab_size)
 
     def class_token_ids(self, class_labels: torch.Tensor | Sequence[int] | int) -> torch.LongTensor:
