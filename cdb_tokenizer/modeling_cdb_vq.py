@@ -304,7 +304,18 @@ class CDBVQPreTrainedModel(PreTrainedModel):
         """`PreTrainedModel.from_pretrained`, then a check that the code roles saved with the weights are the
         config's (an edited config.json, or `code_roles=` passed here, labelled codes with roles they were not
         trained for)."""
-        loaded = super().from_pretrained(*args, **kwargs)
+        try:
+            loaded = super().from_pretrained(*args, **kwargs)
+        except RuntimeError as error:
+            if "ignore_mismatched_sizes" not in str(error):
+                raise
+            # transformers' message only points at its load report; say what usually causes it.
+            raise ValueError(
+                f"the weights in {args[0] if args else kwargs.get('pretrained_model_name_or_path')} do not fit the "
+                f"config: a size field (codebook_size, codebook_dim, latent_dim, semantic_dim, num_prototypes, "
+                f"channel_multipliers, ...) differs from the one they were trained with, in config.json or passed "
+                f"here; the load report above names the tensors."
+            ) from None
         model = loaded[0] if isinstance(loaded, tuple) else loaded  # output_loading_info=True
         quantizer = getattr(model, "quantizer", None)
         if quantizer is not None:

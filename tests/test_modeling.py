@@ -522,6 +522,13 @@ def test_config_overrides_at_load_are_checked_like_constructor_arguments(tmp_pat
     assert unused == {"foo_bar_baz": 3}  # left to the caller, as in transformers
 
 
+def test_a_size_changed_at_load_is_named(tmp_path):
+    # transformers raised "You set ignore_mismatched_sizes to False, thus raising an error" and pointed at its table.
+    tiny_model().save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="do not fit the config: a size field .*codebook_size.* differs"):
+        CDBVQModel.from_pretrained(tmp_path, codebook_size=32)
+
+
 def test_code_roles_that_are_not_the_weights_are_refused_at_load(tmp_path):
     # The role names and maps come from the config, the routing from the saved per-code roles: an edited config.json
     # made `cdb-vq inspect` list code 19 as structure in one table and texture in the next.
