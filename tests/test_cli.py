@@ -332,6 +332,21 @@ def test_errors_are_one_clear_line(files, tmp_path, capsys, arguments, message):
     assert "Traceback" not in error
 
 
+def test_a_damaged_model_folder_is_named_as_such(files, tmp_path, capsys):
+    # "is a None model" for a config.json without model_type; safetensors' "header too small" for a cut weights file.
+    folder = tmp_path / "model"
+    shutil.copytree(files["model"], folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({key: value for key, value in config.items() if key != "model_type"}))
+    assert main(["inspect", "--model", str(folder)]) == 1
+    assert "its config.json has no model_type" in cli_error_line(capsys, "inspect")
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "model.safetensors").write_bytes((folder / "model.safetensors").read_bytes()[:5])
+    assert main(["inspect", "--model", str(folder)]) == 1
+    line = cli_error_line(capsys, "inspect")
+    assert "its weights file (model.safetensors) is damaged or incomplete" in line, line
+
+
 def test_unknown_hub_model_fails_fast_offline(monkeypatch, capsys):
     import huggingface_hub.constants
 

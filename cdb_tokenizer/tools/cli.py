@@ -120,6 +120,8 @@ def load_model(
     # The config first, as data (one small file): a model of another kind is refused before its weights or code load.
     config, revision = _read_model_config(name_or_path, model_id, revision)
     model_type = config.get("model_type")
+    if model_type is None:
+        raise CLIError(f"--model {name_or_path}: its config.json has no model_type, so it is no saved cdb-vq tokenizer.")
     if model_type != "cdb_vq":
         raise CLIError(f"--model {name_or_path} is a {model_type!r} model, not a cdb-vq tokenizer.")
     try:
@@ -132,6 +134,11 @@ def load_model(
         if "ignore_mismatched_sizes" in str(error) or "size mismatch" in str(error):
             # transformers' message points at its LOAD REPORT table (held back): name the weights that do not fit.
             raise CLIError(_misfit_message(name_or_path, model_id)) from None
+        if "deserializing header" in str(error):  # safetensors' own words for a cut or damaged file
+            raise CLIError(
+                f"could not load model {name_or_path!r}: its weights file (model.safetensors) is damaged or incomplete "
+                f"({first_line(error)}); download or save it again."
+            ) from None
         if "Weights only load failed" in str(error):  # torch's own advice (an unsafe load) is never passed on
             raise CLIError(
                 f"could not load model {name_or_path!r}: its weights are a PyTorch pickle (.bin) holding more than "
