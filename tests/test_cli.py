@@ -666,6 +666,8 @@ def test_a_processor_that_resizes_past_the_pixel_budget_is_refused(files, tmp_pa
         assert "its image processor makes images of" in line and "64x64" in line and "--max_image_pixels" in line, line
     assert main(["encode", str(small), "--model", str(folder), "--out", str(tmp_path / "e.safetensors")]) == 0
     assert main(["inspect", "--model", str(folder)]) == 0  # reads no images
+    CDBVQImageProcessor(size=size, do_resize=False, do_center_crop=False).save_pretrained(folder)  # size unused
+    assert main(["encode", str(small), "--model", str(folder), "--out", str(tmp_path / "f.safetensors"), *budget]) == 0
 
 
 def test_decode_blames_a_bad_device_on_the_device(files, tmp_path, capsys):

@@ -131,7 +131,7 @@ def load_model(
             hub_options = {} if revision is None else {"revision": revision}
             model, processor = load_tokenizer(model_id, trust_remote_code=trust_remote_code, **hub_options)
     except Exception as error:  # noqa: BLE001 - missing, corrupt or mismatched weights, bad config values, Hub errors
-        if "ignore_mismatched_sizes" in str(error) or "size mismatch" in str(error):
+        if any(words in str(error) for words in ("ignore_mismatched_sizes", "size mismatch", "do not fit the config")):
             # transformers' message points at its LOAD REPORT table (held back): name the weights that do not fit.
             raise CLIError(_misfit_message(name_or_path, model_id)) from None
         if "deserializing header" in str(error):  # safetensors' own words for a cut or damaged file
@@ -164,8 +164,10 @@ def load_model_of(args: argparse.Namespace) -> LoadedModel:
 def check_processor_size(processor, max_pixels: int, name: str) -> None:
     """Refuse an image processor that resizes every image past the pixel budget (a mistyped size in a shared
     preprocessor_config.json): small input images pass the budget, and the resize then ran out of memory."""
-    size = processor_image_size(processor) if processor is not None else None
-    shortest = (getattr(processor, "size", None) or {}).get("shortest_edge") if processor is not None else None
+    if processor is None or not getattr(processor, "do_resize", True):  # its `size` is then unused
+        return
+    size = processor_image_size(processor)
+    shortest = (getattr(processor, "size", None) or {}).get("shortest_edge")
     height, width = size or ((shortest, shortest) if isinstance(shortest, int) else (0, 0))
     if max_pixels and height * width > max_pixels:
         raise CLIError(
