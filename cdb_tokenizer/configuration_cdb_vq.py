@@ -227,7 +227,7 @@ class CDBVQConfig(PretrainedConfig):
             raise OSError(f"{folder} has no {CONFIG_NAME}: it is not a saved cdb-vq model (save_pretrained writes one).")
         if not folder.exists() and looks_like_path(str(pretrained_model_name_or_path)):  # not "Repo id must be ..."
             raise OSError(f"{pretrained_model_name_or_path}: no such folder (and, as a path, no Hub id).")
-        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        return super().from_pretrained(expand_home(pretrained_model_name_or_path), **kwargs)
 
     @classmethod
     def from_dict(cls, config_dict: dict, **kwargs):
@@ -235,6 +235,8 @@ class CDBVQConfig(PretrainedConfig):
         arguments: transformers sets them after the constructor's checks, so `assignment="bogus"` passed, and a
         misspelled `asignment="nearest"` was dropped without a word."""
         return_unused_kwargs = kwargs.pop("return_unused_kwargs", False)
+        # NumPy values made Python's first: transformers writes the config as JSON (a log line) before any check.
+        kwargs = {key: plain_value(value) for key, value in kwargs.items()}
         config, unused = super().from_dict(config_dict, return_unused_kwargs=True, **kwargs)
         refuse_misspelled_fields(unused)
         config.validate_fields()
@@ -255,8 +257,7 @@ class CDBVQConfig(PretrainedConfig):
         from an array, are first made Python's, which JSON can write)."""
         for name in inspect.signature(CDBVQConfig.__init__).parameters:
             if hasattr(self, name) and name != "kwargs":
-                value = getattr(self, name)
-                setattr(self, name, [_plain_number(v) for v in value] if isinstance(value, list) else _plain_number(value))
+                setattr(self, name, plain_value(getattr(self, name)))
         self._validate_types()
         if self.assignment not in ASSIGNMENT_RULES:
             raise ValueError(f"assignment must be one of {list(ASSIGNMENT_RULES)}, got {self.assignment!r}.")
@@ -363,6 +364,11 @@ class CDBVQConfig(PretrainedConfig):
             raise ValueError(f"code_roles must add up to codebook_size ({self.codebook_size}), but they cover {position} codes.")
 
 
+def expand_home(name_or_path):
+    """`~/model` as the path it names (transformers does not expand `~`, and takes it for a Hub id); else as given."""
+    return os.path.expanduser(name_or_path) if str(name_or_path).startswith("~") else name_or_path
+
+
 def looks_like_path(name: str) -> bool:
     """Names no Hub id can have: relative or absolute paths, home folders, a trailing slash, backslashes."""
     return name.startswith((".", "/", "~")) or name.endswith(("/", "\\")) or "\\" in name or name.count("/") > 1
@@ -379,9 +385,14 @@ def refuse_misspelled_fields(kwargs: dict) -> None:
             raise ValueError(f"CDBVQConfig has no field {key!r}; did you mean {close[0]!r}?")
 
 
-def _plain_number(value):
-    """A NumPy scalar (integer, float or bool) as Python's own; anything else as it is."""
-    return value.item() if type(value).__module__ == "numpy" and getattr(value, "ndim", None) == 0 else value
+def plain_value(value):
+    """A number given as a NumPy array, a tensor, a NumPy scalar, or a list, tuple or dict of those, as the plain
+    number, list or dict of numbers it holds (what a JSON config can store); anything else as it is."""
+    if isinstance(value, (list, tuple)):
+        return [plain_value(item) for item in value]
+    if isinstance(value, dict):
+        return {key: plain_value(item) for key, item in value.items()}
+    return value.tolist() if hasattr(value, "tolist") else value
 
 
 def _is_range(value) -> bool:

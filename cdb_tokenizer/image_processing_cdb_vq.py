@@ -27,6 +27,8 @@ import torch.nn.functional as F
 from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
 from transformers.image_utils import ChannelDimension, PILImageResampling, SizeDict
 
+from .configuration_cdb_vq import plain_value
+
 
 # PIL resampling filters that torch's `interpolate` can reproduce (torchvision makes the same choice).
 _TORCH_INTERPOLATION = {
@@ -38,8 +40,8 @@ _POSTPROCESS_RETURN_TYPES = ("PIL.Image.Image", "np", "pt")
 _ALPHA_MODES = ("RGBA", "LA", "PA", "La", "RGBa")
 # Premultiplied-alpha modes, read through their straight-alpha twin (PIL cannot convert "La" to anything else).
 _STRAIGHT_ALPHA = {"La": "LA", "RGBa": "RGBA"}
-# Modes whose bands are intensities of 1, 3 or 4 channels, taken as they are with do_convert_rgb=False.
-_MODES_TAKEN_AS_THEY_ARE = ("L", "RGB", "RGBA")
+# Modes whose bands are intensities (and alpha), taken as they are with do_convert_rgb=False.
+_MODES_TAKEN_AS_THEY_ARE = ("L", "LA", "RGB", "RGBA")
 # Keys transformers writes (or once wrote) into preprocessor_config.json beside the settings.
 _SAVED_KEYS = frozenset(
     {"image_processor_type", "processor_class", "_processor_class", "feature_extractor_type", "auto_map",
@@ -584,7 +586,7 @@ def _check_scaling(rescale_factor: Any, image_mean: Any, image_std: Any, channel
     for name, value in (("image_mean", image_mean), ("image_std", image_std)):
         if value is None:
             continue
-        value = _plain(value)
+        value = plain_value(value)
         is_list = isinstance(value, (list, tuple))
         values = list(value) if is_list else [value]
         if not all(_is_finite_number(v) for v in values):
@@ -622,7 +624,7 @@ def _plain_numbers(settings: dict[str, Any]) -> dict[str, Any]:
     settings = dict(settings)
     for name in _NUMBER_SETTINGS:
         if name in settings:
-            settings[name] = _plain(settings[name])
+            settings[name] = plain_value(settings[name])
     for name in _FLOAT_SETTINGS:
         value = settings.get(name)
         if isinstance(value, list):
@@ -641,20 +643,10 @@ def _target_hw(size: SizeDict) -> tuple[int, int]:
     return size.height, size.width
 
 
-def _plain(value: Any) -> Any:
-    """A number given as a NumPy array, a tensor, a NumPy scalar, or a list or dict of those, as the plain number,
-    list or dict of numbers it holds (what a JSON config can store)."""
-    if isinstance(value, (list, tuple)):
-        return [_plain(item) for item in value]
-    if isinstance(value, dict):
-        return {key: _plain(item) for key, item in value.items()}
-    return value.tolist() if hasattr(value, "tolist") else value
-
-
 def _per_channel(value: float | Iterable[float], image: torch.Tensor, name: str) -> torch.Tensor:
     """Broadcastable `(C, 1, 1)` tensor for a scalar or per-channel statistic."""
     num_channels = image.shape[-3]
-    value = _plain(value)
+    value = plain_value(value)
     values = [float(value)] * num_channels if isinstance(value, (int, float)) else [float(v) for v in value]
     if len(values) != num_channels:
         raise ValueError(f"`{name}` has {len(values)} values but the image has {num_channels} channels.")

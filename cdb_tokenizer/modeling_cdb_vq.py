@@ -17,7 +17,7 @@ from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput, logging
 
-from .configuration_cdb_vq import CDBVQConfig, refuse_misspelled_fields
+from .configuration_cdb_vq import CDBVQConfig, expand_home, refuse_misspelled_fields
 from .quantization_cdb_vq import (
     SIGNAL_NAMES,
     CDBVQQuantizer,
@@ -304,6 +304,7 @@ class CDBVQPreTrainedModel(PreTrainedModel):
         """`PreTrainedModel.from_pretrained`, then a check that the code roles saved with the weights are the
         config's (an edited config.json, or `code_roles=` passed here, labelled codes with roles they were not
         trained for)."""
+        args = (expand_home(args[0]), *args[1:]) if args else args
         try:
             loaded = super().from_pretrained(*args, **kwargs)
         except RuntimeError as error:

@@ -477,6 +477,15 @@ def test_numpy_numbers_are_taken_as_python_numbers():
     assert json.loads(config.to_json_string())["channel_multipliers"] == [1, 2, 2]  # JSON can write them
     with pytest.raises(ValueError, match="resolution must be a positive integer"):
         tiny_config(resolution=np.array([32]))
+    roles = tiny_config(code_roles={"structure": [np.int64(0), np.int64(32)], "texture": [32, 64]}).code_roles
+    assert roles["structure"] == [0, 32] and type(roles["structure"][0]) is int
+
+
+def test_numpy_numbers_are_taken_at_load_too(tmp_path):
+    # transformers writes the config as JSON for a log line before any check: "int64 is not JSON serializable".
+    tiny_model().save_pretrained(tmp_path)
+    assert CDBVQConfig.from_pretrained(tmp_path, dropout=np.float32(0.25)).dropout == 0.25
+    assert CDBVQModel.from_pretrained(tmp_path, resolution=np.int64(64)).config.resolution == 64
 
 
 def test_unknown_keys_unlike_any_field_pass_as_in_transformers():
@@ -546,6 +555,7 @@ def test_code_roles_that_are_not_the_weights_are_refused_at_load(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="config.json was edited after training"):
         AutoModel.from_pretrained(tmp_path, trust_remote_code=True)
+    assert CDBVQModel.from_pretrained(tmp_path, device_map="meta", code_roles=trained).device.type == "meta"
 
 
 @pytest.mark.parametrize("name", ["missing", "./missing", "a/b/missing"])
@@ -556,6 +566,12 @@ def test_a_path_that_does_not_exist_is_named_as_such(tmp_path, monkeypatch, name
     for loader in (CDBVQConfig, CDBVQModel):
         with pytest.raises(OSError, match="no such folder"):
             loader.from_pretrained(path)
+
+
+def test_a_folder_under_the_home_folder_loads_by_its_tilde_path(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    tiny_model().save_pretrained(tmp_path / "model")
+    assert CDBVQModel.from_pretrained("~/model").config.codebook_size == 64
 
 
 def test_a_folder_without_config_json_is_refused_by_name(tmp_path):
