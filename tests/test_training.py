@@ -175,6 +175,17 @@ def test_a_resume_with_another_batch_size_says_the_data_order_changes(tmp_path, 
     assert "Resuming with train_batch_size 2 -> 3: the run re-enters the data at another batch" in caplog.text
 
 
+def test_a_checkpoint_from_before_the_fixed_validation_seed_is_named(caplog):
+    # Its held-out images were drawn with --seed: with another seed than the fixed one they are now others.
+    now = {"seed": 3, "validation_seed": train_script.VALIDATION_SAMPLE_SEED}
+    train_script.warn_if_data_order_changed({"seed": 3}, now)
+    assert "written before validation images were drawn under a fixed seed: with --seed 3" in caplog.text
+    caplog.clear()
+    train_script.warn_if_data_order_changed({"seed": 0}, {**now, "seed": 0})  # seed 0 drew the same images
+    train_script.warn_if_data_order_changed(now, now)
+    assert "fixed seed" not in caplog.text
+
+
 def test_a_checkpoint_of_another_folder_may_start_a_cleared_one(tmp_path):
     # Only a checkpoint that --overwrite_output_dir would delete is refused with it.
     for resume in ("latest", str(tmp_path / "run" / "checkpoints" / "checkpoint-2")):

@@ -668,7 +668,8 @@ class RunState:
 
 def data_order(args: argparse.Namespace, accelerator: Accelerator) -> dict:
     order = {"train_batch_size": args.train_batch_size, "gradient_accumulation_steps": args.gradient_accumulation_steps,
-             "num_processes": accelerator.num_processes, "seed": args.seed, "max_train_samples": args.max_train_samples}  # fmt: skip
+             "num_processes": accelerator.num_processes, "seed": args.seed, "max_train_samples": args.max_train_samples,
+             "validation_seed": VALIDATION_SAMPLE_SEED}  # fmt: skip
     if args.streaming:  # a stream's order also depends on how it is sharded and shuffled
         order.update(dataloader_num_workers=args.dataloader_num_workers, shuffle_buffer_size=args.shuffle_buffer_size)
     return order
@@ -724,6 +725,12 @@ def warn_if_data_order_changed(saved: dict | None, now: dict) -> None:
     if changed:
         logger.warning(f"Resuming with {', '.join(changed)}: the run re-enters the data at another batch than the "
                        f"checkpoint left it, and its losses will not match an uninterrupted run's.")  # fmt: skip
+    if saved and "validation_seed" not in saved and saved.get("seed", VALIDATION_SAMPLE_SEED) != VALIDATION_SAMPLE_SEED:
+        logger.warning(
+            f"The checkpoint was written before validation images were drawn under a fixed seed: with --seed "
+            f"{saved['seed']} the images held out of a training split (and the demo's crops) are now others, so "
+            f"validation may score images the run trained on. Data with a validation split is unaffected."
+        )
 
 
 def resume(accelerator: Accelerator, args, max_train_steps: int, schedules: list, objective: dict) -> tuple[int, dict[str, torch.Tensor], dict]:

@@ -128,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--streaming", action="store_true", help="Stream the data set (for sets larger than the disk); split across processes.")
     data.add_argument("--validation_split", type=str, default=None, help="Split to validate on (default: 'validation' or 'test' if present, else images held out of the training split).")
     data.add_argument("--num_validation_images", type=int, default=PRESET, help="How many held-out images to validate on.")
-    data.add_argument("--max_train_samples", type=int, default=None, help="Use only the first N training images, in the data set's order (debugging).")
+    data.add_argument("--max_train_samples", type=int, default=None, help="Use only the first N images of the training split (debugging): in the data set's order when it has a validation split, else of the shuffled rest once images are held out.")
     data.add_argument("--resolution", type=int, default=PRESET, help="Training crop size (and the model's config.resolution).")
     data.add_argument("--random_crop_scale", type=float, nargs=2, default=PRESET, metavar=("MIN", "MAX"), help="Area range of the random resized crop.")
     data.add_argument("--random_flip", action=argparse.BooleanOptionalAction, default=True, help="Random horizontal flips.")
