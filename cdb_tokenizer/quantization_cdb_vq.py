@@ -576,6 +576,8 @@ class CDBVQQuantizer(nn.Module):
     def check_code_roles(self) -> None:
         """Refuse weights whose per-code roles (`code_to_role`, saved with them) are not the config's `code_roles`:
         the role names, maps and code report come from the config, the routing from the weights."""
+        if self.code_to_role.is_meta:  # device_map="meta": nothing loaded to compare
+            return
         expected = self.fresh_state()["code_to_role"]
         if torch.equal(self.code_to_role, expected):
             return
@@ -678,10 +680,11 @@ class CDBVQQuantizer(nn.Module):
                 f"model's (B, D, h, w) latents become rows with cdb_tokenizer.modeling_cdb_vq.flatten_grid."
             )
 
-    def _check_upkeep_latents(self, latents: torch.Tensor) -> None:
-        """`_check_latents`, plus what `forward` leaves to the model to save a device sync: latents to put codes on
-        must exist and be finite (one NaN latent drawn by k-means or a restart made NaN codes without a word)."""
-        self._check_latents(latents)
+    @staticmethod
+    def _check_upkeep_samples(latents: torch.Tensor) -> None:
+        """What `forward` leaves to the model to save a device sync, for the latents of every process gathered
+        (identical everywhere, so every process raises alike): latents to put codes on must exist and be finite
+        (one NaN latent drawn by k-means or a restart made NaN codes without a word)."""
         if latents.shape[0] == 0:
             raise ValueError("latents is empty: codes need at least one latent to be placed on.")
         if not bool(torch.isfinite(latents).all()):
@@ -895,8 +898,9 @@ class CDBVQQuantizer(nn.Module):
         the latents' `signal_features` (N, 3), each role's range is initialised from the latents of its kind only
         (`role_targets`), so that a range starts where its content lies.
         """
-        self._check_upkeep_latents(latents)
+        self._check_latents(latents)
         samples = self.prepare_latents(all_gather_rows(latents.detach().float()))
+        self._check_upkeep_samples(samples)
         pools = self._role_pools(signal_features, samples.shape[0])
         centres = torch.empty(self.codebook_size, samples.shape[1], device=samples.device)
         if not is_distributed() or dist.get_rank() == 0:
@@ -952,13 +956,14 @@ class CDBVQQuantizer(nn.Module):
         Every process must call it: latents are gathered, rank 0 draws, the new codes are broadcast, and the EMA,
         usage and router state of the restarted codes are reset so that the restart takes hold.
         """
-        self._check_upkeep_latents(latents)
+        self._check_latents(latents)
         if self.config.dead_code_threshold <= 0:
             return 0
         dead = self.dead_codes()
         if dead.numel() == 0:
             return 0
         samples = self.prepare_latents(all_gather_rows(latents.detach().float()))
+        self._check_upkeep_samples(samples)
         dead = dead[self.usage[dead].argsort(stable=True)]
         restarted, picked = [], []
         generator = torch.Generator(device="cpu").manual_seed(seed)
