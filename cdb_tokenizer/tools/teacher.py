@@ -163,7 +163,9 @@ def check_prompt_template(template: str) -> None:
     try:
         fields = [field for _, field, _, _ in string.Formatter().parse(template) if field is not None]
     except ValueError as error:  # an unmatched brace
-        raise ValueError(f"the prompt template {template!r} is not a format string ({error}); write a literal brace as {{{{ or }}}}.") from None
+        raise ValueError(
+            f"the prompt template {template!r} is not a format string ({error}); write a literal brace as {{{{ or }}}}."
+        ) from None
     if not (fields == [""] or fields and set(fields) == {"0"}):
         raise ValueError(
             f"the prompt template must hold one '{{}}' where the label goes and no other field, got {template!r}."
