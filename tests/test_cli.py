@@ -670,6 +670,25 @@ def test_a_processor_that_resizes_past_the_pixel_budget_is_refused(files, tmp_pa
     assert main(["encode", str(small), "--model", str(folder), "--out", str(tmp_path / "f.safetensors"), *budget]) == 0
 
 
+def test_decode_writes_all_its_images_or_none(files, tmp_path, monkeypatch):
+    # Images were written one by one: a failure on the second (a full disk) left the first behind.
+    tokens = tmp_path / "tokens.safetensors"
+    assert main(["encode", *_photos(files), "--model", str(files["model"]), "--out", str(tokens)]) == 0
+    save, calls = Image.Image.save, []
+
+    def fail_on_the_second(image, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError("No space left on device")
+        return save(image, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "save", fail_on_the_second)
+    out = tmp_path / "decoded"
+    out.mkdir()
+    assert main(["decode", str(tokens), "--out", str(out), "--batch_size", "1"]) == 1
+    assert list(out.iterdir()) == []  # nothing, not the first image of three
+
+
 def test_decode_blames_a_bad_device_on_the_device(files, tmp_path, capsys):
     # It said "the model recorded in ... cannot be loaded (...); pass --model".
     tokens = _tokens(files, tmp_path)

@@ -725,12 +725,13 @@ def decode_command(args: argparse.Namespace) -> None:
     model, processor = loaded.model, loaded.processor
     _check_token_source(args.tokens, tokens, metadata, numbers, loaded, model_name)
     device = next(model.parameters()).device
-    with tqdm(total=len(tokens), desc="decoding", unit="image") as progress:
+    # All or none, as reconstruct and restore: a failure half-way (a full disk) leaves no half set of images.
+    with files.staged_files(out) as stage, tqdm(total=len(tokens), desc="decoding", unit="image") as progress:
         for start in range(0, len(tokens), args.batch_size):
             grids = tokens[start : start + args.batch_size].to(device)
             images = processor.postprocess(model.decode_image_tokens(grids).float()).pixel_values
             for target, image in zip(targets[start : start + args.batch_size], images):
-                replace_file(target, lambda path, image=image: image.save(path, format="PNG"))
+                image.save(stage(target), format="PNG")
             progress.update(len(grids))
     print(f"wrote {len(tokens)} images to {out}")
 
