@@ -48,6 +48,20 @@ def test_patch_features_are_open_clip_tokens_in_the_joint_space(tiny_teacher):
     assert resized.shape == (2, 32, 4, 6)
 
 
+def test_the_teacher_resizes_as_its_preprocessing_config_says(tmp_path, tiny_teacher):
+    # Images were always resized bicubic; some open_clip configs (hf-hub repos) say bilinear.
+    assert tiny_teacher.interpolation == "bicubic"
+    path = tmp_path / "bilinear_clip.json"
+    path.write_text(json.dumps({"model_cfg": TINY_CLIP_CONFIG, "preprocess_cfg": {"interpolation": "bilinear"}}))
+    torch.manual_seed(0)
+    teacher = load_clip_teacher(str(path), None)
+    assert teacher.interpolation == "bilinear"
+    pixel_values = torch.rand(1, 3, 48, 48) * 2 - 1
+    features = teacher.patch_features(pixel_values)
+    teacher.interpolation = "bicubic"
+    assert not torch.allclose(teacher.patch_features(pixel_values), features)
+
+
 def test_text_embeddings_and_prototypes(tiny_teacher):
     embeddings = tiny_teacher.encode_text(["cat", "dog", "tree"])
     assert embeddings.shape == (3, 32)

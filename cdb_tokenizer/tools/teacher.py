@@ -68,10 +68,12 @@ class CLIPTeacher(nn.Module):
         tokenizer: The open_clip tokenizer of its text tower.
         mean, std: The image normalisation the weights were trained with.
         name: A description for logs.
+        interpolation: How images are resized to the tower's input: "bicubic" (OpenAI's and LAION's) or "bilinear",
+            as the weights' open_clip preprocessing config says.
     """
 
     def __init__(self, model: nn.Module, tokenizer=None, mean: Sequence[float] | None = None,
-                 std: Sequence[float] | None = None, name: str = "clip"):  # fmt: skip
+                 std: Sequence[float] | None = None, name: str = "clip", interpolation: str = "bicubic"):  # fmt: skip
         super().__init__()
         from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 
@@ -83,6 +85,7 @@ class CLIPTeacher(nn.Module):
         self.model = model.eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self.name = name
+        self.interpolation = "bilinear" if interpolation == "bilinear" else "bicubic"  # open_clip's "random": bicubic
         self.register_buffer("mean", torch.tensor(mean or OPENAI_DATASET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std or OPENAI_DATASET_STD).view(1, 3, 1, 1), persistent=False)
 
@@ -119,7 +122,8 @@ class CLIPTeacher(nn.Module):
         """
         visual = self.model.visual
         dtype = visual.conv1.weight.dtype
-        images = F.interpolate(pixel_values.float(), size=self.image_size, mode="bicubic", antialias=True, align_corners=False)
+        images = F.interpolate(pixel_values.float(), size=self.image_size, mode=self.interpolation, antialias=True,
+                               align_corners=False)  # fmt: skip
         images = ((images + 1) / 2 - self.mean) / self.std
         tokens = self._patch_tokens(images.to(dtype))
         if visual.proj is not None:
@@ -255,7 +259,8 @@ def load_clip_teacher(
             raise ValueError(f"the CLIP checkpoint {checkpoint} does not fit the model {model_name}: {detail}") from None
     else:
         logger.info("CLIP teacher %s: no pretrained weights given, the weights are random.", description)
-    teacher = CLIPTeacher(model, tokenizer, mean=preprocess.get("mean"), std=preprocess.get("std"), name=description)
+    teacher = CLIPTeacher(model, tokenizer, mean=preprocess.get("mean"), std=preprocess.get("std"), name=description,
+                          interpolation=preprocess.get("interpolation", "bicubic"))  # fmt: skip
     return teacher.to(device) if device is not None else teacher
 
 
@@ -323,7 +328,7 @@ def _resolve(model_name: str, pretrained: str | None, cache_dir: str | None) -> 
             f"{pretrained!r} is neither a checkpoint file nor an open_clip tag of {model_name!r}; "
             f"its tags are {open_clip.list_pretrained_tags_by_model(model_name)}."
         )
-    preprocess = {key: tag_config[key] for key in ("mean", "std", "quick_gelu") if key in tag_config}
+    preprocess = {key: tag_config[key] for key in ("mean", "std", "interpolation", "quick_gelu") if key in tag_config}
     return config, _tag_checkpoint(model_name, pretrained, tag_config, cache_dir), preprocess, description
 
 
