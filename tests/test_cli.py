@@ -695,6 +695,9 @@ def test_decode_blames_a_bad_device_on_the_device(files, tmp_path, capsys):
     assert main(["decode", str(tokens), "--out", str(tmp_path / "d"), "--device", "tpu"]) == 1
     line = cli_error_line(capsys, "decode")
     assert "--device 'tpu' is not a device torch knows" in line and "pass --model" not in line, line
+    if not torch.backends.mps.is_available():  # it failed only after the model had loaded
+        assert main(["inspect", "--model", str(files["model"]), "--device", "mps"]) == 1
+        assert "asked for Apple's MPS, which is not available here" in cli_error_line(capsys, "inspect")
 
 
 def test_a_model_changed_since_encoding_is_named_as_such(files, tmp_path, capsys):

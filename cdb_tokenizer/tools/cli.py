@@ -81,6 +81,8 @@ def resolve_device(device: str | None) -> torch.device:
         raise CLIError(f"--device {device!r} is not a device torch knows (try cpu, cuda or cuda:0).") from None
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise CLIError(f"--device {device} asked for CUDA, but no CUDA GPU is available; use --device cpu.")
+    if resolved.type == "mps" and not torch.backends.mps.is_available():  # it failed only after the model loaded
+        raise CLIError(f"--device {device} asked for Apple's MPS, which is not available here; use --device cpu.")
     return resolved
 
 
