@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import functools
 import inspect
 import math
 import os
@@ -222,12 +223,12 @@ class CDBVQConfig(PretrainedConfig):
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> CDBVQConfig:
         """`PretrainedConfig.from_pretrained`, except that a local folder without `config.json` is an error (transformers
         would return the default config, and a model loaded from such a folder fails far from the cause)."""
-        folder = Path(pretrained_model_name_or_path).expanduser()
+        name, folder = pretrained_model_name_or_path, Path(expand_home(pretrained_model_name_or_path))
         if folder.is_dir() and not (folder / kwargs.get("subfolder", "") / CONFIG_NAME).is_file():
             raise OSError(f"{folder} has no {CONFIG_NAME}: it is not a saved cdb-vq model (save_pretrained writes one).")
-        if not folder.exists() and looks_like_path(str(pretrained_model_name_or_path)):  # not "Repo id must be ..."
-            raise OSError(f"{pretrained_model_name_or_path}: no such folder (and, as a path, no Hub id).")
-        return super().from_pretrained(expand_home(pretrained_model_name_or_path), **kwargs)
+        if not folder.exists() and looks_like_path(str(name)):  # not "Repo id must be ..."
+            raise OSError(f"{name}: no such folder (and, as a path, no Hub id).")
+        return super().from_pretrained(expand_home(name), **kwargs)
 
     @classmethod
     def from_dict(cls, config_dict: dict, **kwargs):
@@ -255,8 +256,8 @@ class CDBVQConfig(PretrainedConfig):
     def validate_fields(self) -> None:
         """Raise `ValueError` naming the first field whose value is not allowed (NumPy numbers, such as a size read
         from an array, are first made Python's, which JSON can write)."""
-        for name in inspect.signature(CDBVQConfig.__init__).parameters:
-            if hasattr(self, name) and name != "kwargs":
+        for name in field_names():
+            if hasattr(self, name):
                 setattr(self, name, plain_value(getattr(self, name)))
         self._validate_types()
         if self.assignment not in ASSIGNMENT_RULES:
@@ -374,11 +375,17 @@ def looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or name.endswith(("/", "\\")) or "\\" in name or name.count("/") > 1
 
 
+@functools.cache
+def field_names() -> tuple[str, ...]:
+    """The config's fields: the constructor's named arguments."""
+    return tuple(name for name in inspect.signature(CDBVQConfig.__init__).parameters if name not in ("self", "kwargs"))
+
+
 def refuse_misspelled_fields(kwargs: dict) -> None:
     """Refuse a keyword that is not a field but reads like one (`asignment`, `codebok_size`): it would be stored as a
     stray attribute while the field keeps its default, building another model without a word. Other unknown keys
     pass, as in transformers (metadata that a saved config.json carries)."""
-    fields = [name for name in inspect.signature(CDBVQConfig.__init__).parameters if name not in ("self", "kwargs")]
+    fields = field_names()
     for key in kwargs:
         close = difflib.get_close_matches(key, fields, n=1, cutoff=0.8)
         if close and key not in FORMAT_1_FIELDS and not hasattr(PretrainedConfig, key):

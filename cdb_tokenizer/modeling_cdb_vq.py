@@ -300,19 +300,19 @@ class CDBVQPreTrainedModel(PreTrainedModel):
     _keys_to_ignore_on_load_missing = [r"quantizer\.teacher_statistics\."]
 
     @classmethod
-    def from_pretrained(cls, *args, **kwargs):
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         """`PreTrainedModel.from_pretrained`, then a check that the code roles saved with the weights are the
         config's (an edited config.json, or `code_roles=` passed here, labelled codes with roles they were not
         trained for)."""
-        args = (expand_home(args[0]), *args[1:]) if args else args
+        pretrained_model_name_or_path = expand_home(pretrained_model_name_or_path)
         try:
-            loaded = super().from_pretrained(*args, **kwargs)
+            loaded = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         except RuntimeError as error:
             if "ignore_mismatched_sizes" not in str(error):
                 raise
             # transformers' message only points at its load report; say what usually causes it.
             raise ValueError(
-                f"the weights in {args[0] if args else kwargs.get('pretrained_model_name_or_path')} do not fit the "
+                f"the weights in {pretrained_model_name_or_path} do not fit the "
                 f"config: a size field (codebook_size, codebook_dim, latent_dim, semantic_dim, num_prototypes, "
                 f"channel_multipliers, ...) differs from the one they were trained with, in config.json or passed "
                 f"here; the load report above names the tensors."

@@ -559,10 +559,6 @@ class CDBVQQuantizer(nn.Module):
         `reset_state` and the model's `_init_weights` both fill from it."""
         size = self.codebook_size
         code_ids = torch.arange(size, device=self.code_to_prototype.device)
-        code_to_role = torch.zeros_like(self.code_to_role)
-        for role, name in enumerate(self.config.role_names):
-            start, end = self.config.code_roles[name]
-            code_to_role[start:end] = role
         return {
             "initialized": torch.zeros_like(self.initialized),
             "usage": torch.full_like(self.usage, 1.0 / size),
@@ -570,16 +566,23 @@ class CDBVQQuantizer(nn.Module):
             "ema_embed_sum": self.codebook.weight.detach().to(self.ema_embed_sum.dtype),
             "prototypes": torch.zeros_like(self.prototypes),
             "code_to_prototype": code_ids % self.prototypes.shape[0],
-            "code_to_role": code_to_role,
+            "code_to_role": self._code_to_role_of_config(),
         }
+
+    def _code_to_role_of_config(self) -> torch.Tensor:
+        """Each code's role index, from the config's `code_roles` ranges (in codebook order; 0 without roles)."""
+        code_to_role = torch.zeros_like(self.code_to_role)
+        for role, name in enumerate(self.config.role_names):
+            start, end = self.config.code_roles[name]
+            code_to_role[start:end] = role
+        return code_to_role
 
     def check_code_roles(self) -> None:
         """Refuse weights whose per-code roles (`code_to_role`, saved with them) are not the config's `code_roles`:
         the role names, maps and code report come from the config, the routing from the weights."""
         if self.code_to_role.is_meta:  # device_map="meta": nothing loaded to compare
             return
-        expected = self.fresh_state()["code_to_role"]
-        if torch.equal(self.code_to_role, expected):
+        if torch.equal(self.code_to_role, self._code_to_role_of_config()):
             return
         counts = torch.bincount(self.code_to_role.cpu(), minlength=max(len(self.config.role_names), 1)).tolist()
         raise ValueError(
