@@ -70,6 +70,28 @@ def all_gather_rows(rows: torch.Tensor) -> torch.Tensor:
     return torch.cat([g[:c] for g, c in zip(gathered, counts)])
 
 
+class _AllReduceSum(torch.autograd.Function):
+    """Sum across processes whose gradient is summed back to every process (what torch.distributed.nn's deprecated
+    `all_reduce` did; its FutureWarning was printed at every step of every process)."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        tensor = tensor.clone()
+        dist.all_reduce(tensor)
+        return tensor
+
+    @staticmethod
+    def backward(ctx, gradient: torch.Tensor) -> torch.Tensor:
+        gradient = gradient.clone()
+        dist.all_reduce(gradient)
+        return gradient
+
+
+def all_reduce_with_gradient(tensor: torch.Tensor) -> torch.Tensor:
+    """The sum of `tensor` over processes, differentiable: each process's loss on the sum reaches every process."""
+    return _AllReduceSum.apply(tensor) if is_distributed() else tensor
+
+
 def all_reduce_logsumexp_(values: torch.Tensor) -> torch.Tensor:
     """In-place log(sum over processes of exp(values)), stable."""
     if not is_distributed():
@@ -834,8 +856,6 @@ class CDBVQQuantizer(nn.Module):
         probability_mass = torch.stack([r[2] for r in results]).sum(0)
         num_latents = latents.new_tensor(float(latents.shape[0]))
         if is_distributed():  # the balance of the whole batch, as for usage; the gradient flows back to each process
-            from torch.distributed.nn.functional import all_reduce as all_reduce_with_gradient
-
             probability_mass = all_reduce_with_gradient(probability_mass)
             all_reduce_(num_latents)
         mean_probabilities = probability_mass / num_latents

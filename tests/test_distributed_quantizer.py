@@ -2,6 +2,7 @@
 
 import os
 import socket
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -63,8 +64,13 @@ def worker(rank: int, port: int, folder: str) -> None:
         # One batch split over the two ranks: the router's running statistics must be those of the whole batch.
         split = tiny_model(seed=0, assignment="cdb", ema_decay=0.8).quantizer.train()
         split.initialize_codebook(rank_latents(rank, 0))
-        for step in range(1, 4):
-            output = split(rank_latents(rank, step), semantic_features=rank_semantic(rank, step))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for step in range(1, 4):
+                output = split(rank_latents(rank, step), semantic_features=rank_semantic(rank, step))
+            output.balance_loss.backward()
+        results["split_warnings"] = [str(w.message) for w in caught]
+        results["split_key_gradient"] = split.router.code_keys.grad.clone()
         results["split_state"] = {k: v.detach().clone() for k, v in split.state_dict().items()}
         results["split_balance_loss"] = output.balance_loss.detach()
         potentials = sinkhorn_potentials(rank_latents(rank, 5), torch.randn(64, 8, generator=torch.Generator().manual_seed(3)), 10.0, 5, 64 * 30)
@@ -123,6 +129,13 @@ def test_two_processes_keep_identical_quantizer_state(tmp_path):
     # The balance loss too is the whole batch's (it was each process's own half).
     for rank_results in (first, second):
         torch.testing.assert_close(rank_results["split_balance_loss"], output.balance_loss.detach(), rtol=1e-4, atol=1e-6)
+    # Its gradient reaches the router of every process: averaged over the ranks (as DDP averages gradients) it is the
+    # single process's, and the reduction warns nothing (torch's deprecated one warned at every step of every rank).
+    output.balance_loss.backward()
+    mean_gradient = (first["split_key_gradient"] + second["split_key_gradient"]) / 2
+    assert float(single.router.code_keys.grad.abs().max()) > 0
+    torch.testing.assert_close(mean_gradient, single.router.code_keys.grad, rtol=1e-3, atol=1e-7)
+    assert first["split_warnings"] == second["split_warnings"] == []
     for name in ("router.temperature", "router.potentials", "usage", "codebook.weight", "ema_cluster_size"):
         torch.testing.assert_close(first["split_state"][name], single.state_dict()[name], rtol=1e-4, atol=1e-5, msg=name)
 
