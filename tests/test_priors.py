@@ -9,6 +9,7 @@ import random
 import re
 import shutil
 import socket
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +24,7 @@ from PIL import Image
 from cdb_tokenizer import CDBVQImageProcessor
 from cdb_tokenizer.tools.cli import codebook_fingerprint
 from cdb_tokenizer.tools.data import sample_photos
+from cdb_tokenizer.tools.files import plain_file_mode
 from cdb_tokenizer.tools.priors import (
     ImageTokenLogitsProcessor,
     PriorCollator,
@@ -827,6 +829,7 @@ def test_load_prior_drops_the_sampling_settings_of_generation_config_json(tmp_pa
     vocabulary = PriorVocabulary(64, num_classes=2)
     torch.manual_seed(0)
     save_prior(build_prior(vocabulary, 4, **TINY_PRIOR), vocabulary, tmp_path, 4)
+    assert stat.S_IMODE((tmp_path / "model.safetensors").stat().st_mode) == plain_file_mode()  # not safetensors' 0o600
     clean = sample_image_tokens(*load_prior(tmp_path)[:2], 3, class_labels=[0, 1, 0], seed=0)
     saved = json.loads((tmp_path / "generation_config.json").read_text())
     (tmp_path / "generation_config.json").write_text(json.dumps({**saved, **FOREIGN_GENERATION_SETTINGS}))

@@ -4,6 +4,7 @@ import argparse
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import types
@@ -21,6 +22,7 @@ if str(REPO) not in sys.path:
 
 import cdb_tokenizer.tools.steps as steps_module
 import training.train as train_script
+from cdb_tokenizer.tools.files import plain_file_mode
 from cdb_tokenizer.tools.teacher import save_clip_config
 from conftest import image_folder, tiny_model
 from training.train import TrainingStopped, main, parse_args
@@ -74,6 +76,10 @@ def test_end_to_end_run_writes_a_loadable_tokenizer_and_logs_every_loss_term(tmp
                  "codebook_usage.png", "training_config.json", "prototypes.safetensors"):  # fmt: skip
         assert (output_dir / name).is_file(), name
     assert [p.name for p in (output_dir / "checkpoints").iterdir()] == ["checkpoint-3"]
+    # Weights are as readable as the run's other files (safetensors alone creates them 0o600).
+    checkpoint = output_dir / "checkpoints" / "checkpoint-3"
+    for path in (output_dir / "model.safetensors", checkpoint / "model.safetensors", checkpoint / "training_state.safetensors"):
+        assert stat.S_IMODE(path.stat().st_mode) == plain_file_mode() == stat.S_IMODE((output_dir / "config.json").stat().st_mode), path
     # The teacher statistics behind the prototype ties: in the checkpoint (resumption), not in the model for use.
     checkpoint_weights = load_file(output_dir / "checkpoints" / "checkpoint-3" / "model.safetensors")
     assert float(checkpoint_weights["quantizer.teacher_statistics.counts"].sum()) > 0

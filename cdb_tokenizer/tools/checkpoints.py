@@ -23,6 +23,7 @@ from accelerate import Accelerator
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .files import share_safetensors
 from .messages import first_line
 
 
@@ -135,6 +136,7 @@ def save_checkpoint(
         (temporary / STATE_JSON).write_text(json.dumps(state or {}, indent=2, default=str) + "\n", encoding="utf-8")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        share_safetensors(temporary)
         files = {}
         for file in sorted(p for p in temporary.rglob("*") if p.is_file()):
             _fsync(file)

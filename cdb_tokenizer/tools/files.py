@@ -41,7 +41,7 @@ def replace_file(path: str | Path, write: Callable[[Path], object]) -> Path:
     path = Path(path)
     if os.path.lexists(path) and not stat.S_ISREG(os.lstat(path).st_mode):
         raise FileExistsError(f"{path} exists and is not a regular file (a link, folder or device); not replacing it.")
-    mode = stat.S_IMODE(os.stat(path).st_mode) if path.exists() else 0o666 & ~_umask()
+    mode = stat.S_IMODE(os.stat(path).st_mode) if path.exists() else plain_file_mode()
     # A fresh name made with O_EXCL: a predictable one could be a link planted by another user of a shared folder.
     handle, name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
     os.close(handle)
@@ -85,6 +85,21 @@ def staged_files(folder: str | Path) -> Iterator[Callable[[Path], Path]]:
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def plain_file_mode() -> int:
+    """The permissions a plain `open(path, "w")` gives a new file: 0o666 less the umask."""
+    return 0o666 & ~_umask()
+
+
+def share_safetensors(folder: str | Path) -> None:
+    """Give the safetensors files `save_pretrained` or `save_state` just wrote in `folder` (not its sub-folders) the
+    permissions of any other file written there: safetensors creates them 0o600, so teammates on a shared cluster
+    could read a run's configs but not its weights."""
+    mode = plain_file_mode()
+    for path in Path(folder).glob("*.safetensors"):
+        if not path.is_symlink() and path.is_file():
+            os.chmod(path, mode)
+
+
 def _umask() -> int:
     """The process umask (reading it means setting it, so it is set straight back)."""
     umask = os.umask(0o022)
@@ -92,4 +107,4 @@ def _umask() -> int:
     return umask
 
 
-__all__ = ["replace_file", "staged_files", "write_text"]
+__all__ = ["plain_file_mode", "replace_file", "share_safetensors", "staged_files", "write_text"]
