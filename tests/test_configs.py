@@ -62,3 +62,19 @@ def test_semantic_recipe_uses_a_clip_teacher_and_the_imagenet_class_names(monkey
     assert (labels[0], labels[1], labels[999]) == ("tench", "goldfish", "toilet paper")  # ImageNet class order
     for name in ("imagenet_f16_k16384.yaml", "imagenet_f8.yaml"):
         assert parse_args(["--config", f"configs/{name}"]).clip_model is None
+
+
+def test_a_recipe_takes_a_local_folder_and_none_from_the_command_line(monkeypatch, tmp_path):
+    """As the recipes' comments say: a local copy replaces the file's Hub data set, and 'none' unsets a key."""
+    monkeypatch.chdir(REPO)
+    (tmp_path / "train" / "n01440764").mkdir(parents=True)
+    recipe = ["--config", "configs/imagenet_f16_semantic.yaml"]
+    args = parse_args(recipe + ["--train_data_dir", str(tmp_path)])
+    assert (args.train_data_dir, args.dataset_name) == (str(tmp_path), None)
+    assert args.validation_split == "validation" and args.validation_fid == "inception"  # the rest of the file holds
+    args = parse_args(recipe + ["--train_data_dir", str(tmp_path), "--validation_split", "none",
+                                "--validation_fid", "none", "--prototypes", "none", "--clip_model", "none"])  # fmt: skip
+    assert (args.validation_split, args.validation_fid, args.prototypes, args.clip_model) == (None, None, None, None)
+    assert parse_args(recipe + ["--dataset_name", "me/photos"]).dataset_name == "me/photos"
+    with pytest.raises(SystemExit):  # both on the command line is still a contradiction
+        parse_args(recipe + ["--dataset_name", "me/photos", "--train_data_dir", str(tmp_path)])

@@ -121,12 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = parser.add_argument_group("data")
     data.add_argument("--train_data_dir", type=str, default=None, help="A folder of images (datasets' imagefolder layout).")
-    data.add_argument("--dataset_name", type=str, default=None, help="A data set on the Hugging Face Hub.")
+    data.add_argument("--dataset_name", type=_optional_str, default=None, help="A data set on the Hugging Face Hub ('none': unset a --config file's).")
     data.add_argument("--dataset_config_name", type=str, default=None, help="The data set's configuration.")
     data.add_argument("--image_column", type=str, default="image", help="The column with the images.")
     data.add_argument("--cache_dir", type=str, default=None, help="Where datasets and downloads are cached.")
     data.add_argument("--streaming", action="store_true", help="Stream the data set (for sets larger than the disk); split across processes.")
-    data.add_argument("--validation_split", type=str, default=None, help="Split to validate on (default: 'validation' or 'test' if present, else images held out of the training split).")
+    data.add_argument("--validation_split", type=_optional_str, default=None, help="Split to validate on (default, or 'none': 'validation' or 'test' if present, else images held out of the training split).")
     data.add_argument("--num_validation_images", type=int, default=PRESET, help="How many held-out images to validate on.")
     data.add_argument("--max_train_samples", type=int, default=None, help="Use only the first N images of the training split (debugging): in the data set's order when it has a validation split, else of the shuffled rest once images are held out.")
     data.add_argument("--resolution", type=int, default=PRESET, help="Training crop size (and the model's config.resolution).")
@@ -138,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     teacher = parser.add_argument_group("CLIP teacher and semantic prototypes")
     teacher.add_argument("--clip_model", type=_optional_str, default=PRESET, help="open_clip model name, 'hf-hub:org/repo', or a model-config JSON path; 'none' trains without a teacher.")
     teacher.add_argument("--clip_pretrained", type=_optional_str, default="openai", help="open_clip tag, 'hf-hub:org/repo', or a checkpoint file; 'none' for random weights.")
-    teacher.add_argument("--prototypes", type=str, default=None, help="'text:FILE' (a label or prompt per line), 'kmeans:N' (k-means of CLIP patch features), or a prototypes .safetensors file.")
+    teacher.add_argument("--prototypes", type=_optional_str, default=None, help="'text:FILE' (a label or prompt per line), 'kmeans:N' (k-means of CLIP patch features), a prototypes .safetensors file, or 'none'.")
     teacher.add_argument("--prototype_template", type=str, default=DEFAULT_TEMPLATE, help="Prompt template for text prototypes ('{}' for the lines as they are).")
     teacher.add_argument("--prototype_kmeans_batches", type=int, default=32, help="Training batches whose CLIP patch features 'kmeans:N' clusters.")
 
@@ -194,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--report_to", type=str, default="tensorboard", help="Trackers: tensorboard, wandb, all, or none.")
     run.add_argument("--tracker_project_name", type=str, default="cdb-vq", help="Tracker project / run name.")
     run.add_argument("--validation_steps", type=int, default=PRESET, help="Validate every this many steps (and at the end).")
-    run.add_argument("--validation_fid", nargs="?", const="inception", default=None, choices=["inception", "random"], help="Also compute rFID at validation (torchmetrics' FrechetInceptionDistance against the same held-out crops); without the Inception weights one line says so. 'random': a small random feature extractor, to smoke-test the path offline (not comparable).")
+    run.add_argument("--validation_fid", nargs="?", const="inception", default=None, choices=["inception", "random", "none"], help="Also compute rFID at validation (torchmetrics' FrechetInceptionDistance against the same held-out crops); without the Inception weights one line says so. 'random': a small random feature extractor, to smoke-test the path offline (not comparable); 'none': off (unsets a --config file's).")
     run.add_argument("--fid_weights", type=str, default=None, help="The FID Inception weights file (default: the torch hub cache, else a download when reachable).")
     run.add_argument("--num_grid_images", type=int, default=8, help="Held-out images in the reconstruction grid.")
     run.add_argument("--checkpointing_steps", type=int, default=PRESET, help="Save an accelerate checkpoint every this many steps.")
@@ -214,8 +214,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
     known, _ = parser.parse_known_args(argv)
     if known.config is not None:
-        parser.set_defaults(**_read_config_file(parser, known.config))
+        values = _read_config_file(parser, known.config)
+        if any(getattr(known, flag) is not None for flag in DATA_FLAGS):  # a data source given here replaces the file's
+            for flag in DATA_FLAGS:
+                values.pop(flag, None)
+        parser.set_defaults(**values)
     args = parser.parse_args(argv)
+    if args.validation_fid == "none":
+        args.validation_fid = None
     if args.model_preset is None:
         args.model_preset = "base" if any(getattr(args, flag) for flag in DATA_FLAGS) else "tiny"
     preset = PRESETS[args.model_preset]
