@@ -309,6 +309,7 @@ def test_train_validation_fid_the_picture_and_the_final_log_line(tmp_path, no_in
         metrics = main(PLAIN_RUN + ["--output_dir", str(tmp_path / "run"), "--max_train_steps", "1",
                                     "--num_validation_images", "4", "--validation_fid", "random"])  # fmt: skip
     assert metrics["rfid"] > 0 and "psnr" in metrics
+    assert metrics["rfid_features"] == "random"  # metrics.json says which features, so no card calls it an rFID
     final = caplog.records[-1].getMessage()
     assert "Done in " in final and "wall time" in final and f"PSNR {metrics['psnr']:.2f} dB" in final
     assert f"rFID {metrics['rfid']:.3f}" in final
@@ -318,7 +319,7 @@ def test_train_validation_fid_the_picture_and_the_final_log_line(tmp_path, no_in
     with caplog.at_level(logging.WARNING):
         offline = main(PLAIN_RUN + ["--output_dir", str(tmp_path / "offline"), "--max_train_steps", "1",
                                     "--num_validation_images", "4", "--validation_fid"])  # fmt: skip
-    assert "rfid" not in offline and "psnr" in offline
+    assert "rfid" not in offline and "rfid_features" not in offline and "psnr" in offline
     assert len([r for r in caplog.records if r.getMessage().startswith("rFID left out")]) == 1
 
 

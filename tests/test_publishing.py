@@ -384,6 +384,21 @@ def test_a_card_names_no_teacher_when_none_ran(training_output, tmp_path):
     card = ModelCard.load(stage_folder(run, tmp_path / "repo", HUB_ID) / "README.md")
     assert card.data.base_model is None
     assert "CLIP teacher: none" in card.text and "ViT-B-16" not in card.text.split("## Training")[0]
+    # The flags still name what was asked for, and say it was not used.
+    assert "ViT-B-16 (asked for; unavailable, so not used)" in card.text
+
+
+@pytest.mark.parametrize("features", ["inception", "random"])
+def test_the_card_shows_an_rfid_of_inception_features_only(training_output, tmp_path, features):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(training_output, run)
+    metrics = json.loads((run / "metrics.json").read_text())
+    (run / "metrics.json").write_text(json.dumps({**metrics, "rfid": 12.345, "rfid_features": features}))
+    card = ModelCard.load(stage_folder(run, tmp_path / "repo", HUB_ID) / "README.md")
+    # The random features of an offline smoke test give a number on another scale: never shown as an rFID.
+    assert ("| rFID (Inception features, against the same held-out images; lower is better) | 12.35 |" in card.text) == (features == "inception")
 
 
 def test_private_strings_are_scrubbed_whole_not_out_of_other_words(training_output, tmp_path):

@@ -22,6 +22,7 @@ if str(REPO) not in sys.path:
 
 import cdb_tokenizer.tools.steps as steps_module
 import training.train as train_script
+from cdb_tokenizer.tools.checkpoints import MANIFEST
 from cdb_tokenizer.tools.files import plain_file_mode
 from cdb_tokenizer.tools.teacher import save_clip_config
 from conftest import image_folder, tiny_model
@@ -126,7 +127,18 @@ def test_resumed_run_matches_the_uninterrupted_run_step_for_step(tmp_path):
     # An interrupted run leaves exactly checkpoint-2 behind; resume it in a fresh folder.
     (tmp_path / "resumed" / "checkpoints").mkdir(parents=True)
     shutil.copytree(tmp_path / "straight" / "checkpoints" / "checkpoint-2", tmp_path / "resumed" / "checkpoints" / "checkpoint-2")
+    # The first session's wall time, as its checkpoint recorded it (made long here), counts in the resumed run's.
+    state_file = tmp_path / "resumed" / "checkpoints" / "checkpoint-2" / "training_state.json"
+    state = json.loads(state_file.read_text())
+    assert state["wall_time_seconds"] > 0
+    state_file.write_text(json.dumps({**state, "wall_time_seconds": 5000.0}))
+    manifest_file = state_file.parent / MANIFEST
+    manifest = json.loads(manifest_file.read_text())
+    manifest["files"][state_file.name] = state_file.stat().st_size
+    manifest_file.write_text(json.dumps(manifest))
     main(run + ["--output_dir", str(tmp_path / "resumed"), "--resume_from_checkpoint", "latest"])
+    wall_time = json.loads((tmp_path / "resumed" / "metrics.json").read_text())["wall_time_seconds"]
+    assert 5000 < wall_time < 5000 + json.loads((tmp_path / "straight" / "metrics.json").read_text())["wall_time_seconds"] * 5
 
     straight, resumed = loss_records(tmp_path / "straight"), loss_records(tmp_path / "resumed")
     assert sorted(resumed) == [3, 4]

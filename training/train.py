@@ -650,12 +650,21 @@ class RunState:
     data_order: dict = field(default_factory=dict)
     # What the run trains the model to do beyond its config's shape (checked on resume).
     objective: dict = field(default_factory=dict)
+    # Wall time of the sessions before this one, up to the checkpoint it resumed from (a resumed run counts on).
+    earlier_seconds: float = 0.0
+    session_start: float = field(default_factory=time.time)
 
     @classmethod
     def from_checkpoint(cls, step: int, saved: dict, data_order: dict, objective: dict) -> RunState:
         skipped = set(saved.get("skipped_image_ids", []))
         nonfinite = (int(saved.get("nonfinite_steps", 0)), int(saved.get("nonfinite_in_a_row", 0)))
-        return cls(step, skipped, *nonfinite, data_order, objective)
+        earlier = saved.get("wall_time_seconds", 0.0)  # absent from checkpoints of older versions
+        earlier = float(earlier) if isinstance(earlier, (int, float)) and math.isfinite(earlier) and earlier > 0 else 0.0
+        return cls(step, skipped, *nonfinite, data_order, objective, earlier)
+
+    def wall_time_seconds(self) -> float:
+        """Wall time of the run so far, over every session (each up to the checkpoint the next one resumed from)."""
+        return self.earlier_seconds + time.time() - self.session_start
 
     def share_skipped_ids(self, accelerator: Accelerator) -> None:
         """Every process's unreadable images, on every process (each only meets those of its own batches)."""
@@ -667,7 +676,7 @@ class RunState:
                 "nonfinite_in_a_row": self.nonfinite_in_a_row,
                 "ema_weights_decay": ema.decay if ema is not None else None,
                 "ema_weights_updates": ema.updates if ema is not None else None, "data_order": self.data_order,
-                "objective": self.objective}  # fmt: skip
+                "objective": self.objective, "wall_time_seconds": round(self.wall_time_seconds(), 1)}  # fmt: skip
 
 
 def data_order(args: argparse.Namespace, accelerator: Accelerator) -> dict:
@@ -980,7 +989,7 @@ def role_map_picture(model: CDBVQModel, images: torch.Tensor) -> torch.Tensor | 
 
 
 def save_run(args: argparse.Namespace, parts: TrainingParts, ema: EMAWeights | None, validation: Validation,
-             state: RunState, metrics: dict, seconds_per_step: float, start_time: float, num_prototypes: int) -> dict:  # fmt: skip
+             state: RunState, metrics: dict, seconds_per_step: float, num_prototypes: int) -> dict:  # fmt: skip
     """The end of the run, on every process: the final metrics (main process), the saved model and its pictures,
     the trackers closed, and the Hub upload with --push_to_hub. Returns the metrics."""
     accelerator = parts.accelerator
@@ -988,11 +997,13 @@ def save_run(args: argparse.Namespace, parts: TrainingParts, ema: EMAWeights | N
     skipped_images = len(state.skipped_ids)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        metrics.update(steps=state.step, wall_time_seconds=round(time.time() - start_time, 1),
+        metrics.update(steps=state.step, wall_time_seconds=round(state.wall_time_seconds(), 1),
                        skipped_images=skipped_images, skipped_validation_images=validation.skipped_images,
                        nonfinite_steps=state.nonfinite_steps, num_processes=accelerator.num_processes,
                        seconds_per_step=round(seconds_per_step, 4),
                        teacher=parts.teacher.name if parts.teacher else None, prototypes=num_prototypes)  # fmt: skip
+        if "rfid" in metrics:  # an Inception rFID or the offline smoke test's random features: never to be confused
+            metrics["rfid_features"] = args.validation_fid
         if torch.cuda.is_available():
             metrics["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         save_outputs(parts.unwrapped, validation.pixel_values, args, metrics, ema)
@@ -1099,6 +1110,7 @@ def train(args: argparse.Namespace) -> tuple[CDBVQModel, dict]:
     parts = build_training_parts(args, model, accelerator, build_loss(args, lpips_module), teacher, max_train_steps)
     ema = EMAWeights(parts.unwrapped, args.ema_weights_decay) if args.use_ema else None
     state = resume_or_initialize(args, parts, ema, train_loader, sampler, max_train_steps)
+    state.session_start = start_time
     if state.step > 0 and state.step >= max_train_steps:
         if saved_at_step(args.output_dir, accelerator) >= state.step:
             return parts.unwrapped, nothing_left_to_train(args, accelerator, state.step, max_train_steps)
@@ -1116,7 +1128,7 @@ def train(args: argparse.Namespace) -> tuple[CDBVQModel, dict]:
     # Save
     metrics = metrics or validate(parts.unwrapped, validation, args, log, state.step, ema)
     num_prototypes = int(prototypes.shape[0]) if prototypes is not None else 0
-    metrics = save_run(args, parts, ema, validation, state, metrics, seconds_per_step, start_time, num_prototypes)
+    metrics = save_run(args, parts, ema, validation, state, metrics, seconds_per_step, num_prototypes)
     if accelerator.is_main_process:
         log_done(start_time, state.step, seconds_per_step, threads, metrics, parts.unwrapped.config.codebook_size,
                  Path(args.output_dir))  # fmt: skip

@@ -317,6 +317,8 @@ def _evaluation_rows(metrics: dict[str, Any], codebook_size: int) -> list[tuple[
         "restoration_psnr": ("Restoration PSNR (dB, clean target from the degraded input)", lambda v: f"{v:.2f}"),
         "degraded_input_psnr": ("PSNR of the degraded input itself (dB)", lambda v: f"{v:.2f}"),
     }
+    if metrics.get("rfid_features") == "inception":  # the random features of an offline smoke test are no rFID
+        formats["rfid"] = ("rFID (Inception features, against the same held-out images; lower is better)", lambda v: f"{v:.2f}")
     for key, (name, render) in formats.items():
         value = metrics.get(key)
         if isinstance(value, (int, float)) and math.isfinite(value):
@@ -374,6 +376,8 @@ def render_model_card(
     # The teacher that ran, not the one asked for: without its weights a run trains without it (metrics.json's
     # `teacher` is then null); an older metrics.json without the key leaves the flags to say.
     teacher_ran = metrics.get("teacher", "") is not None
+    asked = bool(training_config.get("clip_model"))
+    unused = {"clip_model", "clip_pretrained", "prototypes"} if asked and not teacher_ran else set()
     teacher_hub_id = (
         clip_teacher_hub_id(training_config.get("clip_model"), training_config.get("clip_pretrained")) if teacher_ran else None
     )
@@ -415,7 +419,7 @@ def render_model_card(
         teacher_hub_id=teacher_hub_id,
         training=_training_summary(training_config, metrics),
         training_rows=[
-            (key, _format_value(value))
+            (key, _format_value(value) + (" (asked for; unavailable, so not used)" if key in unused else ""))
             for key, value in sorted(public_config.items())
             # Unset flags are noise; nested dicts (the model config) are in config.json and training_config.json.
             if value is not None and not isinstance(value, dict)
