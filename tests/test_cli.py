@@ -141,7 +141,7 @@ def test_console_script_and_dtype(files, tmp_path):
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "wrote 1 images x 8x8 tokens" in result.stdout
+    assert "wrote 1 image x 8x8 tokens" in result.stdout
     assert main(["decode", str(tokens_file), "--model", str(files["model"]), "--out", str(tmp_path / "out")]) == 0
     assert Image.open(tmp_path / "out" / "astronaut.png").size == (32, 32)
 
@@ -566,6 +566,7 @@ def test_outputs_never_replace_the_inputs(files, tmp_path, capsys):
         assert main(arguments + overwrite) == 1, arguments  # said first (--overwrite cannot help), and refused with it
         line = cli_error_line(capsys, arguments[0])
         assert f"would replace the input {source}" in line, line
+        assert line.endswith(f"give another {'--codes' if '--codes' in arguments else '--out'}."), line  # the flag used
     assert {path: path.read_bytes() for path in original} == original
     assert not (victim / "reconstructions").exists() and not (victim / "psnr.json").exists()
 

@@ -80,7 +80,7 @@ def test_load_image_dataset_errors_name_the_problem(image_folder, tmp_path):
         load_image_dataset()
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "readme.txt").write_text("no pictures here")
-    with pytest.raises(FileNotFoundError, match="found no images in train_data_dir"):
+    with pytest.raises(FileNotFoundError, match="found no images in the folder"):
         load_image_dataset(train_data_dir=str(tmp_path / "notes"))
     for label in ("cats", "dogs"):  # a class-labelled folder: `label` is a column, but not one of images
         _write_images(tmp_path / "labelled" / label, 1)

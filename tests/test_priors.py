@@ -1029,10 +1029,11 @@ def test_sample_prior_checks_output_before_loading_anything(output, message, tmp
     (tmp_path / "photo.png").write_bytes(b"a photo")
     (tmp_path / "link.png").symlink_to(tmp_path / "photo.png")
     (tmp_path / "folder.png").mkdir()
+    (tmp_path / "prior").mkdir()  # a folder: the prior is only loaded after --output has been checked
     sample_prior = load_script("sample_prior")
     monkeypatch.setattr(sample_prior, "load_prior", lambda *args, **kwargs: pytest.fail("loaded before checking"))
     with pytest.raises(SystemExit):
-        sample_prior.parse_args(["--prior", str(tmp_path / "missing"), "--output", output])
+        sample_prior.parse_args(["--prior", str(tmp_path / "prior"), "--output", output])
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert re.search(message, error), error
     assert (tmp_path / "photo.png").read_bytes() == b"a photo"
@@ -1192,6 +1193,8 @@ def test_resuming_another_priors_checkpoint_is_one_clear_error(tmp_path, fresh_a
 def test_prior_scripts_report_input_mistakes_in_one_line(script, argv, message, tmp_path, monkeypatch, capsys):
     import runpy
 
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "samples.png").write_bytes(b"a grid sampled earlier")  # a missing prior is said first, not this file
     monkeypatch.setattr(sys, "argv", [f"{script}.py", *argv, *(["--output_dir", str(tmp_path / "o")] if script == "train_prior" else [])])
     with pytest.raises(SystemExit) as exit_info:
         runpy.run_path(str(ROOT / "training" / f"{script}.py"), run_name="__main__")

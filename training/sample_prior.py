@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from cdb_tokenizer.tools.cli import CLIError, check_output_file, remove_created_folders, resolve_device
+from cdb_tokenizer.tools.loading import locate
 from cdb_tokenizer.tools.messages import run_script
 from cdb_tokenizer.tools.priors import (
     PRIOR_CONFIG_NAME,
@@ -53,7 +54,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """One-line errors before anything is loaded (the prior's config only for --class_labels); --output last, as
-    checking it creates its folder."""
+    checking it creates its folder. A --prior meant as a local folder that is none is said first (exit 1, as when
+    loading): its default --output is samples.png here, which may well exist."""
+    locate(args.prior, "prior")
     if args.num_images < 1:
         parser.error(f"--num_images must be at least 1, got {args.num_images}.")
     if not math.isfinite(args.temperature) or args.temperature < 0:

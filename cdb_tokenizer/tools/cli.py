@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 
 from . import files
 from .loading import is_local_path, locate, processor_image_size
-from .messages import TRAIN_EXTRAS, first_line
+from .messages import TRAIN_EXTRAS, counted, first_line
 
 
 TOKEN_FILE_FORMAT = "cdb-vq-tokens"
@@ -403,16 +403,17 @@ def _file_id(path: Path) -> tuple[int, int] | None:
     return info.st_dev, info.st_ino
 
 
-def refuse_overwriting_inputs(outputs: Sequence[Path], inputs: Iterable[Path]) -> None:
-    """Refuse up front an output file that is one of the inputs (by any name): it would be replaced by what was made
-    from it. Only outputs that exist can be; `inputs` (which may be long: a data set's files) is read only then."""
+def refuse_overwriting_inputs(outputs: Sequence[Path], inputs: Iterable[Path], option: str = "--out") -> None:
+    """Refuse up front an output file (of the flag `option`) that is one of the inputs (by any name): it would be
+    replaced by what was made from it. Only outputs that exist can be; `inputs` (which may be long: a data set's
+    files) is read only then."""
     existing = {file_id: path for path in outputs if (file_id := _file_id(path)) is not None}
     if not existing:
         return
     for source in inputs:
         output = existing.get(_file_id(source))
         if output is not None:
-            raise CLIError(f"{output} would replace the input {source} (the same file); give another --out.")
+            raise CLIError(f"{output} would replace the input {source} (the same file); give another {option}.")
 
 
 def _model_files(name: str | None) -> list[Path]:
@@ -611,7 +612,7 @@ def encode_command(args: argparse.Namespace) -> None:
         **({"model_revision": revision} if revision else {}),
     }
     replace_file(out, lambda path: save_file({"image_tokens": tokens}, str(path), metadata=metadata))
-    print(f"wrote {tokens.shape[0]} images x {tokens.shape[1]}x{tokens.shape[2]} tokens to {out}")
+    print(f"wrote {counted(tokens.shape[0], 'image')} x {tokens.shape[1]}x{tokens.shape[2]} tokens to {out}")
 
 
 # What `encode` records beside the tokens as whole numbers, with the words messages use for them.
@@ -735,7 +736,7 @@ def decode_command(args: argparse.Namespace) -> None:
             for target, image in zip(targets[start : start + args.batch_size], images):
                 image.save(stage(target), format="PNG")
             progress.update(len(grids))
-    print(f"wrote {len(tokens)} images to {out}")
+    print(f"wrote {counted(len(tokens), 'image')} to {out}")
 
 
 def _recorded_model(tokens_file: str, metadata: dict[str, str]) -> str | None:
@@ -1140,7 +1141,7 @@ def inspect_command(args: argparse.Namespace) -> None:
     from .publishing import code_report_summary, codebook_summary
 
     if args.codes is not None:
-        refuse_overwriting_inputs([Path(args.codes)], _model_files(args.model))
+        refuse_overwriting_inputs([Path(args.codes)], _model_files(args.model), option="--codes")
     codes = _check_codes_file(args.codes, args.overwrite) if args.codes is not None else None
     model, _, model_id, fingerprint, revision = load_model_of(args)
     summary = codebook_summary(model, top_k=args.top)
@@ -1277,7 +1278,7 @@ def tokenize_command(args: argparse.Namespace) -> None:
         raise CLIError(f"--model {args.model}: {error}") from None
     length = shortest
     print(
-        f"tokenized {len(tokenized)} images ({skipped} unreadable skipped) into {args.out}: columns "
+        f"tokenized {counted(len(tokenized), 'image')} ({skipped} unreadable skipped) into {args.out}: columns "
         f"{tokenized.column_names}, {length} tokens per image, {model.config.codebook_size} codes"
     )
 

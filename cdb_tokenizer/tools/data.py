@@ -135,11 +135,11 @@ def load_image_dataset(
                 "imagefolder", data_files=imagefolder_files(roots), split=split, streaming=streaming, cache_dir=cache_dir
             )
         except (FileNotFoundError, datasets.exceptions.DataFilesNotFoundError) as error:
-            raise FileNotFoundError(f"found no images in train_data_dir {str(folder)!r}: {error}") from error
+            raise FileNotFoundError(f"found no images in the folder {str(folder)!r}: {error}") from error
         except ValueError as error:
             _raise_if_unknown_split(error, split, f"train_data_dir {str(folder)!r}")
             if "corresponds to no data" in str(error):  # files there, but none an image (datasets' wording)
-                raise FileNotFoundError(f"found no images in train_data_dir {str(folder)!r} (split {split!r}).") from error
+                raise FileNotFoundError(f"found no images in the folder {str(folder)!r} (split {split!r}).") from error
             raise
         ignored = _ignored_entries(folder, list(roots.values())) if roots["train"] != folder and split == "train" else []
         if ignored:

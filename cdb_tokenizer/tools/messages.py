@@ -13,6 +13,11 @@ def first_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
+def counted(number: int, noun: str) -> str:
+    """`number` and `noun`, plural unless there is one: "1 image", "3 images"."""
+    return f"{number} {noun}{'' if number == 1 else 's'}"
+
+
 def run_script(main, *errors: type[BaseException]) -> None:
     """Run a training script's `main()`: an error of the kinds given (mistakes in the inputs, clean stops) is one
     line on stderr and exit status 1, since its message names the problem and a stack trace would not help.
@@ -33,4 +38,4 @@ def run_script(main, *errors: type[BaseException]) -> None:
         sys.exit(1)
 
 
-__all__ = ["first_line", "run_script"]
+__all__ = ["counted", "first_line", "run_script"]
