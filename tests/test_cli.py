@@ -357,6 +357,33 @@ def test_unknown_hub_model_fails_fast_offline(monkeypatch, capsys):
     assert error.startswith("cdb-vq inspect: error: could not load model 'cdb-org/no-such-model'")
 
 
+def test_an_unreachable_hub_is_one_line_with_the_offline_advice(monkeypatch, tmp_path, capsys):
+    # Without network, huggingface_hub logged its failed request, then the CLI its error: two lines, and no word of
+    # HF_HUB_OFFLINE, which skips the Hub's retries. Only the network call is replaced: it fails as a DNS failure does.
+    import logging
+    import logging.handlers
+
+    import huggingface_hub.constants
+    import huggingface_hub.file_download as file_download
+
+    def unreachable(url, *args, **kwargs):
+        logging.getLogger("huggingface_hub.utils._http").warning(f"'[Errno -2] Name or service not known' thrown while requesting HEAD {url}")
+        raise file_download.httpx2.ConnectError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    monkeypatch.setattr(file_download, "get_hf_file_metadata", unreachable)
+    shown = logging.handlers.BufferingHandler(capacity=100)  # where huggingface_hub prints (its stderr handler)
+    monkeypatch.setattr(logging.getLogger("huggingface_hub"), "handlers", [shown])
+    assert main(["inspect", "--model", "cdb-org/cdb-vq"]) == 1
+    assert [record.getMessage() for record in shown.buffer] == []  # held back: the error line says what matters
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("cdb-vq inspect: error: could not load model 'cdb-org/cdb-vq'")
+    assert lines[0].endswith("(no network? HF_HUB_OFFLINE=1 reads a model in the local cache without asking the Hub)")
+
+
 def test_usage_errors_exit_non_zero(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["encode", "photo.png"])  # --model and --out missing

@@ -127,7 +127,7 @@ def load_model(
     if model_type != "cdb_vq":
         raise CLIError(f"--model {name_or_path} is a {model_type!r} model, not a cdb-vq tokenizer.")
     try:
-        with _held_transformers_logs() as records, warnings.catch_warnings():
+        with _held_library_logs() as records, warnings.catch_warnings():
             # torch's warning about a pickle's protocol is several lines, and the error below says what matters.
             warnings.filterwarnings("ignore", message=".*weights_only", category=UserWarning)
             hub_options = {} if revision is None else {"revision": revision}
@@ -180,20 +180,34 @@ def check_processor_size(processor, max_pixels: int, name: str) -> None:
 
 
 @contextlib.contextmanager
-def _held_transformers_logs() -> Iterator[list[logging.LogRecord]]:
-    """Collect what transformers logs inside the block instead of printing it (its multi-line LOAD REPORT table comes
-    before a loading error); yields the list of records, for the caller to show when they still matter."""
-    library = logging.getLogger("transformers")
+def _held_library_logs() -> Iterator[list[logging.LogRecord]]:
+    """Collect what transformers and huggingface_hub log inside the block instead of printing it (transformers'
+    multi-line LOAD REPORT table comes before a loading error, huggingface_hub's retries before "cannot reach the
+    Hub"); yields the list of records, for the caller to show when they still matter."""
     holder = logging.handlers.BufferingHandler(capacity=1_000_000)
-    handlers, library.handlers = library.handlers, [holder]
+    libraries = [logging.getLogger(name) for name in ("transformers", "huggingface_hub")]
+    saved = [(library.handlers, library.propagate) for library in libraries]
+    for library in libraries:
+        library.handlers, library.propagate = [holder], False
     try:
         yield holder.buffer
     finally:
-        library.handlers = handlers
+        for library, (handlers, propagate) in zip(libraries, saved):
+            library.handlers, library.propagate = handlers, propagate
+
+
+def _offline_hint(error: Exception) -> str:
+    """Advice for a Hub that could not be reached (each command waits on its retries): the cache without the Hub."""
+    from huggingface_hub import constants
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    if isinstance(error, LocalEntryNotFoundError) and not constants.HF_HUB_OFFLINE:
+        return " (no network? HF_HUB_OFFLINE=1 reads a model in the local cache without asking the Hub)"
+    return ""
 
 
 def _show_log_records(records: list[logging.LogRecord]) -> None:
-    """Log records held back by `_held_transformers_logs`, through the handlers they would have gone to."""
+    """Log records held back by `_held_library_logs`, through the handlers they would have gone to."""
     for record in records:
         logging.getLogger(record.name).handle(record)
 
@@ -245,14 +259,16 @@ def _read_model_config(name: str, model_id: str, revision: str | None = None) ->
         else:
             from huggingface_hub import hf_hub_download
 
-            config_file = Path(hf_hub_download(model_id, "config.json", revision=revision))
+            with _held_library_logs() as records:  # its retries: the error below says what matters
+                config_file = Path(hf_hub_download(model_id, "config.json", revision=revision))
+            _show_log_records(records)
             if COMMIT_HASH.fullmatch(config_file.parent.name):
                 revision = config_file.parent.name
         config = json.loads(config_file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise CLIError(f"--model {name}: config.json is not valid JSON ({first_line(error)}).") from None
     except Exception as error:  # noqa: BLE001 - Hub errors (not found, offline, gated) have no common base class
-        raise CLIError(f"could not load model {name!r}: {first_line(error)}") from None
+        raise CLIError(f"could not load model {name!r}: {first_line(error)}{_offline_hint(error)}") from None
     if not isinstance(config, dict):
         raise CLIError(f"--model {name}: config.json does not hold a JSON object.")
     return config, revision
