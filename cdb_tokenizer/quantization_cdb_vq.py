@@ -76,13 +76,13 @@ class _AllReduceSum(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
-        tensor = tensor.clone()
+        tensor = tensor.clone(memory_format=torch.contiguous_format)  # collectives need a dense tensor
         dist.all_reduce(tensor)
         return tensor
 
     @staticmethod
     def backward(ctx, gradient: torch.Tensor) -> torch.Tensor:
-        gradient = gradient.clone()
+        gradient = gradient.clone(memory_format=torch.contiguous_format)
         dist.all_reduce(gradient)
         return gradient
 

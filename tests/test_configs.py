@@ -78,3 +78,8 @@ def test_a_recipe_takes_a_local_folder_and_none_from_the_command_line(monkeypatc
     assert parse_args(recipe + ["--dataset_name", "me/photos"]).dataset_name == "me/photos"
     with pytest.raises(SystemExit):  # both on the command line is still a contradiction
         parse_args(recipe + ["--dataset_name", "me/photos", "--train_data_dir", str(tmp_path)])
+    # The file's data set configuration goes with its data set.
+    config = tmp_path / "run.yaml"
+    config.write_text("dataset_name: org/photos\ndataset_config_name: large\n")
+    assert parse_args(["--config", str(config)]).dataset_config_name == "large"
+    assert parse_args(["--config", str(config), "--train_data_dir", str(tmp_path)]).dataset_config_name is None

@@ -1222,3 +1222,6 @@ def test_a_hub_priors_default_output_is_in_the_working_directory(tmp_path, monke
     (tmp_path / "local_prior").mkdir()
     output = sample_prior.check_output(argparse.Namespace(prior="local_prior", output=None, overwrite=False))
     assert output == Path("local_prior") / "samples.png"
+    monkeypatch.setenv("HOME", str(tmp_path))  # a prior named from the home folder: its grid goes there, not to ./~/
+    output = sample_prior.check_output(argparse.Namespace(prior="~/local_prior", output=None, overwrite=False))
+    assert output == tmp_path / "local_prior" / "samples.png" and not (tmp_path / "~").exists()

@@ -384,8 +384,8 @@ def test_a_card_names_no_teacher_when_none_ran(training_output, tmp_path):
     card = ModelCard.load(stage_folder(run, tmp_path / "repo", HUB_ID) / "README.md")
     assert card.data.base_model is None
     assert "CLIP teacher: none" in card.text and "ViT-B-16" not in card.text.split("## Training")[0]
-    # The flags still name what was asked for, and say it was not used.
-    assert "ViT-B-16 (asked for; unavailable, so not used)" in card.text
+    # The flags still name the teacher of the run's settings, and say it was not used.
+    assert "ViT-B-16 (unavailable, so not used)" in card.text
 
 
 @pytest.mark.parametrize("features", ["inception", "random"])

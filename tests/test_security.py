@@ -6,6 +6,7 @@ import logging
 import os
 import re
 import shutil
+import stat
 import struct
 import tokenize
 import zlib
@@ -225,6 +226,7 @@ def test_publish_staging_scrubs_relative_paths_and_safetensors_metadata(root, tm
     output = tmp_path / "out"
     shutil.copytree(root / "model", output)
     save_prototypes(output / "prototypes.safetensors", torch.randn(8, 32), source=source)
+    os.chmod(output / "prototypes.safetensors", 0o644)
     training_config = {"train_data_dir": "../jdoe/photos", "prototypes": "text:./jdoe/labels.txt",
                        "clip_pretrained": "file:///home/jdoe/clip.safetensors", "dataset_name": "/home/jdoe/ds"}  # fmt: skip
     (output / "training_config.json").write_text(json.dumps(training_config))
@@ -232,6 +234,7 @@ def test_publish_staging_scrubs_relative_paths_and_safetensors_metadata(root, tm
     with safe_open(str(staged / "prototypes.safetensors"), framework="pt") as handle:
         assert handle.metadata()["source"] == "text:labels.txt"
         assert handle.get_tensor("prototypes").shape == (8, 32)
+    assert stat.S_IMODE((staged / "prototypes.safetensors").stat().st_mode) == 0o644  # rewritten, not made 0o600
     text = "\n".join(p.read_text(errors="ignore") for p in staged.rglob("*") if p.suffix in (".json", ".md"))
     assert "jdoe" not in text
     card = (staged / "README.md").read_text()

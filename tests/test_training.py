@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -64,6 +64,9 @@ def test_end_to_end_run_writes_a_loadable_tokenizer_and_logs_every_loss_term(tmp
     (tmp_path / "labels.txt").write_text("\n".join(["# prototypes"] + labels) + "\n")
     clip_config = save_clip_config(tmp_path / "tiny_clip.json")
     output_dir = tmp_path / "run"
+    output_dir.mkdir()
+    save_file({"w": torch.zeros(1)}, str(output_dir / "private.safetensors"))  # a user's own file, kept 0o600
+    os.chmod(output_dir / "private.safetensors", 0o600)
     metrics = main(TINY_MODEL + [
         "--output_dir", str(output_dir), "--max_train_steps", "3", "--train_batch_size", "2", "--ema_decay", "none",
         "--num_validation_images", "3", "--clip_model", str(clip_config), "--clip_pretrained", "none",
@@ -81,6 +84,7 @@ def test_end_to_end_run_writes_a_loadable_tokenizer_and_logs_every_loss_term(tmp
     checkpoint = output_dir / "checkpoints" / "checkpoint-3"
     for path in (output_dir / "model.safetensors", checkpoint / "model.safetensors", checkpoint / "training_state.safetensors"):
         assert stat.S_IMODE(path.stat().st_mode) == plain_file_mode() == stat.S_IMODE((output_dir / "config.json").stat().st_mode), path
+    assert stat.S_IMODE((output_dir / "private.safetensors").stat().st_mode) == 0o600  # not the run's to share
     # The teacher statistics behind the prototype ties: in the checkpoint (resumption), not in the model for use.
     checkpoint_weights = load_file(output_dir / "checkpoints" / "checkpoint-3" / "model.safetensors")
     assert float(checkpoint_weights["quantizer.teacher_statistics.counts"].sum()) > 0
@@ -193,6 +197,8 @@ def test_a_resume_with_another_batch_size_says_the_data_order_changes(tmp_path, 
     main(run + ["--max_train_steps", "3", "--resume_from_checkpoint", "latest", "--lr_warmup_steps", "2"])
     assert "re-enters the data" not in caplog.text  # the same flags: an exact continuation
     assert "lr_warmup_steps" not in caplog.text
+    main(PLAIN_RUN + ["--max_train_steps", "1", "--lr_scheduler", "constant", "--output_dir", str(tmp_path / "constant")])
+    assert "lr_warmup_steps" not in caplog.text  # a constant rate has no warm-up to miss
     main(run + ["--max_train_steps", "4", "--resume_from_checkpoint", "latest", "--train_batch_size", "3"])
     assert "Resuming with train_batch_size 2 -> 3: the run re-enters the data at another batch" in caplog.text
 

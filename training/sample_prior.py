@@ -56,7 +56,7 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
     """One-line errors before anything is loaded (the prior's config only for --class_labels); --output last, as
     checking it creates its folder. A --prior meant as a local folder that is none is said first (exit 1, as when
     loading): its default --output is samples.png here, which may well exist."""
-    locate(args.prior, "prior")
+    locate(args.prior, "prior", "Give the folder train_prior.py wrote.")
     if args.num_images < 1:
         parser.error(f"--num_images must be at least 1, got {args.num_images}.")
     if not math.isfinite(args.temperature) or args.temperature < 0:
@@ -92,7 +92,8 @@ def check_output(args: argparse.Namespace) -> Path:
     folder)."""
     # A Hub prior's grid goes to the working directory: `owner/name/samples.png` would make a local folder that the
     # next `--prior owner/name` is taken for.
-    default = Path(args.prior) / "samples.png" if Path(args.prior).expanduser().is_dir() else Path("samples.png")
+    prior = Path(args.prior).expanduser()
+    default = prior / "samples.png" if prior.is_dir() else Path("samples.png")
     output = args.output if args.output is not None else str(default)
     if Path(output).suffix.lower() != ".png":
         raise CLIError(f"--output {output!r}: the grid is written as a PNG image; give a .png file name.")

@@ -569,7 +569,7 @@ def build_training_parts(args: argparse.Namespace, model: CDBVQModel, accelerato
     if args.scale_lr:
         learning_rate *= args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
         logger.info(f"--scale_lr: learning rate {args.learning_rate:g} x the global batch = {learning_rate:g}")
-    if args.lr_warmup_steps >= max_train_steps:
+    if args.lr_scheduler != "constant" and 0 < max_train_steps <= args.lr_warmup_steps:  # "constant" has no warm-up
         logger.warning(f"--lr_warmup_steps {args.lr_warmup_steps} is not below the run's {max_train_steps} steps: the "
                        f"learning rate never reaches --learning_rate (a shortened recipe? add --lr_warmup_steps 0).")  # fmt: skip
     optimizer = _adamw(args, [p for p in model.parameters() if p.requires_grad], learning_rate)

@@ -196,16 +196,6 @@ def _held_library_logs() -> Iterator[list[logging.LogRecord]]:
             library.handlers, library.propagate = handlers, propagate
 
 
-def _offline_hint(error: Exception) -> str:
-    """Advice for a Hub that could not be reached (each command waits on its retries): the cache without the Hub."""
-    from huggingface_hub import constants
-    from huggingface_hub.errors import LocalEntryNotFoundError
-
-    if isinstance(error, LocalEntryNotFoundError) and not constants.HF_HUB_OFFLINE:
-        return " (no network? HF_HUB_OFFLINE=1 reads a model in the local cache without asking the Hub)"
-    return ""
-
-
 def _show_log_records(records: list[logging.LogRecord]) -> None:
     """Log records held back by `_held_library_logs`, through the handlers they would have gone to."""
     for record in records:
@@ -268,7 +258,7 @@ def _read_model_config(name: str, model_id: str, revision: str | None = None) ->
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise CLIError(f"--model {name}: config.json is not valid JSON ({first_line(error)}).") from None
     except Exception as error:  # noqa: BLE001 - Hub errors (not found, offline, gated) have no common base class
-        raise CLIError(f"could not load model {name!r}: {first_line(error)}{_offline_hint(error)}") from None
+        raise CLIError(f"could not load model {name!r}: {first_line(error)}") from None
     if not isinstance(config, dict):
         raise CLIError(f"--model {name}: config.json does not hold a JSON object.")
     return config, revision

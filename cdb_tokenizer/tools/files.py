@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import stat
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 
@@ -90,14 +91,23 @@ def plain_file_mode() -> int:
     return 0o666 & ~_umask()
 
 
-def share_safetensors(folder: str | Path) -> None:
-    """Give the safetensors files `save_pretrained` or `save_state` just wrote in `folder` (not its sub-folders) the
-    permissions of any other file written there: safetensors creates them 0o600, so teammates on a shared cluster
-    could read a run's configs but not its weights."""
+def share_safetensors(folder: str | Path, names: Iterable[str] | None = None) -> None:
+    """Give safetensors files just written in `folder` the permissions of any other file written there: safetensors
+    creates them 0o600, so teammates on a shared cluster could read a run's configs but not its weights. `names`:
+    those files (default: `saved_weights`, what `save_pretrained` wrote; every other file may be the user's own)."""
     mode = plain_file_mode()
-    for path in Path(folder).glob("*.safetensors"):
-        if not path.is_symlink() and path.is_file():
+    for name in saved_weights(folder) if names is None else names:
+        path = Path(folder) / name
+        if path.suffix == ".safetensors" and not path.is_symlink() and path.is_file():
             os.chmod(path, mode)
+
+
+def saved_weights(folder: str | Path) -> list[str]:
+    """The weight files `save_pretrained` writes in `folder`: model.safetensors, or the shards its index lists."""
+    index = Path(folder) / "model.safetensors.index.json"
+    if index.is_file():
+        return sorted(set(json.loads(index.read_text(encoding="utf-8")).get("weight_map", {}).values()))
+    return ["model.safetensors"]
 
 
 def _umask() -> int:
@@ -107,4 +117,4 @@ def _umask() -> int:
     return umask
 
 
-__all__ = ["plain_file_mode", "replace_file", "share_safetensors", "staged_files", "write_text"]
+__all__ = ["plain_file_mode", "replace_file", "saved_weights", "share_safetensors", "staged_files", "write_text"]

@@ -20,6 +20,7 @@ from huggingface_hub import CommitInfo, HfApi, ModelCard, ModelCardData, get_tok
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
+from .files import replace_file
 from .redaction import (
     HF_TOKEN,
     REDACTED,
@@ -419,7 +420,7 @@ def render_model_card(
         teacher_hub_id=teacher_hub_id,
         training=_training_summary(training_config, metrics),
         training_rows=[
-            (key, _format_value(value) + (" (asked for; unavailable, so not used)" if key in unused else ""))
+            (key, _format_value(value) + (" (unavailable, so not used)" if key in unused else ""))
             for key, value in sorted(public_config.items())
             # Unset flags are noise; nested dicts (the model config) are in config.json and training_config.json.
             if value is not None and not isinstance(value, dict)
@@ -526,7 +527,8 @@ def _scrub_safetensors_metadata(path: Path) -> list[str]:
     public = public_value(metadata)
     if public == metadata:
         return []
-    save_file(load_file(str(path)), str(path), metadata=public)
+    tensors = load_file(str(path))
+    replace_file(path, lambda temporary: save_file(tensors, str(temporary), metadata=public))  # keeps the file's mode
     return _removed_strings(metadata, public)
 
 

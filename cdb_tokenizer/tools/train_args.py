@@ -216,7 +216,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if known.config is not None:
         values = _read_config_file(parser, known.config)
         if any(getattr(known, flag) is not None for flag in DATA_FLAGS):  # a data source given here replaces the file's
-            for flag in DATA_FLAGS:
+            for flag in (*DATA_FLAGS, "dataset_config_name"):  # (the file's configuration is of its own data set)
                 values.pop(flag, None)
         parser.set_defaults(**values)
     args = parser.parse_args(argv)
