@@ -1,5 +1,7 @@
 """Degradations for restoration training: seeded, shape/dtype/range preserving, zero strength is the identity."""
 
+import math
+
 import pytest
 import torch
 
@@ -143,3 +145,28 @@ def test_micro_batch_seeds_stay_in_range_and_never_collide():
         generator.manual_seed(micro_batch_seed(seed, 10**7, 63, 4095))
     seeds = {micro_batch_seed(0, step, micro_batch, 0) for step in range(3) for micro_batch in range(130)}
     assert len(seeds) == 3 * 130  # (step 0, micro-batch 64) used to be (step 1, micro-batch 0)
+
+
+def test_the_gaussian_blur_is_the_two_dimensional_convolution_in_two_passes():
+    from cdb_tokenizer.tools.degradations import _filter, gaussian_blur
+
+    image = torch.rand(3, 20, 24, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    for sigma in (0.7, 2.5, 7.0):  # at 7.0 the radius (21) passes the height (20): replicate padding
+        radius = max(1, math.ceil(3 * sigma))
+        x = torch.arange(-radius, radius + 1, dtype=torch.float32)
+        line = torch.exp(-(x**2) / (2 * sigma**2))
+        line = line / line.sum()
+        expected = _filter(image, line[:, None] * line[None, :])
+        torch.testing.assert_close(gaussian_blur(image, sigma), expected, rtol=0, atol=1e-6)
+    # Not symmetric in its two directions: the separable passes put the row factor on rows, the column one on columns.
+    rows, columns = torch.tensor([0.2, 0.5, 0.3]), torch.tensor([0.1, 0.1, 0.8])
+    torch.testing.assert_close(_filter(image, rows, columns=columns), _filter(image, rows[:, None] * columns[None, :]), rtol=0, atol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_degradations_run_on_the_batch_device_and_draw_as_on_the_cpu():
+    images = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    spec = "gaussian_blur:0.5-2|motion_blur:3-9+noise:0.02|jpeg:40|downscale:2"
+    on_gpu = degrade(images.cuda(), spec, seed=7)
+    assert on_gpu.device.type == "cuda"
+    torch.testing.assert_close(on_gpu.cpu(), degrade(images, spec, seed=7), rtol=0, atol=1e-4)

@@ -146,7 +146,9 @@ def canonical_spec(spec: str) -> str:
 
 @torch.no_grad()
 def degrade(pixel_values: torch.Tensor, spec: str | list[Degradation], seed: int = 0) -> torch.Tensor:
-    """Apply the degradations of `spec` to images (B, C, H, W) in [-1, 1], deterministically under `seed`."""
+    """Apply the degradations of `spec` to images (B, C, H, W) in [-1, 1], deterministically under `seed`. The filters
+    run on the images' device (a training batch on the GPU stays there; only JPEG goes through PIL on the CPU), and
+    every random draw comes from one CPU generator, so the draws are the same on every device."""
     alternatives = parse_spec(spec) if isinstance(spec, str) else [_check_chain(spec)]
     if pixel_values.ndim != 4 or not pixel_values.is_floating_point():
         raise ValueError(
@@ -158,7 +160,7 @@ def degrade(pixel_values: torch.Tensor, spec: str | list[Degradation], seed: int
     generator = torch.Generator(device="cpu").manual_seed(int(seed))
     # Half precision is computed in float32; float64 stays float64, so that a zero strength is exactly the identity.
     dtype = torch.float64 if pixel_values.dtype == torch.float64 else torch.float32
-    images = pixel_values.detach().to(device="cpu", dtype=dtype)
+    images = pixel_values.detach().to(dtype=dtype)
     if len(alternatives) == 1:
         images = _apply_chain(images, alternatives[0], generator)
     else:
@@ -168,7 +170,7 @@ def degrade(pixel_values: torch.Tensor, spec: str | list[Degradation], seed: int
             chosen = (picks == index).nonzero().flatten()
             if chosen.numel():
                 images[chosen] = _apply_chain(images[chosen], chain, generator)
-    return images.clamp(-1, 1).to(device=pixel_values.device, dtype=pixel_values.dtype)
+    return images.clamp(-1, 1).to(dtype=pixel_values.dtype)
 
 
 def _apply_chain(images: torch.Tensor, chain: list[Degradation], generator: torch.Generator) -> torch.Tensor:
@@ -185,25 +187,31 @@ def _strengths(degradation: Degradation, count: int, generator: torch.Generator)
     return degradation.low + (degradation.high - degradation.low) * torch.rand(count, generator=generator)
 
 
-def _filter(image: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
-    """Per-channel convolution of one image (C, H, W) with a normalised (k, k) kernel, reflect padding."""
+def _filter(image: torch.Tensor, kernel: torch.Tensor, columns: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-channel convolution of one image (C, H, W) with a normalised (k, k) kernel, or with the separable kernel
+    `kernel[:, None] * columns[None, :]` given as its two (k,) factors; reflect padding (replicate where the image
+    is smaller than the kernel's radius)."""
     channels = image.shape[0]
-    pad = kernel.shape[-1] // 2
+    pad = kernel.shape[0] // 2
     mode = "reflect" if pad < min(image.shape[-2:]) else "replicate"
     padded = F.pad(image[None], (pad, pad, pad, pad), mode=mode)
-    weight = kernel.to(image)[None, None].expand(channels, 1, *kernel.shape)
-    return F.conv2d(padded, weight, groups=channels)[0]
+    if columns is None:
+        return F.conv2d(padded, kernel.to(image)[None, None].expand(channels, 1, *kernel.shape), groups=channels)[0]
+    # Two passes of k taps instead of one of k x k: 8x fewer products at sigma 2.5.
+    rows = F.conv2d(padded, columns.to(image)[None, None, None, :].expand(channels, 1, 1, -1), groups=channels)
+    return F.conv2d(rows, kernel.to(image)[None, None, :, None].expand(channels, 1, -1, 1), groups=channels)[0]
 
 
 def gaussian_blur(image: torch.Tensor, sigma: float, generator: torch.Generator | None = None) -> torch.Tensor:
-    """A Gaussian blur of standard deviation `sigma` pixels (kernel radius 3 sigma, replicate padding)."""
+    """A Gaussian blur of standard deviation `sigma` pixels (kernel radius 3 sigma, reflect padding), as two
+    one-dimensional passes (the Gaussian is separable)."""
     if sigma <= 0:
         return image
     radius = max(1, math.ceil(3 * sigma))
     x = torch.arange(-radius, radius + 1, dtype=torch.float32)
     line = torch.exp(-(x**2) / (2 * sigma**2))
     line = line / line.sum()
-    return _filter(image, line[:, None] * line[None, :])
+    return _filter(image, line, columns=line)
 
 
 def motion_blur(image: torch.Tensor, length: float, generator: torch.Generator) -> torch.Tensor:
