@@ -52,6 +52,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from cdb_tokenizer import CDBVQConfig, CDBVQModel
+from cdb_tokenizer.configuration_cdb_vq import field_names
 from cdb_tokenizer.modeling_cdb_vq import flatten_grid
 from cdb_tokenizer.quantization_cdb_vq import CDBVQQuantizerOutput, nearest_codes
 from cdb_tokenizer.tools.data import sample_photos
@@ -524,6 +525,8 @@ def parse_overrides(pairs: list[str]) -> dict:
         if "=" not in pair:
             raise SystemExit(f"--set takes FIELD=VALUE, got {pair!r}")
         key, value = pair.split("=", 1)
+        if key not in field_names():  # the config keeps unknown keys: the run would be the default, reported as changed
+            raise SystemExit(f"--set {key}: not a CDBVQConfig field (see `CDBVQConfig` for the fields).")
         python_constants = {"None": None, "True": True, "False": False}
         try:
             # JSON values (numbers, lists, null, true); Python's None / True / False too, e.g. --set ema_decay=None.
@@ -568,6 +571,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="Report name under benchmarks/results/ (default: quality_seed{SEED}.md, with the "
                         "rules in the name when not all run); the usage plot goes beside it as STEM_usage.png.")
     args = parser.parse_args(argv)
+    if args.steps < 1:
+        parser.error(f"--steps must be at least 1, got {args.steps}.")
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: no CUDA GPU here.")
     args.overrides = parse_overrides(args.overrides)
     if "assignment" in args.overrides:
         parser.error("--set assignment=... would set every rule's assignment (each row would no longer be its rule): "

@@ -3,9 +3,10 @@
 No pretrained CLIP weights can be downloaded here, so the benchmark brings its own teacher: a tiny open_clip ViT
 trained contrastively on Fashion-MNIST with captions made from the labels ("a photo of a {label}."), saved as an
 open_clip checkpoint with its model-config JSON and passed to `training/train.py` exactly as a user would pass a real
-one (`--clip_model CONFIG.json --clip_pretrained CKPT --prototypes text:LABELS`). Three tokenizers are trained at equal
-budget (`nearest`; `cdb` without semantic terms; `cdb` with CLIP guidance and semantic alignment) and each is measured
-on the test split:
+one (`--clip_model CONFIG.json --clip_pretrained CKPT --prototypes text:LABELS`). The tokenizers of `--cases` (by
+default all five of `CASES`, which `--help` lists: `nearest` and `cdb` without semantic terms, `cdb` with CLIP
+guidance and semantic alignment, the same losses with `nearest`, and a steered variant) are trained at equal budget
+and each is measured on the test split:
 
 - reconstruction PSNR;
 - linear-probe accuracy: a logistic regression on the mean-pooled quantized features (trained on a sample of the
@@ -16,7 +17,7 @@ on the test split:
 Fashion-MNIST comes from a local folder of IDX files (Debian's `dataset-fashion-mnist` package installs them under
 /usr/share/datasets/fashion-mnist) or, where the Hub is reachable, through `datasets`.
 
-    python benchmarks/semantic.py                       # the full default run (about 20 minutes on 2 shared CPU cores)
+    python benchmarks/semantic.py                       # the full default run (about 35 minutes on 2 CPU cores)
     python benchmarks/semantic.py --teacher_steps 900 --max_train_steps 1200      # longer (about 45 minutes)
 """
 

@@ -32,6 +32,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args, rest = parser.parse_known_args(argv)
     # Every model knob is quality.py's own flag, with its defaults.
     args.quality = quality.parse_args(rest + ["--rules", *args.rules])
+    if args.quality.device != "cpu":  # the round-robin below runs on the CPU; its report must not claim another device
+        parser.error(f"--device {args.quality.device}: step_time.py times the CPU; on a GPU use cuda_training.py.")
     return args
 
 

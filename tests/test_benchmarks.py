@@ -55,8 +55,24 @@ def test_quality_refuses_assignment_overrides_and_names_reports_by_seed_and_rule
 def test_quality_overrides_take_json_and_python_constants(load):
     # `--set l2_normalize_codes=True` reached the config as the string 'True' and was refused there.
     quality = load("quality")
-    overrides = quality.parse_overrides(["a=True", "b=false", "c=None", "d=0.5", "e=[1, 2]", "f=text"])
-    assert overrides == {"a": True, "b": False, "c": None, "d": 0.5, "e": [1, 2], "f": "text"}
+    pairs = ["l2_normalize_codes=True", "use_mid_attention=false", "ema_decay=None", "balance_weight=0.5",
+             "channel_multipliers=[1, 2]", "assignment=text"]  # fmt: skip
+    overrides = quality.parse_overrides(pairs)
+    assert list(overrides.values()) == [True, False, None, 0.5, [1, 2], "text"]
+
+
+def test_benchmark_flags_that_would_measure_something_else_are_refused(load, capsys):
+    # An unknown --set field trained the default model under a report that listed the field as applied; step_time.py
+    # timed the CPU under a command that said --device cuda; --steps 0 trained nothing, then divided by zero.
+    quality, step_time = load("quality"), load("step_time")
+    with pytest.raises(SystemExit, match="nosuchfield: not a CDBVQConfig field"):
+        quality.parse_args(["--set", "nosuchfield=1"])
+    for argv in (["--steps", "0"], ["--device", "cuda:0"] if not torch.cuda.is_available() else ["--steps", "-1"]):
+        with pytest.raises(SystemExit):
+            quality.parse_args(argv)
+    with pytest.raises(SystemExit):
+        step_time.parse_args(["--device", "meta"])
+    assert "step_time.py times the CPU" in capsys.readouterr().err
 
 
 def test_vqtorch_adapter_counts_the_codes_the_library_replaces(load):
