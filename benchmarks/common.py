@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from cdb_tokenizer.tools.files import write_text
+from cdb_tokenizer.tools.messages import counted
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -168,7 +169,7 @@ def environment_summary(device: torch.device | str = "cpu") -> str:
     if device.type == "cuda":
         hardware = torch.cuda.get_device_name(device)
     else:
-        hardware = f"{_cpu_name()}, {os.cpu_count()} logical cores, {torch.get_num_threads()} torch threads"
+        hardware = f"{_cpu_name()}, {os.cpu_count()} logical cores, {counted(torch.get_num_threads(), 'torch thread')}"
     return f"{hardware}; torch {torch.__version__}, Python {platform.python_version()}, {timestamp()}"
 
 

@@ -30,6 +30,7 @@ from quality import photo_tensors, random_crops, train_step
 from cdb_tokenizer import CDBVQConfig, CDBVQModel
 from cdb_tokenizer.modeling_cdb_vq import flatten_grid
 from cdb_tokenizer.tools.losses import TokenizerLoss
+from cdb_tokenizer.tools.messages import counted
 from cdb_tokenizer.tools.steps import TrainingParts
 
 RULES = ("nearest", "sinkhorn", "cdb")
@@ -129,7 +130,7 @@ def main(argv: list[str] | None = None) -> None:
         f"Setup: `CDBVQConfig` defaults but resolution {config.resolution}, K = {config.codebook_size} codes of "
         f"{config.codebook_dim} dimensions, base_channels {config.base_channels}{' (--tiny: a dry check)' if args.tiny else ''}; batch {args.batch_size} random "
         f"{args.resolution}x{args.resolution} crops of scikit-image's photos; the library's training step (L1 + L2 + "
-        f"vq_loss, AdamW {args.learning_rate}, grad-norm clip 1, dead-code restarts); {args.warmup} warm-up rounds, "
+        f"vq_loss, AdamW {args.learning_rate}, grad-norm clip 1, dead-code restarts); {counted(args.warmup, 'warm-up round')}, "
         f"then {args.rounds} timed rounds, one step of every rule per round. Ratio: median of per-round ratios to "
         f"`{args.rules[0]}` (median s / step of `{args.rules[0]}`: {reference:.4f}).",
         "",

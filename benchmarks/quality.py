@@ -274,8 +274,8 @@ def train_step(parts: TrainingParts, pixel_values: torch.Tensor, step: int, inpu
     terms, bad_term, output = training_step(parts, pixel_values, step, inputs=inputs)
     restarted = 0 if bad_term else restart_dead_codes(parts.unwrapped, output, seed=step)
     return {
-        "loss": float(terms["total"]),
-        "reconstruction_loss": float(terms["l1"] + terms["l2"]),
+        "loss": float(terms["total"].detach()),
+        "reconstruction_loss": float((terms["l1"] + terms["l2"]).detach()),
         "utilization": float(output.utilization),
         "perplexity": float(output.perplexity),
         "restarted": restarted,
@@ -512,9 +512,7 @@ def report(
             f"![held-out code usage]({plot_name})",
             "",
             *(held_in_table(results) if args.held_in else []),
-            "Targets:",
-            *targets(results, args.usage_target),
-            "",
+            *(["Targets:", *targets(results, args.usage_target), ""] if targets(results, args.usage_target) else []),
         ]
     )
 

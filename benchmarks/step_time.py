@@ -20,6 +20,8 @@ from common import command_line, environment_summary, load_line, load_summary, m
 
 import quality
 
+from cdb_tokenizer.tools.messages import counted
+
 STEP_TARGET_RATIO = 1.3
 
 
@@ -76,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
         f"quality.py's model and batches (K = {args.quality.codebook_size}, D = {args.quality.codebook_dim}, batch "
         f"{args.quality.batch_size} of {args.quality.resolution}x{args.quality.resolution}); one step = forward, "
         f"L1 + L2 + vq_loss, backward, AdamW, dead-code restarts (the library's training step, as quality.py). "
-        f"{args.rounds} rounds after {args.warmup} warm-up rounds, each round one step of every rule on the same batch.",
+        f"{counted(args.rounds, 'round')} after {counted(args.warmup, 'warm-up round')}, each round one step of every rule on the same batch.",
         "",
         markdown_table(["rule", "median s / step", f"median ratio to `{reference}`"], rows),
         "",
