@@ -43,6 +43,7 @@ from common import environment_summary, load_line, load_summary, timestamp
 from tqdm.auto import tqdm
 
 from cdb_tokenizer.tools.files import replace_file, write_text
+from cdb_tokenizer.tools.messages import run_script
 from cdb_tokenizer.tools.teacher import DEFAULT_TEMPLATE
 
 
@@ -131,6 +132,10 @@ def load_fashion_mnist_idx(folder: str | Path, split: str) -> LabelledImages:
     return LabelledImages(np.ascontiguousarray(images, dtype=np.uint8), labels.astype(np.int64), FASHION_MNIST_LABELS)
 
 
+class DataUnavailableError(RuntimeError):
+    """Fashion-MNIST is neither in the local folder nor loadable from the Hub (one line, not a traceback)."""
+
+
 def load_fashion_mnist_hub(dataset_name: str, split: str) -> LabelledImages:
     """Fashion-MNIST `split` through `datasets` (columns `image` and `label`)."""
     import datasets
@@ -138,6 +143,10 @@ def load_fashion_mnist_hub(dataset_name: str, split: str) -> LabelledImages:
     dataset = datasets.load_dataset(dataset_name, split=split)
     images = np.stack([np.asarray(image.convert("L"), dtype=np.uint8) for image in dataset["image"]])
     return LabelledImages(images, np.asarray(dataset["label"], dtype=np.int64), FASHION_MNIST_LABELS)
+
+
+# Held out of the training images by each tokenizer's train.py run, to validate on.
+VALIDATION_IMAGES = 256
 
 
 def load_fashion_mnist(
@@ -156,7 +165,7 @@ def load_fashion_mnist(
         return load_fashion_mnist_hub(dataset_name, split)
     except Exception as error:  # noqa: BLE001 - any failure means the same thing to the user: no data
         where = f"the folder {data_dir} does not exist and " if data_dir is not None else ""
-        raise RuntimeError(
+        raise DataUnavailableError(
             f"Fashion-MNIST is not available: {where}the Hub data set {dataset_name!r} could not be loaded "
             f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}). Install Debian's "
             f"dataset-fashion-mnist package (IDX files under {DEFAULT_FASHION_MNIST_DIR}) or pass --fashion_mnist_dir."
@@ -521,7 +530,7 @@ def train_command(args: argparse.Namespace, case: str, data_dir: Path, teacher_c
         "--prototypes", f"text:{labels_file}",
         "--max_train_steps", str(args.max_train_steps), "--train_batch_size", str(args.train_batch_size),
         "--learning_rate", str(args.learning_rate), "--disc_weight", "0", "--lpips_weight", "0",
-        "--num_validation_images", "256", "--validation_steps", str(args.max_train_steps),
+        "--num_validation_images", str(VALIDATION_IMAGES), "--validation_steps", str(args.max_train_steps),
         "--checkpointing_steps", str(args.max_train_steps), "--checkpoints_total_limit", "1", "--report_to", "none",
         "--seed", str(args.seed), "--output_dir", str(Path(args.output_dir) / "tokenizers" / case),
         *CASES[case].train_flags, *args.train_args,
@@ -805,6 +814,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.train_args = [flag for flag in args.train_args if flag != "--"]
     args.fashion_mnist_dir = None if str(args.fashion_mnist_dir).lower() == "none" else args.fashion_mnist_dir
     args.dataset_name = None if str(args.dataset_name).lower() == "none" else args.dataset_name
+    if args.num_train_images <= VALIDATION_IMAGES:  # train.py holds its validation images out of them
+        build_parser().error(f"--num_train_images must be above {VALIDATION_IMAGES}, the images each tokenizer's "
+                             f"train.py run holds out for validation; got {args.num_train_images}.")  # fmt: skip
     return args
 
 
@@ -859,4 +871,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main, DataUnavailableError, FileNotFoundError)  # missing data: one line (CDB_VQ_DEBUG=1 shows where)

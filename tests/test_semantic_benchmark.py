@@ -81,9 +81,18 @@ def test_missing_folder_falls_back_to_the_hub_and_says_when_neither_works(semant
         raise ConnectionError("Couldn't reach the Hub")
 
     monkeypatch.setattr(semantic, "load_fashion_mnist_hub", unreachable_hub)
-    with pytest.raises(RuntimeError, match="Fashion-MNIST is not available.*nowhere.*some/fmnist.*ConnectionError"):
+    with pytest.raises(semantic.DataUnavailableError, match="Fashion-MNIST is not available.*nowhere.*some/fmnist.*ConnectionError"):
         semantic.load_fashion_mnist("test", data_dir=tmp_path / "nowhere", dataset_name="some/fmnist")
     assert calls == [("some/fmnist", "test")]
+
+
+def test_too_few_training_images_for_the_held_out_ones_are_refused_before_any_work(semantic, capsys):
+    # train.py holds 256 images out of each tokenizer's training folder: with no more than that it failed, after the
+    # teacher had trained.
+    with pytest.raises(SystemExit):
+        semantic.parse_args(["--num_train_images", "256"])
+    assert "--num_train_images must be above 256" in capsys.readouterr().err
+    assert semantic.parse_args(["--num_train_images", "257"]).num_train_images == 257
 
 
 def test_pixel_values_are_padded_rgb_in_model_range(semantic):
