@@ -44,6 +44,7 @@ from tqdm.auto import tqdm
 
 from cdb_tokenizer.tools.files import replace_file, write_text
 from cdb_tokenizer.tools.messages import run_script
+from cdb_tokenizer.tools.redaction import scrub_local_paths
 from cdb_tokenizer.tools.teacher import DEFAULT_TEMPLATE
 
 
@@ -820,6 +821,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def report_command(argv: list[str]) -> str:
+    """The command as the report shows it: local paths outside the repository cut to their last part, as every
+    benchmark's report does (reports are committed and published)."""
+    return shlex.join(["python", "benchmarks/semantic.py", *scrub_local_paths(argv)])
+
+
 def main(argv: list[str] | None = None) -> dict:
     """Run the benchmark; returns the teacher summary and each tokenizer's measures (also in results.json)."""
     from transformers import AutoModel
@@ -827,7 +834,7 @@ def main(argv: list[str] | None = None) -> dict:
     import cdb_tokenizer  # noqa: F401 - registers the Auto classes
 
     args = parse_args(argv)
-    command = shlex.join(["python", "benchmarks/semantic.py", *(sys.argv[1:] if argv is None else argv)])
+    command = report_command(sys.argv[1:] if argv is None else argv)
     start, started = time.time(), timestamp()
     if args.num_threads:
         torch.set_num_threads(args.num_threads)

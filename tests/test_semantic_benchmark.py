@@ -233,3 +233,8 @@ def test_token_label_maps_picture_has_a_row_per_class_and_a_column_per_tokenizer
     width, height = Image.open(path).size
     # 1.6 inches at 80 dpi per row (one per class) and per tokenizer column, plus the image and legend columns.
     assert (width, height) == (round((1.6 * 2 + 3.2) * 80), round(1.6 * 3 * 80))
+
+
+def test_the_reports_command_carries_no_local_path(semantic):
+    command = semantic.report_command(["--fashion_mnist_dir", "/home/jdoe/data/fmnist", "--max_train_steps", "10"])
+    assert command == "python benchmarks/semantic.py --fashion_mnist_dir fmnist --max_train_steps 10"
