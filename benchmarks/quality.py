@@ -458,6 +458,7 @@ def remembered_steps(decay: float) -> str:
 def report(
     args: argparse.Namespace, results: dict[str, dict], plot_name: str, num_held_out: int, minutes: float, load: str
 ) -> str:
+    verdicts = targets(results, args.usage_target)  # none without `cdb`: then no "Targets:" heading either
     rows = [
         [
             rule, f"{r['psnr']:.2f}", f"{r['ssim']:.4f}", f"{r['utilization']:.1%}", f"{r['perplexity']:.0f}",
@@ -512,7 +513,7 @@ def report(
             f"![held-out code usage]({plot_name})",
             "",
             *(held_in_table(results) if args.held_in else []),
-            *(["Targets:", *targets(results, args.usage_target), ""] if targets(results, args.usage_target) else []),
+            *(["Targets:", *verdicts, ""] if verdicts else []),
         ]
     )
 

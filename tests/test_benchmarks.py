@@ -146,9 +146,14 @@ def test_every_quality_rule_trains_and_is_evaluated(load):
     backbone = quality.reference_backbone(args)
     train_photos = quality.photo_tensors("skimage")[:2]
     held_out = quality.grid_crops(quality.photo_tensors("sklearn"), args.resolution)[:8]
+    results = {}
     for rule in quality.RULES:
-        result = quality.train_and_evaluate(args, rule, backbone, train_photos, held_out)
+        result = results[rule] = quality.train_and_evaluate(args, rule, backbone, train_photos, held_out)
         assert result["rule"] == rule and result["psnr"] > 0 and 0 < result["utilization"] <= 1, rule
+    # Targets are the router's: a report of the baselines alone has no "Targets:" heading (it had an empty one).
+    assert "Targets:\n- `cdb` uses" in quality.report(args, results, "plot.png", 8, 0.1, "load")
+    baselines = {rule: result for rule, result in results.items() if rule != "cdb"}
+    assert "Targets:" not in quality.report(args, baselines, "plot.png", 8, 0.1, "load")
 
 
 def test_the_psnr_target_is_judged_only_against_every_baseline(load):
