@@ -241,7 +241,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads on CPU (0: torch's default); 1 gives steadier numbers on a shared machine.")  # fmt: skip
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--timeout", type=float, default=3600.0)
+    parser.add_argument("--timeout", type=float, default=3600.0, help="Seconds before a case is given up.")
     parser.add_argument("--output", default="speed.md", help="Report name under benchmarks/results/.")
     return parser.parse_args(argv)
 
