@@ -235,15 +235,16 @@ def write_report(name: str, text: str) -> Path:
     return write_text(RESULTS_DIR / name, text)
 
 
-def command_line() -> str:
-    """The command that produced a report, as a user would type it from the repository root (quoted: it pastes
-    back into a shell as it ran), with local paths outside the repository cut to their last part (reports are
-    committed and published)."""
+def command_line(argv: list[str] | None = None, script: str | Path | None = None) -> str:
+    """The command that produced a report (default: this process's), as a user would type it from the repository
+    root (quoted: it pastes back into a shell as it ran), with local paths outside the repository cut to their last
+    part (reports are committed and published)."""
     from cdb_tokenizer.tools.redaction import scrub_local_paths
 
-    script = Path(sys.argv[0]).resolve()
+    argv = sys.argv[1:] if argv is None else argv
+    script = Path(sys.argv[0] if script is None else script).resolve()
     try:
         script = script.relative_to(REPO_ROOT)
     except ValueError:
         script = Path(script.name)
-    return shlex.join(["python", str(script), *scrub_local_paths(sys.argv[1:])])
+    return shlex.join(["python", str(script), *scrub_local_paths(argv)])

@@ -28,7 +28,6 @@ import gzip
 import json
 import math
 import os
-import shlex
 import shutil
 import subprocess
 import sys
@@ -39,12 +38,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from common import environment_summary, load_line, load_summary, timestamp
+from common import command_line, environment_summary, load_line, load_summary, timestamp
 from tqdm.auto import tqdm
 
 from cdb_tokenizer.tools.files import replace_file, write_text
 from cdb_tokenizer.tools.messages import run_script
-from cdb_tokenizer.tools.redaction import scrub_local_paths
 from cdb_tokenizer.tools.teacher import DEFAULT_TEMPLATE
 
 
@@ -811,20 +809,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     args.train_args = [flag for flag in args.train_args if flag != "--"]
     args.fashion_mnist_dir = None if str(args.fashion_mnist_dir).lower() == "none" else args.fashion_mnist_dir
     args.dataset_name = None if str(args.dataset_name).lower() == "none" else args.dataset_name
     if args.num_train_images <= VALIDATION_IMAGES:  # train.py holds its validation images out of them
-        build_parser().error(f"--num_train_images must be above {VALIDATION_IMAGES}, the images each tokenizer's "
+        parser.error(f"--num_train_images must be above {VALIDATION_IMAGES}, the images each tokenizer's "
                              f"train.py run holds out for validation; got {args.num_train_images}.")  # fmt: skip
     return args
-
-
-def report_command(argv: list[str]) -> str:
-    """The command as the report shows it: local paths outside the repository cut to their last part, as every
-    benchmark's report does (reports are committed and published)."""
-    return shlex.join(["python", "benchmarks/semantic.py", *scrub_local_paths(argv)])
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -834,7 +827,7 @@ def main(argv: list[str] | None = None) -> dict:
     import cdb_tokenizer  # noqa: F401 - registers the Auto classes
 
     args = parse_args(argv)
-    command = report_command(sys.argv[1:] if argv is None else argv)
+    command = command_line(argv, script=__file__)
     start, started = time.time(), timestamp()
     if args.num_threads:
         torch.set_num_threads(args.num_threads)

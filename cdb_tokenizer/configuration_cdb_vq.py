@@ -223,12 +223,13 @@ class CDBVQConfig(PretrainedConfig):
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> CDBVQConfig:
         """`PretrainedConfig.from_pretrained`, except that a local folder without `config.json` is an error (transformers
         would return the default config, and a model loaded from such a folder fails far from the cause)."""
-        name, folder = pretrained_model_name_or_path, Path(expand_home(pretrained_model_name_or_path))
+        name, expanded = pretrained_model_name_or_path, expand_home(pretrained_model_name_or_path)
+        folder = Path(expanded)
         if folder.is_dir() and not (folder / kwargs.get("subfolder", "") / CONFIG_NAME).is_file():
             raise OSError(f"{folder} has no {CONFIG_NAME}: it is not a saved cdb-vq model (save_pretrained writes one).")
         if not folder.exists() and looks_like_path(str(name)):  # not "Repo id must be ..."
             raise OSError(f"{name}: no such folder (and, as a path, no Hub id).")
-        return super().from_pretrained(expand_home(name), **kwargs)
+        return super().from_pretrained(expanded, **kwargs)
 
     @classmethod
     def from_dict(cls, config_dict: dict, **kwargs):

@@ -236,5 +236,8 @@ def test_token_label_maps_picture_has_a_row_per_class_and_a_column_per_tokenizer
 
 
 def test_the_reports_command_carries_no_local_path(semantic):
-    command = semantic.report_command(["--fashion_mnist_dir", "/home/jdoe/data/fmnist", "--max_train_steps", "10"])
+    import common
+
+    command = common.command_line(["--fashion_mnist_dir", "/home/jdoe/data/fmnist", "--max_train_steps", "10"],
+                                  script=semantic.__file__)  # fmt: skip
     assert command == "python benchmarks/semantic.py --fashion_mnist_dir fmnist --max_train_steps 10"

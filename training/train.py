@@ -76,7 +76,7 @@ from cdb_tokenizer.tools.evaluation import (
     save_reconstruction_figure,
     save_usage_plot,
 )
-from cdb_tokenizer.tools.files import share_safetensors, write_text
+from cdb_tokenizer.tools.files import saved_weights, share_safetensors, write_text
 from cdb_tokenizer.tools.losses import LPIPSUnavailableError, PatchDiscriminator, TokenizerLoss, load_lpips, lpips_backbone_file
 from cdb_tokenizer.tools.messages import run_script
 from cdb_tokenizer.tools.redaction import public_value, redact_secrets
@@ -1031,7 +1031,7 @@ def save_outputs(model: CDBVQModel, validation: torch.Tensor, args, metrics: dic
     output_dir = Path(args.output_dir)
     with ema.applied(model) if ema is not None else nullcontext():
         model.save_pretrained(output_dir)
-        share_safetensors(output_dir)
+        share_safetensors(saved_weights(output_dir))
         originals = picture_images(args, validation, model.config.downsampling_factor)
         reconstructions = [reconstruct(model, image[None])[0] for image in originals]
         caption = (f"held-out: {validation.shape[0]} crops at {args.resolution}x{args.resolution}, PSNR "

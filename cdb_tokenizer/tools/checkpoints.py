@@ -136,7 +136,7 @@ def save_checkpoint(
         (temporary / STATE_JSON).write_text(json.dumps(state or {}, indent=2, default=str) + "\n", encoding="utf-8")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        share_safetensors(temporary, [path.name for path in temporary.glob("*.safetensors")])  # all written just now
+        share_safetensors(temporary.glob("*.safetensors"))  # every file here was written just now
         files = {}
         for file in sorted(p for p in temporary.rglob("*") if p.is_file()):
             _fsync(file)

@@ -91,23 +91,24 @@ def plain_file_mode() -> int:
     return 0o666 & ~_umask()
 
 
-def share_safetensors(folder: str | Path, names: Iterable[str] | None = None) -> None:
-    """Give safetensors files just written in `folder` the permissions of any other file written there: safetensors
-    creates them 0o600, so teammates on a shared cluster could read a run's configs but not its weights. `names`:
-    those files (default: `saved_weights`, what `save_pretrained` wrote; every other file may be the user's own)."""
+def share_safetensors(paths: Iterable[Path]) -> None:
+    """Give safetensors files just written the permissions of any other file written beside them: safetensors
+    creates them 0o600, so teammates on a shared cluster could read a run's configs but not its weights. Only the
+    files given (`saved_weights` for what `save_pretrained` wrote): others in the folder may be the user's own."""
     mode = plain_file_mode()
-    for name in saved_weights(folder) if names is None else names:
-        path = Path(folder) / name
+    for path in paths:
         if path.suffix == ".safetensors" and not path.is_symlink() and path.is_file():
             os.chmod(path, mode)
 
 
-def saved_weights(folder: str | Path) -> list[str]:
+def saved_weights(folder: str | Path) -> list[Path]:
     """The weight files `save_pretrained` writes in `folder`: model.safetensors, or the shards its index lists."""
-    index = Path(folder) / "model.safetensors.index.json"
+    folder = Path(folder)
+    index = folder / "model.safetensors.index.json"
     if index.is_file():
-        return sorted(set(json.loads(index.read_text(encoding="utf-8")).get("weight_map", {}).values()))
-    return ["model.safetensors"]
+        shards = json.loads(index.read_text(encoding="utf-8")).get("weight_map", {}).values()
+        return [folder / name for name in sorted(set(shards))]
+    return [folder / "model.safetensors"]
 
 
 def _umask() -> int:

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, GenerationConfig, GPT2Config, LlamaConfig, PreTrainedModel
 
-from ..files import relative_location, share_safetensors, write_text
+from ..files import relative_location, saved_weights, share_safetensors, write_text
 from ..loading import load_tokenizer, locate
 from ..messages import first_line
 from .vocabulary import PriorVocabulary
@@ -206,7 +206,7 @@ def save_prior(
     `load_prior_tokenizer` checks so that no other tokenizer decodes the prior's tokens."""
     output_dir = Path(output_dir)
     prior.save_pretrained(output_dir)
-    share_safetensors(output_dir)
+    share_safetensors(saved_weights(output_dir))
     local = tokenizer is not None and Path(tokenizer).expanduser().is_dir()
     far_tokenizer = None
     if local:
