@@ -61,6 +61,7 @@ from cdb_tokenizer.tools.losses import TokenizerLoss
 from cdb_tokenizer.tools.steps import TrainingParts, restart_dead_codes, training_step
 
 RULES = ("nearest", "sinkhorn", "cdb", "vqtorch")
+TRAIN_WINDOW = 50  # steps averaged for the "train" columns of the report
 # What `--set FIELD=VALUE` reaches (said in its help and in every report).
 OVERRIDES_REACH = (
     "every rule's `CDBVQConfig`: all of it for `nearest`, `sinkhorn` and `cdb`; for `vqtorch` only the backbone "
@@ -306,7 +307,7 @@ def train_and_evaluate(
     diagnostics = assignment_diagnostics(model, batches)
     if args.held_in:
         diagnostics.update(held_in_diagnostics(args, model, train_photos, counts))
-    tail = history[-min(50, len(history)) :]
+    tail = history[-min(TRAIN_WINDOW, len(history)) :]
     return {
         "rule": rule,
         **results,
@@ -467,9 +468,10 @@ def report(
         ]
         for rule, r in results.items()
     ]  # fmt: skip
+    window = f"last {min(TRAIN_WINDOW, args.steps)}"  # a run shorter than the window averages all its steps
     headers = ["quantizer", "PSNR (dB)", "SSIM", "codes used", "perplexity", "on nearest code", "quantization error",
-               "codes used (train, last 50)",
-               "train L1+L2 (last 50)", "codes restarted", "s / step"]  # fmt: skip
+               f"codes used (train, {window})",
+               f"train L1+L2 ({window})", "codes restarted", "s / step"]  # fmt: skip
     config = small_config(args, "cdb")
     num_tokens = num_held_out * (args.resolution // config.downsampling_factor) ** 2
     overrides = ""
