@@ -221,11 +221,14 @@ def test_publish_staging_scrubs_relative_paths_and_safetensors_metadata(root, tm
     from safetensors import safe_open
 
     from cdb_tokenizer.tools.publishing import stage_folder
-    from cdb_tokenizer.tools.teacher import save_prototypes
+    from cdb_tokenizer.tools.teacher import load_prototypes, save_prototypes
 
     output = tmp_path / "out"
     shutil.copytree(root / "model", output)
-    save_prototypes(output / "prototypes.safetensors", torch.randn(8, 32), source=source)
+    # Labels are JSON in the metadata: a Windows path's escaped backslashes were cut as text (leaving "Users\\jdoe"
+    # and a file whose labels no longer parsed).
+    labels = ["cat", "/home/jdoe/clients/dog", "C:\\Users\\jdoe\\rocket", "sky " + "hf_" + "Q" * 30, *"abcd"]
+    save_prototypes(output / "prototypes.safetensors", torch.randn(8, 32), labels=labels, source=source)
     os.chmod(output / "prototypes.safetensors", 0o644)
     training_config = {"train_data_dir": "../jdoe/photos", "prototypes": "text:./jdoe/labels.txt",
                        "clip_pretrained": "file:///home/jdoe/clip.safetensors", "dataset_name": "/home/jdoe/ds"}  # fmt: skip
@@ -234,6 +237,7 @@ def test_publish_staging_scrubs_relative_paths_and_safetensors_metadata(root, tm
     with safe_open(str(staged / "prototypes.safetensors"), framework="pt") as handle:
         assert handle.metadata()["source"] == "text:labels.txt"
         assert handle.get_tensor("prototypes").shape == (8, 32)
+    assert load_prototypes(staged / "prototypes.safetensors")[1] == ["cat", "dog", "rocket", "sky [redacted]", *"abcd"]
     assert stat.S_IMODE((staged / "prototypes.safetensors").stat().st_mode) == 0o644  # rewritten, not made 0o600
     text = "\n".join(p.read_text(errors="ignore") for p in staged.rglob("*") if p.suffix in (".json", ".md"))
     assert "jdoe" not in text

@@ -523,13 +523,30 @@ def _scrub_safetensors_metadata(path: Path) -> list[str]:
     from safetensors.torch import load_file, save_file
 
     with safe_open(str(path), framework="pt") as handle:
-        metadata = handle.metadata() or {}
+        metadata = _decoded_metadata(handle.metadata() or {}, path)
     public = public_value(metadata)
     if public == metadata:
         return []
     tensors = load_file(str(path))
-    replace_file(path, lambda temporary: save_file(tensors, str(temporary), metadata=public))  # keeps the file's mode
+    encoded = {key: json.dumps(value) if key in JSON_METADATA_KEYS else value for key, value in public.items()}
+    replace_file(path, lambda temporary: save_file(tensors, str(temporary), metadata=encoded))  # keeps the file's mode
     return _removed_strings(metadata, public)
+
+
+# Safetensors metadata values that hold JSON (the prototypes' `labels` list): cleaned as the list they encode. As text,
+# a label's Windows path had its escaped backslashes read as part of the path, leaving the file's JSON invalid.
+JSON_METADATA_KEYS = ("labels",)
+
+
+def _decoded_metadata(metadata: dict[str, str], path: Path) -> dict[str, Any]:
+    decoded = dict(metadata)
+    for key in JSON_METADATA_KEYS:
+        if key in decoded:
+            try:
+                decoded[key] = json.loads(decoded[key])
+            except ValueError:
+                raise ValueError(f"{path.name}: its {key!r} metadata is not JSON; the file is corrupt.") from None
+    return decoded
 
 
 def _removed_strings(raw: Any, public: Any) -> list[str]:
