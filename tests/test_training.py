@@ -3,6 +3,7 @@
 import argparse
 import json
 import os
+import logging
 import shutil
 import stat
 import subprocess
@@ -343,15 +344,32 @@ def test_streamed_folder_trains_and_resumes(tmp_path):
     assert all(resumed[step]["loss/total"] == straight[step]["loss/total"] for step in resumed)
 
 
-def test_push_to_hub_hands_the_output_folder_to_publishing(tmp_path, monkeypatch):
+def test_push_to_hub_hands_the_output_folder_to_publishing(tmp_path, monkeypatch, caplog):
     calls = []
+
+    def push_to_hub(output_dir, hub_model_id, **kwargs):
+        calls.append((output_dir, hub_model_id, kwargs))
+        if hub_model_id == "me/down":
+            raise ConnectionError("connection reset by peer")
+        return types.SimpleNamespace(commit_url="https://huggingface.co/me/tok/commit/abc")
+
     publishing = types.ModuleType("cdb_tokenizer.tools.publishing")
-    publishing.push_to_hub = lambda output_dir, hub_model_id, **kwargs: calls.append((output_dir, hub_model_id, kwargs))
+    publishing.push_to_hub = push_to_hub
     publishing.check_push_settings = lambda hub_model_id, token=None: calls.append(("checked", hub_model_id)) or "token"
     monkeypatch.setitem(sys.modules, "cdb_tokenizer.tools.publishing", publishing)
     output_dir = tmp_path / "run"
-    main(PLAIN_RUN + ["--output_dir", str(output_dir), "--max_train_steps", "1", "--push_to_hub", "--hub_model_id", "me/tok"])
+    with caplog.at_level(logging.INFO):
+        main(PLAIN_RUN + ["--output_dir", str(output_dir), "--max_train_steps", "1", "--push_to_hub", "--hub_model_id", "me/tok"])
     assert calls == [("checked", "me/tok"), (str(output_dir), "me/tok", {"private": False, "token": None})]
+    assert "Uploaded to me/tok: https://huggingface.co/me/tok/commit/abc" in caplog.text  # it said nothing
+    # A failed upload was a traceback from the Hub client: now one message, saying the model is saved and how to retry.
+    from training.train import UploadFailed
+
+    output_dir = tmp_path / "down"
+    with pytest.raises(UploadFailed, match=r"the upload to me/down failed \(ConnectionError: connection reset by peer\)"
+                       r"\. The model is saved in .*down; retry the upload with: python training/publish\.py"):  # fmt: skip
+        main(PLAIN_RUN + ["--output_dir", str(output_dir), "--max_train_steps", "1", "--push_to_hub", "--hub_model_id", "me/down"])
+    assert (output_dir / "model.safetensors").is_file() and (output_dir / "metrics.json").is_file()
 
 
 def test_push_to_hub_without_a_token_stops_before_training(tmp_path, monkeypatch):

@@ -78,7 +78,7 @@ from cdb_tokenizer.tools.evaluation import (
 )
 from cdb_tokenizer.tools.files import saved_weights, share_safetensors, write_text
 from cdb_tokenizer.tools.losses import LPIPSUnavailableError, PatchDiscriminator, TokenizerLoss, load_lpips, lpips_backbone_file
-from cdb_tokenizer.tools.messages import run_script
+from cdb_tokenizer.tools.messages import first_line, run_script
 from cdb_tokenizer.tools.redaction import public_value, redact_secrets
 from cdb_tokenizer.tools.roles import role_map_figure, save_role_map
 from cdb_tokenizer.tools.runs import (
@@ -109,6 +109,10 @@ logger = get_logger(__name__, log_level="INFO")
 
 class TrainingStopped(RuntimeError):
     """Training stopped before the end (e.g. losses that stay NaN); checkpoints written so far are intact."""
+
+
+class UploadFailed(RuntimeError):
+    """--push_to_hub could not upload the model, which is saved in --output_dir."""
 
 
 # The seed of what validation scores (a sample of the validation split, the images held out of the training split,
@@ -1009,11 +1013,23 @@ def save_run(args: argparse.Namespace, parts: TrainingParts, ema: EMAWeights | N
         save_outputs(parts.unwrapped, validation.pixel_values, args, metrics, ema)
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    if args.push_to_hub and accelerator.is_main_process:
-        from cdb_tokenizer.tools.publishing import push_to_hub
-
-        push_to_hub(args.output_dir, hub_model_id(args), private=args.hub_private_repo, token=args.hub_token)
     return metrics
+
+
+def publish(args: argparse.Namespace) -> None:
+    """Upload the saved model (--push_to_hub). The model stays saved whatever the upload does: a failure says so and
+    how to retry it, instead of a traceback from the Hub client."""
+    from cdb_tokenizer.tools.publishing import push_to_hub
+
+    repo = hub_model_id(args)
+    try:
+        commit = push_to_hub(args.output_dir, repo, private=args.hub_private_repo, token=args.hub_token)
+    except Exception as error:  # noqa: BLE001 - transport and HTTP errors of the Hub client share no base class
+        raise UploadFailed(
+            f"the upload to {repo} failed ({type(error).__name__}: {first_line(error)}). The model is saved in "
+            f"{args.output_dir}; retry the upload with: python training/publish.py {args.output_dir} --hub_model_id {repo}"
+        ) from error
+    logger.info(f"Uploaded to {repo}: {commit.commit_url}")
 
 
 def picture_images(args, validation: torch.Tensor, factor: int) -> list[torch.Tensor]:
@@ -1132,6 +1148,8 @@ def train(args: argparse.Namespace) -> tuple[CDBVQModel, dict]:
     if accelerator.is_main_process:
         log_done(start_time, state.step, seconds_per_step, threads, metrics, parts.unwrapped.config.codebook_size,
                  Path(args.output_dir))  # fmt: skip
+        if args.push_to_hub:
+            publish(args)
     return parts.unwrapped, metrics
 
 
@@ -1142,4 +1160,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 if __name__ == "__main__":
     # Mistakes in the inputs (a missing folder, a column that does not exist, ...) and clean stops: one line.
-    run_script(main, TrainingStopped, LPIPSUnavailableError, FileNotFoundError, ValueError)
+    run_script(main, TrainingStopped, UploadFailed, LPIPSUnavailableError, FileNotFoundError, ValueError)
