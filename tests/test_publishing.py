@@ -10,6 +10,7 @@ from unittest import mock
 import pytest
 import torch
 from huggingface_hub import HfApi, ModelCard, RepoUrl
+from huggingface_hub.errors import HfHubHTTPError
 
 from cdb_tokenizer import CDBVQImageProcessor
 from cdb_tokenizer.tools.data import sample_photos
@@ -234,6 +235,9 @@ def test_push_to_hub_creates_repo_and_uploads_the_staged_folder(training_output)
     assert set(uploaded["files"]) == UPLOADED  # no checkpoints/ or logs/
     assert uploaded["token"] == "hf_arg"
     assert commit.commit_url.endswith("/commit/abc")
+    # The card on branch v1 loads v1: its snippets loaded main, which a new repository's branch leaves empty.
+    assert f'from_pretrained("{HUB_ID}", revision="v1", trust_remote_code=True)' in uploaded["readme"]
+    assert f"--model {HUB_ID} --revision v1 --out tokens.safetensors" in uploaded["readme"]
 
 
 def test_push_to_hub_removes_stale_published_files_only(training_output):
@@ -370,6 +374,12 @@ def test_publish_script_passes_its_flags_through(training_output, tmp_path, caps
         == 1
     )
     assert "does not exist" in capsys.readouterr().err
+
+    # The Hub refusing the upload (an OSError too) read like a mistake in the folder: it says the upload failed.
+    refused = HfHubHTTPError("403 Forbidden: you cannot write to this repository.\nRequest id: abc", response=mock.Mock())
+    with mock.patch.object(HfApi, "create_repo", autospec=True, side_effect=refused):
+        assert publish.main([str(training_output), "--hub_model_id", HUB_ID, "--token", "hf_cli"]) == 1
+    assert capsys.readouterr().err == "publish: error: the upload failed: 403 Forbidden: you cannot write to this repository.\n"
 
 
 def test_a_card_names_no_teacher_when_none_ran(training_output, tmp_path):

@@ -14,6 +14,9 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from huggingface_hub.errors import HfHubHTTPError
+
+from cdb_tokenizer.tools.messages import first_line
 from cdb_tokenizer.tools.publishing import push_to_hub, stage_folder
 
 
@@ -52,11 +55,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             staging_dir=args.staging_dir,
             license=args.license,
         )
-    except (OSError, ValueError, RuntimeError) as error:  # bad folder, bad id, no token, Hub HTTP errors
+    except HfHubHTTPError as error:  # the Hub refused (401, 403, 5xx): an OSError, but no mistake in the folder
+        print(f"publish: error: the upload failed: {first_line(error)}", file=sys.stderr)
+        return 1
+    except (OSError, ValueError, RuntimeError) as error:  # bad folder, bad id, no token
         print(f"publish: error: {error}", file=sys.stderr)
         return 1
     except Exception as error:  # noqa: BLE001 - network transport errors have no common base class to name
-        print(f"publish: error: the upload failed: {type(error).__name__}: {error}", file=sys.stderr)
+        print(f"publish: error: the upload failed: {type(error).__name__}: {first_line(error)}", file=sys.stderr)
         return 1
     print(f"published {args.hub_model_id}: {getattr(commit, 'commit_url', commit)}")
     return 0

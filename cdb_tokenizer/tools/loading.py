@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import AutoImageProcessor, AutoModel, PretrainedConfig
+from transformers.utils import logging as transformers_logging
 
 from ..configuration_cdb_vq import looks_like_path
 from .messages import first_line
@@ -72,6 +74,19 @@ def refuse_missing_weights(model, loading_info: dict, source: str | Path) -> Non
         )
 
 
+@contextmanager
+def quiet_loading_bars():
+    """Hide transformers' "Loading weights" bar (tqdm over the tensors): a tokenizer loads in about a second, and the
+    bar's lines landed among a command's own output. Downloads keep their bars (huggingface_hub's own)."""
+    shown = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if shown:
+            transformers_logging.enable_progress_bar()
+
+
 def load_tokenizer(
     name_or_path: str, device: str | torch.device | None = None, trust_remote_code: bool = False, **kwargs: Any
 ):
@@ -97,7 +112,8 @@ def load_tokenizer(
     model_class = AutoModel if trust_remote_code else CDBVQModel
     processor_class = AutoImageProcessor if trust_remote_code else CDBVQImageProcessor
     options = {"trust_remote_code": trust_remote_code} if trust_remote_code else {}
-    model, loading_info = model_class.from_pretrained(name_or_path, **options, **kwargs, output_loading_info=True)
+    with quiet_loading_bars():
+        model, loading_info = model_class.from_pretrained(name_or_path, **options, **kwargs, output_loading_info=True)
     refuse_missing_weights(model, loading_info, name_or_path)
     model.eval()
     if _has_processor_config(name_or_path, kwargs):

@@ -361,12 +361,14 @@ def render_model_card(
     figures: dict[str, str] | None = None,
     template_path: str | Path | None = None,
     training_config: dict[str, Any] | None = None,
+    revision: str | None = None,
 ) -> ModelCard:
     """Render the model card of the tokenizer in `output_dir` (model files, metrics.json, training_config.json).
 
     `figures` maps "reconstructions" / "usage" to image files next to the README that the card shows.
     `training_config` replaces the folder's training_config.json: staging passes the run's own, in which a local
     `--dataset_name` can still be told from a Hub id (its published copy has the path cut to a bare name).
+    `revision`: the branch the card is published on; its usage snippets load that branch, not main.
     """
     output_dir = Path(output_dir)
     model = _load_complete_model(output_dir)
@@ -404,6 +406,8 @@ def render_model_card(
         card_data,
         template_path=str(template_path),
         repo_id=hub_model_id,
+        revision_argument=f', revision="{revision}"' if revision and revision != "main" else "",
+        revision_flag=f" --revision {revision}" if revision and revision != "main" else "",
         model_title=hub_model_id.split("/")[-1],
         config=config,
         num_parameters=f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M",
@@ -432,9 +436,10 @@ def _load_complete_model(folder: Path):
     """The model saved in `folder`, refused when its weights do not all fit (transformers would start the missing
     ones at random and only log it: a card and an upload of an untrained model); stray weights are refused too."""
     from ..modeling_cdb_vq import CDBVQModel
-    from .loading import refuse_missing_weights
+    from .loading import quiet_loading_bars, refuse_missing_weights
 
-    model, info = CDBVQModel.from_pretrained(folder, output_loading_info=True)
+    with quiet_loading_bars():
+        model, info = CDBVQModel.from_pretrained(folder, output_loading_info=True)
     refuse_missing_weights(model, info, folder)
     unexpected = sorted(str(key) for key in info.get("unexpected_keys") or ())
     if unexpected:
@@ -451,7 +456,11 @@ def _load_complete_model(folder: Path):
 
 
 def stage_folder(
-    output_dir: str | Path, staging_dir: str | Path, hub_model_id: str, license: str = "apache-2.0"
+    output_dir: str | Path,
+    staging_dir: str | Path,
+    hub_model_id: str,
+    license: str = "apache-2.0",
+    revision: str | None = None,
 ) -> Path:
     """Gather what the Hub repository holds into `staging_dir`, and render its `README.md` model card.
 
@@ -489,18 +498,25 @@ def stage_folder(
     # The card is rendered from the staged model, whose config is already clean, so that it shows what is published
     # and its escaping (`_` -> `\_`) cannot hide a private label from the last pass; loading it checks it too. The
     # training configuration's values reach the card through `public_fields` only.
-    write_model_card(staging_dir, hub_model_id, license=license, training_config=_read_json(output_dir / "training_config.json"))
+    run_config = _read_json(output_dir / "training_config.json")
+    write_model_card(staging_dir, hub_model_id, license=license, training_config=run_config, revision=revision)
     _scrub_staged_text(staging_dir, private + [str(output_dir.resolve())])
     return staging_dir
 
 
 def write_model_card(
-    staging_dir: str | Path, hub_model_id: str, license: str = "apache-2.0", training_config: dict[str, Any] | None = None
+    staging_dir: str | Path,
+    hub_model_id: str,
+    license: str = "apache-2.0",
+    training_config: dict[str, Any] | None = None,
+    revision: str | None = None,
 ) -> None:
     """Render the `README.md` of a staged folder from its model, showing the figures it holds."""
     staging_dir = Path(staging_dir)
     figures = {key: name for key, name in FIGURES.items() if (staging_dir / name).is_file()}
-    card = render_model_card(staging_dir, hub_model_id, license=license, figures=figures, training_config=training_config)
+    card = render_model_card(
+        staging_dir, hub_model_id, license=license, figures=figures, training_config=training_config, revision=revision
+    )
     card.save(staging_dir / "README.md")
 
 
@@ -609,7 +625,7 @@ def push_to_hub(
     token = check_push_settings(hub_model_id, token)
     api = HfApi(token=token)
     with tempfile.TemporaryDirectory(prefix="cdb-vq-hub-") as temporary:
-        folder = stage_folder(output_dir, staging_dir or temporary, hub_model_id, license=license)
+        folder = stage_folder(output_dir, staging_dir or temporary, hub_model_id, license=license, revision=revision)
         repo_id = api.create_repo(hub_model_id, private=private, exist_ok=True).repo_id
         if private and not api.repo_info(repo_id).private:
             raise ValueError(
@@ -618,7 +634,7 @@ def push_to_hub(
             )
         if repo_id != hub_model_id:  # "name" -> "user/name": the full id goes into the card's usage snippet
             run_config = _read_json(Path(output_dir) / "training_config.json")
-            write_model_card(folder, repo_id, license=license, training_config=run_config)
+            write_model_card(folder, repo_id, license=license, training_config=run_config, revision=revision)
             _scrub_staged_text(folder, [str(Path(output_dir).resolve())])
         if revision and revision != "main":
             api.create_branch(repo_id, branch=revision, exist_ok=True)
