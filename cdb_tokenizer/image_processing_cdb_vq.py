@@ -657,6 +657,11 @@ def _pil_to_tensor(image: PIL.Image.Image, do_convert_rgb: bool) -> torch.Tensor
     """PIL image -> float `(C, H, W)` tensor of [0, 255] intensities; modes are converted with PIL's own rules."""
     if image.width == 0 or image.height == 0:
         raise ValueError(f"Image has an empty size {image.width}x{image.height}.")
+    try:
+        image.load()  # PIL decodes lazily: a truncated or closed file fails here, not deep inside a conversion
+    except Exception as error:  # noqa: BLE001 - PIL's decoders raise OSError, SyntaxError, AssertionError (closed)
+        reason = str(error).strip() or "its file was closed, or it cannot be decoded"
+        raise ValueError(f"PIL cannot decode the image ({type(error).__name__}: {reason}).") from None
     image = _upright(image)
     if image.mode in _STRAIGHT_ALPHA:
         image = image.convert(_STRAIGHT_ALPHA[image.mode])
@@ -664,8 +669,8 @@ def _pil_to_tensor(image: PIL.Image.Image, do_convert_rgb: bool) -> torch.Tensor
     if grey is not None:
         return _convert_to_rgb(grey) if do_convert_rgb else grey
     if do_convert_rgb:
-        if image.mode in _ALPHA_MODES or (image.mode == "P" and "transparency" in image.info):
-            # Composite on white, as transformers' convert_to_rgb does.
+        if image.mode in _ALPHA_MODES or "transparency" in image.info:
+            # Composite on white, as transformers' convert_to_rgb does; a tRNS colour key ("L", "RGB", "P") too.
             rgba = image.convert("RGBA")
             background = PIL.Image.new("RGBA", rgba.size, (255, 255, 255, 255))
             image = PIL.Image.alpha_composite(background, rgba)
@@ -686,9 +691,11 @@ def greyscale_intensities(image: PIL.Image.Image) -> torch.Tensor | None:
     """(1, H, W) float [0, 255] intensities of a float ("F") or 16/32-bit integer ("I;16", "I") greyscale image,
     whose values PIL's convert("RGB") would clip at 255; None for any other mode.
 
-    "I;16" is read as [0, 65535]. "I" (PIL opens some 16-bit PNGs so, and `convert("I")` of an 8-bit image too) is
-    read as [0, 255] when no value exceeds 255, else as [0, 65535]. "F" is read as [0, 1] (as float arrays are) when
-    no value exceeds 1, else as PIL's [0, 255]. Values outside those ranges are refused.
+    "I;16" is read as [0, 65535], and so is "I" from a PNG or PGM file (16-bit samples; PIL scales a PGM's maxval to
+    65535). Another "I" (`convert("I")` of an 8-bit image, a TIFF of 32-bit integers) is read as [0, 255] when no
+    value exceeds 255, else as [0, 65535]. "F" is read as [0, 1] (as float arrays are) when no value exceeds 1, else as
+    PIL's [0, 255]; values that are [0, 1] but for a few overshoots (under 1% above 1) are refused, since read as
+    [0, 255] they would come out black. Values outside those ranges are refused. A tRNS colour key becomes white.
     """
     if not (image.mode in ("F", "I") or image.mode.startswith("I;16")):
         return None
@@ -698,11 +705,22 @@ def greyscale_intensities(image: PIL.Image.Image) -> torch.Tensor | None:
     low, high = (float(array.min()), float(array.max())) if array.size else (0.0, 0.0)
     if image.mode == "F":
         top = 1.0 if high <= 1.0 else 255.0
+        if top == 255.0 and float((array > 1.0).mean()) < 0.01:
+            raise ValueError(
+                f"a float (PIL mode F) image with values in [0, 1] but for a few above 1 (up to {high:g}): its scale "
+                f"is ambiguous; clip it to [0, 1], or give it on PIL's [0, 255] scale."
+            )
+    elif image.mode == "I" and high <= 255 and image.format not in ("PNG", "PPM"):
+        top = 255.0
     else:
-        top = 255.0 if image.mode == "I" and high <= 255 else 65535.0
+        top = 65535.0
     if low < 0 or high > top:
         raise ValueError(f"greyscale images of PIL mode {image.mode} must have values in [0, {top:g}], got [{low:g}, {high:g}].")
-    return torch.from_numpy(array * (255.0 / top))[None]
+    intensities = array * (255.0 / top)
+    key = image.info.get("transparency")
+    if isinstance(key, (int, float)) and not isinstance(key, bool):  # a tRNS colour key: transparent, so white
+        intensities[np.asarray(image) == key] = 255.0
+    return torch.from_numpy(intensities)[None]
 
 
 def _upright(image: PIL.Image.Image) -> PIL.Image.Image:

@@ -1,5 +1,6 @@
 """Tests for CDBVQImageProcessor on real photos from skimage.data (CPU, offline, fast)."""
 
+import io
 import json
 
 import numpy as np
@@ -164,6 +165,59 @@ def test_rgba_becomes_rgb_composited_on_white(astronaut):
         assert pixel_values.shape == (1, 3, 512, 512)
         torch.testing.assert_close(pixel_values[..., 100:], rgb[..., 100:])  # opaque: unchanged
         assert torch.all(pixel_values[..., :100] == 1.0)  # transparent: white
+
+
+def _reopened(image: PIL.Image.Image, format: str, **options) -> PIL.Image.Image:
+    """`image` as PIL opens it from a file of `format` (mode, info and `image.format` as a user's file gives them)."""
+    buffer = io.BytesIO()
+    image.save(buffer, format, **options)
+    buffer.seek(0)
+    return PIL.Image.open(buffer)
+
+
+def test_greyscale_files_are_read_on_their_own_scale_and_ambiguous_floats_refused(camera):
+    # A dark 16-bit PGM (PIL opens it as mode "I") whose values stayed <= 255 was read as 8-bit: ~257x too bright. A
+    # [0, 1] float image with one pixel at 1.01 was read as [0, 255]: black.
+    processor = CDBVQImageProcessor(do_resize=False, do_center_crop=False)
+    dark = (camera // 2).astype(np.uint16)  # at most 127 of 65535: nearly black
+    expected = processor(dark.astype(np.float32) / 65535.0, return_tensors="pt")["pixel_values"]
+    for name, image in {"PGM": _reopened(PIL.Image.fromarray(dark), "PPM"),
+                        "PNG": _reopened(PIL.Image.fromarray(dark), "PNG")}.items():  # fmt: skip
+        torch.testing.assert_close(processor(image, return_tensors="pt")["pixel_values"], expected, atol=1e-5, rtol=0, msg=name)
+    overshoot = camera.astype(np.float32) / 255.0
+    overshoot[0, 0] = 1.01
+    with pytest.raises(ValueError, match=r"values in \[0, 1\] but for a few above 1 \(up to 1.01\).*clip it"):
+        processor(PIL.Image.fromarray(overshoot))
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB", "I;16"])
+def test_a_transparency_colour_key_is_composited_on_white(mode):
+    # The processor composited only alpha bands and palettes: a PNG's tRNS key came out black, where cdb-vq's data
+    # loading (decode_image) made it white; a 16-bit key neither did.
+    from cdb_tokenizer.tools.data import decode_image
+
+    array = np.zeros((32, 32), np.uint16 if mode == "I;16" else np.uint8)
+    array[:, 16:] = 30000 if mode == "I;16" else 128
+    image = PIL.Image.fromarray(np.stack([array] * 3, -1) if mode == "RGB" else array)
+    image = _reopened(image, "PNG", transparency=(0, 0, 0) if mode == "RGB" else 0)
+    assert image.mode == mode and "transparency" in image.info
+    pixels = CDBVQImageProcessor(do_resize=False, do_center_crop=False)(image, return_tensors="pt")["pixel_values"][0]
+    assert torch.all(pixels[:, :, :16] == 1.0) and torch.all(pixels[:, :, 16:] < 0.5)  # the key white, the rest not
+    assert np.all(np.asarray(decode_image(image))[:, :16] == 255)
+
+
+def test_an_image_pil_cannot_decode_is_a_value_error_naming_why(tmp_path, astronaut):
+    # A truncated file surfaced as PIL's OSError from deep inside a conversion, a closed one as a bare AssertionError.
+    path = tmp_path / "photo.jpg"
+    PIL.Image.fromarray(astronaut).save(path)
+    (tmp_path / "cut.jpg").write_bytes(path.read_bytes()[:5000])
+    processor = CDBVQImageProcessor()
+    with pytest.raises(ValueError, match=r"PIL cannot decode the image \(OSError: image file is truncated"):
+        processor(PIL.Image.open(tmp_path / "cut.jpg"))
+    with PIL.Image.open(path) as image:
+        pass
+    with pytest.raises(ValueError, match=r"PIL cannot decode the image \(AssertionError: its file was closed"):
+        processor(image)
 
 
 def test_palette_and_la_modes_become_rgb(astronaut, camera):
