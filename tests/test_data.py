@@ -352,6 +352,18 @@ def test_a_linked_sub_folder_is_named_since_its_images_are_not_used(tmp_path, ca
     assert "sub-folders that are links are not followed" in caplog.text and "linked" in caplog.text
 
 
+def test_a_link_loop_in_the_folder_is_skipped_not_a_crash(tmp_path):
+    # The link check's is_dir() raised "Too many levels of symbolic links": train.py died with a traceback, the CLI's
+    # --data refused the whole folder, where datasets itself reads the images and skips the loop.
+    _write_images(tmp_path / "data", 2)
+    (tmp_path / "data" / "a").symlink_to(tmp_path / "data" / "b")
+    (tmp_path / "data" / "b").symlink_to(tmp_path / "data" / "a")
+    _write_images(tmp_path / "split" / "train", 2)
+    (tmp_path / "split" / "loop").symlink_to(tmp_path / "split" / "loop")  # at the top, beside train/: the other walk
+    assert len(load_image_dataset(train_data_dir=str(tmp_path / "data"))) == 2
+    assert len(load_image_dataset(train_data_dir=str(tmp_path / "split"))) == 2
+
+
 def test_linked_split_folders_are_read_and_not_named(tmp_path, caplog):
     # datasets reads train/ and validation/ themselves when they are links; only links inside them are skipped.
     _write_images(tmp_path / "real_train", 3)

@@ -128,7 +128,7 @@ def load_image_dataset(
     if train_data_dir is not None:
         folder = Path(train_data_dir).expanduser()
         if not folder.is_dir():
-            raise FileNotFoundError(f"train_data_dir {str(folder)!r} does not exist or is not a directory.")
+            raise FileNotFoundError(f"the image folder {str(folder)!r} does not exist or is not a directory.")
         roots = split_folders(folder)
         try:
             dataset = datasets.load_dataset(
@@ -137,7 +137,7 @@ def load_image_dataset(
         except (FileNotFoundError, datasets.exceptions.DataFilesNotFoundError) as error:
             raise FileNotFoundError(f"found no images in the folder {str(folder)!r}: {error}") from error
         except ValueError as error:
-            _raise_if_unknown_split(error, split, f"train_data_dir {str(folder)!r}")
+            _raise_if_unknown_split(error, split, f"the image folder {str(folder)!r}")
             if "corresponds to no data" in str(error):  # files there, but none an image (datasets' wording)
                 raise FileNotFoundError(f"found no images in the folder {str(folder)!r} (split {split!r}).") from error
             raise
@@ -145,7 +145,7 @@ def load_image_dataset(
         if ignored:
             shown = ", ".join(ignored[:5]) + (f" and {len(ignored) - 5} more" if len(ignored) > 5 else "")
             logger.warning(
-                "train_data_dir %r has a train/ folder, so only its train/, validation/ and test/ folders are read; its "
+                "The image folder %r has a train/ folder, so only its train/, validation/ and test/ folders are read; its "
                 "other folders and images at the top (%d) are ignored: %s. Move their images into those folders "
                 "(held-out images go in validation/ or test/, not val/ or dev/; a metadata file goes inside each "
                 "split folder).", str(folder), len(ignored), shown,
@@ -153,11 +153,11 @@ def load_image_dataset(
         linked = _linked_folders(list(roots.values()))
         if linked:
             logger.warning(
-                "train_data_dir %r: sub-folders that are links are not followed (datasets' file search skips them), so "
+                "The image folder %r: sub-folders that are links are not followed (datasets' file search skips them), so "
                 "their images are not used: %s. Copy them in, or link the image files themselves.",
                 str(folder), ", ".join(str(path.relative_to(folder)) for path in linked),
             )  # fmt: skip
-        source = f"train_data_dir {str(folder)!r}"
+        source = f"the image folder {str(folder)!r}"
     else:
         local = Path(dataset_name).expanduser()
         if local.is_dir() and glob.has_magic(str(local.resolve())):
@@ -298,7 +298,7 @@ def _ignored_entries(folder: Path, roots: Sequence[Path]) -> list[str]:
     ignored, image_suffixes = [], _image_suffixes()
     with os.scandir(folder) as entries:
         for entry in entries:
-            is_folder = entry.is_dir()
+            is_folder = _is_folder(entry)
             if entry.name.startswith((".", "__")) or not (is_folder or entry.name.lower().endswith(image_suffixes)):
                 continue
             stat = os.stat(entry.path) if is_folder else None  # DirEntry.stat() has no inode on Windows
@@ -316,9 +316,18 @@ def _linked_folders(roots: Sequence[Path], limit: int = 5) -> list[Path]:
             for entry in entries:
                 if entry.is_dir(follow_symlinks=False):
                     stack.append(Path(entry.path))
-                elif entry.is_symlink() and entry.is_dir():
+                elif entry.is_symlink() and _is_folder(entry):
                     found.append(Path(entry.path))
     return sorted(found[:limit])
+
+
+def _is_folder(entry: os.DirEntry) -> bool:
+    """Whether a folder entry is (or links to) a folder; a link in a loop (or one the walk may not follow) is not:
+    `datasets` skips it, and `DirEntry.is_dir` raises there instead of answering."""
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
 
 
 def _raise_if_unknown_split(error: ValueError, split: str, source: str) -> None:
