@@ -332,6 +332,24 @@ def test_errors_are_one_clear_line(files, tmp_path, capsys, arguments, message):
     assert "Traceback" not in error
 
 
+def test_output_names_keep_letters_of_any_script_and_a_broken_link_is_no_missing_file(files, tmp_path, capsys):
+    # 写真.png and фото.png became "_" and "_-1": the outputs could not be told apart. A link loop given as an input
+    # was "no such file".
+    from cdb_tokenizer.tools.cli import safe_name
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name in ("写真", "фото", "café"):
+        shutil.copy(_photos(files)[0], photos / f"{name}.png")
+    assert main(["reconstruct", *sorted(map(str, photos.iterdir())), "--model", str(files["model"]), "--out", str(tmp_path / "r")]) == 0
+    assert {path.name for path in (tmp_path / "r").glob("*.png")} >= {"写真.png", "фото.png", "café.png"}
+    assert safe_name("../../写真\u202e", "x") == "写真_" and len(safe_name("写" * 100, "x").encode()) <= 200
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    capsys.readouterr()
+    assert main(["encode", str(tmp_path / "loop"), "--model", str(files["model"]), "--out", str(tmp_path / "t.safetensors")]) == 1
+    assert "loop: a broken symbolic link (or a link loop)." in capsys.readouterr().err
+
+
 def test_a_damaged_model_folder_is_named_as_such(files, tmp_path, capsys):
     # "is a None model" for a config.json without model_type; safetensors' "header too small" for a cut weights file.
     folder = tmp_path / "model"

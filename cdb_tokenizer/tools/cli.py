@@ -28,6 +28,7 @@ import re
 import stat
 import sys
 import traceback
+import unicodedata
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -270,7 +271,8 @@ def check_image_files(paths: Sequence[str], max_pixels: int | None = DEFAULT_MAX
     for name in paths:
         path = Path(name)
         if not path.exists():
-            raise CLIError(f"{name}: no such file.")
+            # exists() is False for a link that leads nowhere, which is no missing file
+            raise CLIError(f"{name}: {'a broken symbolic link (or a link loop)' if path.is_symlink() else 'no such file'}.")
         if not path.is_file():
             kind = "is a directory, not an image file" if path.is_dir() else "not a regular file"
             raise CLIError(f"{name}: {kind}.")
@@ -308,13 +310,16 @@ def load_image(path: Path, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) ->
     return image
 
 
-_UNSAFE_NAME = re.compile(r"[^A-Za-z0-9._+=@-]+")
+# Letters and digits of any script stay (写真.png, фото.png were all "_"); separators, spaces and controls do not.
+_UNSAFE_NAME = re.compile(r"[^\w.+=@-]+")
 
 
 def safe_name(name: str, fallback: str) -> str:
-    """A file stem that stays inside the output folder on any system: no separators, no leading dots, not empty."""
-    cleaned = _UNSAFE_NAME.sub("_", Path(str(name).replace("\\", "/")).name).lstrip(".")[:200]
-    return cleaned or fallback
+    """A file stem that stays inside the output folder on any system: no separators, no leading dots, not empty,
+    at most 200 bytes of UTF-8 (file systems limit names to 255 bytes)."""
+    stem = Path(unicodedata.normalize("NFC", str(name)).replace("\\", "/")).name
+    cleaned = _UNSAFE_NAME.sub("_", stem).lstrip(".")
+    return cleaned.encode()[:200].decode(errors="ignore") or fallback
 
 
 def unique_names(paths: Sequence[Path]) -> list[str]:
