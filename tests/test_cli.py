@@ -160,7 +160,7 @@ def test_eval_prints_table_and_json_and_skips_unreadable_images(files, tmp_path,
     metrics = json.loads(lines[-1])
     assert metrics == json.loads(out.read_text())
     assert (metrics["num_images"], metrics["unreadable_images"]) == (4, 1)
-    assert "skipping unreadable image" in captured.err and "broken.png" in captured.err  # named, not only counted
+    assert "skipping unreadable image" in captured.err and "broken.png (Truncated File Read)" in captured.err  # named, and why
     assert any(line.startswith("PSNR (dB)") and f"{metrics['psnr']:.2f}" in line for line in lines)
 
     # The same numbers as cdb_tokenizer.tools.evaluation.evaluate on the readable photos.
@@ -270,7 +270,7 @@ def test_tokenize_saves_a_dataset_with_tokens_and_labels(files, tmp_path, capsys
             == 0
         )
     assert "1 unreadable skipped" in capsys.readouterr().out
-    assert "Skipping unreadable (or over-budget) image" in caplog.text and "broken.png" in caplog.text  # named
+    assert "Skipping unreadable image" in caplog.text and "broken.png (Truncated File Read)" in caplog.text  # why
     assert len(reads) == 4  # each image read once (a check pass used to read them all first)
 
     tokenized = datasets.load_from_disk(str(out))

@@ -439,6 +439,7 @@ def test_streamed_images_outside_the_data_set_are_skipped_each_under_its_own_nam
     assert len(items) == 1 and items[0]["skipped"] == 4
     assert len(names) == 4 and len(set(names)) == 3  # private_0.png twice: one file
     assert not any("private" in name for name in names)  # named by a digest, never by the path it hides
-    assert all(f"Skipping unreadable image {name}." in caplog.text for name in names)
+    reason = "(the data set names this image file outside it"
+    assert all(f"Skipping unreadable image {name} {reason}" in caplog.text for name in names)
     errors = []
     assert decode_image(next(iter(stream))["image"], errors=errors) is None and isinstance(errors[0], PermissionError)

@@ -348,14 +348,16 @@ def test_images_over_the_pixel_budget_are_refused_before_decoding(tmp_path, capl
     (tmp_path / "bomb.png").write_bytes(_png_header(20000, 20000))
     (tmp_path / "big.png").write_bytes(_png_header(9000, 8000))
     (tmp_path / "at_budget.png").write_bytes(_png_header(8000, 8000))
-    # Both headers are truncated files, so either comes back None; the budget warning says which were refused for
+    # Both headers are truncated files, so either comes back None; the error collected says which were refused for
     # their size, unread: 72 MP is over the default 64 MP, 64 MP exactly is not.
-    with caplog.at_level(logging.WARNING, logger=data_module.__name__):
-        assert decode_image(str(tmp_path / "big.png")) is None  # skipped (and counted) in data sets
-        assert "9000x8000 pixels is over the 64-megapixel budget" in caplog.text
-        caplog.clear()
-        assert decode_image(str(tmp_path / "at_budget.png")) is None  # truncated: unreadable, not over budget
-        assert "budget" not in caplog.text
+    errors = []
+    assert decode_image(str(tmp_path / "big.png"), errors=errors) is None  # skipped (and counted) in data sets
+    assert data_module.skipped_image_message(str(tmp_path / "big.png"), errors).endswith(
+        "big.png (9000x8000 pixels is over the 64-megapixel budget)"
+    )
+    errors = []
+    assert decode_image(str(tmp_path / "at_budget.png"), errors=errors) is None  # truncated: unreadable
+    assert "budget" not in str(errors) and isinstance(errors[0], OSError)
     Image.new("RGB", (100, 100)).save(tmp_path / "small.png")
     assert decode_image(str(tmp_path / "small.png"), max_pixels=5_000) is None
     assert decode_image(str(tmp_path / "small.png"), max_pixels=10_000) is not None

@@ -59,11 +59,11 @@ from cdb_tokenizer.tools.data import (
     WithoutImages,
     collate_images,
     decode_image,
-    describe_image_value,
     fixed_crops,
     image_key,
     load_image_dataset,
     sample_photos,
+    skipped_image_message,
     train_transform,
 )
 from cdb_tokenizer.tools.degradations import degrade
@@ -361,10 +361,11 @@ def _validation_pixels(args: argparse.Namespace, validation) -> tuple[torch.Tens
     processor = CDBVQImageProcessor(size={"height": args.resolution, "width": args.resolution})
     images, unreadable = [], 0
     for item in itertools.islice(validation, args.num_validation_images):
-        image = decode_image(item[args.image_column])
+        errors = []
+        image = decode_image(item[args.image_column], errors=errors)
         if image is None:
             unreadable += 1
-            logger.warning(f"Skipping unreadable validation image {describe_image_value(item[args.image_column])}.")
+            logger.warning(f"Skipping unreadable validation image {skipped_image_message(item[args.image_column], errors)}.")
             continue
         images.append(image)
     if unreadable:

@@ -935,14 +935,15 @@ def _readable_images(
 ) -> Iterator[Image.Image]:
     """Decoded images of a data set, row by row; unreadable (or over-budget) ones are skipped, counted, and the first
     few named on stderr."""
-    from .data import MAX_REPORTED_UNREADABLE, decode_image, describe_image_value
+    from .data import MAX_REPORTED_UNREADABLE, decode_image, skipped_image_message
 
     for row in itertools.islice(dataset, limit):
-        image = decode_image(row[image_column], max_pixels=max_pixels)
+        errors: list[Exception] = []
+        image = decode_image(row[image_column], max_pixels=max_pixels, errors=errors)
         if image is None:
             counter["unreadable"] += 1
             if counter["unreadable"] <= MAX_REPORTED_UNREADABLE:
-                print(f"skipping unreadable image {describe_image_value(row[image_column])}", file=sys.stderr)
+                print(f"skipping unreadable image {skipped_image_message(row[image_column], errors)}", file=sys.stderr)
             continue
         yield image
 

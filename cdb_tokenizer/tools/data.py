@@ -31,6 +31,7 @@ import torch
 from PIL import Image, ImageOps
 
 from ..image_processing_cdb_vq import greyscale_intensities
+from .messages import first_line
 
 logger = logging.getLogger(__name__)
 
@@ -403,11 +404,7 @@ def decode_image(value, max_pixels: int | None = None, errors: list[Exception] |
             else:
                 return None
             if limit and image.width * image.height > limit:
-                logger.warning(
-                    "Refusing image %s: %dx%d pixels is over the %g-megapixel budget.",
-                    describe_image_value(value), image.width, image.height, limit / 1e6,
-                )  # fmt: skip
-                return None
+                raise ValueError(f"{image.width}x{image.height} pixels is over the {limit / 1e6:g}-megapixel budget")
             image.load()  # PIL opens lazily: force the decode here so a truncated file fails now
         image = upright(image)
         grey = greyscale_intensities(image)  # 16-bit or float greyscale: PIL's convert("RGB") would clip it
@@ -452,6 +449,13 @@ def upright(image: Image.Image) -> Image.Image:
     except Exception:  # noqa: BLE001 - a damaged EXIF block: keep the pixels as stored
         return image
     return ImageOps.exif_transpose(image) if orientation not in (None, 1) else image
+
+
+def skipped_image_message(value, errors: Sequence[Exception]) -> str:
+    """An unreadable image as a skip names it: its name and why `decode_image` gave None (the error it collected), as
+    in "photo.png (9000x9000 pixels is over the 64-megapixel budget)"."""
+    reason = first_line(errors[-1]) if errors else "not an image"
+    return f"{describe_image_value(value)} ({reason})"
 
 
 def describe_image_value(value) -> str:
@@ -540,15 +544,15 @@ class TrainImages(torch.utils.data.Dataset):
         skipped_ids = []
         for skipped in range(len(self)):
             position = (index + skipped) % len(self)
-            value = self._value(position)
-            image = decode_image(value)
+            value, errors = self._value(position), []
+            image = decode_image(value, errors=errors)
             if image is not None:
                 pixel_values = seeded_call(self.transform, sample_seed(self.seed, self.epoch, index), image)
                 return {"pixel_values": pixel_values, "skipped": skipped, "skipped_ids": skipped_ids}
             skipped_ids.append(f"#{position}")
             if self._reported < MAX_REPORTED_UNREADABLE:
                 self._reported += 1
-                logger.warning("Skipping unreadable image %s.", describe_image_value(value))
+                logger.warning("Skipping unreadable image %s.", skipped_image_message(value, errors))
         raise ValueError("None of the training images can be read.")
 
 
@@ -578,8 +582,8 @@ class StreamingTrainImages(torch.utils.data.IterableDataset):
         worker = torch.utils.data.get_worker_info()
         stream_seed = self.seed + 1_000_003 * (self.process_index * 1024 + (worker.id if worker is not None else 0))
         for position, item in enumerate(stream):
-            value = item[self.image_column]
-            image = decode_image(value)
+            value, errors = item[self.image_column], []
+            image = decode_image(value, errors=errors)
             if image is None:
                 skipped += 1
                 # A file is named by its path; a value without one by its content (the order changes per epoch).
@@ -589,7 +593,7 @@ class StreamingTrainImages(torch.utils.data.IterableDataset):
                 skipped_ids.append(name)
                 if reported < MAX_REPORTED_UNREADABLE:
                     reported += 1
-                    logger.warning("Skipping unreadable image %s.", describe_image_value(value))
+                    logger.warning("Skipping unreadable image %s.", skipped_image_message(value, errors))
                 continue
             pixel_values = seeded_call(self.transform, sample_seed(stream_seed, self.epoch, position), image)
             # Held back by one: unreadable files after the share's last readable image are counted on that image.

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from ..data import MAX_REPORTED_UNREADABLE, decode_image, describe_image_value, sample_photos
+from ..data import MAX_REPORTED_UNREADABLE, decode_image, sample_photos, skipped_image_message
 from ..files import write_text
 from .model import is_image_size, is_positive_int
 
@@ -242,14 +242,15 @@ def tokenize_dataset(
     ).hexdigest()[:32]  # fmt: skip
 
     def tokenize_batch(batch: dict[str, list]) -> dict[str, list]:
-        images = [decode_image(value, max_pixels=max_pixels) for value in batch[image_column]]
+        errors = [[] for _ in batch[image_column]]
+        images = [decode_image(value, max_pixels=max_pixels, errors=found) for value, found in zip(batch[image_column], errors)]
         readable = [index for index, image in enumerate(images) if image is not None]
         if len(readable) < len(images):  # an unreadable file is skipped (counted, the first few named), not a crash
-            for value, image in zip(batch[image_column], images):
+            for value, image, found in zip(batch[image_column], images, errors):
                 if image is None:
                     skipped[0] += 1
                     if skipped[0] <= MAX_REPORTED_UNREADABLE:
-                        logger.warning("Skipping unreadable (or over-budget) image %s.", describe_image_value(value))
+                        logger.warning("Skipping unreadable image %s.", skipped_image_message(value, found))
         output: dict[str, list] = {"image_tokens": []}
         if label_column is not None:
             output["label"] = [batch[label_column][index] for index in readable]
