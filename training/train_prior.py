@@ -377,6 +377,14 @@ def run_validation(
     return metrics
 
 
+def contiguous_share(num_rows: int, num_processes: int, process_index: int) -> range:
+    """The rows one process scores: contiguous shares whose sizes differ by at most one, empty for the last processes
+    when there are fewer rows than processes (`Dataset.shard` raises there: 1 validation row on 2 processes)."""
+    size, extra = divmod(num_rows, num_processes)
+    start = process_index * size + min(process_index, extra)
+    return range(start, start + size + (process_index < extra))
+
+
 # ---------------------------------------------------------------------------------------------------- main
 def prepare_prior_output_dir(args: argparse.Namespace, accelerator: Accelerator) -> None:
     """train.py's rule for --output_dir (refuse another run's folder unless resuming or overwriting), plus this
@@ -462,7 +470,8 @@ def main(args: argparse.Namespace) -> dict[str, float]:
     )  # fmt: skip
     # Each process scores its own contiguous shard and the sums are reduced: every sequence is counted exactly once
     # (a prepared loader would pad the last batches with repeats).
-    validation_shard = validation_set.shard(accelerator.num_processes, accelerator.process_index, contiguous=True)
+    share = contiguous_share(len(validation_set), accelerator.num_processes, accelerator.process_index)
+    validation_shard = validation_set.select(share if share else [])  # select(range(1, 1)) of one row raises too
     validation_loader = torch.utils.data.DataLoader(
         validation_shard, batch_size=args.eval_batch_size, collate_fn=PriorCollator(vocabulary, num_image_tokens),
         num_workers=args.dataloader_num_workers,
