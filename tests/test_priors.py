@@ -432,6 +432,25 @@ def test_train_tokenize_sample_decode_end_to_end(tokenizer, photo_set, tmp_path,
     assert Image.open(grid).size == (3 * 34 + 2, 2 * 34 + 2)  # 3 per row, 2 rows of 32 px with 2 px padding
 
 
+def test_a_prior_checkpoints_its_last_step_and_resumes_only_on_its_own_codebook(tmp_path, fresh_accelerator_state):
+    # A run shorter than --checkpointing_steps left no checkpoint (it could not be extended); resuming on the tokens
+    # of another tokenizer with as many codes went on with other codes under the same ids, without a word.
+    save_tokens(token_set(16), tmp_path / "tokens", tiny_model(codebook_size=8), image_size=(8, 8))
+    save_tokens(token_set(16), tmp_path / "other", tiny_model(seed=1, codebook_size=8), image_size=(8, 8))
+    train_prior = load_script("train_prior")
+    argv = prior_argv(tmp_path / "tokens", tmp_path / "prior", "--checkpointing_steps", "100", "--max_train_steps", "3")
+    train_prior.main(train_prior.parse_args(argv))
+    assert [path.name for path in (tmp_path / "prior" / "checkpoints").iterdir()] == ["checkpoint-3"]
+    weights = (tmp_path / "prior" / "model.safetensors").read_bytes()
+    longer = argv + ["--max_train_steps", "4", "--resume_from_checkpoint", "latest"]
+    other = [str(tmp_path / "other") if arg == str(tmp_path / "tokens") else arg for arg in longer]
+    with pytest.raises(ValueError, match="trained on the tokens of another codebook"):
+        train_prior.main(train_prior.parse_args(other))
+    train_prior.main(train_prior.parse_args(argv + ["--resume_from_checkpoint", "latest"]))  # finished: nothing to train
+    assert (tmp_path / "prior" / "model.safetensors").read_bytes() == weights
+    assert train_prior.main(train_prior.parse_args(longer))["step"] == 4
+
+
 def test_train_prior_needs_data_or_tokenizer():
     train_prior = load_script("train_prior")
     with pytest.raises(SystemExit):

@@ -33,7 +33,7 @@ from accelerate.utils import DataLoaderConfiguration, set_seed
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from cdb_tokenizer.tools.checkpoints import load_training_state, save_checkpoint
+from cdb_tokenizer.tools.checkpoints import load_custom_state, load_training_state, save_checkpoint
 from cdb_tokenizer.tools.cli import codebook_fingerprint
 from cdb_tokenizer.tools.files import write_text
 from cdb_tokenizer.tools.messages import run_script
@@ -407,12 +407,23 @@ def training_length(args: argparse.Namespace, batches_per_epoch: int) -> tuple[i
     return updates_per_epoch, max_train_steps, math.ceil(max_train_steps / updates_per_epoch)
 
 
-def resume(args: argparse.Namespace, accelerator: Accelerator, schedules: list, max_train_steps: int) -> int:
+def resume(
+    args: argparse.Namespace, accelerator: Accelerator, schedules: list, max_train_steps: int, fingerprint: str | None
+) -> int:
     """Load --resume_from_checkpoint and return its step (0 without one), by train.py's rules: this run's learning
-    rate and optimiser settings, later checkpoints set aside only when this run trains past this one."""
+    rate and optimiser settings, later checkpoints set aside only when this run trains past this one. A checkpoint
+    trained on the tokens of another codebook (`fingerprint`, when both are known) is refused: the same number of
+    codes passed, and the prior went on with other codes under the same ids."""
     checkpoint = find_checkpoint(args.resume_from_checkpoint, args.output_dir, accelerator)
     if checkpoint is None:
         return 0
+    trained_on = load_custom_state(checkpoint)[1].get("codebook_fingerprint")
+    if trained_on and fingerprint and trained_on != fingerprint:
+        raise ValueError(
+            f"cannot resume from {checkpoint}: it was trained on the tokens of another codebook (fingerprint "
+            f"{trained_on}, this run's are {fingerprint}); resume with that run's tokens and tokenizer, or start a "
+            f"new --output_dir."
+        )
     accelerator.print(f"Resuming from checkpoint {checkpoint}")
     return load_training_state(accelerator, checkpoint, args.output_dir, max_train_steps, schedules)
 
@@ -495,7 +506,7 @@ def main(args: argparse.Namespace) -> dict[str, float]:
         )
     )  # fmt: skip
 
-    global_step = resume(args, accelerator, [("prior", optimizer, lr_scheduler)], max_train_steps)
+    global_step = resume(args, accelerator, [("prior", optimizer, lr_scheduler)], max_train_steps, fingerprint)
     first_epoch = global_step // updates_per_epoch
     skip_batches = (global_step % updates_per_epoch) * args.gradient_accumulation_steps
     if global_step >= max_train_steps:  # the loop would train one more step before checking
@@ -542,8 +553,11 @@ def main(args: argparse.Namespace) -> dict[str, float]:
             logs = {"train/loss": loss.detach().item(), "train/learning_rate": lr_scheduler.get_last_lr()[0]}
             progress.set_postfix(loss=f"{logs['train/loss']:.3f}")
             accelerator.log(logs, step=global_step)
-            if global_step % args.checkpointing_steps == 0:
-                save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
+            # The last step too (as train.py): a run shorter than --checkpointing_steps can then be extended, and a
+            # finished one resumed without training its last steps again.
+            if global_step % args.checkpointing_steps == 0 or global_step >= max_train_steps:
+                save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit,
+                                state={"codebook_fingerprint": fingerprint})  # fmt: skip
             if global_step % args.validation_steps == 0:
                 metrics = run_validation(
                     accelerator, args, prior, validation_loader, vocabulary, tokenizer, image_size, global_step
