@@ -150,6 +150,10 @@ def test_an_output_folder_holding_another_run_is_refused_and_overwrite_starts_ov
     other_run = TINY + ["--report_to", "none", "--max_train_steps", "1", "--codebook_size", "32", "--output_dir", str(output_dir)]
     with pytest.raises(OutputDirInUse, match=r"holds another run .*--resume_from_checkpoint latest.*--overwrite_output_dir"):
         main(other_run)
+    # Another folder's checkpoint passed: it set this run's later checkpoints aside and overwrote its model.
+    foreign = str(straight / "checkpoints" / "checkpoint-2")
+    with pytest.raises(OutputDirInUse, match=r"holds another run .*checkpoint-2 is a checkpoint of another folder"):
+        main(other_run + ["--resume_from_checkpoint", foreign])
     assert (output_dir / "model.safetensors").read_bytes() == model_before
     assert len(complete_checkpoints(output_dir)[0]) == 3
 

@@ -92,7 +92,7 @@ from cdb_tokenizer.tools.runs import (
     tracker_init_kwargs,
 )
 from cdb_tokenizer.tools.steps import TrainingParts, micro_batch_seed, restart_dead_codes, training_step
-from cdb_tokenizer.tools.train_args import parse_args
+from cdb_tokenizer.tools.train_args import parse_args, resumes_its_own_run
 from cdb_tokenizer.tools.teacher import (
     kmeans_prototypes,
     load_clip_teacher,
@@ -244,6 +244,14 @@ def prepare_output_dir(args: argparse.Namespace, accelerator: Accelerator) -> No
             f"--output_dir {output_dir} holds another run ({', '.join(found[:4])}{', ...' if len(found) > 4 else ''}). "
             f"Pass --resume_from_checkpoint latest to continue it, --overwrite_output_dir to start over (its "
             f"checkpoints, logs and model are deleted), or choose another --output_dir."
+        )
+    elif found and not resumes_its_own_run(args):
+        # Another folder's checkpoint would continue here, setting this run's later checkpoints aside and
+        # overwriting its model.
+        raise OutputDirInUse(
+            f"--output_dir {output_dir} holds another run ({', '.join(found[:4])}{', ...' if len(found) > 4 else ''}), "
+            f"and --resume_from_checkpoint {args.resume_from_checkpoint} is a checkpoint of another folder. Choose "
+            f"another --output_dir to continue it in, or pass --overwrite_output_dir to replace this run with it."
         )
     elif found and args.resume_from_checkpoint == "latest" and not complete_checkpoints(output_dir)[0]:
         if (output_dir / "model.safetensors").exists():

@@ -313,14 +313,20 @@ def check_output_dir_flags(args: argparse.Namespace) -> None:
     """Refuse --overwrite_output_dir with a --resume_from_checkpoint it would delete (`latest`, or a checkpoint
     inside --output_dir); resuming another folder's checkpoint into a cleared one is allowed. (train.py and
     train_prior.py.)"""
-    resume = args.resume_from_checkpoint
-    if not args.overwrite_output_dir or resume is None:
+    if not args.overwrite_output_dir or args.resume_from_checkpoint is None:
         return
-    if resume == "latest" or Path(args.output_dir).resolve() in Path(resume).resolve().parents:
+    if resumes_its_own_run(args):
         raise ValueError(
             "--overwrite_output_dir deletes the checkpoints --resume_from_checkpoint would continue from: give one or "
             "the other."
         )
+
+
+def resumes_its_own_run(args: argparse.Namespace) -> bool:
+    """Whether --resume_from_checkpoint continues the run in --output_dir (`latest`, or a checkpoint inside it)
+    rather than another folder's."""
+    resume = args.resume_from_checkpoint
+    return resume == "latest" or (resume is not None and Path(args.output_dir).resolve() in Path(resume).resolve().parents)
 
 
 def _check_training_args(args: argparse.Namespace) -> None:
