@@ -245,6 +245,16 @@ def test_publish_staging_scrubs_relative_paths_and_safetensors_metadata(root, tm
     assert "huggingface.co/datasets/" not in card  # a local data set folder is not a Hub data set
 
 
+def test_keys_named_for_image_tokens_are_data_not_secrets():
+    # Every key containing "token" went: a prior's training_config.json lost --tokens_dir and --tokenizer.
+    from cdb_tokenizer.tools.redaction import redact_secrets
+
+    config = {"tokens_dir": "w/tokens", "tokenizer": "org/tok", "num_image_tokens": 256, "image_tokens": [1, 2],
+              "hub_token": "abc", "HF-TOKEN": "abc", "accessToken": "abc", "token": "abc", "token_alignment_weight": 0.5}  # fmt: skip
+    assert redact_secrets(config) == {"tokens_dir": "w/tokens", "tokenizer": "org/tok", "num_image_tokens": 256,
+                                      "image_tokens": [1, 2], "token_alignment_weight": 0.5}  # fmt: skip
+
+
 def test_tracker_hparams_carry_no_local_paths_or_secrets():
     import training.train as train
 

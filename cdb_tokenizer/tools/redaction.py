@@ -20,8 +20,11 @@ REDACTED = "[redacted]"
 # A Hugging Face user access token, wherever it appears in a string.
 HF_TOKEN = re.compile(r"hf_[A-Za-z0-9]{16,}")
 # Parts of key names that mark a secret; matched case-insensitively anywhere in the key.
-SECRET_WORDS = ("token", "secret", "password", "passwd", "api_key", "apikey", "credential", "private_key",
-                "authorization", "cookie")  # fmt: skip
+SECRET_WORDS = ("secret", "password", "passwd", "api_key", "apikey", "credential", "private_key", "authorization",
+                "cookie")  # fmt: skip
+# "token" only as a word of the key (hub_token, token, accesstoken): here image tokens are data, and a prior's
+# `tokens_dir` and `tokenizer` were dropped from its training_config.json as secrets.
+SECRET_TOKEN_KEY = re.compile(r"(^|_)token(_|$)|token$")
 
 
 def is_secret_key(key: Any, value: Any) -> bool:
@@ -31,7 +34,7 @@ def is_secret_key(key: Any, value: Any) -> bool:
     stay; any string, list or mapping under a secret-named key goes.
     """
     name = str(key).lower().replace("-", "_")
-    if not any(word in name for word in SECRET_WORDS):
+    if not (any(word in name for word in SECRET_WORDS) or SECRET_TOKEN_KEY.search(name)):
         return False
     return value is not None and not isinstance(value, (bool, int, float))
 
