@@ -32,6 +32,7 @@ from cdb_tokenizer.tools.priors import (
     build_prior,
     check_tokens_source,
     load_prior,
+    load_prior_tokenizer,
     load_tokenizer,
     photo_crops_dataset,
     sample_image_tokens,
@@ -1180,9 +1181,24 @@ def test_load_prior_never_runs_a_folder_s_own_code(tmp_path, monkeypatch):
     config.update(model_type="evil-prior", auto_map={"AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.Evil"})
     (folder / "config.json").write_text(json.dumps(config))
     monkeypatch.setattr("builtins.input", lambda *args: pytest.fail("the user was asked to run the folder's code"))
-    with pytest.raises(Exception):
+    # It was transformers' three lines with a Hub URL for a local folder, advising a flag the scripts do not have.
+    with pytest.raises(ValueError, match=r"is a model with its own code \(auto_map\), which is never run"):
         load_prior(folder)
     assert not marker.exists()
+
+
+def test_a_pickled_tokenizer_is_refused_in_one_line_without_torch_s_advice(tmp_path):
+    # train_prior.py and sample_prior.py printed a traceback ending in "Re-running torch.load with weights_only set to
+    # False will likely succeed", where the CLI says it in one line.
+    import argparse
+
+    folder = tmp_path / "tokenizer"
+    tiny_model().save_pretrained(folder)
+    (folder / "model.safetensors").unlink()
+    torch.save({"weights": argparse.Namespace()}, folder / "pytorch_model.bin")
+    with pytest.raises(ValueError, match=r"are a PyTorch pickle \(.bin\) holding more than tensors.*never unpickled") as error:
+        load_prior_tokenizer(str(folder))
+    assert "weights_only" not in str(error.value) and "\n" not in str(error.value)
 
 
 def test_resuming_another_priors_checkpoint_is_one_clear_error(tmp_path, fresh_accelerator_state, capsys):

@@ -142,11 +142,6 @@ def load_model(
                 f"could not load model {name_or_path!r}: its weights file (model.safetensors) is damaged or incomplete "
                 f"({first_line(error)}); download or save it again."
             ) from None
-        if "Weights only load failed" in str(error):  # torch's own advice (an unsafe load) is never passed on
-            raise CLIError(
-                f"could not load model {name_or_path!r}: its weights are a PyTorch pickle (.bin) holding more than "
-                f"tensors, and such files are never unpickled (that could run code); convert them to safetensors."
-            ) from None
         _show_log_records(records)
         raise CLIError(f"could not load model {name_or_path!r}: {first_line(error)}") from None
     _show_log_records(records)  # e.g. the table of weights missing from the file: the model loads, the warning stays

@@ -112,8 +112,18 @@ def load_tokenizer(
     model_class = AutoModel if trust_remote_code else CDBVQModel
     processor_class = AutoImageProcessor if trust_remote_code else CDBVQImageProcessor
     options = {"trust_remote_code": trust_remote_code} if trust_remote_code else {}
-    with quiet_loading_bars():
-        model, loading_info = model_class.from_pretrained(name_or_path, **options, **kwargs, output_loading_info=True)
+    try:
+        with quiet_loading_bars():
+            model, loading_info = model_class.from_pretrained(name_or_path, **options, **kwargs, output_loading_info=True)
+    except Exception as error:
+        if "Weights only load failed" not in str(error):
+            raise
+        # torch refused a pickle holding more than tensors; its advice (load it with weights_only=False, which could
+        # run code) is never passed on.
+        raise ValueError(
+            f"the weights of {name_or_path} are a PyTorch pickle (.bin) holding more than tensors, and such files are "
+            f"never unpickled (that could run code); convert them to safetensors."
+        ) from None
     refuse_missing_weights(model, loading_info, name_or_path)
     model.eval()
     if _has_processor_config(name_or_path, kwargs):

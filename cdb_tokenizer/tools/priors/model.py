@@ -304,6 +304,15 @@ def load_prior(
     except OSError as error:
         hint = " (a prior's weights are read from model.safetensors only)" if kwargs["use_safetensors"] else ""
         raise OSError(f"prior {str(name_or_path)!r}: {first_line(error)}{hint}") from None
+    except ValueError as error:
+        if kwargs["trust_remote_code"] or "trust_remote_code" not in str(error):
+            raise
+        # transformers' answer to a model type it does not know that ships its own code: three lines, a Hub URL
+        # for a local folder, and a flag the scripts do not have.
+        raise ValueError(
+            f"prior {str(name_or_path)!r} is a model with its own code (auto_map), which is never run: a prior is a "
+            f"stock transformers causal LM (Llama, GPT-2, ...)."
+        ) from None
     if prior.config.vocab_size != vocabulary.vocab_size:
         raise ValueError(f"the prior's vocab_size {prior.config.vocab_size} does not match prior_config.json ({vocabulary.vocab_size}).")
     _check_prior_config(prior, vocabulary, prior_config, source)
