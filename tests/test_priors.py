@@ -433,14 +433,18 @@ def test_train_tokenize_sample_decode_end_to_end(tokenizer, photo_set, tmp_path,
     assert Image.open(grid).size == (3 * 34 + 2, 2 * 34 + 2)  # 3 per row, 2 rows of 32 px with 2 px padding
 
 
-def test_a_prior_checkpoints_its_last_step_and_resumes_only_on_its_own_codebook(tmp_path, fresh_accelerator_state):
+def test_a_prior_checkpoints_its_last_step_and_resumes_only_on_its_own_codebook(
+    tmp_path, fresh_accelerator_state, caplog
+):
     # A run shorter than --checkpointing_steps left no checkpoint (it could not be extended); resuming on the tokens
     # of another tokenizer with as many codes went on with other codes under the same ids, without a word.
     save_tokens(token_set(16), tmp_path / "tokens", tiny_model(codebook_size=8), image_size=(8, 8))
     save_tokens(token_set(16), tmp_path / "other", tiny_model(seed=1, codebook_size=8), image_size=(8, 8))
     train_prior = load_script("train_prior")
     argv = prior_argv(tmp_path / "tokens", tmp_path / "prior", "--checkpointing_steps", "100", "--max_train_steps", "3")
-    train_prior.main(train_prior.parse_args(argv))
+    with caplog.at_level("WARNING"):
+        train_prior.main(train_prior.parse_args(argv + ["--lr_warmup_steps", "5"]))
+    assert "--lr_warmup_steps 5 is not below the run's 3 steps" in caplog.text  # as train.py says it
     assert [path.name for path in (tmp_path / "prior" / "checkpoints").iterdir()] == ["checkpoint-3"]
     weights = (tmp_path / "prior" / "model.safetensors").read_bytes()
     longer = argv + ["--max_train_steps", "4", "--resume_from_checkpoint", "latest"]

@@ -574,6 +574,14 @@ def build_loss(args, lpips_module) -> TokenizerLoss:
     )  # fmt: skip
 
 
+def warn_of_a_warmup_longer_than_the_run(args: argparse.Namespace, max_train_steps: int) -> None:
+    """Say when the learning rate never reaches --learning_rate (train.py and train_prior.py): short runs are the
+    first a user tries, and a shortened recipe keeps its thousands of warm-up steps."""
+    if args.lr_scheduler != "constant" and 0 < max_train_steps <= args.lr_warmup_steps:  # "constant" has no warm-up
+        logger.warning(f"--lr_warmup_steps {args.lr_warmup_steps} is not below the run's {max_train_steps} steps: the "
+                       f"learning rate never reaches --learning_rate (a shortened recipe? add --lr_warmup_steps 0).")  # fmt: skip
+
+
 def build_training_parts(args: argparse.Namespace, model: CDBVQModel, accelerator: Accelerator, loss_module: TokenizerLoss,
                          teacher, max_train_steps: int) -> TrainingParts:  # fmt: skip
     """What each training step works with: AdamW and the learning-rate schedule of the model and, with
@@ -582,9 +590,7 @@ def build_training_parts(args: argparse.Namespace, model: CDBVQModel, accelerato
     if args.scale_lr:
         learning_rate *= args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
         logger.info(f"--scale_lr: learning rate {args.learning_rate:g} x the global batch = {learning_rate:g}")
-    if args.lr_scheduler != "constant" and 0 < max_train_steps <= args.lr_warmup_steps:  # "constant" has no warm-up
-        logger.warning(f"--lr_warmup_steps {args.lr_warmup_steps} is not below the run's {max_train_steps} steps: the "
-                       f"learning rate never reaches --learning_rate (a shortened recipe? add --lr_warmup_steps 0).")  # fmt: skip
+    warn_of_a_warmup_longer_than_the_run(args, max_train_steps)
     optimizer = _adamw(args, [p for p in model.parameters() if p.requires_grad], learning_rate)
     scheduler = _scheduler(args, optimizer, accelerator, max_train_steps)
     discriminator = disc_optimizer = disc_scheduler = None

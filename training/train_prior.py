@@ -73,6 +73,7 @@ from training.train import (  # noqa: E402
     prepare_output_dir,
     saved_at_step,
     stop_training,
+    warn_of_a_warmup_longer_than_the_run,
 )
 
 logger = get_logger(__name__)
@@ -498,6 +499,7 @@ def main(args: argparse.Namespace) -> dict[str, float]:
     prior, optimizer, train_loader = accelerator.prepare(prior, optimizer, train_loader)
     # Counted on the prepared loader (one process's share of the batches), then the schedule is built to match.
     updates_per_epoch, max_train_steps, num_epochs = training_length(args, len(train_loader))
+    warn_of_a_warmup_longer_than_the_run(args, max_train_steps)
     lr_scheduler = accelerator.prepare(
         get_scheduler(
             args.lr_scheduler, optimizer.optimizer,
