@@ -530,6 +530,21 @@ def test_a_token_folder_with_an_empty_split_is_one_clear_error(tmp_path, fresh_a
         train_prior.main(train_prior.parse_args(prior_argv(tmp_path / "tokens", tmp_path / "prior")))
 
 
+@pytest.mark.parametrize("damage", ["cut arrow", "state.json"])
+def test_a_damaged_token_folder_is_named(damage, tmp_path, fresh_accelerator_state):
+    # A cut Arrow file or a broken state.json gave datasets' message alone ("Expected to be able to read 17160
+    # bytes ...", "Expecting property name ..."), naming neither the folder nor what was wrong with it.
+    token_set(64, length=64).save_to_disk(tmp_path / "tokens")
+    if damage == "cut arrow":
+        arrow = next((tmp_path / "tokens").glob("*.arrow"))
+        arrow.write_bytes(arrow.read_bytes()[: arrow.stat().st_size // 2])
+    else:
+        (tmp_path / "tokens" / "state.json").write_text("{bad")
+    train_prior = load_script("train_prior")
+    with pytest.raises(ValueError, match=r"--tokens_dir .*tokens is damaged \(\w+: .*\): tokenise again"):
+        train_prior.main(train_prior.parse_args(prior_argv(tmp_path / "tokens", tmp_path / "prior")))
+
+
 def test_token_image_size_falls_back_to_the_square_grid(tokenizer):
     model = tokenizer[0]  # 32 x 32 pixels, 8 x 8 tokens, downsampling factor 4
     assert token_image_size(model, 64) == (32, 32) and token_image_size(model, 64, (32, 32)) == (32, 32)

@@ -36,7 +36,7 @@ from transformers import get_scheduler
 from cdb_tokenizer.tools.checkpoints import load_custom_state, load_training_state, save_checkpoint
 from cdb_tokenizer.tools.cli import codebook_fingerprint
 from cdb_tokenizer.tools.files import write_text
-from cdb_tokenizer.tools.messages import run_script
+from cdb_tokenizer.tools.messages import first_line, run_script
 from cdb_tokenizer.tools.redaction import redact_secrets
 from cdb_tokenizer.tools.runs import find_checkpoint, make_accelerator, output_dir_claims, tracker_init_kwargs
 from cdb_tokenizer.tools.steps import micro_batch_seed
@@ -213,6 +213,11 @@ def load_token_splits(args: argparse.Namespace, accelerator: Accelerator, tokeni
     except IndexError:  # datasets' own failure on a split saved with no rows (no shard file to read)
         raise ValueError(f"--tokens_dir {path} holds a split with no rows (datasets cannot load it): tokenise again, "
                          f"leaving out empty splits.") from None  # fmt: skip
+    except FileNotFoundError:  # not a saved data set at all: datasets' own message says so, naming the folder
+        raise
+    except (ValueError, OSError) as error:  # a cut Arrow file, a damaged state.json: their messages name neither
+        raise ValueError(f"--tokens_dir {path} is damaged ({type(error).__name__}: {first_line(error)}): tokenise "
+                         f"again.") from None  # fmt: skip
     if isinstance(saved, datasets.DatasetDict):
         if args.train_split not in saved:
             raise ValueError(f"--tokens_dir has no split {args.train_split!r}; its splits are {list(saved)}.")
