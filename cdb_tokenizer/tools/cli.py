@@ -721,7 +721,7 @@ def decode_command(args: argparse.Namespace) -> None:
     revision = args.revision or (None if args.model else _recorded_revision(args.tokens, metadata))
     if not args.model:
         # The file's word is followed only as far as load_model goes for --model: a folder or Hub id whose
-        # config.json says cdb_vq, loaded by this package's classes (its code runs only with --trust-remote-code).
+        # config.json says cdb_vq, loaded by this package's classes (its code never runs: see --trust-remote-code).
         at = f" at {revision}" if revision else ""
         print(f"decoding with the model recorded in {args.tokens}: {model_name}{at}", file=sys.stderr)
     resolve_device(args.device)  # a bad --device is not the recorded model's fault
@@ -1389,8 +1389,9 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument(
             "--trust-remote-code",
             action="store_true",
-            help="run the Python code a model folder or Hub repository ships (auto_map); off by default: this "
-            "package's own classes load the weights",
+            help="load through AutoModel with trust_remote_code=True, as transformers would; with this package "
+            "installed its own classes are used anyway, so a folder's or repository's code (auto_map) still does not "
+            "run (default: off)",
         )
         command.add_argument(
             "--revision",
