@@ -665,7 +665,15 @@ class CDBVQModel(CDBVQPreTrainedModel):
         return self._decode_quantized(self._in_model_dtype(quantized))
 
     def _decode_quantized(self, quantized: torch.Tensor) -> torch.Tensor:
-        return self.decoder(self.post_quant_conv(quantized))
+        images = self.decoder(self.post_quant_conv(quantized))
+        # Its input is finite (checked codes or latents), so NaN here is the decoder's own. Only outside training:
+        # there the loss shows it, and the loop skips the step.
+        if not self.training and not bool(torch.isfinite(images).all()):
+            raise ValueError(
+                "the decoder produced NaN or infinite pixels from finite codes: its weights (post_quant_conv, decoder) "
+                "are corrupt (NaN/inf), training diverged, or the model's dtype overflowed (float16)."
+            )
+        return images
 
     @torch.no_grad()
     def get_image_tokens(self, pixel_values: torch.Tensor) -> torch.LongTensor:

@@ -336,6 +336,20 @@ def test_a_corrupt_codebook_is_refused_by_decode(model):
     assert torch.isfinite(model.decode_image_tokens(tokens)).all()
 
 
+def test_a_corrupt_decoder_is_refused_by_decode(photo_batch):
+    # A NaN decoder weight loaded, encoded, and decoded NaN images without a word (the CLI failed only later, at
+    # postprocess, naming the images instead of the weights).
+    model = tiny_model().eval()
+    tokens = model.get_image_tokens(photo_batch)
+    with torch.no_grad():
+        next(model.decoder.parameters()).view(-1)[0] = float("nan")
+    with pytest.raises(ValueError, match=r"the decoder produced NaN or infinite pixels .* weights .* are corrupt"):
+        model.decode_image_tokens(tokens)
+    with pytest.raises(ValueError, match="the decoder produced NaN"):
+        model(photo_batch)
+    model.train()(photo_batch)  # in training the loss shows it and the loop skips the step: no exception
+
+
 def test_a_healthy_float16_codebook_whose_sum_overflows_float16_is_not_refused(photo_batch):
     model = tiny_model().eval().half()
     with torch.no_grad():
