@@ -391,6 +391,8 @@ class CDBVQModel(CDBVQPreTrainedModel):
     # ------------------------------------------------------------------ input checks
     # Pixel values are expected in [-1, 1]; this much overshoot (resampling ringing, rounding) is still accepted.
     _PIXEL_RANGE_TOLERANCE = 0.5
+    # Pixel values all in [0, 1] whose darkest is at most this (13 of 255 on ToTensor's scale) are taken for that scale.
+    _ZERO_ONE_DARKEST = 0.05
 
     def _check_pixel_values(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Check `pixel_values` and return them in the model's dtype (float64/half inputs are cast)."""
@@ -444,7 +446,9 @@ class CDBVQModel(CDBVQPreTrainedModel):
                 f"otherwise unnormalised pixels?); prepare images with CDBVQImageProcessor (or the model's "
                 f"AutoImageProcessor), which rescales and normalises them."
             )
-        if low >= 0.0 and high <= 1.0:  # inside the tolerance, but torchvision's ToTensor scale: a washed-out image
+        # Inside the tolerance, but torchvision's ToTensor scale: a washed-out image. A photo on that scale has dark
+        # pixels near 0; a bright image in [-1, 1] (snow, a grey card) lies in [0, 1] too, but away from 0.
+        if 0.0 <= low <= self._ZERO_ONE_DARKEST and high <= 1.0:
             logger.warning_once(
                 "pixel_values all lie in [0, 1], but the model takes [-1, 1] (images scaled to [0, 1], e.g. by "
                 "torchvision's ToTensor, encode washed out); prepare images with CDBVQImageProcessor. (A batch of "

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from cdb_tokenizer import CDBVQConfig, CDBVQModel
+from cdb_tokenizer import CDBVQConfig, CDBVQImageProcessor, CDBVQModel
 from conftest import tiny_config, tiny_model
 
 
@@ -515,6 +515,9 @@ def test_pixel_values_in_zero_one_are_said_to_be_on_the_wrong_scale(caplog):
     model = tiny_model().eval()
     transformers_logging.warning_once.cache_clear()  # said once per process: another test may have said it
     model.get_image_tokens(torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1)
+    # Nor a bright image prepared right (a grey card of 200: all in [0, 1], far from 0), which the CLI and training
+    # warned about though they had used the processor.
+    model.get_image_tokens(CDBVQImageProcessor()(np.full((32, 32, 3), 200, np.uint8), return_tensors="pt").pixel_values)
     assert "pixel_values all lie in [0, 1]" not in caplog.text
     model.get_image_tokens(torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)))
     assert "pixel_values all lie in [0, 1], but the model takes [-1, 1]" in caplog.text
