@@ -1265,6 +1265,20 @@ def test_load_tokenizer_refuses_a_model_of_another_kind(tmp_path):
         load_tokenizer(str(tmp_path))
 
 
+def test_load_tokenizer_hides_transformers_loading_bar_and_leaves_download_bars_as_they_were(tmp_path, capsys):
+    # transformers' per-tensor "Loading weights" bar landed among the CLI's output (and publish.py's, twice).
+    from huggingface_hub.utils import are_progress_bars_disabled
+    from transformers.utils import logging as transformers_logging
+
+    if not hasattr(transformers_logging, "set_tqdm_hook"):
+        pytest.skip("transformers < 5.x has no tqdm hook: its bar stays")
+    tiny_model().save_pretrained(tmp_path)
+    capsys.readouterr()
+    load_tokenizer(str(tmp_path))
+    assert "Loading weights" not in capsys.readouterr().err
+    assert transformers_logging.set_tqdm_hook(None) is None and not are_progress_bars_disabled()
+
+
 def test_a_hub_priors_default_output_is_in_the_working_directory(tmp_path, monkeypatch):
     # owner/name/samples.png made a local folder owner/name, which the next `--prior owner/name` was taken for.
     import argparse

@@ -76,15 +76,19 @@ def refuse_missing_weights(model, loading_info: dict, source: str | Path) -> Non
 
 @contextmanager
 def quiet_loading_bars():
-    """Hide transformers' "Loading weights" bar (tqdm over the tensors): a tokenizer loads in about a second, and the
-    bar's lines landed among a command's own output. Downloads keep their bars (huggingface_hub's own)."""
-    shown = transformers_logging.is_progress_bar_enabled()
-    transformers_logging.disable_progress_bar()
+    """Hide transformers' own bars, such as "Loading weights" (tqdm over the tensors): a tokenizer loads in about a
+    second, and the bar's lines landed among a command's own output. Downloads keep their bars (huggingface_hub's,
+    which `disable_progress_bar` would turn off too, and turn on again after, whatever the user had set). Through
+    transformers' tqdm hook, where it has one (not in 5.0)."""
+    set_tqdm_hook = getattr(transformers_logging, "set_tqdm_hook", None)
+    if set_tqdm_hook is None:
+        yield
+        return
+    previous = set_tqdm_hook(lambda factory, args, kwargs: factory(*args, **{**kwargs, "disable": True}))
     try:
         yield
     finally:
-        if shown:
-            transformers_logging.enable_progress_bar()
+        set_tqdm_hook(previous)
 
 
 def load_tokenizer(
