@@ -662,19 +662,14 @@ def _pil_to_tensor(image: PIL.Image.Image, do_convert_rgb: bool) -> torch.Tensor
     except Exception as error:  # noqa: BLE001 - PIL's decoders raise OSError, SyntaxError, AssertionError (closed)
         reason = str(error).strip() or "its file was closed, or it cannot be decoded"
         raise ValueError(f"PIL cannot decode the image ({type(error).__name__}: {reason}).") from None
-    image = _upright(image)
+    image = upright(image)
     if image.mode in _STRAIGHT_ALPHA:
         image = image.convert(_STRAIGHT_ALPHA[image.mode])
     grey = greyscale_intensities(image)
     if grey is not None:
         return _convert_to_rgb(grey) if do_convert_rgb else grey
     if do_convert_rgb:
-        if image.mode in _ALPHA_MODES or "transparency" in image.info:
-            # Composite on white, as transformers' convert_to_rgb does; a tRNS colour key ("L", "RGB", "P") too.
-            rgba = image.convert("RGBA")
-            background = PIL.Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-            image = PIL.Image.alpha_composite(background, rgba)
-        image = image.convert("RGB")
+        image = composite_on_white(image).convert("RGB")
         return torch.from_numpy(np.array(image, dtype=np.float32)).permute(2, 0, 1).contiguous()
     if image.mode not in _MODES_TAKEN_AS_THEY_ARE:
         # Their bands are no intensities: HSV, LAB or YCbCr read as RGB, palette indices or CMYK inks as grey levels.
@@ -694,8 +689,8 @@ def greyscale_intensities(image: PIL.Image.Image) -> torch.Tensor | None:
     "I;16" is read as [0, 65535], and so is "I" from a PNG or PGM file (16-bit samples; PIL scales a PGM's maxval to
     65535). Another "I" (`convert("I")` of an 8-bit image, a TIFF of 32-bit integers) is read as [0, 255] when no
     value exceeds 255, else as [0, 65535]. "F" is read as [0, 1] (as float arrays are) when no value exceeds 1, else as
-    PIL's [0, 255]; values that are [0, 1] but for a few overshoots (under 1% above 1) are refused, since read as
-    [0, 255] they would come out black. Values outside those ranges are refused. A tRNS colour key becomes white.
+    PIL's [0, 255]; values that reach just past 1 (at most 1.5: a [0, 1] image that overshoots, or an all but black
+    [0, 255] one) are refused as ambiguous, since read as [0, 255] a [0, 1] image comes out black. Values outside those ranges are refused. A tRNS colour key becomes white.
     """
     if not (image.mode in ("F", "I") or image.mode.startswith("I;16")):
         return None
@@ -705,10 +700,11 @@ def greyscale_intensities(image: PIL.Image.Image) -> torch.Tensor | None:
     low, high = (float(array.min()), float(array.max())) if array.size else (0.0, 0.0)
     if image.mode == "F":
         top = 1.0 if high <= 1.0 else 255.0
-        if top == 255.0 and float((array > 1.0).mean()) < 0.01:
+        if 1.0 < high <= 1.5:
             raise ValueError(
-                f"a float (PIL mode F) image with values in [0, 1] but for a few above 1 (up to {high:g}): its scale "
-                f"is ambiguous; clip it to [0, 1], or give it on PIL's [0, 255] scale."
+                f"a float (PIL mode F) image whose values reach just past 1 (up to {high:g}): its scale is ambiguous "
+                f"([0, 1] with overshoots, or an all but black [0, 255] image); clip it to [0, 1], or give it on "
+                f"PIL's [0, 255] scale."
             )
     elif image.mode == "I" and high <= 255 and image.format not in ("PNG", "PPM"):
         top = 255.0
@@ -723,13 +719,24 @@ def greyscale_intensities(image: PIL.Image.Image) -> torch.Tensor | None:
     return torch.from_numpy(intensities)[None]
 
 
-def _upright(image: PIL.Image.Image) -> PIL.Image.Image:
-    """Apply the EXIF orientation (a photo a camera stored on its side comes out upright); the image itself if none."""
+def upright(image: PIL.Image.Image) -> PIL.Image.Image:
+    """Apply the EXIF orientation (a photo a camera stored on its side comes out upright); the image itself if none.
+    (The processor and cdb-vq's data loading both read images through this.)"""
     try:
         orientation = image.getexif().get(0x0112, 1)
     except Exception:  # noqa: BLE001 - a damaged EXIF block: keep the pixels as stored
         return image
     return PIL.ImageOps.exif_transpose(image) if orientation not in (None, 1) else image
+
+
+def composite_on_white(image: PIL.Image.Image) -> PIL.Image.Image:
+    """An image with transparency (an alpha band, or a tRNS colour key in "L", "RGB" or "P") composited on white, as
+    transformers' convert_to_rgb does (RGBA); any other image as it is."""
+    if image.mode in _ALPHA_MODES or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        background = PIL.Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return PIL.Image.alpha_composite(background, rgba)
+    return image
 
 
 def _to_channels_first(

@@ -344,6 +344,7 @@ def test_output_names_keep_letters_of_any_script_and_a_broken_link_is_no_missing
     assert main(["reconstruct", *sorted(map(str, photos.iterdir())), "--model", str(files["model"]), "--out", str(tmp_path / "r")]) == 0
     assert {path.name for path in (tmp_path / "r").glob("*.png")} >= {"写真.png", "фото.png", "café.png"}
     assert safe_name("../../写真\u202e", "x") == "写真_" and len(safe_name("写" * 100, "x").encode()) <= 200
+    assert safe_name("किताब", "x") != safe_name("कीताब", "x")  # vowel signs are marks, not letters: they stay
     (tmp_path / "loop").symlink_to(tmp_path / "loop")
     capsys.readouterr()
     assert main(["encode", str(tmp_path / "loop"), "--model", str(files["model"]), "--out", str(tmp_path / "t.safetensors")]) == 1

@@ -443,3 +443,17 @@ def test_streamed_images_outside_the_data_set_are_skipped_each_under_its_own_nam
     assert all(f"Skipping unreadable image {name} {reason}" in caplog.text for name in names)
     errors = []
     assert decode_image(next(iter(stream))["image"], errors=errors) is None and isinstance(errors[0], PermissionError)
+
+
+def test_a_skipped_image_is_named_with_a_reason_a_user_can_read():
+    # PIL's "cannot identify image file <_io.BytesIO object at 0x7f...>" showed a memory address, and reasons ending
+    # in "." ended the log line in "..".
+    from cdb_tokenizer.tools.data import skipped_image_message
+
+    errors = []
+    assert decode_image({"bytes": b"not an image", "path": "notes.png"}, errors=errors) is None
+    assert skipped_image_message({"path": "notes.png"}, errors) == "notes.png (not an image file PIL can read)"
+    nan = np.full((4, 4), np.nan, np.float32)
+    errors = []
+    assert decode_image(nan, errors=errors) is None
+    assert skipped_image_message(nan, errors) == "<ndarray> (Image (PIL mode F) contains NaN or infinite values)"

@@ -186,8 +186,13 @@ def test_greyscale_files_are_read_on_their_own_scale_and_ambiguous_floats_refuse
         torch.testing.assert_close(processor(image, return_tensors="pt")["pixel_values"], expected, atol=1e-5, rtol=0, msg=name)
     overshoot = camera.astype(np.float32) / 255.0
     overshoot[0, 0] = 1.01
-    with pytest.raises(ValueError, match=r"values in \[0, 1\] but for a few above 1 \(up to 1.01\).*clip it"):
+    with pytest.raises(ValueError, match=r"values reach just past 1 \(up to 1.01\): its scale is ambiguous.*clip it"):
         processor(PIL.Image.fromarray(overshoot))
+    # A dark image on PIL's [0, 255] scale with a small bright spot is no overshoot: read as it always was.
+    spot = np.zeros((100, 100), np.uint8)
+    spot[:9, :9] = 255
+    expected = processor(spot, return_tensors="pt")["pixel_values"]
+    torch.testing.assert_close(processor(PIL.Image.fromarray(spot).convert("F"), return_tensors="pt")["pixel_values"], expected)
 
 
 @pytest.mark.parametrize("mode", ["L", "RGB", "I;16"])

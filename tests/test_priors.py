@@ -451,6 +451,14 @@ def test_a_prior_checkpoints_its_last_step_and_resumes_only_on_its_own_codebook(
     other = [str(tmp_path / "other") if arg == str(tmp_path / "tokens") else arg for arg in longer]
     with pytest.raises(ValueError, match="trained on the tokens of another codebook"):
         train_prior.main(train_prior.parse_args(other))
+    # Named into another run's folder with --overwrite_output_dir: refused before that run is deleted for it.
+    shutil.copytree(tmp_path / "prior", tmp_path / "kept")
+    into_kept = [str(tmp_path / "kept") if arg == str(tmp_path / "prior") else arg for arg in other[:-1]]
+    with pytest.raises(ValueError, match="trained on the tokens of another codebook"):
+        train_prior.main(train_prior.parse_args(
+            into_kept + [str(tmp_path / "prior" / "checkpoints" / "checkpoint-3"), "--overwrite_output_dir"]
+        ))  # fmt: skip
+    assert (tmp_path / "kept" / "model.safetensors").read_bytes() == weights
     train_prior.main(train_prior.parse_args(argv + ["--resume_from_checkpoint", "latest"]))  # finished: nothing to train
     assert (tmp_path / "prior" / "model.safetensors").read_bytes() == weights
     assert train_prior.main(train_prior.parse_args(longer))["step"] == 4

@@ -364,9 +364,10 @@ def test_publish_script_passes_its_flags_through(training_output, tmp_path, caps
     # Dry run: stage only, keep the folder, touch no network.
     staging = tmp_path / "dry"
     assert (
-        publish.main([str(training_output), "--hub_model_id", HUB_ID, "--dry_run", "--staging_dir", str(staging)]) == 0
-    )
-    assert (staging / "README.md").is_file()
+        publish.main([str(training_output), "--hub_model_id", HUB_ID, "--dry_run", "--staging_dir", str(staging),
+                      "--revision", "v1"]) == 0
+    )  # fmt: skip
+    assert 'revision="v1"' in (staging / "README.md").read_text()  # the card the upload to v1 would show
     assert (
         publish.main(
             [str(tmp_path / "missing"), "--hub_model_id", HUB_ID, "--dry_run", "--staging_dir", str(tmp_path / "x")]

@@ -250,7 +250,8 @@ def test_keys_named_for_image_tokens_are_data_not_secrets():
     from cdb_tokenizer.tools.redaction import redact_secrets
 
     config = {"tokens_dir": "w/tokens", "tokenizer": "org/tok", "num_image_tokens": 256, "image_tokens": [1, 2],
-              "hub_token": "abc", "HF-TOKEN": "abc", "accessToken": "abc", "token": "abc", "token_alignment_weight": 0.5}  # fmt: skip
+              "hub_token": "abc", "HF-TOKEN": "abc", "accessToken": "abc", "token": "abc", "token_alignment_weight": 0.5,
+              "github_tokens": ["ghp_x"], "hub_token2": "x", "accessTokenValue": "x", "tokenKey": "k"}  # fmt: skip
     assert redact_secrets(config) == {"tokens_dir": "w/tokens", "tokenizer": "org/tok", "num_image_tokens": 256,
                                       "image_tokens": [1, 2], "token_alignment_weight": 0.5}  # fmt: skip
 

@@ -367,8 +367,10 @@ def test_push_to_hub_hands_the_output_folder_to_publishing(tmp_path, monkeypatch
 
     output_dir = tmp_path / "down"
     with pytest.raises(UploadFailed, match=r"the upload to me/down failed \(ConnectionError: connection reset by peer\)"
-                       r"\. The model is saved in .*down; retry the upload with: python training/publish\.py"):  # fmt: skip
-        main(PLAIN_RUN + ["--output_dir", str(output_dir), "--max_train_steps", "1", "--push_to_hub", "--hub_model_id", "me/down"])
+                       r"\. The model is saved in .*down; retry the upload with: python training/publish\.py .*down "
+                       r"--hub_model_id me/down --private$"):  # a private run's retry must not create a public repo
+        main(PLAIN_RUN + ["--output_dir", str(output_dir), "--max_train_steps", "1", "--push_to_hub", "--hub_model_id",
+                          "me/down", "--hub_private_repo"])  # fmt: skip
     assert (output_dir / "model.safetensors").is_file() and (output_dir / "metrics.json").is_file()
 
 

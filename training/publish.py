@@ -42,7 +42,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.dry_run:
             if not args.staging_dir:
                 raise ValueError("--dry_run needs --staging_dir to stage into.")
-            folder = stage_folder(args.output_dir, args.staging_dir, args.hub_model_id, license=args.license)
+            folder = stage_folder(
+                args.output_dir, args.staging_dir, args.hub_model_id, license=args.license, revision=args.revision
+            )  # the card the upload would show, snippets of the branch included
             print(f"staged {args.hub_model_id} in {folder} (nothing uploaded)")
             return 0
         commit = push_to_hub(

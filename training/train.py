@@ -26,6 +26,7 @@ import itertools
 import json
 import math
 import os
+import shlex
 import shutil
 import sys
 import time
@@ -223,6 +224,10 @@ def prepare_output_dir(args: argparse.Namespace, accelerator: Accelerator) -> No
     refusal = decided_by_main_process(accelerator, claim)  # the main process's word (or error), on every process
     if refusal is not None:
         raise OutputDirInUse(refusal)
+    if args.resume_from_checkpoint not in (None, "latest"):
+        # A named checkpoint is checked before this folder's run is refused or deleted for it: the folder itself,
+        # a typo or a missing path is no checkpoint, whatever --overwrite_output_dir says.
+        find_checkpoint(args.resume_from_checkpoint, output_dir, accelerator)
     found = [name for name in RUN_MARKERS if (output_dir / name).exists()] if output_dir.is_dir() else []
     log_file = output_dir / args.logging_dir / "train_log.jsonl"
     if log_file.is_file():
@@ -1040,9 +1045,11 @@ def publish(args: argparse.Namespace) -> None:
     try:
         commit = push_to_hub(args.output_dir, repo, private=args.hub_private_repo, token=args.hub_token)
     except Exception as error:  # noqa: BLE001 - transport and HTTP errors of the Hub client share no base class
+        retry = ["python", "training/publish.py", args.output_dir, "--hub_model_id", repo]
+        retry += ["--private"] * args.hub_private_repo  # else a retry after a failed create_repo made it public
         raise UploadFailed(
             f"the upload to {repo} failed ({type(error).__name__}: {first_line(error)}). The model is saved in "
-            f"{args.output_dir}; retry the upload with: python training/publish.py {args.output_dir} --hub_model_id {repo}"
+            f"{args.output_dir}; retry the upload with: {shlex.join(retry)}"
         ) from error
     logger.info(f"Uploaded to {repo}: {commit.commit_url}")
 

@@ -213,8 +213,8 @@ def load_token_splits(args: argparse.Namespace, accelerator: Accelerator, tokeni
     except IndexError:  # datasets' own failure on a split saved with no rows (no shard file to read)
         raise ValueError(f"--tokens_dir {path} holds a split with no rows (datasets cannot load it): tokenise again, "
                          f"leaving out empty splits.") from None  # fmt: skip
-    except FileNotFoundError:  # not a saved data set at all: datasets' own message says so, naming the folder
-        raise
+    except (FileNotFoundError, PermissionError, IsADirectoryError):  # not a saved data set, or not readable:
+        raise  # their own messages name the path, and tokenising again would not help
     except (ValueError, OSError) as error:  # a cut Arrow file, a damaged state.json: their messages name neither
         raise ValueError(f"--tokens_dir {path} is damaged ({type(error).__name__}: {first_line(error)}): tokenise "
                          f"again.") from None  # fmt: skip
@@ -423,6 +423,14 @@ def resume(
     checkpoint = find_checkpoint(args.resume_from_checkpoint, args.output_dir, accelerator)
     if checkpoint is None:
         return 0
+    check_checkpoint_codebook(checkpoint, fingerprint)
+    accelerator.print(f"Resuming from checkpoint {checkpoint}")
+    return load_training_state(accelerator, checkpoint, args.output_dir, max_train_steps, schedules)
+
+
+def check_checkpoint_codebook(checkpoint: Path, fingerprint: str | None) -> None:
+    """Refuse a checkpoint trained on the tokens of another codebook than this run's (`fingerprint`), when both are
+    known."""
     trained_on = load_custom_state(checkpoint)[1].get("codebook_fingerprint")
     if trained_on and fingerprint and trained_on != fingerprint:
         raise ValueError(
@@ -430,8 +438,6 @@ def resume(
             f"{trained_on}, this run's are {fingerprint}); resume with that run's tokens and tokenizer, or start a "
             f"new --output_dir."
         )
-    accelerator.print(f"Resuming from checkpoint {checkpoint}")
-    return load_training_state(accelerator, checkpoint, args.output_dir, max_train_steps, schedules)
 
 
 def weights_are_finite(model: torch.nn.Module) -> bool:
@@ -445,11 +451,12 @@ def main(args: argparse.Namespace) -> dict[str, float]:
     output_dir = Path(args.output_dir)
     accelerator = make_accelerator(args, output_dir, dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
     set_seed(args.seed)
-    prepare_prior_output_dir(args, accelerator)
-
     tokenizer = load_prior_tokenizer(args.tokenizer, what="--tokenizer") if args.tokenizer else None
     codebook_size = tokenizer[0].config.codebook_size if tokenizer else args.codebook_size
     fingerprint = recorded_fingerprint(args, tokenizer)  # on the CPU, as saved: before the tokenizer moves
+    if args.resume_from_checkpoint not in (None, "latest"):  # before --overwrite_output_dir deletes the run for it
+        check_checkpoint_codebook(find_checkpoint(args.resume_from_checkpoint, args.output_dir, accelerator), fingerprint)
+    prepare_prior_output_dir(args, accelerator)
     train_set, validation_set = load_token_splits(args, accelerator, tokenizer)
     num_image_tokens = len(token_column("training", train_set)[0])
     vocabulary = make_vocabulary(args, train_set, validation_set, codebook_size)

@@ -305,15 +305,17 @@ def load_image(path: Path, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) ->
     return image
 
 
-# Letters and digits of any script stay (写真.png, фото.png were all "_"); separators, spaces and controls do not.
-_UNSAFE_NAME = re.compile(r"[^\w.+=@-]+")
+def _unsafe_in_names(character: str) -> bool:
+    """Not a letter, mark or digit of any script (写真, фото and किताब's vowel signs stay), nor one of `._+=@-`."""
+    return character not in "._+=@-" and unicodedata.category(character)[0] not in "LMN"
 
 
 def safe_name(name: str, fallback: str) -> str:
     """A file stem that stays inside the output folder on any system: no separators, no leading dots, not empty,
-    at most 200 bytes of UTF-8 (file systems limit names to 255 bytes)."""
+    at most 200 bytes of UTF-8 (file systems limit names to 255 bytes). Each run of other characters becomes `_`."""
     stem = Path(unicodedata.normalize("NFC", str(name)).replace("\\", "/")).name
-    cleaned = _UNSAFE_NAME.sub("_", stem).lstrip(".")
+    parts = itertools.groupby(stem, _unsafe_in_names)
+    cleaned = "".join("_" if unsafe else "".join(run) for unsafe, run in parts).lstrip(".")
     return cleaned.encode()[:200].decode(errors="ignore") or fallback
 
 

@@ -28,9 +28,9 @@ import warnings
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, UnidentifiedImageError
 
-from ..image_processing_cdb_vq import greyscale_intensities
+from ..image_processing_cdb_vq import composite_on_white, greyscale_intensities, upright
 from .messages import first_line
 
 logger = logging.getLogger(__name__)
@@ -53,8 +53,6 @@ MAX_REPORTED_UNREADABLE = 5
 # Images with more pixels than this are not decoded (a 64-megapixel RGB image already takes 192 MB decoded, and a
 # small file can announce gigapixels). Change it here, or per call with `decode_image(..., max_pixels=...)`.
 MAX_IMAGE_PIXELS = 64_000_000
-# EXIF tag that says how a camera stored the picture (1: upright).
-EXIF_ORIENTATION = 0x0112
 
 
 def sample_photos(source: str = "skimage") -> list[Image.Image]:
@@ -410,12 +408,7 @@ def decode_image(value, max_pixels: int | None = None, errors: list[Exception] |
         grey = greyscale_intensities(image)  # 16-bit or float greyscale: PIL's convert("RGB") would clip it
         if grey is not None:
             image = Image.fromarray(grey[0].round().clamp(0, 255).to(torch.uint8).numpy(), mode="L")
-        if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
-            # Composite transparent images on white rather than on black (a tRNS colour key in "L", "RGB" or "P" too).
-            rgba = image.convert("RGBA")
-            background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-            return Image.alpha_composite(background, rgba).convert("RGB")
-        return image.convert("RGB")
+        return composite_on_white(image).convert("RGB")  # transparent pixels on white rather than on black
     except Exception as error:  # noqa: BLE001 - any decoding failure means "unreadable"
         if errors is not None:
             errors.append(error)
@@ -442,19 +435,15 @@ def _pil_limit_within(limit: int):
             Image.MAX_IMAGE_PIXELS = pil_limit
 
 
-def upright(image: Image.Image) -> Image.Image:
-    """The image as it is meant to be seen: its EXIF orientation applied (the image itself when upright)."""
-    try:
-        orientation = image.getexif().get(EXIF_ORIENTATION, 1)
-    except Exception:  # noqa: BLE001 - a damaged EXIF block: keep the pixels as stored
-        return image
-    return ImageOps.exif_transpose(image) if orientation not in (None, 1) else image
-
-
 def skipped_image_message(value, errors: Sequence[Exception]) -> str:
     """An unreadable image as a skip names it: its name and why `decode_image` gave None (the error it collected), as
     in "photo.png (9000x9000 pixels is over the 64-megapixel budget)"."""
-    reason = first_line(errors[-1]) if errors else "not an image"
+    if not errors:
+        reason = "not an image"
+    elif isinstance(errors[-1], UnidentifiedImageError):  # its message shows a BytesIO's memory address
+        reason = "not an image file PIL can read"
+    else:
+        reason = first_line(errors[-1]).rstrip(".")
     return f"{describe_image_value(value)} ({reason})"
 
 

@@ -31,6 +31,7 @@ from .redaction import (
     public_value,
     scrub_local_paths,
 )
+from .teacher import labels_from_metadata, labels_metadata
 
 
 # Package data (pyproject.toml `[tool.setuptools.package-data]`): found from a wheel install as from a checkout.
@@ -544,25 +545,20 @@ def _scrub_safetensors_metadata(path: Path) -> list[str]:
     if public == metadata:
         return []
     tensors = load_file(str(path))
-    encoded = {key: json.dumps(value) if key in JSON_METADATA_KEYS else value for key, value in public.items()}
+    encoded = {key: labels_metadata(value) if key == "labels" else value for key, value in public.items()}
     replace_file(path, lambda temporary: save_file(tensors, str(temporary), metadata=encoded))  # keeps the file's mode
     return _removed_strings(metadata, public)
 
 
-# Safetensors metadata values that hold JSON (the prototypes' `labels` list): cleaned as the list they encode. As text,
-# a label's Windows path had its escaped backslashes read as part of the path, leaving the file's JSON invalid.
-JSON_METADATA_KEYS = ("labels",)
-
-
 def _decoded_metadata(metadata: dict[str, str], path: Path) -> dict[str, Any]:
-    decoded = dict(metadata)
-    for key in JSON_METADATA_KEYS:
-        if key in decoded:
-            try:
-                decoded[key] = json.loads(decoded[key])
-            except ValueError:
-                raise ValueError(f"{path.name}: its {key!r} metadata is not JSON; the file is corrupt.") from None
-    return decoded
+    """The prototypes' `labels` as the list they encode, to be cleaned label by label: as text, a label's Windows path
+    had its escaped backslashes read as part of the path, leaving the file's JSON invalid."""
+    if "labels" not in metadata:
+        return dict(metadata)
+    try:
+        return {**metadata, "labels": labels_from_metadata(metadata["labels"])}
+    except ValueError:
+        raise ValueError(f"{path.name}: its 'labels' metadata is not JSON; the file is corrupt.") from None
 
 
 def _removed_strings(raw: Any, public: Any) -> list[str]:

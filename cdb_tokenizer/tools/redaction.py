@@ -20,11 +20,11 @@ REDACTED = "[redacted]"
 # A Hugging Face user access token, wherever it appears in a string.
 HF_TOKEN = re.compile(r"hf_[A-Za-z0-9]{16,}")
 # Parts of key names that mark a secret; matched case-insensitively anywhere in the key.
-SECRET_WORDS = ("secret", "password", "passwd", "api_key", "apikey", "credential", "private_key", "authorization",
-                "cookie")  # fmt: skip
-# "token" only as a word of the key (hub_token, token, accesstoken): here image tokens are data, and a prior's
-# `tokens_dir` and `tokenizer` were dropped from its training_config.json as secrets.
-SECRET_TOKEN_KEY = re.compile(r"(^|_)token(_|$)|token$")
+SECRET_WORDS = ("token", "secret", "password", "passwd", "api_key", "apikey", "credential", "private_key",
+                "authorization", "cookie")  # fmt: skip
+# Keys that name image tokens, not secrets, whatever they hold (a prior's training_config.json lost `tokens_dir` and
+# `tokenizer`). Named one by one: a rule on the word "token" let `github_tokens` or `accessTokenValue` through.
+TOKEN_DATA_KEYS = frozenset({"tokens_dir", "tokenizer", "tokenize_batch_size", "image_tokens", "num_image_tokens"})
 
 
 def is_secret_key(key: Any, value: Any) -> bool:
@@ -34,7 +34,7 @@ def is_secret_key(key: Any, value: Any) -> bool:
     stay; any string, list or mapping under a secret-named key goes.
     """
     name = str(key).lower().replace("-", "_")
-    if not (any(word in name for word in SECRET_WORDS) or SECRET_TOKEN_KEY.search(name)):
+    if name in TOKEN_DATA_KEYS or not any(word in name for word in SECRET_WORDS):
         return False
     return value is not None and not isinstance(value, (bool, int, float))
 

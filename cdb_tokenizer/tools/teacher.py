@@ -21,6 +21,7 @@ import string
 import zipfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 import torch
@@ -472,7 +473,7 @@ def save_prototypes(path: str | Path, prototypes: torch.Tensor, labels: Sequence
 
     if labels is not None and len(labels) != prototypes.shape[0]:
         raise ValueError(f"got {len(labels)} labels for {prototypes.shape[0]} prototypes.")
-    metadata = {"labels": json.dumps(list(labels) if labels is not None else None)}
+    metadata = {"labels": labels_metadata(labels)}
     for name, value in (("source", source), ("key", key)):
         if value is not None:
             metadata[name] = value
@@ -481,6 +482,17 @@ def save_prototypes(path: str | Path, prototypes: torch.Tensor, labels: Sequence
     tensors = {"prototypes": prototypes.detach().float().cpu().contiguous()}
     replace_file(path, lambda target: save_file(tensors, str(target), metadata=metadata))
     return path
+
+
+def labels_metadata(labels: Sequence[str] | None) -> str:
+    """The prototypes' labels as their safetensors metadata holds them (strings only fit there): a JSON list, or
+    null."""
+    return json.dumps(list(labels) if labels is not None else None)
+
+
+def labels_from_metadata(text: str | None) -> Any:
+    """What a `labels` metadata value holds (None when missing, empty or null); a `ValueError` when it is not JSON."""
+    return json.loads(text) if text else None
 
 
 def load_prototypes(path: str | Path) -> tuple[torch.Tensor, list[str] | None]:
@@ -507,7 +519,7 @@ def load_prototypes(path: str | Path) -> tuple[torch.Tensor, list[str] | None]:
     if not torch.isfinite(prototypes).all():
         raise ValueError(f"{str(path)!r}: 'prototypes' holds NaN or infinite values.")
     try:
-        labels = json.loads(metadata["labels"]) if metadata.get("labels") else None
+        labels = labels_from_metadata(metadata.get("labels"))
     except ValueError:
         labels = ()
     if labels is not None and (
