@@ -744,21 +744,35 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def train_prior_on_two_processes(tmp_path: Path, *flags: str) -> subprocess.CompletedProcess:
+    """train_prior.py in two torchrun processes (gloo on the CPU) on the tokens in `tmp_path / "tokens"`."""
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+        str(ROOT / "training" / "train_prior.py"), *prior_argv(tmp_path / "tokens", tmp_path / "prior", *flags),
+    ]  # fmt: skip
+    return subprocess.run(command, capture_output=True, text=True, timeout=180, check=False)
+
+
 def test_two_processes_train_the_steps_asked_for(tmp_path):
     """Each of two processes sees half the batches: --max_train_steps is still the number of optimiser steps, and
     the cosine schedule ends at zero on the last of them."""
     token_set(64).save_to_disk(tmp_path / "tokens")  # 48 training rows: 12 batches of 4, 6 per process
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-        str(ROOT / "training" / "train_prior.py"),
-        *prior_argv(tmp_path / "tokens", tmp_path / "prior", "--max_train_steps", "12", "--checkpointing_steps", "12"),
-    ]  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True, timeout=180, check=False)
+    result = train_prior_on_two_processes(tmp_path, "--max_train_steps", "12", "--checkpointing_steps", "12")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Training 12 steps (2 epochs), 2 process(es)" in result.stderr
     assert json.loads((tmp_path / "prior" / "metrics.json").read_text())["step"] == 12
     scheduler = torch.load(tmp_path / "prior" / "checkpoints" / "checkpoint-12" / "scheduler.bin", weights_only=True)
     assert scheduler["_last_lr"][0] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_two_processes_share_a_validation_split_smaller_than_their_number(tmp_path):
+    # Dataset.shard raised on the process left without a validation row: 12 tokenised images and the default 5%
+    # split give one row, and both processes died with a traceback.
+    token_set(12).save_to_disk(tmp_path / "tokens")
+    result = train_prior_on_two_processes(tmp_path, "--validation_split", "0.05", "--train_batch_size", "2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 process(es)" in result.stderr
+    assert json.loads((tmp_path / "prior" / "metrics.json").read_text())["num_tokens"] == 4  # one row's, once
 
 
 def test_two_processes_train_on_a_single_batch_of_data(tmp_path):

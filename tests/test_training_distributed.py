@@ -181,23 +181,3 @@ def test_every_process_resumes_from_the_checkpoint_the_main_process_chose(tmp_pa
     assert [(tmp_path / f"run-rank{rank}.txt").read_text() for rank in (0, 1)] == ["checkpoint-3", "checkpoint-3"]
     assert [(tmp_path / f"run-error{rank}.txt").read_text() for rank in (0, 1)] == ["CheckpointError: OSError: Stale file handle"] * 2
 
-
-def test_a_prior_trains_on_two_processes_with_fewer_validation_rows_than_processes(tmp_path):
-    # Dataset.shard raised on the process left without a validation row: 12 tokenised images and the default 5%
-    # split give one row, and both processes died with a traceback.
-    from test_priors import prior_argv, token_set
-
-    from cdb_tokenizer.tools.priors import save_tokens
-    from conftest import tiny_model
-
-    save_tokens(token_set(12), tmp_path / "tokens", tiny_model(codebook_size=8), image_size=(8, 8))
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-        str(REPO / "training" / "train_prior.py"),
-        *prior_argv(tmp_path / "tokens", tmp_path / "prior", "--validation_split", "0.05", "--train_batch_size", "2"),
-    ]  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True, timeout=150, check=False)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "2 process(es)" in result.stderr
-    metrics = json.loads((tmp_path / "prior" / "metrics.json").read_text())
-    assert metrics["num_tokens"] == 4  # the one row's four tokens, counted once
