@@ -180,4 +180,3 @@ def test_every_process_resumes_from_the_checkpoint_the_main_process_chose(tmp_pa
     assert result.returncode == 0, result.stderr[-3000:]
     assert [(tmp_path / f"run-rank{rank}.txt").read_text() for rank in (0, 1)] == ["checkpoint-3", "checkpoint-3"]
     assert [(tmp_path / f"run-error{rank}.txt").read_text() for rank in (0, 1)] == ["CheckpointError: OSError: Stale file handle"] * 2
-
