@@ -690,7 +690,8 @@ def greyscale_intensities(image: PIL.Image.Image) -> torch.Tensor | None:
     65535). Another "I" (`convert("I")` of an 8-bit image, a TIFF of 32-bit integers) is read as [0, 255] when no
     value exceeds 255, else as [0, 65535]. "F" is read as [0, 1] (as float arrays are) when no value exceeds 1, else as
     PIL's [0, 255]; values that reach just past 1 (at most 1.5: a [0, 1] image that overshoots, or an all but black
-    [0, 255] one) are refused as ambiguous, since read as [0, 255] a [0, 1] image comes out black. Values outside those ranges are refused. A tRNS colour key becomes white.
+    [0, 255] one) are refused as ambiguous, since read as [0, 255] a [0, 1] image comes out black. Values outside
+    those ranges are refused. A tRNS colour key becomes white.
     """
     if not (image.mode in ("F", "I") or image.mode.startswith("I;16")):
         return None

@@ -267,7 +267,8 @@ def check_image_files(paths: Sequence[str], max_pixels: int | None = DEFAULT_MAX
         path = Path(name)
         if not path.exists():
             # exists() is False for a link that leads nowhere, which is no missing file
-            raise CLIError(f"{name}: {'a broken symbolic link (or a link loop)' if path.is_symlink() else 'no such file'}.")
+            problem = "a broken symbolic link (or a link loop)" if path.is_symlink() else "no such file"
+            raise CLIError(f"{name}: {problem}.")
         if not path.is_file():
             kind = "is a directory, not an image file" if path.is_dir() else "not a regular file"
             raise CLIError(f"{name}: {kind}.")

@@ -118,7 +118,9 @@ def load_tokenizer(
     options = {"trust_remote_code": trust_remote_code} if trust_remote_code else {}
     try:
         with quiet_loading_bars():
-            model, loading_info = model_class.from_pretrained(name_or_path, **options, **kwargs, output_loading_info=True)
+            model, loading_info = model_class.from_pretrained(
+                name_or_path, **options, **kwargs, output_loading_info=True
+            )
     except Exception as error:
         if "Weights only load failed" not in str(error):
             raise

@@ -326,7 +326,9 @@ def resumes_its_own_run(args: argparse.Namespace) -> bool:
     """Whether --resume_from_checkpoint continues the run in --output_dir (`latest`, or a checkpoint inside it)
     rather than another folder's."""
     resume = args.resume_from_checkpoint
-    return resume == "latest" or (resume is not None and Path(args.output_dir).resolve() in Path(resume).resolve().parents)
+    if resume is None:
+        return False
+    return resume == "latest" or Path(args.output_dir).resolve() in Path(resume).resolve().parents
 
 
 def _check_training_args(args: argparse.Namespace) -> None:

@@ -242,8 +242,10 @@ def tokenize_dataset(
     ).hexdigest()[:32]  # fmt: skip
 
     def tokenize_batch(batch: dict[str, list]) -> dict[str, list]:
-        errors = [[] for _ in batch[image_column]]
-        images = [decode_image(value, max_pixels=max_pixels, errors=found) for value, found in zip(batch[image_column], errors)]
+        errors = [[] for _ in batch[image_column]]  # per image: why it was skipped
+        images = [
+            decode_image(value, max_pixels=max_pixels, errors=found) for value, found in zip(batch[image_column], errors)
+        ]
         readable = [index for index, image in enumerate(images) if image is not None]
         if len(readable) < len(images):  # an unreadable file is skipped (counted, the first few named), not a crash
             for value, image, found in zip(batch[image_column], images, errors):
