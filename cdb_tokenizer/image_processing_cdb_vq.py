@@ -662,9 +662,7 @@ def _pil_to_tensor(image: PIL.Image.Image, do_convert_rgb: bool) -> torch.Tensor
     except Exception as error:  # noqa: BLE001 - PIL's decoders raise OSError, SyntaxError, AssertionError (closed)
         reason = str(error).strip() or "its file was closed, or it cannot be decoded"
         raise ValueError(f"PIL cannot decode the image ({type(error).__name__}: {reason}).") from None
-    image = upright(image)
-    if image.mode in _STRAIGHT_ALPHA:
-        image = image.convert(_STRAIGHT_ALPHA[image.mode])
+    image = _straight_alpha(upright(image))
     grey = greyscale_intensities(image)
     if grey is not None:
         return _convert_to_rgb(grey) if do_convert_rgb else grey
@@ -730,9 +728,15 @@ def upright(image: PIL.Image.Image) -> PIL.Image.Image:
     return PIL.ImageOps.exif_transpose(image) if orientation not in (None, 1) else image
 
 
+def _straight_alpha(image: PIL.Image.Image) -> PIL.Image.Image:
+    """A premultiplied-alpha image ("La", "RGBa") as straight alpha, which PIL's conversions take; others as they are."""
+    return image.convert(_STRAIGHT_ALPHA[image.mode]) if image.mode in _STRAIGHT_ALPHA else image
+
+
 def composite_on_white(image: PIL.Image.Image) -> PIL.Image.Image:
     """An image with transparency (an alpha band, or a tRNS colour key in "L", "RGB" or "P") composited on white, as
     transformers' convert_to_rgb does (RGBA); any other image as it is."""
+    image = _straight_alpha(image)  # PIL cannot convert "La" to RGBA
     if image.mode in _ALPHA_MODES or "transparency" in image.info:
         rgba = image.convert("RGBA")
         background = PIL.Image.new("RGBA", rgba.size, (255, 255, 255, 255))

@@ -447,7 +447,8 @@ class CDBVQModel(CDBVQPreTrainedModel):
                 f"AutoImageProcessor), which rescales and normalises them."
             )
         # Inside the tolerance, but torchvision's ToTensor scale: a washed-out image. A photo on that scale has dark
-        # pixels near 0; a bright image in [-1, 1] (snow, a grey card) lies in [0, 1] too, but away from 0.
+        # pixels near 0; a bright image in [-1, 1] (snow, a light card) lies in [0, 1] too, but away from 0, unless
+        # its darkest pixel is mid-grey (then the message says to ignore it).
         if 0.0 <= low <= self._ZERO_ONE_DARKEST and high <= 1.0:
             logger.warning_once(
                 "pixel_values all lie in [0, 1], but the model takes [-1, 1] (images scaled to [0, 1], e.g. by "

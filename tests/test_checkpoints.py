@@ -155,7 +155,7 @@ def test_an_output_folder_holding_another_run_is_refused_and_overwrite_starts_ov
     with pytest.raises(OutputDirInUse, match=r"holds another run .*checkpoint-2 is a checkpoint of another folder"):
         main(other_run + ["--resume_from_checkpoint", foreign])
     # The folder itself, or a typo, is no checkpoint: said before --overwrite_output_dir deletes the run for it.
-    with pytest.raises(CheckpointError, match="is not a complete checkpoint: it has no"):
+    with pytest.raises(CheckpointError, match="is a run's folder, not a checkpoint: pass one of its checkpoints/"):
         main(other_run + ["--resume_from_checkpoint", str(output_dir), "--overwrite_output_dir"])
     with pytest.raises(FileNotFoundError, match="is not a checkpoint folder"):
         main(other_run + ["--resume_from_checkpoint", str(tmp_path / "checkpoint-9"), "--overwrite_output_dir"])

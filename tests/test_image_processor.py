@@ -786,6 +786,10 @@ def test_premultiplied_alpha_modes_are_read_as_straight_alpha():
         straight = proc(PIL.Image.fromarray(rgba, mode="RGBA"), return_tensors="pt").pixel_values
         premultiplied = proc(rgba_premultiplied, return_tensors="pt").pixel_values
         torch.testing.assert_close(premultiplied, straight, atol=1.5 / 255, rtol=0)
+    # cdb-vq's data loading reads them alike (it skipped "La" as unreadable: one composite_on_white serves both).
+    from cdb_tokenizer.tools.data import decode_image
+
+    assert np.abs(np.asarray(decode_image(la), np.float32) - 227).max() <= 1
 
 
 @pytest.mark.parametrize(

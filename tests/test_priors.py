@@ -553,6 +553,18 @@ def test_a_damaged_token_folder_is_named(damage, tmp_path, fresh_accelerator_sta
         train_prior.main(train_prior.parse_args(prior_argv(tmp_path / "tokens", tmp_path / "prior")))
 
 
+def test_an_unreadable_token_folder_is_not_called_damaged(tmp_path, monkeypatch, fresh_accelerator_state):
+    # A permission error is no damage: "tokenise again" would not help.
+    def refused(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(tmp_path / "tokens" / "state.json"))
+
+    token_set(16).save_to_disk(tmp_path / "tokens")
+    monkeypatch.setattr(datasets, "load_from_disk", refused)
+    train_prior = load_script("train_prior")
+    with pytest.raises(PermissionError, match="Permission denied"):
+        train_prior.main(train_prior.parse_args(prior_argv(tmp_path / "tokens", tmp_path / "prior")))
+
+
 def test_token_image_size_falls_back_to_the_square_grid(tokenizer):
     model = tokenizer[0]  # 32 x 32 pixels, 8 x 8 tokens, downsampling factor 4
     assert token_image_size(model, 64) == (32, 32) and token_image_size(model, 64, (32, 32)) == (32, 32)

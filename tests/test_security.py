@@ -254,6 +254,9 @@ def test_keys_named_for_image_tokens_are_data_not_secrets():
               "github_tokens": ["ghp_x"], "hub_token2": "x", "accessTokenValue": "x", "tokenKey": "k"}  # fmt: skip
     assert redact_secrets(config) == {"tokens_dir": "w/tokens", "tokenizer": "org/tok", "num_image_tokens": 256,
                                       "image_tokens": [1, 2], "token_alignment_weight": 0.5}  # fmt: skip
+    # A code role's name is the user's: one named text_tokens stays in training_config.json (it was dropped).
+    roles = {"model_config": {"code_roles": {"background": [0, 32], "text_tokens": [32, 64]}}}
+    assert redact_secrets(roles) == roles
 
 
 def test_tracker_hparams_carry_no_local_paths_or_secrets():

@@ -455,7 +455,8 @@ def main(args: argparse.Namespace) -> dict[str, float]:
     codebook_size = tokenizer[0].config.codebook_size if tokenizer else args.codebook_size
     fingerprint = recorded_fingerprint(args, tokenizer)  # on the CPU, as saved: before the tokenizer moves
     if args.resume_from_checkpoint not in (None, "latest"):  # before --overwrite_output_dir deletes the run for it
-        check_checkpoint_codebook(find_checkpoint(args.resume_from_checkpoint, args.output_dir, accelerator), fingerprint)
+        named = find_checkpoint(args.resume_from_checkpoint, args.output_dir, accelerator)
+        check_checkpoint_codebook(named, fingerprint)
     prepare_prior_output_dir(args, accelerator)
     train_set, validation_set = load_token_splits(args, accelerator, tokenizer)
     num_image_tokens = len(token_column("training", train_set)[0])

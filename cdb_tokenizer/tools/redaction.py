@@ -48,12 +48,17 @@ def blank_tokens(value: Any) -> Any:
     return HF_TOKEN.sub(REDACTED, value) if isinstance(value, str) else value
 
 
+# Mappings whose keys are names the user chose, not settings: a code role named `text_tokens` is data, and dropping
+# it would record another model than the one trained.
+NAMED_DATA_KEYS = frozenset({"code_roles"})
+
+
 def redact_secrets(value: Any) -> Any:
     """`value` without secret-named keys or bare `hf_...` token values (at any depth), and with `hf_...` tokens
-    blanked inside every other string."""
+    blanked inside every other string (only those inside `NAMED_DATA_KEYS` mappings, whose keys are names)."""
     if isinstance(value, dict):
         return {
-            key: redact_secrets(item) for key, item in value.items()
+            key: blank_tokens(item) if key in NAMED_DATA_KEYS else redact_secrets(item) for key, item in value.items()
             if not is_secret_key(key, item) and not (isinstance(item, str) and HF_TOKEN.fullmatch(item.strip()))
         }  # fmt: skip
     if isinstance(value, (list, tuple)):

@@ -153,6 +153,11 @@ def _find_checkpoint(resume_from_checkpoint: str | None, output_dir: str | Path)
     path = Path(resume_from_checkpoint)
     if not path.is_dir():
         raise FileNotFoundError(f"--resume_from_checkpoint {str(path)!r} is not a checkpoint folder.")
+    if (path / "checkpoints").is_dir():  # a run's folder (often --output_dir itself), not one of its checkpoints
+        raise CheckpointError(
+            f"--resume_from_checkpoint {str(path)!r} is a run's folder, not a checkpoint: pass one of its "
+            f"checkpoints/checkpoint-N folders, or `latest` to continue the run in --output_dir."
+        )
     reason = incomplete_reason(path)
     if reason is not None:
         raise CheckpointError(f"--resume_from_checkpoint {str(path)!r} is not a complete checkpoint: {reason}.")
