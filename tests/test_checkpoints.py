@@ -491,7 +491,7 @@ def test_a_rotation_cut_short_leaves_no_broken_checkpoint(tmp_path, monkeypatch,
     monkeypatch.setattr(checkpoints.shutil, "rmtree", real_rmtree)
     complete, incomplete = complete_checkpoints(tmp_path)
     assert [p.name for p in complete] == ["checkpoint-2"]
-    assert [p.name for p, _ in incomplete] == ["checkpoint-1.old.tmp"]  # not a broken "checkpoint-1"
+    assert [(p.name, why) for p, why in incomplete] == [("checkpoint-1.old.tmp", "its deletion never finished")]  # not a broken "checkpoint-1"
     checkpoints.save_checkpoint(accelerator, tmp_path, 3, total_limit=1)  # the next rotation removes the remains
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["checkpoint-3"]
 
@@ -542,3 +542,56 @@ def test_a_sigterm_in_the_last_step_lets_the_run_save_its_model(tmp_path, monkey
     assert metrics["steps"] == 2 and (output_dir / "model.safetensors").is_file()
     assert "A SIGTERM came during the last step" in caplog.text
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is given back
+
+
+def test_a_checkpoint_that_cannot_be_written_is_one_line_naming_the_free_space_and_keeps_the_last(
+    tmp_path, monkeypatch, fresh_accelerator_state
+):
+    """A full disk made torch fail with "[enforce fail at inline_container.cc:672] . unexpected pos", a traceback that
+    did not say the disk was full."""
+    from accelerate import Accelerator
+
+    import cdb_tokenizer.tools.checkpoints as checkpoints
+
+    accelerator = Accelerator(cpu=True)
+    checkpoints.save_checkpoint(accelerator, tmp_path, 1, total_limit=1)
+    for error in (RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1035456 vs 1035348"),
+                  OSError(28, "No space left on device")):  # fmt: skip
+        def full_disk(*args, error=error, **kwargs):
+            raise error
+
+        monkeypatch.setattr(accelerator, "save_state", full_disk)
+        with pytest.raises(checkpoints.CheckpointWriteError, match=r"could not write .*checkpoint-2 \(.*(unexpected pos|No space left on device).*; [0-9.]+ MiB free on its disk\); the complete checkpoints there are untouched.*--resume_from_checkpoint latest"):
+            checkpoints.save_checkpoint(accelerator, tmp_path, 2, total_limit=1)
+        complete, _ = complete_checkpoints(tmp_path)
+        assert [p.name for p in complete] == ["checkpoint-1"]
+
+
+def test_an_output_folder_that_cannot_be_created_or_written_is_refused_before_any_work(tmp_path, monkeypatch):
+    """A read-only --output_dir was a traceback, found only after the data and the k-means had been loaded."""
+    import training.train as train
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(ValueError, match=r"--output_dir .*a-file/run cannot be created: "):
+        main(RUN + ["--output_dir", str(blocker / "run")])
+    real_access = os.access
+    read_only = tmp_path / "read-only"
+    monkeypatch.setattr(train.os, "access", lambda path, mode: False if Path(path) == read_only else real_access(path, mode))
+    monkeypatch.setattr(train, "initialize_codebook", lambda *args, **kwargs: pytest.fail("the data was loaded"))
+    with pytest.raises(ValueError, match=r"--output_dir .*read-only cannot be written to \(a read-only file system"):
+        main(RUN + ["--output_dir", str(read_only)])
+
+
+def test_a_resume_with_another_schedule_says_the_learning_rate_jumps(straight, tmp_path, caplog):
+    """Resumed with another --max_train_steps, the rate fell from 1e-3 to 3e-5 in one step without a word."""
+    import shutil
+
+    output_dir = tmp_path / "run"
+    shutil.copytree(straight, output_dir)
+    checkpoint_2 = str(output_dir / "checkpoints" / "checkpoint-2")
+    main(RUN + ["--output_dir", str(output_dir), "--resume_from_checkpoint", checkpoint_2])
+    assert "Resumed from" in caplog.text and "Resuming with" not in caplog.text  # the same schedule: nothing to say
+    caplog.clear()
+    main(RUN + ["--output_dir", str(output_dir), "--max_train_steps", "3", "--resume_from_checkpoint", checkpoint_2])
+    assert re.search(r"Resuming with max_train_steps 4 -> 3: the learning-rate schedule is laid out anew .*step 2 is now [0-9.e-]+", caplog.text)

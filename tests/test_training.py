@@ -197,7 +197,9 @@ def test_a_resume_with_another_batch_size_says_the_data_order_changes(tmp_path, 
     caplog.clear()
     main(run + ["--max_train_steps", "3", "--resume_from_checkpoint", "latest", "--lr_warmup_steps", "2"])
     assert "re-enters the data" not in caplog.text  # the same flags: an exact continuation
-    assert "lr_warmup_steps" not in caplog.text
+    assert "is not below the run's" not in caplog.text
+    assert "Resuming with lr_warmup_steps 50 -> 2, max_train_steps 2 -> 3: the learning-rate schedule" in caplog.text
+    caplog.clear()
     main(PLAIN_RUN + ["--max_train_steps", "1", "--lr_scheduler", "constant", "--output_dir", str(tmp_path / "constant")])
     assert "lr_warmup_steps" not in caplog.text  # a constant rate has no warm-up to miss
     main(run + ["--max_train_steps", "4", "--resume_from_checkpoint", "latest", "--train_batch_size", "3"])
@@ -521,6 +523,58 @@ def test_fp16_with_a_discriminator_is_refused_before_any_work(tmp_path, fresh_ac
         main(PLAIN_RUN + ["--output_dir", str(tmp_path / "run"), "--max_train_steps", "1", "--mixed_precision", "fp16",
                           "--disc_weight", "0.5"])  # fmt: skip
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_fp16_where_accelerate_has_no_gradient_scaler_is_refused(tmp_path, fresh_accelerator_state):
+    # On the CPU accelerate trained fp16 runs in float32 (no scaler, no autocast) under an fp16 label, and the step's
+    # non-finite gradient check, left to the scaler under fp16, was off: an infinite gradient made NaN weights.
+    with pytest.raises(ValueError, match=r"mixed precision fp16 .*needs a GPU: on the CPU accelerate has no gradient scaler"):
+        main(PLAIN_RUN + ["--output_dir", str(tmp_path / "run"), "--max_train_steps", "1", "--mixed_precision", "fp16"])
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("scaler", [None, "a scaler"])
+def test_a_nonfinite_gradient_norm_skips_the_step_unless_a_gradient_scaler_handles_it(scaler):
+    applied = []
+    accelerator = types.SimpleNamespace(mixed_precision="fp16", scaler=scaler,
+                                        clip_grad_norm_=lambda parameters, norm: torch.tensor(float("inf")))  # fmt: skip
+    parts = types.SimpleNamespace(accelerator=accelerator, max_grad_norm=1.0, model=torch.nn.Linear(1, 1),
+                                  optimizer=types.SimpleNamespace(step=lambda: applied.append(1)))  # fmt: skip
+    skipped = steps_module._apply_gradients(parts, adversarial=False)
+    # Without a scaler nothing else would skip it; a scaler skips it itself and must see the step to lower its scale.
+    assert (skipped, applied) == (("gradient norm", []) if scaler is None else (None, [1]))
+
+
+def test_a_tracker_that_is_not_installed_is_refused_before_any_work(tmp_path, monkeypatch, fresh_accelerator_state):
+    # accelerate only warned ("no supported trackers are currently installed") and the run trained with no tracker.
+    import accelerate.tracking
+
+    monkeypatch.setattr(accelerate.tracking, "get_available_trackers", lambda: [])
+    with pytest.raises(ValueError, match=r"--report_to tensorboard: the tensorboard package is not installed; .*--report_to none"):
+        main(PLAIN_RUN + ["--output_dir", str(tmp_path / "run"), "--max_train_steps", "1", "--report_to", "tensorboard"])
+    assert not (tmp_path / "run").exists()
+
+
+def test_logged_losses_are_the_mean_over_processes_and_new_unreadable_images_are_shared(monkeypatch):
+    """The log took the main process's loss terms beside usage counted over every process, and its count of
+    unreadable images was the main process's until a checkpoint shared them."""
+    other_process = {"l1": 0.5, "total": 3.0}
+    shared = []
+
+    class TwoProcesses:
+        num_processes, device = 2, torch.device("cpu")
+
+        def reduce(self, tensor, reduction):
+            assert reduction == "sum"
+            return tensor + torch.tensor([*other_process.values(), 0.0])
+
+    state = train_script.RunState(skipped_ids={"a.png"}, unshared_skips=True)
+    monkeypatch.setattr(train_script.RunState, "share_skipped_ids", lambda self, accelerator: shared.append(1))
+    values = train_script.mean_over_processes(TwoProcesses(), {"l1": 0.25, "total": 1.0}, state)
+    assert values == {"l1": 0.375, "total": 2.0} and shared == [1]
+    state.unshared_skips = False
+    train_script.mean_over_processes(TwoProcesses(), {"l1": 0.25, "total": 1.0}, state)
+    assert shared == [1]  # nothing new anywhere: no gather
 
 
 def test_unknown_config_file_keys_are_rejected(tmp_path, capsys):

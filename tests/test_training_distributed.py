@@ -83,6 +83,12 @@ def test_a_checkpoint_keeps_the_unreadable_images_every_process_met(tmp_path):
     saved = json.loads((tmp_path / "run" / "checkpoints" / "checkpoint-3" / "training_state.json").read_text())
     assert metrics["skipped_images"] == 4  # 12 images, 3 steps of 2 x 2: every one met (one epoch)
     assert len(set(saved["skipped_image_ids"])) == 4  # the distinct unreadable images of both processes
+    # The log counted the main process's alone until a checkpoint shared them (3 at the last step, against 4).
+    logged = [json.loads(line) for line in (tmp_path / "run" / "logs" / "train_log.jsonl").read_text().splitlines()]
+    assert [row["train/skipped_images"] for row in logged if "train/skipped_images" in row][-1] == 4
+    # What the launcher decided is recorded beside the flags.
+    config = json.loads((tmp_path / "run" / "training_config.json").read_text())
+    assert (config["num_processes"], config["global_batch_size"], config["mixed_precision"]) == (2, 4, "no")
 
 
 def test_a_teacher_missing_on_one_process_stops_every_process_instead_of_hanging(tmp_path):

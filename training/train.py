@@ -45,6 +45,7 @@ from cdb_tokenizer import CDBVQConfig, CDBVQImageProcessor, CDBVQModel
 from cdb_tokenizer.modeling_cdb_vq import flatten_grid
 from cdb_tokenizer.tools.checkpoints import (
     CheckpointError,
+    CheckpointWriteError,
     complete_checkpoints,
     decided_by_main_process,
     load_custom_state,
@@ -88,8 +89,10 @@ from cdb_tokenizer.tools.runs import (
     TerminationRequest,
     claim_output_dir,
     find_checkpoint,
+    launch_settings,
     make_accelerator,
     output_dir_claims,
+    refuse_fp16_without_a_gradient_scaler,
     tracker_init_kwargs,
 )
 from cdb_tokenizer.tools.steps import TrainingParts, micro_batch_seed, restart_dead_codes, training_step
@@ -202,6 +205,7 @@ def setup_run(args: argparse.Namespace) -> Accelerator:
         # Both optimisers share accelerate's one gradient scaler: clipping unscales it twice (an error) and each
         # step's update() rescales the other's gradients. bf16 needs no scaler.
         raise ValueError("--mixed_precision fp16 cannot train the discriminator (--disc_weight > 0); use bf16.")
+    refuse_fp16_without_a_gradient_scaler(accelerator)
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
     set_seed(args.seed)
@@ -218,7 +222,12 @@ def prepare_output_dir(args: argparse.Namespace, accelerator: Accelerator) -> No
     output_dir = Path(args.output_dir)
 
     def claim() -> str | None:
-        output_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            output_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise ValueError(f"--output_dir {output_dir} cannot be created: {error.strerror or first_line(error)}.") from error
+        if not os.access(output_dir, os.W_OK):  # found now, not after the data and the k-means have been loaded
+            raise ValueError(f"--output_dir {output_dir} cannot be written to (a read-only file system, or no permission).")
         return claim_output_dir(output_dir)
 
     refusal = decided_by_main_process(accelerator, claim)  # the main process's word (or error), on every process
@@ -555,7 +564,8 @@ def save_run_config(args: argparse.Namespace, accelerator: Accelerator, model: C
                     skipped_validation_images: int) -> dict:  # fmt: skip
     """Write training_config.json (the parsed flags, what the run decided, the model config; no secrets) from the
     main process; returns the run's configuration without the model config (for the trackers)."""
-    run_config = {**vars(args), "max_train_steps": max_train_steps, "skipped_validation_images": skipped_validation_images}
+    run_config = {**vars(args), **launch_settings(args, accelerator), "max_train_steps": max_train_steps,
+                  "skipped_validation_images": skipped_validation_images}  # fmt: skip
     if accelerator.is_main_process:
         write_json(Path(args.output_dir) / "training_config.json", redact_secrets({**run_config, "model_config": model.config.to_dict()}))
     return run_config
@@ -648,6 +658,7 @@ def accumulated_step(args: argparse.Namespace, parts: TrainingParts, batches: It
     for micro_batch in range(args.gradient_accumulation_steps):
         batch = next(batches)
         state.skipped_ids.update(batch["skipped_ids"])
+        state.unshared_skips = state.unshared_skips or bool(batch["skipped_ids"])
         inputs = degraded_inputs(args, batch["pixel_values"], state.step, micro_batch, parts.accelerator.process_index)
         terms, bad_term, output = training_step(parts, batch["pixel_values"], state.step, bad_term, inputs)
         for name, value in terms.items():
@@ -674,17 +685,21 @@ class RunState:
     data_order: dict = field(default_factory=dict)
     # What the run trains the model to do beyond its config's shape (checked on resume).
     objective: dict = field(default_factory=dict)
+    # What lays out the learning-rate schedule (a resume with other values warns).
+    schedule: dict = field(default_factory=dict)
     # Wall time of the sessions before this one, up to the checkpoint it resumed from (a resumed run counts on).
     earlier_seconds: float = 0.0
     session_start: float = field(default_factory=time.time)
+    # Whether this process met unreadable images that the others have not been told of (not checkpointed).
+    unshared_skips: bool = False
 
     @classmethod
-    def from_checkpoint(cls, step: int, saved: dict, data_order: dict, objective: dict) -> RunState:
+    def from_checkpoint(cls, step: int, saved: dict, data_order: dict, objective: dict, schedule: dict) -> RunState:
         skipped = set(saved.get("skipped_image_ids", []))
         nonfinite = (int(saved.get("nonfinite_steps", 0)), int(saved.get("nonfinite_in_a_row", 0)))
         earlier = saved.get("wall_time_seconds", 0.0)  # absent from checkpoints of older versions
         earlier = float(earlier) if isinstance(earlier, (int, float)) and math.isfinite(earlier) and earlier > 0 else 0.0
-        return cls(step, skipped, *nonfinite, data_order, objective, earlier)
+        return cls(step, skipped, *nonfinite, data_order, objective, schedule, earlier)
 
     def wall_time_seconds(self) -> float:
         """Wall time of the run so far, over every session (each up to the checkpoint the next one resumed from)."""
@@ -694,12 +709,13 @@ class RunState:
         """Every process's unreadable images, on every process (each only meets those of its own batches)."""
         if accelerator.num_processes > 1:
             self.skipped_ids = set().union(*gather_object([sorted(self.skipped_ids)]))
+        self.unshared_skips = False
 
     def to_checkpoint(self, ema: EMAWeights | None) -> dict:
         return {"step": self.step, "skipped_image_ids": sorted(self.skipped_ids), "nonfinite_steps": self.nonfinite_steps,
                 "nonfinite_in_a_row": self.nonfinite_in_a_row,
                 "ema_weights_decay": ema.decay if ema is not None else None,
-                "ema_weights_updates": ema.updates if ema is not None else None, "data_order": self.data_order,
+                "ema_weights_updates": ema.updates if ema is not None else None, "data_order": self.data_order, "schedule": self.schedule,
                 "objective": self.objective, "wall_time_seconds": round(self.wall_time_seconds(), 1)}  # fmt: skip
 
 
@@ -755,6 +771,20 @@ def refuse_another_objective(saved: dict | None, now: dict) -> None:
         )
 
 
+def learning_rate_schedule(args: argparse.Namespace, max_train_steps: int) -> dict:
+    return {"learning_rate": args.learning_rate, "lr_scheduler": args.lr_scheduler,
+            "lr_warmup_steps": args.lr_warmup_steps, "max_train_steps": max_train_steps}  # fmt: skip
+
+
+def warn_if_schedule_changed(saved: dict | None, now: dict, step: int, learning_rate: float) -> None:
+    """A resume with another schedule (a longer run, another warm-up) lays the schedule out anew: the learning rate
+    jumps at the resume. Allowed (it is how a finished run is extended), but said."""
+    changed = changed_settings(saved, now)
+    if changed:
+        logger.warning(f"Resuming with {', '.join(changed)}: the learning-rate schedule is laid out anew for them, so "
+                       f"the rate at step {step} is now {learning_rate:.3g}, not what the checkpoint's schedule had next.")  # fmt: skip
+
+
 def warn_if_data_order_changed(saved: dict | None, now: dict) -> None:
     """A resume with another batch size, accumulation, process count or seed re-enters the data elsewhere than the
     checkpoint left it: say so (it is allowed, e.g. to resume on other hardware)."""
@@ -780,7 +810,7 @@ def resume(accelerator: Accelerator, args, max_train_steps: int, schedules: list
     if path is None:
         return 0, {}, {}
     tensors, state = load_custom_state(path)  # safetensors and JSON: nothing is unpickled
-    for key in ("objective", "data_order"):
+    for key in ("objective", "data_order", "schedule"):
         if not isinstance(state.get(key) or {}, dict):
             raise CheckpointError(f"{path}: its training state's {key!r} is not a JSON object; the checkpoint is "
                                   f"damaged or tampered with.")  # fmt: skip
@@ -801,11 +831,13 @@ def resume_or_initialize(args: argparse.Namespace, parts: TrainingParts, ema: EM
     """Resume from --resume_from_checkpoint (weights, optimisers, EMA and the loop's counts), or start afresh with
     the k-means initialisation of the codebook (and of its EMA copy)."""
     order, objective = data_order(args, parts.accelerator), training_objective(args, parts.teacher)
+    schedule = learning_rate_schedule(args, max_train_steps)
     step, tensors, saved = resume(parts.accelerator, args, max_train_steps, _schedules(parts), objective)
     if step > 0:
         if ema is not None:
             ema.load_tensors(tensors, saved, source=args.resume_from_checkpoint)
         warn_if_data_order_changed(saved.get("data_order"), order)
+        warn_if_schedule_changed(saved.get("schedule"), schedule, step, parts.scheduler.get_last_lr()[0])
         if step < max_train_steps:  # a run that trains past an earlier checkpoint abandons the later ones
             set_aside_later_checkpoints(parts.accelerator, args.output_dir, step)
     else:
@@ -813,7 +845,7 @@ def resume_or_initialize(args: argparse.Namespace, parts: TrainingParts, ema: EM
         initialize_codebook(args, model, batch_stream(train_loader, sampler), parts.accelerator, parts.teacher)
         if ema is not None:
             ema.copy_rows(model, "quantizer.codebook.weight", torch.arange(model.config.codebook_size))
-    return RunState.from_checkpoint(step, saved, order, objective)
+    return RunState.from_checkpoint(step, saved, order, objective, schedule)
 
 
 def saved_at_step(output_dir: str | Path, accelerator: Accelerator, key: str = "steps") -> int:
@@ -938,12 +970,25 @@ def after_good_step(args, parts: TrainingParts, ema: EMAWeights | None, log: Run
     restarted = 0
     if args.dead_code_restart_steps and state.step % args.dead_code_restart_steps == 0:
         restarted = restart_dead_codes(model, output, args.seed + state.step, ema)
-    values = {f"loss/{name}": value for name, value in step_terms.items()}
+    values = {f"loss/{name}": value for name, value in mean_over_processes(parts.accelerator, step_terms, state).items()}
     values.update({"train/utilization": float(output.utilization), "train/perplexity": float(output.perplexity),
                    "train/learning_rate": parts.scheduler.get_last_lr()[0], "train/skipped_images": len(state.skipped_ids),
                    "train/nonfinite_steps": state.nonfinite_steps, "codebook/restarted": restarted})  # fmt: skip
     log(values, state.step)
-    progress.set_postfix(loss=f"{step_terms['total']:.4f}", used=f"{float(output.utilization):.0%}")
+    progress.set_postfix(loss=f"{values['loss/total']:.4f}", used=f"{float(output.utilization):.0%}")
+
+
+def mean_over_processes(accelerator: Accelerator, step_terms: dict[str, float], state: RunState) -> dict[str, float]:
+    """The step's loss terms averaged over every process's batch (the log's usage and perplexity count them all too),
+    and the unreadable images shared when any process met new ones, so that the log counts every process's: one
+    small all-reduce per step."""
+    if accelerator.num_processes == 1:
+        return step_terms
+    packed = torch.tensor([*step_terms.values(), float(state.unshared_skips)], device=accelerator.device)
+    packed = accelerator.reduce(packed, "sum").tolist()
+    if packed[-1] > 0:
+        state.share_skipped_ids(accelerator)
+    return {name: value / accelerator.num_processes for name, value in zip(step_terms, packed[:-1])}
 
 
 def stop_training(accelerator: Accelerator, args, reason: str, advice: str = ", e.g. with a lower --learning_rate") -> None:
@@ -1182,4 +1227,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 if __name__ == "__main__":
     # Mistakes in the inputs (a missing folder, a column that does not exist, ...) and clean stops: one line.
-    run_script(main, TrainingStopped, UploadFailed, LPIPSUnavailableError, FileNotFoundError, ValueError)
+    run_script(main, TrainingStopped, UploadFailed, CheckpointWriteError, LPIPSUnavailableError, OSError, ValueError)

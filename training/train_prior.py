@@ -33,12 +33,19 @@ from accelerate.utils import DataLoaderConfiguration, set_seed
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from cdb_tokenizer.tools.checkpoints import load_custom_state, load_training_state, save_checkpoint
+from cdb_tokenizer.tools.checkpoints import CheckpointWriteError, load_custom_state, load_training_state, save_checkpoint
 from cdb_tokenizer.tools.cli import codebook_fingerprint
 from cdb_tokenizer.tools.files import write_text
 from cdb_tokenizer.tools.messages import first_line, run_script
 from cdb_tokenizer.tools.redaction import redact_secrets
-from cdb_tokenizer.tools.runs import find_checkpoint, make_accelerator, output_dir_claims, tracker_init_kwargs
+from cdb_tokenizer.tools.runs import (
+    find_checkpoint,
+    launch_settings,
+    make_accelerator,
+    output_dir_claims,
+    refuse_fp16_without_a_gradient_scaler,
+    tracker_init_kwargs,
+)
 from cdb_tokenizer.tools.steps import micro_batch_seed
 from cdb_tokenizer.tools.train_args import check_output_dir_flags
 from cdb_tokenizer.tools.priors import (
@@ -450,6 +457,7 @@ def main(args: argparse.Namespace) -> dict[str, float]:
     """Train the prior; returns the final validation metrics (also written to `metrics.json`)."""
     output_dir = Path(args.output_dir)
     accelerator = make_accelerator(args, output_dir, dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
+    refuse_fp16_without_a_gradient_scaler(accelerator)
     set_seed(args.seed)
     tokenizer = load_prior_tokenizer(args.tokenizer, what="--tokenizer") if args.tokenizer else None
     codebook_size = tokenizer[0].config.codebook_size if tokenizer else args.codebook_size
@@ -530,9 +538,10 @@ def main(args: argparse.Namespace) -> dict[str, float]:
         logger.info(f"Nothing left to train at step {global_step}: validating and saving the checkpoint's prior.")
         first_epoch = num_epochs  # the run stopped after its last checkpoint, before saving the prior
     if accelerator.is_main_process:
-        training_config = {**vars(args), "vocabulary": vocabulary.to_dict(), "num_image_tokens": num_image_tokens}
+        settings = {**vars(args), **launch_settings(args, accelerator)}
+        training_config = {**settings, "vocabulary": vocabulary.to_dict(), "num_image_tokens": num_image_tokens}
         write_text(output_dir / "training_config.json", json.dumps(redact_secrets(training_config), indent=2, default=str) + "\n")
-        tracker_config = hparams({key: value for key, value in vars(args).items() if value is not None})
+        tracker_config = hparams({key: value for key, value in settings.items() if value is not None})
         # No secrets or local paths: neither in the config nor in what W&B collects by itself.
         accelerator.init_trackers(args.tracker_project_name, config=tracker_config, init_kwargs=tracker_init_kwargs(args.report_to))
 
@@ -565,7 +574,8 @@ def main(args: argparse.Namespace) -> dict[str, float]:
                 stop_training(accelerator, args, f"the prior's weights became NaN or infinite at step {global_step} "
                                                  f"(loss {loss.item():.4g})")  # fmt: skip
             progress.update(1)
-            logs = {"train/loss": loss.detach().item(), "train/learning_rate": lr_scheduler.get_last_lr()[0]}
+            # Every process's last micro-batch, as validation counts every process's share.
+            logs = {"train/loss": accelerator.reduce(loss.detach(), "mean").item(), "train/learning_rate": lr_scheduler.get_last_lr()[0]}
             progress.set_postfix(loss=f"{logs['train/loss']:.3f}")
             accelerator.log(logs, step=global_step)
             # The last step too (as train.py): a run shorter than --checkpointing_steps can then be extended, and a
@@ -602,4 +612,4 @@ def main(args: argparse.Namespace) -> dict[str, float]:
 
 if __name__ == "__main__":
     # Mistakes in the inputs (a missing folder, another tokenizer's tokens, a Hub id that cannot be reached): one line.
-    run_script(lambda: main(parse_args()), TrainingStopped, FileNotFoundError, ValueError, OSError)
+    run_script(lambda: main(parse_args()), TrainingStopped, CheckpointWriteError, ValueError, OSError)

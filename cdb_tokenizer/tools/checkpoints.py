@@ -33,6 +33,8 @@ MANIFEST = "cdb_vq_checkpoint.json"
 STATE_TENSORS = "training_state.safetensors"
 STATE_JSON = "training_state.json"
 TMP_SUFFIX = ".tmp"
+# An old checkpoint is renamed with this suffix before it is deleted (rotation).
+DELETING_SUFFIX = f".old{TMP_SUFFIX}"
 FORMAT_VERSION = 1
 # Later checkpoints of a run resumed from an earlier one are renamed with this prefix (never deleted).
 ABANDONED_PREFIX = "abandoned-"
@@ -43,6 +45,10 @@ T = TypeVar("T")
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be resumed (incomplete, damaged, tampered with, or from another run)."""
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint that could not be written (a full disk, a read-only folder); the complete ones are untouched."""
 
 
 def _step_of(path: Path) -> int | None:
@@ -88,7 +94,8 @@ def complete_checkpoints(output_dir: str | Path) -> tuple[list[Path], list[tuple
         reason = incomplete_reason(path)
         (complete.append(path) if reason is None else incomplete.append((path, reason)))
     for path in sorted((Path(output_dir) / "checkpoints").glob(f"checkpoint-*{TMP_SUFFIX}")):
-        incomplete.append((path, "its write never finished"))
+        deleted = path.name.endswith((DELETING_SUFFIX, f".stale{TMP_SUFFIX}"))
+        incomplete.append((path, "its deletion never finished" if deleted else "its write never finished"))
     return complete, incomplete
 
 
@@ -119,9 +126,47 @@ def save_checkpoint(
     `accelerator.save_state` (weights, optimisers, schedulers, every process's RNG state) and this module's custom
     state (`tensors` as safetensors, `state` as JSON) go into `checkpoint-<step>.tmp`; the main process flushes
     every file, writes the manifest, and renames the folder. Older checkpoints are deleted only after that, so a
-    crash at any point leaves the previous complete checkpoint in place.
+    crash at any point leaves the previous complete checkpoint in place. A write that fails (a full disk, a
+    read-only folder) raises `CheckpointWriteError`, naming the free space left.
     """
     folder = Path(output_dir) / "checkpoints"
+    final = folder / f"checkpoint-{step}"
+    try:
+        _write_checkpoint(accelerator, folder, step, tensors, state)
+    except (OSError, RuntimeError, SafetensorError) as error:  # torch reports a full disk as a RuntimeError
+        raise CheckpointWriteError(
+            f"could not write {final} ({write_failure(error, folder)}); the complete checkpoints there are untouched: "
+            f"make room or fix the folder, then resume with --resume_from_checkpoint latest."
+        ) from error
+    if accelerator.is_main_process and total_limit is not None:
+        complete, incomplete = complete_checkpoints(output_dir)
+        older = [p for p in complete if _step_of(p) < step]  # never one of a later step than this run's
+        for old in older[: max(0, len(older) - total_limit + 1)]:
+            # Renamed first: a deletion cut short leaves a `.tmp` folder the next rotation removes, not a broken
+            # checkpoint-<step> that `latest` warns about on every resume.
+            doomed = old.with_name(f"{old.name}{DELETING_SUFFIX}")
+            os.replace(old, doomed)
+            shutil.rmtree(doomed)
+        for path, _ in incomplete:  # the remains of interrupted writes
+            if path.name.endswith(TMP_SUFFIX):
+                shutil.rmtree(path, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    logger.info(f"Saved checkpoint {final}.")
+    return final
+
+
+def write_failure(error: BaseException, folder: Path) -> str:
+    """What went wrong writing into `folder`, in a few words, with the free space of its disk."""
+    reason = f"{error.strerror}" if isinstance(error, OSError) and error.strerror else first_line(error)
+    existing = next((path for path in (folder, *folder.parents) if path.exists()), None)
+    if existing is None:
+        return reason
+    free = shutil.disk_usage(existing).free
+    return f"{reason}; {free / 2**20:.1f} MiB free on its disk"
+
+
+def _write_checkpoint(accelerator: Accelerator, folder: Path, step: int, tensors: dict | None, state: dict | None) -> None:
+    """Write checkpoint-<step>.tmp, flush it, give it its manifest and rename it checkpoint-<step>."""
     final = folder / f"checkpoint-{step}"
     temporary = folder / f"checkpoint-{step}{TMP_SUFFIX}"
     if accelerator.is_main_process:
@@ -154,21 +199,6 @@ def save_checkpoint(
         else:
             os.replace(temporary, final)
         _fsync(folder)
-        if total_limit is not None:
-            complete, incomplete = complete_checkpoints(output_dir)
-            older = [p for p in complete if _step_of(p) < step]  # never one of a later step than this run's
-            for old in older[: max(0, len(older) - total_limit + 1)]:
-                # Renamed first: a deletion cut short leaves a `.tmp` folder the next rotation removes, not a broken
-                # checkpoint-<step> that `latest` warns about on every resume.
-                doomed = old.with_name(f"{old.name}.old{TMP_SUFFIX}")
-                os.replace(old, doomed)
-                shutil.rmtree(doomed)
-            for path, _ in incomplete:  # the remains of interrupted writes
-                if path.name.endswith(TMP_SUFFIX):
-                    shutil.rmtree(path, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    logger.info(f"Saved checkpoint {final}.")
-    return final
 
 
 def set_aside_later_checkpoints(accelerator: Accelerator, output_dir: str | Path, step: int) -> list[Path]:

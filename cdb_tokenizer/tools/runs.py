@@ -61,9 +61,29 @@ def tracker_init_kwargs(report_to: str) -> dict:
     return {"wandb": {"settings": wandb.Settings(**{key: value for key, value in WANDB_PRIVATE_SETTINGS.items() if key in known})}}
 
 
+def check_tracker_installed(report_to: str) -> None:
+    """Refuse a `--report_to` tracker that is not installed: accelerate would only warn and train without it, and a
+    long run would end with no curves where the user looks for them."""
+    from accelerate.tracking import get_available_trackers
+    from accelerate.utils import LoggerType
+
+    if report_to in LoggerType.list() and report_to != "all" and LoggerType(report_to) not in get_available_trackers():
+        raise ValueError(f"--report_to {report_to}: the {report_to} package is not installed; install it, or choose "
+                         f"another tracker (--report_to none trains without one).")  # fmt: skip
+
+
+def refuse_fp16_without_a_gradient_scaler(accelerator: Accelerator) -> None:
+    """Refuse fp16 where accelerate has no gradient scaler (the CPU): it then trains in float32 under an fp16 label,
+    and the step's non-finite gradient check, which leaves overflow to the scaler under fp16, would be off."""
+    if accelerator.mixed_precision == "fp16" and accelerator.scaler is None:
+        raise ValueError("mixed precision fp16 (--mixed_precision or the accelerate config) needs a GPU: on the CPU "
+                         "accelerate has no gradient scaler and trains in float32; use bf16 or no.")  # fmt: skip
+
+
 def make_accelerator(args, output_dir: Path, **kwargs) -> Accelerator:
     """The run's Accelerator (from `--gradient_accumulation_steps`, `--mixed_precision`, `--report_to`,
     `--logging_dir`; `kwargs` go to `Accelerator`) and its logging: INFO on the main process, errors elsewhere."""
+    check_tracker_installed(args.report_to)
     accelerator = Accelerator(
         cpu=multi_process_without_accelerator(),
         gradient_accumulation_steps=args.gradient_accumulation_steps,
@@ -77,6 +97,13 @@ def make_accelerator(args, output_dir: Path, **kwargs) -> Accelerator:
     for noisy in NOISY_LOGGERS:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     return accelerator
+
+
+def launch_settings(args, accelerator: Accelerator) -> dict:
+    """What the launcher or the accelerate config decided beside the flags, for training_config.json and the
+    trackers: the precision used, the process count and the batch of one optimisation step over all processes."""
+    return {"mixed_precision": accelerator.mixed_precision, "num_processes": accelerator.num_processes,
+            "global_batch_size": args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes}  # fmt: skip
 
 
 # The output folders this process trains into, each with its lock: held until the run ends (`output_dir_claims`) or

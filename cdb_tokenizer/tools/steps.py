@@ -172,8 +172,8 @@ def _apply_gradients(parts: TrainingParts, adversarial: bool) -> str | None:
     accelerator = parts.accelerator
     if parts.max_grad_norm > 0:
         grad_norm = accelerator.clip_grad_norm_(parts.model.parameters(), parts.max_grad_norm)
-        # With fp16 the gradient scaler skips overflowing steps itself (and must see every step to lower its scale).
-        if accelerator.mixed_precision != "fp16" and not bool(torch.isfinite(torch.as_tensor(grad_norm))):
+        # A gradient scaler (fp16) skips overflowing steps itself (and must see every step to lower its scale).
+        if accelerator.scaler is None and not bool(torch.isfinite(torch.as_tensor(grad_norm))):
             return "gradient norm"
         if adversarial:
             accelerator.clip_grad_norm_(parts.discriminator.parameters(), parts.max_grad_norm)
