@@ -403,6 +403,27 @@ def test_an_unreachable_hub_is_one_line(monkeypatch, tmp_path, capsys):
     assert "check your connection" in lines[0]  # huggingface_hub's own words: the Hub cannot be reached
 
 
+def test_an_unreachable_hub_data_set_is_one_line(files, monkeypatch, capsys):
+    # --data org/name offline printed huggingface_hub's retry log (11 lines over ~30 s) before the error, where
+    # --model held it back. Only the network-bound call is replaced: it logs and fails as an unreachable Hub does.
+    import logging
+    import logging.handlers
+
+    import datasets
+
+    def unreachable(*args, **kwargs):
+        logging.getLogger("huggingface_hub.utils._http").warning("'[Errno -2] Name or service not known' thrown while requesting HEAD ...")
+        raise ConnectionError("Couldn't reach 'cdb-org/photos' on the Hub (LocalEntryNotFoundError)")
+
+    monkeypatch.setattr(datasets, "load_dataset", unreachable)
+    shown = logging.handlers.BufferingHandler(capacity=100)
+    monkeypatch.setattr(logging.getLogger("huggingface_hub"), "handlers", [shown])
+    assert main(["eval", "--model", str(files["model"]), "--data", "cdb-org/photos", "--no-lpips"]) == 1
+    assert [record.getMessage() for record in shown.buffer] == []
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == ["cdb-vq eval: error: could not open --data cdb-org/photos: Couldn't reach 'cdb-org/photos' on the Hub (LocalEntryNotFoundError)"]
+
+
 def test_usage_errors_exit_non_zero(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["encode", "photo.png"])  # --model and --out missing

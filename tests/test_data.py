@@ -457,3 +457,25 @@ def test_a_skipped_image_is_named_with_a_reason_a_user_can_read():
     errors = []
     assert decode_image(nan, errors=errors) is None
     assert skipped_image_message(nan, errors) == "<ndarray> (Image (PIL mode F) contains NaN or infinite values)"
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_a_data_set_saved_with_save_to_disk_is_read_as_either_source(tmp_path, streaming):
+    """A saved Dataset was refused with advice no flag could follow ("use load_from_disk"), and eval of a saved
+    DatasetDict said "found no images"."""
+    import datasets
+
+    _write_images(tmp_path / "images", 5)
+    paths = sorted(str(path) for path in (tmp_path / "images").glob("*.png"))
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64")})
+    whole = datasets.Dataset.from_dict({"image": paths, "label": list(range(5))}, features=features)
+    whole.save_to_disk(str(tmp_path / "one"))
+    datasets.DatasetDict({"train": whole.select(range(3)), "validation": whole.select(range(3, 5))}).save_to_disk(str(tmp_path / "two"))
+    for source in ("train_data_dir", "dataset_name"):
+        rows = list(load_image_dataset(**{source: str(tmp_path / "one")}, streaming=streaming))
+        assert [row["label"] for row in rows] == [0, 1, 2, 3, 4]
+        assert decode_image(rows[4]["image"]).size == (48, 40)  # undecoded, with its bytes: no path outside is opened
+        validation = list(load_image_dataset(**{source: str(tmp_path / "two")}, split="validation", streaming=streaming))
+        assert [row["label"] for row in validation] == [3, 4]
+    with pytest.raises(SplitNotFoundError, match=r"saved in .*one' has no split 'validation'; its splits are \['train'\]"):
+        load_image_dataset(train_data_dir=str(tmp_path / "one"), split="validation")

@@ -241,6 +241,31 @@ def test_cli_eval_without_inception_weights_reports_the_rest(tokenizer_folder, c
     assert len([line for line in err.splitlines() if "rFID" in line]) == 1
 
 
+def test_cli_eval_with_a_damaged_lpips_file_leaves_lpips_out_and_reports_the_rest(tokenizer_folder, capsys, tmp_path, monkeypatch):
+    # A file at the cache path that does not load as VGG's tensors ended eval with "'NoneType' object has no
+    # attribute 'to'".
+    from cdb_tokenizer.tools.losses import lpips_backbone_file
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    path, _ = lpips_backbone_file("vgg")
+    Path(path).parent.mkdir(parents=True)
+    Path(path).write_bytes(b"not a state dict" * 64)
+    metrics, _, err = _eval(["--model", str(tokenizer_folder["model"]), "--data", str(tokenizer_folder["photos"])], capsys)
+    assert "lpips" not in metrics and metrics["psnr"] > 0 and metrics["num_images"] == 5
+    assert len([line for line in err.splitlines() if line.startswith("LPIPS left out: cannot load the LPIPS vgg weights")]) == 1
+
+
+def test_cli_eval_checks_its_output_file_before_opening_the_data(tokenizer_folder, tmp_path, capsys, monkeypatch):
+    # A refused --out came after the data set was opened (for a Hub id: downloaded).
+    import cdb_tokenizer.tools.cli as cli
+
+    monkeypatch.setattr(cli, "open_dataset", lambda *args: pytest.fail("the data was opened"))
+    (tmp_path / "metrics.json").write_text("{}")
+    arguments = ["eval", "--model", str(tokenizer_folder["model"]), "--data", "some-org/some-set", "--out", str(tmp_path / "metrics.json")]
+    assert cli_main(arguments) == 1
+    assert "exists" in cli_error_line(capsys, "eval")
+
+
 def test_cli_eval_resolution_and_the_imagenet_protocol(tokenizer_folder, capsys, no_inception_weights):
     base = ["--model", str(tokenizer_folder["model"]), "--data", str(tokenizer_folder["photos"]), "--no-lpips"]
     at_64, _, _ = _eval(base + ["--resolution", "64"], capsys)
@@ -252,6 +277,10 @@ def test_cli_eval_resolution_and_the_imagenet_protocol(tokenizer_folder, capsys,
     # --protocol imagenet: 256x256 centre crops, rFID asked for (left out here: no weights), a folder keeps its split.
     protocol, _, err = _eval(base + ["--protocol", "imagenet", "--max_images", "2"], capsys)
     assert protocol["num_images"] == 2 and "rFID left out" in err
+    # The numbers carry what was measured (the metrics file had N and the FID extractor only).
+    assert protocol["setting"] == {"model": str(tokenizer_folder["model"]), "data": str(tokenizer_folder["photos"]),
+                                   "split": "train", "max_images": 2, "protocol": "imagenet",
+                                   "size": {"height": 256, "width": 256}, "resize": True, "center_crop": True}  # fmt: skip
     at_256, _, _ = _eval(base + ["--resolution", "256", "--max_images", "2"], capsys)
     own_size, _, _ = _eval(base + ["--max_images", "2"], capsys)  # the model's processor: 32x32
     assert protocol["psnr"] == pytest.approx(at_256["psnr"], rel=1e-6)  # the protocol measures at 256x256 ...

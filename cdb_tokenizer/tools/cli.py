@@ -570,7 +570,10 @@ def open_dataset(data: str, image_column: str, split: str):
                 what = "is a file; give the folder of images (or a Hub data set)" if path.exists() else "no such folder"
                 raise CLIError(f"--data {data}: {what}.")
             return load_image_dataset(train_data_dir=str(path), split=split, image_column=image_column)
-        return load_image_dataset(dataset_name=data, split=split, image_column=image_column)
+        with _held_library_logs() as records:  # huggingface_hub's retries offline: the error below says what matters
+            dataset = load_image_dataset(dataset_name=data, split=split, image_column=image_column)
+        _show_log_records(records)
+        return dataset
     except ImportError as error:
         raise CLIError(
             f"reading data sets needs {TRAIN_EXTRAS} ({error})."
@@ -1053,13 +1056,18 @@ def _eval_lpips(device):
     """LPIPS when its backbone weights are in the torch hub cache (never downloads), else None and one line."""
     import os
 
-    from .losses import load_lpips, lpips_backbone_file
+    from .losses import LPIPSUnavailableError, load_lpips, lpips_backbone_file
 
     path, _ = lpips_backbone_file("vgg")
     if not os.path.isfile(path):
         print(f"LPIPS left out: its VGG weights are not in the torch hub cache ({path}).", file=sys.stderr)
         return None
-    return load_lpips("vgg", required=False).to(device)
+    try:
+        module = load_lpips("vgg", required=True)
+    except LPIPSUnavailableError as error:  # a damaged or foreign file at the cache path
+        print(f"LPIPS left out: {error}", file=sys.stderr)
+        return None
+    return module.to(device)
 
 
 def eval_command(args: argparse.Namespace) -> None:
@@ -1072,7 +1080,6 @@ def eval_command(args: argparse.Namespace) -> None:
         ) from None
     _apply_protocol(args)
     _check_fid_options(args)
-    dataset = open_dataset(args.data, args.image_column, args.split)
     if args.out is not None:  # before --out's own checks
         data = Path(args.data).expanduser()
         inputs = itertools.chain(_files_under(data) if data.is_dir() else [], _model_files(args.model))
@@ -1080,6 +1087,7 @@ def eval_command(args: argparse.Namespace) -> None:
     out = check_output_file(args.out, "metrics.json", overwrite=args.overwrite) if args.out is not None else None
     if args.fid and args.fid_reference is not None and not Path(args.fid_reference).is_file():  # written at the end
         check_output_file(args.fid_reference, "reference.safetensors", "--fid_reference")
+    dataset = open_dataset(args.data, args.image_column, args.split)  # after the cheap checks: a Hub set downloads
     model, processor, *_ = load_model_of(args)
     _refuse_other_normalisation(processor, args.model)
     device = next(model.parameters()).device
@@ -1129,6 +1137,12 @@ def eval_command(args: argparse.Namespace) -> None:
     random_features = args.fid_feature_extractor == "random"
     if fid is not None:
         metrics["fid_feature_extractor"] = "random" if random_features else "inception-v3-compat"
+    # What was measured, to report beside the numbers (evaluation.md: data and split, N, resize and crop).
+    size = {key: processor.size.get(key) if isinstance(processor.size, dict) else getattr(processor.size, key, None)
+            for key in ("height", "width", "shortest_edge")}  # fmt: skip
+    metrics["setting"] = {"model": args.model, "data": args.data, "split": args.split, "max_images": args.max_images,
+                          "protocol": args.protocol, "size": {key: value for key, value in size.items() if value is not None},
+                          "resize": bool(processor.do_resize), "center_crop": bool(processor.do_center_crop)}  # fmt: skip
     rows = [
         ("PSNR (dB)", f"{metrics['psnr']:.2f}"),
         ("SSIM", f"{metrics['ssim']:.4f}"),

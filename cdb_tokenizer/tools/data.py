@@ -101,6 +101,9 @@ def load_image_dataset(
 ):
     """Open one split of an image data set, with `image_column` left undecoded (decode with `decode_image`).
 
+    Either source may also be a folder written by `Dataset.save_to_disk` (everything is `train`) or
+    `DatasetDict.save_to_disk` (its splits), read with `datasets.load_from_disk` (Arrow files and JSON: nothing runs).
+
     Args:
         train_data_dir: A folder of images for `datasets`' `imagefolder` builder (sub-folders `train/`,
             `validation/`, `test/` become splits; otherwise everything is `train`).
@@ -124,12 +127,18 @@ def load_image_dataset(
 
     if (train_data_dir is None) == (dataset_name is None):
         raise ValueError("Give exactly one image source: train_data_dir (a folder) or dataset_name (a Hub data set).")
-    if train_data_dir is not None:
+    local = Path(train_data_dir or dataset_name).expanduser()
+    saved = local.is_dir() and saved_to_disk(local)
+    if saved:
+        dataset, source = open_saved_dataset(local, split, streaming), f"the data set saved in {str(local)!r}"
+    elif train_data_dir is not None:
         folder = Path(train_data_dir).expanduser()
         if not folder.is_dir():
             raise FileNotFoundError(f"the image folder {str(folder)!r} does not exist or is not a directory.")
         roots = split_folders(folder)
         try:
+            # Every split's files, even for one split: `datasets` names the classes (label ids) from all of them, so
+            # a validation split that lacks a class keeps the training split's ids.
             dataset = datasets.load_dataset(
                 "imagefolder", data_files=imagefolder_files(roots), split=split, streaming=streaming, cache_dir=cache_dir
             )
@@ -158,7 +167,6 @@ def load_image_dataset(
             )  # fmt: skip
         source = f"the image folder {str(folder)!r}"
     else:
-        local = Path(dataset_name).expanduser()
         if local.is_dir() and glob.has_magic(str(local.resolve())):
             # datasets finds a local data set's files with glob patterns built from its (resolved) path, unescaped:
             # `data[1]` would read the files of a sibling `data1`, also through a link of a plain name.
@@ -186,7 +194,7 @@ def load_image_dataset(
     if feature is not None and not image_like:
         raise ValueError(f"image_column {image_column!r} of {source} holds {feature}, not images; its columns are {list(columns)}.")
     dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
-    if dataset_name is not None:
+    if dataset_name is not None or saved:
         # An image given as a path is opened only when it is the data set's own file (its folder, the Hugging Face
         # caches, hf:// URLs): the data set's word does not reach other files of the machine.
         roots = [str(root) for root in (cache_dir, local if local.is_dir() else None) if root]
@@ -264,6 +272,24 @@ def refused_value(path: str) -> dict:
 SPLIT_FOLDERS = ("train", "validation", "test")
 # The archive layers a chained fsspec path may go through (zip://a.png::...), none of which opens a file itself.
 ARCHIVE_URL = re.compile(r"(zip|tar|gzip|bz2|xz|zstd|lz4)://")
+
+
+def saved_to_disk(folder: Path) -> bool:
+    """Whether `folder` was written by `Dataset.save_to_disk` or `DatasetDict.save_to_disk` (`load_dataset` refuses
+    the first, and reads the second's Arrow files as a data set of its own making)."""
+    return (folder / "dataset_dict.json").is_file() or ((folder / "state.json").is_file() and (folder / "dataset_info.json").is_file())
+
+
+def open_saved_dataset(folder: Path, split: str, streaming: bool):
+    """One split of a `save_to_disk` folder (a lone `Dataset` is the `train` split), as an `IterableDataset` when
+    streaming."""
+    import datasets
+
+    saved = datasets.load_from_disk(str(folder))
+    splits = saved if isinstance(saved, datasets.DatasetDict) else {"train": saved}
+    if split not in splits:
+        raise SplitNotFoundError(f"the data set saved in {str(folder)!r} has no split {split!r}; its splits are {list(splits)}.")
+    return splits[split].to_iterable_dataset() if streaming else splits[split]
 
 
 def split_folders(folder: Path) -> dict[str, Path]:
