@@ -463,6 +463,10 @@ def test_files_are_replaced_whole_or_not_at_all(tmp_path):
     seen = []
     replace_file(tmp_path / "plot.png", lambda temporary: seen.append(temporary.suffix) or temporary.write_bytes(b"x"))
     assert seen == [".png"]  # writers that read the format from the suffix (matplotlib) still can
+    # A folder the temporary file cannot be made in: the error named the hidden temporary, not the file asked for.
+    with pytest.raises(FileNotFoundError) as error:
+        replace_file(tmp_path / "missing" / "codes.json", lambda temporary: temporary.write_text("{}"))
+    assert error.value.filename == str(tmp_path / "missing" / "codes.json")
 
 
 def test_files_are_never_written_through_a_planted_temporary_name(tmp_path):

@@ -92,7 +92,8 @@ def test_restore_writes_restored_images(restoration_run, photo_file, tmp_path, c
     assert cli_main(["restore", str(photo_file), "--model", str(restoration_run), "--out", str(tmp_path / "out")]) == 0
     written = np.asarray(Image.open(tmp_path / "out" / "photo.png"))
     assert written.shape == (32, 32, 3)
-    assert "trained to undo gaussian_blur:0.5-2|noise:0.02" in capsys.readouterr().out
+    # The photo comes back at the processor's size, which is said (it was silently resized and cropped).
+    assert "into " + str(tmp_path / "out") + " at 32x32 (resized and centre-cropped), as the model's processor prepares images (the model was trained to undo gaussian_blur:0.5-2|noise:0.02)" in capsys.readouterr().out
     # The file is the model's restoration of the photo (through its tokens), not the photo itself.
     model = CDBVQModel.from_pretrained(restoration_run).eval()
     processor = CDBVQImageProcessor.from_pretrained(restoration_run)
@@ -224,4 +225,10 @@ def test_restore_names_a_degradation_it_does_not_know(restoration_run, photo_fil
     (folder / "config.json").write_text(json.dumps(config))
     assert cli_main(["restore", str(photo_file), "--model", str(folder), "--out", str(tmp_path / "out")]) == 1
     assert "records restoration_degradation 'sharpen:3', which is no degradation this version knows" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "photo.png").exists()
+    # One that degrades nothing (train.py refuses to make it) was accepted: "trained to undo gaussian_blur:0".
+    config["restoration_degradation"] = "gaussian_blur:0"
+    (folder / "config.json").write_text(json.dumps(config))
+    assert cli_main(["restore", str(photo_file), "--model", str(folder), "--out", str(tmp_path / "out")]) == 1
+    assert "records restoration_degradation 'gaussian_blur:0', which degrades nothing" in capsys.readouterr().err
     assert not (tmp_path / "out" / "photo.png").exists()

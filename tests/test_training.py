@@ -577,6 +577,25 @@ def test_logged_losses_are_the_mean_over_processes_and_new_unreadable_images_are
     assert shared == [1]  # nothing new anywhere: no gather
 
 
+def test_a_bad_flag_value_is_one_line_without_the_usage_block(capsys):
+    # Each of these printed ~95 lines of usage before its one line.
+    cases = {
+        ("--degradation", "blur:1"): "unknown degradation 'blur' in 'blur:1'",
+        ("--code_roles", "notjson"): "argument --code_roles: 'notjson' is not valid JSON",  # was "invalid loads value"
+        ("--code_roles", "[1, 2]"): "argument --code_roles: '[1, 2]' is not a JSON object",
+        # --role_preset was dropped without a word when --code_roles was given too.
+        ("--role_preset", "three", "--code_roles", '{"structure": [0, 512], "texture": [512, 1024]}'):
+            "--role_preset three and --code_roles both set the code roles; give one of them.",
+    }  # fmt: skip
+    for flags, message in cases.items():
+        with pytest.raises(SystemExit) as exit_info:
+            parse_args(list(flags))
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and message in err, err
+        if flags[0] != "--code_roles":  # argparse's own type errors keep its usage line
+            assert err.strip().splitlines() == [err.strip()] and "usage:" not in err
+
+
 def test_unknown_config_file_keys_are_rejected(tmp_path, capsys):
     config = tmp_path / "run.yaml"
     config.write_text("learning_rat: 0.01\n")

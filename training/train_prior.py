@@ -47,7 +47,7 @@ from cdb_tokenizer.tools.runs import (
     tracker_init_kwargs,
 )
 from cdb_tokenizer.tools.steps import micro_batch_seed
-from cdb_tokenizer.tools.train_args import check_output_dir_flags
+from cdb_tokenizer.tools.train_args import check_output_dir_flags, refuse
 from cdb_tokenizer.tools.priors import (
     ARCHITECTURES,
     PriorCollator,
@@ -166,24 +166,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.tokens_dir is None and args.tokenizer is None:
-        parser.error("give --tokenizer (to tokenise the embedded default photos) or --tokens_dir (a tokenised data set).")
+        refuse(parser, "give --tokenizer (to tokenise the embedded default photos) or --tokens_dir (a tokenised data set).")
     if args.tokens_dir is not None and args.tokenizer is None and args.codebook_size is None:
-        parser.error("with --tokens_dir, give --tokenizer (recommended: sample_prior.py decodes with it) or --codebook_size.")
+        refuse(parser, "with --tokens_dir, give --tokenizer (recommended: sample_prior.py decodes with it) or --codebook_size.")
     for name in ("train_batch_size", "eval_batch_size", "gradient_accumulation_steps", "max_train_steps",
                  "num_train_epochs", "checkpointing_steps", "checkpoints_total_limit", "validation_steps"):  # fmt: skip
         value = getattr(args, name)
         if value is not None and value < 1:
-            parser.error(f"--{name} must be at least 1, got {value}.")
+            refuse(parser, f"--{name} must be at least 1, got {value}.")
     if not 0 < args.validation_split < 1:
-        parser.error(f"--validation_split must be in (0, 1), got {args.validation_split}.")
+        refuse(parser, f"--validation_split must be in (0, 1), got {args.validation_split}.")
     try:
         check_output_dir_flags(args)  # train.py's rule: never delete the run to resume
     except ValueError as error:
-        parser.error(str(error))
+        refuse(parser, str(error))
     if args.num_classes is not None and args.num_classes < 1:  # 0 was read as "not given"
-        parser.error(f"--num_classes must be at least 1 (or --unconditional), got {args.num_classes}.")
+        refuse(parser, f"--num_classes must be at least 1 (or --unconditional), got {args.num_classes}.")
     if not 0 <= args.label_dropout <= 1:
-        parser.error(f"--label_dropout must be in [0, 1], got {args.label_dropout}.")
+        refuse(parser, f"--label_dropout must be in [0, 1], got {args.label_dropout}.")
 
 
 # ---------------------------------------------------------------------------------------------------- data

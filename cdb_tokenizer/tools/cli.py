@@ -901,7 +901,7 @@ def _write_role_maps(
 @torch.inference_mode()
 def restore_command(args: argparse.Namespace) -> None:
     """Degraded photos in, restored photos out, with a model trained for restoration (`train.py --degradation`)."""
-    from .degradations import canonical_spec
+    from .degradations import canonical_spec, degrades_nothing
 
     paths = check_image_files(args.images, args.max_image_pixels)
     out = check_output_folder(args.out)
@@ -920,6 +920,9 @@ def restore_command(args: argparse.Namespace) -> None:
     except ValueError as error:
         raise CLIError(f"{args.model}'s config records restoration_degradation {trained_on!r}, which is no "
                        f"degradation this version knows: {error}") from None  # fmt: skip
+    if degrades_nothing(trained_on):  # train.py never writes one: an edited or foreign config
+        raise CLIError(f"{args.model}'s config records restoration_degradation {trained_on!r}, which degrades "
+                       f"nothing: the model was not trained to restore.")  # fmt: skip
     # All outputs or none: a bad image stops the command before any file is in place (and each is read once).
     with files.staged_files(out) as stage, tqdm(total=len(paths), desc="restoring", unit="image") as progress:
         for start, pixel_values in image_batches(paths, args, processor, model):
@@ -927,7 +930,26 @@ def restore_command(args: argparse.Namespace) -> None:
             for index, target in enumerate(targets[start : start + args.batch_size]):
                 processor.postprocess(restored[index : index + 1]).pixel_values[0].save(stage(target), format="PNG")
             progress.update(len(pixel_values))
-    print(f"restored {len(paths)} image(s) into {out} (the model was trained to undo {trained_on})")
+    print(f"restored {len(paths)} image(s) into {out} at {processed_size(processor)}, as the model's processor "
+          f"prepares images (the model was trained to undo {trained_on})")
+
+
+def processor_size(processor) -> dict[str, int]:
+    """The processor's `size` as a plain dict of what it sets (`height` and `width`, or `shortest_edge`)."""
+    size = processor.size
+    values = {key: size.get(key) if isinstance(size, dict) else getattr(size, key, None)
+              for key in ("height", "width", "shortest_edge")}  # fmt: skip
+    return {key: value for key, value in values.items() if value is not None}
+
+
+def processed_size(processor) -> str:
+    """The size the processor brings images to, in words: "64x64 (resized and centre-cropped)"."""
+    size = processor_size(processor)
+    if not processor.do_resize:
+        return "their own size (not resized)"
+    if "height" in size and "width" in size:
+        return f"{size['height']}x{size['width']} ({'resized and centre-cropped' if processor.do_center_crop else 'resized'})"
+    return f"a shorter side of {size.get('shortest_edge')}"
 
 
 def _readable_images(
@@ -1138,10 +1160,8 @@ def eval_command(args: argparse.Namespace) -> None:
     if fid is not None:
         metrics["fid_feature_extractor"] = "random" if random_features else "inception-v3-compat"
     # What was measured, to report beside the numbers (evaluation.md: data and split, N, resize and crop).
-    size = {key: processor.size.get(key) if isinstance(processor.size, dict) else getattr(processor.size, key, None)
-            for key in ("height", "width", "shortest_edge")}  # fmt: skip
     metrics["setting"] = {"model": args.model, "data": args.data, "split": args.split, "max_images": args.max_images,
-                          "protocol": args.protocol, "size": {key: value for key, value in size.items() if value is not None},
+                          "protocol": args.protocol, "size": processor_size(processor),
                           "resize": bool(processor.do_resize), "center_crop": bool(processor.do_center_crop)}  # fmt: skip
     rows = [
         ("PSNR (dB)", f"{metrics['psnr']:.2f}"),

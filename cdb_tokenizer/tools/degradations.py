@@ -144,6 +144,12 @@ def canonical_spec(spec: str) -> str:
     return "|".join("+".join(str(d) for d in chain) for chain in parse_spec(spec))
 
 
+def degrades_nothing(spec: str) -> bool:
+    """Whether every strength of the spec turns its degradation off (0, and a downscale factor of 1)."""
+    off = {"downscale": (0, 1)}
+    return all(d.low == d.high in off.get(d.name, (0,)) for chain in parse_spec(spec) for d in chain)
+
+
 @torch.no_grad()
 def degrade(pixel_values: torch.Tensor, spec: str | list[Degradation], seed: int = 0) -> torch.Tensor:
     """Apply the degradations of `spec` to images (B, C, H, W) in [-1, 1], deterministically under `seed`. The filters
@@ -276,4 +282,4 @@ APPLY = {
 }  # fmt: skip
 
 
-__all__ = ["DEGRADATIONS", "Degradation", "canonical_spec", "degrade", "parse_degradations", "parse_spec"]
+__all__ = ["DEGRADATIONS", "Degradation", "canonical_spec", "degrade", "degrades_nothing", "parse_degradations", "parse_spec"]

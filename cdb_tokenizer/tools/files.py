@@ -44,7 +44,10 @@ def replace_file(path: str | Path, write: Callable[[Path], object]) -> Path:
         raise FileExistsError(f"{path} exists and is not a regular file (a link, folder or device); not replacing it.")
     mode = stat.S_IMODE(os.stat(path).st_mode) if path.exists() else plain_file_mode()
     # A fresh name made with O_EXCL: a predictable one could be a link planted by another user of a shared folder.
-    handle, name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
+    try:
+        handle, name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
+    except OSError as error:  # named by the file asked for, not the hidden temporary one
+        raise OSError(error.errno, error.strerror, str(path)) from None
     os.close(handle)
     temporary = Path(name)
     try:

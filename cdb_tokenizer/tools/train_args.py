@@ -14,10 +14,11 @@ import inspect
 import json
 import os
 import sys
+from typing import NoReturn
 from pathlib import Path
 
 from ..configuration_cdb_vq import CDBVQConfig
-from .degradations import canonical_spec, parse_spec
+from .degradations import canonical_spec, degrades_nothing
 from .redaction import hide_secret_arguments
 from .roles import three_role_ranges
 from .teacher import DEFAULT_TEMPLATE, check_prompt_template
@@ -88,6 +89,23 @@ def _model_config_fields() -> dict[str, inspect.Parameter]:
     return {name: p for name, p in parameters.items() if name not in ("self", "kwargs") and name not in NOT_FLAGS}
 
 
+def refuse(parser: argparse.ArgumentParser, message: str) -> NoReturn:
+    """Exit as `parser.error` does (status 2, `prog: error: message`), without the usage block: these errors are
+    about a flag's value, which the message names, and the usage of some hundred flags would bury it."""
+    parser.exit(2, f"{parser.prog}: error: {message}\n")
+
+
+def json_object(text: str) -> dict:
+    """A flag's JSON object value (`--code_roles`)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"{text!r} is not valid JSON ({error.msg}); e.g. '{{\"structure\": [0, 512], \"texture\": [512, 1024]}}'") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a JSON object; e.g. '{{\"structure\": [0, 512], \"texture\": [512, 1024]}}'")
+    return value
+
+
 def _add_model_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model (CDBVQConfig fields; default: the preset, then --model_config)")
     for name, parameter in _model_config_fields().items():
@@ -96,7 +114,7 @@ def _add_model_flags(parser: argparse.ArgumentParser) -> None:
         if name == "channel_multipliers":
             group.add_argument(f"--{name}", type=int, nargs="+", default=PRESET, help=help_text)
         elif name == "code_roles":
-            group.add_argument(f"--{name}", type=json.loads, default=PRESET, help=help_text + ' JSON, e.g. \'{"structure": [0, 512], "texture": [512, 1024]}\'.')
+            group.add_argument(f"--{name}", type=json_object, default=PRESET, help=help_text + ' JSON, e.g. \'{"structure": [0, 512], "texture": [512, 1024]}\'.')
         elif parameter.annotation == "int | None":  # quantizer_format
             group.add_argument(f"--{name}", type=_optional_int, default=PRESET, help=help_text + " 'none' for None.")
         elif "None" in str(parameter.annotation) and (default is None or isinstance(default, float)):
@@ -240,7 +258,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         _check_training_args(args)
         _check_validation_can_run(args)
     except (ValueError, FileNotFoundError) as error:
-        parser.error(str(error))
+        refuse(parser, str(error))
     if argv is None:  # the real command line, which trackers (W&B) copy
         hide_secret_arguments(sys.argv)
     return args
@@ -265,15 +283,15 @@ def _read_config_file(parser: argparse.ArgumentParser, path: str) -> dict:
     import yaml
 
     if not os.path.isfile(path):
-        parser.error(f"--config file {path!r} does not exist.")
+        refuse(parser, f"--config file {path!r} does not exist.")
     with open(path, encoding="utf-8") as handle:
         values = yaml.safe_load(handle) or {}
     if not isinstance(values, dict):
-        parser.error(f"--config file {path!r} must hold a mapping of flag names to values.")
+        refuse(parser, f"--config file {path!r} must hold a mapping of flag names to values.")
     known = {action.dest for action in parser._actions}
     unknown = sorted(set(values) - known)
     if unknown:
-        parser.error(f"--config file {path!r} has unknown keys {unknown}; keys are flag names such as 'learning_rate'.")
+        refuse(parser, f"--config file {path!r} has unknown keys {unknown}; keys are flag names such as 'learning_rate'.")
     return values
 
 
@@ -290,13 +308,15 @@ def _model_config_dict(args: argparse.Namespace, preset: dict) -> dict:
         if value is not PRESET:
             config[name] = value
     config["resolution"] = args.resolution
-    if getattr(args, "role_preset", None) == "three" and not config.get("code_roles"):
+    if getattr(args, "role_preset", None) == "three" and config.get("code_roles"):
+        source = "--code_roles" if args.code_roles is not PRESET else "--model_config"
+        raise ValueError(f"--role_preset three and {source} both set the code roles; give one of them.")
+    if getattr(args, "role_preset", None) == "three":
         config["code_roles"] = three_role_ranges(config.get("codebook_size", CDBVQConfig().codebook_size))
     config.pop("restoration_degradation", None)  # only what this run trains on (not a --model_config's)
     if getattr(args, "degradation", None) is not None:  # "" too: an error, never a plain run
         config["restoration_degradation"] = canonical_spec(args.degradation)
-        off = {"downscale": (0, 1)}  # the strengths that leave an image as it is: 0, and a factor of 1
-        if all(d.low == d.high in off.get(d.name, (0,)) for chain in parse_spec(args.degradation) for d in chain):
+        if degrades_nothing(args.degradation):
             raise ValueError(f"--degradation {args.degradation!r} degrades nothing (every strength turns it off).")
     return args_without_sentinels(args, config)
 
