@@ -77,6 +77,9 @@ def test_blur_removes_high_frequencies(images):
         ("gaussian_blur:1++noise:0.1", "empty part in 'gaussian_blur:1\\+\\+noise:0.1'"),
         ("noise:0.1+", "empty part"),
         (":1", "missing degradation name"),
+        # Python's float() read these as 10 and 1: a typo and a script's digit silently became strengths.
+        ("gaussian_blur:1_0", "bad strength '1_0' for gaussian_blur"),
+        ("gaussian_blur:\u0661", "bad strength '\u0661' for gaussian_blur"),
     ],
 )
 def test_bad_specs_are_refused_by_name(images, spec, message):

@@ -289,7 +289,10 @@ def test_cli_tokenize_records_the_grid_and_train_prior_decodes_on_it(
         tmp_path / "tall"
     )
     assert main([*argv, str(tmp_path / "uncropped")]) == 1
-    assert "32x32 images have a 8x8 token grid, but the sequences hold 144 tokens" in capsys.readouterr().err
+    # In the CLI's words, not the Python API's ("give the image_size the processor made the images at").
+    error = capsys.readouterr().err
+    assert "its image processor does not resize or crop to its size (32x32), and the images came out at another (144 tokens each)" in error
+    assert "do_resize and do_center_crop in preprocessor_config.json" in error
 
 
 def test_save_tokens_records_only_a_grid_that_holds_the_tokens(tokenizer, tmp_path):

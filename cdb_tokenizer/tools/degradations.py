@@ -48,6 +48,13 @@ def _number(value: float) -> str:
     return f"{value:g}"
 
 
+def _parse_number(text: str) -> float:
+    """A plain decimal number ("1.5", "1e-3"): `float` alone also takes "1_0" (10), non-ASCII digits and "nan"."""
+    if not re.fullmatch(r"(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?", text, flags=re.ASCII):
+        raise ValueError(text)
+    return float(text)
+
+
 def parse_spec(spec: str) -> list[list[Degradation]]:
     """Parse a spec into its '|'-separated alternatives, each a '+'-chain; raises ValueError naming what is wrong."""
     if not isinstance(spec, str) or not spec.strip():
@@ -83,8 +90,8 @@ def parse_degradations(spec: str, whole: str | None = None) -> list[Degradation]
         match = re.fullmatch(r"(?P<low>.*?[\d.])-(?P<high>.+)", strength)
         low_text, dash, high_text = (match["low"], "-", match["high"]) if match else (strength, "", "")
         try:
-            low = float(low_text)
-            high = float(high_text) if dash else low
+            low = _parse_number(low_text)
+            high = _parse_number(high_text) if dash else low
         except ValueError:
             raise ValueError(
                 f"bad strength {strength!r} for {name}: give a number or LOW-HIGH, e.g. '{name}:{_example(name)}'."
@@ -249,7 +256,7 @@ def noise(image: torch.Tensor, std: float, generator: torch.Generator) -> torch.
 
 
 def jpeg(image: torch.Tensor, quality: float, generator: torch.Generator | None = None) -> torch.Tensor:
-    """A JPEG round trip through PIL at `quality` (1-95); 0 is the identity."""
+    """A JPEG round trip through PIL at `quality` (1-100); 0 is the identity."""
     if quality <= 0:
         return image
     import numpy as np
