@@ -193,7 +193,7 @@ def test_inspect_reports_roles_usage_and_labels(files, capsys):
     assert len(top) == 5 and [code["usage"] for code in top] == sorted((code["usage"] for code in top), reverse=True)
     assert top[0]["code"] == int(usage.argmax())
     labels = model.code_prototype_labels()
-    assert all(code["label"] == labels[code["code"]] and code["label"] in LABELS for code in top)
+    assert all(code["tied_label"] == labels[code["code"]] and code["tied_label"] in LABELS for code in top)
 
 
 def test_a_model_saved_with_return_dict_false_still_works_with_every_command(files, tmp_path):
@@ -243,7 +243,10 @@ def test_inspect_shows_no_placeholder_roles_or_prototype_ties(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "code roles: none" in text and "[0, 64)" not in text
     assert main(["inspect", "--model", str(tmp_path / "plain"), "--top", "3", "--json"]) == 0
-    assert [code["prototype"] for code in json.loads(capsys.readouterr().out)["top_codes"]] == [None] * 3
+    summary = json.loads(capsys.readouterr().out)
+    assert [code["tied_prototype"] for code in summary["top_codes"]] == [None] * 3
+    # No placeholder role either (a real role could be named `all`): none, as code_report() and --codes say.
+    assert summary["roles"] == [] and [code["role"] for code in summary["top_codes"]] == [None] * 3
 
 
 def test_tokenize_saves_a_dataset_with_tokens_and_labels(files, tmp_path, capsys, monkeypatch, caplog):
@@ -1086,14 +1089,14 @@ def test_token_files_of_any_integer_type_decode_the_same(files, tmp_path):
 def _read_role_map_picture(path: Path, role_names: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """(the original, (h, w) role ids) read back from a one-image role-map PNG: a 12-row legend, then a 2-pixel
     border around the 32x32 original and, beside it, the original blended 55:45 with each token's role colour."""
-    from cdb_tokenizer.tools.roles import role_colour
+    from cdb_tokenizer.tools.roles import role_colours
 
     picture = np.asarray(Image.open(path)).astype(np.float64) / 255
     assert picture.shape == (12 + 2 + 32 + 2, 2 + 64 + 2, 3), picture.shape
     original, overlay = picture[14:46, 2:34], picture[14:46, 34:66]
     colour = (overlay - 0.55 * original) / 0.45  # the overlay's colour, unblended (to within 8-bit rounding)
     cells = colour.reshape(8, 4, 8, 4, 3).mean(axis=(1, 3))  # one colour per token (4x4 pixels each)
-    palette = np.array([role_colour(name, index) for index, name in enumerate(role_names)])
+    palette = np.array([rgb for _, rgb in role_colours(role_names)])
     distances = np.linalg.norm(cells[:, :, None, :] - palette[None, None], axis=-1)
     assert distances.min(axis=-1).max() < 0.05, "a token's overlay is not one of the role colours"
     return (original * 255).round().astype(np.uint8), distances.argmin(axis=-1)

@@ -490,3 +490,69 @@ def test_private_refuses_an_existing_public_repository(training_output):
         upload_folder.assert_not_called()
         push_to_hub(training_output, HUB_ID, token="hf_arg")  # without --private it is published there
         upload_folder.assert_called_once()
+
+
+def _saved_model(folder: Path, metrics: dict | None = None, **config) -> Path:
+    """A tiny model of `config` saved with its processor (and `metrics` as metrics.json): enough for a card."""
+    model = tiny_model(**config).train()
+    model(torch.rand(2, 3, 32, 32) * 2 - 1)  # a usage update, as in training
+    model.eval().save_pretrained(folder)
+    CDBVQImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
+    if metrics is not None:
+        (folder / "metrics.json").write_text(json.dumps(metrics))
+    return folder
+
+
+def test_the_role_map_caption_names_the_colour_of_each_role_of_the_model(tmp_path):
+    # The caption was "structure blue, texture red, colour green" whatever the roles: two of them not in this model,
+    # and no colour for `other`.
+    from cdb_tokenizer.tools.publishing import render_model_card
+
+    folder = _saved_model(tmp_path / "custom", code_roles={"texture": [0, 32], "other": [32, 64]})
+    text = render_model_card(folder, HUB_ID, figures={"role_map": "role_map.png"}).text
+    caption = text.split("their role maps")[1].split("![Role map]")[0]
+    assert "left to right, texture: red, other: orange):" in " ".join(caption.split())
+    assert "structure" not in caption and "green" not in caption
+
+
+def test_codebook_summary_names_the_tied_prototype_apart_from_the_nearest(training_output):
+    # The summary listed the prototype a code is tied to as "prototype" / "label", the names code_report() and the
+    # --codes file use for the nearest prototype by cosine: one command printed two answers under one name.
+    from cdb_tokenizer import CDBVQModel
+    from cdb_tokenizer.tools.publishing import codebook_summary
+
+    model = CDBVQModel.from_pretrained(training_output)
+    top = codebook_summary(model, top_k=5)["top_codes"]
+    ties, labels = model.quantizer.code_to_prototype.tolist(), model.code_prototype_labels()
+    assert all(set(code) == {"code", "usage", "role", "tied_prototype", "tied_label"} for code in top)
+    assert [code["tied_prototype"] for code in top] == [ties[code["code"]] for code in top]
+    assert [code["tied_label"] for code in top] == [labels[code["code"]] for code in top]
+
+
+def test_codebook_summary_of_a_model_without_roles_names_no_role(tmp_path):
+    # It showed a placeholder role `all` (a real role could be named so), where code_report() and --codes say None.
+    from cdb_tokenizer import CDBVQModel
+    from cdb_tokenizer.tools.publishing import codebook_summary, render_model_card
+
+    folder = _saved_model(tmp_path / "plain")
+    summary = codebook_summary(CDBVQModel.from_pretrained(folder), top_k=3)
+    assert summary["roles"] == []
+    assert [code["role"] for code in summary["top_codes"]] == [None] * 3
+    text = render_model_card(folder, HUB_ID).text
+    assert "This model has a single code range (no role split)." in text and "| all |" not in text
+
+
+@pytest.mark.parametrize("restoration_psnr, restores", [(18.99, False), (24.74, False), (27.5, True)])
+def test_the_restoration_section_says_when_the_model_does_not_restore(tmp_path, restoration_psnr, restores):
+    # The card said the model "turns such photos into restored ones" beside its own metrics showing the restored
+    # output 5.7 dB below the degraded input.
+    from cdb_tokenizer.tools.publishing import render_model_card
+
+    metrics = {"psnr": 25.0, "restoration_psnr": restoration_psnr, "degraded_input_psnr": 24.74}
+    folder = _saved_model(tmp_path / "deblur", metrics, restoration_degradation="gaussian_blur:0.5-2.5")
+    text = render_model_card(folder, HUB_ID).text
+    section = " ".join(text.split("## Restoration")[1].split("## Training")[0].split())
+    assert ("turns such photos into restored ones" in section) == restores
+    assert ("this model does not yet restore" in section) == (not restores)
+    if restoration_psnr == 18.99:
+        assert "the restored output is 18.99 dB PSNR, below the degraded input's 24.74 dB" in section

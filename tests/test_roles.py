@@ -9,7 +9,7 @@ from conftest import tiny_model
 
 from cdb_tokenizer import CDBVQConfig, CDBVQModel
 from cdb_tokenizer.quantization_cdb_vq import CDBVQQuantizer, image_signal_features, role_targets
-from cdb_tokenizer.tools.roles import role_map_figure, save_role_map, three_role_ranges
+from cdb_tokenizer.tools.roles import role_colours, role_legend, role_map_figure, save_role_map, three_role_ranges
 
 SIZE = 16
 
@@ -211,6 +211,49 @@ def test_role_map_is_deterministic_batch_independent_and_drawable(supervised_mod
     assert int(tiny_model().eval().role_map(torch.zeros(1, 3, 32, 32)).max()) == 0
 
 
+@pytest.mark.parametrize(
+    "role_names",
+    [
+        ["texture", "other"],
+        list("abcdef"),
+        ["a", "structure", "b", "colour"],
+        [f"role{i}" for i in range(40)] + ["texture"],  # past the named colours
+    ],
+)
+def test_every_role_of_a_model_gets_its_own_named_colour(role_names):
+    # Other names cycled a five-colour palette that starts with the preset's: "texture: red, other: red", and a
+    # sixth role took the first one's colour again; two colours were named only "colour 3" and "colour 4".
+    colours = role_colours(role_names)
+    names, rgbs = [name for name, _ in colours], [rgb for _, rgb in colours]
+    assert len(set(names)) == len(set(rgbs)) == len(role_names)
+    fixed = {
+        "structure": ("blue", (0.15, 0.45, 1.0)),
+        "texture": ("red", (1.0, 0.25, 0.1)),
+        "colour": ("green", (0.1, 0.85, 0.25)),
+    }
+    for role, colour in zip(role_names, colours):
+        if role in fixed:
+            assert colour == fixed[role]
+        elif colour[0].startswith("#"):  # past the named colours: named by the hex code of the colour drawn
+            assert colour[0] == "#" + "".join(f"{round(channel * 255):02x}" for channel in colour[1])
+    assert role_legend(role_names) == ", ".join(f"{role}: {name}" for role, name in zip(role_names, names))
+    assert role_legend(["texture", "other"]) == "texture: red, other: orange"
+    assert role_legend(["structure", "texture", "colour"]) == "structure: blue, texture: red, colour: green"
+
+
+def test_a_role_map_draws_each_role_in_its_own_colour():
+    # The training picture of roles {"texture", "other"} drew both legend bars and every overlay cell in one red.
+    images = torch.zeros(1, 3, 16, 16)
+    role_map = torch.tensor([[[0, 1], [1, 0]]])
+    figure = role_map_figure(images, role_map, ["texture", "other"])
+    legend, overlay = figure[:, 2:10], figure[:, 12 + 2 : 12 + 18, 2 + 16 : 2 + 32]
+    expected = torch.tensor([rgb for _, rgb in role_colours(["texture", "other"])])
+    assert torch.allclose(legend[:, 4, 4], expected[0]) and torch.allclose(legend[:, 4, -6], expected[1])
+    assert (legend[:, 4, 4] - legend[:, 4, -6]).abs().max() > 0.3  # two bars, two colours
+    cells = overlay[:, ::8, ::8].permute(1, 2, 0).reshape(4, 3)  # one pixel of each token's cell
+    assert torch.allclose(cells, 0.55 * 0.5 + 0.45 * expected[role_map.flatten()])
+
+
 def test_code_report_has_one_record_per_code_and_round_trips(supervised_model, tmp_path):
     report = supervised_model.code_report()
     assert [record["code"] for record in report] == list(range(24))
@@ -282,3 +325,18 @@ def test_role_prior_scale_scales_the_role_term_of_the_router():
     same = (candidates == scaled_candidates).all(-1)  # the prior is added before the candidate is picked
     assert float(full.abs().max()) > 0.1 and int(same.sum()) >= 20
     torch.testing.assert_close(scaled[same], 0.3 * full[same])
+
+
+def test_codebook_usage_shades_each_role_range_in_its_role_map_colour(tmp_path):
+    # The ranges were shaded in matplotlib's default cycle (texture orange) while role maps draw texture red.
+    import numpy as np
+    from PIL import Image
+
+    from cdb_tokenizer.tools.evaluation import save_usage_plot
+
+    roles = {"structure": [0, 8], "texture": [8, 16], "other": [16, 24]}
+    path = save_usage_plot(torch.arange(1.0, 25.0), tmp_path / "usage.png", code_roles=roles)
+    pixels = np.asarray(Image.open(path).convert("RGB")).reshape(-1, 3).astype(float) / 255
+    for _, rgb in role_colours(list(roles)):
+        shade = 0.15 * np.array(rgb) + 0.85  # the 15% alpha span over the white axes
+        assert np.abs(pixels - shade).max(-1).min() < 0.02, rgb

@@ -1227,10 +1227,10 @@ def inspect_command(args: argparse.Namespace) -> None:
     print(f"\nmost used codes (top {len(summary['top_codes'])})")
     print(
         format_table(
-            ["code", "usage", "role", "prototype", "label"],
+            ["code", "usage", "role", "tied prototype", "tied label"],
             [
-                (code["code"], f"{code['usage']:.2%}", code["role"], "-" if code["prototype"] is None else code["prototype"],
-                 code["label"] or "(no label)")  # fmt: skip
+                (code["code"], f"{code['usage']:.2%}", code["role"] or "-",
+                 "-" if code["tied_prototype"] is None else code["tied_prototype"], code["tied_label"] or "(no label)")  # fmt: skip
                 for code in summary["top_codes"]
             ],
         )
@@ -1318,8 +1318,12 @@ def tokenize_command(args: argparse.Namespace) -> None:
     size = processor_image_size(processor)
     try:
         save_tokens(tokenized, out, model, fingerprint, image_size=size)
-    except ValueError as error:  # a processor that does not make images of its size (no resize nor crop)
-        raise CLIError(f"--model {args.model}: {error}") from None
+    except ValueError:  # a processor that does not make images of its size (no resize nor crop)
+        raise CLIError(
+            f"--model {args.model}: its image processor does not resize or crop to its size ({size[0]}x{size[1]}), "
+            f"and the images came out at another ({shortest} tokens each); use a processor that resizes and crops "
+            f"(do_resize and do_center_crop in preprocessor_config.json), or images of that size."
+        ) from None
     length = shortest
     print(
         f"tokenized {counted(len(tokenized), 'image')} ({skipped} unreadable skipped) into {args.out}: columns "

@@ -459,6 +459,8 @@ def save_usage_plot(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from .roles import role_colours
+
     series = counts if isinstance(counts, dict) else {"usage": counts}
     panels = 2 if code_roles else 1
     figure, axes = plt.subplots(1, panels, figsize=(6 * panels, 4), squeeze=False)
@@ -477,8 +479,9 @@ def save_usage_plot(
         raw_axis = axes[0][1]
         values = next(iter(series.values())).double().cpu()
         raw_axis.bar(range(values.numel()), values.numpy(), width=1.0, color="black")
-        for index, (name, (start, end)) in enumerate(sorted(code_roles.items(), key=lambda item: item[1][0])):
-            raw_axis.axvspan(start, end, alpha=0.15, color=f"C{index}", label=name)
+        ranges = sorted(code_roles.items(), key=lambda item: item[1][0])  # the role order of config.role_names
+        for (name, (start, end)), (_, colour) in zip(ranges, role_colours([name for name, _ in ranges])):
+            raw_axis.axvspan(start, end, alpha=0.15, color=colour, label=name)  # the colours of the role maps
         raw_axis.set_xlabel("code id")
         raw_axis.set_ylabel("tokens")
         raw_axis.set_title("usage by role")

@@ -31,6 +31,7 @@ from .redaction import (
     public_value,
     scrub_local_paths,
 )
+from .roles import role_legend
 from .teacher import labels_from_metadata, labels_metadata
 
 
@@ -213,18 +214,20 @@ def clip_teacher_hub_id(clip_model: str | None, clip_pretrained: str | None) -> 
 def codebook_summary(model, top_k: int = 10) -> dict[str, Any]:
     """Codebook size, assignment rule, role ranges with their running usage, and the most used codes with labels.
 
-    Usage is the model's running per-code share (`model.quantizer.usage`, updated during training). Roles default to
-    one range, `all`, when the config has none.
+    Usage is the model's running per-code share (`model.quantizer.usage`, updated during training). Without roles in
+    the config, `roles` is empty and a code's `role` None, as in `model.code_report()`. A top code's `tied_prototype`
+    and `tied_label` are those of the prototype it is tied to (`quantizer.code_to_prototype`), which need not be the
+    nearest prototype by cosine that `code_report()` gives as `prototype`.
     """
     config = model.config
     usage = model.quantizer.usage.detach().float().cpu()
     share = usage / usage.sum().clamp_min(1e-12)
     labels = model.code_prototype_labels()
     code_to_prototype = model.quantizer.code_to_prototype.cpu()
-    role_ranges = {name: config.code_roles[name] for name in config.role_names} or {"all": [0, config.codebook_size]}
     code_role = {}
     roles = []
-    for name, (start, end) in role_ranges.items():
+    for name in config.role_names:
+        start, end = config.code_roles[name]
         code_role.update({code: name for code in range(start, end)})
         roles.append(
             {"name": name, "start": start, "end": end, "size": end - start, "usage": float(share[start:end].sum())}
@@ -236,9 +239,9 @@ def codebook_summary(model, top_k: int = 10) -> dict[str, Any]:
         {
             "code": code,
             "usage": float(value),
-            "role": code_role[code],
-            "prototype": int(code_to_prototype[code]) if tied else None,
-            "label": labels[code],
+            "role": code_role.get(code),
+            "tied_prototype": int(code_to_prototype[code]) if tied else None,
+            "tied_label": labels[code],
         }
         for value, code in zip(top.values.tolist(), top.indices.tolist())
     ]
@@ -328,6 +331,15 @@ def _evaluation_rows(metrics: dict[str, Any], codebook_size: int) -> list[tuple[
     return rows
 
 
+def _restoration_result(metrics: dict[str, Any]) -> dict[str, float] | None:
+    """PSNR of the restored output and of the degraded input itself, when metrics.json has both: the card must not
+    call a model restoring when its output is further from the clean image than its input was."""
+    psnr, input_psnr = metrics.get("restoration_psnr"), metrics.get("degraded_input_psnr")
+    if not all(isinstance(value, (int, float)) and math.isfinite(value) for value in (psnr, input_psnr)):
+        return None
+    return {"psnr": psnr, "degraded_input_psnr": input_psnr, "restores": psnr > input_psnr}
+
+
 def _hub_dataset(training_config: dict[str, Any]) -> str | None:
     """`--dataset_name` when it names a Hub data set (not a local folder given to `load_dataset`)."""
     name = training_config.get("dataset_name")
@@ -415,10 +427,11 @@ def render_model_card(
         assignment_description=ASSIGNMENT_DESCRIPTIONS[config.assignment],
         summary=summary,
         code_rows=code_report_summary(model.code_report()) if config.code_roles else [],
-        role_names=config.role_names,
+        role_legend=_format_value(role_legend(config.role_names)),
         prototype_rows=[{**row, "label": _format_value(row["label"])} for row in summary["prototypes"][:20]],
         prototype_labels=[_format_value(label) for label in config.prototype_labels or []],
         evaluation_rows=_evaluation_rows(metrics, config.codebook_size),
+        restoration=_restoration_result(metrics),
         figures=figures or {},
         teacher_model=public_config.get("clip_model") if teacher_ran else None,
         teacher_pretrained=public_config.get("clip_pretrained"),

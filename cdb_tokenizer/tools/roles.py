@@ -11,6 +11,9 @@ fixed image signals (see `cdb_tokenizer.quantization_cdb_vq.role_targets`):
 
 from __future__ import annotations
 
+import colorsys
+import itertools
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -19,9 +22,24 @@ import torch.nn.functional as F
 from .files import replace_file
 
 THREE_ROLES = ("structure", "texture", "colour")
-# Overlay colour of each role in role-map pictures (RGB in [0, 1]), by role name; other names cycle ROLE_PALETTE.
-ROLE_COLOURS = {"structure": (0.15, 0.45, 1.0), "texture": (1.0, 0.25, 0.1), "colour": (0.1, 0.85, 0.25)}
-ROLE_PALETTE = ((0.15, 0.45, 1.0), (1.0, 0.25, 0.1), (0.1, 0.85, 0.25), (0.95, 0.8, 0.1), (0.7, 0.2, 0.9))
+RGB = tuple[float, float, float]
+# Overlay colours of role-map pictures (RGB in [0, 1]) by name, in the order other roles take them: the three roles
+# of the preset always get blue, red and green, which come last so that another role reuses one only when no other
+# named colour is left (and never one that a role of the same model holds).
+NAMED_COLOURS = {
+    "orange": (1.0, 0.6, 0.0),
+    "purple": (0.6, 0.25, 0.9),
+    "cyan": (0.0, 0.85, 0.9),
+    "yellow": (0.95, 0.9, 0.1),
+    "magenta": (0.95, 0.15, 0.75),
+    "brown": (0.55, 0.3, 0.1),
+    "grey": (0.5, 0.5, 0.5),
+    "pink": (1.0, 0.65, 0.75),
+    "blue": (0.15, 0.45, 1.0),
+    "red": (1.0, 0.25, 0.1),
+    "green": (0.1, 0.85, 0.25),
+}
+ROLE_COLOURS = {"structure": "blue", "texture": "red", "colour": "green"}
 
 
 def three_role_ranges(
@@ -46,8 +64,33 @@ def three_role_ranges(
     return ranges
 
 
-def role_colour(name: str, index: int) -> tuple[float, float, float]:
-    return ROLE_COLOURS.get(name, ROLE_PALETTE[index % len(ROLE_PALETTE)])
+def role_colours(role_names: list[str]) -> list[tuple[str, RGB]]:
+    """The overlay colour of each of a model's roles, as (colour name, RGB in [0, 1]), in the order of `role_names`.
+
+    Every role gets its own colour: `structure`, `texture` and `colour` theirs (`ROLE_COLOURS`), the other roles, in
+    order, the named colours that no role of the model holds, then, past those, generated colours named by their hex
+    code (distinct, but with a dozen roles or more some are hard to tell apart at a glance).
+    """
+    taken = {ROLE_COLOURS[name] for name in role_names if name in ROLE_COLOURS}
+    free = (name for name in NAMED_COLOURS if name not in taken)
+    generated = _generated_colours()
+    colours = []
+    for role in role_names:
+        name = ROLE_COLOURS.get(role) or next(free, None)
+        colours.append((name, NAMED_COLOURS[name]) if name else next(generated))
+    return colours
+
+
+def _generated_colours() -> Iterator[tuple[str, RGB]]:
+    """Endless distinct colours named by hex code, spread over hue and brightness (a 2-D low-discrepancy sequence)."""
+    seen = set()
+    for index in itertools.count(1):
+        hue, brightness = (index * 0.7548776662) % 1.0, (index * 0.5698402910) % 1.0
+        rgb = tuple(round(channel * 255) for channel in colorsys.hsv_to_rgb(hue, 0.85, 0.45 + 0.5 * brightness))
+        name = "#{:02x}{:02x}{:02x}".format(*rgb)
+        if name not in seen:
+            seen.add(name)
+            yield name, tuple(channel / 255 for channel in rgb)
 
 
 def role_map_overlay(
@@ -59,7 +102,7 @@ def role_map_overlay(
             f"role_map must be (batch, h, w) for {pixel_values.shape[0]} images, got {tuple(role_map.shape)}."
         )
     images = ((pixel_values.detach().float().cpu() + 1) / 2).clamp(0, 1)
-    palette = torch.tensor([role_colour(name, i) for i, name in enumerate(role_names or ["all"])])
+    palette = torch.tensor([rgb for _, rgb in role_colours(role_names or ["all"])])
     colours = palette[role_map.cpu().clamp(0, len(palette) - 1)].permute(0, 3, 1, 2)  # B, 3, h, w
     colours = F.interpolate(colours, size=images.shape[-2:], mode="nearest")
     return (1 - alpha) * images + alpha * colours
@@ -82,10 +125,10 @@ def role_map_figure(
         top, left = pad + r * (height + pad), pad + c * (width + pad)
         grid[:, top : top + height, left : left + width] = pairs[i]
     legend = torch.ones(3, 12, grid.shape[-1])
-    names = role_names or ["all"]
-    block = max(1, grid.shape[-1] // len(names))
-    for i, name in enumerate(names):
-        legend[:, 2:10, i * block + 2 : (i + 1) * block - 2] = torch.tensor(role_colour(name, i))[:, None, None]
+    colours = role_colours(role_names or ["all"])
+    block = max(1, grid.shape[-1] // len(colours))
+    for i, (_, rgb) in enumerate(colours):
+        legend[:, 2:10, i * block + 2 : (i + 1) * block - 2] = torch.tensor(rgb)[:, None, None]
     return torch.cat([legend, grid], dim=1)
 
 
@@ -103,15 +146,13 @@ def save_role_map(
 
 
 def role_legend(role_names: list[str]) -> str:
-    """One line naming each role's overlay colour, left to right in the legend."""
-    words = {ROLE_COLOURS["structure"]: "blue", ROLE_COLOURS["texture"]: "red", ROLE_COLOURS["colour"]: "green"}
-    return ", ".join(
-        f"{name}: {words.get(role_colour(name, i), 'colour ' + str(i))}" for i, name in enumerate(role_names)
-    )
+    """One line naming each role's overlay colour, left to right in the legend: "structure: blue, texture: red"."""
+    return ", ".join(f"{role}: {colour}" for role, (colour, _) in zip(role_names, role_colours(role_names)))
 
 
 __all__ = [
     "THREE_ROLES",
+    "role_colours",
     "role_legend",
     "role_map_figure",
     "role_map_overlay",
