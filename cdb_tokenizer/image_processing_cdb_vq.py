@@ -246,6 +246,15 @@ class CDBVQImageProcessor(BaseImageProcessor):
             )
         if settings.get("do_pad"):
             raise ValueError("`do_pad` is not supported by CDBVQImageProcessor.")
+        # transformers' other shared settings, which this processor would otherwise store and ignore.
+        for name in ("pad_size", "image_seq_length", "disable_grouping"):
+            if settings.get(name) is not None:
+                raise ValueError(f"`{name}` is not used by CDBVQImageProcessor (it neither pads nor groups images).")
+        if settings.get("default_to_square") is False:
+            raise ValueError(
+                "`default_to_square=False` is not supported: an int `size` is a square here; for the shorter side, "
+                "give `size={'shortest_edge': s}`."
+            )
 
     def _validate_preprocess_kwargs(self, **kwargs: Any) -> None:
         """Validate the merged settings of one `preprocess` call (their values were checked in `preprocess`)."""
@@ -289,7 +298,9 @@ class CDBVQImageProcessor(BaseImageProcessor):
             tensor = tensor.to(device) if device is not None else tensor
             return tensor
         if isinstance(image, np.ndarray):
-            tensor, default_format = torch.from_numpy(np.ascontiguousarray(image)), ChannelDimension.LAST
+            # A copy where torch cannot share the memory (`np.asarray(pil_image)` is read-only: torch would warn).
+            array = np.ascontiguousarray(image) if image.flags.writeable else np.array(image)
+            tensor, default_format = torch.from_numpy(array), ChannelDimension.LAST
         elif isinstance(image, torch.Tensor):
             tensor, default_format = image.detach(), ChannelDimension.FIRST
         else:
@@ -830,7 +841,7 @@ def _stack_model_output(images: Any) -> torch.Tensor:
         singles = [single for image in images for single in _stack_model_output(image)]
         return _stack(singles, "postprocess them one at a time.")
     if isinstance(images, np.ndarray):
-        images = torch.from_numpy(images)
+        images = torch.from_numpy(images if images.flags.writeable else np.array(images))  # read-only: a copy
     if not isinstance(images, torch.Tensor):
         raise TypeError(
             f"postprocess expects a torch.Tensor or numpy.ndarray of pixel values, got {type(images).__name__}."

@@ -583,6 +583,10 @@ class CDBVQModel(CDBVQPreTrainedModel):
         r"""
         Encode images into codes.
 
+        In training mode this also updates the quantizer (k-means initialisation, EMA codes, usage, potentials), even
+        under `torch.no_grad()`, so the same images can get other tokens on the next call: call `model.eval()` first,
+        or use `get_image_tokens`, to tokenize.
+
         Args:
             pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`): Images in [-1, 1];
                 height and width must be multiples of `config.downsampling_factor`.
@@ -591,7 +595,9 @@ class CDBVQModel(CDBVQPreTrainedModel):
             teacher_features (`torch.FloatTensor` of shape `(batch_size, semantic_dim, h, w)`, *optional*): Teacher
                 patch features for the semantic losses (training).
             return_dict (`bool`, *optional*): A [`CDBVQEncoderOutput`] or a plain tuple; defaults to
-                `config.return_dict` (True), as in transformers (`forward` likewise).
+                `config.return_dict` (True), as in transformers (`forward` likewise). As in transformers, the tuple
+                leaves out the fields that are None, so positions depend on the assignment rule and the mode: read
+                fields by name.
         """
         pixel_values = self._check_pixel_values(pixel_values)
         hidden_states = self.encoder(pixel_values)
@@ -755,7 +761,8 @@ class CDBVQModel(CDBVQPreTrainedModel):
 
         Returns a [`CDBVQModelOutput`] with the reconstruction, the tokens, every loss term of the quantizer and of the
         semantic head (see [`CDBVQEncoderOutput`]) and usage statistics. Reconstruction losses (L1/L2, perceptual,
-        adversarial) are left to the training script.
+        adversarial) are left to the training script. Like `encode`, it updates the quantizer in training mode, and
+        its `return_dict=False` tuple leaves out the fields that are None.
         """
         encoded = self.encode(
             pixel_values, semantic_features=semantic_features, teacher_features=teacher_features, return_dict=True

@@ -536,6 +536,30 @@ def test_invalid_settings_raise():
         CDBVQImageProcessor(crop_size={"height": 64, "width": 64})
     with pytest.raises(ValueError, match="do_pad"):
         CDBVQImageProcessor()(data.astronaut(), do_pad=True)
+    # transformers' other shared settings were stored, saved and ignored: a user asking for padding got none.
+    with pytest.raises(ValueError, match="`pad_size` is not used by CDBVQImageProcessor"):
+        CDBVQImageProcessor()(data.astronaut(), pad_size={"height": 64, "width": 64})
+    for name, value in (("image_seq_length", 64), ("disable_grouping", True)):
+        with pytest.raises(ValueError, match=f"`{name}` is not used"):
+            CDBVQImageProcessor(**{name: value})
+    with pytest.raises(ValueError, match="`default_to_square=False` is not supported"):
+        CDBVQImageProcessor(size=32, default_to_square=False)
+
+
+def test_a_read_only_numpy_image_is_taken_without_a_warning():
+    # `np.asarray(pil_image)` is read-only: torch warned that it does not support non-writable tensors.
+    import warnings
+
+    image = np.asarray(PIL.Image.fromarray(data.astronaut()))
+    assert not image.flags.writeable
+    processor = CDBVQImageProcessor(size=32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pixel_values = processor(image, return_tensors="pt").pixel_values
+        frozen = pixel_values.numpy().copy()
+        frozen.flags.writeable = False
+        processor.postprocess(frozen)
+    torch.testing.assert_close(pixel_values, processor(image.copy(), return_tensors="pt").pixel_values)
 
 
 NAN, INF = float("nan"), float("inf")
