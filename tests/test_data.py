@@ -477,5 +477,7 @@ def test_a_data_set_saved_with_save_to_disk_is_read_as_either_source(tmp_path, s
         assert decode_image(rows[4]["image"]).size == (48, 40)  # undecoded, with its bytes: no path outside is opened
         validation = list(load_image_dataset(**{source: str(tmp_path / "two")}, split="validation", streaming=streaming))
         assert [row["label"] for row in validation] == [3, 4]
+    # Streamed in shards (one per row here), as processes and loader workers share a stream out by shard.
+    assert load_image_dataset(train_data_dir=str(tmp_path / "one"), streaming=True).num_shards == 5
     with pytest.raises(SplitNotFoundError, match=r"saved in .*one' has no split 'validation'; its splits are \['train'\]"):
         load_image_dataset(train_data_dir=str(tmp_path / "one"), split="validation")

@@ -280,7 +280,7 @@ def test_cli_eval_resolution_and_the_imagenet_protocol(tokenizer_folder, capsys,
     # The numbers carry what was measured (the metrics file had N and the FID extractor only).
     assert protocol["setting"] == {"model": str(tokenizer_folder["model"]), "data": str(tokenizer_folder["photos"]),
                                    "split": "train", "max_images": 2, "protocol": "imagenet",
-                                   "size": {"height": 256, "width": 256}, "resize": True, "center_crop": True}  # fmt: skip
+                                   "size": [256, 256], "resize": True, "center_crop": True}  # fmt: skip
     at_256, _, _ = _eval(base + ["--resolution", "256", "--max_images", "2"], capsys)
     own_size, _, _ = _eval(base + ["--max_images", "2"], capsys)  # the model's processor: 32x32
     assert protocol["psnr"] == pytest.approx(at_256["psnr"], rel=1e-6)  # the protocol measures at 256x256 ...

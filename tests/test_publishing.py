@@ -424,6 +424,10 @@ def test_private_strings_are_scrubbed_whole_not_out_of_other_words(training_outp
     text = (staged / "README.md").read_text()
     assert "https://huggingface.co/datasets/cdb-org/photos" in text and "huggingface.codatasets" not in text
     assert "/data" not in json.dumps(json.loads((staged / "training_config.json").read_text()))
+    # A relative save_to_disk folder given as --dataset_name reads like a Hub id: train.py records it as local.
+    (run / "training_config.json").write_text(json.dumps({**config, "dataset_name": "data/saved", "dataset_is_local": True}))
+    text = (stage_folder(run, tmp_path / "repo-local", HUB_ID) / "README.md").read_text()
+    assert "huggingface.co/datasets/data/saved" not in text
 
 
 def test_clip_teacher_hub_id():

@@ -93,7 +93,7 @@ def test_restore_writes_restored_images(restoration_run, photo_file, tmp_path, c
     written = np.asarray(Image.open(tmp_path / "out" / "photo.png"))
     assert written.shape == (32, 32, 3)
     # The photo comes back at the processor's size, which is said (it was silently resized and cropped).
-    assert "into " + str(tmp_path / "out") + " at 32x32 (resized and centre-cropped), as the model's processor prepares images (the model was trained to undo gaussian_blur:0.5-2|noise:0.02)" in capsys.readouterr().out
+    assert "into " + str(tmp_path / "out") + " at 32x32 pixels, as the model's image processor prepared them (the model was trained to undo gaussian_blur:0.5-2|noise:0.02)" in capsys.readouterr().out
     # The file is the model's restoration of the photo (through its tokens), not the photo itself.
     model = CDBVQModel.from_pretrained(restoration_run).eval()
     processor = CDBVQImageProcessor.from_pretrained(restoration_run)

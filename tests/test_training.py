@@ -528,7 +528,7 @@ def test_fp16_with_a_discriminator_is_refused_before_any_work(tmp_path, fresh_ac
 def test_fp16_where_accelerate_has_no_gradient_scaler_is_refused(tmp_path, fresh_accelerator_state):
     # On the CPU accelerate trained fp16 runs in float32 (no scaler, no autocast) under an fp16 label, and the step's
     # non-finite gradient check, left to the scaler under fp16, was off: an infinite gradient made NaN weights.
-    with pytest.raises(ValueError, match=r"mixed precision fp16 .*needs a GPU: on the CPU accelerate has no gradient scaler"):
+    with pytest.raises(ValueError, match=r"mixed precision fp16 .*needs a GPU: on this cpu device accelerate has no gradient scaler"):
         main(PLAIN_RUN + ["--output_dir", str(tmp_path / "run"), "--max_train_steps", "1", "--mixed_precision", "fp16"])
     assert not (tmp_path / "run" / "checkpoints").exists()
 
@@ -583,6 +583,7 @@ def test_a_bad_flag_value_is_one_line_without_the_usage_block(capsys):
         ("--degradation", "blur:1"): "unknown degradation 'blur' in 'blur:1'",
         ("--code_roles", "notjson"): "argument --code_roles: 'notjson' is not valid JSON",  # was "invalid loads value"
         ("--code_roles", "[1, 2]"): "argument --code_roles: '[1, 2]' is not a JSON object",
+        ("--learning_rate", "abc"): "argument --learning_rate: invalid float value: 'abc'",
         # --role_preset was dropped without a word when --code_roles was given too.
         ("--role_preset", "three", "--code_roles", '{"structure": [0, 512], "texture": [512, 1024]}'):
             "--role_preset three and --code_roles both set the code roles; give one of them.",
@@ -592,8 +593,23 @@ def test_a_bad_flag_value_is_one_line_without_the_usage_block(capsys):
             parse_args(list(flags))
         err = capsys.readouterr().err
         assert exit_info.value.code == 2 and message in err, err
-        if flags[0] != "--code_roles":  # argparse's own type errors keep its usage line
-            assert err.strip().splitlines() == [err.strip()] and "usage:" not in err
+        assert err.strip().splitlines() == [err.strip()] and "usage:" not in err  # argparse's type errors too
+
+
+def test_a_data_set_saved_with_save_to_disk_trains_and_is_recorded_as_local(tmp_path, fresh_accelerator_state):
+    # `load_dataset` refused a saved Dataset, with advice ("use load_from_disk") no flag could follow.
+    import datasets
+
+    from cdb_tokenizer.tools.data import sample_photos
+
+    photos = [photo.resize((40, 40)) for photo in sample_photos("skimage")[:6]]
+    features = datasets.Features({"image": datasets.Image()})
+    datasets.Dataset.from_dict({"image": photos}, features=features).save_to_disk(str(tmp_path / "saved"))
+    output_dir = tmp_path / "run"
+    main(PLAIN_RUN + ["--output_dir", str(output_dir), "--max_train_steps", "1", "--dataset_name", str(tmp_path / "saved")])
+    config = json.loads((output_dir / "training_config.json").read_text())
+    assert config["dataset_is_local"] is True  # so the model card never links it as a Hub data set
+    assert json.loads((output_dir / "metrics.json").read_text())["steps"] == 1
 
 
 def test_unknown_config_file_keys_are_rejected(tmp_path, capsys):

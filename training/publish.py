@@ -16,12 +16,12 @@ from collections.abc import Sequence
 
 from huggingface_hub.errors import HfHubHTTPError
 
-from cdb_tokenizer.tools.messages import first_line
+from cdb_tokenizer.tools.messages import OneLineErrorParser, first_line
 from cdb_tokenizer.tools.publishing import push_to_hub, stage_folder
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Publish a trained cdb-vq tokenizer to the Hugging Face Hub.")
+    parser = OneLineErrorParser(description="Publish a trained cdb-vq tokenizer to the Hugging Face Hub.")
     parser.add_argument(
         "output_dir", help="output folder of training/train.py (save_pretrained files, metrics.json, ...)"
     )

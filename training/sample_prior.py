@@ -20,7 +20,7 @@ import torch
 
 from cdb_tokenizer.tools.cli import CLIError, check_output_file, remove_created_folders, resolve_device
 from cdb_tokenizer.tools.loading import locate
-from cdb_tokenizer.tools.messages import run_script
+from cdb_tokenizer.tools.messages import OneLineErrorParser, run_script
 from cdb_tokenizer.tools.priors import (
     PRIOR_CONFIG_NAME,
     load_prior,
@@ -33,7 +33,7 @@ from cdb_tokenizer.tools.priors import (
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Sample an image grid from a cdb-vq prior.")
+    parser = OneLineErrorParser(description="Sample an image grid from a cdb-vq prior.")
     parser.add_argument("--prior", type=str, required=True, help="Folder (or Hub id) written by train_prior.py.")
     parser.add_argument("--tokenizer", type=str, default=None, help="Default: the one in prior_config.json.")
     parser.add_argument("--output", type=str, default=None, help="PNG path (default: <prior>/samples.png; for a Hub prior, samples.png here).")

@@ -565,7 +565,9 @@ def save_run_config(args: argparse.Namespace, accelerator: Accelerator, model: C
     """Write training_config.json (the parsed flags, what the run decided, the model config; no secrets) from the
     main process; returns the run's configuration without the model config (for the trackers)."""
     run_config = {**vars(args), **launch_settings(args, accelerator), "max_train_steps": max_train_steps,
-                  "skipped_validation_images": skipped_validation_images}  # fmt: skip
+                  "skipped_validation_images": skipped_validation_images,
+                  # A relative folder (`data/saved`) reads like a Hub id: the model card must not link it as one.
+                  "dataset_is_local": bool(args.dataset_name) and Path(args.dataset_name).expanduser().is_dir()}  # fmt: skip
     if accelerator.is_main_process:
         write_json(Path(args.output_dir) / "training_config.json", redact_secrets({**run_config, "model_config": model.config.to_dict()}))
     return run_config
@@ -772,17 +774,17 @@ def refuse_another_objective(saved: dict | None, now: dict) -> None:
 
 
 def learning_rate_schedule(args: argparse.Namespace, max_train_steps: int) -> dict:
-    return {"learning_rate": args.learning_rate, "lr_scheduler": args.lr_scheduler,
-            "lr_warmup_steps": args.lr_warmup_steps, "max_train_steps": max_train_steps}  # fmt: skip
+    """What lays out the schedule beside its peak (another --learning_rate is said by `keep_optimizer_settings`)."""
+    return {"lr_scheduler": args.lr_scheduler, "lr_warmup_steps": args.lr_warmup_steps, "max_train_steps": max_train_steps}
 
 
 def warn_if_schedule_changed(saved: dict | None, now: dict, step: int, learning_rate: float) -> None:
-    """A resume with another schedule (a longer run, another warm-up) lays the schedule out anew: the learning rate
-    jumps at the resume. Allowed (it is how a finished run is extended), but said."""
+    """A resume with another schedule (a longer run, another warm-up) goes on from the checkpoint's step of the new
+    schedule: the learning rate jumps at the resume. Allowed (it is how a finished run is extended), but said."""
     changed = changed_settings(saved, now)
     if changed:
-        logger.warning(f"Resuming with {', '.join(changed)}: the learning-rate schedule is laid out anew for them, so "
-                       f"the rate at step {step} is now {learning_rate:.3g}, not what the checkpoint's schedule had next.")  # fmt: skip
+        logger.warning(f"Resuming with {', '.join(changed)}: the learning-rate schedule is laid out anew for them, and "
+                       f"goes on from step {step} at rate {learning_rate:.3g}.")  # fmt: skip
 
 
 def warn_if_data_order_changed(saved: dict | None, now: dict) -> None:

@@ -36,7 +36,7 @@ from transformers import get_scheduler
 from cdb_tokenizer.tools.checkpoints import CheckpointWriteError, load_custom_state, load_training_state, save_checkpoint
 from cdb_tokenizer.tools.cli import codebook_fingerprint
 from cdb_tokenizer.tools.files import write_text
-from cdb_tokenizer.tools.messages import first_line, run_script
+from cdb_tokenizer.tools.messages import OneLineErrorParser, first_line, run_script
 from cdb_tokenizer.tools.redaction import redact_secrets
 from cdb_tokenizer.tools.runs import (
     find_checkpoint,
@@ -47,7 +47,7 @@ from cdb_tokenizer.tools.runs import (
     tracker_init_kwargs,
 )
 from cdb_tokenizer.tools.steps import micro_batch_seed
-from cdb_tokenizer.tools.train_args import check_output_dir_flags, refuse
+from cdb_tokenizer.tools.train_args import check_output_dir_flags
 from cdb_tokenizer.tools.priors import (
     ARCHITECTURES,
     PriorCollator,
@@ -91,7 +91,7 @@ PRIOR_RUN_FILES = ("samples", "prior_config.json", "samples.png")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Train a causal-LM prior over cdb-vq image tokens.")
+    parser = OneLineErrorParser(description="Train a causal-LM prior over cdb-vq image tokens.")
     data = parser.add_argument_group("data")
     data.add_argument("--tokens_dir", type=str, default=None,
                       help="A tokenised data set saved with save_to_disk (columns image_tokens[, label]). "
@@ -166,24 +166,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.tokens_dir is None and args.tokenizer is None:
-        refuse(parser, "give --tokenizer (to tokenise the embedded default photos) or --tokens_dir (a tokenised data set).")
+        parser.error("give --tokenizer (to tokenise the embedded default photos) or --tokens_dir (a tokenised data set).")
     if args.tokens_dir is not None and args.tokenizer is None and args.codebook_size is None:
-        refuse(parser, "with --tokens_dir, give --tokenizer (recommended: sample_prior.py decodes with it) or --codebook_size.")
+        parser.error("with --tokens_dir, give --tokenizer (recommended: sample_prior.py decodes with it) or --codebook_size.")
     for name in ("train_batch_size", "eval_batch_size", "gradient_accumulation_steps", "max_train_steps",
                  "num_train_epochs", "checkpointing_steps", "checkpoints_total_limit", "validation_steps"):  # fmt: skip
         value = getattr(args, name)
         if value is not None and value < 1:
-            refuse(parser, f"--{name} must be at least 1, got {value}.")
+            parser.error(f"--{name} must be at least 1, got {value}.")
     if not 0 < args.validation_split < 1:
-        refuse(parser, f"--validation_split must be in (0, 1), got {args.validation_split}.")
+        parser.error(f"--validation_split must be in (0, 1), got {args.validation_split}.")
     try:
         check_output_dir_flags(args)  # train.py's rule: never delete the run to resume
     except ValueError as error:
-        refuse(parser, str(error))
+        parser.error(str(error))
     if args.num_classes is not None and args.num_classes < 1:  # 0 was read as "not given"
-        refuse(parser, f"--num_classes must be at least 1 (or --unconditional), got {args.num_classes}.")
+        parser.error(f"--num_classes must be at least 1 (or --unconditional), got {args.num_classes}.")
     if not 0 <= args.label_dropout <= 1:
-        refuse(parser, f"--label_dropout must be in [0, 1], got {args.label_dropout}.")
+        parser.error(f"--label_dropout must be in [0, 1], got {args.label_dropout}.")
 
 
 # ---------------------------------------------------------------------------------------------------- data

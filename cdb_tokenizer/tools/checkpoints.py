@@ -33,6 +33,8 @@ MANIFEST = "cdb_vq_checkpoint.json"
 STATE_TENSORS = "training_state.safetensors"
 STATE_JSON = "training_state.json"
 TMP_SUFFIX = ".tmp"
+# How torch's file writer reports a failed write (a full disk is "unexpected pos ..."), a RuntimeError.
+TORCH_WRITE_FAILURES = ("PytorchStreamWriter", "inline_container", "file write failed", "unexpected pos")
 # An old checkpoint is renamed with this suffix before it is deleted (rotation).
 DELETING_SUFFIX = f".old{TMP_SUFFIX}"
 FORMAT_VERSION = 1
@@ -133,7 +135,9 @@ def save_checkpoint(
     final = folder / f"checkpoint-{step}"
     try:
         _write_checkpoint(accelerator, folder, step, tensors, state)
-    except (OSError, RuntimeError, SafetensorError) as error:  # torch reports a full disk as a RuntimeError
+    except (OSError, RuntimeError, SafetensorError) as error:
+        if isinstance(error, RuntimeError) and not any(mark in str(error) for mark in TORCH_WRITE_FAILURES):
+            raise  # a process that died, a CUDA error: no advice about the disk
         raise CheckpointWriteError(
             f"could not write {final} ({write_failure(error, folder)}); the complete checkpoints there are untouched: "
             f"make room or fix the folder, then resume with --resume_from_checkpoint latest."
@@ -195,7 +199,7 @@ def _write_checkpoint(accelerator: Accelerator, folder: Path, step: int, tensors
             shutil.rmtree(stale, ignore_errors=True)
             os.replace(final, stale)
             os.replace(temporary, final)
-            shutil.rmtree(stale)
+            shutil.rmtree(stale, ignore_errors=True)  # the checkpoint is complete; the next rotation removes leftovers
         else:
             os.replace(temporary, final)
         _fsync(folder)
@@ -298,7 +302,7 @@ def decided_by_main_process(accelerator: Accelerator | None, decide: Callable[[]
         try:
             answer = [("answer", decide())]
         except Exception as error:  # noqa: BLE001 - every kind is passed on, so every process stops alike
-            named = isinstance(error, (CheckpointError, FileNotFoundError))  # their messages name the problem
+            named = isinstance(error, (ValueError, FileNotFoundError))  # their messages name the problem (ours are)
             answer = [(type(error).__name__, str(error) if named else f"{type(error).__name__}: {error}")]
     kind, value = broadcast_object_list(answer)[0]  # between this run's own processes: no file is unpickled
     if kind == "answer":
@@ -312,20 +316,24 @@ def saved_process_count(path: str | Path) -> int:
 
 
 def reposition_schedules(schedules: list[tuple[str, torch.optim.Optimizer, object]], saved_processes: int, processes: int) -> None:
-    """accelerate steps a prepared scheduler once per process per optimiser step and saves its count as it is: resumed
-    on another number of processes, the schedule would go on from another step (2 -> 1 process: twice as far, and
-    a cosine past its end climbs back up). Rescale each count to this run's processes and set the rate it gives."""
+    """Put each resumed schedule at the checkpoint's step and give its optimiser the rate this run's schedule has
+    there. accelerate steps a prepared scheduler once per process per optimiser step and saves its count as it is:
+    resumed on another number of processes, the schedule would go on from another step (2 -> 1 process: twice as far,
+    and a cosine past its end climbs back up), so the count is rescaled. And the checkpoint's rate is its own
+    schedule's: with another --max_train_steps or warm-up, this run's schedule would take over one step late."""
     from torch.optim.lr_scheduler import LambdaLR
 
-    if saved_processes < 1 or saved_processes == processes:
-        return
+    moved = saved_processes >= 1 and saved_processes != processes
     for name, optimizer, scheduler in schedules:
         schedule = scheduler.scheduler
         if not isinstance(schedule, LambdaLR):  # every transformers schedule is one; another cannot be recomputed
-            logger.warning(f"Resuming the {name} schedule on {processes} processes instead of {saved_processes}: "
-                           f"{type(schedule).__name__} cannot be moved to the same step, it goes on from its count.")  # fmt: skip
+            if moved:
+                logger.warning(f"Resuming the {name} schedule on {processes} processes instead of {saved_processes}: "
+                               f"{type(schedule).__name__} cannot be moved to the same step, it goes on from its count.")  # fmt: skip
             continue
-        schedule.last_epoch = schedule.last_epoch // saved_processes * processes
+        if moved:
+            schedule.last_epoch = schedule.last_epoch // saved_processes * processes
+        # LambdaLR's own product: the same schedule gives the checkpoint's rate bit for bit.
         for group, peak, rule in zip(optimizer.param_groups, schedule.base_lrs, schedule.lr_lambdas):
             group["lr"] = peak * rule(schedule.last_epoch)
         schedule._last_lr = [group["lr"] for group in optimizer.param_groups]

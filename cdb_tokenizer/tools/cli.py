@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 
 from . import files
 from .loading import is_local_path, locate, processor_image_size
-from .messages import TRAIN_EXTRAS, counted, first_line
+from .messages import TRAIN_EXTRAS, OneLineErrorParser, counted, first_line
 
 
 TOKEN_FILE_FORMAT = "cdb-vq-tokens"
@@ -924,32 +924,17 @@ def restore_command(args: argparse.Namespace) -> None:
         raise CLIError(f"{args.model}'s config records restoration_degradation {trained_on!r}, which degrades "
                        f"nothing: the model was not trained to restore.")  # fmt: skip
     # All outputs or none: a bad image stops the command before any file is in place (and each is read once).
+    sizes = set()  # what the processor made of the photos (resized and cropped to its size, by default)
     with files.staged_files(out) as stage, tqdm(total=len(paths), desc="restoring", unit="image") as progress:
         for start, pixel_values in image_batches(paths, args, processor, model):
+            sizes.add(tuple(pixel_values.shape[-2:]))
             restored = model.decode(model.encode(pixel_values, return_dict=True).image_tokens).float()
             for index, target in enumerate(targets[start : start + args.batch_size]):
                 processor.postprocess(restored[index : index + 1]).pixel_values[0].save(stage(target), format="PNG")
             progress.update(len(pixel_values))
-    print(f"restored {len(paths)} image(s) into {out} at {processed_size(processor)}, as the model's processor "
-          f"prepares images (the model was trained to undo {trained_on})")
-
-
-def processor_size(processor) -> dict[str, int]:
-    """The processor's `size` as a plain dict of what it sets (`height` and `width`, or `shortest_edge`)."""
-    size = processor.size
-    values = {key: size.get(key) if isinstance(size, dict) else getattr(size, key, None)
-              for key in ("height", "width", "shortest_edge")}  # fmt: skip
-    return {key: value for key, value in values.items() if value is not None}
-
-
-def processed_size(processor) -> str:
-    """The size the processor brings images to, in words: "64x64 (resized and centre-cropped)"."""
-    size = processor_size(processor)
-    if not processor.do_resize:
-        return "their own size (not resized)"
-    if "height" in size and "width" in size:
-        return f"{size['height']}x{size['width']} ({'resized and centre-cropped' if processor.do_center_crop else 'resized'})"
-    return f"a shorter side of {size.get('shortest_edge')}"
+    shown = ", ".join(f"{height}x{width}" for height, width in sorted(sizes))
+    print(f"restored {len(paths)} image(s) into {out} at {shown} pixels, as the model's image processor prepared them "
+          f"(the model was trained to undo {trained_on})")
 
 
 def _readable_images(
@@ -1161,7 +1146,7 @@ def eval_command(args: argparse.Namespace) -> None:
         metrics["fid_feature_extractor"] = "random" if random_features else "inception-v3-compat"
     # What was measured, to report beside the numbers (evaluation.md: data and split, N, resize and crop).
     metrics["setting"] = {"model": args.model, "data": args.data, "split": args.split, "max_images": args.max_images,
-                          "protocol": args.protocol, "size": processor_size(processor),
+                          "protocol": args.protocol, "size": processor_image_size(processor),
                           "resize": bool(processor.do_resize), "center_crop": bool(processor.do_center_crop)}  # fmt: skip
     rows = [
         ("PSNR (dB)", f"{metrics['psnr']:.2f}"),
@@ -1284,6 +1269,7 @@ def tokenize_command(args: argparse.Namespace) -> None:
     import pyarrow.compute as pyarrow_compute
 
     from .priors import save_tokens, tokenize_dataset
+    from .priors.token_data import TokenGridMismatch
 
     if not hasattr(dataset, "filter") or not hasattr(dataset, "__len__"):
         raise CLIError("tokenize needs a map-style data set (streaming is not supported).")
@@ -1318,7 +1304,7 @@ def tokenize_command(args: argparse.Namespace) -> None:
     size = processor_image_size(processor)
     try:
         save_tokens(tokenized, out, model, fingerprint, image_size=size)
-    except ValueError:  # a processor that does not make images of its size (no resize nor crop)
+    except TokenGridMismatch:  # a processor that does not make images of its size (no resize nor crop)
         raise CLIError(
             f"--model {args.model}: its image processor does not resize or crop to its size ({size[0]}x{size[1]}), "
             f"and the images came out at another ({shortest} tokens each); use a processor that resizes and crops "
@@ -1359,7 +1345,7 @@ def _check_tokenize_folder(out: str, data: str) -> Path:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-class _Parser(argparse.ArgumentParser):
+class _Parser(OneLineErrorParser):
     """An argument parser whose multi-word options take both spellings (`--batch_size` and `--batch-size`); --help
     shows the spelling the option is declared with. Sub-command parsers are of this class too."""
 

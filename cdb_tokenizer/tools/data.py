@@ -274,6 +274,10 @@ SPLIT_FOLDERS = ("train", "validation", "test")
 ARCHIVE_URL = re.compile(r"(zip|tar|gzip|bz2|xz|zstd|lz4)://")
 
 
+# Shards of a `save_to_disk` data set streamed with --streaming (at most one per row).
+SAVED_DATASET_SHARDS = 64
+
+
 def saved_to_disk(folder: Path) -> bool:
     """Whether `folder` was written by `Dataset.save_to_disk` or `DatasetDict.save_to_disk` (`load_dataset` refuses
     the first, and reads the second's Arrow files as a data set of its own making)."""
@@ -289,7 +293,11 @@ def open_saved_dataset(folder: Path, split: str, streaming: bool):
     splits = saved if isinstance(saved, datasets.DatasetDict) else {"train": saved}
     if split not in splits:
         raise SplitNotFoundError(f"the data set saved in {str(folder)!r} has no split {split!r}; its splits are {list(splits)}.")
-    return splits[split].to_iterable_dataset() if streaming else splits[split]
+    if not streaming:
+        return splits[split]
+    # In shards, as a Hub stream is: with one, every process would read the whole set (keeping its every k-th row)
+    # and one loader worker alone could run.
+    return splits[split].to_iterable_dataset(num_shards=max(1, min(len(splits[split]), SAVED_DATASET_SHARDS)))
 
 
 def split_folders(folder: Path) -> dict[str, Path]:

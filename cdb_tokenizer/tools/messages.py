@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
+import argparse
+from typing import NoReturn
+
 
 # How to install what training, evaluation and data sets need (the `train` extra), from the package or a checkout.
 TRAIN_EXTRAS = "the training extras: pip install 'cdb-tokenizer[train]' (from a checkout: pip install -e '.[train]')"
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line (`prog: error: message`, exit status 2), without argparse's usage
+    block: the message names the flag, and the usage of some hundred flags would bury it (`--help` lists them)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def first_line(error: BaseException) -> str:
@@ -38,4 +49,4 @@ def run_script(main, *errors: type[BaseException]) -> None:
         sys.exit(1)
 
 
-__all__ = ["counted", "first_line", "run_script"]
+__all__ = ["OneLineErrorParser", "counted", "first_line", "run_script"]

@@ -343,6 +343,8 @@ def _restoration_result(metrics: dict[str, Any]) -> dict[str, float] | None:
 def _hub_dataset(training_config: dict[str, Any]) -> str | None:
     """`--dataset_name` when it names a Hub data set (not a local folder given to `load_dataset`)."""
     name = training_config.get("dataset_name")
+    if training_config.get("dataset_is_local"):  # recorded by train.py: a local folder, e.g. of `save_to_disk`
+        return None
     return name if isinstance(name, str) and name and scrub_local_paths(name) == name else None
 
 

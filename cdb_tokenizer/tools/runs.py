@@ -75,9 +75,13 @@ def check_tracker_installed(report_to: str) -> None:
 def refuse_fp16_without_a_gradient_scaler(accelerator: Accelerator) -> None:
     """Refuse fp16 where accelerate has no gradient scaler (the CPU): it then trains in float32 under an fp16 label,
     and the step's non-finite gradient check, which leaves overflow to the scaler under fp16, would be off."""
-    if accelerator.mixed_precision == "fp16" and accelerator.scaler is None:
-        raise ValueError("mixed precision fp16 (--mixed_precision or the accelerate config) needs a GPU: on the CPU "
-                         "accelerate has no gradient scaler and trains in float32; use bf16 or no.")  # fmt: skip
+    from accelerate.utils import DistributedType
+
+    # DeepSpeed scales fp16 losses itself (and accelerate leaves its scaler unset there).
+    if accelerator.mixed_precision == "fp16" and accelerator.scaler is None and accelerator.distributed_type != DistributedType.DEEPSPEED:
+        raise ValueError(f"mixed precision fp16 (--mixed_precision or the accelerate config) needs a GPU: on this "
+                         f"{accelerator.device.type} device accelerate has no gradient scaler and trains in float32; "
+                         f"use bf16 or no.")  # fmt: skip
 
 
 def make_accelerator(args, output_dir: Path, **kwargs) -> Accelerator:

@@ -14,13 +14,13 @@ import inspect
 import json
 import os
 import sys
-from typing import NoReturn
 from pathlib import Path
 
 from ..configuration_cdb_vq import CDBVQConfig
 from .degradations import canonical_spec, degrades_nothing
 from .redaction import hide_secret_arguments
 from .roles import three_role_ranges
+from .messages import OneLineErrorParser
 from .teacher import DEFAULT_TEMPLATE, check_prompt_template
 
 # Values that depend on the kind of run. "tiny" is the embedded demo (no data flags): a small f2 tokenizer that trains
@@ -89,12 +89,6 @@ def _model_config_fields() -> dict[str, inspect.Parameter]:
     return {name: p for name, p in parameters.items() if name not in ("self", "kwargs") and name not in NOT_FLAGS}
 
 
-def refuse(parser: argparse.ArgumentParser, message: str) -> NoReturn:
-    """Exit as `parser.error` does (status 2, `prog: error: message`), without the usage block: these errors are
-    about a flag's value, which the message names, and the usage of some hundred flags would bury it."""
-    parser.exit(2, f"{parser.prog}: error: {message}\n")
-
-
 def json_object(text: str) -> dict:
     """A flag's JSON object value (`--code_roles`)."""
     try:
@@ -129,7 +123,7 @@ def _add_model_flags(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """train.py's flags: data, model (every `CDBVQConfig` field), losses, teacher, optimisation and the run."""
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrorParser(
         description="Train a cdb-vq image tokenizer (accelerate launch training/train.py ...).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -258,7 +252,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         _check_training_args(args)
         _check_validation_can_run(args)
     except (ValueError, FileNotFoundError) as error:
-        refuse(parser, str(error))
+        parser.error(str(error))
     if argv is None:  # the real command line, which trackers (W&B) copy
         hide_secret_arguments(sys.argv)
     return args
@@ -283,15 +277,15 @@ def _read_config_file(parser: argparse.ArgumentParser, path: str) -> dict:
     import yaml
 
     if not os.path.isfile(path):
-        refuse(parser, f"--config file {path!r} does not exist.")
+        parser.error(f"--config file {path!r} does not exist.")
     with open(path, encoding="utf-8") as handle:
         values = yaml.safe_load(handle) or {}
     if not isinstance(values, dict):
-        refuse(parser, f"--config file {path!r} must hold a mapping of flag names to values.")
+        parser.error(f"--config file {path!r} must hold a mapping of flag names to values.")
     known = {action.dest for action in parser._actions}
     unknown = sorted(set(values) - known)
     if unknown:
-        refuse(parser, f"--config file {path!r} has unknown keys {unknown}; keys are flag names such as 'learning_rate'.")
+        parser.error(f"--config file {path!r} has unknown keys {unknown}; keys are flag names such as 'learning_rate'.")
     return values
 
 

@@ -55,6 +55,10 @@ def save_tokens(
     return folder
 
 
+class TokenGridMismatch(ValueError):
+    """The image size given to `save_tokens` makes another token grid than the sequences hold."""
+
+
 def _grid_info(tokenized, model, image_size: tuple[int, int]) -> dict[str, Any]:
     """The record of `image_size` and its token grid, checked against the first sequence's length."""
     height, width = image_size
@@ -62,7 +66,7 @@ def _grid_info(tokenized, model, image_size: tuple[int, int]) -> dict[str, Any]:
     first = next(iter(tokenized.values())) if isinstance(tokenized, dict) else tokenized  # a DatasetDict's first split
     length = len(first[0]["image_tokens"])
     if grid_height * grid_width != length:
-        raise ValueError(
+        raise TokenGridMismatch(
             f"{height}x{width} images have a {grid_height}x{grid_width} token grid, but the sequences hold {length} "
             f"tokens: give the image_size the processor made the images at."
         )
