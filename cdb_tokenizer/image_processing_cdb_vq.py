@@ -247,8 +247,8 @@ class CDBVQImageProcessor(BaseImageProcessor):
         if settings.get("do_pad"):
             raise ValueError("`do_pad` is not supported by CDBVQImageProcessor.")
         # transformers' other shared settings, which this processor would otherwise store and ignore.
-        for name in ("pad_size", "image_seq_length", "disable_grouping"):
-            if settings.get(name) is not None:
+        for name in _UNUSED_SETTINGS:
+            if settings.get(name) is not None and settings.get(name) is not False:
                 raise ValueError(f"`{name}` is not used by CDBVQImageProcessor (it neither pads nor groups images).")
         if settings.get("default_to_square") is False:
             raise ValueError(
@@ -614,12 +614,17 @@ def _check_scaling(rescale_factor: Any, image_mean: Any, image_std: Any, channel
         raise ValueError(f"`image_mean` has {mean} values but `image_std` has {std}: give one per channel for both.")
 
 
+# transformers' shared processor settings that this processor has no use for (refused when set).
+_UNUSED_SETTINGS = ("pad_size", "image_seq_length", "disable_grouping")
+
+
 def _check_names(settings: dict[str, Any], known: Collection[str]) -> None:
     """Refuse a setting name that is not `known` (a typo would otherwise be stored, or ignored, without a word)."""
     unknown = [name for name in settings if name not in known]
     if not unknown:
         return
-    settings_only = [name for name in known if name not in _SAVED_KEYS]  # never hint at transformers' own keys
+    # Never hint at transformers' own keys, nor at settings that are refused when set.
+    settings_only = [name for name in known if name not in _SAVED_KEYS and name not in (*_UNUSED_SETTINGS, "crop_size", "do_pad")]
     nearest = {name: difflib.get_close_matches(name, settings_only, n=1) for name in unknown}
     hints = [f"{name!r} (did you mean {match[0]!r}?)" if match else repr(name) for name, match in nearest.items()]
     message = f"CDBVQImageProcessor has no setting {', '.join(hints)}"

@@ -436,6 +436,12 @@ def test_usage_errors_exit_non_zero(capsys):
         main(["encode", "photo.png", "--model", "m", "--out", "t.safetensors", "--batch_size", "1.5"])
     assert exit_info.value.code == 2  # named by its flag, not by the parser's function ("invalid _positive_int value")
     assert "argument --batch_size: must be a whole number, got '1.5'" in capsys.readouterr().err
+    # One line each, naming the command and where the options are listed (the usage block came first).
+    for argv, line in ((["encode", "photo.png"], "cdb-vq encode: error: the following arguments are required: --model, --out (see cdb-vq encode --help)"),
+                       ([], "cdb-vq: error: the following arguments are required: COMMAND (see cdb-vq --help)")):  # fmt: skip
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 2 and capsys.readouterr().err.splitlines() == [line]
 
 
 def test_loading_a_tokenizer_imports_no_prior_code(files):

@@ -460,7 +460,7 @@ def test_a_skipped_image_is_named_with_a_reason_a_user_can_read():
 
 
 @pytest.mark.parametrize("streaming", [False, True])
-def test_a_data_set_saved_with_save_to_disk_is_read_as_either_source(tmp_path, streaming):
+def test_a_data_set_saved_with_save_to_disk_is_read_as_either_source(tmp_path, streaming, monkeypatch):
     """A saved Dataset was refused with advice no flag could follow ("use load_from_disk"), and eval of a saved
     DatasetDict said "found no images"."""
     import datasets
@@ -477,7 +477,9 @@ def test_a_data_set_saved_with_save_to_disk_is_read_as_either_source(tmp_path, s
         assert decode_image(rows[4]["image"]).size == (48, 40)  # undecoded, with its bytes: no path outside is opened
         validation = list(load_image_dataset(**{source: str(tmp_path / "two")}, split="validation", streaming=streaming))
         assert [row["label"] for row in validation] == [3, 4]
-    # Streamed in shards (one per row here), as processes and loader workers share a stream out by shard.
-    assert load_image_dataset(train_data_dir=str(tmp_path / "one"), streaming=True).num_shards == 5
+    # Streamed in shards, a multiple of the processes, as processes and loader workers share a stream out by shard.
+    assert load_image_dataset(train_data_dir=str(tmp_path / "one"), streaming=True).num_shards == 5  # one per row
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    assert load_image_dataset(train_data_dir=str(tmp_path / "one"), streaming=True).num_shards == 3
     with pytest.raises(SplitNotFoundError, match=r"saved in .*one' has no split 'validation'; its splits are \['train'\]"):
         load_image_dataset(train_data_dir=str(tmp_path / "one"), split="validation")

@@ -544,6 +544,10 @@ def test_invalid_settings_raise():
             CDBVQImageProcessor(**{name: value})
     with pytest.raises(ValueError, match="`default_to_square=False` is not supported"):
         CDBVQImageProcessor(size=32, default_to_square=False)
+    CDBVQImageProcessor(disable_grouping=False, pad_size=None)  # the values that ask for nothing are taken
+    with pytest.raises(TypeError, match="its settings are") as raised:
+        CDBVQImageProcessor(foo=1)
+    assert not any(name in str(raised.value) for name in ("pad_size", "image_seq_length", "disable_grouping", "do_pad"))
 
 
 def test_a_read_only_numpy_image_is_taken_without_a_warning():

@@ -932,7 +932,7 @@ def restore_command(args: argparse.Namespace) -> None:
             for index, target in enumerate(targets[start : start + args.batch_size]):
                 processor.postprocess(restored[index : index + 1]).pixel_values[0].save(stage(target), format="PNG")
             progress.update(len(pixel_values))
-    shown = ", ".join(f"{height}x{width}" for height, width in sorted(sizes))
+    shown = ", ".join(f"{height}x{width}" for height, width in sorted(sizes)[:3]) + (" and other sizes" if len(sizes) > 3 else "")
     print(f"restored {len(paths)} image(s) into {out} at {shown} pixels, as the model's image processor prepared them "
           f"(the model was trained to undo {trained_on})")
 
@@ -1146,7 +1146,8 @@ def eval_command(args: argparse.Namespace) -> None:
         metrics["fid_feature_extractor"] = "random" if random_features else "inception-v3-compat"
     # What was measured, to report beside the numbers (evaluation.md: data and split, N, resize and crop).
     metrics["setting"] = {"model": args.model, "data": args.data, "split": args.split, "max_images": args.max_images,
-                          "protocol": args.protocol, "size": processor_image_size(processor),
+                          "protocol": args.protocol,
+                          "size": processor_image_size(processor) or {"shortest_edge": getattr(processor.size, "shortest_edge", None)},
                           "resize": bool(processor.do_resize), "center_crop": bool(processor.do_center_crop)}  # fmt: skip
     rows = [
         ("PSNR (dB)", f"{metrics['psnr']:.2f}"),

@@ -274,8 +274,8 @@ SPLIT_FOLDERS = ("train", "validation", "test")
 ARCHIVE_URL = re.compile(r"(zip|tar|gzip|bz2|xz|zstd|lz4)://")
 
 
-# Shards of a `save_to_disk` data set streamed with --streaming (at most one per row).
-SAVED_DATASET_SHARDS = 64
+# Shards per process of a `save_to_disk` data set streamed with --streaming (room for that many loader workers).
+SAVED_DATASET_SHARDS_PER_PROCESS = 8
 
 
 def saved_to_disk(folder: Path) -> bool:
@@ -295,9 +295,11 @@ def open_saved_dataset(folder: Path, split: str, streaming: bool):
         raise SplitNotFoundError(f"the data set saved in {str(folder)!r} has no split {split!r}; its splits are {list(splits)}.")
     if not streaming:
         return splits[split]
-    # In shards, as a Hub stream is: with one, every process would read the whole set (keeping its every k-th row)
-    # and one loader worker alone could run.
-    return splits[split].to_iterable_dataset(num_shards=max(1, min(len(splits[split]), SAVED_DATASET_SHARDS)))
+    # In shards, as a Hub stream is, and a multiple of the process count: else every process reads the whole set
+    # (keeping its every k-th row), and one loader worker alone can run.
+    processes, rows = int(os.environ.get("WORLD_SIZE", "1")), len(splits[split])
+    per_process = max(1, min(SAVED_DATASET_SHARDS_PER_PROCESS, rows // processes))
+    return splits[split].to_iterable_dataset(num_shards=processes * per_process if rows >= processes else 1)
 
 
 def split_folders(folder: Path) -> dict[str, Path]:

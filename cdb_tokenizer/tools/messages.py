@@ -15,7 +15,7 @@ class OneLineErrorParser(argparse.ArgumentParser):
     block: the message names the flag, and the usage of some hundred flags would bury it (`--help` lists them)."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message}\n")
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def first_line(error: BaseException) -> str:
