@@ -624,7 +624,8 @@ def _check_names(settings: dict[str, Any], known: Collection[str]) -> None:
     if not unknown:
         return
     # Never hint at transformers' own keys, nor at settings that are refused when set.
-    settings_only = [name for name in known if name not in _SAVED_KEYS and name not in (*_UNUSED_SETTINGS, "crop_size", "do_pad")]
+    refused = (*_UNUSED_SETTINGS, "crop_size", "do_pad")
+    settings_only = [name for name in known if name not in _SAVED_KEYS and name not in refused]
     nearest = {name: difflib.get_close_matches(name, settings_only, n=1) for name in unknown}
     hints = [f"{name!r} (did you mean {match[0]!r}?)" if match else repr(name) for name, match in nearest.items()]
     message = f"CDBVQImageProcessor has no setting {', '.join(hints)}"

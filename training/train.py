@@ -225,9 +225,12 @@ def prepare_output_dir(args: argparse.Namespace, accelerator: Accelerator) -> No
         try:
             output_dir.mkdir(parents=True, exist_ok=True)
         except OSError as error:
-            raise ValueError(f"--output_dir {output_dir} cannot be created: {error.strerror or first_line(error)}.") from error
-        if not os.access(output_dir, os.W_OK):  # found now, not after the data and the k-means have been loaded
-            raise ValueError(f"--output_dir {output_dir} cannot be written to (a read-only file system, or no permission).")
+            reason = error.strerror or first_line(error)
+            raise ValueError(f"--output_dir {output_dir} cannot be created: {reason}.") from error
+        if not os.access(output_dir, os.W_OK | os.X_OK):  # found now, not after the data and the k-means are loaded
+            raise ValueError(
+                f"--output_dir {output_dir} cannot be written to (a read-only file system, or no permission)."
+            )
         return claim_output_dir(output_dir)
 
     refusal = decided_by_main_process(accelerator, claim)  # the main process's word (or error), on every process
@@ -564,10 +567,10 @@ def save_run_config(args: argparse.Namespace, accelerator: Accelerator, model: C
                     skipped_validation_images: int) -> dict:  # fmt: skip
     """Write training_config.json (the parsed flags, what the run decided, the model config; no secrets) from the
     main process; returns the run's configuration without the model config (for the trackers)."""
+    # A relative folder (`data/saved`) reads like a Hub id: the model card must not link it as one.
+    local = bool(args.dataset_name) and Path(args.dataset_name).expanduser().is_dir()
     run_config = {**vars(args), **launch_settings(args, accelerator), "max_train_steps": max_train_steps,
-                  "skipped_validation_images": skipped_validation_images,
-                  # A relative folder (`data/saved`) reads like a Hub id: the model card must not link it as one.
-                  "dataset_is_local": bool(args.dataset_name) and Path(args.dataset_name).expanduser().is_dir()}  # fmt: skip
+                  "skipped_validation_images": skipped_validation_images, "dataset_is_local": local}  # fmt: skip
     if accelerator.is_main_process:
         write_json(Path(args.output_dir) / "training_config.json", redact_secrets({**run_config, "model_config": model.config.to_dict()}))
     return run_config
@@ -717,7 +720,8 @@ class RunState:
         return {"step": self.step, "skipped_image_ids": sorted(self.skipped_ids), "nonfinite_steps": self.nonfinite_steps,
                 "nonfinite_in_a_row": self.nonfinite_in_a_row,
                 "ema_weights_decay": ema.decay if ema is not None else None,
-                "ema_weights_updates": ema.updates if ema is not None else None, "data_order": self.data_order, "schedule": self.schedule,
+                "ema_weights_updates": ema.updates if ema is not None else None, "data_order": self.data_order,
+                "schedule": self.schedule,
                 "objective": self.objective, "wall_time_seconds": round(self.wall_time_seconds(), 1)}  # fmt: skip
 
 
@@ -775,7 +779,8 @@ def refuse_another_objective(saved: dict | None, now: dict) -> None:
 
 def learning_rate_schedule(args: argparse.Namespace, max_train_steps: int) -> dict:
     """What lays out the schedule beside its peak (another --learning_rate is said by `keep_optimizer_settings`)."""
-    return {"lr_scheduler": args.lr_scheduler, "lr_warmup_steps": args.lr_warmup_steps, "max_train_steps": max_train_steps}
+    return {"lr_scheduler": args.lr_scheduler, "lr_warmup_steps": args.lr_warmup_steps,
+            "max_train_steps": max_train_steps}  # fmt: skip
 
 
 def warn_if_schedule_changed(saved: dict | None, now: dict, step: int, learning_rate: float) -> None:
@@ -972,7 +977,8 @@ def after_good_step(args, parts: TrainingParts, ema: EMAWeights | None, log: Run
     restarted = 0
     if args.dead_code_restart_steps and state.step % args.dead_code_restart_steps == 0:
         restarted = restart_dead_codes(model, output, args.seed + state.step, ema)
-    values = {f"loss/{name}": value for name, value in mean_over_processes(parts.accelerator, step_terms, state).items()}
+    means = mean_over_processes(parts.accelerator, step_terms, state)
+    values = {f"loss/{name}": value for name, value in means.items()}
     values.update({"train/utilization": float(output.utilization), "train/perplexity": float(output.perplexity),
                    "train/learning_rate": parts.scheduler.get_last_lr()[0], "train/skipped_images": len(state.skipped_ids),
                    "train/nonfinite_steps": state.nonfinite_steps, "codebook/restarted": restarted})  # fmt: skip

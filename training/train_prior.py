@@ -33,7 +33,12 @@ from accelerate.utils import DataLoaderConfiguration, set_seed
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from cdb_tokenizer.tools.checkpoints import CheckpointWriteError, load_custom_state, load_training_state, save_checkpoint
+from cdb_tokenizer.tools.checkpoints import (
+    CheckpointWriteError,
+    load_custom_state,
+    load_training_state,
+    save_checkpoint,
+)
 from cdb_tokenizer.tools.cli import codebook_fingerprint
 from cdb_tokenizer.tools.files import write_text
 from cdb_tokenizer.tools.messages import OneLineErrorParser, first_line, run_script
@@ -575,7 +580,8 @@ def main(args: argparse.Namespace) -> dict[str, float]:
                                                  f"(loss {loss.item():.4g})")  # fmt: skip
             progress.update(1)
             # Every process's last micro-batch, as validation counts every process's share.
-            logs = {"train/loss": accelerator.reduce(loss.detach(), "mean").item(), "train/learning_rate": lr_scheduler.get_last_lr()[0]}
+            mean_loss = accelerator.reduce(loss.detach(), "mean").item()
+            logs = {"train/loss": mean_loss, "train/learning_rate": lr_scheduler.get_last_lr()[0]}
             progress.set_postfix(loss=f"{logs['train/loss']:.3f}")
             accelerator.log(logs, step=global_step)
             # The last step too (as train.py): a run shorter than --checkpointing_steps can then be extended, and a

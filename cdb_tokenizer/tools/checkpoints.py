@@ -169,7 +169,9 @@ def write_failure(error: BaseException, folder: Path) -> str:
     return f"{reason}; {free / 2**20:.1f} MiB free on its disk"
 
 
-def _write_checkpoint(accelerator: Accelerator, folder: Path, step: int, tensors: dict | None, state: dict | None) -> None:
+def _write_checkpoint(
+    accelerator: Accelerator, folder: Path, step: int, tensors: dict | None, state: dict | None
+) -> None:
     """Write checkpoint-<step>.tmp, flush it, give it its manifest and rename it checkpoint-<step>."""
     final = folder / f"checkpoint-{step}"
     temporary = folder / f"checkpoint-{step}{TMP_SUFFIX}"
@@ -329,7 +331,8 @@ def reposition_schedules(schedules: list[tuple[str, torch.optim.Optimizer, objec
         if not isinstance(schedule, LambdaLR):  # every transformers schedule is one; another cannot be recomputed
             if moved:
                 logger.warning(f"Resuming the {name} schedule on {processes} processes instead of {saved_processes}: "
-                               f"{type(schedule).__name__} cannot be moved to the same step, it goes on from its count.")  # fmt: skip
+                               f"{type(schedule).__name__} cannot be moved to the same step, it goes on from its "
+                               f"count.")  # fmt: skip
             continue
         if moved:
             schedule.last_epoch = schedule.last_epoch // saved_processes * processes

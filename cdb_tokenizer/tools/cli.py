@@ -932,7 +932,8 @@ def restore_command(args: argparse.Namespace) -> None:
             for index, target in enumerate(targets[start : start + args.batch_size]):
                 processor.postprocess(restored[index : index + 1]).pixel_values[0].save(stage(target), format="PNG")
             progress.update(len(pixel_values))
-    shown = ", ".join(f"{height}x{width}" for height, width in sorted(sizes)[:3]) + (" and other sizes" if len(sizes) > 3 else "")
+    shown = ", ".join(f"{height}x{width}" for height, width in sorted(sizes)[:3])
+    shown += " and other sizes" if len(sizes) > 3 else ""
     print(f"restored {len(paths)} image(s) into {out} at {shown} pixels, as the model's image processor prepared them "
           f"(the model was trained to undo {trained_on})")
 
@@ -1145,10 +1146,10 @@ def eval_command(args: argparse.Namespace) -> None:
     if fid is not None:
         metrics["fid_feature_extractor"] = "random" if random_features else "inception-v3-compat"
     # What was measured, to report beside the numbers (evaluation.md: data and split, N, resize and crop).
+    size = processor_image_size(processor) or {"shortest_edge": getattr(processor.size, "shortest_edge", None)}
     metrics["setting"] = {"model": args.model, "data": args.data, "split": args.split, "max_images": args.max_images,
-                          "protocol": args.protocol,
-                          "size": processor_image_size(processor) or {"shortest_edge": getattr(processor.size, "shortest_edge", None)},
-                          "resize": bool(processor.do_resize), "center_crop": bool(processor.do_center_crop)}  # fmt: skip
+                          "protocol": args.protocol, "size": size, "resize": bool(processor.do_resize),
+                          "center_crop": bool(processor.do_center_crop)}  # fmt: skip
     rows = [
         ("PSNR (dB)", f"{metrics['psnr']:.2f}"),
         ("SSIM", f"{metrics['ssim']:.4f}"),
@@ -1216,7 +1217,8 @@ def inspect_command(args: argparse.Namespace) -> None:
             ["code", "usage", "role", "tied prototype", "tied label"],
             [
                 (code["code"], f"{code['usage']:.2%}", code["role"] or "-",
-                 "-" if code["tied_prototype"] is None else code["tied_prototype"], code["tied_label"] or "(no label)")  # fmt: skip
+                 "-" if code["tied_prototype"] is None else code["tied_prototype"],
+                 code["tied_label"] or "(no label)")  # fmt: skip
                 for code in summary["top_codes"]
             ],
         )

@@ -281,7 +281,8 @@ SAVED_DATASET_SHARDS_PER_PROCESS = 8
 def saved_to_disk(folder: Path) -> bool:
     """Whether `folder` was written by `Dataset.save_to_disk` or `DatasetDict.save_to_disk` (`load_dataset` refuses
     the first, and reads the second's Arrow files as a data set of its own making)."""
-    return (folder / "dataset_dict.json").is_file() or ((folder / "state.json").is_file() and (folder / "dataset_info.json").is_file())
+    a_dict = (folder / "dataset_dict.json").is_file()
+    return a_dict or ((folder / "state.json").is_file() and (folder / "dataset_info.json").is_file())
 
 
 def open_saved_dataset(folder: Path, split: str, streaming: bool):
@@ -292,7 +293,9 @@ def open_saved_dataset(folder: Path, split: str, streaming: bool):
     saved = datasets.load_from_disk(str(folder))
     splits = saved if isinstance(saved, datasets.DatasetDict) else {"train": saved}
     if split not in splits:
-        raise SplitNotFoundError(f"the data set saved in {str(folder)!r} has no split {split!r}; its splits are {list(splits)}.")
+        raise SplitNotFoundError(
+            f"the data set saved in {str(folder)!r} has no split {split!r}; its splits are {list(splits)}."
+        )
     if not streaming:
         return splits[split]
     # In shards, as a Hub stream is, and a multiple of the process count: else every process reads the whole set

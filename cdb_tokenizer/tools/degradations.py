@@ -289,4 +289,6 @@ APPLY = {
 }  # fmt: skip
 
 
-__all__ = ["DEGRADATIONS", "Degradation", "canonical_spec", "degrade", "degrades_nothing", "parse_degradations", "parse_spec"]
+__all__ = [
+    "DEGRADATIONS", "Degradation", "canonical_spec", "degrade", "degrades_nothing", "parse_degradations", "parse_spec"
+]

@@ -78,7 +78,8 @@ def refuse_fp16_without_a_gradient_scaler(accelerator: Accelerator) -> None:
     from accelerate.utils import DistributedType
 
     # DeepSpeed scales fp16 losses itself (and accelerate leaves its scaler unset there).
-    if accelerator.mixed_precision == "fp16" and accelerator.scaler is None and accelerator.distributed_type != DistributedType.DEEPSPEED:
+    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+    if accelerator.mixed_precision == "fp16" and accelerator.scaler is None and not deepspeed:
         raise ValueError(f"mixed precision fp16 (--mixed_precision or the accelerate config) needs a GPU: on this "
                          f"{accelerator.device.type} device accelerate has no gradient scaler and trains in float32; "
                          f"use bf16 or no.")  # fmt: skip
@@ -106,8 +107,9 @@ def make_accelerator(args, output_dir: Path, **kwargs) -> Accelerator:
 def launch_settings(args, accelerator: Accelerator) -> dict:
     """What the launcher or the accelerate config decided beside the flags, for training_config.json and the
     trackers: the precision used, the process count and the batch of one optimisation step over all processes."""
+    global_batch = args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
     return {"mixed_precision": accelerator.mixed_precision, "num_processes": accelerator.num_processes,
-            "global_batch_size": args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes}  # fmt: skip
+            "global_batch_size": global_batch}
 
 
 # The output folders this process trains into, each with its lock: held until the run ends (`output_dir_claims`) or

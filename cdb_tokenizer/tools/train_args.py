@@ -89,14 +89,17 @@ def _model_config_fields() -> dict[str, inspect.Parameter]:
     return {name: p for name, p in parameters.items() if name not in ("self", "kwargs") and name not in NOT_FLAGS}
 
 
+CODE_ROLES_EXAMPLE = """'{"structure": [0, 512], "texture": [512, 1024]}'"""
+
+
 def json_object(text: str) -> dict:
     """A flag's JSON object value (`--code_roles`)."""
     try:
         value = json.loads(text)
     except json.JSONDecodeError as error:
-        raise argparse.ArgumentTypeError(f"{text!r} is not valid JSON ({error.msg}); e.g. '{{\"structure\": [0, 512], \"texture\": [512, 1024]}}'") from None
+        raise argparse.ArgumentTypeError(f"{text!r} is not valid JSON ({error.msg}); e.g. {CODE_ROLES_EXAMPLE}") from None
     if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a JSON object; e.g. '{{\"structure\": [0, 512], \"texture\": [512, 1024]}}'")
+        raise argparse.ArgumentTypeError(f"{text!r} is not a JSON object; e.g. {CODE_ROLES_EXAMPLE}")
     return value
 
 
@@ -108,7 +111,9 @@ def _add_model_flags(parser: argparse.ArgumentParser) -> None:
         if name == "channel_multipliers":
             group.add_argument(f"--{name}", type=int, nargs="+", default=PRESET, help=help_text)
         elif name == "code_roles":
-            group.add_argument(f"--{name}", type=json_object, default=PRESET, help=help_text + ' JSON, e.g. \'{"structure": [0, 512], "texture": [512, 1024]}\'.')
+            group.add_argument(
+                f"--{name}", type=json_object, default=PRESET, help=f"{help_text} JSON, e.g. {CODE_ROLES_EXAMPLE}."
+            )
         elif parameter.annotation == "int | None":  # quantizer_format
             group.add_argument(f"--{name}", type=_optional_int, default=PRESET, help=help_text + " 'none' for None.")
         elif "None" in str(parameter.annotation) and (default is None or isinstance(default, float)):
