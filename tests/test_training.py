@@ -612,6 +612,22 @@ def test_a_data_set_saved_with_save_to_disk_trains_and_is_recorded_as_local(tmp_
     assert json.loads((output_dir / "metrics.json").read_text())["steps"] == 1
 
 
+def test_a_damaged_lpips_file_leaves_validation_lpips_out_with_a_warning(tmp_path, monkeypatch, caplog, fresh_accelerator_state):
+    # A file at the cache path that does not load as VGG's tensors ended the run ("'NoneType' object has no attribute
+    # 'to'"), as it ended `cdb-vq eval`: both now go through `cached_lpips`.
+    from cdb_tokenizer.tools.losses import lpips_backbone_file
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    path = Path(lpips_backbone_file("vgg")[0])
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"not a state dict" * 64)
+    args = parse_args(PLAIN_RUN + ["--output_dir", str(tmp_path / "run")])
+    from accelerate import Accelerator
+
+    assert train_script.load_lpips_modules(args, Accelerator(cpu=True)) == (None, None)
+    assert "Validating without LPIPS: cannot load the LPIPS vgg weights" in caplog.text
+
+
 def test_unknown_config_file_keys_are_rejected(tmp_path, capsys):
     config = tmp_path / "run.yaml"
     config.write_text("learning_rat: 0.01\n")

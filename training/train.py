@@ -79,7 +79,7 @@ from cdb_tokenizer.tools.evaluation import (
     save_usage_plot,
 )
 from cdb_tokenizer.tools.files import saved_weights, share_safetensors, write_text
-from cdb_tokenizer.tools.losses import LPIPSUnavailableError, PatchDiscriminator, TokenizerLoss, load_lpips, lpips_backbone_file
+from cdb_tokenizer.tools.losses import LPIPSUnavailableError, PatchDiscriminator, TokenizerLoss, cached_lpips, load_lpips
 from cdb_tokenizer.tools.messages import first_line, run_script
 from cdb_tokenizer.tools.redaction import public_value, redact_secrets
 from cdb_tokenizer.tools.roles import role_map_figure, save_role_map
@@ -306,9 +306,12 @@ def load_lpips_modules(args: argparse.Namespace, accelerator: Accelerator) -> tu
 
 def _optional_lpips(network: str, accelerator: Accelerator):
     """LPIPS for validation when its weights happen to be at hand (never downloads)."""
-    if not os.path.isfile(lpips_backbone_file(network)[0]):
+    try:
+        module = cached_lpips(network)
+    except LPIPSUnavailableError as error:  # a damaged file at the cache path: validation goes on without LPIPS
+        logger.warning(f"Validating without LPIPS: {error}")
         return None
-    return load_lpips(network, required=False).to(accelerator.device)
+    return module.to(accelerator.device) if module is not None else None
 
 
 def _validation_fid(args, accelerator: Accelerator):

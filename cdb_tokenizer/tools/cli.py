@@ -1062,18 +1062,16 @@ def _eval_fid(args: argparse.Namespace, device):
 
 def _eval_lpips(device):
     """LPIPS when its backbone weights are in the torch hub cache (never downloads), else None and one line."""
-    import os
+    from .losses import LPIPSUnavailableError, cached_lpips, lpips_backbone_file
 
-    from .losses import LPIPSUnavailableError, load_lpips, lpips_backbone_file
-
-    path, _ = lpips_backbone_file("vgg")
-    if not os.path.isfile(path):
-        print(f"LPIPS left out: its VGG weights are not in the torch hub cache ({path}).", file=sys.stderr)
-        return None
     try:
-        module = load_lpips("vgg", required=True)
+        module = cached_lpips("vgg")
     except LPIPSUnavailableError as error:  # a damaged or foreign file at the cache path
         print(f"LPIPS left out: {error}", file=sys.stderr)
+        return None
+    if module is None:
+        print(f"LPIPS left out: its VGG weights are not in the torch hub cache ({lpips_backbone_file('vgg')[0]}).",
+              file=sys.stderr)  # fmt: skip
         return None
     return module.to(device)
 

@@ -127,6 +127,15 @@ def lpips_backbone_file(network: str) -> tuple[str, str]:
     return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(urlparse(weights.url).path)), weights.url
 
 
+def cached_lpips(network: str = "vgg") -> nn.Module | None:
+    """LPIPS when its backbone weights are in the torch hub cache (never downloads), else `None`; a file there that
+    does not load as the backbone's tensors raises `LPIPSUnavailableError` naming it (callers that can go on without
+    LPIPS say so and do)."""
+    if not os.path.isfile(lpips_backbone_file(network)[0]):
+        return None
+    return load_lpips(network, required=True)
+
+
 def load_lpips(network: str = "vgg", required: bool = True) -> nn.Module | None:
     """A frozen LPIPS module (inputs in [-1, 1]), or an error / `None` when its backbone weights are missing.
 
@@ -377,6 +386,7 @@ __all__ = [
     "PatchDiscriminator",
     "TokenizerLoss",
     "adaptive_weight",
+    "cached_lpips",
     "compute_losses",
     "first_nonfinite",
     "hinge_discriminator_loss",
