@@ -848,12 +848,12 @@ def main(argv: list[str] | None = None) -> dict:
     commands = {case: train_command(args, case, data_dir, teacher_config, teacher_checkpoint, labels_file)
                 for case in args.cases}  # fmt: skip
     reused = {case: reusable(command) for case, command in commands.items()} if args.reuse_tokenizers else {}
-    for case, command_line in commands.items():
-        model_dir = Path(command_line[command_line.index("--output_dir") + 1])
+    for case, train_args in commands.items():  # not `command_line`: that is the function that wrote `command`
+        model_dir = Path(train_args[train_args.index("--output_dir") + 1])
         if not reused.get(case):
-            print(f"Training '{CASES[case].name}': {' '.join(command_line[1:])}")
+            print(f"Training '{CASES[case].name}': {' '.join(train_args[1:])}")
             model_dir.mkdir(parents=True, exist_ok=True)
-            run_training(command_line, model_dir / "train.log", args.num_threads)
+            run_training(train_args, model_dir / "train.log", args.num_threads)
         model = AutoModel.from_pretrained(model_dir).eval()
         results[case] = measure_tokenizer(model, test, probe_train, resolution=args.resolution)
         results[case]["train_seconds"] = json.loads((model_dir / "metrics.json").read_text())["wall_time_seconds"]
@@ -871,4 +871,5 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    run_script(main, DataUnavailableError, FileNotFoundError)  # missing data: one line (CDB_VQ_DEBUG=1 shows where)
+    # Missing or damaged data, bad flags: one line (CDB_VQ_DEBUG=1 shows where).
+    run_script(main, DataUnavailableError, FileNotFoundError, ValueError)

@@ -428,6 +428,7 @@ class CDBVQModel(CDBVQPreTrainedModel):
                 f"pixel_values must be a floating-point tensor in [-1, 1], got dtype {pixel_values.dtype}; "
                 f"prepare images with CDBVQImageProcessor (or the model's AutoImageProcessor)."
             )
+        self._check_device(pixel_values, "pixel_values")
         bounds = [*torch.aminmax(pixel_values.detach())]
         if self.quantizer.router is not None:  # in the same sync: a corrupt tie would index past the prototypes
             bounds += [*torch.aminmax(self.quantizer.code_to_prototype)]
@@ -478,6 +479,7 @@ class CDBVQModel(CDBVQPreTrainedModel):
             )
         if image_tokens.numel() == 0:
             raise ValueError(f"image_tokens is empty (shape {tuple(image_tokens.shape)}): there is nothing to decode.")
+        self._check_device(image_tokens, "image_tokens")
 
     def _check_token_range_and_codebook(self, image_tokens: torch.Tensor) -> None:
         """Token ids within the codebook, and a codebook without NaN/inf: one device sync for both (float64 holds
@@ -671,6 +673,7 @@ class CDBVQModel(CDBVQPreTrainedModel):
                 f"quantized latents must have shape (batch, codebook_dim={self.config.codebook_dim}, h, w), got "
                 f"{tuple(quantized.shape)}."
             )
+        self._check_device(quantized, "quantized")
         if not bool(torch.isfinite(quantized).all()):
             raise ValueError("quantized latents contain NaN or infinite values.")
         return self._decode_quantized(self._in_model_dtype(quantized))
@@ -841,11 +844,19 @@ class CDBVQModel(CDBVQPreTrainedModel):
             records.append(record)
         return records
 
+    def _check_device(self, tensor: torch.Tensor, name: str) -> None:
+        # With a device_map, accelerate's hooks move inputs to each part's device; otherwise torch would fail deep
+        # inside a layer ("Expected all tensors to be on the same device").
+        device = self.quant_conv.weight.device
+        if getattr(self, "hf_device_map", None) is None and device.type != "meta" and tensor.device != device:
+            raise ValueError(f"{name} is on {tensor.device} but the model is on {device}: move it with .to(model.device).")
+
     def _check_feature_grid(self, features: torch.Tensor, name: str, grid: tuple[int, int, int]) -> None:
         expected = (grid[0], self.config.semantic_dim, grid[1], grid[2])
         require_float_tensor(features, name, str(expected))
         if tuple(features.shape) != expected:
             raise ValueError(f"{name} must have shape {expected} (batch, semantic_dim, h, w), got {tuple(features.shape)}.")
+        self._check_device(features, name)
         if not bool(torch.isfinite(features).all()):
             raise ValueError(f"{name} contains NaN or infinite values.")
 

@@ -379,6 +379,22 @@ def test_bad_feature_shapes(model, photo_batch):
         model.encode(photo_batch, semantic_features=np.zeros((4, 32, 8, 8), dtype=np.float32))
 
 
+def test_inputs_on_another_device_than_the_model_are_named(model, photo_batch):
+    # Features on another device failed deep in the router (torch.cat) or in torch.Tensor.item(); "meta" stands in
+    # for a GPU here: the check compares devices, whichever they are.
+    meta = {"device": "meta"}
+    with pytest.raises(ValueError, match=r"pixel_values is on meta but the model is on cpu: move it"):
+        model.encode(photo_batch.to(**meta))
+    with pytest.raises(ValueError, match=r"semantic_features is on meta but the model is on cpu"):
+        model.encode(photo_batch, semantic_features=torch.zeros(4, 32, 8, 8, **meta))
+    with pytest.raises(ValueError, match=r"teacher_features is on meta but the model is on cpu"):
+        model(photo_batch, teacher_features=torch.zeros(4, 32, 8, 8, **meta))
+    with pytest.raises(ValueError, match=r"image_tokens is on meta but the model is on cpu"):
+        model.decode(torch.zeros(1, 8, 8, dtype=torch.long, **meta))
+    with pytest.raises(ValueError, match=r"quantized is on meta but the model is on cpu"):
+        model.decode_latents(torch.zeros(1, 8, 8, 8, **meta))
+
+
 def test_set_prototypes_checks_everything_before_writing_anything():
     model = tiny_model()
     prototypes = torch.randn(8, 32)

@@ -432,6 +432,8 @@ def test_private_strings_are_scrubbed_whole_not_out_of_other_words(training_outp
 
 def test_clip_teacher_hub_id():
     assert clip_teacher_hub_id("ViT-B-32", "laion2b_s34b_b79k") == "laion/CLIP-ViT-B-32-laion2B-s34B-b79K"
+    # The teacher's loader reads "ViT-B/16" as "ViT-B-16": so does the card's link.
+    assert clip_teacher_hub_id("ViT-B/32", "laion2b_s34b_b79k") == "laion/CLIP-ViT-B-32-laion2B-s34B-b79K"
     assert clip_teacher_hub_id("hf-hub:someone/clip-model", None) == "someone/clip-model"
     assert clip_teacher_hub_id("ViT-B-16", "no-such-tag") is None
     assert clip_teacher_hub_id(None, None) is None
@@ -560,3 +562,29 @@ def test_the_restoration_section_says_when_the_model_does_not_restore(tmp_path, 
     assert ("this model does not yet restore" in section) == (not restores)
     if restoration_psnr == 18.99:
         assert "the restored output is 18.99 dB PSNR, below the degraded input's 24.74 dB" in section
+
+
+def test_the_card_says_when_the_teacher_was_random_and_where_unlabelled_prototypes_came_from(training_output, tmp_path):
+    # A teacher with --clip_pretrained none was shown as plain "open_clip `tiny_clip.json`", and prototypes without
+    # labels were always "k-means centres of CLIP image features", also when they came from a file.
+    import shutil
+
+    from cdb_tokenizer import CDBVQModel
+
+    run = tmp_path / "run"
+    shutil.copytree(training_output, run)
+    training_config = json.loads((run / "training_config.json").read_text())
+    training_config.update(clip_model="tiny_clip.json", clip_pretrained=None, prototypes="given.safetensors")
+    (run / "training_config.json").write_text(json.dumps(training_config))
+    model = CDBVQModel.from_pretrained(run)
+    model.set_prototypes(model.quantizer.prototypes.clone(), None)  # vectors without labels
+    model.save_pretrained(run)
+
+    text = ModelCard.load(stage_folder(run, tmp_path / "repo", HUB_ID) / "README.md").text
+    assert "open_clip `tiny_clip.json` with random weights" in text
+    assert "vectors given in a file" in text and "k-means centres" not in text
+
+    training_config.update(clip_pretrained="tiny.pt", prototypes="kmeans:8")
+    (run / "training_config.json").write_text(json.dumps(training_config))
+    text = ModelCard.load(stage_folder(run, tmp_path / "repo2", HUB_ID) / "README.md").text
+    assert "random weights" not in text and "k-means centres of CLIP image features" in text

@@ -278,3 +278,42 @@ def test_the_prototype_cache_key_follows_what_the_prototypes_are_built_from(tmp_
     assert prototype_key(text, **base) != prototype_key(text, **{**base, "template": "{}"})
     for change in ({"data": "other/ 256 8 None 1"}, {"seed": 1}, {"kmeans_batches": 8}, {"teacher_name": "ViT-B-32 openai"}):
         assert prototype_key("kmeans:16", **base) != prototype_key("kmeans:16", **{**base, **change}), change
+
+
+def test_files_that_are_not_what_the_flags_ask_for_are_named_mistakes(tiny_teacher, tmp_path):
+    # A transformers config.json as --clip_model gave CLIP.__init__'s TypeError traceback; a text file gave only
+    # "Expecting value: line 1 column 1"; a labels file as --clip_pretrained was "unavailable" and the run trained on
+    # without the teacher, with a torch message in terminal colour codes.
+    transformers_config = tmp_path / "config.json"
+    transformers_config.write_text(json.dumps({"architectures": ["CDBVQModel"], "model_type": "cdb_vq"}))
+    with pytest.raises(ValueError, match=r"config.json.*not an open_clip model config \(.*architectures"):
+        load_clip_teacher(str(transformers_config), None)
+    text = tmp_path / "labels.json"
+    text.write_text("cat\ndog\n")
+    with pytest.raises(ValueError, match=r"labels.json' is not JSON"):
+        load_clip_teacher(str(text), None)
+    config = save_clip_config(tmp_path / "tiny_clip.json")
+    with pytest.raises(ValueError, match=r"labels.json is not a checkpoint"):
+        load_clip_teacher(str(config), str(text))
+
+
+def test_the_teacher_knows_its_weights_by_content_not_by_file_name(tiny_teacher, tmp_path):
+    # A resume compared teachers by name, which gives local files by their base name: another epoch_5.pt passed.
+    config = save_clip_config(tmp_path / "tiny_clip.json")
+    first, second = tmp_path / "a" / "tiny.pt", tmp_path / "b" / "tiny.pt"
+    for path, seed in ((first, 0), (second, 1)):
+        path.parent.mkdir()
+        torch.manual_seed(seed)
+        torch.save(build_clip_model(TINY_CLIP_CONFIG).state_dict(), path)
+    teachers = [load_clip_teacher(str(config), str(path)) for path in (first, second, first)]
+    assert teachers[0].name == teachers[1].name
+    assert teachers[0].weights_digest == teachers[2].weights_digest != teachers[1].weights_digest
+    assert load_clip_teacher(str(config), None).weights_digest is None
+
+
+def test_kmeans_refuses_more_prototypes_than_features(tiny_teacher):
+    # 5,000 centres from 128 features were built without a word: thousands of jittered copies, tied arbitrarily.
+    batches = [torch.rand(2, 3, 32, 32) * 2 - 1]
+    with pytest.raises(ValueError, match=r"kmeans:200 asks for more prototypes than the 128 teacher patch features "
+                                         r"of 1 batch; .*--prototype_kmeans_batches"):  # fmt: skip
+        kmeans_prototypes(tiny_teacher, batches, num_prototypes=200, seed=0)

@@ -810,6 +810,35 @@ def test_a_resume_without_the_teacher_it_was_trained_with_is_refused_by_name(tmp
         main(run + ["--max_train_steps", "3", "--resume_from_checkpoint", "latest"])  # PLAIN_RUN: --clip_model none
 
 
+def test_a_resume_keeps_its_teacher_weights_and_the_published_prototypes_file_with_the_model(tmp_path):
+    # A resume compared teachers by name (base names for files): another tiny.pt passed, distilling one teacher into
+    # a model whose prototypes came from another. And a resume may rebuild the prototypes file from other data
+    # (kmeans:N over other batches), which then differed from the model's prototypes, and was what got published.
+    from cdb_tokenizer.tools.teacher import TINY_CLIP_CONFIG, build_clip_model, load_prototypes
+
+    clip_config = save_clip_config(tmp_path / "tiny_clip.json")
+    checkpoints = [tmp_path / name / "tiny.pt" for name in ("a", "b")]
+    for seed, path in enumerate(checkpoints):
+        path.parent.mkdir()
+        torch.manual_seed(seed)
+        torch.save(build_clip_model(TINY_CLIP_CONFIG).state_dict(), path)
+    output_dir = tmp_path / "run"
+    run = PLAIN_RUN + ["--checkpointing_steps", "1", "--output_dir", str(output_dir), "--clip_model", str(clip_config),
+                       "--prototypes", "kmeans:4"]  # fmt: skip
+    main(run + ["--max_train_steps", "1", "--clip_pretrained", str(checkpoints[0]), "--prototype_kmeans_batches", "1"])
+    with pytest.raises(ValueError, match=r"other settings \(teacher_weights '\w+' -> '\w+'\)"):
+        main(run + ["--max_train_steps", "2", "--clip_pretrained", str(checkpoints[1]), "--prototype_kmeans_batches",
+                    "1", "--resume_from_checkpoint", "latest"])  # fmt: skip
+
+    main(run + ["--max_train_steps", "2", "--clip_pretrained", str(checkpoints[0]), "--prototype_kmeans_batches", "2",
+                "--resume_from_checkpoint", "latest"])  # fmt: skip
+    model = train_script.CDBVQModel.from_pretrained(output_dir)
+    assert torch.equal(load_prototypes(output_dir / "prototypes.safetensors")[0], model.quantizer.prototypes)
+    # What the teacher and the prototypes decided, not the flags' --semantic_dim 32 / --num_prototypes 8.
+    recorded = json.loads((output_dir / "training_config.json").read_text())
+    assert (recorded["num_prototypes"], recorded["model_config_dict"]["num_prototypes"]) == (4, 4)
+
+
 def test_a_resume_with_edited_prototype_labels_is_refused(tmp_path):
     # The resume restored the checkpoint's prototype embeddings but took the labels from the edited file: each label
     # then named another label's embedding, in the saved config and the model card.

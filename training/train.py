@@ -131,7 +131,8 @@ class OutputDirInUse(ValueError):
 # What marks an output folder as holding a run, and what --overwrite_output_dir deletes (nothing else that lies
 # there: config.json and the remote-code files are replaced by save_pretrained at the end of the new run).
 RUN_MARKERS = ("checkpoints", "training_config.json", "metrics.json", "model.safetensors")
-RUN_FILES = RUN_MARKERS + ("reconstructions.png", "codebook_usage.png", "prototypes.safetensors", "role_map.png")
+PROTOTYPES_FILE = "prototypes.safetensors"  # the built prototypes, cached for resumes and published with the model
+RUN_FILES = RUN_MARKERS + ("reconstructions.png", "codebook_usage.png", PROTOTYPES_FILE, "role_map.png")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -485,11 +486,7 @@ def build_prototypes(args: argparse.Namespace, teacher, train_loader, sampler, a
     kind, _, value = args.prototypes.partition(":")
     if kind not in ("text", "kmeans"):
         return load_prototypes(args.prototypes)
-    cache = Path(args.output_dir) / "prototypes.safetensors"
-    data = (f"{args.train_data_dir or args.dataset_name} {args.resolution} {args.train_batch_size} "
-            f"{args.max_train_samples} {accelerator.num_processes}")  # what k-means clusters  # fmt: skip
-    key = prototype_key(args.prototypes, args.prototype_template, f"{args.clip_model} {args.clip_pretrained}",
-                        args.seed, args.prototype_kmeans_batches, data)  # fmt: skip
+    cache, key = Path(args.output_dir) / PROTOTYPES_FILE, prototype_cache_key(args, accelerator)
     # Only a cache of the same labels, template, teacher (and k-means settings and data): one left by a run with
     # others, e.g. one that stopped before writing anything else, used to be taken as it was. The main process
     # decides for all (a read error on one process alone would send it down the other branch: mismatched barriers).
@@ -512,6 +509,30 @@ def build_prototypes(args: argparse.Namespace, teacher, train_loader, sampler, a
         logger.info(f"Built {prototypes.shape[0]} prototypes ({args.prototypes}) and saved them to {cache}.")
     accelerator.wait_for_everyone()
     return load_prototypes(cache)  # every process reads the same file, so every process has the same prototypes
+
+
+def prototype_cache_key(args: argparse.Namespace, accelerator: Accelerator) -> str:
+    """Everything the built prototypes depend on (see `prototype_key`)."""
+    data = (f"{args.train_data_dir or args.dataset_name} {args.resolution} {args.train_batch_size} "
+            f"{args.max_train_samples} {accelerator.num_processes}")  # what k-means clusters  # fmt: skip
+    return prototype_key(args.prototypes, args.prototype_template, f"{args.clip_model} {args.clip_pretrained}",
+                         args.seed, args.prototype_kmeans_batches, data)  # fmt: skip
+
+
+def keep_prototype_file_with_the_model(args: argparse.Namespace, accelerator: Accelerator, model: CDBVQModel) -> None:
+    """After a resume, the output folder's prototypes file (which is published) holds the checkpoint's prototypes:
+    a resume may rebuild it from other data (`kmeans:N` over other batches), while the model keeps the prototypes
+    it was trained with."""
+    cache = Path(args.output_dir) / PROTOTYPES_FILE
+    quantizer = model.quantizer
+    if not accelerator.is_main_process or not quantizer.has_prototypes or not cache.is_file():
+        return
+    prototypes = quantizer.prototypes.detach().float().cpu()
+    cached, _ = load_prototypes(cache)
+    if cached.shape != prototypes.shape or not torch.equal(cached, prototypes):
+        save_prototypes(cache, prototypes, model.config.prototype_labels, source=args.prototypes,
+                        key=prototype_cache_key(args, accelerator))  # fmt: skip
+        logger.info(f"Rewrote {cache} with the prototypes of the checkpoint (the model's own).")
 
 
 def build_model(args: argparse.Namespace, teacher, prototypes: torch.Tensor | None, labels) -> CDBVQModel:
@@ -572,7 +593,10 @@ def save_run_config(args: argparse.Namespace, accelerator: Accelerator, model: C
     main process; returns the run's configuration without the model config (for the trackers)."""
     # A relative folder (`data/saved`) reads like a Hub id: the model card must not link it as one.
     local = bool(args.dataset_name) and Path(args.dataset_name).expanduser().is_dir()
-    run_config = {**vars(args), **launch_settings(args, accelerator), "max_train_steps": max_train_steps,
+    # The teacher and the prototypes decide these two (see `build_model`): record the model's, not the flags'.
+    decided = {name: getattr(model.config, name) for name in ("semantic_dim", "num_prototypes")}
+    run_config = {**vars(args), **decided, "model_config_dict": {**args.model_config_dict, **decided},
+                  **launch_settings(args, accelerator), "max_train_steps": max_train_steps,
                   "skipped_validation_images": skipped_validation_images, "dataset_is_local": local}  # fmt: skip
     if accelerator.is_main_process:
         write_json(Path(args.output_dir) / "training_config.json", redact_secrets({**run_config, "model_config": model.config.to_dict()}))
@@ -744,6 +768,8 @@ def training_objective(args: argparse.Namespace, teacher) -> dict:
     edited labels would name other embeddings). Loss weights may change on resume, as learning rates may."""
     return {"restoration_degradation": args.model_config_dict.get("restoration_degradation"),
             "teacher": teacher.name if teacher is not None else None,
+            # The name gives local files by their base name: their content tells two `epoch_5.pt` apart.
+            "teacher_weights": getattr(teacher, "weights_digest", None),
             "prototypes": _prototypes_identity(args) if teacher is not None else None}  # fmt: skip
 
 
@@ -848,6 +874,7 @@ def resume_or_initialize(args: argparse.Namespace, parts: TrainingParts, ema: EM
             ema.load_tensors(tensors, saved, source=args.resume_from_checkpoint)
         warn_if_data_order_changed(saved.get("data_order"), order)
         warn_if_schedule_changed(saved.get("schedule"), schedule, step, parts.scheduler.get_last_lr()[0])
+        keep_prototype_file_with_the_model(args, parts.accelerator, parts.unwrapped)
         if step < max_train_steps:  # a run that trains past an earlier checkpoint abandons the later ones
             set_aside_later_checkpoints(parts.accelerator, args.output_dir, step)
     else:

@@ -201,6 +201,7 @@ def clip_teacher_hub_id(clip_model: str | None, clip_pretrained: str | None) -> 
         import open_clip
     except ImportError:
         return None
+    clip_model = str(clip_model).replace("/", "-")  # "ViT-B/16", as the teacher's loader reads it
     hub_id = (open_clip.get_pretrained_cfg(clip_model, clip_pretrained) or {}).get("hf_hub", "")
     return hub_id.strip("/") or None
 
@@ -437,7 +438,14 @@ def render_model_card(
         figures=figures or {},
         teacher_model=public_config.get("clip_model") if teacher_ran else None,
         teacher_pretrained=public_config.get("clip_pretrained"),
+        # No checkpoint and no hf-hub: repo (which brings its weights): the teacher distilled was random.
+        teacher_random=not training_config.get("clip_pretrained")
+        and not str(training_config.get("clip_model")).startswith("hf-hub:"),
         teacher_hub_id=teacher_hub_id,
+        prototype_origin=(
+            "k-means centres of CLIP image features" if str(training_config.get("prototypes")).startswith("kmeans:")
+            else "vectors given in a file"
+        ),
         training=_training_summary(training_config, metrics),
         training_rows=[
             (key, _format_value(value) + (" (unavailable, so not used)" if key in unused else ""))

@@ -86,6 +86,7 @@ class CLIPTeacher(nn.Module):
         self.model = model.eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self.name = name
+        self.weights_digest: str | None = None  # the checkpoint's content digest, set by `load_clip_teacher`
         self.interpolation = "bilinear" if interpolation == "bilinear" else "bicubic"  # open_clip's "random": bicubic
         self.register_buffer("mean", torch.tensor(mean or OPENAI_DATASET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std or OPENAI_DATASET_STD).view(1, 3, 1, 1), persistent=False)
@@ -190,7 +191,10 @@ def build_clip_model(config: dict) -> nn.Module:
     custom_text = config.pop("custom_text", False) or "hf_model_name" in config.get("text_cfg", {})
     config.pop("multimodal_cfg", None)
     model_class = open_clip.CustomTextCLIP if custom_text else open_clip.CLIP
-    return model_class(**config)
+    try:
+        return model_class(**config)
+    except TypeError as error:  # e.g. a transformers config.json given for an open_clip one
+        raise ValueError(f"not an open_clip model config ({first_line(error)}).") from None
 
 
 def save_clip_config(path: str | Path, config: dict | None = None) -> Path:
@@ -235,6 +239,8 @@ def load_clip_teacher(
         config = {**config, "text_cfg": {**config["text_cfg"], "hf_model_pretrained": False}}
     try:
         model, tokenizer = build_clip_model(config), _make_tokenizer(config)
+    except ValueError as error:
+        raise ValueError(f"CLIP model config {model_name}: {error}") from None
     except OSError as error:  # a Hugging Face text tower or tokenizer neither cached nor downloadable
         logger.warning("CLIP teacher unavailable, going on without it: %s: %s", description, first_line(error))
         return None
@@ -248,12 +254,15 @@ def load_clip_teacher(
             logger.warning("CLIP teacher unavailable, going on without it: %s is a TorchScript archive (it carries "
                            "code, which cdb-vq never runs).", checkpoint)  # fmt: skip
             return None
+        if not _looks_like_a_checkpoint(checkpoint):  # a mistake (a labels file, a config), not a missing teacher
+            raise ValueError(f"the CLIP checkpoint {checkpoint} is not a checkpoint: neither safetensors nor a file "
+                             f"of torch.save.")  # fmt: skip
         try:
             open_clip.load_checkpoint(model, checkpoint, weights_only=True)  # tensors only: never runs code
         except Exception as error:
             if type(error).__name__ == "UnpicklingError":  # the file holds more than tensors: never unpickled
-                logger.warning("CLIP teacher unavailable, going on without it: %s holds more than tensors, and is "
-                               "never unpickled: %s", checkpoint, first_line(error))  # fmt: skip
+                logger.warning("CLIP teacher unavailable, going on without it: %s holds more than tensors (torch "
+                               "refused it with weights_only=True), and is never unpickled.", checkpoint)  # fmt: skip
                 return None
             # Weights that do not fit the model config are a mistake, not a missing teacher: say what does not fit.
             detail = "; ".join(line.strip() for line in str(error).splitlines() if line.strip())
@@ -262,6 +271,8 @@ def load_clip_teacher(
         logger.info("CLIP teacher %s: no pretrained weights given, the weights are random.", description)
     teacher = CLIPTeacher(model, tokenizer, mean=preprocess.get("mean"), std=preprocess.get("std"), name=description,
                           interpolation=preprocess.get("interpolation", "bicubic"))  # fmt: skip
+    # Which weights, not only which file name: a resume must not go on with another checkpoint of the same name.
+    teacher.weights_digest = _file_digest(checkpoint) if checkpoint is not None else None
     return teacher.to(device) if device is not None else teacher
 
 
@@ -298,7 +309,12 @@ def _resolve(model_name: str, pretrained: str | None, cache_dir: str | None) -> 
         path = Path(model_name).expanduser()
         if not path.is_file():
             raise ValueError(f"CLIP model config file {model_name!r} does not exist.")
-        full_config = json.loads(path.read_text())
+        try:
+            full_config = json.loads(path.read_text())
+        except (UnicodeDecodeError, ValueError) as error:
+            raise ValueError(f"CLIP model config file {model_name!r} is not JSON ({first_line(error)}).") from None
+        if not isinstance(full_config, dict):
+            raise ValueError(f"CLIP model config file {model_name!r} does not hold an open_clip model config.")
         config, preprocess = full_config.get("model_cfg", full_config), full_config.get("preprocess_cfg", {})
     else:
         model_name = model_name.replace("/", "-")  # open_clip accepts "ViT-B/16" for "ViT-B-16"
@@ -366,6 +382,23 @@ def _tag_checkpoint(model_name: str, tag: str, tag_config: dict, cache_dir: str 
     from open_clip.pretrained import download_pretrained_from_url
 
     return download_pretrained_from_url(url, cache_dir=str(target.parent))
+
+
+def _looks_like_a_checkpoint(path: str | Path) -> bool:
+    """Whether `path` starts as a checkpoint does: a zip (torch.save), a pickle's protocol mark (an old torch.save)
+    or a safetensors header (its little-endian length, then `{`)."""
+    with open(path, "rb") as handle:
+        head = handle.read(9)
+    return head.startswith((b"PK\x03\x04", b"\x80")) or (len(head) == 9 and head[8:9] == b"{")
+
+
+def _file_digest(path: str | Path) -> str:
+    """The first 12 hex digits of a file's SHA-256 (read in 1 MiB blocks: teacher checkpoints are ~0.3-1.7 GB)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:12]
 
 
 def _is_torchscript(path: str | Path) -> bool:
@@ -458,7 +491,11 @@ def kmeans_prototypes(
         samples.append(F.normalize(flatten_grid(features), dim=-1).cpu())
     if not samples:
         raise ValueError("kmeans_prototypes got no images.")
-    samples = torch.cat(samples)
+    num_batches, samples = len(samples), torch.cat(samples)
+    if num_prototypes > samples.shape[0]:  # k-means would fill the rest with jittered copies: arbitrary prototypes
+        raise ValueError(f"kmeans:{num_prototypes} asks for more prototypes than the {samples.shape[0]} teacher "
+                         f"patch features of {num_batches} {'batch' if num_batches == 1 else 'batches'}; ask for fewer, or raise "
+                         f"--prototype_kmeans_batches.")  # fmt: skip
     centres = kmeans(samples, num_prototypes, iterations, seed, max_entries)
     return F.normalize(centres, dim=-1)
 
