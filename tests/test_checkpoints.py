@@ -472,6 +472,23 @@ def test_a_resume_of_another_shape_or_a_tampered_state_is_one_line_naming_it(str
         main(RUN + ["--output_dir", str(output_dir), "--max_train_steps", "6", "--resume_from_checkpoint", "latest"])
 
 
+@pytest.mark.parametrize("step", [-3, 2, 10**12, "4", True])
+def test_a_manifest_whose_step_is_not_its_folders_is_refused(straight, tmp_path, step):
+    # The manifest's step was trusted: at -3 or 2 the run resumed there with step-4 weights and set aside the very
+    # checkpoint it resumed from as abandoned; at 10**12 it had "nothing left to train" and recorded that step.
+    import shutil
+
+    output_dir = tmp_path / "run"
+    shutil.copytree(straight, output_dir)
+    manifest = output_dir / "checkpoints" / "checkpoint-4" / MANIFEST
+    manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "step": step}))
+    with pytest.raises(CheckpointError, match=r"the manifest of .*checkpoint-4 is damaged: its step .* is not the folder's 4"):
+        main(RUN + ["--output_dir", str(output_dir), "--max_train_steps", "6", "--resume_from_checkpoint", "latest"])
+    assert sorted(path.name for path in (output_dir / "checkpoints").iterdir()) == sorted(
+        path.name for path in (straight / "checkpoints").iterdir()
+    )
+
+
 def test_a_rotation_cut_short_leaves_no_broken_checkpoint(tmp_path, monkeypatch, fresh_accelerator_state):
     from accelerate import Accelerator
 

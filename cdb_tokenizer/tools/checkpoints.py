@@ -233,8 +233,19 @@ def set_aside_later_checkpoints(accelerator: Accelerator, output_dir: str | Path
 
 
 def checkpoint_step(path: str | Path) -> int:
-    """The step a complete checkpoint was taken at (from its manifest)."""
-    return int(json.loads((Path(path) / MANIFEST).read_text(encoding="utf-8"))["step"])
+    """The step a complete checkpoint was taken at: its manifest's, which must agree with its folder's name
+    (`checkpoint-<step>`); a manifest's step of -3 or 10**12 was trusted, and set aside the checkpoint resumed from."""
+    path = Path(path)
+    try:
+        step = json.loads((path / MANIFEST).read_text(encoding="utf-8")).get("step")
+    except (OSError, ValueError, AttributeError) as error:
+        raise CheckpointError(f"the manifest of {path} is unreadable ({first_line(error)}); resume from another checkpoint.") from None
+    named = _step_of(path)
+    if type(step) is not int or step < 0 or named is not None and step != named:
+        raise CheckpointError(f"the manifest of {path} is damaged: its step {step!r} is not the folder's "
+                              f"{named if named is not None else 'non-negative whole number'}; resume from another "
+                              f"checkpoint.")  # fmt: skip
+    return step
 
 
 def load_custom_state(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
@@ -397,6 +408,7 @@ def load_training_state(
     `set_aside_later_checkpoints` once it has accepted the resume); a damaged checkpoint, or one of another
     configuration, is a one-line `CheckpointError`. `schedules`: (name, optimiser, accelerate-prepared scheduler)."""
     refuse_pickled_states(accelerator)
+    step = checkpoint_step(path)  # a damaged manifest before any state is loaded
     random_states = Path(path) / f"random_states_{accelerator.process_index}.pkl"
     if random_states.exists():
         _check_random_states(random_states)
@@ -415,7 +427,6 @@ def load_training_state(
     keep_optimizer_settings(schedules, settings)
     saved_processes = decided_by_main_process(accelerator, lambda: saved_process_count(path))
     reposition_schedules(schedules, saved_processes, accelerator.num_processes)
-    step = checkpoint_step(path)
     if set_aside and step < max_train_steps:  # later checkpoints are abandoned only by a run that trains past this one
         set_aside_later_checkpoints(accelerator, output_dir, step)
     return step
