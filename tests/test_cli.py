@@ -146,6 +146,19 @@ def test_console_script_and_dtype(files, tmp_path):
     assert Image.open(tmp_path / "out" / "astronaut.png").size == (32, 32)
 
 
+def test_a_reader_that_closes_early_ends_the_command_quietly(files, tmp_path):
+    # `cdb-vq encode ... | true`: the files were written, then the last print met the closed pipe, which was
+    # "error: [Errno 32] Broken pipe" and exit status 1.
+    tokens_file = tmp_path / "tokens.safetensors"
+    command = [sys.executable, "-m", "cdb_tokenizer.cli", "encode", _photos(files)[0], "--model", str(files["model"]),
+               "--out", str(tokens_file)]  # fmt: skip
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process.stdout.close()  # the reader is gone before anything is printed
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 141 and "error" not in stderr and "Traceback" not in stderr, stderr[-2000:]
+    assert tokens_file.is_file()
+
+
 def test_eval_prints_table_and_json_and_skips_unreadable_images(files, tmp_path, capsys):
     data = tmp_path / "data"
     shutil.copytree(files["root"] / "photos", data)
@@ -376,7 +389,9 @@ def test_unknown_hub_model_fails_fast_offline(monkeypatch, capsys):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert main(["inspect", "--model", "cdb-org/no-such-model"]) == 1
     error = capsys.readouterr().err.strip().splitlines()[-1]
-    assert error.startswith("cdb-vq inspect: error: could not load model 'cdb-org/no-such-model'")
+    # Not huggingface_hub's "Please check your connection": the user turned the network off on purpose.
+    assert error == ("cdb-vq inspect: error: could not load model 'cdb-org/no-such-model': it is not in the Hugging "
+                     "Face cache, and HF_HUB_OFFLINE is set.")  # fmt: skip
 
 
 def test_an_unreachable_hub_is_one_line(monkeypatch, tmp_path, capsys):

@@ -39,6 +39,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from . import files
+from .downloads import hub_offline
 from .loading import is_local_path, locate, processor_image_size
 from .messages import TRAIN_EXTRAS, OneLineErrorParser, counted, first_line
 
@@ -254,6 +255,9 @@ def _read_model_config(name: str, model_id: str, revision: str | None = None) ->
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise CLIError(f"--model {name}: config.json is not valid JSON ({first_line(error)}).") from None
     except Exception as error:  # noqa: BLE001 - Hub errors (not found, offline, gated) have no common base class
+        if hub_offline():  # huggingface_hub's text asks to check the connection, which the user turned off on purpose
+            raise CLIError(f"could not load model {name!r}: it is not in the Hugging Face cache, and HF_HUB_OFFLINE is "
+                           f"set.") from None  # fmt: skip
         raise CLIError(f"could not load model {name!r}: {first_line(error)}") from None
     if not isinstance(config, dict):
         raise CLIError(f"--model {name}: config.json does not hold a JSON object.")
@@ -934,7 +938,7 @@ def restore_command(args: argparse.Namespace) -> None:
             progress.update(len(pixel_values))
     shown = ", ".join(f"{height}x{width}" for height, width in sorted(sizes)[:3])
     shown += " and other sizes" if len(sizes) > 3 else ""
-    print(f"restored {len(paths)} image(s) into {out} at {shown} pixels, as the model's image processor prepared them "
+    print(f"restored {counted(len(paths), 'image')} into {out} at {shown} pixels, as the model's image processor prepared them "
           f"(the model was trained to undo {trained_on})")
 
 
@@ -1541,6 +1545,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         remove_created_folders()
         print(f"cdb-vq {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # a reader that closed early (`| head`): stop quietly, as a command killed by SIGPIPE
+        # Files are written whole (see files.py), so none is left half-written; the exit flush must not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for such a command
     except Exception as error:  # noqa: BLE001 - every failure is one line; --debug shows the traceback
         remove_created_folders()  # a refused command leaves no empty output folders behind
         if args.debug:
