@@ -1330,3 +1330,205 @@ def test_a_hub_priors_default_output_is_in_the_working_directory(tmp_path, monke
     monkeypatch.setenv("HOME", str(tmp_path))  # a prior named from the home folder: its grid goes there, not to ./~/
     output = sample_prior.check_output(argparse.Namespace(prior="~/local_prior", output=None, overwrite=False))
     assert output == tmp_path / "local_prior" / "samples.png" and not (tmp_path / "~").exists()
+
+
+# ---------------------------------------------------------------------------------------------------- review round 2
+@pytest.mark.parametrize(
+    "flag, inside, message",
+    [
+        ("--tokenizer", ".", "is --tokenizer"),  # with --overwrite_output_dir it deleted the tokenizer it trained on
+        ("--tokenizer", "sub", "lies inside --tokenizer"),
+        ("--tokens_dir", ".", "is --tokens_dir"),  # the prior was written among the data set's arrow files
+        ("--tokens_dir", "..", "contains --tokens_dir"),
+    ],
+)
+def test_train_prior_refuses_an_output_dir_that_overlaps_its_inputs(flag, inside, message, tmp_path, capsys):
+    (tmp_path / "a" / "tok").mkdir(parents=True)
+    token_set(8).save_to_disk(tmp_path / "b" / "tokens")
+    inputs = {"--tokenizer": tmp_path / "a" / "tok", "--tokens_dir": tmp_path / "b" / "tokens"}
+    output = os.path.normpath(inputs[flag] / inside)
+    argv = prior_argv(inputs["--tokens_dir"], Path(output), "--tokenizer", str(inputs["--tokenizer"]),
+                      "--overwrite_output_dir")  # fmt: skip
+    capsys.readouterr()  # save_to_disk's bar
+    with pytest.raises(SystemExit):
+        load_script("train_prior").parse_args(argv)
+    error = capsys.readouterr().err.strip()
+    assert "\n" not in error and f"--output_dir {output} {message}" in error and "pick another --output_dir" in error
+    assert (tmp_path / "b" / "tokens" / "state.json").is_file()
+
+
+def damage_prior_weights(folder: Path, damage: str) -> None:
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(folder / "model.safetensors")
+    if damage == "header":
+        (folder / "model.safetensors").write_bytes((2**62).to_bytes(8, "little") + b"{}")
+        return
+    if damage == "missing":
+        weights = {name: tensor for name, tensor in weights.items() if "layers.1." not in name}
+    elif damage == "extra":
+        weights["evil.weight"] = torch.zeros(2)
+    else:
+        weights["model.embed_tokens.weight"] = torch.zeros(5, TINY_PRIOR["hidden_size"])
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [("missing", r"9 missing tensor\(s\), e.g. model.layers.1"), ("shape", "some tensors have other shapes"),
+     ("extra", r"1 unexpected tensor\(s\), e.g. evil.weight"), ("header", "Error .*header too large")],
+)  # fmt: skip
+def test_load_prior_refuses_weights_that_do_not_fit_in_one_line(damage, message, tmp_path, capsys):
+    # Missing layers started at random and sampled noise, with only transformers' LOAD REPORT table; a damaged header
+    # or another shape was a traceback.
+    vocabulary = PriorVocabulary(8)
+    save_prior(build_prior(vocabulary, 4, **TINY_PRIOR), vocabulary, tmp_path, 4)
+    damage_prior_weights(tmp_path, damage)
+    capsys.readouterr()
+    with pytest.raises(ValueError, match=f"weights of prior .* are damaged or do not fit its config.json: {message}"):
+        load_prior(tmp_path)
+    assert "LOAD REPORT" not in capsys.readouterr().err  # held back: the one line says it
+
+
+@pytest.mark.parametrize(
+    "state, labels",
+    [({"_format_type": "arrow"}, None), ({"_format_columns": ["label"]}, [i % 2 for i in range(16)]),
+     ({"_format_type": "torch", "_format_kwargs": {"dtype": "torch.float16"}}, None)],
+)  # fmt: skip
+def test_train_prior_resets_the_format_a_token_folder_sets(state, labels, tmp_path, fresh_accelerator_state):
+    # The checks read the data as Arrow, the loop in the saved format: TypeError / KeyError tracebacks mid-run.
+    token_set(16, labels=labels).save_to_disk(tmp_path / "tokens")
+    state_file = tmp_path / "tokens" / "state.json"
+    state_file.write_text(json.dumps({**json.loads(state_file.read_text()), **state}))
+    train_prior = load_script("train_prior")
+    argv = prior_argv(tmp_path / "tokens", tmp_path / "prior", "--max_train_steps", "1")
+    assert train_prior.main(train_prior.parse_args(argv))["step"] == 1
+
+
+def test_train_prior_names_a_token_folder_of_wrong_types_or_stray_labels(tmp_path, fresh_accelerator_state):
+    train_prior = load_script("train_prior")
+    token_set(16).save_to_disk(tmp_path / "typed")
+    info_file = tmp_path / "typed" / "dataset_info.json"
+    info = json.loads(info_file.read_text())
+    info["features"]["image_tokens"] = {"dtype": "string", "_type": "Value"}
+    info_file.write_text(json.dumps(info))
+    with pytest.raises(ValueError, match=r"--tokens_dir .*typed is damaged \(TypeError: .*\): tokenise again"):
+        train_prior.main(train_prior.parse_args(prior_argv(tmp_path / "typed", tmp_path / "prior1")))
+    # One stray label made a 64M-parameter prior (10**6) or an allocation of 128 TB (10**12) without a word.
+    token_set(16, labels=[0, 1, 2, 3] * 3 + [0, 1, 2, 1_000_000]).save_to_disk(tmp_path / "stray")
+    with pytest.raises(ValueError, match="labels go up to 1000000, i.e. 1000001 classes for 16 labelled rows.*--num_"):
+        train_prior.main(train_prior.parse_args(prior_argv(tmp_path / "stray", tmp_path / "prior2")))
+
+
+@pytest.mark.parametrize("name", ["../other/data-00000-of-00001.arrow", "/etc/passwd"])
+def test_train_prior_refuses_data_files_outside_the_token_folder(name, tmp_path, fresh_accelerator_state):
+    token_set(16).save_to_disk(tmp_path / "tokens")
+    state_file = tmp_path / "tokens" / "state.json"
+    state_file.write_text(json.dumps({**json.loads(state_file.read_text()), "_data_files": [{"filename": name}]}))
+    train_prior = load_script("train_prior")
+    with mock.patch.object(datasets, "load_from_disk", side_effect=AssertionError("read before the check")):
+        with pytest.raises(ValueError, match=f"names data files outside the folder \\({re.escape(name)}\\)"):
+            train_prior.main(train_prior.parse_args(prior_argv(tmp_path / "tokens", tmp_path / "prior")))
+
+
+def test_sample_images_in_batches_is_seeded_per_batch(tokenizer):
+    # One generate call for the whole request (no batch size); a sample depended on the rest of the request.
+    vocabulary = PriorVocabulary(64, num_classes=2)
+    torch.manual_seed(0)
+    prior = build_prior(vocabulary, 64, **TINY_PRIOR)
+    sample = lambda count, **kwargs: sample_images(prior, tokenizer[0], vocabulary, count, seed=5, **kwargs)
+    assert torch.equal(sample(3), sample(3, batch_size=8))  # one batch: as before
+    batched = sample(4, batch_size=2, class_labels=[0, 1, 1, 0])
+    assert torch.equal(batched, sample(4, batch_size=2, class_labels=[0, 1, 1, 0]))
+    assert torch.equal(batched[:2], sample(2, batch_size=2, class_labels=[0, 1]))  # the first batch, on its own
+    assert not torch.equal(batched[2:], sample(2, batch_size=2, class_labels=[1, 0]))  # the second has its own seed
+    with pytest.raises(ValueError, match="got 3 class labels for 4 images"):
+        sample(4, batch_size=2, class_labels=[0, 1, 1])
+
+
+def test_sample_prior_samples_in_batches_with_a_bar(tokenizer, tmp_path, capsys):
+    prior = save_sampling_prior(tokenizer, tmp_path)
+    assert Image.open(run_sample_prior(prior, "--num_images", "3", "--batch_size", "2")).size == (2 * 34 + 2,) * 2
+    assert "batches: 100%" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [(["--temperature", "1e-40"], r"--temperature must be 0 \(greedy\) or at least 0.0001, got 1e-40"),
+     (["--seed", "99999999999999999999"], r"--seed must be in \[-2\*\*63, 2\*\*64\)"),
+     (["--batch_size", "0"], "--batch_size must be at least 1")],
+)  # fmt: skip
+def test_sample_prior_refuses_a_tiny_temperature_a_huge_seed_and_no_batch(flags, message, tmp_path, capsys):
+    vocabulary = PriorVocabulary(8)
+    save_prior(build_prior(vocabulary, 4, **TINY_PRIOR), vocabulary, tmp_path / "prior", 4)
+    with pytest.raises(SystemExit):
+        load_script("sample_prior").parse_args(["--prior", str(tmp_path / "prior"), *flags])
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert re.search(message, error), error
+    with pytest.raises(ValueError, match="temperature must be 0 .greedy. or at least"):  # the API too
+        sample_image_tokens(build_prior(vocabulary, 2, **TINY_PRIOR), vocabulary, 1, temperature=1e-40)
+
+
+def test_train_prior_names_a_token_file_and_a_seed_out_of_range(tmp_path, capsys, fresh_accelerator_state):
+    (tmp_path / "enc.safetensors").write_bytes(b"a cdb-vq encode token file")
+    train_prior = load_script("train_prior")
+    with pytest.raises(ValueError, match="enc.safetensors is a file, not a folder: .*`cdb-vq tokenize`"):
+        train_prior.main(train_prior.parse_args(prior_argv(tmp_path / "enc.safetensors", tmp_path / "prior")))
+    with pytest.raises(SystemExit):
+        train_prior.parse_args(prior_argv(tmp_path / "tokens", tmp_path / "prior", "--seed", "-1"))
+    assert "--seed must be in [0, 2**32), got -1" in capsys.readouterr().err
+
+
+def test_a_tokenizer_of_another_codebook_size_is_named_by_its_size(tokenizer, tmp_path):
+    prior = save_sampling_prior(tokenizer, tmp_path)
+    tiny_model(codebook_size=32).save_pretrained(tmp_path / "tok32")
+    with pytest.raises(ValueError, match=r"has codebook fingerprint \w+ \(32 codes, the prior was trained on 64\)"):
+        run_sample_prior(prior, "--tokenizer", str(tmp_path / "tok32"))
+
+
+def test_train_prior_stops_at_sigterm_with_a_checkpoint(tmp_path, fresh_accelerator_state):
+    # SIGTERM killed the run outright, losing up to --checkpointing_steps - 1 steps.
+    import signal
+
+    token_set(32).save_to_disk(tmp_path / "tokens")
+    train_prior = load_script("train_prior")
+    finite = train_prior.weights_are_finite
+
+    def terminated_in_step_one(model):
+        os.kill(os.getpid(), signal.SIGTERM)  # noted by the handler: the step ends, then the run stops
+        return finite(model)
+
+    argv = prior_argv(tmp_path / "tokens", tmp_path / "prior", "--max_train_steps", "3", "--checkpointing_steps", "9")
+    def unhandled(signum, frame):  # instead of the default, which would end the test session
+        raise AssertionError("the SIGTERM reached the default handler")
+
+    saved = signal.signal(signal.SIGTERM, unhandled)
+    try:
+        with mock.patch.object(train_prior, "weights_are_finite", terminated_in_step_one):
+            with pytest.raises(train_prior.TrainingStopped, match="training stopped: SIGTERM at step 1.*checkpoint-1"):
+                train_prior.main(train_prior.parse_args(argv))
+        assert signal.getsignal(signal.SIGTERM) is unhandled  # the loop's own handler is gone again
+    finally:
+        signal.signal(signal.SIGTERM, saved)
+    assert sorted(path.name for path in (tmp_path / "prior" / "checkpoints").iterdir()) == ["checkpoint-1"]
+    assert not (tmp_path / "prior" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("script", ["train_prior.py", "sample_prior.py", "train.py"])
+def test_ctrl_c_is_one_line(script, monkeypatch, capsys):
+    # A 20-line KeyboardInterrupt traceback (e.g. ending in os.fsync inside save_checkpoint); the CLI printed one line.
+    from cdb_tokenizer.tools.messages import run_script
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sys, "argv", [str(ROOT / "training" / script)])
+    with pytest.raises(SystemExit) as exit_info:
+        run_script(interrupted, ValueError)
+    assert exit_info.value.code == 130 and capsys.readouterr().err == f"{script}: interrupted\n"
+
+
+def test_token_data_of_another_codebook_size_is_named_by_its_size(tmp_path):
+    save_tokens(token_set(4), tmp_path / "tokens", tiny_model(codebook_size=8))
+    with pytest.raises(ValueError, match="another tokenizer .*; 8 codes, the tokenizer given has 64\\)"):
+        check_tokens_source(tmp_path / "tokens", tiny_model())

@@ -30,6 +30,7 @@ from cdb_tokenizer.tools.priors import (
     save_image_grid,
     token_image_size,
 )
+from cdb_tokenizer.tools.priors.sampling import MIN_TEMPERATURE, SEED_RANGE
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -45,7 +46,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--temperature", type=float, default=1.0, help="0: greedy.")
     parser.add_argument("--top_k", type=int, default=0, help="0: off.")
     parser.add_argument("--top_p", type=float, default=1.0, help="1: off.")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0,
+                        help="The same seed, request and --batch_size give the same samples (see docs/priors.md).")
+    parser.add_argument("--batch_size", type=int, default=64,
+                        help="Images sampled and decoded at once (memory: the prior's cache grows with it).")
     parser.add_argument("--device", type=str, default=None, help="Default: cuda when present.")
     args = parser.parse_args(argv)
     _check_args(parser, args)
@@ -61,6 +65,13 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         parser.error(f"--num_images must be at least 1, got {args.num_images}.")
     if not math.isfinite(args.temperature) or args.temperature < 0:
         parser.error(f"--temperature must be a finite number of at least 0 (0: greedy), got {args.temperature}.")
+    if 0 < args.temperature < MIN_TEMPERATURE:
+        parser.error(f"--temperature must be 0 (greedy) or at least {MIN_TEMPERATURE:g}, got {args.temperature:g}: "
+                     f"the logits divided by it would overflow.")  # fmt: skip
+    if not SEED_RANGE[0] <= args.seed < SEED_RANGE[1]:
+        parser.error(f"--seed must be in [-2**63, 2**64) (torch's seeds), got {args.seed}.")
+    if args.batch_size < 1:
+        parser.error(f"--batch_size must be at least 1, got {args.batch_size}.")
     if args.top_k < 0:
         parser.error(f"--top_k must be at least 0 (0: off), got {args.top_k}.")
     if not 0 < args.top_p <= 1:
@@ -131,7 +142,7 @@ def sample(args: argparse.Namespace) -> Path:
         prior, tokenizer, vocabulary, num_images,
         temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p if args.top_p < 1 else None,
         class_labels=class_labels, guidance_scale=args.guidance_scale, seed=args.seed, image_size=image_size,
-        num_image_tokens=prior_config.get("num_image_tokens"),
+        num_image_tokens=prior_config.get("num_image_tokens"), batch_size=args.batch_size, progress=True,
     )  # fmt: skip
     save_image_grid(images, output, nrow=nrow)
     print(f"Wrote {num_images} samples to {output}")

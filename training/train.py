@@ -94,6 +94,7 @@ from cdb_tokenizer.tools.runs import (
     output_dir_claims,
     refuse_fp16_without_a_gradient_scaler,
     tracker_init_kwargs,
+    warn_of_a_warmup_longer_than_the_run,
 )
 from cdb_tokenizer.tools.steps import TrainingParts, micro_batch_seed, restart_dead_codes, training_step
 from cdb_tokenizer.tools.train_args import parse_args, resumes_its_own_run
@@ -619,14 +620,6 @@ def build_loss(args, lpips_module) -> TokenizerLoss:
         disc_weight=args.disc_weight, disc_start=args.disc_start, disc_loss=args.disc_loss,
         adaptive_disc_weight=args.adaptive_disc_weight, high_frequency_weight=args.high_frequency_weight,
     )  # fmt: skip
-
-
-def warn_of_a_warmup_longer_than_the_run(args: argparse.Namespace, max_train_steps: int) -> None:
-    """Say when the learning rate never reaches --learning_rate (train.py and train_prior.py): short runs are the
-    first a user tries, and a shortened recipe keeps its thousands of warm-up steps."""
-    if args.lr_scheduler != "constant" and 0 < max_train_steps <= args.lr_warmup_steps:  # "constant" has no warm-up
-        logger.warning(f"--lr_warmup_steps {args.lr_warmup_steps} is not below the run's {max_train_steps} steps: the "
-                       f"learning rate never reaches --learning_rate (a shortened recipe? add --lr_warmup_steps 0).")  # fmt: skip
 
 
 def build_training_parts(args: argparse.Namespace, model: CDBVQModel, accelerator: Accelerator, loss_module: TokenizerLoss,

@@ -44,12 +44,14 @@ from cdb_tokenizer.tools.files import write_text
 from cdb_tokenizer.tools.messages import OneLineErrorParser, first_line, run_script
 from cdb_tokenizer.tools.redaction import redact_secrets
 from cdb_tokenizer.tools.runs import (
+    TerminationRequest,
     find_checkpoint,
     launch_settings,
     make_accelerator,
     output_dir_claims,
     refuse_fp16_without_a_gradient_scaler,
     tracker_init_kwargs,
+    warn_of_a_warmup_longer_than_the_run,
 )
 from cdb_tokenizer.tools.steps import micro_batch_seed
 from cdb_tokenizer.tools.train_args import check_output_dir_flags
@@ -85,7 +87,6 @@ from training.train import (  # noqa: E402
     prepare_output_dir,
     saved_at_step,
     stop_training,
-    warn_of_a_warmup_longer_than_the_run,
 )
 
 logger = get_logger(__name__)
@@ -189,6 +190,27 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         parser.error(f"--num_classes must be at least 1 (or --unconditional), got {args.num_classes}.")
     if not 0 <= args.label_dropout <= 1:
         parser.error(f"--label_dropout must be in [0, 1], got {args.label_dropout}.")
+    if not 0 <= args.seed < 2**32:  # numpy's range (set_seed seeds it too)
+        parser.error(f"--seed must be in [0, 2**32), got {args.seed}.")
+    for flag in ("tokenizer", "tokens_dir"):
+        problem = output_dir_overlap(args.output_dir, getattr(args, flag))
+        if problem:
+            parser.error(f"--output_dir {args.output_dir} {problem} --{flag} {getattr(args, flag)}: the run would "
+                         f"write into (or, with --overwrite_output_dir, delete) its own input; pick another "
+                         f"--output_dir.")  # fmt: skip
+
+
+def output_dir_overlap(output_dir: str, source: str | None) -> str | None:
+    """How --output_dir overlaps a local input folder ("is", "lies inside", "contains"), or None; a Hub id (no
+    such local path) overlaps nothing. Resolved, so `./tok`, `tok/` and links to it are the same folder."""
+    if source is None or not Path(source).expanduser().exists():
+        return None
+    output, source_path = Path(output_dir).expanduser().resolve(), Path(source).expanduser().resolve()
+    if output == source_path:
+        return "is"
+    if source_path in output.parents:
+        return "lies inside"
+    return "contains" if output in source_path.parents else None
 
 
 # ---------------------------------------------------------------------------------------------------- data
@@ -211,6 +233,9 @@ def load_token_splits(args: argparse.Namespace, accelerator: Accelerator, tokeni
     path = Path(args.tokens_dir)
     if not path.exists():
         raise FileNotFoundError(f"--tokens_dir {str(path)!r} does not exist; make it with `cdb-vq tokenize`.")
+    if not path.is_dir():  # e.g. a `cdb-vq encode` token file: a prior trains on a tokenised data set
+        raise ValueError(f"--tokens_dir {path} is a file, not a folder: make a tokenised data set folder with "
+                         f"`cdb-vq tokenize` (`cdb-vq encode` token files are not for training).")  # fmt: skip
     if tokenizer is not None:
         check_tokens_source(path, tokenizer[0])  # ids of another codebook would train a prior that decodes noise
     else:
@@ -220,14 +245,16 @@ def load_token_splits(args: argparse.Namespace, accelerator: Accelerator, tokeni
                 f"--codebook_size {args.codebook_size}, but {path} holds the ids of a {info['codebook_size']}-code "
                 f"tokenizer (its {TOKENS_INFO}): pass --codebook_size {info['codebook_size']}, or better --tokenizer."
             )
+    check_data_file_names(path)
     try:
-        saved = datasets.load_from_disk(str(path))
+        # Any format its state.json sets is reset: the checks and the loop then read what was checked.
+        saved = datasets.load_from_disk(str(path)).with_format(None)
     except IndexError:  # datasets' own failure on a split saved with no rows (no shard file to read)
         raise ValueError(f"--tokens_dir {path} holds a split with no rows (datasets cannot load it): tokenise again, "
                          f"leaving out empty splits.") from None  # fmt: skip
     except (FileNotFoundError, PermissionError, IsADirectoryError):  # not a saved data set, or not readable:
         raise  # their own messages name the path, and tokenising again would not help
-    except (ValueError, OSError) as error:  # a cut Arrow file, a damaged state.json: their messages name neither
+    except (ValueError, OSError, TypeError) as error:  # a cut Arrow file, a damaged state.json or dataset_info.json
         raise ValueError(f"--tokens_dir {path} is damaged ({type(error).__name__}: {first_line(error)}): tokenise "
                          f"again.") from None  # fmt: skip
     if isinstance(saved, datasets.DatasetDict):
@@ -248,6 +275,39 @@ def load_token_splits(args: argparse.Namespace, accelerator: Accelerator, tokeni
         split = train.train_test_split(test_size=args.validation_split, seed=args.seed)
         train, validation = split["train"], split["test"]
     return train, validation
+
+
+def check_data_file_names(path: Path) -> None:
+    """Refuse a saved data set whose dataset_dict.json or state.json name files outside `path` (an absolute name, or
+    one with `..`): `load_from_disk` would read them, and train on other data than the folder's own. A file that
+    cannot be read as JSON is left for `load_from_disk` to call damaged."""
+    def outside(name) -> bool:
+        return isinstance(name, str) and (Path(name).is_absolute() or ".." in Path(name).parts)
+
+    folders = [path]
+    splits = _read_json(path / "dataset_dict.json").get("splits")
+    if isinstance(splits, list):
+        if any(outside(split) or "/" in str(split) or "\\" in str(split) for split in splits):
+            raise ValueError(f"--tokens_dir {path} is damaged: its dataset_dict.json names splits outside the folder "
+                             f"({splits}); tokenise again.")  # fmt: skip
+        folders += [path / str(split) for split in splits]
+    for folder in folders:
+        files = _read_json(folder / "state.json").get("_data_files")
+        entries = files if isinstance(files, list) else []
+        names = [entry.get("filename") for entry in entries if isinstance(entry, dict)]
+        far = [name for name in names if outside(name)]
+        if far:
+            raise ValueError(f"--tokens_dir {path} is damaged: {folder / 'state.json'} names data files outside the "
+                             f"folder ({', '.join(far)}); tokenise again.")  # fmt: skip
+
+
+def _read_json(path: Path) -> dict:
+    """A JSON object from `path`, or {} when there is none (no such file, bad JSON, not an object)."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 def recorded_fingerprint(args: argparse.Namespace, tokenizer) -> str | None:
@@ -293,6 +353,12 @@ def make_vocabulary(args: argparse.Namespace, train, validation, codebook_size: 
     splits = [("training", train)] + ([("validation", validation)] if "label" in validation.column_names else [])
     highs = [pc.max(_labels(name, split)).as_py() for name, split in splits]
     highest = max((high for high in highs if high is not None), default=-1)
+    rows = sum(len(split) for _, split in splits)
+    if highest + 1 > rows:  # most classes would have no row: a stray label, and a model sized for it
+        raise ValueError(
+            f"the labels go up to {highest}, i.e. {highest + 1} classes for {rows} labelled rows: a stray label? Fix "
+            f"it, or pass --num_classes (or --unconditional)."
+        )
     # At least one class, so that data of only unlabelled (-1) rows is refused by check_split, not trained on.
     return PriorVocabulary(codebook_size, max(1, highest + 1))
 
@@ -554,50 +620,61 @@ def main(args: argparse.Namespace) -> dict[str, float]:
     progress = tqdm(range(max_train_steps), initial=global_step, desc="steps", disable=not accelerator.is_local_main_process)
     metrics: dict[str, float] = {}
     prior.train()
-    for epoch in range(first_epoch, num_epochs):
-        train_loader.set_epoch(epoch)
-        batches = accelerator.skip_first_batches(train_loader, skip_batches) if skip_batches else train_loader
-        skip_batches = 0
-        micro_batch = 0
-        for batch in batches:
-            seed = micro_batch_seed(args.seed, global_step, micro_batch, accelerator.process_index)
-            generator = torch.Generator().manual_seed(seed)  # (drop_class_labels draws nothing for an unconditional prior)
-            batch["input_ids"] = drop_class_labels(batch["input_ids"], vocabulary, args.label_dropout, generator)
-            micro_batch += 1
-            with accelerator.accumulate(prior):
-                loss = prior(**batch).loss
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(prior.parameters(), args.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            if not accelerator.sync_gradients:
-                continue
-            global_step, micro_batch = global_step + 1, 0
-            if not weights_are_finite(prior):  # a NaN loss or gradient ends here too, before any checkpoint has it
-                stop_training(accelerator, args, f"the prior's weights became NaN or infinite at step {global_step} "
-                                                 f"(loss {loss.item():.4g})")  # fmt: skip
-            progress.update(1)
-            # Every process's last micro-batch, as validation counts every process's share.
-            mean_loss = accelerator.reduce(loss.detach(), "mean").item()
-            logs = {"train/loss": mean_loss, "train/learning_rate": lr_scheduler.get_last_lr()[0]}
-            progress.set_postfix(loss=f"{logs['train/loss']:.3f}")
-            accelerator.log(logs, step=global_step)
-            # The last step too (as train.py): a run shorter than --checkpointing_steps can then be extended, and a
-            # finished one resumed without training its last steps again.
-            if global_step % args.checkpointing_steps == 0 or global_step >= max_train_steps:
-                save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit,
-                                state={"codebook_fingerprint": fingerprint})  # fmt: skip
-            if global_step % args.validation_steps == 0:
-                metrics = run_validation(
-                    accelerator, args, prior, validation_loader, vocabulary, tokenizer, image_size, global_step
-                )
-                prior.train()
+    # A SIGTERM (preemption, `kill`) ends the step, writes its checkpoint and stops, as in train.py.
+    with TerminationRequest(accelerator) as termination:
+        for epoch in range(first_epoch, num_epochs):
+            train_loader.set_epoch(epoch)
+            batches = accelerator.skip_first_batches(train_loader, skip_batches) if skip_batches else train_loader
+            skip_batches = 0
+            micro_batch = 0
+            for batch in batches:
+                seed = micro_batch_seed(args.seed, global_step, micro_batch, accelerator.process_index)
+                # (drop_class_labels draws nothing for an unconditional prior)
+                generator = torch.Generator().manual_seed(seed)
+                batch["input_ids"] = drop_class_labels(batch["input_ids"], vocabulary, args.label_dropout, generator)
+                micro_batch += 1
+                with accelerator.accumulate(prior):
+                    loss = prior(**batch).loss
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients:
+                        accelerator.clip_grad_norm_(prior.parameters(), args.max_grad_norm)
+                    optimizer.step()
+                    lr_scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                if not accelerator.sync_gradients:
+                    continue
+                global_step, micro_batch = global_step + 1, 0
+                if not weights_are_finite(prior):  # a NaN loss or gradient ends here too, before any checkpoint has it
+                    stop_training(accelerator, args, f"the prior's weights became NaN or infinite at step "
+                                                     f"{global_step} (loss {loss.item():.4g})")  # fmt: skip
+                progress.update(1)
+                # Every process's last micro-batch, as validation counts every process's share.
+                mean_loss = accelerator.reduce(loss.detach(), "mean").item()
+                logs = {"train/loss": mean_loss, "train/learning_rate": lr_scheduler.get_last_lr()[0]}
+                progress.set_postfix(loss=f"{logs['train/loss']:.3f}")
+                accelerator.log(logs, step=global_step)
+                # The last step too (as train.py): a run shorter than --checkpointing_steps can then be extended, and a
+                # finished one resumed without training its last steps again.
+                if global_step % args.checkpointing_steps == 0 or global_step >= max_train_steps:
+                    save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit,
+                                    state={"codebook_fingerprint": fingerprint})  # fmt: skip
+                if global_step % args.validation_steps == 0:
+                    metrics = run_validation(
+                        accelerator, args, prior, validation_loader, vocabulary, tokenizer, image_size, global_step
+                    )
+                    prior.train()
+                if global_step < max_train_steps and termination.requested():  # preempted: checkpoint, then stop
+                    if global_step % args.checkpointing_steps:  # (unless this step's was just written)
+                        save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit,
+                                        state={"codebook_fingerprint": fingerprint})  # fmt: skip
+                    stop_training(accelerator, args, f"SIGTERM at step {global_step}", advice="")
+                if global_step >= max_train_steps:
+                    break
             if global_step >= max_train_steps:
                 break
-        if global_step >= max_train_steps:
-            break
+        if termination.received:  # in the last step: its checkpoint is written; saving the prior is what is left
+            logger.warning("A SIGTERM came during the last step: the run goes on to validate and save the prior; "
+                           "signal it again to stop now (a resume then saves it).")  # fmt: skip
     progress.close()
 
     if not metrics or global_step % args.validation_steps:

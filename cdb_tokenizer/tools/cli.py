@@ -21,8 +21,6 @@ import contextlib
 import hashlib
 import itertools
 import json
-import logging
-import logging.handlers
 import os
 import re
 import stat
@@ -40,7 +38,7 @@ from tqdm.auto import tqdm
 
 from . import files
 from .downloads import hub_offline
-from .loading import is_local_path, locate, processor_image_size
+from .loading import held_library_logs, is_local_path, locate, processor_image_size, show_log_records
 from .messages import TRAIN_EXTRAS, OneLineErrorParser, counted, first_line
 
 
@@ -129,7 +127,7 @@ def load_model(
     if model_type != "cdb_vq":
         raise CLIError(f"--model {name_or_path} is a {model_type!r} model, not a cdb-vq tokenizer.")
     try:
-        with _held_library_logs() as records, warnings.catch_warnings():
+        with held_library_logs() as records, warnings.catch_warnings():
             # torch's warning about a pickle's protocol is several lines, and the error below says what matters.
             warnings.filterwarnings("ignore", message=".*weights_only", category=UserWarning)
             hub_options = {} if revision is None else {"revision": revision}
@@ -143,9 +141,9 @@ def load_model(
                 f"could not load model {name_or_path!r}: its weights file (model.safetensors) is damaged or incomplete "
                 f"({first_line(error)}); download or save it again."
             ) from None
-        _show_log_records(records)
+        show_log_records(records)
         raise CLIError(f"could not load model {name_or_path!r}: {first_line(error)}") from None
-    _show_log_records(records)  # e.g. the table of weights missing from the file: the model loads, the warning stays
+    show_log_records(records)  # e.g. the table of weights missing from the file: the model loads, the warning stays
     fingerprint = codebook_fingerprint(model)
     model.to(device=device, dtype=DTYPES[dtype])
     return LoadedModel(model, processor, model_id, fingerprint, revision)
@@ -174,29 +172,6 @@ def check_processor_size(processor, max_pixels: int, name: str) -> None:
             f"pixels ({height * width / 1e6:.1f} megapixels), over the {max_pixels / 1e6:g}-megapixel budget; fix "
             f"`size` in its preprocessor_config.json, or raise --max_image_pixels (0: no limit)."
         )
-
-
-@contextlib.contextmanager
-def _held_library_logs() -> Iterator[list[logging.LogRecord]]:
-    """Collect what transformers and huggingface_hub log inside the block instead of printing it (transformers'
-    multi-line LOAD REPORT table comes before a loading error, huggingface_hub's retries before "cannot reach the
-    Hub"); yields the list of records, for the caller to show when they still matter."""
-    holder = logging.handlers.BufferingHandler(capacity=1_000_000)
-    libraries = [logging.getLogger(name) for name in ("transformers", "huggingface_hub")]
-    saved = [(library.handlers, library.propagate) for library in libraries]
-    for library in libraries:
-        library.handlers, library.propagate = [holder], False
-    try:
-        yield holder.buffer
-    finally:
-        for library, (handlers, propagate) in zip(libraries, saved):
-            library.handlers, library.propagate = handlers, propagate
-
-
-def _show_log_records(records: list[logging.LogRecord]) -> None:
-    """Log records held back by `_held_library_logs`, through the handlers they would have gone to."""
-    for record in records:
-        logging.getLogger(record.name).handle(record)
 
 
 def _misfit_message(name: str, model_id: str) -> str:
@@ -246,9 +221,9 @@ def _read_model_config(name: str, model_id: str, revision: str | None = None) ->
         else:
             from huggingface_hub import hf_hub_download
 
-            with _held_library_logs() as records:  # its retries: the error below says what matters
+            with held_library_logs() as records:  # its retries: the error below says what matters
                 config_file = Path(hf_hub_download(model_id, "config.json", revision=revision))
-            _show_log_records(records)
+            show_log_records(records)
             if COMMIT_HASH.fullmatch(config_file.parent.name):
                 revision = config_file.parent.name
         config = json.loads(config_file.read_text(encoding="utf-8"))
@@ -574,9 +549,9 @@ def open_dataset(data: str, image_column: str, split: str):
                 what = "is a file; give the folder of images (or a Hub data set)" if path.exists() else "no such folder"
                 raise CLIError(f"--data {data}: {what}.")
             return load_image_dataset(train_data_dir=str(path), split=split, image_column=image_column)
-        with _held_library_logs() as records:  # huggingface_hub's retries offline: the error below says what matters
+        with held_library_logs() as records:  # huggingface_hub's retries offline: the error below says what matters
             dataset = load_image_dataset(dataset_name=data, split=split, image_column=image_column)
-        _show_log_records(records)
+        show_log_records(records)
         return dataset
     except ImportError as error:
         raise CLIError(

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+import logging.handlers
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -72,6 +75,29 @@ def refuse_missing_weights(model, loading_info: dict, source: str | Path) -> Non
             f"the weights in {source} do not fit the model its config.json describes: {len(missing)} of its "
             f"{len(parameters)} parameters are missing (e.g. {missing[0]}), and would start at random."
         )
+
+
+@contextmanager
+def held_library_logs() -> Iterator[list[logging.LogRecord]]:
+    """Collect what transformers and huggingface_hub log inside the block instead of printing it (transformers'
+    multi-line LOAD REPORT table comes before a loading error, huggingface_hub's retries before "cannot reach the
+    Hub"); yields the list of records, for the caller to show when they still matter."""
+    holder = logging.handlers.BufferingHandler(capacity=1_000_000)
+    libraries = [logging.getLogger(name) for name in ("transformers", "huggingface_hub")]
+    saved = [(library.handlers, library.propagate) for library in libraries]
+    for library in libraries:
+        library.handlers, library.propagate = [holder], False
+    try:
+        yield holder.buffer
+    finally:
+        for library, (handlers, propagate) in zip(libraries, saved):
+            library.handlers, library.propagate = handlers, propagate
+
+
+def show_log_records(records: list[logging.LogRecord]) -> None:
+    """Log records held back by `held_library_logs`, through the handlers they would have gone to."""
+    for record in records:
+        logging.getLogger(record.name).handle(record)
 
 
 @contextmanager

@@ -31,7 +31,8 @@ def counted(number: int, noun: str) -> str:
 
 def run_script(main, *errors: type[BaseException]) -> None:
     """Run a training script's `main()`: an error of the kinds given (mistakes in the inputs, clean stops) is one
-    line on stderr and exit status 1, since its message names the problem and a stack trace would not help.
+    line on stderr and exit status 1, since its message names the problem and a stack trace would not help; Ctrl-C
+    is one line and status 130.
     `CDB_VQ_DEBUG=1` in the environment shows the full traceback instead (an error of those kinds may be a bug)."""
     import os
     import sys
@@ -41,6 +42,9 @@ def run_script(main, *errors: type[BaseException]) -> None:
         return
     try:
         main()
+    except KeyboardInterrupt:  # Ctrl-C: one line and the shell's status for it, as the CLI's
+        print(f"{os.path.basename(sys.argv[0])}: interrupted", file=sys.stderr)
+        sys.exit(130)
     except errors as error:
         text = first_line(error) if isinstance(error, OSError) else str(error)
         if "Original Traceback" in text:  # raised in a DataLoader worker: its own message is the last line

@@ -339,3 +339,11 @@ class TerminationRequest:
             return self.received
         flag = torch.tensor([float(self.received)], device=self.accelerator.device)
         return bool(self.accelerator.reduce(flag, reduction="sum").item() > 0)
+
+
+def warn_of_a_warmup_longer_than_the_run(args, max_train_steps: int) -> None:
+    """Say when the learning rate never reaches --learning_rate (train.py and train_prior.py): short runs are the
+    first a user tries, and a shortened recipe keeps its thousands of warm-up steps."""
+    if args.lr_scheduler != "constant" and 0 < max_train_steps <= args.lr_warmup_steps:  # "constant" has no warm-up
+        logger.warning(f"--lr_warmup_steps {args.lr_warmup_steps} is not below the run's {max_train_steps} steps: the "
+                       f"learning rate never reaches --learning_rate (a shortened recipe? add --lr_warmup_steps 0).")  # fmt: skip

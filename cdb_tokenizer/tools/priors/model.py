@@ -300,7 +300,7 @@ def load_prior(
     kwargs.setdefault("trust_remote_code", False)
     kwargs.setdefault("use_safetensors", True)
     try:
-        prior = AutoModelForCausalLM.from_pretrained(source, **kwargs).eval()
+        prior = _load_prior_weights(source, kwargs)
     except OSError as error:
         hint = " (a prior's weights are read from model.safetensors only)" if kwargs["use_safetensors"] else ""
         raise OSError(f"prior {str(name_or_path)!r}: {first_line(error)}{hint}") from None
@@ -320,6 +320,34 @@ def load_prior(
     if device is not None:
         prior.to(device)
     return prior, vocabulary, prior_config
+
+
+def _load_prior_weights(source: str, kwargs: dict[str, Any]) -> PreTrainedModel:
+    """`AutoModelForCausalLM.from_pretrained`, in eval mode, refusing weights that do not fit the config exactly
+    (missing, extra or reshaped tensors, a damaged safetensors header) in one line naming `source`: transformers
+    would start missing layers at random and sample noise, with only its LOAD REPORT table, which is held back
+    here and shown only when the model loads."""
+    from safetensors import SafetensorError
+
+    from ..loading import held_library_logs, quiet_loading_bars, show_log_records
+
+    damaged = f"the weights of prior {source} (model.safetensors) are damaged or do not fit its config.json"
+    try:
+        with held_library_logs() as records, quiet_loading_bars():
+            prior, info = AutoModelForCausalLM.from_pretrained(source, **kwargs, output_loading_info=True)
+    except SafetensorError as error:
+        raise ValueError(f"{damaged}: {first_line(error)}.") from None
+    except RuntimeError as error:  # transformers' own size check, whose message points at the held-back table
+        if "ignore_mismatched_sizes" not in str(error) and "size mismatch" not in str(error):
+            raise
+        raise ValueError(f"{damaged}: some tensors have other shapes than the config gives.") from None
+    for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
+        keys = sorted(key[0] if isinstance(key, tuple) else str(key) for key in info.get(kind) or ())  # (name, shapes)
+        if keys:
+            words = kind.replace("_keys", "")
+            raise ValueError(f"{damaged}: {len(keys)} {words} tensor(s), e.g. {keys[0]}.")
+    show_log_records(records)
+    return prior.eval()
 
 
 def _check_prior_config(
@@ -411,7 +439,11 @@ def check_prior_codebook(prior_config: dict[str, Any], model, name: str = "the t
         return
     fingerprint = codebook_fingerprint(model)
     if fingerprint != recorded:
+        trained_size = (prior_config.get("vocabulary") or {}).get("codebook_size")
+        size = model.config.codebook_size
+        sizes = f" ({size} codes, the prior was trained on {trained_size})" if trained_size not in (None, size) else ""
         raise ValueError(
-            f"{name} has codebook fingerprint {fingerprint}, but the prior was trained on a tokenizer with {recorded} "
-            f"(another tokenizer, or this one retrained since): its images would be noise. Use the prior's tokenizer."
+            f"{name} has codebook fingerprint {fingerprint}{sizes}, but the prior was trained on a tokenizer with "
+            f"{recorded} (another tokenizer, or this one retrained since): its images would be noise. Use the "
+            f"prior's tokenizer."
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -12,6 +13,12 @@ from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList,
 
 from .model import is_positive_int
 from .vocabulary import PriorVocabulary
+
+# Below this, the logits divided by the temperature can overflow (1e-40 made them infinite, and torch's multinomial
+# failed); sampling there is greedy in all but name, and 0 says so.
+MIN_TEMPERATURE = 1e-4
+# The seeds torch's `manual_seed` takes: any 64-bit integer, signed or not.
+SEED_RANGE = (-(2**63), 2**64)
 
 
 class ImageTokenLogitsProcessor(LogitsProcessor):
@@ -46,7 +53,8 @@ def sample_image_tokens(
     Sample code ids (num_images, num_image_tokens) from a prior with `generate`.
 
     Args:
-        temperature (`float`, *optional*, defaults to 1.0): Softmax temperature; 0 means greedy decoding.
+        temperature (`float`, *optional*, defaults to 1.0): Softmax temperature; 0 means greedy decoding, and
+            others must be at least `MIN_TEMPERATURE` (below it the scaled logits overflow).
         top_k (`int`, *optional*): Keep only the k most likely tokens at each step.
         top_p (`float`, *optional*): Nucleus sampling: keep the smallest set of tokens with this total probability.
         class_labels (`int` or sequence of `int`, *optional*): One label for all images or one per image, for a
@@ -54,7 +62,8 @@ def sample_image_tokens(
         guidance_scale (`float`, *optional*, defaults to 1.0): Classifier-free guidance scale
             `uncond + s * (cond - uncond)` on log-probabilities, with the null class as the unconditional branch
             (transformers' `UnbatchedClassifierFreeGuidanceLogitsProcessor`). 1 disables it; needs `class_labels`.
-        seed (`int`, *optional*): Makes sampling reproducible without touching the global random state.
+        seed (`int`, *optional*): Makes sampling reproducible without touching the global random state; any
+            integer torch takes (`SEED_RANGE`).
         num_image_tokens (`int`, *optional*): Tokens per image; defaults to `prior.generation_config.max_new_tokens`
             (set by `build_prior`).
     """
@@ -62,6 +71,11 @@ def sample_image_tokens(
         raise ValueError(f"num_images must be an integer of at least 1, got {num_images!r}.")
     if not math.isfinite(temperature) or temperature < 0:  # NaN was taken for greedy, inf ended inside torch
         raise ValueError(f"temperature must be a finite number >= 0, got {temperature}.")
+    if 0 < temperature < MIN_TEMPERATURE:
+        raise ValueError(f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE:g}, got {temperature:g}: the "
+                         f"logits divided by it would overflow.")  # fmt: skip
+    if seed is not None and not SEED_RANGE[0] <= seed < SEED_RANGE[1]:
+        raise ValueError(f"seed must be in [-2**63, 2**64), got {seed}.")
     if not math.isfinite(guidance_scale):
         raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale}.")
     if top_p is not None and not 0 < top_p <= 1:
@@ -136,11 +150,21 @@ def sample_images(
     seed: int | None = None,
     image_size: tuple[int, int] | None = None,
     num_image_tokens: int | None = None,
+    batch_size: int | None = None,
+    progress: bool = False,
 ) -> torch.FloatTensor:
     """Sample images (num_images, 3, H, W) in [-1, 1]: `sample_image_tokens`, then the tokenizer's
-    `decode_image_tokens`. `image_size` (height, width) in pixels picks the token grid; by default the tokenizer's
-    resolution. A tokenizer with another codebook size, or a grid that does not hold the prior's tokens per image
-    (see `token_image_size`), is refused before sampling. See `sample_image_tokens` for the sampling arguments."""
+    `decode_image_tokens`, `batch_size` images at a time (default: all at once; `progress` shows a bar over the
+    batches). `image_size` (height, width) in pixels picks the token grid; by default the tokenizer's resolution. A
+    tokenizer with another codebook size, or a grid that does not hold the prior's tokens per image (see
+    `token_image_size`), is refused before sampling. See `sample_image_tokens` for the sampling arguments.
+
+    Batch k is sampled with the seed `batch_seed(seed, k)` (the first: `seed` itself), so a result depends on the
+    seed, the batch size and the class labels of its batch; the same call gives the same images."""
+    if not is_positive_int(num_images):
+        raise ValueError(f"num_images must be an integer of at least 1, got {num_images!r}.")
+    if batch_size is not None and not is_positive_int(batch_size):
+        raise ValueError(f"batch_size must be an integer of at least 1, got {batch_size!r}.")
     if vocabulary.codebook_size != tokenizer_model.config.codebook_size:
         raise ValueError(
             f"the prior was trained on {vocabulary.codebook_size} codes but the tokenizer has "
@@ -154,12 +178,43 @@ def sample_images(
             f"the prior makes {count} tokens per image, but {height}x{width} images have a {grid[0]}x{grid[1]} token "
             f"grid: pass the image_size the tokens were made at."
         )
-    tokens = sample_image_tokens(
-        prior, vocabulary, num_images, temperature=temperature, top_k=top_k, top_p=top_p,
-        class_labels=class_labels, guidance_scale=guidance_scale, seed=seed, num_image_tokens=num_image_tokens,
-    )  # fmt: skip
+    from tqdm.auto import tqdm
+
+    labels = per_image_labels(class_labels, num_images)
+    batch_size = batch_size or num_images
     device = next(tokenizer_model.parameters()).device
-    return tokenizer_model.decode_image_tokens(tokens.to(device), height=height, width=width)
+    images = []
+    for index, start in enumerate(tqdm(range(0, num_images, batch_size), desc="batches", disable=not progress)):
+        count = min(batch_size, num_images - start)
+        tokens = sample_image_tokens(
+            prior, vocabulary, count, temperature=temperature, top_k=top_k, top_p=top_p,
+            class_labels=None if labels is None else labels[start : start + count], guidance_scale=guidance_scale,
+            seed=batch_seed(seed, index), num_image_tokens=num_image_tokens,
+        )  # fmt: skip
+        images.append(tokenizer_model.decode_image_tokens(tokens.to(device), height=height, width=width))
+    return torch.cat(images)
+
+
+def per_image_labels(class_labels: Sequence[int] | torch.Tensor | int | None, num_images: int) -> torch.Tensor | None:
+    """`class_labels` as one label per image (one label is every image's), so that batches can take their share;
+    their values are checked when a batch's prompts are built."""
+    if class_labels is None:
+        return None
+    labels = torch.as_tensor(class_labels).reshape(-1)
+    if labels.numel() == 1:
+        return labels.expand(num_images)
+    if labels.numel() != num_images:
+        raise ValueError(f"got {labels.numel()} class labels for {num_images} images.")
+    return labels
+
+
+def batch_seed(seed: int | None, index: int) -> int | None:
+    """The seed of batch `index` of a sampling run: `seed` for the first (a run of one batch samples as with
+    `sample_image_tokens(seed=seed)`), a hash of both for the others, so no two batches draw alike."""
+    if seed is None or index == 0:
+        return seed
+    digest = hashlib.blake2b(f"{seed}/{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
 
 
 def token_image_size(

@@ -132,9 +132,12 @@ def check_tokens_source(folder: str | Path, model) -> None:
         return
     recorded = info["codebook_fingerprint"]
     if recorded != codebook_fingerprint(model):
+        size, made_with = model.config.codebook_size, info["codebook_size"]
+        sizes = f"; {made_with} codes, the tokenizer given has {size}" if made_with != size else ""
         raise ValueError(
             f"{folder} was tokenised by another tokenizer (codebook fingerprint {recorded}, the tokenizer given has "
-            f"{codebook_fingerprint(model)}): its ids index other codes. Tokenise the images again with this one."
+            f"{codebook_fingerprint(model)}{sizes}): its ids index other codes. Tokenise the images again with this "
+            f"one."
         )
     grid = recorded_grid(info)
     if grid is None:
