@@ -7,7 +7,7 @@ import functools
 import inspect
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 from transformers import PretrainedConfig
@@ -191,12 +191,14 @@ class CDBVQConfig(PretrainedConfig):
         self.semantic_dim = semantic_dim
         self.num_prototypes = num_prototypes
         # A lone string stays a string (and is refused below) instead of becoming a list of its characters.
-        listable = prototype_labels is not None and not isinstance(prototype_labels, str)
+        listable = isinstance(prototype_labels, Iterable) and not isinstance(prototype_labels, str)
         self.prototype_labels = list(prototype_labels) if listable else prototype_labels
         self.retie_prototypes = retie_prototypes
         # Ranges as lists (JSON's shape); anything but a mapping of ranges is kept as given, for validate_fields to name.
         roles_are_ranges = isinstance(code_roles, Mapping) and all(_is_range(b) for b in code_roles.values())
-        self.code_roles = ({name: list(bounds) for name, bounds in code_roles.items()} if roles_are_ranges else code_roles) or None
+        if roles_are_ranges:
+            code_roles = {name: list(bounds) for name, bounds in code_roles.items()}
+        self.code_roles = None if code_roles is None or code_roles == {} else code_roles  # 0 or False: named below
         self.role_hidden_dim = role_hidden_dim
         self.role_supervision_weight = role_supervision_weight
         self.role_prior_scale = role_prior_scale
@@ -309,7 +311,7 @@ class CDBVQConfig(PretrainedConfig):
             raise ValueError(
                 f"prototype_labels must have num_prototypes ({self.num_prototypes}) entries, got {len(self.prototype_labels)}."
             )
-        if self.code_roles:
+        if self.code_roles is not None:  # 0 or False too: named, never taken for "no roles"
             self._validate_code_roles()
         if self.role_supervision_weight > 0:
             self._validate_role_supervision()
@@ -329,8 +331,8 @@ class CDBVQConfig(PretrainedConfig):
         for name in BOOL_FIELDS:
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}.")
-        if not _is_int(self.quantizer_format):
-            raise ValueError(f"quantizer_format must be an integer, got {self.quantizer_format!r}.")
+        if not _is_int(self.quantizer_format) or self.quantizer_format < 1:  # 1 is the first format
+            raise ValueError(f"quantizer_format must be an integer of at least 1, got {self.quantizer_format!r}.")
         if self.prototype_labels is not None and (
             not isinstance(self.prototype_labels, list) or not all(isinstance(label, str) for label in self.prototype_labels)
         ):

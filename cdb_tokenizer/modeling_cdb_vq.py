@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import operator
+import os
 from dataclasses import dataclass
 
 import torch
@@ -301,12 +302,18 @@ class CDBVQPreTrainedModel(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        """`PreTrainedModel.from_pretrained`, then a check that the code roles saved with the weights are the
-        config's (an edited config.json, or `code_roles=` passed here, labelled codes with roles they were not
-        trained for)."""
+        """`PreTrainedModel.from_pretrained`, then checks that every parameter was in the weights (see
+        `refuse_missing_parameters`) and that the code roles saved with the weights are the config's (an edited
+        config.json, or `code_roles=` passed here, labelled codes with roles they were not trained for)."""
         pretrained_model_name_or_path = expand_home(pretrained_model_name_or_path)
+        if os.path.isfile(pretrained_model_name_or_path):  # transformers would try to unpickle it as weights
+            raise OSError(f"{pretrained_model_name_or_path} is a file: give the folder that holds config.json and "
+                          f"model.safetensors (what save_pretrained writes).")  # fmt: skip
+        with_info = kwargs.pop("output_loading_info", False)
         try:
-            loaded = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+            model, loading_info = super().from_pretrained(
+                pretrained_model_name_or_path, *args, **kwargs, output_loading_info=True
+            )
         except RuntimeError as error:
             if "ignore_mismatched_sizes" not in str(error):
                 raise
@@ -317,11 +324,11 @@ class CDBVQPreTrainedModel(PreTrainedModel):
                 f"channel_multipliers, ...) differs from the one they were trained with, in config.json or passed "
                 f"here; the load report above names the tensors."
             ) from None
-        model = loaded[0] if isinstance(loaded, tuple) else loaded  # output_loading_info=True
+        refuse_missing_parameters(model, loading_info, pretrained_model_name_or_path)
         quantizer = getattr(model, "quantizer", None)
         if quantizer is not None:
             quantizer.check_code_roles()
-        return loaded
+        return (model, loading_info) if with_info else model
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -859,6 +866,20 @@ class CDBVQModel(CDBVQPreTrainedModel):
         self._check_device(features, name)
         if not bool(torch.isfinite(features).all()):
             raise ValueError(f"{name} contains NaN or infinite values.")
+
+
+def refuse_missing_parameters(model: nn.Module, loading_info: dict, source) -> None:
+    """Refuse a model whose weights file lacks some of its parameters: transformers starts them at random and only
+    logs a table, and the model then tokenises and decodes noise without an error (a dropped decoder, or a state
+    dict saved with a `model.` prefix: every parameter). Buffers that a model saved by an earlier version lacks
+    (running statistics it gathers afresh) are not parameters, and pass."""
+    parameters = {name for name, _ in model.named_parameters()}
+    missing = sorted(key for key in loading_info.get("missing_keys") or () if key in parameters)
+    if missing:
+        raise ValueError(
+            f"the weights in {source} do not fit the model its config.json describes: {len(missing)} of its "
+            f"{len(parameters)} parameters are missing (e.g. {missing[0]}), and would start at random."
+        )
 
 
 def flatten_grid(features: torch.Tensor) -> torch.Tensor:

@@ -737,7 +737,8 @@ def test_decode_keeps_to_the_pixel_budget(files, tmp_path, capsys):
     tokens = _tokens(files, tmp_path)  # 8x8 tokens -> 32x32 = 1,024 pixels
     assert main(["decode", str(tokens), "--out", str(tmp_path / "d"), "--max_image_pixels", "1000"]) == 1
     line = cli_error_line(capsys, "decode")
-    assert "32x32 pixels" in line and "--max_image_pixels" in line, line
+    # Plain pixels below a megapixel: it read "32x32 pixels (0.0 megapixels), over the 0.001-megapixel budget".
+    assert "32x32 pixels per image, over the budget of 1,000 pixels (--max_image_pixels)" in line, line
     assert not (tmp_path / "d").exists()
     assert main(["decode", str(tokens), "--out", str(tmp_path / "d"), "--max_image_pixels", "1024"]) == 0
 
@@ -760,6 +761,15 @@ def test_a_processor_that_resizes_past_the_pixel_budget_is_refused(files, tmp_pa
     assert main(["inspect", "--model", str(folder)]) == 0  # reads no images
     CDBVQImageProcessor(size=size, do_resize=False, do_center_crop=False).save_pretrained(folder)  # size unused
     assert main(["encode", str(small), "--model", str(folder), "--out", str(tmp_path / "f.safetensors"), *budget]) == 0
+
+
+def test_eval_holds_its_resolution_to_the_pixel_budget(files, tmp_path, capsys):
+    # The saved processor's size was checked, then --resolution replaced it: 100000 reached torch's allocator.
+    arguments = ["eval", "--model", str(files["model"]), "--data", str(files["root"] / "photos")]
+    assert main([*arguments, "--resolution", "100000"]) == 1
+    line = cli_error_line(capsys, "eval")
+    assert ("--resolution 100000 makes images of 100000x100000 pixels (10000.0 megapixels), over the budget of 64 "
+            "megapixels (--max_image_pixels)") in line, line
 
 
 def test_decode_writes_all_its_images_or_none(files, tmp_path, monkeypatch):

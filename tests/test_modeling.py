@@ -490,6 +490,13 @@ def test_a_size_that_disagrees_with_a_token_grid_is_refused(model):
         # Stored as stray attributes while the field kept its default: another model, built without a word.
         ({"asignment": "nearest"}, "CDBVQConfig has no field 'asignment'; did you mean 'assignment'"),
         ({"codebok_size": 8}, "no field 'codebok_size'; did you mean 'codebook_size'"),
+        # Accepted: 0 and -1 were then described as "the first CDB router"; 0 gave Python's "not iterable"; 0 and
+        # False silently became "no roles".
+        ({"quantizer_format": 0}, "quantizer_format must be an integer of at least 1, got 0"),
+        ({"quantizer_format": -1}, "quantizer_format must be an integer of at least 1, got -1"),
+        ({"prototype_labels": 0}, "prototype_labels must be None or a list of strings, got 0"),
+        ({"code_roles": 0}, "code_roles must be None or a mapping of role names"),
+        ({"code_roles": False}, "code_roles must be None or a mapping of role names"),
     ],
 )
 def test_invalid_config_values(overrides, message):
@@ -569,6 +576,29 @@ def test_a_size_changed_at_load_is_named(tmp_path):
     tiny_model().save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="do not fit the config: a size field .*codebook_size.* differs"):
         CDBVQModel.from_pretrained(tmp_path, codebook_size=32)
+
+
+def test_weights_that_lack_parameters_or_a_file_path_are_refused_at_load(tmp_path):
+    # The CLI refused these; from_pretrained returned a model with the missing parameters at random, with only
+    # transformers' load report (a dropped decoder, or a state dict saved with a "model." prefix: every parameter).
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModel
+
+    tiny_model().save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    assert type(CDBVQModel.from_pretrained(tmp_path)) is CDBVQModel  # complete weights load as before
+    model, info = CDBVQModel.from_pretrained(tmp_path, output_loading_info=True)
+    assert isinstance(model, CDBVQModel) and not info["missing_keys"]
+    for kept in ({k: v for k, v in weights.items() if not k.startswith("decoder.")},
+                 {f"model.{k}": v for k, v in weights.items()}):  # fmt: skip
+        save_file(kept, str(tmp_path / "model.safetensors"))
+        for load in (CDBVQModel.from_pretrained, lambda path: AutoModel.from_pretrained(path, trust_remote_code=True)):
+            with pytest.raises(ValueError, match=r"do not fit the model its config.json describes: \d+ of its \d+ "
+                                                 r"parameters are missing \(e.g. "):  # fmt: skip
+                load(tmp_path)
+    # A file for the folder: transformers tried to unpickle config.json as weights, inviting weights_only=False.
+    with pytest.raises(OSError, match=r"config.json is a file: give the folder"):
+        CDBVQModel.from_pretrained(tmp_path / "config.json")
 
 
 def test_code_roles_that_are_not_the_weights_are_refused_at_load(tmp_path):

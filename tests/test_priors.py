@@ -1357,6 +1357,16 @@ def test_train_prior_refuses_an_output_dir_that_overlaps_its_inputs(flag, inside
     assert (tmp_path / "b" / "tokens" / "state.json").is_file()
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--dropout", "2"], "--dropout must be in [0, 1), got 2.0."),  # torch's traceback from inside the model
+    (["--lr_scheduler", "bogus"], "argument --lr_scheduler: invalid choice: 'bogus'"),
+])  # fmt: skip
+def test_train_prior_refuses_model_flags_out_of_range(flags, message, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        load_script("train_prior").parse_args(prior_argv(tmp_path / "tokens", tmp_path / "prior", *flags))
+    assert message in capsys.readouterr().err
+
+
 def damage_prior_weights(folder: Path, damage: str) -> None:
     from safetensors.torch import load_file, save_file
 

@@ -401,8 +401,8 @@ def test_images_over_the_pixel_budget_are_refused_before_decoding(tmp_path, capl
         (["decode", "{wrong_grid}", "--out", "{tmp}/d"], "metadata says 8x8"),
         (["decode", "{truncated}", "--out", "{tmp}/d"], "truncated"),
         (["encode", "{bomb}", "--model", "{model}", "--out", "{tmp}/t.safetensors"], "too large to decode safely"),
-        (["encode", "{big}", "--model", "{model}", "--out", "{tmp}/t.safetensors"], "over the 64-megapixel budget"),
-        (["encode", "{photo}", "--model", "{model}", "--out", "{tmp}/t.safetensors", "--max_image_pixels", "1000"], "over the 0.001-megapixel budget"),
+        (["encode", "{big}", "--model", "{model}", "--out", "{tmp}/t.safetensors"], "over the budget of 64 megapixels (--max_image_pixels)"),
+        (["encode", "{photo}", "--model", "{model}", "--out", "{tmp}/t.safetensors", "--max_image_pixels", "1000"], "over the budget of 1,000 pixels (--max_image_pixels)"),
     ],
 )
 def test_cli_user_errors_are_one_line_without_a_traceback(root, tmp_path, capsys, arguments, message):

@@ -596,6 +596,46 @@ def test_a_bad_flag_value_is_one_line_without_the_usage_block(capsys):
         assert err.strip().splitlines() == [err.strip()] and "usage:" not in err  # argparse's type errors too
 
 
+@pytest.mark.parametrize("flags, message", [
+    # NaN passed the `< 0` check: every step was skipped and an untrained tokenizer saved, with exit status 0.
+    (["--l1_weight", "nan"], "--l1_weight must be a number in [0, inf), got nan."),
+    (["--high_frequency_weight", "inf"], "--high_frequency_weight must be a number in [0, inf), got inf."),
+    # These trained, then blamed corrupt weights or divergence.
+    (["--learning_rate", "inf"], "--learning_rate must be a number in (0, inf), got inf."),
+    (["--adam_epsilon", "0"], "--adam_epsilon must be a number in (0, inf), got 0.0."),
+    (["--max_grad_norm", "-1"], "--max_grad_norm must be a number in [0, inf), got -1.0."),  # clipping silently off
+    (["--disc_base_channels", "1"], "--disc_base_channels must be an integer in [4, inf), got 1."),  # ZeroDivisionError
+    (["--disc_num_layers", "0"], "--disc_num_layers must be an integer in [1, inf), got 0."),
+    (["--kmeans_init_batches", "-1"], "--kmeans_init_batches must be an integer in [1, inf), got -1."),  # islice()
+    (["--lr_warmup_steps", "-3"], "--lr_warmup_steps must be an integer in [0, inf), got -3."),
+    (["--lr_scheduler", "bogus"], "argument --lr_scheduler: invalid choice: 'bogus'"),
+    (["--resolution", "100000"], "--resolution 100000 is above 8192"),  # a 120 GB allocation in the SSIM check
+])  # fmt: skip
+def test_flag_values_out_of_range_are_refused_at_start_up(flags, message, capsys):
+    with pytest.raises(SystemExit):
+        parse_args(flags)
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("line, message", [
+    ("random_flip: 'no'", "random_flip must be true or false, got 'no'"),  # a true string: flips stayed on
+    ("max_train_steps: 2.5", "max_train_steps is not a valid value of --max_train_steps"),  # a TypeError traceback
+    ("train_batch_size: true", "train_batch_size is not a valid value of --train_batch_size"),
+    ("lr_scheduler: bogus", "lr_scheduler must be one of"),
+])  # fmt: skip
+def test_config_file_values_are_checked_as_their_flags_are(tmp_path, line, message, capsys):
+    # argparse converts string defaults only: YAML's numbers and booleans went through unchecked.
+    config = tmp_path / "run.yaml"
+    config.write_text(line + "\n")
+    with pytest.raises(SystemExit):
+        parse_args(["--config", str(config)])
+    assert message in capsys.readouterr().err
+    config.write_text("max_train_steps: 7\nrandom_crop_scale: [0.5, 1]\ncode_roles: {structure: [0, 32], texture: [32, 64]}\n")
+    args = parse_args(["--config", str(config), "--codebook_size", "64"])
+    assert args.max_train_steps == 7 and args.random_crop_scale == [0.5, 1.0]
+    assert args.model_config_dict["code_roles"] == {"structure": [0, 32], "texture": [32, 64]}
+
+
 def test_a_data_set_saved_with_save_to_disk_trains_and_is_recorded_as_local(tmp_path, fresh_accelerator_state):
     # `load_dataset` refused a saved Dataset, with advice ("use load_from_disk") no flag could follow.
     import datasets

@@ -54,7 +54,7 @@ from cdb_tokenizer.tools.runs import (
     warn_of_a_warmup_longer_than_the_run,
 )
 from cdb_tokenizer.tools.steps import micro_batch_seed
-from cdb_tokenizer.tools.train_args import check_output_dir_flags
+from cdb_tokenizer.tools.train_args import LR_SCHEDULERS, check_output_dir_flags
 from cdb_tokenizer.tools.priors import (
     ARCHITECTURES,
     PriorCollator,
@@ -140,8 +140,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        help="Epochs to train for (sets --max_train_steps when that is not given).")
     train.add_argument("--gradient_accumulation_steps", type=int, default=1)
     train.add_argument("--learning_rate", type=float, default=3e-4)
-    train.add_argument("--lr_scheduler", type=str, default="cosine",
-                       help='transformers scheduler name: "linear", "cosine", "constant_with_warmup", ...')
+    train.add_argument("--lr_scheduler", type=str, default="cosine", choices=LR_SCHEDULERS,
+                       help="transformers' learning-rate schedule.")
     train.add_argument("--lr_warmup_steps", type=int, default=100)
     train.add_argument("--adam_beta1", type=float, default=0.9)
     train.add_argument("--adam_beta2", type=float, default=0.95)
@@ -190,6 +190,8 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         parser.error(f"--num_classes must be at least 1 (or --unconditional), got {args.num_classes}.")
     if not 0 <= args.label_dropout <= 1:
         parser.error(f"--label_dropout must be in [0, 1], got {args.label_dropout}.")
+    if not 0 <= args.dropout < 1:  # torch refused 2 with a traceback from inside the model
+        parser.error(f"--dropout must be in [0, 1), got {args.dropout}.")
     if not 0 <= args.seed < 2**32:  # numpy's range (set_seed seeds it too)
         parser.error(f"--seed must be in [0, 2**32), got {args.seed}.")
     for flag in ("tokenizer", "tokens_dir"):

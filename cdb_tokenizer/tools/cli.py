@@ -158,6 +158,18 @@ def load_model_of(args: argparse.Namespace) -> LoadedModel:
     return loaded
 
 
+def _size_text(height: int, width: int) -> str:
+    """`HxW pixels`, with megapixels from one megapixel on."""
+    pixels = height * width
+    return f"{height}x{width} pixels" + (f" ({pixels / 1e6:.1f} megapixels)" if pixels >= 1e6 else "")
+
+
+def _budget(max_pixels: int) -> str:
+    """The pixel budget for a message (a 10-pixel budget read "the 1e-05-megapixel budget")."""
+    amount = f"{max_pixels / 1e6:g} megapixels" if max_pixels >= 1e6 else f"{max_pixels:,} pixels"
+    return f"the budget of {amount} (--max_image_pixels)"
+
+
 def check_processor_size(processor, max_pixels: int, name: str) -> None:
     """Refuse an image processor that resizes every image past the pixel budget (a mistyped size in a shared
     preprocessor_config.json): small input images pass the budget, and the resize then ran out of memory."""
@@ -168,9 +180,9 @@ def check_processor_size(processor, max_pixels: int, name: str) -> None:
     height, width = size or ((shortest, shortest) if isinstance(shortest, int) else (0, 0))
     if max_pixels and height * width > max_pixels:
         raise CLIError(
-            f"--model {name}: its image processor makes images of {'at least ' if size is None else ''}{height}x{width} "
-            f"pixels ({height * width / 1e6:.1f} megapixels), over the {max_pixels / 1e6:g}-megapixel budget; fix "
-            f"`size` in its preprocessor_config.json, or raise --max_image_pixels (0: no limit)."
+            f"--model {name}: its image processor makes images of {'at least ' if size is None else ''}"
+            f"{_size_text(height, width)}, over {_budget(max_pixels)}; fix `size` in its preprocessor_config.json, or "
+            f"raise --max_image_pixels (0: no limit)."
         )
 
 
@@ -262,8 +274,8 @@ def check_image_files(paths: Sequence[str], max_pixels: int | None = DEFAULT_MAX
             raise CLIError(f"{name}: not an image file (PIL cannot read it).") from None
         if max_pixels and size[0] * size[1] > max_pixels:
             raise CLIError(
-                f"{name}: {size[0]}x{size[1]} pixels ({size[0] * size[1] / 1e6:.1f} megapixels) is over the "
-                f"{max_pixels / 1e6:g}-megapixel budget; shrink it first or raise --max_image_pixels."
+                f"{name}: {_size_text(size[0], size[1])} is over {_budget(max_pixels)}; shrink it first or raise "
+                f"--max_image_pixels."
             )
         checked.append(path)
     if not checked:
@@ -664,8 +676,8 @@ def read_token_file(
     height, width = numbers["image_height"], numbers["image_width"]
     if max_pixels and height * width > max_pixels:
         raise CLIError(
-            f"{path} decodes to {height}x{width} pixels per image ({height * width / 1e6:.1f} megapixels), over the "
-            f"{max_pixels / 1e6:g}-megapixel budget; raise --max_image_pixels (0: no limit) if that is meant."
+            f"{path} decodes to {_size_text(height, width)} per image, over {_budget(max_pixels)}; raise "
+            f"--max_image_pixels (0: no limit) if that is meant."
         )
     return tokens.long(), metadata, numbers
 
@@ -1082,6 +1094,10 @@ def eval_command(args: argparse.Namespace) -> None:
             raise CLIError(
                 f"--resolution {args.resolution} is not divisible by the model's downsampling factor ({factor})."
             )
+        if args.max_image_pixels and args.resolution**2 > args.max_image_pixels:  # the saved size was checked, not this
+            raise CLIError(f"--resolution {args.resolution} makes images of {_size_text(args.resolution, args.resolution)}, "
+                           f"over {_budget(args.max_image_pixels)}; raise --max_image_pixels (0: no limit) if that is "
+                           f"meant.")  # fmt: skip
         processor.size = {"height": args.resolution, "width": args.resolution}
         processor.do_resize, processor.do_center_crop = True, True
     counter = {"unreadable": 0}

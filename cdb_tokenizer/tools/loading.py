@@ -14,6 +14,7 @@ from transformers import AutoImageProcessor, AutoModel, PretrainedConfig
 from transformers.utils import logging as transformers_logging
 
 from ..configuration_cdb_vq import looks_like_path
+from ..modeling_cdb_vq import refuse_missing_parameters
 from .messages import first_line
 
 
@@ -62,19 +63,6 @@ def locate(name_or_path: str | Path, what: str, hint: str = "") -> Path | None:
         except HFValidationError:
             problem = "neither a local folder nor a valid Hub id (owner/name)"
     raise FileNotFoundError(f"{what} {name!r}: {problem}." + (f" {hint}" if hint else ""))
-
-
-def refuse_missing_weights(model, loading_info: dict, source: str | Path) -> None:
-    """Refuse a model whose weights file lacks some of its parameters: transformers starts them at random and only
-    logs a table, and the model then tokenises and decodes noise without an error. Buffers that a model saved by an
-    earlier version lacks (running statistics it gathers afresh) are not parameters, and pass."""
-    parameters = {name for name, _ in model.named_parameters()}
-    missing = sorted(key for key in loading_info.get("missing_keys") or () if key in parameters)
-    if missing:
-        raise ValueError(
-            f"the weights in {source} do not fit the model its config.json describes: {len(missing)} of its "
-            f"{len(parameters)} parameters are missing (e.g. {missing[0]}), and would start at random."
-        )
 
 
 @contextmanager
@@ -156,7 +144,7 @@ def load_tokenizer(
             f"the weights of {name_or_path} are a PyTorch pickle (.bin) holding more than tensors, and such files are "
             f"never unpickled (that could run code); convert them to safetensors."
         ) from None
-    refuse_missing_weights(model, loading_info, name_or_path)
+    refuse_missing_parameters(model, loading_info, name_or_path)  # AutoModel's class may be a folder's older code
     model.eval()
     if _has_processor_config(name_or_path, kwargs):
         try:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import math
 import json
 import os
 import sys
@@ -70,6 +71,10 @@ class _Unset:
 
 
 PRESET = _Unset()
+
+
+# transformers' schedules that need nothing beyond the warm-up and the step count.
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 
 
 def _optional_float(value: str) -> float | None:
@@ -182,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     optim.add_argument("--gradient_accumulation_steps", type=int, default=1, help="Batches accumulated per optimiser step.")
     optim.add_argument("--learning_rate", type=float, default=PRESET, help="Peak learning rate.")
     optim.add_argument("--scale_lr", action="store_true", help="Multiply the learning rate by batch size x accumulation x processes.")
-    optim.add_argument("--lr_scheduler", type=str, default="cosine", help="transformers scheduler: linear, cosine, cosine_with_restarts, polynomial, constant, constant_with_warmup.")
+    optim.add_argument("--lr_scheduler", type=str, default="cosine", choices=LR_SCHEDULERS, help="transformers' learning-rate schedule.")
     optim.add_argument("--lr_warmup_steps", type=int, default=PRESET, help="Warm-up steps.")
     optim.add_argument("--max_train_steps", type=int, default=PRESET, help="Optimiser steps to train for.")
     optim.add_argument("--num_train_epochs", type=int, default=None, help="Epochs to train for (sets --max_train_steps when that is not given).")
@@ -263,6 +268,35 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+# Beyond any tokenizer's training size (LlamaGen's: 256-512): one float32 RGB crop of 8192 pixels is 0.8 GB.
+MAX_RESOLUTION = 8192
+
+# Flags checked by value, as intervals: "[0, inf)" is any finite number from 0 on (infinity and NaN never pass).
+FLAG_RANGES = {
+    **dict.fromkeys(("l1_weight", "l2_weight", "lpips_weight", "disc_weight", "high_frequency_weight",
+                     "adam_weight_decay", "max_grad_norm"), "[0, inf)"),
+    **dict.fromkeys(("learning_rate", "disc_learning_rate", "adam_epsilon"), "(0, inf)"),
+    **dict.fromkeys(("adam_beta1", "adam_beta2"), "[0, 1)"),
+    **dict.fromkeys(("lr_warmup_steps", "disc_start", "dead_code_restart_steps", "kmeans_init_iterations",
+                     "max_nonfinite_steps", "dataloader_num_workers"), "[0, inf)"),
+    **dict.fromkeys(("num_grid_images", "checkpoints_total_limit", "kmeans_init_batches", "disc_num_layers",
+                     "num_threads"), "[1, inf)"),
+    "disc_base_channels": "[4, inf)",  # the discriminator's group norms take a quarter of its width as groups
+}
+
+
+def _check_in(name: str, value, interval: str) -> None:
+    """Raise a ValueError naming --name unless `value` (None: not set) lies in `interval`, such as "(0, inf)"."""
+    if value is None:
+        return
+    low, high = (float(bound) for bound in interval[1:-1].split(","))
+    above = value > low if interval[0] == "(" else value >= low
+    below = value < high if interval[-1] == ")" else value <= high
+    if not (above and below and math.isfinite(value)):  # NaN fails every comparison: it never gets through
+        raise ValueError(f"--{name} must be {'an integer' if isinstance(value, int) else 'a number'} in {interval}, "
+                         f"got {value}.")
+
+
 def _check_validation_can_run(args: argparse.Namespace) -> None:
     """Refuse at start-up a run whose validation would fail after training (e.g. images too small for SSIM)."""
     factor = CDBVQConfig(**args.model_config_dict).downsampling_factor
@@ -291,7 +325,39 @@ def _read_config_file(parser: argparse.ArgumentParser, path: str) -> dict:
     unknown = sorted(set(values) - known)
     if unknown:
         parser.error(f"--config file {path!r} has unknown keys {unknown}; keys are flag names such as 'learning_rate'.")
-    return values
+    actions = {action.dest: action for action in parser._actions}
+    try:
+        return {key: _config_value(actions[key], value) for key, value in values.items()}
+    except (ValueError, TypeError, argparse.ArgumentTypeError) as error:
+        parser.error(f"--config file {path!r}: {error}")
+
+
+def _config_value(action: argparse.Action, value):
+    """A --config file's value as its flag would parse it: argparse converts string defaults only, so YAML's
+    `2.5` for an int flag, or `'no'` for a switch (a true string: the switch stayed on), went through unchecked."""
+    name = action.option_strings[0] if action.option_strings else action.dest
+    if action.nargs == 0:  # a switch (store_true, --flag/--no-flag)
+        if not isinstance(value, bool):
+            raise ValueError(f"{action.dest} must be true or false, got {value!r}.")
+        return value
+    if value is None:
+        return None
+    convert = action.type or str
+    try:
+        if isinstance(value, list) and action.nargs not in (None, "?"):
+            converted = [convert(str(item)) for item in value]
+        elif isinstance(value, (dict, list)):  # a JSON-valued flag (--code_roles), written as YAML
+            converted = convert(json.dumps(value))
+        elif isinstance(value, bool) and convert is not str:
+            raise ValueError(f"got {value!r}")
+        else:
+            converted = convert(str(value))
+    except (ValueError, TypeError, argparse.ArgumentTypeError) as error:
+        raise ValueError(f"{action.dest} is not a valid value of {name} ({error}).") from None
+    items = converted if isinstance(converted, list) else [converted]
+    if action.choices is not None and any(item not in action.choices for item in items):
+        raise ValueError(f"{action.dest} must be one of {sorted(map(str, action.choices))}, got {value!r}.")
+    return converted
 
 
 def _model_config_dict(args: argparse.Namespace, preset: dict) -> dict:
@@ -372,6 +438,9 @@ def _check_training_args(args: argparse.Namespace) -> None:
     for name in positive:
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name} must be a positive integer, got {getattr(args, name)}.")
+    if args.resolution > MAX_RESOLUTION:  # 100000 went on to a 120 GB allocation, in torch's words
+        raise ValueError(f"--resolution {args.resolution} is above {MAX_RESOLUTION}: a batch of such crops alone would "
+                         f"take {args.train_batch_size * 12 * args.resolution**2 / 1e9:.0f} GB.")  # fmt: skip
     low, high = args.random_crop_scale
     if not 0 < low <= high <= 1:
         raise ValueError(f"--random_crop_scale must be two numbers with 0 < MIN <= MAX <= 1, got {low} {high}.")
@@ -386,11 +455,7 @@ def _check_training_args(args: argparse.Namespace) -> None:
     check_prompt_template(args.prototype_template)
     if args.streaming and args.max_train_steps is None:
         raise ValueError("--streaming needs --max_train_steps, not --num_train_epochs (a stream has no length).")
-    for name in ("l1_weight", "l2_weight", "lpips_weight", "disc_weight", "high_frequency_weight"):
-        if getattr(args, name) < 0:
-            raise ValueError(f"--{name} must be >= 0, got {getattr(args, name)}.")
-    for name in ("num_grid_images", "checkpoints_total_limit"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise ValueError(f"--{name} must be a positive integer, got {getattr(args, name)}.")
+    for name, interval in FLAG_RANGES.items():
+        _check_in(name, getattr(args, name), interval)
     if not 0 < args.ema_weights_decay < 1:
         raise ValueError(f"--ema_weights_decay must be in (0, 1), got {args.ema_weights_decay}.")
