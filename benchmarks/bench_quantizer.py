@@ -30,8 +30,8 @@ import sys
 
 import torch
 from common import (
-    WORKER_FLAG,
     PeakMemory,
+    WORKER_FLAG,
     command_line,
     environment_summary,
     format_bytes,
@@ -40,6 +40,7 @@ from common import (
     load_summary,
     markdown_table,
     median,
+    positive_int,
     report_from_worker,
     run_worker,
     time_call,
@@ -298,7 +299,7 @@ def encode_section(result: dict, memory: dict[str, int | None]) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--num-latents", type=int, default=65536, help="N latents per assignment.")
+    parser.add_argument("--num-latents", type=positive_int, default=65536, help="N latents per assignment.")
     parser.add_argument("--codebook-sizes", type=int, nargs="+", default=[1024, 16384, 65536], help="K values.")
     parser.add_argument("--dims", type=int, nargs="+", default=[8, 256], help="Code dimensions D.")
     parser.add_argument("--rules", nargs="+", default=list(RULES), choices=list(RULES), help="Assignment rules.")

@@ -13,6 +13,7 @@ than the allocator's retained, fragmented heap (which, with glibc's defaults, ma
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import os
@@ -120,6 +121,21 @@ def repeat_timings(
     while len(timings) < repeats and (not timings or sum(timings) < max_seconds):
         timings.append(time_call(function, device))
     return timings
+
+
+def positive_int(text: str) -> int:
+    """An argparse type for counts (steps, rounds, batch sizes): 0 ended in a traceback deep in torch or statistics."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def distinct(parser: argparse.ArgumentParser, flag: str, values: list[str]) -> None:
+    """Refuse a repeated --rules / --runs entry (it ran twice and showed one row)."""
+    repeated = sorted({value for value in values if values.count(value) > 1})
+    if repeated:
+        parser.error(f"{flag} names {', '.join(repeated)} more than once.")
 
 
 def median(values: list[float]) -> float:

@@ -24,7 +24,16 @@ import time
 
 import torch
 from accelerate import Accelerator
-from common import command_line, environment_summary, load_line, load_summary, markdown_table, median, write_report
+from common import (
+    command_line,
+    environment_summary,
+    load_line,
+    load_summary,
+    markdown_table,
+    median,
+    positive_int,
+    write_report,
+)
 from quality import photo_tensors, random_crops, train_step
 
 from cdb_tokenizer import CDBVQConfig, CDBVQModel
@@ -154,10 +163,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--resolution", type=int, default=256)
     parser.add_argument("--tiny", action="store_true", help="A tiny model at 32x32: a dry check on a CPU.")
     parser.add_argument("--codebook-size", type=int, default=16384)
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=positive_int, default=8)
     parser.add_argument("--learning-rate", type=float, default=1e-4)
     parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--rounds", type=positive_int, default=30)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", default="cuda_training.md", help="Report name under benchmarks/results/.")
     args = parser.parse_args(argv)

@@ -41,10 +41,12 @@ from accelerate import Accelerator
 from common import (
     RESULTS_DIR,
     command_line,
+    distinct,
     environment_summary,
     load_line,
     load_summary,
     markdown_table,
+    positive_int,
     require,
     write_report,
 )
@@ -541,7 +543,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rules", nargs="+", default=list(RULES), choices=RULES)
     parser.add_argument("--steps", type=int, default=1000)
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=positive_int, default=8)
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--resolution", type=int, default=64, help="Crop size for training and evaluation.")
     parser.add_argument("--base-channels", type=int, default=16)
@@ -554,7 +556,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
                         help="A CDBVQConfig field, e.g. --set balance_weight=0.5 (repeatable); it reaches "
                         f"{OVERRIDES_REACH}. Not `assignment` (choose the rules with --rules).")  # fmt: skip
-    parser.add_argument("--eval-batch-size", type=int, default=16)
+    parser.add_argument("--eval-batch-size", type=positive_int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu",
                         help="Where to train and evaluate (e.g. cuda): the same protocol, but other numerics than the "
@@ -580,6 +582,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if "assignment" in args.overrides:
         parser.error("--set assignment=... would set every rule's assignment (each row would no longer be its rule): "
                      "choose the rules with --rules.")  # fmt: skip
+    distinct(parser, "--rules", args.rules)
+    try:  # a model flag the config refuses: one line now, not a traceback after the first rule
+        small_config(args, "cdb")
+    except ValueError as error:
+        parser.error(str(error))
     if args.output is None:
         rules = "" if set(args.rules) == set(RULES) else "_" + "_".join(args.rules)
         args.output = f"quality{rules}_seed{args.seed}.md"

@@ -35,10 +35,12 @@ import torch.nn.functional as F
 from common import (
     RESULTS_DIR,
     command_line,
+    distinct,
     environment_summary,
     load_line,
     load_summary,
     markdown_table,
+    positive_int,
     timestamp,
     write_report,
 )
@@ -47,11 +49,11 @@ from tqdm.auto import tqdm
 
 from cdb_tokenizer import CDBVQModel
 from cdb_tokenizer.modeling_cdb_vq import flatten_grid
-from cdb_tokenizer.tools.degradations import degrade
+from cdb_tokenizer.tools.degradations import degrade, parse_spec
 from cdb_tokenizer.tools.evaluation import psnr  # pooled over the set's pixels, as evaluate()
 from cdb_tokenizer.tools.losses import TokenizerLoss
 from cdb_tokenizer.quantization_cdb_vq import image_signal_features
-from cdb_tokenizer.tools.roles import save_role_map, three_role_ranges
+from cdb_tokenizer.tools.roles import role_legend, save_role_map, three_role_ranges
 
 RUNS = ("plain", "roles", "restore", "restore+roles")
 TRAINING_CROPS = 520  # crops of the training photos read back, spread evenly over them (as many as held out)
@@ -201,7 +203,7 @@ def report(args, results: dict, minutes: float, started: str, load: str, held_ou
         ]
     lines += ["## Targets", "", *targets(results), ""]
     if args.figure:
-        lines += [f"![role map of held-out crops ({'roles'} run; structure blue, texture red, colour green)]({args.figure})", ""]
+        lines += [f"![role map of held-out crops (roles run; {args.figure_legend})]({args.figure})", ""]
     return "\n".join(lines)
 
 
@@ -244,11 +246,11 @@ def targets(results: dict) -> list[str]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", nargs="+", default=list(RUNS), choices=RUNS)
-    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--steps", type=positive_int, default=600)
     parser.add_argument("--train-source", default="skimage", choices=["skimage", "demo"],
                         help="Training photos (`sample_photos`): quality.py's 16 scikit-image photos, or the demo's "
                         "13 with scikit-image's colour wheel (saturated colour the others never show).")  # fmt: skip
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=positive_int, default=8)
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--resolution", type=int, default=32, help="Crop size for training and evaluation.")
     parser.add_argument("--base-channels", type=int, default=16)
@@ -269,6 +271,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output", default="roles.md", help="Report name under benchmarks/results/.")
     args = parser.parse_args(argv)
     args.overrides, args.dead_code_restarts = parse_overrides(args.overrides), True
+    distinct(parser, "--runs", args.runs)
+    try:  # before any training: a bad spec or model flag failed only when its run came, as a traceback
+        parse_spec(args.train_degradation)
+        small_config(args, "cdb")
+    except ValueError as error:
+        parser.error(str(error))
     return args
 
 
@@ -302,15 +310,18 @@ def main(argv: list[str] | None = None) -> None:
                   "training_crops": psnr(reconstruct(model, training_crops)[0], training_crops)}  # fmt: skip
         results[run] = result
         tqdm.write(json.dumps({"run": run, **result}, default=float))
-        if run == "roles":
-            stem = args.output.rsplit(".", 1)[0]
+        if run == "roles":  # drawn once the report is written: a run that fails later leaves the last good pair
             picks = held_out[torch.linspace(0, held_out.shape[0] - 1, 8).long()]
-            large = F.interpolate(picks, scale_factor=4, mode="nearest")  # 32-pixel crops are too small to see
-            path = save_role_map(large, model.role_map(picks), model.config.role_names, RESULTS_DIR / f"{stem}_role_map.png")
-            args.figure = path.name
+            role_map = (F.interpolate(picks, scale_factor=4, mode="nearest"),  # 32-pixel crops are too small to see
+                        model.role_map(picks), model.config.role_names)  # fmt: skip
+            figure_path = RESULTS_DIR / f"{args.output.rsplit('.', 1)[0]}_role_map.png"
+            args.figure = figure_path.name  # the report links it by name, beside itself
+            args.figure_legend = role_legend(model.config.role_names)
     minutes = (time.perf_counter() - start) / 60
     text = report(args, results, minutes, started, load_summary(load_before), held_out.shape[0])
     path = write_report(args.output, text)
+    if args.figure is not None:
+        save_role_map(*role_map, figure_path)
     print(text)
     print(f"wrote {path}")
 

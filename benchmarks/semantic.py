@@ -683,7 +683,7 @@ def targets(results: dict[str, dict], num_classes: int) -> list[tuple[str, str, 
         psnr_change = result["psnr"] - baseline["psnr"]
         name = CASES[case].name
         rows += [
-            (name, "linear probe minus nearest's (points)", probe_gain, ">= +5", probe_gain >= 5),
+            (name, "linear probe minus nearest's (points)", probe_gain, ">= +20", probe_gain >= 20),
             (name, "prototype agreement minus nearest's (points)", agreement_gain, f">= +{200 * chance:.0f} (2x chance)", agreement_gain >= 200 * chance),
             (name, "test PSNR minus nearest's (dB)", psnr_change, ">= -0.5", psnr_change >= -0.5),
         ]  # fmt: skip

@@ -24,8 +24,8 @@ import sys
 
 import torch
 from common import (
-    WORKER_FLAG,
     PeakMemory,
+    WORKER_FLAG,
     command_line,
     environment_summary,
     format_bytes,
@@ -34,6 +34,7 @@ from common import (
     load_summary,
     markdown_table,
     median,
+    positive_int,
     report_from_worker,
     require,
     run_worker,
@@ -235,8 +236,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rules", nargs="+", default=list(RULES), choices=RULES)
     parser.add_argument("--no-diffusers", dest="diffusers", action="store_false", help="Skip diffusers' VQModel.")
-    parser.add_argument("--batch-size", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=3, help="Timed round-robin rounds.")
+    parser.add_argument("--batch-size", type=positive_int, default=2)
+    parser.add_argument("--rounds", type=positive_int, default=3, help="Timed round-robin rounds.")
     parser.add_argument("--skip-memory", action="store_true", help="Only throughput.")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads on CPU (0: torch's default); 1 gives steadier numbers on a shared machine.")  # fmt: skip

@@ -16,7 +16,16 @@ import sys
 import time
 
 import torch
-from common import command_line, environment_summary, load_line, load_summary, markdown_table, median, write_report
+from common import (
+    command_line,
+    environment_summary,
+    load_line,
+    load_summary,
+    markdown_table,
+    median,
+    positive_int,
+    write_report,
+)
 
 import quality
 
@@ -28,7 +37,7 @@ STEP_TARGET_RATIO = 1.3
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rules", nargs="+", default=["nearest", "cdb", "sinkhorn", "vqtorch"], choices=quality.RULES)
-    parser.add_argument("--rounds", type=int, default=30, help="Timed rounds (one step of every rule per round).")
+    parser.add_argument("--rounds", type=positive_int, default=30, help="Timed rounds (one step of every rule per round).")
     parser.add_argument("--warmup", type=int, default=5, help="Untimed rounds first (k-means init happens here).")
     parser.add_argument("--output", default="step_time.md", help="Report name under benchmarks/results/.")
     args, rest = parser.parse_known_args(argv)

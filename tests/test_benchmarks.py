@@ -75,6 +75,38 @@ def test_benchmark_flags_that_would_measure_something_else_are_refused(load, cap
     assert "step_time.py times the CPU" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("script, argv, message", [
+    # Each ended in a traceback (torch.stack of nothing, statistics' empty median, a ZeroDivisionError), after work.
+    ("quality", ["--batch-size", "0"], "argument --batch-size: must be at least 1, got 0"),
+    ("quality", ["--eval-batch-size", "0"], "argument --eval-batch-size: must be at least 1, got 0"),
+    ("quality", ["--resolution", "30"], "resolution (30) must be divisible by the downsampling factor"),
+    ("quality", ["--rules", "nearest", "nearest"], "--rules names nearest more than once"),  # trained twice, one row
+    ("roles", ["--steps", "0"], "argument --steps: must be at least 1, got 0"),
+    # Parsed only when the restoration run came, after the roles run had trained for minutes.
+    ("roles", ["--train-degradation", "bogus:1"], "unknown degradation 'bogus'"),
+    ("step_time", ["--rounds", "0"], "argument --rounds: must be at least 1, got 0"),
+    ("speed", ["--rounds", "0"], "argument --rounds: must be at least 1, got 0"),
+    ("bench_quantizer", ["--num-latents", "0"], "argument --num-latents: must be at least 1, got 0"),  # a report of 0
+])  # fmt: skip
+def test_benchmark_counts_and_specs_are_checked_before_any_work(load, capsys, script, argv, message):
+    with pytest.raises(SystemExit):
+        load(script).parse_args(argv)
+    assert message in capsys.readouterr().err
+
+
+def test_roles_writes_its_role_map_only_with_its_report(load, tmp_path, monkeypatch):
+    # The figure was saved as soon as the roles run ended: a run that failed later replaced it under the old report.
+    roles = load("roles")
+
+    def failing_report(name, text):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(roles, "write_report", failing_report)
+    with pytest.raises(OSError, match="disk full"):
+        roles.main(["--runs", "roles", "--steps", "1", "--codebook-size", "96", "--output", str(tmp_path / "r.md")])
+    assert not list(tmp_path.iterdir())
+
+
 def test_vqtorch_adapter_counts_the_codes_the_library_replaces(load):
     pytest.importorskip("vector_quantize_pytorch")
     quality = load("quality")
