@@ -198,7 +198,9 @@ class CDBVQConfig(PretrainedConfig):
         roles_are_ranges = isinstance(code_roles, Mapping) and all(_is_range(b) for b in code_roles.values())
         if roles_are_ranges:
             code_roles = {name: list(bounds) for name, bounds in code_roles.items()}
-        self.code_roles = None if code_roles is None or code_roles == {} else code_roles  # 0 or False: named below
+        # Any empty container is "no roles"; 0 or False is named below (it silently meant no roles).
+        empty = isinstance(code_roles, (Mapping, list, tuple, str)) and len(code_roles) == 0
+        self.code_roles = None if code_roles is None or empty else code_roles
         self.role_hidden_dim = role_hidden_dim
         self.role_supervision_weight = role_supervision_weight
         self.role_prior_scale = role_prior_scale

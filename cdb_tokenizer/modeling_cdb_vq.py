@@ -306,7 +306,7 @@ class CDBVQPreTrainedModel(PreTrainedModel):
         `refuse_missing_parameters`) and that the code roles saved with the weights are the config's (an edited
         config.json, or `code_roles=` passed here, labelled codes with roles they were not trained for)."""
         pretrained_model_name_or_path = expand_home(pretrained_model_name_or_path)
-        if os.path.isfile(pretrained_model_name_or_path):  # transformers would try to unpickle it as weights
+        if pretrained_model_name_or_path is not None and os.path.isfile(pretrained_model_name_or_path):  # as weights
             raise OSError(f"{pretrained_model_name_or_path} is a file: give the folder that holds config.json and "
                           f"model.safetensors (what save_pretrained writes).")  # fmt: skip
         with_info = kwargs.pop("output_loading_info", False)

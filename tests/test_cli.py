@@ -17,6 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from cdb_tokenizer import CDBVQImageProcessor, CDBVQModel
+import cdb_tokenizer.tools.cli as cli_module
 from cdb_tokenizer.tools.cli import main
 from cdb_tokenizer.tools.data import sample_photos
 from conftest import cli_error_line, hub_cache, tiny_model
@@ -157,6 +158,16 @@ def test_a_reader_that_closes_early_ends_the_command_quietly(files, tmp_path):
     _, stderr = process.communicate(timeout=300)
     assert process.returncode == 141 and "error" not in stderr and "Traceback" not in stderr, stderr[-2000:]
     assert tokens_file.is_file()
+
+
+def test_a_broken_pipe_elsewhere_is_an_error(files, monkeypatch, capsys):
+    # Not the reader of stdout (a socket during a download, say): that failure is reported, not taken for `| head`.
+    def broken(*args, **kwargs):
+        raise BrokenPipeError(32, "Broken pipe (socket)")
+
+    monkeypatch.setattr(cli_module, "load_model_of", broken)
+    assert main(["inspect", "--model", str(files["model"])]) == 1
+    assert "Broken pipe (socket)" in cli_error_line(capsys, "inspect")
 
 
 def test_eval_prints_table_and_json_and_skips_unreadable_images(files, tmp_path, capsys):

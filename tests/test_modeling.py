@@ -599,6 +599,13 @@ def test_weights_that_lack_parameters_or_a_file_path_are_refused_at_load(tmp_pat
     # A file for the folder: transformers tried to unpickle config.json as weights, inviting weights_only=False.
     with pytest.raises(OSError, match=r"config.json is a file: give the folder"):
         CDBVQModel.from_pretrained(tmp_path / "config.json")
+    # transformers' in-memory form (no folder) still loads, and is held to the same rule.
+    model = tiny_model()
+    loaded = CDBVQModel.from_pretrained(None, config=model.config, state_dict=model.state_dict())
+    assert torch.equal(loaded.quantizer.codebook.weight, model.quantizer.codebook.weight)
+    with pytest.raises(ValueError, match="parameters are missing"):
+        partial = {key: value for key, value in model.state_dict().items() if not key.startswith("decoder.")}
+        CDBVQModel.from_pretrained(None, config=model.config, state_dict=partial)
 
 
 def test_code_roles_that_are_not_the_weights_are_refused_at_load(tmp_path):

@@ -479,8 +479,8 @@ def test_model_config_file_then_flags(tmp_path):
         (["--prototypes", "kmeans:zero"], "kmeans:N needs a positive N"),
         (["--prototypes", "text:/no/such/labels.txt"], "does not exist"),
         (["--train_data_dir", "/no/such/folder"], "does not exist"),
-        (["--num_grid_images", "0"], "--num_grid_images must be a positive integer"),
-        (["--checkpoints_total_limit", "0"], "--checkpoints_total_limit must be a positive integer"),
+        (["--num_grid_images", "0"], "--num_grid_images must be an integer in [1, inf), got 0."),
+        (["--checkpoints_total_limit", "0"], "--checkpoints_total_limit must be an integer in [1, inf), got 0."),
         (["--ema_weights_decay", "1.5"], "--ema_weights_decay must be in (0, 1)"),
         # rFID of one image raised at the first validation, after training, before that step's checkpoint.
         (["--validation_fid", "random", "--num_validation_images", "1"], "--validation_fid needs --num_validation_images"),
@@ -606,7 +606,7 @@ def test_a_bad_flag_value_is_one_line_without_the_usage_block(capsys):
     (["--max_grad_norm", "-1"], "--max_grad_norm must be a number in [0, inf), got -1.0."),  # clipping silently off
     (["--disc_base_channels", "1"], "--disc_base_channels must be an integer in [4, inf), got 1."),  # ZeroDivisionError
     (["--disc_num_layers", "0"], "--disc_num_layers must be an integer in [1, inf), got 0."),
-    (["--kmeans_init_batches", "-1"], "--kmeans_init_batches must be an integer in [1, inf), got -1."),  # islice()
+    (["--kmeans_init_batches", "-1"], "--kmeans_init_batches must be an integer in [0, inf), got -1."),  # islice()
     (["--lr_warmup_steps", "-3"], "--lr_warmup_steps must be an integer in [0, inf), got -3."),
     (["--lr_scheduler", "bogus"], "argument --lr_scheduler: invalid choice: 'bogus'"),
     (["--resolution", "100000"], "--resolution 100000 is above 8192"),  # a 120 GB allocation in the SSIM check
@@ -622,6 +622,10 @@ def test_flag_values_out_of_range_are_refused_at_start_up(flags, message, capsys
     ("max_train_steps: 2.5", "max_train_steps is not a valid value of --max_train_steps"),  # a TypeError traceback
     ("train_batch_size: true", "train_batch_size is not a valid value of --train_batch_size"),
     ("lr_scheduler: bogus", "lr_scheduler must be one of"),
+    ("mixed_precision: no", "YAML reads an unquoted yes/no/on/off as true/false; quote it"),  # "got False"
+    ("report_to: [tensorboard]", "report_to takes one value"),  # became the text '["tensorboard"]'
+    ("random_crop_scale: 0.8", "random_crop_scale takes a list"),  # a TypeError traceback
+    ("random_crop_scale: [0.5]", "random_crop_scale takes 2 values"),
 ])  # fmt: skip
 def test_config_file_values_are_checked_as_their_flags_are(tmp_path, line, message, capsys):
     # argparse converts string defaults only: YAML's numbers and booleans went through unchecked.
@@ -630,9 +634,11 @@ def test_config_file_values_are_checked_as_their_flags_are(tmp_path, line, messa
     with pytest.raises(SystemExit):
         parse_args(["--config", str(config)])
     assert message in capsys.readouterr().err
-    config.write_text("max_train_steps: 7\nrandom_crop_scale: [0.5, 1]\ncode_roles: {structure: [0, 32], texture: [32, 64]}\n")
+    config.write_text("max_train_steps: 7\nrandom_crop_scale: [0.5, 1]\ncode_roles: {structure: [0, 32], texture: [32, 64]}\n"
+                      "validation_fid: true\nkmeans_init_batches: 0\n")  # fmt: skip
     args = parse_args(["--config", str(config), "--codebook_size", "64"])
     assert args.max_train_steps == 7 and args.random_crop_scale == [0.5, 1.0]
+    assert args.validation_fid == "inception" and args.kmeans_init_batches == 0  # YAML's bare flag; 0: the default
     assert args.model_config_dict["code_roles"] == {"structure": [0, 32], "texture": [32, 64]}
 
 

@@ -54,7 +54,7 @@ from cdb_tokenizer.tools.runs import (
     warn_of_a_warmup_longer_than_the_run,
 )
 from cdb_tokenizer.tools.steps import micro_batch_seed
-from cdb_tokenizer.tools.train_args import LR_SCHEDULERS, check_output_dir_flags
+from cdb_tokenizer.tools.train_args import FLAG_RANGES, LR_SCHEDULERS, check_in, check_output_dir_flags
 from cdb_tokenizer.tools.priors import (
     ARCHITECTURES,
     PriorCollator,
@@ -195,24 +195,24 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
     if not 0 <= args.seed < 2**32:  # numpy's range (set_seed seeds it too)
         parser.error(f"--seed must be in [0, 2**32), got {args.seed}.")
     for flag in ("tokenizer", "tokens_dir"):
-        problem = output_dir_overlap(args.output_dir, getattr(args, flag))
-        if problem:
-            parser.error(f"--output_dir {args.output_dir} {problem} --{flag} {getattr(args, flag)}: the run would "
-                         f"write into (or, with --overwrite_output_dir, delete) its own input; pick another "
+        if same_folder(args.output_dir, getattr(args, flag)):
+            parser.error(f"--output_dir {args.output_dir} is --{flag} {getattr(args, flag)}: the prior's files would "
+                         f"replace its input's (with --overwrite_output_dir the tokenizer was deleted); pick another "
                          f"--output_dir.")  # fmt: skip
+    for name, interval in FLAG_RANGES.items():  # train.py's ranges, for the flags the two scripts share
+        if hasattr(args, name):
+            try:
+                check_in(name, getattr(args, name), interval)
+            except ValueError as error:
+                parser.error(str(error))
 
 
-def output_dir_overlap(output_dir: str, source: str | None) -> str | None:
-    """How --output_dir overlaps a local input folder ("is", "lies inside", "contains"), or None; a Hub id (no
-    such local path) overlaps nothing. Resolved, so `./tok`, `tok/` and links to it are the same folder."""
+def same_folder(output_dir: str, source: str | None) -> bool:
+    """Whether --output_dir is a local input folder (resolved, so `./tok`, `tok/` and links to it are one). A prior
+    kept inside its tokenizer's folder, or around its tokens, is fine: a run writes and deletes only its own files."""
     if source is None or not Path(source).expanduser().exists():
-        return None
-    output, source_path = Path(output_dir).expanduser().resolve(), Path(source).expanduser().resolve()
-    if output == source_path:
-        return "is"
-    if source_path in output.parents:
-        return "lies inside"
-    return "contains" if output in source_path.parents else None
+        return False
+    return Path(output_dir).expanduser().resolve() == Path(source).expanduser().resolve()
 
 
 # ---------------------------------------------------------------------------------------------------- data
@@ -355,11 +355,13 @@ def make_vocabulary(args: argparse.Namespace, train, validation, codebook_size: 
     splits = [("training", train)] + ([("validation", validation)] if "label" in validation.column_names else [])
     highs = [pc.max(_labels(name, split)).as_py() for name, split in splits]
     highest = max((high for high in highs if high is not None), default=-1)
-    rows = sum(len(split) for _, split in splits)
-    if highest + 1 > rows:  # most classes would have no row: a stray label, and a model sized for it
+    labelled = sum(pc.sum(pc.greater_equal(_labels(name, split), 0)).as_py() or 0 for name, split in splits)
+    # Far more classes than labelled rows: a stray label (1,000,000 among 0-3 built a 64M-parameter prior); a small
+    # subset of a many-class set (labels up to 999 in 200 rows) is not one.
+    if highest + 1 > max(10 * labelled, 4096):
         raise ValueError(
-            f"the labels go up to {highest}, i.e. {highest + 1} classes for {rows} labelled rows: a stray label? Fix "
-            f"it, or pass --num_classes (or --unconditional)."
+            f"the labels go up to {highest}, i.e. {highest + 1} classes for {labelled} labelled rows: a stray label? "
+            f"Fix it, or pass --num_classes (or --unconditional)."
         )
     # At least one class, so that data of only unlabelled (-1) rows is refused by check_split, not trained on.
     return PriorVocabulary(codebook_size, max(1, highest + 1))

@@ -158,6 +158,22 @@ def load_model_of(args: argparse.Namespace) -> LoadedModel:
     return loaded
 
 
+def _stdout_reader_gone() -> bool:
+    """Whether stdout is a pipe whose reader has closed it (poll reports an error on it): a broken pipe elsewhere (a
+    socket during a download) is a failure to report, not a reader that had enough."""
+    import select
+
+    try:
+        stdout = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # no real stdout (captured): the pipe was another
+        return False
+    if not hasattr(select, "poll"):  # Windows: take it for stdout's, as before this check
+        return True
+    poller = select.poll()
+    poller.register(stdout, select.POLLOUT)
+    return any(events & select.POLLERR for _, events in poller.poll(0))
+
+
 def _size_text(height: int, width: int) -> str:
     """`HxW pixels`, with megapixels from one megapixel on."""
     pixels = height * width
@@ -166,7 +182,7 @@ def _size_text(height: int, width: int) -> str:
 
 def _budget(max_pixels: int) -> str:
     """The pixel budget for a message (a 10-pixel budget read "the 1e-05-megapixel budget")."""
-    amount = f"{max_pixels / 1e6:g} megapixels" if max_pixels >= 1e6 else f"{max_pixels:,} pixels"
+    amount = f"{max_pixels / 1e6:g} megapixel{'s' * (max_pixels != 1e6)}" if max_pixels >= 1e6 else f"{max_pixels:,} pixels"
     return f"the budget of {amount} (--max_image_pixels)"
 
 
@@ -242,9 +258,11 @@ def _read_model_config(name: str, model_id: str, revision: str | None = None) ->
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise CLIError(f"--model {name}: config.json is not valid JSON ({first_line(error)}).") from None
     except Exception as error:  # noqa: BLE001 - Hub errors (not found, offline, gated) have no common base class
-        if hub_offline():  # huggingface_hub's text asks to check the connection, which the user turned off on purpose
-            raise CLIError(f"could not load model {name!r}: it is not in the Hugging Face cache, and HF_HUB_OFFLINE is "
-                           f"set.") from None  # fmt: skip
+        not_cached = type(error).__name__ in ("LocalEntryNotFoundError", "OfflineModeIsEnabled")
+        if hub_offline() and not_cached:  # huggingface_hub asks to check the connection, which the user turned off
+            what = f"its revision {revision!r}" if revision else "it"
+            raise CLIError(f"could not load model {name!r}: {what} is not in the Hugging Face cache, and "
+                           f"HF_HUB_OFFLINE is set.") from None  # fmt: skip
         raise CLIError(f"could not load model {name!r}: {first_line(error)}") from None
     if not isinstance(config, dict):
         raise CLIError(f"--model {name}: config.json does not hold a JSON object.")
@@ -1536,12 +1554,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         remove_created_folders()
         print(f"cdb-vq {args.command}: interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:  # a reader that closed early (`| head`): stop quietly, as a command killed by SIGPIPE
-        # Files are written whole (see files.py), so none is left half-written; the exit flush must not raise again.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 141  # 128 + SIGPIPE, what a shell reports for such a command
     except Exception as error:  # noqa: BLE001 - every failure is one line; --debug shows the traceback
         remove_created_folders()  # a refused command leaves no empty output folders behind
+        if isinstance(error, BrokenPipeError) and _stdout_reader_gone():
+            # A reader that closed early (`| head`): stop quietly, as a command killed by SIGPIPE. Files are written
+            # whole (files.py), so none is left half-written; the exit flush must not raise again.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 141  # 128 + SIGPIPE, what a shell reports for such a command
         if args.debug:
             traceback.print_exc()
         if isinstance(error, CLIError):

@@ -442,10 +442,7 @@ def render_model_card(
         teacher_random=not training_config.get("clip_pretrained")
         and not str(training_config.get("clip_model")).startswith("hf-hub:"),
         teacher_hub_id=teacher_hub_id,
-        prototype_origin=(
-            "k-means centres of CLIP image features" if str(training_config.get("prototypes")).startswith("kmeans:")
-            else "vectors given in a file"
-        ),
+        prototype_origin=_prototype_origin(training_config.get("prototypes")),
         training=_training_summary(training_config, metrics),
         training_rows=[
             (key, _format_value(value) + (" (unavailable, so not used)" if key in unused else ""))
@@ -454,6 +451,13 @@ def render_model_card(
             if value is not None and not isinstance(value, dict)
         ],
     )
+
+
+def _prototype_origin(spec: str | None) -> str:
+    """Where prototypes without labels came from, by the run's --prototypes (None: set on the model from Python)."""
+    if spec is None:
+        return "vectors set on the model"
+    return "k-means centres of CLIP image features" if str(spec).startswith("kmeans:") else "vectors given in a file"
 
 
 def _load_complete_model(folder: Path):

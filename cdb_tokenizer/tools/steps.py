@@ -151,7 +151,13 @@ def micro_batch_seed(seed: int, step: int, micro_batch: int, process_index: int)
     global random state is no such function: data loaders draw from it ahead of the step). A hash, not arithmetic:
     any seed, step or number of micro-batches stays within the generator's 64 bits, and no two micro-batches share
     a seed."""
-    key = f"{seed}/{step}/{micro_batch}/{process_index}".encode()
+    return derived_seed(seed, step, micro_batch, process_index)
+
+
+def derived_seed(*parts: int) -> int:
+    """A 63-bit seed that is a hash of `parts` (a run's seed and the indices of what it seeds): any seed or index
+    stays within a generator's 64 bits, and no two index tuples share a seed."""
+    key = "/".join(str(part) for part in parts).encode()
     return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1
 
 

@@ -386,10 +386,10 @@ def _tag_checkpoint(model_name: str, tag: str, tag_config: dict, cache_dir: str 
 
 def _looks_like_a_checkpoint(path: str | Path) -> bool:
     """Whether `path` starts as a checkpoint does: a zip (torch.save), a pickle's protocol mark (an old torch.save)
-    or a safetensors header (its little-endian length, then `{`)."""
+    a safetensors header (its little-endian length, then `{`), or a NumPy array (open_clip's big_vision `.npy`)."""
     with open(path, "rb") as handle:
         head = handle.read(9)
-    return head.startswith((b"PK\x03\x04", b"\x80")) or (len(head) == 9 and head[8:9] == b"{")
+    return head.startswith((b"PK\x03\x04", b"\x80", b"\x93NUMPY")) or (len(head) == 9 and head[8:9] == b"{")
 
 
 def _file_digest(path: str | Path) -> str:

@@ -279,13 +279,13 @@ FLAG_RANGES = {
     **dict.fromkeys(("adam_beta1", "adam_beta2"), "[0, 1)"),
     **dict.fromkeys(("lr_warmup_steps", "disc_start", "dead_code_restart_steps", "kmeans_init_iterations",
                      "max_nonfinite_steps", "dataloader_num_workers"), "[0, inf)"),
-    **dict.fromkeys(("num_grid_images", "checkpoints_total_limit", "kmeans_init_batches", "disc_num_layers",
-                     "num_threads"), "[1, inf)"),
+    **dict.fromkeys(("kmeans_init_batches", "num_threads"), "[0, inf)"),  # 0: the default / one thread
+    **dict.fromkeys(("num_grid_images", "checkpoints_total_limit", "disc_num_layers"), "[1, inf)"),
     "disc_base_channels": "[4, inf)",  # the discriminator's group norms take a quarter of its width as groups
 }
 
 
-def _check_in(name: str, value, interval: str) -> None:
+def check_in(name: str, value, interval: str) -> None:
     """Raise a ValueError naming --name unless `value` (None: not set) lies in `interval`, such as "(0, inf)"."""
     if value is None:
         return
@@ -340,16 +340,26 @@ def _config_value(action: argparse.Action, value):
         if not isinstance(value, bool):
             raise ValueError(f"{action.dest} must be true or false, got {value!r}.")
         return value
+    if action.nargs == "?" and isinstance(value, bool):  # YAML's way to give the flag bare (true) or not (false)
+        return action.const if value else None
     if value is None:
         return None
+    if isinstance(value, bool) and action.type is not json_object:
+        if action.type in (None, str, _optional_str):  # a word YAML took for a boolean
+            raise ValueError(f"{action.dest} got {value}: YAML reads an unquoted yes/no/on/off as true/false; quote "
+                             f"it ('no').")  # fmt: skip
+        raise ValueError(f"{action.dest} is not a valid value of {name} (got {value}).")
     convert = action.type or str
+    many = action.nargs not in (None, "?")
+    if many != isinstance(value, list) and action.type is not json_object:
+        raise ValueError(f"{action.dest} takes {'a list' if many else 'one value'}, got {value!r}.")
+    if isinstance(action.nargs, int) and len(value) != action.nargs:
+        raise ValueError(f"{action.dest} takes {action.nargs} values, got {value!r}.")
     try:
-        if isinstance(value, list) and action.nargs not in (None, "?"):
+        if many:
             converted = [convert(str(item)) for item in value]
         elif isinstance(value, (dict, list)):  # a JSON-valued flag (--code_roles), written as YAML
             converted = convert(json.dumps(value))
-        elif isinstance(value, bool) and convert is not str:
-            raise ValueError(f"got {value!r}")
         else:
             converted = convert(str(value))
     except (ValueError, TypeError, argparse.ArgumentTypeError) as error:
@@ -456,6 +466,6 @@ def _check_training_args(args: argparse.Namespace) -> None:
     if args.streaming and args.max_train_steps is None:
         raise ValueError("--streaming needs --max_train_steps, not --num_train_epochs (a stream has no length).")
     for name, interval in FLAG_RANGES.items():
-        _check_in(name, getattr(args, name), interval)
+        check_in(name, getattr(args, name), interval)
     if not 0 < args.ema_weights_decay < 1:
         raise ValueError(f"--ema_weights_decay must be in (0, 1), got {args.ema_weights_decay}.")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -153,7 +152,7 @@ def sample_images(
     batch_size: int | None = None,
     progress: bool = False,
 ) -> torch.FloatTensor:
-    """Sample images (num_images, 3, H, W) in [-1, 1]: `sample_image_tokens`, then the tokenizer's
+    """Sample images (num_images, 3, H, W) in [-1, 1], on the CPU: `sample_image_tokens`, then the tokenizer's
     `decode_image_tokens`, `batch_size` images at a time (default: all at once; `progress` shows a bar over the
     batches). `image_size` (height, width) in pixels picks the token grid; by default the tokenizer's resolution. A
     tokenizer with another codebook size, or a grid that does not hold the prior's tokens per image (see
@@ -191,7 +190,8 @@ def sample_images(
             class_labels=None if labels is None else labels[start : start + count], guidance_scale=guidance_scale,
             seed=batch_seed(seed, index), num_image_tokens=num_image_tokens,
         )  # fmt: skip
-        images.append(tokenizer_model.decode_image_tokens(tokens.to(device), height=height, width=width))
+        # On the CPU as they come: the batch size bounds the device's memory, and the grid is saved from the CPU.
+        images.append(tokenizer_model.decode_image_tokens(tokens.to(device), height=height, width=width).cpu())
     return torch.cat(images)
 
 
@@ -211,10 +211,11 @@ def per_image_labels(class_labels: Sequence[int] | torch.Tensor | int | None, nu
 def batch_seed(seed: int | None, index: int) -> int | None:
     """The seed of batch `index` of a sampling run: `seed` for the first (a run of one batch samples as with
     `sample_image_tokens(seed=seed)`), a hash of both for the others, so no two batches draw alike."""
+    from ..steps import derived_seed
+
     if seed is None or index == 0:
         return seed
-    digest = hashlib.blake2b(f"{seed}/{index}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
+    return derived_seed(seed % 2**64, index)  # as torch reads the seed: -1 and 2**64 - 1 are one, for every batch
 
 
 def token_image_size(
