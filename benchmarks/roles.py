@@ -319,9 +319,16 @@ def main(argv: list[str] | None = None) -> None:
             args.figure_legend = role_legend(model.config.role_names)
     minutes = (time.perf_counter() - start) / 60
     text = report(args, results, minutes, started, load_summary(load_before), held_out.shape[0])
-    path = write_report(args.output, text)
-    if args.figure is not None:
-        save_role_map(*role_map, figure_path)
+    # The figure beside the report, both or neither: drawn under a temporary name, renamed once the report is written.
+    drawn = save_role_map(*role_map, figure_path.with_name("." + figure_path.name)) if args.figure else None
+    try:
+        path = write_report(args.output, text)
+    except BaseException:
+        if drawn is not None:
+            drawn.unlink(missing_ok=True)
+        raise
+    if drawn is not None:
+        os.replace(drawn, figure_path)
     print(text)
     print(f"wrote {path}")
 
