@@ -330,6 +330,8 @@ class CDBVQConfig(PretrainedConfig):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 optional = "None or " if name in OPTIONAL_REAL_FIELDS else ""
                 raise ValueError(f"{name} must be {optional}a finite number, got {value!r}.")
+            if abs(value) > FLOAT32_MAX:  # the model computes in float32: 1e300 failed in torch's init, or read as NaN
+                raise ValueError(f"{name} is too large for float32 (at most {FLOAT32_MAX:.3g}), got {value!r}.")
         for name in BOOL_FIELDS:
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}.")
@@ -386,12 +388,21 @@ def field_names() -> tuple[str, ...]:
     return tuple(name for name in inspect.signature(CDBVQConfig.__init__).parameters if name not in ("self", "kwargs"))
 
 
+# Names other image models and tokenizers give these fields (ViT's image_size, a language model's vocab_size, ...).
+FIELD_ALIASES = {"image_size": "resolution", "vocab_size": "codebook_size", "num_codes": "codebook_size",
+                 "num_embeddings": "codebook_size", "n_embed": "codebook_size", "in_channels": "num_channels"}  # fmt: skip
+# The largest float32: the model's numbers are float32, whatever Python holds.
+FLOAT32_MAX = 3.4028234663852886e38
+
+
 def refuse_misspelled_fields(kwargs: dict) -> None:
     """Refuse a keyword that is not a field but reads like one (`asignment`, `codebok_size`): it would be stored as a
     stray attribute while the field keeps its default, building another model without a word. Other unknown keys
     pass, as in transformers (metadata that a saved config.json carries)."""
     fields = field_names()
     for key in kwargs:
+        if key in FIELD_ALIASES:  # other models' names for a field: stored aside, the field kept its default
+            raise ValueError(f"CDBVQConfig has no field {key!r}; did you mean {FIELD_ALIASES[key]!r}?")
         close = difflib.get_close_matches(key, fields, n=1, cutoff=0.8)
         if close and key not in FORMAT_1_FIELDS and not hasattr(PretrainedConfig, key):
             raise ValueError(f"CDBVQConfig has no field {key!r}; did you mean {close[0]!r}?")

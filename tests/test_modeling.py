@@ -497,6 +497,10 @@ def test_a_size_that_disagrees_with_a_token_grid_is_refused(model):
         ({"prototype_labels": 0}, "prototype_labels must be None or a list of strings, got 0"),
         ({"code_roles": 0}, "code_roles must be None or a mapping of role names"),
         ({"code_roles": False}, "code_roles must be None or a mapping of role names"),
+        # Stored as stray attributes while the field kept its default; 1e300 failed in torch's init (float32).
+        ({"image_size": 64}, "no field 'image_size'; did you mean 'resolution'"),
+        ({"vocab_size": 128}, "no field 'vocab_size'; did you mean 'codebook_size'"),
+        ({"router_semantic_scale": 1e300}, r"router_semantic_scale is too large for float32 \(at most 3.4e\+38\)"),
     ],
 )
 def test_invalid_config_values(overrides, message):
