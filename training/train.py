@@ -78,7 +78,7 @@ from cdb_tokenizer.tools.evaluation import (
     save_reconstruction_figure,
     save_usage_plot,
 )
-from cdb_tokenizer.tools.files import saved_weights, share_safetensors, write_text
+from cdb_tokenizer.tools.files import file_sha256, saved_weights, share_safetensors, write_text
 from cdb_tokenizer.tools.losses import LPIPSUnavailableError, PatchDiscriminator, TokenizerLoss, cached_lpips, load_lpips
 from cdb_tokenizer.tools.messages import first_line, run_script
 from cdb_tokenizer.tools.redaction import public_value, redact_secrets
@@ -777,7 +777,7 @@ def _prototypes_identity(args: argparse.Namespace) -> str | None:
         return f"text labels and template {hashlib.sha256(content).hexdigest()[:12]}"
     if kind == "kmeans":
         return args.prototypes
-    return f"file {hashlib.sha256(Path(args.prototypes).read_bytes()).hexdigest()[:12]}"
+    return f"file {file_sha256(args.prototypes)[:12]}"
 
 
 def changed_settings(saved: dict | None, now: dict) -> list[str]:

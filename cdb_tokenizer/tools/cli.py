@@ -1033,8 +1033,7 @@ def _fid_reference_facts(args: argparse.Namespace, processor) -> dict[str, str]:
     if args.fid_feature_extractor == "inception":
         from .evaluation import inception_weights
 
-        with open(inception_weights(args.fid_weights, allow_download=False), "rb") as weights:
-            facts["weights"] = hashlib.file_digest(weights, "sha256").hexdigest()[:16]
+        facts["weights"] = files.file_sha256(inception_weights(args.fid_weights, allow_download=False))[:16]
     return facts
 
 

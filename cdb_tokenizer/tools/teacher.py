@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .downloads import hub_offline, reachable
+from .files import file_sha256
 from .messages import first_line
 from ..modeling_cdb_vq import flatten_grid
 from ..quantization_cdb_vq import kmeans
@@ -272,7 +273,7 @@ def load_clip_teacher(
     teacher = CLIPTeacher(model, tokenizer, mean=preprocess.get("mean"), std=preprocess.get("std"), name=description,
                           interpolation=preprocess.get("interpolation", "bicubic"))  # fmt: skip
     # Which weights, not only which file name: a resume must not go on with another checkpoint of the same name.
-    teacher.weights_digest = _file_digest(checkpoint) if checkpoint is not None else None
+    teacher.weights_digest = file_sha256(checkpoint)[:12] if checkpoint is not None else None
     return teacher.to(device) if device is not None else teacher
 
 
@@ -390,15 +391,6 @@ def _looks_like_a_checkpoint(path: str | Path) -> bool:
     with open(path, "rb") as handle:
         head = handle.read(9)
     return head.startswith((b"PK\x03\x04", b"\x80", b"\x93NUMPY")) or (len(head) == 9 and head[8:9] == b"{")
-
-
-def _file_digest(path: str | Path) -> str:
-    """The first 12 hex digits of a file's SHA-256 (read in 1 MiB blocks: teacher checkpoints are ~0.3-1.7 GB)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:12]
 
 
 def _is_torchscript(path: str | Path) -> bool:
