@@ -944,13 +944,12 @@ def train_loop(args: argparse.Namespace, parts: TrainingParts, ema: EMAWeights |
     with TerminationRequest(accelerator) as termination:
         while state.step < max_train_steps:
             metrics = loop_step(args, parts, ema, batches, validation, log, state, max_train_steps, progress) or metrics
-            if state.step < max_train_steps and termination.requested():  # preempted: checkpoint, then stop
-                if state.step % args.checkpointing_steps:  # (unless this step's was just written)
-                    save_run_checkpoint(args, accelerator, state, ema)
-                stop_training(accelerator, args, f"SIGTERM at step {state.step}", advice="")
-        if termination.received:  # in the last step: its checkpoint is written; saving the model is what is left
-            logger.warning("A SIGTERM came during the last step: the run goes on to validate and save its model; "
-                           "signal it again to stop now (a resume then saves the model).")  # fmt: skip
+            termination.checkpoint_and_stop_if_requested(
+                state.step, max_train_steps, args.checkpointing_steps,
+                write_checkpoint=lambda: save_run_checkpoint(args, accelerator, state, ema),
+                stop=lambda reason: stop_training(accelerator, args, reason, advice=""),
+            )  # fmt: skip
+        termination.warn_if_received("its model")
     progress.close()
     return metrics, (time.time() - loop_start) / max(1, state.step - first_step)
 

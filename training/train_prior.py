@@ -624,6 +624,11 @@ def main(args: argparse.Namespace) -> dict[str, float]:
     progress = tqdm(range(max_train_steps), initial=global_step, desc="steps", disable=not accelerator.is_local_main_process)
     metrics: dict[str, float] = {}
     prior.train()
+
+    def write_checkpoint() -> None:  # of the current step
+        save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit,
+                        state={"codebook_fingerprint": fingerprint})  # fmt: skip
+
     # A SIGTERM (preemption, `kill`) ends the step, writes its checkpoint and stops, as in train.py.
     with TerminationRequest(accelerator) as termination:
         for epoch in range(first_epoch, num_epochs):
@@ -660,25 +665,22 @@ def main(args: argparse.Namespace) -> dict[str, float]:
                 # The last step too (as train.py): a run shorter than --checkpointing_steps can then be extended, and a
                 # finished one resumed without training its last steps again.
                 if global_step % args.checkpointing_steps == 0 or global_step >= max_train_steps:
-                    save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit,
-                                    state={"codebook_fingerprint": fingerprint})  # fmt: skip
+                    write_checkpoint()
                 if global_step % args.validation_steps == 0:
                     metrics = run_validation(
                         accelerator, args, prior, validation_loader, vocabulary, tokenizer, image_size, global_step
                     )
                     prior.train()
-                if global_step < max_train_steps and termination.requested():  # preempted: checkpoint, then stop
-                    if global_step % args.checkpointing_steps:  # (unless this step's was just written)
-                        save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit,
-                                        state={"codebook_fingerprint": fingerprint})  # fmt: skip
-                    stop_training(accelerator, args, f"SIGTERM at step {global_step}", advice="")
+                termination.checkpoint_and_stop_if_requested(
+                    global_step, max_train_steps, args.checkpointing_steps,
+                    write_checkpoint=write_checkpoint,
+                    stop=lambda reason: stop_training(accelerator, args, reason, advice=""),
+                )  # fmt: skip
                 if global_step >= max_train_steps:
                     break
             if global_step >= max_train_steps:
                 break
-        if termination.received:  # in the last step: its checkpoint is written; saving the prior is what is left
-            logger.warning("A SIGTERM came during the last step: the run goes on to validate and save the prior; "
-                           "signal it again to stop now (a resume then saves it).")  # fmt: skip
+        termination.warn_if_received("the prior")
     progress.close()
 
     if not metrics or global_step % args.validation_steps:

@@ -16,6 +16,7 @@ import signal
 import threading
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable
 
 import torch
 from accelerate import Accelerator
@@ -339,6 +340,23 @@ class TerminationRequest:
             return self.received
         flag = torch.tensor([float(self.received)], device=self.accelerator.device)
         return bool(self.accelerator.reduce(flag, reduction="sum").item() > 0)
+
+    def checkpoint_and_stop_if_requested(self, step: int, max_train_steps: int, checkpointing_steps: int,
+                                         write_checkpoint: Callable[[], None], stop: Callable[[str], None]) -> None:  # fmt: skip
+        """Called after each step: when a SIGTERM came before the last step, write this step's checkpoint (unless the
+        schedule has just written it) and `stop` the run. In the last step, the run finishes instead (see
+        `warn_if_received`): its checkpoint is written, and saving the model is all that is left."""
+        if step < max_train_steps and self.requested():
+            if step % checkpointing_steps:
+                write_checkpoint()
+            stop(f"SIGTERM at step {step}")
+
+    def warn_if_received(self, what: str) -> None:
+        """Say that a SIGTERM of the last step was heard, and that the run goes on to save `what` (call it at the
+        end of the `with` block: a second SIGTERM then finds the previous handler back and stops the process)."""
+        if self.received:
+            logger.warning(f"A SIGTERM came during the last step: the run goes on to validate and save {what}; "
+                           "signal it again to stop now (a resume then saves it).")  # fmt: skip
 
 
 def warn_of_a_warmup_longer_than_the_run(args, max_train_steps: int) -> None:
