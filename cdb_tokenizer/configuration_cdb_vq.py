@@ -10,6 +10,7 @@ import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
+import torch
 from transformers import PretrainedConfig
 from transformers.utils import CONFIG_NAME
 
@@ -220,6 +221,7 @@ class CDBVQConfig(PretrainedConfig):
         self.initializer_range = initializer_range
         self.quantizer_format = quantizer_format
         refuse_misspelled_fields(kwargs)
+        refuse_unknown_dtype(kwargs)
         super().__init__(**kwargs)
         self.validate_fields()
 
@@ -247,6 +249,21 @@ class CDBVQConfig(PretrainedConfig):
         refuse_misspelled_fields(unused)
         config.validate_fields()
         return (config, unused) if return_unused_kwargs else config
+
+    @classmethod
+    def _dict_from_json_file(cls, json_file: str | os.PathLike) -> dict:
+        # A config.json of `null`, a list or a string failed inside transformers with a TypeError naming no file.
+        config_dict = super()._dict_from_json_file(json_file)
+        if not isinstance(config_dict, dict):
+            raise ValueError(f"{json_file} holds {json_kind(config_dict)}, not an object of config fields: it is not a "
+                             f"cdb-vq config.")  # fmt: skip
+        return config_dict
+
+    def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs) -> None:
+        """`PretrainedConfig.save_pretrained`, after the constructor's checks: a field edited since (`config.codebook_size
+        = -3`) would otherwise be written, and refused only when the folder is next loaded."""
+        self.validate_fields()
+        super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
 
     @property
     def downsampling_factor(self) -> int:
@@ -406,6 +423,21 @@ def refuse_misspelled_fields(kwargs: dict) -> None:
         close = difflib.get_close_matches(key, fields, n=1, cutoff=0.8)
         if close and key not in FORMAT_1_FIELDS and not hasattr(PretrainedConfig, key):
             raise ValueError(f"CDBVQConfig has no field {key!r}; did you mean {close[0]!r}?")
+
+
+def refuse_unknown_dtype(kwargs: dict) -> None:
+    """Refuse a `dtype` (or `torch_dtype`) string that names no torch dtype: transformers looks it up with
+    `getattr(torch, ...)`, and `"float17"` failed with "module 'torch' has no attribute 'float17'"."""
+    for key in ("dtype", "torch_dtype"):
+        value = kwargs.get(key)
+        if isinstance(value, str) and not isinstance(getattr(torch, value, None), torch.dtype):
+            raise ValueError(f"{key} must name a torch dtype such as 'float32', 'bfloat16' or 'float16', got {value!r}.")
+
+
+def json_kind(value) -> str:
+    """What a parsed JSON value is, in JSON's words ("null", "an array", ...), for messages about a file's content."""
+    kinds = {type(None): "null", list: "an array", str: "a string", bool: "a boolean", int: "a number", float: "a number"}
+    return kinds.get(type(value), "an object")
 
 
 def plain_value(value):

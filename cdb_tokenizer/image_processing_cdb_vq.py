@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
 from transformers.image_utils import ChannelDimension, PILImageResampling, SizeDict
 
-from .configuration_cdb_vq import plain_value
+from .configuration_cdb_vq import json_kind, plain_value
 
 
 # PIL resampling filters that torch's `interpolate` can reproduce (torchvision makes the same choice).
@@ -173,6 +173,16 @@ class CDBVQImageProcessor(BaseImageProcessor):
         return "torch"
 
     # ------------------------------------------------------------------ preprocessing
+
+    @classmethod
+    def get_image_processor_dict(cls, pretrained_model_name_or_path: Any, **kwargs: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+        """transformers' reading of `preprocessor_config.json`, except that a file holding an array or a string, not an
+        object of settings, is named (it failed later with "'list' object has no attribute 'update'")."""
+        image_processor_dict, kwargs = super().get_image_processor_dict(pretrained_model_name_or_path, **kwargs)
+        if not isinstance(image_processor_dict, dict):
+            raise ValueError(f"{pretrained_model_name_or_path}: its preprocessor_config.json holds "
+                             f"{json_kind(image_processor_dict)}, not an object of image processor settings.")  # fmt: skip
+        return image_processor_dict, kwargs
 
     @classmethod
     def from_dict(cls, image_processor_dict: dict[str, Any], **kwargs: Any):

@@ -611,6 +611,14 @@ def test_bad_settings_in_a_saved_config_are_refused_on_load_by_name(tmp_path, fi
         CDBVQImageProcessor(**{field: value})
 
 
+@pytest.mark.parametrize("content, kind", [("[1]", "an array"), ('"x"', "a string"), ("3", "a number")])
+def test_a_processor_file_that_holds_no_json_object_is_named(tmp_path, content, kind):
+    # It failed with "'list' object has no attribute 'update'" (and 'copy' for a string).
+    (tmp_path / "preprocessor_config.json").write_text(content)
+    with pytest.raises(ValueError, match=f"preprocessor_config.json holds {kind}, not an object"):
+        CDBVQImageProcessor.from_pretrained(tmp_path)
+
+
 def test_statistics_of_other_lengths_need_do_convert_rgb_off(camera):
     # Without RGB conversion an image keeps 1, 3 or 4 channels, so statistics of those lengths are valid.
     processor = CDBVQImageProcessor(do_convert_rgb=False, image_mean=[0.5], image_std=[0.25], size=32)

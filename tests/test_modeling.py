@@ -501,6 +501,9 @@ def test_a_size_that_disagrees_with_a_token_grid_is_refused(model):
         ({"image_size": 64}, "no field 'image_size'; did you mean 'resolution'"),
         ({"vocab_size": 128}, "no field 'vocab_size'; did you mean 'codebook_size'"),
         ({"router_semantic_scale": 1e300}, r"router_semantic_scale is too large for float32 \(at most 3.4e\+38\)"),
+        # transformers looked the name up on torch: "module 'torch' has no attribute 'float17'".
+        ({"dtype": "float17"}, "dtype must name a torch dtype such as 'float32'.*got 'float17'"),
+        ({"torch_dtype": "bfloat"}, "torch_dtype must name a torch dtype"),
     ],
 )
 def test_invalid_config_values(overrides, message):
@@ -520,6 +523,31 @@ def test_numpy_numbers_are_taken_as_python_numbers():
         tiny_config(resolution=np.array([32]))
     roles = tiny_config(code_roles={"structure": [np.int64(0), np.int64(32)], "texture": [32, 64]}).code_roles
     assert roles["structure"] == [0, 32] and type(roles["structure"][0]) is int
+
+
+@pytest.mark.parametrize("content, kind", [("null", "null"), ("[1, 2]", "an array"), ('"cdb"', "a string")])
+def test_a_config_file_that_holds_no_json_object_is_named(tmp_path, content, kind):
+    # It failed inside transformers: "argument of type 'NoneType' is not iterable", "must be a mapping, not list".
+    (tmp_path / "config.json").write_text(content)
+    with pytest.raises(ValueError, match=f"config.json holds {kind}, not an object of config fields"):
+        CDBVQConfig.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=f"holds {kind}"):
+        CDBVQModel.from_pretrained(tmp_path)
+
+
+def test_a_config_edited_after_its_checks_is_not_saved(tmp_path):
+    # `config.codebook_size = -3` was written, and refused only when the folder was next loaded.
+    config = tiny_config()
+    config.codebook_size = -3
+    with pytest.raises(ValueError, match="codebook_size must be a positive integer, got -3"):
+        config.save_pretrained(tmp_path / "config")
+    assert not (tmp_path / "config" / "config.json").exists()
+    model = tiny_model()
+    model.config.dropout = 2.0
+    with pytest.raises(ValueError, match="dropout must be in"):
+        model.save_pretrained(tmp_path / "model")
+    assert not (tmp_path / "model" / "config.json").exists()
+    assert tiny_config(dtype="bfloat16").dtype == torch.bfloat16  # a real name still passes
 
 
 def test_numpy_numbers_are_taken_at_load_too(tmp_path):
