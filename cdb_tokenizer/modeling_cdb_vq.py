@@ -683,13 +683,20 @@ class CDBVQModel(CDBVQPreTrainedModel):
         self._check_device(quantized, "quantized")
         if not bool(torch.isfinite(quantized).all()):
             raise ValueError("quantized latents contain NaN or infinite values.")
-        return self._decode_quantized(self._in_model_dtype(quantized))
+        return self._decode_quantized(self._in_model_dtype(quantized), from_latents=True)
 
-    def _decode_quantized(self, quantized: torch.Tensor) -> torch.Tensor:
+    def _decode_quantized(self, quantized: torch.Tensor, from_latents: bool = False) -> torch.Tensor:
         images = self.decoder(self.post_quant_conv(quantized))
         # Its input is finite (checked codes or latents), so NaN here is the decoder's own. Only outside training:
         # there the loss shows it, and the loop skips the step.
         if not self.training and not bool(torch.isfinite(images).all()):
+            largest, codebook_largest = (float(values.detach().abs().max()) for values in (quantized, self.quantizer.codes()))
+            if from_latents and largest > 1e3 * codebook_largest:  # the caller's latents, not the weights
+                raise ValueError(
+                    f"the decoder overflowed to NaN or infinite pixels: the quantized latents reach {largest:.3g}, far "
+                    f"beyond the codebook's values (at most {codebook_largest:.3g}); pass latents such as "
+                    f"`encode(...).quantized`."
+                )
             raise ValueError(
                 "the decoder produced NaN or infinite pixels from finite codes: its weights (post_quant_conv, decoder) "
                 "are corrupt (NaN/inf), training diverged, or the model's dtype overflowed (float16)."

@@ -449,6 +449,9 @@ def test_decode_latents_checks_its_input_and_casts_it(model, photo_batch):
             model.decode_latents(bad)
     with pytest.raises(TypeError, match="floating-point torch.Tensor, got a torch.int64 tensor"):
         model.decode_latents(torch.zeros(1, 8, 8, 8, dtype=torch.long))
+    # Finite but huge latents overflow the decoder: that was blamed on corrupt weights.
+    with pytest.raises(ValueError, match=r"the quantized latents reach 1e\+30, far beyond the codebook's values"):
+        model.decode_latents(torch.full((1, 8, 8, 8), 1e30))
 
 
 def test_a_size_that_disagrees_with_a_token_grid_is_refused(model):
