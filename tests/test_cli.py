@@ -499,6 +499,23 @@ def test_an_output_file_named_like_a_folder_is_refused(files, tmp_path, capsys, 
 
 
 @pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["encode", "{photo}", "--model", "{model}", "--out", "{tmp}/tokens.png"],
+         "tokens.png names an image file, but this writes a safetensors file; give a name such as tokens.safetensors"),
+        (["eval", "--model", "{model}", "--data", "{root}/photos", "--out", "{tmp}/metrics.csv"],
+         "metrics.csv names a CSV file, but this writes a JSON file; give a name such as metrics.json"),
+    ],  # fmt: skip
+)
+def test_an_output_file_named_as_another_kind_of_file_is_refused(files, tmp_path, capsys, arguments, message):
+    # `encode --out tokens.png` wrote a safetensors file under an image's name without a word.
+    values = {"photo": _photos(files)[0], "tmp": str(tmp_path)} | {key: str(files[key]) for key in ("model", "root")}
+    assert main([argument.format(**values) for argument in arguments]) == 1
+    assert message in capsys.readouterr().err.strip().splitlines()[-1]
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
     "arguments",
     [["inspect", "--model", "outputs/nope"], ["eval", "--model", "unused", "--data", "outputs/nope"]],
 )

@@ -349,17 +349,28 @@ def unique_names(paths: Sequence[Path]) -> list[str]:
     return names
 
 
+# What a file name's suffix says it holds, for names of another kind than a command writes.
+FILE_KINDS = {
+    **dict.fromkeys((".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"), "an image"),
+    ".safetensors": "a safetensors", ".json": "a JSON", ".csv": "a CSV", ".txt": "a text", ".npy": "a NumPy",
+    ".npz": "a NumPy", **dict.fromkeys((".pt", ".pth", ".bin", ".ckpt", ".pkl"), "a pickle"),
+}  # fmt: skip
+
+
 def check_output_file(
     out: str, example: str = "tokens.safetensors", option: str = "--out", overwrite: bool = False
 ) -> Path:
     """--out (or `option`) for a file: a new path, or with `overwrite` a regular file to replace (never a folder, a
-    name ending in a separator, a device, FIFO or symlink), in a folder this process may write. `example` is the
-    file name the messages suggest."""
+    name ending in a separator, a device, FIFO or symlink, or a name whose suffix says another kind of file than
+    `example`'s), in a folder this process may write. `example` is the file name the messages suggest."""
     if not out:  # Path("") is the current folder
         raise CLIError(f"{option} is empty; give a file name such as {example}.")
     path = Path(out)
     if out.endswith(("/", os.sep)) or (os.altsep and out.endswith(os.altsep)):
         raise CLIError(f"{option} {out} names a folder; give a file name such as {path / example}.")
+    given, written = (FILE_KINDS.get(Path(name).suffix.lower()) for name in (out, example))
+    if given and written and given != written:  # `encode --out tokens.png` wrote safetensors under an image's name
+        raise CLIError(f"{option} {out} names {given} file, but this writes {written} file; give a name such as {example}.")
     if os.path.lexists(path):
         mode = os.lstat(path).st_mode
         if stat.S_ISLNK(mode):
