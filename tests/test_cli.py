@@ -470,6 +470,25 @@ def test_usage_errors_exit_non_zero(capsys):
         assert exit_info.value.code == 2 and capsys.readouterr().err.splitlines() == [line]
 
 
+def test_a_sigterm_removes_the_output_folders_the_command_made(files, tmp_path, monkeypatch, capsys):
+    # A `kill` ended the command at once, leaving the folders --out's check had made; Ctrl-C removed them.
+    import signal
+
+    import cdb_tokenizer.tools.cli as cli
+
+    def killed(args):
+        os.kill(os.getpid(), signal.SIGTERM)
+        pytest.fail("a SIGTERM did not end the command")
+
+    monkeypatch.setattr(cli, "load_model_of", killed)
+    out = tmp_path / "new" / "sub" / "tokens.safetensors"
+    before = signal.getsignal(signal.SIGTERM)
+    assert main(["encode", _photos(files)[0], "--model", str(files["model"]), "--out", str(out)]) == 143
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "cdb-vq encode: terminated"
+    assert not (tmp_path / "new").exists()
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
 def test_loading_a_tokenizer_imports_no_prior_code(files):
     code = (
         "import sys; from cdb_tokenizer.tools.cli import main; "

@@ -8,6 +8,7 @@ import math
 import random
 import re
 import shutil
+import signal
 import socket
 import stat
 import subprocess
@@ -1128,6 +1129,30 @@ def test_sample_prior_overwrites_only_when_asked_and_leaves_no_empty_folder(toke
     with pytest.raises(FileNotFoundError, match="--tokenizer './nowhere': no such folder"):
         run_sample_prior(prior, "--output", str(tmp_path / "new" / "sub" / "grid.png"), "--tokenizer", "./nowhere")
     assert not (tmp_path / "new").exists()
+
+
+def test_a_sigterm_cleans_up_as_ctrl_c_does(tmp_path, monkeypatch, capsys):
+    # A SIGTERM ended sample_prior.py at once: the folders its --output check made stayed behind, empty (and a grid
+    # being written left its hidden temporary file).
+    from cdb_tokenizer.tools.messages import run_script
+
+    sample_prior = load_script("sample_prior")
+    (tmp_path / "prior").mkdir()
+    args = sample_prior.parse_args(["--prior", str(tmp_path / "prior"), "--output", str(tmp_path / "new" / "sub" / "grid.png")])
+    assert (tmp_path / "new" / "sub").is_dir()  # made by the --output check
+
+    def killed(args):
+        os.kill(os.getpid(), signal.SIGTERM)
+        pytest.fail("a SIGTERM did not end the work")
+
+    monkeypatch.setattr(sample_prior, "sample", killed)
+    monkeypatch.setattr(sys, "argv", ["training/sample_prior.py"])
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as exit_info:
+        run_script(lambda: sample_prior.main(args), ValueError)
+    assert exit_info.value.code == 143 and capsys.readouterr().err == "sample_prior.py: terminated\n"
+    assert not (tmp_path / "new").exists()
+    assert signal.getsignal(signal.SIGTERM) is before  # the handler is given back
 
 
 def test_save_image_grid_writes_a_whole_png_never_through_a_link(tmp_path, monkeypatch):

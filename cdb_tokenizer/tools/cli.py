@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 from . import files
 from .downloads import hub_offline
 from .loading import held_library_logs, is_local_path, locate, processor_image_size, show_log_records
-from .messages import TRAIN_EXTRAS, OneLineErrorParser, counted, first_line
+from .messages import TRAIN_EXTRAS, OneLineErrorParser, counted, first_line, interruption_status, sigterm_as_interruption
 
 
 TOKEN_FILE_FORMAT = "cdb-vq-tokens"
@@ -1559,11 +1559,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     Image.MAX_IMAGE_PIXELS = max(budget, _PIL_MAX_IMAGE_PIXELS) if budget else None
     _created_folders.clear()
     try:
-        args.function(args)
-    except KeyboardInterrupt:
+        with sigterm_as_interruption():  # a `kill` cleans up as Ctrl-C does
+            args.function(args)
+    except KeyboardInterrupt as interruption:
         remove_created_folders()
-        print(f"cdb-vq {args.command}: interrupted", file=sys.stderr)
-        return 130
+        what, status = interruption_status(interruption)
+        print(f"cdb-vq {args.command}: {what}", file=sys.stderr)
+        return status
     except Exception as error:  # noqa: BLE001 - every failure is one line; --debug shows the traceback
         remove_created_folders()  # a refused command leaves no empty output folders behind
         if isinstance(error, BrokenPipeError) and _stdout_reader_gone():

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
+import threading
+from collections.abc import Iterator
 from typing import NoReturn
 
 
@@ -29,22 +33,54 @@ def counted(number: int, noun: str) -> str:
     return f"{number} {noun}{'' if number == 1 else 's'}"
 
 
+class Terminated(KeyboardInterrupt):
+    """A SIGTERM (`kill`, a scheduler's shutdown), raised where the process was, as Ctrl-C raises KeyboardInterrupt:
+    the default action ends the process at once, leaving the temporary files and empty output folders that the
+    clean-up after an interruption removes."""
+
+
+@contextlib.contextmanager
+def sigterm_as_interruption() -> Iterator[None]:
+    """While active, a SIGTERM raises `Terminated` (only the main thread may set a handler; elsewhere this does
+    nothing). A training loop's own handler (`runs.TerminationRequest`) takes over inside it, and gives it back."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def raise_terminated(signum, frame) -> NoReturn:
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def interruption_status(interruption: KeyboardInterrupt) -> tuple[str, int]:
+    """What to print and the exit status a shell gives for it: "interrupted", 130 (Ctrl-C) or "terminated", 143."""
+    return ("terminated", 143) if isinstance(interruption, Terminated) else ("interrupted", 130)
+
+
 def run_script(main, *errors: type[BaseException]) -> None:
     """Run a training script's `main()`: an error of the kinds given (mistakes in the inputs, clean stops) is one
     line on stderr and exit status 1, since its message names the problem and a stack trace would not help; Ctrl-C
-    is one line and status 130.
+    and SIGTERM are one line and status 130 or 143, after the clean-up an exception gets.
     `CDB_VQ_DEBUG=1` in the environment shows the full traceback instead (an error of those kinds may be a bug)."""
     import os
     import sys
 
     if os.environ.get("CDB_VQ_DEBUG", "").strip() not in ("", "0"):
-        main()
+        with sigterm_as_interruption():
+            main()
         return
     try:
-        main()
-    except KeyboardInterrupt:  # Ctrl-C: one line and the shell's status for it, as the CLI's
-        print(f"{os.path.basename(sys.argv[0])}: interrupted", file=sys.stderr)
-        sys.exit(130)
+        with sigterm_as_interruption():
+            main()
+    except KeyboardInterrupt as interruption:  # one line and the shell's status for it, as the CLI's
+        what, status = interruption_status(interruption)
+        print(f"{os.path.basename(sys.argv[0])}: {what}", file=sys.stderr)
+        sys.exit(status)
     except errors as error:
         text = first_line(error) if isinstance(error, OSError) else str(error)
         if "Original Traceback" in text:  # raised in a DataLoader worker: its own message is the last line
@@ -53,4 +89,4 @@ def run_script(main, *errors: type[BaseException]) -> None:
         sys.exit(1)
 
 
-__all__ = ["OneLineErrorParser", "counted", "first_line", "run_script"]
+__all__ = ["OneLineErrorParser", "Terminated", "counted", "first_line", "interruption_status", "run_script", "sigterm_as_interruption"]
