@@ -513,7 +513,8 @@ class CDBVQQuantizerOutput(ModelOutput):
         quantized: (N, D) straight-through quantized latents (their value is the chosen code).
         indices: (N,) chosen code of each latent.
         codebook_loss / commitment_loss: classic VQ terms (codebook loss is None with EMA updates).
-        balance_loss: KL(batch-averaged code distribution || uniform) of the router's soft assignment (`cdb`, training).
+        balance_loss: KL(batch-averaged code distribution || uniform) of the router's soft assignment (`cdb`, training,
+            computed only with a positive `balance_weight`).
         role_supervision_loss: cross-entropy of the role head against the tokens' target roles (training, when
             `config.role_supervision_weight > 0`).
         utilization: share of the codebook used in this batch (all processes when training).
@@ -819,8 +820,11 @@ class CDBVQQuantizer(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """Assign by the router's argmax. While training also return the summed squared distance of the latents to
         their nearest codes (it sets the router's temperature) and, with gradients on, build the soft assignment and
-        the balance loss."""
+        (with a positive `balance_weight`) the balance loss."""
         training = self.training and torch.is_grad_enabled()
+        # At its default weight of 0 the balance term would cost a second candidate cost, a softmax and a collective
+        # every step for nothing (every process has the same config, so all skip the collective together).
+        balancing = training and self.config.balance_weight > 0
 
         def route_chunk(latent_chunk, semantic_chunk, signal_chunk):
             scores = self.router(
@@ -833,6 +837,8 @@ class CDBVQQuantizer(nn.Module):
             # Straight-through on the router's soft assignment over its candidates: the router and every candidate
             # code get gradient from the reconstruction, while the forward value stays the chosen code.
             soft_quantized = (probabilities[:, :, None] * codes[scores.candidates]).sum(1)
+            if not balancing:
+                return scores.choice(), soft_quantized, None, scores.nearest_squared_distance.sum()
             # The balance term sees detached latents: it trains the router, never pulls the encoder around.
             balance_logits = scores.prior_logits - self.router.candidate_cost(latent_chunk.detach(), codes, scores.candidates)
             balance_probabilities = balance_logits.softmax(-1)
@@ -853,6 +859,8 @@ class CDBVQQuantizer(nn.Module):
         if not training:
             return indices, None, distortion
         soft_quantized = torch.cat([r[1] for r in results])
+        if not balancing:
+            return indices, soft_quantized, distortion
         probability_mass = torch.stack([r[2] for r in results]).sum(0)
         num_latents = latents.new_tensor(float(latents.shape[0]))
         if is_distributed():  # the balance of the whole batch, as for usage; the gradient flows back to each process

@@ -62,7 +62,7 @@ def worker(rank: int, port: int, folder: str) -> None:
             results[f"{name}/restarted"] = torch.tensor(restarted)
             results[f"{name}/state"] = {k: v.detach().clone() for k, v in quantizer.state_dict().items()}
         # One batch split over the two ranks: the router's running statistics must be those of the whole batch.
-        split = tiny_model(seed=0, assignment="cdb", ema_decay=0.8).quantizer.train()
+        split = tiny_model(seed=0, assignment="cdb", ema_decay=0.8, balance_weight=0.1).quantizer.train()
         split.initialize_codebook(rank_latents(rank, 0))
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -119,7 +119,7 @@ def test_two_processes_keep_identical_quantizer_state(tmp_path):
 
     # A batch split over the ranks updates usage, temperature and potentials as one process with all of it does
     # (the temperature once divided the distortion by the number of processes).
-    single = tiny_model(seed=0, assignment="cdb", ema_decay=0.8).quantizer.train()
+    single = tiny_model(seed=0, assignment="cdb", ema_decay=0.8, balance_weight=0.1).quantizer.train()
     single.initialize_codebook(torch.cat([rank_latents(0, 0), rank_latents(1, 0)]))
     for step in range(1, 4):
         output = single(

@@ -21,8 +21,9 @@ def test_forward_shapes_and_terms(assignment, photo_batch):
     assert output.quantized.shape == output.latents.shape == (4, 8, 8, 8)
     assert output.commitment_loss is not None
     assert (output.codebook_loss is None) == (model.config.ema_decay is not None)  # EMA codes need no codebook loss
-    has_router_terms = assignment == "cdb"
-    assert (output.balance_loss is not None) == has_router_terms
+    assert output.balance_loss is None  # at its default weight of 0 it is not computed
+    balanced = tiny_model(assignment=assignment, balance_weight=0.1)(photo_batch)
+    assert (balanced.balance_loss is not None) == (assignment == "cdb")  # a term of the router's
     assert output.semantic_distillation_loss is None  # no teacher features given
     assert 0 < float(output.utilization) <= 1
     assert 1 <= float(output.perplexity) <= 64

@@ -213,7 +213,7 @@ def test_potentials_rise_for_idle_codes_and_fall_for_busy_ones():
 
 
 def test_balance_loss_is_kl_of_the_batch_average_to_uniform():
-    module = quantizer(assignment="cdb")
+    module = quantizer(assignment="cdb", balance_weight=0.1)
     module.initialize_codebook(torch.randn(256, 8))
     module.train()
     latents = torch.randn(300, 8)

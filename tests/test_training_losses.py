@@ -71,7 +71,8 @@ def test_the_high_frequency_term_is_exact_under_autocast():
 
 def test_compute_losses_without_teacher_has_no_semantic_terms(model):
     result = compute_losses(model, pixels(), TokenizerLoss())
-    assert {"l1", "l2", "commitment", "balance", "vq", "total"} == set(result.terms)  # EMA codebook: no codebook loss
+    # EMA codebook: no codebook loss; balance_weight 0 (the default): no balance term
+    assert {"l1", "l2", "commitment", "vq", "total"} == set(result.terms)
     torch.testing.assert_close(result.total, result.terms["l1"] + result.model_output.vq_loss)
     result.total.backward()
     assert model.decoder.conv_out.weight.grad is not None and model.quantizer.router.code_keys.grad is not None
