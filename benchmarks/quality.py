@@ -56,7 +56,7 @@ from tqdm.auto import tqdm
 from cdb_tokenizer import CDBVQConfig, CDBVQModel
 from cdb_tokenizer.configuration_cdb_vq import field_names
 from cdb_tokenizer.modeling_cdb_vq import flatten_grid
-from cdb_tokenizer.quantization_cdb_vq import CDBVQQuantizerOutput, nearest_codes
+from cdb_tokenizer.quantization_cdb_vq import CDBVQQuantizerOutput, nearest_codes, usage_statistics
 from cdb_tokenizer.tools.data import sample_photos
 from cdb_tokenizer.tools.evaluation import code_usage_counts, eval_mode, evaluate, save_usage_plot
 from cdb_tokenizer.tools.losses import TokenizerLoss
@@ -116,16 +116,15 @@ class VectorQuantizeAdapter(nn.Module):
     ) -> CDBVQQuantizerOutput:
         quantized, indices, loss = self.vq(latents[None])
         indices = indices[0]
-        counts = torch.bincount(indices, minlength=self.codebook_size).float()
-        share = counts / counts.sum().clamp_min(1.0)
+        utilization, perplexity = usage_statistics(torch.bincount(indices, minlength=self.codebook_size).float())
         if not self.training:  # the library's loss is 0 at eval; the model checks this one for NaN, as ours gives it
             loss = F.mse_loss(self.lookup(indices), latents.detach())
         return CDBVQQuantizerOutput(
             quantized=quantized[0],
             indices=indices,
             commitment_loss=loss.sum(),
-            utilization=(counts > 0).float().mean(),
-            perplexity=torch.exp(-(share * share.clamp_min(1e-12).log()).sum()),
+            utilization=utilization,
+            perplexity=perplexity,
         )
 
     def lookup(self, indices: torch.Tensor) -> torch.Tensor:

@@ -126,6 +126,15 @@ def transport_cost(latents: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
     return squared_distances(latents, codes).clamp_min(1e-12).sqrt()
 
 
+def usage_statistics(counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Utilization (the share of codes used at least once) and perplexity (exp of the entropy) of a code histogram,
+    as tensors of `counts`' dtype (double for long evaluations: float32 sums drift past ~16M tokens)."""
+    share = counts / counts.sum().clamp_min(1.0)
+    # Unused codes count 0 * log(tiny) = 0 toward the entropy; the clamp only keeps their log finite.
+    entropy = -(share * share.clamp_min(torch.finfo(share.dtype).tiny).log()).sum()
+    return (counts > 0).to(share.dtype).mean(), entropy.exp()
+
+
 def require_float_tensor(value, name: str, shape: str = "") -> None:
     """Raise a TypeError naming `name` unless `value` is a floating-point tensor (`shape` describes the one wanted)."""
     if not isinstance(value, torch.Tensor) or not value.is_floating_point():
@@ -883,11 +892,10 @@ class CDBVQQuantizer(nn.Module):
         if self.training:
             # Reduce across processes so usage (and EMA) stay identical on every rank.
             all_reduce_(counts)
-        share = counts / counts.sum().clamp_min(1.0)
-        output.utilization = (counts > 0).float().mean()
-        output.perplexity = torch.exp(-(share * share.clamp_min(1e-12).log()).sum())
+        output.utilization, output.perplexity = usage_statistics(counts)
         if not self.training:
             return
+        share = counts / counts.sum().clamp_min(1.0)
         decay = self.config.usage_decay
         self.usage.mul_(decay).add_(share, alpha=1 - decay)
         if self.router is not None and distortion is not None:

@@ -21,6 +21,7 @@ from transformers import PreTrainedModel
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 from tqdm.auto import tqdm
 
+from ..quantization_cdb_vq import usage_statistics as quantizer_usage_statistics
 from .downloads import reachable
 from .files import replace_file
 from .messages import TRAIN_EXTRAS, first_line
@@ -37,11 +38,10 @@ INCEPTION_WEIGHTS_URL = (
 
 
 def usage_statistics(counts: torch.Tensor) -> dict[str, float]:
-    """Utilization (share of codes used at least once) and perplexity exp(H) of a code histogram."""
-    counts = counts.double()
-    share = counts / counts.sum().clamp_min(1.0)
-    entropy = -(share * share.clamp_min(1e-30).log()).sum()
-    return {"utilization": float((counts > 0).double().mean()), "perplexity": float(entropy.exp())}
+    """Utilization (share of codes used at least once) and perplexity exp(H) of a code histogram, computed in double
+    by the quantizer's own rule."""
+    utilization, perplexity = quantizer_usage_statistics(counts.double())
+    return {"utilization": float(utilization), "perplexity": float(perplexity)}
 
 
 def to_unit_range(pixel_values: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,7 @@ import os
 import sys
 from pathlib import Path
 
-from ..configuration_cdb_vq import CDBVQConfig
+from ..configuration_cdb_vq import CDBVQConfig, field_names
 from .degradations import canonical_spec, degrades_nothing
 from .redaction import hide_secret_arguments
 from .roles import three_role_ranges
@@ -90,8 +90,9 @@ def _optional_str(value: str) -> str | None:
 
 
 def _model_config_fields() -> dict[str, inspect.Parameter]:
+    """The config's fields that are training flags, with their defaults."""
     parameters = inspect.signature(CDBVQConfig.__init__).parameters
-    return {name: p for name, p in parameters.items() if name not in ("self", "kwargs") and name not in NOT_FLAGS}
+    return {name: parameters[name] for name in field_names() if name not in NOT_FLAGS}
 
 
 CODE_ROLES_EXAMPLE = """'{"structure": [0, 512], "texture": [512, 1024]}'"""
