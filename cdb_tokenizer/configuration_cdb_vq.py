@@ -6,6 +6,7 @@ import difflib
 import functools
 import inspect
 import math
+import operator
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -455,9 +456,19 @@ def _is_range(value) -> bool:
     return isinstance(value, Sequence) and not isinstance(value, (str, bytes))
 
 
+def as_int(value) -> int | None:
+    """`value` as an int when it is any integer (Python's, NumPy's, a 0-d integer tensor), else None (a float, a
+    string, or a bool, which Python counts as an integer)."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
 def _is_int(value) -> bool:
-    """An integer, and not a bool (which Python counts as one)."""
-    return isinstance(value, int) and not isinstance(value, bool)
+    return as_int(value) is not None
 
 
 __all__ = ["CDBVQConfig"]

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
 from transformers.image_utils import ChannelDimension, PILImageResampling, SizeDict
 
-from .configuration_cdb_vq import json_kind, plain_value
+from .configuration_cdb_vq import as_int, json_kind, plain_value
 
 
 # PIL resampling filters that torch's `interpolate` can reproduce (torchvision makes the same choice).
@@ -545,7 +545,7 @@ def _is_batch(images: Any) -> bool:
 
 
 def _is_int(value: Any) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    return as_int(value) is not None
 
 
 def _is_finite_number(value: Any) -> bool:

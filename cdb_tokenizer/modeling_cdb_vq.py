@@ -6,7 +6,6 @@ This file ships as Hugging Face Hub remote code: it imports only torch, transfor
 from __future__ import annotations
 
 import math
-import operator
 import os
 from dataclasses import dataclass
 
@@ -18,7 +17,7 @@ from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput, logging
 
-from .configuration_cdb_vq import CDBVQConfig, expand_home, refuse_misspelled_fields
+from .configuration_cdb_vq import CDBVQConfig, as_int, expand_home, refuse_misspelled_fields
 from .quantization_cdb_vq import (
     SIGNAL_NAMES,
     CDBVQQuantizer,
@@ -263,22 +262,11 @@ class CDBVQSemanticHead(nn.Module):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _as_int(value) -> int | None:
-    """`value` as an int when it is any integer (Python's, NumPy's, a 0-d integer tensor), else None (a bool, a
-    float, a string)."""
-    if isinstance(value, bool):
-        return None
-    try:
-        return operator.index(value)
-    except TypeError:
-        return None
-
-
 def _pixel_count(name: str, value) -> int | None:
     """`value` (None, or an image side) as a positive int."""
     if value is None:
         return None
-    count = _as_int(value)
+    count = as_int(value)
     if count is None or count < 1:
         raise ValueError(f"{name} must be a positive number of pixels, got {value!r}.")
     return count
@@ -491,9 +479,8 @@ class CDBVQModel(CDBVQPreTrainedModel):
     def _check_token_range_and_codebook(self, image_tokens: torch.Tensor) -> None:
         """Token ids within the codebook, and a codebook without NaN/inf: one device sync for both (float64 holds
         any code id exactly; the codebook's sum is NaN/inf if any code is)."""
-        weight = self.quantizer.codebook.weight.detach()
         low, high, total = torch.stack(
-            [*(bound.double() for bound in torch.aminmax(image_tokens)), weight.sum(dtype=torch.float32).double()]
+            [*(bound.double() for bound in torch.aminmax(image_tokens)), self._codebook_sum().double()]
         ).tolist()
         if low < 0 or high >= self.config.codebook_size:
             raise ValueError(
@@ -516,7 +503,7 @@ class CDBVQModel(CDBVQPreTrainedModel):
         router's semantic features a corrupt semantic head (`semantic_features` passed in are checked on the way in).
         The `cdb` router's own weights and state are summed in too: NaN there silently degrades every token to one of
         its candidates."""
-        total = commitment_loss + self.quantizer.codebook.weight.detach().sum(dtype=torch.float32)
+        total = commitment_loss + self._codebook_sum()
         if router_features is not None:
             total = total + router_features.detach().sum(dtype=torch.float32)
         router_total = self._router_sum()
@@ -553,12 +540,14 @@ class CDBVQModel(CDBVQPreTrainedModel):
         tensors = [*router.parameters(), *router.buffers(), self.quantizer.prototypes]
         return torch.stack([tensor.detach().sum(dtype=torch.float32) for tensor in tensors]).sum()
 
+    def _codebook_sum(self) -> torch.Tensor:
+        """One reduction, NaN/inf if any code is; in float32, since a healthy float16 codebook can sum past 65,504."""
+        return self.quantizer.codebook.weight.detach().sum(dtype=torch.float32)
+
     def _check_codebook(self) -> None:
-        weight = self.quantizer.codebook.weight.detach()
-        # One reduction, NaN/inf if any code is; in float32, since a healthy float16 codebook can sum past 65,504.
-        if bool(torch.isfinite(weight.sum(dtype=torch.float32))):
+        if bool(torch.isfinite(self._codebook_sum())):
             return
-        bad = (~torch.isfinite(weight).all(-1)).nonzero().flatten().tolist()
+        bad = (~torch.isfinite(self.quantizer.codebook.weight.detach()).all(-1)).nonzero().flatten().tolist()
         if bad:
             raise ValueError(
                 f"the codebook holds NaN or infinite values in {len(bad)} of {self.config.codebook_size} codes "
@@ -568,15 +557,8 @@ class CDBVQModel(CDBVQPreTrainedModel):
     def token_grid_size(self, height: int | None = None, width: int | None = None) -> tuple[int, int]:
         """Token grid (h, w) of an image of `height` x `width` pixels (default: the configured resolution)."""
         factor = self.config.downsampling_factor
-        height = self.config.resolution if height is None else height
-        width = self.config.resolution if width is None else width
-        sides = (_as_int(height), _as_int(width))
-        for name, value, side in (("height", height, sides[0]), ("width", width, sides[1])):
-            if side is None:
-                raise ValueError(f"image {name} must be a whole number of pixels, got {value!r}.")
-        height, width = sides
-        if height < 1 or width < 1:
-            raise ValueError(f"image size {height}x{width} must be positive.")
+        height = self.config.resolution if height is None else _pixel_count("image height", height)
+        width = self.config.resolution if width is None else _pixel_count("image width", width)
         if height % factor or width % factor:
             raise ValueError(f"image size {height}x{width} is not divisible by the downsampling factor {factor}.")
         return height // factor, width // factor

@@ -121,7 +121,7 @@ def squared_distances(latents: torch.Tensor, codes: torch.Tensor) -> torch.Tenso
     ).clamp_min(0.0)
 
 
-def transport_cost(latents: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+def sinkhorn_cost(latents: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
     """Plain L2 distance, the cost of OptVQ's transport problem (eps keeps the gradient of sqrt finite)."""
     return squared_distances(latents, codes).clamp_min(1e-12).sqrt()
 
@@ -192,7 +192,7 @@ def sinkhorn_potentials(
 
     moments = torch.zeros(3, device=codes.device, dtype=torch.float64)
     for chunk in chunks:
-        cost = transport_cost(chunk, codes)
+        cost = sinkhorn_cost(chunk, codes)
         moments += torch.stack([cost.sum().double(), cost.pow(2).sum().double(), cost.new_tensor(cost.numel()).double()])
     all_reduce_(moments)
     mean = moments[0] / moments[2]
@@ -203,7 +203,7 @@ def sinkhorn_potentials(
     for _ in range(iterations):
         column_lse = codes.new_full((num_codes,), -float("inf"))
         for chunk in chunks:
-            cost = transport_cost(chunk, codes)
+            cost = sinkhorn_cost(chunk, codes)
             row = potentials.row_potential(cost, total_rows)
             column_lse = torch.logaddexp(column_lse, torch.logsumexp(potentials.plan_logits(cost) + row[:, None], 0))
         all_reduce_logsumexp_(column_lse)
@@ -774,7 +774,7 @@ class CDBVQQuantizer(nn.Module):
             )
         elif self.assignment == "sinkhorn" and self.training:
             potentials = self._sinkhorn(latents.detach(), codes.detach())
-            indices = self._chunked_argmax(lambda chunk: potentials.plan_logits(transport_cost(chunk, codes)), latents)
+            indices = self._chunked_argmax(lambda chunk: potentials.plan_logits(sinkhorn_cost(chunk, codes)), latents)
             soft_quantized = distortion = None
         else:
             indices = nearest_codes(latents.detach(), codes.detach(), self.config.assignment_chunk_size)

@@ -851,7 +851,7 @@ def test_config_return_dict_decides_the_output_type_unless_the_call_does(tmp_pat
 @pytest.mark.parametrize("size", [32.0, True, "32"])
 def test_token_grid_size_takes_whole_numbers_of_pixels_only(model, size):
     assert model.token_grid_size(32, np.int64(48)) == (8, 12)
-    with pytest.raises(ValueError, match="image height must be a whole number of pixels"):
+    with pytest.raises(ValueError, match="image height must be a positive number of pixels"):
         model.token_grid_size(size, 32)  # 32.0 gave a grid of floats (4.0, 8)
 
 

@@ -13,7 +13,7 @@ from cdb_tokenizer.quantization_cdb_vq import (
     kmeans,
     nearest_codes,
     sinkhorn_potentials,
-    transport_cost,
+    sinkhorn_cost,
 )
 from conftest import tiny_model
 
@@ -81,7 +81,7 @@ def test_no_score_block_exceeds_the_chunk_budget(assignment, monkeypatch):
 def test_sinkhorn_plan_is_balanced():
     latents, codes = clustered_latents(600), torch.randn(50, 8)
     potentials = sinkhorn_potentials(latents, codes, epsilon=10.0, iterations=200, max_entries=10**9)
-    cost = transport_cost(latents, codes)
+    cost = sinkhorn_cost(latents, codes)
     row = potentials.row_potential(cost, latents.shape[0])
     plan = (potentials.plan_logits(cost) + row[:, None]).exp()
     torch.testing.assert_close(plan.sum(0), torch.full((50,), 1 / 50), atol=2e-4, rtol=0)
