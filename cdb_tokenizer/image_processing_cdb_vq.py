@@ -558,7 +558,9 @@ def _centre_to_keep(image: torch.Tensor, keep_height: float, keep_width: float, 
     of the image. A strip far from the target's shape (2 x 100,000 pixels) would otherwise be scaled to cover the
     target whole first: tens of GB for a few kilobytes of input. Images near the target's shape are left whole."""
     height, width = image.shape[-2:]
-    margin = 2 * math.ceil(3 / min(scale, 1.0)) + 2  # the bicubic filter reaches 2 / scale source pixels when shrinking
+    # The bicubic filter reaches 2 / scale source pixels on each side when shrinking (antialiased); keep 3 / scale
+    # on each side, plus a pixel for rounding, so that the cut never shows in the resized crop.
+    margin = 2 * math.ceil(3 / min(scale, 1.0)) + 2
     keep_h, keep_w = min(height, math.ceil(keep_height) + margin), min(width, math.ceil(keep_width) + margin)
     if 4 * keep_h * keep_w >= height * width:
         return image

@@ -330,7 +330,7 @@ class CDBVQPreTrainedModel(PreTrainedModel):
             init.ones_(module.weight)
             init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
-            # Placeholder scale only: the codebook is k-means initialised from latents on the first training batch.
+            # Placeholder scale only: training k-means-initialises the codebook from latents before its first step.
             init.normal_(module.weight, std=1.0 / math.sqrt(module.weight.shape[1]))
         elif isinstance(module, CDBVQRouter):
             # Tiny keys: the router starts as the distance term alone (nearest neighbour) and learns from there.

@@ -36,6 +36,12 @@ from .configuration_cdb_vq import SUPPORTED_QUANTIZER_FORMATS, CDBVQConfig
 # ----------------------------------------------------------------------------------------------------------------
 
 
+# Decay of the router temperature's running average of the nearest-code distortion.
+TEMPERATURE_DECAY = 0.99
+# k-means iterations of the codebook initialisation (train.py's --kmeans_init_iterations defaults to it).
+KMEANS_ITERATIONS = 10
+
+
 def is_distributed() -> bool:
     """Whether a torch.distributed process group of more than one process is running."""
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
@@ -239,6 +245,10 @@ def image_signal_features(pixel_values: torch.Tensor, downsampling_factor: int) 
         return _image_signal_features(pixel_values.float(), downsampling_factor)
 
 
+# The columns of `image_signal_features`, in order.
+SIGNAL_NAMES = ("low_pass", "laplacian", "chroma")
+
+
 def _image_signal_features(pixels: torch.Tensor, downsampling_factor: int) -> torch.Tensor:
     if pixels.shape[1] >= 3:
         red, green, blue = pixels[:, 0:1], pixels[:, 1:2], pixels[:, 2:3]
@@ -250,10 +260,7 @@ def _image_signal_features(pixels: torch.Tensor, downsampling_factor: int) -> to
     laplacian_kernel = luma.new_tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]])[None, None]
     laplacian = F.conv2d(F.pad(luma, (1, 1, 1, 1), mode="replicate"), laplacian_kernel)
     pool = lambda x: F.avg_pool2d(x, downsampling_factor)  # noqa: E731
-    return torch.cat([pool(luma).pow(2), pool(laplacian.pow(2)), pool(chroma)], dim=1)
-
-
-SIGNAL_NAMES = ("low_pass", "laplacian", "chroma")
+    return torch.cat([pool(luma).pow(2), pool(laplacian.pow(2)), pool(chroma)], dim=1)  # SIGNAL_NAMES' order
 
 
 def role_targets(signal_features: torch.Tensor, config: CDBVQConfig) -> torch.Tensor:
@@ -267,7 +274,7 @@ def role_targets(signal_features: torch.Tensor, config: CDBVQConfig) -> torch.Te
     structure = names.index("structure")
     texture = names.index("texture") if "texture" in names else structure
     colour = names.index("colour") if "colour" in names else structure
-    laplacian, chroma = signal_features[:, 1], signal_features[:, 2]
+    laplacian, chroma = (signal_features[:, SIGNAL_NAMES.index(name)] for name in ("laplacian", "chroma"))
     targets = torch.full_like(laplacian, structure, dtype=torch.long)
     targets = torch.where(chroma >= config.role_colour_threshold, torch.full_like(targets, colour), targets)
     return torch.where(laplacian >= config.role_texture_threshold, torch.full_like(targets, texture), targets)
@@ -442,7 +449,8 @@ class CDBVQRouter(nn.Module):
         squared distance of latents to their *nearest* code (not the chosen one, which the potentials move: that
         would feed back into their own bound).
         """
-        self.temperature.mul_(0.99).add_(distortion.clamp_min(1e-8), alpha=0.01)
+        # A slow average (about 100 steps): the temperature scales the potentials, so it must not jump with one batch.
+        self.temperature.mul_(TEMPERATURE_DECAY).add_(distortion.clamp_min(1e-8), alpha=1 - TEMPERATURE_DECAY)
         if step <= 0:
             return
         if target_share is None:
@@ -929,7 +937,8 @@ class CDBVQQuantizer(nn.Module):
     # ------------------------------------------------------------------ upkeep
     @torch.no_grad()
     def initialize_codebook(
-        self, latents: torch.Tensor, iterations: int = 10, seed: int = 0, signal_features: torch.Tensor | None = None
+        self, latents: torch.Tensor, iterations: int = KMEANS_ITERATIONS, seed: int = 0,
+        signal_features: torch.Tensor | None = None,
     ) -> None:
         """k-means initialisation of the codebook from latents (N, D), identical on every process.
 

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from ..configuration_cdb_vq import CDBVQConfig, field_names
+from ..quantization_cdb_vq import KMEANS_ITERATIONS
 from .degradations import canonical_spec, degrades_nothing
 from .redaction import hide_secret_arguments
 from .roles import three_role_ranges
@@ -207,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     codebook = parser.add_argument_group("codebook upkeep")
     codebook.add_argument("--kmeans_init_batches", type=int, default=None, help="Batches whose latents initialise the codebook by k-means (default: enough for ~4 latents per code, at most 64).")
-    codebook.add_argument("--kmeans_init_iterations", type=int, default=10, help="k-means iterations of the codebook initialisation.")
+    codebook.add_argument("--kmeans_init_iterations", type=int, default=KMEANS_ITERATIONS, help="k-means iterations of the codebook initialisation.")
     codebook.add_argument("--dead_code_restart_steps", type=int, default=PRESET, help="Restart dead codes every this many steps (0 disables).")
 
     run = parser.add_argument_group("run")
