@@ -239,7 +239,7 @@ class CDBVQConfig(PretrainedConfig):
         return super().from_pretrained(expanded, **kwargs)
 
     @classmethod
-    def from_dict(cls, config_dict: dict, **kwargs):
+    def from_dict(cls, config_dict: dict, **kwargs) -> CDBVQConfig | tuple[CDBVQConfig, dict]:
         """`PretrainedConfig.from_dict`, except that keyword overrides are checked as the constructor checks its
         arguments: transformers sets them after the constructor's checks, so `assignment="bogus"` passed, and a
         misspelled `asignment="nearest"` was dropped without a word."""
@@ -390,7 +390,7 @@ class CDBVQConfig(PretrainedConfig):
             raise ValueError(f"code_roles must add up to codebook_size ({self.codebook_size}), but they cover {position} codes.")
 
 
-def expand_home(name_or_path):
+def expand_home(name_or_path: str | os.PathLike | None) -> str | os.PathLike | None:
     """`~/model` as the path it names (transformers does not expand `~`, and takes it for a Hub id); else as given."""
     return os.path.expanduser(name_or_path) if str(name_or_path).startswith("~") else name_or_path
 
@@ -441,7 +441,7 @@ def json_kind(value) -> str:
     return kinds.get(type(value), "an object")
 
 
-def plain_value(value):
+def plain_value(value: object) -> object:
     """A number given as a NumPy array, a tensor, a NumPy scalar, or a list, tuple or dict of those, as the plain
     number, list or dict of numbers it holds (what a JSON config can store); anything else as it is."""
     if isinstance(value, (list, tuple)):

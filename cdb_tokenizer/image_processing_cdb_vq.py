@@ -185,7 +185,9 @@ class CDBVQImageProcessor(BaseImageProcessor):
         return image_processor_dict, kwargs
 
     @classmethod
-    def from_dict(cls, image_processor_dict: dict[str, Any], **kwargs: Any):
+    def from_dict(
+        cls, image_processor_dict: dict[str, Any], **kwargs: Any
+    ) -> CDBVQImageProcessor | tuple[CDBVQImageProcessor, dict]:
         """transformers' `from_dict` (hence `from_pretrained`), except that a keyword that reads like a setting but is
         none (`do_resise=False`), which it would drop without a word, is refused; loading options pass through."""
         settings = list(cls.valid_kwargs.__annotations__)

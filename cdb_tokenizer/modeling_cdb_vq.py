@@ -289,7 +289,7 @@ class CDBVQPreTrainedModel(PreTrainedModel):
     _keys_to_ignore_on_load_missing = [r"quantizer\.teacher_statistics\."]
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike | None, *args, **kwargs) -> CDBVQPreTrainedModel:
         """`PreTrainedModel.from_pretrained`, then checks that every parameter was in the weights (see
         `refuse_missing_parameters`) and that the code roles saved with the weights are the config's (an edited
         config.json, or `code_roles=` passed here, labelled codes with roles they were not trained for)."""
@@ -643,9 +643,9 @@ class CDBVQModel(CDBVQPreTrainedModel):
         return_dict = self.config.return_dict if return_dict is None else return_dict  # transformers' convention
         return output if return_dict else output.to_tuple()
 
-    def decode(self, image_tokens: torch.LongTensor) -> torch.FloatTensor:
-        """Decode a (batch, h, w) grid of code ids into images (batch, num_channels, H, W), in about [-1, 1] (not
-        clamped: `CDBVQImageProcessor.postprocess` clamps)."""
+    def decode(self, image_tokens: torch.Tensor) -> torch.FloatTensor:
+        """Decode a (batch, h, w) grid of code ids (int64 or int32) into images (batch, num_channels, H, W), in about
+        [-1, 1] (not clamped: `CDBVQImageProcessor.postprocess` clamps)."""
         self._check_image_tokens(image_tokens)
         if image_tokens.ndim != 3:
             raise ValueError(f"decode expects image_tokens of shape (batch, h, w), got {tuple(image_tokens.shape)}; use decode_image_tokens for (batch, h * w).")
@@ -703,13 +703,13 @@ class CDBVQModel(CDBVQPreTrainedModel):
 
     @torch.no_grad()
     def decode_image_tokens(
-        self, image_tokens: torch.LongTensor, height: int | None = None, width: int | None = None
+        self, image_tokens: torch.Tensor, height: int | None = None, width: int | None = None
     ) -> torch.FloatTensor:
         """
         Decode token ids into images in about [-1, 1] (not clamped; `CDBVQImageProcessor.postprocess` clamps).
 
         Args:
-            image_tokens (`torch.LongTensor` of shape `(batch_size, h * w)` or `(batch_size, h, w)`): Code ids.
+            image_tokens (`torch.Tensor` of shape `(batch_size, h * w)` or `(batch_size, h, w)`): Code ids (int64 or int32).
             height, width (`int`, *optional*): Image size in pixels for flat tokens: with neither, the
                 `config.resolution` square; with one, a square of that side. Flat tokens whose count does not fit
                 that grid are refused (never guessed).
