@@ -326,7 +326,6 @@ def check_image_size(height: int, width: int, name: str = "the image size") -> N
         ) from None
 
 
-@torch.no_grad()
 def first_batches(batches: Iterable, max_batches: int | None) -> Iterable:
     """The first `max_batches` of `batches` (all with None), without drawing one more from the loader."""
     return batches if max_batches is None else itertools.islice(batches, max_batches)
