@@ -113,16 +113,6 @@ def time_call(function: Callable[[], object], device: torch.device | str = "cpu"
     return time.perf_counter() - start
 
 
-def repeat_timings(
-    function: Callable[[], object], repeats: int, max_seconds: float, device: torch.device | str = "cpu"
-) -> list[float]:
-    """Time `function` up to `repeats` times, stopping early once `max_seconds` have been spent (at least once)."""
-    timings: list[float] = []
-    while len(timings) < repeats and (not timings or sum(timings) < max_seconds):
-        timings.append(time_call(function, device))
-    return timings
-
-
 def positive_int(text: str) -> int:
     """An argparse type for counts (steps, rounds, batch sizes): 0 ended in a traceback deep in torch or statistics."""
     value = int(text)

@@ -32,6 +32,7 @@ from common import (
     markdown_table,
     median,
     positive_int,
+    synchronize,
     write_report,
 )
 from quality import photo_tensors, random_crops, train_step
@@ -57,11 +58,6 @@ def build(args: argparse.Namespace, rule: str, accelerator: Accelerator) -> Trai
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, betas=(0.9, 0.99), weight_decay=0.0)
     model, optimizer = accelerator.prepare(model, optimizer)
     return TrainingParts(accelerator, model, optimizer, TokenizerLoss(l1_weight=1.0, l2_weight=1.0), max_grad_norm=1.0)
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def same_codes_under_autocast(parts: TrainingParts, pixel_values: torch.Tensor) -> float:

@@ -20,6 +20,8 @@ from cdb_tokenizer import CDBVQImageProcessor, CDBVQModel
 import cdb_tokenizer.tools.cli as cli_module
 from cdb_tokenizer.tools.cli import main
 from cdb_tokenizer.tools.data import sample_photos
+from cdb_tokenizer.tools.files import saved_weights
+from cdb_tokenizer.tools.publishing import model_files
 from conftest import cli_error_line, hub_cache, tiny_model
 
 
@@ -606,6 +608,30 @@ def test_weights_that_do_not_fit_the_config_are_named_in_one_line(files, tmp_pat
         assert any("stray.weight" in record.getMessage() for record in shown.buffer)
     finally:
         logging.getLogger("transformers").removeHandler(shown)
+
+
+def test_a_stale_model_safetensors_beside_shards_is_the_file_checked(files, tmp_path, capsys):
+    """transformers loads model.safetensors before a shard index, so a stale one left beside the shards of a later,
+    resized save is what fails to load: the diagnosis compares that file, and publishing takes it, not the shards."""
+    folder = tmp_path / "resized"
+    tiny_model(seed=3, codebook_size=32).save_pretrained(folder, max_shard_size="600KB")
+    CDBVQImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
+    shards = sorted(folder.glob("model-*-of-*.safetensors"))
+    assert len(shards) > 1
+    shutil.copy(files["same_size_model"] / "model.safetensors", folder)  # 64 codes, from an earlier save
+    assert saved_weights(folder) == [folder / "model.safetensors"]
+    assert [path.name for path in model_files(folder) if ".safetensors" in path.name] == ["model.safetensors"]
+    assert main(["inspect", "--model", str(folder)]) == 1
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "quantizer.codebook.weight is (64, 8) in the file but (32, 8) for the config" in line, line
+
+    # Without it, the index and its shards; a shard the index lists and the folder lacks is named.
+    (folder / "model.safetensors").unlink()
+    assert saved_weights(folder) == [folder / "model.safetensors.index.json", *shards]
+    assert main(["inspect", "--model", str(folder)]) == 0
+    shards[0].unlink()
+    with pytest.raises(FileNotFoundError, match=f"lists {shards[0].name}, which is not in"):
+        saved_weights(folder)
 
 
 def test_written_files_get_the_permissions_of_the_umask(files, tmp_path):

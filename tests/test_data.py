@@ -295,8 +295,6 @@ def test_images_inside_an_archive_are_read(tmp_path):
 def test_a_streamed_hold_out_never_reaches_training_with_several_shards(tmp_path):
     # take(n) / skip(n) ran before the stream was split over loader workers (or processes); each share then skipped
     # its own first images: a held-out image was trained on and another never seen.
-    import argparse
-
     import datasets
     from accelerate import Accelerator
 

@@ -140,13 +140,13 @@ def test_any_channel_count_keeps_its_shape(name, channels):
     assert degraded.shape == images.shape and (degraded - images).abs().mean() > 1e-3
 
 
-def test_micro_batch_seeds_stay_in_range_and_never_collide():
-    from cdb_tokenizer.tools.steps import micro_batch_seed
+def test_derived_seeds_stay_in_range_and_never_collide():
+    from cdb_tokenizer.tools.steps import derived_seed
 
     generator = torch.Generator()
     for seed in (0, 2**32 - 1, 10**12):  # any seed train.py accepts, and larger
-        generator.manual_seed(micro_batch_seed(seed, 10**7, 63, 4095))
-    seeds = {micro_batch_seed(0, step, micro_batch, 0) for step in range(3) for micro_batch in range(130)}
+        generator.manual_seed(derived_seed(seed, 10**7, 63, 4095))
+    seeds = {derived_seed(0, step, micro_batch, 0) for step in range(3) for micro_batch in range(130)}
     assert len(seeds) == 3 * 130  # (step 0, micro-batch 64) used to be (step 1, micro-batch 0)
 
 

@@ -15,7 +15,14 @@ from huggingface_hub.errors import HfHubHTTPError
 from cdb_tokenizer import CDBVQImageProcessor
 from cdb_tokenizer.tools.data import sample_photos
 from cdb_tokenizer.tools.evaluation import code_usage_counts, evaluate, save_reconstruction_grid, save_usage_plot
-from cdb_tokenizer.tools.publishing import clip_teacher_hub_id, public_fields, push_to_hub, stage_folder
+from cdb_tokenizer.tools.publishing import (
+    REMOTE_CODE_FILES,
+    clip_teacher_hub_id,
+    model_files,
+    public_fields,
+    push_to_hub,
+    stage_folder,
+)
 from conftest import tiny_model
 
 
@@ -264,6 +271,14 @@ def test_push_to_hub_removes_stale_published_files_only(training_output):
     published = [name for name in uploaded["files"] if name not in always]
     with mock.patch.object(HfApi, "list_repo_files", return_value=published):
         assert len(HfApi()._prepare_folder_deletions(HUB_ID, None, None, "", patterns)) == len(published)
+
+
+def test_the_remote_code_a_push_cleans_up_is_the_code_it_uploads(training_output):
+    """REMOTE_CODE_FILES (what a later push deletes when it no longer brings it) is found from the package's auto
+    classes as the uploaded files are from a folder's auto_map: the .py files save_pretrained wrote, no other."""
+    written = sorted(path.name for path in training_output.glob("*.py"))
+    uploaded = sorted(path.name for path in model_files(training_output) if path.suffix == ".py")
+    assert list(REMOTE_CODE_FILES) == written == uploaded
 
 
 def test_push_to_hub_token_from_environment_or_clear_error(training_output, monkeypatch, tmp_path):

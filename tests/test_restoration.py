@@ -20,7 +20,7 @@ import cdb_tokenizer.tools.steps as steps_module
 from cdb_tokenizer import CDBVQImageProcessor, CDBVQModel
 from cdb_tokenizer.tools.cli import main as cli_main
 from cdb_tokenizer.tools.degradations import degrade
-from cdb_tokenizer.tools.steps import micro_batch_seed
+from cdb_tokenizer.tools.steps import derived_seed
 from training.train import main as train_main, parse_args
 
 RUN = ["--resolution", "32", "--base_channels", "16", "--channel_multipliers", "1", "2", "2", "--num_res_blocks", "1",
@@ -84,7 +84,7 @@ def test_restoration_training_feeds_the_encoder_degraded_images_and_targets_the_
         assert target is not None and target.shape == inputs.shape  # the loss compares with the clean batch
         assert not torch.equal(inputs, target)  # ... while the encoder sees something else
         # ... namely the clean batch degraded by the run's spec, under the micro-batch's seed (what a resume redraws).
-        expected = degrade(target, DEGRADATION, seed=micro_batch_seed(seed, batch["step"], 0, 0))
+        expected = degrade(target, DEGRADATION, seed=derived_seed(seed, batch["step"], 0, 0))
         torch.testing.assert_close(inputs, expected)
 
 
@@ -211,7 +211,7 @@ def test_the_codebook_starts_from_latents_of_degraded_images(monkeypatch):
     initialize_codebook(args, model, iter(batches), Accelerator(cpu=True))
     assert len(seen) == 2
     for index, (batch, inputs) in enumerate(zip(batches, seen)):
-        expected = degrade(batch["pixel_values"], DEGRADATION, seed=micro_batch_seed(args.seed, -1, index, 0))
+        expected = degrade(batch["pixel_values"], DEGRADATION, seed=derived_seed(args.seed, -1, index, 0))
         torch.testing.assert_close(inputs, expected)
 
 

@@ -2,9 +2,7 @@
 and wrong input gets one clear error instead of a wrong answer or a traceback."""
 
 import json
-import logging
 import os
-import re
 import shutil
 import stat
 import struct

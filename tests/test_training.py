@@ -32,9 +32,10 @@ from training.train import TrainingStopped, main, parse_args
 TINY_MODEL = ["--resolution", "32", "--base_channels", "16", "--channel_multipliers", "1", "2", "2", "--num_res_blocks", "1", "--norm_num_groups", "8", "--latent_dim", "16", "--codebook_size", "64", "--codebook_dim", "8", "--semantic_dim", "32", "--num_prototypes", "8", "--router_dim", "8"]
 # A short run without the optional parts (no teacher, no LPIPS, no discriminator).
 PLAIN_RUN = TINY_MODEL + ["--model_preset", "tiny", "--train_batch_size", "2", "--num_validation_images", "2", "--clip_model", "none", "--report_to", "none", "--lpips_weight", "0", "--disc_weight", "0"]  # fmt: skip
+# `balance` and `role_supervision` are built (and logged) only with a positive weight; the run keeps both at 0.
 LOSS_TERMS = (
     "l1", "l2", "lpips", "generator_adversarial", "adaptive_weight", "codebook", "commitment",
-    "balance", "semantic_distillation", "token_alignment", "code_alignment", "vq", "total", "discriminator",
+    "semantic_distillation", "token_alignment", "code_alignment", "vq", "total", "discriminator",
 )  # fmt: skip
 
 

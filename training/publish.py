@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from huggingface_hub.errors import HfHubHTTPError
 
 from cdb_tokenizer.tools.messages import OneLineErrorParser, first_line
-from cdb_tokenizer.tools.publishing import push_to_hub, stage_folder
+from cdb_tokenizer.tools.publishing import DEFAULT_LICENSE, push_to_hub, stage_folder
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -30,7 +30,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--revision", default=None, help="branch to upload to (created if needed; default: main)")
     parser.add_argument("--commit_message", default=None, help="commit message of the upload")
     parser.add_argument("--token", default=None, help="Hub token (default: HF_TOKEN or the `hf auth login` token)")
-    parser.add_argument("--license", default="apache-2.0", help="license in the model card (default: apache-2.0)")
+    parser.add_argument(
+        "--license", default=DEFAULT_LICENSE, help=f"license in the model card (default: {DEFAULT_LICENSE})"
+    )
     parser.add_argument("--staging_dir", default=None, help="stage into this (empty) folder and keep it")
     parser.add_argument("--dry_run", action="store_true", help="stage into --staging_dir only; upload nothing")
     return parser.parse_args(argv)

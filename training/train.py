@@ -96,7 +96,7 @@ from cdb_tokenizer.tools.runs import (
     tracker_init_kwargs,
     warn_of_a_warmup_longer_than_the_run,
 )
-from cdb_tokenizer.tools.steps import TrainingParts, micro_batch_seed, restart_dead_codes, training_step
+from cdb_tokenizer.tools.steps import TrainingParts, derived_seed, restart_dead_codes, training_step
 from cdb_tokenizer.tools.train_args import parse_args, resumes_its_own_run
 from cdb_tokenizer.tools.teacher import (
     kmeans_prototypes,
@@ -673,7 +673,7 @@ def degraded_inputs(args, pixel_values: torch.Tensor, step: int, micro_batch: in
     again; None otherwise (the encoder sees the batch)."""
     if not args.degradation:
         return None
-    return degrade(pixel_values, args.degradation, seed=micro_batch_seed(args.seed, step, micro_batch, process_index))
+    return degrade(pixel_values, args.degradation, seed=derived_seed(args.seed, step, micro_batch, process_index))
 
 
 def accumulated_step(args: argparse.Namespace, parts: TrainingParts, batches: Iterator[dict], state: RunState):

@@ -53,7 +53,7 @@ from cdb_tokenizer.tools.runs import (
     tracker_init_kwargs,
     warn_of_a_warmup_longer_than_the_run,
 )
-from cdb_tokenizer.tools.steps import micro_batch_seed
+from cdb_tokenizer.tools.steps import derived_seed
 from cdb_tokenizer.tools.train_args import FLAG_RANGES, LR_SCHEDULERS, check_in, check_output_dir_flags
 from cdb_tokenizer.tools.priors import (
     ARCHITECTURES,
@@ -287,14 +287,14 @@ def check_data_file_names(path: Path) -> None:
         return isinstance(name, str) and (Path(name).is_absolute() or ".." in Path(name).parts)
 
     folders = [path]
-    splits = _read_json(path / "dataset_dict.json").get("splits")
+    splits = _read_json_or_empty(path / "dataset_dict.json").get("splits")
     if isinstance(splits, list):
         if any(outside(split) or "/" in str(split) or "\\" in str(split) for split in splits):
             raise ValueError(f"--tokens_dir {path} is damaged: its dataset_dict.json names splits outside the folder "
                              f"({splits}); tokenise again.")  # fmt: skip
         folders += [path / str(split) for split in splits]
     for folder in folders:
-        files = _read_json(folder / "state.json").get("_data_files")
+        files = _read_json_or_empty(folder / "state.json").get("_data_files")
         entries = files if isinstance(files, list) else []
         names = [entry.get("filename") for entry in entries if isinstance(entry, dict)]
         far = [name for name in names if outside(name)]
@@ -303,7 +303,7 @@ def check_data_file_names(path: Path) -> None:
                              f"folder ({', '.join(far)}); tokenise again.")  # fmt: skip
 
 
-def _read_json(path: Path) -> dict:
+def _read_json_or_empty(path: Path) -> dict:
     """A JSON object from `path`, or {} when there is none (no such file, bad JSON, not an object)."""
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
@@ -568,7 +568,7 @@ def main(args: argparse.Namespace) -> dict[str, float]:
         # A last short batch is dropped only when every process still gets a full one.
         train_set, batch_size=args.train_batch_size, shuffle=True,
         drop_last=len(train_set) >= args.train_batch_size * accelerator.num_processes,
-        # Label dropout is drawn in the loop, per micro-batch (`micro_batch_seed`): the loader reads ahead, so a draw
+        # Label dropout is drawn in the loop, per micro-batch (`derived_seed`): the loader reads ahead, so a draw
         # here would come from a random state the checkpoint has already moved past.
         collate_fn=PriorCollator(vocabulary, num_image_tokens),
         num_workers=args.dataloader_num_workers,
@@ -637,7 +637,7 @@ def main(args: argparse.Namespace) -> dict[str, float]:
             skip_batches = 0
             micro_batch = 0
             for batch in batches:
-                seed = micro_batch_seed(args.seed, global_step, micro_batch, accelerator.process_index)
+                seed = derived_seed(args.seed, global_step, micro_batch, accelerator.process_index)
                 # (drop_class_labels draws nothing for an unconditional prior)
                 generator = torch.Generator().manual_seed(seed)
                 batch["input_ids"] = drop_class_labels(batch["input_ids"], vocabulary, args.label_dropout, generator)

@@ -223,11 +223,11 @@ def _weight_misfits(model_id: str) -> list[str]:
     if not folder.is_dir():
         return []
     try:
-        index = folder / "model.safetensors.index.json"
-        files = set(json.loads(index.read_text())["weight_map"].values()) if index.is_file() else {"model.safetensors"}
+        # The files transformers loads (a model.safetensors before the shards of an index), the index left out.
+        weights = [path for path in files.saved_weights(folder) if path.suffix == ".safetensors"]
         stored = {}
-        for file in sorted(files):
-            with safe_open(str(folder / file), framework="pt") as handle:
+        for path in weights:
+            with safe_open(str(path), framework="pt") as handle:
                 stored |= {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
         with torch.device("meta"):  # shapes only: no memory, no initialisation work
             model = CDBVQModel(CDBVQConfig.from_pretrained(folder))
@@ -1265,7 +1265,9 @@ def _fmt(value: float | None) -> str:
 
 def _check_codes_file(codes: str, overwrite: bool) -> Path:
     """--codes: a .csv or .json file name (the suffix picks the format), checked like --out."""
-    path = check_output_file(codes, "codes.csv", "--codes", overwrite)
+    # An example of the name's own kind: check_output_file would refuse codes.json as "not a CSV", and this check
+    # names both formats for any other suffix.
+    path = check_output_file(codes, f"codes{Path(codes).suffix.lower() or '.csv'}", "--codes", overwrite)
     if path.suffix.lower() not in (".csv", ".json"):
         raise CLIError(f"--codes {codes} is neither a .csv nor a .json file name; give codes.csv or codes.json.")
     return path

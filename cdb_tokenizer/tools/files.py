@@ -116,13 +116,26 @@ def share_safetensors(paths: Iterable[Path]) -> None:
 
 
 def saved_weights(folder: str | Path) -> list[Path]:
-    """The weight files `save_pretrained` writes in `folder`: model.safetensors, or the shards its index lists."""
+    """The weight files transformers loads from `folder`, in its order: model.safetensors if there is one (a stale
+    one beside newer shards still shadows them), else model.safetensors.index.json and the shards it lists, else
+    none. Raises `FileNotFoundError` for a listed shard that is missing and `ValueError` for an index that is not
+    JSON."""
     folder = Path(folder)
+    if (folder / "model.safetensors").is_file():
+        return [folder / "model.safetensors"]
     index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        shards = json.loads(index.read_text(encoding="utf-8")).get("weight_map", {}).values()
-        return [folder / name for name in sorted(set(shards))]
-    return [folder / "model.safetensors"]
+    if not index.is_file():
+        return []
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map", {})
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{index} is not valid JSON: {error}") from None
+    # Names only: a path in the index must not reach a file outside the folder.
+    shards = [folder / Path(name).name for name in sorted(set(weight_map.values()))]
+    missing = [shard.name for shard in shards if not shard.is_file()]
+    if missing:
+        raise FileNotFoundError(f"{index.name} lists {missing[0]}, which is not in {folder}.")
+    return [index, *shards]
 
 
 def _umask() -> int:
@@ -132,4 +145,12 @@ def _umask() -> int:
     return umask
 
 
-__all__ = ["plain_file_mode", "replace_file", "saved_weights", "share_safetensors", "staged_files", "write_text"]
+__all__ = [
+    "file_sha256",
+    "plain_file_mode",
+    "replace_file",
+    "saved_weights",
+    "share_safetensors",
+    "staged_files",
+    "write_text",
+]

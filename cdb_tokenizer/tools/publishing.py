@@ -7,6 +7,7 @@ in `templates/`, package data shipped in the wheel) and uploads it with `hugging
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import re
@@ -20,7 +21,8 @@ from huggingface_hub import CommitInfo, HfApi, ModelCard, ModelCardData, get_tok
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
-from .files import replace_file
+from .. import CDBVQConfig, CDBVQImageProcessor, CDBVQModel
+from .files import replace_file, saved_weights
 from .redaction import (
     HF_TOKEN,
     REDACTED,
@@ -42,6 +44,7 @@ MODEL_CARD_TEMPLATE = Path(__file__).resolve().parent / "templates" / "cdb_vq_mo
 # "image-feature-extraction" task lists; "image-to-image" would advertise the reconstruction, a by-product.
 PIPELINE_TAG = "image-feature-extraction"
 TAGS = ["image-tokenization", "vector-quantization", "cdb-vq", "vqgan"]
+DEFAULT_LICENSE = "apache-2.0"
 
 # What `train.py` writes besides the model: copied when present. Everything else (checkpoints/, logs/, ...) stays.
 FIGURES = {"reconstructions": "reconstructions.png", "usage": "codebook_usage.png", "role_map": "role_map.png"}
@@ -50,15 +53,6 @@ EXTRA_FILES = ("prototypes.safetensors",)
 JSON_FILES = ("metrics.json", "training_config.json")
 # Keys of training_config.json that are local folders: never published.
 PRIVATE_CONFIG_KEYS = ("output_dir", "logging_dir", "cache_dir", "resume_from_checkpoint")
-# Every file a push may publish: what a new push does not bring is removed from the repository in the same commit,
-# so a stale model.safetensors never shadows new shards (transformers loads it first), nor an old figure a new card.
-# Exact names at the repository's root only (`*` would also match "/" and reach the user's own files).
-SHARD = "model-[0-9][0-9][0-9][0-9][0-9]-of-[0-9][0-9][0-9][0-9][0-9].safetensors"
-REMOTE_CODE_FILES = ("configuration_cdb_vq.py", "modeling_cdb_vq.py", "quantization_cdb_vq.py", "image_processing_cdb_vq.py")
-PUBLISHED_PATTERNS = [
-    "model.safetensors", SHARD, "model.safetensors.index.json", *REMOTE_CODE_FILES, *FIGURES.values(), *EXTRA_FILES,
-    *JSON_FILES,
-]  # fmt: skip
 
 ASSIGNMENT_DESCRIPTIONS = {
     "nearest": "nearest neighbour: each latent takes its closest code (classic VQ-VAE).",
@@ -80,7 +74,8 @@ ASSIGNMENT_DESCRIPTIONS = {
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def _read_valid_json(path: Path) -> dict[str, Any]:
+    """The JSON in `path`, {} when there is no such file; a `ValueError` naming the file when it is not JSON."""
     if not path.is_file():
         return {}
     try:
@@ -108,7 +103,7 @@ def model_files(output_dir: str | Path) -> list[Path]:
                 f"output folder, or save the model from this checkpoint with `model.save_pretrained`."
             )
         raise FileNotFoundError(f"{output_dir} has no config.json: save the model there with `model.save_pretrained`.")
-    weights = sorted(output_dir.glob("model*.safetensors")) + sorted(output_dir.glob("model.safetensors.index.json"))
+    weights = saved_weights(output_dir)
     if not weights:
         raise FileNotFoundError(
             f"{output_dir} has no model.safetensors: save the model there with `model.save_pretrained`."
@@ -119,7 +114,10 @@ def model_files(output_dir: str | Path) -> list[Path]:
             f"{output_dir} has no preprocessor_config.json: save the image processor there with "
             f"`processor.save_pretrained`."
         )
-    auto_map = {**_read_json(config_path).get("auto_map", {}), **_read_json(processor_path).get("auto_map", {})}
+    auto_map = {
+        **_read_valid_json(config_path).get("auto_map", {}),
+        **_read_valid_json(processor_path).get("auto_map", {}),
+    }
     if "AutoModel" not in auto_map or "AutoImageProcessor" not in auto_map:
         raise ValueError(
             f"{output_dir} has no auto_map for AutoModel and AutoImageProcessor, so it would not load with "
@@ -137,7 +135,7 @@ def model_files(output_dir: str | Path) -> list[Path]:
         modules.append(module_file)
     # save_pretrained writes the remote-code files flat next to the config; only the modules auto_map names and the
     # flat siblings they import (from .name import ...) are published, not every .py file that lies in the folder.
-    return [config_path, processor_path, *_model_weights(output_dir, weights), *_remote_code_files(modules)]
+    return [config_path, processor_path, *weights, *_remote_code_files(modules)]
 
 
 _RELATIVE_IMPORT = re.compile(r"^\s*from\s+\.([A-Za-z_]\w*)\s+import\b", re.MULTILINE)
@@ -156,18 +154,23 @@ def _remote_code_files(modules: list[Path]) -> list[Path]:
     return [found[name] for name in sorted(found)]
 
 
-def _model_weights(output_dir: Path, candidates: list[Path]) -> list[Path]:
-    """model.safetensors, or a shard index and the shards it lists (not any other model*.safetensors lying there)."""
-    if (output_dir / "model.safetensors").is_file():
-        return [output_dir / "model.safetensors"]
-    index = output_dir / "model.safetensors.index.json"
-    if index.is_file():
-        shards = sorted(set(_read_json(index).get("weight_map", {}).values()))
-        missing = [name for name in shards if not (output_dir / Path(name).name).is_file()]
-        if missing:
-            raise FileNotFoundError(f"{index.name} lists {missing[0]}, which is not in {output_dir}.")
-        return [index, *(output_dir / Path(name).name for name in shards)]
-    return candidates
+def _package_remote_code() -> tuple[str, ...]:
+    """The flat modules save_pretrained copies beside config.json (transformers' `custom_object_save`): those of the
+    classes registered for the auto classes and the modules they import. Found as `model_files` finds a folder's,
+    so the files a push uploads and those a later push cleans up cannot drift apart."""
+    modules = [Path(inspect.getfile(cls)) for cls in (CDBVQConfig, CDBVQModel, CDBVQImageProcessor)]
+    return tuple(path.name for path in _remote_code_files(modules))
+
+
+REMOTE_CODE_FILES = _package_remote_code()
+# Every file a push may publish: what a new push does not bring is removed from the repository in the same commit,
+# so a stale model.safetensors never shadows new shards (transformers loads it first), nor an old figure a new card.
+# Exact names at the repository's root only (`*` would also match "/" and reach the user's own files).
+SHARD = "model-[0-9][0-9][0-9][0-9][0-9]-of-[0-9][0-9][0-9][0-9][0-9].safetensors"
+PUBLISHED_PATTERNS = [
+    "model.safetensors", SHARD, "model.safetensors.index.json", *REMOTE_CODE_FILES, *FIGURES.values(), *EXTRA_FILES,
+    *JSON_FILES,
+]  # fmt: skip
 
 
 def public_fields(values: dict[str, Any]) -> dict[str, Any]:
@@ -373,7 +376,7 @@ def _training_summary(training_config: dict[str, Any], metrics: dict[str, Any]) 
 def render_model_card(
     output_dir: str | Path,
     hub_model_id: str,
-    license: str = "apache-2.0",
+    license: str = DEFAULT_LICENSE,
     figures: dict[str, str] | None = None,
     template_path: str | Path | None = None,
     training_config: dict[str, Any] | None = None,
@@ -389,9 +392,9 @@ def render_model_card(
     output_dir = Path(output_dir)
     model = _load_complete_model(output_dir)
     config = model.config
-    metrics = _read_json(output_dir / "metrics.json")
+    metrics = _read_valid_json(output_dir / "metrics.json")
     if training_config is None:
-        training_config = _read_json(output_dir / "training_config.json")
+        training_config = _read_valid_json(output_dir / "training_config.json")
     # The teacher that ran, not the one asked for: without its weights a run trains without it (metrics.json's
     # `teacher` is then null); an older metrics.json without the key leaves the flags to say.
     teacher_ran = metrics.get("teacher", "") is not None
@@ -486,7 +489,7 @@ def stage_folder(
     output_dir: str | Path,
     staging_dir: str | Path,
     hub_model_id: str,
-    license: str = "apache-2.0",
+    license: str = DEFAULT_LICENSE,
     revision: str | None = None,
 ) -> Path:
     """Gather what the Hub repository holds into `staging_dir`, and render its `README.md` model card.
@@ -509,12 +512,12 @@ def stage_folder(
         private += _scrub_safetensors_metadata(path)
     for name in JSON_FILES:
         if (output_dir / name).is_file():
-            raw = _read_json(output_dir / name)
+            raw = _read_valid_json(output_dir / name)
             public = public_fields(raw)
             private += _removed_strings(raw, public)
             (staging_dir / name).write_text(json.dumps(public, indent=2) + "\n")
     for name in ("config.json", "preprocessor_config.json"):  # labels and other strings: tokens and paths out too
-        raw = _read_json(staging_dir / name)
+        raw = _read_valid_json(staging_dir / name)
         public = _public_config(raw)
         if public != raw:
             private += _removed_strings(raw, public)
@@ -525,7 +528,7 @@ def stage_folder(
     # The card is rendered from the staged model, whose config is already clean, so that it shows what is published
     # and its escaping (`_` -> `\_`) cannot hide a private label from the last pass; loading it checks it too. The
     # training configuration's values reach the card through `public_fields` only.
-    run_config = _read_json(output_dir / "training_config.json")
+    run_config = _read_valid_json(output_dir / "training_config.json")
     write_model_card(staging_dir, hub_model_id, license=license, training_config=run_config, revision=revision)
     _scrub_staged_text(staging_dir, private + [str(output_dir.resolve())])
     return staging_dir
@@ -534,7 +537,7 @@ def stage_folder(
 def write_model_card(
     staging_dir: str | Path,
     hub_model_id: str,
-    license: str = "apache-2.0",
+    license: str = DEFAULT_LICENSE,
     training_config: dict[str, Any] | None = None,
     revision: str | None = None,
 ) -> None:
@@ -634,7 +637,7 @@ def push_to_hub(
     commit_message: str | None = None,
     token: str | None = None,
     staging_dir: str | Path | None = None,
-    license: str = "apache-2.0",
+    license: str = DEFAULT_LICENSE,
 ) -> CommitInfo:
     """Stage `output_dir` (see `stage_folder`) and upload it to the Hub model repository `hub_model_id`.
 
@@ -655,7 +658,7 @@ def push_to_hub(
                 f"repository: make it private on the Hub first, or publish without --private."
             )
         if repo_id != hub_model_id:  # "name" -> "user/name": the full id goes into the card's usage snippet
-            run_config = _read_json(Path(output_dir) / "training_config.json")
+            run_config = _read_valid_json(Path(output_dir) / "training_config.json")
             write_model_card(folder, repo_id, license=license, training_config=run_config, revision=revision)
             _scrub_staged_text(folder, [str(Path(output_dir).resolve())])
         if revision and revision != "main":

@@ -145,18 +145,13 @@ def restart_dead_codes(model: CDBVQModel, output, seed: int, ema=None) -> int:
     return restarted
 
 
-def micro_batch_seed(seed: int, step: int, micro_batch: int, process_index: int) -> int:
-    """Seed of what is drawn for one micro-batch (its degradations; a prior's label dropout): a function of the run's
-    seed, the step, the micro-batch and the process, so a resumed run draws exactly as an uninterrupted one (the
-    global random state is no such function: data loaders draw from it ahead of the step). A hash, not arithmetic:
-    any seed, step or number of micro-batches stays within the generator's 64 bits, and no two micro-batches share
-    a seed."""
-    return derived_seed(seed, step, micro_batch, process_index)
-
-
 def derived_seed(*parts: int) -> int:
     """A 63-bit seed that is a hash of `parts` (a run's seed and the indices of what it seeds): any seed or index
-    stays within a generator's 64 bits, and no two index tuples share a seed."""
+    stays within a generator's 64 bits, and no two index tuples share a seed.
+
+    `derived_seed(seed, step, micro_batch, process_index)` seeds what is drawn for one micro-batch (its
+    degradations; a prior's label dropout): a function of the step, not of the global random state, which data
+    loaders draw from ahead of the step, so a resumed run draws exactly as an uninterrupted one."""
     key = "/".join(str(part) for part in parts).encode()
     return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1
 
@@ -189,4 +184,4 @@ def _apply_gradients(parts: TrainingParts, adversarial: bool) -> str | None:
     return None
 
 
-__all__ = ["TrainingParts", "micro_batch_seed", "restart_dead_codes", "training_step"]
+__all__ = ["TrainingParts", "derived_seed", "restart_dead_codes", "training_step"]
