@@ -132,6 +132,12 @@ def median(values: list[float]) -> float:
     return statistics.median(values)
 
 
+def with_range(values: list[float], digits: int = 2, unit: str = "") -> str:
+    """A report cell for per-round values: their median, then their lowest and highest in brackets ("1.08x
+    [1.01-1.19]"), so a table gives the spread of a claim and not its median alone."""
+    return f"{median(values):.{digits}f}{unit} [{min(values):.{digits}f}-{max(values):.{digits}f}]"
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # One subprocess per case
 # ----------------------------------------------------------------------------------------------------------------

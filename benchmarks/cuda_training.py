@@ -33,6 +33,7 @@ from common import (
     median,
     positive_int,
     synchronize,
+    with_range,
     write_report,
 )
 from quality import photo_tensors, random_crops, train_step
@@ -99,6 +100,7 @@ def main(argv: list[str] | None = None) -> None:
         for rule in args.rules:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
+                resident = torch.cuda.memory_allocated(device)  # every rule's model and optimiser state
             synchronize(device)
             start = time.perf_counter()
             record = train_step(parts[rule], batch, round_index)
@@ -107,14 +109,15 @@ def main(argv: list[str] | None = None) -> None:
                 times[rule].append(time.perf_counter() - start)
             finite[rule] &= bool(torch.isfinite(torch.tensor(record["loss"])))
             if device.type == "cuda":
-                peak[rule] = max(peak.get(rule, 0), torch.cuda.max_memory_allocated(device))
+                # The step's own peak: above what was allocated before it, which holds the other rules' models too.
+                peak[rule] = max(peak.get(rule, 0), torch.cuda.max_memory_allocated(device) - resident)
     held_out = random_crops(photos, args.resolution, args.batch_size, torch.Generator().manual_seed(10**6)).to(device)
     reference = median(times[args.rules[0]])
     rows = [
         [
             rule,
-            f"{median(times[rule]):.4f}",
-            f"{median([t / r for t, r in zip(times[rule], times[args.rules[0]])]):.2f}x",
+            with_range(times[rule], 4),
+            with_range([t / r for t, r in zip(times[rule], times[args.rules[0]])], 2, "x"),
             f"{peak[rule] / 2**30:.2f} GiB" if rule in peak else "n/a",
             "yes" if finite[rule] else "NO",
             ", ".join(float32_state(parts[rule])) or "all float32",
@@ -140,7 +143,7 @@ def main(argv: list[str] | None = None) -> None:
         f"`{args.rules[0]}` (median s / step of `{args.rules[0]}`: {reference:.4f}).",
         "",
         markdown_table(
-            ["rule", "s / step (median)", f"vs {args.rules[0]}", "peak memory", "losses finite",
+            ["rule", "s / step: median [min-max]", f"vs {args.rules[0]}: median [min-max]", "step peak memory", "losses finite",
              "quantizer state", "same codes with bf16 autocast"],
             rows,
         ),  # fmt: skip

@@ -24,6 +24,7 @@ from common import (
     markdown_table,
     median,
     positive_int,
+    with_range,
     write_report,
 )
 
@@ -74,7 +75,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for rule in args.rules:
         ratios = [t / r for t, r in zip(times[rule], times[reference])]
-        rows.append([rule, f"{median(times[rule]):.3f}", f"{median(ratios):.2f}x"])
+        rows.append([rule, with_range(times[rule], 3), with_range(ratios, 2, "x")])
     lines = [
         "# Training-step time, round-robin",
         "",
@@ -89,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
         f"L1 + L2 + vq_loss, backward, AdamW, dead-code restarts (the library's training step, as quality.py). "
         f"{counted(args.rounds, 'round')} after {counted(args.warmup, 'warm-up round')}, each round one step of every rule on the same batch.",
         "",
-        markdown_table(["rule", "median s / step", f"median ratio to `{reference}`"], rows),
+        markdown_table(["rule", "s / step: median [min-max]", f"ratio to `{reference}`: median [min-max] over rounds"], rows),
         "",
     ]
     if "cdb" in times and reference == "nearest":

@@ -2,6 +2,7 @@
 
 import importlib
 import json
+import re
 import shlex
 import sys
 from pathlib import Path
@@ -134,6 +135,20 @@ def test_quantizer_report_is_named_after_the_parts_run(load):
     assert bench.parse_args(["--skip-encode"]).output == "quantizer_assignment.md"
     with pytest.raises(SystemExit):
         bench.parse_args(["--skip-assignment", "--skip-encode"])
+
+
+def test_timing_reports_give_the_spread_over_rounds(load, tmp_path):
+    # step_time.py, cuda_training.py and speed.py reported medians alone: a claim without its spread.
+    common = load("common")
+    assert common.with_range([1.0, 1.3, 0.9], 2, "x") == "1.00x [0.90-1.30]"
+    load("step_time").main(["--rules", "nearest", "cdb", "--rounds", "3", "--warmup", "1", "--codebook-size", "64",
+                            "--resolution", "32", "--batch-size", "2", "--output", str(tmp_path / "steps.md")])  # fmt: skip
+    rows = {line.split(" | ")[0]: line.split(" | ")[1:] for line in (tmp_path / "steps.md").read_text().splitlines()
+            if line.startswith(("| nearest", "| cdb"))}  # fmt: skip
+    assert rows["| nearest"][1] == "1.00x [1.00-1.00] |"  # the reference, to itself
+    seconds, ratio = re.fullmatch(r"(\S+) \[(\S+)-(\S+)\]", rows["| cdb"][0]), re.fullmatch(r"(\S+)x \[(\S+)-(\S+)\] \|", rows["| cdb"][1])
+    assert seconds and ratio
+    assert float(seconds[2]) <= float(seconds[1]) <= float(seconds[3]) and float(ratio[2]) <= float(ratio[1]) <= float(ratio[3])
 
 
 def test_speed_writes_no_report_when_its_run_fails(load, monkeypatch, tmp_path):
