@@ -9,9 +9,11 @@
 # Environment: STEPS (training steps), BATCH (images per step), THROUGHPUT_BATCH, THROUGHPUT_ITERS.
 # Runs offline: trains on the photos that ship with scikit-image, with a tiny open_clip teacher built from a config
 # (no weights to download) so the semantic path runs on the GPU too; LPIPS is off unless its weights are cached.
-# Writes OUTPUT_DIR/gpu_smoke.json (and the usual training outputs); OUTPUT_DIR defaults to $OUT or outputs/gpu-smoke.
+# Writes OUTPUT_DIR/gpu_smoke.json (with the command that reproduces it and the date, besides the usual training
+# outputs); OUTPUT_DIR defaults to $OUT or outputs/gpu-smoke.
 set -euo pipefail
 
+ARGUMENTS=("$@")  # as given, for the report's command line
 MODE=cuda
 if [[ "${1:-}" == "--cpu" ]]; then
     MODE=cpu
@@ -54,16 +56,22 @@ python "$REPO/training/train.py" "${MODEL_FLAGS[@]}" \
 TRAIN_SECONDS=$(( $(date +%s) - START ))
 
 echo "== throughput"
-python - "$OUTPUT_DIR" "$MODE" "$THROUGHPUT_BATCH" "$THROUGHPUT_ITERS" "$STEPS" "$BATCH" "$TRAIN_SECONDS" <<'EOF'
-import json, sys, time
+python - "$OUTPUT_DIR" "$MODE" "$THROUGHPUT_BATCH" "$THROUGHPUT_ITERS" "$STEPS" "$BATCH" "$TRAIN_SECONDS" \
+    "${ARGUMENTS[@]+"${ARGUMENTS[@]}"}" <<'EOF'
+import datetime, json, shlex, sys, time
 from pathlib import Path
 
 import torch
 
 from cdb_tokenizer import CDBVQModel
+from cdb_tokenizer.tools.redaction import scrub_local_paths
 
 output_dir, mode = Path(sys.argv[1]), sys.argv[2]
-batch, iterations, steps, train_batch, train_seconds = (int(value) for value in sys.argv[3:])
+batch, iterations, steps, train_batch, train_seconds = (int(value) for value in sys.argv[3:8])
+# The command that reproduces this report (the settings the environment gave included; local paths cut, as in every
+# benchmark report).
+settings = f"STEPS={steps} BATCH={train_batch} THROUGHPUT_BATCH={batch} THROUGHPUT_ITERS={iterations}"
+command = f"{settings} {shlex.join(['bash', 'benchmarks/gpu_smoke.sh', *scrub_local_paths(sys.argv[8:])])}"
 device = torch.device("cuda" if mode == "cuda" else "cpu")
 dtype = torch.bfloat16 if mode == "cuda" else torch.float32
 model = CDBVQModel.from_pretrained(output_dir / "run").to(device=device, dtype=dtype).eval()
@@ -90,6 +98,8 @@ with torch.inference_mode():
     decode_seconds, _ = timed(lambda: model.decode_image_tokens(tokens))
 metrics = json.loads((output_dir / "run" / "metrics.json").read_text())
 report = {
+    "command": command,
+    "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
     "torch": torch.__version__,
     "precision": str(dtype).replace("torch.", ""),

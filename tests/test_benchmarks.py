@@ -2,8 +2,10 @@
 
 import importlib
 import json
+import os
 import re
 import shlex
+import subprocess
 import sys
 from pathlib import Path
 
@@ -149,6 +151,19 @@ def test_timing_reports_give_the_spread_over_rounds(load, tmp_path):
     seconds, ratio = re.fullmatch(r"(\S+) \[(\S+)-(\S+)\]", rows["| cdb"][0]), re.fullmatch(r"(\S+)x \[(\S+)-(\S+)\] \|", rows["| cdb"][1])
     assert seconds and ratio
     assert float(seconds[2]) <= float(seconds[1]) <= float(seconds[3]) and float(ratio[2]) <= float(ratio[1]) <= float(ratio[3])
+
+
+def test_the_gpu_smoke_dry_run_records_its_command_and_date(tmp_path):
+    # gpu_smoke.json carried neither: its numbers could not be traced to a run.
+    environment = {**os.environ, "STEPS": "2", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(["bash", str(BENCHMARKS / "gpu_smoke.sh"), "--cpu", str(tmp_path / "smoke")],
+                            env=environment, capture_output=True, text=True, timeout=900)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "smoke" / "gpu_smoke.json").read_text())
+    expected = "STEPS=2 BATCH=2 THROUGHPUT_BATCH=4 THROUGHPUT_ITERS=2 bash benchmarks/gpu_smoke.sh --cpu smoke"
+    assert report["command"] == expected  # the local path cut to its last part, as in every report
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d UTC", report["date"])
+    assert report["train_steps"] == 2 and report["encode_images_per_second"] > 0
 
 
 def test_speed_writes_no_report_when_its_run_fails(load, monkeypatch, tmp_path):
