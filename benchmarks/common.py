@@ -259,4 +259,16 @@ def command_line(argv: list[str] | None = None, script: str | Path | None = None
         script = script.relative_to(REPO_ROOT)
     except ValueError:
         script = Path(script.name)
-    return shlex.join(["python", str(script), *scrub_local_paths(argv)])
+    return shlex.join(["python", str(script), *scrub_local_paths([_in_repository(argument) for argument in argv])])
+
+
+def _in_repository(argument: str) -> str:
+    """An absolute path inside the repository as the path from its root (`/home/me/cdb-vq/configs/a.yaml` ->
+    `configs/a.yaml`, which says more than `a.yaml` and is no private path); anything else as it is."""
+    path = Path(argument)
+    if not path.is_absolute():
+        return argument
+    try:
+        return str(path.resolve().relative_to(REPO_ROOT))
+    except ValueError:
+        return argument

@@ -33,6 +33,10 @@ def test_command_line_pastes_back_as_it_ran(load, monkeypatch):
     # Reports are committed: a local path outside the repository keeps only its last part.
     monkeypatch.setattr(sys, "argv", [str(BENCHMARKS / "speed.py"), "--output", "/home/alice/out/speed.md"])
     assert shlex.split(common.command_line()) == ["python", "benchmarks/speed.py", "--output", "speed.md"]
+    # One inside the repository keeps its path from the root: it was cut to "quality.md" too.
+    inside = str(BENCHMARKS / "results" / "ablation" / "quality.md")
+    monkeypatch.setattr(sys, "argv", [str(BENCHMARKS / "speed.py"), "--output", inside])
+    assert shlex.split(common.command_line())[-1] == "benchmarks/results/ablation/quality.md"
 
 
 def test_write_report_replaces_the_file_whole(load, tmp_path):
