@@ -287,6 +287,8 @@ class CDBVQImageProcessor(BaseImageProcessor):
                 nested = isinstance(image, (list, tuple)) or _is_batch(image)
                 flat.extend(self._prepare_images_structure(image) if nested else [image])
             return flat
+        if isinstance(images, torch.Tensor):
+            _check_tensor_data(images)  # before a batch is split: a sparse one cannot be
         if _is_batch(images):
             if len(images) == 0:
                 raise ValueError("`images` is an empty batch: pass at least one image.")
@@ -314,6 +316,7 @@ class CDBVQImageProcessor(BaseImageProcessor):
             array = np.ascontiguousarray(image) if image.flags.writeable else np.array(image)
             tensor, default_format = torch.from_numpy(array), ChannelDimension.LAST
         elif isinstance(image, torch.Tensor):
+            _check_tensor_data(image)
             tensor, default_format = image.detach(), ChannelDimension.FIRST
         else:
             raise TypeError(
@@ -808,9 +811,19 @@ def _to_channels_first(
     return tensor
 
 
+def _check_tensor_data(tensor: torch.Tensor) -> None:
+    """Refuse tensors without dense pixel data, which torch's own errors (from `.item()`, `aminmax`, strides) name
+    neither as an image nor by their cause."""
+    if tensor.is_meta:
+        raise TypeError("Image is a meta tensor (a shape without data): load its pixels first.")
+    if tensor.layout != torch.strided:
+        raise TypeError(f"Image is a {tensor.layout} tensor: pass a dense one (tensor.to_dense()).")
+
+
 def _to_intensity_scale(tensor: torch.Tensor) -> torch.Tensor:
     """Map integer images ([0, 255]; uint16 [0, 65535]) and float images ([0, 1]) to float32 [0, 255]."""
-    if tensor.dtype == torch.bool or tensor.is_complex():
+    # float8 too: its range and precision are no image format (and torch cannot take its min and max)
+    if tensor.dtype == torch.bool or tensor.is_complex() or (tensor.is_floating_point() and tensor.element_size() == 1):
         raise TypeError(f"Unsupported image dtype {tensor.dtype}: use uint8 or a float type in [0, 1].")
     if tensor.is_floating_point():
         tensor = tensor.to(torch.float32)
@@ -866,6 +879,7 @@ def _stack_model_output(images: Any) -> torch.Tensor:
         raise TypeError(
             f"postprocess expects a torch.Tensor or numpy.ndarray of pixel values, got {type(images).__name__}."
         )
+    _check_tensor_data(images)
     if not images.is_floating_point():
         # Model output is floating point; complex would lose its imaginary part, bool and integer values are not
         # normalised pixels (uint8 images are already images).

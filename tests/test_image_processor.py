@@ -458,6 +458,27 @@ def test_unsupported_input_type_raises():
         processor([{"image": 1}])
 
 
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda: torch.zeros(3, 40, 40, device="meta"), "Image is a meta tensor"),
+        (lambda: torch.zeros(2, 3, 40, 40, device="meta"), "Image is a meta tensor"),  # a batch
+        (lambda: torch.zeros(3, 40, 40).to_sparse(), "Image is a torch.sparse_coo tensor: pass a dense one"),
+        (lambda: torch.zeros(2, 3, 40, 40).to_sparse(), "Image is a torch.sparse_coo tensor"),
+        (lambda: torch.zeros(3, 40, 40).to(torch.float8_e4m3fn), "Unsupported image dtype torch.float8_e4m3fn"),
+    ],
+)
+def test_tensors_without_dense_pixel_data_are_named(make, message):
+    # Torch's errors named neither the image nor the cause: "Tensor.item() cannot be called on meta tensors",
+    # aminmax's NotImplementedError for sparse and float8 tensors.
+    processor = CDBVQImageProcessor(size=32)
+    with pytest.raises(TypeError, match=message):
+        processor(make())
+    if message.startswith("Image is a"):
+        with pytest.raises(TypeError, match=message):
+            processor.postprocess(make())
+
+
 def test_unsupported_dtype_raises(astronaut):
     processor = CDBVQImageProcessor()
     with pytest.raises(TypeError, match="dtype"):
