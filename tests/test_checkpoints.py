@@ -234,6 +234,21 @@ def test_a_run_releases_its_folder_when_it_ends_or_is_refused(straight, tmp_path
     assert claimed_by_another_process(output_dir)
 
 
+def test_a_failed_run_leaves_no_folder_holding_only_its_lock(tmp_path):
+    # A run refused after claiming --output_dir (here: no images) left the folders it made, holding its lock file.
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "notes.txt").write_text("not an image")
+    flags = TINY + ["--report_to", "none", "--train_data_dir", str(tmp_path / "data")]
+    with pytest.raises(FileNotFoundError, match="found no images"):
+        main(flags + ["--output_dir", str(tmp_path / "new" / "run")])
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["data"]
+    (tmp_path / "mine").mkdir()  # a folder the run did not make is left, lock file and all
+    with pytest.raises(FileNotFoundError, match="found no images"):
+        main(flags + ["--output_dir", str(tmp_path / "mine")])
+    assert (tmp_path / "mine").is_dir()
+    assert claimed_by_another_process(tmp_path / "mine")  # released: another process can claim it
+
+
 def test_a_folder_that_cannot_be_locked_is_trained_in_with_a_warning(tmp_path, monkeypatch, caplog):
     # A lock file another user left in a shared folder (PermissionError), or a file system without locks.
     import filelock

@@ -224,6 +224,7 @@ def prepare_output_dir(args: argparse.Namespace, accelerator: Accelerator) -> No
     output_dir = Path(args.output_dir)
 
     def claim() -> str | None:
+        missing = [folder for folder in (output_dir, *output_dir.parents) if not os.path.lexists(folder)]
         try:
             output_dir.mkdir(parents=True, exist_ok=True)
         except OSError as error:
@@ -233,7 +234,7 @@ def prepare_output_dir(args: argparse.Namespace, accelerator: Accelerator) -> No
             raise ValueError(
                 f"--output_dir {output_dir} cannot be written to (a read-only file system, or no permission)."
             )
-        return claim_output_dir(output_dir)
+        return claim_output_dir(output_dir, created=missing[-1] if missing else None)
 
     refusal = decided_by_main_process(accelerator, claim)  # the main process's word (or error), on every process
     if refusal is not None:

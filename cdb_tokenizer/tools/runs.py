@@ -118,12 +118,15 @@ def launch_settings(args, accelerator: Accelerator) -> dict:
 # --overwrite_output_dir delete, in a folder meanwhile.
 OUTPUT_DIR_LOCK = ".cdb-vq-run.lock"
 _claimed_output_dirs: dict[Path, FileLock] = {}
+# Those the run itself created, with the outermost folder it created for them: removed on release when they hold
+# nothing but the lock (a refused or failed run leaves no folder behind that holds only a lock file).
+_created_output_dirs: dict[Path, Path] = {}
 
 
-def claim_output_dir(output_dir: Path) -> str | None:
-    """Lock `output_dir` (which must exist) for this process's run; returns None, or why another run holds it.
-    Where no lock can be taken (a lock file another user left, a file system without locks), the run goes on
-    unguarded, with a warning."""
+def claim_output_dir(output_dir: Path, created: Path | None = None) -> str | None:
+    """Lock `output_dir` (which must exist; `created`: the outermost folder this run made for it, if any) for this
+    process's run; returns None, or why another run holds it. Where no lock can be taken (a lock file another user left, a file system without
+    locks), the run goes on unguarded, with a warning."""
     key = output_dir.resolve()
     if key in _claimed_output_dirs:
         return None
@@ -138,6 +141,8 @@ def claim_output_dir(output_dir: Path) -> str | None:
                        "not be refused.")  # fmt: skip
         return None
     _claimed_output_dirs[key] = lock
+    if created is not None:
+        _created_output_dirs[key] = created.resolve()
     return None
 
 
@@ -151,6 +156,23 @@ def output_dir_claims():
     finally:
         for key in set(_claimed_output_dirs) - before:
             _claimed_output_dirs.pop(key).release()
+            if key in _created_output_dirs:
+                _remove_if_only_the_lock(key, _created_output_dirs.pop(key))
+
+
+def _remove_if_only_the_lock(output_dir: Path, created: Path) -> None:
+    """Remove a folder that holds nothing but its lock file, and the empty folders made for it up to `created`;
+    leave anything else as it is."""
+    try:
+        if [path.name for path in output_dir.iterdir()] != [OUTPUT_DIR_LOCK]:
+            return
+        (output_dir / OUTPUT_DIR_LOCK).unlink()
+        for folder in (output_dir, *output_dir.parents):
+            folder.rmdir()  # an OSError once a folder is not empty
+            if folder == created:
+                return
+    except OSError:  # gone already, or another run's files arrived meanwhile
+        pass
 
 
 def find_checkpoint(
