@@ -130,15 +130,61 @@ def test_latest_skips_a_damaged_checkpoint_and_a_named_one_is_refused(straight, 
     (damaged / "training_state.safetensors").write_bytes(b"garbage")  # another size than the manifest says
     with pytest.raises(CheckpointError, match=r"not a complete checkpoint: training_state.safetensors has 7 bytes"):
         main(RUN + ["--output_dir", str(output_dir), "--resume_from_checkpoint", str(damaged)])
-    # Same size, wrong content: refused with a clear error too.
+    # Same size, wrong content: refused with a clear error too (by its digest).
     size = (straight / "checkpoints" / "checkpoint-2" / "training_state.safetensors").stat().st_size
     (damaged / "training_state.safetensors").write_bytes(b"\xff" * size)
-    with pytest.raises(CheckpointError, match="training_state.safetensors is damaged"):
+    with pytest.raises(CheckpointError, match="training_state.safetensors is not the file that was written"):
         main(RUN + ["--output_dir", str(output_dir), "--resume_from_checkpoint", "latest"])
     # Only incomplete checkpoints left: latest stops instead of silently training from scratch.
     (damaged / "training_state.safetensors").write_bytes(b"garbage")
     with pytest.raises(CheckpointError, match=r"no complete checkpoint, only incomplete ones \(checkpoint-2: "):
         main(RUN + ["--output_dir", str(output_dir), "--resume_from_checkpoint", "latest"])
+
+
+def test_a_checkpoint_changed_after_it_was_written_is_refused(straight, tmp_path):
+    # The manifest checked sizes only: a dtype flipped in a safetensors header (same size) resumed into a decoder
+    # bias of 1e9, and one more random_states_1.pkl halved the learning-rate schedule's position, without a word.
+    import shutil
+
+    output_dir = tmp_path / "run"
+    shutil.copytree(straight, output_dir)
+    (output_dir / "model.safetensors").unlink()
+    checkpoint = output_dir / "checkpoints" / "checkpoint-4"
+    weights = checkpoint / "model.safetensors"
+    header = weights.read_bytes()
+    weights.write_bytes(header.replace(b'"F32"', b'"I32"', 1))  # the same size
+    with pytest.raises(CheckpointError, match="model.safetensors is not the file that was written"):
+        main(RUN + ["--output_dir", str(output_dir), "--resume_from_checkpoint", "latest"])
+    weights.write_bytes(header)
+    shutil.copy(checkpoint / "random_states_0.pkl", checkpoint / "random_states_1.pkl")
+    with pytest.raises(CheckpointError, match=r"holds files its manifest does not list \(random_states_1.pkl\)"):
+        main(RUN + ["--output_dir", str(output_dir), "--resume_from_checkpoint", "latest"])
+
+
+def test_a_checkpoint_named_by_its_name_is_found_in_the_output_folder(straight, tmp_path, monkeypatch, caplog):
+    # diffusers' convention (`--resume_from_checkpoint checkpoint-800`, as docs/training.md shows) was refused from
+    # any other working folder: "is not a checkpoint folder".
+    import shutil
+
+    output_dir = tmp_path / "run"
+    shutil.copytree(straight, output_dir)
+    monkeypatch.chdir(tmp_path)
+    main(RUN + ["--output_dir", str(output_dir), "--resume_from_checkpoint", "checkpoint-3"])
+    assert "checkpoint-3 (step 3)" in caplog.text
+    with pytest.raises(FileNotFoundError, match=r"'checkpoint-9' is not a checkpoint folder \(nor one of .*checkpoints\)"):
+        main(RUN + ["--output_dir", str(output_dir), "--resume_from_checkpoint", "checkpoint-9"])
+
+
+def test_latest_with_only_unfinished_writes_starts_over(tmp_path, caplog):
+    # A kill during the first checkpoint's write jammed every later `latest` (a requeue): no checkpoint was ever
+    # complete, so there is nothing to lose by starting over.
+    output_dir = tmp_path / "run"
+    (output_dir / "checkpoints" / "checkpoint-1.tmp").mkdir(parents=True)
+    (output_dir / "checkpoints" / "checkpoint-1.tmp" / "model.safetensors").write_bytes(b"half")
+    main(RUN + ["--output_dir", str(output_dir), "--resume_from_checkpoint", "latest"])
+    assert "Skipping the incomplete checkpoint" in caplog.text and "starting a new run" in caplog.text
+    assert steps_logged(output_dir) == [1, 2, 3, 4] and (output_dir / "model.safetensors").is_file()
+    assert not (output_dir / "checkpoints" / "checkpoint-1.tmp").exists()  # replaced by the complete one
 
 
 def test_an_output_folder_holding_another_run_is_refused_and_overwrite_starts_over(straight, tmp_path, capsys):
@@ -595,8 +641,10 @@ def test_a_checkpoint_that_cannot_be_written_is_one_line_naming_the_free_space_a
         monkeypatch.setattr(accelerator, "save_state", full_disk)
         with pytest.raises(checkpoints.CheckpointWriteError, match=r"could not write .*checkpoint-2 \(.*(unexpected pos|No space left on device).*; [0-9.]+ MiB free on its disk\); the complete checkpoints there are untouched.*--resume_from_checkpoint latest"):
             checkpoints.save_checkpoint(accelerator, tmp_path, 2, total_limit=1)
-        complete, _ = complete_checkpoints(tmp_path)
+        complete, incomplete = complete_checkpoints(tmp_path)
         assert [p.name for p in complete] == ["checkpoint-1"]
+        # Its half-written files are gone: they kept the disk full for the resume the message advises.
+        assert incomplete == [] and not (tmp_path / "checkpoints" / "checkpoint-2.tmp").exists()
     # Not every RuntimeError is the disk's: a process that died is not told to make room.
     def peer_died(*args, **kwargs):
         raise RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer")

@@ -241,8 +241,9 @@ def prepare_output_dir(args: argparse.Namespace, accelerator: Accelerator) -> No
         raise OutputDirInUse(refusal)
     if args.resume_from_checkpoint not in (None, "latest"):
         # A named checkpoint is checked before this folder's run is refused or deleted for it: the folder itself,
-        # a typo or a missing path is no checkpoint, whatever --overwrite_output_dir says.
-        find_checkpoint(args.resume_from_checkpoint, output_dir, accelerator)
+        # a typo or a missing path is no checkpoint, whatever --overwrite_output_dir says. A bare name
+        # (`checkpoint-800`) is one of --output_dir's: the path found is the one used from here on.
+        args.resume_from_checkpoint = str(find_checkpoint(args.resume_from_checkpoint, output_dir, accelerator))
     found = [name for name in RUN_MARKERS if (output_dir / name).exists()] if output_dir.is_dir() else []
     log_file = output_dir / args.logging_dir / "train_log.jsonl"
     if log_file.is_file():

@@ -1,7 +1,7 @@
 """Checkpoint folders shared by the training scripts (training-only: imports accelerate).
 
 A checkpoint is written into `checkpoints/checkpoint-<step>.tmp`, flushed to disk (fsync), given a manifest of its
-files and their sizes (`cdb_vq_checkpoint.json`, written last) and only then renamed to `checkpoint-<step>`; older
+files, their sizes and their SHA-256 digests (`cdb_vq_checkpoint.json`, written last) and only then renamed to `checkpoint-<step>`; older
 checkpoints are rotated out after that. A folder without a valid manifest (a run killed in the middle of a write)
 is incomplete: `latest` skips it and says so. Custom state (the weight EMA, counters) goes in as safetensors and
 JSON, never as a pickle.
@@ -23,7 +23,7 @@ from accelerate import Accelerator
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .files import share_safetensors
+from .files import file_sha256, share_safetensors
 from .messages import first_line
 
 
@@ -138,6 +138,8 @@ def save_checkpoint(
     except (OSError, RuntimeError, SafetensorError) as error:
         if isinstance(error, RuntimeError) and not any(mark in str(error) for mark in TORCH_WRITE_FAILURES):
             raise  # a process that died, a CUDA error: no advice about the disk
+        if accelerator.is_main_process:  # its half-written files would keep the disk full for the resume advised below
+            shutil.rmtree(folder / f"checkpoint-{step}{TMP_SUFFIX}", ignore_errors=True)
         raise CheckpointWriteError(
             f"could not write {final} ({write_failure(error, folder)}); the complete checkpoints there are untouched: "
             f"make room or fix the folder, then resume with --resume_from_checkpoint latest."
@@ -188,11 +190,14 @@ def _write_checkpoint(
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         share_safetensors(temporary.glob("*.safetensors"))  # every file here was written just now
-        files = {}
+        files, digests = {}, {}
         for file in sorted(p for p in temporary.rglob("*") if p.is_file()):
             _fsync(file)
-            files[file.relative_to(temporary).as_posix()] = file.stat().st_size
-        manifest = {"format_version": FORMAT_VERSION, "step": step, "files": files}
+            name = file.relative_to(temporary).as_posix()
+            files[name], digests[name] = file.stat().st_size, file_sha256(file)
+        # Sizes say whether a write finished (checked for every checkpoint `latest` considers); digests, whether the
+        # files were changed since (checked once, for the checkpoint a run resumes from).
+        manifest = {"format_version": FORMAT_VERSION, "step": step, "files": files, "sha256": digests}
         (temporary / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
         _fsync(temporary / MANIFEST)
         _fsync(temporary)
@@ -246,6 +251,31 @@ def checkpoint_step(path: str | Path) -> int:
                               f"{named if named is not None else 'non-negative whole number'}; resume from another "
                               f"checkpoint.")  # fmt: skip
     return step
+
+
+def verify_checkpoint(path: str | Path) -> None:
+    """Refuse a complete checkpoint whose files changed after it was written: a file whose SHA-256 is not its
+    manifest's (an edit at the same size: a dtype flipped in a safetensors header resumed into weights of 1e9), or a
+    file the manifest does not list (accelerate reads every `random_states_*.pkl` it finds, and one more halved the
+    learning-rate schedule's position). Checkpoints written before 2026-12-01 record no digests; their files are
+    checked by name only."""
+    path = Path(path)
+    manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
+    listed = set(manifest["files"]) | {MANIFEST}
+    unlisted = sorted(file.relative_to(path).as_posix() for file in path.rglob("*") if file.is_file()
+                      and file.relative_to(path).as_posix() not in listed)  # fmt: skip
+    if unlisted:
+        raise CheckpointError(f"cannot resume from {path}: it holds files its manifest does not list ({', '.join(unlisted[:3])}"
+                              f"{' ...' if len(unlisted) > 3 else ''}), so it was changed after it was written; remove "
+                              f"them, or resume from another checkpoint.")  # fmt: skip
+    digests = manifest.get("sha256")
+    if not isinstance(digests, dict):
+        return
+    for name, digest in sorted(digests.items()):
+        if name in manifest["files"] and file_sha256(path / name) != digest:
+            raise CheckpointError(f"cannot resume from {path}: {name} is not the file that was written (its SHA-256 "
+                                  f"differs from the manifest's); the checkpoint is damaged or was edited. Resume from "
+                                  f"another checkpoint.")  # fmt: skip
 
 
 def load_custom_state(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:

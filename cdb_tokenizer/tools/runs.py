@@ -24,7 +24,14 @@ from accelerate.logging import get_logger
 from accelerate.utils import ProjectConfiguration
 from filelock import FileLock, Timeout
 
-from .checkpoints import CheckpointError, complete_checkpoints, decided_by_main_process, incomplete_reason
+from .checkpoints import (
+    TMP_SUFFIX,
+    CheckpointError,
+    complete_checkpoints,
+    decided_by_main_process,
+    incomplete_reason,
+    verify_checkpoint,
+)
 from .files import write_text
 
 
@@ -186,7 +193,14 @@ def find_checkpoint(
     gets its answer (or its error): on a shared file system with cached attributes (NFS) processes could see other
     folders, and resume from different steps.
     """
-    return decided_by_main_process(accelerator, lambda: _find_checkpoint(resume_from_checkpoint, output_dir))
+
+    def decide() -> Path | None:
+        path = _find_checkpoint(resume_from_checkpoint, output_dir)
+        if path is not None:
+            verify_checkpoint(path)  # its files are those that were written, and only those
+        return path
+
+    return decided_by_main_process(accelerator, decide)
 
 
 def _find_checkpoint(resume_from_checkpoint: str | None, output_dir: str | Path) -> Path | None:
@@ -196,19 +210,26 @@ def _find_checkpoint(resume_from_checkpoint: str | None, output_dir: str | Path)
         complete, incomplete = complete_checkpoints(output_dir)
         for path, reason in incomplete:
             logger.warning(f"Skipping the incomplete checkpoint {path}: {reason}.")
-        if not complete and incomplete:
+        # Only unfinished writes (`.tmp`): no checkpoint was ever complete (rotation deletes none before a newer one
+        # is), so starting over loses nothing, and a requeue that always passes `latest` goes on.
+        damaged = [(path, reason) for path, reason in incomplete if not path.name.endswith(TMP_SUFFIX)]
+        if not complete and damaged:
             raise CheckpointError(
                 f"--resume_from_checkpoint latest: {output_dir}/checkpoints holds no complete checkpoint, only "
-                f"incomplete ones ({', '.join(f'{path.name}: {reason}' for path, reason in incomplete)}). Delete them, "
-                f"or pass train.py's --overwrite_output_dir, to start over."
+                f"incomplete ones ({', '.join(f'{path.name}: {reason}' for path, reason in damaged)}). Delete them, "
+                f"or pass --overwrite_output_dir, to start over."
             )
         if not complete:
-            logger.info(f"No checkpoint in {output_dir}/checkpoints: starting a new run.")
+            logger.info(f"No complete checkpoint in {output_dir}/checkpoints: starting a new run.")
             return None
         return complete[-1]
     path = Path(resume_from_checkpoint)
+    under_output_dir = Path(output_dir) / "checkpoints" / resume_from_checkpoint
+    if not path.is_dir() and not path.is_absolute() and len(path.parts) == 1 and under_output_dir.is_dir():
+        path = under_output_dir  # a checkpoint's name, as diffusers' scripts take it (`checkpoint-800`)
     if not path.is_dir():
-        raise FileNotFoundError(f"--resume_from_checkpoint {str(path)!r} is not a checkpoint folder.")
+        raise FileNotFoundError(f"--resume_from_checkpoint {str(path)!r} is not a checkpoint folder (nor one of "
+                                f"{Path(output_dir) / 'checkpoints'}).")  # fmt: skip
     if (path / "checkpoints").is_dir():  # a run's folder (often --output_dir itself), not one of its checkpoints
         raise CheckpointError(
             f"--resume_from_checkpoint {str(path)!r} is a run's folder, not a checkpoint: pass one of its "
