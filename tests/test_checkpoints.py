@@ -18,6 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from cdb_tokenizer import CDBVQModel
 from cdb_tokenizer.tools.checkpoints import MANIFEST, CheckpointError, complete_checkpoints
 from training.train import OutputDirInUse, main, parse_args
 
@@ -185,6 +186,49 @@ def test_latest_with_only_unfinished_writes_starts_over(tmp_path, caplog):
     assert "Skipping the incomplete checkpoint" in caplog.text and "starting a new run" in caplog.text
     assert steps_logged(output_dir) == [1, 2, 3, 4] and (output_dir / "model.safetensors").is_file()
     assert not (output_dir / "checkpoints" / "checkpoint-1.tmp").exists()  # replaced by the complete one
+
+
+def test_a_full_disk_at_the_final_save_is_one_line_and_a_resume_saves_the_model(straight, tmp_path, monkeypatch, caplog):
+    # safetensors' "I/O error: No space left on device" is no OSError: a full traceback, after a bare "[Errno 28]".
+    import shutil
+
+    from safetensors import SafetensorError
+
+    from training.train import ModelSaveError
+
+    output_dir = tmp_path / "run"
+    shutil.copytree(straight, output_dir)
+    for name in ("model.safetensors", "metrics.json"):
+        (output_dir / name).unlink()
+
+    def full_disk(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(CDBVQModel, "save_pretrained", full_disk)
+        with pytest.raises(ModelSaveError, match=r"could not save the model to .*run \(.*No space left on device.*MiB "
+                                                 r"free on its disk\); the checkpoint of step 4 is complete: make room, "
+                                                 r"then --resume_from_checkpoint latest saves the model"):  # fmt: skip
+            main(RUN + ["--output_dir", str(output_dir), "--resume_from_checkpoint", "latest"])
+    caplog.clear()
+    main(RUN + ["--output_dir", str(output_dir), "--resume_from_checkpoint", "latest"])
+    expected, saved = load_file(straight / "model.safetensors"), load_file(output_dir / "model.safetensors")
+    assert all(torch.equal(saved[key], expected[key]) for key in expected)
+    # No step was trained: no speed (it was 0.0002 s/step, the time of nothing divided by one).
+    assert json.loads((output_dir / "metrics.json").read_text())["seconds_per_step"] is None
+    assert "no step trained in this run" in caplog.text
+
+
+def test_resuming_a_weight_ema_without_use_ema_says_it_is_dropped(straight, tmp_path, caplog):
+    # The saved model silently became the raw weights (10.46 instead of 10.73 dB in the crash review).
+    import shutil
+
+    output_dir = tmp_path / "run"
+    shutil.copytree(straight, output_dir)
+    (output_dir / "model.safetensors").unlink()
+    shutil.rmtree(output_dir / "checkpoints" / "checkpoint-4")
+    main([flag for flag in RUN if flag != "--use_ema"] + ["--output_dir", str(output_dir), "--resume_from_checkpoint", "latest"])
+    assert "The checkpoint holds a weight EMA (it was written with --use_ema), which this run without --use_ema drops" in caplog.text
 
 
 def test_an_output_folder_holding_another_run_is_refused_and_overwrite_starts_over(straight, tmp_path, capsys):

@@ -31,7 +31,7 @@ import shutil
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,6 +39,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import DistributedDataParallelKwargs, DistributedType, gather_object, set_seed
+from safetensors import SafetensorError
 from tqdm.auto import tqdm
 
 from cdb_tokenizer import CDBVQConfig, CDBVQImageProcessor, CDBVQModel
@@ -52,6 +53,7 @@ from cdb_tokenizer.tools.checkpoints import (
     load_training_state,
     save_checkpoint,
     set_aside_later_checkpoints,
+    write_failure,
 )
 from cdb_tokenizer.tools.data import (
     EpochSampler,
@@ -114,6 +116,10 @@ logger = get_logger(__name__, log_level="INFO")
 
 class TrainingStopped(RuntimeError):
     """Training stopped before the end (e.g. losses that stay NaN); checkpoints written so far are intact."""
+
+
+class ModelSaveError(RuntimeError):
+    """The final model could not be written (a full disk); the last checkpoint is complete, and a resume saves it."""
 
 
 class UploadFailed(RuntimeError):
@@ -867,6 +873,9 @@ def resume_or_initialize(args: argparse.Namespace, parts: TrainingParts, ema: EM
     if step > 0:
         if ema is not None:
             ema.load_tensors(tensors, saved, source=args.resume_from_checkpoint)
+        elif any(name.startswith("ema/") for name in tensors):  # a requeue that forgot the flag changes the model saved
+            logger.warning("The checkpoint holds a weight EMA (it was written with --use_ema), which this run without "
+                           "--use_ema drops: the saved model will be the raw weights. Pass --use_ema to keep it.")  # fmt: skip
         warn_if_data_order_changed(saved.get("data_order"), order)
         warn_if_schedule_changed(saved.get("schedule"), schedule, step, parts.scheduler.get_last_lr()[0])
         keep_prototype_file_with_the_model(args, parts.accelerator, parts.unwrapped)
@@ -935,11 +944,11 @@ def log_start(args: argparse.Namespace, parts: TrainingParts, max_train_steps: i
 
 
 def train_loop(args: argparse.Namespace, parts: TrainingParts, ema: EMAWeights | None, batches: Iterator[dict],
-               validation: Validation, log: RunLog, state: RunState, max_train_steps: int) -> tuple[dict, float]:  # fmt: skip
+               validation: Validation, log: RunLog, state: RunState, max_train_steps: int) -> tuple[dict, float | None]:  # fmt: skip
     """Train from `state.step` to `max_train_steps`: steps (a NaN step is skipped, too many in a row stop the run),
     weight EMA, dead-code restarts, logs, validation and checkpoints. A SIGTERM (preemption) ends the step, writes
     its checkpoint and stops the run (`TrainingStopped`). Returns the last validation metrics ({} when none ran) and
-    the seconds per step."""
+    the seconds per step (None when no step was trained)."""
     accelerator = parts.accelerator
     progress = tqdm(range(max_train_steps), initial=state.step, desc="steps", disable=not accelerator.is_main_process)
     metrics, first_step, loop_start = {}, state.step, time.time()
@@ -953,7 +962,8 @@ def train_loop(args: argparse.Namespace, parts: TrainingParts, ema: EMAWeights |
             )  # fmt: skip
         termination.warn_if_received("its model")
     progress.close()
-    return metrics, (time.time() - loop_start) / max(1, state.step - first_step)
+    trained = state.step - first_step  # none after a resume that only has its model left to save
+    return metrics, (time.time() - loop_start) / trained if trained else None
 
 
 def loop_step(args: argparse.Namespace, parts: TrainingParts, ema: EMAWeights | None, batches: Iterator[dict],
@@ -1090,7 +1100,7 @@ def role_map_picture(model: CDBVQModel, images: torch.Tensor) -> torch.Tensor | 
 
 
 def save_run(args: argparse.Namespace, parts: TrainingParts, ema: EMAWeights | None, validation: Validation,
-             state: RunState, metrics: dict, seconds_per_step: float, num_prototypes: int) -> dict:  # fmt: skip
+             state: RunState, metrics: dict, seconds_per_step: float | None, num_prototypes: int) -> dict:  # fmt: skip
     """The end of the run, on every process: the final metrics (main process), the saved model and its pictures,
     the trackers closed, and the Hub upload with --push_to_hub. Returns the metrics."""
     accelerator = parts.accelerator
@@ -1101,13 +1111,14 @@ def save_run(args: argparse.Namespace, parts: TrainingParts, ema: EMAWeights | N
         metrics.update(steps=state.step, wall_time_seconds=round(state.wall_time_seconds(), 1),
                        skipped_images=skipped_images, skipped_validation_images=validation.skipped_images,
                        nonfinite_steps=state.nonfinite_steps, num_processes=accelerator.num_processes,
-                       seconds_per_step=round(seconds_per_step, 4),
+                       seconds_per_step=round(seconds_per_step, 4) if seconds_per_step is not None else None,
                        teacher=parts.teacher.name if parts.teacher else None, prototypes=num_prototypes)  # fmt: skip
         if "rfid" in metrics:  # an Inception rFID or the offline smoke test's random features: never to be confused
             metrics["rfid_features"] = args.validation_fid
         if torch.cuda.is_available():
             metrics["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-        save_outputs(parts.unwrapped, validation.pixel_values, args, metrics, ema)
+        with model_save_errors(args.output_dir, state.step):
+            save_outputs(parts.unwrapped, validation.pixel_values, args, metrics, ema)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return metrics
@@ -1141,6 +1152,20 @@ def picture_images(args, validation: torch.Tensor, factor: int) -> list[torch.Te
     return [image[:, : image.shape[1] // factor * factor, : image.shape[2] // factor * factor] for image in images]
 
 
+@contextmanager
+def model_save_errors(output_dir: str | Path, step: int) -> Iterator[None]:
+    """A final save that fails (a full disk; safetensors' error is no OSError, and was a traceback) as one line that
+    says the last checkpoint is complete and how to save the model from it (train.py and train_prior.py)."""
+    try:
+        yield
+    except (OSError, SafetensorError) as error:
+        raise ModelSaveError(
+            f"could not save the model to {output_dir} ({write_failure(error, Path(output_dir))}); the checkpoint of "
+            f"step {step} is complete: make room, then --resume_from_checkpoint latest saves the model without "
+            f"training again."
+        ) from error
+
+
 def save_outputs(model: CDBVQModel, validation: torch.Tensor, args, metrics: dict, ema: EMAWeights | None) -> None:
     """The final model and processor, metrics.json, reconstructions.png and codebook_usage.png."""
     output_dir = Path(args.output_dir)
@@ -1166,8 +1191,8 @@ def save_outputs(model: CDBVQModel, validation: torch.Tensor, args, metrics: dic
     logger.info(f"Saved the tokenizer, reconstructions.png, codebook_usage.png, {'role_map.png, ' if model.config.code_roles else ''}metrics.json to {output_dir}.")
 
 
-def log_done(start_time: float, steps: int, seconds_per_step: float, threads: int, metrics: dict, codebook_size: int,
-             output_dir: Path) -> None:
+def log_done(start_time: float, steps: int, seconds_per_step: float | None, threads: int, metrics: dict,
+             codebook_size: int, output_dir: Path) -> None:
     """The run's last line: time, speed and the held-out numbers."""
     elapsed = time.time() - start_time
     if sys.argv and Path(sys.argv[0]).name == "train.py":  # the whole command, imports included
@@ -1175,7 +1200,8 @@ def log_done(start_time: float, steps: int, seconds_per_step: float, threads: in
     minutes, seconds = divmod(round(elapsed), 60)
     rfid = f", rFID {metrics['rfid']:.3f}" if "rfid" in metrics else ""
     logger.info(
-        f"Done in {minutes} min {seconds:02d} s wall time ({steps} steps, {seconds_per_step:.2f} s/step, "
+        f"Done in {minutes} min {seconds:02d} s wall time ({steps} steps, "
+        f"{'no step trained in this run' if seconds_per_step is None else f'{seconds_per_step:.2f} s/step'}, "
         f"{threads} CPU thread(s) per process): held-out PSNR {metrics['psnr']:.2f} dB, SSIM {metrics['ssim']:.3f}"
         f"{rfid}, {metrics['utilization']:.1%} of {codebook_size} codes used. Outputs: {output_dir}"
     )
@@ -1259,4 +1285,5 @@ def main(argv: list[str] | None = None) -> dict:
 
 if __name__ == "__main__":
     # Mistakes in the inputs (a missing folder, a column that does not exist, ...) and clean stops: one line.
-    run_script(main, TrainingStopped, UploadFailed, CheckpointWriteError, LPIPSUnavailableError, OSError, ValueError)
+    run_script(main, TrainingStopped, UploadFailed, CheckpointWriteError, ModelSaveError, LPIPSUnavailableError, OSError,
+               ValueError)  # fmt: skip

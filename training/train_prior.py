@@ -81,8 +81,10 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 from training.train import (  # noqa: E402
+    ModelSaveError,
     TrainingStopped,
     hparams,
+    model_save_errors,
     nothing_left_to_train,
     prepare_output_dir,
     saved_at_step,
@@ -688,12 +690,13 @@ def main(args: argparse.Namespace) -> dict[str, float]:
     metrics = {**metrics, "uniform_bits_per_token": math.log2(vocabulary.codebook_size), "step": global_step}
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        save_prior(
-            accelerator.unwrap_model(prior), vocabulary, output_dir, num_image_tokens,
-            tokenizer=args.tokenizer, image_size=image_size, codebook_fingerprint=fingerprint,
-            architecture=args.architecture,
-        )  # fmt: skip
-        write_text(output_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+        with model_save_errors(output_dir, global_step):
+            save_prior(
+                accelerator.unwrap_model(prior), vocabulary, output_dir, num_image_tokens,
+                tokenizer=args.tokenizer, image_size=image_size, codebook_fingerprint=fingerprint,
+                architecture=args.architecture,
+            )  # fmt: skip
+            write_text(output_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
         logger.info(f"Saved the prior to {output_dir}: {metrics['bits_per_token']:.3f} bits per token")
     accelerator.end_training()
     return metrics
@@ -701,4 +704,4 @@ def main(args: argparse.Namespace) -> dict[str, float]:
 
 if __name__ == "__main__":
     # Mistakes in the inputs (a missing folder, another tokenizer's tokens, a Hub id that cannot be reached): one line.
-    run_script(lambda: main(parse_args()), TrainingStopped, CheckpointWriteError, ValueError, OSError)
+    run_script(lambda: main(parse_args()), TrainingStopped, CheckpointWriteError, ModelSaveError, ValueError, OSError)
