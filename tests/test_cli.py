@@ -981,6 +981,11 @@ def test_tokenize_writes_only_a_new_empty_or_earlier_tokenize_folder(files, tmp_
     (tmp_path / "tokens" / "state.json").symlink_to(victim)
     assert main([*base, str(tmp_path / "tokens")]) == 1
     assert "state.json is a symbolic link" in cli_error_line(capsys, "tokenize") and victim.read_text() == "precious"
+    # An interrupted tokenize (save_to_disk's files, not yet the record written last) is named as such.
+    shutil.copytree(tmp_path / "tokens", tmp_path / "half", ignore=shutil.ignore_patterns("state.json", "cdb_vq_tokens.json"))
+    (tmp_path / "half" / "state.json").write_text("{}")
+    assert main([*base, str(tmp_path / "half")]) == 1
+    assert "holds a data set without the cdb_vq_tokens.json that `cdb-vq tokenize` writes last: an interrupted tokenize" in cli_error_line(capsys, "tokenize")
 
 
 def test_tokenize_refuses_token_sequences_of_several_lengths(files, tmp_path, capsys):

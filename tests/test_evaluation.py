@@ -467,6 +467,13 @@ def test_files_are_replaced_whole_or_not_at_all(tmp_path):
     with pytest.raises(FileNotFoundError) as error:
         replace_file(tmp_path / "missing" / "codes.json", lambda temporary: temporary.write_text("{}"))
     assert error.value.filename == str(tmp_path / "missing" / "codes.json")
+    # A full disk during the write named no file ("[Errno 28] No space left on device", e.g. training_config.json's).
+    def full_disk(temporary):
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match=r"No space left on device: '.*report.md'") as error:
+        replace_file(path, full_disk)
+    assert error.value.errno == 28 and error.value.filename == str(path)
 
 
 def test_files_are_never_written_through_a_planted_temporary_name(tmp_path):

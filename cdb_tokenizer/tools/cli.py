@@ -1353,6 +1353,11 @@ def _check_tokenize_folder(out: str, data: str) -> Path:
         raise CLIError(f"--out {out} is inside --data {data}; give a folder outside the data.")
     path = check_output_folder(out)
     if any(path.iterdir()) and not (path / TOKENS_INFO).is_file():
+        if any((path / name).is_file() for name in ("state.json", "dataset_dict.json")):  # save_to_disk's own files
+            raise CLIError(
+                f"--out {out} holds a data set without the {TOKENS_INFO} that `cdb-vq tokenize` writes last: an "
+                f"interrupted tokenize (or another data set). Delete it to tokenize there again, or give a new folder."
+            )
         raise CLIError(
             f"--out {out} is a folder with other files in it (no {TOKENS_INFO} of an earlier `cdb-vq tokenize`); "
             f"give a new or empty folder."

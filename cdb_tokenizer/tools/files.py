@@ -65,6 +65,8 @@ def replace_file(path: str | Path, write: Callable[[Path], object]) -> Path:
         write(temporary)
         os.chmod(temporary, mode)
         os.replace(temporary, path)
+    except OSError as error:  # named by the file asked for: a full disk's error named none, or the hidden temporary
+        raise OSError(error.errno, error.strerror or str(error), str(path)) from error
     finally:
         if os.path.lexists(temporary):
             os.unlink(temporary)
