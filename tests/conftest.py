@@ -77,6 +77,23 @@ def hub_cache(cache, repo_id: str, snapshots: dict, refs: dict[str, str]):
     return cache
 
 
+def refit_manifest(checkpoint) -> None:
+    """Rewrite a checkpoint's manifest to fit its files as they are now (every file listed, with its size and
+    SHA-256), as someone who tampered with them would: the checks behind the manifest are then what a test meets."""
+    import json
+    from pathlib import Path
+
+    from cdb_tokenizer.tools.checkpoints import MANIFEST
+    from cdb_tokenizer.tools.files import file_sha256
+
+    checkpoint = Path(checkpoint)
+    manifest = json.loads((checkpoint / MANIFEST).read_text())
+    files = sorted(path for path in checkpoint.rglob("*") if path.is_file() and path.name != MANIFEST)
+    manifest["files"] = {path.relative_to(checkpoint).as_posix(): path.stat().st_size for path in files}
+    manifest["sha256"] = {path.relative_to(checkpoint).as_posix(): file_sha256(path) for path in files}
+    (checkpoint / MANIFEST).write_text(json.dumps(manifest))
+
+
 def tiny_model(seed: int = 0, **overrides) -> CDBVQModel:
     torch.manual_seed(seed)
     return CDBVQModel(tiny_config(**overrides))

@@ -20,6 +20,7 @@ if str(REPO) not in sys.path:
 
 from cdb_tokenizer import CDBVQModel
 from cdb_tokenizer.tools.checkpoints import MANIFEST, CheckpointError, complete_checkpoints
+from conftest import refit_manifest
 from training.train import OutputDirInUse, main, parse_args
 
 
@@ -441,9 +442,7 @@ def test_a_random_state_file_that_cannot_be_read_safely_is_refused_not_skipped(s
     checkpoint = output_dir / "checkpoints" / "checkpoint-2"
     states = checkpoint / "random_states_0.pkl"
     states.write_bytes(pickle.dumps({"random_state": Path("not-a-state")}))  # not tensors or arrays
-    manifest = json.loads((checkpoint / MANIFEST).read_text())
-    manifest["files"]["random_states_0.pkl"] = states.stat().st_size
-    (checkpoint / MANIFEST).write_text(json.dumps(manifest))
+    refit_manifest(checkpoint)
     with pytest.raises(CheckpointError, match=r"random_states_0.pkl cannot be read safely .*damaged or tampered"):
         main(RUN + ["--output_dir", str(output_dir), "--resume_from_checkpoint", str(checkpoint)])
 
@@ -571,8 +570,11 @@ def test_a_resume_of_another_shape_or_a_tampered_state_is_one_line_naming_it(str
     checkpoint = output_dir / "checkpoints" / "checkpoint-4"
     state = json.loads((checkpoint / "training_state.json").read_text())
     text = json.dumps({**state, "objective": "x" * len(json.dumps(state["objective"]))}, indent=2) + "\n"
-    text = text[: (checkpoint / "training_state.json").stat().st_size]  # the manifest checks the size
-    (checkpoint / "training_state.json").write_text(text + " " * ((checkpoint / "training_state.json").stat().st_size - len(text)))
+    size = (checkpoint / "training_state.json").stat().st_size  # kept, so that only the digest tells the edit
+    (checkpoint / "training_state.json").write_text(text[:size] + " " * (size - len(text[:size])))
+    with pytest.raises(CheckpointError, match="training_state.json is not the file that was written"):
+        main(RUN + ["--output_dir", str(output_dir), "--max_train_steps", "6", "--resume_from_checkpoint", "latest"])
+    refit_manifest(checkpoint)  # as someone who edits the file would: the state's own check is then what stops it
     with pytest.raises(CheckpointError, match="'objective' is not a JSON object"):
         main(RUN + ["--output_dir", str(output_dir), "--max_train_steps", "6", "--resume_from_checkpoint", "latest"])
 

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from cdb_tokenizer import CDBVQImageProcessor
 from cdb_tokenizer.tools.cli import main
 from cdb_tokenizer.tools.data import decode_image, sample_photos
-from conftest import cli_error_line, tiny_model
+from conftest import cli_error_line, refit_manifest, tiny_model
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -148,7 +148,7 @@ def test_a_tampered_checkpoint_file_never_runs_code_and_is_refused_clearly(tmp_p
     import pickle
 
     import training.train as train_script
-    from cdb_tokenizer.tools.checkpoints import MANIFEST, CheckpointError
+    from cdb_tokenizer.tools.checkpoints import CheckpointError
 
     class Payload:
         def __reduce__(self):
@@ -161,13 +161,12 @@ def test_a_tampered_checkpoint_file_never_runs_code_and_is_refused_clearly(tmp_p
     assert any(key.startswith("ema/") for key in load_file(checkpoint / "training_state.safetensors"))
     # A planted accelerate custom-state pickle is never read.
     (checkpoint / "custom_checkpoint_0.pkl").write_bytes(pickle.dumps(Payload()))
-    # Every torch-pickled state replaced by a code-running pickle (manifest updated, so only the content is wrong).
-    manifest = json.loads((checkpoint / MANIFEST).read_text())
-    for name in manifest["files"]:
-        if name.endswith((".bin", ".pkl")):
-            (checkpoint / name).write_bytes(pickle.dumps(Payload()))
-            manifest["files"][name] = (checkpoint / name).stat().st_size
-    (checkpoint / MANIFEST).write_text(json.dumps(manifest))
+    # Every torch-pickled state replaced by a code-running pickle (the manifest refitted, sizes and digests, so only
+    # the content is wrong).
+    for path in checkpoint.iterdir():
+        if path.suffix in (".bin", ".pkl"):
+            path.write_bytes(pickle.dumps(Payload()))
+    refit_manifest(checkpoint)
     with pytest.raises(CheckpointError, match=r"cannot resume from .*checkpoint-2.*damaged or tampered"):
         train_script.main(args + ["--resume_from_checkpoint", str(checkpoint), "--max_train_steps", "3"])
     assert not (tmp_path / "RAN").exists()

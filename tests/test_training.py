@@ -23,10 +23,9 @@ if str(REPO) not in sys.path:
 
 import cdb_tokenizer.tools.steps as steps_module
 import training.train as train_script
-from cdb_tokenizer.tools.checkpoints import MANIFEST
 from cdb_tokenizer.tools.files import plain_file_mode
 from cdb_tokenizer.tools.teacher import save_clip_config
-from conftest import image_folder, tiny_model
+from conftest import image_folder, refit_manifest, tiny_model
 from training.train import TrainingStopped, main, parse_args
 
 TINY_MODEL = ["--resolution", "32", "--base_channels", "16", "--channel_multipliers", "1", "2", "2", "--num_res_blocks", "1", "--norm_num_groups", "8", "--latent_dim", "16", "--codebook_size", "64", "--codebook_dim", "8", "--semantic_dim", "32", "--num_prototypes", "8", "--router_dim", "8"]
@@ -138,10 +137,7 @@ def test_resumed_run_matches_the_uninterrupted_run_step_for_step(tmp_path):
     state = json.loads(state_file.read_text())
     assert state["wall_time_seconds"] > 0
     state_file.write_text(json.dumps({**state, "wall_time_seconds": 5000.0}))
-    manifest_file = state_file.parent / MANIFEST
-    manifest = json.loads(manifest_file.read_text())
-    manifest["files"][state_file.name] = state_file.stat().st_size
-    manifest_file.write_text(json.dumps(manifest))
+    refit_manifest(state_file.parent)
     main(run + ["--output_dir", str(tmp_path / "resumed"), "--resume_from_checkpoint", "latest"])
     wall_time = json.loads((tmp_path / "resumed" / "metrics.json").read_text())["wall_time_seconds"]
     assert 5000 < wall_time < 5000 + json.loads((tmp_path / "straight" / "metrics.json").read_text())["wall_time_seconds"] * 5
