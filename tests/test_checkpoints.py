@@ -163,7 +163,7 @@ def test_a_checkpoint_changed_after_it_was_written_is_refused(straight, tmp_path
         main(RUN + ["--output_dir", str(output_dir), "--resume_from_checkpoint", "latest"])
 
 
-def test_a_checkpoint_named_by_its_name_is_found_in_the_output_folder(straight, tmp_path, monkeypatch, caplog):
+def test_a_checkpoint_named_by_its_name_is_found_in_the_output_folder(straight, tmp_path, monkeypatch, caplog, capsys):
     # diffusers' convention (`--resume_from_checkpoint checkpoint-800`, as docs/training.md shows) was refused from
     # any other working folder: "is not a checkpoint folder".
     import shutil
@@ -175,6 +175,11 @@ def test_a_checkpoint_named_by_its_name_is_found_in_the_output_folder(straight, 
     assert "checkpoint-3 (step 3)" in caplog.text
     with pytest.raises(FileNotFoundError, match=r"'checkpoint-9' is not a checkpoint folder \(nor one of .*checkpoints\)"):
         main(RUN + ["--output_dir", str(output_dir), "--resume_from_checkpoint", "checkpoint-9"])
+    # With --overwrite_output_dir the name passed the guard, and the run deleted the checkpoint it was to resume.
+    with pytest.raises(SystemExit):
+        main(RUN + ["--output_dir", str(output_dir), "--resume_from_checkpoint", "checkpoint-3", "--overwrite_output_dir"])
+    assert "--overwrite_output_dir deletes the checkpoints --resume_from_checkpoint would continue from" in capsys.readouterr().err
+    assert (output_dir / "checkpoints" / "checkpoint-3").is_dir()
 
 
 def test_latest_with_only_unfinished_writes_starts_over(tmp_path, caplog):
@@ -325,7 +330,7 @@ def test_a_run_releases_its_folder_when_it_ends_or_is_refused(straight, tmp_path
     assert claimed_by_another_process(output_dir)
 
 
-def test_a_failed_run_leaves_no_folder_holding_only_its_lock(tmp_path):
+def test_a_failed_run_leaves_no_folder_holding_only_its_lock(tmp_path, monkeypatch):
     # A run refused after claiming --output_dir (here: no images) left the folders it made, holding its lock file.
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "notes.txt").write_text("not an image")
@@ -338,6 +343,14 @@ def test_a_failed_run_leaves_no_folder_holding_only_its_lock(tmp_path):
         main(flags + ["--output_dir", str(tmp_path / "mine")])
     assert (tmp_path / "mine").is_dir()
     assert claimed_by_another_process(tmp_path / "mine")  # released: another process can claim it
+    # Relative, through `..` and a folder that does not exist: only what the run made goes (the user's empty keep/
+    # went, and a ghost/ the run had made stayed).
+    (tmp_path / "keep").mkdir()
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="found no images"):
+        main(flags + ["--output_dir", "ghost/../keep/new/run"])
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["data", "keep", "mine"]
+    assert list((tmp_path / "keep").iterdir()) == []
 
 
 def test_a_folder_that_cannot_be_locked_is_trained_in_with_a_warning(tmp_path, monkeypatch, caplog):

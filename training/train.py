@@ -80,7 +80,7 @@ from cdb_tokenizer.tools.evaluation import (
     save_reconstruction_figure,
     save_usage_plot,
 )
-from cdb_tokenizer.tools.files import file_sha256, saved_weights, share_safetensors, write_text
+from cdb_tokenizer.tools.files import create_folders, file_sha256, saved_weights, share_safetensors, write_text
 from cdb_tokenizer.tools.losses import LPIPSUnavailableError, PatchDiscriminator, TokenizerLoss, cached_lpips, load_lpips
 from cdb_tokenizer.tools.messages import first_line, run_script
 from cdb_tokenizer.tools.redaction import public_value, redact_secrets
@@ -230,9 +230,8 @@ def prepare_output_dir(args: argparse.Namespace, accelerator: Accelerator) -> No
     output_dir = Path(args.output_dir)
 
     def claim() -> str | None:
-        missing = [folder for folder in (output_dir, *output_dir.parents) if not os.path.lexists(folder)]
         try:
-            output_dir.mkdir(parents=True, exist_ok=True)
+            created = create_folders(output_dir)
         except OSError as error:
             reason = error.strerror or first_line(error)
             raise ValueError(f"--output_dir {output_dir} cannot be created: {reason}.") from error
@@ -240,7 +239,7 @@ def prepare_output_dir(args: argparse.Namespace, accelerator: Accelerator) -> No
             raise ValueError(
                 f"--output_dir {output_dir} cannot be written to (a read-only file system, or no permission)."
             )
-        return claim_output_dir(output_dir, created=missing[-1] if missing else None)
+        return claim_output_dir(output_dir, created=created)
 
     refusal = decided_by_main_process(accelerator, claim)  # the main process's word (or error), on every process
     if refusal is not None:

@@ -466,10 +466,8 @@ _created_folders: list[Path] = []
 
 
 def make_folder(path: Path) -> None:
-    """`path.mkdir(parents=True, exist_ok=True)`, remembering the folders it creates (never one that existed)."""
-    new = [folder for folder in (path, *path.parents) if not os.path.lexists(folder)]
-    path.mkdir(parents=True, exist_ok=True)
-    _created_folders.extend(reversed(new))
+    """Create `path` and its parents, remembering the folders it creates (`files.create_folders`)."""
+    _created_folders.extend(files.create_folders(path))
 
 
 def remove_created_folders() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -44,6 +45,26 @@ def _home_folders_parents() -> set[Path]:
     return folders
 
 
+def create_folders(path: str | Path) -> list[Path]:
+    """Create the folder `path` and its missing parents as `mkdir -p` does, and return the folders this call
+    created, outermost first (never one that existed, or that another process made meanwhile), so that a failed
+    command can remove exactly those (for `ghost/../out`, `mkdir -p` makes `ghost` as well, and it is returned)."""
+    path = Path(path).expanduser()
+    created = []
+    for depth in range(1, len(path.parts) + 1):
+        folder = Path(*path.parts[:depth])
+        if os.path.lexists(folder):
+            continue
+        try:
+            folder.mkdir()
+        except FileExistsError:  # made by another process meanwhile: not ours to remove
+            continue
+        created.append(folder)
+    if not path.is_dir():  # a file (or a link to one) stands where the folder should be
+        raise FileExistsError(errno.EEXIST, "exists and is not a folder", str(path))
+    return created
+
+
 def replace_file(path: str | Path, write: Callable[[Path], object]) -> Path:
     """Write a file through `write(temporary_path)`, then rename it over `path`: never half a file, never through a
     symlink or into a device (anything but a regular file at `path` raises `FileExistsError`). The temporary file
@@ -65,8 +86,10 @@ def replace_file(path: str | Path, write: Callable[[Path], object]) -> Path:
         write(temporary)
         os.chmod(temporary, mode)
         os.replace(temporary, path)
-    except OSError as error:  # named by the file asked for: a full disk's error named none, or the hidden temporary
-        raise OSError(error.errno, error.strerror or str(error), str(path)) from error
+    except OSError as error:  # a system error (a full disk) named no file, or the hidden temporary: name `path`
+        if error.errno is None:  # a writer's own error (PIL: "cannot write mode RGBA as JPEG"): as it is
+            raise
+        raise type(error)(error.errno, error.strerror or str(error), str(path)) from error
     finally:
         if os.path.lexists(temporary):
             os.unlink(temporary)
@@ -148,6 +171,7 @@ def _umask() -> int:
 
 
 __all__ = [
+    "create_folders",
     "file_sha256",
     "plain_file_mode",
     "replace_file",

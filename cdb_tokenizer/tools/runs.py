@@ -14,9 +14,9 @@ import logging
 import os
 import signal
 import threading
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
 
 import torch
 from accelerate import Accelerator
@@ -33,6 +33,7 @@ from .checkpoints import (
     verify_checkpoint,
 )
 from .files import write_text
+from .train_args import named_checkpoint
 
 
 logger = get_logger(__name__, log_level="INFO")
@@ -125,14 +126,14 @@ def launch_settings(args, accelerator: Accelerator) -> dict:
 # --overwrite_output_dir delete, in a folder meanwhile.
 OUTPUT_DIR_LOCK = ".cdb-vq-run.lock"
 _claimed_output_dirs: dict[Path, FileLock] = {}
-# Those the run itself created, with the outermost folder it created for them: removed on release when they hold
-# nothing but the lock (a refused or failed run leaves no folder behind that holds only a lock file).
-_created_output_dirs: dict[Path, Path] = {}
+# The folders each run created for its output folder (`files.create_folders`): removed when the run ends while they
+# hold nothing but the lock (a refused or failed run leaves no folder behind that holds only a lock file).
+_created_output_dirs: dict[Path, list[Path]] = {}
 
 
-def claim_output_dir(output_dir: Path, created: Path | None = None) -> str | None:
-    """Lock `output_dir` (which must exist; `created`: the outermost folder this run made for it, if any) for this
-    process's run; returns None, or why another run holds it. Where no lock can be taken (a lock file another user left, a file system without
+def claim_output_dir(output_dir: Path, created: list[Path] | None = None) -> str | None:
+    """Lock `output_dir` (which must exist; `created`: the folders this run made for it) for this process's run;
+    returns None, or why another run holds it. Where no lock can be taken (a lock file another user left, a file system without
     locks), the run goes on unguarded, with a warning."""
     key = output_dir.resolve()
     if key in _claimed_output_dirs:
@@ -148,8 +149,8 @@ def claim_output_dir(output_dir: Path, created: Path | None = None) -> str | Non
                        "not be refused.")  # fmt: skip
         return None
     _claimed_output_dirs[key] = lock
-    if created is not None:
-        _created_output_dirs[key] = created.resolve()
+    if created:
+        _created_output_dirs[key] = created
     return None
 
 
@@ -162,23 +163,25 @@ def output_dir_claims():
         yield
     finally:
         for key in set(_claimed_output_dirs) - before:
-            _claimed_output_dirs.pop(key).release()
-            if key in _created_output_dirs:
-                _remove_if_only_the_lock(key, _created_output_dirs.pop(key))
+            lock = _claimed_output_dirs.pop(key)
+            # Removed while the lock is held: a run that claims the folder meanwhile is refused, never left without
+            # its lock file or its folder.
+            _remove_if_only_the_lock(key, _created_output_dirs.pop(key, []))
+            lock.release()
 
 
-def _remove_if_only_the_lock(output_dir: Path, created: Path) -> None:
-    """Remove a folder that holds nothing but its lock file, and the empty folders made for it up to `created`;
-    leave anything else as it is."""
+def _remove_if_only_the_lock(output_dir: Path, created: list[Path]) -> None:
+    """When `output_dir` holds nothing but its lock file, remove it and the other folders in `created` (those
+    this run made for it), deepest first; leave anything else as it is."""
+    if not created:
+        return
     try:
         if [path.name for path in output_dir.iterdir()] != [OUTPUT_DIR_LOCK]:
             return
         (output_dir / OUTPUT_DIR_LOCK).unlink()
-        for folder in (output_dir, *output_dir.parents):
+        for folder in reversed(created):
             folder.rmdir()  # an OSError once a folder is not empty
-            if folder == created:
-                return
-    except OSError:  # gone already, or another run's files arrived meanwhile
+    except OSError:  # gone already, or files arrived meanwhile
         pass
 
 
@@ -223,10 +226,7 @@ def _find_checkpoint(resume_from_checkpoint: str | None, output_dir: str | Path)
             logger.info(f"No complete checkpoint in {output_dir}/checkpoints: starting a new run.")
             return None
         return complete[-1]
-    path = Path(resume_from_checkpoint)
-    under_output_dir = Path(output_dir) / "checkpoints" / resume_from_checkpoint
-    if not path.is_dir() and not path.is_absolute() and len(path.parts) == 1 and under_output_dir.is_dir():
-        path = under_output_dir  # a checkpoint's name, as diffusers' scripts take it (`checkpoint-800`)
+    path = named_checkpoint(resume_from_checkpoint, output_dir)
     if not path.is_dir():
         raise FileNotFoundError(f"--resume_from_checkpoint {str(path)!r} is not a checkpoint folder (nor one of "
                                 f"{Path(output_dir) / 'checkpoints'}).")  # fmt: skip

@@ -420,12 +420,22 @@ def check_output_dir_flags(args: argparse.Namespace) -> None:
 
 
 def resumes_its_own_run(args: argparse.Namespace) -> bool:
-    """Whether --resume_from_checkpoint continues the run in --output_dir (`latest`, or a checkpoint inside it)
-    rather than another folder's."""
+    """Whether --resume_from_checkpoint continues the run in --output_dir (`latest`, or a checkpoint inside it, by
+    path or by name) rather than another folder's."""
     resume = args.resume_from_checkpoint
     if resume is None:
         return False
-    return resume == "latest" or Path(args.output_dir).resolve() in Path(resume).resolve().parents
+    checkpoint = named_checkpoint(resume, args.output_dir)
+    return resume == "latest" or Path(args.output_dir).resolve() in checkpoint.resolve().parents
+
+
+def named_checkpoint(resume: str, output_dir: str | Path) -> Path:
+    """The folder --resume_from_checkpoint names: a path, or a bare name of one of --output_dir's checkpoints
+    (`checkpoint-800`, as diffusers' scripts take it) when no such folder is in the working directory."""
+    path, in_output_dir = Path(resume), Path(output_dir) / "checkpoints" / resume
+    if not path.is_dir() and len(path.parts) == 1 and in_output_dir.is_dir():
+        return in_output_dir
+    return path
 
 
 def _check_training_args(args: argparse.Namespace) -> None:
