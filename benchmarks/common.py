@@ -247,7 +247,7 @@ def write_report(name: str, text: str) -> Path:
     return write_text(RESULTS_DIR / name, text)
 
 
-def command_line(argv: list[str] | None = None, script: str | Path | None = None) -> str:
+def command_line(argv: list[str] | None = None, script: str | Path | None = None, interpreter: str = "python") -> str:
     """The command that produced a report (default: this process's), as a user would type it from the repository
     root (quoted: it pastes back into a shell as it ran), with local paths outside the repository cut to their last
     part (reports are committed and published)."""
@@ -259,7 +259,7 @@ def command_line(argv: list[str] | None = None, script: str | Path | None = None
         script = script.relative_to(REPO_ROOT)
     except ValueError:
         script = Path(script.name)
-    return shlex.join(["python", str(script), *scrub_local_paths([_in_repository(argument) for argument in argv])])
+    return shlex.join([interpreter, str(script), *scrub_local_paths([_in_repository(argument) for argument in argv])])
 
 
 def _in_repository(argument: str) -> str:

@@ -56,22 +56,25 @@ python "$REPO/training/train.py" "${MODEL_FLAGS[@]}" \
 TRAIN_SECONDS=$(( $(date +%s) - START ))
 
 echo "== throughput"
-python - "$OUTPUT_DIR" "$MODE" "$THROUGHPUT_BATCH" "$THROUGHPUT_ITERS" "$STEPS" "$BATCH" "$TRAIN_SECONDS" \
-    "${ARGUMENTS[@]+"${ARGUMENTS[@]}"}" <<'EOF'
-import datetime, json, shlex, sys, time
+python - "$REPO" "$OUTPUT_DIR" "$MODE" "$THROUGHPUT_BATCH" "$THROUGHPUT_ITERS" "$STEPS" "$BATCH" "$TRAIN_SECONDS" \
+    "$LPIPS_WEIGHT" "${ARGUMENTS[@]+"${ARGUMENTS[@]}"}" <<'EOF'
+import datetime, json, sys, time
 from pathlib import Path
 
 import torch
 
 from cdb_tokenizer import CDBVQModel
-from cdb_tokenizer.tools.redaction import scrub_local_paths
 
-output_dir, mode = Path(sys.argv[1]), sys.argv[2]
-batch, iterations, steps, train_batch, train_seconds = (int(value) for value in sys.argv[3:8])
-# The command that reproduces this report (the settings the environment gave included; local paths cut, as in every
-# benchmark report).
+repo, output_dir, mode = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
+batch, iterations, steps, train_batch, train_seconds = (int(value) for value in sys.argv[4:9])
+lpips_weight = float(sys.argv[9])
+sys.path.insert(0, str(repo / "benchmarks"))
+from common import command_line  # noqa: E402
+
+# The command that reproduces this report, as every benchmark report gives it (the settings the environment gave
+# included); the LPIPS weight follows from whether its weights are cached, so the report records it.
 settings = f"STEPS={steps} BATCH={train_batch} THROUGHPUT_BATCH={batch} THROUGHPUT_ITERS={iterations}"
-command = f"{settings} {shlex.join(['bash', 'benchmarks/gpu_smoke.sh', *scrub_local_paths(sys.argv[8:])])}"
+command = f"{settings} {command_line(sys.argv[10:], script=repo / 'benchmarks' / 'gpu_smoke.sh', interpreter='bash')}"
 device = torch.device("cuda" if mode == "cuda" else "cpu")
 dtype = torch.bfloat16 if mode == "cuda" else torch.float32
 model = CDBVQModel.from_pretrained(output_dir / "run").to(device=device, dtype=dtype).eval()
@@ -107,6 +110,7 @@ report = {
     "codebook_size": model.config.codebook_size,
     "tokens_per_image": tokens.shape[1],
     "train_steps": steps,
+    "lpips_weight": lpips_weight,
     "train_batch_size": train_batch,
     "train_script_seconds": train_seconds,
     "train_wall_time_seconds": metrics["wall_time_seconds"],

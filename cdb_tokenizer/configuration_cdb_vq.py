@@ -11,7 +11,6 @@ import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
-import torch
 from transformers import PretrainedConfig
 from transformers.utils import CONFIG_NAME
 
@@ -261,8 +260,8 @@ class CDBVQConfig(PretrainedConfig):
         return config_dict
 
     def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs) -> None:
-        """`PretrainedConfig.save_pretrained`, after the constructor's checks: a field edited since (`config.codebook_size
-        = -3`) would otherwise be written, and refused only when the folder is next loaded."""
+        """`PretrainedConfig.save_pretrained`, after the constructor's checks: a field edited since
+        (`config.codebook_size = -3`) would otherwise be written, and refused only when the folder is next loaded."""
         self.validate_fields()
         super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
 
@@ -429,15 +428,19 @@ def refuse_misspelled_fields(kwargs: dict) -> None:
 def refuse_unknown_dtype(kwargs: dict) -> None:
     """Refuse a `dtype` (or `torch_dtype`) string that names no torch dtype: transformers looks it up with
     `getattr(torch, ...)`, and `"float17"` failed with "module 'torch' has no attribute 'float17'"."""
+    import torch  # here: a config is read without building a model (as transformers' configs are)
+
     for key in ("dtype", "torch_dtype"):
         value = kwargs.get(key)
         if isinstance(value, str) and not isinstance(getattr(torch, value, None), torch.dtype):
-            raise ValueError(f"{key} must name a torch dtype such as 'float32', 'bfloat16' or 'float16', got {value!r}.")
+            raise ValueError(f"{key} must name a torch dtype such as 'float32', 'bfloat16' or 'float16', got "
+                             f"{value!r}.")  # fmt: skip
 
 
 def json_kind(value) -> str:
     """What a parsed JSON value is, in JSON's words ("null", "an array", ...), for messages about a file's content."""
-    kinds = {type(None): "null", list: "an array", str: "a string", bool: "a boolean", int: "a number", float: "a number"}
+    kinds = {type(None): "null", list: "an array", str: "a string", bool: "a boolean", int: "a number",
+             float: "a number"}  # fmt: skip
     return kinds.get(type(value), "an object")
 
 
@@ -457,8 +460,8 @@ def _is_range(value) -> bool:
 
 
 def as_int(value) -> int | None:
-    """`value` as an int when it is any integer (Python's, NumPy's, a 0-d integer tensor), else None (a float, a
-    string, or a bool, which Python counts as an integer)."""
+    """`value` as an int when it is any integer (Python's, NumPy's, a one-element integer tensor), else None (a
+    float, a string, or a bool, which Python counts as an integer)."""
     if isinstance(value, bool):
         return None
     try:

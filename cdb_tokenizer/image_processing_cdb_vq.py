@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
 from transformers.image_utils import ChannelDimension, PILImageResampling, SizeDict
 
-from .configuration_cdb_vq import as_int, json_kind, plain_value
+from .configuration_cdb_vq import _is_int, json_kind, plain_value
 
 
 # PIL resampling filters that torch's `interpolate` can reproduce (torchvision makes the same choice).
@@ -175,7 +175,9 @@ class CDBVQImageProcessor(BaseImageProcessor):
     # ------------------------------------------------------------------ preprocessing
 
     @classmethod
-    def get_image_processor_dict(cls, pretrained_model_name_or_path: Any, **kwargs: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    def get_image_processor_dict(
+        cls, pretrained_model_name_or_path: Any, **kwargs: Any
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
         """transformers' reading of `preprocessor_config.json`, except that a file holding an array or a string, not an
         object of settings, is named (it failed later with "'list' object has no attribute 'update'")."""
         image_processor_dict, kwargs = super().get_image_processor_dict(pretrained_model_name_or_path, **kwargs)
@@ -547,10 +549,6 @@ class CDBVQImageProcessor(BaseImageProcessor):
 def _is_batch(images: Any) -> bool:
     """A 4-D array or tensor is a batch of images."""
     return isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 4
-
-
-def _is_int(value: Any) -> bool:
-    return as_int(value) is not None
 
 
 def _is_finite_number(value: Any) -> bool:

@@ -289,7 +289,9 @@ class CDBVQPreTrainedModel(PreTrainedModel):
     _keys_to_ignore_on_load_missing = [r"quantizer\.teacher_statistics\."]
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike | None, *args, **kwargs) -> CDBVQPreTrainedModel:
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: str | os.PathLike | None, *args, **kwargs
+    ) -> CDBVQPreTrainedModel:
         """`PreTrainedModel.from_pretrained`, then checks that every parameter was in the weights (see
         `refuse_missing_parameters`) and that the code roles saved with the weights are the config's (an edited
         config.json, or `code_roles=` passed here, labelled codes with roles they were not trained for)."""
@@ -672,7 +674,7 @@ class CDBVQModel(CDBVQPreTrainedModel):
         # Its input is finite (checked codes or latents), so NaN here is the decoder's own. Only outside training:
         # there the loss shows it, and the loop skips the step.
         if not self.training and not bool(torch.isfinite(images).all()):
-            largest, codebook_largest = (float(values.detach().abs().max()) for values in (quantized, self.quantizer.codes()))
+            largest, codebook_largest = (float(x.detach().abs().max()) for x in (quantized, self.quantizer.codes()))
             if from_latents and largest > 1e3 * codebook_largest:  # the caller's latents, not the weights
                 raise ValueError(
                     f"the decoder overflowed to NaN or infinite pixels: the quantized latents reach {largest:.3g}, far "
@@ -709,7 +711,8 @@ class CDBVQModel(CDBVQPreTrainedModel):
         Decode token ids into images in about [-1, 1] (not clamped; `CDBVQImageProcessor.postprocess` clamps).
 
         Args:
-            image_tokens (`torch.Tensor` of shape `(batch_size, h * w)` or `(batch_size, h, w)`): Code ids (int64 or int32).
+            image_tokens (`torch.Tensor` of shape `(batch_size, h * w)` or `(batch_size, h, w)`): Code ids (int64 or
+                int32).
             height, width (`int`, *optional*): Image size in pixels for flat tokens: with neither, the
                 `config.resolution` square; with one, a square of that side. Flat tokens whose count does not fit
                 that grid are refused (never guessed).

@@ -168,6 +168,7 @@ def test_the_gpu_smoke_dry_run_records_its_command_and_date(tmp_path):
     assert report["command"] == expected  # the local path cut to its last part, as in every report
     assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d UTC", report["date"])
     assert report["train_steps"] == 2 and report["encode_images_per_second"] > 0
+    assert report["lpips_weight"] in (0.0, 1.0)  # chosen by whether its weights are cached: recorded
 
 
 def test_speed_writes_no_report_when_its_run_fails(load, monkeypatch, tmp_path):

@@ -143,7 +143,7 @@ def test_latest_skips_a_damaged_checkpoint_and_a_named_one_is_refused(straight, 
         main(RUN + ["--output_dir", str(output_dir), "--resume_from_checkpoint", "latest"])
 
 
-def test_a_checkpoint_changed_after_it_was_written_is_refused(straight, tmp_path):
+def test_a_checkpoint_changed_after_it_was_written_is_refused(straight, tmp_path, caplog):
     # The manifest checked sizes only: a dtype flipped in a safetensors header (same size) resumed into a decoder
     # bias of 1e9, and one more random_states_1.pkl halved the learning-rate schedule's position, without a word.
     import shutil
@@ -156,11 +156,17 @@ def test_a_checkpoint_changed_after_it_was_written_is_refused(straight, tmp_path
     header = weights.read_bytes()
     weights.write_bytes(header.replace(b'"F32"', b'"I32"', 1))  # the same size
     with pytest.raises(CheckpointError, match="model.safetensors is not the file that was written"):
-        main(RUN + ["--output_dir", str(output_dir), "--resume_from_checkpoint", "latest"])
+        main(RUN + ["--output_dir", str(output_dir), "--resume_from_checkpoint", str(checkpoint)])
     weights.write_bytes(header)
     shutil.copy(checkpoint / "random_states_0.pkl", checkpoint / "random_states_1.pkl")
     with pytest.raises(CheckpointError, match=r"holds files its manifest does not list \(random_states_1.pkl\)"):
-        main(RUN + ["--output_dir", str(output_dir), "--resume_from_checkpoint", "latest"])
+        main(RUN + ["--output_dir", str(output_dir), "--resume_from_checkpoint", str(checkpoint)])
+    # `latest` skips it, as it skips an incomplete one, and resumes from the one before (a requeue goes on).
+    caplog.clear()
+    main(RUN + ["--output_dir", str(output_dir), "--resume_from_checkpoint", "latest"])
+    assert f"Skipping the checkpoint {checkpoint}" in caplog.text and "checkpoint-3 (step 3)" in caplog.text
+    final, expected = load_file(output_dir / "model.safetensors"), load_file(straight / "model.safetensors")
+    assert all(torch.equal(final[key], expected[key]) for key in expected)
 
 
 def test_a_checkpoint_named_by_its_name_is_found_in_the_output_folder(straight, tmp_path, monkeypatch, caplog, capsys):
@@ -586,7 +592,7 @@ def test_a_resume_of_another_shape_or_a_tampered_state_is_one_line_naming_it(str
     size = (checkpoint / "training_state.json").stat().st_size  # kept, so that only the digest tells the edit
     (checkpoint / "training_state.json").write_text(text[:size] + " " * (size - len(text[:size])))
     with pytest.raises(CheckpointError, match="training_state.json is not the file that was written"):
-        main(RUN + ["--output_dir", str(output_dir), "--max_train_steps", "6", "--resume_from_checkpoint", "latest"])
+        main(RUN + ["--output_dir", str(output_dir), "--max_train_steps", "6", "--resume_from_checkpoint", str(checkpoint)])
     refit_manifest(checkpoint)  # as someone who edits the file would: the state's own check is then what stops it
     with pytest.raises(CheckpointError, match="'objective' is not a JSON object"):
         main(RUN + ["--output_dir", str(output_dir), "--max_train_steps", "6", "--resume_from_checkpoint", "latest"])

@@ -146,7 +146,7 @@ def test_a_sigterm_on_one_process_stops_every_process(tmp_path):
 
 CHECKPOINT_CHOICE_WORKER = textwrap.dedent(
     """
-    import sys
+    import os, signal, sys, time
     sys.path.insert(0, {repo!r})
     from accelerate import Accelerator
     import cdb_tokenizer.tools.runs as runs
@@ -166,6 +166,19 @@ CHECKPOINT_CHOICE_WORKER = textwrap.dedent(
     except Exception as error:  # every process stops with it, instead of waiting in the broadcast
         with open(sys.argv[1] + f"-error{{accelerator.process_index}}.txt", "w") as answer:
             answer.write(f"{{type(error).__name__}}: {{error}}")
+    # A SIGTERM on the main process while it decides (hashing a checkpoint): the others waited in the broadcast.
+    from cdb_tokenizer.tools.messages import Terminated, sigterm_as_interruption
+    if accelerator.is_main_process:
+        def interrupted(output_dir):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+        runs.complete_checkpoints = interrupted
+    try:
+        with sigterm_as_interruption():
+            runs.find_checkpoint("latest", sys.argv[1], accelerator)
+    except Terminated:
+        with open(sys.argv[1] + f"-terminated{{accelerator.process_index}}.txt", "w") as answer:
+            answer.write("terminated")
     accelerator.wait_for_everyone()  # neither process leaves while the other still talks to it (gloo aborts then)
     accelerator.end_training()
     """
@@ -186,3 +199,4 @@ def test_every_process_resumes_from_the_checkpoint_the_main_process_chose(tmp_pa
     assert result.returncode == 0, result.stderr[-3000:]
     assert [(tmp_path / f"run-rank{rank}.txt").read_text() for rank in (0, 1)] == ["checkpoint-3", "checkpoint-3"]
     assert [(tmp_path / f"run-error{rank}.txt").read_text() for rank in (0, 1)] == ["CheckpointError: OSError: Stale file handle"] * 2
+    assert [(tmp_path / f"run-terminated{rank}.txt").read_text() for rank in (0, 1)] == ["terminated"] * 2

@@ -1,9 +1,9 @@
 """Checkpoint folders shared by the training scripts (training-only: imports accelerate).
 
 A checkpoint is written into `checkpoints/checkpoint-<step>.tmp`, flushed to disk (fsync), given a manifest of its
-files, their sizes and their SHA-256 digests (`cdb_vq_checkpoint.json`, written last) and only then renamed to `checkpoint-<step>`; older
-checkpoints are rotated out after that. A folder without a valid manifest (a run killed in the middle of a write)
-is incomplete: `latest` skips it and says so. Custom state (the weight EMA, counters) goes in as safetensors and
+files, their sizes and their SHA-256 digests (`cdb_vq_checkpoint.json`, written last) and only then renamed to
+`checkpoint-<step>`; older checkpoints are rotated out after that. A folder without a valid manifest (a run killed
+in the middle of a write) is incomplete: `latest` skips it and says so. Custom state (the weight EMA, counters) goes in as safetensors and
 JSON, never as a pickle.
 """
 
@@ -24,7 +24,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .files import file_sha256, share_safetensors
-from .messages import first_line
+from .messages import Terminated, first_line
 
 
 logger = logging.getLogger(__name__)
@@ -258,16 +258,16 @@ def verify_checkpoint(path: str | Path) -> None:
     manifest's (an edit at the same size: a dtype flipped in a safetensors header resumed into weights of 1e9), or a
     file the manifest does not list (accelerate reads every `random_states_*.pkl` it finds, and one more halved the
     learning-rate schedule's position). Checkpoints written before 2026-12-01 record no digests; their files are
-    checked by name only."""
+    checked by size (`incomplete_reason`) and for files the manifest does not list."""
     path = Path(path)
     manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
     listed = set(manifest["files"]) | {MANIFEST}
     unlisted = sorted(file.relative_to(path).as_posix() for file in path.rglob("*") if file.is_file()
                       and file.relative_to(path).as_posix() not in listed)  # fmt: skip
     if unlisted:
-        raise CheckpointError(f"cannot resume from {path}: it holds files its manifest does not list ({', '.join(unlisted[:3])}"
-                              f"{' ...' if len(unlisted) > 3 else ''}), so it was changed after it was written; remove "
-                              f"them, or resume from another checkpoint.")  # fmt: skip
+        shown = ", ".join(unlisted[:3]) + (" ..." if len(unlisted) > 3 else "")
+        raise CheckpointError(f"cannot resume from {path}: it holds files its manifest does not list ({shown}), so it "
+                              f"was changed after it was written; remove them, or resume from another checkpoint.")  # fmt: skip
     digests = manifest.get("sha256")
     if not isinstance(digests, dict):
         return
@@ -344,12 +344,17 @@ def decided_by_main_process(accelerator: Accelerator | None, decide: Callable[[]
     if accelerator.is_main_process:
         try:
             answer = [("answer", decide())]
+        except KeyboardInterrupt:  # Ctrl-C or a SIGTERM (`messages.Terminated`) while deciding: every process stops
+            broadcast_object_list([("interrupted", None)])
+            raise
         except Exception as error:  # noqa: BLE001 - every kind is passed on, so every process stops alike
             named = isinstance(error, (ValueError, FileNotFoundError))  # their messages name the problem (ours are)
             answer = [(type(error).__name__, str(error) if named else f"{type(error).__name__}: {error}")]
     kind, value = broadcast_object_list(answer)[0]  # between this run's own processes: no file is unpickled
     if kind == "answer":
         return value
+    if kind == "interrupted":
+        raise Terminated()
     raise (FileNotFoundError if kind == "FileNotFoundError" else CheckpointError)(value)
 
 

@@ -39,7 +39,14 @@ from tqdm.auto import tqdm
 from . import files
 from .downloads import hub_offline
 from .loading import held_library_logs, is_local_path, locate, processor_image_size, show_log_records
-from .messages import TRAIN_EXTRAS, OneLineErrorParser, counted, first_line, interruption_status, sigterm_as_interruption
+from .messages import (
+    TRAIN_EXTRAS,
+    OneLineErrorParser,
+    counted,
+    first_line,
+    interruption_status,
+    sigterm_as_interruption,
+)
 
 
 TOKEN_FILE_FORMAT = "cdb-vq-tokens"
@@ -370,7 +377,8 @@ def check_output_file(
         raise CLIError(f"{option} {out} names a folder; give a file name such as {path / example}.")
     given, written = (FILE_KINDS.get(Path(name).suffix.lower()) for name in (out, example))
     if given and written and given != written:  # `encode --out tokens.png` wrote safetensors under an image's name
-        raise CLIError(f"{option} {out} names {given} file, but this writes {written} file; give a name such as {example}.")
+        raise CLIError(f"{option} {out} names {given} file, but this writes {written} file; give a name such as "
+                       f"{example}.")  # fmt: skip
     if os.path.lexists(path):
         mode = os.lstat(path).st_mode
         if stat.S_ISLNK(mode):

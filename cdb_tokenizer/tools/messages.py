@@ -89,4 +89,12 @@ def run_script(main, *errors: type[BaseException]) -> None:
         sys.exit(1)
 
 
-__all__ = ["OneLineErrorParser", "Terminated", "counted", "first_line", "interruption_status", "run_script", "sigterm_as_interruption"]
+__all__ = [
+    "OneLineErrorParser",
+    "Terminated",
+    "counted",
+    "first_line",
+    "interruption_status",
+    "run_script",
+    "sigterm_as_interruption",
+]

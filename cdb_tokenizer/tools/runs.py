@@ -133,8 +133,8 @@ _created_output_dirs: dict[Path, list[Path]] = {}
 
 def claim_output_dir(output_dir: Path, created: list[Path] | None = None) -> str | None:
     """Lock `output_dir` (which must exist; `created`: the folders this run made for it) for this process's run;
-    returns None, or why another run holds it. Where no lock can be taken (a lock file another user left, a file system without
-    locks), the run goes on unguarded, with a warning."""
+    returns None, or why another run holds it. Where no lock can be taken (a lock file another user left, a file
+    system without locks), the run goes on unguarded, with a warning."""
     key = output_dir.resolve()
     if key in _claimed_output_dirs:
         return None
@@ -190,20 +190,28 @@ def find_checkpoint(
 ) -> Path | None:
     """The checkpoint folder `--resume_from_checkpoint` names, or None when there is nothing to resume.
 
-    `latest` is the newest *complete* checkpoint (one whose manifest matches its files); incomplete ones (a run
-    killed while writing) are skipped and named, and a folder holding only incomplete ones is an error. A named
-    folder must be complete. With an `accelerator` of several processes, the main process decides and every process
-    gets its answer (or its error): on a shared file system with cached attributes (NFS) processes could see other
-    folders, and resume from different steps.
+    `latest` is the newest *complete* checkpoint whose files are those that were written (`verify_checkpoint`);
+    incomplete or changed ones are skipped and named, and a folder holding only damaged ones is an error. A named
+    folder must be complete and unchanged. With an `accelerator` of several processes, the main process decides and
+    every process gets its answer (or its error): on a shared file system with cached attributes (NFS) processes
+    could see other folders, and resume from different steps.
     """
+    return decided_by_main_process(accelerator, lambda: _find_checkpoint(resume_from_checkpoint, output_dir))
 
-    def decide() -> Path | None:
-        path = _find_checkpoint(resume_from_checkpoint, output_dir)
-        if path is not None:
-            verify_checkpoint(path)  # its files are those that were written, and only those
-        return path
 
-    return decided_by_main_process(accelerator, decide)
+# Checkpoints already verified in this process, by folder and by every file's size and time: a named one is found
+# twice (before the output folder is prepared, then to resume), and hashing gigabytes twice would be for nothing.
+_verified_checkpoints: set[tuple] = set()
+
+
+def _verified(path: Path) -> Path:
+    """`path`, once `verify_checkpoint` has passed it (raises `CheckpointError` otherwise)."""
+    stats = ((file, file.stat()) for file in sorted(path.rglob("*")) if file.is_file())
+    key = (path.resolve(), tuple((file.relative_to(path).as_posix(), stat.st_size, stat.st_mtime_ns) for file, stat in stats))
+    if key not in _verified_checkpoints:
+        verify_checkpoint(path)
+        _verified_checkpoints.add(key)
+    return path
 
 
 def _find_checkpoint(resume_from_checkpoint: str | None, output_dir: str | Path) -> Path | None:
@@ -225,7 +233,14 @@ def _find_checkpoint(resume_from_checkpoint: str | None, output_dir: str | Path)
         if not complete:
             logger.info(f"No complete checkpoint in {output_dir}/checkpoints: starting a new run.")
             return None
-        return complete[-1]
+        refusals = []
+        for path in reversed(complete):  # newest first: an edited or stray file sends `latest` to the one before
+            try:
+                return _verified(path)
+            except CheckpointError as error:
+                logger.warning(f"Skipping the checkpoint {path}: {error}")
+                refusals.append(error)
+        raise refusals[0]
     path = named_checkpoint(resume_from_checkpoint, output_dir)
     if not path.is_dir():
         raise FileNotFoundError(f"--resume_from_checkpoint {str(path)!r} is not a checkpoint folder (nor one of "
@@ -238,7 +253,7 @@ def _find_checkpoint(resume_from_checkpoint: str | None, output_dir: str | Path)
     reason = incomplete_reason(path)
     if reason is not None:
         raise CheckpointError(f"--resume_from_checkpoint {str(path)!r} is not a complete checkpoint: {reason}.")
-    return path
+    return _verified(path)
 
 
 EMA_WARMED_UP = 1_000_000  # updates after which the warm-up no longer lowers any decay below 0.99999
