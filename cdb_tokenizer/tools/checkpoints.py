@@ -3,8 +3,8 @@
 A checkpoint is written into `checkpoints/checkpoint-<step>.tmp`, flushed to disk (fsync), given a manifest of its
 files, their sizes and their SHA-256 digests (`cdb_vq_checkpoint.json`, written last) and only then renamed to
 `checkpoint-<step>`; older checkpoints are rotated out after that. A folder without a valid manifest (a run killed
-in the middle of a write) is incomplete: `latest` skips it and says so. Custom state (the weight EMA, counters) goes in as safetensors and
-JSON, never as a pickle.
+in the middle of a write) is incomplete: `latest` skips it and says so. Custom state (the weight EMA, counters) goes
+in as safetensors and JSON, never as a pickle.
 """
 
 from __future__ import annotations

@@ -206,8 +206,9 @@ _verified_checkpoints: set[tuple] = set()
 
 def _verified(path: Path) -> Path:
     """`path`, once `verify_checkpoint` has passed it (raises `CheckpointError` otherwise)."""
-    stats = ((file, file.stat()) for file in sorted(path.rglob("*")) if file.is_file())
-    key = (path.resolve(), tuple((file.relative_to(path).as_posix(), stat.st_size, stat.st_mtime_ns) for file, stat in stats))
+    files = sorted(file for file in path.rglob("*") if file.is_file())
+    key = (path.resolve(), tuple((file.relative_to(path).as_posix(), file.stat().st_size, file.stat().st_mtime_ns)
+                                 for file in files))  # fmt: skip
     if key not in _verified_checkpoints:
         verify_checkpoint(path)
         _verified_checkpoints.add(key)
