@@ -530,19 +530,10 @@ def weights_are_finite(model: torch.nn.Module) -> bool:
 
 
 @output_dir_claims()
-def main(args: argparse.Namespace) -> dict[str, float]:
-    """Train the prior; returns the final validation metrics (also written to `metrics.json`)."""
-    output_dir = Path(args.output_dir)
-    accelerator = make_accelerator(args, output_dir, dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
-    refuse_fp16_without_a_gradient_scaler(accelerator)
-    set_seed(args.seed)
-    tokenizer = load_prior_tokenizer(args.tokenizer, what="--tokenizer") if args.tokenizer else None
-    codebook_size = tokenizer[0].config.codebook_size if tokenizer else args.codebook_size
-    fingerprint = recorded_fingerprint(args, tokenizer)  # on the CPU, as saved: before the tokenizer moves
-    if args.resume_from_checkpoint not in (None, "latest"):  # before --overwrite_output_dir deletes the run for it
-        named = find_checkpoint(args.resume_from_checkpoint, args.output_dir, accelerator)
-        check_checkpoint_codebook(named, fingerprint)
-    prepare_prior_output_dir(args, accelerator)
+def load_data(args: argparse.Namespace, accelerator: Accelerator, tokenizer: tuple | None, codebook_size: int
+              ) -> tuple:  # fmt: skip
+    """The training and validation token sets, checked against each other and the codebook, with their vocabulary,
+    sequence length and image size: (train_set, validation_set, vocabulary, num_image_tokens, image_size)."""
     train_set, validation_set = load_token_splits(args, accelerator, tokenizer)
     num_image_tokens = len(token_column("training", train_set)[0])
     vocabulary = make_vocabulary(args, train_set, validation_set, codebook_size)
@@ -559,13 +550,12 @@ def main(args: argparse.Namespace) -> dict[str, float]:
         f"{len(train_set)} training / {len(validation_set)} validation sequences of {num_image_tokens} image tokens; "
         f"vocabulary {vocabulary.vocab_size} ids ({vocabulary.codebook_size} codes, {vocabulary.num_classes} classes)"
     )
+    return train_set, validation_set, vocabulary, num_image_tokens, image_size
 
-    prior = build_prior(
-        vocabulary, num_image_tokens, args.architecture, args.hidden_size, args.num_layers, args.num_heads,
-        args.intermediate_size, args.dropout,
-    )  # fmt: skip
-    logger.info(f"{args.architecture} prior with {sum(p.numel() for p in prior.parameters()) / 1e6:.2f}M parameters")
 
+def make_loaders(args: argparse.Namespace, accelerator: Accelerator, train_set, validation_set, vocabulary,
+                 num_image_tokens: int) -> tuple[torch.utils.data.DataLoader, torch.utils.data.DataLoader]:  # fmt: skip
+    """The training loader (to prepare with the accelerator) and this process's validation loader."""
     train_loader = torch.utils.data.DataLoader(
         # A last short batch is dropped only when every process still gets a full one.
         train_set, batch_size=args.train_batch_size, shuffle=True,
@@ -587,12 +577,44 @@ def main(args: argparse.Namespace) -> dict[str, float]:
         num_workers=args.dataloader_num_workers,
         generator=torch.Generator().manual_seed(args.seed),  # not the global random state, which training draws from
     )  # fmt: skip
-    decay = [p for p in prior.parameters() if p.ndim >= 2]  # no weight decay on norms and biases
+    return train_loader, validation_loader
+
+
+def make_optimizer(args: argparse.Namespace, prior: torch.nn.Module) -> torch.optim.AdamW:
+    """AdamW with weight decay on the weight matrices only (not on norms and biases)."""
+    decay = [p for p in prior.parameters() if p.ndim >= 2]
     no_decay = [p for p in prior.parameters() if p.ndim < 2]
-    optimizer = torch.optim.AdamW(
+    return torch.optim.AdamW(
         [{"params": decay, "weight_decay": args.adam_weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
     )  # fmt: skip
+
+
+def main(args: argparse.Namespace) -> dict[str, float]:
+    """Train the prior; returns the final validation metrics (also written to `metrics.json`)."""
+    output_dir = Path(args.output_dir)
+    accelerator = make_accelerator(args, output_dir, dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
+    refuse_fp16_without_a_gradient_scaler(accelerator)
+    set_seed(args.seed)
+    tokenizer = load_prior_tokenizer(args.tokenizer, what="--tokenizer") if args.tokenizer else None
+    codebook_size = tokenizer[0].config.codebook_size if tokenizer else args.codebook_size
+    fingerprint = recorded_fingerprint(args, tokenizer)  # on the CPU, as saved: before the tokenizer moves
+    if args.resume_from_checkpoint not in (None, "latest"):  # before --overwrite_output_dir deletes the run for it
+        named = find_checkpoint(args.resume_from_checkpoint, args.output_dir, accelerator)
+        check_checkpoint_codebook(named, fingerprint)
+    prepare_prior_output_dir(args, accelerator)
+    train_set, validation_set, vocabulary, num_image_tokens, image_size = load_data(args, accelerator, tokenizer,
+                                                                                    codebook_size)  # fmt: skip
+
+    prior = build_prior(
+        vocabulary, num_image_tokens, args.architecture, args.hidden_size, args.num_layers, args.num_heads,
+        args.intermediate_size, args.dropout,
+    )  # fmt: skip
+    logger.info(f"{args.architecture} prior with {sum(p.numel() for p in prior.parameters()) / 1e6:.2f}M parameters")
+
+    train_loader, validation_loader = make_loaders(args, accelerator, train_set, validation_set, vocabulary,
+                                                   num_image_tokens)  # fmt: skip
+    optimizer = make_optimizer(args, prior)
 
     prior, optimizer, train_loader = accelerator.prepare(prior, optimizer, train_loader)
     # Counted on the prepared loader (one process's share of the batches), then the schedule is built to match.
