@@ -665,6 +665,13 @@ def test_a_resumed_prior_run_matches_the_uninterrupted_one(tmp_path, fresh_accel
     resumed = load_file(tmp_path / "resumed" / "model.safetensors")
     assert all(torch.equal(straight[name], resumed[name]) for name in straight)
 
+    def records(output_dir):
+        return [json.loads(line) for line in (output_dir / "logs" / "train_log.jsonl").read_text().splitlines()]
+
+    # The run log (as train.py's) holds every step's loss and each validation, once, the resumed run's as the other's.
+    assert [record["step"] for record in records(tmp_path / "straight")] == [1, 2, 2, 3, 4, 4]
+    assert records(tmp_path / "resumed") == records(tmp_path / "straight")
+
 
 def test_a_resumed_prior_run_trains_at_its_own_learning_rate(tmp_path, fresh_accelerator_state):
     token_set(32).save_to_disk(tmp_path / "tokens")

@@ -14,7 +14,7 @@ class per photo, tokenised on the fly with `--tokenizer`.
 
 The output folder holds the prior (`save_pretrained`), `prior_config.json` (vocabulary layout, tokens per image,
 image size, tokenizer id and codebook fingerprint), `metrics.json`, `training_config.json`, sample grids under `samples/`, tracker
-logs under `logs/`, and `checkpoints/checkpoint-<step>`.
+logs and `train_log.jsonl` under `logs/`, and `checkpoints/checkpoint-<step>`.
 """
 
 from __future__ import annotations
@@ -44,13 +44,13 @@ from cdb_tokenizer.tools.files import write_text
 from cdb_tokenizer.tools.messages import OneLineErrorParser, first_line, run_script
 from cdb_tokenizer.tools.redaction import redact_secrets
 from cdb_tokenizer.tools.runs import (
+    RunLog,
     TerminationRequest,
     find_checkpoint,
     launch_settings,
     make_accelerator,
     output_dir_claims,
     refuse_fp16_without_a_gradient_scaler,
-    tracker_init_kwargs,
     warn_of_a_warmup_longer_than_the_run,
 )
 from cdb_tokenizer.tools.steps import derived_seed
@@ -83,11 +83,11 @@ if str(REPO) not in sys.path:
 from training.train import (  # noqa: E402
     ModelSaveError,
     TrainingStopped,
-    hparams,
     model_save_errors,
     nothing_left_to_train,
     prepare_output_dir,
     saved_at_step,
+    start_logging,
     stop_training,
 )
 
@@ -437,7 +437,7 @@ def check_split(name: str, split, num_image_tokens: int, num_classes: int, codeb
 
 # ---------------------------------------------------------------------------------------------------- validation
 def run_validation(
-    accelerator, args, prior, validation_loader, vocabulary, tokenizer, image_size, global_step
+    accelerator, args, prior, validation_loader, vocabulary, tokenizer, image_size, global_step, log: RunLog
 ) -> dict[str, float]:
     # The unwrapped model: shards may differ in length, and a DDP forward would sync buffers across processes.
     metrics = validation_bits_per_token(
@@ -463,7 +463,7 @@ def run_validation(
         for tracker in accelerator.trackers:
             if tracker.name == "tensorboard":
                 tracker.writer.add_images("validation/samples", ((images + 1) / 2).clamp(0, 1).cpu(), global_step)
-    accelerator.log(logs, step=global_step)
+    log(logs, step=global_step)
     return metrics
 
 
@@ -636,13 +636,12 @@ def main(args: argparse.Namespace) -> dict[str, float]:
             return nothing_left_to_train(args, accelerator, global_step, max_train_steps)
         logger.info(f"Nothing left to train at step {global_step}: validating and saving the checkpoint's prior.")
         first_epoch = num_epochs  # the run stopped after its last checkpoint, before saving the prior
+    settings = {**vars(args), **launch_settings(args, accelerator)}
     if accelerator.is_main_process:
-        settings = {**vars(args), **launch_settings(args, accelerator)}
         training_config = {**settings, "vocabulary": vocabulary.to_dict(), "num_image_tokens": num_image_tokens}
         write_text(output_dir / "training_config.json", json.dumps(redact_secrets(training_config), indent=2, default=str) + "\n")
-        tracker_config = hparams({key: value for key, value in settings.items() if value is not None})
-        # No secrets or local paths: neither in the config nor in what W&B collects by itself.
-        accelerator.init_trackers(args.tracker_project_name, config=tracker_config, init_kwargs=tracker_init_kwargs(args.report_to))
+    # The trackers (no secrets or local paths: see hparams) and logs/train_log.jsonl, as train.py's.
+    log = start_logging(args, accelerator, {key: value for key, value in settings.items() if value is not None}, global_step)
 
     logger.info(f"Training {max_train_steps} steps ({num_epochs} epochs), {accelerator.num_processes} process(es)")
     progress = tqdm(range(max_train_steps), initial=global_step, desc="steps", disable=not accelerator.is_local_main_process)
@@ -685,14 +684,14 @@ def main(args: argparse.Namespace) -> dict[str, float]:
                 mean_loss = accelerator.reduce(loss.detach(), "mean").item()
                 logs = {"train/loss": mean_loss, "train/learning_rate": lr_scheduler.get_last_lr()[0]}
                 progress.set_postfix(loss=f"{logs['train/loss']:.3f}")
-                accelerator.log(logs, step=global_step)
+                log(logs, step=global_step)
                 # The last step too (as train.py): a run shorter than --checkpointing_steps can then be extended, and a
                 # finished one resumed without training its last steps again.
                 if global_step % args.checkpointing_steps == 0 or global_step >= max_train_steps:
                     write_checkpoint()
                 if global_step % args.validation_steps == 0:
                     metrics = run_validation(
-                        accelerator, args, prior, validation_loader, vocabulary, tokenizer, image_size, global_step
+                        accelerator, args, prior, validation_loader, vocabulary, tokenizer, image_size, global_step, log
                     )
                     prior.train()
                 termination.checkpoint_and_stop_if_requested(
@@ -708,7 +707,9 @@ def main(args: argparse.Namespace) -> dict[str, float]:
     progress.close()
 
     if not metrics or global_step % args.validation_steps:
-        metrics = run_validation(accelerator, args, prior, validation_loader, vocabulary, tokenizer, image_size, global_step)
+        metrics = run_validation(
+            accelerator, args, prior, validation_loader, vocabulary, tokenizer, image_size, global_step, log
+        )
     metrics = {**metrics, "uniform_bits_per_token": math.log2(vocabulary.codebook_size), "step": global_step}
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
