@@ -132,10 +132,15 @@ def sinkhorn_cost(latents: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
     return squared_distances(latents, codes).clamp_min(1e-12).sqrt()
 
 
+def code_shares(counts: torch.Tensor) -> torch.Tensor:
+    """Each code's share of a code histogram (all zeros for an empty one)."""
+    return counts / counts.sum().clamp_min(1.0)
+
+
 def usage_statistics(counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Utilization (the share of codes used at least once) and perplexity (exp of the entropy) of a code histogram,
     as tensors of `counts`' dtype (double for long evaluations: float32 sums drift past ~16M tokens)."""
-    share = counts / counts.sum().clamp_min(1.0)
+    share = code_shares(counts)
     # Unused codes count 0 * log(tiny) = 0 toward the entropy; the clamp only keeps their log finite.
     entropy = -(share * share.clamp_min(torch.finfo(share.dtype).tiny).log()).sum()
     return (counts > 0).to(share.dtype).mean(), entropy.exp()
@@ -903,7 +908,7 @@ class CDBVQQuantizer(nn.Module):
         output.utilization, output.perplexity = usage_statistics(counts)
         if not self.training:
             return
-        share = counts / counts.sum().clamp_min(1.0)
+        share = code_shares(counts)
         decay = self.config.usage_decay
         self.usage.mul_(decay).add_(share, alpha=1 - decay)
         if self.router is not None and distortion is not None:

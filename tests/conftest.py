@@ -83,14 +83,11 @@ def refit_manifest(checkpoint) -> None:
     import json
     from pathlib import Path
 
-    from cdb_tokenizer.tools.checkpoints import MANIFEST
-    from cdb_tokenizer.tools.files import file_sha256
+    from cdb_tokenizer.tools.checkpoints import MANIFEST, file_records
 
     checkpoint = Path(checkpoint)
     manifest = json.loads((checkpoint / MANIFEST).read_text())
-    files = sorted(path for path in checkpoint.rglob("*") if path.is_file() and path.name != MANIFEST)
-    manifest["files"] = {path.relative_to(checkpoint).as_posix(): path.stat().st_size for path in files}
-    manifest["sha256"] = {path.relative_to(checkpoint).as_posix(): file_sha256(path) for path in files}
+    manifest["files"], manifest["sha256"] = file_records(checkpoint)
     (checkpoint / MANIFEST).write_text(json.dumps(manifest))
 
 

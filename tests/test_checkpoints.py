@@ -763,3 +763,44 @@ def test_a_resume_with_another_schedule_goes_on_at_its_rate_and_says_so(tmp_path
     assert float(found.group(1)) == pytest.approx(rates[2], rel=1e-2)
     logged = [json.loads(line) for line in (output_dir / "logs" / "train_log.jsonl").read_text().splitlines()]
     assert [row["train/learning_rate"] for row in logged if row["step"] == 3] == [pytest.approx(rates[3])]
+
+
+def test_a_hidden_file_of_the_system_does_not_send_latest_back(tmp_path):
+    # Opening a checkpoint folder in macOS's Finder writes .DS_Store: `latest` skipped the newest checkpoint for it
+    # (and trained its steps again), and naming it was refused as "changed after it was written".
+    import torch
+    from accelerate import Accelerator
+
+    from cdb_tokenizer.tools import checkpoints, runs
+
+    accelerator = Accelerator(cpu=True)
+    accelerator.prepare(torch.nn.Linear(2, 2))
+    for step in (1, 2):
+        checkpoints.save_checkpoint(accelerator, tmp_path, step, 3)
+    newest = tmp_path / "checkpoints" / "checkpoint-2"
+    (newest / ".DS_Store").write_bytes(b"Bud1")
+    assert runs.find_checkpoint("latest", tmp_path) == newest
+    assert runs.find_checkpoint(str(newest), tmp_path) == newest
+    (newest / "random_states_1.pkl").write_bytes((newest / "random_states_0.pkl").read_bytes())
+    with pytest.raises(CheckpointError, match=r"does not list \(random_states_1.pkl\)"):
+        checkpoints.verify_checkpoint(newest)
+
+
+def test_latest_with_every_checkpoint_changed_says_so(tmp_path):
+    # It warned "Skipping the checkpoint checkpoint-2", then failed on checkpoint-2 itself, advising to "resume from
+    # another checkpoint" when `latest` had none left to offer.
+    import shutil
+
+    import torch
+    from accelerate import Accelerator
+
+    from cdb_tokenizer.tools import checkpoints, runs
+
+    accelerator = Accelerator(cpu=True)
+    accelerator.prepare(torch.nn.Linear(2, 2))
+    for step in (1, 2):
+        folder = checkpoints.save_checkpoint(accelerator, tmp_path, step, 3)
+        shutil.copy(folder / "random_states_0.pkl", folder / "random_states_1.pkl")
+    with pytest.raises(CheckpointError, match=r"latest: no complete checkpoint in .* is as it was written .*"
+                                              r"--overwrite_output_dir to start over"):  # fmt: skip
+        runs.find_checkpoint("latest", tmp_path)

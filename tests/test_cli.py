@@ -222,6 +222,19 @@ def test_inspect_reports_roles_usage_and_labels(files, capsys):
     assert all(code["tied_label"] == labels[code["code"]] and code["tied_label"] in LABELS for code in top)
 
 
+def test_output_paths_starting_with_a_tilde_are_in_the_home_folder(files, tmp_path, monkeypatch):
+    # No shell expands the `~` of `--out=~/x`: the folders were made under the home folder while the checks looked at
+    # a literal `~` folder, and the command was refused as "not writable" (or wrote into ./~).
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    photo = _photos(files)[0]
+    assert main(["encode", photo, "--model", str(files["model"]), "--out=~/runs/tokens.safetensors"]) == 0
+    assert main(["reconstruct", photo, "--model", str(files["model"]), "--out=~/runs/pictures"]) == 0
+    assert (tmp_path / "home" / "runs" / "tokens.safetensors").is_file()
+    assert any((tmp_path / "home" / "runs" / "pictures").iterdir())
+    assert not (tmp_path / "~").exists()
+
+
 def test_a_model_saved_with_return_dict_false_still_works_with_every_command(files, tmp_path):
     # config.return_dict decides what forward/encode return when the call does not; the tools must not care.
     model = tiny_model()

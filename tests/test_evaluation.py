@@ -637,3 +637,30 @@ def test_the_normalisation_check_reads_any_processor_without_crashing():
                       types.SimpleNamespace()):  # fmt: skip
         with pytest.raises(CLIError, match="does not map pixels to \\[-1, 1\\]"):
             cli._refuse_other_normalisation(processor, "m")
+
+
+def test_create_folders_that_fails_deeper_removes_what_it_made(tmp_path, monkeypatch):
+    # `new/sub/<300 characters>`: `new` and `new/sub` were made, then the long name failed (ENAMETOOLONG); the
+    # caller got the error and no list, so the CLI and train.py left the empty folders behind.
+    from cdb_tokenizer.tools.files import create_folders
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(OSError):
+        create_folders("new/sub/" + "x" * 300 + "/run")
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "file.txt").write_text("mine")
+    with pytest.raises(FileExistsError):
+        create_folders("ghost/../file.txt")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["file.txt"]
+
+
+def test_create_folders_makes_the_folder_its_caller_then_uses(tmp_path, monkeypatch):
+    # It expanded `~` while train.py and the CLI use the path as given: `--output_dir=~/runs/x` (or `output_dir:
+    # ~/runs/x` in a YAML config) made $HOME/runs/x, then was refused as "cannot be written to", and left it there.
+    from cdb_tokenizer.tools.files import create_folders
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    created = create_folders("~/runs/x")
+    assert Path("~/runs/x").is_dir() and created[-1] == Path("~/runs/x")
+    assert not (tmp_path / "home").exists()

@@ -1561,3 +1561,26 @@ def test_token_data_of_another_codebook_size_is_named_by_its_size(tmp_path):
     save_tokens(token_set(4), tmp_path / "tokens", tiny_model(codebook_size=8))
     with pytest.raises(ValueError, match="another tokenizer .*; 8 codes, the tokenizer given has 64\\)"):
         check_tokens_source(tmp_path / "tokens", tiny_model())
+
+
+def test_a_failed_prior_run_leaves_no_folder_holding_only_its_lock(tmp_path, monkeypatch):
+    # train_prior.main lost its @output_dir_claims() (it moved onto load_data): a run refused after claiming
+    # --output_dir kept the folders it made, holding its lock file, and never released the lock in this process.
+    from cdb_tokenizer.tools import runs
+
+    train_prior = load_script("train_prior")
+    (tmp_path / "tokens").mkdir()
+    (tmp_path / "tokens" / "junk.json").write_text("{}")
+    monkeypatch.chdir(tmp_path)
+    args = train_prior.parse_args(["--tokens_dir", "tokens", "--codebook_size", "64", "--output_dir", "new/run",
+                                   "--report_to", "none"])
+    with pytest.raises(Exception, match="neither a `Dataset` directory nor a `DatasetDict` directory"):
+        train_prior.main(args)
+    assert not (tmp_path / "new").exists()
+    assert (tmp_path / "new" / "run").resolve() not in runs._claimed_output_dirs
+
+
+def test_a_prior_output_dir_starting_with_a_tilde_is_in_the_home_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    args = load_script("train_prior").parse_args(["--codebook_size", "8", "--tokens_dir", "t", "--output_dir=~/prior"])
+    assert args.output_dir == str(tmp_path / "home" / "prior")

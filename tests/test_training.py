@@ -431,6 +431,15 @@ def test_no_data_flags_give_the_tiny_demo_and_data_flags_the_base_preset(tmp_pat
     assert epochs.max_train_steps is None
 
 
+def test_an_output_dir_starting_with_a_tilde_is_in_the_home_folder(tmp_path, monkeypatch):
+    # `output_dir: ~/runs/x` in a YAML config (or --output_dir=~/runs/x) reaches no shell: the home folder is meant.
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert parse_args(["--output_dir=~/runs/x"]).output_dir == str(tmp_path / "home" / "runs" / "x")
+    config = tmp_path / "run.yaml"
+    config.write_text("output_dir: ~/runs/y\n")
+    assert parse_args(["--config", str(config)]).output_dir == str(tmp_path / "home" / "runs" / "y")
+
+
 def test_config_file_keys_are_flag_names_and_the_command_line_wins(tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text("learning_rate: 0.01\ncodebook_size: 128\nassignment: nearest\nema_decay: null\nrandom_flip: false\n")

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from cdb_tokenizer.configuration_cdb_vq import expand_home
 from cdb_tokenizer.tools.cli import CLIError, check_output_file, remove_created_folders, resolve_device
 from cdb_tokenizer.tools.loading import locate
 from cdb_tokenizer.tools.messages import OneLineErrorParser, run_script
@@ -37,7 +38,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = OneLineErrorParser(description="Sample an image grid from a cdb-vq prior.")
     parser.add_argument("--prior", type=str, required=True, help="Folder (or Hub id) written by train_prior.py.")
     parser.add_argument("--tokenizer", type=str, default=None, help="Default: the one in prior_config.json.")
-    parser.add_argument("--output", type=str, default=None, help="PNG path (default: <prior>/samples.png; for a Hub prior, samples.png here).")
+    parser.add_argument("--output", type=expand_home, default=None, help="PNG path (default: <prior>/samples.png; for a Hub prior, samples.png here).")
     parser.add_argument("--overwrite", action="store_true", help="Replace --output if it exists.")
     parser.add_argument("--num_images", type=int, default=16, help="Images in all, or per class with --class_labels.")
     parser.add_argument("--class_labels", type=int, nargs="+", default=None,

@@ -529,7 +529,6 @@ def weights_are_finite(model: torch.nn.Module) -> bool:
     return bool(torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all())
 
 
-@output_dir_claims()
 def load_data(args: argparse.Namespace, accelerator: Accelerator, tokenizer: tuple | None, codebook_size: int
               ) -> tuple:  # fmt: skip
     """The training and validation token sets, checked against each other and the codebook, with their vocabulary,
@@ -590,6 +589,7 @@ def make_optimizer(args: argparse.Namespace, prior: torch.nn.Module) -> torch.op
     )  # fmt: skip
 
 
+@output_dir_claims()
 def main(args: argparse.Namespace) -> dict[str, float]:
     """Train the prior; returns the final validation metrics (also written to `metrics.json`)."""
     output_dir = Path(args.output_dir)

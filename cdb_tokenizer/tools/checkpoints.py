@@ -190,11 +190,10 @@ def _write_checkpoint(
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         share_safetensors(temporary.glob("*.safetensors"))  # every file here was written just now
-        files, digests = {}, {}
-        for file in sorted(p for p in temporary.rglob("*") if p.is_file()):
-            _fsync(file)
-            name = file.relative_to(temporary).as_posix()
-            files[name], digests[name] = file.stat().st_size, file_sha256(file)
+        for file in temporary.rglob("*"):
+            if file.is_file():
+                _fsync(file)
+        files, digests = file_records(temporary)
         # Sizes say whether a write finished (checked for every checkpoint `latest` considers); digests, whether the
         # files were changed since (checked once, for the checkpoint a run resumes from).
         manifest = {"format_version": FORMAT_VERSION, "step": step, "files": files, "sha256": digests}
@@ -253,6 +252,16 @@ def checkpoint_step(path: str | Path) -> int:
     return step
 
 
+def file_records(folder: Path) -> tuple[dict[str, int], dict[str, str]]:
+    """The size and SHA-256 of every file in `folder` (but its manifest), by path relative to it: a manifest's
+    `files` and `sha256`."""
+    files, digests = {}, {}
+    for file in sorted(p for p in folder.rglob("*") if p.is_file() and p.relative_to(folder).as_posix() != MANIFEST):
+        name = file.relative_to(folder).as_posix()
+        files[name], digests[name] = file.stat().st_size, file_sha256(file)
+    return files, digests
+
+
 def verify_checkpoint(path: str | Path) -> None:
     """Refuse a complete checkpoint whose files changed after it was written: a file whose SHA-256 is not its
     manifest's (an edit at the same size: a dtype flipped in a safetensors header resumed into weights of 1e9), or a
@@ -262,8 +271,9 @@ def verify_checkpoint(path: str | Path) -> None:
     path = Path(path)
     manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
     listed = set(manifest["files"]) | {MANIFEST}
+    # Hidden files (.DS_Store from a Finder window, AppleDouble ._*, NFS's .nfs*) are never read by accelerate.
     unlisted = sorted(file.relative_to(path).as_posix() for file in path.rglob("*") if file.is_file()
-                      and file.relative_to(path).as_posix() not in listed)  # fmt: skip
+                      and file.relative_to(path).as_posix() not in listed and not file.name.startswith("."))  # fmt: skip
     if unlisted:
         shown = ", ".join(unlisted[:3]) + (" ..." if len(unlisted) > 3 else "")
         raise CheckpointError(f"cannot resume from {path}: it holds files its manifest does not list ({shown}), so it "

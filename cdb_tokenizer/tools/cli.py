@@ -36,6 +36,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
+from ..configuration_cdb_vq import expand_home
 from . import files
 from .downloads import hub_offline
 from .loading import held_library_logs, is_local_path, locate, processor_image_size, show_log_records
@@ -1480,14 +1481,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     encode = add_command("encode", encode_command, "Encode images into a safetensors file of token grids.")
     encode.add_argument("images", nargs="+", help="image files")
-    encode.add_argument("--out", required=True, help="output .safetensors file")
+    encode.add_argument("--out", required=True, type=expand_home, help="output .safetensors file")
     encode.add_argument("--batch_size", type=_positive_int, default=16)
     add_overwrite(encode)
     _add_pixel_budget(encode)
 
     decode = add_command("decode", decode_command, "Decode a token file into PNG images.", model_required=False)
     decode.add_argument("tokens", help="a .safetensors file written by `cdb-vq encode`")
-    decode.add_argument("--out", required=True, help="output folder")
+    decode.add_argument("--out", required=True, type=expand_home, help="output folder")
     decode.add_argument("--batch_size", type=_positive_int, default=16)
     add_overwrite(decode)
     _add_pixel_budget(decode, "refuse token grids that decode to images of more pixels than this")
@@ -1497,7 +1498,7 @@ def build_parser() -> argparse.ArgumentParser:
         "reconstruct", reconstruct_command, "Reconstruct images through their tokens; print PSNR."
     )
     reconstruct.add_argument("images", nargs="+", help="image files")
-    reconstruct.add_argument("--out", required=True, help="output folder")
+    reconstruct.add_argument("--out", required=True, type=expand_home, help="output folder")
     reconstruct.add_argument("--batch_size", type=_positive_int, default=16)
     add_overwrite(reconstruct)
     reconstruct.add_argument("--role-map", action="store_true",
@@ -1506,7 +1507,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     restore = add_command("restore", restore_command, "Restore degraded images with a model trained for restoration (train.py --degradation).")
     restore.add_argument("images", nargs="+", help="degraded image files")
-    restore.add_argument("--out", required=True, help="output folder for the restored PNGs")
+    restore.add_argument("--out", required=True, type=expand_home, help="output folder for the restored PNGs")
     restore.add_argument("--batch_size", type=_positive_int, default=16)
     add_overwrite(restore)
     _add_pixel_budget(restore)
@@ -1516,7 +1517,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_data_arguments(evaluate, split=None)
     evaluate.add_argument("--batch_size", type=_positive_int, default=16)
-    evaluate.add_argument("--out", default=None, help="also write the metrics to this JSON file")
+    evaluate.add_argument("--out", default=None, type=expand_home, help="also write the metrics to this JSON file")
     add_overwrite(evaluate)
     evaluate.add_argument(
         "--resolution", type=_positive_int, default=None,
@@ -1530,7 +1531,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--fid_weights", default=None, help="the FID Inception weights file (default: the torch hub cache)"
     )
     evaluate.add_argument(
-        "--fid_reference", default=None,
+        "--fid_reference", default=None, type=expand_home,
         help="reference statistics (.safetensors): used when it exists, else computed from these crops and saved",
     )  # fmt: skip
     evaluate.add_argument(
@@ -1549,12 +1550,12 @@ def build_parser() -> argparse.ArgumentParser:
     inspect = add_command("inspect", inspect_command, "Codebook size, assignment rule, roles and most used codes.")
     inspect.add_argument("--top", type=_positive_int, default=10, help="how many of the most used codes to list")
     inspect.add_argument("--json", action="store_true", help="print the summary as JSON")
-    inspect.add_argument("--codes", default=None, help="write one record per code (model.code_report()) to this .csv or .json file")
+    inspect.add_argument("--codes", default=None, type=expand_home, help="write one record per code (model.code_report()) to this .csv or .json file")
     add_overwrite(inspect)
 
     tokenize = add_command("tokenize", tokenize_command, "Tokenize an image data set for a prior (save_to_disk).")
     add_data_arguments(tokenize)
-    tokenize.add_argument("--out", required=True, help="output folder for Dataset.save_to_disk")
+    tokenize.add_argument("--out", required=True, type=expand_home, help="output folder for Dataset.save_to_disk")
     tokenize.add_argument(
         "--label_column", default=None, help="column of integer class labels to keep (default: label, if present)"
     )

@@ -49,19 +49,25 @@ def create_folders(path: str | Path) -> list[Path]:
     """Create the folder `path` and its missing parents as `mkdir -p` does, and return the folders this call
     created, outermost first (never one that existed, or that another process made meanwhile), so that a failed
     command can remove exactly those (for `ghost/../out`, `mkdir -p` makes `ghost` as well, and it is returned)."""
-    path = Path(path).expanduser()
+    path = Path(path)  # as given: its callers go on to use this path, not an expanded `~`
     created = []
-    for depth in range(1, len(path.parts) + 1):
-        folder = Path(*path.parts[:depth])
-        if os.path.lexists(folder):
-            continue
-        try:
-            folder.mkdir()
-        except FileExistsError:  # made by another process meanwhile: not ours to remove
-            continue
-        created.append(folder)
-    if not path.is_dir():  # a file (or a link to one) stands where the folder should be
-        raise FileExistsError(errno.EEXIST, "exists and is not a folder", str(path))
+    try:
+        for depth in range(1, len(path.parts) + 1):
+            folder = Path(*path.parts[:depth])
+            if os.path.lexists(folder):
+                continue
+            try:
+                folder.mkdir()
+            except FileExistsError:  # made by another process meanwhile: not ours to remove
+                continue
+            created.append(folder)
+        if not path.is_dir():  # a file (or a link to one) stands where the folder should be
+            raise FileExistsError(errno.EEXIST, "exists and is not a folder", str(path))
+    except OSError:  # a deeper folder could not be made (a name too long, no inodes): the caller never sees these
+        for folder in reversed(created):
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
     return created
 
 

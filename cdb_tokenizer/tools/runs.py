@@ -164,8 +164,9 @@ def output_dir_claims():
     finally:
         for key in set(_claimed_output_dirs) - before:
             lock = _claimed_output_dirs.pop(key)
-            # Removed while the lock is held: a run that claims the folder meanwhile is refused, never left without
-            # its lock file or its folder.
+            # Removed while the lock is held: a run that claims the folder meanwhile finds it locked, or makes a new
+            # lock file whose presence stops the removal (a run between making the folder and opening its lock can
+            # still lose the folder: a narrow race, accepted).
             _remove_if_only_the_lock(key, _created_output_dirs.pop(key, []))
             lock.release()
 
@@ -241,7 +242,11 @@ def _find_checkpoint(resume_from_checkpoint: str | None, output_dir: str | Path)
             except CheckpointError as error:
                 logger.warning(f"Skipping the checkpoint {path}: {error}")
                 refusals.append(error)
-        raise refusals[0]
+        raise CheckpointError(
+            f"--resume_from_checkpoint latest: no complete checkpoint in {output_dir}/checkpoints is as it was written "
+            f"(the newest: {refusals[0]}) Restore or remove the files named, or pass --overwrite_output_dir to start "
+            f"over."
+        )
     path = named_checkpoint(resume_from_checkpoint, output_dir)
     if not path.is_dir():
         raise FileNotFoundError(f"--resume_from_checkpoint {str(path)!r} is not a checkpoint folder (nor one of "

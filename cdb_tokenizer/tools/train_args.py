@@ -17,7 +17,7 @@ import os
 import sys
 from pathlib import Path
 
-from ..configuration_cdb_vq import CDBVQConfig, field_names
+from ..configuration_cdb_vq import CDBVQConfig, expand_home, field_names
 from ..quantization_cdb_vq import KMEANS_ITERATIONS
 from .degradations import canonical_spec, degrades_nothing
 from .redaction import hide_secret_arguments
@@ -407,9 +407,11 @@ def args_without_sentinels(args: argparse.Namespace, config: dict) -> dict:
 
 
 def check_output_dir_flags(args: argparse.Namespace) -> None:
-    """Refuse --overwrite_output_dir with a --resume_from_checkpoint it would delete (`latest`, or a checkpoint
-    inside --output_dir); resuming another folder's checkpoint into a cleared one is allowed. (train.py and
-    train_prior.py.)"""
+    """Expand `~` in --output_dir, then refuse --overwrite_output_dir with a --resume_from_checkpoint it would delete
+    (`latest`, or a checkpoint inside --output_dir); resuming another folder's checkpoint into a cleared one is
+    allowed. (train.py and train_prior.py.)"""
+    # No shell expands `output_dir: ~/runs/x` in a YAML config or `--output_dir=~/runs/x`; the home folder is meant.
+    args.output_dir = expand_home(args.output_dir)
     if not args.overwrite_output_dir or args.resume_from_checkpoint is None:
         return
     if resumes_its_own_run(args):
