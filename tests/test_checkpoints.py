@@ -801,6 +801,8 @@ def test_latest_with_every_checkpoint_changed_says_so(tmp_path):
     for step in (1, 2):
         folder = checkpoints.save_checkpoint(accelerator, tmp_path, step, 3)
         shutil.copy(folder / "random_states_0.pkl", folder / "random_states_1.pkl")
-    with pytest.raises(CheckpointError, match=r"latest: no complete checkpoint in .* is as it was written .*"
-                                              r"--overwrite_output_dir to start over"):  # fmt: skip
+    with pytest.raises(CheckpointError, match=r"latest: every complete checkpoint in .* was changed after it was "
+                                              r"written \(checkpoint-2: .*random_states_1.pkl.*; checkpoint-1: .*\)\. "
+                                              r"Restore .* --overwrite_output_dir to start over") as refusal:  # fmt: skip
         runs.find_checkpoint("latest", tmp_path)
+    assert "another checkpoint" not in str(refusal.value)  # there is none left

@@ -744,6 +744,22 @@ def test_an_error_raised_in_a_loader_worker_is_still_one_line(capsys):
     assert capsys.readouterr().err == "error: ValueError: None of the training images can be read.\n"
 
 
+def test_a_one_line_error_is_one_write(monkeypatch):
+    # The processes of a run print their lines at once; `print` wrote the text and the newline apart, and two ranks'
+    # errors ran together on one line.
+    from cdb_tokenizer.tools.messages import run_script
+
+    writes = []
+    monkeypatch.setattr(sys, "stderr", types.SimpleNamespace(write=writes.append, flush=lambda: None))
+
+    def failing_main():
+        raise ValueError("the data folder is empty")
+
+    with pytest.raises(SystemExit):
+        run_script(failing_main, ValueError)
+    assert writes == ["error: the data folder is empty\n"]
+
+
 def test_cdb_vq_debug_shows_the_traceback_of_a_one_line_error(monkeypatch):
     from cdb_tokenizer.tools.messages import run_script
 

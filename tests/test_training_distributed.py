@@ -200,3 +200,69 @@ def test_every_process_resumes_from_the_checkpoint_the_main_process_chose(tmp_pa
     assert [(tmp_path / f"run-rank{rank}.txt").read_text() for rank in (0, 1)] == ["checkpoint-3", "checkpoint-3"]
     assert [(tmp_path / f"run-error{rank}.txt").read_text() for rank in (0, 1)] == ["CheckpointError: OSError: Stale file handle"] * 2
     assert [(tmp_path / f"run-terminated{rank}.txt").read_text() for rank in (0, 1)] == ["terminated"] * 2
+
+
+PEER_STOPPED_WORKER = textwrap.dedent(
+    """
+    import os, signal, sys, time
+    sys.path.insert(0, {repo!r})
+    from accelerate import Accelerator
+    from cdb_tokenizer.tools.runs import multi_process_without_accelerator
+    from cdb_tokenizer.tools.messages import run_script
+
+    def main():
+        accelerator = Accelerator(cpu=multi_process_without_accelerator())
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:  # SIGTERM on the main process alone, outside the training loop
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+        accelerator.wait_for_everyone()  # the other process waits here for the one that stopped
+
+    run_script(main, ValueError)
+    """
+)
+
+
+def test_a_process_whose_peer_stopped_outside_the_loop_says_so_in_one_line(tmp_path):
+    # A SIGTERM reaching one process outside the loop (setup, choosing the checkpoint, the final save) stops it with
+    # `terminated`; the other, waiting in a gloo collective, got "Connection closed by peer" and a 40-line traceback.
+    worker = tmp_path / "peer.py"
+    worker.write_text(PEER_STOPPED_WORKER.format(repo=str(REPO)))
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+               str(worker)]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode != 0
+    assert "peer.py: terminated" in result.stderr, result.stderr[-3000:]
+    assert "[rank1]: Traceback" not in result.stderr, result.stderr[-3000:]
+    assert "error: another process of this run stopped" in result.stderr, result.stderr[-3000:]
+
+
+LAST_STEP_WORKER = textwrap.dedent(
+    """
+    import logging, os, signal, sys
+    sys.path.insert(0, {repo!r})
+    from accelerate import Accelerator
+    from cdb_tokenizer.tools.runs import multi_process_without_accelerator, TerminationRequest
+
+    accelerator = Accelerator(cpu=multi_process_without_accelerator())
+    logging.basicConfig()
+    logging.getLogger().setLevel(logging.INFO if accelerator.is_main_process else logging.ERROR)  # as make_accelerator
+    with TerminationRequest(accelerator) as termination:
+        if accelerator.process_index == 1:  # in the last step, on a process other than the main one
+            os.kill(os.getpid(), signal.SIGTERM)
+        termination.warn_if_received("its model")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    """
+)
+
+
+def test_a_sigterm_of_the_last_step_on_another_process_is_said(tmp_path):
+    # Only the process that got it warned, and only the main process logs warnings: the run went on without a word.
+    worker = tmp_path / "last.py"
+    worker.write_text(LAST_STEP_WORKER.format(repo=str(REPO)))
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+               str(worker)]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stderr.count("A SIGTERM came during the last step") == 1, result.stderr[-3000:]

@@ -46,7 +46,12 @@ T = TypeVar("T")
 
 
 class CheckpointError(ValueError):
-    """A checkpoint that cannot be resumed (incomplete, damaged, tampered with, or from another run)."""
+    """A checkpoint that cannot be resumed (incomplete, damaged, tampered with, or from another run). `reason` is
+    what is wrong with it, without the advice the message ends with."""
+
+    def __init__(self, message: str, reason: str | None = None):
+        super().__init__(message)
+        self.reason = reason or message
 
 
 class CheckpointWriteError(RuntimeError):
@@ -276,16 +281,17 @@ def verify_checkpoint(path: str | Path) -> None:
                       and file.relative_to(path).as_posix() not in listed and not file.name.startswith("."))  # fmt: skip
     if unlisted:
         shown = ", ".join(unlisted[:3]) + (" ..." if len(unlisted) > 3 else "")
-        raise CheckpointError(f"cannot resume from {path}: it holds files its manifest does not list ({shown}), so it "
-                              f"was changed after it was written; remove them, or resume from another checkpoint.")  # fmt: skip
+        reason = f"it holds files its manifest does not list ({shown}), so it was changed after it was written"
+        raise CheckpointError(f"cannot resume from {path}: {reason}; remove them, or resume from another checkpoint.",
+                              reason)  # fmt: skip
     digests = manifest.get("sha256")
     if not isinstance(digests, dict):
         return
     for name, digest in sorted(digests.items()):
         if name in manifest["files"] and file_sha256(path / name) != digest:
-            raise CheckpointError(f"cannot resume from {path}: {name} is not the file that was written (its SHA-256 "
-                                  f"differs from the manifest's); the checkpoint is damaged or was edited. Resume from "
-                                  f"another checkpoint.")  # fmt: skip
+            reason = (f"{name} is not the file that was written (its SHA-256 differs from the manifest's); the "
+                      f"checkpoint is damaged or was edited")  # fmt: skip
+            raise CheckpointError(f"cannot resume from {path}: {reason}. Resume from another checkpoint.", reason)
 
 
 def load_custom_state(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:

@@ -62,6 +62,32 @@ def interruption_status(interruption: KeyboardInterrupt) -> tuple[str, int]:
     return ("terminated", 143) if isinstance(interruption, Terminated) else ("interrupted", 130)
 
 
+# How gloo reports a collective whose other process has ended (a SIGTERM outside the training loop, an error that
+# process printed): the collective fails at once here with a RuntimeError.
+PEER_ENDED_MARKS = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
+
+
+def peer_process_ended(error: BaseException) -> bool:
+    """Whether `error` is a collective that failed because another process of the run has ended."""
+    return isinstance(error, RuntimeError) and any(mark in str(error) for mark in PEER_ENDED_MARKS)
+
+
+def peer_process_message(error: BaseException) -> str:
+    """One line for `peer_process_ended`: that process's own message (printed above) says why."""
+    mark = next(mark for mark in PEER_ENDED_MARKS if mark in str(error))
+    return (f"another process of this run stopped ({mark.lower()} in a collective), so this one stops too; that "
+            f"process's own message, above, says why.")
+
+
+def _say(line: str) -> None:
+    """One line on stderr in one write: the processes of a run print theirs at once, and `print` writes the text and
+    the newline apart, so two processes' lines ran together."""
+    import sys
+
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
 def run_script(main, *errors: type[BaseException]) -> None:
     """Run a training script's `main()`: an error of the kinds given (mistakes in the inputs, clean stops) is one
     line on stderr and exit status 1, since its message names the problem and a stack trace would not help; Ctrl-C
@@ -79,13 +105,18 @@ def run_script(main, *errors: type[BaseException]) -> None:
             main()
     except KeyboardInterrupt as interruption:  # one line and the shell's status for it, as the CLI's
         what, status = interruption_status(interruption)
-        print(f"{os.path.basename(sys.argv[0])}: {what}", file=sys.stderr)
+        _say(f"{os.path.basename(sys.argv[0])}: {what}")
         sys.exit(status)
     except errors as error:
         text = first_line(error) if isinstance(error, OSError) else str(error)
         if "Original Traceback" in text:  # raised in a DataLoader worker: its own message is the last line
             text = text.strip().splitlines()[-1]
-        print(f"error: {text}", file=sys.stderr)
+        _say(f"error: {text}")
+        sys.exit(1)
+    except RuntimeError as error:  # a collective whose other process ended: that process said why
+        if not peer_process_ended(error):
+            raise
+        _say(f"error: {peer_process_message(error)}")
         sys.exit(1)
 
 
@@ -95,6 +126,7 @@ __all__ = [
     "counted",
     "first_line",
     "interruption_status",
+    "peer_process_ended",
     "run_script",
     "sigterm_as_interruption",
 ]

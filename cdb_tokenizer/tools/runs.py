@@ -242,9 +242,10 @@ def _find_checkpoint(resume_from_checkpoint: str | None, output_dir: str | Path)
             except CheckpointError as error:
                 logger.warning(f"Skipping the checkpoint {path}: {error}")
                 refusals.append(error)
+        reasons = "; ".join(f"{path.name}: {error.reason}" for path, error in zip(reversed(complete), refusals))
         raise CheckpointError(
-            f"--resume_from_checkpoint latest: no complete checkpoint in {output_dir}/checkpoints is as it was written "
-            f"(the newest: {refusals[0]}) Restore or remove the files named, or pass --overwrite_output_dir to start "
+            f"--resume_from_checkpoint latest: every complete checkpoint in {output_dir}/checkpoints was changed after "
+            f"it was written ({reasons}). Restore or remove the files named, or pass --overwrite_output_dir to start "
             f"over."
         )
     path = named_checkpoint(resume_from_checkpoint, output_dir)
@@ -417,8 +418,9 @@ class TerminationRequest:
 
     def warn_if_received(self, what: str) -> None:
         """Say that a SIGTERM of the last step was heard, and that the run goes on to save `what` (call it at the
-        end of the `with` block: a second SIGTERM then finds the previous handler back and stops the process)."""
-        if self.received:
+        end of the `with` block, on every process: a second SIGTERM then finds the previous handler back and stops the
+        process). Said by the main process when any process got one: the others log errors only."""
+        if self.requested():
             logger.warning(f"A SIGTERM came during the last step: the run goes on to validate and save {what}; "
                            "signal it again to stop now (a resume then saves it).")  # fmt: skip
 
