@@ -268,7 +268,7 @@ def _pixel_count(name: str, value) -> int | None:
         return None
     count = as_int(value)
     if count is None or count < 1:
-        raise ValueError(f"{name} must be a positive number of pixels, got {value!r}.")
+        raise ValueError(f"{name} must be a positive integer number of pixels, got {value!r}.")
     return count
 
 
@@ -647,7 +647,9 @@ class CDBVQModel(CDBVQPreTrainedModel):
 
     def decode(self, image_tokens: torch.Tensor) -> torch.FloatTensor:
         """Decode a (batch, h, w) grid of code ids (int64 or int32) into images (batch, num_channels, H, W), in about
-        [-1, 1] (not clamped: `CDBVQImageProcessor.postprocess` clamps)."""
+        [-1, 1] (not clamped: `CDBVQImageProcessor.postprocess` clamps), with H = h * `config.downsampling_factor`
+        and W likewise. Ids outside [0, `config.codebook_size`) or a tensor of another shape raise a `ValueError` that
+        names them; for the flat (batch, h * w) ids of `get_image_tokens`, use `decode_image_tokens`."""
         self._check_image_tokens(image_tokens)
         if image_tokens.ndim != 3:
             raise ValueError(f"decode expects image_tokens of shape (batch, h, w), got {tuple(image_tokens.shape)}; use decode_image_tokens for (batch, h * w).")
@@ -689,7 +691,24 @@ class CDBVQModel(CDBVQPreTrainedModel):
 
     @torch.no_grad()
     def get_image_tokens(self, pixel_values: torch.Tensor) -> torch.LongTensor:
-        """Token ids (batch, h * w) in raster order, ready for a transformer prior (always as in eval mode)."""
+        r"""
+        Token ids for a transformer prior: what `encode` picks in eval mode, whatever mode the model is in (so the
+        codebook never changes here), deterministic and independent of the rest of the batch.
+
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`): Images in [-1, 1],
+                as `CDBVQImageProcessor` makes them; height and width must be multiples of
+                `config.downsampling_factor`.
+
+        Returns:
+            `torch.LongTensor` of shape `(batch_size, h * w)`: code ids in [0, `config.codebook_size`) in raster order
+            (row by row), `h = height // downsampling_factor`, `w = width // downsampling_factor`;
+            `decode_image_tokens` turns them back into images.
+
+        Raises:
+            `ValueError` or `TypeError` naming the problem: a wrong shape or channel count, a size that is not a
+            multiple of the downsampling factor, NaN or infinite values, an integer or empty tensor.
+        """
         return self._inference_tokens(pixel_values).flatten(1)
 
     def _inference_tokens(self, pixel_values: torch.Tensor) -> torch.LongTensor:

@@ -222,6 +222,13 @@ def test_inspect_reports_roles_usage_and_labels(files, capsys):
     assert all(code["tied_label"] == labels[code["code"]] and code["tied_label"] in LABELS for code in top)
 
 
+def test_a_mistyped_flag_of_a_command_is_answered_with_the_closest_one(capsys):
+    # The top-level parser reports a sub-command's unknown flags: the guesses come from the sub-commands' flags.
+    with pytest.raises(SystemExit):
+        main(["encode", "a.png", "--model", "m", "--out", "t.safetensors", "--ovewrite"])
+    assert "unrecognized arguments: --ovewrite (did you mean --overwrite?)" in capsys.readouterr().err
+
+
 def test_output_paths_starting_with_a_tilde_are_in_the_home_folder(files, tmp_path, monkeypatch):
     # No shell expands the `~` of `--out=~/x`: the folders were made under the home folder while the checks looked at
     # a literal `~` folder, and the command was refused as "not writable" (or wrote into ./~).
@@ -1180,7 +1187,7 @@ def test_existing_outputs_are_replaced_only_with_overwrite(files, tmp_path, caps
     shutil.copy(_photos(files)[0], mine)
     original = mine.read_bytes()
     assert main(["decode", str(tokens), "--out", str(tmp_path / "photos")]) == 1
-    assert f"{mine} exist already and would be replaced; pass --overwrite" in cli_error_line(capsys, "decode")
+    assert f"{mine} exists already and would be replaced; pass --overwrite to replace it," in cli_error_line(capsys, "decode")
     assert mine.read_bytes() == original
     assert main(["decode", str(tokens), "--out", str(tmp_path / "photos"), "--overwrite"]) == 0
     assert Image.open(mine).size == (32, 32)
@@ -1348,3 +1355,39 @@ def test_locate_names_an_empty_model_or_an_unknown_users_folder(name, problem):
 
     with pytest.raises(FileNotFoundError, match=problem):
         locate(name, "--model")
+
+
+def test_encode_of_several_sizes_names_the_files_and_never_advises_batch_size_one(tmp_path, capsys):
+    # A processor that does not resize: `encode` cannot hold two grid sizes in one file, so "--batch_size 1" (the
+    # advice of the batched error) only led to a second error after every image was encoded.
+    folder = tmp_path / "model"
+    tiny_model().save_pretrained(folder)
+    CDBVQImageProcessor(do_resize=False, do_center_crop=False).save_pretrained(folder)
+    wide, square = tmp_path / "wide.png", tmp_path / "square.png"
+    Image.fromarray(np.zeros((32, 48, 3), np.uint8)).save(wide)
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(square)
+    argv = ["encode", str(wide), str(square), "--model", str(folder), "--out", str(tmp_path / "t.safetensors")]
+    assert main(argv) == 1
+    line = cli_error_line(capsys, "encode")
+    assert "wide.png 32x48" in line and "square.png 64x64" in line and "--batch_size 1" not in line, line
+    assert main(argv + ["--batch_size", "1"]) == 1
+    line = cli_error_line(capsys, "encode")
+    assert "square.png is 64x64 pixels" in line and "one grid size" in line, line
+
+
+def test_size_errors_name_the_file_and_give_height_by_width(tmp_path, capsys):
+    folder = tmp_path / "model"
+    tiny_model().save_pretrained(folder)
+    CDBVQImageProcessor(do_resize=False, do_center_crop=False).save_pretrained(folder)
+    good, odd = tmp_path / "good.png", tmp_path / "odd.png"
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(good)
+    Image.fromarray(np.zeros((37, 53, 3), np.uint8)).save(odd)  # 53 wide, 37 high
+    assert main(["encode", str(good), str(odd), "--model", str(folder), "--out", str(tmp_path / "t.safetensors"),
+                 "--batch_size", "1"]) == 1
+    line = cli_error_line(capsys, "encode")
+    assert f"{odd} is 37x53 pixels, not divisible" in line, line
+    # The pixel budget's message reads height x width too (it read 53x37 for this image).
+    assert main(["encode", str(odd), "--model", str(folder), "--out", str(tmp_path / "t.safetensors"),
+                 "--max_image_pixels", "100"]) == 1
+    line = cli_error_line(capsys, "encode")
+    assert "37x53 pixels" in line, line

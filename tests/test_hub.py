@@ -95,6 +95,23 @@ def test_auto_classes_load_the_installed_package(saved, photo_batch):
     assert torch.equal(model.get_image_tokens(photo_batch), reference["tokens"])
 
 
+def test_the_image_feature_extraction_pipeline_gives_the_token_grid(saved):
+    # The model card's pipeline_tag: a Hub user tries `pipeline("image-feature-extraction", ...)` first.
+    import numpy as np
+    from PIL import Image
+    from transformers import pipeline
+
+    folder, _, _ = saved
+    model = CDBVQModel.from_pretrained(folder).eval()
+    processor = CDBVQImageProcessor.from_pretrained(folder)
+    photo = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 48, 3), dtype=np.uint8))
+    extractor = pipeline("image-feature-extraction", model=str(folder), trust_remote_code=True)
+    grid = extractor(photo, return_tensors=True)
+    expected = model.get_image_tokens(processor(photo, return_tensors="pt").pixel_values)
+    assert grid.shape == (1, 8, 8) and torch.equal(grid.flatten(1), expected)
+    assert extractor([photo, photo]) == [grid.tolist()] * 2
+
+
 def run_without_package(source: str, inputs: Path, outputs: Path, env: dict | None = None) -> dict:
     script = LOAD_WITHOUT_PACKAGE.format(training_only=TRAINING_ONLY, source=str(source), inputs=str(inputs), outputs=str(outputs))
     result = subprocess.run(

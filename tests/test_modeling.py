@@ -851,7 +851,7 @@ def test_config_return_dict_decides_the_output_type_unless_the_call_does(tmp_pat
 @pytest.mark.parametrize("size", [32.0, True, "32"])
 def test_token_grid_size_takes_whole_numbers_of_pixels_only(model, size):
     assert model.token_grid_size(32, np.int64(48)) == (8, 12)
-    with pytest.raises(ValueError, match="image height must be a positive number of pixels"):
+    with pytest.raises(ValueError, match="image height must be a positive integer number of pixels"):
         model.token_grid_size(size, 32)  # 32.0 gave a grid of floats (4.0, 8)
 
 
@@ -890,9 +890,9 @@ def test_decode_image_tokens_with_height_and_width_uses_that_grid_in_raster_orde
         ({"height": 32}, r"got 144 tokens per image, but a 8x8 token grid needs 64"),
         ({"width": 40}, r"got 144 tokens per image, but a 10x10 token grid needs 100"),
         ({"height": 48, "width": 32}, r"got 144 tokens per image, but a 12x8 token grid needs 96"),
-        ({"height": 0}, "height must be a positive number of pixels, got 0"),
-        ({"width": 48.0}, "width must be a positive number of pixels, got 48.0"),
-        ({"width": torch.tensor(48.0)}, r"width must be a positive number of pixels, got tensor\(48\.\)"),
+        ({"height": 0}, "height must be a positive integer number of pixels, got 0"),
+        ({"width": 48.0}, "width must be a positive integer number of pixels, got 48.0"),
+        ({"width": torch.tensor(48.0)}, r"width must be a positive integer number of pixels, got tensor\(48\.\)"),
     ],
 )
 def test_decode_image_tokens_refuses_a_token_count_that_does_not_fit_the_grid(model, size, message):
@@ -904,7 +904,7 @@ def test_decode_image_tokens_refuses_a_token_count_that_does_not_fit_the_grid(mo
 def test_decode_image_tokens_checks_a_size_given_with_a_token_grid(model):
     # `height or width` read height=0 as "not given" for (B, h, w) tokens, while flat tokens refused it.
     grid = torch.zeros(1, 8, 8, dtype=torch.long)
-    with pytest.raises(ValueError, match="height must be a positive number of pixels, got 0"):
+    with pytest.raises(ValueError, match="height must be a positive integer number of pixels, got 0"):
         model.decode_image_tokens(grid, height=0, width=32)
     assert model.decode_image_tokens(grid, height=np.int64(32)).shape == (1, 3, 32, 32)
 

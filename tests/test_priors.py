@@ -1574,7 +1574,7 @@ def test_a_failed_prior_run_leaves_no_folder_holding_only_its_lock(tmp_path, mon
     monkeypatch.chdir(tmp_path)
     args = train_prior.parse_args(["--tokens_dir", "tokens", "--codebook_size", "64", "--output_dir", "new/run",
                                    "--report_to", "none"])
-    with pytest.raises(Exception, match="neither a `Dataset` directory nor a `DatasetDict` directory"):
+    with pytest.raises(Exception, match="is not a tokenised data set"):
         train_prior.main(args)
     assert not (tmp_path / "new").exists()
     assert (tmp_path / "new" / "run").resolve() not in runs._claimed_output_dirs
@@ -1584,3 +1584,28 @@ def test_a_prior_output_dir_starting_with_a_tilde_is_in_the_home_folder(tmp_path
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     args = load_script("train_prior").parse_args(["--codebook_size", "8", "--tokens_dir", "t", "--output_dir=~/prior"])
     assert args.output_dir == str(tmp_path / "home" / "prior")
+
+
+def test_num_classes_without_labels_is_refused_not_ignored():
+    # --num_classes on data with no label column trained an unconditional prior without a word.
+    import argparse
+
+    train_prior = load_script("train_prior")
+    data = datasets.Dataset.from_dict({"image_tokens": [[0, 1, 2, 3]] * 4})
+    with pytest.raises(ValueError, match="--num_classes 3, but the training data have no label column"):
+        train_prior.make_vocabulary(argparse.Namespace(unconditional=False, num_classes=3), data, data, 8)
+    vocabulary = train_prior.make_vocabulary(argparse.Namespace(unconditional=False, num_classes=None), data, data, 8)
+    assert vocabulary.num_classes == 0
+
+
+@pytest.mark.parametrize("content", ["empty", "images"])
+def test_tokens_dir_that_is_no_tokenised_data_set_says_so(tmp_path, content):
+    # An empty folder or a folder of images gave a warning that it was "made with save_to_disk", then datasets'
+    # "Directory ... is neither a `Dataset` directory nor a `DatasetDict` directory".
+    train_prior = load_script("train_prior")
+    (tmp_path / "tokens").mkdir()
+    if content == "images":
+        Image.new("RGB", (8, 8)).save(tmp_path / "tokens" / "a.png")
+    with pytest.raises(ValueError, match="is not a tokenised data set .*cdb-vq tokenize"):
+        train_prior.main(train_prior.parse_args(prior_argv(tmp_path / "tokens", tmp_path / "prior")))
+

@@ -440,6 +440,16 @@ def test_an_output_dir_starting_with_a_tilde_is_in_the_home_folder(tmp_path, mon
     assert parse_args(["--config", str(config)]).output_dir == str(tmp_path / "home" / "runs" / "y")
 
 
+def test_a_mistyped_flag_is_answered_with_the_closest_one(capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--max_steps", "20", "--codebok_size=8"])
+    error = capsys.readouterr().err
+    assert "unrecognized arguments: --max_steps 20 --codebok_size=8 (did you mean --max_train_steps or --codebook_size?)" in error
+    with pytest.raises(SystemExit):
+        parse_args(["--zzz"])
+    assert "did you mean" not in capsys.readouterr().err  # nothing close: no guess
+
+
 def test_config_file_keys_are_flag_names_and_the_command_line_wins(tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text("learning_rate: 0.01\ncodebook_size: 128\nassignment: nearest\nema_decay: null\nrandom_flip: false\n")

@@ -240,6 +240,11 @@ def load_token_splits(args: argparse.Namespace, accelerator: Accelerator, tokeni
     if not path.is_dir():  # e.g. a `cdb-vq encode` token file: a prior trains on a tokenised data set
         raise ValueError(f"--tokens_dir {path} is a file, not a folder: make a tokenised data set folder with "
                          f"`cdb-vq tokenize` (`cdb-vq encode` token files are not for training).")  # fmt: skip
+    if not any((path / name).is_file() for name in ("dataset_dict.json", "state.json")):
+        # An empty folder, or the images themselves: datasets' "neither a `Dataset` directory nor a `DatasetDict`
+        # directory", after a warning that the folder "was made with save_to_disk", said neither.
+        raise ValueError(f"--tokens_dir {path} is not a tokenised data set (no state.json or dataset_dict.json): "
+                         f"make one with `cdb-vq tokenize --model <tokenizer> --data <images> --out <folder>`.")  # fmt: skip
     if tokenizer is not None:
         check_tokens_source(path, tokenizer[0])  # ids of another codebook would train a prior that decodes noise
     else:
@@ -346,6 +351,13 @@ def make_vocabulary(args: argparse.Namespace, train, validation, codebook_size: 
     import datasets
     import pyarrow.compute as pc
 
+    if not args.unconditional and args.num_classes and "label" not in train.column_names:
+        # A class-conditional prior was asked for: training it unconditional (logged as "0 classes") only showed
+        # when sample_prior.py --class_labels refused it.
+        raise ValueError(
+            f"--num_classes {args.num_classes}, but the training data have no label column: tokenise a data set "
+            f"with labels (an image folder with one sub-folder per class), or leave out --num_classes."
+        )
     if args.unconditional or "label" not in train.column_names:
         return PriorVocabulary(codebook_size)
     feature = train.features["label"]

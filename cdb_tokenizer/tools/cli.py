@@ -300,7 +300,7 @@ def check_image_files(paths: Sequence[str], max_pixels: int | None = DEFAULT_MAX
             raise CLIError(f"{name}: not an image file (PIL cannot read it).") from None
         if max_pixels and size[0] * size[1] > max_pixels:
             raise CLIError(
-                f"{name}: {_size_text(size[0], size[1])} is over {_budget(max_pixels)}; shrink it first or raise "
+                f"{name}: {_size_text(size[1], size[0])} is over {_budget(max_pixels)}; shrink it first or raise "
                 f"--max_image_pixels."
             )
         checked.append(path)
@@ -496,8 +496,8 @@ def check_targets(paths: Sequence[Path], overwrite: bool = False) -> None:
     if existing and not overwrite:
         more = f" and {len(existing) - 3} more" if len(existing) > 3 else ""
         raise CLIError(
-            f"{', '.join(map(str, existing[:3]))}{more} exist already and would be replaced; pass --overwrite to replace them, "
-            f"or give another --out."
+            f"{', '.join(map(str, existing[:3]))}{more} {'exists' if len(existing) == 1 else 'exist'} already and would be "
+            f"replaced; pass --overwrite to replace {'it' if len(existing) == 1 else 'them'}, or give another --out."
         )
 
 
@@ -511,8 +511,12 @@ def replace_file(path: Path, write) -> None:
         raise CLIError(f"cannot write {path}: {first_line(error)}") from None
 
 
-def pixel_values_of(images: list[Image.Image], processor, model) -> torch.Tensor:
-    """One batch of images through the model's processor, checked and on the model's device and dtype."""
+def pixel_values_of(
+    images: list[Image.Image], processor, model, names: Sequence[str] | None = None, one_size: bool = False
+) -> torch.Tensor:
+    """One batch of images through the model's processor, checked and on the model's device and dtype. `names`
+    (the images' files) name the culprits in errors; `one_size`: every image must come out at one size (a token
+    file holds one grid), so `--batch_size 1` is no way out of a batch of several sizes."""
     parameter = next(model.parameters())
     try:
         pixel_values = processor(images, return_tensors="pt").pixel_values
@@ -520,15 +524,22 @@ def pixel_values_of(images: list[Image.Image], processor, model) -> torch.Tensor
         if "Cannot batch images of different shapes" not in str(error):
             raise
         # The processor's advice (return_tensors=None) is for Python callers.
+        if names is not None:
+            sizes = ", ".join(f"{name} {image.height}x{image.width}" for name, image in zip(names, images))
+        else:
+            sizes = str(error).split("shapes ")[1].split(":")[0]
+        advice = "give images of one size" if one_size else "pass --batch_size 1, or give images of one size"
         raise CLIError(
             f"the model's image processor does not resize, and one batch holds images of different sizes "
-            f"({str(error).split('shapes ')[1].split(':')[0]}); pass --batch_size 1, or give images of one size."
+            f"({sizes}); {advice}."
         ) from None
-    check_processed_size(pixel_values, processor, model.config.downsampling_factor)
+    check_processed_size(pixel_values, processor, model.config.downsampling_factor, names)
     return pixel_values.to(device=parameter.device, dtype=parameter.dtype)
 
 
-def check_processed_size(pixel_values: torch.Tensor, processor, factor: int) -> None:
+def check_processed_size(
+    pixel_values: torch.Tensor, processor, factor: int, names: Sequence[str] | None = None
+) -> None:
     """Refuse images the processor leaves at a size the model cannot take, saying what the processor does (the
     model's own message assumes a processor that resizes to a size that fits)."""
     height, width = pixel_values.shape[-2:]
@@ -547,20 +558,33 @@ def check_processed_size(pixel_values: torch.Tensor, processor, factor: int) -> 
             f"the model's image processor makes {height}x{width} images, not divisible by the model's downsampling "
             f"factor {factor}; set a size divisible by {factor} in its preprocessor_config.json."
         )
+    which = f"{', '.join(names[:3])}{' and more' if len(names) > 3 else ''} is" if names else "an image is"
     raise CLIError(
-        f"an image is {height}x{width}, not divisible by the model's downsampling factor {factor}, and the model's "
+        f"{which} {height}x{width} pixels, not divisible by the model's downsampling factor {factor}, and the model's "
         f"image processor does not resize or crop (do_resize and do_center_crop are false in its "
         f"preprocessor_config.json); give images whose sides are multiples of {factor}."
     )
 
 
 def image_batches(
-    paths: Sequence[Path], args: argparse.Namespace, processor, model
+    paths: Sequence[Path], args: argparse.Namespace, processor, model, one_size: bool = False
 ) -> Iterator[tuple[int, torch.Tensor]]:
-    """(index of the first image, pixel values) of the images, `args.batch_size` at a time, ready for the model."""
+    """(index of the first image, pixel values) of the images, `args.batch_size` at a time, ready for the model;
+    with `one_size`, every batch at the size of the first (checked batch by batch, before the model runs)."""
+    first = None
     for start in range(0, len(paths), args.batch_size):
-        images = [load_image(path, args.max_image_pixels) for path in paths[start : start + args.batch_size]]
-        yield start, pixel_values_of(images, processor, model)
+        batch = paths[start : start + args.batch_size]
+        images = [load_image(path, args.max_image_pixels) for path in batch]
+        pixel_values = pixel_values_of(images, processor, model, [str(path) for path in batch], one_size)
+        if one_size:
+            first = first or (str(batch[0]), tuple(pixel_values.shape[-2:]))
+            if tuple(pixel_values.shape[-2:]) != first[1]:
+                raise CLIError(
+                    f"{batch[0]} is {pixel_values.shape[-2]}x{pixel_values.shape[-1]} pixels after the model's image "
+                    f"processor, {first[0]} {first[1][0]}x{first[1][1]}: a token file holds one grid size, so give "
+                    f"images of one size (or encode each size into its own file)."
+                )
+        yield start, pixel_values
 
 
 def to_unit_images(pixel_values: torch.Tensor, processor) -> torch.Tensor:
@@ -625,11 +649,9 @@ def encode_command(args: argparse.Namespace) -> None:
     model, processor, model_id, fingerprint, revision = load_model_of(args)
     grids = []
     with tqdm(total=len(paths), desc="encoding", unit="image") as progress:
-        for _, pixel_values in image_batches(paths, args, processor, model):
+        for _, pixel_values in image_batches(paths, args, processor, model, one_size=True):
             grids.append(model.encode(pixel_values, return_dict=True).image_tokens.cpu())
             progress.update(len(pixel_values))
-    if len({tuple(grid.shape[1:]) for grid in grids}) > 1:
-        raise CLIError("the images gave token grids of different sizes; use an image processor with a fixed size.")
     tokens = torch.cat(grids).to(torch.int32)
     height, width = pixel_values.shape[-2:]
     local = Path(model_id).is_absolute()

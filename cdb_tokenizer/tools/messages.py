@@ -19,7 +19,27 @@ class OneLineErrorParser(argparse.ArgumentParser):
     block: the message names the flag, and the usage of some hundred flags would bury it (`--help` lists them)."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        self.exit(2, f"{self.prog}: error: {message}{self._suggestions(message)} (see {self.prog} --help)\n")
+
+    def _suggestions(self, message: str) -> str:
+        """For unrecognised flags, the closest known ones (`--max_steps`: did you mean --max_train_steps?), from
+        this parser and its sub-commands' (the top-level parser reports a sub-command's unknown flags)."""
+        import difflib
+
+        if not message.startswith("unrecognized arguments: "):
+            return ""
+        known = set(self._option_string_actions)
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for parser in action.choices.values():
+                    known.update(parser._option_string_actions)
+        guesses = []
+        for given in message.removeprefix("unrecognized arguments: ").split():
+            flag = given.split("=", 1)[0]
+            if flag.startswith("--"):
+                guesses += [match for match in difflib.get_close_matches(flag, sorted(known), n=1, cutoff=0.75)
+                            if match not in guesses]  # fmt: skip
+        return f" (did you mean {' or '.join(guesses)}?)" if guesses else ""
 
 
 def first_line(error: BaseException) -> str:
