@@ -1357,12 +1357,17 @@ def test_locate_names_an_empty_model_or_an_unknown_users_folder(name, problem):
         locate(name, "--model")
 
 
+def _model_without_resizing(folder: Path) -> Path:
+    """The tiny model with a processor that keeps each image's own size."""
+    tiny_model().save_pretrained(folder)
+    CDBVQImageProcessor(do_resize=False, do_center_crop=False).save_pretrained(folder)
+    return folder
+
+
 def test_encode_of_several_sizes_names_the_files_and_never_advises_batch_size_one(tmp_path, capsys):
     # A processor that does not resize: `encode` cannot hold two grid sizes in one file, so "--batch_size 1" (the
     # advice of the batched error) only led to a second error after every image was encoded.
-    folder = tmp_path / "model"
-    tiny_model().save_pretrained(folder)
-    CDBVQImageProcessor(do_resize=False, do_center_crop=False).save_pretrained(folder)
+    folder = _model_without_resizing(tmp_path / "model")
     wide, square = tmp_path / "wide.png", tmp_path / "square.png"
     Image.fromarray(np.zeros((32, 48, 3), np.uint8)).save(wide)
     Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(square)
@@ -1376,9 +1381,7 @@ def test_encode_of_several_sizes_names_the_files_and_never_advises_batch_size_on
 
 
 def test_size_errors_name_the_file_and_give_height_by_width(tmp_path, capsys):
-    folder = tmp_path / "model"
-    tiny_model().save_pretrained(folder)
-    CDBVQImageProcessor(do_resize=False, do_center_crop=False).save_pretrained(folder)
+    folder = _model_without_resizing(tmp_path / "model")
     good, odd = tmp_path / "good.png", tmp_path / "odd.png"
     Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(good)
     Image.fromarray(np.zeros((37, 53, 3), np.uint8)).save(odd)  # 53 wide, 37 high

@@ -42,6 +42,15 @@ def run_two_processes(worker, tmp_path, steps: int, *flags: str) -> subprocess.C
     return subprocess.run(command, capture_output=True, text=True, timeout=150, check=False)
 
 
+def run_worker_script(tmp_path, name: str, source: str, *arguments: str) -> subprocess.CompletedProcess:
+    """`source` (formatted with the repository's path) as `name` in two torchrun processes (gloo on the CPU)."""
+    worker = tmp_path / name
+    worker.write_text(source.format(repo=str(REPO)))
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+               str(worker), *arguments]  # fmt: skip
+    return subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -135,11 +144,7 @@ TERMINATION_WORKER = textwrap.dedent(
 def test_a_sigterm_on_one_process_stops_every_process(tmp_path):
     """Each process may get the preemption signal at another moment: all must agree to stop, or one would wait
     forever in the next step's collectives."""
-    worker = tmp_path / "termination.py"
-    worker.write_text(TERMINATION_WORKER.format(repo=str(REPO)))
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-               str(worker), str(tmp_path)]  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+    result = run_worker_script(tmp_path, "termination.py", TERMINATION_WORKER, str(tmp_path))
     assert result.returncode == 0, result.stderr[-3000:]
     assert [(tmp_path / f"rank{rank}.txt").read_text() for rank in (0, 1)] == ["False True", "False True"]
 
@@ -191,11 +196,7 @@ def test_every_process_resumes_from_the_checkpoint_the_main_process_chose(tmp_pa
     from cdb_tokenizer.tools.checkpoints import save_checkpoint
 
     save_checkpoint(Accelerator(cpu=True), tmp_path / "run", 3, total_limit=None)
-    worker = tmp_path / "choice.py"
-    worker.write_text(CHECKPOINT_CHOICE_WORKER.format(repo=str(REPO)))
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-               str(worker), str(tmp_path / "run")]  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+    result = run_worker_script(tmp_path, "choice.py", CHECKPOINT_CHOICE_WORKER, str(tmp_path / "run"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert [(tmp_path / f"run-rank{rank}.txt").read_text() for rank in (0, 1)] == ["checkpoint-3", "checkpoint-3"]
     assert [(tmp_path / f"run-error{rank}.txt").read_text() for rank in (0, 1)] == ["CheckpointError: OSError: Stale file handle"] * 2
@@ -226,11 +227,7 @@ PEER_STOPPED_WORKER = textwrap.dedent(
 def test_a_process_whose_peer_stopped_outside_the_loop_says_so_in_one_line(tmp_path):
     # A SIGTERM reaching one process outside the loop (setup, choosing the checkpoint, the final save) stops it with
     # `terminated`; the other, waiting in a gloo collective, got "Connection closed by peer" and a 40-line traceback.
-    worker = tmp_path / "peer.py"
-    worker.write_text(PEER_STOPPED_WORKER.format(repo=str(REPO)))
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-               str(worker)]  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+    result = run_worker_script(tmp_path, "peer.py", PEER_STOPPED_WORKER)
     assert result.returncode != 0
     assert "peer.py: terminated" in result.stderr, result.stderr[-3000:]
     assert "[rank1]: Traceback" not in result.stderr, result.stderr[-3000:]
@@ -259,10 +256,6 @@ LAST_STEP_WORKER = textwrap.dedent(
 
 def test_a_sigterm_of_the_last_step_on_another_process_is_said(tmp_path):
     # Only the process that got it warned, and only the main process logs warnings: the run went on without a word.
-    worker = tmp_path / "last.py"
-    worker.write_text(LAST_STEP_WORKER.format(repo=str(REPO)))
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-               str(worker)]  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+    result = run_worker_script(tmp_path, "last.py", LAST_STEP_WORKER)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stderr.count("A SIGTERM came during the last step") == 1, result.stderr[-3000:]
