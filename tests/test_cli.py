@@ -1069,12 +1069,22 @@ def test_reconstruct_reads_each_image_once_and_leaves_no_staging(files, tmp_path
 
 
 BASE_INSTALL_ONLY = """
-import sys
+import json, sys
 for name in ("torchmetrics", "torch_fidelity", "datasets", "pyarrow", "accelerate", "open_clip", "lpips", "matplotlib"):
-    sys.modules[name] = None  # the training extras: importing any of them fails
+    sys.modules[name] = None  # the training extras: importing any of them fails, for every command run here
 from cdb_tokenizer.tools.cli import main
-sys.exit(main(sys.argv[1:]))
+for argv in json.loads(sys.argv[1]):
+    status = main(argv)
+    if status:
+        sys.exit(f"{argv[0]} exited with {status}")
 """
+
+
+def run_with_the_base_install_only(*commands: list[str]) -> subprocess.CompletedProcess:
+    """`cdb-vq` commands, one after the other, in one fresh interpreter where the training extras cannot be imported
+    (one interpreter: each start pays the torch import)."""
+    return subprocess.run([sys.executable, "-c", BASE_INSTALL_ONLY, json.dumps(commands)], capture_output=True,
+                          text=True, timeout=300, check=False)  # fmt: skip
 
 
 def test_encode_decode_reconstruct_restore_and_inspect_need_only_the_base_install(files, tmp_path):
@@ -1091,10 +1101,9 @@ def test_encode_decode_reconstruct_restore_and_inspect_need_only_the_base_instal
         ["reconstruct", photo, "--model", model, "--out", str(tmp_path / "reconstructed")],
         ["inspect", "--model", model],
     ]
-    for argv in commands:
-        result = subprocess.run([sys.executable, "-c", BASE_INSTALL_ONLY, *argv], capture_output=True, text=True,
-                                timeout=300, check=False)  # fmt: skip
-        assert result.returncode == 0, (argv[0], result.stderr[-2000:])
+    result = run_with_the_base_install_only(*commands)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (tmp_path / "tokens.safetensors").is_file() and any((tmp_path / "decoded").iterdir())  # every command ran
 
 
 def test_commands_that_need_the_training_extras_say_how_to_install_them(files, tmp_path):
@@ -1106,9 +1115,8 @@ def test_commands_that_need_the_training_extras_say_how_to_install_them(files, t
         ["eval", "--data", str(folder), "--model", str(files["model"])],
     ]
     for argv in commands:
-        result = subprocess.run([sys.executable, "-c", BASE_INSTALL_ONLY, *argv], capture_output=True, text=True,
-                                timeout=300, check=False)  # fmt: skip
-        assert result.returncode == 1, (argv[0], result.stderr[-2000:])
+        result = run_with_the_base_install_only(argv)
+        assert "exited with 1" in result.stderr, (argv[0], result.stderr[-2000:])
         assert "the training extras: pip install 'cdb-tokenizer[train]' (from a checkout: pip install -e '.[train]')" in result.stderr, result.stderr
 
 
