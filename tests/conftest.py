@@ -10,6 +10,10 @@ from cdb_tokenizer import CDBVQConfig, CDBVQModel
 # tests) many times over, and one setting everywhere keeps float reductions, hence results, reproducible.
 torch.set_num_threads(1)
 
+# Tests that run several processes at once (torchrun, mp.spawn) or time signals against a child: under pytest-xdist
+# (the README's `-n 2`) they all run on one worker, one at a time, so two of them never share the machine's cores.
+SEVERAL_PROCESSES = pytest.mark.xdist_group("several_processes")
+
 
 TINY_CONFIG = dict(
     resolution=32,

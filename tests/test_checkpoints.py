@@ -20,7 +20,7 @@ if str(REPO) not in sys.path:
 
 from cdb_tokenizer import CDBVQModel
 from cdb_tokenizer.tools.checkpoints import MANIFEST, CheckpointError, complete_checkpoints
-from conftest import refit_manifest
+from conftest import SEVERAL_PROCESSES, refit_manifest
 from training.train import OutputDirInUse, main, parse_args
 
 
@@ -73,6 +73,7 @@ def test_checkpoints_are_complete_with_a_manifest_and_hold_no_pickled_custom_sta
     assert json.loads((checkpoint / "training_state.json").read_text())["ema_weights_decay"] == 0.999
 
 
+@SEVERAL_PROCESSES
 def test_kill_9_while_a_checkpoint_is_written_then_resume_ends_with_the_uninterrupted_weights(straight, tmp_path, caplog):
     """Two runs (--checkpoints_total_limit 3 and 1) are killed with SIGKILL in the middle of writing checkpoint-3."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
@@ -639,6 +640,7 @@ def test_a_rotation_cut_short_leaves_no_broken_checkpoint(tmp_path, monkeypatch,
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["checkpoint-3"]
 
 
+@SEVERAL_PROCESSES
 def test_sigterm_ends_the_step_writes_its_checkpoint_and_stops(tmp_path):
     """A cluster's preemption (SIGTERM) killed the run and lost everything since the last checkpoint."""
     output_dir = tmp_path / "run"

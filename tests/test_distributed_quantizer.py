@@ -10,8 +10,9 @@ import torch.multiprocessing as mp
 
 from cdb_tokenizer.quantization_cdb_vq import kmeans, sinkhorn_potentials
 from cdb_tokenizer.tools.roles import three_role_ranges
-from conftest import tiny_model
+from conftest import SEVERAL_PROCESSES, tiny_model
 
+pytestmark = SEVERAL_PROCESSES
 
 WORLD_SIZE = 2
 

@@ -19,7 +19,7 @@ from unittest import mock
 import datasets
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import SEVERAL_PROCESSES, tiny_model
 from PIL import Image
 
 from cdb_tokenizer import CDBVQImageProcessor
@@ -776,6 +776,7 @@ def train_prior_on_two_processes(tmp_path: Path, *flags: str) -> subprocess.Comp
     return subprocess.run(command, capture_output=True, text=True, timeout=180, check=False)
 
 
+@SEVERAL_PROCESSES
 def test_two_processes_train_the_steps_asked_for(tmp_path):
     """Each of two processes sees half the batches: --max_train_steps is still the number of optimiser steps, and
     the cosine schedule ends at zero on the last of them."""
@@ -788,6 +789,7 @@ def test_two_processes_train_the_steps_asked_for(tmp_path):
     assert scheduler["_last_lr"][0] == pytest.approx(0.0, abs=1e-12)
 
 
+@SEVERAL_PROCESSES
 def test_two_processes_share_a_validation_split_smaller_than_their_number(tmp_path):
     # Dataset.shard raised on the process left without a validation row: 12 tokenised images and the default 5%
     # split give one row, and both processes died with a traceback.
@@ -798,15 +800,12 @@ def test_two_processes_share_a_validation_split_smaller_than_their_number(tmp_pa
     assert json.loads((tmp_path / "prior" / "metrics.json").read_text())["num_tokens"] == 4  # one row's, once
 
 
+@SEVERAL_PROCESSES
 def test_two_processes_train_on_a_single_batch_of_data(tmp_path):
     """Six training rows, batches of 4, two processes: not one full batch each, so the short one is kept (dropping
     it left no batch at all, and a division by zero)."""
     token_set(8).save_to_disk(tmp_path / "tokens")
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-        str(ROOT / "training" / "train_prior.py"), *prior_argv(tmp_path / "tokens", tmp_path / "prior"),
-    ]  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True, timeout=180, check=False)
+    result = train_prior_on_two_processes(tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((tmp_path / "prior" / "metrics.json").read_text())["step"] == 2
 
