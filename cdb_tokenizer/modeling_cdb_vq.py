@@ -262,6 +262,13 @@ class CDBVQSemanticHead(nn.Module):
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def _single_grid_hint(image_tokens: torch.Tensor, grid_height: int, grid_width: int) -> str:
+    """The end of a refusal of (batch, h * w) tokens that are one (h, w) grid without its batch dimension."""
+    if tuple(image_tokens.shape) != (grid_height, grid_width):
+        return ""
+    return f" (a single {grid_height}x{grid_width} grid needs a batch dimension: image_tokens[None])"
+
+
 def _pixel_count(name: str, value) -> int | None:
     """`value` (None, or an image side) as a positive int."""
     if value is None:
@@ -759,14 +766,15 @@ class CDBVQModel(CDBVQPreTrainedModel):
                 raise ValueError(
                     f"got {count} tokens per image, but the model's default {grid_height}x{grid_width} token grid "
                     f"({self.config.resolution}x{self.config.resolution} pixels) needs {grid_height * grid_width}; "
-                    f"pass the image height and width in pixels, or (batch, h, w) tokens."
+                    f"pass the image height and width in pixels, or (batch, h, w) tokens"
+                    f"{_single_grid_hint(image_tokens, grid_height, grid_width)}."
                 )
         else:
             grid_height, grid_width = self.token_grid_size(height or width, width or height)
         if grid_height * grid_width != count:
             raise ValueError(
                 f"got {count} tokens per image, but a {grid_height}x{grid_width} token grid needs {grid_height * grid_width}; "
-                f"pass the image height and width in pixels."
+                f"pass the image height and width in pixels{_single_grid_hint(image_tokens, grid_height, grid_width)}."
             )
         return self.decode(image_tokens.view(-1, grid_height, grid_width))
 

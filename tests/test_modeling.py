@@ -901,6 +901,15 @@ def test_decode_image_tokens_refuses_a_token_count_that_does_not_fit_the_grid(mo
         model.decode_image_tokens(torch.zeros(1, 144, dtype=torch.long), **size)
 
 
+@pytest.mark.parametrize("size", [{}, {"height": 32, "width": 32}])
+def test_decode_image_tokens_says_when_flat_tokens_are_one_grid_without_its_batch(model, size):
+    # An (h, w) grid read as h flat rows of w tokens was refused with no word of the missing batch dimension.
+    grid = torch.zeros(8, 8, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"a single 8x8 grid needs a batch dimension: image_tokens\[None\]"):
+        model.decode_image_tokens(grid, **size)
+    assert model.decode_image_tokens(grid[None], **size).shape == (1, 3, 32, 32)
+
+
 def test_decode_image_tokens_checks_a_size_given_with_a_token_grid(model):
     # `height or width` read height=0 as "not given" for (B, h, w) tokens, while flat tokens refused it.
     grid = torch.zeros(1, 8, 8, dtype=torch.long)
