@@ -1094,6 +1094,37 @@ def test_sample_prior_decodes_on_the_recorded_size_and_never_guesses_another(tok
         run_sample_prior(prior, "--overwrite")
 
 
+def test_sample_prior_keeps_its_tokens_for_cdb_vq_decode(tokenizer, tmp_path, monkeypatch, capsys):
+    # The sampled ids were lost with the grid: a sample could not be decoded again at full size, or kept for FID.
+    import numpy as np
+
+    from cdb_tokenizer.tools.cli import main, read_token_file
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # cli.main sets PIL's limit: restore it
+    prior = save_sampling_prior(tokenizer, tmp_path)
+    tokens_file = tmp_path / "kept" / "samples.safetensors"
+    grid = run_sample_prior(prior, "--num_images", "3", "--batch_size", "2", "--tokens_out", str(tokens_file))
+    tokens, metadata, _ = read_token_file(str(tokens_file))
+    assert tokens.shape == (3, 8, 8) and json.loads(metadata["images"]) == [f"sample-{i:05d}" for i in range(3)]
+    assert metadata["model"] == "../tok" and metadata["codebook_fingerprint"] == codebook_fingerprint(tokenizer[0])
+    # `cdb-vq decode` (the model the file records) gives the grid's images again.
+    assert main(["decode", str(tokens_file), "--out", str(tmp_path / "decoded")]) == 0
+    cells = np.asarray(Image.open(grid).convert("RGB"), dtype=int)
+    for index in range(3):
+        row, column = divmod(index, 2)  # two per row: 3 images make a 2x2 grid
+        cell = cells[2 + 34 * row : 34 + 34 * row, 2 + 34 * column : 34 + 34 * column]
+        decoded = np.asarray(Image.open(tmp_path / "decoded" / f"sample-{index:05d}.png"), dtype=int)
+        assert np.abs(decoded - cell).max() <= 1  # rounded apart by the grid's and the processor's conversions
+    capsys.readouterr()
+    # Checked with --output, before anything is loaded: an existing file is kept without --overwrite.
+    with pytest.raises(SystemExit):
+        run_sample_prior(prior, "--tokens_out", str(tokens_file), "--output", str(tmp_path / "new.png"))
+    assert "--tokens_out" in capsys.readouterr().err and tokens_file.stat().st_size > 0
+    with pytest.raises(SystemExit):
+        run_sample_prior(prior, "--tokens_out", str(tmp_path / "tokens.png"), "--output", str(tmp_path / "new.png"))
+    assert "names an image file, but this writes a safetensors file" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "output, message",
     [

@@ -7,7 +7,9 @@
 
 Tokens come from `generate` restricted to image tokens, and are decoded by the tokenizer recorded in the prior's
 `prior_config.json` (or `--tokenizer`), which must have the codebook the prior was trained on. With `--class_labels`,
-the grid has one row of `--num_images` per class. An existing `--output` is replaced only with `--overwrite`.
+the grid has one row of `--num_images` per class. `--tokens_out samples.safetensors` also keeps the sampled code ids
+as a token file, which `cdb-vq decode` turns into one PNG per sample. An existing `--output` (or `--tokens_out`) is
+replaced only with `--overwrite`.
 """
 
 from __future__ import annotations
@@ -19,7 +21,14 @@ from pathlib import Path
 import torch
 
 from cdb_tokenizer.configuration_cdb_vq import expand_home
-from cdb_tokenizer.tools.cli import CLIError, check_output_file, remove_created_folders, resolve_device
+from cdb_tokenizer.tools.cli import (
+    CLIError,
+    check_output_file,
+    codebook_fingerprint,
+    remove_created_folders,
+    resolve_device,
+    write_token_file,
+)
 from cdb_tokenizer.tools.loading import locate
 from cdb_tokenizer.tools.messages import OneLineErrorParser, run_script
 from cdb_tokenizer.tools.priors import (
@@ -39,7 +48,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--prior", type=str, required=True, help="Folder (or Hub id) written by train_prior.py.")
     parser.add_argument("--tokenizer", type=str, default=None, help="Default: the one in prior_config.json.")
     parser.add_argument("--output", type=expand_home, default=None, help="PNG path (default: <prior>/samples.png; for a Hub prior, samples.png here).")
-    parser.add_argument("--overwrite", action="store_true", help="Replace --output if it exists.")
+    parser.add_argument("--tokens_out", type=expand_home, default=None,
+                        help="Also write the sampled tokens to this token file (.safetensors; `cdb-vq decode` reads it).")
+    parser.add_argument("--overwrite", action="store_true", help="Replace --output (and --tokens_out) if it exists.")
     parser.add_argument("--num_images", type=int, default=16, help="Images in all, or per class with --class_labels.")
     parser.add_argument("--class_labels", type=int, nargs="+", default=None,
                         help="Classes to sample (class-conditional priors): one grid row each.")
@@ -94,6 +105,9 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
     try:
         resolve_device(args.device)
         args.output = str(check_output(args))
+        if args.tokens_out is not None:
+            args.tokens_out = str(check_output_file(args.tokens_out, example="samples.safetensors",
+                                                    option="--tokens_out", overwrite=args.overwrite))  # fmt: skip
     except CLIError as error:
         parser.error(str(error))
 
@@ -136,18 +150,35 @@ def sample(args: argparse.Namespace) -> Path:
 
     class_labels, nrow = None, math.ceil(math.sqrt(args.num_images))
     num_images = args.num_images
+    names = [f"sample-{index:05d}" for index in range(num_images)]
     if args.class_labels is not None:
         class_labels = [label for label in args.class_labels for _ in range(args.num_images)]
         num_images, nrow = len(class_labels), args.num_images
-    images = sample_images(
+        names = [f"class-{label}-{index:05d}" for label in args.class_labels for index in range(args.num_images)]
+    images, tokens = sample_images(
         prior, tokenizer, vocabulary, num_images,
         temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p if args.top_p < 1 else None,
         class_labels=class_labels, guidance_scale=args.guidance_scale, seed=args.seed, image_size=image_size,
         num_image_tokens=prior_config.get("num_image_tokens"), batch_size=args.batch_size, progress=True,
+        return_tokens=True,
     )  # fmt: skip
     save_image_grid(images, output, nrow=nrow)
     print(f"Wrote {num_images} samples to {output}")
+    if args.tokens_out is not None:
+        write_token_file(
+            Path(args.tokens_out), tokens, tokenizer, tokenizer_id_of(args, prior_config),
+            codebook_fingerprint(tokenizer), images.shape[-2:], names,
+        )  # fmt: skip
+        print(f"Wrote their tokens to {args.tokens_out} (`cdb-vq decode {args.tokens_out} --out DIR` decodes them)")
     return output
+
+
+def tokenizer_id_of(args: argparse.Namespace, prior_config: dict) -> str:
+    """The tokenizer a token file records for the samples: --tokenizer or prior_config.json's, a local folder as its
+    absolute path (the token file records it relative to itself, as `cdb-vq encode` does)."""
+    name = args.tokenizer or prior_config["tokenizer"]
+    folder = locate(name, "tokenizer")
+    return str(folder.resolve()) if folder is not None else name
 
 
 def load_tokenizer_of(args: argparse.Namespace, prior_config: dict, device: torch.device) -> tuple:

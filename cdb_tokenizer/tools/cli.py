@@ -641,8 +641,6 @@ def open_dataset(data: str, image_column: str, split: str):
 @torch.inference_mode()
 def encode_command(args: argparse.Namespace) -> None:
     """Images -> a safetensors file of token grids with the model's identity in its metadata."""
-    from safetensors.torch import save_file
-
     paths = check_image_files(args.images, args.max_image_pixels)
     refuse_overwriting_inputs([Path(args.out)], [*paths, *_model_files(args.model)])  # --overwrite cannot help
     out = check_output_file(args.out, overwrite=args.overwrite)
@@ -652,12 +650,31 @@ def encode_command(args: argparse.Namespace) -> None:
         for _, pixel_values in image_batches(paths, args, processor, model, one_size=True):
             grids.append(model.encode(pixel_values, return_dict=True).image_tokens.cpu())
             progress.update(len(pixel_values))
-    tokens = torch.cat(grids).to(torch.int32)
-    height, width = pixel_values.shape[-2:]
+    tokens = torch.cat(grids)
+    write_token_file(out, tokens, model, model_id, fingerprint, pixel_values.shape[-2:], unique_names(paths), revision)
+    print(f"wrote {counted(tokens.shape[0], 'image')} x {tokens.shape[1]}x{tokens.shape[2]} tokens to {out}")
+
+
+def write_token_file(
+    out: Path,
+    tokens: torch.Tensor,
+    model,
+    model_id: str,
+    fingerprint: str,
+    image_size: Sequence[int],
+    names: Sequence[str],
+    revision: str | None = None,
+) -> None:
+    """Write (N, h, w) `tokens` of `model` (loaded as `model_id`, at the Hub commit `revision`) as a token file that
+    `cdb-vq decode` and `read_token_file` read: int32 ids, with the model's identity, the grid, the (height, width)
+    image size and one name per image in its metadata. `out` is replaced whole or left as it was."""
+    from safetensors.torch import save_file
+
     local = Path(model_id).is_absolute()
     # A local model is recorded relative to the token file (token files are shared: no absolute path), or, far from
     # it, by name only; decode then needs --model.
     recorded_model = files.relative_location(model_id, out.parent) if local else model_id
+    height, width = image_size
     metadata = {
         "format": TOKEN_FILE_FORMAT,
         "format_version": TOKEN_FILE_VERSION,
@@ -669,11 +686,11 @@ def encode_command(args: argparse.Namespace) -> None:
         "grid_width": str(tokens.shape[2]),
         "image_height": str(height),
         "image_width": str(width),
-        "images": json.dumps(unique_names(paths)),
+        "images": json.dumps(list(names)),
         **({"model_revision": revision} if revision else {}),
     }
-    replace_file(out, lambda path: save_file({"image_tokens": tokens}, str(path), metadata=metadata))
-    print(f"wrote {counted(tokens.shape[0], 'image')} x {tokens.shape[1]}x{tokens.shape[2]} tokens to {out}")
+    ids = tokens.to(torch.int32).contiguous()
+    replace_file(out, lambda path: save_file({"image_tokens": ids}, str(path), metadata=metadata))
 
 
 # What `encode` records beside the tokens as whole numbers, with the words messages use for them.

@@ -151,12 +151,14 @@ def sample_images(
     num_image_tokens: int | None = None,
     batch_size: int | None = None,
     progress: bool = False,
-) -> torch.FloatTensor:
+    return_tokens: bool = False,
+) -> torch.FloatTensor | tuple[torch.FloatTensor, torch.LongTensor]:
     """Sample images (num_images, 3, H, W) in [-1, 1], on the CPU: `sample_image_tokens`, then the tokenizer's
     `decode_image_tokens`, `batch_size` images at a time (default: all at once; `progress` shows a bar over the
     batches). `image_size` (height, width) in pixels picks the token grid; by default the tokenizer's resolution. A
     tokenizer with another codebook size, or a grid that does not hold the prior's tokens per image (see
-    `token_image_size`), is refused before sampling. See `sample_image_tokens` for the sampling arguments.
+    `token_image_size`), is refused before sampling. See `sample_image_tokens` for the sampling arguments. With
+    `return_tokens`, returns `(images, tokens)`: the (num_images, h, w) code ids the images were decoded from.
 
     Batch k is sampled with the seed `batch_seed(seed, k)` (the first: `seed` itself), so a result depends on the
     seed, the batch size and the class labels of its batch; the same call gives the same images."""
@@ -182,7 +184,7 @@ def sample_images(
     labels = per_image_labels(class_labels, num_images)
     batch_size = batch_size or num_images
     device = next(tokenizer_model.parameters()).device
-    images = []
+    images, grids = [], []
     for index, start in enumerate(tqdm(range(0, num_images, batch_size), desc="batches", disable=not progress)):
         count = min(batch_size, num_images - start)
         tokens = sample_image_tokens(
@@ -192,7 +194,8 @@ def sample_images(
         )  # fmt: skip
         # On the CPU as they come: the batch size bounds the device's memory, and the grid is saved from the CPU.
         images.append(tokenizer_model.decode_image_tokens(tokens.to(device), height=height, width=width).cpu())
-    return torch.cat(images)
+        grids.append(tokens.cpu().view(count, *grid))
+    return (torch.cat(images), torch.cat(grids)) if return_tokens else torch.cat(images)
 
 
 def per_image_labels(class_labels: Sequence[int] | torch.Tensor | int | None, num_images: int) -> torch.Tensor | None:
