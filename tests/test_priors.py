@@ -1043,6 +1043,32 @@ def test_sample_prior_refuses_bad_flags(flags, message, tmp_path, capsys):
     assert re.search(message, error), error
 
 
+@pytest.mark.parametrize(
+    "names, labels, expected",
+    [
+        (["cat", "dog", "fish"], ["dog", "0", "fish"], [1, 0, 2]),
+        (["cat", "dog", "fish"], ["dgo"], r"--class_labels 'dgo' is not a class of the prior \(did you mean 'dog'\?\); "
+                                          r"its classes are cat, dog, fish"),
+        (["cat", "dog", "fish"], ["3"], "--class_labels 3: the prior has classes 0 to 2"),
+        (["cat", "dog", "fish"], ["-1"], "--class_labels -1: the prior has classes 0 to 2"),
+        (None, ["dog"], "--class_labels 'dog': the prior records no class names; give class ids, 0 to 2"),
+    ],
+)
+def test_sample_prior_takes_class_names_or_ids(names, labels, expected, tmp_path, capsys):
+    # Only ids were taken, though prior_config.json records the data set's class names (`photo_3`, `cat`).
+    vocabulary = PriorVocabulary(8, 3, names)
+    save_prior(build_prior(vocabulary, 4, **TINY_PRIOR), vocabulary, tmp_path / "prior", 4)
+    sample_prior = load_script("sample_prior")
+    argv = ["--prior", str(tmp_path / "prior"), "--class_labels", *labels]
+    if isinstance(expected, list):
+        assert sample_prior.parse_args(argv).class_labels == expected
+        return
+    with pytest.raises(SystemExit):
+        sample_prior.parse_args(argv)
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert re.search(expected, error), error
+
+
 def save_sampling_prior(tokenizer, folder: Path) -> Path:
     """An untrained prior over `tokenizer`'s 64 codes in `folder/prior`, recording the tokenizer saved in
     `folder/tok` and its codebook fingerprint, as train_prior.py does."""

@@ -15,6 +15,7 @@ replaced only with `--overwrite`.
 from __future__ import annotations
 
 import argparse
+import difflib
 import math
 from pathlib import Path
 
@@ -52,8 +53,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="Also write the sampled tokens to this token file (.safetensors; `cdb-vq decode` reads it).")
     parser.add_argument("--overwrite", action="store_true", help="Replace --output (and --tokens_out) if it exists.")
     parser.add_argument("--num_images", type=int, default=16, help="Images in all, or per class with --class_labels.")
-    parser.add_argument("--class_labels", type=int, nargs="+", default=None,
-                        help="Classes to sample (class-conditional priors): one grid row each.")
+    parser.add_argument("--class_labels", type=str, nargs="+", default=None,
+                        help="Classes to sample (class-conditional priors), by id or by the name prior_config.json "
+                             "records: one grid row each.")  # fmt: skip
     parser.add_argument("--guidance_scale", type=float, default=1.0, help="Classifier-free guidance (1: off).")
     parser.add_argument("--temperature", type=float, default=1.0, help="0: greedy.")
     parser.add_argument("--top_k", type=int, default=0, help="0: off.")
@@ -94,14 +96,16 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         parser.error("--guidance_scale needs --class_labels (classifier-free guidance steers towards a class).")
     if args.class_labels is not None:
         try:
-            num_classes = load_prior_config(args.prior)[0]["vocabulary"].get("num_classes", 0)
+            vocabulary = load_prior_config(args.prior)[0]["vocabulary"]
         except (OSError, ValueError, KeyError) as error:
             parser.error(f"--prior {args.prior}: {error}")
+        num_classes = vocabulary.get("num_classes", 0)
         if num_classes == 0:
             parser.error(f"--class_labels: the prior {args.prior} is unconditional (trained without labels).")
-        wrong = [label for label in args.class_labels if not 0 <= label < num_classes]
-        if wrong:
-            parser.error(f"--class_labels {wrong}: the prior has classes 0 to {num_classes - 1}.")
+        try:
+            args.class_labels = class_ids(args.class_labels, num_classes, vocabulary.get("class_names"))
+        except ValueError as error:
+            parser.error(f"--class_labels {error}")
     try:
         resolve_device(args.device)
         args.output = str(check_output(args))
@@ -110,6 +114,27 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
                                                     option="--tokens_out", overwrite=args.overwrite))  # fmt: skip
     except CLIError as error:
         parser.error(str(error))
+
+
+def class_ids(labels: list[str], num_classes: int, class_names: list[str] | None) -> list[int]:
+    """--class_labels as class ids: a whole number is an id (0 to num_classes - 1), anything else a name the prior
+    records (`class_names`, from the data set's labels)."""
+    ids = []
+    for label in labels:
+        if label.lstrip("-").isdigit():
+            if not 0 <= int(label) < num_classes:
+                raise ValueError(f"{label}: the prior has classes 0 to {num_classes - 1}.")
+            ids.append(int(label))
+        elif not class_names:
+            raise ValueError(f"{label!r}: the prior records no class names; give class ids, 0 to {num_classes - 1}.")
+        elif label in class_names:
+            ids.append(class_names.index(label))
+        else:
+            close = difflib.get_close_matches(label, class_names, n=1)
+            guess = f" (did you mean {close[0]!r}?)" if close else ""
+            shown = ", ".join(class_names[:20]) + (", ..." if len(class_names) > 20 else "")
+            raise ValueError(f"{label!r} is not a class of the prior{guess}; its classes are {shown}.")
+    return ids
 
 
 def check_output(args: argparse.Namespace) -> Path:
