@@ -279,6 +279,31 @@ def test_reconstruct_pools_images_of_several_sizes_by_their_pixels(files, tmp_pa
     assert scores["all"] == pytest.approx(pooled, abs=0.05)  # from the 8-bit PNGs, so not to the last digit
 
 
+def test_a_checkpoint_a_run_or_a_prior_given_as_model_is_named_with_what_to_give(tmp_path, capsys):
+    # "has no config.json: it is not a saved model folder" for a checkpoint that holds the very weights wanted.
+    from cdb_tokenizer.tools.checkpoints import MANIFEST
+    from cdb_tokenizer.tools.priors.model import PRIOR_CONFIG_NAME
+
+    checkpoint = tmp_path / "run" / "checkpoints" / "checkpoint-800"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / MANIFEST).write_text('{"step": 800}')
+    (tmp_path / "prior").mkdir()
+    (tmp_path / "prior" / PRIOR_CONFIG_NAME).write_text("{}")
+    (tmp_path / "empty").mkdir()
+    expected = {
+        checkpoint: "it is a training checkpoint, not a saved model (a run saves its model in its --output_dir when it "
+                    "ends; one that stopped early saves it when run again with its flags, --resume_from_checkpoint "
+                    "latest and --max_train_steps at its last checkpoint's step).",
+        checkpoint.parent: "it holds training checkpoints (checkpoint-800), not a saved model",
+        tmp_path / "run": "it holds training checkpoints (checkpoints/checkpoint-800), not a saved model",
+        tmp_path / "prior": "it is a prior (train_prior.py), not a tokenizer; sample it with training/sample_prior.py",
+        tmp_path / "empty": "has no config.json: it is not a saved model folder.",
+    }  # fmt: skip
+    for folder, words in expected.items():
+        assert main(["inspect", "--model", str(folder)]) == 1
+        assert words in cli_error_line(capsys, "inspect")
+
+
 def test_inspect_shows_no_placeholder_roles_or_prototype_ties(tmp_path, capsys):
     # A model without roles printed a table of one pseudo-role, and one without prototypes listed each code's
     # placeholder tie (code id modulo num_prototypes) as if it meant something.

@@ -23,13 +23,13 @@ from accelerate import Accelerator
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .files import file_sha256, share_safetensors
+from .files import CHECKPOINT_MANIFEST, file_sha256, share_safetensors
 from .messages import Terminated, first_line
 
 
 logger = logging.getLogger(__name__)
 
-MANIFEST = "cdb_vq_checkpoint.json"
+MANIFEST = CHECKPOINT_MANIFEST
 STATE_TENSORS = "training_state.safetensors"
 STATE_JSON = "training_state.json"
 TMP_SUFFIX = ".tmp"

@@ -125,7 +125,7 @@ def load_model(
     if revision is not None and folder is not None:
         raise CLIError(f"--revision {revision} applies to Hub models; {name_or_path} is a local folder.")
     if folder is not None and not (folder / "config.json").is_file():
-        raise CLIError(f"--model {name_or_path} has no config.json: it is not a saved model folder.")
+        raise CLIError(f"--model {name_or_path} has no config.json: {_what_the_folder_is(folder)}")
     model_id = name_or_path if folder is None else str(folder.resolve())
     # The config first, as data (one small file): a model of another kind is refused before its weights or code load.
     config, revision = _read_model_config(name_or_path, model_id, revision)
@@ -155,6 +155,25 @@ def load_model(
     fingerprint = codebook_fingerprint(model)
     model.to(device=device, dtype=DTYPES[dtype])
     return LoadedModel(model, processor, model_id, fingerprint, revision)
+
+
+def _what_the_folder_is(folder: Path) -> str:
+    """The end of the refusal of a --model folder without config.json: a training checkpoint, a run's folder of them
+    or a prior, each said with what to give instead; else that it is no saved model."""
+    run_advice = ("a run saves its model in its --output_dir when it ends; one that stopped early saves it when run "
+                  "again with its flags, --resume_from_checkpoint latest and --max_train_steps at its last checkpoint's "
+                  "step")
+    if (folder / files.CHECKPOINT_MANIFEST).is_file():
+        return f"it is a training checkpoint, not a saved model ({run_advice})."
+    # The run's checkpoints folder, or the run's own folder before its model is saved.
+    found = [path for pattern in ("checkpoint-*", "checkpoints/checkpoint-*") for path in folder.glob(pattern)]
+    checkpoints = sorted(str(path.relative_to(folder)) for path in found if (path / files.CHECKPOINT_MANIFEST).is_file())
+    if checkpoints:
+        shown = ", ".join(checkpoints[:3]) + (", ..." if len(checkpoints) > 3 else "")
+        return f"it holds training checkpoints ({shown}), not a saved model ({run_advice})."
+    if (folder / files.PRIOR_CONFIG_NAME).is_file():
+        return "it is a prior (train_prior.py), not a tokenizer; sample it with training/sample_prior.py --prior."
+    return "it is not a saved model folder."
 
 
 def load_model_of(args: argparse.Namespace) -> LoadedModel:

@@ -13,6 +13,12 @@ import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
+# Marks of the folders the training scripts write, here so that the CLI, which must not import accelerate or the
+# prior code, can tell a --model folder that is one of them. A complete training checkpoint (tools/checkpoints.py):
+CHECKPOINT_MANIFEST = "cdb_vq_checkpoint.json"
+# A saved prior (tools/priors/model.py):
+PRIOR_CONFIG_NAME = "prior_config.json"
+
 
 def file_sha256(path: str | Path) -> str:
     """A file's SHA-256 in hex, read in 1 MiB blocks (teacher and Inception checkpoints are up to ~1.7 GB; Python

@@ -14,14 +14,13 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, GenerationConfig, GPT2Config, LlamaConfig, PreTrainedModel
 
-from ..files import relative_location, saved_weights, share_safetensors, write_text
+from ..files import PRIOR_CONFIG_NAME, relative_location, saved_weights, share_safetensors, write_text
 from ..loading import load_tokenizer, locate
 from ..messages import first_line
 from .vocabulary import PriorVocabulary
 
 logger = logging.getLogger(__name__)
 
-PRIOR_CONFIG_NAME = "prior_config.json"
 ARCHITECTURES = ("llama", "gpt2")
 
 
