@@ -345,10 +345,10 @@ def test_a_failed_run_leaves_no_folder_holding_only_its_lock(tmp_path, monkeypat
     with pytest.raises(FileNotFoundError, match="found no images"):
         main(flags + ["--output_dir", str(tmp_path / "new" / "run")])
     assert sorted(path.name for path in tmp_path.iterdir()) == ["data"]
-    (tmp_path / "mine").mkdir()  # a folder the run did not make is left, lock file and all
+    (tmp_path / "mine").mkdir()  # a folder the run did not make stays, as it was (its lock file was left in it)
     with pytest.raises(FileNotFoundError, match="found no images"):
         main(flags + ["--output_dir", str(tmp_path / "mine")])
-    assert (tmp_path / "mine").is_dir()
+    assert (tmp_path / "mine").is_dir() and list((tmp_path / "mine").iterdir()) == []
     assert claimed_by_another_process(tmp_path / "mine")  # released: another process can claim it
     # Relative, through `..` and a folder that does not exist: only what the run made goes (the user's empty keep/
     # went, and a ghost/ the run had made stayed).

@@ -172,10 +172,8 @@ def output_dir_claims():
 
 
 def _remove_if_only_the_lock(output_dir: Path, created: list[Path]) -> None:
-    """When `output_dir` holds nothing but its lock file, remove it and the other folders in `created` (those
-    this run made for it), deepest first; leave anything else as it is."""
-    if not created:
-        return
+    """When `output_dir` holds nothing but its lock file, remove the lock file, then the folders in `created` (those
+    this run made for it), deepest first; leave anything else as it is (a folder the user made stays, empty)."""
     try:
         if [path.name for path in output_dir.iterdir()] != [OUTPUT_DIR_LOCK]:
             return
