@@ -739,10 +739,12 @@ def test_kmeans_initialisation_reads_the_signal_features_with_code_roles(monkeyp
     assert signals is not None and signals.shape == (latents.shape[0], 3)
 
 
-def test_an_error_raised_in_a_loader_worker_is_still_one_line(capsys):
+def test_an_error_raised_in_a_loader_worker_is_still_one_line(capsys, monkeypatch):
     # With --dataloader_num_workers > 0 torch re-raises "Caught ValueError in DataLoader worker process 0." with the
     # worker's whole traceback in the message: ~15 lines where the main process prints one.
     from cdb_tokenizer.tools.messages import run_script
+
+    monkeypatch.setattr(sys, "argv", ["/somewhere/training/train.py"])
 
     def failing_main():
         raise ValueError("Caught ValueError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
@@ -751,7 +753,7 @@ def test_an_error_raised_in_a_loader_worker_is_still_one_line(capsys):
     with pytest.raises(SystemExit) as exit_info:
         run_script(failing_main, ValueError)
     assert exit_info.value.code == 1
-    assert capsys.readouterr().err == "error: ValueError: None of the training images can be read.\n"
+    assert capsys.readouterr().err == "train.py: error: ValueError: None of the training images can be read.\n"
 
 
 def test_a_one_line_error_is_one_write(monkeypatch):
@@ -761,13 +763,14 @@ def test_a_one_line_error_is_one_write(monkeypatch):
 
     writes = []
     monkeypatch.setattr(sys, "stderr", types.SimpleNamespace(write=writes.append, flush=lambda: None))
+    monkeypatch.setattr(sys, "argv", ["train_prior.py", "--tokens_dir", "tokens"])  # named as argparse's errors are
 
     def failing_main():
         raise ValueError("the data folder is empty")
 
     with pytest.raises(SystemExit):
         run_script(failing_main, ValueError)
-    assert writes == ["error: the data folder is empty\n"]
+    assert writes == ["train_prior.py: error: the data folder is empty\n"]
 
 
 def test_cdb_vq_debug_shows_the_traceback_of_a_one_line_error(monkeypatch):

@@ -245,7 +245,7 @@ def test_a_process_whose_peer_stopped_outside_the_loop_says_so_in_one_line(tmp_p
     assert processes[0].returncode == 143 and "peer.py: terminated" in main_err, main_err[-3000:]
     assert processes[1].returncode == 1, other_err[-3000:]
     assert "Traceback" not in other_err and "terminated" not in other_err, other_err[-3000:]
-    assert "error: another process of this run stopped" in other_err, other_err[-3000:]
+    assert "peer.py: error: another process of this run stopped" in other_err, other_err[-3000:]
 
 
 LAST_STEP_WORKER = textwrap.dedent(

@@ -120,23 +120,24 @@ def run_script(main, *errors: type[BaseException]) -> None:
         with sigterm_as_interruption():
             main()
         return
+    script = os.path.basename(sys.argv[0])  # each line starts with it, as argparse's errors do
     try:
         with sigterm_as_interruption():
             main()
     except KeyboardInterrupt as interruption:  # one line and the shell's status for it, as the CLI's
         what, status = interruption_status(interruption)
-        _say(f"{os.path.basename(sys.argv[0])}: {what}")
+        _say(f"{script}: {what}")
         sys.exit(status)
     except errors as error:
         text = first_line(error) if isinstance(error, OSError) else str(error)
         if "Original Traceback" in text:  # raised in a DataLoader worker: its own message is the last line
             text = text.strip().splitlines()[-1]
-        _say(f"error: {text}")
+        _say(f"{script}: error: {text}")
         sys.exit(1)
     except RuntimeError as error:  # a collective whose other process ended: that process said why
         if not peer_process_ended(error):
             raise
-        _say(f"error: {peer_process_message(error)}")
+        _say(f"{script}: error: {peer_process_message(error)}")
         sys.exit(1)
 
 
