@@ -419,6 +419,23 @@ def test_secrets_never_reach_the_training_config_or_the_trackers(tmp_path, caplo
     assert "--hub_token on the command line" in caplog.text
 
 
+def test_a_resumed_run_logs_each_step_once_in_tensorboard(tmp_path):
+    # The steps a resumed run trains again kept the interrupted run's points beside the new ones in TensorBoard.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    output_dir = tmp_path / "run"
+    flags = TINY + ["--report_to", "tensorboard", "--max_train_steps", "4", "--checkpointing_steps", "2",
+                    "--output_dir", str(output_dir)]  # fmt: skip
+    main(flags)
+    main(flags + ["--resume_from_checkpoint", str(output_dir / "checkpoints" / "checkpoint-2")])
+    events = EventAccumulator(str(output_dir / "logs" / "cdb-vq"))
+    events.Reload()
+    tags = [tag for tag in events.Tags()["scalars"] if tag.startswith("train")]
+    assert tags, events.Tags()["scalars"]
+    for tag in tags:
+        assert [event.step for event in events.Scalars(tag)] == [1, 2, 3, 4], tag
+
+
 def test_the_hub_token_leaves_the_command_line_that_trackers_copy(monkeypatch):
     from training.train import parse_args as parse_training_args
 

@@ -921,10 +921,11 @@ def hparams(run_config: dict) -> dict:
 
 
 def start_logging(args: argparse.Namespace, accelerator: Accelerator, run_config: dict, step: int) -> RunLog:
-    """Start the trackers (with the run's configuration) and the run log, whose lines after `step` are dropped: a
-    resumed run trains those steps again, and they are never logged twice."""
+    """Start the trackers (with the run's configuration) and the run log, whose lines after `step` are dropped, as
+    TensorBoard's events are: a resumed run trains those steps again, and they are never logged twice."""
     if accelerator.is_main_process:
-        accelerator.init_trackers(args.tracker_project_name, config=hparams(run_config), init_kwargs=tracker_init_kwargs(args.report_to))
+        tracker_options = tracker_init_kwargs(args.report_to, step)
+        accelerator.init_trackers(args.tracker_project_name, config=hparams(run_config), init_kwargs=tracker_options)
     log = RunLog(accelerator, Path(args.output_dir) / args.logging_dir / "train_log.jsonl")
     if accelerator.is_main_process:
         log.truncate_after(step)

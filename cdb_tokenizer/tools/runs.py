@@ -58,16 +58,22 @@ WANDB_PRIVATE_SETTINGS = {"x_disable_meta": True, "disable_git": True, "disable_
                           "console": "off"}  # fmt: skip
 
 
-def tracker_init_kwargs(report_to: str) -> dict:
-    """`init_kwargs` for `accelerator.init_trackers`: W&B with `WANDB_PRIVATE_SETTINGS` (none for other trackers)."""
+def tracker_init_kwargs(report_to: str, resumed_step: int = 0) -> dict:
+    """`init_kwargs` for `accelerator.init_trackers`: W&B with `WANDB_PRIVATE_SETTINGS`; TensorBoard, in a run resumed
+    at `resumed_step`, purges the events of later steps, which the run trains again (the interrupted run's values
+    stayed beside the new ones, two points per step)."""
+    kwargs = {}
+    if report_to in ("tensorboard", "all") and resumed_step > 0:
+        kwargs["tensorboard"] = {"purge_step": resumed_step + 1}
     if report_to not in ("wandb", "all"):
-        return {}
+        return kwargs
     try:
         import wandb
     except ImportError:  # accelerate names the missing tracker itself
-        return {}
+        return kwargs
     known = getattr(wandb.Settings, "model_fields", None) or {}
-    return {"wandb": {"settings": wandb.Settings(**{key: value for key, value in WANDB_PRIVATE_SETTINGS.items() if key in known})}}
+    settings = wandb.Settings(**{key: value for key, value in WANDB_PRIVATE_SETTINGS.items() if key in known})
+    return {**kwargs, "wandb": {"settings": settings}}
 
 
 def check_tracker_installed(report_to: str) -> None:
