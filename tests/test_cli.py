@@ -296,12 +296,27 @@ def test_a_checkpoint_a_run_or_a_prior_given_as_model_is_named_with_what_to_give
                     "latest and --max_train_steps at its last checkpoint's step).",
         checkpoint.parent: "it holds training checkpoints (checkpoint-800), not a saved model",
         tmp_path / "run": "it holds training checkpoints (checkpoints/checkpoint-800), not a saved model",
-        tmp_path / "prior": "it is a prior (train_prior.py), not a tokenizer; sample it with training/sample_prior.py",
+        tmp_path / "prior": "is a prior (train_prior.py), not a tokenizer; sample it with training/sample_prior.py",
         tmp_path / "empty": "has no config.json: it is not a saved model folder.",
     }  # fmt: skip
     for folder, words in expected.items():
         assert main(["inspect", "--model", str(folder)]) == 1
         assert words in cli_error_line(capsys, "inspect")
+
+
+def test_a_saved_prior_given_as_model_is_named_as_a_prior(tmp_path, capsys):
+    # save_prior writes the LM's config.json, so a real prior never reached the prior's words: "is a 'llama' model";
+    # and train_prior.py keeps its last checkpoint in the prior's folder, which read as a tokenizer's run.
+    from cdb_tokenizer.tools.files import CHECKPOINT_MANIFEST
+    from cdb_tokenizer.tools.priors import PriorVocabulary, build_prior, save_prior
+
+    vocabulary = PriorVocabulary(8)
+    prior = save_prior(build_prior(vocabulary, 4, hidden_size=32, num_layers=2, num_heads=2), vocabulary,
+                       tmp_path / "prior", 4)  # fmt: skip
+    (prior / "checkpoints" / "checkpoint-2").mkdir(parents=True)
+    (prior / "checkpoints" / "checkpoint-2" / CHECKPOINT_MANIFEST).write_text('{"step": 2}')
+    assert main(["inspect", "--model", str(prior)]) == 1
+    assert "is a prior (train_prior.py), not a tokenizer; sample it with" in cli_error_line(capsys, "inspect")
 
 
 def test_inspect_shows_no_placeholder_roles_or_prototype_ties(tmp_path, capsys):

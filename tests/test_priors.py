@@ -1052,6 +1052,9 @@ def test_sample_prior_refuses_bad_flags(flags, message, tmp_path, capsys):
         (["cat", "dog", "fish"], ["3"], "--class_labels 3: the prior has classes 0 to 2"),
         (["cat", "dog", "fish"], ["-1"], "--class_labels -1: the prior has classes 0 to 2"),
         (None, ["dog"], "--class_labels 'dog': the prior records no class names; give class ids, 0 to 2"),
+        # An image folder's classes named by number, sorted as text: a name is the class it names, never an id.
+        (["1", "10", "2"], ["2", "10"], [2, 1]),
+        (["cat", "dog", "fish"], ["\u00b2"], r"--class_labels '\u00b2' is not a class of the prior"),
     ],
 )
 def test_sample_prior_takes_class_names_or_ids(names, labels, expected, tmp_path, capsys):
@@ -1149,6 +1152,45 @@ def test_sample_prior_keeps_its_tokens_for_cdb_vq_decode(tokenizer, tmp_path, mo
     with pytest.raises(SystemExit):
         run_sample_prior(prior, "--tokens_out", str(tmp_path / "tokens.png"), "--output", str(tmp_path / "new.png"))
     assert "names an image file, but this writes a safetensors file" in capsys.readouterr().err
+
+
+def test_sample_prior_tokens_out_never_replaces_the_weights_it_samples_with(tokenizer, tmp_path, capsys):
+    # --tokens_out prior/model.safetensors --overwrite replaced the prior's weights with the samples' tokens after
+    # sampling (encode refuses its inputs as --out, --overwrite or not).
+    prior = save_sampling_prior(tokenizer, tmp_path)
+    for weights in (prior / "model.safetensors", tmp_path / "tok" / "model.safetensors"):
+        before = weights.read_bytes()
+        with pytest.raises(SystemExit):
+            run_sample_prior(prior, "--tokens_out", str(weights), "--overwrite", "--output", str(tmp_path / "g.png"))
+        assert "would replace the input" in capsys.readouterr().err and weights.read_bytes() == before
+    # A --tokens_out refused after --output's folders were made leaves none of them behind.
+    (tmp_path / "kept.safetensors").write_bytes(b"tokens of an earlier run")
+    with pytest.raises(SystemExit):
+        run_sample_prior(prior, "--tokens_out", str(tmp_path / "kept.safetensors"),
+                         "--output", str(tmp_path / "new" / "deeper" / "g.png"))  # fmt: skip
+    assert "exists; pass --overwrite" in capsys.readouterr().err and not (tmp_path / "new").exists()
+
+
+def test_sample_prior_tokens_out_records_the_fingerprint_taken_on_the_cpu(tokenizer, tmp_path, monkeypatch):
+    # The fingerprint was taken after the tokenizer moved to --device, where the codes may round otherwise (CUDA's
+    # normalize); `cdb-vq decode` takes it on the CPU and would refuse the file.
+    from cdb_tokenizer import CDBVQModel
+    from cdb_tokenizer.tools.cli import read_token_file
+
+    prior = save_sampling_prior(tokenizer, tmp_path)
+    to = CDBVQModel.to
+
+    def to_a_device_that_rounds(model, *args, **kwargs):
+        moved = to(model, *args, **kwargs)
+        if args and isinstance(args[0], torch.device):
+            with torch.no_grad():
+                moved.quantizer.codebook.weight.nextafter_(torch.tensor(math.inf))  # one ulp: the decoder barely sees it
+        return moved
+
+    monkeypatch.setattr(CDBVQModel, "to", to_a_device_that_rounds)
+    run_sample_prior(prior, "--tokens_out", str(tmp_path / "t.safetensors"), "--output", str(tmp_path / "g.png"))
+    _, metadata, _ = read_token_file(str(tmp_path / "t.safetensors"))
+    assert metadata["codebook_fingerprint"] == codebook_fingerprint(tokenizer[0])
 
 
 @pytest.mark.parametrize(

@@ -236,12 +236,16 @@ def test_a_process_whose_peer_stopped_outside_the_loop_says_so_in_one_line(tmp_p
     worker.write_text(PEER_STOPPED_WORKER.format(repo=str(REPO)))
     port = str(free_port())
     processes = []
-    for rank in ("0", "1"):
-        environment = {**os.environ, "RANK": rank, "LOCAL_RANK": rank, "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
-                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}  # fmt: skip
-        processes.append(subprocess.Popen([sys.executable, str(worker)], env=environment, stderr=subprocess.PIPE,
-                                          stdout=subprocess.DEVNULL, text=True))  # fmt: skip
-    (_, main_err), (_, other_err) = (process.communicate(timeout=120) for process in processes)
+    try:
+        for rank in ("0", "1"):
+            environment = {**os.environ, "RANK": rank, "LOCAL_RANK": rank, "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
+                           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}  # fmt: skip
+            processes.append(subprocess.Popen([sys.executable, str(worker)], env=environment, stderr=subprocess.PIPE,
+                                              stdout=subprocess.DEVNULL, text=True))  # fmt: skip
+        (_, main_err), (_, other_err) = (process.communicate(timeout=120) for process in processes)
+    finally:  # a hang must not leave the two processes behind on the test worker
+        for process in processes:
+            process.kill()
     assert processes[0].returncode == 143 and "peer.py: terminated" in main_err, main_err[-3000:]
     assert processes[1].returncode == 1, other_err[-3000:]
     assert "Traceback" not in other_err and "terminated" not in other_err, other_err[-3000:]

@@ -15,8 +15,10 @@ replaced only with `--overwrite`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import difflib
 import math
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -26,6 +28,8 @@ from cdb_tokenizer.tools.cli import (
     CLIError,
     check_output_file,
     codebook_fingerprint,
+    local_model_files,
+    refuse_overwriting_inputs,
     remove_created_folders,
     resolve_device,
     write_token_file,
@@ -110,25 +114,40 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         resolve_device(args.device)
         args.output = str(check_output(args))
         if args.tokens_out is not None:
+            # --overwrite cannot help: the prior's or the tokenizer's weights would be replaced by what they made.
+            refuse_overwriting_inputs([Path(args.tokens_out)], input_model_files(args), option="--tokens_out")
             args.tokens_out = str(check_output_file(args.tokens_out, example="samples.safetensors",
                                                     option="--tokens_out", overwrite=args.overwrite))  # fmt: skip
     except CLIError as error:
+        remove_created_folders()  # those made for --output, when --tokens_out is refused after it
         parser.error(str(error))
 
 
+def input_model_files(args: argparse.Namespace) -> Iterator[Path]:
+    """The files of a local --prior and of its local tokenizer (--tokenizer, else the one prior_config.json
+    records), read only when --tokens_out exists."""
+    yield from local_model_files(args.prior)
+    tokenizer = args.tokenizer
+    if tokenizer is None and locate(args.prior, "prior") is not None:
+        with contextlib.suppress(OSError, ValueError, KeyError):  # loading the prior says what is wrong with it
+            tokenizer = load_prior_config(args.prior)[0].get("tokenizer")
+    yield from local_model_files(tokenizer)
+
+
 def class_ids(labels: list[str], num_classes: int, class_names: list[str] | None) -> list[int]:
-    """--class_labels as class ids: a whole number is an id (0 to num_classes - 1), anything else a name the prior
-    records (`class_names`, from the data set's labels)."""
+    """--class_labels as class ids: a name the prior records (`class_names`, from the data set's labels), else a whole
+    number as an id (0 to num_classes - 1). Names first: an image folder's classes named 0, 1, 10, 2, ... (sorted as
+    text) have names that are other classes' ids."""
     ids = []
     for label in labels:
-        if label.lstrip("-").isdigit():
+        if class_names and label in class_names:
+            ids.append(class_names.index(label))
+        elif label.isascii() and label.removeprefix("-").isdigit():
             if not 0 <= int(label) < num_classes:
                 raise ValueError(f"{label}: the prior has classes 0 to {num_classes - 1}.")
             ids.append(int(label))
         elif not class_names:
             raise ValueError(f"{label!r}: the prior records no class names; give class ids, 0 to {num_classes - 1}.")
-        elif label in class_names:
-            ids.append(class_names.index(label))
         else:
             close = difflib.get_close_matches(label, class_names, n=1)
             guess = f" (did you mean {close[0]!r}?)" if close else ""
@@ -165,7 +184,10 @@ def sample(args: argparse.Namespace) -> Path:
     device = resolve_device(args.device)
     prior, vocabulary, prior_config = load_prior(args.prior, device=device)
     output = Path(args.output)  # checked (and its default set) by parse_args
-    tokenizer, _ = load_tokenizer_of(args, prior_config, device)
+    tokenizer, _ = load_tokenizer_of(args, prior_config, None)
+    # On the CPU, as load_model and check_prior_codebook take it: another device may round the codes otherwise.
+    fingerprint = codebook_fingerprint(tokenizer)
+    tokenizer.to(device)
     # The recorded image size sets the grid (one that does not hold the prior's tokens is refused by sample_images,
     # never replaced by a square guess); priors trained on token data that recorded none without a tokenizer
     # (--codebook_size) record none: the token count gives it.
@@ -179,7 +201,7 @@ def sample(args: argparse.Namespace) -> Path:
     if args.class_labels is not None:
         class_labels = [label for label in args.class_labels for _ in range(args.num_images)]
         num_images, nrow = len(class_labels), args.num_images
-        names = [f"class-{label}-{index:05d}" for label in args.class_labels for index in range(args.num_images)]
+        names = [f"class-{label}-{index:05d}" for index, label in enumerate(class_labels)]  # unique: a class twice
     images, tokens = sample_images(
         prior, tokenizer, vocabulary, num_images,
         temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p if args.top_p < 1 else None,
@@ -192,7 +214,7 @@ def sample(args: argparse.Namespace) -> Path:
     if args.tokens_out is not None:
         write_token_file(
             Path(args.tokens_out), tokens, tokenizer, tokenizer_id_of(args, prior_config),
-            codebook_fingerprint(tokenizer), images.shape[-2:], names,
+            fingerprint, images.shape[-2:], names,
         )  # fmt: skip
         print(f"Wrote their tokens to {args.tokens_out} (`cdb-vq decode {args.tokens_out} --out DIR` decodes them)")
     return output
@@ -206,7 +228,7 @@ def tokenizer_id_of(args: argparse.Namespace, prior_config: dict) -> str:
     return str(folder.resolve()) if folder is not None else name
 
 
-def load_tokenizer_of(args: argparse.Namespace, prior_config: dict, device: torch.device) -> tuple:
+def load_tokenizer_of(args: argparse.Namespace, prior_config: dict, device: torch.device | None) -> tuple:
     """(model, processor) of --tokenizer, else of the one prior_config.json records, checked against the codebook
     the prior was trained on."""
     if args.tokenizer:

@@ -124,6 +124,10 @@ def load_model(
         raise CLIError(str(error)) from None
     if revision is not None and folder is not None:
         raise CLIError(f"--revision {revision} applies to Hub models; {name_or_path} is a local folder.")
+    # Before config.json, which a prior has too (its language model's).
+    if folder is not None and (folder / files.PRIOR_CONFIG_NAME).is_file():
+        raise CLIError(f"--model {name_or_path} is a prior (train_prior.py), not a tokenizer; sample it with "
+                       f"training/sample_prior.py --prior.")  # fmt: skip
     if folder is not None and not (folder / "config.json").is_file():
         raise CLIError(f"--model {name_or_path} has no config.json: {_what_the_folder_is(folder)}")
     model_id = name_or_path if folder is None else str(folder.resolve())
@@ -158,8 +162,8 @@ def load_model(
 
 
 def _what_the_folder_is(folder: Path) -> str:
-    """The end of the refusal of a --model folder without config.json: a training checkpoint, a run's folder of them
-    or a prior, each said with what to give instead; else that it is no saved model."""
+    """The end of the refusal of a --model folder without config.json: a training checkpoint or a run's folder of
+    them, each said with what to give instead; else that it is no saved model."""
     run_advice = ("a run saves its model in its --output_dir when it ends; one that stopped early saves it when run "
                   "again with its flags, --resume_from_checkpoint latest and --max_train_steps at its last checkpoint's "
                   "step")
@@ -171,8 +175,6 @@ def _what_the_folder_is(folder: Path) -> str:
     if checkpoints:
         shown = ", ".join(checkpoints[:3]) + (", ..." if len(checkpoints) > 3 else "")
         return f"it holds training checkpoints ({shown}), not a saved model ({run_advice})."
-    if (folder / files.PRIOR_CONFIG_NAME).is_file():
-        return "it is a prior (train_prior.py), not a tokenizer; sample it with training/sample_prior.py --prior."
     return "it is not a saved model folder."
 
 
@@ -473,7 +475,7 @@ def refuse_overwriting_inputs(outputs: Sequence[Path], inputs: Iterable[Path], o
             raise CLIError(f"{output} would replace the input {source} (the same file); give another {option}.")
 
 
-def _model_files(name: str | None) -> list[Path]:
+def local_model_files(name: str | None) -> list[Path]:
     """The files of a local `--model` folder: inputs too, which an output must never replace (`--overwrite`
     included: the weights being read). Empty for a Hub id, or for a name `load_model` will refuse anyway."""
     try:
@@ -661,7 +663,7 @@ def open_dataset(data: str, image_column: str, split: str):
 def encode_command(args: argparse.Namespace) -> None:
     """Images -> a safetensors file of token grids with the model's identity in its metadata."""
     paths = check_image_files(args.images, args.max_image_pixels)
-    refuse_overwriting_inputs([Path(args.out)], [*paths, *_model_files(args.model)])  # --overwrite cannot help
+    refuse_overwriting_inputs([Path(args.out)], [*paths, *local_model_files(args.model)])  # --overwrite cannot help
     out = check_output_file(args.out, overwrite=args.overwrite)
     model, processor, model_id, fingerprint, revision = load_model_of(args)
     grids = []
@@ -806,7 +808,7 @@ def decode_command(args: argparse.Namespace) -> None:
     out = check_output_folder(args.out)
     names = _image_names(metadata, len(tokens))
     targets = [out / f"{name}.png" for name in names]
-    refuse_overwriting_inputs(targets, [Path(args.tokens), *_model_files(model_name)])
+    refuse_overwriting_inputs(targets, [Path(args.tokens), *local_model_files(model_name)])
     check_targets(targets, args.overwrite)
     # A Hub model is loaded at the commit that encoded the tokens, unless --model or --revision says otherwise.
     revision = args.revision or (None if args.model else _recorded_revision(args.tokens, metadata))
@@ -927,7 +929,7 @@ def reconstruct_command(args: argparse.Namespace) -> None:
         folders.append(check_output_subfolder(out, "role_maps"))
     names = unique_names(paths)
     targets = [folder / f"{name}.png" for name in names for folder in folders] + [out / "psnr.json"]
-    refuse_overwriting_inputs(targets, [*paths, *_model_files(args.model)])
+    refuse_overwriting_inputs(targets, [*paths, *local_model_files(args.model)])
     check_targets(targets, args.overwrite)
     model, processor, *_ = load_model_of(args)
     if args.role_map and not model.config.code_roles:
@@ -991,7 +993,7 @@ def restore_command(args: argparse.Namespace) -> None:
     paths = check_image_files(args.images, args.max_image_pixels)
     out = check_output_folder(args.out)
     targets = [out / f"{name}.png" for name in unique_names(paths)]
-    refuse_overwriting_inputs(targets, [*paths, *_model_files(args.model)])
+    refuse_overwriting_inputs(targets, [*paths, *local_model_files(args.model)])
     check_targets(targets, args.overwrite)
     model, processor, *_ = load_model_of(args)
     trained_on = getattr(model.config, "restoration_degradation", None)
@@ -1172,7 +1174,7 @@ def eval_command(args: argparse.Namespace) -> None:
     _check_fid_options(args)
     if args.out is not None:  # before --out's own checks
         data = Path(args.data).expanduser()
-        inputs = itertools.chain(_files_under(data) if data.is_dir() else [], _model_files(args.model))
+        inputs = itertools.chain(_files_under(data) if data.is_dir() else [], local_model_files(args.model))
         refuse_overwriting_inputs([Path(args.out)], inputs)
     out = check_output_file(args.out, "metrics.json", overwrite=args.overwrite) if args.out is not None else None
     if args.fid and args.fid_reference is not None and not Path(args.fid_reference).is_file():  # written at the end
@@ -1258,7 +1260,7 @@ def inspect_command(args: argparse.Namespace) -> None:
     from .publishing import code_report_summary, codebook_summary
 
     if args.codes is not None:
-        refuse_overwriting_inputs([Path(args.codes)], _model_files(args.model), option="--codes")
+        refuse_overwriting_inputs([Path(args.codes)], local_model_files(args.model), option="--codes")
     codes = _check_codes_file(args.codes, args.overwrite) if args.codes is not None else None
     model, _, model_id, fingerprint, revision = load_model_of(args)
     summary = codebook_summary(model, top_k=args.top)
