@@ -291,9 +291,9 @@ def test_a_checkpoint_a_run_or_a_prior_given_as_model_is_named_with_what_to_give
     (tmp_path / "prior" / PRIOR_CONFIG_NAME).write_text("{}")
     (tmp_path / "empty").mkdir()
     expected = {
-        checkpoint: "it is a training checkpoint, not a saved model (a run saves its model in its --output_dir when it "
-                    "ends; one that stopped early saves it when run again with its flags, --resume_from_checkpoint "
-                    "latest and --max_train_steps at its last checkpoint's step).",
+        checkpoint: "it is a training checkpoint, not a saved model (a run saves its model in its --output_dir when "
+                    "it ends; one that stopped early saves it when run again with its flags, "
+                    "--resume_from_checkpoint latest and --max_train_steps at its last checkpoint's step).",
         checkpoint.parent: "it holds training checkpoints (checkpoint-800), not a saved model",
         tmp_path / "run": "it holds training checkpoints (checkpoints/checkpoint-800), not a saved model",
         tmp_path / "prior": "is a prior (train_prior.py), not a tokenizer; sample it with training/sample_prior.py",

@@ -1047,8 +1047,8 @@ def test_sample_prior_refuses_bad_flags(flags, message, tmp_path, capsys):
     "names, labels, expected",
     [
         (["cat", "dog", "fish"], ["dog", "0", "fish"], [1, 0, 2]),
-        (["cat", "dog", "fish"], ["dgo"], r"--class_labels 'dgo' is not a class of the prior \(did you mean 'dog'\?\); "
-                                          r"its classes are cat, dog, fish"),
+        (["cat", "dog", "fish"], ["dgo"],
+         r"--class_labels 'dgo' is not a class of the prior \(did you mean 'dog'\?\); its classes are cat, dog, fish"),
         (["cat", "dog", "fish"], ["3"], "--class_labels 3: the prior has classes 0 to 2"),
         (["cat", "dog", "fish"], ["-1"], "--class_labels -1: the prior has classes 0 to 2"),
         (None, ["dog"], "--class_labels 'dog': the prior records no class names; give class ids, 0 to 2"),
@@ -1184,7 +1184,8 @@ def test_sample_prior_tokens_out_records_the_fingerprint_taken_on_the_cpu(tokeni
         moved = to(model, *args, **kwargs)
         if args and isinstance(args[0], torch.device):
             with torch.no_grad():
-                moved.quantizer.codebook.weight.nextafter_(torch.tensor(math.inf))  # one ulp: the decoder barely sees it
+                # One ulp: the decoder barely sees it, the fingerprint does.
+                moved.quantizer.codebook.weight.nextafter_(torch.tensor(math.inf))
         return moved
 
     monkeypatch.setattr(CDBVQModel, "to", to_a_device_that_rounds)

@@ -54,7 +54,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tokenizer", type=str, default=None, help="Default: the one in prior_config.json.")
     parser.add_argument("--output", type=expand_home, default=None, help="PNG path (default: <prior>/samples.png; for a Hub prior, samples.png here).")
     parser.add_argument("--tokens_out", type=expand_home, default=None,
-                        help="Also write the sampled tokens to this token file (.safetensors; `cdb-vq decode` reads it).")
+                        help="Also write the sampled tokens to this token file (.safetensors), which `cdb-vq decode` "
+                             "reads.")  # fmt: skip
     parser.add_argument("--overwrite", action="store_true", help="Replace --output (and --tokens_out) if it exists.")
     parser.add_argument("--num_images", type=int, default=16, help="Images in all, or per class with --class_labels.")
     parser.add_argument("--class_labels", type=str, nargs="+", default=None,

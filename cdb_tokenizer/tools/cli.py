@@ -165,13 +165,14 @@ def _what_the_folder_is(folder: Path) -> str:
     """The end of the refusal of a --model folder without config.json: a training checkpoint or a run's folder of
     them, each said with what to give instead; else that it is no saved model."""
     run_advice = ("a run saves its model in its --output_dir when it ends; one that stopped early saves it when run "
-                  "again with its flags, --resume_from_checkpoint latest and --max_train_steps at its last checkpoint's "
-                  "step")
+                  "again with its flags, --resume_from_checkpoint latest and --max_train_steps at its last "
+                  "checkpoint's step")
     if (folder / files.CHECKPOINT_MANIFEST).is_file():
         return f"it is a training checkpoint, not a saved model ({run_advice})."
     # The run's checkpoints folder, or the run's own folder before its model is saved.
     found = [path for pattern in ("checkpoint-*", "checkpoints/checkpoint-*") for path in folder.glob(pattern)]
-    checkpoints = sorted(str(path.relative_to(folder)) for path in found if (path / files.CHECKPOINT_MANIFEST).is_file())
+    complete = [path for path in found if (path / files.CHECKPOINT_MANIFEST).is_file()]
+    checkpoints = sorted(str(path.relative_to(folder)) for path in complete)
     if checkpoints:
         shown = ", ".join(checkpoints[:3]) + (", ..." if len(checkpoints) > 3 else "")
         return f"it holds training checkpoints ({shown}), not a saved model ({run_advice})."
