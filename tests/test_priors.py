@@ -1154,6 +1154,38 @@ def test_sample_prior_keeps_its_tokens_for_cdb_vq_decode(tokenizer, tmp_path, mo
     assert "names an image file, but this writes a safetensors file" in capsys.readouterr().err
 
 
+def test_sample_prior_tokens_out_records_the_hub_commit_of_its_tokenizer(tokenizer, tmp_path, monkeypatch):
+    # A Hub tokenizer was recorded without its commit: once the repository moved on to another codebook, `cdb-vq
+    # decode` loaded main and refused the samples.
+    import huggingface_hub.constants
+    from conftest import hub_cache
+
+    from cdb_tokenizer.tools.cli import main, read_token_file
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # cli.main sets PIL's limit: restore it
+    model, processor = tokenizer
+    other = tiny_model(seed=1)
+    for folder, weights in (("sampled", model), ("newer", other)):
+        weights.save_pretrained(tmp_path / folder)
+        processor.save_pretrained(tmp_path / folder)
+    sampled, newer = "3" * 40, "4" * 40
+    cache = hub_cache(tmp_path / "hub", "org/tok", {sampled: tmp_path / "sampled", newer: tmp_path / "newer"},
+                      {"main": sampled})  # fmt: skip
+    for name, value in (("HF_HUB_OFFLINE", True), ("HF_HUB_CACHE", str(cache))):
+        monkeypatch.setattr(huggingface_hub.constants, name, value)
+        monkeypatch.setenv(name, str(int(value)) if isinstance(value, bool) else value)
+    vocabulary = PriorVocabulary(64)
+    prior = save_prior(build_prior(vocabulary, 64, **TINY_PRIOR), vocabulary, tmp_path / "prior", 64,
+                       tokenizer="org/tok", codebook_fingerprint=codebook_fingerprint(model))  # fmt: skip
+    tokens_file = tmp_path / "samples.safetensors"
+    run_sample_prior(prior, "--tokens_out", str(tokens_file), "--output", str(tmp_path / "grid.png"))
+    _, metadata, _ = read_token_file(str(tokens_file))
+    assert (metadata["model"], metadata["model_revision"]) == ("org/tok", sampled)
+    (cache / "models--org--tok" / "refs" / "main").write_text(newer)  # the repository moved on
+    assert main(["decode", str(tokens_file), "--out", str(tmp_path / "decoded")]) == 0
+    assert (tmp_path / "decoded" / "sample-00000.png").is_file()
+
+
 def test_sample_prior_tokens_out_never_replaces_the_weights_it_samples_with(tokenizer, tmp_path, capsys):
     # --tokens_out prior/model.safetensors --overwrite replaced the prior's weights with the samples' tokens after
     # sampling (encode refuses its inputs as --out, --overwrite or not).

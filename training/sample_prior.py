@@ -34,7 +34,7 @@ from cdb_tokenizer.tools.cli import (
     resolve_device,
     write_token_file,
 )
-from cdb_tokenizer.tools.loading import locate
+from cdb_tokenizer.tools.loading import cached_main_commit, locate
 from cdb_tokenizer.tools.messages import OneLineErrorParser, run_script
 from cdb_tokenizer.tools.priors import (
     PRIOR_CONFIG_NAME,
@@ -213,20 +213,21 @@ def sample(args: argparse.Namespace) -> Path:
     save_image_grid(images, output, nrow=nrow)
     print(f"Wrote {num_images} samples to {output}")
     if args.tokens_out is not None:
+        tokenizer_id, revision = tokenizer_source(args, prior_config)
         write_token_file(
-            Path(args.tokens_out), tokens, tokenizer, tokenizer_id_of(args, prior_config),
-            fingerprint, images.shape[-2:], names,
-        )  # fmt: skip
+            Path(args.tokens_out), tokens, tokenizer, tokenizer_id, fingerprint, images.shape[-2:], names, revision
+        )
         print(f"Wrote their tokens to {args.tokens_out} (`cdb-vq decode {args.tokens_out} --out DIR` decodes them)")
     return output
 
 
-def tokenizer_id_of(args: argparse.Namespace, prior_config: dict) -> str:
-    """The tokenizer a token file records for the samples: --tokenizer or prior_config.json's, a local folder as its
-    absolute path (the token file records it relative to itself, as `cdb-vq encode` does)."""
+def tokenizer_source(args: argparse.Namespace, prior_config: dict) -> tuple[str, str | None]:
+    """The tokenizer a token file records for the samples, and its Hub commit: --tokenizer or prior_config.json's,
+    a local folder as its absolute path (the token file records it relative to itself, as `cdb-vq encode` does), a
+    Hub id with the commit it was loaded at, so that `cdb-vq decode` uses that one when the repository moves on."""
     name = args.tokenizer or prior_config["tokenizer"]
     folder = locate(name, "tokenizer")
-    return str(folder.resolve()) if folder is not None else name
+    return (str(folder.resolve()), None) if folder is not None else (name, cached_main_commit(name))
 
 
 def load_tokenizer_of(args: argparse.Namespace, prior_config: dict, device: torch.device | None) -> tuple:

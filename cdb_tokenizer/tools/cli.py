@@ -39,7 +39,15 @@ from tqdm.auto import tqdm
 from ..configuration_cdb_vq import expand_home
 from . import files
 from .downloads import hub_offline
-from .loading import held_library_logs, is_local_path, locate, processor_image_size, show_log_records
+from .loading import (
+    COMMIT_HASH,
+    held_library_logs,
+    is_local_path,
+    locate,
+    processor_image_size,
+    show_log_records,
+    snapshot_commit,
+)
 from .messages import (
     TRAIN_EXTRAS,
     OneLineErrorParser,
@@ -52,7 +60,6 @@ from .messages import (
 
 TOKEN_FILE_FORMAT = "cdb-vq-tokens"
 TOKEN_FILE_VERSION = "1"
-COMMIT_HASH = re.compile(r"[0-9a-f]{40}")
 _NUMBER = re.compile(r"[-+]?(\d[\d.,]*|inf|nan)%?")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Images larger than this many pixels are refused before they are decoded (--max_image_pixels; 0: no limit).
@@ -282,8 +289,7 @@ def _read_model_config(name: str, model_id: str, revision: str | None = None) ->
             with held_library_logs() as records:  # its retries: the error below says what matters
                 config_file = Path(hf_hub_download(model_id, "config.json", revision=revision))
             show_log_records(records)
-            if COMMIT_HASH.fullmatch(config_file.parent.name):
-                revision = config_file.parent.name
+            revision = snapshot_commit(config_file) or revision
         config = json.loads(config_file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise CLIError(f"--model {name}: config.json is not valid JSON ({first_line(error)}).") from None

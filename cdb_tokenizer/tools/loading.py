@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import logging.handlers
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,6 +21,23 @@ from .messages import first_line
 
 # The saved image processor's file: without it the default processor at the model's resolution is used.
 PROCESSOR_CONFIG = "preprocessor_config.json"
+# A Hub commit: the Hugging Face cache keeps each commit's files in a folder named by it.
+COMMIT_HASH = re.compile(r"[0-9a-f]{40}")
+
+
+def snapshot_commit(cached_file: str | Path) -> str | None:
+    """The Hub commit a file of the Hugging Face cache came from (the name of its snapshot folder), or None."""
+    name = Path(cached_file).parent.name
+    return name if COMMIT_HASH.fullmatch(name) else None
+
+
+def cached_main_commit(repo_id: str) -> str | None:
+    """The commit of `repo_id`'s main branch whose config.json is in the Hugging Face cache (the one a load without
+    a revision just read), looked up on disk only; None when there is none."""
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(repo_id, "config.json")
+    return snapshot_commit(cached) if isinstance(cached, str) else None
 
 
 def is_local_path(name: str) -> bool:
