@@ -40,6 +40,7 @@ from cdb_tokenizer.tools.checkpoints import (
     save_checkpoint,
 )
 from cdb_tokenizer.tools.cli import codebook_fingerprint
+from cdb_tokenizer.tools.data import saved_to_disk
 from cdb_tokenizer.tools.files import write_text
 from cdb_tokenizer.tools.messages import OneLineErrorParser, first_line, run_script
 from cdb_tokenizer.tools.redaction import redact_secrets
@@ -240,7 +241,7 @@ def load_token_splits(args: argparse.Namespace, accelerator: Accelerator, tokeni
     if not path.is_dir():  # e.g. a `cdb-vq encode` token file: a prior trains on a tokenised data set
         raise ValueError(f"--tokens_dir {path} is a file, not a folder: make a tokenised data set folder with "
                          f"`cdb-vq tokenize` (`cdb-vq encode` token files are not for training).")  # fmt: skip
-    if not any((path / name).is_file() for name in ("dataset_dict.json", "state.json")):
+    if not saved_to_disk(path):
         # An empty folder, or the images themselves: datasets' "neither a `Dataset` directory nor a `DatasetDict`
         # directory", after a warning that the folder "was made with save_to_disk", said neither.
         raise ValueError(f"--tokens_dir {path} is not a tokenised data set (no state.json or dataset_dict.json): "

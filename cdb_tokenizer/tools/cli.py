@@ -1420,6 +1420,7 @@ def tokenize_command(args: argparse.Namespace) -> None:
 def _check_tokenize_folder(out: str, data: str) -> Path:
     """--out of tokenize: a new or empty folder, or an earlier tokenize output (save_to_disk replaces what is in it),
     outside a local --data folder (where the next run would read it as data)."""
+    from .data import saved_to_disk
     from .priors.token_data import TOKENS_INFO
 
     data_folder = Path(data).expanduser()
@@ -1427,7 +1428,7 @@ def _check_tokenize_folder(out: str, data: str) -> Path:
         raise CLIError(f"--out {out} is inside --data {data}; give a folder outside the data.")
     path = check_output_folder(out)
     if any(path.iterdir()) and not (path / TOKENS_INFO).is_file():
-        if any((path / name).is_file() for name in ("state.json", "dataset_dict.json")):  # save_to_disk's own files
+        if saved_to_disk(path):
             raise CLIError(
                 f"--out {out} holds a data set without the {TOKENS_INFO} that `cdb-vq tokenize` writes last: an "
                 f"interrupted tokenize (or another data set). Delete it to tokenize there again, or give a new folder."
