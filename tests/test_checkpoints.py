@@ -285,7 +285,7 @@ HOLD_OUTPUT_DIR = """
 import sys, time
 sys.path.insert(0, {repo!r})
 from pathlib import Path
-from cdb_tokenizer.tools.runs import claim_output_dir
+from cdb_tokenizer.tools.files import claim_output_dir
 assert claim_output_dir(Path({output_dir!r})) is None
 print("held", flush=True)
 time.sleep(120)
@@ -319,7 +319,7 @@ def test_a_folder_another_process_trains_in_is_refused_even_with_overwrite(strai
 
 
 def claimed_by_another_process(output_dir: Path) -> bool:
-    code = f"import sys; sys.path.insert(0, {str(REPO)!r}); from pathlib import Path; from cdb_tokenizer.tools.runs import claim_output_dir; print(claim_output_dir(Path({str(output_dir)!r})))"
+    code = f"import sys; sys.path.insert(0, {str(REPO)!r}); from pathlib import Path; from cdb_tokenizer.tools.files import claim_output_dir; print(claim_output_dir(Path({str(output_dir)!r})))"
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "None"
 
 
@@ -364,7 +364,7 @@ def test_a_folder_that_cannot_be_locked_is_trained_in_with_a_warning(tmp_path, m
     # A lock file another user left in a shared folder (PermissionError), or a file system without locks.
     import filelock
 
-    from cdb_tokenizer.tools import runs
+    from cdb_tokenizer.tools import files
 
     for error in (PermissionError(13, "Permission denied"), NotImplementedError("FileSystem does not appear to support flock")):
         def acquire(self, *args, error=error, **kwargs):
@@ -374,7 +374,7 @@ def test_a_folder_that_cannot_be_locked_is_trained_in_with_a_warning(tmp_path, m
         folder = tmp_path / type(error).__name__
         folder.mkdir()
         with caplog.at_level("WARNING"):
-            assert runs.claim_output_dir(folder) is None
+            assert files.claim_output_dir(folder) is None
         assert f"Could not lock --output_dir {folder}" in caplog.text and "would not be refused" in caplog.text
         caplog.clear()
 

@@ -371,6 +371,31 @@ def test_tokenize_saves_a_dataset_with_tokens_and_labels(files, tmp_path, capsys
     assert rows == sorted([(0, expected["chelsea"]), (1, expected["astronaut"]), (1, expected["coffee"])])
 
 
+def test_tokenize_refuses_an_out_another_run_writes_to(files, tmp_path, capsys):
+    # Two tokenize runs into one --out wrote the same shard names into it at once, and the last TOKENS_INFO won.
+    import datasets
+    from filelock import FileLock
+
+    from cdb_tokenizer.tools.files import OUTPUT_DIR_LOCK
+
+    out = tmp_path / "tokenized"
+    out.mkdir()
+    command = ["tokenize", "--model", str(files["model"]), "--data", str(files["root"] / "photos"), "--out", str(out)]
+    other_run = FileLock(out / OUTPUT_DIR_LOCK, timeout=0)
+    other_run.acquire()
+    try:
+        assert main(command) == 1
+        assert f"Another run is writing to --out {out} now" in cli_error_line(capsys, "tokenize")
+        assert [path.name for path in out.iterdir()] == [OUTPUT_DIR_LOCK]
+    finally:
+        other_run.release()
+    # The lock file a finished run (or a crash) left is no "other file": the folder is free, and stays reusable.
+    for _ in range(2):
+        assert main(command) == 0, capsys.readouterr().err
+        assert len(datasets.load_from_disk(str(out))) == len(list((files["root"] / "photos").iterdir()))
+    capsys.readouterr()
+
+
 @pytest.mark.parametrize(
     "arguments, message",
     [

@@ -1697,7 +1697,7 @@ def test_token_data_of_another_codebook_size_is_named_by_its_size(tmp_path):
 def test_a_failed_prior_run_leaves_no_folder_holding_only_its_lock(tmp_path, monkeypatch):
     # train_prior.main lost its @output_dir_claims() (it moved onto load_data): a run refused after claiming
     # --output_dir kept the folders it made, holding its lock file, and never released the lock in this process.
-    from cdb_tokenizer.tools import runs
+    from cdb_tokenizer.tools import files
 
     train_prior = load_script("train_prior")
     (tmp_path / "tokens").mkdir()
@@ -1708,7 +1708,7 @@ def test_a_failed_prior_run_leaves_no_folder_holding_only_its_lock(tmp_path, mon
     with pytest.raises(Exception, match="is not a tokenised data set"):
         train_prior.main(args)
     assert not (tmp_path / "new").exists()
-    assert (tmp_path / "new" / "run").resolve() not in runs._claimed_output_dirs
+    assert (tmp_path / "new" / "run").resolve() not in files._claimed_output_dirs
 
 
 def test_a_prior_output_dir_starting_with_a_tilde_is_in_the_home_folder(tmp_path, monkeypatch):

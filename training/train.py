@@ -80,7 +80,15 @@ from cdb_tokenizer.tools.evaluation import (
     save_reconstruction_figure,
     save_usage_plot,
 )
-from cdb_tokenizer.tools.files import create_folders, file_sha256, saved_weights, share_safetensors, write_text
+from cdb_tokenizer.tools.files import (
+    claim_output_dir,
+    create_folders,
+    file_sha256,
+    output_dir_claims,
+    saved_weights,
+    share_safetensors,
+    write_text,
+)
 from cdb_tokenizer.tools.losses import LPIPSUnavailableError, PatchDiscriminator, TokenizerLoss, cached_lpips, load_lpips
 from cdb_tokenizer.tools.messages import first_line, run_script
 from cdb_tokenizer.tools.redaction import public_value, redact_secrets
@@ -89,11 +97,9 @@ from cdb_tokenizer.tools.runs import (
     EMAWeights,
     RunLog,
     TerminationRequest,
-    claim_output_dir,
     find_checkpoint,
     launch_settings,
     make_accelerator,
-    output_dir_claims,
     refuse_fp16_without_a_gradient_scaler,
     tracker_init_kwargs,
     warn_of_a_warmup_longer_than_the_run,

@@ -41,7 +41,7 @@ from cdb_tokenizer.tools.checkpoints import (
 )
 from cdb_tokenizer.tools.cli import codebook_fingerprint
 from cdb_tokenizer.tools.data import saved_to_disk
-from cdb_tokenizer.tools.files import write_text
+from cdb_tokenizer.tools.files import output_dir_claims, write_text
 from cdb_tokenizer.tools.messages import OneLineErrorParser, first_line, run_script
 from cdb_tokenizer.tools.redaction import redact_secrets
 from cdb_tokenizer.tools.runs import (
@@ -50,7 +50,6 @@ from cdb_tokenizer.tools.runs import (
     find_checkpoint,
     launch_settings,
     make_accelerator,
-    output_dir_claims,
     refuse_fp16_without_a_gradient_scaler,
     warn_of_a_warmup_longer_than_the_run,
 )

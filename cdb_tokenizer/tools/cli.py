@@ -1363,6 +1363,7 @@ def _write_code_report(report: list[dict], path: Path) -> None:
     replace_file(path, lambda target: target.write_text(text))
 
 
+@files.output_dir_claims()
 def tokenize_command(args: argparse.Namespace) -> None:
     """A folder or Hub data set -> a `datasets` data set of `image_tokens` (and labels), saved with `save_to_disk`."""
     dataset = open_dataset(args.data, args.image_column, args.split)  # names the training extras when missing
@@ -1419,7 +1420,8 @@ def tokenize_command(args: argparse.Namespace) -> None:
 
 def _check_tokenize_folder(out: str, data: str) -> Path:
     """--out of tokenize: a new or empty folder, or an earlier tokenize output (save_to_disk replaces what is in it),
-    outside a local --data folder (where the next run would read it as data)."""
+    outside a local --data folder (where the next run would read it as data), and no other run's now (two would write
+    the same shard names into it: it is locked as the training scripts lock their --output_dir)."""
     from .data import saved_to_disk
     from .priors.token_data import TOKENS_INFO
 
@@ -1427,7 +1429,10 @@ def _check_tokenize_folder(out: str, data: str) -> Path:
     if out and data_folder.is_dir() and data_folder.resolve() in (Path(out).resolve(), *Path(out).resolve().parents):
         raise CLIError(f"--out {out} is inside --data {data}; give a folder outside the data.")
     path = check_output_folder(out)
-    if any(path.iterdir()) and not (path / TOKENS_INFO).is_file():
+    refusal = files.claim_output_dir(path, flag="--out")
+    if refusal is not None:
+        raise CLIError(refusal)
+    if any(entry.name != files.OUTPUT_DIR_LOCK for entry in path.iterdir()) and not (path / TOKENS_INFO).is_file():
         if saved_to_disk(path):
             raise CLIError(
                 f"--out {out} holds a data set without the {TOKENS_INFO} that `cdb-vq tokenize` writes last: an "
@@ -1438,8 +1443,8 @@ def _check_tokenize_folder(out: str, data: str) -> Path:
             f"give a new or empty folder."
         )
     # `save_to_disk` writes over what an earlier output holds, following links: one would write outside --out.
-    for parent, folders, files in os.walk(path):
-        for name in folders + files:
+    for parent, folders, names in os.walk(path):
+        for name in folders + names:
             entry = Path(parent) / name
             if entry.is_symlink() or not (entry.is_dir() or entry.is_file()):
                 raise CLIError(f"{entry} is a symbolic link or not a regular file; --out must hold only what tokenize wrote.")

@@ -6,12 +6,17 @@ import contextlib
 import errno
 import hashlib
 import json
+import logging
 import os
 import shutil
 import stat
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+
+from filelock import FileLock, Timeout
+
+logger = logging.getLogger(__name__)
 
 # Marks of the folders the training scripts write, here so that the CLI, which must not import accelerate or the
 # prior code, can tell a --model folder that is one of them. A complete training checkpoint (tools/checkpoints.py):
@@ -75,6 +80,70 @@ def create_folders(path: str | Path) -> list[Path]:
                 folder.rmdir()
         raise
     return created
+
+
+# The output folders this process writes into, each with its lock: held until the command or run ends
+# (`output_dir_claims`) or the process does (the OS drops an flock then, also after a crash), so a second run cannot
+# write there, or --overwrite_output_dir delete, meanwhile. Here, not in tools/runs.py, because the CLI (which must
+# not import accelerate) locks `cdb-vq tokenize`'s --out with it too.
+OUTPUT_DIR_LOCK = ".cdb-vq-run.lock"
+_claimed_output_dirs: dict[Path, FileLock] = {}
+# The folders each run created for its output folder (`create_folders`): removed when the run ends while they hold
+# nothing but the lock (a refused or failed run leaves no folder behind that holds only a lock file).
+_created_output_dirs: dict[Path, list[Path]] = {}
+
+
+def claim_output_dir(output_dir: Path, created: list[Path] | None = None, flag: str = "--output_dir") -> str | None:
+    """Lock `output_dir` (which must exist; `created`: the folders this run made for it; `flag`: how the user named
+    it) for this process's run; returns None, or why another run holds it. Where no lock can be taken (a lock file
+    another user left, a file system without locks), the run goes on unguarded, with a warning."""
+    key = output_dir.resolve()
+    if key in _claimed_output_dirs:
+        return None
+    lock = FileLock(output_dir / OUTPUT_DIR_LOCK, timeout=0, mode=0o666)  # 0o666: others sharing the folder
+    try:
+        lock.acquire()
+    except Timeout:
+        return (f"Another run is writing to {flag} {output_dir} now (it holds {OUTPUT_DIR_LOCK}); wait for it to end, "
+                f"or choose another {flag}.")  # fmt: skip
+    except (OSError, NotImplementedError) as error:
+        logger.warning(f"Could not lock {flag} {output_dir} ({error}): a second run there at the same time would not "
+                       "be refused.")  # fmt: skip
+        return None
+    _claimed_output_dirs[key] = lock
+    if created:
+        _created_output_dirs[key] = created
+    return None
+
+
+@contextlib.contextmanager
+def output_dir_claims() -> Iterator[None]:
+    """Release, on leaving, the output folders claimed inside (a notebook or a test session trains on afterwards);
+    also a decorator."""
+    before = set(_claimed_output_dirs)
+    try:
+        yield
+    finally:
+        for key in set(_claimed_output_dirs) - before:
+            lock = _claimed_output_dirs.pop(key)
+            # Removed while the lock is held: a run that claims the folder meanwhile finds it locked, or makes a new
+            # lock file whose presence stops the removal (a run between making the folder and opening its lock can
+            # still lose the folder: a narrow race, accepted).
+            _remove_if_only_the_lock(key, _created_output_dirs.pop(key, []))
+            lock.release()
+
+
+def _remove_if_only_the_lock(output_dir: Path, created: list[Path]) -> None:
+    """When `output_dir` holds nothing but its lock file, remove the lock file, then the folders in `created` (those
+    this run made for it), deepest first; leave anything else as it is (a folder the user made stays, empty)."""
+    try:
+        if [path.name for path in output_dir.iterdir()] != [OUTPUT_DIR_LOCK]:
+            return
+        (output_dir / OUTPUT_DIR_LOCK).unlink()
+        for folder in reversed(created):
+            folder.rmdir()  # an OSError once a folder is not empty
+    except OSError:  # gone already, or files arrived meanwhile
+        pass
 
 
 def replace_file(path: str | Path, write: Callable[[Path], object]) -> Path:
@@ -183,8 +252,11 @@ def _umask() -> int:
 
 
 __all__ = [
+    "OUTPUT_DIR_LOCK",
+    "claim_output_dir",
     "create_folders",
     "file_sha256",
+    "output_dir_claims",
     "plain_file_mode",
     "replace_file",
     "saved_weights",

@@ -22,7 +22,6 @@ import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import ProjectConfiguration
-from filelock import FileLock, Timeout
 
 from .checkpoints import (
     TMP_SUFFIX,
@@ -125,69 +124,6 @@ def launch_settings(args, accelerator: Accelerator) -> dict:
     global_batch = args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
     return {"mixed_precision": accelerator.mixed_precision, "num_processes": accelerator.num_processes,
             "global_batch_size": global_batch}
-
-
-# The output folders this process trains into, each with its lock: held until the run ends (`output_dir_claims`) or
-# the process does (the OS drops an flock then, also after a crash), so a second run cannot write, or
-# --overwrite_output_dir delete, in a folder meanwhile.
-OUTPUT_DIR_LOCK = ".cdb-vq-run.lock"
-_claimed_output_dirs: dict[Path, FileLock] = {}
-# The folders each run created for its output folder (`files.create_folders`): removed when the run ends while they
-# hold nothing but the lock (a refused or failed run leaves no folder behind that holds only a lock file).
-_created_output_dirs: dict[Path, list[Path]] = {}
-
-
-def claim_output_dir(output_dir: Path, created: list[Path] | None = None) -> str | None:
-    """Lock `output_dir` (which must exist; `created`: the folders this run made for it) for this process's run;
-    returns None, or why another run holds it. Where no lock can be taken (a lock file another user left, a file
-    system without locks), the run goes on unguarded, with a warning."""
-    key = output_dir.resolve()
-    if key in _claimed_output_dirs:
-        return None
-    lock = FileLock(output_dir / OUTPUT_DIR_LOCK, timeout=0, mode=0o666)  # 0o666: others sharing the folder
-    try:
-        lock.acquire()
-    except Timeout:
-        return (f"Another run is writing to --output_dir {output_dir} now (it holds {OUTPUT_DIR_LOCK}); wait for it "
-                "to end, or choose another --output_dir.")  # fmt: skip
-    except (OSError, NotImplementedError) as error:
-        logger.warning(f"Could not lock --output_dir {output_dir} ({error}): a second run there at the same time would "
-                       "not be refused.")  # fmt: skip
-        return None
-    _claimed_output_dirs[key] = lock
-    if created:
-        _created_output_dirs[key] = created
-    return None
-
-
-@contextmanager
-def output_dir_claims():
-    """Release, on leaving, the output folders claimed inside (a notebook or a test session trains on afterwards);
-    also a decorator."""
-    before = set(_claimed_output_dirs)
-    try:
-        yield
-    finally:
-        for key in set(_claimed_output_dirs) - before:
-            lock = _claimed_output_dirs.pop(key)
-            # Removed while the lock is held: a run that claims the folder meanwhile finds it locked, or makes a new
-            # lock file whose presence stops the removal (a run between making the folder and opening its lock can
-            # still lose the folder: a narrow race, accepted).
-            _remove_if_only_the_lock(key, _created_output_dirs.pop(key, []))
-            lock.release()
-
-
-def _remove_if_only_the_lock(output_dir: Path, created: list[Path]) -> None:
-    """When `output_dir` holds nothing but its lock file, remove the lock file, then the folders in `created` (those
-    this run made for it), deepest first; leave anything else as it is (a folder the user made stays, empty)."""
-    try:
-        if [path.name for path in output_dir.iterdir()] != [OUTPUT_DIR_LOCK]:
-            return
-        (output_dir / OUTPUT_DIR_LOCK).unlink()
-        for folder in reversed(created):
-            folder.rmdir()  # an OSError once a folder is not empty
-    except OSError:  # gone already, or files arrived meanwhile
-        pass
 
 
 def find_checkpoint(
