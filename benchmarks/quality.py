@@ -21,7 +21,7 @@ scikit-learn's two photos (a different package: no leakage) through `cdb_tokeniz
 Writes `benchmarks/results/quality_seed{SEED}.md` (`quality_{rules}_seed{SEED}.md` for a subset of the rules) and
 its code-usage plot beside it.
 
-    python benchmarks/quality.py                                   # defaults, ~25 min on 2 busy CPU cores
+    python benchmarks/quality.py                                   # defaults, ~22-25 min on 2 busy CPU cores
     python benchmarks/quality.py --steps 5000 --output quality_5k.md
     python benchmarks/quality.py --rules cdb --set router_candidates=1 --output cdb_no_learned_term.md   # an ablation
     python benchmarks/quality.py --rules cdb nearest --held-in    # also on the training photos: are idle codes dead?

@@ -814,7 +814,7 @@ class CDBVQModel(CDBVQPreTrainedModel):
         self.config.prototype_labels = list(labels) if labels is not None else None
 
     def code_prototype_labels(self) -> list[str | None]:
-        """The prototype label each code is tied to (None when the prototypes have no labels)."""
+        """The prototype label each code is tied to, one per code (each None when the prototypes have no labels)."""
         labels = self.config.prototype_labels
         return [labels[p] if labels else None for p in self.quantizer.code_to_prototype.tolist()]
 
