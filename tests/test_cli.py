@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from cdb_tokenizer import CDBVQImageProcessor, CDBVQModel
 import cdb_tokenizer.tools.cli as cli_module
 from cdb_tokenizer.tools.cli import main
-from cdb_tokenizer.tools.data import sample_photos
+from cdb_tokenizer.tools.data import load_image_dataset, sample_photos
 from cdb_tokenizer.tools.files import saved_weights
 from cdb_tokenizer.tools.publishing import model_files
 from conftest import cli_error_line, hub_cache, tiny_model
@@ -363,12 +363,16 @@ def test_tokenize_saves_a_dataset_with_tokens_and_labels(files, tmp_path, capsys
     assert len(reads) == 4  # each image read once (a check pass used to read them all first)
 
     tokenized = datasets.load_from_disk(str(out))
-    assert tokenized.column_names == ["image_tokens", "label"]
+    assert tokenized.column_names == ["image_tokens", "source_index", "label"]
     assert tokenized.features["label"].names == ["animal", "person"]
     _, expected_tokens, _ = _expected_reconstructions(files)
     expected = {name: tokens.flatten().tolist() for name, tokens in zip(PHOTO_NAMES, expected_tokens)}
     rows = sorted((row["label"], row["image_tokens"]) for row in tokenized)
     assert rows == sorted([(0, expected["chelsea"]), (1, expected["astronaut"]), (1, expected["coffee"])])
+    # Each row names the image it came from (the rows closed up over broken.png).
+    source = load_image_dataset(train_data_dir=str(data))
+    for row in tokenized:
+        assert row["image_tokens"] == expected[Path(source[row["source_index"]]["image"]["path"]).stem]
 
 
 def test_tokenize_refuses_an_out_another_run_writes_to(files, tmp_path, capsys):
@@ -1373,7 +1377,7 @@ def test_tokenize_takes_the_split_image_column_and_label_column_given(files, tmp
     assert main(arguments) == 0
     assert "tokenized 2 images (0 unreadable skipped)" in capsys.readouterr().out  # validation's two, not train's three
     tokenized = datasets.load_from_disk(str(out))
-    assert tokenized.column_names == ["image_tokens", "label"]
+    assert tokenized.column_names == ["image_tokens", "source_index", "label"]
     _, expected_tokens, _ = _expected_reconstructions(files)
     expected = {name: tokens.flatten().tolist() for name, tokens in zip(PHOTO_NAMES, expected_tokens)}
     rows = sorted((row["label"], row["image_tokens"]) for row in tokenized)

@@ -150,7 +150,8 @@ def test_tokenize_dataset_matches_get_image_tokens(tokenizer, photo_set, tmp_pat
     model, processor = tokenizer
     cache = tmp_path / "tokens.arrow"
     tokenized = tokenize_dataset(photo_set, model, processor, batch_size=3, cache_file_name=str(cache))
-    assert tokenized.column_names == ["image_tokens", "label"]
+    assert tokenized.column_names == ["image_tokens", "source_index", "label"]
+    assert tokenized["source_index"] == list(range(len(photo_set)))
     assert tokenized.features["label"] == photo_set.features["label"]  # the ClassLabel survives
     assert tokenized["label"] == photo_set["label"]
     expected = model.get_image_tokens(processor(list(photo_set["image"]), return_tensors="pt").pixel_values)
@@ -177,12 +178,14 @@ def test_tokenize_dataset_skips_unreadable_images(tokenizer, photo_set):
     model, processor = tokenizer
     buffer = io.BytesIO()
     photo_set[0]["image"].save(buffer, format="PNG")
-    values = [{"bytes": buffer.getvalue(), "path": None}, {"bytes": b"not an image", "path": None}]
+    # The rows close up over the skipped one: `source_index` says which image each came from.
+    values = [{"bytes": b"not an image", "path": None}, {"bytes": buffer.getvalue(), "path": None}]
     undecoded = datasets.Dataset.from_dict(
         {"image": values}, features=datasets.Features({"image": datasets.Image(decode=False)})
     )
-    tokenized = tokenize_dataset(undecoded, model, processor)
-    assert len(tokenized) == 1 and tokenized.column_names == ["image_tokens"]
+    tokenized = tokenize_dataset(undecoded, model, processor, batch_size=1)
+    assert len(tokenized) == 1 and tokenized.column_names == ["image_tokens", "source_index"]
+    assert tokenized["source_index"] == [1]
     assert tokenized[0]["image_tokens"] == tokenize_dataset(photo_set.select([0]), model, processor)[0]["image_tokens"]
 
 

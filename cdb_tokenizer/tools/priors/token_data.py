@@ -202,8 +202,9 @@ def tokenize_dataset(
             as any earlier check (`cdb-vq tokenize --max_image_pixels`), or images it allowed are dropped here.
 
     Returns:
-        `datasets.Dataset` with `image_tokens` (list of ints, length h * w) and, with labels, `label` (a `ClassLabel`
-        when the source column is one). Without `cache_file_name` the result is cached by `datasets` under a
+        `datasets.Dataset` with `image_tokens` (list of ints, length h * w), `source_index` (the row of `dataset` each
+        came from: rows close up over skipped images, so this is how a row finds its image) and, with labels,
+        `label` (a `ClassLabel` when the source column is one). Without `cache_file_name` the result is cached by `datasets` under a
         fingerprint of the data, the tokenizer's weights and config, and the processor.
     """
     import datasets
@@ -224,7 +225,7 @@ def tokenize_dataset(
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
 
-    features = {"image_tokens": datasets.List(datasets.Value("int32"))}
+    features = {"image_tokens": datasets.List(datasets.Value("int32")), "source_index": datasets.Value("int64")}
     if label_column is not None:
         label_feature = dataset.features[label_column]
         if isinstance(label_feature, datasets.ClassLabel):
@@ -244,11 +245,11 @@ def tokenize_dataset(
     fingerprint = hashlib.sha256(
         "|".join(
             [dataset._fingerprint, model.config.to_json_string(), _weights_fingerprint(model),
-             processor.to_json_string(), image_column, str(label_column), str(max_pixels)]
+             processor.to_json_string(), image_column, str(label_column), str(max_pixels), "source_index"]
         ).encode()
     ).hexdigest()[:32]  # fmt: skip
 
-    def tokenize_batch(batch: dict[str, list]) -> dict[str, list]:
+    def tokenize_batch(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
         errors = [[] for _ in batch[image_column]]  # per image: why it was skipped
         images = [
             decode_image(value, max_pixels=max_pixels, errors=found) for value, found in zip(batch[image_column], errors)
@@ -260,7 +261,7 @@ def tokenize_dataset(
                     skipped[0] += 1
                     if skipped[0] <= MAX_REPORTED_UNREADABLE:
                         logger.warning("Skipping unreadable image %s.", skipped_image_message(value, found))
-        output: dict[str, list] = {"image_tokens": []}
+        output: dict[str, list] = {"image_tokens": [], "source_index": [indices[index] for index in readable]}
         if label_column is not None:
             output["label"] = [batch[label_column][index] for index in readable]
         if readable:
@@ -274,6 +275,7 @@ def tokenize_dataset(
     try:
         tokenized = dataset.map(
             tokenize_batch,
+            with_indices=True,
             batched=True,
             batch_size=batch_size,
             remove_columns=dataset.column_names,
