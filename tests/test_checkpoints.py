@@ -616,6 +616,60 @@ def test_a_resume_of_another_shape_or_a_tampered_state_is_one_line_naming_it(str
         main(RUN + ["--output_dir", str(output_dir), "--max_train_steps", "6", "--resume_from_checkpoint", "latest"])
 
 
+@pytest.mark.parametrize(
+    "field, value", [("skipped_image_ids", [[1]]), ("skipped_image_ids", 5), ("nonfinite_steps", "x"), ("nonfinite_in_a_row", -5)]
+)
+def test_a_tampered_count_in_the_training_state_is_one_line_naming_it(straight, tmp_path, field, value):
+    # [[1]] and 5 were tracebacks (unhashable list, int not iterable), "x" a bare "invalid literal for int()", and
+    # a negative count was taken as it was.
+    import shutil
+
+    output_dir = tmp_path / "run"
+    shutil.copytree(straight, output_dir)
+    checkpoint = output_dir / "checkpoints" / "checkpoint-4"
+    state = json.loads((checkpoint / "training_state.json").read_text())
+    (checkpoint / "training_state.json").write_text(json.dumps({**state, field: value}))
+    refit_manifest(checkpoint)
+    with pytest.raises(CheckpointError, match=rf"training state's '{field}' .*damaged or tampered with"):
+        main(RUN + ["--output_dir", str(output_dir), "--max_train_steps", "6", "--resume_from_checkpoint", "latest"])
+
+
+def test_a_pickled_optimiser_state_is_refused_without_torch_s_advice_to_unpickle_it(straight, tmp_path):
+    # torch's error suggests weights_only=False ("will likely succeed"), which would run the file's code; the CLI's
+    # model loading held that advice back, the resume passed it on.
+    import shutil
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'ran'}",))
+
+    output_dir = tmp_path / "run"
+    shutil.copytree(straight, output_dir)
+    checkpoint = output_dir / "checkpoints" / "checkpoint-4"
+    torch.save({"state": {}, "param_groups": [], "x": Payload()}, checkpoint / "optimizer.bin")
+    refit_manifest(checkpoint)
+    with pytest.raises(CheckpointError, match="a pickled object.*never unpickled") as error:
+        main(RUN + ["--output_dir", str(output_dir), "--max_train_steps", "6", "--resume_from_checkpoint", "latest"])
+    assert "weights_only" not in str(error.value) and not (tmp_path / "ran").exists()
+
+
+def test_a_checkpoint_linked_in_from_another_disk_is_rotated_as_a_link(straight, tmp_path):
+    # Rotation renamed the link, then shutil.rmtree refused it ("Cannot call rmtree on a symbolic link"): the run
+    # failed after its new checkpoint and never saved its final model.
+    import shutil
+
+    output_dir = tmp_path / "run"
+    shutil.copytree(straight, output_dir)
+    elsewhere = tmp_path / "other_disk" / "checkpoint-2"
+    elsewhere.parent.mkdir()
+    shutil.move(output_dir / "checkpoints" / "checkpoint-2", elsewhere)
+    (output_dir / "checkpoints" / "checkpoint-2").symlink_to(elsewhere)
+    main(RUN + ["--output_dir", str(output_dir), "--max_train_steps", "5", "--resume_from_checkpoint", "latest"])
+    assert sorted(path.name for path in (output_dir / "checkpoints").iterdir()) == ["checkpoint-3", "checkpoint-4", "checkpoint-5"]
+    assert (elsewhere / MANIFEST).is_file()  # the link went, never the folder it pointed at
+    assert json.loads((output_dir / "metrics.json").read_text())["steps"] == 5  # the final model was saved
+
+
 @pytest.mark.parametrize("step", [-3, 2, 10**12, "4", True])
 def test_a_manifest_whose_step_is_not_its_folders_is_refused(straight, tmp_path, step):
     # The manifest's step was trusted: at -3 or 2 the run resumed there with step-4 weights and set aside the very

@@ -1034,6 +1034,30 @@ def test_a_fid_reference_that_is_not_safetensors_is_named(files, tmp_path, capsy
     assert f"--fid_reference {files['root'] / 'notes.txt'}" in cli_error_line(capsys, "eval")
 
 
+def test_a_fid_reference_records_its_data_by_name_and_is_checked_when_reused(files, tmp_path, capsys):
+    # The reference file recorded --data's absolute path (shared and reused like a token file, which records none);
+    # a reference with NaN statistics gave "rFID nan" and exit 0.
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    data = tmp_path / "home_alice" / "client_photos"
+    shutil.copytree(files["root"] / "photos", data)
+    reference = tmp_path / "reference.safetensors"
+    arguments = ["eval", "--model", str(files["model"]), "--data", str(data), "--fid", "--no-lpips",
+                 "--fid_feature_extractor", "random", "--fid_reference", str(reference)]  # fmt: skip
+    assert main(arguments) == 0
+    with safe_open(str(reference), "pt") as handle:
+        description = handle.metadata()["description"]
+    assert description.startswith("client_photos train ") and "home_alice" not in description
+    with safe_open(str(reference), "pt") as handle:
+        metadata = handle.metadata()
+    statistics = load_file(reference)
+    save_file({**statistics, "real_features_sum": statistics["real_features_sum"] * torch.nan}, str(reference), metadata)
+    capsys.readouterr()
+    assert main(arguments) == 1
+    assert f"--fid_reference {reference}: the FID reference statistics hold non-finite" in cli_error_line(capsys, "eval")
+
+
 def test_pickle_weights_are_refused_in_one_line_without_torch_warnings(files, tmp_path, capsys):
     import argparse
     import warnings

@@ -1,6 +1,8 @@
 """Image data: loading folders, decoding (and skipping) images, augmentation and the resumable sampler."""
 
 import io
+import json
+import shutil
 
 import numpy as np
 import pytest
@@ -67,6 +69,23 @@ def test_load_image_folder_keeps_images_undecoded(image_folder):
     decoded = [decode_image(value) for value in values]
     assert sum(image is None for image in decoded) == 1  # the broken file
     assert all(image.size == (48, 40) and image.mode == "RGB" for image in decoded if image is not None)
+
+
+def test_a_saved_data_set_naming_files_outside_its_folder_is_refused(tmp_path):
+    # load_from_disk reads whatever state.json names: a copied folder trained on another folder's images.
+    datasets = pytest.importorskip("datasets")
+    images = [Image.new("RGB", (32, 32), (index * 40, 0, 0)) for index in range(4)]
+    datasets.Dataset.from_dict({"image": images}, features=datasets.Features({"image": datasets.Image()})).save_to_disk(
+        str(tmp_path / "a")
+    )
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    arrow = next((tmp_path / "b").glob("*.arrow"))
+    arrow.unlink()
+    state = json.loads((tmp_path / "b" / "state.json").read_text())
+    (tmp_path / "b" / "state.json").write_text(json.dumps({**state, "_data_files": [{"filename": f"../a/{arrow.name}"}]}))
+    with pytest.raises(ValueError, match=r"saved in .*b.* is damaged: .*state.json names data files outside the folder"):
+        load_image_dataset(train_data_dir=str(tmp_path / "b"))
+    assert len(load_image_dataset(train_data_dir=str(tmp_path / "a"))) == 4
 
 
 def test_load_image_dataset_errors_name_the_problem(image_folder, tmp_path):

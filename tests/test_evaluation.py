@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import save_file
 from torch import nn
 
 import cdb_tokenizer.tools.evaluation as evaluation
@@ -138,6 +139,16 @@ def test_saved_reference_statistics_give_the_same_rfid(held_out, tmp_path):
     with pytest.raises(ValueError, match="another one"):
         evaluate(StubTokenizer("blur"), batches, fid=fid_metric(RandomFeatureExtractor(num_features=16)),
                  fid_reference=reference, show_progress=False)  # fmt: skip
+    # Statistics that would give a wrong rFID without a word (nan, or another number once cast from integers).
+    wrong = {"non-finite values in real_features_sum": {**reference, "real_features_sum": reference["real_features_sum"] * torch.nan},
+             "real_features_cov_sum as torch.int64": {**reference, "real_features_cov_sum": reference["real_features_cov_sum"].long()},
+             "fewer than 2 images": {**reference, "real_features_num_samples": torch.tensor(1)}}  # fmt: skip
+    for message, statistics in wrong.items():
+        with pytest.raises(ValueError, match=message):
+            evaluate(StubTokenizer("blur"), batches, fid=fid, fid_reference=statistics, show_progress=False)
+        save_file(statistics, str(tmp_path / "wrong.safetensors"))
+        with pytest.raises(ValueError, match=message):
+            load_fid_reference(tmp_path / "wrong.safetensors")
 
 
 def test_without_inception_weights_fid_says_so_in_one_line_at_once(no_inception_weights, caplog):

@@ -212,6 +212,48 @@ def test_publish_staging_scrubs_every_local_path_and_token(root, tmp_path):
     assert "output_dir" not in public and "hub_token" not in public and "OPENAI_API_KEY" not in public
 
 
+def test_publishing_refuses_a_file_linked_in_from_outside_the_output_folder(root, tmp_path):
+    # Staging copies follow links: a figure linked to a key file was staged, and would have been uploaded.
+    from cdb_tokenizer.tools.publishing import stage_folder
+
+    output = tmp_path / "out"
+    shutil.copytree(root / "model", output)
+    (tmp_path / "id_rsa").write_text("PRIVATE KEY")
+    (output / "reconstructions.png").symlink_to(tmp_path / "id_rsa")
+    with pytest.raises(ValueError, match=r"reconstructions.png is a link to .*id_rsa, outside .*out: only the folder"):
+        stage_folder(output, tmp_path / "staged", "me/tokenizer")
+    assert not (tmp_path / "staged" / "reconstructions.png").exists()
+    (output / "reconstructions.png").unlink()
+    (output / "figure.png").write_bytes(b"png")  # a link inside the folder is the folder's own file
+    (output / "reconstructions.png").symlink_to(output / "figure.png")
+    assert (stage_folder(output, tmp_path / "staged", "me/tokenizer") / "reconstructions.png").read_bytes() == b"png"
+
+
+def test_a_model_folder_whose_weights_are_integers_or_lie_outside_it_is_refused(root, tmp_path, capsys):
+    # Integer weights were cast to floats without a word (every token wrong, exit 0); a shard index naming
+    # ../elsewhere made transformers read another folder's weights.
+    folder = tmp_path / "integers"
+    shutil.copytree(root / "model", folder)
+    weights = load_file(folder / "model.safetensors")
+    save_file({name: tensor.to(torch.int32) if tensor.is_floating_point() else tensor for name, tensor in weights.items()},
+              str(folder / "model.safetensors"), metadata={"format": "pt"})  # fmt: skip
+    assert main(["inspect", "--model", str(folder)]) == 1
+    assert "store" in (line := cli_error_line(capsys, "inspect")) and "as I32, not floating point" in line, line
+    save_file({name: tensor.half() if tensor.is_floating_point() else tensor for name, tensor in weights.items()},
+              str(folder / "model.safetensors"), metadata={"format": "pt"})  # fmt: skip
+    assert main(["inspect", "--model", str(folder)]) == 0  # half precision is a float: loads
+    capsys.readouterr()
+
+    folder = tmp_path / "sharded"
+    shutil.copytree(root / "model", folder)
+    (tmp_path / "elsewhere").mkdir()
+    shutil.move(folder / "model.safetensors", tmp_path / "elsewhere" / "weights.safetensors")
+    index = {"metadata": {}, "weight_map": {name: "../elsewhere/weights.safetensors" for name in weights}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    assert main(["inspect", "--model", str(folder)]) == 1
+    assert "lists weight files outside" in cli_error_line(capsys, "inspect")
+
+
 # The prototypes record where their labels came from: a local path, absolute or relative (the --prototypes flag).
 @pytest.mark.parametrize("source", ["text:/home/jdoe/cfg/labels.txt", "text:clients/jdoe/labels.txt"])
 def test_publish_staging_scrubs_relative_paths_and_safetensors_metadata(root, tmp_path, source):

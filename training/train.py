@@ -842,6 +842,22 @@ def warn_if_data_order_changed(saved: dict | None, now: dict) -> None:
         )
 
 
+def check_training_state(path: Path, state: dict) -> None:
+    """Refuse a checkpoint's JSON state whose fields `RunState.from_checkpoint` could not use (a checkpoint comes
+    from anyone): one line naming the field, not a traceback from deep in the resume."""
+    damaged = "the checkpoint is damaged or tampered with"
+    for key in ("objective", "data_order", "schedule"):
+        if not isinstance(state.get(key) or {}, dict):
+            raise CheckpointError(f"{path}: its training state's {key!r} is not a JSON object; {damaged}.")
+    skipped = state.get("skipped_image_ids", [])
+    if not isinstance(skipped, list) or not all(isinstance(image_id, str) for image_id in skipped):
+        raise CheckpointError(f"{path}: its training state's 'skipped_image_ids' is not a list of image ids; {damaged}.")
+    for key in ("nonfinite_steps", "nonfinite_in_a_row"):
+        value = state.get(key, 0)
+        if type(value) is not int or value < 0:
+            raise CheckpointError(f"{path}: its training state's {key!r} is {value!r}, not a count of steps; {damaged}.")
+
+
 def resume(accelerator: Accelerator, args, max_train_steps: int, schedules: list, objective: dict) -> tuple[int, dict[str, torch.Tensor], dict]:
     """Load the checkpoint `--resume_from_checkpoint` names: (its step, its custom tensors, its JSON state).
 
@@ -852,10 +868,7 @@ def resume(accelerator: Accelerator, args, max_train_steps: int, schedules: list
     if path is None:
         return 0, {}, {}
     tensors, state = load_custom_state(path)  # safetensors and JSON: nothing is unpickled
-    for key in ("objective", "data_order", "schedule"):
-        if not isinstance(state.get(key) or {}, dict):
-            raise CheckpointError(f"{path}: its training state's {key!r} is not a JSON object; the checkpoint is "
-                                  f"damaged or tampered with.")  # fmt: skip
+    check_training_state(path, state)
     refuse_another_objective(state.get("objective"), objective)  # before the weights: their shapes may differ too
     # The later checkpoints are set aside once the whole resume is accepted (the EMA weights are checked after this).
     step = load_training_state(accelerator, path, args.output_dir, max_train_steps, schedules, set_aside=False)

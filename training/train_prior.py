@@ -40,7 +40,7 @@ from cdb_tokenizer.tools.checkpoints import (
     save_checkpoint,
 )
 from cdb_tokenizer.tools.cli import codebook_fingerprint
-from cdb_tokenizer.tools.data import saved_to_disk
+from cdb_tokenizer.tools.data import check_data_file_names, saved_to_disk
 from cdb_tokenizer.tools.files import output_dir_claims, write_text
 from cdb_tokenizer.tools.messages import OneLineErrorParser, first_line, run_script
 from cdb_tokenizer.tools.redaction import redact_secrets
@@ -254,7 +254,7 @@ def load_token_splits(args: argparse.Namespace, accelerator: Accelerator, tokeni
                 f"--codebook_size {args.codebook_size}, but {path} holds the ids of a {info['codebook_size']}-code "
                 f"tokenizer (its {TOKENS_INFO}): pass --codebook_size {info['codebook_size']}, or better --tokenizer."
             )
-    check_data_file_names(path)
+    check_data_file_names(path, f"--tokens_dir {path}")
     try:
         # Any format its state.json sets is reset: the checks and the loop then read what was checked.
         saved = datasets.load_from_disk(str(path)).with_format(None)
@@ -284,39 +284,6 @@ def load_token_splits(args: argparse.Namespace, accelerator: Accelerator, tokeni
         split = train.train_test_split(test_size=args.validation_split, seed=args.seed)
         train, validation = split["train"], split["test"]
     return train, validation
-
-
-def check_data_file_names(path: Path) -> None:
-    """Refuse a saved data set whose dataset_dict.json or state.json name files outside `path` (an absolute name, or
-    one with `..`): `load_from_disk` would read them, and train on other data than the folder's own. A file that
-    cannot be read as JSON is left for `load_from_disk` to call damaged."""
-    def outside(name) -> bool:
-        return isinstance(name, str) and (Path(name).is_absolute() or ".." in Path(name).parts)
-
-    folders = [path]
-    splits = _read_json_or_empty(path / "dataset_dict.json").get("splits")
-    if isinstance(splits, list):
-        if any(outside(split) or "/" in str(split) or "\\" in str(split) for split in splits):
-            raise ValueError(f"--tokens_dir {path} is damaged: its dataset_dict.json names splits outside the folder "
-                             f"({splits}); tokenise again.")  # fmt: skip
-        folders += [path / str(split) for split in splits]
-    for folder in folders:
-        files = _read_json_or_empty(folder / "state.json").get("_data_files")
-        entries = files if isinstance(files, list) else []
-        names = [entry.get("filename") for entry in entries if isinstance(entry, dict)]
-        far = [name for name in names if outside(name)]
-        if far:
-            raise ValueError(f"--tokens_dir {path} is damaged: {folder / 'state.json'} names data files outside the "
-                             f"folder ({', '.join(far)}); tokenise again.")  # fmt: skip
-
-
-def _read_json_or_empty(path: Path) -> dict:
-    """A JSON object from `path`, or {} when there is none (no such file, bad JSON, not an object)."""
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return value if isinstance(value, dict) else {}
 
 
 def recorded_fingerprint(args: argparse.Namespace, tokenizer) -> str | None:

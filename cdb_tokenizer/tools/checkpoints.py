@@ -157,10 +157,11 @@ def save_checkpoint(
             # checkpoint-<step> that `latest` warns about on every resume.
             doomed = old.with_name(f"{old.name}{DELETING_SUFFIX}")
             os.replace(old, doomed)
-            shutil.rmtree(doomed)
+            # A checkpoint linked in from elsewhere: drop the link, never the folder it points at.
+            doomed.unlink() if doomed.is_symlink() else shutil.rmtree(doomed)
         for path, _ in incomplete:  # the remains of interrupted writes
             if path.name.endswith(TMP_SUFFIX):
-                shutil.rmtree(path, ignore_errors=True)
+                path.unlink() if path.is_symlink() else shutil.rmtree(path, ignore_errors=True)
     accelerator.wait_for_everyone()
     logger.info(f"Saved checkpoint {final}.")
     return final
@@ -431,13 +432,15 @@ def _check_random_states(path: Path) -> None:
     except Exception as error:  # noqa: BLE001 - tampered or damaged pickles
         raise CheckpointError(
             f"cannot resume from {path.parent}: {path.name} cannot be read safely ({type(error).__name__}: "
-            f"{first_line(error)[:200]}); the checkpoint is damaged or tampered with."
+            f"{_what_failed(error)[:200]}); the checkpoint is damaged or tampered with."
         ) from None
 
 
 def _what_failed(error: BaseException) -> str:
     """The first line of `error`, and its first detail when the first line is only a heading (torch's "Error(s) in
     loading state_dict for CDBVQModel:" lists the mismatched tensors below)."""
+    if "Weights only load failed" in str(error):  # torch's advice (weights_only=False) could run the file's code
+        return "it holds more than tensors (a pickled object), and is never unpickled"
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     heading = first_line(error)
     return (f"{heading} {lines[1]}" if heading.endswith(":") and len(lines) > 1 else heading).rstrip(".")

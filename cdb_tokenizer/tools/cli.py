@@ -1211,6 +1211,8 @@ def eval_command(args: argparse.Namespace) -> None:
         try:
             reference = load_fid_reference(args.fid_reference)
             recorded = fid_reference_facts(args.fid_reference)
+        except ValueError as error:  # statistics that would give a wrong rFID
+            raise CLIError(f"--fid_reference {args.fid_reference}: {first_line(error)}") from None
         except Exception as error:  # noqa: BLE001 - not safetensors, truncated, unreadable
             raise CLIError(
                 f"--fid_reference {args.fid_reference} cannot be read as safetensors ({first_line(error)})."
@@ -1233,7 +1235,9 @@ def eval_command(args: argparse.Namespace) -> None:
     except ValueError as error:
         raise CLIError(f"{error} ({counter['unreadable']} unreadable images skipped)") from None
     if fid is not None and args.fid_reference and reference is None:
-        description = f"{args.data} {args.split} {metrics['num_images']} images"
+        # Reference files are shared and reused as token files are: a local --data by its last part only.
+        data = Path(args.data).expanduser().resolve().name if Path(args.data).expanduser().exists() else args.data
+        description = f"{data} {args.split} {metrics['num_images']} images"
         save_fid_reference(fid, args.fid_reference, description=description, **facts)
         print(f"Saved the rFID reference statistics to {args.fid_reference}.", file=sys.stderr)
     metrics["unreadable_images"] = counter["unreadable"]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import io
+import json
 import logging
 import os
 import re
@@ -285,11 +286,45 @@ def saved_to_disk(folder: Path) -> bool:
     return a_dict or ((folder / "state.json").is_file() and (folder / "dataset_info.json").is_file())
 
 
+def check_data_file_names(folder: Path, label: str) -> None:
+    """Refuse a `save_to_disk` folder whose dataset_dict.json or state.json name files outside it (an absolute name,
+    or one with `..`): `load_from_disk` would read them, and train or evaluate on other data than the folder's own.
+    `label` names the folder in the message (`--tokens_dir tokens/`). A file that cannot be read as JSON is left for
+    `load_from_disk` to call damaged."""
+
+    def outside(name) -> bool:
+        return isinstance(name, str) and (Path(name).is_absolute() or ".." in Path(name).parts)
+
+    folders = [folder]
+    splits = _json_object(folder / "dataset_dict.json").get("splits")
+    if isinstance(splits, list):
+        if any(outside(split) or "/" in str(split) or "\\" in str(split) for split in splits):
+            raise ValueError(f"{label} is damaged: its dataset_dict.json names splits outside the folder ({splits}).")
+        folders += [folder / str(split) for split in splits]
+    for part in folders:
+        entries = _json_object(part / "state.json").get("_data_files")
+        names = [entry.get("filename") for entry in entries if isinstance(entry, dict)] if isinstance(entries, list) else []
+        far = [name for name in names if outside(name)]
+        if far:
+            raise ValueError(f"{label} is damaged: {part / 'state.json'} names data files outside the folder "
+                             f"({', '.join(far)}).")  # fmt: skip
+
+
+def _json_object(path: Path) -> dict:
+    """A JSON object from `path`, or {} when there is none (no such file, bad JSON, not an object)."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
 def open_saved_dataset(folder: Path, split: str, streaming: bool):
     """One split of a `save_to_disk` folder (a lone `Dataset` is the `train` split), as an `IterableDataset` when
     streaming."""
     import datasets
 
+    check_data_file_names(folder, f"the data set saved in {str(folder)!r}")
     saved = datasets.load_from_disk(str(folder))
     splits = saved if isinstance(saved, datasets.DatasetDict) else {"train": saved}
     if split not in splits:

@@ -196,7 +196,9 @@ def load_fid_reference(path: str | Path) -> dict[str, torch.Tensor]:
     """Reference statistics written by `save_fid_reference` (pass them to `evaluate(fid_reference=...)`)."""
     from safetensors.torch import load_file
 
-    return load_file(str(path))
+    reference = load_file(str(path))
+    check_fid_reference(reference)
+    return reference
 
 
 def fid_reference_facts(path: str | Path) -> dict[str, str]:
@@ -216,6 +218,23 @@ def _set_fid_reference(metric, reference: dict[str, torch.Tensor]) -> None:
                 f"{tuple(current.shape)}); were they computed with another one?"
             )
         setattr(metric, name, reference[name].to(device=current.device, dtype=current.dtype))
+    check_fid_reference(reference)
+
+
+def check_fid_reference(reference: dict[str, torch.Tensor]) -> None:
+    """Refuse reference statistics that would give a wrong rFID without a word: sums stored as integers (cast, they
+    give another number), non-finite values (an rFID of nan), or fewer than two images (no covariance). A reference
+    file is reused and shared, like a token file."""
+    for name in FID_REFERENCE_STATES:
+        if name not in reference:
+            raise ValueError(f"the FID reference statistics have no {name}; were they written by save_fid_reference?")
+        value = reference[name]
+        if name != "real_features_num_samples" and not value.is_floating_point():
+            raise ValueError(f"the FID reference statistics store {name} as {value.dtype}, not floating point.")
+        if not torch.isfinite(value.double()).all():
+            raise ValueError(f"the FID reference statistics hold non-finite values in {name}; compute them again.")
+    if reference["real_features_num_samples"].numel() != 1 or int(reference["real_features_num_samples"]) < 2:
+        raise ValueError("the FID reference statistics come from fewer than 2 images; a covariance needs more.")
 
 
 @contextmanager

@@ -144,6 +144,9 @@ def load_tokenizer(
     config_dict, _ = PretrainedConfig.get_config_dict(name_or_path, **_hub_options(kwargs))
     if config_dict.get("model_type") != "cdb_vq":
         raise ValueError(f"{name_or_path} is a {config_dict.get('model_type')!r} model, not a cdb-vq tokenizer.")
+    local = Path(name_or_path) if Path(name_or_path).is_dir() else None
+    if local is not None:
+        refuse_shards_outside(local)  # transformers would read any file an index names
     # Only the caller's own `trust_remote_code` is passed on (never a literal True).
     model_class = AutoModel if trust_remote_code else CDBVQModel
     processor_class = AutoImageProcessor if trust_remote_code else CDBVQImageProcessor
@@ -163,6 +166,8 @@ def load_tokenizer(
             f"never unpickled (that could run code); convert them to safetensors."
         ) from None
     refuse_missing_parameters(model, loading_info, name_or_path)  # AutoModel's class may be a folder's older code
+    if local is not None:  # (a Hub repository's weights are not checked: transformers reads them from its cache)
+        refuse_integer_weights(local, model)
     model.eval()
     if _has_processor_config(name_or_path, kwargs):
         try:
@@ -177,6 +182,44 @@ def load_tokenizer(
     if device is not None:
         model.to(device)
     return model, processor
+
+
+def refuse_shards_outside(folder: Path) -> None:
+    """Refuse a shard index that names weight files outside `folder` (`../x.safetensors`, an absolute path):
+    transformers joins the names to the folder and reads whatever they reach."""
+    import json
+
+    for index in (folder / "model.safetensors.index.json", folder / "pytorch_model.bin.index.json"):
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map") or {}
+        except (OSError, ValueError, AttributeError):
+            continue  # no index, or one transformers itself calls damaged
+        far = sorted({str(name) for name in weight_map.values() if Path(str(name)).name != str(name)})
+        if far:
+            raise ValueError(f"{index} lists weight files outside {folder} ({far[0]!r}): a saved model's shards lie "
+                             f"beside their index.")  # fmt: skip
+
+
+def refuse_integer_weights(folder: Path, model: torch.nn.Module) -> None:
+    """Refuse safetensors files that store floating-point parameters as integers (or booleans): transformers casts
+    them without a word, and the model then tokenises and decodes noise."""
+    import itertools
+
+    from safetensors import safe_open
+
+    from .files import saved_weights
+
+    floating = {name for name, tensor in itertools.chain(model.named_parameters(), model.named_buffers())
+                if tensor.is_floating_point()}  # fmt: skip
+    for path in saved_weights(folder):
+        if path.suffix != ".safetensors":
+            continue
+        with safe_open(str(path), framework="pt") as handle:
+            for name in handle.keys():
+                dtype = handle.get_slice(name).get_dtype()
+                if name in floating and dtype not in ("F64", "F32", "F16", "BF16"):
+                    raise ValueError(f"the weights in {folder} store {name} as {dtype}, not floating point: they are "
+                                     f"not a saved cdb-vq model's.")  # fmt: skip
 
 
 def _hub_options(kwargs: dict[str, Any]) -> dict[str, Any]:

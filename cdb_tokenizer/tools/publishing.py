@@ -504,6 +504,11 @@ def stage_folder(
     files = model_files(output_dir)
     _check_staging_dir(staging_dir)
     staging_dir.mkdir(parents=True, exist_ok=True)
+    # Copies follow links: one to a file outside the folder (a key, another run's weights) would be uploaded.
+    for path in files + [output_dir / name for name in (*EXTRA_FILES, *JSON_FILES, *FIGURES.values())]:
+        if path.is_symlink() and output_dir.resolve() not in path.resolve().parents:
+            raise ValueError(f"{path} is a link to {path.resolve()}, outside {output_dir}: only the folder's own files "
+                             f"are published; copy the file in instead.")  # fmt: skip
     for path in files + [output_dir / name for name in EXTRA_FILES]:
         if path.is_file():
             shutil.copy2(path, staging_dir / path.name)
