@@ -225,8 +225,8 @@ def setup_run(args: argparse.Namespace) -> Accelerator:
     set_seed(args.seed)
     prepare_output_dir(args, accelerator)
     if args.hub_token:
-        logger.warning("--hub_token on the command line shows in the process list and the shell history; prefer "
-                       "`hf auth login` or HF_TOKEN. It is not written to training_config.json or the trackers.")  # fmt: skip
+        logger.warning("--hub_token shows in the process list and the shell history (or sits in its --config file); "
+                       "prefer `hf auth login` or HF_TOKEN. It is not written to training_config.json or the trackers.")  # fmt: skip
     return accelerator
 
 
