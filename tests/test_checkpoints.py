@@ -416,7 +416,7 @@ def test_secrets_never_reach_the_training_config_or_the_trackers(tmp_path, caplo
     written = b"".join(p.read_bytes() for p in output_dir.rglob("*") if p.is_file())
     assert secret.encode() not in written
     assert json.loads((output_dir / "training_config.json").read_text()).get("hub_token") is None
-    assert "--hub_token on the command line" in caplog.text
+    assert "--hub_token shows in the process list" in caplog.text
 
 
 def test_a_resumed_run_logs_each_step_once_in_tensorboard(tmp_path):
