@@ -591,11 +591,15 @@ class CDBVQQuantizer(nn.Module):
         # The running statistics (usage, EMA sums, potentials, temperature, signal and teacher statistics) take 1% steps
         # that half precision rounds away, and their smoothing underflows float16 into an infinite codebook: they stay
         # float32 when the model is cast (`.half()`, `.to(torch.bfloat16)`), as under autocast.
+        # Kept exact, not only float32: a cast then `.float()` would leave them rounded to half precision.
+        originals = {(module, name): buffer for module in self.modules() for name, buffer in module._buffers.items()
+                     if buffer is not None and buffer.dtype == torch.float32}  # fmt: skip
         super()._apply(fn, recurse)
         for module in self.modules():
             for name, buffer in module._buffers.items():
                 if buffer is not None and buffer.is_floating_point() and buffer.dtype != torch.float32:
-                    module._buffers[name] = buffer.float()
+                    original = originals.get((module, name))
+                    module._buffers[name] = buffer.float() if original is None else original.to(buffer.device)
         return self
 
     # ------------------------------------------------------------------ state

@@ -768,6 +768,24 @@ def test_inspect_codes_is_a_csv_or_json_file(files, tmp_path, capsys):
     assert len(json.loads((tmp_path / "codes.JSON").read_text())) == 64
 
 
+def test_inspect_codes_csv_keeps_a_downloaded_label_from_running_as_a_formula(files, tmp_path):
+    # Labels come from the model's config.json: "=HYPERLINK(...)" became a live formula in a spreadsheet.
+    import csv
+
+    folder = tmp_path / "model"
+    shutil.copytree(files["model"], folder)
+    config = json.loads((folder / "config.json").read_text())
+    labels = ["=HYPERLINK(\"http://x\")", "@SUM(A1)", "-1+2", "plain, with a comma"]
+    config["prototype_labels"] = (labels * config["num_prototypes"])[: config["num_prototypes"]]
+    (folder / "config.json").write_text(json.dumps(config))
+    assert main(["inspect", "--model", str(folder), "--codes", str(tmp_path / "codes.csv")]) == 0
+    with open(tmp_path / "codes.csv", newline="") as handle:
+        cells = {row["prototype_label"] for row in csv.DictReader(handle)}
+    assert cells and cells <= {"'=HYPERLINK(\"http://x\")", "'@SUM(A1)", "'-1+2", "plain, with a comma"}
+    assert main(["inspect", "--model", str(folder), "--codes", str(tmp_path / "codes.json")]) == 0
+    assert {record["prototype_label"] for record in json.loads((tmp_path / "codes.json").read_text())} <= set(labels)
+
+
 # ------------------------------------------------------------------------------------------------ review fixes
 
 

@@ -41,6 +41,20 @@ def test_random_parts_change_with_the_seed_and_compose(images):
     assert canonical_spec("gaussian_blur:1.50 + noise:0.02-0.05|jpeg:30") == "gaussian_blur:1.5+noise:0.02-0.05|jpeg:30"
 
 
+@pytest.mark.parametrize("spec", ["gaussian_blur:1 2", "noise:0 0.05", "motion_blur:1 0", "gaussian_ blur:1"])
+def test_a_space_inside_a_name_or_number_is_refused(spec):
+    # Spaces were deleted before parsing: "gaussian_blur:1 2" (meant as a range) trained at sigma 12.
+    with pytest.raises(ValueError, match="stray space"):
+        canonical_spec(spec)
+    assert canonical_spec(" gaussian_blur : 1 - 2 + noise:0.02 | jpeg:30 ") == "gaussian_blur:1-2+noise:0.02|jpeg:30"
+
+
+def test_the_recorded_spec_keeps_every_digit():
+    # The config, the card and `restore` showed "gaussian_blur:1.23457" for a model trained at 1.2345678.
+    assert canonical_spec("gaussian_blur:1.2345678") == "gaussian_blur:1.2345678"
+    assert canonical_spec("gaussian_blur:1.50-2.0") == "gaussian_blur:1.5-2"
+
+
 def test_alternatives_give_each_image_exactly_one_of_them_applied_alone(images):
     batch = images.repeat(4, 1, 1, 1)  # 16 images: both alternatives turn up
     alone = {spec: degrade(batch, spec) for spec in ("gaussian_blur:2", "jpeg:20")}  # no randomness in either

@@ -271,6 +271,20 @@ def test_code_report_has_one_record_per_code_and_round_trips(supervised_model, t
     assert loaded.code_report() == report
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_half_precision_cast_leaves_the_code_statistics_exact(dtype):
+    # The buffers were cast to half precision and back to float32: still float32, but rounded (`inspect --dtype
+    # bfloat16` reported other usages), and in float16 a long-unused code's statistics flushed to zero.
+    model = tiny_model(code_roles={"structure": [0, 22], "texture": [22, 43], "colour": [43, 64]})
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        model.quantizer.usage.copy_(torch.rand(64, generator=generator) / 32)
+        model.quantizer.signal_statistics.sums.copy_(torch.rand(64, 3, generator=generator) * 1e-8)
+        model.quantizer.signal_statistics.counts.copy_(torch.rand(64, generator=generator) * 1e-8)
+    before = model.code_report()
+    assert model.to(dtype).code_report() == before
+
+
 def test_a_model_saved_before_the_code_statistics_loads_with_its_codebook_state(tmp_path):
     from safetensors.torch import load_file, save_file
 
@@ -325,6 +339,15 @@ def test_role_prior_scale_scales_the_role_term_of_the_router():
     same = (candidates == scaled_candidates).all(-1)  # the prior is added before the candidate is picked
     assert float(full.abs().max()) > 0.1 and int(same.sum()) >= 20
     torch.testing.assert_close(scaled[same], 0.3 * full[same])
+
+
+@pytest.mark.parametrize("roles", [3, 12, 17, 30])
+def test_every_role_has_a_legend_bar_in_a_one_image_role_map(roles):
+    # Bars were cut 2 pixels in from each side of their block: from 17 roles at 32 pixels the strip was blank.
+    names = [f"r{i}" for i in range(roles)]
+    figure = role_map_figure(torch.zeros(1, 3, 32, 32), torch.zeros(1, 8, 8, dtype=torch.long), names)
+    bars = {tuple(pixel) for pixel in (figure[:, 2:10].permute(1, 2, 0).reshape(-1, 3) * 255).round().int().tolist()}
+    assert len(bars - {(255, 255, 255)}) == roles
 
 
 def test_codebook_usage_shades_each_role_range_in_its_role_map_colour(tmp_path):

@@ -1351,6 +1351,12 @@ def _check_codes_file(codes: str, overwrite: bool) -> Path:
     return path
 
 
+def _inert_cell(value: Any) -> Any:
+    """A CSV cell a spreadsheet shows as text: labels and role names come from a downloaded model's config, and one
+    starting with `=`, `+`, `-`, `@` or a tab or carriage return would run as a formula (`'` keeps it text)."""
+    return f"'{value}" if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r") else value
+
+
 def _write_code_report(report: list[dict], path: Path) -> None:
     """One record per code as CSV (by the .csv suffix) or JSON (.json)."""
     if path.suffix.lower() == ".csv":
@@ -1360,7 +1366,7 @@ def _write_code_report(report: list[dict], path: Path) -> None:
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, fieldnames=list(report[0]))
         writer.writeheader()
-        writer.writerows(report)
+        writer.writerows([{key: _inert_cell(value) for key, value in record.items()} for record in report])
         text = buffer.getvalue()
     else:
         text = json.dumps(report, indent=1) + "\n"

@@ -45,7 +45,8 @@ class Degradation:
 
 
 def _number(value: float) -> str:
-    return f"{value:g}"
+    short = f"{value:g}"
+    return short if float(short) == value else repr(float(value))  # never a rounded strength
 
 
 def _parse_number(text: str) -> float:
@@ -61,6 +62,7 @@ def parse_spec(spec: str) -> list[list[Degradation]]:
         raise ValueError(
             f"a degradation spec must be a non-empty string such as 'gaussian_blur:1.5', got {spec!r}."
         )
+    _refuse_inner_spaces(spec)
     chains = "".join(spec.split()).split("|")
     if not all(chains):
         raise ValueError(
@@ -76,6 +78,7 @@ def parse_degradations(spec: str, whole: str | None = None) -> list[Degradation]
             f"a degradation spec must be a non-empty string such as 'gaussian_blur:1.5', got {whole or spec!r}."
         )
     whole = whole or spec
+    _refuse_inner_spaces(spec)
     degradations = []
     for part in "".join(spec.split()).split("+"):
         if not part:
@@ -98,6 +101,15 @@ def parse_degradations(spec: str, whole: str | None = None) -> list[Degradation]
             ) from None
         degradations.append(_check_strength(Degradation(name, low, high), strength))
     return degradations
+
+
+def _refuse_inner_spaces(spec: str) -> None:
+    """Spaces may surround '+', '|', ':' and '-', never split a name or a number ('gaussian_blur:1 2' is not 12)."""
+    inner = re.search(r"[\w.]\s+[\w.]", spec)
+    if inner:
+        raise ValueError(
+            f"stray space in {spec!r} ({inner.group()!r}): for a range write LOW-HIGH, e.g. 'gaussian_blur:1-2'."
+        )
 
 
 def _check_name(name: str, where: str) -> None:

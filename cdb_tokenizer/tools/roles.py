@@ -127,8 +127,9 @@ def role_map_figure(
     legend = torch.ones(3, 12, grid.shape[-1])
     colours = role_colours(role_names or ["all"])
     block = max(1, grid.shape[-1] // len(colours))
+    gap = min(2, (block - 1) // 2)  # narrow bars keep at least one pixel of colour
     for i, (_, rgb) in enumerate(colours):
-        legend[:, 2:10, i * block + 2 : (i + 1) * block - 2] = torch.tensor(rgb)[:, None, None]
+        legend[:, 2:10, i * block + gap : (i + 1) * block - gap] = torch.tensor(rgb)[:, None, None]
     return torch.cat([legend, grid], dim=1)
 
 
