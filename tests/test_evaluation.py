@@ -378,10 +378,19 @@ def test_detail_box_finds_the_textured_window_and_the_figure_has_full_size_tiles
     import numpy as np
 
     pixels = np.asarray(figure)
-    for column, source in ((6, image), (6 + 256 + 6, noisy)):
+    def zoomed_window(source):
         window = (((source[:, top : top + 64, left : left + 64] + 1) / 2).clamp(0, 1) * 255).round().byte()
-        expected = window.permute(1, 2, 0).numpy().repeat(4, axis=0).repeat(4, axis=1)
-        np.testing.assert_array_equal(pixels[-6 - 256 : -6, column : column + 256], expected)
+        return window.permute(1, 2, 0).numpy().repeat(4, axis=0).repeat(4, axis=1)
+
+    for column, source in ((6, image), (6 + 256 + 6, noisy)):
+        np.testing.assert_array_equal(pixels[-6 - 256 : -6, column : column + 256], zoomed_window(source))
+    # A restoration model's figure: degraded input | restored | original, in every row.
+    blurred = torch.nn.functional.avg_pool2d(image[None], 3, stride=1, padding=1)[0]
+    restoration = reconstruction_figure([image], [noisy], zoom_size=64, zoom_factor=4, degraded=[blurred])
+    assert restoration.width == 3 * 384 + 4 * 6
+    pixels = np.asarray(restoration)
+    for column, source in ((6, blurred), (6 + 262, noisy), (6 + 2 * 262, image)):
+        np.testing.assert_array_equal(pixels[-6 - 256 : -6, column : column + 256], zoomed_window(source))
 
 
 def test_thread_count_follows_idle_cores_and_explicit_settings(monkeypatch):

@@ -70,6 +70,10 @@ def test_a_restoration_run_records_its_degradation_and_writes_role_pictures(rest
     assert config["restoration_degradation"] == "gaussian_blur:0.5-2|noise:0.02"
     assert config["code_roles"] == {"structure": [0, 16], "texture": [16, 32], "colour": [32, 48]}
     assert (restoration_run / "role_map.png").is_file()
+    # restorations.png: degraded input | restored | original, each row one tile wider than reconstructions.png's.
+    restorations, reconstructions = (Image.open(restoration_run / f"{name}.png") for name in ("restorations", "reconstructions"))
+    tile = (reconstructions.width - 3 * 6) // 2
+    assert restorations.size == (reconstructions.width + tile + 6, reconstructions.height)
     records = [json.loads(line) for line in (restoration_run / "logs" / "train_log.jsonl").read_text().splitlines()]
     logged = set().union(*records)
     assert {"loss/high_frequency", "loss/role_supervision", "validation/restoration_psnr"} <= logged
@@ -172,6 +176,7 @@ def test_model_card_shows_the_role_map_code_readout_and_restoration(restoration_
     assert "What the codes of each role learned" in card and "| texture | 16 |" in card
     assert "## Restoration" in card and "gaussian_blur:0.5-2|noise:0.02" in card
     assert "Restoration PSNR" in card
+    assert (staged / "restorations.png").is_file() and "![Restorations](restorations.png)" in card
 
 
 def test_a_resume_keeps_the_restoration_it_was_trained_for(restoration_run, tmp_path):

@@ -70,7 +70,7 @@ from cdb_tokenizer.tools.data import (
     skipped_image_message,
     train_transform,
 )
-from cdb_tokenizer.tools.degradations import degrade
+from cdb_tokenizer.tools.degradations import canonical_spec, degrade
 from cdb_tokenizer.tools.evaluation import (
     code_usage_counts,
     eval_mode,
@@ -145,7 +145,9 @@ class OutputDirInUse(ValueError):
 # there: config.json and the remote-code files are replaced by save_pretrained at the end of the new run).
 RUN_MARKERS = ("checkpoints", "training_config.json", "metrics.json", "model.safetensors")
 PROTOTYPES_FILE = "prototypes.safetensors"  # the built prototypes, cached for resumes and published with the model
-RUN_FILES = RUN_MARKERS + ("reconstructions.png", "codebook_usage.png", PROTOTYPES_FILE, "role_map.png")
+RUN_FILES = RUN_MARKERS + (
+    "reconstructions.png", "codebook_usage.png", PROTOTYPES_FILE, "role_map.png", "restorations.png"
+)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1185,8 +1187,20 @@ def model_save_errors(output_dir: str | Path, step: int) -> Iterator[None]:
         ) from error
 
 
+def save_restoration_figure(model: CDBVQModel, originals: list[torch.Tensor], args, metrics: dict, path: Path) -> None:
+    """restorations.png of a restoration model: the pictures' images degraded (with validation's fixed seed) beside
+    what the model made of them and the originals; the caption gives the held-out restoration numbers."""
+    degraded = [degrade(image[None], args.degradation, seed=VALIDATION_DEGRADATION_SEED)[0] for image in originals]
+    restored = [reconstruct(model, image[None])[0] for image in degraded]
+    caption = (f"degraded by {canonical_spec(args.degradation)}; held-out: restored "
+               f"{metrics.get('restoration_psnr', float('nan')):.2f} dB, degraded input "
+               f"{metrics.get('degraded_input_psnr', float('nan')):.2f} dB")  # fmt: skip
+    save_reconstruction_figure(originals, restored, path, caption=caption, degraded=degraded)
+
+
 def save_outputs(model: CDBVQModel, validation: torch.Tensor, args, metrics: dict, ema: EMAWeights | None) -> None:
-    """The final model and processor, metrics.json, reconstructions.png and codebook_usage.png."""
+    """The final model and processor, metrics.json, reconstructions.png and codebook_usage.png (and
+    restorations.png, role_map.png)."""
     output_dir = Path(args.output_dir)
     with ema.applied(model) if ema is not None else nullcontext():
         model.save_pretrained(output_dir)
@@ -1197,6 +1211,8 @@ def save_outputs(model: CDBVQModel, validation: torch.Tensor, args, metrics: dic
                    f"{metrics.get('psnr', float('nan')):.2f} dB, SSIM {metrics.get('ssim', float('nan')):.3f}; "
                    f"{model.config.codebook_size} codes, f{model.config.downsampling_factor}, {metrics.get('steps', '?')} steps")  # fmt: skip
         save_reconstruction_figure(originals, reconstructions, output_dir / "reconstructions.png", caption=caption)
+        if args.degradation:
+            save_restoration_figure(model, originals, args, metrics, output_dir / "restorations.png")
         counts = code_usage_counts(model, validation_batches(validation, args.train_batch_size))
     CDBVQImageProcessor(size={"height": args.resolution, "width": args.resolution}).save_pretrained(output_dir)
     save_usage_plot(counts, output_dir / "codebook_usage.png", code_roles=model.config.code_roles,
@@ -1207,7 +1223,9 @@ def save_outputs(model: CDBVQModel, validation: torch.Tensor, args, metrics: dic
             role_map = model.role_map(role_images.to(device=model.device, dtype=model.dtype)).cpu()
         save_role_map(role_images, role_map, model.config.role_names, output_dir / "role_map.png")
     write_json(output_dir / "metrics.json", metrics)
-    logger.info(f"Saved the tokenizer, reconstructions.png, codebook_usage.png, {'role_map.png, ' if model.config.code_roles else ''}metrics.json to {output_dir}.")
+    figures = ["reconstructions.png", "codebook_usage.png"] + ["role_map.png"] * bool(model.config.code_roles)
+    figures += ["restorations.png"] * bool(args.degradation)
+    logger.info(f"Saved the tokenizer, {', '.join(figures)}, metrics.json to {output_dir}.")
 
 
 def log_done(start_time: float, steps: int, seconds_per_step: float | None, threads: int, metrics: dict,

@@ -405,13 +405,16 @@ def reconstruction_figure(
     zoom_size: int = 64,
     zoom_factor: int = 4,
     caption: str | None = None,
+    degraded: list[torch.Tensor] | None = None,
 ):
     """The picture people judge a tokenizer by, as a PIL image.
 
     One row per image: the original (left) beside its reconstruction (right) at full size, captioned with the
     reconstruction's PSNR; then a row with a zoomed detail of the first image (the `zoom_size` window with the most
     fine detail, outlined in red above), original beside reconstruction, magnified `zoom_factor` times (nearest).
-    Images are (3, H, W) tensors in [-1, 1]; rows may have different sizes.
+    Images are (3, H, W) tensors in [-1, 1]; rows may have different sizes. For a restoration model, `degraded` (the
+    inputs its `reconstructions` were made from) adds them as the first column, each with its own PSNR against the
+    original: degraded input | restored | original.
     """
     from PIL import Image, ImageDraw
 
@@ -422,21 +425,28 @@ def reconstruction_figure(
     gap, text_height = 6, 14
     top, left = detail_box(to_unit_range(originals[0]), zoom_size)
     size = min(zoom_size, originals[0].shape[-2], originals[0].shape[-1])
+    if degraded is None:
+        columns = [(originals, "original"), (reconstructions, "reconstruction")]
+    else:
+        columns = [(degraded, "degraded input"), (reconstructions, "restored"), (originals, "original")]
     rows = []
-    for index, (original, reconstruction) in enumerate(zip(originals, reconstructions)):
-        tiles = [to_pil(original), to_pil(reconstruction)]
+    for index, original in enumerate(originals):
+        tiles, labels = [], []
+        for images, name in columns:
+            tiles.append(to_pil(images[index]))
+            labels.append(name if images is originals else f"{name}, PSNR {psnr(images[index], original):.1f} dB")
         if index == 0:
             for tile in tiles:
                 box = [left, top, left + size - 1, top + size - 1]
                 ImageDraw.Draw(tile).rectangle(box, outline=(255, 0, 0), width=2)
-        rows.append((tiles, ["original", f"reconstruction, PSNR {psnr(reconstruction, original):.1f} dB"]))
+        rows.append((tiles, labels))
     crop = (slice(None), slice(top, top + size), slice(left, left + size))
-    zoomed = [to_pil(image[crop]).resize((size * zoom_factor, size * zoom_factor), Image.NEAREST)
-              for image in (originals[0], reconstructions[0])]  # fmt: skip
-    rows.append((zoomed, [f"original, detail x{zoom_factor}", f"reconstruction, detail x{zoom_factor}"]))
+    zoomed = [to_pil(images[0][crop]).resize((size * zoom_factor, size * zoom_factor), Image.NEAREST)
+              for images, _ in columns]  # fmt: skip
+    rows.append((zoomed, [f"{name}, detail x{zoom_factor}" for _, name in columns]))
 
     header = text_height + gap if caption else 0
-    width = max(sum(tile.width for tile in tiles) + 3 * gap for tiles, _ in rows)
+    width = max(sum(tile.width for tile in tiles) + (len(tiles) + 1) * gap for tiles, _ in rows)
     height = header + sum(max(tile.height for tile in tiles) + text_height + gap for tiles, _ in rows) + gap
     figure = Image.new("RGB", (width, height), (255, 255, 255))
     draw = ImageDraw.Draw(figure)

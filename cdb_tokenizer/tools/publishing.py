@@ -47,7 +47,8 @@ TAGS = ["image-tokenization", "vector-quantization", "cdb-vq", "vqgan"]
 DEFAULT_LICENSE = "apache-2.0"
 
 # What `train.py` writes besides the model: copied when present. Everything else (checkpoints/, logs/, ...) stays.
-FIGURES = {"reconstructions": "reconstructions.png", "usage": "codebook_usage.png", "role_map": "role_map.png"}
+FIGURES = {"reconstructions": "reconstructions.png", "usage": "codebook_usage.png", "role_map": "role_map.png",
+           "restorations": "restorations.png"}
 EXTRA_FILES = ("prototypes.safetensors",)
 # JSON files published with secrets and local paths removed.
 JSON_FILES = ("metrics.json", "training_config.json")
