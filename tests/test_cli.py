@@ -393,6 +393,13 @@ def test_tokenize_refuses_an_out_another_run_writes_to(files, tmp_path, capsys):
         assert [path.name for path in out.iterdir()] == [OUTPUT_DIR_LOCK]
     finally:
         other_run.release()
+    # A folder of the user's that tokenize refuses is left as it was: no lock file of ours in it.
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    assert main([*command[:-1], str(mine)]) == 1
+    assert "with other files in it" in cli_error_line(capsys, "tokenize")
+    assert [path.name for path in mine.iterdir()] == ["notes.txt"]
     # The lock file a finished run (or a crash) left is no "other file": the folder is free, and stays reusable.
     for _ in range(2):
         assert main(command) == 0, capsys.readouterr().err

@@ -79,6 +79,22 @@ def test_a_restoration_run_records_its_degradation_and_writes_role_pictures(rest
     assert {"loss/high_frequency", "loss/role_supervision", "validation/restoration_psnr"} <= logged
 
 
+def test_each_picture_of_restorations_png_gets_its_own_draw(tmp_path, monkeypatch):
+    # Each picture was degraded alone under one seed: all got the same alternative of an 'A|B' spec and the same
+    # strength of a range, so the figure showed one of them only.
+    import argparse
+
+    import training.train as train_script
+
+    shown = {}
+    monkeypatch.setattr(train_script, "save_reconstruction_figure",
+                        lambda *args, degraded, **kwargs: shown.update(degraded=degraded))  # fmt: skip
+    image = torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    args = argparse.Namespace(degradation="gaussian_blur:0.5-2.5|noise:0.02-0.2")
+    train_script.save_restoration_figure(tiny_model().eval(), [image] * 4, args, {}, tmp_path / "restorations.png")
+    assert any(not torch.equal(shown["degraded"][0], other) for other in shown["degraded"][1:])
+
+
 def test_restoration_training_feeds_the_encoder_degraded_images_and_targets_the_clean_ones(restoration_run_and_batches):
     _, seen = restoration_run_and_batches
     assert [batch["step"] for batch in seen] == [0, 1]  # --max_train_steps 2, one micro-batch each

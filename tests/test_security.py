@@ -243,6 +243,12 @@ def test_a_model_folder_whose_weights_are_integers_or_lie_outside_it_is_refused(
               str(folder / "model.safetensors"), metadata={"format": "pt"})  # fmt: skip
     assert main(["inspect", "--model", str(folder)]) == 0  # half precision is a float: loads
     capsys.readouterr()
+    from cdb_tokenizer.tools.loading import load_tokenizer
+
+    save_file({name: tensor.to(torch.int32) if tensor.is_floating_point() else tensor for name, tensor in weights.items()},
+              str(folder / "model.safetensors"), metadata={"format": "pt"})  # fmt: skip
+    with pytest.raises(ValueError, match="not floating point"):  # through `subfolder=` too
+        load_tokenizer(str(tmp_path), subfolder="integers")
 
     folder = tmp_path / "sharded"
     shutil.copytree(root / "model", folder)

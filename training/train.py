@@ -1190,7 +1190,10 @@ def model_save_errors(output_dir: str | Path, step: int) -> Iterator[None]:
 def save_restoration_figure(model: CDBVQModel, originals: list[torch.Tensor], args, metrics: dict, path: Path) -> None:
     """restorations.png of a restoration model: the pictures' images degraded (with validation's fixed seed) beside
     what the model made of them and the originals; the caption gives the held-out restoration numbers."""
-    degraded = [degrade(image[None], args.degradation, seed=VALIDATION_DEGRADATION_SEED)[0] for image in originals]
+    # One seed per picture (they may differ in size, so they are not degraded as one batch): the same seed for each
+    # gave every picture the same draw, one alternative of an 'A|B' spec and one strength of a range.
+    degraded = [degrade(image[None], args.degradation, seed=VALIDATION_DEGRADATION_SEED + index)[0]
+                for index, image in enumerate(originals)]
     restored = [reconstruct(model, image[None])[0] for image in degraded]
     caption = (f"degraded by {canonical_spec(args.degradation)}; held-out: restored "
                f"{metrics.get('restoration_psnr', float('nan')):.2f} dB, degraded input "

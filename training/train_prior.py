@@ -102,7 +102,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = OneLineErrorParser(description="Train a causal-LM prior over cdb-vq image tokens.")
     data = parser.add_argument_group("data")
     data.add_argument("--tokens_dir", type=str, default=None,
-                      help="A tokenised data set saved with save_to_disk (columns image_tokens[, label]). "
+                      help="A tokenised data set saved with save_to_disk (columns image_tokens[, label]; others, "
+                           "such as tokenize's source_index, are not read). "
                            "Without it, the embedded default photos are tokenised with --tokenizer.")
     data.add_argument("--tokenizer", type=str, default=None,
                       help="The cdb-vq tokenizer (folder or Hub id): tokenises the default data, draws the validation "

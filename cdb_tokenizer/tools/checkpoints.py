@@ -13,6 +13,7 @@ import itertools
 import json
 import logging
 import os
+import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -440,7 +441,9 @@ def _what_failed(error: BaseException) -> str:
     """The first line of `error`, and its first detail when the first line is only a heading (torch's "Error(s) in
     loading state_dict for CDBVQModel:" lists the mismatched tensors below)."""
     if "Weights only load failed" in str(error):  # torch's advice (weights_only=False) could run the file's code
-        return "it holds more than tensors (a pickled object), and is never unpickled"
+        found = re.search(r"GLOBAL ([\w.]+)", str(error))  # what it holds: the one clue for an unexpected file
+        held = f"a pickled object{f', {found.group(1)}' if found else ''}"
+        return f"it holds more than tensors ({held}), and is never unpickled"
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     heading = first_line(error)
     return (f"{heading} {lines[1]}" if heading.endswith(":") and len(lines) > 1 else heading).rstrip(".")

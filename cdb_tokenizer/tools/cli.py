@@ -1432,16 +1432,24 @@ def _check_tokenize_folder(out: str, data: str) -> Path:
     """--out of tokenize: a new or empty folder, or an earlier tokenize output (save_to_disk replaces what is in it),
     outside a local --data folder (where the next run would read it as data), and no other run's now (two would write
     the same shard names into it: it is locked as the training scripts lock their --output_dir)."""
-    from .data import saved_to_disk
-    from .priors.token_data import TOKENS_INFO
-
     data_folder = Path(data).expanduser()
     if out and data_folder.is_dir() and data_folder.resolve() in (Path(out).resolve(), *Path(out).resolve().parents):
         raise CLIError(f"--out {out} is inside --data {data}; give a folder outside the data.")
     path = check_output_folder(out)
+    if not (path / files.OUTPUT_DIR_LOCK).exists():  # no tokenize has written here: refuse before locking,
+        _refuse_foreign_out(path, out)  # so that a folder that is not ours is left as it was (no lock file in it)
     refusal = files.claim_output_dir(path, flag="--out")
     if refusal is not None:
         raise CLIError(refusal)
+    _refuse_foreign_out(path, out)  # again under the lock: what a run that ended meanwhile left
+    return path
+
+
+def _refuse_foreign_out(path: Path, out: str) -> None:
+    """Refuse a tokenize --out that holds anything but an earlier tokenize output (and its lock file)."""
+    from .data import saved_to_disk
+    from .priors.token_data import TOKENS_INFO
+
     if any(entry.name != files.OUTPUT_DIR_LOCK for entry in path.iterdir()) and not (path / TOKENS_INFO).is_file():
         if saved_to_disk(path):
             raise CLIError(
@@ -1458,7 +1466,6 @@ def _check_tokenize_folder(out: str, data: str) -> Path:
             entry = Path(parent) / name
             if entry.is_symlink() or not (entry.is_dir() or entry.is_file()):
                 raise CLIError(f"{entry} is a symbolic link or not a regular file; --out must hold only what tokenize wrote.")
-    return path
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -108,7 +108,8 @@ def _refuse_inner_spaces(spec: str) -> None:
     inner = re.search(r"[\w.]\s+[\w.]", spec)
     if inner:
         raise ValueError(
-            f"stray space in {spec!r} ({inner.group()!r}): for a range write LOW-HIGH, e.g. 'gaussian_blur:1-2'."
+            f"stray space in {spec!r} ({inner.group()!r}): spaces may only surround '+', '|', ':' and '-' (a range "
+            f"is LOW-HIGH, e.g. 'gaussian_blur:1-2')."
         )
 
 

@@ -210,6 +210,7 @@ def fid_reference_facts(path: str | Path) -> dict[str, str]:
 
 
 def _set_fid_reference(metric, reference: dict[str, torch.Tensor]) -> None:
+    check_fid_reference(reference)
     for name in FID_REFERENCE_STATES:
         current = getattr(metric, name)
         if name not in reference or reference[name].shape != current.shape:
@@ -218,7 +219,6 @@ def _set_fid_reference(metric, reference: dict[str, torch.Tensor]) -> None:
                 f"{tuple(current.shape)}); were they computed with another one?"
             )
         setattr(metric, name, reference[name].to(device=current.device, dtype=current.dtype))
-    check_fid_reference(reference)
 
 
 def check_fid_reference(reference: dict[str, torch.Tensor]) -> None:

@@ -144,7 +144,7 @@ def load_tokenizer(
     config_dict, _ = PretrainedConfig.get_config_dict(name_or_path, **_hub_options(kwargs))
     if config_dict.get("model_type") != "cdb_vq":
         raise ValueError(f"{name_or_path} is a {config_dict.get('model_type')!r} model, not a cdb-vq tokenizer.")
-    local = Path(name_or_path) if Path(name_or_path).is_dir() else None
+    local = Path(name_or_path, kwargs.get("subfolder") or "") if Path(name_or_path).is_dir() else None
     if local is not None:
         refuse_shards_outside(local)  # transformers would read any file an index names
     # Only the caller's own `trust_remote_code` is passed on (never a literal True).

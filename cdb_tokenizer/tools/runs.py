@@ -2,8 +2,7 @@
 
 The Accelerator of a run and its logging (`make_accelerator`), the rule for several processes on a machine without
 a GPU (`multi_process_without_accelerator`), which checkpoint `--resume_from_checkpoint` names (`find_checkpoint`:
-`latest` is the newest complete one), the claim on an output folder that keeps two runs out of one
-(`claim_output_dir`, released by `output_dir_claims`), a SIGTERM turned into a clean stop (`TerminationRequest`),
+`latest` is the newest complete one), a SIGTERM turned into a clean stop (`TerminationRequest`),
 the weight EMA (`EMAWeights`) and the run log (`RunLog`: trackers plus `logs/train_log.jsonl`).
 """
 
