@@ -417,6 +417,29 @@ def test_a_data_set_opens_only_its_own_image_files_never_others_it_names(tmp_pat
     assert "names image files outside it" in caplog.text
 
 
+def test_one_split_of_a_data_set_is_read_without_preparing_the_others(tmp_path):
+    # datasets downloads and prepares every split for one: `eval --protocol imagenet` on ILSVRC/imagenet-1k fetched
+    # the 140 GB training set to score the validation one. A broken training shard proves it is no longer read.
+    datasets = pytest.importorskip("datasets")
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["cat", "dog", "eel"])})
+    (tmp_path / "repo" / "data").mkdir(parents=True)
+    for split, count in (("train", 6), ("validation", 3)):
+        images = [Image.new("RGB", (8, 8), (index * 30, 0, 0)) for index in range(count)]
+        rows = datasets.Dataset.from_dict({"image": images, "label": [index % 3 for index in range(count)]}, features=features)
+        rows.to_parquet(str(tmp_path / "repo" / "data" / f"{split}-00000-of-00001.parquet"))
+    (tmp_path / "repo" / "data" / "train-00000-of-00001.parquet").write_bytes(b"not parquet")
+    validation = load_image_dataset(dataset_name=str(tmp_path / "repo"), split="validation")
+    assert len(validation) == 3 and validation.features["label"].names == ["cat", "dog", "eel"]
+    # An image folder names its classes from the files it reads: it is read whole, so that validation's ids are
+    # training's even where validation lacks a class.
+    for split, classes in (("train", ("ant", "bee")), ("validation", ("bee",))):
+        for name in classes:
+            (tmp_path / "folder" / split / name).mkdir(parents=True)
+            Image.new("RGB", (8, 8)).save(tmp_path / "folder" / split / name / "a.png")
+    validation = load_image_dataset(dataset_name=str(tmp_path / "folder"), split="validation")
+    assert validation.features["label"].names == ["ant", "bee"] and validation[0]["label"] == 1
+
+
 def test_a_hub_data_set_reaches_only_its_own_repository():
     # Another repository's files would be fetched with the user's token (a private one included).
     from cdb_tokenizer.tools.data import DataSetImagePaths

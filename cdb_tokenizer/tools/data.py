@@ -176,10 +176,12 @@ def load_image_dataset(
                 "character (*, ? or [): datasets would read the files of other folders that the pattern matches. "
                 "Rename the folders with those characters, or copy the data set to a plain path."
             )
+        only_this_split = {} if streaming else _split_files(dataset_name, dataset_config_name, split, cache_dir)
         try:
             dataset = datasets.load_dataset(
-                dataset_name, dataset_config_name, split=split, streaming=streaming, cache_dir=cache_dir
-            )
+                dataset_name, dataset_config_name, split=split, streaming=streaming, cache_dir=cache_dir,
+                **only_this_split,
+            )  # fmt: skip
         except ValueError as error:
             _raise_if_unknown_split(error, split, f"data set {dataset_name!r}")
             raise
@@ -284,6 +286,27 @@ def saved_to_disk(folder: Path) -> bool:
     the first, and reads the second's Arrow files as a data set of its own making)."""
     a_dict = (folder / "dataset_dict.json").is_file()
     return a_dict or ((folder / "state.json").is_file() and (folder / "dataset_info.json").is_file())
+
+
+def _split_files(dataset_name: str, config_name: str | None, split: str, cache_dir: str | None) -> dict:
+    """`load_dataset` arguments that read the files of `split` alone: `datasets` otherwise downloads and prepares
+    every split for one (ImageNet's 140 GB training set for `cdb-vq eval --protocol imagenet`). Only where that
+    cannot change the data: files that carry their own features (parquet, arrow) or features the data set declares
+    (an image folder would name its classes from this split's folders alone); {} for the usual full load otherwise
+    (a split expression such as `train[:10%]`, another builder, a builder that cannot be read)."""
+    import datasets
+
+    try:
+        builder = datasets.load_dataset_builder(dataset_name, config_name, cache_dir=cache_dir)
+    except Exception:  # noqa: BLE001 - the full load below says what is wrong (offline, no such data set, ...)
+        return {}
+    files = dict(builder.config.data_files or {})
+    if split not in files or len(files) < 2:
+        return {}
+    features = builder.info.features
+    if features is None and builder.name not in ("parquet", "arrow"):
+        return {}
+    return {"data_files": {split: files[split]}, **({"features": features} if features is not None else {})}
 
 
 def check_data_file_names(folder: Path, label: str) -> None:
