@@ -9,6 +9,7 @@ import struct
 import tokenize
 import zlib
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -249,6 +250,13 @@ def test_a_model_folder_whose_weights_are_integers_or_lie_outside_it_is_refused(
               str(folder / "model.safetensors"), metadata={"format": "pt"})  # fmt: skip
     with pytest.raises(ValueError, match="not floating point"):  # through `subfolder=` too
         load_tokenizer(str(tmp_path), subfolder="integers")
+    # A Hub repository's weights too, read from the cache offline.
+    from conftest import hub_cache
+
+    hub_cache(tmp_path / "hub", "org/integers", {"0" * 40: folder}, {"main": "0" * 40})
+    with mock.patch.dict(os.environ, {"HF_HUB_OFFLINE": "1"}), mock.patch("huggingface_hub.constants.HF_HUB_OFFLINE", True):
+        with pytest.raises(ValueError, match="not floating point"):
+            load_tokenizer("org/integers", cache_dir=str(tmp_path / "hub"))
 
     folder = tmp_path / "sharded"
     shutil.copytree(root / "model", folder)

@@ -166,8 +166,9 @@ def load_tokenizer(
             f"never unpickled (that could run code); convert them to safetensors."
         ) from None
     refuse_missing_parameters(model, loading_info, name_or_path)  # AutoModel's class may be a folder's older code
-    if local is not None:  # (a Hub repository's weights are not checked: transformers reads them from its cache)
-        refuse_integer_weights(local, model)
+    weights_folder = local or _snapshot_folder(name_or_path, kwargs)  # a Hub repository's: in the cache by now
+    if weights_folder is not None:
+        refuse_integer_weights(weights_folder, model)
     model.eval()
     if _has_processor_config(name_or_path, kwargs):
         try:
@@ -182,6 +183,19 @@ def load_tokenizer(
     if device is not None:
         model.to(device)
     return model, processor
+
+
+def _snapshot_folder(repo_id: str, kwargs: dict[str, Any]) -> Path | None:
+    """The folder of the Hugging Face cache that holds a Hub repository's files just loaded (at the revision and
+    subfolder asked for), found without the network; None when it cannot be told."""
+    from transformers.utils import cached_file
+
+    options = {**_hub_options(kwargs), "local_files_only": True}
+    try:
+        config_file = cached_file(repo_id, "config.json", **options)
+    except Exception:  # noqa: BLE001 - no such entry in the cache: nothing to check against
+        return None
+    return Path(config_file).parent if config_file else None
 
 
 def refuse_shards_outside(folder: Path) -> None:
