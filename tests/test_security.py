@@ -254,9 +254,9 @@ def test_a_model_folder_whose_weights_are_integers_or_lie_outside_it_is_refused(
     from conftest import hub_cache
 
     hub_cache(tmp_path / "hub", "org/integers", {"0" * 40: folder}, {"main": "0" * 40})
-    with mock.patch.dict(os.environ, {"HF_HUB_OFFLINE": "1"}), mock.patch("huggingface_hub.constants.HF_HUB_OFFLINE", True):
-        with pytest.raises(ValueError, match="not floating point"):
-            load_tokenizer("org/integers", cache_dir=str(tmp_path / "hub"))
+    offline = mock.patch("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    with mock.patch.dict(os.environ, {"HF_HUB_OFFLINE": "1"}), offline, pytest.raises(ValueError, match="not floating point"):
+        load_tokenizer("org/integers", cache_dir=str(tmp_path / "hub"))
 
     folder = tmp_path / "sharded"
     shutil.copytree(root / "model", folder)
