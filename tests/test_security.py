@@ -230,6 +230,39 @@ def test_publishing_refuses_a_file_linked_in_from_outside_the_output_folder(root
     assert (stage_folder(output, tmp_path / "staged", "me/tokenizer") / "reconstructions.png").read_bytes() == b"png"
 
 
+def test_tensors_a_model_file_lacks_or_adds_are_one_line_each_not_a_table(root, tmp_path, caplog):
+    # A model saved before a running statistic existed printed transformers' LOAD REPORT table, advising to train the
+    # "newly initialized" tensors; an extra tensor printed it too. A load that fails still shows the table, which
+    # transformers' error refers to ("look at the above report").
+    import logging
+    import logging.handlers
+
+    from cdb_tokenizer.tools.loading import load_tokenizer
+
+    weights = load_file(root / "model" / "model.safetensors")
+    older, extra = tmp_path / "older", tmp_path / "extra"
+    for folder, tensors in ((older, {k: v for k, v in weights.items() if "signal_statistics" not in k}),
+                            (extra, {**weights, "extra.weight": torch.zeros(3)})):  # fmt: skip
+        shutil.copytree(root / "model", folder)
+        save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    shown = logging.handlers.BufferingHandler(capacity=100)  # transformers' own handlers: caplog does not see them
+    logging.getLogger("transformers").addHandler(shown)
+    try:
+        with caplog.at_level(logging.WARNING):
+            load_tokenizer(str(older))
+            load_tokenizer(str(extra))
+        assert not any("LOAD REPORT" in record.getMessage() for record in shown.buffer)
+        assert f"{older} was saved without quantizer.signal_statistics.counts and 1 more" in caplog.text
+        assert f"{extra} holds tensors this model does not have (extra.weight), which are ignored" in caplog.text
+        config = json.loads((older / "config.json").read_text())
+        (older / "config.json").write_text(json.dumps({**config, "codebook_size": config["codebook_size"] // 2}))
+        with pytest.raises(ValueError, match="the load report above names the tensors"):
+            load_tokenizer(str(older))
+    finally:
+        logging.getLogger("transformers").removeHandler(shown)
+    assert any("LOAD REPORT" in record.getMessage() and "MISMATCH" in record.getMessage() for record in shown.buffer)
+
+
 def test_a_model_folder_whose_weights_are_integers_or_lie_outside_it_is_refused(root, tmp_path, capsys):
     # Integer weights were cast to floats without a word (every token wrong, exit 0); a shard index naming
     # ../elsewhere made transformers read another folder's weights.
