@@ -523,3 +523,27 @@ def test_a_data_set_saved_with_save_to_disk_is_read_as_either_source(tmp_path, s
     assert load_image_dataset(train_data_dir=str(tmp_path / "one"), streaming=True).num_shards == 3
     with pytest.raises(SplitNotFoundError, match=r"saved in .*one' has no split 'validation'; its splits are \['train'\]"):
         load_image_dataset(train_data_dir=str(tmp_path / "one"), split="validation")
+
+
+def test_a_split_prepared_alone_is_read_again_offline(tmp_path, monkeypatch):
+    # A split read alone is cached by datasets as `default-<hash>`, which its offline lookup skips: with
+    # HF_HUB_OFFLINE=1 the data set a run had just prepared was "Couldn't find cache for ...".
+    import shutil
+
+    datasets = pytest.importorskip("datasets")
+    import huggingface_hub.constants
+
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["cat", "dog"])})
+    (tmp_path / "photos" / "data").mkdir(parents=True)
+    for split, count in (("train", 4), ("validation", 2)):
+        rows = datasets.Dataset.from_dict(
+            {"image": [Image.new("RGB", (8, 8))] * count, "label": [0] * count}, features=features
+        )
+        rows.to_parquet(str(tmp_path / "photos" / "data" / f"{split}-00000-of-00001.parquet"))
+    cache = tmp_path / "cache"
+    load_image_dataset(dataset_name=str(tmp_path / "photos"), split="validation", cache_dir=str(cache))
+    shutil.copytree(cache / "photos", cache / "org___photos")  # where a load of the Hub's org/photos leaves it
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    validation = load_image_dataset(dataset_name="org/photos", split="validation", cache_dir=str(cache))
+    assert len(validation) == 2 and validation.features["label"].names == ["cat", "dog"]

@@ -551,3 +551,45 @@ def test_inputs_with_the_same_base_name_never_overwrite_each_other(root, tmp_pat
     assert [p.name for p in decoded] == ["p-1.png", "p.png"]
     with Image.open(decoded[0]) as first, Image.open(decoded[1]) as second:
         assert not np.array_equal(np.asarray(first), np.asarray(second))
+
+
+def test_the_load_report_is_held_for_its_own_thread_and_error_only(root, tmp_path):
+    # Another thread's failing load lost its table into this one's list; a folder whose path holds "report" showed
+    # the whole table before a one-line error.
+    import logging
+    import logging.handlers
+    import threading
+
+    from cdb_tokenizer.tools.loading import held_load_report, load_tokenizer
+
+    misfit = tmp_path / "misfit"
+    shutil.copytree(root / "model", misfit)
+    config = json.loads((misfit / "config.json").read_text())
+    (misfit / "config.json").write_text(json.dumps({**config, "codebook_size": config["codebook_size"] // 2}))
+    reports = tmp_path / "reports" / "m"
+    shutil.copytree(root / "model", reports)
+    weights = load_file(root / "model" / "model.safetensors")
+    weights.pop(next(name for name in weights if name.endswith(".bias")))
+    save_file(weights, str(reports / "model.safetensors"), metadata={"format": "pt"})
+    shown = logging.handlers.BufferingHandler(capacity=100)
+    logging.getLogger("transformers").addHandler(shown)
+    errors, other = [], []
+
+    def load_misfit():
+        with pytest.raises(ValueError, match="the load report above") as error:
+            load_tokenizer(str(misfit))
+        errors.append(error)
+
+    try:
+        with held_load_report(other):
+            worker = threading.Thread(target=load_misfit)
+            worker.start()
+            worker.join()
+        assert errors and not other
+        assert sum("LOAD REPORT" in record.getMessage() for record in shown.buffer) == 1
+        shown.buffer.clear()
+        with pytest.raises(ValueError, match="parameters are missing"):
+            load_tokenizer(str(reports))
+        assert not any("LOAD REPORT" in record.getMessage() for record in shown.buffer)
+    finally:
+        logging.getLogger("transformers").removeHandler(shown)

@@ -183,8 +183,10 @@ def load_image_dataset(
                 **only_this_split,
             )  # fmt: skip
         except ValueError as error:
-            _raise_if_unknown_split(error, split, f"data set {dataset_name!r}")
-            raise
+            dataset = _split_prepared_alone(dataset_name, dataset_config_name, split, cache_dir, streaming, error)
+            if dataset is None:
+                _raise_if_unknown_split(error, split, f"data set {dataset_name!r}")
+                raise
         source = f"data set {dataset_name!r}"
 
     columns = dataset.column_names
@@ -307,6 +309,42 @@ def _split_files(dataset_name: str, config_name: str | None, split: str, cache_d
     if features is None and builder.name not in ("parquet", "arrow"):
         return {}
     return {"data_files": {split: files[split]}, **({"features": features} if features is not None else {})}
+
+
+def _split_prepared_alone(
+    dataset_name: str, config_name: str | None, split: str, cache_dir: str | None, streaming: bool, error: Exception
+):
+    """Offline (HF_HUB_OFFLINE, or the Hub unreachable), the split that an earlier load prepared alone
+    (`_split_files`): datasets keeps it as `<config>-<hash>` in its cache, which its own offline lookup never picks
+    ("Couldn't find cache for ..."). None when there is no such split (the caller raises `error` then)."""
+    if "Couldn't find cache for" not in str(error) or streaming:
+        return None
+    try:
+        import datasets
+        from datasets.naming import camelcase_to_snakecase
+        from datasets.packaged_modules.cache.cache import Cache
+    except ImportError:  # another datasets' layout: the original error stands
+        return None
+    parts = dataset_name.split("/")
+    parts[-1] = camelcase_to_snakecase(parts[-1])
+    root = Path(cache_dir or datasets.config.HF_DATASETS_CACHE).expanduser() / "___".join(parts)
+    configs = (config_name,) if config_name else ("default", None)
+
+    def holds_the_split(info_file: Path) -> bool:
+        info = _json_object(info_file)
+        return split in (info.get("splits") or {}) and info.get("config_name") in configs
+
+    infos = root.glob(f"{config_name or '*'}-*/*/*/dataset_info.json")
+    found = [info.parent for info in infos if holds_the_split(info)]
+    if not found:
+        return None
+    config_id, version, commit = max(found, key=lambda folder: folder.stat().st_mtime).parts[-3:]
+    try:  # datasets' own reader of its cache; should its internals change, the original error stands
+        builder = Cache(cache_dir=cache_dir, dataset_name=dataset_name.split("/")[-1], repo_id=dataset_name,
+                        config_name=config_id, version=version, hash=commit)  # fmt: skip
+        return builder.as_dataset(split=split)
+    except Exception:  # noqa: BLE001
+        return None
 
 
 def check_data_file_names(folder: Path, label: str) -> None:

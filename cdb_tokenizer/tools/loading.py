@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import logging.handlers
 import re
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -109,8 +110,10 @@ def held_load_report(held: list[logging.LogRecord]) -> Iterator[None]:
     matters (`log_loading_differences`). A caller shows `held` when the load fails, as transformers' error refers
     to the table."""
 
+    thread = threading.get_ident()  # another thread's load keeps its own table (and its own error's)
+
     def hold(record: logging.LogRecord) -> bool:
-        if "LOAD REPORT" in record.getMessage():
+        if record.thread == thread and "LOAD REPORT" in record.getMessage():
             held.append(record)
             return False
         return True
@@ -196,7 +199,8 @@ def load_tokenizer(
                 name_or_path, **options, **kwargs, output_loading_info=True
             )
     except Exception as error:
-        if "report" in str(error):  # the table the error points at ("look at the above report")
+        # the table the error points at ("look at the above report"), not a path that holds the word
+        if any(words in str(error).replace(str(name_or_path), "") for words in ("above report", "report above")):
             show_log_records(report)
         if "Weights only load failed" not in str(error):
             raise
