@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import math
 import os
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -307,12 +310,16 @@ class CDBVQPreTrainedModel(PreTrainedModel):
             raise OSError(f"{pretrained_model_name_or_path} is a file: give the folder that holds config.json and "
                           f"model.safetensors (what save_pretrained writes).")  # fmt: skip
         with_info = kwargs.pop("output_loading_info", False)
+        report = []
         try:
-            model, loading_info = super().from_pretrained(
-                pretrained_model_name_or_path, *args, **kwargs, output_loading_info=True
-            )
-        except RuntimeError as error:
-            if "ignore_mismatched_sizes" not in str(error):
+            with held_load_report(report):
+                model, loading_info = super().from_pretrained(
+                    pretrained_model_name_or_path, *args, **kwargs, output_loading_info=True
+                )
+        except Exception as error:
+            for record in report:  # the table transformers' error (and the one below) points at
+                logging.get_logger(record.name).handle(record)
+            if not isinstance(error, RuntimeError) or "ignore_mismatched_sizes" not in str(error):
                 raise
             # transformers' message only points at its load report; say what usually causes it.
             raise ValueError(
@@ -322,6 +329,7 @@ class CDBVQPreTrainedModel(PreTrainedModel):
                 f"here; the load report above names the tensors."
             ) from None
         refuse_missing_parameters(model, loading_info, pretrained_model_name_or_path)
+        log_loading_differences(loading_info, pretrained_model_name_or_path)
         quantizer = getattr(model, "quantizer", None)
         if quantizer is not None:
             quantizer.check_code_roles()
@@ -885,6 +893,43 @@ class CDBVQModel(CDBVQPreTrainedModel):
         self._check_device(features, name)
         if not bool(torch.isfinite(features).all()):
             raise ValueError(f"{name} contains NaN or infinite values.")
+
+
+@contextmanager
+def held_load_report(held: list) -> Iterator[None]:
+    """Hold back, into `held`, the LOAD REPORT table transformers logs while this thread loads weights: for running
+    statistics a model saved by an earlier version lacks, it advises to train them ("newly initialized"), where one
+    line says what matters (`log_loading_differences`). A caller shows `held` when the load fails, as transformers'
+    error refers to the table."""
+    thread = threading.get_ident()  # another thread's load keeps its own table
+
+    def hold(record) -> bool:
+        if record.thread == thread and "LOAD REPORT" in record.getMessage():
+            held.append(record)
+            return False
+        return True
+
+    library = logging.get_logger("transformers.modeling_utils")
+    library.addFilter(hold)
+    try:
+        yield
+    finally:
+        library.removeFilter(hold)
+
+
+def log_loading_differences(loading_info: dict, source) -> None:
+    """One line each for the tensors a loaded model's weights file lacks (running statistics that a model saved by an
+    earlier version does not have: they start empty; missing parameters are refused) or holds beyond it."""
+    missing = sorted(loading_info.get("missing_keys") or ())
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        logger.warning(f"{source} was saved without {missing[0]}{more} (running statistics of a later version): they "
+                       f"start empty, as in a new model.")  # fmt: skip
+    unexpected = sorted(loading_info.get("unexpected_keys") or ())
+    if unexpected:
+        more = f" and {len(unexpected) - 1} more" if len(unexpected) > 1 else ""
+        logger.warning(f"{source} holds tensors this model does not have ({unexpected[0]}{more}), which are ignored "
+                       f"(saved by another version of cdb-vq?).")  # fmt: skip
 
 
 def refuse_missing_parameters(model: nn.Module, loading_info: dict, source) -> None:

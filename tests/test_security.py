@@ -254,6 +254,13 @@ def test_tensors_a_model_file_lacks_or_adds_are_one_line_each_not_a_table(root, 
         assert not any("LOAD REPORT" in record.getMessage() for record in shown.buffer)
         assert f"{older} was saved without quantizer.signal_statistics.counts and 1 more" in caplog.text
         assert f"{extra} holds tensors this model does not have (extra.weight), which are ignored" in caplog.text
+        caplog.clear()
+        from transformers import AutoModel
+
+        with caplog.at_level(logging.WARNING):  # the README's own call: the model class says it, whoever loads it
+            AutoModel.from_pretrained(str(older), trust_remote_code=True)
+        assert not any("LOAD REPORT" in record.getMessage() for record in shown.buffer)
+        assert f"{older} was saved without quantizer.signal_statistics.counts" in caplog.text
         config = json.loads((older / "config.json").read_text())
         (older / "config.json").write_text(json.dumps({**config, "codebook_size": config["codebook_size"] // 2}))
         with pytest.raises(ValueError, match="the load report above names the tensors"):
@@ -560,7 +567,8 @@ def test_the_load_report_is_held_for_its_own_thread_and_error_only(root, tmp_pat
     import logging.handlers
     import threading
 
-    from cdb_tokenizer.tools.loading import held_load_report, load_tokenizer
+    from cdb_tokenizer.modeling_cdb_vq import held_load_report
+    from cdb_tokenizer.tools.loading import load_tokenizer
 
     misfit = tmp_path / "misfit"
     shutil.copytree(root / "model", misfit)

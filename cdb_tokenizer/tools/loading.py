@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import logging.handlers
 import re
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,8 +17,6 @@ from transformers.utils import logging as transformers_logging
 from ..configuration_cdb_vq import looks_like_path
 from ..modeling_cdb_vq import refuse_missing_parameters
 from .messages import first_line
-
-logger = logging.getLogger(__name__)
 
 
 # The saved image processor's file: without it the default processor at the model's resolution is used.
@@ -103,44 +100,6 @@ def held_library_logs() -> Iterator[list[logging.LogRecord]]:
             library.handlers, library.propagate = handlers, propagate
 
 
-@contextmanager
-def held_load_report(held: list[logging.LogRecord]) -> Iterator[None]:
-    """Hold back, into `held`, transformers' multi-line LOAD REPORT: for running statistics a model saved by an
-    earlier version lacks it prints a table advising to train them ("newly initialized"), where one line says what
-    matters (`log_loading_differences`). A caller shows `held` when the load fails, as transformers' error refers
-    to the table."""
-
-    thread = threading.get_ident()  # another thread's load keeps its own table (and its own error's)
-
-    def hold(record: logging.LogRecord) -> bool:
-        if record.thread == thread and "LOAD REPORT" in record.getMessage():
-            held.append(record)
-            return False
-        return True
-
-    library = logging.getLogger("transformers.modeling_utils")
-    library.addFilter(hold)
-    try:
-        yield
-    finally:
-        library.removeFilter(hold)
-
-
-def log_loading_differences(loading_info: dict, source: str) -> None:
-    """One line each for the tensors a loaded model's weights file lacks (running statistics that a model saved by an
-    earlier version does not have: they start empty; missing parameters were refused before) or holds beyond it."""
-    missing = sorted(loading_info.get("missing_keys") or ())
-    if missing:
-        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
-        logger.warning(f"{source} was saved without {missing[0]}{more} (running statistics of a later version): they "
-                       f"start empty, as in a new model.")  # fmt: skip
-    unexpected = sorted(loading_info.get("unexpected_keys") or ())
-    if unexpected:
-        more = f" and {len(unexpected) - 1} more" if len(unexpected) > 1 else ""
-        logger.warning(f"{source} holds tensors this model does not have ({unexpected[0]}{more}), which are ignored "
-                       f"(saved by another version of cdb-vq?).")  # fmt: skip
-
-
 def show_log_records(records: list[logging.LogRecord]) -> None:
     """Log records held back by `held_library_logs`, through the handlers they would have gone to."""
     for record in records:
@@ -192,16 +151,12 @@ def load_tokenizer(
     model_class = AutoModel if trust_remote_code else CDBVQModel
     processor_class = AutoImageProcessor if trust_remote_code else CDBVQImageProcessor
     options = {"trust_remote_code": trust_remote_code} if trust_remote_code else {}
-    report: list[logging.LogRecord] = []
     try:
-        with quiet_loading_bars(), held_load_report(report):
+        with quiet_loading_bars():
             model, loading_info = model_class.from_pretrained(
                 name_or_path, **options, **kwargs, output_loading_info=True
             )
     except Exception as error:
-        # the table the error points at ("look at the above report"), not a path that holds the word
-        if any(words in str(error).replace(str(name_or_path), "") for words in ("above report", "report above")):
-            show_log_records(report)
         if "Weights only load failed" not in str(error):
             raise
         # torch refused a pickle holding more than tensors; its advice (load it with weights_only=False, which could
@@ -211,7 +166,6 @@ def load_tokenizer(
             f"never unpickled (that could run code); convert them to safetensors."
         ) from None
     refuse_missing_parameters(model, loading_info, name_or_path)  # AutoModel's class may be a folder's older code
-    log_loading_differences(loading_info, name_or_path)
     weights_folder = local or _snapshot_folder(name_or_path, kwargs)  # a Hub repository's: in the cache by now
     if weights_folder is not None:
         refuse_integer_weights(weights_folder, model)
