@@ -62,8 +62,7 @@ def parse_spec(spec: str) -> list[list[Degradation]]:
         raise ValueError(
             f"a degradation spec must be a non-empty string such as 'gaussian_blur:1.5', got {spec!r}."
         )
-    _refuse_inner_spaces(spec)
-    chains = "".join(spec.split()).split("|")
+    chains = _compact(spec).split("|")
     if not all(chains):
         raise ValueError(
             f"empty alternative in {spec!r}: '|' needs a degradation on each side, e.g. 'gaussian_blur:1|noise:0.05'."
@@ -78,9 +77,8 @@ def parse_degradations(spec: str, whole: str | None = None) -> list[Degradation]
             f"a degradation spec must be a non-empty string such as 'gaussian_blur:1.5', got {whole or spec!r}."
         )
     whole = whole or spec
-    _refuse_inner_spaces(spec)
     degradations = []
-    for part in "".join(spec.split()).split("+"):
+    for part in _compact(spec).split("+"):
         if not part:
             raise ValueError(
                 f"empty part in {whole!r}: '+' needs a degradation on each side, e.g. 'gaussian_blur:1.5+noise:0.02'."
@@ -103,14 +101,16 @@ def parse_degradations(spec: str, whole: str | None = None) -> list[Degradation]
     return degradations
 
 
-def _refuse_inner_spaces(spec: str) -> None:
-    """Spaces may surround '+', '|', ':' and '-', never split a name or a number ('gaussian_blur:1 2' is not 12)."""
+def _compact(spec: str) -> str:
+    """`spec` without its spaces, which may surround '+', '|', ':' and '-' but never split a name or a number
+    ('gaussian_blur:1 2' is not 12: refused)."""
     inner = re.search(r"[\w.]\s+[\w.]", spec)
     if inner:
         raise ValueError(
             f"stray space in {spec!r} ({inner.group()!r}): spaces may only surround '+', '|', ':' and '-' (a range "
             f"is LOW-HIGH, e.g. 'gaussian_blur:1-2')."
         )
+    return "".join(spec.split())
 
 
 def _check_name(name: str, where: str) -> None:
