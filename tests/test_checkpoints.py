@@ -469,6 +469,7 @@ def test_wandb_is_started_without_its_own_metadata_code_git_or_console_capture(m
         assert settings["x_disable_meta"] is True and settings["console"] == "off"
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol:UserWarning")  # the test writes a protocol-4 pickle
 def test_a_random_state_file_that_cannot_be_read_safely_is_refused_not_skipped(straight, tmp_path):
     # accelerate skips a random-state file it cannot read (info-level log): the resume would silently stop being exact.
     import pickle

@@ -144,6 +144,7 @@ def test_trust_remote_code_is_passed_on_only_when_the_user_gives_it(root, monkey
     assert seen == [False, True]
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol:UserWarning")  # the test writes a protocol-4 pickle
 def test_a_tampered_checkpoint_file_never_runs_code_and_is_refused_clearly(tmp_path):
     """accelerate reads optimizer/scheduler/RNG states with weights_only=True; resume turns its error into one line."""
     import pickle

@@ -128,6 +128,7 @@ def test_a_hugging_face_text_tower_offline_gives_none_and_one_line(monkeypatch, 
     assert len(lines) == 1 and lines[0].startswith("CLIP teacher unavailable") and "\n" not in lines[0]
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")  # it writes a TorchScript file
 def test_torchscript_clip_files_are_never_loaded(tiny_teacher, monkeypatch, tmp_path, caplog):
     """OpenAI's original CLIP files are TorchScript (code): the URL copy of an `openai` tag is never used, even when
     it lies in ~/.cache/clip, and a TorchScript or pickled-object checkpoint gives the one-line 'unavailable'."""

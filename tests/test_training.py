@@ -518,6 +518,7 @@ def test_invalid_arguments_exit_with_a_message_naming_the_problem(argv, message,
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)`:UserWarning")  # no optimizer steps here
 def test_the_discriminator_schedule_spans_the_steps_it_trains(tmp_path, fresh_accelerator_state):
     from accelerate import Accelerator
 
