@@ -42,7 +42,8 @@ class CDBVQConfig(PretrainedConfig):
     decided by one of three rules (`nearest`, `sinkhorn`, or the learned Codebook Decision Block `cdb`).
 
     Args:
-        num_channels (`int`, *optional*, defaults to 3): Channels of the input and reconstructed images.
+        num_channels (`int`, *optional*, defaults to 3): Channels of the input and reconstructed images (the image
+            processor's `postprocess` turns 3-channel output into pictures; other counts stay tensors).
         resolution (`int`, *optional*, defaults to 256): Training resolution; the default grid of `decode_image_tokens`.
         base_channels (`int`, *optional*, defaults to 128): Width of the first encoder level.
         channel_multipliers (`list[int]`, *optional*, defaults to `[1, 1, 2, 2, 4]`): Width of each level as a
@@ -226,7 +227,9 @@ class CDBVQConfig(PretrainedConfig):
         self.validate_fields()
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> CDBVQConfig:
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs
+    ) -> CDBVQConfig | tuple[CDBVQConfig, dict]:
         """`PretrainedConfig.from_pretrained`, except that a local folder without `config.json` is an error (transformers
         would return the default config, and a model loaded from such a folder fails far from the cause)."""
         name, expanded = pretrained_model_name_or_path, expand_home(pretrained_model_name_or_path)

@@ -40,8 +40,9 @@ _POSTPROCESS_RETURN_TYPES = ("PIL.Image.Image", "np", "pt")
 _ALPHA_MODES = ("RGBA", "LA", "PA", "La", "RGBa")
 # Premultiplied-alpha modes, read through their straight-alpha twin (PIL cannot convert "La" to anything else).
 _STRAIGHT_ALPHA = {"La": "LA", "RGBa": "RGBA"}
-# Modes whose bands are intensities (and alpha), taken as they are with do_convert_rgb=False.
-_MODES_TAKEN_AS_THEY_ARE = ("L", "LA", "RGB", "RGBA")
+# Modes whose bands are intensities (and alpha), taken as they are with do_convert_rgb=False: 1, 3 or 4 channels, as
+# for arrays ("LA" would make 2, which no model takes).
+_MODES_TAKEN_AS_THEY_ARE = ("L", "RGB", "RGBA")
 # Keys transformers writes (or once wrote) into preprocessor_config.json beside the settings.
 _SAVED_KEYS = frozenset(
     {"image_processor_type", "processor_class", "_processor_class", "feature_extractor_type", "auto_map",

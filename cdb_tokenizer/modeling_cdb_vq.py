@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import PretrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput, logging
@@ -32,6 +32,8 @@ from .quantization_cdb_vq import (
 
 
 logger = logging.get_logger(__name__)
+# Held while `get_image_tokens` or `role_map` switches a model in training mode to eval mode and back.
+_MODE_SWITCH = threading.RLock()
 
 
 @dataclass
@@ -301,7 +303,7 @@ class CDBVQPreTrainedModel(PreTrainedModel):
     @classmethod
     def from_pretrained(
         cls, pretrained_model_name_or_path: str | os.PathLike | None, *args, **kwargs
-    ) -> CDBVQPreTrainedModel:
+    ) -> CDBVQPreTrainedModel | tuple[CDBVQPreTrainedModel, dict]:
         """`PreTrainedModel.from_pretrained`, then checks that every parameter was in the weights (see
         `refuse_missing_parameters`) and that the code roles saved with the weights are the config's (an edited
         config.json, or `code_roles=` passed here, labelled codes with roles they were not trained for)."""
@@ -384,6 +386,10 @@ class CDBVQModel(CDBVQPreTrainedModel):
     """
 
     def __init__(self, config: CDBVQConfig, **kwargs):
+        if not isinstance(config, PretrainedConfig) or config.model_type != CDBVQConfig.model_type:
+            # `CDBVQModel("outputs/demo")` or a dict failed with "'str' object has no attribute 'validate_fields'".
+            raise TypeError(f"CDBVQModel takes a CDBVQConfig, got {type(config).__name__}; a saved model loads with "
+                            f"CDBVQModel.from_pretrained(folder).")  # fmt: skip
         # `from_pretrained(folder, asignment=...)`: transformers passes a keyword that is no config field on to here.
         if kwargs:
             refuse_misspelled_fields(kwargs)  # "did you mean 'assignment'?"
@@ -471,9 +477,11 @@ class CDBVQModel(CDBVQPreTrainedModel):
         return self._in_model_dtype(pixel_values)
 
     def _in_model_dtype(self, values: torch.Tensor) -> torch.Tensor:
-        """float64 or half inputs on a float32 model, and the reverse, cast to its dtype (autocast casts itself)."""
+        """float64 or half inputs on a float32 model, and the reverse, cast to its dtype. Autocast casts the others
+        itself, but never float64 ("Input type (double) and bias type (c10::BFloat16) should be the same")."""
         dtype = self.quant_conv.weight.dtype
-        if values.dtype != dtype and not torch.is_autocast_enabled(values.device.type):
+        autocast = torch.is_autocast_enabled(values.device.type)
+        if values.dtype != dtype and (values.dtype == torch.float64 or not autocast):
             return values.to(dtype)
         return values
 
@@ -729,20 +737,34 @@ class CDBVQModel(CDBVQPreTrainedModel):
     def _inference_tokens(self, pixel_values: torch.Tensor) -> torch.LongTensor:
         """The (batch, h, w) tokens `encode` picks in eval mode, whatever mode the model is in: in training mode it
         would also update the codebook and usage statistics (and `sinkhorn` would pick by the batch's plan)."""
-        modes = [(module, module.training) for module in self.modules()]
-        self.eval()
-        try:
+        with self._in_eval_mode():
             return self.encode(pixel_values, return_dict=True).image_tokens
-        finally:
-            for module, training in modes:  # each as it was (a frozen encoder stays in eval mode)
-                module.training = training
+
+    @contextmanager
+    def _in_eval_mode(self):
+        """Runs the block in eval mode and then puts every module back in the mode it was in (a frozen encoder stays
+        in eval mode). A model in training mode is switched under `_MODE_SWITCH`, so that two threads never see each
+        other's switch: one that read the modes while another had switched them ran in training mode once the other
+        switched back (updating the codebook), and left the model in eval mode."""
+        with _MODE_SWITCH:
+            modes = [(module, module.training) for module in self.modules()]
+            if any(training for _, training in modes):
+                self.eval()
+                try:
+                    yield
+                finally:
+                    for module, training in modes:
+                        module.training = training
+                return
+        yield  # in eval mode already: no switch to guard
 
     @torch.no_grad()
     def decode_image_tokens(
         self, image_tokens: torch.Tensor, height: int | None = None, width: int | None = None
     ) -> torch.FloatTensor:
         """
-        Decode token ids into images in about [-1, 1] (not clamped; `CDBVQImageProcessor.postprocess` clamps).
+        Decode token ids into images in about [-1, 1] (not clamped; `CDBVQImageProcessor.postprocess` clamps), in
+        eval mode whatever mode the model is in, so that the same tokens always give the same images.
 
         Args:
             image_tokens (`torch.Tensor` of shape `(batch_size, h * w)` or `(batch_size, h, w)`): Code ids (int64 or
@@ -763,7 +785,8 @@ class CDBVQModel(CDBVQPreTrainedModel):
                         f"token grid ({image_tokens.shape[1] * factor}x{image_tokens.shape[2] * factor} pixels); (batch, "
                         f"h, w) tokens need no size."
                     )
-            return self.decode(image_tokens)
+            with self._in_eval_mode():
+                return self.decode(image_tokens)
         if image_tokens.ndim != 2:
             raise ValueError(f"image_tokens must have shape (batch, h * w) or (batch, h, w), got {tuple(image_tokens.shape)}.")
         count = image_tokens.shape[1]
@@ -784,7 +807,8 @@ class CDBVQModel(CDBVQPreTrainedModel):
                 f"got {count} tokens per image, but a {grid_height}x{grid_width} token grid needs {grid_height * grid_width}; "
                 f"pass the image height and width in pixels{_single_grid_hint(image_tokens, grid_height, grid_width)}."
             )
-        return self.decode(image_tokens.view(-1, grid_height, grid_width))
+        with self._in_eval_mode():
+            return self.decode(image_tokens.view(-1, grid_height, grid_width))
 
     def forward(
         self,
@@ -929,7 +953,8 @@ def log_loading_differences(loading_info: dict, source) -> None:
     if unexpected:
         more = f" and {len(unexpected) - 1} more" if len(unexpected) > 1 else ""
         logger.warning(f"{source} holds tensors this model does not have ({unexpected[0]}{more}), which are ignored "
-                       f"(saved by another version of cdb-vq?).")  # fmt: skip
+                       f"(saved by another version of cdb-vq, or loaded with another assignment than it was saved "
+                       f"with?).")  # fmt: skip
 
 
 def refuse_missing_parameters(model: nn.Module, loading_info: dict, source) -> None:

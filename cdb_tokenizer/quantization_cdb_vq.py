@@ -731,6 +731,8 @@ class CDBVQQuantizer(nn.Module):
                 f"latents must be a tensor of shape (N, codebook_dim={self.config.codebook_dim}), got {shape}; the "
                 f"model's (B, D, h, w) latents become rows with cdb_tokenizer.modeling_cdb_vq.flatten_grid."
             )
+        # Integer latents were quantized to codes truncated to integers (`quantized` takes the latents' dtype).
+        require_float_tensor(latents, "latents")
 
     @staticmethod
     def _check_upkeep_samples(latents: torch.Tensor) -> None:
@@ -748,7 +750,8 @@ class CDBVQQuantizer(nn.Module):
         return F.normalize(latents, dim=-1) if self.config.l2_normalize_codes else latents
 
     def lookup(self, indices: torch.Tensor) -> torch.Tensor:
-        """Codes of `indices` (any shape) as (..., D)."""
+        """Codes of `indices` (any shape) as (..., D). The ids are not checked here (that would cost a device sync
+        per call): `CDBVQModel.decode` checks them."""
         return F.embedding(indices, self.codes())
 
     # ------------------------------------------------------------------ assignment

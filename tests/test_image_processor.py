@@ -650,10 +650,10 @@ def test_statistics_of_other_lengths_need_do_convert_rgb_off(camera):
         CDBVQImageProcessor(do_convert_rgb=False, image_mean=[0.5] * 3, image_std=[0.5])
 
 
-@pytest.mark.parametrize("mode", ["HSV", "LAB", "YCbCr", "CMYK", "P", "1"])
+@pytest.mark.parametrize("mode", ["HSV", "LAB", "YCbCr", "CMYK", "P", "1", "LA"])
 def test_modes_whose_bands_are_no_intensities_need_do_convert_rgb(astronaut, mode):
     # HSV, LAB and YCbCr were read as RGB (colours off by up to the whole range), without a word; CMYK was refused
-    # for its channel count, a palette image read as its indices.
+    # for its channel count, a palette image read as its indices; LA made 2 channels, which arrays may not have.
     as_is = CDBVQImageProcessor(do_convert_rgb=False, size=32)
     with pytest.raises(ValueError, match=f"a PIL image of mode '{mode}' cannot be taken as it is.*do_convert_rgb=True"):
         as_is(PIL.Image.fromarray(astronaut).convert(mode), return_tensors="pt")

@@ -259,6 +259,70 @@ def test_inference_helpers_leave_a_training_model_unchanged(photo_batch):
     assert roles.shape == (4, 8, 8)
 
 
+def test_decoding_tokens_gives_the_same_images_in_training_mode(photo_batch):
+    # decode_image_tokens ran in the model's mode: with dropout the same tokens decoded to other images on each call.
+    model = tiny_model(dropout=0.5).eval()
+    tokens = model.get_image_tokens(photo_batch)
+    expected = model.decode_image_tokens(tokens)
+    model.train()
+    model.encoder.eval()
+    for grid in (tokens, tokens.view(-1, 8, 8)):
+        assert torch.equal(model.decode_image_tokens(grid), expected)
+    assert model.training and model.decoder.training and not model.encoder.training
+
+
+def test_two_threads_tokenising_with_a_training_model_leave_it_unchanged(photo_batch):
+    # The second thread read the modes while the first had switched the model to eval mode: it encoded in training
+    # mode once the first switched back (k-means initialised the codebook on its images) and left it in eval mode.
+    import threading
+
+    model = tiny_model().train()
+    state = {name: value.clone() for name, value in model.state_dict().items()}
+    first_encoding, second_encoding, first_done = threading.Event(), threading.Event(), threading.Event()
+
+    def meet(module, args):  # inside its encode, the first waits (1 s at most) for the second to start one
+        if threading.current_thread().name == "first":
+            first_encoding.set()
+            second_encoding.wait(1.0)
+        else:
+            second_encoding.set()
+            first_done.wait(10.0)
+
+    def first():
+        model.get_image_tokens(photo_batch)
+        first_done.set()
+
+    hook = model.encoder.register_forward_pre_hook(meet)
+    try:
+        threads = [threading.Thread(target=first, name="first"),
+                   threading.Thread(target=model.get_image_tokens, args=(photo_batch,), name="second")]  # fmt: skip
+        threads[0].start()
+        assert first_encoding.wait(10.0)
+        threads[1].start()
+        for thread in threads:
+            thread.join(30.0)
+    finally:
+        hook.remove()
+    assert model.training and model.quantizer.training
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, state[name]), name
+
+
+def test_float64_pixel_values_are_cast_under_autocast_too(model, photo_batch):
+    # Autocast casts float32 and half inputs, never float64: "Input type (double) and bias type ... should be the
+    # same".
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(model.get_image_tokens(photo_batch.double()), model.get_image_tokens(photo_batch))
+        quantized = model.encode(photo_batch).quantized
+        assert model.decode_latents(quantized.double()).shape == photo_batch.shape
+
+
+@pytest.mark.parametrize("config", ["outputs/demo", {"codebook_size": 64}, None])
+def test_a_model_built_from_something_else_than_a_config_is_named(config):
+    with pytest.raises(TypeError, match=r"CDBVQModel takes a CDBVQConfig, got \w+; .*CDBVQModel.from_pretrained"):
+        CDBVQModel(config)  # was "'str' object has no attribute 'validate_fields'"
+
+
 def test_bad_tokens(model):
     with pytest.raises(ValueError, match=r"code ids in \[0, 64\)"):
         model.decode_image_tokens(torch.full((1, 64), 64))

@@ -645,6 +645,9 @@ def test_the_quantizer_names_a_wrong_shape_instead_of_failing_in_a_matrix_produc
     with pytest.raises(ValueError, match=r"semantic_features must have shape \(10, semantic_dim=32\), one row per latent"):
         vq(torch.randn(10, 8), semantic_features=torch.randn(9, 32))
     assert vq(torch.randn(10, 8), semantic_features=torch.randn(10, 32)).indices.shape == (10,)
+    # Integer latents were quantized to integer codes (the chosen codes truncated) without a word.
+    with pytest.raises(TypeError, match="latents must be a floating-point torch.Tensor, got a torch.int64 tensor"):
+        vq(torch.randint(0, 3, (10, 8)))
     # NaN latents made NaN codes without a word; none at all was torch's "random_ expects 'from' to be less than 'to'".
     vq.usage[:4] = 0.0  # dead codes for a restart to place
     for upkeep in (vq.initialize_codebook, vq.restart_dead_codes):
