@@ -125,6 +125,22 @@ def test_vocabulary_sequences_and_class_errors():
         PriorVocabulary.from_dict({**vocabulary.to_dict(), "image_token_offset": 3})
 
 
+def test_vocabulary_and_collator_refuse_float_ids_and_labels_rather_than_truncate():
+    # A cast to long made code id 1.9 code 1 and label 1.9 class 1, without a word (class_token_ids refused floats).
+    vocabulary = PriorVocabulary(10, num_classes=3)
+    with pytest.raises(ValueError, match="image tokens must be integers"):
+        vocabulary.to_prior_ids([1.7, 2.2])
+    with pytest.raises(ValueError, match="image tokens must be integers"):
+        vocabulary.build_input_ids(torch.tensor([[1.5, 2.0]]), [0])
+    collator = PriorCollator(vocabulary, 2)
+    with pytest.raises(ValueError, match="image tokens must be integers"):
+        collator([{"image_tokens": [1.9, 2.0], "label": 1}])
+    with pytest.raises(ValueError, match="class labels must be integers"):
+        collator([{"image_tokens": [1, 2], "label": 1.9}])
+    assert collator([{"image_tokens": [1, 2], "label": 1}])["input_ids"].tolist() == [[0, 5, 8, 9, 1]]
+    assert vocabulary.to_prior_ids([]).dtype == torch.long
+
+
 def test_vocabulary_from_dict_names_an_unknown_key():
     values = {**PriorVocabulary(16, num_classes=3).to_dict(), "colour_space": "rgb"}
     with pytest.raises(ValueError, match=r"unknown key\(s\) \['colour_space'\]"):
@@ -471,6 +487,23 @@ def test_a_prior_checkpoints_its_last_step_and_resumes_only_on_its_own_codebook(
     assert train_prior.main(train_prior.parse_args(longer))["step"] == 4
 
 
+def test_resuming_on_tokens_of_another_grid_or_length_is_refused(tmp_path, fresh_accelerator_state):
+    # The same codebook passed the check, and a llama prior (no position weights) went on with other raster positions.
+    model = tiny_model(codebook_size=8)
+    save_tokens(token_set(16), tmp_path / "tokens", model, image_size=(8, 8))  # 2x2 grid
+    save_tokens(token_set(16), tmp_path / "tall", model, image_size=(16, 4))  # 4x1: as many tokens
+    save_tokens(token_set(16, length=16), tmp_path / "long", model, image_size=(16, 16))
+    train_prior = load_script("train_prior")
+    train_prior.main(train_prior.parse_args(prior_argv(tmp_path / "tokens", tmp_path / "prior")))
+    longer = ["--max_train_steps", "3", "--resume_from_checkpoint", "latest"]
+    for other, message in (("tall", r"image_size \[8, 8\], this run's have \[16, 4\]"),
+                           ("long", "num_image_tokens 4, this run's have 16")):  # fmt: skip
+        with pytest.raises(ValueError, match=f"checkpoint-2: it was trained on tokens of {message}"):
+            train_prior.main(train_prior.parse_args(prior_argv(tmp_path / other, tmp_path / "prior", *longer)))
+    metrics = train_prior.main(train_prior.parse_args(prior_argv(tmp_path / "tokens", tmp_path / "prior", *longer)))
+    assert metrics["step"] == 3  # its own tokens resume as before
+
+
 def test_train_prior_needs_data_or_tokenizer():
     train_prior = load_script("train_prior")
     with pytest.raises(SystemExit):
@@ -483,6 +516,38 @@ def test_train_prior_refuses_a_checkpoints_total_limit_below_one(limit, capsys):
     with pytest.raises(SystemExit):
         train_prior.parse_args(prior_argv(Path("tokens"), Path("prior"), "--checkpoints_total_limit", limit))
     assert f"--checkpoints_total_limit must be at least 1, got {limit}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [(["--validation_guidance_scale", "nan"], "--validation_guidance_scale must be a finite number, got nan"),
+     (["--validation_guidance_scale", "inf"], "--validation_guidance_scale must be a finite number, got inf"),
+     (["--num_validation_images", "-1"], "--num_validation_images must be at least 0 (0: no samples), got -1")],
+)  # fmt: skip
+def test_train_prior_refuses_validation_flags_up_front(flags, message, capsys):
+    # A NaN guidance scale failed at the first validation sample, after training to it.
+    train_prior = load_script("train_prior")
+    with pytest.raises(SystemExit):
+        train_prior.parse_args(prior_argv(Path("tokens"), Path("prior"), *flags))
+    assert message in capsys.readouterr().err
+
+
+def test_a_train_split_named_validation_is_not_validated_on_itself(tmp_path):
+    datasets.DatasetDict(train=token_set(8), validation=token_set(8, seed=1)).save_to_disk(tmp_path / "tokens")
+    train_prior = load_script("train_prior")
+    args = train_prior.parse_args(prior_argv(tmp_path / "tokens", tmp_path / "prior", "--train_split", "validation"))
+    train, validation = train_prior.load_token_splits(args, None, None)
+    assert (len(train), len(validation)) == (6, 2)  # --validation_split of the training split, not the split again
+    assert not set(map(tuple, train["image_tokens"])) & set(map(tuple, validation["image_tokens"]))
+
+
+def test_validation_labels_of_other_class_names_are_refused():
+    train_prior = load_script("train_prior")
+    args = train_prior.parse_args(prior_argv(Path("tokens"), Path("prior")))
+    labelled = lambda names: token_set(4, labels=[0, 1, 0, 1]).cast_column("label", datasets.ClassLabel(names=names))
+    with pytest.raises(ValueError, match=r"the validation split's classes \(dog, cat\) are not the training split's"):
+        train_prior.make_vocabulary(args, labelled(["cat", "dog"]), labelled(["dog", "cat"]), 8)
+    assert train_prior.make_vocabulary(args, labelled(["cat", "dog"]), labelled(["cat", "dog"]), 8).num_classes == 2
 
 
 def test_make_vocabulary_reads_integer_labels_of_both_splits():

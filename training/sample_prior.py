@@ -35,7 +35,7 @@ from cdb_tokenizer.tools.cli import (
     write_token_file,
 )
 from cdb_tokenizer.tools.loading import cached_main_commit, locate
-from cdb_tokenizer.tools.messages import OneLineErrorParser, run_script
+from cdb_tokenizer.tools.messages import OneLineErrorParser, listed, run_script
 from cdb_tokenizer.tools.priors import (
     PRIOR_CONFIG_NAME,
     load_prior,
@@ -152,8 +152,8 @@ def class_ids(labels: list[str], num_classes: int, class_names: list[str] | None
         else:
             close = difflib.get_close_matches(label, class_names, n=1)
             guess = f" (did you mean {close[0]!r}?)" if close else ""
-            shown = ", ".join(class_names[:20]) + (", ..." if len(class_names) > 20 else "")
-            raise ValueError(f"{label!r} is not a class of the prior{guess}; its classes are {shown}.")
+            classes = listed(class_names, 20)
+            raise ValueError(f"{label!r} is not a class of the prior{guess}; its classes are {classes}.")
     return ids
 
 

@@ -42,7 +42,7 @@ from cdb_tokenizer.tools.checkpoints import (
 from cdb_tokenizer.tools.cli import codebook_fingerprint
 from cdb_tokenizer.tools.data import check_data_file_names, saved_to_disk
 from cdb_tokenizer.tools.files import output_dir_claims, write_text
-from cdb_tokenizer.tools.messages import OneLineErrorParser, first_line, run_script
+from cdb_tokenizer.tools.messages import OneLineErrorParser, first_line, listed, run_script
 from cdb_tokenizer.tools.redaction import redact_secrets
 from cdb_tokenizer.tools.runs import (
     RunLog,
@@ -197,6 +197,10 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         parser.error(f"--dropout must be in [0, 1), got {args.dropout}.")
     if not 0 <= args.seed < 2**32:  # numpy's range (set_seed seeds it too)
         parser.error(f"--seed must be in [0, 2**32), got {args.seed}.")
+    if args.num_validation_images < 0:  # was taken for 0, sampling nothing
+        parser.error(f"--num_validation_images must be at least 0 (0: no samples), got {args.num_validation_images}.")
+    if not math.isfinite(args.validation_guidance_scale):  # failed at the first validation, after training
+        parser.error(f"--validation_guidance_scale must be a finite number, got {args.validation_guidance_scale}.")
     for flag in ("tokenizer", "tokens_dir"):
         if same_folder(args.output_dir, getattr(args, flag)):
             parser.error(f"--output_dir {args.output_dir} is --{flag} {getattr(args, flag)}: the prior's files would "
@@ -271,7 +275,9 @@ def load_token_splits(args: argparse.Namespace, accelerator: Accelerator, tokeni
         if args.train_split not in saved:
             raise ValueError(f"--tokens_dir has no split {args.train_split!r}; its splits are {list(saved)}.")
         train = saved[args.train_split]
-        validation = next((saved[name] for name in ("validation", "test") if name in saved), None)
+        # Never the training split itself (--train_split validation): it would score the prior on what it learnt.
+        held_out = [name for name in ("validation", "test") if name in saved and name != args.train_split]
+        validation = saved[held_out[0]] if held_out else None
     else:
         train, validation = saved, None
     if "image_tokens" not in train.column_names:
@@ -329,6 +335,13 @@ def make_vocabulary(args: argparse.Namespace, train, validation, codebook_size: 
     if args.unconditional or "label" not in train.column_names:
         return PriorVocabulary(codebook_size)
     feature = train.features["label"]
+    other = validation.features.get("label")
+    if isinstance(other, datasets.ClassLabel) and isinstance(feature, datasets.ClassLabel) and other != feature:
+        # The same ids would name other classes: the validation bits per token scored the prior on the wrong class.
+        raise ValueError(
+            f"the validation split's classes ({listed(other.names, 8)}) are not the training split's "
+            f"({listed(feature.names, 8)}): its labels would name other classes. Encode both with one ClassLabel."
+        )
     if isinstance(feature, datasets.ClassLabel):
         names = feature.names if args.num_classes in (None, feature.num_classes) else None
         return PriorVocabulary(codebook_size, args.num_classes or feature.num_classes, names)
@@ -478,29 +491,44 @@ def training_length(args: argparse.Namespace, batches_per_epoch: int) -> tuple[i
 
 
 def resume(
-    args: argparse.Namespace, accelerator: Accelerator, schedules: list, max_train_steps: int, fingerprint: str | None
+    args: argparse.Namespace, accelerator: Accelerator, schedules: list, max_train_steps: int, tokens: dict
 ) -> int:
     """Load --resume_from_checkpoint and return its step (0 without one), by train.py's rules: this run's learning
     rate and optimiser settings, later checkpoints set aside only when this run trains past this one. A checkpoint
-    trained on the tokens of another codebook (`fingerprint`, when both are known) is refused: the same number of
-    codes passed, and the prior went on with other codes under the same ids."""
+    trained on other tokens than this run's `tokens` (`token_record`) is refused."""
     checkpoint = find_checkpoint(args.resume_from_checkpoint, args.output_dir, accelerator)
     if checkpoint is None:
         return 0
-    check_checkpoint_codebook(checkpoint, fingerprint)
+    check_checkpoint_tokens(checkpoint, tokens)
     accelerator.print(f"Resuming from checkpoint {checkpoint}")
     return load_training_state(accelerator, checkpoint, args.output_dir, max_train_steps, schedules)
 
 
-def check_checkpoint_codebook(checkpoint: Path, fingerprint: str | None) -> None:
-    """Refuse a checkpoint trained on the tokens of another codebook than this run's (`fingerprint`), when both are
-    known."""
-    trained_on = load_custom_state(checkpoint)[1].get("codebook_fingerprint")
-    if trained_on and fingerprint and trained_on != fingerprint:
+def token_record(
+    fingerprint: str | None, num_image_tokens: int | None = None, image_size: tuple[int, int] | None = None
+) -> dict:
+    """What a checkpoint records of the tokens it trained on: their codebook's fingerprint, length and image size."""
+    return {"codebook_fingerprint": fingerprint, "num_image_tokens": num_image_tokens,
+            "image_size": list(image_size) if image_size else None}  # fmt: skip
+
+
+def check_checkpoint_tokens(checkpoint: Path, tokens: dict) -> None:
+    """Refuse a checkpoint trained on other tokens than `tokens` (`token_record`), for each value both know (older
+    checkpoints hold no length or size). Another codebook of as many codes passed, and the prior went on with other
+    codes under the same ids; a llama prior (no position weights) loaded one of another length or grid, and went on
+    with other raster positions."""
+    state = load_custom_state(checkpoint)[1]
+    for key, value in tokens.items():
+        trained_on = state.get(key)
+        if trained_on is None or value is None or trained_on == value:
+            continue
+        if key == "codebook_fingerprint":
+            what = f"the tokens of another codebook (fingerprint {trained_on}, this run's are {value})"
+        else:
+            what = f"tokens of {key} {trained_on}, this run's have {value}"
         raise ValueError(
-            f"cannot resume from {checkpoint}: it was trained on the tokens of another codebook (fingerprint "
-            f"{trained_on}, this run's are {fingerprint}); resume with that run's tokens and tokenizer, or start a "
-            f"new --output_dir."
+            f"cannot resume from {checkpoint}: it was trained on {what}; resume with that run's tokens"
+            f"{' and tokenizer' if key == 'codebook_fingerprint' else ''}, or start a new --output_dir."
         )
 
 
@@ -581,7 +609,7 @@ def main(args: argparse.Namespace) -> dict[str, float]:
     fingerprint = recorded_fingerprint(args, tokenizer)  # on the CPU, as saved: before the tokenizer moves
     if args.resume_from_checkpoint not in (None, "latest"):  # before --overwrite_output_dir deletes the run for it
         named = find_checkpoint(args.resume_from_checkpoint, args.output_dir, accelerator)
-        check_checkpoint_codebook(named, fingerprint)
+        check_checkpoint_tokens(named, token_record(fingerprint))
     prepare_prior_output_dir(args, accelerator)
     train_set, validation_set, vocabulary, num_image_tokens, image_size = load_data(args, accelerator, tokenizer,
                                                                                     codebook_size)  # fmt: skip
@@ -608,7 +636,8 @@ def main(args: argparse.Namespace) -> dict[str, float]:
         )
     )  # fmt: skip
 
-    global_step = resume(args, accelerator, [("prior", optimizer, lr_scheduler)], max_train_steps, fingerprint)
+    tokens = token_record(fingerprint, num_image_tokens, image_size)
+    global_step = resume(args, accelerator, [("prior", optimizer, lr_scheduler)], max_train_steps, tokens)
     first_epoch = global_step // updates_per_epoch
     skip_batches = (global_step % updates_per_epoch) * args.gradient_accumulation_steps
     if global_step >= max_train_steps:  # the loop would train one more step before checking
@@ -630,7 +659,7 @@ def main(args: argparse.Namespace) -> dict[str, float]:
 
     def write_checkpoint() -> None:  # of the current step
         save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit,
-                        state={"codebook_fingerprint": fingerprint})  # fmt: skip
+                        state=tokens)  # fmt: skip
 
     # A SIGTERM (preemption, `kill`) ends the step, writes its checkpoint and stops, as in train.py.
     with TerminationRequest(accelerator) as termination:

@@ -25,7 +25,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .files import CHECKPOINT_MANIFEST, file_sha256, share_safetensors
-from .messages import Terminated, first_line
+from .messages import Terminated, first_line, listed
 
 
 logger = logging.getLogger(__name__)
@@ -277,13 +277,13 @@ def verify_checkpoint(path: str | Path) -> None:
     checked by size (`incomplete_reason`) and for files the manifest does not list."""
     path = Path(path)
     manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
-    listed = set(manifest["files"]) | {MANIFEST}
+    known = set(manifest["files"]) | {MANIFEST}
     # Hidden files (.DS_Store from a Finder window, AppleDouble ._*, NFS's .nfs*) are never read by accelerate.
     unlisted = sorted(file.relative_to(path).as_posix() for file in path.rglob("*") if file.is_file()
-                      and file.relative_to(path).as_posix() not in listed and not file.name.startswith("."))  # fmt: skip
+                      and file.relative_to(path).as_posix() not in known and not file.name.startswith("."))  # fmt: skip
     if unlisted:
-        shown = ", ".join(unlisted[:3]) + (" ..." if len(unlisted) > 3 else "")
-        reason = f"it holds files its manifest does not list ({shown}), so it was changed after it was written"
+        reason = (f"it holds files its manifest does not list ({listed(unlisted, 3)}), so it was changed after it was "
+                  f"written")  # fmt: skip
         raise CheckpointError(f"cannot resume from {path}: {reason}; remove them, or resume from another checkpoint.",
                               reason)  # fmt: skip
     digests = manifest.get("sha256")

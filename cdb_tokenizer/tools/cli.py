@@ -54,6 +54,7 @@ from .messages import (
     counted,
     first_line,
     interruption_status,
+    listed,
     sigterm_as_interruption,
 )
 
@@ -181,8 +182,7 @@ def _what_the_folder_is(folder: Path) -> str:
     complete = [path for path in found if (path / files.CHECKPOINT_MANIFEST).is_file()]
     checkpoints = sorted(str(path.relative_to(folder)) for path in complete)
     if checkpoints:
-        shown = ", ".join(checkpoints[:3]) + (", ..." if len(checkpoints) > 3 else "")
-        return f"it holds training checkpoints ({shown}), not a saved model ({run_advice})."
+        return f"it holds training checkpoints ({listed(checkpoints, 3)}), not a saved model ({run_advice})."
     return "it is not a saved model folder."
 
 

@@ -48,6 +48,11 @@ def first_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
+def listed(items: list[str], most: int) -> str:
+    """The first `most` of `items`, comma separated, and ", ..." when there are more: "a, b, c, ..."."""
+    return ", ".join(items[:most]) + (", ..." if len(items) > most else "")
+
+
 def counted(number: int, noun: str) -> str:
     """`number` and `noun`, plural unless there is one: "1 image", "3 images"."""
     return f"{number} {noun}{'' if number == 1 else 's'}"

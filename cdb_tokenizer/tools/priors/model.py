@@ -57,12 +57,13 @@ class PriorCollator:
                 f"every example must have {self.num_image_tokens} image tokens, got lengths {sorted(lengths)}; "
                 f"tokenise all images at one size (the processor's size) with the same tokenizer."
             )
-        image_tokens = torch.stack([torch.as_tensor(example["image_tokens"], dtype=torch.long) for example in examples])
+        # Not cast here: the vocabulary refuses float ids and labels, which a cast would truncate.
+        image_tokens = torch.stack([torch.as_tensor(example["image_tokens"]) for example in examples])
         class_labels = None
         if self.vocabulary.class_conditional:
             if any(example.get("label") is None for example in examples):
                 raise ValueError("a class-conditional prior needs a `label` for every example.")
-            class_labels = torch.as_tensor([int(example["label"]) for example in examples])
+            class_labels = torch.as_tensor([example["label"] for example in examples])
         input_ids = self.vocabulary.build_input_ids(image_tokens, class_labels)
         if class_labels is not None:
             input_ids = drop_class_labels(input_ids, self.vocabulary, self.label_dropout, self.generator)

@@ -69,7 +69,7 @@ class PriorVocabulary:
 
     def to_prior_ids(self, image_tokens: torch.Tensor | Sequence[int]) -> torch.LongTensor:
         """Code ids in `[0, codebook_size)` -> prior ids (shifted past the special and class tokens)."""
-        image_tokens = torch.as_tensor(image_tokens, dtype=torch.long)
+        image_tokens = integer_tensor(image_tokens, "image tokens")
         if image_tokens.numel() and (int(image_tokens.min()) < 0 or int(image_tokens.max()) >= self.codebook_size):
             raise ValueError(
                 f"image tokens must be code ids in [0, {self.codebook_size}), got values in "
@@ -100,10 +100,7 @@ class PriorVocabulary:
         """Class labels in `[0, num_classes)` -> class token ids."""
         if not self.class_conditional:
             raise ValueError("this prior is unconditional (num_classes=0): it takes no class labels.")
-        labels = torch.as_tensor(class_labels)
-        if labels.dtype == torch.bool or labels.is_floating_point() or labels.is_complex():  # a cast would truncate
-            raise ValueError(f"class labels must be integers, got {labels.tolist()}.")
-        class_labels = labels.long()
+        class_labels = integer_tensor(class_labels, "class labels")
         if class_labels.numel() and (int(class_labels.min()) < 0 or int(class_labels.max()) >= self.num_classes):
             raise ValueError(
                 f"class labels must be in [0, {self.num_classes}), got values in "
@@ -132,7 +129,7 @@ class PriorVocabulary:
         self, image_tokens: torch.Tensor, class_labels: torch.Tensor | Sequence[int] | None = None
     ) -> torch.LongTensor:
         """Code ids (B, N) -> training sequences (B, prompt_length + N + 1): BOS [class] image tokens EOS."""
-        image_tokens = torch.as_tensor(image_tokens, dtype=torch.long)
+        image_tokens = integer_tensor(image_tokens, "image tokens")
         if image_tokens.ndim != 2:
             raise ValueError(f"image_tokens must have shape (batch, num_tokens), got {tuple(image_tokens.shape)}.")
         batch_size = image_tokens.shape[0]
@@ -164,3 +161,12 @@ class PriorVocabulary:
             if key not in ("codebook_size", "num_classes", "class_names") and getattr(vocabulary, key) != value:
                 raise ValueError(f"prior vocabulary {key}={value} does not match this version's layout ({getattr(vocabulary, key)}).")
         return vocabulary
+
+
+def integer_tensor(values: torch.Tensor | Sequence[int] | int, what: str) -> torch.LongTensor:
+    """`values` as a long tensor; floats (which a cast would truncate: 1.9 became 1), bools and complex numbers are
+    refused, naming `what`."""
+    tensor = torch.as_tensor(values)
+    if tensor.numel() and (tensor.dtype == torch.bool or tensor.is_floating_point() or tensor.is_complex()):
+        raise ValueError(f"{what} must be integers, got {tensor.flatten()[:8].tolist()} ({tensor.dtype}).")
+    return tensor.long()
