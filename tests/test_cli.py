@@ -795,6 +795,21 @@ def test_inspect_codes_csv_keeps_a_downloaded_label_from_running_as_a_formula(fi
     assert {record["prototype_label"] for record in json.loads((tmp_path / "codes.json").read_text())} <= set(labels)
 
 
+def test_inspect_prints_a_downloaded_label_without_its_control_characters(files, tmp_path, capsys):
+    # Labels come from the model's config.json: escape sequences reached the terminal as they were (clear the
+    # screen, retitle the window), and a newline faked a row of the table.
+    folder = tmp_path / "model"
+    shutil.copytree(files["model"], folder)
+    config = json.loads((folder / "config.json").read_text())
+    labels = ["cat\x1b[2J\x1b]0;title\x07", "dog\nfake row"]
+    config["prototype_labels"] = (labels * config["num_prototypes"])[: config["num_prototypes"]]
+    (folder / "config.json").write_text(json.dumps(config))
+    assert main(["inspect", "--model", str(folder), "--top", "64"]) == 0
+    text = capsys.readouterr().out
+    assert "\x1b" not in text and "\x07" not in text and "\nfake row" not in text
+    assert "cat\\x1b[2J\\x1b]0;title\\x07" in text and "dog\\nfake row" in text
+
+
 # ------------------------------------------------------------------------------------------------ review fixes
 
 

@@ -291,13 +291,58 @@ def test_cli_eval_resolution_and_the_imagenet_protocol(tokenizer_folder, capsys,
     # The numbers carry what was measured (the metrics file had N and the FID extractor only).
     assert protocol["setting"] == {"model": str(tokenizer_folder["model"]), "data": str(tokenizer_folder["photos"]),
                                    "split": "train", "max_images": 2, "protocol": "imagenet",
-                                   "size": [256, 256], "resize": True, "center_crop": True}  # fmt: skip
+                                   "size": [256, 256], "resize": True, "resample": "bicubic",
+                                   "center_crop": True}  # fmt: skip
     at_256, _, _ = _eval(base + ["--resolution", "256", "--max_images", "2"], capsys)
     own_size, _, _ = _eval(base + ["--max_images", "2"], capsys)  # the model's processor: 32x32
     assert protocol["psnr"] == pytest.approx(at_256["psnr"], rel=1e-6)  # the protocol measures at 256x256 ...
     assert protocol["psnr"] != pytest.approx(own_size["psnr"], rel=1e-3)  # ... not at the model's own size
     assert cli_main(["eval", *base, "--resolution", "30"]) == 1  # not divisible by the downsampling factor (4)
     assert "not divisible" in capsys.readouterr().err
+
+
+def _model_with_processor(tokenizer_folder, folder: Path, **settings) -> str:
+    """The tokenizer of `tokenizer_folder` in `folder`, with an image processor of other `settings`."""
+    shutil.copytree(tokenizer_folder["model"], folder)
+    CDBVQImageProcessor(**{"size": {"height": 32, "width": 32}, **settings}).save_pretrained(folder)
+    return str(folder)
+
+
+def test_cli_eval_resolution_resizes_bicubic_whatever_filter_the_model_saved(tokenizer_folder, tmp_path, capsys):
+    # --resolution (and --protocol imagenet) is documented as bicubic; it kept the saved processor's filter, so the
+    # same weights scored otherwise under "the standard protocol".
+    nearest = _model_with_processor(tokenizer_folder, tmp_path / "nearest", resample=0)
+    base = ["--data", str(tokenizer_folder["photos"]), "--no-lpips", "--max_images", "2", "--resolution", "64"]
+    bicubic, _, _ = _eval(base + ["--model", str(tokenizer_folder["model"])], capsys)
+    resized, _, _ = _eval(base + ["--model", nearest], capsys)
+    assert resized["psnr"] == bicubic["psnr"] and resized["setting"]["resample"] == "bicubic"
+
+
+def test_cli_eval_fid_of_one_image_is_one_sentence(tokenizer_folder, capsys):
+    # Was "rFID needs at least two images. (0 unreadable images skipped)": two stops, and "1 unreadable images".
+    arguments = ["eval", "--model", str(tokenizer_folder["model"]), "--data", str(tokenizer_folder["photos"]),
+                 "--no-lpips", "--fid", "--fid_feature_extractor", "random", "--max_images", "1"]  # fmt: skip
+    assert cli_main(arguments) == 1
+    assert cli_error_line(capsys, "eval").endswith("rFID needs at least two images (0 unreadable images skipped).")
+
+
+def test_cli_eval_refuses_a_reference_of_other_crops_made_otherwise(tokenizer_folder, tmp_path, capsys):
+    # A processor sized {"shortest_edge": s} with a centre crop makes s x s crops, but its reference was recorded as
+    # "as processed", which any other such processor matched: 32x32 statistics passed for 64x64 crops. Nor was the
+    # resize filter recorded: bicubic statistics passed for nearest-neighbour crops.
+    base = ["eval", "--data", str(tokenizer_folder["photos"]), "--no-lpips", "--max_images", "2", "--fid",
+            "--fid_feature_extractor", "random", "--fid_reference", str(tmp_path / "ref.safetensors")]  # fmt: skip
+    edge_32 = _model_with_processor(tokenizer_folder, tmp_path / "edge_32", size={"shortest_edge": 32})
+    assert cli_main(base + ["--model", edge_32]) == 0
+    capsys.readouterr()
+    edge_64 = _model_with_processor(tokenizer_folder, tmp_path / "edge_64", size={"shortest_edge": 64})
+    assert cli_main(base + ["--model", edge_64]) == 1
+    assert "was computed with resolution 32x32, this run uses 64x64" in cli_error_line(capsys, "eval")
+    nearest = _model_with_processor(tokenizer_folder, tmp_path / "nearest", resample=0)
+    assert cli_main(base + ["--model", nearest]) == 1
+    line = cli_error_line(capsys, "eval")
+    assert "computed with resize bicubic + centre crop, this run uses nearest + centre crop" in line, line
+    assert cli_main(base + ["--model", str(tokenizer_folder["model"])]) == 0  # the same 32x32 bicubic crops
 
 
 def test_eval_protocol_keeps_the_split_the_user_gave(tokenizer_folder, capsys, monkeypatch):

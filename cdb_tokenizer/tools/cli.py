@@ -620,9 +620,16 @@ def to_unit_images(pixel_values: torch.Tensor, processor) -> torch.Tensor:
     return processor.postprocess(pixel_values.float(), return_tensors="pt").pixel_values
 
 
+def printable(text: str) -> str:
+    """`text` with its unprintable characters escaped (`\\x1b`, `\\n`): labels and role names come from a downloaded
+    config, and printed as they are they could drive the terminal (escape sequences) or fake a line of output."""
+    escaped = (character.encode("unicode_escape").decode() for character in text)
+    return "".join(character if character.isprintable() else escape for character, escape in zip(text, escaped))
+
+
 def format_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """A plain-text table; columns of numbers are right-aligned, others left-aligned."""
-    cells = [list(map(str, header))] + [[str(cell) for cell in row] for row in rows]
+    """A plain-text table of printable cells; columns of numbers are right-aligned, others left-aligned."""
+    cells = [[printable(str(cell)) for cell in row] for row in [header, *rows]]
     widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
     numeric = [all(_NUMBER.fullmatch(row[i]) for row in cells[1:]) for i in range(len(header))]
     lines = []
@@ -976,7 +983,8 @@ def reconstruct_command(args: argparse.Namespace) -> None:
     if args.role_map:
         from .roles import role_legend
 
-        print(f"role maps (each token's role as a translucent colour; {role_legend(model.config.role_names)}) in {out / 'role_maps'}")
+        legend = printable(role_legend(model.config.role_names))
+        print(f"role maps (each token's role as a translucent colour; {legend}) in {out / 'role_maps'}")
 
 
 def _write_role_maps(
@@ -1112,9 +1120,11 @@ def _check_fid_options(args: argparse.Namespace) -> None:
 
 def _fid_reference_facts(args: argparse.Namespace, processor) -> dict[str, str]:
     """What makes reference statistics comparable with this run's (computed otherwise, the rFID means nothing): the
-    crop size, the feature extractor and, for Inception, its weights by content."""
+    crop size, how the crops are made (filter, centre crop), the feature extractor and, for Inception, its weights
+    by content."""
     size = processor_image_size(processor)
-    facts = {"resolution": f"{size[0]}x{size[1]}" if size else "as processed", "features": args.fid_feature_extractor}
+    facts = {"resolution": f"{size[0]}x{size[1]}" if size else "as processed", "resize": _resize_text(processor),
+             "features": args.fid_feature_extractor}  # fmt: skip
     if args.fid_feature_extractor == "inception":
         from .evaluation import inception_weights
 
@@ -1122,8 +1132,20 @@ def _fid_reference_facts(args: argparse.Namespace, processor) -> dict[str, str]:
     return facts
 
 
+def _resample_name(processor) -> str:
+    """The processor's resize filter by name (`bicubic`)."""
+    resample = getattr(processor, "resample", None)
+    return Image.Resampling(int(resample)).name.lower() if resample is not None else "unknown"
+
+
+def _resize_text(processor) -> str:
+    """How the processor makes its crops (`bicubic + centre crop`): another filter, or no crop, gives other crops."""
+    resize = _resample_name(processor) if processor.do_resize else "no resize"
+    return f"{resize} + {'centre crop' if processor.do_center_crop else 'no crop'}"
+
+
 def _check_fid_reference_facts(path: str, recorded: dict[str, str], facts: dict[str, str]) -> None:
-    """Refuse reference statistics computed at another resolution or with another feature extractor."""
+    """Refuse reference statistics computed at another resolution, resize or with another feature extractor."""
     for key, value in facts.items():
         if recorded.get(key, value) != value:  # files written before these were recorded are taken as they are
             raise CLIError(
@@ -1202,6 +1224,7 @@ def eval_command(args: argparse.Namespace) -> None:
                            f"meant.")  # fmt: skip
         processor.size = {"height": args.resolution, "width": args.resolution}
         processor.do_resize, processor.do_center_crop = True, True
+        processor.resample = Image.Resampling.BICUBIC  # as documented, whatever filter the model's processor saved
     counter = {"unreadable": 0}
     fid = _eval_fid(args, device)
     lpips = _eval_lpips(device) if args.lpips else None
@@ -1233,7 +1256,8 @@ def eval_command(args: argparse.Namespace) -> None:
         total = min(len(dataset), args.max_images or len(dataset)) if hasattr(dataset, "__len__") else args.max_images
         metrics = evaluate(model, batches(), lpips=lpips, fid=fid, fid_reference=reference, total_images=total)
     except ValueError as error:
-        raise CLIError(f"{error} ({counter['unreadable']} unreadable images skipped)") from None
+        skipped = counted(counter["unreadable"], "unreadable image")
+        raise CLIError(f"{str(error).rstrip('.')} ({skipped} skipped).") from None
     if fid is not None and args.fid_reference and reference is None:
         # Reference files are shared and reused as token files are: a local --data by its last part only.
         data = Path(args.data).expanduser().resolve().name if Path(args.data).expanduser().exists() else args.data
@@ -1248,6 +1272,7 @@ def eval_command(args: argparse.Namespace) -> None:
     size = processor_image_size(processor) or {"shortest_edge": getattr(processor.size, "shortest_edge", None)}
     metrics["setting"] = {"model": args.model, "data": args.data, "split": args.split, "max_images": args.max_images,
                           "protocol": args.protocol, "size": size, "resize": bool(processor.do_resize),
+                          "resample": _resample_name(processor),
                           "center_crop": bool(processor.do_center_crop)}  # fmt: skip
     rows = [
         ("PSNR (dB)", f"{metrics['psnr']:.2f}"),

@@ -255,9 +255,12 @@ def _has_processor_config(name_or_path: str, kwargs: dict[str, Any]) -> bool:
 
 
 def processor_image_size(processor) -> tuple[int, int] | None:
-    """(height, width) of the images `processor` makes, when it makes a fixed size."""
+    """(height, width) of the images `processor` makes, when it makes a fixed size: its `size`, or the square of a
+    `shortest_edge` it centre-crops to."""
     size = getattr(processor, "size", None) or {}
-    height, width = getattr(size, "height", None), getattr(size, "width", None)
+    height, width, shortest = (getattr(size, name, None) for name in ("height", "width", "shortest_edge"))
     if height is None and isinstance(size, dict):
-        height, width = size.get("height"), size.get("width")
+        height, width, shortest = size.get("height"), size.get("width"), size.get("shortest_edge")
+    if not (height and width) and shortest and getattr(processor, "do_center_crop", False):
+        height = width = shortest
     return (int(height), int(width)) if height and width else None
