@@ -36,6 +36,7 @@ from cdb_tokenizer.tools.priors import (
     load_prior_tokenizer,
     load_tokenizer,
     photo_crops_dataset,
+    prior_model_card,
     sample_image_tokens,
     sample_images,
     save_image_grid,
@@ -440,6 +441,17 @@ def test_train_tokenize_sample_decode_end_to_end(tokenizer, photo_set, tmp_path,
         train_prior.parse_args(argv + ["--max_train_steps", "3", "--resume_from_checkpoint", "latest"])
     )
     assert resumed["step"] == 3
+    # The model card: the Hub's metadata, this run's numbers and last grid, the tokenizer as recorded, no local path.
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(tmp_path / "prior" / "README.md")
+    assert card.data.library_name == "transformers" and "cdb-vq" in card.data.tags
+    assert "for 3 steps on the tokens of `tokens`" in card.text
+    assert f"**{resumed['bits_per_token']:.3f} bits per token**" in card.text
+    assert "![samples drawn at the last validation](samples/step-000003.png)" in card.text
+    assert (tmp_path / "prior" / "samples" / "step-000003.png").is_file()
+    assert "the local folder `../tokenizer`" in card.text and "Class-conditional over 4 classes" in card.text
+    assert str(tmp_path) not in card.content
 
     prior, vocabulary, prior_config = load_prior(tmp_path / "prior")
     assert vocabulary.num_classes == 4 and prior_config["num_image_tokens"] == 64
@@ -703,6 +715,7 @@ def test_train_prior_refuses_another_runs_output_dir(tmp_path, fresh_accelerator
     assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint-1"]  # the old run's checkpoint-2 is gone
     assert not (tmp_path / "prior" / "samples").exists()
     assert not (tmp_path / "prior" / "samples.png").exists()  # it would stop the next sample_prior.py run
+    assert "for 1 step on" in (tmp_path / "prior" / "README.md").read_text()  # this run's card, not the old one's
 
     train_prior.main(train_prior.parse_args(argv + ["--max_train_steps", "3", "--resume_from_checkpoint", "latest"]))
     resumed = argv + ["--max_train_steps", "2", "--resume_from_checkpoint", str(checkpoints / "checkpoint-1")]
@@ -807,6 +820,21 @@ def test_a_prior_finds_its_local_tokenizer_from_any_working_directory(tokenizer,
     old = {key: value for key, value in json.loads(config_file.read_text()).items() if key != "tokenizer_relative_to_prior"}
     config_file.write_text(json.dumps({**old, "tokenizer": "./outputs/tok"}))
     assert load_prior(tmp_path / "work" / "outputs" / "prior")[2]["tokenizer"] == "./outputs/tok"
+
+
+@pytest.mark.parametrize("tokenizer, expected", [
+    ("org/cdb-vq", "Tokenizer: [`org/cdb-vq`](https://huggingface.co/org/cdb-vq)."),
+    (None, "Tokenizer: a local folder named `alice_tok`; pass it as `--tokenizer`."),
+])  # fmt: skip
+def test_an_unconditional_prior_card_names_its_tokenizer_and_samples_without_labels(tokenizer, expected):
+    vocabulary = PriorVocabulary(64)
+    prior_config = {"vocabulary": vocabulary.to_dict(), "num_image_tokens": 16, "tokenizer": tokenizer,
+                    "tokenizer_relative_to_prior": False, "image_size": None, "tokenizer_name": "alice_tok"}  # fmt: skip
+    prior = build_prior(vocabulary, 16, **TINY_PRIOR)
+    card = prior_model_card(prior, prior_config, {"step": 5, "bits_per_token": 5.5}, "data")
+    assert expected in card and "Unconditional." in card and "16 tokens per image," in card
+    assert "--class_labels" not in card and "class_labels=" not in card and "![" not in card
+    assert f"({prior.num_parameters():,} parameters" in card and "(a uniform guess over the codes: 6.00)" in card
 
 
 def test_a_tokenizer_far_from_the_prior_is_recorded_by_name_only(tokenizer, tmp_path):

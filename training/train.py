@@ -90,7 +90,7 @@ from cdb_tokenizer.tools.files import (
     write_text,
 )
 from cdb_tokenizer.tools.losses import LPIPSUnavailableError, PatchDiscriminator, TokenizerLoss, cached_lpips, load_lpips
-from cdb_tokenizer.tools.messages import first_line, run_script
+from cdb_tokenizer.tools.messages import first_line, listed, run_script
 from cdb_tokenizer.tools.redaction import public_value, redact_secrets
 from cdb_tokenizer.tools.roles import role_map_figure, save_role_map
 from cdb_tokenizer.tools.runs import (
@@ -275,7 +275,7 @@ def prepare_output_dir(args: argparse.Namespace, accelerator: Accelerator) -> No
                 log_file.unlink(missing_ok=True)
     elif found and args.resume_from_checkpoint is None:
         raise OutputDirInUse(
-            f"--output_dir {output_dir} holds another run ({', '.join(found[:4])}{', ...' if len(found) > 4 else ''}). "
+            f"--output_dir {output_dir} holds another run ({listed(found, 4)}). "
             f"Pass --resume_from_checkpoint latest to continue it, --overwrite_output_dir to start over (its "
             f"checkpoints, logs and model are deleted), or choose another --output_dir."
         )
@@ -283,7 +283,7 @@ def prepare_output_dir(args: argparse.Namespace, accelerator: Accelerator) -> No
         # Another folder's checkpoint would continue here, setting this run's later checkpoints aside and
         # overwriting its model.
         raise OutputDirInUse(
-            f"--output_dir {output_dir} holds another run ({', '.join(found[:4])}{', ...' if len(found) > 4 else ''}), "
+            f"--output_dir {output_dir} holds another run ({listed(found, 4)}), "
             f"and --resume_from_checkpoint {args.resume_from_checkpoint} is a checkpoint of another folder. Choose "
             f"another --output_dir to continue it in, or pass --overwrite_output_dir to replace this run with it."
         )

@@ -14,7 +14,7 @@ class per photo, tokenised on the fly with `--tokenizer`.
 
 The output folder holds the prior (`save_pretrained`), `prior_config.json` (vocabulary layout, tokens per image,
 image size, tokenizer id and codebook fingerprint), `metrics.json`, `training_config.json`, sample grids under `samples/`, tracker
-logs and `train_log.jsonl` under `logs/`, and `checkpoints/checkpoint-<step>`.
+logs and `train_log.jsonl` under `logs/`, `checkpoints/checkpoint-<step>`, and a model card, `README.md`.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from cdb_tokenizer.tools.checkpoints import (
 )
 from cdb_tokenizer.tools.cli import codebook_fingerprint
 from cdb_tokenizer.tools.data import check_data_file_names, saved_to_disk
-from cdb_tokenizer.tools.files import output_dir_claims, write_text
+from cdb_tokenizer.tools.files import PRIOR_CONFIG_NAME, output_dir_claims, write_text
 from cdb_tokenizer.tools.messages import OneLineErrorParser, first_line, listed, run_script
 from cdb_tokenizer.tools.redaction import redact_secrets
 from cdb_tokenizer.tools.runs import (
@@ -64,6 +64,7 @@ from cdb_tokenizer.tools.priors import (
     drop_class_labels,
     load_prior_tokenizer,
     photo_crops_dataset,
+    prior_model_card,
     processor_image_size,
     read_tokens_info,
     sample_images,
@@ -95,7 +96,7 @@ logger = get_logger(__name__)
 
 # Written by this script (and samples.png by sample_prior.py by default), so --overwrite_output_dir deletes them on
 # top of train.py's list: a leftover samples.png would stop the next sample_prior.py run.
-PRIOR_RUN_FILES = ("samples", "prior_config.json", "samples.png")
+PRIOR_RUN_FILES = ("samples", PRIOR_CONFIG_NAME, "samples.png", "README.md")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -532,6 +533,19 @@ def check_checkpoint_tokens(checkpoint: Path, tokens: dict) -> None:
         )
 
 
+def write_model_card(args: argparse.Namespace, prior: torch.nn.Module, output_dir: Path, metrics: dict) -> None:
+    """The prior's `README.md` (`prior_model_card`), from the `prior_config.json` just saved, showing this step's
+    sample grid when validation drew one."""
+    prior_config = json.loads((output_dir / PRIOR_CONFIG_NAME).read_text())
+    if args.tokens_dir:  # by its name: no local path reaches a card
+        data = f"the tokens of `{Path(args.tokens_dir).expanduser().resolve().name}`"
+    else:
+        data = "random crops of scikit-image's photos, one class per photo (the script's embedded default)"
+    grid = Path("samples") / f"step-{metrics['step']:06d}.png"
+    samples = grid.as_posix() if (output_dir / grid).is_file() else None
+    write_text(output_dir / "README.md", prior_model_card(prior, prior_config, metrics, data, samples))
+
+
 def weights_are_finite(model: torch.nn.Module) -> bool:
     """Whether every weight is finite (one device sync). The same on every process: their updates are the same."""
     return bool(torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all())
@@ -729,6 +743,7 @@ def main(args: argparse.Namespace) -> dict[str, float]:
                 architecture=args.architecture,
             )  # fmt: skip
             write_text(output_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+            write_model_card(args, accelerator.unwrap_model(prior), output_dir, metrics)
         logger.info(f"Saved the prior to {output_dir}: {metrics['bits_per_token']:.3f} bits per token")
     accelerator.end_training()
     return metrics

@@ -37,6 +37,7 @@ from .model import (
     load_prior,
     load_prior_config,
     load_prior_tokenizer,
+    prior_model_card,
     save_prior,
     validation_bits_per_token,
 )
@@ -58,6 +59,7 @@ __all__ = [
     "load_prior_tokenizer",
     "load_tokenizer",
     "photo_crops_dataset",
+    "prior_model_card",
     "processor_image_size",
     "read_tokens_info",
     "sample_image_tokens",

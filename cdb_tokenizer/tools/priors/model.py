@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, GenerationConfig, GPT2Config, Lla
 
 from ..files import PRIOR_CONFIG_NAME, relative_location, saved_weights, share_safetensors, write_text
 from ..loading import load_tokenizer, locate
-from ..messages import first_line
+from ..messages import counted, first_line, listed
 from .vocabulary import PriorVocabulary
 
 logger = logging.getLogger(__name__)
@@ -228,6 +228,67 @@ def save_prior(
     }
     write_text(output_dir / PRIOR_CONFIG_NAME, json.dumps(prior_config, indent=2) + "\n")
     return output_dir
+
+
+def prior_model_card(
+    prior: PreTrainedModel, prior_config: dict[str, Any], metrics: dict[str, float], data: str,
+    samples: str | None = None,
+) -> str:
+    """The `README.md` of a prior saved by `save_prior`: what it models, with which tokenizer (as `prior_config`
+    records it: a Hub id, or a folder relative to the prior's), how it scored (`metrics` of `train_prior.py`), how
+    to sample from it, and the Hub's metadata in a YAML header. `data` names the training data (no local path);
+    `samples` is the relative path of a sample grid beside the card."""
+    from huggingface_hub import ModelCardData
+
+    vocabulary = PriorVocabulary.from_dict(prior_config["vocabulary"])
+    config = prior.config
+    size = prior_config.get("image_size")
+    image = f"{size[0]}x{size[1]}-pixel image" if size else "image"
+    if vocabulary.class_conditional:
+        names = vocabulary.class_names
+        classes = f"{vocabulary.num_classes} classes" + (f" ({listed(names, 8)})" if names else "")
+        kind = f"Class-conditional over {classes}, with a null class for classifier-free guidance."
+        labels, python_labels = " --class_labels 0 --guidance_scale 3", ", class_labels=0, guidance_scale=3.0"
+    else:
+        kind, labels, python_labels = "Unconditional.", "", ""
+    metadata = ModelCardData(library_name="transformers", tags=["cdb-vq", "image-tokens", "image-generation"])
+    lines = [
+        f"---\n{metadata.to_yaml()}\n---",
+        "# A transformer prior over cdb-vq image tokens",
+        f"A {type(prior).__name__} ({prior.num_parameters():,} parameters: {config.num_hidden_layers} "
+        f"layers, hidden size {config.hidden_size}) that models an image as the sequence `BOS [class] image tokens "
+        f"EOS`: {prior_config['num_image_tokens']} tokens per {image}, in raster order, from a codebook of "
+        f"{vocabulary.codebook_size} codes. {kind}",
+        f"Tokenizer: {_tokenizer_text(prior_config)} `sample_prior.py` decodes with it, and refuses a tokenizer whose "
+        f"codes differ from the ones the prior was trained on (codebook fingerprint "
+        f"`{prior_config.get('codebook_fingerprint')}`).",
+        f"Trained with cdb-vq's `training/train_prior.py` for {counted(metrics['step'], 'step')} on {data}. "
+        f"Validation: **{metrics['bits_per_token']:.3f} bits per token** (a uniform guess over the codes: "
+        f"{math.log2(vocabulary.codebook_size):.2f}).",
+        *([f"![samples drawn at the last validation]({samples})"] if samples else []),
+        "## Sample",
+        f"```bash\npython training/sample_prior.py --prior <this repository or folder> --num_images 16{labels}\n```",
+        "or, in Python (cdb-vq installed with its `train` extra):",
+        "```python\nfrom cdb_tokenizer.tools.priors import load_prior, load_prior_tokenizer, sample_images\n\n"
+        "prior, vocabulary, prior_config = load_prior(\"<this repository or folder>\")\n"
+        "tokenizer, processor = load_prior_tokenizer(prior_config[\"tokenizer\"], prior_config)\n"
+        f"images = sample_images(prior, tokenizer, vocabulary, num_images=8{python_labels}, seed=0)\n```",
+        "`prior_config.json` holds the token layout (`vocabulary`), the tokens per image, the image size and the "
+        "tokenizer; the weights are safetensors, and the model is a stock transformers causal LM (no remote code).",
+    ]
+    return "\n\n".join(lines) + "\n"
+
+
+def _tokenizer_text(prior_config: dict[str, Any]) -> str:
+    """The tokenizer a prior records, in words, with what a user of the prior needs to do to get it."""
+    tokenizer = prior_config.get("tokenizer")
+    if tokenizer and prior_config.get("tokenizer_relative_to_prior"):
+        return (f"the local folder `{tokenizer}` (relative to the prior's folder). Where that folder is not beside "
+                f"it (on the Hub), pass `--tokenizer` with the tokenizer's folder or Hub id.")  # fmt: skip
+    if tokenizer:
+        return f"[`{tokenizer}`](https://huggingface.co/{tokenizer})."
+    name = prior_config.get("tokenizer_name")
+    return f"a local folder named `{name}`; pass it as `--tokenizer`." if name else "not recorded; pass `--tokenizer`."
 
 
 def load_prior_config(name_or_path: str | Path, revision: str | None = None) -> tuple[dict[str, Any], str]:
