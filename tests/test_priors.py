@@ -516,6 +516,18 @@ def test_resuming_on_tokens_of_another_grid_or_length_is_refused(tmp_path, fresh
     assert metrics["step"] == 3  # its own tokens resume as before
 
 
+def test_the_prior_logs_the_learning_rate_each_step_trained_at(tmp_path, fresh_accelerator_state):
+    # The log showed the rate after the schedule's step: the next step's (a warm-up's first step trains at 0).
+    token_set(16).save_to_disk(tmp_path / "tokens")
+    train_prior = load_script("train_prior")
+    flags = ["--max_train_steps", "3", "--lr_scheduler", "linear", "--lr_warmup_steps", "2", "--learning_rate", "1e-3",
+             "--gradient_accumulation_steps", "2"]  # fmt: skip
+    train_prior.main(train_prior.parse_args(prior_argv(tmp_path / "tokens", tmp_path / "prior", *flags)))
+    lines = (tmp_path / "prior" / "logs" / "train_log.jsonl").read_text().splitlines()
+    rates = [row["train/learning_rate"] for row in map(json.loads, lines) if "train/learning_rate" in row]
+    assert rates == pytest.approx([0.0, 5e-4, 1e-3])
+
+
 def test_train_prior_needs_data_or_tokenizer():
     train_prior = load_script("train_prior")
     with pytest.raises(SystemExit):

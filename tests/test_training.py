@@ -186,6 +186,14 @@ def test_a_resumed_run_trains_at_its_own_learning_rate_and_ema_decay(tmp_path):
     assert state["ema_weights_updates"] == 4  # the warm-up goes on from the checkpoint's count
 
 
+def test_the_logged_learning_rate_is_the_one_each_step_trained_at(tmp_path):
+    # The log showed the rate after the schedule's step: the next step's (a warm-up's first step trains at 0).
+    main(PLAIN_RUN + ["--max_train_steps", "3", "--lr_scheduler", "linear", "--lr_warmup_steps", "2",
+                      "--learning_rate", "1e-3", "--output_dir", str(tmp_path)])  # fmt: skip
+    rates = [record["train/learning_rate"] for step, record in sorted(loss_records(tmp_path).items())]
+    assert rates == pytest.approx([0.0, 5e-4, 1e-3])
+
+
 def test_a_resume_with_another_batch_size_says_the_data_order_changes(tmp_path, caplog):
     run = PLAIN_RUN + ["--max_train_steps", "2", "--checkpointing_steps", "1", "--output_dir", str(tmp_path)]
     main(run)
@@ -459,6 +467,37 @@ def test_config_file_keys_are_flag_names_and_the_command_line_wins(tmp_path):
     assert "ema_decay" in args.model_config_dict and args.model_config_dict["ema_decay"] is None
 
 
+def test_a_command_line_epoch_count_wins_over_the_config_files_steps(tmp_path):
+    # The recipes set max_train_steps: `--config recipe.yaml --num_train_epochs 1` trained the recipe's steps,
+    # silently.
+    config = tmp_path / "run.yaml"
+    config.write_text("max_train_steps: 7\n")
+    assert parse_args(["--config", str(config), "--num_train_epochs", "1"]).max_train_steps is None  # epochs decide
+    assert parse_args(["--config", str(config)]).max_train_steps == 7
+    both = ["--config", str(config), "--num_train_epochs", "1", "--max_train_steps", "5"]
+    assert parse_args(both).max_train_steps == 5
+    config.write_text("max_train_steps: 7\nnum_train_epochs: 2\n")  # both in the file: the steps, as on a command line
+    assert parse_args(["--config", str(config)]).max_train_steps == 7
+
+
+def test_a_folder_too_small_to_hold_out_validation_images_says_what_to_do(tmp_path, fresh_accelerator_state):
+    image_folder(tmp_path / "one", {"photos": 1})
+    with pytest.raises(ValueError, match=r"has 1 image, too few to hold out 2 for validation: .*a validation/ folder"):
+        main(PLAIN_RUN + ["--train_data_dir", str(tmp_path / "one"), "--output_dir", str(tmp_path / "run"),
+                          "--max_train_steps", "1"])  # fmt: skip
+
+
+def test_an_output_dir_among_the_training_images_is_refused(tmp_path, capsys):
+    # Its reconstructions.png and codebook_usage.png were read as training (and held-out) images by the resume.
+    image_folder(tmp_path / "flat", {"photos": 3})
+    with pytest.raises(SystemExit):
+        parse_args(PLAIN_RUN + ["--train_data_dir", str(tmp_path / "flat"), "--output_dir", str(tmp_path / "flat/x")])
+    assert "is inside the images of --train_data_dir" in capsys.readouterr().err
+    # With split folders only train/, validation/ and test/ are read: a run beside them is fine.
+    image_folder(tmp_path / "split", {"train": 3, "validation": 2})
+    parse_args(PLAIN_RUN + ["--train_data_dir", str(tmp_path / "split"), "--output_dir", str(tmp_path / "split/x")])
+
+
 def test_every_config_field_flag_parses_to_its_type():
     # --quantizer_format (int | None) was parsed as a float, which the config then refused: "got 3.0".
     from cdb_tokenizer.tools.train_args import _model_config_fields
@@ -532,6 +571,15 @@ def test_the_discriminator_schedule_spans_the_steps_it_trains(tmp_path, fresh_ac
     assert rates[0] == pytest.approx(args.learning_rate)
     assert rates[-1] == pytest.approx(args.learning_rate / 6)  # its last step at the schedule's last rate
     assert parts.disc_optimizer.param_groups[0]["lr"] == pytest.approx(0.0)
+
+
+def test_resuming_a_run_without_a_discriminator_with_one_names_the_flag(tmp_path, fresh_accelerator_state):
+    # accelerate looked for the second model's file: "pytorch_model_1.bin missing ... damaged or tampered with".
+    run = PLAIN_RUN + ["--max_train_steps", "1", "--output_dir", str(tmp_path)]
+    main(run)
+    (tmp_path / "metrics.json").unlink()  # as if the run were stopped after its checkpoint
+    with pytest.raises(ValueError, match=r"without a discriminator \(--disc_weight 0\), and this run trains one"):
+        main(run + ["--max_train_steps", "2", "--resume_from_checkpoint", "latest", "--disc_weight", "0.5"])
 
 
 def test_fp16_with_a_discriminator_is_refused_before_any_work(tmp_path, fresh_accelerator_state):

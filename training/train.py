@@ -90,7 +90,7 @@ from cdb_tokenizer.tools.files import (
     write_text,
 )
 from cdb_tokenizer.tools.losses import LPIPSUnavailableError, PatchDiscriminator, TokenizerLoss, cached_lpips, load_lpips
-from cdb_tokenizer.tools.messages import first_line, listed, run_script
+from cdb_tokenizer.tools.messages import counted, first_line, listed, run_script
 from cdb_tokenizer.tools.redaction import public_value, redact_secrets
 from cdb_tokenizer.tools.roles import role_map_figure, save_role_map
 from cdb_tokenizer.tools.runs import (
@@ -383,7 +383,11 @@ def load_data(args: argparse.Namespace, accelerator: Accelerator):
             train = train.filter(WithoutImages(held_out, args.image_column))
         else:
             if len(train) <= args.num_validation_images:
-                raise ValueError(f"the training split has {len(train)} images, too few to hold out {args.num_validation_images} for validation.")
+                raise ValueError(
+                    f"the training split has {counted(len(train), 'image')}, too few to hold out "
+                    f"{args.num_validation_images} for validation: add images, lower --num_validation_images, or give "
+                    f"a validation split (a validation/ folder beside train/)."
+                )
             held_out = train.train_test_split(test_size=args.num_validation_images, seed=VALIDATION_SAMPLE_SEED)
             train, validation = held_out["train"], held_out["test"]
     if args.max_train_samples is not None:
@@ -872,10 +876,24 @@ def resume(accelerator: Accelerator, args, max_train_steps: int, schedules: list
     tensors, state = load_custom_state(path)  # safetensors and JSON: nothing is unpickled
     check_training_state(path, state)
     refuse_another_objective(state.get("objective"), objective)  # before the weights: their shapes may differ too
+    refuse_a_discriminator_the_checkpoint_lacks(path, schedules)
     # The later checkpoints are set aside once the whole resume is accepted (the EMA weights are checked after this).
     step = load_training_state(accelerator, path, args.output_dir, max_train_steps, schedules, set_aside=False)
     logger.info(f"Resumed from {path} (step {step}).")
     return step, tensors, state
+
+
+def refuse_a_discriminator_the_checkpoint_lacks(path: Path, schedules: list) -> None:
+    """Refuse to resume a run without a discriminator into one with it: accelerate looked for the second model's file
+    and the error blamed a damaged checkpoint. (The other way round, the checkpoint's discriminator is left unread.)"""
+    if "discriminator" in [name for name, _, _ in schedules] and not any(
+        (Path(path) / name).is_file() for name in ("model_1.safetensors", "pytorch_model_1.bin")
+    ):
+        raise CheckpointError(
+            f"cannot resume from {path}: it was written without a discriminator (--disc_weight 0), and this run "
+            f"trains one; resume with --disc_weight 0, or start a new run with --disc_weight and --disc_start (the "
+            f"step from which it trains)."
+        )
 
 
 def _schedules(parts: TrainingParts) -> list[tuple[str, torch.optim.Optimizer, object]]:
@@ -991,6 +1009,7 @@ def loop_step(args: argparse.Namespace, parts: TrainingParts, ema: EMAWeights | 
               validation: Validation, log: RunLog, state: RunState, max_train_steps: int, progress) -> dict | None:  # fmt: skip
     """One step, then its validation and checkpoint when they are due; returns the validation metrics, if any."""
     accelerator, metrics = parts.accelerator, None
+    learning_rate = parts.scheduler.get_last_lr()[0]  # the rate this step trains at (the schedule moves at its end)
     step_terms, bad_term, output = accumulated_step(args, parts, batches, state)
     state.step += 1
     progress.update(1)
@@ -1003,7 +1022,7 @@ def loop_step(args: argparse.Namespace, parts: TrainingParts, ema: EMAWeights | 
             stop_training(accelerator, args, f"{state.nonfinite_in_a_row} steps in a row had a NaN or infinite loss ({bad_term})")
     else:
         state.nonfinite_in_a_row = 0
-        after_good_step(args, parts, ema, log, progress, state, step_terms, output)
+        after_good_step(args, parts, ema, log, progress, state, step_terms, output, learning_rate)
 
     # A skipped step keeps the schedule: its validation and checkpoint (of the unchanged weights) still happen.
     if state.step % args.validation_steps == 0 or state.step == max_train_steps:
@@ -1024,8 +1043,9 @@ def save_run_checkpoint(args: argparse.Namespace, accelerator: Accelerator, stat
 
 
 def after_good_step(args, parts: TrainingParts, ema: EMAWeights | None, log: RunLog, progress, state: RunState,
-                    step_terms: dict, output) -> None:  # fmt: skip
-    """What follows a step whose update was applied: the weight EMA, dead-code restarts and the step's log."""
+                    step_terms: dict, output, learning_rate: float) -> None:  # fmt: skip
+    """What follows a step whose update was applied: the weight EMA, dead-code restarts and the step's log (with the
+    learning rate the step trained at)."""
     model = parts.unwrapped
     if ema is not None:
         ema.update(model)
@@ -1035,7 +1055,7 @@ def after_good_step(args, parts: TrainingParts, ema: EMAWeights | None, log: Run
     means = mean_over_processes(parts.accelerator, step_terms, state)
     values = {f"loss/{name}": value for name, value in means.items()}
     values.update({"train/utilization": float(output.utilization), "train/perplexity": float(output.perplexity),
-                   "train/learning_rate": parts.scheduler.get_last_lr()[0], "train/skipped_images": len(state.skipped_ids),
+                   "train/learning_rate": learning_rate, "train/skipped_images": len(state.skipped_ids),
                    "train/nonfinite_steps": state.nonfinite_steps, "codebook/restarted": restarted})  # fmt: skip
     log(values, state.step)
     progress.set_postfix(loss=f"{values['loss/total']:.4f}", used=f"{float(output.utilization):.0%}")

@@ -688,6 +688,7 @@ def main(args: argparse.Namespace) -> dict[str, float]:
                 generator = torch.Generator().manual_seed(seed)
                 batch["input_ids"] = drop_class_labels(batch["input_ids"], vocabulary, args.label_dropout, generator)
                 micro_batch += 1
+                learning_rate = lr_scheduler.get_last_lr()[0]  # this step's rate (the schedule moves after it)
                 with accelerator.accumulate(prior):
                     loss = prior(**batch).loss
                     accelerator.backward(loss)
@@ -705,7 +706,7 @@ def main(args: argparse.Namespace) -> dict[str, float]:
                 progress.update(1)
                 # Every process's last micro-batch, as validation counts every process's share.
                 mean_loss = accelerator.reduce(loss.detach(), "mean").item()
-                logs = {"train/loss": mean_loss, "train/learning_rate": lr_scheduler.get_last_lr()[0]}
+                logs = {"train/loss": mean_loss, "train/learning_rate": learning_rate}
                 progress.set_postfix(loss=f"{logs['train/loss']:.3f}")
                 log(logs, step=global_step)
                 # The last step too (as train.py): a run shorter than --checkpointing_steps can then be extended, and a

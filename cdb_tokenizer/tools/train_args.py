@@ -249,7 +249,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.model_preset is None:
         args.model_preset = "base" if any(getattr(args, flag) for flag in DATA_FLAGS) else "tiny"
     preset = PRESETS[args.model_preset]
-    epochs_decide = args.num_train_epochs is not None and args.max_train_steps is PRESET
+    # --num_train_epochs sets the steps unless --max_train_steps is given as high up: the command line beats the
+    # --config file (the recipes' max_train_steps silently beat a command-line --num_train_epochs).
+    on_command_line = known.max_train_steps is not PRESET or known.num_train_epochs is not None
+    steps_given = (known if on_command_line else args).max_train_steps is not PRESET
+    epochs_decide = args.num_train_epochs is not None and not steps_given
     if args.model_config is not None and args.resolution is PRESET and os.path.isfile(args.model_config):
         args.resolution = CDBVQConfig.from_json_file(args.model_config).resolution  # train at the model's resolution
     for key, value in preset["training"].items():
@@ -440,6 +444,20 @@ def named_checkpoint(resume: str, output_dir: str | Path) -> Path:
     return path
 
 
+def _refuse_output_dir_among_the_images(args: argparse.Namespace) -> None:
+    """Refuse an --output_dir inside the folders --train_data_dir reads: the run's pictures (reconstructions.png,
+    ...) would be training and held-out images of its resume and of later runs, and shift the held-out split."""
+    if args.train_data_dir is None:
+        return
+    from .data import split_folders
+
+    output_dir = Path(args.output_dir).resolve()
+    for root in split_folders(Path(args.train_data_dir).expanduser()).values():
+        if output_dir == root.resolve() or root.resolve() in output_dir.parents:
+            raise ValueError(f"--output_dir {args.output_dir} is inside the images of --train_data_dir ({root}): its "
+                             f"pictures would become training images; choose an --output_dir outside it.")  # fmt: skip
+
+
 def _check_training_args(args: argparse.Namespace) -> None:
     if args.train_data_dir is not None and args.dataset_name is not None:
         raise ValueError("give either --train_data_dir or --dataset_name, not both.")
@@ -483,3 +501,4 @@ def _check_training_args(args: argparse.Namespace) -> None:
         check_in(name, getattr(args, name), interval)
     if not 0 < args.ema_weights_decay < 1:
         raise ValueError(f"--ema_weights_decay must be in (0, 1), got {args.ema_weights_decay}.")
+    _refuse_output_dir_among_the_images(args)
