@@ -160,3 +160,30 @@ def test_package_root_holds_only_remote_code():
     assert root == set(REMOTE_CODE_FILES) | {"__init__.py", "cli.py"}, root
     tools = {path.stem for path in (PACKAGE_DIR / "tools").iterdir() if path.suffix == ".py" or (path / "__init__.py").is_file()}
     assert {"data", "teacher", "losses", "evaluation", "publishing", "priors", "cli", "checkpoints"} <= tools
+
+
+def test_a_hub_processor_config_that_cannot_be_fetched_is_an_error_not_the_default(saved, tmp_path, monkeypatch):
+    """Offline, a repository whose preprocessor_config.json is not in the cache (the model alone was loaded before)
+    was tokenised with the default processor instead of its own, without a word; only a file the Hub said is absent
+    (huggingface_hub's `.no_exist` record) means "no saved processor"."""
+    import shutil
+
+    import huggingface_hub.constants
+
+    from cdb_tokenizer.tools.loading import load_tokenizer
+
+    folder, _, _ = saved
+    model_only = tmp_path / "model_only"
+    shutil.copytree(folder, model_only, ignore=shutil.ignore_patterns("preprocessor_config.json"))
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    cache = tmp_path / "hub"
+    hub_cache(cache, "org/cdb-vq", {revision: model_only}, {"main": revision})
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(OSError, match="preprocessor_config.json of org/cdb-vq could not be fetched"):
+        load_tokenizer("org/cdb-vq", cache_dir=str(cache))
+    no_exist = cache / "models--org--cdb-vq" / ".no_exist" / revision / "preprocessor_config.json"
+    no_exist.parent.mkdir(parents=True)
+    no_exist.touch()  # what huggingface_hub records when the Hub answers that the file does not exist
+    _, processor = load_tokenizer("org/cdb-vq", cache_dir=str(cache))
+    assert processor.size["height"] == 32  # the default processor, at the model's resolution

@@ -295,10 +295,53 @@ def test_push_to_hub_token_from_environment_or_clear_error(training_output, monk
     create_repo, create_branch, upload_folder, repo_info = _mock_hub(uploaded)
     with create_repo as create_repo, create_branch as create_branch, upload_folder, repo_info:
         push_to_hub(training_output, "cdb-vq-tiny")  # no namespace: the Hub puts it under the token's user
-    create_repo.assert_called_once_with(mock.ANY, "cdb-vq-tiny", private=False, exist_ok=True)
+    # Not private=False: that made a new repository public in an organisation whose repositories default to private.
+    create_repo.assert_called_once_with(mock.ANY, "cdb-vq-tiny", private=None, exist_ok=True)
     create_branch.assert_not_called()  # no revision: straight to main
     assert uploaded["token"] == "hf_from_env"
     assert f'AutoModel.from_pretrained("{HUB_ID}"' in uploaded["readme"]  # the full id the Hub gave back
+
+
+def test_a_card_rendered_again_with_the_full_repo_id_is_cleaned_as_the_staged_one(training_output, tmp_path):
+    """A bare name (train.py --push_to_hub without --hub_model_id) has its card rendered again with the `user/name`
+    the Hub gives back; that card was cleaned of the output folder only, and showed a Windows --train_data_dir whole
+    (with the user's name), which staging's own card cuts to its last part."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(training_output, run, ignore=shutil.ignore_patterns("checkpoints", "logs"))
+    config = json.loads((run / "training_config.json").read_text())
+    config.update(dataset_name=None, train_data_dir="C:\\Users\\bob_x\\acme_client\\photos")
+    (run / "training_config.json").write_text(json.dumps(config))
+    uploaded = {}
+    create_repo, create_branch, upload_folder, repo_info = _mock_hub(uploaded)
+    with create_repo, create_branch, upload_folder, repo_info:
+        push_to_hub(run, "cdb-vq-tiny", token="hf_arg")  # the Hub answers with cdb-org/cdb-vq-tiny
+    assert f'AutoModel.from_pretrained("{HUB_ID}"' in uploaded["readme"]
+    assert "a local image folder (`photos`)" in uploaded["readme"]
+    assert "bob_x" not in uploaded["readme"] and "acme_client" not in uploaded["readme"]
+
+
+def test_a_folder_of_another_model_or_without_a_full_auto_map_is_not_published(training_output, tmp_path):
+    """A prior's folder (train_prior.py: a language model's config.json and weights) was asked for an image
+    processor, then for an auto_map; a config.json without AutoConfig in its auto_map was published, and did not
+    load where cdb_tokenizer is not installed."""
+    import shutil
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    prior = tmp_path / "prior"
+    LlamaForCausalLM(LlamaConfig(vocab_size=70, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=2)).save_pretrained(prior)  # fmt: skip
+    with pytest.raises(ValueError, match="holds a 'llama' model .*, not a cdb-vq tokenizer"):
+        stage_folder(prior, tmp_path / "a", HUB_ID)
+    run = tmp_path / "run"
+    shutil.copytree(training_output, run, ignore=shutil.ignore_patterns("checkpoints", "logs"))
+    config = json.loads((run / "config.json").read_text())
+    del config["auto_map"]["AutoConfig"]
+    (run / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="no auto_map for AutoConfig, AutoModel and AutoImageProcessor"):
+        stage_folder(run, tmp_path / "b", HUB_ID)
 
 
 def test_a_busy_staging_folder_stops_before_the_repo_is_created(training_output, tmp_path):

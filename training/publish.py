@@ -26,7 +26,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "output_dir", help="output folder of training/train.py (save_pretrained files, metrics.json, ...)"
     )
     parser.add_argument("--hub_model_id", required=True, help="Hub repository, e.g. your-org/cdb-vq")
-    parser.add_argument("--private", action="store_true", help="create the repository as private (an existing public one is refused, not changed)")
+    parser.add_argument(
+        "--private", action="store_true",
+        help="create the repository as private (an existing public one is refused, not changed); without it, a new "
+        "one takes the owner's default visibility",
+    )  # fmt: skip
     parser.add_argument("--revision", default=None, help="branch to upload to (created if needed; default: main)")
     parser.add_argument("--commit_message", default=None, help="commit message of the upload")
     parser.add_argument("--token", default=None, help="Hub token (default: HF_TOKEN or the `hf auth login` token)")

@@ -243,7 +243,12 @@ def _hub_options(kwargs: dict[str, Any]) -> dict[str, Any]:
 
 
 def _has_processor_config(name_or_path: str, kwargs: dict[str, Any]) -> bool:
-    """Whether the folder or Hub repository has a saved image processor (only then is a broken one an error)."""
+    """Whether the folder or Hub repository has a saved image processor (only then is a broken one an error).
+
+    A Hub repository's file that could not be fetched (offline and not in the cache, the Hub unreachable) is an
+    `OSError`: only a file the Hub said is absent (recorded in the cache) means "none", else the default processor
+    would prepare the images another way than the saved one, without a word."""
+    from huggingface_hub import _CACHED_NO_EXIST, try_to_load_from_cache
     from transformers.utils import cached_file
 
     hub_options = _hub_options(kwargs)
@@ -251,7 +256,19 @@ def _has_processor_config(name_or_path: str, kwargs: dict[str, Any]) -> bool:
         name_or_path, PROCESSOR_CONFIG, _raise_exceptions_for_missing_entries=False,
         _raise_exceptions_for_connection_errors=False, **hub_options,
     )  # fmt: skip
-    return found is not None
+    if found is not None or Path(name_or_path).is_dir():
+        return found is not None
+    subfolder = hub_options.get("subfolder") or ""
+    absent = try_to_load_from_cache(
+        name_or_path, f"{subfolder}/{PROCESSOR_CONFIG}" if subfolder else PROCESSOR_CONFIG,
+        cache_dir=hub_options.get("cache_dir"), revision=hub_options.get("revision"),
+    )  # fmt: skip
+    if absent is _CACHED_NO_EXIST:
+        return False
+    raise OSError(
+        f"the {PROCESSOR_CONFIG} of {name_or_path} could not be fetched (not in the Hugging Face cache, and the Hub "
+        f"not reachable or HF_HUB_OFFLINE set); the default image processor is not used in its place."
+    )
 
 
 def processor_image_size(processor) -> tuple[int, int] | None:

@@ -104,6 +104,11 @@ def model_files(output_dir: str | Path) -> list[Path]:
                 f"output folder, or save the model from this checkpoint with `model.save_pretrained`."
             )
         raise FileNotFoundError(f"{output_dir} has no config.json: save the model there with `model.save_pretrained`.")
+    model_type = _read_valid_json(config_path).get("model_type")
+    if model_type != "cdb_vq":  # a prior (train_prior.py) has a config.json and weights too: its language model's
+        raise ValueError(f"{output_dir} holds a {model_type!r} model (its config.json), not a cdb-vq tokenizer: "
+                         f"publish the output folder of training/train.py (a prior's folder is uploaded as it is, see "
+                         f"docs/priors.md).")  # fmt: skip
     weights = saved_weights(output_dir)
     if not weights:
         raise FileNotFoundError(
@@ -119,10 +124,10 @@ def model_files(output_dir: str | Path) -> list[Path]:
         **_read_valid_json(config_path).get("auto_map", {}),
         **_read_valid_json(processor_path).get("auto_map", {}),
     }
-    if "AutoModel" not in auto_map or "AutoImageProcessor" not in auto_map:
+    if not {"AutoConfig", "AutoModel", "AutoImageProcessor"} <= auto_map.keys():  # AutoModel reads AutoConfig's
         raise ValueError(
-            f"{output_dir} has no auto_map for AutoModel and AutoImageProcessor, so it would not load with "
-            f"trust_remote_code=True; `import cdb_tokenizer` before calling save_pretrained."
+            f"{output_dir} has no auto_map for AutoConfig, AutoModel and AutoImageProcessor, so it would not load "
+            f"with trust_remote_code=True; `import cdb_tokenizer` before calling save_pretrained."
         )
     modules = []
     for reference in auto_map.values():
@@ -360,7 +365,7 @@ def _training_summary(training_config: dict[str, Any], metrics: dict[str, Any]) 
         data = f"[{dataset_name}](https://huggingface.co/datasets/{dataset_name})"
         evaluation_data = "held-out images of the data set (its validation or test split, or held out of train)"
     elif train_data_dir:
-        data = f"a local image folder (`{Path(str(train_data_dir)).name}`)"
+        data = f"a local image folder (`{cut_path_value(str(train_data_dir))}`)"  # a Windows path too, on any system
         evaluation_data = "held-out images of the training folder (its validation or test split, or held out of train)"
     else:
         data = "the real photos that ship with scikit-image (the embedded default, no download)"
@@ -500,6 +505,13 @@ def stage_folder(
     configuration without secrets or local paths. Checkpoints, logs and anything else in `output_dir` stay behind.
     Returns the staging folder.
     """
+    return _stage(output_dir, staging_dir, hub_model_id, license=license, revision=revision)[0]
+
+
+def _stage(
+    output_dir: str | Path, staging_dir: str | Path, hub_model_id: str, license: str, revision: str | None
+) -> tuple[Path, list[str]]:
+    """`stage_folder`, and the private strings its last pass removed (a card rendered again must lose them too)."""
     _check_repo_id(hub_model_id)
     output_dir, staging_dir = Path(output_dir), Path(staging_dir)
     files = model_files(output_dir)
@@ -536,8 +548,9 @@ def stage_folder(
     # training configuration's values reach the card through `public_fields` only.
     run_config = _read_valid_json(output_dir / "training_config.json")
     write_model_card(staging_dir, hub_model_id, license=license, training_config=run_config, revision=revision)
-    _scrub_staged_text(staging_dir, private + [str(output_dir.resolve())])
-    return staging_dir
+    private.append(str(output_dir.resolve()))
+    _scrub_staged_text(staging_dir, private)
+    return staging_dir, private
 
 
 def write_model_card(
@@ -648,16 +661,20 @@ def push_to_hub(
     """Stage `output_dir` (see `stage_folder`) and upload it to the Hub model repository `hub_model_id`.
 
     The folder is staged (and so checked: it loads, its weights fit) before anything is created on the Hub. The
-    repository is created when needed; `private` makes a new one private, and refuses an existing public one
-    (its visibility is the owner's to change on the Hub). `revision` is a branch, created from main when it does
-    not exist. The token is `token`, else `HF_TOKEN` or the one saved by `hf auth login`. The staged folder is a
-    temporary one unless `staging_dir` is given (then it is kept).
+    repository is created when needed; `private` makes a new one private (else it takes the owner's default
+    visibility), and refuses an existing public one (its visibility is the owner's to change on the Hub).
+    `revision` is a branch, created from main when it does not exist. The token is `token`, else `HF_TOKEN` or the
+    one saved by `hf auth login`. The staged folder is a temporary one unless `staging_dir` is given (then it is
+    kept).
     """
     token = check_push_settings(hub_model_id, token)
     api = HfApi(token=token)
     with tempfile.TemporaryDirectory(prefix="cdb-vq-hub-") as temporary:
-        folder = stage_folder(output_dir, staging_dir or temporary, hub_model_id, license=license, revision=revision)
-        repo_id = api.create_repo(hub_model_id, private=private, exist_ok=True).repo_id
+        folder, private_strings = _stage(
+            output_dir, staging_dir or temporary, hub_model_id, license=license, revision=revision
+        )
+        # private=None: a new repository takes its owner's default visibility (an organisation's may be private).
+        repo_id = api.create_repo(hub_model_id, private=private or None, exist_ok=True).repo_id
         if private and not api.repo_info(repo_id).private:
             raise ValueError(
                 f"{repo_id} already exists and is public, and private=True (--private) only applies to a new "
@@ -666,7 +683,7 @@ def push_to_hub(
         if repo_id != hub_model_id:  # "name" -> "user/name": the full id goes into the card's usage snippet
             run_config = _read_valid_json(Path(output_dir) / "training_config.json")
             write_model_card(folder, repo_id, license=license, training_config=run_config, revision=revision)
-            _scrub_staged_text(folder, [str(Path(output_dir).resolve())])
+            _scrub_staged_text(folder, private_strings)  # the same last pass as staging's
         if revision and revision != "main":
             api.create_branch(repo_id, branch=revision, exist_ok=True)
         return api.upload_folder(
