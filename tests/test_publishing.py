@@ -354,6 +354,16 @@ def test_a_busy_staging_folder_stops_before_the_repo_is_created(training_output,
     create_repo.assert_not_called()  # no empty repository left on the Hub
 
 
+@pytest.mark.parametrize("license", ["MIT", "Apache 2.0", ""])
+def test_a_license_that_is_no_hub_id_stops_before_the_repo_is_created(training_output, license):
+    # Any string reached the card's metadata; the Hub refuses it only when the commit arrives, after create_repo.
+    create_repo, create_branch, upload_folder, repo_info = _mock_hub({})
+    with create_repo as create_repo, create_branch, upload_folder, repo_info:
+        with pytest.raises(ValueError, match=f"license {license!r} is not a Hub license id: use one such as apache-2.0"):
+            push_to_hub(training_output, HUB_ID, token="hf_arg", license=license)
+    create_repo.assert_not_called()
+
+
 def test_an_auto_map_that_names_a_file_elsewhere_publishes_nothing(training_output, tmp_path):
     # transformers keeps a foreign auto_map through load and save: a path in it would upload that file.
     import shutil

@@ -513,6 +513,7 @@ def _stage(
 ) -> tuple[Path, list[str]]:
     """`stage_folder`, and the private strings its last pass removed (a card rendered again must lose them too)."""
     _check_repo_id(hub_model_id)
+    _check_license(license)
     output_dir, staging_dir = Path(output_dir), Path(staging_dir)
     files = model_files(output_dir)
     _check_staging_dir(staging_dir)
@@ -706,6 +707,16 @@ def check_push_settings(hub_model_id: str, token: str | None = None) -> str:
             "`hf auth login`."
         )
     return token
+
+
+def _check_license(license: str) -> None:
+    """Refuse what cannot be a Hub license id ("MIT", "Apache 2.0"): the Hub refuses the card's metadata only when the
+    commit arrives, after the repository was created."""
+    if not isinstance(license, str) or not re.fullmatch(r"[a-z0-9][a-z0-9.+-]*", license):
+        raise ValueError(
+            f"license {license!r} is not a Hub license id: use one such as apache-2.0, mit or cc-by-4.0 (lower case, "
+            f"no spaces), or 'other'."
+        )
 
 
 def _check_repo_id(hub_model_id: str) -> None:
